@@ -1,0 +1,146 @@
+//! Batch compression codecs (attribute bits 0–2).
+//!
+//! Spool encodes and decodes `none`, `lz4` (LZ4 frame format, as Kafka) and `zstd`. `gzip` and
+//! `snappy` batches are accepted and stored as they are (the engine never decompresses on
+//! append), but decoding them into records returns [`BatchError::Unsupported`].
+//! Decompression is bounded by [`crate::Limits::max_decompressed_bytes`]: a decompression bomb
+//! stops at the limit instead of allocating.
+
+use std::io::{Read, Write};
+
+use super::BatchError;
+
+/// Compression codec of a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Compression {
+    /// Records stored as they are.
+    #[default]
+    None,
+    /// gzip (stored, not decoded by Spool).
+    Gzip,
+    /// Snappy (stored, not decoded by Spool).
+    Snappy,
+    /// LZ4 frame format.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    pub(crate) fn from_attribute(bits: i16) -> Result<Compression, BatchError> {
+        Ok(match bits {
+            0 => Compression::None,
+            1 => Compression::Gzip,
+            2 => Compression::Snappy,
+            3 => Compression::Lz4,
+            4 => Compression::Zstd,
+            other => return Err(BatchError::BadAttributes(other)),
+        })
+    }
+
+    pub(crate) fn attribute(self) -> i16 {
+        match self {
+            Compression::None => 0,
+            Compression::Gzip => 1,
+            Compression::Snappy => 2,
+            Compression::Lz4 => 3,
+            Compression::Zstd => 4,
+        }
+    }
+
+    /// Parses `none`, `lz4`, `zstd` (and the stored-only `gzip`, `snappy`).
+    pub fn parse(name: &str) -> Option<Compression> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "none" => Compression::None,
+            "gzip" => Compression::Gzip,
+            "snappy" => Compression::Snappy,
+            "lz4" => Compression::Lz4,
+            "zstd" => Compression::Zstd,
+            _ => return None,
+        })
+    }
+
+    /// Compresses `data` into `out` (appending).
+    pub(crate) fn compress(self, data: &[u8], out: &mut Vec<u8>) -> Result<(), BatchError> {
+        match self {
+            Compression::None => {
+                out.extend_from_slice(data);
+                Ok(())
+            }
+            Compression::Lz4 => {
+                let mut enc = lz4_flex::frame::FrameEncoder::new(out);
+                enc.write_all(data)
+                    .map_err(|e| BatchError::Decompress(format!("lz4 encode: {e}")))?;
+                enc.finish()
+                    .map_err(|e| BatchError::Decompress(format!("lz4 encode: {e}")))?;
+                Ok(())
+            }
+            Compression::Zstd => {
+                let compressed = zstd::bulk::compress(data, 1)
+                    .map_err(|e| BatchError::Decompress(format!("zstd encode: {e}")))?;
+                out.extend_from_slice(&compressed);
+                Ok(())
+            }
+            Compression::Gzip | Compression::Snappy => {
+                Err(BatchError::Unsupported("encoding gzip or snappy batches"))
+            }
+        }
+    }
+
+    /// Decompresses `data`, refusing to produce more than `limit` bytes.
+    pub(crate) fn decompress(self, data: &[u8], limit: u32) -> Result<Vec<u8>, BatchError> {
+        let limit = u64::from(limit);
+        let mut out = Vec::new();
+        let read = match self {
+            Compression::None => {
+                out.extend_from_slice(data);
+                return Ok(out);
+            }
+            Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(data)
+                .take(limit + 1)
+                .read_to_end(&mut out),
+            Compression::Zstd => zstd::stream::read::Decoder::new(data)
+                .and_then(|d| d.take(limit + 1).read_to_end(&mut out)),
+            Compression::Gzip | Compression::Snappy => {
+                return Err(BatchError::Unsupported("decoding gzip or snappy batches"));
+            }
+        };
+        read.map_err(|e| BatchError::Decompress(e.to_string()))?;
+        if out.len() as u64 > limit {
+            return Err(BatchError::Limit {
+                what: "decompressed batch size",
+                limit,
+                actual: out.len() as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_bomb_limit() {
+        let data = vec![7u8; 1 << 20];
+        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let mut out = Vec::new();
+            c.compress(&data, &mut out).unwrap();
+            assert_eq!(c.decompress(&out, 1 << 20).unwrap(), data, "{c:?}");
+            if c != Compression::None {
+                // 1 MiB of one byte compresses to a few KiB; a 64 KiB limit must stop it.
+                let err = c.decompress(&out, 64 << 10).unwrap_err();
+                assert!(matches!(err, BatchError::Limit { .. }), "{c:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        for c in [Compression::Lz4, Compression::Zstd] {
+            assert!(c.decompress(b"definitely not compressed", 1 << 20).is_err());
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Configuration: per-topic settings, engine-wide limits and the clock.
+//!
+//! Every limit has a documented default and a hard ceiling checked by [`TopicConfig::validate`]
+//! and [`Limits::validate`]; the engine never allocates from a length it has not bounded by one
+//! of these first.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// When appended data is forced to stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy")]
+pub enum FsyncPolicy {
+    /// `append` returns only after an `fdatasync` covering the batch has returned. Concurrent
+    /// appenders share one fdatasync (group commit). Readers see only durable data.
+    Always,
+    /// A background thread runs fdatasync every `interval_ms`. An acknowledged write can be
+    /// lost on power failure (not on a process crash).
+    Interval {
+        /// Milliseconds between flushes.
+        interval_ms: u64,
+    },
+    /// Never fsync on the append path (page cache only). Sealed segments are still flushed when
+    /// rolled, so that the recovery point stays truthful.
+    Never,
+}
+
+impl Default for FsyncPolicy {
+    fn default() -> Self {
+        FsyncPolicy::Always
+    }
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Interval { interval_ms } => write!(f, "interval({interval_ms}ms)"),
+            FsyncPolicy::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// What happens to old data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CleanupPolicy {
+    /// Delete whole sealed segments past the retention limits.
+    #[default]
+    Delete,
+}
+
+/// Settings of one topic, stored in its `topic.json` and applied to each partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicConfig {
+    /// Number of partitions, `1..=MAX_PARTITIONS`.
+    pub partitions: u32,
+    /// Roll the active segment once it holds this many bytes.
+    pub segment_bytes: u64,
+    /// Roll the active segment once its first batch is this old (milliseconds).
+    pub segment_ms: u64,
+    /// Delete sealed segments whose newest record is older than this (milliseconds);
+    /// `None` keeps them forever.
+    pub retention_ms: Option<u64>,
+    /// Delete the oldest sealed segments while the partition is larger than this; `None` keeps
+    /// everything.
+    pub retention_bytes: Option<u64>,
+    /// Bytes between two sparse index entries.
+    pub index_interval_bytes: u32,
+    /// When to fdatasync.
+    pub fsync: FsyncPolicy,
+    /// What happens to old data.
+    pub cleanup: CleanupPolicy,
+    /// Largest batch (whole RecordBatch, header included) accepted by `append`.
+    pub max_batch_bytes: u32,
+    /// Advance the persisted recovery point after this many durable bytes, so that recovery
+    /// after a crash scans at most about this much.
+    pub recovery_checkpoint_bytes: u64,
+}
+
+/// Largest partition count of a topic.
+pub const MAX_PARTITIONS: u32 = 10_000;
+/// Largest segment: index positions are u32 and a batch may overshoot the roll size once.
+pub const MAX_SEGMENT_BYTES: u64 = 2 << 30;
+/// Largest batch the engine ever accepts or reads back, whatever the topic says.
+pub const MAX_BATCH_BYTES: u32 = 256 << 20;
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            partitions: 1,
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: None,
+            retention_bytes: None,
+            index_interval_bytes: 4096,
+            fsync: FsyncPolicy::Always,
+            cleanup: CleanupPolicy::Delete,
+            max_batch_bytes: 8 << 20,
+            recovery_checkpoint_bytes: 64 << 20,
+        }
+    }
+}
+
+impl TopicConfig {
+    /// Checks every field against its bounds.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return bad(format!("partitions must be in 1..={MAX_PARTITIONS}, got {}", self.partitions));
+        }
+        if self.segment_bytes < 4096 || self.segment_bytes > MAX_SEGMENT_BYTES {
+            return bad(format!(
+                "segment_bytes must be in 4096..={MAX_SEGMENT_BYTES}, got {}",
+                self.segment_bytes
+            ));
+        }
+        if self.segment_ms == 0 {
+            return bad("segment_ms must be > 0".into());
+        }
+        if self.index_interval_bytes < 64 || self.index_interval_bytes > (16 << 20) {
+            return bad(format!(
+                "index_interval_bytes must be in 64..=16MiB, got {}",
+                self.index_interval_bytes
+            ));
+        }
+        if self.max_batch_bytes < crate::batch::HEADER_LEN as u32 + 7
+            || self.max_batch_bytes > MAX_BATCH_BYTES
+        {
+            return bad(format!(
+                "max_batch_bytes must be in 68..={MAX_BATCH_BYTES}, got {}",
+                self.max_batch_bytes
+            ));
+        }
+        if let FsyncPolicy::Interval { interval_ms } = self.fsync {
+            if interval_ms == 0 || interval_ms > 3_600_000 {
+                return bad(format!("fsync interval must be in 1..=3600000 ms, got {interval_ms}"));
+            }
+        }
+        if self.recovery_checkpoint_bytes < (1 << 20) {
+            return bad("recovery_checkpoint_bytes must be at least 1 MiB".into());
+        }
+        Ok(())
+    }
+}
+
+/// Engine-wide limits on what a batch may contain and on resources held.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Records in one batch.
+    pub max_records_per_batch: u32,
+    /// Bytes of one record (its varint length).
+    pub max_record_bytes: u32,
+    /// Bytes of one key.
+    pub max_key_bytes: u32,
+    /// Headers of one record.
+    pub max_headers_per_record: u32,
+    /// Bytes a compressed batch may expand to when decoded.
+    pub max_decompressed_bytes: u32,
+    /// Sealed segments kept memory-mapped at once across the whole log; the least recently
+    /// used mapping is dropped past it (readers holding its bytes keep theirs alive).
+    pub max_mapped_segments: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_records_per_batch: 1 << 20,
+            max_record_bytes: 8 << 20,
+            max_key_bytes: 64 << 10,
+            max_headers_per_record: 1024,
+            max_decompressed_bytes: 64 << 20,
+            max_mapped_segments: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits are usable.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_records_per_batch == 0
+            || self.max_record_bytes == 0
+            || self.max_decompressed_bytes == 0
+            || self.max_mapped_segments == 0
+        {
+            return Err(Error::InvalidConfig("limits must be non-zero".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Source of wall-clock time, injected so that tests of rolling and retention are
+/// deterministic.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system's real-time clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis() as i64
+    }
+}
+
+/// Options for opening a [`crate::Log`].
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    /// Limits applied to every partition.
+    pub limits: Limits,
+    /// Clock for roll and retention decisions.
+    pub clock: Arc<dyn Clock>,
+    /// Verify each batch's CRC-32C before handing it to a reader (default on). Turning it off
+    /// trades corruption detection on the read path for speed.
+    pub verify_reads: bool,
+    /// Run a background thread for interval fsyncs and retention (default on). Without it, call
+    /// [`crate::Log::run_maintenance`] yourself.
+    pub background_maintenance: bool,
+    /// How often the background thread applies retention.
+    pub retention_check_interval: Duration,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            limits: Limits::default(),
+            clock: Arc::new(SystemClock),
+            verify_reads: true,
+            background_maintenance: true,
+            retention_check_interval: Duration::from_secs(60),
+        }
+    }
+}

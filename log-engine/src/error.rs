@@ -1,0 +1,154 @@
+//! Typed errors of the log engine.
+//!
+//! Three families are kept apart because callers act on them differently:
+//! - **caller errors** (`InvalidBatch`, `LimitExceeded`, `OffsetOutOfRange`, `TopicNotFound`, …):
+//!   the request was wrong, nothing was written, the partition is fine;
+//! - **I/O errors** (`Io`): the operating system refused something; the `io::Error` is kept as
+//!   the source and the path is named;
+//! - **integrity errors** (`Corruption`, `Poisoned`): the data on disk is not what was written,
+//!   or a write/fsync failed and the partition refuses writes until it is reopened.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::batch::BatchError;
+
+/// Result alias for the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What the engine was doing (`"open"`, `"fdatasync"`, …).
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Data on disk failed a check (CRC, structure, offsets) where it must be intact.
+    /// Never raised for a torn tail past the recovery point, which is truncated instead.
+    #[error("corruption in {path} at byte {position}{}: {reason}", offset.map(|o| format!(" (offset {o})")).unwrap_or_default())]
+    Corruption {
+        /// The damaged file.
+        path: PathBuf,
+        /// Byte position in the file where the damage starts.
+        position: u64,
+        /// The offset expected at that position, when known.
+        offset: Option<u64>,
+        /// What check failed.
+        reason: String,
+    },
+
+    /// A batch given to `append` (or read back) is malformed.
+    #[error("invalid record batch: {0}")]
+    InvalidBatch(#[from] BatchError),
+
+    /// A configured limit was exceeded; nothing was written.
+    #[error("{what} is {actual} bytes/items, over the limit of {limit}")]
+    LimitExceeded {
+        /// Which limit.
+        what: &'static str,
+        /// The configured limit.
+        limit: u64,
+        /// The size that was asked for.
+        actual: u64,
+    },
+
+    /// A read asked for an offset outside `[log_start, high_watermark]`.
+    #[error("offset {requested} is out of range [{log_start}, {high_watermark}]")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        requested: u64,
+        /// The first offset still in the log.
+        log_start: u64,
+        /// The next offset to be written and published.
+        high_watermark: u64,
+    },
+
+    /// No topic of that name.
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+
+    /// A topic of that name exists already.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+
+    /// The topic exists but has no such partition.
+    #[error("topic {topic:?} has no partition {partition}")]
+    PartitionNotFound {
+        /// Topic name.
+        topic: String,
+        /// Partition asked for.
+        partition: u32,
+    },
+
+    /// A topic name that may not be used.
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidTopicName {
+        /// The name given.
+        name: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+
+    /// A configuration value out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A write or fsync failed earlier; the partition refuses writes until it is reopened.
+    /// An fsync is never retried: after a failed fsync the kernel may have dropped the dirty
+    /// pages, so a second "successful" fsync would prove nothing.
+    #[error("partition {topic}/{partition} is poisoned by an earlier failure ({cause}); reopen the log")]
+    Poisoned {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+        /// The first failure, as text.
+        cause: String,
+    },
+
+    /// Another process (or another `Log` in this one) has the data directory open.
+    #[error("data directory {0} is locked by another open log")]
+    Locked(PathBuf),
+
+    /// The log or partition was closed.
+    #[error("the log is closed")]
+    Closed,
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corruption(
+        path: impl Into<PathBuf>,
+        position: u64,
+        offset: Option<u64>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Corruption {
+            path: path.into(),
+            position,
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// True for errors that say the data on disk is damaged.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corruption { .. })
+    }
+}

@@ -1,0 +1,51 @@
+//! Spool's embedded append-only log engine.
+//!
+//! A [`Log`] is a directory of topics; a topic has partitions; a [`Partition`] is an ordered
+//! list of segment files of Kafka RecordBatch v2 batches with sparse, memory-mapped indexes.
+//! Any Rust program can embed it; the `spoold` broker is one such program.
+//!
+//! ```no_run
+//! use spool_log_engine::{BatchBuilder, Compression, Log, LogOptions, TopicConfig};
+//!
+//! let log = Log::open("./spool-data", LogOptions::default())?;
+//! if log.topic_config("events").is_err() {
+//!     log.create_topic("events", TopicConfig { partitions: 2, ..TopicConfig::default() })?;
+//! }
+//! let p = log.partition("events", 0)?;
+//! let mut b = BatchBuilder::new(Compression::Lz4);
+//! b.push(1_700_000_000_000, Some(b"key"), Some(b"value"), &[]);
+//! let at = p.append(&b.finish()?)?; // durable when it returns (fsync = always)
+//! let read = p.read(at.base_offset, 1 << 20)?;
+//! for batch in read.batches() {
+//!     for record in batch?.records(&Default::default())? {
+//!         println!("{:?}", record?);
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Architecture invariants (see `docs/ARCHITECTURE.md`): no async runtime and no network code
+//! here; typed errors ([`Error`]) only; every length read from disk or from a caller is bounded
+//! before it is used; `unsafe` lives only in the `mmap` module.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod batch;
+mod checkpoint;
+pub mod config;
+pub mod error;
+mod fsutil;
+mod index;
+mod log;
+mod mapcache;
+mod mmap;
+mod notify;
+mod partition;
+mod segment;
+
+pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, Compression, Header, Record};
+pub use config::{CleanupPolicy, Clock, FsyncPolicy, Limits, LogOptions, SystemClock, TopicConfig};
+pub use error::{Error, Result};
+pub use log::{validate_topic_name, Log, MAX_TOPIC_NAME};
+pub use notify::DataAvailable;
+pub use partition::{AppendInfo, Partition, PartitionStats, ReadResult, RecoveryReport};

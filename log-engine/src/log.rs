@@ -1,0 +1,436 @@
+//! A log: a directory of topics, each a directory of partitions.
+//!
+//! ```text
+//! <root>/.lock                       held (flock) while the log is open
+//! <root>/<topic>/topic.json          the topic's TopicConfig, replaced atomically
+//! <root>/<topic>/<partition>/        NNN.log, NNN.index, NNN.timeindex, recovery-point
+//! ```
+//!
+//! Invariants:
+//! - Only one `Log` has a directory open at a time (an exclusive lock on `.lock`).
+//! - A topic appears atomically: it is assembled under `.tmp-<name>` and renamed into place,
+//!   then the root is fsynced. A deleted topic is renamed to `.deleted-<name>-<n>` first, so a
+//!   crash never leaves a half-deleted topic visible. Leftovers of both are removed on open.
+//! - Admin operations (create, delete, alter, add partitions) are serialised; the data path
+//!   never takes the admin lock.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::{FsyncPolicy, LogOptions, TopicConfig};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::mapcache::MapCache;
+use crate::partition::{lock, Partition, RecoveryReport, Shared};
+
+const TOPIC_META: &str = "topic.json";
+const LOCK_FILE: &str = ".lock";
+
+/// Longest topic name (Kafka's limit).
+pub const MAX_TOPIC_NAME: usize = 249;
+
+/// Checks a topic name: 1–249 characters of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn validate_topic_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidTopicName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > MAX_TOPIC_NAME {
+        return bad("must be 1 to 249 characters");
+    }
+    if name.starts_with('.') {
+        return bad("may not start with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return bad("may contain only ASCII letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Topic {
+    config: Arc<TopicConfig>,
+    partitions: Vec<Arc<Partition>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    shared: Arc<Shared>,
+    retention_every: Duration,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    admin: Mutex<()>,
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+    _lock: File,
+}
+
+/// An open log. Cheap to share behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct Log {
+    inner: Arc<Inner>,
+    maintenance: Mutex<Option<JoinHandle<()>>>,
+    reports: Vec<(String, u32, RecoveryReport)>,
+}
+
+fn read_config(path: &Path) -> Result<TopicConfig> {
+    let bytes = fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    if bytes.len() > 1 << 20 {
+        return Err(Error::corruption(path, 0, None, "topic metadata larger than 1 MiB"));
+    }
+    let cfg: TopicConfig = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corruption(path, e.column() as u64, None, format!("bad topic metadata: {e}")))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn write_config(dir: &Path, cfg: &TopicConfig) -> Result<()> {
+    let json = serde_json::to_vec_pretty(cfg).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    fsutil::write_atomic(&dir.join(TOPIC_META), &json)
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating the directory if needed, and recovers every partition.
+    pub fn open(dir: impl AsRef<Path>, opts: LogOptions) -> Result<Log> {
+        let root = dir.as_ref().to_path_buf();
+        opts.limits.validate()?;
+        fsutil::create_dir_durable(&root)?;
+        let lock_path = root.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open", &lock_path, e))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked(root)),
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
+        }
+        let shared = Arc::new(Shared {
+            limits: opts.limits.clone(),
+            clock: opts.clock.clone(),
+            verify_reads: opts.verify_reads,
+            maps: MapCache::new(opts.limits.max_mapped_segments),
+        });
+        let mut topics = BTreeMap::new();
+        let mut reports = Vec::new();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&root).map_err(|e| Error::io("read directory", &root, e))? {
+            let entry = entry.map_err(|e| Error::io("read directory", &root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") || name.starts_with(".deleted-") {
+                let p = entry.path();
+                fs::remove_dir_all(&p).map_err(|e| Error::io("remove", &p, e))?;
+                continue;
+            }
+            if entry.path().join(TOPIC_META).is_file() && validate_topic_name(&name).is_ok() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        for name in names {
+            let tdir = root.join(&name);
+            let cfg = Arc::new(read_config(&tdir.join(TOPIC_META))?);
+            let mut partitions = Vec::with_capacity(cfg.partitions as usize);
+            for id in 0..cfg.partitions {
+                let (p, report) =
+                    Partition::open(&name, id, &tdir.join(id.to_string()), cfg.clone(), shared.clone(), true)?;
+                reports.push((name.clone(), id, report));
+                partitions.push(Arc::new(p));
+            }
+            topics.insert(name, Arc::new(Topic { config: cfg, partitions }));
+        }
+        let inner = Arc::new(Inner {
+            root,
+            shared,
+            retention_every: opts.retention_check_interval,
+            topics: RwLock::new(topics),
+            admin: Mutex::new(()),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+            _lock: lock_file,
+        });
+        let maintenance = opts.background_maintenance.then(|| {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("spool-log-maint".into())
+                .spawn(move || maintenance_loop(&inner))
+                .expect("spawning the maintenance thread")
+        });
+        Ok(Log {
+            inner,
+            maintenance: Mutex::new(maintenance),
+            reports,
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// What recovery found in each partition when the log was opened.
+    pub fn recovery_reports(&self) -> &[(String, u32, RecoveryReport)] {
+        &self.reports
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        self.inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::TopicNotFound(name.to_owned()))
+    }
+
+    /// Creates a topic with `config.partitions` empty partitions.
+    pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        validate_topic_name(name)?;
+        config.validate()?;
+        let _admin = lock(&self.inner.admin);
+        if self.topic(name).is_ok() {
+            return Err(Error::TopicExists(name.to_owned()));
+        }
+        let root = &self.inner.root;
+        let tmp = root.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+        }
+        fs::create_dir(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
+        write_config(&tmp, &config)?;
+        let dst = root.join(name);
+        fs::rename(&tmp, &dst).map_err(|e| Error::io("rename", &dst, e))?;
+        fsutil::sync_dir(root)?;
+        let cfg = Arc::new(config);
+        let mut partitions = Vec::with_capacity(cfg.partitions as usize);
+        for id in 0..cfg.partitions {
+            let (p, _) = Partition::open(name, id, &dst.join(id.to_string()), cfg.clone(), self.inner.shared.clone(), true)?;
+            partitions.push(Arc::new(p));
+        }
+        self.inner
+            .topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), Arc::new(Topic { config: cfg, partitions }));
+        tracing::info!(topic = name, "created topic");
+        Ok(())
+    }
+
+    /// Deletes a topic and all its data.
+    pub fn delete_topic(&self, name: &str) -> Result<()> {
+        let _admin = lock(&self.inner.admin);
+        let topic = self
+            .inner
+            .topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .ok_or_else(|| Error::TopicNotFound(name.to_owned()))?;
+        for p in &topic.partitions {
+            p.close().ok();
+        }
+        let root = &self.inner.root;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let graveyard = root.join(format!(".deleted-{name}-{nanos}"));
+        let src = root.join(name);
+        fs::rename(&src, &graveyard).map_err(|e| Error::io("rename", &src, e))?;
+        fsutil::sync_dir(root)?;
+        fs::remove_dir_all(&graveyard).map_err(|e| Error::io("remove", &graveyard, e))?;
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    /// Names of all topics, sorted.
+    pub fn topics(&self) -> Vec<String> {
+        self.inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// A topic's configuration.
+    pub fn topic_config(&self, name: &str) -> Result<TopicConfig> {
+        Ok(self.topic(name)?.config.as_ref().clone())
+    }
+
+    /// Replaces a topic's configuration (the partition count must not change; see
+    /// [`Log::add_partitions`]). Applies to the next append, roll and retention pass.
+    pub fn alter_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        config.validate()?;
+        let _admin = lock(&self.inner.admin);
+        let topic = self.topic(name)?;
+        if config.partitions != topic.config.partitions {
+            return Err(Error::InvalidConfig("use add_partitions to change the partition count".into()));
+        }
+        write_config(&self.inner.root.join(name), &config)?;
+        let cfg = Arc::new(config);
+        for p in &topic.partitions {
+            p.set_config(cfg.clone());
+        }
+        self.replace_topic(name, Topic { config: cfg, partitions: topic.partitions.clone() });
+        Ok(())
+    }
+
+    /// Grows a topic to `total` partitions (never shrinks).
+    pub fn add_partitions(&self, name: &str, total: u32) -> Result<()> {
+        let _admin = lock(&self.inner.admin);
+        let topic = self.topic(name)?;
+        let old = topic.config.partitions;
+        if total <= old {
+            return Err(Error::InvalidConfig(format!("topic has {old} partitions; new count {total} must be larger")));
+        }
+        let config = TopicConfig { partitions: total, ..topic.config.as_ref().clone() };
+        config.validate()?;
+        let tdir = self.inner.root.join(name);
+        let cfg = Arc::new(config);
+        let mut partitions = topic.partitions.clone();
+        for id in old..total {
+            let pdir = tdir.join(id.to_string());
+            if pdir.exists() {
+                // Left by a crash between creating it and recording the new count: never used.
+                fs::remove_dir_all(&pdir).map_err(|e| Error::io("remove", &pdir, e))?;
+            }
+            let (p, _) = Partition::open(name, id, &pdir, cfg.clone(), self.inner.shared.clone(), true)?;
+            partitions.push(Arc::new(p));
+        }
+        write_config(&tdir, &cfg)?;
+        for p in &partitions {
+            p.set_config(cfg.clone());
+        }
+        self.replace_topic(name, Topic { config: cfg, partitions });
+        Ok(())
+    }
+
+    fn replace_topic(&self, name: &str, topic: Topic) {
+        self.inner
+            .topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), Arc::new(topic));
+    }
+
+    /// One partition of a topic.
+    pub fn partition(&self, topic: &str, id: u32) -> Result<Arc<Partition>> {
+        self.topic(topic)?
+            .partitions
+            .get(id as usize)
+            .cloned()
+            .ok_or_else(|| Error::PartitionNotFound { topic: topic.to_owned(), partition: id })
+    }
+
+    /// All partitions of a topic.
+    pub fn partitions(&self, topic: &str) -> Result<Vec<Arc<Partition>>> {
+        Ok(self.topic(topic)?.partitions.clone())
+    }
+
+    /// One pass of background work: due interval flushes, then retention. The background
+    /// thread calls this; embedders that turned it off call it themselves.
+    pub fn run_maintenance(&self) -> Result<()> {
+        run_pass(&self.inner, true)
+    }
+
+    /// Number of sealed segments currently memory-mapped.
+    pub fn mapped_segments(&self) -> usize {
+        self.inner.shared.maps.len()
+    }
+
+    /// Stops background work, flushes every partition and writes final recovery points.
+    pub fn close(&self) -> Result<()> {
+        *lock(&self.inner.stop) = true;
+        self.inner.stop_cv.notify_all();
+        if let Some(h) = lock(&self.maintenance).take() {
+            h.join().ok();
+        }
+        let mut first_err = None;
+        for topic in self.inner.topics.read().unwrap_or_else(|p| p.into_inner()).values() {
+            for p in &topic.partitions {
+                if let Err(e) = p.close() {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing the log failed");
+        }
+    }
+}
+
+fn all_partitions(inner: &Inner) -> Vec<Arc<Partition>> {
+    inner
+        .topics
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .flat_map(|t| t.partitions.iter().cloned())
+        .collect()
+}
+
+fn run_pass(inner: &Inner, retention: bool) -> Result<()> {
+    let mut first_err = None;
+    for p in all_partitions(inner) {
+        let res = p.flush_if_due().and_then(|_| if retention { p.enforce_retention().map(|_| ()) } else { Ok(()) });
+        if let Err(e) = res {
+            tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "maintenance failed");
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+fn maintenance_loop(inner: &Inner) {
+    let mut next_retention = Instant::now() + inner.retention_every;
+    loop {
+        let tick = inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|t| match t.config.fsync {
+                FsyncPolicy::Interval { interval_ms } => Some(Duration::from_millis(interval_ms)),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .min(inner.retention_every)
+            .max(Duration::from_millis(1));
+        {
+            let stop = lock(&inner.stop);
+            if *stop {
+                return;
+            }
+            let (stop, _) = inner.stop_cv.wait_timeout(stop, tick).unwrap_or_else(|p| p.into_inner());
+            if *stop {
+                return;
+            }
+        }
+        let retention = Instant::now() >= next_retention;
+        if retention {
+            next_retention = Instant::now() + inner.retention_every;
+        }
+        // Errors are logged inside; a poisoned partition stays poisoned until reopened.
+        let _ = run_pass(inner, retention);
+    }
+}

@@ -1,0 +1,571 @@
+//! A partition: an ordered list of segments with one writer and many readers.
+//!
+//! Invariants:
+//! - Offsets are dense and assigned here, at append, under the writer lock; never reused.
+//! - Readers never take the writer lock. They load the published high watermark (`watch`),
+//!   then a snapshot of the segment list, then each segment's `readable_end`; the writer
+//!   publishes in the opposite order, so a reader sees only complete batches, and never a
+//!   batch at or past the high watermark.
+//! - Under `fsync = always` the high watermark is the durable end: readers see only data an
+//!   fdatasync has covered, and `append` returns only once its batch is covered.
+//! - A failed write that could not be rolled back, or any failed fsync, poisons the
+//!   partition: every later write fails with [`Error::Poisoned`] until the log is reopened.
+//! - Segment-list changes (roll, retention) happen under the writer lock.
+
+mod recovery;
+mod writer;
+
+pub use recovery::RecoveryReport;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::batch::{self, Batch, BatchError, BatchHeader, Compression};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Clock, FsyncPolicy, Limits, TopicConfig};
+use crate::error::{Error, Result};
+use crate::mapcache::MapCache;
+use crate::notify::{DataAvailable, Watch};
+use crate::segment::{self, Segment};
+
+use writer::Writer;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Engine-wide context shared by all partitions of a log.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) verify_reads: bool,
+    pub(crate) maps: MapCache,
+}
+
+/// What an append did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset given to the first record.
+    pub base_offset: u64,
+    /// Offset given to the last record.
+    pub last_offset: u64,
+    /// Wall-clock time of the append (ms since the epoch).
+    pub log_append_time_ms: i64,
+}
+
+/// The result of a read: whole batches, as one zero-copy slice of a segment.
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    /// Concatenated batches, exactly as stored (empty when there was nothing to read).
+    pub data: Bytes,
+    /// Offset after the last batch returned (the offset to read next).
+    pub next_offset: u64,
+    /// The high watermark when the read ran.
+    pub high_watermark: u64,
+    /// The first offset still in the partition.
+    pub log_start_offset: u64,
+}
+
+impl ReadResult {
+    /// The batches of `data`, each checked.
+    pub fn batches(&self) -> impl Iterator<Item = Result<Batch, BatchError>> + '_ {
+        batch::split_batches(&self.data)
+    }
+}
+
+/// Counters describing a partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// First offset still present.
+    pub log_start_offset: u64,
+    /// Next offset readers will see.
+    pub high_watermark: u64,
+    /// Bytes in all segments.
+    pub size_bytes: u64,
+    /// Number of segments, the active one included.
+    pub segments: usize,
+}
+
+#[derive(Debug)]
+struct CommitState {
+    durable_next: u64,
+    syncing: bool,
+}
+
+/// One partition of a topic.
+#[derive(Debug)]
+pub struct Partition {
+    topic: String,
+    id: u32,
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    config: RwLock<Arc<TopicConfig>>,
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    writer: Mutex<Writer>,
+    commit: Mutex<CommitState>,
+    commit_cv: Condvar,
+    checkpoint: Mutex<Checkpoint>,
+    watch: Arc<Watch>,
+    log_start: AtomicU64,
+    leader_epoch: AtomicI32,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+    closed: AtomicBool,
+    last_flush_ms: AtomicU64,
+}
+
+impl Partition {
+    /// Topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partition number.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The partition's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn config(&self) -> Arc<TopicConfig> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_config(&self, cfg: Arc<TopicConfig>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The leader epoch stamped into appended batches (0 until replication exists).
+    pub fn leader_epoch(&self) -> i32 {
+        self.leader_epoch.load(Ordering::Acquire)
+    }
+
+    /// Sets the leader epoch stamped into batches appended from now on.
+    pub fn set_leader_epoch(&self, epoch: i32) {
+        self.leader_epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Next offset readers will see (everything below it is readable).
+    pub fn high_watermark(&self) -> u64 {
+        self.watch.get()
+    }
+
+    /// First offset still in the partition.
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start.load(Ordering::Acquire)
+    }
+
+    /// True once a failure has poisoned the partition.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                topic: self.topic.clone(),
+                partition: self.id,
+                cause: lock(&self.poison_cause).clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the partition poisoned by `err` and returns `err`.
+    fn poison(&self, err: Error) -> Error {
+        {
+            let mut cause = lock(&self.poison_cause);
+            if cause.is_none() {
+                tracing::error!(topic = %self.topic, partition = self.id, error = %err, "partition poisoned: refusing writes until reopened");
+                *cause = Some(err.to_string());
+            }
+        }
+        self.poisoned.store(true, Ordering::Release);
+        let _guard = lock(&self.commit);
+        self.commit_cv.notify_all();
+        err
+    }
+
+    /// Appends one encoded RecordBatch v2 (see [`crate::BatchBuilder`]) and returns the
+    /// offsets given to it. Returns once the batch is as durable as the topic's fsync policy
+    /// says. The batch is checked first (CRC, structure, limits); a bad batch writes nothing.
+    pub fn append(&self, batch: &[u8]) -> Result<AppendInfo> {
+        let cfg = self.config();
+        let h = batch::validate_batch(batch, cfg.max_batch_bytes, &self.shared.limits)?;
+        if h.is_control() || h.is_transactional() {
+            return Err(BatchError::Unsupported("transactional and control batches").into());
+        }
+        let (info, next) = {
+            let mut w = lock(&self.writer);
+            self.check_writable()?;
+            w.append(self, &cfg, batch, &h)?
+        };
+        if cfg.fsync == FsyncPolicy::Always {
+            self.wait_durable(next)?;
+        }
+        Ok(info)
+    }
+
+    /// Encodes `records` (timestamp, key, value) into one batch and appends it.
+    pub fn append_records<'a>(
+        &self,
+        compression: Compression,
+        records: impl IntoIterator<Item = (i64, Option<&'a [u8]>, Option<&'a [u8]>)>,
+    ) -> Result<AppendInfo> {
+        let mut b = batch::BatchBuilder::new(compression);
+        for (ts, k, v) in records {
+            b.push(ts, k, v, &[]);
+        }
+        let bytes = b.finish()?;
+        self.append(&bytes)
+    }
+
+    /// Blocks until everything up to `next_offset` is durable (group commit: one caller runs
+    /// fdatasync for all who wait meanwhile).
+    fn wait_durable(&self, next_offset: u64) -> Result<()> {
+        let mut st = lock(&self.commit);
+        loop {
+            self.check_writable()?;
+            if st.durable_next >= next_offset {
+                return Ok(());
+            }
+            if st.syncing {
+                st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.syncing = true;
+            drop(st);
+            let res = self.sync_now();
+            st = lock(&self.commit);
+            st.syncing = false;
+            if let Ok(next) = res {
+                st.durable_next = st.durable_next.max(next);
+            }
+            self.commit_cv.notify_all();
+            res?;
+        }
+    }
+
+    /// Records that everything below `next` is durable (used by roll and by flushes).
+    fn advance_durable(&self, next: u64) {
+        let mut st = lock(&self.commit);
+        st.durable_next = st.durable_next.max(next);
+        self.commit_cv.notify_all();
+    }
+
+    /// fdatasyncs the active segment now; publishes what it covered to readers and advances
+    /// the recovery point when due. Returns the next offset now durable.
+    pub fn flush(&self) -> Result<u64> {
+        self.check_writable()?;
+        let next = self.sync_now()?;
+        self.advance_durable(next);
+        Ok(next)
+    }
+
+    fn sync_now(&self) -> Result<u64> {
+        let (file, seg, point) = lock(&self.writer).capture();
+        if let Err(e) = file.sync_data() {
+            return Err(self.poison(Error::io("fdatasync", seg.log_path(), e)));
+        }
+        seg.publish_readable(point.position);
+        self.watch.publish(point.next_offset);
+        self.last_flush_ms
+            .store(self.shared.clock.now_ms().max(0) as u64, Ordering::Release);
+        let cfg = self.config();
+        let mut cp = lock(&self.checkpoint);
+        let due = cp.last().is_none_or(|l| {
+            l.segment_base != point.segment_base
+                || point.position.saturating_sub(l.position) >= cfg.recovery_checkpoint_bytes
+        });
+        if due {
+            cp.write(point).map_err(|e| self.poison(e))?;
+        }
+        Ok(point.next_offset)
+    }
+
+    /// Reads whole batches starting with the one that contains `offset`, up to about
+    /// `max_bytes` (at least one batch is returned even if larger, so readers always make
+    /// progress). Data comes from one segment per call, as a zero-copy slice.
+    pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult> {
+        let hwm = self.watch.get();
+        let segs = self.snapshot();
+        let log_start = self.log_start_offset();
+        let empty = |next| ReadResult {
+            data: Bytes::new(),
+            next_offset: next,
+            high_watermark: hwm,
+            log_start_offset: log_start,
+        };
+        if offset < log_start || offset > hwm {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                log_start,
+                high_watermark: hwm,
+            });
+        }
+        if offset == hwm {
+            return Ok(empty(offset));
+        }
+        let first = segs.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
+        for seg in segs.iter().skip(first) {
+            let end = seg.readable_end();
+            if end == 0 {
+                continue;
+            }
+            let (data, fresh) = seg.data(end)?;
+            self.shared.maps.touch(seg, fresh);
+            let start_pos = if offset > seg.base_offset {
+                seg.floor_position(offset)?
+            } else {
+                0
+            };
+            if let Some(r) = self.collect(seg, &data, start_pos, end, offset, hwm, max_bytes)? {
+                return Ok(ReadResult {
+                    high_watermark: hwm,
+                    log_start_offset: log_start,
+                    ..r
+                });
+            }
+        }
+        Ok(empty(offset))
+    }
+
+    /// Walks `data[pos..end]` to the batch containing `offset` and gathers whole batches.
+    #[allow(clippy::too_many_arguments)]
+    fn collect(
+        &self,
+        seg: &Segment,
+        data: &Bytes,
+        mut pos: u64,
+        end: u64,
+        offset: u64,
+        hwm: u64,
+        max_bytes: usize,
+    ) -> Result<Option<ReadResult>> {
+        let corrupt = |pos: u64, reason: String| {
+            Error::corruption(seg.log_path(), pos, Some(offset), reason)
+        };
+        let mut start = None;
+        let mut next = offset;
+        while pos < end {
+            let rest = &data[pos as usize..end as usize];
+            let h = BatchHeader::parse(rest).map_err(|e| corrupt(pos, e.to_string()))?;
+            if h.total_len() > rest.len() {
+                return Err(corrupt(pos, format!("batch of {} bytes runs past the end", h.total_len())));
+            }
+            if h.base_offset >= hwm {
+                break;
+            }
+            if h.next_offset() <= offset {
+                pos += h.total_len() as u64;
+                continue;
+            }
+            let s = *start.get_or_insert(pos);
+            if pos > s && (pos - s) as usize + h.total_len() > max_bytes {
+                break;
+            }
+            if self.shared.verify_reads {
+                batch::check_crc(&rest[..h.total_len()], &h).map_err(|e| {
+                    let err = corrupt(pos, e.to_string());
+                    tracing::error!(error = %err, "corrupt batch refused to a reader");
+                    err
+                })?;
+            }
+            next = h.next_offset();
+            pos += h.total_len() as u64;
+        }
+        Ok(start.map(|s| ReadResult {
+            data: data.slice(s as usize..pos as usize),
+            next_offset: next,
+            high_watermark: hwm,
+            log_start_offset: 0,
+        }))
+    }
+
+    /// The earliest offset whose batch has a timestamp at or after `ts`, or `None` when every
+    /// readable record is older. Resolves to the first record with such a timestamp inside
+    /// uncompressed batches; for compressed batches, to the batch's first offset.
+    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
+        let hwm = self.watch.get();
+        let log_start = self.log_start_offset();
+        for seg in self.snapshot().iter() {
+            let end = seg.readable_end();
+            if end == 0 {
+                continue;
+            }
+            let start_pos = match seg.time_floor(ts)? {
+                Some(rel) => seg.floor_position(seg.base_offset + u64::from(rel))?,
+                None => 0,
+            };
+            if seg.max_timestamp_hint().is_some_and(|m| m < ts) {
+                continue;
+            }
+            let (data, fresh) = seg.data(end)?;
+            self.shared.maps.touch(seg, fresh);
+            let mut pos = start_pos;
+            while pos < end {
+                let rest = &data[pos as usize..end as usize];
+                let h = BatchHeader::parse(rest)
+                    .map_err(|e| Error::corruption(seg.log_path(), pos, None, e.to_string()))?;
+                if h.total_len() > rest.len() || h.base_offset >= hwm {
+                    break;
+                }
+                if h.max_timestamp >= ts && h.next_offset() > log_start {
+                    let b = Batch::from_parts(h, data.slice(pos as usize..pos as usize + h.total_len()));
+                    let exact = (h.compression() == Ok(Compression::None))
+                        .then(|| b.records(&self.shared.limits).ok())
+                        .flatten()
+                        .and_then(|mut rs| rs.find_map(|r| r.ok().filter(|r| r.timestamp >= ts)))
+                        .map(|r| r.offset);
+                    return Ok(Some(exact.unwrap_or(h.base_offset).max(log_start)));
+                }
+                pos += h.total_len() as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Blocks until the high watermark exceeds `offset` or `timeout` passes; returns it.
+    pub fn wait_for_data(&self, offset: u64, timeout: Duration) -> u64 {
+        self.watch.wait_beyond(offset, timeout)
+    }
+
+    /// A future (for any async runtime) that resolves when the high watermark exceeds
+    /// `offset`, with the new high watermark.
+    pub fn data_available(&self, offset: u64) -> DataAvailable {
+        DataAvailable::new(self.watch.clone(), offset)
+    }
+
+    /// Sizes and offsets.
+    pub fn stats(&self) -> PartitionStats {
+        let segs = self.snapshot();
+        PartitionStats {
+            log_start_offset: self.log_start_offset(),
+            high_watermark: self.high_watermark(),
+            size_bytes: segs.iter().map(|s| s.written_end()).sum(),
+            segments: segs.len(),
+        }
+    }
+
+    /// Base offsets of the segments, oldest first.
+    pub fn segment_bases(&self) -> Vec<u64> {
+        self.snapshot().iter().map(|s| s.base_offset).collect()
+    }
+
+    /// Rolls the active segment now if it holds data (for tests and operators).
+    pub fn roll(&self) -> Result<()> {
+        let mut w = lock(&self.writer);
+        self.check_writable()?;
+        if w.position() > 0 {
+            w.roll(self)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes sealed segments past the retention limits (time by their newest record,
+    /// size by the partition total). Returns the number of segments removed.
+    pub fn enforce_retention(&self) -> Result<usize> {
+        let cfg = self.config();
+        if cfg.retention_ms.is_none() && cfg.retention_bytes.is_none() {
+            return Ok(0);
+        }
+        let now = self.shared.clock.now_ms();
+        let _w = lock(&self.writer);
+        let segs = self.snapshot();
+        let sealed = &segs[..segs.len() - 1];
+        let mut total: u64 = segs.iter().map(|s| s.written_end()).sum();
+        let mut doomed = 0;
+        for seg in sealed {
+            let by_bytes = cfg
+                .retention_bytes
+                .is_some_and(|limit| total.saturating_sub(seg.written_end()) >= limit && total > limit);
+            let by_time = match cfg.retention_ms {
+                Some(ms) => {
+                    if seg.max_timestamp_hint().is_none() {
+                        seg.time_floor(i64::MIN)?;
+                    }
+                    seg.max_timestamp_hint()
+                        .is_some_and(|t| t < now.saturating_sub(ms as i64))
+                }
+                None => false,
+            };
+            if !(by_bytes || by_time) {
+                break;
+            }
+            total -= seg.written_end();
+            doomed += 1;
+        }
+        if doomed == 0 {
+            return Ok(0);
+        }
+        for seg in &segs[..doomed] {
+            seg.mark_deleted()?;
+        }
+        crate::fsutil::sync_dir(&self.dir)?;
+        let remaining: Vec<_> = segs[doomed..].to_vec();
+        let new_start = remaining[0].base_offset;
+        *self.segments.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(remaining);
+        self.log_start.fetch_max(new_start, Ordering::AcqRel);
+        tracing::info!(topic = %self.topic, partition = self.id, deleted = doomed, log_start = new_start, "retention deleted segments");
+        Ok(doomed)
+    }
+
+    /// Runs the interval flush when due. Returns true if it flushed.
+    pub(crate) fn flush_if_due(&self) -> Result<bool> {
+        let FsyncPolicy::Interval { interval_ms } = self.config().fsync else {
+            return Ok(false);
+        };
+        let now = self.shared.clock.now_ms().max(0) as u64;
+        if now.saturating_sub(self.last_flush_ms.load(Ordering::Acquire)) < interval_ms {
+            return Ok(false);
+        }
+        if self.is_poisoned() || self.closed.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Flushes and writes a final recovery point so the next open scans nothing, then refuses
+    /// further writes.
+    pub(crate) fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.watch.wake_all();
+        if self.is_poisoned() {
+            return Ok(());
+        }
+        let (file, seg, point) = lock(&self.writer).capture();
+        file.sync_data()
+            .map_err(|e| self.poison(Error::io("fdatasync", seg.log_path(), e)))?;
+        seg.publish_readable(point.position);
+        self.watch.publish(point.next_offset);
+        lock(&self.checkpoint).write(point)
+    }
+
+    /// Path of the active segment's log file.
+    pub fn active_segment_path(&self) -> PathBuf {
+        let segs = self.snapshot();
+        segs.last().map(|s| s.log_path().to_path_buf()).unwrap_or_default()
+    }
+
+    pub(crate) fn segment_file_name(base: u64) -> String {
+        segment::log_name(base)
+    }
+}

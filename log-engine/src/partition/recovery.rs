@@ -1,0 +1,249 @@
+//! Opening a partition: find its segments, trust what the recovery point covers, check the
+//! rest, and cut a torn tail.
+//!
+//! Steps:
+//! 1. Remove leftovers: `*.deleted` (retention that had renamed but not unlinked) and `*.tmp`.
+//! 2. Read the recovery point. Segments before its segment are sealed and trusted; nothing is
+//!    read from them now (their indexes load lazily, and are rebuilt if damaged).
+//! 3. From the recovery point on, every batch is CRC-checked and its offset must follow the
+//!    previous one. A bad batch in the **last** segment past the point is a torn tail: the file
+//!    is truncated there (and fdatasync'd), and the cut is reported. A bad batch anywhere else
+//!    — in a sealed segment, or before the recovery point — is [`Error::Corruption`]: nothing is
+//!    cut, the partition does not open.
+//! 4. The last segment's in-memory index is rebuilt by walking its batch headers (without
+//!    CRC) up to the recovery point and from the CRC scan beyond it. Only the last segment is
+//!    walked, never the whole partition.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::TopicConfig;
+use crate::error::{Error, Result};
+use crate::index;
+use crate::mmap;
+use crate::notify::Watch;
+use crate::segment::{self, IndexBuilder, Segment};
+
+use super::writer::Writer;
+use super::{CommitState, Partition, Shared};
+
+/// What opening a partition found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments found.
+    pub segments: usize,
+    /// Bytes CRC-checked because they lay past the recovery point.
+    pub bytes_scanned: u64,
+    /// Bytes of torn tail cut from the last segment.
+    pub bytes_truncated: u64,
+    /// True when a valid recovery point was found.
+    pub had_recovery_point: bool,
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<(u64, u64)>> {
+    let mut bases = Vec::new();
+    let rd = fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io("read directory", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".deleted") || name.ends_with(".tmp") {
+            let p = entry.path();
+            fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+            continue;
+        }
+        if let Some(base) = segment::parse_log_name(&name) {
+            let len = entry
+                .metadata()
+                .map_err(|e| Error::io("stat", entry.path(), e))?
+                .len();
+            bases.push((base, len));
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+impl Partition {
+    /// Opens (or creates, if `create`) the partition in `dir`.
+    pub(crate) fn open(
+        topic: &str,
+        id: u32,
+        dir: &Path,
+        config: Arc<TopicConfig>,
+        shared: Arc<Shared>,
+        create: bool,
+    ) -> Result<(Partition, RecoveryReport)> {
+        if create {
+            crate::fsutil::create_dir_durable(dir)?;
+        }
+        let mut found = list_segments(dir)?;
+        let (checkpoint, point) = Checkpoint::open(dir)?;
+        let mut checkpoint = Some(checkpoint);
+        let mut report = RecoveryReport {
+            segments: found.len(),
+            had_recovery_point: point.is_some(),
+            ..RecoveryReport::default()
+        };
+        if found.is_empty() {
+            if point.is_some_and(|p| p.next_offset > 0) {
+                return Err(Error::corruption(
+                    dir,
+                    0,
+                    point.map(|p| p.next_offset),
+                    "no segment files, but the recovery point says data was written",
+                ));
+            }
+            let path = dir.join(segment::log_name(0));
+            File::create(&path).map_err(|e| Error::io("create", &path, e))?;
+            crate::fsutil::sync_dir(dir)?;
+            found.push((0, 0));
+        }
+        // Where trusted data ends: (index into `found`, byte position, next offset).
+        let start = match point {
+            None => {
+                if found.iter().any(|&(_, len)| len > 0) {
+                    tracing::warn!(dir = %dir.display(), "no valid recovery point: checking every segment");
+                }
+                (0, 0, found[0].0)
+            }
+            Some(p) => match found.iter().position(|&(b, _)| b == p.segment_base) {
+                Some(i) => (i, p.position, p.next_offset),
+                None if p.segment_base < found[0].0 => (0, 0, found[0].0),
+                None => {
+                    return Err(Error::corruption(
+                        dir.join(segment::log_name(p.segment_base)),
+                        p.position,
+                        Some(p.next_offset),
+                        "the segment named by the recovery point is missing",
+                    ));
+                }
+            },
+        };
+        let last = found.len() - 1;
+        let interval = config.index_interval_bytes;
+        let mut segments = Vec::with_capacity(found.len());
+        for &(base, len) in &found[..start.0] {
+            segments.push(Arc::new(Segment::sealed(dir, base, len)));
+        }
+        let mut next = start.2;
+        for (i, &(base, len)) in found.iter().enumerate().skip(start.0) {
+            let path = dir.join(segment::log_name(base));
+            let trusted = if i == start.0 { start.1 } else { 0 };
+            if i > start.0 && base != next {
+                return Err(Error::corruption(&path, 0, Some(next), format!("segment starts at offset {base}, the previous one ends at {next}")));
+            }
+            if trusted > len {
+                return Err(Error::corruption(&path, len, Some(next), format!("file is {len} bytes, shorter than the recovery point {trusted}")));
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(i == last)
+                .open(&path)
+                .map_err(|e| Error::io("open", &path, e))?;
+            let data = mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
+            let mut builder = IndexBuilder::new(base, interval);
+            let (mut offsets, mut times) = (Vec::new(), Vec::new());
+            let mut add = |pos: u64, h: &crate::batch::BatchHeader| {
+                if let Some(((rel, p), t)) = builder.observe(pos, h) {
+                    index::push_offset(&mut offsets, rel, p);
+                    if let Some((ts, r)) = t {
+                        index::push_time(&mut times, ts, r);
+                    }
+                }
+            };
+            // Trusted prefix (only the last segment needs its index rebuilt from it).
+            let mut seg_next = base;
+            if i == last && trusted > 0 {
+                let w = segment::walk(&data, 0, trusted, base, false, &mut add);
+                if let Some((pos, reason)) = w.stopped {
+                    return Err(Error::corruption(&path, pos, Some(w.next_offset), format!("before the recovery point: {reason}")));
+                }
+                if w.end != trusted || w.next_offset != start.2 {
+                    return Err(Error::corruption(&path, w.end, Some(w.next_offset), format!("batches end at byte {} offset {}, the recovery point says byte {trusted} offset {}", w.end, w.next_offset, start.2)));
+                }
+                seg_next = w.next_offset;
+            } else if trusted > 0 {
+                seg_next = next;
+            }
+            // Untrusted part: CRC-checked.
+            let w = segment::walk(&data, trusted, len, seg_next, true, &mut add);
+            report.bytes_scanned += w.end - trusted;
+            drop(data);
+            let mut end = len;
+            if let Some((pos, reason)) = w.stopped {
+                if i != last {
+                    return Err(Error::corruption(&path, pos, Some(w.next_offset), format!("in a sealed segment: {reason}")));
+                }
+                tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, reason = %reason, "truncating torn tail past the recovery point");
+                file.set_len(pos).map_err(|e| Error::io("truncate", &path, e))?;
+                file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
+                report.bytes_truncated += len - pos;
+                end = pos;
+            }
+            next = w.next_offset;
+            if i == last {
+                // What recovery accepted is visible to readers at once, so make it durable now
+                // (after kill -9 it may still be only in the page cache) and record the point.
+                file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
+                let mut checkpoint = checkpoint.take().expect("the last segment is reached once");
+                checkpoint.write(crate::checkpoint::Point { segment_base: base, position: end, next_offset: next })?;
+                let file = Arc::new(file);
+                let seg = Arc::new(Segment::active(dir, base, file.clone(), end, offsets, times, builder.max_timestamp));
+                segments.push(seg.clone());
+                let writer = Writer {
+                    active: seg,
+                    file,
+                    position: end,
+                    next_offset: next,
+                    index: builder,
+                    first_append_ms: None,
+                };
+                return Ok((Self::assemble(topic, id, dir, config, shared, segments, writer, checkpoint), report));
+            }
+            segments.push(Arc::new(Segment::sealed(dir, base, end)));
+        }
+        unreachable!("the loop returns at the last segment")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        topic: &str,
+        id: u32,
+        dir: &Path,
+        config: Arc<TopicConfig>,
+        shared: Arc<Shared>,
+        segments: Vec<Arc<Segment>>,
+        writer: Writer,
+        checkpoint: Checkpoint,
+    ) -> Partition {
+        let log_start = segments[0].base_offset;
+        let next = writer.next_offset;
+        let now = shared.clock.now_ms().max(0) as u64;
+        Partition {
+            topic: topic.to_owned(),
+            id,
+            dir: dir.to_path_buf(),
+            shared,
+            config: RwLock::new(config),
+            segments: RwLock::new(Arc::new(segments)),
+            writer: Mutex::new(writer),
+            commit: Mutex::new(CommitState {
+                durable_next: next,
+                syncing: false,
+            }),
+            commit_cv: Condvar::new(),
+            checkpoint: Mutex::new(checkpoint),
+            watch: Arc::new(Watch::new(next)),
+            log_start: AtomicU64::new(log_start),
+            leader_epoch: AtomicI32::new(0),
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            last_flush_ms: AtomicU64::new(now),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The single writer of a partition: appends batches to the active segment and rolls it.
+//!
+//! Only code holding the partition's writer lock reaches this module. An append writes the
+//! batch with its offsets assigned (16 patched header bytes, then the caller's bytes as they
+//! are), updates the in-memory index and, unless `fsync = always`, publishes the new end to
+//! readers. A failed write is rolled back by truncating to the previous end; if even that
+//! fails, the partition is poisoned.
+//!
+//! Roll protocol (each step completes before the next starts):
+//! 1. fdatasync the active log;
+//! 2. write and fdatasync its `.index` and `.timeindex` (temp file + rename);
+//! 3. create the next segment's `.log`;
+//! 4. fsync the partition directory (makes 2 and 3 durable);
+//! 5. publish the new segment list and mark everything durable;
+//! 6. write the recovery point `(new base, 0, new base)`.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::batch::{self, BatchHeader};
+use crate::checkpoint::Point;
+use crate::config::{FsyncPolicy, TopicConfig};
+use crate::error::{Error, Result};
+use crate::segment::{IndexBuilder, Segment};
+
+use super::{lock, AppendInfo, Partition};
+
+#[derive(Debug)]
+pub(super) struct Writer {
+    pub(super) active: Arc<Segment>,
+    pub(super) file: Arc<File>,
+    pub(super) position: u64,
+    pub(super) next_offset: u64,
+    pub(super) index: IndexBuilder,
+    /// Wall-clock time of the first append to the active segment since open.
+    pub(super) first_append_ms: Option<i64>,
+}
+
+impl Writer {
+    pub(super) fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// What a sync started now would cover.
+    pub(super) fn capture(&self) -> (Arc<File>, Arc<Segment>, Point) {
+        (
+            self.file.clone(),
+            self.active.clone(),
+            Point {
+                segment_base: self.active.base_offset,
+                position: self.position,
+                next_offset: self.next_offset,
+            },
+        )
+    }
+
+    /// Appends a validated batch; returns what was assigned and the next offset.
+    pub(super) fn append(
+        &mut self,
+        p: &Partition,
+        cfg: &TopicConfig,
+        batch: &[u8],
+        h: &BatchHeader,
+    ) -> Result<(AppendInfo, u64)> {
+        let now = p.shared.clock.now_ms();
+        let len = batch.len() as u64;
+        let too_big = self.position + len > cfg.segment_bytes;
+        let too_old = self
+            .first_append_ms
+            .is_some_and(|t| now.saturating_sub(t) >= cfg.segment_ms as i64);
+        if self.position > 0 && (too_big || too_old) {
+            self.roll(p)?;
+        }
+        let base = self.next_offset;
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&batch[..16]);
+        batch::assign(&mut prefix, base, p.leader_epoch());
+        let pos = self.position;
+        let written = self
+            .file
+            .write_all_at(&prefix, pos)
+            .and_then(|()| self.file.write_all_at(&batch[16..], pos + 16));
+        if let Err(e) = written {
+            let err = Error::io("write", self.active.log_path(), e);
+            // Roll back the partial write so the file ends on a batch boundary again; the
+            // partition stays usable (nothing was published). If that fails too, poison.
+            return Err(match self.file.set_len(pos) {
+                Ok(()) => err,
+                Err(_) => p.poison(err),
+            });
+        }
+        let stored = BatchHeader {
+            base_offset: base,
+            ..*h
+        };
+        self.position += len;
+        self.next_offset = stored.next_offset();
+        if let Some(entry) = self.index.observe(pos, &stored) {
+            self.active.push_index(entry);
+        }
+        self.active.note_timestamp(h.max_timestamp);
+        self.active.publish_written(self.position);
+        self.first_append_ms.get_or_insert(now);
+        if cfg.fsync != FsyncPolicy::Always {
+            self.active.publish_readable(self.position);
+            p.watch.publish(self.next_offset);
+        }
+        Ok((
+            AppendInfo {
+                base_offset: base,
+                last_offset: stored.last_offset(),
+                log_append_time_ms: now,
+            },
+            self.next_offset,
+        ))
+    }
+
+    /// Seals the active segment and starts a new one (protocol in the module docs). Any
+    /// failure poisons the partition: the on-disk state is then repaired by reopening.
+    pub(super) fn roll(&mut self, p: &Partition) -> Result<()> {
+        self.try_roll(p).map_err(|e| p.poison(e))
+    }
+
+    fn try_roll(&mut self, p: &Partition) -> Result<()> {
+        let old = self.active.clone();
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", old.log_path(), e))?;
+        old.seal(self.next_offset.saturating_sub(1))?;
+        let base = self.next_offset;
+        let path = p.dir.join(Partition::segment_file_name(base));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
+        crate::fsutil::sync_dir(&p.dir)?;
+        let file = Arc::new(file);
+        let seg = Arc::new(Segment::active(
+            &p.dir,
+            base,
+            file.clone(),
+            0,
+            Vec::new(),
+            Vec::new(),
+            -1,
+        ));
+        {
+            let mut segs = p.segments.write().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<_> = segs.as_ref().clone();
+            v.push(seg.clone());
+            *segs = Arc::new(v);
+        }
+        p.watch.publish(base);
+        p.advance_durable(base);
+        self.active = seg;
+        self.file = file;
+        self.position = 0;
+        self.index = IndexBuilder::new(base, p.config().index_interval_bytes);
+        self.first_append_ms = None;
+        lock(&p.checkpoint).write(Point {
+            segment_base: base,
+            position: 0,
+            next_offset: base,
+        })?;
+        tracing::debug!(topic = %p.topic, partition = p.id, base, "rolled segment");
+        Ok(())
+    }
+}

@@ -1,0 +1,494 @@
+//! One segment: a `NNN.log` file of concatenated batches plus its two sparse indexes.
+//!
+//! Invariants:
+//! - The file name's 20-digit number is the base offset of the first batch; batches inside
+//!   are contiguous, their offsets dense and increasing.
+//! - Readers never look past `readable_end`, which the writer publishes (Release) only after the
+//!   bytes below it are complete (and, under `fsync = always`, durable).
+//! - While a segment is active, only the partition writer appends to its file; once sealed,
+//!   the file is never modified again. A retention-deleted segment's files are renamed to
+//!   `*.deleted` and unlinked only when the last mapping of them is dropped.
+//! - Every length taken from the file is checked against the bytes present and against
+//!   [`crate::config::MAX_BATCH_BYTES`] before use.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use bytes::Bytes;
+
+use crate::batch::{self, BatchHeader};
+use crate::config::MAX_BATCH_BYTES;
+use crate::error::{Error, Result};
+use crate::index::{self, Kind, SegmentSummary};
+use crate::mmap;
+
+/// Name of a segment's log file.
+pub(crate) fn log_name(base: u64) -> String {
+    format!("{base:020}.log")
+}
+
+/// Parses `NNNNNNNNNNNNNNNNNNNN.log` into its base offset.
+pub(crate) fn parse_log_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".log")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Paths of a segment's files; unlinks them on drop once retention marked them deleted.
+#[derive(Debug)]
+pub(crate) struct SegmentFiles {
+    pub(crate) log: PathBuf,
+    pub(crate) index: PathBuf,
+    pub(crate) timeindex: PathBuf,
+    deleted: AtomicBool,
+}
+
+fn deleted_name(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".deleted");
+    PathBuf::from(s)
+}
+
+impl SegmentFiles {
+    fn new(dir: &Path, base: u64) -> SegmentFiles {
+        SegmentFiles {
+            log: dir.join(log_name(base)),
+            index: dir.join(format!("{base:020}.index")),
+            timeindex: dir.join(format!("{base:020}.timeindex")),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    fn current_log_path(&self) -> PathBuf {
+        if self.deleted.load(Ordering::Acquire) {
+            deleted_name(&self.log)
+        } else {
+            self.log.clone()
+        }
+    }
+}
+
+impl Drop for SegmentFiles {
+    fn drop(&mut self) {
+        if *self.deleted.get_mut() {
+            for p in [&self.log, &self.index, &self.timeindex] {
+                let d = deleted_name(p);
+                if let Err(e) = fs::remove_file(&d) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %d.display(), error = %e, "could not remove deleted segment file");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Index state of a segment.
+#[derive(Debug)]
+enum IndexState {
+    /// Sealed, not loaded yet (or evicted).
+    Unloaded,
+    /// In memory: the active segment, appended by the writer.
+    Mem { offsets: Vec<u8>, times: Vec<u8> },
+    /// Sealed and memory-mapped.
+    Mapped { offsets: Bytes, times: Bytes },
+}
+
+/// Bookkeeping that decides where index entries go; used by the writer on append and by
+/// recovery and rebuilds while scanning.
+#[derive(Clone, Debug)]
+pub(crate) struct IndexBuilder {
+    base: u64,
+    interval: u64,
+    last_indexed_pos: Option<u64>,
+    pub(crate) max_timestamp: i64,
+    last_time_ts: i64,
+}
+
+impl IndexBuilder {
+    pub(crate) fn new(base: u64, interval: u32) -> IndexBuilder {
+        IndexBuilder {
+            base,
+            interval: u64::from(interval),
+            last_indexed_pos: None,
+            max_timestamp: -1,
+            last_time_ts: i64::MIN,
+        }
+    }
+
+    /// Accounts for the batch `h` written at `pos`; returns entries to add, if any.
+    pub(crate) fn observe(
+        &mut self,
+        pos: u64,
+        h: &BatchHeader,
+    ) -> Option<((u32, u32), Option<(i64, u32)>)> {
+        self.max_timestamp = self.max_timestamp.max(h.max_timestamp);
+        let due = self.last_indexed_pos.is_none_or(|last| pos - last >= self.interval);
+        if !due {
+            return None;
+        }
+        self.last_indexed_pos = Some(pos);
+        let rel = (h.base_offset - self.base) as u32;
+        let time = (self.max_timestamp > self.last_time_ts).then(|| {
+            self.last_time_ts = self.max_timestamp;
+            (self.max_timestamp, rel)
+        });
+        Some(((rel, pos as u32), time))
+    }
+}
+
+/// Result of walking the batches of a byte range.
+#[derive(Debug)]
+pub(crate) struct Walk {
+    /// Position after the last good batch.
+    pub(crate) end: u64,
+    /// Offset after the last good batch.
+    pub(crate) next_offset: u64,
+    /// Why the walk stopped early, with the position of the bad batch.
+    pub(crate) stopped: Option<(u64, String)>,
+}
+
+/// Walks batches in `data[from..end]`, expecting the first to start at `next_offset`,
+/// optionally verifying CRCs, and feeding each to `each`. Stops at the first bad batch.
+pub(crate) fn walk(
+    data: &[u8],
+    from: u64,
+    end: u64,
+    mut next_offset: u64,
+    verify_crc: bool,
+    mut each: impl FnMut(u64, &BatchHeader),
+) -> Walk {
+    let mut pos = from;
+    let end = end.min(data.len() as u64);
+    while pos < end {
+        let rest = &data[pos as usize..end as usize];
+        let h = match BatchHeader::parse(rest) {
+            Ok(h) => h,
+            Err(e) => return Walk { end: pos, next_offset, stopped: Some((pos, e.to_string())) },
+        };
+        let problem = if h.total_len() > rest.len() {
+            Some(format!("batch of {} bytes runs past the end ({} bytes left)", h.total_len(), rest.len()))
+        } else if h.total_len() > MAX_BATCH_BYTES as usize {
+            Some(format!("batch length {} over the hard limit", h.total_len()))
+        } else if h.base_offset != next_offset {
+            Some(format!("batch has base offset {}, expected {next_offset}", h.base_offset))
+        } else if h.records_count <= 0 || h.last_offset_delta < 0 {
+            Some(format!("batch has {} records, last offset delta {}", h.records_count, h.last_offset_delta))
+        } else if verify_crc {
+            batch::check_crc(&rest[..h.total_len()], &h).err().map(|e| e.to_string())
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return Walk { end: pos, next_offset, stopped: Some((pos, p)) };
+        }
+        each(pos, &h);
+        next_offset = h.next_offset();
+        pos += h.total_len() as u64;
+    }
+    Walk { end: pos, next_offset, stopped: None }
+}
+
+/// A segment shared by the writer and readers.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub(crate) base_offset: u64,
+    files: Arc<SegmentFiles>,
+    /// Bytes readers may read.
+    readable_end: AtomicU64,
+    /// Bytes written to the file (>= readable_end).
+    written_end: AtomicU64,
+    /// Largest record timestamp; `i64::MIN` while unknown (sealed, index not loaded).
+    max_timestamp: AtomicI64,
+    /// Write handle while active; `None` once sealed.
+    active_file: Mutex<Option<Arc<File>>>,
+    map: Mutex<Bytes>,
+    index: RwLock<IndexState>,
+    /// LRU tick of the last mapping use.
+    pub(crate) last_used: AtomicU64,
+}
+
+impl Segment {
+    /// A sealed segment found on disk (`size` bytes); nothing is opened until first use.
+    pub(crate) fn sealed(dir: &Path, base: u64, size: u64) -> Segment {
+        Segment {
+            base_offset: base,
+            files: Arc::new(SegmentFiles::new(dir, base)),
+            readable_end: AtomicU64::new(size),
+            written_end: AtomicU64::new(size),
+            max_timestamp: AtomicI64::new(i64::MIN),
+            active_file: Mutex::new(None),
+            map: Mutex::new(Bytes::new()),
+            index: RwLock::new(IndexState::Unloaded),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    /// The active segment, with the writer's file handle and its in-memory index.
+    pub(crate) fn active(
+        dir: &Path,
+        base: u64,
+        file: Arc<File>,
+        size: u64,
+        offsets: Vec<u8>,
+        times: Vec<u8>,
+        max_timestamp: i64,
+    ) -> Segment {
+        Segment {
+            base_offset: base,
+            files: Arc::new(SegmentFiles::new(dir, base)),
+            readable_end: AtomicU64::new(size),
+            written_end: AtomicU64::new(size),
+            max_timestamp: AtomicI64::new(max_timestamp),
+            active_file: Mutex::new(Some(file)),
+            map: Mutex::new(Bytes::new()),
+            index: RwLock::new(IndexState::Mem { offsets, times }),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.files.log
+    }
+
+    pub(crate) fn readable_end(&self) -> u64 {
+        self.readable_end.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn written_end(&self) -> u64 {
+        self.written_end.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn publish_written(&self, end: u64) {
+        self.written_end.fetch_max(end, Ordering::AcqRel);
+    }
+
+    pub(crate) fn publish_readable(&self, end: u64) {
+        self.readable_end.fetch_max(end, Ordering::AcqRel);
+    }
+
+    pub(crate) fn note_timestamp(&self, ts: i64) {
+        self.max_timestamp.fetch_max(ts, Ordering::AcqRel);
+    }
+
+    /// Largest timestamp, if known without loading anything.
+    pub(crate) fn max_timestamp_hint(&self) -> Option<i64> {
+        let t = self.max_timestamp.load(Ordering::Acquire);
+        (t != i64::MIN).then_some(t)
+    }
+
+    pub(crate) fn is_mapped(&self) -> bool {
+        !lock(&self.map).is_empty()
+    }
+
+    /// Drops the mapping and a mapped index (sealed segments only); readers holding slices
+    /// keep their own reference.
+    pub(crate) fn unmap(&self) {
+        if lock(&self.active_file).is_some() {
+            return;
+        }
+        *lock(&self.map) = Bytes::new();
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        if matches!(*idx, IndexState::Mapped { .. }) {
+            *idx = IndexState::Unloaded;
+        }
+    }
+
+    /// Returns a mapping covering at least `need` bytes (remapping the grown active file).
+    /// The second value is true when a new mapping was made.
+    pub(crate) fn data(&self, need: u64) -> Result<(Bytes, bool)> {
+        let mut map = lock(&self.map);
+        if map.len() as u64 >= need {
+            return Ok((map.clone(), false));
+        }
+        let len = self.written_end().max(need);
+        let active = lock(&self.active_file).clone();
+        let file = match active {
+            Some(f) => f,
+            None => {
+                let path = self.files.current_log_path();
+                let f = File::open(&path)
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            File::open(self.files.current_log_path())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|e| Error::io("open", &path, e))?;
+                Arc::new(f)
+            }
+        };
+        let bytes = mmap::map(&file, len as usize, self.files.clone())
+            .map_err(|e| Error::io("mmap", self.log_path(), e))?;
+        *map = bytes.clone();
+        Ok((bytes, true))
+    }
+
+    /// Position to start scanning for `offset`, from the sparse index.
+    pub(crate) fn floor_position(&self, offset: u64) -> Result<u64> {
+        let rel = (offset - self.base_offset).min(u64::from(u32::MAX)) as u32;
+        self.with_index(|offsets, _| u64::from(index::floor_position(offsets, rel)))
+    }
+
+    /// Relative offset to start scanning for a timestamp, from the time index.
+    pub(crate) fn time_floor(&self, ts: i64) -> Result<Option<u32>> {
+        self.with_index(|_, times| index::time_floor(times, ts))
+    }
+
+    /// Adds entries to the in-memory index of the active segment.
+    pub(crate) fn push_index(&self, entry: ((u32, u32), Option<(i64, u32)>)) {
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        if let IndexState::Mem { offsets, times } = &mut *idx {
+            let ((rel, pos), time) = entry;
+            index::push_offset(offsets, rel, pos);
+            if let Some((ts, rel)) = time {
+                index::push_time(times, ts, rel);
+            }
+        }
+    }
+
+    fn with_index<R>(&self, f: impl Fn(&[u8], &[u8]) -> R) -> Result<R> {
+        {
+            let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+            match &*idx {
+                IndexState::Mem { offsets, times } => return Ok(f(offsets, times)),
+                IndexState::Mapped { offsets, times } => return Ok(f(offsets, times)),
+                IndexState::Unloaded => {}
+            }
+        }
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        if matches!(*idx, IndexState::Unloaded) {
+            let (offsets, times) = self.load_index()?;
+            *idx = IndexState::Mapped { offsets, times };
+        }
+        match &*idx {
+            IndexState::Mem { offsets, times } => Ok(f(offsets, times)),
+            IndexState::Mapped { offsets, times } => Ok(f(offsets, times)),
+            IndexState::Unloaded => unreachable!("index was just loaded"),
+        }
+    }
+
+    /// Loads the sealed indexes from disk, or rebuilds them from the log when missing or
+    /// damaged (the index is derived data; the log is the truth).
+    fn load_index(&self) -> Result<(Bytes, Bytes)> {
+        let size = self.readable_end();
+        let load = |path: &Path, kind: Kind| -> Result<(SegmentSummary, Bytes)> {
+            let f = File::open(path).map_err(|e| Error::io("open", path, e))?;
+            let len = f.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+            let data = mmap::map(&f, len as usize, ()).map_err(|e| Error::io("mmap", path, e))?;
+            let (summary, range) = index::decode_file(path, kind, &data, self.base_offset, size)?;
+            Ok((summary, data.slice(range)))
+        };
+        match (load(&self.files.index, Kind::Offset), load(&self.files.timeindex, Kind::Time)) {
+            (Ok((s, offsets)), Ok((_, times))) => {
+                self.note_timestamp(s.max_timestamp);
+                Ok((offsets, times))
+            }
+            (a, b) => {
+                let why = a.err().or(b.err()).map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(segment = %self.log_path().display(), reason = %why, "rebuilding segment index");
+                self.rebuild_index()
+            }
+        }
+    }
+
+    /// Rebuilds both indexes by walking the batch headers and writes them back.
+    pub(crate) fn rebuild_index(&self) -> Result<(Bytes, Bytes)> {
+        let size = self.readable_end();
+        let (data, _) = self.data(size)?;
+        let interval = 4096;
+        let mut b = IndexBuilder::new(self.base_offset, interval);
+        let (mut offsets, mut times) = (Vec::new(), Vec::new());
+        let w = walk(&data, 0, size, self.base_offset, false, |pos, h| {
+            if let Some(((rel, p), t)) = b.observe(pos, h) {
+                index::push_offset(&mut offsets, rel, p);
+                if let Some((ts, r)) = t {
+                    index::push_time(&mut times, ts, r);
+                }
+            }
+        });
+        if let Some((pos, reason)) = w.stopped {
+            return Err(Error::corruption(self.log_path(), pos, Some(w.next_offset), reason));
+        }
+        let summary = SegmentSummary {
+            base_offset: self.base_offset,
+            last_offset: w.next_offset.saturating_sub(1),
+            max_timestamp: b.max_timestamp,
+            log_size: size as u32,
+        };
+        self.note_timestamp(b.max_timestamp);
+        if let Err(e) = write_index_files(&self.files, &summary, &offsets, &times) {
+            tracing::warn!(segment = %self.log_path().display(), error = %e, "could not write rebuilt index");
+        }
+        Ok((Bytes::from(offsets), Bytes::from(times)))
+    }
+
+    /// Seals the active segment: writes and fdatasyncs both index files (the caller has
+    /// already fdatasync'd the log and fsyncs the directory afterwards) and drops the write
+    /// handle. From now on the indexes are read from their files.
+    pub(crate) fn seal(&self, last_offset: u64) -> Result<()> {
+        let size = self.written_end();
+        let summary = {
+            let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let IndexState::Mem { offsets, times } = &*idx else {
+                return Ok(());
+            };
+            let summary = SegmentSummary {
+                base_offset: self.base_offset,
+                last_offset,
+                max_timestamp: self.max_timestamp.load(Ordering::Acquire).max(-1),
+                log_size: size as u32,
+            };
+            write_index_files(&self.files, &summary, offsets, times)?;
+            summary
+        };
+        debug_assert_eq!(u64::from(summary.log_size), size);
+        self.publish_readable(size);
+        *lock(&self.active_file) = None;
+        *lock(&self.map) = Bytes::new();
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = IndexState::Unloaded;
+        Ok(())
+    }
+
+    /// Renames the files to `*.deleted`; they are unlinked when the last mapping drops.
+    /// The caller fsyncs the directory.
+    pub(crate) fn mark_deleted(&self) -> Result<()> {
+        for p in [&self.files.log, &self.files.index, &self.files.timeindex] {
+            match fs::rename(p, deleted_name(p)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && p != &self.files.log => {}
+                Err(e) => return Err(Error::io("rename", p, e)),
+            }
+        }
+        self.files.deleted.store(true, Ordering::Release);
+        *lock(&self.map) = Bytes::new();
+        Ok(())
+    }
+}
+
+fn write_index_files(files: &SegmentFiles, s: &SegmentSummary, offsets: &[u8], times: &[u8]) -> Result<()> {
+    crate::fsutil::write_replace(&files.index, &index::encode_file(Kind::Offset, s, offsets))?;
+    crate::fsutil::write_replace(&files.timeindex, &index::encode_file(Kind::Time, s, times))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(log_name(42), "00000000000000000042.log");
+        assert_eq!(parse_log_name("00000000000000000042.log"), Some(42));
+        assert_eq!(parse_log_name("0000000000000000042.log"), None);
+        assert_eq!(parse_log_name("00000000000000000042.index"), None);
+        assert_eq!(parse_log_name("0000000000000000004x.log"), None);
+    }
+}
