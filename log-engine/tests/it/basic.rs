@@ -1,0 +1,61 @@
+//! Append, read, roll, reopen: the everyday paths.
+
+use crate::common::{batch, open_topic, read_all};
+use spool_log_engine::{Error, FsyncPolicy, TopicConfig};
+
+#[test]
+fn append_read_roll_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TopicConfig { segment_bytes: 4096, index_interval_bytes: 256, ..TopicConfig::default() };
+    let mut expected = Vec::new();
+    {
+        let log = open_topic(dir.path(), cfg.clone());
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..200 {
+            let info = p.append(&batch(&format!("b{i}"), 3, 1000 + i)).unwrap();
+            assert_eq!(info.base_offset, i as u64 * 3);
+            assert_eq!(info.last_offset, i as u64 * 3 + 2);
+            for j in 0..3 {
+                expected.push(format!("b{i}-{j}"));
+            }
+        }
+        assert!(p.segment_bases().len() > 5, "segments rolled: {:?}", p.segment_bases());
+        assert_eq!(p.high_watermark(), 600);
+        let got: Vec<_> = read_all(&p, 0).iter().map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()).collect();
+        assert_eq!(got, expected);
+        // Reads from the middle of a batch start at that batch.
+        let r = p.read(301, 1).unwrap();
+        let first = r.batches().next().unwrap().unwrap();
+        assert_eq!(first.header().base_offset, 300);
+        assert_eq!(r.next_offset, 303);
+        assert!(matches!(p.read(601, 10), Err(Error::OffsetOutOfRange { .. })));
+        assert!(p.read(600, 10).unwrap().data.is_empty());
+        assert_eq!(p.offset_for_timestamp(1000 + 150).unwrap(), Some(450));
+        assert_eq!(p.offset_for_timestamp(0).unwrap(), Some(0));
+        assert_eq!(p.offset_for_timestamp(5000).unwrap(), None);
+        log.close().unwrap();
+    }
+    let log = open_topic(dir.path(), cfg);
+    for (_, _, r) in log.recovery_reports() {
+        assert_eq!(r.bytes_scanned, 0, "clean shutdown: nothing to scan");
+    }
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.high_watermark(), 600);
+    let got: Vec<_> = read_all(&p, 0).iter().map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()).collect();
+    assert_eq!(got, expected);
+    assert_eq!(p.offset_for_timestamp(1000 + 150).unwrap(), Some(450));
+    assert_eq!(p.append(&batch("after", 1, 5)).unwrap().base_offset, 600);
+}
+
+#[test]
+fn policies_all_append_and_read() {
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Never, FsyncPolicy::Interval { interval_ms: 5 }] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_topic(dir.path(), TopicConfig { fsync, ..TopicConfig::default() });
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..10 {
+            p.append(&batch("x", 2, i)).unwrap();
+        }
+        assert_eq!(read_all(&p, 0).len(), 20, "{fsync}");
+    }
+}

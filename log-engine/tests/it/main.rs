@@ -1,0 +1,10 @@
+//! Integration tests of the log engine: one test binary, a module per area.
+
+mod basic;
+mod common;
+mod corruption;
+mod crash;
+mod decode;
+mod model;
+mod retention;
+mod torn_tail;
