@@ -398,8 +398,8 @@ impl Partition {
     }
 
     /// The earliest offset whose batch has a timestamp at or after `ts`, or `None` when every
-    /// readable record is older. Resolves to the first record with such a timestamp inside
-    /// uncompressed batches; for compressed batches, to the batch's first offset.
+    /// readable record is older. The batch found is decoded to return the first record with
+    /// such a timestamp (a batch that cannot be decoded, e.g. gzip, gives its first offset).
     pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
         let hwm = self.watch.get();
         let log_start = self.log_start_offset();
@@ -427,9 +427,11 @@ impl Partition {
                 }
                 if h.max_timestamp >= ts && h.next_offset() > log_start {
                     let b = Batch::from_parts(h, data.slice(pos as usize..pos as usize + h.total_len()));
-                    let exact = (h.compression() == Ok(Compression::None))
-                        .then(|| b.records(&self.shared.limits).ok())
-                        .flatten()
+                    // Like Kafka, look inside the batch (decompressing if needed, within
+                    // the limits) for the first record at or after `ts`.
+                    let exact = b
+                        .records(&self.shared.limits)
+                        .ok()
                         .and_then(|mut rs| rs.find_map(|r| r.ok().filter(|r| r.timestamp >= ts)))
                         .map(|r| r.offset);
                     return Ok(Some(exact.unwrap_or(h.base_offset).max(log_start)));
