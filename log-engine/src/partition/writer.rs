@@ -3,8 +3,8 @@
 //! Only code holding the partition's writer lock reaches this module. An append writes the
 //! batch with its offsets assigned (16 patched header bytes, then the caller's bytes as they
 //! are), updates the in-memory index and, unless `fsync = always`, publishes the new end to
-//! readers. A failed write is rolled back by truncating to the previous end; if even that
-//! fails, the partition is poisoned.
+//! readers. A write that fails for lack of space is rolled back by truncating to the previous
+//! end; any other failed write, or a failed rollback, poisons the partition.
 //!
 //! Roll protocol (each step completes before the next starts):
 //! 1. fdatasync the active log;
@@ -82,12 +82,17 @@ impl Writer {
             .write_all_at(&prefix, pos)
             .and_then(|()| self.file.write_all_at(&batch[16..], pos + 16));
         if let Err(e) = written {
+            use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+            let out_of_space = matches!(e.kind(), StorageFull | QuotaExceeded);
             let err = Error::io("write", self.active.log_path(), e);
-            // Roll back the partial write so the file ends on a batch boundary again; the
-            // partition stays usable (nothing was published). If that fails too, poison.
-            return Err(match self.file.set_len(pos) {
-                Ok(()) => err,
-                Err(_) => p.poison(err),
+            // Out of space: nothing reached the disk that matters. Roll the partial write back
+            // so the file ends on a batch boundary again; the partition stays usable (nothing
+            // was published) and writes resume once space is freed. Any other write error, or
+            // a failed rollback, poisons the partition.
+            return Err(if out_of_space && self.file.set_len(pos).is_ok() {
+                err
+            } else {
+                p.poison(err)
             });
         }
         let stored = BatchHeader {
