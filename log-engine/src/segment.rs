@@ -433,7 +433,8 @@ impl Segment {
 
     /// Seals the active segment: writes and fdatasyncs both index files (the caller has
     /// already fdatasync'd the log and fsyncs the directory afterwards) and drops the write
-    /// handle. From now on the indexes are read from their files.
+    /// handle. From now on the indexes are read from their files (or rebuilt from the log if
+    /// they could not be written).
     pub(crate) fn seal(&self, last_offset: u64) -> Result<()> {
         let size = self.written_end();
         let summary = {
@@ -447,7 +448,17 @@ impl Segment {
                 max_timestamp: self.max_timestamp.load(Ordering::Acquire).max(-1),
                 log_size: size as u32,
             };
-            write_index_files(&self.files, &summary, offsets, times)?;
+            // The indexes are derived data: if they cannot be written (typically a full
+            // disk), the segment is sealed without them and they are rebuilt from the log on
+            // first use. Failing the roll here would poison the partition for no gain.
+            if let Err(e) = write_index_files(&self.files, &summary, offsets, times) {
+                tracing::warn!(segment = %self.log_path().display(), error = %e, "sealing without index files; they will be rebuilt");
+                for p in [&self.files.index, &self.files.timeindex] {
+                    let mut tmp = p.as_os_str().to_owned();
+                    tmp.push(".tmp");
+                    let _ = fs::remove_file(PathBuf::from(tmp));
+                }
+            }
             summary
         };
         debug_assert_eq!(u64::from(summary.log_size), size);

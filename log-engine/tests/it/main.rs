@@ -5,6 +5,7 @@ mod common;
 mod corruption;
 mod crash;
 mod decode;
+mod disk_full;
 mod model;
 mod retention;
 mod torn_tail;

@@ -1,0 +1,90 @@
+//! Disk full: appends on a tiny tmpfs until the filesystem refuses, then free space through
+//! retention and check that writes resume and nothing acknowledged was lost.
+//!
+//! Needs root to mount a tmpfs (CI and the development machines run as root); without it the
+//! test fails with a message instead of passing silently.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use spool_log_engine::{Error, Log, TopicConfig};
+
+use crate::common::{batch, opts, read_all};
+
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(dir: &Path, size: &str) -> Mount {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "disk-full test needs root to mount a tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn enospc_is_a_clean_error_and_writes_resume_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let _mount = Mount::tmpfs(dir.path(), "1m");
+    let log = Log::open(dir.path().join("data"), opts()).unwrap();
+    // Retention is configured from the start (as in production) but only applied when the
+    // test says so: the maintenance thread is off in tests.
+    let cfg = TopicConfig {
+        segment_bytes: 64 << 10,
+        retention_bytes: Some(128 << 10),
+        ..TopicConfig::default()
+    };
+    log.create_topic("t", cfg).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let mut acked = 0u64;
+    let err = loop {
+        match p.append(&batch(&format!("{acked:0>900}"), 1, 0)) {
+            Ok(info) => {
+                assert_eq!(info.base_offset, acked);
+                acked += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(acked < 10_000, "a 1 MiB filesystem never filled up");
+    };
+    match &err {
+        Error::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}"),
+        other => panic!("expected an out-of-space I/O error, got {other}"),
+    }
+    assert!(!p.is_poisoned(), "out of space must not poison");
+    assert_eq!(p.high_watermark(), acked, "the failed append published nothing");
+    eprintln!("disk full after {acked} acknowledged batches");
+
+    // Free space: retention keeps only ~128 KiB.
+    assert!(p.enforce_retention().unwrap() > 0);
+    let start = p.log_start_offset();
+    let info = p.append(&batch("after", 1, 0)).expect("writes resume once space is freed");
+    assert_eq!(info.base_offset, acked);
+
+    let check = |p: &spool_log_engine::Partition| {
+        let recs = read_all(p, start);
+        assert_eq!(recs.len() as u64, acked + 1 - start);
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!(r.offset, start + i as u64);
+        }
+    };
+    check(&p);
+    drop(p);
+    log.close().unwrap();
+    drop(log);
+    let log = Log::open(dir.path().join("data"), opts()).unwrap();
+    check(&log.partition("t", 0).unwrap());
+}
