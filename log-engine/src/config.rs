@@ -152,7 +152,6 @@ impl TopicConfig {
 
 /// Engine-wide limits on what a batch may contain and on resources held.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Limits {
     /// Records in one batch.
     pub max_records_per_batch: u32,

@@ -2,6 +2,7 @@
 
 mod basic;
 mod common;
+mod concurrency;
 mod corruption;
 mod crash;
 mod decode;
