@@ -13,7 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use spool_log_engine::{BatchBuilder, Compression, Limits, Log, LogOptions, TopicConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "./spool-data".to_owned());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "./spool-data".to_owned());
     let log = Log::open(&dir, LogOptions::default())?;
     println!("opened log at {dir}");
     for (topic, partition, r) in log.recovery_reports() {
@@ -23,7 +25,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     if log.topic_config("prices").is_err() {
-        log.create_topic("prices", TopicConfig { partitions: 2, ..TopicConfig::default() })?;
+        log.create_topic(
+            "prices",
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )?;
         println!("created topic prices with 2 partitions (fsync = always)");
     }
 
@@ -31,14 +39,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let products = ["espresso-machine", "headphones", "air-fryer", "monitor"];
     let p = log.partition("prices", 0)?;
     let first = p.high_watermark();
-    for (n, compression) in [Compression::None, Compression::Lz4, Compression::Zstd].into_iter().enumerate() {
+    for (n, compression) in [Compression::None, Compression::Lz4, Compression::Zstd]
+        .into_iter()
+        .enumerate()
+    {
         let mut b = BatchBuilder::new(compression);
         for (i, product) in products.iter().enumerate() {
-            let price = format!("{{\"product\":\"{product}\",\"price_cents\":{}}}", 9_900 + 100 * (n * 4 + i));
-            b.push(now + n as i64, Some(product.as_bytes()), Some(price.as_bytes()), &[("source", Some(b"example"))]);
+            let price = format!(
+                "{{\"product\":\"{product}\",\"price_cents\":{}}}",
+                9_900 + 100 * (n * 4 + i)
+            );
+            b.push(
+                now + n as i64,
+                Some(product.as_bytes()),
+                Some(price.as_bytes()),
+                &[("source", Some(b"example"))],
+            );
         }
         let at = p.append(&b.finish()?)?;
-        println!("appended a {compression:?} batch of {} records at offsets {}..={}", products.len(), at.base_offset, at.last_offset);
+        println!(
+            "appended a {compression:?} batch of {} records at offsets {}..={}",
+            products.len(),
+            at.base_offset,
+            at.last_offset
+        );
     }
 
     println!("reading prices/0 from offset {first}:");
@@ -63,13 +87,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         offset = r.next_offset;
     }
     let by_time = p.offset_for_timestamp(now + 1)?;
-    println!("first offset at or after timestamp {}: {by_time:?}", now + 1);
+    println!(
+        "first offset at or after timestamp {}: {by_time:?}",
+        now + 1
+    );
     let s = p.stats();
     println!(
         "prices/0: log start {}, high watermark {}, {} bytes in {} segment(s)",
         s.log_start_offset, s.high_watermark, s.size_bytes, s.segments
     );
     log.close()?;
-    println!("closed cleanly; run again to continue from offset {}", s.high_watermark);
+    println!(
+        "closed cleanly; run again to continue from offset {}",
+        s.high_watermark
+    );
     Ok(())
 }

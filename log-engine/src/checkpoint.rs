@@ -98,7 +98,10 @@ impl Checkpoint {
             crate::fsutil::sync_dir(dir)?;
         }
         let mut buf = [0u8; 2 * SLOT];
-        let len = file.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &path, e))?
+            .len();
         let n = (len as usize).min(buf.len());
         file.read_exact_at(&mut buf[..n], 0)
             .map_err(|e| Error::io("read", &path, e))?;
@@ -110,7 +113,15 @@ impl Checkpoint {
             Some((s, p)) => (s, Some(p)),
             None => (0, None),
         };
-        Ok((Checkpoint { file, path, seq, last }, last))
+        Ok((
+            Checkpoint {
+                file,
+                path,
+                seq,
+                last,
+            },
+            last,
+        ))
     }
 
     /// The newest point written or read.
@@ -125,7 +136,7 @@ impl Checkpoint {
             return Ok(());
         }
         let seq = self.seq + 1;
-        let slot = (seq % 2) as u64 * SLOT as u64;
+        let slot = (seq % 2) * SLOT as u64;
         self.file
             .write_all_at(&encode(seq, &p), slot)
             .map_err(|e| Error::io("write", &self.path, e))?;
@@ -147,8 +158,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut c, p) = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(p, None);
-        let a = Point { segment_base: 0, position: 100, next_offset: 10 };
-        let b = Point { segment_base: 0, position: 200, next_offset: 20 };
+        let a = Point {
+            segment_base: 0,
+            position: 100,
+            next_offset: 10,
+        };
+        let b = Point {
+            segment_base: 0,
+            position: 200,
+            next_offset: 20,
+        };
         c.write(a).unwrap();
         c.write(b).unwrap();
         c.write(a).unwrap(); // older: ignored

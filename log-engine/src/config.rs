@@ -13,11 +13,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// When appended data is forced to stable storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "policy")]
 pub enum FsyncPolicy {
     /// `append` returns only after an `fdatasync` covering the batch has returned. Concurrent
     /// appenders share one fdatasync (group commit). Readers see only durable data.
+    #[default]
     Always,
     /// A background thread runs fdatasync every `interval_ms`. An acknowledged write can be
     /// lost on power failure (not on a process crash).
@@ -28,12 +29,6 @@ pub enum FsyncPolicy {
     /// Never fsync on the append path (page cache only). Sealed segments are still flushed when
     /// rolled, so that the recovery point stays truthful.
     Never,
-}
-
-impl Default for FsyncPolicy {
-    fn default() -> Self {
-        FsyncPolicy::Always
-    }
 }
 
 impl fmt::Display for FsyncPolicy {
@@ -113,7 +108,10 @@ impl TopicConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::InvalidConfig(msg));
         if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
-            return bad(format!("partitions must be in 1..={MAX_PARTITIONS}, got {}", self.partitions));
+            return bad(format!(
+                "partitions must be in 1..={MAX_PARTITIONS}, got {}",
+                self.partitions
+            ));
         }
         if self.segment_bytes < 4096 || self.segment_bytes > MAX_SEGMENT_BYTES {
             return bad(format!(
@@ -138,10 +136,12 @@ impl TopicConfig {
                 self.max_batch_bytes
             ));
         }
-        if let FsyncPolicy::Interval { interval_ms } = self.fsync {
-            if interval_ms == 0 || interval_ms > 3_600_000 {
-                return bad(format!("fsync interval must be in 1..=3600000 ms, got {interval_ms}"));
-            }
+        if let FsyncPolicy::Interval { interval_ms } = self.fsync
+            && (interval_ms == 0 || interval_ms > 3_600_000)
+        {
+            return bad(format!(
+                "fsync interval must be in 1..=3600000 ms, got {interval_ms}"
+            ));
         }
         if self.recovery_checkpoint_bytes < (1 << 20) {
             return bad("recovery_checkpoint_bytes must be at least 1 MiB".into());

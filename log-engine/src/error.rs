@@ -105,7 +105,9 @@ pub enum Error {
     /// A write or fsync failed earlier; the partition refuses writes until it is reopened.
     /// An fsync is never retried: after a failed fsync the kernel may have dropped the dirty
     /// pages, so a second "successful" fsync would prove nothing.
-    #[error("partition {topic}/{partition} is poisoned by an earlier failure ({cause}); reopen the log")]
+    #[error(
+        "partition {topic}/{partition} is poisoned by an earlier failure ({cause}); reopen the log"
+    )]
     Poisoned {
         /// Topic name.
         topic: String,

@@ -150,7 +150,10 @@ pub(crate) fn decode_file(
 ) -> Result<(SegmentSummary, std::ops::Range<usize>)> {
     let bad = |reason: String| Err(Error::corruption(path, 0, Some(base_offset), reason));
     if data.len() < HEADER_LEN {
-        return bad(format!("index file of {} bytes is shorter than its header", data.len()));
+        return bad(format!(
+            "index file of {} bytes is shorter than its header",
+            data.len()
+        ));
     }
     if le_u32(data, 44) != crc32fast::hash(&data[..44]) {
         return bad("index header CRC mismatch".into());
@@ -178,7 +181,10 @@ pub(crate) fn decode_file(
         .checked_mul(kind.entry_len())
         .and_then(|n| n.checked_add(HEADER_LEN));
     if want != Some(data.len()) {
-        return bad(format!("index holds {} bytes for {count} entries", data.len()));
+        return bad(format!(
+            "index holds {} bytes for {count} entries",
+            data.len()
+        ));
     }
     if le_u32(data, 40) != crc32fast::hash(&data[HEADER_LEN..]) {
         return bad("index entries CRC mismatch".into());
@@ -219,7 +225,12 @@ mod tests {
         for i in 0..20u32 {
             push_offset(&mut e, i * 3, i * 5000);
         }
-        let s = SegmentSummary { base_offset: 42, last_offset: 100, max_timestamp: 7, log_size: 123_456 };
+        let s = SegmentSummary {
+            base_offset: 42,
+            last_offset: 100,
+            max_timestamp: 7,
+            log_size: 123_456,
+        };
         let file = encode_file(Kind::Offset, &s, &e);
         let p = Path::new("x.index");
         let (got, range) = decode_file(p, Kind::Offset, &file, 42, 123_456).unwrap();
@@ -228,7 +239,10 @@ mod tests {
         for bit in 0..file.len() * 8 {
             let mut f = file.clone();
             f[bit / 8] ^= 1 << (bit % 8);
-            assert!(decode_file(p, Kind::Offset, &f, 42, 123_456).is_err(), "flip of bit {bit} undetected");
+            assert!(
+                decode_file(p, Kind::Offset, &f, 42, 123_456).is_err(),
+                "flip of bit {bit} undetected"
+            );
         }
         assert!(decode_file(p, Kind::Offset, &file, 42, 123_457).is_err());
         assert!(decode_file(p, Kind::Time, &file, 42, 123_456).is_err());

@@ -46,6 +46,6 @@ mod segment;
 pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, Compression, Header, Record};
 pub use config::{CleanupPolicy, Clock, FsyncPolicy, Limits, LogOptions, SystemClock, TopicConfig};
 pub use error::{Error, Result};
-pub use log::{validate_topic_name, Log, MAX_TOPIC_NAME};
+pub use log::{Log, MAX_TOPIC_NAME, validate_topic_name};
 pub use notify::DataAvailable;
 pub use partition::{AppendInfo, Partition, PartitionStats, ReadResult, RecoveryReport};

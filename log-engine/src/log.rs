@@ -25,7 +25,7 @@ use crate::config::{FsyncPolicy, LogOptions, TopicConfig};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::mapcache::MapCache;
-use crate::partition::{lock, Partition, RecoveryReport, Shared};
+use crate::partition::{Partition, RecoveryReport, Shared, lock};
 
 const TOPIC_META: &str = "topic.json";
 const LOCK_FILE: &str = ".lock";
@@ -85,10 +85,21 @@ pub struct Log {
 fn read_config(path: &Path) -> Result<TopicConfig> {
     let bytes = fs::read(path).map_err(|e| Error::io("read", path, e))?;
     if bytes.len() > 1 << 20 {
-        return Err(Error::corruption(path, 0, None, "topic metadata larger than 1 MiB"));
+        return Err(Error::corruption(
+            path,
+            0,
+            None,
+            "topic metadata larger than 1 MiB",
+        ));
     }
-    let cfg: TopicConfig = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corruption(path, e.column() as u64, None, format!("bad topic metadata: {e}")))?;
+    let cfg: TopicConfig = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::corruption(
+            path,
+            e.column() as u64,
+            None,
+            format!("bad topic metadata: {e}"),
+        )
+    })?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -144,12 +155,24 @@ impl Log {
             let cfg = Arc::new(read_config(&tdir.join(TOPIC_META))?);
             let mut partitions = Vec::with_capacity(cfg.partitions as usize);
             for id in 0..cfg.partitions {
-                let (p, report) =
-                    Partition::open(&name, id, &tdir.join(id.to_string()), cfg.clone(), shared.clone(), true)?;
+                let (p, report) = Partition::open(
+                    &name,
+                    id,
+                    &tdir.join(id.to_string()),
+                    cfg.clone(),
+                    shared.clone(),
+                    true,
+                )?;
                 reports.push((name.clone(), id, report));
                 partitions.push(Arc::new(p));
             }
-            topics.insert(name, Arc::new(Topic { config: cfg, partitions }));
+            topics.insert(
+                name,
+                Arc::new(Topic {
+                    config: cfg,
+                    partitions,
+                }),
+            );
         }
         let inner = Arc::new(Inner {
             root,
@@ -216,14 +239,27 @@ impl Log {
         let cfg = Arc::new(config);
         let mut partitions = Vec::with_capacity(cfg.partitions as usize);
         for id in 0..cfg.partitions {
-            let (p, _) = Partition::open(name, id, &dst.join(id.to_string()), cfg.clone(), self.inner.shared.clone(), true)?;
+            let (p, _) = Partition::open(
+                name,
+                id,
+                &dst.join(id.to_string()),
+                cfg.clone(),
+                self.inner.shared.clone(),
+                true,
+            )?;
             partitions.push(Arc::new(p));
         }
         self.inner
             .topics
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), Arc::new(Topic { config: cfg, partitions }));
+            .insert(
+                name.to_owned(),
+                Arc::new(Topic {
+                    config: cfg,
+                    partitions,
+                }),
+            );
         tracing::info!(topic = name, "created topic");
         Ok(())
     }
@@ -277,14 +313,22 @@ impl Log {
         let _admin = lock(&self.inner.admin);
         let topic = self.topic(name)?;
         if config.partitions != topic.config.partitions {
-            return Err(Error::InvalidConfig("use add_partitions to change the partition count".into()));
+            return Err(Error::InvalidConfig(
+                "use add_partitions to change the partition count".into(),
+            ));
         }
         write_config(&self.inner.root.join(name), &config)?;
         let cfg = Arc::new(config);
         for p in &topic.partitions {
             p.set_config(cfg.clone());
         }
-        self.replace_topic(name, Topic { config: cfg, partitions: topic.partitions.clone() });
+        self.replace_topic(
+            name,
+            Topic {
+                config: cfg,
+                partitions: topic.partitions.clone(),
+            },
+        );
         Ok(())
     }
 
@@ -294,9 +338,14 @@ impl Log {
         let topic = self.topic(name)?;
         let old = topic.config.partitions;
         if total <= old {
-            return Err(Error::InvalidConfig(format!("topic has {old} partitions; new count {total} must be larger")));
+            return Err(Error::InvalidConfig(format!(
+                "topic has {old} partitions; new count {total} must be larger"
+            )));
         }
-        let config = TopicConfig { partitions: total, ..topic.config.as_ref().clone() };
+        let config = TopicConfig {
+            partitions: total,
+            ..topic.config.as_ref().clone()
+        };
         config.validate()?;
         let tdir = self.inner.root.join(name);
         let cfg = Arc::new(config);
@@ -307,14 +356,27 @@ impl Log {
                 // Left by a crash between creating it and recording the new count: never used.
                 fs::remove_dir_all(&pdir).map_err(|e| Error::io("remove", &pdir, e))?;
             }
-            let (p, _) = Partition::open(name, id, &pdir, cfg.clone(), self.inner.shared.clone(), true)?;
+            let (p, _) = Partition::open(
+                name,
+                id,
+                &pdir,
+                cfg.clone(),
+                self.inner.shared.clone(),
+                true,
+            )?;
             partitions.push(Arc::new(p));
         }
         write_config(&tdir, &cfg)?;
         for p in &partitions {
             p.set_config(cfg.clone());
         }
-        self.replace_topic(name, Topic { config: cfg, partitions });
+        self.replace_topic(
+            name,
+            Topic {
+                config: cfg,
+                partitions,
+            },
+        );
         Ok(())
     }
 
@@ -332,7 +394,10 @@ impl Log {
             .partitions
             .get(id as usize)
             .cloned()
-            .ok_or_else(|| Error::PartitionNotFound { topic: topic.to_owned(), partition: id })
+            .ok_or_else(|| Error::PartitionNotFound {
+                topic: topic.to_owned(),
+                partition: id,
+            })
     }
 
     /// All partitions of a topic.
@@ -359,7 +424,13 @@ impl Log {
             h.join().ok();
         }
         let mut first_err = None;
-        for topic in self.inner.topics.read().unwrap_or_else(|p| p.into_inner()).values() {
+        for topic in self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             for p in &topic.partitions {
                 if let Err(e) = p.close() {
                     first_err.get_or_insert(e);
@@ -391,7 +462,13 @@ fn all_partitions(inner: &Inner) -> Vec<Arc<Partition>> {
 fn run_pass(inner: &Inner, retention: bool) -> Result<()> {
     let mut first_err = None;
     for p in all_partitions(inner) {
-        let res = p.flush_if_due().and_then(|_| if retention { p.enforce_retention().map(|_| ()) } else { Ok(()) });
+        let res = p.flush_if_due().and_then(|_| {
+            if retention {
+                p.enforce_retention().map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = res {
             tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "maintenance failed");
             first_err.get_or_insert(e);
@@ -421,7 +498,10 @@ fn maintenance_loop(inner: &Inner) {
             if *stop {
                 return;
             }
-            let (stop, _) = inner.stop_cv.wait_timeout(stop, tick).unwrap_or_else(|p| p.into_inner());
+            let (stop, _) = inner
+                .stop_cv
+                .wait_timeout(stop, tick)
+                .unwrap_or_else(|p| p.into_inner());
             if *stop {
                 return;
             }

@@ -44,7 +44,10 @@ impl MapCache {
                     .iter()
                     .enumerate()
                     .filter(|(_, w)| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(seg)))
-                    .min_by_key(|(_, w)| w.upgrade().map_or(0, |s| s.last_used.load(Ordering::Relaxed)))
+                    .min_by_key(|(_, w)| {
+                        w.upgrade()
+                            .map_or(0, |s| s.last_used.load(Ordering::Relaxed))
+                    })
                     .map(|(i, _)| i);
                 let Some(i) = oldest else { break };
                 victims.push(m.swap_remove(i));
@@ -58,6 +61,8 @@ impl MapCache {
     /// Number of tracked mappings (for stats and tests).
     pub(crate) fn len(&self) -> usize {
         let m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter().filter(|w| w.upgrade().is_some_and(|s| s.is_mapped())).count()
+        m.iter()
+            .filter(|w| w.upgrade().is_some_and(|s| s.is_mapped()))
+            .count()
     }
 }

@@ -17,7 +17,11 @@ use memmap2::{Mmap, MmapOptions};
 
 /// Maps the first `len` bytes of `file` read-only and returns them as `Bytes` whose owner
 /// (the mapping plus `keep_alive`) lives as long as any slice of it.
-pub(crate) fn map<K: Send + Sync + 'static>(file: &File, len: usize, keep_alive: K) -> io::Result<Bytes> {
+pub(crate) fn map<K: Send + Sync + 'static>(
+    file: &File,
+    len: usize,
+    keep_alive: K,
+) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
@@ -25,7 +29,10 @@ pub(crate) fn map<K: Send + Sync + 'static>(file: &File, len: usize, keep_alive:
     // they read from the file's metadata or from the writer's published position), and the
     // module contract above guarantees the range is not truncated or modified while mapped.
     let mmap = unsafe { MmapOptions::new().len(len).map(file)? };
-    Ok(Bytes::from_owner(Owner { mmap, _keep_alive: keep_alive }))
+    Ok(Bytes::from_owner(Owner {
+        mmap,
+        _keep_alive: keep_alive,
+    }))
 }
 
 struct Owner<K> {

@@ -80,10 +80,10 @@ impl Drop for SegmentFiles {
         if *self.deleted.get_mut() {
             for p in [&self.log, &self.index, &self.timeindex] {
                 let d = deleted_name(p);
-                if let Err(e) = fs::remove_file(&d) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %d.display(), error = %e, "could not remove deleted segment file");
-                    }
+                if let Err(e) = fs::remove_file(&d)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %d.display(), error = %e, "could not remove deleted segment file");
                 }
             }
         }
@@ -99,6 +99,24 @@ enum IndexState {
     Mem { offsets: Vec<u8>, times: Vec<u8> },
     /// Sealed and memory-mapped.
     Mapped { offsets: Bytes, times: Bytes },
+}
+
+/// Index entries due after one batch: an offset entry `(relative offset, position)` and, when
+/// the maximum timestamp grew, a time entry `(max timestamp so far, relative offset)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entries {
+    pub(crate) offset: (u32, u32),
+    pub(crate) time: Option<(i64, u32)>,
+}
+
+impl Entries {
+    /// Appends the entries to in-memory index buffers.
+    pub(crate) fn push_to(self, offsets: &mut Vec<u8>, times: &mut Vec<u8>) {
+        index::push_offset(offsets, self.offset.0, self.offset.1);
+        if let Some((ts, rel)) = self.time {
+            index::push_time(times, ts, rel);
+        }
+    }
 }
 
 /// Bookkeeping that decides where index entries go; used by the writer on append and by
@@ -124,13 +142,11 @@ impl IndexBuilder {
     }
 
     /// Accounts for the batch `h` written at `pos`; returns entries to add, if any.
-    pub(crate) fn observe(
-        &mut self,
-        pos: u64,
-        h: &BatchHeader,
-    ) -> Option<((u32, u32), Option<(i64, u32)>)> {
+    pub(crate) fn observe(&mut self, pos: u64, h: &BatchHeader) -> Option<Entries> {
         self.max_timestamp = self.max_timestamp.max(h.max_timestamp);
-        let due = self.last_indexed_pos.is_none_or(|last| pos - last >= self.interval);
+        let due = self
+            .last_indexed_pos
+            .is_none_or(|last| pos - last >= self.interval);
         if !due {
             return None;
         }
@@ -140,7 +156,10 @@ impl IndexBuilder {
             self.last_time_ts = self.max_timestamp;
             (self.max_timestamp, rel)
         });
-        Some(((rel, pos as u32), time))
+        Some(Entries {
+            offset: (rel, pos as u32),
+            time,
+        })
     }
 }
 
@@ -171,29 +190,58 @@ pub(crate) fn walk(
         let rest = &data[pos as usize..end as usize];
         let h = match BatchHeader::parse(rest) {
             Ok(h) => h,
-            Err(e) => return Walk { end: pos, next_offset, stopped: Some((pos, e.to_string())) },
+            Err(e) => {
+                return Walk {
+                    end: pos,
+                    next_offset,
+                    stopped: Some((pos, e.to_string())),
+                };
+            }
         };
         let problem = if h.total_len() > rest.len() {
-            Some(format!("batch of {} bytes runs past the end ({} bytes left)", h.total_len(), rest.len()))
+            Some(format!(
+                "batch of {} bytes runs past the end ({} bytes left)",
+                h.total_len(),
+                rest.len()
+            ))
         } else if h.total_len() > MAX_BATCH_BYTES as usize {
-            Some(format!("batch length {} over the hard limit", h.total_len()))
+            Some(format!(
+                "batch length {} over the hard limit",
+                h.total_len()
+            ))
         } else if h.base_offset != next_offset {
-            Some(format!("batch has base offset {}, expected {next_offset}", h.base_offset))
+            Some(format!(
+                "batch has base offset {}, expected {next_offset}",
+                h.base_offset
+            ))
         } else if h.records_count <= 0 || h.last_offset_delta < 0 {
-            Some(format!("batch has {} records, last offset delta {}", h.records_count, h.last_offset_delta))
+            Some(format!(
+                "batch has {} records, last offset delta {}",
+                h.records_count, h.last_offset_delta
+            ))
         } else if verify_crc {
-            batch::check_crc(&rest[..h.total_len()], &h).err().map(|e| e.to_string())
+            batch::check_crc(&rest[..h.total_len()], &h)
+                .err()
+                .map(|e| e.to_string())
         } else {
             None
         };
         if let Some(p) = problem {
-            return Walk { end: pos, next_offset, stopped: Some((pos, p)) };
+            return Walk {
+                end: pos,
+                next_offset,
+                stopped: Some((pos, p)),
+            };
         }
         each(pos, &h);
         next_offset = h.next_offset();
         pos += h.total_len() as u64;
     }
-    Walk { end: pos, next_offset, stopped: None }
+    Walk {
+        end: pos,
+        next_offset,
+        stopped: None,
+    }
 }
 
 /// A segment shared by the writer and readers.
@@ -344,14 +392,10 @@ impl Segment {
     }
 
     /// Adds entries to the in-memory index of the active segment.
-    pub(crate) fn push_index(&self, entry: ((u32, u32), Option<(i64, u32)>)) {
+    pub(crate) fn push_index(&self, entries: Entries) {
         let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
         if let IndexState::Mem { offsets, times } = &mut *idx {
-            let ((rel, pos), time) = entry;
-            index::push_offset(offsets, rel, pos);
-            if let Some((ts, rel)) = time {
-                index::push_time(times, ts, rel);
-            }
+            entries.push_to(offsets, times);
         }
     }
 
@@ -387,13 +431,20 @@ impl Segment {
             let (summary, range) = index::decode_file(path, kind, &data, self.base_offset, size)?;
             Ok((summary, data.slice(range)))
         };
-        match (load(&self.files.index, Kind::Offset), load(&self.files.timeindex, Kind::Time)) {
+        match (
+            load(&self.files.index, Kind::Offset),
+            load(&self.files.timeindex, Kind::Time),
+        ) {
             (Ok((s, offsets)), Ok((_, times))) => {
                 self.note_timestamp(s.max_timestamp);
                 Ok((offsets, times))
             }
             (a, b) => {
-                let why = a.err().or(b.err()).map(|e| e.to_string()).unwrap_or_default();
+                let why = a
+                    .err()
+                    .or(b.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
                 tracing::warn!(segment = %self.log_path().display(), reason = %why, "rebuilding segment index");
                 self.rebuild_index()
             }
@@ -408,15 +459,17 @@ impl Segment {
         let mut b = IndexBuilder::new(self.base_offset, interval);
         let (mut offsets, mut times) = (Vec::new(), Vec::new());
         let w = walk(&data, 0, size, self.base_offset, false, |pos, h| {
-            if let Some(((rel, p), t)) = b.observe(pos, h) {
-                index::push_offset(&mut offsets, rel, p);
-                if let Some((ts, r)) = t {
-                    index::push_time(&mut times, ts, r);
-                }
+            if let Some(e) = b.observe(pos, h) {
+                e.push_to(&mut offsets, &mut times);
             }
         });
         if let Some((pos, reason)) = w.stopped {
-            return Err(Error::corruption(self.log_path(), pos, Some(w.next_offset), reason));
+            return Err(Error::corruption(
+                self.log_path(),
+                pos,
+                Some(w.next_offset),
+                reason,
+            ));
         }
         let summary = SegmentSummary {
             base_offset: self.base_offset,
@@ -485,7 +538,12 @@ impl Segment {
     }
 }
 
-fn write_index_files(files: &SegmentFiles, s: &SegmentSummary, offsets: &[u8], times: &[u8]) -> Result<()> {
+fn write_index_files(
+    files: &SegmentFiles,
+    s: &SegmentSummary,
+    offsets: &[u8],
+    times: &[u8],
+) -> Result<()> {
     crate::fsutil::write_replace(&files.index, &index::encode_file(Kind::Offset, s, offsets))?;
     crate::fsutil::write_replace(&files.timeindex, &index::encode_file(Kind::Time, s, times))
 }

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 
 use super::varint::{len_i32, len_i64, put_i32, put_i64};
-use super::{BatchError, Compression, CRC_START, HEADER_LEN, LOG_OVERHEAD, MAGIC};
+use super::{BatchError, CRC_START, Compression, HEADER_LEN, LOG_OVERHEAD, MAGIC};
 
 /// Builds one batch. Offsets are left at zero: the partition assigns them at append.
 #[derive(Debug)]
@@ -46,7 +46,12 @@ impl BatchBuilder {
     }
 
     /// Sets the idempotent-producer fields of the header.
-    pub fn producer(&mut self, producer_id: i64, producer_epoch: i16, base_sequence: i32) -> &mut Self {
+    pub fn producer(
+        &mut self,
+        producer_id: i64,
+        producer_epoch: i16,
+        base_sequence: i32,
+    ) -> &mut Self {
         self.producer_id = producer_id;
         self.producer_epoch = producer_epoch;
         self.base_sequence = base_sequence;
@@ -116,14 +121,17 @@ impl BatchBuilder {
     /// Encodes the header, compresses if asked, computes the CRC and returns the batch.
     pub fn finish(self) -> Result<Bytes, BatchError> {
         if self.count == 0 {
-            return Err(BatchError::BadRecordCount("a batch needs at least one record".into()));
+            return Err(BatchError::BadRecordCount(
+                "a batch needs at least one record".into(),
+            ));
         }
         let mut out = if self.compression == Compression::None {
             self.buf
         } else {
             let mut out = Vec::with_capacity(HEADER_LEN + self.buf.len() / 2);
             out.resize(HEADER_LEN, 0);
-            self.compression.compress(&self.buf[HEADER_LEN..], &mut out)?;
+            self.compression
+                .compress(&self.buf[HEADER_LEN..], &mut out)?;
             out
         };
         let batch_length = i32::try_from(out.len() - LOG_OVERHEAD)
@@ -149,15 +157,19 @@ impl BatchBuilder {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{validate_batch, Batch, Header};
+    use super::super::{Batch, Header, validate_batch};
     use super::*;
     use crate::config::Limits;
     use proptest::prelude::*;
 
-    fn build(c: Compression, recs: &[(i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Option<Vec<u8>>)>)]) -> Bytes {
+    type Bytesish = Option<Vec<u8>>;
+    type TestRecord = (i64, Bytesish, Bytesish, Vec<(String, Bytesish)>);
+
+    fn build(c: Compression, recs: &[TestRecord]) -> Bytes {
         let mut b = BatchBuilder::new(c);
         for (ts, k, v, hs) in recs {
-            let hs: Vec<(&str, Option<&[u8]>)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+            let hs: Vec<(&str, Option<&[u8]>)> =
+                hs.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
             b.push(*ts, k.as_deref(), v.as_deref(), &hs);
         }
         b.finish().unwrap()
@@ -192,9 +204,11 @@ mod tests {
                 "00",               // attributes
                 "00",               // timestamp delta 0
                 "00",               // offset delta 0
-                "02", "6b",         // key length 1, "k"
-                "02", "76",         // value length 1, "v"
-                "00"                // header count 0
+                "02",
+                "6b", // key length 1, "k"
+                "02",
+                "76", // value length 1, "v"
+                "00"  // header count 0
             )
         );
         validate_batch(&bytes, 1 << 20, &Limits::default()).unwrap();

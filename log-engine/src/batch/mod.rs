@@ -62,8 +62,11 @@ const ATTR_TIMESTAMP_TYPE: i16 = 0x08;
 const ATTR_TRANSACTIONAL: i16 = 0x10;
 const ATTR_CONTROL: i16 = 0x20;
 const ATTR_DELETE_HORIZON: i16 = 0x40;
-const ATTR_KNOWN: i16 =
-    ATTR_COMPRESSION_MASK | ATTR_TIMESTAMP_TYPE | ATTR_TRANSACTIONAL | ATTR_CONTROL | ATTR_DELETE_HORIZON;
+const ATTR_KNOWN: i16 = ATTR_COMPRESSION_MASK
+    | ATTR_TIMESTAMP_TYPE
+    | ATTR_TRANSACTIONAL
+    | ATTR_CONTROL
+    | ATTR_DELETE_HORIZON;
 
 /// Why a batch was refused. Every variant means "nothing was written".
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -76,7 +76,10 @@ fn nullable(
         return Ok(None);
     }
     if len < 0 || len as usize > end - *pos {
-        return Err(bad(index, format!("{what} length {len} with {} bytes left", end - *pos)));
+        return Err(bad(
+            index,
+            format!("{what} length {len} with {} bytes left", end - *pos),
+        ));
     }
     let r = *pos..*pos + len as usize;
     *pos = r.end;
@@ -87,7 +90,10 @@ fn parse_one(buf: &[u8], start: usize, index: u32, limits: &Limits) -> Result<Pa
     let mut pos = start;
     let len = get_i32(buf, &mut pos)?;
     if len < 0 || len as usize > buf.len() - pos {
-        return Err(bad(index, format!("length {len} with {} bytes left", buf.len() - pos)));
+        return Err(bad(
+            index,
+            format!("length {len} with {} bytes left", buf.len() - pos),
+        ));
     }
     if len as u32 > limits.max_record_bytes {
         return Err(BatchError::Limit {
@@ -105,14 +111,14 @@ fn parse_one(buf: &[u8], start: usize, index: u32, limits: &Limits) -> Result<Pa
     let timestamp_delta = get_i64(rec, &mut pos)?;
     let offset_delta = get_i32(rec, &mut pos)?;
     let key = nullable(buf, &mut pos, end, index, "key")?;
-    if let Some(k) = &key {
-        if k.len() > limits.max_key_bytes as usize {
-            return Err(BatchError::Limit {
-                what: "key size",
-                limit: u64::from(limits.max_key_bytes),
-                actual: k.len() as u64,
-            });
-        }
+    if let Some(k) = &key
+        && k.len() > limits.max_key_bytes as usize
+    {
+        return Err(BatchError::Limit {
+            what: "key size",
+            limit: u64::from(limits.max_key_bytes),
+            actual: k.len() as u64,
+        });
     }
     let value = nullable(buf, &mut pos, end, index, "value")?;
     let header_count = get_i32(rec, &mut pos)?;
@@ -146,7 +152,11 @@ fn parse_one(buf: &[u8], start: usize, index: u32, limits: &Limits) -> Result<Pa
 
 /// Walks the records of an uncompressed batch without allocating: count, lengths, strictly
 /// increasing offset deltas ending at `last_offset_delta`, no trailing bytes.
-pub(super) fn check_records(buf: &[u8], h: &BatchHeader, limits: &Limits) -> Result<(), BatchError> {
+pub(super) fn check_records(
+    buf: &[u8],
+    h: &BatchHeader,
+    limits: &Limits,
+) -> Result<(), BatchError> {
     let mut pos = 0;
     let mut prev_delta: i64 = -1;
     for index in 0..h.records_count as u32 {
@@ -158,7 +168,10 @@ pub(super) fn check_records(buf: &[u8], h: &BatchHeader, limits: &Limits) -> Res
         }
         let p = parse_one(buf, pos, index, limits)?;
         if i64::from(p.offset_delta) <= prev_delta {
-            return Err(bad(index, format!("offset delta {} not increasing", p.offset_delta)));
+            return Err(bad(
+                index,
+                format!("offset delta {} not increasing", p.offset_delta),
+            ));
         }
         prev_delta = i64::from(p.offset_delta);
         pos = p.end;
@@ -192,7 +205,11 @@ pub struct Records {
 }
 
 impl Records {
-    pub(super) fn new(h: &BatchHeader, batch: &Bytes, limits: &Limits) -> Result<Records, BatchError> {
+    pub(super) fn new(
+        h: &BatchHeader,
+        batch: &Bytes,
+        limits: &Limits,
+    ) -> Result<Records, BatchError> {
         if batch.len() < h.total_len() || h.total_len() < HEADER_LEN {
             return Err(BatchError::Truncated("batch"));
         }
@@ -225,8 +242,8 @@ impl Records {
             let key = std::str::from_utf8(&self.buf[k])
                 .map_err(|_| bad(self.index, "header key is not UTF-8"))?
                 .to_owned();
-            let value =
-                nullable(&self.buf, &mut hpos, p.end, self.index, "header value")?.map(|r| self.buf.slice(r));
+            let value = nullable(&self.buf, &mut hpos, p.end, self.index, "header value")?
+                .map(|r| self.buf.slice(r));
             headers.push(Header { key, value });
         }
         self.pos = p.end;

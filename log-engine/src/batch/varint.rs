@@ -100,7 +100,15 @@ mod tests {
     #[test]
     fn known_encodings() {
         // Values from the protobuf sint32 documentation.
-        for (v, bytes) in [(0, vec![0u8]), (-1, vec![1]), (1, vec![2]), (-2, vec![3]), (63, vec![0x7e]), (-64, vec![0x7f]), (64, vec![0x80, 0x01])] {
+        for (v, bytes) in [
+            (0, vec![0u8]),
+            (-1, vec![1]),
+            (1, vec![2]),
+            (-2, vec![3]),
+            (63, vec![0x7e]),
+            (-64, vec![0x7f]),
+            (64, vec![0x80, 0x01]),
+        ] {
             let mut out = Vec::new();
             put_i32(&mut out, v);
             assert_eq!(out, bytes, "encoding {v}");
@@ -113,7 +121,10 @@ mod tests {
         let buf = [0xffu8; 11];
         assert_eq!(get_i32(&buf, &mut 0), Err(BatchError::BadVarint));
         assert_eq!(get_i64(&buf, &mut 0), Err(BatchError::BadVarint));
-        assert_eq!(get_i32(&[0x80], &mut 0), Err(BatchError::Truncated("varint")));
+        assert_eq!(
+            get_i32(&[0x80], &mut 0),
+            Err(BatchError::Truncated("varint"))
+        );
     }
 
     proptest! {

@@ -136,7 +136,10 @@ impl Partition {
     }
 
     pub(crate) fn config(&self) -> Arc<TopicConfig> {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_config(&self, cfg: Arc<TopicConfig>) {
@@ -144,7 +147,10 @@ impl Partition {
     }
 
     fn snapshot(&self) -> Arc<Vec<Arc<Segment>>> {
-        self.segments.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The leader epoch stamped into appended batches (0 until replication exists).
@@ -321,7 +327,9 @@ impl Partition {
         if offset == hwm {
             return Ok(empty(offset));
         }
-        let first = segs.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
+        let first = segs
+            .partition_point(|s| s.base_offset <= offset)
+            .saturating_sub(1);
         for seg in segs.iter().skip(first) {
             let end = seg.readable_end();
             if end == 0 {
@@ -357,16 +365,18 @@ impl Partition {
         hwm: u64,
         max_bytes: usize,
     ) -> Result<Option<ReadResult>> {
-        let corrupt = |pos: u64, reason: String| {
-            Error::corruption(seg.log_path(), pos, Some(offset), reason)
-        };
+        let corrupt =
+            |pos: u64, reason: String| Error::corruption(seg.log_path(), pos, Some(offset), reason);
         let mut start = None;
         let mut next = offset;
         while pos < end {
             let rest = &data[pos as usize..end as usize];
             let h = BatchHeader::parse(rest).map_err(|e| corrupt(pos, e.to_string()))?;
             if h.total_len() > rest.len() {
-                return Err(corrupt(pos, format!("batch of {} bytes runs past the end", h.total_len())));
+                return Err(corrupt(
+                    pos,
+                    format!("batch of {} bytes runs past the end", h.total_len()),
+                ));
             }
             if h.base_offset >= hwm {
                 break;
@@ -426,7 +436,10 @@ impl Partition {
                     break;
                 }
                 if h.max_timestamp >= ts && h.next_offset() > log_start {
-                    let b = Batch::from_parts(h, data.slice(pos as usize..pos as usize + h.total_len()));
+                    let b = Batch::from_parts(
+                        h,
+                        data.slice(pos as usize..pos as usize + h.total_len()),
+                    );
                     // Like Kafka, look inside the batch (decompressing if needed, within
                     // the limits) for the first record at or after `ts`.
                     let exact = b
@@ -493,9 +506,9 @@ impl Partition {
         let mut total: u64 = segs.iter().map(|s| s.written_end()).sum();
         let mut doomed = 0;
         for seg in sealed {
-            let by_bytes = cfg
-                .retention_bytes
-                .is_some_and(|limit| total.saturating_sub(seg.written_end()) >= limit && total > limit);
+            let by_bytes = cfg.retention_bytes.is_some_and(|limit| {
+                total.saturating_sub(seg.written_end()) >= limit && total > limit
+            });
             let by_time = match cfg.retention_ms {
                 Some(ms) => {
                     if seg.max_timestamp_hint().is_none() {
@@ -564,7 +577,9 @@ impl Partition {
     /// Path of the active segment's log file.
     pub fn active_segment_path(&self) -> PathBuf {
         let segs = self.snapshot();
-        segs.last().map(|s| s.log_path().to_path_buf()).unwrap_or_default()
+        segs.last()
+            .map(|s| s.log_path().to_path_buf())
+            .unwrap_or_default()
     }
 
     pub(crate) fn segment_file_name(base: u64) -> String {

@@ -22,7 +22,6 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use crate::checkpoint::Checkpoint;
 use crate::config::TopicConfig;
 use crate::error::{Error, Result};
-use crate::index;
 use crate::mmap;
 use crate::notify::Watch;
 use crate::segment::{self, IndexBuilder, Segment};
@@ -134,25 +133,33 @@ impl Partition {
             let path = dir.join(segment::log_name(base));
             let trusted = if i == start.0 { start.1 } else { 0 };
             if i > start.0 && base != next {
-                return Err(Error::corruption(&path, 0, Some(next), format!("segment starts at offset {base}, the previous one ends at {next}")));
+                return Err(Error::corruption(
+                    &path,
+                    0,
+                    Some(next),
+                    format!("segment starts at offset {base}, the previous one ends at {next}"),
+                ));
             }
             if trusted > len {
-                return Err(Error::corruption(&path, len, Some(next), format!("file is {len} bytes, shorter than the recovery point {trusted}")));
+                return Err(Error::corruption(
+                    &path,
+                    len,
+                    Some(next),
+                    format!("file is {len} bytes, shorter than the recovery point {trusted}"),
+                ));
             }
             let file = OpenOptions::new()
                 .read(true)
                 .write(i == last)
                 .open(&path)
                 .map_err(|e| Error::io("open", &path, e))?;
-            let data = mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
+            let data =
+                mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
             let mut builder = IndexBuilder::new(base, interval);
             let (mut offsets, mut times) = (Vec::new(), Vec::new());
             let mut add = |pos: u64, h: &crate::batch::BatchHeader| {
-                if let Some(((rel, p), t)) = builder.observe(pos, h) {
-                    index::push_offset(&mut offsets, rel, p);
-                    if let Some((ts, r)) = t {
-                        index::push_time(&mut times, ts, r);
-                    }
+                if let Some(e) = builder.observe(pos, h) {
+                    e.push_to(&mut offsets, &mut times);
                 }
             };
             // Trusted prefix (only the last segment needs its index rebuilt from it).
@@ -160,10 +167,23 @@ impl Partition {
             if i == last && trusted > 0 {
                 let w = segment::walk(&data, 0, trusted, base, false, &mut add);
                 if let Some((pos, reason)) = w.stopped {
-                    return Err(Error::corruption(&path, pos, Some(w.next_offset), format!("before the recovery point: {reason}")));
+                    return Err(Error::corruption(
+                        &path,
+                        pos,
+                        Some(w.next_offset),
+                        format!("before the recovery point: {reason}"),
+                    ));
                 }
                 if w.end != trusted || w.next_offset != start.2 {
-                    return Err(Error::corruption(&path, w.end, Some(w.next_offset), format!("batches end at byte {} offset {}, the recovery point says byte {trusted} offset {}", w.end, w.next_offset, start.2)));
+                    return Err(Error::corruption(
+                        &path,
+                        w.end,
+                        Some(w.next_offset),
+                        format!(
+                            "batches end at byte {} offset {}, the recovery point says byte {trusted} offset {}",
+                            w.end, w.next_offset, start.2
+                        ),
+                    ));
                 }
                 seg_next = w.next_offset;
             } else if trusted > 0 {
@@ -176,11 +196,18 @@ impl Partition {
             let mut end = len;
             if let Some((pos, reason)) = w.stopped {
                 if i != last {
-                    return Err(Error::corruption(&path, pos, Some(w.next_offset), format!("in a sealed segment: {reason}")));
+                    return Err(Error::corruption(
+                        &path,
+                        pos,
+                        Some(w.next_offset),
+                        format!("in a sealed segment: {reason}"),
+                    ));
                 }
                 tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, reason = %reason, "truncating torn tail past the recovery point");
-                file.set_len(pos).map_err(|e| Error::io("truncate", &path, e))?;
-                file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
+                file.set_len(pos)
+                    .map_err(|e| Error::io("truncate", &path, e))?;
+                file.sync_data()
+                    .map_err(|e| Error::io("fdatasync", &path, e))?;
                 report.bytes_truncated += len - pos;
                 end = pos;
             }
@@ -188,11 +215,24 @@ impl Partition {
             if i == last {
                 // What recovery accepted is visible to readers at once, so make it durable now
                 // (after kill -9 it may still be only in the page cache) and record the point.
-                file.sync_data().map_err(|e| Error::io("fdatasync", &path, e))?;
+                file.sync_data()
+                    .map_err(|e| Error::io("fdatasync", &path, e))?;
                 let mut checkpoint = checkpoint.take().expect("the last segment is reached once");
-                checkpoint.write(crate::checkpoint::Point { segment_base: base, position: end, next_offset: next })?;
+                checkpoint.write(crate::checkpoint::Point {
+                    segment_base: base,
+                    position: end,
+                    next_offset: next,
+                })?;
                 let file = Arc::new(file);
-                let seg = Arc::new(Segment::active(dir, base, file.clone(), end, offsets, times, builder.max_timestamp));
+                let seg = Arc::new(Segment::active(
+                    dir,
+                    base,
+                    file.clone(),
+                    end,
+                    offsets,
+                    times,
+                    builder.max_timestamp,
+                ));
                 segments.push(seg.clone());
                 let writer = Writer {
                     active: seg,
@@ -202,7 +242,10 @@ impl Partition {
                     index: builder,
                     first_append_ms: None,
                 };
-                return Ok((Self::assemble(topic, id, dir, config, shared, segments, writer, checkpoint), report));
+                return Ok((
+                    Self::assemble(topic, id, dir, config, shared, segments, writer, checkpoint),
+                    report,
+                ));
             }
             segments.push(Arc::new(Segment::sealed(dir, base, end)));
         }

@@ -24,7 +24,7 @@ use crate::config::{FsyncPolicy, TopicConfig};
 use crate::error::{Error, Result};
 use crate::segment::{IndexBuilder, Segment};
 
-use super::{lock, AppendInfo, Partition};
+use super::{AppendInfo, Partition, lock};
 
 #[derive(Debug)]
 pub(super) struct Writer {

@@ -6,7 +6,11 @@ use spool_log_engine::{Error, FsyncPolicy, TopicConfig};
 #[test]
 fn append_read_roll_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = TopicConfig { segment_bytes: 4096, index_interval_bytes: 256, ..TopicConfig::default() };
+    let cfg = TopicConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 256,
+        ..TopicConfig::default()
+    };
     let mut expected = Vec::new();
     {
         let log = open_topic(dir.path(), cfg.clone());
@@ -19,16 +23,26 @@ fn append_read_roll_reopen() {
                 expected.push(format!("b{i}-{j}"));
             }
         }
-        assert!(p.segment_bases().len() > 5, "segments rolled: {:?}", p.segment_bases());
+        assert!(
+            p.segment_bases().len() > 5,
+            "segments rolled: {:?}",
+            p.segment_bases()
+        );
         assert_eq!(p.high_watermark(), 600);
-        let got: Vec<_> = read_all(&p, 0).iter().map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()).collect();
+        let got: Vec<_> = read_all(&p, 0)
+            .iter()
+            .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+            .collect();
         assert_eq!(got, expected);
         // Reads from the middle of a batch start at that batch.
         let r = p.read(301, 1).unwrap();
         let first = r.batches().next().unwrap().unwrap();
         assert_eq!(first.header().base_offset, 300);
         assert_eq!(r.next_offset, 303);
-        assert!(matches!(p.read(601, 10), Err(Error::OffsetOutOfRange { .. })));
+        assert!(matches!(
+            p.read(601, 10),
+            Err(Error::OffsetOutOfRange { .. })
+        ));
         assert!(p.read(600, 10).unwrap().data.is_empty());
         assert_eq!(p.offset_for_timestamp(1000 + 150).unwrap(), Some(450));
         assert_eq!(p.offset_for_timestamp(0).unwrap(), Some(0));
@@ -41,7 +55,10 @@ fn append_read_roll_reopen() {
     }
     let p = log.partition("t", 0).unwrap();
     assert_eq!(p.high_watermark(), 600);
-    let got: Vec<_> = read_all(&p, 0).iter().map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()).collect();
+    let got: Vec<_> = read_all(&p, 0)
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+        .collect();
     assert_eq!(got, expected);
     assert_eq!(p.offset_for_timestamp(1000 + 150).unwrap(), Some(450));
     assert_eq!(p.append(&batch("after", 1, 5)).unwrap().base_offset, 600);
@@ -49,9 +66,19 @@ fn append_read_roll_reopen() {
 
 #[test]
 fn policies_all_append_and_read() {
-    for fsync in [FsyncPolicy::Always, FsyncPolicy::Never, FsyncPolicy::Interval { interval_ms: 5 }] {
+    for fsync in [
+        FsyncPolicy::Always,
+        FsyncPolicy::Never,
+        FsyncPolicy::Interval { interval_ms: 5 },
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let log = open_topic(dir.path(), TopicConfig { fsync, ..TopicConfig::default() });
+        let log = open_topic(
+            dir.path(),
+            TopicConfig {
+                fsync,
+                ..TopicConfig::default()
+            },
+        );
         let p = log.partition("t", 0).unwrap();
         for i in 0..10 {
             p.append(&batch("x", 2, i)).unwrap();

@@ -11,8 +11,16 @@ use crate::common::{batch, opts, read_all};
 fn run(fsync: FsyncPolicy) {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), opts()).unwrap();
-    log.create_topic("t", TopicConfig { segment_bytes: 16 << 10, index_interval_bytes: 512, fsync, ..TopicConfig::default() })
-        .unwrap();
+    log.create_topic(
+        "t",
+        TopicConfig {
+            segment_bytes: 16 << 10,
+            index_interval_bytes: 512,
+            fsync,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
     let p = log.partition("t", 0).unwrap();
     const WRITERS: usize = 3;
     const BATCHES: usize = 150;
@@ -57,7 +65,10 @@ fn run(fsync: FsyncPolicy) {
             })
         })
         .collect();
-    let mut all: Vec<u64> = writers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut all: Vec<u64> = writers
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     for r in readers {
         assert_eq!(r.join().unwrap(), total);
     }
@@ -71,7 +82,8 @@ fn run(fsync: FsyncPolicy) {
             .iter()
             .filter_map(|r| {
                 let k = String::from_utf8(r.key.clone().unwrap().to_vec()).unwrap();
-                k.strip_prefix(&format!("w{w}-")).map(|i| i.parse::<usize>().unwrap())
+                k.strip_prefix(&format!("w{w}-"))
+                    .map(|i| i.parse::<usize>().unwrap())
             })
             .collect();
         let sorted: Vec<_> = (0..BATCHES).flat_map(|i| [i, i]).collect();
@@ -92,9 +104,19 @@ fn concurrent_appenders_and_readers_fsync_never() {
 #[test]
 fn mapped_segments_stay_under_the_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits { max_mapped_segments: 2, ..Limits::default() };
+    let limits = Limits {
+        max_mapped_segments: 2,
+        ..Limits::default()
+    };
     let log = Log::open(dir.path(), LogOptions { limits, ..opts() }).unwrap();
-    log.create_topic("t", TopicConfig { segment_bytes: 4096, ..TopicConfig::default() }).unwrap();
+    log.create_topic(
+        "t",
+        TopicConfig {
+            segment_bytes: 4096,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
     let p = Arc::new(log.partition("t", 0).unwrap());
     for i in 0..400 {
         p.append(&batch(&format!("m{i}"), 3, i)).unwrap();
@@ -102,6 +124,10 @@ fn mapped_segments_stay_under_the_limit() {
     assert!(p.segment_bases().len() > 10);
     for _ in 0..2 {
         assert_eq!(read_all(&p, 0).len(), 1200);
-        assert!(log.mapped_segments() <= 2, "{} sealed segments mapped", log.mapped_segments());
+        assert!(
+            log.mapped_segments() <= 2,
+            "{} sealed segments mapped",
+            log.mapped_segments()
+        );
     }
 }

@@ -61,17 +61,25 @@ fn enospc_is_a_clean_error_and_writes_resume_after_retention() {
         assert!(acked < 10_000, "a 1 MiB filesystem never filled up");
     };
     match &err {
-        Error::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}"),
+        Error::Io { source, .. } => {
+            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}")
+        }
         other => panic!("expected an out-of-space I/O error, got {other}"),
     }
     assert!(!p.is_poisoned(), "out of space must not poison");
-    assert_eq!(p.high_watermark(), acked, "the failed append published nothing");
+    assert_eq!(
+        p.high_watermark(),
+        acked,
+        "the failed append published nothing"
+    );
     eprintln!("disk full after {acked} acknowledged batches");
 
     // Free space: retention keeps only ~128 KiB.
     assert!(p.enforce_retention().unwrap() > 0);
     let start = p.log_start_offset();
-    let info = p.append(&batch("after", 1, 0)).expect("writes resume once space is freed");
+    let info = p
+        .append(&batch("after", 1, 0))
+        .expect("writes resume once space is freed");
     assert_eq!(info.base_offset, acked);
 
     let check = |p: &spool_log_engine::Partition| {

@@ -13,13 +13,24 @@ use crate::common::opts;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Append { records: u8, size: u16, compression: u8 },
-    Read { at: u16, max_bytes: u16 },
+    Append {
+        records: u8,
+        size: u16,
+        compression: u8,
+    },
+    Read {
+        at: u16,
+        max_bytes: u16,
+    },
     Roll,
-    Retention { keep_bytes: u16 },
+    Retention {
+        keep_bytes: u16,
+    },
     Flush,
     Reopen,
-    TimeLookup { at: u16 },
+    TimeLookup {
+        at: u16,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -56,8 +67,13 @@ fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<(), TestCaseError> {
     for op in ops {
         let p = log.partition("t", 0).unwrap();
         match op {
-            Op::Append { records, size, compression } => {
-                let c = [Compression::None, Compression::Lz4, Compression::Zstd][compression as usize];
+            Op::Append {
+                records,
+                size,
+                compression,
+            } => {
+                let c =
+                    [Compression::None, Compression::Lz4, Compression::Zstd][compression as usize];
                 let mut b = BatchBuilder::new(c);
                 for _ in 0..records {
                     let off = values.len();
@@ -86,7 +102,10 @@ fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<(), TestCaseError> {
                     let b = b.unwrap();
                     for rec in b.records(&Default::default()).unwrap() {
                         let rec = rec.unwrap();
-                        prop_assert_eq!(rec.value.as_deref(), Some(&values[rec.offset as usize][..]));
+                        prop_assert_eq!(
+                            rec.value.as_deref(),
+                            Some(&values[rec.offset as usize][..])
+                        );
                         prop_assert_eq!(rec.timestamp, rec.offset as i64);
                         if let Some(n) = expect_next {
                             prop_assert_eq!(rec.offset, n);

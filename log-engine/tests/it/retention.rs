@@ -1,8 +1,8 @@
 //! Rolling by size and age, retention by time and size, and the rule that a deleted
 //! segment's files outlive every reader that still holds its bytes.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use spool_log_engine::{Clock, Error, Log, LogOptions, TopicConfig};
 
@@ -43,7 +43,11 @@ fn rolls_by_age_and_deletes_by_time() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
     let log = open(dir.path(), clock.clone());
-    let cfg = TopicConfig { segment_ms: 1000, retention_ms: Some(10_000), ..TopicConfig::default() };
+    let cfg = TopicConfig {
+        segment_ms: 1000,
+        retention_ms: Some(10_000),
+        ..TopicConfig::default()
+    };
     log.create_topic("t", cfg).unwrap();
     let p = log.partition("t", 0).unwrap();
     // Three segments, one per simulated second; record timestamps follow the clock.
@@ -53,20 +57,30 @@ fn rolls_by_age_and_deletes_by_time() {
         clock.0.fetch_add(1500, Ordering::SeqCst);
     }
     p.append(&batch("last", 1, clock.now_ms())).unwrap();
-    assert_eq!(p.segment_bases(), vec![0, 2, 4, 6], "one roll per elapsed segment_ms");
+    assert_eq!(
+        p.segment_bases(),
+        vec![0, 2, 4, 6],
+        "one roll per elapsed segment_ms"
+    );
     assert_eq!(p.enforce_retention().unwrap(), 0, "nothing is 10 s old yet");
     // At +11.2 s the cutoff is +1.2 s: the first segment (records at +0 s) is past it, the
     // second (records at +1.5 s) is not.
     clock.0.store(1_000_000 + 11_200, Ordering::SeqCst);
     assert_eq!(p.enforce_retention().unwrap(), 1);
     assert_eq!(p.log_start_offset(), 2);
-    assert!(matches!(p.read(0, 100), Err(Error::OffsetOutOfRange { log_start: 2, .. })));
+    assert!(matches!(
+        p.read(0, 100),
+        Err(Error::OffsetOutOfRange { log_start: 2, .. })
+    ));
     // Far in the future every sealed segment goes, the active one stays.
     clock.0.store(10_000_000, Ordering::SeqCst);
     assert_eq!(p.enforce_retention().unwrap(), 2);
     assert_eq!(p.segment_bases(), vec![6]);
     assert_eq!(read_all(&p, 6).len(), 1);
-    assert_eq!(files(&p.dir().to_path_buf(), ".log"), vec!["00000000000000000006.log"]);
+    assert_eq!(
+        files(&p.dir().to_path_buf(), ".log"),
+        vec!["00000000000000000006.log"]
+    );
     // Offsets are never reused after retention, also across a reopen.
     drop(p);
     log.close().unwrap();
@@ -74,7 +88,12 @@ fn rolls_by_age_and_deletes_by_time() {
     let log = open(dir.path(), clock);
     let p = log.partition("t", 0).unwrap();
     assert_eq!(p.log_start_offset(), 6);
-    assert_eq!(p.append(&batch("again", 1, 10_000_000)).unwrap().base_offset, 7);
+    assert_eq!(
+        p.append(&batch("again", 1, 10_000_000))
+            .unwrap()
+            .base_offset,
+        7
+    );
 }
 
 #[test]
@@ -82,7 +101,11 @@ fn deletes_by_size_but_never_under_a_reader() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(FakeClock(AtomicI64::new(0)));
     let log = open(dir.path(), clock);
-    let cfg = TopicConfig { segment_bytes: 4096, retention_bytes: Some(8192), ..TopicConfig::default() };
+    let cfg = TopicConfig {
+        segment_bytes: 4096,
+        retention_bytes: Some(8192),
+        ..TopicConfig::default()
+    };
     log.create_topic("t", cfg).unwrap();
     let p = log.partition("t", 0).unwrap();
     for i in 0..300 {
@@ -96,13 +119,29 @@ fn deletes_by_size_but_never_under_a_reader() {
     let deleted = p.enforce_retention().unwrap();
     assert!(deleted > 0);
     let after = p.stats();
-    assert!(after.size_bytes >= 8192, "keeps at least retention_bytes: {after:?}");
-    assert!(after.size_bytes < 8192 + 4096 + 1024, "and not a whole segment more: {after:?}");
+    assert!(
+        after.size_bytes >= 8192,
+        "keeps at least retention_bytes: {after:?}"
+    );
+    assert!(
+        after.size_bytes < 8192 + 4096 + 1024,
+        "and not a whole segment more: {after:?}"
+    );
     // The deleted segment's file is renamed, not unlinked, while the slice is alive.
     let pdir = p.dir().to_path_buf();
     assert!(!files(&pdir, ".log.deleted").is_empty());
-    assert_eq!(held.data.to_vec(), held_copy, "the reader's bytes are intact");
+    assert_eq!(
+        held.data.to_vec(),
+        held_copy,
+        "the reader's bytes are intact"
+    );
     drop(held);
-    assert!(files(&pdir, ".log.deleted").is_empty(), "unlinked once the last reader let go");
-    assert_eq!(read_all(&p, p.log_start_offset()).len() as u64, p.high_watermark() - p.log_start_offset());
+    assert!(
+        files(&pdir, ".log.deleted").is_empty(),
+        "unlinked once the last reader let go"
+    );
+    assert_eq!(
+        read_all(&p, p.log_start_offset()).len() as u64,
+        p.high_watermark() - p.log_start_offset()
+    );
 }
