@@ -211,20 +211,26 @@ impl Partition {
     /// offsets given to it. Returns once the batch is as durable as the topic's fsync policy
     /// says. The batch is checked first (CRC, structure, limits); a bad batch writes nothing.
     pub fn append(&self, batch: &[u8]) -> Result<AppendInfo> {
+        let info = self.append_nowait(batch)?;
+        if self.config().fsync == FsyncPolicy::Always {
+            self.wait_durable(info.last_offset + 1)?;
+        }
+        Ok(info)
+    }
+
+    /// Appends like [`Partition::append`] but returns as soon as the batch is written (page
+    /// cache), whatever the fsync policy. Under `fsync = always` readers see the batch only once
+    /// an fdatasync covers it, so the caller must then call [`Partition::wait_durable`] (or
+    /// have it called, e.g. on a background task) with `last_offset + 1`.
+    pub fn append_nowait(&self, batch: &[u8]) -> Result<AppendInfo> {
         let cfg = self.config();
         let h = batch::validate_batch(batch, cfg.max_batch_bytes, &self.shared.limits)?;
         if h.is_control() || h.is_transactional() {
             return Err(BatchError::Unsupported("transactional and control batches").into());
         }
-        let (info, next) = {
-            let mut w = lock(&self.writer);
-            self.check_writable()?;
-            w.append(self, &cfg, batch, &h)?
-        };
-        if cfg.fsync == FsyncPolicy::Always {
-            self.wait_durable(next)?;
-        }
-        Ok(info)
+        let mut w = lock(&self.writer);
+        self.check_writable()?;
+        w.append(self, &cfg, batch, &h)
     }
 
     /// Encodes `records` (timestamp, key, value) into one batch and appends it.
@@ -241,9 +247,10 @@ impl Partition {
         self.append(&bytes)
     }
 
-    /// Blocks until everything up to `next_offset` is durable (group commit: one caller runs
-    /// fdatasync for all who wait meanwhile).
-    fn wait_durable(&self, next_offset: u64) -> Result<()> {
+    /// Blocks until every offset below `next_offset` is durable, whatever the fsync policy
+    /// (group commit: one caller runs fdatasync for everyone waiting meanwhile), and
+    /// published to readers.
+    pub fn wait_durable(&self, next_offset: u64) -> Result<()> {
         let mut st = lock(&self.commit);
         loop {
             self.check_writable()?;

@@ -55,14 +55,14 @@ impl Writer {
         )
     }
 
-    /// Appends a validated batch; returns what was assigned and the next offset.
+    /// Appends a validated batch; returns what was assigned.
     pub(super) fn append(
         &mut self,
         p: &Partition,
         cfg: &TopicConfig,
         batch: &[u8],
         h: &BatchHeader,
-    ) -> Result<(AppendInfo, u64)> {
+    ) -> Result<AppendInfo> {
         let now = p.shared.clock.now_ms();
         let len = batch.len() as u64;
         let too_big = self.position + len > cfg.segment_bytes;
@@ -111,14 +111,11 @@ impl Writer {
             self.active.publish_readable(self.position);
             p.watch.publish(self.next_offset);
         }
-        Ok((
-            AppendInfo {
-                base_offset: base,
-                last_offset: stored.last_offset(),
-                log_append_time_ms: now,
-            },
-            self.next_offset,
-        ))
+        Ok(AppendInfo {
+            base_offset: base,
+            last_offset: stored.last_offset(),
+            log_append_time_ms: now,
+        })
     }
 
     /// Seals the active segment and starts a new one (protocol in the module docs). Any

@@ -86,3 +86,23 @@ fn policies_all_append_and_read() {
         assert_eq!(read_all(&p, 0).len(), 20, "{fsync}");
     }
 }
+
+#[test]
+fn append_nowait_is_visible_under_fsync_always_only_once_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_topic(dir.path(), TopicConfig::default());
+    let p = log.partition("t", 0).unwrap();
+    let info = p.append_nowait(&batch("a", 2, 1)).unwrap();
+    assert_eq!(p.high_watermark(), 0, "not durable yet, so not visible");
+    assert!(p.read(0, 1024).unwrap().data.is_empty());
+    p.wait_durable(info.last_offset + 1).unwrap();
+    assert_eq!(p.high_watermark(), 2);
+    assert_eq!(read_all(&p, 0).len(), 2);
+    // Under fsync = never, wait_durable forces an fdatasync too.
+    let log2dir = tempfile::tempdir().unwrap();
+    let log2 = open_topic(log2dir.path(), TopicConfig { fsync: FsyncPolicy::Never, ..TopicConfig::default() });
+    let q = log2.partition("t", 0).unwrap();
+    let info = q.append(&batch("b", 1, 1)).unwrap();
+    assert_eq!(q.high_watermark(), 1, "visible at once under never");
+    q.wait_durable(info.last_offset + 1).unwrap();
+}
