@@ -86,6 +86,12 @@ pub(crate) fn push_time(buf: &mut Vec<u8>, max_ts: i64, rel: u32) {
 /// Largest offset entry with `relative_offset <= rel`: returns its position, or 0 (the start of
 /// the segment) when there is none.
 pub(crate) fn floor_position(entries: &[u8], rel: u32) -> u32 {
+    floor_entry(entries, rel).1
+}
+
+/// Largest offset entry with `relative_offset <= rel`, as `(relative offset, position)`, or
+/// `(0, 0)` (the start of the segment) when there is none.
+pub(crate) fn floor_entry(entries: &[u8], rel: u32) -> (u32, u32) {
     let n = entries.len() / OFFSET_ENTRY;
     // Binary search for the first entry with key > rel.
     let (mut lo, mut hi) = (0usize, n);
@@ -98,9 +104,10 @@ pub(crate) fn floor_position(entries: &[u8], rel: u32) -> u32 {
         }
     }
     if lo == 0 {
-        0
+        (0, 0)
     } else {
-        le_u32(entries, (lo - 1) * OFFSET_ENTRY + 4)
+        let at = (lo - 1) * OFFSET_ENTRY;
+        (le_u32(entries, at), le_u32(entries, at + 4))
     }
 }
 
@@ -208,6 +215,8 @@ mod tests {
         assert_eq!(floor_position(&e, 24), 4096);
         assert_eq!(floor_position(&e, 1000), 8200);
         assert_eq!(floor_position(&[], 5), 0);
+        assert_eq!(floor_entry(&e, 24), (10, 4096));
+        assert_eq!(floor_entry(&e, 9), (0, 0));
 
         let mut t = Vec::new();
         for (ts, rel) in [(100i64, 0u32), (200, 10), (300, 25)] {

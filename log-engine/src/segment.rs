@@ -382,8 +382,17 @@ impl Segment {
 
     /// Position to start scanning for `offset`, from the sparse index.
     pub(crate) fn floor_position(&self, offset: u64) -> Result<u64> {
+        self.floor(offset).map(|(_, pos)| pos)
+    }
+
+    /// Where to start scanning for `offset`, from the sparse index: `(base offset of the batch
+    /// there, position)`.
+    pub(crate) fn floor(&self, offset: u64) -> Result<(u64, u64)> {
         let rel = (offset - self.base_offset).min(u64::from(u32::MAX)) as u32;
-        self.with_index(|offsets, _| u64::from(index::floor_position(offsets, rel)))
+        self.with_index(|offsets, _| {
+            let (rel, pos) = index::floor_entry(offsets, rel);
+            (self.base_offset + u64::from(rel), u64::from(pos))
+        })
     }
 
     /// Relative offset to start scanning for a timestamp, from the time index.

@@ -344,12 +344,13 @@ impl Partition {
             }
             let (data, fresh) = seg.data(end)?;
             self.shared.maps.touch(seg, fresh);
-            let start_pos = if offset > seg.base_offset {
-                seg.floor_position(offset)?
+            let (start_base, start_pos) = if offset > seg.base_offset {
+                seg.floor(offset)?
             } else {
-                0
+                (seg.base_offset, 0)
             };
-            if let Some(r) = self.collect(seg, &data, start_pos, end, offset, hwm, max_bytes)? {
+            let from = (start_pos, start_base);
+            if let Some(r) = self.collect(seg, &data, from, end, offset, hwm, max_bytes)? {
                 return Ok(ReadResult {
                     high_watermark: hwm,
                     log_start_offset: log_start,
@@ -361,12 +362,15 @@ impl Partition {
     }
 
     /// Walks `data[pos..end]` to the batch containing `offset` and gathers whole batches.
+    /// `from` is `(pos, base offset of the batch at pos)`; every batch walked must continue
+    /// the offsets from there, because the CRC does not cover the base offset: a damaged one
+    /// would otherwise make the walk skip or mislabel batches.
     #[allow(clippy::too_many_arguments)]
     fn collect(
         &self,
         seg: &Segment,
         data: &Bytes,
-        mut pos: u64,
+        from: (u64, u64),
         end: u64,
         offset: u64,
         hwm: u64,
@@ -374,6 +378,7 @@ impl Partition {
     ) -> Result<Option<ReadResult>> {
         let corrupt =
             |pos: u64, reason: String| Error::corruption(seg.log_path(), pos, Some(offset), reason);
+        let (mut pos, mut expect) = from;
         let mut start = None;
         let mut next = offset;
         while pos < end {
@@ -385,6 +390,16 @@ impl Partition {
                     format!("batch of {} bytes runs past the end", h.total_len()),
                 ));
             }
+            if h.base_offset != expect || h.last_offset_delta < 0 {
+                return Err(corrupt(
+                    pos,
+                    format!(
+                        "batch has base offset {} (last offset delta {}), expected {expect}",
+                        h.base_offset, h.last_offset_delta
+                    ),
+                ));
+            }
+            expect = h.next_offset();
             if h.base_offset >= hwm {
                 break;
             }
