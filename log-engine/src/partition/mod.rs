@@ -135,6 +135,11 @@ impl Partition {
         &self.dir
     }
 
+    /// The topic's fsync policy, as currently configured.
+    pub fn fsync_policy(&self) -> FsyncPolicy {
+        self.config().fsync
+    }
+
     pub(crate) fn config(&self) -> Arc<TopicConfig> {
         self.config
             .read()

@@ -1,0 +1,122 @@
+//! The one place where errors become wire errors.
+//!
+//! Engine errors map to a per-partition [`PartitionError`] (inside replies that cover several
+//! partitions) or to a gRPC [`Status`] (for requests about one thing), both from the same
+//! table, documented in `docs/protocol.md`. Statuses carry a google.rpc `ErrorInfo` detail with
+//! machine-readable fields: `reason` is the `ErrorCode` name, and the metadata names the topic,
+//! partition and, for OUT_OF_RANGE, `log_start_offset` and `high_watermark`.
+
+use std::collections::HashMap;
+
+use spool_log_engine::{BatchError, Error as EngineError};
+use spool_proto::v1::{ErrorCode, PartitionError};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// A configuration problem, reported before the broker starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value or key that is not allowed.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Errors of the broker's own making (request validation), beside engine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The engine refused or failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The request is malformed or over a limit.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+/// The wire code and gRPC code of an error.
+fn classify(e: &BrokerError) -> (ErrorCode, Code) {
+    match e {
+        BrokerError::InvalidRequest(_) => (ErrorCode::InvalidRequest, Code::InvalidArgument),
+        BrokerError::ShuttingDown => (ErrorCode::ShuttingDown, Code::Unavailable),
+        BrokerError::Engine(e) => match e {
+            EngineError::TopicNotFound(_) => (ErrorCode::UnknownTopic, Code::NotFound),
+            EngineError::PartitionNotFound { .. } => (ErrorCode::UnknownPartition, Code::NotFound),
+            EngineError::TopicExists(_) => (ErrorCode::InvalidRequest, Code::AlreadyExists),
+            EngineError::InvalidTopicName { .. } | EngineError::InvalidConfig(_) => {
+                (ErrorCode::InvalidRequest, Code::InvalidArgument)
+            }
+            EngineError::InvalidBatch(BatchError::Limit { .. }) | EngineError::LimitExceeded { .. } => {
+                (ErrorCode::TooLarge, Code::InvalidArgument)
+            }
+            EngineError::InvalidBatch(_) => (ErrorCode::InvalidBatch, Code::InvalidArgument),
+            EngineError::OffsetOutOfRange { .. } => (ErrorCode::OffsetOutOfRange, Code::OutOfRange),
+            EngineError::Corruption { .. } => (ErrorCode::Corruption, Code::DataLoss),
+            EngineError::Poisoned { .. } => (ErrorCode::PartitionPoisoned, Code::Unavailable),
+            EngineError::Closed => (ErrorCode::ShuttingDown, Code::Unavailable),
+            EngineError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                (ErrorCode::StorageFull, Code::ResourceExhausted)
+            }
+            _ => (ErrorCode::Internal, Code::Internal),
+        },
+    }
+}
+
+fn offsets(e: &BrokerError) -> Option<(u64, u64)> {
+    match e {
+        BrokerError::Engine(EngineError::OffsetOutOfRange {
+            log_start,
+            high_watermark,
+            ..
+        }) => Some((*log_start, *high_watermark)),
+        _ => None,
+    }
+}
+
+/// The per-partition form of an error.
+pub(crate) fn partition_error(e: impl Into<BrokerError>) -> PartitionError {
+    let e = e.into();
+    let (code, _) = classify(&e);
+    let (log_start_offset, high_watermark) = offsets(&e).unwrap_or_default();
+    if code == ErrorCode::Internal || code == ErrorCode::Corruption {
+        tracing::error!(error = %e, "request failed");
+    }
+    PartitionError {
+        code: code as i32,
+        message: e.to_string(),
+        log_start_offset,
+        high_watermark,
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let (code, grpc) = classify(&e);
+        if code == ErrorCode::Internal || code == ErrorCode::Corruption {
+            tracing::error!(error = %e, "request failed");
+        }
+        let mut meta = HashMap::new();
+        if let Some((start, hwm)) = offsets(&e) {
+            meta.insert("log_start_offset".to_owned(), start.to_string());
+            meta.insert("high_watermark".to_owned(), hwm.to_string());
+        }
+        match &e {
+            BrokerError::Engine(EngineError::TopicNotFound(t) | EngineError::TopicExists(t)) => {
+                meta.insert("topic".to_owned(), t.clone());
+            }
+            BrokerError::Engine(EngineError::PartitionNotFound { topic, partition }) => {
+                meta.insert("topic".to_owned(), topic.clone());
+                meta.insert("partition".to_owned(), partition.to_string());
+            }
+            _ => {}
+        }
+        let details = ErrorDetails::with_error_info(code.as_str_name(), "spool.v1", meta);
+        Status::with_error_details(grpc, e.to_string(), details)
+    }
+}

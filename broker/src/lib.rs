@@ -1,0 +1,217 @@
+//! `spoold`: Spool's broker, serving the log engine over gRPC (`spool.v1`).
+//!
+//! The binary is thin (`src/main.rs`: flags, logging, systemd); everything else is here so
+//! tests and embedders can run a broker on a listener they bound themselves:
+//!
+//! ```text
+//! let broker = Broker::open(config)?;            // blocking: opens and recovers the log
+//! broker.serve(listener, shutdown_future).await?; // until shutdown, then flush and close
+//! ```
+//!
+//! Invariants:
+//! - Blocking engine work (appends, fsyncs, reads that may fault pages in) runs on tokio's
+//!   blocking pool, never on a reactor thread.
+//! - Engine errors become wire errors in one place (`error.rs`).
+//! - Every request is bounded before the broker allocates for it: tonic's decode and encode
+//!   limits, partitions per request, records per list, fetch sizes and waits.
+//! - Shutdown stops accepting, ends subscriptions, waits at most `shutdown_timeout_ms` for
+//!   in-flight requests, then flushes and closes the log.
+
+pub mod config;
+mod convert;
+pub mod error;
+mod offsets;
+mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spool_log_engine::{Limits, Log, LogOptions, TopicConfig};
+use spool_proto::v1::admin_service_server::AdminServiceServer;
+use spool_proto::v1::consume_service_server::ConsumeServiceServer;
+use spool_proto::v1::offset_service_server::OffsetServiceServer;
+use spool_proto::v1::produce_service_server::ProduceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use error::{BrokerError, ConfigError};
+pub use offsets::OFFSETS_TOPIC;
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The log could not be opened (corruption is reported here, with file and position).
+    #[error("opening the log: {0}")]
+    Engine(#[from] BrokerError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection setup failed.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// State shared by all services.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) log: Arc<Log>,
+    pub(crate) config: Config,
+    pub(crate) topic_defaults: TopicConfig,
+    pub(crate) limits: Limits,
+    pub(crate) offsets: offsets::OffsetStore,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// An opened broker, ready to serve.
+#[derive(Debug)]
+pub struct Broker {
+    state: Arc<State>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Broker {
+    /// Opens (and recovers) the log. Blocking: call it before starting to serve, or from a
+    /// blocking context.
+    pub fn open(config: Config) -> Result<Broker, StartError> {
+        config.validate()?;
+        let topic_defaults = config.topic_defaults.to_topic_config()?;
+        let limits = Limits::default();
+        let log = Log::open(
+            &config.data_dir,
+            LogOptions {
+                limits: limits.clone(),
+                ..LogOptions::default()
+            },
+        )
+        .map_err(BrokerError::from)?;
+        for (topic, partition, r) in log.recovery_reports() {
+            if r.bytes_truncated > 0 || r.bytes_scanned > 0 {
+                tracing::info!(topic, partition, scanned = r.bytes_scanned, truncated = r.bytes_truncated, "recovered partition");
+            }
+        }
+        let log = Arc::new(log);
+        let offsets = offsets::OffsetStore::open(log.clone(), &limits)?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        Ok(Broker {
+            state: Arc::new(State {
+                log,
+                config,
+                topic_defaults,
+                limits,
+                offsets,
+                shutdown,
+            }),
+            shutdown_tx,
+        })
+    }
+
+    /// Number of topics and partitions (for status lines).
+    pub fn summary(&self) -> (usize, usize) {
+        let topics = self.state.log.topics();
+        let partitions = topics
+            .iter()
+            .filter_map(|t| self.state.log.partitions(t).ok())
+            .map(|p| p.len())
+            .sum();
+        (topics.len(), partitions)
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` resolves, then shuts down gracefully (bounded
+    /// by `shutdown_timeout_ms`) and closes the log.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let state = self.state.clone();
+        let cfg = &state.config;
+        let max = cfg.limits.max_request_bytes;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AdminServiceServer<service::Admin>>().await;
+        health.set_serving::<ProduceServiceServer<service::Produce>>().await;
+        health.set_serving::<ConsumeServiceServer<service::Consume>>().await;
+        health.set_serving::<OffsetServiceServer<service::Offsets>>().await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(spool_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(spool_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(32 << 20)
+            .max_frame_size(1 << 20)
+            .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_max_pending_accept_reset_streams(Some(64))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                AdminServiceServer::new(service::Admin::new(state.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                ProduceServiceServer::new(service::Produce::new(state.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                ConsumeServiceServer::new(service::Consume::new(state.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                OffsetServiceServer::new(service::Offsets::new(state.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            );
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
+
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, ending subscriptions");
+        health.set_not_serving::<ProduceServiceServer<service::Produce>>().await;
+        let _ = self.shutdown_tx.send(true);
+        let _ = stop_tx.send(true);
+        let limit = Duration::from_millis(cfg.shutdown_timeout_ms);
+        let served = match tokio::time::timeout(limit, server).await {
+            Ok(Ok(r)) => r.map_err(StartError::from),
+            Ok(Err(join)) => {
+                tracing::error!(error = %join, "server task failed");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(timeout_ms = cfg.shutdown_timeout_ms, "in-flight requests did not finish in time; closing anyway");
+                Ok(())
+            }
+        };
+        let log = state.log.clone();
+        let closed = tokio::task::spawn_blocking(move || log.close()).await;
+        match closed {
+            Ok(Ok(())) => tracing::info!("log flushed and closed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "closing the log failed"),
+            Err(e) => tracing::error!(error = %e, "closing the log panicked"),
+        }
+        served
+    }
+}
+
+/// Runs blocking engine work on tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, tonic::Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| tonic::Status::internal(format!("worker failed: {e}")))
+}

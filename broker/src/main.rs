@@ -1,0 +1,133 @@
+//! `spoold`: parses flags, sets up logging, opens the log, tells systemd it is ready, serves.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use spool_broker::{Broker, Config};
+
+/// Spool's broker: the log engine served over gRPC (spool.v1).
+///
+/// Configuration comes from defaults < --config FILE (TOML) < SPOOL_* environment < flags.
+/// Example: spoold --data-dir /var/lib/spool --listen 127.0.0.1:7170
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// TOML configuration file (unknown keys are rejected).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory holding the log [default: ./spool-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7170].
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// Allow listening beyond loopback (no TLS or authentication exists yet).
+    #[arg(long)]
+    allow_non_loopback: bool,
+    /// Tokio worker threads (0: one per core).
+    #[arg(long, value_name = "N")]
+    runtime_threads: Option<usize>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if args.allow_non_loopback {
+        config.allow_non_loopback = true;
+    }
+    if let Some(n) = args.runtime_threads {
+        config.runtime_threads = n;
+    }
+    config.validate()?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    init_logging();
+
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().thread_name("spoold-worker");
+    if config.runtime_threads > 0 {
+        rt.worker_threads(config.runtime_threads);
+    }
+    let rt = rt.build().context("starting the tokio runtime")?;
+    rt.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let data_dir = config.data_dir.clone();
+    notify(&[sd_notify::NotifyState::Status("recovering the log")]);
+    let broker = tokio::task::spawn_blocking(move || Broker::open(config))
+        .await?
+        .with_context(|| format!("opening {}", data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let (topics, partitions) = broker.summary();
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, data_dir = %data_dir.display(), topics, partitions, "spoold ready");
+    // Tests and scripts that pass port 0 read the bound address from this line.
+    eprintln!("spoold listening on {local}");
+    let status = format!("serving {partitions} partitions of {topics} topics on {local}");
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+    let watchdog = spawn_watchdog();
+    broker.serve(listener, shutdown_signal()).await?;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    tracing::info!("spoold stopped");
+    Ok(())
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Pings systemd's watchdog at half its timeout, if the unit asked for one.
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let timeout = sd_notify::watchdog_enabled()?;
+    let every = (timeout / 2).max(Duration::from_millis(100));
+    Some(tokio::spawn(async move {
+        loop {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+            tokio::time::sleep(every).await;
+        }
+    }))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("shutting down")]);
+}
+
+/// Logs go to stderr, without timestamps under systemd (journald adds its own).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if under_journald {
+        fmt.without_time().with_ansi(false).init();
+    } else {
+        fmt.init();
+    }
+}

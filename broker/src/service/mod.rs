@@ -1,0 +1,31 @@
+//! gRPC service implementations, one file per service.
+
+mod admin;
+mod consume;
+mod offsets;
+mod produce;
+
+pub(crate) use admin::Admin;
+pub(crate) use consume::Consume;
+pub(crate) use offsets::Offsets;
+pub(crate) use produce::Produce;
+
+use crate::error::BrokerError;
+
+/// Topics whose names start with `__` belong to the broker; clients may read them but not
+/// write, create, alter or delete them.
+pub(crate) fn check_user_topic(topic: &str) -> Result<(), BrokerError> {
+    if topic.starts_with("__") {
+        return Err(BrokerError::InvalidRequest(format!(
+            "topic {topic:?} is internal to the broker and cannot be changed by clients"
+        )));
+    }
+    Ok(())
+}
+
+/// The broker's wall clock in milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
