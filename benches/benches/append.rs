@@ -159,7 +159,7 @@ fn main() {
     let written = (n_batches * batch.len()) as u64;
     // Segments big enough that no roll (which fdatasyncs the sealed segment) happens inside
     // the measured window; the `roll` case shows what rolls cost.
-    let big_seg = (written + (64 << 20)).clamp(1 << 30, 2 << 30);
+    let big_seg = 2u64 << 30;
     let pf = size + (64 << 20);
     let mut suite = Suite::new("append", &cfg);
     suite.case("engine_never_1t", "MB/s", pf, || {
@@ -355,6 +355,7 @@ fn main() {
         fmt_bytes(big_seg),
         fmt_bytes(sync_size)
     ));
+    rep.note(&format!("noise: {}", r.noise()));
     rep.print();
 
     // ---- Part 2: 100-byte records through BatchBuilder + append.
@@ -433,5 +434,6 @@ fn main() {
         &share,
         "fraction",
     );
+    rep.note(&format!("noise: {}", r.noise()));
     rep.print();
 }

@@ -202,5 +202,6 @@ fn main() {
     }
     rep.note("no target in the issue for these; median [min–max] is over samples of the given percentile");
     rep.note("timing includes Instant::now() (~20-40 ns on this VM)");
+    rep.note(&format!("noise: {}", r.noise()));
     rep.print();
 }

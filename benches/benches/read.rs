@@ -245,12 +245,13 @@ fn main() {
     );
     rep.versus(
         "read.engine_noverify_hot",
-        "read, verify off, log kept open (mappings warm)",
+        "read, verify off, log kept open (1 load per mapped page: per-call overhead only)",
         &r.stats("engine_noverify_hot"),
         "GB/s",
         &r.ratio("engine_noverify_hot", "dd"),
     );
     rep.note("ratio column: figure / dd of the same round (median over rounds)");
     rep.note("each non-hot sample opens the log afresh, so it includes mmap page-table faults");
+    rep.note(&format!("noise: {}", r.noise()));
     rep.print();
 }

@@ -336,5 +336,6 @@ fn main() {
         rep.note(&format!("clean open report: {c:?}"));
     }
     rep.note("ratio column: open time / clean-open time of the same round");
+    rep.note(&format!("noise: {}", r.noise()));
     rep.print();
 }

@@ -19,6 +19,7 @@
 //!   `cargo test --benches`.
 //! - `SPOOL_BENCH_WARMUP`, `SPOOL_BENCH_REPS`: rounds.
 //! - `SPOOL_BENCH_PREFAULT=0`: do not pre-fault memory before each sample.
+//! - `SPOOL_BENCH_ONLY=a,b`: run only the cases whose names contain `a` or `b`.
 //! - `SPOOL_BENCH_DIR`: parent directory of the scratch directories (default
 //!   `<workspace>/target/bench-tmp`, on the same filesystem as the work tree).
 //! - per-bench sizes, documented in each bench and in `docs/benchmarks.md`.
@@ -110,6 +111,12 @@ fn env_usize(name: &str, full: usize, quick: usize) -> usize {
         None if quick_mode() => quick,
         None => full,
     }
+}
+
+/// True unless `SPOOL_BENCH_ONLY` (comma-separated substrings of case names) excludes
+/// `case`. Rows whose cases did not run print as `n/a`.
+pub fn selected(case: &str) -> bool {
+    env_str("SPOOL_BENCH_ONLY").is_none_or(|only| only.split(',').any(|w| case.contains(w.trim())))
 }
 
 /// Smoke-test mode: `SPOOL_BENCH_QUICK` if set, else "not run with `--bench`".
@@ -278,6 +285,9 @@ impl<'a> Suite<'a> {
         prefault_bytes: u64,
         run: impl FnMut() -> f64 + 'a,
     ) -> &mut Self {
+        if !selected(name) {
+            return self;
+        }
         self.cases.push(Case {
             name: name.to_owned(),
             unit: unit.to_owned(),
@@ -292,6 +302,8 @@ impl<'a> Suite<'a> {
     pub fn run(mut self) -> Results {
         let rounds = self.cfg.warmup + self.cfg.reps;
         let n = self.cases.len();
+        let mut noise = Vec::new();
+        let start = CpuSnap::now();
         for round in 0..rounds {
             let measured = round >= self.cfg.warmup;
             for k in 0..n {
@@ -301,24 +313,41 @@ impl<'a> Suite<'a> {
                 if self.cfg.prefault && c.prefault_bytes > 0 {
                     prefault(c.prefault_bytes);
                 }
+                let before = CpuSnap::now();
                 let x = (c.run)();
+                let others = CpuSnap::now().others_since(&before);
                 eprintln!(
-                    "  [{}] round {}/{}{}: {} = {} {}",
+                    "  [{}] round {}/{}{}: {} = {} {} (other processes: {:.0}% CPU)",
                     self.bench,
                     round + 1,
                     rounds,
                     if measured { "" } else { " (warm-up)" },
                     c.name,
                     fmt_num(x),
-                    c.unit
+                    c.unit,
+                    others,
                 );
                 if measured {
                     c.samples.push(x);
+                    if others.is_finite() {
+                        noise.push(others);
+                    }
                 }
             }
         }
+        let noise = Stats::new(noise);
+        let summary = format!(
+            "other processes used {:.0}% CPU (of {}%) over the whole suite; per sample median \
+             {:.0}%, max {:.0}%",
+            CpuSnap::now().others_since(&start),
+            100 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+            noise.median(),
+            noise.max()
+        );
+        eprintln!("  [{}] {summary}", self.bench);
         Results {
             bench: self.bench,
+            noise: summary,
             cases: self
                 .cases
                 .into_iter()
@@ -332,6 +361,7 @@ impl<'a> Suite<'a> {
 #[derive(Debug)]
 pub struct Results {
     bench: String,
+    noise: String,
     cases: Vec<(String, String, Vec<f64>)>,
 }
 
@@ -341,8 +371,7 @@ impl Results {
         self.cases
             .iter()
             .find(|c| c.0 == name)
-            .map(|c| c.2.as_slice())
-            .unwrap_or_else(|| panic!("no case {name}"))
+            .map_or(&[], |c| c.2.as_slice())
     }
 
     /// Stats of case `name`.
@@ -359,6 +388,11 @@ impl Results {
     /// The bench's name.
     pub fn bench(&self) -> &str {
         &self.bench
+    }
+
+    /// How busy the rest of the machine was while the suite ran.
+    pub fn noise(&self) -> &str {
+        &self.noise
     }
 }
 
@@ -432,11 +466,12 @@ impl Report {
     ) {
         let m = judged.median();
         let ok = match goal {
-            Goal::AtLeast(t) => m >= t,
-            Goal::Below(t) => m < t,
+            _ if m.is_nan() => None,
+            Goal::AtLeast(t) => Some(m >= t),
+            Goal::Below(t) => Some(m < t),
         };
         let ratio = ratio.map(fmt_ratio).unwrap_or_default();
-        self.push(key, what, s, unit, target, &ratio, Some(ok));
+        self.push(key, what, s, unit, target, &ratio, ok);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -453,8 +488,12 @@ impl Report {
         let verdict = match ok {
             Some(true) => "PASS",
             Some(false) => "FAIL",
+            None if target != "-" => "n/a",
             None => "",
         };
+        if s.n() == 0 {
+            return;
+        }
         self.rows.push(Row {
             what: what.to_owned(),
             figure: fmt_stats(s),
@@ -540,6 +579,9 @@ impl Report {
 
 /// `0.83× [0.80–0.85]`.
 pub fn fmt_ratio(s: &Stats) -> String {
+    if s.n() == 0 {
+        return "-".into();
+    }
     format!("{:.2}× [{:.2}–{:.2}]", s.median(), s.min(), s.max())
 }
 
@@ -790,6 +832,59 @@ impl Rng {
     /// Uniform in `0..n` (n > 0; slight modulo bias is irrelevant here).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+}
+
+/// CPU time counters: (busy ticks of the whole machine, ticks of this process and the
+/// children it has waited for, ticks of wall time × CPUs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSnap {
+    busy: u64,
+    ours: u64,
+    total: u64,
+}
+
+impl CpuSnap {
+    /// Reads `/proc/stat` and `/proc/self/stat` (zeros where unreadable).
+    pub fn now() -> CpuSnap {
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let f = |i: usize| cpu.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal
+        let busy = f(0) + f(1) + f(2) + f(5) + f(6) + f(7);
+        let total = busy + f(3) + f(4);
+        let me = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name in parentheses; utime is field 14 overall.
+        let rest = me.rsplit_once(')').map_or("", |x| x.1);
+        let v: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let g = |i: usize| v.get(i).copied().unwrap_or(0);
+        let ours = g(11) + g(12) + g(13) + g(14);
+        CpuSnap { busy, ours, total }
+    }
+
+    /// Share of the machine's CPU capacity used by other processes since `earlier`, in
+    /// percent of one CPU (200 = both CPUs of a 2-CPU machine fully busy).
+    pub fn others_since(&self, earlier: &CpuSnap) -> f64 {
+        let total = self.total.saturating_sub(earlier.total) as f64;
+        if total == 0.0 {
+            return f64::NAN;
+        }
+        let others = self
+            .busy
+            .saturating_sub(earlier.busy)
+            .saturating_sub(self.ours.saturating_sub(earlier.ours)) as f64;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        100.0 * cpus * others / total
     }
 }
 
