@@ -166,8 +166,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError::Invalid(format!("reading {}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::Invalid(format!("reading {}: {e}", path.display()))
+                })?;
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
             }
@@ -190,7 +191,9 @@ impl Config {
                     .entry(key.clone())
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()))
                     .as_table_mut()
-                    .ok_or_else(|| ConfigError::Invalid(format!("{name}: {key} is not a section")))?;
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!("{name}: {key} is not a section"))
+                    })?;
             }
             cursor.insert(path[path.len() - 1].clone(), parsed);
         }
@@ -210,7 +213,9 @@ impl Config {
             )));
         }
         if self.limits.max_request_bytes < 1024 || self.limits.max_request_bytes > 1 << 30 {
-            return Err(ConfigError::Invalid("limits.max_request_bytes must be in 1 KiB..=1 GiB".into()));
+            return Err(ConfigError::Invalid(
+                "limits.max_request_bytes must be in 1 KiB..=1 GiB".into(),
+            ));
         }
         if self.limits.max_concurrent_streams == 0 || self.limits.max_fetch_bytes == 0 {
             return Err(ConfigError::Invalid("limits must be non-zero".into()));
@@ -245,9 +250,16 @@ mod tests {
     fn layering_and_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("spoold.toml");
-        std::fs::write(&f, "data_dir = \"/var/lib/spool\"\n[limits]\nmax_concurrent_streams = 10\n").unwrap();
+        std::fs::write(
+            &f,
+            "data_dir = \"/var/lib/spool\"\n[limits]\nmax_concurrent_streams = 10\n",
+        )
+        .unwrap();
         let env = vec![
-            ("SPOOL_LIMITS__MAX_CONCURRENT_STREAMS".to_owned(), "20".to_owned()),
+            (
+                "SPOOL_LIMITS__MAX_CONCURRENT_STREAMS".to_owned(),
+                "20".to_owned(),
+            ),
             ("SPOOL_BROKER".to_owned(), "somewhere:1".to_owned()),
             ("SPOOL_LISTEN".to_owned(), "127.0.0.1:9999".to_owned()),
             ("HOME".to_owned(), "/root".to_owned()),
@@ -256,7 +268,10 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/spool"));
         assert_eq!(c.limits.max_concurrent_streams, 20, "env beats file");
         assert_eq!(c.listen.port(), 9999);
-        assert_eq!(c.limits.max_fetch_bytes, LimitsConfig::default().max_fetch_bytes);
+        assert_eq!(
+            c.limits.max_fetch_bytes,
+            LimitsConfig::default().max_fetch_bytes
+        );
 
         std::fs::write(&f, "data_dirr = \"x\"\n").unwrap();
         let err = Config::load(Some(&f), vec![]).unwrap_err();
@@ -267,7 +282,10 @@ mod tests {
 
     #[test]
     fn non_loopback_needs_opt_in() {
-        let mut c = Config { listen: "0.0.0.0:7170".parse().unwrap(), ..Config::default() };
+        let mut c = Config {
+            listen: "0.0.0.0:7170".parse().unwrap(),
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
         c.allow_non_loopback = true;
         c.validate().unwrap();

@@ -11,7 +11,10 @@ fn invalid(msg: impl Into<String>) -> BrokerError {
 }
 
 /// Applies the set fields of a wire config onto `base`.
-pub(crate) fn apply_topic_config(base: &mut TopicConfig, wire: &v1::TopicConfig) -> Result<(), BrokerError> {
+pub(crate) fn apply_topic_config(
+    base: &mut TopicConfig,
+    wire: &v1::TopicConfig,
+) -> Result<(), BrokerError> {
     if let Some(v) = wire.retention_ms {
         base.retention_ms = (v > 0).then_some(v);
     }
@@ -28,7 +31,9 @@ pub(crate) fn apply_topic_config(base: &mut TopicConfig, wire: &v1::TopicConfig)
         base.max_batch_bytes = v;
     }
     let interval = wire.fsync_interval_ms;
-    match v1::FsyncPolicy::try_from(wire.fsync_policy).map_err(|_| invalid("unknown fsync_policy"))? {
+    match v1::FsyncPolicy::try_from(wire.fsync_policy)
+        .map_err(|_| invalid("unknown fsync_policy"))?
+    {
         v1::FsyncPolicy::Unspecified => {
             if let (Some(ms), FsyncPolicy::Interval { .. }) = (interval, base.fsync) {
                 base.fsync = FsyncPolicy::Interval { interval_ms: ms };
@@ -46,7 +51,8 @@ pub(crate) fn apply_topic_config(base: &mut TopicConfig, wire: &v1::TopicConfig)
             };
         }
     }
-    v1::CleanupPolicy::try_from(wire.cleanup_policy).map_err(|_| invalid("unknown cleanup_policy"))?;
+    v1::CleanupPolicy::try_from(wire.cleanup_policy)
+        .map_err(|_| invalid("unknown cleanup_policy"))?;
     Ok(())
 }
 
@@ -70,36 +76,63 @@ pub(crate) fn topic_config_to_wire(c: &TopicConfig) -> v1::TopicConfig {
 }
 
 /// Encodes a wire record list into one batch. `now_ms` replaces zero timestamps.
-pub(crate) fn encode_records(list: &v1::RecordList, now_ms: i64, max_records: usize) -> Result<Bytes, BrokerError> {
+pub(crate) fn encode_records(
+    list: &v1::RecordList,
+    now_ms: i64,
+    max_records: usize,
+) -> Result<Bytes, BrokerError> {
     if list.records.is_empty() {
         return Err(invalid("a record list needs at least one record"));
     }
     if list.records.len() > max_records {
-        return Err(invalid(format!("{} records in one list, the limit is {max_records}", list.records.len())));
+        return Err(invalid(format!(
+            "{} records in one list, the limit is {max_records}",
+            list.records.len()
+        )));
     }
-    let compression = match v1::Compression::try_from(list.compression).map_err(|_| invalid("unknown compression"))? {
+    let compression = match v1::Compression::try_from(list.compression)
+        .map_err(|_| invalid("unknown compression"))?
+    {
         v1::Compression::Unspecified | v1::Compression::None => Compression::None,
         v1::Compression::Lz4 => Compression::Lz4,
         v1::Compression::Zstd => Compression::Zstd,
     };
-    let size: usize = list.records.iter().map(|r| r.value.as_ref().map_or(0, Bytes::len) + 16).sum();
+    let size: usize = list
+        .records
+        .iter()
+        .map(|r| r.value.as_ref().map_or(0, Bytes::len) + 16)
+        .sum();
     let mut b = BatchBuilder::with_capacity(compression, size);
     let mut headers = Vec::new();
     for r in &list.records {
         headers.clear();
-        headers.extend(r.headers.iter().map(|h| (h.key.as_str(), h.value.as_deref())));
-        let ts = if r.timestamp_ms == 0 { now_ms } else { r.timestamp_ms };
+        headers.extend(
+            r.headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_deref())),
+        );
+        let ts = if r.timestamp_ms == 0 {
+            now_ms
+        } else {
+            r.timestamp_ms
+        };
         b.push(ts, r.key.as_deref(), r.value.as_deref(), &headers);
     }
     b.finish().map_err(|e| BrokerError::Engine(e.into()))
 }
 
 /// Decodes batches into wire records.
-pub(crate) fn decode_records(data: &Bytes, limits: &Limits) -> Result<Vec<v1::ConsumedRecord>, BrokerError> {
+pub(crate) fn decode_records(
+    data: &Bytes,
+    limits: &Limits,
+) -> Result<Vec<v1::ConsumedRecord>, BrokerError> {
     let mut out = Vec::new();
     for batch in spool_log_engine::batch::split_batches(data) {
         let batch = batch.map_err(|e| BrokerError::Engine(e.into()))?;
-        for rec in batch.records(limits).map_err(|e| BrokerError::Engine(e.into()))? {
+        for rec in batch
+            .records(limits)
+            .map_err(|e| BrokerError::Engine(e.into()))?
+        {
             let rec = rec.map_err(|e| BrokerError::Engine(e.into()))?;
             out.push(v1::ConsumedRecord {
                 offset: rec.offset,
@@ -109,7 +142,10 @@ pub(crate) fn decode_records(data: &Bytes, limits: &Limits) -> Result<Vec<v1::Co
                 headers: rec
                     .headers
                     .into_iter()
-                    .map(|h| v1::RecordHeader { key: h.key, value: h.value })
+                    .map(|h| v1::RecordHeader {
+                        key: h.key,
+                        value: h.value,
+                    })
                     .collect(),
             });
         }
@@ -133,7 +169,11 @@ mod tests {
         apply_topic_config(&mut c, &wire).unwrap();
         assert_eq!(c.retention_ms, Some(5000));
         assert_eq!(c.fsync, FsyncPolicy::Interval { interval_ms: 50 });
-        assert_eq!(c.segment_bytes, TopicConfig::default().segment_bytes, "unset fields unchanged");
+        assert_eq!(
+            c.segment_bytes,
+            TopicConfig::default().segment_bytes,
+            "unset fields unchanged"
+        );
         let mut again = TopicConfig::default();
         apply_topic_config(&mut again, &topic_config_to_wire(&c)).unwrap();
         assert_eq!(again, c);

@@ -47,9 +47,8 @@ fn classify(e: &BrokerError) -> (ErrorCode, Code) {
             EngineError::InvalidTopicName { .. } | EngineError::InvalidConfig(_) => {
                 (ErrorCode::InvalidRequest, Code::InvalidArgument)
             }
-            EngineError::InvalidBatch(BatchError::Limit { .. }) | EngineError::LimitExceeded { .. } => {
-                (ErrorCode::TooLarge, Code::InvalidArgument)
-            }
+            EngineError::InvalidBatch(BatchError::Limit { .. })
+            | EngineError::LimitExceeded { .. } => (ErrorCode::TooLarge, Code::InvalidArgument),
             EngineError::InvalidBatch(_) => (ErrorCode::InvalidBatch, Code::InvalidArgument),
             EngineError::OffsetOutOfRange { .. } => (ErrorCode::OffsetOutOfRange, Code::OutOfRange),
             EngineError::Corruption { .. } => (ErrorCode::Corruption, Code::DataLoss),

@@ -91,7 +91,13 @@ impl Broker {
         .map_err(BrokerError::from)?;
         for (topic, partition, r) in log.recovery_reports() {
             if r.bytes_truncated > 0 || r.bytes_scanned > 0 {
-                tracing::info!(topic, partition, scanned = r.bytes_scanned, truncated = r.bytes_truncated, "recovered partition");
+                tracing::info!(
+                    topic,
+                    partition,
+                    scanned = r.bytes_scanned,
+                    truncated = r.bytes_truncated,
+                    "recovered partition"
+                );
             }
         }
         let log = Arc::new(log);
@@ -123,15 +129,27 @@ impl Broker {
 
     /// Serves gRPC on `listener` until `shutdown` resolves, then shuts down gracefully (bounded
     /// by `shutdown_timeout_ms`) and closes the log.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
         let state = self.state.clone();
         let cfg = &state.config;
         let max = cfg.limits.max_request_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<AdminServiceServer<service::Admin>>().await;
-        health.set_serving::<ProduceServiceServer<service::Produce>>().await;
-        health.set_serving::<ConsumeServiceServer<service::Consume>>().await;
-        health.set_serving::<OffsetServiceServer<service::Offsets>>().await;
+        health
+            .set_serving::<AdminServiceServer<service::Admin>>()
+            .await;
+        health
+            .set_serving::<ProduceServiceServer<service::Produce>>()
+            .await;
+        health
+            .set_serving::<ConsumeServiceServer<service::Consume>>()
+            .await;
+        health
+            .set_serving::<OffsetServiceServer<service::Offsets>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(spool_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -183,7 +201,9 @@ impl Broker {
 
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending subscriptions");
-        health.set_not_serving::<ProduceServiceServer<service::Produce>>().await;
+        health
+            .set_not_serving::<ProduceServiceServer<service::Produce>>()
+            .await;
         let _ = self.shutdown_tx.send(true);
         let _ = stop_tx.send(true);
         let limit = Duration::from_millis(cfg.shutdown_timeout_ms);
@@ -194,7 +214,10 @@ impl Broker {
                 Ok(())
             }
             Err(_) => {
-                tracing::warn!(timeout_ms = cfg.shutdown_timeout_ms, "in-flight requests did not finish in time; closing anyway");
+                tracing::warn!(
+                    timeout_ms = cfg.shutdown_timeout_ms,
+                    "in-flight requests did not finish in time; closing anyway"
+                );
                 Ok(())
             }
         };
@@ -210,7 +233,9 @@ impl Broker {
 }
 
 /// Runs blocking engine work on tokio's blocking pool.
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, tonic::Status> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tonic::Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| tonic::Status::internal(format!("worker failed: {e}")))

@@ -81,7 +81,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Tests and scripts that pass port 0 read the bound address from this line.
     eprintln!("spoold listening on {local}");
     let status = format!("serving {partitions} partitions of {topics} topics on {local}");
-    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
     let watchdog = spawn_watchdog();
     broker.serve(listener, shutdown_signal()).await?;
     if let Some(w) = watchdog {
@@ -116,7 +119,10 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("shutting down")]);
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("shutting down"),
+    ]);
 }
 
 /// Logs go to stderr, without timestamps under systemd (journald adds its own).
@@ -124,7 +130,9 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPOOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if under_journald {
         fmt.without_time().with_ansi(false).init();
     } else {

@@ -72,26 +72,43 @@ impl OffsetStore {
             }
             for batch in r.batches() {
                 let batch = batch.map_err(|e| BrokerError::Engine(e.into()))?;
-                for rec in batch.records(limits).map_err(|e| BrokerError::Engine(e.into()))? {
+                for rec in batch
+                    .records(limits)
+                    .map_err(|e| BrokerError::Engine(e.into()))?
+                {
                     let rec = rec.map_err(|e| BrokerError::Engine(e.into()))?;
                     let key = rec.key.as_deref().and_then(decode_key);
-                    let value = rec.value.as_deref().and_then(|v| serde_json::from_slice::<Value>(v).ok());
+                    let value = rec
+                        .value
+                        .as_deref()
+                        .and_then(|v| serde_json::from_slice::<Value>(v).ok());
                     match (key, value) {
                         (Some(k), Some(v)) => {
                             map.insert(k, v);
                         }
-                        _ => tracing::warn!(offset = rec.offset, "skipping malformed offset commit record"),
+                        _ => tracing::warn!(
+                            offset = rec.offset,
+                            "skipping malformed offset commit record"
+                        ),
                     }
                 }
             }
             offset = r.next_offset;
         }
         tracing::info!(entries = map.len(), "loaded committed offsets");
-        Ok(OffsetStore { log, map: Mutex::new(map) })
+        Ok(OffsetStore {
+            log,
+            map: Mutex::new(map),
+        })
     }
 
     /// Durably commits `offsets` for `group` (all or nothing: one batch). Blocking.
-    pub(crate) fn commit(&self, group: &str, offsets: &[v1::OffsetCommit], now_ms: i64) -> Result<(), BrokerError> {
+    pub(crate) fn commit(
+        &self,
+        group: &str,
+        offsets: &[v1::OffsetCommit],
+        now_ms: i64,
+    ) -> Result<(), BrokerError> {
         validate_group(group)?;
         if offsets.is_empty() {
             return Ok(());
@@ -99,7 +116,9 @@ impl OffsetStore {
         let mut b = BatchBuilder::new(Compression::None);
         for c in offsets {
             if c.metadata.len() > MAX_METADATA {
-                return Err(BrokerError::InvalidRequest(format!("metadata over {MAX_METADATA} bytes")));
+                return Err(BrokerError::InvalidRequest(format!(
+                    "metadata over {MAX_METADATA} bytes"
+                )));
             }
             // The partition must exist: committing for a typo'd topic is a mistake to report.
             self.log.partition(&c.topic, c.partition)?;
@@ -109,7 +128,12 @@ impl OffsetStore {
                 time_ms: now_ms,
             })
             .map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
-            b.push(now_ms, Some(&encode_key(group, &c.topic, c.partition)), Some(&value), &[]);
+            b.push(
+                now_ms,
+                Some(&encode_key(group, &c.topic, c.partition)),
+                Some(&value),
+                &[],
+            );
         }
         let batch = b.finish().map_err(|e| BrokerError::Engine(e.into()))?;
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
@@ -119,14 +143,22 @@ impl OffsetStore {
         for c in offsets {
             map.insert(
                 (group.to_owned(), c.topic.clone(), c.partition),
-                Value { offset: c.offset, metadata: c.metadata.clone(), time_ms: now_ms },
+                Value {
+                    offset: c.offset,
+                    metadata: c.metadata.clone(),
+                    time_ms: now_ms,
+                },
             );
         }
         Ok(())
     }
 
     /// A group's committed offsets: for the given partitions (in order), or all.
-    pub(crate) fn fetch(&self, group: &str, partitions: &[v1::TopicPartition]) -> Result<Vec<v1::CommittedOffset>, BrokerError> {
+    pub(crate) fn fetch(
+        &self,
+        group: &str,
+        partitions: &[v1::TopicPartition],
+    ) -> Result<Vec<v1::CommittedOffset>, BrokerError> {
         validate_group(group)?;
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let answer = |topic: &str, partition: u32, v: Option<&Value>| v1::CommittedOffset {
@@ -145,7 +177,13 @@ impl OffsetStore {
         }
         Ok(partitions
             .iter()
-            .map(|tp| answer(&tp.topic, tp.partition, map.get(&(group.to_owned(), tp.topic.clone(), tp.partition))))
+            .map(|tp| {
+                answer(
+                    &tp.topic,
+                    tp.partition,
+                    map.get(&(group.to_owned(), tp.topic.clone(), tp.partition)),
+                )
+            })
             .collect())
     }
 }

@@ -23,7 +23,10 @@ impl Admin {
 
 #[tonic::async_trait]
 impl AdminService for Admin {
-    async fn create_topic(&self, req: Request<v1::CreateTopicRequest>) -> Result<Response<v1::CreateTopicResponse>, Status> {
+    async fn create_topic(
+        &self,
+        req: Request<v1::CreateTopicRequest>,
+    ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let req = req.into_inner();
         check_user_topic(&req.topic)?;
         let mut cfg = self.state.topic_defaults.clone();
@@ -35,32 +38,50 @@ impl AdminService for Admin {
         }
         let log = self.state.log.clone();
         let created = cfg.clone();
-        blocking(move || log.create_topic(&req.topic, cfg)).await?.map_err(BrokerError::from)?;
-        Ok(Response::new(v1::CreateTopicResponse { config: Some(topic_config_to_wire(&created)) }))
+        blocking(move || log.create_topic(&req.topic, cfg))
+            .await?
+            .map_err(BrokerError::from)?;
+        Ok(Response::new(v1::CreateTopicResponse {
+            config: Some(topic_config_to_wire(&created)),
+        }))
     }
 
-    async fn delete_topic(&self, req: Request<v1::DeleteTopicRequest>) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+    async fn delete_topic(
+        &self,
+        req: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let req = req.into_inner();
         check_user_topic(&req.topic)?;
         let log = self.state.log.clone();
-        blocking(move || log.delete_topic(&req.topic)).await?.map_err(BrokerError::from)?;
+        blocking(move || log.delete_topic(&req.topic))
+            .await?
+            .map_err(BrokerError::from)?;
         Ok(Response::new(v1::DeleteTopicResponse {}))
     }
 
-    async fn list_topics(&self, _req: Request<v1::ListTopicsRequest>) -> Result<Response<v1::ListTopicsResponse>, Status> {
+    async fn list_topics(
+        &self,
+        _req: Request<v1::ListTopicsRequest>,
+    ) -> Result<Response<v1::ListTopicsResponse>, Status> {
         let log = &self.state.log;
         let topics = log
             .topics()
             .into_iter()
             .filter_map(|t| {
                 let n = log.topic_config(&t).ok()?.partitions;
-                Some(v1::TopicSummary { topic: t, partitions: n })
+                Some(v1::TopicSummary {
+                    topic: t,
+                    partitions: n,
+                })
             })
             .collect();
         Ok(Response::new(v1::ListTopicsResponse { topics }))
     }
 
-    async fn describe_topic(&self, req: Request<v1::DescribeTopicRequest>) -> Result<Response<v1::DescribeTopicResponse>, Status> {
+    async fn describe_topic(
+        &self,
+        req: Request<v1::DescribeTopicRequest>,
+    ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
         let topic = req.into_inner().topic;
         let log = &self.state.log;
         let cfg = log.topic_config(&topic).map_err(BrokerError::from)?;
@@ -86,25 +107,41 @@ impl AdminService for Admin {
         }))
     }
 
-    async fn alter_topic_config(&self, req: Request<v1::AlterTopicConfigRequest>) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
+    async fn alter_topic_config(
+        &self,
+        req: Request<v1::AlterTopicConfigRequest>,
+    ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
         let req = req.into_inner();
         check_user_topic(&req.topic)?;
-        let mut cfg = self.state.log.topic_config(&req.topic).map_err(BrokerError::from)?;
+        let mut cfg = self
+            .state
+            .log
+            .topic_config(&req.topic)
+            .map_err(BrokerError::from)?;
         if let Some(wire) = &req.config {
             apply_topic_config(&mut cfg, wire)?;
         }
         let log = self.state.log.clone();
         let applied = cfg.clone();
-        blocking(move || log.alter_topic(&req.topic, cfg)).await?.map_err(BrokerError::from)?;
-        Ok(Response::new(v1::AlterTopicConfigResponse { config: Some(topic_config_to_wire(&applied)) }))
+        blocking(move || log.alter_topic(&req.topic, cfg))
+            .await?
+            .map_err(BrokerError::from)?;
+        Ok(Response::new(v1::AlterTopicConfigResponse {
+            config: Some(topic_config_to_wire(&applied)),
+        }))
     }
 
-    async fn add_partitions(&self, req: Request<v1::AddPartitionsRequest>) -> Result<Response<v1::AddPartitionsResponse>, Status> {
+    async fn add_partitions(
+        &self,
+        req: Request<v1::AddPartitionsRequest>,
+    ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
         let req = req.into_inner();
         check_user_topic(&req.topic)?;
         let log = self.state.log.clone();
         let n = req.partitions;
-        blocking(move || log.add_partitions(&req.topic, n)).await?.map_err(BrokerError::from)?;
+        blocking(move || log.add_partitions(&req.topic, n))
+            .await?
+            .map_err(BrokerError::from)?;
         Ok(Response::new(v1::AddPartitionsResponse { partitions: n }))
     }
 }

@@ -38,12 +38,22 @@ impl Consume {
 
     fn clamp_bytes(&self, max_bytes: u32) -> u32 {
         let limit = self.state.config.limits.max_fetch_bytes;
-        if max_bytes == 0 { DEFAULT_MAX_BYTES.min(limit) } else { max_bytes.min(limit) }
+        if max_bytes == 0 {
+            DEFAULT_MAX_BYTES.min(limit)
+        } else {
+            max_bytes.min(limit)
+        }
     }
 }
 
 /// Reads one partition (blocking) into a wire message.
-fn read_partition(state: &State, p: &Partition, offset: u64, max_bytes: u32, decode: bool) -> v1::PartitionData {
+fn read_partition(
+    state: &State,
+    p: &Partition,
+    offset: u64,
+    max_bytes: u32,
+    decode: bool,
+) -> v1::PartitionData {
     let mut out = v1::PartitionData {
         topic: p.topic().to_owned(),
         partition: p.id(),
@@ -74,7 +84,11 @@ fn read_partition(state: &State, p: &Partition, offset: u64, max_bytes: u32, dec
 }
 
 fn data_len(d: &v1::PartitionData) -> usize {
-    d.record_batches.len() + d.records.iter().map(|r| r.value.as_ref().map_or(0, |v| v.len())).sum::<usize>()
+    d.record_batches.len()
+        + d.records
+            .iter()
+            .map(|r| r.value.as_ref().map_or(0, |v| v.len()))
+            .sum::<usize>()
 }
 
 /// Resolves when any partition's high watermark passes its threshold.
@@ -82,24 +96,45 @@ async fn any_new_data(waits: &[(Arc<Partition>, u64)]) {
     if waits.is_empty() {
         return std::future::pending().await;
     }
-    let futs: Vec<_> = waits.iter().map(|(p, after)| Box::pin(p.data_available(*after))).collect();
+    let futs: Vec<_> = waits
+        .iter()
+        .map(|(p, after)| Box::pin(p.data_available(*after)))
+        .collect();
     select_all(futs).await;
 }
 
 #[tonic::async_trait]
 impl ConsumeService for Consume {
-    async fn fetch(&self, req: Request<v1::FetchRequest>) -> Result<Response<v1::FetchResponse>, Status> {
+    async fn fetch(
+        &self,
+        req: Request<v1::FetchRequest>,
+    ) -> Result<Response<v1::FetchResponse>, Status> {
         let req = req.into_inner();
         let limits = &self.state.config.limits;
         if req.partitions.len() > limits.max_partitions_per_request {
-            return Err(BrokerError::InvalidRequest(format!("{} partitions in one request, the limit is {}", req.partitions.len(), limits.max_partitions_per_request)).into());
+            return Err(BrokerError::InvalidRequest(format!(
+                "{} partitions in one request, the limit is {}",
+                req.partitions.len(),
+                limits.max_partitions_per_request
+            ))
+            .into());
         }
         let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(limits.max_fetch_wait_ms)));
         let deadline = Instant::now() + wait;
         let mut targets = Vec::with_capacity(req.partitions.len());
         for pf in &req.partitions {
-            let p = self.state.log.partition(&pf.topic, pf.partition).map_err(partition_error);
-            targets.push((p, pf.offset, self.clamp_bytes(pf.max_bytes), pf.topic.clone(), pf.partition));
+            let p = self
+                .state
+                .log
+                .partition(&pf.topic, pf.partition)
+                .map_err(partition_error);
+            targets.push((
+                p,
+                pf.offset,
+                self.clamp_bytes(pf.max_bytes),
+                pf.topic.clone(),
+                pf.partition,
+            ));
         }
         let targets = Arc::new(targets);
         let mut shutdown = self.state.shutdown.clone();
@@ -124,8 +159,14 @@ impl ConsumeService for Consume {
             .await?;
             let total: usize = results.iter().map(data_len).sum();
             let any_error = results.iter().any(|r| r.error.is_some());
-            if total >= req.min_bytes.max(1) as usize || any_error || Instant::now() >= deadline || *shutdown.borrow() {
-                return Ok(Response::new(v1::FetchResponse { partitions: results }));
+            if total >= req.min_bytes.max(1) as usize
+                || any_error
+                || Instant::now() >= deadline
+                || *shutdown.borrow()
+            {
+                return Ok(Response::new(v1::FetchResponse {
+                    partitions: results,
+                }));
             }
             let waits: Vec<_> = targets
                 .iter()
@@ -142,47 +183,87 @@ impl ConsumeService for Consume {
 
     type SubscribeStream = ReceiverStream<Result<v1::SubscribeResponse, Status>>;
 
-    async fn subscribe(&self, req: Request<v1::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = req.into_inner();
         let limits = &self.state.config.limits;
         if req.partitions.is_empty() || req.partitions.len() > limits.max_partitions_per_request {
-            return Err(BrokerError::InvalidRequest(format!("subscribe to 1 to {} partitions", limits.max_partitions_per_request)).into());
+            return Err(BrokerError::InvalidRequest(format!(
+                "subscribe to 1 to {} partitions",
+                limits.max_partitions_per_request
+            ))
+            .into());
         }
         let mut followed = Vec::with_capacity(req.partitions.len());
         for sp in &req.partitions {
-            let p = self.state.log.partition(&sp.topic, sp.partition).map_err(BrokerError::from)?;
+            let p = self
+                .state
+                .log
+                .partition(&sp.topic, sp.partition)
+                .map_err(BrokerError::from)?;
             let start = resolve_start(&p, sp.start.as_ref())?;
             followed.push((p, start));
         }
         let max_bytes = self.clamp_bytes(req.max_bytes);
-        let heartbeat = Duration::from_millis(u64::from(if req.heartbeat_interval_ms == 0 { 5000 } else { req.heartbeat_interval_ms.max(100) }));
+        let heartbeat = Duration::from_millis(u64::from(if req.heartbeat_interval_ms == 0 {
+            5000
+        } else {
+            req.heartbeat_interval_ms.max(100)
+        }));
         let (tx, rx) = mpsc::channel(1);
         let state = self.state.clone();
-        tokio::spawn(follow(state, followed, max_bytes, req.decode_records, heartbeat, tx));
+        tokio::spawn(follow(
+            state,
+            followed,
+            max_bytes,
+            req.decode_records,
+            heartbeat,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn list_offsets(&self, req: Request<v1::ListOffsetsRequest>) -> Result<Response<v1::ListOffsetsResponse>, Status> {
+    async fn list_offsets(
+        &self,
+        req: Request<v1::ListOffsetsRequest>,
+    ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
         let req = req.into_inner();
         let limit = self.state.config.limits.max_partitions_per_request;
         if req.queries.len() > limit {
-            return Err(BrokerError::InvalidRequest(format!("{} queries in one request, the limit is {limit}", req.queries.len())).into());
+            return Err(BrokerError::InvalidRequest(format!(
+                "{} queries in one request, the limit is {limit}",
+                req.queries.len()
+            ))
+            .into());
         }
         let state = self.state.clone();
         let answers = blocking(move || {
             req.queries
                 .into_iter()
                 .map(|q| {
-                    let mut a = v1::OffsetAnswer { topic: q.topic.clone(), partition: q.partition, ..Default::default() };
+                    let mut a = v1::OffsetAnswer {
+                        topic: q.topic.clone(),
+                        partition: q.partition,
+                        ..Default::default()
+                    };
                     let res = state.log.partition(&q.topic, q.partition).and_then(|p| {
-                        Ok(match v1::OffsetSpec::try_from(q.spec).unwrap_or(v1::OffsetSpec::Latest) {
-                            v1::OffsetSpec::Earliest => (p.log_start_offset(), true),
-                            v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => (p.high_watermark(), true),
-                            v1::OffsetSpec::Timestamp => match p.offset_for_timestamp(q.timestamp_ms)? {
-                                Some(o) => (o, true),
-                                None => (p.high_watermark(), false),
+                        Ok(
+                            match v1::OffsetSpec::try_from(q.spec).unwrap_or(v1::OffsetSpec::Latest)
+                            {
+                                v1::OffsetSpec::Earliest => (p.log_start_offset(), true),
+                                v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => {
+                                    (p.high_watermark(), true)
+                                }
+                                v1::OffsetSpec::Timestamp => {
+                                    match p.offset_for_timestamp(q.timestamp_ms)? {
+                                        Some(o) => (o, true),
+                                        None => (p.high_watermark(), false),
+                                    }
+                                }
                             },
-                        })
+                        )
                     });
                     match res {
                         Ok((offset, found)) => {
@@ -206,7 +287,9 @@ fn resolve_start(p: &Partition, start: Option<&v1::StartPosition>) -> Result<u64
         None | Some(Position::Latest(_)) => p.high_watermark(),
         Some(Position::Earliest(_)) => p.log_start_offset(),
         Some(Position::Offset(o)) => o,
-        Some(Position::TimestampMs(ts)) => p.offset_for_timestamp(ts)?.unwrap_or_else(|| p.high_watermark()),
+        Some(Position::TimestampMs(ts)) => p
+            .offset_for_timestamp(ts)?
+            .unwrap_or_else(|| p.high_watermark()),
     })
 }
 
@@ -225,7 +308,9 @@ async fn follow(
     let mut idle_since = Instant::now();
     loop {
         if *shutdown.borrow() {
-            let _ = tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
+            let _ = tx
+                .send(Err(Status::unavailable("the broker is shutting down")))
+                .await;
             return;
         }
         let mut sent = false;
@@ -234,19 +319,29 @@ async fn follow(
                 continue;
             }
             let (state2, p2, off) = (state.clone(), p.clone(), next[i]);
-            let Ok(data) = tokio::task::spawn_blocking(move || read_partition(&state2, &p2, off, max_bytes, decode)).await else {
+            let Ok(data) = tokio::task::spawn_blocking(move || {
+                read_partition(&state2, &p2, off, max_bytes, decode)
+            })
+            .await
+            else {
                 return;
             };
             if let Some(err) = &data.error {
                 let status = Status::new(
-                    if err.code == v1::ErrorCode::OffsetOutOfRange as i32 { tonic::Code::OutOfRange } else { tonic::Code::Internal },
+                    if err.code == v1::ErrorCode::OffsetOutOfRange as i32 {
+                        tonic::Code::OutOfRange
+                    } else {
+                        tonic::Code::Internal
+                    },
                     format!("{}/{}: {}", data.topic, data.partition, err.message),
                 );
                 let _ = tx.send(Err(status)).await;
                 return;
             }
             next[i] = data.next_offset;
-            let msg = v1::SubscribeResponse { message: Some(v1::subscribe_response::Message::Data(data)) };
+            let msg = v1::SubscribeResponse {
+                message: Some(v1::subscribe_response::Message::Data(data)),
+            };
             if tx.send(Ok(msg)).await.is_err() {
                 return; // the client went away
             }
@@ -256,7 +351,11 @@ async fn follow(
             idle_since = Instant::now();
             continue;
         }
-        let waits: Vec<_> = parts.iter().zip(&next).map(|(p, n)| (p.clone(), *n)).collect();
+        let waits: Vec<_> = parts
+            .iter()
+            .zip(&next)
+            .map(|(p, n)| (p.clone(), *n))
+            .collect();
         tokio::select! {
             () = any_new_data(&waits) => {}
             () = tokio::time::sleep_until(idle_since + heartbeat) => {

@@ -21,14 +21,20 @@ impl Offsets {
 
 #[tonic::async_trait]
 impl OffsetService for Offsets {
-    async fn commit_offsets(&self, req: Request<v1::CommitOffsetsRequest>) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
+    async fn commit_offsets(
+        &self,
+        req: Request<v1::CommitOffsetsRequest>,
+    ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
         let req = req.into_inner();
         let state = self.state.clone();
         blocking(move || state.offsets.commit(&req.group, &req.offsets, now_ms())).await??;
         Ok(Response::new(v1::CommitOffsetsResponse {}))
     }
 
-    async fn fetch_offsets(&self, req: Request<v1::FetchOffsetsRequest>) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
+    async fn fetch_offsets(
+        &self,
+        req: Request<v1::FetchOffsetsRequest>,
+    ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
         let req = req.into_inner();
         let offsets = self.state.offsets.fetch(&req.group, &req.partitions)?;
         Ok(Response::new(v1::FetchOffsetsResponse { offsets }))

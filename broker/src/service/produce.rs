@@ -32,7 +32,11 @@ impl Produce {
 }
 
 /// Checks one partition's part of a request: where it goes, and the batch bytes.
-fn prepare(state: &State, pp: v1::PartitionProduce, now: i64) -> Result<(Arc<Partition>, Bytes), BrokerError> {
+fn prepare(
+    state: &State,
+    pp: v1::PartitionProduce,
+    now: i64,
+) -> Result<(Arc<Partition>, Bytes), BrokerError> {
     check_user_topic(&pp.topic)?;
     let partition = state.log.partition(&pp.topic, pp.partition)?;
     let batch = match pp.data {
@@ -40,7 +44,11 @@ fn prepare(state: &State, pp: v1::PartitionProduce, now: i64) -> Result<(Arc<Par
         Some(v1::partition_produce::Data::Records(list)) => {
             encode_records(&list, now, state.config.limits.max_records_per_request)?
         }
-        None => return Err(BrokerError::InvalidRequest("no data: set record_batch or records".into())),
+        None => {
+            return Err(BrokerError::InvalidRequest(
+                "no data: set record_batch or records".into(),
+            ));
+        }
     };
     Ok((partition, batch))
 }
@@ -55,16 +63,24 @@ fn result(topic: String, partition: u32) -> v1::PartitionProduceResult {
 
 #[tonic::async_trait]
 impl ProduceService for Produce {
-    async fn produce(&self, req: Request<v1::ProduceRequest>) -> Result<Response<v1::ProduceResponse>, Status> {
+    async fn produce(
+        &self,
+        req: Request<v1::ProduceRequest>,
+    ) -> Result<Response<v1::ProduceResponse>, Status> {
         let req = req.into_inner();
         if *self.state.shutdown.borrow() {
             return Err(BrokerError::ShuttingDown.into());
         }
         let limit = self.state.config.limits.max_partitions_per_request;
         if req.partitions.len() > limit {
-            return Err(BrokerError::InvalidRequest(format!("{} partitions in one request, the limit is {limit}", req.partitions.len())).into());
+            return Err(BrokerError::InvalidRequest(format!(
+                "{} partitions in one request, the limit is {limit}",
+                req.partitions.len()
+            ))
+            .into());
         }
-        let acks = v1::Acks::try_from(req.acks).map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))?;
+        let acks = v1::Acks::try_from(req.acks)
+            .map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))?;
         let now = now_ms();
         let mut results = Vec::with_capacity(req.partitions.len());
         let mut jobs = Vec::with_capacity(req.partitions.len());

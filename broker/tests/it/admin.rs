@@ -1,0 +1,200 @@
+//! AdminService end to end, including the errors a program must be able to act on.
+
+use spool_proto::v1;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::common::Spoold;
+
+#[tokio::test]
+async fn topic_lifecycle_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    let mut admin = b.admin().await;
+
+    let created = admin
+        .create_topic(v1::CreateTopicRequest {
+            topic: "orders".into(),
+            partitions: 3,
+            config: Some(v1::TopicConfig {
+                retention_ms: Some(3_600_000),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg = created.config.unwrap();
+    assert_eq!(cfg.retention_ms, Some(3_600_000));
+    assert_eq!(
+        cfg.fsync_policy,
+        v1::FsyncPolicy::Always as i32,
+        "default policy is always"
+    );
+
+    let err = admin
+        .create_topic(v1::CreateTopicRequest {
+            topic: "orders".into(),
+            partitions: 1,
+            config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    for bad in ["", ".hidden", "a/b", "__consumer_offsets", &"x".repeat(250)] {
+        let err = admin
+            .create_topic(v1::CreateTopicRequest {
+                topic: bad.into(),
+                partitions: 1,
+                config: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "name {bad:?}: {err:?}");
+    }
+
+    let list = admin
+        .list_topics(v1::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = list
+        .topics
+        .iter()
+        .map(|t| (t.topic.as_str(), t.partitions))
+        .collect();
+    assert!(names.contains(&("orders", 3)), "{names:?}");
+    assert!(
+        names.contains(&("__consumer_offsets", 1)),
+        "the internal topic is listed: {names:?}"
+    );
+
+    let altered = admin
+        .alter_topic_config(v1::AlterTopicConfigRequest {
+            topic: "orders".into(),
+            config: Some(v1::TopicConfig {
+                fsync_policy: v1::FsyncPolicy::Interval as i32,
+                fsync_interval_ms: Some(200),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(altered.fsync_policy, v1::FsyncPolicy::Interval as i32);
+    assert_eq!(altered.fsync_interval_ms, Some(200));
+    assert_eq!(
+        altered.retention_ms,
+        Some(3_600_000),
+        "unset fields keep their value"
+    );
+
+    admin
+        .add_partitions(v1::AddPartitionsRequest {
+            topic: "orders".into(),
+            partitions: 5,
+        })
+        .await
+        .unwrap();
+    let err = admin
+        .add_partitions(v1::AddPartitionsRequest {
+            topic: "orders".into(),
+            partitions: 2,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let d = admin
+        .describe_topic(v1::DescribeTopicRequest {
+            topic: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.partitions.len(), 5);
+    assert!(
+        d.partitions
+            .iter()
+            .all(|p| p.high_watermark == 0 && p.segments == 1)
+    );
+
+    let err = admin
+        .describe_topic(v1::DescribeTopicRequest {
+            topic: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let info = err.get_details_error_info().expect("ErrorInfo detail");
+    assert_eq!(info.reason, "ERROR_CODE_UNKNOWN_TOPIC");
+    assert_eq!(info.metadata.get("topic").map(String::as_str), Some("nope"));
+
+    admin
+        .delete_topic(v1::DeleteTopicRequest {
+            topic: "orders".into(),
+        })
+        .await
+        .unwrap();
+    let err = admin
+        .delete_topic(v1::DeleteTopicRequest {
+            topic: "orders".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin
+        .delete_topic(v1::DeleteTopicRequest {
+            topic: "__consumer_offsets".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "internal topics are protected"
+    );
+    b.stop();
+}
+
+#[tokio::test]
+async fn health_and_print_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(b.channel().await);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "spool.v1.ProduceService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    b.stop();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spoold"))
+        .args(["--print-config", "--data-dir", "/srv/spool"])
+        .env("SPOOL_LIMITS__MAX_CONCURRENT_STREAMS", "77")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("data_dir = \"/srv/spool\""), "{text}");
+    assert!(text.contains("max_concurrent_streams = 77"), "{text}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spoold"))
+        .args(["--listen", "0.0.0.0:7170", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "non-loopback without opting in is refused"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}

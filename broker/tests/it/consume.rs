@@ -1,0 +1,386 @@
+//! ConsumeService and OffsetService end to end.
+
+use std::time::Duration;
+
+use spool_proto::v1;
+use tokio_stream::StreamExt;
+
+use crate::common::{Spoold, record};
+
+async fn setup(b: &Spoold) {
+    b.admin()
+        .await
+        .create_topic(v1::CreateTopicRequest {
+            topic: "t".into(),
+            partitions: 2,
+            config: None,
+        })
+        .await
+        .unwrap();
+}
+
+async fn send(b: &Spoold, partition: u32, values: &[&str], ts: i64) {
+    let records = values
+        .iter()
+        .map(|v| v1::Record {
+            timestamp_ms: ts,
+            ..record(None, v)
+        })
+        .collect();
+    let r = b
+        .produce()
+        .await
+        .produce(v1::ProduceRequest {
+            partitions: vec![v1::PartitionProduce {
+                topic: "t".into(),
+                partition,
+                data: Some(v1::partition_produce::Data::Records(v1::RecordList {
+                    records,
+                    compression: 0,
+                })),
+            }],
+            acks: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.results[0].error.is_none(), "{r:?}");
+}
+
+fn sub(partition: u32, start: Option<v1::start_position::Position>) -> v1::SubscribePartition {
+    v1::SubscribePartition {
+        topic: "t".into(),
+        partition,
+        start: start.map(|p| v1::StartPosition { position: Some(p) }),
+    }
+}
+
+fn values(d: &v1::PartitionData) -> Vec<String> {
+    d.records
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+        .collect()
+}
+
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_from_each_start_and_follow_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    setup(&b).await;
+    send(&b, 0, &["a", "b"], 1000).await;
+    send(&b, 0, &["c"], 2000).await;
+    use v1::start_position::Position;
+    let mut cons = b.consume().await;
+    for (start, want) in [
+        (Some(Position::Earliest(true)), vec!["a", "b", "c"]),
+        (Some(Position::Offset(1)), vec!["a", "b", "c"]), // batch granularity: starts at its batch
+        (Some(Position::TimestampMs(1500)), vec!["c"]),
+    ] {
+        let mut s = cons
+            .subscribe(v1::SubscribeRequest {
+                partitions: vec![sub(0, start.clone())],
+                max_bytes: 0,
+                decode_records: true,
+                heartbeat_interval_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let msg = tokio::time::timeout(Duration::from_secs(10), s.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Some(v1::subscribe_response::Message::Data(d)) = msg.message {
+                got.extend(values(&d));
+            }
+        }
+        assert_eq!(got, want, "{start:?}");
+    }
+    // Latest (the default): only what is appended after subscribing, pushed without polling,
+    // from both partitions; heartbeats while idle.
+    let mut s = cons
+        .subscribe(v1::SubscribeRequest {
+            partitions: vec![sub(0, None), sub(1, None)],
+            max_bytes: 0,
+            decode_records: true,
+            heartbeat_interval_ms: 200,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match first.message {
+        Some(v1::subscribe_response::Message::Heartbeat(h)) => {
+            assert_eq!(h.high_watermarks, vec![3, 0])
+        }
+        other => panic!("expected a heartbeat while idle, got {other:?}"),
+    }
+    send(&b, 1, &["live-1"], 3000).await;
+    send(&b, 0, &["live-0"], 3000).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(v1::subscribe_response::Message::Data(d)) = msg.message {
+            got.extend(
+                values(&d)
+                    .into_iter()
+                    .map(|v| format!("{}:{v}", d.partition)),
+            );
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec!["0:live-0", "1:live-1"]);
+    // Shutdown ends open subscriptions: spoold must stop promptly even with this stream open.
+    let took = b.stop();
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?} with an open subscription"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), s.next())
+        .await
+        .unwrap();
+    match end {
+        Some(Err(status)) => assert_eq!(status.code(), tonic::Code::Unavailable),
+        None => {}
+        Some(Ok(m)) => panic!("unexpected message after shutdown: {m:?}"),
+    }
+}
+
+#[tokio::test]
+async fn fetch_long_poll_list_offsets_and_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    setup(&b).await;
+    send(&b, 0, &["a", "b"], 1000).await;
+    let mut cons = b.consume().await;
+    // A long poll at the end returns when data arrives, not at max_wait.
+    let b2_url = b.url();
+    let producer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ch = tonic::transport::Channel::from_shared(b2_url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        v1::produce_service_client::ProduceServiceClient::new(ch)
+            .produce(v1::ProduceRequest {
+                partitions: vec![v1::PartitionProduce {
+                    topic: "t".into(),
+                    partition: 0,
+                    data: Some(v1::partition_produce::Data::Records(v1::RecordList {
+                        records: vec![record(None, "c")],
+                        compression: 0,
+                    })),
+                }],
+                acks: 0,
+            })
+            .await
+            .unwrap();
+    });
+    let t = std::time::Instant::now();
+    let f = cons
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::PartitionFetch {
+                topic: "t".into(),
+                partition: 0,
+                offset: 2,
+                max_bytes: 0,
+            }],
+            min_bytes: 1,
+            max_wait_ms: 10_000,
+            decode_records: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    producer.await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "long poll woke on append ({:?})",
+        t.elapsed()
+    );
+    assert_eq!(values(&f.partitions[0]), vec!["c"]);
+
+    let ans = cons
+        .list_offsets(v1::ListOffsetsRequest {
+            queries: vec![
+                v1::OffsetQuery {
+                    topic: "t".into(),
+                    partition: 0,
+                    spec: v1::OffsetSpec::Earliest as i32,
+                    timestamp_ms: 0,
+                },
+                v1::OffsetQuery {
+                    topic: "t".into(),
+                    partition: 0,
+                    spec: v1::OffsetSpec::Latest as i32,
+                    timestamp_ms: 0,
+                },
+                v1::OffsetQuery {
+                    topic: "t".into(),
+                    partition: 0,
+                    spec: v1::OffsetSpec::Timestamp as i32,
+                    timestamp_ms: 1000,
+                },
+                v1::OffsetQuery {
+                    topic: "t".into(),
+                    partition: 0,
+                    spec: v1::OffsetSpec::Timestamp as i32,
+                    timestamp_ms: i64::MAX,
+                },
+                v1::OffsetQuery {
+                    topic: "x".into(),
+                    partition: 0,
+                    spec: 0,
+                    timestamp_ms: 0,
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .answers;
+    assert_eq!((ans[0].offset, ans[1].offset, ans[2].offset), (0, 3, 0));
+    assert!(!ans[3].found);
+    assert_eq!(
+        ans[4].error.as_ref().unwrap().code,
+        v1::ErrorCode::UnknownTopic as i32
+    );
+
+    let f = cons
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::PartitionFetch {
+                topic: "t".into(),
+                partition: 0,
+                offset: 99,
+                max_bytes: 0,
+            }],
+            min_bytes: 0,
+            max_wait_ms: 0,
+            decode_records: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = f.partitions[0].error.as_ref().unwrap();
+    assert_eq!(e.code, v1::ErrorCode::OffsetOutOfRange as i32);
+    assert_eq!((e.log_start_offset, e.high_watermark), (0, 3));
+    let err = cons
+        .subscribe(v1::SubscribeRequest {
+            partitions: vec![sub(9, None)],
+            max_bytes: 0,
+            decode_records: false,
+            heartbeat_interval_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    b.stop();
+}
+
+#[tokio::test]
+async fn committed_offsets_survive_restart_and_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    setup(&b).await;
+    let commit = |o: u64, meta: &str| v1::CommitOffsetsRequest {
+        group: "g1".into(),
+        offsets: vec![
+            v1::OffsetCommit {
+                topic: "t".into(),
+                partition: 0,
+                offset: o,
+                metadata: meta.into(),
+            },
+            v1::OffsetCommit {
+                topic: "t".into(),
+                partition: 1,
+                offset: o + 1,
+                metadata: String::new(),
+            },
+        ],
+    };
+    let mut off = b.offsets().await;
+    off.commit_offsets(commit(5, "first")).await.unwrap();
+    off.commit_offsets(commit(7, "second")).await.unwrap();
+    let err = off
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: "g1".into(),
+            offsets: vec![v1::OffsetCommit {
+                topic: "nope".into(),
+                partition: 0,
+                offset: 1,
+                metadata: String::new(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = off
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: String::new(),
+            offsets: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    b.kill(); // SIGKILL: the commits were durable before the replies
+    let b = Spoold::start(dir.path(), &[]);
+    let mut off = b.offsets().await;
+    let got = off
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "g1".into(),
+            partitions: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets;
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].offset, got[0].metadata.as_str()),
+        (Some(7), "second")
+    );
+    assert_eq!(got[1].offset, Some(8));
+    let none = off
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "other".into(),
+            partitions: vec![v1::TopicPartition {
+                topic: "t".into(),
+                partition: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets;
+    assert_eq!(none[0].offset, None);
+    b.stop();
+    let b = Spoold::start(dir.path(), &[]);
+    let got = b
+        .offsets()
+        .await
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "g1".into(),
+            partitions: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets;
+    assert_eq!(got[0].offset, Some(7), "and after a clean restart");
+    b.stop();
+}

@@ -1,0 +1,8 @@
+//! Integration tests of `spoold`: the real binary on 127.0.0.1 with an ephemeral port and a
+//! temporary data directory, driven through the generated gRPC stubs.
+
+mod admin;
+mod common;
+mod consume;
+mod durability;
+mod produce;

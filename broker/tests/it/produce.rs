@@ -1,0 +1,270 @@
+//! ProduceService end to end: both data forms, every acks level, and bad input.
+
+use bytes::Bytes;
+use spool_log_engine::{BatchBuilder, Compression};
+use spool_proto::v1;
+use tonic::Code;
+
+use crate::common::{Spoold, record};
+
+async fn topic(b: &Spoold, name: &str, partitions: u32) {
+    b.admin()
+        .await
+        .create_topic(v1::CreateTopicRequest {
+            topic: name.into(),
+            partitions,
+            config: None,
+        })
+        .await
+        .unwrap();
+}
+
+fn batch_of(values: &[&str]) -> Bytes {
+    let mut bb = BatchBuilder::new(Compression::Lz4);
+    for v in values {
+        bb.push(
+            1_700_000_000_000,
+            Some(b"k"),
+            Some(v.as_bytes()),
+            &[("h", Some(b"1"))],
+        );
+    }
+    bb.finish().unwrap()
+}
+
+fn pp(topic: &str, partition: u32, data: v1::partition_produce::Data) -> v1::PartitionProduce {
+    v1::PartitionProduce {
+        topic: topic.into(),
+        partition,
+        data: Some(data),
+    }
+}
+
+#[tokio::test]
+async fn produce_every_form_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    topic(&b, "t", 2).await;
+    let mut prod = b.produce().await;
+    let list = v1::RecordList {
+        records: vec![record(Some("a"), "one"), record(None, "two")],
+        compression: v1::Compression::Zstd as i32,
+    };
+    for acks in [v1::Acks::Durable, v1::Acks::Written, v1::Acks::Unspecified] {
+        let r = prod
+            .produce(v1::ProduceRequest {
+                partitions: vec![
+                    pp(
+                        "t",
+                        0,
+                        v1::partition_produce::Data::RecordBatch(batch_of(&["x", "y", "z"])),
+                    ),
+                    pp("t", 1, v1::partition_produce::Data::Records(list.clone())),
+                ],
+                acks: acks as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.results.len(), 2);
+        for res in &r.results {
+            assert!(res.error.is_none(), "{acks:?}: {res:?}");
+        }
+        assert_eq!(r.results[0].last_offset - r.results[0].base_offset, 2);
+        assert_eq!(r.results[1].last_offset - r.results[1].base_offset, 1);
+    }
+    // acks=none: the reply carries no offsets; the data still arrives.
+    let r = prod
+        .produce(v1::ProduceRequest {
+            partitions: vec![pp(
+                "t",
+                0,
+                v1::partition_produce::Data::RecordBatch(batch_of(&["late"])),
+            )],
+            acks: v1::Acks::None as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.results[0].error.is_none());
+
+    // Read back decoded through Fetch (waiting for the acks=none record).
+    let mut cons = b.consume().await;
+    let f = cons
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::PartitionFetch {
+                topic: "t".into(),
+                partition: 0,
+                offset: 9,
+                max_bytes: 0,
+            }],
+            min_bytes: 1,
+            max_wait_ms: 5000,
+            decode_records: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p0 = &f.partitions[0];
+    assert!(p0.error.is_none(), "{p0:?}");
+    assert_eq!(p0.records.len(), 1);
+    assert_eq!(p0.records[0].value.as_deref(), Some(&b"late"[..]));
+    assert_eq!(p0.records[0].headers[0].key, "h");
+    assert_eq!(p0.high_watermark, 10);
+    // Raw batches come back byte for byte as stored (offsets assigned, CRC unchanged).
+    let f = cons
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::PartitionFetch {
+                topic: "t".into(),
+                partition: 1,
+                offset: 0,
+                max_bytes: 1 << 20,
+            }],
+            min_bytes: 0,
+            max_wait_ms: 0,
+            decode_records: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let raw = &f.partitions[0].record_batches;
+    let batches: Vec<_> = spool_log_engine::batch::split_batches(raw)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(batches.len(), 3);
+    let recs: Vec<_> = batches[2]
+        .records(&Default::default())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(recs[0].offset, 4);
+    assert_eq!(recs[0].key.as_deref(), Some(&b"a"[..]));
+    assert_eq!(recs[1].key, None);
+    assert!(
+        recs[0].timestamp > 1_700_000_000_000,
+        "timestamp 0 means the broker's clock"
+    );
+    b.stop();
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    topic(&b, "t", 1).await;
+    let mut prod = b.produce().await;
+    let send = |data| v1::ProduceRequest {
+        partitions: vec![pp("t", 0, data)],
+        acks: 0,
+    };
+    let code_of = |r: &v1::ProduceResponse| r.results[0].error.as_ref().map(|e| e.code);
+
+    let mut bad_crc = batch_of(&["x"]).to_vec();
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 1;
+    let cases: Vec<(v1::partition_produce::Data, v1::ErrorCode)> = vec![
+        (
+            v1::partition_produce::Data::RecordBatch(Bytes::from(bad_crc)),
+            v1::ErrorCode::InvalidBatch,
+        ),
+        (
+            v1::partition_produce::Data::RecordBatch(Bytes::from_static(b"garbage")),
+            v1::ErrorCode::InvalidBatch,
+        ),
+        (
+            v1::partition_produce::Data::RecordBatch(Bytes::from(vec![0xff; 4096])),
+            v1::ErrorCode::InvalidBatch,
+        ),
+        (
+            v1::partition_produce::Data::Records(v1::RecordList {
+                records: vec![],
+                compression: 0,
+            }),
+            v1::ErrorCode::InvalidRequest,
+        ),
+    ];
+    for (data, want) in cases {
+        let r = prod.produce(send(data)).await.unwrap().into_inner();
+        assert_eq!(code_of(&r), Some(want as i32), "{r:?}");
+    }
+    // Over the topic's max_message_bytes (8 MiB default): refused as too large.
+    let big = "v".repeat(9 << 20);
+    let r = prod
+        .produce(send(v1::partition_produce::Data::Records(v1::RecordList {
+            records: vec![record(None, &big)],
+            compression: 0,
+        })))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code_of(&r), Some(v1::ErrorCode::TooLarge as i32), "{r:?}");
+    // Over the request limit (64 MiB): refused by tonic before it is decoded.
+    let huge = Bytes::from(vec![0u8; 65 << 20]);
+    let err = prod
+        .produce(send(v1::partition_produce::Data::RecordBatch(huge)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // Unknown topic / partition are per-partition errors.
+    let r = prod
+        .produce(v1::ProduceRequest {
+            partitions: vec![
+                pp(
+                    "nope",
+                    0,
+                    v1::partition_produce::Data::RecordBatch(batch_of(&["x"])),
+                ),
+                pp(
+                    "t",
+                    7,
+                    v1::partition_produce::Data::RecordBatch(batch_of(&["x"])),
+                ),
+                pp(
+                    "t",
+                    0,
+                    v1::partition_produce::Data::RecordBatch(batch_of(&["ok"])),
+                ),
+            ],
+            acks: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.results[0].error.as_ref().unwrap().code,
+        v1::ErrorCode::UnknownTopic as i32
+    );
+    assert_eq!(
+        r.results[1].error.as_ref().unwrap().code,
+        v1::ErrorCode::UnknownPartition as i32
+    );
+    assert!(r.results[2].error.is_none());
+    assert_eq!(r.results[2].base_offset, 0, "nothing before it was written");
+    // Writing to the internal topic is refused.
+    let r = prod
+        .produce(v1::ProduceRequest {
+            partitions: vec![pp(
+                "__consumer_offsets",
+                0,
+                v1::partition_produce::Data::RecordBatch(batch_of(&["x"])),
+            )],
+            acks: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.results[0].error.as_ref().unwrap().code,
+        v1::ErrorCode::InvalidRequest as i32
+    );
+    // The broker is still fine.
+    let d = b
+        .admin()
+        .await
+        .describe_topic(v1::DescribeTopicRequest { topic: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.partitions[0].high_watermark, 1);
+    b.stop();
+}
