@@ -83,12 +83,6 @@ pub(crate) fn push_time(buf: &mut Vec<u8>, max_ts: i64, rel: u32) {
     buf.extend_from_slice(&rel.to_le_bytes());
 }
 
-/// Largest offset entry with `relative_offset <= rel`: returns its position, or 0 (the start of
-/// the segment) when there is none.
-pub(crate) fn floor_position(entries: &[u8], rel: u32) -> u32 {
-    floor_entry(entries, rel).1
-}
-
 /// Largest offset entry with `relative_offset <= rel`, as `(relative offset, position)`, or
 /// `(0, 0)` (the start of the segment) when there is none.
 pub(crate) fn floor_entry(entries: &[u8], rel: u32) -> (u32, u32) {
@@ -209,14 +203,12 @@ mod tests {
         for (rel, pos) in [(0u32, 0u32), (10, 4096), (25, 8200)] {
             push_offset(&mut e, rel, pos);
         }
-        assert_eq!(floor_position(&e, 0), 0);
-        assert_eq!(floor_position(&e, 9), 0);
-        assert_eq!(floor_position(&e, 10), 4096);
-        assert_eq!(floor_position(&e, 24), 4096);
-        assert_eq!(floor_position(&e, 1000), 8200);
-        assert_eq!(floor_position(&[], 5), 0);
-        assert_eq!(floor_entry(&e, 24), (10, 4096));
+        assert_eq!(floor_entry(&e, 0), (0, 0));
         assert_eq!(floor_entry(&e, 9), (0, 0));
+        assert_eq!(floor_entry(&e, 10), (10, 4096));
+        assert_eq!(floor_entry(&e, 24), (10, 4096));
+        assert_eq!(floor_entry(&e, 1000), (25, 8200));
+        assert_eq!(floor_entry(&[], 5), (0, 0));
 
         let mut t = Vec::new();
         for (ts, rel) in [(100i64, 0u32), (200, 10), (300, 25)] {
