@@ -1,7 +1,7 @@
 //! Starting and stopping the real `spoold`.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,20 +12,19 @@ use spool_proto::v1::produce_service_client::ProduceServiceClient;
 use tonic::transport::Channel;
 
 /// A running broker; killed (SIGKILL) when dropped unless stopped first.
-pub struct Spoold {
+pub(crate) struct Spoold {
     child: Option<Child>,
-    pub addr: String,
-    pub data_dir: PathBuf,
+    pub(crate) addr: String,
     stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Spoold {
     /// Starts spoold on `data_dir` with extra flags, waiting until it listens.
-    pub fn start(data_dir: &Path, extra: &[&str]) -> Spoold {
+    pub(crate) fn start(data_dir: &Path, extra: &[&str]) -> Spoold {
         Self::start_env(data_dir, extra, &[])
     }
 
-    pub fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Spoold {
+    pub(crate) fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Spoold {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spoold"));
         cmd.arg("--data-dir")
             .arg(data_dir)
@@ -65,12 +64,11 @@ impl Spoold {
         Spoold {
             child: Some(child),
             addr,
-            data_dir: data_dir.to_path_buf(),
             stderr_lines: lines,
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -101,7 +99,7 @@ impl Spoold {
     }
 
     /// SIGTERM, then wait for a clean exit; returns how long it took.
-    pub fn stop(mut self) -> Duration {
+    pub(crate) fn stop(mut self) -> Duration {
         let mut child = self.child.take().unwrap();
         let t = Instant::now();
         let pid = child.id().to_string();
@@ -125,13 +123,13 @@ impl Spoold {
     }
 
     /// SIGKILL.
-    pub fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr_lines.lock().unwrap().join("\n")
     }
 }
@@ -146,7 +144,7 @@ impl Drop for Spoold {
 }
 
 /// A record for a RecordList.
-pub fn record(key: Option<&str>, value: &str) -> spool_proto::v1::Record {
+pub(crate) fn record(key: Option<&str>, value: &str) -> spool_proto::v1::Record {
     spool_proto::v1::Record {
         key: key.map(|k| bytes::Bytes::copy_from_slice(k.as_bytes())),
         value: Some(bytes::Bytes::copy_from_slice(value.as_bytes())),

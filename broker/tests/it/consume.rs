@@ -80,7 +80,7 @@ async fn subscribe_from_each_start_and_follow_live() {
     ] {
         let mut s = cons
             .subscribe(v1::SubscribeRequest {
-                partitions: vec![sub(0, start.clone())],
+                partitions: vec![sub(0, start)],
                 max_bytes: 0,
                 decode_records: true,
                 heartbeat_interval_ms: 0,
