@@ -19,6 +19,8 @@
 //!   `cargo test --benches`.
 //! - `SPOOL_BENCH_WARMUP`, `SPOOL_BENCH_REPS`: rounds.
 //! - `SPOOL_BENCH_PREFAULT=0`: do not pre-fault memory before each sample.
+//! - `SPOOL_BENCH_PAUSE_SECS=10`: sleep before each sample; with `SPOOL_BENCH_PREFAULT=0` this
+//!   measures on host-fresh memory (the slow first-run case).
 //! - `SPOOL_BENCH_ONLY=a,b`: run only the cases whose names contain `a` or `b`.
 //! - `SPOOL_BENCH_DIR`: parent directory of the scratch directories (default
 //!   `<workspace>/target/bench-tmp`, on the same filesystem as the work tree).
@@ -46,6 +48,9 @@ pub struct Config {
     pub reps: usize,
     /// Pre-fault memory right before each sample.
     pub prefault: bool,
+    /// Sleep this long before each sample (with `prefault` off: lets free-page reporting
+    /// hand freed memory back to the host, so the sample sees host-fresh memory).
+    pub pause: Duration,
 }
 
 impl Config {
@@ -57,6 +62,9 @@ impl Config {
             warmup: env_usize("SPOOL_BENCH_WARMUP", 1, 1),
             reps: env_usize("SPOOL_BENCH_REPS", 5, 2).max(1),
             prefault: env_str("SPOOL_BENCH_PREFAULT").is_none_or(|v| v != "0"),
+            pause: Duration::from_secs_f64(
+                env_str("SPOOL_BENCH_PAUSE_SECS").map_or(0.0, |v| v.parse().unwrap_or(0.0)),
+            ),
         }
     }
 
@@ -310,6 +318,9 @@ impl<'a> Suite<'a> {
                 // Rotate the order each round so no case always runs right after another.
                 let i = (k + round) % n;
                 let c = &mut self.cases[i];
+                if !self.cfg.pause.is_zero() {
+                    std::thread::sleep(self.cfg.pause);
+                }
                 if self.cfg.prefault && c.prefault_bytes > 0 {
                     prefault(c.prefault_bytes);
                 }
