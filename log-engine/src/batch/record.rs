@@ -72,10 +72,11 @@ fn nullable(
     what: &str,
 ) -> Result<Option<Range<usize>>, BatchError> {
     let len = get_i32(&buf[..end], pos)?;
-    if len == -1 {
+    // Kafka's readers take any negative length as null; so do we.
+    if len < 0 {
         return Ok(None);
     }
-    if len < 0 || len as usize > end - *pos {
+    if len as usize > end - *pos {
         return Err(bad(
             index,
             format!("{what} length {len} with {} bytes left", end - *pos),
@@ -130,9 +131,12 @@ fn parse_one(buf: &[u8], start: usize, index: u32, limits: &Limits) -> Result<Pa
     }
     let headers_start = pos;
     for _ in 0..header_count {
-        let k = nullable(buf, &mut pos, end, index, "header key")?;
-        if k.is_none() {
+        let Some(k) = nullable(buf, &mut pos, end, index, "header key")? else {
             return Err(bad(index, "null header key"));
+        };
+        // Decoding refuses such a key, so accepting it would store an unreadable batch.
+        if std::str::from_utf8(&buf[k]).is_err() {
+            return Err(bad(index, "header key is not UTF-8"));
         }
         nullable(buf, &mut pos, end, index, "header value")?;
     }
@@ -201,6 +205,8 @@ pub struct Records {
     index: u32,
     base_offset: u64,
     base_timestamp: i64,
+    /// With LogAppendTime, every record's timestamp is the batch's max timestamp.
+    log_append_time: Option<i64>,
     limits: Limits,
 }
 
@@ -228,6 +234,7 @@ impl Records {
             index: 0,
             base_offset: h.base_offset,
             base_timestamp: h.base_timestamp,
+            log_append_time: h.is_log_append_time().then_some(h.max_timestamp),
             limits: limits.clone(),
         })
     }
@@ -239,9 +246,8 @@ impl Records {
         for _ in 0..p.header_count {
             let k = nullable(&self.buf, &mut hpos, p.end, self.index, "header key")?
                 .ok_or_else(|| bad(self.index, "null header key"))?;
-            let key = std::str::from_utf8(&self.buf[k])
-                .map_err(|_| bad(self.index, "header key is not UTF-8"))?
-                .to_owned();
+            // Kafka decodes header names as UTF-8 without failing; so do we (lossily).
+            let key = String::from_utf8_lossy(&self.buf[k]).into_owned();
             let value = nullable(&self.buf, &mut hpos, p.end, self.index, "header value")?
                 .map(|r| self.buf.slice(r));
             headers.push(Header { key, value });
@@ -250,7 +256,9 @@ impl Records {
         self.index += 1;
         Ok(Record {
             offset: self.base_offset.wrapping_add(p.offset_delta as u64),
-            timestamp: self.base_timestamp.wrapping_add(p.timestamp_delta),
+            timestamp: self
+                .log_append_time
+                .unwrap_or_else(|| self.base_timestamp.wrapping_add(p.timestamp_delta)),
             key: p.key.map(|r| self.buf.slice(r)),
             value: p.value.map(|r| self.buf.slice(r)),
             headers,

@@ -66,10 +66,14 @@ impl Writer {
         let now = p.shared.clock.now_ms();
         let len = batch.len() as u64;
         let too_big = self.position + len > cfg.segment_bytes;
+        // Index entries hold offsets relative to the segment base as u32; like Kafka, roll
+        // before a segment's offsets would span more than i32::MAX.
+        let too_many = self.next_offset + h.last_offset_delta.max(0) as u64 - self.active.base_offset
+            > i32::MAX as u64;
         let too_old = self
             .first_append_ms
             .is_some_and(|t| now.saturating_sub(t) >= cfg.segment_ms as i64);
-        if self.position > 0 && (too_big || too_old) {
+        if self.position > 0 && (too_big || too_old || too_many) {
             self.roll(p)?;
         }
         let base = self.next_offset;
