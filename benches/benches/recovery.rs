@@ -129,12 +129,16 @@ impl CrashState {
             Some((_, seg_base, pos)) if seg_base == base => pos,
             _ => 0,
         };
-        let data = fs::read(&segment).expect("read segment");
+        let f = fs::File::open(&segment).expect("open segment");
+        let len = f.metadata().expect("stat segment").len();
+        let mut tail = vec![0u8; (len - tail_at) as usize];
+        f.read_exact_at(&mut tail, tail_at)
+            .expect("read the segment tail");
         CrashState {
             pdir: pdir.to_path_buf(),
             recovery_point,
-            tail: data[tail_at as usize..].to_vec(),
-            len: data.len() as u64,
+            tail,
+            len,
             segment,
             tail_at,
         }
