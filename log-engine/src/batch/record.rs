@@ -131,12 +131,8 @@ fn parse_one(buf: &[u8], start: usize, index: u32, limits: &Limits) -> Result<Pa
     }
     let headers_start = pos;
     for _ in 0..header_count {
-        let Some(k) = nullable(buf, &mut pos, end, index, "header key")? else {
+        if nullable(buf, &mut pos, end, index, "header key")?.is_none() {
             return Err(bad(index, "null header key"));
-        };
-        // Decoding refuses such a key, so accepting it would store an unreadable batch.
-        if std::str::from_utf8(&buf[k]).is_err() {
-            return Err(bad(index, "header key is not UTF-8"));
         }
         nullable(buf, &mut pos, end, index, "header value")?;
     }
