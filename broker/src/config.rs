@@ -102,7 +102,7 @@ impl Default for LimitsConfig {
             max_request_bytes: 64 << 20,
             max_concurrent_streams: 256,
             max_fetch_bytes: 16 << 20,
-            max_fetch_wait_ms: 30_000,
+            max_fetch_wait_ms: 25_000,
             max_partitions_per_request: 10_000,
             max_records_per_request: 1 << 20,
             request_timeout_ms: 30_000,
@@ -217,6 +217,11 @@ impl Config {
                 "limits.max_request_bytes must be in 1 KiB..=1 GiB".into(),
             ));
         }
+        if u64::from(self.limits.max_fetch_wait_ms) >= self.limits.request_timeout_ms {
+            return Err(ConfigError::Invalid(
+                "limits.max_fetch_wait_ms must be below limits.request_timeout_ms".into(),
+            ));
+        }
         if self.limits.max_concurrent_streams == 0 || self.limits.max_fetch_bytes == 0 {
             return Err(ConfigError::Invalid("limits must be non-zero".into()));
         }
@@ -291,5 +296,14 @@ mod tests {
         c.validate().unwrap();
         let round: Config = toml::from_str(&Config::default().to_toml()).unwrap();
         assert_eq!(round, Config::default());
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid_and_matches_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/spoold.toml");
+        let c = Config::load(Some(&path), vec![]).unwrap();
+        c.validate().unwrap();
+        let defaults = Config { data_dir: "/var/lib/spool".into(), ..Config::default() };
+        assert_eq!(c, defaults, "deploy/systemd/spoold.toml documents the defaults");
     }
 }

@@ -164,6 +164,10 @@ impl Broker {
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Unary handlers (fetch long polls included, whose wait is capped below this) are
+            // cut off after request_timeout_ms; streams are not (the timeout covers producing
+            // the response head only).
+            .timeout(Duration::from_millis(cfg.limits.request_timeout_ms))
             .initial_stream_window_size(16 << 20)
             .initial_connection_window_size(32 << 20)
             .max_frame_size(1 << 20)
