@@ -5,4 +5,5 @@ mod admin;
 mod common;
 mod consume;
 mod durability;
+mod grpcurl;
 mod produce;
