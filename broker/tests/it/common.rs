@@ -72,7 +72,7 @@ impl Spoold {
         format!("http://{}", self.addr)
     }
 
-    pub async fn channel(&self) -> Channel {
+    pub(crate) async fn channel(&self) -> Channel {
         Channel::from_shared(self.url())
             .unwrap()
             .connect()
@@ -80,21 +80,21 @@ impl Spoold {
             .expect("connecting to spoold")
     }
 
-    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+    pub(crate) async fn admin(&self) -> AdminServiceClient<Channel> {
         AdminServiceClient::new(self.channel().await).max_decoding_message_size(64 << 20)
     }
 
-    pub async fn produce(&self) -> ProduceServiceClient<Channel> {
+    pub(crate) async fn produce(&self) -> ProduceServiceClient<Channel> {
         ProduceServiceClient::new(self.channel().await)
             .max_encoding_message_size(256 << 20)
             .max_decoding_message_size(64 << 20)
     }
 
-    pub async fn consume(&self) -> ConsumeServiceClient<Channel> {
+    pub(crate) async fn consume(&self) -> ConsumeServiceClient<Channel> {
         ConsumeServiceClient::new(self.channel().await).max_decoding_message_size(64 << 20)
     }
 
-    pub async fn offsets(&self) -> OffsetServiceClient<Channel> {
+    pub(crate) async fn offsets(&self) -> OffsetServiceClient<Channel> {
         OffsetServiceClient::new(self.channel().await)
     }
 
