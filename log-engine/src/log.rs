@@ -71,7 +71,17 @@ struct Inner {
     admin: Mutex<()>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
-    _lock: File,
+    lock: File,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Unlock explicitly rather than rely on closing the descriptor: a flock belongs to the
+        // open file description, and a child process another thread is spawning right now
+        // holds a copy of every descriptor until it execs, which would keep the directory
+        // locked (and make reopening it fail with `Locked`) after this log is gone.
+        let _ = self.lock.unlock();
+    }
 }
 
 /// An open log. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -182,7 +192,7 @@ impl Log {
             admin: Mutex::new(()),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
-            _lock: lock_file,
+            lock: lock_file,
         });
         let maintenance = opts.background_maintenance.then(|| {
             let inner = inner.clone();
