@@ -185,10 +185,6 @@ impl Image {
         &self.segs[..self.segs.len() - 1]
     }
 
-    fn active(&self) -> &Seg {
-        self.segs.last().unwrap()
-    }
-
     /// A copy of the image to damage.
     fn copy(&self) -> tempfile::TempDir {
         let tmp = scratch();
@@ -202,6 +198,13 @@ fn flip(path: &Path, byte: u64, bit: u8) {
     data[byte as usize] ^= 1 << bit;
     std::fs::write(path, data).unwrap();
 }
+
+/// A batch of the image: (segment index, batch index).
+type SpanId = (usize, usize);
+/// A batch served differently from the image, with the bytes served.
+type Served = (usize, usize, Vec<u8>);
+/// A way to damage a file.
+type Damage = Box<dyn Fn(&Path)>;
 
 #[derive(Debug, Default)]
 struct Tally {
@@ -222,7 +225,7 @@ fn read_every_batch(
     log: &Log,
     damaged: Option<&Path>,
     ctx: &str,
-) -> (Vec<(usize, usize)>, Vec<(usize, usize, Vec<u8>)>) {
+) -> (Vec<SpanId>, Vec<Served>) {
     let p = log.partition("t", 0).unwrap();
     assert_eq!(p.high_watermark(), img.hwm, "{ctx}: high watermark");
     let (mut failed, mut differ) = (Vec::new(), Vec::new());
@@ -441,7 +444,7 @@ fn index_damage_is_detected_and_rebuilt() {
         .collect();
     assert_eq!(indexes.len(), 2 * img.sealed().len(), "{indexes:?}");
     let (start, mut t) = (Instant::now(), Tally::default());
-    let mut check = |rel: &Path, damage: &dyn Fn(&Path), ctx: &str, t: &mut Tally| {
+    let check = |rel: &Path, damage: &dyn Fn(&Path), ctx: &str, t: &mut Tally| {
         let dir = img.copy();
         damage(&dir.path().join(rel));
         check_intact(&img, dir.path(), ctx);
@@ -462,7 +465,7 @@ fn index_damage_is_detected_and_rebuilt() {
     let first = indexes[0].clone();
     let other = indexes[2].clone();
     let other_bytes = img.files[&other].clone();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let cases: Vec<(&str, Damage)> = vec![
         (
             "truncated by one byte",
             Box::new(|p| {
@@ -516,7 +519,7 @@ fn recovery_point_damage_loses_nothing() {
         t.flips += 1;
     }
     // Both slots destroyed, emptied, missing: a full scan, still nothing lost.
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let cases: Vec<(&str, Damage)> = vec![
         (
             "both slots destroyed",
             Box::new(|p| std::fs::write(p, [0xa5u8; 128]).unwrap()),
