@@ -27,6 +27,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; absent disables metrics.
+    pub metrics_listen: Option<SocketAddr>,
     /// Listening on a non-loopback address requires saying so explicitly (until TLS and
     /// tokens exist, anything beyond loopback is unauthenticated).
     pub allow_non_loopback: bool,
@@ -87,6 +89,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./spool-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))),
             allow_non_loopback: false,
             runtime_threads: 0,
             shutdown_timeout_ms: 10_000,
@@ -205,12 +208,13 @@ impl Config {
 
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.allow_non_loopback && !self.listen.ip().is_loopback() {
-            return Err(ConfigError::Invalid(format!(
-                "refusing to listen on {} without TLS and tokens: only loopback addresses are \
-                 allowed unless allow_non_loopback = true (--allow-non-loopback)",
-                self.listen
-            )));
+        for addr in std::iter::once(self.listen).chain(self.metrics_listen) {
+            if !self.allow_non_loopback && !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "refusing to listen on {addr} without TLS and tokens: only loopback addresses \
+                     are allowed unless allow_non_loopback = true (--allow-non-loopback)"
+                )));
+            }
         }
         if self.limits.max_request_bytes < 1024 || self.limits.max_request_bytes > 1 << 30 {
             return Err(ConfigError::Invalid(
@@ -300,10 +304,17 @@ mod tests {
 
     #[test]
     fn shipped_example_config_is_valid_and_matches_defaults() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/spoold.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/spoold.toml");
         let c = Config::load(Some(&path), vec![]).unwrap();
         c.validate().unwrap();
-        let defaults = Config { data_dir: "/var/lib/spool".into(), ..Config::default() };
-        assert_eq!(c, defaults, "deploy/systemd/spoold.toml documents the defaults");
+        let defaults = Config {
+            data_dir: "/var/lib/spool".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            c, defaults,
+            "deploy/systemd/spoold.toml documents the defaults"
+        );
     }
 }

@@ -20,6 +20,7 @@
 pub mod config;
 mod convert;
 pub mod error;
+mod metrics;
 mod offsets;
 mod service;
 
@@ -63,7 +64,8 @@ pub(crate) struct State {
     pub(crate) config: Config,
     pub(crate) topic_defaults: TopicConfig,
     pub(crate) limits: Limits,
-    pub(crate) offsets: offsets::OffsetStore,
+    pub(crate) offsets: Arc<offsets::OffsetStore>,
+    pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -101,7 +103,8 @@ impl Broker {
             }
         }
         let log = Arc::new(log);
-        let offsets = offsets::OffsetStore::open(log.clone(), &limits)?;
+        let offsets = Arc::new(offsets::OffsetStore::open(log.clone(), &limits)?);
+        let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Broker {
             state: Arc::new(State {
@@ -110,6 +113,7 @@ impl Broker {
                 topic_defaults,
                 limits,
                 offsets,
+                metrics,
                 shutdown,
             }),
             shutdown_tx,
@@ -127,11 +131,13 @@ impl Broker {
         (topics.len(), partitions)
     }
 
-    /// Serves gRPC on `listener` until `shutdown` resolves, then shuts down gracefully (bounded
-    /// by `shutdown_timeout_ms`) and closes the log.
+    /// Serves gRPC on `listener` (and Prometheus metrics on `metrics_listener`, if given)
+    /// until `shutdown` resolves, then shuts down gracefully (bounded by
+    /// `shutdown_timeout_ms`) and closes the log.
     pub async fn serve(
         self,
         listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let state = self.state.clone();
@@ -198,6 +204,9 @@ impl Broker {
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             );
+        if let Some(ml) = metrics_listener {
+            tokio::spawn(metrics::serve(state.metrics.clone(), ml, stop_rx.clone()));
+        }
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.wait_for(|s| *s).await;

@@ -23,6 +23,9 @@ struct Args {
     /// gRPC listen address [default: 127.0.0.1:7170].
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<std::net::SocketAddr>,
+    /// Prometheus metrics listen address [default: 127.0.0.1:7171]; "off" disables.
+    #[arg(long, value_name = "HOST:PORT|off")]
+    metrics_listen: Option<String>,
     /// Allow listening beyond loopback (no TLS or authentication exists yet).
     #[arg(long)]
     allow_non_loopback: bool,
@@ -42,6 +45,11 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(l) = args.listen {
         config.listen = l;
+    }
+    match args.metrics_listen.as_deref() {
+        None => {}
+        Some("off") => config.metrics_listen = None,
+        Some(a) => config.metrics_listen = Some(a.parse().context("--metrics-listen")?),
     }
     if args.allow_non_loopback {
         config.allow_non_loopback = true;
@@ -67,6 +75,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
+    let metrics_listen = config.metrics_listen;
     let data_dir = config.data_dir.clone();
     notify(&[sd_notify::NotifyState::Status("recovering the log")]);
     let broker = tokio::task::spawn_blocking(move || Broker::open(config))
@@ -75,8 +84,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    let metrics_listener = match metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics listener {addr}"))?,
+        ),
+        None => None,
+    };
     let (topics, partitions) = broker.summary();
     let local = listener.local_addr()?;
+    if let Some(m) = &metrics_listener {
+        eprintln!("spoold metrics on http://{}/metrics", m.local_addr()?);
+    }
     tracing::info!(listen = %local, data_dir = %data_dir.display(), topics, partitions, "spoold ready");
     // Tests and scripts that pass port 0 read the bound address from this line.
     eprintln!("spoold listening on {local}");
@@ -86,7 +106,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sd_notify::NotifyState::Status(&status),
     ]);
     let watchdog = spawn_watchdog();
-    broker.serve(listener, shutdown_signal()).await?;
+    broker
+        .serve(listener, metrics_listener, shutdown_signal())
+        .await?;
     if let Some(w) = watchdog {
         w.abort();
     }

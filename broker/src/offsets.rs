@@ -153,6 +153,14 @@ impl OffsetStore {
         Ok(())
     }
 
+    /// Every committed position: (group, topic, partition, offset).
+    pub(crate) fn all(&self) -> Vec<(String, String, u32, u64)> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .map(|((g, t, p), v)| (g.clone(), t.clone(), *p, v.offset))
+            .collect()
+    }
+
     /// A group's committed offsets: for the given partitions (in order), or all.
     pub(crate) fn fetch(
         &self,

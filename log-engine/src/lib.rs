@@ -42,6 +42,7 @@ mod mmap;
 mod notify;
 mod partition;
 mod segment;
+pub mod stats;
 
 pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, Compression, Header, Record};
 pub use config::{CleanupPolicy, Clock, FsyncPolicy, Limits, LogOptions, SystemClock, TopicConfig};

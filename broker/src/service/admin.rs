@@ -27,121 +27,151 @@ impl AdminService for Admin {
         &self,
         req: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
-        let req = req.into_inner();
-        check_user_topic(&req.topic)?;
-        let mut cfg = self.state.topic_defaults.clone();
-        if req.partitions > 0 {
-            cfg.partitions = req.partitions;
+        let timer = self.state.metrics.rpc("CreateTopic");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            check_user_topic(&req.topic)?;
+            let mut cfg = self.state.topic_defaults.clone();
+            if req.partitions > 0 {
+                cfg.partitions = req.partitions;
+            }
+            if let Some(wire) = &req.config {
+                apply_topic_config(&mut cfg, wire)?;
+            }
+            let log = self.state.log.clone();
+            let created = cfg.clone();
+            blocking(move || log.create_topic(&req.topic, cfg))
+                .await?
+                .map_err(BrokerError::from)?;
+            Ok(Response::new(v1::CreateTopicResponse {
+                config: Some(topic_config_to_wire(&created)),
+            }))
         }
-        if let Some(wire) = &req.config {
-            apply_topic_config(&mut cfg, wire)?;
-        }
-        let log = self.state.log.clone();
-        let created = cfg.clone();
-        blocking(move || log.create_topic(&req.topic, cfg))
-            .await?
-            .map_err(BrokerError::from)?;
-        Ok(Response::new(v1::CreateTopicResponse {
-            config: Some(topic_config_to_wire(&created)),
-        }))
+        .await;
+        timer.finish(result)
     }
 
     async fn delete_topic(
         &self,
         req: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
-        let req = req.into_inner();
-        check_user_topic(&req.topic)?;
-        let log = self.state.log.clone();
-        blocking(move || log.delete_topic(&req.topic))
-            .await?
-            .map_err(BrokerError::from)?;
-        Ok(Response::new(v1::DeleteTopicResponse {}))
+        let timer = self.state.metrics.rpc("DeleteTopic");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            check_user_topic(&req.topic)?;
+            let log = self.state.log.clone();
+            blocking(move || log.delete_topic(&req.topic))
+                .await?
+                .map_err(BrokerError::from)?;
+            Ok(Response::new(v1::DeleteTopicResponse {}))
+        }
+        .await;
+        timer.finish(result)
     }
 
     async fn list_topics(
         &self,
         _req: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
-        let log = &self.state.log;
-        let topics = log
-            .topics()
-            .into_iter()
-            .filter_map(|t| {
-                let n = log.topic_config(&t).ok()?.partitions;
-                Some(v1::TopicSummary {
-                    topic: t,
-                    partitions: n,
+        let timer = self.state.metrics.rpc("ListTopics");
+        let result: Result<Response<_>, Status> = async move {
+            let log = &self.state.log;
+            let topics = log
+                .topics()
+                .into_iter()
+                .filter_map(|t| {
+                    let n = log.topic_config(&t).ok()?.partitions;
+                    Some(v1::TopicSummary {
+                        topic: t,
+                        partitions: n,
+                    })
                 })
-            })
-            .collect();
-        Ok(Response::new(v1::ListTopicsResponse { topics }))
+                .collect();
+            Ok(Response::new(v1::ListTopicsResponse { topics }))
+        }
+        .await;
+        timer.finish(result)
     }
 
     async fn describe_topic(
         &self,
         req: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
-        let topic = req.into_inner().topic;
-        let log = &self.state.log;
-        let cfg = log.topic_config(&topic).map_err(BrokerError::from)?;
-        let partitions = log
-            .partitions(&topic)
-            .map_err(BrokerError::from)?
-            .iter()
-            .map(|p| {
-                let s = p.stats();
-                v1::PartitionInfo {
-                    partition: p.id(),
-                    log_start_offset: s.log_start_offset,
-                    high_watermark: s.high_watermark,
-                    size_bytes: s.size_bytes,
-                    segments: s.segments as u32,
-                }
-            })
-            .collect();
-        Ok(Response::new(v1::DescribeTopicResponse {
-            topic,
-            config: Some(topic_config_to_wire(&cfg)),
-            partitions,
-        }))
+        let timer = self.state.metrics.rpc("DescribeTopic");
+        let result: Result<Response<_>, Status> = async move {
+            let topic = req.into_inner().topic;
+            let log = &self.state.log;
+            let cfg = log.topic_config(&topic).map_err(BrokerError::from)?;
+            let partitions = log
+                .partitions(&topic)
+                .map_err(BrokerError::from)?
+                .iter()
+                .map(|p| {
+                    let s = p.stats();
+                    v1::PartitionInfo {
+                        partition: p.id(),
+                        log_start_offset: s.log_start_offset,
+                        high_watermark: s.high_watermark,
+                        size_bytes: s.size_bytes,
+                        segments: s.segments as u32,
+                    }
+                })
+                .collect();
+            Ok(Response::new(v1::DescribeTopicResponse {
+                topic,
+                config: Some(topic_config_to_wire(&cfg)),
+                partitions,
+            }))
+        }
+        .await;
+        timer.finish(result)
     }
 
     async fn alter_topic_config(
         &self,
         req: Request<v1::AlterTopicConfigRequest>,
     ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
-        let req = req.into_inner();
-        check_user_topic(&req.topic)?;
-        let mut cfg = self
-            .state
-            .log
-            .topic_config(&req.topic)
-            .map_err(BrokerError::from)?;
-        if let Some(wire) = &req.config {
-            apply_topic_config(&mut cfg, wire)?;
+        let timer = self.state.metrics.rpc("AlterTopicConfig");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            check_user_topic(&req.topic)?;
+            let mut cfg = self
+                .state
+                .log
+                .topic_config(&req.topic)
+                .map_err(BrokerError::from)?;
+            if let Some(wire) = &req.config {
+                apply_topic_config(&mut cfg, wire)?;
+            }
+            let log = self.state.log.clone();
+            let applied = cfg.clone();
+            blocking(move || log.alter_topic(&req.topic, cfg))
+                .await?
+                .map_err(BrokerError::from)?;
+            Ok(Response::new(v1::AlterTopicConfigResponse {
+                config: Some(topic_config_to_wire(&applied)),
+            }))
         }
-        let log = self.state.log.clone();
-        let applied = cfg.clone();
-        blocking(move || log.alter_topic(&req.topic, cfg))
-            .await?
-            .map_err(BrokerError::from)?;
-        Ok(Response::new(v1::AlterTopicConfigResponse {
-            config: Some(topic_config_to_wire(&applied)),
-        }))
+        .await;
+        timer.finish(result)
     }
 
     async fn add_partitions(
         &self,
         req: Request<v1::AddPartitionsRequest>,
     ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
-        let req = req.into_inner();
-        check_user_topic(&req.topic)?;
-        let log = self.state.log.clone();
-        let n = req.partitions;
-        blocking(move || log.add_partitions(&req.topic, n))
-            .await?
-            .map_err(BrokerError::from)?;
-        Ok(Response::new(v1::AddPartitionsResponse { partitions: n }))
+        let timer = self.state.metrics.rpc("AddPartitions");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            check_user_topic(&req.topic)?;
+            let log = self.state.log.clone();
+            let n = req.partitions;
+            blocking(move || log.add_partitions(&req.topic, n))
+                .await?
+                .map_err(BrokerError::from)?;
+            Ok(Response::new(v1::AddPartitionsResponse { partitions: n }))
+        }
+        .await;
+        timer.finish(result)
     }
 }

@@ -83,6 +83,13 @@ fn read_partition(
     out
 }
 
+/// Counts data actually sent to a consumer in the metrics.
+fn count_served(state: &State, d: &v1::PartitionData) {
+    state
+        .metrics
+        .consumed(&d.topic, &d.record_batches, d.records.len(), data_len(d));
+}
+
 fn data_len(d: &v1::PartitionData) -> usize {
     d.record_batches.len()
         + d.records
@@ -109,76 +116,87 @@ impl ConsumeService for Consume {
         &self,
         req: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
-        let req = req.into_inner();
-        let limits = &self.state.config.limits;
-        if req.partitions.len() > limits.max_partitions_per_request {
-            return Err(BrokerError::InvalidRequest(format!(
-                "{} partitions in one request, the limit is {}",
-                req.partitions.len(),
-                limits.max_partitions_per_request
-            ))
-            .into());
-        }
-        let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(limits.max_fetch_wait_ms)));
-        let deadline = Instant::now() + wait;
-        let mut targets = Vec::with_capacity(req.partitions.len());
-        for pf in &req.partitions {
-            let p = self
-                .state
-                .log
-                .partition(&pf.topic, pf.partition)
-                .map_err(partition_error);
-            targets.push((
-                p,
-                pf.offset,
-                self.clamp_bytes(pf.max_bytes),
-                pf.topic.clone(),
-                pf.partition,
-            ));
-        }
-        let targets = Arc::new(targets);
-        let mut shutdown = self.state.shutdown.clone();
-        loop {
-            let state = self.state.clone();
-            let t = targets.clone();
-            let decode = req.decode_records;
-            let results: Vec<v1::PartitionData> = blocking(move || {
-                t.iter()
-                    .map(|(p, offset, max, topic, partition)| match p {
-                        Ok(p) => read_partition(&state, p, *offset, *max, decode),
-                        Err(e) => v1::PartitionData {
-                            topic: topic.clone(),
-                            partition: *partition,
-                            next_offset: *offset,
-                            error: Some(e.clone()),
-                            ..Default::default()
-                        },
+        let timer = self.state.metrics.rpc("Fetch");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            let limits = &self.state.config.limits;
+            if req.partitions.len() > limits.max_partitions_per_request {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "{} partitions in one request, the limit is {}",
+                    req.partitions.len(),
+                    limits.max_partitions_per_request
+                ))
+                .into());
+            }
+            let wait =
+                Duration::from_millis(u64::from(req.max_wait_ms.min(limits.max_fetch_wait_ms)));
+            let deadline = Instant::now() + wait;
+            let mut targets = Vec::with_capacity(req.partitions.len());
+            for pf in &req.partitions {
+                let p = self
+                    .state
+                    .log
+                    .partition(&pf.topic, pf.partition)
+                    .map_err(partition_error);
+                targets.push((
+                    p,
+                    pf.offset,
+                    self.clamp_bytes(pf.max_bytes),
+                    pf.topic.clone(),
+                    pf.partition,
+                ));
+            }
+            let targets = Arc::new(targets);
+            let mut shutdown = self.state.shutdown.clone();
+            loop {
+                let state = self.state.clone();
+                let t = targets.clone();
+                let decode = req.decode_records;
+                let results: Vec<v1::PartitionData> = blocking(move || {
+                    t.iter()
+                        .map(|(p, offset, max, topic, partition)| match p {
+                            Ok(p) => read_partition(&state, p, *offset, *max, decode),
+                            Err(e) => v1::PartitionData {
+                                topic: topic.clone(),
+                                partition: *partition,
+                                next_offset: *offset,
+                                error: Some(e.clone()),
+                                ..Default::default()
+                            },
+                        })
+                        .collect()
+                })
+                .await?;
+                let total: usize = results.iter().map(data_len).sum();
+                let any_error = results.iter().any(|r| r.error.is_some());
+                if total >= req.min_bytes.max(1) as usize
+                    || any_error
+                    || Instant::now() >= deadline
+                    || *shutdown.borrow()
+                {
+                    for r in &results {
+                        count_served(&self.state, r);
+                    }
+                    return Ok(Response::new(v1::FetchResponse {
+                        partitions: results,
+                    }));
+                }
+                let waits: Vec<_> = targets
+                    .iter()
+                    .zip(&results)
+                    .filter_map(|((p, ..), r)| {
+                        p.as_ref().ok().map(|p| (p.clone(), r.high_watermark))
                     })
-                    .collect()
-            })
-            .await?;
-            let total: usize = results.iter().map(data_len).sum();
-            let any_error = results.iter().any(|r| r.error.is_some());
-            if total >= req.min_bytes.max(1) as usize
-                || any_error
-                || Instant::now() >= deadline
-                || *shutdown.borrow()
-            {
-                return Ok(Response::new(v1::FetchResponse {
-                    partitions: results,
-                }));
-            }
-            let waits: Vec<_> = targets
-                .iter()
-                .zip(&results)
-                .filter_map(|((p, ..), r)| p.as_ref().ok().map(|p| (p.clone(), r.high_watermark)))
-                .collect();
-            tokio::select! {
-                () = any_new_data(&waits) => {}
-                () = tokio::time::sleep_until(deadline) => {}
-                _ = shutdown.changed() => {}
+                    .collect();
+                tokio::select! {
+                    () = any_new_data(&waits) => {}
+                    () = tokio::time::sleep_until(deadline) => {}
+                    _ = shutdown.changed() => {}
+                }
             }
         }
+        .await;
+        timer.finish(result)
     }
 
     type SubscribeStream = ReceiverStream<Result<v1::SubscribeResponse, Status>>;
@@ -187,97 +205,109 @@ impl ConsumeService for Consume {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let req = req.into_inner();
-        let limits = &self.state.config.limits;
-        if req.partitions.is_empty() || req.partitions.len() > limits.max_partitions_per_request {
-            return Err(BrokerError::InvalidRequest(format!(
-                "subscribe to 1 to {} partitions",
-                limits.max_partitions_per_request
-            ))
-            .into());
+        let timer = self.state.metrics.rpc("Subscribe");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            let limits = &self.state.config.limits;
+            if req.partitions.is_empty() || req.partitions.len() > limits.max_partitions_per_request
+            {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "subscribe to 1 to {} partitions",
+                    limits.max_partitions_per_request
+                ))
+                .into());
+            }
+            let mut followed = Vec::with_capacity(req.partitions.len());
+            for sp in &req.partitions {
+                let p = self
+                    .state
+                    .log
+                    .partition(&sp.topic, sp.partition)
+                    .map_err(BrokerError::from)?;
+                let start = resolve_start(&p, sp.start.as_ref())?;
+                followed.push((p, start));
+            }
+            let max_bytes = self.clamp_bytes(req.max_bytes);
+            let heartbeat = Duration::from_millis(u64::from(if req.heartbeat_interval_ms == 0 {
+                5000
+            } else {
+                req.heartbeat_interval_ms.max(100)
+            }));
+            let (tx, rx) = mpsc::channel(1);
+            let state = self.state.clone();
+            tokio::spawn(follow(
+                state,
+                followed,
+                max_bytes,
+                req.decode_records,
+                heartbeat,
+                tx,
+            ));
+            Ok(Response::new(ReceiverStream::new(rx)))
         }
-        let mut followed = Vec::with_capacity(req.partitions.len());
-        for sp in &req.partitions {
-            let p = self
-                .state
-                .log
-                .partition(&sp.topic, sp.partition)
-                .map_err(BrokerError::from)?;
-            let start = resolve_start(&p, sp.start.as_ref())?;
-            followed.push((p, start));
-        }
-        let max_bytes = self.clamp_bytes(req.max_bytes);
-        let heartbeat = Duration::from_millis(u64::from(if req.heartbeat_interval_ms == 0 {
-            5000
-        } else {
-            req.heartbeat_interval_ms.max(100)
-        }));
-        let (tx, rx) = mpsc::channel(1);
-        let state = self.state.clone();
-        tokio::spawn(follow(
-            state,
-            followed,
-            max_bytes,
-            req.decode_records,
-            heartbeat,
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        .await;
+        timer.finish(result)
     }
 
     async fn list_offsets(
         &self,
         req: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
-        let req = req.into_inner();
-        let limit = self.state.config.limits.max_partitions_per_request;
-        if req.queries.len() > limit {
-            return Err(BrokerError::InvalidRequest(format!(
-                "{} queries in one request, the limit is {limit}",
-                req.queries.len()
-            ))
-            .into());
-        }
-        let state = self.state.clone();
-        let answers = blocking(move || {
-            req.queries
-                .into_iter()
-                .map(|q| {
-                    let mut a = v1::OffsetAnswer {
-                        topic: q.topic.clone(),
-                        partition: q.partition,
-                        ..Default::default()
-                    };
-                    let res = state.log.partition(&q.topic, q.partition).and_then(|p| {
-                        Ok(
-                            match v1::OffsetSpec::try_from(q.spec).unwrap_or(v1::OffsetSpec::Latest)
-                            {
-                                v1::OffsetSpec::Earliest => (p.log_start_offset(), true),
-                                v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => {
-                                    (p.high_watermark(), true)
-                                }
-                                v1::OffsetSpec::Timestamp => {
-                                    match p.offset_for_timestamp(q.timestamp_ms)? {
-                                        Some(o) => (o, true),
-                                        None => (p.high_watermark(), false),
+        let timer = self.state.metrics.rpc("ListOffsets");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            let limit = self.state.config.limits.max_partitions_per_request;
+            if req.queries.len() > limit {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "{} queries in one request, the limit is {limit}",
+                    req.queries.len()
+                ))
+                .into());
+            }
+            let state = self.state.clone();
+            let answers = blocking(move || {
+                req.queries
+                    .into_iter()
+                    .map(|q| {
+                        let mut a = v1::OffsetAnswer {
+                            topic: q.topic.clone(),
+                            partition: q.partition,
+                            ..Default::default()
+                        };
+                        let res = state.log.partition(&q.topic, q.partition).and_then(|p| {
+                            Ok(
+                                match v1::OffsetSpec::try_from(q.spec)
+                                    .unwrap_or(v1::OffsetSpec::Latest)
+                                {
+                                    v1::OffsetSpec::Earliest => (p.log_start_offset(), true),
+                                    v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => {
+                                        (p.high_watermark(), true)
                                     }
-                                }
-                            },
-                        )
-                    });
-                    match res {
-                        Ok((offset, found)) => {
-                            a.offset = offset;
-                            a.found = found;
+                                    v1::OffsetSpec::Timestamp => {
+                                        match p.offset_for_timestamp(q.timestamp_ms)? {
+                                            Some(o) => (o, true),
+                                            None => (p.high_watermark(), false),
+                                        }
+                                    }
+                                },
+                            )
+                        });
+                        match res {
+                            Ok((offset, found)) => {
+                                a.offset = offset;
+                                a.found = found;
+                            }
+                            Err(e) => a.error = Some(partition_error(e)),
                         }
-                        Err(e) => a.error = Some(partition_error(e)),
-                    }
-                    a
-                })
-                .collect()
-        })
-        .await?;
-        Ok(Response::new(v1::ListOffsetsResponse { answers }))
+                        a
+                    })
+                    .collect()
+            })
+            .await?;
+            Ok(Response::new(v1::ListOffsetsResponse { answers }))
+        }
+        .await;
+        timer.finish(result)
     }
 }
 
@@ -339,6 +369,7 @@ async fn follow(
                 return;
             }
             next[i] = data.next_offset;
+            count_served(&state, &data);
             let msg = v1::SubscribeResponse {
                 message: Some(v1::subscribe_response::Message::Data(data)),
             };

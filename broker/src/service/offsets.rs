@@ -25,18 +25,28 @@ impl OffsetService for Offsets {
         &self,
         req: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
-        let req = req.into_inner();
-        let state = self.state.clone();
-        blocking(move || state.offsets.commit(&req.group, &req.offsets, now_ms())).await??;
-        Ok(Response::new(v1::CommitOffsetsResponse {}))
+        let timer = self.state.metrics.rpc("CommitOffsets");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            let state = self.state.clone();
+            blocking(move || state.offsets.commit(&req.group, &req.offsets, now_ms())).await??;
+            Ok(Response::new(v1::CommitOffsetsResponse {}))
+        }
+        .await;
+        timer.finish(result)
     }
 
     async fn fetch_offsets(
         &self,
         req: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
-        let req = req.into_inner();
-        let offsets = self.state.offsets.fetch(&req.group, &req.partitions)?;
-        Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
+        let timer = self.state.metrics.rpc("FetchOffsets");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            let offsets = self.state.offsets.fetch(&req.group, &req.partitions)?;
+            Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
+        }
+        .await;
+        timer.finish(result)
     }
 }

@@ -67,83 +67,96 @@ impl ProduceService for Produce {
         &self,
         req: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
-        let req = req.into_inner();
-        if *self.state.shutdown.borrow() {
-            return Err(BrokerError::ShuttingDown.into());
-        }
-        let limit = self.state.config.limits.max_partitions_per_request;
-        if req.partitions.len() > limit {
-            return Err(BrokerError::InvalidRequest(format!(
-                "{} partitions in one request, the limit is {limit}",
-                req.partitions.len()
-            ))
-            .into());
-        }
-        let acks = v1::Acks::try_from(req.acks)
-            .map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))?;
-        let now = now_ms();
-        let mut results = Vec::with_capacity(req.partitions.len());
-        let mut jobs = Vec::with_capacity(req.partitions.len());
-        for (i, pp) in req.partitions.into_iter().enumerate() {
-            let mut r = result(pp.topic.clone(), pp.partition);
-            match prepare(&self.state, pp, now) {
-                Ok((p, batch)) => jobs.push((i, p, batch)),
-                Err(e) => r.error = Some(partition_error(e)),
+        let timer = self.state.metrics.rpc("Produce");
+        let result: Result<Response<_>, Status> = async move {
+            let req = req.into_inner();
+            if *self.state.shutdown.borrow() {
+                return Err(BrokerError::ShuttingDown.into());
             }
-            results.push(r);
-        }
-        if acks == v1::Acks::None {
-            tokio::task::spawn_blocking(move || {
-                for (_, p, batch) in jobs {
-                    if let Err(e) = p.append(&batch) {
-                        tracing::warn!(topic = p.topic(), partition = p.id(), error = %e, "acks=none append failed");
-                    }
+            let limit = self.state.config.limits.max_partitions_per_request;
+            if req.partitions.len() > limit {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "{} partitions in one request, the limit is {limit}",
+                    req.partitions.len()
+                ))
+                .into());
+            }
+            let acks = v1::Acks::try_from(req.acks)
+                .map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))?;
+            let now = now_ms();
+            let mut results = Vec::with_capacity(req.partitions.len());
+            let mut jobs = Vec::with_capacity(req.partitions.len());
+            for (i, pp) in req.partitions.into_iter().enumerate() {
+                let mut r = result(pp.topic.clone(), pp.partition);
+                match prepare(&self.state, pp, now) {
+                    Ok((p, batch)) => jobs.push((i, p, batch)),
+                    Err(e) => r.error = Some(partition_error(e)),
                 }
-            });
-            return Ok(Response::new(v1::ProduceResponse { results }));
-        }
-        let durable = acks != v1::Acks::Written;
-        let outcomes = blocking(move || {
-            // Write everything first, then wait for durability, so that one partition's
-            // fdatasync overlaps with the writes to the next.
-            let written: Vec<_> = jobs
-                .into_iter()
-                .map(|(i, p, batch)| (i, p.append_nowait(&batch).map(|info| (p, info))))
-                .collect();
-            written
-                .into_iter()
-                .map(|(i, w)| {
-                    let outcome = w.and_then(|(p, info)| {
-                        let next = info.last_offset + 1;
-                        if durable {
-                            p.wait_durable(next)?;
-                        } else if p.fsync_policy() == FsyncPolicy::Always {
-                            // Readers see the batch once an fdatasync covers it: run one (it
-                            // joins the partition's group commit) without holding the reply.
-                            tokio::task::spawn_blocking(move || {
-                                if let Err(e) = p.wait_durable(next) {
-                                    tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
-                                }
-                            });
+                results.push(r);
+            }
+            if acks == v1::Acks::None {
+                tokio::task::spawn_blocking(move || {
+                    for (_, p, batch) in jobs {
+                        if let Err(e) = p.append(&batch) {
+                            tracing::warn!(topic = p.topic(), partition = p.id(), error = %e, "acks=none append failed");
                         }
-                        Ok(info)
-                    });
-                    (i, outcome)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await?;
-        for (i, outcome) in outcomes {
-            let r = &mut results[i];
-            match outcome {
-                Ok(info) => {
-                    r.base_offset = info.base_offset;
-                    r.last_offset = info.last_offset;
-                    r.log_append_time_ms = info.log_append_time_ms;
-                }
-                Err(e) => r.error = Some(partition_error(e)),
+                    }
+                });
+                return Ok(Response::new(v1::ProduceResponse { results }));
             }
-        }
-        Ok(Response::new(v1::ProduceResponse { results }))
+            let sizes: Vec<usize> = {
+            let mut v = vec![0; results.len()];
+            for (i, _, batch) in &jobs {
+                v[*i] = batch.len();
+            }
+            v
+        };
+        let durable = acks != v1::Acks::Written;
+            let outcomes = blocking(move || {
+                // Write everything first, then wait for durability, so that one partition's
+                // fdatasync overlaps with the writes to the next.
+                let written: Vec<_> = jobs
+                    .into_iter()
+                    .map(|(i, p, batch)| (i, p.append_nowait(&batch).map(|info| (p, info))))
+                    .collect();
+                written
+                    .into_iter()
+                    .map(|(i, w)| {
+                        let outcome = w.and_then(|(p, info)| {
+                            let next = info.last_offset + 1;
+                            if durable {
+                                p.wait_durable(next)?;
+                            } else if p.fsync_policy() == FsyncPolicy::Always {
+                                // Readers see the batch once an fdatasync covers it: run one (it
+                                // joins the partition's group commit) without holding the reply.
+                                tokio::task::spawn_blocking(move || {
+                                    if let Err(e) = p.wait_durable(next) {
+                                        tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
+                                    }
+                                });
+                            }
+                            Ok(info)
+                        });
+                        (i, outcome)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+            for (i, outcome) in outcomes {
+                let r = &mut results[i];
+                match outcome {
+                    Ok(info) => {
+                        self.state.metrics.produced(&r.topic, sizes[i], info.last_offset - info.base_offset + 1);
+                        r.base_offset = info.base_offset;
+                        r.last_offset = info.last_offset;
+                        r.log_append_time_ms = info.log_append_time_ms;
+                    }
+                    Err(e) => r.error = Some(partition_error(e)),
+                }
+            }
+            Ok(Response::new(v1::ProduceResponse { results }))
+            }
+        .await;
+        timer.finish(result)
     }
 }

@@ -15,6 +15,8 @@ use tonic::transport::Channel;
 pub(crate) struct Spoold {
     child: Option<Child>,
     pub(crate) addr: String,
+    /// `host:port` of the metrics listener.
+    pub(crate) metrics_addr: String,
     stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -28,7 +30,7 @@ impl Spoold {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spoold"));
         cmd.arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(extra);
         for (k, v) in env {
             cmd.env(k, v);
@@ -61,11 +63,35 @@ impl Spoold {
                 );
             }
         };
+        let metrics_addr = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| l.strip_prefix("spoold metrics on http://"))
+            .map(|l| l.trim_end_matches("/metrics").to_owned())
+            .unwrap_or_default();
         Spoold {
             child: Some(child),
             addr,
+            metrics_addr,
             stderr_lines: lines,
         }
+    }
+
+    /// GET /metrics over plain HTTP/1.0 from `addr` (blocking); returns the body.
+    pub(crate) fn scrape_addr(addr: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connecting to /metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: spool\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        body.to_owned()
     }
 
     pub(crate) fn url(&self) -> String {

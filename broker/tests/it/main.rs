@@ -6,4 +6,5 @@ mod common;
 mod consume;
 mod durability;
 mod grpcurl;
+mod metrics;
 mod produce;

@@ -117,6 +117,7 @@ pub struct Partition {
     poison_cause: Mutex<Option<String>>,
     closed: AtomicBool,
     last_flush_ms: AtomicU64,
+    fsync_latency: crate::stats::Latency,
 }
 
 impl Partition {
@@ -297,7 +298,10 @@ impl Partition {
 
     fn sync_now(&self) -> Result<u64> {
         let (file, seg, point) = lock(&self.writer).capture();
-        if let Err(e) = file.sync_data() {
+        let started = std::time::Instant::now();
+        let synced = file.sync_data();
+        self.fsync_latency.record(started.elapsed());
+        if let Err(e) = synced {
             return Err(self.poison(Error::io("fdatasync", seg.log_path(), e)));
         }
         seg.publish_readable(point.position);
@@ -502,6 +506,11 @@ impl Partition {
             size_bytes: segs.iter().map(|s| s.written_end()).sum(),
             segments: segs.len(),
         }
+    }
+
+    /// Latency of the fdatasyncs run for appends and flushes since open.
+    pub fn fsync_latency(&self) -> crate::stats::LatencySnapshot {
+        self.fsync_latency.snapshot()
     }
 
     /// Base offsets of the segments, oldest first.

@@ -287,6 +287,7 @@ impl Partition {
             poison_cause: Mutex::new(None),
             closed: AtomicBool::new(false),
             last_flush_ms: AtomicU64::new(now),
+            fsync_latency: crate::stats::Latency::default(),
         }
     }
 }

@@ -1,0 +1,345 @@
+//! Prometheus metrics on their own port (`metrics_listen`), in the text exposition format.
+//!
+//! Counters and request histograms are updated on the request path (an atomic add each);
+//! partition sizes, offsets, fsync latency and consumer-group lag are read from the log when
+//! scraped, so they cost nothing between scrapes. Names follow Kafka/Redpanda vocabulary.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `spool_produce_bytes_total`, `spool_produce_records_total` | counter | topic |
+//! | `spool_consume_bytes_total`, `spool_consume_records_total` | counter | topic |
+//! | `spool_rpc_duration_seconds` | histogram | rpc |
+//! | `spool_rpc_errors_total` | counter | rpc |
+//! | `spool_partition_size_bytes`, `spool_partition_high_watermark`, `spool_partition_log_start_offset` | gauge | topic, partition |
+//! | `spool_fsync_duration_seconds` | histogram | topic |
+//! | `spool_consumer_group_lag` | gauge | group, topic, partition |
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use spool_log_engine::Log;
+use spool_log_engine::stats::BUCKETS_MICROS;
+use tokio::net::TcpListener;
+
+use crate::offsets::OffsetStore;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicLabel {
+    topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabel {
+    rpc: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    topic: String,
+    partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LagLabels {
+    group: String,
+    topic: String,
+    partition: u32,
+}
+
+fn rpc_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// The broker's metrics.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    produce_bytes: Family<TopicLabel, Counter>,
+    produce_records: Family<TopicLabel, Counter>,
+    consume_bytes: Family<TopicLabel, Counter>,
+    consume_records: Family<TopicLabel, Counter>,
+    rpc_duration: Family<RpcLabel, Histogram, fn() -> Histogram>,
+    rpc_errors: Family<RpcLabel, Counter>,
+}
+
+/// Picks one number out of a partition's stats.
+type StatFn = fn(&spool_log_engine::PartitionStats) -> u64;
+
+/// Reads the log's state at scrape time.
+#[derive(Debug)]
+struct LogCollector {
+    log: Arc<Log>,
+    offsets: Arc<OffsetStore>,
+}
+
+impl Collector for LogCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let topics = self.log.topics();
+        let mut parts = Vec::new();
+        for t in &topics {
+            for p in self.log.partitions(t).unwrap_or_default() {
+                parts.push((t.clone(), p));
+            }
+        }
+        let gauges: [(&str, &str, StatFn); 3] = [
+            (
+                "spool_partition_size_bytes",
+                "Bytes in the partition's segments",
+                |s| s.size_bytes,
+            ),
+            (
+                "spool_partition_high_watermark",
+                "Next offset readers will see",
+                |s| s.high_watermark,
+            ),
+            (
+                "spool_partition_log_start_offset",
+                "First offset still in the partition",
+                |s| s.log_start_offset,
+            ),
+        ];
+        let stats: Vec<_> = parts.iter().map(|(t, p)| (t, p.id(), p.stats())).collect();
+        for (name, help, get) in gauges {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (t, id, s) in &stats {
+                let labels = PartitionLabels {
+                    topic: (*t).clone(),
+                    partition: *id,
+                };
+                ConstGauge::new(get(s) as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        // fsync latency, aggregated per topic.
+        let mut m = encoder.encode_descriptor(
+            "spool_fsync_duration_seconds",
+            "Latency of fdatasync on the append path",
+            None,
+            MetricType::Histogram,
+        )?;
+        for t in &topics {
+            let mut agg = spool_log_engine::stats::LatencySnapshot::default();
+            for (_, p) in parts.iter().filter(|(pt, _)| pt == t) {
+                agg.merge(&p.fsync_latency());
+            }
+            let mut buckets: Vec<(f64, u64)> = BUCKETS_MICROS
+                .iter()
+                .zip(agg.buckets)
+                .map(|(le, n)| (*le as f64 / 1e6, n))
+                .collect();
+            let above = agg.count - agg.buckets.iter().sum::<u64>();
+            buckets.push((f64::INFINITY, above));
+            let labels = TopicLabel { topic: t.clone() };
+            m.encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    agg.sum.as_secs_f64(),
+                    agg.count,
+                    &buckets,
+                    None,
+                )?;
+        }
+        // Consumer-group lag: high watermark minus committed offset.
+        let mut m = encoder.encode_descriptor(
+            "spool_consumer_group_lag",
+            "Records between a group's committed offset and the high watermark",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (group, topic, partition, committed) in self.offsets.all() {
+            let Ok(p) = self.log.partition(&topic, partition) else {
+                continue;
+            };
+            let lag = p.high_watermark().saturating_sub(committed);
+            ConstGauge::new(lag as i64).encode(m.encode_family(&LagLabels {
+                group,
+                topic,
+                partition,
+            })?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new(log: Arc<Log>, offsets: Arc<OffsetStore>) -> Metrics {
+        let mut registry = Registry::default();
+        let produce_bytes = Family::<TopicLabel, Counter>::default();
+        let produce_records = Family::<TopicLabel, Counter>::default();
+        let consume_bytes = Family::<TopicLabel, Counter>::default();
+        let consume_records = Family::<TopicLabel, Counter>::default();
+        let rpc_duration = Family::<RpcLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            rpc_histogram as fn() -> Histogram,
+        );
+        let rpc_errors = Family::<RpcLabel, Counter>::default();
+        registry.register(
+            "spool_produce_bytes",
+            "Bytes of record batches appended",
+            produce_bytes.clone(),
+        );
+        registry.register(
+            "spool_produce_records",
+            "Records appended",
+            produce_records.clone(),
+        );
+        registry.register(
+            "spool_consume_bytes",
+            "Bytes of record batches served to consumers",
+            consume_bytes.clone(),
+        );
+        registry.register(
+            "spool_consume_records",
+            "Records served to consumers",
+            consume_records.clone(),
+        );
+        registry.register(
+            "spool_rpc_duration_seconds",
+            "Time to handle a request (stream setup for Subscribe)",
+            rpc_duration.clone(),
+        );
+        registry.register(
+            "spool_rpc_errors",
+            "Requests that failed with a gRPC error",
+            rpc_errors.clone(),
+        );
+        registry.register_collector(Box::new(LogCollector { log, offsets }));
+        Metrics {
+            registry,
+            produce_bytes,
+            produce_records,
+            consume_bytes,
+            consume_records,
+            rpc_duration,
+            rpc_errors,
+        }
+    }
+
+    pub(crate) fn produced(&self, topic: &str, bytes: usize, records: u64) {
+        let l = TopicLabel {
+            topic: topic.to_owned(),
+        };
+        self.produce_bytes.get_or_create(&l).inc_by(bytes as u64);
+        self.produce_records.get_or_create(&l).inc_by(records);
+    }
+
+    /// Counts data served: `bytes` sent, and the records they hold (decoded records, or the
+    /// record counts of the raw batches' headers).
+    pub(crate) fn consumed(&self, topic: &str, data: &Bytes, decoded_records: usize, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let records = if decoded_records > 0 {
+            decoded_records as u64
+        } else {
+            spool_log_engine::batch::split_batches(data)
+                .filter_map(Result::ok)
+                .map(|b| b.header().records_count.max(0) as u64)
+                .sum()
+        };
+        let l = TopicLabel {
+            topic: topic.to_owned(),
+        };
+        self.consume_bytes.get_or_create(&l).inc_by(bytes as u64);
+        self.consume_records.get_or_create(&l).inc_by(records);
+    }
+
+    /// Starts timing a request; the guard records the duration (and an error if marked).
+    pub(crate) fn rpc(&self, rpc: &'static str) -> RpcTimer<'_> {
+        RpcTimer {
+            metrics: self,
+            rpc,
+            start: Instant::now(),
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Records a request's duration when dropped.
+pub(crate) struct RpcTimer<'a> {
+    metrics: &'a Metrics,
+    rpc: &'static str,
+    start: Instant,
+}
+
+impl RpcTimer<'_> {
+    /// Passes a result through, counting it if it is an error.
+    pub(crate) fn finish<T>(self, r: Result<T, tonic::Status>) -> Result<T, tonic::Status> {
+        if r.is_err() {
+            self.metrics
+                .rpc_errors
+                .get_or_create(&RpcLabel { rpc: self.rpc })
+                .inc();
+        }
+        r
+    }
+}
+
+impl Drop for RpcTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .rpc_duration
+            .get_or_create(&RpcLabel { rpc: self.rpc })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` fires.
+pub(crate) async fn serve(
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(metrics.render())))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"try /metrics\n")))
+                    }
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
