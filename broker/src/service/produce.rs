@@ -1,4 +1,4 @@
-//! ProduceService: appends.
+//! ProduceService: appends, unary and streamed.
 //!
 //! A pre-encoded batch is appended exactly as received (the engine checks it; nothing is
 //! re-encoded). A record list is encoded into one batch here. Durability follows `acks`,
@@ -7,18 +7,32 @@
 //! - `written`: reply after the page-cache write; under `fsync = always` a background group
 //!   commit then makes the batch durable (and visible to readers);
 //! - `durable` (default): reply after an fdatasync covered the batch, whatever the policy.
+//!
+//! Every produce runs in two phases: **write** (check, then `append_nowait` for each
+//! partition, in request order) and **settle** (wait for durability as `acks` asks). On a
+//! `ProduceStream` the write phase of each request runs in arrival order, one request at a
+//! time, so per-partition order is the stream's order; settle phases overlap (at most
+//! `MAX_IN_FLIGHT` per stream), and replies carry the request id, possibly out of order.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use spool_log_engine::{FsyncPolicy, Partition};
+use futures_util::Stream;
+use spool_log_engine::{AppendInfo, FsyncPolicy, Partition};
 use spool_proto::v1::{self, produce_service_server::ProduceService};
-use tonic::{Request, Response, Status};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{check_user_topic, now_ms};
 use crate::convert::encode_records;
 use crate::error::{BrokerError, partition_error};
 use crate::{State, blocking};
+
+/// Requests of one `ProduceStream` whose replies are pending.
+const MAX_IN_FLIGHT: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct Produce {
@@ -53,13 +67,110 @@ fn prepare(
     Ok((partition, batch))
 }
 
-fn result(topic: String, partition: u32) -> v1::PartitionProduceResult {
-    v1::PartitionProduceResult {
-        topic,
-        partition,
-        ..Default::default()
+/// A request after its write phase.
+struct Written {
+    acks: v1::Acks,
+    results: Vec<v1::PartitionProduceResult>,
+    /// (index into results, partition, what was appended, bytes), for the settle phase.
+    appended: Vec<(usize, Arc<Partition>, AppendInfo, usize)>,
+}
+
+/// Checks a request (anything wrong with the request as a whole is an error status).
+fn check(state: &State, partitions: usize, acks: i32) -> Result<v1::Acks, BrokerError> {
+    if *state.shutdown.borrow() {
+        return Err(BrokerError::ShuttingDown);
+    }
+    let limit = state.config.limits.max_partitions_per_request;
+    if partitions > limit {
+        return Err(BrokerError::InvalidRequest(format!(
+            "{partitions} partitions in one request, the limit is {limit}"
+        )));
+    }
+    v1::Acks::try_from(acks).map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))
+}
+
+/// Write phase (blocking): check each part and append it without waiting for durability.
+/// With `acks = none` the appends are handed to the blocking pool and the phase returns at once.
+fn write(state: &State, parts: Vec<v1::PartitionProduce>, acks: v1::Acks) -> Written {
+    let now = now_ms();
+    let mut results = Vec::with_capacity(parts.len());
+    let mut jobs = Vec::with_capacity(parts.len());
+    for (i, pp) in parts.into_iter().enumerate() {
+        let mut r = v1::PartitionProduceResult {
+            topic: pp.topic.clone(),
+            partition: pp.partition,
+            ..Default::default()
+        };
+        match prepare(state, pp, now) {
+            Ok((p, batch)) => jobs.push((i, p, batch)),
+            Err(e) => r.error = Some(partition_error(e)),
+        }
+        results.push(r);
+    }
+    let mut appended = Vec::with_capacity(jobs.len());
+    if acks == v1::Acks::None {
+        tokio::task::spawn_blocking(move || {
+            for (_, p, batch) in jobs {
+                if let Err(e) = p.append(&batch) {
+                    tracing::warn!(topic = p.topic(), partition = p.id(), error = %e, "acks=none append failed");
+                }
+            }
+        });
+    } else {
+        for (i, p, batch) in jobs {
+            match p.append_nowait(&batch) {
+                Ok(info) => appended.push((i, p, info, batch.len())),
+                Err(e) => results[i].error = Some(partition_error(e)),
+            }
+        }
+    }
+    Written {
+        acks,
+        results,
+        appended,
     }
 }
+
+/// Settle phase (blocking): wait for the durability `acks` asks for; fill in the results.
+fn settle(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
+    let Written {
+        acks,
+        mut results,
+        appended,
+    } = w;
+    for (i, p, info, bytes) in appended {
+        let next = info.last_offset + 1;
+        let outcome = if acks == v1::Acks::Written {
+            if p.fsync_policy() == FsyncPolicy::Always {
+                // Readers see the batch once an fdatasync covers it: run one (it joins the
+                // partition's group commit) without holding the reply.
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = p.wait_durable(next) {
+                        tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
+                    }
+                });
+            }
+            Ok(())
+        } else {
+            p.wait_durable(next)
+        };
+        let r = &mut results[i];
+        match outcome {
+            Ok(()) => {
+                state
+                    .metrics
+                    .produced(&r.topic, bytes, info.last_offset - info.base_offset + 1);
+                r.base_offset = info.base_offset;
+                r.last_offset = info.last_offset;
+                r.log_append_time_ms = info.log_append_time_ms;
+            }
+            Err(e) => r.error = Some(partition_error(e)),
+        }
+    }
+    results
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<v1::ProduceStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ProduceService for Produce {
@@ -70,93 +181,76 @@ impl ProduceService for Produce {
         let timer = self.state.metrics.rpc("Produce");
         let result: Result<Response<_>, Status> = async move {
             let req = req.into_inner();
-            if *self.state.shutdown.borrow() {
-                return Err(BrokerError::ShuttingDown.into());
-            }
-            let limit = self.state.config.limits.max_partitions_per_request;
-            if req.partitions.len() > limit {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "{} partitions in one request, the limit is {limit}",
-                    req.partitions.len()
-                ))
-                .into());
-            }
-            let acks = v1::Acks::try_from(req.acks)
-                .map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))?;
-            let now = now_ms();
-            let mut results = Vec::with_capacity(req.partitions.len());
-            let mut jobs = Vec::with_capacity(req.partitions.len());
-            for (i, pp) in req.partitions.into_iter().enumerate() {
-                let mut r = result(pp.topic.clone(), pp.partition);
-                match prepare(&self.state, pp, now) {
-                    Ok((p, batch)) => jobs.push((i, p, batch)),
-                    Err(e) => r.error = Some(partition_error(e)),
-                }
-                results.push(r);
-            }
-            if acks == v1::Acks::None {
-                tokio::task::spawn_blocking(move || {
-                    for (_, p, batch) in jobs {
-                        if let Err(e) = p.append(&batch) {
-                            tracing::warn!(topic = p.topic(), partition = p.id(), error = %e, "acks=none append failed");
-                        }
-                    }
-                });
-                return Ok(Response::new(v1::ProduceResponse { results }));
-            }
-            let sizes: Vec<usize> = {
-            let mut v = vec![0; results.len()];
-            for (i, _, batch) in &jobs {
-                v[*i] = batch.len();
-            }
-            v
-        };
-        let durable = acks != v1::Acks::Written;
-            let outcomes = blocking(move || {
-                // Write everything first, then wait for durability, so that one partition's
-                // fdatasync overlaps with the writes to the next.
-                let written: Vec<_> = jobs
-                    .into_iter()
-                    .map(|(i, p, batch)| (i, p.append_nowait(&batch).map(|info| (p, info))))
-                    .collect();
-                written
-                    .into_iter()
-                    .map(|(i, w)| {
-                        let outcome = w.and_then(|(p, info)| {
-                            let next = info.last_offset + 1;
-                            if durable {
-                                p.wait_durable(next)?;
-                            } else if p.fsync_policy() == FsyncPolicy::Always {
-                                // Readers see the batch once an fdatasync covers it: run one (it
-                                // joins the partition's group commit) without holding the reply.
-                                tokio::task::spawn_blocking(move || {
-                                    if let Err(e) = p.wait_durable(next) {
-                                        tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
-                                    }
-                                });
-                            }
-                            Ok(info)
-                        });
-                        (i, outcome)
-                    })
-                    .collect::<Vec<_>>()
+            let acks = check(&self.state, req.partitions.len(), req.acks)?;
+            let state = self.state.clone();
+            let results = blocking(move || {
+                let w = write(&state, req.partitions, acks);
+                settle(&state, w)
             })
             .await?;
-            for (i, outcome) in outcomes {
-                let r = &mut results[i];
-                match outcome {
-                    Ok(info) => {
-                        self.state.metrics.produced(&r.topic, sizes[i], info.last_offset - info.base_offset + 1);
-                        r.base_offset = info.base_offset;
-                        r.last_offset = info.last_offset;
-                        r.log_append_time_ms = info.log_append_time_ms;
-                    }
-                    Err(e) => r.error = Some(partition_error(e)),
-                }
-            }
             Ok(Response::new(v1::ProduceResponse { results }))
-            }
+        }
         .await;
         timer.finish(result)
+    }
+
+    type ProduceStreamStream = ReplyStream;
+
+    async fn produce_stream(
+        &self,
+        req: Request<Streaming<v1::ProduceStreamRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let _timer = self.state.metrics.rpc("ProduceStream");
+        let mut incoming = req.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<v1::ProduceStreamResponse, Status>>(MAX_IN_FLIGHT);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+            while let Some(msg) = incoming.next().await {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(status) => {
+                        tracing::debug!(%status, "produce stream ended by the client");
+                        break;
+                    }
+                };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let id = msg.request_id;
+                let acks = match check(&state, msg.partitions.len(), msg.acks) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        break;
+                    }
+                };
+                // Write phase in arrival order: this is what keeps per-partition order.
+                let st = state.clone();
+                let parts = msg.partitions;
+                let Ok(written) =
+                    tokio::task::spawn_blocking(move || write(&st, parts, acks)).await
+                else {
+                    break;
+                };
+                // Settle phases overlap; the reply carries the request id.
+                let (st, tx) = (state.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let results = tokio::task::spawn_blocking(move || settle(&st, written)).await;
+                    let reply = match results {
+                        Ok(results) => Ok(v1::ProduceStreamResponse {
+                            request_id: id,
+                            results,
+                        }),
+                        Err(e) => Err(Status::internal(format!("worker failed: {e}"))),
+                    };
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as ReplyStream
+        ))
     }
 }

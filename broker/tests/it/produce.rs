@@ -268,3 +268,50 @@ async fn bad_input_is_refused_and_writes_nothing() {
     assert_eq!(d.partitions[0].high_watermark, 1);
     b.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_stream_pipelines_and_keeps_partition_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    topic(&b, "s", 2).await;
+    let mut prod = b.produce().await;
+    let n = 300u64;
+    let reqs = (0..n).map(|id| v1::ProduceStreamRequest {
+        request_id: id,
+        partitions: vec![pp(
+            "s",
+            (id % 2) as u32,
+            v1::partition_produce::Data::Records(v1::RecordList {
+                records: vec![record(None, &format!("m{id}"))],
+                compression: 0,
+            }),
+        )],
+        acks: if id % 3 == 0 {
+            v1::Acks::Written as i32
+        } else {
+            0
+        },
+    });
+    let mut replies = prod
+        .produce_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut by_id = std::collections::BTreeMap::new();
+    while let Some(r) = tokio_stream::StreamExt::next(&mut replies).await {
+        let r = r.unwrap();
+        assert!(r.results[0].error.is_none(), "{r:?}");
+        by_id.insert(r.request_id, r.results[0].base_offset);
+    }
+    assert_eq!(by_id.len() as u64, n, "one reply per request");
+    // Per partition, offsets follow the stream's order.
+    for part in 0..2u64 {
+        let offsets: Vec<u64> = by_id
+            .iter()
+            .filter(|(id, _)| *id % 2 == part)
+            .map(|(_, o)| *o)
+            .collect();
+        assert_eq!(offsets, (0..n / 2).collect::<Vec<_>>(), "partition {part}");
+    }
+    b.stop();
+}
