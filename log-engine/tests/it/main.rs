@@ -7,6 +7,7 @@ mod corruption;
 mod crash;
 mod decode;
 mod disk_full;
+mod fsync_eio;
 mod model;
 mod retention;
 mod torn_tail;
