@@ -48,6 +48,8 @@ pub struct Config {
 pub struct LimitsConfig {
     /// Largest gRPC message accepted or sent (tonic's decode and encode limits).
     pub max_request_bytes: usize,
+    /// Client connections open at once; past it the broker stops accepting until one closes.
+    pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// Largest `max_bytes` a fetch or subscription may ask for per partition.
@@ -103,6 +105,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_request_bytes: 64 << 20,
+            max_connections: 1024,
             max_concurrent_streams: 256,
             max_fetch_bytes: 16 << 20,
             max_fetch_wait_ms: 25_000,
@@ -226,7 +229,10 @@ impl Config {
                 "limits.max_fetch_wait_ms must be below limits.request_timeout_ms".into(),
             ));
         }
-        if self.limits.max_concurrent_streams == 0 || self.limits.max_fetch_bytes == 0 {
+        if self.limits.max_concurrent_streams == 0
+            || self.limits.max_fetch_bytes == 0
+            || self.limits.max_connections == 0
+        {
             return Err(ConfigError::Invalid("limits must be non-zero".into()));
         }
         self.topic_defaults.to_topic_config()?;

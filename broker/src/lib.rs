@@ -18,6 +18,7 @@
 //!   in-flight requests, then flushes and closes the log.
 
 pub mod config;
+mod conn;
 mod convert;
 pub mod error;
 mod metrics;
@@ -207,7 +208,7 @@ impl Broker {
         if let Some(ml) = metrics_listener {
             tokio::spawn(metrics::serve(state.metrics.clone(), ml, stop_rx.clone()));
         }
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = conn::incoming(listener, cfg.limits.max_connections);
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         }));

@@ -198,3 +198,38 @@ async fn health_and_print_config() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start_env(dir.path(), &[], &[("SPOOL_LIMITS__MAX_CONNECTIONS", "2")]);
+    let list = |mut c: spool_proto::v1::admin_service_client::AdminServiceClient<
+        tonic::transport::Channel,
+    >| async move { c.list_topics(v1::ListTopicsRequest {}).await.map(|_| c) };
+    let a1 = list(b.admin().await).await.unwrap();
+    let a2 = list(b.admin().await).await.unwrap();
+    // A third connection is not served while both slots are taken...
+    let url = b.url();
+    let third = tokio::spawn(async move {
+        let ch = tonic::transport::Channel::from_shared(url)
+            .unwrap()
+            .connect_lazy();
+        list(v1::admin_service_client::AdminServiceClient::new(ch))
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served over a limit of 2"
+    );
+    // ...and is served once one closes.
+    drop(a1);
+    tokio::time::timeout(std::time::Duration::from_secs(10), third)
+        .await
+        .expect("served after a slot freed")
+        .unwrap()
+        .unwrap();
+    drop(a2);
+    b.stop();
+}
