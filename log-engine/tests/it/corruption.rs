@@ -3,7 +3,8 @@
 //!
 //! One image is built (several sealed segments, then an active segment with batches before
 //! and after its recovery point) and frozen while the log is open. Each case copies it, flips
-//! one seeded-random bit, reopens and reads every batch. The rules:
+//! one seeded-random bit, reopens, reads every batch on its own and scans every segment in
+//! multi-batch reads. The rules:
 //! - log data: the flip is always detected, either by the open failing with
 //!   [`Error::Corruption`] naming the damaged file, or by reads of the damaged batch failing
 //!   with it; every batch a read does return is byte-for-byte the stored one; and no segment
@@ -260,6 +261,72 @@ fn read_every_batch(
     (failed, differ)
 }
 
+/// Reads each segment front to back in multi-batch reads, as a consumer does. Whatever a read
+/// returns must be the stored bytes of the batches at the offset asked for, except
+/// `epoch_byte` (segment index, file position): the one byte a flip in an unprotected
+/// leader-epoch field changes. A read refused with `Corruption` (which must blame `damaged`)
+/// ends the scan of that segment.
+fn scan_segments(
+    img: &Image,
+    log: &Log,
+    damaged: Option<&Path>,
+    epoch_byte: Option<(usize, u64)>,
+    ctx: &str,
+) {
+    let p = log.partition("t", 0).unwrap();
+    for (si, seg) in img.segs.iter().enumerate() {
+        let (Some(first), Some(last)) = (seg.spans.first(), seg.spans.last()) else {
+            continue;
+        };
+        let mut offset = first.base_offset;
+        while offset < last.next_offset {
+            match p.read(offset, 3000) {
+                Ok(r) => {
+                    let at = seg
+                        .spans
+                        .iter()
+                        .find(|s| s.base_offset == offset)
+                        .unwrap_or_else(|| {
+                            panic!("{ctx}: no batch of {:?} starts at {offset}", seg.rel)
+                        })
+                        .pos as usize;
+                    let want = &seg.data[at..(at + r.data.len()).min(seg.data.len())];
+                    assert_eq!(
+                        r.data.len(),
+                        want.len(),
+                        "{ctx}: read at {offset} ran past {:?}",
+                        seg.rel
+                    );
+                    for (k, (a, b)) in r.data.iter().zip(want).enumerate() {
+                        let pos = (at + k) as u64;
+                        assert!(
+                            a == b || epoch_byte == Some((si, pos)),
+                            "{ctx}: a read at offset {offset} served byte {pos} of {:?} wrong",
+                            seg.rel
+                        );
+                    }
+                    assert!(
+                        r.next_offset > offset,
+                        "{ctx}: read at {offset} made no progress"
+                    );
+                    offset = r.next_offset;
+                }
+                Err(Error::Corruption { path, .. }) => {
+                    let ok = damaged.is_some_and(|d| path.ends_with(d));
+                    assert!(
+                        ok,
+                        "{ctx}: scan at offset {offset} blamed {path:?}, damaged is {damaged:?}"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    panic!("{ctx}: scan at offset {offset} failed with a non-corruption error: {e}")
+                }
+            }
+        }
+    }
+}
+
 /// Flips one bit of segment `si` at `byte` and checks detection and non-truncation.
 fn log_flip_case(img: &Image, si: usize, byte: u64, bit: u8, tally: &mut Tally, ctx: &str) {
     let seg = &img.segs[si];
@@ -291,6 +358,8 @@ fn log_flip_case(img: &Image, si: usize, byte: u64, bit: u8, tally: &mut Tally, 
                 "{ctx}: recovery cut trusted data: {r:?}"
             );
             let (failed, differ) = read_every_batch(img, &log, Some(&seg.rel), &ctx);
+            let epoch_byte = in_epoch.then_some((si, byte));
+            scan_segments(img, &log, Some(&seg.rel), epoch_byte, &ctx);
             for (dsi, dbi, got) in &differ {
                 // Only the unprotected leader-epoch field of the damaged batch may differ.
                 let want = &seg.data[span.pos as usize..span.end() as usize];
@@ -407,6 +476,7 @@ fn check_intact(img: &Image, dir: &Path, ctx: &str) -> spool_log_engine::Recover
     let r = report(&log, 0);
     assert_eq!(r.bytes_truncated, 0, "{ctx}: {r:?}");
     let (failed, differ) = read_every_batch(img, &log, None, ctx);
+    scan_segments(img, &log, None, None, ctx);
     assert!(
         failed.is_empty() && differ.is_empty(),
         "{ctx}: failed {failed:?}, differ {}",
