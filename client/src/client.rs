@@ -1,0 +1,693 @@
+//! The connection to a broker and the unary calls: admin, fetch, offsets.
+//!
+//! A [`Client`] is one HTTP/2 connection (a tonic `Channel`, which reconnects by itself after a
+//! failure) shared by every call, producer and consumer made from it; cloning it is cheap.
+//! Requests are multiplexed as HTTP/2 streams (the broker allows 256 concurrent streams per
+//! connection by default; each consumer subscription holds one).
+//!
+//! Every unary call is bounded by the request timeout (a `Fetch` by the timeout plus its
+//! `max_wait`); the timeout is enforced on the client and also sent as `grpc-timeout`.
+//!
+//! Security: the broker has neither TLS nor authentication yet and only listens on loopback
+//! unless told otherwise. When it grows them, TLS belongs in [`ClientBuilder`] (an
+//! `Endpoint::tls_config`, with `https://` addresses accepted by `endpoint_uri`, which refuses
+//! them today) and tokens in [`Client::request`], the one place every request passes through.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use spool_log_engine::Limits;
+use spool_proto::v1;
+use spool_proto::v1::admin_service_client::AdminServiceClient;
+use spool_proto::v1::consume_service_client::ConsumeServiceClient;
+use spool_proto::v1::offset_service_client::OffsetServiceClient;
+use spool_proto::v1::produce_service_client::ProduceServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::consumer::{Consumer, ConsumerConfig};
+use crate::decode::decode_batches;
+use crate::error::{Error, Result};
+use crate::producer::{Acks, Producer, ProducerConfig};
+use crate::types::{
+    CommittedOffset, Fetched, ListedOffset, OffsetCommit, OffsetSpec, TopicConfig,
+    TopicDescription, TopicPartition, TopicSettings, TopicSummary,
+};
+
+/// The broker's default address.
+pub const DEFAULT_BROKER: &str = "127.0.0.1:7170";
+
+/// Connection options. Defaults match the broker's own settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Longest wait for the TCP connection (default 10 s).
+    pub connect_timeout: Duration,
+    /// Longest wait for a unary reply (default 30 s, the broker's own request limit).
+    pub request_timeout: Duration,
+    /// HTTP/2 initial stream window (default 16 MiB, as the broker).
+    pub stream_window_bytes: u32,
+    /// HTTP/2 initial connection window (default 32 MiB, as the broker).
+    pub connection_window_bytes: u32,
+    /// TCP_NODELAY (default on).
+    pub tcp_nodelay: bool,
+    /// Largest gRPC message sent or received (default 64 MiB, the broker's
+    /// `max_request_bytes`).
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval (default 30 s, as the broker); detects dead connections.
+    pub keepalive_interval: Duration,
+    /// Longest wait for a keepalive ack (default 20 s).
+    pub keepalive_timeout: Duration,
+    /// Bounds used when decoding received batches (decompressed size, records per batch…).
+    pub decode_limits: Limits,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            stream_window_bytes: 16 << 20,
+            connection_window_bytes: 32 << 20,
+            tcp_nodelay: true,
+            max_message_bytes: 64 << 20,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            decode_limits: Limits::default(),
+        }
+    }
+}
+
+/// Builds a [`Client`] with non-default options.
+///
+/// ```no_run
+/// # async fn f() -> spool_client::Result<()> {
+/// use std::time::Duration;
+/// let client = spool_client::Client::builder("127.0.0.1:7170")
+///     .request_timeout(Duration::from_secs(5))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    addr: String,
+    options: ClientOptions,
+}
+
+impl ClientBuilder {
+    /// Sets the connect timeout.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.options.connect_timeout = d;
+        self
+    }
+
+    /// Sets the unary request timeout.
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.options.request_timeout = d;
+        self
+    }
+
+    /// Sets the HTTP/2 stream and connection windows.
+    pub fn windows(mut self, stream_bytes: u32, connection_bytes: u32) -> Self {
+        self.options.stream_window_bytes = stream_bytes;
+        self.options.connection_window_bytes = connection_bytes;
+        self
+    }
+
+    /// Sets TCP_NODELAY.
+    pub fn tcp_nodelay(mut self, on: bool) -> Self {
+        self.options.tcp_nodelay = on;
+        self
+    }
+
+    /// Sets the largest gRPC message sent or received.
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.options.max_message_bytes = n;
+        self
+    }
+
+    /// Replaces all options.
+    pub fn options(mut self, options: ClientOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    fn endpoint(&self) -> Result<Endpoint> {
+        let o = &self.options;
+        let endpoint = Endpoint::from_shared(endpoint_uri(&self.addr)?).map_err(|e| {
+            Error::InvalidAddress {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(endpoint
+            .connect_timeout(o.connect_timeout)
+            .tcp_nodelay(o.tcp_nodelay)
+            .initial_stream_window_size(o.stream_window_bytes)
+            .initial_connection_window_size(o.connection_window_bytes)
+            .http2_keep_alive_interval(o.keepalive_interval)
+            .keep_alive_timeout(o.keepalive_timeout)
+            .keep_alive_while_idle(true))
+    }
+
+    /// Connects now: fails with [`Error::Connect`] if the broker cannot be reached.
+    pub async fn connect(self) -> Result<Client> {
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .map_err(|e| Error::Connect {
+                addr: self.addr.clone(),
+                source: Arc::new(e),
+            })?;
+        Ok(self.client(channel))
+    }
+
+    /// Returns a client that connects on first use (and reconnects after failures); calls
+    /// fail with [`Error::Unavailable`] while the broker is unreachable.
+    pub fn connect_lazy(self) -> Result<Client> {
+        let channel = self.endpoint()?.connect_lazy();
+        Ok(self.client(channel))
+    }
+
+    fn client(self, channel: Channel) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                channel,
+                addr: self.addr,
+                options: self.options,
+            }),
+        }
+    }
+}
+
+/// `host:port` or `http://host:port` → the URI tonic wants.
+fn endpoint_uri(addr: &str) -> Result<String> {
+    let invalid = |reason: &str| Error::InvalidAddress {
+        addr: addr.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if addr.starts_with("https://") {
+        return Err(invalid("TLS is not supported yet (the broker has no TLS)"));
+    }
+    let uri = if addr.starts_with("http://") {
+        addr.to_owned()
+    } else if addr.contains("://") {
+        return Err(invalid("only http:// addresses are supported"));
+    } else {
+        format!("http://{addr}")
+    };
+    if uri.len() <= "http://".len() {
+        return Err(invalid("empty address"));
+    }
+    Ok(uri)
+}
+
+#[derive(Debug)]
+struct Inner {
+    channel: Channel,
+    addr: String,
+    options: ClientOptions,
+}
+
+/// A connection to a broker. Cheap to clone; all clones share the connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Options of [`Client::fetch`].
+#[derive(Clone, Copy, Debug)]
+pub struct FetchOptions {
+    /// Largest amount of data returned (at least one batch is returned anyway).
+    pub max_bytes: u32,
+    /// Return as soon as this many bytes are available (0: at once).
+    pub min_bytes: u32,
+    /// Longest time to wait for `min_bytes`.
+    pub max_wait: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            max_bytes: 1 << 20,
+            min_bytes: 0,
+            max_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// Where a batch appended by [`Client::produce_batch`] landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first record (0 under `Acks::None`).
+    pub base_offset: u64,
+    /// Offset of the last record (0 under `Acks::None`).
+    pub last_offset: u64,
+    /// Broker time of the append.
+    pub log_append_time_ms: i64,
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port`) with default options.
+    pub async fn connect(addr: impl Into<String>) -> Result<Client> {
+        Client::builder(addr).connect().await
+    }
+
+    /// A builder for a client with non-default options.
+    pub fn builder(addr: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            addr: addr.into(),
+            options: ClientOptions::default(),
+        }
+    }
+
+    /// The address this client was made for.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// A batching producer sharing this connection. Must be called within a tokio runtime.
+    pub fn producer(&self, config: ProducerConfig) -> Producer {
+        Producer::new(self.clone(), config)
+    }
+
+    /// A consumer sharing this connection.
+    pub fn consumer(&self, config: ConsumerConfig) -> Consumer {
+        Consumer::new(self.clone(), config)
+    }
+
+    /// Wraps a message into a request with the deadline set. Every request passes through
+    /// here: this is where an authentication token will be attached.
+    pub(crate) fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        req
+    }
+
+    /// Runs a unary call, bounded by `timeout`.
+    pub(crate) async fn unary<T>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(Error::from_status(&status)),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.inner.options.request_timeout
+    }
+
+    pub(crate) fn admin_stub(&self) -> AdminServiceClient<Channel> {
+        let max = self.inner.options.max_message_bytes;
+        AdminServiceClient::new(self.inner.channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    pub(crate) fn produce_stub(&self) -> ProduceServiceClient<Channel> {
+        let max = self.inner.options.max_message_bytes;
+        ProduceServiceClient::new(self.inner.channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    pub(crate) fn consume_stub(&self) -> ConsumeServiceClient<Channel> {
+        let max = self.inner.options.max_message_bytes;
+        ConsumeServiceClient::new(self.inner.channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    fn offset_stub(&self) -> OffsetServiceClient<Channel> {
+        let max = self.inner.options.max_message_bytes;
+        OffsetServiceClient::new(self.inner.channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    // ---- admin ---------------------------------------------------------------------------
+
+    /// Creates `topic` with `partitions` partitions (0: the broker's default) and `settings`
+    /// (unset fields take the broker's defaults). Returns the config the topic got.
+    ///
+    /// Errors: [`Error::TopicExists`], [`Error::InvalidRequest`] (bad name or config, or a
+    /// name starting with `__`, which the broker keeps for itself).
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+        settings: &TopicSettings,
+    ) -> Result<TopicConfig> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::CreateTopicRequest {
+                topic: topic.to_owned(),
+                partitions,
+                config: Some(settings.to_wire()),
+            },
+            t,
+        );
+        let resp = self.unary(t, self.admin_stub().create_topic(req)).await?;
+        Ok(TopicConfig::from_wire(&resp.config.unwrap_or_default()))
+    }
+
+    /// Deletes `topic` and all its data. [`Error::UnknownTopic`] if it does not exist.
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::DeleteTopicRequest {
+                topic: topic.to_owned(),
+            },
+            t,
+        );
+        self.unary(t, self.admin_stub().delete_topic(req)).await?;
+        Ok(())
+    }
+
+    /// Lists topics (internal `__` topics included), sorted by name.
+    pub async fn list_topics(&self) -> Result<Vec<TopicSummary>> {
+        let t = self.timeout();
+        let req = self.request(v1::ListTopicsRequest {}, t);
+        let resp = self.unary(t, self.admin_stub().list_topics(req)).await?;
+        Ok(resp
+            .topics
+            .into_iter()
+            .map(|s| TopicSummary {
+                topic: s.topic,
+                partitions: s.partitions,
+            })
+            .collect())
+    }
+
+    /// Describes `topic`: its config and each partition's offsets and size.
+    pub async fn describe_topic(&self, topic: &str) -> Result<TopicDescription> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::DescribeTopicRequest {
+                topic: topic.to_owned(),
+            },
+            t,
+        );
+        let resp = self.unary(t, self.admin_stub().describe_topic(req)).await?;
+        Ok(TopicDescription::from_wire(resp))
+    }
+
+    /// Changes the set fields of `settings` on `topic`; returns the config now in force.
+    pub async fn alter_topic_config(
+        &self,
+        topic: &str,
+        settings: &TopicSettings,
+    ) -> Result<TopicConfig> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::AlterTopicConfigRequest {
+                topic: topic.to_owned(),
+                config: Some(settings.to_wire()),
+            },
+            t,
+        );
+        let resp = self
+            .unary(t, self.admin_stub().alter_topic_config(req))
+            .await?;
+        Ok(TopicConfig::from_wire(&resp.config.unwrap_or_default()))
+    }
+
+    /// Grows `topic` to `partitions` partitions in total; returns the count now.
+    pub async fn add_partitions(&self, topic: &str, partitions: u32) -> Result<u32> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::AddPartitionsRequest {
+                topic: topic.to_owned(),
+                partitions,
+            },
+            t,
+        );
+        Ok(self
+            .unary(t, self.admin_stub().add_partitions(req))
+            .await?
+            .partitions)
+    }
+
+    // ---- produce (low level) -------------------------------------------------------------
+
+    /// Appends one pre-encoded batch (built with `spool_log_engine::BatchBuilder`) to a
+    /// partition, without batching or retries. Most callers want a [`Producer`].
+    pub async fn produce_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Bytes,
+        acks: Acks,
+    ) -> Result<Appended> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::ProduceRequest {
+                partitions: vec![v1::PartitionProduce {
+                    topic: topic.to_owned(),
+                    partition,
+                    data: Some(v1::partition_produce::Data::RecordBatch(batch)),
+                }],
+                acks: acks.to_wire() as i32,
+            },
+            t,
+        );
+        let resp = self.unary(t, self.produce_stub().produce(req)).await?;
+        let r = resp
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Protocol("produce reply without a result".into()))?;
+        if let Some(e) = &r.error {
+            return Err(Error::from_partition_error(topic, partition, None, e));
+        }
+        Ok(Appended {
+            base_offset: r.base_offset,
+            last_offset: r.last_offset,
+            log_append_time_ms: r.log_append_time_ms,
+        })
+    }
+
+    // ---- consume -------------------------------------------------------------------------
+
+    /// Reads one partition from `offset`: a long poll when `options.min_bytes > 0`. Records are
+    /// decoded here; those before `offset` (the start of its batch) are dropped.
+    ///
+    /// Errors: [`Error::OffsetOutOfRange`] with the partition's bounds when `offset` is outside
+    /// `[log_start_offset, high_watermark]`; [`Error::UnknownTopic`] /
+    /// [`Error::UnknownPartition`].
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        options: &FetchOptions,
+    ) -> Result<Fetched> {
+        let t = self.timeout() + options.max_wait;
+        let req = self.request(
+            v1::FetchRequest {
+                partitions: vec![v1::PartitionFetch {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset,
+                    max_bytes: options.max_bytes,
+                }],
+                min_bytes: options.min_bytes,
+                max_wait_ms: u32::try_from(options.max_wait.as_millis()).unwrap_or(u32::MAX),
+                decode_records: false,
+            },
+            t,
+        );
+        let resp = self.unary(t, self.consume_stub().fetch(req)).await?;
+        let d = resp
+            .partitions
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Protocol("fetch reply without partition data".into()))?;
+        if let Some(e) = &d.error {
+            return Err(Error::from_partition_error(
+                topic,
+                partition,
+                Some(offset),
+                e,
+            ));
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        let mut records = Vec::new();
+        decode_batches(
+            &topic,
+            partition,
+            &d.record_batches,
+            offset,
+            &self.inner.options.decode_limits,
+            &mut records,
+        )?;
+        Ok(Fetched {
+            records,
+            next_offset: d.next_offset,
+            high_watermark: d.high_watermark,
+            log_start_offset: d.log_start_offset,
+        })
+    }
+
+    /// Resolves offsets: one answer per query, in order; a per-partition failure is an `Err`
+    /// in its slot, a failure of the whole request the outer `Err`.
+    pub async fn list_offsets(
+        &self,
+        queries: &[(TopicPartition, OffsetSpec)],
+    ) -> Result<Vec<Result<ListedOffset>>> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::ListOffsetsRequest {
+                queries: queries
+                    .iter()
+                    .map(|(tp, spec)| {
+                        let (spec, ts) = match spec {
+                            OffsetSpec::Earliest => (v1::OffsetSpec::Earliest, 0),
+                            OffsetSpec::Latest => (v1::OffsetSpec::Latest, 0),
+                            OffsetSpec::Timestamp(ts) => (v1::OffsetSpec::Timestamp, *ts),
+                        };
+                        v1::OffsetQuery {
+                            topic: tp.topic.clone(),
+                            partition: tp.partition,
+                            spec: spec as i32,
+                            timestamp_ms: ts,
+                        }
+                    })
+                    .collect(),
+            },
+            t,
+        );
+        let resp = self.unary(t, self.consume_stub().list_offsets(req)).await?;
+        if resp.answers.len() != queries.len() {
+            return Err(Error::Protocol(format!(
+                "{} answers to {} offset queries",
+                resp.answers.len(),
+                queries.len()
+            )));
+        }
+        Ok(resp
+            .answers
+            .into_iter()
+            .zip(queries)
+            .map(|(a, (tp, _))| match &a.error {
+                Some(e) => Err(Error::from_partition_error(
+                    &tp.topic,
+                    tp.partition,
+                    None,
+                    e,
+                )),
+                None => Ok(ListedOffset {
+                    offset: a.offset,
+                    found: a.found,
+                }),
+            })
+            .collect())
+    }
+
+    /// Resolves one offset of one partition.
+    pub async fn list_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+    ) -> Result<ListedOffset> {
+        let mut v = self
+            .list_offsets(&[(TopicPartition::new(topic, partition), spec)])
+            .await?;
+        v.pop()
+            .unwrap_or_else(|| Err(Error::Protocol("no offset answer".into())))
+    }
+
+    // ---- consumer-group offsets ----------------------------------------------------------
+
+    /// Durably commits `offsets` for `group` (all or nothing). Each partition must exist.
+    pub async fn commit_offsets(&self, group: &str, offsets: &[OffsetCommit]) -> Result<()> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::CommitOffsetsRequest {
+                group: group.to_owned(),
+                offsets: offsets
+                    .iter()
+                    .map(|c| v1::OffsetCommit {
+                        topic: c.topic.clone(),
+                        partition: c.partition,
+                        offset: c.offset,
+                        metadata: c.metadata.clone(),
+                    })
+                    .collect(),
+            },
+            t,
+        );
+        self.unary(t, self.offset_stub().commit_offsets(req))
+            .await?;
+        Ok(())
+    }
+
+    /// A group's committed offsets for `partitions` (in order), or for everything the group
+    /// committed when `partitions` is empty.
+    pub async fn fetch_offsets(
+        &self,
+        group: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<CommittedOffset>> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::FetchOffsetsRequest {
+                group: group.to_owned(),
+                partitions: partitions
+                    .iter()
+                    .map(|tp| v1::TopicPartition {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                    })
+                    .collect(),
+            },
+            t,
+        );
+        let resp = self.unary(t, self.offset_stub().fetch_offsets(req)).await?;
+        Ok(resp
+            .offsets
+            .into_iter()
+            .map(|c| CommittedOffset {
+                topic: c.topic,
+                partition: c.partition,
+                offset: c.offset,
+                metadata: c.metadata,
+                commit_time_ms: c.commit_time_ms,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            endpoint_uri("127.0.0.1:7170").unwrap(),
+            "http://127.0.0.1:7170"
+        );
+        assert_eq!(endpoint_uri("http://h:1").unwrap(), "http://h:1");
+        assert!(matches!(
+            endpoint_uri("https://h:1"),
+            Err(Error::InvalidAddress { .. })
+        ));
+        assert!(matches!(
+            endpoint_uri("ftp://h:1"),
+            Err(Error::InvalidAddress { .. })
+        ));
+        assert!(Client::builder("not a uri").connect_lazy().is_err());
+    }
+}

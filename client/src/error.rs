@@ -1,0 +1,460 @@
+//! Typed errors of the client.
+//!
+//! The broker reports errors two ways (see `broker/src/error.rs`), both from one table:
+//! - a gRPC [`Status`] for a request about one thing, carrying a google.rpc `ErrorInfo` detail
+//!   whose `reason` is the `ErrorCode` name (`ERROR_CODE_UNKNOWN_TOPIC`, …) and whose metadata
+//!   names the `topic`, `partition` and, for out-of-range offsets, `log_start_offset` and
+//!   `high_watermark`;
+//! - a per-partition [`PartitionError`] inside replies covering several partitions.
+//!
+//! Both become the same [`Error`] variant here, so callers match on one enum whatever the call.
+//! A status without an `ErrorInfo` (transport failures, older brokers, the Subscribe stream
+//! today) is classified by its gRPC code alone.
+//!
+//! [`Error::is_retriable`] is the single definition of "worth retrying" used by the producer
+//! and the consumer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spool_proto::v1::{ErrorCode, PartitionError};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// Result type of the client.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where an offset fell outside a partition's log, as far as the broker said.
+///
+/// Fields the broker did not report are `None` (the Subscribe stream's error status carries no
+/// details today; the consumer fills them in with a `ListOffsets` call when it can).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutOfRange {
+    /// Topic, when known.
+    pub topic: Option<String>,
+    /// Partition, when known.
+    pub partition: Option<u32>,
+    /// The offset that was asked for, when known.
+    pub offset: Option<u64>,
+    /// The partition's first offset.
+    pub log_start_offset: Option<u64>,
+    /// The partition's high watermark (next offset to be written).
+    pub high_watermark: Option<u64>,
+    /// The broker's message.
+    pub message: String,
+}
+
+/// Everything that can go wrong in a client call.
+///
+/// Server-side failures keep the broker's message. Variants holding a `topic` and `partition`
+/// name the partition as the request named it.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker address could not be parsed.
+    #[error("invalid broker address {addr:?}: {reason}")]
+    InvalidAddress {
+        /// What was given.
+        addr: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The first connection to the broker failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The broker address.
+        addr: String,
+        /// The transport error.
+        source: Arc<tonic::transport::Error>,
+    },
+    /// The broker could not be reached, the connection broke, or the broker is not serving
+    /// (gRPC `UNAVAILABLE` without a more specific reason). Retriable.
+    #[error("broker unavailable: {message}")]
+    Unavailable {
+        /// Detail.
+        message: String,
+    },
+    /// No reply within the request timeout. Retriable, but the request may have been carried
+    /// out: a produce retried after a timeout may append the batch twice.
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    /// The topic does not exist.
+    #[error("unknown topic {topic:?}: {message}")]
+    UnknownTopic {
+        /// Topic name (empty if the broker did not say).
+        topic: String,
+        /// Broker's message.
+        message: String,
+    },
+    /// The topic has no such partition.
+    #[error("unknown partition {topic}/{partition}: {message}")]
+    UnknownPartition {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+        /// Broker's message.
+        message: String,
+    },
+    /// `CreateTopic` for a topic that exists.
+    #[error("topic {topic:?} already exists")]
+    TopicExists {
+        /// Topic name.
+        topic: String,
+    },
+    /// The request was refused as malformed (bad name, bad config, no data, internal topic…).
+    #[error("invalid request: {message}")]
+    InvalidRequest {
+        /// Broker's (or the client's) message.
+        message: String,
+    },
+    /// The batch failed the broker's checks; nothing was written.
+    #[error("invalid batch: {message}")]
+    InvalidBatch {
+        /// Broker's message.
+        message: String,
+    },
+    /// A batch or record is over a broker limit (e.g. the topic's `max_message_bytes`);
+    /// nothing was written.
+    #[error("too large: {message}")]
+    TooLarge {
+        /// Broker's message.
+        message: String,
+    },
+    /// The offset is outside `[log_start_offset, high_watermark]`.
+    #[error("offset out of range: {0:?}")]
+    OffsetOutOfRange(Box<OutOfRange>),
+    /// Stored data failed a check; the broker refused to serve it.
+    #[error("corruption reported by the broker: {message}")]
+    Corruption {
+        /// Broker's message.
+        message: String,
+    },
+    /// A write or fsync failed earlier on the broker; the partition refuses writes until the
+    /// broker restarts. Retriable (a restarted broker accepts writes again).
+    #[error("partition poisoned: {message}")]
+    PartitionPoisoned {
+        /// Broker's message.
+        message: String,
+    },
+    /// The broker's disk is full. Retriable (retention may free space).
+    #[error("broker storage full: {message}")]
+    StorageFull {
+        /// Broker's message.
+        message: String,
+    },
+    /// The broker is shutting down. Retriable (against the restarted broker).
+    #[error("broker shutting down: {message}")]
+    ShuttingDown {
+        /// Broker's message.
+        message: String,
+    },
+    /// Any other server-side failure.
+    #[error("broker internal error: {message}")]
+    Internal {
+        /// Broker's message.
+        message: String,
+    },
+    /// A gRPC status this client has no specific variant for.
+    #[error("gRPC status {code:?}: {message}")]
+    Rpc {
+        /// The gRPC code.
+        code: Code,
+        /// The message.
+        message: String,
+    },
+    /// The broker's reply did not match the request (e.g. a missing result): a client/broker
+    /// version mismatch or a bug.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Data received from the broker could not be decoded.
+    #[error("cannot decode record batch: {0}")]
+    Decode(#[from] spool_log_engine::BatchError),
+    /// A record is larger than the producer can ever send (its buffer or request limit).
+    #[error("record of {size} bytes exceeds the producer's limit of {limit} bytes")]
+    RecordTooLarge {
+        /// Estimated encoded size of the record.
+        size: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// The producer's buffer stayed full for longer than `max_block`.
+    #[error("producer buffer full for {0:?} (backpressure): the broker is not keeping up")]
+    BufferFull(Duration),
+    /// The record was not acknowledged within the producer's `delivery_timeout` (retries
+    /// included). `last_error` is the failure of the last attempt, if one was made.
+    #[error("delivery timed out after {elapsed:?}{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    DeliveryTimeout {
+        /// Time since the record was sent.
+        elapsed: Duration,
+        /// The last attempt's error.
+        last_error: Option<Box<Error>>,
+    },
+    /// The producer or consumer was closed.
+    #[error("closed")]
+    Closed,
+    /// A consumer call that needs a group was made without one.
+    #[error("no consumer group configured")]
+    NoGroup,
+    /// `StartAt::Committed` found no committed offset and `offset_reset` is `Error`.
+    #[error("the group has no committed offset for {topic}/{partition}")]
+    NoCommittedOffset {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+    },
+}
+
+impl Error {
+    /// True for failures that may go away by themselves: the producer retries these, the
+    /// consumer reconnects on them. Everything else needs the caller to change something.
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self,
+            Error::Unavailable { .. }
+                | Error::Timeout(_)
+                | Error::PartitionPoisoned { .. }
+                | Error::StorageFull { .. }
+                | Error::ShuttingDown { .. }
+        )
+    }
+
+    /// The broker's error code for this error, if it is one of the broker's.
+    pub fn code(&self) -> Option<ErrorCode> {
+        Some(match self {
+            Error::UnknownTopic { .. } => ErrorCode::UnknownTopic,
+            Error::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+            Error::InvalidBatch { .. } => ErrorCode::InvalidBatch,
+            Error::TooLarge { .. } => ErrorCode::TooLarge,
+            Error::OffsetOutOfRange(_) => ErrorCode::OffsetOutOfRange,
+            Error::Corruption { .. } => ErrorCode::Corruption,
+            Error::PartitionPoisoned { .. } => ErrorCode::PartitionPoisoned,
+            Error::StorageFull { .. } => ErrorCode::StorageFull,
+            Error::Internal { .. } => ErrorCode::Internal,
+            Error::InvalidRequest { .. } | Error::TopicExists { .. } => ErrorCode::InvalidRequest,
+            Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,
+            _ => return None,
+        })
+    }
+
+    /// The out-of-range details, if this is [`Error::OffsetOutOfRange`].
+    pub fn out_of_range(&self) -> Option<&OutOfRange> {
+        match self {
+            Error::OffsetOutOfRange(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Builds the error a per-partition [`PartitionError`] describes, for `topic`/`partition`
+    /// as the request named them. `offset` is the offset the request asked for, if any.
+    pub fn from_partition_error(
+        topic: &str,
+        partition: u32,
+        offset: Option<u64>,
+        e: &PartitionError,
+    ) -> Error {
+        let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
+        let oor = OutOfRange {
+            topic: Some(topic.to_owned()),
+            partition: Some(partition),
+            offset,
+            log_start_offset: Some(e.log_start_offset),
+            high_watermark: Some(e.high_watermark),
+            message: e.message.clone(),
+        };
+        from_code(code, Some(topic), Some(partition), e.message.clone(), oor)
+            .unwrap_or_else(|| Error::Protocol(format!("error with code 0: {}", e.message)))
+    }
+
+    /// Builds the error a gRPC status describes, reading its `ErrorInfo` detail if present.
+    pub fn from_status(status: &Status) -> Error {
+        let message = status.message().to_owned();
+        if let Some(info) = status.get_details_error_info()
+            && let Some(code) = ErrorCode::from_str_name(&info.reason)
+        {
+            let meta = &info.metadata;
+            let topic = meta.get("topic").map(String::as_str);
+            let partition = meta.get("partition").and_then(|p| p.parse().ok());
+            let num = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok());
+            let oor = OutOfRange {
+                topic: topic.map(str::to_owned),
+                partition,
+                offset: None,
+                log_start_offset: num("log_start_offset"),
+                high_watermark: num("high_watermark"),
+                message: message.clone(),
+            };
+            // ALREADY_EXISTS shares INVALID_REQUEST's error code on the wire.
+            if status.code() == Code::AlreadyExists {
+                return Error::TopicExists {
+                    topic: topic.unwrap_or_default().to_owned(),
+                };
+            }
+            if let Some(e) = from_code(code, topic, partition, message.clone(), oor) {
+                return e;
+            }
+        }
+        match status.code() {
+            Code::Unavailable | Code::Cancelled | Code::Aborted => Error::Unavailable { message },
+            // Transport-level failures (connection reset mid-stream, h2 errors) arrive as
+            // UNKNOWN or INTERNAL statuses with a source error attached.
+            Code::Unknown | Code::Internal if std::error::Error::source(status).is_some() => {
+                Error::Unavailable { message }
+            }
+            Code::DeadlineExceeded => Error::Timeout(Duration::ZERO),
+            Code::NotFound => Error::UnknownTopic {
+                topic: String::new(),
+                message,
+            },
+            Code::AlreadyExists => Error::TopicExists {
+                topic: String::new(),
+            },
+            Code::InvalidArgument => Error::InvalidRequest { message },
+            Code::OutOfRange => Error::OffsetOutOfRange(Box::new(OutOfRange {
+                message,
+                ..OutOfRange::default()
+            })),
+            Code::DataLoss => Error::Corruption { message },
+            Code::ResourceExhausted => Error::StorageFull { message },
+            Code::Internal => Error::Internal { message },
+            code => Error::Rpc { code, message },
+        }
+    }
+}
+
+fn from_code(
+    code: ErrorCode,
+    topic: Option<&str>,
+    partition: Option<u32>,
+    message: String,
+    oor: OutOfRange,
+) -> Option<Error> {
+    let topic_s = || topic.unwrap_or_default().to_owned();
+    Some(match code {
+        ErrorCode::Unspecified => return None,
+        ErrorCode::UnknownTopic => Error::UnknownTopic {
+            topic: topic_s(),
+            message,
+        },
+        ErrorCode::UnknownPartition => Error::UnknownPartition {
+            topic: topic_s(),
+            partition: partition.unwrap_or_default(),
+            message,
+        },
+        ErrorCode::InvalidBatch => Error::InvalidBatch { message },
+        ErrorCode::TooLarge => Error::TooLarge { message },
+        ErrorCode::OffsetOutOfRange => Error::OffsetOutOfRange(Box::new(oor)),
+        ErrorCode::Corruption => Error::Corruption { message },
+        ErrorCode::PartitionPoisoned => Error::PartitionPoisoned { message },
+        ErrorCode::StorageFull => Error::StorageFull { message },
+        ErrorCode::Internal => Error::Internal { message },
+        ErrorCode::InvalidRequest => Error::InvalidRequest { message },
+        ErrorCode::ShuttingDown => Error::ShuttingDown { message },
+    })
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Error {
+        Error::from_status(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    fn status(code: Code, reason: ErrorCode, meta: &[(&str, &str)]) -> Status {
+        let meta: HashMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let details = ErrorDetails::with_error_info(reason.as_str_name(), "spool.v1", meta);
+        Status::with_error_details(code, "detail", details)
+    }
+
+    #[test]
+    fn status_with_error_info() {
+        let e = Error::from_status(&status(
+            Code::OutOfRange,
+            ErrorCode::OffsetOutOfRange,
+            &[("log_start_offset", "5"), ("high_watermark", "9")],
+        ));
+        let o = e.out_of_range().expect("out of range");
+        assert_eq!((o.log_start_offset, o.high_watermark), (Some(5), Some(9)));
+        assert!(!e.is_retriable());
+
+        let e = Error::from_status(&status(
+            Code::NotFound,
+            ErrorCode::UnknownPartition,
+            &[("topic", "t"), ("partition", "3")],
+        ));
+        assert!(
+            matches!(&e, Error::UnknownPartition { topic, partition: 3, .. } if topic == "t"),
+            "{e:?}"
+        );
+        let e = Error::from_status(&status(
+            Code::AlreadyExists,
+            ErrorCode::InvalidRequest,
+            &[("topic", "t")],
+        ));
+        assert!(
+            matches!(&e, Error::TopicExists { topic } if topic == "t"),
+            "{e:?}"
+        );
+        let e = Error::from_status(&status(Code::Unavailable, ErrorCode::ShuttingDown, &[]));
+        assert!(matches!(e, Error::ShuttingDown { .. }) && e.is_retriable());
+    }
+
+    #[test]
+    fn status_without_details_uses_the_code() {
+        assert!(Error::from_status(&Status::unavailable("x")).is_retriable());
+        assert!(matches!(
+            Error::from_status(&Status::out_of_range("x")),
+            Error::OffsetOutOfRange(_)
+        ));
+        assert!(matches!(
+            Error::from_status(&Status::invalid_argument("x")),
+            Error::InvalidRequest { .. }
+        ));
+        assert!(matches!(
+            Error::from_status(&Status::permission_denied("x")),
+            Error::Rpc {
+                code: Code::PermissionDenied,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn partition_errors() {
+        let pe = PartitionError {
+            code: ErrorCode::OffsetOutOfRange as i32,
+            message: "m".into(),
+            log_start_offset: 2,
+            high_watermark: 7,
+        };
+        let e = Error::from_partition_error("t", 1, Some(99), &pe);
+        assert_eq!(
+            e.out_of_range(),
+            Some(&OutOfRange {
+                topic: Some("t".into()),
+                partition: Some(1),
+                offset: Some(99),
+                log_start_offset: Some(2),
+                high_watermark: Some(7),
+                message: "m".into(),
+            })
+        );
+        assert_eq!(e.code(), Some(ErrorCode::OffsetOutOfRange));
+        let pe = PartitionError {
+            code: ErrorCode::StorageFull as i32,
+            ..pe
+        };
+        assert!(Error::from_partition_error("t", 1, None, &pe).is_retriable());
+    }
+}

@@ -1,0 +1,70 @@
+//! Rust client for Spool's broker `spoold` (gRPC, `spool.v1`).
+//!
+//! ```no_run
+//! use spool_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt, TopicSettings};
+//!
+//! # async fn demo() -> spool_client::Result<()> {
+//! let client = Client::connect("127.0.0.1:7170").await?;
+//! client.create_topic("events", 4, &TopicSettings::default()).await?;
+//!
+//! let producer = client.producer(ProducerConfig::default());
+//! let delivery = producer.send("events", ProducerRecord::new("hello").key("user-1")).await?;
+//! let meta = delivery.await?;                 // acknowledged (durable by default)
+//! println!("at {}/{:?}", meta.partition, meta.offset);
+//! producer.close().await;
+//!
+//! let mut consumer = client.consumer(ConsumerConfig::with_group("billing"));
+//! consumer.subscribe_topic("events", StartAt::Committed).await?;
+//! while let Some(record) = consumer.next().await {
+//!     let record = record?;
+//!     println!("{}/{} @{}: {:?}", record.topic, record.partition, record.offset, record.value);
+//!     consumer.commit().await?;               // after processing: at-least-once
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Pieces
+//!
+//! - [`Client`]: one HTTP/2 connection (windows, message limits and keepalives matching the
+//!   broker), admin calls with typed configs ([`TopicSettings`], [`TopicDescription`]),
+//!   [`Client::fetch`], [`Client::list_offsets`], group offsets.
+//! - [`Producer`]: batches records per partition (linger, batch bytes), encodes each batch
+//!   once with the engine's `BatchBuilder` (none / LZ4 / zstd) and sends it pre-encoded; keeps
+//!   per-partition order with at most one batch in flight per partition; retries with backoff;
+//!   bounded buffer with backpressure. See [`producer`] for the exact guarantees.
+//! - [`Consumer`]: follows partitions over the broker's Subscribe stream from an offset, a
+//!   time, the earliest or latest offset, or the group's committed offset; reconnects; resets
+//!   out-of-range positions per policy. See [`consumer`].
+//! - [`Error`]: one typed error for gRPC statuses (read with their google.rpc `ErrorInfo`) and
+//!   per-partition errors alike; [`Error::is_retriable`] is what the producer and consumer
+//!   retry on.
+//!
+//! # Not here yet
+//!
+//! TLS and authentication (the broker has neither; see [`client`] for where they go),
+//! idempotent / transactional producers (so a retry after a timeout may duplicate a batch),
+//! and consumer-group membership (partitions are assigned by the caller; groups only store
+//! offsets).
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod consumer;
+mod decode;
+pub mod error;
+pub mod partitioner;
+pub mod producer;
+mod retry;
+pub mod types;
+
+pub use client::{Appended, Client, ClientBuilder, ClientOptions, DEFAULT_BROKER, FetchOptions};
+pub use consumer::{Consumer, ConsumerConfig, OffsetReset};
+pub use error::{Error, OutOfRange, Result};
+pub use producer::{Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerStats};
+pub use retry::Backoff;
+/// The wire types, for calls this crate does not wrap.
+pub use spool_proto::v1 as proto;
+pub use types::{
+    CleanupPolicy, CommittedOffset, Fetched, FsyncPolicy, Header, ListedOffset, OffsetCommit,
+    OffsetSpec, PartitionInfo, ProducerRecord, Record, RecordMetadata, StartAt, TopicConfig,
+    TopicDescription, TopicPartition, TopicSettings, TopicSummary,
+};
