@@ -311,6 +311,11 @@ impl Error {
                 topic: String::new(),
             },
             Code::InvalidArgument => Error::InvalidRequest { message },
+            // tonic's own message-size limits (the broker's `max_request_bytes` on decode, or
+            // this client's `max_message_bytes` on encode) are OUT_OF_RANGE without details.
+            Code::OutOfRange if message.contains("message length too large") => {
+                Error::TooLarge { message }
+            }
             Code::OutOfRange => Error::OffsetOutOfRange(Box::new(OutOfRange {
                 message,
                 ..OutOfRange::default()
@@ -416,6 +421,13 @@ mod tests {
         assert!(matches!(
             Error::from_status(&Status::out_of_range("x")),
             Error::OffsetOutOfRange(_)
+        ));
+        let too_big = Status::out_of_range(
+            "Error, decoded message length too large: found 70000000 bytes, the limit is: 67108864 bytes",
+        );
+        assert!(matches!(
+            Error::from_status(&too_big),
+            Error::TooLarge { .. }
         ));
         assert!(matches!(
             Error::from_status(&Status::invalid_argument("x")),

@@ -204,7 +204,6 @@ async fn backpressure_bounds_the_buffer() {
     let producer = c.producer(ProducerConfig {
         buffer_bytes: buffer,
         batch_bytes: 16 << 10,
-        acks: Acks::Written,
         ..ProducerConfig::default()
     });
     let value = Bytes::from(vec![7u8; 1024]);
