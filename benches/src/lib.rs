@@ -19,6 +19,8 @@
 //!   `cargo test --benches`.
 //! - `SPOOL_BENCH_WARMUP`, `SPOOL_BENCH_REPS`: rounds.
 //! - `SPOOL_BENCH_PREFAULT=0`: do not pre-fault memory before each sample.
+//! - `SPOOL_BENCH_PREFAULT_BYTES`: pre-fault at least this much (default 3 GiB, as the
+//!   reference measurements did; a case that writes more pre-faults its own size + 64 MiB).
 //! - `SPOOL_BENCH_PAUSE_SECS=10`: sleep before each sample; with `SPOOL_BENCH_PREFAULT=0` this
 //!   measures on host-fresh memory (the slow first-run case).
 //! - `SPOOL_BENCH_ONLY=a,b`: run only the cases whose names contain `a` or `b`.
@@ -48,6 +50,8 @@ pub struct Config {
     pub reps: usize,
     /// Pre-fault memory right before each sample.
     pub prefault: bool,
+    /// Least bytes to pre-fault (a case's own size is used when larger).
+    pub prefault_min: u64,
     /// Sleep this long before each sample (with `prefault` off: lets free-page reporting
     /// hand freed memory back to the host, so the sample sees host-fresh memory).
     pub pause: Duration,
@@ -62,6 +66,9 @@ impl Config {
             warmup: env_usize("SPOOL_BENCH_WARMUP", 1, 1),
             reps: env_usize("SPOOL_BENCH_REPS", 5, 2).max(1),
             prefault: env_str("SPOOL_BENCH_PREFAULT").is_none_or(|v| v != "0"),
+            prefault_min: env_str("SPOOL_BENCH_PREFAULT_BYTES")
+                .and_then(|v| parse_bytes(&v))
+                .unwrap_or(if quick_mode() { 64 << 20 } else { 3 << 30 }),
             pause: Duration::from_secs_f64(
                 env_str("SPOOL_BENCH_PAUSE_SECS").map_or(0.0, |v| v.parse().unwrap_or(0.0)),
             ),
@@ -322,7 +329,7 @@ impl<'a> Suite<'a> {
                     std::thread::sleep(self.cfg.pause);
                 }
                 if self.cfg.prefault && c.prefault_bytes > 0 {
-                    prefault(c.prefault_bytes);
+                    prefault(c.prefault_bytes.max(self.cfg.prefault_min));
                 }
                 let before = CpuSnap::now();
                 let x = (c.run)();
