@@ -40,6 +40,24 @@ pub struct RecoveryReport {
     pub bytes_truncated: u64,
     /// True when a valid recovery point was found.
     pub had_recovery_point: bool,
+    /// Files holding the bytes cut from torn tails (`<segment>.log.torn-<position>`), kept for
+    /// inspection; nothing reads them.
+    pub quarantined: Vec<std::path::PathBuf>,
+}
+
+/// Copies `file[pos..len]` to `<segment>.torn-<pos>` next to it, durably, and returns its path.
+fn quarantine(dir: &Path, path: &Path, file: &File, pos: u64, len: u64) -> Result<std::path::PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".torn-{pos}"));
+    let dst = std::path::PathBuf::from(name);
+    let mut src = file;
+    src.seek(SeekFrom::Start(pos)).map_err(|e| Error::io("seek", path, e))?;
+    let mut out = File::create(&dst).map_err(|e| Error::io("create", &dst, e))?;
+    std::io::copy(&mut src.take(len - pos), &mut out).map_err(|e| Error::io("copy torn tail", &dst, e))?;
+    out.sync_data().map_err(|e| Error::io("fdatasync", &dst, e))?;
+    crate::fsutil::sync_dir(dir)?;
+    Ok(dst)
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<(u64, u64)>> {
@@ -203,7 +221,12 @@ impl Partition {
                         format!("in a sealed segment: {reason}"),
                     ));
                 }
-                tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, reason = %reason, "truncating torn tail past the recovery point");
+                // Past the recovery point a bad batch is most likely a torn write, but it could
+                // also be damage to acknowledged data: keep the bytes aside before cutting, so
+                // nothing is lost silently (`RecoveryReport::quarantined` names the file).
+                let saved = quarantine(dir, &path, &file, pos, len)?;
+                tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), reason = %reason, "truncating torn tail past the recovery point");
+                report.quarantined.push(saved);
                 file.set_len(pos)
                     .map_err(|e| Error::io("truncate", &path, e))?;
                 file.sync_data()

@@ -160,3 +160,35 @@ fn log_append_time_batches_decode_with_the_batch_timestamp() {
     let ts: Vec<i64> = batch.records(&Default::default()).unwrap().map(|r| r.unwrap().timestamp).collect();
     assert_eq!(ts, vec![999, 999]);
 }
+
+#[test]
+fn a_cut_tail_is_kept_aside_not_silently_dropped() {
+    // Data past the recovery point that fails its check is cut (it is most likely a torn
+    // write), but the cut bytes are saved next to the segment and named in the report.
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    {
+        let log = open_topic(dir.path(), TopicConfig::default());
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..5 {
+            p.append(&batch(&format!("x{i}"), 2, i)).unwrap();
+        }
+        // A copy taken while the log is open: everything lies past the recovery point.
+        crate::common::copy_dir(dir.path(), crashed.path());
+    }
+    let seg = crate::common::segment_files(&crashed.path().join("t/0")).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let spans = crate::common::batch_spans(&bytes);
+    let damaged = spans[3].pos as usize;
+    let original_tail = bytes[damaged..].to_vec();
+    bytes[damaged + 40] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+    let log = spool_log_engine::Log::open(crashed.path(), crate::common::opts()).unwrap();
+    let r = crate::common::report(&log, 0);
+    assert_eq!(r.bytes_truncated as usize, original_tail.len());
+    assert_eq!(r.quarantined.len(), 1);
+    let mut saved = std::fs::read(&r.quarantined[0]).unwrap();
+    saved[40] ^= 0x10;
+    assert_eq!(saved, original_tail, "the cut bytes are kept exactly");
+    assert_eq!(log.partition("t", 0).unwrap().high_watermark(), 6);
+}
