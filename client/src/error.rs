@@ -8,8 +8,9 @@
 //! - a per-partition [`PartitionError`] inside replies covering several partitions.
 //!
 //! Both become the same [`Error`] variant here, so callers match on one enum whatever the call.
-//! A status without an `ErrorInfo` (transport failures, older brokers, the Subscribe stream
-//! today) is classified by its gRPC code alone.
+//! A status without an `ErrorInfo` (older brokers, tonic's size limits, the Subscribe stream
+//! today) is classified by its gRPC code; one raised locally by a transport failure (it carries
+//! a source error) is [`Error::Unavailable`].
 //!
 //! [`Error::is_retriable`] is the single definition of "worth retrying" used by the producer
 //! and the consumer.
@@ -295,13 +296,14 @@ impl Error {
                 return e;
             }
         }
+        // Statuses made on this side from a transport failure (connection refused or reset,
+        // h2 errors, an early EOF) carry their cause as a source, whatever code tonic picked
+        // (UNKNOWN, INTERNAL, even OUT_OF_RANGE for an EOF); statuses from the broker never do.
+        if std::error::Error::source(status).is_some() {
+            return Error::Unavailable { message };
+        }
         match status.code() {
             Code::Unavailable | Code::Cancelled | Code::Aborted => Error::Unavailable { message },
-            // Transport-level failures (connection reset mid-stream, h2 errors) arrive as
-            // UNKNOWN or INTERNAL statuses with a source error attached.
-            Code::Unknown | Code::Internal if std::error::Error::source(status).is_some() => {
-                Error::Unavailable { message }
-            }
             Code::DeadlineExceeded => Error::Timeout(Duration::ZERO),
             Code::NotFound => Error::UnknownTopic {
                 topic: String::new(),
@@ -413,6 +415,18 @@ mod tests {
         );
         let e = Error::from_status(&status(Code::Unavailable, ErrorCode::ShuttingDown, &[]));
         assert!(matches!(e, Error::ShuttingDown { .. }) && e.is_retriable());
+    }
+
+    #[test]
+    fn local_transport_failures_are_unavailable() {
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "early eof");
+        let status = Status::from_error(Box::new(eof));
+        assert!(std::error::Error::source(&status).is_some());
+        let e = Error::from_status(&status);
+        assert!(
+            matches!(e, Error::Unavailable { .. }) && e.is_retriable(),
+            "{e:?}"
+        );
     }
 
     #[test]

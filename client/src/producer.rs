@@ -16,11 +16,16 @@
 //!   batch is sent only once the previous one has completed (acknowledged or finally failed); a
 //!   batch to be retried goes back to the *head* of its partition's queue. So, barring the
 //!   timeout case below, records of one partition are appended in `send` order, retries
-//!   included. Pipelining several batches of one partition would not be safe against today's
-//!   broker even without failures: concurrent Produce requests are separate HTTP/2 streams
-//!   handled by separate tasks, and nothing orders their appends. Throughput comes instead from
-//!   large batches, from many partitions per request, and from several requests in flight
-//!   (for different partitions).
+//!   included. Throughput comes instead from large batches, from many partitions per request,
+//!   and from several requests in flight (for different partitions).
+//!
+//!   Why not pipeline one partition's batches: concurrent unary `Produce` calls are separate
+//!   HTTP/2 streams handled by separate broker tasks, so nothing orders their appends. The
+//!   broker's `ProduceStream` does append in arrival order, which would order the *first*
+//!   attempts; but a retry breaks it: if batch N fails with a retriable per-partition error
+//!   (disk full, poisoned partition) after N+1 was appended, resending N puts it after N+1.
+//!   Pipelining becomes safe with idempotent producers (issue 5), where the broker can refuse
+//!   out-of-sequence batches; the producer should then move to `ProduceStream`.
 //! - **Retries may duplicate.** A retriable failure (UNAVAILABLE, a broken connection, a
 //!   request timeout, a poisoned partition, a full disk, a broker shutting down) is retried
 //!   with exponential backoff until `delivery_timeout` has passed since the record was sent.

@@ -4,8 +4,9 @@
 //! The binary is `$CARGO_BIN_EXE_spoold` if set, else `spoold` next to the test's own target
 //! directory (`target/<profile>/spoold`, found from this executable's path, so custom target
 //! dirs and profiles work). Cargo does not build another package's binaries for a test, so it
-//! must be built first: `cargo build -p spool-broker --bin spoold` (`.ci/run` does). A binary
-//! older than the broker, engine or proto sources is refused rather than silently tested.
+//! must be built first: `cargo build -p spool-broker --bin spoold` (`cargo test --workspace`
+//! does it too, for the broker's own integration tests). A binary older than any source file it
+//! was built from (per cargo's dep-info `spoold.d`) is refused rather than silently tested.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -187,50 +188,48 @@ fn find_spoold() -> PathBuf {
             bin.display()
         );
     };
+    // Cargo's dep-info next to the binary lists every source file it was built from.
     let built = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for src in ["broker", "log-engine/src", "proto"] {
-        if let Some((newest, path)) = newest_file(&workspace.join(src))
-            && newest > built
-        {
+    let deps = std::fs::read_to_string(profile_dir.join("spoold.d")).unwrap_or_default();
+    for src in dep_info_files(&deps) {
+        let changed = std::fs::metadata(&src).and_then(|m| m.modified());
+        if changed.is_ok_and(|t| t > built) {
             panic!(
                 "{} is older than {}: rebuild it with `cargo build -p spool-broker --bin spoold` \
                  (or set CARGO_BIN_EXE_spoold)",
                 bin.display(),
-                path.display()
+                src.display()
             );
         }
     }
     bin
 }
 
-fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let Ok(ft) = entry.file_type() else { continue };
-        let found = if ft.is_dir() {
-            if path.file_name().is_some_and(|n| n == "tests") {
-                continue; // broker tests do not go into the binary
+/// The prerequisites of a Makefile-style dep-info file (`target: dep dep…`, spaces in paths
+/// escaped with a backslash).
+fn dep_info_files(deps: &str) -> Vec<PathBuf> {
+    let Some(line) = deps.lines().next() else {
+        return Vec::new();
+    };
+    let Some((_, prereqs)) = line.split_once(": ") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = prereqs.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            ' ' => {
+                if !cur.is_empty() {
+                    out.push(PathBuf::from(std::mem::take(&mut cur)));
+                }
             }
-            newest_file(&path)
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "rs" || e == "proto" || e == "toml")
-        {
-            entry
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .map(|t| (t, path))
-        } else {
-            None
-        };
-        if let Some(f) = found
-            && newest.as_ref().is_none_or(|n| f.0 > n.0)
-        {
-            newest = Some(f);
+            c => cur.push(c),
         }
     }
-    newest
+    if !cur.is_empty() {
+        out.push(PathBuf::from(cur));
+    }
+    out
 }
