@@ -150,6 +150,20 @@ pub enum Error {
         /// Broker's message.
         message: String,
     },
+    /// The caller's credentials do not allow this operation (gRPC `PERMISSION_DENIED`, error
+    /// code `ERROR_CODE_NOT_AUTHORIZED`).
+    #[error("not authorized: {message}")]
+    NotAuthorized {
+        /// Broker's message.
+        message: String,
+    },
+    /// The broker wants credentials this client did not send or that it does not know (gRPC
+    /// `UNAUTHENTICATED`).
+    #[error("not authenticated: {message}")]
+    Unauthenticated {
+        /// Broker's message.
+        message: String,
+    },
     /// Any other server-side failure.
     #[error("broker internal error: {message}")]
     Internal {
@@ -235,6 +249,7 @@ impl Error {
             Error::Internal { .. } => ErrorCode::Internal,
             Error::InvalidRequest { .. } | Error::TopicExists { .. } => ErrorCode::InvalidRequest,
             Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,
+            Error::NotAuthorized { .. } => return ErrorCode::from_str_name(NOT_AUTHORIZED),
             _ => return None,
         })
     }
@@ -265,7 +280,7 @@ impl Error {
             message: e.message.clone(),
         };
         from_code(code, Some(topic), Some(partition), e.message.clone(), oor)
-            .unwrap_or_else(|| Error::Protocol(format!("error with code 0: {}", e.message)))
+            .unwrap_or_else(|| Error::Protocol(format!("error code {}: {}", e.code, e.message)))
     }
 
     /// Builds the error a gRPC status describes, reading its `ErrorInfo` detail if present.
@@ -323,12 +338,18 @@ impl Error {
                 ..OutOfRange::default()
             })),
             Code::DataLoss => Error::Corruption { message },
+            Code::PermissionDenied => Error::NotAuthorized { message },
+            Code::Unauthenticated => Error::Unauthenticated { message },
             Code::ResourceExhausted => Error::StorageFull { message },
             Code::Internal => Error::Internal { message },
             code => Error::Rpc { code, message },
         }
     }
 }
+
+/// `ERROR_CODE_NOT_AUTHORIZED`, matched by name so that this client builds against contracts
+/// with and without it.
+const NOT_AUTHORIZED: &str = "ERROR_CODE_NOT_AUTHORIZED";
 
 fn from_code(
     code: ErrorCode,
@@ -358,6 +379,12 @@ fn from_code(
         ErrorCode::Internal => Error::Internal { message },
         ErrorCode::InvalidRequest => Error::InvalidRequest { message },
         ErrorCode::ShuttingDown => Error::ShuttingDown { message },
+        // Codes added to the contract after this client was written: named ones it knows by
+        // name, others as the gRPC status they come with (the caller matches on the code).
+        #[allow(unreachable_patterns)]
+        other if other.as_str_name() == NOT_AUTHORIZED => Error::NotAuthorized { message },
+        #[allow(unreachable_patterns)]
+        _ => return None,
     })
 }
 
@@ -449,11 +476,36 @@ mod tests {
         ));
         assert!(matches!(
             Error::from_status(&Status::permission_denied("x")),
+            Error::NotAuthorized { .. }
+        ));
+        assert!(matches!(
+            Error::from_status(&Status::unauthenticated("x")),
+            Error::Unauthenticated { .. }
+        ));
+        assert!(matches!(
+            Error::from_status(&Status::unimplemented("x")),
             Error::Rpc {
-                code: Code::PermissionDenied,
+                code: Code::Unimplemented,
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn not_authorized_by_name() {
+        // Built by name so the test compiles with contracts that lack the code.
+        let Some(code) = ErrorCode::from_str_name(NOT_AUTHORIZED) else {
+            return;
+        };
+        let pe = PartitionError {
+            code: code as i32,
+            message: "token may not produce to t".into(),
+            ..PartitionError::default()
+        };
+        let e = Error::from_partition_error("t", 0, None, &pe);
+        assert!(matches!(e, Error::NotAuthorized { .. }), "{e:?}");
+        assert_eq!(e.code(), Some(code));
+        assert!(!e.is_retriable());
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! send() ──► route (key hash / round robin / explicit) ──► wait for buffer bytes (backpressure)
 //!        ──► append to the partition's open batch ──► DeliveryFuture
 //!
-//! sender task: seal batches (full, lingered, flush, close) ──► group ready batches into
-//!              Produce requests (≤ max_request_bytes, ≤ max_in_flight_requests at once)
+//! sender task: seal batches (full; lingered, if the partition can send; flush; close)
+//!              ──► group ready batches into Produce requests
+//!                  (≤ max_request_bytes each, ≤ max_in_flight_requests at once)
 //!              ──► encode (BatchBuilder::finish: compression + CRC, once per batch)
 //!              ──► record_batch fast path ──► complete / retry / fail each batch
 //! ```
@@ -748,11 +749,15 @@ async fn run(shared: Arc<Shared>) {
             let mut current_bytes = 0usize;
             let mut idle = true;
             for q in st.queues.values_mut() {
+                // While the partition cannot send (a batch in flight or queued), its open batch
+                // keeps filling up to `batch_bytes` instead of being sealed small at `linger`:
+                // the completion that unblocks the partition wakes this loop.
+                let blocked = q.in_flight || !q.ready.is_empty();
                 if let Some(open) = &q.open {
                     let due = open.created + cfg.linger;
-                    if st.closed || due <= now {
+                    if st.closed || (due <= now && !blocked) {
                         q.ready.extend(q.open.take());
-                    } else {
+                    } else if !blocked {
                         next_wake = Some(next_wake.map_or(due, |w| w.min(due)));
                     }
                 }
