@@ -36,10 +36,35 @@ pub struct Config {
     pub runtime_threads: usize,
     /// Longest time a graceful shutdown waits for in-flight requests and streams.
     pub shutdown_timeout_ms: u64,
+    /// TLS for the gRPC listener; absent means plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Bearer tokens and their ACLs; none means no authentication.
+    pub auth: AuthConfig,
     /// Limits enforced before allocating.
     pub limits: LimitsConfig,
     /// Defaults for topics created without an explicit setting.
     pub topic_defaults: TopicDefaults,
+}
+
+/// TLS settings (rustls, ring provider).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accepted tokens (by hash) with their ACLs.
+    pub tokens: Vec<crate::auth::TokenConfig>,
 }
 
 /// Request and connection limits.
@@ -93,6 +118,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))),
             allow_non_loopback: false,
+            tls: None,
+            auth: AuthConfig::default(),
             runtime_threads: 0,
             shutdown_timeout_ms: 10_000,
             limits: LimitsConfig::default(),
@@ -211,14 +238,26 @@ impl Config {
 
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for addr in std::iter::once(self.listen).chain(self.metrics_listen) {
-            if !self.allow_non_loopback && !addr.ip().is_loopback() {
-                return Err(ConfigError::Invalid(format!(
-                    "refusing to listen on {addr} without TLS and tokens: only loopback addresses \
-                     are allowed unless allow_non_loopback = true (--allow-non-loopback)"
-                )));
-            }
+        let secured = self.tls.is_some() && !self.auth.tokens.is_empty();
+        if !self.allow_non_loopback && !secured && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {} without TLS and tokens: only loopback addresses are \
+                 allowed unless TLS and auth tokens are configured, or allow_non_loopback = true \
+                 (--allow-non-loopback)",
+                self.listen
+            )));
         }
+        // The metrics endpoint has neither TLS nor tokens.
+        if let Some(m) = self.metrics_listen
+            && !self.allow_non_loopback
+            && !m.ip().is_loopback()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to serve metrics on {m}: the metrics endpoint is unauthenticated; \
+                 use a loopback address or allow_non_loopback = true"
+            )));
+        }
+        crate::auth::Auth::new(&self.auth.tokens)?;
         if self.limits.max_request_bytes < 1024 || self.limits.max_request_bytes > 1 << 30 {
             return Err(ConfigError::Invalid(
                 "limits.max_request_bytes must be in 1 KiB..=1 GiB".into(),

@@ -33,6 +33,9 @@ pub enum BrokerError {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The caller's token does not allow this.
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
 }
 
 /// The wire code and gRPC code of an error.
@@ -40,6 +43,7 @@ fn classify(e: &BrokerError) -> (ErrorCode, Code) {
     match e {
         BrokerError::InvalidRequest(_) => (ErrorCode::InvalidRequest, Code::InvalidArgument),
         BrokerError::ShuttingDown => (ErrorCode::ShuttingDown, Code::Unavailable),
+        BrokerError::NotAuthorized(_) => (ErrorCode::NotAuthorized, Code::PermissionDenied),
         BrokerError::Engine(e) => match e {
             EngineError::TopicNotFound(_) => (ErrorCode::UnknownTopic, Code::NotFound),
             EngineError::PartitionNotFound { .. } => (ErrorCode::UnknownPartition, Code::NotFound),

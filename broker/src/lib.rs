@@ -17,6 +17,7 @@
 //! - Shutdown stops accepting, ends subscriptions, waits at most `shutdown_timeout_ms` for
 //!   in-flight requests, then flushes and closes the log.
 
+mod auth;
 pub mod config;
 mod conn;
 mod convert;
@@ -36,7 +37,9 @@ use spool_proto::v1::offset_service_server::OffsetServiceServer;
 use spool_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 
+pub use auth::{TokenConfig, hash_token};
 pub use config::Config;
 pub use error::{BrokerError, ConfigError};
 pub use offsets::OFFSETS_TOPIC;
@@ -67,6 +70,7 @@ pub(crate) struct State {
     pub(crate) limits: Limits,
     pub(crate) offsets: Arc<offsets::OffsetStore>,
     pub(crate) metrics: Arc<metrics::Metrics>,
+    pub(crate) auth: Arc<auth::Auth>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -106,6 +110,7 @@ impl Broker {
         let log = Arc::new(log);
         let offsets = Arc::new(offsets::OffsetStore::open(log.clone(), &limits)?);
         let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));
+        let auth = Arc::new(auth::Auth::new(&config.auth.tokens)?);
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Broker {
             state: Arc::new(State {
@@ -115,6 +120,7 @@ impl Broker {
                 limits,
                 offsets,
                 metrics,
+                auth,
                 shutdown,
             }),
             shutdown_tx,
@@ -169,7 +175,12 @@ impl Broker {
             .map_err(|e| StartError::Reflection(e.to_string()))?;
 
         let (stop_tx, mut stop_rx) = watch::channel(false);
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &cfg.tls {
+            builder = builder.tls_config(tls_config(tls)?)?;
+        }
+        let intercept = state.auth.interceptor();
+        let router = builder
             .tcp_nodelay(true)
             // Unary handlers (fetch long polls included, whose wait is capped below this) are
             // cut off after request_timeout_ms; streams are not (the timeout covers producing
@@ -182,29 +193,35 @@ impl Broker {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .http2_max_pending_accept_reset_streams(Some(64))
+            // Health and reflection stay open (load balancers and grpcurl need them); every
+            // spool.v1 service goes through the token check.
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 AdminServiceServer::new(service::Admin::new(state.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
-            )
-            .add_service(
+                intercept.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 ProduceServiceServer::new(service::Produce::new(state.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
-            )
-            .add_service(
+                intercept.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 ConsumeServiceServer::new(service::Consume::new(state.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
-            )
-            .add_service(
+                intercept.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 OffsetServiceServer::new(service::Offsets::new(state.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
-            );
+                intercept,
+            ));
         if let Some(ml) = metrics_listener {
             tokio::spawn(metrics::serve(state.metrics.clone(), ml, stop_rx.clone()));
         }
@@ -244,6 +261,20 @@ impl Broker {
         }
         served
     }
+}
+
+/// Reads the PEM files of the TLS settings.
+fn tls_config(tls: &config::TlsConfig) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map_err(|e| ConfigError::Invalid(format!("tls: reading {}: {e}", p.display())))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let mut out = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca {
+        out = out.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(out)
 }
 
 /// Runs blocking engine work on tokio's blocking pool.

@@ -35,10 +35,27 @@ struct Args {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Read a token from stdin, print the SHA-256 to put in [[auth.tokens]] sha256, and exit.
+    /// Generate tokens with e.g. `head -c 32 /dev/urandom | base64`.
+    #[arg(long)]
+    hash_token: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.hash_token {
+        let mut token = String::new();
+        std::io::stdin()
+            .read_line(&mut token)
+            .context("reading the token from stdin")?;
+        let token = token.trim();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "a token should be at least 16 characters of random data"
+        );
+        println!("{}", spool_broker::hash_token(token));
+        return Ok(());
+    }
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(d) = args.data_dir {
         config.data_dir = d;

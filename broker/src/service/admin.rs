@@ -6,6 +6,7 @@ use spool_proto::v1::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
 use super::check_user_topic;
+use crate::auth::{Action, principal};
 use crate::convert::{apply_topic_config, topic_config_to_wire};
 use crate::error::BrokerError;
 use crate::{State, blocking};
@@ -29,7 +30,9 @@ impl AdminService for Admin {
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let timer = self.state.metrics.rpc("CreateTopic");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
+            who.require(Action::Admin, &req.topic)?;
             check_user_topic(&req.topic)?;
             let mut cfg = self.state.topic_defaults.clone();
             if req.partitions > 0 {
@@ -57,7 +60,9 @@ impl AdminService for Admin {
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let timer = self.state.metrics.rpc("DeleteTopic");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
+            who.require(Action::Admin, &req.topic)?;
             check_user_topic(&req.topic)?;
             let log = self.state.log.clone();
             blocking(move || log.delete_topic(&req.topic))
@@ -71,14 +76,17 @@ impl AdminService for Admin {
 
     async fn list_topics(
         &self,
-        _req: Request<v1::ListTopicsRequest>,
+        req: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
         let timer = self.state.metrics.rpc("ListTopics");
         let result: Result<Response<_>, Status> = async move {
+            // A token sees the topics it may consume from or administer.
+            let who = principal(&req);
             let log = &self.state.log;
             let topics = log
                 .topics()
                 .into_iter()
+                .filter(|t| who.allows(Action::Consume, t) || who.allows(Action::Admin, t))
                 .filter_map(|t| {
                     let n = log.topic_config(&t).ok()?.partitions;
                     Some(v1::TopicSummary {
@@ -99,7 +107,11 @@ impl AdminService for Admin {
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
         let timer = self.state.metrics.rpc("DescribeTopic");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let topic = req.into_inner().topic;
+            if !who.allows(Action::Consume, &topic) {
+                who.require(Action::Admin, &topic)?;
+            }
             let log = &self.state.log;
             let cfg = log.topic_config(&topic).map_err(BrokerError::from)?;
             let partitions = log
@@ -133,7 +145,9 @@ impl AdminService for Admin {
     ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
         let timer = self.state.metrics.rpc("AlterTopicConfig");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
+            who.require(Action::Admin, &req.topic)?;
             check_user_topic(&req.topic)?;
             let mut cfg = self
                 .state
@@ -162,7 +176,9 @@ impl AdminService for Admin {
     ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
         let timer = self.state.metrics.rpc("AddPartitions");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
+            who.require(Action::Admin, &req.topic)?;
             check_user_topic(&req.topic)?;
             let log = self.state.log.clone();
             let n = req.partitions;

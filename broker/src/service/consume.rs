@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Action, principal};
 use crate::convert::decode_records;
 use crate::error::{BrokerError, partition_error};
 use crate::{State, blocking};
@@ -118,6 +119,7 @@ impl ConsumeService for Consume {
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let timer = self.state.metrics.rpc("Fetch");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
             let limits = &self.state.config.limits;
             if req.partitions.len() > limits.max_partitions_per_request {
@@ -133,10 +135,9 @@ impl ConsumeService for Consume {
             let deadline = Instant::now() + wait;
             let mut targets = Vec::with_capacity(req.partitions.len());
             for pf in &req.partitions {
-                let p = self
-                    .state
-                    .log
-                    .partition(&pf.topic, pf.partition)
+                let p = who
+                    .require(Action::Consume, &pf.topic)
+                    .and_then(|()| Ok(self.state.log.partition(&pf.topic, pf.partition)?))
                     .map_err(partition_error);
                 targets.push((
                     p,
@@ -207,6 +208,7 @@ impl ConsumeService for Consume {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let timer = self.state.metrics.rpc("Subscribe");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
             let limits = &self.state.config.limits;
             if req.partitions.is_empty() || req.partitions.len() > limits.max_partitions_per_request
@@ -219,6 +221,7 @@ impl ConsumeService for Consume {
             }
             let mut followed = Vec::with_capacity(req.partitions.len());
             for sp in &req.partitions {
+                who.require(Action::Consume, &sp.topic)?;
                 let p = self
                     .state
                     .log
@@ -255,6 +258,7 @@ impl ConsumeService for Consume {
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
         let timer = self.state.metrics.rpc("ListOffsets");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
             let limit = self.state.config.limits.max_partitions_per_request;
             if req.queries.len() > limit {
@@ -274,7 +278,8 @@ impl ConsumeService for Consume {
                             partition: q.partition,
                             ..Default::default()
                         };
-                        let res = state.log.partition(&q.topic, q.partition).and_then(|p| {
+                        let res = who.require(Action::Consume, &q.topic).and_then(|()| {
+                            let p = state.log.partition(&q.topic, q.partition)?;
                             Ok(
                                 match v1::OffsetSpec::try_from(q.spec)
                                     .unwrap_or(v1::OffsetSpec::Latest)

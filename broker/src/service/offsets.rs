@@ -6,6 +6,7 @@ use spool_proto::v1::{self, offset_service_server::OffsetService};
 use tonic::{Request, Response, Status};
 
 use super::now_ms;
+use crate::auth::{Action, principal};
 use crate::{State, blocking};
 
 #[derive(Debug)]
@@ -27,7 +28,12 @@ impl OffsetService for Offsets {
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
         let timer = self.state.metrics.rpc("CommitOffsets");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
+            who.require(Action::Group, &req.group)?;
+            for c in &req.offsets {
+                who.require(Action::Consume, &c.topic)?;
+            }
             let state = self.state.clone();
             blocking(move || state.offsets.commit(&req.group, &req.offsets, now_ms())).await??;
             Ok(Response::new(v1::CommitOffsetsResponse {}))
@@ -42,7 +48,9 @@ impl OffsetService for Offsets {
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
         let timer = self.state.metrics.rpc("FetchOffsets");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
+            who.require(Action::Group, &req.group)?;
             let offsets = self.state.offsets.fetch(&req.group, &req.partitions)?;
             Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
         }

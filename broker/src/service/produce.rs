@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{check_user_topic, now_ms};
+use crate::auth::{Action, Principal, principal};
 use crate::convert::encode_records;
 use crate::error::{BrokerError, partition_error};
 use crate::{State, blocking};
@@ -48,10 +49,12 @@ impl Produce {
 /// Checks one partition's part of a request: where it goes, and the batch bytes.
 fn prepare(
     state: &State,
+    who: &Principal,
     pp: v1::PartitionProduce,
     now: i64,
 ) -> Result<(Arc<Partition>, Bytes), BrokerError> {
     check_user_topic(&pp.topic)?;
+    who.require(Action::Produce, &pp.topic)?;
     let partition = state.log.partition(&pp.topic, pp.partition)?;
     let batch = match pp.data {
         Some(v1::partition_produce::Data::RecordBatch(b)) => b,
@@ -91,7 +94,12 @@ fn check(state: &State, partitions: usize, acks: i32) -> Result<v1::Acks, Broker
 
 /// Write phase (blocking): check each part and append it without waiting for durability.
 /// With `acks = none` the appends are handed to the blocking pool and the phase returns at once.
-fn write(state: &State, parts: Vec<v1::PartitionProduce>, acks: v1::Acks) -> Written {
+fn write(
+    state: &State,
+    who: &Principal,
+    parts: Vec<v1::PartitionProduce>,
+    acks: v1::Acks,
+) -> Written {
     let now = now_ms();
     let mut results = Vec::with_capacity(parts.len());
     let mut jobs = Vec::with_capacity(parts.len());
@@ -101,7 +109,7 @@ fn write(state: &State, parts: Vec<v1::PartitionProduce>, acks: v1::Acks) -> Wri
             partition: pp.partition,
             ..Default::default()
         };
-        match prepare(state, pp, now) {
+        match prepare(state, who, pp, now) {
             Ok((p, batch)) => jobs.push((i, p, batch)),
             Err(e) => r.error = Some(partition_error(e)),
         }
@@ -180,11 +188,12 @@ impl ProduceService for Produce {
     ) -> Result<Response<v1::ProduceResponse>, Status> {
         let timer = self.state.metrics.rpc("Produce");
         let result: Result<Response<_>, Status> = async move {
+            let who = principal(&req);
             let req = req.into_inner();
             let acks = check(&self.state, req.partitions.len(), req.acks)?;
             let state = self.state.clone();
             let results = blocking(move || {
-                let w = write(&state, req.partitions, acks);
+                let w = write(&state, &who, req.partitions, acks);
                 settle(&state, w)
             })
             .await?;
@@ -201,6 +210,7 @@ impl ProduceService for Produce {
         req: Request<Streaming<v1::ProduceStreamRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let _timer = self.state.metrics.rpc("ProduceStream");
+        let who = principal(&req);
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<v1::ProduceStreamResponse, Status>>(MAX_IN_FLIGHT);
         let state = self.state.clone();
@@ -226,10 +236,10 @@ impl ProduceService for Produce {
                     }
                 };
                 // Write phase in arrival order: this is what keeps per-partition order.
-                let st = state.clone();
+                let (st, who) = (state.clone(), who.clone());
                 let parts = msg.partitions;
                 let Ok(written) =
-                    tokio::task::spawn_blocking(move || write(&st, parts, acks)).await
+                    tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
                 else {
                     break;
                 };

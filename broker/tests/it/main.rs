@@ -8,3 +8,4 @@ mod durability;
 mod grpcurl;
 mod metrics;
 mod produce;
+mod security;
