@@ -11,7 +11,8 @@
 //! Security: the broker has neither TLS nor authentication yet and only listens on loopback
 //! unless told otherwise. When it grows them, TLS belongs in [`ClientBuilder`] (an
 //! `Endpoint::tls_config`, with `https://` addresses accepted by `endpoint_uri`, which refuses
-//! them today) and tokens in [`Client::request`], the one place every request passes through.
+//! them today) and tokens in `Client::stream_request` (crate-private), which every request
+//! passes through.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,9 +286,15 @@ impl Client {
     /// Wraps a message into a request with the deadline set. Every request passes through
     /// here: this is where an authentication token will be attached.
     pub(crate) fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
+        let mut req = self.stream_request(msg);
         req.set_timeout(timeout);
         req
+    }
+
+    /// [`Client::request`] without a deadline, for streams (a deadline would bound the whole
+    /// stream, not just its opening).
+    pub(crate) fn stream_request<T>(&self, msg: T) -> tonic::Request<T> {
+        tonic::Request::new(msg)
     }
 
     /// Runs a unary call, bounded by `timeout`.

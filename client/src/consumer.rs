@@ -284,6 +284,9 @@ impl Consumer {
 
     /// The next record: waits for one if none is buffered. `None` when nothing is assigned.
     /// See the [module docs](self) for what is retried and what is returned.
+    ///
+    /// Cancel-safe: dropping the future (e.g. in `tokio::time::timeout` or `select!`) loses
+    /// nothing, since a position only moves when a record is returned.
     pub async fn next(&mut self) -> Option<Result<Record>> {
         loop {
             while let Some(item) = self.buffer.pop_front() {
@@ -428,7 +431,7 @@ impl Consumer {
         };
         // No deadline on the request: it would bound the whole stream. Only opening is timed.
         let timeout = self.client.options().request_timeout;
-        let req = tonic::Request::new(req);
+        let req = self.client.stream_request(req);
         self.client
             .unary(timeout, self.client.consume_stub().subscribe(req))
             .await

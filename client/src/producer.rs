@@ -368,6 +368,9 @@ impl Producer {
     ///
     /// Errors now: [`Error::UnknownTopic`], [`Error::RecordTooLarge`], [`Error::BufferFull`],
     /// [`Error::Closed`], or the metadata lookup's error.
+    ///
+    /// Cancel-safe: dropping the future before it resolves leaves the record unsent. Records
+    /// of one partition are appended in the order their `send` calls returned.
     pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture> {
         self.enqueue(topic, None, record).await
     }
