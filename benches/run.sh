@@ -57,12 +57,13 @@ for run in $(seq 1 "$runs"); do
     done
 done
 
+results=$(grep '^RESULT ' "$out" || true)
 {
     echo
     echo "## loadavg at end: $(cat /proc/loadavg)"
     echo
     echo "## all RESULT lines"
-    grep '^RESULT ' "$out" || true
+    echo "$results"
 } >> "$out"
 
 if [ "$runs" -gt 1 ] && command -v python3 >/dev/null 2>&1; then
