@@ -8,11 +8,12 @@
 //! Every unary call is bounded by the request timeout (a `Fetch` by the timeout plus its
 //! `max_wait`); the timeout is enforced on the client and also sent as `grpc-timeout`.
 //!
-//! Security: the broker has neither TLS nor authentication yet and only listens on loopback
-//! unless told otherwise. When it grows them, TLS belongs in [`ClientBuilder`] (an
-//! `Endpoint::tls_config`, with `https://` addresses accepted by `endpoint_uri`, which refuses
-//! them today) and tokens in `Client::stream_request` (crate-private), which every request
-//! passes through.
+//! Security: with [`ClientBuilder::tls`] the connection is TLS (rustls, the broker's `[tls]`;
+//! a client certificate too for mutual TLS), and with [`ClientBuilder::bearer_token`] every
+//! request carries `authorization: Bearer <token>` (the broker's `[[auth.tokens]]`). Both are
+//! off by default, as on the broker, which then only listens on loopback. The token is added in
+//! `Client::stream_request`, which every request passes through, and never appears in `Debug`
+//! output.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,8 @@ use spool_proto::v1::admin_service_client::AdminServiceClient;
 use spool_proto::v1::consume_service_client::ConsumeServiceClient;
 use spool_proto::v1::offset_service_client::OffsetServiceClient;
 use spool_proto::v1::produce_service_client::ProduceServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::decode::decode_batches;
@@ -60,6 +62,66 @@ pub struct ClientOptions {
     pub keepalive_timeout: Duration,
     /// Bounds used when decoding received batches (decompressed size, records per batch…).
     pub decode_limits: Limits,
+    /// TLS; `None` is plaintext HTTP/2.
+    pub tls: Option<TlsOptions>,
+    /// Bearer token sent with every request; `None` sends none.
+    pub token: Option<BearerToken>,
+}
+
+/// TLS settings of a client.
+#[derive(Clone, Debug)]
+pub struct TlsOptions {
+    /// PEM bundle of the CA(s) that signed the broker's certificate. There are no built-in
+    /// roots: a broker's certificate is normally from a private CA (or self-signed).
+    pub ca_pem: Vec<u8>,
+    /// Name to check the broker's certificate against; default: the address's host.
+    pub domain: Option<String>,
+    /// Client certificate and key (PEM), for a broker that requires mutual TLS.
+    pub identity: Option<ClientIdentity>,
+}
+
+/// A client certificate for mutual TLS.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// PEM certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key.
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+/// A bearer token, kept as the header value it becomes; `Debug` does not show it.
+#[derive(Clone)]
+pub struct BearerToken(AsciiMetadataValue);
+
+impl BearerToken {
+    /// Checks that `token` can travel in a header (visible ASCII, no spaces).
+    pub fn new(token: &str) -> Result<BearerToken> {
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Config(
+                "a bearer token must be non-empty visible ASCII without spaces".into(),
+            ));
+        }
+        let mut v: AsciiMetadataValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::Config("the bearer token is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        Ok(BearerToken(v))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
 }
 
 impl Default for ClientOptions {
@@ -74,6 +136,8 @@ impl Default for ClientOptions {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             decode_limits: Limits::default(),
+            tls: None,
+            token: None,
         }
     }
 }
@@ -93,6 +157,8 @@ impl Default for ClientOptions {
 pub struct ClientBuilder {
     addr: String,
     options: ClientOptions,
+    /// A setting that failed, reported when connecting (keeps the setters chainable).
+    error: Option<Error>,
 }
 
 impl ClientBuilder {
@@ -127,6 +193,23 @@ impl ClientBuilder {
         self
     }
 
+    /// Connects with TLS (addresses may then be given as `https://host:port` or `host:port`).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.options.tls = Some(tls);
+        self
+    }
+
+    /// Sends `authorization: Bearer <token>` with every request. The error is
+    /// [`Error::Config`] for a token that cannot be a header value; it is reported by
+    /// `connect` / `connect_lazy`.
+    pub fn bearer_token(mut self, token: &str) -> Self {
+        match BearerToken::new(token) {
+            Ok(t) => self.options.token = Some(t),
+            Err(e) => self.error = Some(e),
+        }
+        self
+    }
+
     /// Replaces all options.
     pub fn options(mut self, options: ClientOptions) -> Self {
         self.options = options;
@@ -134,13 +217,27 @@ impl ClientBuilder {
     }
 
     fn endpoint(&self) -> Result<Endpoint> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
         let o = &self.options;
-        let endpoint = Endpoint::from_shared(endpoint_uri(&self.addr)?).map_err(|e| {
-            Error::InvalidAddress {
-                addr: self.addr.clone(),
-                reason: e.to_string(),
-            }
+        let uri = endpoint_uri(&self.addr, o.tls.is_some())?;
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
         })?;
+        if let Some(tls) = &o.tls {
+            let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some(d) = &tls.domain {
+                cfg = cfg.domain_name(d.clone());
+            }
+            if let Some(id) = &tls.identity {
+                cfg = cfg.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+            }
+            endpoint = endpoint
+                .tls_config(cfg)
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        }
         Ok(endpoint
             .connect_timeout(o.connect_timeout)
             .tcp_nodelay(o.tcp_nodelay)
@@ -182,26 +279,26 @@ impl ClientBuilder {
     }
 }
 
-/// `host:port` or `http://host:port` → the URI tonic wants.
-fn endpoint_uri(addr: &str) -> Result<String> {
+/// `host:port`, `http://host:port` or (with TLS) `https://host:port` → the URI tonic wants.
+fn endpoint_uri(addr: &str, tls: bool) -> Result<String> {
     let invalid = |reason: &str| Error::InvalidAddress {
         addr: addr.to_owned(),
         reason: reason.to_owned(),
     };
-    if addr.starts_with("https://") {
-        return Err(invalid("TLS is not supported yet (the broker has no TLS)"));
-    }
-    let uri = if addr.starts_with("http://") {
-        addr.to_owned()
-    } else if addr.contains("://") {
-        return Err(invalid("only http:// addresses are supported"));
-    } else {
-        format!("http://{addr}")
+    let (scheme, rest) = match addr.split_once("://") {
+        Some(("http", rest)) if !tls => ("http", rest),
+        Some(("https", rest)) if tls => ("https", rest),
+        Some(("http", _)) => return Err(invalid("http:// with TLS options: use https://")),
+        Some(("https", _)) => {
+            return Err(invalid("https:// needs TLS options (ClientBuilder::tls)"));
+        }
+        Some(_) => return Err(invalid("only http:// and https:// addresses are supported")),
+        None => (if tls { "https" } else { "http" }, addr),
     };
-    if uri.len() <= "http://".len() {
+    if rest.is_empty() {
         return Err(invalid("empty address"));
     }
-    Ok(uri)
+    Ok(format!("{scheme}://{rest}"))
 }
 
 #[derive(Debug)]
@@ -260,6 +357,7 @@ impl Client {
         ClientBuilder {
             addr: addr.into(),
             options: ClientOptions::default(),
+            error: None,
         }
     }
 
@@ -294,7 +392,11 @@ impl Client {
     /// [`Client::request`] without a deadline, for streams (a deadline would bound the whole
     /// stream, not just its opening).
     pub(crate) fn stream_request<T>(&self, msg: T) -> tonic::Request<T> {
-        tonic::Request::new(msg)
+        let mut req = tonic::Request::new(msg);
+        if let Some(BearerToken(v)) = &self.inner.options.token {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        req
     }
 
     /// Runs a unary call, bounded by `timeout`.
@@ -683,18 +785,48 @@ mod tests {
     #[test]
     fn addresses() {
         assert_eq!(
-            endpoint_uri("127.0.0.1:7170").unwrap(),
+            endpoint_uri("127.0.0.1:7170", false).unwrap(),
             "http://127.0.0.1:7170"
         );
-        assert_eq!(endpoint_uri("http://h:1").unwrap(), "http://h:1");
+        assert_eq!(endpoint_uri("http://h:1", false).unwrap(), "http://h:1");
+        assert_eq!(endpoint_uri("h:1", true).unwrap(), "https://h:1");
+        assert_eq!(endpoint_uri("https://h:1", true).unwrap(), "https://h:1");
+        for (addr, tls) in [
+            ("https://h:1", false),
+            ("http://h:1", true),
+            ("ftp://h:1", false),
+        ] {
+            assert!(
+                matches!(endpoint_uri(addr, tls), Err(Error::InvalidAddress { .. })),
+                "{addr} tls={tls}"
+            );
+        }
         assert!(matches!(
-            endpoint_uri("https://h:1"),
-            Err(Error::InvalidAddress { .. })
-        ));
-        assert!(matches!(
-            endpoint_uri("ftp://h:1"),
+            endpoint_uri("http://", false),
             Err(Error::InvalidAddress { .. })
         ));
         assert!(Client::builder("not a uri").connect_lazy().is_err());
+    }
+
+    #[test]
+    fn tokens() {
+        let t = BearerToken::new("s3cret-token-0123456789").unwrap();
+        assert_eq!(format!("{t:?}"), "BearerToken(<redacted>)");
+        let o = ClientOptions {
+            token: Some(t),
+            ..ClientOptions::default()
+        };
+        assert!(!format!("{o:?}").contains("s3cret"));
+        for bad in ["", "has space", "tab\t", "é"] {
+            assert!(
+                matches!(BearerToken::new(bad), Err(Error::Config(_))),
+                "{bad:?}"
+            );
+        }
+        let e = Client::builder("h:1")
+            .bearer_token("a b")
+            .connect_lazy()
+            .unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
     }
 }

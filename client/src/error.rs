@@ -60,6 +60,10 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// A client setting is unusable (a token that cannot be sent as a header, bad TLS
+    /// material).
+    #[error("invalid client configuration: {0}")]
+    Config(String),
     /// The first connection to the broker failed.
     #[error("cannot connect to {addr}: {source}")]
     Connect {

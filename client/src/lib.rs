@@ -39,11 +39,14 @@
 //!   per-partition errors alike; [`Error::is_retriable`] is what the producer and consumer
 //!   retry on.
 //!
+//! Security, when the broker has it configured: [`ClientBuilder::tls`] (a CA, optionally a
+//! client certificate for mutual TLS) and [`ClientBuilder::bearer_token`]; refusals are
+//! [`Error::Unauthenticated`] and [`Error::NotAuthorized`].
+//!
 //! # Not here yet
 //!
-//! TLS and authentication (the broker has neither; see [`client`] for where they go),
-//! idempotent / transactional producers (so a retry after a timeout may duplicate a batch),
-//! and consumer-group membership (partitions are assigned by the caller; groups only store
+//! Idempotent / transactional producers (so a retry after a timeout may duplicate a batch) and
+//! consumer-group membership (partitions are assigned by the caller; groups only store
 //! offsets).
 #![warn(missing_docs)]
 
@@ -56,7 +59,10 @@ pub mod producer;
 mod retry;
 pub mod types;
 
-pub use client::{Appended, Client, ClientBuilder, ClientOptions, DEFAULT_BROKER, FetchOptions};
+pub use client::{
+    Appended, BearerToken, Client, ClientBuilder, ClientIdentity, ClientOptions, DEFAULT_BROKER,
+    FetchOptions, TlsOptions,
+};
 pub use consumer::{Consumer, ConsumerConfig, OffsetReset};
 pub use error::{Error, OutOfRange, Result};
 pub use producer::{Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerStats};

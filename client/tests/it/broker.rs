@@ -29,13 +29,27 @@ pub(crate) struct Broker {
 impl Broker {
     /// Starts a broker on a fresh data dir and an ephemeral port.
     pub(crate) fn start() -> Broker {
+        Broker::start_with_config(|_| None)
+    }
+
+    /// Starts a broker whose TOML config `config` writes, given the temp dir (for files it
+    /// refers to); `None` runs without a config file.
+    pub(crate) fn start_with_config(config: impl FnOnce(&Path) -> Option<String>) -> Broker {
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(toml) = config(dir.path()) {
+            std::fs::write(dir.path().join("spoold.toml"), toml).expect("writing spoold.toml");
+        }
         let (child, addr) = spawn(dir.path(), "127.0.0.1:0");
         Broker {
             child: Some(child),
             addr,
             dir,
         }
+    }
+
+    /// The TCP port the broker listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// `host:port` of the broker.
@@ -97,8 +111,12 @@ fn spawn(dir: &Path, listen: &str) -> (Child, SocketAddr) {
 fn try_spawn(dir: &Path, listen: &str) -> Result<(Child, SocketAddr), String> {
     let bin = spoold();
     let mut cmd = Command::new(&bin);
+    let config = dir.join("spoold.toml");
+    if config.exists() {
+        cmd.arg("--config").arg(config);
+    }
     cmd.arg("--data-dir")
-        .arg(dir)
+        .arg(dir.join("data"))
         .arg("--listen")
         .arg(listen)
         .args(["--metrics-listen", "off"])
@@ -162,6 +180,26 @@ fn try_spawn(dir: &Path, listen: &str) -> Result<(Child, SocketAddr), String> {
             }
         }
     }
+}
+
+/// The broker's hash of a token (`spoold --hash-token`), for `[[auth.tokens]]`.
+pub(crate) fn hash_token(token: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(spoold())
+        .arg("--hash-token")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spoold --hash-token");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{token}").expect("writing the token");
+    drop(stdin);
+    let out = child.wait_with_output().expect("spoold --hash-token");
+    assert!(out.status.success(), "spoold --hash-token failed");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
 }
 
 /// Path of the `spoold` binary (see the module docs), looked up once per test process.

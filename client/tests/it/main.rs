@@ -5,6 +5,7 @@ mod admin;
 mod broker;
 mod consume;
 mod produce;
+mod security;
 
 use std::time::Duration;
 
