@@ -36,6 +36,8 @@ pub struct Config {
     pub runtime_threads: usize,
     /// Longest time a graceful shutdown waits for in-flight requests and streams.
     pub shutdown_timeout_ms: u64,
+    /// How often retention runs over every partition.
+    pub retention_check_interval_ms: u64,
     /// TLS for the gRPC listener; absent means plaintext.
     pub tls: Option<TlsConfig>,
     /// Bearer tokens and their ACLs; none means no authentication.
@@ -122,6 +124,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             runtime_threads: 0,
             shutdown_timeout_ms: 10_000,
+            retention_check_interval_ms: 60_000,
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
         }
@@ -261,6 +264,11 @@ impl Config {
         if self.limits.max_request_bytes < 1024 || self.limits.max_request_bytes > 1 << 30 {
             return Err(ConfigError::Invalid(
                 "limits.max_request_bytes must be in 1 KiB..=1 GiB".into(),
+            ));
+        }
+        if self.retention_check_interval_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "retention_check_interval_ms must be at least 100".into(),
             ));
         }
         if u64::from(self.limits.max_fetch_wait_ms) >= self.limits.request_timeout_ms {

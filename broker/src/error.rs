@@ -98,6 +98,36 @@ pub(crate) fn partition_error(e: impl Into<BrokerError>) -> PartitionError {
     }
 }
 
+/// A per-partition error as a status (for streams, which end on their first error), with the
+/// same `ErrorInfo` detail a request-level status carries.
+pub(crate) fn partition_status(topic: &str, partition: u32, e: &PartitionError) -> Status {
+    let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
+    let grpc = match code {
+        ErrorCode::OffsetOutOfRange => Code::OutOfRange,
+        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => Code::NotFound,
+        ErrorCode::NotAuthorized => Code::PermissionDenied,
+        ErrorCode::Corruption => Code::DataLoss,
+        ErrorCode::PartitionPoisoned | ErrorCode::ShuttingDown => Code::Unavailable,
+        ErrorCode::InvalidBatch | ErrorCode::InvalidRequest | ErrorCode::TooLarge => {
+            Code::InvalidArgument
+        }
+        ErrorCode::StorageFull => Code::ResourceExhausted,
+        ErrorCode::Unspecified | ErrorCode::Internal => Code::Internal,
+    };
+    let mut meta = HashMap::new();
+    meta.insert("topic".to_owned(), topic.to_owned());
+    meta.insert("partition".to_owned(), partition.to_string());
+    if code == ErrorCode::OffsetOutOfRange {
+        meta.insert(
+            "log_start_offset".to_owned(),
+            e.log_start_offset.to_string(),
+        );
+        meta.insert("high_watermark".to_owned(), e.high_watermark.to_string());
+    }
+    let details = ErrorDetails::with_error_info(code.as_str_name(), "spool.v1", meta);
+    Status::with_error_details(grpc, format!("{topic}/{partition}: {}", e.message), details)
+}
+
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
         let (code, grpc) = classify(&e);

@@ -92,6 +92,7 @@ impl Broker {
             &config.data_dir,
             LogOptions {
                 limits: limits.clone(),
+                retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
                 ..LogOptions::default()
             },
         )

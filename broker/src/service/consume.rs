@@ -321,7 +321,20 @@ fn resolve_start(p: &Partition, start: Option<&v1::StartPosition>) -> Result<u64
     Ok(match start.and_then(|s| s.position) {
         None | Some(Position::Latest(_)) => p.high_watermark(),
         Some(Position::Earliest(_)) => p.log_start_offset(),
-        Some(Position::Offset(o)) => o,
+        Some(Position::Offset(o)) => {
+            // Like Fetch: an offset outside the log is an error now, not a silent wait.
+            let (log_start, high_watermark) = (p.log_start_offset(), p.high_watermark());
+            if o < log_start || o > high_watermark {
+                return Err(BrokerError::Engine(
+                    spool_log_engine::Error::OffsetOutOfRange {
+                        requested: o,
+                        log_start,
+                        high_watermark,
+                    },
+                ));
+            }
+            o
+        }
         Some(Position::TimestampMs(ts)) => p
             .offset_for_timestamp(ts)?
             .unwrap_or_else(|| p.high_watermark()),
@@ -362,14 +375,7 @@ async fn follow(
                 return;
             };
             if let Some(err) = &data.error {
-                let status = Status::new(
-                    if err.code == v1::ErrorCode::OffsetOutOfRange as i32 {
-                        tonic::Code::OutOfRange
-                    } else {
-                        tonic::Code::Internal
-                    },
-                    format!("{}/{}: {}", data.topic, data.partition, err.message),
-                );
+                let status = crate::error::partition_status(&data.topic, data.partition, err);
                 let _ = tx.send(Err(status)).await;
                 return;
             }

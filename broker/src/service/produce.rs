@@ -3,7 +3,7 @@
 //! A pre-encoded batch is appended exactly as received (the engine checks it; nothing is
 //! re-encoded). A record list is encoded into one batch here. Durability follows `acks`,
 //! independently of the topic's fsync policy:
-//! - `none`: the reply goes out once the request is checked; the append runs afterwards;
+//! - `none`: the reply goes out once the batch is written (page cache), without offsets;
 //! - `written`: reply after the page-cache write; under `fsync = always` a background group
 //!   commit then makes the batch durable (and visible to readers);
 //! - `durable` (default): reply after an fdatasync covered the batch, whatever the policy.
@@ -115,21 +115,13 @@ fn write(
         }
         results.push(r);
     }
+    // Appends happen here, in request order, for every acks level (acks = none too, so that
+    // successive requests keep their order); only what happens after differs (settle).
     let mut appended = Vec::with_capacity(jobs.len());
-    if acks == v1::Acks::None {
-        tokio::task::spawn_blocking(move || {
-            for (_, p, batch) in jobs {
-                if let Err(e) = p.append(&batch) {
-                    tracing::warn!(topic = p.topic(), partition = p.id(), error = %e, "acks=none append failed");
-                }
-            }
-        });
-    } else {
-        for (i, p, batch) in jobs {
-            match p.append_nowait(&batch) {
-                Ok(info) => appended.push((i, p, info, batch.len())),
-                Err(e) => results[i].error = Some(partition_error(e)),
-            }
+    for (i, p, batch) in jobs {
+        match p.append_nowait(&batch) {
+            Ok(info) => appended.push((i, p, info, batch.len())),
+            Err(e) => results[i].error = Some(partition_error(e)),
         }
     }
     Written {
@@ -148,7 +140,7 @@ fn settle(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
     } = w;
     for (i, p, info, bytes) in appended {
         let next = info.last_offset + 1;
-        let outcome = if acks == v1::Acks::Written {
+        let outcome = if acks != v1::Acks::Durable && acks != v1::Acks::Unspecified {
             if p.fsync_policy() == FsyncPolicy::Always {
                 // Readers see the batch once an fdatasync covers it: run one (it joins the
                 // partition's group commit) without holding the reply.
@@ -168,6 +160,9 @@ fn settle(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
                 state
                     .metrics
                     .produced(&r.topic, bytes, info.last_offset - info.base_offset + 1);
+                if acks == v1::Acks::None {
+                    continue; // no offsets, as the contract says
+                }
                 r.base_offset = info.base_offset;
                 r.last_offset = info.last_offset;
                 r.log_append_time_ms = info.log_append_time_ms;

@@ -288,6 +288,22 @@ async fn fetch_long_poll_list_offsets_and_out_of_range() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+    // Subscribing past the end is an error now (as Fetch), with the bounds in the details.
+    let err = cons
+        .subscribe(v1::SubscribeRequest {
+            partitions: vec![sub(0, Some(v1::start_position::Position::Offset(99)))],
+            max_bytes: 0,
+            decode_records: false,
+            heartbeat_interval_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    let info = tonic_types::StatusExt::get_details_error_info(&err).expect("ErrorInfo");
+    assert_eq!(
+        info.metadata.get("high_watermark").map(String::as_str),
+        Some("3")
+    );
     b.stop();
 }
 
