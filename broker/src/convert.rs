@@ -118,7 +118,7 @@ pub(crate) fn encode_records(
         };
         b.push(ts, r.key.as_deref(), r.value.as_deref(), &headers);
     }
-    b.finish().map_err(|e| BrokerError::Engine(e.into()))
+    b.finish().map_err(BrokerError::from)
 }
 
 /// Decodes batches into wire records.
@@ -128,12 +128,9 @@ pub(crate) fn decode_records(
 ) -> Result<Vec<v1::ConsumedRecord>, BrokerError> {
     let mut out = Vec::new();
     for batch in spool_log_engine::batch::split_batches(data) {
-        let batch = batch.map_err(|e| BrokerError::Engine(e.into()))?;
-        for rec in batch
-            .records(limits)
-            .map_err(|e| BrokerError::Engine(e.into()))?
-        {
-            let rec = rec.map_err(|e| BrokerError::Engine(e.into()))?;
+        let batch = batch?;
+        for rec in batch.records(limits)? {
+            let rec = rec?;
             out.push(v1::ConsumedRecord {
                 offset: rec.offset,
                 timestamp_ms: rec.timestamp,

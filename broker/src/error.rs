@@ -38,6 +38,12 @@ pub enum BrokerError {
     NotAuthorized(String),
 }
 
+impl From<BatchError> for BrokerError {
+    fn from(e: BatchError) -> Self {
+        BrokerError::Engine(e.into())
+    }
+}
+
 /// The wire code and gRPC code of an error.
 fn classify(e: &BrokerError) -> (ErrorCode, Code) {
     match e {

@@ -71,12 +71,9 @@ impl OffsetStore {
                 break;
             }
             for batch in r.batches() {
-                let batch = batch.map_err(|e| BrokerError::Engine(e.into()))?;
-                for rec in batch
-                    .records(limits)
-                    .map_err(|e| BrokerError::Engine(e.into()))?
-                {
-                    let rec = rec.map_err(|e| BrokerError::Engine(e.into()))?;
+                let batch = batch?;
+                for rec in batch.records(limits)? {
+                    let rec = rec?;
                     let key = rec.key.as_deref().and_then(decode_key);
                     let value = rec
                         .value
@@ -135,7 +132,7 @@ impl OffsetStore {
                 &[],
             );
         }
-        let batch = b.finish().map_err(|e| BrokerError::Engine(e.into()))?;
+        let batch = b.finish()?;
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let info = p.append_nowait(&batch)?;
