@@ -1,0 +1,35 @@
+//! Load generator for `spoold` (the future `spool bench`).
+//!
+//! Three workloads against a running broker, each reporting MB/s, records/s and (where it
+//! means something) latency percentiles from an HdrHistogram:
+//!
+//! - [`run_produce`]: producers send **pre-encoded** RecordBatch v2 batches (encoded once with
+//!   `BatchBuilder` before the run and re-sent as refcounted `Bytes`, so the load generator
+//!   spends no CPU encoding) over one `ProduceStream` per producer with up to `in_flight`
+//!   requests awaiting their reply (or, with `unary`, that many unary `Produce` calls).
+//!   Without `rate` it runs closed-loop at maximum throughput and latency is measured from the
+//!   actual send. With `rate` it runs **open-loop**: request *i* is due at
+//!   `start + i × records_per_batch / rate`, and its latency is measured from that intended
+//!   time, so a stall (full window, slow broker) shows up in the latency instead of silently
+//!   lowering the send rate (coordinated omission).
+//! - [`run_consume`]: one `Subscribe` stream per consumer from the earliest offset, raw
+//!   batches (never decoded); records are counted from batch headers. It reads until the high
+//!   watermarks seen at the start are reached (catch-up read) or `duration` passes.
+//! - [`run_e2e`]: producers at a fixed record rate put the intended send time (ns since a
+//!   base instant of this process) in the first 8 bytes of each value; a `Subscribe` consumer in
+//!   the same process decodes the records and records `delivery − intended send`.
+//!
+//! Each run has a warm-up: only acknowledgements (or deliveries) inside
+//! `[start + warmup, start + warmup + duration)` count.
+//!
+//! [`broker::Spoold`] starts a real `spoold` on a temp dir; [`scenarios`] runs the issue's
+//! scenarios with it and writes a results file.
+
+pub mod broker;
+mod run;
+pub mod scenarios;
+
+pub use run::{
+    Acks, Compression, LoadConfig, Mode, Report, RunLatency, count_records, ensure_topic, prefault,
+    run, run_consume, run_e2e, run_produce,
+};

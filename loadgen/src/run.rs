@@ -1,0 +1,1021 @@
+//! The workloads: produce, consume, end-to-end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use spool_client::proto as v1;
+use spool_client::proto::consume_service_client::ConsumeServiceClient;
+use spool_client::proto::produce_service_client::ProduceServiceClient;
+use spool_client::{Client, FsyncPolicy, TopicSettings};
+use spool_log_engine::{Batch, BatchBuilder, BatchHeader, Limits};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest gRPC message either way (the broker's default `max_request_bytes`).
+const MAX_MESSAGE: usize = 64 << 20;
+/// Distinct pre-encoded batches cycled through by producers.
+const DISTINCT_BATCHES: usize = 4;
+
+/// Which workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Produce only.
+    Produce,
+    /// Consume only (catch-up read of what is there).
+    Consume,
+    /// Produce at a rate and consume in the same process; latency is end to end.
+    E2e,
+}
+
+/// Acknowledgement level asked of the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Acks {
+    /// Reply once handed to the log.
+    None,
+    /// Reply after the page-cache write.
+    Written,
+    /// Reply after an fdatasync covered the batch.
+    Durable,
+}
+
+impl Acks {
+    fn wire(self) -> i32 {
+        (match self {
+            Acks::None => v1::Acks::None,
+            Acks::Written => v1::Acks::Written,
+            Acks::Durable => v1::Acks::Durable,
+        }) as i32
+    }
+}
+
+/// Batch compression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// None.
+    None,
+    /// LZ4 frames.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    fn engine(self) -> spool_log_engine::Compression {
+        match self {
+            Compression::None => spool_log_engine::Compression::None,
+            Compression::Lz4 => spool_log_engine::Compression::Lz4,
+            Compression::Zstd => spool_log_engine::Compression::Zstd,
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadConfig {
+    /// Workload.
+    pub mode: Mode,
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// Topic (created with `partitions` if missing).
+    pub topic: String,
+    /// Partitions of the topic (used when creating it, and spread over producers).
+    pub partitions: u32,
+    /// fsync policy of a topic created here (`None`: the broker's default).
+    #[serde(skip)]
+    pub fsync: Option<FsyncPolicy>,
+    /// Concurrent producers, one HTTP/2 connection each.
+    pub producers: usize,
+    /// Concurrent consumers (consume mode), one connection and subscription each.
+    pub consumers: usize,
+    /// Value bytes per record.
+    pub record_size: usize,
+    /// Target batch size (records' encoded bytes).
+    pub batch_bytes: usize,
+    /// e2e: how often producers cut a batch of the records that are due.
+    pub linger: Duration,
+    /// Acks asked of the broker.
+    pub acks: Acks,
+    /// Batch compression.
+    pub compression: Compression,
+    /// Records carry a 16-byte key.
+    pub keyed: bool,
+    /// Measured time.
+    pub duration: Duration,
+    /// Time before measuring.
+    pub warmup: Duration,
+    /// Records per second over all producers (open loop); `None`: as fast as possible.
+    pub rate: Option<f64>,
+    /// Requests awaiting their reply per producer.
+    pub in_flight: usize,
+    /// Many unary `Produce` calls instead of one `ProduceStream`.
+    pub unary: bool,
+    /// Tokio worker threads of the load generator (0: one per core).
+    pub threads: usize,
+    /// Subscribe `max_bytes` per chunk.
+    pub fetch_bytes: u32,
+    /// Consume mode: produce this many bytes first (acks = written) if the topic holds less.
+    pub preload_bytes: u64,
+    /// Touch and free this much memory right before measuring (see docs/benchmarks.md: fresh
+    /// memory is slow on this VM).
+    pub prefault_bytes: u64,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            mode: Mode::Produce,
+            broker: "127.0.0.1:7170".into(),
+            topic: "loadgen".into(),
+            partitions: 1,
+            fsync: None,
+            producers: 1,
+            consumers: 1,
+            record_size: 1024,
+            batch_bytes: 1 << 20,
+            linger: Duration::from_millis(1),
+            acks: Acks::Written,
+            compression: Compression::None,
+            keyed: false,
+            duration: Duration::from_secs(5),
+            warmup: Duration::from_secs(1),
+            rate: None,
+            in_flight: 8,
+            unary: false,
+            threads: 1,
+            fetch_bytes: 1 << 20,
+            preload_bytes: 1 << 30,
+            prefault_bytes: 0,
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct RunLatency {
+    /// Samples (requests for produce, records for e2e).
+    pub count: u64,
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Largest.
+    pub max_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl RunLatency {
+    fn from_hist(h: &Histogram<u64>) -> Option<RunLatency> {
+        if h.is_empty() {
+            return None;
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Some(RunLatency {
+            count: h.len(),
+            p50_us: us(h.value_at_quantile(0.50)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            mean_us: h.mean() / 1000.0,
+        })
+    }
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The settings.
+    pub config: LoadConfig,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// Records counted in the measured window.
+    pub records: u64,
+    /// Bytes of batches (as on the wire / on disk) counted in the measured window.
+    pub bytes: u64,
+    /// 10^6 bytes per second.
+    pub mb_per_s: f64,
+    /// Records per second.
+    pub records_per_s: f64,
+    /// Requests acknowledged (produce) or messages received (consume) in the window.
+    pub requests: u64,
+    /// Failed requests or per-partition errors.
+    pub errors: u64,
+    /// Produce: request latency (from the intended send time under `rate`); e2e: delivery −
+    /// intended send time per record; consume: none.
+    pub latency: Option<RunLatency>,
+}
+
+impl Report {
+    /// One human-readable line.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{:?}: {:.1} MB/s, {:.0} records/s, {} records, {} requests, {} errors, {:.2} s",
+            self.config.mode,
+            self.mb_per_s,
+            self.records_per_s,
+            self.records,
+            self.requests,
+            self.errors,
+            self.seconds
+        );
+        if let Some(l) = &self.latency {
+            s += &format!(
+                "; latency µs p50 {:.0} p99 {:.0} p99.9 {:.0} max {:.0} (n={})",
+                l.p50_us, l.p99_us, l.p999_us, l.max_us, l.count
+            );
+        }
+        s
+    }
+}
+
+/// Counters of one task, merged at the end.
+struct Stats {
+    records: u64,
+    bytes: u64,
+    requests: u64,
+    errors: u64,
+    hist: Histogram<u64>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            records: 0,
+            bytes: 0,
+            requests: 0,
+            errors: 0,
+            hist: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds"),
+        }
+    }
+
+    fn merge(&mut self, o: &Stats) {
+        self.records += o.records;
+        self.bytes += o.bytes;
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.hist.add(&o.hist).expect("same bounds");
+    }
+
+    fn record_ns(&mut self, ns: u64) {
+        self.hist.saturating_record(ns.max(1));
+    }
+}
+
+/// The measured window, shared by a run's tasks.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    start: Instant,
+    from: Instant,
+    until: Instant,
+}
+
+impl Window {
+    fn new(cfg: &LoadConfig) -> Window {
+        let start = Instant::now();
+        let from = start + cfg.warmup;
+        Window {
+            start,
+            from,
+            until: from + cfg.duration,
+        }
+    }
+
+    fn counts(&self, t: Instant) -> bool {
+        t >= self.from && t < self.until
+    }
+}
+
+/// Touches `bytes` of fresh memory and frees it, so the next allocations (page cache, buffers)
+/// reuse guest-faulted pages instead of host-fresh ones.
+pub fn prefault(bytes: u64) {
+    if bytes == 0 {
+        return;
+    }
+    let v = vec![1u8; bytes as usize];
+    std::hint::black_box(&v);
+    drop(v);
+}
+
+/// Runs `cfg` on a runtime of its own (`cfg.threads` workers).
+pub fn run(cfg: &LoadConfig) -> Result<Report> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if cfg.threads > 0 {
+        rt.worker_threads(cfg.threads);
+    }
+    let rt = rt.build().context("starting the tokio runtime")?;
+    rt.block_on(async {
+        match cfg.mode {
+            Mode::Produce => run_produce(cfg).await,
+            Mode::Consume => run_consume(cfg).await,
+            Mode::E2e => run_e2e(cfg).await,
+        }
+    })
+}
+
+async fn channel(addr: &str) -> Result<Channel> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(32 << 20)
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+fn produce_stub(ch: Channel) -> ProduceServiceClient<Channel> {
+    ProduceServiceClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+fn consume_stub(ch: Channel) -> ConsumeServiceClient<Channel> {
+    ConsumeServiceClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// Creates the topic if it does not exist; returns its partition count.
+pub async fn ensure_topic(cfg: &LoadConfig) -> Result<u32> {
+    let client = Client::connect(cfg.broker.clone()).await?;
+    match client.describe_topic(&cfg.topic).await {
+        Ok(d) => Ok(d.partitions.len() as u32),
+        Err(spool_client::Error::UnknownTopic { .. }) => {
+            let settings = TopicSettings {
+                fsync: cfg.fsync,
+                // Room for the largest batches a run may send.
+                max_message_bytes: Some((cfg.batch_bytes as u32).max(1 << 20) + (1 << 20)),
+                ..TopicSettings::default()
+            };
+            client
+                .create_topic(&cfg.topic, cfg.partitions, &settings)
+                .await
+                .with_context(|| format!("creating topic {}", cfg.topic))?;
+            Ok(cfg.partitions)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A small deterministic generator, so payloads compress like text, not like zeros.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            // 32 printable letters: about 5 bits of entropy per byte.
+            *b = b'a' + (self.next() & 31) as u8;
+        }
+    }
+}
+
+/// Pre-encoded batches for a producer, built once.
+struct Batches {
+    batches: Vec<Bytes>,
+    records_per_batch: u64,
+}
+
+fn build_batches(cfg: &LoadConfig) -> Result<Batches> {
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut value = vec![0u8; cfg.record_size];
+    let now = now_ms();
+    let mut batches = Vec::new();
+    let mut per = 0;
+    let mut key_n = 0u64;
+    for _ in 0..DISTINCT_BATCHES {
+        let mut b = BatchBuilder::with_capacity(cfg.compression.engine(), cfg.batch_bytes + 4096);
+        loop {
+            rng.fill(&mut value);
+            let key = format!("key-{key_n:012}");
+            key_n += 1;
+            b.push(now, cfg.keyed.then_some(key.as_bytes()), Some(&value), &[]);
+            if b.size_bytes() + cfg.record_size + 32 > cfg.batch_bytes {
+                break;
+            }
+        }
+        per = b.len() as u64;
+        batches.push(b.finish().map_err(|e| anyhow!("encoding a batch: {e}"))?);
+    }
+    Ok(Batches {
+        batches,
+        records_per_batch: per,
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Partitions of producer `i` of `n` over `partitions`: round robin.
+fn partitions_of(i: usize, n: usize, partitions: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..partitions).filter(|p| *p as usize % n == i).collect();
+    if v.is_empty() {
+        v.push((i as u32) % partitions);
+    }
+    v
+}
+
+/// Produce workload.
+pub async fn run_produce(cfg: &LoadConfig) -> Result<Report> {
+    let partitions = ensure_topic(cfg).await?;
+    let batches = Arc::new(build_batches(cfg)?);
+    let mut channels = Vec::new();
+    for _ in 0..cfg.producers {
+        channels.push(channel(&cfg.broker).await?);
+    }
+    prefault(cfg.prefault_bytes);
+    let window = Window::new(cfg);
+    let mut tasks = Vec::new();
+    for (i, ch) in channels.into_iter().enumerate() {
+        let cfg = cfg.clone();
+        let batches = batches.clone();
+        let parts = partitions_of(i, cfg.producers, partitions);
+        tasks.push(tokio::spawn(async move {
+            if cfg.unary {
+                produce_unary(&cfg, ch, &batches, &parts, window).await
+            } else {
+                produce_stream(&cfg, ch, &batches, &parts, window).await
+            }
+        }));
+    }
+    let mut total = Stats::new();
+    for t in tasks {
+        total.merge(&t.await.context("producer task")??);
+    }
+    Ok(report(cfg, &total, cfg.duration))
+}
+
+fn report(cfg: &LoadConfig, s: &Stats, measured: Duration) -> Report {
+    let secs = measured.as_secs_f64();
+    Report {
+        config: cfg.clone(),
+        seconds: secs,
+        records: s.records,
+        bytes: s.bytes,
+        mb_per_s: s.bytes as f64 / secs / 1e6,
+        records_per_s: s.records as f64 / secs,
+        requests: s.requests,
+        errors: s.errors,
+        latency: RunLatency::from_hist(&s.hist),
+    }
+}
+
+/// When request `i` of a producer is due (open loop), or `None` (closed loop).
+fn due(cfg: &LoadConfig, w: &Window, records_per_batch: u64, i: u64) -> Option<Instant> {
+    let rate = cfg.rate? / cfg.producers as f64;
+    let secs = (i * records_per_batch) as f64 / rate;
+    Some(w.start + Duration::from_secs_f64(secs))
+}
+
+/// Per request in flight: (when its latency starts, records, bytes).
+type Slot = (Instant, u64, u64);
+
+async fn produce_stream(
+    cfg: &LoadConfig,
+    ch: Channel,
+    b: &Batches,
+    parts: &[u32],
+    w: Window,
+) -> Result<Stats> {
+    let mut stats = Stats::new();
+    let window = cfg.in_flight.max(1);
+    let (tx, rx) = mpsc::channel::<v1::ProduceStreamRequest>(window);
+    // Replies may come out of order (the broker's settle phases overlap).
+    let mut slots: HashMap<u64, Slot> = HashMap::with_capacity(window * 2);
+    let mut next: u64 = 0;
+    let mut in_flight = 0usize;
+    let make = |i: u64| v1::ProduceStreamRequest {
+        request_id: i,
+        partitions: vec![v1::PartitionProduce {
+            topic: cfg.topic.clone(),
+            partition: parts[i as usize % parts.len()],
+            data: Some(v1::partition_produce::Data::RecordBatch(
+                b.batches[i as usize % b.batches.len()].clone(),
+            )),
+        }],
+        acks: cfg.acks.wire(),
+    };
+    // Queue the first request before opening the stream so the call has a body to send.
+    let first_due = due(cfg, &w, b.records_per_batch, 0);
+    if let Some(t) = first_due {
+        tokio::time::sleep_until(t.into()).await;
+    }
+    let len0 = b.batches[0].len() as u64;
+    tx.try_send(make(0)).map_err(|_| anyhow!("queueing"))?;
+    slots.insert(
+        0,
+        (
+            first_due.unwrap_or_else(Instant::now),
+            b.records_per_batch,
+            len0,
+        ),
+    );
+    next = next.max(1);
+    in_flight += 1;
+    let mut inbound = produce_stub(ch)
+        .produce_stream(ReceiverStream::new(rx))
+        .await
+        .context("opening ProduceStream")?
+        .into_inner();
+    let mut tx = Some(tx);
+    let drain_deadline = w.until + Duration::from_secs(10);
+    loop {
+        let now = Instant::now();
+        if now >= w.until {
+            tx = None; // ends the request stream; replies still come
+            if in_flight == 0 || now >= drain_deadline {
+                break;
+            }
+        }
+        let can_send = tx.is_some() && in_flight < window;
+        let due_at = due(cfg, &w, b.records_per_batch, next);
+        let send_wait = async {
+            if let Some(t) = due_at {
+                tokio::time::sleep_until(t.min(w.until).into()).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            msg = inbound.message() => {
+                let msg = msg.context("ProduceStream")?;
+                let Some(msg) = msg else { break };
+                let at = Instant::now();
+                let slot = slots.remove(&msg.request_id);
+                in_flight -= 1;
+                let Some((t0, records, bytes)) = slot else { bail!("reply to unknown request {}", msg.request_id) };
+                let failed = msg.results.iter().any(|r| r.error.is_some());
+                if w.counts(at) {
+                    if failed {
+                        stats.errors += 1;
+                    } else {
+                        stats.requests += 1;
+                        stats.records += records;
+                        stats.bytes += bytes;
+                        stats.record_ns(at.duration_since(t0).as_nanos() as u64);
+                    }
+                }
+            }
+            () = send_wait, if can_send => {
+                let now = Instant::now();
+                if now >= w.until { continue; }
+                let i = next;
+                next += 1;
+                let req = make(i);
+                let bytes = b.batches[i as usize % b.batches.len()].len() as u64;
+                slots.insert(i, (due_at.unwrap_or(now), b.records_per_batch, bytes));
+                in_flight += 1;
+                if let Some(tx) = &tx {
+                    tx.send(req).await.map_err(|_| anyhow!("the ProduceStream request stream closed"))?;
+                }
+            }
+        }
+    }
+    drop(tx);
+    Ok(stats)
+}
+
+async fn produce_unary(
+    cfg: &LoadConfig,
+    ch: Channel,
+    b: &Batches,
+    parts: &[u32],
+    w: Window,
+) -> Result<Stats> {
+    let mut stats = Stats::new();
+    let window = cfg.in_flight.max(1);
+    let stub = produce_stub(ch);
+    let mut futs = FuturesUnordered::new();
+    let mut next: u64 = 0;
+    loop {
+        let now = Instant::now();
+        if now >= w.until && (futs.is_empty() || now >= w.until + Duration::from_secs(10)) {
+            break;
+        }
+        let can_send = now < w.until && futs.len() < window;
+        let due_at = due(cfg, &w, b.records_per_batch, next);
+        let send_wait = async {
+            if let Some(t) = due_at {
+                tokio::time::sleep_until(t.min(w.until).into()).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            Some((t0, records, bytes, res)) = futs.next(), if !futs.is_empty() => {
+                let at = Instant::now();
+                let res: Result<tonic::Response<v1::ProduceResponse>, tonic::Status> = res;
+                if w.counts(at) {
+                    match res {
+                        Ok(r) if r.get_ref().results.iter().all(|r| r.error.is_none()) => {
+                            stats.requests += 1;
+                            stats.records += records;
+                            stats.bytes += bytes;
+                            stats.record_ns(at.duration_since(t0).as_nanos() as u64);
+                        }
+                        _ => stats.errors += 1,
+                    }
+                }
+            }
+            () = send_wait, if can_send => {
+                let now = Instant::now();
+                if now >= w.until { continue; }
+                let i = next;
+                next += 1;
+                let batch = b.batches[i as usize % b.batches.len()].clone();
+                let bytes = batch.len() as u64;
+                let req = v1::ProduceRequest {
+                    partitions: vec![v1::PartitionProduce {
+                        topic: cfg.topic.clone(),
+                        partition: parts[i as usize % parts.len()],
+                        data: Some(v1::partition_produce::Data::RecordBatch(batch)),
+                    }],
+                    acks: cfg.acks.wire(),
+                };
+                let t0 = due_at.unwrap_or(now);
+                let mut stub = stub.clone();
+                let records = b.records_per_batch;
+                futs.push(async move { (t0, records, bytes, stub.produce(req).await) });
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// Records and bytes of whole batches in `buf` (headers only, nothing decoded).
+pub fn count_records(buf: &[u8]) -> Result<u64> {
+    let mut pos = 0;
+    let mut n = 0u64;
+    while pos < buf.len() {
+        let h = BatchHeader::parse(&buf[pos..]).map_err(|e| anyhow!("batch header: {e}"))?;
+        n += h.records_count.max(0) as u64;
+        pos += h.total_len();
+    }
+    Ok(n)
+}
+
+async fn describe_hwms(cfg: &LoadConfig) -> Result<Vec<u64>> {
+    let client = Client::connect(cfg.broker.clone()).await?;
+    let d = client.describe_topic(&cfg.topic).await?;
+    Ok(d.partitions.iter().map(|p| p.high_watermark).collect())
+}
+
+async fn describe_bytes(cfg: &LoadConfig) -> Result<u64> {
+    let client = Client::connect(cfg.broker.clone()).await?;
+    let d = client.describe_topic(&cfg.topic).await?;
+    Ok(d.partitions.iter().map(|p| p.size_bytes).sum())
+}
+
+/// Consume workload: a catch-up read of the topic from the earliest offset.
+pub async fn run_consume(cfg: &LoadConfig) -> Result<Report> {
+    let partitions = ensure_topic(cfg).await?;
+    let have = describe_bytes(cfg).await?;
+    if have < cfg.preload_bytes {
+        // Fill it, closed loop, acks = written, then wait until readers can see it all.
+        let mut fill = cfg.clone();
+        fill.mode = Mode::Produce;
+        fill.acks = Acks::Written;
+        fill.rate = None;
+        fill.warmup = Duration::ZERO;
+        fill.prefault_bytes = 0;
+        let start = Instant::now();
+        let mut produced = 0;
+        while have + produced < cfg.preload_bytes && start.elapsed() < Duration::from_secs(120) {
+            fill.duration = Duration::from_millis(500);
+            produced += run_produce(&fill).await?.bytes;
+        }
+    }
+    let mut last = describe_hwms(cfg).await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = describe_hwms(cfg).await?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let ends = Arc::new(last);
+    let mut channels = Vec::new();
+    let consumers = cfg.consumers.max(1);
+    for _ in 0..consumers {
+        channels.push(channel(&cfg.broker).await?);
+    }
+    prefault(cfg.prefault_bytes);
+    let start = Instant::now();
+    let deadline = start + cfg.duration;
+    let mut tasks = Vec::new();
+    for (i, ch) in channels.into_iter().enumerate() {
+        let cfg = cfg.clone();
+        let ends = ends.clone();
+        let parts = partitions_of(i, consumers, partitions);
+        tasks.push(tokio::spawn(async move {
+            consume_one(&cfg, ch, &parts, &ends, deadline).await
+        }));
+    }
+    let mut total = Stats::new();
+    for t in tasks {
+        total.merge(&t.await.context("consumer task")??);
+    }
+    let took = start.elapsed().min(cfg.duration);
+    Ok(report(cfg, &total, took))
+}
+
+async fn consume_one(
+    cfg: &LoadConfig,
+    ch: Channel,
+    parts: &[u32],
+    ends: &[u64],
+    deadline: Instant,
+) -> Result<Stats> {
+    let mut stats = Stats::new();
+    let req = v1::SubscribeRequest {
+        partitions: parts
+            .iter()
+            .map(|p| v1::SubscribePartition {
+                topic: cfg.topic.clone(),
+                partition: *p,
+                start: Some(v1::StartPosition {
+                    position: Some(v1::start_position::Position::Earliest(true)),
+                }),
+            })
+            .collect(),
+        max_bytes: cfg.fetch_bytes,
+        decode_records: false,
+        heartbeat_interval_ms: 1000,
+    };
+    let mut left: Vec<(u32, u64)> = parts
+        .iter()
+        .map(|p| (*p, ends[*p as usize]))
+        .filter(|(_, end)| *end > 0)
+        .collect();
+    if left.is_empty() {
+        return Ok(stats);
+    }
+    let mut stream = consume_stub(ch)
+        .subscribe(req)
+        .await
+        .context("Subscribe")?
+        .into_inner();
+    while !left.is_empty() {
+        let msg = match tokio::time::timeout_at(deadline.into(), stream.message()).await {
+            Err(_) => break,
+            Ok(m) => m.context("Subscribe stream")?,
+        };
+        let Some(msg) = msg else { break };
+        if let Some(v1::subscribe_response::Message::Data(d)) = msg.message {
+            if d.error.is_some() {
+                stats.errors += 1;
+                continue;
+            }
+            stats.requests += 1;
+            stats.bytes += d.record_batches.len() as u64;
+            stats.records += count_records(&d.record_batches)?;
+            left.retain(|(p, end)| !(*p == d.partition && d.next_offset >= *end));
+        }
+    }
+    Ok(stats)
+}
+
+/// End-to-end workload: produce at `rate` with the send time in each value, consume in the
+/// same process, latency = delivery − intended send time.
+pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
+    let rate = cfg
+        .rate
+        .ok_or_else(|| anyhow!("e2e needs --rate (records/s)"))?;
+    if cfg.record_size < 8 {
+        bail!("e2e needs records of at least 8 bytes (the send time)");
+    }
+    let partitions = ensure_topic(cfg).await?;
+    let hwms = describe_hwms(cfg).await?;
+    let base = Instant::now();
+    // Subscribe first, from the current ends, so nothing produced is missed.
+    let sub_ch = channel(&cfg.broker).await?;
+    let req = v1::SubscribeRequest {
+        partitions: (0..partitions)
+            .map(|p| v1::SubscribePartition {
+                topic: cfg.topic.clone(),
+                partition: p,
+                start: Some(v1::StartPosition {
+                    position: Some(v1::start_position::Position::Offset(hwms[p as usize])),
+                }),
+            })
+            .collect(),
+        max_bytes: cfg.fetch_bytes,
+        decode_records: false,
+        heartbeat_interval_ms: 1000,
+    };
+    let stream = consume_stub(sub_ch)
+        .subscribe(req)
+        .await
+        .context("Subscribe")?
+        .into_inner();
+    let mut channels = Vec::new();
+    for _ in 0..cfg.producers {
+        channels.push(channel(&cfg.broker).await?);
+    }
+    prefault(cfg.prefault_bytes);
+    let w = Window::new(cfg);
+    let (total_tx, total_rx) = tokio::sync::watch::channel(None::<u64>);
+    let consumer = tokio::spawn(e2e_consume(stream, base, w, total_rx));
+    let mut tasks = Vec::new();
+    for (i, ch) in channels.into_iter().enumerate() {
+        let cfg = cfg.clone();
+        let parts = partitions_of(i, cfg.producers, partitions);
+        let per = rate / cfg.producers as f64;
+        tasks.push(tokio::spawn(async move {
+            e2e_produce(&cfg, ch, &parts, per, base, w).await
+        }));
+    }
+    let mut prod = Stats::new();
+    for t in tasks {
+        prod.merge(&t.await.context("producer task")??);
+    }
+    // `records` of the producers' stats: every record they put in a batch.
+    let _ = total_tx.send(Some(prod.records));
+    let cons = consumer.await.context("consumer task")??;
+    let mut r = report(cfg, &cons, cfg.duration);
+    r.errors += prod.errors;
+    r.requests = prod.requests;
+    Ok(r)
+}
+
+/// One e2e producer: every `linger`, one batch of the records due by now (open loop). Each
+/// value starts with its intended send time, in ns since `base`, little-endian.
+async fn e2e_produce(
+    cfg: &LoadConfig,
+    ch: Channel,
+    parts: &[u32],
+    rate: f64,
+    base: Instant,
+    w: Window,
+) -> Result<Stats> {
+    let mut stats = Stats::new();
+    let window = cfg.in_flight.max(64);
+    let (tx, rx) = mpsc::channel::<v1::ProduceStreamRequest>(window);
+    let mut inbound = produce_stub(ch)
+        .produce_stream(ReceiverStream::new(rx))
+        .await
+        .context("opening ProduceStream")?
+        .into_inner();
+    let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
+    let mut filler = vec![0u8; cfg.record_size];
+    rng.fill(&mut filler);
+    let mut produced: u64 = 0;
+    let mut next_id: u64 = 0;
+    let mut in_flight = 0usize;
+    let mut tx = Some(tx);
+    let mut tick =
+        tokio::time::interval_at(w.start.into(), cfg.linger.max(Duration::from_micros(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let drain_deadline = w.until + Duration::from_secs(10);
+    loop {
+        let now = Instant::now();
+        if now >= w.until && produced >= due_by(w.until, &w, rate) {
+            tx = None;
+            if in_flight == 0 || now >= drain_deadline {
+                break;
+            }
+        }
+        tokio::select! {
+            biased;
+            msg = inbound.message() => {
+                let Some(msg) = msg.context("ProduceStream")? else { break };
+                in_flight -= 1;
+                if msg.results.iter().any(|r| r.error.is_some()) {
+                    stats.errors += 1;
+                } else {
+                    stats.requests += 1;
+                }
+            }
+            _ = tick.tick(), if tx.is_some() && in_flight < window => {
+                let now = Instant::now();
+                let due_n = due_by(now.min(w.until), &w, rate);
+                if due_n <= produced { continue; }
+                let mut b = BatchBuilder::with_capacity(
+                    cfg.compression.engine(),
+                    ((due_n - produced) as usize * (cfg.record_size + 32)).min(cfg.batch_bytes + 4096),
+                );
+                let ts = now_ms();
+                while produced < due_n && b.size_bytes() < cfg.batch_bytes {
+                    let intended = w.start + Duration::from_secs_f64(produced as f64 / rate);
+                    let ns = intended.duration_since(base).as_nanos() as u64;
+                    filler[..8].copy_from_slice(&ns.to_le_bytes());
+                    let key = format!("key-{produced:012}");
+                    b.push(ts, cfg.keyed.then_some(key.as_bytes()), Some(&filler), &[]);
+                    produced += 1;
+                }
+                let batch = b.finish().map_err(|e| anyhow!("encoding: {e}"))?;
+                let req = v1::ProduceStreamRequest {
+                    request_id: next_id,
+                    partitions: vec![v1::PartitionProduce {
+                        topic: cfg.topic.clone(),
+                        partition: parts[next_id as usize % parts.len()],
+                        data: Some(v1::partition_produce::Data::RecordBatch(batch)),
+                    }],
+                    acks: cfg.acks.wire(),
+                };
+                next_id += 1;
+                in_flight += 1;
+                if let Some(t) = &tx {
+                    t.send(req).await.map_err(|_| anyhow!("request stream closed"))?;
+                }
+            }
+        }
+    }
+    stats.records = produced;
+    Ok(stats)
+}
+
+/// Records due by `t` at `rate` from the window's start.
+fn due_by(t: Instant, w: &Window, rate: f64) -> u64 {
+    (t.saturating_duration_since(w.start).as_secs_f64() * rate).ceil() as u64
+}
+
+/// The e2e consumer: decodes every record, latency = now − intended send time; stops once it
+/// has seen every record the producers made (`total`, known when they finish).
+async fn e2e_consume(
+    mut stream: tonic::Streaming<v1::SubscribeResponse>,
+    base: Instant,
+    w: Window,
+    mut total: tokio::sync::watch::Receiver<Option<u64>>,
+) -> Result<Stats> {
+    let mut stats = Stats::new();
+    let limits = Limits::default();
+    let mut seen: u64 = 0;
+    let deadline = w.until + Duration::from_secs(10);
+    loop {
+        if let Some(t) = *total.borrow()
+            && seen >= t
+        {
+            break;
+        }
+        let msg = tokio::select! {
+            m = stream.message() => m.context("Subscribe stream")?,
+            r = total.changed() => { if r.is_err() { std::future::pending::<()>().await; } continue }
+            () = tokio::time::sleep_until(deadline.into()) => break,
+        };
+        let Some(msg) = msg else { break };
+        let Some(v1::subscribe_response::Message::Data(d)) = msg.message else {
+            continue;
+        };
+        let at = Instant::now();
+        let now_ns = at.duration_since(base).as_nanos() as u64;
+        let buf = d.record_batches;
+        let mut pos = 0;
+        while pos < buf.len() {
+            let h = BatchHeader::parse(&buf[pos..]).map_err(|e| anyhow!("batch header: {e}"))?;
+            let batch = Batch::new(buf.slice(pos..pos + h.total_len()), &limits)
+                .map_err(|e| anyhow!("batch: {e}"))?;
+            pos += h.total_len();
+            for r in batch
+                .records(&limits)
+                .map_err(|e| anyhow!("records: {e}"))?
+            {
+                let r = r.map_err(|e| anyhow!("record: {e}"))?;
+                seen += 1;
+                let Some(v) = r.value else { continue };
+                if v.len() < 8 {
+                    continue;
+                }
+                let sent = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
+                let intended = base + Duration::from_nanos(sent);
+                if w.counts(intended) {
+                    stats.records += 1;
+                    stats.bytes += v.len() as u64;
+                    stats.record_ns(now_ns.saturating_sub(sent));
+                }
+            }
+        }
+        let _ = at;
+    }
+    Ok(stats)
+}
