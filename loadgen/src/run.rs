@@ -868,7 +868,8 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     Ok(r)
 }
 
-/// One e2e producer: every `linger`, one batch of the records due by now (open loop). Each
+/// One e2e producer (open loop): whenever a reply frees the window, and at least every
+/// `linger`, one batch of the records due by now. Each
 /// value starts with its intended send time, in ns since `base`, little-endian.
 async fn e2e_produce(
     cfg: &LoadConfig,
@@ -879,7 +880,7 @@ async fn e2e_produce(
     w: Window,
 ) -> Result<Stats> {
     let mut stats = Stats::new();
-    let window = cfg.in_flight.max(64);
+    let window = cfg.in_flight.clamp(1, 64);
     let (tx, rx) = mpsc::channel::<v1::ProduceStreamRequest>(window);
     let mut inbound = produce_stub(ch)
         .produce_stream(ReceiverStream::new(rx))
@@ -905,6 +906,9 @@ async fn e2e_produce(
                 break;
             }
         }
+        // Wake on a reply (the usual case: the next batch goes out as soon as the window has
+        // room, so batches are as small as the round trip allows) or on the linger tick.
+        let can_send = tx.is_some() && in_flight < window;
         tokio::select! {
             biased;
             msg = inbound.message() => {
@@ -916,48 +920,53 @@ async fn e2e_produce(
                     stats.requests += 1;
                 }
             }
-            _ = tick.tick(), if tx.is_some() && in_flight < window => {
-                let now = Instant::now();
-                let due_n = due_by(now.min(w.until), &w, rate);
-                if due_n <= produced { continue; }
-                let mut b = BatchBuilder::with_capacity(
-                    cfg.compression.engine(),
-                    ((due_n - produced) as usize * (cfg.record_size + 32)).min(cfg.batch_bytes + 4096),
-                );
-                let ts = now_ms();
-                while produced < due_n && b.size_bytes() < cfg.batch_bytes {
-                    let intended = w.start + Duration::from_secs_f64(produced as f64 / rate);
-                    let ns = intended.duration_since(base).as_nanos() as u64;
-                    filler[..8].copy_from_slice(&ns.to_le_bytes());
-                    let key = format!("key-{produced:012}");
-                    b.push(ts, cfg.keyed.then_some(key.as_bytes()), Some(&filler), &[]);
-                    produced += 1;
-                }
-                let batch = b.finish().map_err(|e| anyhow!("encoding: {e}"))?;
-                let req = v1::ProduceStreamRequest {
-                    request_id: next_id,
-                    partitions: vec![v1::PartitionProduce {
-                        topic: cfg.topic.clone(),
-                        partition: parts[next_id as usize % parts.len()],
-                        data: Some(v1::partition_produce::Data::RecordBatch(batch)),
-                    }],
-                    acks: cfg.acks.wire(),
-                };
-                next_id += 1;
-                in_flight += 1;
-                if let Some(t) = &tx {
-                    t.send(req).await.map_err(|_| anyhow!("request stream closed"))?;
-                }
-            }
+            _ = tick.tick(), if can_send => {}
         }
+        let Some(t) = &tx else { continue };
+        if in_flight >= window {
+            continue;
+        }
+        let now = Instant::now();
+        let due_n = due_by(now.min(w.until), &w, rate);
+        if due_n <= produced {
+            continue;
+        }
+        let mut b = BatchBuilder::with_capacity(
+            cfg.compression.engine(),
+            ((due_n - produced) as usize * (cfg.record_size + 32)).min(cfg.batch_bytes + 4096),
+        );
+        let ts = now_ms();
+        while produced < due_n && b.size_bytes() < cfg.batch_bytes {
+            let intended = w.start + Duration::from_secs_f64(produced as f64 / rate);
+            let ns = intended.duration_since(base).as_nanos() as u64;
+            filler[..8].copy_from_slice(&ns.to_le_bytes());
+            let key = format!("key-{produced:012}");
+            b.push(ts, cfg.keyed.then_some(key.as_bytes()), Some(&filler), &[]);
+            produced += 1;
+        }
+        let batch = b.finish().map_err(|e| anyhow!("encoding: {e}"))?;
+        let req = v1::ProduceStreamRequest {
+            request_id: next_id,
+            partitions: vec![v1::PartitionProduce {
+                topic: cfg.topic.clone(),
+                partition: parts[next_id as usize % parts.len()],
+                data: Some(v1::partition_produce::Data::RecordBatch(batch)),
+            }],
+            acks: cfg.acks.wire(),
+        };
+        next_id += 1;
+        in_flight += 1;
+        t.send(req)
+            .await
+            .map_err(|_| anyhow!("request stream closed"))?;
     }
     stats.records = produced;
     Ok(stats)
 }
 
-/// Records due by `t` at `rate` from the window's start.
+/// Records due by `t` at `rate` from the window's start (record `i` is due at `i / rate`).
 fn due_by(t: Instant, w: &Window, rate: f64) -> u64 {
-    (t.saturating_duration_since(w.start).as_secs_f64() * rate).ceil() as u64
+    (t.saturating_duration_since(w.start).as_secs_f64() * rate).floor() as u64 + 1
 }
 
 /// The e2e consumer: decodes every record, latency = now − intended send time; stops once it
