@@ -81,6 +81,25 @@ pub(crate) struct Checkpoint {
     last: Option<Point>,
 }
 
+/// Reads the newest valid point of the file in `dir` without creating or changing anything
+/// (for offline inspection). `Ok(None)` when the file is missing or no slot is valid.
+pub(crate) fn read_point(dir: &Path) -> Result<Option<Point>> {
+    let path = dir.join(FILE_NAME);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read", &path, e)),
+    };
+    let mut buf = [0u8; 2 * SLOT];
+    let n = bytes.len().min(buf.len());
+    buf[..n].copy_from_slice(&bytes[..n]);
+    Ok([&buf[..SLOT], &buf[SLOT..]]
+        .into_iter()
+        .filter_map(decode)
+        .max_by_key(|(seq, _)| *seq)
+        .map(|(_, p)| p))
+}
+
 impl Checkpoint {
     /// Opens (creating if missing) the file in `dir` and reads the newest valid point.
     /// Returns the handle and the point, if any slot is valid.

@@ -36,6 +36,7 @@ pub mod config;
 pub mod error;
 mod fsutil;
 mod index;
+pub mod inspect;
 mod log;
 mod mapcache;
 mod mmap;

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the buckets, in microseconds (the last bucket is unbounded).
-pub const BUCKETS_MICROS: [u64; 12] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000];
+pub const BUCKETS_MICROS: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+];
 
 /// A latency histogram.
 #[derive(Debug, Default)]
@@ -21,7 +23,8 @@ impl Latency {
     pub(crate) fn record(&self, d: Duration) {
         let micros = d.as_micros() as u64;
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
         if let Some(i) = BUCKETS_MICROS.iter().position(|&b| micros <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }

@@ -46,16 +46,25 @@ pub struct RecoveryReport {
 }
 
 /// Copies `file[pos..len]` to `<segment>.torn-<pos>` next to it, durably, and returns its path.
-fn quarantine(dir: &Path, path: &Path, file: &File, pos: u64, len: u64) -> Result<std::path::PathBuf> {
+fn quarantine(
+    dir: &Path,
+    path: &Path,
+    file: &File,
+    pos: u64,
+    len: u64,
+) -> Result<std::path::PathBuf> {
     use std::io::{Read, Seek, SeekFrom};
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".torn-{pos}"));
     let dst = std::path::PathBuf::from(name);
     let mut src = file;
-    src.seek(SeekFrom::Start(pos)).map_err(|e| Error::io("seek", path, e))?;
+    src.seek(SeekFrom::Start(pos))
+        .map_err(|e| Error::io("seek", path, e))?;
     let mut out = File::create(&dst).map_err(|e| Error::io("create", &dst, e))?;
-    std::io::copy(&mut src.take(len - pos), &mut out).map_err(|e| Error::io("copy torn tail", &dst, e))?;
-    out.sync_data().map_err(|e| Error::io("fdatasync", &dst, e))?;
+    std::io::copy(&mut src.take(len - pos), &mut out)
+        .map_err(|e| Error::io("copy torn tail", &dst, e))?;
+    out.sync_data()
+        .map_err(|e| Error::io("fdatasync", &dst, e))?;
     crate::fsutil::sync_dir(dir)?;
     Ok(dst)
 }

@@ -68,7 +68,8 @@ impl Writer {
         let too_big = self.position + len > cfg.segment_bytes;
         // Index entries hold offsets relative to the segment base as u32; like Kafka, roll
         // before a segment's offsets would span more than i32::MAX.
-        let too_many = self.next_offset + h.last_offset_delta.max(0) as u64 - self.active.base_offset
+        let too_many = self.next_offset + h.last_offset_delta.max(0) as u64
+            - self.active.base_offset
             > i32::MAX as u64;
         let too_old = self
             .first_append_ms

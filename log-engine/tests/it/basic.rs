@@ -100,7 +100,13 @@ fn append_nowait_is_visible_under_fsync_always_only_once_durable() {
     assert_eq!(read_all(&p, 0).len(), 2);
     // Under fsync = never, wait_durable forces an fdatasync too.
     let log2dir = tempfile::tempdir().unwrap();
-    let log2 = open_topic(log2dir.path(), TopicConfig { fsync: FsyncPolicy::Never, ..TopicConfig::default() });
+    let log2 = open_topic(
+        log2dir.path(),
+        TopicConfig {
+            fsync: FsyncPolicy::Never,
+            ..TopicConfig::default()
+        },
+    );
     let q = log2.partition("t", 0).unwrap();
     let info = q.append(&batch("b", 1, 1)).unwrap();
     assert_eq!(q.high_watermark(), 1, "visible at once under never");
@@ -125,7 +131,13 @@ fn segments_roll_before_relative_offsets_overflow() {
     // Regression (found by the format-doc review): a segment spanning more than 2^32 offsets
     // made index lookups wrap and reads of valid offsets fail. Like Kafka, roll at i32::MAX.
     let dir = tempfile::tempdir().unwrap();
-    let log = open_topic(dir.path(), TopicConfig { fsync: FsyncPolicy::Never, ..TopicConfig::default() });
+    let log = open_topic(
+        dir.path(),
+        TopicConfig {
+            fsync: FsyncPolicy::Never,
+            ..TopicConfig::default()
+        },
+    );
     let p = log.partition("t", 0).unwrap();
     let batch = claiming(1 << 20);
     let n = 4200u64;
@@ -157,7 +169,11 @@ fn log_append_time_batches_decode_with_the_batch_timestamp() {
     let crc = spool_log_engine::batch::batch_crc(&v);
     v[17..21].copy_from_slice(&crc.to_be_bytes());
     let batch = spool_log_engine::Batch::new(bytes::Bytes::from(v), &Default::default()).unwrap();
-    let ts: Vec<i64> = batch.records(&Default::default()).unwrap().map(|r| r.unwrap().timestamp).collect();
+    let ts: Vec<i64> = batch
+        .records(&Default::default())
+        .unwrap()
+        .map(|r| r.unwrap().timestamp)
+        .collect();
     assert_eq!(ts, vec![999, 999]);
 }
 
@@ -176,7 +192,9 @@ fn a_cut_tail_is_kept_aside_not_silently_dropped() {
         // A copy taken while the log is open: everything lies past the recovery point.
         crate::common::copy_dir(dir.path(), crashed.path());
     }
-    let seg = crate::common::segment_files(&crashed.path().join("t/0")).pop().unwrap();
+    let seg = crate::common::segment_files(&crashed.path().join("t/0"))
+        .pop()
+        .unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
     let spans = crate::common::batch_spans(&bytes);
     let damaged = spans[3].pos as usize;

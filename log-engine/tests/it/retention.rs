@@ -77,10 +77,7 @@ fn rolls_by_age_and_deletes_by_time() {
     assert_eq!(p.enforce_retention().unwrap(), 2);
     assert_eq!(p.segment_bases(), vec![6]);
     assert_eq!(read_all(&p, 6).len(), 1);
-    assert_eq!(
-        files(p.dir(), ".log"),
-        vec!["00000000000000000006.log"]
-    );
+    assert_eq!(files(p.dir(), ".log"), vec!["00000000000000000006.log"]);
     // Offsets are never reused after retention, also across a reopen.
     drop(p);
     log.close().unwrap();
