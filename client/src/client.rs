@@ -243,6 +243,10 @@ impl ClientBuilder {
             .tcp_nodelay(o.tcp_nodelay)
             .initial_stream_window_size(o.stream_window_bytes)
             .initial_connection_window_size(o.connection_window_bytes)
+            // Accept 1 MiB DATA frames, as the broker does: with h2's default of 16 KiB a
+            // 1 MiB Subscribe/Fetch message arrives in 64 frames, and catch-up reads ran at
+            // 1.3-1.6 GB/s instead of 1.8-1.9 (spool-loadgen consume, docs/benchmarks.md).
+            .max_frame_size(1 << 20)
             .http2_keep_alive_interval(o.keepalive_interval)
             .keep_alive_timeout(o.keepalive_timeout)
             .keep_alive_while_idle(true))
