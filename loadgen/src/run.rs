@@ -336,10 +336,21 @@ async fn channel(addr: &str) -> Result<Channel> {
         .tcp_nodelay(true)
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
+        // Lets the broker send 1 MiB DATA frames (h2's default is 16 KiB), as the broker
+        // itself accepts from producers.
+        .max_frame_size(frame_size())
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))
+}
+
+/// HTTP/2 max frame size this client accepts: `SPOOL_LOADGEN_FRAME` bytes, else 1 MiB.
+fn frame_size() -> u32 {
+    std::env::var("SPOOL_LOADGEN_FRAME")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20)
 }
 
 fn produce_stub(ch: Channel) -> ProduceServiceClient<Channel> {

@@ -257,6 +257,12 @@ pub fn run_all(a: &ScenarioArgs) -> Result<PathBuf> {
                     let dir = tempfile::Builder::new()
                         .prefix("spoold-")
                         .tempdir_in(&a.data_parent)?;
+                    // Another process busy on the 2 vCPUs skews a run: keep the evidence.
+                    let busy = busy_others();
+                    if !busy.is_empty() {
+                        row.notes
+                            .push(format!("other busy processes before rep {rep}: {busy}"));
+                    }
                     let res = if matches!(s.metric, Metric::StartSecs) {
                         startup(&bin, dir.path(), bt).map(|(secs, note)| {
                             row.notes.push(note);
@@ -418,6 +424,14 @@ fn shell(cmd: &str) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+/// Other processes using more than 10 % CPU right now (sampled over 200 ms), as
+/// `name (pid) cpu%` items; empty when the machine is quiet.
+fn busy_others() -> String {
+    shell(
+        "top -b -n 2 -d 0.2 -w 200 | awk '/^top -/{n++} n==2 && $1 ~ /^[0-9]+$/ && $9+0 > 10 {print $12\" (\"$1\") \"$9\"%\"}' | grep -v -e spool-loadgen -e spoold | tr '\\n' ' '",
+    )
 }
 
 fn threads(n: usize) -> String {
