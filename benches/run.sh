@@ -70,7 +70,11 @@ if [ "$runs" -gt 1 ] && command -v python3 >/dev/null 2>&1; then
     python3 - "$out" <<'EOF' | tee -a "$out"
 import re, statistics, sys
 rows = {}
+seen = set()
 for line in open(sys.argv[1]):
+    if line in seen:  # the "all RESULT lines" section repeats each line
+        continue
+    seen.add(line)
     m = re.match(r"RESULT pass=(\d+) (\S+) unit=(\S+) median=(\S+)", line)
     if m:
         rows.setdefault((m.group(2), m.group(3)), []).append(float(m.group(4)))
