@@ -23,7 +23,7 @@
 //!   reference measurements did; a case that writes more pre-faults its own size + 64 MiB).
 //! - `SPOOL_BENCH_PAUSE_SECS=10`: sleep before each sample; with `SPOOL_BENCH_PREFAULT=0` this
 //!   measures on host-fresh memory (the slow first-run case).
-//! - `SPOOL_BENCH_ONLY=a,b`: run only the cases whose names contain `a` or `b`.
+//! - `SPOOL_BENCH_ONLY=a,=b`: run only the cases whose names contain `a` or are exactly `b`.
 //! - `SPOOL_BENCH_DIR`: parent directory of the scratch directories (default
 //!   `<workspace>/target/bench-tmp`, on the same filesystem as the work tree).
 //! - per-bench sizes, documented in each bench and in `docs/benchmarks.md`.
@@ -128,10 +128,17 @@ fn env_usize(name: &str, full: usize, quick: usize) -> usize {
     }
 }
 
-/// True unless `SPOOL_BENCH_ONLY` (comma-separated substrings of case names) excludes
-/// `case`. Rows whose cases did not run print as `n/a`.
+/// True unless `SPOOL_BENCH_ONLY` (comma-separated substrings of case names, or `=name` for
+/// an exact name) excludes `case`. Rows whose cases did not run print as `n/a`.
 pub fn selected(case: &str) -> bool {
-    env_str("SPOOL_BENCH_ONLY").is_none_or(|only| only.split(',').any(|w| case.contains(w.trim())))
+    env_str("SPOOL_BENCH_ONLY").is_none_or(|only| {
+        only.split(',')
+            .map(str::trim)
+            .any(|w| match w.strip_prefix('=') {
+                Some(exact) => case == exact,
+                None => case.contains(w),
+            })
+    })
 }
 
 /// Smoke-test mode: `SPOOL_BENCH_QUICK` if set, else "not run with `--bench`".
