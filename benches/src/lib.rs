@@ -101,7 +101,8 @@ impl Config {
     /// Prints the settings line every bench starts with.
     pub fn announce(&self, bench: &str, sizes: &str) {
         println!(
-            "== {bench}: {} mode, {} warm-up + {} measured rounds, prefault {}; {sizes}",
+            "== {bench}: {} mode, {} warm-up + {} measured rounds, prefault {}, pause {} s; \
+             {sizes}",
             if self.quick {
                 "QUICK (smoke-test)"
             } else {
@@ -109,7 +110,12 @@ impl Config {
             },
             self.warmup,
             self.reps,
-            if self.prefault { "on" } else { "off" },
+            if self.prefault {
+                format!("on (≥ {})", fmt_bytes(self.prefault_min))
+            } else {
+                "off".into()
+            },
+            self.pause.as_secs_f64(),
         );
     }
 }
