@@ -247,14 +247,20 @@ impl Partition {
             if i == last {
                 // What recovery accepted is visible to readers at once, so make it durable now
                 // (after kill -9 it may still be only in the page cache) and record the point.
-                file.sync_data()
-                    .map_err(|e| Error::io("fdatasync", &path, e))?;
-                let mut checkpoint = checkpoint.take().expect("the last segment is reached once");
-                checkpoint.write(crate::checkpoint::Point {
+                // When the recovery point already covers everything (a clean shutdown), all of
+                // it is durable already: skip both flushes, which dominate opening many
+                // partitions.
+                let reached = crate::checkpoint::Point {
                     segment_base: base,
                     position: end,
                     next_offset: next,
-                })?;
+                };
+                let mut checkpoint = checkpoint.take().expect("the last segment is reached once");
+                if checkpoint.last() != Some(reached) {
+                    file.sync_data()
+                        .map_err(|e| Error::io("fdatasync", &path, e))?;
+                    checkpoint.write(reached)?;
+                }
                 let file = Arc::new(file);
                 let seg = Arc::new(Segment::active(
                     dir,
