@@ -592,8 +592,12 @@ impl Report {
         self.notes.push(text.to_owned());
     }
 
-    /// Prints the table, the notes and the `RESULT` lines to stdout.
+    /// Prints the table, the notes and the `RESULT` lines to stdout (nothing when no row has
+    /// data, e.g. every case was filtered out).
     pub fn print(&self) {
+        if self.rows.is_empty() {
+            return;
+        }
         let head = Row {
             what: "what".into(),
             figure: "median [min–max]".into(),
