@@ -271,6 +271,16 @@ impl Metrics {
     }
 }
 
+/// Runs a request handler's body, recording its duration and whether it failed.
+pub(crate) async fn timed<T>(
+    metrics: &Metrics,
+    rpc: &'static str,
+    body: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    let timer = metrics.rpc(rpc);
+    timer.finish(body.await)
+}
+
 /// Records a request's duration when dropped.
 pub(crate) struct RpcTimer<'a> {
     metrics: &'a Metrics,

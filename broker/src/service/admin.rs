@@ -9,6 +9,7 @@ use super::check_user_topic;
 use crate::auth::{Action, principal};
 use crate::convert::{apply_topic_config, topic_config_to_wire};
 use crate::error::BrokerError;
+use crate::metrics::timed;
 use crate::{State, blocking};
 
 #[derive(Debug)]
@@ -28,8 +29,7 @@ impl AdminService for Admin {
         &self,
         req: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
-        let timer = self.state.metrics.rpc("CreateTopic");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "CreateTopic", async move {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Admin, &req.topic)?;
@@ -49,17 +49,15 @@ impl AdminService for Admin {
             Ok(Response::new(v1::CreateTopicResponse {
                 config: Some(topic_config_to_wire(&created)),
             }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     async fn delete_topic(
         &self,
         req: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
-        let timer = self.state.metrics.rpc("DeleteTopic");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "DeleteTopic", async move {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Admin, &req.topic)?;
@@ -69,17 +67,15 @@ impl AdminService for Admin {
                 .await?
                 .map_err(BrokerError::from)?;
             Ok(Response::new(v1::DeleteTopicResponse {}))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     async fn list_topics(
         &self,
         req: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
-        let timer = self.state.metrics.rpc("ListTopics");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "ListTopics", async move {
             // A token sees the topics it may consume from or administer.
             let who = principal(&req);
             let log = &self.state.log;
@@ -96,17 +92,15 @@ impl AdminService for Admin {
                 })
                 .collect();
             Ok(Response::new(v1::ListTopicsResponse { topics }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     async fn describe_topic(
         &self,
         req: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
-        let timer = self.state.metrics.rpc("DescribeTopic");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "DescribeTopic", async move {
             let who = principal(&req);
             let topic = req.into_inner().topic;
             if !who.allows(Action::Consume, &topic) {
@@ -134,17 +128,15 @@ impl AdminService for Admin {
                 config: Some(topic_config_to_wire(&cfg)),
                 partitions,
             }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     async fn alter_topic_config(
         &self,
         req: Request<v1::AlterTopicConfigRequest>,
     ) -> Result<Response<v1::AlterTopicConfigResponse>, Status> {
-        let timer = self.state.metrics.rpc("AlterTopicConfig");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "AlterTopicConfig", async move {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Admin, &req.topic)?;
@@ -165,17 +157,15 @@ impl AdminService for Admin {
             Ok(Response::new(v1::AlterTopicConfigResponse {
                 config: Some(topic_config_to_wire(&applied)),
             }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     async fn add_partitions(
         &self,
         req: Request<v1::AddPartitionsRequest>,
     ) -> Result<Response<v1::AddPartitionsResponse>, Status> {
-        let timer = self.state.metrics.rpc("AddPartitions");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "AddPartitions", async move {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Admin, &req.topic)?;
@@ -186,8 +176,7 @@ impl AdminService for Admin {
                 .await?
                 .map_err(BrokerError::from)?;
             Ok(Response::new(v1::AddPartitionsResponse { partitions: n }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 }

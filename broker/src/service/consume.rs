@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::{Action, principal};
 use crate::convert::decode_records;
 use crate::error::{BrokerError, partition_error};
+use crate::metrics::timed;
 use crate::{State, blocking};
 
 /// Default per-partition fetch size when a request says 0.
@@ -117,8 +118,7 @@ impl ConsumeService for Consume {
         &self,
         req: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
-        let timer = self.state.metrics.rpc("Fetch");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "Fetch", async move {
             let who = principal(&req);
             let req = req.into_inner();
             let limits = &self.state.config.limits;
@@ -195,9 +195,8 @@ impl ConsumeService for Consume {
                     _ = shutdown.changed() => {}
                 }
             }
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     type SubscribeStream = ReceiverStream<Result<v1::SubscribeResponse, Status>>;
@@ -206,8 +205,7 @@ impl ConsumeService for Consume {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let timer = self.state.metrics.rpc("Subscribe");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "Subscribe", async move {
             let who = principal(&req);
             let req = req.into_inner();
             let limits = &self.state.config.limits;
@@ -247,17 +245,15 @@ impl ConsumeService for Consume {
                 tx,
             ));
             Ok(Response::new(ReceiverStream::new(rx)))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     async fn list_offsets(
         &self,
         req: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
-        let timer = self.state.metrics.rpc("ListOffsets");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "ListOffsets", async move {
             let who = principal(&req);
             let req = req.into_inner();
             let limit = self.state.config.limits.max_partitions_per_request;
@@ -310,9 +306,8 @@ impl ConsumeService for Consume {
             })
             .await?;
             Ok(Response::new(v1::ListOffsetsResponse { answers }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 }
 

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::now_ms;
 use crate::auth::{Action, principal};
+use crate::metrics::timed;
 use crate::{State, blocking};
 
 #[derive(Debug)]
@@ -26,8 +27,7 @@ impl OffsetService for Offsets {
         &self,
         req: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
-        let timer = self.state.metrics.rpc("CommitOffsets");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "CommitOffsets", async move {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
@@ -37,24 +37,21 @@ impl OffsetService for Offsets {
             let state = self.state.clone();
             blocking(move || state.offsets.commit(&req.group, &req.offsets, now_ms())).await??;
             Ok(Response::new(v1::CommitOffsetsResponse {}))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     async fn fetch_offsets(
         &self,
         req: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
-        let timer = self.state.metrics.rpc("FetchOffsets");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "FetchOffsets", async move {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
             let offsets = self.state.offsets.fetch(&req.group, &req.partitions)?;
             Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 }

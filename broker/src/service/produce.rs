@@ -30,6 +30,7 @@ use super::{check_user_topic, now_ms};
 use crate::auth::{Action, Principal, principal};
 use crate::convert::encode_records;
 use crate::error::{BrokerError, partition_error};
+use crate::metrics::timed;
 use crate::{State, blocking};
 
 /// Requests of one `ProduceStream` whose replies are pending.
@@ -181,8 +182,7 @@ impl ProduceService for Produce {
         &self,
         req: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
-        let timer = self.state.metrics.rpc("Produce");
-        let result: Result<Response<_>, Status> = async move {
+        timed(&self.state.metrics, "Produce", async move {
             let who = principal(&req);
             let req = req.into_inner();
             let acks = check(&self.state, req.partitions.len(), req.acks)?;
@@ -193,9 +193,8 @@ impl ProduceService for Produce {
             })
             .await?;
             Ok(Response::new(v1::ProduceResponse { results }))
-        }
-        .await;
-        timer.finish(result)
+        })
+        .await
     }
 
     type ProduceStreamStream = ReplyStream;
