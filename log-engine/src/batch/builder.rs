@@ -214,6 +214,25 @@ mod tests {
         validate_batch(&bytes, 1 << 20, &Limits::default()).unwrap();
     }
 
+    #[test]
+    fn count_records_reads_headers_only() {
+        let mut all = Vec::new();
+        for n in [1, 3, 5] {
+            let mut b = BatchBuilder::new(Compression::Zstd);
+            for i in 0..n {
+                b.push(i, None, Some(b"v"), &[]);
+            }
+            all.extend_from_slice(&b.finish().unwrap());
+        }
+        assert_eq!(super::super::count_records(&all), 9);
+        assert_eq!(
+            super::super::count_records(&all[..all.len() - 1]),
+            4,
+            "a cut batch is not counted"
+        );
+        assert_eq!(super::super::count_records(&[]), 0);
+    }
+
     proptest! {
         #[test]
         fn roundtrip(

@@ -356,6 +356,22 @@ impl Batch {
     }
 }
 
+/// Records in a buffer of concatenated batches, from their headers alone (no CRC pass, no
+/// decoding): for counting what is served. Stops at the first header that does not parse or
+/// runs past the buffer.
+pub fn count_records(buf: &[u8]) -> u64 {
+    let mut pos = 0usize;
+    let mut n = 0u64;
+    while let Ok(h) = BatchHeader::parse(&buf[pos.min(buf.len())..]) {
+        if h.total_len() > buf.len() - pos {
+            break;
+        }
+        n += h.records_count.max(0) as u64;
+        pos += h.total_len();
+    }
+    n
+}
+
 /// Splits a buffer of concatenated batches (such as one read result) into batches, checking
 /// each header and CRC. Stops with an error at the first malformed batch.
 pub fn split_batches(buf: &Bytes) -> impl Iterator<Item = Result<Batch, BatchError>> + '_ {
