@@ -1,49 +1,122 @@
 //! `spool`: the operator's command-line tool.
 //!
-//! So far it has the offline commands, which read a data directory through the engine without
-//! a broker: `spool inspect verify | stats | dump`. The online commands (topics, produce,
-//! tail, replay, groups, bench) come next (issue 4).
+//! Online commands talk to `spoold` through `spool-client`; `inspect` reads a data directory
+//! offline through the engine. Each command lives in its own module; this file only parses
+//! flags, connects and maps errors to exit codes ([`exit`] documents them).
 //!
-//! Exit codes: 0 success; 1 `verify` found corruption; 2 usage or I/O error. Output that
-//! scripts read goes to stdout (tables, or JSON with `--json`); diagnostics go to stderr.
+//! Conventions (kcat / rpk / tank-cli users expect them): data on stdout, status and progress on
+//! stderr; tables by default and `--json` for scripts; nothing interactive when stdout or stdin
+//! is not a terminal; a closed pipe ends the command quietly.
 
+mod conn;
+mod exit;
+mod format;
 mod inspect;
+mod position;
+mod produce;
+mod table;
+mod tail;
+mod topic;
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
-/// Spool's command-line tool.
+use crate::conn::ConnArgs;
+use crate::exit::{CliError, CliResult};
+
+/// Spool's command-line tool: topics, produce, tail, replay, consumer groups, offline
+/// inspection and load generation.
 #[derive(Debug, Parser)]
-#[command(name = "spool", version, about, propagate_version = true)]
+#[command(
+    name = "spool",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Broker address: --broker, $SPOOL_BROKER, a profile in ~/.config/spool/cli.toml, \
+                  or 127.0.0.1:7170.\nExit codes: 0 ok, 1 problem found, 2 usage or input error, \
+                  3 broker unreachable, 4 broker refused the request."
+)]
 struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create, list, describe, alter and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCmd),
+    /// Produce records from arguments, stdin lines, a file or JSON lines.
+    Produce(produce::ProduceArgs),
+    /// Follow partitions like `tail -f` (starts at the end unless -o says otherwise).
+    Tail(tail::TailArgs),
+    /// Read partitions from the start (rpk's default); the same flags as `tail`.
+    Consume(tail::TailArgs),
     /// Inspect a data directory offline (read-only; stop spoold or work on a copy).
     #[command(subcommand)]
     Inspect(inspect::Inspect),
+    /// Print a shell completion script: spool completions bash > /etc/bash_completion.d/spool
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn run(cli: Cli) -> CliResult<ExitCode> {
+    let conn = cli.conn;
+    match cli.command {
+        Command::Inspect(cmd) => inspect::run(cmd).map_err(CliError::Other),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "spool", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topic(cmd) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            let mut out = std::io::stdout().lock();
+            topic::run(&client, cmd, &mut out).await?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Produce(args) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            produce::run(&client, args).await
+        }),
+        Command::Tail(args) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            tail::run(&client, args, position::Start::Latest).await
+        }),
+        Command::Consume(args) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            tail::run(&client, args, position::Start::Earliest).await
+        }),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Inspect(cmd) => inspect::run(cmd),
-    };
-    match result {
+    match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            // A closed pipe (`spool inspect dump ... | head`) is not an error.
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            {
-                return ExitCode::SUCCESS;
-            }
-            eprintln!("spool: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => exit::report(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

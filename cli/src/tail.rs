@@ -1,0 +1,346 @@
+//! `spool tail` / `spool consume`: follow or read ranges of partitions.
+//!
+//! Ranges are resolved once, up front, per partition (rpk's semantics): `:end` means the high
+//! watermark *when the command started*, so the command exits on a partition that is still
+//! being written (kcat's `-e` never did, kcat #33). Empty ranges are dropped before reading, so
+//! an empty topic with `:end` exits at once. The resolved start (and end) of every partition is
+//! printed on stderr unless `-q`, so a default is never a surprise. Reading uses the client's
+//! Subscribe-based consumer without a group: nothing is committed, no group is touched.
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use spool_client::{
+    Client, ConsumerConfig, OffsetReset, OffsetSpec, Record, StartAt, TopicPartition,
+};
+
+use crate::conn::parse_duration;
+use crate::exit::{CliResult, usage};
+use crate::format::{Encoding, Output};
+use crate::position::{Range, Resolved, Start, fmt_time};
+
+/// Follow or read partitions.
+///
+/// Offsets (-o): start | end | N | +N | -N | @TIME | s@MS, optionally :END where END is end
+/// (the end when the command started), N, +N, @TIME, e@MS, or nothing to follow. TIME is RFC
+/// 3339, a date, epoch s or ms, now, or a duration (-1h; a bare 1h means 1h ago, or 1h after a
+/// time start).
+///
+/// Examples:
+///   spool tail prices                          follow new records
+///   spool consume prices -o start:end          everything up to now, then exit
+///   spool tail prices -o @-1h                  from one hour ago, then follow
+///   spool tail prices/0,1 -o -100:end -f '%o %k %v\n'
+///   spool consume events -o @2026-11-22:1d -f json > yesterday.jsonl
+///   spool tail events --key user-42 --grep refund -n 10
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub(crate) struct TailArgs {
+    /// TOPIC, TOPIC/PARTITION or TOPIC/P1,P2 (several allowed).
+    #[arg(required = true)]
+    targets: Vec<String>,
+    /// Partitions (for every topic given without /P).
+    #[arg(long, short = 'p', value_delimiter = ',')]
+    partitions: Vec<u32>,
+    /// Where to start and end; see above. May be given twice, kcat style (-o s@T1 -o e@T2).
+    #[arg(long, short = 'o', value_name = "SPEC", allow_hyphen_values = true)]
+    offset: Vec<String>,
+    /// Exit at the end that existed when the command started (same as ending the spec with
+    /// :end); TANK's -d, kcat's -e.
+    #[arg(long, short = 'e')]
+    exit: bool,
+    /// Stop after this many records (after filters).
+    #[arg(long, short = 'n', alias = "count", short_alias = 'c')]
+    num: Option<u64>,
+    /// Output: a format string (see below), `json` (JSON lines) or `raw` (values without a
+    /// delimiter). Default: one value per line.
+    ///
+    /// Tokens: %v/%s value, %k key, %V/%S and %K sizes, %t topic, %p partition, %o offset,
+    /// %T timestamp ms, %d RFC 3339 (%d{%Y-%m-%d}), %h headers, %H header count, %% and
+    /// \n \t \0 \xHH escapes; %v{hex} %v{base64} %k{hex} %k{base64}.
+    #[arg(long, short = 'f', value_name = "FORMAT")]
+    format: Option<String>,
+    /// Same as -f json.
+    #[arg(long, conflicts_with = "format")]
+    json: bool,
+    /// How JSON output writes keys and values (auto: text when UTF-8, else base64).
+    #[arg(long, value_enum, default_value = "auto")]
+    encoding: Encoding,
+    /// Only records with this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only records with this header (KEY or KEY=VALUE; repeatable, all must match).
+    #[arg(long = "header", value_name = "KEY[=VALUE]")]
+    headers: Vec<String>,
+    /// Only records whose value contains this text.
+    #[arg(long)]
+    grep: Option<String>,
+    /// Exit when no record arrived for this long (e.g. 10s).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    idle_exit: Option<Duration>,
+    /// No status lines on stderr.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+/// Record filters; all given ones must match.
+#[derive(Debug, Default)]
+struct Filter {
+    key: Option<Bytes>,
+    headers: Vec<(String, Option<Bytes>)>,
+    grep: Option<Vec<u8>>,
+}
+
+impl Filter {
+    fn matches(&self, r: &Record) -> bool {
+        if let Some(k) = &self.key
+            && r.key.as_ref() != Some(k)
+        {
+            return false;
+        }
+        for (k, v) in &self.headers {
+            let found = r
+                .headers
+                .iter()
+                .any(|h| h.key == *k && v.as_ref().is_none_or(|v| h.value.as_ref() == Some(v)));
+            if !found {
+                return false;
+            }
+        }
+        if let Some(g) = &self.grep {
+            let hay = r.value.as_deref().unwrap_or_default();
+            if !g.is_empty() && !hay.windows(g.len()).any(|w| w == &g[..]) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The partitions named by the targets (and `-p`), in order, deduplicated.
+async fn partitions(client: &Client, a: &TailArgs) -> CliResult<Vec<TopicPartition>> {
+    let mut out: Vec<TopicPartition> = Vec::new();
+    for t in &a.targets {
+        let (topic, list) = match t.split_once('/') {
+            Some((topic, ps)) => {
+                let list = ps
+                    .split(',')
+                    .map(|p| {
+                        p.trim().parse::<u32>().map_err(|_| {
+                            usage(format!("{t:?}: partitions after / must be numbers"))
+                        })
+                    })
+                    .collect::<CliResult<Vec<_>>>()?;
+                (topic.to_owned(), list)
+            }
+            None if !a.partitions.is_empty() => (t.clone(), a.partitions.clone()),
+            None => {
+                let d = client.describe_topic(t).await?;
+                (
+                    t.clone(),
+                    d.partitions.iter().map(|p| p.partition).collect(),
+                )
+            }
+        };
+        for p in list {
+            let tp = TopicPartition::new(topic.clone(), p);
+            if !out.contains(&tp) {
+                out.push(tp);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parses the `-o` values (and `-e`) into one range.
+fn parse_range(a: &TailArgs, default_start: Start, now_ms: i64) -> CliResult<Range> {
+    let mut range = match a.offset.as_slice() {
+        [] => Range {
+            start: default_start,
+            end: crate::position::End::Follow,
+        },
+        [one] => Range::parse(one, default_start, now_ms).map_err(usage)?,
+        [first, second] => {
+            let r1 = Range::parse(first, default_start, now_ms).map_err(usage)?;
+            let r2 = Range::parse(second, default_start, now_ms).map_err(usage)?;
+            r1.merge(r2, second).map_err(usage)?
+        }
+        _ => return Err(usage("-o may be given at most twice")),
+    };
+    if a.exit && range.end == crate::position::End::Follow {
+        range.end = crate::position::End::Latest;
+    }
+    Ok(range)
+}
+
+/// Resolves `range` on every partition: bounds from ListOffsets, times through the broker's
+/// time index. One request per kind of lookup, whatever the number of partitions.
+pub(crate) async fn resolve(
+    client: &Client,
+    tps: &[TopicPartition],
+    range: &Range,
+) -> CliResult<Vec<Resolved>> {
+    let mut specs = vec![OffsetSpec::Earliest, OffsetSpec::Latest];
+    for t in [
+        match range.start {
+            Start::Time(t) => Some(t),
+            _ => None,
+        },
+        match range.end {
+            crate::position::End::Time(t) => Some(t),
+            _ => None,
+        },
+    ]
+    .into_iter()
+    .flatten()
+    {
+        specs.push(OffsetSpec::Timestamp(t));
+    }
+    let queries: Vec<_> = specs
+        .iter()
+        .flat_map(|s| tps.iter().map(move |tp| (tp.clone(), *s)))
+        .collect();
+    let answers = client.list_offsets(&queries).await?;
+    // answers[si * n + pi]: spec si of partition pi.
+    let n = tps.len();
+    let offsets = answers
+        .into_iter()
+        .map(|a| a.map(|a| a.offset))
+        .collect::<Result<Vec<u64>, _>>()?;
+    Ok((0..n)
+        .map(|pi| {
+            let (lso, hwm) = (offsets[pi], offsets[n + pi]);
+            range.resolve(lso, hwm, |t| {
+                specs
+                    .iter()
+                    .position(|s| *s == OffsetSpec::Timestamp(t))
+                    .map_or(hwm, |si| offsets[si * n + pi])
+            })
+        })
+        .collect())
+}
+
+fn describe(r: &Resolved) -> String {
+    match r.end {
+        None => format!("from offset {} (following)", r.start),
+        Some(e) => format!("offsets [{}, {e})", r.start),
+    }
+}
+
+pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> CliResult<ExitCode> {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let range = parse_range(&a, default_start, now_ms)?;
+    let format = if a.json {
+        Some("json")
+    } else {
+        a.format.as_deref()
+    };
+    let output = Output::from_flag(format, a.encoding).map_err(usage)?;
+    let filter = Filter {
+        key: a.key.as_ref().map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        headers: a
+            .headers
+            .iter()
+            .map(|h| match h.split_once('=') {
+                Some((k, v)) => (k.to_owned(), Some(Bytes::copy_from_slice(v.as_bytes()))),
+                None => (h.clone(), None),
+            })
+            .collect(),
+        grep: a.grep.as_ref().map(|g| g.as_bytes().to_vec()),
+    };
+    let tps = partitions(client, &a).await?;
+    let resolved = resolve(client, &tps, &range).await?;
+    if let (Start::Time(t), false) = (range.start, a.quiet) {
+        eprintln!("% start time {}", fmt_time(t));
+    }
+
+    // Partitions still to read, and where each stops.
+    let mut ends: BTreeMap<TopicPartition, Option<u64>> = BTreeMap::new();
+    let mut assign = Vec::new();
+    for (tp, r) in tps.iter().zip(&resolved) {
+        if !a.quiet {
+            eprintln!("% {}/{}: {}", tp.topic, tp.partition, describe(r));
+        }
+        if r.is_empty() {
+            continue;
+        }
+        ends.insert(tp.clone(), r.end);
+        assign.push((tp.clone(), StartAt::Offset(r.start)));
+    }
+    if assign.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut consumer = client.consumer(ConsumerConfig {
+        // An explicit position that retention deleted meanwhile: say so rather than skip.
+        offset_reset: OffsetReset::Error,
+        ..ConsumerConfig::default()
+    });
+    consumer.assign(&assign).await?;
+
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut printed = 0u64;
+    let mut idle = Duration::ZERO;
+    let tick = Duration::from_millis(100);
+    loop {
+        if a.num.is_some_and(|n| printed >= n) || ends.is_empty() {
+            break;
+        }
+        let rec = match tokio::time::timeout(tick, consumer.next()).await {
+            Err(_) => {
+                // Nothing for a moment: let readers of a pipe see what we have.
+                out.flush()?;
+                idle += tick;
+                if a.idle_exit.is_some_and(|d| idle >= d) {
+                    if !a.quiet {
+                        eprintln!(
+                            "% no record for {:?}, exiting",
+                            a.idle_exit.unwrap_or_default()
+                        );
+                    }
+                    break;
+                }
+                continue;
+            }
+            Ok(None) => break,
+            Ok(Some(r)) => r?,
+        };
+        idle = Duration::ZERO;
+        let tp = TopicPartition::new(&*rec.topic, rec.partition);
+        let end = ends.get(&tp).copied().flatten();
+        if end.is_some_and(|e| rec.offset >= e) {
+            finish(&mut consumer, &mut ends, &tp, a.quiet, rec.offset);
+            continue;
+        }
+        if filter.matches(&rec) {
+            output.write(&rec, &mut out)?;
+            printed += 1;
+        }
+        if end.is_some_and(|e| rec.offset + 1 >= e) {
+            finish(&mut consumer, &mut ends, &tp, a.quiet, rec.offset + 1);
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn finish(
+    consumer: &mut spool_client::Consumer,
+    ends: &mut BTreeMap<TopicPartition, Option<u64>>,
+    tp: &TopicPartition,
+    quiet: bool,
+    at: u64,
+) {
+    ends.remove(tp);
+    consumer.unassign(&tp.topic, tp.partition);
+    if !quiet {
+        eprintln!(
+            "% Reached end of partition {}/{} at offset {at}",
+            tp.topic, tp.partition
+        );
+    }
+}
