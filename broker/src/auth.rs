@@ -11,8 +11,8 @@
 //! - `admin`: create, delete, alter and grow topics matching;
 //! - `produce`: write to topics matching;
 //! - `consume`: read and describe topics matching, and list offsets;
-//! - `groups`: commit and fetch offsets of groups matching (committing also needs `consume`
-//!   on the topic).
+//! - `groups`: commit, fetch, list and delete offsets of groups matching (committing, and
+//!   deleting only some topics' offsets, also need `consume` on each topic).
 //!
 //! With no tokens configured, authentication is off and every request is allowed (the broker
 //! then only listens on loopback, unless told otherwise).
@@ -43,7 +43,7 @@ pub struct TokenConfig {
     /// Topic prefixes this token may consume from.
     #[serde(default)]
     pub consume: Vec<String>,
-    /// Consumer-group prefixes this token may commit and fetch offsets for.
+    /// Consumer-group prefixes this token may commit, fetch, list and delete offsets of.
     #[serde(default)]
     pub groups: Vec<String>,
 }

@@ -4,7 +4,8 @@
 //! partitions) or to a gRPC [`Status`] (for requests about one thing), both from the same
 //! table, documented in `docs/protocol.md`. Statuses carry a google.rpc `ErrorInfo` detail with
 //! machine-readable fields: `reason` is the `ErrorCode` name, and the metadata names the topic,
-//! partition and, for OUT_OF_RANGE, `log_start_offset` and `high_watermark`.
+//! partition (or the group, for UNKNOWN_GROUP) and, for OUT_OF_RANGE, `log_start_offset` and
+//! `high_watermark`.
 
 use std::collections::HashMap;
 
@@ -36,6 +37,25 @@ pub enum BrokerError {
     /// The caller's token does not allow this.
     #[error("not authorized: {0}")]
     NotAuthorized(String),
+    /// The consumer group has no committed offsets (for `topics`, when not empty).
+    #[error(
+        "consumer group {group:?} has no committed offsets{}",
+        for_topics(topics)
+    )]
+    UnknownGroup {
+        /// Group name.
+        group: String,
+        /// The topics the request was limited to (empty: all).
+        topics: Vec<String>,
+    },
+}
+
+fn for_topics(topics: &[String]) -> String {
+    if topics.is_empty() {
+        String::new()
+    } else {
+        format!(" for topics {topics:?}")
+    }
 }
 
 impl From<BatchError> for BrokerError {
@@ -50,6 +70,7 @@ fn classify(e: &BrokerError) -> (ErrorCode, Code) {
         BrokerError::InvalidRequest(_) => (ErrorCode::InvalidRequest, Code::InvalidArgument),
         BrokerError::ShuttingDown => (ErrorCode::ShuttingDown, Code::Unavailable),
         BrokerError::NotAuthorized(_) => (ErrorCode::NotAuthorized, Code::PermissionDenied),
+        BrokerError::UnknownGroup { .. } => (ErrorCode::UnknownGroup, Code::NotFound),
         BrokerError::Engine(e) => match e {
             EngineError::TopicNotFound(_) => (ErrorCode::UnknownTopic, Code::NotFound),
             EngineError::PartitionNotFound { .. } => (ErrorCode::UnknownPartition, Code::NotFound),
@@ -110,7 +131,9 @@ pub(crate) fn partition_status(topic: &str, partition: u32, e: &PartitionError) 
     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
     let grpc = match code {
         ErrorCode::OffsetOutOfRange => Code::OutOfRange,
-        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => Code::NotFound,
+        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownGroup => {
+            Code::NotFound
+        }
         ErrorCode::NotAuthorized => Code::PermissionDenied,
         ErrorCode::Corruption => Code::DataLoss,
         ErrorCode::PartitionPoisoned | ErrorCode::ShuttingDown => Code::Unavailable,
@@ -152,6 +175,9 @@ impl From<BrokerError> for Status {
             BrokerError::Engine(EngineError::PartitionNotFound { topic, partition }) => {
                 meta.insert("topic".to_owned(), topic.clone());
                 meta.insert("partition".to_owned(), partition.to_string());
+            }
+            BrokerError::UnknownGroup { group, .. } => {
+                meta.insert("group".to_owned(), group.clone());
             }
             _ => {}
         }

@@ -9,11 +9,16 @@
 //! ```text
 //! record key   = group \0 topic \0 partition (decimal)
 //! record value = JSON {"offset": u64, "metadata": string, "time_ms": i64}
+//!                or null: a tombstone, the partition's committed offset was deleted
 //! ```
+//!
+//! Deleting a group (`DeleteGroup`) appends one batch holding a tombstone per deleted key,
+//! durably, then removes the keys from the map; replay removes a key at its tombstone, so a
+//! deletion survives restart exactly like a commit, and a later commit brings the key back.
 //! (Compaction of this topic arrives with compacted topics; until then it grows with commits
 //! and retention must not be set on it.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -74,17 +79,25 @@ impl OffsetStore {
                 let batch = batch?;
                 for rec in batch.records(limits)? {
                     let rec = rec?;
-                    let key = rec.key.as_deref().and_then(decode_key);
-                    let value = rec
-                        .value
-                        .as_deref()
-                        .and_then(|v| serde_json::from_slice::<Value>(v).ok());
-                    match (key, value) {
-                        (Some(k), Some(v)) => {
-                            map.insert(k, v);
-                        }
-                        _ => tracing::warn!(
+                    let Some(key) = rec.key.as_deref().and_then(decode_key) else {
+                        tracing::warn!(
                             offset = rec.offset,
+                            "skipping offset record without a valid key"
+                        );
+                        continue;
+                    };
+                    // A null value is a tombstone: the committed offset was deleted.
+                    let Some(value) = rec.value.as_deref() else {
+                        map.remove(&key);
+                        continue;
+                    };
+                    match serde_json::from_slice::<Value>(value) {
+                        Ok(v) => {
+                            map.insert(key, v);
+                        }
+                        Err(e) => tracing::warn!(
+                            offset = rec.offset,
+                            error = %e,
                             "skipping malformed offset commit record"
                         ),
                     }
@@ -150,6 +163,86 @@ impl OffsetStore {
         Ok(())
     }
 
+    /// Durably deletes `group`'s committed offsets (only those of `topics` unless it is empty)
+    /// with one batch of tombstones, then drops them from the map. Returns how many partitions
+    /// were deleted; [`BrokerError::UnknownGroup`] when there is nothing to delete. Blocking.
+    ///
+    /// The batch must fit the internal topic's `max_message_bytes` (8 MiB by default: tens of
+    /// thousands of partitions); a larger one is refused whole (`TOO_LARGE`), nothing deleted.
+    pub(crate) fn delete_group(
+        &self,
+        group: &str,
+        topics: &[String],
+        now_ms: i64,
+    ) -> Result<u32, BrokerError> {
+        validate_group(group)?;
+        let only: BTreeSet<&str> = topics.iter().map(String::as_str).collect();
+        let p = self.log.partition(OFFSETS_TOPIC, 0)?;
+        // Held from choosing the keys until the map is updated: commits and deletions reach
+        // the map in log order.
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: Vec<Key> = map
+            .range((group.to_owned(), String::new(), 0)..)
+            .take_while(|((g, _, _), _)| g == group)
+            .filter(|((_, t, _), _)| only.is_empty() || only.contains(t.as_str()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return Err(BrokerError::UnknownGroup {
+                group: group.to_owned(),
+                topics: topics.to_vec(),
+            });
+        }
+        let mut b = BatchBuilder::new(Compression::None);
+        for (g, t, part) in &keys {
+            b.push(now_ms, Some(&encode_key(g, t, *part)), None, &[]);
+        }
+        let batch = b.finish()?;
+        let info = p.append_nowait(&batch)?;
+        p.wait_durable(info.last_offset + 1)?;
+        for k in &keys {
+            map.remove(k);
+        }
+        Ok(u32::try_from(keys.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Every group with committed offsets for which `visible(group)` holds, sorted by name:
+    /// its partition count, topics and latest commit time.
+    pub(crate) fn list_groups(&self, visible: impl Fn(&str) -> bool) -> Vec<v1::GroupSummary> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<v1::GroupSummary> = Vec::new();
+        // The map is ordered by (group, topic, partition): each group's entries are adjacent
+        // and its topics come sorted.
+        let mut current: Option<(&str, bool)> = None;
+        for ((g, t, _), v) in map.iter() {
+            let shown = match current {
+                Some((name, shown)) if name == g => shown,
+                _ => {
+                    let shown = visible(g);
+                    current = Some((g, shown));
+                    if shown {
+                        out.push(v1::GroupSummary {
+                            group: g.clone(),
+                            partitions: 0,
+                            topics: Vec::new(),
+                            last_commit_time_ms: v.time_ms,
+                        });
+                    }
+                    shown
+                }
+            };
+            let Some(s) = out.last_mut().filter(|_| shown) else {
+                continue;
+            };
+            s.partitions = s.partitions.saturating_add(1);
+            if s.topics.last() != Some(t) {
+                s.topics.push(t.clone());
+            }
+            s.last_commit_time_ms = s.last_commit_time_ms.max(v.time_ms);
+        }
+        out
+    }
+
     /// Every committed position: (group, topic, partition, offset).
     pub(crate) fn all(&self) -> Vec<(String, String, u32, u64)> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,4 +293,114 @@ fn validate_group(group: &str) -> Result<(), BrokerError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use spool_log_engine::LogOptions;
+
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> (Arc<Log>, OffsetStore) {
+        let log = Arc::new(Log::open(dir, LogOptions::default()).unwrap());
+        for t in ["a", "b"] {
+            if log.topic_config(t).is_err() {
+                log.create_topic(
+                    t,
+                    TopicConfig {
+                        partitions: 3,
+                        ..TopicConfig::default()
+                    },
+                )
+                .unwrap();
+            }
+        }
+        let store = OffsetStore::open(log.clone(), &Limits::default()).unwrap();
+        (log, store)
+    }
+
+    fn commit(topic: &str, partition: u32, offset: u64) -> v1::OffsetCommit {
+        v1::OffsetCommit {
+            topic: topic.into(),
+            partition,
+            offset,
+            metadata: String::new(),
+        }
+    }
+
+    #[test]
+    fn list_delete_and_replay_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, s) = open(dir.path());
+        s.commit("g1", &[commit("a", 0, 5), commit("a", 1, 6)], 1_000)
+            .unwrap();
+        s.commit("g1", &[commit("b", 2, 7)], 3_000).unwrap();
+        s.commit("g2", &[commit("a", 0, 1)], 2_000).unwrap();
+        s.commit("h", &[commit("b", 0, 1)], 2_500).unwrap();
+
+        let all = s.list_groups(|_| true);
+        let names: Vec<_> = all.iter().map(|g| g.group.as_str()).collect();
+        assert_eq!(names, ["g1", "g2", "h"]);
+        assert_eq!(all[0].partitions, 3);
+        assert_eq!(all[0].topics, ["a", "b"]);
+        assert_eq!(all[0].last_commit_time_ms, 3_000);
+        assert_eq!((all[1].partitions, all[1].last_commit_time_ms), (1, 2_000));
+        let visible = s.list_groups(|g| g.starts_with('g') && g != "g1");
+        assert_eq!(visible.len(), 1);
+        assert_eq!(visible[0].group, "g2");
+
+        // Only topic b of g1, then nothing left there for b.
+        assert_eq!(s.delete_group("g1", &["b".into()], 4_000).unwrap(), 1);
+        let err = s.delete_group("g1", &["b".into()], 4_000).unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::UnknownGroup { group, .. } if group == "g1"),
+            "{err:?}"
+        );
+        assert_eq!(s.delete_group("g2", &[], 4_000).unwrap(), 1);
+        assert!(matches!(
+            s.delete_group("g2", &[], 4_000),
+            Err(BrokerError::UnknownGroup { .. })
+        ));
+        assert!(matches!(
+            s.delete_group("nobody", &[], 4_000),
+            Err(BrokerError::UnknownGroup { .. })
+        ));
+        assert!(matches!(
+            s.delete_group("", &[], 4_000),
+            Err(BrokerError::InvalidRequest(_))
+        ));
+        // One tombstone batch per deletion: 4 commits + 2 deletions.
+        let p = log.partition(OFFSETS_TOPIC, 0).unwrap();
+        assert_eq!(p.high_watermark(), 5 + 2);
+
+        let after = |s: &OffsetStore| {
+            s.list_groups(|_| true)
+                .into_iter()
+                .map(|g| (g.group, g.partitions, g.topics))
+                .collect::<Vec<_>>()
+        };
+        let expected = vec![
+            ("g1".to_owned(), 2, vec!["a".to_owned()]),
+            ("h".to_owned(), 1, vec!["b".to_owned()]),
+        ];
+        assert_eq!(after(&s), expected);
+        drop(s);
+        log.close().unwrap();
+        drop(log);
+
+        // Replay applies the tombstones (no "malformed" records), and a new commit after a
+        // deletion brings the key back.
+        let (log, s) = open(dir.path());
+        assert_eq!(after(&s), expected);
+        let fetched = s.fetch("g2", &[]).unwrap();
+        assert!(fetched.is_empty());
+        s.commit("g2", &[commit("a", 0, 9)], 5_000).unwrap();
+        drop(s);
+        log.close().unwrap();
+        drop(log);
+        let (_log, s) = open(dir.path());
+        let g2 = s.fetch("g2", &[]).unwrap();
+        assert_eq!(g2.len(), 1);
+        assert_eq!(g2[0].offset, Some(9));
+    }
 }

@@ -33,8 +33,8 @@ use crate::decode::decode_batches;
 use crate::error::{Error, Result};
 use crate::producer::{Acks, Producer, ProducerConfig};
 use crate::types::{
-    CommittedOffset, Fetched, ListedOffset, OffsetCommit, OffsetSpec, TopicConfig,
-    TopicDescription, TopicPartition, TopicSettings, TopicSummary,
+    CommittedOffset, Fetched, GroupDeletion, GroupSummary, ListedOffset, OffsetCommit, OffsetSpec,
+    TopicConfig, TopicDescription, TopicPartition, TopicSettings, TopicSummary,
 };
 
 /// The broker's default address.
@@ -779,6 +779,41 @@ impl Client {
                 commit_time_ms: c.commit_time_ms,
             })
             .collect())
+    }
+
+    /// Every consumer group with committed offsets, sorted by name: how many partitions, which
+    /// topics, the latest commit time. With tokens, only the groups this one may use.
+    pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
+        let t = self.timeout();
+        let req = self.request(v1::ListGroupsRequest {}, t);
+        let resp = self.unary(t, self.offset_stub().list_groups(req)).await?;
+        Ok(resp
+            .groups
+            .into_iter()
+            .map(GroupSummary::from_wire)
+            .collect())
+    }
+
+    /// Deletes `group`'s committed offsets: all of them, or only those of `topics` when it is
+    /// not empty. The broker makes the deletion durable before replying.
+    ///
+    /// Errors: [`Error::UnknownGroup`] when the group has nothing committed (for those
+    /// topics); [`Error::NotAuthorized`] without the group ACL (or, with `topics`, `consume`
+    /// on each).
+    pub async fn delete_group(&self, group: &str, topics: &[String]) -> Result<GroupDeletion> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::DeleteGroupRequest {
+                group: group.to_owned(),
+                topics: topics.to_vec(),
+            },
+            t,
+        );
+        let resp = self.unary(t, self.offset_stub().delete_group(req)).await?;
+        Ok(GroupDeletion {
+            group: group.to_owned(),
+            partitions_deleted: resp.partitions_deleted,
+        })
     }
 }
 

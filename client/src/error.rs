@@ -3,8 +3,8 @@
 //! The broker reports errors two ways (see `broker/src/error.rs`), both from one table:
 //! - a gRPC [`Status`] for a request about one thing, carrying a google.rpc `ErrorInfo` detail
 //!   whose `reason` is the `ErrorCode` name (`ERROR_CODE_UNKNOWN_TOPIC`, …) and whose metadata
-//!   names the `topic`, `partition` and, for out-of-range offsets, `log_start_offset` and
-//!   `high_watermark`;
+//!   names the `topic`, `partition` (or `group`) and, for out-of-range offsets,
+//!   `log_start_offset` and `high_watermark`;
 //! - a per-partition [`PartitionError`] inside replies covering several partitions.
 //!
 //! Both become the same [`Error`] variant here, so callers match on one enum whatever the call.
@@ -98,6 +98,15 @@ pub enum Error {
         topic: String,
         /// Partition number.
         partition: u32,
+        /// Broker's message.
+        message: String,
+    },
+    /// The consumer group has no committed offsets (for the topics asked about, if any):
+    /// `DeleteGroup` found nothing to delete.
+    #[error("unknown consumer group {group:?}: {message}")]
+    UnknownGroup {
+        /// Group name (empty if the broker did not say).
+        group: String,
         /// Broker's message.
         message: String,
     },
@@ -244,6 +253,7 @@ impl Error {
         Some(match self {
             Error::UnknownTopic { .. } => ErrorCode::UnknownTopic,
             Error::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+            Error::UnknownGroup { .. } => ErrorCode::UnknownGroup,
             Error::InvalidBatch { .. } => ErrorCode::InvalidBatch,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::OffsetOutOfRange(_) => ErrorCode::OffsetOutOfRange,
@@ -283,8 +293,15 @@ impl Error {
             high_watermark: Some(e.high_watermark),
             message: e.message.clone(),
         };
-        from_code(code, Some(topic), Some(partition), e.message.clone(), oor)
-            .unwrap_or_else(|| Error::Protocol(format!("error code {}: {}", e.code, e.message)))
+        from_code(
+            code,
+            Some(topic),
+            Some(partition),
+            None,
+            e.message.clone(),
+            oor,
+        )
+        .unwrap_or_else(|| Error::Protocol(format!("error code {}: {}", e.code, e.message)))
     }
 
     /// Builds the error a gRPC status describes, reading its `ErrorInfo` detail if present.
@@ -311,7 +328,8 @@ impl Error {
                     topic: topic.unwrap_or_default().to_owned(),
                 };
             }
-            if let Some(e) = from_code(code, topic, partition, message.clone(), oor) {
+            let group = meta.get("group").map(String::as_str);
+            if let Some(e) = from_code(code, topic, partition, group, message.clone(), oor) {
                 return e;
             }
         }
@@ -359,6 +377,7 @@ fn from_code(
     code: ErrorCode,
     topic: Option<&str>,
     partition: Option<u32>,
+    group: Option<&str>,
     message: String,
     oor: OutOfRange,
 ) -> Option<Error> {
@@ -372,6 +391,10 @@ fn from_code(
         ErrorCode::UnknownPartition => Error::UnknownPartition {
             topic: topic_s(),
             partition: partition.unwrap_or_default(),
+            message,
+        },
+        ErrorCode::UnknownGroup => Error::UnknownGroup {
+            group: group.unwrap_or_default().to_owned(),
             message,
         },
         ErrorCode::InvalidBatch => Error::InvalidBatch { message },
@@ -446,6 +469,17 @@ mod tests {
         );
         let e = Error::from_status(&status(Code::Unavailable, ErrorCode::ShuttingDown, &[]));
         assert!(matches!(e, Error::ShuttingDown { .. }) && e.is_retriable());
+        let e = Error::from_status(&status(
+            Code::NotFound,
+            ErrorCode::UnknownGroup,
+            &[("group", "billing")],
+        ));
+        assert!(
+            matches!(&e, Error::UnknownGroup { group, .. } if group == "billing"),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), Some(ErrorCode::UnknownGroup));
+        assert!(!e.is_retriable());
     }
 
     #[test]

@@ -27,7 +27,8 @@
 //!
 //! - [`Client`]: one HTTP/2 connection (windows, message limits and keepalives matching the
 //!   broker), admin calls with typed configs ([`TopicSettings`], [`TopicDescription`]),
-//!   [`Client::fetch`], [`Client::list_offsets`], group offsets.
+//!   [`Client::fetch`], [`Client::list_offsets`], group offsets and group administration
+//!   ([`Client::list_groups`], [`Client::delete_group`]).
 //! - [`Producer`]: batches records per partition (linger, batch bytes), encodes each batch
 //!   once with the engine's `BatchBuilder` (none / LZ4 / zstd) and sends it pre-encoded; keeps
 //!   per-partition order with at most one batch in flight per partition; retries with backoff;
@@ -70,7 +71,7 @@ pub use retry::Backoff;
 /// The wire types, for calls this crate does not wrap.
 pub use spool_proto::v1 as proto;
 pub use types::{
-    CleanupPolicy, CommittedOffset, Fetched, FsyncPolicy, Header, ListedOffset, OffsetCommit,
-    OffsetSpec, PartitionInfo, ProducerRecord, Record, RecordMetadata, StartAt, TopicConfig,
-    TopicDescription, TopicPartition, TopicSettings, TopicSummary,
+    CleanupPolicy, CommittedOffset, Fetched, FsyncPolicy, GroupDeletion, GroupSummary, Header,
+    ListedOffset, OffsetCommit, OffsetSpec, PartitionInfo, ProducerRecord, Record, RecordMetadata,
+    StartAt, TopicConfig, TopicDescription, TopicPartition, TopicSettings, TopicSummary,
 };

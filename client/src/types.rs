@@ -1,5 +1,5 @@
 //! Typed forms of the wire messages that callers handle directly: topic configs and
-//! descriptions, records, offsets.
+//! descriptions, records, offsets, consumer groups.
 //!
 //! Conversions to and from `spool_proto::v1` live here and nowhere else.
 
@@ -342,6 +342,39 @@ pub struct CommittedOffset {
     pub metadata: String,
     /// Broker time of the commit (ms), 0 if none.
     pub commit_time_ms: i64,
+}
+
+/// A consumer group in [`crate::Client::list_groups`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// Group name.
+    pub group: String,
+    /// Number of partitions the group has a committed offset for.
+    pub partitions: u32,
+    /// The topics of those partitions, sorted.
+    pub topics: Vec<String>,
+    /// Broker time (ms) of the group's most recent commit.
+    pub last_commit_time_ms: i64,
+}
+
+impl GroupSummary {
+    pub(crate) fn from_wire(g: v1::GroupSummary) -> GroupSummary {
+        GroupSummary {
+            group: g.group,
+            partitions: g.partitions,
+            topics: g.topics,
+            last_commit_time_ms: g.last_commit_time_ms,
+        }
+    }
+}
+
+/// What [`crate::Client::delete_group`] deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupDeletion {
+    /// Group name.
+    pub group: String,
+    /// Number of partitions whose committed offset was deleted.
+    pub partitions_deleted: u32,
 }
 
 /// Where a produced record landed.

@@ -1,4 +1,8 @@
 //! OffsetService: committed offsets of consumer groups.
+//!
+//! ACLs: a group's offsets need `groups` on the group; committing also needs `consume` on each
+//! topic, and so does deleting only some topics' offsets (deleting a whole group needs the
+//! group alone, as Kafka's DeleteGroups). `ListGroups` shows only the groups the token may use.
 
 use std::sync::Arc;
 
@@ -7,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::now_ms;
 use crate::auth::{Action, principal};
+use crate::error::BrokerError;
 use crate::metrics::timed;
 use crate::{State, blocking};
 
@@ -51,6 +56,54 @@ impl OffsetService for Offsets {
             who.require(Action::Group, &req.group)?;
             let offsets = self.state.offsets.fetch(&req.group, &req.partitions)?;
             Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
+        })
+        .await
+    }
+
+    async fn list_groups(
+        &self,
+        req: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        timed(&self.state.metrics, "ListGroups", async move {
+            let who = principal(&req);
+            let groups = self
+                .state
+                .offsets
+                .list_groups(|g| who.allows(Action::Group, g));
+            Ok(Response::new(v1::ListGroupsResponse { groups }))
+        })
+        .await
+    }
+
+    async fn delete_group(
+        &self,
+        req: Request<v1::DeleteGroupRequest>,
+    ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
+        timed(&self.state.metrics, "DeleteGroup", async move {
+            let who = principal(&req);
+            let req = req.into_inner();
+            who.require(Action::Group, &req.group)?;
+            let max = self.state.config.limits.max_partitions_per_request;
+            if req.topics.len() > max {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "{} topics in one request; at most {max}",
+                    req.topics.len()
+                ))
+                .into());
+            }
+            for t in &req.topics {
+                who.require(Action::Consume, t)?;
+            }
+            let state = self.state.clone();
+            let partitions_deleted = blocking(move || {
+                state
+                    .offsets
+                    .delete_group(&req.group, &req.topics, now_ms())
+            })
+            .await??;
+            Ok(Response::new(v1::DeleteGroupResponse {
+                partitions_deleted,
+            }))
         })
         .await
     }

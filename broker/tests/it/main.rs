@@ -5,6 +5,7 @@ mod admin;
 mod common;
 mod consume;
 mod durability;
+mod groups;
 mod grpcurl;
 mod metrics;
 mod produce;

@@ -260,3 +260,106 @@ fn non_loopback_is_allowed_with_tls_and_tokens_only() {
         spool_broker::hash_token(ADMIN)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_admin_follows_the_acls() {
+    use v1::offset_service_client::OffsetServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write_config(dir.path());
+    let cfg = dir.path().join("spoold.toml");
+    let b = Spoold::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let ch = tls_channel(&b, &ca).await;
+    let admin = AdminServiceClient::with_interceptor(ch.clone(), Bearer(Some(ADMIN)));
+    for topic in ["prices", "secret"] {
+        admin
+            .clone()
+            .create_topic(v1::CreateTopicRequest {
+                topic: topic.into(),
+                partitions: 1,
+                config: None,
+            })
+            .await
+            .unwrap();
+    }
+    let ops = OffsetServiceClient::with_interceptor(ch.clone(), Bearer(Some(ADMIN)));
+    let deals = OffsetServiceClient::with_interceptor(ch.clone(), Bearer(Some(DEALS)));
+    let commit = |group: &str, topic: &str| v1::CommitOffsetsRequest {
+        group: group.into(),
+        offsets: vec![v1::OffsetCommit {
+            topic: topic.into(),
+            partition: 0,
+            offset: 1,
+            metadata: String::new(),
+        }],
+    };
+    for (group, topic) in [
+        ("deals-matcher", "prices"),
+        ("deals-matcher", "secret"),
+        ("deals-pricer", "prices"),
+        ("other", "prices"),
+    ] {
+        ops.clone()
+            .commit_offsets(commit(group, topic))
+            .await
+            .unwrap();
+    }
+    let names = |mut c: OffsetServiceClient<_>| async move {
+        c.list_groups(v1::ListGroupsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+            .into_iter()
+            .map(|g| g.group)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(ops.clone()).await,
+        ["deals-matcher", "deals-pricer", "other"]
+    );
+    assert_eq!(
+        names(deals.clone()).await,
+        ["deals-matcher", "deals-pricer"],
+        "only the groups the token may use"
+    );
+    let no_token = OffsetServiceClient::with_interceptor(ch.clone(), Bearer(None));
+    assert_eq!(
+        no_token
+            .clone()
+            .list_groups(v1::ListGroupsRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    let delete = |group: &str, topics: &[&str]| v1::DeleteGroupRequest {
+        group: group.into(),
+        topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+    };
+    // Another prefix's group, and a topic the token may not consume: refused, nothing deleted.
+    for req in [delete("other", &[]), delete("deals-matcher", &["secret"])] {
+        let err = deals.clone().delete_group(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+    }
+    // Its own group's topic, then its whole group (the group ACL alone suffices).
+    let r = deals
+        .clone()
+        .delete_group(delete("deals-matcher", &["prices"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.partitions_deleted, 1);
+    let r = deals
+        .clone()
+        .delete_group(delete("deals-matcher", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.partitions_deleted, 1, "the secret partition");
+    assert_eq!(names(ops.clone()).await, ["deals-pricer", "other"]);
+    b.stop();
+}

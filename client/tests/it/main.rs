@@ -4,6 +4,7 @@
 mod admin;
 mod broker;
 mod consume;
+mod groups;
 mod produce;
 mod security;
 
