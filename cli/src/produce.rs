@@ -44,14 +44,12 @@ pub(crate) enum CompressionArg {
 }
 
 /// Produce records.
-///
-/// Examples:
-///   spool produce prices 'first record' 'second record'
-///   printf 'user-1:hello\nuser-2:world\n' | spool produce events -K: -v
-///   spool produce events/2 --file records.txt -H source=backfill
-///   spool tail old -o start:end -f json | spool produce new --json
 #[derive(Debug, Args)]
-#[command(verbatim_doc_comment)]
+#[command(after_help = "Examples:
+  spool produce prices 'first record' 'second record'
+  printf 'user-1:hello\\nuser-2:world\\n' | spool produce events -K: -v
+  spool produce events/2 --file records.txt -H source=backfill
+  spool consume old -o start:end -f json | spool produce new --json")]
 pub(crate) struct ProduceArgs {
     /// TOPIC or TOPIC/PARTITION (without a partition, keyed records go by key hash and
     /// unkeyed ones round robin).

@@ -24,21 +24,21 @@ use crate::format::{Encoding, Output};
 use crate::position::{Range, Resolved, Start, fmt_time};
 
 /// Follow or read partitions.
-///
-/// Offsets (-o): start | end | N | +N | -N | @TIME | s@MS, optionally :END where END is end
-/// (the end when the command started), N, +N, @TIME, e@MS, or nothing to follow. TIME is RFC
-/// 3339, a date, epoch s or ms, now, or a duration (-1h; a bare 1h means 1h ago, or 1h after a
-/// time start).
-///
-/// Examples:
-///   spool tail prices                          follow new records
-///   spool consume prices -o start:end          everything up to now, then exit
-///   spool tail prices -o @-1h                  from one hour ago, then follow
-///   spool tail prices/0,1 -o -100:end -f '%o %k %v\n'
-///   spool consume events -o @2026-11-22:1d -f json > yesterday.jsonl
-///   spool tail events --key user-42 --grep refund -n 10
 #[derive(Debug, Args)]
-#[command(verbatim_doc_comment)]
+#[command(
+    after_help = "Offsets (-o): start | end | N | +N | -N | @TIME | s@MS, optionally :END where END is
+end (the end when the command started), N, +N, @TIME, e@MS, or nothing to follow. TIME is
+RFC 3339, a date, epoch s or ms, now, or a duration (-1h; a bare 1h means 1h ago, or 1h after
+a time start). Ends are exclusive.
+
+Examples:
+  spool tail prices                          follow new records
+  spool consume prices -o start:end          everything up to now, then exit
+  spool tail prices -o @-1h                  from one hour ago, then follow
+  spool tail prices/0,1 -o -100:end -f '%o %k %v\\n'
+  spool consume events -o @2026-11-22:1d -f json > yesterday.jsonl
+  spool tail events --key user-42 --grep refund -n 10"
+)]
 pub(crate) struct TailArgs {
     /// TOPIC, TOPIC/PARTITION or TOPIC/P1,P2 (several allowed).
     #[arg(required = true)]
