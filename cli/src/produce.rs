@@ -3,9 +3,10 @@
 //!
 //! Input is read on a thread of its own with every record bounded (`--max-record-bytes`), so
 //! a line without an end never grows memory without limit. Records are sent in input order;
-//! `-v` prints where each one landed, in input order, once acknowledged. The exit code is 1 if
-//! any record was not delivered (each failure is printed on stderr with its input line number)
-//! and 2 for malformed input, which stops reading: records before it are still delivered.
+//! `-v` prints where each one landed, in input order, once acknowledged. If records were not
+//! delivered, each failure is printed on stderr with its input record number and the exit code
+//! is the first failure's (3 unreachable, 4 refused); malformed input exits 2 and stops
+//! reading, but the records before it are still delivered.
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -336,7 +337,7 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
     let (ack_tx, mut ack_rx) = mpsc::channel::<(usize, DeliveryFuture)>(1 << 16);
     let verbose = a.verbose;
     let acks = tokio::spawn(async move {
-        let (mut ok, mut failed) = (0u64, 0u64);
+        let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
         let out = std::io::stdout();
         while let Some((n, fut)) = ack_rx.recv().await {
             match fut.await {
@@ -351,11 +352,12 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
                 Err(e) => {
                     failed += 1;
                     eprintln!("spool: record {n} not delivered: {e}");
+                    first_error.get_or_insert(e);
                 }
             }
         }
         let _ = out.lock().flush();
-        (ok, failed)
+        (ok, failed, first_error)
     });
 
     let mut bad_input = None;
@@ -388,7 +390,7 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
     drop(rx);
     producer.close().await;
     drop(ack_tx);
-    let (ok, failed) = acks
+    let (ok, failed, first_error) = acks
         .await
         .map_err(|e| CliError::Other(anyhow::anyhow!("ack task: {e}")))?;
     match reader.join() {
@@ -408,10 +410,10 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
         eprintln!("spool: {ok} record(s) delivered before the bad input");
         return Err(usage(e));
     }
-    if failed > 0 {
-        return Err(CliError::Problem(format!(
-            "{failed} record(s) not delivered, {ok} delivered"
-        )));
+    if let Some(e) = first_error {
+        // The exit code is the first failure's: 3 (unreachable) or 4 (refused).
+        eprintln!("spool: {failed} record(s) not delivered, {ok} delivered");
+        return Err(e.into());
     }
     if verbose || std::io::stderr().is_terminal() {
         eprintln!("produced {ok} record(s) to {topic}");
