@@ -18,6 +18,8 @@ use crate::error::ConfigError;
 pub const DEFAULT_PORT: u16 = 7170;
 /// Default metrics port.
 pub const DEFAULT_METRICS_PORT: u16 = 7171;
+/// Longest `limits.idle_timeout_ms` (a day).
+pub const MAX_IDLE_TIMEOUT_MS: u64 = 86_400_000;
 
 /// Everything `spoold` can be configured with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,6 +91,10 @@ pub struct LimitsConfig {
     pub max_records_per_request: usize,
     /// Time limit of a unary request.
     pub request_timeout_ms: u64,
+    /// A connection on which no request or response data moved for this long is closed by
+    /// the broker. Above `request_timeout_ms` (so a unary call is always answered first);
+    /// Subscribe heartbeats come at least every half of it.
+    pub idle_timeout_ms: u64,
 }
 
 /// Defaults for new topics.
@@ -142,6 +148,7 @@ impl Default for LimitsConfig {
             max_partitions_per_request: 10_000,
             max_records_per_request: 1 << 20,
             request_timeout_ms: 30_000,
+            idle_timeout_ms: 600_000,
         }
     }
 }
@@ -276,6 +283,13 @@ impl Config {
                 "limits.max_fetch_wait_ms must be below limits.request_timeout_ms".into(),
             ));
         }
+        let idle = self.limits.idle_timeout_ms;
+        if idle <= self.limits.request_timeout_ms || !(1000..=MAX_IDLE_TIMEOUT_MS).contains(&idle) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.idle_timeout_ms must be above limits.request_timeout_ms and within \
+                 1000..={MAX_IDLE_TIMEOUT_MS}"
+            )));
+        }
         if self.limits.max_concurrent_streams == 0
             || self.limits.max_fetch_bytes == 0
             || self.limits.max_connections == 0
@@ -353,6 +367,40 @@ mod tests {
         c.validate().unwrap();
         let round: Config = toml::from_str(&Config::default().to_toml()).unwrap();
         assert_eq!(round, Config::default());
+    }
+
+    #[test]
+    fn idle_timeout_bounds() {
+        let with = |idle_timeout_ms, request_timeout_ms| Config {
+            limits: LimitsConfig {
+                idle_timeout_ms,
+                request_timeout_ms,
+                max_fetch_wait_ms: 100,
+                ..LimitsConfig::default()
+            },
+            ..Config::default()
+        };
+        with(1_500, 1_000).validate().unwrap();
+        with(MAX_IDLE_TIMEOUT_MS, 30_000).validate().unwrap();
+        for (idle, request) in [
+            (1_000, 1_000),
+            (900, 500),
+            (MAX_IDLE_TIMEOUT_MS + 1, 30_000),
+        ] {
+            let err = with(idle, request).validate().unwrap_err();
+            assert!(err.to_string().contains("idle_timeout_ms"), "{err}");
+        }
+        let defaults = LimitsConfig::default();
+        assert!(
+            defaults.idle_timeout_ms >= 10 * defaults.request_timeout_ms,
+            "comfortably above the longest unary call and fetch wait"
+        );
+        let c = Config::load(
+            None,
+            vec![("SPOOL_LIMITS__IDLE_TIMEOUT_MS".into(), "45000".into())],
+        )
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout_ms, 45_000);
     }
 
     #[test]

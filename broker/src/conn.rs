@@ -1,106 +1,391 @@
-//! Accepting connections under a limit.
+//! Accepting connections under a limit, and closing idle ones.
 //!
 //! At most `limits.max_connections` client connections are open at once. Each accepted socket
 //! carries a semaphore permit, released when the connection closes; while none is free the
 //! broker stops accepting, so further clients wait in the kernel's backlog (as Kafka's
 //! `max.connections` does) rather than being admitted and starved. Accepted sockets get
 //! `TCP_NODELAY` (small replies must not wait for Nagle).
+//!
+//! **Idle connections** (as Kafka's `connections.max.idle.ms`): a connection on which no
+//! request or response data moved for `limits.idle_timeout_ms` is closed by the broker, so
+//! forgotten clients do not hold slots forever. Activity is counted at the HTTP level, not in
+//! socket bytes: the broker's own HTTP/2 keepalive pings (every 30 s) and their acks would
+//! otherwise keep every idle connection open. [`ActivityLayer`] marks a request's connection
+//! active when the request arrives, when a frame of its body or of the response body passes
+//! (each message of a stream), and when the response head is ready. It finds the connection
+//! through [`ConnInfo`], the connect info tonic attaches to every request.
+//!
+//! Each connection has a watchdog task that sleeps until `last activity + idle_timeout`; if
+//! nothing moved meanwhile it shuts the socket down (`shutdown(2)`, both directions). That
+//! ends hyper's reads and writes whether or not it is polling the connection at that moment
+//! (a TLS handshake that never finishes included); hyper then drops the connection, which
+//! releases its slot. The watchdog is aborted when the connection drops first.
+//!
+//! What stays open: a unary call is answered within `request_timeout_ms`, which the config
+//! keeps below the idle timeout (Fetch waits are below that); a Subscribe stream sends a
+//! heartbeat at least every half idle timeout. What is idle: a connection without calls, a
+//! ProduceStream that sends nothing, and a subscriber that stopped reading (HTTP/2 flow
+//! control then stops its stream) — each for the whole timeout.
 
+use std::future::Future;
 use std::io;
+use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::Stream;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::codegen::http;
+use tonic::transport::server::Connected;
 
-/// A client connection holding one of the limited slots.
+/// When a connection last carried request or response data.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    epoch: Instant,
+    /// Milliseconds since `epoch`; only grows.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks the connection active now: a clock read and an atomic max.
+    pub(crate) fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// What a request knows of its connection: tonic inserts it into every request's extensions
+/// (for TLS connections too, beside `TlsConnectInfo`). It replaces tonic's `TcpConnectInfo`,
+/// so `Request::remote_addr` is `None`; nothing in the broker reads it.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnInfo {
+    activity: Arc<Activity>,
+}
+
+/// A client connection holding one of the limited slots, watched for idleness.
 #[derive(Debug)]
 pub(crate) struct LimitedConn {
-    stream: TcpStream,
+    /// Shared with the watchdog (weakly), which needs the socket to shut it down.
+    stream: Arc<Mutex<TcpStream>>,
+    info: ConnInfo,
+    watchdog: AbortHandle,
     _permit: OwnedSemaphorePermit,
 }
 
+impl LimitedConn {
+    fn stream(&self) -> MutexGuard<'_, TcpStream> {
+        // Held only for one non-blocking poll (or the watchdog's shutdown): never contended
+        // for long, and a poisoned lock still guards a usable socket.
+        self.stream.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for LimitedConn {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
+}
+
 impl Connected for LimitedConn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
 }
 
 impl AsyncRead for LimitedConn {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        Pin::new(&mut *self.stream()).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for LimitedConn {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        Pin::new(&mut *self.stream()).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        Pin::new(&mut *self.stream()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream().is_write_vectored()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.stream()).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.stream()).poll_shutdown(cx)
     }
 }
 
-/// The stream of accepted connections, never more than `max` open at once.
+/// Sleeps until the connection has been idle for `timeout`, then shuts its socket down.
+async fn watchdog(
+    stream: Weak<Mutex<TcpStream>>,
+    activity: Arc<Activity>,
+    timeout: Duration,
+    closed: Counter,
+) {
+    loop {
+        let deadline = activity.last() + timeout;
+        tokio::time::sleep_until(deadline).await;
+        if activity.last() + timeout > Instant::now() {
+            continue; // something moved meanwhile
+        }
+        let Some(stream) = stream.upgrade() else {
+            return;
+        };
+        let stream = stream.lock().unwrap_or_else(PoisonError::into_inner);
+        let peer = stream.peer_addr().ok();
+        // shutdown(2) acts on the socket, not the descriptor: a short-lived duplicate does it
+        // without taking the stream from the connection.
+        let shut = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::net::TcpStream::from)
+            .and_then(|s| s.shutdown(Shutdown::Both));
+        drop(stream);
+        match shut {
+            Ok(()) => {
+                closed.inc();
+                tracing::debug!(
+                    ?peer,
+                    idle_ms = timeout.as_millis() as u64,
+                    "closed an idle connection"
+                );
+            }
+            // The peer went away at the same moment: nothing left to close.
+            Err(e) => tracing::debug!(?peer, error = %e, "shutting down an idle connection"),
+        }
+        return;
+    }
+}
+
+/// The stream of accepted connections, never more than `max` open at once, each closed after
+/// `idle_timeout` without request or response data (counted in `idle_closed`).
 pub(crate) fn incoming(
     listener: TcpListener,
     max: usize,
+    idle_timeout: Duration,
+    idle_closed: Counter,
 ) -> impl Stream<Item = io::Result<LimitedConn>> {
     let slots = Arc::new(Semaphore::new(max));
-    futures_util::stream::unfold((listener, slots), |(listener, slots)| async move {
-        let permit = slots.clone().acquire_owned().await.ok()?;
-        let conn = loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY failed");
+    futures_util::stream::unfold((listener, slots), move |(listener, slots)| {
+        let idle_closed = idle_closed.clone();
+        async move {
+            let permit = slots.clone().acquire_owned().await.ok()?;
+            let conn = loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::debug!(error = %e, "TCP_NODELAY failed");
+                        }
+                        let stream = Arc::new(Mutex::new(stream));
+                        let activity = Arc::new(Activity::new());
+                        let watchdog = tokio::spawn(watchdog(
+                            Arc::downgrade(&stream),
+                            activity.clone(),
+                            idle_timeout,
+                            idle_closed,
+                        ))
+                        .abort_handle();
+                        break Ok(LimitedConn {
+                            stream,
+                            info: ConnInfo { activity },
+                            watchdog,
+                            _permit: permit,
+                        });
                     }
-                    break Ok(LimitedConn {
-                        stream,
-                        _permit: permit,
-                    });
+                    // A connection that died before we accepted it: try the next one.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 }
-                // A connection that died before we accepted it: try the next one.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        Some((conn, (listener, slots)))
+            };
+            Some((conn, (listener, slots)))
+        }
     })
+}
+
+/// A tower layer (for tonic's `Server::layer`) marking each request's connection active; see
+/// the module docs.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ActivityLayer;
+
+impl<S> tower_layer::Layer<S> for ActivityLayer {
+    type Service = ActivityService<S>;
+
+    fn layer(&self, inner: S) -> ActivityService<S> {
+        ActivityService { inner }
+    }
+}
+
+/// The service [`ActivityLayer`] makes.
+#[derive(Clone, Debug)]
+pub(crate) struct ActivityService<S> {
+    inner: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for ActivityService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let Some(activity) = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.activity.clone())
+        else {
+            return Box::pin(self.inner.call(req));
+        };
+        activity.touch();
+        let req = req.map(|b| Body::new(Tracked::new(b, activity.clone())));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            activity.touch();
+            Ok(resp.map(|b| Body::new(Tracked::new(b, activity))))
+        })
+    }
+}
+
+/// A body that marks its connection active at each frame.
+struct Tracked {
+    inner: Body,
+    activity: Arc<Activity>,
+}
+
+impl Tracked {
+    fn new(inner: Body, activity: Arc<Activity>) -> Tracked {
+        Tracked { inner, activity }
+    }
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_only_grows() {
+        let a = Activity::new();
+        let start = a.last();
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        a.touch();
+        assert_eq!(a.last() - start, Duration::from_millis(1500));
+        // A late writer with an older reading cannot move it back.
+        a.last_ms.fetch_max(10, Ordering::Relaxed);
+        assert_eq!(a.last() - start, Duration::from_millis(1500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_closes_only_after_a_full_idle_period() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(TcpStream::connect(addr));
+        let (server, _) = listener.accept().await.unwrap();
+        let mut client = client.await.unwrap().unwrap();
+        let stream = Arc::new(Mutex::new(server));
+        let activity = Arc::new(Activity::new());
+        let closed = Counter::default();
+        let dog = tokio::spawn(watchdog(
+            Arc::downgrade(&stream),
+            activity.clone(),
+            Duration::from_secs(10),
+            closed.clone(),
+        ));
+        // Activity at 6 s pushes the deadline to 16 s.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        activity.touch();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        tokio::task::yield_now().await;
+        assert!(!dog.is_finished());
+        assert_eq!(closed.get(), 0);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        dog.await.unwrap();
+        assert_eq!(closed.get(), 1);
+        // The peer sees the close: EOF.
+        let mut buf = [0u8; 1];
+        let n = tokio::io::AsyncReadExt::read(&mut client, &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+    }
 }

@@ -16,6 +16,8 @@
 //!   limits, partitions per request, records per list, fetch sizes and waits.
 //! - Shutdown stops accepting, ends subscriptions, waits at most `shutdown_timeout_ms` for
 //!   in-flight requests, then flushes and closes the log.
+//! - A connection without request or response data for `limits.idle_timeout_ms` is closed
+//!   (`conn.rs`).
 
 mod auth;
 pub mod config;
@@ -182,6 +184,8 @@ impl Broker {
         }
         let intercept = state.auth.interceptor();
         let router = builder
+            // Marks connections active as requests and their data pass (idle timeout).
+            .layer(conn::ActivityLayer)
             .tcp_nodelay(true)
             // Unary handlers (fetch long polls included, whose wait is capped below this) are
             // cut off after request_timeout_ms; streams are not (the timeout covers producing
@@ -226,7 +230,12 @@ impl Broker {
         if let Some(ml) = metrics_listener {
             tokio::spawn(metrics::serve(state.metrics.clone(), ml, stop_rx.clone()));
         }
-        let incoming = conn::incoming(listener, cfg.limits.max_connections);
+        let incoming = conn::incoming(
+            listener,
+            cfg.limits.max_connections,
+            Duration::from_millis(cfg.limits.idle_timeout_ms),
+            state.metrics.idle_closed(),
+        );
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         }));

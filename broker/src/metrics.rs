@@ -10,6 +10,7 @@
 //! | `spool_consume_bytes_total`, `spool_consume_records_total` | counter | topic |
 //! | `spool_rpc_duration_seconds` | histogram | rpc |
 //! | `spool_rpc_errors_total` | counter | rpc |
+//! | `spool_idle_connections_closed_total` | counter | |
 //! | `spool_partition_size_bytes`, `spool_partition_high_watermark`, `spool_partition_log_start_offset` | gauge | topic, partition |
 //! | `spool_fsync_duration_seconds` | histogram | topic |
 //! | `spool_consumer_group_lag` | gauge | group, topic, partition |
@@ -72,6 +73,7 @@ pub(crate) struct Metrics {
     consume_records: Family<TopicLabel, Counter>,
     rpc_duration: Family<RpcLabel, Histogram, fn() -> Histogram>,
     rpc_errors: Family<RpcLabel, Counter>,
+    idle_closed: Counter,
 }
 
 /// Picks one number out of a partition's stats.
@@ -212,6 +214,13 @@ impl Metrics {
             "Requests that failed with a gRPC error",
             rpc_errors.clone(),
         );
+        let idle_closed = Counter::default();
+        registry.register(
+            "spool_idle_connections_closed",
+            "Connections closed by the broker after limits.idle_timeout_ms without request or \
+             response data",
+            idle_closed.clone(),
+        );
         registry.register_collector(Box::new(LogCollector { log, offsets }));
         Metrics {
             registry,
@@ -221,7 +230,13 @@ impl Metrics {
             consume_records,
             rpc_duration,
             rpc_errors,
+            idle_closed,
         }
+    }
+
+    /// The counter of connections closed for idleness (shared with the accept loop).
+    pub(crate) fn idle_closed(&self) -> Counter {
+        self.idle_closed.clone()
     }
 
     pub(crate) fn produced(&self, topic: &str, bytes: usize, records: u64) {

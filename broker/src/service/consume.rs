@@ -25,6 +25,9 @@ use crate::error::{BrokerError, partition_error};
 use crate::metrics::timed;
 use crate::{State, blocking};
 
+/// Heartbeat interval of a subscription that does not choose one.
+const DEFAULT_HEARTBEAT_MS: u32 = 5000;
+
 /// Default per-partition fetch size when a request says 0.
 const DEFAULT_MAX_BYTES: u32 = 1 << 20;
 
@@ -229,11 +232,14 @@ impl ConsumeService for Consume {
                 followed.push((p, start));
             }
             let max_bytes = self.clamp_bytes(req.max_bytes);
-            let heartbeat = Duration::from_millis(u64::from(if req.heartbeat_interval_ms == 0 {
-                5000
+            // At least every half idle timeout, so an idle subscription keeps its connection.
+            let longest = u32::try_from(limits.idle_timeout_ms / 2).unwrap_or(u32::MAX);
+            let asked = if req.heartbeat_interval_ms == 0 {
+                DEFAULT_HEARTBEAT_MS
             } else {
-                req.heartbeat_interval_ms.max(100)
-            }));
+                req.heartbeat_interval_ms
+            };
+            let heartbeat = Duration::from_millis(u64::from(asked.min(longest).max(100)));
             let (tx, rx) = mpsc::channel(1);
             let state = self.state.clone();
             tokio::spawn(follow(

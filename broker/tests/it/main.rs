@@ -7,6 +7,7 @@ mod consume;
 mod durability;
 mod groups;
 mod grpcurl;
+mod idle;
 mod metrics;
 mod produce;
 mod security;
