@@ -1,13 +1,14 @@
 //! `spool inspect`: offline, read-only views of a data directory through the engine.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
 use spool_log_engine::inspect::{Severity, inspect_log};
+use spool_log_engine::reindex::{IndexFileState, Outcome, ReindexOptions, reindex_log};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Inspect {
@@ -41,6 +42,30 @@ pub(crate) enum Inspect {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild the offset and time indexes of sealed segments (stop spoold first).
+    ///
+    /// Every batch is CRC-checked; each index is rebuilt exactly as the broker writes it and
+    /// replaced only if it differs (temporary file, fdatasync, rename, directory fsync).
+    /// Refuses a directory a running broker holds. Exits 1 if a segment is corrupt (it and
+    /// the partition's later segments are left alone) or the directory is locked.
+    ///
+    /// Example: spool inspect reindex /var/lib/spool --topic prices --dry-run
+    Reindex {
+        /// The data directory (spoold's data_dir).
+        dir: PathBuf,
+        /// Only this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this partition (of --topic, or of every topic).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Check and report what would be rebuilt; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON lines (one per segment) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the batches (and with --records, the records) of one segment file.
     ///
     /// Example: spool inspect dump ./spool-data/prices/0/00000000000000000000.log --records
@@ -56,6 +81,20 @@ pub(crate) enum Inspect {
 pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match cmd {
+        Inspect::Reindex {
+            dir,
+            topic,
+            partition,
+            dry_run,
+            json,
+        } => {
+            let opts = ReindexOptions {
+                topic,
+                partition,
+                dry_run,
+            };
+            reindex(&dir, &opts, json, &mut out)
+        }
         Inspect::Verify { dir, topic, json } => {
             let all = inspect_log(&dir).with_context(|| format!("inspecting {}", dir.display()))?;
             let mut corrupt = false;
@@ -199,5 +238,142 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn reindex(
+    dir: &Path,
+    opts: &ReindexOptions,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<ExitCode> {
+    let all = match reindex_log(dir, opts) {
+        Ok(all) => all,
+        Err(spool_log_engine::Error::Locked(_)) => {
+            eprintln!(
+                "spool: {} is locked by a running log (spoold?): stop it first, or reindex a copy",
+                dir.display()
+            );
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("reindexing {}", dir.display())));
+        }
+    };
+    if all.is_empty() {
+        anyhow::bail!(
+            "nothing to reindex in {}{}",
+            dir.display(),
+            opts.partition
+                .map(|p| format!(": no topic has a partition {p}"))
+                .unwrap_or_default()
+        );
+    }
+    let (mut rebuilt, mut unchanged, mut corrupt) = (0, 0, false);
+    for p in &all {
+        for s in &p.segments {
+            let name = s.path.file_name().unwrap_or_default().to_string_lossy();
+            match s.outcome {
+                Outcome::Rebuilt | Outcome::WouldRebuild => rebuilt += 1,
+                Outcome::Unchanged => unchanged += 1,
+                Outcome::Corrupt { .. } => corrupt = true,
+                Outcome::Active | Outcome::NotReached => {}
+            }
+            if json {
+                let file = |st: &Option<IndexFileState>| match st {
+                    None => serde_json::Value::Null,
+                    Some(IndexFileState::Current) => json!({"state": "current"}),
+                    Some(IndexFileState::Different) => json!({"state": "different"}),
+                    Some(IndexFileState::Invalid(why)) => {
+                        json!({"state": "invalid", "reason": why})
+                    }
+                };
+                let mut v = json!({
+                    "topic": p.topic, "partition": p.partition, "segment": s.path,
+                    "base_offset": s.base_offset, "bytes": s.bytes, "batches": s.batches,
+                    "records": s.records, "offset_entries": s.offset_entries,
+                    "time_entries": s.time_entries, "index": file(&s.index),
+                    "timeindex": file(&s.timeindex), "outcome": outcome_name(&s.outcome),
+                });
+                if let Outcome::Corrupt {
+                    position,
+                    offset,
+                    problem,
+                } = &s.outcome
+                {
+                    v["position"] = json!(position);
+                    v["offset"] = json!(offset);
+                    v["problem"] = json!(problem);
+                }
+                writeln!(out, "{v}")?;
+                continue;
+            }
+            let what = match &s.outcome {
+                Outcome::Unchanged => "unchanged".to_owned(),
+                Outcome::Rebuilt | Outcome::WouldRebuild => format!(
+                    "{}: .index {}, .timeindex {}",
+                    if s.outcome == Outcome::Rebuilt { "rebuilt" } else { "would rebuild" },
+                    state_text(&s.index),
+                    state_text(&s.timeindex)
+                ),
+                Outcome::Active => {
+                    "active segment, skipped (its index is kept in memory and rebuilt when the log opens)"
+                        .to_owned()
+                }
+                Outcome::NotReached => "not reached (an earlier segment is corrupt)".to_owned(),
+                Outcome::Corrupt { position, offset, problem } => format!(
+                    "CORRUPTION at byte {position}{}: {problem}; not indexed",
+                    offset.map(|o| format!(" (offset {o})")).unwrap_or_default()
+                ),
+            };
+            let counts = if matches!(s.outcome, Outcome::Active | Outcome::NotReached) {
+                String::new()
+            } else if matches!(s.outcome, Outcome::Corrupt { .. }) {
+                format!(" [{} good batches before it]", s.batches)
+            } else {
+                format!(
+                    " [{} batches, {} records, {} offset + {} time entries]",
+                    s.batches, s.records, s.offset_entries, s.time_entries
+                )
+            };
+            writeln!(out, "{}/{} {name}: {what}{counts}", p.topic, p.partition)?;
+        }
+    }
+    eprintln!(
+        "{} {} partition(s) in {}: {rebuilt} segment(s) {}, {unchanged} unchanged{}",
+        if opts.dry_run { "checked" } else { "reindexed" },
+        all.len(),
+        dir.display(),
+        if opts.dry_run {
+            "to rebuild"
+        } else {
+            "rebuilt"
+        },
+        if corrupt { "; CORRUPTION FOUND" } else { "" }
+    );
+    Ok(if corrupt {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn outcome_name(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Unchanged => "unchanged",
+        Outcome::Rebuilt => "rebuilt",
+        Outcome::WouldRebuild => "would_rebuild",
+        Outcome::Active => "active",
+        Outcome::Corrupt { .. } => "corrupt",
+        Outcome::NotReached => "not_reached",
+    }
+}
+
+fn state_text(s: &Option<IndexFileState>) -> String {
+    match s {
+        None => "not examined".to_owned(),
+        Some(IndexFileState::Current) => "was current".to_owned(),
+        Some(IndexFileState::Different) => "differed (other entries)".to_owned(),
+        Some(IndexFileState::Invalid(why)) => format!("was invalid ({why})"),
     }
 }

@@ -5,6 +5,11 @@ use std::process::Command;
 use spool_log_engine::{BatchBuilder, Compression, Log, LogOptions, TopicConfig};
 
 fn write(dir: &std::path::Path) {
+    write_n(dir, 100);
+}
+
+/// `n` records `value-I` at timestamp 1000 + I, one per batch, in segments of 4 KiB.
+fn write_n(dir: &std::path::Path, n: i64) {
     let log = Log::open(
         dir,
         LogOptions {
@@ -17,12 +22,13 @@ fn write(dir: &std::path::Path) {
         "prices",
         TopicConfig {
             segment_bytes: 4096,
+            index_interval_bytes: 512,
             ..TopicConfig::default()
         },
     )
     .unwrap();
     let p = log.partition("prices", 0).unwrap();
-    for i in 0..100 {
+    for i in 0..n {
         let mut b = BatchBuilder::new(Compression::None);
         b.push(
             1000 + i,
@@ -90,4 +96,168 @@ fn verify_stats_and_dump() {
 
     let (code, _, err) = spool(&["inspect", "verify", "/nonexistent/dir"]);
     assert_eq!(code, 2, "{err}");
+}
+
+/// Sealed segments of `prices/0`, oldest first (the last one is the active segment).
+fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let pdir = dir.join("prices/0");
+    let mut v: Vec<_> = std::fs::read_dir(&pdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn reindex_rebuilds_missing_and_damaged_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), 250);
+    let d = dir.path().to_str().unwrap();
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3, "{segs:?}");
+    let (idx0, tidx1) = (
+        segs[0].with_extension("index"),
+        segs[1].with_extension("timeindex"),
+    );
+    let (good_idx0, good_tidx1) = (
+        std::fs::read(&idx0).unwrap(),
+        std::fs::read(&tidx1).unwrap(),
+    );
+
+    // An intact directory: nothing to do.
+    let (code, out, err) = spool(&["inspect", "reindex", d]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains(": rebuilt"), "{out}");
+    assert!(out.contains("00000000000000000000.log: unchanged"), "{out}");
+    assert!(err.contains("0 segment(s) rebuilt"), "{err}");
+
+    // Damage: one index deleted, one time index with a flipped bit.
+    std::fs::remove_file(&idx0).unwrap();
+    let mut t = good_tidx1.clone();
+    t[50] ^= 0x10;
+    std::fs::write(&tidx1, &t).unwrap();
+    let (code, out, _) = spool(&["inspect", "verify", d]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("repairable").count(), 2, "{out}");
+
+    // Dry run: reported, nothing written.
+    let (code, out, err) = spool(&["inspect", "reindex", d, "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("00000000000000000000.log: would rebuild: .index was invalid (missing)"),
+        "{out}"
+    );
+    assert!(err.contains("2 segment(s) to rebuild"), "{err}");
+    assert!(!idx0.exists());
+
+    let (code, out, err) = spool(&[
+        "inspect",
+        "reindex",
+        d,
+        "--topic",
+        "prices",
+        "--partition",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), segs.len());
+    assert_eq!(lines[0]["outcome"], "rebuilt");
+    assert_eq!(lines[0]["index"]["state"], "invalid");
+    assert_eq!(lines[0]["timeindex"]["state"], "current");
+    assert_eq!(lines[1]["outcome"], "rebuilt");
+    assert_eq!(lines[1]["timeindex"]["state"], "invalid");
+    assert!(lines[1]["offset_entries"].as_u64().unwrap() > 0);
+    assert_eq!(lines.last().unwrap()["outcome"], "active");
+    assert_eq!(std::fs::read(&idx0).unwrap(), good_idx0);
+    assert_eq!(std::fs::read(&tidx1).unwrap(), good_tidx1);
+
+    // verify is clean: no finding at all.
+    let (code, out, err) = spool(&["inspect", "verify", d]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "", "{out}");
+
+    // The engine opens it and finds records by offset and by timestamp.
+    let log = Log::open(
+        dir.path(),
+        LogOptions {
+            background_maintenance: false,
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    let p = log.partition("prices", 0).unwrap();
+    for off in [0u64, 1, 33, 64, 99, 180, 249] {
+        let read = p.read(off, 1 << 16).unwrap();
+        let batch = read.batches().next().unwrap().unwrap();
+        assert_eq!(batch.header().base_offset, off);
+        let rec = batch
+            .records(&Default::default())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            rec.value.as_deref(),
+            Some(format!("value-{off}").as_bytes())
+        );
+    }
+    for (ts, want) in [
+        (0, Some(0)),
+        (1000, Some(0)),
+        (1050, Some(50)),
+        (1099, Some(99)),
+    ] {
+        assert_eq!(p.offset_for_timestamp(ts).unwrap(), want, "ts {ts}");
+    }
+    assert_eq!(p.offset_for_timestamp(1250).unwrap(), None);
+    log.close().unwrap();
+}
+
+#[test]
+fn reindex_refuses_a_locked_directory_and_reports_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), 250);
+    let d = dir.path().to_str().unwrap();
+
+    let log = Log::open(dir.path(), LogOptions::default()).unwrap();
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec!["inspect", "reindex", d];
+        args.extend_from_slice(extra);
+        let (code, out, err) = spool(&args);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(err.contains("is locked by a running log"), "{err}");
+        assert_eq!(out, "");
+    }
+    log.close().unwrap();
+    drop(log);
+
+    let segs = segments(dir.path());
+    std::fs::remove_file(segs[1].with_extension("index")).unwrap();
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    bytes[300] ^= 0x01;
+    std::fs::write(&segs[0], &bytes).unwrap();
+    let (code, out, err) = spool(&["inspect", "reindex", d]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("00000000000000000000.log: CORRUPTION at byte"),
+        "{out}"
+    );
+    assert!(
+        out.contains("not reached (an earlier segment is corrupt)"),
+        "{out}"
+    );
+    assert!(err.contains("CORRUPTION FOUND"), "{err}");
+    // Nothing was indexed past the damage.
+    assert!(!segs[1].with_extension("index").exists());
+
+    let (code, _, err) = spool(&["inspect", "reindex", d, "--topic", "nope"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("\"nope\" does not exist"), "{err}");
 }

@@ -92,7 +92,7 @@ pub struct Log {
     reports: Vec<(String, u32, RecoveryReport)>,
 }
 
-fn read_config(path: &Path) -> Result<TopicConfig> {
+pub(crate) fn read_config(path: &Path) -> Result<TopicConfig> {
     let bytes = fs::read(path).map_err(|e| Error::io("read", path, e))?;
     if bytes.len() > 1 << 20 {
         return Err(Error::corruption(
@@ -114,6 +114,30 @@ fn read_config(path: &Path) -> Result<TopicConfig> {
     Ok(cfg)
 }
 
+/// Takes the exclusive lock of the log directory `root` that an open [`Log`] holds
+/// ([`Error::Locked`] if another holds it). With `create` false, a missing lock file means
+/// nobody has the log open and nothing is created: `Ok(None)`. The caller unlocks explicitly
+/// (see `Inner`'s `Drop`).
+pub(crate) fn lock_dir(root: &Path, create: bool) -> Result<Option<File>> {
+    let lock_path = root.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .open(&lock_path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("open", &lock_path, e)),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked(root.to_path_buf())),
+        Err(fs::TryLockError::Error(e)) => Err(Error::io("lock", &lock_path, e)),
+    }
+}
+
 fn write_config(dir: &Path, cfg: &TopicConfig) -> Result<()> {
     let json = serde_json::to_vec_pretty(cfg).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     fsutil::write_atomic(&dir.join(TOPIC_META), &json)
@@ -125,19 +149,7 @@ impl Log {
         let root = dir.as_ref().to_path_buf();
         opts.limits.validate()?;
         fsutil::create_dir_durable(&root)?;
-        let lock_path = root.join(LOCK_FILE);
-        let lock_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| Error::io("open", &lock_path, e))?;
-        match lock_file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked(root)),
-            Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
-        }
+        let lock_file = lock_dir(&root, true)?.expect("created if missing");
         let shared = Arc::new(Shared {
             limits: opts.limits.clone(),
             clock: opts.clock.clone(),

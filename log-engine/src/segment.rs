@@ -244,10 +244,80 @@ pub(crate) fn walk(
     }
 }
 
+/// Both sparse indexes of a segment, built by walking its batches as the writer indexed them
+/// when appending (same [`IndexBuilder`], same interval), so that an intact segment gets back
+/// byte-identical index files.
+#[derive(Debug)]
+pub(crate) struct BuiltIndex {
+    /// What both index headers record.
+    pub(crate) summary: SegmentSummary,
+    /// Offset entries.
+    pub(crate) offsets: Vec<u8>,
+    /// Time entries.
+    pub(crate) times: Vec<u8>,
+    /// Batches walked.
+    pub(crate) batches: u64,
+    /// Records in them (from the batch headers).
+    pub(crate) records: u64,
+}
+
+impl BuiltIndex {
+    /// The two index files' images, `(.index, .timeindex)`.
+    pub(crate) fn encode(&self) -> (Vec<u8>, Vec<u8>) {
+        (
+            index::encode_file(Kind::Offset, &self.summary, &self.offsets),
+            index::encode_file(Kind::Time, &self.summary, &self.times),
+        )
+    }
+}
+
+/// Builds the indexes of a whole segment image `data` (base offset `base`), optionally
+/// CRC-checking every batch. A bad batch anywhere is an error naming `path`, the position and
+/// the offset expected there: an index must describe every byte of the segment (its header
+/// records the file size), so it is never built for part of one.
+pub(crate) fn build_index(
+    path: &Path,
+    data: &[u8],
+    base: u64,
+    interval: u32,
+    verify_crc: bool,
+) -> Result<BuiltIndex> {
+    let size = u32::try_from(data.len())
+        .map_err(|_| Error::corruption(path, 0, Some(base), "segment is larger than 4 GiB"))?;
+    let mut b = IndexBuilder::new(base, interval);
+    let (mut offsets, mut times) = (Vec::new(), Vec::new());
+    let (mut batches, mut records) = (0u64, 0u64);
+    let w = walk(data, 0, data.len() as u64, base, verify_crc, |pos, h| {
+        batches += 1;
+        records += h.records_count.max(0) as u64;
+        if let Some(e) = b.observe(pos, h) {
+            e.push_to(&mut offsets, &mut times);
+        }
+    });
+    if let Some((pos, reason)) = w.stopped {
+        return Err(Error::corruption(path, pos, Some(w.next_offset), reason));
+    }
+    Ok(BuiltIndex {
+        summary: SegmentSummary {
+            base_offset: base,
+            last_offset: w.next_offset.saturating_sub(1),
+            max_timestamp: b.max_timestamp,
+            log_size: size,
+        },
+        offsets,
+        times,
+        batches,
+        records,
+    })
+}
+
 /// A segment shared by the writer and readers.
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub(crate) base_offset: u64,
+    /// The topic's `index_interval_bytes` when the segment was opened: a rebuilt index uses it,
+    /// as the writer did.
+    index_interval: u32,
     files: Arc<SegmentFiles>,
     /// Bytes readers may read.
     readable_end: AtomicU64,
@@ -265,9 +335,10 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// A sealed segment found on disk (`size` bytes); nothing is opened until first use.
-    pub(crate) fn sealed(dir: &Path, base: u64, size: u64) -> Segment {
+    pub(crate) fn sealed(dir: &Path, base: u64, size: u64, index_interval: u32) -> Segment {
         Segment {
             base_offset: base,
+            index_interval,
             files: Arc::new(SegmentFiles::new(dir, base)),
             readable_end: AtomicU64::new(size),
             written_end: AtomicU64::new(size),
@@ -280,9 +351,11 @@ impl Segment {
     }
 
     /// The active segment, with the writer's file handle and its in-memory index.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn active(
         dir: &Path,
         base: u64,
+        index_interval: u32,
         file: Arc<File>,
         size: u64,
         offsets: Vec<u8>,
@@ -291,6 +364,7 @@ impl Segment {
     ) -> Segment {
         Segment {
             base_offset: base,
+            index_interval,
             files: Arc::new(SegmentFiles::new(dir, base)),
             readable_end: AtomicU64::new(size),
             written_end: AtomicU64::new(size),
@@ -464,33 +538,19 @@ impl Segment {
     pub(crate) fn rebuild_index(&self) -> Result<(Bytes, Bytes)> {
         let size = self.readable_end();
         let (data, _) = self.data(size)?;
-        let interval = 4096;
-        let mut b = IndexBuilder::new(self.base_offset, interval);
-        let (mut offsets, mut times) = (Vec::new(), Vec::new());
-        let w = walk(&data, 0, size, self.base_offset, false, |pos, h| {
-            if let Some(e) = b.observe(pos, h) {
-                e.push_to(&mut offsets, &mut times);
-            }
-        });
-        if let Some((pos, reason)) = w.stopped {
-            return Err(Error::corruption(
-                self.log_path(),
-                pos,
-                Some(w.next_offset),
-                reason,
-            ));
-        }
-        let summary = SegmentSummary {
-            base_offset: self.base_offset,
-            last_offset: w.next_offset.saturating_sub(1),
-            max_timestamp: b.max_timestamp,
-            log_size: size as u32,
-        };
-        self.note_timestamp(b.max_timestamp);
-        if let Err(e) = write_index_files(&self.files, &summary, &offsets, &times) {
+        let built = build_index(
+            self.log_path(),
+            data.get(..size as usize).unwrap_or(&data[..]),
+            self.base_offset,
+            self.index_interval,
+            false,
+        )?;
+        self.note_timestamp(built.summary.max_timestamp);
+        if let Err(e) = write_index_files(&self.files, &built.summary, &built.offsets, &built.times)
+        {
             tracing::warn!(segment = %self.log_path().display(), error = %e, "could not write rebuilt index");
         }
-        Ok((Bytes::from(offsets), Bytes::from(times)))
+        Ok((Bytes::from(built.offsets), Bytes::from(built.times)))
     }
 
     /// Seals the active segment: writes and fdatasyncs both index files (the caller has

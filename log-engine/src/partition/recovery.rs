@@ -153,7 +153,7 @@ impl Partition {
         let interval = config.index_interval_bytes;
         let mut segments = Vec::with_capacity(found.len());
         for &(base, len) in &found[..start.0] {
-            segments.push(Arc::new(Segment::sealed(dir, base, len)));
+            segments.push(Arc::new(Segment::sealed(dir, base, len, interval)));
         }
         let mut next = start.2;
         for (i, &(base, len)) in found.iter().enumerate().skip(start.0) {
@@ -265,6 +265,7 @@ impl Partition {
                 let seg = Arc::new(Segment::active(
                     dir,
                     base,
+                    interval,
                     file.clone(),
                     end,
                     offsets,
@@ -285,7 +286,7 @@ impl Partition {
                     report,
                 ));
             }
-            segments.push(Arc::new(Segment::sealed(dir, base, end)));
+            segments.push(Arc::new(Segment::sealed(dir, base, end, interval)));
         }
         unreachable!("the loop returns at the last segment")
     }

@@ -145,9 +145,11 @@ impl Writer {
             .map_err(|e| Error::io("create", &path, e))?;
         crate::fsutil::sync_dir(&p.dir)?;
         let file = Arc::new(file);
+        let interval = p.config().index_interval_bytes;
         let seg = Arc::new(Segment::active(
             &p.dir,
             base,
+            interval,
             file.clone(),
             0,
             Vec::new(),
@@ -165,7 +167,7 @@ impl Writer {
         self.active = seg;
         self.file = file;
         self.position = 0;
-        self.index = IndexBuilder::new(base, p.config().index_interval_bytes);
+        self.index = IndexBuilder::new(base, interval);
         self.first_append_ms = None;
         lock(&p.checkpoint).write(Point {
             segment_base: base,
