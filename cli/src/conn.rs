@@ -148,9 +148,28 @@ impl ConnArgs {
         }
     }
 
+    /// The bearer token from the flags, the environment or the profile, if any: for commands
+    /// that open connections of their own besides [`ConnArgs::connect`]'s (`spool bench`).
+    pub(crate) fn token(&self) -> CliResult<Option<String>> {
+        self.token_from(&self.profile()?)
+    }
+
+    fn token_from(&self, p: &Profile) -> CliResult<Option<String>> {
+        Ok(match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(first_line(f)?),
+            (None, None) => match (&p.token, &p.token_file) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(f)) => Some(first_line(f)?),
+                (None, None) => None,
+            },
+        })
+    }
+
     /// Connects, failing fast (exit 3) when the broker is not reachable.
     pub(crate) async fn connect(&self) -> CliResult<Client> {
         let p = self.profile()?;
+        let token = self.token_from(&p)?;
         let addr = self
             .broker
             .clone()
@@ -182,15 +201,6 @@ impl ConnArgs {
         } else if cert.is_some() || key.is_some() {
             return Err(usage("--tls-cert/--tls-key need --tls-ca"));
         }
-        let token = match (&self.token, &self.token_file) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(f)) => Some(first_line(f)?),
-            (None, None) => match (p.token, p.token_file) {
-                (Some(t), _) => Some(t),
-                (None, Some(f)) => Some(first_line(&f)?),
-                (None, None) => None,
-            },
-        };
         if let Some(t) = token {
             b = b.bearer_token(&t);
         }

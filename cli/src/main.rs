@@ -8,6 +8,7 @@
 //! stderr; tables by default and `--json` for scripts; nothing interactive when stdout or stdin
 //! is not a terminal; a closed pipe ends the command quietly.
 
+mod bench;
 mod conn;
 mod exit;
 mod format;
@@ -56,9 +57,12 @@ enum Command {
     Tail(tail::TailArgs),
     /// Read partitions from the start (rpk's default); the same flags as `tail`.
     Consume(tail::TailArgs),
-    /// Inspect a data directory offline (read-only; stop spoold or work on a copy).
+    /// Inspect a data directory offline (stop spoold or work on a copy).
     #[command(subcommand)]
     Inspect(inspect::Inspect),
+    /// Load generator: produce, consume or end-to-end throughput and latency.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// Print a shell completion script: spool completions bash > /etc/bash_completion.d/spool
     Completions {
         /// The shell.
@@ -77,6 +81,7 @@ fn run(cli: Cli) -> CliResult<ExitCode> {
     let conn = cli.conn;
     match cli.command {
         Command::Inspect(cmd) => inspect::run(cmd).map_err(CliError::Other),
+        Command::Bench(cmd) => bench::run(&conn, cmd),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "spool", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

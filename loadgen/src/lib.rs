@@ -1,4 +1,4 @@
-//! Load generator for `spoold` (the future `spool bench`).
+//! Load generator for `spoold`: `spool bench` and the `spool-loadgen` binary.
 //!
 //! Three workloads against a running broker, each reporting MB/s, records/s and (where it
 //! means something) latency percentiles from an HdrHistogram:
@@ -24,12 +24,18 @@
 //!
 //! [`broker::Spoold`] starts a real `spoold` on a temp dir; [`scenarios`] runs the issue's
 //! scenarios with it and writes a results file.
+//!
+//! Both command lines (`spool-loadgen produce|consume|e2e` and `spool bench …`) take the same
+//! workload flags, [`LoadArgs`]; a broker with TLS or bearer tokens is reached through
+//! [`LoadConfig::connection`], which every connection of a run uses.
 
+mod args;
 pub mod broker;
 mod run;
 pub mod scenarios;
 
+pub use args::LoadArgs;
 pub use run::{
-    Acks, Compression, LoadConfig, Mode, Report, RunLatency, count_records, ensure_topic, prefault,
-    run, run_consume, run_e2e, run_produce,
+    Acks, Compression, Connection, LoadConfig, Mode, Report, RunLatency, count_records,
+    ensure_topic, prefault, run, run_consume, run_e2e, run_produce,
 };

@@ -13,11 +13,12 @@ use serde::Serialize;
 use spool_client::proto as v1;
 use spool_client::proto::consume_service_client::ConsumeServiceClient;
 use spool_client::proto::produce_service_client::ProduceServiceClient;
-use spool_client::{Client, FsyncPolicy, TopicSettings};
+use spool_client::{Client, FsyncPolicy, TlsOptions, TopicSettings};
 use spool_log_engine::{Batch, BatchBuilder, BatchHeader, Limits};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Largest gRPC message either way (the broker's default `max_request_bytes`).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -80,6 +81,26 @@ impl Compression {
     }
 }
 
+/// How to reach a broker that has TLS or bearer tokens configured (the default: plaintext, no
+/// token). Every connection of a run uses it: the admin client and each producer's and
+/// consumer's own HTTP/2 connection.
+#[derive(Clone, Default)]
+pub struct Connection {
+    /// TLS settings; `None` is plaintext.
+    pub tls: Option<TlsOptions>,
+    /// Bearer token sent with every request.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// Everything a run needs.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadConfig {
@@ -87,6 +108,9 @@ pub struct LoadConfig {
     pub mode: Mode,
     /// `host:port` of the broker.
     pub broker: String,
+    /// TLS and token, if the broker wants them.
+    #[serde(skip)]
+    pub connection: Connection,
     /// Topic (created with `partitions` if missing).
     pub topic: String,
     /// Partitions of the topic (used when creating it, and spread over producers).
@@ -136,6 +160,7 @@ impl Default for LoadConfig {
         LoadConfig {
             mode: Mode::Produce,
             broker: "127.0.0.1:7170".into(),
+            connection: Connection::default(),
             topic: "loadgen".into(),
             partitions: 1,
             fsync: None,
@@ -326,13 +351,27 @@ pub fn run(cfg: &LoadConfig) -> Result<Report> {
     })
 }
 
-async fn channel(addr: &str) -> Result<Channel> {
+/// A connection of its own for one producer or consumer (TLS if configured).
+async fn channel(cfg: &LoadConfig) -> Result<Channel> {
+    let addr = &cfg.broker;
+    let tls = cfg.connection.tls.as_ref();
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {
-        format!("http://{addr}")
+        format!("{}://{addr}", if tls.is_some() { "https" } else { "http" })
     };
-    Endpoint::from_shared(uri)?
+    let mut endpoint = Endpoint::from_shared(uri)?;
+    if let Some(t) = tls {
+        let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca_pem));
+        if let Some(d) = &t.domain {
+            c = c.domain_name(d.clone());
+        }
+        if let Some(id) = &t.identity {
+            c = c.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+        }
+        endpoint = endpoint.tls_config(c).context("TLS settings")?;
+    }
+    endpoint
         .tcp_nodelay(true)
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
@@ -343,6 +382,39 @@ async fn channel(addr: &str) -> Result<Channel> {
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))
+}
+
+/// A `spool-client` for admin calls (creating the topic, reading watermarks).
+async fn admin_client(cfg: &LoadConfig) -> Result<Client> {
+    let mut b = Client::builder(cfg.broker.clone());
+    if let Some(t) = &cfg.connection.tls {
+        b = b.tls(t.clone());
+    }
+    if let Some(t) = &cfg.connection.token {
+        b = b.bearer_token(t);
+    }
+    Ok(b.connect().await?)
+}
+
+/// The `authorization` header value of the bearer token, if any.
+fn auth(cfg: &LoadConfig) -> Result<Option<AsciiMetadataValue>> {
+    let Some(t) = &cfg.connection.token else {
+        return Ok(None);
+    };
+    let mut v: AsciiMetadataValue = format!("Bearer {t}")
+        .parse()
+        .map_err(|_| anyhow!("the bearer token is not a valid header value"))?;
+    v.set_sensitive(true);
+    Ok(Some(v))
+}
+
+/// Wraps a message (or a request stream) with the `authorization` header from [`auth`].
+fn request<T>(auth: &Option<AsciiMetadataValue>, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(v) = auth {
+        req.metadata_mut().insert("authorization", v.clone());
+    }
+    req
 }
 
 /// HTTP/2 max frame size this client accepts: `SPOOL_LOADGEN_FRAME` bytes, else 1 MiB.
@@ -367,7 +439,7 @@ fn consume_stub(ch: Channel) -> ConsumeServiceClient<Channel> {
 
 /// Creates the topic if it does not exist; returns its partition count.
 pub async fn ensure_topic(cfg: &LoadConfig) -> Result<u32> {
-    let client = Client::connect(cfg.broker.clone()).await?;
+    let client = admin_client(cfg).await?;
     match client.describe_topic(&cfg.topic).await {
         Ok(d) => Ok(d.partitions.len() as u32),
         Err(spool_client::Error::UnknownTopic { .. }) => {
@@ -463,7 +535,7 @@ pub async fn run_produce(cfg: &LoadConfig) -> Result<Report> {
     let batches = Arc::new(build_batches(cfg)?);
     let mut channels = Vec::new();
     for _ in 0..cfg.producers {
-        channels.push(channel(&cfg.broker).await?);
+        channels.push(channel(cfg).await?);
     }
     prefault(cfg.prefault_bytes);
     let window = Window::new(cfg);
@@ -555,7 +627,7 @@ async fn produce_stream(
     next = next.max(1);
     in_flight += 1;
     let mut inbound = produce_stub(ch)
-        .produce_stream(ReceiverStream::new(rx))
+        .produce_stream(request(&auth(cfg)?, ReceiverStream::new(rx)))
         .await
         .context("opening ProduceStream")?
         .into_inner();
@@ -626,6 +698,7 @@ async fn produce_unary(
     let mut stats = Stats::new();
     let window = cfg.in_flight.max(1);
     let stub = produce_stub(ch);
+    let auth = auth(cfg)?;
     let mut futs = FuturesUnordered::new();
     let mut next: u64 = 0;
     loop {
@@ -675,6 +748,7 @@ async fn produce_unary(
                 let t0 = due_at.unwrap_or(now);
                 let mut stub = stub.clone();
                 let records = b.records_per_batch;
+                let req = request(&auth, req);
                 futs.push(async move { (t0, records, bytes, stub.produce(req).await) });
             }
         }
@@ -695,13 +769,13 @@ pub fn count_records(buf: &[u8]) -> Result<u64> {
 }
 
 async fn describe_hwms(cfg: &LoadConfig) -> Result<Vec<u64>> {
-    let client = Client::connect(cfg.broker.clone()).await?;
+    let client = admin_client(cfg).await?;
     let d = client.describe_topic(&cfg.topic).await?;
     Ok(d.partitions.iter().map(|p| p.high_watermark).collect())
 }
 
 async fn describe_bytes(cfg: &LoadConfig) -> Result<u64> {
-    let client = Client::connect(cfg.broker.clone()).await?;
+    let client = admin_client(cfg).await?;
     let d = client.describe_topic(&cfg.topic).await?;
     Ok(d.partitions.iter().map(|p| p.size_bytes).sum())
 }
@@ -738,7 +812,7 @@ pub async fn run_consume(cfg: &LoadConfig) -> Result<Report> {
     let mut channels = Vec::new();
     let consumers = cfg.consumers.max(1);
     for _ in 0..consumers {
-        channels.push(channel(&cfg.broker).await?);
+        channels.push(channel(cfg).await?);
     }
     prefault(cfg.prefault_bytes);
     let start = Instant::now();
@@ -792,7 +866,7 @@ async fn consume_one(
         return Ok(stats);
     }
     let mut stream = consume_stub(ch)
-        .subscribe(req)
+        .subscribe(request(&auth(cfg)?, req))
         .await
         .context("Subscribe")?
         .into_inner();
@@ -829,7 +903,7 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     let hwms = describe_hwms(cfg).await?;
     let base = Instant::now();
     // Subscribe first, from the current ends, so nothing produced is missed.
-    let sub_ch = channel(&cfg.broker).await?;
+    let sub_ch = channel(cfg).await?;
     let req = v1::SubscribeRequest {
         partitions: (0..partitions)
             .map(|p| v1::SubscribePartition {
@@ -845,13 +919,13 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
         heartbeat_interval_ms: 1000,
     };
     let stream = consume_stub(sub_ch)
-        .subscribe(req)
+        .subscribe(request(&auth(cfg)?, req))
         .await
         .context("Subscribe")?
         .into_inner();
     let mut channels = Vec::new();
     for _ in 0..cfg.producers {
-        channels.push(channel(&cfg.broker).await?);
+        channels.push(channel(cfg).await?);
     }
     prefault(cfg.prefault_bytes);
     let w = Window::new(cfg);
@@ -894,7 +968,7 @@ async fn e2e_produce(
     let window = cfg.in_flight.clamp(1, 64);
     let (tx, rx) = mpsc::channel::<v1::ProduceStreamRequest>(window);
     let mut inbound = produce_stub(ch)
-        .produce_stream(ReceiverStream::new(rx))
+        .produce_stream(request(&auth(cfg)?, ReceiverStream::new(rx)))
         .await
         .context("opening ProduceStream")?
         .into_inner();
