@@ -1,7 +1,5 @@
 //! `spool-loadgen`: thin command line over the `spool_loadgen` library.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use spool_loadgen::{LoadArgs, Mode, scenarios};
@@ -44,8 +42,9 @@ fn main() -> Result<()> {
         Cmd::Consume(o) => (Mode::Consume, o),
         Cmd::E2e(o) => (Mode::E2e, o),
         Cmd::Scenarios(a) => {
-            let out: PathBuf = scenarios::run_all(&a)?;
-            println!("results written to {}", out.display());
+            let out = scenarios::run_scenarios(&a)?;
+            println!("{}", out.table);
+            println!("results written to {}", out.path.display());
             return Ok(());
         }
     };

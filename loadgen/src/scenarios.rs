@@ -51,6 +51,9 @@ pub struct ScenarioArgs {
     /// Bytes a consume run reads (preloaded first).
     #[arg(long, default_value_t = 2 << 30)]
     pub consume_bytes: u64,
+    /// Skip the `dd` reference (3 GiB written per rep) at the start.
+    #[arg(long)]
+    pub no_dd_reference: bool,
 }
 
 /// What a scenario's figure is.
@@ -215,8 +218,24 @@ fn spread(v: &[f64]) -> (f64, f64) {
     )
 }
 
+/// What [`run_scenarios`] produced.
+#[derive(Debug, Clone)]
+pub struct ScenarioResults {
+    /// The results file (Markdown: machine, table, every rep, raw JSON).
+    pub path: PathBuf,
+    /// The summary table of that file: one row per scenario and thread combination, with
+    /// median, spread, target and verdict.
+    pub table: String,
+}
+
 /// Runs every scenario; returns the path of the results file.
 pub fn run_all(a: &ScenarioArgs) -> Result<PathBuf> {
+    run_scenarios(a).map(|r| r.path)
+}
+
+/// Runs every scenario (those of `a.only`, if set); writes the results file and returns it
+/// with its summary table.
+pub fn run_scenarios(a: &ScenarioArgs) -> Result<ScenarioResults> {
     let bin = match &a.spoold {
         Some(p) => p.clone(),
         None => find_spoold()?,
@@ -227,10 +246,14 @@ pub fn run_all(a: &ScenarioArgs) -> Result<PathBuf> {
     let mut raw = String::new();
     let mut rows: Vec<Row> = Vec::new();
     let mut refs = String::new();
-    eprintln!("reference: dd");
-    for i in 0..a.reps.max(1) {
-        let dd = dd_reference(&a.data_parent)?;
-        let _ = writeln!(refs, "- dd run {}: {dd}", i + 1);
+    if a.no_dd_reference {
+        let _ = writeln!(refs, "- dd: skipped (--no-dd-reference)");
+    } else {
+        eprintln!("reference: dd");
+        for i in 0..a.reps.max(1) {
+            let dd = dd_reference(&a.data_parent)?;
+            let _ = writeln!(refs, "- dd run {}: {dd}", i + 1);
+        }
     }
     for s in scenarios(a) {
         if !a.only.is_empty() && !a.only.iter().any(|o| s.name.contains(o.as_str())) {
@@ -300,9 +323,10 @@ pub fn run_all(a: &ScenarioArgs) -> Result<PathBuf> {
         }
     }
     let path = a.out_dir.join(format!("{stamp}.md"));
-    std::fs::write(&path, render(a, &stamp, &rows, &refs, &raw))
+    let table = table(&rows);
+    std::fs::write(&path, render(a, &stamp, &table, &rows, &refs, &raw))
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
+    Ok(ScenarioResults { path, table })
 }
 
 fn one_run(bin: &Path, dir: &Path, bt: usize, lt: usize, cfg: &LoadConfig) -> Result<Report> {
@@ -442,32 +466,8 @@ fn threads(n: usize) -> String {
     }
 }
 
-fn render(a: &ScenarioArgs, stamp: &str, rows: &[Row], refs: &str, raw: &str) -> String {
+fn table(rows: &[Row]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# spool-loadgen scenarios, {stamp}\n");
-    let _ = writeln!(
-        s,
-        "- machine: `{}`, {} vCPU, `{}`",
-        shell("uname -r"),
-        shell("nproc"),
-        shell("free -g | awk '/Mem:/{print $2\" GiB RAM\"}'")
-    );
-    let _ = writeln!(
-        s,
-        "- data dirs under `{}` (`{}`)",
-        a.data_parent.display(),
-        shell(&format!(
-            "df -h --output=source,fstype,target {} | tail -1",
-            a.data_parent.display()
-        ))
-    );
-    let _ = writeln!(
-        s,
-        "- runs: {} per cell, {} s measured after {} s warm-up; {} bytes pre-faulted before each measured run",
-        a.reps, a.duration, a.warmup, a.prefault_bytes
-    );
-    let _ = writeln!(s, "- git: `{}`\n", shell("git rev-parse --short HEAD"));
-    let _ = writeln!(s, "Reference (same run):\n\n{refs}");
     let _ = writeln!(
         s,
         "| scenario | spoold threads | loadgen threads | median | [min–max] | n | target | pass |"
@@ -507,6 +507,43 @@ fn render(a: &ScenarioArgs, stamp: &str, rows: &[Row], refs: &str, raw: &str) ->
             pass
         );
     }
+    s
+}
+
+fn render(
+    a: &ScenarioArgs,
+    stamp: &str,
+    table: &str,
+    rows: &[Row],
+    refs: &str,
+    raw: &str,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# spool-loadgen scenarios, {stamp}\n");
+    let _ = writeln!(
+        s,
+        "- machine: `{}`, {} vCPU, `{}`",
+        shell("uname -r"),
+        shell("nproc"),
+        shell("free -g | awk '/Mem:/{print $2\" GiB RAM\"}'")
+    );
+    let _ = writeln!(
+        s,
+        "- data dirs under `{}` (`{}`)",
+        a.data_parent.display(),
+        shell(&format!(
+            "df -h --output=source,fstype,target {} | tail -1",
+            a.data_parent.display()
+        ))
+    );
+    let _ = writeln!(
+        s,
+        "- runs: {} per cell, {} s measured after {} s warm-up; {} bytes pre-faulted before each measured run",
+        a.reps, a.duration, a.warmup, a.prefault_bytes
+    );
+    let _ = writeln!(s, "- git: `{}`\n", shell("git rev-parse --short HEAD"));
+    let _ = writeln!(s, "Reference (same run):\n\n{refs}");
+    s.push_str(table);
     let _ = writeln!(s, "\n## Runs\n");
     for r in rows {
         let _ = writeln!(
