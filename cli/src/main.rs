@@ -12,9 +12,11 @@ mod bench;
 mod conn;
 mod exit;
 mod format;
+mod group;
 mod inspect;
 mod position;
 mod produce;
+mod replay;
 mod table;
 mod tail;
 mod topic;
@@ -57,6 +59,11 @@ enum Command {
     Tail(tail::TailArgs),
     /// Read partitions from the start (rpk's default); the same flags as `tail`.
     Consume(tail::TailArgs),
+    /// Print a range of history, or copy it into another topic (never moves group offsets).
+    Replay(replay::ReplayArgs),
+    /// Consumer groups: list, describe (lag, lag in time), seek, delete.
+    #[command(subcommand)]
+    Group(group::GroupCmd),
     /// Inspect a data directory offline (stop spoold or work on a copy).
     #[command(subcommand)]
     Inspect(inspect::Inspect),
@@ -104,6 +111,14 @@ fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Consume(args) => runtime()?.block_on(async {
             let client = conn.connect().await?;
             tail::run(&client, args, position::Start::Earliest).await
+        }),
+        Command::Replay(args) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            replay::run(&client, args).await
+        }),
+        Command::Group(cmd) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            group::run(&client, cmd).await
         }),
     }
 }
