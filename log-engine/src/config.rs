@@ -166,6 +166,12 @@ pub struct Limits {
     /// Sealed segments kept memory-mapped at once across the whole log; the least recently
     /// used mapping is dropped past it (readers holding its bytes keep theirs alive).
     pub max_mapped_segments: usize,
+    /// Idempotent producers remembered per partition; past it the least recently active one
+    /// is forgotten (see [`crate::producer`]).
+    pub max_producers_per_partition: usize,
+    /// A producer that appended nothing to a partition for this long is forgotten there (ms;
+    /// Kafka's `producer.id.expiration.ms`, one day).
+    pub producer_expiration_ms: i64,
 }
 
 impl Default for Limits {
@@ -177,6 +183,8 @@ impl Default for Limits {
             max_headers_per_record: 1024,
             max_decompressed_bytes: 64 << 20,
             max_mapped_segments: 4096,
+            max_producers_per_partition: 10_000,
+            producer_expiration_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -188,6 +196,8 @@ impl Limits {
             || self.max_record_bytes == 0
             || self.max_decompressed_bytes == 0
             || self.max_mapped_segments == 0
+            || self.max_producers_per_partition == 0
+            || self.producer_expiration_ms <= 0
         {
             return Err(Error::InvalidConfig("limits must be non-zero".into()));
         }

@@ -124,6 +124,30 @@ pub enum Error {
     /// The log or partition was closed.
     #[error("the log is closed")]
     Closed,
+
+    /// An idempotent producer's batch carries an older epoch than the producer's latest: a
+    /// zombie. Nothing was written.
+    #[error("producer {producer_id} epoch {epoch} is fenced by epoch {current_epoch}")]
+    ProducerFenced {
+        /// Producer id.
+        producer_id: i64,
+        /// The batch's epoch.
+        epoch: i16,
+        /// The producer's latest epoch on this partition.
+        current_epoch: i16,
+    },
+
+    /// An idempotent producer's batch does not follow its previous one (a gap, an overlap, or
+    /// a retry older than the duplicate cache). Nothing was written.
+    #[error("producer {producer_id}: sequence {got} out of order, expected {expected}")]
+    OutOfOrderSequence {
+        /// Producer id.
+        producer_id: i64,
+        /// The sequence that would have been accepted.
+        expected: i32,
+        /// The batch's first sequence.
+        got: i32,
+    },
 }
 
 impl Error {

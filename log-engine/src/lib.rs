@@ -42,6 +42,7 @@ mod mapcache;
 mod mmap;
 mod notify;
 mod partition;
+pub mod producer;
 pub mod reindex;
 mod segment;
 pub mod stats;

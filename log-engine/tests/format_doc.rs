@@ -187,6 +187,7 @@ fn partition_files() -> BTreeMap<&'static str, Vector> {
             "00000000000000000000.log",
             "00000000000000000000.timeindex",
             "00000000000000000003.log",
+            "producers.snapshot",
             "recovery-point",
         ],
         "the partition directory of the documented scenario"
@@ -202,6 +203,7 @@ fn partition_files() -> BTreeMap<&'static str, Vector> {
         Vector::Hex(read("00000000000000000000.timeindex")),
     );
     out.insert("recovery_point", Vector::Hex(read("recovery-point")));
+    out.insert("producer_snapshot", Vector::Hex(read("producers.snapshot")));
     let json = std::fs::read_to_string(root.join("golden").join("topic.json")).unwrap();
     out.insert("topic_json", Vector::Text(json));
     out

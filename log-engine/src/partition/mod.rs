@@ -54,8 +54,12 @@ pub struct AppendInfo {
     pub base_offset: u64,
     /// Offset given to the last record.
     pub last_offset: u64,
-    /// Wall-clock time of the append (ms since the epoch).
+    /// Wall-clock time of the append (ms since the epoch). For a duplicate found after a
+    /// restart, the batch's max timestamp (the append time is not stored).
     pub log_append_time_ms: i64,
+    /// True when the batch was a retry of one already in the log (idempotent producer): it was
+    /// not written again, and the offsets are the original ones.
+    pub duplicate: bool,
 }
 
 /// The result of a read: whole batches, as one zero-copy slice of a segment.
@@ -236,7 +240,19 @@ impl Partition {
         }
         let mut w = lock(&self.writer);
         self.check_writable()?;
-        w.append(self, &cfg, batch, &h)
+        match w.producers.check(&h)? {
+            crate::producer::Check::Append => w.append(self, &cfg, batch, &h),
+            crate::producer::Check::Duplicate {
+                base_offset,
+                last_offset,
+                append_ms,
+            } => Ok(AppendInfo {
+                base_offset,
+                last_offset,
+                log_append_time_ms: append_ms,
+                duplicate: true,
+            }),
+        }
     }
 
     /// Encodes `records` (timestamp, key, value) into one batch and appends it.

@@ -24,6 +24,7 @@ use crate::config::TopicConfig;
 use crate::error::{Error, Result};
 use crate::mmap;
 use crate::notify::Watch;
+use crate::producer::ProducerStates;
 use crate::segment::{self, IndexBuilder, Segment};
 
 use super::writer::Writer;
@@ -151,6 +152,10 @@ impl Partition {
         };
         let last = found.len() - 1;
         let interval = config.index_interval_bytes;
+        // Producer state below the last segment: the snapshot, plus the headers of any sealed
+        // segment it does not cover. The last segment's headers are added by the walk below.
+        let mut producers = producer_state_before(dir, &found, &shared)?;
+        let now = shared.clock.now_ms();
         let mut segments = Vec::with_capacity(found.len());
         for &(base, len) in &found[..start.0] {
             segments.push(Arc::new(Segment::sealed(dir, base, len, interval)));
@@ -187,6 +192,9 @@ impl Partition {
             let mut add = |pos: u64, h: &crate::batch::BatchHeader| {
                 if let Some(e) = builder.observe(pos, h) {
                     e.push_to(&mut offsets, &mut times);
+                }
+                if i == last {
+                    producers.record_seen(h, h.base_offset, h.max_timestamp, now);
                 }
             };
             // Trusted prefix (only the last segment needs its index rebuilt from it).
@@ -273,6 +281,7 @@ impl Partition {
                     builder.max_timestamp,
                 ));
                 segments.push(seg.clone());
+                producers.expire(shared.clock.now_ms());
                 let writer = Writer {
                     active: seg,
                     file,
@@ -280,6 +289,7 @@ impl Partition {
                     next_offset: next,
                     index: builder,
                     first_append_ms: None,
+                    producers,
                 };
                 return Ok((
                     Self::assemble(topic, id, dir, config, shared, segments, writer, checkpoint),
@@ -329,4 +339,51 @@ impl Partition {
             fsync_latency: crate::stats::Latency::default(),
         }
     }
+}
+
+/// The producer state covering every segment of `found` but the last: the snapshot if it
+/// covers exactly that, else the snapshot (or nothing) plus a header walk of the sealed
+/// segments it misses. Sealed segments are trusted here; the main recovery pass checks what it
+/// must.
+fn producer_state_before(
+    dir: &Path,
+    found: &[(u64, u64)],
+    shared: &Shared,
+) -> Result<ProducerStates> {
+    let (max, expiry) = (
+        shared.limits.max_producers_per_partition,
+        shared.limits.producer_expiration_ms,
+    );
+    let last_base = found[found.len() - 1].0;
+    let now = shared.clock.now_ms();
+    let (mut state, from) = match ProducerStates::read_snapshot(dir, max, expiry) {
+        Some((s, covers)) if covers <= last_base && found.iter().any(|&(b, _)| b == covers) => {
+            (s, covers)
+        }
+        Some((_, covers)) => {
+            tracing::warn!(dir = %dir.display(), covers, "producer snapshot does not match the segments: rebuilding from the log");
+            (ProducerStates::new(max, expiry), found[0].0)
+        }
+        None => (ProducerStates::new(max, expiry), found[0].0),
+    };
+    for &(base, len) in &found[..found.len() - 1] {
+        if base < from || len == 0 {
+            continue;
+        }
+        let path = dir.join(segment::log_name(base));
+        let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+        let data = mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
+        let w = segment::walk(&data, 0, len, base, false, |_, h| {
+            state.record_seen(h, h.base_offset, h.max_timestamp, now);
+        });
+        if let Some((pos, reason)) = w.stopped {
+            return Err(Error::corruption(
+                &path,
+                pos,
+                Some(w.next_offset),
+                format!("in a sealed segment: {reason}"),
+            ));
+        }
+    }
+    Ok(state)
 }

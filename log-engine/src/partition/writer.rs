@@ -12,7 +12,10 @@
 //! 3. create the next segment's `.log`;
 //! 4. fsync the partition directory (makes 2 and 3 durable);
 //! 5. publish the new segment list and mark everything durable;
-//! 6. write the recovery point `(new base, 0, new base)`.
+//! 6. write the recovery point `(new base, 0, new base)`;
+//! 7. write the producer-state snapshot covering everything below the new base (expired
+//!    producers dropped first), so reopening walks only the active segment's headers. It is
+//!    derived data: losing it costs a longer walk at open, never correctness.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -22,6 +25,7 @@ use crate::batch::{self, BatchHeader};
 use crate::checkpoint::Point;
 use crate::config::{FsyncPolicy, TopicConfig};
 use crate::error::{Error, Result};
+use crate::producer::ProducerStates;
 use crate::segment::{IndexBuilder, Segment};
 
 use super::{AppendInfo, Partition, lock};
@@ -35,6 +39,8 @@ pub(super) struct Writer {
     pub(super) index: IndexBuilder,
     /// Wall-clock time of the first append to the active segment since open.
     pub(super) first_append_ms: Option<i64>,
+    /// Idempotent producers' state (checked before each append, updated after it).
+    pub(super) producers: ProducerStates,
 }
 
 impl Writer {
@@ -112,6 +118,7 @@ impl Writer {
         self.active.note_timestamp(h.max_timestamp);
         self.active.publish_written(self.position);
         self.first_append_ms.get_or_insert(now);
+        self.producers.record(&stored, base, now);
         if cfg.fsync != FsyncPolicy::Always {
             self.active.publish_readable(self.position);
             p.watch.publish(self.next_offset);
@@ -120,6 +127,7 @@ impl Writer {
             base_offset: base,
             last_offset: stored.last_offset(),
             log_append_time_ms: now,
+            duplicate: false,
         })
     }
 
@@ -174,6 +182,10 @@ impl Writer {
             position: 0,
             next_offset: base,
         })?;
+        self.producers.expire(p.shared.clock.now_ms());
+        // No directory fsync: a snapshot that did not survive only makes the next open walk
+        // more headers (from an older snapshot, or from the first segment).
+        self.producers.write_snapshot(&p.dir, base)?;
         tracing::debug!(topic = %p.topic, partition = p.id, base, "rolled segment");
         Ok(())
     }

@@ -8,6 +8,7 @@ mod crash;
 mod decode;
 mod disk_full;
 mod fsync_eio;
+mod idempotence;
 mod inspect;
 mod model;
 mod retention;
