@@ -59,7 +59,8 @@ enum Command {
     Tail(tail::TailArgs),
     /// Read partitions from the start (rpk's default); the same flags as `tail`.
     Consume(tail::TailArgs),
-    /// Print a range of history, or copy it into another topic (never moves group offsets).
+    // The about and the examples come from ReplayArgs' doc comment (a doc comment here
+    // would replace them).
     Replay(replay::ReplayArgs),
     /// Consumer groups: list, describe (lag, lag in time), seek, delete.
     #[command(subcommand)]

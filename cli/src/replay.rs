@@ -58,7 +58,7 @@ pub(crate) enum Partitioning {
     Key,
 }
 
-/// Print a range of history, or copy it into another topic (resumable, rate-limited).
+/// Print a range of history, or copy it into another topic (resumable, rate-limited)
 ///
 /// The range (-o) uses tail's grammar and always ends: start | end | N | +N | -N | @TIME,
 /// optionally :END; without an end it stops at the end as it was when the command started.
