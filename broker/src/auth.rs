@@ -83,6 +83,14 @@ fn matches(prefixes: &[String], name: &str) -> bool {
 }
 
 impl Principal {
+    /// May this caller produce to at least one topic? (Asking for a producer id needs it.)
+    pub(crate) fn may_produce_somewhere(&self) -> bool {
+        match self {
+            Principal::Anyone => true,
+            Principal::Token(acl) => !acl.produce.is_empty(),
+        }
+    }
+
     /// May this caller do `action` on `name` (a topic, or a group for [`Action::Group`])?
     pub(crate) fn allows(&self, action: Action, name: &str) -> bool {
         match self {

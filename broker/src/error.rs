@@ -85,6 +85,12 @@ fn classify(e: &BrokerError) -> (ErrorCode, Code) {
             EngineError::Corruption { .. } => (ErrorCode::Corruption, Code::DataLoss),
             EngineError::Poisoned { .. } => (ErrorCode::PartitionPoisoned, Code::Unavailable),
             EngineError::Closed => (ErrorCode::ShuttingDown, Code::Unavailable),
+            EngineError::ProducerFenced { .. } => {
+                (ErrorCode::ProducerFenced, Code::FailedPrecondition)
+            }
+            EngineError::OutOfOrderSequence { .. } => {
+                (ErrorCode::OutOfOrderSequence, Code::FailedPrecondition)
+            }
             EngineError::Io { source, .. }
                 if matches!(
                     source.kind(),
@@ -141,6 +147,7 @@ pub(crate) fn partition_status(topic: &str, partition: u32, e: &PartitionError) 
             Code::InvalidArgument
         }
         ErrorCode::StorageFull => Code::ResourceExhausted,
+        ErrorCode::ProducerFenced | ErrorCode::OutOfOrderSequence => Code::FailedPrecondition,
         ErrorCode::Unspecified | ErrorCode::Internal => Code::Internal,
     };
     let mut meta = HashMap::new();

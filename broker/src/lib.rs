@@ -26,6 +26,7 @@ mod convert;
 pub mod error;
 mod metrics;
 mod offsets;
+mod producer_ids;
 mod service;
 
 use std::future::Future;
@@ -45,6 +46,7 @@ pub use auth::{TokenConfig, hash_token};
 pub use config::Config;
 pub use error::{BrokerError, ConfigError};
 pub use offsets::OFFSETS_TOPIC;
+pub use producer_ids::PRODUCER_IDS_TOPIC;
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,7 @@ pub(crate) struct State {
     pub(crate) topic_defaults: TopicConfig,
     pub(crate) limits: Limits,
     pub(crate) offsets: Arc<offsets::OffsetStore>,
+    pub(crate) producer_ids: producer_ids::ProducerIds,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) auth: Arc<auth::Auth>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -112,6 +115,7 @@ impl Broker {
         }
         let log = Arc::new(log);
         let offsets = Arc::new(offsets::OffsetStore::open(log.clone(), &limits)?);
+        let producer_ids = producer_ids::ProducerIds::open(log.clone())?;
         let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));
         let auth = Arc::new(auth::Auth::new(&config.auth.tokens)?);
         let (shutdown_tx, shutdown) = watch::channel(false);
@@ -122,6 +126,7 @@ impl Broker {
                 topic_defaults,
                 limits,
                 offsets,
+                producer_ids,
                 metrics,
                 auth,
                 shutdown,

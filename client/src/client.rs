@@ -348,6 +348,9 @@ pub struct Appended {
     pub last_offset: u64,
     /// Broker time of the append.
     pub log_append_time_ms: i64,
+    /// True when the batch (stamped by an idempotent producer) was a retry of one already in
+    /// the log: nothing was written; the offsets are the original ones.
+    pub duplicate: bool,
 }
 
 impl Client {
@@ -587,7 +590,20 @@ impl Client {
             base_offset: r.base_offset,
             last_offset: r.last_offset,
             log_append_time_ms: r.log_append_time_ms,
+            duplicate: r.duplicate,
         })
+    }
+
+    /// A new producer id for an idempotent producer (see `ProduceService.InitProducerId`): stamp
+    /// batches with it (`BatchBuilder::producer(id, 0, sequence)`) and per-partition sequence
+    /// numbers starting at 0. The [`Producer`] does this by itself.
+    pub async fn init_producer_id(&self) -> Result<i64> {
+        let t = self.timeout();
+        let req = self.request(v1::InitProducerIdRequest {}, t);
+        Ok(self
+            .unary(t, self.produce_stub().init_producer_id(req))
+            .await?
+            .producer_id)
     }
 
     // ---- consume -------------------------------------------------------------------------

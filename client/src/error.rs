@@ -232,6 +232,29 @@ pub enum Error {
         /// Partition number.
         partition: u32,
     },
+    /// An idempotent producer's batch carried an older epoch than the partition has seen from
+    /// its producer id (a zombie). Nothing was written.
+    #[error("producer fenced on {topic}/{partition}: {message}")]
+    ProducerFenced {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+        /// Broker's message.
+        message: String,
+    },
+    /// An idempotent producer's batch did not follow its previous one on the partition (a
+    /// batch before it failed for good). Nothing was written. The [`crate::Producer`] handles
+    /// this itself by starting again under a new producer id.
+    #[error("out-of-order sequence on {topic}/{partition}: {message}")]
+    OutOfOrderSequence {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+        /// Broker's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -263,6 +286,8 @@ impl Error {
             Error::Internal { .. } => ErrorCode::Internal,
             Error::InvalidRequest { .. } | Error::TopicExists { .. } => ErrorCode::InvalidRequest,
             Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,
+            Error::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+            Error::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
             Error::NotAuthorized { .. } => return ErrorCode::from_str_name(NOT_AUTHORIZED),
             _ => return None,
         })
@@ -406,6 +431,16 @@ fn from_code(
         ErrorCode::Internal => Error::Internal { message },
         ErrorCode::InvalidRequest => Error::InvalidRequest { message },
         ErrorCode::ShuttingDown => Error::ShuttingDown { message },
+        ErrorCode::ProducerFenced => Error::ProducerFenced {
+            topic: topic_s(),
+            partition: partition.unwrap_or_default(),
+            message,
+        },
+        ErrorCode::OutOfOrderSequence => Error::OutOfOrderSequence {
+            topic: topic_s(),
+            partition: partition.unwrap_or_default(),
+            message,
+        },
         // Codes added to the contract after this client was written: named ones it knows by
         // name, others as the gRPC status they come with (the caller matches on the code).
         #[allow(unreachable_patterns)]

@@ -25,16 +25,18 @@
 //!   broker's `ProduceStream` does append in arrival order, which would order the *first*
 //!   attempts; but a retry breaks it: if batch N fails with a retriable per-partition error
 //!   (disk full, poisoned partition) after N+1 was appended, resending N puts it after N+1.
-//!   Pipelining becomes safe with idempotent producers (issue 5), where the broker can refuse
-//!   out-of-sequence batches; the producer should then move to `ProduceStream`.
-//! - **Retries may duplicate.** A retriable failure (UNAVAILABLE, a broken connection, a
-//!   request timeout, a poisoned partition, a full disk, a broker shutting down) is retried
-//!   with exponential backoff until `delivery_timeout` has passed since the record was sent.
-//!   After a timeout or a broken connection the broker may well have appended the batch, so a
-//!   retry can append it twice; in the rare case where the first attempt was still queued
-//!   inside the broker, the copy may even land after the retry. Idempotent producers (producer
-//!   id + sequence numbers, checked by the broker; issue 5) will remove both; until then,
-//!   consumers that care must deduplicate (e.g. by a key or header).
+//!   Now that the broker refuses out-of-sequence batches (idempotence), pipelining could be
+//!   made safe; the producer would then move to `ProduceStream`. Not done yet.
+//! - **Retries do not duplicate (idempotence, on by default).** A retriable failure
+//!   (UNAVAILABLE, a broken connection, a request timeout, a poisoned partition, a full disk, a
+//!   broker shutting down) is retried with exponential backoff until `delivery_timeout` has
+//!   passed since the record was sent. The producer takes a producer id from the broker
+//!   (`InitProducerId`) and stamps each batch, once, with per-partition sequence numbers; the
+//!   retry resends the same bytes, so if the first attempt was appended after all, the broker
+//!   acknowledges the retry with the original offsets and writes nothing. If a batch fails for
+//!   good without being appended, the next batch of that partition is refused as out of
+//!   sequence; the producer then continues under a new producer id and re-stamps that batch
+//!   (once). With `idempotence: false`, a retry after a timeout can append a batch twice.
 //! - **`Acks::None` has no ordering guarantee**: the broker replies before appending and runs
 //!   the appends of successive requests independently, and it reports no offsets.
 //! - **Bounded memory.** Records hold bytes of a semaphore of `buffer_bytes` from `send` until
@@ -155,6 +157,10 @@ pub struct ProducerConfig {
     pub delivery_timeout: Duration,
     /// Partition counts are looked up again after this long (default 60 s).
     pub metadata_max_age: Duration,
+    /// Idempotence (default on): the producer gets a producer id from the broker and stamps
+    /// each batch with per-partition sequence numbers, so a retry of a batch the broker already
+    /// appended is acknowledged with the original offsets instead of being appended twice.
+    pub idempotence: bool,
 }
 
 impl Default for ProducerConfig {
@@ -172,6 +178,7 @@ impl Default for ProducerConfig {
             retry_backoff: Backoff::default(),
             delivery_timeout: Duration::from_secs(120),
             metadata_max_age: Duration::from_secs(60),
+            idempotence: true,
         }
     }
 }
@@ -259,6 +266,10 @@ struct Batch {
     attempts: u32,
     retry_at: Option<Instant>,
     last_error: Option<Error>,
+    /// Idempotence: the producer id and first sequence stamped into the encoded batch.
+    stamp: Option<(i64, i32)>,
+    /// Set once the batch was re-stamped under a new producer id (done at most once).
+    restamped: bool,
 }
 
 #[derive(Debug, Default)]
@@ -266,6 +277,9 @@ struct PartitionQueue {
     open: Option<Batch>,
     ready: VecDeque<Batch>,
     in_flight: bool,
+    /// Idempotence: the producer id this partition's sequence belongs to, and the sequence of
+    /// the next batch's first record.
+    sequence: Option<(i64, i32)>,
 }
 
 #[derive(Debug, Default)]
@@ -307,6 +321,9 @@ struct Shared {
     buffer: Arc<Semaphore>,
     metadata: Mutex<HashMap<String, TopicMeta>>,
     metadata_refresh: tokio::sync::Mutex<()>,
+    /// The idempotent producer id in use (obtained on first need, replaced after an
+    /// out-of-sequence refusal).
+    producer_id: tokio::sync::Mutex<Option<i64>>,
     counters: Counters,
 }
 
@@ -343,6 +360,7 @@ impl Producer {
             progress: watch::Sender::new(()),
             metadata: Mutex::new(HashMap::new()),
             metadata_refresh: tokio::sync::Mutex::new(()),
+            producer_id: tokio::sync::Mutex::new(None),
             counters: Counters::default(),
         });
         let task = tokio::spawn(run(shared.clone()));
@@ -515,6 +533,8 @@ impl Producer {
                     attempts: 0,
                     retry_at: None,
                     last_error: None,
+                    stamp: None,
+                    restamped: false,
                 }
             });
             if let Some(b) = batch.builder.as_mut() {
@@ -696,6 +716,21 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// Puts a batch back at the head of its partition's queue, to be sent at once.
+    fn requeue(&self, mut batch: Batch) {
+        batch.retry_at = None;
+        {
+            let mut st = lock(&self.state);
+            let q = st
+                .queues
+                .entry((batch.topic.clone(), batch.partition))
+                .or_default();
+            q.ready.push_front(batch);
+            q.in_flight = false;
+        }
+        self.wake.notify_one();
+    }
+
     /// A batch's attempt failed with `e`: back to the head of its queue if `e` is retriable
     /// and time is left, else fail it.
     fn failed(&self, mut batch: Batch, e: Error) {
@@ -859,12 +894,91 @@ async fn encode(b: &mut Batch, compression: Compression) -> Result<Bytes> {
     Ok(bytes)
 }
 
+/// The sequence after a batch of `records` records starting at `base` (wrapping past
+/// `i32::MAX` to 0, as the broker counts).
+fn seq_after(base: i32, records: usize) -> i32 {
+    ((base as i64 + records as i64) % (i32::MAX as i64 + 1)) as i32
+}
+
+impl Shared {
+    /// The producer id to stamp batches with. `stale` is an id the broker refused a sequence
+    /// for: if it is still the current one, a new id is obtained (once, whoever asks first).
+    async fn producer_id(&self, stale: Option<i64>) -> Result<i64> {
+        let mut current = self.producer_id.lock().await;
+        if let Some(id) = *current
+            && Some(id) != stale
+        {
+            return Ok(id);
+        }
+        let id = self.client.init_producer_id().await?;
+        tracing::debug!(producer_id = id, replaces = ?stale, "idempotent producer id");
+        *current = Some(id);
+        Ok(id)
+    }
+
+    /// Stamps a not-yet-encoded batch with the producer id and the partition's next sequence.
+    async fn stamp(&self, b: &mut Batch) -> Result<()> {
+        if !self.config.idempotence || b.encoded.is_some() || b.stamp.is_some() {
+            return Ok(());
+        }
+        let pid = self.producer_id(None).await?;
+        let base = self.next_sequence(&b.topic, b.partition, pid, b.pending.len());
+        if let Some(builder) = b.builder.as_mut() {
+            builder.producer(pid, 0, base);
+        }
+        b.stamp = Some((pid, base));
+        Ok(())
+    }
+
+    /// Takes `records` sequence numbers of a partition for producer `pid` (starting again at 0
+    /// when the partition's sequence belonged to another id).
+    fn next_sequence(&self, topic: &Arc<str>, partition: u32, pid: i64, records: usize) -> i32 {
+        let mut st = lock(&self.state);
+        let q = st.queues.entry((topic.clone(), partition)).or_default();
+        let base = match q.sequence {
+            Some((p, next)) if p == pid => next,
+            _ => 0,
+        };
+        q.sequence = Some((pid, seq_after(base, records)));
+        base
+    }
+
+    /// The broker refused `b`'s sequence: a batch before it failed for good without being
+    /// appended, so this partition's sequence has a hole the broker will never fill. Start
+    /// again under a new producer id (the broker accepts a new producer's first batch at any
+    /// sequence) and re-stamp the batch, once. Returns the batch to retry, or the error.
+    async fn restamp(&self, mut b: Batch, e: Error) -> std::result::Result<Batch, (Batch, Error)> {
+        let (Some((old, _)), Some(encoded), false) = (b.stamp, b.encoded.clone(), b.restamped)
+        else {
+            return Err((b, e));
+        };
+        let pid = match self.producer_id(Some(old)).await {
+            Ok(p) => p,
+            Err(e) => return Err((b, e)),
+        };
+        let base = self.next_sequence(&b.topic, b.partition, pid, b.pending.len());
+        let mut bytes = encoded.to_vec();
+        if let Err(err) = spool_log_engine::batch::restamp_producer(&mut bytes, pid, 0, base) {
+            return Err((b, Error::Decode(err)));
+        }
+        tracing::info!(topic = &*b.topic, partition = b.partition, old, new = pid, "sequence refused: continuing under a new producer id");
+        b.encoded = Some(Bytes::from(bytes));
+        b.stamp = Some((pid, base));
+        b.restamped = true;
+        Ok(b)
+    }
+}
+
 /// One Produce request: its batches are of distinct partitions, each marked in flight.
 async fn send_request(shared: Arc<Shared>, batches: Vec<Batch>) {
     let cfg = &shared.config;
     let mut sendable = Vec::with_capacity(batches.len());
     let mut parts = Vec::with_capacity(batches.len());
     for mut b in batches {
+        if let Err(e) = shared.stamp(&mut b).await {
+            shared.failed(b, e);
+            continue;
+        }
         match encode(&mut b, cfg.compression).await {
             Ok(bytes) => {
                 parts.push(v1::PartitionProduce {
@@ -906,6 +1020,13 @@ async fn send_request(shared: Arc<Shared>, batches: Vec<Batch>) {
                     match &r.error {
                         Some(e) => {
                             let e = Error::from_partition_error(&b.topic, b.partition, None, e);
+                            if matches!(e, Error::OutOfOrderSequence { .. }) {
+                                match shared.restamp(b, e).await {
+                                    Ok(b) => shared.requeue(b),
+                                    Err((b, e)) => shared.complete(b, Err(e)),
+                                }
+                                continue;
+                            }
                             shared.failed(b, e);
                         }
                         None => shared.complete(b, Ok(r.base_offset)),

@@ -158,9 +158,15 @@ fn settle(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
         let r = &mut results[i];
         match outcome {
             Ok(()) => {
-                state
-                    .metrics
-                    .produced(&r.topic, bytes, info.last_offset - info.base_offset + 1);
+                // A duplicate wrote nothing: it is not counted as produced.
+                if !info.duplicate {
+                    state.metrics.produced(
+                        &r.topic,
+                        bytes,
+                        info.last_offset - info.base_offset + 1,
+                    );
+                }
+                r.duplicate = info.duplicate;
                 if acks == v1::Acks::None {
                     continue; // no offsets, as the contract says
                 }
@@ -193,6 +199,27 @@ impl ProduceService for Produce {
             })
             .await?;
             Ok(Response::new(v1::ProduceResponse { results }))
+        })
+        .await
+    }
+
+    async fn init_producer_id(
+        &self,
+        req: Request<v1::InitProducerIdRequest>,
+    ) -> Result<Response<v1::InitProducerIdResponse>, Status> {
+        timed(&self.state.metrics, "InitProducerId", async move {
+            if !principal(&req).may_produce_somewhere() {
+                return Err(BrokerError::NotAuthorized(
+                    "a producer id needs the right to produce to some topic".into(),
+                )
+                .into());
+            }
+            let state = self.state.clone();
+            let producer_id = blocking(move || state.producer_ids.allocate(now_ms())).await??;
+            Ok(Response::new(v1::InitProducerIdResponse {
+                producer_id,
+                producer_epoch: 0,
+            }))
         })
         .await
     }

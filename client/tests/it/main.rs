@@ -5,6 +5,7 @@ mod admin;
 mod broker;
 mod consume;
 mod groups;
+mod idempotence;
 mod produce;
 mod security;
 

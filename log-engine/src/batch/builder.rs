@@ -162,6 +162,34 @@ mod tests {
     use crate::config::Limits;
     use proptest::prelude::*;
 
+    #[test]
+    fn restamp_changes_only_the_producer_fields() {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.producer(1, 0, 0);
+        b.push(5, Some(b"k"), Some(b"v"), &[]);
+        let before = b.finish().unwrap();
+        let mut after = before.to_vec();
+        super::super::restamp_producer(&mut after, 99, 3, 42).unwrap();
+        let h = validate_batch(&after, u32::MAX, &Limits::default()).unwrap();
+        assert_eq!(
+            (h.producer_id, h.producer_epoch, h.base_sequence),
+            (99, 3, 42)
+        );
+        let differs: Vec<usize> = (0..after.len())
+            .filter(|&i| after[i] != before[i])
+            .collect();
+        assert!(
+            differs
+                .iter()
+                .all(|&i| (17..21).contains(&i) || (43..57).contains(&i)),
+            "{differs:?}"
+        );
+        // Not exactly one batch: refused, untouched.
+        let mut two = [before.to_vec(), before.to_vec()].concat();
+        assert!(super::super::restamp_producer(&mut two, 7, 0, 0).is_err());
+        assert!(super::super::restamp_producer(&mut after[..20], 7, 0, 0).is_err());
+    }
+
     type Bytesish = Option<Vec<u8>>;
     type TestRecord = (i64, Bytesish, Bytesish, Vec<(String, Bytesish)>);
 

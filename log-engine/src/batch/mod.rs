@@ -248,6 +248,31 @@ impl BatchHeader {
     }
 }
 
+/// Rewrites the idempotent-producer fields of an encoded batch (producer id, epoch, base
+/// sequence) and its CRC, in place. For a producer that must re-send a batch under a new
+/// producer id; nothing else changes (the CRC covers these fields, so it is recomputed).
+pub fn restamp_producer(
+    batch: &mut [u8],
+    producer_id: i64,
+    producer_epoch: i16,
+    base_sequence: i32,
+) -> Result<(), BatchError> {
+    let h = BatchHeader::parse(batch)?;
+    if h.total_len() != batch.len() {
+        return Err(BatchError::LengthMismatch {
+            declared: h.batch_length as i64,
+            actual: batch.len().saturating_sub(12) as u64,
+        });
+    }
+    batch[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&producer_id.to_be_bytes());
+    batch[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2]
+        .copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = batch_crc(batch);
+    batch[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(())
+}
+
 /// CRC-32C of the region a batch's CRC covers.
 #[inline]
 pub fn batch_crc(batch: &[u8]) -> u32 {
