@@ -7,6 +7,7 @@
 //! | 2 | usage error or invalid input (bad flag, bad offset spec, malformed input line) |
 //! | 3 | the broker could not be reached (connection refused, timeout, TLS handshake) |
 //! | 4 | the broker refused the request (unknown topic, already exists, not authorized, …) |
+//! | 130 | interrupted by Ctrl-C (`replay` prints where to resume first) |
 //!
 //! A closed stdout (`spool tail t | head`) is not an error: the command stops and exits 0.
 

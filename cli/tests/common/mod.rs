@@ -6,20 +6,20 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-pub use spool_testkit::Broker;
+pub(crate) use spool_testkit::Broker;
 
 /// What a `spool` run produced.
 #[derive(Debug)]
-pub struct Run {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Run {
     /// Panics with the output unless the exit code is `code`.
     #[track_caller]
-    pub fn expect(self, code: i32) -> Run {
+    pub(crate) fn expect(self, code: i32) -> Run {
         assert_eq!(
             self.code, code,
             "exit code {} (wanted {code})\nstdout:\n{}\nstderr:\n{}",
@@ -30,14 +30,14 @@ impl Run {
 
     /// Asserts success and returns stdout.
     #[track_caller]
-    pub fn ok(self) -> String {
+    pub(crate) fn ok(self) -> String {
         self.expect(0).stdout
     }
 }
 
 /// A `spool` command aimed at `broker`, with the caller's SPOOL_* environment removed and no
 /// profile file.
-pub fn cmd(broker: &Broker, args: &[&str]) -> Command {
+pub(crate) fn cmd(broker: &Broker, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_spool"));
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("SPOOL_") {
@@ -51,7 +51,7 @@ pub fn cmd(broker: &Broker, args: &[&str]) -> Command {
 }
 
 /// Runs `spool args…` against `broker` with `stdin` as input.
-pub fn spool_in(broker: &Broker, args: &[&str], stdin: &[u8]) -> Run {
+pub(crate) fn spool_in(broker: &Broker, args: &[&str], stdin: &[u8]) -> Run {
     let mut child = cmd(broker, args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -73,6 +73,6 @@ pub fn spool_in(broker: &Broker, args: &[&str], stdin: &[u8]) -> Run {
 }
 
 /// Runs `spool args…` against `broker` with empty stdin.
-pub fn spool(broker: &Broker, args: &[&str]) -> Run {
+pub(crate) fn spool(broker: &Broker, args: &[&str]) -> Run {
     spool_in(broker, args, b"")
 }
