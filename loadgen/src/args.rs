@@ -58,6 +58,10 @@ pub struct LoadArgs {
     /// Requests awaiting their reply, per producer.
     #[arg(long, default_value_t = 8)]
     pub in_flight: usize,
+    /// Idempotent-producer stamping of produced batches: off (plain), copy (plain, paying the
+    /// client's per-request copy and CRC: the control for `on`), on (idempotent).
+    #[arg(long, value_enum, default_value = "off")]
+    pub stamping: crate::Stamping,
     /// Unary Produce calls instead of one ProduceStream per producer.
     #[arg(long)]
     pub unary: bool,
@@ -102,6 +106,7 @@ impl LoadArgs {
             rate: self.rate.filter(|r| r.is_finite()),
             in_flight: self.in_flight,
             unary: self.unary,
+            stamping: self.stamping,
             threads: self.threads,
             fetch_bytes: self.fetch_bytes,
             preload_bytes: self.preload_bytes,

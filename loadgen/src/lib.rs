@@ -36,6 +36,6 @@ pub mod scenarios;
 
 pub use args::LoadArgs;
 pub use run::{
-    Acks, Compression, Connection, LoadConfig, Mode, Report, RunLatency, count_records,
+    Acks, Compression, Connection, LoadConfig, Mode, Report, RunLatency, Stamping, count_records,
     ensure_topic, prefault, run, run_consume, run_e2e, run_produce,
 };

@@ -101,6 +101,20 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// How produced batches carry idempotent-producer fields (for measuring idempotence's cost).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stamping {
+    /// Pre-encoded batches as they are (no producer id): plain produce.
+    #[default]
+    Off,
+    /// Every request copies its batch and rewrites the producer fields and CRC, without a
+    /// producer id: plain produce paying the client-side cost of stamping (the control).
+    Copy,
+    /// Every request copies its batch and stamps a producer id (from InitProducerId) and the
+    /// partition's next sequence: idempotent produce, checked by the broker.
+    On,
+}
+
 /// Everything a run needs.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadConfig {
@@ -144,6 +158,9 @@ pub struct LoadConfig {
     pub in_flight: usize,
     /// Many unary `Produce` calls instead of one `ProduceStream`.
     pub unary: bool,
+    /// Idempotent-producer stamping of produced batches (ProduceStream only).
+    #[serde(skip)]
+    pub stamping: Stamping,
     /// Tokio worker threads of the load generator (0: one per core).
     pub threads: usize,
     /// Subscribe `max_bytes` per chunk.
@@ -177,6 +194,7 @@ impl Default for LoadConfig {
             rate: None,
             in_flight: 8,
             unary: false,
+            stamping: Stamping::Off,
             threads: 1,
             fetch_bytes: 1 << 20,
             preload_bytes: 1 << 30,
@@ -531,6 +549,9 @@ fn partitions_of(i: usize, n: usize, partitions: u32) -> Vec<u32> {
 
 /// Produce workload.
 pub async fn run_produce(cfg: &LoadConfig) -> Result<Report> {
+    if cfg.unary && cfg.stamping != Stamping::Off {
+        bail!("--stamping works on ProduceStream only (drop --unary)");
+    }
     let partitions = ensure_topic(cfg).await?;
     let batches = Arc::new(build_batches(cfg)?);
     let mut channels = Vec::new();
@@ -598,16 +619,46 @@ async fn produce_stream(
     let mut slots: HashMap<u64, Slot> = HashMap::with_capacity(window * 2);
     let mut next: u64 = 0;
     let mut in_flight = 0usize;
-    let make = |i: u64| v1::ProduceStreamRequest {
-        request_id: i,
-        partitions: vec![v1::PartitionProduce {
-            topic: cfg.topic.clone(),
-            partition: parts[i as usize % parts.len()],
-            data: Some(v1::partition_produce::Data::RecordBatch(
-                b.batches[i as usize % b.batches.len()].clone(),
-            )),
-        }],
-        acks: cfg.acks.wire(),
+    let producer_id = match cfg.stamping {
+        Stamping::On => {
+            produce_stub(ch.clone())
+                .init_producer_id(request(&auth(cfg)?, v1::InitProducerIdRequest {}))
+                .await
+                .context("InitProducerId")?
+                .into_inner()
+                .producer_id
+        }
+        _ => -1,
+    };
+    let mut sequences: HashMap<u32, i32> = HashMap::new();
+    let mut make = |i: u64| -> Result<v1::ProduceStreamRequest> {
+        let partition = parts[i as usize % parts.len()];
+        let batch = &b.batches[i as usize % b.batches.len()];
+        let batch = match cfg.stamping {
+            Stamping::Off => batch.clone(),
+            Stamping::Copy | Stamping::On => {
+                let seq = sequences.entry(partition).or_insert(0);
+                let (epoch, base) = if producer_id >= 0 {
+                    (0, *seq)
+                } else {
+                    (-1, -1)
+                };
+                let mut copy = batch.to_vec();
+                spool_log_engine::batch::restamp_producer(&mut copy, producer_id, epoch, base)
+                    .map_err(|e| anyhow!("stamping a batch: {e}"))?;
+                *seq = ((*seq as i64 + b.records_per_batch as i64) % (i32::MAX as i64 + 1)) as i32;
+                Bytes::from(copy)
+            }
+        };
+        Ok(v1::ProduceStreamRequest {
+            request_id: i,
+            partitions: vec![v1::PartitionProduce {
+                topic: cfg.topic.clone(),
+                partition,
+                data: Some(v1::partition_produce::Data::RecordBatch(batch)),
+            }],
+            acks: cfg.acks.wire(),
+        })
     };
     // Queue the first request before opening the stream so the call has a body to send.
     let first_due = due(cfg, &w, b.records_per_batch, 0);
@@ -615,7 +666,7 @@ async fn produce_stream(
         tokio::time::sleep_until(t.into()).await;
     }
     let len0 = b.batches[0].len() as u64;
-    tx.try_send(make(0)).map_err(|_| anyhow!("queueing"))?;
+    tx.try_send(make(0)?).map_err(|_| anyhow!("queueing"))?;
     slots.insert(
         0,
         (
@@ -674,7 +725,7 @@ async fn produce_stream(
                 if now >= w.until { continue; }
                 let i = next;
                 next += 1;
-                let req = make(i);
+                let req = make(i)?;
                 let bytes = b.batches[i as usize % b.batches.len()].len() as u64;
                 slots.insert(i, (due_at.unwrap_or(now), b.records_per_batch, bytes));
                 in_flight += 1;
