@@ -3,8 +3,10 @@
 
 mod admin;
 mod broker;
+mod compaction;
 mod consume;
 mod groups;
+mod history;
 mod idempotence;
 mod produce;
 mod security;
