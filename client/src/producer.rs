@@ -961,7 +961,13 @@ impl Shared {
         if let Err(err) = spool_log_engine::batch::restamp_producer(&mut bytes, pid, 0, base) {
             return Err((b, Error::Decode(err)));
         }
-        tracing::info!(topic = &*b.topic, partition = b.partition, old, new = pid, "sequence refused: continuing under a new producer id");
+        tracing::info!(
+            topic = &*b.topic,
+            partition = b.partition,
+            old,
+            new = pid,
+            "sequence refused: continuing under a new producer id"
+        );
         b.encoded = Some(Bytes::from(bytes));
         b.stamp = Some((pid, base));
         b.restamped = true;

@@ -29,22 +29,40 @@ async fn retries_are_acknowledged_with_the_original_offsets() {
     let pid = c.init_producer_id().await.unwrap();
     assert_ne!(pid, c.init_producer_id().await.unwrap(), "ids are unique");
 
-    let first = c.produce_batch("t", 0, batch(pid, 0, 3, "a"), Acks::Durable).await.unwrap();
+    let first = c
+        .produce_batch("t", 0, batch(pid, 0, 3, "a"), Acks::Durable)
+        .await
+        .unwrap();
     assert!(!first.duplicate);
-    let again = c.produce_batch("t", 0, batch(pid, 0, 3, "a"), Acks::Durable).await.unwrap();
+    let again = c
+        .produce_batch("t", 0, batch(pid, 0, 3, "a"), Acks::Durable)
+        .await
+        .unwrap();
     assert!(again.duplicate);
-    assert_eq!((again.base_offset, again.last_offset), (first.base_offset, first.last_offset));
-    let gap = c.produce_batch("t", 0, batch(pid, 7, 1, "g"), Acks::Durable).await.unwrap_err();
+    assert_eq!(
+        (again.base_offset, again.last_offset),
+        (first.base_offset, first.last_offset)
+    );
+    let gap = c
+        .produce_batch("t", 0, batch(pid, 7, 1, "g"), Acks::Durable)
+        .await
+        .unwrap_err();
     assert!(matches!(gap, Error::OutOfOrderSequence { .. }), "{gap:?}");
     assert!(!gap.is_retriable());
 
     // kill -9: the acknowledged batch is durable, and its retry is still recognised.
     broker.restart();
     let c = broker.client().await;
-    let after = c.produce_batch("t", 0, batch(pid, 0, 3, "a"), Acks::Durable).await.unwrap();
+    let after = c
+        .produce_batch("t", 0, batch(pid, 0, 3, "a"), Acks::Durable)
+        .await
+        .unwrap();
     assert!(after.duplicate);
     assert_eq!(after.base_offset, first.base_offset);
-    let next = c.produce_batch("t", 0, batch(pid, 3, 1, "b"), Acks::Durable).await.unwrap();
+    let next = c
+        .produce_batch("t", 0, batch(pid, 3, 1, "b"), Acks::Durable)
+        .await
+        .unwrap();
     assert_eq!(next.base_offset, 3);
     // Ids handed out after the restart were never handed out before it.
     let later = c.init_producer_id().await.unwrap();
@@ -94,14 +112,20 @@ async fn producer_delivers_exactly_once_through_a_broker_crash() {
     broker.restart();
     let (failed, stats) = sender.await.unwrap();
     assert_eq!(failed, 0);
-    assert!(stats.retries > 0, "the crash must have interrupted sending: {stats:?}");
+    assert!(
+        stats.retries > 0,
+        "the crash must have interrupted sending: {stats:?}"
+    );
 
     let c = spool_client::Client::connect(addr).await.unwrap();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for p in 0..2 {
         let mut offset = 0;
         loop {
-            let f = c.fetch("t", p, offset, &FetchOptions::default()).await.unwrap();
+            let f = c
+                .fetch("t", p, offset, &FetchOptions::default())
+                .await
+                .unwrap();
             if f.records.is_empty() {
                 break;
             }
@@ -138,7 +162,10 @@ async fn a_refused_batch_does_not_wedge_the_partition() {
         linger: Duration::ZERO,
         ..ProducerConfig::default()
     });
-    let ok = producer.send("small", ProducerRecord::new("first")).await.unwrap();
+    let ok = producer
+        .send("small", ProducerRecord::new("first"))
+        .await
+        .unwrap();
     assert_eq!(ok.await.unwrap().offset, Some(0));
     let big = producer
         .send("small", ProducerRecord::new(vec![b'x'; 4000]))

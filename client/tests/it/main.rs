@@ -3,7 +3,6 @@
 
 mod admin;
 mod broker;
-mod compaction;
 mod consume;
 mod groups;
 mod history;
