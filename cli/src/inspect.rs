@@ -107,11 +107,17 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 for f in &ins.findings {
                     corrupt |= f.severity == Severity::Corruption;
                     if json {
+                        // Stable names for scripts (not Debug output).
+                        let severity = match f.severity {
+                            Severity::Corruption => "corruption",
+                            Severity::TornTail => "torn_tail",
+                            Severity::Repairable => "repairable",
+                        };
                         writeln!(
                             out,
                             "{}",
                             json!({
-                                "topic": t, "partition": p, "severity": format!("{:?}", f.severity).to_lowercase(),
+                                "topic": t, "partition": p, "severity": severity,
                                 "file": f.path, "position": f.position, "offset": f.offset, "problem": f.problem,
                             })
                         )?;

@@ -261,3 +261,41 @@ fn reindex_refuses_a_locked_directory_and_reports_corruption() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("\"nope\" does not exist"), "{err}");
 }
+
+/// A torn tail (half a batch past the recovery point of the last segment, as a crash mid-write
+/// leaves it): `verify` warns and exits 0, because opening the log cuts it (keeping the bytes
+/// aside); after an open, `verify` is clean.
+#[test]
+fn verify_reports_a_torn_tail_as_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let last = segments(dir.path()).into_iter().max().unwrap();
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(5000, Some(b"k"), Some(b"never acknowledged"), &[]);
+    let batch = b.finish().unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &batch[..batch.len() / 2]).unwrap();
+    drop(f);
+
+    let (code, out, err) = spool(&["inspect", "verify", d]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("torn tail"), "{out}");
+    assert!(!out.contains("CORRUPTION"), "{out}");
+    let (code, out, _) = spool(&["inspect", "verify", d, "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"torn_tail\""), "{out}");
+
+    // Opening the log cuts the tail (and keeps it in a .torn-<pos> file); then all is clean.
+    let log = Log::open(dir.path(), LogOptions::default()).unwrap();
+    let report = &log.recovery_reports()[0].2;
+    assert_eq!(report.quarantined.len(), 1);
+    log.close().unwrap();
+    drop(log);
+    let (code, out, err) = spool(&["inspect", "verify", d]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("torn tail"), "{out}");
+}
