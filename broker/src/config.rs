@@ -48,6 +48,41 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Defaults for topics created without an explicit setting.
     pub topic_defaults: TopicDefaults,
+    /// Consumer-group membership.
+    pub groups: GroupsConfig,
+}
+
+/// Consumer-group membership (see docs/protocol.md, "Consumer-group coordination").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// Session timeout of members that do not ask for one: a member heard from for this long
+    /// loses its partitions.
+    pub session_timeout_ms: u64,
+    /// Shortest session timeout a member may ask for (shorter requests are raised to it).
+    pub min_session_timeout_ms: u64,
+    /// Longest session timeout (sessions are also capped at `limits.idle_timeout_ms`, so
+    /// that heartbeats keep the connection).
+    pub max_session_timeout_ms: u64,
+    /// Time a member has to acknowledge a revocation, unless it asks for another.
+    pub rebalance_timeout_ms: u64,
+    /// Longest rebalance timeout a member may ask for.
+    pub max_rebalance_timeout_ms: u64,
+    /// Members per group.
+    pub max_members: usize,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            session_timeout_ms: 10_000,
+            min_session_timeout_ms: 1_000,
+            max_session_timeout_ms: 300_000,
+            rebalance_timeout_ms: 60_000,
+            max_rebalance_timeout_ms: 600_000,
+            max_members: 1000,
+        }
+    }
 }
 
 /// TLS settings (rustls, ring provider).
@@ -133,6 +168,7 @@ impl Default for Config {
             retention_check_interval_ms: 60_000,
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
+            groups: GroupsConfig::default(),
         }
     }
 }
@@ -297,6 +333,27 @@ impl Config {
             return Err(ConfigError::Invalid("limits must be non-zero".into()));
         }
         self.topic_defaults.to_topic_config()?;
+        let g = &self.groups;
+        if g.min_session_timeout_ms < 100
+            || g.min_session_timeout_ms > g.session_timeout_ms
+            || g.session_timeout_ms > g.max_session_timeout_ms
+        {
+            return Err(ConfigError::Invalid(
+                "groups: need 100 <= min_session_timeout_ms <= session_timeout_ms <= \
+                 max_session_timeout_ms"
+                    .into(),
+            ));
+        }
+        if g.rebalance_timeout_ms < 100
+            || g.rebalance_timeout_ms > g.max_rebalance_timeout_ms
+            || g.max_members == 0
+        {
+            return Err(ConfigError::Invalid(
+                "groups: need 100 <= rebalance_timeout_ms <= max_rebalance_timeout_ms and \
+                 max_members > 0"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 

@@ -48,6 +48,42 @@ pub enum BrokerError {
         /// The topics the request was limited to (empty: all).
         topics: Vec<String>,
     },
+    /// The member id is not a member of the group (left, expired, replaced).
+    #[error("member {member:?} is not a member of group {group:?}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    FencedMember {
+        /// Group name.
+        group: String,
+        /// Member id.
+        member: String,
+        /// Why, when known.
+        reason: String,
+    },
+    /// The member does not own the partition in the generation it named.
+    #[error("member {member:?} of group {group:?} may not commit {topic}/{partition}: {reason}")]
+    IllegalGeneration {
+        /// Group name.
+        group: String,
+        /// Member id.
+        member: String,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The group has live members; plain (unfenced) offset changes are refused.
+    #[error(
+        "group {group:?} has {members} live member(s): {what} needs a member id and generation, or no members"
+    )]
+    GroupNotEmpty {
+        /// Group name.
+        group: String,
+        /// How many members.
+        members: usize,
+        /// What was refused.
+        what: &'static str,
+    },
 }
 
 fn for_topics(topics: &[String]) -> String {
@@ -71,6 +107,11 @@ fn classify(e: &BrokerError) -> (ErrorCode, Code) {
         BrokerError::ShuttingDown => (ErrorCode::ShuttingDown, Code::Unavailable),
         BrokerError::NotAuthorized(_) => (ErrorCode::NotAuthorized, Code::PermissionDenied),
         BrokerError::UnknownGroup { .. } => (ErrorCode::UnknownGroup, Code::NotFound),
+        BrokerError::FencedMember { .. } => (ErrorCode::FencedMember, Code::FailedPrecondition),
+        BrokerError::IllegalGeneration { .. } => {
+            (ErrorCode::IllegalGeneration, Code::FailedPrecondition)
+        }
+        BrokerError::GroupNotEmpty { .. } => (ErrorCode::GroupNotEmpty, Code::FailedPrecondition),
         BrokerError::Engine(e) => match e {
             EngineError::TopicNotFound(_) => (ErrorCode::UnknownTopic, Code::NotFound),
             EngineError::PartitionNotFound { .. } => (ErrorCode::UnknownPartition, Code::NotFound),
@@ -148,6 +189,9 @@ pub(crate) fn partition_status(topic: &str, partition: u32, e: &PartitionError) 
         }
         ErrorCode::StorageFull => Code::ResourceExhausted,
         ErrorCode::ProducerFenced | ErrorCode::OutOfOrderSequence => Code::FailedPrecondition,
+        ErrorCode::FencedMember | ErrorCode::IllegalGeneration | ErrorCode::GroupNotEmpty => {
+            Code::FailedPrecondition
+        }
         ErrorCode::Unspecified | ErrorCode::Internal => Code::Internal,
     };
     let mut meta = HashMap::new();
@@ -183,8 +227,24 @@ impl From<BrokerError> for Status {
                 meta.insert("topic".to_owned(), topic.clone());
                 meta.insert("partition".to_owned(), partition.to_string());
             }
-            BrokerError::UnknownGroup { group, .. } => {
+            BrokerError::UnknownGroup { group, .. } | BrokerError::GroupNotEmpty { group, .. } => {
                 meta.insert("group".to_owned(), group.clone());
+            }
+            BrokerError::FencedMember { group, member, .. } => {
+                meta.insert("group".to_owned(), group.clone());
+                meta.insert("member_id".to_owned(), member.clone());
+            }
+            BrokerError::IllegalGeneration {
+                group,
+                member,
+                topic,
+                partition,
+                ..
+            } => {
+                meta.insert("group".to_owned(), group.clone());
+                meta.insert("member_id".to_owned(), member.clone());
+                meta.insert("topic".to_owned(), topic.clone());
+                meta.insert("partition".to_owned(), partition.to_string());
             }
             _ => {}
         }

@@ -24,6 +24,7 @@ pub mod config;
 mod conn;
 mod convert;
 pub mod error;
+mod groups;
 mod metrics;
 mod offsets;
 mod producer_ids;
@@ -36,6 +37,7 @@ use std::time::Duration;
 use spool_log_engine::{Limits, Log, LogOptions, TopicConfig};
 use spool_proto::v1::admin_service_server::AdminServiceServer;
 use spool_proto::v1::consume_service_server::ConsumeServiceServer;
+use spool_proto::v1::group_service_server::GroupServiceServer;
 use spool_proto::v1::offset_service_server::OffsetServiceServer;
 use spool_proto::v1::produce_service_server::ProduceServiceServer;
 use tokio::net::TcpListener;
@@ -74,6 +76,7 @@ pub(crate) struct State {
     pub(crate) limits: Limits,
     pub(crate) offsets: Arc<offsets::OffsetStore>,
     pub(crate) producer_ids: producer_ids::ProducerIds,
+    pub(crate) groups: Arc<groups::Groups>,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) auth: Arc<auth::Auth>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -119,6 +122,13 @@ impl Broker {
         let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));
         let auth = Arc::new(auth::Auth::new(&config.auth.tokens)?);
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let groups = Arc::new(groups::Groups::open(
+            log.clone(),
+            offsets.clone(),
+            metrics.clone(),
+            config.groups.clone(),
+            shutdown.clone(),
+        ));
         Ok(Broker {
             state: Arc::new(State {
                 log,
@@ -127,6 +137,7 @@ impl Broker {
                 limits,
                 offsets,
                 producer_ids,
+                groups,
                 metrics,
                 auth,
                 shutdown,
@@ -171,6 +182,11 @@ impl Broker {
         health
             .set_serving::<OffsetServiceServer<service::Offsets>>()
             .await;
+        health
+            .set_serving::<GroupServiceServer<service::Groups>>()
+            .await;
+        // Restored groups' sessions run from now.
+        state.groups.start();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(spool_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -228,6 +244,12 @@ impl Broker {
             ))
             .add_service(InterceptedService::new(
                 OffsetServiceServer::new(service::Offsets::new(state.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                intercept.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                GroupServiceServer::new(service::Groups::new(state.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
                 intercept,

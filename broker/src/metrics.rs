@@ -74,6 +74,8 @@ pub(crate) struct Metrics {
     rpc_duration: Family<RpcLabel, Histogram, fn() -> Histogram>,
     rpc_errors: Family<RpcLabel, Counter>,
     idle_closed: Counter,
+    group_rebalances: Counter,
+    group_rebalance_seconds: Histogram,
 }
 
 /// Picks one number out of a partition's stats.
@@ -221,6 +223,21 @@ impl Metrics {
              response data",
             idle_closed.clone(),
         );
+        let group_rebalances = Counter::default();
+        registry.register(
+            "spool_group_rebalances",
+            "Consumer-group rebalances started (a member joined, left or expired, or a \
+             subscribed topic's partitions changed)",
+            group_rebalances.clone(),
+        );
+        // 1 ms .. ~65 s
+        let group_rebalance_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register(
+            "spool_group_rebalance_seconds",
+            "Time from a consumer group leaving the stable state until it is stable again \
+             (every member acknowledged, every partition owned)",
+            group_rebalance_seconds.clone(),
+        );
         registry.register_collector(Box::new(LogCollector { log, offsets }));
         Metrics {
             registry,
@@ -231,7 +248,19 @@ impl Metrics {
             rpc_duration,
             rpc_errors,
             idle_closed,
+            group_rebalances,
+            group_rebalance_seconds,
         }
+    }
+
+    /// Counts consumer-group rebalances started.
+    pub(crate) fn group_rebalances(&self, n: u64) {
+        self.group_rebalances.inc_by(n);
+    }
+
+    /// Records how long a group took to become stable again.
+    pub(crate) fn group_rebalance_done(&self, took: std::time::Duration) {
+        self.group_rebalance_seconds.observe(took.as_secs_f64());
     }
 
     /// The counter of connections closed for idleness (shared with the accept loop).

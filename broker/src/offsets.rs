@@ -12,6 +12,12 @@
 //!                or null: a tombstone, the partition's committed offset was deleted
 //! ```
 //!
+//! Group membership (`groups/`) keeps each group's coordinator state in the same topic, one
+//! record per change under the key `\x01group\0<group>` (a key no offset record can have:
+//! group names are printable) with a JSON snapshot as value; replay keeps the latest per group
+//! and hands them to `groups` ([`OffsetStore::take_group_states`]). Fenced commits run their
+//! ownership check through [`OffsetStore::commit_with`], under the same lock as the append.
+//!
 //! Deleting a group (`DeleteGroup`) appends one batch holding a tombstone per deleted key,
 //! durably, then removes the keys from the map; replay removes a key at its tombstone, so a
 //! deletion survives restart exactly like a commit, and a later commit brings the key back.
@@ -33,6 +39,8 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 pub(crate) const MAX_GROUP_NAME: usize = 249;
 /// Longest commit metadata.
 pub(crate) const MAX_METADATA: usize = 4096;
+/// Key prefix of group-membership state records.
+pub(crate) const GROUP_STATE_PREFIX: &[u8] = b"\x01group\0";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Value {
@@ -48,6 +56,8 @@ type Key = (String, String, u32);
 pub(crate) struct OffsetStore {
     log: Arc<Log>,
     map: Mutex<BTreeMap<Key, Value>>,
+    /// Latest group-membership state record per group, until `groups` takes them.
+    group_states: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 fn encode_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
@@ -69,6 +79,7 @@ impl OffsetStore {
         }
         let p = log.partition(OFFSETS_TOPIC, 0)?;
         let mut map = BTreeMap::new();
+        let mut group_states = BTreeMap::new();
         let mut offset = p.log_start_offset();
         loop {
             let r = p.read(offset, 4 << 20)?;
@@ -79,6 +90,18 @@ impl OffsetStore {
                 let batch = batch?;
                 for rec in batch.records(limits)? {
                     let rec = rec?;
+                    if let Some(group) = rec
+                        .key
+                        .as_deref()
+                        .and_then(|k| k.strip_prefix(GROUP_STATE_PREFIX))
+                    {
+                        let group = String::from_utf8_lossy(group).into_owned();
+                        match rec.value.as_deref() {
+                            Some(v) => group_states.insert(group, v.to_vec()),
+                            None => group_states.remove(&group),
+                        };
+                        continue;
+                    }
                     let Some(key) = rec.key.as_deref().and_then(decode_key) else {
                         tracing::warn!(
                             offset = rec.offset,
@@ -109,7 +132,32 @@ impl OffsetStore {
         Ok(OffsetStore {
             log,
             map: Mutex::new(map),
+            group_states: Mutex::new(group_states),
         })
+    }
+
+    /// The group-membership state records found at start (latest per group); empty after
+    /// the first call.
+    pub(crate) fn take_group_states(&self) -> BTreeMap<String, Vec<u8>> {
+        std::mem::take(&mut *self.group_states.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Durably appends `group`'s membership state (`None`: a tombstone). Blocking.
+    pub(crate) fn append_group_state(
+        &self,
+        group: &str,
+        state: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Result<(), BrokerError> {
+        let mut key = GROUP_STATE_PREFIX.to_vec();
+        key.extend_from_slice(group.as_bytes());
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(now_ms, Some(&key), state, &[]);
+        let batch = b.finish()?;
+        let p = self.log.partition(OFFSETS_TOPIC, 0)?;
+        let info = p.append_nowait(&batch)?;
+        p.wait_durable(info.last_offset + 1)?;
+        Ok(())
     }
 
     /// Durably commits `offsets` for `group` (all or nothing: one batch). Blocking.
@@ -118,6 +166,19 @@ impl OffsetStore {
         group: &str,
         offsets: &[v1::OffsetCommit],
         now_ms: i64,
+    ) -> Result<(), BrokerError> {
+        self.commit_with(group, offsets, now_ms, || Ok(()))
+    }
+
+    /// [`OffsetStore::commit`] that first runs `fence` under the store's lock: nothing is
+    /// written if it refuses, and no other commit, deletion or fetch can come between its
+    /// check and the append. Blocking.
+    pub(crate) fn commit_with(
+        &self,
+        group: &str,
+        offsets: &[v1::OffsetCommit],
+        now_ms: i64,
+        fence: impl FnOnce() -> Result<(), BrokerError>,
     ) -> Result<(), BrokerError> {
         validate_group(group)?;
         if offsets.is_empty() {
@@ -148,6 +209,7 @@ impl OffsetStore {
         let batch = b.finish()?;
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        fence()?;
         let info = p.append_nowait(&batch)?;
         p.wait_durable(info.last_offset + 1)?;
         for c in offsets {
@@ -169,11 +231,23 @@ impl OffsetStore {
     ///
     /// The batch must fit the internal topic's `max_message_bytes` (8 MiB by default: tens of
     /// thousands of partitions); a larger one is refused whole (`TOO_LARGE`), nothing deleted.
+    #[cfg(test)]
     pub(crate) fn delete_group(
         &self,
         group: &str,
         topics: &[String],
         now_ms: i64,
+    ) -> Result<u32, BrokerError> {
+        self.delete_group_with(group, topics, now_ms, || Ok(()))
+    }
+
+    /// [`OffsetStore::delete_group`] that first runs `fence` under the store's lock.
+    pub(crate) fn delete_group_with(
+        &self,
+        group: &str,
+        topics: &[String],
+        now_ms: i64,
+        fence: impl FnOnce() -> Result<(), BrokerError>,
     ) -> Result<u32, BrokerError> {
         validate_group(group)?;
         let only: BTreeSet<&str> = topics.iter().map(String::as_str).collect();
@@ -181,6 +255,7 @@ impl OffsetStore {
         // Held from choosing the keys until the map is updated: commits and deletions reach
         // the map in log order.
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        fence()?;
         let keys: Vec<Key> = map
             .range((group.to_owned(), String::new(), 0)..)
             .take_while(|((g, _, _), _)| g == group)
@@ -286,7 +361,7 @@ impl OffsetStore {
     }
 }
 
-fn validate_group(group: &str) -> Result<(), BrokerError> {
+pub(crate) fn validate_group(group: &str) -> Result<(), BrokerError> {
     if group.is_empty() || group.len() > MAX_GROUP_NAME || group.chars().any(|c| c.is_control()) {
         return Err(BrokerError::InvalidRequest(format!(
             "group name must be 1 to {MAX_GROUP_NAME} printable characters"

@@ -23,6 +23,7 @@ use spool_log_engine::Limits;
 use spool_proto::v1;
 use spool_proto::v1::admin_service_client::AdminServiceClient;
 use spool_proto::v1::consume_service_client::ConsumeServiceClient;
+use spool_proto::v1::group_service_client::GroupServiceClient;
 use spool_proto::v1::offset_service_client::OffsetServiceClient;
 use spool_proto::v1::produce_service_client::ProduceServiceClient;
 use tonic::metadata::AsciiMetadataValue;
@@ -444,7 +445,14 @@ impl Client {
             .max_encoding_message_size(max)
     }
 
-    fn offset_stub(&self) -> OffsetServiceClient<Channel> {
+    pub(crate) fn group_stub(&self) -> GroupServiceClient<Channel> {
+        let max = self.inner.options.max_message_bytes;
+        GroupServiceClient::new(self.inner.channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    pub(crate) fn offset_stub(&self) -> OffsetServiceClient<Channel> {
         let max = self.inner.options.max_message_bytes;
         OffsetServiceClient::new(self.inner.channel.clone())
             .max_decoding_message_size(max)
@@ -754,6 +762,7 @@ impl Client {
                         metadata: c.metadata.clone(),
                     })
                     .collect(),
+                ..Default::default()
             },
             t,
         );

@@ -232,6 +232,36 @@ pub enum Error {
         /// Partition number.
         partition: u32,
     },
+    /// The member id is not (or no longer) a member of the group: it left, its session or
+    /// rebalance timeout expired, or a newer member joined with its instance id. Its commits
+    /// are refused; a [`crate::GroupConsumer`] rejoins by itself.
+    #[error("fenced member of group {group:?}: {message}")]
+    FencedMember {
+        /// Group name (empty if the broker did not say).
+        group: String,
+        /// Broker's message.
+        message: String,
+    },
+    /// A fenced commit named a partition the member does not own in the generation it gave
+    /// (revoked since, or granted again later). Nothing was committed.
+    #[error("illegal generation for {topic}/{partition}: {message}")]
+    IllegalGeneration {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+        /// Broker's message.
+        message: String,
+    },
+    /// The group has live members: offsets cannot be committed or deleted without a member id
+    /// and generation.
+    #[error("group {group:?} has live members: {message}")]
+    GroupNotEmpty {
+        /// Group name.
+        group: String,
+        /// Broker's message.
+        message: String,
+    },
     /// An idempotent producer's batch carried an older epoch than the partition has seen from
     /// its producer id (a zombie). Nothing was written.
     #[error("producer fenced on {topic}/{partition}: {message}")]
@@ -287,6 +317,9 @@ impl Error {
             Error::InvalidRequest { .. } | Error::TopicExists { .. } => ErrorCode::InvalidRequest,
             Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,
             Error::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+            Error::FencedMember { .. } => ErrorCode::FencedMember,
+            Error::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
+            Error::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
             Error::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
             Error::NotAuthorized { .. } => return ErrorCode::from_str_name(NOT_AUTHORIZED),
             _ => return None,
@@ -431,6 +464,19 @@ fn from_code(
         ErrorCode::Internal => Error::Internal { message },
         ErrorCode::InvalidRequest => Error::InvalidRequest { message },
         ErrorCode::ShuttingDown => Error::ShuttingDown { message },
+        ErrorCode::FencedMember => Error::FencedMember {
+            group: group.unwrap_or_default().to_owned(),
+            message,
+        },
+        ErrorCode::IllegalGeneration => Error::IllegalGeneration {
+            topic: topic_s(),
+            partition: partition.unwrap_or_default(),
+            message,
+        },
+        ErrorCode::GroupNotEmpty => Error::GroupNotEmpty {
+            group: group.unwrap_or_default().to_owned(),
+            message,
+        },
         ErrorCode::ProducerFenced => Error::ProducerFenced {
             topic: topic_s(),
             partition: partition.unwrap_or_default(),
@@ -607,5 +653,39 @@ mod tests {
             ..pe
         };
         assert!(Error::from_partition_error("t", 1, None, &pe).is_retriable());
+    }
+
+    #[test]
+    fn group_coordination_errors() {
+        let e = Error::from_status(&status(
+            Code::FailedPrecondition,
+            ErrorCode::FencedMember,
+            &[("group", "g"), ("member_id", "m-1")],
+        ));
+        assert!(
+            matches!(&e, Error::FencedMember { group, .. } if group == "g"),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), Some(ErrorCode::FencedMember));
+        assert!(!e.is_retriable());
+        let e = Error::from_status(&status(
+            Code::FailedPrecondition,
+            ErrorCode::IllegalGeneration,
+            &[("group", "g"), ("topic", "t"), ("partition", "2")],
+        ));
+        assert!(
+            matches!(&e, Error::IllegalGeneration { topic, partition: 2, .. } if topic == "t"),
+            "{e:?}"
+        );
+        let e = Error::from_status(&status(
+            Code::FailedPrecondition,
+            ErrorCode::GroupNotEmpty,
+            &[("group", "g")],
+        ));
+        assert!(
+            matches!(&e, Error::GroupNotEmpty { group, .. } if group == "g"),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), Some(ErrorCode::GroupNotEmpty));
     }
 }

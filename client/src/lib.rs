@@ -55,6 +55,7 @@ pub mod client;
 pub mod consumer;
 mod decode;
 pub mod error;
+pub mod group;
 pub mod partitioner;
 pub mod producer;
 mod retry;
@@ -66,6 +67,9 @@ pub use client::{
 };
 pub use consumer::{Consumer, ConsumerConfig, OffsetReset};
 pub use error::{Error, OutOfRange, Result};
+pub use group::{
+    AssignmentStrategy, GroupConfig, GroupConsumer, GroupDescription, GroupState, MemberDescription,
+};
 pub use producer::{Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerStats};
 pub use retry::Backoff;
 /// The wire types, for calls this crate does not wrap.

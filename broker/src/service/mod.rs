@@ -2,11 +2,13 @@
 
 mod admin;
 mod consume;
+mod groups;
 mod offsets;
 mod produce;
 
 pub(crate) use admin::Admin;
 pub(crate) use consume::Consume;
+pub(crate) use groups::Groups;
 pub(crate) use offsets::Offsets;
 pub(crate) use produce::Produce;
 

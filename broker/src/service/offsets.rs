@@ -39,8 +39,30 @@ impl OffsetService for Offsets {
             for c in &req.offsets {
                 who.require(Action::Consume, &c.topic)?;
             }
+            if !req.member_id.is_empty() {
+                // Fenced: checked and appended by the group's coordinator.
+                crate::offsets::validate_group(&req.group)?;
+                let groups = self.state.groups.clone();
+                groups
+                    .commit(
+                        &req.group,
+                        req.member_id,
+                        req.generation,
+                        req.offsets,
+                        now_ms(),
+                    )
+                    .await?;
+                return Ok(Response::new(v1::CommitOffsetsResponse {}));
+            }
             let state = self.state.clone();
-            blocking(move || state.offsets.commit(&req.group, &req.offsets, now_ms())).await??;
+            blocking(move || {
+                state
+                    .offsets
+                    .commit_with(&req.group, &req.offsets, now_ms(), || {
+                        state.groups.require_empty(&req.group, "a plain commit")
+                    })
+            })
+            .await??;
             Ok(Response::new(v1::CommitOffsetsResponse {}))
         })
         .await
@@ -98,7 +120,9 @@ impl OffsetService for Offsets {
             let partitions_deleted = blocking(move || {
                 state
                     .offsets
-                    .delete_group(&req.group, &req.topics, now_ms())
+                    .delete_group_with(&req.group, &req.topics, now_ms(), || {
+                        state.groups.require_empty(&req.group, "deleting offsets")
+                    })
             })
             .await??;
             Ok(Response::new(v1::DeleteGroupResponse {

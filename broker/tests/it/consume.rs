@@ -328,6 +328,7 @@ async fn committed_offsets_survive_restart_and_kill() {
                 metadata: String::new(),
             },
         ],
+        ..Default::default()
     };
     let mut off = b.offsets().await;
     off.commit_offsets(commit(5, "first")).await.unwrap();
@@ -341,6 +342,7 @@ async fn committed_offsets_survive_restart_and_kill() {
                 offset: 1,
                 metadata: String::new(),
             }],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -349,6 +351,7 @@ async fn committed_offsets_survive_restart_and_kill() {
         .commit_offsets(v1::CommitOffsetsRequest {
             group: String::new(),
             offsets: vec![],
+            ..Default::default()
         })
         .await
         .unwrap_err();

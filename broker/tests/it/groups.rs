@@ -32,6 +32,7 @@ fn commit(group: &str, parts: &[(&str, u32, u64)]) -> v1::CommitOffsetsRequest {
                 metadata: String::new(),
             })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -8,6 +8,7 @@ mod durability;
 mod groups;
 mod grpcurl;
 mod idle;
+mod membership;
 mod metrics;
 mod produce;
 mod security;

@@ -73,6 +73,7 @@ async fn metrics_reflect_traffic() {
                 offset: 2,
                 metadata: String::new(),
             }],
+            ..Default::default()
         })
         .await
         .unwrap();

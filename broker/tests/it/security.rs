@@ -175,6 +175,7 @@ async fn tls_tokens_and_acls() {
             offset: 1,
             metadata: String::new(),
         }],
+        ..Default::default()
     };
     off.commit_offsets(commit("deals-matcher", "prices"))
         .await
@@ -294,6 +295,7 @@ async fn group_admin_follows_the_acls() {
             offset: 1,
             metadata: String::new(),
         }],
+        ..Default::default()
     };
     for (group, topic) in [
         ("deals-matcher", "prices"),

@@ -1,0 +1,823 @@
+//! Consumer-group membership: one coordinator task per group with members.
+//!
+//! The protocol and its guarantees are in `coordinator.rs` (the pure state machine) and
+//! docs/protocol.md. This module runs it:
+//!
+//! - **One task per group** owns the group's [`Coordinator`] and handles, one at a time, joins,
+//!   the members' stream messages (heartbeat, ack, leave, stream closed), fenced commits,
+//!   LeaveGroup and DescribeGroup, plus its timers (session and rebalance deadlines, topic
+//!   partition counts every second). Serial handling is what makes fencing exact: a fenced
+//!   commit is checked and appended before the next event (say, the acknowledgement that
+//!   releases the partition) is looked at.
+//! - **Durable before visible**: after an event changed the group, its snapshot is appended
+//!   to `__consumer_offsets` (key `\x01group\0<name>`, fsynced) *before* any member is sent
+//!   the resulting Assignment; so nothing a member was told is forgotten by a restarted
+//!   broker. If that append fails, every member's stream is ended with the error and the group
+//!   goes back to its last durable state (members rejoin).
+//! - **Restart**: the latest snapshot per group is restored with every member disconnected,
+//!   given its session timeout from the restart to rejoin (by member id or instance id) and
+//!   take its partitions back; the others expire.
+//! - A group without members parks its coordinator (keeping its generation) and ends its
+//!   task; an event for it starts a new task.
+//! - Plain commits (no member id) and DeleteGroup are refused while the group has members;
+//!   the member count they check is updated by the task before it answers a join.
+
+pub(crate) mod assign;
+pub(crate) mod coordinator;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spool_log_engine::Log;
+use spool_proto::v1;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+
+use self::coordinator::{
+    Coordinator, Effect, JoinRefusal, JoinSpec, Refusal, Removal, Snapshot, State, Strategy, Tp,
+};
+use crate::blocking;
+use crate::config::GroupsConfig;
+use crate::error::BrokerError;
+use crate::metrics::Metrics;
+use crate::offsets::OffsetStore;
+
+/// Messages queued towards one member's stream (then HTTP/2 flow control).
+pub(crate) const STREAM_CAPACITY: usize = 64;
+/// Events queued towards one group's task.
+const EVENTS_CAPACITY: usize = 1024;
+/// How often a group re-reads its topics' partition counts.
+const METADATA_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The sending half of a member's response stream.
+pub(crate) type MemberTx = mpsc::Sender<Result<v1::MembershipResponse, Status>>;
+
+/// A validated join.
+#[derive(Debug)]
+pub(crate) struct JoinArgs {
+    pub(crate) group: String,
+    pub(crate) topics: BTreeSet<String>,
+    pub(crate) instance: Option<String>,
+    pub(crate) previous_id: Option<String>,
+    pub(crate) strategy: Option<Strategy>,
+    pub(crate) session_ms: u64,
+    pub(crate) rebalance_ms: u64,
+}
+
+/// Something a member said on its stream.
+#[derive(Debug)]
+pub(crate) enum MemberEvent {
+    Heartbeat,
+    Ack(u64),
+    Leave,
+    Closed,
+}
+
+#[derive(Debug)]
+enum Event {
+    Join {
+        args: JoinArgs,
+        out: MemberTx,
+        reply: oneshot::Sender<Result<String, BrokerError>>,
+    },
+    Member {
+        member: String,
+        event: MemberEvent,
+    },
+    Commit {
+        member: String,
+        generation: u64,
+        offsets: Vec<v1::OffsetCommit>,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    LeaveBy {
+        member: Option<String>,
+        instance: Option<String>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Describe {
+        reply: oneshot::Sender<v1::DescribeGroupResponse>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// The running task's queue.
+    tx: Option<mpsc::Sender<Event>>,
+    /// A coordinator without a task (no members, or restored and not started yet).
+    parked: Option<Coordinator>,
+    /// Members right now (read by plain commits and DeleteGroup).
+    members: Arc<AtomicUsize>,
+}
+
+/// Every group's membership.
+#[derive(Debug)]
+pub(crate) struct Groups {
+    log: Arc<Log>,
+    offsets: Arc<OffsetStore>,
+    metrics: Arc<Metrics>,
+    cfg: GroupsConfig,
+    shutdown: watch::Receiver<bool>,
+    clock: Instant,
+    registry: Mutex<HashMap<String, Entry>>,
+    ids: AtomicU64,
+    seed: std::collections::hash_map::RandomState,
+}
+
+impl Groups {
+    /// Restores the groups whose state `offsets` found in the log. Blocking-free.
+    pub(crate) fn open(
+        log: Arc<Log>,
+        offsets: Arc<OffsetStore>,
+        metrics: Arc<Metrics>,
+        cfg: GroupsConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Groups {
+        let groups = Groups {
+            log,
+            offsets,
+            metrics,
+            cfg,
+            shutdown,
+            clock: Instant::now(),
+            registry: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(0),
+            seed: std::collections::hash_map::RandomState::new(),
+        };
+        let now = groups.now();
+        let mut registry = groups.lock();
+        for (name, bytes) in groups.offsets.take_group_states() {
+            match serde_json::from_slice::<Snapshot>(&bytes) {
+                Ok(snap) => {
+                    let c = Coordinator::restore(snap, groups.cfg.max_members, now);
+                    tracing::info!(
+                        group = name,
+                        members = c.member_count(),
+                        generation = c.generation(),
+                        "restored consumer group"
+                    );
+                    let entry = registry.entry(name).or_default();
+                    entry.members.store(c.member_count(), Ordering::SeqCst);
+                    entry.parked = Some(c);
+                }
+                Err(e) => {
+                    tracing::warn!(group = name, error = %e, "skipping malformed group state record");
+                }
+            }
+        }
+        drop(registry);
+        groups
+    }
+
+    /// Starts the tasks of restored groups with members (their sessions are running).
+    pub(crate) fn start(self: &Arc<Self>) {
+        let names: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.parked.as_ref().is_some_and(|c| c.member_count() > 0))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in names {
+            let _ = self.sender(&n);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Milliseconds on the coordinators' monotonic clock.
+    fn now(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn new_member_id(&self) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.seed.build_hasher();
+        h.write_u64(n);
+        h.write_u128(self.clock.elapsed().as_nanos());
+        format!("m-{:016x}-{n}", h.finish())
+    }
+
+    /// Members the group has now (0 for an unknown group).
+    pub(crate) fn member_count(&self, group: &str) -> usize {
+        self.lock()
+            .get(group)
+            .map_or(0, |e| e.members.load(Ordering::SeqCst))
+    }
+
+    /// Refuses a plain offset change (`what`) while `group` has members.
+    pub(crate) fn require_empty(&self, group: &str, what: &'static str) -> Result<(), BrokerError> {
+        match self.member_count(group) {
+            0 => Ok(()),
+            members => Err(BrokerError::GroupNotEmpty {
+                group: group.to_owned(),
+                members,
+                what,
+            }),
+        }
+    }
+
+    /// The group's task queue, starting the task if needed.
+    fn sender(self: &Arc<Self>, group: &str) -> mpsc::Sender<Event> {
+        let mut registry = self.lock();
+        let entry = registry.entry(group.to_owned()).or_default();
+        if let Some(tx) = entry.tx.as_ref().filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(EVENTS_CAPACITY);
+        entry.tx = Some(tx.clone());
+        let coord = entry
+            .parked
+            .take()
+            .unwrap_or_else(|| Coordinator::new(self.cfg.max_members));
+        let task = Task {
+            groups: self.clone(),
+            name: group.to_owned(),
+            persisted: coord.snapshot(),
+            coord,
+            rx,
+            streams: HashMap::new(),
+            members: entry.members.clone(),
+            rebalance_started: None,
+            rebalances_seen: 0,
+        };
+        tokio::spawn(task.run());
+        tx
+    }
+
+    /// Sends an event to the group's task, restarting the task if it ended meanwhile.
+    async fn send(self: &Arc<Self>, group: &str, mut event: Event) -> Result<(), Status> {
+        for _ in 0..3 {
+            match self.sender(group).send(event).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => event = back,
+            }
+        }
+        Err(BrokerError::ShuttingDown.into())
+    }
+
+    /// Joins; on success the member's Joined and first Assignment are queued on `out`.
+    pub(crate) async fn join(
+        self: &Arc<Self>,
+        args: JoinArgs,
+        out: MemberTx,
+    ) -> Result<String, Status> {
+        let (reply, rx) = oneshot::channel();
+        let group = args.group.clone();
+        self.send(&group, Event::Join { args, out, reply }).await?;
+        Ok(rx.await.map_err(|_| BrokerError::ShuttingDown)??)
+    }
+
+    /// Forwards what a member said on its stream.
+    pub(crate) async fn member_event(
+        self: &Arc<Self>,
+        group: &str,
+        member: &str,
+        event: MemberEvent,
+    ) {
+        let _ = self
+            .send(
+                group,
+                Event::Member {
+                    member: member.to_owned(),
+                    event,
+                },
+            )
+            .await;
+    }
+
+    /// A fenced commit.
+    pub(crate) async fn commit(
+        self: &Arc<Self>,
+        group: &str,
+        member: String,
+        generation: u64,
+        offsets: Vec<v1::OffsetCommit>,
+        now_ms: i64,
+    ) -> Result<(), Status> {
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            group,
+            Event::Commit {
+                member,
+                generation,
+                offsets,
+                now_ms,
+                reply,
+            },
+        )
+        .await?;
+        Ok(rx.await.map_err(|_| BrokerError::ShuttingDown)??)
+    }
+
+    /// LeaveGroup.
+    pub(crate) async fn leave(
+        self: &Arc<Self>,
+        group: &str,
+        member: Option<String>,
+        instance: Option<String>,
+    ) -> Result<(), Status> {
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            group,
+            Event::LeaveBy {
+                member,
+                instance,
+                reply,
+            },
+        )
+        .await?;
+        Ok(rx.await.map_err(|_| BrokerError::ShuttingDown)??)
+    }
+
+    /// DescribeGroup.
+    pub(crate) async fn describe(
+        self: &Arc<Self>,
+        group: &str,
+    ) -> Result<v1::DescribeGroupResponse, Status> {
+        {
+            let registry = self.lock();
+            match registry.get(group) {
+                None => return Ok(describe(group, &Coordinator::new(0), self.now())),
+                Some(e) if e.tx.is_none() => {
+                    if let Some(c) = &e.parked {
+                        return Ok(describe(group, c, self.now()));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(group, Event::Describe { reply }).await?;
+        rx.await.map_err(|_| BrokerError::ShuttingDown.into())
+    }
+
+    /// Partition counts of `topics` (absent: the topic does not exist).
+    fn partition_counts(&self, topics: &BTreeSet<String>) -> BTreeMap<String, u32> {
+        topics
+            .iter()
+            .filter_map(|t| {
+                let n = self.log.partitions(t).ok()?.len();
+                Some((t.clone(), u32::try_from(n).unwrap_or(u32::MAX)))
+            })
+            .collect()
+    }
+}
+
+fn strategy_to_wire(s: Option<Strategy>) -> v1::AssignmentStrategy {
+    match s {
+        None => v1::AssignmentStrategy::Unspecified,
+        Some(Strategy::Range) => v1::AssignmentStrategy::Range,
+        Some(Strategy::RoundRobin) => v1::AssignmentStrategy::RoundRobin,
+        Some(Strategy::Sticky) => v1::AssignmentStrategy::Sticky,
+    }
+}
+
+/// The wire form of a strategy.
+pub(crate) fn strategy_from_wire(s: v1::AssignmentStrategy) -> Option<Strategy> {
+    match s {
+        v1::AssignmentStrategy::Unspecified => None,
+        v1::AssignmentStrategy::Range => Some(Strategy::Range),
+        v1::AssignmentStrategy::RoundRobin => Some(Strategy::RoundRobin),
+        v1::AssignmentStrategy::Sticky => Some(Strategy::Sticky),
+    }
+}
+
+fn tps(v: impl IntoIterator<Item = Tp>) -> Vec<v1::TopicPartition> {
+    v.into_iter()
+        .map(|(topic, partition)| v1::TopicPartition { topic, partition })
+        .collect()
+}
+
+fn describe(group: &str, c: &Coordinator, now: u64) -> v1::DescribeGroupResponse {
+    let state = match c.state() {
+        State::Empty => v1::GroupState::Empty,
+        State::Rebalancing => v1::GroupState::Rebalancing,
+        State::Stable => v1::GroupState::Stable,
+    };
+    v1::DescribeGroupResponse {
+        group: group.to_owned(),
+        state: state as i32,
+        generation: c.generation(),
+        strategy: strategy_to_wire(c.strategy()) as i32,
+        members: c
+            .members()
+            .map(|m| v1::MemberDescription {
+                member_id: m.id.clone(),
+                instance_id: m.instance.clone(),
+                topics: m.topics.iter().cloned().collect(),
+                partitions: tps(m.told.iter().cloned()),
+                revoking: tps(m.revoking.keys().cloned()),
+                generation: m.generation,
+                acked_generation: m.acked,
+                connected: m.connected,
+                session_timeout_ms: u32::try_from(m.session_ms).unwrap_or(u32::MAX),
+                last_heard_ms_ago: now.saturating_sub(m.last_heard),
+            })
+            .collect(),
+        unassigned: tps(c.unassigned()),
+    }
+}
+
+/// One group's task.
+struct Task {
+    groups: Arc<Groups>,
+    name: String,
+    coord: Coordinator,
+    /// The last snapshot made durable.
+    persisted: Snapshot,
+    rx: mpsc::Receiver<Event>,
+    streams: HashMap<String, MemberTx>,
+    members: Arc<AtomicUsize>,
+    rebalance_started: Option<Instant>,
+    rebalances_seen: u64,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut shutdown = self.groups.shutdown.clone();
+        let mut metadata = tokio::time::interval(METADATA_INTERVAL);
+        metadata.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
+                self.shut_down();
+                return;
+            }
+            let deadline = self.coord.next_deadline().map(|d| {
+                let wait = d.saturating_sub(self.groups.now());
+                tokio::time::Instant::now() + Duration::from_millis(wait)
+            });
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.changed() => continue,
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => self.handle(ev).await,
+                    None => return,
+                },
+                () = sleep_until(deadline) => {
+                    // Look at what already arrived (heartbeats) before expiring anyone.
+                    let mut r = Ok(());
+                    while r.is_ok() {
+                        match self.rx.try_recv() {
+                            Ok(ev) => r = self.handle(ev).await,
+                            Err(_) => break,
+                        }
+                    }
+                    match r {
+                        Ok(()) => {
+                            let effects = self.coord.tick(self.groups.now());
+                            self.commit_effects(effects).await
+                        }
+                        e => e,
+                    }
+                }
+                _ = metadata.tick() => {
+                    let counts = self.groups.partition_counts(&self.coord.topics());
+                    let effects = self.coord.set_partitions(self.groups.now(), counts);
+                    self.commit_effects(effects).await
+                }
+            };
+            if let Err(e) = result {
+                self.fail(e);
+                return;
+            }
+            self.after_event();
+            if self.coord.member_count() == 0 && self.park() {
+                return;
+            }
+        }
+    }
+
+    /// Updates the shared member count and the rebalance metrics.
+    fn after_event(&mut self) {
+        self.members
+            .store(self.coord.member_count(), Ordering::SeqCst);
+        let started = self.coord.rebalances();
+        if started > self.rebalances_seen {
+            self.groups
+                .metrics
+                .group_rebalances(started - self.rebalances_seen);
+            self.rebalances_seen = started;
+        }
+        match (self.coord.state(), self.rebalance_started) {
+            (State::Rebalancing, None) => self.rebalance_started = Some(Instant::now()),
+            (State::Stable | State::Empty, Some(t)) => {
+                self.groups.metrics.group_rebalance_done(t.elapsed());
+                self.rebalance_started = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Ends the task if no event is waiting: the coordinator goes back to the registry.
+    fn park(&mut self) -> bool {
+        let mut registry = self.groups.lock();
+        if !self.rx.is_empty() {
+            return false;
+        }
+        self.rx.close();
+        let entry = registry.entry(self.name.clone()).or_default();
+        entry.tx = None;
+        entry.parked = Some(std::mem::take(&mut self.coord));
+        entry.members.store(0, Ordering::SeqCst);
+        true
+    }
+
+    fn shut_down(&mut self) {
+        for (_, tx) in self.streams.drain() {
+            let _ = tx.try_send(Err(BrokerError::ShuttingDown.into()));
+        }
+    }
+
+    /// A durable append failed: end every stream with the error and go back to the last
+    /// durable state (members rejoin and take their partitions back).
+    fn fail(&mut self, e: BrokerError) {
+        tracing::error!(group = self.name, error = %e, "persisting group state failed; resetting the group to its last durable state");
+        let status: Status = e.into();
+        for (_, tx) in self.streams.drain() {
+            let _ = tx.try_send(Err(status.clone()));
+        }
+        let mut registry = self.groups.lock();
+        self.rx.close();
+        let restored = Coordinator::restore(
+            self.persisted.clone(),
+            self.groups.cfg.max_members,
+            self.groups.now(),
+        );
+        let entry = registry.entry(self.name.clone()).or_default();
+        entry
+            .members
+            .store(restored.member_count(), Ordering::SeqCst);
+        entry.tx = None;
+        entry.parked = Some(restored);
+        drop(registry);
+        // Events already queued get their replies dropped (callers see SHUTTING_DOWN-like
+        // errors and retry).
+    }
+
+    /// Makes the new state durable (if it changed), then delivers the effects.
+    async fn commit_effects(&mut self, effects: Vec<Effect>) -> Result<(), BrokerError> {
+        self.persist().await?;
+        self.deliver(effects);
+        Ok(())
+    }
+
+    async fn persist(&mut self) -> Result<(), BrokerError> {
+        let snap = self.coord.snapshot();
+        if snap == self.persisted {
+            return Ok(());
+        }
+        let json =
+            serde_json::to_vec(&snap).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let offsets = self.groups.offsets.clone();
+        let name = self.name.clone();
+        blocking(move || offsets.append_group_state(&name, Some(&json), crate::service::now_ms()))
+            .await
+            .map_err(|s| BrokerError::InvalidRequest(s.message().to_owned()))??;
+        self.persisted = snap;
+        Ok(())
+    }
+
+    fn deliver(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Assign {
+                    member,
+                    generation,
+                    partitions,
+                } => {
+                    let Some(tx) = self.streams.get(&member) else {
+                        continue;
+                    };
+                    let msg = v1::MembershipResponse {
+                        response: Some(v1::membership_response::Response::Assignment(
+                            v1::Assignment {
+                                generation,
+                                partitions: tps(partitions),
+                            },
+                        )),
+                    };
+                    if tx.try_send(Ok(msg)).is_err() {
+                        // Not reading its stream (or gone): end the stream; the reader reports
+                        // it closed and the member leaves (dynamic) or disconnects (static).
+                        tracing::warn!(
+                            group = self.name,
+                            member,
+                            "member stream full or closed; ending it"
+                        );
+                        self.streams.remove(&member);
+                    }
+                }
+                Effect::Remove { member, why } => {
+                    let Some(tx) = self.streams.remove(&member) else {
+                        continue;
+                    };
+                    let reason = match why {
+                        Removal::Left => continue, // dropping the sender ends the stream (OK)
+                        Removal::SessionExpired => "session expired",
+                        Removal::RebalanceTimeout => {
+                            "revocation not acknowledged within the rebalance timeout"
+                        }
+                        Removal::Replaced => {
+                            "a newer member joined with the same instance or member id"
+                        }
+                    };
+                    tracing::info!(group = self.name, member, reason, "member removed");
+                    let e = BrokerError::FencedMember {
+                        group: self.name.clone(),
+                        member,
+                        reason: reason.to_owned(),
+                    };
+                    let _ = tx.try_send(Err(e.into()));
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, ev: Event) -> Result<(), BrokerError> {
+        let now = self.groups.now();
+        match ev {
+            Event::Join { args, out, reply } => {
+                let mut topics = self.coord.topics();
+                topics.extend(args.topics.iter().cloned());
+                let counts = self.groups.partition_counts(&topics);
+                if let Some(missing) = args.topics.iter().find(|t| !counts.contains_key(*t)) {
+                    let _ = reply
+                        .send(Err(
+                            spool_log_engine::Error::TopicNotFound(missing.clone()).into()
+                        ));
+                    return Ok(());
+                }
+                let mut effects = self.coord.set_partitions(now, counts);
+                let id = self.groups.new_member_id();
+                let spec = JoinSpec {
+                    new_id: id.clone(),
+                    instance: args.instance,
+                    previous_id: args.previous_id,
+                    topics: args.topics,
+                    strategy: args.strategy,
+                    session_ms: args.session_ms,
+                    rebalance_ms: args.rebalance_ms,
+                };
+                match self.coord.join(now, spec) {
+                    Ok(more) => effects.extend(more),
+                    Err(refusal) => {
+                        let msg = match refusal {
+                            JoinRefusal::StrategyMismatch { group, asked } => format!(
+                                "group {:?} uses the {group:?} strategy; this member asked for {asked:?}",
+                                self.name
+                            ),
+                            JoinRefusal::TooManyMembers(n) => {
+                                format!("group {:?} has its maximum of {n} members", self.name)
+                            }
+                        };
+                        let _ = reply.send(Err(BrokerError::InvalidRequest(msg)));
+                        // set_partitions may have changed something: keep going.
+                        return self.commit_effects(effects).await;
+                    }
+                }
+                if let Err(e) = self.persist().await {
+                    let _ = reply.send(Err(BrokerError::ShuttingDown));
+                    return Err(e);
+                }
+                let m = self.coord.member(&id).expect("joined");
+                let joined = v1::MembershipResponse {
+                    response: Some(v1::membership_response::Response::Joined(v1::Joined {
+                        member_id: id.clone(),
+                        session_timeout_ms: u32::try_from(m.session_ms).unwrap_or(u32::MAX),
+                        rebalance_timeout_ms: u32::try_from(m.rebalance_ms).unwrap_or(u32::MAX),
+                        heartbeat_interval_ms: u32::try_from(m.session_ms / 3).unwrap_or(u32::MAX),
+                        strategy: strategy_to_wire(self.coord.strategy()) as i32,
+                    })),
+                };
+                let _ = out.try_send(Ok(joined));
+                self.streams.insert(id.clone(), out);
+                self.deliver(effects);
+                self.members
+                    .store(self.coord.member_count(), Ordering::SeqCst);
+                let _ = reply.send(Ok(id));
+                Ok(())
+            }
+            Event::Member { member, event } => match event {
+                MemberEvent::Heartbeat => {
+                    if self.coord.heard(now, &member)
+                        && let Some(tx) = self.streams.get(&member)
+                    {
+                        let _ = tx.try_send(Ok(v1::MembershipResponse {
+                            response: Some(v1::membership_response::Response::Heartbeat(
+                                v1::GroupHeartbeat {},
+                            )),
+                        }));
+                    }
+                    Ok(())
+                }
+                MemberEvent::Ack(generation) => {
+                    let effects = self.coord.ack(now, &member, generation);
+                    self.commit_effects(effects).await
+                }
+                MemberEvent::Leave => {
+                    let effects = self.coord.leave(now, &member);
+                    self.streams.remove(&member);
+                    self.commit_effects(effects).await
+                }
+                MemberEvent::Closed => {
+                    // Only if this stream is still the member's (a replaced one is gone).
+                    if self.streams.remove(&member).is_none() {
+                        return Ok(());
+                    }
+                    let effects = self.coord.disconnected(now, &member);
+                    self.commit_effects(effects).await
+                }
+            },
+            Event::Commit {
+                member,
+                generation,
+                offsets,
+                now_ms,
+                reply,
+            } => {
+                let wanted: Vec<Tp> = offsets
+                    .iter()
+                    .map(|c| (c.topic.clone(), c.partition))
+                    .collect();
+                let checked = match self.coord.check_commit(&member, generation, wanted.iter()) {
+                    Ok(()) => Ok(()),
+                    Err(Refusal::UnknownMember) => Err(BrokerError::FencedMember {
+                        group: self.name.clone(),
+                        member: member.clone(),
+                        reason: String::new(),
+                    }),
+                    Err(Refusal::IllegalGeneration { tp, reason }) => {
+                        Err(BrokerError::IllegalGeneration {
+                            group: self.name.clone(),
+                            member: member.clone(),
+                            topic: tp.0,
+                            partition: tp.1,
+                            reason,
+                        })
+                    }
+                };
+                let result = match checked {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        // Appended before the next event is handled: nothing can release the
+                        // partitions between the check and the append.
+                        let offsets_store = self.groups.offsets.clone();
+                        let group = self.name.clone();
+                        match blocking(move || offsets_store.commit(&group, &offsets, now_ms)).await
+                        {
+                            Ok(r) => r,
+                            Err(s) => Err(BrokerError::InvalidRequest(s.message().to_owned())),
+                        }
+                    }
+                };
+                let _ = reply.send(result);
+                Ok(())
+            }
+            Event::LeaveBy {
+                member,
+                instance,
+                reply,
+            } => {
+                let id = member.or_else(|| {
+                    instance
+                        .as_deref()
+                        .and_then(|i| self.coord.by_instance(i))
+                        .map(str::to_owned)
+                });
+                let Some(id) = id.filter(|id| self.coord.member(id).is_some()) else {
+                    let _ = reply.send(Err(BrokerError::FencedMember {
+                        group: self.name.clone(),
+                        member: instance.unwrap_or_default(),
+                        reason: "no such member".into(),
+                    }));
+                    return Ok(());
+                };
+                let effects = self.coord.leave(now, &id);
+                self.streams.remove(&id);
+                let r = self.commit_effects(effects).await;
+                let _ = reply.send(match &r {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(BrokerError::ShuttingDown),
+                });
+                r
+            }
+            Event::Describe { reply } => {
+                let _ = reply.send(describe(&self.name, &self.coord, now));
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
