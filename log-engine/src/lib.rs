@@ -32,6 +32,7 @@
 
 pub mod batch;
 mod checkpoint;
+pub mod compact;
 pub mod config;
 pub mod error;
 mod fsutil;
@@ -48,7 +49,10 @@ mod segment;
 pub mod stats;
 
 pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, Compression, Header, Record};
-pub use config::{CleanupPolicy, Clock, FsyncPolicy, Limits, LogOptions, SystemClock, TopicConfig};
+pub use compact::{CleanReport, Cleaner};
+pub use config::{
+    CleanerOptions, CleanupPolicy, Clock, FsyncPolicy, Limits, LogOptions, SystemClock, TopicConfig,
+};
 pub use error::{Error, Result};
 pub use log::{Log, MAX_TOPIC_NAME, validate_topic_name};
 pub use notify::DataAvailable;

@@ -17,10 +17,12 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::compact::{CleanReport, Cleaner};
 use crate::config::{FsyncPolicy, LogOptions, TopicConfig};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -72,6 +74,11 @@ struct Inner {
     stop: Mutex<bool>,
     stop_cv: Condvar,
     lock: File,
+    /// The log cleaner of compacted topics (its map is allocated on first use).
+    cleaner: Mutex<Cleaner>,
+    /// Set when closing: a running cleaning pass stops at its next batch.
+    cleaner_stop: Arc<AtomicBool>,
+    cleaner_every: Duration,
 }
 
 impl Drop for Inner {
@@ -89,6 +96,7 @@ impl Drop for Inner {
 pub struct Log {
     inner: Arc<Inner>,
     maintenance: Mutex<Option<JoinHandle<()>>>,
+    cleaner: Mutex<Option<JoinHandle<()>>>,
     reports: Vec<(String, u32, RecoveryReport)>,
 }
 
@@ -196,6 +204,8 @@ impl Log {
                 }),
             );
         }
+        let cleaner = Cleaner::new(opts.cleaner.clone());
+        let cleaner_stop = cleaner.stop_flag();
         let inner = Arc::new(Inner {
             root,
             shared,
@@ -205,6 +215,9 @@ impl Log {
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
             lock: lock_file,
+            cleaner: Mutex::new(cleaner),
+            cleaner_stop,
+            cleaner_every: opts.cleaner.check_interval.max(Duration::from_millis(1)),
         });
         let maintenance = opts.background_maintenance.then(|| {
             let inner = inner.clone();
@@ -213,9 +226,17 @@ impl Log {
                 .spawn(move || maintenance_loop(&inner))
                 .expect("spawning the maintenance thread")
         });
+        let cleaner = (opts.background_maintenance && opts.cleaner.enabled).then(|| {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("spool-log-cleaner".into())
+                .spawn(move || cleaner_loop(&inner))
+                .expect("spawning the cleaner thread")
+        });
         Ok(Log {
             inner,
             maintenance: Mutex::new(maintenance),
+            cleaner: Mutex::new(cleaner),
             reports,
         })
     }
@@ -433,6 +454,19 @@ impl Log {
         run_pass(&self.inner, true)
     }
 
+    /// One pass of the log cleaner over every partition of every compacted topic, where due
+    /// (see [`crate::compact`]). The cleaner thread calls this; embedders that turned it off
+    /// call it themselves. Returns what each pass that ran did.
+    pub fn run_cleaner(&self) -> Result<Vec<(String, u32, CleanReport)>> {
+        clean_pass(&self.inner)
+    }
+
+    /// Runs a cleaning pass on one partition now, due or not, with the log's cleaner.
+    pub fn clean_now(&self, topic: &str, partition: u32) -> Result<CleanReport> {
+        let p = self.partition(topic, partition)?;
+        lock(&self.inner.cleaner).clean_now(&p)
+    }
+
     /// Number of sealed segments currently memory-mapped.
     pub fn mapped_segments(&self) -> usize {
         self.inner.shared.maps.len()
@@ -441,8 +475,12 @@ impl Log {
     /// Stops background work, flushes every partition and writes final recovery points.
     pub fn close(&self) -> Result<()> {
         *lock(&self.inner.stop) = true;
+        self.inner.cleaner_stop.store(true, Ordering::Relaxed);
         self.inner.stop_cv.notify_all();
         if let Some(h) = lock(&self.maintenance).take() {
+            h.join().ok();
+        }
+        if let Some(h) = lock(&self.cleaner).take() {
             h.join().ok();
         }
         let mut first_err = None;
@@ -534,5 +572,60 @@ fn maintenance_loop(inner: &Inner) {
         }
         // Errors are logged inside; a poisoned partition stays poisoned until reopened.
         let _ = run_pass(inner, retention);
+    }
+}
+
+/// Partitions of compacted topics.
+fn compacted_partitions(inner: &Inner) -> Vec<Arc<Partition>> {
+    inner
+        .topics
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|t| t.config.cleanup.compacts())
+        .flat_map(|t| t.partitions.iter().cloned())
+        .collect()
+}
+
+fn clean_pass(inner: &Inner) -> Result<Vec<(String, u32, CleanReport)>> {
+    let mut out = Vec::new();
+    let mut first_err = None;
+    for p in compacted_partitions(inner) {
+        if inner.cleaner_stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if p.is_poisoned() {
+            continue;
+        }
+        match lock(&inner.cleaner).clean(&p) {
+            Ok(r) if r.ran => out.push((p.topic().to_owned(), p.id(), r)),
+            Ok(_) => {}
+            Err(Error::Closed) => {}
+            Err(e) => {
+                tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "log cleaner failed");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(out), Err)
+}
+
+fn cleaner_loop(inner: &Inner) {
+    loop {
+        {
+            let stop = lock(&inner.stop);
+            if *stop {
+                return;
+            }
+            let (stop, _) = inner
+                .stop_cv
+                .wait_timeout(stop, inner.cleaner_every)
+                .unwrap_or_else(|p| p.into_inner());
+            if *stop {
+                return;
+            }
+        }
+        // Errors are logged inside; the next round tries again.
+        let _ = clean_pass(inner);
     }
 }

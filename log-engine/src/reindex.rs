@@ -210,6 +210,8 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
         }
     }
     bases.sort_unstable();
+    // Segments below it may have been compacted: offsets may skip (see `crate::compact`).
+    let sparse_below = crate::compact::state::State::read(dir)?.sparse_below;
     let mut out = Vec::with_capacity(bases.len());
     let mut expect_next: Option<u64> = None;
     let mut stopped = false;
@@ -239,7 +241,8 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
             out.push(seg);
             continue;
         }
-        if let Some(n) = expect_next.filter(|&n| n != base) {
+        let gap_ok = i > 0 && bases[i - 1] < sparse_below;
+        if let Some(n) = expect_next.filter(|&n| n > base || (n != base && !gap_ok)) {
             seg.outcome = Outcome::Corrupt {
                 position: 0,
                 offset: Some(n),
@@ -251,7 +254,9 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
         }
         let data = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
         seg.bytes = data.len() as u64;
-        let built = match segment::build_index(&path, &data, base, interval, true) {
+        let found: Vec<(u64, u64)> = bases.iter().map(|&b| (b, 0)).collect();
+        let chain = crate::compact::chain_of(&found, i, sparse_below);
+        let built = match segment::build_index(&path, &data, base, interval, chain, true) {
             Ok(b) => b,
             Err(Error::Corruption {
                 position,
@@ -260,7 +265,7 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
                 ..
             }) => {
                 // Count what is good before the damage, for the report.
-                let w = segment::walk(&data, 0, position, base, true, |_, h| {
+                let w = segment::walk_chain(&data, 0, position, base, chain, true, |_, h| {
                     seg.batches += 1;
                     seg.records += h.records_count.max(0) as u64;
                 });

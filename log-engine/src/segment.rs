@@ -3,18 +3,22 @@
 //! Invariants:
 //! - The file name's 20-digit number is the base offset of the first batch; batches inside
 //!   are contiguous, their offsets dense and increasing.
+//!   After compaction ([`crate::compact`]) a sealed segment is *sparse*: offsets still
+//!   increase, but whole batches (and records inside batches) may be missing; such a segment
+//!   knows it ([`Segment::chain`]) and every offset in it stays below the next segment's base.
 //! - Readers never look past `readable_end`, which the writer publishes (Release) only after the
 //!   bytes below it are complete (and, under `fsync = always`, durable).
 //! - While a segment is active, only the partition writer appends to its file; once sealed,
-//!   the file is never modified again. A retention-deleted segment's files are renamed to
-//!   `*.deleted` and unlinked only when the last mapping of them is dropped.
+//!   the file is never modified again (the cleaner replaces it whole by a new file). A
+//!   retention-deleted or cleaner-replaced segment's files are renamed to `*.deleted` and
+//!   unlinked only when the last mapping of them is dropped.
 //! - Every length taken from the file is checked against the bytes present and against
 //!   [`crate::config::MAX_BATCH_BYTES`] before use.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use bytes::Bytes;
 
@@ -41,20 +45,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Paths of a segment's files; unlinks them on drop once retention marked them deleted.
+/// Paths of a segment's files; unlinks them on drop once retention (or the cleaner) marked
+/// them deleted.
 #[derive(Debug)]
 pub(crate) struct SegmentFiles {
     pub(crate) log: PathBuf,
     pub(crate) index: PathBuf,
     pub(crate) timeindex: PathBuf,
     deleted: AtomicBool,
+    /// What the files were renamed with: `.deleted` (retention) or `.<n>.deleted` (the cleaner,
+    /// whose replacement file takes the same name, so a later replacement must not collide).
+    /// Set before `deleted`.
+    deleted_suffix: OnceLock<String>,
 }
 
-fn deleted_name(p: &Path) -> PathBuf {
+fn deleted_name(p: &Path, suffix: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
-    s.push(".deleted");
+    s.push(suffix);
     PathBuf::from(s)
 }
+
+/// Tells apart the `.deleted` names of successive replaced generations of one segment.
+static REPLACED: AtomicU64 = AtomicU64::new(0);
 
 impl SegmentFiles {
     fn new(dir: &Path, base: u64) -> SegmentFiles {
@@ -63,23 +75,33 @@ impl SegmentFiles {
             index: dir.join(format!("{base:020}.index")),
             timeindex: dir.join(format!("{base:020}.timeindex")),
             deleted: AtomicBool::new(false),
+            deleted_suffix: OnceLock::new(),
+        }
+    }
+
+    /// Where the file `p` (one of the three) is now: renamed once deleted.
+    fn current(&self, p: &Path) -> PathBuf {
+        if self.deleted.load(Ordering::Acquire) {
+            deleted_name(
+                p,
+                self.deleted_suffix.get().map_or(".deleted", String::as_str),
+            )
+        } else {
+            p.to_path_buf()
         }
     }
 
     fn current_log_path(&self) -> PathBuf {
-        if self.deleted.load(Ordering::Acquire) {
-            deleted_name(&self.log)
-        } else {
-            self.log.clone()
-        }
+        self.current(&self.log)
     }
 }
 
 impl Drop for SegmentFiles {
     fn drop(&mut self) {
         if *self.deleted.get_mut() {
+            let suffix = self.deleted_suffix.get().map_or(".deleted", String::as_str);
             for p in [&self.log, &self.index, &self.timeindex] {
-                let d = deleted_name(p);
+                let d = deleted_name(p, suffix);
                 if let Err(e) = fs::remove_file(&d)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {
@@ -174,13 +196,65 @@ pub(crate) struct Walk {
     pub(crate) stopped: Option<(u64, String)>,
 }
 
+/// How the offsets of consecutive batches must follow each other in a walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Chain {
+    /// Each batch starts at the offset after the previous one: every segment that was never
+    /// compacted.
+    Dense,
+    /// A segment the cleaner may have rewritten: batches may skip offsets (whole batches were
+    /// removed) but never go back, and every offset stays below `limit` (the next segment's
+    /// base offset).
+    Sparse {
+        /// The next segment's base offset.
+        limit: u64,
+    },
+}
+
+impl Chain {
+    /// Why a batch `h` cannot follow when `next_offset` is expected, if it cannot.
+    pub(crate) fn check(self, h: &BatchHeader, next_offset: u64) -> Option<String> {
+        match self {
+            Chain::Dense if h.base_offset != next_offset => Some(format!(
+                "batch has base offset {}, expected {next_offset}",
+                h.base_offset
+            )),
+            Chain::Sparse { .. } if h.base_offset < next_offset => Some(format!(
+                "batch has base offset {}, expected at least {next_offset}",
+                h.base_offset
+            )),
+            Chain::Sparse { limit } if h.last_offset_delta >= 0 && h.next_offset() > limit => {
+                Some(format!(
+                    "batch ends at offset {}, past the next segment's base {limit}",
+                    h.last_offset()
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Walks batches in `data[from..end]`, expecting the first to start at `next_offset`,
 /// optionally verifying CRCs, and feeding each to `each`. Stops at the first bad batch.
 pub(crate) fn walk(
     data: &[u8],
     from: u64,
     end: u64,
+    next_offset: u64,
+    verify_crc: bool,
+    each: impl FnMut(u64, &BatchHeader),
+) -> Walk {
+    walk_chain(data, from, end, next_offset, Chain::Dense, verify_crc, each)
+}
+
+/// [`walk`] with the offset rule of `chain`: for a sparse segment, `next_offset` is the lowest
+/// offset the first batch may start at.
+pub(crate) fn walk_chain(
+    data: &[u8],
+    from: u64,
+    end: u64,
     mut next_offset: u64,
+    chain: Chain,
     verify_crc: bool,
     mut each: impl FnMut(u64, &BatchHeader),
 ) -> Walk {
@@ -209,11 +283,8 @@ pub(crate) fn walk(
                 "batch length {} over the hard limit",
                 h.total_len()
             ))
-        } else if h.base_offset != next_offset {
-            Some(format!(
-                "batch has base offset {}, expected {next_offset}",
-                h.base_offset
-            ))
+        } else if let Some(p) = chain.check(&h, next_offset) {
+            Some(p)
         } else if h.records_count <= 0 || h.last_offset_delta < 0 {
             Some(format!(
                 "batch has {} records, last offset delta {}",
@@ -271,15 +342,16 @@ impl BuiltIndex {
     }
 }
 
-/// Builds the indexes of a whole segment image `data` (base offset `base`), optionally
-/// CRC-checking every batch. A bad batch anywhere is an error naming `path`, the position and
-/// the offset expected there: an index must describe every byte of the segment (its header
-/// records the file size), so it is never built for part of one.
+/// Builds the indexes of a whole segment image `data` (base offset `base`, offsets following
+/// `chain`), optionally CRC-checking every batch. A bad batch anywhere is an error naming
+/// `path`, the position and the offset expected there: an index must describe every byte of
+/// the segment (its header records the file size), so it is never built for part of one.
 pub(crate) fn build_index(
     path: &Path,
     data: &[u8],
     base: u64,
     interval: u32,
+    chain: Chain,
     verify_crc: bool,
 ) -> Result<BuiltIndex> {
     let size = u32::try_from(data.len())
@@ -287,13 +359,21 @@ pub(crate) fn build_index(
     let mut b = IndexBuilder::new(base, interval);
     let (mut offsets, mut times) = (Vec::new(), Vec::new());
     let (mut batches, mut records) = (0u64, 0u64);
-    let w = walk(data, 0, data.len() as u64, base, verify_crc, |pos, h| {
-        batches += 1;
-        records += h.records_count.max(0) as u64;
-        if let Some(e) = b.observe(pos, h) {
-            e.push_to(&mut offsets, &mut times);
-        }
-    });
+    let w = walk_chain(
+        data,
+        0,
+        data.len() as u64,
+        base,
+        chain,
+        verify_crc,
+        |pos, h| {
+            batches += 1;
+            records += h.records_count.max(0) as u64;
+            if let Some(e) = b.observe(pos, h) {
+                e.push_to(&mut offsets, &mut times);
+            }
+        },
+    );
     if let Some((pos, reason)) = w.stopped {
         return Err(Error::corruption(path, pos, Some(w.next_offset), reason));
     }
@@ -331,6 +411,9 @@ pub(crate) struct Segment {
     index: RwLock<IndexState>,
     /// LRU tick of the last mapping use.
     pub(crate) last_used: AtomicU64,
+    /// 0 for a dense segment; for one the cleaner may have rewritten (sparse offsets), the
+    /// next segment's base offset, below which all its offsets lie. See [`Chain`].
+    sparse_limit: AtomicU64,
 }
 
 impl Segment {
@@ -347,6 +430,7 @@ impl Segment {
             map: Mutex::new(Bytes::new()),
             index: RwLock::new(IndexState::Unloaded),
             last_used: AtomicU64::new(0),
+            sparse_limit: AtomicU64::new(0),
         }
     }
 
@@ -373,6 +457,21 @@ impl Segment {
             map: Mutex::new(Bytes::new()),
             index: RwLock::new(IndexState::Mem { offsets, times }),
             last_used: AtomicU64::new(0),
+            sparse_limit: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks a sealed segment as possibly compacted: its offsets may skip, and all of them
+    /// lie below `limit`, the next segment's base offset.
+    pub(crate) fn set_sparse(&self, limit: u64) {
+        self.sparse_limit.store(limit.max(1), Ordering::Release);
+    }
+
+    /// The offset rule of this segment's batches.
+    pub(crate) fn chain(&self) -> Chain {
+        match self.sparse_limit.load(Ordering::Acquire) {
+            0 => Chain::Dense,
+            limit => Chain::Sparse { limit },
         }
     }
 
@@ -507,6 +606,11 @@ impl Segment {
     /// damaged (the index is derived data; the log is the truth).
     fn load_index(&self) -> Result<(Bytes, Bytes)> {
         let size = self.readable_end();
+        // Under the index lock, which `mark_deleted` also takes: the paths stay right.
+        let (index_path, time_path) = (
+            self.files.current(&self.files.index),
+            self.files.current(&self.files.timeindex),
+        );
         let load = |path: &Path, kind: Kind| -> Result<(SegmentSummary, Bytes)> {
             let f = File::open(path).map_err(|e| Error::io("open", path, e))?;
             let len = f.metadata().map_err(|e| Error::io("stat", path, e))?.len();
@@ -515,8 +619,8 @@ impl Segment {
             Ok((summary, data.slice(range)))
         };
         match (
-            load(&self.files.index, Kind::Offset),
-            load(&self.files.timeindex, Kind::Time),
+            load(&index_path, Kind::Offset),
+            load(&time_path, Kind::Time),
         ) {
             (Ok((s, offsets)), Ok((_, times))) => {
                 self.note_timestamp(s.max_timestamp);
@@ -543,9 +647,15 @@ impl Segment {
             data.get(..size as usize).unwrap_or(&data[..]),
             self.base_offset,
             self.index_interval,
+            self.chain(),
             false,
         )?;
         self.note_timestamp(built.summary.max_timestamp);
+        // A deleted (or replaced) segment's names may belong to its replacement now: keep the
+        // rebuilt index in memory only.
+        if self.files.deleted.load(Ordering::Acquire) {
+            return Ok((Bytes::from(built.offsets), Bytes::from(built.times)));
+        }
         if let Err(e) = write_index_files(&self.files, &built.summary, &built.offsets, &built.times)
         {
             tracing::warn!(segment = %self.log_path().display(), error = %e, "could not write rebuilt index");
@@ -594,15 +704,36 @@ impl Segment {
     /// Renames the files to `*.deleted`; they are unlinked when the last mapping drops.
     /// The caller fsyncs the directory.
     pub(crate) fn mark_deleted(&self) -> Result<()> {
+        self.rename_away(".deleted".to_owned())
+    }
+
+    /// Renames the files to `*.<n>.deleted`, a name no other generation of this segment uses,
+    /// so that the cleaner can put a rewritten segment under the original names. Readers that
+    /// hold this segment keep reading the old files until they let go.
+    pub(crate) fn mark_replaced(&self) -> Result<()> {
+        let n = REPLACED.fetch_add(1, Ordering::Relaxed);
+        self.rename_away(format!(".{}-{n}.deleted", std::process::id()))
+    }
+
+    fn rename_away(&self, suffix: String) -> Result<()> {
+        // Both locks are held across the renames (in the order `with_index` takes them), so
+        // that a reader opening the log or index file by name opens either the file before the
+        // rename or its renamed path, never a replacement that took the old name.
+        let _index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.map);
+        if self.files.deleted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let suffix = self.files.deleted_suffix.get_or_init(|| suffix).clone();
         for p in [&self.files.log, &self.files.index, &self.files.timeindex] {
-            match fs::rename(p, deleted_name(p)) {
+            match fs::rename(p, deleted_name(p, &suffix)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && p != &self.files.log => {}
                 Err(e) => return Err(Error::io("rename", p, e)),
             }
         }
         self.files.deleted.store(true, Ordering::Release);
-        *lock(&self.map) = Bytes::new();
+        *map = Bytes::new();
         Ok(())
     }
 }

@@ -90,18 +90,31 @@ impl Compression {
 
     /// Decompresses `data`, refusing to produce more than `limit` bytes.
     pub(crate) fn decompress(self, data: &[u8], limit: u32) -> Result<Vec<u8>, BatchError> {
-        let limit = u64::from(limit);
         let mut out = Vec::new();
+        self.decompress_into(data, limit, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Compression::decompress`] into `out` (cleared first), reusing its allocation: for
+    /// callers that decompress batch after batch.
+    pub(crate) fn decompress_into(
+        self,
+        data: &[u8],
+        limit: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BatchError> {
+        let limit = u64::from(limit);
+        out.clear();
         let read = match self {
             Compression::None => {
                 out.extend_from_slice(data);
-                return Ok(out);
+                return Ok(());
             }
             Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(data)
                 .take(limit + 1)
-                .read_to_end(&mut out),
+                .read_to_end(out),
             Compression::Zstd => zstd::stream::read::Decoder::new(data)
-                .and_then(|d| d.take(limit + 1).read_to_end(&mut out)),
+                .and_then(|d| d.take(limit + 1).read_to_end(out)),
             Compression::Gzip | Compression::Snappy => {
                 return Err(BatchError::Unsupported("decoding gzip or snappy batches"));
             }
@@ -114,7 +127,7 @@ impl Compression {
                 actual: out.len() as u64,
             });
         }
-        Ok(out)
+        Ok(())
     }
 }
 

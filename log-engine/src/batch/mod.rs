@@ -61,7 +61,7 @@ const ATTR_COMPRESSION_MASK: i16 = 0x07;
 const ATTR_TIMESTAMP_TYPE: i16 = 0x08;
 const ATTR_TRANSACTIONAL: i16 = 0x10;
 const ATTR_CONTROL: i16 = 0x20;
-const ATTR_DELETE_HORIZON: i16 = 0x40;
+pub(crate) const ATTR_DELETE_HORIZON: i16 = 0x40;
 const ATTR_KNOWN: i16 = ATTR_COMPRESSION_MASK
     | ATTR_TIMESTAMP_TYPE
     | ATTR_TRANSACTIONAL
@@ -127,6 +127,13 @@ pub enum BatchError {
     /// Decompression failed.
     #[error("decompression failed: {0}")]
     Decompress(String),
+    /// A record without a key was appended to a compacted topic, which keeps the latest
+    /// record of each key and so needs one on every record (as Kafka).
+    #[error("record {index} has no key: a compacted topic needs a key on every record")]
+    KeyRequired {
+        /// Index of the record in the batch.
+        index: u32,
+    },
 }
 
 /// The parsed fixed header of a batch.
@@ -245,6 +252,13 @@ impl BatchHeader {
     /// True when timestamps are the broker's append time rather than the producer's.
     pub fn is_log_append_time(&self) -> bool {
         self.attributes & ATTR_TIMESTAMP_TYPE != 0
+    }
+
+    /// The delete horizon the log cleaner stored in a batch holding tombstones (attribute bit
+    /// 6; the horizon is then in `base_timestamp`, as Kafka's KIP-534): tombstones in the batch
+    /// may be removed once the clock passes it.
+    pub fn delete_horizon(&self) -> Option<i64> {
+        (self.attributes & ATTR_DELETE_HORIZON != 0).then_some(self.base_timestamp)
     }
 }
 

@@ -12,6 +12,7 @@
 //!   partition: every later write fails with [`Error::Poisoned`] until the log is reopened.
 //! - Segment-list changes (roll, retention) happen under the writer lock.
 
+pub(crate) mod cleaner;
 mod recovery;
 mod writer;
 
@@ -235,6 +236,9 @@ impl Partition {
     pub fn append_nowait(&self, batch: &[u8]) -> Result<AppendInfo> {
         let cfg = self.config();
         let h = batch::validate_batch(batch, cfg.max_batch_bytes, &self.shared.limits)?;
+        if cfg.cleanup.compacts() {
+            crate::compact::check_compactable(batch, &h, &self.shared.limits)?;
+        }
         if h.is_control() || h.is_transactional() {
             return Err(BatchError::Unsupported("transactional and control batches").into());
         }
@@ -415,7 +419,7 @@ impl Partition {
                     format!("batch of {} bytes runs past the end", h.total_len()),
                 ));
             }
-            if h.base_offset != expect || h.last_offset_delta < 0 {
+            if seg.chain().check(&h, expect).is_some() || h.last_offset_delta < 0 {
                 return Err(corrupt(
                     pos,
                     format!(
@@ -548,7 +552,7 @@ impl Partition {
     /// size by the partition total). Returns the number of segments removed.
     pub fn enforce_retention(&self) -> Result<usize> {
         let cfg = self.config();
-        if cfg.retention_ms.is_none() && cfg.retention_bytes.is_none() {
+        if !cfg.cleanup.deletes() || (cfg.retention_ms.is_none() && cfg.retention_bytes.is_none()) {
             return Ok(0);
         }
         let now = self.shared.clock.now_ms();

@@ -107,6 +107,9 @@ impl Partition {
         if create {
             crate::fsutil::create_dir_durable(dir)?;
         }
+        // Finish or undo an interrupted compaction swap first; segments below `sparse_below`
+        // may have been compacted (offsets with gaps).
+        let sparse_below = crate::compact::recover_dir(dir)?;
         let mut found = list_segments(dir)?;
         let (checkpoint, point) = Checkpoint::open(dir)?;
         let mut checkpoint = Some(checkpoint);
@@ -154,7 +157,7 @@ impl Partition {
         let interval = config.index_interval_bytes;
         // Producer state below the last segment: the snapshot, plus the headers of any sealed
         // segment it does not cover. The last segment's headers are added by the walk below.
-        let mut producers = producer_state_before(dir, &found, &shared)?;
+        let mut producers = producer_state_before(dir, &found, &shared, sparse_below)?;
         let now = shared.clock.now_ms();
         let mut segments = Vec::with_capacity(found.len());
         for &(base, len) in &found[..start.0] {
@@ -164,7 +167,8 @@ impl Partition {
         for (i, &(base, len)) in found.iter().enumerate().skip(start.0) {
             let path = dir.join(segment::log_name(base));
             let trusted = if i == start.0 { start.1 } else { 0 };
-            if i > start.0 && base != next {
+            let gap_ok = i > 0 && found[i - 1].0 < sparse_below;
+            if i > start.0 && (base < next || (base != next && !gap_ok)) {
                 return Err(Error::corruption(
                     &path,
                     0,
@@ -225,7 +229,8 @@ impl Partition {
                 seg_next = next;
             }
             // Untrusted part: CRC-checked.
-            let w = segment::walk(&data, trusted, len, seg_next, true, &mut add);
+            let chain = crate::compact::chain_of(&found, i, sparse_below);
+            let w = segment::walk_chain(&data, trusted, len, seg_next, chain, true, &mut add);
             report.bytes_scanned += w.end - trusted;
             drop(data);
             let mut end = len;
@@ -282,6 +287,7 @@ impl Partition {
                 ));
                 segments.push(seg.clone());
                 producers.expire(shared.clock.now_ms());
+                crate::compact::mark_sparse(&segments, sparse_below);
                 let writer = Writer {
                     active: seg,
                     file,
@@ -349,6 +355,7 @@ fn producer_state_before(
     dir: &Path,
     found: &[(u64, u64)],
     shared: &Shared,
+    sparse_below: u64,
 ) -> Result<ProducerStates> {
     let (max, expiry) = (
         shared.limits.max_producers_per_partition,
@@ -366,14 +373,15 @@ fn producer_state_before(
         }
         None => (ProducerStates::new(max, expiry), found[0].0),
     };
-    for &(base, len) in &found[..found.len() - 1] {
+    for (i, &(base, len)) in found[..found.len() - 1].iter().enumerate() {
         if base < from || len == 0 {
             continue;
         }
         let path = dir.join(segment::log_name(base));
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
         let data = mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
-        let w = segment::walk(&data, 0, len, base, false, |_, h| {
+        let chain = crate::compact::chain_of(found, i, sparse_below);
+        let w = segment::walk_chain(&data, 0, len, base, chain, false, |_, h| {
             state.record_seen(h, h.base_offset, h.max_timestamp, now);
         });
         if let Some((pos, reason)) = w.stopped {

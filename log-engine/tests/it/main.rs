@@ -2,6 +2,7 @@
 
 mod basic;
 mod common;
+mod compaction;
 mod concurrency;
 mod corruption;
 mod crash;

@@ -1,0 +1,95 @@
+//! What the log cleaner ([`crate::compact`]) needs from a partition: a consistent view of its
+//! sealed segments, and replacing some of them under the writer lock.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::{Limits, TopicConfig};
+use crate::error::{Error, Result};
+use crate::segment::Segment;
+
+use super::{Partition, lock};
+
+/// The partition as the cleaner sees it at the start of a pass.
+#[derive(Debug)]
+pub(crate) struct CleanerView {
+    pub(crate) dir: PathBuf,
+    pub(crate) config: Arc<TopicConfig>,
+    pub(crate) limits: Limits,
+    pub(crate) now_ms: i64,
+    pub(crate) log_start: u64,
+    /// Sealed segments, oldest first (the active one excluded).
+    pub(crate) sealed: Vec<Arc<Segment>>,
+    /// Base offset of the active segment.
+    pub(crate) active_base: u64,
+}
+
+impl Partition {
+    /// The view of a pass; fails if the partition is closed or poisoned.
+    pub(crate) fn cleaner_view(&self) -> Result<CleanerView> {
+        self.check_writable()?;
+        let segs = self.snapshot();
+        let (active, sealed) = segs.split_last().expect("a partition has a segment");
+        Ok(CleanerView {
+            dir: self.dir.clone(),
+            config: self.config(),
+            limits: self.shared.limits.clone(),
+            now_ms: self.shared.clock.now_ms(),
+            log_start: self.log_start_offset(),
+            sealed: sealed.to_vec(),
+            active_base: active.base_offset,
+        })
+    }
+
+    /// The mapping of a sealed segment for the cleaner, counted in the map cache.
+    pub(crate) fn cleaner_data(&self, seg: &Arc<Segment>) -> Result<bytes::Bytes> {
+        let (data, fresh) = seg.data(seg.readable_end())?;
+        self.shared.maps.touch(seg, fresh);
+        Ok(data)
+    }
+
+    /// Replaces the consecutive segments `old` by `new` under the writer lock, and publishes
+    /// the new list. Returns false, changing nothing, when `old` is no longer in the segment
+    /// list (retention removed part of it) or the partition is closed or poisoned. `swap`
+    /// runs the file renames (from the commit point on); if it fails, or returns false (a test
+    /// hook stopped it), the partition is poisoned: the files are then between two states that
+    /// only the recovery at the next open puts right.
+    pub(crate) fn replace_segments(
+        &self,
+        old: &[Arc<Segment>],
+        new: Arc<Segment>,
+        swap: impl FnOnce() -> Result<bool>,
+    ) -> Result<bool> {
+        let _w = lock(&self.writer);
+        if self.check_writable().is_err() {
+            return Ok(false);
+        }
+        let segs = self.snapshot();
+        let Some(at) = segs.iter().position(|s| Arc::ptr_eq(s, &old[0])) else {
+            return Ok(false);
+        };
+        let still = segs.len() > at + old.len()
+            && segs[at..at + old.len()]
+                .iter()
+                .zip(old)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if !still {
+            return Ok(false);
+        }
+        match swap() {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(self.poison(Error::InvalidConfig(
+                    "a compaction swap was stopped half-way (test hook)".into(),
+                )));
+            }
+            Err(e) => return Err(self.poison(e)),
+        }
+        let mut v = Vec::with_capacity(segs.len() - old.len() + 1);
+        v.extend_from_slice(&segs[..at]);
+        v.push(new);
+        v.extend_from_slice(&segs[at + old.len()..]);
+        *self.segments.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
+        Ok(true)
+    }
+}

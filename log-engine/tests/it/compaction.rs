@@ -1,0 +1,744 @@
+//! Compacted topics: the cleaner against a model, crashes at every step of a pass, a bounded
+//! key map, and readers running through swaps.
+//!
+//! What every check asserts (`check`):
+//! - every record read is the record appended at that offset (key, value, timestamp): offsets
+//!   of survivors never change;
+//! - offsets strictly increase;
+//! - for every key, the latest record appended is there, unless it is a tombstone the cleaner
+//!   may have removed (a pass set its horizon and a pass at least `delete_retention_ms` later
+//!   ran); and when a key's latest tombstone is gone, no record of that key is left
+//!   (nothing resurrects).
+//!
+//! And after convergence (`converge`: roll, clean until nothing changes, let the tombstones'
+//! time run out, clean again), the partition is exactly the latest non-tombstone record of
+//! every key, at its original offset.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use proptest::prelude::*;
+use spool_log_engine::compact::Step;
+use spool_log_engine::{
+    BatchBuilder, BatchError, CleanReport, Cleaner, CleanerOptions, CleanupPolicy, Clock,
+    Compression, Error, FsyncPolicy, Log, LogOptions, Partition, TopicConfig,
+};
+
+use crate::common::read_all;
+
+const DELETE_RETENTION: u64 = 1000;
+
+#[derive(Debug, Default)]
+struct FakeClock(AtomicI64);
+impl Clock for FakeClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn cfg() -> TopicConfig {
+    TopicConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 128,
+        cleanup: CleanupPolicy::Compact,
+        delete_retention_ms: DELETE_RETENTION,
+        min_cleanable_dirty_percent: 0,
+        // Appends need not wait for fdatasync here (the cleaner's own syncs still run).
+        fsync: FsyncPolicy::Never,
+        ..TopicConfig::default()
+    }
+}
+
+fn open(dir: &Path, clock: &Arc<FakeClock>) -> Log {
+    let log = Log::open(
+        dir,
+        LogOptions {
+            clock: clock.clone(),
+            background_maintenance: false,
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    if log.topic_config("t").is_err() {
+        log.create_topic("t", cfg()).unwrap();
+    }
+    log
+}
+
+fn cleaner(keys: usize) -> Cleaner {
+    Cleaner::new(CleanerOptions {
+        dedupe_buffer_bytes: keys * 24 * 10 / 9 + 24,
+        ..CleanerOptions::default()
+    })
+}
+
+/// One appended record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rec {
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    ts: i64,
+}
+
+/// Everything appended, by offset, and the cleaning passes that ran.
+#[derive(Debug, Default)]
+struct Model {
+    recs: BTreeMap<u64, Rec>,
+    /// (time, active segment base) of each pass.
+    passes: Vec<(i64, u64)>,
+}
+
+impl Model {
+    fn append(
+        &mut self,
+        p: &Partition,
+        recs: &[(Vec<u8>, Option<Vec<u8>>)],
+        ts: i64,
+        c: Compression,
+    ) {
+        let mut b = BatchBuilder::new(c);
+        for (k, v) in recs {
+            b.push(ts, Some(k), v.as_deref(), &[]);
+        }
+        let info = p.append(&b.finish().unwrap()).unwrap();
+        for (i, (k, v)) in recs.iter().enumerate() {
+            self.recs.insert(
+                info.base_offset + i as u64,
+                Rec {
+                    key: k.clone(),
+                    value: v.clone(),
+                    ts,
+                },
+            );
+        }
+    }
+
+    fn pass(&mut self, p: &Partition, clock: &FakeClock, c: &mut Cleaner) -> CleanReport {
+        let active = *p.segment_bases().last().unwrap();
+        let r = c.clean_now(p).unwrap();
+        if r.ran {
+            self.passes.push((clock.now_ms(), active));
+        }
+        r
+    }
+
+    /// Latest offset of each key.
+    fn latest(&self) -> BTreeMap<&[u8], u64> {
+        let mut m = BTreeMap::new();
+        for (o, r) in &self.recs {
+            m.insert(&r.key[..], *o);
+        }
+        m
+    }
+
+    /// May the tombstone at `o` be gone? Only if a pass ran once it was sealed, and another
+    /// pass ran at least `delete_retention_ms` after that one.
+    fn may_expire(&self, o: u64) -> bool {
+        self.passes.iter().enumerate().any(|(i, &(t, active))| {
+            active > o
+                && self.passes[i..]
+                    .iter()
+                    .any(|&(t2, _)| t2 >= t + DELETE_RETENTION as i64)
+        })
+    }
+
+    fn check(&self, p: &Partition, ctx: &str) {
+        let got = read_all(p, p.log_start_offset());
+        let mut prev = None;
+        let mut present: BTreeMap<&[u8], BTreeSet<u64>> = BTreeMap::new();
+        for r in &got {
+            assert!(
+                prev.is_none_or(|p| r.offset > p),
+                "{ctx}: offsets not increasing at {}",
+                r.offset
+            );
+            prev = Some(r.offset);
+            let want = self
+                .recs
+                .get(&r.offset)
+                .unwrap_or_else(|| panic!("{ctx}: offset {} was never written", r.offset));
+            assert_eq!(
+                r.key.as_deref(),
+                Some(&want.key[..]),
+                "{ctx}: key at {}",
+                r.offset
+            );
+            assert_eq!(
+                r.value.as_deref(),
+                want.value.as_deref(),
+                "{ctx}: value at {}",
+                r.offset
+            );
+            assert_eq!(r.timestamp, want.ts, "{ctx}: timestamp at {}", r.offset);
+            present.entry(&want.key[..]).or_default().insert(r.offset);
+        }
+        for (key, o) in self.latest() {
+            let here = present.get(key);
+            if here.is_some_and(|s| s.contains(&o)) {
+                continue;
+            }
+            let rec = &self.recs[&o];
+            assert!(
+                rec.value.is_none(),
+                "{ctx}: the latest record of key {key:?} (offset {o}) is gone"
+            );
+            assert!(
+                self.may_expire(o),
+                "{ctx}: tombstone of {key:?} at {o} removed too early (passes {:?})",
+                self.passes
+            );
+            assert!(
+                here.is_none(),
+                "{ctx}: key {key:?} resurrected at {here:?} after its tombstone at {o} went"
+            );
+        }
+    }
+
+    /// Cleans until nothing changes, twice around a tombstone expiry, then checks the exact
+    /// result.
+    fn converge(&mut self, p: &Partition, clock: &FakeClock, c: &mut Cleaner, ctx: &str) {
+        p.roll().unwrap();
+        for round in 0..2 {
+            for i in 0.. {
+                assert!(i < 1000, "{ctx}: no convergence");
+                let r = self.pass(p, clock, c);
+                self.check(p, &format!("{ctx}: converge {round}/{i}"));
+                if r.records_removed == 0 && !r.map_full && r.map_end >= r.cleanable_end {
+                    break;
+                }
+            }
+            clock
+                .0
+                .fetch_add(DELETE_RETENTION as i64 + 1, Ordering::SeqCst);
+        }
+        let got: Vec<(u64, Vec<u8>, Vec<u8>)> = read_all(p, p.log_start_offset())
+            .into_iter()
+            .map(|r| (r.offset, r.key.unwrap().to_vec(), r.value.unwrap().to_vec()))
+            .collect();
+        let want: Vec<(u64, Vec<u8>, Vec<u8>)> = self
+            .latest()
+            .into_values()
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .filter_map(|o| {
+                let r = &self.recs[&o];
+                r.value.clone().map(|v| (o, r.key.clone(), v))
+            })
+            .collect();
+        assert_eq!(got, want, "{ctx}: converged state");
+    }
+}
+
+fn kv(k: u32, v: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
+    (
+        format!("key-{k}").into_bytes(),
+        v.map(|v| v.as_bytes().to_vec()),
+    )
+}
+
+#[test]
+fn keyless_records_and_producer_set_horizons_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let mut b = BatchBuilder::new(c);
+        b.push(1, Some(b"k"), Some(b"v"), &[]);
+        b.push(1, None, Some(b"v"), &[]);
+        let err = p.append(&b.finish().unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidBatch(BatchError::KeyRequired { index: 1 })
+            ),
+            "{c:?}: {err}"
+        );
+    }
+    assert_eq!(p.high_watermark(), 0, "nothing was written");
+    // The same batch is fine on a topic that is not compacted.
+    log.create_topic("plain", TopicConfig::default()).unwrap();
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(1, None, Some(b"v"), &[]);
+    log.partition("plain", 0)
+        .unwrap()
+        .append(&b.finish().unwrap())
+        .unwrap();
+    // Bit 6 (delete horizon) is the cleaner's.
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(1, Some(b"k"), None, &[]);
+    let mut bytes = b.finish().unwrap().to_vec();
+    bytes[22] |= 0x40;
+    let crc = crc32c::crc32c(&bytes[21..]);
+    bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+    let err = p.append(&bytes).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidBatch(BatchError::Unsupported(_))),
+        "{err}"
+    );
+}
+
+#[test]
+fn latest_value_per_key_survives_at_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let mut m = Model::default();
+    let mut c = cleaner(1000);
+    for round in 0..20u32 {
+        let recs: Vec<_> = (0..10)
+            .map(|k| kv(k, Some(&format!("v{round}-{k}-{}", "x".repeat(50)))))
+            .collect();
+        m.append(&p, &recs, 1000 + round as i64, Compression::None);
+    }
+    p.roll().unwrap();
+    let before = p.stats().size_bytes;
+    let r = m.pass(&p, &clock, &mut c);
+    assert!(r.ran && r.groups_swapped > 0, "{r:?}");
+    assert_eq!(r.records_removed, 190, "{r:?}");
+    assert!(p.stats().size_bytes < before / 5, "{r:?}");
+    m.check(&p, "after one pass");
+    // Offsets are sparse now; reading a removed offset gives the next survivor.
+    let survivors: Vec<u64> = read_all(&p, 0).iter().map(|r| r.offset).collect();
+    assert_eq!(survivors, (190..200).collect::<Vec<_>>());
+    let r0 = p.read(3, 1 << 20).unwrap();
+    let first = r0.batches().next().unwrap().unwrap();
+    let recs: Vec<_> = first
+        .records(&Default::default())
+        .unwrap()
+        .map(|r| r.unwrap().offset)
+        .collect();
+    assert_eq!(recs, (190..200).collect::<Vec<_>>());
+    assert_eq!(p.log_start_offset(), 0, "the log start does not move");
+    // Time lookups still work.
+    assert_eq!(p.offset_for_timestamp(1005).unwrap(), Some(190));
+    // Reopen: recovery reads the sparse segment; and again with no recovery point.
+    drop(p);
+    drop(log);
+    let log = open(dir.path(), &clock);
+    m.check(&log.partition("t", 0).unwrap(), "reopened");
+    drop(log);
+    std::fs::remove_file(dir.path().join("t/0/recovery-point")).unwrap();
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    m.check(&p, "reopened without a recovery point");
+    let inspected = spool_log_engine::inspect::inspect_partition(&dir.path().join("t/0")).unwrap();
+    assert!(inspected.findings.is_empty(), "{:?}", inspected.findings);
+    m.converge(&p, &clock, &mut c, "end");
+}
+
+#[test]
+fn tombstones_stay_for_delete_retention_then_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    clock.0.store(10_000, Ordering::SeqCst);
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let mut m = Model::default();
+    let mut c = cleaner(1000);
+    m.append(
+        &p,
+        &[kv(1, Some("a")), kv(2, Some("b"))],
+        1,
+        Compression::Lz4,
+    );
+    m.append(&p, &[kv(1, None)], 2, Compression::Lz4);
+    p.roll().unwrap();
+    let r = m.pass(&p, &clock, &mut c);
+    assert_eq!((r.records_removed, r.tombstones_removed), (1, 0), "{r:?}");
+    let got = read_all(&p, 0);
+    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [1, 2]);
+    assert!(got[1].value.is_none(), "the tombstone is kept");
+    assert_eq!(got[1].timestamp, 2, "its timestamp is unchanged");
+    // Not yet: the horizon is 10_000 + 1000.
+    clock.0.store(10_999, Ordering::SeqCst);
+    let r = m.pass(&p, &clock, &mut c);
+    assert_eq!(r.tombstones_removed, 0, "{r:?}");
+    m.check(&p, "before the horizon");
+    clock.0.store(11_000, Ordering::SeqCst);
+    // Due by the horizon alone, without new data.
+    let r = c.clean(&p).unwrap();
+    assert!(r.ran, "{r:?}");
+    m.passes.push((clock.now_ms(), 3));
+    assert_eq!(r.tombstones_removed, 1, "{r:?}");
+    let got = read_all(&p, 0);
+    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [1]);
+    m.check(&p, "after the horizon");
+    m.converge(&p, &clock, &mut c, "end");
+}
+
+#[test]
+fn retention_settings_are_ignored_by_compact_and_applied_by_compact_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    clock.0.store(1_000_000, Ordering::SeqCst);
+    let log = open(dir.path(), &clock);
+    log.alter_topic(
+        "t",
+        TopicConfig {
+            retention_ms: Some(10),
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let mut m = Model::default();
+    m.append(&p, &[kv(1, Some("old"))], 1, Compression::None);
+    p.roll().unwrap();
+    assert_eq!(p.enforce_retention().unwrap(), 0, "compact: no retention");
+    log.alter_topic(
+        "t",
+        TopicConfig {
+            retention_ms: Some(10),
+            cleanup: CleanupPolicy::CompactDelete,
+            ..cfg()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        p.enforce_retention().unwrap(),
+        1,
+        "compact,delete: retention"
+    );
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Append {
+        recs: Vec<(u8, bool, u8)>,
+        compression: u8,
+    },
+    Roll,
+    Clean,
+    Advance(u16),
+    Reopen,
+    Check,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        10 => (prop::collection::vec((0u8..24, prop::bool::weighted(0.2), 0u8..120), 1..12), 0u8..3)
+            .prop_map(|(recs, compression)| Op::Append { recs, compression }),
+        2 => Just(Op::Roll),
+        3 => Just(Op::Clean),
+        2 => (0u16..1500).prop_map(Op::Advance),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Check),
+    ]
+}
+
+fn run_model(ops: Vec<Op>, map_keys: usize) {
+    // On tmpfs when there is one: the passes' many fsyncs would dominate otherwise, and
+    // durability is not what this test checks.
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let clock = Arc::new(FakeClock::default());
+    clock.0.store(1_000_000, Ordering::SeqCst);
+    let mut log = open(dir.path(), &clock);
+    let mut p = log.partition("t", 0).unwrap();
+    let mut m = Model::default();
+    let mut c = cleaner(map_keys);
+    for (i, op) in ops.into_iter().enumerate() {
+        let ctx = format!("op {i} {op:?}");
+        match op {
+            Op::Append { recs, compression } => {
+                let recs: Vec<_> = recs
+                    .iter()
+                    .map(|&(k, tomb, size)| {
+                        let v = (!tomb).then(|| format!("{i}:{}", "v".repeat(size as usize)));
+                        kv(u32::from(k), v.as_deref())
+                    })
+                    .collect();
+                let c =
+                    [Compression::None, Compression::Lz4, Compression::Zstd][compression as usize];
+                m.append(&p, &recs, clock.now_ms() - 5, c);
+            }
+            Op::Roll => p.roll().unwrap(),
+            Op::Clean => {
+                let r = m.pass(&p, &clock, &mut c);
+                assert!(r.keys <= r.map_capacity, "{ctx}: {r:?}");
+                m.check(&p, &ctx);
+            }
+            Op::Advance(ms) => {
+                clock.0.fetch_add(i64::from(ms), Ordering::SeqCst);
+            }
+            Op::Reopen => {
+                drop(p);
+                drop(log);
+                log = open(dir.path(), &clock);
+                p = log.partition("t", 0).unwrap();
+                m.check(&p, &ctx);
+            }
+            Op::Check => m.check(&p, &ctx),
+        }
+    }
+    m.converge(&p, &clock, &mut c, "end");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("SPOOL_COMPACTION_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn compaction_against_a_model(ops in prop::collection::vec(op(), 1..200), small_map in any::<bool>()) {
+        // A small map (5 keys for up to 24) makes passes clean only a prefix.
+        run_model(ops, if small_map { 5 } else { 1000 });
+    }
+}
+
+/// A log with several sealed segments of overwritten keys and tombstones, and its model.
+fn build_dirty(dir: &Path, clock: &Arc<FakeClock>) -> Model {
+    let log = open(dir, clock);
+    let p = log.partition("t", 0).unwrap();
+    let mut m = Model::default();
+    for round in 0..40u32 {
+        let recs: Vec<_> = (0..8)
+            .map(|k| {
+                let v = if (round + k) % 7 == 0 {
+                    None
+                } else {
+                    Some(format!("r{round}k{k}{}", "p".repeat(40)))
+                };
+                kv(k + (round % 3) * 8, v.as_deref())
+            })
+            .collect();
+        m.append(&p, &recs, clock.now_ms(), Compression::None);
+        if round % 9 == 8 {
+            p.roll().unwrap();
+        }
+    }
+    p.roll().unwrap();
+    assert!(p.segment_bases().len() >= 5);
+    m
+}
+
+const STEPS: [Step; 10] = [
+    Step::MapBuilt,
+    Step::StateSaved,
+    Step::OutputStarted,
+    Step::OutputWritten,
+    Step::Committed,
+    Step::OldRenamed,
+    Step::Installed,
+    Step::Synced,
+    Step::Published,
+    Step::Finished,
+];
+
+#[test]
+fn a_crash_at_any_step_of_a_pass_leaves_a_correct_log() {
+    for step in STEPS {
+        // Stop at the first occurrence, and (for per-group steps) at a later group's.
+        for nth in [1u64, 2] {
+            let ctx = format!("{step:?} #{nth}");
+            let dir = tempfile::tempdir().unwrap();
+            let clock = Arc::new(FakeClock::default());
+            clock.0.store(1_000_000, Ordering::SeqCst);
+            let mut m = build_dirty(dir.path(), &clock);
+            // Horizons set by an earlier pass, so that the crashing pass also removes
+            // tombstones (the case where order matters).
+            {
+                let log = open(dir.path(), &clock);
+                let p = log.partition("t", 0).unwrap();
+                let mut c = cleaner(4);
+                m.pass(&p, &clock, &mut c);
+                m.check(&p, &format!("{ctx}: first pass"));
+                let mut more = BatchBuilder::new(Compression::None);
+                for k in 0..30 {
+                    more.push(
+                        clock.now_ms(),
+                        Some(format!("key-{k}").as_bytes()),
+                        Some(b"late"),
+                        &[],
+                    );
+                }
+                let info = p.append(&more.finish().unwrap()).unwrap();
+                for k in 0..30u64 {
+                    m.recs.insert(
+                        info.base_offset + k,
+                        Rec {
+                            key: format!("key-{k}").into_bytes(),
+                            value: Some(b"late".to_vec()),
+                            ts: clock.now_ms(),
+                        },
+                    );
+                }
+                p.roll().unwrap();
+            }
+            clock
+                .0
+                .fetch_add(DELETE_RETENTION as i64 * 2, Ordering::SeqCst);
+            let log = open(dir.path(), &clock);
+            let p = log.partition("t", 0).unwrap();
+            let mut c = cleaner(1000);
+            let seen = Arc::new(AtomicU64::new(0));
+            let hits = seen.clone();
+            c.set_hook(move |s| !(s == step && hits.fetch_add(1, Ordering::SeqCst) + 1 == nth));
+            let active = *p.segment_bases().last().unwrap();
+            let res = c.clean_now(&p);
+            if seen.load(Ordering::SeqCst) < nth {
+                // This step happens once per pass: nothing to stop the second time.
+                assert!(nth > 1, "{ctx}: step never reached: {res:?}");
+                continue;
+            }
+            eprintln!("{ctx}: stopped: {:?}", res.as_ref().map(|r| r.stopped_at));
+            match &res {
+                Ok(r) => assert_eq!(r.stopped_at, Some(step), "{ctx}"),
+                Err(e) => assert!(
+                    matches!(
+                        step,
+                        Step::Committed | Step::OldRenamed | Step::Installed | Step::Synced
+                    ),
+                    "{ctx}: {e}"
+                ),
+            }
+            // The crashed pass counts as one that may have removed tombstones.
+            m.passes.push((clock.now_ms(), active));
+            drop(p);
+            drop(log); // the process "dies": the files stay as the step left them
+            let log = open(dir.path(), &clock);
+            let p = log.partition("t", 0).unwrap();
+            let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("t/0"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n.ends_with(".cleaned") || n.ends_with(".swap") || n.ends_with(".deleted")
+                })
+                .collect();
+            assert!(leftovers.is_empty(), "{ctx}: {leftovers:?}");
+            m.check(&p, &format!("{ctx}: reopened"));
+            let mut c = cleaner(1000);
+            let r = m.pass(&p, &clock, &mut c);
+            assert!(r.ran, "{ctx}");
+            m.check(&p, &format!("{ctx}: next pass"));
+            m.converge(&p, &clock, &mut c, &ctx);
+        }
+    }
+}
+
+#[test]
+fn more_keys_than_the_map_holds_still_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let mut m = Model::default();
+    const KEYS: u32 = 2000;
+    for round in 0..3 {
+        for chunk in 0..KEYS / 50 {
+            let recs: Vec<_> = (chunk * 50..chunk * 50 + 50)
+                .map(|k| kv(k, Some(&format!("{round}"))))
+                .collect();
+            m.append(&p, &recs, 7, Compression::Zstd);
+        }
+    }
+    p.roll().unwrap();
+    let mut c = cleaner(150);
+    let mut passes = 0;
+    loop {
+        let r = m.pass(&p, &clock, &mut c);
+        passes += 1;
+        assert!(r.keys <= r.map_capacity && r.map_capacity <= 150, "{r:?}");
+        m.check(&p, &format!("pass {passes}"));
+        if !r.map_full && r.map_end >= r.cleanable_end {
+            break;
+        }
+        assert!(passes < 200);
+    }
+    assert!(
+        passes >= 2000 * 3 / 150,
+        "{passes} passes for 6000 dirty records"
+    );
+    let got = read_all(&p, 0);
+    assert_eq!(got.len(), KEYS as usize);
+    assert!(got.iter().all(|r| r.value.as_deref() == Some(&b"2"[..])));
+    m.converge(&p, &clock, &mut c, "end");
+}
+
+#[test]
+fn readers_keep_reading_through_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    const KEYS: u64 = 64;
+    // Values are "<key>:<sequence>", sequences grow with offsets; a reader checks that each
+    // key's sequences grow along the offsets it sees and that nothing fails.
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (p, stop, reads) = (p.clone(), stop.clone(), reads.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let mut last: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+                    let mut offset = p.log_start_offset();
+                    let mut prev = None;
+                    loop {
+                        let r = p.read(offset, 3000).unwrap();
+                        if r.data.is_empty() {
+                            break;
+                        }
+                        for b in r.batches() {
+                            for rec in b.unwrap().records(&Default::default()).unwrap() {
+                                let rec = rec.unwrap();
+                                assert!(prev.is_none_or(|p| rec.offset > p));
+                                prev = Some(rec.offset);
+                                let key = rec.key.unwrap().to_vec();
+                                let v = String::from_utf8(rec.value.unwrap().to_vec()).unwrap();
+                                let (k, seq) = v.split_once(':').unwrap();
+                                assert_eq!(k.as_bytes(), &key[..]);
+                                let seq: u64 = seq.parse().unwrap();
+                                assert_eq!(seq, rec.offset, "value names its offset");
+                                if let Some(p) = last.insert(key, seq) {
+                                    assert!(seq > p);
+                                }
+                            }
+                        }
+                        offset = r.next_offset;
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut c = cleaner(1000);
+    let mut swapped = 0;
+    let mut next = 0u64;
+    for round in 0..60 {
+        for _ in 0..4 {
+            let mut b = BatchBuilder::new(Compression::None);
+            for i in 0..16 {
+                let k = format!("k{}", (next + i) % KEYS);
+                b.push(
+                    1,
+                    Some(k.as_bytes()),
+                    Some(format!("{k}:{}", next + i).as_bytes()),
+                    &[],
+                );
+            }
+            assert_eq!(p.append(&b.finish().unwrap()).unwrap().base_offset, next);
+            next += 16;
+        }
+        if round % 2 == 1 {
+            p.roll().unwrap();
+            swapped += c.clean_now(&p).unwrap().groups_swapped;
+        }
+    }
+    while reads.load(Ordering::Relaxed) < 20 {
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(swapped >= 20, "{swapped} swaps");
+    let got = read_all(&p, 0);
+    assert_eq!(got.len(), KEYS as usize, "one record per key once cleaned");
+}
