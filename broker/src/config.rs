@@ -40,6 +40,11 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// How often retention runs over every partition.
     pub retention_check_interval_ms: u64,
+    /// How often the log cleaner looks for compacted partitions to clean.
+    pub cleaner_check_interval_ms: u64,
+    /// Memory of the log cleaner's key map (24 bytes per key; a pass over more distinct keys
+    /// cleans part of the partition and the next pass goes on).
+    pub cleaner_dedupe_buffer_bytes: u64,
     /// TLS for the gRPC listener; absent means plaintext.
     pub tls: Option<TlsConfig>,
     /// Bearer tokens and their ACLs; none means no authentication.
@@ -166,6 +171,8 @@ impl Default for Config {
             runtime_threads: 0,
             shutdown_timeout_ms: 10_000,
             retention_check_interval_ms: 60_000,
+            cleaner_check_interval_ms: 15_000,
+            cleaner_dedupe_buffer_bytes: 64 << 20,
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
             groups: GroupsConfig::default(),
@@ -312,6 +319,16 @@ impl Config {
         if self.retention_check_interval_ms < 100 {
             return Err(ConfigError::Invalid(
                 "retention_check_interval_ms must be at least 100".into(),
+            ));
+        }
+        if self.cleaner_check_interval_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "cleaner_check_interval_ms must be at least 100".into(),
+            ));
+        }
+        if !(1 << 10..=16 << 30).contains(&self.cleaner_dedupe_buffer_bytes) {
+            return Err(ConfigError::Invalid(
+                "cleaner_dedupe_buffer_bytes must be in 1 KiB..=16 GiB".into(),
             ));
         }
         if u64::from(self.limits.max_fetch_wait_ms) >= self.limits.request_timeout_ms {

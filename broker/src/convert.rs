@@ -1,7 +1,9 @@
 //! Conversions between wire messages and engine types, with validation at the boundary.
 
 use bytes::Bytes;
-use spool_log_engine::{BatchBuilder, Compression, FsyncPolicy, Limits, TopicConfig};
+use spool_log_engine::{
+    BatchBuilder, CleanupPolicy, Compression, FsyncPolicy, Limits, TopicConfig,
+};
 use spool_proto::v1;
 
 use crate::error::BrokerError;
@@ -51,8 +53,26 @@ pub(crate) fn apply_topic_config(
             };
         }
     }
-    v1::CleanupPolicy::try_from(wire.cleanup_policy)
-        .map_err(|_| invalid("unknown cleanup_policy"))?;
+    match v1::CleanupPolicy::try_from(wire.cleanup_policy)
+        .map_err(|_| invalid("unknown cleanup_policy"))?
+    {
+        v1::CleanupPolicy::Unspecified => {}
+        v1::CleanupPolicy::Delete => base.cleanup = CleanupPolicy::Delete,
+        v1::CleanupPolicy::Compact => base.cleanup = CleanupPolicy::Compact,
+        v1::CleanupPolicy::CompactDelete => base.cleanup = CleanupPolicy::CompactDelete,
+    }
+    if let Some(v) = wire.delete_retention_ms {
+        base.delete_retention_ms = v;
+    }
+    if let Some(v) = wire.min_compaction_lag_ms {
+        base.min_compaction_lag_ms = v;
+    }
+    if let Some(v) = wire.min_cleanable_dirty_percent {
+        base.min_cleanable_dirty_percent = u8::try_from(v)
+            .ok()
+            .filter(|v| *v <= 100)
+            .ok_or_else(|| invalid("min_cleanable_dirty_percent must be in 0..=100"))?;
+    }
     Ok(())
 }
 
@@ -70,8 +90,15 @@ pub(crate) fn topic_config_to_wire(c: &TopicConfig) -> v1::TopicConfig {
         segment_ms: Some(c.segment_ms),
         fsync_policy: policy as i32,
         fsync_interval_ms: Some(interval),
-        cleanup_policy: v1::CleanupPolicy::Delete as i32,
+        cleanup_policy: match c.cleanup {
+            CleanupPolicy::Delete => v1::CleanupPolicy::Delete,
+            CleanupPolicy::Compact => v1::CleanupPolicy::Compact,
+            CleanupPolicy::CompactDelete => v1::CleanupPolicy::CompactDelete,
+        } as i32,
         max_message_bytes: Some(c.max_batch_bytes),
+        delete_retention_ms: Some(c.delete_retention_ms),
+        min_compaction_lag_ms: Some(c.min_compaction_lag_ms),
+        min_cleanable_dirty_percent: Some(u32::from(c.min_cleanable_dirty_percent)),
     }
 }
 
@@ -174,5 +201,38 @@ mod tests {
         let mut again = TopicConfig::default();
         apply_topic_config(&mut again, &topic_config_to_wire(&c)).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn compaction_settings_roundtrip() {
+        let mut c = TopicConfig::default();
+        let wire = v1::TopicConfig {
+            cleanup_policy: v1::CleanupPolicy::CompactDelete as i32,
+            delete_retention_ms: Some(60_000),
+            min_compaction_lag_ms: Some(5),
+            min_cleanable_dirty_percent: Some(10),
+            ..Default::default()
+        };
+        apply_topic_config(&mut c, &wire).unwrap();
+        assert_eq!(c.cleanup, CleanupPolicy::CompactDelete);
+        assert_eq!(
+            (
+                c.delete_retention_ms,
+                c.min_compaction_lag_ms,
+                c.min_cleanable_dirty_percent
+            ),
+            (60_000, 5, 10)
+        );
+        // Unset: unchanged.
+        apply_topic_config(&mut c, &v1::TopicConfig::default()).unwrap();
+        assert_eq!(c.cleanup, CleanupPolicy::CompactDelete);
+        let mut again = TopicConfig::default();
+        apply_topic_config(&mut again, &topic_config_to_wire(&c)).unwrap();
+        assert_eq!(again, c);
+        let bad = v1::TopicConfig {
+            min_cleanable_dirty_percent: Some(101),
+            ..Default::default()
+        };
+        assert!(apply_topic_config(&mut c, &bad).is_err());
     }
 }

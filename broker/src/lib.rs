@@ -34,7 +34,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spool_log_engine::{Limits, Log, LogOptions, TopicConfig};
+use spool_log_engine::{CleanerOptions, Limits, Log, LogOptions, TopicConfig};
 use spool_proto::v1::admin_service_server::AdminServiceServer;
 use spool_proto::v1::consume_service_server::ConsumeServiceServer;
 use spool_proto::v1::group_service_server::GroupServiceServer;
@@ -101,6 +101,12 @@ impl Broker {
             LogOptions {
                 limits: limits.clone(),
                 retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
+                cleaner: CleanerOptions {
+                    check_interval: Duration::from_millis(config.cleaner_check_interval_ms),
+                    dedupe_buffer_bytes: usize::try_from(config.cleaner_dedupe_buffer_bytes)
+                        .unwrap_or(usize::MAX),
+                    ..CleanerOptions::default()
+                },
                 ..LogOptions::default()
             },
         )

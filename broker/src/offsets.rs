@@ -21,14 +21,19 @@
 //! Deleting a group (`DeleteGroup`) appends one batch holding a tombstone per deleted key,
 //! durably, then removes the keys from the map; replay removes a key at its tombstone, so a
 //! deletion survives restart exactly like a commit, and a later commit brings the key back.
-//! (Compaction of this topic arrives with compacted topics; until then it grows with commits
-//! and retention must not be set on it.)
+//!
+//! The topic is compacted ([`offsets_topic_config`]): the cleaner keeps the latest record of
+//! each key and drops tombstones a day after it first passed them, so the topic stays about
+//! as large as the set of live committed offsets. Replay reads it through the gaps compaction
+//! leaves in its offsets; every record it keeps is the latest of its key, so the map it builds
+//! is the same as before compaction. A log created before topics could be compacted has its
+//! topic switched to compaction at start.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use spool_log_engine::{BatchBuilder, Compression, Limits, Log, TopicConfig};
+use spool_log_engine::{BatchBuilder, CleanupPolicy, Compression, Limits, Log, TopicConfig};
 use spool_proto::v1;
 
 use crate::error::BrokerError;
@@ -60,6 +65,17 @@ pub(crate) struct OffsetStore {
     group_states: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
+/// The internal topic's configuration: compacted (as Kafka's `__consumer_offsets`), in
+/// 100 MiB segments (Kafka's `offsets.topic.segment.bytes`), so the cleaner gets to work
+/// long before a default 1 GiB segment would fill.
+pub(crate) fn offsets_topic_config() -> TopicConfig {
+    TopicConfig {
+        cleanup: CleanupPolicy::Compact,
+        segment_bytes: 100 << 20,
+        ..TopicConfig::default()
+    }
+}
+
 fn encode_key(group: &str, topic: &str, partition: u32) -> Vec<u8> {
     format!("{group}\0{topic}\0{partition}").into_bytes()
 }
@@ -74,8 +90,20 @@ fn decode_key(k: &[u8]) -> Option<Key> {
 impl OffsetStore {
     /// Opens the store, creating the internal topic if needed, and replays it. Blocking.
     pub(crate) fn open(log: Arc<Log>, limits: &Limits) -> Result<OffsetStore, BrokerError> {
-        if log.topic_config(OFFSETS_TOPIC).is_err() {
-            log.create_topic(OFFSETS_TOPIC, TopicConfig::default())?;
+        match log.topic_config(OFFSETS_TOPIC) {
+            Err(_) => log.create_topic(OFFSETS_TOPIC, offsets_topic_config())?,
+            Ok(c) if !c.cleanup.compacts() => {
+                // Written before compacted topics existed: every record has a key.
+                tracing::info!(topic = OFFSETS_TOPIC, "switching to compaction");
+                log.alter_topic(
+                    OFFSETS_TOPIC,
+                    TopicConfig {
+                        cleanup: CleanupPolicy::Compact,
+                        ..c
+                    },
+                )?;
+            }
+            Ok(_) => {}
         }
         let p = log.partition(OFFSETS_TOPIC, 0)?;
         let mut map = BTreeMap::new();
@@ -477,5 +505,48 @@ mod tests {
         let g2 = s.fetch("g2", &[]).unwrap();
         assert_eq!(g2.len(), 1);
         assert_eq!(g2[0].offset, Some(9));
+    }
+
+    #[test]
+    fn the_offsets_topic_is_compacted_and_replays_the_same_after_cleaning() {
+        let dir = tempfile::tempdir().unwrap();
+        // A log from before compaction: the internal topic exists with `delete`.
+        {
+            let log = Log::open(dir.path(), LogOptions::default()).unwrap();
+            log.create_topic(OFFSETS_TOPIC, TopicConfig::default())
+                .unwrap();
+        }
+        let (log, s) = open(dir.path());
+        assert_eq!(
+            log.topic_config(OFFSETS_TOPIC).unwrap().cleanup,
+            CleanupPolicy::Compact,
+            "switched at start"
+        );
+        for round in 0..50u64 {
+            for p in 0..3 {
+                s.commit("g1", &[commit("a", p, round * 10 + u64::from(p))], 1_000)
+                    .unwrap();
+            }
+            s.commit("g2", &[commit("b", 0, round)], 1_000).unwrap();
+        }
+        s.delete_group("g2", &[], 2_000).unwrap();
+        let p = log.partition(OFFSETS_TOPIC, 0).unwrap();
+        p.roll().unwrap();
+        let before = p.stats().size_bytes;
+        let r = log.clean_now(OFFSETS_TOPIC, 0).unwrap();
+        assert!(r.ran && r.records_removed == 200 - 3, "{r:?}");
+        assert!(p.stats().size_bytes < before / 10, "{r:?}");
+        let want = s.fetch("g1", &[]).unwrap();
+        assert_eq!(want.len(), 3);
+        drop(s);
+        drop(p);
+        log.close().unwrap();
+        drop(log);
+        let (_log, s) = open(dir.path());
+        assert_eq!(s.fetch("g1", &[]).unwrap(), want);
+        assert!(
+            s.fetch("g2", &[]).unwrap().is_empty(),
+            "the tombstone is kept"
+        );
     }
 }

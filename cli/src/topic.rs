@@ -4,7 +4,7 @@ use std::io::Write;
 
 use clap::Subcommand;
 use serde_json::json;
-use spool_client::{Client, FsyncPolicy, TopicConfig, TopicSettings};
+use spool_client::{CleanupPolicy, Client, FsyncPolicy, TopicConfig, TopicSettings};
 
 use crate::conn::parse_duration;
 use crate::exit::{CliResult, usage};
@@ -16,7 +16,9 @@ pub(crate) enum TopicCmd {
     ///
     /// Config keys (Kafka's names): retention.ms, retention.bytes (0 or "none": no limit;
     /// durations like 7d accepted for retention.ms and segment.ms), segment.bytes, segment.ms,
-    /// fsync (always | never | interval:MS, e.g. interval:100), max.message.bytes.
+    /// fsync (always | never | interval:MS, e.g. interval:100), max.message.bytes,
+    /// cleanup.policy (delete | compact | compact,delete), and for compacted topics
+    /// delete.retention.ms, min.compaction.lag.ms, min.cleanable.dirty.ratio (0 to 1).
     ///
     /// Example: spool topic create prices --partitions 4 -c retention.ms=7d -c fsync=always
     Create {
@@ -143,18 +145,38 @@ pub(crate) fn parse_settings(pairs: &[String]) -> CliResult<TopicSettings> {
                     },
                 });
             }
-            "cleanup.policy" => {
-                if v != "delete" {
-                    return Err(usage(format!(
-                        "cleanup.policy={v}: only `delete` exists so far (compaction is not \
-                         built yet)"
-                    )));
-                }
+            "cleanup.policy" | "cleanup_policy" => {
+                let mut parts: Vec<&str> = v.split(',').map(str::trim).collect();
+                parts.sort_unstable();
+                parts.dedup();
+                s.cleanup = Some(match parts.as_slice() {
+                    ["delete"] => CleanupPolicy::Delete,
+                    ["compact"] => CleanupPolicy::Compact,
+                    ["compact", "delete"] => CleanupPolicy::CompactDelete,
+                    _ => {
+                        return Err(usage(format!(
+                            "cleanup.policy: {v:?} is not delete, compact or compact,delete"
+                        )));
+                    }
+                });
+            }
+            "delete.retention.ms" | "delete_retention_ms" => s.delete_retention_ms = Some(ms(v)?),
+            "min.compaction.lag.ms" | "min_compaction_lag_ms" => {
+                s.min_compaction_lag_ms = Some(ms(v)?);
+            }
+            "min.cleanable.dirty.ratio" | "min_cleanable_dirty_ratio" => {
+                let r: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| usage(format!("{k}: {v:?} is not a number from 0 to 1")))?;
+                s.min_cleanable_dirty_percent = Some((r * 100.0).round() as u8);
             }
             other => {
                 return Err(usage(format!(
                     "unknown config key {other:?} (retention.ms, retention.bytes, segment.bytes, \
-                     segment.ms, fsync, max.message.bytes)"
+                     segment.ms, fsync, max.message.bytes, cleanup.policy, delete.retention.ms, \
+                     min.compaction.lag.ms, min.cleanable.dirty.ratio)"
                 )));
             }
         }
@@ -170,28 +192,51 @@ fn fsync_text(f: FsyncPolicy) -> String {
     }
 }
 
+fn dirty_ratio(c: &TopicConfig) -> f64 {
+    f64::from(c.min_cleanable_dirty_percent) / 100.0
+}
+
+/// The compaction settings mean something (and are shown) only for compacted topics.
+fn compacts(c: &TopicConfig) -> bool {
+    c.cleanup != CleanupPolicy::Delete
+}
+
 fn config_rows(c: &TopicConfig) -> Vec<(&'static str, String)> {
-    vec![
+    let mut rows = vec![
         ("retention.ms", opt(c.retention_ms)),
         ("retention.bytes", opt(c.retention_bytes)),
         ("segment.bytes", c.segment_bytes.to_string()),
         ("segment.ms", c.segment_ms.to_string()),
         ("fsync", fsync_text(c.fsync)),
-        ("cleanup.policy", "delete".into()),
-        ("max.message.bytes", c.max_message_bytes.to_string()),
-    ]
+        ("cleanup.policy", c.cleanup.to_string()),
+    ];
+    if compacts(c) {
+        rows.extend([
+            ("delete.retention.ms", c.delete_retention_ms.to_string()),
+            ("min.compaction.lag.ms", c.min_compaction_lag_ms.to_string()),
+            ("min.cleanable.dirty.ratio", dirty_ratio(c).to_string()),
+        ]);
+    }
+    rows.push(("max.message.bytes", c.max_message_bytes.to_string()));
+    rows
 }
 
 fn config_json(c: &TopicConfig) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "retention.ms": c.retention_ms,
         "retention.bytes": c.retention_bytes,
         "segment.bytes": c.segment_bytes,
         "segment.ms": c.segment_ms,
         "fsync": fsync_text(c.fsync),
-        "cleanup.policy": "delete",
+        "cleanup.policy": c.cleanup.as_str(),
         "max.message.bytes": c.max_message_bytes,
-    })
+    });
+    if compacts(c) {
+        v["delete.retention.ms"] = json!(c.delete_retention_ms);
+        v["min.compaction.lag.ms"] = json!(c.min_compaction_lag_ms);
+        v["min.cleanable.dirty.ratio"] = json!(dirty_ratio(c));
+    }
+    v
 }
 
 pub(crate) async fn run(client: &Client, cmd: TopicCmd, out: &mut impl Write) -> CliResult {
@@ -340,11 +385,34 @@ mod tests {
         assert_eq!(s.segment_bytes, Some(1 << 20));
         assert_eq!(s.fsync, Some(FsyncPolicy::Interval { interval_ms: 250 }));
         assert_eq!(s.max_message_bytes, Some(1000));
+        assert_eq!(s.cleanup, None);
+        let s = parse_settings(&[
+            "cleanup.policy=delete,compact".into(),
+            "delete.retention.ms=1h".into(),
+            "min.compaction.lag.ms=500".into(),
+            "min.cleanable.dirty.ratio=0.25".into(),
+        ])
+        .unwrap();
+        assert_eq!(s.cleanup, Some(CleanupPolicy::CompactDelete));
+        assert_eq!(s.delete_retention_ms, Some(3_600_000));
+        assert_eq!(s.min_compaction_lag_ms, Some(500));
+        assert_eq!(s.min_cleanable_dirty_percent, Some(25));
+        for (v, want) in [
+            ("compact", CleanupPolicy::Compact),
+            ("delete", CleanupPolicy::Delete),
+            ("compact,delete", CleanupPolicy::CompactDelete),
+        ] {
+            let s = parse_settings(&[format!("cleanup.policy={v}")]).unwrap();
+            assert_eq!(s.cleanup, Some(want));
+        }
         for bad in [
             "retention.ms",
             "colour=blue",
             "fsync=sometimes",
             "segment.bytes=big",
+            "cleanup.policy=shred",
+            "cleanup.policy=compact,shred",
+            "min.cleanable.dirty.ratio=1.5",
         ] {
             assert!(parse_settings(&[bad.into()]).is_err(), "{bad}");
         }

@@ -117,8 +117,8 @@ struct Assignment {
 #[derive(Debug)]
 enum Item {
     Record(usize, Record),
-    /// Move a position past records that were not returned (none today; compaction and
-    /// transaction markers will leave such gaps).
+    /// Move a position past offsets that hold no record to return: the gaps compaction
+    /// leaves (and, later, transaction markers).
     Advance(usize, u64),
 }
 

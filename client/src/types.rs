@@ -28,6 +28,38 @@ pub enum CleanupPolicy {
     /// Whole old segments are deleted past the retention limits.
     #[default]
     Delete,
+    /// Compaction: the latest record of each key is kept (offsets of kept records never
+    /// change, so offsets become sparse); tombstones (null values) go `delete_retention_ms`
+    /// after the cleaner first passed them. Every record needs a key. Retention limits are
+    /// ignored.
+    Compact,
+    /// Compaction and deletion of old segments past the retention limits.
+    CompactDelete,
+}
+
+impl CleanupPolicy {
+    /// Kafka's spelling: `delete`, `compact` or `compact,delete`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+            CleanupPolicy::CompactDelete => "compact,delete",
+        }
+    }
+
+    fn to_wire(self) -> v1::CleanupPolicy {
+        match self {
+            CleanupPolicy::Delete => v1::CleanupPolicy::Delete,
+            CleanupPolicy::Compact => v1::CleanupPolicy::Compact,
+            CleanupPolicy::CompactDelete => v1::CleanupPolicy::CompactDelete,
+        }
+    }
+}
+
+impl std::fmt::Display for CleanupPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A topic's effective settings, as the broker reports them (every field known).
@@ -47,6 +79,13 @@ pub struct TopicConfig {
     pub cleanup: CleanupPolicy,
     /// Largest record batch the topic accepts (bytes, header included).
     pub max_message_bytes: u32,
+    /// Compacted topics: how long a tombstone stays after the cleaner first passed it (ms).
+    pub delete_retention_ms: u64,
+    /// Compacted topics: a segment is cleaned only once its newest record is this old (ms).
+    pub min_compaction_lag_ms: u64,
+    /// Compacted topics: a partition is cleaned once its uncleaned part is this percentage of
+    /// its sealed segments.
+    pub min_cleanable_dirty_percent: u8,
 }
 
 /// Settings to create a topic with, or to change: `None` fields take the broker's default
@@ -68,6 +107,14 @@ pub struct TopicSettings {
     pub fsync: Option<FsyncPolicy>,
     /// Largest batch accepted.
     pub max_message_bytes: Option<u32>,
+    /// Cleanup policy.
+    pub cleanup: Option<CleanupPolicy>,
+    /// Compacted topics: tombstone retention after the cleaner first passed it (ms).
+    pub delete_retention_ms: Option<u64>,
+    /// Compacted topics: minimum age of a segment's newest record before it is cleaned (ms).
+    pub min_compaction_lag_ms: Option<u64>,
+    /// Compacted topics: dirty percentage that triggers cleaning (0–100).
+    pub min_cleanable_dirty_percent: Option<u8>,
 }
 
 impl TopicSettings {
@@ -87,8 +134,14 @@ impl TopicSettings {
             segment_ms: self.segment_ms,
             fsync_policy: policy as i32,
             fsync_interval_ms: interval,
-            cleanup_policy: v1::CleanupPolicy::Unspecified as i32,
+            cleanup_policy: self
+                .cleanup
+                .map_or(v1::CleanupPolicy::Unspecified, CleanupPolicy::to_wire)
+                as i32,
             max_message_bytes: self.max_message_bytes,
+            delete_retention_ms: self.delete_retention_ms,
+            min_compaction_lag_ms: self.min_compaction_lag_ms,
+            min_cleanable_dirty_percent: self.min_cleanable_dirty_percent.map(u32::from),
         }
     }
 }
@@ -109,8 +162,17 @@ impl TopicConfig {
             segment_bytes: c.segment_bytes.unwrap_or_default(),
             segment_ms: c.segment_ms.unwrap_or_default(),
             fsync,
-            cleanup: CleanupPolicy::Delete,
+            cleanup: match v1::CleanupPolicy::try_from(c.cleanup_policy) {
+                Ok(v1::CleanupPolicy::Compact) => CleanupPolicy::Compact,
+                Ok(v1::CleanupPolicy::CompactDelete) => CleanupPolicy::CompactDelete,
+                _ => CleanupPolicy::Delete,
+            },
             max_message_bytes: c.max_message_bytes.unwrap_or_default(),
+            delete_retention_ms: c.delete_retention_ms.unwrap_or_default(),
+            min_compaction_lag_ms: c.min_compaction_lag_ms.unwrap_or_default(),
+            min_cleanable_dirty_percent: c
+                .min_cleanable_dirty_percent
+                .map_or(0, |v| v.min(100) as u8),
         }
     }
 }

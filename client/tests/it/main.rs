@@ -3,6 +3,7 @@
 
 mod admin;
 mod broker;
+mod compaction;
 mod consume;
 mod groups;
 mod history;
