@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every Spool benchmark and writes a dated results file under benches/results/.
+# Runs every Spool engine benchmark and writes a dated results file under benches/results/.
 #
 #   benches/run.sh [RUNS]        # RUNS full passes over all benches (default 1)
 #
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=${1:-1}
-benches=${BENCHES:-append read lookup recovery}
+benches=${BENCHES:-append read lookup recovery compaction}
 mkdir -p benches/results
 out="benches/results/$(date -u +%Y-%m-%dT%H%M%SZ).txt"
 
