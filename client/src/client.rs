@@ -762,6 +762,7 @@ impl Client {
                         metadata: c.metadata.clone(),
                     })
                     .collect(),
+                // A plain commit: no group membership (fields for members are left unset).
                 ..Default::default()
             },
             t,
