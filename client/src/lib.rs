@@ -36,6 +36,10 @@
 //! - [`Consumer`]: follows partitions over the broker's Subscribe stream from an offset, a
 //!   time, the earliest or latest offset, or the group's committed offset; reconnects; resets
 //!   out-of-range positions per policy. See [`consumer`].
+//! - [`GroupConsumer`]: a member of a consumer group whose partitions the broker assigns
+//!   (range, round-robin, sticky) and moves with revocation before reassignment; commits are
+//!   fenced by member id and generation; static membership by instance id. See [`group`];
+//!   [`Client::describe_group`] shows a group's members and assignments.
 //! - [`Error`]: one typed error for gRPC statuses (read with their google.rpc `ErrorInfo`) and
 //!   per-partition errors alike; [`Error::is_retriable`] is what the producer and consumer
 //!   retry on.
@@ -46,9 +50,7 @@
 //!
 //! # Not here yet
 //!
-//! Idempotent / transactional producers (so a retry after a timeout may duplicate a batch) and
-//! consumer-group membership (partitions are assigned by the caller; groups only store
-//! offsets).
+//! Transactional producers.
 #![warn(missing_docs)]
 
 pub mod client;

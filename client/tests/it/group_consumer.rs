@@ -1,0 +1,234 @@
+//! `GroupConsumer` against the real spoold: partitions shared and handed over with commits
+//! (no record lost or repeated in a clean hand-over), static members returning, zombies
+//! refused with typed errors, and members rejoining after a broker restart.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use spool_client::{
+    AssignmentStrategy, Client, Error, GroupConfig, GroupConsumer, GroupState, OffsetCommit,
+    TopicPartition,
+};
+
+use crate::broker::Broker;
+use crate::{create, produce_n};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn broker() -> Broker {
+    Broker::start_with_config(|_| Some("[groups]\nmin_session_timeout_ms = 100\n".into()))
+}
+
+fn config(instance: Option<&str>) -> GroupConfig {
+    let c = GroupConfig::new("g", ["ev"]).session_timeout(Duration::from_secs(2));
+    match instance {
+        Some(i) => c.instance_id(i),
+        None => c,
+    }
+}
+
+/// Applies membership events until `gc` owns `n` partitions.
+async fn until_owns(gc: &mut GroupConsumer, n: usize) {
+    tokio::time::timeout(WAIT, async {
+        while gc.assignment().len() != n {
+            gc.wait_membership().await.expect("membership");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never owned {n} partitions: {:?}", gc.assignment()));
+}
+
+/// Reads records until `want` distinct (partition, offset) pairs were seen overall.
+async fn read(gc: &mut GroupConsumer, seen: &mut Vec<(u32, u64)>, n: usize) {
+    for _ in 0..n {
+        let r = tokio::time::timeout(WAIT, gc.next())
+            .await
+            .expect("a record in time")
+            .expect("not closed")
+            .expect("a record");
+        seen.push((r.partition, r.offset));
+    }
+}
+
+async fn setup(c: &Client) {
+    create(c, "ev", 4).await;
+    for p in 0..4 {
+        produce_n(c, "ev", p, 10, 1_000).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_partitions_and_hand_over_with_commits() {
+    let b = broker();
+    let c = b.client().await;
+    setup(&c).await;
+
+    let mut c1 = GroupConsumer::join(&c, config(None)).await.unwrap();
+    assert_eq!(c1.assignment().len(), 4);
+    let mut seen1 = Vec::new();
+    read(&mut c1, &mut seen1, 15).await;
+
+    // A second member: c1 commits and gives up two partitions, then c2 gets them.
+    let c2_join = tokio::spawn({
+        let c = c.clone();
+        async move { GroupConsumer::join(&c, config(None)).await }
+    });
+    until_owns(&mut c1, 2).await;
+    let mut c2 = c2_join.await.unwrap().unwrap();
+    until_owns(&mut c2, 2).await;
+    let a1: BTreeSet<TopicPartition> = c1.assignment().into_iter().collect();
+    let a2: BTreeSet<TopicPartition> = c2.assignment().into_iter().collect();
+    assert!(a1.is_disjoint(&a2), "{a1:?} {a2:?}");
+    assert_eq!(a1.len() + a2.len(), 4);
+
+    // Plain commits and fenced commits of a partition the member does not own are refused.
+    let e = c
+        .commit_offsets(
+            "g",
+            &[OffsetCommit {
+                topic: "ev".into(),
+                partition: 0,
+                offset: 0,
+                metadata: String::new(),
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::GroupNotEmpty { .. }), "{e:?}");
+    let theirs = a2.iter().next().unwrap();
+    let e = c
+        .commit_offsets_fenced(
+            "g",
+            c1.member_id().unwrap(),
+            c1.generation(),
+            &[OffsetCommit {
+                topic: theirs.topic.clone(),
+                partition: theirs.partition,
+                offset: 0,
+                metadata: String::new(),
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::IllegalGeneration { .. }), "{e:?}");
+
+    // The rest of the 40 records, split between them, none twice.
+    let mut seen2 = Vec::new();
+    let left = 40 - seen1.len();
+    let mut got = 0;
+    while got < left {
+        let before = seen1.len() + seen2.len();
+        tokio::select! {
+            r = tokio::time::timeout(Duration::from_millis(300), c1.next()) => {
+                if let Ok(Some(r)) = r { let r = r.unwrap(); seen1.push((r.partition, r.offset)); }
+            }
+            r = tokio::time::timeout(Duration::from_millis(300), c2.next()) => {
+                if let Ok(Some(r)) = r { let r = r.unwrap(); seen2.push((r.partition, r.offset)); }
+            }
+        }
+        got += seen1.len() + seen2.len() - before;
+    }
+    let all: BTreeSet<(u32, u64)> = seen1.iter().chain(&seen2).copied().collect();
+    assert_eq!(all.len(), 40, "every record once");
+    assert_eq!(seen1.len() + seen2.len(), 40, "none twice");
+    assert!(
+        seen2
+            .iter()
+            .all(|(p, _)| a2.contains(&TopicPartition::new("ev", *p)))
+    );
+
+    let d = c.describe_group("g").await.unwrap();
+    assert_eq!(d.state, GroupState::Stable, "{d:?}");
+    assert_eq!(d.members.len(), 2);
+    assert_eq!(d.strategy, AssignmentStrategy::Sticky);
+
+    // c1 leaves (committing): c2 gets everything and has nothing left to read.
+    c1.leave().await.unwrap();
+    until_owns(&mut c2, 4).await;
+    let r = tokio::time::timeout(Duration::from_millis(500), c2.next()).await;
+    assert!(r.is_err(), "nothing left to read, got {r:?}");
+    c2.close().await.unwrap();
+    let d = c.describe_group("g").await.unwrap();
+    assert_eq!(d.state, GroupState::Empty);
+    let committed = c.fetch_offsets("g", &[]).await.unwrap();
+    assert_eq!(committed.len(), 4);
+    assert!(
+        committed.iter().all(|o| o.offset == Some(10)),
+        "{committed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_member_returns_and_members_rejoin_after_a_broker_restart() {
+    let mut b = broker();
+    let c = b.client().await;
+    setup(&c).await;
+    let mut s = GroupConsumer::join(&c, config(Some("host-1")))
+        .await
+        .unwrap();
+    let d_join = tokio::spawn({
+        let c = c.clone();
+        async move { GroupConsumer::join(&c, config(None)).await }
+    });
+    until_owns(&mut s, 2).await;
+    let mut d = d_join.await.unwrap().unwrap();
+    until_owns(&mut d, 2).await;
+    let s_parts = s.assignment();
+    let d_parts = d.assignment();
+    let d_rebalances = d.rebalances();
+    let old_member = s.member_id().unwrap().to_owned();
+    let old_generation = s.generation();
+
+    // The static member's process stops (close keeps its membership for the session).
+    s.close().await.unwrap();
+    let mut s = GroupConsumer::join(&c, config(Some("host-1")))
+        .await
+        .unwrap();
+    assert_eq!(s.assignment(), s_parts, "same partitions back");
+    assert_ne!(s.member_id().unwrap(), old_member);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.poll_membership().await.unwrap();
+    assert_eq!(
+        d.rebalances(),
+        d_rebalances,
+        "the other member was not rebalanced"
+    );
+    // The previous incarnation is a zombie.
+    let e = c
+        .commit_offsets_fenced(
+            "g",
+            &old_member,
+            old_generation,
+            &[OffsetCommit {
+                topic: s_parts[0].topic.clone(),
+                partition: s_parts[0].partition,
+                offset: 0,
+                metadata: String::new(),
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::FencedMember { .. }), "{e:?}");
+
+    // Broker restart: both rejoin on their own and get the same partitions back.
+    b.restart();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let _ = s.poll_membership().await;
+            let _ = d.poll_membership().await;
+            if let Ok(desc) = c.describe_group("g").await
+                && desc.state == GroupState::Stable
+                && desc.members.iter().all(|m| m.connected)
+                && s.assignment() == s_parts
+                && d.assignment() == d_parts
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("members rejoined after the restart with their partitions");
+    s.leave().await.unwrap();
+    d.leave().await.unwrap();
+}
