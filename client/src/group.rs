@@ -348,8 +348,8 @@ impl GroupConsumer {
     /// has more members than partitions).
     ///
     /// Errors: [`Error::UnknownTopic`], [`Error::NotAuthorized`], [`Error::InvalidRequest`]
-    /// (bad names, a strategy other than the group's), and connection failures after the
-    /// rejoin backoff gave up.
+    /// (bad names, a strategy other than the group's), and the first connection failure
+    /// (later ones are retried: the member rejoins by itself).
     pub async fn join(client: &Client, mut config: GroupConfig) -> Result<GroupConsumer> {
         config.consumer.group = Some(config.group.clone());
         let (events_tx, events) = mpsc::channel(64);
@@ -375,9 +375,17 @@ impl GroupConsumer {
             rebalances: 0,
             fatal: None,
         };
-        while gc.member_id.is_none() {
-            gc.wait_membership().await?;
+        // The first event is the first Assignment, or why joining failed (a broker that
+        // cannot be reached, a refused join): reported here rather than retried forever.
+        match gc.events.recv().await {
+            Some(Event::Lost { error, .. }) => {
+                gc.task.abort();
+                return Err(error);
+            }
+            Some(ev) => gc.pending.push_back(ev),
+            None => return Err(Error::Closed),
         }
+        gc.poll_membership().await?;
         Ok(gc)
     }
 
