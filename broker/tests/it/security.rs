@@ -365,3 +365,93 @@ async fn group_admin_follows_the_acls() {
     assert_eq!(names(ops.clone()).await, ["deals-pricer", "other"]);
     b.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_membership_follows_the_acls() {
+    use v1::group_service_client::GroupServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write_config(dir.path());
+    let cfg = dir.path().join("spoold.toml");
+    let b = Spoold::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let ch = tls_channel(&b, &ca).await;
+    let admin = AdminServiceClient::with_interceptor(ch.clone(), Bearer(Some(ADMIN)));
+    for topic in ["prices", "secret"] {
+        admin
+            .clone()
+            .create_topic(v1::CreateTopicRequest {
+                topic: topic.into(),
+                partitions: 1,
+                config: None,
+            })
+            .await
+            .unwrap();
+    }
+    let deals = GroupServiceClient::with_interceptor(ch.clone(), Bearer(Some(DEALS)));
+    let join = |group: &str, topic: &str| {
+        let msg = v1::MembershipRequest {
+            request: Some(v1::membership_request::Request::Join(v1::JoinGroup {
+                group: group.into(),
+                topics: vec![topic.into()],
+                ..Default::default()
+            })),
+        };
+        tokio_stream::iter(vec![msg]).chain(tokio_stream::pending())
+    };
+    use tokio_stream::StreamExt;
+    // The token's groups ("deals-") and topics ("prices"): allowed.
+    let mut ok = deals
+        .clone()
+        .membership(join("deals-matcher", "prices"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = ok.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.response,
+        Some(v1::membership_response::Response::Joined(_))
+    ));
+    // Another group, or a topic it may not consume: refused before anything happens.
+    for (group, topic) in [("other", "prices"), ("deals-matcher", "secret")] {
+        let e = deals
+            .clone()
+            .membership(join(group, topic))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{group} {topic}: {e:?}");
+    }
+    let describe = |g: &str| v1::DescribeGroupRequest { group: g.into() };
+    let d = deals
+        .clone()
+        .describe_group(describe("deals-matcher"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.members.len(), 1);
+    let e = deals
+        .clone()
+        .describe_group(describe("other"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = deals
+        .clone()
+        .leave_group(v1::LeaveGroupRequest {
+            group: "other".into(),
+            member_id: "x".into(),
+            instance_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Without a token: unauthenticated.
+    let anon = GroupServiceClient::with_interceptor(ch, Bearer(None));
+    let e = anon
+        .clone()
+        .describe_group(describe("deals-matcher"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}
