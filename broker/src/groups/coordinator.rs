@@ -46,7 +46,9 @@ pub(crate) use super::assign::{Strategy, Tp};
 use super::assign::{Sub, assign};
 
 /// A member of the group. Equality (what decides whether a change must be persisted) ignores
-/// the volatile `last_heard` and `connected`.
+/// the volatile `last_heard` and `connected`, and `acked`: an acknowledgement that releases
+/// nothing changes nothing that matters after a restart (every member must rejoin and is sent
+/// a new Assignment then), so it costs no fdatasync.
 #[derive(Clone, Debug, Eq, Serialize, Deserialize)]
 pub(crate) struct Member {
     pub(crate) id: String,
@@ -82,7 +84,6 @@ impl PartialEq for Member {
             self.rebalance_ms,
             &self.told,
             self.generation,
-            self.acked,
             &self.revoking,
             &self.epochs,
         ) == (
@@ -93,7 +94,6 @@ impl PartialEq for Member {
             o.rebalance_ms,
             &o.told,
             o.generation,
-            o.acked,
             &o.revoking,
             &o.epochs,
         )
