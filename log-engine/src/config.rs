@@ -323,7 +323,8 @@ pub struct CleanerOptions {
     /// it, call [`crate::Log::run_cleaner`] yourself.
     pub enabled: bool,
     /// Memory for the key → offset map of one cleaning pass (Kafka's
-    /// `log.cleaner.dedupe.buffer.size`), allocated once: 24 bytes per key. A pass whose dirty
+    /// `log.cleaner.dedupe.buffer.size`), reserved once (zeroed pages: only the part a pass
+    /// sized for its dirty records uses becomes resident): 24 bytes per key. A pass whose dirty
     /// part has more distinct keys than fit cleans the prefix that fits and leaves the rest to
     /// the next pass. Default 64 MiB (about 2.5 million keys at the 0.9 load factor).
     pub dedupe_buffer_bytes: usize,

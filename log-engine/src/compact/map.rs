@@ -1,9 +1,10 @@
 //! The cleaner's key → latest offset map: fixed capacity, allocated once.
 //!
-//! Open addressing with linear probing over 24-byte slots `{ hash: [u8; 16], offset: u64 }`
-//! (offset `u64::MAX` marks an empty slot; no record ever has that offset). A key is stored as
-//! its 128-bit XXH3 hash, as Kafka's cleaner stores an MD5: two keys with the same hash would
-//! be treated as one (probability about n² / 2¹²⁹ for n keys: nil in practice).
+//! Open addressing with linear probing over 24-byte slots `[hash low, hash high, offset + 1]`
+//! (0 in the last word marks an empty slot, so a fresh table is zeroed memory that the
+//! operating system hands out lazily: only the part a pass uses becomes resident). A key is
+//! stored as its 128-bit XXH3 hash, as Kafka's cleaner stores an MD5: two keys with the same
+//! hash would be treated as one (probability about n² / 2¹²⁹ for n keys: nil in practice).
 //!
 //! The map accepts new keys until `capacity` (90% of the slots, Kafka's default load factor)
 //! and then refuses them; the caller stops there and cleans only the prefix of the dirty part
@@ -11,7 +12,6 @@
 
 /// Bytes of one slot.
 pub(crate) const SLOT_BYTES: usize = 24;
-const EMPTY: u64 = u64::MAX;
 /// Fraction of slots that may be used, in percent.
 const LOAD_PERCENT: usize = 90;
 
@@ -20,26 +20,22 @@ pub(crate) fn key_hash(key: &[u8]) -> u128 {
     twox_hash::XxHash3_128::oneshot(key)
 }
 
-/// One slot: the key's hash and its latest offset, side by side so that a probe touches one
-/// cache line.
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    hash: [u64; 2],
-    offset: u64,
-}
+/// One slot: the key's hash and its latest offset + 1 (0: empty), side by side so that a
+/// probe touches one cache line. A plain array, so that `vec![FREE; n]` is a zeroed
+/// allocation.
+type Slot = [u64; 3];
 
 const _: () = assert!(size_of::<Slot>() == SLOT_BYTES);
 
-const FREE: Slot = Slot {
-    hash: [0, 0],
-    offset: EMPTY,
-};
+const FREE: Slot = [0; 3];
 
 #[derive(Debug)]
 pub(crate) struct OffsetMap {
     slots: Vec<Slot>,
     /// Slots in use by this pass (at most `slots.len()`).
     active: usize,
+    /// Slots that may be non-zero (written since they were last cleared).
+    touched: usize,
     len: usize,
 }
 
@@ -52,9 +48,11 @@ impl OffsetMap {
     /// A map using at most `bytes` of memory (at least a few slots).
     pub(crate) fn with_memory(bytes: usize) -> OffsetMap {
         let slots = (bytes / SLOT_BYTES).max(4);
+        let active = slots.min(16);
         OffsetMap {
             slots: vec![FREE; slots],
-            active: slots,
+            active,
+            touched: active,
             len: 0,
         }
     }
@@ -83,9 +81,9 @@ impl OffsetMap {
             .max(16)
             .checked_next_power_of_two()
             .unwrap_or(usize::MAX);
-        let used = self.active;
+        self.slots[..self.touched].fill(FREE);
         self.active = want.min(self.slots.len());
-        self.slots[..used.max(self.active)].fill(FREE);
+        self.touched = self.active;
         self.len = 0;
     }
 
@@ -99,21 +97,22 @@ impl OffsetMap {
     /// key is new and the map is full.
     #[inline]
     pub(crate) fn insert(&mut self, hash: u128, offset: u64) -> bool {
-        let h = split(hash);
+        let [h0, h1] = split(hash);
         let full = self.len >= self.capacity();
+        let stored = offset.saturating_add(1);
         let mut i = self.slot(hash);
         loop {
             let s = &mut self.slots[i];
-            if s.offset == EMPTY {
+            if s[2] == 0 {
                 if full {
                     return false;
                 }
-                *s = Slot { hash: h, offset };
+                *s = [h0, h1, stored];
                 self.len += 1;
                 return true;
             }
-            if s.hash == h {
-                s.offset = s.offset.max(offset);
+            if s[0] == h0 && s[1] == h1 {
+                s[2] = s[2].max(stored);
                 return true;
             }
             i += 1;
@@ -126,15 +125,15 @@ impl OffsetMap {
     /// The latest offset recorded for `hash`.
     #[inline]
     pub(crate) fn get(&self, hash: u128) -> Option<u64> {
-        let h = split(hash);
+        let [h0, h1] = split(hash);
         let mut i = self.slot(hash);
         loop {
             let s = &self.slots[i];
-            if s.offset == EMPTY {
+            if s[2] == 0 {
                 return None;
             }
-            if s.hash == h {
-                return Some(s.offset);
+            if s[0] == h0 && s[1] == h1 {
+                return Some(s[2] - 1);
             }
             i += 1;
             if i == self.active {
@@ -154,6 +153,9 @@ mod tests {
         let mut m = OffsetMap::with_memory(100 * SLOT_BYTES);
         m.reset(usize::MAX);
         assert_eq!(m.capacity(), 90);
+        assert!(m.insert(key_hash(b"zero"), 0), "offset 0 is a valid offset");
+        assert_eq!(m.get(key_hash(b"zero")), Some(0));
+        m.reset(usize::MAX);
         for i in 0..90u64 {
             assert!(m.insert(key_hash(&i.to_be_bytes()), i));
         }
