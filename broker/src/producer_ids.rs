@@ -59,8 +59,7 @@ impl ProducerIds {
                                 path: p.dir().to_path_buf(),
                                 position: 0,
                                 offset: Some(rec.offset),
-                                reason: "a __producer_ids record is not an 8-byte block end"
-                                    .into(),
+                                reason: "a __producer_ids record is not an 8-byte block end".into(),
                             })
                         })?;
                     taken = taken.max(end);
@@ -131,7 +130,10 @@ mod tests {
                 assert!(seen.insert(id), "round {round}: {id} handed out twice");
             }
             // Two blocks per round: one append per block.
-            let hwm = log.partition(PRODUCER_IDS_TOPIC, 0).unwrap().high_watermark();
+            let hwm = log
+                .partition(PRODUCER_IDS_TOPIC, 0)
+                .unwrap()
+                .high_watermark();
             assert_eq!(hwm, 2 * (round + 1));
             drop(ids);
             log.close().unwrap();

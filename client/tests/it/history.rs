@@ -35,6 +35,9 @@ const PER_PRODUCER: usize = 1500;
 const PARTITIONS: u32 = 3;
 const KILLS: usize = 3;
 
+/// Per partition, (offset, value) in the order seen.
+type PartitionLog = BTreeMap<u32, Vec<(u64, String)>>;
+
 /// xorshift64*, seeded: the kill schedule.
 struct Rng(u64);
 
@@ -127,7 +130,7 @@ async fn idempotent_producers_through_broker_crashes() {
     }
 
     // A live consumer from the start of every partition: offsets it sees, per partition.
-    let seen: Arc<Mutex<BTreeMap<u32, Vec<(u64, String)>>>> = Arc::default();
+    let seen: Arc<Mutex<PartitionLog>> = Arc::default();
     let consumer = {
         let c = Client::connect(addr.clone()).await.unwrap();
         let seen = seen.clone();
@@ -174,7 +177,7 @@ async fn idempotent_producers_through_broker_crashes() {
 
     // The log as it is now.
     let c = Client::connect(addr).await.unwrap();
-    let mut log: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+    let mut log = PartitionLog::new();
     for p in 0..PARTITIONS {
         log.insert(p, read_partition(&c, p).await);
     }
