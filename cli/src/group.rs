@@ -10,10 +10,16 @@
 //! against this machine's clock (negative values, from skewed clocks, show as 0). It is 0 when
 //! the partition is caught up.
 //!
-//! The broker has no group membership yet (issue 5), so "the group has live members" cannot
-//! be known. `seek --execute` and `delete` refuse instead when the group committed anything
-//! within `--active-window` (60 s by default), a heuristic: a consumer that commits less often
-//! than that looks idle, and a stopped one looks active for a minute. `--force` overrides.
+//! Safety of `seek --execute` and `delete`, in two layers:
+//! - **Members** (consumers that joined the group through the broker's `GroupService`): while a
+//!   group has any, both are refused, and `--force` does not override it; the broker itself
+//!   refuses plain offset changes then (`GROUP_NOT_EMPTY`). Stop the members first.
+//! - **Consumers that commit without joining** (simple consumers) are invisible to the broker,
+//!   so the CLI also refuses when the group committed anything within `--active-window` (60 s
+//!   by default), a heuristic: a consumer that commits less often than that looks idle, and a
+//!   stopped one looks active for a minute. `--force` overrides this layer only.
+//!
+//! `describe` shows the members (state, generation, each member's partitions) beside the lag.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, IsTerminal, Write};
@@ -71,10 +77,11 @@ pub(crate) enum GroupCmd {
     /// Scope: every partition the group has committed, or what --topic names (which may add
     /// partitions the group never committed), or the lines of --from-file.
     ///
-    /// Safety: spoold has no group membership yet, so live members cannot be seen. As a
-    /// heuristic, --execute refuses (exit 1) when the group committed anything within
-    /// --active-window (60s); stop the consumers first, or pass --force. With --execute every
-    /// new offset is committed in one request (all or nothing).
+    /// Safety: --execute refuses (exit 1) while the group has members (consumers that joined
+    /// it; --force does not override, the broker would refuse too), and, as a heuristic for
+    /// consumers that commit without joining, when the group committed anything within
+    /// --active-window (60s; --force overrides). With --execute every new offset is committed
+    /// in one request (all or nothing).
     ///
     /// Examples:
     ///   spool group seek billing --to @2026-11-23T10:00:00Z            the plan only
@@ -87,8 +94,8 @@ pub(crate) enum GroupCmd {
     Seek(SeekArgs),
     /// Delete a group's committed offsets: all of them, or those of --topic.
     ///
-    /// Refuses (exit 1) when the group committed within --active-window unless --force (the
-    /// same heuristic as `seek`).
+    /// Refuses (exit 1) while the group has members, and when it committed within
+    /// --active-window unless --force (the same checks as `seek`).
     ///
     /// Examples:
     ///   spool group delete old-billing
@@ -402,15 +409,46 @@ fn check_active(
     Err(CliError::Problem(format!(
         "refusing to {what}: group {group:?} committed offsets {} ago (at {}), within \
          --active-window {}, so its consumers may be running and would overwrite the change \
-         or keep reading from where they are. Stop them and retry, or pass --force. (spoold \
-         has no group membership yet: activity is judged from commit times.)",
+         or keep reading from where they are. Stop them and retry, or pass --force. (Members \
+         that joined the group are checked exactly; consumers that only commit are judged by \
+         their commit times.)",
         human_ms(age),
         fmt_time(last),
         human_ms(window.as_millis() as u64),
     )))
 }
 
+/// Refuses while the group has members (not overridable: the broker would refuse too).
+async fn check_members(client: &Client, group: &str, what: &str) -> CliResult<()> {
+    let d = client.describe_group(group).await?;
+    if d.members.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = d
+        .members
+        .iter()
+        .map(|m| m.instance_id.clone().unwrap_or_else(|| m.member_id.clone()))
+        .collect();
+    Err(CliError::Problem(format!(
+        "refusing to {what}: group {group:?} has {} live member(s) ({}); stop them first (the \
+         broker refuses offset changes from outside the group while it has members)",
+        ids.len(),
+        ids.join(", ")
+    )))
+}
+
 // ---- describe ----------------------------------------------------------------------------
+
+/// A member as `describe` shows it.
+#[derive(Clone, Debug, Serialize)]
+struct MemberRow {
+    member_id: String,
+    instance_id: Option<String>,
+    connected: bool,
+    partitions: usize,
+    revoking: usize,
+    last_heard_ms: u64,
+}
 
 #[derive(Clone, Debug, Serialize)]
 struct PartitionLag {
@@ -422,6 +460,8 @@ struct PartitionLag {
     lag: Option<u64>,
     lag_ms: Option<u64>,
     last_commit_ms: Option<i64>,
+    /// The member that owns the partition (its instance id if static), if any.
+    member: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -441,6 +481,10 @@ struct GroupLag {
     total_lag: u64,
     lag_ms: Option<u64>,
     last_commit_ms: Option<i64>,
+    /// Membership (`Empty` when nobody joined).
+    state: String,
+    generation: u64,
+    members: Vec<MemberRow>,
     partitions: Vec<PartitionLag>,
     topics: Vec<TopicLag>,
 }
@@ -467,14 +511,25 @@ async fn describe_once(
     sort: DescribeSort,
 ) -> CliResult<Option<GroupLag>> {
     let committed = client.fetch_offsets(group, &[]).await?;
+    let membership = client.describe_group(group).await?;
+    let mut owner: HashMap<TopicPartition, String> = HashMap::new();
+    for m in &membership.members {
+        let name = m.instance_id.clone().unwrap_or_else(|| m.member_id.clone());
+        for tp in &m.partitions {
+            owner.insert(tp.clone(), name.clone());
+        }
+    }
     let by_tp: HashMap<TopicPartition, &CommittedOffset> = committed
         .iter()
         .filter(|c| c.offset.is_some())
         .map(|c| (TopicPartition::new(&c.topic, c.partition), c))
         .collect();
     let tps: Vec<TopicPartition> = if topics.is_empty() {
-        let mut v: Vec<_> = by_tp.keys().cloned().collect();
+        // What the group committed, and what its members own (a new group may own partitions
+        // it has not committed yet).
+        let mut v: Vec<_> = by_tp.keys().chain(owner.keys()).cloned().collect();
         v.sort();
+        v.dedup();
         v
     } else {
         expand_targets(client, topics).await?
@@ -501,6 +556,7 @@ async fn describe_once(
                     lag: lag(current, b.log_start, b.high_watermark),
                     lag_ms: None,
                     last_commit_ms: last,
+                    member: owner.get(tp).cloned(),
                     error: None,
                 },
                 Err(e) => PartitionLag {
@@ -512,6 +568,7 @@ async fn describe_once(
                     lag: None,
                     lag_ms: None,
                     last_commit_ms: last,
+                    member: owner.get(tp).cloned(),
                     error: Some(e.to_string()),
                 },
             }
@@ -571,6 +628,20 @@ async fn describe_once(
         total_lag: topics.iter().map(|t| t.lag).sum(),
         lag_ms: topics.iter().filter_map(|t| t.lag_ms).max(),
         last_commit_ms: last_commit(&committed),
+        state: format!("{:?}", membership.state),
+        generation: membership.generation,
+        members: membership
+            .members
+            .iter()
+            .map(|m| MemberRow {
+                member_id: m.member_id.clone(),
+                instance_id: m.instance_id.clone(),
+                connected: m.connected,
+                partitions: m.partitions.len(),
+                revoking: m.revoking.len(),
+                last_heard_ms: m.last_heard_ago.as_millis() as u64,
+            })
+            .collect(),
         partitions: rows,
         topics,
     }))
@@ -579,6 +650,9 @@ async fn describe_once(
 fn render_describe(g: &GroupLag, out: &mut impl Write) -> std::io::Result<()> {
     let now = g.time_ms;
     writeln!(out, "GROUP        {}", g.group)?;
+    writeln!(out, "STATE        {}", g.state)?;
+    writeln!(out, "GENERATION   {}", g.generation)?;
+    writeln!(out, "MEMBERS      {}", g.members.len())?;
     writeln!(out, "PARTITIONS   {}", g.partitions.len())?;
     writeln!(out, "TOTAL-LAG    {}", g.total_lag)?;
     writeln!(out, "LAG-TIME     {}", opt(g.lag_ms.map(human_ms)))?;
@@ -600,6 +674,7 @@ fn render_describe(g: &GroupLag, out: &mut impl Write) -> std::io::Result<()> {
         "LAG",
         "LAG-TIME",
         "LAST-COMMIT",
+        "MEMBER",
     ]);
     for r in &g.partitions {
         t.row(vec![
@@ -611,9 +686,32 @@ fn render_describe(g: &GroupLag, out: &mut impl Write) -> std::io::Result<()> {
             opt(r.lag),
             opt(r.lag_ms.map(human_ms)),
             ago(now, r.last_commit_ms),
+            opt(r.member.clone()),
         ]);
     }
     t.write(out)?;
+    if !g.members.is_empty() {
+        writeln!(out)?;
+        let mut t = Table::new(&[
+            "MEMBER-ID",
+            "INSTANCE-ID",
+            "CONNECTED",
+            "PARTITIONS",
+            "REVOKING",
+            "LAST-HEARD",
+        ]);
+        for m in &g.members {
+            t.row(vec![
+                m.member_id.clone(),
+                opt(m.instance_id.clone()),
+                if m.connected { "yes" } else { "no" }.into(),
+                m.partitions.to_string(),
+                m.revoking.to_string(),
+                format!("{} ago", human_ms(m.last_heard_ms)),
+            ]);
+        }
+        t.write(out)?;
+    }
     writeln!(out)?;
     let mut t = Table::new(&["TOPIC", "PARTITIONS", "LAG", "LAG-TIME"]);
     for tl in &g.topics {
@@ -1056,7 +1154,9 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
             t.write(&mut out)?;
         }
         out.flush()?;
-        if let Err(CliError::Problem(m)) =
+        if let Err(CliError::Problem(m)) = check_members(client, &a.group, "seek").await {
+            eprintln!("% note: --execute would fail now: {m}");
+        } else if let Err(CliError::Problem(m)) =
             check_active(&a.group, "seek", last, now, a.active_window, a.force)
         {
             eprintln!("% note: --execute would fail now: {m}");
@@ -1065,6 +1165,7 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
+    check_members(client, &a.group, "seek").await?;
     check_active(&a.group, "seek", last, now, a.active_window, a.force)?;
     let commits: Vec<OffsetCommit> = plan
         .iter()
@@ -1113,6 +1214,7 @@ async fn delete(client: &Client, a: DeleteArgs) -> CliResult<ExitCode> {
         .into_iter()
         .filter(|c| a.topic.is_empty() || a.topic.contains(&c.topic))
         .collect();
+    check_members(client, &a.group, "delete").await?;
     check_active(
         &a.group,
         "delete",

@@ -130,7 +130,7 @@ fn list_and_describe_show_lag_in_records_and_time() {
     assert!(
         out.contains(
             "TOPIC  PARTITION  CURRENT-OFFSET  LOG-START-OFFSET  LOG-END-OFFSET  LAG  LAG-TIME  \
-             LAST-COMMIT\nt      0          6               0                 10              4    1h59m"
+             LAST-COMMIT  MEMBER\nt      0          6               0                 10              4    1h59m"
         ),
         "{out}"
     );
@@ -438,4 +438,77 @@ fn delete_all_or_some_topics() {
     assert_eq!(spool(&b, &["group", "list", "--json"]).ok(), "[]\n");
     // Nothing left: the broker says unknown group (exit 4).
     spool(&b, &["group", "delete", "g", "--force"]).expect(4);
+}
+
+/// A group with a member (a GroupConsumer that joined): `describe` shows the member and who
+/// owns each partition; `seek --execute` is refused even with --force; after the member
+/// leaves, it goes through.
+#[test]
+fn members_are_shown_and_protect_their_offsets() {
+    use spool_client::{GroupConfig, GroupConsumer};
+    let b = Broker::start();
+    spool(&b, &["topic", "create", "ev", "-p", "2"]).ok();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let member = rt.block_on(async {
+        let c = b.client().await;
+        let m = GroupConsumer::join(&c, GroupConfig::new("live", ["ev"]).instance_id("proc-1"))
+            .await
+            .unwrap();
+        // Wait until the broker has given it both partitions.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let d = c.describe_group("live").await.unwrap();
+            if d.members.len() == 1 && d.members[0].partitions.len() == 2 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never assigned: {d:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        m
+    });
+    let out = spool(&b, &["group", "describe", "live"]).ok();
+    assert!(out.contains("MEMBERS      1"), "{out}");
+    assert!(out.contains("MEMBER-ID") && out.contains("proc-1"), "{out}");
+    let owned = out
+        .lines()
+        .filter(|l| l.starts_with("ev ") && l.trim_end().ends_with("proc-1"));
+    assert_eq!(owned.count(), 2, "{out}");
+    let v: Value =
+        serde_json::from_str(&spool(&b, &["group", "describe", "live", "--json"]).ok()).unwrap();
+    assert_eq!(v["members"][0]["instance_id"], "proc-1");
+    assert_eq!(v["partitions"][0]["member"], "proc-1");
+
+    let seek = [
+        "group",
+        "seek",
+        "live",
+        "--to",
+        "start",
+        "--topic",
+        "ev",
+        "--execute",
+        "--force",
+    ];
+    let r = spool(&b, &seek).expect(1);
+    assert!(
+        r.stderr.contains("1 live member(s) (proc-1)"),
+        "{}",
+        r.stderr
+    );
+    let r = spool(&b, &["group", "delete", "live", "--force"]).expect(1);
+    assert!(r.stderr.contains("live member(s)"), "{}", r.stderr);
+
+    rt.block_on(member.leave()).unwrap();
+    spool(&b, &seek).ok();
+    let v: Value =
+        serde_json::from_str(&spool(&b, &["group", "describe", "live", "--json"]).ok()).unwrap();
+    assert_eq!(v["state"], "Empty");
+    assert_eq!(v["partitions"][0]["current_offset"], 0);
 }
