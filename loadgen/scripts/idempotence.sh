@@ -15,6 +15,7 @@ rounds=${1:-5}
 shift || true
 cargo build --release -q -p spool-broker --bin spoold
 cargo build --release -q -p spool-loadgen --bin spool-loadgen
+cargo build --release -q -p spool-cli --bin spool
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 target/release/spoold --data-dir "$dir/data" --listen "127.0.0.1:$port" --metrics-listen off >"$dir/spoold.log" 2>&1 &
@@ -27,10 +28,19 @@ out="loadgen/results/idempotence-$(date -u +%Y-%m-%dT%H%M%SZ).txt"
     echo "# idempotent vs plain produce, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD)"
     echo "# command: $0 $rounds $*; nproc $(nproc); $(uname -r)"
     for r in $(seq "$rounds"); do
-        for mode in off copy on; do
-            json=$(target/release/spool-loadgen produce --broker "127.0.0.1:$port" --topic "idem-$mode" \
+        # Rotate the order each round, and give every run a fresh topic that is deleted after
+        # it, so page-cache and writeback state do not favour one mode.
+        case $((r % 3)) in
+            0) order="off copy on" ;;
+            1) order="copy on off" ;;
+            *) order="on off copy" ;;
+        esac
+        for mode in $order; do
+            topic="idem-$mode-$r"
+            json=$(target/release/spool-loadgen produce --broker "127.0.0.1:$port" --topic "$topic" \
                 --stamping "$mode" --json "$@" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))')
             echo "round $r $mode $json"
+            target/release/spool --broker "127.0.0.1:$port" topic delete "$topic" >/dev/null
         done
     done
 } | tee "$out"
