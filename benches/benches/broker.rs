@@ -26,10 +26,9 @@
 //! the same profile, results in a temporary directory. `.ci/test` runs neither (plain
 //! `cargo test` builds no bench targets).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 use spool_loadgen::scenarios::{self, ScenarioArgs};
 
@@ -41,57 +40,6 @@ struct Cli {
     bench: bool,
     #[command(flatten)]
     scenarios: ScenarioArgs,
-}
-
-/// The workspace root (this package is `<root>/benches`).
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("benches/ has a parent")
-        .to_owned()
-}
-
-/// Builds `spoold` in this binary's profile and returns its path (from cargo's JSON messages,
-/// so a custom target directory works).
-fn build_spoold() -> Result<PathBuf> {
-    let release = !cfg!(debug_assertions);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root()).args([
-        "build",
-        "-p",
-        "spool-broker",
-        "--bin",
-        "spoold",
-        "--message-format=json-render-diagnostics",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    eprintln!(
-        "building spoold ({}) ...",
-        if release { "release" } else { "dev" }
-    );
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build")?;
-    if !out.status.success() {
-        bail!("cargo build -p spool-broker --bin spoold failed");
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "spoold"
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return Ok(PathBuf::from(exe));
-        }
-    }
-    bail!("cargo build reported no spoold executable")
 }
 
 fn main() -> Result<()> {
@@ -116,11 +64,11 @@ fn main() -> Result<()> {
     };
     for dir in [&mut args.data_parent, &mut args.out_dir] {
         if dir.is_relative() {
-            *dir = root().join(&*dir);
+            *dir = spool_benches::spoold::workspace_root().join(&*dir);
         }
     }
     if args.spoold.is_none() {
-        args.spoold = Some(build_spoold()?);
+        args.spoold = Some(spool_benches::spoold::build()?);
     }
     println!(
         "== broker: {} mode, spool-loadgen scenarios with {} reps of {} s (+{} s warm-up), \

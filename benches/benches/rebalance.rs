@@ -35,50 +35,6 @@ const MEMBERS: usize = 8;
 const PARTITIONS: u32 = 64;
 const SESSION: Duration = Duration::from_secs(1);
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("benches/ has a parent")
-        .to_owned()
-}
-
-/// Builds `spoold` in this binary's profile; returns its path.
-fn build_spoold() -> Result<PathBuf> {
-    let release = !cfg!(debug_assertions);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root()).args([
-        "build",
-        "-p",
-        "spool-broker",
-        "--bin",
-        "spoold",
-        "--message-format=json-render-diagnostics",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cargo build")?;
-    if !out.status.success() {
-        bail!("cargo build -p spool-broker --bin spoold failed");
-    }
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "spoold"
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            return Ok(PathBuf::from(exe));
-        }
-    }
-    bail!("cargo build reported no spoold executable")
-}
-
 /// A spoold on a temp dir; killed on drop.
 struct Spoold {
     child: Child,
@@ -251,7 +207,7 @@ fn main() -> Result<()> {
         .unwrap_or(if quick { 1 } else { 7 });
     let bin = match args.iter().position(|a| a == "--spoold") {
         Some(i) => PathBuf::from(args.get(i + 1).context("--spoold PATH")?),
-        None => build_spoold()?,
+        None => spool_benches::spoold::build()?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -28,6 +28,8 @@
 //!   `<workspace>/target/bench-tmp`, on the same filesystem as the work tree).
 //! - per-bench sizes, documented in each bench and in `docs/benchmarks.md`.
 
+pub mod spoold;
+
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io;
