@@ -749,6 +749,18 @@ impl Client {
 
     /// Durably commits `offsets` for `group` (all or nothing). Each partition must exist.
     pub async fn commit_offsets(&self, group: &str, offsets: &[OffsetCommit]) -> Result<()> {
+        // A plain commit: no group membership (member id empty, generation 0).
+        self.commit(group, "", 0, offsets).await
+    }
+
+    /// One CommitOffsets call; a non-empty `member_id` (with `generation`) fences it.
+    pub(crate) async fn commit(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+        offsets: &[OffsetCommit],
+    ) -> Result<()> {
         let t = self.timeout();
         let req = self.request(
             v1::CommitOffsetsRequest {
@@ -762,8 +774,8 @@ impl Client {
                         metadata: c.metadata.clone(),
                     })
                     .collect(),
-                // A plain commit: no group membership (fields for members are left unset).
-                ..Default::default()
+                member_id: member_id.to_owned(),
+                generation,
             },
             t,
         );

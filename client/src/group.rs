@@ -220,27 +220,7 @@ impl Client {
         generation: u64,
         offsets: &[OffsetCommit],
     ) -> Result<()> {
-        let t = self.options().request_timeout;
-        let req = self.request(
-            v1::CommitOffsetsRequest {
-                group: group.to_owned(),
-                offsets: offsets
-                    .iter()
-                    .map(|c| v1::OffsetCommit {
-                        topic: c.topic.clone(),
-                        partition: c.partition,
-                        offset: c.offset,
-                        metadata: c.metadata.clone(),
-                    })
-                    .collect(),
-                member_id: member_id.to_owned(),
-                generation,
-            },
-            t,
-        );
-        self.unary(t, self.offset_stub().commit_offsets(req))
-            .await?;
-        Ok(())
+        self.commit(group, member_id, generation, offsets).await
     }
 }
 
