@@ -261,16 +261,28 @@ impl Groups {
         Err(BrokerError::ShuttingDown.into())
     }
 
+    /// Sends the event `make` builds around a reply channel to `group`'s task and waits for
+    /// the reply (a task that went away means the broker is shutting down).
+    async fn ask<T>(
+        self: &Arc<Self>,
+        group: &str,
+        make: impl FnOnce(oneshot::Sender<T>) -> Event,
+    ) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.send(group, make(reply)).await?;
+        rx.await.map_err(|_| BrokerError::ShuttingDown.into())
+    }
+
     /// Joins; on success the member's Joined and first Assignment are queued on `out`.
     pub(crate) async fn join(
         self: &Arc<Self>,
         args: JoinArgs,
         out: MemberTx,
     ) -> Result<String, Status> {
-        let (reply, rx) = oneshot::channel();
         let group = args.group.clone();
-        self.send(&group, Event::Join { args, out, reply }).await?;
-        Ok(rx.await.map_err(|_| BrokerError::ShuttingDown)??)
+        Ok(self
+            .ask(&group, |reply| Event::Join { args, out, reply })
+            .await??)
     }
 
     /// Forwards what a member said on its stream.
@@ -300,19 +312,15 @@ impl Groups {
         offsets: Vec<v1::OffsetCommit>,
         now_ms: i64,
     ) -> Result<(), Status> {
-        let (reply, rx) = oneshot::channel();
-        self.send(
-            group,
-            Event::Commit {
+        Ok(self
+            .ask(group, |reply| Event::Commit {
                 member,
                 generation,
                 offsets,
                 now_ms,
                 reply,
-            },
-        )
-        .await?;
-        Ok(rx.await.map_err(|_| BrokerError::ShuttingDown)??)
+            })
+            .await??)
     }
 
     /// LeaveGroup.
@@ -322,17 +330,13 @@ impl Groups {
         member: Option<String>,
         instance: Option<String>,
     ) -> Result<(), Status> {
-        let (reply, rx) = oneshot::channel();
-        self.send(
-            group,
-            Event::LeaveBy {
+        Ok(self
+            .ask(group, |reply| Event::LeaveBy {
                 member,
                 instance,
                 reply,
-            },
-        )
-        .await?;
-        Ok(rx.await.map_err(|_| BrokerError::ShuttingDown)??)
+            })
+            .await??)
     }
 
     /// DescribeGroup.
@@ -352,9 +356,7 @@ impl Groups {
                 Some(_) => {}
             }
         }
-        let (reply, rx) = oneshot::channel();
-        self.send(group, Event::Describe { reply }).await?;
-        rx.await.map_err(|_| BrokerError::ShuttingDown.into())
+        self.ask(group, |reply| Event::Describe { reply }).await
     }
 
     /// Partition counts of `topics` (absent: the topic does not exist).
