@@ -243,6 +243,9 @@ pub struct Limits {
     /// A producer that appended nothing to a partition for this long is forgotten there (ms;
     /// Kafka's `producer.id.expiration.ms`, one day).
     pub producer_expiration_ms: i64,
+    /// Aborted transactions remembered per partition (24 bytes each; see [`crate::txn`]):
+    /// past it the partition refuses new transactions until retention drops old ones.
+    pub max_aborted_txns_per_partition: usize,
 }
 
 impl Default for Limits {
@@ -256,6 +259,7 @@ impl Default for Limits {
             max_mapped_segments: 4096,
             max_producers_per_partition: 10_000,
             producer_expiration_ms: 24 * 3600 * 1000,
+            max_aborted_txns_per_partition: 1_000_000,
         }
     }
 }
@@ -269,6 +273,7 @@ impl Limits {
             || self.max_mapped_segments == 0
             || self.max_producers_per_partition == 0
             || self.producer_expiration_ms <= 0
+            || self.max_aborted_txns_per_partition == 0
         {
             return Err(Error::InvalidConfig("limits must be non-zero".into()));
         }

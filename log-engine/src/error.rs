@@ -148,6 +148,16 @@ pub enum Error {
         /// The batch's first sequence.
         got: i32,
     },
+
+    /// A batch or marker does not fit the producer's transaction on the partition (see
+    /// [`crate::txn`]). Nothing was written.
+    #[error("producer {producer_id}: invalid transaction state: {reason}")]
+    InvalidTxnState {
+        /// Producer id.
+        producer_id: i64,
+        /// What did not fit.
+        reason: String,
+    },
 }
 
 impl Error {

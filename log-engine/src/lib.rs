@@ -47,6 +47,7 @@ pub mod producer;
 pub mod reindex;
 mod segment;
 pub mod stats;
+pub mod txn;
 
 pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, Compression, Header, Record};
 pub use compact::{CleanReport, Cleaner};
@@ -57,3 +58,4 @@ pub use error::{Error, Result};
 pub use log::{Log, MAX_TOPIC_NAME, validate_topic_name};
 pub use notify::DataAvailable;
 pub use partition::{AppendInfo, Partition, PartitionStats, ReadResult, RecoveryReport};
+pub use txn::{Isolation, Marker, OpenTxn};

@@ -38,20 +38,27 @@
 //! inactivity) the least recently active producer is forgotten (so a retry of its last batch
 //! is no longer recognised; expiry is a day by default, far beyond any retry).
 //!
-//! Snapshot file `producers.snapshot` (little-endian, as Spool's other own files):
+//! Snapshot file `producers.snapshot` (little-endian, as Spool's other own files). It also
+//! holds the partition's transactions ([`crate::txn`]) at the same point:
 //!
 //! ```text
-//! magic "SPPS" | version u16 = 1 | covers_below u64 | count u32
+//! magic "SPPS" | version u16 = 2 | covers_below u64 | count u32
 //! count × { producer_id i64 | epoch i16 | last_append_ms i64 | n u8 (1..=5)
 //!           n × { first_seq i32 | last_seq i32 | base_offset u64 | last_offset u64 | append_ms i64 } }
+//! open u32    | open × { producer_id i64 | epoch i16 | first_offset u64 }
+//! aborted u32 | aborted × { producer_id i64 | first_offset u64 | marker_offset u64 }
 //! crc u32 (CRC-32, as crc32fast, of everything before it)
 //! ```
+//!
+//! Version 1 (written before transactions existed) has no `open` and `aborted` sections and is
+//! still read.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
 use crate::batch::BatchHeader;
 use crate::error::{Error, Result};
+use crate::txn::TxnIndex;
 
 /// How many recent batches per producer are remembered for duplicate detection (Kafka's 5:
 /// a producer may have at most this many batches in flight per partition).
@@ -61,7 +68,7 @@ pub const RECENT_BATCHES: usize = 5;
 pub(crate) const SNAPSHOT_NAME: &str = "producers.snapshot";
 
 const MAGIC: &[u8; 4] = b"SPPS";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER_LEN: usize = 4 + 2 + 8 + 4;
 const ENTRY_FIXED: usize = 8 + 2 + 8 + 1;
 const BATCH_LEN: usize = 4 + 4 + 8 + 8 + 8;
@@ -204,6 +211,18 @@ impl ProducerStates {
         if h.producer_id < 0 {
             return;
         }
+        if h.is_control() {
+            // A marker carries no sequence; a newer epoch (the coordinator bumps it at every
+            // transaction's end) restarts the producer's sequences here.
+            if let Some(e) = self.map.get_mut(&h.producer_id)
+                && h.producer_epoch > e.epoch
+            {
+                e.epoch = h.producer_epoch;
+                e.recent.clear();
+                e.last_append_ms = e.last_append_ms.max(seen_ms);
+            }
+            return;
+        }
         let meta = BatchMeta {
             first_seq: h.base_sequence,
             last_seq: last_seq(h),
@@ -244,8 +263,8 @@ impl ProducerStates {
     }
 
     /// The snapshot image (format in the module docs) of the state covering offsets below
-    /// `covers_below`.
-    pub(crate) fn encode(&self, covers_below: u64) -> Vec<u8> {
+    /// `covers_below`, with the partition's transactions `txn`.
+    pub(crate) fn encode(&self, txn: &TxnIndex, covers_below: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.map.len() * (ENTRY_FIXED + BATCH_LEN));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -267,18 +286,20 @@ impl ProducerStates {
                 out.extend_from_slice(&b.append_ms.to_le_bytes());
             }
         }
+        txn.encode_into(&mut out);
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
     }
 
-    /// Parses a snapshot image; returns the state and the offset it covers below. Every count
-    /// is checked against the image's length before anything is allocated.
+    /// Parses a snapshot image; returns the state, the transactions and the offset they cover
+    /// below. Every count is checked against the image's length before anything is allocated.
     pub(crate) fn decode(
         buf: &[u8],
         max_producers: usize,
         expiration_ms: i64,
-    ) -> std::result::Result<(ProducerStates, u64), String> {
+        max_aborted: usize,
+    ) -> std::result::Result<(ProducerStates, TxnIndex, u64), String> {
         if buf.len() < HEADER_LEN + 4 {
             return Err(format!("{} bytes, shorter than a header", buf.len()));
         }
@@ -292,7 +313,7 @@ impl ProducerStates {
         }
         let mut r = Reader { buf: body, pos: 4 };
         let version = u16::from_le_bytes(r.take()?);
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(format!("unknown version {version}"));
         }
         let covers = u64::from_le_bytes(r.take()?);
@@ -329,16 +350,36 @@ impl ProducerStates {
                 },
             );
         }
+        let txn = if version == 1 {
+            TxnIndex::default()
+        } else {
+            let left = body.len() - r.pos;
+            let mut take = |n: usize| {
+                let v = r
+                    .buf
+                    .get(r.pos..r.pos + n)
+                    .ok_or_else(|| format!("truncated at byte {}", r.pos))?
+                    .to_vec();
+                r.pos += n;
+                Ok(v)
+            };
+            TxnIndex::decode_from(&mut take, left, max_producers.max(1), max_aborted)?
+        };
         if r.pos != body.len() {
             return Err(format!("{} trailing bytes", body.len() - r.pos));
         }
-        Ok((s, covers))
+        Ok((s, txn, covers))
     }
 
     /// Replaces the snapshot (temp file, fdatasync, rename; the rename is made durable by the
     /// next directory fsync, and until then the older snapshot serves just as well).
-    pub(crate) fn write_snapshot(&self, dir: &Path, covers_below: u64) -> Result<()> {
-        crate::fsutil::write_replace(&dir.join(SNAPSHOT_NAME), &self.encode(covers_below))
+    pub(crate) fn write_snapshot(
+        &self,
+        txn: &TxnIndex,
+        dir: &Path,
+        covers_below: u64,
+    ) -> Result<()> {
+        crate::fsutil::write_replace(&dir.join(SNAPSHOT_NAME), &self.encode(txn, covers_below))
     }
 
     /// Reads the snapshot of `dir`: `None` if there is none or it is unusable (logged).
@@ -346,17 +387,20 @@ impl ProducerStates {
         dir: &Path,
         max_producers: usize,
         expiration_ms: i64,
-    ) -> Option<(ProducerStates, u64)> {
+        max_aborted: usize,
+    ) -> Option<(ProducerStates, TxnIndex, u64)> {
         let path = dir.join(SNAPSHOT_NAME);
-        let limit =
-            (HEADER_LEN + 4 + max_producers * (ENTRY_FIXED + RECENT_BATCHES * BATCH_LEN)) as u64;
+        let limit = (HEADER_LEN
+            + 12
+            + max_producers * (ENTRY_FIXED + RECENT_BATCHES * BATCH_LEN + crate::txn::OPEN_LEN)
+            + max_aborted * crate::txn::ABORTED_LEN) as u64;
         let len = std::fs::metadata(&path).ok()?.len();
         if len > limit {
             tracing::warn!(path = %path.display(), len, "producer snapshot over its size limit: rebuilding from the log");
             return None;
         }
         let buf = std::fs::read(&path).ok()?;
-        match ProducerStates::decode(&buf, max_producers, expiration_ms) {
+        match ProducerStates::decode(&buf, max_producers, expiration_ms, max_aborted) {
             Ok(v) => Some(v),
             Err(reason) => {
                 tracing::warn!(path = %path.display(), %reason, "unusable producer snapshot: rebuilding from the log");
@@ -533,22 +577,23 @@ mod tests {
                 offer(&mut s, &header(pid, 3, seq * 2, 2), &mut next).unwrap();
             }
         }
-        let img = s.encode(next);
-        let (back, covers) = ProducerStates::decode(&img, 100, i64::MAX).unwrap();
+        let img = s.encode(&TxnIndex::default(), next);
+        let (back, txn, covers) = ProducerStates::decode(&img, 100, i64::MAX, 10).unwrap();
         assert_eq!((back, covers), (s.clone(), next));
+        assert_eq!(txn, TxnIndex::default());
         for i in 0..img.len() {
             let mut bad = img.clone();
             bad[i] ^= 0x10;
             assert!(
-                ProducerStates::decode(&bad, 100, i64::MAX).is_err(),
+                ProducerStates::decode(&bad, 100, i64::MAX, 10).is_err(),
                 "flip at {i}"
             );
         }
         for len in 0..img.len() {
-            assert!(ProducerStates::decode(&img[..len], 100, i64::MAX).is_err());
+            assert!(ProducerStates::decode(&img[..len], 100, i64::MAX, 10).is_err());
         }
         assert!(
-            ProducerStates::decode(&img, 5, i64::MAX).is_err(),
+            ProducerStates::decode(&img, 5, i64::MAX, 10).is_err(),
             "over the limit"
         );
     }
@@ -611,7 +656,7 @@ mod tests {
             let appended: usize = sent.values().map(Vec::len).sum();
             prop_assert_eq!(appended, log.len());
             // Snapshots preserve all of it.
-            let (back, _) = ProducerStates::decode(&s.encode(next), 100, i64::MAX).unwrap();
+            let (back, _, _) = ProducerStates::decode(&s.encode(&TxnIndex::default(), next), 100, i64::MAX, 10).unwrap();
             prop_assert_eq!(back, s);
         }
     }

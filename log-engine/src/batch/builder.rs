@@ -21,6 +21,8 @@ pub struct BatchBuilder {
     producer_id: i64,
     producer_epoch: i16,
     base_sequence: i32,
+    /// Attribute bits besides compression (transactional, control).
+    flags: i16,
 }
 
 impl BatchBuilder {
@@ -42,7 +44,24 @@ impl BatchBuilder {
             producer_id: -1,
             producer_epoch: -1,
             base_sequence: -1,
+            flags: 0,
         }
+    }
+
+    /// Marks the batch as part of a transaction (or not).
+    pub fn transactional(&mut self, yes: bool) -> &mut Self {
+        if yes {
+            self.flags |= super::ATTR_TRANSACTIONAL;
+        } else {
+            self.flags &= !super::ATTR_TRANSACTIONAL;
+        }
+        self
+    }
+
+    /// Marks the batch as a control batch (a transaction marker; implies transactional).
+    pub(crate) fn control(&mut self) -> &mut Self {
+        self.flags |= super::ATTR_TRANSACTIONAL | super::ATTR_CONTROL;
+        self
     }
 
     /// Sets the idempotent-producer fields of the header.
@@ -141,7 +160,7 @@ impl BatchBuilder {
         h[8..12].copy_from_slice(&batch_length.to_be_bytes());
         h[12..16].copy_from_slice(&(-1i32).to_be_bytes());
         h[16] = MAGIC as u8;
-        h[21..23].copy_from_slice(&self.compression.attribute().to_be_bytes());
+        h[21..23].copy_from_slice(&(self.compression.attribute() | self.flags).to_be_bytes());
         h[23..27].copy_from_slice(&(self.count - 1).to_be_bytes());
         h[27..35].copy_from_slice(&self.base_timestamp.to_be_bytes());
         h[35..43].copy_from_slice(&self.max_timestamp.to_be_bytes());

@@ -11,6 +11,10 @@
 //! - A failed write that could not be rolled back, or any failed fsync, poisons the
 //!   partition: every later write fails with [`Error::Poisoned`] until the log is reopened.
 //! - Segment-list changes (roll, retention) happen under the writer lock.
+//! - Transactions ([`crate::txn`]): the writer updates the partition's transaction index
+//!   under the writer lock, before it publishes the batch; readers load the high watermark,
+//!   then ask the index for the last stable offset (a short lock of its own, never the
+//!   writer's), so a read-committed reader never sees an undecided batch.
 
 pub(crate) mod cleaner;
 mod recovery;
@@ -32,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::mapcache::MapCache;
 use crate::notify::{DataAvailable, Watch};
 use crate::segment::{self, Segment};
+use crate::txn::{self, Isolation, Marker, OpenTxn, TxnIndex};
 
 use writer::Writer;
 
@@ -74,6 +79,8 @@ pub struct ReadResult {
     pub high_watermark: u64,
     /// The first offset still in the partition.
     pub log_start_offset: u64,
+    /// The last stable offset when the read ran (see [`crate::txn`]).
+    pub last_stable_offset: u64,
 }
 
 impl ReadResult {
@@ -96,6 +103,16 @@ pub struct PartitionStats {
     pub segments: usize,
 }
 
+/// What [`Partition::collect`] found in one segment.
+enum Collected {
+    /// Batches to return, and the offset after them.
+    Data(Bytes, u64),
+    /// Only left-out (aborted) batches, up to this offset.
+    Skipped(u64),
+    /// Nothing at or after the offset.
+    Nothing,
+}
+
 #[derive(Debug)]
 struct CommitState {
     durable_next: u64,
@@ -112,6 +129,8 @@ pub struct Partition {
     config: RwLock<Arc<TopicConfig>>,
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
     writer: Mutex<Writer>,
+    /// Transactions (see [`crate::txn`]); changed only under the writer lock.
+    txn: Mutex<TxnIndex>,
     commit: Mutex<CommitState>,
     commit_cv: Condvar,
     checkpoint: Mutex<Checkpoint>,
@@ -184,6 +203,54 @@ impl Partition {
         self.log_start.load(Ordering::Acquire)
     }
 
+    /// The last stable offset: below it every transaction is decided (see [`crate::txn`]).
+    pub fn last_stable_offset(&self) -> u64 {
+        let hwm = self.watch.get();
+        lock(&self.txn).last_stable(hwm)
+    }
+
+    /// The transactions open on this partition, oldest first.
+    pub fn open_transactions(&self) -> Vec<OpenTxn> {
+        lock(&self.txn).open_txns()
+    }
+
+    /// Writes a transaction marker ending `producer_id`'s open transaction on this partition
+    /// (the transaction coordinator's job) and returns once it is as durable as the topic's
+    /// fsync policy says. Returns `None`, writing nothing, when the producer has no open
+    /// transaction here (a marker already written, e.g. before a crash). An epoch older than
+    /// the transaction's is fenced.
+    pub fn write_marker(
+        &self,
+        producer_id: i64,
+        epoch: i16,
+        marker: Marker,
+        coordinator_epoch: i32,
+    ) -> Result<Option<AppendInfo>> {
+        let cfg = self.config();
+        let now = self.shared.clock.now_ms();
+        let batch = txn::marker_batch(producer_id, epoch, marker, coordinator_epoch, now);
+        let h = BatchHeader::parse(&batch)?;
+        let info = {
+            let mut w = lock(&self.writer);
+            self.check_writable()?;
+            let Some(open) = lock(&self.txn).open_txn(producer_id) else {
+                return Ok(None);
+            };
+            if epoch < open.epoch {
+                return Err(Error::ProducerFenced {
+                    producer_id,
+                    epoch,
+                    current_epoch: open.epoch,
+                });
+            }
+            w.append(self, &cfg, &batch, &h)?
+        };
+        if cfg.fsync == FsyncPolicy::Always {
+            self.wait_durable(info.last_offset + 1)?;
+        }
+        Ok(Some(info))
+    }
+
     /// True once a failure has poisoned the partition.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
@@ -239,13 +306,22 @@ impl Partition {
         if cfg.cleanup.compacts() {
             crate::compact::check_compactable(batch, &h, &self.shared.limits)?;
         }
-        if h.is_control() || h.is_transactional() {
-            return Err(BatchError::Unsupported("transactional and control batches").into());
+        if h.is_control() {
+            return Err(BatchError::Unsupported(
+                "control batches (only the transaction coordinator writes markers)",
+            )
+            .into());
         }
         let mut w = lock(&self.writer);
         self.check_writable()?;
         match w.producers.check(&h)? {
-            crate::producer::Check::Append => w.append(self, &cfg, batch, &h),
+            crate::producer::Check::Append => {
+                if h.producer_id >= 0 || h.is_transactional() {
+                    let max_aborted = self.shared.limits.max_aborted_txns_per_partition;
+                    lock(&self.txn).check(&h, max_aborted)?;
+                }
+                w.append(self, &cfg, batch, &h)
+            }
             crate::producer::Check::Duplicate {
                 base_offset,
                 last_offset,
@@ -342,16 +418,34 @@ impl Partition {
 
     /// Reads whole batches starting with the one that contains `offset`, up to about
     /// `max_bytes` (at least one batch is returned even if larger, so readers always make
-    /// progress). Data comes from one segment per call, as a zero-copy slice.
+    /// progress). Data comes from one segment per call, as a zero-copy slice. Reads
+    /// uncommitted data (see [`Partition::read_with`]).
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult> {
+        self.read_with(offset, max_bytes, Isolation::ReadUncommitted)
+    }
+
+    /// [`Partition::read`] at an isolation level. Read-committed stops at the last stable
+    /// offset and leaves out batches of aborted transactions: the data returned is the
+    /// contiguous run of batches after any left out at its start (so `next_offset` can move
+    /// past offsets with no data returned); control batches are kept.
+    pub fn read_with(
+        &self,
+        mut offset: u64,
+        max_bytes: usize,
+        isolation: Isolation,
+    ) -> Result<ReadResult> {
         let hwm = self.watch.get();
+        let lso = lock(&self.txn).last_stable(hwm);
         let segs = self.snapshot();
         let log_start = self.log_start_offset();
+        let committed = isolation == Isolation::ReadCommitted;
+        let limit = if committed { lso } else { hwm };
         let empty = |next| ReadResult {
             data: Bytes::new(),
             next_offset: next,
             high_watermark: hwm,
             log_start_offset: log_start,
+            last_stable_offset: lso,
         };
         if offset < log_start || offset > hwm {
             return Err(Error::OffsetOutOfRange {
@@ -360,13 +454,16 @@ impl Partition {
                 high_watermark: hwm,
             });
         }
-        if offset == hwm {
+        if offset >= limit {
             return Ok(empty(offset));
         }
         let first = segs
             .partition_point(|s| s.base_offset <= offset)
             .saturating_sub(1);
         for seg in segs.iter().skip(first) {
+            if offset >= limit {
+                break;
+            }
             let end = seg.readable_end();
             if end == 0 {
                 continue;
@@ -379,18 +476,23 @@ impl Partition {
                 (seg.base_offset, 0)
             };
             let from = (start_pos, start_base);
-            if let Some(r) = self.collect(seg, &data, from, end, offset, hwm, max_bytes)? {
-                return Ok(ReadResult {
-                    high_watermark: hwm,
-                    log_start_offset: log_start,
-                    ..r
-                });
+            match self.collect(seg, &data, from, end, offset, limit, committed, max_bytes)? {
+                Collected::Data(data, next_offset) => {
+                    return Ok(ReadResult {
+                        data,
+                        next_offset,
+                        ..empty(offset)
+                    });
+                }
+                Collected::Skipped(next) => offset = next,
+                Collected::Nothing => {}
             }
         }
         Ok(empty(offset))
     }
 
-    /// Walks `data[pos..end]` to the batch containing `offset` and gathers whole batches.
+    /// Walks `data[pos..end]` to the batch containing `offset` and gathers whole batches
+    /// below `limit` (leaving out aborted transactions' batches when `committed`).
     /// `from` is `(pos, base offset of the batch at pos)`; every batch walked must continue
     /// the offsets from there, because the CRC does not cover the base offset: a damaged one
     /// would otherwise make the walk skip or mislabel batches.
@@ -402,9 +504,10 @@ impl Partition {
         from: (u64, u64),
         end: u64,
         offset: u64,
-        hwm: u64,
+        limit: u64,
+        committed: bool,
         max_bytes: usize,
-    ) -> Result<Option<ReadResult>> {
+    ) -> Result<Collected> {
         let corrupt =
             |pos: u64, reason: String| Error::corruption(seg.log_path(), pos, Some(offset), reason);
         let (mut pos, mut expect) = from;
@@ -429,10 +532,22 @@ impl Partition {
                 ));
             }
             expect = h.next_offset();
-            if h.base_offset >= hwm {
+            if h.base_offset >= limit {
                 break;
             }
             if h.next_offset() <= offset {
+                pos += h.total_len() as u64;
+                continue;
+            }
+            if committed
+                && h.is_transactional()
+                && !h.is_control()
+                && lock(&self.txn).is_aborted(h.producer_id, h.base_offset)
+            {
+                if start.is_some() {
+                    break;
+                }
+                next = h.next_offset();
                 pos += h.total_len() as u64;
                 continue;
             }
@@ -450,12 +565,11 @@ impl Partition {
             next = h.next_offset();
             pos += h.total_len() as u64;
         }
-        Ok(start.map(|s| ReadResult {
-            data: data.slice(s as usize..pos as usize),
-            next_offset: next,
-            high_watermark: hwm,
-            log_start_offset: 0,
-        }))
+        Ok(match start {
+            Some(s) => Collected::Data(data.slice(s as usize..pos as usize), next),
+            None if next > offset => Collected::Skipped(next),
+            None => Collected::Nothing,
+        })
     }
 
     /// The earliest offset whose batch has a timestamp at or after `ts`, or `None` when every
@@ -592,6 +706,7 @@ impl Partition {
         let new_start = remaining[0].base_offset;
         *self.segments.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(remaining);
         self.log_start.fetch_max(new_start, Ordering::AcqRel);
+        lock(&self.txn).prune(new_start);
         tracing::info!(topic = %self.topic, partition = self.id, deleted = doomed, log_start = new_start, "retention deleted segments");
         Ok(doomed)
     }

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::mmap;
 use crate::notify::Watch;
 use crate::producer::ProducerStates;
+use crate::txn::TxnIndex;
 use crate::segment::{self, IndexBuilder, Segment};
 
 use super::writer::Writer;
@@ -157,7 +158,7 @@ impl Partition {
         let interval = config.index_interval_bytes;
         // Producer state below the last segment: the snapshot, plus the headers of any sealed
         // segment it does not cover. The last segment's headers are added by the walk below.
-        let mut producers = producer_state_before(dir, &found, &shared, sparse_below)?;
+        let (mut producers, mut txn) = producer_state_before(dir, &found, &shared, sparse_below)?;
         let now = shared.clock.now_ms();
         let mut segments = Vec::with_capacity(found.len());
         for &(base, len) in &found[..start.0] {
@@ -199,6 +200,7 @@ impl Partition {
                 }
                 if i == last {
                     producers.record_seen(h, h.base_offset, h.max_timestamp, now);
+                    txn.record(h, &data[pos as usize..], h.base_offset, u64::MAX);
                 }
             };
             // Trusted prefix (only the last segment needs its index rebuilt from it).
@@ -287,6 +289,7 @@ impl Partition {
                 ));
                 segments.push(seg.clone());
                 producers.expire(shared.clock.now_ms());
+                txn.prune(segments[0].base_offset);
                 crate::compact::mark_sparse(&segments, sparse_below);
                 let writer = Writer {
                     active: seg,
@@ -298,7 +301,9 @@ impl Partition {
                     producers,
                 };
                 return Ok((
-                    Self::assemble(topic, id, dir, config, shared, segments, writer, checkpoint),
+                    Self::assemble(
+                        topic, id, dir, config, shared, segments, writer, txn, checkpoint,
+                    ),
                     report,
                 ));
             }
@@ -316,6 +321,7 @@ impl Partition {
         shared: Arc<Shared>,
         segments: Vec<Arc<Segment>>,
         writer: Writer,
+        txn: TxnIndex,
         checkpoint: Checkpoint,
     ) -> Partition {
         let log_start = segments[0].base_offset;
@@ -329,6 +335,7 @@ impl Partition {
             config: RwLock::new(config),
             segments: RwLock::new(Arc::new(segments)),
             writer: Mutex::new(writer),
+            txn: Mutex::new(txn),
             commit: Mutex::new(CommitState {
                 durable_next: next,
                 syncing: false,
@@ -347,32 +354,37 @@ impl Partition {
     }
 }
 
-/// The producer state covering every segment of `found` but the last: the snapshot if it
-/// covers exactly that, else the snapshot (or nothing) plus a header walk of the sealed
-/// segments it misses. Sealed segments are trusted here; the main recovery pass checks what it
+/// The producer state and transactions covering every segment of `found` but the last: the
+/// snapshot if it covers exactly that, else the snapshot (or nothing) plus a header walk of
+/// the sealed segments it misses. Sealed segments are trusted here; the main recovery pass checks what it
 /// must.
 fn producer_state_before(
     dir: &Path,
     found: &[(u64, u64)],
     shared: &Shared,
     sparse_below: u64,
-) -> Result<ProducerStates> {
-    let (max, expiry) = (
+) -> Result<(ProducerStates, TxnIndex)> {
+    let (max, expiry, max_aborted) = (
         shared.limits.max_producers_per_partition,
         shared.limits.producer_expiration_ms,
+        shared.limits.max_aborted_txns_per_partition,
     );
     let last_base = found[found.len() - 1].0;
     let now = shared.clock.now_ms();
-    let (mut state, from) = match ProducerStates::read_snapshot(dir, max, expiry) {
-        Some((s, covers)) if covers <= last_base && found.iter().any(|&(b, _)| b == covers) => {
-            (s, covers)
-        }
-        Some((_, covers)) => {
-            tracing::warn!(dir = %dir.display(), covers, "producer snapshot does not match the segments: rebuilding from the log");
-            (ProducerStates::new(max, expiry), found[0].0)
-        }
-        None => (ProducerStates::new(max, expiry), found[0].0),
-    };
+    let fresh = || (ProducerStates::new(max, expiry), TxnIndex::default());
+    let ((mut state, mut txn), from) =
+        match ProducerStates::read_snapshot(dir, max, expiry, max_aborted) {
+            Some((s, t, covers))
+                if covers <= last_base && found.iter().any(|&(b, _)| b == covers) =>
+            {
+                ((s, t), covers)
+            }
+            Some((_, _, covers)) => {
+                tracing::warn!(dir = %dir.display(), covers, "producer snapshot does not match the segments: rebuilding from the log");
+                (fresh(), found[0].0)
+            }
+            None => (fresh(), found[0].0),
+        };
     for (i, &(base, len)) in found[..found.len() - 1].iter().enumerate() {
         if base < from || len == 0 {
             continue;
@@ -381,8 +393,9 @@ fn producer_state_before(
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
         let data = mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
         let chain = crate::compact::chain_of(found, i, sparse_below);
-        let w = segment::walk_chain(&data, 0, len, base, chain, false, |_, h| {
+        let w = segment::walk_chain(&data, 0, len, base, chain, false, |pos, h| {
             state.record_seen(h, h.base_offset, h.max_timestamp, now);
+            txn.record(h, &data[pos as usize..], h.base_offset, u64::MAX);
         });
         if let Some((pos, reason)) = w.stopped {
             return Err(Error::corruption(
@@ -393,5 +406,5 @@ fn producer_state_before(
             ));
         }
     }
-    Ok(state)
+    Ok((state, txn))
 }

@@ -13,9 +13,10 @@
 //! 4. fsync the partition directory (makes 2 and 3 durable);
 //! 5. publish the new segment list and mark everything durable;
 //! 6. write the recovery point `(new base, 0, new base)`;
-//! 7. write the producer-state snapshot covering everything below the new base (expired
-//!    producers dropped first), so reopening walks only the active segment's headers. It is
-//!    derived data: losing it costs a longer walk at open, never correctness.
+//! 7. write the producer-state snapshot (with the partition's transactions) covering
+//!    everything below the new base (expired producers dropped first), so reopening walks only
+//!    the active segment's headers. It is derived data: losing it costs a longer walk at open,
+//!    never correctness.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -119,6 +120,15 @@ impl Writer {
         self.active.publish_written(self.position);
         self.first_append_ms.get_or_insert(now);
         self.producers.record(&stored, base, now);
+        if h.producer_id >= 0 && h.is_transactional() {
+            // Under `fsync = always` readers see the batch only once synced; otherwise now.
+            let visible = if cfg.fsync == FsyncPolicy::Always {
+                p.watch.get()
+            } else {
+                self.next_offset
+            };
+            lock(&p.txn).record(&stored, batch, base, visible);
+        }
         if cfg.fsync != FsyncPolicy::Always {
             self.active.publish_readable(self.position);
             p.watch.publish(self.next_offset);
@@ -185,7 +195,8 @@ impl Writer {
         self.producers.expire(p.shared.clock.now_ms());
         // No directory fsync: a snapshot that did not survive only makes the next open walk
         // more headers (from an older snapshot, or from the first segment).
-        self.producers.write_snapshot(&p.dir, base)?;
+        let txn = lock(&p.txn);
+        self.producers.write_snapshot(&txn, &p.dir, base)?;
         tracing::debug!(topic = %p.topic, partition = p.id, base, "rolled segment");
         Ok(())
     }

@@ -14,3 +14,4 @@ mod inspect;
 mod model;
 mod retention;
 mod torn_tail;
+mod transactions;
