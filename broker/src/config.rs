@@ -55,6 +55,36 @@ pub struct Config {
     pub topic_defaults: TopicDefaults,
     /// Consumer-group membership.
     pub groups: GroupsConfig,
+    /// Transactions.
+    pub transactions: TransactionsConfig,
+}
+
+/// Transactions (see docs/protocol.md, "Transactions").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransactionsConfig {
+    /// Timeout of producers that do not ask for one: a transaction open longer is aborted.
+    pub default_timeout_ms: u32,
+    /// Longest timeout a producer may ask for (longer requests are refused).
+    pub max_timeout_ms: u32,
+    /// How often open transactions are checked against their timeout.
+    pub abort_check_interval_ms: u64,
+    /// Transactional ids the broker keeps (each is a few hundred bytes of memory).
+    pub max_transactional_ids: usize,
+    /// Partitions one transaction may touch.
+    pub max_partitions_per_txn: usize,
+}
+
+impl Default for TransactionsConfig {
+    fn default() -> Self {
+        TransactionsConfig {
+            default_timeout_ms: 60_000,
+            max_timeout_ms: 900_000,
+            abort_check_interval_ms: 1_000,
+            max_transactional_ids: 100_000,
+            max_partitions_per_txn: 10_000,
+        }
+    }
 }
 
 /// Consumer-group membership (see docs/protocol.md, "Consumer-group coordination").
@@ -176,6 +206,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
             groups: GroupsConfig::default(),
+            transactions: TransactionsConfig::default(),
         }
     }
 }
@@ -368,6 +399,19 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "groups: need 100 <= rebalance_timeout_ms <= max_rebalance_timeout_ms and \
                  max_members > 0"
+                    .into(),
+            ));
+        }
+        let t = &self.transactions;
+        if t.default_timeout_ms < 100
+            || t.default_timeout_ms > t.max_timeout_ms
+            || t.abort_check_interval_ms < 10
+            || t.max_transactional_ids == 0
+            || t.max_partitions_per_txn == 0
+        {
+            return Err(ConfigError::Invalid(
+                "transactions: need 100 <= default_timeout_ms <= max_timeout_ms, \
+                 abort_check_interval_ms >= 10 and non-zero limits"
                     .into(),
             ));
         }

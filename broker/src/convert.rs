@@ -156,6 +156,9 @@ pub(crate) fn decode_records(
     let mut out = Vec::new();
     for batch in spool_log_engine::batch::split_batches(data) {
         let batch = batch?;
+        if batch.header().is_control() {
+            continue; // a transaction marker carries no data
+        }
         for rec in batch.records(limits)? {
             let rec = rec?;
             out.push(v1::ConsumedRecord {

@@ -84,6 +84,40 @@ pub enum BrokerError {
         /// What was refused.
         what: &'static str,
     },
+    /// A transactional request does not fit the transaction's state.
+    #[error("transactional id {txn_id:?}: {reason}")]
+    InvalidTxnState {
+        /// The transactional id.
+        txn_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A transactional producer's epoch is older than its transactional id's current one.
+    #[error(
+        "transactional id {txn_id:?}: producer {producer_id} epoch {epoch} is fenced by epoch {current_epoch}"
+    )]
+    TxnProducerFenced {
+        /// The transactional id.
+        txn_id: String,
+        /// Producer id.
+        producer_id: i64,
+        /// The request's epoch.
+        epoch: i16,
+        /// The current epoch.
+        current_epoch: i16,
+    },
+    /// The broker aborted the producer's transaction after its timeout.
+    #[error(
+        "transactional id {txn_id:?}: the transaction of epoch {epoch} was aborted after its timeout of {timeout_ms} ms; abort, then go on with the new epoch (or call InitProducerId with the expected id and epoch)"
+    )]
+    TransactionTimedOut {
+        /// The transactional id.
+        txn_id: String,
+        /// The timed-out transaction's epoch.
+        epoch: i16,
+        /// Its timeout.
+        timeout_ms: u32,
+    },
 }
 
 fn for_topics(topics: &[String]) -> String {
@@ -112,6 +146,15 @@ fn classify(e: &BrokerError) -> (ErrorCode, Code) {
             (ErrorCode::IllegalGeneration, Code::FailedPrecondition)
         }
         BrokerError::GroupNotEmpty { .. } => (ErrorCode::GroupNotEmpty, Code::FailedPrecondition),
+        BrokerError::InvalidTxnState { .. } => {
+            (ErrorCode::InvalidTxnState, Code::FailedPrecondition)
+        }
+        BrokerError::TxnProducerFenced { .. } => {
+            (ErrorCode::ProducerFenced, Code::FailedPrecondition)
+        }
+        BrokerError::TransactionTimedOut { .. } => {
+            (ErrorCode::TransactionTimedOut, Code::FailedPrecondition)
+        }
         BrokerError::Engine(e) => match e {
             EngineError::TopicNotFound(_) => (ErrorCode::UnknownTopic, Code::NotFound),
             EngineError::PartitionNotFound { .. } => (ErrorCode::UnknownPartition, Code::NotFound),
@@ -131,6 +174,9 @@ fn classify(e: &BrokerError) -> (ErrorCode, Code) {
             }
             EngineError::OutOfOrderSequence { .. } => {
                 (ErrorCode::OutOfOrderSequence, Code::FailedPrecondition)
+            }
+            EngineError::InvalidTxnState { .. } => {
+                (ErrorCode::InvalidTxnState, Code::FailedPrecondition)
             }
             EngineError::Io { source, .. }
                 if matches!(
@@ -188,7 +234,10 @@ pub(crate) fn partition_status(topic: &str, partition: u32, e: &PartitionError) 
             Code::InvalidArgument
         }
         ErrorCode::StorageFull => Code::ResourceExhausted,
-        ErrorCode::ProducerFenced | ErrorCode::OutOfOrderSequence => Code::FailedPrecondition,
+        ErrorCode::ProducerFenced
+        | ErrorCode::OutOfOrderSequence
+        | ErrorCode::InvalidTxnState
+        | ErrorCode::TransactionTimedOut => Code::FailedPrecondition,
         ErrorCode::FencedMember | ErrorCode::IllegalGeneration | ErrorCode::GroupNotEmpty => {
             Code::FailedPrecondition
         }
@@ -229,6 +278,11 @@ impl From<BrokerError> for Status {
             }
             BrokerError::UnknownGroup { group, .. } | BrokerError::GroupNotEmpty { group, .. } => {
                 meta.insert("group".to_owned(), group.clone());
+            }
+            BrokerError::InvalidTxnState { txn_id, .. }
+            | BrokerError::TxnProducerFenced { txn_id, .. }
+            | BrokerError::TransactionTimedOut { txn_id, .. } => {
+                meta.insert("transactional_id".to_owned(), txn_id.clone());
             }
             BrokerError::FencedMember { group, member, .. } => {
                 meta.insert("group".to_owned(), group.clone());

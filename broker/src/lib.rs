@@ -29,6 +29,7 @@ mod metrics;
 mod offsets;
 mod producer_ids;
 mod service;
+mod txn;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +41,7 @@ use spool_proto::v1::consume_service_server::ConsumeServiceServer;
 use spool_proto::v1::group_service_server::GroupServiceServer;
 use spool_proto::v1::offset_service_server::OffsetServiceServer;
 use spool_proto::v1::produce_service_server::ProduceServiceServer;
+use spool_proto::v1::transaction_service_server::TransactionServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
@@ -49,6 +51,7 @@ pub use config::Config;
 pub use error::{BrokerError, ConfigError};
 pub use offsets::OFFSETS_TOPIC;
 pub use producer_ids::PRODUCER_IDS_TOPIC;
+pub use txn::TXN_STATE_TOPIC;
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +78,9 @@ pub(crate) struct State {
     pub(crate) topic_defaults: TopicConfig,
     pub(crate) limits: Limits,
     pub(crate) offsets: Arc<offsets::OffsetStore>,
-    pub(crate) producer_ids: producer_ids::ProducerIds,
+    pub(crate) producer_ids: Arc<producer_ids::ProducerIds>,
     pub(crate) groups: Arc<groups::Groups>,
+    pub(crate) txns: Arc<txn::Transactions>,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) auth: Arc<auth::Auth>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -124,7 +128,7 @@ impl Broker {
         }
         let log = Arc::new(log);
         let offsets = Arc::new(offsets::OffsetStore::open(log.clone(), &limits)?);
-        let producer_ids = producer_ids::ProducerIds::open(log.clone())?;
+        let producer_ids = Arc::new(producer_ids::ProducerIds::open(log.clone())?);
         let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));
         let auth = Arc::new(auth::Auth::new(&config.auth.tokens)?);
         let (shutdown_tx, shutdown) = watch::channel(false);
@@ -135,6 +139,15 @@ impl Broker {
             config.groups.clone(),
             shutdown.clone(),
         ));
+        // Before serving: every recorded decision carried out, every undecided transaction
+        // aborted.
+        let txns = Arc::new(txn::Transactions::open(
+            log.clone(),
+            offsets.clone(),
+            groups.clone(),
+            producer_ids.clone(),
+            config.transactions.clone(),
+        )?);
         Ok(Broker {
             state: Arc::new(State {
                 log,
@@ -144,6 +157,7 @@ impl Broker {
                 offsets,
                 producer_ids,
                 groups,
+                txns,
                 metrics,
                 auth,
                 shutdown,
@@ -191,8 +205,12 @@ impl Broker {
         health
             .set_serving::<GroupServiceServer<service::Groups>>()
             .await;
-        // Restored groups' sessions run from now.
+        health
+            .set_serving::<TransactionServiceServer<service::Transactions>>()
+            .await;
+        // Restored groups' sessions run from now; so do transaction timeouts.
         state.groups.start();
+        state.txns.start(state.shutdown.clone());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(spool_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -256,6 +274,12 @@ impl Broker {
             ))
             .add_service(InterceptedService::new(
                 GroupServiceServer::new(service::Groups::new(state.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                intercept.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                TransactionServiceServer::new(service::Transactions::new(state.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
                 intercept,

@@ -19,13 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use spool_log_engine::Limits;
+use spool_log_engine::{Isolation, Limits};
 use spool_proto::v1;
 use spool_proto::v1::admin_service_client::AdminServiceClient;
 use spool_proto::v1::consume_service_client::ConsumeServiceClient;
 use spool_proto::v1::group_service_client::GroupServiceClient;
 use spool_proto::v1::offset_service_client::OffsetServiceClient;
 use spool_proto::v1::produce_service_client::ProduceServiceClient;
+use spool_proto::v1::transaction_service_client::TransactionServiceClient;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -328,6 +329,8 @@ pub struct FetchOptions {
     pub min_bytes: u32,
     /// Longest time to wait for `min_bytes`.
     pub max_wait: Duration,
+    /// What the fetch may return (default: read committed, as Spool's consumers).
+    pub isolation: Isolation,
 }
 
 impl Default for FetchOptions {
@@ -336,7 +339,16 @@ impl Default for FetchOptions {
             max_bytes: 1 << 20,
             min_bytes: 0,
             max_wait: Duration::ZERO,
+            isolation: Isolation::ReadCommitted,
         }
+    }
+}
+
+/// The wire form of an isolation level.
+pub(crate) fn isolation_to_wire(i: Isolation) -> i32 {
+    match i {
+        Isolation::ReadCommitted => v1::IsolationLevel::ReadCommitted as i32,
+        Isolation::ReadUncommitted => v1::IsolationLevel::ReadUncommitted as i32,
     }
 }
 
@@ -448,6 +460,13 @@ impl Client {
     pub(crate) fn group_stub(&self) -> GroupServiceClient<Channel> {
         let max = self.inner.options.max_message_bytes;
         GroupServiceClient::new(self.inner.channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    pub(crate) fn txn_stub(&self) -> TransactionServiceClient<Channel> {
+        let max = self.inner.options.max_message_bytes;
+        TransactionServiceClient::new(self.inner.channel.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max)
     }
@@ -607,11 +626,154 @@ impl Client {
     /// numbers starting at 0. The [`Producer`] does this by itself.
     pub async fn init_producer_id(&self) -> Result<i64> {
         let t = self.timeout();
-        let req = self.request(v1::InitProducerIdRequest {}, t);
+        let req = self.request(v1::InitProducerIdRequest::default(), t);
         Ok(self
             .unary(t, self.produce_stub().init_producer_id(req))
             .await?
             .producer_id)
+    }
+
+    /// Appends pre-encoded batches to several partitions in one request (all or some may
+    /// fail: one result per batch, in order). No batching, no retries.
+    pub async fn produce_batches(
+        &self,
+        batches: Vec<(String, u32, Bytes)>,
+        acks: Acks,
+    ) -> Result<Vec<Result<Appended>>> {
+        let t = self.timeout();
+        let names: Vec<(String, u32)> = batches.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+        let req = self.request(
+            v1::ProduceRequest {
+                partitions: batches
+                    .into_iter()
+                    .map(|(topic, partition, batch)| v1::PartitionProduce {
+                        topic,
+                        partition,
+                        data: Some(v1::partition_produce::Data::RecordBatch(batch)),
+                    })
+                    .collect(),
+                acks: acks.to_wire() as i32,
+            },
+            t,
+        );
+        let resp = self.unary(t, self.produce_stub().produce(req)).await?;
+        if resp.results.len() != names.len() {
+            return Err(Error::Protocol(format!(
+                "{} produce results for {} batches",
+                resp.results.len(),
+                names.len()
+            )));
+        }
+        Ok(resp
+            .results
+            .into_iter()
+            .zip(names)
+            .map(|(r, (topic, partition))| match &r.error {
+                Some(e) => Err(Error::from_partition_error(&topic, partition, None, e)),
+                None => Ok(Appended {
+                    base_offset: r.base_offset,
+                    last_offset: r.last_offset,
+                    log_append_time_ms: r.log_append_time_ms,
+                    duplicate: r.duplicate,
+                }),
+            })
+            .collect())
+    }
+
+    // ---- transactions --------------------------------------------------------------------
+
+    /// InitProducerId for a transactional id (see `ProduceService.InitProducerId`): returns
+    /// the producer id and epoch, fencing every older instance. `expected` is the producer a
+    /// caller had when its transaction timed out. Most callers want a
+    /// [`crate::TransactionalProducer`].
+    pub async fn init_transactional_id(
+        &self,
+        transactional_id: &str,
+        timeout: Duration,
+        expected: Option<(i64, i16)>,
+    ) -> Result<(i64, i16)> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::InitProducerIdRequest {
+                transactional_id: transactional_id.to_owned(),
+                transaction_timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+                expected_producer_id: expected.map(|e| e.0),
+                expected_producer_epoch: expected.map(|e| i32::from(e.1)),
+            },
+            t,
+        );
+        let r = self
+            .unary(t, self.produce_stub().init_producer_id(req))
+            .await?;
+        Ok((r.producer_id, epoch_from_wire(r.producer_epoch)?))
+    }
+
+    /// AddOffsetsToTxn: commits `offsets` for `group` with the producer's open transaction;
+    /// `member` (id, generation) fences the commit like a group member's.
+    pub async fn add_offsets_to_txn(
+        &self,
+        transactional_id: &str,
+        producer: (i64, i16),
+        group: &str,
+        offsets: &[OffsetCommit],
+        member: Option<(&str, u64)>,
+    ) -> Result<()> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::AddOffsetsToTxnRequest {
+                transactional_id: transactional_id.to_owned(),
+                producer_id: producer.0,
+                producer_epoch: i32::from(producer.1),
+                group: group.to_owned(),
+                offsets: offsets
+                    .iter()
+                    .map(|o| v1::OffsetCommit {
+                        topic: o.topic.clone(),
+                        partition: o.partition,
+                        offset: o.offset,
+                        metadata: o.metadata.clone(),
+                    })
+                    .collect(),
+                member_id: member.map(|m| m.0.to_owned()).unwrap_or_default(),
+                generation: member.map_or(0, |m| m.1),
+            },
+            t,
+        );
+        self.unary(t, self.txn_stub().add_offsets_to_txn(req))
+            .await?;
+        Ok(())
+    }
+
+    /// EndTxn: commits or aborts the producer's open transaction; returns the producer id and
+    /// epoch for the next one.
+    pub async fn end_txn(
+        &self,
+        transactional_id: &str,
+        producer: (i64, i16),
+        commit: bool,
+    ) -> Result<(i64, i16)> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::EndTxnRequest {
+                transactional_id: transactional_id.to_owned(),
+                producer_id: producer.0,
+                producer_epoch: i32::from(producer.1),
+                commit,
+            },
+            t,
+        );
+        let r = self.unary(t, self.txn_stub().end_txn(req)).await?;
+        Ok((r.producer_id, epoch_from_wire(r.producer_epoch)?))
+    }
+
+    /// ListTransactions (the wire type: state, partitions, age).
+    pub async fn list_transactions(&self) -> Result<Vec<v1::TransactionDescription>> {
+        let t = self.timeout();
+        let req = self.request(v1::ListTransactionsRequest {}, t);
+        Ok(self
+            .unary(t, self.txn_stub().list_transactions(req))
+            .await?
+            .transactions)
     }
 
     // ---- consume -------------------------------------------------------------------------
@@ -641,6 +803,7 @@ impl Client {
                 min_bytes: options.min_bytes,
                 max_wait_ms: u32::try_from(options.max_wait.as_millis()).unwrap_or(u32::MAX),
                 decode_records: false,
+                isolation_level: isolation_to_wire(options.isolation),
             },
             t,
         );
@@ -673,14 +836,27 @@ impl Client {
             next_offset: d.next_offset,
             high_watermark: d.high_watermark,
             log_start_offset: d.log_start_offset,
+            last_stable_offset: d.last_stable_offset,
         })
     }
 
     /// Resolves offsets: one answer per query, in order; a per-partition failure is an `Err`
-    /// in its slot, a failure of the whole request the outer `Err`.
+    /// in its slot, a failure of the whole request the outer `Err`. `Latest` is the high
+    /// watermark (see [`Client::list_offsets_with`] for the last stable offset).
     pub async fn list_offsets(
         &self,
         queries: &[(TopicPartition, OffsetSpec)],
+    ) -> Result<Vec<Result<ListedOffset>>> {
+        self.list_offsets_with(queries, Isolation::ReadUncommitted)
+            .await
+    }
+
+    /// [`Client::list_offsets`] for a reader at `isolation`: read-committed `Latest` is the
+    /// last stable offset.
+    pub async fn list_offsets_with(
+        &self,
+        queries: &[(TopicPartition, OffsetSpec)],
+        isolation: Isolation,
     ) -> Result<Vec<Result<ListedOffset>>> {
         let t = self.timeout();
         let req = self.request(
@@ -701,6 +877,7 @@ impl Client {
                         }
                     })
                     .collect(),
+                isolation_level: isolation_to_wire(isolation),
             },
             t,
         );
@@ -906,4 +1083,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::Config(_)), "{e:?}");
     }
+}
+
+/// A wire epoch as the batch header's i16.
+fn epoch_from_wire(epoch: i32) -> Result<i16> {
+    i16::try_from(epoch)
+        .map_err(|_| Error::Protocol(format!("producer epoch {epoch} is not an i16")))
 }

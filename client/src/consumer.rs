@@ -77,6 +77,9 @@ pub struct ConsumerConfig {
     pub reconnect_backoff: Backoff,
     /// Consecutive failed (re)connects before `next` returns the error (default 10).
     pub max_reconnect_attempts: u32,
+    /// What the consumer sees (default: read committed: only committed transactions'
+    /// records, and nothing past a partition's last stable offset).
+    pub isolation: spool_log_engine::Isolation,
 }
 
 impl Default for ConsumerConfig {
@@ -88,6 +91,7 @@ impl Default for ConsumerConfig {
             offset_reset: OffsetReset::Earliest,
             reconnect_backoff: Backoff::default(),
             max_reconnect_attempts: 10,
+            isolation: spool_log_engine::Isolation::ReadCommitted,
         }
     }
 }
@@ -428,6 +432,7 @@ impl Consumer {
             max_bytes: self.config.max_bytes,
             decode_records: false,
             heartbeat_interval_ms: u32::try_from(self.heartbeat().as_millis()).unwrap_or(u32::MAX),
+            isolation_level: crate::client::isolation_to_wire(self.config.isolation),
         };
         // No deadline on the request: it would bound the whole stream. Only opening is timed.
         let timeout = self.client.options().request_timeout;

@@ -285,6 +285,19 @@ pub enum Error {
         /// Broker's message.
         message: String,
     },
+    /// A transactional request did not fit the transaction's state (see the message).
+    #[error("invalid transaction state: {message}")]
+    InvalidTxnState {
+        /// Broker's message.
+        message: String,
+    },
+    /// The broker aborted the transaction after its timeout. Abort it (which succeeds and
+    /// hands out the next epoch) and go on.
+    #[error("transaction timed out: {message}")]
+    TransactionTimedOut {
+        /// Broker's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -321,6 +334,8 @@ impl Error {
             Error::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
             Error::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
             Error::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+            Error::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
+            Error::TransactionTimedOut { .. } => ErrorCode::TransactionTimedOut,
             Error::NotAuthorized { .. } => return ErrorCode::from_str_name(NOT_AUTHORIZED),
             _ => return None,
         })
@@ -487,6 +502,8 @@ fn from_code(
             partition: partition.unwrap_or_default(),
             message,
         },
+        ErrorCode::InvalidTxnState => Error::InvalidTxnState { message },
+        ErrorCode::TransactionTimedOut => Error::TransactionTimedOut { message },
         // Codes added to the contract after this client was written: named ones it knows by
         // name, others as the gRPC status they come with (the caller matches on the code).
         #[allow(unreachable_patterns)]

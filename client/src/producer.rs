@@ -110,7 +110,7 @@ pub enum Compression {
 }
 
 impl Compression {
-    fn engine(self) -> spool_log_engine::Compression {
+    pub(crate) fn engine(self) -> spool_log_engine::Compression {
         match self {
             Compression::None => spool_log_engine::Compression::None,
             Compression::Lz4 => spool_log_engine::Compression::Lz4,

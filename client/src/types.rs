@@ -463,4 +463,7 @@ pub struct Fetched {
     pub high_watermark: u64,
     /// First offset in the log when the data was read.
     pub log_start_offset: u64,
+    /// Last stable offset when the data was read (below it every transaction is decided;
+    /// read-committed fetches never return data at or past it).
+    pub last_stable_offset: u64,
 }

@@ -622,7 +622,7 @@ async fn produce_stream(
     let producer_id = match cfg.stamping {
         Stamping::On => {
             produce_stub(ch.clone())
-                .init_producer_id(request(&auth(cfg)?, v1::InitProducerIdRequest {}))
+                .init_producer_id(request(&auth(cfg)?, v1::InitProducerIdRequest::default()))
                 .await
                 .context("InitProducerId")?
                 .into_inner()
@@ -907,6 +907,7 @@ async fn consume_one(
         max_bytes: cfg.fetch_bytes,
         decode_records: false,
         heartbeat_interval_ms: 1000,
+        ..Default::default()
     };
     let mut left: Vec<(u32, u64)> = parts
         .iter()
@@ -968,6 +969,7 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
         max_bytes: cfg.fetch_bytes,
         decode_records: false,
         heartbeat_interval_ms: 1000,
+        ..Default::default()
     };
     let stream = consume_stub(sub_ch)
         .subscribe(request(&auth(cfg)?, req))

@@ -192,7 +192,13 @@ impl TxnIndex {
     /// Records a batch written at `base_offset` (header `h`; `batch` its bytes, for markers).
     /// `visible_end` is the offset readers can see below (the high watermark; `u64::MAX` when
     /// rebuilding from a log that is all visible).
-    pub(crate) fn record(&mut self, h: &BatchHeader, batch: &[u8], base_offset: u64, visible_end: u64) {
+    pub(crate) fn record(
+        &mut self,
+        h: &BatchHeader,
+        batch: &[u8],
+        base_offset: u64,
+        visible_end: u64,
+    ) {
         let pid = h.producer_id;
         if pid < 0 || !h.is_transactional() {
             return;
@@ -286,7 +292,9 @@ impl TxnIndex {
         let mut t = TxnIndex::default();
         let n_open = u32_of(take(4)?);
         if n_open > max_open || n_open * OPEN_LEN > left {
-            return Err(format!("{n_open} open transactions: over the limit or the file"));
+            return Err(format!(
+                "{n_open} open transactions: over the limit or the file"
+            ));
         }
         for _ in 0..n_open {
             let b = take(OPEN_LEN)?;
@@ -308,13 +316,17 @@ impl TxnIndex {
         }
         let n_aborted = u32_of(take(4)?);
         if n_aborted > max_aborted || n_aborted * ABORTED_LEN > left {
-            return Err(format!("{n_aborted} aborted transactions: over the limit or the file"));
+            return Err(format!(
+                "{n_aborted} aborted transactions: over the limit or the file"
+            ));
         }
         for _ in 0..n_aborted {
             let b = take(ABORTED_LEN)?;
             let (pid, first, last) = (i64_of(&b[0..8]), u64_of(&b[8..16]), u64_of(&b[16..24]));
             if last < first {
-                return Err(format!("aborted transaction {first}..{last} ends before it starts"));
+                return Err(format!(
+                    "aborted transaction {first}..{last} ends before it starts"
+                ));
             }
             t.aborted.insert((pid, first), last);
         }
@@ -340,12 +352,18 @@ mod tests {
         b.producer(pid, epoch, 0).transactional(txn);
         b.push(1, Some(b"k"), Some(b"v"), &[]);
         let bytes = b.finish().unwrap();
-        (validate_batch(&bytes, u32::MAX, &Limits::default()).unwrap(), bytes)
+        (
+            validate_batch(&bytes, u32::MAX, &Limits::default()).unwrap(),
+            bytes,
+        )
     }
 
     fn marker(pid: i64, epoch: i16, m: Marker) -> (BatchHeader, Bytes) {
         let bytes = marker_batch(pid, epoch, m, 7, 1);
-        (validate_batch(&bytes, u32::MAX, &Limits::default()).unwrap(), bytes)
+        (
+            validate_batch(&bytes, u32::MAX, &Limits::default()).unwrap(),
+            bytes,
+        )
     }
 
     #[test]
@@ -353,7 +371,10 @@ mod tests {
         for m in [Marker::Abort, Marker::Commit] {
             let (h, b) = marker(5, 2, m);
             assert!(h.is_control() && h.is_transactional());
-            assert_eq!((h.producer_id, h.producer_epoch, h.base_sequence), (5, 2, -1));
+            assert_eq!(
+                (h.producer_id, h.producer_epoch, h.base_sequence),
+                (5, 2, -1)
+            );
             assert_eq!(marker_of(&b, &h), Some(m));
         }
         let (h, b) = data_batch(5, 2, true);
@@ -371,14 +392,21 @@ mod tests {
         assert_eq!(t.last_stable(13), 10);
         // Plain batches from a producer with an open transaction, and other epochs, refused.
         assert!(t.check(&data_batch(1, 0, false).0, 10).is_err());
-        assert!(matches!(t.check(&data_batch(1, 1, true).0, 10), Err(Error::InvalidTxnState { .. })));
+        assert!(matches!(
+            t.check(&data_batch(1, 1, true).0, 10),
+            Err(Error::InvalidTxnState { .. })
+        ));
         assert!(t.check(&data_batch(3, 0, false).0, 10).is_ok());
         assert!(t.check(&data_batch(-1, -1, true).0, 10).is_err());
         // Abort 1 at 13; the marker is not visible yet (hwm 13): the LSO stays.
         let (ha, ba) = marker(1, 1, Marker::Abort);
         t.record(&ha, &ba, 13, 13);
         assert_eq!(t.last_stable(13), 10);
-        assert_eq!(t.last_stable(14), 11, "once the marker is visible, 2's start holds it");
+        assert_eq!(
+            t.last_stable(14),
+            11,
+            "once the marker is visible, 2's start holds it"
+        );
         assert!(t.is_aborted(1, 10) && t.is_aborted(1, 12) && t.is_aborted(1, 13));
         assert!(!t.is_aborted(2, 11) && !t.is_aborted(1, 14) && !t.is_aborted(1, 9));
         let (hc, bc) = marker(2, 1, Marker::Commit);

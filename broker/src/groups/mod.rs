@@ -92,6 +92,8 @@ enum Event {
         generation: u64,
         offsets: Vec<v1::OffsetCommit>,
         now_ms: i64,
+        /// Only check the fence (a transaction's offsets are written by its coordinator).
+        check_only: bool,
         reply: oneshot::Sender<Result<(), BrokerError>>,
     },
     LeaveBy {
@@ -318,6 +320,28 @@ impl Groups {
                 generation,
                 offsets,
                 now_ms,
+                check_only: false,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Checks, without writing, that `member` could commit `offsets` in `generation` now (for
+    /// offsets committed by a transaction).
+    pub(crate) async fn check_commit(
+        self: &Arc<Self>,
+        group: &str,
+        member: String,
+        generation: u64,
+        offsets: Vec<v1::OffsetCommit>,
+    ) -> Result<(), Status> {
+        Ok(self
+            .ask(group, |reply| Event::Commit {
+                member,
+                generation,
+                offsets,
+                now_ms: 0,
+                check_only: true,
                 reply,
             })
             .await??)
@@ -741,6 +765,7 @@ impl Task {
                 generation,
                 offsets,
                 now_ms,
+                check_only,
                 reply,
             } => {
                 let wanted: Vec<Tp> = offsets
@@ -766,6 +791,7 @@ impl Task {
                 };
                 let result = match checked {
                     Err(e) => Err(e),
+                    Ok(()) if check_only => Ok(()),
                     Ok(()) => {
                         // Appended before the next event is handled: nothing can release the
                         // partitions between the check and the append.

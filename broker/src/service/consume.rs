@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::select_all;
-use spool_log_engine::Partition;
+use spool_log_engine::{Isolation, Partition};
 use spool_proto::v1::{self, consume_service_server::ConsumeService};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -58,6 +58,7 @@ fn read_partition(
     offset: u64,
     max_bytes: u32,
     decode: bool,
+    isolation: Isolation,
 ) -> v1::PartitionData {
     let mut out = v1::PartitionData {
         topic: p.topic().to_owned(),
@@ -65,11 +66,12 @@ fn read_partition(
         next_offset: offset,
         ..Default::default()
     };
-    match p.read(offset, max_bytes as usize) {
+    match p.read_with(offset, max_bytes as usize, isolation) {
         Ok(r) => {
             out.next_offset = r.next_offset;
             out.high_watermark = r.high_watermark;
             out.log_start_offset = r.log_start_offset;
+            out.last_stable_offset = r.last_stable_offset;
             if decode {
                 match decode_records(&r.data, &state.limits) {
                     Ok(records) => out.records = records,
@@ -82,10 +84,27 @@ fn read_partition(
         Err(e) => {
             out.high_watermark = p.high_watermark();
             out.log_start_offset = p.log_start_offset();
+            out.last_stable_offset = p.last_stable_offset();
             out.error = Some(partition_error(e));
         }
     }
     out
+}
+
+/// The isolation level a request asks for (unset: read uncommitted).
+fn isolation(level: i32) -> Isolation {
+    match v1::IsolationLevel::try_from(level) {
+        Ok(v1::IsolationLevel::ReadCommitted) => Isolation::ReadCommitted,
+        _ => Isolation::ReadUncommitted,
+    }
+}
+
+/// Where a reader at `isolation` can read up to.
+fn readable_end(p: &Partition, isolation: Isolation) -> u64 {
+    match isolation {
+        Isolation::ReadCommitted => p.last_stable_offset(),
+        Isolation::ReadUncommitted => p.high_watermark(),
+    }
 }
 
 /// Counts data actually sent to a consumer in the metrics.
@@ -156,10 +175,11 @@ impl ConsumeService for Consume {
                 let state = self.state.clone();
                 let t = targets.clone();
                 let decode = req.decode_records;
+                let iso = isolation(req.isolation_level);
                 let results: Vec<v1::PartitionData> = blocking(move || {
                     t.iter()
                         .map(|(p, offset, max, topic, partition)| match p {
-                            Ok(p) => read_partition(&state, p, *offset, *max, decode),
+                            Ok(p) => read_partition(&state, p, *offset, *max, decode, iso),
                             Err(e) => v1::PartitionData {
                                 topic: topic.clone(),
                                 partition: *partition,
@@ -220,6 +240,7 @@ impl ConsumeService for Consume {
                 ))
                 .into());
             }
+            let iso = isolation(req.isolation_level);
             let mut followed = Vec::with_capacity(req.partitions.len());
             for sp in &req.partitions {
                 who.require(Action::Consume, &sp.topic)?;
@@ -228,7 +249,7 @@ impl ConsumeService for Consume {
                     .log
                     .partition(&sp.topic, sp.partition)
                     .map_err(BrokerError::from)?;
-                let start = resolve_start(&p, sp.start.as_ref())?;
+                let start = resolve_start(&p, sp.start.as_ref(), iso)?;
                 followed.push((p, start));
             }
             let max_bytes = self.clamp_bytes(req.max_bytes);
@@ -246,7 +267,7 @@ impl ConsumeService for Consume {
                 state,
                 followed,
                 max_bytes,
-                req.decode_records,
+                (req.decode_records, iso),
                 heartbeat,
                 tx,
             ));
@@ -271,6 +292,7 @@ impl ConsumeService for Consume {
                 .into());
             }
             let state = self.state.clone();
+            let iso = isolation(req.isolation_level);
             let answers = blocking(move || {
                 req.queries
                     .into_iter()
@@ -288,7 +310,7 @@ impl ConsumeService for Consume {
                                 {
                                     v1::OffsetSpec::Earliest => (p.log_start_offset(), true),
                                     v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => {
-                                        (p.high_watermark(), true)
+                                        (readable_end(&p, iso), true)
                                     }
                                     v1::OffsetSpec::Timestamp => {
                                         match p.offset_for_timestamp(q.timestamp_ms)? {
@@ -317,10 +339,14 @@ impl ConsumeService for Consume {
     }
 }
 
-fn resolve_start(p: &Partition, start: Option<&v1::StartPosition>) -> Result<u64, BrokerError> {
+fn resolve_start(
+    p: &Partition,
+    start: Option<&v1::StartPosition>,
+    isolation: Isolation,
+) -> Result<u64, BrokerError> {
     use v1::start_position::Position;
     Ok(match start.and_then(|s| s.position) {
-        None | Some(Position::Latest(_)) => p.high_watermark(),
+        None | Some(Position::Latest(_)) => readable_end(p, isolation),
         Some(Position::Earliest(_)) => p.log_start_offset(),
         Some(Position::Offset(o)) => {
             // Like Fetch: an offset outside the log is an error now, not a silent wait.
@@ -343,15 +369,20 @@ fn resolve_start(p: &Partition, start: Option<&v1::StartPosition>) -> Result<u64
 }
 
 /// The body of one subscription: push data as it is appended, heartbeats when idle.
+/// Read-committed: data up to the last stable offset; when a partition has nothing more to
+/// give, it waits for the high watermark to move past what it was (a marker moving the last
+/// stable offset is itself an append).
 async fn follow(
     state: Arc<State>,
     followed: Vec<(Arc<Partition>, u64)>,
     max_bytes: u32,
-    decode: bool,
+    (decode, iso): (bool, Isolation),
     heartbeat: Duration,
     tx: mpsc::Sender<Result<v1::SubscribeResponse, Status>>,
 ) {
     let mut next: Vec<u64> = followed.iter().map(|(_, o)| *o).collect();
+    // Per partition: the high watermark to wait past when nothing is readable.
+    let mut wait_past: Vec<u64> = next.clone();
     let parts: Vec<Arc<Partition>> = followed.into_iter().map(|(p, _)| p).collect();
     let mut shutdown = state.shutdown.clone();
     let mut idle_since = Instant::now();
@@ -364,12 +395,14 @@ async fn follow(
         }
         let mut sent = false;
         for (i, p) in parts.iter().enumerate() {
-            if next[i] >= p.high_watermark() {
+            let hwm = p.high_watermark();
+            wait_past[i] = next[i].max(hwm);
+            if next[i] >= readable_end(p, iso) {
                 continue;
             }
             let (state2, p2, off) = (state.clone(), p.clone(), next[i]);
             let Ok(data) = tokio::task::spawn_blocking(move || {
-                read_partition(&state2, &p2, off, max_bytes, decode)
+                read_partition(&state2, &p2, off, max_bytes, decode, iso)
             })
             .await
             else {
@@ -379,6 +412,9 @@ async fn follow(
                 let status = crate::error::partition_status(&data.topic, data.partition, err);
                 let _ = tx.send(Err(status)).await;
                 return;
+            }
+            if data.next_offset == next[i] {
+                continue; // nothing readable after all (the LSO had not moved)
             }
             next[i] = data.next_offset;
             count_served(&state, &data);
@@ -396,7 +432,7 @@ async fn follow(
         }
         let waits: Vec<_> = parts
             .iter()
-            .zip(&next)
+            .zip(&wait_past)
             .map(|(p, n)| (p.clone(), *n))
             .collect();
         tokio::select! {

@@ -5,12 +5,14 @@ mod consume;
 mod groups;
 mod offsets;
 mod produce;
+mod txn;
 
 pub(crate) use admin::Admin;
 pub(crate) use consume::Consume;
 pub(crate) use groups::Groups;
 pub(crate) use offsets::Offsets;
 pub(crate) use produce::Produce;
+pub(crate) use txn::Transactions;
 
 use crate::error::BrokerError;
 

@@ -13,13 +13,18 @@
 //! `ProduceStream` the write phase of each request runs in arrival order, one request at a
 //! time, so per-partition order is the stream's order; settle phases overlap (at most
 //! `MAX_IN_FLIGHT` per stream), and replies carry the request id, possibly out of order.
+//!
+//! Transactional batches: before any is appended, the transaction coordinator adds its
+//! partition to the producer's open transaction (and refuses a zombie's or an ended
+//! transaction's batch); the partition then checks the batch against its own transaction
+//! state.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use spool_log_engine::{AppendInfo, FsyncPolicy, Partition};
+use spool_log_engine::{AppendInfo, BatchHeader, FsyncPolicy, Partition};
 use spool_proto::v1::{self, produce_service_server::ProduceService};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
@@ -116,6 +121,7 @@ fn write(
         }
         results.push(r);
     }
+    let jobs = register_transactional(state, jobs, &mut results);
     // Appends happen here, in request order, for every acks level (acks = none too, so that
     // successive requests keep their order); only what happens after differs (settle).
     let mut appended = Vec::with_capacity(jobs.len());
@@ -130,6 +136,48 @@ fn write(
         results,
         appended,
     }
+}
+
+/// Adds the partitions of transactional batches to their producers' open transactions
+/// (one coordinator call per producer); returns the jobs that may be appended, having set
+/// the error of the others.
+fn register_transactional(
+    state: &State,
+    jobs: Vec<(usize, Arc<Partition>, Bytes)>,
+    results: &mut [v1::PartitionProduceResult],
+) -> Vec<(usize, Arc<Partition>, Bytes)> {
+    let mut by_producer: std::collections::BTreeMap<(i64, i16), Vec<usize>> = Default::default();
+    for (j, (_, _, batch)) in jobs.iter().enumerate() {
+        if let Ok(h) = BatchHeader::parse(batch)
+            && h.is_transactional()
+        {
+            by_producer
+                .entry((h.producer_id, h.producer_epoch))
+                .or_default()
+                .push(j);
+        }
+    }
+    if by_producer.is_empty() {
+        return jobs;
+    }
+    let mut refused = vec![false; jobs.len()];
+    for ((pid, epoch), js) in by_producer {
+        let tps = js
+            .iter()
+            .map(|&j| (jobs[j].1.topic().to_owned(), jobs[j].1.id()))
+            .collect();
+        if let Err(e) = state.txns.add_partitions(pid, epoch, tps) {
+            let err = partition_error(e);
+            for j in js {
+                refused[j] = true;
+                results[jobs[j].0].error = Some(err.clone());
+            }
+        }
+    }
+    jobs.into_iter()
+        .zip(refused)
+        .filter_map(|(job, no)| (!no).then_some(job))
+        .collect()
 }
 
 /// Settle phase (blocking): wait for the durability `acks` asks for; fill in the results.
@@ -213,6 +261,36 @@ impl ProduceService for Produce {
                     "a producer id needs the right to produce to some topic".into(),
                 )
                 .into());
+            }
+            let req = req.into_inner();
+            if !req.transactional_id.is_empty() {
+                let expected = match (req.expected_producer_id, req.expected_producer_epoch) {
+                    (Some(pid), Some(epoch)) => Some((
+                        pid,
+                        i16::try_from(epoch).map_err(|_| {
+                            BrokerError::InvalidRequest(
+                                "expected_producer_epoch is not an i16".into(),
+                            )
+                        })?,
+                    )),
+                    (None, None) => None,
+                    _ => {
+                        return Err(BrokerError::InvalidRequest(
+                            "set both expected_producer_id and expected_producer_epoch, or neither"
+                                .into(),
+                        )
+                        .into());
+                    }
+                };
+                let (producer_id, epoch) = self
+                    .state
+                    .txns
+                    .init(&req.transactional_id, req.transaction_timeout_ms, expected)
+                    .await?;
+                return Ok(Response::new(v1::InitProducerIdResponse {
+                    producer_id,
+                    producer_epoch: i32::from(epoch),
+                }));
             }
             let state = self.state.clone();
             let producer_id = blocking(move || state.producer_ids.allocate(now_ms())).await??;

@@ -84,6 +84,7 @@ async fn subscribe_from_each_start_and_follow_live() {
                 max_bytes: 0,
                 decode_records: true,
                 heartbeat_interval_ms: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -109,6 +110,7 @@ async fn subscribe_from_each_start_and_follow_live() {
             max_bytes: 0,
             decode_records: true,
             heartbeat_interval_ms: 200,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -202,6 +204,7 @@ async fn fetch_long_poll_list_offsets_and_out_of_range() {
             min_bytes: 1,
             max_wait_ms: 10_000,
             decode_records: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -248,6 +251,7 @@ async fn fetch_long_poll_list_offsets_and_out_of_range() {
                     timestamp_ms: 0,
                 },
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -271,6 +275,7 @@ async fn fetch_long_poll_list_offsets_and_out_of_range() {
             min_bytes: 0,
             max_wait_ms: 0,
             decode_records: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -284,6 +289,7 @@ async fn fetch_long_poll_list_offsets_and_out_of_range() {
             max_bytes: 0,
             decode_records: false,
             heartbeat_interval_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -295,6 +301,7 @@ async fn fetch_long_poll_list_offsets_and_out_of_range() {
             max_bytes: 0,
             decode_records: false,
             heartbeat_interval_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -26,6 +26,7 @@ async fn read_all(b: &Spoold, partition: u32) -> BTreeMap<u64, String> {
                 min_bytes: 0,
                 max_wait_ms: 0,
                 decode_records: true,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -107,6 +107,7 @@ async fn an_idle_subscription_keeps_its_connection() {
             decode_records: true,
             // Asks for far less often than the idle timeout allows: capped at half of it.
             heartbeat_interval_ms: 60_000,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -58,6 +58,7 @@ async fn metrics_reflect_traffic() {
             min_bytes: 0,
             max_wait_ms: 0,
             decode_records: false,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -101,6 +101,7 @@ async fn produce_every_form_and_read_back() {
             min_bytes: 1,
             max_wait_ms: 5000,
             decode_records: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -123,6 +124,7 @@ async fn produce_every_form_and_read_back() {
             min_bytes: 0,
             max_wait_ms: 0,
             decode_records: false,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -25,8 +25,8 @@ use crate::error::{Error, Result};
 use crate::mmap;
 use crate::notify::Watch;
 use crate::producer::ProducerStates;
-use crate::txn::TxnIndex;
 use crate::segment::{self, IndexBuilder, Segment};
+use crate::txn::TxnIndex;
 
 use super::writer::Writer;
 use super::{CommitState, Partition, Shared};
@@ -372,19 +372,21 @@ fn producer_state_before(
     let last_base = found[found.len() - 1].0;
     let now = shared.clock.now_ms();
     let fresh = || (ProducerStates::new(max, expiry), TxnIndex::default());
-    let ((mut state, mut txn), from) =
-        match ProducerStates::read_snapshot(dir, max, expiry, max_aborted) {
-            Some((s, t, covers))
-                if covers <= last_base && found.iter().any(|&(b, _)| b == covers) =>
-            {
-                ((s, t), covers)
-            }
-            Some((_, _, covers)) => {
-                tracing::warn!(dir = %dir.display(), covers, "producer snapshot does not match the segments: rebuilding from the log");
-                (fresh(), found[0].0)
-            }
-            None => (fresh(), found[0].0),
-        };
+    let ((mut state, mut txn), from) = match ProducerStates::read_snapshot(
+        dir,
+        max,
+        expiry,
+        max_aborted,
+    ) {
+        Some((s, t, covers)) if covers <= last_base && found.iter().any(|&(b, _)| b == covers) => {
+            ((s, t), covers)
+        }
+        Some((_, _, covers)) => {
+            tracing::warn!(dir = %dir.display(), covers, "producer snapshot does not match the segments: rebuilding from the log");
+            (fresh(), found[0].0)
+        }
+        None => (fresh(), found[0].0),
+    };
     for (i, &(base, len)) in found[..found.len() - 1].iter().enumerate() {
         if base < from || len == 0 {
             continue;

@@ -1,0 +1,694 @@
+//! The transaction coordinator: transactional ids, their producers, and their transactions,
+//! recorded in the internal topic `__transaction_state` (compacted, one record per id:
+//! key = the id, value = [`TxnMeta`] as JSON).
+//!
+//! Protocol (docs/protocol.md, "Transactions"):
+//! 1. `InitProducerId(transactional_id)` ends whatever the id's previous producer left open
+//!    (abort), bumps the epoch and records it durably before replying, so a zombie of an
+//!    older epoch is refused from then on, across restarts too.
+//! 2. A transactional batch reaches `add_partitions` (from the produce path) before it is
+//!    appended: the partition joins the open transaction, in memory. Nothing needs to be
+//!    durable here: after a crash every transaction without a decision is aborted anyway, and
+//!    the partitions holding its batches are found in the log (each partition knows its open
+//!    transactions).
+//! 3. `EndTxn` records the decision (`Prepare*`, with the partitions, the offsets and the
+//!    bumped epoch) **durably before any marker is written**; then writes a marker into every
+//!    partition (in parallel; each as durable as its topic's fsync policy says), applies the
+//!    offsets on commit, and records `Complete*` (durably when offsets were applied, so a
+//!    restart never re-applies them over newer commits; otherwise the next durable record of
+//!    the id, or the recovery below, covers it).
+//! 4. At start, before serving: every `Prepare*` is carried out again (markers are
+//!    idempotent: a partition without the producer's open transaction writes nothing), then
+//!    every transaction still open in any partition is aborted, with a bumped epoch.
+//! 5. A background task aborts transactions open past their timeout (bumping the epoch: the
+//!    producer gets `TRANSACTION_TIMED_OUT`) and retries decisions whose markers failed.
+//!
+//! Invariants: one operation at a time per transactional id (an async mutex each); a decision,
+//! once durable, is always carried out; the reply to EndTxn goes out only after every marker
+//! and the offsets are written.
+
+pub(crate) mod state;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use spool_log_engine::{
+    BatchBuilder, CleanupPolicy, Compression, Error as EngineError, FsyncPolicy, Log, Marker,
+    TopicConfig,
+};
+use spool_proto::v1;
+use tokio::sync::watch;
+
+use crate::config::TransactionsConfig;
+use crate::error::BrokerError;
+use crate::groups::Groups;
+use crate::offsets::OffsetStore;
+use crate::producer_ids::ProducerIds;
+use crate::service::now_ms;
+use state::{EndPlan, Phase, Tp, TxnMeta};
+
+/// Name of the internal topic.
+pub const TXN_STATE_TOPIC: &str = "__transaction_state";
+
+/// Longest transactional id (as Kafka's group ids).
+const MAX_ID_LEN: usize = 249;
+
+type Entry = Arc<tokio::sync::Mutex<TxnMeta>>;
+
+/// The coordinator.
+#[derive(Debug)]
+pub(crate) struct Transactions {
+    log: Arc<Log>,
+    offsets: Arc<OffsetStore>,
+    groups: Arc<Groups>,
+    producer_ids: Arc<ProducerIds>,
+    cfg: TransactionsConfig,
+    ids: Mutex<HashMap<String, Entry>>,
+    by_pid: Mutex<HashMap<i64, String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The internal topic's configuration: compacted, fsync on every write.
+fn topic_config() -> TopicConfig {
+    TopicConfig {
+        partitions: 1,
+        cleanup: CleanupPolicy::Compact,
+        fsync: FsyncPolicy::Always,
+        segment_bytes: 64 << 20,
+        ..TopicConfig::default()
+    }
+}
+
+/// Checks a transactional id's shape.
+pub(crate) fn validate_id(id: &str) -> Result<(), BrokerError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(|c| c.is_control()) {
+        return Err(BrokerError::InvalidRequest(format!(
+            "a transactional id is 1 to {MAX_ID_LEN} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+fn to_tp(t: &(String, u32)) -> v1::TopicPartition {
+    v1::TopicPartition {
+        topic: t.0.clone(),
+        partition: t.1,
+    }
+}
+
+impl Transactions {
+    /// Opens the coordinator: loads `__transaction_state`, carries out every recorded
+    /// decision, and aborts every transaction left open in any partition. Blocking; runs
+    /// before the broker serves.
+    pub(crate) fn open(
+        log: Arc<Log>,
+        offsets: Arc<OffsetStore>,
+        groups: Arc<Groups>,
+        producer_ids: Arc<ProducerIds>,
+        cfg: TransactionsConfig,
+    ) -> Result<Transactions, BrokerError> {
+        if log.topic_config(TXN_STATE_TOPIC).is_err() {
+            log.create_topic(TXN_STATE_TOPIC, topic_config())?;
+        }
+        let metas = Self::load(&log)?;
+        let t = Transactions {
+            log,
+            offsets,
+            groups,
+            producer_ids,
+            cfg,
+            ids: Mutex::new(HashMap::new()),
+            by_pid: Mutex::new(HashMap::new()),
+        };
+        let (mut finished, mut aborted) = (0, 0);
+        for (id, mut meta) in metas {
+            if meta.is_ongoing() {
+                // Recorded by an older broker mid-transaction: undecided, so aborted below.
+                meta.phase = Phase::Empty;
+            }
+            if meta.is_preparing() {
+                t.finish_blocking(&id, &mut meta)?;
+                finished += 1;
+            }
+            lock(&t.by_pid).insert(meta.pid, id.clone());
+            lock(&t.ids).insert(id, Arc::new(tokio::sync::Mutex::new(meta)));
+        }
+        // Whatever is still open in a partition has no decision: abort it.
+        let mut orphans: BTreeMap<i64, (i16, BTreeSet<Tp>)> = BTreeMap::new();
+        for topic in t.log.topics() {
+            for p in t.log.partitions(&topic)? {
+                for o in p.open_transactions() {
+                    let e = orphans.entry(o.producer_id).or_default();
+                    e.0 = e.0.max(o.epoch);
+                    e.1.insert((topic.clone(), p.id()));
+                }
+            }
+        }
+        for (pid, (epoch, partitions)) in orphans {
+            let id = lock(&t.by_pid).get(&pid).cloned();
+            match id.and_then(|id| lock(&t.ids).get(&id).cloned().map(|e| (id, e))) {
+                Some((id, entry)) => {
+                    let mut meta = entry.try_lock().expect("nobody else runs yet").clone();
+                    meta.phase = Phase::Ongoing;
+                    meta.partitions = partitions;
+                    meta.epoch = meta.epoch.max(epoch);
+                    meta.prepare(false, false);
+                    t.persist(&id, &meta, true)?;
+                    t.finish_blocking(&id, &mut meta)?;
+                    *entry.try_lock().expect("nobody else runs yet") = meta;
+                }
+                None => {
+                    // Not a transactional id's producer (data written without the
+                    // coordinator, e.g. by an embedding program): abort it all the same.
+                    let marker_epoch = epoch.saturating_add(1);
+                    for (topic, partition) in &partitions {
+                        t.log.partition(topic, *partition)?.write_marker(
+                            pid,
+                            marker_epoch,
+                            Marker::Abort,
+                            0,
+                        )?;
+                    }
+                }
+            }
+            aborted += 1;
+        }
+        tracing::info!(
+            transactional_ids = lock(&t.ids).len(),
+            finished,
+            aborted,
+            "transaction coordinator ready"
+        );
+        Ok(t)
+    }
+
+    /// The latest record of every id in `__transaction_state`.
+    fn load(log: &Log) -> Result<BTreeMap<String, TxnMeta>, BrokerError> {
+        let p = log.partition(TXN_STATE_TOPIC, 0)?;
+        let mut out = BTreeMap::new();
+        let mut offset = p.log_start_offset();
+        let limits = spool_log_engine::Limits::default();
+        while offset < p.high_watermark() {
+            let r = p.read(offset, 1 << 20)?;
+            if r.data.is_empty() {
+                break;
+            }
+            for batch in r.batches() {
+                for rec in batch?.records(&limits)? {
+                    let rec = rec?;
+                    let Some(key) = rec.key.as_deref() else {
+                        continue;
+                    };
+                    let id = String::from_utf8_lossy(key).into_owned();
+                    match rec.value.as_deref() {
+                        None => {
+                            out.remove(&id);
+                        }
+                        Some(v) => {
+                            let meta: TxnMeta = serde_json::from_slice(v).map_err(|e| {
+                                BrokerError::Engine(EngineError::Corruption {
+                                    path: p.dir().to_path_buf(),
+                                    position: 0,
+                                    offset: Some(rec.offset),
+                                    reason: format!(
+                                        "a {TXN_STATE_TOPIC} record does not parse: {e}"
+                                    ),
+                                })
+                            })?;
+                            out.insert(id, meta);
+                        }
+                    }
+                }
+            }
+            offset = r.next_offset;
+        }
+        Ok(out)
+    }
+
+    /// Appends `meta` as `id`'s latest state (waiting for the fsync when `durable`).
+    fn persist(&self, id: &str, meta: &TxnMeta, durable: bool) -> Result<(), BrokerError> {
+        let value =
+            serde_json::to_vec(meta).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(now_ms(), Some(id.as_bytes()), Some(&value), &[]);
+        let p = self.log.partition(TXN_STATE_TOPIC, 0)?;
+        let info = p.append_nowait(&b.finish()?)?;
+        if durable {
+            p.wait_durable(info.last_offset + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Carries out `meta`'s recorded decision (it is `Prepare*`): markers, offsets, then
+    /// `Complete*`. On failure `meta` stays `Prepare*` (retried later). Blocking.
+    fn finish_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
+        let commit = meta.phase == Phase::PrepareCommit;
+        self.write_markers(
+            meta,
+            if commit {
+                Marker::Commit
+            } else {
+                Marker::Abort
+            },
+        )?;
+        if commit {
+            let now = now_ms();
+            for (group, g) in &meta.groups {
+                let offsets: Vec<v1::OffsetCommit> = g
+                    .offsets
+                    .iter()
+                    .flat_map(|(topic, parts)| {
+                        parts
+                            .iter()
+                            .map(|(&partition, (offset, metadata))| v1::OffsetCommit {
+                                topic: topic.clone(),
+                                partition,
+                                offset: *offset,
+                                metadata: metadata.clone(),
+                            })
+                    })
+                    .collect();
+                // Decided: written whatever the group's state is now.
+                self.offsets.commit(group, &offsets, now)?;
+            }
+        }
+        let new_pid = if meta.needs_new_pid() {
+            Some(self.producer_ids.allocate(now_ms())?)
+        } else {
+            None
+        };
+        let mut next = meta.clone();
+        next.complete(new_pid);
+        self.persist(id, &next, commit && !meta.groups.is_empty())?;
+        if let Some(pid) = new_pid {
+            lock(&self.by_pid).insert(pid, id.to_owned());
+        }
+        *meta = next;
+        Ok(())
+    }
+
+    /// Writes `marker` for `meta`'s producer into each of its partitions, several at a time.
+    /// A partition that no longer exists needs none.
+    fn write_markers(&self, meta: &TxnMeta, marker: Marker) -> Result<(), BrokerError> {
+        let parts: Vec<&Tp> = meta.partitions.iter().collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let (pid, epoch) = (meta.pid, meta.epoch);
+        let chunk = parts.len().div_ceil(8);
+        let log = &self.log;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .chunks(chunk)
+                .map(|tps| {
+                    s.spawn(move || -> Result<(), BrokerError> {
+                        for (topic, partition) in tps {
+                            match log.partition(topic, *partition) {
+                                Ok(p) => {
+                                    p.write_marker(pid, epoch, marker, 0)?;
+                                }
+                                Err(
+                                    EngineError::TopicNotFound(_)
+                                    | EngineError::PartitionNotFound { .. },
+                                ) => {}
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(BrokerError::InvalidRequest("marker writer panicked".into()))
+                    })
+                })
+                .collect::<Result<(), BrokerError>>()
+        })
+    }
+
+    fn entry(&self, id: &str) -> Result<Entry, BrokerError> {
+        lock(&self.ids)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BrokerError::InvalidTxnState {
+                txn_id: id.to_owned(),
+                reason: "unknown transactional id: call InitProducerId with it first".into(),
+            })
+    }
+
+    /// Runs `f` on the blocking pool with `self`.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Transactions) -> Result<T, BrokerError> + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| BrokerError::InvalidRequest(format!("worker failed: {e}")))?
+    }
+
+    /// Records the decision to end `meta`'s open transaction, then carries it out.
+    async fn end_locked(
+        self: &Arc<Self>,
+        id: &str,
+        meta: &mut TxnMeta,
+        commit: bool,
+        timed_out: bool,
+    ) -> Result<(), BrokerError> {
+        let mut next = meta.clone();
+        next.prepare(commit, timed_out);
+        let (idc, nextc) = (id.to_owned(), next.clone());
+        self.blocking(move |t| t.persist(&idc, &nextc, true))
+            .await?;
+        *meta = next;
+        self.finish(id, meta).await
+    }
+
+    /// [`Transactions::finish_blocking`] from async code.
+    async fn finish(self: &Arc<Self>, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
+        let (idc, mut m) = (id.to_owned(), meta.clone());
+        let (res, m) = self
+            .blocking(move |t| {
+                let r = t.finish_blocking(&idc, &mut m);
+                Ok((r, m))
+            })
+            .await?;
+        *meta = m;
+        res
+    }
+
+    /// InitProducerId for a transactional id: returns the producer id and epoch to use.
+    pub(crate) async fn init(
+        self: &Arc<Self>,
+        id: &str,
+        timeout_ms: u32,
+        expected: Option<(i64, i16)>,
+    ) -> Result<(i64, i16), BrokerError> {
+        validate_id(id)?;
+        let timeout_ms = if timeout_ms == 0 {
+            self.cfg.default_timeout_ms
+        } else {
+            timeout_ms
+        };
+        if timeout_ms > self.cfg.max_timeout_ms {
+            return Err(BrokerError::InvalidRequest(format!(
+                "transaction timeout {timeout_ms} ms is over the broker's maximum of {} ms",
+                self.cfg.max_timeout_ms
+            )));
+        }
+        let existing = lock(&self.ids).get(id).cloned();
+        let entry = match existing {
+            Some(e) => e,
+            None => {
+                if lock(&self.ids).len() >= self.cfg.max_transactional_ids {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "the broker already keeps {} transactional ids (transactions.max_transactional_ids)",
+                        self.cfg.max_transactional_ids
+                    )));
+                }
+                if expected.is_some() {
+                    return Err(self.entry(id).unwrap_err());
+                }
+                let idc = id.to_owned();
+                let meta = self
+                    .blocking(move |t| {
+                        let meta = TxnMeta::new(t.producer_ids.allocate(now_ms())?, timeout_ms);
+                        t.persist(&idc, &meta, true)?;
+                        Ok(meta)
+                    })
+                    .await?;
+                // Two first calls at once: the first one in wins; the other bumps below.
+                let e = {
+                    let mut ids = lock(&self.ids);
+                    ids.entry(id.to_owned())
+                        .or_insert_with(|| {
+                            lock(&self.by_pid).insert(meta.pid, id.to_owned());
+                            Arc::new(tokio::sync::Mutex::new(meta.clone()))
+                        })
+                        .clone()
+                };
+                let current = e.lock().await;
+                if *current == meta {
+                    return Ok((meta.pid, meta.epoch));
+                }
+                drop(current);
+                e
+            }
+        };
+        let mut meta = entry.lock().await;
+        if let Some((pid, epoch)) = expected
+            && !meta.expected_ok(pid, epoch)
+        {
+            return Err(BrokerError::TxnProducerFenced {
+                txn_id: id.to_owned(),
+                producer_id: pid,
+                epoch,
+                current_epoch: meta.epoch,
+            });
+        }
+        if meta.is_preparing() {
+            self.finish(id, &mut meta).await?;
+        }
+        if meta.is_ongoing() {
+            self.end_locked(id, &mut meta, false, false).await?;
+        }
+        let mut next = meta.clone();
+        let new_pid = if next.needs_new_pid() {
+            let ids = self.producer_ids.clone();
+            Some(self.blocking(move |_| ids.allocate(now_ms())).await?)
+        } else {
+            None
+        };
+        next.bump(new_pid, timeout_ms);
+        let (idc, nextc) = (id.to_owned(), next.clone());
+        self.blocking(move |t| t.persist(&idc, &nextc, true))
+            .await?;
+        if let Some(pid) = new_pid {
+            lock(&self.by_pid).insert(pid, id.to_owned());
+        }
+        *meta = next;
+        Ok((meta.pid, meta.epoch))
+    }
+
+    /// Adds the partitions of transactional batches from `(pid, epoch)` to its open
+    /// transaction, before they are appended. Blocking (call from the blocking pool).
+    pub(crate) fn add_partitions(
+        &self,
+        pid: i64,
+        epoch: i16,
+        tps: Vec<Tp>,
+    ) -> Result<(), BrokerError> {
+        let Some(id) = lock(&self.by_pid).get(&pid).cloned() else {
+            return Err(BrokerError::InvalidTxnState {
+                txn_id: String::new(),
+                reason: format!(
+                    "producer id {pid} is not a transactional producer's (call InitProducerId with a transactional_id)"
+                ),
+            });
+        };
+        let entry = self.entry(&id)?;
+        let mut meta = entry.blocking_lock();
+        meta.add_partitions(
+            &id,
+            pid,
+            epoch,
+            tps,
+            now_ms(),
+            self.cfg.max_partitions_per_txn,
+        )
+    }
+
+    /// Checks that a transaction's offsets for `group` may be committed now: fenced by the
+    /// member and generation, or (without a member id) refused while the group has members.
+    async fn check_group(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+        offsets: Vec<v1::OffsetCommit>,
+    ) -> Result<(), BrokerError> {
+        if member_id.is_empty() {
+            return self
+                .groups
+                .require_empty(group, "a transaction's plain offset commit");
+        }
+        self.groups
+            .check_commit(group, member_id.to_owned(), generation, offsets)
+            .await
+            .map_err(|s| BrokerError::FencedMember {
+                group: group.to_owned(),
+                member: member_id.to_owned(),
+                reason: s.message().to_owned(),
+            })
+    }
+
+    /// AddOffsetsToTxn.
+    pub(crate) async fn add_offsets(
+        self: &Arc<Self>,
+        req: v1::AddOffsetsToTxnRequest,
+    ) -> Result<(), BrokerError> {
+        crate::offsets::validate_group(&req.group)?;
+        for c in &req.offsets {
+            self.log.partition(&c.topic, c.partition)?;
+        }
+        let entry = self.entry(&req.transactional_id)?;
+        let mut meta = entry.lock().await;
+        let epoch = epoch_of(req.producer_epoch)?;
+        meta.check(&req.transactional_id, req.producer_id, epoch)?;
+        self.check_group(
+            &req.group,
+            &req.member_id,
+            req.generation,
+            req.offsets.clone(),
+        )
+        .await?;
+        meta.add_offsets(
+            &req.transactional_id,
+            req.producer_id,
+            epoch,
+            &req.group,
+            &req.member_id,
+            req.generation,
+            req.offsets
+                .into_iter()
+                .map(|c| ((c.topic, c.partition), c.offset, c.metadata)),
+            now_ms(),
+        )
+    }
+
+    /// EndTxn: returns the producer id and epoch for the next transaction.
+    pub(crate) async fn end(
+        self: &Arc<Self>,
+        id: &str,
+        pid: i64,
+        epoch: i32,
+        commit: bool,
+    ) -> Result<(i64, i16), BrokerError> {
+        let entry = self.entry(id)?;
+        let mut meta = entry.lock().await;
+        let epoch = epoch_of(epoch)?;
+        match meta.plan_end(id, pid, epoch, commit)? {
+            EndPlan::Reply => {}
+            EndPlan::Finish => self.finish(id, &mut meta).await?,
+            EndPlan::Run => {
+                if commit {
+                    let groups: Vec<_> = meta
+                        .groups
+                        .iter()
+                        .map(|(g, o)| {
+                            let offsets = o
+                                .offsets
+                                .iter()
+                                .flat_map(|(t, ps)| {
+                                    ps.keys().map(|&partition| v1::OffsetCommit {
+                                        topic: t.clone(),
+                                        partition,
+                                        ..Default::default()
+                                    })
+                                })
+                                .collect();
+                            (g.clone(), o.member_id.clone(), o.generation, offsets)
+                        })
+                        .collect();
+                    for (group, member, generation, offsets) in groups {
+                        if let Err(e) = self.check_group(&group, &member, generation, offsets).await
+                        {
+                            // The offsets may not be committed any more: nothing is.
+                            self.end_locked(id, &mut meta, false, false).await?;
+                            return Err(e);
+                        }
+                    }
+                }
+                self.end_locked(id, &mut meta, commit, false).await?;
+            }
+        }
+        Ok((meta.pid, meta.epoch))
+    }
+
+    /// ListTransactions.
+    pub(crate) async fn list(&self) -> Vec<v1::TransactionDescription> {
+        let entries: Vec<(String, Entry)> = lock(&self.ids)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(entries.len());
+        for (id, e) in entries {
+            let m = e.lock().await;
+            out.push(v1::TransactionDescription {
+                transactional_id: id,
+                producer_id: m.pid,
+                producer_epoch: i32::from(m.epoch),
+                state: match m.phase {
+                    Phase::Empty => v1::TxnState::Empty,
+                    Phase::Ongoing => v1::TxnState::Ongoing,
+                    Phase::PrepareCommit => v1::TxnState::PrepareCommit,
+                    Phase::PrepareAbort => v1::TxnState::PrepareAbort,
+                    Phase::CompleteCommit => v1::TxnState::CompleteCommit,
+                    Phase::CompleteAbort => v1::TxnState::CompleteAbort,
+                } as i32,
+                partitions: m.partitions.iter().map(to_tp).collect(),
+                started_ms: m.started_ms,
+                timeout_ms: m.timeout_ms,
+            });
+        }
+        out.sort_by(|a, b| a.transactional_id.cmp(&b.transactional_id));
+        out
+    }
+
+    /// Starts the task that aborts timed-out transactions and retries decisions whose
+    /// markers could not be written.
+    pub(crate) fn start(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let this = self.clone();
+        let every = Duration::from_millis(self.cfg.abort_check_interval_ms);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = shutdown.changed() => return,
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+                this.sweep().await;
+            }
+        });
+    }
+
+    async fn sweep(self: &Arc<Self>) {
+        let entries: Vec<(String, Entry)> = lock(&self.ids)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let now = now_ms();
+        for (id, e) in entries {
+            // Busy ids are in the middle of something: look again next time.
+            let Ok(mut meta) = e.try_lock() else {
+                continue;
+            };
+            let res = if meta.expired(now) {
+                tracing::info!(transactional_id = %id, producer_id = meta.pid, epoch = meta.epoch, timeout_ms = meta.timeout_ms, "aborting a transaction past its timeout");
+                self.end_locked(&id, &mut meta, false, true).await
+            } else if meta.is_preparing() {
+                self.finish(&id, &mut meta).await
+            } else {
+                Ok(())
+            };
+            if let Err(e) = res {
+                tracing::warn!(transactional_id = %id, error = %e, "ending a transaction failed; retrying later");
+            }
+        }
+    }
+}
+
+/// A wire epoch as the batch header's i16.
+fn epoch_of(epoch: i32) -> Result<i16, BrokerError> {
+    i16::try_from(epoch)
+        .map_err(|_| BrokerError::InvalidRequest(format!("producer epoch {epoch} is not an i16")))
+}

@@ -1,0 +1,357 @@
+//! A transactional producer: writes to many partitions of many topics, and consumer-group
+//! offsets, then commits or aborts all of it at once.
+//!
+//! ```no_run
+//! # async fn demo(client: spool_client::Client) -> spool_client::Result<()> {
+//! use spool_client::{ProducerRecord, TransactionalConfig, TransactionalProducer};
+//! let mut tx = TransactionalProducer::new(client, TransactionalConfig::new("deals-matcher-0")).await?;
+//! tx.begin()?;
+//! tx.send("notifications", 0, ProducerRecord::new("mail user 42")).await?;
+//! tx.send("audit", 3, ProducerRecord::new("matched deal 7")).await?;
+//! match tx.commit().await {
+//!     Ok(()) => {}
+//!     Err(e) => { tx.abort().await?; return Err(e); }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Invariants:
+//! - One transaction at a time; every batch carries the producer id, the epoch of the current
+//!   transaction and per-partition sequence numbers from 0, and the transactional flag. A
+//!   retried batch is resent byte for byte (the broker acknowledges a duplicate with its
+//!   original offsets).
+//! - `commit` sends every buffered batch and waits for all of them before asking the broker
+//!   to commit, so a commit never races its own writes. The broker bumps the epoch at every
+//!   end; the producer takes the new one (a late write of an ended transaction is fenced).
+//! - After any failed write or commit the transaction can only be aborted (`abort` succeeds
+//!   even after the broker timed the transaction out, and hands out the next epoch). A
+//!   `ProducerFenced` error means another instance took over the transactional id: stop.
+//! - Memory: at most `batch_bytes` buffered per partition; a full batch is sent at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use spool_log_engine::BatchBuilder;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::partitioner::partition_for_key;
+use crate::producer::{Acks, Compression};
+use crate::retry::Backoff;
+use crate::types::{OffsetCommit, ProducerRecord};
+
+/// Settings of a [`TransactionalProducer`].
+#[derive(Clone, Debug)]
+pub struct TransactionalConfig {
+    /// The stable id of this producer (the same across restarts of the application instance:
+    /// a new instance fences the old one).
+    pub transactional_id: String,
+    /// The broker aborts a transaction open longer than this (default 60 s).
+    pub transaction_timeout: Duration,
+    /// Compression of batches (default none).
+    pub compression: Compression,
+    /// A partition's buffered records are sent as one batch when they reach this many bytes
+    /// (default 1 MiB).
+    pub batch_bytes: usize,
+    /// Attempts per batch on retriable errors (default 5).
+    pub max_attempts: u32,
+    /// Backoff between attempts.
+    pub backoff: Backoff,
+}
+
+impl TransactionalConfig {
+    /// Defaults for `transactional_id`.
+    pub fn new(transactional_id: impl Into<String>) -> TransactionalConfig {
+        TransactionalConfig {
+            transactional_id: transactional_id.into(),
+            transaction_timeout: Duration::from_secs(60),
+            compression: Compression::None,
+            batch_bytes: 1 << 20,
+            max_attempts: 5,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PartitionBuf {
+    builder: Option<BatchBuilder>,
+    next_seq: i32,
+}
+
+/// Where the producer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    InTxn,
+    /// A write or commit failed: only `abort` is possible.
+    MustAbort,
+}
+
+/// The producer (see the module docs).
+#[derive(Debug)]
+pub struct TransactionalProducer {
+    client: Client,
+    cfg: TransactionalConfig,
+    producer: (i64, i16),
+    phase: Phase,
+    parts: BTreeMap<(String, u32), PartitionBuf>,
+    partition_counts: HashMap<String, u32>,
+}
+
+impl TransactionalProducer {
+    /// Registers the transactional id with the broker (fencing older instances and aborting
+    /// what they left open).
+    pub async fn new(client: Client, cfg: TransactionalConfig) -> Result<TransactionalProducer> {
+        let producer = client
+            .init_transactional_id(&cfg.transactional_id, cfg.transaction_timeout, None)
+            .await?;
+        Ok(TransactionalProducer {
+            client,
+            cfg,
+            producer,
+            phase: Phase::Idle,
+            parts: BTreeMap::new(),
+            partition_counts: HashMap::new(),
+        })
+    }
+
+    /// The producer id and epoch of the current (or next) transaction.
+    pub fn producer(&self) -> (i64, i16) {
+        self.producer
+    }
+
+    /// Starts a transaction (local: the broker learns of it from the first write).
+    pub fn begin(&mut self) -> Result<()> {
+        match self.phase {
+            Phase::Idle => {
+                self.phase = Phase::InTxn;
+                Ok(())
+            }
+            Phase::InTxn => Err(Error::InvalidTxnState {
+                message: "a transaction is already open".into(),
+            }),
+            Phase::MustAbort => Err(Error::InvalidTxnState {
+                message: "the last transaction failed: abort it first".into(),
+            }),
+        }
+    }
+
+    fn require_open(&self) -> Result<()> {
+        match self.phase {
+            Phase::InTxn => Ok(()),
+            Phase::Idle => Err(Error::InvalidTxnState {
+                message: "no transaction open: call begin".into(),
+            }),
+            Phase::MustAbort => Err(Error::InvalidTxnState {
+                message: "the transaction failed: abort it".into(),
+            }),
+        }
+    }
+
+    /// Adds a record for `topic`/`partition` to the transaction (buffered; a full batch is
+    /// sent at once).
+    pub async fn send(&mut self, topic: &str, partition: u32, rec: ProducerRecord) -> Result<()> {
+        self.require_open()?;
+        let now = now_ms();
+        let full = {
+            let buf = self
+                .parts
+                .entry((topic.to_owned(), partition))
+                .or_insert(PartitionBuf {
+                    builder: None,
+                    next_seq: 0,
+                });
+            let b = buf.builder.get_or_insert_with(|| {
+                BatchBuilder::with_capacity(self.cfg.compression.engine(), 64 << 10)
+            });
+            let headers: Vec<(&str, Option<&[u8]>)> = rec
+                .headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_deref()))
+                .collect();
+            b.push(
+                rec.timestamp_ms.unwrap_or(now),
+                rec.key.as_deref(),
+                rec.value.as_deref(),
+                &headers,
+            );
+            b.size_bytes() >= self.cfg.batch_bytes
+        };
+        if full {
+            let batch = self.take_batch(topic, partition)?;
+            if let Some(batch) = batch
+                && let Err(e) = self.send_batches(vec![batch]).await
+            {
+                self.phase = Phase::MustAbort;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a record to the partition its key hashes to (murmur2, as Kafka's and Spool's
+    /// producers); a record without a key goes to partition 0.
+    pub async fn send_keyed(&mut self, topic: &str, rec: ProducerRecord) -> Result<()> {
+        let partitions = match self.partition_counts.get(topic) {
+            Some(&n) => n,
+            None => {
+                let n = self.client.describe_topic(topic).await?.partitions.len() as u32;
+                self.partition_counts.insert(topic.to_owned(), n);
+                n
+            }
+        };
+        let p = rec
+            .key
+            .as_deref()
+            .map_or(0, |k| partition_for_key(k, partitions.max(1)));
+        self.send(topic, p, rec).await
+    }
+
+    /// Commits `offsets` of `group` with the transaction (the "consume, process, produce"
+    /// loop). `member` = (member id, generation) from a [`crate::GroupConsumer`] fences it.
+    pub async fn send_offsets(
+        &mut self,
+        group: &str,
+        offsets: &[OffsetCommit],
+        member: Option<(&str, u64)>,
+    ) -> Result<()> {
+        self.require_open()?;
+        let r = self
+            .client
+            .add_offsets_to_txn(
+                &self.cfg.transactional_id,
+                self.producer,
+                group,
+                offsets,
+                member,
+            )
+            .await;
+        if r.is_err() {
+            self.phase = Phase::MustAbort;
+        }
+        r
+    }
+
+    /// Sends every buffered batch, then commits. On error the transaction must be aborted.
+    pub async fn commit(&mut self) -> Result<()> {
+        self.require_open()?;
+        let batches = self.take_all()?;
+        if let Err(e) = self.send_batches(batches).await {
+            self.phase = Phase::MustAbort;
+            return Err(e);
+        }
+        match self.end(true).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.phase = Phase::MustAbort;
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops what is buffered and aborts the transaction.
+    pub async fn abort(&mut self) -> Result<()> {
+        if self.phase == Phase::Idle {
+            return Ok(());
+        }
+        for buf in self.parts.values_mut() {
+            buf.builder = None;
+        }
+        self.end(false).await
+    }
+
+    async fn end(&mut self, commit: bool) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self
+                .client
+                .end_txn(&self.cfg.transactional_id, self.producer, commit)
+                .await
+            {
+                Ok(next) => {
+                    self.producer = next;
+                    self.parts.clear();
+                    self.phase = Phase::Idle;
+                    return Ok(());
+                }
+                // A retry of an EndTxn that went through gets the same answer.
+                Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
+                    tokio::time::sleep(self.cfg.backoff.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The finished batch of one partition, stamped with its sequence.
+    fn take_batch(&mut self, topic: &str, partition: u32) -> Result<Option<(String, u32, Bytes)>> {
+        let (pid, epoch) = self.producer;
+        let Some(buf) = self.parts.get_mut(&(topic.to_owned(), partition)) else {
+            return Ok(None);
+        };
+        let Some(mut b) = buf.builder.take() else {
+            return Ok(None);
+        };
+        let n = b.len() as i32;
+        b.producer(pid, epoch, buf.next_seq).transactional(true);
+        buf.next_seq = buf.next_seq.wrapping_add(n);
+        Ok(Some((topic.to_owned(), partition, b.finish()?)))
+    }
+
+    fn take_all(&mut self) -> Result<Vec<(String, u32, Bytes)>> {
+        let keys: Vec<(String, u32)> = self.parts.keys().cloned().collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for (t, p) in keys {
+            if let Some(b) = self.take_batch(&t, p)? {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends batches in one request, resending those that failed with a retriable error
+    /// (byte for byte: duplicates are recognised by the broker).
+    async fn send_batches(&self, mut batches: Vec<(String, u32, Bytes)>) -> Result<()> {
+        let mut attempt = 0;
+        while !batches.is_empty() {
+            let results = match self
+                .client
+                .produce_batches(batches.clone(), Acks::Durable)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
+                    tokio::time::sleep(self.cfg.backoff.delay(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut retry = Vec::new();
+            for (batch, r) in batches.into_iter().zip(results) {
+                match r {
+                    Ok(_) => {}
+                    Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
+                        retry.push(batch)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !retry.is_empty() {
+                tokio::time::sleep(self.cfg.backoff.delay(attempt)).await;
+                attempt += 1;
+            }
+            batches = retry;
+        }
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
