@@ -22,6 +22,7 @@
 mod auth;
 pub mod config;
 mod conn;
+mod failpoint;
 mod convert;
 pub mod error;
 mod groups;

@@ -25,6 +25,8 @@ pub struct Broker {
     child: Option<Child>,
     addr: SocketAddr,
     dir: tempfile::TempDir,
+    /// Extra environment for the next (re)start (e.g. `SPOOL_FAILPOINTS`).
+    env: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -45,6 +47,7 @@ impl Broker {
             child: Some(child),
             addr,
             dir,
+            env: Vec::new(),
         }
     }
 
@@ -78,6 +81,22 @@ impl Broker {
         }
     }
 
+    /// Sets (or with `None`, removes) an environment variable of the broker from its next
+    /// (re)start on, e.g. `SPOOL_FAILPOINTS` to arm a crash point.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// True while the broker process runs (false once it exited, e.g. at a failpoint).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Starts the broker again on the same data dir and port.
     pub fn restart(&mut self) {
         self.kill();
@@ -85,7 +104,7 @@ impl Broker {
         // The port was just released; retry briefly in case the kernel is slow to free it.
         let mut last = None;
         for _ in 0..20 {
-            match try_spawn(self.dir.path(), &listen) {
+            match try_spawn(self.dir.path(), &listen, &self.env) {
                 Ok((child, addr)) => {
                     assert_eq!(addr, self.addr);
                     self.child = Some(child);
@@ -111,10 +130,14 @@ impl Drop for Broker {
 }
 
 fn spawn(dir: &Path, listen: &str) -> (Child, SocketAddr) {
-    try_spawn(dir, listen).unwrap_or_else(|e| panic!("{e}"))
+    try_spawn(dir, listen, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn try_spawn(dir: &Path, listen: &str) -> Result<(Child, SocketAddr), String> {
+fn try_spawn(
+    dir: &Path,
+    listen: &str,
+    env: &[(String, String)],
+) -> Result<(Child, SocketAddr), String> {
     let bin = spoold();
     let mut cmd = Command::new(&bin);
     let config = dir.join("spoold.toml");
@@ -141,6 +164,9 @@ fn try_spawn(dir: &Path, listen: &str) -> Result<(Child, SocketAddr), String> {
         "SPOOL_LOG",
         std::env::var("SPOOL_TEST_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
     );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting {}: {e}", bin.display()))?;

@@ -247,6 +247,7 @@ impl Transactions {
     /// `Complete*`. On failure `meta` stays `Prepare*` (retried later). Blocking.
     fn finish_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
         let commit = meta.phase == Phase::PrepareCommit;
+        crate::failpoint::hit("txn-after-prepare");
         self.write_markers(
             meta,
             if commit {
@@ -255,6 +256,7 @@ impl Transactions {
                 Marker::Abort
             },
         )?;
+        crate::failpoint::hit("txn-after-markers");
         if commit {
             let now = now_ms();
             for (group, g) in &meta.groups {
@@ -281,6 +283,7 @@ impl Transactions {
         } else {
             None
         };
+        crate::failpoint::hit("txn-before-complete");
         let mut next = meta.clone();
         next.complete(new_pid);
         self.persist(id, &next, commit && !meta.groups.is_empty())?;
@@ -309,7 +312,9 @@ impl Transactions {
                         for (topic, partition) in tps {
                             match log.partition(topic, *partition) {
                                 Ok(p) => {
-                                    p.write_marker(pid, epoch, marker, 0)?;
+                                    if p.write_marker(pid, epoch, marker, 0)?.is_some() {
+                                        crate::failpoint::hit("txn-mid-markers");
+                                    }
                                 }
                                 Err(
                                     EngineError::TopicNotFound(_)
