@@ -234,14 +234,21 @@ impl TransactionalProducer {
         r
     }
 
-    /// Sends every buffered batch, then commits. On error the transaction must be aborted.
-    pub async fn commit(&mut self) -> Result<()> {
+    /// Sends every buffered batch and waits for the broker to acknowledge them, without
+    /// ending the transaction. On error the transaction must be aborted.
+    pub async fn flush(&mut self) -> Result<()> {
         self.require_open()?;
         let batches = self.take_all()?;
         if let Err(e) = self.send_batches(batches).await {
             self.phase = Phase::MustAbort;
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// Sends every buffered batch, then commits. On error the transaction must be aborted.
+    pub async fn commit(&mut self) -> Result<()> {
+        self.flush().await?;
         match self.end(true).await {
             Ok(()) => Ok(()),
             Err(e) => {

@@ -11,6 +11,7 @@ mod history;
 mod idempotence;
 mod produce;
 mod security;
+mod transactions;
 
 use std::time::Duration;
 

@@ -1,0 +1,244 @@
+//! Transactions against the real spoold: all-or-nothing visibility across topics for
+//! read-committed readers (read-uncommitted sees everything), the last stable offset holding
+//! readers back while a transaction is open, zombie fencing by a new instance, offsets
+//! committed with a transaction, timeouts, and a broker crash mid-transaction.
+
+use std::time::Duration;
+
+use spool_client::{
+    Error, FetchOptions, Isolation, OffsetCommit, ProducerRecord, TopicPartition,
+    TransactionalConfig, TransactionalProducer, proto,
+};
+
+use crate::broker::Broker;
+use crate::create;
+
+/// Values readable from `topic`/`partition` at `isolation`, from offset 0.
+async fn values(
+    c: &spool_client::Client,
+    topic: &str,
+    partition: u32,
+    iso: Isolation,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let f = c
+            .fetch(
+                topic,
+                partition,
+                offset,
+                &FetchOptions {
+                    isolation: iso,
+                    ..FetchOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        out.extend(
+            f.records
+                .iter()
+                .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()),
+        );
+        if f.next_offset == offset {
+            return out;
+        }
+        offset = f.next_offset;
+    }
+}
+
+fn rec(v: &str) -> ProducerRecord {
+    ProducerRecord::new(v.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_abort_are_all_or_nothing_across_topics() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "a", 2).await;
+    create(&c, "b", 1).await;
+    let mut tx = TransactionalProducer::new(c.clone(), TransactionalConfig::new("t1"))
+        .await
+        .unwrap();
+    let first = tx.producer();
+
+    tx.begin().unwrap();
+    tx.send("a", 0, rec("a0-1")).await.unwrap();
+    tx.send("a", 1, rec("a1-1")).await.unwrap();
+    tx.send("b", 0, rec("b0-1")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        tx.producer(),
+        (first.0, first.1 + 1),
+        "every end bumps the epoch"
+    );
+
+    tx.begin().unwrap();
+    tx.send("a", 0, rec("a0-2")).await.unwrap();
+    tx.send("b", 0, rec("b0-2")).await.unwrap();
+    tx.flush().await;
+    // Written but not decided: read-committed readers stop at the last stable offset.
+    let f = c.fetch("a", 0, 0, &FetchOptions::default()).await.unwrap();
+    assert_eq!(
+        f.last_stable_offset, 2,
+        "the commit marker and the new batch hold it"
+    );
+    assert_eq!(values(&c, "a", 0, Isolation::ReadCommitted).await, ["a0-1"]);
+    assert_eq!(
+        values(&c, "a", 0, Isolation::ReadUncommitted).await,
+        ["a0-1", "a0-2"]
+    );
+    tx.abort().await.unwrap();
+
+    tx.begin().unwrap();
+    tx.send("b", 0, rec("b0-3")).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(values(&c, "a", 0, Isolation::ReadCommitted).await, ["a0-1"]);
+    assert_eq!(values(&c, "a", 1, Isolation::ReadCommitted).await, ["a1-1"]);
+    assert_eq!(
+        values(&c, "b", 0, Isolation::ReadCommitted).await,
+        ["b0-1", "b0-3"]
+    );
+    assert_eq!(
+        values(&c, "b", 0, Isolation::ReadUncommitted).await,
+        ["b0-1", "b0-2", "b0-3"]
+    );
+    let f = c.fetch("b", 0, 0, &FetchOptions::default()).await.unwrap();
+    assert_eq!(f.last_stable_offset, f.high_watermark);
+    let listed = c.list_transactions().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].state, proto::TxnState::CompleteCommit as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_fences_the_old_one_and_aborts_its_transaction() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "t", 1).await;
+    let mut old = TransactionalProducer::new(c.clone(), TransactionalConfig::new("same"))
+        .await
+        .unwrap();
+    old.begin().unwrap();
+    old.send("t", 0, rec("zombie-1")).await.unwrap();
+    old.flush().await;
+
+    let mut new = TransactionalProducer::new(c.clone(), TransactionalConfig::new("same"))
+        .await
+        .unwrap();
+    assert_eq!(new.producer().0, old.producer().0);
+    assert!(new.producer().1 > old.producer().1);
+    // The old instance's open transaction was aborted; its writes and commit are refused.
+    old.send("t", 0, rec("zombie-2")).await.unwrap(); // buffered
+    let err = old.commit().await.unwrap_err();
+    assert!(matches!(err, Error::ProducerFenced { .. }), "{err:?}");
+    new.begin().unwrap();
+    new.send("t", 0, rec("live")).await.unwrap();
+    new.commit().await.unwrap();
+    assert_eq!(values(&c, "t", 0, Isolation::ReadCommitted).await, ["live"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_commit_with_the_transaction_or_not_at_all() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", 1).await;
+    create(&c, "out", 1).await;
+    let mut tx = TransactionalProducer::new(c.clone(), TransactionalConfig::new("proc"))
+        .await
+        .unwrap();
+    let at = |offset| OffsetCommit {
+        topic: "in".into(),
+        partition: 0,
+        offset,
+        metadata: String::new(),
+    };
+    let committed = || async {
+        c.fetch_offsets("g", &[TopicPartition::new("in", 0)])
+            .await
+            .unwrap()[0]
+            .offset
+    };
+    tx.begin().unwrap();
+    tx.send("out", 0, rec("x")).await.unwrap();
+    tx.send_offsets("g", &[at(5)], None).await.unwrap();
+    tx.abort().await.unwrap();
+    assert_eq!(committed().await, None);
+    tx.begin().unwrap();
+    tx.send("out", 0, rec("y")).await.unwrap();
+    tx.send_offsets("g", &[at(7)], None).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(committed().await, Some(7));
+    assert_eq!(values(&c, "out", 0, Isolation::ReadCommitted).await, ["y"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_past_its_timeout_is_aborted_and_the_producer_goes_on() {
+    let broker = Broker::start_with_config(|_| {
+        Some("[transactions]\ndefault_timeout_ms = 300\nabort_check_interval_ms = 50\n".into())
+    });
+    let c = broker.client().await;
+    create(&c, "t", 1).await;
+    let mut cfg = TransactionalConfig::new("slow");
+    cfg.transaction_timeout = Duration::ZERO; // the broker's default (300 ms)
+    let mut tx = TransactionalProducer::new(c.clone(), cfg).await.unwrap();
+    tx.begin().unwrap();
+    tx.send("t", 0, rec("late")).await.unwrap();
+    tx.flush().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let f = c.fetch("t", 0, 0, &FetchOptions::default()).await.unwrap();
+    assert_eq!(
+        f.last_stable_offset, f.high_watermark,
+        "the broker aborted it"
+    );
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, Error::TransactionTimedOut { .. }), "{err:?}");
+    tx.abort().await.unwrap();
+    tx.begin().unwrap();
+    tx.send("t", 0, rec("next")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(values(&c, "t", 0, Isolation::ReadCommitted).await, ["next"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_crash_aborts_the_open_transaction() {
+    let mut broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "t", 2).await;
+    let mut tx = TransactionalProducer::new(c.clone(), TransactionalConfig::new("crash"))
+        .await
+        .unwrap();
+    tx.begin().unwrap();
+    tx.send("t", 0, rec("committed")).await.unwrap();
+    tx.commit().await.unwrap();
+    tx.begin().unwrap();
+    tx.send("t", 0, rec("lost-0")).await.unwrap();
+    tx.send("t", 1, rec("lost-1")).await.unwrap();
+    tx.flush().await;
+    broker.restart();
+    let c = broker.client().await;
+    for p in 0..2 {
+        let f = c.fetch("t", p, 0, &FetchOptions::default()).await.unwrap();
+        assert_eq!(f.last_stable_offset, f.high_watermark, "partition {p}");
+    }
+    assert_eq!(
+        values(&c, "t", 0, Isolation::ReadCommitted).await,
+        ["committed"]
+    );
+    assert!(
+        values(&c, "t", 1, Isolation::ReadCommitted)
+            .await
+            .is_empty()
+    );
+    // The id carries on with a new instance.
+    let mut tx = TransactionalProducer::new(c.clone(), TransactionalConfig::new("crash"))
+        .await
+        .unwrap();
+    tx.begin().unwrap();
+    tx.send("t", 1, rec("after")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        values(&c, "t", 1, Isolation::ReadCommitted).await,
+        ["after"]
+    );
+}
