@@ -19,12 +19,11 @@
 //! running without `--bench`, as `cargo test --benches` does) runs 1 rep of `leave`.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use spool_benches::spoold::Spoold;
 use spool_client::{
     AssignmentStrategy, Client, GroupConfig, GroupConsumer, GroupState, TopicPartition,
     TopicSettings,
@@ -34,57 +33,6 @@ use tokio::sync::{mpsc, oneshot};
 const MEMBERS: usize = 8;
 const PARTITIONS: u32 = 64;
 const SESSION: Duration = Duration::from_secs(1);
-
-/// A spoold on a temp dir; killed on drop.
-struct Spoold {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Spoold {
-    fn start(bin: &Path) -> Result<Spoold> {
-        let dir = tempfile::tempdir()?;
-        std::fs::write(
-            dir.path().join("spoold.toml"),
-            "[groups]\nmin_session_timeout_ms = 100\n",
-        )?;
-        let mut child = Command::new(bin)
-            .arg("--config")
-            .arg(dir.path().join("spoold.toml"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting spoold")?;
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("spoold listening on ") {
-                    let _ = tx.send(a.trim().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("spoold did not start")?;
-        Ok(Spoold {
-            child,
-            addr,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Spoold {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Scenario {
@@ -104,7 +52,7 @@ async fn run_once(
     scenario: Scenario,
     strategy: AssignmentStrategy,
 ) -> Result<Duration> {
-    let broker = Spoold::start(bin)?;
+    let broker = Spoold::start(bin, "[groups]\nmin_session_timeout_ms = 100\n")?;
     let admin = Client::connect(broker.addr.as_str()).await?;
     admin
         .create_topic("rb", PARTITIONS, &TopicSettings::default())
