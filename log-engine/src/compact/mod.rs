@@ -7,30 +7,35 @@
 //! [`state`]) form the *clean* section: a completed pass left at most one record per key
 //! there. The *dirty* section runs from `first_dirty` to the end of the *cleanable* segments:
 //! the sealed segments whose newest record is at least `min_compaction_lag_ms` old (the active
-//! segment is never touched). A pass:
+//! segment is never touched), cut at the partition's last stable offset if that is lower
+//! (`cleanable_end`; see [Transactions](#transactions)). A pass:
 //!
 //! 1. **maps** the dirty section: for each record, in offset order, `hash(key) → offset` in a
-//!    fixed-capacity map ([`CleanerOptions::dedupe_buffer_bytes`], 24 bytes per key). When a
-//!    new key does not fit, the map stops there (`map_end`): only the prefix of the dirty
-//!    section whose keys fit is cleaned, the next pass goes on from `map_end`. Memory never
-//!    depends on the size of the partition, and at most one batch is decoded at a time.
+//!    fixed-capacity map ([`CleanerOptions::dedupe_buffer_bytes`], 24 bytes per key; markers
+//!    and records of aborted transactions are left out). When a new key does not fit, the map
+//!    stops there (`map_end`): only the prefix of the dirty section whose keys fit is cleaned,
+//!    the next pass goes on from `map_end`. Memory never depends on the size of the
+//!    partition, and at most one batch is decoded at a time.
 //! 2. **rewrites** every cleanable segment below `map_end`, oldest first, in groups of
 //!    consecutive segments of at most `segment_bytes` together (so small cleaned segments
 //!    merge), each group into one new segment named after its first one. A record survives
 //!    unless
 //!    - a later record of the same key is in the map (it is superseded),
 //!    - it has no key (Kafka drops those too; appends of keyless records to a compacted topic
-//!      are refused, so only data written before the topic became compacted has them), or
+//!      are refused, so only data written before the topic became compacted has them),
+//!    - it belongs to an aborted transaction (its whole batch goes, as in Kafka), or
 //!    - it is a tombstone (null value) below `map_end` whose batch's delete horizon has
 //!      passed. The horizon is set the first time a pass keeps the tombstone, to that pass's
 //!      time plus `delete_retention_ms` (Kafka's KIP-534: attribute bit 6, the horizon in
 //!      `base_timestamp`). A consumer that reads the whole partition within
 //!      `delete_retention_ms` of the first pass therefore sees the deletion.
 //!
-//!    Batches whose records all survive are copied byte for byte; others are rewritten with
-//!    their original base offset, `last_offset_delta`, producer fields and timestamps (see
-//!    [`records`]), with a new CRC. **Offsets never change**; they become sparse: a read of
-//!    an offset that is gone returns the next batch that is still there.
+//!    Markers (control batches) and every batch at or past `cleanable_end` are copied byte
+//!    for byte, whatever the map says. Batches whose records all survive are copied byte for
+//!    byte too; others are rewritten with their original base offset, `last_offset_delta`,
+//!    producer fields and timestamps (see [`records`]), with a new CRC. **Offsets never
+//!    change**; they become sparse: a read of an offset that is gone returns the next batch
+//!    that is still there.
 //! 3. **swaps** each group's output in, crash-safely (protocol in [`swap`]), publishing the
 //!    new segment list under the writer lock. Readers holding the old segments keep reading
 //!    their files (renamed to `*.deleted`, unlinked when the last mapping drops).
@@ -39,13 +44,46 @@
 //! A partition is cleaned when its dirty section is at least `min_cleanable_dirty_percent` of
 //! its cleanable bytes, or when a kept tombstone's horizon has passed.
 //!
+//! # Transactions
+//!
+//! Transactional batches and markers ([`crate::txn`]) follow Kafka's cleaner:
+//!
+//! - **Nothing at or past the last stable offset (LSO) is cleaned.** The view of a pass reads
+//!   the LSO once; `cleanable_end` is at most that. Past it a transaction may be undecided, so
+//!   its records may neither supersede others (they are not mapped) nor be changed (their
+//!   batches, like everything else there, are copied as they are, even inside a segment that
+//!   is rewritten). The LSO never goes backwards, so what was decided when the pass started
+//!   stays decided.
+//! - **Markers are kept, all of them**: never mapped (their 4-byte keys would otherwise
+//!   supersede each other), never removed. Kafka removes a marker once its transaction's data
+//!   is gone and the marker's own delete horizon has passed; Spool does not (yet), so a
+//!   compacted partition keeps one small batch per transaction and partition.
+//! - **Records of aborted transactions are removed** and are never mapped, so they never
+//!   shadow a committed record of the same key (a read-committed reader would lose the
+//!   committed value). A batch is aborted when it is transactional, not a marker, below the
+//!   LSO, and the partition's aborted index says so for `(producer id, base offset)`.
+//!   Read-uncommitted readers stop seeing aborted data once it is cleaned, as in Kafka.
+//! - **The transaction state rebuilt at open stays the same.** Recovery walks batch headers
+//!   (and markers) when the producer snapshot is missing: a marker for a producer with no open
+//!   transaction is ignored, so when the cleaner removed every batch of an aborted transaction
+//!   the rebuilt index simply has no entry for it (there is nothing left to hide), and when it
+//!   removed only some of them (the rest lie at or past the LSO of that pass), the first batch
+//!   left reopens the transaction and its marker aborts it again, from that offset. Markers
+//!   are never removed, so every transaction that still has data is closed again by its own
+//!   marker, and open transactions are past the LSO, untouched. The in-memory index and the
+//!   snapshot keep the entries of aborted transactions whose data is gone (harmless, and
+//!   readers holding a segment list from before a swap still need them): they count towards
+//!   [`crate::Limits::max_aborted_txns_per_partition`] until retention passes them.
+//!
 //! # Safety argument
 //!
-//! A record is removed only if a later record with the same key stays (superseded), or if it
-//! is a tombstone that is the latest record of its key in the deduplicated part and every
-//! older record of its key has been removed: in the same pass (all groups below `map_end` are
-//! rewritten in offset order, so older records go first), or by an earlier one (the clean
-//! section holds at most one record per key). A batch the cleaner cannot decode (a corrupt
+//! A record is removed only if a later record with the same key stays (superseded; only
+//! committed records below the LSO supersede), if it belongs to an aborted transaction (below
+//! the LSO, so decided for good), or if it is a tombstone that is the latest record of its key
+//! in the deduplicated part and every older record of its key has been removed: in the same
+//! pass (all groups below `map_end` are rewritten in offset order, so older records go first,
+//! aborted ones included), or by an earlier one (the clean section holds at most one record
+//! per key). A batch the cleaner cannot decode (a corrupt
 //! compressed payload) is kept as it is, and no tombstone is removed in a pass that met one,
 //! since it could hide an older value of the tombstone's key. Every input batch's CRC is
 //! checked before it is used, so the cleaner never launders damaged data into a batch with a
@@ -57,8 +95,10 @@
 //! batch of an idempotent producer is not kept specially (Kafka keeps it, even empty, so that
 //! producer state can be rebuilt from the log: Spool rebuilds it from the producer snapshot
 //! written at every roll, and only a lost snapshot makes a live producer's next batch fail
-//! with an unknown-producer or sequence error); transactional batches and markers do not
-//! exist yet.
+//! with an unknown-producer or sequence error; such a lost snapshot also forgets the epoch of
+//! a transactional producer whose batches were all removed, so a zombie of an older epoch is
+//! not fenced on that partition until the producer writes again); markers and aborted-index
+//! entries are never removed (see [Transactions](#transactions)).
 
 mod map;
 mod records;
@@ -150,7 +190,8 @@ pub struct CleanReport {
     pub first_dirty: u64,
     /// Where the map stopped: offsets below it are deduplicated now.
     pub map_end: u64,
-    /// End of the cleanable segments.
+    /// End of what may be cleaned: the end of the cleanable segments, or the partition's last
+    /// stable offset if lower (nothing at or past it is mapped or changed).
     pub cleanable_end: u64,
     /// Bytes of the cleanable segments.
     pub cleanable_bytes: u64,
@@ -172,10 +213,12 @@ pub struct CleanReport {
     pub bytes_out: u64,
     /// Records read by the rewrite.
     pub records_in: u64,
-    /// Records removed (superseded, expired tombstones, keyless).
+    /// Records removed (superseded, expired tombstones, keyless, aborted).
     pub records_removed: u64,
     /// Of which expired tombstones.
     pub tombstones_removed: u64,
+    /// Of which records of aborted transactions.
+    pub aborted_removed: u64,
     /// Batches rewritten (not copied as they were).
     pub batches_rewritten: u64,
     /// Batches the cleaner could not decode and kept as they were.
@@ -248,6 +291,8 @@ struct Pass<'a> {
     p: &'a Partition,
     v: &'a CleanerView,
     map_end: u64,
+    /// Batches at or past it (the last stable offset) are copied as they are.
+    cleanable_end: u64,
     /// True once the pass met a batch it cannot decode: no tombstone goes after that.
     saw_opaque: bool,
     next_horizon: i64,
@@ -323,10 +368,14 @@ impl Cleaner {
         let mut state = State::read(&v.dir)?;
         let first_dirty = state.first_dirty.max(v.log_start);
         let end_of = |i: usize| v.sealed.get(i + 1).map_or(v.active_base, |s| s.base_offset);
-        // The cleanable segments: sealed, and old enough.
+        // The cleanable segments: sealed, old enough, and starting below the last stable
+        // offset (a segment holding it is cleaned only below it).
         let lag = v.config.min_compaction_lag_ms as i64;
         let mut n = 0;
         for seg in &v.sealed {
+            if seg.base_offset >= v.last_stable {
+                break;
+            }
             if lag > 0 {
                 if seg.max_timestamp_hint().is_none() {
                     seg.time_floor(i64::MIN)?;
@@ -342,7 +391,7 @@ impl Cleaner {
             return Ok(());
         }
         let cleanable = &v.sealed[..n];
-        let cleanable_end = end_of(n - 1);
+        let cleanable_end = end_of(n - 1).min(v.last_stable);
         for (i, s) in cleanable.iter().enumerate() {
             let size = s.written_end();
             report.cleanable_bytes += size;
@@ -393,6 +442,15 @@ impl Cleaner {
                 }
                 let (_, h, batch) = b?;
                 if h.next_offset() <= first_dirty {
+                    continue;
+                }
+                if h.base_offset >= cleanable_end {
+                    // Past the last stable offset: transactions there may be undecided.
+                    break 'segments;
+                }
+                // Markers are never deduplicated; records of aborted transactions must not
+                // shadow committed ones (they are removed below).
+                if h.is_control() || p.is_aborted_batch(&h) {
                     continue;
                 }
                 let Ok(region) = records_region(batch, &h, &v.limits, &mut self.bufs.decompressed)
@@ -448,6 +506,7 @@ impl Cleaner {
             p,
             v: &v,
             map_end,
+            cleanable_end,
             saw_opaque: false,
             next_horizon: i64::MAX,
         };
@@ -580,6 +639,24 @@ impl Cleaner {
                 }
                 let (_, h, batch) = b?;
                 report.records_in += h.records_count.max(0) as u64;
+                if h.base_offset >= pass.cleanable_end || h.is_control() {
+                    // Past the last stable offset (undecided transactions, or data a
+                    // read-committed reader cannot see yet), or a marker: kept as it is.
+                    out.append(batch, &h)?;
+                    if !started {
+                        started = true;
+                        Self::step(&mut self.hook, Step::OutputStarted)?;
+                    }
+                    continue;
+                }
+                if pass.p.is_aborted_batch(&h) {
+                    // Below the LSO, so its transaction is decided: aborted for good.
+                    let n = h.records_count.max(0) as u64;
+                    report.records_removed += n;
+                    report.aborted_removed += n;
+                    changed = true;
+                    continue;
+                }
                 let bufs = &mut self.bufs;
                 let region = match records_region(batch, &h, &v.limits, &mut bufs.decompressed) {
                     Ok(r) => r,

@@ -1,9 +1,11 @@
 //! What the log cleaner ([`crate::compact`]) needs from a partition: a consistent view of its
-//! sealed segments, and replacing some of them under the writer lock.
+//! sealed segments and of its last stable offset, which transactions' batches are aborted,
+//! and replacing some segments under the writer lock.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::batch::BatchHeader;
 use crate::config::{Limits, TopicConfig};
 use crate::error::{Error, Result};
 use crate::segment::Segment;
@@ -22,6 +24,9 @@ pub(crate) struct CleanerView {
     pub(crate) sealed: Vec<Arc<Segment>>,
     /// Base offset of the active segment.
     pub(crate) active_base: u64,
+    /// The last stable offset when the view was taken: every transaction below it is decided
+    /// (and stays so: the LSO never goes backwards), nothing at or past it may be cleaned.
+    pub(crate) last_stable: u64,
 }
 
 impl Partition {
@@ -29,6 +34,9 @@ impl Partition {
     pub(crate) fn cleaner_view(&self) -> Result<CleanerView> {
         self.check_writable()?;
         let segs = self.snapshot();
+        // Any reading will do: the LSO never goes backwards, so everything below it stays
+        // decided for the whole pass.
+        let last_stable = self.last_stable_offset();
         let (active, sealed) = segs.split_last().expect("a partition has a segment");
         Ok(CleanerView {
             dir: self.dir.clone(),
@@ -38,7 +46,23 @@ impl Partition {
             log_start: self.log_start_offset(),
             sealed: sealed.to_vec(),
             active_base: active.base_offset,
+            last_stable,
         })
+    }
+
+    /// True when the batch `h` belongs to an aborted transaction (a transactional data batch
+    /// whose `(producer id, base offset)` falls in an aborted range). Only meaningful below
+    /// the last stable offset: above it a transaction may still be undecided. Entries are
+    /// only added for transactions starting at or above the LSO, so the answer for a batch
+    /// below a view's `last_stable` does not change during a pass, unless retention prunes
+    /// the entry meanwhile; it does so only once the whole transaction and everything before
+    /// it are deleted, and then the group holding the batch fails to swap in (its segments
+    /// are no longer listed) and whatever the batch's keys shadow in the map is deleted too.
+    pub(crate) fn is_aborted_batch(&self, h: &BatchHeader) -> bool {
+        h.producer_id >= 0
+            && h.is_transactional()
+            && !h.is_control()
+            && lock(&self.txn).is_aborted(h.producer_id, h.base_offset)
     }
 
     /// The mapping of a sealed segment for the cleaner, counted in the map cache.

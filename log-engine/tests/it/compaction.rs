@@ -1,18 +1,23 @@
 //! Compacted topics: the cleaner against a model, crashes at every step of a pass, a bounded
-//! key map, and readers running through swaps.
+//! key map, readers running through swaps, and transactions.
 //!
-//! What every check asserts (`check`):
+//! What every check asserts (`check`), with *committed* meaning a record written outside a
+//! transaction or by a committed one, and the LSO the model's last stable offset:
 //! - every record read is the record appended at that offset (key, value, timestamp): offsets
 //!   of survivors never change;
 //! - offsets strictly increase;
-//! - for every key, the latest record appended is there, unless it is a tombstone the cleaner
-//!   may have removed (a pass set its horizon and a pass at least `delete_retention_ms` later
-//!   ran); and when a key's latest tombstone is gone, no record of that key is left
-//!   (nothing resurrects).
+//! - every marker written is still there, and every record at or past the LSO;
+//! - for every key, the latest committed record below the LSO is there, unless it is a
+//!   tombstone the cleaner may have removed (a pass set its horizon and a pass at least
+//!   `delete_retention_ms` later ran); and when a key's latest tombstone is gone, no older
+//!   record of that key is left (nothing resurrects);
+//! - the partition's LSO and open transactions are the model's, and a read-committed reader
+//!   sees exactly the committed records below the LSO that a read-uncommitted one sees.
 //!
-//! And after convergence (`converge`: roll, clean until nothing changes, let the tombstones'
-//! time run out, clean again), the partition is exactly the latest non-tombstone record of
-//! every key, at its original offset.
+//! And after convergence (`converge`: end open transactions, roll, clean until nothing
+//! changes, let the tombstones' time run out, clean again), the partition is exactly the
+//! latest committed non-tombstone record of every key, at its original offset, plus the
+//! markers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -23,7 +28,8 @@ use proptest::prelude::*;
 use spool_log_engine::compact::Step;
 use spool_log_engine::{
     BatchBuilder, BatchError, CleanReport, Cleaner, CleanerOptions, CleanupPolicy, Clock,
-    Compression, Error, FsyncPolicy, Log, LogOptions, Partition, TopicConfig,
+    Compression, Error, FsyncPolicy, Isolation, Log, LogOptions, Marker, Partition, Record,
+    TopicConfig,
 };
 
 use crate::common::read_all;
@@ -80,6 +86,26 @@ struct Rec {
     key: Vec<u8>,
     value: Option<Vec<u8>>,
     ts: i64,
+    /// The transaction it was written in (index into `Model::txns`).
+    txn: Option<usize>,
+}
+
+/// A transaction of the model.
+#[derive(Clone, Debug)]
+struct Txn {
+    pid: i64,
+    epoch: i16,
+    first: u64,
+    /// `Some(true)` committed, `Some(false)` aborted, `None` open.
+    decided: Option<bool>,
+}
+
+/// A transactional producer of the model.
+#[derive(Clone, Copy, Debug, Default)]
+struct Producer {
+    epoch: i16,
+    seq: i32,
+    open: Option<usize>,
 }
 
 /// Everything appended, by offset, and the cleaning passes that ran.
@@ -88,6 +114,49 @@ struct Model {
     recs: BTreeMap<u64, Rec>,
     /// (time, active segment base) of each pass.
     passes: Vec<(i64, u64)>,
+    txns: Vec<Txn>,
+    producers: BTreeMap<i64, Producer>,
+    /// Offsets of the markers written.
+    markers: BTreeSet<u64>,
+    /// The next offset.
+    next: u64,
+}
+
+/// Every record of the partition at `isolation` (control batches left out), and the offsets
+/// of the control batches met.
+fn read_view(p: &Partition, isolation: Isolation) -> (Vec<Record>, Vec<u64>) {
+    let (mut recs, mut markers) = (Vec::new(), Vec::new());
+    let mut offset = p.log_start_offset();
+    loop {
+        let r = p.read_with(offset, 64 << 10, isolation).unwrap();
+        if r.data.is_empty() && r.next_offset == offset {
+            return (recs, markers);
+        }
+        for b in r.batches() {
+            let b = b.unwrap();
+            if b.header().is_control() {
+                markers.push(b.header().base_offset);
+                continue;
+            }
+            for rec in b.records(&Default::default()).unwrap() {
+                recs.push(rec.unwrap());
+            }
+        }
+        offset = r.next_offset;
+    }
+}
+
+/// The partition's bytes from `offset` (read-uncommitted) to the high watermark.
+fn bytes_from(p: &Partition, mut offset: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let r = p.read(offset, 64 << 10).unwrap();
+        if r.data.is_empty() {
+            return out;
+        }
+        out.extend_from_slice(&r.data);
+        offset = r.next_offset;
+    }
 }
 
 impl Model {
@@ -98,11 +167,53 @@ impl Model {
         ts: i64,
         c: Compression,
     ) {
+        self.append_in(p, None, recs, ts, c);
+    }
+
+    /// Appends `recs` in a transaction of producer `pid` (opening one if none is open).
+    fn append_txn(
+        &mut self,
+        p: &Partition,
+        pid: i64,
+        recs: &[(Vec<u8>, Option<Vec<u8>>)],
+        ts: i64,
+        c: Compression,
+    ) {
+        self.append_in(p, Some(pid), recs, ts, c);
+    }
+
+    fn append_in(
+        &mut self,
+        p: &Partition,
+        pid: Option<i64>,
+        recs: &[(Vec<u8>, Option<Vec<u8>>)],
+        ts: i64,
+        c: Compression,
+    ) {
         let mut b = BatchBuilder::new(c);
+        if let Some(pid) = pid {
+            let pr = self.producers.entry(pid).or_default();
+            b.producer(pid, pr.epoch, pr.seq).transactional(true);
+        }
         for (k, v) in recs {
             b.push(ts, Some(k), v.as_deref(), &[]);
         }
         let info = p.append(&b.finish().unwrap()).unwrap();
+        assert_eq!(info.base_offset, self.next, "offsets are dense at append");
+        self.next = info.last_offset + 1;
+        let txn = pid.map(|pid| {
+            let pr = self.producers.get_mut(&pid).unwrap();
+            pr.seq += recs.len() as i32;
+            *pr.open.get_or_insert_with(|| {
+                self.txns.push(Txn {
+                    pid,
+                    epoch: pr.epoch,
+                    first: info.base_offset,
+                    decided: None,
+                });
+                self.txns.len() - 1
+            })
+        });
         for (i, (k, v)) in recs.iter().enumerate() {
             self.recs.insert(
                 info.base_offset + i as u64,
@@ -110,9 +221,59 @@ impl Model {
                     key: k.clone(),
                     value: v.clone(),
                     ts,
+                    txn,
                 },
             );
         }
+    }
+
+    /// Ends `pid`'s open transaction, if any, with a marker (at the next epoch, as the
+    /// coordinator does).
+    fn end_txn(&mut self, p: &Partition, pid: i64, commit: bool) {
+        let Some(pr) = self.producers.get_mut(&pid) else {
+            return;
+        };
+        let Some(t) = pr.open.take() else {
+            return;
+        };
+        pr.epoch += 1;
+        pr.seq = 0;
+        let marker = if commit {
+            Marker::Commit
+        } else {
+            Marker::Abort
+        };
+        let info = p.write_marker(pid, pr.epoch, marker, 0).unwrap().unwrap();
+        assert_eq!(info.base_offset, self.next);
+        self.next = info.last_offset + 1;
+        self.markers.insert(info.base_offset);
+        self.txns[t].decided = Some(commit);
+    }
+
+    /// Ends every open transaction.
+    fn end_all(&mut self, p: &Partition, commit: bool) {
+        let pids: Vec<i64> = self.producers.keys().copied().collect();
+        for pid in pids {
+            self.end_txn(p, pid, commit);
+        }
+    }
+
+    /// The last stable offset: the first offset of the oldest open transaction, or the end.
+    fn lso(&self) -> u64 {
+        self.txns
+            .iter()
+            .filter(|t| t.decided.is_none())
+            .map(|t| t.first)
+            .min()
+            .unwrap_or(self.next)
+    }
+
+    /// True when the record at `o` is committed (written outside a transaction, or by a
+    /// committed one).
+    fn committed(&self, o: u64) -> bool {
+        self.recs[&o]
+            .txn
+            .is_none_or(|t| self.txns[t].decided == Some(true))
     }
 
     fn pass(&mut self, p: &Partition, clock: &FakeClock, c: &mut Cleaner) -> CleanReport {
@@ -124,11 +285,14 @@ impl Model {
         r
     }
 
-    /// Latest offset of each key.
+    /// Latest offset of each key among the committed records below the LSO.
     fn latest(&self) -> BTreeMap<&[u8], u64> {
+        let lso = self.lso();
         let mut m = BTreeMap::new();
-        for (o, r) in &self.recs {
-            m.insert(&r.key[..], *o);
+        for (o, r) in self.recs.range(..lso) {
+            if self.committed(*o) {
+                m.insert(&r.key[..], *o);
+            }
         }
         m
     }
@@ -145,7 +309,27 @@ impl Model {
     }
 
     fn check(&self, p: &Partition, ctx: &str) {
-        let got = read_all(p, p.log_start_offset());
+        let (got, markers) = read_view(p, Isolation::ReadUncommitted);
+        assert_eq!(
+            markers,
+            self.markers.iter().copied().collect::<Vec<_>>(),
+            "{ctx}: markers"
+        );
+        let lso = self.lso();
+        assert_eq!(p.last_stable_offset(), lso, "{ctx}: last stable offset");
+        let open: Vec<(i64, i16, u64)> = p
+            .open_transactions()
+            .iter()
+            .map(|t| (t.producer_id, t.epoch, t.first_offset))
+            .collect();
+        let mut want_open: Vec<(i64, i16, u64)> = self
+            .txns
+            .iter()
+            .filter(|t| t.decided.is_none())
+            .map(|t| (t.pid, t.epoch, t.first))
+            .collect();
+        want_open.sort_by_key(|t| t.2);
+        assert_eq!(open, want_open, "{ctx}: open transactions");
         let mut prev = None;
         let mut present: BTreeMap<&[u8], BTreeSet<u64>> = BTreeMap::new();
         for r in &got {
@@ -174,6 +358,22 @@ impl Model {
             assert_eq!(r.timestamp, want.ts, "{ctx}: timestamp at {}", r.offset);
             present.entry(&want.key[..]).or_default().insert(r.offset);
         }
+        // Nothing at or past the LSO is cleaned.
+        let past: Vec<u64> = got.iter().map(|r| r.offset).filter(|&o| o >= lso).collect();
+        let want_past: Vec<u64> = self.recs.range(lso..).map(|(o, _)| *o).collect();
+        assert_eq!(past, want_past, "{ctx}: records at or past the LSO {lso}");
+        // Read-committed: the committed records below the LSO, and nothing else.
+        let (committed, _) = read_view(p, Isolation::ReadCommitted);
+        let want_committed: Vec<u64> = got
+            .iter()
+            .map(|r| r.offset)
+            .filter(|&o| o < lso && self.committed(o))
+            .collect();
+        assert_eq!(
+            committed.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            want_committed,
+            "{ctx}: read-committed view"
+        );
         for (key, o) in self.latest() {
             let here = present.get(key);
             if here.is_some_and(|s| s.contains(&o)) {
@@ -190,7 +390,7 @@ impl Model {
                 self.passes
             );
             assert!(
-                here.is_none(),
+                here.is_none_or(|s| s.range(..o).next().is_none()),
                 "{ctx}: key {key:?} resurrected at {here:?} after its tombstone at {o} went"
             );
         }
@@ -199,6 +399,7 @@ impl Model {
     /// Cleans until nothing changes, twice around a tombstone expiry, then checks the exact
     /// result.
     fn converge(&mut self, p: &Partition, clock: &FakeClock, c: &mut Cleaner, ctx: &str) {
+        self.end_all(p, true);
         p.roll().unwrap();
         for round in 0..2 {
             for i in 0.. {
@@ -213,7 +414,9 @@ impl Model {
                 .0
                 .fetch_add(DELETE_RETENTION as i64 + 1, Ordering::SeqCst);
         }
-        let got: Vec<(u64, Vec<u8>, Vec<u8>)> = read_all(p, p.log_start_offset())
+        let (got, markers) = read_view(p, Isolation::ReadUncommitted);
+        assert_eq!(markers.len(), self.markers.len(), "{ctx}: markers");
+        let got: Vec<(u64, Vec<u8>, Vec<u8>)> = got
             .into_iter()
             .map(|r| (r.offset, r.key.unwrap().to_vec(), r.value.unwrap().to_vec()))
             .collect();
@@ -407,25 +610,38 @@ fn retention_settings_are_ignored_by_compact_and_applied_by_compact_delete() {
 
 #[derive(Clone, Debug)]
 enum Op {
+    /// Plain records (`txn: None`), or records in a transaction of that producer.
     Append {
         recs: Vec<(u8, bool, u8)>,
         compression: u8,
+        txn: Option<u8>,
+    },
+    /// Ends the producer's open transaction, if it has one.
+    EndTxn {
+        pid: u8,
+        commit: bool,
     },
     Roll,
     Clean,
     Advance(u16),
-    Reopen,
+    Reopen {
+        drop_snapshot: bool,
+    },
     Check,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let recs = || prop::collection::vec((0u8..24, prop::bool::weighted(0.2), 0u8..120), 1..12);
     prop_oneof![
-        10 => (prop::collection::vec((0u8..24, prop::bool::weighted(0.2), 0u8..120), 1..12), 0u8..3)
-            .prop_map(|(recs, compression)| Op::Append { recs, compression }),
+        10 => (recs(), 0u8..3)
+            .prop_map(|(recs, compression)| Op::Append { recs, compression, txn: None }),
+        4 => (recs(), 0u8..3, 1u8..4)
+            .prop_map(|(recs, compression, pid)| Op::Append { recs, compression, txn: Some(pid) }),
+        3 => (1u8..4, any::<bool>()).prop_map(|(pid, commit)| Op::EndTxn { pid, commit }),
         2 => Just(Op::Roll),
         3 => Just(Op::Clean),
         2 => (0u16..1500).prop_map(Op::Advance),
-        1 => Just(Op::Reopen),
+        1 => any::<bool>().prop_map(|drop_snapshot| Op::Reopen { drop_snapshot }),
         1 => Just(Op::Check),
     ]
 }
@@ -445,7 +661,11 @@ fn run_model(ops: Vec<Op>, map_keys: usize) {
     for (i, op) in ops.into_iter().enumerate() {
         let ctx = format!("op {i} {op:?}");
         match op {
-            Op::Append { recs, compression } => {
+            Op::Append {
+                recs,
+                compression,
+                txn,
+            } => {
                 let recs: Vec<_> = recs
                     .iter()
                     .map(|&(k, tomb, size)| {
@@ -455,8 +675,10 @@ fn run_model(ops: Vec<Op>, map_keys: usize) {
                     .collect();
                 let c =
                     [Compression::None, Compression::Lz4, Compression::Zstd][compression as usize];
-                m.append(&p, &recs, clock.now_ms() - 5, c);
+                let pid = txn.map(i64::from);
+                m.append_in(&p, pid, &recs, clock.now_ms() - 5, c);
             }
+            Op::EndTxn { pid, commit } => m.end_txn(&p, i64::from(pid), commit),
             Op::Roll => p.roll().unwrap(),
             Op::Clean => {
                 let r = m.pass(&p, &clock, &mut c);
@@ -466,9 +688,13 @@ fn run_model(ops: Vec<Op>, map_keys: usize) {
             Op::Advance(ms) => {
                 clock.0.fetch_add(i64::from(ms), Ordering::SeqCst);
             }
-            Op::Reopen => {
+            Op::Reopen { drop_snapshot } => {
                 drop(p);
                 drop(log);
+                if drop_snapshot {
+                    // Recovery then rebuilds producers and transactions from the cleaned log.
+                    let _ = std::fs::remove_file(dir.path().join("t/0/producers.snapshot"));
+                }
                 log = open(dir.path(), &clock);
                 p = log.partition("t", 0).unwrap();
                 m.check(&p, &ctx);
@@ -492,12 +718,23 @@ proptest! {
     }
 }
 
-/// A log with several sealed segments of overwritten keys and tombstones, and its model.
+/// A log with several sealed segments of overwritten keys and tombstones, committed and
+/// aborted transactions (some spanning segments), and its model.
 fn build_dirty(dir: &Path, clock: &Arc<FakeClock>) -> Model {
     let log = open(dir, clock);
     let p = log.partition("t", 0).unwrap();
     let mut m = Model::default();
     for round in 0..40u32 {
+        let pid = i64::from(round % 3) + 1;
+        if round % 4 == 1 {
+            let recs: Vec<_> = (0..3)
+                .map(|k| kv(k * 3 + round % 5, Some(&format!("txn{round}"))))
+                .collect();
+            m.append_txn(&p, pid, &recs, clock.now_ms(), Compression::Lz4);
+        }
+        if round % 4 == 3 {
+            m.end_txn(&p, pid, round % 8 == 3);
+        }
         let recs: Vec<_> = (0..8)
             .map(|k| {
                 let v = if (round + k) % 7 == 0 {
@@ -513,6 +750,9 @@ fn build_dirty(dir: &Path, clock: &Arc<FakeClock>) -> Model {
             p.roll().unwrap();
         }
     }
+    m.end_all(&p, false);
+    assert!(m.txns.iter().any(|t| t.decided == Some(true)));
+    assert!(m.txns.iter().any(|t| t.decided == Some(false)));
     p.roll().unwrap();
     assert!(p.segment_bases().len() >= 5);
     m
@@ -549,26 +789,8 @@ fn a_crash_at_any_step_of_a_pass_leaves_a_correct_log() {
                 let mut c = cleaner(4);
                 m.pass(&p, &clock, &mut c);
                 m.check(&p, &format!("{ctx}: first pass"));
-                let mut more = BatchBuilder::new(Compression::None);
-                for k in 0..30 {
-                    more.push(
-                        clock.now_ms(),
-                        Some(format!("key-{k}").as_bytes()),
-                        Some(b"late"),
-                        &[],
-                    );
-                }
-                let info = p.append(&more.finish().unwrap()).unwrap();
-                for k in 0..30u64 {
-                    m.recs.insert(
-                        info.base_offset + k,
-                        Rec {
-                            key: format!("key-{k}").into_bytes(),
-                            value: Some(b"late".to_vec()),
-                            ts: clock.now_ms(),
-                        },
-                    );
-                }
+                let more: Vec<_> = (0..30).map(|k| kv(k, Some("late"))).collect();
+                m.append(&p, &more, clock.now_ms(), Compression::None);
                 p.roll().unwrap();
             }
             clock
@@ -741,4 +963,235 @@ fn readers_keep_reading_through_swaps() {
     assert!(swapped >= 20, "{swapped} swaps");
     let got = read_all(&p, 0);
     assert_eq!(got.len(), KEYS as usize, "one record per key once cleaned");
+}
+
+/// The values of the latest record of each key seen by a reader at `isolation` (`None`: the
+/// latest is a tombstone).
+fn latest_values(p: &Partition, isolation: Isolation) -> BTreeMap<String, Option<String>> {
+    let text = |b: Option<bytes::Bytes>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
+    read_view(p, isolation)
+        .0
+        .into_iter()
+        .map(|r| (text(r.key).unwrap(), text(r.value)))
+        .collect()
+}
+
+fn txn_kv(k: &str, v: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
+    (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))
+}
+
+/// Committed, aborted and open transactions with plain keyed records, over two sealed
+/// segments, the last stable offset inside the second:
+///
+/// ```text
+/// segment 0:  0-3 plain a0 b0 c0 d0 | 4-5 P1 a1 b1 | 6-7 P2 a=x c=x | 8 P1 commit | 9 P2 abort
+///             10 P4 c4 | 11 P4 commit | 12 P5 d=tombstone | 13 P5 abort
+/// segment 14: 14 plain c5 | 15 P3 a=z (open: the LSO) | 16 plain b2 | 17 P6 b=y | 18 P6 abort
+///             19 plain d=tombstone
+/// active 20:  20 plain e0
+/// ```
+fn txn_scenario(p: &Partition, m: &mut Model, clock: &FakeClock) {
+    let ts = clock.now_ms();
+    let c = Compression::None;
+    m.append(
+        p,
+        &[
+            txn_kv("a", Some("a0")),
+            txn_kv("b", Some("b0")),
+            txn_kv("c", Some("c0")),
+            txn_kv("d", Some("d0")),
+        ],
+        ts,
+        c,
+    );
+    m.append_txn(
+        p,
+        1,
+        &[txn_kv("a", Some("a1")), txn_kv("b", Some("b1"))],
+        ts,
+        c,
+    );
+    m.append_txn(
+        p,
+        2,
+        &[txn_kv("a", Some("x")), txn_kv("c", Some("x"))],
+        ts,
+        c,
+    );
+    m.end_txn(p, 1, true);
+    m.end_txn(p, 2, false);
+    m.append_txn(p, 4, &[txn_kv("c", Some("c4"))], ts, Compression::Lz4);
+    m.end_txn(p, 4, true);
+    m.append_txn(p, 5, &[txn_kv("d", None)], ts, c);
+    m.end_txn(p, 5, false);
+    p.roll().unwrap();
+    m.append(p, &[txn_kv("c", Some("c5"))], ts, c);
+    m.append_txn(p, 3, &[txn_kv("a", Some("z"))], ts, c);
+    m.append(p, &[txn_kv("b", Some("b2"))], ts, c);
+    m.append_txn(p, 6, &[txn_kv("b", Some("y"))], ts, c);
+    m.end_txn(p, 6, false);
+    m.append(p, &[txn_kv("d", None)], ts, c);
+    p.roll().unwrap();
+    m.append(p, &[txn_kv("e", Some("e0"))], ts, c);
+    assert_eq!(m.markers, BTreeSet::from([8, 9, 11, 13, 18]));
+    assert_eq!((p.last_stable_offset(), p.high_watermark()), (15, 21));
+    assert_eq!(p.segment_bases(), [0, 14, 20]);
+}
+
+/// What a read-committed reader sees of `txn_scenario` while P3 is open.
+fn txn_scenario_committed() -> BTreeMap<String, Option<String>> {
+    [("a", "a1"), ("b", "b1"), ("c", "c5"), ("d", "d0")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+        .collect()
+}
+
+#[test]
+fn transactions_are_cleaned_below_the_last_stable_offset_only() {
+    for (clean_close, drop_snapshot) in [(true, false), (false, false), (true, true), (false, true)]
+    {
+        let ctx = format!("clean close {clean_close}, snapshot dropped {drop_snapshot}");
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(FakeClock::default());
+        clock.0.store(1_000_000, Ordering::SeqCst);
+        let mut m = Model::default();
+        let past_lso;
+        {
+            let log = open(dir.path(), &clock);
+            let p = log.partition("t", 0).unwrap();
+            txn_scenario(&p, &mut m, &clock);
+            m.check(&p, &format!("{ctx}: before cleaning"));
+            assert_eq!(
+                latest_values(&p, Isolation::ReadCommitted),
+                txn_scenario_committed(),
+                "{ctx}"
+            );
+            past_lso = bytes_from(&p, 15);
+            let mut c = cleaner(1000);
+            let r = m.pass(&p, &clock, &mut c);
+            // Segment 0 and the part of segment 14 below the LSO are cleaned.
+            assert_eq!((r.cleanable_end, r.map_end), (15, 15), "{ctx}: {r:?}");
+            assert_eq!(r.groups_swapped, 1, "{ctx}: {r:?}");
+            // a0 b0 c0 c4 superseded, and the aborted x x and d tombstone.
+            assert_eq!(
+                (r.records_removed, r.aborted_removed),
+                (7, 3),
+                "{ctx}: {r:?}"
+            );
+            m.check(&p, &format!("{ctx}: cleaned"));
+            assert_eq!(
+                latest_values(&p, Isolation::ReadCommitted),
+                txn_scenario_committed(),
+                "{ctx}: the aborted a=x and d=tombstone shadow nothing"
+            );
+            let (got, _) = read_view(&p, Isolation::ReadUncommitted);
+            assert_eq!(
+                got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                [3, 4, 5, 14, 15, 16, 17, 19, 20],
+                "{ctx}: the aborted 6, 7 and 12 are gone, nothing at or past 15 is"
+            );
+            assert_eq!(
+                bytes_from(&p, 15),
+                past_lso,
+                "{ctx}: untouched past the LSO"
+            );
+            // Cleaning again changes nothing while P3 is open.
+            let r = m.pass(&p, &clock, &mut c);
+            assert_eq!(
+                (r.records_removed, r.groups_swapped),
+                (0, 0),
+                "{ctx}: {r:?}"
+            );
+            if clean_close {
+                log.close().unwrap();
+            }
+        }
+        if drop_snapshot {
+            std::fs::remove_file(dir.path().join("t/0/producers.snapshot")).unwrap();
+        }
+        let log = open(dir.path(), &clock);
+        let p = log.partition("t", 0).unwrap();
+        m.check(&p, &format!("{ctx}: reopened"));
+        assert_eq!(
+            latest_values(&p, Isolation::ReadCommitted),
+            txn_scenario_committed(),
+            "{ctx}: reopened"
+        );
+        assert_eq!(bytes_from(&p, 15), past_lso, "{ctx}: reopened");
+        // The coordinator commits P3 after the restart: everything is stable, and the next
+        // passes deduplicate the rest (b=y aborted past the old LSO goes now).
+        m.end_txn(&p, 3, true);
+        m.check(&p, &format!("{ctx}: P3 committed"));
+        p.roll().unwrap();
+        let mut c = cleaner(1000);
+        let r = m.pass(&p, &clock, &mut c);
+        assert_eq!(r.aborted_removed, 1, "{ctx}: {r:?}");
+        m.check(&p, &format!("{ctx}: cleaned after the commit"));
+        let want: BTreeMap<String, Option<String>> = [
+            ("a", Some("z")),
+            ("b", Some("b2")),
+            ("c", Some("c5")),
+            ("d", None),
+            ("e", Some("e0")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+        .collect();
+        assert_eq!(latest_values(&p, Isolation::ReadCommitted), want, "{ctx}");
+        m.converge(&p, &clock, &mut c, &ctx);
+        let (_, markers) = read_view(&p, Isolation::ReadUncommitted);
+        assert_eq!(
+            markers,
+            [8, 9, 11, 13, 18, 21],
+            "{ctx}: every marker is kept"
+        );
+    }
+}
+
+/// An aborted transaction whose first batch is cleaned away while its second, past the LSO
+/// of that pass, stays: recovery without the producer snapshot reopens it at the batch left,
+/// and its marker aborts it again, so the batch stays hidden from read-committed readers.
+#[test]
+fn an_aborted_transaction_cut_by_the_lso_stays_aborted_after_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let mut m = Model::default();
+    let ts = clock.now_ms();
+    let c = Compression::None;
+    {
+        let log = open(dir.path(), &clock);
+        let p = log.partition("t", 0).unwrap();
+        m.append(&p, &[txn_kv("k", Some("v0"))], ts, c); // 0
+        m.append_txn(&p, 2, &[txn_kv("k", Some("x1"))], ts, c); // 1
+        p.roll().unwrap();
+        m.append_txn(&p, 3, &[txn_kv("j", Some("open"))], ts, c); // 2: the LSO
+        m.append_txn(&p, 2, &[txn_kv("k", Some("x2"))], ts, c); // 3
+        m.end_txn(&p, 2, false); // 4
+        m.append(&p, &[txn_kv("k", Some("v5"))], ts, c); // 5, past the LSO
+        p.roll().unwrap();
+        let mut cl = cleaner(1000);
+        let r = m.pass(&p, &clock, &mut cl);
+        assert_eq!((r.cleanable_end, r.aborted_removed), (2, 1), "{r:?}");
+        m.check(&p, "cleaned");
+        let (got, _) = read_view(&p, Isolation::ReadUncommitted);
+        assert_eq!(
+            got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            [0, 2, 3, 5]
+        );
+    }
+    std::fs::remove_file(dir.path().join("t/0/producers.snapshot")).unwrap();
+    std::fs::remove_file(dir.path().join("t/0/recovery-point")).unwrap();
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    m.check(&p, "rebuilt from the log");
+    m.end_txn(&p, 3, true);
+    m.check(&p, "P3 committed");
+    let committed: Vec<String> = read_view(&p, Isolation::ReadCommitted)
+        .0
+        .into_iter()
+        .map(|r| String::from_utf8(r.value.unwrap().to_vec()).unwrap())
+        .collect();
+    assert_eq!(committed, ["v0", "open", "v5"], "x2 stays hidden");
+    let mut cl = cleaner(1000);
+    m.converge(&p, &clock, &mut cl, "end");
 }
