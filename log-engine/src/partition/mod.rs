@@ -705,8 +705,12 @@ impl Partition {
         let remaining: Vec<_> = segs[doomed..].to_vec();
         let new_start = remaining[0].base_offset;
         *self.segments.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(remaining);
-        self.log_start.fetch_max(new_start, Ordering::AcqRel);
-        lock(&self.txn).prune(new_start);
+        let old_start = self.log_start.fetch_max(new_start, Ordering::AcqRel);
+        // Aborted transactions that ended below the *previous* log start: the segments they
+        // were in went at an earlier pass, so no reader still holding an older segment list
+        // can reach their batches (pruning those of the segments deleted just now could let
+        // such a reader serve an aborted batch).
+        lock(&self.txn).prune(old_start);
         tracing::info!(topic = %self.topic, partition = self.id, deleted = doomed, log_start = new_start, "retention deleted segments");
         Ok(doomed)
     }
