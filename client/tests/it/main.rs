@@ -12,6 +12,8 @@ mod idempotence;
 mod produce;
 mod security;
 mod transactions;
+mod txn_crash;
+mod txn_history;
 
 use std::time::Duration;
 
