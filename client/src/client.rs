@@ -1032,6 +1032,12 @@ impl Client {
     }
 }
 
+/// A wire epoch as the batch header's i16.
+fn epoch_from_wire(epoch: i32) -> Result<i16> {
+    i16::try_from(epoch)
+        .map_err(|_| Error::Protocol(format!("producer epoch {epoch} is not an i16")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1083,10 +1089,4 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::Config(_)), "{e:?}");
     }
-}
-
-/// A wire epoch as the batch header's i16.
-fn epoch_from_wire(epoch: i32) -> Result<i16> {
-    i16::try_from(epoch)
-        .map_err(|_| Error::Protocol(format!("producer epoch {epoch} is not an i16")))
 }

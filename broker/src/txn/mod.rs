@@ -10,22 +10,28 @@
 //!    appended: the partition joins the open transaction, in memory. Nothing needs to be
 //!    durable here: after a crash every transaction without a decision is aborted anyway, and
 //!    the partitions holding its batches are found in the log (each partition knows its open
-//!    transactions).
+//!    transactions). `AddOffsetsToTxn` does record the transaction (`Ongoing`) durably before
+//!    its reply: offsets live nowhere else, and a restart must abort such a transaction (and
+//!    bump the epoch) rather than let its producer commit it without them.
 //! 3. `EndTxn` records the decision (`Prepare*`, with the partitions, the offsets and the
-//!    bumped epoch) **durably before any marker is written**; then writes a marker into every
-//!    partition (in parallel; each as durable as its topic's fsync policy says), applies the
-//!    offsets on commit, and records `Complete*` (durably when offsets were applied, so a
-//!    restart never re-applies them over newer commits; otherwise the next durable record of
-//!    the id, or the recovery below, covers it).
+//!    bumped epoch) **durably before any marker is written**; then appends a marker to every
+//!    partition, waits until they are as durable as their topics' fsync policy says (in
+//!    parallel), applies the offsets on commit, and records `Complete*` (durably when offsets
+//!    were applied, so a restart never re-applies them over newer commits). Without offsets
+//!    the reply goes out once the markers are appended, and the rest runs after it while the
+//!    id stays locked (`end_pipelined`): the producer prepares its next transaction meanwhile.
 //! 4. At start, before serving: every `Prepare*` is carried out again (markers are
-//!    idempotent: a partition without the producer's open transaction writes nothing), then
-//!    every transaction still open in any partition is aborted, with a bumped epoch.
+//!    idempotent: a partition without the producer's open transaction, or with only a later
+//!    one of the marker's own epoch, writes nothing), then every transaction recorded
+//!    `Ongoing` or still open in any partition is aborted, with a bumped epoch.
 //! 5. A background task aborts transactions open past their timeout (bumping the epoch: the
 //!    producer gets `TRANSACTION_TIMED_OUT`) and retries decisions whose markers failed.
 //!
-//! Invariants: one operation at a time per transactional id (an async mutex each); a decision,
-//! once durable, is always carried out; the reply to EndTxn goes out only after every marker
-//! and the offsets are written.
+//! Invariants: one operation at a time per transactional id (an async mutex each, held until
+//! a decision is completed); a decision, once durable, is always carried out; a newer record
+//! of an id is never appended before the previous decision's markers are durable; the reply
+//! to EndTxn goes out only after every marker is written (and, with offsets, durable and the
+//! offsets applied).
 
 pub(crate) mod state;
 
@@ -35,7 +41,7 @@ use std::time::Duration;
 
 use spool_log_engine::{
     BatchBuilder, CleanupPolicy, Compression, Error as EngineError, FsyncPolicy, Log, Marker,
-    TopicConfig,
+    Partition, TopicConfig,
 };
 use spool_proto::v1;
 use tokio::sync::watch;
@@ -125,19 +131,21 @@ impl Transactions {
             by_pid: Mutex::new(HashMap::new()),
         };
         let (mut finished, mut aborted) = (0, 0);
+        // Undecided transactions, by id: recorded `Ongoing` (offsets were added), or open in
+        // some partition. All are aborted below, with the epoch bumped.
+        let mut undecided: BTreeMap<String, (i16, BTreeSet<Tp>)> = BTreeMap::new();
         for (id, mut meta) in metas {
-            if meta.is_ongoing() {
-                // Recorded by an older broker mid-transaction: undecided, so aborted below.
-                meta.phase = Phase::Empty;
-            }
             if meta.is_preparing() {
                 t.finish_blocking(&id, &mut meta)?;
                 finished += 1;
             }
+            if meta.is_ongoing() {
+                undecided.insert(id.clone(), (meta.epoch, meta.partitions.clone()));
+            }
             lock(&t.by_pid).insert(meta.pid, id.clone());
             lock(&t.ids).insert(id, Arc::new(tokio::sync::Mutex::new(meta)));
         }
-        // Whatever is still open in a partition has no decision: abort it.
+        // Whatever is still open in a partition has no decision.
         let mut orphans: BTreeMap<i64, (i16, BTreeSet<Tp>)> = BTreeMap::new();
         for topic in t.log.topics() {
             for p in t.log.partitions(&topic)? {
@@ -149,17 +157,11 @@ impl Transactions {
             }
         }
         for (pid, (epoch, partitions)) in orphans {
-            let id = lock(&t.by_pid).get(&pid).cloned();
-            match id.and_then(|id| lock(&t.ids).get(&id).cloned().map(|e| (id, e))) {
-                Some((id, entry)) => {
-                    let mut meta = entry.try_lock().expect("nobody else runs yet").clone();
-                    meta.phase = Phase::Ongoing;
-                    meta.partitions = partitions;
-                    meta.epoch = meta.epoch.max(epoch);
-                    meta.prepare(false, false);
-                    t.persist(&id, &meta, true)?;
-                    t.finish_blocking(&id, &mut meta)?;
-                    *entry.try_lock().expect("nobody else runs yet") = meta;
+            match lock(&t.by_pid).get(&pid).cloned() {
+                Some(id) => {
+                    let e = undecided.entry(id).or_default();
+                    e.0 = e.0.max(epoch);
+                    e.1.extend(partitions);
                 }
                 None => {
                     // Not a transactional id's producer (data written without the
@@ -173,8 +175,20 @@ impl Transactions {
                             0,
                         )?;
                     }
+                    aborted += 1;
                 }
             }
+        }
+        for (id, (epoch, partitions)) in undecided {
+            let entry = lock(&t.ids)[&id].clone();
+            let mut meta = entry.try_lock().expect("nobody else runs yet").clone();
+            meta.phase = Phase::Ongoing;
+            meta.partitions = partitions;
+            meta.epoch = meta.epoch.max(epoch);
+            meta.prepare(false, false);
+            t.persist(&id, &meta, true)?;
+            t.finish_blocking(&id, &mut meta)?;
+            *entry.try_lock().expect("nobody else runs yet") = meta;
             aborted += 1;
         }
         tracing::info!(
@@ -243,20 +257,77 @@ impl Transactions {
         Ok(())
     }
 
-    /// Carries out `meta`'s recorded decision (it is `Prepare*`): markers, offsets, then
-    /// `Complete*`. On failure `meta` stays `Prepare*` (retried later). Blocking.
+    /// Carries out `meta`'s recorded decision (it is `Prepare*`): markers (durable), offsets,
+    /// then `Complete*`. On failure `meta` stays `Prepare*` (retried later). Blocking.
     fn finish_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
-        let commit = meta.phase == Phase::PrepareCommit;
+        let written = self.write_markers(meta)?;
+        Self::settle_markers(written)?;
+        self.complete_blocking(id, meta)
+    }
+
+    /// Appends the decision's marker to each of `meta`'s partitions (page cache); returns,
+    /// per partition, the offset its marker must be durable below. A partition that no longer
+    /// exists, or no longer has the transaction open (a marker written before a crash),
+    /// needs none.
+    fn write_markers(&self, meta: &TxnMeta) -> Result<Vec<(Arc<Partition>, u64)>, BrokerError> {
         crate::failpoint::hit("txn-after-prepare");
-        self.write_markers(
-            meta,
-            if commit {
-                Marker::Commit
-            } else {
-                Marker::Abort
-            },
-        )?;
+        let marker = if meta.phase == Phase::PrepareCommit {
+            Marker::Commit
+        } else {
+            Marker::Abort
+        };
+        let mut written = Vec::with_capacity(meta.partitions.len());
+        for (topic, partition) in &meta.partitions {
+            match self.log.partition(topic, *partition) {
+                Ok(p) => {
+                    if let Some(info) = p.write_marker_nowait(meta.pid, meta.epoch, marker, 0)? {
+                        crate::failpoint::hit("txn-mid-markers");
+                        written.push((p, info.last_offset + 1));
+                    }
+                }
+                Err(EngineError::TopicNotFound(_) | EngineError::PartitionNotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Waits until every marker of `written` is as durable as its topic's fsync policy says
+    /// (in parallel: one fdatasync per partition, joining each one's group commit).
+    fn settle_markers(written: Vec<(Arc<Partition>, u64)>) -> Result<(), BrokerError> {
+        let waits: Vec<_> = written
+            .into_iter()
+            .filter(|(p, _)| p.fsync_policy() == FsyncPolicy::Always)
+            .collect();
+        let res = if waits.len() <= 1 {
+            waits
+                .iter()
+                .try_for_each(|(p, next)| p.wait_durable(*next))
+                .map_err(BrokerError::from)
+        } else {
+            let chunk = waits.len().div_ceil(8);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = waits
+                    .chunks(chunk)
+                    .map(|c| {
+                        s.spawn(move || c.iter().try_for_each(|(p, next)| p.wait_durable(*next)))
+                    })
+                    .collect();
+                handles.into_iter().try_for_each(|h| {
+                    h.join()
+                        .unwrap_or(Err(EngineError::Closed))
+                        .map_err(BrokerError::from)
+                })
+            })
+        };
         crate::failpoint::hit("txn-after-markers");
+        res
+    }
+
+    /// After the markers: applies the offsets of a commit, then records `Complete*` (durably
+    /// when offsets were applied, so a restart never re-applies them over newer commits).
+    fn complete_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
+        let commit = meta.phase == Phase::PrepareCommit;
         if commit {
             let now = now_ms();
             for (group, g) in &meta.groups {
@@ -292,50 +363,6 @@ impl Transactions {
         }
         *meta = next;
         Ok(())
-    }
-
-    /// Writes `marker` for `meta`'s producer into each of its partitions, several at a time.
-    /// A partition that no longer exists needs none.
-    fn write_markers(&self, meta: &TxnMeta, marker: Marker) -> Result<(), BrokerError> {
-        let parts: Vec<&Tp> = meta.partitions.iter().collect();
-        if parts.is_empty() {
-            return Ok(());
-        }
-        let (pid, epoch) = (meta.pid, meta.epoch);
-        let chunk = parts.len().div_ceil(8);
-        let log = &self.log;
-        std::thread::scope(|s| {
-            let handles: Vec<_> = parts
-                .chunks(chunk)
-                .map(|tps| {
-                    s.spawn(move || -> Result<(), BrokerError> {
-                        for (topic, partition) in tps {
-                            match log.partition(topic, *partition) {
-                                Ok(p) => {
-                                    if p.write_marker(pid, epoch, marker, 0)?.is_some() {
-                                        crate::failpoint::hit("txn-mid-markers");
-                                    }
-                                }
-                                Err(
-                                    EngineError::TopicNotFound(_)
-                                    | EngineError::PartitionNotFound { .. },
-                                ) => {}
-                                Err(e) => return Err(e.into()),
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(BrokerError::InvalidRequest("marker writer panicked".into()))
-                    })
-                })
-                .collect::<Result<(), BrokerError>>()
-        })
     }
 
     fn entry(&self, id: &str) -> Result<Entry, BrokerError> {
@@ -554,7 +581,8 @@ impl Transactions {
             req.offsets.clone(),
         )
         .await?;
-        meta.add_offsets(
+        let mut next = meta.clone();
+        next.add_offsets(
             &req.transactional_id,
             req.producer_id,
             epoch,
@@ -565,7 +593,14 @@ impl Transactions {
                 .into_iter()
                 .map(|c| ((c.topic, c.partition), c.offset, c.metadata)),
             now_ms(),
-        )
+        )?;
+        // Recorded durably before the reply: a transaction may hold offsets and nothing in
+        // any partition yet, and a restart must still abort it (bumping the epoch) rather
+        // than let the producer commit it without them.
+        let (id, nextc) = (req.transactional_id.clone(), next.clone());
+        self.blocking(move |t| t.persist(&id, &nextc, true)).await?;
+        *meta = next;
+        Ok(())
     }
 
     /// EndTxn: returns the producer id and epoch for the next transaction.
@@ -577,7 +612,7 @@ impl Transactions {
         commit: bool,
     ) -> Result<(i64, i16), BrokerError> {
         let entry = self.entry(id)?;
-        let mut meta = entry.lock().await;
+        let mut meta = entry.lock_owned().await;
         let epoch = epoch_of(epoch)?;
         match meta.plan_end(id, pid, epoch, commit)? {
             EndPlan::Reply => {}
@@ -611,10 +646,50 @@ impl Transactions {
                         }
                     }
                 }
-                self.end_locked(id, &mut meta, commit, false).await?;
+                let mut next = meta.clone();
+                next.prepare(commit, false);
+                if !meta.groups.is_empty() || next.needs_new_pid() {
+                    // Offsets are applied before the reply (a consumer that takes over the
+                    // partitions must find them), and a new producer id must be in it.
+                    self.end_locked(id, &mut meta, commit, false).await?;
+                } else {
+                    return self.end_pipelined(id, meta, next).await;
+                }
             }
         }
         Ok((meta.pid, meta.epoch))
+    }
+
+    /// Ends a transaction without offsets: replies once the decision is durable and every
+    /// marker is written, and makes the markers durable and records the completion after
+    /// the reply, still holding the id (so nothing about it, not even the next transaction's
+    /// first write, goes on until that is done). Read-committed readers see the transaction
+    /// once its markers are durable, moments after the reply; a crash before that completes
+    /// the recorded decision at restart. This takes the markers' fsyncs off the producer's
+    /// path: it prepares its next transaction meanwhile.
+    async fn end_pipelined(
+        self: &Arc<Self>,
+        id: &str,
+        mut meta: tokio::sync::OwnedMutexGuard<TxnMeta>,
+        next: TxnMeta,
+    ) -> Result<(i64, i16), BrokerError> {
+        let (idc, nextc) = (id.to_owned(), next.clone());
+        self.blocking(move |t| t.persist(&idc, &nextc, true))
+            .await?;
+        *meta = next;
+        let m = meta.clone();
+        // On failure the decision stays recorded (`Prepare*`): the sweeper carries it out.
+        let written = self.blocking(move |t| t.write_markers(&m)).await?;
+        let reply = (meta.pid, meta.epoch);
+        let (this, id) = (self.clone(), id.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let done =
+                Self::settle_markers(written).and_then(|()| this.complete_blocking(&id, &mut meta));
+            if let Err(e) = done {
+                tracing::warn!(transactional_id = %id, error = %e, "completing a transaction failed; retrying later");
+            }
+        });
+        Ok(reply)
     }
 
     /// ListTransactions.

@@ -481,6 +481,9 @@ mod tests {
         Timeout,
     }
 
+    /// A producer instance of the model: (pid, epoch, its last end: (epoch, commit)).
+    type Instance = (i64, i16, Option<(i16, bool)>);
+
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (any::<bool>(), 0u32..4).prop_map(|(w, p)| Op::Write(w, p)),
@@ -496,7 +499,7 @@ mod tests {
         fn against_a_model(ops in prop::collection::vec(op(), 1..200)) {
             let mut m = TxnMeta::new(1, 1000);
             // Producer instances, oldest first: (pid, epoch, last end). Only the last is live.
-            let mut producers: Vec<(i64, i16, Option<(i16, bool)>)> = vec![(1, 0, None)];
+            let mut producers: Vec<Instance> = vec![(1, 0, None)];
             let mut now = 0;
             let mut max_epoch = 0;
             let mut open_writes: Vec<usize> = Vec::new();

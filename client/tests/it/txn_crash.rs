@@ -23,8 +23,8 @@
 //!
 //! Two more cases without failpoints: the broker killed after the writes but before the end
 //! (the transaction is aborted at restart and the old producer is fenced), and killed after
-//! the offsets were added but before any record reached the broker (ignored: it fails, a known
-//! bug, see the test).
+//! the offsets were added but before any record reached the broker (a bug this test found,
+//! fixed: the transaction is aborted at restart and the producer fenced).
 
 use std::time::{Duration, Instant};
 
@@ -452,15 +452,12 @@ async fn crash_before_end_aborts() {
 /// producer then commits. All or nothing: either the commit fails (the transaction was lost
 /// with the crash) or it commits the records *and* the offsets.
 ///
-/// BUG (found by this test, reported, not fixed here): the commit succeeds, the records are
-/// committed and the offsets are not. AddOffsetsToTxn is recorded in memory only; after the
-/// restart `__transaction_state` still says `Empty` at the producer's epoch and no partition
-/// holds the transaction, so nothing is aborted, the epoch is not bumped, and the producer's
-/// flush + EndTxn run as a new transaction without the offsets. Fails at the group-offsets
-/// assertion in `assert_outcome`. Remove the `ignore` once the coordinator records the
-/// transaction durably before acknowledging AddOffsetsToTxn (or fences the producer after a
-/// restart).
-#[ignore = "BUG: a broker restart loses AddOffsetsToTxn; the commit succeeds without them"]
+/// Found a bug (fixed): the commit succeeded, the records were committed and the offsets were
+/// not. AddOffsetsToTxn was recorded in memory only; after the restart `__transaction_state`
+/// still said `Empty` at the producer's epoch and no partition held the transaction, so
+/// nothing was aborted, the epoch was not bumped, and the producer's flush + EndTxn ran as a
+/// new transaction without the offsets. Now AddOffsetsToTxn records the transaction
+/// (`Ongoing`) durably before its reply, and the restart aborts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_offsets_before_records() {
     let mut broker = setup().await;

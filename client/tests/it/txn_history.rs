@@ -45,8 +45,9 @@
 //! varies). The checker checks itself: `checker_reports_fabricated_anomalies` feeds it a
 //! history with a torn transaction, an aborted read and more, and asserts it reports them;
 //! with `SPOOL_TXN_HISTORY_READ_UNCOMMITTED=1` the "read-committed" readers read uncommitted,
-//! and a run reports hundreds of aborted reads and torn transactions. With
-//! `SPOOL_TXN_HISTORY_EARLY_OFFSETS=1` (see [`EARLY_OFFSETS`]) it finds a known broker bug.
+//! and a run reports hundreds of aborted reads and torn transactions. Offset commits may come
+//! first in a transaction, before any of its records (this found a broker bug, since fixed:
+//! see [`LATE_OFFSETS`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,14 +72,12 @@ const KILLS: usize = 12;
 const ABORT_PERCENT: u64 = 30;
 /// Share of transactions whose client "dies" mid-transaction.
 const CLIENT_DEATH_PERCENT: u64 = 6;
-/// Set, offset commits may come first in a transaction, before any of its records reached
-/// the broker. Not the default because of a known broker bug (reported with these tests;
-/// reproduced by `txn_crash::crash_after_offsets_before_records`): AddOffsetsToTxn is kept in
-/// memory only, so a broker restart between it and the commit forgets the offsets while the
-/// producer's epoch stays valid, and the commit then succeeds without them (lost + torn).
-/// Once a record is in a partition, the restart aborts the transaction and fences the
-/// producer, which is what the default exercises. Make this the default once fixed.
-const EARLY_OFFSETS: &str = "SPOOL_TXN_HISTORY_EARLY_OFFSETS";
+/// Set, offset commits come only once a record of the transaction is in the log. By default
+/// they may come first, before any record reached the broker: that found a broker bug (fixed;
+/// `txn_crash::crash_after_offsets_before_records` pins it), where AddOffsetsToTxn was kept
+/// in memory only, so a broker restart between it and the commit forgot the offsets while the
+/// producer's epoch stayed valid, and the commit then succeeded without them (lost + torn).
+const LATE_OFFSETS: &str = "SPOOL_TXN_HISTORY_LATE_OFFSETS";
 
 /// A topic partition.
 type Tp = (String, u32);
@@ -447,7 +446,7 @@ async fn run_producer(
         ..TransactionalConfig::new(format!("txh-{p}"))
     };
     let id = cfg.transactional_id.clone();
-    let early_offsets = std::env::var_os(EARLY_OFFSETS).is_some();
+    let early_offsets = std::env::var_os(LATE_OFFSETS).is_none();
     let mut tx = new_instance(&client, &cfg).await;
     for t in 0..TXNS_PER_PRODUCER {
         let name = format!("p{p}-t{t:03}");
@@ -457,7 +456,7 @@ async fn run_producer(
         let dies_after = rng.below(n as u64) as usize;
         let zombie_tries = rng.below(2) == 0;
         // The offset commit goes before record `offsets_at` (after the last one if n): by
-        // default once a record of the transaction is in the log (see `EARLY_OFFSETS`).
+        // default anywhere, with LATE_OFFSETS once a record of the transaction is in the log.
         let offsets_at = if early_offsets {
             rng.below(n as u64 + 1) as usize
         } else {

@@ -216,10 +216,31 @@ impl Partition {
 
     /// Writes a transaction marker ending `producer_id`'s open transaction on this partition
     /// (the transaction coordinator's job) and returns once it is as durable as the topic's
-    /// fsync policy says. Returns `None`, writing nothing, when the producer has no open
-    /// transaction here (a marker already written, e.g. before a crash). An epoch older than
-    /// the transaction's is fenced.
+    /// fsync policy says. The marker's epoch must be newer than the transaction's (the
+    /// coordinator bumps it at every end). Returns `None`, writing nothing, when the producer
+    /// has no open transaction here (a marker already written, e.g. before a crash) or only
+    /// one of the marker's own epoch (a later transaction). An older epoch is fenced.
     pub fn write_marker(
+        &self,
+        producer_id: i64,
+        epoch: i16,
+        marker: Marker,
+        coordinator_epoch: i32,
+    ) -> Result<Option<AppendInfo>> {
+        let info = self.write_marker_nowait(producer_id, epoch, marker, coordinator_epoch)?;
+        if let Some(info) = info
+            && self.config().fsync == FsyncPolicy::Always
+        {
+            self.wait_durable(info.last_offset + 1)?;
+        }
+        Ok(info)
+    }
+
+    /// [`Partition::write_marker`] that returns once the marker is written (page cache),
+    /// whatever the fsync policy; as with [`Partition::append_nowait`], under `fsync = always`
+    /// readers see it (and the last stable offset moves) only once
+    /// [`Partition::wait_durable`] covers it.
+    pub fn write_marker_nowait(
         &self,
         producer_id: i64,
         epoch: i16,
@@ -243,11 +264,14 @@ impl Partition {
                     current_epoch: open.epoch,
                 });
             }
+            if epoch == open.epoch {
+                // The coordinator ends a transaction with the next epoch: an open transaction
+                // of the marker's own epoch is a later one (a decision re-run after a crash
+                // must not end it).
+                return Ok(None);
+            }
             w.append(self, &cfg, &batch, &h)?
         };
-        if cfg.fsync == FsyncPolicy::Always {
-            self.wait_durable(info.last_offset + 1)?;
-        }
         Ok(Some(info))
     }
 

@@ -596,7 +596,7 @@ fn append_of_bad_batches_writes_nothing() {
             .ok()
             // Control batches come only from the coordinator; a transactional batch needs a
             // producer id (these inputs have none).
-            .filter(|h| !h.is_control() && !(h.is_transactional() && h.producer_id < 0));
+            .filter(|h| !(h.is_control() || (h.is_transactional() && h.producer_id < 0)));
         match (p.append(&input), verdict) {
             (Ok(info), Some(h)) => {
                 prop_assert_eq!(info.base_offset, before.0, "appends take the next offset");
