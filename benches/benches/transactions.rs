@@ -41,8 +41,8 @@ fn value(round: u64, p: u32, i: usize) -> Vec<u8> {
     v
 }
 
-/// Plain rounds until `deadline`: returns rounds done.
-async fn plain(client: Client, deadline: Instant) -> Result<u64> {
+/// Plain rounds to `topic` until `deadline`: returns rounds done.
+async fn plain(client: Client, topic: String, deadline: Instant) -> Result<u64> {
     let mut rounds = 0;
     while Instant::now() < deadline {
         let now = 1_700_000_000_000;
@@ -52,7 +52,7 @@ async fn plain(client: Client, deadline: Instant) -> Result<u64> {
             for i in 0..RECORDS_PER_PARTITION {
                 b.push(now, None, Some(&value(rounds, p, i)), &[]);
             }
-            batches.push(("plain".to_owned(), p, b.finish()?));
+            batches.push((topic.clone(), p, b.finish()?));
         }
         for r in client.produce_batches(batches, Acks::Durable).await? {
             r?;
@@ -62,8 +62,13 @@ async fn plain(client: Client, deadline: Instant) -> Result<u64> {
     Ok(rounds)
 }
 
-/// Transactional rounds (one committed transaction each) until `deadline`.
-async fn transactional(client: Client, id: String, deadline: Instant) -> Result<u64> {
+/// Transactional rounds (one committed transaction each) to `topic` until `deadline`.
+async fn transactional(
+    client: Client,
+    topic: String,
+    id: String,
+    deadline: Instant,
+) -> Result<u64> {
     let mut cfg = TransactionalConfig::new(id);
     cfg.batch_bytes = 4 << 20; // one batch per partition per transaction
     let mut tx = TransactionalProducer::new(client, cfg).await?;
@@ -73,7 +78,7 @@ async fn transactional(client: Client, id: String, deadline: Instant) -> Result<
         for p in 0..PARTITIONS {
             for i in 0..RECORDS_PER_PARTITION {
                 let rec = ProducerRecord::new(value(rounds, p, i)).timestamp_ms(1_700_000_000_000);
-                tx.send("txn", p, rec).await?;
+                tx.send(&topic, p, rec).await?;
             }
         }
         tx.commit().await?;
@@ -82,7 +87,8 @@ async fn transactional(client: Client, id: String, deadline: Instant) -> Result<
     Ok(rounds)
 }
 
-/// Runs `producers` clients of one kind for `secs`; returns (MB/s, rounds per second).
+/// Runs `producers` clients of one kind for `secs` on a fresh topic (deleted afterwards, so
+/// the disk holds one measurement's data at a time); returns (MB/s, rounds per second).
 async fn measure(
     addr: &str,
     txn: bool,
@@ -90,6 +96,11 @@ async fn measure(
     secs: f64,
     rep: usize,
 ) -> Result<(f64, f64)> {
+    let admin = Client::connect(addr.to_owned()).await?;
+    let topic = format!("{}-{rep}", if txn { "txn" } else { "plain" });
+    admin
+        .create_topic(&topic, PARTITIONS, &TopicSettings::default())
+        .await?;
     let mut clients = Vec::new();
     for _ in 0..producers {
         clients.push(Client::connect(addr.to_owned()).await?);
@@ -98,10 +109,16 @@ async fn measure(
     let deadline = start + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for (i, c) in clients.into_iter().enumerate() {
+        let topic = topic.clone();
         tasks.push(if txn {
-            tokio::spawn(transactional(c, format!("bench-{rep}-{i}"), deadline))
+            tokio::spawn(transactional(
+                c,
+                topic,
+                format!("bench-{rep}-{i}"),
+                deadline,
+            ))
         } else {
-            tokio::spawn(plain(c, deadline))
+            tokio::spawn(plain(c, topic, deadline))
         });
     }
     let mut rounds = 0;
@@ -109,6 +126,7 @@ async fn measure(
         rounds += t.await.context("producer task")??;
     }
     let took = start.elapsed().as_secs_f64();
+    admin.delete_topic(&topic).await?;
     let mb = rounds as f64 * ROUND_BYTES as f64 / 1e6;
     Ok((mb / took, rounds as f64 / took))
 }
@@ -142,14 +160,6 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let c = Client::connect(broker.addr.clone()).await?;
-        for t in ["plain", "txn"] {
-            c.create_topic(t, PARTITIONS, &TopicSettings::default())
-                .await?;
-        }
-        anyhow::Ok(())
-    })?;
     println!(
         "== transactions: {PARTITIONS} partitions x {RECORDS_PER_PARTITION} records x {RECORD_BYTES} B = 1 MiB per round, {producers} producers, {reps} reps x {secs} s, fsync = always, spoold {}",
         bin.display()

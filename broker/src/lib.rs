@@ -22,9 +22,9 @@
 mod auth;
 pub mod config;
 mod conn;
-mod failpoint;
 mod convert;
 pub mod error;
+mod failpoint;
 mod groups;
 mod metrics;
 mod offsets;
