@@ -32,7 +32,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use serde::Serialize;
 use spool_client::{
-    Client, CommittedOffset, FetchOptions, OffsetCommit, OffsetSpec, TopicPartition,
+    Client, CommittedOffset, FetchOptions, Isolation, OffsetCommit, OffsetSpec, TopicPartition,
 };
 
 use crate::conn::parse_duration;
@@ -257,6 +257,7 @@ pub(crate) async fn partition_offsets(
     client: &Client,
     tps: &[TopicPartition],
     times: &[i64],
+    isolation: spool_client::Isolation,
 ) -> CliResult<Vec<Result<Bounds, spool_client::Error>>> {
     let mut specs = vec![OffsetSpec::Earliest, OffsetSpec::Latest];
     specs.extend(times.iter().map(|t| OffsetSpec::Timestamp(*t)));
@@ -267,7 +268,10 @@ pub(crate) async fn partition_offsets(
             .iter()
             .flat_map(|tp| specs.iter().map(move |s| (tp.clone(), *s)))
             .collect();
-        let mut answers = client.list_offsets(&queries).await?.into_iter();
+        let mut answers = client
+            .list_offsets_with(&queries, isolation)
+            .await?
+            .into_iter();
         for _ in chunk {
             let slots: Vec<_> = answers.by_ref().take(per).collect();
             out.push(
@@ -537,7 +541,7 @@ async fn describe_once(
     if tps.is_empty() {
         return Ok(None);
     }
-    let bounds = partition_offsets(client, &tps, &[]).await?;
+    let bounds = partition_offsets(client, &tps, &[], Isolation::ReadUncommitted).await?;
     let now = now_ms();
     let mut rows: Vec<PartitionLag> = tps
         .iter()
@@ -857,7 +861,7 @@ async fn list(client: &Client, a: ListArgs) -> CliResult<ExitCode> {
     let bounds: HashMap<TopicPartition, Bounds> = all
         .iter()
         .cloned()
-        .zip(partition_offsets(client, &all, &[]).await?)
+        .zip(partition_offsets(client, &all, &[], Isolation::ReadUncommitted).await?)
         .filter_map(|(tp, b)| b.ok().map(|b| (tp, b)))
         .collect();
     let mut rows: Vec<GroupRow> = groups
@@ -1094,7 +1098,15 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
     if let Some(t) = time {
         eprintln!("% --to time {}", fmt_time(t));
     }
-    let bounds = partition_offsets(client, &tps, time.as_slice()).await?;
+    let bounds = partition_offsets(
+        client,
+        &tps,
+        time.as_slice(),
+        // `end` is the last stable offset: seeking past an open transaction's records would
+        // skip them once it commits.
+        Isolation::ReadCommitted,
+    )
+    .await?;
     let mut plan = Vec::with_capacity(tps.len());
     for ((tp, target), b) in tps.iter().zip(&targets).zip(bounds) {
         let b = b?;

@@ -20,6 +20,7 @@ mod replay;
 mod table;
 mod tail;
 mod topic;
+mod txn;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -65,6 +66,9 @@ enum Command {
     /// Consumer groups: list, describe (lag, lag in time), seek, delete.
     #[command(subcommand)]
     Group(group::GroupCmd),
+    /// Transactions: list transactional ids and their open transactions.
+    #[command(subcommand)]
+    Txn(txn::TxnCmd),
     /// Inspect a data directory offline (stop spoold or work on a copy).
     #[command(subcommand)]
     Inspect(inspect::Inspect),
@@ -120,6 +124,10 @@ fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Group(cmd) => runtime()?.block_on(async {
             let client = conn.connect().await?;
             group::run(&client, cmd).await
+        }),
+        Command::Txn(cmd) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            txn::run(&client, cmd).await
         }),
     }
 }

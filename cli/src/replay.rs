@@ -456,7 +456,10 @@ async fn resolve(
             eprintln!("% end time {}", fmt_time(t));
         }
     }
-    let bounds = partition_offsets(client, &tps, &times).await?;
+    // Read committed (as the copy's reads): the end is the last stable offset, so a replay
+    // never waits for, or copies, an open transaction's records.
+    let bounds =
+        partition_offsets(client, &tps, &times, spool_client::Isolation::ReadCommitted).await?;
     let mut plan = Vec::with_capacity(tps.len());
     for (tp, b) in tps.iter().zip(bounds) {
         let b = b?;

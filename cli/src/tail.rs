@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 use spool_client::{
-    Client, ConsumerConfig, OffsetReset, OffsetSpec, Record, StartAt, TopicPartition,
+    Client, ConsumerConfig, Isolation, OffsetReset, OffsetSpec, Record, StartAt, TopicPartition,
 };
 
 use crate::conn::parse_duration;
@@ -85,6 +85,29 @@ pub(crate) struct TailArgs {
     /// No status lines on stderr.
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Which records to show: `committed` (only committed transactions' records and plain
+    /// ones, up to each partition's last stable offset; what processors see) or
+    /// `uncommitted` (everything written, open and aborted transactions included).
+    #[arg(long, value_enum, default_value = "committed")]
+    isolation: IsolationArg,
+}
+
+/// `--isolation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum IsolationArg {
+    /// Read committed.
+    Committed,
+    /// Read uncommitted.
+    Uncommitted,
+}
+
+impl IsolationArg {
+    pub(crate) fn level(self) -> Isolation {
+        match self {
+            IsolationArg::Committed => Isolation::ReadCommitted,
+            IsolationArg::Uncommitted => Isolation::ReadUncommitted,
+        }
+    }
 }
 
 /// Record filters; all given ones must match.
@@ -183,6 +206,7 @@ pub(crate) async fn resolve(
     client: &Client,
     tps: &[TopicPartition],
     range: &Range,
+    isolation: Isolation,
 ) -> CliResult<Vec<Resolved>> {
     let mut specs = vec![OffsetSpec::Earliest, OffsetSpec::Latest];
     for t in [
@@ -204,7 +228,9 @@ pub(crate) async fn resolve(
         .iter()
         .flat_map(|s| tps.iter().map(move |tp| (tp.clone(), *s)))
         .collect();
-    let answers = client.list_offsets(&queries).await?;
+    // `end` is where a reader at this isolation can read to (read committed: the last
+    // stable offset), so `:end` terminates even while a transaction is open.
+    let answers = client.list_offsets_with(&queries, isolation).await?;
     // answers[si * n + pi]: spec si of partition pi.
     let n = tps.len();
     let offsets = answers
@@ -253,7 +279,7 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
         grep: a.grep.as_ref().map(|g| g.as_bytes().to_vec()),
     };
     let tps = partitions(client, &a).await?;
-    let resolved = resolve(client, &tps, &range).await?;
+    let resolved = resolve(client, &tps, &range, a.isolation.level()).await?;
     if let (Start::Time(t), false) = (range.start, a.quiet) {
         eprintln!("% start time {}", fmt_time(t));
     }
@@ -277,6 +303,7 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
     let mut consumer = client.consumer(ConsumerConfig {
         // An explicit position that retention deleted meanwhile: say so rather than skip.
         offset_reset: OffsetReset::Error,
+        isolation: a.isolation.level(),
         ..ConsumerConfig::default()
     });
     consumer.assign(&assign).await?;
@@ -287,6 +314,19 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
     let mut idle = Duration::ZERO;
     let tick = Duration::from_millis(100);
     loop {
+        // A partition can reach its end without a record at the end offset: a transaction
+        // marker or an aborted transaction's batch (left out for read-committed readers) may
+        // be last. The consumer's position says so.
+        let reached: Vec<(TopicPartition, u64)> = ends
+            .iter()
+            .filter_map(|(tp, end)| {
+                let pos = consumer.position(&tp.topic, tp.partition)?;
+                end.is_some_and(|e| pos >= e).then(|| (tp.clone(), pos))
+            })
+            .collect();
+        for (tp, pos) in reached {
+            finish(&mut consumer, &mut ends, &tp, a.quiet, pos);
+        }
         if a.num.is_some_and(|n| printed >= n) || ends.is_empty() {
             break;
         }
