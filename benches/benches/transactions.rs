@@ -13,8 +13,9 @@
 //!   then EndTxn (the decision's fsync, 8 markers and their fsyncs).
 //!
 //! So both sides move 1 MiB per round trip with the same request shape; the ratio is what a
-//! transaction costs on top. Rounds alternate plain / transactional `--reps` times (default
-//! 5) so that both see the same machine; the table gives medians (and min–max) of MB/s, of
+//! transaction costs on top. Measurements alternate plain / transactional `--reps` times
+//! (default 7, `--secs` 3 each), each on a fresh topic deleted afterwards, so that both see
+//! the same machine and disk; the table gives medians (and min–max) of MB/s, of
 //! transactions per second, and of the per-rep ratio. `SPOOL_BENCH_QUICK=1` (or running
 //! without `--bench`, as `cargo test --benches` does) runs one short rep.
 
@@ -148,8 +149,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = std::env::var("SPOOL_BENCH_QUICK").is_ok_and(|v| v == "1")
         || !args.iter().any(|a| a == "--bench");
-    let reps: usize = arg(&args, "--reps").unwrap_or(if quick { 1 } else { 5 });
-    let secs: f64 = arg(&args, "--secs").unwrap_or(if quick { 0.5 } else { 4.0 });
+    let reps: usize = arg(&args, "--reps").unwrap_or(if quick { 1 } else { 7 });
+    let secs: f64 = arg(&args, "--secs").unwrap_or(if quick { 0.5 } else { 3.0 });
     let producers: usize = arg(&args, "--producers").unwrap_or(2);
     let bin = match arg::<String>(&args, "--spoold") {
         Some(p) => PathBuf::from(p),
