@@ -246,6 +246,14 @@ pub struct GroupConfig {
     pub consumer: ConsumerConfig,
     /// Backoff between rejoin attempts.
     pub rejoin_backoff: Backoff,
+    /// Commit the positions of revoked partitions (and, when the membership is lost, of all
+    /// of them) before giving them up (default true). A transactional processor, whose
+    /// offsets are committed only with its transactions
+    /// ([`crate::TransactionalProducer::send_offsets`]), turns it off: its position may be
+    /// ahead of what a committed transaction covers, and committing it would skip records
+    /// whose outputs a later abort throws away. (A transaction that still commits offsets of
+    /// a partition revoked meanwhile is refused by the broker's fence, and aborted.)
+    pub commit_on_revoke: bool,
 }
 
 impl GroupConfig {
@@ -263,6 +271,7 @@ impl GroupConfig {
             rebalance_timeout: Duration::from_secs(60),
             consumer: ConsumerConfig::default(),
             rejoin_backoff: Backoff::default(),
+            commit_on_revoke: true,
         }
     }
 
@@ -530,7 +539,8 @@ impl GroupConsumer {
         if !revoked.is_empty() {
             // Commit before giving them up (the broker still counts us as their owner until
             // we acknowledge). Best effort: retry transient failures a few times.
-            for attempt in 1..=3 {
+            let attempts = if self.config.commit_on_revoke { 3 } else { 0 };
+            for attempt in 1..=attempts {
                 match self.commit_partitions(&revoked).await {
                     Ok(()) => break,
                     Err(e) if e.is_retriable() && attempt < 3 => {
@@ -571,7 +581,10 @@ impl GroupConsumer {
     /// The membership is gone: stop every partition (committing first where the broker may
     /// still count us as owner).
     async fn lost(&mut self, why: &Error) {
-        if !matches!(why, Error::FencedMember { .. }) && !self.assignment.is_empty() {
+        if self.config.commit_on_revoke
+            && !matches!(why, Error::FencedMember { .. })
+            && !self.assignment.is_empty()
+        {
             let _ = self.commit().await;
         }
         self.drop_assignment();
@@ -585,21 +598,27 @@ impl GroupConsumer {
         self.committed.clear();
     }
 
-    /// Commits, then leaves the group (a static member only closes its stream and keeps its
-    /// partitions for its session timeout, to be taken back by its next incarnation).
+    /// Commits (unless `commit_on_revoke` is off), then leaves the group (a static member only
+    /// closes its stream and keeps its partitions for its session timeout, to be taken back by
+    /// its next incarnation).
     pub async fn close(self) -> Result<()> {
         let leave = self.config.instance_id.is_none();
         self.finish(leave).await
     }
 
-    /// Commits, then leaves the group; its partitions go to the other members at once.
+    /// Commits (unless `commit_on_revoke` is off), then leaves the group; its partitions go
+    /// to the other members at once.
     pub async fn leave(self) -> Result<()> {
         self.finish(true).await
     }
 
     async fn finish(mut self, leave: bool) -> Result<()> {
         let _ = self.poll_membership().await;
-        let committed = self.commit().await;
+        let committed = if self.config.commit_on_revoke {
+            self.commit().await
+        } else {
+            Ok(())
+        };
         if leave {
             let _ = self.commands.send(Command::Leave).await;
             let wait = self.client.options().request_timeout;
