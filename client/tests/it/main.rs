@@ -5,6 +5,7 @@ mod admin;
 mod broker;
 mod compaction;
 mod consume;
+mod exactly_once;
 mod group_consumer;
 mod groups;
 mod history;
