@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use spool_benches::spoold::Spoold;
+use spool_benches::{Stats, flag_value};
 use spool_client::{Acks, Client, ProducerConfig, ProducerRecord, TopicSettings};
 
 const RECORD_BYTES: usize = 1024;
@@ -66,26 +67,19 @@ async fn measure(addr: &str, on: bool, secs: f64, rep: usize) -> Result<f64> {
     Ok(sent as f64 * RECORD_BYTES as f64 / 1e6 / took)
 }
 
-fn median(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() / 2], s[0], s[s.len() - 1])
-}
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
+/// (median, min, max) of `v`.
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let s = Stats::new(v.to_vec());
+    (s.median(), s.min(), s.max())
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = std::env::var("SPOOL_BENCH_QUICK").is_ok_and(|v| v == "1")
         || !args.iter().any(|a| a == "--bench");
-    let reps: usize = arg(&args, "--reps").unwrap_or(if quick { 1 } else { 7 });
-    let secs: f64 = arg(&args, "--secs").unwrap_or(if quick { 0.5 } else { 3.0 });
-    let bin = match arg::<String>(&args, "--spoold") {
+    let reps: usize = flag_value(&args, "--reps").unwrap_or(if quick { 1 } else { 7 });
+    let secs: f64 = flag_value(&args, "--secs").unwrap_or(if quick { 0.5 } else { 3.0 });
+    let bin = match flag_value::<String>(&args, "--spoold") {
         Some(p) => PathBuf::from(p),
         None => spool_benches::spoold::build()?,
     };
@@ -101,11 +95,18 @@ fn main() -> Result<()> {
     let (mut on, mut off, mut ratio) = (vec![], vec![], vec![]);
     for rep in 0..reps {
         // Alternate which goes first, so neither always runs on a warmer machine.
-        let (a, b) = if rep % 2 == 0 { (false, true) } else { (true, false) };
+        let (a, b) = if rep % 2 == 0 {
+            (false, true)
+        } else {
+            (true, false)
+        };
         let x = rt.block_on(measure(&broker.addr, a, secs, rep))?;
         let y = rt.block_on(measure(&broker.addr, b, secs, rep))?;
         let (o, p) = if a { (x, y) } else { (y, x) };
-        eprintln!("rep {rep}: idempotent {o:.0} MB/s, plain {p:.0} MB/s, ratio {:.2}", o / p);
+        eprintln!(
+            "rep {rep}: idempotent {o:.0} MB/s, plain {p:.0} MB/s, ratio {:.2}",
+            o / p
+        );
         on.push(o);
         off.push(p);
         ratio.push(o / p);
@@ -117,10 +118,13 @@ fn main() -> Result<()> {
         ("idempotent produce", &on, "MB/s"),
         ("ratio idempotent / plain", &ratio, "×"),
     ] {
-        let (m, lo, hi) = median(v);
+        let (m, lo, hi) = stats(v);
         println!("| {name} | {m:.2} {unit} | {lo:.2} – {hi:.2} |");
     }
-    let (r, _, _) = median(&ratio);
-    println!("target: ratio >= 0.95: {}", if r >= 0.95 { "met" } else { "MISSED" });
+    let (r, _, _) = stats(&ratio);
+    println!(
+        "target: ratio >= 0.95: {}",
+        if r >= 0.95 { "met" } else { "MISSED" }
+    );
     Ok(())
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use spool_benches::spoold::Spoold;
+use spool_benches::{Stats, flag_value};
 use spool_client::{
     Acks, Client, ProducerRecord, TopicSettings, TransactionalConfig, TransactionalProducer,
 };
@@ -132,27 +133,20 @@ async fn measure(
     Ok((mb / took, rounds as f64 / took))
 }
 
+/// (median, min, max) of `v`.
 fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() / 2], s[0], s[s.len() - 1])
-}
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
+    let s = Stats::new(v.to_vec());
+    (s.median(), s.min(), s.max())
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = std::env::var("SPOOL_BENCH_QUICK").is_ok_and(|v| v == "1")
         || !args.iter().any(|a| a == "--bench");
-    let reps: usize = arg(&args, "--reps").unwrap_or(if quick { 1 } else { 7 });
-    let secs: f64 = arg(&args, "--secs").unwrap_or(if quick { 0.5 } else { 3.0 });
-    let producers: usize = arg(&args, "--producers").unwrap_or(2);
-    let bin = match arg::<String>(&args, "--spoold") {
+    let reps: usize = flag_value(&args, "--reps").unwrap_or(if quick { 1 } else { 7 });
+    let secs: f64 = flag_value(&args, "--secs").unwrap_or(if quick { 0.5 } else { 3.0 });
+    let producers: usize = flag_value(&args, "--producers").unwrap_or(2);
+    let bin = match flag_value::<String>(&args, "--spoold") {
         Some(p) => PathBuf::from(p),
         None => spool_benches::spoold::build()?,
     };

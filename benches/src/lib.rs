@@ -186,6 +186,15 @@ pub fn fmt_bytes(n: u64) -> String {
     format!("{n} B")
 }
 
+/// The value after `name` on the command line (`--reps 5`), parsed; `None` when absent or
+/// unparsable. For the benches that take their own flags (the broker benches).
+pub fn flag_value<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+}
+
 /// Order statistics of a set of samples.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {

@@ -28,7 +28,7 @@ use spool_client::{
 };
 
 use crate::broker::Broker;
-use crate::create;
+use crate::{Rng, create};
 
 const PRODUCERS: usize = 3;
 const PER_PRODUCER: usize = 1500;
@@ -37,18 +37,6 @@ const KILLS: usize = 3;
 
 /// Per partition, (offset, value) in the order seen.
 type PartitionLog = BTreeMap<u32, Vec<(u64, String)>>;
-
-/// xorshift64*, seeded: the kill schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 /// Reads every record of a partition: (offset, value).
 async fn read_partition(c: &Client, p: u32) -> Vec<(u64, String)> {

@@ -60,7 +60,7 @@ use spool_client::{
 };
 
 use crate::broker::Broker;
-use crate::create;
+use crate::{Rng, create};
 
 const PRODUCERS: usize = 4;
 const TXNS_PER_PRODUCER: usize = 150;
@@ -83,22 +83,6 @@ const LATE_OFFSETS: &str = "SPOOL_TXN_HISTORY_LATE_OFFSETS";
 type Tp = (String, u32);
 /// Per partition, (offset, value) in the order read.
 type PartitionLog = BTreeMap<Tp, Vec<(u64, String)>>;
-
-/// xorshift64*, seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What the client knows of a transaction's end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
