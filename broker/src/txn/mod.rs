@@ -134,10 +134,18 @@ impl Transactions {
         // Undecided transactions, by id: recorded `Ongoing` (offsets were added), or open in
         // some partition. All are aborted below, with the epoch bumped.
         let mut undecided: BTreeMap<String, (i16, BTreeSet<Tp>)> = BTreeMap::new();
+        // Ids whose decision could not be carried out now (a partition refusing writes):
+        // the sweeper retries them; their open transactions are theirs, not orphans.
+        let mut pending = std::collections::HashSet::new();
         for (id, mut meta) in metas {
             if meta.is_preparing() {
-                t.finish_blocking(&id, &mut meta)?;
-                finished += 1;
+                match t.finish_blocking(&id, &mut meta) {
+                    Ok(()) => finished += 1,
+                    Err(e) => {
+                        tracing::warn!(transactional_id = %id, error = %e, "completing a recorded decision failed; retrying later");
+                        pending.insert(meta.pid);
+                    }
+                }
             }
             if meta.is_ongoing() {
                 undecided.insert(id.clone(), (meta.epoch, meta.partitions.clone()));
@@ -157,6 +165,9 @@ impl Transactions {
             }
         }
         for (pid, (epoch, partitions)) in orphans {
+            if pending.contains(&pid) {
+                continue;
+            }
             match lock(&t.by_pid).get(&pid).cloned() {
                 Some(id) => {
                     let e = undecided.entry(id).or_default();
@@ -168,12 +179,13 @@ impl Transactions {
                     // coordinator, e.g. by an embedding program): abort it all the same.
                     let marker_epoch = epoch.saturating_add(1);
                     for (topic, partition) in &partitions {
-                        t.log.partition(topic, *partition)?.write_marker(
-                            pid,
-                            marker_epoch,
-                            Marker::Abort,
-                            0,
-                        )?;
+                        let done = t
+                            .log
+                            .partition(topic, *partition)
+                            .and_then(|p| p.write_marker(pid, marker_epoch, Marker::Abort, 0));
+                        if let Err(e) = done {
+                            tracing::warn!(producer_id = pid, topic, partition, error = %e, "aborting a transaction of an unknown producer failed (retried at the next start)");
+                        }
                     }
                     aborted += 1;
                 }
@@ -185,9 +197,22 @@ impl Transactions {
             meta.phase = Phase::Ongoing;
             meta.partitions = partitions;
             meta.epoch = meta.epoch.max(epoch);
+            let open = meta.clone();
             meta.prepare(false, false);
-            t.persist(&id, &meta, true)?;
-            t.finish_blocking(&id, &mut meta)?;
+            // Failures are left for the sweeper: a recorded abort (`Prepare*`) is retried; one
+            // that could not be recorded stays open, and is aborted once its timeout passes.
+            match t.persist(&id, &meta, true) {
+                Err(e) => {
+                    tracing::warn!(transactional_id = %id, error = %e, "recording the abort of an undecided transaction failed; retrying at its timeout");
+                    meta = open;
+                    meta.started_ms = now_ms();
+                }
+                Ok(()) => {
+                    if let Err(e) = t.finish_blocking(&id, &mut meta) {
+                        tracing::warn!(transactional_id = %id, error = %e, "aborting an undecided transaction failed; retrying later");
+                    }
+                }
+            }
             *entry.try_lock().expect("nobody else runs yet") = meta;
             aborted += 1;
         }
