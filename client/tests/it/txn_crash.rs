@@ -144,11 +144,24 @@ async fn assert_nothing_hangs(c: &Client, what: &str) {
         .into_iter()
         .map(|(t, p)| (TopicPartition::new(t, p), OffsetSpec::Latest))
         .collect();
-    let hw = c.list_offsets(&queries).await.unwrap();
-    let lso = c
-        .list_offsets_with(&queries, Isolation::ReadCommitted)
-        .await
-        .unwrap();
+    // A commit's markers become durable (moving the LSO) just after EndTxn replies: give
+    // them a moment before calling anything still open a hanging transaction.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (hw, lso) = loop {
+        let hw = c.list_offsets(&queries).await.unwrap();
+        let lso = c
+            .list_offsets_with(&queries, Isolation::ReadCommitted)
+            .await
+            .unwrap();
+        let settled = hw
+            .iter()
+            .zip(&lso)
+            .all(|(h, l)| h.as_ref().unwrap().offset == l.as_ref().unwrap().offset);
+        if settled || Instant::now() > deadline {
+            break (hw, lso);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     for (((tp, _), hw), lso) in queries.iter().zip(hw).zip(lso) {
         let (hw, lso) = (hw.unwrap().offset, lso.unwrap().offset);
         assert_eq!(
@@ -290,13 +303,13 @@ async fn assert_new_instance_works(c: &Client, what: &str) {
     tx.commit()
         .await
         .unwrap_or_else(|e| panic!("{what}: the new instance's commit: {e}"));
+    assert_nothing_hangs(c, &format!("{what} (new instance)")).await;
     let seen = values(c, "cx-b", 0, Isolation::ReadCommitted).await;
     assert_eq!(
         seen.iter().filter(|x| **x == v).count(),
         1,
         "{what}: the new instance's record read committed"
     );
-    assert_nothing_hangs(c, &format!("{what} (new instance)")).await;
 }
 
 /// One failpoint, one decision, `REPS` times.
@@ -577,12 +590,12 @@ async fn crash_while_timing_out() {
         tx.commit()
             .await
             .unwrap_or_else(|e| panic!("{what}: the next transaction: {e}"));
+        assert_nothing_hangs(&c, &what).await;
         assert!(
             values(&c, "cx-a", 0, Isolation::ReadCommitted)
                 .await
                 .contains(&v),
             "{what}: the next transaction's record"
         );
-        assert_nothing_hangs(&c, &what).await;
     }
 }
