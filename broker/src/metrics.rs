@@ -11,7 +11,7 @@
 //! | `spool_rpc_duration_seconds` | histogram | rpc |
 //! | `spool_rpc_errors_total` | counter | rpc |
 //! | `spool_idle_connections_closed_total` | counter | |
-//! | `spool_partition_size_bytes`, `spool_partition_high_watermark`, `spool_partition_log_start_offset` | gauge | topic, partition |
+//! | `spool_partition_size_bytes`, `spool_partition_high_watermark`, `spool_partition_log_start_offset`, `spool_partition_last_stable_offset` | gauge | topic, partition |
 //! | `spool_fsync_duration_seconds` | histogram | topic |
 //! | `spool_consumer_group_lag` | gauge | group, topic, partition |
 
@@ -97,7 +97,7 @@ impl Collector for LogCollector {
                 parts.push((t.clone(), p));
             }
         }
-        let gauges: [(&str, &str, StatFn); 3] = [
+        let gauges: [(&str, &str, StatFn); 4] = [
             (
                 "spool_partition_size_bytes",
                 "Bytes in the partition's segments",
@@ -112,6 +112,11 @@ impl Collector for LogCollector {
                 "spool_partition_log_start_offset",
                 "First offset still in the partition",
                 |s| s.log_start_offset,
+            ),
+            (
+                "spool_partition_last_stable_offset",
+                "First offset of the oldest undecided transaction (the high watermark when none): read-committed readers see below it",
+                |s| s.last_stable_offset,
             ),
         ];
         let stats: Vec<_> = parts.iter().map(|(t, p)| (t, p.id(), p.stats())).collect();

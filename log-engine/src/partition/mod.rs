@@ -97,6 +97,8 @@ pub struct PartitionStats {
     pub log_start_offset: u64,
     /// Next offset readers will see.
     pub high_watermark: u64,
+    /// Last stable offset (read-committed readers see below it; see [`crate::txn`]).
+    pub last_stable_offset: u64,
     /// Bytes in all segments.
     pub size_bytes: u64,
     /// Number of segments, the active one included.
@@ -661,6 +663,7 @@ impl Partition {
         PartitionStats {
             log_start_offset: self.log_start_offset(),
             high_watermark: self.high_watermark(),
+            last_stable_offset: self.last_stable_offset(),
             size_bytes: segs.iter().map(|s| s.written_end()).sum(),
             segments: segs.len(),
         }
