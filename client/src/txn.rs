@@ -37,7 +37,7 @@ use spool_log_engine::BatchBuilder;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::partitioner::partition_for_key;
-use crate::producer::{Acks, Compression};
+use crate::producer::{Acks, Compression, now_ms};
 use crate::retry::Backoff;
 use crate::types::{OffsetCommit, ProducerRecord};
 
@@ -355,10 +355,4 @@ impl TransactionalProducer {
         }
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

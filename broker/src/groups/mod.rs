@@ -314,16 +314,8 @@ impl Groups {
         offsets: Vec<v1::OffsetCommit>,
         now_ms: i64,
     ) -> Result<(), Status> {
-        Ok(self
-            .ask(group, |reply| Event::Commit {
-                member,
-                generation,
-                offsets,
-                now_ms,
-                check_only: false,
-                reply,
-            })
-            .await??)
+        self.fenced(group, member, generation, offsets, Some(now_ms))
+            .await
     }
 
     /// Checks, without writing, that `member` could commit `offsets` in `generation` now (for
@@ -335,13 +327,25 @@ impl Groups {
         generation: u64,
         offsets: Vec<v1::OffsetCommit>,
     ) -> Result<(), Status> {
+        self.fenced(group, member, generation, offsets, None).await
+    }
+
+    /// The fence check of a member's commit, then (with a commit time) the commit.
+    async fn fenced(
+        self: &Arc<Self>,
+        group: &str,
+        member: String,
+        generation: u64,
+        offsets: Vec<v1::OffsetCommit>,
+        commit_at_ms: Option<i64>,
+    ) -> Result<(), Status> {
         Ok(self
             .ask(group, |reply| Event::Commit {
                 member,
                 generation,
                 offsets,
-                now_ms: 0,
-                check_only: true,
+                now_ms: commit_at_ms.unwrap_or_default(),
+                check_only: commit_at_ms.is_none(),
                 reply,
             })
             .await??)
