@@ -446,6 +446,10 @@ impl Partition {
     /// `max_bytes` (at least one batch is returned even if larger, so readers always make
     /// progress). Data comes from one segment per call, as a zero-copy slice. Reads
     /// uncommitted data (see [`Partition::read_with`]).
+    ///
+    /// Damaged data ([`Error::Corruption`]) found after intact batches ends the read there:
+    /// the intact prefix is returned, its `next_offset` is the damaged batch's, and a read
+    /// from there fails. A read whose first batch is damaged fails.
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult> {
         self.read_with(offset, max_bytes, Isolation::ReadUncommitted)
     }
@@ -539,17 +543,30 @@ impl Partition {
         let (mut pos, mut expect) = from;
         let mut start = None;
         let mut next = offset;
+        // Damage past intact batches already gathered ends the read there: the caller gets
+        // the intact prefix, and the next read (which starts at the damaged batch) the error.
+        macro_rules! damaged {
+            ($err:expr) => {{
+                if start.is_some() {
+                    break;
+                }
+                return Err($err);
+            }};
+        }
         while pos < end {
             let rest = &data[pos as usize..end as usize];
-            let h = BatchHeader::parse(rest).map_err(|e| corrupt(pos, e.to_string()))?;
+            let h = match BatchHeader::parse(rest) {
+                Ok(h) => h,
+                Err(e) => damaged!(corrupt(pos, e.to_string())),
+            };
             if h.total_len() > rest.len() {
-                return Err(corrupt(
+                damaged!(corrupt(
                     pos,
                     format!("batch of {} bytes runs past the end", h.total_len()),
                 ));
             }
             if seg.chain().check(&h, expect).is_some() || h.last_offset_delta < 0 {
-                return Err(corrupt(
+                damaged!(corrupt(
                     pos,
                     format!(
                         "batch has base offset {} (last offset delta {}), expected {expect}",
@@ -577,17 +594,22 @@ impl Partition {
                 pos += h.total_len() as u64;
                 continue;
             }
-            let s = *start.get_or_insert(pos);
-            if pos > s && (pos - s) as usize + h.total_len() > max_bytes {
+            if let Some(s) = start
+                && (pos - s) as usize + h.total_len() > max_bytes
+            {
                 break;
             }
-            if self.shared.verify_reads {
-                batch::check_crc(&rest[..h.total_len()], &h).map_err(|e| {
-                    let err = corrupt(pos, e.to_string());
+            if self.shared.verify_reads
+                && let Err(e) = batch::check_crc(&rest[..h.total_len()], &h)
+            {
+                let err = corrupt(pos, e.to_string());
+                if start.is_none() {
+                    // Logged once, by the read that starts at the damaged batch.
                     tracing::error!(error = %err, "corrupt batch refused to a reader");
-                    err
-                })?;
+                }
+                damaged!(err);
             }
+            start.get_or_insert(pos);
             next = h.next_offset();
             pos += h.total_len() as u64;
         }

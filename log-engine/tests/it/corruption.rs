@@ -611,3 +611,53 @@ fn recovery_point_damage_loses_nothing() {
         "some flips must hit the newest slot: {t:?}"
     );
 }
+
+/// A read spanning a damaged batch serves the intact batches before it, then the next read
+/// (starting at the damaged batch) fails: issue 12. Damage to the payload (CRC) and to the
+/// length field (the walk cannot go on) both end the read at the damaged batch.
+#[test]
+fn damage_after_intact_batches_serves_the_prefix() {
+    // (byte inside the damaged batch, what it hits)
+    for (at, what) in [(40u64, "payload (CRC)"), (9, "length field")] {
+        let tmp = scratch();
+        {
+            let log = open_topic(tmp.path(), cfg());
+            let p = log.partition("t", 0).unwrap();
+            for i in 0..4 {
+                p.append(&crate::common::batch(&format!("b{i}"), 3, 1_000))
+                    .unwrap();
+            }
+            p.roll().unwrap(); // sealed: not walked at open
+        }
+        let seg = crate::common::segment_files(&tmp.path().join("t").join("0"))
+            .into_iter()
+            .next()
+            .unwrap();
+        let spans = batch_spans(&std::fs::read(&seg).unwrap());
+        assert_eq!(spans.len(), 4);
+        let bad = spans[2];
+        flip(&seg, bad.pos + at, 6);
+        let log = Log::open(tmp.path(), opts()).unwrap();
+        let p = log.partition("t", 0).unwrap();
+        let r = p
+            .read(0, 1 << 20)
+            .unwrap_or_else(|e| panic!("{what}: the intact prefix must be served: {e}"));
+        assert_eq!(r.next_offset, bad.base_offset, "{what}");
+        assert_eq!(
+            r.data.len() as u64,
+            bad.pos,
+            "{what}: exactly the two intact batches"
+        );
+        assert_eq!(r.batches().count(), 2, "{what}");
+        match p.read(r.next_offset, 1 << 20) {
+            Err(Error::Corruption { path, .. }) => {
+                assert!(path.ends_with(seg.file_name().unwrap()))
+            }
+            other => panic!("{what}: the damaged batch must be refused, got {other:?}"),
+        }
+        // Past a payload flip the walk goes on by the (intact) length; past a damaged length
+        // it cannot.
+        let past = p.read(spans[3].base_offset, 1 << 20);
+        assert_eq!(past.is_ok(), at == 40, "{what}: {past:?}");
+    }
+}
