@@ -10,7 +10,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use spool_log_engine::{BatchBuilder, Compression, Limits, Log, LogOptions, TopicConfig};
+use spool_log_engine::{BatchBuilder, Compression, DecodeLimits, Log, LogOptions, TopicConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args()
@@ -73,7 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             break;
         }
         for batch in r.batches() {
-            for rec in batch?.records(&Limits::default())? {
+            for rec in batch?.records(&DecodeLimits::default())? {
                 let rec = rec?;
                 println!(
                     "  offset {:>4}  ts {}  key {:<18} value {}",

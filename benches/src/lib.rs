@@ -39,7 +39,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use spool_log_engine::{BatchBuilder, Compression};
+use spool_record::{BatchBuilder, Compression};
 
 /// Harness settings read from the environment.
 #[derive(Clone, Debug)]

@@ -159,7 +159,7 @@ pub(crate) fn decode_records(
         if batch.header().is_control() {
             continue; // a transaction marker carries no data
         }
-        for rec in batch.records(limits)? {
+        for rec in batch.records(&limits.decode())? {
             let rec = rec?;
             out.push(v1::ConsumedRecord {
                 offset: rec.offset,

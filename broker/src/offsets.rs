@@ -116,7 +116,7 @@ impl OffsetStore {
             }
             for batch in r.batches() {
                 let batch = batch?;
-                for rec in batch.records(limits)? {
+                for rec in batch.records(&limits.decode())? {
                     let rec = rec?;
                     if let Some(group) = rec
                         .key

@@ -195,7 +195,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Inspect::Dump { segment, records } => {
-            let limits = spool_log_engine::Limits::default();
+            let limits = spool_record::DecodeLimits::default();
             let mut failure = None;
             spool_log_engine::inspect::dump_segment(&segment, |pos, b| {
                 if failure.is_some() {

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use spool_log_engine::{Isolation, Limits};
 use spool_proto::v1;
 use spool_proto::v1::admin_service_client::AdminServiceClient;
 use spool_proto::v1::consume_service_client::ConsumeServiceClient;
@@ -27,6 +26,7 @@ use spool_proto::v1::group_service_client::GroupServiceClient;
 use spool_proto::v1::offset_service_client::OffsetServiceClient;
 use spool_proto::v1::produce_service_client::ProduceServiceClient;
 use spool_proto::v1::transaction_service_client::TransactionServiceClient;
+use spool_record::DecodeLimits;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -35,8 +35,8 @@ use crate::decode::decode_batches;
 use crate::error::{Error, Result};
 use crate::producer::{Acks, Producer, ProducerConfig};
 use crate::types::{
-    CommittedOffset, Fetched, GroupDeletion, GroupSummary, ListedOffset, OffsetCommit, OffsetSpec,
-    TopicConfig, TopicDescription, TopicPartition, TopicSettings, TopicSummary,
+    CommittedOffset, Fetched, GroupDeletion, GroupSummary, Isolation, ListedOffset, OffsetCommit,
+    OffsetSpec, TopicConfig, TopicDescription, TopicPartition, TopicSettings, TopicSummary,
 };
 
 /// The broker's default address.
@@ -63,7 +63,7 @@ pub struct ClientOptions {
     /// Longest wait for a keepalive ack (default 20 s).
     pub keepalive_timeout: Duration,
     /// Bounds used when decoding received batches (decompressed size, records per batch…).
-    pub decode_limits: Limits,
+    pub decode_limits: DecodeLimits,
     /// TLS; `None` is plaintext HTTP/2.
     pub tls: Option<TlsOptions>,
     /// Bearer token sent with every request; `None` sends none.
@@ -137,7 +137,7 @@ impl Default for ClientOptions {
             max_message_bytes: 64 << 20,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
-            decode_limits: Limits::default(),
+            decode_limits: DecodeLimits::default(),
             tls: None,
             token: None,
         }
@@ -583,7 +583,7 @@ impl Client {
 
     // ---- produce (low level) -------------------------------------------------------------
 
-    /// Appends one pre-encoded batch (built with `spool_log_engine::BatchBuilder`) to a
+    /// Appends one pre-encoded batch (built with `spool_record::BatchBuilder`) to a
     /// partition, without batching or retries. Most callers want a [`Producer`].
     pub async fn produce_batch(
         &self,

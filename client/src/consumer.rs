@@ -79,7 +79,7 @@ pub struct ConsumerConfig {
     pub max_reconnect_attempts: u32,
     /// What the consumer sees (default: read committed: only committed transactions'
     /// records, and nothing past a partition's last stable offset).
-    pub isolation: spool_log_engine::Isolation,
+    pub isolation: crate::Isolation,
 }
 
 impl Default for ConsumerConfig {
@@ -91,7 +91,7 @@ impl Default for ConsumerConfig {
             offset_reset: OffsetReset::Earliest,
             reconnect_backoff: Backoff::default(),
             max_reconnect_attempts: 10,
-            isolation: spool_log_engine::Isolation::ReadCommitted,
+            isolation: crate::Isolation::ReadCommitted,
         }
     }
 }

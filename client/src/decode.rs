@@ -1,7 +1,7 @@
 //! Decoding record batches received from the broker.
 //!
 //! Batches arrive exactly as stored (Kafka RecordBatch v2). Each is CRC-checked and decoded
-//! with the engine's decoder within [`Limits`] (so a hostile or corrupt reply cannot make the
+//! with the record crate's decoder within [`DecodeLimits`] (so a hostile or corrupt reply cannot make the
 //! client allocate without bound: decompression stops at `max_decompressed_bytes`). A read
 //! starting inside a batch returns the whole batch, so records before the requested offset are
 //! dropped here.
@@ -9,8 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use spool_log_engine::Limits;
-use spool_log_engine::batch::split_batches;
+use spool_record::{DecodeLimits, split_batches};
 
 use crate::error::Result;
 use crate::types::{Header, Record};
@@ -21,7 +20,7 @@ pub(crate) fn decode_batches(
     partition: u32,
     data: &Bytes,
     from: u64,
-    limits: &Limits,
+    limits: &DecodeLimits,
     out: &mut Vec<Record>,
 ) -> Result<()> {
     for batch in split_batches(data) {

@@ -197,7 +197,7 @@ pub enum Error {
     Protocol(String),
     /// Data received from the broker could not be decoded.
     #[error("cannot decode record batch: {0}")]
-    Decode(#[from] spool_log_engine::BatchError),
+    Decode(#[from] spool_record::BatchError),
     /// A record is larger than the producer can ever send (its buffer or request limit).
     #[error("record of {size} bytes exceeds the producer's limit of {limit} bytes")]
     RecordTooLarge {

@@ -75,12 +75,12 @@ pub use group::{
 };
 pub use producer::{Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerStats};
 pub use retry::Backoff;
-pub use spool_log_engine::Isolation;
 /// The wire types, for calls this crate does not wrap.
 pub use spool_proto::v1 as proto;
 pub use txn::{TransactionalConfig, TransactionalProducer};
 pub use types::{
     CleanupPolicy, CommittedOffset, Fetched, FsyncPolicy, GroupDeletion, GroupSummary, Header,
-    ListedOffset, OffsetCommit, OffsetSpec, PartitionInfo, ProducerRecord, Record, RecordMetadata,
-    StartAt, TopicConfig, TopicDescription, TopicPartition, TopicSettings, TopicSummary,
+    Isolation, ListedOffset, OffsetCommit, OffsetSpec, PartitionInfo, ProducerRecord, Record,
+    RecordMetadata, StartAt, TopicConfig, TopicDescription, TopicPartition, TopicSettings,
+    TopicSummary,
 };

@@ -63,8 +63,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use spool_log_engine::BatchBuilder;
 use spool_proto::v1;
+use spool_record::BatchBuilder;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
@@ -110,11 +110,11 @@ pub enum Compression {
 }
 
 impl Compression {
-    pub(crate) fn engine(self) -> spool_log_engine::Compression {
+    pub(crate) fn engine(self) -> spool_record::Compression {
         match self {
-            Compression::None => spool_log_engine::Compression::None,
-            Compression::Lz4 => spool_log_engine::Compression::Lz4,
-            Compression::Zstd => spool_log_engine::Compression::Zstd,
+            Compression::None => spool_record::Compression::None,
+            Compression::Lz4 => spool_record::Compression::Lz4,
+            Compression::Zstd => spool_record::Compression::Zstd,
         }
     }
 }
@@ -958,7 +958,7 @@ impl Shared {
         };
         let base = self.next_sequence(&b.topic, b.partition, pid, b.pending.len());
         let mut bytes = encoded.to_vec();
-        if let Err(err) = spool_log_engine::batch::restamp_producer(&mut bytes, pid, 0, base) {
+        if let Err(err) = spool_record::restamp_producer(&mut bytes, pid, 0, base) {
             return Err((b, Error::Decode(err)));
         }
         tracing::info!(

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
-use spool_log_engine::BatchBuilder;
+use spool_record::BatchBuilder;
 
 use crate::client::Client;
 use crate::error::{Error, Result};

@@ -323,6 +323,17 @@ pub struct Record {
     pub headers: Vec<Header>,
 }
 
+/// Which records a read may return (Kafka's `isolation.level`). Spool's consumers and fetches
+/// read committed by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Isolation {
+    /// Everything below the high watermark, records of open and aborted transactions included.
+    ReadUncommitted,
+    /// Only below the last stable offset, without aborted transactions' records.
+    #[default]
+    ReadCommitted,
+}
+
 /// Where to start reading a partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartAt {

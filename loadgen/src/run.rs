@@ -14,7 +14,7 @@ use spool_client::proto as v1;
 use spool_client::proto::consume_service_client::ConsumeServiceClient;
 use spool_client::proto::produce_service_client::ProduceServiceClient;
 use spool_client::{Client, FsyncPolicy, TlsOptions, TopicSettings};
-use spool_log_engine::{Batch, BatchBuilder, BatchHeader, Limits};
+use spool_record::{Batch, BatchBuilder, BatchHeader, DecodeLimits};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::AsciiMetadataValue;
@@ -72,11 +72,11 @@ pub enum Compression {
 }
 
 impl Compression {
-    fn engine(self) -> spool_log_engine::Compression {
+    fn engine(self) -> spool_record::Compression {
         match self {
-            Compression::None => spool_log_engine::Compression::None,
-            Compression::Lz4 => spool_log_engine::Compression::Lz4,
-            Compression::Zstd => spool_log_engine::Compression::Zstd,
+            Compression::None => spool_record::Compression::None,
+            Compression::Lz4 => spool_record::Compression::Lz4,
+            Compression::Zstd => spool_record::Compression::Zstd,
         }
     }
 }
@@ -644,7 +644,7 @@ async fn produce_stream(
                     (-1, -1)
                 };
                 let mut copy = batch.to_vec();
-                spool_log_engine::batch::restamp_producer(&mut copy, producer_id, epoch, base)
+                spool_record::restamp_producer(&mut copy, producer_id, epoch, base)
                     .map_err(|e| anyhow!("stamping a batch: {e}"))?;
                 *seq = ((*seq as i64 + b.records_per_batch as i64) % (i32::MAX as i64 + 1)) as i32;
                 Bytes::from(copy)
@@ -1116,7 +1116,7 @@ async fn e2e_consume(
     mut total: tokio::sync::watch::Receiver<Option<u64>>,
 ) -> Result<Stats> {
     let mut stats = Stats::new();
-    let limits = Limits::default();
+    let limits = DecodeLimits::default();
     let mut seen: u64 = 0;
     let deadline = w.until + Duration::from_secs(10);
     loop {

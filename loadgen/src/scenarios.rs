@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use spool_client::{Acks as ClientAcks, Client, TopicSettings};
-use spool_log_engine::{BatchBuilder, Compression as EngineCompression};
+use spool_record::{BatchBuilder, Compression as EngineCompression};
 
 use crate::broker::{Spoold, find_spoold};
 use crate::{Acks, LoadConfig, Mode, Report};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use spool_record::DecodeLimits;
 
 use crate::error::{Error, Result};
 
@@ -141,7 +142,7 @@ pub const MAX_PARTITIONS: u32 = 10_000;
 /// Largest segment: index positions are u32 and a batch may overshoot the roll size once.
 pub const MAX_SEGMENT_BYTES: u64 = 2 << 30;
 /// Largest batch the engine ever accepts or reads back, whatever the topic says.
-pub const MAX_BATCH_BYTES: u32 = 256 << 20;
+pub use spool_record::MAX_BATCH_BYTES;
 
 impl Default for TopicConfig {
     fn default() -> Self {
@@ -188,7 +189,7 @@ impl TopicConfig {
                 self.index_interval_bytes
             ));
         }
-        if self.max_batch_bytes < crate::batch::HEADER_LEN as u32 + 7
+        if self.max_batch_bytes < spool_record::HEADER_LEN as u32 + 7
             || self.max_batch_bytes > MAX_BATCH_BYTES
         {
             return bad(format!(
@@ -250,12 +251,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        let decode = DecodeLimits::default();
         Limits {
-            max_records_per_batch: 1 << 20,
-            max_record_bytes: 8 << 20,
-            max_key_bytes: 64 << 10,
-            max_headers_per_record: 1024,
-            max_decompressed_bytes: 64 << 20,
+            max_records_per_batch: decode.max_records_per_batch,
+            max_record_bytes: decode.max_record_bytes,
+            max_key_bytes: decode.max_key_bytes,
+            max_headers_per_record: decode.max_headers_per_record,
+            max_decompressed_bytes: decode.max_decompressed_bytes,
             max_mapped_segments: 4096,
             max_producers_per_partition: 10_000,
             producer_expiration_ms: 24 * 3600 * 1000,
@@ -265,6 +267,17 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The part of these limits that bounds decoding one batch, for the record crate.
+    pub fn decode(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_records_per_batch: self.max_records_per_batch,
+            max_record_bytes: self.max_record_bytes,
+            max_key_bytes: self.max_key_bytes,
+            max_headers_per_record: self.max_headers_per_record,
+            max_decompressed_bytes: self.max_decompressed_bytes,
+        }
+    }
+
     /// Checks that the limits are usable.
     pub fn validate(&self) -> Result<()> {
         if self.max_records_per_batch == 0

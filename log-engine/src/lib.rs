@@ -30,7 +30,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod batch;
+/// The RecordBatch v2 format: the `spool-record` crate, re-exported for embedders.
+pub use spool_record as batch;
 mod checkpoint;
 pub mod compact;
 pub mod config;
@@ -49,7 +50,9 @@ mod segment;
 pub mod stats;
 pub mod txn;
 
-pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, Compression, Header, Record};
+pub use batch::{
+    Batch, BatchBuilder, BatchError, BatchHeader, Compression, DecodeLimits, Header, Record,
+};
 pub use compact::{CleanReport, Cleaner};
 pub use config::{
     CleanerOptions, CleanupPolicy, Clock, FsyncPolicy, Limits, LogOptions, SystemClock, TopicConfig,

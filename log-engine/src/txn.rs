@@ -345,7 +345,6 @@ mod tests {
 
     use super::*;
     use crate::batch::validate_batch;
-    use crate::config::Limits;
 
     fn data_batch(pid: i64, epoch: i16, txn: bool) -> (BatchHeader, Bytes) {
         let mut b = BatchBuilder::new(Compression::None);
@@ -353,7 +352,7 @@ mod tests {
         b.push(1, Some(b"k"), Some(b"v"), &[]);
         let bytes = b.finish().unwrap();
         (
-            validate_batch(&bytes, u32::MAX, &Limits::default()).unwrap(),
+            validate_batch(&bytes, u32::MAX, &Default::default()).unwrap(),
             bytes,
         )
     }
@@ -361,7 +360,7 @@ mod tests {
     fn marker(pid: i64, epoch: i16, m: Marker) -> (BatchHeader, Bytes) {
         let bytes = marker_batch(pid, epoch, m, 7, 1);
         (
-            validate_batch(&bytes, u32::MAX, &Limits::default()).unwrap(),
+            validate_batch(&bytes, u32::MAX, &Default::default()).unwrap(),
             bytes,
         )
     }

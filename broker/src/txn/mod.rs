@@ -230,7 +230,7 @@ impl Transactions {
         let p = log.partition(TXN_STATE_TOPIC, 0)?;
         let mut out = BTreeMap::new();
         let mut offset = p.log_start_offset();
-        let limits = spool_log_engine::Limits::default();
+        let limits = spool_log_engine::DecodeLimits::default();
         while offset < p.high_watermark() {
             let r = p.read(offset, 1 << 20)?;
             if r.data.is_empty() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use spool_client::{Acks, Backoff, Error, FetchOptions, ProducerConfig, ProducerRecord};
-use spool_log_engine::{BatchBuilder, Compression};
+use spool_record::{BatchBuilder, Compression};
 
 use crate::broker::Broker;
 use crate::create;

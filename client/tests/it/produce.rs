@@ -414,7 +414,7 @@ async fn producer_errors() {
 }
 
 fn one_batch() -> Bytes {
-    let mut b = spool_log_engine::BatchBuilder::new(spool_log_engine::Compression::None);
+    let mut b = spool_record::BatchBuilder::new(spool_record::Compression::None);
     b.push(1, None, Some(b"v"), &[]);
     b.finish().unwrap()
 }

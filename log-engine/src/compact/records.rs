@@ -291,7 +291,11 @@ mod tests {
                 );
                 assert_eq!(nh.max_timestamp, h.max_timestamp);
                 assert_eq!(nh.delete_horizon(), horizon);
-                let got: Vec<_> = b.records(&limits).unwrap().map(|r| r.unwrap()).collect();
+                let got: Vec<_> = b
+                    .records(&limits.decode())
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .collect();
                 assert_eq!(
                     got.iter()
                         .map(|r| (r.offset, r.timestamp, r.value.is_none()))

@@ -328,7 +328,7 @@ impl Partition {
     /// have it called, e.g. on a background task) with `last_offset + 1`.
     pub fn append_nowait(&self, batch: &[u8]) -> Result<AppendInfo> {
         let cfg = self.config();
-        let h = batch::validate_batch(batch, cfg.max_batch_bytes, &self.shared.limits)?;
+        let h = batch::validate_batch(batch, cfg.max_batch_bytes, &self.shared.limits.decode())?;
         if cfg.cleanup.compacts() {
             crate::compact::check_compactable(batch, &h, &self.shared.limits)?;
         }
@@ -656,7 +656,7 @@ impl Partition {
                     // Like Kafka, look inside the batch (decompressing if needed, within
                     // the limits) for the first record at or after `ts`.
                     let exact = b
-                        .records(&self.shared.limits)
+                        .records(&self.shared.limits.decode())
                         .ok()
                         .and_then(|mut rs| rs.find_map(|r| r.ok().filter(|r| r.timestamp >= ts)))
                         .map(|r| r.offset);

@@ -40,7 +40,7 @@ fn run(fsync: FsyncPolicy) {
                     for b in r.batches() {
                         let b = b.unwrap();
                         assert!(b.header().last_offset() < r.high_watermark);
-                        for rec in b.records(&Limits::default()).unwrap() {
+                        for rec in b.records(&Default::default()).unwrap() {
                             let rec = rec.unwrap();
                             assert!(rec.offset >= next);
                             next = rec.offset + 1;

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
-use spool_log_engine::batch::{self, HEADER_LEN, split_batches, validate_batch};
+use spool_log_engine::batch::{self, DecodeLimits, HEADER_LEN, split_batches, validate_batch};
 use spool_log_engine::{
     BatchBuilder, BatchHeader, Compression, Error, FsyncPolicy, Limits, Partition, TopicConfig,
 };
@@ -36,15 +36,14 @@ fn config(cases: u32) -> Config {
 }
 
 /// Limits small enough that limit checks are reachable with small inputs.
-#[allow(clippy::field_reassign_with_default)] // Limits is non_exhaustive: no struct literal
-fn tight_limits() -> Limits {
-    let mut l = Limits::default();
-    l.max_records_per_batch = 64;
-    l.max_record_bytes = 512;
-    l.max_key_bytes = 32;
-    l.max_headers_per_record = 4;
-    l.max_decompressed_bytes = 4096;
-    l
+fn tight_limits() -> DecodeLimits {
+    DecodeLimits {
+        max_records_per_batch: 64,
+        max_record_bytes: 512,
+        max_key_bytes: 32,
+        max_headers_per_record: 4,
+        max_decompressed_bytes: 4096,
+    }
 }
 
 // ---- encoding helpers (independent of the engine's) ----
@@ -440,7 +439,10 @@ fn labelled_input() -> impl Strategy<Value = (&'static str, Vec<u8>)> {
 
 /// Runs every decoder over `input` (as one batch, and as a buffer of batches) under `limits`;
 /// returns what `validate_batch` said.
-fn decode_everything(input: &[u8], limits: &Limits) -> Result<BatchHeader, batch::BatchError> {
+fn decode_everything(
+    input: &[u8],
+    limits: &DecodeLimits,
+) -> Result<BatchHeader, batch::BatchError> {
     let _ = BatchHeader::parse(input);
     let verdict = validate_batch(input, spool_log_engine::config::MAX_BATCH_BYTES, limits);
     let bytes = Bytes::copy_from_slice(input);
@@ -479,7 +481,7 @@ fn decode_everything(input: &[u8], limits: &Limits) -> Result<BatchHeader, batch
 }
 
 /// What `validate_batch` accepts (uncompressed) must decode into exactly its records.
-fn accepted_means_decodable(input: &[u8], h: &BatchHeader, limits: &Limits) {
+fn accepted_means_decodable(input: &[u8], h: &BatchHeader, limits: &DecodeLimits) {
     if h.compression() != Ok(Compression::None) {
         return;
     }
@@ -512,7 +514,7 @@ fn decoders_never_panic() {
     let tally = std::cell::RefCell::new(std::collections::BTreeMap::<&str, (u64, u64)>::new());
     run(3000, labelled_input(), |(kind, input)| {
         let mut accepted = false;
-        for limits in [Limits::default(), tight_limits()] {
+        for limits in [DecodeLimits::default(), tight_limits()] {
             if let Ok(h) = decode_everything(&input, &limits) {
                 accepted_means_decodable(&input, &h, &limits);
                 accepted = true;
@@ -553,7 +555,7 @@ proptest! {
             if *damage {
                 fields.iter().for_each(|f| apply(&mut b, f));
             }
-            let ok = validate_batch(&b, spool_log_engine::config::MAX_BATCH_BYTES, &Limits::default()).is_ok();
+            let ok = validate_batch(&b, spool_log_engine::config::MAX_BATCH_BYTES, &DecodeLimits::default()).is_ok();
             if !ok {
                 broken = true;
             } else if !broken {
@@ -587,7 +589,7 @@ fn append_of_bad_batches_writes_nothing() {
     };
     let log = open_topic(dir.path(), cfg.clone());
     let p = log.partition("t", 0).unwrap();
-    let limits = Limits::default();
+    let limits = Limits::default().decode();
     let (refused, accepted) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     let mut runner = TestRunner::new(config(1500));
     let result = runner.run(&any_input(), |input| {

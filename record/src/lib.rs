@@ -1,10 +1,15 @@
-//! Kafka RecordBatch v2 (magic 2), byte for byte.
+//! Kafka RecordBatch v2 (magic 2), byte for byte: Spool's record format, shared by the log
+//! engine (which stores batches), the client (which builds and decodes them), the CLI, the load
+//! generator and the benchmarks, and owned by none of them (as Kafka's `common/record`).
 //!
-//! The same bytes are written to disk and sent on the wire. The engine parses and checks the
-//! 61-byte header, checks the CRC-32C, and for uncompressed batches walks the records to check
-//! their structure; it never re-encodes a batch and never decompresses one on the append path.
-//! Assigning offsets only rewrites `base_offset` and `partition_leader_epoch`, which sit before
-//! the CRC'd region, so the CRC is computed once, by the producer.
+//! The same bytes are written to disk and sent on the wire. [`validate_batch`] parses and
+//! checks the 61-byte header, checks the CRC-32C, and for uncompressed batches walks the
+//! records to check their structure; nothing here re-encodes a stored batch. Assigning offsets
+//! ([`assign`]) only rewrites `base_offset` and `partition_leader_epoch`, which sit before the
+//! CRC'd region, so the CRC is computed once, by the producer.
+//!
+//! This crate depends on no storage, network or runtime code; its errors are [`BatchError`]
+//! and its bounds are [`DecodeLimits`] (the engine supplies its own from its `Limits`).
 //!
 //! ```text
 //! Format (big-endian, as Kafka):
@@ -16,20 +21,23 @@
 //! ```
 //!
 //! Every length read here is checked against the bytes actually present (and against
-//! [`crate::Limits`]) before it is used to slice or allocate.
+//! [`DecodeLimits`]) before it is used to slice or allocate.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod builder;
 mod compression;
+mod limits;
 mod record;
-pub(crate) mod varint;
+pub mod varint;
 
 pub use builder::BatchBuilder;
 pub use compression::Compression;
+pub use limits::{DecodeLimits, MAX_BATCH_BYTES};
 pub use record::{Header, Record, Records};
 
 use bytes::Bytes;
-
-use crate::config::Limits;
 
 /// Bytes of the fixed batch header.
 pub const HEADER_LEN: usize = 61;
@@ -61,7 +69,9 @@ const ATTR_COMPRESSION_MASK: i16 = 0x07;
 const ATTR_TIMESTAMP_TYPE: i16 = 0x08;
 const ATTR_TRANSACTIONAL: i16 = 0x10;
 const ATTR_CONTROL: i16 = 0x20;
-pub(crate) const ATTR_DELETE_HORIZON: i16 = 0x40;
+/// Attribute bit 6: the batch's `base_timestamp` holds the log cleaner's delete horizon
+/// (Kafka's KIP-534).
+pub const ATTR_DELETE_HORIZON: i16 = 0x40;
 const ATTR_KNOWN: i16 = ATTR_COMPRESSION_MASK
     | ATTR_TIMESTAMP_TYPE
     | ATTR_TRANSACTIONAL
@@ -111,7 +121,7 @@ pub enum BatchError {
         /// What is wrong.
         reason: String,
     },
-    /// A limit from [`Limits`] was exceeded.
+    /// A limit from [`DecodeLimits`] was exceeded.
     #[error("{what} of {actual} exceeds the limit of {limit}")]
     Limit {
         /// Which limit.
@@ -300,7 +310,7 @@ pub fn batch_crc(batch: &[u8]) -> u32 {
 pub fn validate_batch(
     batch: &[u8],
     max_batch_bytes: u32,
-    limits: &Limits,
+    limits: &DecodeLimits,
 ) -> Result<BatchHeader, BatchError> {
     if batch.len() > max_batch_bytes as usize {
         return Err(BatchError::Limit {
@@ -355,7 +365,7 @@ pub fn check_crc(batch: &[u8], h: &BatchHeader) -> Result<(), BatchError> {
 /// Writes the offset and leader epoch fields the partition assigns. They precede the CRC'd
 /// region, so the CRC stays valid.
 #[inline]
-pub(crate) fn assign(prefix: &mut [u8; 16], base_offset: u64, leader_epoch: i32) {
+pub fn assign(prefix: &mut [u8; 16], base_offset: u64, leader_epoch: i32) {
     prefix[0..8].copy_from_slice(&(base_offset as i64).to_be_bytes());
     prefix[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&leader_epoch.to_be_bytes());
 }
@@ -370,12 +380,14 @@ pub struct Batch {
 
 impl Batch {
     /// Parses and fully validates `bytes` as one batch.
-    pub fn new(bytes: Bytes, limits: &Limits) -> Result<Batch, BatchError> {
-        let header = validate_batch(&bytes, crate::config::MAX_BATCH_BYTES, limits)?;
+    pub fn new(bytes: Bytes, limits: &DecodeLimits) -> Result<Batch, BatchError> {
+        let header = validate_batch(&bytes, MAX_BATCH_BYTES, limits)?;
         Ok(Batch { header, bytes })
     }
 
-    pub(crate) fn from_parts(header: BatchHeader, bytes: Bytes) -> Batch {
+    /// A batch from a header already parsed from `bytes` (and CRC-checked by the caller), for
+    /// readers that walked the headers themselves. Nothing is checked here.
+    pub fn from_parts(header: BatchHeader, bytes: Bytes) -> Batch {
         Batch { header, bytes }
     }
 
@@ -390,7 +402,7 @@ impl Batch {
     }
 
     /// Decodes the records (decompressing if needed, within `limits`).
-    pub fn records(&self, limits: &Limits) -> Result<Records, BatchError> {
+    pub fn records(&self, limits: &DecodeLimits) -> Result<Records, BatchError> {
         Records::new(&self.header, &self.bytes, limits)
     }
 }

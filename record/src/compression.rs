@@ -3,7 +3,7 @@
 //! Spool encodes and decodes `none`, `lz4` (LZ4 frame format, as Kafka) and `zstd`. `gzip` and
 //! `snappy` batches are accepted and stored as they are (the engine never decompresses on
 //! append), but decoding them into records returns [`BatchError::Unsupported`].
-//! Decompression is bounded by [`crate::Limits::max_decompressed_bytes`]: a decompression bomb
+//! Decompression is bounded by [`crate::DecodeLimits::max_decompressed_bytes`]: a decompression bomb
 //! stops at the limit instead of allocating.
 
 use std::io::{Read, Write};
@@ -62,7 +62,7 @@ impl Compression {
     }
 
     /// Compresses `data` into `out` (appending).
-    pub(crate) fn compress(self, data: &[u8], out: &mut Vec<u8>) -> Result<(), BatchError> {
+    pub fn compress(self, data: &[u8], out: &mut Vec<u8>) -> Result<(), BatchError> {
         match self {
             Compression::None => {
                 out.extend_from_slice(data);
@@ -89,7 +89,7 @@ impl Compression {
     }
 
     /// Decompresses `data`, refusing to produce more than `limit` bytes.
-    pub(crate) fn decompress(self, data: &[u8], limit: u32) -> Result<Vec<u8>, BatchError> {
+    pub fn decompress(self, data: &[u8], limit: u32) -> Result<Vec<u8>, BatchError> {
         let mut out = Vec::new();
         self.decompress_into(data, limit, &mut out)?;
         Ok(out)
@@ -97,7 +97,7 @@ impl Compression {
 
     /// [`Compression::decompress`] into `out` (cleared first), reusing its allocation: for
     /// callers that decompress batch after batch.
-    pub(crate) fn decompress_into(
+    pub fn decompress_into(
         self,
         data: &[u8],
         limit: u32,

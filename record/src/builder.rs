@@ -59,7 +59,7 @@ impl BatchBuilder {
     }
 
     /// Marks the batch as a control batch (a transaction marker; implies transactional).
-    pub(crate) fn control(&mut self) -> &mut Self {
+    pub fn control(&mut self) -> &mut Self {
         self.flags |= super::ATTR_TRANSACTIONAL | super::ATTR_CONTROL;
         self
     }
@@ -178,7 +178,7 @@ impl BatchBuilder {
 mod tests {
     use super::super::{Batch, Header, validate_batch};
     use super::*;
-    use crate::config::Limits;
+    use crate::DecodeLimits;
     use proptest::prelude::*;
 
     #[test]
@@ -189,7 +189,7 @@ mod tests {
         let before = b.finish().unwrap();
         let mut after = before.to_vec();
         super::super::restamp_producer(&mut after, 99, 3, 42).unwrap();
-        let h = validate_batch(&after, u32::MAX, &Limits::default()).unwrap();
+        let h = validate_batch(&after, u32::MAX, &DecodeLimits::default()).unwrap();
         assert_eq!(
             (h.producer_id, h.producer_epoch, h.base_sequence),
             (99, 3, 42)
@@ -258,7 +258,7 @@ mod tests {
                 "00"  // header count 0
             )
         );
-        validate_batch(&bytes, 1 << 20, &Limits::default()).unwrap();
+        validate_batch(&bytes, 1 << 20, &DecodeLimits::default()).unwrap();
     }
 
     #[test]
@@ -292,7 +292,7 @@ mod tests {
             ), 1..20)
         ) {
             let bytes = build(comp, &recs);
-            let limits = Limits::default();
+            let limits = DecodeLimits::default();
             let batch = Batch::new(bytes, &limits).unwrap();
             prop_assert_eq!(batch.header().records_count as usize, recs.len());
             let decoded: Vec<_> = batch.records(&limits).unwrap().collect::<Result<_, _>>().unwrap();

@@ -10,7 +10,7 @@
 //!
 //! Each length is checked against the bytes left in the record before it is used; a header
 //! count is bounded by the bytes left (each header takes at least two bytes) and by
-//! [`Limits::max_headers_per_record`], so no input can make the decoder allocate more than the
+//! [`DecodeLimits::max_headers_per_record`], so no input can make the decoder allocate more than the
 //! batch it came in.
 
 use std::ops::Range;
@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use super::varint::{get_i32, get_i64};
 use super::{BatchError, BatchHeader, Compression, HEADER_LEN};
-use crate::config::Limits;
+use crate::DecodeLimits;
 
 /// One record header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,7 +87,12 @@ fn nullable(
     Ok(Some(r))
 }
 
-fn parse_one(buf: &[u8], start: usize, index: u32, limits: &Limits) -> Result<Parsed, BatchError> {
+fn parse_one(
+    buf: &[u8],
+    start: usize,
+    index: u32,
+    limits: &DecodeLimits,
+) -> Result<Parsed, BatchError> {
     let mut pos = start;
     let len = get_i32(buf, &mut pos)?;
     if len < 0 || len as usize > buf.len() - pos {
@@ -155,7 +160,7 @@ fn parse_one(buf: &[u8], start: usize, index: u32, limits: &Limits) -> Result<Pa
 pub(super) fn check_records(
     buf: &[u8],
     h: &BatchHeader,
-    limits: &Limits,
+    limits: &DecodeLimits,
 ) -> Result<(), BatchError> {
     let mut pos = 0;
     let mut prev_delta: i64 = -1;
@@ -203,14 +208,14 @@ pub struct Records {
     base_timestamp: i64,
     /// With LogAppendTime, every record's timestamp is the batch's max timestamp.
     log_append_time: Option<i64>,
-    limits: Limits,
+    limits: DecodeLimits,
 }
 
 impl Records {
     pub(super) fn new(
         h: &BatchHeader,
         batch: &Bytes,
-        limits: &Limits,
+        limits: &DecodeLimits,
     ) -> Result<Records, BatchError> {
         if batch.len() < h.total_len() || h.total_len() < HEADER_LEN {
             return Err(BatchError::Truncated("batch"));
@@ -231,7 +236,7 @@ impl Records {
             base_offset: h.base_offset,
             base_timestamp: h.base_timestamp,
             log_append_time: h.is_log_append_time().then_some(h.max_timestamp),
-            limits: limits.clone(),
+            limits: *limits,
         })
     }
 

@@ -7,13 +7,13 @@ use super::BatchError;
 
 /// Encoded length of `v` as a zig-zag varint.
 #[inline]
-pub(crate) fn len_i32(v: i32) -> usize {
+pub fn len_i32(v: i32) -> usize {
     len_u64(zigzag32(v) as u64)
 }
 
 /// Encoded length of `v` as a zig-zag varlong.
 #[inline]
-pub(crate) fn len_i64(v: i64) -> usize {
+pub fn len_i64(v: i64) -> usize {
     len_u64(zigzag64(v))
 }
 
@@ -48,13 +48,13 @@ fn put_u64(out: &mut Vec<u8>, mut v: u64) {
 
 /// Appends `v` as a zig-zag varint.
 #[inline]
-pub(crate) fn put_i32(out: &mut Vec<u8>, v: i32) {
+pub fn put_i32(out: &mut Vec<u8>, v: i32) {
     put_u64(out, zigzag32(v) as u64);
 }
 
 /// Appends `v` as a zig-zag varlong.
 #[inline]
-pub(crate) fn put_i64(out: &mut Vec<u8>, v: i64) {
+pub fn put_i64(out: &mut Vec<u8>, v: i64) {
     put_u64(out, zigzag64(v));
 }
 
@@ -76,7 +76,7 @@ fn get_u64(buf: &[u8], pos: &mut usize, max_bytes: usize) -> Result<u64, BatchEr
 
 /// Reads a zig-zag varint at `*pos`, advancing it.
 #[inline]
-pub(crate) fn get_i32(buf: &[u8], pos: &mut usize) -> Result<i32, BatchError> {
+pub fn get_i32(buf: &[u8], pos: &mut usize) -> Result<i32, BatchError> {
     let raw = get_u64(buf, pos, 5)?;
     if raw > u64::from(u32::MAX) {
         return Err(BatchError::BadVarint);
@@ -87,7 +87,7 @@ pub(crate) fn get_i32(buf: &[u8], pos: &mut usize) -> Result<i32, BatchError> {
 
 /// Reads a zig-zag varlong at `*pos`, advancing it.
 #[inline]
-pub(crate) fn get_i64(buf: &[u8], pos: &mut usize) -> Result<i64, BatchError> {
+pub fn get_i64(buf: &[u8], pos: &mut usize) -> Result<i64, BatchError> {
     let raw = get_u64(buf, pos, 10)?;
     Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
 }
