@@ -149,6 +149,13 @@ pub struct LimitsConfig {
     pub max_request_bytes: usize,
     /// Client connections open at once; past it the broker stops accepting until one closes.
     pub max_connections: usize,
+    /// Client connections open at once from one source address; past it new connections from
+    /// that address are closed at once.
+    pub max_connections_per_address: usize,
+    /// A connection that has not sent its first request this long after it was accepted
+    /// (silent, or stuck in its TLS or HTTP/2 handshake) is closed (after `idle_timeout_ms`
+    /// if that is shorter).
+    pub handshake_timeout_ms: u64,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// Largest `max_bytes` a fetch or subscription may ask for per partition.
@@ -216,6 +223,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_request_bytes: 64 << 20,
             max_connections: 1024,
+            max_connections_per_address: 256,
+            handshake_timeout_ms: 10_000,
             max_concurrent_streams: 256,
             max_fetch_bytes: 16 << 20,
             max_fetch_wait_ms: 25_000,
@@ -374,9 +383,15 @@ impl Config {
                  1000..={MAX_IDLE_TIMEOUT_MS}"
             )));
         }
+        if !(100..=MAX_IDLE_TIMEOUT_MS).contains(&self.limits.handshake_timeout_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.handshake_timeout_ms must be within 100..={MAX_IDLE_TIMEOUT_MS}"
+            )));
+        }
         if self.limits.max_concurrent_streams == 0
             || self.limits.max_fetch_bytes == 0
             || self.limits.max_connections == 0
+            || self.limits.max_connections_per_address == 0
         {
             return Err(ConfigError::Invalid("limits must be non-zero".into()));
         }

@@ -16,8 +16,9 @@
 //!   limits, partitions per request, records per list, fetch sizes and waits.
 //! - Shutdown stops accepting, ends subscriptions, waits at most `shutdown_timeout_ms` for
 //!   in-flight requests, then flushes and closes the log.
-//! - A connection without request or response data for `limits.idle_timeout_ms` is closed
-//!   (`conn.rs`).
+//! - A connection without request or response data for `limits.idle_timeout_ms`, or without
+//!   a first request for `limits.handshake_timeout_ms`, is closed; one source address holds
+//!   at most `limits.max_connections_per_address` connections (`conn.rs`).
 
 mod auth;
 pub mod config;
@@ -290,9 +291,13 @@ impl Broker {
         }
         let incoming = conn::incoming(
             listener,
-            cfg.limits.max_connections,
-            Duration::from_millis(cfg.limits.idle_timeout_ms),
-            state.metrics.idle_closed(),
+            conn::ConnLimits {
+                max: cfg.limits.max_connections,
+                max_per_address: cfg.limits.max_connections_per_address,
+                handshake_timeout: Duration::from_millis(cfg.limits.handshake_timeout_ms),
+                idle_timeout: Duration::from_millis(cfg.limits.idle_timeout_ms),
+            },
+            state.metrics.conn(),
         );
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.wait_for(|s| *s).await;

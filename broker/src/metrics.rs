@@ -10,7 +10,8 @@
 //! | `spool_consume_bytes_total`, `spool_consume_records_total` | counter | topic |
 //! | `spool_rpc_duration_seconds` | histogram | rpc |
 //! | `spool_rpc_errors_total` | counter | rpc |
-//! | `spool_idle_connections_closed_total` | counter | |
+//! | `spool_idle_connections_closed_total`, `spool_handshake_timeouts_total`, `spool_connections_refused_total` | counter | |
+//! | `spool_connections_open` | gauge | |
 //! | `spool_partition_size_bytes`, `spool_partition_high_watermark`, `spool_partition_log_start_offset`, `spool_partition_last_stable_offset` | gauge | topic, partition |
 //! | `spool_fsync_duration_seconds` | histogram | topic |
 //! | `spool_consumer_group_lag` | gauge | group, topic, partition |
@@ -73,7 +74,7 @@ pub(crate) struct Metrics {
     consume_records: Family<TopicLabel, Counter>,
     rpc_duration: Family<RpcLabel, Histogram, fn() -> Histogram>,
     rpc_errors: Family<RpcLabel, Counter>,
-    idle_closed: Counter,
+    conn: crate::conn::ConnMetrics,
     group_rebalances: Counter,
     group_rebalance_seconds: Histogram,
 }
@@ -228,6 +229,7 @@ impl Metrics {
              response data",
             idle_closed.clone(),
         );
+        let conn = crate::conn::ConnMetrics::register(&mut registry, idle_closed);
         let group_rebalances = Counter::default();
         registry.register(
             "spool_group_rebalances",
@@ -252,7 +254,7 @@ impl Metrics {
             consume_records,
             rpc_duration,
             rpc_errors,
-            idle_closed,
+            conn,
             group_rebalances,
             group_rebalance_seconds,
         }
@@ -268,9 +270,9 @@ impl Metrics {
         self.group_rebalance_seconds.observe(took.as_secs_f64());
     }
 
-    /// The counter of connections closed for idleness (shared with the accept loop).
-    pub(crate) fn idle_closed(&self) -> Counter {
-        self.idle_closed.clone()
+    /// The connection metrics (shared with the accept loop).
+    pub(crate) fn conn(&self) -> crate::conn::ConnMetrics {
+        self.conn.clone()
     }
 
     pub(crate) fn produced(&self, topic: &str, bytes: usize, records: u64) {

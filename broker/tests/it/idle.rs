@@ -24,13 +24,21 @@ fn start(dir: &std::path::Path) -> Spoold {
     )
 }
 
-fn idle_closed(b: &Spoold) -> u64 {
+/// The value of an unlabelled metric.
+fn metric(b: &Spoold, name: &str) -> u64 {
     let body = Spoold::scrape_addr(&b.metrics_addr);
     body.lines()
-        .find(|l| l.starts_with("spool_idle_connections_closed_total "))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no idle counter in:\n{body}"))
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
+fn idle_closed(b: &Spoold) -> u64 {
+    metric(b, "spool_idle_connections_closed_total")
 }
 
 #[test]
@@ -55,7 +63,93 @@ fn a_silent_tcp_connection_is_closed() {
         took >= Duration::from_millis(IDLE_MS - 100) && took < Duration::from_secs(8),
         "closed after {took:?}"
     );
-    assert_eq!(idle_closed(&b), 1);
+    // It never sent a request: the handshake deadline (capped at the idle timeout) closed it.
+    assert_eq!(metric(&b, "spool_handshake_timeouts_total"), 1);
+    assert_eq!(idle_closed(&b), 0);
+    b.stop();
+}
+
+/// Waits until the peer closes `s` (EOF or reset); returns how long that took.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t.elapsed()), s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(t.elapsed()),
+            Ok(Ok(_)) => continue, // the server's HTTP/2 SETTINGS
+        }
+    }
+}
+
+/// Issue 12: sockets that never send a byte, all from one address, neither hold their slots
+/// past the handshake timeout nor take more than their address's share, so other clients
+/// are served at once; and a client that connected without calling yet recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_cannot_lock_others_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start_env(
+        dir.path(),
+        &[],
+        &[
+            ("SPOOL_LIMITS__MAX_CONNECTIONS", "16"),
+            ("SPOOL_LIMITS__MAX_CONNECTIONS_PER_ADDRESS", "12"),
+            ("SPOOL_LIMITS__HANDSHAKE_TIMEOUT_MS", "1000"),
+        ],
+    );
+    let addr: std::net::SocketAddr = b.addr.parse().unwrap();
+    // Connected (eagerly) before the flood, first call only after the handshake timeout.
+    let mut early = b.admin().await;
+    let t = Instant::now();
+    // Each silent socket's watcher: when the broker closed it.
+    let mut watchers = Vec::new();
+    for _ in 0..30 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        watchers.push(tokio::spawn(async move {
+            closed_within(&mut s, Duration::from_secs(5))
+                .await
+                .map(|_| t.elapsed())
+        }));
+    }
+    // Another address (127.0.0.1) is served at once: the flood took 12 slots, not 16.
+    let mut admin = b.admin().await;
+    tokio::time::timeout(
+        Duration::from_millis(800),
+        admin.list_topics(v1::ListTopicsRequest {}),
+    )
+    .await
+    .expect("served while the silent sockets are open")
+    .unwrap();
+    // 18 were closed at once, the 12 others at the handshake deadline.
+    let mut times = Vec::new();
+    for w in watchers {
+        times.push(
+            w.await
+                .unwrap()
+                .expect("every silent socket is closed within seconds"),
+        );
+    }
+    let quick = times
+        .iter()
+        .filter(|d| **d < Duration::from_millis(900))
+        .count();
+    assert_eq!(quick, 18, "refused at once: {times:?}");
+    assert_eq!(metric(&b, "spool_connections_refused_total"), 18);
+    // The 12, the early client's connection (no call yet), and nothing idle.
+    assert_eq!(metric(&b, "spool_handshake_timeouts_total"), 13);
+    assert_eq!(idle_closed(&b), 0);
+    assert_eq!(
+        metric(&b, "spool_connections_open"),
+        1,
+        "only the served client's"
+    );
+    // The early client's channel reconnects by itself (a call may race the close once).
+    if early.list_topics(v1::ListTopicsRequest {}).await.is_err() {
+        early.list_topics(v1::ListTopicsRequest {}).await.unwrap();
+    }
     b.stop();
 }
 
