@@ -330,6 +330,19 @@ pub struct GroupConsumer {
     committed: HashMap<TopicPartition, u64>,
     rebalances: u64,
     fatal: Option<Error>,
+    /// Owned partitions not being read, with the position to resume from.
+    paused: HashMap<TopicPartition, u64>,
+}
+
+/// What [`GroupConsumer::poll`] returns.
+#[derive(Debug)]
+pub enum Polled {
+    /// The next record of an owned partition.
+    Record(Record),
+    /// A membership change arrived and waits to be applied with
+    /// [`GroupConsumer::poll_membership`]. A transactional processor commits or aborts its
+    /// open transaction first: applying it acknowledges revocations.
+    Membership,
 }
 
 impl GroupConsumer {
@@ -363,6 +376,7 @@ impl GroupConsumer {
             committed: HashMap::new(),
             rebalances: 0,
             fatal: None,
+            paused: HashMap::new(),
         };
         // The first event is the first Assignment, or why joining failed (a broker that
         // cannot be reached, a refused join): reported here rather than retried forever.
@@ -403,9 +417,122 @@ impl GroupConsumer {
         &self.config
     }
 
-    /// The positions (next offset to return) of the owned partitions.
+    /// The positions (next offset to return) of the owned partitions, paused ones included.
     pub fn positions(&self) -> Vec<(TopicPartition, u64)> {
-        self.consumer.positions()
+        let mut p = self.consumer.positions();
+        p.extend(self.paused.iter().map(|(tp, &o)| (tp.clone(), o)));
+        p
+    }
+
+    /// Records between the position of an owned, unpaused partition and the last high
+    /// watermark the broker reported (`None` before the first report).
+    pub fn lag(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.consumer.lag(topic, partition)
+    }
+
+    /// Stops reading owned partitions (the membership keeps them): no record of theirs is
+    /// returned until [`GroupConsumer::resume`]. Their positions stay as they are; records
+    /// already buffered are dropped and read again on resume. Partitions not owned are
+    /// ignored. A revocation ends the pause with the partition.
+    pub fn pause(&mut self, tps: &[TopicPartition]) {
+        for tp in tps {
+            if !self.assignment.contains(tp) || self.paused.contains_key(tp) {
+                continue;
+            }
+            if let Some(pos) = self.consumer.position(&tp.topic, tp.partition) {
+                self.consumer.unassign(&tp.topic, tp.partition);
+                self.paused.insert(tp.clone(), pos);
+            }
+        }
+    }
+
+    /// Reads paused partitions again, from where they were paused.
+    pub async fn resume(&mut self, tps: &[TopicPartition]) -> Result<()> {
+        let wants: Vec<(TopicPartition, StartAt)> = tps
+            .iter()
+            .filter_map(|tp| {
+                self.paused
+                    .get(tp)
+                    .map(|&o| (tp.clone(), StartAt::Offset(o)))
+            })
+            .collect();
+        if wants.is_empty() {
+            return Ok(());
+        }
+        self.consumer.assign(&wants).await?;
+        for (tp, _) in wants {
+            self.paused.remove(&tp);
+        }
+        Ok(())
+    }
+
+    /// Moves an owned partition's position (paused or not), e.g. to re-read a record that
+    /// was returned but not processed. Takes effect for the next record returned.
+    pub async fn seek(&mut self, tp: &TopicPartition, offset: u64) -> Result<()> {
+        if let Some(p) = self.paused.get_mut(tp) {
+            *p = offset;
+            return Ok(());
+        }
+        if self.assignment.contains(tp) {
+            self.consumer
+                .seek(&tp.topic, tp.partition, StartAt::Offset(offset))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The owned partitions that are paused.
+    pub fn paused(&self) -> Vec<TopicPartition> {
+        let mut v: Vec<TopicPartition> = self.paused.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Whether a membership change arrived and waits to be applied (without applying it).
+    pub fn membership_pending(&mut self) -> bool {
+        while let Ok(ev) = self.events.try_recv() {
+            self.pending.push_back(ev);
+        }
+        !self.pending.is_empty()
+    }
+
+    /// The next record, or [`Polled::Membership`] as soon as a membership change is waiting
+    /// (unlike [`GroupConsumer::next`], which applies it first). Nothing is applied here, so
+    /// the caller decides what happens before a revocation is acknowledged. With no
+    /// partition to read (none owned, or all paused) it waits for a membership change.
+    /// `None` once the membership stopped for good.
+    ///
+    /// Cancel-safe.
+    pub async fn poll(&mut self) -> Option<Result<Polled>> {
+        while let Ok(ev) = self.events.try_recv() {
+            self.pending.push_back(ev);
+        }
+        if !self.pending.is_empty() {
+            return Some(Ok(Polled::Membership));
+        }
+        if self.fatal.is_some() {
+            return None;
+        }
+        if self.assignment.len() == self.paused.len() {
+            return match self.events.recv().await {
+                Some(ev) => {
+                    self.pending.push_back(ev);
+                    Some(Ok(Polled::Membership))
+                }
+                None => self.fatal.take().map(Err),
+            };
+        }
+        tokio::select! {
+            biased;
+            ev = self.events.recv() => match ev {
+                Some(ev) => {
+                    self.pending.push_back(ev);
+                    Some(Ok(Polled::Membership))
+                }
+                None => self.fatal.take().map(Err),
+            },
+            r = self.consumer.next() => r.map(|r| r.map(Polled::Record)),
+        }
     }
 
     /// The next record of an owned partition, applying membership changes first. Waits for
@@ -421,7 +548,7 @@ impl GroupConsumer {
             if self.fatal.is_some() {
                 return None;
             }
-            if self.assignment.is_empty() {
+            if self.assignment.len() == self.paused.len() {
                 if let Err(e) = self.wait_membership().await {
                     return Some(Err(e));
                 }
@@ -496,7 +623,6 @@ impl GroupConsumer {
             return Ok(());
         };
         let offsets: Vec<OffsetCommit> = self
-            .consumer
             .positions()
             .into_iter()
             .filter(|(tp, pos)| tps.contains(tp) && self.committed.get(tp) != Some(pos))
@@ -556,6 +682,7 @@ impl GroupConsumer {
                 self.consumer.unassign(&tp.topic, tp.partition);
                 self.assignment.remove(tp);
                 self.committed.remove(tp);
+                self.paused.remove(tp);
             }
         }
         let added: Vec<(TopicPartition, StartAt)> = partitions
@@ -596,6 +723,7 @@ impl GroupConsumer {
             self.consumer.unassign(&tp.topic, tp.partition);
         }
         self.committed.clear();
+        self.paused.clear();
     }
 
     /// Commits (unless `commit_on_revoke` is off), then leaves the group (a static member only

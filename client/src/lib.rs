@@ -71,7 +71,8 @@ pub use client::{
 pub use consumer::{Consumer, ConsumerConfig, OffsetReset};
 pub use error::{Error, OutOfRange, Result};
 pub use group::{
-    AssignmentStrategy, GroupConfig, GroupConsumer, GroupDescription, GroupState, MemberDescription,
+    AssignmentStrategy, GroupConfig, GroupConsumer, GroupDescription, GroupState,
+    MemberDescription, Polled,
 };
 pub use producer::{Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerStats};
 pub use retry::Backoff;

@@ -98,6 +98,10 @@ pub struct TransactionalProducer {
     phase: Phase,
     parts: BTreeMap<(String, u32), PartitionBuf>,
     partition_counts: HashMap<String, u32>,
+    /// Per partition, the offset after the last record the open transaction wrote there.
+    written: BTreeMap<(String, u32), u64>,
+    /// The same for the last committed transaction.
+    committed_ends: BTreeMap<(String, u32), u64>,
 }
 
 impl TransactionalProducer {
@@ -114,12 +118,21 @@ impl TransactionalProducer {
             phase: Phase::Idle,
             parts: BTreeMap::new(),
             partition_counts: HashMap::new(),
+            written: BTreeMap::new(),
+            committed_ends: BTreeMap::new(),
         })
     }
 
     /// The producer id and epoch of the current (or next) transaction.
     pub fn producer(&self) -> (i64, i16) {
         self.producer
+    }
+
+    /// For each partition the last committed transaction wrote to, the offset just after its
+    /// last record there (e.g. how far a changelog is known to be applied). Replaced by each
+    /// successful [`TransactionalProducer::commit`].
+    pub fn last_commit_ends(&self) -> &BTreeMap<(String, u32), u64> {
+        &self.committed_ends
     }
 
     /// Starts a transaction (local: the broker learns of it from the first write).
@@ -281,6 +294,10 @@ impl TransactionalProducer {
                     self.producer = next;
                     self.parts.clear();
                     self.phase = Phase::Idle;
+                    let written = std::mem::take(&mut self.written);
+                    if commit {
+                        self.committed_ends = written;
+                    }
                     return Ok(());
                 }
                 // A retry of an EndTxn that went through gets the same answer.
@@ -321,7 +338,7 @@ impl TransactionalProducer {
 
     /// Sends batches in one request, resending those that failed with a retriable error
     /// (byte for byte: duplicates are recognised by the broker).
-    async fn send_batches(&self, mut batches: Vec<(String, u32, Bytes)>) -> Result<()> {
+    async fn send_batches(&mut self, mut batches: Vec<(String, u32, Bytes)>) -> Result<()> {
         let mut attempt = 0;
         while !batches.is_empty() {
             let results = match self
@@ -340,7 +357,10 @@ impl TransactionalProducer {
             let mut retry = Vec::new();
             for (batch, r) in batches.into_iter().zip(results) {
                 match r {
-                    Ok(_) => {}
+                    Ok(a) => {
+                        let end = self.written.entry((batch.0.clone(), batch.1)).or_insert(0);
+                        *end = (*end).max(a.last_offset + 1);
+                    }
                     Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
                         retry.push(batch)
                     }
