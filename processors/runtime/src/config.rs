@@ -1,0 +1,373 @@
+//! A processor binary's configuration: defaults < TOML file < `SPOOL_*` environment < flags,
+//! the same layering as `spoold` (see `broker/src/config.rs`).
+//!
+//! Unknown keys are rejected, except inside `[app]`, which belongs to the processor (it
+//! parses it with [`ProcessorConfig::app`], into its own type, which should reject unknown
+//! keys itself). An environment variable is an override when its name after `SPOOL_` names a
+//! top-level key (`SPOOL_BROKER`) or a section and key (`SPOOL_COMMIT__INTERVAL_MS`,
+//! `SPOOL_APP__MIN_DROP_PERCENT`); other `SPOOL_*` variables are left alone.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::RetryPolicy;
+use crate::runtime::RuntimeConfig;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid processor configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Everything a processor binary is configured with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessorConfig {
+    /// The processor's name: its consumer group, transactional ids, changelog
+    /// (`<name>.changelog`) and dead-letter topics (`<input>.<name>.dlq`).
+    pub name: String,
+    /// The broker (`host:port`).
+    pub broker: String,
+    /// Input topics.
+    pub inputs: Vec<String>,
+    /// Output topics (created if missing; prefixed in replay mode).
+    pub outputs: Vec<String>,
+    /// Stable id of this instance; empty: the host name.
+    pub instance_id: String,
+    /// Local state directory; empty: `$STATE_DIRECTORY` (systemd's `StateDirectory=`), else
+    /// `./spool-processor-state/<name>`.
+    pub state_dir: PathBuf,
+    /// Prometheus `/metrics` and `/health`; absent: off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Tokio worker threads (0: one per core).
+    pub runtime_threads: usize,
+    /// Transaction cadence.
+    pub commit: CommitConfig,
+    /// Local state stores.
+    pub state: StateConfig,
+    /// Group membership and transactions.
+    pub group: GroupSettings,
+    /// Retries and dead letters.
+    pub retry: RetryPolicy,
+    /// The processor's own settings (free-form; see [`ProcessorConfig::app`]).
+    pub app: toml::Table,
+}
+
+/// When transactions commit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommitConfig {
+    /// At least this often while there is work (ms).
+    pub interval_ms: u64,
+    /// After this many inputs.
+    pub max_records: usize,
+    /// When buffered state writes reach this many bytes.
+    pub max_txn_bytes: usize,
+}
+
+/// Local state stores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Page cache per partition (bytes).
+    pub cache_bytes: usize,
+    /// How often local stores are fsynced (ms).
+    pub durable_interval_ms: u64,
+}
+
+/// Group membership and transactions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupSettings {
+    /// Session timeout (ms).
+    pub session_timeout_ms: u64,
+    /// Transaction timeout (ms).
+    pub transaction_timeout_ms: u64,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            name: String::new(),
+            broker: spool_client::DEFAULT_BROKER.to_owned(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            instance_id: String::new(),
+            state_dir: PathBuf::new(),
+            metrics_listen: None,
+            runtime_threads: 0,
+            commit: CommitConfig::default(),
+            state: StateConfig::default(),
+            group: GroupSettings::default(),
+            retry: RetryPolicy::default(),
+            app: toml::Table::new(),
+        }
+    }
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        CommitConfig {
+            interval_ms: 100,
+            max_records: 10_000,
+            max_txn_bytes: 32 << 20,
+        }
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            cache_bytes: 8 << 20,
+            durable_interval_ms: 5_000,
+        }
+    }
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            session_timeout_ms: 10_000,
+            transaction_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    /// Defaults, then the TOML file (if any), then `SPOOL_*` variables of `env`.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<ProcessorConfig, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut known = toml::Table::try_from(ProcessorConfig::default())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        known.insert("metrics_listen".into(), toml::Value::String(String::new()));
+        known.insert("app".into(), toml::Value::Table(toml::Table::new()));
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("SPOOL_") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if !known.contains_key(&path[0]) {
+                continue;
+            }
+            let parsed = env_value(&path[0], &value);
+            let mut cursor = &mut table;
+            for key in &path[..path.len() - 1] {
+                cursor = cursor
+                    .entry(key.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| ConfigError(format!("{name}: {key} is not a section")))?;
+            }
+            cursor.insert(path[path.len() - 1].clone(), parsed);
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(e.to_string()))
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 200
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        if !name_ok(&self.name) {
+            return Err(ConfigError(format!(
+                "name {:?}: 1..=200 characters of [A-Za-z0-9._-]",
+                self.name
+            )));
+        }
+        if self.inputs.is_empty() {
+            return Err(ConfigError("inputs: at least one input topic".into()));
+        }
+        if !self.instance_id.is_empty() && !name_ok(&self.instance_id) {
+            return Err(ConfigError(format!(
+                "instance_id {:?}: characters of [A-Za-z0-9._-]",
+                self.instance_id
+            )));
+        }
+        if self.commit.interval_ms == 0
+            || self.commit.max_records == 0
+            || self.commit.max_txn_bytes < 1024
+        {
+            return Err(ConfigError(
+                "commit: interval_ms and max_records > 0, max_txn_bytes >= 1024".into(),
+            ));
+        }
+        if self.state.cache_bytes < 64 << 10 || self.state.durable_interval_ms == 0 {
+            return Err(ConfigError(
+                "state: cache_bytes >= 64 KiB, durable_interval_ms > 0".into(),
+            ));
+        }
+        if self.group.session_timeout_ms < 100 || self.group.transaction_timeout_ms < 1000 {
+            return Err(ConfigError(
+                "group: session_timeout_ms >= 100, transaction_timeout_ms >= 1000".into(),
+            ));
+        }
+        self.retry.validate().map_err(ConfigError)?;
+        Ok(())
+    }
+
+    /// The processor's own settings (`[app]`), as its type.
+    pub fn app<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        self.app
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(format!("[app]: {e}")))
+    }
+
+    /// The effective configuration as TOML (`--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// The instance id in force (the host name when not set).
+    pub fn effective_instance_id(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        let clean: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        if clean.is_empty() { "0".into() } else { clean }
+    }
+
+    /// The state directory in force.
+    pub fn effective_state_dir(&self) -> PathBuf {
+        if !self.state_dir.as_os_str().is_empty() {
+            return self.state_dir.clone();
+        }
+        match std::env::var_os("STATE_DIRECTORY") {
+            // systemd may pass several, colon-separated: the first is ours.
+            Some(d) => PathBuf::from(
+                d.to_string_lossy()
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            None => PathBuf::from("./spool-processor-state").join(&self.name),
+        }
+    }
+
+    /// The runtime settings this configuration describes.
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        let mut r = RuntimeConfig::new(self.name.clone(), self.inputs.clone());
+        r.outputs = self.outputs.clone();
+        r.instance_id = self.effective_instance_id();
+        r.state_dir = self.effective_state_dir();
+        r.commit_interval = Duration::from_millis(self.commit.interval_ms);
+        r.commit_max_records = self.commit.max_records;
+        r.max_txn_bytes = self.commit.max_txn_bytes;
+        r.cache_bytes = self.state.cache_bytes;
+        r.durable_interval = Duration::from_millis(self.state.durable_interval_ms);
+        r.session_timeout = Duration::from_millis(self.group.session_timeout_ms);
+        r.transaction_timeout = Duration::from_millis(self.group.transaction_timeout_ms);
+        r.retry = self.retry.clone();
+        r
+    }
+}
+
+/// An environment value: a TOML value if it parses as one (numbers, booleans, arrays), else
+/// a string.
+fn env_value(key: &str, v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match v {
+        "true" => return toml::Value::Boolean(true),
+        "false" => return toml::Value::Boolean(false),
+        _ => {}
+    }
+    if matches!(key, "inputs" | "outputs") {
+        return toml::Value::Array(
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.trim().to_owned()))
+                .collect(),
+        );
+    }
+    toml::Value::String(v.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layering_unknown_keys_and_app_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        std::fs::write(
+            &f,
+            "name = \"deals\"\ninputs = [\"prices\"]\n[commit]\ninterval_ms = 50\n[app]\nmin_drop = 20\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("SPOOL_COMMIT__INTERVAL_MS".to_owned(), "25".to_owned()),
+            ("SPOOL_BROKER".to_owned(), "127.0.0.1:9".to_owned()),
+            ("SPOOL_LOG".to_owned(), "debug".to_owned()),
+            ("SPOOL_OUTPUTS".to_owned(), "a,b".to_owned()),
+            ("SPOOL_APP__REGION".to_owned(), "eu".to_owned()),
+        ];
+        let c = ProcessorConfig::load(Some(&f), env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.commit.interval_ms, 25, "env beats file");
+        assert_eq!(c.broker, "127.0.0.1:9");
+        assert_eq!(c.outputs, vec!["a".to_owned(), "b".to_owned()]);
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct App {
+            min_drop: u32,
+            region: String,
+        }
+        assert_eq!(
+            c.app::<App>().unwrap(),
+            App {
+                min_drop: 20,
+                region: "eu".into()
+            }
+        );
+        std::fs::write(&f, "name = \"x\"\ninputs = [\"a\"]\ncomit = 1\n").unwrap();
+        let e = ProcessorConfig::load(Some(&f), vec![]).unwrap_err();
+        assert!(e.to_string().contains("comit"), "{e}");
+        let e = ProcessorConfig::load(None, vec![("SPOOL_COMMIT__NOPE".into(), "1".into())])
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let round: ProcessorConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(round, c);
+        let bad = ProcessorConfig {
+            name: "has space".into(),
+            ..c
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,356 @@
+//! The [`Context`] a handler works through: keyed state ([`Store`]), emitted records,
+//! timers, idempotency keys of external effects, and the time.
+//!
+//! Everything a call does is buffered in the context and becomes part of the open
+//! transaction only if the call returns `Ok`.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use spool_client::ProducerRecord;
+
+use crate::envelope::{EnvelopeError, Event};
+use crate::handler::{Failure, TimerKind};
+use crate::state::{self, StateError, TaskState, Writes};
+
+pub(crate) const TIMERS: &str = "__timers";
+pub(crate) const TIMER_KEYS: &str = "__timerkeys";
+pub(crate) const META: &str = "__meta";
+pub(crate) const EFFECTS: &str = "__effects";
+pub(crate) const STREAM_TIME: &[u8] = b"stream_time";
+
+/// A record a handler emitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Emit {
+    /// Destination topic.
+    pub topic: String,
+    /// Destination partition; `None`: by the key's murmur2 hash (partition 0 without a key).
+    pub partition: Option<u32>,
+    /// The record.
+    pub record: ProducerRecord,
+}
+
+/// Whether an external effect still has to be carried out ([`Context::effect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EffectStatus {
+    /// Not done yet: do it, then [`Context::effect_done`].
+    Todo,
+    /// Already done (recorded by a committed transaction): skip it.
+    Done,
+    /// Replay mode: external effects are disabled; skip it (do not mark it done).
+    Disabled,
+}
+
+/// What a handler works through. See the [module docs](self).
+pub struct Context<'a> {
+    state: &'a TaskState,
+    writes: Writes,
+    emits: Vec<Emit>,
+    partition: u32,
+    now_ms: i64,
+    stream_time_ms: i64,
+    effects_enabled: bool,
+    processor: &'a str,
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("processor", &self.processor)
+            .field("partition", &self.partition)
+            .field("now_ms", &self.now_ms)
+            .field("writes", &self.writes.len())
+            .field("emits", &self.emits.len())
+            .finish()
+    }
+}
+
+/// Timer keys: by time `[kind][at, sign-flipped big-endian][key]`, by key `[kind][key]`.
+pub(crate) fn timer_time_key(kind: TimerKind, at_ms: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.push(kind.tag());
+    k.extend_from_slice(&((at_ms as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+pub(crate) fn timer_by_key(kind: TimerKind, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(kind.tag());
+    k.extend_from_slice(key);
+    k
+}
+
+/// Decodes a by-time timer key into (kind, at, user key).
+pub(crate) fn parse_timer_key(k: &[u8]) -> Option<(TimerKind, i64, &[u8])> {
+    let kind = TimerKind::from_tag(*k.first()?)?;
+    let at: [u8; 8] = k.get(1..9)?.try_into().ok()?;
+    Some((kind, (u64::from_be_bytes(at) ^ (1 << 63)) as i64, &k[9..]))
+}
+
+pub(crate) fn i64_value(v: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(v.try_into().ok()?))
+}
+
+impl<'a> Context<'a> {
+    pub(crate) fn new(
+        state: &'a TaskState,
+        partition: u32,
+        now_ms: i64,
+        stream_time_ms: i64,
+        effects_enabled: bool,
+        processor: &'a str,
+    ) -> Context<'a> {
+        Context {
+            state,
+            writes: Writes::new(),
+            emits: Vec::new(),
+            partition,
+            now_ms,
+            stream_time_ms,
+            effects_enabled,
+            processor,
+        }
+    }
+
+    /// The call's writes and emitted records.
+    pub(crate) fn into_parts(self) -> (Writes, Vec<Emit>) {
+        (self.writes, self.emits)
+    }
+
+    /// The task (input partition number) this call runs for.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// Wall-clock time of this call (ms since the epoch), as the runtime (or the test
+    /// driver) passes it in: handlers never read a clock themselves.
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    /// The task's stream time: the largest input timestamp it has seen (ms).
+    pub fn stream_time_ms(&self) -> i64 {
+        self.stream_time_ms
+    }
+
+    /// The processor's name (e.g. for an event's `source`).
+    pub fn processor(&self) -> &str {
+        self.processor
+    }
+
+    /// True in replay mode (outputs go to prefixed topics; effects are disabled).
+    pub fn is_replay(&self) -> bool {
+        !self.effects_enabled
+    }
+
+    /// A named keyed store of this task. Names: 1..=64 bytes, not starting with `__`.
+    pub fn store<'c>(&'c mut self, name: &'c str) -> Result<Store<'c, 'a>, StateError> {
+        state::check_name(name)?;
+        Ok(Store { ctx: self, name })
+    }
+
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.state.get(key),
+        }
+    }
+
+    fn put_raw(&mut self, key: Vec<u8>, value: Option<Bytes>) {
+        self.writes.insert(key, value);
+    }
+
+    /// Emits a record to `topic`, partitioned by its key (murmur2; partition 0 without a
+    /// key). Part of the transaction.
+    pub fn emit(&mut self, topic: impl Into<String>, record: ProducerRecord) {
+        self.emits.push(Emit {
+            topic: topic.into(),
+            partition: None,
+            record,
+        });
+    }
+
+    /// Emits a record to one partition of `topic`.
+    pub fn emit_to(&mut self, topic: impl Into<String>, partition: u32, record: ProducerRecord) {
+        self.emits.push(Emit {
+            topic: topic.into(),
+            partition: Some(partition),
+            record,
+        });
+    }
+
+    /// Emits an event (CloudEvents binary mode) to `topic`, partitioned by its key.
+    pub fn emit_event<T: Serialize>(
+        &mut self,
+        topic: impl Into<String>,
+        event: &Event<T>,
+    ) -> Result<(), EnvelopeError> {
+        let r = event.to_record()?;
+        self.emit(topic, r);
+        Ok(())
+    }
+
+    /// Sets (or moves) the timer `key` on `kind`'s clock to fire at `at_ms` with `payload`.
+    /// One timer per kind and key: setting it again replaces it. Persisted with the task's
+    /// state, so it fires after a restart too.
+    pub fn set_timer(
+        &mut self,
+        kind: TimerKind,
+        key: &[u8],
+        at_ms: i64,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), StateError> {
+        self.cancel_timer(kind, key)?;
+        self.put_raw(
+            state::composite(TIMERS, &timer_time_key(kind, at_ms, key)),
+            Some(payload.into()),
+        );
+        self.put_raw(
+            state::composite(TIMER_KEYS, &timer_by_key(kind, key)),
+            Some(Bytes::copy_from_slice(&at_ms.to_be_bytes())),
+        );
+        Ok(())
+    }
+
+    /// Cancels the timer `key` (no effect if there is none).
+    pub fn cancel_timer(&mut self, kind: TimerKind, key: &[u8]) -> Result<(), StateError> {
+        let by_key = state::composite(TIMER_KEYS, &timer_by_key(kind, key));
+        if let Some(at) = self.get_raw(&by_key)?.as_deref().and_then(i64_value) {
+            self.put_raw(
+                state::composite(TIMERS, &timer_time_key(kind, at, key)),
+                None,
+            );
+            self.put_raw(by_key, None);
+        }
+        Ok(())
+    }
+
+    /// When the timer `key` is due, if set.
+    pub fn timer(&self, kind: TimerKind, key: &[u8]) -> Result<Option<i64>, StateError> {
+        let by_key = state::composite(TIMER_KEYS, &timer_by_key(kind, key));
+        Ok(self.get_raw(&by_key)?.as_deref().and_then(i64_value))
+    }
+
+    /// Whether the external effect with idempotency key `key` (derived from the input, e.g.
+    /// a notification id) still has to be done. See [`EffectStatus`].
+    pub fn effect(&self, key: &str) -> Result<EffectStatus, StateError> {
+        if !self.effects_enabled {
+            return Ok(EffectStatus::Disabled);
+        }
+        let k = state::composite(EFFECTS, key.as_bytes());
+        Ok(match self.get_raw(&k)? {
+            Some(_) => EffectStatus::Done,
+            None => EffectStatus::Todo,
+        })
+    }
+
+    /// Records that the effect `key` was carried out, in the same transaction as the input's
+    /// offset. (No effect in replay mode.)
+    pub fn effect_done(&mut self, key: &str) {
+        if !self.effects_enabled {
+            return;
+        }
+        let k = state::composite(EFFECTS, key.as_bytes());
+        let now = self.now_ms;
+        self.put_raw(k, Some(Bytes::copy_from_slice(&now.to_be_bytes())));
+    }
+
+    /// Deletes a runtime-internal entry (used when a timer fires).
+    pub(crate) fn delete_internal(&mut self, store: &str, key: &[u8]) {
+        self.put_raw(state::composite(store, key), None);
+    }
+}
+
+/// One named store of a task, through a [`Context`].
+pub struct Store<'c, 'a> {
+    ctx: &'c mut Context<'a>,
+    name: &'c str,
+}
+
+impl std::fmt::Debug for Store<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("name", &self.name).finish()
+    }
+}
+
+impl Store<'_, '_> {
+    /// The value of `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+        self.ctx.get_raw(&state::composite(self.name, key))
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, key: &[u8], value: impl Into<Bytes>) {
+        self.ctx
+            .put_raw(state::composite(self.name, key), Some(value.into()));
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&mut self, key: &[u8]) {
+        self.ctx.put_raw(state::composite(self.name, key), None);
+    }
+
+    /// The value of `key` decoded from JSON. A value that does not decode is a fatal
+    /// failure (the store holds what this processor wrote).
+    pub fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, Failure> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| {
+                Failure::fatal(format!(
+                    "store {}: value of {:?} is not the expected JSON: {e}",
+                    self.name,
+                    String::from_utf8_lossy(key)
+                ))
+            }),
+        }
+    }
+
+    /// Sets `key` to `value` as JSON.
+    pub fn put_json<T: Serialize>(&mut self, key: &[u8], value: &T) -> Result<(), Failure> {
+        let v = serde_json::to_vec(value)
+            .map_err(|e| Failure::fatal(format!("store {}: cannot encode: {e}", self.name)))?;
+        self.put(key, v);
+        Ok(())
+    }
+
+    /// Up to `limit` entries whose key starts with `prefix`, in key order (keys without the
+    /// store prefix).
+    pub fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
+        let from = state::composite(self.name, prefix);
+        let to = state::prefix_end(&from);
+        let skip = 1 + self.name.len();
+        Ok(state::merged_range(
+            self.ctx.state.backend.as_ref(),
+            &[&self.ctx.state.txn, &self.ctx.writes],
+            &from,
+            to.as_deref(),
+            limit,
+        )?
+        .into_iter()
+        .map(|(k, v)| (k[skip..].to_vec(), v))
+        .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_keys_sort_by_time_and_round_trip() {
+        let a = timer_time_key(TimerKind::Wall, -5, b"x");
+        let b = timer_time_key(TimerKind::Wall, 3, b"a");
+        let c = timer_time_key(TimerKind::Wall, 1_700_000_000_000, b"a");
+        assert!(a < b && b < c);
+        assert_eq!(
+            parse_timer_key(&c),
+            Some((TimerKind::Wall, 1_700_000_000_000, &b"a"[..]))
+        );
+        assert_eq!(parse_timer_key(&a), Some((TimerKind::Wall, -5, &b"x"[..])));
+    }
+}

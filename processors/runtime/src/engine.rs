@@ -1,0 +1,366 @@
+//! The part of processing that does not depend on the broker, shared by the live runtime
+//! ([`crate::runtime`]) and the test driver ([`crate::testing`]): one [`Task`] per input
+//! partition (its state, stream time and timers), running handler calls and timers against
+//! it, the retry policy, and the dead-letter record format.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use spool_client::{Header, ProducerRecord};
+
+use crate::context::{self, Context, Emit};
+use crate::handler::{AsyncHandler, Failure, Input, Timer, TimerKind};
+use crate::state::{self, Backend, StateError, TaskState};
+
+/// Headers the runtime writes on dead letters.
+pub mod headers {
+    /// Why the record was dead-lettered (the last failure's reason).
+    pub const DLQ_ERROR: &str = "spool_dlq_error";
+    /// The record's original topic.
+    pub const DLQ_TOPIC: &str = "spool_dlq_topic";
+    /// Its original partition.
+    pub const DLQ_PARTITION: &str = "spool_dlq_partition";
+    /// Its original offset.
+    pub const DLQ_OFFSET: &str = "spool_dlq_offset";
+    /// Attempts made.
+    pub const DLQ_ATTEMPTS: &str = "spool_dlq_attempts";
+    /// JSON array of `{attempt, at_ms, reason}`, oldest first.
+    pub const DLQ_HISTORY: &str = "spool_dlq_history";
+    /// The consumer group (processor) that gave up on it.
+    pub const DLQ_GROUP: &str = "spool_dlq_group";
+    /// When (ms since the epoch).
+    pub const DLQ_TIME: &str = "spool_dlq_time_ms";
+    /// Every header the runtime adds starts with this.
+    pub const PREFIX: &str = "spool_";
+}
+
+/// How failed inputs are retried.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// `blocking`: the partition waits and retries the same input (ordered work).
+    /// `topics`: the input goes to a retry topic and the partition goes on (unordered work).
+    pub mode: RetryMode,
+    /// Attempts in all (the first one included) before the input is dead-lettered; 0 retries
+    /// a blocking input forever (until an operator skips it: `spool dlq skip`).
+    pub max_attempts: u32,
+    /// Blocking mode: delay before the first retry (ms); doubles per attempt, ±20% jitter.
+    pub initial_backoff_ms: u64,
+    /// Blocking mode: longest delay (ms).
+    pub max_backoff_ms: u64,
+    /// Topics mode: one retry topic per delay (ms), used in order; attempts past the list use
+    /// its last topic.
+    pub topic_delays_ms: Vec<u64>,
+}
+
+/// See [`RetryPolicy::mode`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryMode {
+    /// Retry in place.
+    #[default]
+    Blocking,
+    /// Retry through retry topics.
+    Topics,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            mode: RetryMode::Blocking,
+            max_attempts: 5,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+            topic_delays_ms: vec![1_000, 10_000, 60_000],
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether a failed attempt number `attempt` (1-based) gets another one.
+    pub fn retries_after(&self, attempt: u32) -> bool {
+        self.max_attempts == 0 || attempt < self.max_attempts
+    }
+
+    /// The backoff before attempt `attempt + 1` in blocking mode, without jitter.
+    pub fn base_backoff(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(30);
+        Duration::from_millis(
+            self.initial_backoff_ms
+                .saturating_mul(1u64 << exp)
+                .min(self.max_backoff_ms),
+        )
+    }
+
+    /// The same with ±20% jitter (so that many processors do not retry together).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        spool_client::Backoff {
+            initial: Duration::from_millis(self.initial_backoff_ms),
+            max: Duration::from_millis(self.max_backoff_ms),
+        }
+        .delay(attempt)
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.initial_backoff_ms == 0 || self.max_backoff_ms < self.initial_backoff_ms {
+            return Err("retry: need 0 < initial_backoff_ms <= max_backoff_ms".into());
+        }
+        if self.mode == RetryMode::Topics
+            && (self.topic_delays_ms.is_empty()
+                || self.topic_delays_ms.len() > 16
+                || self.max_attempts == 0)
+        {
+            return Err(
+                "retry: mode = \"topics\" needs 1..=16 topic_delays_ms and max_attempts > 0".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One failed attempt, as recorded in the dead-letter history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Attempt number (1-based).
+    pub attempt: u32,
+    /// When it failed (ms since the epoch).
+    pub at_ms: i64,
+    /// Why.
+    pub reason: String,
+}
+
+/// The dead-letter topic of `source` for `group`: `<source>.<group>.dlq`.
+pub fn dlq_topic(source: &str, group: &str) -> String {
+    format!("{source}.{group}.dlq")
+}
+
+/// The dead-letter record of an input: its key, value and headers (the runtime's own
+/// `spool_*` ones replaced), plus where it came from, why, and every attempt.
+pub(crate) fn dead_letter(
+    input: &Input,
+    group: &str,
+    history: &[Attempt],
+    now_ms: i64,
+) -> ProducerRecord {
+    let mut r = ProducerRecord {
+        key: input.key.clone(),
+        value: input.value.clone(),
+        headers: input
+            .headers
+            .iter()
+            .filter(|h| !h.key.starts_with(headers::PREFIX))
+            .cloned()
+            .collect(),
+        timestamp_ms: Some(input.timestamp_ms),
+    };
+    let last = history.last().map(|a| a.reason.clone()).unwrap_or_default();
+    let push = |r: &mut ProducerRecord, k: &str, v: String| {
+        r.headers.push(Header {
+            key: k.to_owned(),
+            value: Some(Bytes::from(v.into_bytes())),
+        })
+    };
+    push(&mut r, headers::DLQ_ERROR, last);
+    push(&mut r, headers::DLQ_TOPIC, input.topic.to_string());
+    push(&mut r, headers::DLQ_PARTITION, input.partition.to_string());
+    push(&mut r, headers::DLQ_OFFSET, input.offset.to_string());
+    push(&mut r, headers::DLQ_ATTEMPTS, history.len().to_string());
+    push(
+        &mut r,
+        headers::DLQ_HISTORY,
+        serde_json::to_string(history).unwrap_or_default(),
+    );
+    push(&mut r, headers::DLQ_GROUP, group.to_owned());
+    push(&mut r, headers::DLQ_TIME, now_ms.to_string());
+    r
+}
+
+/// Where the runtime is running a handler: its name and whether effects are enabled.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Env<'a> {
+    pub(crate) processor: &'a str,
+    pub(crate) effects_enabled: bool,
+}
+
+/// One task: an input partition number, its state, its stream time.
+#[derive(Debug)]
+pub(crate) struct Task {
+    pub(crate) partition: u32,
+    pub(crate) state: TaskState,
+    /// Stream time as the open transaction sees it.
+    pub(crate) stream_time: i64,
+    /// Stream time as of the last check of stream timers.
+    pub(crate) stream_timers_checked: i64,
+}
+
+impl Task {
+    /// A task over a restored local store.
+    pub(crate) fn open(partition: u32, backend: Box<dyn Backend>) -> Result<Task, StateError> {
+        let state = TaskState::new(backend);
+        let stream_time = committed_stream_time(&state)?;
+        Ok(Task {
+            partition,
+            state,
+            stream_time,
+            stream_timers_checked: i64::MIN,
+        })
+    }
+
+    /// The open transaction aborted: drop its writes, go back to the committed stream time.
+    pub(crate) fn discard(&mut self) -> Result<(), StateError> {
+        self.state.discard();
+        self.stream_time = committed_stream_time(&self.state)?;
+        self.stream_timers_checked = i64::MIN;
+        Ok(())
+    }
+
+    /// Runs the handler on one input. On `Ok` its writes join the open transaction and its
+    /// emitted records are returned; on `Err` nothing it did is kept.
+    pub(crate) async fn handle<H: AsyncHandler>(
+        &mut self,
+        handler: &mut H,
+        input: &Input,
+        now_ms: i64,
+        env: Env<'_>,
+    ) -> Result<Vec<Emit>, Failure> {
+        let st = self.stream_time.max(input.timestamp_ms);
+        let mut ctx = Context::new(
+            &self.state,
+            self.partition,
+            now_ms,
+            st,
+            env.effects_enabled,
+            env.processor,
+        );
+        let r = handler.handle(&mut ctx, input).await;
+        let (mut writes, emits) = ctx.into_parts();
+        r?;
+        if st > self.stream_time {
+            self.stream_time = st;
+            writes.insert(
+                state::composite(context::META, context::STREAM_TIME),
+                Some(Bytes::copy_from_slice(&st.to_be_bytes())),
+            );
+        }
+        self.state.merge(writes);
+        Ok(emits)
+    }
+
+    /// Timers of `kind` due at or before `upto`, earliest first, at most `limit`.
+    pub(crate) fn due_timers(
+        &self,
+        kind: TimerKind,
+        upto: i64,
+        limit: usize,
+    ) -> Result<Vec<Timer>, StateError> {
+        let from = state::composite(context::TIMERS, &[kind.tag()]);
+        let to = match upto.checked_add(1) {
+            Some(end) => {
+                state::composite(context::TIMERS, &context::timer_time_key(kind, end, b""))
+            }
+            None => state::composite(context::TIMERS, &[kind.tag() + 1]),
+        };
+        let entries = state::merged_range(
+            self.state.backend.as_ref(),
+            &[&self.state.txn],
+            &from,
+            Some(&to),
+            limit,
+        )?;
+        let skip = 1 + context::TIMERS.len();
+        Ok(entries
+            .into_iter()
+            .filter_map(|(k, payload)| {
+                let (kind, at_ms, key) = context::parse_timer_key(&k[skip..])?;
+                Some(Timer {
+                    kind,
+                    key: Bytes::copy_from_slice(key),
+                    at_ms,
+                    payload,
+                    partition: self.partition,
+                })
+            })
+            .collect())
+    }
+
+    /// Fires one timer: removes it and runs the handler's `on_timer` (which may set it
+    /// again). On `Err` nothing is kept: the timer stays and fires again later.
+    pub(crate) async fn fire<H: AsyncHandler>(
+        &mut self,
+        handler: &mut H,
+        timer: &Timer,
+        now_ms: i64,
+        env: Env<'_>,
+    ) -> Result<Vec<Emit>, Failure> {
+        let mut ctx = Context::new(
+            &self.state,
+            self.partition,
+            now_ms,
+            self.stream_time,
+            env.effects_enabled,
+            env.processor,
+        );
+        ctx.delete_internal(
+            context::TIMERS,
+            &context::timer_time_key(timer.kind, timer.at_ms, &timer.key),
+        );
+        ctx.delete_internal(
+            context::TIMER_KEYS,
+            &context::timer_by_key(timer.kind, &timer.key),
+        );
+        let r = handler.on_timer(&mut ctx, timer).await;
+        let (writes, emits) = ctx.into_parts();
+        r?;
+        self.state.merge(writes);
+        Ok(emits)
+    }
+
+    /// A user store's committed-or-pending value (tests, tools).
+    pub(crate) fn get(&self, store: &str, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+        self.state.get(&state::composite(store, key))
+    }
+}
+
+fn committed_stream_time(state: &TaskState) -> Result<i64, StateError> {
+    Ok(state
+        .backend
+        .get(&state::composite(context::META, context::STREAM_TIME))?
+        .as_deref()
+        .and_then(context::i64_value)
+        .unwrap_or(i64::MIN))
+}
+
+/// The changelog record of one write: key as is, value (or a tombstone).
+pub(crate) fn changelog_record(key: &[u8], value: &Option<Bytes>) -> ProducerRecord {
+    ProducerRecord {
+        key: Some(Bytes::copy_from_slice(key)),
+        value: value.clone(),
+        headers: Vec::new(),
+        timestamp_ms: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let p = RetryPolicy {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(p.base_backoff(1), Duration::from_millis(100));
+        assert_eq!(p.base_backoff(3), Duration::from_millis(400));
+        assert_eq!(p.base_backoff(40), Duration::from_millis(1000));
+        assert!(p.retries_after(4) && !p.retries_after(5));
+        let forever = RetryPolicy {
+            max_attempts: 0,
+            ..p
+        };
+        assert!(forever.retries_after(1_000_000));
+    }
+}

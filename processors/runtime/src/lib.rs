@@ -1,0 +1,40 @@
+//! Spool's stream-processor runtime: write a processor as one handler, run it as one
+//! binary under systemd.
+//!
+//! ```text
+//! inputs (topics, lanes) ─► GroupConsumer ─► Task per partition ─► Handler::handle(ctx, input)
+//!                                                  │ state (stores) ─ changelog + local SQLite
+//!                                                  │ timers (wall / stream time)
+//!                                                  └ emits ─► TransactionalProducer
+//!   one transaction per batch: outputs + changelog records + input offsets
+//! ```
+//!
+//! - [`Handler`] / [`AsyncHandler`]: what a processor implements; [`Context`]: state
+//!   ([`Context::store`]), emitting ([`Context::emit`], [`Context::emit_event`]), timers
+//!   ([`Context::set_timer`]), idempotency keys of external effects ([`Context::effect`]),
+//!   the time ([`Context::now_ms`]); [`Failure`]: retry, dead-letter, or stop.
+//! - [`envelope`]: CloudEvents (Kafka binding, binary mode) typed encode/decode.
+//! - [`runtime`]: the exactly-once loop against `spoold`; [`app`]: a processor binary's
+//!   `main` (flags, TOML config, systemd, metrics, replay mode); [`config`].
+//! - [`testing`]: [`testing::TestDriver`], the same engine without a broker.
+//!
+//! The guarantees, their limits and how to operate processors: `docs/processors.md`.
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod context;
+pub mod engine;
+pub mod envelope;
+pub mod handler;
+pub mod metrics;
+pub mod runtime;
+pub mod state;
+pub mod testing;
+
+pub use context::{Context, EffectStatus, Emit, Store};
+pub use engine::{Attempt, RetryMode, RetryPolicy, dlq_topic};
+pub use envelope::{Attributes, EnvelopeError, Event};
+pub use handler::{Action, AsyncHandler, Failure, Handler, Input, Timer, TimerKind};
+pub use runtime::{Clock, RuntimeConfig, RuntimeError, SystemClock};
+pub use state::StateError;

@@ -1,0 +1,273 @@
+//! A processor's Prometheus metrics and its health endpoint, on its own listener
+//! (`metrics_listen`): `GET /metrics` (text exposition format), `GET /health` (200 `ready`
+//! once every owned partition's state is restored and the processor is in its group, else
+//! 503 with what it is waiting for).
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `spool_processor_records_in_total` | counter | topic |
+//! | `spool_processor_records_out_total` | counter | topic |
+//! | `spool_processor_process_seconds` | histogram (handler call) | |
+//! | `spool_processor_commit_seconds` | histogram (transaction commit) | |
+//! | `spool_processor_commits_total`, `spool_processor_aborts_total` | counter | |
+//! | `spool_processor_retries_total` | counter | topic |
+//! | `spool_processor_dead_letters_total` | counter | topic |
+//! | `spool_processor_timers_fired_total` | counter | |
+//! | `spool_processor_lag` | gauge (records behind the high watermark) | topic, partition |
+//! | `spool_processor_restoring_partitions` | gauge | |
+//! | `spool_processor_restored_records_total` | counter | |
+//! | `spool_processor_paused_lanes` | gauge (1 when paused) | lane |
+//! | `spool_processor_blocked_partitions` | gauge (partitions retrying in place) | |
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TopicLabel {
+    pub(crate) topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PartitionLabel {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LaneLabel {
+    pub(crate) lane: String,
+}
+
+/// A processor's metrics (cheap to update: atomic adds).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) records_in: Family<TopicLabel, Counter>,
+    pub(crate) records_out: Family<TopicLabel, Counter>,
+    pub(crate) process_seconds: Histogram,
+    pub(crate) commit_seconds: Histogram,
+    pub(crate) commits: Counter,
+    pub(crate) aborts: Counter,
+    pub(crate) retries: Family<TopicLabel, Counter>,
+    pub(crate) dead_letters: Family<TopicLabel, Counter>,
+    pub(crate) timers_fired: Counter,
+    pub(crate) lag: Family<PartitionLabel, Gauge>,
+    pub(crate) restoring: Gauge,
+    pub(crate) restored_records: Counter,
+    pub(crate) paused_lanes: Family<LaneLabel, Gauge>,
+    pub(crate) blocked: Gauge,
+    /// Health: in the group with every owned partition restored.
+    pub(crate) ready: AtomicBool,
+    /// Records processed (for progress and rate).
+    pub(crate) done: AtomicU64,
+    /// When the processing loop last went round (ms on a monotonic clock from `start`).
+    last_alive_ms: AtomicU64,
+    start: std::time::Instant,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            records_in: Family::default(),
+            records_out: Family::default(),
+            process_seconds: Histogram::new(exponential_buckets(0.000_001, 4.0, 14)),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            commits: Counter::default(),
+            aborts: Counter::default(),
+            retries: Family::default(),
+            dead_letters: Family::default(),
+            timers_fired: Counter::default(),
+            lag: Family::default(),
+            restoring: Gauge::default(),
+            restored_records: Counter::default(),
+            paused_lanes: Family::default(),
+            blocked: Gauge::default(),
+            ready: AtomicBool::new(false),
+            done: AtomicU64::new(0),
+            last_alive_ms: AtomicU64::new(0),
+            start: std::time::Instant::now(),
+            registry: Registry::default(),
+        };
+        let p = "spool_processor";
+        registry.register(
+            format!("{p}_records_in"),
+            "Input records processed",
+            m.records_in.clone(),
+        );
+        registry.register(
+            format!("{p}_records_out"),
+            "Records emitted (committed or not yet)",
+            m.records_out.clone(),
+        );
+        registry.register(
+            format!("{p}_process_seconds"),
+            "Handler call duration",
+            m.process_seconds.clone(),
+        );
+        registry.register(
+            format!("{p}_commit_seconds"),
+            "Transaction commit duration",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            format!("{p}_commits"),
+            "Transactions committed",
+            m.commits.clone(),
+        );
+        registry.register(
+            format!("{p}_aborts"),
+            "Transactions aborted",
+            m.aborts.clone(),
+        );
+        registry.register(
+            format!("{p}_retries"),
+            "Failed attempts that were retried",
+            m.retries.clone(),
+        );
+        registry.register(
+            format!("{p}_dead_letters"),
+            "Inputs sent to a dead-letter topic",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            format!("{p}_timers_fired"),
+            "Timers fired",
+            m.timers_fired.clone(),
+        );
+        registry.register(
+            format!("{p}_lag"),
+            "Records between the position and the high watermark",
+            m.lag.clone(),
+        );
+        registry.register(
+            format!("{p}_restoring_partitions"),
+            "Partitions restoring state from the changelog",
+            m.restoring.clone(),
+        );
+        registry.register(
+            format!("{p}_restored_records"),
+            "Changelog records applied while restoring",
+            m.restored_records.clone(),
+        );
+        registry.register(
+            format!("{p}_paused_lanes"),
+            "1 for each paused lane",
+            m.paused_lanes.clone(),
+        );
+        registry.register(
+            format!("{p}_blocked_partitions"),
+            "Partitions waiting to retry a record in place",
+            m.blocked.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub(crate) fn topic(topic: &str) -> TopicLabel {
+        TopicLabel {
+            topic: topic.to_owned(),
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        s
+    }
+
+    /// Whether the processor is ready (health endpoint).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The processing loop went round (the watchdog's proof of life).
+    pub(crate) fn alive(&self) {
+        self.last_alive_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Time since the processing loop last went round.
+    pub fn since_alive(&self) -> std::time::Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(
+            now.saturating_sub(self.last_alive_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Records processed since start.
+    pub fn records_done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics` and `/health` on `listener` until `stop` turns true.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    match req.uri().path() {
+                        "/metrics" => Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(metrics.render()))),
+                        "/health" if metrics.is_ready() => {
+                            Response::builder().body(Full::new(Bytes::from_static(b"ready\n")))
+                        }
+                        "/health" => Response::builder()
+                            .status(StatusCode::SERVICE_UNAVAILABLE)
+                            .body(Full::new(Bytes::from_static(
+                                b"not ready: joining the group or restoring state\n",
+                            ))),
+                        _ => Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"try /metrics or /health\n"))),
+                    }
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}

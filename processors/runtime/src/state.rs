@@ -1,0 +1,525 @@
+//! State stores: named keyed stores per task (input partition), backed by the processor's
+//! changelog topic and kept locally in a SQLite file.
+//!
+//! # Layers
+//!
+//! A read looks, in order, at the handler call's own writes (discarded if the call fails),
+//! the open transaction's writes ([`TaskState`]), then the local store ([`Backend`]), which
+//! holds **only committed data**: a transaction's writes reach it after the broker committed
+//! the transaction, in one local write together with the changelog position they bring it
+//! to. So the local store is always a prefix of the changelog, and a restart reads only the
+//! changelog's tail past the recorded position (nothing is ever wiped because of an unclean
+//! shutdown, unlike Kafka Streams under exactly-once).
+//!
+//! # Keys
+//!
+//! Every store of a processor shares one compacted changelog topic; a changelog record's key
+//! (and the local key) is `[store name length: u8][store name][user key]`, its value the
+//! stored value, a null value a deletion. Names starting with `__` are the runtime's own
+//! (timers, stream time, effects, completion counters).
+//!
+//! # Why SQLite
+//!
+//! The local copy needs atomic multi-key commits (writes plus the changelog position, or
+//! nothing), ordered keys (range scans for timers and prefixes), a page cache bounded by
+//! configuration, and cheap commits that need not be fsynced one by one. SQLite (through
+//! `rusqlite`, bundled so no system library is needed) gives all of it with the best-tested
+//! crash behaviour there is: in WAL mode a commit with `synchronous = NORMAL` survives a
+//! process crash and, after a power loss, the file is a consistent older state. The runtime
+//! commits locally after every transaction that way and with `synchronous = FULL` every few
+//! seconds and at shutdown; whatever a power loss takes from the *local* copy, the changelog
+//! tail restores. redb (pure Rust, copy-on-write B-tree) was the first choice and would fit
+//! as well; its published crate pins a toolchain in a `rust-toolchain` file, which rustup
+//! cannot install on our build machines, so it fails to build here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+/// Longest store name.
+pub const MAX_STORE_NAME: usize = 64;
+
+const POSITION: &str = "changelog_next";
+
+/// A state-store failure (local I/O, a corrupt file, a bad store name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// The local store failed.
+    #[error("local state store {path}: {message}")]
+    Local {
+        /// The store file.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// A store name that is empty, too long, or reserved.
+    #[error("invalid store name {0:?}: 1..=64 bytes, not starting with \"__\"")]
+    BadName(String),
+}
+
+/// The composite key of `key` in `store`.
+pub(crate) fn composite(store: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + store.len() + key.len());
+    k.push(store.len() as u8);
+    k.extend_from_slice(store.as_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// Checks a user store name.
+pub(crate) fn check_name(store: &str) -> Result<(), StateError> {
+    if store.is_empty() || store.len() > MAX_STORE_NAME || store.starts_with("__") {
+        return Err(StateError::BadName(store.to_owned()));
+    }
+    Ok(())
+}
+
+/// The smallest key greater than every key starting with `prefix` (`None`: no bound).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Writes to apply: composite key → value (`None` deletes).
+pub(crate) type Writes = BTreeMap<Vec<u8>, Option<Bytes>>;
+
+/// The committed local copy of one task's state.
+pub(crate) trait Backend: Send + Sync {
+    /// The committed value of a composite key.
+    fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StateError>;
+    /// Committed entries with `from <= key < to` (`to = None`: no end), in key order, at
+    /// most `limit`.
+    fn range(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError>;
+    /// Applies committed writes and records the changelog position they bring the store to,
+    /// atomically. `durable`: survive a crash (else a later durable apply makes it so).
+    fn apply(&mut self, writes: &Writes, position: u64, durable: bool) -> Result<(), StateError>;
+    /// The changelog offset the store is complete up to (exclusive).
+    fn position(&self) -> u64;
+    /// Deletes everything (a store that does not belong to the changelog it is next to).
+    fn wipe(&mut self) -> Result<(), StateError>;
+}
+
+/// An in-memory backend (the test driver's).
+#[derive(Debug, Default)]
+pub(crate) struct MemBackend {
+    map: BTreeMap<Vec<u8>, Bytes>,
+    position: u64,
+}
+
+impl Backend for MemBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+        Ok(self.map.get(key).cloned())
+    }
+
+    fn range(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
+        use std::ops::Bound;
+        let upper = match to {
+            Some(t) => Bound::Excluded(t.to_vec()),
+            None => Bound::Unbounded,
+        };
+        Ok(self
+            .map
+            .range((Bound::Included(from.to_vec()), upper))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn apply(&mut self, writes: &Writes, position: u64, _durable: bool) -> Result<(), StateError> {
+        for (k, v) in writes {
+            match v {
+                Some(v) => {
+                    self.map.insert(k.clone(), v.clone());
+                }
+                None => {
+                    self.map.remove(k);
+                }
+            }
+        }
+        self.position = self.position.max(position);
+        Ok(())
+    }
+
+    fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn wipe(&mut self) -> Result<(), StateError> {
+        self.map.clear();
+        self.position = 0;
+        Ok(())
+    }
+}
+
+/// A task's local store: one SQLite file (WAL mode).
+///
+/// Commits are atomic; `durable = false` commits use `synchronous = NORMAL` (they survive a
+/// process crash, and after a power loss the file is still a consistent, older state),
+/// `durable = true` commits use `synchronous = FULL`.
+pub(crate) struct SqliteBackend {
+    conn: std::sync::Mutex<rusqlite::Connection>,
+    path: PathBuf,
+    position: u64,
+}
+
+impl std::fmt::Debug for SqliteBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteBackend")
+            .field("path", &self.path)
+            .field("position", &self.position)
+            .finish()
+    }
+}
+
+impl SqliteBackend {
+    /// Opens (or creates) `path` with a page cache of `cache_bytes`.
+    pub(crate) fn open(path: &Path, cache_bytes: usize) -> Result<SqliteBackend, StateError> {
+        let err = |e: &dyn std::fmt::Display| StateError::Local {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let conn = rusqlite::Connection::open(path).map_err(|e| err(&e))?;
+        let kib = (cache_bytes / 1024).max(64);
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA cache_size = -{kib};
+             PRAGMA temp_store = MEMORY;
+             CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+        ))
+        .map_err(|e| err(&e))?;
+        let position: i64 = conn
+            .query_row("SELECT v FROM meta WHERE name = ?1", [POSITION], |r| {
+                r.get(0)
+            })
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(0),
+                e => Err(e),
+            })
+            .map_err(|e| err(&e))?;
+        Ok(SqliteBackend {
+            conn: std::sync::Mutex::new(conn),
+            path: path.to_owned(),
+            position: u64::try_from(position).unwrap_or(0),
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::Local {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached("SELECT v FROM kv WHERE k = ?1")
+            .map_err(|e| self.err(e))?;
+        let mut rows = st.query([key]).map_err(|e| self.err(e))?;
+        match rows.next().map_err(|e| self.err(e))? {
+            Some(row) => {
+                let v: Vec<u8> = row.get(0).map_err(|e| self.err(e))?;
+                Ok(Some(Bytes::from(v)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn range(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
+        let c = self.conn();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(Vec<u8>, Bytes)> {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                Bytes::from(r.get::<_, Vec<u8>>(1)?),
+            ))
+        };
+        let rows: rusqlite::Result<Vec<(Vec<u8>, Bytes)>> = match to {
+            Some(to) => {
+                let mut st = c
+                    .prepare_cached(
+                        "SELECT k, v FROM kv WHERE k >= ?1 AND k < ?2 ORDER BY k LIMIT ?3",
+                    )
+                    .map_err(|e| self.err(e))?;
+                st.query_map(rusqlite::params![from, to, limit], map)
+                    .map_err(|e| self.err(e))?
+                    .collect()
+            }
+            None => {
+                let mut st = c
+                    .prepare_cached("SELECT k, v FROM kv WHERE k >= ?1 ORDER BY k LIMIT ?2")
+                    .map_err(|e| self.err(e))?;
+                st.query_map(rusqlite::params![from, limit], map)
+                    .map_err(|e| self.err(e))?
+                    .collect()
+            }
+        };
+        rows.map_err(|e| self.err(e))
+    }
+
+    fn apply(&mut self, writes: &Writes, position: u64, durable: bool) -> Result<(), StateError> {
+        let position = position.max(self.position);
+        let path = self.path.display().to_string();
+        let err = |e: rusqlite::Error| StateError::Local {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let mut c = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })
+            .map_err(err)?;
+        let tx = c.transaction().map_err(err)?;
+        {
+            let mut put = tx
+                .prepare_cached("INSERT OR REPLACE INTO kv (k, v) VALUES (?1, ?2)")
+                .map_err(err)?;
+            let mut del = tx
+                .prepare_cached("DELETE FROM kv WHERE k = ?1")
+                .map_err(err)?;
+            for (k, v) in writes {
+                match v {
+                    Some(v) => put.execute(rusqlite::params![k, v.as_ref()]).map_err(err)?,
+                    None => del.execute([k]).map_err(err)?,
+                };
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (name, v) VALUES (?1, ?2)",
+                rusqlite::params![POSITION, i64::try_from(position).unwrap_or(i64::MAX)],
+            )
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        drop(c);
+        self.position = position;
+        Ok(())
+    }
+
+    fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn wipe(&mut self) -> Result<(), StateError> {
+        self.conn()
+            .execute_batch("DELETE FROM kv; DELETE FROM meta;")
+            .map_err(|e| self.err(e))?;
+        self.position = 0;
+        Ok(())
+    }
+}
+
+/// One task's state: the committed local copy and the open transaction's writes.
+pub(crate) struct TaskState {
+    pub(crate) backend: Box<dyn Backend>,
+    /// Writes of the open transaction (last value per key).
+    pub(crate) txn: Writes,
+    /// Bytes held by `txn` (keys and values), to bound it.
+    pub(crate) txn_bytes: usize,
+}
+
+impl std::fmt::Debug for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskState")
+            .field("position", &self.backend.position())
+            .field("txn_writes", &self.txn.len())
+            .finish()
+    }
+}
+
+impl TaskState {
+    pub(crate) fn new(backend: Box<dyn Backend>) -> TaskState {
+        TaskState {
+            backend,
+            txn: Writes::new(),
+            txn_bytes: 0,
+        }
+    }
+
+    /// The value of a composite key as the open transaction sees it.
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+        match self.txn.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.backend.get(key),
+        }
+    }
+
+    /// Adds one handler call's writes to the open transaction.
+    pub(crate) fn merge(&mut self, writes: Writes) {
+        for (k, v) in writes {
+            let klen = k.len();
+            let vlen = v.as_ref().map_or(0, Bytes::len);
+            match self.txn.insert(k, v) {
+                Some(old) => {
+                    self.txn_bytes = self
+                        .txn_bytes
+                        .saturating_sub(old.as_ref().map_or(0, Bytes::len))
+                        + vlen;
+                }
+                None => self.txn_bytes += klen + vlen,
+            }
+        }
+    }
+
+    /// Drops the open transaction's writes (it aborted).
+    pub(crate) fn discard(&mut self) {
+        self.txn.clear();
+        self.txn_bytes = 0;
+    }
+
+    /// Takes the open transaction's writes (to send as changelog records, then apply).
+    pub(crate) fn take(&mut self) -> Writes {
+        self.txn_bytes = 0;
+        std::mem::take(&mut self.txn)
+    }
+}
+
+/// Merges a committed range with overlay layers (later layers win), in key order, at most
+/// `limit` live entries with `from <= key < to`.
+pub(crate) fn merged_range(
+    backend: &dyn Backend,
+    overlays: &[&Writes],
+    from: &[u8],
+    to: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
+    use std::ops::Bound;
+    let upper = match to {
+        Some(t) => Bound::Excluded(t.to_vec()),
+        None => Bound::Unbounded,
+    };
+    let bounds = (Bound::Included(from.to_vec()), upper);
+    // Deleted keys in the overlays can hide committed entries: ask for that many more.
+    let extra: usize = overlays
+        .iter()
+        .map(|o| o.range(bounds.clone()).count())
+        .sum();
+    let mut merged: BTreeMap<Vec<u8>, Option<Bytes>> = backend
+        .range(from, to, limit.saturating_add(extra))?
+        .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+    let last_committed = merged.keys().next_back().cloned();
+    let committed_full = merged.len() >= limit.saturating_add(extra);
+    for o in overlays {
+        for (k, v) in o.range(bounds.clone()) {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(merged
+        .into_iter()
+        // Past the last committed key we fetched, committed keys may be missing: stop there
+        // if the committed scan was cut by the limit.
+        .filter(|(k, _)| !committed_full || last_committed.as_ref().is_none_or(|l| k <= l))
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .take(limit)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn keys_compose_and_split() {
+        let k = composite("prices", b"sku-1");
+        assert_eq!(k, b"\x06pricessku-1".to_vec());
+        assert!(check_name("__timers").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name(&"x".repeat(65)).is_err());
+        check_name("prices").unwrap();
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff]), None);
+    }
+
+    #[test]
+    fn sqlite_keeps_committed_writes_and_position_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("task-0.sqlite");
+        {
+            let mut s = SqliteBackend::open(&path, 1 << 20).unwrap();
+            assert_eq!(s.position(), 0);
+            let mut w = Writes::new();
+            w.insert(composite("a", b"1"), Some(b("one")));
+            w.insert(composite("a", b"2"), Some(b("two")));
+            s.apply(&w, 7, false).unwrap();
+            let mut w = Writes::new();
+            w.insert(composite("a", b"1"), None);
+            s.apply(&w, 9, true).unwrap();
+            assert_eq!(s.range(b"", None, 10).unwrap().len(), 1);
+        }
+        let s = SqliteBackend::open(&path, 1 << 20).unwrap();
+        assert_eq!(s.position(), 9);
+        assert_eq!(s.get(&composite("a", b"1")).unwrap(), None);
+        assert_eq!(s.get(&composite("a", b"2")).unwrap(), Some(b("two")));
+        let mut s = s;
+        s.wipe().unwrap();
+        assert_eq!(
+            (s.position(), s.range(b"", None, 10).unwrap().len()),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn merged_range_applies_overlays_in_order() {
+        let mut m = MemBackend::default();
+        let mut w = Writes::new();
+        for i in 0..10u8 {
+            w.insert(vec![b'k', i], Some(Bytes::from(vec![i])));
+        }
+        m.apply(&w, 1, true).unwrap();
+        let mut txn = Writes::new();
+        txn.insert(vec![b'k', 0], None);
+        txn.insert(vec![b'k', 1], None);
+        txn.insert(vec![b'k', 20], Some(b("new")));
+        let mut call = Writes::new();
+        call.insert(vec![b'k', 2], Some(b("call")));
+        let r = merged_range(&m, &[&txn, &call], b"k", None, 3).unwrap();
+        let keys: Vec<u8> = r.iter().map(|(k, _)| k[1]).collect();
+        assert_eq!(keys, vec![2, 3, 4]);
+        assert_eq!(r[0].1, b("call"));
+        let all = merged_range(&m, &[&txn, &call], b"k", None, 100).unwrap();
+        assert_eq!(all.len(), 9);
+        assert_eq!(all.last().unwrap().0, vec![b'k', 20]);
+    }
+}

@@ -1,0 +1,606 @@
+//! Running a processor without a broker, in the spirit of Kafka Streams'
+//! `TopologyTestDriver`: feed records, move the wall clock, read what the handler emitted,
+//! its state and its dead letters.
+//!
+//! ```
+//! use spool_processor::testing::TestDriver;
+//! use spool_processor::{Context, Failure, Handler, Input};
+//! use spool_client::ProducerRecord;
+//!
+//! struct Count;
+//! impl Handler for Count {
+//!     fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+//!         let key = input.key.clone().unwrap_or_default();
+//!         let mut store = ctx.store("counts")?;
+//!         let n = store.get_json::<u64>(&key)?.unwrap_or(0) + 1;
+//!         store.put_json(&key, &n)?;
+//!         ctx.emit("counted", ProducerRecord::new(n.to_string()).key(key));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut d = TestDriver::new("counter", Count);
+//! d.pipe("clicks", "a", "x").pipe("clicks", "a", "y");
+//! let out = d.read_output("counted");
+//! assert_eq!(out.len(), 2);
+//! assert_eq!(d.state_json::<u64>("counts", b"a"), Some(2));
+//! ```
+//!
+//! What it does like the live runtime (it runs the same [`crate::engine`] code): each input is
+//! one handler call whose writes, emitted records and timers are kept only if it returns
+//! `Ok`; blocking retries with the same policy (the driver's clock moves by each backoff,
+//! without jitter); dead letters with the same headers; stream-time timers fire after the
+//! input that moves stream time past them, wall-clock timers when the clock is moved; every
+//! piped input is its own committed transaction, and every commit appends the state changes to
+//! a changelog from which [`TestDriver::restart`] rebuilds the state, as a restart of the
+//! live runtime restores it.
+//!
+//! Retry topics are modelled too: a failed input under `mode = "topics"` is held (with its
+//! due time) and handled again when the clock passes its due time.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context as TaskCx, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use spool_client::{Header, ProducerRecord};
+
+use crate::context::Emit;
+use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
+use crate::envelope::{self, Event};
+use crate::handler::{Action, AsyncHandler, Input, TimerKind};
+use crate::state::{self, MemBackend, Writes};
+
+/// A record to feed.
+#[derive(Clone, Debug, Default)]
+pub struct TestRecord {
+    /// Topic.
+    pub topic: String,
+    /// Partition; `None`: by key (murmur2 over the topic's partition count).
+    pub partition: Option<u32>,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<Header>,
+    /// Timestamp (ms); `None`: the driver's wall clock.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// A record the handler emitted, as it would land.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputRecord {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<Header>,
+    /// Timestamp (ms).
+    pub timestamp_ms: i64,
+}
+
+impl OutputRecord {
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The value as text.
+    pub fn value_str(&self) -> Option<&str> {
+        self.value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The key as text.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Decodes the record as a CloudEvent.
+    pub fn event<T: DeserializeOwned>(&self) -> Result<Event<T>, envelope::EnvelopeError> {
+        envelope::decode(&self.headers, self.key.as_ref(), self.value.as_ref())
+    }
+}
+
+/// One changelog record: composite key, value (`None`: a tombstone).
+type ChangelogEntry = (Vec<u8>, Option<Bytes>);
+
+#[derive(Debug)]
+struct Held {
+    input: Input,
+    due_ms: i64,
+    history: Vec<Attempt>,
+}
+
+/// Runs a handler without a broker. See the [module docs](self).
+#[derive(Debug)]
+pub struct TestDriver<H> {
+    handler: H,
+    name: String,
+    group: String,
+    retry: RetryPolicy,
+    effects_enabled: bool,
+    wall_ms: i64,
+    partitions: BTreeMap<String, u32>,
+    tasks: BTreeMap<u32, Task>,
+    changelog: BTreeMap<u32, Vec<ChangelogEntry>>,
+    outputs: BTreeMap<String, VecDeque<OutputRecord>>,
+    next_offset: BTreeMap<(String, u32), u64>,
+    held: Vec<Held>,
+    commits: u64,
+}
+
+/// Polls a future that must not wait (a synchronous [`crate::Handler`]'s).
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut TaskCx::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!(
+            "the handler awaited something: use TestDriver's *_async methods inside a tokio runtime"
+        ),
+    }
+}
+
+impl<H: AsyncHandler> TestDriver<H> {
+    /// A driver for processor `name` (also its group) with `handler`. The wall clock starts
+    /// at 2024-01-01T00:00:00Z; topics have one partition unless [`TestDriver::with_topic`]
+    /// says otherwise.
+    pub fn new(name: impl Into<String>, handler: H) -> TestDriver<H> {
+        let name = name.into();
+        TestDriver {
+            handler,
+            group: name.clone(),
+            name,
+            retry: RetryPolicy::default(),
+            effects_enabled: true,
+            wall_ms: 1_704_067_200_000,
+            partitions: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            changelog: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            next_offset: BTreeMap::new(),
+            held: Vec::new(),
+            commits: 0,
+        }
+    }
+
+    /// Declares a topic's partition count (inputs and outputs).
+    pub fn with_topic(mut self, topic: impl Into<String>, partitions: u32) -> Self {
+        self.partitions.insert(topic.into(), partitions.max(1));
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets the wall clock (ms since the epoch).
+    pub fn with_wall_clock(mut self, ms: i64) -> Self {
+        self.wall_ms = ms;
+        self
+    }
+
+    /// Runs as in replay mode: [`crate::Context::effect`] says `Disabled`.
+    pub fn with_effects_disabled(mut self) -> Self {
+        self.effects_enabled = false;
+        self
+    }
+
+    /// The handler (to inspect what it recorded).
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// The handler, mutably.
+    pub fn handler_mut(&mut self) -> &mut H {
+        &mut self.handler
+    }
+
+    /// The wall clock (ms).
+    pub fn wall_clock_ms(&self) -> i64 {
+        self.wall_ms
+    }
+
+    /// Transactions committed so far (one per input, plus one per clock move that fired
+    /// something).
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    fn partitions_of(&self, topic: &str) -> u32 {
+        self.partitions.get(topic).copied().unwrap_or(1)
+    }
+
+    fn partition_for(&self, topic: &str, key: Option<&[u8]>) -> u32 {
+        key.map_or(0, |k| {
+            spool_client::partitioner::partition_for_key(k, self.partitions_of(topic))
+        })
+    }
+
+    /// Feeds a keyed record (timestamp: the wall clock).
+    pub fn pipe(
+        &mut self,
+        topic: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> &mut Self {
+        ready(self.pipe_async(topic, key, value));
+        self
+    }
+
+    /// Feeds an event (CloudEvents binary mode).
+    pub fn pipe_event<T: Serialize>(&mut self, topic: &str, event: &Event<T>) -> &mut Self {
+        ready(self.pipe_event_async(topic, event));
+        self
+    }
+
+    /// Feeds a record.
+    pub fn pipe_record(&mut self, record: TestRecord) -> &mut Self {
+        ready(self.pipe_record_async(record));
+        self
+    }
+
+    /// Moves the wall clock forward, firing due wall-clock timers and retries.
+    pub fn advance_wall_clock(&mut self, by: Duration) -> &mut Self {
+        ready(self.advance_wall_clock_async(by));
+        self
+    }
+
+    /// [`TestDriver::pipe`] for handlers that await.
+    pub async fn pipe_async(
+        &mut self,
+        topic: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) {
+        self.pipe_record_async(TestRecord {
+            topic: topic.to_owned(),
+            key: Some(key.into()),
+            value: Some(value.into()),
+            ..TestRecord::default()
+        })
+        .await
+    }
+
+    /// [`TestDriver::pipe_event`] for handlers that await.
+    pub async fn pipe_event_async<T: Serialize>(&mut self, topic: &str, event: &Event<T>) {
+        let r = event.to_record().expect("event encodes");
+        self.pipe_record_async(TestRecord {
+            topic: topic.to_owned(),
+            partition: None,
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            timestamp_ms: r.timestamp_ms,
+        })
+        .await
+    }
+
+    /// [`TestDriver::pipe_record`] for handlers that await.
+    pub async fn pipe_record_async(&mut self, r: TestRecord) {
+        let partition = r
+            .partition
+            .unwrap_or_else(|| self.partition_for(&r.topic, r.key.as_deref()));
+        let offset = self
+            .next_offset
+            .entry((r.topic.clone(), partition))
+            .or_insert(0);
+        let input = Input {
+            topic: Arc::from(r.topic.as_str()),
+            partition,
+            offset: *offset,
+            timestamp_ms: r.timestamp_ms.unwrap_or(self.wall_ms),
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            attempt: 1,
+            lane: Arc::from(r.topic.as_str()),
+        };
+        *offset += 1;
+        self.process(input, Vec::new()).await;
+        self.fire_stream_timers(partition).await;
+    }
+
+    /// [`TestDriver::advance_wall_clock`] for handlers that await.
+    pub async fn advance_wall_clock_async(&mut self, by: Duration) {
+        let target = self.wall_ms + by.as_millis() as i64;
+        // Step through due retries in time order, then fire timers at the target.
+        loop {
+            let next = self
+                .held
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.due_ms <= target)
+                .min_by_key(|(_, h)| h.due_ms)
+                .map(|(i, _)| i);
+            let Some(i) = next else { break };
+            let h = self.held.remove(i);
+            self.wall_ms = self.wall_ms.max(h.due_ms);
+            let mut input = h.input;
+            input.attempt += 1;
+            self.process(input, h.history).await;
+        }
+        self.wall_ms = target;
+        let parts: Vec<u32> = self.tasks.keys().copied().collect();
+        for p in parts {
+            self.fire_timers(p, TimerKind::Wall, target).await;
+        }
+    }
+
+    fn task(&mut self, partition: u32) -> &mut Task {
+        self.tasks.entry(partition).or_insert_with(|| {
+            Task::open(partition, Box::new(MemBackend::default())).expect("memory store")
+        })
+    }
+
+    /// One input through the retry policy, then a commit.
+    async fn process(&mut self, mut input: Input, mut history: Vec<Attempt>) {
+        let partition = input.partition;
+        let env = Env {
+            processor: &self.name,
+            effects_enabled: self.effects_enabled,
+        };
+        loop {
+            let now = self.wall_ms;
+            let task = self.tasks.entry(input.partition).or_insert_with(|| {
+                Task::open(input.partition, Box::new(MemBackend::default())).expect("memory store")
+            });
+            match task.handle(&mut self.handler, &input, now, env).await {
+                Ok(emits) => {
+                    self.emit(emits, now);
+                    break;
+                }
+                Err(f) => {
+                    history.push(Attempt {
+                        attempt: input.attempt,
+                        at_ms: now,
+                        reason: f.reason.clone(),
+                    });
+                    match f.action {
+                        Action::Fatal => panic!("the handler failed fatally: {}", f.reason),
+                        Action::Retry if self.retry.retries_after(input.attempt) => {
+                            if self.retry.mode == RetryMode::Topics {
+                                let i = (input.attempt as usize - 1)
+                                    .min(self.retry.topic_delays_ms.len().saturating_sub(1));
+                                let delay = self.retry.topic_delays_ms.get(i).copied().unwrap_or(0);
+                                self.held.push(Held {
+                                    input,
+                                    due_ms: now + delay as i64,
+                                    history,
+                                });
+                                break;
+                            }
+                            self.wall_ms +=
+                                self.retry.base_backoff(input.attempt).as_millis() as i64;
+                            input.attempt += 1;
+                        }
+                        Action::Retry | Action::DeadLetter => {
+                            let r = engine::dead_letter(&input, &self.group, &history, now);
+                            let topic = engine::dlq_topic(&input.topic, &self.group);
+                            self.emit(
+                                vec![Emit {
+                                    topic,
+                                    partition: Some(input.partition),
+                                    record: r,
+                                }],
+                                now,
+                            );
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.commit(partition);
+    }
+
+    fn emit(&mut self, emits: Vec<Emit>, now: i64) {
+        for e in emits {
+            let partition = e
+                .partition
+                .unwrap_or_else(|| self.partition_for(&e.topic, e.record.key.as_deref()));
+            let out = OutputRecord {
+                topic: e.topic.clone(),
+                partition,
+                key: e.record.key,
+                value: e.record.value,
+                headers: e.record.headers,
+                timestamp_ms: e.record.timestamp_ms.unwrap_or(now),
+            };
+            self.outputs.entry(e.topic).or_default().push_back(out);
+        }
+    }
+
+    /// Commits a task's open transaction: changelog, then the local store.
+    fn commit(&mut self, partition: u32) {
+        let task = self.task(partition);
+        let writes: Writes = task.state.take();
+        let log = self.changelog.entry(partition).or_default();
+        for (k, v) in &writes {
+            log.push((k.clone(), v.clone()));
+        }
+        let position = log.len() as u64;
+        let task = self.task(partition);
+        task.state
+            .backend
+            .apply(&writes, position, true)
+            .expect("memory store");
+        self.commits += 1;
+    }
+
+    async fn fire_stream_timers(&mut self, partition: u32) {
+        let st = self.task(partition).stream_time;
+        self.fire_timers(partition, TimerKind::Stream, st).await;
+    }
+
+    async fn fire_timers(&mut self, partition: u32, kind: TimerKind, upto: i64) {
+        let env = Env {
+            processor: &self.name,
+            effects_enabled: self.effects_enabled,
+        };
+        let Some(task) = self.tasks.get_mut(&partition) else {
+            return;
+        };
+        let now = self.wall_ms;
+        let mut out = Vec::new();
+        let mut fired = false;
+        // Timers set by timers fire in the same pass while due (bounded).
+        for _ in 0..100_000 {
+            let due = task.due_timers(kind, upto, 1).expect("memory store");
+            let Some(t) = due.into_iter().next() else {
+                break;
+            };
+            match task.fire(&mut self.handler, &t, now, env).await {
+                Ok(emits) => {
+                    fired = true;
+                    out.extend(emits);
+                }
+                Err(f) => panic!(
+                    "timer {:?} failed: {} (a timer's failure is logged and retried by the live runtime)",
+                    t.key, f.reason
+                ),
+            }
+        }
+        if fired {
+            self.emit(out, now);
+            self.commit(partition);
+        }
+    }
+
+    /// Reads (and removes) what was emitted to `topic`, in order.
+    pub fn read_output(&mut self, topic: &str) -> Vec<OutputRecord> {
+        self.outputs
+            .get_mut(topic)
+            .map(|q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads (and removes) what was emitted to `topic`, decoded as events.
+    pub fn read_events<T: DeserializeOwned>(&mut self, topic: &str) -> Vec<Event<T>> {
+        self.read_output(topic)
+            .into_iter()
+            .map(|r| r.event().expect("an event"))
+            .collect()
+    }
+
+    /// Reads (and removes) the dead letters of `source` (its `<source>.<group>.dlq` topic).
+    pub fn dead_letters(&mut self, source: &str) -> Vec<OutputRecord> {
+        let t = engine::dlq_topic(source, &self.group);
+        self.read_output(&t)
+    }
+
+    /// Topics something was emitted to and not read yet.
+    pub fn pending_topics(&self) -> Vec<String> {
+        self.outputs
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// A store's value of `key` in any task (tasks are partitions; keys are normally in one).
+    pub fn state(&self, store: &str, key: &[u8]) -> Option<Bytes> {
+        self.tasks
+            .values()
+            .find_map(|t| t.get(store, key).expect("memory store"))
+    }
+
+    /// A store's value decoded from JSON.
+    pub fn state_json<T: DeserializeOwned>(&self, store: &str, key: &[u8]) -> Option<T> {
+        self.state(store, key)
+            .map(|v| serde_json::from_slice(&v).expect("the stored value is JSON of this type"))
+    }
+
+    /// Every entry of a store across tasks, in key order per task.
+    pub fn store_entries(&self, store: &str) -> Vec<(Vec<u8>, Bytes)> {
+        let from = state::composite(store, b"");
+        let to = state::prefix_end(&from);
+        let skip = 1 + store.len();
+        let mut out = Vec::new();
+        for t in self.tasks.values() {
+            let entries = state::merged_range(
+                t.state.backend.as_ref(),
+                &[&t.state.txn],
+                &from,
+                to.as_deref(),
+                usize::MAX,
+            )
+            .expect("memory store");
+            out.extend(entries.into_iter().map(|(k, v)| (k[skip..].to_vec(), v)));
+        }
+        out
+    }
+
+    /// When the timer `key` of a task is due, if set.
+    pub fn timer(&self, partition: u32, kind: TimerKind, key: &[u8]) -> Option<i64> {
+        let t = self.tasks.get(&partition)?;
+        let k = state::composite(
+            crate::context::TIMER_KEYS,
+            &crate::context::timer_by_key(kind, key),
+        );
+        t.state
+            .get(&k)
+            .expect("memory store")
+            .as_deref()
+            .and_then(crate::context::i64_value)
+    }
+
+    /// Simulates a restart: drops every task and rebuilds its state from the changelog alone
+    /// (as a live runtime does on a new machine), keeping outputs, offsets and held retries.
+    pub fn restart(&mut self) {
+        self.tasks.clear();
+        for (p, log) in &self.changelog {
+            let mut backend = MemBackend::default();
+            let mut w = Writes::new();
+            for (k, v) in log {
+                w.insert(k.clone(), v.clone());
+            }
+            use crate::state::Backend;
+            backend
+                .apply(&w, log.len() as u64, true)
+                .expect("memory store");
+            self.tasks
+                .insert(*p, Task::open(*p, Box::new(backend)).expect("memory store"));
+        }
+    }
+
+    /// Records emitted to `topic` so far (read or not), for assertions on counts.
+    pub fn output_len(&self, topic: &str) -> usize {
+        self.outputs.get(topic).map_or(0, VecDeque::len)
+    }
+
+    /// A record for [`TestDriver::pipe_record`] with a value and key.
+    pub fn record(topic: &str, key: &str, value: impl Into<Bytes>) -> TestRecord {
+        TestRecord {
+            topic: topic.to_owned(),
+            key: Some(Bytes::copy_from_slice(key.as_bytes())),
+            value: Some(value.into()),
+            ..TestRecord::default()
+        }
+    }
+}
+
+/// Builds a [`ProducerRecord`] with a text key and value (tests).
+pub fn text_record(key: &str, value: &str) -> ProducerRecord {
+    ProducerRecord::new(value.to_owned()).key(key.to_owned())
+}

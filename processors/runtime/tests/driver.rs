@@ -1,0 +1,336 @@
+//! The runtime's behaviours through the test driver (no broker): state and changelog
+//! restore, per-call atomicity, blocking retries with backoff, dead letters and their
+//! headers, malformed events, wall-clock and stream-time timers, idempotency keys.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use spool_client::ProducerRecord;
+use spool_processor::engine::headers;
+use spool_processor::testing::{TestDriver, TestRecord};
+use spool_processor::{
+    Context, EffectStatus, Event, Failure, Handler, Input, RetryPolicy, Timer, TimerKind,
+};
+
+/// Counts per key, emits `value|n`; fails on demand: value "retry-N" fails its first N
+/// attempts with Retry, "dead" dead-letters, "boom" writes state and then fails (which must
+/// leave nothing behind).
+#[derive(Default)]
+struct Counter {
+    attempts: std::collections::HashMap<String, u32>,
+}
+
+impl Handler for Counter {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let key = input.key.clone().unwrap_or_default();
+        let value = String::from_utf8_lossy(input.value.as_deref().unwrap_or_default()).to_string();
+        let mut store = ctx.store("counts")?;
+        let n = store.get_json::<u64>(&key)?.unwrap_or(0) + 1;
+        store.put_json(&key, &n)?;
+        ctx.emit(
+            "out",
+            ProducerRecord::new(format!("{value}|{n}")).key(key.clone()),
+        );
+        let tries = self.attempts.entry(value.clone()).or_default();
+        *tries += 1;
+        if let Some(k) = value.strip_prefix("retry-") {
+            let k: u32 = k.parse().unwrap();
+            if *tries <= k {
+                return Err(Failure::retry(format!("transient {tries}")));
+            }
+        }
+        match value.as_str() {
+            "dead" => Err(Failure::dead_letter("cannot process dead")),
+            "boom" => Err(Failure::retry("always fails")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[test]
+fn state_outputs_and_restore_from_the_changelog() {
+    let mut d = TestDriver::new("counter", Counter::default()).with_topic("in", 4);
+    for i in 0..20 {
+        d.pipe("in", format!("k{}", i % 3), format!("v{i}"));
+    }
+    let out = d.read_output("out");
+    assert_eq!(out.len(), 20);
+    assert_eq!(out[0].value_str(), Some("v0|1"));
+    assert_eq!(out[3].value_str(), Some("v3|2"));
+    // Records of one key land in one partition, in order.
+    let k0: Vec<&str> = out
+        .iter()
+        .filter(|r| r.key_str() == Some("k0"))
+        .map(|r| r.value_str().unwrap())
+        .collect();
+    assert_eq!(&k0[..3], &["v0|1", "v3|2", "v6|3"]);
+    assert_eq!(d.state_json::<u64>("counts", b"k0"), Some(7));
+    d.restart();
+    assert_eq!(
+        d.state_json::<u64>("counts", b"k0"),
+        Some(7),
+        "restored from the changelog"
+    );
+    d.pipe("in", "k0", "after");
+    assert_eq!(d.read_output("out")[0].value_str(), Some("after|8"));
+}
+
+#[test]
+fn blocking_retries_back_off_and_keep_nothing_of_failed_attempts() {
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        initial_backoff_ms: 100,
+        max_backoff_ms: 10_000,
+        ..RetryPolicy::default()
+    };
+    let mut d = TestDriver::new("counter", Counter::default()).with_retry(policy);
+    let t0 = d.wall_clock_ms();
+    d.pipe("in", "a", "retry-3");
+    // Failed attempts 1..3 each waited: 100 + 200 + 400 ms.
+    assert_eq!(d.wall_clock_ms() - t0, 700);
+    let out = d.read_output("out");
+    assert_eq!(out.len(), 1, "only the successful attempt's output is kept");
+    assert_eq!(out[0].value_str(), Some("retry-3|1"));
+    assert_eq!(d.state_json::<u64>("counts", b"a"), Some(1));
+    assert!(d.dead_letters("in").is_empty());
+}
+
+#[test]
+fn dead_letters_carry_position_reason_and_history() {
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 10,
+        ..RetryPolicy::default()
+    };
+    let mut d = TestDriver::new("counter", Counter::default()).with_retry(policy);
+    d.pipe("in", "a", "ok");
+    d.pipe_record(TestRecord {
+        headers: vec![spool_client::Header {
+            key: "trace".into(),
+            value: Some("t-1".into()),
+        }],
+        ..TestDriver::<Counter>::record("in", "a", "boom")
+    });
+    d.pipe("in", "a", "dead");
+    let dl = d.dead_letters("in");
+    assert_eq!(dl.len(), 2);
+    let boom = &dl[0];
+    assert_eq!(boom.topic, "in.counter.dlq");
+    assert_eq!(boom.value_str(), Some("boom"));
+    assert_eq!(boom.header("trace"), Some("t-1"), "original headers kept");
+    assert_eq!(boom.header(headers::DLQ_TOPIC), Some("in"));
+    assert_eq!(boom.header(headers::DLQ_PARTITION), Some("0"));
+    assert_eq!(boom.header(headers::DLQ_OFFSET), Some("1"));
+    assert_eq!(boom.header(headers::DLQ_ATTEMPTS), Some("3"));
+    assert_eq!(boom.header(headers::DLQ_ERROR), Some("always fails"));
+    assert_eq!(boom.header(headers::DLQ_GROUP), Some("counter"));
+    let history: Vec<serde_json::Value> =
+        serde_json::from_str(boom.header(headers::DLQ_HISTORY).unwrap()).unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[2]["attempt"], 3);
+    let dead = &dl[1];
+    assert_eq!(
+        dead.header(headers::DLQ_ATTEMPTS),
+        Some("1"),
+        "dead-letter: no retries"
+    );
+    assert_eq!(dead.header(headers::DLQ_OFFSET), Some("2"));
+    // Neither failed input changed the state or emitted anything.
+    assert_eq!(d.state_json::<u64>("counts", b"a"), Some(1));
+    assert_eq!(d.read_output("out").len(), 1);
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Price {
+    sku: String,
+    cents: u64,
+}
+
+/// Decodes CloudEvents; a malformed one must be dead-lettered by `?`.
+struct Prices;
+
+impl Handler for Prices {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let ev: Event<Price> = input.event()?;
+        let mut last = ctx.store("last")?;
+        last.put_json(ev.data.sku.as_bytes(), &ev.data.cents)?;
+        let out = Event::new(
+            "seen.v1",
+            "/test",
+            format!("seen-{}", ev.id),
+            ev.data.clone(),
+        )
+        .subject(ev.data.sku.clone());
+        ctx.emit_event("seen", &out)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn malformed_events_go_to_the_dead_letter_topic_with_the_reason() {
+    let mut d = TestDriver::new("prices", Prices);
+    let ev = Event::new(
+        "price.v1",
+        "/feed",
+        "e1",
+        Price {
+            sku: "s1".into(),
+            cents: 100,
+        },
+    )
+    .subject("s1");
+    d.pipe_event("prices", &ev);
+    d.pipe("prices", "s2", "not an event");
+    let mut bad = ev.clone().to_record().unwrap();
+    bad.value = Some("{\"sku\": 5}".into());
+    d.pipe_record(TestRecord {
+        topic: "prices".into(),
+        key: bad.key,
+        value: bad.value,
+        headers: bad.headers,
+        ..TestRecord::default()
+    });
+    let seen: Vec<Event<Price>> = d.read_events("seen");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].id, "seen-e1");
+    assert_eq!(seen[0].subject.as_deref(), Some("s1"));
+    let dl = d.dead_letters("prices");
+    assert_eq!(dl.len(), 2);
+    assert!(
+        dl[0]
+            .header(headers::DLQ_ERROR)
+            .unwrap()
+            .contains("ce_specversion is missing"),
+        "{:?}",
+        dl[0].header(headers::DLQ_ERROR)
+    );
+    assert!(
+        dl[1]
+            .header(headers::DLQ_ERROR)
+            .unwrap()
+            .contains("payload of event e1"),
+        "{:?}",
+        dl[1].header(headers::DLQ_ERROR)
+    );
+    assert_eq!(d.state_json::<u64>("last", b"s1"), Some(100));
+}
+
+/// Sets a wall timer per key ("deadline") and a stream timer; on_timer emits what fired.
+struct Timers;
+
+impl Handler for Timers {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let key = input.key.clone().unwrap_or_default();
+        match input.value.as_deref() {
+            Some(b"cancel") => ctx.cancel_timer(TimerKind::Wall, &key)?,
+            _ => {
+                let at = ctx.now_ms() + 60_000;
+                ctx.set_timer(TimerKind::Wall, &key, at, "wall")?;
+                let st = input.timestamp_ms + 10_000;
+                ctx.set_timer(TimerKind::Stream, &key, st, "stream")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_timer(&mut self, ctx: &mut Context<'_>, t: &Timer) -> Result<(), Failure> {
+        let what = format!(
+            "{}:{}",
+            String::from_utf8_lossy(&t.payload),
+            String::from_utf8_lossy(&t.key)
+        );
+        ctx.emit("fired", ProducerRecord::new(what).key(t.key.clone()));
+        Ok(())
+    }
+}
+
+#[test]
+fn wall_and_stream_timers_fire_persist_and_can_be_moved_or_cancelled() {
+    let mut d = TestDriver::new("timers", Timers);
+    let t0 = d.wall_clock_ms();
+    d.pipe_record(TestRecord {
+        timestamp_ms: Some(t0),
+        ..TestDriver::<Timers>::record("in", "a", "x")
+    });
+    d.advance_wall_clock(Duration::from_secs(30));
+    // Setting again moves the timer (one per kind and key).
+    d.pipe_record(TestRecord {
+        timestamp_ms: Some(t0 + 1_000),
+        ..TestDriver::<Timers>::record("in", "a", "x")
+    });
+    d.pipe_record(TestRecord {
+        timestamp_ms: Some(t0 + 2_000),
+        ..TestDriver::<Timers>::record("in", "b", "x")
+    });
+    d.pipe_record(TestRecord {
+        timestamp_ms: Some(t0 + 3_000),
+        ..TestDriver::<Timers>::record("in", "b", "cancel")
+    });
+    assert!(d.read_output("fired").is_empty());
+    assert_eq!(
+        d.timer(0, TimerKind::Wall, b"a"),
+        Some(t0 + 30_000 + 60_000)
+    );
+    assert_eq!(d.timer(0, TimerKind::Wall, b"b"), None, "cancelled");
+    // Stream time moves only with input: a record 11 s later fires a's stream timer.
+    d.pipe_record(TestRecord {
+        timestamp_ms: Some(t0 + 11_500),
+        ..TestDriver::<Timers>::record("in", "c", "cancel")
+    });
+    let fired: Vec<String> = d
+        .read_output("fired")
+        .iter()
+        .map(|r| r.value_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(fired, vec!["stream:a"]);
+    // Timers survive a restart (they are state).
+    d.restart();
+    d.advance_wall_clock(Duration::from_secs(59));
+    assert!(d.read_output("fired").is_empty());
+    d.advance_wall_clock(Duration::from_secs(1));
+    let fired: Vec<String> = d
+        .read_output("fired")
+        .iter()
+        .map(|r| r.value_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(fired, vec!["wall:a"]);
+    assert_eq!(
+        d.timer(0, TimerKind::Wall, b"a"),
+        None,
+        "a fired timer is gone"
+    );
+}
+
+/// An "external effect" (recorded in the handler) guarded by an idempotency key.
+#[derive(Default)]
+struct Mailer {
+    sent: Vec<String>,
+}
+
+impl Handler for Mailer {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let id = input.key_str().unwrap_or_default().to_owned();
+        match ctx.effect(&id)? {
+            EffectStatus::Todo => {
+                self.sent.push(id.clone());
+                ctx.effect_done(&id);
+            }
+            EffectStatus::Done | EffectStatus::Disabled => {}
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn effects_are_done_once_per_idempotency_key_and_disabled_in_replay() {
+    let mut d = TestDriver::new("mailer", Mailer::default());
+    d.pipe("in", "n1", "x")
+        .pipe("in", "n2", "x")
+        .pipe("in", "n1", "redelivered");
+    d.restart();
+    d.pipe("in", "n2", "after restart");
+    assert_eq!(d.handler().sent, vec!["n1", "n2"]);
+    let mut r = TestDriver::new("mailer", Mailer::default()).with_effects_disabled();
+    r.pipe("in", "n1", "x");
+    assert!(r.handler().sent.is_empty());
+}

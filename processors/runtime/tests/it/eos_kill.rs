@@ -1,0 +1,229 @@
+//! Exactly once through kill -9: two `spool-passthrough` processes (a stateful pass-through:
+//! output `value|n`, n counting the key's records in the state store `counts`) run while
+//! inputs keep arriving; in a loop one of them is SIGKILLed and started again, and twice the
+//! broker is SIGKILLed and restarted. Then the checker reads everything read-committed:
+//! - every input has exactly one output (none lost, none duplicated);
+//! - per key the counts run 1, 2, 3, … in order (state and outputs moved together);
+//! - the changelog's final state equals the model's counts;
+//! - a restarted processor resumes from that state (the next record of a key gets n + 1).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use spool_client::{ProducerConfig, ProducerRecord, TopicPartition};
+use spool_testkit::Broker;
+
+use crate::{Proc, Rng, create, diff, passthrough_bin, read_all, write_config};
+
+const PARTITIONS: u32 = 4;
+const KEYS: usize = 40;
+const ROUNDS: usize = 8;
+const PER_ROUND: usize = 400;
+
+fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    write_config(
+        dir,
+        "passthrough",
+        "name = \"passthrough\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n\
+         [commit]\ninterval_ms = 20\nmax_records = 200\n\
+         [group]\nsession_timeout_ms = 1000\ntransaction_timeout_ms = 5000\n\
+         [app]\noutput = \"out\"\n",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_with_state_is_exactly_once_through_kill_9() {
+    let mut broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", PARTITIONS).await;
+    create(&c, "out", PARTITIONS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let bin = passthrough_bin();
+    let addr = broker.addr();
+    let state = |i: usize| dir.path().join(format!("state-{i}"));
+    let start = |i: usize| {
+        Proc::start(
+            &bin,
+            &cfg,
+            &addr,
+            &[
+                "--instance-id",
+                &format!("p{i}"),
+                "--state-dir",
+                state(i).to_str().unwrap(),
+            ],
+        )
+    };
+    let mut procs = vec![start(0), start(1)];
+    assert!(
+        procs[0].wait_ready(Duration::from_secs(30)),
+        "processor 0 never got ready"
+    );
+
+    let mut rng = Rng(0x5eed_1234);
+    let mut produced: Vec<(String, String)> = Vec::new();
+    let mut broker_kills = 0;
+    let mut proc_kills = 0;
+    for round in 0..ROUNDS {
+        // A round of inputs (keyed: one key, one partition).
+        let producer = c.producer(ProducerConfig {
+            linger: Duration::from_millis(2),
+            ..ProducerConfig::default()
+        });
+        let mut futs = Vec::new();
+        for _ in 0..PER_ROUND {
+            let i = produced.len();
+            let key = format!("k{}", i % KEYS);
+            let value = format!("v{i}");
+            let f = producer
+                .send("in", ProducerRecord::new(value.clone()).key(key.clone()))
+                .await
+                .expect("send");
+            futs.push(f);
+            produced.push((key, value));
+        }
+        producer.close().await;
+        for f in futs {
+            f.await.expect("delivered");
+        }
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
+        if round == 2 || round == 5 {
+            tokio::task::block_in_place(|| broker.restart());
+            broker_kills += 1;
+        } else {
+            let i = rng.below(2) as usize;
+            procs[i].kill();
+            proc_kills += 1;
+            tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+            procs[i] = start(i);
+        }
+    }
+    let c = broker.client().await;
+    // Wait until the group committed everything.
+    let tps: Vec<TopicPartition> = (0..PARTITIONS)
+        .map(|p| TopicPartition::new("in", p))
+        .collect();
+    let ends: Vec<u64> = {
+        let mut v = Vec::new();
+        for p in 0..PARTITIONS {
+            v.push(
+                c.list_offset("in", p, spool_client::OffsetSpec::Latest)
+                    .await
+                    .unwrap()
+                    .offset,
+            );
+        }
+        v
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = match c.fetch_offsets("passthrough", &tps).await {
+            Ok(committed) => committed
+                .iter()
+                .zip(&ends)
+                .all(|(o, e)| o.offset == Some(*e)),
+            Err(_) => false,
+        };
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the processors never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in &mut procs {
+        assert!(
+            p.terminate(Duration::from_secs(20)),
+            "SIGTERM: clean exit within the stop timeout"
+        );
+    }
+
+    // The model.
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut want = Vec::new();
+    for (k, v) in &produced {
+        let n = counts.entry(k.clone()).or_default();
+        *n += 1;
+        want.push(format!("{v}|{n}"));
+    }
+    // Outputs, read committed.
+    let mut got = Vec::new();
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        for r in read_all(&c, "out", p).await {
+            let v = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
+            let k = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+            let n: u64 = v.rsplit('|').next().unwrap().parse().unwrap();
+            per_key.entry(k).or_default().push(n);
+            got.push(v);
+        }
+    }
+    eprintln!(
+        "exactly once through kill -9: {} inputs, {} outputs, {proc_kills} processor kills, {broker_kills} broker kills",
+        want.len(),
+        got.len()
+    );
+    let (missing, extra) = diff(&want, &got);
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "lost {} outputs (e.g. {:?}), duplicated {} (e.g. {:?})",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        extra.len(),
+        extra.iter().take(5).collect::<Vec<_>>()
+    );
+    for (k, ns) in &per_key {
+        let expect: Vec<u64> = (1..=ns.len() as u64).collect();
+        assert_eq!(ns, &expect, "counts of {k} in output order");
+    }
+    // The changelog's final state equals the model.
+    let mut state: BTreeMap<String, u64> = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        for r in read_all(&c, "passthrough.changelog", p).await {
+            let k = r.key.unwrap();
+            let Some(user) = k.strip_prefix(b"\x06counts") else {
+                continue;
+            };
+            let user = String::from_utf8(user.to_vec()).unwrap();
+            match r.value {
+                Some(v) => state.insert(
+                    user,
+                    String::from_utf8(v.to_vec()).unwrap().parse().unwrap(),
+                ),
+                None => state.remove(&user),
+            };
+        }
+    }
+    assert_eq!(state, counts, "changelog state = model");
+
+    // A restarted processor resumes from that state.
+    let mut p0 = start(0);
+    assert!(p0.wait_ready(Duration::from_secs(30)));
+    let producer = c.producer(ProducerConfig::default());
+    producer
+        .send("in", ProducerRecord::new("last").key("k0"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    producer.close().await;
+    let want_last = format!("last|{}", counts["k0"] + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'wait: loop {
+        for p in 0..PARTITIONS {
+            if read_all(&c, "out", p)
+                .await
+                .iter()
+                .any(|r| r.value.as_deref() == Some(want_last.as_bytes()))
+            {
+                break 'wait;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {want_last} after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(p0.terminate(Duration::from_secs(20)));
+}

@@ -1,0 +1,190 @@
+//! The runtime against the real `spoold` (testkit) and the real processor binary
+//! (`spool-passthrough`), on 127.0.0.1 with ephemeral ports.
+
+mod eos_kill;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use spool_client::{Client, FetchOptions, Isolation, Record, TopicSettings};
+
+/// Creates `topic` with `partitions` partitions.
+pub(crate) async fn create(client: &Client, topic: &str, partitions: u32) {
+    client
+        .create_topic(topic, partitions, &TopicSettings::default())
+        .await
+        .unwrap_or_else(|e| panic!("creating {topic}: {e}"));
+}
+
+/// Every record of a partition, read committed, once its last stable offset caught up.
+pub(crate) async fn read_all(client: &Client, topic: &str, partition: u32) -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    let settle = Instant::now() + Duration::from_secs(15);
+    loop {
+        let f = client
+            .fetch(
+                topic,
+                partition,
+                offset,
+                &FetchOptions {
+                    isolation: Isolation::ReadCommitted,
+                    max_bytes: 4 << 20,
+                    ..FetchOptions::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("fetching {topic}/{partition}: {e}"));
+        if f.last_stable_offset < f.high_watermark && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        out.extend(f.records);
+        if f.next_offset == offset {
+            return out;
+        }
+        offset = f.next_offset;
+    }
+}
+
+/// A processor binary run as a child process; SIGKILLed on drop.
+pub(crate) struct Proc {
+    child: Option<Child>,
+    ready: mpsc::Receiver<()>,
+}
+
+impl Proc {
+    /// Starts `bin` with `--config config` and extra args, SPOOL_BROKER = `broker`.
+    pub(crate) fn start(bin: &Path, config: &Path, broker: &str, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(bin);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SPOOL_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("--config")
+            .arg(config)
+            .args(["--metrics-listen", "off"])
+            .args(args)
+            .env("SPOOL_BROKER", broker)
+            .env(
+                "SPOOL_LOG",
+                std::env::var("SPOOL_TEST_PROCESSOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, ready) = mpsc::channel();
+        let echo = std::env::var_os("SPOOL_TEST_PROCESSOR_LOG").is_some();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[processor] {line}");
+                }
+                if line.ends_with(" ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        Proc {
+            child: Some(child),
+            ready,
+        }
+    }
+
+    /// Waits for the "NAME ready" line (state restored, in the group).
+    pub(crate) fn wait_ready(&self, timeout: Duration) -> bool {
+        self.ready.recv_timeout(timeout).is_ok()
+    }
+
+    /// SIGKILL.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns whether it exited 0.
+    pub(crate) fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `spool-passthrough` binary cargo built for these tests.
+pub(crate) fn passthrough_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spool-passthrough"))
+}
+
+/// Writes a processor config file.
+pub(crate) fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, body).expect("writing the config");
+    p
+}
+
+/// xorshift64*, seeded (kill schedules).
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+/// Multiset difference for readable failures: (missing, extra).
+pub(crate) fn diff(want: &[String], got: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut counts: BTreeMap<&String, i64> = BTreeMap::new();
+    for w in want {
+        *counts.entry(w).or_default() += 1;
+    }
+    for g in got {
+        *counts.entry(g).or_default() -= 1;
+    }
+    let missing = counts
+        .iter()
+        .filter(|(_, c)| **c > 0)
+        .map(|(k, _)| (*k).clone())
+        .collect();
+    let extra = counts
+        .iter()
+        .filter(|(_, c)| **c < 0)
+        .map(|(k, _)| (*k).clone())
+        .collect();
+    (missing, extra)
+}
