@@ -1,0 +1,463 @@
+//! The deal heuristic: a pure state machine over one product's price history.
+//!
+//! A product's price is its **best offer** across merchants (BestPrice compares merchants).
+//! Each price update changes one merchant's offer; after applying it, the product's best price
+//! is compared with its **reference price**, the lower median of the last
+//! [`DealParams::window`] best prices seen before this update:
+//!
+//! - not a deal → **enters** when the history holds at least [`DealParams::min_history`]
+//!   points and `best ≤ reference × (1 − enter_bp)`; the reference is then frozen for the
+//!   deal's lifetime (a deal's own low prices must not drag its reference down);
+//! - a deal → **leaves** when `best > frozen_reference × (1 − exit_bp)` (the drop shrank
+//!   below the exit threshold), when the product has no offer left, or when the deal is older
+//!   than [`DealParams::max_deal_ms`] in event time (a price that stays low becomes the new
+//!   regular price).
+//!
+//! `exit_bp < enter_bp` is the hysteresis: a price wobbling around the entry threshold does
+//! not flap in and out. Transitions are emitted only on a change of state; both carry the
+//! category, the price, the reference and the drop. All arithmetic is on integers, so the
+//! oracle in the tests (and anyone re-deriving a decision) gets the same answer.
+//!
+//! State size is bounded: at most [`DealParams::max_offers`] merchants per product (offers from
+//! further merchants are ignored and counted) and [`DealParams::window`] history points.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::{BasisPoints, Cents, DealTransition, PriceUpdate, TransitionKind};
+use crate::ids::transition_id;
+
+/// The heuristic's knobs (config `[deals]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DealParams {
+    /// Trailing history length for the median (points).
+    pub window: usize,
+    /// Points needed before a product can enter "deal".
+    pub min_history: usize,
+    /// Drop below the reference needed to enter, basis points.
+    pub enter_bp: BasisPoints,
+    /// Drop below the frozen reference under which a deal ends, basis points (< `enter_bp`).
+    pub exit_bp: BasisPoints,
+    /// A deal ends after this long (event time), ms.
+    pub max_deal_ms: i64,
+    /// Merchants kept per product.
+    pub max_offers: usize,
+}
+
+impl Default for DealParams {
+    fn default() -> Self {
+        DealParams {
+            window: 16,
+            min_history: 4,
+            enter_bp: 2_000,
+            exit_bp: 1_000,
+            max_deal_ms: 7 * 24 * 3600 * 1000,
+            max_offers: 64,
+        }
+    }
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParamsError {
+    /// A value out of its range.
+    #[error("deals: {0}")]
+    Invalid(&'static str),
+}
+
+impl DealParams {
+    /// Checks the ranges and the hysteresis.
+    pub fn validate(&self) -> Result<(), ParamsError> {
+        let bad = |m| Err(ParamsError::Invalid(m));
+        if !(2..=256).contains(&self.window) {
+            return bad("window must be 2..=256");
+        }
+        if self.min_history == 0 || self.min_history > self.window {
+            return bad("min_history must be 1..=window");
+        }
+        if self.enter_bp == 0 || self.enter_bp >= 10_000 {
+            return bad("enter_bp must be 1..10000");
+        }
+        if self.exit_bp >= self.enter_bp {
+            return bad("exit_bp must be below enter_bp (hysteresis)");
+        }
+        if self.max_deal_ms <= 0 {
+            return bad("max_deal_ms must be positive");
+        }
+        if !(1..=4096).contains(&self.max_offers) {
+            return bad("max_offers must be 1..=4096");
+        }
+        Ok(())
+    }
+}
+
+/// A deal in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveDeal {
+    /// Episode number (1-based).
+    pub episode: u32,
+    /// The frozen reference price.
+    pub reference: Cents,
+    /// Event time it started.
+    pub since_ms: i64,
+}
+
+/// One product's state (the value in the deals processor's `products` store).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductState {
+    /// Current offers by merchant.
+    pub offers: BTreeMap<String, Cents>,
+    /// The last `window` best prices, oldest first.
+    pub history: VecDeque<Cents>,
+    /// The current deal, if any.
+    pub deal: Option<ActiveDeal>,
+    /// Deals so far (the next one is `episodes + 1`).
+    pub episodes: u32,
+    /// Offers ignored because the product had `max_offers` merchants already.
+    pub ignored_offers: u64,
+}
+
+/// The lower median of `values` (`None` when empty).
+pub fn lower_median(values: impl IntoIterator<Item = Cents>) -> Option<Cents> {
+    let mut v: Vec<Cents> = values.into_iter().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[(v.len() - 1) / 2])
+}
+
+/// `(reference - price)` as basis points of `reference` (0 when not below it).
+pub fn drop_bp(reference: Cents, price: Cents) -> BasisPoints {
+    if reference == 0 || price >= reference {
+        return 0;
+    }
+    (u128::from(reference - price) * 10_000 / u128::from(reference)) as BasisPoints
+}
+
+/// `price ≤ reference × (1 − bp)`, exactly.
+fn at_or_below(price: Cents, reference: Cents, bp: BasisPoints) -> bool {
+    u128::from(price) * 10_000 <= u128::from(reference) * u128::from(10_000 - bp)
+}
+
+impl ProductState {
+    /// The best offer: lowest price, ties to the smallest merchant id.
+    pub fn best(&self) -> Option<(&str, Cents)> {
+        self.offers
+            .iter()
+            .min_by_key(|(m, p)| (**p, m.as_str()))
+            .map(|(m, p)| (m.as_str(), *p))
+    }
+
+    /// Applies one price update; returns the transition, if the state changed.
+    pub fn apply(&mut self, u: &PriceUpdate, p: &DealParams) -> Option<DealTransition> {
+        match u.price {
+            Some(price) => {
+                if !self.offers.contains_key(&u.merchant) && self.offers.len() >= p.max_offers {
+                    self.ignored_offers += 1;
+                    return None;
+                }
+                self.offers.insert(u.merchant.clone(), price);
+            }
+            None => {
+                self.offers.remove(&u.merchant);
+            }
+        }
+        let Some((merchant, best)) = self.best().map(|(m, b)| (m.to_owned(), b)) else {
+            // No offer left: a deal ends (at its last known reference), the history stays.
+            let deal = self.deal.take()?;
+            return Some(self.transition(
+                u,
+                TransitionKind::Left,
+                &deal,
+                deal.reference,
+                String::new(),
+            ));
+        };
+        let reference = lower_median(self.history.iter().copied());
+        let out = match &self.deal {
+            None => match reference {
+                Some(r)
+                    if self.history.len() >= p.min_history && at_or_below(best, r, p.enter_bp) =>
+                {
+                    self.episodes += 1;
+                    let deal = ActiveDeal {
+                        episode: self.episodes,
+                        reference: r,
+                        since_ms: u.at_ms,
+                    };
+                    let t = self.transition(u, TransitionKind::Entered, &deal, best, merchant);
+                    self.deal = Some(deal);
+                    Some(t)
+                }
+                _ => None,
+            },
+            Some(deal) => {
+                let expired = u.at_ms.saturating_sub(deal.since_ms) > p.max_deal_ms;
+                if expired || !at_or_below(best, deal.reference, p.exit_bp) {
+                    let deal = self.deal.take().expect("matched Some");
+                    Some(self.transition(u, TransitionKind::Left, &deal, best, merchant))
+                } else {
+                    None
+                }
+            }
+        };
+        if self.history.len() == p.window {
+            self.history.pop_front();
+        }
+        self.history.push_back(best);
+        out
+    }
+
+    fn transition(
+        &self,
+        u: &PriceUpdate,
+        kind: TransitionKind,
+        deal: &ActiveDeal,
+        price: Cents,
+        merchant: String,
+    ) -> DealTransition {
+        DealTransition {
+            id: transition_id(&u.product, deal.episode),
+            product: u.product.clone(),
+            episode: deal.episode,
+            kind,
+            category: u.category.clone(),
+            name: u.name.clone(),
+            price,
+            reference: deal.reference,
+            drop_bp: drop_bp(deal.reference, price),
+            merchant,
+            at_ms: u.at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn upd(merchant: &str, price: Option<Cents>, at_ms: i64) -> PriceUpdate {
+        PriceUpdate {
+            product: "p1".into(),
+            merchant: merchant.into(),
+            category: "books".into(),
+            name: "Book".into(),
+            price,
+            import: None,
+            at_ms,
+        }
+    }
+
+    fn run(
+        s: &mut ProductState,
+        p: &DealParams,
+        prices: &[Cents],
+    ) -> Vec<(TransitionKind, Cents, BasisPoints)> {
+        prices
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &c)| s.apply(&upd("m1", Some(c), i as i64), p))
+            .map(|t| (t.kind, t.price, t.drop_bp))
+            .collect()
+    }
+
+    #[test]
+    fn enters_below_median_and_leaves_with_hysteresis() {
+        let p = DealParams::default();
+        let mut s = ProductState::default();
+        // 4 points of history at 1000, then 790 (21 % off) enters.
+        let t = run(&mut s, &p, &[1000, 1000, 1000, 1000, 790]);
+        assert_eq!(t, vec![(TransitionKind::Entered, 790, 2100)]);
+        // 850 is 15 % off: between exit (10 %) and entry (20 %): stays a deal, no event.
+        assert!(run(&mut s, &p, &[850, 800, 880]).is_empty());
+        // 910 is 9 % off: leaves.
+        let t = run(&mut s, &p, &[910]);
+        assert_eq!(t, vec![(TransitionKind::Left, 910, 900)]);
+        assert_eq!(s.episodes, 1);
+        assert!(s.deal.is_none());
+    }
+
+    #[test]
+    fn needs_history_and_exact_threshold() {
+        let p = DealParams::default();
+        let mut s = ProductState::default();
+        assert!(
+            run(&mut s, &p, &[1000, 1000, 1000, 500]).is_empty(),
+            "3 points of history only"
+        );
+        let mut s = ProductState::default();
+        // Exactly 20 % enters (≤), 20 % minus a cent does not.
+        assert_eq!(run(&mut s, &p, &[1000, 1000, 1000, 1000, 800]).len(), 1);
+        let mut s = ProductState::default();
+        assert!(run(&mut s, &p, &[1000, 1000, 1000, 1000, 801]).is_empty());
+    }
+
+    #[test]
+    fn best_offer_across_merchants_and_withdrawal() {
+        let p = DealParams::default();
+        let mut s = ProductState::default();
+        for i in 0..4 {
+            assert!(s.apply(&upd("m2", Some(1000), i), &p).is_none());
+        }
+        let t = s.apply(&upd("m1", Some(700), 10), &p).expect("enters");
+        assert_eq!((t.merchant.as_str(), t.price), ("m1", 700));
+        // m1 withdraws: best is m2's 1000 again: leaves.
+        let t = s.apply(&upd("m1", None, 11), &p).expect("leaves");
+        assert_eq!(
+            (t.kind, t.merchant.as_str(), t.price),
+            (TransitionKind::Left, "m2", 1000)
+        );
+        // All withdrawn while in a deal: leaves with the reference as price.
+        s.apply(&upd("m1", Some(100), 12), &p)
+            .expect("enters again");
+        assert!(
+            s.apply(&upd("m2", None, 13), &p).is_none(),
+            "m1's 100 is still a deal"
+        );
+        let t = s
+            .apply(&upd("m1", None, 14), &p)
+            .expect("no offers: leaves");
+        assert_eq!((t.kind, t.episode, t.drop_bp), (TransitionKind::Left, 2, 0));
+    }
+
+    #[test]
+    fn deals_expire_in_event_time() {
+        let p = DealParams {
+            max_deal_ms: 100,
+            ..DealParams::default()
+        };
+        let mut s = ProductState::default();
+        for i in 0..4 {
+            s.apply(&upd("m1", Some(1000), i), &p);
+        }
+        assert!(s.apply(&upd("m1", Some(500), 10), &p).is_some());
+        assert!(s.apply(&upd("m1", Some(500), 110), &p).is_none());
+        let t = s.apply(&upd("m1", Some(500), 111), &p).expect("expired");
+        assert_eq!((t.kind, t.drop_bp), (TransitionKind::Left, 5000));
+    }
+
+    #[test]
+    fn offers_are_bounded() {
+        let p = DealParams {
+            max_offers: 2,
+            ..DealParams::default()
+        };
+        let mut s = ProductState::default();
+        s.apply(&upd("m1", Some(10), 0), &p);
+        s.apply(&upd("m2", Some(10), 0), &p);
+        s.apply(&upd("m3", Some(1), 0), &p);
+        assert_eq!(s.offers.len(), 2);
+        assert_eq!(s.ignored_offers, 1);
+        assert_eq!(s.best(), Some(("m1", 10)));
+    }
+
+    #[test]
+    fn params_are_validated() {
+        assert!(DealParams::default().validate().is_ok());
+        let p = DealParams {
+            exit_bp: 2_000,
+            ..DealParams::default()
+        };
+        assert!(p.validate().is_err());
+    }
+
+    /// The model: recompute everything from the full list of best prices, with no incremental
+    /// state but the deal flag.
+    fn model(
+        p: &DealParams,
+        updates: &[(u8, Option<Cents>, i64)],
+    ) -> Vec<(TransitionKind, u32, Cents, Cents)> {
+        let mut offers: BTreeMap<String, Cents> = BTreeMap::new();
+        let mut bests: Vec<Cents> = Vec::new();
+        let mut deal: Option<(u32, Cents, i64)> = None;
+        let mut episodes = 0;
+        let mut out = Vec::new();
+        for &(m, price, at) in updates {
+            let m = format!("m{m}");
+            match price {
+                Some(c) => {
+                    offers.insert(m, c);
+                }
+                None => {
+                    offers.remove(&m);
+                }
+            }
+            let best = offers.iter().map(|(m, c)| (*c, m.clone())).min();
+            let Some((best, _)) = best else {
+                if let Some((ep, r, _)) = deal.take() {
+                    out.push((TransitionKind::Left, ep, r, r));
+                }
+                continue;
+            };
+            let start = bests.len().saturating_sub(p.window);
+            let recent = &bests[start..];
+            match deal {
+                None => {
+                    if recent.len() >= p.min_history {
+                        let r = lower_median(recent.iter().copied()).unwrap();
+                        // (r - best) / r ≥ enter / 10000, as a cross-multiplication in i128
+                        if (i128::from(r) - i128::from(best)) * 10_000
+                            >= i128::from(r) * i128::from(p.enter_bp)
+                        {
+                            episodes += 1;
+                            deal = Some((episodes, r, at));
+                            out.push((TransitionKind::Entered, episodes, best, r));
+                        }
+                    }
+                }
+                Some((ep, r, since)) => {
+                    let shrunk = (i128::from(r) - i128::from(best)) * 10_000
+                        < i128::from(r) * i128::from(p.exit_bp);
+                    if at - since > p.max_deal_ms || shrunk {
+                        deal = None;
+                        out.push((TransitionKind::Left, ep, best, r));
+                    }
+                }
+            }
+            bests.push(best);
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn matches_the_model_and_never_flaps(
+            updates in proptest::collection::vec(
+                (0u8..3, proptest::option::weighted(0.95, 500u64..1500), 0i64..50), 1..200),
+            window in 3usize..10,
+        ) {
+            let p = DealParams { window, min_history: 3, max_deal_ms: 400, ..DealParams::default() };
+            // Event time increases.
+            let mut at = 0;
+            let updates: Vec<_> = updates.into_iter().map(|(m, c, d)| { at += d; (m, c, at) }).collect();
+            let mut s = ProductState::default();
+            let mut got = Vec::new();
+            for &(m, c, at) in &updates {
+                let u = upd(&format!("m{m}"), c, at);
+                if let Some(t) = s.apply(&u, &p) {
+                    got.push(t);
+                }
+                prop_assert!(s.history.len() <= p.window);
+            }
+            let want = model(&p, &updates);
+            let got_cmp: Vec<_> = got.iter().map(|t| (t.kind, t.episode, t.price, t.reference)).collect();
+            prop_assert_eq!(&got_cmp, &want);
+            // Alternation: Entered(1), Left(1), Entered(2), ... and entries meet the threshold.
+            for (i, t) in got.iter().enumerate() {
+                let kind = if i % 2 == 0 { TransitionKind::Entered } else { TransitionKind::Left };
+                prop_assert_eq!(t.kind, kind);
+                prop_assert_eq!(t.episode as usize, i / 2 + 1);
+                prop_assert_eq!(&t.id, &format!("p1:{}", t.episode));
+                if t.kind == TransitionKind::Entered {
+                    prop_assert!(t.drop_bp >= p.enter_bp);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! What Postfix's log lines mean for our mails: the bounces processor's logic, per queue id.
+//!
+//! Lines of one message (one queue id) arrive in log order on one partition (`postfix-log` is
+//! keyed by queue id). The tracker keeps, per queue id still in Postfix's queue:
+//!
+//! - our mail id, learnt from the cleanup daemon's `message-id=<MAILID@OUR-DOMAIN>` line (we
+//!   set the Message-ID to our mail id when sending). A message whose Message-ID is not ours
+//!   (a bounce notice, anything another program sent) has no mail id and its lines are ignored;
+//! - whether the envelope sender is empty (`from=<>`: a bounce notice, ignored whatever its
+//!   Message-ID);
+//! - the recipients currently deferred.
+//!
+//! Per recipient status line: `sent` → mail status *sent*; `deferred` → mail status and
+//! delivery issue *deferred*; `bounced` → mail status *bounced*, delivery issue *bounced* and,
+//! for a permanent DSN (5.x.x), the address flagged unreachable. `status=expired` turns every
+//! recipient still deferred into mail status *failed* and a delivery issue *expired* (a soft
+//! bounce: not flagged). `removed` forgets the queue id, so state is bounded by Postfix's queue.
+//!
+//! The tracker is pure (time is the caller's); its state is a map the processor keeps in a
+//! state store keyed by queue id.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::{AddressStatus, DeliveryIssue, IssueKind, MailState, MailStatus};
+use crate::ids::mail_id_from_message_id;
+use crate::postfix::parse::{LogLine, RcptStatus};
+
+/// One queued message's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Our mail id, if the Message-ID is ours.
+    pub mail_id: Option<String>,
+    /// `from=<>`: a bounce notice.
+    pub notice: bool,
+    /// Recipients deferred and not yet final.
+    pub deferred: BTreeSet<String>,
+}
+
+/// What the tracker emits for one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// To `mail-status`.
+    Status(MailStatus),
+    /// To `delivery-issues`.
+    Issue(DeliveryIssue),
+    /// To `address-status`.
+    Flag(AddressStatus),
+}
+
+/// Counters of lines seen (for metrics and the bring-up's progress).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Status lines for our mails.
+    pub matched: u64,
+    /// Status lines for messages that are not ours (no mail id).
+    pub unmatched: u64,
+    /// Lines of bounce notices.
+    pub notices: u64,
+}
+
+/// The bounces logic over a map of queue id → [`Message`] (a state store in the processor).
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    domain: String,
+    /// Counters.
+    pub counts: Counts,
+}
+
+impl Tracker {
+    /// A tracker for mails whose Message-IDs end in `@domain`.
+    pub fn new(domain: impl Into<String>) -> Self {
+        Tracker {
+            domain: domain.into(),
+            counts: Counts::default(),
+        }
+    }
+
+    /// Applies one line to `msg` (the state of the line's queue id; `None` when unknown).
+    /// Returns the new state (`None`: forget the queue id) and the events.
+    pub fn apply(
+        &mut self,
+        msg: Option<Message>,
+        line: &LogLine,
+        at_ms: i64,
+    ) -> (Option<Message>, Vec<Output>) {
+        let mut m = msg.unwrap_or_default();
+        let mut out = Vec::new();
+        match line {
+            LogLine::MessageId { message_id, .. } => {
+                m.mail_id = mail_id_from_message_id(message_id, &self.domain).map(str::to_owned);
+            }
+            LogLine::QueueActive { from, .. } => m.notice |= from.is_empty(),
+            LogLine::Removed { .. } => return (None, out),
+            LogLine::NonDeliveryNotice { .. } | LogLine::Other => {}
+            LogLine::Status {
+                qid,
+                to,
+                orig_to,
+                dsn,
+                status,
+                detail,
+                ..
+            } => {
+                let mail_id = match (&m.mail_id, m.notice) {
+                    (_, true) => {
+                        self.counts.notices += 1;
+                        None
+                    }
+                    (None, false) => {
+                        self.counts.unmatched += 1;
+                        None
+                    }
+                    (Some(id), false) => {
+                        self.counts.matched += 1;
+                        Some(id.clone())
+                    }
+                };
+                if let Some(mail_id) = mail_id {
+                    // The address we sent to: RCPT TO as given, when Postfix rewrote it.
+                    let rcpt = orig_to.as_deref().unwrap_or(to).to_ascii_lowercase();
+                    let (state, issue) = match status {
+                        RcptStatus::Sent => {
+                            m.deferred.remove(&rcpt);
+                            (MailState::Sent, None)
+                        }
+                        RcptStatus::Deferred => {
+                            m.deferred.insert(rcpt.clone());
+                            (MailState::Deferred, Some(IssueKind::Deferred))
+                        }
+                        RcptStatus::Bounced => {
+                            m.deferred.remove(&rcpt);
+                            (MailState::Bounced, Some(IssueKind::Bounced))
+                        }
+                    };
+                    out.push(Output::Status(MailStatus {
+                        mail_id: mail_id.clone(),
+                        queue_id: Some(qid.clone()),
+                        to: rcpt.clone(),
+                        status: state,
+                        dsn: Some(dsn.clone()),
+                        detail: detail.clone(),
+                        at_ms,
+                    }));
+                    if let Some(kind) = issue {
+                        out.push(Output::Issue(DeliveryIssue {
+                            mail_id: mail_id.clone(),
+                            queue_id: qid.clone(),
+                            to: rcpt.clone(),
+                            kind,
+                            dsn: dsn.clone(),
+                            detail: detail.clone(),
+                            at_ms,
+                        }));
+                    }
+                    if *status == RcptStatus::Bounced && dsn.starts_with("5.") {
+                        out.push(Output::Flag(AddressStatus {
+                            address: rcpt,
+                            unreachable: true,
+                            reason: format!("{dsn} {detail}"),
+                            mail_id: Some(mail_id),
+                            at_ms,
+                        }));
+                    }
+                }
+            }
+            LogLine::Expired { qid } => {
+                if let (Some(mail_id), false) = (&m.mail_id, m.notice) {
+                    for rcpt in std::mem::take(&mut m.deferred) {
+                        out.push(Output::Status(MailStatus {
+                            mail_id: mail_id.clone(),
+                            queue_id: Some(qid.clone()),
+                            to: rcpt.clone(),
+                            status: MailState::Failed,
+                            dsn: None,
+                            detail: "expired in the queue after deferrals".into(),
+                            at_ms,
+                        }));
+                        out.push(Output::Issue(DeliveryIssue {
+                            mail_id: mail_id.clone(),
+                            queue_id: qid.clone(),
+                            to: rcpt,
+                            kind: IssueKind::Expired,
+                            dsn: String::new(),
+                            detail: "returned to sender".into(),
+                            at_ms,
+                        }));
+                    }
+                }
+            }
+        }
+        (Some(m), out)
+    }
+}
+
+/// Runs `lines` through a tracker with an in-memory map (tests and the oracle's cross-check).
+pub fn run_all<'a>(
+    tracker: &mut Tracker,
+    lines: impl IntoIterator<Item = &'a LogLine>,
+) -> (Vec<Output>, BTreeMap<String, Message>) {
+    let mut state: BTreeMap<String, Message> = BTreeMap::new();
+    let mut out = Vec::new();
+    for l in lines {
+        let Some(qid) = l.qid() else { continue };
+        let (next, mut o) = tracker.apply(state.remove(qid), l, 0);
+        if let Some(n) = next {
+            state.insert(qid.to_owned(), n);
+        }
+        out.append(&mut o);
+    }
+    (out, state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postfix::parse::parse;
+
+    const DOMAIN: &str = "deals.test";
+
+    fn log(lines: &[String]) -> Vec<LogLine> {
+        lines.iter().map(|l| parse(l)).collect()
+    }
+
+    fn l(daemon: &str, qid: &str, rest: &str) -> String {
+        format!("Dec 06 02:28:12 mta pfA/{daemon}[1]: {qid}: {rest}")
+    }
+
+    fn status(daemon: &str, qid: &str, to: &str, dsn: &str, status: &str, detail: &str) -> String {
+        l(
+            daemon,
+            qid,
+            &format!(
+                "to=<{to}>, relay=virtual, delay=0.06, delays=0.01/0.04/0/0.01, dsn={dsn}, status={status} ({detail})"
+            ),
+        )
+    }
+
+    #[test]
+    fn sent_bounced_deferred_expired_and_notices() {
+        let lines = log(&[
+            // A: sent
+            l("cleanup", "A1", "message-id=<mailA@deals.test>"),
+            l(
+                "qmgr",
+                "A1",
+                "from=<deals@deals.test>, size=3, nrcpt=1 (queue active)",
+            ),
+            status(
+                "virtual",
+                "A1",
+                "alice@localhost",
+                "2.0.0",
+                "sent",
+                "delivered to mailbox",
+            ),
+            l("qmgr", "A1", "removed"),
+            // B: hard bounce, and its notice (from=<>), which is delivered: ignored
+            l("cleanup", "B1", "message-id=<mailB@deals.test>"),
+            l(
+                "qmgr",
+                "B1",
+                "from=<deals@deals.test>, size=3, nrcpt=1 (queue active)",
+            ),
+            status(
+                "virtual",
+                "B1",
+                "ghost@localhost",
+                "5.1.1",
+                "bounced",
+                "unknown user: \"ghost@localhost\"",
+            ),
+            l("cleanup", "N1", "message-id=<20261206022812.N1@mta.test>"),
+            l("qmgr", "N1", "from=<>, size=2156, nrcpt=1 (queue active)"),
+            l("bounce", "B1", "sender non-delivery notification: N1"),
+            l("qmgr", "B1", "removed"),
+            status(
+                "virtual",
+                "N1",
+                "deals@deals.test",
+                "2.0.0",
+                "sent",
+                "delivered to mailbox",
+            ),
+            l("qmgr", "N1", "removed"),
+            // C: deferred then expired
+            l("cleanup", "C1", "message-id=<mailC@deals.test>"),
+            l(
+                "qmgr",
+                "C1",
+                "from=<deals@deals.test>, size=3, nrcpt=1 (queue active)",
+            ),
+            status(
+                "smtp",
+                "C1",
+                "x@defer.test",
+                "4.4.1",
+                "deferred",
+                "connect to 127.0.0.1[127.0.0.1]:1: Connection refused",
+            ),
+            l(
+                "qmgr",
+                "C1",
+                "from=<deals@deals.test>, status=expired, returned to sender",
+            ),
+            l("qmgr", "C1", "removed"),
+            // D: not ours
+            l("cleanup", "D1", "message-id=<other@elsewhere>"),
+            status(
+                "virtual",
+                "D1",
+                "bob@localhost",
+                "2.0.0",
+                "sent",
+                "delivered to mailbox",
+            ),
+        ]);
+        let mut t = Tracker::new(DOMAIN);
+        let (out, left) = run_all(&mut t, &lines);
+        let summary: Vec<String> = out
+            .iter()
+            .map(|o| match o {
+                Output::Status(s) => format!("status {} {:?} {}", s.mail_id, s.status, s.to),
+                Output::Issue(i) => format!("issue {} {:?}", i.mail_id, i.kind),
+                Output::Flag(f) => format!("flag {} {}", f.address, f.unreachable),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                "status mailA Sent alice@localhost",
+                "status mailB Bounced ghost@localhost",
+                "issue mailB Bounced",
+                "flag ghost@localhost true",
+                "status mailC Deferred x@defer.test",
+                "issue mailC Deferred",
+                "status mailC Failed x@defer.test",
+                "issue mailC Expired",
+            ]
+        );
+        assert_eq!(
+            t.counts,
+            Counts {
+                matched: 3,
+                unmatched: 1,
+                notices: 1
+            }
+        );
+        assert_eq!(
+            left.keys().collect::<Vec<_>>(),
+            vec!["D1"],
+            "removed forgets"
+        );
+    }
+
+    #[test]
+    fn deferred_then_sent_is_not_expired_and_soft_bounces_are_not_flagged() {
+        let lines = log(&[
+            l("cleanup", "E1", "message-id=<mailE@deals.test>"),
+            status("smtp", "E1", "x@slow.test", "4.4.1", "deferred", "later"),
+            status("smtp", "E1", "x@slow.test", "2.0.0", "sent", "ok"),
+            l(
+                "qmgr",
+                "E1",
+                "from=<deals@deals.test>, status=expired, returned to sender",
+            ),
+            l("cleanup", "F1", "message-id=<mailF@deals.test>"),
+            status("smtp", "F1", "x@odd.test", "4.7.0", "bounced", "odd"),
+        ]);
+        let mut t = Tracker::new(DOMAIN);
+        let (out, _) = run_all(&mut t, &lines);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Status(s) if s.status == MailState::Failed))
+        );
+        assert!(!out.iter().any(|o| matches!(o, Output::Flag(_))));
+    }
+}
