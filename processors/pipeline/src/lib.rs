@@ -25,8 +25,20 @@
 //! | [`feed`] | the seeded price feed and users |
 
 pub mod deals;
+pub mod deliver;
 pub mod events;
 pub mod ids;
 pub mod matching;
 pub mod postfix;
+pub mod quiet;
+pub mod render;
 pub mod topics;
+
+/// Installs rustls' ring provider as the process default (once; a provider already installed
+/// by someone else is kept). reqwest and lettre are built without a provider of their own.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
