@@ -27,6 +27,7 @@
 pub mod deals;
 pub mod deliver;
 pub mod events;
+pub mod feed;
 pub mod ids;
 pub mod matching;
 pub mod postfix;

@@ -321,18 +321,16 @@ pub fn mbox_message_ids(path: &Path) -> io::Result<Vec<String>> {
             in_headers = true;
         } else if line.is_empty() {
             in_headers = false;
-        } else if in_headers {
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("message-id") {
-                    ids.push(
-                        value
-                            .trim()
-                            .trim_start_matches('<')
-                            .trim_end_matches('>')
-                            .to_owned(),
-                    );
-                }
-            }
+        } else if let (true, Some((name, value))) = (in_headers, line.split_once(':'))
+            && name.eq_ignore_ascii_case("message-id")
+        {
+            ids.push(
+                value
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_owned(),
+            );
         }
     }
     Ok(ids)

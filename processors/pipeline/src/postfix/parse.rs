@@ -153,13 +153,13 @@ pub fn parse(line: &str) -> LogLine {
             detail: s[6].to_owned(),
         };
     }
-    if daemon == "cleanup" {
-        if let Some(m) = MESSAGE_ID.captures(rest) {
-            return LogLine::MessageId {
-                qid,
-                message_id: m[1].to_owned(),
-            };
-        }
+    if daemon == "cleanup"
+        && let Some(m) = MESSAGE_ID.captures(rest)
+    {
+        return LogLine::MessageId {
+            qid,
+            message_id: m[1].to_owned(),
+        };
     }
     if daemon == "qmgr" {
         if let Some(m) = FROM_ACTIVE.captures(rest) {
@@ -175,13 +175,13 @@ pub fn parse(line: &str) -> LogLine {
             return LogLine::Removed { qid };
         }
     }
-    if daemon == "bounce" {
-        if let Some(m) = NDR.captures(rest) {
-            return LogLine::NonDeliveryNotice {
-                qid,
-                notice_qid: m[1].to_owned(),
-            };
-        }
+    if daemon == "bounce"
+        && let Some(m) = NDR.captures(rest)
+    {
+        return LogLine::NonDeliveryNotice {
+            qid,
+            notice_qid: m[1].to_owned(),
+        };
     }
     LogLine::Other
 }

@@ -93,11 +93,11 @@ impl Tailer {
         if let Some(p) = resume {
             let candidates = std::iter::once(t.path.clone()).chain(Self::rotated_names(&t.path));
             for c in candidates {
-                if let Ok(f) = File::open(&c) {
-                    if f.metadata()?.ino() == p.inode {
-                        t.attach(f, p.offset)?;
-                        return Ok(t);
-                    }
+                if let Ok(f) = File::open(&c)
+                    && f.metadata()?.ino() == p.inode
+                {
+                    t.attach(f, p.offset)?;
+                    return Ok(t);
                 }
             }
             tracing::warn!(path = %t.path.display(), inode = p.inode, offset = p.offset,

@@ -1,0 +1,107 @@
+//! A real HTTP receiver on 127.0.0.1 for webhook and push calls (hyper, HTTP/1.1): records
+//! every request (path, `Idempotency-Key`, JSON body) and answers with the status a policy
+//! picks from the path and how many times that key was seen (to exercise retries and dead
+//! letters).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// One request received.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub path: String,
+    pub key: String,
+    pub body: serde_json::Value,
+    pub status: u16,
+}
+
+type Policy = dyn Fn(&str, usize) -> u16 + Send + Sync;
+
+/// A running receiver (stops with the runtime).
+pub struct Receiver {
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+impl Receiver {
+    /// Starts on an ephemeral port; `policy(path, attempt)` (attempt 1-based per key) gives
+    /// the status to answer.
+    pub async fn start(policy: impl Fn(&str, usize) -> u16 + Send + Sync + 'static) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+        let policy: Arc<Policy> = Arc::new(policy);
+        let seen: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+        let c = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (calls, policy, seen) = (c.clone(), policy.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (calls, policy, seen) = (calls.clone(), policy.clone(), seen.clone());
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let key = req
+                                .headers()
+                                .get("idempotency-key")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_owned();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let body =
+                                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                            let attempt = {
+                                let mut s = seen.lock().unwrap();
+                                let n = s.entry(key.clone()).or_default();
+                                *n += 1;
+                                *n
+                            };
+                            let status = policy(&path, attempt);
+                            calls.lock().unwrap().push(Call {
+                                path,
+                                key,
+                                body,
+                                status,
+                            });
+                            Ok::<_, hyper::Error>(
+                                Response::builder()
+                                    .status(StatusCode::from_u16(status).unwrap())
+                                    .body(Full::new(Bytes::from_static(b"ok")))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver { addr, calls }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
