@@ -10,9 +10,13 @@
 //! whose name starts with `orders.`; `"*"` covers everything. A token may:
 //! - `admin`: create, delete, alter and grow topics matching;
 //! - `produce`: write to topics matching;
-//! - `consume`: read and describe topics matching, and list offsets;
+//! - `consume`: read topics matching;
 //! - `groups`: commit, fetch, list and delete offsets of groups matching (committing, and
 //!   deleting only some topics' offsets, also need `consume` on each topic).
+//!
+//! Any of `admin`, `produce` or `consume` on a topic implies **describing** it (DescribeTopic,
+//! ListTopics, ListOffsets), as Kafka's READ, WRITE and ALTER imply DESCRIBE: a producer
+//! looks its topic's partitions up before it writes, a consumer its offsets before it reads.
 //!
 //! With no tokens configured, authentication is off and every request is allowed (the broker
 //! then only listens on loopback, unless told otherwise).
@@ -55,6 +59,9 @@ pub(crate) enum Action {
     Produce,
     Consume,
     Group,
+    /// See a topic's partitions, configuration and offsets: implied by any of the others on
+    /// the topic (not by `groups`, which names groups, not topics).
+    Describe,
 }
 
 /// An authenticated caller's permissions.
@@ -95,15 +102,17 @@ impl Principal {
     pub(crate) fn allows(&self, action: Action, name: &str) -> bool {
         match self {
             Principal::Anyone => true,
-            Principal::Token(acl) => matches(
-                match action {
-                    Action::Admin => &acl.admin,
-                    Action::Produce => &acl.produce,
-                    Action::Consume => &acl.consume,
-                    Action::Group => &acl.groups,
-                },
-                name,
-            ),
+            Principal::Token(acl) => match action {
+                Action::Admin => matches(&acl.admin, name),
+                Action::Produce => matches(&acl.produce, name),
+                Action::Consume => matches(&acl.consume, name),
+                Action::Group => matches(&acl.groups, name),
+                Action::Describe => {
+                    matches(&acl.consume, name)
+                        || matches(&acl.produce, name)
+                        || matches(&acl.admin, name)
+                }
+            },
         }
     }
 
@@ -116,14 +125,15 @@ impl Principal {
             Principal::Anyone => "anyone",
             Principal::Token(acl) => acl.name.as_str(),
         };
-        let verb = match action {
-            Action::Admin => "administer",
-            Action::Produce => "produce to",
-            Action::Consume => "consume from",
-            Action::Group => "use the group",
+        let (verb, needs) = match action {
+            Action::Admin => ("administer", "admin"),
+            Action::Produce => ("produce to", "produce"),
+            Action::Consume => ("consume from", "consume"),
+            Action::Group => ("use the group", "groups"),
+            Action::Describe => ("describe", "produce, consume or admin"),
         };
         Err(BrokerError::NotAuthorized(format!(
-            "token {who:?} may not {verb} {name:?}"
+            "token {who:?} may not {verb} {name:?} (needs {needs} on it)"
         )))
     }
 }

@@ -3,8 +3,9 @@
 //! Unknown keys in the file are rejected. An environment variable is taken as an override when
 //! its name, after `SPOOL_`, names a top-level key (`SPOOL_DATA_DIR`) or a section
 //! (`SPOOL_LIMITS__MAX_CONNECTIONS`, `__` separating section and key); within a section an
-//! unknown key is rejected. Other `SPOOL_*` variables (the CLI's `SPOOL_BROKER`, …) are not
-//! the broker's and are left alone.
+//! unknown key is rejected. Other `SPOOL_*` variables are left alone; those that are neither
+//! the CLI's (`SPOOL_BROKER`, …) nor spoold's own (`SPOOL_LOG`) are most likely mistyped
+//! settings, and [`Config::unknown_env_warnings`] says so (spoold logs it at start).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,10 +30,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// gRPC listen address.
     pub listen: SocketAddr,
-    /// Prometheus `/metrics` listen address; absent disables metrics.
+    /// Prometheus `/metrics` listen address; `None` (written `"off"` in TOML and in
+    /// `SPOOL_METRICS_LISTEN`) disables metrics.
+    #[serde(with = "metrics_listen")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Listening on a non-loopback address requires saying so explicitly (until TLS and
-    /// tokens exist, anything beyond loopback is unauthenticated).
+    /// Listening on a non-loopback address without TLS and tokens requires saying so
+    /// explicitly (anything beyond loopback would then be unauthenticated); so does serving
+    /// the metrics endpoint, which has neither, beyond loopback.
     pub allow_non_loopback: bool,
     /// Tokio worker threads; 0 means one per core.
     pub runtime_threads: usize,
@@ -300,8 +304,7 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        let known = toml::Table::try_from(Config::default())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let known = known_keys().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("SPOOL_") else {
                 continue;
@@ -439,6 +442,148 @@ impl Config {
     }
 }
 
+/// `SPOOL_*` variables that belong to other programs or to spoold outside its configuration:
+/// not warned about.
+const OTHER_SPOOL_VARS: &[&str] = &[
+    // spoold itself: the log filter and the crash points of tests.
+    "SPOOL_LOG",
+    "SPOOL_FAILPOINTS",
+    // The `spool` CLI and the client's programs (processors run with SPOOL_BROKER set).
+    "SPOOL_BROKER",
+    "SPOOL_PROFILE",
+    "SPOOL_CLI_CONFIG",
+    "SPOOL_TLS_CA",
+    "SPOOL_TLS_DOMAIN",
+    "SPOOL_TLS_CERT",
+    "SPOOL_TLS_KEY",
+    "SPOOL_TOKEN",
+    "SPOOL_TOKEN_FILE",
+];
+
+impl Config {
+    /// One warning for each `SPOOL_*` variable of `env` that names no configuration key (and
+    /// is not one of the CLI's or of spoold outside its configuration), with the key it most
+    /// likely meant. A mistyped override would otherwise be ignored silently.
+    pub fn unknown_env_warnings(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+        let Ok(known) = known_keys() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (name, _) in env {
+            let Some(rest) = name.strip_prefix("SPOOL_") else {
+                continue;
+            };
+            if OTHER_SPOOL_VARS.contains(&name.as_str()) || name.starts_with("SPOOL_TEST_") {
+                continue;
+            }
+            let first = rest
+                .split("__")
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            if known.contains_key(&first) {
+                continue; // a section's unknown key is an error at load, not a warning
+            }
+            let hint = suggest(&first, &known)
+                .map(|s| format!(" (did you mean SPOOL_{}?)", s.to_ascii_uppercase()))
+                .unwrap_or_default();
+            out.push(format!(
+                "ignoring {name}: it is not a spoold setting{hint}; settings are SPOOL_<KEY> \
+                 or SPOOL_<SECTION>__<KEY> (spoold --print-config lists them)"
+            ));
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Whether log lines get ANSI colours: only when stderr is a terminal, and not when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>), so a log
+/// redirected to a file or read by journald has no escape codes.
+pub fn log_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Every key and section of the configuration (optional sections included, which the
+/// defaults leave out), as a TOML table.
+fn known_keys() -> Result<toml::Table, toml::ser::Error> {
+    toml::Table::try_from(Config {
+        tls: Some(TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: Some(PathBuf::new()),
+        }),
+        ..Config::default()
+    })
+}
+
+/// The configuration key `name` most likely meant: `section_key` for `section__key`, or the
+/// closest top-level key by edit distance (at most a third of the name's length away).
+fn suggest(name: &str, known: &toml::Table) -> Option<String> {
+    for (section, value) in known {
+        if let (Some(key), Some(table)) = (
+            name.strip_prefix(section.as_str())
+                .and_then(|r| r.strip_prefix('_')),
+            value.as_table(),
+        ) && table.contains_key(key)
+        {
+            return Some(format!("{section}__{key}"));
+        }
+    }
+    known
+        .keys()
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, _)| *d <= name.len().div_ceil(3))
+        .min()
+        .map(|(_, k)| k.clone())
+}
+
+/// Levenshtein distance (names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// `metrics_listen` in TOML and the environment: an address, or `"off"` to disable.
+mod metrics_listen {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "metrics_listen must be HOST:PORT (e.g. 127.0.0.1:7171) or \"off\", not {text:?}"
+            ))
+        })
+    }
+}
+
 /// An environment value: a TOML scalar if it parses as one (numbers, booleans), else a string.
 fn parse_env_value(v: &str) -> toml::Value {
     if let Ok(i) = v.parse::<i64>() {
@@ -485,8 +630,88 @@ mod tests {
         std::fs::write(&f, "data_dirr = \"x\"\n").unwrap();
         let err = Config::load(Some(&f), vec![]).unwrap_err();
         assert!(err.to_string().contains("data_dirr"), "{err}");
+        // The optional [tls] section is reachable from the environment too.
+        let c = Config::load(
+            None,
+            vec![
+                ("SPOOL_TLS__CERT".into(), "/tls/server.crt".into()),
+                ("SPOOL_TLS__KEY".into(), "/tls/server.key".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls.map(|t| t.cert),
+            Some(PathBuf::from("/tls/server.crt"))
+        );
         let err = Config::load(None, vec![("SPOOL_LIMITS__NOPE".into(), "1".into())]).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn metrics_can_be_switched_off_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("spoold.toml");
+        std::fs::write(&f, "metrics_listen = \"off\"\n").unwrap();
+        assert_eq!(Config::load(Some(&f), vec![]).unwrap().metrics_listen, None);
+        let env = vec![("SPOOL_METRICS_LISTEN".to_owned(), "off".to_owned())];
+        assert_eq!(Config::load(None, env).unwrap().metrics_listen, None);
+        let env = vec![("SPOOL_METRICS_LISTEN".to_owned(), "127.0.0.1:9".to_owned())];
+        let c = Config::load(Some(&f), env).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9".parse().unwrap()));
+        // --print-config of a broker without metrics reads back without metrics.
+        let off = Config {
+            metrics_listen: None,
+            ..Config::default()
+        };
+        std::fs::write(&f, off.to_toml()).unwrap();
+        assert_eq!(Config::load(Some(&f), vec![]).unwrap(), off);
+        std::fs::write(&f, "metrics_listen = \"nope\"\n").unwrap();
+        let err = Config::load(Some(&f), vec![]).unwrap_err().to_string();
+        assert!(err.contains("\"off\""), "{err}");
+    }
+
+    #[test]
+    fn unknown_spool_variables_are_warned_about() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let w = Config::unknown_env_warnings(env(&[
+            ("SPOOL_DATADIR", "/x"),
+            ("SPOOL_LIMITS_MAX_CONNECTIONS", "5"),
+            ("SPOOL_WHATEVER", "1"),
+            // Known, or someone else's: no warning.
+            ("SPOOL_DATA_DIR", "/x"),
+            ("SPOOL_LIMITS__MAX_CONNECTIONS", "5"),
+            ("SPOOL_TLS__CERT", "/etc/spool/tls/server.crt"),
+            ("SPOOL_BROKER", "h:1"),
+            ("SPOOL_LOG", "info"),
+            ("SPOOL_TOKEN", "t"),
+            ("HOME", "/root"),
+        ]));
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(w[0].contains("SPOOL_DATADIR") && w[0].contains("did you mean SPOOL_DATA_DIR?"));
+        assert!(
+            w[1].contains("SPOOL_LIMITS_MAX_CONNECTIONS")
+                && w[1].contains("did you mean SPOOL_LIMITS__MAX_CONNECTIONS?"),
+            "{}",
+            w[1]
+        );
+        assert!(w[2].contains("SPOOL_WHATEVER") && !w[2].contains("did you mean"));
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(log_colour(true, None));
+        assert!(
+            log_colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None));
     }
 
     #[test]

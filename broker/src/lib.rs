@@ -49,7 +49,7 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 
 pub use auth::{TokenConfig, hash_token};
-pub use config::Config;
+pub use config::{Config, log_colour};
 pub use error::{BrokerError, ConfigError};
 pub use offsets::OFFSETS_TOPIC;
 pub use producer_ids::PRODUCER_IDS_TOPIC;

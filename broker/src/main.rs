@@ -26,7 +26,9 @@ struct Args {
     /// Prometheus metrics listen address [default: 127.0.0.1:7171]; "off" disables.
     #[arg(long, value_name = "HOST:PORT|off")]
     metrics_listen: Option<String>,
-    /// Allow listening beyond loopback (no TLS or authentication exists yet).
+    /// Allow listening beyond loopback without TLS and auth tokens (and serving the
+    /// unauthenticated metrics endpoint beyond loopback). With [tls] and [[auth.tokens]]
+    /// configured, any address is allowed without it.
     #[arg(long)]
     allow_non_loopback: bool,
     /// Tokio worker threads (0: one per core).
@@ -80,6 +82,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging();
+    for warning in Config::unknown_env_warnings(std::env::vars()) {
+        tracing::warn!("{warning}");
+    }
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("spoold-worker");
@@ -164,16 +169,23 @@ async fn shutdown_signal() {
     ]);
 }
 
-/// Logs go to stderr, without timestamps under systemd (journald adds its own).
+/// Logs go to stderr, without timestamps under systemd (journald adds its own), in colour
+/// only on a terminal and without `NO_COLOR` (<https://no-color.org>).
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPOOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let colour = spool_broker::log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     if under_journald {
-        fmt.without_time().with_ansi(false).init();
+        fmt.without_time().init();
     } else {
         fmt.init();
     }

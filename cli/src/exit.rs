@@ -77,8 +77,47 @@ pub(crate) fn report(e: &CliError) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match e {
-        CliError::Other(e) => eprintln!("spool: {e:#}"),
+        CliError::Other(e) => eprintln!("spool: {}", chain(e.chain())),
         e => eprintln!("spool: {e}"),
     }
     ExitCode::from(e.code())
+}
+
+/// An error and its causes joined by ": ", leaving out a cause whose text the error before it
+/// already showed (many errors print their source in their own message, as the engine's
+/// `open FILE: No such file or directory (os error 2)` does, and also return it as source).
+pub(crate) fn chain<'a>(
+    errors: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for e in errors {
+        let text = e.to_string();
+        if last.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        last = text;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_says_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let io_text = io.to_string();
+        let e = anyhow::Error::new(io).context(format!("open /x: {io_text}"));
+        let e = e.context("inspecting /x");
+        assert_eq!(
+            chain(e.chain()),
+            format!("inspecting /x: open /x: {io_text}")
+        );
+    }
 }

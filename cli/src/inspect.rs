@@ -205,12 +205,12 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 let r = (|| -> anyhow::Result<()> {
                     writeln!(
                         out,
-                        "batch at byte {pos}: offsets {}..={} records {} bytes {} compression {:?} max_ts {} crc {:#010x}",
+                        "batch at byte {pos}: offsets {}..={} records {} bytes {} compression {} max_ts {} crc {:#010x}",
                         h.base_offset,
                         h.last_offset(),
                         h.records_count,
                         h.total_len(),
-                        h.compression().ok(),
+                        compression_name(h.compression().ok()),
                         h.max_timestamp,
                         h.crc
                     )?;
@@ -244,6 +244,20 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The codec as `spool topic` and `spool produce -z` spell it (`unknown` for attribute bits
+/// this version does not know).
+fn compression_name(c: Option<spool_log_engine::Compression>) -> &'static str {
+    use spool_log_engine::Compression as C;
+    match c {
+        Some(C::None) => "none",
+        Some(C::Gzip) => "gzip",
+        Some(C::Snappy) => "snappy",
+        Some(C::Lz4) => "lz4",
+        Some(C::Zstd) => "zstd",
+        _ => "unknown",
     }
 }
 

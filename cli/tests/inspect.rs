@@ -75,6 +75,10 @@ fn verify_stats_and_dump() {
     assert_eq!(code, 0);
     assert!(out.contains("batch at byte 0: offsets 0..=0"), "{out}");
     assert!(
+        out.contains(" compression none ") && !out.contains("Some("),
+        "the codec by its name, no Rust debug output: {out}"
+    );
+    assert!(
         out.contains("offset 0 ts 1000 key k value value-0"),
         "{out}"
     );
@@ -96,6 +100,18 @@ fn verify_stats_and_dump() {
 
     let (code, _, err) = spool(&["inspect", "verify", "/nonexistent/dir"]);
     assert_eq!(code, 2, "{err}");
+    assert_eq!(
+        err.matches("(os error 2)").count(),
+        1,
+        "the cause once: {err}"
+    );
+    let (code, _, err) = spool(&["inspect", "dump", "/nonexistent/0.log"]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(
+        err.matches("(os error 2)").count(),
+        1,
+        "the cause once: {err}"
+    );
 }
 
 /// Sealed segments of `prices/0`, oldest first (the last one is the active segment).

@@ -8,9 +8,10 @@ use spool_testkit::hash_token;
 
 const OPS: &str = "ops-token-0123456789abcdef";
 const READER: &str = "reader-token-0123456789abcdef";
+const WRITER: &str = "writer-token-0123456789abcdef";
 
 /// TLS with a self-signed certificate for `localhost`; `OPS` may do anything, `READER` only
-/// consume `public.*`.
+/// consume `public.*`, `WRITER` only produce to `public.*` (docs/operations.md's ACL example).
 fn secured() -> (Broker, tempfile::TempDir) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let files = tempfile::tempdir().unwrap();
@@ -22,11 +23,13 @@ fn secured() -> (Broker, tempfile::TempDir) {
         Some(format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [[auth.tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nadmin = [\"*\"]\nproduce = [\"*\"]\nconsume = [\"*\"]\ngroups = [\"*\"]\n\n\
-             [[auth.tokens]]\nname = \"reader\"\nsha256 = \"{}\"\nconsume = [\"public.\"]\n",
+             [[auth.tokens]]\nname = \"reader\"\nsha256 = \"{}\"\nconsume = [\"public.\"]\n\n\
+             [[auth.tokens]]\nname = \"writer\"\nsha256 = \"{}\"\nproduce = [\"public.\"]\n",
             dir.join("server.crt").display(),
             dir.join("server.key").display(),
             hash_token(OPS),
             hash_token(READER),
+            hash_token(WRITER),
         ))
     });
     (broker, files)
@@ -96,6 +99,39 @@ fn tls_and_tokens_from_flags_env_and_files() {
         &["topic", "delete", "public.prices"],
     );
     assert_eq!(code, 4);
+    // A token that may only produce can produce (the producer describes the topic first:
+    // produce rights imply describing), and may not read.
+    let (code, out, err) = run(
+        &b,
+        &files,
+        &[("SPOOL_TOKEN", WRITER)],
+        &["produce", "public.prices", "-v", "c"],
+    );
+    assert_eq!((code, out.as_str()), (0, "public.prices/0@2\n"), "{err}");
+    let (code, _, err) = run(
+        &b,
+        &files,
+        &[("SPOOL_TOKEN", WRITER)],
+        &["consume", "public.prices", "-e", "-q"],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("may not consume from \"public.prices\""),
+        "{err}"
+    );
+    // Outside its prefix, the refusal names what describing needs, once.
+    let (code, _, err) = run(
+        &b,
+        &files,
+        &[("SPOOL_TOKEN", WRITER)],
+        &["produce", "secret", "x"],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("may not describe \"secret\" (needs produce, consume or admin on it)"),
+        "{err}"
+    );
+    assert_eq!(err.matches("not authorized").count(), 1, "said once: {err}");
     // No token, or a wrong one: refused (4), not "unreachable".
     let (code, _, err) = run(&b, &files, &[], &["topic", "list"]);
     assert_eq!(code, 4, "{err}");

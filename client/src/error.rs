@@ -84,7 +84,7 @@ pub enum Error {
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
     /// The topic does not exist.
-    #[error("unknown topic {topic:?}: {message}")]
+    #[error("{}", or_default(message, || format!("unknown topic {topic:?}")))]
     UnknownTopic {
         /// Topic name (empty if the broker did not say).
         topic: String,
@@ -92,7 +92,7 @@ pub enum Error {
         message: String,
     },
     /// The topic has no such partition.
-    #[error("unknown partition {topic}/{partition}: {message}")]
+    #[error("{}", or_default(message, || format!("unknown partition {topic}/{partition}")))]
     UnknownPartition {
         /// Topic name.
         topic: String,
@@ -103,7 +103,7 @@ pub enum Error {
     },
     /// The consumer group has no committed offsets (for the topics asked about, if any):
     /// `DeleteGroup` found nothing to delete.
-    #[error("unknown consumer group {group:?}: {message}")]
+    #[error("{}", or_default(message, || format!("unknown consumer group {group:?}")))]
     UnknownGroup {
         /// Group name (empty if the broker did not say).
         group: String,
@@ -117,20 +117,20 @@ pub enum Error {
         topic: String,
     },
     /// The request was refused as malformed (bad name, bad config, no data, internal topic…).
-    #[error("invalid request: {message}")]
+    #[error("{}", prefixed("invalid request", message))]
     InvalidRequest {
         /// Broker's (or the client's) message.
         message: String,
     },
     /// The batch failed the broker's checks; nothing was written.
-    #[error("invalid batch: {message}")]
+    #[error("{}", prefixed("invalid record batch", message))]
     InvalidBatch {
         /// Broker's message.
         message: String,
     },
     /// A batch or record is over a broker limit (e.g. the topic's `max_message_bytes`);
     /// nothing was written.
-    #[error("too large: {message}")]
+    #[error("{}", prefixed("too large", message))]
     TooLarge {
         /// Broker's message.
         message: String,
@@ -139,14 +139,14 @@ pub enum Error {
     #[error("offset out of range: {0:?}")]
     OffsetOutOfRange(Box<OutOfRange>),
     /// Stored data failed a check; the broker refused to serve it.
-    #[error("corruption reported by the broker: {message}")]
+    #[error("{}", prefixed("corruption", message))]
     Corruption {
         /// Broker's message.
         message: String,
     },
     /// A write or fsync failed earlier on the broker; the partition refuses writes until the
     /// broker restarts. Retriable (a restarted broker accepts writes again).
-    #[error("partition poisoned: {message}")]
+    #[error("{}", prefixed("partition poisoned", message))]
     PartitionPoisoned {
         /// Broker's message.
         message: String,
@@ -165,14 +165,14 @@ pub enum Error {
     },
     /// The caller's credentials do not allow this operation (gRPC `PERMISSION_DENIED`, error
     /// code `ERROR_CODE_NOT_AUTHORIZED`).
-    #[error("not authorized: {message}")]
+    #[error("{}", prefixed("not authorized", message))]
     NotAuthorized {
         /// Broker's message.
         message: String,
     },
     /// The broker wants credentials this client did not send or that it does not know (gRPC
     /// `UNAUTHENTICATED`).
-    #[error("not authenticated: {message}")]
+    #[error("{}", prefixed("not authenticated", message))]
     Unauthenticated {
         /// Broker's message.
         message: String,
@@ -298,6 +298,31 @@ pub enum Error {
         /// Broker's message.
         message: String,
     },
+}
+
+/// `message`, or the fallback when the broker sent none (its messages name what they are
+/// about: "topic \"x\" does not exist").
+fn or_default(message: &str, fallback: impl FnOnce() -> String) -> String {
+    if message.is_empty() {
+        fallback()
+    } else {
+        message.to_owned()
+    }
+}
+
+/// `kind: message`, unless the message already starts with `kind` (the broker's own messages
+/// often do: "not authorized: token …"), so that nothing is said twice.
+fn prefixed(kind: &str, message: &str) -> String {
+    let starts = message
+        .get(..kind.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(kind));
+    if starts {
+        message.to_owned()
+    } else if message.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {message}")
+    }
 }
 
 impl Error {
@@ -642,6 +667,38 @@ mod tests {
         assert!(matches!(e, Error::NotAuthorized { .. }), "{e:?}");
         assert_eq!(e.code(), Some(code));
         assert!(!e.is_retriable());
+    }
+
+    #[test]
+    fn messages_say_things_once() {
+        let e = Error::NotAuthorized {
+            message: "not authorized: token \"w\" may not describe \"t\"".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "not authorized: token \"w\" may not describe \"t\""
+        );
+        let e = Error::NotAuthorized {
+            message: "token \"w\" may not describe \"t\"".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "not authorized: token \"w\" may not describe \"t\""
+        );
+        let e = Error::UnknownTopic {
+            topic: "t".into(),
+            message: "topic \"t\" does not exist".into(),
+        };
+        assert_eq!(e.to_string(), "topic \"t\" does not exist");
+        let e = Error::UnknownTopic {
+            topic: "t".into(),
+            message: String::new(),
+        };
+        assert_eq!(e.to_string(), "unknown topic \"t\"");
+        let e = Error::InvalidBatch {
+            message: "invalid record batch: CRC mismatch".into(),
+        };
+        assert_eq!(e.to_string(), "invalid record batch: CRC mismatch");
     }
 
     #[test]

@@ -76,13 +76,13 @@ impl AdminService for Admin {
         req: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
         timed(&self.state.metrics, "ListTopics", async move {
-            // A token sees the topics it may consume from or administer.
+            // A token sees the topics it may describe (produce to, consume from or administer).
             let who = principal(&req);
             let log = &self.state.log;
             let topics = log
                 .topics()
                 .into_iter()
-                .filter(|t| who.allows(Action::Consume, t) || who.allows(Action::Admin, t))
+                .filter(|t| who.allows(Action::Describe, t))
                 .filter_map(|t| {
                     let n = log.topic_config(&t).ok()?.partitions;
                     Some(v1::TopicSummary {
@@ -103,9 +103,7 @@ impl AdminService for Admin {
         timed(&self.state.metrics, "DescribeTopic", async move {
             let who = principal(&req);
             let topic = req.into_inner().topic;
-            if !who.allows(Action::Consume, &topic) {
-                who.require(Action::Admin, &topic)?;
-            }
+            who.require(Action::Describe, &topic)?;
             let log = &self.state.log;
             let cfg = log.topic_config(&topic).map_err(BrokerError::from)?;
             let partitions = log

@@ -302,7 +302,7 @@ impl ConsumeService for Consume {
                             partition: q.partition,
                             ..Default::default()
                         };
-                        let res = who.require(Action::Consume, &q.topic).and_then(|()| {
+                        let res = who.require(Action::Describe, &q.topic).and_then(|()| {
                             let p = state.log.partition(&q.topic, q.partition)?;
                             Ok(
                                 match v1::OffsetSpec::try_from(q.spec)

@@ -12,3 +12,4 @@ mod membership;
 mod metrics;
 mod produce;
 mod security;
+mod startup;

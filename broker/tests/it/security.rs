@@ -110,7 +110,8 @@ async fn tls_tokens_and_acls() {
             .await
             .unwrap();
     }
-    // The deals token may not create topics, and sees only what it may read.
+    // The deals token may not create topics, and sees only what it may describe: what it may
+    // produce to or consume from (as Kafka's WRITE and READ imply DESCRIBE).
     let err = admin(Some(DEALS))
         .create_topic(v1::CreateTopicRequest {
             topic: "deals.de".into(),
@@ -129,7 +130,16 @@ async fn tls_tokens_and_acls() {
         .into_iter()
         .map(|t| t.topic)
         .collect();
-    assert_eq!(seen, vec!["prices"]);
+    assert_eq!(seen, vec!["deals.fr", "prices"]);
+    // Produce rights on deals.* imply describing deals.fr (the producer looks it up first).
+    let d = admin(Some(DEALS))
+        .describe_topic(v1::DescribeTopicRequest {
+            topic: "deals.fr".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.partitions.len(), 1);
     let err = admin(Some(DEALS))
         .describe_topic(v1::DescribeTopicRequest {
             topic: "secret".into(),
@@ -137,6 +147,12 @@ async fn tls_tokens_and_acls() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("may not describe \"secret\"")
+            && err.message().contains("needs produce, consume or admin"),
+        "the refusal names the permission that is missing: {}",
+        err.message()
+    );
 
     // Produce: allowed on deals.*, refused per partition elsewhere.
     let mut prod = ProduceServiceClient::with_interceptor(ch.clone(), Bearer(Some(DEALS)));
