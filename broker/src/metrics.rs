@@ -9,12 +9,17 @@
 //! | `spool_produce_bytes_total`, `spool_produce_records_total` | counter | topic |
 //! | `spool_consume_bytes_total`, `spool_consume_records_total` | counter | topic |
 //! | `spool_rpc_duration_seconds` | histogram | rpc |
-//! | `spool_rpc_errors_total` | counter | rpc |
+//! | `spool_rpc_errors_total` | counter | rpc, code (the gRPC status: `NOT_FOUND`, …) |
 //! | `spool_idle_connections_closed_total`, `spool_handshake_timeouts_total`, `spool_connections_refused_total` | counter | |
 //! | `spool_connections_open` | gauge | |
 //! | `spool_partition_size_bytes`, `spool_partition_high_watermark`, `spool_partition_log_start_offset`, `spool_partition_last_stable_offset` | gauge | topic, partition |
 //! | `spool_fsync_duration_seconds` | histogram | topic |
 //! | `spool_consumer_group_lag` | gauge | group, topic, partition |
+//! | `spool_consumer_group_lag_seconds` | gauge | group, topic, partition |
+//! | `process_*`, `spool_build_info` | see `process_metrics.rs` | |
+//!
+//! `/metrics` answers in OpenMetrics or in the classic text format, as the scraper asks
+//! (`metrics_text.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +39,7 @@ use spool_log_engine::Log;
 use spool_log_engine::stats::BUCKETS_MICROS;
 use tokio::net::TcpListener;
 
+use crate::metrics_text;
 use crate::offsets::OffsetStore;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +50,36 @@ struct TopicLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabel {
     rpc: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    rpc: &'static str,
+    code: &'static str,
+}
+
+/// The gRPC status code's canonical name, as grpcurl and other gRPC tools print it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,7 +109,7 @@ pub(crate) struct Metrics {
     consume_bytes: Family<TopicLabel, Counter>,
     consume_records: Family<TopicLabel, Counter>,
     rpc_duration: Family<RpcLabel, Histogram, fn() -> Histogram>,
-    rpc_errors: Family<RpcLabel, Counter>,
+    rpc_errors: Family<ErrorLabels, Counter>,
     conn: crate::conn::ConnMetrics,
     group_rebalances: Counter,
     group_rebalance_seconds: Histogram,
@@ -166,19 +202,54 @@ impl Collector for LogCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (group, topic, partition, committed) in self.offsets.all() {
+        let committed = self.offsets.all();
+        let mut lags = Vec::with_capacity(committed.len());
+        for (group, topic, partition, committed) in committed {
             let Ok(p) = self.log.partition(&topic, partition) else {
                 continue;
             };
             let lag = p.high_watermark().saturating_sub(committed);
-            ConstGauge::new(lag as i64).encode(m.encode_family(&LagLabels {
+            let labels = LagLabels {
                 group,
                 topic,
                 partition,
-            })?)?;
+            };
+            ConstGauge::new(lag as i64).encode(m.encode_family(&labels)?)?;
+            lags.push((labels, p, committed));
+        }
+        // Lag in time: the age of the group's next record (the oldest it has not consumed).
+        let mut m = encoder.encode_descriptor(
+            "spool_consumer_group_lag_seconds",
+            "Age of the oldest record a group has not consumed (from the timestamp of the batch \
+             holding its committed offset), 0 when caught up",
+            None,
+            MetricType::Gauge,
+        )?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for (labels, p, committed) in lags {
+            if let Some(age_ms) = lag_ms(&p, committed, now_ms) {
+                ConstGauge::new(age_ms as f64 / 1000.0).encode(m.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }
+}
+
+/// How old the first record a group has not consumed is, in ms: `now_ms` minus the first
+/// timestamp of the batch holding `max(committed, log start)` (exact when that is the batch's
+/// first record, else the batch's oldest record: at most one batch early), 0 when the group is
+/// caught up, `None` when the partition cannot be read. One index lookup and one batch header,
+/// no decompression.
+fn lag_ms(p: &spool_log_engine::Partition, committed: u64, now_ms: i64) -> Option<i64> {
+    let next = committed.max(p.log_start_offset());
+    if next >= p.high_watermark() {
+        return Some(0);
+    }
+    let read = p.read(next, 1).ok()?;
+    let batch = read.batches().next()?.ok()?;
+    Some(now_ms.saturating_sub(batch.header().base_timestamp).max(0))
 }
 
 impl Metrics {
@@ -191,7 +262,7 @@ impl Metrics {
         let rpc_duration = Family::<RpcLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             rpc_histogram as fn() -> Histogram,
         );
-        let rpc_errors = Family::<RpcLabel, Counter>::default();
+        let rpc_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "spool_produce_bytes",
             "Bytes of record batches appended",
@@ -219,7 +290,7 @@ impl Metrics {
         );
         registry.register(
             "spool_rpc_errors",
-            "Requests that failed with a gRPC error",
+            "Requests that failed, by gRPC status code",
             rpc_errors.clone(),
         );
         let idle_closed = Counter::default();
@@ -246,6 +317,7 @@ impl Metrics {
             group_rebalance_seconds.clone(),
         );
         registry.register_collector(Box::new(LogCollector { log, offsets }));
+        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         Metrics {
             registry,
             produce_bytes,
@@ -311,12 +383,26 @@ impl Metrics {
         }
     }
 
+    /// The OpenMetrics text of every metric.
     fn render(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+
+    /// The body and content type for a scraper whose `Accept` header is `accept`.
+    fn render_for(&self, accept: Option<&str>) -> (String, &'static str) {
+        let om = self.render();
+        if metrics_text::wants_openmetrics(accept) {
+            (om, metrics_text::OPENMETRICS)
+        } else {
+            (
+                metrics_text::to_prometheus_text(&om),
+                metrics_text::PROMETHEUS_TEXT,
+            )
+        }
     }
 }
 
@@ -340,10 +426,13 @@ pub(crate) struct RpcTimer<'a> {
 impl RpcTimer<'_> {
     /// Passes a result through, counting it if it is an error.
     pub(crate) fn finish<T>(self, r: Result<T, tonic::Status>) -> Result<T, tonic::Status> {
-        if r.is_err() {
+        if let Err(status) = &r {
             self.metrics
                 .rpc_errors
-                .get_or_create(&RpcLabel { rpc: self.rpc })
+                .get_or_create(&ErrorLabels {
+                    rpc: self.rpc,
+                    code: code_name(status.code()),
+                })
                 .inc();
         }
         r
@@ -382,9 +471,14 @@ pub(crate) async fn serve(
                 let metrics = metrics.clone();
                 async move {
                     if req.uri().path() == "/metrics" {
+                        let accept = req
+                            .headers()
+                            .get(hyper::header::ACCEPT)
+                            .and_then(|v| v.to_str().ok());
+                        let (body, content_type) = metrics.render_for(accept);
                         Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(Full::new(Bytes::from(metrics.render())))
+                            .header("content-type", content_type)
+                            .body(Full::new(Bytes::from(body)))
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)
