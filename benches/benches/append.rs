@@ -128,6 +128,43 @@ fn build_and_append(
     (records as f64 / el, bytes as f64 / el / 1e6, build_secs)
 }
 
+/// A batch of `batch_bytes` (uncompressed size) of JSON-like 1 KiB values that compress about
+/// as real payloads do (3–4× with LZ4), encoded with `c`. Returns (batch, records).
+fn json_batch(c: Compression, batch_bytes: usize) -> (bytes::Bytes, usize) {
+    let mut rng = spool_benches::Rng::new(42);
+    let words = [
+        "price", "sku", "store", "qty", "eur", "open", "closed", "north", "south",
+    ];
+    let mut b = BatchBuilder::with_capacity(c, batch_bytes);
+    let mut n = 0usize;
+    while n * 1100 < batch_bytes {
+        let mut v = String::with_capacity(1100);
+        v.push('{');
+        while v.len() < 1000 {
+            let w = words[rng.below(words.len() as u64) as usize];
+            v.push_str(&format!("\"{w}\":{},", rng.below(1_000_000)));
+        }
+        v.push('}');
+        b.push(1_700_000_000_000 + n as i64, None, Some(v.as_bytes()), &[]);
+        n += 1;
+    }
+    (b.finish().expect("finish"), n)
+}
+
+/// Runs `check` over `batch` `times` times; returns records/s.
+fn check_rate(
+    batch: &[u8],
+    records: usize,
+    times: usize,
+    mut check: impl FnMut(&[u8]) -> bool,
+) -> f64 {
+    let t = Instant::now();
+    for _ in 0..times {
+        assert!(check(std::hint::black_box(batch)));
+    }
+    (records * times) as f64 / t.elapsed().as_secs_f64()
+}
+
 fn main() {
     let cfg = Config::from_env();
     let size = cfg.bytes("SPOOL_BENCH_APPEND_BYTES", 1 << 30, 32 << 20);
@@ -463,6 +500,122 @@ fn main() {
         "  share of the time spent in BatchBuilder",
         &share,
         "fraction",
+    );
+    rep.note(&format!("noise: {}", r.noise()));
+    rep.print();
+
+    // ---- Part 3: compressed batches. Append checks their records (decompressing as a
+    // stream, as Kafka's broker does); the same run measures that check alone, the header +
+    // CRC check that was all a compressed batch got before, and appends of the same records
+    // uncompressed.
+    let per_sample = cfg.count("SPOOL_BENCH_COMPRESSED_RECORDS", 1_000_000, 50_000);
+    let (plain, recs) = json_batch(Compression::None, batch_bytes);
+    let mut suite = Suite::new("append-compressed", &cfg);
+    let limits = spool_log_engine::Limits::default().decode();
+    let mut sizes = Vec::new();
+    for (name, c) in [("lz4", Compression::Lz4), ("zstd", Compression::Zstd)] {
+        let (batch, n) = json_batch(c, batch_bytes);
+        assert_eq!(n, recs);
+        sizes.push(format!("{name} {} B", batch.len()));
+        let times = per_sample.div_ceil(recs);
+        let pf = (times * batch.len()) as u64 + (64 << 20);
+        let b = batch.clone();
+        suite.case(&format!("{name}_append"), "records/s", pf, move || {
+            let mbs = append_copies(root, FsyncPolicy::Never, 2 << 30, 1, &b, times);
+            mbs * 1e6 / b.len() as f64 * recs as f64
+        });
+        let b = batch.clone();
+        suite.case(
+            &format!("{name}_check_records"),
+            "records/s",
+            0,
+            move || {
+                check_rate(&b, recs, times, |b| {
+                    spool_record::validate_batch(b, u32::MAX, &limits).is_ok()
+                })
+            },
+        );
+        let b = batch.clone();
+        suite.case(&format!("{name}_decompress"), "records/s", 0, move || {
+            let mut out = Vec::new();
+            check_rate(&b, recs, times, |b| {
+                c.decompress_into(&b[spool_record::HEADER_LEN..], u32::MAX, &mut out)
+                    .is_ok()
+            })
+        });
+        suite.case(&format!("{name}_check_header"), "records/s", 0, move || {
+            check_rate(&batch, recs, times, |b| {
+                spool_record::BatchHeader::parse(b)
+                    .and_then(|h| spool_record::check_crc(b, &h))
+                    .is_ok()
+            })
+        });
+    }
+    let times = per_sample.div_ceil(recs);
+    let pf = (times * plain.len()) as u64 + (64 << 20);
+    let b = plain.clone();
+    suite.case("none_append", "records/s", pf, move || {
+        let mbs = append_copies(root, FsyncPolicy::Never, 2 << 30, 1, &b, times);
+        mbs * 1e6 / b.len() as f64 * recs as f64
+    });
+    let r = suite.run();
+    let mut rep = Report::new(&format!(
+        "append: compressed batches of {recs} JSON-like 1 KiB records ({} B uncompressed; {}), \
+         fsync=never, 1 thread",
+        plain.len(),
+        sizes.join(", ")
+    ));
+    for name in ["lz4", "zstd"] {
+        let append = r.stats(&format!("{name}_append"));
+        rep.versus(
+            &format!("append.{name}_append"),
+            &format!("append {name} batches (records checked)"),
+            &append,
+            "records/s",
+            &r.ratio(&format!("{name}_append"), "none_append"),
+        );
+        rep.figure(
+            &format!("append.{name}_check_records"),
+            "  validate_batch alone (header, CRC, records streamed)",
+            &r.stats(&format!("{name}_check_records")),
+            "records/s",
+        );
+        rep.figure(
+            &format!("append.{name}_decompress"),
+            "  decompressing the batch alone (into a reused buffer)",
+            &r.stats(&format!("{name}_decompress")),
+            "records/s",
+        );
+        rep.figure(
+            &format!("append.{name}_check_header"),
+            "  header + CRC alone (all a compressed batch got before)",
+            &r.stats(&format!("{name}_check_header")),
+            "records/s",
+        );
+        // Share of an append's time spent walking the records: per round, (1/check - 1/header)
+        // / (1/append).
+        let share: Vec<f64> = r
+            .samples(&format!("{name}_append"))
+            .iter()
+            .zip(r.samples(&format!("{name}_check_records")))
+            .zip(r.samples(&format!("{name}_check_header")))
+            .map(|((a, c), h)| (1.0 / c - 1.0 / h) * a)
+            .collect();
+        rep.figure(
+            &format!("append.{name}_record_check_share"),
+            "  share of append time spent checking records",
+            &spool_benches::Stats::new(share),
+            "fraction",
+        );
+    }
+    rep.figure(
+        "append.none_append_json",
+        "  baseline: the same records uncompressed (records walked in place)",
+        &r.stats("none_append"),
+        "records/s",
+    );
+    rep.note(
+        "ratio column: per round, compressed append / uncompressed append of the same records",
     );
     rep.note(&format!("noise: {}", r.noise()));
     rep.print();

@@ -1,12 +1,14 @@
 //! Batch compression codecs (attribute bits 0–2).
 //!
 //! Spool encodes and decodes `none`, `lz4` (LZ4 frame format, as Kafka) and `zstd`. `gzip` and
-//! `snappy` batches are accepted and stored as they are (the engine never decompresses on
-//! append), but decoding them into records returns [`BatchError::Unsupported`].
+//! `snappy` batches are accepted and stored as they are (their record count bounded by what
+//! their bytes could expand to), but decoding them into records returns
+//! [`BatchError::Unsupported`]. LZ4 and zstd batches are decompressed on append to check their
+//! records, as a stream (`Compression::reader`).
 //! Decompression is bounded by [`crate::DecodeLimits::max_decompressed_bytes`]: a decompression bomb
 //! stops at the limit instead of allocating.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 
 use super::BatchError;
 
@@ -113,8 +115,9 @@ impl Compression {
             Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(data)
                 .take(limit + 1)
                 .read_to_end(out),
-            Compression::Zstd => zstd::stream::read::Decoder::new(data)
-                .and_then(|d| d.take(limit + 1).read_to_end(out)),
+            Compression::Zstd => {
+                zstd_decoder(data, limit).and_then(|d| d.take(limit + 1).read_to_end(out))
+            }
             Compression::Gzip | Compression::Snappy => {
                 return Err(BatchError::Unsupported("decoding gzip or snappy batches"));
             }
@@ -129,6 +132,51 @@ impl Compression {
         }
         Ok(())
     }
+
+    /// A streaming decoder over `data` (a batch's records region), for walking records
+    /// without holding them all: memory is the codec's own state (LZ4: one block of at most
+    /// 4 MiB; zstd: its window, capped by [`zstd_window_log_max`]) plus a 16 KiB buffer. The
+    /// caller bounds how much it reads.
+    pub(crate) fn reader<'a>(
+        self,
+        data: &'a [u8],
+        limit: u32,
+    ) -> Result<Box<dyn BufRead + 'a>, BatchError> {
+        const BUF: usize = 16 << 10;
+        Ok(match self {
+            Compression::None => Box::new(data),
+            Compression::Lz4 => Box::new(BufReader::with_capacity(
+                BUF,
+                lz4_flex::frame::FrameDecoder::new(data),
+            )),
+            Compression::Zstd => Box::new(BufReader::with_capacity(
+                BUF,
+                zstd_decoder(data, u64::from(limit))
+                    .map_err(|e| BatchError::Decompress(e.to_string()))?,
+            )),
+            Compression::Gzip | Compression::Snappy => {
+                return Err(BatchError::Unsupported("decoding gzip or snappy batches"));
+            }
+        })
+    }
+}
+
+/// The largest zstd window (log2 bytes) accepted when decoding at most `limit` bytes: enough
+/// for the content itself and at least 2^23 (the window of zstd level 19, and more than
+/// Kafka producers' defaults use), at most 2^27 (libzstd's own default ceiling). A frame
+/// asking for more is refused before its window is allocated.
+pub(crate) fn zstd_window_log_max(limit: u64) -> u32 {
+    let needed = 64 - limit.saturating_sub(1).leading_zeros();
+    needed.clamp(23, 27)
+}
+
+fn zstd_decoder(
+    data: &[u8],
+    limit: u64,
+) -> std::io::Result<zstd::stream::read::Decoder<'static, &[u8]>> {
+    let mut d = zstd::stream::read::Decoder::with_buffer(data)?;
+    d.window_log_max(zstd_window_log_max(limit))?;
+    Ok(d)
 }
 
 #[cfg(test)]

@@ -304,9 +304,12 @@ pub fn batch_crc(batch: &[u8]) -> u32 {
 }
 
 /// Checks that `batch` is exactly one well-formed RecordBatch v2 within `max_batch_bytes` and
-/// `limits`: header fields, length, CRC-32C, attributes, record count, and for uncompressed
-/// batches every record's structure (lengths, monotonic offset deltas, key size). Compressed
-/// batches are not decompressed.
+/// `limits`: header fields, length, CRC-32C, attributes, record count, and every record's
+/// structure (lengths, offset deltas 0, 1, …, key size). LZ4 and zstd batches are decompressed
+/// as a stream for this (never held whole; at most `max_decompressed_bytes` of output), as
+/// Kafka's broker validates compressed batches on append. gzip and snappy batches, which Spool
+/// stores but does not decode, are checked only as far as their header goes: their record
+/// count must fit what their bytes could expand to (see [`MIN_RECORD_BYTES`]).
 pub fn validate_batch(
     batch: &[u8],
     max_batch_bytes: u32,
@@ -343,10 +346,50 @@ pub fn validate_batch(
             h.last_offset_delta, h.records_count
         )));
     }
-    if compression == Compression::None {
-        record::check_records(&batch[HEADER_LEN..], &h, limits)?;
+    let body = &batch[HEADER_LEN..];
+    match compression {
+        Compression::None => record::check_records(body, &h, limits)?,
+        Compression::Lz4 | Compression::Zstd => {
+            check_claim(&h, body.len(), None, limits)?;
+            record::check_compressed_records(body, compression, &h, limits)?;
+        }
+        Compression::Gzip => check_claim(&h, body.len(), Some(GZIP_MAX_RATIO), limits)?,
+        Compression::Snappy => check_claim(&h, body.len(), Some(SNAPPY_MAX_RATIO), limits)?,
     }
     Ok(h)
+}
+
+/// Fewest bytes one record takes once decoded: a length, attributes, timestamp delta, offset
+/// delta, key length, value length and header count, one byte each.
+pub const MIN_RECORD_BYTES: u64 = 7;
+/// Largest expansion of DEFLATE (gzip): a 258-byte match per 2 bits.
+const GZIP_MAX_RATIO: u64 = 1032;
+/// Largest expansion of Snappy: a 64-byte copy per 3-byte tag (rounded up).
+const SNAPPY_MAX_RATIO: u64 = 22;
+
+/// What a compressed batch's header may claim before anything is decompressed: its records
+/// must fit in `max_decompressed_bytes` once decoded, and, for a codec of bounded expansion,
+/// in what its `payload` bytes can expand to. For gzip and snappy (stored, never decoded) this
+/// is the whole check of the count; LZ4 and zstd batches are then walked record by record.
+fn check_claim(
+    h: &BatchHeader,
+    payload: usize,
+    max_ratio: Option<u64>,
+    limits: &DecodeLimits,
+) -> Result<(), BatchError> {
+    let needs = h.records_count as u64 * MIN_RECORD_BYTES;
+    let room = match max_ratio {
+        Some(ratio) => (payload as u64 * ratio).min(u64::from(limits.max_decompressed_bytes)),
+        None => u64::from(limits.max_decompressed_bytes),
+    };
+    if needs > room {
+        return Err(BatchError::BadRecordCount(format!(
+            "{} records need at least {needs} bytes decoded, but {payload} compressed bytes \
+             expand to at most {room}",
+            h.records_count
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the stored CRC against the bytes.

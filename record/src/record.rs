@@ -13,6 +13,7 @@
 //! [`DecodeLimits::max_headers_per_record`], so no input can make the decoder allocate more than the
 //! batch it came in.
 
+use std::io::BufRead;
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -45,7 +46,8 @@ pub struct Record {
     pub headers: Vec<Header>,
 }
 
-/// Positions of one record's parts inside the records buffer.
+/// Positions of one record's parts inside the records region (logical positions when the
+/// region is streamed).
 struct Parsed {
     timestamp_delta: i64,
     offset_delta: i32,
@@ -63,42 +65,180 @@ fn bad(index: u32, reason: impl Into<String>) -> BatchError {
     }
 }
 
+/// Where the record walker reads from: a slice (an uncompressed batch, or one decompressed in
+/// full for decoding) or a stream (a compressed batch checked on append without holding its
+/// records). The structural rules live once, in [`parse_one`] and [`check_records_from`].
+trait Source {
+    /// Bytes consumed so far.
+    fn pos(&self) -> usize;
+    /// Bytes left, when known (a slice). A stream finds out on read.
+    fn left(&self) -> Option<usize>;
+    /// True when nothing is left.
+    fn at_end(&mut self) -> Result<bool, BatchError>;
+    /// A zig-zag varint that must end at or before `end`.
+    fn varint(&mut self, end: usize) -> Result<i32, BatchError>;
+    /// A zig-zag varlong that must end at or before `end`.
+    fn varlong(&mut self, end: usize) -> Result<i64, BatchError>;
+    /// Skips `n` bytes the caller knows are inside the current record.
+    fn skip(&mut self, n: usize) -> Result<(), BatchError>;
+}
+
+/// A records region in memory.
+struct SliceSource<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Source for SliceSource<'_> {
+    fn pos(&self) -> usize {
+        self.pos
+    }
+    fn left(&self) -> Option<usize> {
+        Some(self.buf.len() - self.pos)
+    }
+    fn at_end(&mut self) -> Result<bool, BatchError> {
+        Ok(self.pos >= self.buf.len())
+    }
+    fn varint(&mut self, end: usize) -> Result<i32, BatchError> {
+        get_i32(&self.buf[..end.min(self.buf.len())], &mut self.pos)
+    }
+    fn varlong(&mut self, end: usize) -> Result<i64, BatchError> {
+        get_i64(&self.buf[..end.min(self.buf.len())], &mut self.pos)
+    }
+    fn skip(&mut self, n: usize) -> Result<(), BatchError> {
+        if n > self.buf.len() - self.pos {
+            return Err(BatchError::Truncated("record"));
+        }
+        self.pos += n;
+        Ok(())
+    }
+}
+
+/// A records region decoded as it is read (a compressed batch), of at most `limit` bytes.
+struct StreamSource<R> {
+    r: R,
+    pos: usize,
+    limit: usize,
+}
+
+impl<R: BufRead> StreamSource<R> {
+    fn fill(&mut self) -> Result<&[u8], BatchError> {
+        self.r
+            .fill_buf()
+            .map_err(|e| BatchError::Decompress(e.to_string()))
+    }
+
+    fn consume(&mut self, n: usize) -> Result<(), BatchError> {
+        self.r.consume(n);
+        self.pos += n;
+        if self.pos > self.limit {
+            return Err(BatchError::Limit {
+                what: "decompressed batch size",
+                limit: self.limit as u64,
+                actual: self.pos as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn byte(&mut self) -> Result<u8, BatchError> {
+        let b = *self
+            .fill()?
+            .first()
+            .ok_or(BatchError::Truncated("varint"))?;
+        self.consume(1)?;
+        Ok(b)
+    }
+
+    /// Reads an unsigned varint of at most `max_bytes` bytes ending at or before `end`.
+    fn raw_varint(&mut self, end: usize, max_bytes: usize) -> Result<u64, BatchError> {
+        let mut v: u64 = 0;
+        for i in 0..max_bytes {
+            if self.pos >= end {
+                return Err(BatchError::Truncated("varint"));
+            }
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(BatchError::BadVarint)
+    }
+}
+
+impl<R: BufRead> Source for StreamSource<R> {
+    fn pos(&self) -> usize {
+        self.pos
+    }
+    fn left(&self) -> Option<usize> {
+        None
+    }
+    fn at_end(&mut self) -> Result<bool, BatchError> {
+        Ok(self.fill()?.is_empty())
+    }
+    fn varint(&mut self, end: usize) -> Result<i32, BatchError> {
+        let raw = self.raw_varint(end, 5)?;
+        if raw > u64::from(u32::MAX) {
+            return Err(BatchError::BadVarint);
+        }
+        let raw = raw as u32;
+        Ok(((raw >> 1) as i32) ^ -((raw & 1) as i32))
+    }
+    fn varlong(&mut self, end: usize) -> Result<i64, BatchError> {
+        let raw = self.raw_varint(end, 10)?;
+        Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
+    }
+    fn skip(&mut self, mut n: usize) -> Result<(), BatchError> {
+        while n > 0 {
+            let k = self.fill()?.len().min(n);
+            if k == 0 {
+                return Err(BatchError::Truncated("record"));
+            }
+            self.consume(k)?;
+            n -= k;
+        }
+        Ok(())
+    }
+}
+
 /// Reads a nullable length-prefixed field ending at most at `end`.
 fn nullable(
-    buf: &[u8],
-    pos: &mut usize,
+    src: &mut impl Source,
     end: usize,
     index: u32,
     what: &str,
 ) -> Result<Option<Range<usize>>, BatchError> {
-    let len = get_i32(&buf[..end], pos)?;
+    let len = src.varint(end)?;
     // Kafka's readers take any negative length as null; so do we.
     if len < 0 {
         return Ok(None);
     }
-    if len as usize > end - *pos {
+    let pos = src.pos();
+    if len as usize > end - pos {
         return Err(bad(
             index,
-            format!("{what} length {len} with {} bytes left", end - *pos),
+            format!("{what} length {len} with {} bytes left", end - pos),
         ));
     }
-    let r = *pos..*pos + len as usize;
-    *pos = r.end;
-    Ok(Some(r))
+    src.skip(len as usize)?;
+    Ok(Some(pos..pos + len as usize))
 }
 
 fn parse_one(
-    buf: &[u8],
-    start: usize,
+    src: &mut impl Source,
     index: u32,
     limits: &DecodeLimits,
 ) -> Result<Parsed, BatchError> {
-    let mut pos = start;
-    let len = get_i32(buf, &mut pos)?;
-    if len < 0 || len as usize > buf.len() - pos {
+    let len = src.varint(usize::MAX)?;
+    let left = src.left();
+    if len < 0 || left.is_some_and(|left| len as usize > left) {
         return Err(bad(
             index,
-            format!("length {len} with {} bytes left", buf.len() - pos),
+            match left {
+                Some(left) => format!("length {len} with {left} bytes left"),
+                None => format!("length {len}"),
+            },
         ));
     }
     if len as u32 > limits.max_record_bytes {
@@ -108,15 +248,14 @@ fn parse_one(
             actual: len as u64,
         });
     }
-    let end = pos + len as usize;
-    if pos >= end {
+    let end = src.pos() + len as usize;
+    if src.pos() >= end {
         return Err(bad(index, "empty record"));
     }
-    pos += 1; // attributes, unused in v2
-    let rec = &buf[..end];
-    let timestamp_delta = get_i64(rec, &mut pos)?;
-    let offset_delta = get_i32(rec, &mut pos)?;
-    let key = nullable(buf, &mut pos, end, index, "key")?;
+    src.skip(1)?; // attributes, unused in v2
+    let timestamp_delta = src.varlong(end)?;
+    let offset_delta = src.varint(end)?;
+    let key = nullable(src, end, index, "key")?;
     if let Some(k) = &key
         && k.len() > limits.max_key_bytes as usize
     {
@@ -126,23 +265,23 @@ fn parse_one(
             actual: k.len() as u64,
         });
     }
-    let value = nullable(buf, &mut pos, end, index, "value")?;
-    let header_count = get_i32(rec, &mut pos)?;
+    let value = nullable(src, end, index, "value")?;
+    let header_count = src.varint(end)?;
     if header_count < 0
         || header_count as u32 > limits.max_headers_per_record
-        || header_count as usize > (end - pos) / 2
+        || header_count as usize > (end - src.pos()) / 2
     {
         return Err(bad(index, format!("header count {header_count}")));
     }
-    let headers_start = pos;
+    let headers_start = src.pos();
     for _ in 0..header_count {
-        if nullable(buf, &mut pos, end, index, "header key")?.is_none() {
+        if nullable(src, end, index, "header key")?.is_none() {
             return Err(bad(index, "null header key"));
         }
-        nullable(buf, &mut pos, end, index, "header value")?;
+        nullable(src, end, index, "header value")?;
     }
-    if pos != end {
-        return Err(bad(index, format!("{} trailing bytes", end - pos)));
+    if src.pos() != end {
+        return Err(bad(index, format!("{} trailing bytes", end - src.pos())));
     }
     Ok(Parsed {
         timestamp_delta,
@@ -162,16 +301,41 @@ pub(super) fn check_records(
     h: &BatchHeader,
     limits: &DecodeLimits,
 ) -> Result<(), BatchError> {
-    let mut pos = 0;
+    check_records_from(&mut SliceSource { buf, pos: 0 }, h, limits)
+}
+
+/// The same walk over a compressed batch's records, decompressed as they are read (never
+/// held whole): memory is the codec's state and a small buffer, whatever the batch claims;
+/// work stops at `max_decompressed_bytes` of output.
+pub(super) fn check_compressed_records(
+    body: &[u8],
+    compression: Compression,
+    h: &BatchHeader,
+    limits: &DecodeLimits,
+) -> Result<(), BatchError> {
+    let r = compression.reader(body, limits.max_decompressed_bytes)?;
+    let mut src = StreamSource {
+        r,
+        pos: 0,
+        limit: limits.max_decompressed_bytes as usize,
+    };
+    check_records_from(&mut src, h, limits)
+}
+
+fn check_records_from(
+    src: &mut impl Source,
+    h: &BatchHeader,
+    limits: &DecodeLimits,
+) -> Result<(), BatchError> {
     let mut prev_delta: i64 = -1;
     for index in 0..h.records_count as u32 {
-        if pos >= buf.len() {
+        if src.at_end()? {
             return Err(BatchError::BadRecordCount(format!(
                 "header says {} records, found {index}",
                 h.records_count
             )));
         }
-        let p = parse_one(buf, pos, index, limits)?;
+        let p = parse_one(src, index, limits)?;
         if i64::from(p.offset_delta) <= prev_delta {
             return Err(bad(
                 index,
@@ -179,14 +343,12 @@ pub(super) fn check_records(
             ));
         }
         prev_delta = i64::from(p.offset_delta);
-        pos = p.end;
     }
-    if pos != buf.len() {
-        return Err(BatchError::BadRecordCount(format!(
-            "{} bytes after the last of {} records",
-            buf.len() - pos,
-            h.records_count
-        )));
+    if !src.at_end()? {
+        return Err(BatchError::BadRecordCount(match src.left() {
+            Some(left) => format!("{left} bytes after the last of {} records", h.records_count),
+            None => format!("bytes after the last of {} records", h.records_count),
+        }));
     }
     if prev_delta != i64::from(h.last_offset_delta) {
         return Err(BatchError::BadRecordCount(format!(
@@ -241,16 +403,23 @@ impl Records {
     }
 
     fn decode_next(&mut self) -> Result<Record, BatchError> {
-        let p = parse_one(&self.buf, self.pos, self.index, &self.limits)?;
+        let mut src = SliceSource {
+            buf: &self.buf,
+            pos: self.pos,
+        };
+        let p = parse_one(&mut src, self.index, &self.limits)?;
         let mut headers = Vec::with_capacity(p.header_count as usize);
-        let mut hpos = p.headers_start;
+        let mut hsrc = SliceSource {
+            buf: &self.buf,
+            pos: p.headers_start,
+        };
         for _ in 0..p.header_count {
-            let k = nullable(&self.buf, &mut hpos, p.end, self.index, "header key")?
+            let k = nullable(&mut hsrc, p.end, self.index, "header key")?
                 .ok_or_else(|| bad(self.index, "null header key"))?;
             // Kafka decodes header names as UTF-8 without failing; so do we (lossily).
             let key = String::from_utf8_lossy(&self.buf[k]).into_owned();
-            let value = nullable(&self.buf, &mut hpos, p.end, self.index, "header value")?
-                .map(|r| self.buf.slice(r));
+            let value =
+                nullable(&mut hsrc, p.end, self.index, "header value")?.map(|r| self.buf.slice(r));
             headers.push(Header { key, value });
         }
         self.pos = p.end;
@@ -284,5 +453,88 @@ impl Iterator for Records {
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         (0, Some(self.remaining as usize))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{BatchBuilder, HEADER_LEN};
+
+    /// Records of a few shapes, uncompressed, with one byte changed (or not), and a header
+    /// count that is true or off by one.
+    fn region() -> impl Strategy<Value = (Vec<u8>, i32)> {
+        (
+            prop::collection::vec(
+                (
+                    prop::option::of(prop::collection::vec(any::<u8>(), 0..6)),
+                    prop::option::of(prop::collection::vec(any::<u8>(), 0..10)),
+                    0usize..3,
+                ),
+                1..5,
+            ),
+            any::<prop::sample::Index>(),
+            any::<u8>(),
+            any::<bool>(),
+            -1i32..=1,
+        )
+            .prop_map(|(records, at, byte, mutate, count_off)| {
+                let mut b = BatchBuilder::new(Compression::None);
+                for (k, v, headers) in &records {
+                    let hs = vec![("h", Some(&b"x"[..])); *headers];
+                    b.push(0, k.as_deref(), v.as_deref(), &hs);
+                }
+                let mut body = b.finish().unwrap()[HEADER_LEN..].to_vec();
+                if mutate {
+                    let i = at.index(body.len());
+                    body[i] = byte;
+                }
+                (body, records.len() as i32 + count_off)
+            })
+    }
+
+    fn header(count: i32) -> BatchHeader {
+        BatchHeader {
+            base_offset: 0,
+            batch_length: 0,
+            partition_leader_epoch: 0,
+            crc: 0,
+            attributes: 0,
+            last_offset_delta: count - 1,
+            base_timestamp: 0,
+            max_timestamp: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
+            records_count: count,
+        }
+    }
+
+    proptest! {
+        /// The streaming walk (compressed batches, on append) and the in-memory walk
+        /// (uncompressed batches) accept exactly the same records regions.
+        #[test]
+        fn streamed_and_in_memory_checks_agree((body, count) in region(), zstd in any::<bool>()) {
+            let h = header(count.max(0));
+            let limits = DecodeLimits::default();
+            let in_memory = check_records(&body, &h, &limits);
+            let codec = if zstd { Compression::Zstd } else { Compression::Lz4 };
+            let mut packed = Vec::new();
+            codec.compress(&body, &mut packed).unwrap();
+            let streamed = check_compressed_records(&packed, codec, &h, &limits);
+            prop_assert_eq!(in_memory.is_ok(), streamed.is_ok(), "{:?} vs {:?}", in_memory, streamed);
+        }
+
+        /// The streaming walk stops at `max_decompressed_bytes` of output.
+        #[test]
+        fn streamed_check_stops_at_the_decompressed_limit((body, count) in region()) {
+            let h = header(count.max(0));
+            let limits = DecodeLimits { max_decompressed_bytes: body.len() as u32 - 1, ..DecodeLimits::default() };
+            let mut packed = Vec::new();
+            Compression::Zstd.compress(&body, &mut packed).unwrap();
+            prop_assert!(check_compressed_records(&packed, Compression::Zstd, &h, &limits).is_err());
+        }
     }
 }

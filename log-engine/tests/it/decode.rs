@@ -372,21 +372,30 @@ fn encode_record(out: &mut Vec<u8>, index: usize, r: &RecordSpec) {
     out.extend_from_slice(&body);
 }
 
-/// An uncompressed batch of hand-made records with a correct CRC and length; the record count
-/// and last offset delta are the true ones or adversarial.
+/// A batch of hand-made records (uncompressed, LZ4 or zstd) with a correct CRC and length; the
+/// record count and last offset delta are the true ones or adversarial.
 fn crafted_batch() -> impl Strategy<Value = Vec<u8>> {
     (
         vec(record_spec(), 0..6),
         prop_oneof![3 => Just(None), 1 => edgy_i32().prop_map(Some)],
         prop_oneof![3 => Just(None), 1 => edgy_i32().prop_map(Some)],
+        compression(),
     )
-        .prop_map(|(records, count, last_delta)| {
+        .prop_map(|(records, count, last_delta, codec)| {
             let n = records.len() as i32;
             let count = count.unwrap_or(n);
-            let mut b = header(count, last_delta.unwrap_or(count.wrapping_sub(1)), 0);
+            let bits = match codec {
+                Compression::Lz4 => 3,
+                Compression::Zstd => 4,
+                _ => 0,
+            };
+            let mut b = header(count, last_delta.unwrap_or(count.wrapping_sub(1)), bits);
+            // Compressed, the same records reach the streaming check of append.
+            let mut recs = Vec::new();
             for (i, r) in records.iter().enumerate() {
-                encode_record(&mut b, i, r);
+                encode_record(&mut recs, i, r);
             }
+            codec.compress(&recs, &mut b).unwrap();
             seal(&mut b);
             b
         })
@@ -480,9 +489,10 @@ fn decode_everything(
     verdict
 }
 
-/// What `validate_batch` accepts (uncompressed) must decode into exactly its records.
+/// What `validate_batch` accepts must decode into exactly its records (gzip and snappy, which
+/// are stored but not decoded, aside).
 fn accepted_means_decodable(input: &[u8], h: &BatchHeader, limits: &DecodeLimits) {
-    if h.compression() != Ok(Compression::None) {
+    if matches!(h.compression(), Ok(Compression::Gzip | Compression::Snappy)) {
         return;
     }
     let b = spool_log_engine::Batch::new(Bytes::copy_from_slice(input), limits).unwrap();
@@ -715,4 +725,92 @@ fn non_utf8_header_key_is_stored_and_decodes() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].headers[0].key, "h\u{fffd}");
     assert_eq!(records[0].headers[0].value.as_deref(), Some(&b"x"[..]));
+}
+
+/// Regression (issue 12): the records of a compressed batch were not looked at on append, so
+/// a ~100-byte zstd batch claiming 2^20 records was stored and moved the high watermark by a
+/// million offsets. Now (as Kafka's LogValidator) an LZ4 or zstd batch is decompressed on
+/// append, as a stream, and its records must match its header; a gzip or snappy batch (stored,
+/// not decoded) may claim no more records than its codec could expand its bytes into.
+#[test]
+fn compressed_batch_must_hold_the_records_it_claims() {
+    let dir = scratch();
+    let log = open_topic(dir.path(), TopicConfig::default());
+    let p = log.partition("t", 0).unwrap();
+    // One true record; the header rewritten to claim `count`, last delta `count - 1`.
+    let lying = |c: Compression, records: usize, count: i32| {
+        let mut b = BatchBuilder::new(c);
+        for i in 0..records {
+            b.push(1_000 + i as i64, Some(b"k"), Some(b"v"), &[]);
+        }
+        let mut bytes = b.finish().unwrap().to_vec();
+        bytes[23..27].copy_from_slice(&(count - 1).to_be_bytes());
+        bytes[57..61].copy_from_slice(&count.to_be_bytes());
+        fix_crc(&mut bytes);
+        bytes
+    };
+    for c in [Compression::Lz4, Compression::Zstd] {
+        for (records, count) in [(1, 1 << 20), (1, 2), (3, 2)] {
+            let b = lying(c, records, count);
+            assert!(b.len() < 160, "{c:?}: {} bytes", b.len());
+            let before = footprint(&p);
+            match p.append(&b) {
+                Err(Error::InvalidBatch(batch::BatchError::BadRecordCount(why))) => {
+                    eprintln!("{c:?} {records} records claiming {count}: {why}")
+                }
+                other => panic!("{c:?} {records} records claiming {count}: {other:?}"),
+            }
+            assert_eq!(
+                footprint(&p),
+                before,
+                "a refused batch changed the partition"
+            );
+        }
+        // Offset deltas inside the compressed records must be 0, 1, 2, … as uncompressed.
+        let mut b = header(2, 1, if c == Compression::Lz4 { 3 } else { 4 });
+        let mut recs = Vec::new();
+        for delta in [0, 0] {
+            encode_record(
+                &mut recs,
+                delta,
+                &RecordSpec::Shaped {
+                    length: None,
+                    offset_delta: None,
+                    ts_delta: 0,
+                    key: (None, b"k".to_vec()),
+                    value: (None, b"v".to_vec()),
+                    header_count: None,
+                    headers: vec![],
+                },
+            );
+        }
+        c.compress(&recs, &mut b).unwrap();
+        seal(&mut b);
+        assert!(matches!(
+            p.append(&b),
+            Err(Error::InvalidBatch(batch::BatchError::BadRecord {
+                index: 1,
+                ..
+            }))
+        ));
+        // The honest batch goes in, with the offsets it holds.
+        let at = p.append(&lying(c, 3, 3)).unwrap();
+        assert_eq!(at.last_offset - at.base_offset, 2);
+    }
+    assert_eq!(p.high_watermark(), 6);
+    // gzip (1) and snappy (2) are stored without decoding: 40 bytes cannot expand into 2^20
+    // records of at least 7 bytes each under either codec's largest ratio.
+    for codec in [1i16, 2] {
+        let mut b = header(1 << 20, (1 << 20) - 1, codec);
+        b.extend_from_slice(&[0x1f; 40]);
+        seal(&mut b);
+        assert!(
+            matches!(
+                p.append(&b),
+                Err(Error::InvalidBatch(batch::BatchError::BadRecordCount(_)))
+            ),
+            "codec {codec}"
+        );
+    }
+    assert_eq!(p.high_watermark(), 6);
 }
