@@ -102,11 +102,11 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
-    /// A write or fsync failed earlier; the partition refuses writes until it is reopened.
-    /// An fsync is never retried: after a failed fsync the kernel may have dropped the dirty
-    /// pages, so a second "successful" fsync would prove nothing.
+    /// A write or fsync failed (in this operation or an earlier one); the partition refuses
+    /// writes until it is reopened. An fsync is never retried: after a failed fsync the kernel
+    /// may have dropped the dirty pages, so a second "successful" fsync would prove nothing.
     #[error(
-        "partition {topic}/{partition} is poisoned by an earlier failure ({cause}); reopen the log"
+        "partition {topic}/{partition} is poisoned by a failed write or fsync ({cause}); reopen the log"
     )]
     Poisoned {
         /// Topic name.

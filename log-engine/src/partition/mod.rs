@@ -296,19 +296,26 @@ impl Partition {
         Ok(())
     }
 
-    /// Marks the partition poisoned by `err` and returns `err`.
+    /// Marks the partition poisoned by `err` and returns the [`Error::Poisoned`] that the
+    /// operation which failed reports, like every later write: its caller must not take a bare
+    /// I/O error for a retriable one (an fsync is never retried). `err` is its cause.
     fn poison(&self, err: Error) -> Error {
-        {
+        let cause = {
             let mut cause = lock(&self.poison_cause);
             if cause.is_none() {
                 tracing::error!(topic = %self.topic, partition = self.id, error = %err, "partition poisoned: refusing writes until reopened");
                 *cause = Some(err.to_string());
             }
-        }
+            cause.clone().unwrap_or_default()
+        };
         self.poisoned.store(true, Ordering::Release);
         let _guard = lock(&self.commit);
         self.commit_cv.notify_all();
-        err
+        Error::Poisoned {
+            topic: self.topic.clone(),
+            partition: self.id,
+            cause,
+        }
     }
 
     /// Appends one encoded RecordBatch v2 (see [`crate::BatchBuilder`]) and returns the

@@ -8,7 +8,7 @@
 //! a child whose N-th `fdatasync` (then `fsync`, then `pwrite64`) fails with EIO. The checks:
 //! - a failure of a durability call on log data or the recovery point is never swallowed:
 //!   it surfaces as a failed open, a failed append (that batch is never acknowledged, nor any
-//!   after it: later appends and flushes fail with `Poisoned`, no retry-then-ack), or a failed
+//!   after it; it and later appends and flushes fail with `Poisoned`, no retry-then-ack), or a failed
 //!   close; only the derived index files may fail silently (they are rebuilt from the log);
 //! - after reopening, every acknowledged record is at its acknowledged offset, offsets are
 //!   dense, the only records past the last acknowledged batch belong to the batch that failed,
@@ -269,6 +269,12 @@ fn check(dir: &Path, r: &Run, ctx: &str, f: &mut Figures) {
         f.open_failed += 1;
     } else if let Some(failed) = failed {
         let seq: u64 = failed.split(' ').next().unwrap().parse().unwrap();
+        // The append whose own durability call failed is told the partition is poisoned too
+        // (docs/durability.md), not a bare I/O error that reads as retriable.
+        assert!(
+            failed.split(' ').nth(1) == Some("poisoned"),
+            "{ctx}\nthe failed append itself must fail with Poisoned: FAIL {failed}"
+        );
         assert_eq!(
             acks.len() as u64,
             seq,
