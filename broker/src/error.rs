@@ -134,61 +134,222 @@ impl From<BatchError> for BrokerError {
     }
 }
 
-/// The wire code and gRPC code of an error.
-fn classify(e: &BrokerError) -> (ErrorCode, Code) {
+/// The one table from wire error codes to gRPC status codes (`docs/protocol.md`, "Errors").
+/// Whole-request statuses and stream-ending per-partition statuses both use it.
+pub(crate) fn grpc_code(code: ErrorCode) -> Code {
+    match code {
+        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownGroup => {
+            Code::NotFound
+        }
+        ErrorCode::TopicExists => Code::AlreadyExists,
+        ErrorCode::InvalidBatch | ErrorCode::InvalidRequest | ErrorCode::TooLarge => {
+            Code::InvalidArgument
+        }
+        ErrorCode::OffsetOutOfRange => Code::OutOfRange,
+        ErrorCode::Corruption => Code::DataLoss,
+        ErrorCode::PartitionPoisoned | ErrorCode::ShuttingDown => Code::Unavailable,
+        ErrorCode::StorageFull => Code::ResourceExhausted,
+        ErrorCode::NotAuthorized => Code::PermissionDenied,
+        ErrorCode::ProducerFenced
+        | ErrorCode::OutOfOrderSequence
+        | ErrorCode::InvalidTxnState
+        | ErrorCode::TransactionTimedOut
+        | ErrorCode::FencedMember
+        | ErrorCode::IllegalGeneration
+        | ErrorCode::GroupNotEmpty => Code::FailedPrecondition,
+        ErrorCode::Unspecified | ErrorCode::Internal => Code::Internal,
+    }
+}
+
+/// The wire code of an error.
+fn error_code(e: &BrokerError) -> ErrorCode {
     match e {
-        BrokerError::InvalidRequest(_) => (ErrorCode::InvalidRequest, Code::InvalidArgument),
-        BrokerError::ShuttingDown => (ErrorCode::ShuttingDown, Code::Unavailable),
-        BrokerError::NotAuthorized(_) => (ErrorCode::NotAuthorized, Code::PermissionDenied),
-        BrokerError::UnknownGroup { .. } => (ErrorCode::UnknownGroup, Code::NotFound),
-        BrokerError::FencedMember { .. } => (ErrorCode::FencedMember, Code::FailedPrecondition),
-        BrokerError::IllegalGeneration { .. } => {
-            (ErrorCode::IllegalGeneration, Code::FailedPrecondition)
-        }
-        BrokerError::GroupNotEmpty { .. } => (ErrorCode::GroupNotEmpty, Code::FailedPrecondition),
-        BrokerError::InvalidTxnState { .. } => {
-            (ErrorCode::InvalidTxnState, Code::FailedPrecondition)
-        }
-        BrokerError::TxnProducerFenced { .. } => {
-            (ErrorCode::ProducerFenced, Code::FailedPrecondition)
-        }
-        BrokerError::TransactionTimedOut { .. } => {
-            (ErrorCode::TransactionTimedOut, Code::FailedPrecondition)
-        }
+        BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+        BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
+        BrokerError::NotAuthorized(_) => ErrorCode::NotAuthorized,
+        BrokerError::UnknownGroup { .. } => ErrorCode::UnknownGroup,
+        BrokerError::FencedMember { .. } => ErrorCode::FencedMember,
+        BrokerError::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
+        BrokerError::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
+        BrokerError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
+        BrokerError::TxnProducerFenced { .. } => ErrorCode::ProducerFenced,
+        BrokerError::TransactionTimedOut { .. } => ErrorCode::TransactionTimedOut,
         BrokerError::Engine(e) => match e {
-            EngineError::TopicNotFound(_) => (ErrorCode::UnknownTopic, Code::NotFound),
-            EngineError::PartitionNotFound { .. } => (ErrorCode::UnknownPartition, Code::NotFound),
-            EngineError::TopicExists(_) => (ErrorCode::InvalidRequest, Code::AlreadyExists),
+            EngineError::TopicNotFound(_) => ErrorCode::UnknownTopic,
+            EngineError::PartitionNotFound { .. } => ErrorCode::UnknownPartition,
+            EngineError::TopicExists(_) => ErrorCode::TopicExists,
             EngineError::InvalidTopicName { .. } | EngineError::InvalidConfig(_) => {
-                (ErrorCode::InvalidRequest, Code::InvalidArgument)
+                ErrorCode::InvalidRequest
             }
             EngineError::InvalidBatch(BatchError::Limit { .. })
-            | EngineError::LimitExceeded { .. } => (ErrorCode::TooLarge, Code::InvalidArgument),
-            EngineError::InvalidBatch(_) => (ErrorCode::InvalidBatch, Code::InvalidArgument),
-            EngineError::OffsetOutOfRange { .. } => (ErrorCode::OffsetOutOfRange, Code::OutOfRange),
-            EngineError::Corruption { .. } => (ErrorCode::Corruption, Code::DataLoss),
-            EngineError::Poisoned { .. } => (ErrorCode::PartitionPoisoned, Code::Unavailable),
-            EngineError::Closed => (ErrorCode::ShuttingDown, Code::Unavailable),
-            EngineError::ProducerFenced { .. } => {
-                (ErrorCode::ProducerFenced, Code::FailedPrecondition)
-            }
-            EngineError::OutOfOrderSequence { .. } => {
-                (ErrorCode::OutOfOrderSequence, Code::FailedPrecondition)
-            }
-            EngineError::InvalidTxnState { .. } => {
-                (ErrorCode::InvalidTxnState, Code::FailedPrecondition)
-            }
+            | EngineError::LimitExceeded { .. } => ErrorCode::TooLarge,
+            EngineError::InvalidBatch(_) => ErrorCode::InvalidBatch,
+            EngineError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            EngineError::Corruption { .. } => ErrorCode::Corruption,
+            EngineError::Poisoned { .. } => ErrorCode::PartitionPoisoned,
+            EngineError::Closed => ErrorCode::ShuttingDown,
+            EngineError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+            EngineError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+            EngineError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
             EngineError::Io { source, .. }
                 if matches!(
                     source.kind(),
                     std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
                 ) =>
             {
-                (ErrorCode::StorageFull, Code::ResourceExhausted)
+                ErrorCode::StorageFull
             }
-            _ => (ErrorCode::Internal, Code::Internal),
+            _ => ErrorCode::Internal,
         },
     }
+}
+
+/// Longest client-given name (topic, group, member, transactional id) echoed in an error.
+pub(crate) const ECHO_MAX: usize = 256;
+/// Longest free-form text (which may quote client input) in an error message.
+const TEXT_MAX: usize = 1024;
+/// Longest error message sent at all (the names and texts in it are bounded first).
+const MESSAGE_MAX: usize = 4096;
+/// Names of a list (e.g. a request's topics) echoed in an error; the rest are counted.
+const LIST_MAX: usize = 8;
+
+/// `s` cut to at most `max` bytes (at a character boundary) followed by `…(N bytes)` when
+/// longer, so that what a client sent never comes back unbounded: a default gRPC client
+/// refuses response metadata over a few KiB, and would then see that instead of the error.
+fn bound(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &s[..end], s.len()).into()
+}
+
+/// A client-given name as it may be echoed in an error message or detail.
+pub(crate) fn echo(s: &str) -> std::borrow::Cow<'_, str> {
+    bound(s, ECHO_MAX)
+}
+
+fn echo_owned(s: String) -> String {
+    match echo(&s) {
+        std::borrow::Cow::Borrowed(_) => s,
+        std::borrow::Cow::Owned(b) => b,
+    }
+}
+
+fn text_owned(s: String) -> String {
+    match bound(&s, TEXT_MAX) {
+        std::borrow::Cow::Borrowed(_) => s,
+        std::borrow::Cow::Owned(b) => b,
+    }
+}
+
+/// The same error with every string a client could have sent bounded ([`echo`] for names,
+/// [`TEXT_MAX`] for free text that may quote a request): done once, here, at the boundary, so
+/// no handler has to remember it.
+fn bounded(e: BrokerError) -> BrokerError {
+    use BrokerError as B;
+    use EngineError as E;
+    match e {
+        B::InvalidRequest(m) => B::InvalidRequest(text_owned(m)),
+        B::NotAuthorized(m) => B::NotAuthorized(text_owned(m)),
+        B::UnknownGroup { group, topics } => {
+            let n = topics.len();
+            let mut topics: Vec<String> =
+                topics.into_iter().take(LIST_MAX).map(echo_owned).collect();
+            if n > LIST_MAX {
+                topics.push(format!("…({} more)", n - LIST_MAX));
+            }
+            B::UnknownGroup {
+                group: echo_owned(group),
+                topics,
+            }
+        }
+        B::FencedMember {
+            group,
+            member,
+            reason,
+        } => B::FencedMember {
+            group: echo_owned(group),
+            member: echo_owned(member),
+            reason: text_owned(reason),
+        },
+        B::IllegalGeneration {
+            group,
+            member,
+            topic,
+            partition,
+            reason,
+        } => B::IllegalGeneration {
+            group: echo_owned(group),
+            member: echo_owned(member),
+            topic: echo_owned(topic),
+            partition,
+            reason: text_owned(reason),
+        },
+        B::GroupNotEmpty {
+            group,
+            members,
+            what,
+        } => B::GroupNotEmpty {
+            group: echo_owned(group),
+            members,
+            what,
+        },
+        B::InvalidTxnState { txn_id, reason } => B::InvalidTxnState {
+            txn_id: echo_owned(txn_id),
+            reason: text_owned(reason),
+        },
+        B::TxnProducerFenced {
+            txn_id,
+            producer_id,
+            epoch,
+            current_epoch,
+        } => B::TxnProducerFenced {
+            txn_id: echo_owned(txn_id),
+            producer_id,
+            epoch,
+            current_epoch,
+        },
+        B::TransactionTimedOut {
+            txn_id,
+            epoch,
+            timeout_ms,
+        } => B::TransactionTimedOut {
+            txn_id: echo_owned(txn_id),
+            epoch,
+            timeout_ms,
+        },
+        B::Engine(e) => B::Engine(match e {
+            E::TopicNotFound(t) => E::TopicNotFound(echo_owned(t)),
+            E::TopicExists(t) => E::TopicExists(echo_owned(t)),
+            E::PartitionNotFound { topic, partition } => E::PartitionNotFound {
+                topic: echo_owned(topic),
+                partition,
+            },
+            E::InvalidTopicName { name, reason } => E::InvalidTopicName {
+                name: echo_owned(name),
+                reason,
+            },
+            E::InvalidConfig(m) => E::InvalidConfig(text_owned(m)),
+            E::InvalidTxnState {
+                producer_id,
+                reason,
+            } => E::InvalidTxnState {
+                producer_id,
+                reason: text_owned(reason),
+            },
+            other => other,
+        }),
+        other => other,
+    }
+}
+
+/// The message of an error, every echoed client string in it bounded.
+fn message(e: &BrokerError) -> String {
+    bound(&e.to_string(), MESSAGE_MAX).into_owned()
 }
 
 fn offsets(e: &BrokerError) -> Option<(u64, u64)> {
@@ -204,15 +365,15 @@ fn offsets(e: &BrokerError) -> Option<(u64, u64)> {
 
 /// The per-partition form of an error.
 pub(crate) fn partition_error(e: impl Into<BrokerError>) -> PartitionError {
-    let e = e.into();
-    let (code, _) = classify(&e);
+    let e = bounded(e.into());
+    let code = error_code(&e);
     let (log_start_offset, high_watermark) = offsets(&e).unwrap_or_default();
     if code == ErrorCode::Internal || code == ErrorCode::Corruption {
         tracing::error!(error = %e, "request failed");
     }
     PartitionError {
         code: code as i32,
-        message: e.to_string(),
+        message: message(&e),
         log_start_offset,
         high_watermark,
     }
@@ -222,29 +383,9 @@ pub(crate) fn partition_error(e: impl Into<BrokerError>) -> PartitionError {
 /// same `ErrorInfo` detail a request-level status carries.
 pub(crate) fn partition_status(topic: &str, partition: u32, e: &PartitionError) -> Status {
     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
-    let grpc = match code {
-        ErrorCode::OffsetOutOfRange => Code::OutOfRange,
-        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownGroup => {
-            Code::NotFound
-        }
-        ErrorCode::NotAuthorized => Code::PermissionDenied,
-        ErrorCode::Corruption => Code::DataLoss,
-        ErrorCode::PartitionPoisoned | ErrorCode::ShuttingDown => Code::Unavailable,
-        ErrorCode::InvalidBatch | ErrorCode::InvalidRequest | ErrorCode::TooLarge => {
-            Code::InvalidArgument
-        }
-        ErrorCode::StorageFull => Code::ResourceExhausted,
-        ErrorCode::ProducerFenced
-        | ErrorCode::OutOfOrderSequence
-        | ErrorCode::InvalidTxnState
-        | ErrorCode::TransactionTimedOut => Code::FailedPrecondition,
-        ErrorCode::FencedMember | ErrorCode::IllegalGeneration | ErrorCode::GroupNotEmpty => {
-            Code::FailedPrecondition
-        }
-        ErrorCode::Unspecified | ErrorCode::Internal => Code::Internal,
-    };
+    let topic = echo(topic);
     let mut meta = HashMap::new();
-    meta.insert("topic".to_owned(), topic.to_owned());
+    meta.insert("topic".to_owned(), topic.clone().into_owned());
     meta.insert("partition".to_owned(), partition.to_string());
     if code == ErrorCode::OffsetOutOfRange {
         meta.insert(
@@ -254,12 +395,14 @@ pub(crate) fn partition_status(topic: &str, partition: u32, e: &PartitionError) 
         meta.insert("high_watermark".to_owned(), e.high_watermark.to_string());
     }
     let details = ErrorDetails::with_error_info(code.as_str_name(), "spool.v1", meta);
-    Status::with_error_details(grpc, format!("{topic}/{partition}: {}", e.message), details)
+    let message = format!("{topic}/{partition}: {}", bound(&e.message, MESSAGE_MAX));
+    Status::with_error_details(grpc_code(code), message, details)
 }
 
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
-        let (code, grpc) = classify(&e);
+        let e = bounded(e);
+        let code = error_code(&e);
         if code == ErrorCode::Internal || code == ErrorCode::Corruption {
             tracing::error!(error = %e, "request failed");
         }
@@ -268,6 +411,7 @@ impl From<BrokerError> for Status {
             meta.insert("log_start_offset".to_owned(), start.to_string());
             meta.insert("high_watermark".to_owned(), hwm.to_string());
         }
+        // Every string below was bounded by `bounded`.
         match &e {
             BrokerError::Engine(EngineError::TopicNotFound(t) | EngineError::TopicExists(t)) => {
                 meta.insert("topic".to_owned(), t.clone());
@@ -303,6 +447,61 @@ impl From<BrokerError> for Status {
             _ => {}
         }
         let details = ErrorDetails::with_error_info(code.as_str_name(), "spool.v1", meta);
-        Status::with_error_details(grpc, e.to_string(), details)
+        Status::with_error_details(grpc_code(code), message(&e), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_one_grpc_code() {
+        // The table is total over the enum (a new code fails to compile until it has a row);
+        // spot-check the rows the docs call out.
+        assert_eq!(grpc_code(ErrorCode::TopicExists), Code::AlreadyExists);
+        assert_eq!(grpc_code(ErrorCode::PartitionPoisoned), Code::Unavailable);
+        assert_eq!(grpc_code(ErrorCode::InvalidRequest), Code::InvalidArgument);
+        assert_eq!(grpc_code(ErrorCode::Internal), Code::Internal);
+        // A status and the per-partition status of the same error agree.
+        let e = || BrokerError::Engine(EngineError::TopicNotFound("t".into()));
+        let whole = Status::from(e());
+        let part = partition_status("t", 0, &partition_error(e()));
+        assert_eq!(whole.code(), part.code());
+    }
+
+    #[test]
+    fn echoed_names_are_bounded() {
+        let long = "é".repeat(600_000); // 1.2 MB, two bytes a character
+        let s = Status::from(BrokerError::Engine(EngineError::TopicNotFound(
+            long.clone(),
+        )));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().len() < ECHO_MAX + 100, "{}", s.message().len());
+        assert!(s.message().contains("…(1200000 bytes)"), "{}", s.message());
+        let info = s.get_details_error_info().unwrap();
+        assert!(info.metadata["topic"].len() <= ECHO_MAX + 32);
+        // Free text quoting a request is bounded too, and lists are cut.
+        let s = Status::from(BrokerError::InvalidRequest(format!("bad name {long:?}")));
+        assert!(s.message().len() <= TEXT_MAX + 32);
+        let s = Status::from(BrokerError::UnknownGroup {
+            group: long.clone(),
+            topics: vec![long.clone(); 1000],
+        });
+        assert!(
+            s.message().len() <= MESSAGE_MAX + 32,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().contains("…(992 more)"));
+        let p = partition_error(BrokerError::Engine(EngineError::PartitionNotFound {
+            topic: long.clone(),
+            partition: 3,
+        }));
+        assert!(p.message.len() < ECHO_MAX + 100);
+        let st = partition_status(&long, 3, &p);
+        assert!(st.message().len() < 2 * ECHO_MAX + 200);
+        // Short names pass through untouched.
+        assert_eq!(echo("prices"), "prices");
     }
 }

@@ -352,7 +352,8 @@ impl Error {
             Error::PartitionPoisoned { .. } => ErrorCode::PartitionPoisoned,
             Error::StorageFull { .. } => ErrorCode::StorageFull,
             Error::Internal { .. } => ErrorCode::Internal,
-            Error::InvalidRequest { .. } | Error::TopicExists { .. } => ErrorCode::InvalidRequest,
+            Error::InvalidRequest { .. } => ErrorCode::InvalidRequest,
+            Error::TopicExists { .. } => ErrorCode::TopicExists,
             Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,
             Error::ProducerFenced { .. } => ErrorCode::ProducerFenced,
             Error::FencedMember { .. } => ErrorCode::FencedMember,
@@ -420,7 +421,7 @@ impl Error {
                 high_watermark: num("high_watermark"),
                 message: message.clone(),
             };
-            // ALREADY_EXISTS shares INVALID_REQUEST's error code on the wire.
+            // Brokers before ERROR_CODE_TOPIC_EXISTS said INVALID_REQUEST with ALREADY_EXISTS.
             if status.code() == Code::AlreadyExists {
                 return Error::TopicExists {
                     topic: topic.unwrap_or_default().to_owned(),
@@ -503,6 +504,7 @@ fn from_code(
         ErrorCode::StorageFull => Error::StorageFull { message },
         ErrorCode::Internal => Error::Internal { message },
         ErrorCode::InvalidRequest => Error::InvalidRequest { message },
+        ErrorCode::TopicExists => Error::TopicExists { topic: topic_s() },
         ErrorCode::ShuttingDown => Error::ShuttingDown { message },
         ErrorCode::FencedMember => Error::FencedMember {
             group: group.unwrap_or_default().to_owned(),
@@ -584,6 +586,15 @@ mod tests {
         let e = Error::from_status(&status(
             Code::AlreadyExists,
             ErrorCode::InvalidRequest,
+            &[("topic", "t")],
+        ));
+        assert!(
+            matches!(&e, Error::TopicExists { topic } if topic == "t"),
+            "{e:?}"
+        );
+        let e = Error::from_status(&status(
+            Code::AlreadyExists,
+            ErrorCode::TopicExists,
             &[("topic", "t")],
         ));
         assert!(

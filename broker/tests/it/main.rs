@@ -5,6 +5,7 @@ mod admin;
 mod common;
 mod consume;
 mod durability;
+mod errors;
 mod groups;
 mod grpcurl;
 mod idle;
