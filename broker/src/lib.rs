@@ -24,6 +24,7 @@ mod auth;
 pub mod config;
 mod conn;
 mod convert;
+pub mod devcerts;
 pub mod error;
 mod failpoint;
 mod groups;

@@ -12,8 +12,10 @@ use spool_broker::{Broker, Config};
 /// Configuration comes from defaults < --config FILE (TOML) < SPOOL_* environment < flags.
 /// Example: spoold --data-dir /var/lib/spool --listen 127.0.0.1:7170
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (unknown keys are rejected).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -43,8 +45,39 @@ struct Args {
     hash_token: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Write a development CA, a server certificate it signed (for --name) and a client
+    /// certificate, as PEM files for [tls] and the CLI's --tls-* flags; print how to use them.
+    ///
+    /// For development and tests only: the CA's key lies beside the certificates.
+    #[command(name = "gen-dev-certs")]
+    GenDevCerts {
+        /// Directory to write ca.crt, ca.key, server.crt, server.key, client.crt, client.key.
+        #[arg(long, value_name = "DIR", default_value = "spool-dev-certs")]
+        dir: PathBuf,
+        /// A DNS name or IP address the server certificate is valid for (repeatable)
+        /// [default: localhost, 127.0.0.1, ::1].
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::GenDevCerts { dir, names, force }) = &args.command {
+        let names = if names.is_empty() {
+            ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec()
+        } else {
+            names.clone()
+        };
+        spool_broker::devcerts::generate(dir, &names, *force)?;
+        print!("{}", spool_broker::devcerts::usage(dir, &names));
+        return Ok(());
+    }
     if args.hash_token {
         let mut token = String::new();
         std::io::stdin()

@@ -41,6 +41,8 @@ use crate::types::{
 
 /// The broker's default address.
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7170";
+/// The port used when an address gives none.
+pub const DEFAULT_PORT: u16 = 7170;
 
 /// Connection options. Defaults match the broker's own settings.
 #[derive(Clone, Debug)]
@@ -254,35 +256,51 @@ impl ClientBuilder {
             .keep_alive_while_idle(true))
     }
 
-    /// Connects now: fails with [`Error::Connect`] if the broker cannot be reached.
+    /// Connects now: fails with [`Error::Connect`] if the broker cannot be reached (TCP,
+    /// TLS and HTTP/2 handshakes, within the connect timeout).
     pub async fn connect(self) -> Result<Client> {
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| Error::Connect {
-                addr: self.addr.clone(),
+        let endpoint = self.endpoint()?;
+        let addr = authority(&endpoint, &self.addr);
+        let tls = self.options.tls.is_some();
+        let channel = endpoint.connect().await.map_err(|e| {
+            let mut reason = crate::error::describe_transport_error(&e);
+            if let Some(hint) = crate::error::tls_mode_hint(&reason, tls) {
+                reason = format!("{reason} ({hint})");
+            }
+            Error::Connect {
+                addr: addr.clone(),
+                reason,
                 source: Arc::new(e),
-            })?;
-        Ok(self.client(channel))
+            }
+        })?;
+        Ok(self.client(channel, addr))
     }
 
     /// Returns a client that connects on first use (and reconnects after failures); calls
     /// fail with [`Error::Unavailable`] while the broker is unreachable.
     pub fn connect_lazy(self) -> Result<Client> {
-        let channel = self.endpoint()?.connect_lazy();
-        Ok(self.client(channel))
+        let endpoint = self.endpoint()?;
+        let addr = authority(&endpoint, &self.addr);
+        Ok(self.client(endpoint.connect_lazy(), addr))
     }
 
-    fn client(self, channel: Channel) -> Client {
+    fn client(self, channel: Channel, addr: String) -> Client {
         Client {
             inner: Arc::new(Inner {
                 channel,
-                addr: self.addr,
+                addr,
                 options: self.options,
             }),
         }
     }
+}
+
+/// `host:port` of an endpoint (the port filled in when the address had none).
+fn authority(endpoint: &Endpoint, given: &str) -> String {
+    endpoint
+        .uri()
+        .authority()
+        .map_or_else(|| given.to_owned(), ToString::to_string)
 }
 
 /// `host:port`, `http://host:port` or (with TLS) `https://host:port` → the URI tonic wants.
@@ -304,7 +322,38 @@ fn endpoint_uri(addr: &str, tls: bool) -> Result<String> {
     if rest.is_empty() {
         return Err(invalid("empty address"));
     }
-    Ok(format!("{scheme}://{rest}"))
+    Ok(format!("{scheme}://{}", with_port(rest).map_err(invalid)?))
+}
+
+/// `host:port` as given, or `host` with the default port 7170 (as Kafka clients add 9092);
+/// IPv6 addresses go in brackets (`[::1]:7170`, `[::1]`).
+fn with_port(hostport: &str) -> std::result::Result<String, &'static str> {
+    let default = DEFAULT_PORT;
+    let port_ok = |p: &str| !p.is_empty() && p.parse::<u16>().is_ok();
+    if let Some(v6) = hostport.strip_prefix('[') {
+        let (_, after) = v6
+            .split_once(']')
+            .ok_or("an IPv6 address needs its closing bracket: [::1]:7170")?;
+        return match after {
+            "" => Ok(format!("{hostport}:{default}")),
+            p if p.strip_prefix(':').is_some_and(port_ok) => Ok(hostport.to_owned()),
+            _ => Err("after [IPv6], give :PORT (a number up to 65535)"),
+        };
+    }
+    match hostport.matches(':').count() {
+        0 => Ok(format!("{hostport}:{default}")),
+        1 => {
+            let (host, port) = hostport.split_once(':').unwrap_or_default();
+            if host.is_empty() {
+                Err("no host before the port: write HOST:PORT")
+            } else if !port_ok(port) {
+                Err("the port must be a number up to 65535: write HOST:PORT")
+            } else {
+                Ok(hostport.to_owned())
+            }
+        }
+        _ => Err("an IPv6 address goes in brackets: [::1]:7170"),
+    }
 }
 
 #[derive(Debug)]
@@ -381,7 +430,8 @@ impl Client {
         }
     }
 
-    /// The address this client was made for.
+    /// The broker's `host:port`, as connected to (the default port filled in when the
+    /// address had none).
     pub fn addr(&self) -> &str {
         &self.inner.addr
     }
@@ -427,8 +477,26 @@ impl Client {
     ) -> Result<T> {
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(Error::from_status(&status)),
+            Ok(Err(status)) => Err(self.in_context(Error::from_status(&status))),
             Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    /// Names the broker in a transport failure (the connection is made when first used, so a
+    /// TLS mismatch that the handshake let through shows up on the first call), with a hint
+    /// that depends on whether this client speaks TLS.
+    pub(crate) fn in_context(&self, e: Error) -> Error {
+        match e {
+            Error::Unavailable { message } => {
+                let tls = self.inner.options.tls.is_some();
+                let hint = crate::error::tls_mode_hint(&message, tls)
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                Error::Unavailable {
+                    message: format!("{}: {message}{hint}", self.inner.addr),
+                }
+            }
+            e => e,
         }
     }
 
@@ -1066,6 +1134,19 @@ mod tests {
             Err(Error::InvalidAddress { .. })
         ));
         assert!(Client::builder("not a uri").connect_lazy().is_err());
+        // Without a port, the broker's default one (as Kafka clients add 9092).
+        assert_eq!(
+            endpoint_uri("127.0.0.1", false).unwrap(),
+            "http://127.0.0.1:7170"
+        );
+        assert_eq!(endpoint_uri("[::1]", true).unwrap(), "https://[::1]:7170");
+        assert_eq!(endpoint_uri("[::1]:9", false).unwrap(), "http://[::1]:9");
+        for bad in ["::1", "h:", "h:x", ":7170", "h:70000", "[::1"] {
+            assert!(
+                matches!(endpoint_uri(bad, false), Err(Error::InvalidAddress { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

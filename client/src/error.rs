@@ -65,11 +65,15 @@ pub enum Error {
     #[error("invalid client configuration: {0}")]
     Config(String),
     /// The first connection to the broker failed.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {reason}")]
     Connect {
-        /// The broker address.
+        /// The broker address, as connected to (`host:port`).
         addr: String,
+        /// What went wrong: the transport error's causes (connection refused, the TLS
+        /// handshake's complaint, …) and, when the cause is a common mistake, what to do.
+        reason: String,
         /// The transport error.
+        #[source]
         source: Arc<tonic::transport::Error>,
     },
     /// The broker could not be reached, the connection broke, or the broker is not serving
@@ -436,7 +440,9 @@ impl Error {
         // h2 errors, an early EOF) carry their cause as a source, whatever code tonic picked
         // (UNKNOWN, INTERNAL, even OUT_OF_RANGE for an EOF); statuses from the broker never do.
         if std::error::Error::source(status).is_some() {
-            return Error::Unavailable { message };
+            return Error::Unavailable {
+                message: describe_causes(status.message(), std::error::Error::source(status)),
+            };
         }
         match status.code() {
             Code::Unavailable | Code::Cancelled | Code::Aborted => Error::Unavailable { message },
@@ -465,6 +471,99 @@ impl Error {
             Code::Internal => Error::Internal { message },
             code => Error::Rpc { code, message },
         }
+    }
+}
+
+/// The causes of a transport failure, joined by ": " and said once each, without tonic's
+/// uninformative layers ("transport error", "status: Unknown"), with a hint when the cause is
+/// a common mistake: a certificate rustls refuses, a name the certificate does not cover, TLS
+/// against a plaintext port or the other way round.
+pub(crate) fn describe_transport_error(e: &(dyn std::error::Error + 'static)) -> String {
+    describe_causes(&e.to_string(), e.source())
+}
+
+/// `first` (an error's own message), then the messages of `source` and its sources, as
+/// [`describe_transport_error`] says them.
+fn describe_causes(first: &str, source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let vague = |t: &str| matches!(t, "transport error" | "") || t.starts_with("status: ");
+    if !vague(first) {
+        parts.push(first.to_owned());
+    }
+    let mut cur = source;
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !vague(&text) && !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    let mut out = if parts.is_empty() {
+        first.to_owned()
+    } else {
+        parts.join(": ")
+    };
+    if let Some(hint) = transport_hint(&out) {
+        out.push_str(" (");
+        out.push_str(hint);
+        out.push(')');
+    }
+    out
+}
+
+/// What to do about a transport failure whose causes read `text`, for the common mistakes.
+fn transport_hint(text: &str) -> Option<&'static str> {
+    let has = |s: &str| text.contains(s);
+    Some(if has("CaUsedAsEndEntity") {
+        "the broker's certificate is a CA certificate (basicConstraints CA:TRUE, as `openssl \
+         req -x509` makes by default), which rustls refuses as a server certificate: issue a \
+         server certificate from a CA, e.g. with `spoold gen-dev-certs`"
+    } else if has("NotValidForName") || has("not valid for name") {
+        "the broker's certificate does not name the host connected to: connect by a name it \
+         has, or give that name with --tls-domain (SPOOL_TLS_DOMAIN)"
+    } else if has("UnknownIssuer") || has("BadSignature") {
+        "the broker's certificate is not signed by the CA given with --tls-ca (SPOOL_TLS_CA)"
+    } else if has("Expired") || has("NotValidYet") {
+        "check the certificate's validity dates and the clocks of both machines"
+    } else if has("InvalidContentType") || has("corrupt message") {
+        "the broker does not seem to speak TLS on this port: drop the TLS options, or check \
+         the port"
+    } else if has("CertificateRequired") || has("BadCertificate") || has("UnknownCA") {
+        "the broker refused this client's certificate: mutual TLS needs --tls-cert and \
+         --tls-key signed by the broker's client_ca"
+    } else if has("Connection refused") {
+        "is spoold running, and listening on this address?"
+    } else {
+        return None;
+    })
+}
+
+/// A hint for a connection the broker dropped or answered with garbage, which depends on
+/// whether this client speaks TLS: a TLS listener answers a plaintext HTTP/2 preface with a
+/// TLS alert (which HTTP/2 reads as a bad frame) or closes; a listener that wants client
+/// certificates closes a TLS 1.3 connection that has none right after the handshake.
+pub(crate) fn tls_mode_hint(text: &str, tls: bool) -> Option<&'static str> {
+    let dropped = [
+        "connection closed",
+        "operation was canceled",
+        "reset by peer",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|s| text.contains(s));
+    let garbled = text.contains("FRAME_SIZE_ERROR") || text.contains("frame with invalid size");
+    if !tls && (dropped || garbled) {
+        Some(
+            "the broker may be serving TLS: give the CA of its certificate with --tls-ca \
+             (SPOOL_TLS_CA)",
+        )
+    } else if tls && dropped {
+        Some(
+            "the broker closed the connection after the TLS handshake: if it requires client \
+             certificates (client_ca), give --tls-cert and --tls-key",
+        )
+    } else {
+        None
     }
 }
 
@@ -678,6 +777,40 @@ mod tests {
         assert!(matches!(e, Error::NotAuthorized { .. }), "{e:?}");
         assert_eq!(e.code(), Some(code));
         assert!(!e.is_retriable());
+    }
+
+    #[test]
+    fn transport_causes_with_hints() {
+        let eof = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let status = Status::from_error(Box::new(eof));
+        let e = Error::from_status(&status);
+        let text = e.to_string();
+        assert!(
+            text.contains("Connection refused (os error 111)")
+                && text.contains("is spoold running"),
+            "{text}"
+        );
+        assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+        let wrong_name = "invalid peer certificate: certificate not valid for name \"x\"; certificate is only valid for DnsName(\"localhost\")";
+        assert!(transport_hint(wrong_name).unwrap().contains("--tls-domain"));
+        let ca = "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))";
+        assert!(transport_hint(ca).unwrap().contains("CA:TRUE"));
+        assert!(
+            transport_hint("received corrupt message of type InvalidContentType")
+                .unwrap()
+                .contains("TLS")
+        );
+        let frame = "h2 protocol error: connection error detected: frame with invalid size";
+        assert!(tls_mode_hint(frame, false).unwrap().contains("--tls-ca"));
+        assert!(
+            tls_mode_hint("connection closed", true)
+                .unwrap()
+                .contains("--tls-cert")
+        );
+        assert_eq!(tls_mode_hint("deadline has elapsed", true), None);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub mod types;
 
 pub use client::{
     Appended, BearerToken, Client, ClientBuilder, ClientIdentity, ClientOptions, DEFAULT_BROKER,
-    FetchOptions, TlsOptions,
+    DEFAULT_PORT, FetchOptions, TlsOptions,
 };
 pub use consumer::{Consumer, ConsumerConfig, OffsetReset};
 pub use error::{Error, OutOfRange, Result};

@@ -234,6 +234,23 @@ pub fn hash_token(token: &str) -> String {
         .to_owned()
 }
 
+/// Runs the real `spoold gen-dev-certs --dir DIR --name …` (a development CA, a server
+/// certificate for `names` and a client certificate); returns its stdout (the usage text).
+pub fn gen_dev_certs(dir: &Path, names: &[&str]) -> String {
+    let mut cmd = Command::new(spoold());
+    cmd.arg("gen-dev-certs").arg("--dir").arg(dir);
+    for n in names {
+        cmd.args(["--name", n]);
+    }
+    let out = cmd.output().expect("spoold gen-dev-certs");
+    assert!(
+        out.status.success(),
+        "spoold gen-dev-certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
 /// Path of the `spoold` binary (see the module docs), looked up once per test process.
 fn spoold() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
