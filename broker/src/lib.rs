@@ -40,7 +40,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spool_log_engine::{CleanerOptions, Limits, Log, LogOptions, TopicConfig};
+use spool_log_engine::{CleanerOptions, Clock, Limits, Log, LogOptions, SystemClock, TopicConfig};
 use spool_proto::v1::admin_service_server::AdminServiceServer;
 use spool_proto::v1::consume_service_server::ConsumeServiceServer;
 use spool_proto::v1::group_service_server::GroupServiceServer;
@@ -91,6 +91,17 @@ pub(crate) struct State {
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
+impl State {
+    /// Wall-clock milliseconds from the broker's one clock: the log's, given to
+    /// [`Broker::open_with_clock`] (the system clock by default). Every wall-clock reading of
+    /// the broker (timestamps it stamps, commit times, transaction timeouts, producer-id
+    /// allocation, group snapshots, metrics) and of the engine (rolls, retention, append
+    /// times) comes from it; timers and timeouts use tokio's monotonic time.
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.log.clock().now_ms()
+    }
+}
+
 /// An opened broker, ready to serve.
 #[derive(Debug)]
 pub struct Broker {
@@ -102,6 +113,12 @@ impl Broker {
     /// Opens (and recovers) the log. Blocking: call it before starting to serve, or from a
     /// blocking context.
     pub fn open(config: Config) -> Result<Broker, StartError> {
+        Broker::open_with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// [`Broker::open`] with the wall clock every part of the broker and its log reads
+    /// (tests inject a fixed or stepped one).
+    pub fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Broker, StartError> {
         config.validate()?;
         let topic_defaults = config.topic_defaults.to_topic_config()?;
         let limits = Limits::default();
@@ -116,6 +133,7 @@ impl Broker {
                         .unwrap_or(usize::MAX),
                     ..CleanerOptions::default()
                 },
+                clock,
                 ..LogOptions::default()
             },
         )

@@ -225,9 +225,7 @@ impl Collector for LogCollector {
             None,
             MetricType::Gauge,
         )?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now_ms = self.log.clock().now_ms();
         for (labels, p, committed) in lags {
             if let Some(age_ms) = lag_ms(&p, committed, now_ms) {
                 ConstGauge::new(age_ms as f64 / 1000.0).encode(m.encode_family(&labels)?)?;

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::compact::{CleanReport, Cleaner};
-use crate::config::{FsyncPolicy, LogOptions, TopicConfig};
+use crate::config::{Clock, FsyncPolicy, LogOptions, TopicConfig};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::mapcache::MapCache;
@@ -244,6 +244,13 @@ impl Log {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// The clock the log was opened with ([`LogOptions::clock`]): what it uses for rolls,
+    /// retention and append times, and what a program embedding it can share, so that one
+    /// injected clock drives everything.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.shared.clock
     }
 
     /// What recovery found in each partition when the log was opened.

@@ -606,7 +606,8 @@ impl Task {
             serde_json::to_vec(&snap).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
         let offsets = self.groups.offsets.clone();
         let name = self.name.clone();
-        blocking(move || offsets.append_group_state(&name, Some(&json), crate::service::now_ms()))
+        let now = self.groups.log.clock().now_ms();
+        blocking(move || offsets.append_group_state(&name, Some(&json), now))
             .await
             .map_err(|s| BrokerError::InvalidRequest(s.message().to_owned()))??;
         self.persisted = snap;

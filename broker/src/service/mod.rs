@@ -26,10 +26,3 @@ pub(crate) fn check_user_topic(topic: &str) -> Result<(), BrokerError> {
     }
     Ok(())
 }
-
-/// The broker's wall clock in milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use spool_proto::v1::{self, offset_service_server::OffsetService};
 use tonic::{Request, Response, Status};
 
-use super::now_ms;
 use crate::auth::{Action, principal};
 use crate::error::BrokerError;
 use crate::metrics::timed;
@@ -49,7 +48,7 @@ impl OffsetService for Offsets {
                         req.member_id,
                         req.generation,
                         req.offsets,
-                        now_ms(),
+                        self.state.now_ms(),
                     )
                     .await?;
                 return Ok(Response::new(v1::CommitOffsetsResponse {}));
@@ -58,7 +57,7 @@ impl OffsetService for Offsets {
             blocking(move || {
                 state
                     .offsets
-                    .commit_with(&req.group, &req.offsets, now_ms(), || {
+                    .commit_with(&req.group, &req.offsets, state.now_ms(), || {
                         state.groups.require_empty(&req.group, "a plain commit")
                     })
             })
@@ -120,7 +119,7 @@ impl OffsetService for Offsets {
             let partitions_deleted = blocking(move || {
                 state
                     .offsets
-                    .delete_group_with(&req.group, &req.topics, now_ms(), || {
+                    .delete_group_with(&req.group, &req.topics, state.now_ms(), || {
                         state.groups.require_empty(&req.group, "deleting offsets")
                     })
             })

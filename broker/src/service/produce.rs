@@ -31,7 +31,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{check_user_topic, now_ms};
+use super::check_user_topic;
 use crate::auth::{Action, Principal, principal};
 use crate::convert::encode_records;
 use crate::error::{BrokerError, partition_error};
@@ -106,7 +106,7 @@ fn write(
     parts: Vec<v1::PartitionProduce>,
     acks: v1::Acks,
 ) -> Written {
-    let now = now_ms();
+    let now = state.now_ms();
     let mut results = Vec::with_capacity(parts.len());
     let mut jobs = Vec::with_capacity(parts.len());
     for (i, pp) in parts.into_iter().enumerate() {
@@ -293,7 +293,8 @@ impl ProduceService for Produce {
                 }));
             }
             let state = self.state.clone();
-            let producer_id = blocking(move || state.producer_ids.allocate(now_ms())).await??;
+            let producer_id =
+                blocking(move || state.producer_ids.allocate(state.now_ms())).await??;
             Ok(Response::new(v1::InitProducerIdResponse {
                 producer_id,
                 producer_epoch: 0,

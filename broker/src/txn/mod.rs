@@ -51,7 +51,6 @@ use crate::error::BrokerError;
 use crate::groups::Groups;
 use crate::offsets::OffsetStore;
 use crate::producer_ids::ProducerIds;
-use crate::service::now_ms;
 use state::{EndPlan, Phase, Tp, TxnMeta};
 
 /// Name of the internal topic.
@@ -107,6 +106,11 @@ fn to_tp(t: &(String, u32)) -> v1::TopicPartition {
 }
 
 impl Transactions {
+    /// Wall-clock milliseconds from the broker's one clock (the log's, see `Broker::open_with_clock`).
+    fn now_ms(&self) -> i64 {
+        self.log.clock().now_ms()
+    }
+
     /// Opens the coordinator: loads `__transaction_state`, carries out every recorded
     /// decision, and aborts every transaction left open in any partition. Blocking; runs
     /// before the broker serves.
@@ -205,7 +209,7 @@ impl Transactions {
                 Err(e) => {
                     tracing::warn!(transactional_id = %id, error = %e, "recording the abort of an undecided transaction failed; retrying at its timeout");
                     meta = open;
-                    meta.started_ms = now_ms();
+                    meta.started_ms = t.now_ms();
                 }
                 Ok(()) => {
                     if let Err(e) = t.finish_blocking(&id, &mut meta) {
@@ -273,7 +277,7 @@ impl Transactions {
         let value =
             serde_json::to_vec(meta).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
         let mut b = BatchBuilder::new(Compression::None);
-        b.push(now_ms(), Some(id.as_bytes()), Some(&value), &[]);
+        b.push(self.now_ms(), Some(id.as_bytes()), Some(&value), &[]);
         let p = self.log.partition(TXN_STATE_TOPIC, 0)?;
         let info = p.append_nowait(&b.finish()?)?;
         if durable {
@@ -354,7 +358,7 @@ impl Transactions {
     fn complete_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
         let commit = meta.phase == Phase::PrepareCommit;
         if commit {
-            let now = now_ms();
+            let now = self.now_ms();
             for (group, g) in &meta.groups {
                 let offsets: Vec<v1::OffsetCommit> = g
                     .offsets
@@ -375,7 +379,7 @@ impl Transactions {
             }
         }
         let new_pid = if meta.needs_new_pid() {
-            Some(self.producer_ids.allocate(now_ms())?)
+            Some(self.producer_ids.allocate(self.now_ms())?)
         } else {
             None
         };
@@ -476,7 +480,7 @@ impl Transactions {
                 let idc = id.to_owned();
                 let meta = self
                     .blocking(move |t| {
-                        let meta = TxnMeta::new(t.producer_ids.allocate(now_ms())?, timeout_ms);
+                        let meta = TxnMeta::new(t.producer_ids.allocate(t.now_ms())?, timeout_ms);
                         t.persist(&idc, &meta, true)?;
                         Ok(meta)
                     })
@@ -519,7 +523,7 @@ impl Transactions {
         let mut next = meta.clone();
         let new_pid = if next.needs_new_pid() {
             let ids = self.producer_ids.clone();
-            Some(self.blocking(move |_| ids.allocate(now_ms())).await?)
+            Some(self.blocking(move |t| ids.allocate(t.now_ms())).await?)
         } else {
             None
         };
@@ -557,7 +561,7 @@ impl Transactions {
             pid,
             epoch,
             tps,
-            now_ms(),
+            self.now_ms(),
             self.cfg.max_partitions_per_txn,
         )
     }
@@ -617,7 +621,7 @@ impl Transactions {
             req.offsets
                 .into_iter()
                 .map(|c| ((c.topic, c.partition), c.offset, c.metadata)),
-            now_ms(),
+            self.now_ms(),
         )?;
         // Recorded durably before the reply: a transaction may hold offsets and nothing in
         // any partition yet, and a restart must still abort it (bumping the epoch) rather
@@ -771,7 +775,7 @@ impl Transactions {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let now = now_ms();
+        let now = self.now_ms();
         for (id, e) in entries {
             // Busy ids are in the middle of something: look again next time.
             let Ok(mut meta) = e.try_lock() else {

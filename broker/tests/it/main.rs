@@ -2,6 +2,7 @@
 //! temporary data directory, driven through the generated gRPC stubs.
 
 mod admin;
+mod clock;
 mod common;
 mod consume;
 mod durability;
