@@ -150,14 +150,14 @@ impl<'a> Context<'a> {
         Ok(Store { ctx: self, name })
     }
 
-    fn get_raw(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+    pub(crate) fn get_raw(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
         match self.writes.get(key) {
             Some(v) => Ok(v.clone()),
             None => self.state.get(key),
         }
     }
 
-    fn put_raw(&mut self, key: Vec<u8>, value: Option<Bytes>) {
+    pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Option<Bytes>) {
         self.writes.insert(key, value);
     }
 

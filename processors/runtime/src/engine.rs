@@ -310,7 +310,11 @@ impl Task {
             context::TIMER_KEYS,
             &context::timer_by_key(timer.kind, &timer.key),
         );
-        let r = handler.on_timer(&mut ctx, timer).await;
+        let r = if timer.key.starts_with(crate::jobs::TIMER_PREFIX) {
+            ctx.job_timer(timer)
+        } else {
+            handler.on_timer(&mut ctx, timer).await
+        };
         let (writes, emits) = ctx.into_parts();
         r?;
         self.state.merge(writes);

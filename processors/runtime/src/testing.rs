@@ -324,27 +324,44 @@ impl<H: AsyncHandler> TestDriver<H> {
     /// [`TestDriver::advance_wall_clock`] for handlers that await.
     pub async fn advance_wall_clock_async(&mut self, by: Duration) {
         let target = self.wall_ms + by.as_millis() as i64;
-        // Step through due retries in time order, then fire timers at the target.
+        // Step through due retries and wall-clock timers in time order, with the clock at
+        // each one's due time (as the live runtime's frequent ticks would see it).
         loop {
-            let next = self
+            let retry = self
                 .held
                 .iter()
                 .enumerate()
                 .filter(|(_, h)| h.due_ms <= target)
                 .min_by_key(|(_, h)| h.due_ms)
-                .map(|(i, _)| i);
-            let Some(i) = next else { break };
-            let h = self.held.remove(i);
-            self.wall_ms = self.wall_ms.max(h.due_ms);
-            let mut input = h.input;
-            input.attempt += 1;
-            self.process(input, h.history).await;
+                .map(|(i, h)| (h.due_ms, i));
+            let timer = self
+                .tasks
+                .iter()
+                .filter_map(|(p, t)| {
+                    let due = t
+                        .due_timers(TimerKind::Wall, target, 1)
+                        .expect("memory store");
+                    due.first().map(|d| (d.at_ms, *p))
+                })
+                .min();
+            match (retry, timer) {
+                (None, None) => break,
+                (Some((due, i)), t) if t.is_none_or(|(at, _)| due <= at) => {
+                    let h = self.held.remove(i);
+                    self.wall_ms = self.wall_ms.max(due);
+                    let mut input = h.input;
+                    input.attempt += 1;
+                    self.process(input, h.history).await;
+                }
+                (_, Some((at, p))) => {
+                    self.wall_ms = self.wall_ms.max(at);
+                    let now = self.wall_ms;
+                    self.fire_timers(p, TimerKind::Wall, now).await;
+                }
+                (Some(_), None) => unreachable!("matched above"),
+            }
         }
         self.wall_ms = target;
-        let parts: Vec<u32> = self.tasks.keys().copied().collect();
-        for p in parts {
-            self.fire_timers(p, TimerKind::Wall, target).await;
-        }
     }
 
     fn task(&mut self, partition: u32) -> &mut Task {

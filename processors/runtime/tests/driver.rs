@@ -334,3 +334,60 @@ fn effects_are_done_once_per_idempotency_key_and_disabled_in_replay() {
     r.pipe("in", "n1", "x");
     assert!(r.handler().sent.is_empty());
 }
+
+/// A feed import: "start" begins job J with parts m0..m2, other records mark a merchant done.
+struct Imports;
+
+impl Handler for Imports {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let what = input.key_str().unwrap_or_default().to_owned();
+        let job = String::from_utf8_lossy(input.value.as_deref().unwrap_or_default()).to_string();
+        let mut jobs = ctx.jobs("imports")?;
+        if what == "start" {
+            jobs.begin(&job, &["m0", "m1", "m2"], "import-status", 60_000)?;
+        } else {
+            jobs.part_done(&job, &what)?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn completion_counter_completes_once_and_reports_stuck_parts() {
+    use spool_processor::{JobEvent, JobState};
+    let mut d = TestDriver::new("importer", Imports);
+    // A part marked before the job began still counts.
+    d.pipe("in", "m1", "j1").pipe("in", "start", "j1");
+    d.pipe("in", "m1", "j1"); // a retried part counts once
+    d.advance_wall_clock(Duration::from_secs(30));
+    d.pipe("in", "m0", "j1");
+    // No part for a slot (60 s after the last one): stuck, naming m2.
+    d.advance_wall_clock(Duration::from_secs(59));
+    assert!(d.read_output("import-status").is_empty());
+    d.advance_wall_clock(Duration::from_secs(1));
+    let ev: Vec<Event<JobEvent>> = d.read_events("import-status");
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].ty, "spool.job.stuck.v1");
+    assert_eq!(ev[0].id, "imports/j1/stuck/1");
+    assert_eq!(ev[0].data.missing, vec!["m2".to_owned()]);
+    assert_eq!((ev[0].data.parts_done, ev[0].data.parts_total), (2, 3));
+    // The last part completes it after all: one completed event, never again.
+    d.pipe("in", "m2", "j1")
+        .pipe("in", "m2", "j1")
+        .pipe("in", "start", "j1");
+    d.advance_wall_clock(Duration::from_secs(600));
+    let ev: Vec<Event<JobEvent>> = d.read_events("import-status");
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].ty, "spool.job.completed.v1");
+    assert_eq!(ev[0].subject.as_deref(), Some("j1"));
+    assert!(ev[0].data.missing.is_empty());
+    // A job that never progresses reports once per slot, and state survives restarts.
+    d.pipe("in", "start", "j2");
+    d.restart();
+    d.advance_wall_clock(Duration::from_secs(125));
+    let ev: Vec<Event<JobEvent>> = d.read_events("import-status");
+    let ids: Vec<&str> = ev.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, vec!["imports/j2/stuck/1", "imports/j2/stuck/2"]);
+    assert_eq!(ev[1].data.missing, vec!["m0", "m1", "m2"]);
+    let _ = JobState::Stuck;
+}
