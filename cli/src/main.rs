@@ -15,6 +15,7 @@ mod format;
 mod group;
 mod inspect;
 mod position;
+mod processor;
 mod produce;
 mod replay;
 mod table;
@@ -69,6 +70,12 @@ enum Command {
     /// Transactions: list transactional ids and their open transactions.
     #[command(subcommand)]
     Txn(txn::TxnCmd),
+    /// Stream processors: list (lag, rate, ETA, paused lanes), pause, resume.
+    #[command(subcommand)]
+    Processor(processor::ProcessorCmd),
+    /// Dead letters of stream processors: list, show, redrive, skip.
+    #[command(subcommand)]
+    Dlq(processor::DlqCmd),
     /// Inspect a data directory offline (stop spoold or work on a copy).
     #[command(subcommand)]
     Inspect(inspect::Inspect),
@@ -124,6 +131,14 @@ fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Group(cmd) => runtime()?.block_on(async {
             let client = conn.connect().await?;
             group::run(&client, cmd).await
+        }),
+        Command::Processor(cmd) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            processor::run_processor(&client, cmd).await
+        }),
+        Command::Dlq(cmd) => runtime()?.block_on(async {
+            let client = conn.connect().await?;
+            processor::run_dlq(&client, cmd).await
         }),
         Command::Txn(cmd) => runtime()?.block_on(async {
             let client = conn.connect().await?;

@@ -316,6 +316,19 @@ impl Consumer {
         }
     }
 
+    /// Opens the subscription now if it is not open, so that records are on their way before
+    /// the next [`Consumer::next`] (used to read several consumers in priority order).
+    pub async fn ensure_open(&mut self) -> Result<()> {
+        if self.stream.is_none() && !self.assigned.is_empty() && self.buffer.is_empty() {
+            if !self.validated {
+                self.check_positions(None).await?;
+            }
+            let s = self.open().await?;
+            self.stream = Some(s);
+        }
+        Ok(())
+    }
+
     /// The records as a `Stream` (each item is what [`Consumer::next`] returns).
     pub fn into_stream(self) -> impl Stream<Item = Result<Record>> + Send + 'static {
         futures_util::stream::unfold(self, |mut c| async move { c.next().await.map(|r| (r, c)) })

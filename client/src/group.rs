@@ -254,6 +254,12 @@ pub struct GroupConfig {
     /// whose outputs a later abort throws away. (A transaction that still commits offsets of
     /// a partition revoked meanwhile is refused by the broker's fence, and aborted.)
     pub commit_on_revoke: bool,
+    /// Topics read over separate Subscribe streams, in priority order: when records of
+    /// several streams are ready, [`GroupConsumer::poll`] and [`GroupConsumer::next`] return
+    /// the earliest stream's first, and pausing one stream's partitions does not disturb
+    /// the others. Topics in no list share one more stream after them. Empty (default): one
+    /// stream for everything.
+    pub streams: Vec<Vec<String>>,
 }
 
 impl GroupConfig {
@@ -272,6 +278,7 @@ impl GroupConfig {
             consumer: ConsumerConfig::default(),
             rejoin_backoff: Backoff::default(),
             commit_on_revoke: true,
+            streams: Vec::new(),
         }
     }
 
@@ -318,7 +325,9 @@ enum Command {
 pub struct GroupConsumer {
     client: Client,
     config: GroupConfig,
-    consumer: Consumer,
+    /// One consumer per stream (see [`GroupConfig::streams`]); the last takes the topics
+    /// no stream lists.
+    consumers: Vec<Consumer>,
     events: mpsc::Receiver<Event>,
     pending: VecDeque<Event>,
     commands: mpsc::Sender<Command>,
@@ -364,7 +373,9 @@ impl GroupConsumer {
         ));
         let mut gc = GroupConsumer {
             client: client.clone(),
-            consumer: Consumer::new(client.clone(), config.consumer.clone()),
+            consumers: (0..=config.streams.len())
+                .map(|_| Consumer::new(client.clone(), config.consumer.clone()))
+                .collect(),
             config,
             events,
             pending: VecDeque::new(),
@@ -419,7 +430,11 @@ impl GroupConsumer {
 
     /// The positions (next offset to return) of the owned partitions, paused ones included.
     pub fn positions(&self) -> Vec<(TopicPartition, u64)> {
-        let mut p = self.consumer.positions();
+        let mut p: Vec<(TopicPartition, u64)> = self
+            .consumers
+            .iter()
+            .flat_map(Consumer::positions)
+            .collect();
         p.extend(self.paused.iter().map(|(tp, &o)| (tp.clone(), o)));
         p
     }
@@ -427,7 +442,7 @@ impl GroupConsumer {
     /// Records between the position of an owned, unpaused partition and the last high
     /// watermark the broker reported (`None` before the first report).
     pub fn lag(&self, topic: &str, partition: u32) -> Option<u64> {
-        self.consumer.lag(topic, partition)
+        self.consumers[self.stream_of(topic)].lag(topic, partition)
     }
 
     /// Stops reading owned partitions (the membership keeps them): no record of theirs is
@@ -439,8 +454,9 @@ impl GroupConsumer {
             if !self.assignment.contains(tp) || self.paused.contains_key(tp) {
                 continue;
             }
-            if let Some(pos) = self.consumer.position(&tp.topic, tp.partition) {
-                self.consumer.unassign(&tp.topic, tp.partition);
+            let c = &mut self.consumers[stream_of(&self.config.streams, &tp.topic)];
+            if let Some(pos) = c.position(&tp.topic, tp.partition) {
+                c.unassign(&tp.topic, tp.partition);
                 self.paused.insert(tp.clone(), pos);
             }
         }
@@ -459,7 +475,7 @@ impl GroupConsumer {
         if wants.is_empty() {
             return Ok(());
         }
-        self.consumer.assign(&wants).await?;
+        self.assign(&wants).await?;
         for (tp, _) in wants {
             self.paused.remove(&tp);
         }
@@ -474,7 +490,8 @@ impl GroupConsumer {
             return Ok(());
         }
         if self.assignment.contains(tp) {
-            self.consumer
+            let i = self.stream_of(&tp.topic);
+            self.consumers[i]
                 .seek(&tp.topic, tp.partition, StartAt::Offset(offset))
                 .await?;
         }
@@ -531,7 +548,7 @@ impl GroupConsumer {
                 }
                 None => self.fatal.take().map(Err),
             },
-            r = self.consumer.next() => r.map(|r| r.map(Polled::Record)),
+            r = next_any(&mut self.consumers) => r.map(|r| r.map(Polled::Record)),
         }
     }
 
@@ -560,7 +577,7 @@ impl GroupConsumer {
                     Some(ev) => self.pending.push_back(ev),
                     None => return self.fatal.take().map(Err),
                 },
-                r = self.consumer.next() => return r,
+                r = next_any(&mut self.consumers) => return r,
             }
         }
     }
@@ -646,6 +663,25 @@ impl GroupConsumer {
         Ok(())
     }
 
+    fn stream_of(&self, topic: &str) -> usize {
+        stream_of(&self.config.streams, topic)
+    }
+
+    /// Assigns partitions to their streams' consumers.
+    async fn assign(&mut self, wants: &[(TopicPartition, StartAt)]) -> Result<()> {
+        for i in 0..self.consumers.len() {
+            let mine: Vec<(TopicPartition, StartAt)> = wants
+                .iter()
+                .filter(|(tp, _)| stream_of(&self.config.streams, &tp.topic) == i)
+                .cloned()
+                .collect();
+            if !mine.is_empty() {
+                self.consumers[i].assign(&mine).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies an Assignment: commit and stop revoked partitions, start new ones, acknowledge.
     /// Idempotent, so an interrupted call is simply repeated.
     async fn apply(
@@ -679,7 +715,8 @@ impl GroupConsumer {
                 }
             }
             for tp in &revoked {
-                self.consumer.unassign(&tp.topic, tp.partition);
+                let i = self.stream_of(&tp.topic);
+                self.consumers[i].unassign(&tp.topic, tp.partition);
                 self.assignment.remove(tp);
                 self.committed.remove(tp);
                 self.paused.remove(tp);
@@ -690,9 +727,10 @@ impl GroupConsumer {
             .map(|tp| (tp.clone(), StartAt::Committed))
             .collect();
         if !added.is_empty() {
-            self.consumer.assign(&added).await?;
+            self.assign(&added).await?;
             for (tp, _) in added {
-                if let Some(pos) = self.consumer.position(&tp.topic, tp.partition) {
+                let i = self.stream_of(&tp.topic);
+                if let Some(pos) = self.consumers[i].position(&tp.topic, tp.partition) {
                     // What assign resolved is what the group has (or the reset position).
                     self.committed.insert(tp.clone(), pos);
                 }
@@ -720,7 +758,8 @@ impl GroupConsumer {
 
     fn drop_assignment(&mut self) {
         for tp in std::mem::take(&mut self.assignment) {
-            self.consumer.unassign(&tp.topic, tp.partition);
+            let i = self.stream_of(&tp.topic);
+            self.consumers[i].unassign(&tp.topic, tp.partition);
         }
         self.committed.clear();
         self.paused.clear();
@@ -761,6 +800,52 @@ impl Drop for GroupConsumer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The stream (consumer index) of a topic: its list in `streams`, else the last.
+fn stream_of(streams: &[Vec<String>], topic: &str) -> usize {
+    streams
+        .iter()
+        .position(|s| s.iter().any(|t| t == topic))
+        .unwrap_or(streams.len())
+}
+
+/// The next record of any consumer with partitions, the earliest consumer's first when
+/// several are ready. Cancel-safe (as `Consumer::next`).
+async fn next_any(consumers: &mut [Consumer]) -> Option<Result<Record>> {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+    type Next<'a> = Pin<Box<dyn Future<Output = Option<Result<Record>>> + Send + 'a>>;
+    if consumers.len() > 1 {
+        // Every stream open first: a lower stream's ready records must not keep a higher
+        // one from ever opening (opening is cancelled whenever another stream wins).
+        for c in consumers.iter_mut() {
+            if let Err(e) = c.ensure_open().await {
+                tracing::debug!(error = %e, "opening a subscription failed; next() retries");
+            }
+        }
+    }
+    let mut active: Vec<Next<'_>> = consumers
+        .iter_mut()
+        .filter(|c| !c.positions().is_empty())
+        .map(|c| Box::pin(c.next()) as Next<'_>)
+        .collect();
+    if active.len() <= 1 {
+        return match active.pop() {
+            Some(f) => f.await,
+            None => std::future::pending().await,
+        };
+    }
+    std::future::poll_fn(|cx| {
+        for f in &mut active {
+            if let Poll::Ready(v) = f.as_mut().poll(cx) {
+                return Poll::Ready(v);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The membership task: joins, heartbeats, forwards Assignments, rejoins after failures.

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::RetryPolicy;
+use crate::flow::LaneConfig;
 use crate::runtime::RuntimeConfig;
 
 /// A configuration that cannot be used.
@@ -52,6 +53,8 @@ pub struct ProcessorConfig {
     pub group: GroupSettings,
     /// Retries and dead letters.
     pub retry: RetryPolicy,
+    /// Priority lanes, throttles and quiet hours (`[[lanes]]`).
+    pub lanes: Vec<LaneConfig>,
     /// The processor's own settings (free-form; see [`ProcessorConfig::app`]).
     pub app: toml::Table,
 }
@@ -103,6 +106,7 @@ impl Default for ProcessorConfig {
             state: StateConfig::default(),
             group: GroupSettings::default(),
             retry: RetryPolicy::default(),
+            lanes: Vec::new(),
             app: toml::Table::new(),
         }
     }
@@ -221,6 +225,18 @@ impl ProcessorConfig {
             ));
         }
         self.retry.validate().map_err(ConfigError)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &self.lanes {
+            l.validate().map_err(ConfigError)?;
+            for t in &l.topics {
+                if !self.inputs.contains(t) || !seen.insert(t.clone()) {
+                    return Err(ConfigError(format!(
+                        "lane {}: topic {t} must be an input and in one lane only",
+                        l.name
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -292,6 +308,7 @@ impl ProcessorConfig {
         r.session_timeout = Duration::from_millis(self.group.session_timeout_ms);
         r.transaction_timeout = Duration::from_millis(self.group.transaction_timeout_ms);
         r.retry = self.retry.clone();
+        r.lanes = self.lanes.clone();
         r
     }
 }

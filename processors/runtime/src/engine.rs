@@ -31,6 +31,18 @@ pub mod headers {
     pub const DLQ_GROUP: &str = "spool_dlq_group";
     /// When (ms since the epoch).
     pub const DLQ_TIME: &str = "spool_dlq_time_ms";
+    /// Retry topics: the attempt the record is due for (2 for the first retry).
+    pub const RETRY_ATTEMPT: &str = "spool_retry_attempt";
+    /// Retry topics: when it is due (ms since the epoch).
+    pub const RETRY_DUE: &str = "spool_retry_due_ms";
+    /// Retry topics: the original topic.
+    pub const RETRY_TOPIC: &str = "spool_retry_topic";
+    /// Retry topics: the original partition.
+    pub const RETRY_PARTITION: &str = "spool_retry_partition";
+    /// Retry topics: the original offset.
+    pub const RETRY_OFFSET: &str = "spool_retry_offset";
+    /// Retry topics: JSON history of the failed attempts so far.
+    pub const RETRY_HISTORY: &str = "spool_retry_history";
     /// Every header the runtime adds starts with this.
     pub const PREFIX: &str = "spool_";
 }
@@ -136,6 +148,89 @@ pub fn dlq_topic(source: &str, group: &str) -> String {
     format!("{source}.{group}.dlq")
 }
 
+/// Retry topic number `level` (1-based) of `source` for `group`:
+/// `<source>.<group>.retry-<level>`. Per source topic and group, so groups never take each
+/// other's retries.
+pub fn retry_topic(source: &str, group: &str, level: usize) -> String {
+    format!("{source}.{group}.retry-{level}")
+}
+
+fn text_header(headers: &[Header], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .rev()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value.as_deref())
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
+fn push_header(r: &mut ProducerRecord, k: &str, v: String) {
+    r.headers.push(Header {
+        key: k.to_owned(),
+        value: Some(Bytes::from(v.into_bytes())),
+    })
+}
+
+/// The record an input becomes in a retry topic: its key, value and own headers, plus its
+/// original position, the next attempt's number, when it is due, and the history so far.
+pub(crate) fn retry_record(input: &Input, history: &[Attempt], due_ms: i64) -> ProducerRecord {
+    let mut r = ProducerRecord {
+        key: input.key.clone(),
+        value: input.value.clone(),
+        headers: input
+            .headers
+            .iter()
+            .filter(|h| !h.key.starts_with(headers::PREFIX))
+            .cloned()
+            .collect(),
+        timestamp_ms: Some(input.timestamp_ms),
+    };
+    push_header(
+        &mut r,
+        headers::RETRY_ATTEMPT,
+        (input.attempt + 1).to_string(),
+    );
+    push_header(&mut r, headers::RETRY_DUE, due_ms.to_string());
+    push_header(&mut r, headers::RETRY_TOPIC, input.topic.to_string());
+    push_header(
+        &mut r,
+        headers::RETRY_PARTITION,
+        input.partition.to_string(),
+    );
+    push_header(&mut r, headers::RETRY_OFFSET, input.offset.to_string());
+    push_header(
+        &mut r,
+        headers::RETRY_HISTORY,
+        serde_json::to_string(history).unwrap_or_default(),
+    );
+    r
+}
+
+/// What the retry headers of a record say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RetryInfo {
+    pub(crate) attempt: u32,
+    pub(crate) due_ms: i64,
+    pub(crate) topic: String,
+    pub(crate) offset: u64,
+    pub(crate) history: Vec<Attempt>,
+}
+
+/// Reads a retry record's headers; `None` if they are missing or malformed (a record put
+/// into a retry topic by hand: treated as a first attempt, due now).
+pub(crate) fn parse_retry(headers: &[Header]) -> Option<RetryInfo> {
+    let h = |n| text_header(headers, n);
+    Some(RetryInfo {
+        attempt: h(headers::RETRY_ATTEMPT)?.parse().ok()?,
+        due_ms: h(headers::RETRY_DUE)?.parse().ok()?,
+        topic: h(headers::RETRY_TOPIC)?,
+        offset: h(headers::RETRY_OFFSET)?.parse().ok()?,
+        history: serde_json::from_str(&h(headers::RETRY_HISTORY).unwrap_or_default())
+            .unwrap_or_default(),
+    })
+}
+
 /// The dead-letter record of an input: its key, value and headers (the runtime's own
 /// `spool_*` ones replaced), plus where it came from, why, and every attempt.
 pub(crate) fn dead_letter(
@@ -156,12 +251,7 @@ pub(crate) fn dead_letter(
         timestamp_ms: Some(input.timestamp_ms),
     };
     let last = history.last().map(|a| a.reason.clone()).unwrap_or_default();
-    let push = |r: &mut ProducerRecord, k: &str, v: String| {
-        r.headers.push(Header {
-            key: k.to_owned(),
-            value: Some(Bytes::from(v.into_bytes())),
-        })
-    };
+    let push = push_header;
     push(&mut r, headers::DLQ_ERROR, last);
     push(&mut r, headers::DLQ_TOPIC, input.topic.to_string());
     push(&mut r, headers::DLQ_PARTITION, input.partition.to_string());
@@ -349,6 +439,44 @@ pub(crate) fn changelog_record(key: &[u8], value: &Option<Bytes>) -> ProducerRec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_headers_round_trip() {
+        let input = Input {
+            topic: "in".into(),
+            partition: 2,
+            offset: 40,
+            timestamp_ms: 5,
+            key: Some(Bytes::from_static(b"k")),
+            value: Some(Bytes::from_static(b"v")),
+            headers: vec![Header {
+                key: "trace".into(),
+                value: Some(Bytes::from_static(b"t")),
+            }],
+            attempt: 2,
+            lane: "in".into(),
+        };
+        let history = vec![Attempt {
+            attempt: 1,
+            at_ms: 1,
+            reason: "x".into(),
+        }];
+        let r = retry_record(&input, &history, 99);
+        let info = parse_retry(&r.headers).unwrap();
+        assert_eq!(
+            info,
+            RetryInfo {
+                attempt: 3,
+                due_ms: 99,
+                topic: "in".into(),
+                offset: 40,
+                history
+            }
+        );
+        assert_eq!(r.headers[0].key, "trace");
+        assert_eq!(parse_retry(&input.headers), None);
+        assert_eq!(retry_topic("in", "g", 2), "in.g.retry-2");
+    }
 
     #[test]
     fn backoff_grows_and_is_bounded() {

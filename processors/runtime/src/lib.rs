@@ -24,18 +24,23 @@
 pub mod app;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod engine;
 pub mod envelope;
+pub mod flow;
 pub mod handler;
 pub mod jobs;
 pub mod metrics;
+pub mod ops;
+mod restore;
 pub mod runtime;
 pub mod state;
 pub mod testing;
 
 pub use context::{Context, EffectStatus, Emit, Store};
-pub use engine::{Attempt, RetryMode, RetryPolicy, dlq_topic};
+pub use engine::{Attempt, RetryMode, RetryPolicy, dlq_topic, retry_topic};
 pub use envelope::{Attributes, EnvelopeError, Event};
+pub use flow::{LaneConfig, QuietHours};
 pub use handler::{Action, AsyncHandler, Failure, Handler, Input, Timer, TimerKind};
 pub use jobs::{JobEvent, JobState, JobStatus, Jobs};
 pub use runtime::{Clock, RuntimeConfig, RuntimeError, SystemClock};

@@ -32,26 +32,28 @@
 //!   so a restarted instance first fences its previous incarnation and aborts what it left
 //!   open (which unblocks the changelog's last stable offset for the restore).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spool_client::{
-    CleanupPolicy, Client, FetchOptions, GroupConfig, GroupConsumer, Isolation, OffsetCommit,
-    OffsetSpec, Polled, Record, TopicPartition, TopicSettings, TransactionalConfig,
-    TransactionalProducer,
+    CleanupPolicy, Client, GroupConfig, GroupConsumer, OffsetCommit, OffsetSpec, Polled, Record,
+    TopicPartition, TopicSettings, TransactionalConfig, TransactionalProducer,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::context::Emit;
+use crate::control::{self, Control};
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
+use crate::flow::{Closed, LaneConfig, Lanes};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
-use crate::metrics::{Metrics, PartitionLabel};
-use crate::state::{Backend, SqliteBackend, Writes};
+use crate::metrics::{LaneLabel, Metrics, PartitionLabel};
+use crate::restore;
+use crate::state::{SqliteBackend, Writes};
 
 /// The wall clock the runtime passes to handlers (injectable for tests).
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -115,8 +117,11 @@ pub struct RuntimeConfig {
     pub effects_enabled: bool,
     /// Replay mode: a group without committed offsets starts at this time (ms).
     pub start_at_ms: Option<i64>,
-    /// The clock handlers see.
+    /// The clock handlers see (and quiet hours follow).
     pub clock: Arc<dyn Clock>,
+    /// Priority lanes, throttles, quiet hours ([`crate::flow`]); inputs in no lane form a
+    /// lane of their own.
+    pub lanes: Vec<LaneConfig>,
 }
 
 impl RuntimeConfig {
@@ -146,12 +151,34 @@ impl RuntimeConfig {
             effects_enabled: true,
             start_at_ms: None,
             clock: Arc::new(SystemClock),
+            lanes: Vec::new(),
         }
     }
 
     /// The changelog topic of every state store: `<group>.changelog`.
     pub fn changelog_topic(&self) -> String {
         format!("{}{}.changelog", self.output_prefix, self.group)
+    }
+
+    /// Retry topics of every input (empty unless `retry.mode = "topics"`), with their source.
+    pub fn retry_topics(&self) -> Vec<(String, String)> {
+        if self.retry.mode != RetryMode::Topics {
+            return Vec::new();
+        }
+        let mut v = Vec::new();
+        for t in &self.inputs {
+            for level in 1..=self.retry.topic_delays_ms.len() {
+                v.push((
+                    format!(
+                        "{}{}",
+                        self.output_prefix,
+                        engine::retry_topic(t, &self.group, level)
+                    ),
+                    t.clone(),
+                ));
+            }
+        }
+        v
     }
 
     fn transactional_id(&self) -> String {
@@ -254,6 +281,11 @@ async fn prepare_topics(client: &Client, cfg: &RuntimeConfig) -> Result<(), Runt
         let dlq = format!("{}{}", cfg.output_prefix, engine::dlq_topic(t, &cfg.group));
         ensure_topic(client, &dlq, *n, &TopicSettings::default()).await?;
     }
+    for (retry, source) in cfg.retry_topics() {
+        let n = input_partitions.get(&source).copied().unwrap_or(1);
+        ensure_topic(client, &retry, n, &TopicSettings::default()).await?;
+    }
+    ensure_topic(client, &control::control_topic(&cfg.group), 1, &compacted).await?;
     for t in &cfg.outputs {
         let n = match client.describe_topic(t).await {
             Ok(d) => d.partitions.len() as u32,
@@ -314,12 +346,16 @@ async fn ensure_topic(
     }
 }
 
-/// What a restore task sends back.
-type Restored = (u32, u64, Result<SqliteBackend, String>);
-
 struct Restoring {
     token: u64,
     handle: JoinHandle<()>,
+}
+
+/// A record read but not processed yet: a retry not due, or over its lane's rate. Its
+/// partition is paused meanwhile (and its position not moved).
+struct Held {
+    record: Record,
+    due: Instant,
 }
 
 /// The open transaction.
@@ -339,8 +375,8 @@ struct Session<'c> {
     tasks: BTreeMap<u32, Task>,
     restoring: BTreeMap<u32, Restoring>,
     restore_token: u64,
-    restored_tx: mpsc::Sender<Restored>,
-    restored_rx: mpsc::Receiver<Restored>,
+    restored_tx: mpsc::Sender<restore::Restored>,
+    restored_rx: mpsc::Receiver<restore::Restored>,
     owned: BTreeSet<TopicPartition>,
     /// Next offset to process per owned partition (moves with the open transaction).
     positions: BTreeMap<TopicPartition, u64>,
@@ -349,6 +385,17 @@ struct Session<'c> {
     txn: Option<OpenTxn>,
     last_durable: Instant,
     last_tick: Instant,
+    lanes: Lanes,
+    /// Retry topic → its source topic.
+    retry_of: HashMap<String, Arc<str>>,
+    held: BTreeMap<TopicPartition, Held>,
+    control: Arc<Mutex<Control>>,
+    control_task: JoinHandle<()>,
+    last_window: Instant,
+    /// Last lag seen per partition (paused partitions report none).
+    last_lag: HashMap<TopicPartition, u64>,
+    /// When the lanes' backlogs were last asked of the broker.
+    last_backlog: Instant,
 }
 
 impl<'c> Session<'c> {
@@ -361,10 +408,51 @@ impl<'c> Session<'c> {
         tcfg.transaction_timeout = cfg.transaction_timeout;
         // First fence the previous incarnation (aborting what it left open), then join.
         let tx = TransactionalProducer::new(client.clone(), tcfg).await?;
-        let mut gcfg = GroupConfig::new(cfg.group.as_str(), cfg.inputs.iter().map(String::as_str))
+        // Operators' pauses apply before the first record.
+        let control_topic = control::control_topic(&cfg.group);
+        let (state, next) = control::load(client, &control_topic).await?;
+        let control = Arc::new(Mutex::new(state));
+        let control_task = tokio::spawn(control::follow(
+            client.clone(),
+            control_topic,
+            next,
+            control.clone(),
+        ));
+        let retry_topics = cfg.retry_topics();
+        let mut lanes = Lanes::new(&cfg.lanes, &cfg.inputs);
+        let mut retry_of = HashMap::new();
+        for (retry, source) in &retry_topics {
+            if let Some(l) = lanes.of(source) {
+                lanes.map_topic(retry, l);
+            }
+            retry_of.insert(retry.clone(), Arc::from(source.as_str()));
+        }
+        let topics = cfg
+            .inputs
+            .iter()
+            .chain(retry_topics.iter().map(|(r, _)| r))
+            .map(String::as_str);
+        let mut gcfg = GroupConfig::new(cfg.group.as_str(), topics)
             .instance_id(cfg.instance_id.clone())
             .session_timeout(cfg.session_timeout);
         gcfg.commit_on_revoke = false;
+        if lanes.lanes.len() > 1 {
+            // One stream per lane, highest priority first (retry topics with their source).
+            let mut order: Vec<usize> = (0..lanes.lanes.len()).collect();
+            order.sort_by_key(|&i| lanes.lanes[i].cfg.priority);
+            gcfg.streams = order
+                .into_iter()
+                .map(|i| {
+                    let mut topics = lanes.lanes[i].cfg.topics.clone();
+                    for (retry, source) in &retry_topics {
+                        if topics.contains(source) {
+                            topics.push(retry.clone());
+                        }
+                    }
+                    topics
+                })
+                .collect();
+        }
         let member = GroupConsumer::join(client, gcfg).await?;
         let (restored_tx, restored_rx) = mpsc::channel(64);
         let mut s = Session {
@@ -385,8 +473,17 @@ impl<'c> Session<'c> {
             txn: None,
             last_durable: Instant::now(),
             last_tick: Instant::now(),
+            lanes,
+            retry_of,
+            held: BTreeMap::new(),
+            control,
+            control_task,
+            last_window: Instant::now(),
+            last_lag: HashMap::new(),
+            last_backlog: Instant::now(),
         };
         s.reconcile().await?;
+        s.apply_flow().await?;
         Ok(s)
     }
 
@@ -413,7 +510,10 @@ impl<'c> Session<'c> {
                 Some(t) => t.started + self.cfg.commit_interval,
                 None => self.last_tick + self.cfg.tick_interval,
             };
-            let wake = wake.min(self.last_tick + self.cfg.tick_interval);
+            let mut wake = wake.min(self.last_tick + self.cfg.tick_interval);
+            if let Some(due) = self.held.values().map(|h| h.due).min() {
+                wake = wake.min(due.max(Instant::now() + Duration::from_millis(1)));
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => continue,
@@ -431,6 +531,9 @@ impl<'c> Session<'c> {
                     Some(Ok(Polled::Record(r))) => self.on_record(handler, r, shutdown).await?,
                 },
                 () = tokio::time::sleep_until(wake.into()) => {}
+            }
+            if self.held.values().any(|h| h.due <= Instant::now()) {
+                self.release(handler, shutdown).await?;
             }
             if self.last_tick.elapsed() >= self.cfg.tick_interval {
                 self.tick(handler).await?;
@@ -494,24 +597,138 @@ impl<'c> Session<'c> {
             self.member.seek(&tp, r.offset).await?;
             return Ok(());
         }
-        let mut input = Input {
-            topic: r.topic.clone(),
+        let now = self.cfg.clock.now_ms();
+        // A record from a retry topic: its original position, attempt and due time.
+        let retry = match self.retry_of.get(&*r.topic) {
+            Some(source) => {
+                let info = engine::parse_retry(&r.headers);
+                if let Some(i) = &info
+                    && i.due_ms > now
+                {
+                    let wait = Duration::from_millis((i.due_ms - now) as u64);
+                    self.hold(tp, r, wait);
+                    return Ok(());
+                }
+                Some((source.clone(), info))
+            }
+            None => None,
+        };
+        let source = retry
+            .as_ref()
+            .map_or_else(|| r.topic.clone(), |(s, _)| s.clone());
+        let lane = self.lanes.of(&source);
+        if let Some(l) = lane
+            && let Some(wait) = self.lanes.lanes[l].admit(r.key.as_deref())
+        {
+            self.hold(tp, r, wait);
+            return Ok(());
+        }
+        let read_offset = r.offset;
+        let lane_name: Arc<str> = match lane {
+            Some(l) => Arc::from(self.lanes.lanes[l].cfg.name.as_str()),
+            None => source.clone(),
+        };
+        let (offset, attempt, history, headers) = match retry {
+            Some((_, Some(info))) => (
+                info.offset,
+                info.attempt,
+                info.history,
+                r.headers
+                    .into_iter()
+                    .filter(|h| !h.key.starts_with(engine::headers::PREFIX))
+                    .collect(),
+            ),
+            // Put into a retry topic by hand (e.g. a redrive): a first attempt, due now.
+            Some((_, None)) => (r.offset, 1, Vec::new(), r.headers),
+            None => (r.offset, 1, Vec::new(), r.headers),
+        };
+        let input = Input {
+            topic: source,
             partition: r.partition,
-            offset: r.offset,
+            offset,
             timestamp_ms: r.timestamp_ms,
             key: r.key,
             value: r.value,
-            headers: r.headers,
-            attempt: 1,
-            lane: r.topic.clone(),
+            headers,
+            attempt,
+            lane: lane_name,
         };
-        let mut history: Vec<Attempt> = Vec::new();
+        if let Some(l) = lane {
+            self.lanes.lanes[l].window_count += 1;
+        }
+        if !self.process(handler, input, history, &tp, shutdown).await? {
+            // Interrupted (a revocation or a stop): read it again later.
+            self.member.seek(&tp, read_offset).await?;
+            return Ok(());
+        }
+        self.positions.insert(tp, read_offset + 1);
+        if let Some(t) = &mut self.txn {
+            t.records += 1;
+        }
+        Ok(())
+    }
+
+    /// Holds a record (its partition paused) for `wait`.
+    fn hold(&mut self, tp: TopicPartition, record: Record, wait: Duration) {
+        self.member.pause(std::slice::from_ref(&tp));
+        self.held.insert(
+            tp,
+            Held {
+                record,
+                due: Instant::now() + wait,
+            },
+        );
+    }
+
+    /// Processes held records that are due (their partitions resume at the next tick, when
+    /// their lane is open).
+    async fn release<H: AsyncHandler>(
+        &mut self,
+        handler: &mut H,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), RuntimeError> {
+        let now = Instant::now();
+        let due: Vec<TopicPartition> = self
+            .held
+            .iter()
+            .filter(|(tp, h)| h.due <= now && self.lane_open(&tp.topic))
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in due {
+            if let Some(h) = self.held.remove(&tp) {
+                self.on_record(handler, h.record, shutdown).await?;
+            }
+        }
+        self.apply_pauses().await
+    }
+
+    fn lane_open(&self, topic: &str) -> bool {
+        let source = self.retry_of.get(topic).map_or(topic, |s| s);
+        self.lanes
+            .of(source)
+            .is_none_or(|l| self.lanes.lanes[l].closed.is_none())
+    }
+
+    /// Runs the handler on one input with the retry policy. False if interrupted (the input
+    /// must be read again), true once it was handled, retried through a retry topic, or
+    /// dead-lettered.
+    async fn process<H: AsyncHandler>(
+        &mut self,
+        handler: &mut H,
+        mut input: Input,
+        mut history: Vec<Attempt>,
+        read: &TopicPartition,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, RuntimeError> {
         let env = self.env();
         loop {
             self.begin()?;
             let now = self.cfg.clock.now_ms();
             let started = Instant::now();
-            let task = self.tasks.get_mut(&input.partition).expect("checked above");
+            let task = self
+                .tasks
+                .get_mut(&input.partition)
+                .expect("checked by the caller");
             let result = task.handle(handler, &input, now, env).await;
             self.metrics
                 .process_seconds
@@ -519,7 +736,8 @@ impl<'c> Session<'c> {
             let failure = match result {
                 Ok(emits) => {
                     if let Err(e) = self.send(emits).await {
-                        return self.abort_and_rewind(e).await;
+                        self.abort_and_rewind(e).await?;
+                        return Ok(false);
                     }
                     break;
                 }
@@ -530,47 +748,54 @@ impl<'c> Session<'c> {
                 at_ms: now,
                 reason: failure.reason.clone(),
             });
-            match failure.action {
+            let skipped = self.skipped(read, &input);
+            let (topic, record) = match failure.action {
                 Action::Fatal => {
                     let _ = self.tx.abort().await;
                     return Err(RuntimeError::Fatal(failure.reason));
                 }
-                Action::Retry if self.cfg.retry.retries_after(input.attempt) => {
+                Action::Retry if !skipped && self.cfg.retry.retries_after(input.attempt) => {
                     self.metrics
                         .retries
                         .get_or_create(&Metrics::topic(&input.topic))
                         .inc();
                     if self.cfg.retry.mode == RetryMode::Topics {
-                        // Retry topics arrive in a later step; until then retry in place.
-                        tracing::debug!(
-                            "retry topics not configured for this input; retrying in place"
+                        let delays = &self.cfg.retry.topic_delays_ms;
+                        let level = (input.attempt as usize).clamp(1, delays.len());
+                        let due = now + delays[level - 1] as i64;
+                        let topic = engine::retry_topic(&input.topic, &self.cfg.group, level);
+                        (topic, engine::retry_record(&input, &history, due))
+                    } else {
+                        let delay = self.cfg.retry.backoff(input.attempt);
+                        tracing::info!(
+                            topic = &*input.topic,
+                            partition = input.partition,
+                            offset = input.offset,
+                            attempt = input.attempt,
+                            ?delay,
+                            reason = failure.reason,
+                            "retrying in place"
                         );
+                        // Commit what is done, then wait without holding a transaction open.
+                        self.commit(handler).await?;
+                        self.metrics.blocked.inc();
+                        let go_on = self.wait_retry(delay, shutdown, read, &input).await;
+                        self.metrics.blocked.dec();
+                        if !go_on {
+                            return Ok(false);
+                        }
+                        input.attempt += 1;
+                        continue;
                     }
-                    let delay = self.cfg.retry.backoff(input.attempt);
-                    tracing::info!(
-                        topic = &*input.topic,
-                        partition = input.partition,
-                        offset = input.offset,
-                        attempt = input.attempt,
-                        ?delay,
-                        reason = failure.reason,
-                        "retrying in place"
-                    );
-                    // Commit what is done, then wait without holding a transaction open.
-                    self.commit(handler).await?;
-                    self.metrics.blocked.inc();
-                    let interrupted = self.wait_retry(delay, shutdown).await;
-                    self.metrics.blocked.dec();
-                    if interrupted {
-                        // A revocation or a stop: leave the record for whoever reads it next.
-                        self.member.seek(&tp, input.offset).await?;
-                        return Ok(());
-                    }
-                    input.attempt += 1;
                 }
                 Action::Retry | Action::DeadLetter => {
-                    let record = engine::dead_letter(&input, &self.cfg.group, &history, now);
-                    let dlq = engine::dlq_topic(&input.topic, &self.cfg.group);
+                    if skipped {
+                        history.push(Attempt {
+                            attempt: input.attempt,
+                            at_ms: now,
+                            reason: "skipped by an operator (spool dlq skip)".into(),
+                        });
+                    }
                     self.metrics
                         .dead_letters
                         .get_or_create(&Metrics::topic(&input.topic))
@@ -580,44 +805,61 @@ impl<'c> Session<'c> {
                         partition = input.partition,
                         offset = input.offset,
                         reason = failure.reason,
-                        dlq,
                         "dead-lettered"
                     );
-                    self.begin()?;
-                    let emit = Emit {
-                        topic: dlq,
-                        partition: Some(input.partition),
-                        record,
-                    };
-                    if let Err(e) = self.send(vec![emit]).await {
-                        return self.abort_and_rewind(e).await;
-                    }
-                    break;
+                    let record = engine::dead_letter(&input, &self.cfg.group, &history, now);
+                    (engine::dlq_topic(&input.topic, &self.cfg.group), record)
                 }
+            };
+            self.begin()?;
+            let emit = Emit {
+                topic,
+                partition: Some(input.partition),
+                record,
+            };
+            if let Err(e) = self.send(vec![emit]).await {
+                self.abort_and_rewind(e).await?;
+                return Ok(false);
             }
-        }
-        self.positions.insert(tp, input.offset + 1);
-        if let Some(t) = &mut self.txn {
-            t.records += 1;
+            break;
         }
         self.metrics
             .records_in
             .get_or_create(&Metrics::topic(&input.topic))
             .inc();
         self.metrics.done.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
-    /// Waits `delay` unless a membership change or a stop comes first (then true).
-    async fn wait_retry(&mut self, delay: Duration, shutdown: &mut Shutdown) -> bool {
+    /// Whether an operator asked to skip this record (by its original or its read position).
+    fn skipped(&self, read: &TopicPartition, input: &Input) -> bool {
+        let c = self
+            .control
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.skips
+            .contains(&(input.topic.to_string(), input.partition, input.offset))
+            || c.skips
+                .contains(&(read.topic.clone(), read.partition, input.offset))
+    }
+
+    /// Waits `delay` before retrying in place. False if a membership change or a stop came
+    /// first; true when the delay passed or an operator skipped the record.
+    async fn wait_retry(
+        &mut self,
+        delay: Duration,
+        shutdown: &mut Shutdown,
+        read: &TopicPartition,
+        input: &Input,
+    ) -> bool {
         let until = Instant::now() + delay;
         loop {
             if *shutdown.borrow() || self.member.membership_pending() {
-                return true;
+                return false;
             }
             let now = Instant::now();
-            if now >= until {
-                return false;
+            if now >= until || self.skipped(read, input) {
+                return true;
             }
             let step = (until - now).min(Duration::from_millis(50));
             tokio::select! {
@@ -639,6 +881,7 @@ impl<'c> Session<'c> {
         }
         for tp in &self.owned {
             if let Some(lag) = self.member.lag(&tp.topic, tp.partition) {
+                self.last_lag.insert(tp.clone(), lag);
                 self.metrics
                     .lag
                     .get_or_create(&PartitionLabel {
@@ -650,6 +893,100 @@ impl<'c> Session<'c> {
         }
         if self.txn.is_none() && self.last_durable.elapsed() >= self.cfg.durable_interval {
             self.make_durable()?;
+        }
+        self.apply_flow().await
+    }
+
+    /// Decides which lanes may be read (operator pauses, quiet hours, priorities) and
+    /// pauses or resumes partitions accordingly.
+    async fn apply_flow(&mut self) -> Result<(), RuntimeError> {
+        let now = self.cfg.clock.now_ms();
+        {
+            let c = self
+                .control
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for l in &mut self.lanes.lanes {
+                l.operator_paused = c.lane_paused(&l.cfg.name);
+            }
+        }
+        if self.lanes.lanes.len() > 1 && self.last_backlog.elapsed() >= Duration::from_millis(200) {
+            self.refresh_backlog().await;
+        }
+        let mut waiting = vec![false; self.lanes.lanes.len()];
+        for tp in &self.owned {
+            let source = self
+                .retry_of
+                .get(&tp.topic)
+                .map_or(tp.topic.as_str(), |s| s);
+            if let Some(l) = self.lanes.of(source)
+                && (self.held.contains_key(tp) || self.last_lag.get(tp).is_some_and(|&n| n > 0))
+            {
+                waiting[l] = true;
+            }
+        }
+        self.lanes.decide(now, &waiting);
+        if self.last_window.elapsed() >= Duration::from_secs(1) {
+            self.lanes.new_window();
+            self.last_window = Instant::now();
+            for l in &self.lanes.lanes {
+                l.prune();
+            }
+        }
+        for l in &self.lanes.lanes {
+            let closed = matches!(l.closed, Some(Closed::Paused | Closed::Quiet(_)));
+            self.metrics
+                .paused_lanes
+                .get_or_create(&LaneLabel {
+                    lane: l.cfg.name.clone(),
+                })
+                .set(i64::from(closed));
+        }
+        self.apply_pauses().await
+    }
+
+    /// Asks the broker how far each owned partition's end is from the processed position
+    /// (a paused or not yet read lane reports no lag through its stream).
+    async fn refresh_backlog(&mut self) {
+        self.last_backlog = Instant::now();
+        let q: Vec<(TopicPartition, spool_client::OffsetSpec)> = self
+            .owned
+            .iter()
+            .map(|tp| (tp.clone(), spool_client::OffsetSpec::Latest))
+            .collect();
+        if q.is_empty() {
+            return;
+        }
+        if let Ok(ends) = self.client.list_offsets(&q).await {
+            for ((tp, _), end) in q.into_iter().zip(ends) {
+                if let (Ok(end), Some(&pos)) = (end, self.positions.get(&tp)) {
+                    self.last_lag.insert(tp, end.offset.saturating_sub(pos));
+                }
+            }
+        }
+    }
+
+    /// Pauses exactly the owned partitions that must not be read now: restoring, holding a
+    /// record, or in a closed lane.
+    async fn apply_pauses(&mut self) -> Result<(), RuntimeError> {
+        let desired: BTreeSet<TopicPartition> = self
+            .owned
+            .iter()
+            .filter(|tp| {
+                !self.tasks.contains_key(&tp.partition)
+                    || self.held.contains_key(*tp)
+                    || !self.lane_open(&tp.topic)
+            })
+            .cloned()
+            .collect();
+        let current: BTreeSet<TopicPartition> = self.member.paused().into_iter().collect();
+        let pause: Vec<TopicPartition> = desired.difference(&current).cloned().collect();
+        let resume: Vec<TopicPartition> = current.difference(&desired).cloned().collect();
+        if !pause.is_empty() {
+            self.member.pause(&pause);
+        }
+        if !resume.is_empty() {
+            self.member.resume(&resume).await?;
         }
         Ok(())
     }
@@ -833,7 +1170,13 @@ impl<'c> Session<'c> {
             self.member.seek(&tp, c).await?;
             self.positions.insert(tp, c);
         }
-        Ok(())
+        // Held records were not processed: read them again.
+        for tp in std::mem::take(&mut self.held).into_keys() {
+            if let Some(&pos) = self.positions.get(&tp) {
+                self.member.seek(&tp, pos).await?;
+            }
+        }
+        self.apply_pauses().await
     }
 
     /// Brings tasks in line with the owned partitions: drops revoked ones, pauses and
@@ -845,6 +1188,8 @@ impl<'c> Session<'c> {
         for tp in self.owned.difference(&now) {
             self.positions.remove(tp);
             self.committed.remove(tp);
+            self.held.remove(tp);
+            self.last_lag.remove(tp);
         }
         let parts_now: BTreeSet<u32> = now.iter().map(|tp| tp.partition).collect();
         let gone: Vec<u32> = self
@@ -885,7 +1230,7 @@ impl<'c> Session<'c> {
         for p in new_parts {
             self.restore_token += 1;
             let token = self.restore_token;
-            let handle = tokio::spawn(restore_task(
+            let handle = tokio::spawn(restore::restore_task(
                 self.client.clone(),
                 self.changelog.clone(),
                 p,
@@ -923,13 +1268,7 @@ impl<'c> Session<'c> {
         let task =
             Task::open(p, Box::new(backend)).map_err(|e| RuntimeError::Fatal(e.to_string()))?;
         self.tasks.insert(p, task);
-        let tps: Vec<TopicPartition> = self
-            .owned
-            .iter()
-            .filter(|tp| tp.partition == p)
-            .cloned()
-            .collect();
-        self.member.resume(&tps).await?;
+        self.apply_pauses().await?;
         tracing::info!(partition = p, "state restored; processing");
         self.metrics
             .ready
@@ -955,117 +1294,9 @@ impl<'c> Session<'c> {
         for r in self.restoring.into_values() {
             r.handle.abort();
         }
+        self.control_task.abort();
         let _ = self.member.leave().await;
     }
-}
-
-/// Restores one partition's local store from the changelog: from its recorded position to
-/// the changelog's end, read committed (waiting while an older transaction is still open).
-#[allow(clippy::too_many_arguments)]
-async fn restore_task(
-    client: Client,
-    changelog: String,
-    p: u32,
-    path: PathBuf,
-    cache_bytes: usize,
-    metrics: Arc<Metrics>,
-    token: u64,
-    done: mpsc::Sender<Restored>,
-) {
-    let r = restore(&client, &changelog, p, path, cache_bytes, &metrics).await;
-    let _ = done.send((p, token, r)).await;
-}
-
-/// Writes buffered before a local apply during restore.
-const RESTORE_APPLY_BYTES: usize = 16 << 20;
-
-async fn restore(
-    client: &Client,
-    changelog: &str,
-    p: u32,
-    path: PathBuf,
-    cache_bytes: usize,
-    metrics: &Metrics,
-) -> Result<SqliteBackend, String> {
-    let open = tokio::task::spawn_blocking(move || SqliteBackend::open(&path, cache_bytes));
-    let mut backend = open
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let opts = FetchOptions {
-        max_bytes: 8 << 20,
-        isolation: Isolation::ReadCommitted,
-        ..FetchOptions::default()
-    };
-    let mut pos = backend.position();
-    let first = loop {
-        match client.fetch(changelog, p, pos, &opts).await {
-            Ok(f) => break f,
-            Err(spool_client::Error::OffsetOutOfRange(o)) => {
-                // A local store ahead of (or behind) the changelog belongs to another
-                // incarnation of the topic: start over from the changelog alone.
-                tracing::warn!(partition = p, position = pos, high_watermark = ?o.high_watermark, "local store does not match the changelog; rebuilding it");
-                let (b, r) = blocking(backend, |b| b.wipe()).await?;
-                r.map_err(|e| e.to_string())?;
-                backend = b;
-                pos = o.log_start_offset.unwrap_or(0);
-            }
-            Err(e) if e.is_retriable() => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(e) => return Err(e.to_string()),
-        }
-    };
-    let target = first.high_watermark;
-    let mut fetched = Some(first);
-    let mut pending = Writes::new();
-    let mut pending_bytes = 0usize;
-    while pos < target {
-        let f = match fetched.take() {
-            Some(f) => f,
-            None => match client.fetch(changelog, p, pos, &opts).await {
-                Ok(f) => f,
-                Err(e) if e.is_retriable() => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                Err(e) => return Err(e.to_string()),
-            },
-        };
-        metrics.restored_records.inc_by(f.records.len() as u64);
-        for r in f.records {
-            let Some(k) = r.key else { continue };
-            pending_bytes += k.len() + r.value.as_ref().map_or(0, |v| v.len());
-            pending.insert(k.to_vec(), r.value);
-        }
-        if f.next_offset <= pos {
-            // Behind an open transaction (the last stable offset): wait for its end.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
-        pos = f.next_offset;
-        if pending_bytes >= RESTORE_APPLY_BYTES {
-            let w = std::mem::take(&mut pending);
-            pending_bytes = 0;
-            let (b, r) = blocking(backend, move |b| b.apply(&w, pos, false)).await?;
-            r.map_err(|e| e.to_string())?;
-            backend = b;
-        }
-    }
-    let (b, r) = blocking(backend, move |b| b.apply(&pending, pos, true)).await?;
-    r.map_err(|e| e.to_string())?;
-    Ok(b)
-}
-
-/// Runs a store operation on the blocking pool, handing the store back.
-async fn blocking<T: Send + 'static>(
-    mut backend: SqliteBackend,
-    f: impl FnOnce(&mut SqliteBackend) -> T + Send + 'static,
-) -> Result<(SqliteBackend, T), String> {
-    tokio::task::spawn_blocking(move || {
-        let r = f(&mut backend);
-        (backend, r)
-    })
-    .await
-    .map_err(|e| e.to_string())
 }
 
 /// Turns a future into a [`Shutdown`] (true once it resolves).

@@ -2,6 +2,7 @@
 //! (`spool-passthrough`), on 127.0.0.1 with ephemeral ports.
 
 mod eos_kill;
+mod flow;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,437 @@
+//! Operating processors from outside (the `spool processor …` and `spool dlq …` commands):
+//! list processors with their lag and progress, pause and resume them or one lane, list,
+//! read and redrive dead letters, skip a record a partition is stuck on.
+//!
+//! A processor is a group with a control topic (`<group>.control`, created by the runtime
+//! at start). Pauses and skips are records in that topic ([`crate::control`]); every
+//! instance follows it, and reads it whole before processing after a restart.
+//!
+//! Redrive reads a dead-letter topic from `from` (default: its start) to its end as of the
+//! start of the command, keeps the records matching the filter, and produces each one (key,
+//! value and its own headers; the `spool_*` ones removed) to its original topic and
+//! partition, to the group's first retry topic, or to a named topic, at most `rate_per_sec`
+//! per second. The dead letters stay where they are; the report gives the offset to continue
+//! from. Redriving the same records twice sends them twice: handlers with external effects
+//! recognise repeats by their idempotency keys ([`crate::Context::effect`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use spool_client::{
+    Client, FetchOptions, Header, Isolation, OffsetSpec, ProducerConfig, ProducerRecord, Record,
+    TopicPartition,
+};
+
+use crate::control::{self, Control};
+use crate::engine::{self, Attempt, headers};
+
+/// A processor as `spool processor list` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessorStatus {
+    /// Name (its group).
+    pub name: String,
+    /// Group state (`stable`, `rebalancing`, `empty`).
+    pub state: String,
+    /// Members (running instances).
+    pub members: usize,
+    /// Input topics (those it committed offsets for).
+    pub topics: Vec<String>,
+    /// Records processed (sum of committed offsets minus log starts).
+    pub done: u64,
+    /// Records waiting (high watermark minus committed offset, summed).
+    pub lag: u64,
+    /// The whole processor is paused.
+    pub paused: bool,
+    /// Paused lanes.
+    pub paused_lanes: Vec<String>,
+    /// Records to skip that operators asked for.
+    pub skips: usize,
+}
+
+/// Every processor (group with a control topic), with its lag.
+pub async fn processors(client: &Client) -> spool_client::Result<Vec<ProcessorStatus>> {
+    let topics = client.list_topics().await?;
+    let mut out = Vec::new();
+    for t in &topics {
+        let Some(name) = t.topic.strip_suffix(".control") else {
+            continue;
+        };
+        out.push(status(client, name).await?);
+    }
+    Ok(out)
+}
+
+/// One processor's status.
+pub async fn status(client: &Client, name: &str) -> spool_client::Result<ProcessorStatus> {
+    let (c, _) = control::load(client, &control::control_topic(name)).await?;
+    let group = client.describe_group(name).await?;
+    let summary = client
+        .list_groups()
+        .await?
+        .into_iter()
+        .find(|g| g.group == name);
+    let topics: Vec<String> = summary.map(|s| s.topics).unwrap_or_default();
+    let mut tps = Vec::new();
+    for t in &topics {
+        let n = client
+            .describe_topic(t)
+            .await
+            .map(|d| d.partitions.len())
+            .unwrap_or(0);
+        tps.extend((0..n as u32).map(|p| TopicPartition::new(t.as_str(), p)));
+    }
+    let (done, lag) = progress(client, name, &tps).await?;
+    Ok(ProcessorStatus {
+        name: name.to_owned(),
+        state: format!("{:?}", group.state).to_ascii_lowercase(),
+        members: group.members.len(),
+        topics,
+        done,
+        lag,
+        paused: c.paused,
+        paused_lanes: c.paused_lanes.into_iter().collect(),
+        skips: c.skips.len(),
+    })
+}
+
+/// (done, lag) of a group over partitions: committed − log start, high watermark − committed.
+pub async fn progress(
+    client: &Client,
+    group: &str,
+    tps: &[TopicPartition],
+) -> spool_client::Result<(u64, u64)> {
+    if tps.is_empty() {
+        return Ok((0, 0));
+    }
+    let committed = client.fetch_offsets(group, tps).await?;
+    let mut q = Vec::new();
+    for tp in tps {
+        q.push((tp.clone(), OffsetSpec::Earliest));
+        q.push((tp.clone(), OffsetSpec::Latest));
+    }
+    let bounds = client.list_offsets(&q).await?;
+    let (mut done, mut lag) = (0, 0);
+    for (i, c) in committed.iter().enumerate() {
+        let start = bounds[2 * i].as_ref().map_or(0, |o| o.offset);
+        let end = bounds[2 * i + 1].as_ref().map_or(0, |o| o.offset);
+        let pos = c.offset.unwrap_or(start).max(start);
+        done += pos - start;
+        lag += end.saturating_sub(pos);
+    }
+    Ok((done, lag))
+}
+
+/// Pauses (or resumes) a processor, or one lane of it. Takes effect within a tick on every
+/// instance, and survives restarts.
+pub async fn pause(
+    client: &Client,
+    name: &str,
+    lane: Option<&str>,
+    paused: bool,
+) -> spool_client::Result<()> {
+    let mut r = ProducerRecord::default().key(control::pause_key(lane));
+    r.value = paused.then(|| Bytes::from_static(b"paused"));
+    write_control(client, name, r).await
+}
+
+/// Asks a processor to give up on one record (it goes to the dead-letter topic): unblocks a
+/// partition retrying it in place.
+pub async fn skip(
+    client: &Client,
+    name: &str,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    reason: &str,
+) -> spool_client::Result<()> {
+    let r = ProducerRecord::new(reason.to_owned()).key(control::skip_key(topic, partition, offset));
+    write_control(client, name, r).await
+}
+
+async fn write_control(client: &Client, name: &str, r: ProducerRecord) -> spool_client::Result<()> {
+    let topic = control::control_topic(name);
+    client.describe_topic(&topic).await?;
+    let p = client.producer(ProducerConfig::default());
+    let f = p.send_to(&topic, 0, r).await?;
+    p.close().await;
+    f.await?;
+    Ok(())
+}
+
+/// What the control topic of a processor says.
+pub async fn control_state(client: &Client, name: &str) -> spool_client::Result<Control> {
+    Ok(control::load(client, &control::control_topic(name))
+        .await?
+        .0)
+}
+
+/// A dead-letter topic in a listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DlqSummary {
+    /// The topic (`<source>.<group>.dlq`).
+    pub topic: String,
+    /// Offsets in it (high watermark minus log start, summed over partitions): an upper
+    /// bound of its records, since every transaction's commit marker takes an offset too.
+    pub offsets: u64,
+}
+
+/// Dead-letter topics (names ending in `.dlq`; of one group if given).
+pub async fn dlq_topics(
+    client: &Client,
+    group: Option<&str>,
+) -> spool_client::Result<Vec<DlqSummary>> {
+    let mut out = Vec::new();
+    for t in client.list_topics().await? {
+        let Some(rest) = t.topic.strip_suffix(".dlq") else {
+            continue;
+        };
+        if let Some(g) = group
+            && !rest.ends_with(&format!(".{g}"))
+        {
+            continue;
+        }
+        let d = client.describe_topic(&t.topic).await?;
+        let offsets = d
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark - p.log_start_offset)
+            .sum();
+        out.push(DlqSummary {
+            topic: t.topic,
+            offsets,
+        });
+    }
+    Ok(out)
+}
+
+/// A dead letter, read back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    /// Partition of the dead-letter topic.
+    pub partition: u32,
+    /// Offset in it.
+    pub offset: u64,
+    /// Key (lossy UTF-8 for display; `redrive` sends the bytes).
+    pub key: Option<String>,
+    /// Value (lossy UTF-8 for display).
+    pub value: Option<String>,
+    /// The original topic.
+    pub topic: Option<String>,
+    /// The original partition.
+    pub source_partition: Option<u32>,
+    /// The original offset.
+    pub source_offset: Option<u64>,
+    /// The group that gave up.
+    pub group: Option<String>,
+    /// Attempts made.
+    pub attempts: Option<u32>,
+    /// The last error.
+    pub error: Option<String>,
+    /// When (ms).
+    pub time_ms: Option<i64>,
+    /// Every attempt.
+    pub history: Vec<Attempt>,
+    #[serde(skip)]
+    record: Record,
+}
+
+fn header(r: &Record, name: &str) -> Option<String> {
+    r.headers
+        .iter()
+        .rev()
+        .find(|h| h.key == name)
+        .and_then(|h| std::str::from_utf8(h.value.as_deref()?).ok())
+        .map(str::to_owned)
+}
+
+impl DeadLetter {
+    /// Reads a dead-letter record's headers.
+    pub fn from_record(r: Record) -> DeadLetter {
+        let text = |b: &Option<Bytes>| b.as_deref().map(|v| String::from_utf8_lossy(v).to_string());
+        DeadLetter {
+            partition: r.partition,
+            offset: r.offset,
+            key: text(&r.key),
+            value: text(&r.value),
+            topic: header(&r, headers::DLQ_TOPIC),
+            source_partition: header(&r, headers::DLQ_PARTITION).and_then(|v| v.parse().ok()),
+            source_offset: header(&r, headers::DLQ_OFFSET).and_then(|v| v.parse().ok()),
+            group: header(&r, headers::DLQ_GROUP),
+            attempts: header(&r, headers::DLQ_ATTEMPTS).and_then(|v| v.parse().ok()),
+            error: header(&r, headers::DLQ_ERROR),
+            time_ms: header(&r, headers::DLQ_TIME).and_then(|v| v.parse().ok()),
+            history: header(&r, headers::DLQ_HISTORY)
+                .and_then(|h| serde_json::from_str(&h).ok())
+                .unwrap_or_default(),
+            record: r,
+        }
+    }
+
+    /// The record to send back: key, value, timestamp and the headers it came with.
+    pub fn original(&self) -> ProducerRecord {
+        ProducerRecord {
+            key: self.record.key.clone(),
+            value: self.record.value.clone(),
+            headers: self
+                .record
+                .headers
+                .iter()
+                .filter(|h| !h.key.starts_with(headers::PREFIX))
+                .cloned()
+                .collect::<Vec<Header>>(),
+            timestamp_ms: Some(self.record.timestamp_ms),
+        }
+    }
+}
+
+/// Dead letters of `topic` (every partition, read committed) from `from` per partition
+/// (default: the start) to the end as of now, at most `limit`.
+pub async fn read_dead_letters(
+    client: &Client,
+    topic: &str,
+    from: Option<u64>,
+    limit: usize,
+) -> spool_client::Result<Vec<DeadLetter>> {
+    let d = client.describe_topic(topic).await?;
+    let mut out = Vec::new();
+    let opts = FetchOptions {
+        isolation: Isolation::ReadCommitted,
+        ..FetchOptions::default()
+    };
+    for p in &d.partitions {
+        let end = p.high_watermark;
+        let mut offset = from.unwrap_or(p.log_start_offset).max(p.log_start_offset);
+        while offset < end && out.len() < limit {
+            let f = client.fetch(topic, p.partition, offset, &opts).await?;
+            for r in f.records {
+                if r.offset < end && out.len() < limit {
+                    out.push(DeadLetter::from_record(r));
+                }
+            }
+            if f.next_offset <= offset {
+                break;
+            }
+            offset = f.next_offset;
+        }
+    }
+    out.sort_by_key(|d| (d.time_ms, d.partition, d.offset));
+    Ok(out)
+}
+
+/// Where redriven records go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedriveTarget {
+    /// Their original topic and partition.
+    Source,
+    /// The group's first retry topic (`<source>.<group>.retry-1`), same partition.
+    Retry,
+    /// A named topic, same partition number.
+    Topic(String),
+}
+
+/// How to redrive.
+#[derive(Clone, Debug)]
+pub struct RedriveOptions {
+    /// Where to.
+    pub target: RedriveTarget,
+    /// At most this many records per second (`None`: as fast as possible).
+    pub rate_per_sec: Option<u32>,
+    /// Only records whose error contains this.
+    pub error_contains: Option<String>,
+    /// Only records from this original topic.
+    pub source_topic: Option<String>,
+    /// Start offset in every partition of the dead-letter topic (default: its start).
+    pub from: Option<u64>,
+    /// At most this many records.
+    pub limit: usize,
+    /// Only report what would be sent.
+    pub dry_run: bool,
+}
+
+impl Default for RedriveOptions {
+    fn default() -> Self {
+        RedriveOptions {
+            target: RedriveTarget::Source,
+            rate_per_sec: None,
+            error_contains: None,
+            source_topic: None,
+            from: None,
+            limit: usize::MAX,
+            dry_run: false,
+        }
+    }
+}
+
+/// What a redrive did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RedriveReport {
+    /// Dead letters read.
+    pub read: usize,
+    /// Sent (or, in a dry run, that would be).
+    pub sent: usize,
+    /// Per destination topic.
+    pub per_topic: BTreeMap<String, usize>,
+    /// Per partition of the dead-letter topic, the offset after the last record read.
+    pub next_offsets: BTreeMap<u32, u64>,
+}
+
+/// Redrives dead letters (see the [module docs](self)).
+pub async fn redrive(
+    client: &Client,
+    dlq: &str,
+    opts: &RedriveOptions,
+) -> spool_client::Result<RedriveReport> {
+    let letters = read_dead_letters(client, dlq, opts.from, usize::MAX).await?;
+    let mut report = RedriveReport::default();
+    let producer = client.producer(ProducerConfig::default());
+    let mut pace = opts.rate_per_sec.map(|r| {
+        let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(r.max(1))));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    let mut pending = Vec::new();
+    for d in letters {
+        report.read += 1;
+        let next = report.next_offsets.entry(d.partition).or_insert(0);
+        *next = (*next).max(d.offset + 1);
+        if report.sent >= opts.limit {
+            continue;
+        }
+        if let Some(e) = &opts.error_contains
+            && !d.error.as_deref().unwrap_or_default().contains(e.as_str())
+        {
+            continue;
+        }
+        let Some(source) = d.topic.clone() else {
+            continue;
+        };
+        if opts.source_topic.as_ref().is_some_and(|t| *t != source) {
+            continue;
+        }
+        let partition = d.source_partition.unwrap_or(d.partition);
+        let topic = match &opts.target {
+            RedriveTarget::Source => source,
+            RedriveTarget::Retry => {
+                let group = d.group.clone().unwrap_or_default();
+                engine::retry_topic(&source, &group, 1)
+            }
+            RedriveTarget::Topic(t) => t.clone(),
+        };
+        report.sent += 1;
+        *report.per_topic.entry(topic.clone()).or_default() += 1;
+        if opts.dry_run {
+            continue;
+        }
+        if let Some(p) = &mut pace {
+            p.tick().await;
+        }
+        pending.push(producer.send_to(&topic, partition, d.original()).await?);
+    }
+    producer.close().await;
+    for f in pending {
+        f.await?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,129 @@
+//! Restoring a partition's local store from the changelog, in the background.
+//!
+//! From the store's recorded position to the changelog's high watermark as of the start,
+//! read committed (waiting while an older transaction is still open there), applied in
+//! chunks of at most [`RESTORE_APPLY_BYTES`] of writes (non-durable), then once durably with
+//! the final position. A store whose position is outside the changelog (the topic was
+//! recreated) is wiped and rebuilt from the changelog alone.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spool_client::{Client, FetchOptions, Isolation};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::state::{Backend, SqliteBackend, Writes};
+
+/// What a restore task sends back: partition, token, the restored store.
+pub(crate) type Restored = (u32, u64, Result<SqliteBackend, String>);
+
+/// Restores one partition's local store from the changelog: from its recorded position to
+/// the changelog's end, read committed (waiting while an older transaction is still open).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn restore_task(
+    client: Client,
+    changelog: String,
+    p: u32,
+    path: PathBuf,
+    cache_bytes: usize,
+    metrics: Arc<Metrics>,
+    token: u64,
+    done: mpsc::Sender<Restored>,
+) {
+    let r = restore(&client, &changelog, p, path, cache_bytes, &metrics).await;
+    let _ = done.send((p, token, r)).await;
+}
+
+/// Writes buffered before a local apply during restore.
+pub(crate) const RESTORE_APPLY_BYTES: usize = 16 << 20;
+
+pub(crate) async fn restore(
+    client: &Client,
+    changelog: &str,
+    p: u32,
+    path: PathBuf,
+    cache_bytes: usize,
+    metrics: &Metrics,
+) -> Result<SqliteBackend, String> {
+    let open = tokio::task::spawn_blocking(move || SqliteBackend::open(&path, cache_bytes));
+    let mut backend = open
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let opts = FetchOptions {
+        max_bytes: 8 << 20,
+        isolation: Isolation::ReadCommitted,
+        ..FetchOptions::default()
+    };
+    let mut pos = backend.position();
+    let first = loop {
+        match client.fetch(changelog, p, pos, &opts).await {
+            Ok(f) => break f,
+            Err(spool_client::Error::OffsetOutOfRange(o)) => {
+                // A local store ahead of (or behind) the changelog belongs to another
+                // incarnation of the topic: start over from the changelog alone.
+                tracing::warn!(partition = p, position = pos, high_watermark = ?o.high_watermark, "local store does not match the changelog; rebuilding it");
+                let (b, r) = blocking(backend, |b| b.wipe()).await?;
+                r.map_err(|e| e.to_string())?;
+                backend = b;
+                pos = o.log_start_offset.unwrap_or(0);
+            }
+            Err(e) if e.is_retriable() => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let target = first.high_watermark;
+    let mut fetched = Some(first);
+    let mut pending = Writes::new();
+    let mut pending_bytes = 0usize;
+    while pos < target {
+        let f = match fetched.take() {
+            Some(f) => f,
+            None => match client.fetch(changelog, p, pos, &opts).await {
+                Ok(f) => f,
+                Err(e) if e.is_retriable() => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            },
+        };
+        metrics.restored_records.inc_by(f.records.len() as u64);
+        for r in f.records {
+            let Some(k) = r.key else { continue };
+            pending_bytes += k.len() + r.value.as_ref().map_or(0, |v| v.len());
+            pending.insert(k.to_vec(), r.value);
+        }
+        if f.next_offset <= pos {
+            // Behind an open transaction (the last stable offset): wait for its end.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        pos = f.next_offset;
+        if pending_bytes >= RESTORE_APPLY_BYTES {
+            let w = std::mem::take(&mut pending);
+            pending_bytes = 0;
+            let (b, r) = blocking(backend, move |b| b.apply(&w, pos, false)).await?;
+            r.map_err(|e| e.to_string())?;
+            backend = b;
+        }
+    }
+    let (b, r) = blocking(backend, move |b| b.apply(&pending, pos, true)).await?;
+    r.map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+/// Runs a store operation on the blocking pool, handing the store back.
+async fn blocking<T: Send + 'static>(
+    mut backend: SqliteBackend,
+    f: impl FnOnce(&mut SqliteBackend) -> T + Send + 'static,
+) -> Result<(SqliteBackend, T), String> {
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut backend);
+        (backend, r)
+    })
+    .await
+    .map_err(|e| e.to_string())
+}

@@ -1,0 +1,549 @@
+//! Failure handling and flow control against the real `spoold`, with the runtime in-process
+//! (so the clock can be injected): retry topics honour due times without blocking the rest;
+//! dead letters carry their headers; priority lanes do not starve; a throttle holds its
+//! rate; quiet hours follow an injected clock across a DST change; a paused lane stays
+//! paused across a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use spool_client::{Client, ProducerConfig, ProducerRecord, Record};
+use spool_processor::engine::headers;
+use spool_processor::metrics::Metrics;
+use spool_processor::runtime::{self, RuntimeConfig};
+use spool_processor::{
+    Clock, Context, Failure, Handler, Input, LaneConfig, QuietHours, RetryMode, RetryPolicy,
+};
+use spool_testkit::Broker;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{create, read_all};
+
+/// Copies each input to `out` with its lane and attempt in headers and the processing time
+/// (the runtime's clock) as timestamp. Values starting with `flaky-N` fail their first N
+/// attempts; `bad` always fails; `slow` inputs take 1 ms.
+struct Recorder;
+
+impl Handler for Recorder {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let v = String::from_utf8_lossy(input.value.as_deref().unwrap_or_default()).to_string();
+        if let Some(n) = v.strip_prefix("flaky-").and_then(|r| r.split('-').next())
+            && input.attempt <= n.parse::<u32>().unwrap_or(0)
+        {
+            return Err(Failure::retry(format!("flaky attempt {}", input.attempt)));
+        }
+        if let Some(until) = v
+            .strip_prefix("bad-until-")
+            .and_then(|t| t.parse::<i64>().ok())
+        {
+            if ctx.now_ms() < until {
+                return Err(Failure::retry("not yet"));
+            }
+        } else if v.starts_with("bad") {
+            return Err(Failure::retry("always fails"));
+        }
+        if v.starts_with("slow") {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let out = ProducerRecord::new(v)
+            .header("lane", input.lane.to_string())
+            .header("attempt", input.attempt.to_string())
+            .timestamp_ms(ctx.now_ms());
+        ctx.emit_to("out", 0, out);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct FakeClock(AtomicI64);
+
+impl Clock for FakeClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), spool_processor::RuntimeError>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let r = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("stops in time")
+            .expect("joins");
+        r.expect("clean stop");
+    }
+}
+
+fn start(client: &Client, cfg: RuntimeConfig) -> Running {
+    let (stop, rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    let task = tokio::spawn(runtime::run(client.clone(), cfg, Recorder, metrics, rx));
+    Running { stop, task }
+}
+
+fn config(name: &str, inputs: &[&str], dir: &std::path::Path) -> RuntimeConfig {
+    let mut c = RuntimeConfig::new(name, inputs.iter().copied());
+    c.state_dir = dir.join(name);
+    c.commit_interval = Duration::from_millis(20);
+    c.tick_interval = Duration::from_millis(20);
+    c.session_timeout = Duration::from_secs(1);
+    c
+}
+
+async fn produce(client: &Client, topic: &str, values: &[String]) {
+    let p = client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        ..ProducerConfig::default()
+    });
+    let mut futs = Vec::new();
+    for v in values {
+        futs.push(
+            p.send_to(topic, 0, ProducerRecord::new(v.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    p.close().await;
+    for f in futs {
+        f.await.unwrap();
+    }
+}
+
+fn header<'a>(r: &'a Record, name: &str) -> Option<&'a str> {
+    r.headers
+        .iter()
+        .rev()
+        .find(|h| h.key == name)
+        .and_then(|h| std::str::from_utf8(h.value.as_deref()?).ok())
+}
+
+fn value(r: &Record) -> String {
+    String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).to_string()
+}
+
+/// Waits until `topic` partition 0 has at least `n` committed records.
+async fn wait_for(client: &Client, topic: &str, n: usize, within: Duration) -> Vec<Record> {
+    let deadline = Instant::now() + within;
+    // The runtime creates its dead-letter and retry topics as it starts.
+    while client.describe_topic(topic).await.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    loop {
+        let got = read_all(client, topic, 0).await;
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_topics_honour_due_times_and_dead_letters_carry_headers() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "jobs", 1).await;
+    create(&c, "out", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("retrier", &["jobs"], dir.path());
+    cfg.retry = RetryPolicy {
+        mode: RetryMode::Topics,
+        max_attempts: 3,
+        topic_delays_ms: vec![400, 800],
+        ..RetryPolicy::default()
+    };
+    let run = start(&c, cfg);
+    let t0 = spool_processor::SystemClock.now_ms();
+    produce(
+        &c,
+        "jobs",
+        &["ok-1".into(), "flaky-2".into(), "ok-2".into(), "bad".into()],
+    )
+    .await;
+    let out = wait_for(&c, "out", 3, Duration::from_secs(20)).await;
+    let names: Vec<String> = out.iter().map(value).collect();
+    assert_eq!(
+        names,
+        vec!["ok-1", "ok-2", "flaky-2"],
+        "the retried record did not block the rest"
+    );
+    let flaky = &out[2];
+    assert_eq!(header(flaky, "attempt"), Some("3"));
+    assert!(
+        flaky.timestamp_ms - t0 >= 1_200,
+        "attempt 3 came {} ms after the first: before its due times (400 + 800 ms)",
+        flaky.timestamp_ms - t0
+    );
+    let dl = wait_for(&c, "jobs.retrier.dlq", 1, Duration::from_secs(20)).await;
+    assert_eq!(dl.len(), 1);
+    let d = &dl[0];
+    assert_eq!(value(d), "bad");
+    assert_eq!(header(d, headers::DLQ_TOPIC), Some("jobs"));
+    assert_eq!(header(d, headers::DLQ_PARTITION), Some("0"));
+    assert_eq!(
+        header(d, headers::DLQ_OFFSET),
+        Some("3"),
+        "the original offset, not the retry topic's"
+    );
+    assert_eq!(header(d, headers::DLQ_ATTEMPTS), Some("3"));
+    assert_eq!(header(d, headers::DLQ_ERROR), Some("always fails"));
+    let history: Vec<serde_json::Value> =
+        serde_json::from_str(header(d, headers::DLQ_HISTORY).unwrap()).unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|a| a["attempt"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        d.headers.iter().all(|h| !h.key.starts_with("spool_retry")),
+        "no retry headers left"
+    );
+    // The retry topics exist per source topic and group.
+    assert!(c.describe_topic("jobs.retrier.retry-1").await.is_ok());
+    assert!(c.describe_topic("jobs.retrier.retry-2").await.is_ok());
+    run.stop().await;
+}
+
+fn lane(name: &str, priority: u32, min_share: f64) -> LaneConfig {
+    LaneConfig {
+        name: name.into(),
+        topics: vec![name.into()],
+        priority,
+        min_share,
+        rate_per_sec: None,
+        burst: None,
+        key_rate_per_sec: None,
+        quiet_hours: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_lanes_drain_the_high_lane_first_without_starving_the_low_one() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "alerts", 1).await;
+    create(&c, "campaigns", 1).await;
+    create(&c, "out", 1).await;
+    const N: usize = 1500;
+    produce(
+        &c,
+        "campaigns",
+        &(0..N).map(|i| format!("slow-c{i}")).collect::<Vec<_>>(),
+    )
+    .await;
+    produce(
+        &c,
+        "alerts",
+        &(0..N).map(|i| format!("slow-a{i}")).collect::<Vec<_>>(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("lanes", &["alerts", "campaigns"], dir.path());
+    cfg.lanes = vec![lane("alerts", 0, 1.0), lane("campaigns", 1, 0.2)];
+    let run = start(&c, cfg);
+    let out = wait_for(&c, "out", 2 * N, Duration::from_secs(40)).await;
+    run.stop().await;
+    assert_eq!(out.len(), 2 * N);
+    let lanes: Vec<&str> = out.iter().map(|r| header(r, "lane").unwrap()).collect();
+    let last_alert = lanes.iter().rposition(|l| *l == "alerts").unwrap();
+    let campaigns_before = lanes[..last_alert]
+        .iter()
+        .filter(|l| **l == "campaigns")
+        .count();
+    eprintln!(
+        "lanes: the last alert was output #{last_alert} of {}; {campaigns_before} campaign records before it",
+        2 * N
+    );
+    assert!(
+        last_alert < 2 * N - N / 4,
+        "alerts were not drained first (last alert at #{last_alert})"
+    );
+    assert!(
+        campaigns_before >= N / 20,
+        "campaigns starved while alerts waited ({campaigns_before})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_lane_holds_its_rate() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "bulk", 2).await;
+    create(&c, "out", 1).await;
+    const N: usize = 700;
+    const RATE: u32 = 250;
+    for p in 0..2 {
+        let vals: Vec<String> = (0..N / 2).map(|i| format!("b{p}-{i}")).collect();
+        let prod = c.producer(ProducerConfig::default());
+        let mut futs = Vec::new();
+        for v in vals {
+            futs.push(
+                prod.send_to("bulk", p, ProducerRecord::new(v))
+                    .await
+                    .unwrap(),
+            );
+        }
+        prod.close().await;
+        for f in futs {
+            f.await.unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("throttled", &["bulk"], dir.path());
+    cfg.lanes = vec![LaneConfig {
+        rate_per_sec: Some(RATE),
+        burst: None,
+        ..lane("bulk", 0, 1.0)
+    }];
+    let run = start(&c, cfg);
+    let out = wait_for(&c, "out", N, Duration::from_secs(30)).await;
+    run.stop().await;
+    assert_eq!(out.len(), N);
+    let mut times: Vec<i64> = out.iter().map(|r| r.timestamp_ms).collect();
+    times.sort_unstable();
+    let span = (times[N - 1] - times[0]) as f64 / 1000.0;
+    // The first burst (a tenth of a second's worth) is free.
+    let rate = (N - RATE as usize / 10) as f64 / span;
+    eprintln!("throttle: {N} records in {span:.2} s = {rate:.1}/s (limit {RATE}/s)");
+    assert!(
+        (rate - f64::from(RATE)).abs() <= 0.05 * f64::from(RATE),
+        "rate {rate:.1}/s is not within 5% of {RATE}/s"
+    );
+}
+
+fn ms(s: &str) -> i64 {
+    s.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_hours_follow_an_injected_clock_across_a_dst_change() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "campaigns", 1).await;
+    create(&c, "out", 1).await;
+    let clock = Arc::new(FakeClock(AtomicI64::new(ms("2024-03-30T18:59:00Z"))));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("quiet", &["campaigns"], dir.path());
+    cfg.clock = clock.clone();
+    cfg.lanes = vec![LaneConfig {
+        quiet_hours: vec![QuietHours {
+            time_zone: "Europe/Athens".into(),
+            start: "21:00".into(),
+            end: "07:00".into(),
+        }],
+        ..lane("campaigns", 0, 1.0)
+    }];
+    let run = start(&c, cfg);
+    // 20:59 in Athens: open.
+    produce(&c, "campaigns", &["before".into()]).await;
+    assert_eq!(
+        wait_for(&c, "out", 1, Duration::from_secs(10)).await.len(),
+        1
+    );
+    // 21:30: quiet; the record waits.
+    clock.0.store(ms("2024-03-30T19:30:00Z"), Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    produce(&c, "campaigns", &["night".into()]).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        read_all(&c, "out", 0).await.len(),
+        1,
+        "processed during quiet hours"
+    );
+    // 06:30 local after the spring-forward (UTC+3): still quiet.
+    clock.0.store(ms("2024-03-31T03:30:00Z"), Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        read_all(&c, "out", 0).await.len(),
+        1,
+        "processed before 07:00 local"
+    );
+    // 07:00 local = 04:00Z (an hour earlier in UTC than the evening before): opens by itself.
+    clock.0.store(ms("2024-03-31T04:00:00Z"), Ordering::SeqCst);
+    let out = wait_for(&c, "out", 2, Duration::from_secs(10)).await;
+    assert_eq!(out.len(), 2, "not resumed after the quiet hours");
+    assert_eq!(value(&out[1]), "night");
+    assert_eq!(out[1].timestamp_ms, ms("2024-03-31T04:00:00Z"));
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_lane_stays_paused_across_a_restart() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "alerts", 1).await;
+    create(&c, "campaigns", 1).await;
+    create(&c, "out", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("pausable", &["alerts", "campaigns"], dir.path());
+    cfg.lanes = vec![lane("alerts", 0, 1.0), lane("campaigns", 1, 0.2)];
+    let run = start(&c, cfg.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // What `spool processor pause pausable --lane campaigns` writes.
+    let control = spool_processor::control::control_topic("pausable");
+    let key = spool_processor::control::pause_key(Some("campaigns"));
+    let p = c.producer(ProducerConfig::default());
+    p.send_to(&control, 0, ProducerRecord::new("paused").key(key.clone()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    produce(&c, "campaigns", &["c1".into()]).await;
+    produce(&c, "alerts", &["a1".into()]).await;
+    let out = wait_for(&c, "out", 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out2 = read_all(&c, "out", 0).await;
+    assert_eq!(
+        (out.len(), out2.len()),
+        (1, 1),
+        "the paused lane was processed"
+    );
+    assert_eq!(value(&out2[0]), "a1");
+    run.stop().await;
+    // Restarted: still paused.
+    let run = start(&c, cfg);
+    produce(&c, "alerts", &["a2".into()]).await;
+    let out = wait_for(&c, "out", 2, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        read_all(&c, "out", 0).await.len(),
+        2,
+        "paused lane processed after a restart"
+    );
+    assert_eq!(value(&out[1]), "a2");
+    // Resume (a tombstone): the waiting record goes through.
+    let mut tomb = ProducerRecord::default().key(key);
+    tomb.value = None;
+    p.send_to(&control, 0, tomb).await.unwrap().await.unwrap();
+    p.close().await;
+    let out = wait_for(&c, "out", 3, Duration::from_secs(10)).await;
+    assert_eq!(out.len(), 3);
+    assert_eq!(value(&out[2]), "c1");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_redrive_back_and_a_stuck_partition_can_be_skipped() {
+    use spool_processor::ops;
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "work", 1).await;
+    create(&c, "out", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("fixer", &["work"], dir.path());
+    cfg.retry = RetryPolicy {
+        max_attempts: 1,
+        ..RetryPolicy::default()
+    };
+    let run = start(&c, cfg.clone());
+    let until = spool_processor::SystemClock.now_ms() + 1_500;
+    produce(&c, "work", &[format!("bad-until-{until}"), "ok".into()]).await;
+    let dl = wait_for(&c, "work.fixer.dlq", 1, Duration::from_secs(10)).await;
+    assert_eq!(dl.len(), 1);
+    assert_eq!(
+        wait_for(&c, "out", 1, Duration::from_secs(10)).await.len(),
+        1
+    );
+    let listed = ops::dlq_topics(&c, Some("fixer")).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].topic, "work.fixer.dlq");
+    assert!(listed[0].offsets >= 1, "{listed:?}");
+    let shown = ops::read_dead_letters(&c, "work.fixer.dlq", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(shown[0].source_offset, Some(0));
+    assert_eq!(shown[0].error.as_deref(), Some("not yet"));
+    // The cause goes away; redrive (dry run first) sends it back and it is processed.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let dry = ops::redrive(
+        &c,
+        "work.fixer.dlq",
+        &ops::RedriveOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((dry.read, dry.sent), (1, 1));
+    assert_eq!(
+        read_all(&c, "work", 0).await.len(),
+        2,
+        "a dry run sends nothing"
+    );
+    let filtered = ops::redrive(
+        &c,
+        "work.fixer.dlq",
+        &ops::RedriveOptions {
+            error_contains: Some("other".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(filtered.sent, 0);
+    let report = ops::redrive(
+        &c,
+        "work.fixer.dlq",
+        &ops::RedriveOptions {
+            rate_per_sec: Some(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.sent, 1);
+    let out = wait_for(&c, "out", 2, Duration::from_secs(10)).await;
+    assert_eq!(
+        value(&out[1]),
+        format!("bad-until-{until}"),
+        "the redriven record was processed"
+    );
+    run.stop().await;
+
+    // A partition stuck retrying in place (forever) is unblocked by a skip.
+    let mut cfg = cfg;
+    cfg.retry = RetryPolicy {
+        max_attempts: 0,
+        initial_backoff_ms: 50,
+        max_backoff_ms: 100,
+        ..RetryPolicy::default()
+    };
+    let run = start(&c, cfg);
+    produce(&c, "work", &["bad-forever".into(), "after".into()]).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        read_all(&c, "out", 0).await.len(),
+        2,
+        "the partition should be stuck"
+    );
+    let stuck_at = read_all(&c, "work", 0)
+        .await
+        .iter()
+        .find(|r| value(r) == "bad-forever")
+        .unwrap()
+        .offset;
+    ops::skip(&c, "fixer", "work", 0, stuck_at, "poison record")
+        .await
+        .unwrap();
+    let out = wait_for(&c, "out", 3, Duration::from_secs(10)).await;
+    assert_eq!(value(&out[2]), "after");
+    let dl = wait_for(&c, "work.fixer.dlq", 2, Duration::from_secs(10)).await;
+    let d = ops::DeadLetter::from_record(dl[1].clone());
+    assert_eq!(d.source_offset, Some(stuck_at));
+    assert!(
+        d.history.last().unwrap().reason.contains("skipped"),
+        "{:?}",
+        d.history
+    );
+    run.stop().await;
+}
