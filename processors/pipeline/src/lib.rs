@@ -31,6 +31,8 @@ pub mod feed;
 pub mod ids;
 pub mod matching;
 pub mod postfix;
+pub mod processors;
+pub mod publish;
 pub mod quiet;
 pub mod render;
 pub mod topics;

@@ -47,22 +47,34 @@ pub struct Audience {
 /// The state matching needs. Implementations must iterate [`MatchingStore::audience`] in
 /// `(min_drop_bp, user)` order and stop when the visitor returns `false`.
 pub trait MatchingStore {
+    /// A failing store.
+    type Error;
     /// A user's settings.
-    fn settings(&self, user: &str) -> Option<AlertSettings>;
+    fn settings(&mut self, user: &str) -> Result<Option<AlertSettings>, Self::Error>;
     /// Stores (or with `None`, deletes) a user's settings.
-    fn put_settings(&mut self, user: &str, settings: Option<AlertSettings>);
+    fn put_settings(
+        &mut self,
+        user: &str,
+        settings: Option<AlertSettings>,
+    ) -> Result<(), Self::Error>;
     /// Adds or removes one `(category, min_drop, user)` index entry.
-    fn index(&mut self, category: &str, entry: &Audience, present: bool);
+    fn index(&mut self, category: &str, entry: &Audience, present: bool)
+    -> Result<(), Self::Error>;
     /// Visits a category's audience with `min_drop_bp <= max_drop`, in order.
-    fn audience(&self, category: &str, max_drop: BasisPoints, visit: &mut dyn FnMut(&Audience));
+    fn audience(
+        &mut self,
+        category: &str,
+        max_drop: BasisPoints,
+        visit: &mut dyn FnMut(&Audience),
+    ) -> Result<(), Self::Error>;
     /// Whether an address is flagged unreachable.
-    fn unreachable(&self, address: &str) -> bool;
+    fn unreachable(&mut self, address: &str) -> Result<bool, Self::Error>;
     /// Sets or clears an address's flag.
-    fn set_unreachable(&mut self, address: &str, flagged: bool);
+    fn set_unreachable(&mut self, address: &str, flagged: bool) -> Result<(), Self::Error>;
     /// Remembers that `user` got the timeline entry `entry` for `product`.
-    fn add_notified(&mut self, product: &str, user: &str, entry: &str);
+    fn add_notified(&mut self, product: &str, user: &str, entry: &str) -> Result<(), Self::Error>;
     /// Takes (returns and forgets) everyone notified for `product`: `(user, entry)` pairs.
-    fn take_notified(&mut self, product: &str) -> Vec<(String, String)>;
+    fn take_notified(&mut self, product: &str) -> Result<Vec<(String, String)>, Self::Error>;
 }
 
 /// Settings as matching uses them: categories deduplicated, channels deduplicated and ordered,
@@ -105,14 +117,18 @@ impl<S: MatchingStore> Matcher<S> {
     }
 
     /// A user's settings changed (`None`: the user was deleted: a tombstone). Emits nothing.
-    pub fn on_settings(&mut self, user: &str, settings: Option<AlertSettings>) {
-        if let Some(old) = self.store.settings(user) {
+    pub fn on_settings(
+        &mut self,
+        user: &str,
+        settings: Option<AlertSettings>,
+    ) -> Result<(), S::Error> {
+        if let Some(old) = self.store.settings(user)? {
             for c in &old.categories {
                 let e = Audience {
                     min_drop_bp: old.min_drop_bp,
                     user: user.to_owned(),
                 };
-                self.store.index(c, &e, false);
+                self.store.index(c, &e, false)?;
             }
         }
         let settings = settings.map(normalize);
@@ -122,25 +138,25 @@ impl<S: MatchingStore> Matcher<S> {
                     min_drop_bp: new.min_drop_bp,
                     user: user.to_owned(),
                 };
-                self.store.index(c, &e, true);
+                self.store.index(c, &e, true)?;
             }
         }
-        self.store.put_settings(user, settings);
+        self.store.put_settings(user, settings)
     }
 
     /// An address's status changed. Emits nothing.
-    pub fn on_address_status(&mut self, s: &AddressStatus) {
+    pub fn on_address_status(&mut self, s: &AddressStatus) -> Result<(), S::Error> {
         self.store
-            .set_unreachable(&s.address.trim().to_ascii_lowercase(), s.unreachable);
+            .set_unreachable(&s.address.trim().to_ascii_lowercase(), s.unreachable)
     }
 
     /// A deal transition: the notifications and timeline changes it causes.
-    pub fn on_transition(&mut self, t: &DealTransition) -> Vec<Output> {
+    pub fn on_transition(&mut self, t: &DealTransition) -> Result<Vec<Output>, S::Error> {
         match t.kind {
             TransitionKind::Entered => self.entered(t),
-            TransitionKind::Left => self
+            TransitionKind::Left => Ok(self
                 .store
-                .take_notified(&t.product)
+                .take_notified(&t.product)?
                 .into_iter()
                 .map(|(user, entry)| {
                     Output::Timeline(TimelineEvent {
@@ -152,14 +168,14 @@ impl<S: MatchingStore> Matcher<S> {
                         at_ms: t.at_ms,
                     })
                 })
-                .collect(),
+                .collect()),
         }
     }
 
-    fn entered(&mut self, t: &DealTransition) -> Vec<Output> {
+    fn entered(&mut self, t: &DealTransition) -> Result<Vec<Output>, S::Error> {
         let mut users = Vec::new();
         self.store
-            .audience(&t.category, t.drop_bp, &mut |a| users.push(a.user.clone()));
+            .audience(&t.category, t.drop_bp, &mut |a| users.push(a.user.clone()))?;
         let deal = DealInfo {
             transition: t.id.clone(),
             product: t.product.clone(),
@@ -172,7 +188,7 @@ impl<S: MatchingStore> Matcher<S> {
         };
         let mut out = Vec::with_capacity(users.len() * 2);
         for user in users {
-            let Some(s) = self.store.settings(&user) else {
+            let Some(s) = self.store.settings(&user)? else {
                 continue; // index and settings are written together; defensive only
             };
             out.push(Output::Timeline(TimelineEvent {
@@ -183,10 +199,13 @@ impl<S: MatchingStore> Matcher<S> {
                 deal: Some(deal.clone()),
                 at_ms: t.at_ms,
             }));
-            self.store.add_notified(&t.product, &user, &t.id);
+            self.store.add_notified(&t.product, &user, &t.id)?;
             for &channel in &s.channels {
                 let address = match channel {
-                    Channel::Email => s.email.as_deref().filter(|a| !self.store.unreachable(a)),
+                    Channel::Email => match s.email.as_deref() {
+                        Some(a) if !self.store.unreachable(a)? => Some(a),
+                        _ => None,
+                    },
                     Channel::Webhook => s.webhook_url.as_deref(),
                     Channel::Push => s.push_url.as_deref(),
                 };
@@ -206,7 +225,7 @@ impl<S: MatchingStore> Matcher<S> {
                 }));
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -220,24 +239,36 @@ pub struct MemStore {
 }
 
 impl MatchingStore for MemStore {
-    fn settings(&self, user: &str) -> Option<AlertSettings> {
-        self.settings.get(user).cloned()
+    type Error = std::convert::Infallible;
+    fn settings(&mut self, user: &str) -> Result<Option<AlertSettings>, Self::Error> {
+        Ok(self.settings.get(user).cloned())
     }
-    fn put_settings(&mut self, user: &str, settings: Option<AlertSettings>) {
+    fn put_settings(
+        &mut self,
+        user: &str,
+        settings: Option<AlertSettings>,
+    ) -> Result<(), Self::Error> {
         match settings {
             Some(s) => self.settings.insert(user.to_owned(), s),
             None => self.settings.remove(user),
         };
+        Ok(())
     }
-    fn index(&mut self, category: &str, e: &Audience, present: bool) {
+    fn index(&mut self, category: &str, e: &Audience, present: bool) -> Result<(), Self::Error> {
         let k = (category.to_owned(), e.min_drop_bp, e.user.clone());
         if present {
             self.index.insert(k, ());
         } else {
             self.index.remove(&k);
         }
+        Ok(())
     }
-    fn audience(&self, category: &str, max_drop: BasisPoints, visit: &mut dyn FnMut(&Audience)) {
+    fn audience(
+        &mut self,
+        category: &str,
+        max_drop: BasisPoints,
+        visit: &mut dyn FnMut(&Audience),
+    ) -> Result<(), Self::Error> {
         let from = (category.to_owned(), 0, String::new());
         for ((c, d, u), ()) in self.index.range(from..) {
             if c != category || *d > max_drop {
@@ -248,34 +279,38 @@ impl MatchingStore for MemStore {
                 user: u.clone(),
             });
         }
+        Ok(())
     }
-    fn unreachable(&self, address: &str) -> bool {
-        self.unreachable.contains_key(address)
+    fn unreachable(&mut self, address: &str) -> Result<bool, Self::Error> {
+        Ok(self.unreachable.contains_key(address))
     }
-    fn set_unreachable(&mut self, address: &str, flagged: bool) {
+    fn set_unreachable(&mut self, address: &str, flagged: bool) -> Result<(), Self::Error> {
         if flagged {
             self.unreachable.insert(address.to_owned(), ());
         } else {
             self.unreachable.remove(address);
         }
+        Ok(())
     }
-    fn add_notified(&mut self, product: &str, user: &str, entry: &str) {
+    fn add_notified(&mut self, product: &str, user: &str, entry: &str) -> Result<(), Self::Error> {
         self.notified
             .insert((product.to_owned(), user.to_owned()), entry.to_owned());
+        Ok(())
     }
-    fn take_notified(&mut self, product: &str) -> Vec<(String, String)> {
+    fn take_notified(&mut self, product: &str) -> Result<Vec<(String, String)>, Self::Error> {
         let keys: Vec<_> = self
             .notified
             .range((product.to_owned(), String::new())..)
             .take_while(|((p, _), _)| p == product)
             .map(|(k, _)| k.clone())
             .collect();
-        keys.into_iter()
+        Ok(keys
+            .into_iter()
             .map(|k| {
                 let entry = self.notified.remove(&k).expect("listed");
                 (k.1, entry)
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -336,14 +371,20 @@ mod tests {
                 1000,
                 &[Channel::Email, Channel::Webhook, Channel::Email],
             )),
-        );
+        )
+        .unwrap();
         m.on_settings(
             "u2",
             Some(settings("u2", &["books"], 3000, &[Channel::Email])),
-        );
-        m.on_settings("u3", Some(settings("u3", &["games"], 0, &[Channel::Email])));
-        m.on_settings("u4", Some(settings("u4", &["books"], 0, &[Channel::Push]))); // no push url
-        let out = m.on_transition(&transition("p1", "books", TransitionKind::Entered, 1, 2500));
+        )
+        .unwrap();
+        m.on_settings("u3", Some(settings("u3", &["games"], 0, &[Channel::Email])))
+            .unwrap();
+        m.on_settings("u4", Some(settings("u4", &["books"], 0, &[Channel::Push])))
+            .unwrap(); // no push url
+        let out = m
+            .on_transition(&transition("p1", "books", TransitionKind::Entered, 1, 2500))
+            .unwrap();
         let notes: Vec<_> = out
             .iter()
             .filter_map(|o| match o {
@@ -367,13 +408,16 @@ mod tests {
             .collect();
         // u4 is interested (timeline) though it has no deliverable channel; u2's floor is 30 %.
         assert_eq!(adds, vec![("u4", TimelineOp::Add), ("u1", TimelineOp::Add)]);
-        let out = m.on_transition(&transition("p1", "books", TransitionKind::Left, 1, 0));
+        let out = m
+            .on_transition(&transition("p1", "books", TransitionKind::Left, 1, 0))
+            .unwrap();
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(
             |o| matches!(o, Output::Timeline(t) if t.op == TimelineOp::Remove && t.entry == "p1:1")
         ));
         assert!(
             m.on_transition(&transition("p1", "books", TransitionKind::Left, 1, 0))
+                .unwrap()
                 .is_empty()
         );
     }
@@ -389,15 +433,19 @@ mod tests {
                 1000,
                 &[Channel::Email, Channel::Webhook],
             )),
-        );
+        )
+        .unwrap();
         m.on_address_status(&AddressStatus {
             address: "U1@example.com".into(),
             unreachable: true,
             reason: "5.1.1".into(),
             mail_id: None,
             at_ms: 0,
-        });
-        let out = m.on_transition(&transition("p1", "books", TransitionKind::Entered, 1, 2500));
+        })
+        .unwrap();
+        let out = m
+            .on_transition(&transition("p1", "books", TransitionKind::Entered, 1, 2500))
+            .unwrap();
         assert!(
             !out.iter()
                 .any(|o| matches!(o, Output::Notify(n) if n.channel == Channel::Email))
@@ -410,19 +458,23 @@ mod tests {
         m.on_settings(
             "u1",
             Some(settings("u1", &["games"], 1000, &[Channel::Webhook])),
-        );
+        )
+        .unwrap();
         assert!(
             m.on_transition(&transition("p2", "books", TransitionKind::Entered, 1, 9000))
+                .unwrap()
                 .is_empty()
         );
         assert_eq!(
             m.on_transition(&transition("p3", "games", TransitionKind::Entered, 1, 9000))
+                .unwrap()
                 .len(),
             2
         );
-        m.on_settings("u1", None);
+        m.on_settings("u1", None).unwrap();
         assert!(
             m.on_transition(&transition("p4", "games", TransitionKind::Entered, 1, 9000))
+                .unwrap()
                 .is_empty()
         );
     }
@@ -474,12 +526,12 @@ mod tests {
                             settings(&user, &cats, u32::from(min) * 1000, &ch)
                         });
                         match &s { Some(s) => { users.insert(user.clone(), s.clone()); } None => { users.remove(&user); } }
-                        m.on_settings(&user, s);
+                        m.on_settings(&user, s).unwrap();
                     }
                     Op::Flag(u, f) => {
                         let a = format!("u{u}@example.com");
                         if f { flagged.insert(a.clone()); } else { flagged.remove(&a); }
-                        m.on_address_status(&AddressStatus { address: a, unreachable: f, reason: String::new(), mail_id: None, at_ms: 0 });
+                        m.on_address_status(&AddressStatus { address: a, unreachable: f, reason: String::new(), mail_id: None, at_ms: 0 }).unwrap();
                     }
                     Op::Enter(p, c, d) => {
                         let product = format!("p{p}");
@@ -488,7 +540,7 @@ mod tests {
                         *ep += 1;
                         let drop = u32::from(d) * 1000;
                         let cat = format!("c{c}");
-                        let out = m.on_transition(&transition(&product, &cat, TransitionKind::Entered, *ep, drop));
+                        let out = m.on_transition(&transition(&product, &cat, TransitionKind::Entered, *ep, drop)).unwrap();
                         let mut want_adds = BTreeSet::new();
                         let mut want_notes = BTreeSet::new();
                         for (user, s) in &users {
@@ -520,7 +572,7 @@ mod tests {
                     }
                     Op::Leave(p) => {
                         let product = format!("p{p}");
-                        let out = m.on_transition(&transition(&product, "c0", TransitionKind::Left, 0, 0));
+                        let out = m.on_transition(&transition(&product, "c0", TransitionKind::Left, 0, 0)).unwrap();
                         let (ep, want) = notified.remove(&product).unwrap_or_default();
                         let got: BTreeSet<String> = out.iter().map(|o| match o {
                             Output::Timeline(t) => { assert_eq!(t.entry, format!("{product}:{ep}")); t.user.clone() }

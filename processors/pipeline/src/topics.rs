@@ -8,9 +8,13 @@
 pub const PRICES: &str = "prices";
 /// Deal transitions, keyed by product.
 pub const DEAL_TRANSITIONS: &str = "deal-transitions";
+/// Deal transitions again, every transition copied to every partition: matching's input
+/// (matching is partitioned by user, so each partition needs every deal).
+pub const DEAL_BROADCAST: &str = "deal-broadcast";
 /// Users' alert settings, compacted, keyed by user.
 pub const USER_SETTINGS: &str = "user-settings";
-/// Address status (unreachable flags), compacted, keyed by address.
+/// Address status (unreachable flags), compacted, keyed by address; every flag is written to
+/// every partition (matching's users of an address can be on any partition).
 pub const ADDRESS_STATUS: &str = "address-status";
 /// Notification requests (deal alerts), keyed by user.
 pub const NOTIFICATION_REQUESTS: &str = "notification-requests";
@@ -70,14 +74,20 @@ pub const ALL: &[TopicSpec] = &[
         retention_ms: Some(30 * DAY_MS),
     },
     TopicSpec {
+        name: DEAL_BROADCAST,
+        partitions: 4,
+        cleanup: Cleanup::Delete,
+        retention_ms: Some(7 * DAY_MS),
+    },
+    TopicSpec {
         name: USER_SETTINGS,
-        partitions: 1,
+        partitions: 4,
         cleanup: Cleanup::Compact,
         retention_ms: None,
     },
     TopicSpec {
         name: ADDRESS_STATUS,
-        partitions: 1,
+        partitions: 4,
         cleanup: Cleanup::Compact,
         retention_ms: None,
     },

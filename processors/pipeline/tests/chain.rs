@@ -46,9 +46,9 @@ async fn seeded_feed_through_real_postfix_and_http_equals_the_oracle() {
     let dir = tempfile::tempdir().unwrap();
     let mut pf = Instance::start(&dir.path().join("pf"), free_port().unwrap(), "pfchain")
         .expect("postfix (run .ci/install-test-tools)");
-    let hooks = Receiver::start(|_, _| 200).await;
+    let hooks = Receiver::start(|_, _, _| 200).await;
     // The push gateway fails each key's first attempt with 503: retried, delivered once.
-    let push = Receiver::start(|_, attempt| if attempt == 1 { 503 } else { 200 }).await;
+    let push = Receiver::start(|_, _, attempt| if attempt == 1 { 503 } else { 200 }).await;
 
     let cfg = FeedConfig {
         seed: 11,
@@ -81,7 +81,7 @@ async fn seeded_feed_through_real_postfix_and_http_equals_the_oracle() {
     let mut products: BTreeMap<String, ProductState> = BTreeMap::new();
     let mut matcher = Matcher::new(MemStore::default());
     for u in &users {
-        matcher.on_settings(&u.user, Some(u.clone()));
+        matcher.on_settings(&u.user, Some(u.clone())).unwrap();
     }
     let renderer = Renderer::builtin("https://bp.example");
     let smtp = SmtpSender::new(&SmtpConfig {
@@ -109,7 +109,7 @@ async fn seeded_feed_through_real_postfix_and_http_equals_the_oracle() {
                 else {
                     continue;
                 };
-                for o in matcher.on_transition(&t) {
+                for o in matcher.on_transition(&t).unwrap() {
                     match o {
                         Output::Notify(n) => requests.push(n),
                         Output::Timeline(e) => {
@@ -212,7 +212,7 @@ async fn seeded_feed_through_real_postfix_and_http_equals_the_oracle() {
                         }
                         tracker::Output::Flag(f) => {
                             seen.flagged.insert(f.address.clone());
-                            matcher.on_address_status(&f);
+                            matcher.on_address_status(&f).unwrap();
                         }
                         _ => {}
                     }

@@ -22,7 +22,7 @@ pub struct Call {
     pub status: u16,
 }
 
-type Policy = dyn Fn(&str, usize) -> u16 + Send + Sync;
+type Policy = dyn Fn(&str, &str, usize) -> u16 + Send + Sync;
 
 /// A running receiver (stops with the runtime).
 pub struct Receiver {
@@ -31,9 +31,11 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts on an ephemeral port; `policy(path, attempt)` (attempt 1-based per key) gives
+    /// Starts on an ephemeral port; `policy(path, key, attempt)` (attempt 1-based per key) gives
     /// the status to answer.
-    pub async fn start(policy: impl Fn(&str, usize) -> u16 + Send + Sync + 'static) -> Receiver {
+    pub async fn start(
+        policy: impl Fn(&str, &str, usize) -> u16 + Send + Sync + 'static,
+    ) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
@@ -71,7 +73,7 @@ impl Receiver {
                                 *n += 1;
                                 *n
                             };
-                            let status = policy(&path, attempt);
+                            let status = policy(&path, &key, attempt);
                             calls.lock().unwrap().push(Call {
                                 path,
                                 key,

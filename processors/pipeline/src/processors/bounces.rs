@@ -1,0 +1,285 @@
+//! `spool-bounces`: two halves in one binary.
+//!
+//! 1. **The tailer** ([`run_tailer`]) follows Postfix's log file ([`crate::postfix::tail`]),
+//!    parses each line, and writes the lines that matter to `postfix-log` (keyed by queue id)
+//!    **in one transaction with its position** (`postfix-log-position`, compacted, keyed by the
+//!    log path). At start it reads its last committed position back (read committed), so after
+//!    any crash it resumes exactly after the last line it published: nothing re-emitted,
+//!    nothing skipped.
+//! 2. **The handler** ([`Bounces`]) reads `postfix-log` and runs the [`Tracker`] per queue id
+//!    (store `queue`): mail status, delivery issues and, for hard bounces, the address flag,
+//!    written to every partition of `address-status` (matching's users of an address may be
+//!    on any partition).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use spool_client::{
+    Client, FetchOptions, ProducerRecord, TransactionalConfig, TransactionalProducer,
+};
+use spool_processor::{Context, Failure, Handler, Input};
+
+use crate::postfix::parse::{LogLine, parse};
+use crate::postfix::tail::{Position, Tailer};
+use crate::postfix::tracker::{Message, Output, Tracker};
+use crate::processors::{broadcast, emit};
+use crate::topics;
+
+/// `[app]` of `spool-bounces`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BouncesSettings {
+    /// Postfix's log file (`maillog_file`); "" runs the handler only.
+    pub log_path: String,
+    /// Domain of our Message-IDs.
+    pub message_id_domain: String,
+    /// Partitions of `address-status` (= matching's partitions).
+    pub address_partitions: u32,
+    /// Poll interval of the log file, ms.
+    pub poll_ms: u64,
+    /// Lines per transaction at most.
+    pub batch_lines: usize,
+}
+
+impl Default for BouncesSettings {
+    fn default() -> Self {
+        BouncesSettings {
+            log_path: String::new(),
+            message_id_domain: "deals.spool.local".into(),
+            address_partitions: 4,
+            poll_ms: 50,
+            batch_lines: 2_000,
+        }
+    }
+}
+
+/// One parsed line on `postfix-log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogRecord {
+    /// The parsed line.
+    pub line: LogLine,
+    /// Where it ended in the file (inode, offset): unique, so a usable event id.
+    pub at: Position,
+    /// When the tailer read it (ms).
+    pub read_ms: i64,
+}
+
+/// The handler half.
+#[derive(Debug)]
+pub struct Bounces {
+    tracker: Tracker,
+    address_partitions: u32,
+}
+
+impl Bounces {
+    /// A handler with these settings.
+    pub fn new(s: &BouncesSettings) -> anyhow::Result<Bounces> {
+        anyhow::ensure!(
+            s.address_partitions >= 1,
+            "[app] address_partitions must be at least 1"
+        );
+        Ok(Bounces {
+            tracker: Tracker::new(s.message_id_domain.clone()),
+            address_partitions: s.address_partitions,
+        })
+    }
+}
+
+impl Handler for Bounces {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let r: LogRecord = input.json()?;
+        let Some(qid) = r.line.qid().map(str::to_owned) else {
+            return Ok(());
+        };
+        let mut store = ctx.store("queue")?;
+        let msg: Option<Message> = store.get_json(qid.as_bytes())?;
+        let (next, outputs) = self.tracker.apply(msg, &r.line, r.read_ms);
+        match next {
+            Some(m) => store.put_json(qid.as_bytes(), &m)?,
+            None => store.delete(qid.as_bytes()),
+        }
+        let id = format!("{}.{}", r.at.inode, r.at.offset);
+        for (i, o) in outputs.into_iter().enumerate() {
+            let id = format!("{id}.{i}");
+            match o {
+                Output::Status(s) => emit(ctx, id, &s, s.at_ms)?,
+                Output::Issue(d) => emit(ctx, id, &d, d.at_ms)?,
+                Output::Flag(f) => broadcast(
+                    ctx,
+                    topics::ADDRESS_STATUS,
+                    self.address_partitions,
+                    id,
+                    &f,
+                    f.at_ms,
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The last committed position for `log_path`, read back from `postfix-log-position` (read
+/// committed, up to the last stable offset). Call after the transactional producer fenced any
+/// earlier incarnation, so no transaction of ours is left open.
+pub async fn stored_position(client: &Client, log_path: &str) -> anyhow::Result<Option<Position>> {
+    let opts = FetchOptions::default(); // read committed
+    let mut offset = 0u64;
+    let mut found = None;
+    loop {
+        let f = match client
+            .fetch(topics::POSTFIX_LOG_POSITION, 0, offset, &opts)
+            .await
+        {
+            Ok(f) => f,
+            Err(spool_client::Error::OffsetOutOfRange(r))
+                if r.log_start_offset.is_some_and(|s| offset < s) =>
+            {
+                offset = r.log_start_offset.unwrap_or(0);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for r in &f.records {
+            if r.key.as_deref() == Some(log_path.as_bytes())
+                && let Some(v) = &r.value
+            {
+                found = Some(serde_json::from_slice::<Position>(v)?);
+            }
+        }
+        if f.next_offset <= offset || f.next_offset >= f.last_stable_offset {
+            return Ok(found);
+        }
+        offset = f.next_offset;
+    }
+}
+
+/// Follows the log and publishes its lines with the position, until `stop` resolves.
+pub async fn run_tailer(
+    client: Client,
+    transactional_id: String,
+    s: BouncesSettings,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let path = PathBuf::from(&s.log_path);
+    let partitions = client
+        .describe_topic(topics::POSTFIX_LOG)
+        .await?
+        .partitions
+        .len() as u32;
+    let mut tx =
+        TransactionalProducer::new(client.clone(), TransactionalConfig::new(transactional_id))
+            .await?;
+    let resume = stored_position(&client, &s.log_path).await?;
+    tracing::info!(path = %path.display(), ?resume, "tailing Postfix's log");
+    let mut tailer = Tailer::open(&path, resume)?;
+    tokio::pin!(stop);
+    loop {
+        let lines = tailer.poll(s.batch_lines)?;
+        if lines.is_empty() {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(s.poll_ms)) => continue,
+            }
+        }
+        let now = jiff::Timestamp::now().as_millisecond();
+        let last = lines.last().expect("non-empty").after;
+        tx.begin()?;
+        for l in lines {
+            let line = parse(&l.text);
+            let Some(qid) = line.qid() else { continue };
+            let p = spool_client::partitioner::partition_for_key(qid.as_bytes(), partitions);
+            let rec = LogRecord {
+                line: line.clone(),
+                at: l.after,
+                read_ms: now,
+            };
+            let value = serde_json::to_vec(&rec)?;
+            tx.send(
+                topics::POSTFIX_LOG,
+                p,
+                ProducerRecord::new(value).key(Bytes::copy_from_slice(qid.as_bytes())),
+            )
+            .await?;
+        }
+        let pos = ProducerRecord::new(serde_json::to_vec(&last)?)
+            .key(Bytes::copy_from_slice(s.log_path.as_bytes()));
+        tx.send(topics::POSTFIX_LOG_POSITION, 0, pos).await?;
+        if let Err(e) = tx.commit().await {
+            tx.abort().await.ok();
+            // Our position is ahead of what is committed: start over from the stored one.
+            return Err(anyhow::anyhow!("tailer transaction failed: {e}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use spool_processor::testing::TestDriver;
+
+    use super::*;
+    use crate::events::{AddressStatus, MailState, MailStatus};
+
+    fn rec(line: &str, offset: u64) -> Vec<u8> {
+        serde_json::to_vec(&LogRecord {
+            line: parse(line),
+            at: Position { inode: 1, offset },
+            read_ms: 7,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn bounce_flags_every_partition_and_state_is_forgotten() {
+        let b = Bounces::new(&BouncesSettings {
+            message_id_domain: "d.test".into(),
+            address_partitions: 2,
+            ..BouncesSettings::default()
+        })
+        .unwrap();
+        let mut d = TestDriver::new("bounces", b).with_topic(topics::POSTFIX_LOG, 1);
+        let l = |rest: &str| {
+            format!("Dec 06 02:28:12 mta pf/x[1]: Q1: {rest}").replace(
+                "pf/x",
+                if rest.starts_with("message-id") {
+                    "pf/cleanup"
+                } else if rest.starts_with("to=") {
+                    "pf/virtual"
+                } else {
+                    "pf/qmgr"
+                },
+            )
+        };
+        d.pipe(
+            topics::POSTFIX_LOG,
+            "Q1",
+            rec(&l("message-id=<m1@d.test>"), 1),
+        );
+        d.restart();
+        d.pipe(topics::POSTFIX_LOG, "Q1", rec(&l("to=<ghost@localhost>, relay=virtual, delay=0.04, delays=0/0.03/0/0.01, dsn=5.1.1, status=bounced (unknown user: \"ghost@localhost\")"), 2));
+        d.pipe(topics::POSTFIX_LOG, "Q1", rec(&l("removed"), 3));
+        let st = d.read_events::<MailStatus>(topics::MAIL_STATUS);
+        assert_eq!(st.len(), 1);
+        assert_eq!(
+            (st[0].data.status, st[0].data.queue_id.as_deref()),
+            (MailState::Bounced, Some("Q1"))
+        );
+        let flags = d.read_output(topics::ADDRESS_STATUS);
+        assert_eq!(
+            flags.iter().map(|r| r.partition).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let f = d.read_events::<AddressStatus>(topics::ADDRESS_STATUS);
+        assert!(
+            f.iter()
+                .all(|e| e.data.address == "ghost@localhost" && e.data.unreachable)
+        );
+        assert_eq!(d.read_output(topics::DELIVERY_ISSUES).len(), 1);
+        assert!(
+            d.state("queue", b"Q1").is_none(),
+            "removed forgets the queue id"
+        );
+    }
+}
