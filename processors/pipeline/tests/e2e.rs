@@ -269,7 +269,7 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
             assert!(s.flagged.contains(a), "{a} flagged after phase {phase}");
         }
     }
-    let s = seen.lock().unwrap();
+    let s = std::mem::take(&mut *seen.lock().unwrap());
     // Mail: per address, the mails queued.
     let mut handed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (id, to) in &s.queued {
