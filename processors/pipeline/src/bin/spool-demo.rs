@@ -1,0 +1,340 @@
+//! `spool-demo`: the whole deals pipeline on this machine in one command: a broker, the four
+//! processors, the seeded feed, local webhook and push receivers and, when Postfix is installed
+//! (and this runs as root), a private Postfix instance; data under `--dir`. Shows live progress
+//! per stage once a second; Ctrl-C stops everything (processors first, then the broker).
+//!
+//! ```text
+//! cargo build --release -p spool-broker -p spool-pipeline && target/release/spool-demo
+//! ```
+//! The other binaries (`spoold`, `spool-deals`, ...) are looked up next to this one, then on
+//! `PATH`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use spool_client::{Client, ConsumerConfig, StartAt};
+use spool_pipeline::events::{DealTransition, MailState, MailStatus, TransitionKind};
+use spool_pipeline::feed::{AddressKind, Endpoints, Feed, FeedConfig, address_kind};
+use spool_pipeline::postfix::instance::{Instance, free_port, installed};
+use spool_pipeline::{publish, topics};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Runs the whole deals pipeline locally with live progress (Ctrl-C stops it)."
+)]
+struct Args {
+    /// Directory for the broker's data, the processors' state, Postfix and logs.
+    #[arg(long, default_value = "./pipeline-demo")]
+    dir: PathBuf,
+    /// Feed seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Products.
+    #[arg(long, default_value_t = 1_000)]
+    products: usize,
+    /// Users.
+    #[arg(long, default_value_t = 200)]
+    users: usize,
+    /// Price updates per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    /// Partitions of the pipeline's topics.
+    #[arg(long, default_value_t = 2)]
+    partitions: u32,
+    /// Skip Postfix even if installed (e-mail then stays queued in `outgoing-mail` and retries).
+    #[arg(long)]
+    no_postfix: bool,
+}
+
+/// A child process, stopped with SIGTERM (then SIGKILL after 10 s) on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop in 10 s: killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    let here = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)));
+    match here {
+        Some(p) if p.exists() => p,
+        _ => PathBuf::from(name),
+    }
+}
+
+fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new(binary(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {name} (build it: cargo build --release -p spool-broker -p spool-pipeline)"))?;
+    Ok(Proc { name, child })
+}
+
+fn processor(name: &'static str, dir: &Path, broker: &str, toml: String) -> anyhow::Result<Proc> {
+    let short = name.trim_start_matches("spool-");
+    let cfg = dir.join(format!("{short}.toml"));
+    std::fs::write(
+        &cfg,
+        format!("name = \"{short}\"\nbroker = \"{broker}\"\n{toml}"),
+    )?;
+    let state = dir.join("state").join(short);
+    spawn(
+        name,
+        dir,
+        &[
+            "--config",
+            &cfg.to_string_lossy(),
+            "--state-dir",
+            &state.to_string_lossy(),
+            "--metrics-listen",
+            "off",
+            "--instance-id",
+            "demo",
+        ],
+    )
+}
+
+/// Counts HTTP calls on a loopback port (the demo's webhook / push receiver).
+async fn receiver(calls: Arc<AtomicU64>) -> anyhow::Result<String> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    async {
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from_static(
+                            b"ok",
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(base)
+}
+
+#[derive(Default)]
+struct Counts {
+    prices: AtomicU64,
+    entered: AtomicU64,
+    left: AtomicU64,
+    requests: AtomicU64,
+    queued: AtomicU64,
+    sent: AtomicU64,
+    bounced: AtomicU64,
+    failed: AtomicU64,
+    flags: AtomicU64,
+    hooks: Arc<AtomicU64>,
+    pushes: Arc<AtomicU64>,
+}
+
+async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    for t in [
+        topics::PRICES,
+        topics::DEAL_TRANSITIONS,
+        topics::NOTIFICATION_REQUESTS,
+        topics::MAIL_STATUS,
+        topics::ADDRESS_STATUS,
+    ] {
+        consumer.subscribe_topic(t, StartAt::Latest).await?;
+    }
+    while let Some(r) = consumer.next().await {
+        let r = r?;
+        match &*r.topic {
+            topics::PRICES => &c.prices,
+            topics::NOTIFICATION_REQUESTS => &c.requests,
+            topics::ADDRESS_STATUS if r.partition == 0 => &c.flags,
+            topics::DEAL_TRANSITIONS => match r
+                .value
+                .as_deref()
+                .map(serde_json::from_slice::<DealTransition>)
+            {
+                Some(Ok(t)) if t.kind == TransitionKind::Entered => &c.entered,
+                _ => &c.left,
+            },
+            topics::MAIL_STATUS => {
+                match r.value.as_deref().map(serde_json::from_slice::<MailStatus>) {
+                    Some(Ok(s)) => match s.status {
+                        MailState::Queued => &c.queued,
+                        MailState::Sent => &c.sent,
+                        MailState::Bounced => &c.bounced,
+                        MailState::Failed => &c.failed,
+                        MailState::Deferred => continue,
+                    },
+                    _ => continue,
+                }
+            }
+            _ => continue,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    std::fs::create_dir_all(&a.dir)?;
+    let dir = std::path::absolute(&a.dir)?;
+    let port = free_port()?;
+    let broker = format!("127.0.0.1:{port}");
+    let spoold = spawn(
+        "spoold",
+        &dir,
+        &[
+            "--data-dir",
+            &dir.join("broker").to_string_lossy(),
+            "--listen",
+            &broker,
+            "--metrics-listen",
+            "off",
+        ],
+    )?;
+    let client = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect(broker.as_str()).await {
+                Ok(c) if c.list_topics().await.is_ok() => break c,
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                _ => anyhow::bail!(
+                    "spoold did not come up on {broker}; see {}/spoold.log",
+                    dir.display()
+                ),
+            }
+        }
+    };
+    publish::ensure_topics(&client, Some(a.partitions)).await?;
+    let counts = Arc::new(Counts::default());
+    let endpoints = Endpoints {
+        webhook: receiver(counts.hooks.clone()).await?,
+        push: receiver(counts.pushes.clone()).await?,
+    };
+    let mut feed = Feed::new(FeedConfig {
+        seed: a.seed,
+        products: a.products,
+        users: a.users,
+        ..FeedConfig::default()
+    });
+    let users = feed.users(&endpoints);
+
+    let postfix = if a.no_postfix || !installed() {
+        eprintln!(
+            "Postfix is not installed (or --no-postfix): e-mail will wait in outgoing-mail, retrying"
+        );
+        None
+    } else {
+        let pf = Instance::start(&dir.join("postfix"), free_port()?, "spooldemo")
+            .context("starting the local Postfix")?;
+        let boxes: Vec<(String, String)> = users
+            .iter()
+            .filter_map(|u| u.email.clone().map(|e| (e, u.user.clone())))
+            .filter(|(e, _)| address_kind(e) == AddressKind::Deliverable)
+            .collect();
+        pf.set_mailboxes(boxes.iter().map(|(e, n)| (e.as_str(), n.as_str())))?;
+        Some(pf)
+    };
+    let smtp_port = postfix.as_ref().map_or(25, |p| p.port());
+    let log_path = postfix
+        .as_ref()
+        .map(|p| p.log_path().display().to_string())
+        .unwrap_or_default();
+    let p = a.partitions;
+    let procs = vec![
+        processor("spool-deals", &dir, &broker, format!("inputs = [\"prices\"]\noutputs = [\"deal-transitions\", \"deal-broadcast\"]\n[app]\nbroadcast_partitions = {p}\n"))?,
+        processor("spool-matching", &dir, &broker, "inputs = [\"deal-broadcast\", \"user-settings\", \"address-status\"]\noutputs = [\"notification-requests\", \"timeline\"]\n".into())?,
+        processor("spool-notifications", &dir, &broker, format!("inputs = [\"notification-requests\", \"outgoing-mail\"]\noutputs = [\"outgoing-mail\", \"mail-status\"]\n[retry]\nmax_attempts = 0\n[app.smtp]\nport = {smtp_port}\nfrom = \"deals@localhost\"\n"))?,
+        processor("spool-bounces", &dir, &broker, format!("inputs = [\"postfix-log\"]\noutputs = [\"mail-status\", \"delivery-issues\", \"address-status\"]\n[app]\nlog_path = \"{log_path}\"\naddress_partitions = {p}\n"))?,
+    ];
+    tokio::spawn(watch(client.clone(), counts.clone()));
+    let producer = publish::producer(&client);
+    publish::publish_users(&producer, &users).await?;
+    eprintln!(
+        "spool-demo: broker {broker}, {} users, {} products; data, configs and logs in {}; Ctrl-C stops",
+        users.len(),
+        a.products,
+        dir.display()
+    );
+    let rate = a.rate;
+    let feeder = tokio::spawn(async move {
+        loop {
+            let round = feed.next_round();
+            if let Err(e) = publish::publish_round(&producer, &round, rate).await {
+                return e;
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut prev = 0;
+    let load = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {}
+        }
+        if feeder.is_finished() {
+            eprintln!("the feed stopped");
+            break;
+        }
+        let c = &counts;
+        let prices = load(&c.prices);
+        println!(
+            "prices {:>6}/s | deals +{} -{} | notifications {} | mail queued {} sent {} bounced {} failed {} | flagged {} | webhooks {} pushes {}",
+            prices - prev,
+            load(&c.entered),
+            load(&c.left),
+            load(&c.requests),
+            load(&c.queued),
+            load(&c.sent),
+            load(&c.bounced),
+            load(&c.failed),
+            load(&c.flags),
+            load(&c.hooks),
+            load(&c.pushes),
+        );
+        prev = prices;
+    }
+    eprintln!("stopping: processors, then Postfix and the broker");
+    feeder.abort();
+    drop(procs);
+    drop(postfix);
+    drop(spoold);
+    Ok(())
+}
