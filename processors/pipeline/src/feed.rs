@@ -167,6 +167,16 @@ pub fn address_kind(address: &str) -> AddressKind {
     }
 }
 
+/// `(address, mailbox name)` of the users whose e-mail is deliverable at the local Postfix
+/// (the instance's mailboxes, [`crate::postfix::instance::Instance::set_mailboxes`]).
+pub fn mailboxes(users: &[AlertSettings]) -> Vec<(String, String)> {
+    users
+        .iter()
+        .filter_map(|u| u.email.clone().map(|e| (e, u.user.clone())))
+        .filter(|(e, _)| address_kind(e) == AddressKind::Deliverable)
+        .collect()
+}
+
 /// The generator.
 #[derive(Debug, Clone)]
 pub struct Feed {

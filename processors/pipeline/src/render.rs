@@ -206,6 +206,26 @@ impl Renderer {
         })
     }
 
+    /// The outgoing mail of an e-mail notification: rendered, with the mail id derived from
+    /// the notification id.
+    pub fn outgoing_mail(
+        &self,
+        req: &NotificationRequest,
+    ) -> Result<crate::events::OutgoingMail, RenderError> {
+        let e = self.email(req)?;
+        Ok(crate::events::OutgoingMail {
+            mail_id: crate::ids::mail_id(&req.id),
+            notification: req.id.clone(),
+            user: req.user.clone(),
+            to: req.address.clone(),
+            subject: e.subject,
+            text: e.text,
+            html: e.html,
+            kind: req.kind,
+            at_ms: req.at_ms,
+        })
+    }
+
     /// A Slack-style incoming-webhook body: `{"text": ...}` (the text e-mail's subject and link).
     pub fn webhook_body(
         &self,

@@ -19,7 +19,7 @@ use spool_pipeline::deals::{DealParams, ProductState};
 use spool_pipeline::deliver::Outcome;
 use spool_pipeline::deliver::http::{HttpConfig, HttpSender};
 use spool_pipeline::deliver::smtp::{SmtpConfig, SmtpSender};
-use spool_pipeline::events::{Channel, MailState, NotificationRequest, OutgoingMail, TimelineOp};
+use spool_pipeline::events::{Channel, MailState, NotificationRequest, TimelineOp};
 use spool_pipeline::feed::{AddressKind, Endpoints, Feed, FeedConfig, address_kind};
 use spool_pipeline::matching::{Matcher, MemStore, Output};
 use spool_pipeline::postfix::instance::{Instance, free_port, mbox_message_ids};
@@ -62,11 +62,7 @@ async fn seeded_feed_through_real_postfix_and_http_equals_the_oracle() {
     };
     let mut feed = Feed::new(cfg.clone());
     let users = feed.users(&endpoints);
-    let boxes: Vec<(String, String)> = users
-        .iter()
-        .filter_map(|u| u.email.clone().map(|e| (e, u.user.clone())))
-        .filter(|(e, _)| address_kind(e) == AddressKind::Deliverable)
-        .collect();
+    let boxes = spool_pipeline::feed::mailboxes(&users);
     pf.set_mailboxes(boxes.iter().map(|(a, n)| (a.as_str(), n.as_str())))
         .unwrap();
     let phases = [5, 5];
@@ -134,18 +130,7 @@ async fn seeded_feed_through_real_postfix_and_http_equals_the_oracle() {
                 async move {
                     let out = match n.channel {
                         Channel::Email => {
-                            let e = renderer.email(&n).unwrap();
-                            let mail = OutgoingMail {
-                                mail_id: n.id.clone(),
-                                notification: n.id.clone(),
-                                user: n.user.clone(),
-                                to: n.address.clone(),
-                                subject: e.subject,
-                                text: e.text,
-                                html: e.html,
-                                kind: n.kind,
-                                at_ms: n.at_ms,
-                            };
+                            let mail = renderer.outgoing_mail(&n).unwrap();
                             smtp.send(&mail).await
                         }
                         Channel::Webhook | Channel::Push => {

@@ -168,11 +168,7 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
         webhook: hooks.base(),
         push: push.base(),
     });
-    let boxes: Vec<(String, String)> = users
-        .iter()
-        .filter_map(|u| u.email.clone().map(|e| (e, u.user.clone())))
-        .filter(|(e, _)| address_kind(e) == AddressKind::Deliverable)
-        .collect();
+    let boxes = spool_pipeline::feed::mailboxes(&users);
     pf.set_mailboxes(boxes.iter().map(|(a, n)| (a.as_str(), n.as_str())))
         .unwrap();
     let phases = [4, 4];

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use spool_client::{Client, ConsumerConfig, StartAt};
 use spool_pipeline::events::{DealTransition, MailState, MailStatus, TransitionKind};
-use spool_pipeline::feed::{AddressKind, Endpoints, Feed, FeedConfig, address_kind};
+use spool_pipeline::feed::{Endpoints, Feed, FeedConfig};
 use spool_pipeline::postfix::instance::{Instance, free_port, installed};
 use spool_pipeline::{publish, topics};
 
@@ -263,11 +263,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         let pf = Instance::start(&dir.join("postfix"), free_port()?, "spooldemo")
             .context("starting the local Postfix")?;
-        let boxes: Vec<(String, String)> = users
-            .iter()
-            .filter_map(|u| u.email.clone().map(|e| (e, u.user.clone())))
-            .filter(|(e, _)| address_kind(e) == AddressKind::Deliverable)
-            .collect();
+        let boxes = spool_pipeline::feed::mailboxes(&users);
         pf.set_mailboxes(boxes.iter().map(|(e, n)| (e.as_str(), n.as_str())))?;
         Some(pf)
     };

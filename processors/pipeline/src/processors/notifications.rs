@@ -20,7 +20,6 @@ use crate::deliver::Outcome;
 use crate::deliver::http::{HttpConfig, HttpSender};
 use crate::deliver::smtp::{SmtpConfig, SmtpSender};
 use crate::events::{Channel, MailState, MailStatus, NotificationRequest, OutgoingMail};
-use crate::ids::mail_id;
 use crate::processors::emit;
 use crate::render::Renderer;
 use crate::topics;
@@ -101,21 +100,10 @@ impl AsyncHandler for Notifications {
                 let n: NotificationRequest = input.event::<NotificationRequest>()?.data;
                 match n.channel {
                     Channel::Email => {
-                        let e = self
+                        let mail = self
                             .renderer
-                            .email(&n)
+                            .outgoing_mail(&n)
                             .map_err(|e| Failure::dead_letter(e.to_string()))?;
-                        let mail = OutgoingMail {
-                            mail_id: mail_id(&n.id),
-                            notification: n.id.clone(),
-                            user: n.user.clone(),
-                            to: n.address.clone(),
-                            subject: e.subject,
-                            text: e.text,
-                            html: e.html,
-                            kind: n.kind,
-                            at_ms: n.at_ms,
-                        };
                         emit(ctx, mail.mail_id.clone(), &mail, n.at_ms)
                     }
                     Channel::Webhook | Channel::Push => {
