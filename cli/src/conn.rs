@@ -29,8 +29,9 @@ use crate::exit::{CliResult, usage};
 /// Largest profile or token file read.
 const MAX_CONFIG_FILE: u64 = 1 << 20;
 
-/// Connection flags shared by every online command.
+/// Connection flags shared by every online command, under their own heading in `--help`.
 #[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Connection")]
 pub(crate) struct ConnArgs {
     /// Broker address HOST:PORT [default: 127.0.0.1:7170].
     #[arg(long, short = 'b', env = "SPOOL_BROKER", global = true)]
@@ -82,17 +83,9 @@ struct ProfileFile {
     profiles: BTreeMap<String, Profile>,
 }
 
-/// Parses durations like `30s`, `1m30s`, `500ms`, `2h` (a plain number is seconds).
+/// A duration flag, in the one grammar of every Spool command line (`spool_loadgen::units`).
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let ms =
-        crate::position::duration_ms(s).map_err(|e| format!("{e} (try 30s, 5m, 1h30m, 7d)"))?;
-    u64::try_from(ms)
-        .map(Duration::from_millis)
-        .map_err(|_| format!("duration {s:?} is negative"))
+    spool_loadgen::units::parse_duration(s)
 }
 
 fn profile_path() -> Option<PathBuf> {

@@ -26,7 +26,7 @@ mod txn;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::conn::ConnArgs;
 use crate::exit::{CliError, CliResult};
@@ -102,7 +102,11 @@ fn run(cli: Cli) -> CliResult<ExitCode> {
         Command::Inspect(cmd) => inspect::run(cmd).map_err(CliError::Other),
         Command::Bench(cmd) => bench::run(&conn, cmd),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "spool", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics when its writer fails, and a closed
+            // pipe (`spool completions bash | head`) is not an error.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "spool", &mut script);
+            std::io::stdout().lock().write_all(&script)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Topic(cmd) => runtime()?.block_on(async {
@@ -147,8 +151,44 @@ fn run(cli: Cli) -> CliResult<ExitCode> {
     }
 }
 
+/// The command line definition, with the connection flags (global, so that they may come
+/// after the subcommand too) hidden from the help of the offline commands, which ignore them.
+fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    cmd.build();
+    for offline in ["inspect", "completions"] {
+        cmd = cmd.mut_subcommand(offline, hide_connection_args);
+    }
+    cmd
+}
+
+fn hide_connection_args(mut c: clap::Command) -> clap::Command {
+    let ids: Vec<String> = c
+        .get_arguments()
+        .filter(|a| a.get_help_heading() == Some("Connection"))
+        .map(|a| a.get_id().to_string())
+        .collect();
+    for id in ids {
+        c = c.mut_arg(id, |a| a.hide(true));
+    }
+    let subs: Vec<String> = c
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for name in subs {
+        c = c.mut_subcommand(name, hide_connection_args);
+    }
+    c
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => exit::report(&e),
@@ -162,5 +202,30 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Connection flags have their own heading, and offline commands do not show them.
+    #[test]
+    fn connection_flags_are_grouped_and_only_on_online_commands() {
+        let mut cmd = command();
+        let help = cmd.render_help().to_string();
+        assert!(
+            help.contains("Connection:") && help.contains("--broker"),
+            "{help}"
+        );
+        let topic = cmd.find_subcommand_mut("topic").unwrap();
+        let create = topic.find_subcommand_mut("create").unwrap();
+        let help = create.render_help().to_string();
+        assert!(
+            help.contains("Connection:") && help.contains("--tls-ca"),
+            "{help}"
+        );
+        let inspect = cmd.find_subcommand_mut("inspect").unwrap();
+        let verify = inspect.find_subcommand_mut("verify").unwrap();
+        let help = verify.render_help().to_string();
+        assert!(
+            !help.contains("--broker") && !help.contains("--tls-ca"),
+            "{help}"
+        );
     }
 }

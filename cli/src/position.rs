@@ -138,20 +138,9 @@ pub(crate) fn parse_time(s: &str, now_ms: i64, relative_to: Option<i64>) -> Resu
 }
 
 /// A duration like `1h`, `30m`, `2h30m`, `1d`, `500ms` in ms; must be written with units and
-/// without a sign.
+/// without a sign (the one grammar: `spool_loadgen::units`).
 pub(crate) fn duration_ms(s: &str) -> Result<i64, String> {
-    if s.is_empty() || s.starts_with(['-', '+']) || s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    let d: jiff::SignedDuration = match s.parse() {
-        Ok(d) => d,
-        // jiff's friendly format has no days in a SignedDuration: accept `Nd` as N × 24h.
-        Err(e) => match s.strip_suffix('d').and_then(|n| n.parse::<i64>().ok()) {
-            Some(days) => jiff::SignedDuration::from_hours(days.saturating_mul(24)),
-            None => return Err(format!("invalid duration {s:?}: {e}")),
-        },
-    };
-    i64::try_from(d.as_millis()).map_err(|_| format!("duration {s:?} is out of range"))
+    spool_loadgen::units::duration_ms(s)
 }
 
 fn parse_u64(s: &str) -> Option<u64> {
@@ -263,7 +252,7 @@ impl Range {
             match parse_start(a, now_ms)
                 .and_then(|start| parse_end(b, start, now_ms).map(|end| Range { start, end }))
             {
-                Ok(r) => return Ok(r),
+                Ok(r) => return r.check_order(spec),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -274,6 +263,24 @@ impl Range {
                 .err()
                 .unwrap_or_else(|| format!("invalid offset spec {spec:?}"))
         }))
+    }
+
+    /// Refuses a range whose end is before its start when both are absolute (`5:3`, or two
+    /// times in the wrong order): it would read nothing, which is never what was meant.
+    fn check_order(self, spec: &str) -> Result<Range, String> {
+        match (self.start, self.end) {
+            (Start::Offset(a), End::Offset(b)) if b < a => Err(format!(
+                "{spec:?}: the end offset {b} is before the start offset {a} (ends are exclusive: \
+                 {a}:{} reads one record)",
+                a.saturating_add(1)
+            )),
+            (Start::Time(a), End::Time(b)) if b < a => Err(format!(
+                "{spec:?}: the end time {} is before the start time {}",
+                fmt_time(b),
+                fmt_time(a)
+            )),
+            _ => Ok(self),
+        }
     }
 
     /// Combines two `-o` values (kcat style: `-o s@T1 -o e@T2`): the first's start and the
@@ -309,12 +316,15 @@ impl Range {
             Start::BeforeLatest(n) => clamp(high_watermark.saturating_sub(n)),
             Start::Time(t) => clamp(offset_for_time(t)),
         };
+        // A range never waits for records that do not exist yet: an end past the high
+        // watermark (as the command started) is cut to it, so `oldest:+1` on an empty
+        // partition exits at once. Following is `A` or `A:`.
         let end = match self.end {
             End::Follow => None,
             End::Latest => Some(high_watermark),
-            End::Offset(n) => Some(n),
-            End::Count(n) => Some(start.saturating_add(n)),
-            End::Time(t) => Some(offset_for_time(t)),
+            End::Offset(n) => Some(n.min(high_watermark)),
+            End::Count(n) => Some(start.saturating_add(n).min(high_watermark)),
+            End::Time(t) => Some(offset_for_time(t).min(high_watermark)),
         };
         Resolved { start, end }
     }
@@ -451,6 +461,21 @@ mod tests {
     }
 
     #[test]
+    fn backwards_ranges_are_refused() {
+        let e = Range::parse("5:3", Start::Latest, NOW).unwrap_err();
+        assert!(e.contains("before the start"), "{e}");
+        assert!(
+            Range::parse(
+                "@2026-11-23T11:00:00Z:2026-11-23T10:00:00Z",
+                Start::Latest,
+                NOW
+            )
+            .is_err()
+        );
+        assert_eq!(p("5:5"), r(Start::Offset(5), End::Offset(5)));
+    }
+
+    #[test]
     fn merge_kcat_style() {
         let a = p("s@1000");
         let merged = a.merge(p("e@5000"), "e@5000").unwrap();
@@ -473,6 +498,11 @@ mod tests {
         assert_eq!(res("-10:end"), rs(190, Some(200)));
         assert_eq!(res("-1000"), rs(100, None));
         assert_eq!(res("+10:+5"), rs(110, Some(115)));
+        // Ends past the high watermark are cut to it: a range never waits.
+        assert_eq!(res("150:500"), rs(150, Some(200)));
+        assert_eq!(res("-5:+100"), rs(195, Some(200)));
+        let empty = p("oldest:+1").resolve(0, 0, |_| 0);
+        assert!(empty.is_empty(), "{empty:?}");
         assert_eq!(res("s@1500:e@1600"), rs(150, Some(160)));
     }
 
@@ -503,6 +533,9 @@ mod tests {
         fn display_round_trips(start in arb_start(), end in arb_end()) {
             // After a time start, digits are a time: "time to offset" has no spelling.
             prop_assume!(!matches!((start, end), (Start::Time(_), End::Offset(_))));
+            // Backwards ranges are refused (backwards_ranges_are_refused).
+            prop_assume!(!matches!((start, end), (Start::Offset(a), End::Offset(b)) if b < a));
+            prop_assume!(!matches!((start, end), (Start::Time(a), End::Time(b)) if b < a));
             let range = Range { start, end };
             let text = range.to_string();
             prop_assert_eq!(Range::parse(&text, Start::Latest, NOW), Ok(range), "{}", text);

@@ -12,10 +12,10 @@
 //! only once acknowledged, per source partition in offset order, and that is what the
 //! progress, the "next offset" report and the `--resume-file` checkpoint (written atomically,
 //! at most twice a second and at the end) say. So a resumed copy neither skips nor repeats
-//! what was acknowledged before a clean stop (the end, `-n`, Ctrl-C, an error). Two limits:
+//! what was acknowledged before a clean stop (the end, `-n`, Ctrl-C, an error). One limit:
 //! after a hard kill, records acknowledged since the last checkpoint (half a second's worth)
-//! are copied again; and the producer itself may duplicate a batch it retried after a timeout
-//! (no idempotent producer yet, issue 5).
+//! are copied again. A batch the producer retried after a timeout is not duplicated: the
+//! producer is idempotent (the client's default), so the broker recognises the retry.
 
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -126,28 +126,9 @@ pub(crate) struct ReplayArgs {
     quiet: bool,
 }
 
-/// Parses `N`, `N/s`, `N/m` (`/min`), `N/h` into records per second.
+/// Records per second: the one rate grammar (`spool_loadgen::units`).
 pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
-    let (n, per) = match s.split_once('/') {
-        None => (s, 1.0),
-        Some((n, unit)) => (
-            n,
-            match unit.trim() {
-                "s" | "sec" => 1.0,
-                "m" | "min" => 60.0,
-                "h" => 3600.0,
-                other => return Err(format!("unknown rate unit {other:?} (s, m, h)")),
-            },
-        ),
-    };
-    let n: f64 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid rate {s:?}: use e.g. 500, 500/s or 3000/m"))?;
-    if !(n.is_finite() && n > 0.0) {
-        return Err(format!("rate {s:?} must be positive"));
-    }
-    Ok(n / per)
+    spool_loadgen::units::parse_rate(s)
 }
 
 /// A token bucket: `rate` tokens a second, bursts of at most a tenth of a second's worth.

@@ -24,8 +24,8 @@ pub(crate) enum TopicCmd {
     Create {
         /// Topic name.
         name: String,
-        /// Number of partitions [default: the broker's default].
-        #[arg(long, short = 'p')]
+        /// Number of partitions, at least 1 [default: the broker's default].
+        #[arg(long, short = 'p', value_parser = clap::value_parser!(u32).range(1..))]
         partitions: Option<u32>,
         /// Config as key=value (repeatable).
         #[arg(long = "config", short = 'c', value_name = "KEY=VALUE")]

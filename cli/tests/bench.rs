@@ -38,7 +38,7 @@ const SHORT: &[&str] = &[
     "--batch-bytes",
     "16384",
     "--duration",
-    "1s",
+    "0m1s",
     "--warmup",
     "200ms",
 ];
@@ -80,6 +80,10 @@ fn produce_consume_and_e2e_report_sane_numbers() {
     assert_eq!(v["config"]["keyed"], true);
     assert_eq!(v["config"]["acks"], "durable");
     assert!(v["config"]["rate"].is_null());
+    // Durations are plain numbers with the unit in the key.
+    assert_eq!(v["config"]["duration_ms"], 1000.0);
+    assert_eq!(v["config"]["warmup_ms"], 200.0);
+    assert!(v["config"]["linger_ms"].is_number(), "{}", v["config"]);
 
     // Open loop at a fixed rate, compressed, linger given.
     let v = report(
@@ -87,7 +91,7 @@ fn produce_consume_and_e2e_report_sane_numbers() {
             &broker,
             &args(
                 "produce",
-                &["--topic", "b", "--rate", "2000", "--compression", "lz4"],
+                &["--topic", "b", "--rate", "2000/s", "--compression", "lz4"],
             ),
         )
         .ok(),

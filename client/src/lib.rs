@@ -48,9 +48,9 @@
 //! client certificate for mutual TLS) and [`ClientBuilder::bearer_token`]; refusals are
 //! [`Error::Unauthenticated`] and [`Error::NotAuthorized`].
 //!
-//! # Not here yet
-//!
-//! Transactional producers.
+//! Transactions: [`TransactionalProducer`] (`txn.rs`) writes to several partitions and
+//! topics, with consumer-group offsets, all or nothing (exactly-once consume-transform-produce;
+//! see `examples/transactional.rs`).
 #![warn(missing_docs)]
 
 pub mod client;

@@ -45,14 +45,14 @@ pub struct LoadArgs {
     /// Records carry a 16-byte key.
     #[arg(long)]
     pub keyed: bool,
-    /// Measured time: seconds (fractions allowed) or with a unit: 500ms, 2s, 1m.
+    /// Measured time: seconds (fractions allowed) or with units: 500ms, 2s, 1m30s.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     pub duration: f64,
     /// Warm-up before measuring (not counted), same syntax as --duration.
     #[arg(long, default_value = "1", value_parser = parse_secs)]
     pub warmup: f64,
-    /// Records per second over all producers, open loop (latency counted from the intended
-    /// send time), or `max`: as fast as possible, closed loop (the default; e2e needs a rate).
+    /// Records per second over all producers (N, N/s, N/m, N/h), open loop (latency counted
+    /// from the intended send time), or `max`: as fast as possible, closed loop (the default; e2e needs a rate).
     #[arg(long, value_parser = parse_rate)]
     pub rate: Option<f64>,
     /// Requests awaiting their reply, per producer.
@@ -117,34 +117,22 @@ impl LoadArgs {
 }
 
 /// Seconds: `2`, `0.5`, `500ms`, `2s`, `1.5m`.
+/// Seconds, in the one duration grammar (`crate::units`): `2`, `0.5`, `500ms`, `1m30s`.
 fn parse_secs(s: &str) -> Result<f64, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    match num.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 && v * scale <= 86_400.0 => Ok(v * scale),
-        _ => Err(format!(
-            "{s:?} is not a duration of at most a day (try 2, 0.5, 500ms, 2s, 1m)"
-        )),
+    let d = crate::units::parse_duration(s)?;
+    if d.as_secs_f64() > 86_400.0 {
+        return Err(format!("{s:?} is longer than a day"));
     }
+    Ok(d.as_secs_f64())
 }
 
-/// Records per second (> 0), or `max` (infinity: closed loop).
+/// Records per second (`crate::units::parse_rate`: `N`, `N/s`, `N/m`, `N/h`), or `max`
+/// (infinity: closed loop).
 fn parse_rate(s: &str) -> Result<f64, String> {
-    if s.eq_ignore_ascii_case("max") {
+    if s.trim().eq_ignore_ascii_case("max") {
         return Ok(f64::INFINITY);
     }
-    match s.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("{s:?}: give records per second (> 0) or `max`")),
-    }
+    crate::units::parse_rate(s)
 }
 
 #[cfg(test)]
@@ -157,11 +145,12 @@ mod tests {
         assert_eq!(parse_secs("0.5"), Ok(0.5));
         assert_eq!(parse_secs("500ms"), Ok(0.5));
         assert_eq!(parse_secs("2s"), Ok(2.0));
-        assert_eq!(parse_secs("1.5m"), Ok(90.0));
+        assert_eq!(parse_secs("1m30s"), Ok(90.0));
         assert!(parse_secs("-1").is_err());
         assert!(parse_secs("soon").is_err());
         assert!(parse_secs("2d").is_err());
         assert_eq!(parse_rate("1000"), Ok(1000.0));
+        assert_eq!(parse_rate("5000/s"), Ok(5000.0));
         assert_eq!(parse_rate("max"), Ok(f64::INFINITY));
         assert!(parse_rate("0").is_err());
         assert!(parse_rate("fast").is_err());

@@ -33,6 +33,7 @@ mod args;
 pub mod broker;
 mod run;
 pub mod scenarios;
+pub mod units;
 
 pub use args::LoadArgs;
 pub use run::{

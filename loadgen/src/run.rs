@@ -115,6 +115,12 @@ pub enum Stamping {
     On,
 }
 
+/// A duration in JSON: milliseconds, a plain number (the key says the unit), not serde's
+/// `{"secs", "nanos"}`.
+fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
 /// Everything a run needs.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadConfig {
@@ -141,6 +147,7 @@ pub struct LoadConfig {
     /// Target batch size (records' encoded bytes).
     pub batch_bytes: usize,
     /// e2e: how often producers cut a batch of the records that are due.
+    #[serde(rename = "linger_ms", serialize_with = "as_ms")]
     pub linger: Duration,
     /// Acks asked of the broker.
     pub acks: Acks,
@@ -149,8 +156,10 @@ pub struct LoadConfig {
     /// Records carry a 16-byte key.
     pub keyed: bool,
     /// Measured time.
+    #[serde(rename = "duration_ms", serialize_with = "as_ms")]
     pub duration: Duration,
     /// Time before measuring.
+    #[serde(rename = "warmup_ms", serialize_with = "as_ms")]
     pub warmup: Duration,
     /// Records per second over all producers (open loop); `None`: as fast as possible.
     pub rate: Option<f64>,

@@ -1,5 +1,5 @@
 //! A history checker in the spirit of Jepsen's Kafka checker, for idempotent producers (issue
-//! 5; transactions are not built yet, so it checks no transactional anomalies).
+//! 5). It checks no transactional anomalies: `txn_history.rs` does that for transactions.
 //!
 //! Several producers send uniquely numbered records to a few partitions while a consumer
 //! follows them and the broker is killed (SIGKILL) and restarted at seeded random moments.

@@ -1,7 +1,10 @@
 //! A partition: an ordered list of segments with one writer and many readers.
 //!
 //! Invariants:
-//! - Offsets are dense and assigned here, at append, under the writer lock; never reused.
+//! - Offsets are assigned here, at append, under the writer lock, one after the other, and
+//!   never reused. They are dense as written; compaction later removes records without
+//!   renumbering the survivors, so sealed segments of compacted topics have gaps (and a read
+//!   of a removed offset returns the next surviving batch).
 //! - Readers never take the writer lock. They load the published high watermark (`watch`),
 //!   then a snapshot of the segment list, then each segment's `readable_end`; the writer
 //!   publishes in the opposite order, so a reader sees only complete batches, and never a
