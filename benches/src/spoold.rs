@@ -17,22 +17,27 @@ pub fn workspace_root() -> PathBuf {
 /// Builds `spoold` in the calling binary's profile (release under `cargo bench`) and returns
 /// its path, read from cargo's JSON messages so a custom target directory works.
 pub fn build() -> Result<PathBuf> {
+    build_bin("spool-broker", "spoold")
+}
+
+/// Builds binary `bin` of package `package` as [`build`] does `spoold`.
+pub fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
     let release = !cfg!(debug_assertions);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root()).args([
         "build",
         "-p",
-        "spool-broker",
+        package,
         "--bin",
-        "spoold",
+        bin,
         "--message-format=json-render-diagnostics",
     ]);
     if release {
         cmd.arg("--release");
     }
     eprintln!(
-        "building spoold ({}) ...",
+        "building {bin} ({}) ...",
         if release { "release" } else { "dev" }
     );
     let out = cmd
@@ -40,20 +45,20 @@ pub fn build() -> Result<PathBuf> {
         .output()
         .context("running cargo build")?;
     if !out.status.success() {
-        bail!("cargo build -p spool-broker --bin spoold failed");
+        bail!("cargo build -p {package} --bin {bin} failed");
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
         if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "spoold"
+            && msg["target"]["name"] == bin
             && let Some(exe) = msg["executable"].as_str()
         {
             return Ok(PathBuf::from(exe));
         }
     }
-    bail!("cargo build reported no spoold executable")
+    bail!("cargo build reported no {bin} executable")
 }
 
 /// A `spoold` on a temp dir and an ephemeral loopback port; killed on drop.

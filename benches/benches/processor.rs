@@ -1,0 +1,818 @@
+//! The stream-processor runtime (issue 10) against a release `spoold` on the same machine,
+//! 200-byte records, as `cargo bench -p spool-benches --bench processor`.
+//!
+//! Every figure of the issue's list, each per rep, reps alternating so that machine noise
+//! hits the compared cases alike:
+//!
+//! - **eos**: a stateless pass-through ([`spool_processor::runtime::run`] in this process,
+//!   default settings: a transaction every 100 ms) copies `--records` records (200-byte
+//!   values, 16-byte keys, over `--partitions` partitions) to an output topic. Records/s from
+//!   the moment the processor is ready (in its group, state restored) until its committed
+//!   offsets cover every input.
+//! - **alo**: the same loop without transactions (at least once), in the same rep, right
+//!   before or after eos: a `GroupConsumer` reads the same input, a plain (idempotent,
+//!   acks = durable) `Producer` copies every record to the same partition of an output
+//!   topic, and every 100 ms the loop flushes the producer and commits the consumer's
+//!   positions. Same measurement window.
+//! - **state**: the pass-through plus one state-store update per record (`put` of the
+//!   record's value under its key; the keys are distinct, so the store ends with
+//!   `--records` keys).
+//! - **restart**: that processor stopped cleanly (SIGTERM's path), then started again on the
+//!   same state directory: time from `run` to ready (producer fenced, control topic read,
+//!   group joined, local stores opened and found complete).
+//! - **restore**: the same with the state directory deleted: time to ready, and the
+//!   changelog's size (`DescribeTopic`'s partition bytes) over that time.
+//! - **lanes**: a high lane (priority 0) gets `--lane-rate` records/s, each carrying its send
+//!   time; the handler measures the time from send to its call. Once with the low lane idle
+//!   (an empty topic), once with the low lane saturated (the `--records` input, read from
+//!   its start by a new group, so it has far more waiting than the phase takes). p50/p99 of
+//!   each phase and the ratio of the p99s.
+//! - **throttle**: a lane reading the `--records` input with `rate_per_sec = --throttle`:
+//!   records done between 1 s and 11 s after ready, over 10 s, against the configured rate.
+//! - **rss**: the release `spool-passthrough` binary, idle on an empty topic, VmRSS 3 s after
+//!   it said ready.
+//!
+//! `SPOOL_BENCH_QUICK=1` (or running without `--bench`, as `cargo test --benches` does) runs
+//! one short rep with 20 000 records. Flags: `--reps`, `--records`, `--partitions`,
+//! `--lane-rate`, `--lane-secs`, `--throttle`, `--only eos,alo,...`, `--spoold PATH`,
+//! `--passthrough PATH`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use spool_benches::spoold::{self, Spoold};
+use spool_benches::{Stats, flag_value};
+use spool_client::{
+    Acks, Client, GroupConfig, GroupConsumer, Polled, ProducerConfig, ProducerRecord,
+    TopicPartition, TopicSettings,
+};
+use spool_log_engine::{BatchBuilder, Compression};
+use spool_processor::metrics::Metrics;
+use spool_processor::runtime::{self, RuntimeConfig};
+use spool_processor::{Context, Failure, Handler, Input, LaneConfig};
+use tokio::sync::watch;
+
+const VALUE_BYTES: usize = 200;
+
+/// Copies every input to `out` (same partition, key, value, timestamp); with `state`, also
+/// puts the value under the key in store `s`.
+struct PassThrough {
+    out: String,
+    state: bool,
+}
+
+impl Handler for PassThrough {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        if self.state {
+            let key = input.key.as_deref().unwrap_or_default();
+            ctx.store("s")?
+                .put(key, input.value.clone().unwrap_or_default());
+        }
+        let out = ProducerRecord {
+            key: input.key.clone(),
+            value: input.value.clone(),
+            headers: Vec::new(),
+            timestamp_ms: Some(input.timestamp_ms),
+        };
+        ctx.emit_to(self.out.as_str(), input.partition, out);
+        Ok(())
+    }
+}
+
+/// Records, for lane `hi`, the time from the send time in the value (µs since the epoch, as
+/// text before a `|`) to the call.
+struct LaneProbe {
+    latencies: Arc<Mutex<Vec<f64>>>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Handler for LaneProbe {
+    fn handle(&mut self, _ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        if &*input.lane == "hi" {
+            let v = input.value.as_deref().unwrap_or_default();
+            let sent = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.split('|').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            if let Some(sent) = sent {
+                let lat_ms = now_us().saturating_sub(sent) as f64 / 1000.0;
+                self.latencies.lock().expect("not poisoned").push(lat_ms);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends `n` records (16-byte key, 200-byte value) round robin over the partitions, in
+/// ~1 MiB batches, acks = durable.
+async fn fill(client: &Client, topic: &str, partitions: u32, n: u64) -> Result<()> {
+    let per_batch = 4096u64;
+    let mut i = 0u64;
+    let ts = 1_700_000_000_000;
+    while i < n {
+        let mut batches = Vec::new();
+        for p in 0..partitions {
+            let mut b = BatchBuilder::with_capacity(Compression::None, 1 << 20);
+            let mut k = 0;
+            while k < per_batch && i < n {
+                // Keys spread over the key space (hashed), as real keys are.
+                let key = format!("{:016x}", (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut value = format!("{i}-{p}|").into_bytes();
+                value.resize(VALUE_BYTES, b'x');
+                b.push(ts, Some(key.as_bytes()), Some(&value), &[]);
+                i += 1;
+                k += 1;
+            }
+            if k > 0 {
+                batches.push((topic.to_owned(), p, b.finish()?));
+            }
+        }
+        for r in client.produce_batches(batches, Acks::Durable).await? {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+fn tps(topic: &str, partitions: u32) -> Vec<TopicPartition> {
+    (0..partitions).map(|p| TopicPartition::new(topic, p)).collect()
+}
+
+/// Sum of `group`'s committed offsets over `tps`.
+async fn committed(client: &Client, group: &str, tps: &[TopicPartition]) -> Result<u64> {
+    Ok(client
+        .fetch_offsets(group, tps)
+        .await?
+        .iter()
+        .filter_map(|c| c.offset)
+        .sum())
+}
+
+/// Waits until `group` committed `n` offsets over `tps`; the time it took from `since`.
+async fn wait_committed(
+    client: &Client,
+    group: &str,
+    tps: &[TopicPartition],
+    n: u64,
+    timeout: Duration,
+) -> Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if committed(client, group, tps).await? >= n {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("group {group} did not commit {n} offsets within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A processor running in this process.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), spool_processor::RuntimeError>>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl Running {
+    fn start<H: spool_processor::AsyncHandler>(
+        client: &Client,
+        cfg: RuntimeConfig,
+        handler: H,
+    ) -> Running {
+        let metrics = Arc::new(Metrics::new());
+        let (stop, rx) = watch::channel(false);
+        let started = Instant::now();
+        let task = tokio::spawn(runtime::run(
+            client.clone(),
+            cfg,
+            handler,
+            metrics.clone(),
+            rx,
+        ));
+        Running {
+            stop,
+            task,
+            metrics,
+            started,
+        }
+    }
+
+    /// Waits until ready; returns when.
+    async fn ready(&self, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        while !self.metrics.is_ready() {
+            if self.task.is_finished() {
+                bail!("the processor stopped before it was ready");
+            }
+            if Instant::now() > deadline {
+                bail!("the processor was not ready within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(Instant::now())
+    }
+
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.context("joining the processor")??;
+        Ok(())
+    }
+}
+
+fn processor_config(name: &str, inputs: &[&str], state_dir: &Path) -> RuntimeConfig {
+    let mut c = RuntimeConfig::new(name, inputs.iter().copied());
+    c.instance_id = "bench".into();
+    c.state_dir = state_dir.join(name);
+    c
+}
+
+/// eos or state: records/s from ready to every offset committed.
+async fn pass_through(
+    addr: &str,
+    input: &str,
+    partitions: u32,
+    n: u64,
+    name: &str,
+    state: bool,
+    dir: &Path,
+) -> Result<f64> {
+    let client = Client::connect(addr.to_owned()).await?;
+    let out = format!("{name}-out");
+    client
+        .create_topic(&out, partitions, &TopicSettings::default())
+        .await?;
+    let cfg = processor_config(name, &[input], dir);
+    let p = Running::start(&client, cfg, PassThrough { out, state });
+    let t0 = p.ready(Duration::from_secs(60)).await?;
+    let t1 = wait_committed(
+        &client,
+        name,
+        &tps(input, partitions),
+        n,
+        Duration::from_secs(600),
+    )
+    .await?;
+    p.stop().await?;
+    Ok(n as f64 / (t1 - t0).as_secs_f64())
+}
+
+/// The same loop at least once: consume, produce, every 100 ms flush + commit.
+async fn at_least_once(
+    addr: &str,
+    input: &str,
+    partitions: u32,
+    n: u64,
+    name: &str,
+) -> Result<f64> {
+    let client = Client::connect(addr.to_owned()).await?;
+    let out = format!("{name}-out");
+    client
+        .create_topic(&out, partitions, &TopicSettings::default())
+        .await?;
+    let producer = client.producer(ProducerConfig::default());
+    let mut member = GroupConsumer::join(&client, GroupConfig::new(name, [input])).await?;
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    let mut last_commit = Instant::now();
+    let mut pending = Vec::new();
+    let interval = Duration::from_millis(100);
+    loop {
+        let polled = tokio::select! {
+            p = member.poll() => Some(p),
+            () = tokio::time::sleep_until((last_commit + interval).into()) => None,
+        };
+        match polled {
+            Some(None) => bail!("the consumer ended"),
+            Some(Some(Err(e))) => return Err(e.into()),
+            Some(Some(Ok(Polled::Membership))) => member.poll_membership().await?,
+            Some(Some(Ok(Polled::Record(r)))) => {
+                let rec = ProducerRecord {
+                    key: r.key,
+                    value: r.value,
+                    headers: Vec::new(),
+                    timestamp_ms: Some(r.timestamp_ms),
+                };
+                pending.push(producer.send_to(&out, r.partition, rec).await?);
+                done += 1;
+            }
+            None => {}
+        }
+        if last_commit.elapsed() >= interval || done == n {
+            producer.flush().await;
+            for f in pending.drain(..) {
+                f.await?;
+            }
+            member.commit().await?;
+            last_commit = Instant::now();
+            if done == n {
+                break;
+            }
+        }
+    }
+    let t1 = Instant::now();
+    producer.close().await;
+    member.leave().await?;
+    Ok(n as f64 / (t1 - t0).as_secs_f64())
+}
+
+/// Starts the `state` processor again on `dir`; seconds to ready.
+async fn restart(addr: &str, input: &str, name: &str, dir: &Path) -> Result<f64> {
+    let client = Client::connect(addr.to_owned()).await?;
+    let cfg = processor_config(name, &[input], dir);
+    let p = Running::start(
+        &client,
+        cfg,
+        PassThrough {
+            out: format!("{name}-out"),
+            state: true,
+        },
+    );
+    let ready = p.ready(Duration::from_secs(600)).await?;
+    let secs = (ready - p.started).as_secs_f64();
+    p.stop().await?;
+    Ok(secs)
+}
+
+/// Bytes of the `name` processor's changelog.
+async fn changelog_bytes(addr: &str, name: &str) -> Result<u64> {
+    let client = Client::connect(addr.to_owned()).await?;
+    let d = client.describe_topic(&format!("{name}.changelog")).await?;
+    Ok(d.partitions.iter().map(|p| p.size_bytes).sum())
+}
+
+/// High-lane latencies (ms) with the low lane reading `low` (from its start, new group).
+async fn lanes(
+    addr: &str,
+    low: &str,
+    name: &str,
+    rate: u32,
+    secs: f64,
+    dir: &Path,
+) -> Result<(Vec<f64>, u64)> {
+    let client = Client::connect(addr.to_owned()).await?;
+    let hi = format!("{name}-hi");
+    client
+        .create_topic(&hi, 1, &TopicSettings::default())
+        .await?;
+    let mut cfg = processor_config(name, &[hi.as_str(), low], dir);
+    let lane = |n: &str, t: &str, priority| LaneConfig {
+        name: n.into(),
+        topics: vec![t.into()],
+        priority,
+        min_share: 0.1,
+        rate_per_sec: None,
+        burst: None,
+        key_rate_per_sec: None,
+        quiet_hours: Vec::new(),
+    };
+    cfg.lanes = vec![lane("hi", &hi, 0), lane("lo", low, 1)];
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let p = Running::start(
+        &client,
+        cfg,
+        LaneProbe {
+            latencies: latencies.clone(),
+        },
+    );
+    p.ready(Duration::from_secs(60)).await?;
+    // Let the low lane get going.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::ZERO,
+        acks: Acks::Written,
+        ..ProducerConfig::default()
+    });
+    let every = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    let mut acks = Vec::new();
+    while Instant::now() < end {
+        tick.tick().await;
+        let v = format!("{}|", now_us());
+        acks.push(
+            producer
+                .send_to(&hi, 0, ProducerRecord::new(v).key("h"))
+                .await?,
+        );
+        sent += 1;
+    }
+    for a in acks {
+        a.await?;
+    }
+    // Let the last ones arrive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (latencies.lock().expect("not poisoned").len() as u64) < sent
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    producer.close().await;
+    let lo_lag: u64 = {
+        let d = client.describe_topic(low).await?;
+        let end: u64 = d.partitions.iter().map(|p| p.high_watermark).sum();
+        let all = tps(low, d.partitions.len() as u32);
+        end.saturating_sub(committed(&client, name, &all).await?)
+    };
+    p.stop().await?;
+    let mut l = latencies.lock().expect("not poisoned").clone();
+    // The first tenth is warm-up (connections, first fetches).
+    let skip = l.len() / 10;
+    l.drain(..skip);
+    Ok((l, lo_lag))
+}
+
+/// Records/s of a lane throttled at `rate`, between 1 s and 11 s after ready.
+async fn throttle(addr: &str, input: &str, name: &str, rate: u32, dir: &Path) -> Result<f64> {
+    let client = Client::connect(addr.to_owned()).await?;
+    let mut cfg = processor_config(name, &[input], dir);
+    cfg.lanes = vec![LaneConfig {
+        name: "t".into(),
+        topics: vec![input.into()],
+        priority: 0,
+        min_share: 0.1,
+        rate_per_sec: Some(rate),
+        burst: None,
+        key_rate_per_sec: None,
+        quiet_hours: Vec::new(),
+    }];
+    let p = Running::start(&client, cfg, LaneProbe {
+        latencies: Arc::default(),
+    });
+    let t0 = p.ready(Duration::from_secs(60)).await?;
+    tokio::time::sleep_until((t0 + Duration::from_secs(1)).into()).await;
+    let (a, ta) = (p.metrics.records_done(), Instant::now());
+    tokio::time::sleep_until((ta + Duration::from_secs(10)).into()).await;
+    let (b, tb) = (p.metrics.records_done(), Instant::now());
+    p.stop().await?;
+    Ok((b - a) as f64 / (tb - ta).as_secs_f64())
+}
+
+/// VmRSS (KiB) of the release `spool-passthrough`, idle, 3 s after ready.
+fn idle_rss(bin: &Path, addr: &str, topic: &str, dir: &Path) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let cfg = dir.join("idle.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"idle\"\ninputs = [\"{topic}\"]\noutputs = [\"idle-out\"]\ninstance_id = \"bench\"\nstate_dir = \"{}\"\n[app]\noutput = \"idle-out\"\n",
+            dir.join("idle-state").display()
+        ),
+    )?;
+    let mut child = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--metrics-listen", "off", "--broker", addr])
+        .env("SPOOL_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(std::io::Result::ok) {
+            if line.ends_with(" ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let r = (|| {
+        rx.recv_timeout(Duration::from_secs(60))
+            .context("spool-passthrough was not ready")?;
+        std::thread::sleep(Duration::from_secs(3));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("VmRSS:"), field("VmHWM:")))
+    })();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    r
+}
+
+fn percentile(v: &[f64], q: f64) -> f64 {
+    Stats::new(v.to_vec()).percentile(q)
+}
+
+fn busy() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[derive(Default)]
+struct Samples {
+    eos: Vec<f64>,
+    alo: Vec<f64>,
+    ratio: Vec<f64>,
+    state: Vec<f64>,
+    restart: Vec<f64>,
+    restore_secs: Vec<f64>,
+    restore_mbs: Vec<f64>,
+    lane_idle_p50: Vec<f64>,
+    lane_idle_p99: Vec<f64>,
+    lane_busy_p50: Vec<f64>,
+    lane_busy_p99: Vec<f64>,
+    lane_ratio: Vec<f64>,
+    throttle: Vec<f64>,
+    throttle_err: Vec<f64>,
+    rss: Vec<f64>,
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = std::env::var("SPOOL_BENCH_QUICK").is_ok_and(|v| v == "1")
+        || !args.iter().any(|a| a == "--bench");
+    let reps: usize = flag_value(&args, "--reps").unwrap_or(if quick { 1 } else { 5 });
+    let n: u64 = flag_value(&args, "--records").unwrap_or(if quick { 20_000 } else { 1_000_000 });
+    let partitions: u32 = flag_value(&args, "--partitions").unwrap_or(4);
+    let lane_rate: u32 = flag_value(&args, "--lane-rate").unwrap_or(500);
+    let lane_secs: f64 = flag_value(&args, "--lane-secs").unwrap_or(if quick { 1.0 } else { 6.0 });
+    let throttle_rate: u32 = flag_value(&args, "--throttle").unwrap_or(10_000);
+    let only: Option<String> = flag_value(&args, "--only");
+    let want = |case: &str| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == case));
+    let bin = match flag_value::<String>(&args, "--spoold") {
+        Some(p) => PathBuf::from(p),
+        None => spoold::build()?,
+    };
+    let passthrough = if want("rss") {
+        Some(match flag_value::<String>(&args, "--passthrough") {
+            Some(p) => PathBuf::from(p),
+            None => spoold::build_bin("spool-processor", "spool-passthrough")?,
+        })
+    } else {
+        None
+    };
+    let broker = Spoold::start(&bin, "")?;
+    let addr = broker.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    println!(
+        "== processor: {n} records of {VALUE_BYTES} B (16 B keys) over {partitions} partitions, {reps} reps, lanes {lane_rate}/s for {lane_secs} s, throttle {throttle_rate}/s, spoold {} (default config: fsync = always), loadavg at start {}",
+        bin.display(),
+        busy()
+    );
+    let mut s = Samples::default();
+    for rep in 0..reps {
+        let dir = tempfile::Builder::new()
+            .prefix("spool-processor-bench")
+            .tempdir_in(spool_benches::spoold::workspace_root().join("target"))?;
+        let input = format!("in-{rep}");
+        let idle_topic = format!("idle-{rep}");
+        rt.block_on(async {
+            let c = Client::connect(addr.clone()).await?;
+            c.create_topic(&input, partitions, &TopicSettings::default())
+                .await?;
+            c.create_topic(&idle_topic, 1, &TopicSettings::default())
+                .await?;
+            let t = Instant::now();
+            fill(&c, &input, partitions, n).await?;
+            eprintln!(
+                "rep {rep}: filled {input} in {:.1} s (loadavg {})",
+                t.elapsed().as_secs_f64(),
+                busy()
+            );
+            anyhow::Ok(())
+        })?;
+        // eos and alo alternate which goes first.
+        let order: [&str; 2] = if rep % 2 == 0 {
+            ["eos", "alo"]
+        } else {
+            ["alo", "eos"]
+        };
+        let (mut eos, mut alo) = (None, None);
+        for case in order {
+            if !want(case) {
+                continue;
+            }
+            let name = format!("{case}-{rep}");
+            let r = rt.block_on(async {
+                if case == "eos" {
+                    pass_through(&addr, &input, partitions, n, &name, false, dir.path()).await
+                } else {
+                    at_least_once(&addr, &input, partitions, n, &name).await
+                }
+            })?;
+            eprintln!("rep {rep}: {case} {r:.0} records/s (loadavg {})", busy());
+            if case == "eos" {
+                eos = Some(r);
+            } else {
+                alo = Some(r);
+            }
+        }
+        if let Some(e) = eos {
+            s.eos.push(e);
+        }
+        if let Some(a) = alo {
+            s.alo.push(a);
+        }
+        if let (Some(e), Some(a)) = (eos, alo) {
+            s.ratio.push(e / a);
+        }
+        let name = format!("state-{rep}");
+        if want("state") {
+            let r = rt.block_on(pass_through(
+                &addr,
+                &input,
+                partitions,
+                n,
+                &name,
+                true,
+                dir.path(),
+            ))?;
+            eprintln!("rep {rep}: state {r:.0} records/s (loadavg {})", busy());
+            s.state.push(r);
+            let secs = rt.block_on(restart(&addr, &input, &name, dir.path()))?;
+            eprintln!(
+                "rep {rep}: restart with {n} keys ready in {:.0} ms",
+                secs * 1e3
+            );
+            s.restart.push(secs);
+            std::fs::remove_dir_all(dir.path().join(&name))?;
+            let bytes = rt.block_on(changelog_bytes(&addr, &name))?;
+            let secs = rt.block_on(restart(&addr, &input, &name, dir.path()))?;
+            let mbs = bytes as f64 / 1e6 / secs;
+            eprintln!(
+                "rep {rep}: restore of {:.0} MB of changelog ready in {:.2} s = {mbs:.0} MB/s",
+                bytes as f64 / 1e6,
+                secs
+            );
+            s.restore_secs.push(secs);
+            s.restore_mbs.push(mbs);
+        }
+        if want("lanes") {
+            let (idle, _) = rt.block_on(lanes(
+                &addr,
+                &idle_topic,
+                &format!("lanes-idle-{rep}"),
+                lane_rate,
+                lane_secs,
+                dir.path(),
+            ))?;
+            let (busy_l, lag) = rt.block_on(lanes(
+                &addr,
+                &input,
+                &format!("lanes-busy-{rep}"),
+                lane_rate,
+                lane_secs,
+                dir.path(),
+            ))?;
+            if lag == 0 {
+                eprintln!(
+                    "rep {rep}: WARNING the low lane drained during the busy phase: use more --records"
+                );
+            }
+            let (i50, i99) = (percentile(&idle, 50.0), percentile(&idle, 99.0));
+            let (b50, b99) = (percentile(&busy_l, 50.0), percentile(&busy_l, 99.0));
+            eprintln!(
+                "rep {rep}: high lane p50/p99 {i50:.2}/{i99:.2} ms with the low lane idle, {b50:.2}/{b99:.2} ms saturated ({} left in it); ratio of p99s {:.2}",
+                lag,
+                b99 / i99
+            );
+            s.lane_idle_p50.push(i50);
+            s.lane_idle_p99.push(i99);
+            s.lane_busy_p50.push(b50);
+            s.lane_busy_p99.push(b99);
+            s.lane_ratio.push(b99 / i99);
+        }
+        if want("throttle") {
+            let r = rt.block_on(throttle(
+                &addr,
+                &input,
+                &format!("throttle-{rep}"),
+                throttle_rate,
+                dir.path(),
+            ))?;
+            let err = (r / f64::from(throttle_rate) - 1.0) * 100.0;
+            eprintln!("rep {rep}: throttle {throttle_rate}/s held {r:.1}/s ({err:+.2}%)");
+            s.throttle.push(r);
+            s.throttle_err.push(err);
+        }
+        if let Some(bin) = &passthrough {
+            let (rss, hwm) = idle_rss(bin, &addr, &idle_topic, dir.path())?;
+            eprintln!("rep {rep}: idle spool-passthrough VmRSS {rss} KiB (peak {hwm} KiB)");
+            s.rss.push(rss as f64 / 1024.0);
+        }
+        // Free the disk for the next rep.
+        rt.block_on(async {
+            let c = Client::connect(addr.clone()).await?;
+            for t in c.list_topics().await? {
+                if !t.topic.starts_with("__") {
+                    let _ = c.delete_topic(&t.topic).await;
+                }
+            }
+            anyhow::Ok(())
+        })?;
+    }
+    report(&s, throttle_rate);
+    println!("loadavg at end {}", busy());
+    Ok(())
+}
+
+fn report(s: &Samples, throttle_rate: u32) {
+    println!("| measure | median | min – max | target | verdict |");
+    println!("| --- | --- | --- | --- | --- |");
+    let row = |name: &str, v: &[f64], unit: &str, target: &str, ok: Option<fn(f64) -> bool>| {
+        if v.is_empty() {
+            return;
+        }
+        let st = Stats::new(v.to_vec());
+        let verdict = ok.map_or("", |f| if f(st.median()) { "met" } else { "MISSED" });
+        println!(
+            "| {name} | {:.2} {unit} | {:.2} – {:.2} | {target} | {verdict} |",
+            st.median(),
+            st.min(),
+            st.max()
+        );
+    };
+    row(
+        "stateless pass-through, exactly once",
+        &s.eos,
+        "records/s",
+        ">= 200 000",
+        Some(|x| x >= 200_000.0),
+    );
+    row("same loop, at least once", &s.alo, "records/s", "-", None);
+    row(
+        "ratio exactly once / at least once (per rep)",
+        &s.ratio,
+        "×",
+        ">= 0.60",
+        Some(|x| x >= 0.6),
+    );
+    row(
+        "one state-store update per record",
+        &s.state,
+        "records/s",
+        ">= 100 000",
+        Some(|x| x >= 100_000.0),
+    );
+    row(
+        "restart with the keys in the local store, to ready",
+        &s.restart,
+        "s",
+        "< 1",
+        Some(|x| x < 1.0),
+    );
+    row("restore from the changelog alone, to ready", &s.restore_secs, "s", "-", None);
+    row(
+        "restore rate (changelog bytes / time to ready)",
+        &s.restore_mbs,
+        "MB/s",
+        ">= 100",
+        Some(|x| x >= 100.0),
+    );
+    row("high lane p50, low lane idle", &s.lane_idle_p50, "ms", "-", None);
+    row("high lane p99, low lane idle", &s.lane_idle_p99, "ms", "-", None);
+    row("high lane p50, low lane saturated", &s.lane_busy_p50, "ms", "-", None);
+    row("high lane p99, low lane saturated", &s.lane_busy_p99, "ms", "-", None);
+    row(
+        "ratio of high-lane p99s saturated / idle (per rep)",
+        &s.lane_ratio,
+        "×",
+        "<= 2",
+        Some(|x| x <= 2.0),
+    );
+    row(
+        &format!("throttle at {throttle_rate}/s, 10 s window"),
+        &s.throttle,
+        "records/s",
+        "-",
+        None,
+    );
+    row(
+        "throttle error",
+        &s.throttle_err,
+        "%",
+        "within ±5",
+        Some(|x| x.abs() <= 5.0),
+    );
+    row(
+        "idle spool-passthrough VmRSS",
+        &s.rss,
+        "MiB",
+        "< 30",
+        Some(|x| x < 30.0),
+    );
+}
