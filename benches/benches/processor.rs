@@ -35,7 +35,8 @@
 //! `SPOOL_BENCH_QUICK=1` (or running without `--bench`, as `cargo test --benches` does) runs
 //! one short rep with 20 000 records. Flags: `--reps`, `--records`, `--partitions`,
 //! `--lane-rate`, `--lane-secs`, `--throttle`, `--only eos,alo,...`, `--spoold PATH`,
-//! `--passthrough PATH`.
+//! `--passthrough PATH`. `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
+//! commit metrics (sums and counts) after its phase, to see where the time went.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -262,6 +263,13 @@ async fn pass_through(
         Duration::from_secs(600),
     )
     .await?;
+    if std::env::var_os("SPOOL_BENCH_VERBOSE").is_some() {
+        for l in p.metrics.render().lines() {
+            if l.contains("_sum") || l.contains("_count") || l.contains("commits_total") {
+                eprintln!("  {name}: {l}");
+            }
+        }
+    }
     p.stop().await?;
     Ok(n as f64 / (t1 - t0).as_secs_f64())
 }
