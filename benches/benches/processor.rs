@@ -143,7 +143,9 @@ async fn fill(client: &Client, topic: &str, partitions: u32, n: u64) -> Result<(
 }
 
 fn tps(topic: &str, partitions: u32) -> Vec<TopicPartition> {
-    (0..partitions).map(|p| TopicPartition::new(topic, p)).collect()
+    (0..partitions)
+        .map(|p| TopicPartition::new(topic, p))
+        .collect()
 }
 
 /// Sum of `group`'s committed offsets over `tps`.
@@ -421,8 +423,7 @@ async fn lanes(
     }
     // Let the last ones arrive.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while (latencies.lock().expect("not poisoned").len() as u64) < sent
-        && Instant::now() < deadline
+    while (latencies.lock().expect("not poisoned").len() as u64) < sent && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -455,9 +456,13 @@ async fn throttle(addr: &str, input: &str, name: &str, rate: u32, dir: &Path) ->
         key_rate_per_sec: None,
         quiet_hours: Vec::new(),
     }];
-    let p = Running::start(&client, cfg, LaneProbe {
-        latencies: Arc::default(),
-    });
+    let p = Running::start(
+        &client,
+        cfg,
+        LaneProbe {
+            latencies: Arc::default(),
+        },
+    );
     let t0 = p.ready(Duration::from_secs(60)).await?;
     tokio::time::sleep_until((t0 + Duration::from_secs(1)).into()).await;
     let (a, ta) = (p.metrics.records_done(), Instant::now());
@@ -490,7 +495,10 @@ fn idle_rss(bin: &Path, addr: &str, topic: &str, dir: &Path) -> Result<(u64, u64
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(std::io::Result::ok) {
+        for line in BufReader::new(stderr)
+            .lines()
+            .map_while(std::io::Result::ok)
+        {
             if line.ends_with(" ready") {
                 let _ = tx.send(());
             }
@@ -557,7 +565,10 @@ fn main() -> Result<()> {
     let lane_secs: f64 = flag_value(&args, "--lane-secs").unwrap_or(if quick { 1.0 } else { 6.0 });
     let throttle_rate: u32 = flag_value(&args, "--throttle").unwrap_or(10_000);
     let only: Option<String> = flag_value(&args, "--only");
-    let want = |case: &str| only.as_deref().is_none_or(|o| o.split(',').any(|c| c == case));
+    let want = |case: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|c| c == case))
+    };
     let bin = match flag_value::<String>(&args, "--spoold") {
         Some(p) => PathBuf::from(p),
         None => spoold::build()?,
@@ -783,7 +794,13 @@ fn report(s: &Samples, throttle_rate: u32) {
         "< 1",
         Some(|x| x < 1.0),
     );
-    row("restore from the changelog alone, to ready", &s.restore_secs, "s", "-", None);
+    row(
+        "restore from the changelog alone, to ready",
+        &s.restore_secs,
+        "s",
+        "-",
+        None,
+    );
     row(
         "restore rate (changelog bytes / time to ready)",
         &s.restore_mbs,
@@ -791,10 +808,34 @@ fn report(s: &Samples, throttle_rate: u32) {
         ">= 100",
         Some(|x| x >= 100.0),
     );
-    row("high lane p50, low lane idle", &s.lane_idle_p50, "ms", "-", None);
-    row("high lane p99, low lane idle", &s.lane_idle_p99, "ms", "-", None);
-    row("high lane p50, low lane saturated", &s.lane_busy_p50, "ms", "-", None);
-    row("high lane p99, low lane saturated", &s.lane_busy_p99, "ms", "-", None);
+    row(
+        "high lane p50, low lane idle",
+        &s.lane_idle_p50,
+        "ms",
+        "-",
+        None,
+    );
+    row(
+        "high lane p99, low lane idle",
+        &s.lane_idle_p99,
+        "ms",
+        "-",
+        None,
+    );
+    row(
+        "high lane p50, low lane saturated",
+        &s.lane_busy_p50,
+        "ms",
+        "-",
+        None,
+    );
+    row(
+        "high lane p99, low lane saturated",
+        &s.lane_busy_p99,
+        "ms",
+        "-",
+        None,
+    );
     row(
         "ratio of high-lane p99s saturated / idle (per rep)",
         &s.lane_ratio,
