@@ -28,6 +28,7 @@
 //!   `<workspace>/target/bench-tmp`, on the same filesystem as the work tree).
 //! - per-bench sizes, documented in each bench and in `docs/benchmarks.md`.
 
+pub mod ceiling;
 pub mod spoold;
 
 use std::fmt::Write as _;

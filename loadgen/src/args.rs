@@ -77,6 +77,10 @@ pub struct LoadArgs {
     /// Touch and free this many bytes of memory right before measuring.
     #[arg(long, default_value_t = 0)]
     pub prefault_bytes: u64,
+    /// Report the CPU time of this process (e.g. the broker's pid) over the measured window,
+    /// next to the load generator's own; may be repeated.
+    #[arg(long = "watch-pid")]
+    pub watch_pids: Vec<u32>,
 }
 
 impl LoadArgs {
@@ -111,6 +115,7 @@ impl LoadArgs {
             fetch_bytes: self.fetch_bytes,
             preload_bytes: self.preload_bytes,
             prefault_bytes: self.prefault_bytes,
+            watch_pids: self.watch_pids.clone(),
             ..LoadConfig::default()
         }
     }

@@ -22,6 +22,10 @@
 //! Each run has a warm-up: only acknowledgements (or deliveries) inside
 //! `[start + warmup, start + warmup + duration)` count.
 //!
+//! Every report carries the CPU time the load generator and any watched process (the broker,
+//! `--watch-pid`) used over the measured window ([`cpu`]), so a throughput figure comes with
+//! its cost in CPU-seconds per GB.
+//!
 //! [`broker::Spoold`] starts a real `spoold` on a temp dir; [`scenarios`] runs the issue's
 //! scenarios with it and writes a results file.
 //!
@@ -31,6 +35,7 @@
 
 mod args;
 pub mod broker;
+pub mod cpu;
 mod run;
 pub mod scenarios;
 pub mod units;

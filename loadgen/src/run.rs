@@ -20,6 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::cpu::{self, CpuStart, CpuUsage};
+
 /// Largest gRPC message either way (the broker's default `max_request_bytes`).
 const MAX_MESSAGE: usize = 64 << 20;
 /// Distinct pre-encoded batches cycled through by producers.
@@ -179,6 +181,8 @@ pub struct LoadConfig {
     /// Touch and free this much memory right before measuring (see docs/benchmarks.md: fresh
     /// memory is slow on this VM).
     pub prefault_bytes: u64,
+    /// Processes (e.g. the broker) whose CPU time over the measured window is reported.
+    pub watch_pids: Vec<u32>,
 }
 
 impl Default for LoadConfig {
@@ -208,6 +212,7 @@ impl Default for LoadConfig {
             fetch_bytes: 1 << 20,
             preload_bytes: 1 << 30,
             prefault_bytes: 0,
+            watch_pids: Vec::new(),
         }
     }
 }
@@ -268,6 +273,8 @@ pub struct Report {
     /// Produce: request latency (from the intended send time under `rate`); e2e: delivery −
     /// intended send time per record; consume: none.
     pub latency: Option<RunLatency>,
+    /// CPU time of the load generator and of the watched processes over the measured window.
+    pub cpu: Option<CpuUsage>,
 }
 
 impl Report {
@@ -288,6 +295,28 @@ impl Report {
                 "; latency µs p50 {:.0} p99 {:.0} p99.9 {:.0} max {:.0} (n={})",
                 l.p50_us, l.p99_us, l.p999_us, l.max_us, l.count
             );
+        }
+        if let Some(c) = &self.cpu {
+            s += &format!(
+                "; CPU over {:.2} s: load generator {:.2} s ({:.2} s/GB)",
+                c.window_s,
+                c.loadgen_s,
+                c.loadgen_s_per_gb(self.bytes).unwrap_or(f64::NAN)
+            );
+            for w in &c.watched {
+                match w.cpu_s {
+                    Some(cpu) => {
+                        s += &format!(
+                            ", pid {} {:.2} s = {:.0}% of a core ({:.2} s/GB)",
+                            w.pid,
+                            cpu,
+                            100.0 * cpu / c.window_s,
+                            cpu / (self.bytes as f64 / 1e9)
+                        )
+                    }
+                    None => s += &format!(", pid {} unreadable", w.pid),
+                }
+            }
         }
         s
     }
@@ -569,6 +598,7 @@ pub async fn run_produce(cfg: &LoadConfig) -> Result<Report> {
     }
     prefault(cfg.prefault_bytes);
     let window = Window::new(cfg);
+    let sampler = cpu::sample_window(cfg.watch_pids.clone(), window.from, window.until);
     let mut tasks = Vec::new();
     for (i, ch) in channels.into_iter().enumerate() {
         let cfg = cfg.clone();
@@ -586,7 +616,17 @@ pub async fn run_produce(cfg: &LoadConfig) -> Result<Report> {
     for t in tasks {
         total.merge(&t.await.context("producer task")??);
     }
-    Ok(report(cfg, &total, cfg.duration))
+    let mut r = report(cfg, &total, cfg.duration);
+    r.cpu = join_sampler(sampler).await;
+    Ok(r)
+}
+
+/// The CPU figures of a window sampler (which has finished once the window is over).
+async fn join_sampler(h: std::thread::JoinHandle<CpuUsage>) -> Option<CpuUsage> {
+    tokio::task::spawn_blocking(move || h.join().ok())
+        .await
+        .ok()
+        .flatten()
 }
 
 fn report(cfg: &LoadConfig, s: &Stats, measured: Duration) -> Report {
@@ -601,6 +641,7 @@ fn report(cfg: &LoadConfig, s: &Stats, measured: Duration) -> Report {
         requests: s.requests,
         errors: s.errors,
         latency: RunLatency::from_hist(&s.hist),
+        cpu: None,
     }
 }
 
@@ -875,6 +916,7 @@ pub async fn run_consume(cfg: &LoadConfig) -> Result<Report> {
         channels.push(channel(cfg).await?);
     }
     prefault(cfg.prefault_bytes);
+    let cpu_start = CpuStart::now(&cfg.watch_pids);
     let start = Instant::now();
     let deadline = start + cfg.duration;
     let mut tasks = Vec::new();
@@ -890,8 +932,11 @@ pub async fn run_consume(cfg: &LoadConfig) -> Result<Report> {
     for t in tasks {
         total.merge(&t.await.context("consumer task")??);
     }
+    let cpu = cpu_start.finish();
     let took = start.elapsed().min(cfg.duration);
-    Ok(report(cfg, &total, took))
+    let mut r = report(cfg, &total, took);
+    r.cpu = Some(cpu);
+    Ok(r)
 }
 
 async fn consume_one(
@@ -991,6 +1036,7 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     }
     prefault(cfg.prefault_bytes);
     let w = Window::new(cfg);
+    let sampler = cpu::sample_window(cfg.watch_pids.clone(), w.from, w.until);
     let (total_tx, total_rx) = tokio::sync::watch::channel(None::<u64>);
     let consumer = tokio::spawn(e2e_consume(stream, base, w, total_rx));
     let mut tasks = Vec::new();
@@ -1012,6 +1058,7 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     let mut r = report(cfg, &cons, cfg.duration);
     r.errors += prod.errors;
     r.requests = prod.requests;
+    r.cpu = join_sampler(sampler).await;
     Ok(r)
 }
 

@@ -334,6 +334,7 @@ fn one_run(bin: &Path, dir: &Path, bt: usize, lt: usize, cfg: &LoadConfig) -> Re
     let cfg = LoadConfig {
         broker: broker.addr.clone(),
         threads: lt,
+        watch_pids: broker.pid().into_iter().collect(),
         ..cfg.clone()
     };
     let r = crate::run(&cfg);

@@ -1,0 +1,726 @@
+//! What `spoold` costs per byte (issue 14), as `cargo bench -p spool-benches --bench
+//! efficiency`: throughput, latency and CPU-seconds per GB of the broker and of the load
+//! generator, each against a baseline measured in the same run.
+//!
+//! Per rep, in this order (spoold scenarios once per binary under test, the binaries'
+//! order swapped every rep so neither always runs first):
+//!
+//! | scenario | what | judged against |
+//! |---|---|---|
+//! | `ceiling` | the load generator's 1 KiB produce against the bare tonic server (`spool_benches::ceiling`) | — (the ceiling) |
+//! | `produce-1KiB` | 1 producer, 1 partition, 1 KiB records, ~1 MiB batches, acks = written, topic `fsync = always` (the broker's default) | ≥ 0.9 × `ceiling` of the same rep |
+//! | `produce-1KiB-never` | the same on a topic with `fsync = never` | (diagnostic) |
+//! | `produce-2x2` | 2 producers × 2 partitions, otherwise as `produce-1KiB` | ≥ 1.3 × `produce-1KiB` of the same rep and binary |
+//! | `produce-100B` | 100-byte records | ≥ 8 M records/s |
+//! | `consume-1KiB` | catch-up `Subscribe` of 1 GiB written just before (page cache) | CPU-s/GB consumed (reported) |
+//! | `e2e-never` | 50 MB/s of 1 KiB records end to end, `fsync = never` | spoold ≤ 40 % of a core, p99 ≤ 1 ms |
+//! | `e2e-always` | the same with `fsync = always` (records visible only once fdatasync'd) | p99 ≤ 2 × `fdatasync` p99 of the same rep |
+//! | `fdatasync` | 4 KiB `pwrite` + `fdatasync` in a loop, in the data directory's filesystem | — (the disk's flush latency) |
+//!
+//! Every run starts a fresh server process (spoold on a fresh data directory, or the ceiling)
+//! and runs the load generator in this process (`spool_loadgen::run`); the server's and this
+//! process's CPU time (`/proc/<pid>/stat` utime + stime, all threads) are read at the start
+//! and end of the measured window, and so is the whole machine's (`/proc/stat`), so each
+//! sample also says how much CPU other processes took meanwhile.
+//!
+//! Flags after `--`: `--spoold PATH` (default: build the release `spoold`), `--baseline
+//! PATH` (a second `spoold`, e.g. main's, measured alternately with the first: A/B),
+//! `--reps`, `--duration`, `--warmup`, `--only a,b`, `--broker-threads`, `--loadgen-threads`,
+//! `--prefault-bytes`, `--consume-bytes`, `--data-parent`, `--out-dir`. Results go to
+//! `benches/results/efficiency-<UTC>.md`.
+//!
+//! Without `--bench` (`cargo test -p spool-benches --benches`) or with `SPOOL_BENCH_QUICK=1`
+//! it is a smoke test: one rep of every scenario, 0.3 s each, tiny consume preload.
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use spool_benches::ceiling;
+use spool_benches::spoold::workspace_root;
+use spool_client::FsyncPolicy;
+use spool_loadgen::broker::Spoold;
+use spool_loadgen::{Acks, LoadConfig, Mode, Report};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "efficiency",
+    about = "spoold's cost per byte against same-run baselines"
+)]
+struct Cli {
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// The spoold under test (default: build the release one).
+    #[arg(long)]
+    spoold: Option<PathBuf>,
+    /// A second spoold measured alternately with the first (A/B), e.g. main's.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Reps (each runs every scenario once per binary).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Warm-up seconds per run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Only scenarios whose name contains one of these.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Tokio workers of spoold and of the ceiling server (0: one per core).
+    #[arg(long, default_value_t = 1)]
+    broker_threads: usize,
+    /// Tokio workers of the load generator (0: one per core).
+    #[arg(long, default_value_t = 1)]
+    loadgen_threads: usize,
+    /// Memory touched and freed right before each measured window (fresh memory is slow on
+    /// this VM; docs/benchmarks.md).
+    #[arg(long, default_value_t = 3 << 30)]
+    prefault_bytes: u64,
+    /// Bytes the consume scenario writes first and then reads back.
+    #[arg(long, default_value_t = 1 << 30)]
+    consume_bytes: u64,
+    /// Parent of the data directories (on the disk being measured).
+    #[arg(long, default_value = "target/efficiency-tmp")]
+    data_parent: PathBuf,
+    /// Where the results file goes.
+    #[arg(long, default_value = "benches/results")]
+    out_dir: PathBuf,
+}
+
+/// Records per second of 1 KiB values that make 50 MB/s.
+const E2E_RATE: f64 = 50e6 / 1024.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Server {
+    Ceiling,
+    Spoold,
+    /// No server: the in-process fdatasync loop.
+    Disk,
+}
+
+struct Scenario {
+    name: &'static str,
+    server: Server,
+    cfg: LoadConfig,
+}
+
+fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
+    let base = LoadConfig {
+        duration: Duration::from_secs_f64(a.duration),
+        warmup: Duration::from_secs_f64(a.warmup),
+        prefault_bytes: a.prefault_bytes,
+        threads: a.loadgen_threads,
+        record_size: 1024,
+        batch_bytes: 1 << 20,
+        acks: Acks::Written,
+        ..LoadConfig::default()
+    };
+    let e2e = LoadConfig {
+        mode: Mode::E2e,
+        rate: Some(E2E_RATE),
+        linger: Duration::from_millis(1),
+        prefault_bytes: 0,
+        ..base.clone()
+    };
+    let all = vec![
+        Scenario {
+            name: "ceiling",
+            server: Server::Ceiling,
+            cfg: base.clone(),
+        },
+        Scenario {
+            name: "produce-1KiB",
+            server: Server::Spoold,
+            cfg: base.clone(),
+        },
+        Scenario {
+            name: "produce-1KiB-never",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Never),
+                ..base.clone()
+            },
+        },
+        Scenario {
+            name: "produce-2x2",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                producers: 2,
+                partitions: 2,
+                ..base.clone()
+            },
+        },
+        Scenario {
+            name: "produce-100B",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                record_size: 100,
+                ..base.clone()
+            },
+        },
+        Scenario {
+            name: "consume-1KiB",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                mode: Mode::Consume,
+                preload_bytes: if quick { 8 << 20 } else { a.consume_bytes },
+                duration: Duration::from_secs(if quick { 5 } else { 60 }),
+                ..base.clone()
+            },
+        },
+        Scenario {
+            name: "e2e-never",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Never),
+                ..e2e.clone()
+            },
+        },
+        Scenario {
+            name: "e2e-always",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Always),
+                ..e2e
+            },
+        },
+        Scenario {
+            name: "fdatasync",
+            server: Server::Disk,
+            cfg: base,
+        },
+    ];
+    all.into_iter()
+        .filter(|s| a.only.is_empty() || a.only.iter().any(|o| s.name.contains(o.as_str())))
+        .collect()
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    mb_s: f64,
+    records_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Server CPU seconds per 10^9 bytes moved, and its share of one core.
+    server_s_per_gb: f64,
+    server_cores: f64,
+    /// Load generator (this process) CPU seconds per 10^9 bytes, and its share of one core.
+    loadgen_s_per_gb: f64,
+    loadgen_cores: f64,
+    /// CPU other processes used over the window, in % of one core.
+    others_pct: f64,
+    line: String,
+}
+
+fn sample_of(r: &Report) -> Sample {
+    let cpu = r.cpu.clone().unwrap_or_default();
+    let server = cpu
+        .watched
+        .first()
+        .and_then(|w| w.cpu_s)
+        .unwrap_or(f64::NAN);
+    let window = cpu.window_s.max(1e-9);
+    let gb = r.bytes as f64 / 1e9;
+    let others = cpu.others_s().unwrap_or(f64::NAN);
+    Sample {
+        mb_s: r.mb_per_s,
+        records_s: r.records_per_s,
+        p50_us: r.latency.map_or(f64::NAN, |l| l.p50_us),
+        p99_us: r.latency.map_or(f64::NAN, |l| l.p99_us),
+        server_s_per_gb: server / gb,
+        server_cores: server / window,
+        loadgen_s_per_gb: cpu.loadgen_s / gb,
+        loadgen_cores: cpu.loadgen_s / window,
+        others_pct: 100.0 * others / window,
+        line: r.line(),
+    }
+}
+
+/// The ceiling server in a child process (this bench binary, re-executed).
+struct CeilingProc {
+    child: Child,
+    addr: String,
+}
+
+impl CeilingProc {
+    fn start(threads: usize) -> Result<CeilingProc> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .env(ceiling::CEILING_ENV, "127.0.0.1:0")
+            .env(ceiling::CEILING_THREADS_ENV, threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the ceiling server")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if let Some(a) = line.strip_prefix(ceiling::READY_LINE) {
+                    let _ = tx.send(a.trim().to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("the ceiling server did not start")?;
+        Ok(CeilingProc { child, addr })
+    }
+}
+
+impl Drop for CeilingProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One load-generator run against `addr`, watching `pid`.
+fn load(cfg: &LoadConfig, addr: &str, pid: u32) -> Result<Sample> {
+    let cfg = LoadConfig {
+        broker: addr.to_owned(),
+        watch_pids: vec![pid],
+        ..cfg.clone()
+    };
+    let r = spool_loadgen::run(&cfg)?;
+    if r.errors > 0 {
+        bail!("{} errors: {}", r.errors, r.line());
+    }
+    Ok(sample_of(&r))
+}
+
+fn run_spoold(bin: &Path, parent: &Path, threads: usize, cfg: &LoadConfig) -> Result<Sample> {
+    let dir = tempfile::Builder::new()
+        .prefix("spoold-")
+        .tempdir_in(parent)?;
+    let mut broker = Spoold::start(bin, &dir.path().join("data"), "127.0.0.1:0", threads)?;
+    let pid = broker.pid().context("spoold pid")?;
+    let s = load(cfg, &broker.addr, pid);
+    let _ = broker.stop(Duration::from_secs(20));
+    s
+}
+
+fn run_ceiling(threads: usize, cfg: &LoadConfig) -> Result<Sample> {
+    let c = CeilingProc::start(threads)?;
+    load(cfg, &c.addr, c.child.id())
+}
+
+/// 4 KiB appends, each followed by fdatasync, for `d`, in a file under `parent`: p50/p99
+/// of write + fdatasync (what fio `--bs=4k --fdatasync=1` measures).
+fn run_fdatasync(parent: &Path, d: Duration) -> Result<Sample> {
+    let dir = tempfile::Builder::new()
+        .prefix("fdatasync-")
+        .tempdir_in(parent)?;
+    let f = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(dir.path().join("f"))?;
+    let block = vec![0x5au8; 4096];
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    let mut off = 0u64;
+    while start.elapsed() < d {
+        let t = Instant::now();
+        f.write_all_at(&block, off)?;
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        off += 4096;
+    }
+    let n = lat.len();
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| lat[((n as f64 * p) as usize).min(n - 1)];
+    Ok(Sample {
+        records_s: n as f64 / d.as_secs_f64(),
+        p50_us: q(0.5),
+        p99_us: q(0.99),
+        line: format!(
+            "4 KiB pwrite + fdatasync × {n} in {:.1} s: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            d.as_secs_f64(),
+            q(0.5),
+            q(0.99),
+            lat[n - 1]
+        ),
+        mb_s: f64::NAN,
+        server_s_per_gb: f64::NAN,
+        server_cores: f64::NAN,
+        loadgen_s_per_gb: f64::NAN,
+        loadgen_cores: f64::NAN,
+        others_pct: f64::NAN,
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn med_range(v: &[f64]) -> String {
+    let s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return "–".into();
+    }
+    let lo = s.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} [{}–{}]", num(median(&s)), num(lo), num(hi))
+}
+
+fn num(x: f64) -> String {
+    if !x.is_finite() {
+        "–".into()
+    } else if x.abs() >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// Samples by (scenario, binary label), in rep order (a failed run leaves a NaN sample so
+/// reps stay aligned for same-rep ratios).
+type Samples = std::collections::BTreeMap<(String, String), Vec<Sample>>;
+
+fn get<'a>(s: &'a Samples, scenario: &str, label: &str) -> &'a [Sample] {
+    s.get(&(scenario.to_owned(), label.to_owned()))
+        .map_or(&[], Vec::as_slice)
+}
+
+fn field(s: &[Sample], f: impl Fn(&Sample) -> f64) -> Vec<f64> {
+    s.iter().map(f).collect()
+}
+
+/// Same-rep ratios `a / b`.
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "**met**" } else { "**not met**" }
+}
+
+fn main() -> Result<()> {
+    ceiling::serve_if_asked()?;
+    let quick = spool_benches::Config::from_env().quick;
+    let mut a = if quick {
+        let mut a = Cli::parse_from(["efficiency"]);
+        a.reps = 1;
+        a.duration = 0.3;
+        a.warmup = 0.1;
+        a.prefault_bytes = 0;
+        a
+    } else {
+        Cli::parse()
+    };
+    let root = workspace_root();
+    for dir in [&mut a.data_parent, &mut a.out_dir] {
+        if dir.is_relative() {
+            *dir = root.join(&*dir);
+        }
+    }
+    std::fs::create_dir_all(&a.data_parent)?;
+    std::fs::create_dir_all(&a.out_dir)?;
+    let new_bin = match &a.spoold {
+        Some(p) => p.clone(),
+        None => spool_benches::spoold::build()?,
+    };
+    let mut bins = vec![("new".to_owned(), new_bin)];
+    if let Some(b) = &a.baseline {
+        bins.push(("baseline".to_owned(), b.clone()));
+    }
+    let list = scenarios(&a, quick);
+    println!(
+        "== efficiency: {} mode, {} reps of {} s (+{} s warm-up), spoold threads {}, loadgen \
+         threads {}; binaries: {}",
+        if quick { "QUICK (smoke-test)" } else { "full" },
+        a.reps,
+        a.duration,
+        a.warmup,
+        a.broker_threads,
+        a.loadgen_threads,
+        bins.iter()
+            .map(|(l, p)| format!("{l} = {}", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let started = Instant::now();
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut samples = Samples::new();
+    let mut log = String::new();
+    for rep in 0..a.reps.max(1) {
+        for s in &list {
+            let order: Vec<&(String, PathBuf)> = match s.server {
+                Server::Spoold if rep % 2 == 1 => bins.iter().rev().collect(),
+                Server::Spoold => bins.iter().collect(),
+                Server::Ceiling | Server::Disk => bins.iter().take(1).collect(),
+            };
+            for (label, bin) in order {
+                let label = match s.server {
+                    Server::Spoold => label.clone(),
+                    _ => "-".to_owned(),
+                };
+                let res = match s.server {
+                    Server::Spoold => run_spoold(bin, &a.data_parent, a.broker_threads, &s.cfg),
+                    Server::Ceiling => run_ceiling(a.broker_threads, &s.cfg),
+                    Server::Disk => run_fdatasync(&a.data_parent, s.cfg.duration),
+                };
+                let sample = match res {
+                    Ok(x) => x,
+                    Err(e) => Sample {
+                        line: format!("FAILED: {e:#}"),
+                        mb_s: f64::NAN,
+                        records_s: f64::NAN,
+                        p50_us: f64::NAN,
+                        p99_us: f64::NAN,
+                        server_s_per_gb: f64::NAN,
+                        server_cores: f64::NAN,
+                        loadgen_s_per_gb: f64::NAN,
+                        loadgen_cores: f64::NAN,
+                        others_pct: f64::NAN,
+                    },
+                };
+                let msg = format!(
+                    "rep {rep} {} [{label}]: {} (others {:.0}% CPU)",
+                    s.name, sample.line, sample.others_pct
+                );
+                eprintln!("{msg}");
+                let _ = writeln!(log, "- {msg}");
+                samples
+                    .entry((s.name.to_owned(), label))
+                    .or_default()
+                    .push(sample);
+            }
+        }
+    }
+    let report = render(&a, &bins, &samples, &log, &load_start, started.elapsed());
+    println!("{report}");
+    let stamp = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H%M%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "undated".into());
+    let path = a.out_dir.join(format!("efficiency-{stamp}.md"));
+    std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    println!("results written to {}", path.display());
+    if quick
+        && samples
+            .values()
+            .flatten()
+            .any(|s| s.line.starts_with("FAILED"))
+    {
+        bail!("a smoke run failed");
+    }
+    Ok(())
+}
+
+fn render(
+    a: &Cli,
+    bins: &[(String, PathBuf)],
+    samples: &Samples,
+    log: &str,
+    load_start: &str,
+    took: Duration,
+) -> String {
+    let sh = |c: &str| {
+        Command::new("sh")
+            .args(["-c", c])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "# efficiency bench, {}\n",
+        sh("date -u '+%Y-%m-%d %H:%M UTC'")
+    );
+    let _ = writeln!(
+        r,
+        "- machine: {} vCPU, kernel {}, {}; data under `{}` ({})",
+        sh("nproc"),
+        sh("uname -r"),
+        sh("free -g | awk '/Mem:/{print $2\" GiB RAM\"}'"),
+        a.data_parent.display(),
+        sh(&format!(
+            "df -h --output=source,fstype {} | tail -1",
+            a.data_parent.display()
+        ))
+    );
+    let _ = writeln!(
+        r,
+        "- git: `{}`; binaries: {}",
+        sh("git rev-parse --short HEAD"),
+        bins.iter()
+            .map(|(l, p)| format!("{l} = `{}`", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        r,
+        "- {} reps, {} s measured after {} s warm-up, spoold/ceiling threads {}, loadgen threads {}, {} bytes pre-faulted before throughput windows; took {:.0} s",
+        a.reps,
+        a.duration,
+        a.warmup,
+        a.broker_threads,
+        a.loadgen_threads,
+        a.prefault_bytes,
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        r,
+        "- load average at start `{}`, at end `{}`\n",
+        load_start.trim(),
+        sh("cat /proc/loadavg")
+    );
+    let _ = writeln!(
+        r,
+        "| scenario | binary | MB/s | records/s | p50 µs | p99 µs | server % core | server CPU s/GB | loadgen % core | loadgen CPU s/GB | others % CPU |"
+    );
+    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for ((scenario, label), s) in samples {
+        let _ = writeln!(
+            r,
+            "| {scenario} | {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            med_range(&field(s, |x| x.mb_s)),
+            med_range(&field(s, |x| x.records_s)),
+            med_range(&field(s, |x| x.p50_us)),
+            med_range(&field(s, |x| x.p99_us)),
+            med_range(&field(s, |x| 100.0 * x.server_cores)),
+            med_range(&field(s, |x| x.server_s_per_gb)),
+            med_range(&field(s, |x| 100.0 * x.loadgen_cores)),
+            med_range(&field(s, |x| x.loadgen_s_per_gb)),
+            med_range(&field(s, |x| x.others_pct)),
+        );
+    }
+    let _ = writeln!(
+        r,
+        "\nmedian [min–max] over reps. MB/s = 10^6 bytes of batches per second (consume: read); \
+         CPU s/GB = CPU seconds (user + system, all threads) per 10^9 bytes moved in the window; \
+         e2e latency = delivery − intended send time per record.\n"
+    );
+    let _ = writeln!(r, "## Targets (issue 14), per binary, same-rep ratios\n");
+    let _ = writeln!(r, "| target | binary | figure | verdict |");
+    let _ = writeln!(r, "|---|---|---|---|");
+    for (label, _) in bins {
+        let l = label.as_str();
+        let e2e = get(samples, "e2e-never", l);
+        if !e2e.is_empty() {
+            let cores = median(&field(e2e, |x| 100.0 * x.server_cores));
+            let p99 = median(&field(e2e, |x| x.p99_us));
+            let _ = writeln!(
+                r,
+                "| e2e 50 MB/s, fsync=never: spoold ≤ 40 % of a core | {l} | {} % | {} |",
+                num(cores),
+                verdict(cores <= 40.0)
+            );
+            let _ = writeln!(
+                r,
+                "| e2e 50 MB/s, fsync=never: p99 ≤ 1 ms | {l} | {} µs | {} |",
+                num(p99),
+                verdict(p99 <= 1000.0)
+            );
+        }
+        let always = get(samples, "e2e-always", l);
+        let disk = get(samples, "fdatasync", "-");
+        if !always.is_empty() && !disk.is_empty() {
+            let q = ratios(&field(always, |x| x.p99_us), &field(disk, |x| x.p99_us));
+            let m = median(&q);
+            let _ = writeln!(
+                r,
+                "| e2e 50 MB/s, fsync=always: p99 ≤ 2 × fdatasync p99 | {l} | {}× (p99 {} µs vs {} µs) | {} |",
+                med_range(&q),
+                num(median(&field(always, |x| x.p99_us))),
+                num(median(&field(disk, |x| x.p99_us))),
+                verdict(m <= 2.0)
+            );
+        }
+        let prod = get(samples, "produce-1KiB", l);
+        let ceil = get(samples, "ceiling", "-");
+        if !prod.is_empty() && !ceil.is_empty() {
+            let q = ratios(&field(prod, |x| x.mb_s), &field(ceil, |x| x.mb_s));
+            let _ = writeln!(
+                r,
+                "| produce 1 KiB, acks=written: ≥ 0.9 × bare tonic ceiling | {l} | {}× ({} vs {} MB/s; loadgen {} vs {} CPU s/GB) | {} |",
+                med_range(&q),
+                num(median(&field(prod, |x| x.mb_s))),
+                num(median(&field(ceil, |x| x.mb_s))),
+                num(median(&field(prod, |x| x.loadgen_s_per_gb))),
+                num(median(&field(ceil, |x| x.loadgen_s_per_gb))),
+                verdict(median(&q) >= 0.9)
+            );
+        }
+        let two = get(samples, "produce-2x2", l);
+        if !two.is_empty() && !prod.is_empty() {
+            let q = ratios(&field(two, |x| x.mb_s), &field(prod, |x| x.mb_s));
+            let _ = writeln!(
+                r,
+                "| 2 producers × 2 partitions ≥ 1.3 × 1 × 1 | {l} | {}× ({} vs {} MB/s) | {} |",
+                med_range(&q),
+                num(median(&field(two, |x| x.mb_s))),
+                num(median(&field(prod, |x| x.mb_s))),
+                verdict(median(&q) >= 1.3)
+            );
+        }
+        let small = get(samples, "produce-100B", l);
+        if !small.is_empty() {
+            let m = median(&field(small, |x| x.records_s));
+            let _ = writeln!(
+                r,
+                "| 100-byte records ≥ 8 M records/s | {l} | {} records/s | {} |",
+                num(m),
+                verdict(m >= 8e6)
+            );
+        }
+    }
+    if bins.len() == 2 {
+        let _ = writeln!(
+            r,
+            "\n## A/B: new ÷ baseline, same-rep ratios (median [min–max])\n"
+        );
+        let _ = writeln!(
+            r,
+            "| scenario | MB/s | records/s | p99 | server CPU s/GB | server % core |"
+        );
+        let _ = writeln!(r, "|---|---|---|---|---|---|");
+        let names: std::collections::BTreeSet<&String> = samples.keys().map(|k| &k.0).collect();
+        for n in names {
+            let (x, y) = (get(samples, n, "new"), get(samples, n, "baseline"));
+            if x.is_empty() || y.is_empty() {
+                continue;
+            }
+            let q = |f: fn(&Sample) -> f64| med_range(&ratios(&field(x, f), &field(y, f)));
+            let _ = writeln!(
+                r,
+                "| {n} | {} | {} | {} | {} | {} |",
+                q(|s| s.mb_s),
+                q(|s| s.records_s),
+                q(|s| s.p99_us),
+                q(|s| s.server_s_per_gb),
+                q(|s| s.server_cores)
+            );
+        }
+    }
+    let _ = writeln!(r, "\n## Every run\n\n{log}");
+    r
+}
