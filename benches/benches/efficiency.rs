@@ -23,7 +23,8 @@
 //! and end of the measured window, and so is the whole machine's (`/proc/stat`), so each
 //! sample also says how much CPU other processes took meanwhile.
 //!
-//! Flags after `--`: `--spoold PATH` (default: build the release `spoold`), `--baseline
+//! Flags after `--` (relative paths are from the workspace root): `--spoold PATH` (default:
+//! build the release `spoold`), `--baseline
 //! PATH` (a second `spoold`, e.g. main's, measured alternately with the first: A/B),
 //! `--reps`, `--duration`, `--warmup`, `--only a,b`, `--broker-threads`, `--loadgen-threads`,
 //! `--prefault-bytes`, `--consume-bytes`, `--data-parent`, `--out-dir`. Results go to
@@ -434,7 +435,14 @@ fn main() -> Result<()> {
         Cli::parse()
     };
     let root = workspace_root();
-    for dir in [&mut a.data_parent, &mut a.out_dir] {
+    // `cargo bench` runs this from `benches/`: relative paths are taken from the workspace root.
+    let paths = [
+        Some(&mut a.data_parent),
+        Some(&mut a.out_dir),
+        a.spoold.as_mut(),
+        a.baseline.as_mut(),
+    ];
+    for dir in paths.into_iter().flatten() {
         if dir.is_relative() {
             *dir = root.join(&*dir);
         }
