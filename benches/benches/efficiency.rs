@@ -31,7 +31,8 @@
 //! `benches/results/efficiency-<UTC>.md`.
 //!
 //! Without `--bench` (`cargo test -p spool-benches --benches`) or with `SPOOL_BENCH_QUICK=1`
-//! it is a smoke test: one rep of every scenario, 0.3 s each, tiny consume preload.
+//! it is a smoke test: one rep of every scenario, 0.3 s each, tiny consume preload, no results
+//! file.
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
@@ -528,9 +529,12 @@ fn main() -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|_| "undated".into());
-    let path = a.out_dir.join(format!("efficiency-{stamp}.md"));
-    std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
-    println!("results written to {}", path.display());
+    // A smoke run's figures mean nothing: it leaves no results file behind.
+    if !quick {
+        let path = a.out_dir.join(format!("efficiency-{stamp}.md"));
+        std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+        println!("results written to {}", path.display());
+    }
     if quick
         && samples
             .values()
