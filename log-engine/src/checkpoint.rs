@@ -16,9 +16,10 @@
 //! write damages at most that slot, so the other one still holds the previous point. The
 //! slot with the highest sequence and a valid CRC wins.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use spool_io::{FileHandle, FileSystem, OpenMode};
 
 use crate::error::{Error, Result};
 
@@ -75,7 +76,7 @@ fn decode(b: &[u8]) -> Option<(u64, Point)> {
 /// Open handle on a partition's recovery-point file.
 #[derive(Debug)]
 pub(crate) struct Checkpoint {
-    file: File,
+    file: Arc<dyn FileHandle>,
     path: PathBuf,
     seq: u64,
     last: Option<Point>,
@@ -83,9 +84,9 @@ pub(crate) struct Checkpoint {
 
 /// Reads the newest valid point of the file in `dir` without creating or changing anything
 /// (for offline inspection). `Ok(None)` when the file is missing or no slot is valid.
-pub(crate) fn read_point(dir: &Path) -> Result<Option<Point>> {
+pub(crate) fn read_point(fs: &dyn FileSystem, dir: &Path) -> Result<Option<Point>> {
     let path = dir.join(FILE_NAME);
-    let bytes = match std::fs::read(&path) {
+    let bytes = match fs.read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("read", &path, e)),
@@ -103,24 +104,17 @@ pub(crate) fn read_point(dir: &Path) -> Result<Option<Point>> {
 impl Checkpoint {
     /// Opens (creating if missing) the file in `dir` and reads the newest valid point.
     /// Returns the handle and the point, if any slot is valid.
-    pub(crate) fn open(dir: &Path) -> Result<(Checkpoint, Option<Point>)> {
+    pub(crate) fn open(fs: &dyn FileSystem, dir: &Path) -> Result<(Checkpoint, Option<Point>)> {
         let path = dir.join(FILE_NAME);
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let existed = fs.exists(&path);
+        let file = fs
+            .open(&path, OpenMode::Create)
             .map_err(|e| Error::io("open", &path, e))?;
         if !existed {
-            crate::fsutil::sync_dir(dir)?;
+            crate::fsutil::sync_dir(fs, dir)?;
         }
         let mut buf = [0u8; 2 * SLOT];
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("stat", &path, e))?
-            .len();
+        let len = file.size().map_err(|e| Error::io("stat", &path, e))?;
         let n = (len as usize).min(buf.len());
         file.read_exact_at(&mut buf[..n], 0)
             .map_err(|e| Error::io("read", &path, e))?;
@@ -169,13 +163,15 @@ impl Checkpoint {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // damages files on purpose
 mod tests {
     use super::*;
 
     #[test]
     fn newest_valid_slot_wins_and_torn_slot_falls_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut c, p) = Checkpoint::open(dir.path()).unwrap();
+        let fs = spool_io::RealFs;
+        let (mut c, p) = Checkpoint::open(&fs, dir.path()).unwrap();
         assert_eq!(p, None);
         let a = Point {
             segment_base: 0,
@@ -191,14 +187,14 @@ mod tests {
         c.write(b).unwrap();
         c.write(a).unwrap(); // older: ignored
         drop(c);
-        let (_, p) = Checkpoint::open(dir.path()).unwrap();
+        let (_, p) = Checkpoint::open(&fs, dir.path()).unwrap();
         assert_eq!(p, Some(b));
         // Tear the newest slot (seq 2 lives in slot 0): the previous point survives.
         let path = dir.path().join(FILE_NAME);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let (_, p) = Checkpoint::open(dir.path()).unwrap();
+        let (_, p) = Checkpoint::open(&fs, dir.path()).unwrap();
         assert_eq!(p, Some(a));
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use spool_io::FileSystem;
 use spool_record::DecodeLimits;
 
 use crate::error::{Error, Result};
@@ -332,6 +333,9 @@ pub struct LogOptions {
     /// The log cleaner of compacted topics (its own background thread, started with the
     /// maintenance thread).
     pub cleaner: CleanerOptions,
+    /// The file system every file operation goes through (the real one by default; tests
+    /// pass a simulated disk, `spool_io::sim::SimFs`).
+    pub fs: Arc<dyn FileSystem>,
 }
 
 /// Settings of the log cleaner (see [`crate::compact`]).
@@ -370,6 +374,7 @@ impl Default for LogOptions {
             background_maintenance: true,
             retention_check_interval: Duration::from_secs(60),
             cleaner: CleanerOptions::default(),
+            fs: spool_io::real(),
         }
     }
 }

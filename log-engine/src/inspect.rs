@@ -7,7 +7,7 @@
 //! against their CRCs and the segment they describe. Findings say exactly where: file, byte
 //! position and offset.
 
-use std::fs::{self, File};
+use spool_io::{FileSystem, RealFs};
 use std::path::{Path, PathBuf};
 
 use crate::batch::{Batch, BatchHeader};
@@ -84,21 +84,24 @@ impl PartitionInspection {
 
 /// Inspects one partition directory (read-only).
 pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
+    let fs: &dyn FileSystem = &RealFs;
     let mut bases = Vec::new();
     let mut swaps = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))? {
-        let entry = entry.map_err(|e| Error::io("read directory", dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for entry in fs
+        .read_dir(dir)
+        .map_err(|e| Error::io("read directory", dir, e))?
+    {
+        let name = entry.name;
         if let Some(base) = segment::parse_log_name(&name) {
             bases.push(base);
         } else if name.ends_with(".swap") || name.ends_with(".cleaned") {
-            swaps.push(entry.path());
+            swaps.push(dir.join(name));
         }
     }
     bases.sort_unstable();
-    let point = checkpoint::read_point(dir)?;
+    let point = checkpoint::read_point(fs, dir)?;
     // Segments below it may have been compacted: offsets may skip (see `crate::compact`).
-    let sparse_below = crate::compact::state::State::read(dir)?.sparse_below;
+    let sparse_below = crate::compact::state::State::read(fs, dir)?.sparse_below;
     let found: Vec<(u64, u64)> = bases.iter().map(|&b| (b, 0)).collect();
     let mut out = PartitionInspection {
         dir: dir.to_path_buf(),
@@ -131,7 +134,7 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
                 problem: format!("segment starts at offset {base}, the previous one ends at {n}"),
             });
         }
-        let data = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let data = fs.read(&path).map_err(|e| Error::io("read", &path, e))?;
         let len = data.len() as u64;
         let (mut batches, mut records, mut max_ts) = (0u64, 0u64, -1i64);
         let chain = crate::compact::chain_of(&found, i, sparse_below);
@@ -160,7 +163,7 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
             });
         }
         if !last {
-            check_indexes(&path, base, len, &mut out.findings);
+            check_indexes(fs, &path, base, len, &mut out.findings);
         }
         out.segments.push(SegmentInfo {
             path,
@@ -176,10 +179,16 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
     Ok(out)
 }
 
-fn check_indexes(log: &Path, base: u64, size: u64, findings: &mut Vec<Finding>) {
+fn check_indexes(
+    fs: &dyn FileSystem,
+    log: &Path,
+    base: u64,
+    size: u64,
+    findings: &mut Vec<Finding>,
+) {
     for (ext, kind) in [("index", Kind::Offset), ("timeindex", Kind::Time)] {
         let path = log.with_extension(ext);
-        let problem = match fs::read(&path) {
+        let problem = match fs.read(&path) {
             Ok(data) => index::decode_file(&path, kind, &data, base, size)
                 .err()
                 .map(|e| e.to_string()),
@@ -199,21 +208,27 @@ fn check_indexes(log: &Path, base: u64, size: u64, findings: &mut Vec<Finding>) 
 
 /// Every partition under a log's root directory: `(topic, partition, inspection)`, sorted.
 pub fn inspect_log(root: &Path) -> Result<Vec<(String, u32, PartitionInspection)>> {
+    let fs: &dyn FileSystem = &RealFs;
     let mut out = Vec::new();
-    let mut topics: Vec<_> = fs::read_dir(root)
+    let mut topics: Vec<_> = fs
+        .read_dir(root)
         .map_err(|e| Error::io("read directory", root, e))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("topic.json").is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .into_iter()
+        .filter(|e| {
+            fs.metadata(&root.join(&e.name).join("topic.json"))
+                .is_ok_and(|m| !m.is_dir)
+        })
+        .map(|e| e.name)
         .filter(|n| !n.starts_with('.'))
         .collect();
     topics.sort();
     for topic in topics {
         let tdir = root.join(&topic);
-        let mut parts: Vec<u32> = fs::read_dir(&tdir)
+        let mut parts: Vec<u32> = fs
+            .read_dir(&tdir)
             .map_err(|e| Error::io("read directory", &tdir, e))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+            .into_iter()
+            .filter_map(|e| e.name.parse().ok())
             .collect();
         parts.sort_unstable();
         for p in parts {
@@ -230,9 +245,7 @@ pub fn inspect_log(root: &Path) -> Result<Vec<(String, u32, PartitionInspection)
 /// Calls `each(position, batch)` for every batch of a segment file, in order, stopping at the
 /// first bad one (returned as an error naming the file and position). For `spool inspect dump`.
 pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<()> {
-    let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut f, &mut data).map_err(|e| Error::io("read", path, e))?;
+    let data = RealFs.read(path).map_err(|e| Error::io("read", path, e))?;
     let data = bytes::Bytes::from(data);
     let mut pos = 0usize;
     while pos < data.len() {

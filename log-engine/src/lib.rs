@@ -26,8 +26,9 @@
 //!
 //! Architecture invariants (see `docs/ARCHITECTURE.md`): no async runtime and no network code
 //! here; typed errors ([`Error`]) only; every length read from disk or from a caller is bounded
-//! before it is used; `unsafe` lives only in the `mmap` module.
-#![deny(unsafe_code)]
+//! before it is used; no `unsafe` (memory maps live behind the I/O seam, `spool_io`); every file
+//! operation goes through [`io::FileSystem`] ([`LogOptions::fs`]).
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 /// The RecordBatch v2 format: the `spool-record` crate, re-exported for embedders.
@@ -41,7 +42,6 @@ mod index;
 pub mod inspect;
 mod log;
 mod mapcache;
-mod mmap;
 mod notify;
 mod partition;
 pub mod producer;
@@ -61,4 +61,6 @@ pub use error::{Error, Result};
 pub use log::{Log, MAX_TOPIC_NAME, validate_topic_name};
 pub use notify::DataAvailable;
 pub use partition::{AppendInfo, Partition, PartitionStats, ReadResult, RecoveryReport};
+/// The I/O seam (`spool-io`): the [`io::FileSystem`] every file operation goes through.
+pub use spool_io as io;
 pub use txn::{Isolation, Marker, OpenTxn};

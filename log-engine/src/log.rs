@@ -15,12 +15,13 @@
 //!   never takes the admin lock.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use spool_io::{FileLock, FileSystem};
 
 use crate::compact::{CleanReport, Cleaner};
 use crate::config::{Clock, FsyncPolicy, LogOptions, TopicConfig};
@@ -73,22 +74,13 @@ struct Inner {
     admin: Mutex<()>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
-    lock: File,
+    /// The directory lock (released when dropped).
+    _lock: Box<dyn FileLock>,
     /// The log cleaner of compacted topics (its map is allocated on first use).
     cleaner: Mutex<Cleaner>,
     /// Set when closing: a running cleaning pass stops at its next batch.
     cleaner_stop: Arc<AtomicBool>,
     cleaner_every: Duration,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Unlock explicitly rather than rely on closing the descriptor: a flock belongs to the
-        // open file description, and a child process another thread is spawning right now
-        // holds a copy of every descriptor until it execs, which would keep the directory
-        // locked (and make reopening it fail with `Locked`) after this log is gone.
-        let _ = self.lock.unlock();
-    }
 }
 
 /// An open log. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -100,8 +92,8 @@ pub struct Log {
     reports: Vec<(String, u32, RecoveryReport)>,
 }
 
-pub(crate) fn read_config(path: &Path) -> Result<TopicConfig> {
-    let bytes = fs::read(path).map_err(|e| Error::io("read", path, e))?;
+pub(crate) fn read_config(fs: &dyn FileSystem, path: &Path) -> Result<TopicConfig> {
+    let bytes = fs.read(path).map_err(|e| Error::io("read", path, e))?;
     if bytes.len() > 1 << 20 {
         return Err(Error::corruption(
             path,
@@ -124,31 +116,25 @@ pub(crate) fn read_config(path: &Path) -> Result<TopicConfig> {
 
 /// Takes the exclusive lock of the log directory `root` that an open [`Log`] holds
 /// ([`Error::Locked`] if another holds it). With `create` false, a missing lock file means
-/// nobody has the log open and nothing is created: `Ok(None)`. The caller unlocks explicitly
-/// (see `Inner`'s `Drop`).
-pub(crate) fn lock_dir(root: &Path, create: bool) -> Result<Option<File>> {
+/// nobody has the log open and nothing is created: `Ok(None)`. Dropping the guard unlocks.
+pub(crate) fn lock_dir(
+    fs: &dyn FileSystem,
+    root: &Path,
+    create: bool,
+) -> Result<Option<Box<dyn FileLock>>> {
     let lock_path = root.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(create)
-        .create(create)
-        .truncate(false)
-        .open(&lock_path);
-    let file = match file {
-        Ok(f) => f,
-        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("open", &lock_path, e)),
-    };
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked(root.to_path_buf())),
-        Err(fs::TryLockError::Error(e)) => Err(Error::io("lock", &lock_path, e)),
+    match fs.lock(&lock_path, create) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(Error::Locked(root.to_path_buf()))
+        }
+        Err(e) => Err(Error::io("lock", &lock_path, e)),
     }
 }
 
-fn write_config(dir: &Path, cfg: &TopicConfig) -> Result<()> {
+fn write_config(fs: &dyn FileSystem, dir: &Path, cfg: &TopicConfig) -> Result<()> {
     let json = serde_json::to_vec_pretty(cfg).map_err(|e| Error::InvalidConfig(e.to_string()))?;
-    fsutil::write_atomic(&dir.join(TOPIC_META), &json)
+    fsutil::write_atomic(fs, &dir.join(TOPIC_META), &json)
 }
 
 impl Log {
@@ -156,9 +142,12 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, opts: LogOptions) -> Result<Log> {
         let root = dir.as_ref().to_path_buf();
         opts.limits.validate()?;
-        fsutil::create_dir_durable(&root)?;
-        let lock_file = lock_dir(&root, true)?.expect("created if missing");
+        let fs = opts.fs.clone();
+        fsutil::create_dir_durable(fs.as_ref(), &root)?;
+        let lock_file = lock_dir(fs.as_ref(), &root, true)?.expect("created if missing");
         let shared = Arc::new(Shared {
+            fs: fs.clone(),
+            replaced: (opts.clock.now_ms(), std::sync::atomic::AtomicU64::new(0)),
             limits: opts.limits.clone(),
             clock: opts.clock.clone(),
             verify_reads: opts.verify_reads,
@@ -167,22 +156,27 @@ impl Log {
         let mut topics = BTreeMap::new();
         let mut reports = Vec::new();
         let mut names = Vec::new();
-        for entry in fs::read_dir(&root).map_err(|e| Error::io("read directory", &root, e))? {
-            let entry = entry.map_err(|e| Error::io("read directory", &root, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+        let mut entries = fs
+            .read_dir(&root)
+            .map_err(|e| Error::io("read directory", &root, e))?;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        for entry in entries {
+            let name = entry.name;
+            let p = root.join(&name);
             if name.starts_with(".tmp-") || name.starts_with(".deleted-") {
-                let p = entry.path();
-                fs::remove_dir_all(&p).map_err(|e| Error::io("remove", &p, e))?;
+                fs.remove_dir_all(&p)
+                    .map_err(|e| Error::io("remove", &p, e))?;
                 continue;
             }
-            if entry.path().join(TOPIC_META).is_file() && validate_topic_name(&name).is_ok() {
+            let meta = fs.metadata(&p.join(TOPIC_META));
+            if meta.is_ok_and(|m| !m.is_dir) && validate_topic_name(&name).is_ok() {
                 names.push(name);
             }
         }
         names.sort();
         for name in names {
             let tdir = root.join(&name);
-            let cfg = Arc::new(read_config(&tdir.join(TOPIC_META))?);
+            let cfg = Arc::new(read_config(fs.as_ref(), &tdir.join(TOPIC_META))?);
             let mut partitions = Vec::with_capacity(cfg.partitions as usize);
             for id in 0..cfg.partitions {
                 let (p, report) = Partition::open(
@@ -214,7 +208,7 @@ impl Log {
             admin: Mutex::new(()),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
-            lock: lock_file,
+            _lock: lock_file,
             cleaner: Mutex::new(cleaner),
             cleaner_stop,
             cleaner_every: opts.cleaner.check_interval.max(Duration::from_millis(1)),
@@ -277,15 +271,19 @@ impl Log {
             return Err(Error::TopicExists(name.to_owned()));
         }
         let root = &self.inner.root;
+        let fs = self.inner.shared.fs.as_ref();
         let tmp = root.join(format!(".tmp-{name}"));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+        if fs.exists(&tmp) {
+            fs.remove_dir_all(&tmp)
+                .map_err(|e| Error::io("remove", &tmp, e))?;
         }
-        fs::create_dir(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
-        write_config(&tmp, &config)?;
+        fs.create_dir(&tmp)
+            .map_err(|e| Error::io("create directory", &tmp, e))?;
+        write_config(fs, &tmp, &config)?;
         let dst = root.join(name);
-        fs::rename(&tmp, &dst).map_err(|e| Error::io("rename", &dst, e))?;
-        fsutil::sync_dir(root)?;
+        fs.rename(&tmp, &dst)
+            .map_err(|e| Error::io("rename", &dst, e))?;
+        fsutil::sync_dir(fs, root)?;
         let cfg = Arc::new(config);
         let mut partitions = Vec::with_capacity(cfg.partitions as usize);
         for id in 0..cfg.partitions {
@@ -328,14 +326,17 @@ impl Log {
             p.close().ok();
         }
         let root = &self.inner.root;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let graveyard = root.join(format!(".deleted-{name}-{nanos}"));
+        let fs = self.inner.shared.fs.as_ref();
+        let graveyard = root.join(format!(
+            ".deleted-{name}-{}",
+            self.inner.shared.next_replace_id()
+        ));
         let src = root.join(name);
-        fs::rename(&src, &graveyard).map_err(|e| Error::io("rename", &src, e))?;
-        fsutil::sync_dir(root)?;
-        fs::remove_dir_all(&graveyard).map_err(|e| Error::io("remove", &graveyard, e))?;
+        fs.rename(&src, &graveyard)
+            .map_err(|e| Error::io("rename", &src, e))?;
+        fsutil::sync_dir(fs, root)?;
+        fs.remove_dir_all(&graveyard)
+            .map_err(|e| Error::io("remove", &graveyard, e))?;
         tracing::info!(topic = name, "deleted topic");
         Ok(())
     }
@@ -367,7 +368,11 @@ impl Log {
                 "use add_partitions to change the partition count".into(),
             ));
         }
-        write_config(&self.inner.root.join(name), &config)?;
+        write_config(
+            self.inner.shared.fs.as_ref(),
+            &self.inner.root.join(name),
+            &config,
+        )?;
         let cfg = Arc::new(config);
         for p in &topic.partitions {
             p.set_config(cfg.clone());
@@ -402,9 +407,11 @@ impl Log {
         let mut partitions = topic.partitions.clone();
         for id in old..total {
             let pdir = tdir.join(id.to_string());
-            if pdir.exists() {
+            let fs = self.inner.shared.fs.as_ref();
+            if fs.exists(&pdir) {
                 // Left by a crash between creating it and recording the new count: never used.
-                fs::remove_dir_all(&pdir).map_err(|e| Error::io("remove", &pdir, e))?;
+                fs.remove_dir_all(&pdir)
+                    .map_err(|e| Error::io("remove", &pdir, e))?;
             }
             let (p, _) = Partition::open(
                 name,
@@ -416,7 +423,7 @@ impl Log {
             )?;
             partitions.push(Arc::new(p));
         }
-        write_config(&tdir, &cfg)?;
+        write_config(self.inner.shared.fs.as_ref(), &tdir, &cfg)?;
         for p in &partitions {
             p.set_config(cfg.clone());
         }

@@ -56,6 +56,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
+use spool_io::FileSystem;
+
 use crate::batch::BatchHeader;
 use crate::error::{Error, Result};
 use crate::txn::TxnIndex;
@@ -375,15 +377,21 @@ impl ProducerStates {
     /// next directory fsync, and until then the older snapshot serves just as well).
     pub(crate) fn write_snapshot(
         &self,
+        fs: &dyn FileSystem,
         txn: &TxnIndex,
         dir: &Path,
         covers_below: u64,
     ) -> Result<()> {
-        crate::fsutil::write_replace(&dir.join(SNAPSHOT_NAME), &self.encode(txn, covers_below))
+        crate::fsutil::write_replace(
+            fs,
+            &dir.join(SNAPSHOT_NAME),
+            &self.encode(txn, covers_below),
+        )
     }
 
     /// Reads the snapshot of `dir`: `None` if there is none or it is unusable (logged).
     pub(crate) fn read_snapshot(
+        fs: &dyn FileSystem,
         dir: &Path,
         max_producers: usize,
         expiration_ms: i64,
@@ -394,12 +402,12 @@ impl ProducerStates {
             + 12
             + max_producers * (ENTRY_FIXED + RECENT_BATCHES * BATCH_LEN + crate::txn::OPEN_LEN)
             + max_aborted * crate::txn::ABORTED_LEN) as u64;
-        let len = std::fs::metadata(&path).ok()?.len();
+        let len = fs.metadata(&path).ok()?.len;
         if len > limit {
             tracing::warn!(path = %path.display(), len, "producer snapshot over its size limit: rebuilding from the log");
             return None;
         }
-        let buf = std::fs::read(&path).ok()?;
+        let buf = fs.read(&path).ok()?;
         match ProducerStates::decode(&buf, max_producers, expiration_ms, max_aborted) {
             Ok(v) => Some(v),
             Err(reason) => {

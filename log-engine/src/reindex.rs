@@ -21,7 +21,7 @@
 //! With `dry_run` everything is checked and reported, nothing is written and the lock is only
 //! tested (a missing lock file is not created).
 
-use std::fs::{self, File};
+use spool_io::{FileSystem, RealFs};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -123,46 +123,38 @@ impl PartitionReindex {
     }
 }
 
-/// Holds the directory lock; unlocks explicitly on drop (see `log.rs` for why).
-struct LockGuard(Option<File>);
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        if let Some(f) = &self.0 {
-            let _ = f.unlock();
-        }
-    }
-}
-
 /// Rebuilds the index files of the sealed segments under the log directory `root` (see the
 /// module docs). Fails with [`Error::Locked`] if a [`crate::Log`] has the directory open,
 /// [`Error::TopicNotFound`] / [`Error::PartitionNotFound`] for a selection that does not
 /// exist, and on I/O errors; corruption is reported per segment, not as an error.
 pub fn reindex_log(root: &Path, opts: &ReindexOptions) -> Result<Vec<PartitionReindex>> {
-    if !root.is_dir() {
+    let fs: &dyn FileSystem = &RealFs;
+    let is_file = |p: &Path| fs.metadata(p).is_ok_and(|m| !m.is_dir);
+    if !fs.metadata(root).is_ok_and(|m| m.is_dir) {
         return Err(Error::io(
             "open directory",
             root,
             std::io::Error::from(std::io::ErrorKind::NotFound),
         ));
     }
-    let _lock = LockGuard(crate::log::lock_dir(root, !opts.dry_run)?);
+    let _lock = crate::log::lock_dir(fs, root, !opts.dry_run)?;
     let topics = match &opts.topic {
         Some(t) => {
             crate::log::validate_topic_name(t)?;
-            if !root.join(t).join(TOPIC_META).is_file() {
+            if !is_file(&root.join(t).join(TOPIC_META)) {
                 return Err(Error::TopicNotFound(t.clone()));
             }
             vec![t.clone()]
         }
         None => {
-            let mut v: Vec<String> = fs::read_dir(root)
+            let mut v: Vec<String> = fs
+                .read_dir(root)
                 .map_err(|e| Error::io("read directory", root, e))?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .into_iter()
+                .map(|e| e.name)
                 .filter(|n| {
                     crate::log::validate_topic_name(n).is_ok()
-                        && root.join(n).join(TOPIC_META).is_file()
+                        && is_file(&root.join(n).join(TOPIC_META))
                 })
                 .collect();
             v.sort();
@@ -172,7 +164,7 @@ pub fn reindex_log(root: &Path, opts: &ReindexOptions) -> Result<Vec<PartitionRe
     let mut out = Vec::new();
     for topic in topics {
         let tdir = root.join(&topic);
-        let config = crate::log::read_config(&tdir.join(TOPIC_META))?;
+        let config = crate::log::read_config(fs, &tdir.join(TOPIC_META))?;
         let ids: Vec<u32> = match opts.partition {
             Some(p) if p < config.partitions => vec![p],
             Some(p) if opts.topic.is_some() => {
@@ -186,7 +178,7 @@ pub fn reindex_log(root: &Path, opts: &ReindexOptions) -> Result<Vec<PartitionRe
         };
         for id in ids {
             let dir = tdir.join(id.to_string());
-            let segments = reindex_partition(&dir, config.index_interval_bytes, opts.dry_run)?;
+            let segments = reindex_partition(fs, &dir, config.index_interval_bytes, opts.dry_run)?;
             out.push(PartitionReindex {
                 topic: topic.clone(),
                 partition: id,
@@ -201,17 +193,24 @@ pub fn reindex_log(root: &Path, opts: &ReindexOptions) -> Result<Vec<PartitionRe
 const TOPIC_META: &str = "topic.json";
 
 /// Reindexes one partition directory; the caller holds the lock.
-fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<SegmentReindex>> {
+fn reindex_partition(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    interval: u32,
+    dry_run: bool,
+) -> Result<Vec<SegmentReindex>> {
     let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))? {
-        let entry = entry.map_err(|e| Error::io("read directory", dir, e))?;
-        if let Some(base) = segment::parse_log_name(&entry.file_name().to_string_lossy()) {
+    for entry in fs
+        .read_dir(dir)
+        .map_err(|e| Error::io("read directory", dir, e))?
+    {
+        if let Some(base) = segment::parse_log_name(&entry.name) {
             bases.push(base);
         }
     }
     bases.sort_unstable();
     // Segments below it may have been compacted: offsets may skip (see `crate::compact`).
-    let sparse_below = crate::compact::state::State::read(dir)?.sparse_below;
+    let sparse_below = crate::compact::state::State::read(fs, dir)?.sparse_below;
     let mut out = Vec::with_capacity(bases.len());
     let mut expect_next: Option<u64> = None;
     let mut stopped = false;
@@ -221,9 +220,10 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
         let mut seg = SegmentReindex {
             path: path.clone(),
             base_offset: base,
-            bytes: fs::metadata(&path)
+            bytes: fs
+                .metadata(&path)
                 .map_err(|e| Error::io("stat", &path, e))?
-                .len(),
+                .len,
             batches: 0,
             records: 0,
             offset_entries: 0,
@@ -252,7 +252,7 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
             out.push(seg);
             continue;
         }
-        let data = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let data = fs.read(&path).map_err(|e| Error::io("read", &path, e))?;
         seg.bytes = data.len() as u64;
         let found: Vec<(u64, u64)> = bases.iter().map(|&b| (b, 0)).collect();
         let chain = crate::compact::chain_of(&found, i, sparse_below);
@@ -289,8 +289,8 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
         let (offsets, times) = built.encode();
         let index_path = path.with_extension("index");
         let time_path = path.with_extension("timeindex");
-        let index_state = state(&index_path, Kind::Offset, &offsets, base, seg.bytes);
-        let time_state = state(&time_path, Kind::Time, &times, base, seg.bytes);
+        let index_state = state(fs, &index_path, Kind::Offset, &offsets, base, seg.bytes);
+        let time_state = state(fs, &time_path, Kind::Time, &times, base, seg.bytes);
         let files = [
             (&index_state, &index_path, &offsets, Kind::Offset),
             (&time_state, &time_path, &times, Kind::Time),
@@ -304,7 +304,7 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
                 if *s != IndexFileState::Current {
                     // The image must pass the same checks the engine applies when loading.
                     index::decode_file(p, kind, bytes, base, seg.bytes)?;
-                    fsutil::write_replace(p, bytes)?;
+                    fsutil::write_replace(fs, p, bytes)?;
                     renamed = true;
                 }
             }
@@ -315,14 +315,21 @@ fn reindex_partition(dir: &Path, interval: u32, dry_run: bool) -> Result<Vec<Seg
         out.push(seg);
     }
     if renamed {
-        fsutil::sync_dir(dir)?;
+        fsutil::sync_dir(fs, dir)?;
     }
     Ok(out)
 }
 
 /// How the index file at `path` compares with the rebuilt image `want`.
-fn state(path: &Path, kind: Kind, want: &[u8], base: u64, size: u64) -> IndexFileState {
-    let have = match fs::read(path) {
+fn state(
+    fs: &dyn FileSystem,
+    path: &Path,
+    kind: Kind,
+    want: &[u8],
+    base: u64,
+    size: u64,
+) -> IndexFileState {
+    let have = match fs.read(path) {
         Ok(h) => h,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return IndexFileState::Invalid("missing".into());
@@ -340,7 +347,10 @@ fn state(path: &Path, kind: Kind, want: &[u8], base: u64, size: u64) -> IndexFil
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // damages files on purpose
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::{BatchBuilder, Compression, Log, LogOptions, TopicConfig};
 

@@ -15,18 +15,17 @@
 //! - Every length taken from the file is checked against the bytes present and against
 //!   [`crate::config::MAX_BATCH_BYTES`] before use.
 
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use bytes::Bytes;
+use spool_io::{FileHandle, FileSystem, OpenMode};
 
 use crate::batch::{self, BatchHeader};
 use crate::config::MAX_BATCH_BYTES;
 use crate::error::{Error, Result};
 use crate::index::{self, Kind, SegmentSummary};
-use crate::mmap;
 
 /// Name of a segment's log file.
 pub(crate) fn log_name(base: u64) -> String {
@@ -49,6 +48,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// them deleted.
 #[derive(Debug)]
 pub(crate) struct SegmentFiles {
+    fs: Arc<dyn FileSystem>,
     pub(crate) log: PathBuf,
     pub(crate) index: PathBuf,
     pub(crate) timeindex: PathBuf,
@@ -65,12 +65,10 @@ fn deleted_name(p: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Tells apart the `.deleted` names of successive replaced generations of one segment.
-static REPLACED: AtomicU64 = AtomicU64::new(0);
-
 impl SegmentFiles {
-    fn new(dir: &Path, base: u64) -> SegmentFiles {
+    fn new(fs: Arc<dyn FileSystem>, dir: &Path, base: u64) -> SegmentFiles {
         SegmentFiles {
+            fs,
             log: dir.join(log_name(base)),
             index: dir.join(format!("{base:020}.index")),
             timeindex: dir.join(format!("{base:020}.timeindex")),
@@ -102,7 +100,7 @@ impl Drop for SegmentFiles {
             let suffix = self.deleted_suffix.get().map_or(".deleted", String::as_str);
             for p in [&self.log, &self.index, &self.timeindex] {
                 let d = deleted_name(p, suffix);
-                if let Err(e) = fs::remove_file(&d)
+                if let Err(e) = self.fs.remove_file(&d)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {
                     tracing::warn!(path = %d.display(), error = %e, "could not remove deleted segment file");
@@ -406,7 +404,7 @@ pub(crate) struct Segment {
     /// Largest record timestamp; `i64::MIN` while unknown (sealed, index not loaded).
     max_timestamp: AtomicI64,
     /// Write handle while active; `None` once sealed.
-    active_file: Mutex<Option<Arc<File>>>,
+    active_file: Mutex<Option<Arc<dyn FileHandle>>>,
     map: Mutex<Bytes>,
     index: RwLock<IndexState>,
     /// LRU tick of the last mapping use.
@@ -418,11 +416,17 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// A sealed segment found on disk (`size` bytes); nothing is opened until first use.
-    pub(crate) fn sealed(dir: &Path, base: u64, size: u64, index_interval: u32) -> Segment {
+    pub(crate) fn sealed(
+        fs: &Arc<dyn FileSystem>,
+        dir: &Path,
+        base: u64,
+        size: u64,
+        index_interval: u32,
+    ) -> Segment {
         Segment {
             base_offset: base,
             index_interval,
-            files: Arc::new(SegmentFiles::new(dir, base)),
+            files: Arc::new(SegmentFiles::new(fs.clone(), dir, base)),
             readable_end: AtomicU64::new(size),
             written_end: AtomicU64::new(size),
             max_timestamp: AtomicI64::new(i64::MIN),
@@ -437,10 +441,11 @@ impl Segment {
     /// The active segment, with the writer's file handle and its in-memory index.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn active(
+        fs: &Arc<dyn FileSystem>,
         dir: &Path,
         base: u64,
         index_interval: u32,
-        file: Arc<File>,
+        file: Arc<dyn FileHandle>,
         size: u64,
         offsets: Vec<u8>,
         times: Vec<u8>,
@@ -449,7 +454,7 @@ impl Segment {
         Segment {
             base_offset: base,
             index_interval,
-            files: Arc::new(SegmentFiles::new(dir, base)),
+            files: Arc::new(SegmentFiles::new(fs.clone(), dir, base)),
             readable_end: AtomicU64::new(size),
             written_end: AtomicU64::new(size),
             max_timestamp: AtomicI64::new(max_timestamp),
@@ -535,19 +540,20 @@ impl Segment {
             Some(f) => f,
             None => {
                 let path = self.files.current_log_path();
-                let f = File::open(&path)
+                let fs = &self.files.fs;
+                fs.open(&path, OpenMode::Read)
                     .or_else(|e| {
                         if e.kind() == std::io::ErrorKind::NotFound {
-                            File::open(self.files.current_log_path())
+                            fs.open(&self.files.current_log_path(), OpenMode::Read)
                         } else {
                             Err(e)
                         }
                     })
-                    .map_err(|e| Error::io("open", &path, e))?;
-                Arc::new(f)
+                    .map_err(|e| Error::io("open", &path, e))?
             }
         };
-        let bytes = mmap::map(&file, len as usize, self.files.clone())
+        let bytes = file
+            .map(len as usize, Box::new(self.files.clone()))
             .map_err(|e| Error::io("mmap", self.log_path(), e))?;
         *map = bytes.clone();
         Ok((bytes, true))
@@ -612,9 +618,14 @@ impl Segment {
             self.files.current(&self.files.timeindex),
         );
         let load = |path: &Path, kind: Kind| -> Result<(SegmentSummary, Bytes)> {
-            let f = File::open(path).map_err(|e| Error::io("open", path, e))?;
-            let len = f.metadata().map_err(|e| Error::io("stat", path, e))?.len();
-            let data = mmap::map(&f, len as usize, ()).map_err(|e| Error::io("mmap", path, e))?;
+            let fs = &self.files.fs;
+            let f = fs
+                .open(path, OpenMode::Read)
+                .map_err(|e| Error::io("open", path, e))?;
+            let len = f.size().map_err(|e| Error::io("stat", path, e))?;
+            let data = f
+                .map(len as usize, Box::new(()))
+                .map_err(|e| Error::io("mmap", path, e))?;
             let (summary, range) = index::decode_file(path, kind, &data, self.base_offset, size)?;
             Ok((summary, data.slice(range)))
         };
@@ -685,11 +696,7 @@ impl Segment {
             // first use. Failing the roll here would poison the partition for no gain.
             if let Err(e) = write_index_files(&self.files, &summary, offsets, times) {
                 tracing::warn!(segment = %self.log_path().display(), error = %e, "sealing without index files; they will be rebuilt");
-                for p in [&self.files.index, &self.files.timeindex] {
-                    let mut tmp = p.as_os_str().to_owned();
-                    tmp.push(".tmp");
-                    let _ = fs::remove_file(PathBuf::from(tmp));
-                }
+                // (`write_replace` removed its temporary file.)
             }
             summary
         };
@@ -708,11 +715,11 @@ impl Segment {
     }
 
     /// Renames the files to `*.<n>.deleted`, a name no other generation of this segment uses,
-    /// so that the cleaner can put a rewritten segment under the original names. Readers that
-    /// hold this segment keep reading the old files until they let go.
-    pub(crate) fn mark_replaced(&self) -> Result<()> {
-        let n = REPLACED.fetch_add(1, Ordering::Relaxed);
-        self.rename_away(format!(".{}-{n}.deleted", std::process::id()))
+    /// so that the cleaner can put a rewritten segment under the original names (`id` is
+    /// unique, see `Shared::next_replace_id`). Readers that hold this segment keep
+    /// reading the old files until they let go.
+    pub(crate) fn mark_replaced(&self, id: &str) -> Result<()> {
+        self.rename_away(format!(".{id}.deleted"))
     }
 
     fn rename_away(&self, suffix: String) -> Result<()> {
@@ -726,7 +733,7 @@ impl Segment {
         }
         let suffix = self.files.deleted_suffix.get_or_init(|| suffix).clone();
         for p in [&self.files.log, &self.files.index, &self.files.timeindex] {
-            match fs::rename(p, deleted_name(p, &suffix)) {
+            match self.files.fs.rename(p, &deleted_name(p, &suffix)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && p != &self.files.log => {}
                 Err(e) => return Err(Error::io("rename", p, e)),
@@ -744,8 +751,17 @@ fn write_index_files(
     offsets: &[u8],
     times: &[u8],
 ) -> Result<()> {
-    crate::fsutil::write_replace(&files.index, &index::encode_file(Kind::Offset, s, offsets))?;
-    crate::fsutil::write_replace(&files.timeindex, &index::encode_file(Kind::Time, s, times))
+    let fs = files.fs.as_ref();
+    crate::fsutil::write_replace(
+        fs,
+        &files.index,
+        &index::encode_file(Kind::Offset, s, offsets),
+    )?;
+    crate::fsutil::write_replace(
+        fs,
+        &files.timeindex,
+        &index::encode_file(Kind::Time, s, times),
+    )
 }
 
 #[cfg(test)]

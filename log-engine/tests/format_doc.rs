@@ -10,6 +10,8 @@
 //! To regenerate the bytes after a deliberate format change, run
 //! `SPOOL_GOLDEN_PRINT=1 cargo test -p spool-log-engine --test format_doc -- --nocapture`
 //! and copy the rows (then re-check the annotations by hand).
+// Tests reach files directly on purpose (damage them, read what the engine wrote).
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -12,6 +12,8 @@
 //!   kafka-python decodes the stored segment.
 //!
 //! Missing Python or kafka-python is a test failure, never a skip (see `PIP`).
+// Tests reach files directly on purpose (damage them, read what the engine wrote).
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

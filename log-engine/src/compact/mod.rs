@@ -365,7 +365,7 @@ impl Cleaner {
         if !v.config.cleanup.compacts() {
             return Ok(());
         }
-        let mut state = State::read(&v.dir)?;
+        let mut state = State::read(v.fs.as_ref(), &v.dir)?;
         let first_dirty = state.first_dirty.max(v.log_start);
         let end_of = |i: usize| v.sealed.get(i + 1).map_or(v.active_base, |s| s.base_offset);
         // The cleanable segments: sealed, old enough, and starting below the last stable
@@ -498,7 +498,7 @@ impl Cleaner {
         let groups_end = end_of(m.max(1) - 1);
         if state.sparse_below < groups_end {
             state.sparse_below = groups_end;
-            state.write(&v.dir)?;
+            state.write(v.fs.as_ref(), &v.dir)?;
         }
         Self::step(&mut self.hook, Step::StateSaved)?;
 
@@ -518,7 +518,7 @@ impl Cleaner {
         // 4. Where the dirty section starts now.
         state.first_dirty = map_end;
         state.next_horizon = pass.next_horizon;
-        state.write(&v.dir)?;
+        state.write(v.fs.as_ref(), &v.dir)?;
         Self::step(&mut self.hook, Step::Finished)?;
         tracing::debug!(
             topic = p.topic(),
@@ -543,14 +543,14 @@ impl Cleaner {
         let v = pass.v;
         let base = segs[0].base_offset;
         let interval = v.config.index_interval_bytes;
-        let mut out = Output::create(&v.dir, base, interval)?;
+        let mut out = Output::create(&v.fs, &v.dir, base, interval)?;
         let written = self.write_group(pass, segs, &mut out, report);
         let changed = match written {
             Ok(changed) => changed,
             Err(Halt::Hook(s)) => return Err(Halt::Hook(s)),
             Err(e) => {
                 drop(out);
-                swap::discard(&v.dir, base);
+                swap::discard(v.fs.as_ref(), &v.dir, base);
                 return Err(e);
             }
         };
@@ -559,7 +559,7 @@ impl Cleaner {
         report.bytes_in += bytes_in;
         if !changed {
             drop(out);
-            swap::discard(&v.dir, base);
+            swap::discard(v.fs.as_ref(), &v.dir, base);
             report.bytes_out += bytes_in;
             return Ok(());
         }
@@ -567,15 +567,16 @@ impl Cleaner {
         let fin = match out.finish() {
             Ok(f) => f,
             Err(e) => {
-                swap::discard(&v.dir, base);
+                swap::discard(v.fs.as_ref(), &v.dir, base);
                 return Err(e.into());
             }
         };
         Self::step(&mut self.hook, Step::OutputWritten)?;
-        let new = Arc::new(Segment::sealed(&v.dir, base, fin.size, interval));
+        let new = Arc::new(Segment::sealed(&v.fs, &v.dir, base, fin.size, interval));
         new.set_sparse(limit);
         new.note_timestamp(fin.max_timestamp);
         let dir = &v.dir;
+        let fs = v.fs.as_ref();
         let hook = &mut self.hook;
         let mut stopped = None;
         let mut at = |s: Step| {
@@ -586,21 +587,21 @@ impl Cleaner {
             go
         };
         let swapped = pass.p.replace_segments(segs, new, || {
-            swap::commit(dir, base)?;
+            swap::commit(fs, dir, base)?;
             if !at(Step::Committed) {
                 return Ok(false);
             }
             for (i, s) in segs.iter().enumerate() {
-                s.mark_replaced()?;
+                s.mark_replaced(&pass.p.next_replace_id())?;
                 if i == 0 && !at(Step::OldRenamed) {
                     return Ok(false);
                 }
             }
-            swap::install(dir, base)?;
+            swap::install(fs, dir, base)?;
             if !at(Step::Installed) {
                 return Ok(false);
             }
-            crate::fsutil::sync_dir(dir)?;
+            crate::fsutil::sync_dir(fs, dir)?;
             Ok(at(Step::Synced))
         });
         report.sync_duration += sync_started.elapsed();
@@ -609,7 +610,7 @@ impl Cleaner {
         }
         if !swapped? {
             // Retention removed part of the group meanwhile, or the partition closed.
-            swap::discard(&v.dir, base);
+            swap::discard(v.fs.as_ref(), &v.dir, base);
             report.bytes_out += bytes_in;
             return Ok(());
         }

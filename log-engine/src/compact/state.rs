@@ -22,6 +22,8 @@
 
 use std::path::Path;
 
+use spool_io::FileSystem;
+
 use crate::error::{Error, Result};
 
 /// File name inside a partition directory.
@@ -87,9 +89,9 @@ impl State {
 
     /// Reads the state of the partition in `dir` (never fails on content: see the module
     /// docs).
-    pub(crate) fn read(dir: &Path) -> Result<State> {
+    pub(crate) fn read(fs: &dyn FileSystem, dir: &Path) -> Result<State> {
         let path = dir.join(FILE_NAME);
-        match std::fs::read(&path) {
+        match fs.read(&path) {
             Ok(b) => Ok(State::decode(&b).unwrap_or_else(|| {
                 tracing::warn!(path = %path.display(), "damaged cleaner state: treating every segment as possibly compacted");
                 State::UNKNOWN
@@ -100,30 +102,32 @@ impl State {
     }
 
     /// Replaces the state file atomically and durably.
-    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
-        crate::fsutil::write_atomic(&dir.join(FILE_NAME), &self.encode())
+    pub(crate) fn write(&self, fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+        crate::fsutil::write_atomic(fs, &dir.join(FILE_NAME), &self.encode())
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // damages files on purpose
 mod tests {
     use super::*;
 
     #[test]
     fn round_trip_missing_and_damaged() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(State::read(dir.path()).unwrap(), State::NEVER);
+        let fs = spool_io::RealFs;
+        assert_eq!(State::read(&fs, dir.path()).unwrap(), State::NEVER);
         let s = State {
             first_dirty: 42,
             sparse_below: 100,
             next_horizon: -5,
         };
-        s.write(dir.path()).unwrap();
-        assert_eq!(State::read(dir.path()).unwrap(), s);
+        s.write(&fs, dir.path()).unwrap();
+        assert_eq!(State::read(&fs, dir.path()).unwrap(), s);
         let mut b = s.encode();
         b[9] ^= 1;
         std::fs::write(dir.path().join(FILE_NAME), b).unwrap();
-        let d = State::read(dir.path()).unwrap();
+        let d = State::read(&fs, dir.path()).unwrap();
         assert_eq!(d.sparse_below, u64::MAX);
         assert_eq!(d.first_dirty, 0);
     }

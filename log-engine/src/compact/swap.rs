@@ -27,12 +27,15 @@
 //!   segments are then intact (nothing touches them before the commit).
 //! - `*.deleted` leftovers are removed with the rest by the partition's recovery.
 
-use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use spool_io::{FileSystem, OpenMode, SeqWriter};
 
 use crate::batch::BatchHeader;
 use crate::error::{Error, Result};
+use crate::fsutil::remove_if_present;
 use crate::index::{self, Kind, SegmentSummary};
 use crate::segment::{self, Chain, IndexBuilder};
 
@@ -51,9 +54,9 @@ fn cleaned_paths(dir: &Path, base: u64) -> [PathBuf; 3] {
 }
 
 /// Removes the `.cleaned` files of `base` (an abandoned output).
-pub(crate) fn discard(dir: &Path, base: u64) {
+pub(crate) fn discard(fs: &dyn FileSystem, dir: &Path, base: u64) {
     for p in cleaned_paths(dir, base) {
-        if let Err(e) = fs::remove_file(&p)
+        if let Err(e) = fs.remove_file(&p)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %p.display(), error = %e, "could not remove a cleaner output");
@@ -64,10 +67,11 @@ pub(crate) fn discard(dir: &Path, base: u64) {
 /// A new segment being written by the cleaner.
 #[derive(Debug)]
 pub(crate) struct Output {
+    fs: Arc<dyn FileSystem>,
     dir: PathBuf,
     pub(crate) base: u64,
     path: PathBuf,
-    file: BufWriter<File>,
+    file: BufWriter<SeqWriter>,
     pub(crate) pos: u64,
     index: IndexBuilder,
     offsets: Vec<u8>,
@@ -84,19 +88,23 @@ pub(crate) struct Finished {
 
 impl Output {
     /// Starts `B.log.cleaned` (replacing a stale one).
-    pub(crate) fn create(dir: &Path, base: u64, interval: u32) -> Result<Output> {
-        discard(dir, base);
+    pub(crate) fn create(
+        fs: &Arc<dyn FileSystem>,
+        dir: &Path,
+        base: u64,
+        interval: u32,
+    ) -> Result<Output> {
+        discard(fs.as_ref(), dir, base);
         let path = name(dir, base, "log", CLEANED);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        let file = fs
+            .open(&path, OpenMode::CreateNew)
             .map_err(|e| Error::io("create", &path, e))?;
         Ok(Output {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             base,
             path,
-            file: BufWriter::with_capacity(1 << 20, file),
+            file: BufWriter::with_capacity(1 << 20, SeqWriter::new(file, 0)),
             pos: 0,
             index: IndexBuilder::new(base, interval),
             offsets: Vec::new(),
@@ -131,9 +139,11 @@ impl Output {
             .file
             .into_inner()
             .map_err(|e| Error::io("write", &self.path, e.into_error()))?;
-        file.sync_data()
+        file.file()
+            .sync_data()
             .map_err(|e| Error::io("fdatasync", &self.path, e))?;
         drop(file);
+        let fs = self.fs.as_ref();
         let summary = SegmentSummary {
             base_offset: self.base,
             last_offset: self.next_offset.saturating_sub(1),
@@ -141,11 +151,13 @@ impl Output {
             log_size: self.pos as u32,
         };
         let [_, index_path, time_path] = cleaned_paths(&self.dir, self.base);
-        write_synced(
+        crate::fsutil::write_synced(
+            fs,
             &index_path,
             &index::encode_file(Kind::Offset, &summary, &self.offsets),
         )?;
-        write_synced(
+        crate::fsutil::write_synced(
+            fs,
             &time_path,
             &index::encode_file(Kind::Time, &summary, &self.times),
         )?;
@@ -156,65 +168,55 @@ impl Output {
     }
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| Error::io("create", path, e))?;
-    f.write_all(data).map_err(|e| Error::io("write", path, e))?;
-    f.sync_data().map_err(|e| Error::io("fdatasync", path, e))
-}
-
-fn rename(from: &Path, to: &Path) -> Result<()> {
-    fs::rename(from, to).map_err(|e| Error::io("rename", to, e))
+fn rename(fs: &dyn FileSystem, from: &Path, to: &Path) -> Result<()> {
+    fs.rename(from, to).map_err(|e| Error::io("rename", to, e))
 }
 
 /// Step 3: the commit point.
-pub(crate) fn commit(dir: &Path, base: u64) -> Result<()> {
+pub(crate) fn commit(fs: &dyn FileSystem, dir: &Path, base: u64) -> Result<()> {
     rename(
+        fs,
         &name(dir, base, "log", CLEANED),
         &name(dir, base, "log", SWAP),
     )?;
-    crate::fsutil::sync_dir(dir)
+    crate::fsutil::sync_dir(fs, dir)
 }
 
 /// Step 5 (the old segments are renamed away already): the indexes, then the log, into
 /// place. The caller fsyncs the directory.
-pub(crate) fn install(dir: &Path, base: u64) -> Result<()> {
+pub(crate) fn install(fs: &dyn FileSystem, dir: &Path, base: u64) -> Result<()> {
     for ext in ["index", "timeindex"] {
-        rename(&name(dir, base, ext, CLEANED), &name(dir, base, ext, ""))?;
+        rename(
+            fs,
+            &name(dir, base, ext, CLEANED),
+            &name(dir, base, ext, ""),
+        )?;
     }
-    rename(&name(dir, base, "log", SWAP), &name(dir, base, "log", ""))
-}
-
-fn remove_if_present(p: &Path) -> Result<()> {
-    match fs::remove_file(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", p, e)),
-    }
+    rename(
+        fs,
+        &name(dir, base, "log", SWAP),
+        &name(dir, base, "log", ""),
+    )
 }
 
 /// Finishes committed swaps and removes uncommitted outputs in the partition directory `dir`
 /// (see the module docs). Returns the state's `sparse_below`. Run before the segments are
 /// listed.
-pub(crate) fn recover_dir(dir: &Path) -> Result<u64> {
-    let state = State::read(dir)?;
-    let entries = match fs::read_dir(dir) {
+pub(crate) fn recover_dir(fs: &dyn FileSystem, dir: &Path) -> Result<u64> {
+    let state = State::read(fs, dir)?;
+    let mut entries = match fs.read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state.sparse_below),
         Err(e) => return Err(Error::io("read directory", dir, e)),
     };
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
     let (mut swaps, mut cleaned, mut logs) = (Vec::new(), Vec::new(), Vec::new());
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io("read directory", dir, e))?;
-        let n = entry.file_name().to_string_lossy().into_owned();
+        let n = entry.name;
         if let Some(base) = n.strip_suffix(SWAP).and_then(segment::parse_log_name) {
             swaps.push(base);
         } else if n.ends_with(CLEANED) {
-            cleaned.push(entry.path());
+            cleaned.push(dir.join(&n));
         } else if let Some(base) = segment::parse_log_name(&n) {
             logs.push(base);
         }
@@ -226,12 +228,12 @@ pub(crate) fn recover_dir(dir: &Path) -> Result<u64> {
     for &base in &swaps {
         let swap = name(dir, base, "log", SWAP);
         let end = {
-            let file = File::open(&swap).map_err(|e| Error::io("open", &swap, e))?;
-            let len = file
-                .metadata()
-                .map_err(|e| Error::io("stat", &swap, e))?
-                .len();
-            let data = crate::mmap::map(&file, len as usize, ())
+            let file = fs
+                .open(&swap, OpenMode::Read)
+                .map_err(|e| Error::io("open", &swap, e))?;
+            let len = file.size().map_err(|e| Error::io("stat", &swap, e))?;
+            let data = file
+                .map(len as usize, Box::new(()))
                 .map_err(|e| Error::io("mmap", &swap, e))?;
             let w = segment::walk_chain(
                 &data,
@@ -254,23 +256,23 @@ pub(crate) fn recover_dir(dir: &Path) -> Result<u64> {
         };
         for &old in logs.iter().filter(|&&x| x >= base && x < end) {
             for ext in ["log", "index", "timeindex"] {
-                remove_if_present(&name(dir, old, ext, ""))?;
+                remove_if_present(fs, &name(dir, old, ext, ""))?;
             }
         }
         for ext in ["index", "timeindex"] {
             let c = name(dir, base, ext, CLEANED);
-            if c.exists() {
-                rename(&c, &name(dir, base, ext, ""))?;
+            if fs.exists(&c) {
+                rename(fs, &c, &name(dir, base, ext, ""))?;
             }
         }
-        rename(&swap, &name(dir, base, "log", ""))?;
+        rename(fs, &swap, &name(dir, base, "log", ""))?;
         tracing::warn!(dir = %dir.display(), base, "finished an interrupted compaction swap");
     }
     for p in cleaned {
-        if p.exists() {
-            remove_if_present(&p)?;
+        if fs.exists(&p) {
+            remove_if_present(fs, &p)?;
         }
     }
-    crate::fsutil::sync_dir(dir)?;
+    crate::fsutil::sync_dir(fs, dir)?;
     Ok(state.sparse_below)
 }

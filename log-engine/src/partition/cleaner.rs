@@ -15,6 +15,7 @@ use super::{Partition, lock};
 /// The partition as the cleaner sees it at the start of a pass.
 #[derive(Debug)]
 pub(crate) struct CleanerView {
+    pub(crate) fs: Arc<dyn spool_io::FileSystem>,
     pub(crate) dir: PathBuf,
     pub(crate) config: Arc<TopicConfig>,
     pub(crate) limits: Limits,
@@ -39,6 +40,7 @@ impl Partition {
         let last_stable = self.last_stable_offset();
         let (active, sealed) = segs.split_last().expect("a partition has a segment");
         Ok(CleanerView {
+            fs: self.shared.fs.clone(),
             dir: self.dir.clone(),
             config: self.config(),
             limits: self.shared.limits.clone(),
@@ -63,6 +65,12 @@ impl Partition {
             && h.is_transactional()
             && !h.is_control()
             && lock(&self.txn).is_aborted(h.producer_id, h.base_offset)
+    }
+
+    /// A name part for the files of a segment the cleaner replaces (see
+    /// [`Segment::mark_replaced`]).
+    pub(crate) fn next_replace_id(&self) -> String {
+        self.shared.next_replace_id()
     }
 
     /// The mapping of a sealed segment for the cleaner, counted in the map cache.

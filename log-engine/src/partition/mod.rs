@@ -50,10 +50,24 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Engine-wide context shared by all partitions of a log.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// Every file operation goes through it.
+    pub(crate) fs: Arc<dyn spool_io::FileSystem>,
+    /// Tells apart the `.deleted` names of successive replaced generations of a segment:
+    /// the clock when the log was opened (so that files a reader of an earlier open of the
+    /// directory still holds keep their own names), and a counter.
+    pub(crate) replaced: (i64, AtomicU64),
     pub(crate) limits: Limits,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) verify_reads: bool,
     pub(crate) maps: MapCache,
+}
+
+impl Shared {
+    /// A name part no other segment replacement of this directory used.
+    pub(crate) fn next_replace_id(&self) -> String {
+        let n = self.replaced.1.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{}-{n}", std::process::id(), self.replaced.0)
+    }
 }
 
 /// What an append did.
@@ -760,7 +774,7 @@ impl Partition {
         for seg in &segs[..doomed] {
             seg.mark_deleted()?;
         }
-        crate::fsutil::sync_dir(&self.dir)?;
+        crate::fsutil::sync_dir(self.shared.fs.as_ref(), &self.dir)?;
         let remaining: Vec<_> = segs[doomed..].to_vec();
         let new_start = remaining[0].base_offset;
         *self.segments.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(remaining);

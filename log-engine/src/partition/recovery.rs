@@ -14,15 +14,15 @@
 //!    CRC) up to the recovery point and from the CRC scan beyond it. Only the last segment is
 //!    walked, never the whole partition.
 
-use std::fs::{self, File, OpenOptions};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
+use spool_io::{FileHandle, FileSystem, OpenMode};
+
 use crate::checkpoint::Checkpoint;
 use crate::config::TopicConfig;
 use crate::error::{Error, Result};
-use crate::mmap;
 use crate::notify::Watch;
 use crate::producer::ProducerStates;
 use crate::segment::{self, IndexBuilder, Segment};
@@ -49,45 +49,49 @@ pub struct RecoveryReport {
 
 /// Copies `file[pos..len]` to `<segment>.torn-<pos>` next to it, durably, and returns its path.
 fn quarantine(
+    fs: &dyn FileSystem,
     dir: &Path,
     path: &Path,
-    file: &File,
+    file: &dyn FileHandle,
     pos: u64,
     len: u64,
 ) -> Result<std::path::PathBuf> {
-    use std::io::{Read, Seek, SeekFrom};
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".torn-{pos}"));
     let dst = std::path::PathBuf::from(name);
-    let mut src = file;
-    src.seek(SeekFrom::Start(pos))
-        .map_err(|e| Error::io("seek", path, e))?;
-    let mut out = File::create(&dst).map_err(|e| Error::io("create", &dst, e))?;
-    std::io::copy(&mut src.take(len - pos), &mut out)
-        .map_err(|e| Error::io("copy torn tail", &dst, e))?;
+    let out = fs
+        .open(&dst, OpenMode::CreateTruncate)
+        .map_err(|e| Error::io("create", &dst, e))?;
+    let mut buf = vec![0u8; (len - pos).min(1 << 20) as usize];
+    let mut at = pos;
+    while at < len {
+        let n = buf.len().min((len - at) as usize);
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| Error::io("read", path, e))?;
+        out.write_all_at(&buf[..n], at - pos)
+            .map_err(|e| Error::io("copy torn tail", &dst, e))?;
+        at += n as u64;
+    }
     out.sync_data()
         .map_err(|e| Error::io("fdatasync", &dst, e))?;
-    crate::fsutil::sync_dir(dir)?;
+    crate::fsutil::sync_dir(fs, dir)?;
     Ok(dst)
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<(u64, u64)>> {
+fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<(u64, u64)>> {
     let mut bases = Vec::new();
-    let rd = fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))?;
-    for entry in rd {
-        let entry = entry.map_err(|e| Error::io("read directory", dir, e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.ends_with(".deleted") || name.ends_with(".tmp") {
-            let p = entry.path();
-            fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+    let mut entries = fs
+        .read_dir(dir)
+        .map_err(|e| Error::io("read directory", dir, e))?;
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    for entry in entries {
+        let p = dir.join(&entry.name);
+        if entry.name.ends_with(".deleted") || entry.name.ends_with(".tmp") {
+            fs.remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
             continue;
         }
-        if let Some(base) = segment::parse_log_name(&name) {
-            let len = entry
-                .metadata()
-                .map_err(|e| Error::io("stat", entry.path(), e))?
-                .len();
+        if let Some(base) = segment::parse_log_name(&entry.name) {
+            let len = fs.metadata(&p).map_err(|e| Error::io("stat", &p, e))?.len;
             bases.push((base, len));
         }
     }
@@ -105,14 +109,15 @@ impl Partition {
         shared: Arc<Shared>,
         create: bool,
     ) -> Result<(Partition, RecoveryReport)> {
+        let fs = &shared.fs;
         if create {
-            crate::fsutil::create_dir_durable(dir)?;
+            crate::fsutil::create_dir_durable(fs.as_ref(), dir)?;
         }
         // Finish or undo an interrupted compaction swap first; segments below `sparse_below`
         // may have been compacted (offsets with gaps).
-        let sparse_below = crate::compact::recover_dir(dir)?;
-        let mut found = list_segments(dir)?;
-        let (checkpoint, point) = Checkpoint::open(dir)?;
+        let sparse_below = crate::compact::recover_dir(fs.as_ref(), dir)?;
+        let mut found = list_segments(fs.as_ref(), dir)?;
+        let (checkpoint, point) = Checkpoint::open(fs.as_ref(), dir)?;
         let mut checkpoint = Some(checkpoint);
         let mut report = RecoveryReport {
             segments: found.len(),
@@ -129,8 +134,9 @@ impl Partition {
                 ));
             }
             let path = dir.join(segment::log_name(0));
-            File::create(&path).map_err(|e| Error::io("create", &path, e))?;
-            crate::fsutil::sync_dir(dir)?;
+            fs.open(&path, OpenMode::CreateTruncate)
+                .map_err(|e| Error::io("create", &path, e))?;
+            crate::fsutil::sync_dir(fs.as_ref(), dir)?;
             found.push((0, 0));
         }
         // Where trusted data ends: (index into `found`, byte position, next offset).
@@ -162,7 +168,7 @@ impl Partition {
         let now = shared.clock.now_ms();
         let mut segments = Vec::with_capacity(found.len());
         for &(base, len) in &found[..start.0] {
-            segments.push(Arc::new(Segment::sealed(dir, base, len, interval)));
+            segments.push(Arc::new(Segment::sealed(fs, dir, base, len, interval)));
         }
         let mut next = start.2;
         for (i, &(base, len)) in found.iter().enumerate().skip(start.0) {
@@ -185,13 +191,17 @@ impl Partition {
                     format!("file is {len} bytes, shorter than the recovery point {trusted}"),
                 ));
             }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(i == last)
-                .open(&path)
+            let mode = if i == last {
+                OpenMode::Write
+            } else {
+                OpenMode::Read
+            };
+            let file = fs
+                .open(&path, mode)
                 .map_err(|e| Error::io("open", &path, e))?;
-            let data =
-                mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
+            let data = file
+                .map(len as usize, Box::new(()))
+                .map_err(|e| Error::io("mmap", &path, e))?;
             let mut builder = IndexBuilder::new(base, interval);
             let (mut offsets, mut times) = (Vec::new(), Vec::new());
             let mut add = |pos: u64, h: &crate::batch::BatchHeader| {
@@ -248,7 +258,7 @@ impl Partition {
                 // Past the recovery point a bad batch is most likely a torn write, but it could
                 // also be damage to acknowledged data: keep the bytes aside before cutting, so
                 // nothing is lost silently (`RecoveryReport::quarantined` names the file).
-                let saved = quarantine(dir, &path, &file, pos, len)?;
+                let saved = quarantine(fs.as_ref(), dir, &path, file.as_ref(), pos, len)?;
                 tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), reason = %reason, "truncating torn tail past the recovery point");
                 report.quarantined.push(saved);
                 file.set_len(pos)
@@ -276,8 +286,8 @@ impl Partition {
                         .map_err(|e| Error::io("fdatasync", &path, e))?;
                     checkpoint.write(reached)?;
                 }
-                let file = Arc::new(file);
                 let seg = Arc::new(Segment::active(
+                    fs,
                     dir,
                     base,
                     interval,
@@ -307,7 +317,7 @@ impl Partition {
                     report,
                 ));
             }
-            segments.push(Arc::new(Segment::sealed(dir, base, end, interval)));
+            segments.push(Arc::new(Segment::sealed(fs, dir, base, end, interval)));
         }
         unreachable!("the loop returns at the last segment")
     }
@@ -372,7 +382,9 @@ fn producer_state_before(
     let last_base = found[found.len() - 1].0;
     let now = shared.clock.now_ms();
     let fresh = || (ProducerStates::new(max, expiry), TxnIndex::default());
+    let fs = shared.fs.as_ref();
     let ((mut state, mut txn), from) = match ProducerStates::read_snapshot(
+        fs,
         dir,
         max,
         expiry,
@@ -392,8 +404,12 @@ fn producer_state_before(
             continue;
         }
         let path = dir.join(segment::log_name(base));
-        let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
-        let data = mmap::map(&file, len as usize, ()).map_err(|e| Error::io("mmap", &path, e))?;
+        let file = fs
+            .open(&path, OpenMode::Read)
+            .map_err(|e| Error::io("open", &path, e))?;
+        let data = file
+            .map(len as usize, Box::new(()))
+            .map_err(|e| Error::io("mmap", &path, e))?;
         let chain = crate::compact::chain_of(found, i, sparse_below);
         let w = segment::walk_chain(&data, 0, len, base, chain, false, |pos, h| {
             state.record_seen(h, h.base_offset, h.max_timestamp, now);

@@ -18,9 +18,9 @@
 //!    the active segment's headers. It is derived data: losing it costs a longer walk at open,
 //!    never correctness.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+
+use spool_io::{FileHandle, OpenMode};
 
 use crate::batch::{self, BatchHeader};
 use crate::checkpoint::Point;
@@ -34,7 +34,7 @@ use super::{AppendInfo, Partition, lock};
 #[derive(Debug)]
 pub(super) struct Writer {
     pub(super) active: Arc<Segment>,
-    pub(super) file: Arc<File>,
+    pub(super) file: Arc<dyn FileHandle>,
     pub(super) position: u64,
     pub(super) next_offset: u64,
     pub(super) index: IndexBuilder,
@@ -50,7 +50,7 @@ impl Writer {
     }
 
     /// What a sync started now would cover.
-    pub(super) fn capture(&self) -> (Arc<File>, Arc<Segment>, Point) {
+    pub(super) fn capture(&self) -> (Arc<dyn FileHandle>, Arc<Segment>, Point) {
         (
             self.file.clone(),
             self.active.clone(),
@@ -94,8 +94,7 @@ impl Writer {
             .write_all_at(&prefix, pos)
             .and_then(|()| self.file.write_all_at(&batch[16..], pos + 16));
         if let Err(e) = written {
-            use std::io::ErrorKind::{QuotaExceeded, StorageFull};
-            let out_of_space = matches!(e.kind(), StorageFull | QuotaExceeded);
+            let out_of_space = spool_io::is_out_of_space(&e);
             let err = Error::io("write", self.active.log_path(), e);
             // Out of space: nothing reached the disk that matters. Roll the partial write back
             // so the file ends on a batch boundary again; the partition stays usable (nothing
@@ -155,16 +154,14 @@ impl Writer {
         old.seal(self.next_offset.saturating_sub(1))?;
         let base = self.next_offset;
         let path = p.dir.join(Partition::segment_file_name(base));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        let fs = &p.shared.fs;
+        let file = fs
+            .open(&path, OpenMode::CreateNew)
             .map_err(|e| Error::io("create", &path, e))?;
-        crate::fsutil::sync_dir(&p.dir)?;
-        let file = Arc::new(file);
+        crate::fsutil::sync_dir(fs.as_ref(), &p.dir)?;
         let interval = p.config().index_interval_bytes;
         let seg = Arc::new(Segment::active(
+            fs,
             &p.dir,
             base,
             interval,
@@ -196,7 +193,8 @@ impl Writer {
         // No directory fsync: a snapshot that did not survive only makes the next open walk
         // more headers (from an older snapshot, or from the first segment).
         let txn = lock(&p.txn);
-        self.producers.write_snapshot(&txn, &p.dir, base)?;
+        self.producers
+            .write_snapshot(fs.as_ref(), &txn, &p.dir, base)?;
         tracing::debug!(topic = %p.topic, partition = p.id, base, "rolled segment");
         Ok(())
     }

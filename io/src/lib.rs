@@ -1,0 +1,232 @@
+//! Spool's I/O seam: the one trait every file operation of the log engine goes through.
+//!
+//! The engine (and through it the broker, whose durable state lives in the engine's internal
+//! topics) never calls `std::fs` or `memmap2` itself: it holds an `Arc<dyn FileSystem>` and
+//! asks it to open, read, write at, truncate, rename, remove, fsync files and directories,
+//! and map files for reading. Two implementations exist:
+//!
+//! - [`RealFs`] (the default): the operating system, one system call per method, memory maps
+//!   through `memmap2`. The cost of the seam is one indirect call per system call, which the
+//!   append and read benchmarks cannot tell apart from the direct calls (`docs/benchmarks.md`).
+//! - `sim::SimFs` (feature `sim`, tests only): an in-memory disk that keeps what was written
+//!   apart from what was synced, per file and per directory entry, and can produce what a
+//!   power cut leaves behind; it also injects I/O errors, a full disk, a low open-files limit
+//!   and bit flips. See `docs/durability.md`.
+//!
+//! Contract of the trait (both implementations keep it; the engine relies on nothing more):
+//! - A file's data and size are durable only after [`FileHandle::sync_data`] (or
+//!   [`FileHandle::sync_all`]) returned `Ok` on a handle of it.
+//! - A directory entry (created, renamed or removed) is durable only after
+//!   [`FileSystem::sync_dir`] of its directory returned `Ok`.
+//! - Nothing else is durable, and unsynced writes may survive a power cut in part, torn at a
+//!   sector boundary, or out of order.
+//! - [`FileHandle::map`] returns the file's bytes `[0, len)` as they are now; the engine never
+//!   modifies or truncates a range it has mapped (see `real.rs`).
+//!
+//! `unsafe` exists only in `real.rs` (the memory map and `getrlimit`).
+
+use std::any::Any;
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+mod real;
+#[cfg(feature = "sim")]
+pub mod sim;
+
+pub use real::RealFs;
+
+/// How [`FileSystem::open`] opens a file. Every mode but `Read` opens for reading and writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// An existing file, read-only.
+    Read,
+    /// An existing file, read-write.
+    Write,
+    /// A new file; fails with `AlreadyExists` if the name is taken.
+    CreateNew,
+    /// The file, created empty if missing, kept as it is otherwise.
+    Create,
+    /// The file, created if missing, truncated to 0 bytes otherwise.
+    CreateTruncate,
+}
+
+impl OpenMode {
+    /// True for the modes that open for writing.
+    pub fn writes(self) -> bool {
+        self != OpenMode::Read
+    }
+}
+
+/// What [`FileSystem::metadata`] tells about a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metadata {
+    /// Size in bytes (0 for a directory).
+    pub len: u64,
+    /// True for a directory.
+    pub is_dir: bool,
+}
+
+/// One entry of [`FileSystem::read_dir`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// The entry's name (lossily converted to UTF-8; Spool's own names are ASCII).
+    pub name: String,
+    /// True for a directory.
+    pub is_dir: bool,
+}
+
+/// The open-files budget of the process: how many descriptors are open and how many may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdBudget {
+    /// Descriptors open now.
+    pub open: u64,
+    /// The soft limit (`RLIMIT_NOFILE`).
+    pub limit: u64,
+}
+
+/// An exclusive lock on a file; released when dropped.
+pub trait FileLock: Send + Sync + fmt::Debug {}
+
+/// An open file.
+pub trait FileHandle: Send + Sync + fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `pos`; returns how many (0 at the end of the file).
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize>;
+
+    /// Writes all of `buf` at `pos` (not durable until synced).
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()>;
+
+    /// Truncates or extends the file to `len` bytes (not durable until synced).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// The file's size now.
+    fn size(&self) -> io::Result<u64>;
+
+    /// `fdatasync`: makes the file's data and size durable.
+    fn sync_data(&self) -> io::Result<()>;
+
+    /// `fsync`: makes the file's data and all its metadata durable.
+    fn sync_all(&self) -> io::Result<()>;
+
+    /// The file's bytes `[0, len)` as one `Bytes` (a read-only memory map for the real file
+    /// system) that keeps `keep_alive` alive as long as any slice of it lives. `len` must not
+    /// exceed the file's size.
+    fn map(&self, len: usize, keep_alive: Box<dyn Any + Send + Sync>) -> io::Result<Bytes>;
+
+    /// Reads exactly `buf.len()` bytes at `pos` (`UnexpectedEof` if the file is shorter).
+    fn read_exact_at(&self, mut buf: &mut [u8], mut pos: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, pos) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    pos += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The file system as the engine sees it. Paths are absolute or relative to the process's
+/// working directory, as with `std::fs`.
+pub trait FileSystem: Send + Sync + fmt::Debug {
+    /// Opens a file.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn FileHandle>>;
+
+    /// Size and kind of a path (following symlinks).
+    fn metadata(&self, path: &Path) -> io::Result<Metadata>;
+
+    /// The entries of a directory (without `.` and `..`), in no particular order.
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+
+    /// Creates one directory (its parent must exist).
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+
+    /// Creates a directory and any missing parents; `Ok` if it exists.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+
+    /// Renames `from` to `to`, replacing `to` if it is a file (atomic, not durable until the
+    /// directories are synced).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+
+    /// Removes a file's directory entry (its data goes once nothing has it open or mapped).
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+
+    /// Removes a directory and everything under it, one entry at a time (not atomic).
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+
+    /// `fsync` of a directory: makes the entries created, renamed or removed in it durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+
+    /// Takes an exclusive, non-blocking lock on the file `path` (created if `create`).
+    /// `Ok(None)` when `create` is false and the file does not exist; an error of kind
+    /// `WouldBlock` when someone else holds the lock.
+    fn lock(&self, path: &Path, create: bool) -> io::Result<Option<Box<dyn FileLock>>>;
+
+    /// The process's open-files budget, when known.
+    fn fd_budget(&self) -> Option<FdBudget>;
+
+    /// The whole content of a small file.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let f = self.open(path, OpenMode::Read)?;
+        let len = usize::try_from(f.size()?).map_err(|_| io::Error::other("file too large"))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// True if the path exists.
+    fn exists(&self, path: &Path) -> bool {
+        self.metadata(path).is_ok()
+    }
+}
+
+/// The real file system, shared: what every `LogOptions` uses unless told otherwise.
+pub fn real() -> Arc<dyn FileSystem> {
+    Arc::new(RealFs)
+}
+
+/// A sequential writer over a [`FileHandle`] (wrap it in a `BufWriter` for small writes).
+#[derive(Debug)]
+pub struct SeqWriter {
+    file: Arc<dyn FileHandle>,
+    pos: u64,
+}
+
+impl SeqWriter {
+    /// Writes from position `pos` on.
+    pub fn new(file: Arc<dyn FileHandle>, pos: u64) -> SeqWriter {
+        SeqWriter { file, pos }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &Arc<dyn FileHandle> {
+        &self.file
+    }
+}
+
+impl io::Write for SeqWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write_all_at(buf, self.pos)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// True for the errors of a full disk or quota (`ENOSPC`, `EDQUOT`).
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}

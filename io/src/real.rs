@@ -1,0 +1,202 @@
+//! The real file system: `std::fs`, `memmap2` and `getrlimit`, one system call per method.
+//!
+//! This module holds the workspace's only `unsafe` (the memory map and `getrlimit`).
+//!
+//! Contract that makes the memory map sound in practice: Spool never truncates or rewrites a
+//! byte range of a file while a mapping of that range may be alive. Segment files are
+//! append-only while active; a mapping covers at most the bytes already written when it was
+//! made; recovery truncates a torn tail *before* any reader exists; retention renames files
+//! and unlinks them only when the last mapping is gone. Another process truncating Spool's
+//! files underneath it (which the directory lock forbids to other Spool processes) would make
+//! readers fault; that is the documented price of zero-copy reads (Kafka and TANK pay it too).
+#![allow(unsafe_code)]
+
+use std::any::Any;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::{Mmap, MmapOptions};
+
+use crate::{DirEntry, FdBudget, FileHandle, FileLock, FileSystem, Metadata, OpenMode};
+
+/// The operating system's file system.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RealFs;
+
+#[derive(Debug)]
+struct RealFile(File);
+
+#[derive(Debug)]
+struct RealLock(File);
+
+impl FileLock for RealLock {}
+
+impl Drop for RealLock {
+    fn drop(&mut self) {
+        // Unlock explicitly rather than rely on closing the descriptor: a flock belongs to the
+        // open file description, and a child process another thread is spawning right now
+        // holds a copy of every descriptor until it execs, which would keep the file locked
+        // after its owner is gone.
+        let _ = self.0.unlock();
+    }
+}
+
+impl FileSystem for RealFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn FileHandle>> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(mode.writes());
+        match mode {
+            OpenMode::Read | OpenMode::Write => {}
+            OpenMode::CreateNew => {
+                o.create_new(true);
+            }
+            OpenMode::Create => {
+                o.create(true).truncate(false);
+            }
+            OpenMode::CreateTruncate => {
+                o.create(true).truncate(true);
+            }
+        }
+        Ok(Arc::new(RealFile(o.open(path)?)))
+    }
+
+    fn metadata(&self, path: &Path) -> io::Result<Metadata> {
+        let m = fs::metadata(path)?;
+        Ok(Metadata {
+            len: if m.is_dir() { 0 } else { m.len() },
+            is_dir: m.is_dir(),
+        })
+    }
+
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(path)? {
+            let entry = entry?;
+            out.push(DirEntry {
+                name: entry.file_name().to_string_lossy().into_owned(),
+                is_dir: entry.file_type()?.is_dir(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir(path)
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir_all(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir_all(path)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+
+    fn lock(&self, path: &Path, create: bool) -> io::Result<Option<Box<dyn FileLock>>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(create)
+            .create(create)
+            .truncate(false)
+            .open(path);
+        let file = match file {
+            Ok(f) => f,
+            Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Box::new(RealLock(file)))),
+            Err(fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    fn fd_budget(&self) -> Option<FdBudget> {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `getrlimit` writes one `rlimit` through the pointer, which is valid for the
+        // call.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return None;
+        }
+        // Every entry of /proc/self/fd is an open descriptor; listing it opens one more.
+        let open = fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .saturating_sub(1) as u64;
+        Some(FdBudget {
+            open,
+            limit: lim.rlim_cur,
+        })
+    }
+}
+
+impl FileHandle for RealFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.0.read_at(buf, pos)
+    }
+
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, pos)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.0.sync_all()
+    }
+
+    fn map(&self, len: usize, keep_alive: Box<dyn Any + Send + Sync>) -> io::Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        // SAFETY: `len` never exceeds the bytes already written to the file (callers pass a
+        // length they read from the file's metadata or from the writer's published position),
+        // and the module contract above guarantees the range is not truncated or modified
+        // while mapped.
+        let mmap = unsafe { MmapOptions::new().len(len).map(&self.0)? };
+        Ok(Bytes::from_owner(Owner {
+            mmap,
+            _keep_alive: keep_alive,
+        }))
+    }
+}
+
+struct Owner {
+    mmap: Mmap,
+    _keep_alive: Box<dyn Any + Send + Sync>,
+}
+
+impl AsRef<[u8]> for Owner {
+    fn as_ref(&self) -> &[u8] {
+        &self.mmap
+    }
+}
