@@ -48,6 +48,7 @@ pub mod producer;
 pub mod reindex;
 mod segment;
 pub mod stats;
+mod topic_file;
 pub mod txn;
 
 pub use batch::{

@@ -94,24 +94,7 @@ pub struct Log {
 
 pub(crate) fn read_config(fs: &dyn FileSystem, path: &Path) -> Result<TopicConfig> {
     let bytes = fs.read(path).map_err(|e| Error::io("read", path, e))?;
-    if bytes.len() > 1 << 20 {
-        return Err(Error::corruption(
-            path,
-            0,
-            None,
-            "topic metadata larger than 1 MiB",
-        ));
-    }
-    let cfg: TopicConfig = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::corruption(
-            path,
-            e.column() as u64,
-            None,
-            format!("bad topic metadata: {e}"),
-        )
-    })?;
-    cfg.validate()?;
-    Ok(cfg)
+    crate::topic_file::decode(path, &bytes)
 }
 
 /// Takes the exclusive lock of the log directory `root` that an open [`Log`] holds
@@ -133,8 +116,7 @@ pub(crate) fn lock_dir(
 }
 
 fn write_config(fs: &dyn FileSystem, dir: &Path, cfg: &TopicConfig) -> Result<()> {
-    let json = serde_json::to_vec_pretty(cfg).map_err(|e| Error::InvalidConfig(e.to_string()))?;
-    fsutil::write_atomic(fs, &dir.join(TOPIC_META), &json)
+    fsutil::write_atomic(fs, &dir.join(TOPIC_META), &crate::topic_file::encode(cfg)?)
 }
 
 impl Log {

@@ -485,14 +485,10 @@ mod tests {
         );
 
         // A valid index written with another interval is rewritten with the topic's.
-        let mut cfg: TopicConfig =
-            serde_json::from_slice(&fs::read(dir.path().join("t/topic.json")).unwrap()).unwrap();
+        let path = dir.path().join("t/topic.json");
+        let mut cfg = crate::topic_file::decode(&path, &fs::read(&path).unwrap()).unwrap();
         cfg.index_interval_bytes = 1024;
-        fs::write(
-            dir.path().join("t/topic.json"),
-            serde_json::to_vec(&cfg).unwrap(),
-        )
-        .unwrap();
+        fs::write(&path, crate::topic_file::encode(&cfg).unwrap()).unwrap();
         let r = reindex_log(dir.path(), &ReindexOptions::default()).unwrap();
         assert_eq!(r[1].segments[0].index, Some(IndexFileState::Different));
         assert_eq!(r[1].segments[0].outcome, Outcome::Rebuilt);

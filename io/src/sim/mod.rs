@@ -91,6 +91,18 @@ impl OpKind {
     }
 }
 
+/// Where a power cut happened: before mutating operation number `op`, of kind `kind` on
+/// `path` (`kind` is `None` for a cut between operations, [`SimFs::cut`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CutPoint {
+    /// The operation's number.
+    pub op: u64,
+    /// What it was.
+    pub kind: Option<OpKind>,
+    /// On what.
+    pub path: PathBuf,
+}
+
 /// What a [`Fault`] does to the operation it hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Effect {
@@ -200,8 +212,8 @@ struct Disk {
     down: bool,
     ops: u64,
     cut_at: Option<u64>,
-    /// The operation the last cut hit (for reports).
-    cut_op: Option<String>,
+    /// Where the last cut happened.
+    cut_point: Option<CutPoint>,
     faults: Vec<Fault>,
     /// Open handles per inode (current generation).
     handles: BTreeMap<Ino, u64>,
@@ -302,7 +314,11 @@ impl Disk {
         let what = format!("#{} {kind:?} {}", self.ops, path.display());
         if kind.mutates() {
             if self.cut_at.is_some_and(|at| self.ops >= at) {
-                self.cut_op = Some(what);
+                self.cut_point = Some(CutPoint {
+                    op: self.ops,
+                    kind: Some(kind),
+                    path: path.to_path_buf(),
+                });
                 self.down = true;
                 return Err(power_off());
             }
@@ -608,7 +624,7 @@ impl SimFs {
                 down: false,
                 ops: 0,
                 cut_at: None,
-                cut_op: None,
+                cut_point: None,
                 faults: Vec::new(),
                 handles: BTreeMap::new(),
                 fd_limit: None,
@@ -649,7 +665,11 @@ impl SimFs {
         let mut d = self.disk();
         if !d.down {
             d.down = true;
-            d.cut_op = Some(format!("#{} (cut between operations)", d.ops));
+            d.cut_point = Some(CutPoint {
+                op: d.ops,
+                kind: None,
+                path: PathBuf::new(),
+            });
         }
     }
 
@@ -658,9 +678,9 @@ impl SimFs {
         self.disk().down
     }
 
-    /// The operation the last cut hit.
-    pub fn cut_op(&self) -> Option<String> {
-        self.disk().cut_op.clone()
+    /// Where the last cut happened.
+    pub fn cut_point(&self) -> Option<CutPoint> {
+        self.disk().cut_point.clone()
     }
 
     /// The last operations (numbered mutations and faulted operations), oldest first.

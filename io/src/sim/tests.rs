@@ -139,7 +139,7 @@ fn a_cut_point_stops_everything_and_old_handles_stay_dead() {
     assert!(fs.is_down());
     assert!(f.write_all_at(b"two", 3).is_err());
     assert!(fs.open(p("/g"), OpenMode::CreateNew).is_err());
-    assert!(fs.cut_op().unwrap().contains("SyncData"));
+    assert_eq!(fs.cut_point().unwrap().kind, Some(OpKind::SyncData));
     let (m, mut rng) = lose_all();
     fs.restart(&m, &mut rng);
     assert!(

@@ -14,6 +14,7 @@ mod fsync_eio;
 mod idempotence;
 mod inspect;
 mod model;
+mod powerloss;
 mod retention;
 mod torn_tail;
 mod transactions;
