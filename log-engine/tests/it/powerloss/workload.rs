@@ -13,10 +13,12 @@ use spool_log_engine::{
 
 use super::model::{Life, Model, PartKey, Producer, Rec, Topic, TxnProducer, Unacked};
 
-/// True when a failed write may still have reached the disk (an I/O error, the power cut);
-/// false when the engine refused before writing (poisoned, closed, a producer check).
-pub(crate) fn may_have_written(e: &Error) -> bool {
-    matches!(e, Error::Io { .. })
+/// True when a failed write may still have reached the disk: an I/O error or the power cut,
+/// or `Poisoned` for the append whose own write or fdatasync failed (`was_poisoned`: the
+/// partition refused before the call, nothing written); false for the other refusals
+/// (closed, a producer check).
+pub(crate) fn may_have_written(e: &Error, was_poisoned: bool) -> bool {
+    !was_poisoned && matches!(e, Error::Io { .. } | Error::Poisoned { .. })
 }
 
 /// True when `SPOOL_POWERLOSS_TRACE` is set: every step is printed.
@@ -163,6 +165,7 @@ impl Work<'_> {
         };
         let wait = self.rng.below(3);
         let always = self.model.topics[&t].always();
+        let was = part.is_poisoned();
         let res = if wait == 0 {
             part.append(&bytes)
         } else {
@@ -180,7 +183,7 @@ impl Work<'_> {
                     m.durable_to(info.last_offset + 1);
                 }
             }
-            Err(e) if may_have_written(&e) => m.put_maybe(&recs),
+            Err(e) if may_have_written(&e, was) => m.put_maybe(&recs),
             Err(_) => {}
         }
         if always {
@@ -280,6 +283,7 @@ impl Work<'_> {
         self.model.txns[i]
             .seqs
             .insert(key.clone(), seq + recs.len() as i32);
+        let was = part.is_poisoned();
         let res = part.append(&bytes);
         trace!("txn {pid} epoch {epoch} seq {seq} {t}/{p} -> {res:?}");
         let m = self.model.part(&t, p).expect("modelled");
@@ -289,7 +293,7 @@ impl Work<'_> {
                 m.durable_to(info.last_offset + 1);
                 Some(info.base_offset)
             }
-            Err(e) if may_have_written(&e) => {
+            Err(e) if may_have_written(&e, was) => {
                 m.put_maybe(&recs);
                 Some(m.next)
             }
@@ -476,6 +480,7 @@ pub(crate) fn send(
     let Ok(part) = log.partition(&t, pn) else {
         return Ok(false);
     };
+    let was = part.is_poisoned();
     let res = if wait {
         part.append(&u.bytes)
     } else {
@@ -519,7 +524,7 @@ pub(crate) fn send(
             u.at = Some(info.base_offset);
         }
         Err(e) => {
-            if may_have_written(&e) {
+            if may_have_written(&e, was) {
                 m.put_maybe(&u.recs);
             }
         }
@@ -550,6 +555,7 @@ pub(crate) fn end_txn(log: &Log, model: &mut Model, i: usize, commit: bool) {
         let Ok(part) = log.partition(&t, p) else {
             return;
         };
+        let was = part.is_poisoned();
         let res = part.write_marker(pid, epoch + 1, marker, 0);
         trace!(
             "marker {pid} epoch {} {marker:?} {t}/{p} -> {res:?}",
@@ -578,7 +584,7 @@ pub(crate) fn end_txn(log: &Log, model: &mut Model, i: usize, commit: bool) {
                 model.txns[i].parts.remove(&(t, p));
             }
             Err(e) => {
-                if may_have_written(&e) {
+                if may_have_written(&e, was) {
                     model
                         .part(&t, p)
                         .expect("modelled")
