@@ -6,8 +6,9 @@
 //! and map files for reading. Two implementations exist:
 //!
 //! - [`RealFs`] (the default): the operating system, one system call per method, memory maps
-//!   through `memmap2`. The cost of the seam is one indirect call per system call, which the
-//!   append and read benchmarks cannot tell apart from the direct calls (`docs/benchmarks.md`).
+//!   through `memmap2`. The cost of the seam is one indirect call per system call; reads of
+//!   mapped segments do not go through it at all (`docs/benchmarks.md` has the measurement,
+//!   where one was made).
 //! - `sim::SimFs` (feature `sim`, tests only): an in-memory disk that keeps what was written
 //!   apart from what was synced, per file and per directory entry, and can produce what a
 //!   power cut leaves behind; it also injects I/O errors, a full disk, a low open-files limit
@@ -34,7 +35,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 mod real;
-#[cfg(feature = "sim")]
+// Also under `cfg(test)`, so `cargo test -p spool-io` runs the simulated disk's own tests.
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 pub use real::RealFs;
