@@ -61,10 +61,11 @@ pub fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
     bail!("cargo build reported no {bin} executable")
 }
 
-/// A `spoold` on a temp dir and an ephemeral loopback port; killed on drop.
+/// A `spoold` on a temp dir and an ephemeral loopback port; killed on drop. Started by the
+/// workspace's one launcher, `spool_loadgen::broker`.
 #[derive(Debug)]
 pub struct Spoold {
-    child: std::process::Child,
+    _process: spool_loadgen::broker::Spoold,
     /// `host:port` it listens on.
     pub addr: String,
     _dir: tempfile::TempDir,
@@ -74,45 +75,18 @@ impl Spoold {
     /// Starts `bin` with the TOML configuration `config` (may be empty) and waits for its
     /// ready line.
     pub fn start(bin: &Path, config: &str) -> Result<Spoold> {
-        use std::io::{BufRead, BufReader};
         let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("spoold.toml"), config)?;
-        let mut child = Command::new(bin)
-            .arg("--config")
-            .arg(dir.path().join("spoold.toml"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
+        let file = dir.path().join("spoold.toml");
+        std::fs::write(&file, config)?;
+        let process = spool_loadgen::broker::Launch::new(bin, dir.path().join("data"))
+            .config(file)
+            .ready_timeout(std::time::Duration::from_secs(30))
+            .start()
             .context("starting spoold")?;
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr)
-                .lines()
-                .map_while(std::io::Result::ok)
-            {
-                if let Some(a) = line.strip_prefix("spoold listening on ") {
-                    let _ = tx.send(a.trim().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .context("spoold did not start")?;
         Ok(Spoold {
-            child,
-            addr,
+            addr: process.addr.clone(),
+            _process: process,
             _dir: dir,
         })
-    }
-}
-
-impl Drop for Spoold {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

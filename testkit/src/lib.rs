@@ -1,28 +1,31 @@
 //! Runs the real `spoold` binary for a test: temp data dir, ephemeral port on 127.0.0.1, killed
-//! (SIGKILL) when the guard drops.
+//! (SIGKILL) when the guard drops. Built on the workspace's one launcher,
+//! `spool_loadgen::broker` ([`Launch`], re-exported here for tests that need more control,
+//! e.g. a wrapper such as `strace`).
 //!
-//! The binary is `$CARGO_BIN_EXE_spoold` if set, else `spoold` next to the test's own target
-//! directory (`target/<profile>/spoold`, found from this executable's path, so custom target
-//! dirs and profiles work). Cargo does not build another package's binaries for a test, so it
-//! must be built first: `cargo build -p spool-broker --bin spoold` (`cargo test --workspace`
-//! does it too, for the broker's own integration tests). A binary older than any source file it
-//! was built from (per cargo's dep-info `spoold.d`) is refused rather than silently tested.
+//! The binary is `$SPOOLD` or `$CARGO_BIN_EXE_spoold` if set, else `spoold` next to the test's
+//! own target directory (`target/<profile>/spoold`, found from this executable's path, so
+//! custom target dirs and profiles work). Cargo does not build another package's binaries for a
+//! test, so it must be built first: `cargo build -p spool-broker --bin spoold` (`cargo test
+//! --workspace` does it too, for the broker's own integration tests). A binary older than any
+//! source file it was built from (per cargo's dep-info `spoold.d`) is refused rather than
+//! silently tested.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{OnceLock, mpsc};
-use std::time::{Duration, SystemTime};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use spool_client::Client;
+pub use spool_loadgen::broker::{Launch, Spoold};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running broker; killed on drop.
 #[derive(Debug)]
 pub struct Broker {
-    child: Option<Child>,
+    process: Option<Spoold>,
     addr: SocketAddr,
     dir: tempfile::TempDir,
     /// Extra environment for the next (re)start (e.g. `SPOOL_FAILPOINTS`).
@@ -42,9 +45,12 @@ impl Broker {
         if let Some(toml) = config(dir.path()) {
             std::fs::write(dir.path().join("spoold.toml"), toml).expect("writing spoold.toml");
         }
-        let (child, addr) = spawn(dir.path(), "127.0.0.1:0");
+        let process = launch(dir.path(), "127.0.0.1:0", &[])
+            .start()
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let addr = parse_addr(&process.addr);
         Broker {
-            child: Some(child),
+            process: Some(process),
             addr,
             dir,
             env: Vec::new(),
@@ -75,9 +81,8 @@ impl Broker {
 
     /// SIGKILLs the broker (nothing is flushed beyond what was acknowledged).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.process.take() {
+            p.kill();
         }
     }
 
@@ -92,9 +97,7 @@ impl Broker {
 
     /// True while the broker process runs (false once it exited, e.g. at a failpoint).
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.process.as_mut().is_some_and(Spoold::is_running)
     }
 
     /// Starts the broker again on the same data dir and port.
@@ -104,10 +107,10 @@ impl Broker {
         // The port was just released; retry briefly in case the kernel is slow to free it.
         let mut last = None;
         for _ in 0..20 {
-            match try_spawn(self.dir.path(), &listen, &self.env) {
-                Ok((child, addr)) => {
-                    assert_eq!(addr, self.addr);
-                    self.child = Some(child);
+            match launch(self.dir.path(), &listen, &self.env).start() {
+                Ok(p) => {
+                    assert_eq!(parse_addr(&p.addr), self.addr);
+                    self.process = Some(p);
                     return;
                 }
                 Err(e) => {
@@ -116,10 +119,7 @@ impl Broker {
                 }
             }
         }
-        panic!(
-            "restarting spoold on {listen}: {}",
-            last.unwrap_or_default()
-        );
+        panic!("restarting spoold on {listen}: {:#}", last.expect("tried"));
     }
 }
 
@@ -129,89 +129,37 @@ impl Drop for Broker {
     }
 }
 
-fn spawn(dir: &Path, listen: &str) -> (Child, SocketAddr) {
-    try_spawn(dir, listen, &[]).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn try_spawn(
-    dir: &Path,
-    listen: &str,
-    env: &[(String, String)],
-) -> Result<(Child, SocketAddr), String> {
-    let bin = spoold();
-    let mut cmd = Command::new(&bin);
+/// The launch of a test broker in `dir` (data in `dir/data`, `dir/spoold.toml` if present):
+/// metrics off, 2 runtime threads, `SPOOL_LOG` from `SPOOL_TEST_BROKER_LOG` (default `warn`;
+/// when set, the broker's stderr is echoed).
+pub fn launch(dir: &Path, listen: &str, env: &[(String, String)]) -> Launch {
+    let log = std::env::var("SPOOL_TEST_BROKER_LOG").ok();
+    let mut l = Launch::new(spoold(), dir.join("data"))
+        .listen(listen)
+        .runtime_threads(2)
+        .log(log.clone().unwrap_or_else(|| "warn".into()))
+        .echo_stderr(log.is_some())
+        .ready_timeout(START_TIMEOUT);
     let config = dir.join("spoold.toml");
     if config.exists() {
-        cmd.arg("--config").arg(config);
+        l = l.config(config);
     }
-    cmd.arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--listen")
-        .arg(listen)
-        .args(["--metrics-listen", "off"])
-        .arg("--runtime-threads")
-        .arg("2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // The broker reads SPOOL_* overrides from its environment: keep the caller's out.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("SPOOL_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env(
-        "SPOOL_LOG",
-        std::env::var("SPOOL_TEST_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
-    );
     for (k, v) in env {
-        cmd.env(k, v);
+        l = l.env(k, v);
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::channel();
-    let echo = std::env::var_os("SPOOL_TEST_BROKER_LOG").is_some();
-    // Reads the ready line, then keeps draining stderr so the broker never blocks on it.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if echo {
-                eprintln!("[spoold] {line}");
-            }
-            if let Some(rest) = line.strip_prefix("spoold listening on ")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(Ok(rest.trim().to_owned()));
-            } else if let Some(t) = &tx {
-                let _ = t.send(Err(line));
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + START_TIMEOUT;
-    let mut output = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Ok(addr)) => {
-                let addr = addr
-                    .parse()
-                    .map_err(|e| format!("bad address {addr:?}: {e}"))?;
-                return Ok((child, addr));
-            }
-            Ok(Err(line)) => output.push(line),
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                return Err(format!(
-                    "spoold did not become ready (exit: {status:?}); its output:\n{}",
-                    output.join("\n")
-                ));
-            }
-        }
-    }
+    l
+}
+
+fn parse_addr(addr: &str) -> SocketAddr {
+    addr.parse()
+        .unwrap_or_else(|e| panic!("spoold printed a bad address {addr:?}: {e}"))
+}
+
+/// Path of the `spoold` binary (see the module docs), looked up once per test process.
+pub fn spoold() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| spool_loadgen::broker::find_spoold().unwrap_or_else(|e| panic!("{e:#}")))
+        .clone()
 }
 
 /// The broker's hash of a token (`spoold --hash-token`), for `[[auth.tokens]]`.
@@ -249,74 +197,4 @@ pub fn gen_dev_certs(dir: &Path, names: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8")
-}
-
-/// Path of the `spoold` binary (see the module docs), looked up once per test process.
-fn spoold() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(find_spoold).clone()
-}
-
-fn find_spoold() -> PathBuf {
-    if let Some(p) = std::env::var_os("CARGO_BIN_EXE_spoold") {
-        return PathBuf::from(p);
-    }
-    // <target>/<profile>/deps/it-<hash> → <target>/<profile>/spoold
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary inside target/<profile>/deps");
-    let bin = profile_dir.join("spoold");
-    let Ok(meta) = std::fs::metadata(&bin) else {
-        panic!(
-            "{} not found: build the broker first with `cargo build -p spool-broker --bin spoold` \
-             (or set CARGO_BIN_EXE_spoold)",
-            bin.display()
-        );
-    };
-    // Cargo's dep-info next to the binary lists every source file it was built from.
-    let built = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-    let deps = std::fs::read_to_string(profile_dir.join("spoold.d")).unwrap_or_default();
-    for src in dep_info_files(&deps) {
-        let changed = std::fs::metadata(&src).and_then(|m| m.modified());
-        if changed.is_ok_and(|t| t > built) {
-            panic!(
-                "{} is older than {}: rebuild it with `cargo build -p spool-broker --bin spoold` \
-                 (or set CARGO_BIN_EXE_spoold)",
-                bin.display(),
-                src.display()
-            );
-        }
-    }
-    bin
-}
-
-/// The prerequisites of a Makefile-style dep-info file (`target: dep dep…`, spaces in paths
-/// escaped with a backslash).
-fn dep_info_files(deps: &str) -> Vec<PathBuf> {
-    let Some(line) = deps.lines().next() else {
-        return Vec::new();
-    };
-    let Some((_, prereqs)) = line.split_once(": ") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = prereqs.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => cur.extend(chars.next()),
-            ' ' => {
-                if !cur.is_empty() {
-                    out.push(PathBuf::from(std::mem::take(&mut cur)));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(PathBuf::from(cur));
-    }
-    out
 }

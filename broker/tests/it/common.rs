@@ -1,23 +1,22 @@
 //! Starting and stopping the real `spoold`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spool_proto::v1::admin_service_client::AdminServiceClient;
 use spool_proto::v1::consume_service_client::ConsumeServiceClient;
 use spool_proto::v1::offset_service_client::OffsetServiceClient;
 use spool_proto::v1::produce_service_client::ProduceServiceClient;
+pub(crate) use spool_testkit::Launch;
 use tonic::transport::Channel;
 
-/// A running broker; killed (SIGKILL) when dropped unless stopped first.
+/// A running broker (the workspace's one launcher, `spool_testkit::Spoold`); killed (SIGKILL)
+/// when dropped unless stopped first.
 pub(crate) struct Spoold {
-    child: Option<Child>,
+    process: spool_testkit::Spoold,
     pub(crate) addr: String,
     /// `host:port` of the metrics listener.
     pub(crate) metrics_addr: String,
-    stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Spoold {
@@ -26,55 +25,30 @@ impl Spoold {
         Self::start_env(data_dir, extra, &[])
     }
 
+    /// The launch these tests use: this package's `spoold`, metrics on an ephemeral port,
+    /// `SPOOL_LOG=info`.
+    pub(crate) fn launch(data_dir: &Path) -> Launch {
+        Launch::new(env!("CARGO_BIN_EXE_spoold"), data_dir)
+            .metrics("127.0.0.1:0")
+            .log("info")
+            .ready_timeout(Duration::from_secs(30))
+    }
+
     pub(crate) fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Spoold {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spoold"));
-        cmd.arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .args(extra);
+        let mut l = Self::launch(data_dir).args(extra);
         for (k, v) in env {
-            cmd.env(k, v);
+            l = l.env(k, v);
         }
-        let mut child = cmd
-            .env("SPOOL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting spoold");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let keep = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("spoold listening on ") {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-                keep.lock().unwrap().push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "spoold did not start; stderr:\n{}",
-                    lines.lock().unwrap().join("\n")
-                );
-            }
-        };
-        let metrics_addr = lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find_map(|l| l.strip_prefix("spoold metrics on http://"))
-            .map(|l| l.trim_end_matches("/metrics").to_owned())
-            .unwrap_or_default();
+        Self::start_launch(&l)
+    }
+
+    /// Starts `launch`, waiting until it listens.
+    pub(crate) fn start_launch(launch: &Launch) -> Spoold {
+        let process = launch.start().unwrap_or_else(|e| panic!("{e:#}"));
         Spoold {
-            child: Some(child),
-            addr,
-            metrics_addr,
-            stderr_lines: lines,
+            addr: process.addr.clone(),
+            metrics_addr: process.metrics_addr.clone().unwrap_or_default(),
+            process,
         }
     }
 
@@ -126,46 +100,26 @@ impl Spoold {
 
     /// SIGTERM, then wait for a clean exit; returns how long it took.
     pub(crate) fn stop(mut self) -> Duration {
-        let mut child = self.child.take().unwrap();
-        let t = Instant::now();
-        let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
+        match self.process.stop(Duration::from_secs(20)) {
+            Ok((status, took)) => {
                 assert!(
                     status.success(),
                     "spoold exited with {status}; stderr:\n{}",
                     self.stderr()
                 );
-                return t.elapsed();
+                took
             }
-            assert!(
-                Instant::now() < deadline,
-                "spoold did not stop within 20 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+            Err(e) => panic!("{e:#}; stderr:\n{}", self.stderr()),
         }
     }
 
     /// SIGKILL.
     pub(crate) fn kill(mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        self.process.kill();
     }
 
     pub(crate) fn stderr(&self) -> String {
-        self.stderr_lines.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Spoold {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.stderr()
     }
 }
 

@@ -2,55 +2,24 @@
 //! warnings about mistyped `SPOOL_*` variables, and metrics switched off from the config file
 //! or the environment (not only from the flag).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use crate::common::Launch;
 
-/// Starts spoold with only `--data-dir` and `--listen 127.0.0.1:0` plus `args` and `env`,
-/// collects its stderr until it listens, then kills it and returns the lines.
+/// Starts spoold with only `--data-dir` and `--listen 127.0.0.1:0` plus `args` and `env`
+/// (no `--metrics-listen`, `NO_COLOR` and the caller's `SPOOL_*` removed), collects its stderr
+/// until it listens, then kills it and returns the lines.
 fn startup_lines(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spoold"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("SPOOL_") || k == "NO_COLOR" {
-            cmd.env_remove(k);
-        }
+    let mut launch = Launch::new(env!("CARGO_BIN_EXE_spoold"), dir.path().join("data"))
+        .metrics_unset()
+        .log("info")
+        .env_remove("NO_COLOR")
+        .args(args);
+    for (k, v) in env {
+        launch = launch.env(k, v);
     }
-    cmd.arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .envs(env.iter().copied())
-        .env("SPOOL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("starting spoold");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut lines = Vec::new();
-    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        let done = line.starts_with("spoold listening on ");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        lines.iter().any(|l| l.starts_with("spoold listening on ")),
-        "spoold did not start:\n{}",
-        lines.join("\n")
-    );
+    let mut b = launch.start().unwrap_or_else(|e| panic!("{e:#}"));
+    let lines = b.stderr_lines();
+    b.kill();
     lines
 }
 
