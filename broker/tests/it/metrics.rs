@@ -64,27 +64,7 @@ async fn metrics_reflect_traffic() {
         .unwrap()
         .into_inner();
     let served = f.partitions[0].record_batches.len() as f64;
-    b.offsets()
-        .await
-        .commit_offsets(v1::CommitOffsetsRequest {
-            group: "g".into(),
-            offsets: vec![v1::OffsetCommit {
-                topic: "m".into(),
-                partition: 0,
-                offset: 2,
-                metadata: String::new(),
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let _ = b
-        .admin()
-        .await
-        .describe_topic(v1::DescribeTopicRequest {
-            topic: "nope".into(),
-        })
-        .await;
+    commit_and_fail_a_describe(&b, "m", 0, 2).await;
 
     let addr = b.metrics_addr.clone();
     let body = tokio::task::spawn_blocking(move || Spoold::scrape_addr(&addr))
@@ -168,6 +148,32 @@ async fn metrics_reflect_traffic() {
     b.stop();
 }
 
+/// Commits `offset` for group `g` on `topic`/`partition`, then fails a DescribeTopic of a
+/// topic that does not exist (NOT_FOUND), so that lag and error metrics have samples.
+async fn commit_and_fail_a_describe(b: &Spoold, topic: &str, partition: u32, offset: u64) {
+    b.offsets()
+        .await
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: "g".into(),
+            offsets: vec![v1::OffsetCommit {
+                topic: topic.into(),
+                partition,
+                offset,
+                metadata: String::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let _ = b
+        .admin()
+        .await
+        .describe_topic(v1::DescribeTopicRequest {
+            topic: "nope".into(),
+        })
+        .await;
+}
+
 /// `promtool`: from $PROMTOOL, `target/tools` (where .ci/install-test-tools puts it) or PATH.
 fn promtool() -> std::path::PathBuf {
     use std::path::PathBuf;
@@ -243,27 +249,7 @@ async fn promtool_accepts_the_metrics() {
         })
         .await
         .unwrap();
-    b.offsets()
-        .await
-        .commit_offsets(v1::CommitOffsetsRequest {
-            group: "g".into(),
-            offsets: vec![v1::OffsetCommit {
-                topic: "p".into(),
-                partition: 1,
-                offset: 0,
-                metadata: String::new(),
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let _ = b
-        .admin()
-        .await
-        .describe_topic(v1::DescribeTopicRequest {
-            topic: "nope".into(),
-        })
-        .await;
+    commit_and_fail_a_describe(&b, "p", 1, 0).await;
     let addr = b.metrics_addr.clone();
     let (plain, om) = tokio::task::spawn_blocking(move || {
         (
