@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::effects::EffectsRetention;
 use crate::engine::RetryPolicy;
 use crate::flow::LaneConfig;
 use crate::runtime::RuntimeConfig;
@@ -53,6 +54,8 @@ pub struct ProcessorConfig {
     pub group: GroupSettings,
     /// Retries and dead letters.
     pub retry: RetryPolicy,
+    /// How long idempotency keys of external effects are kept.
+    pub effects: EffectsRetention,
     /// Priority lanes, throttles and quiet hours (`[[lanes]]`).
     pub lanes: Vec<LaneConfig>,
     /// The processor's own settings (free-form; see [`ProcessorConfig::app`]).
@@ -106,6 +109,7 @@ impl Default for ProcessorConfig {
             state: StateConfig::default(),
             group: GroupSettings::default(),
             retry: RetryPolicy::default(),
+            effects: EffectsRetention::default(),
             lanes: Vec::new(),
             app: toml::Table::new(),
         }
@@ -225,6 +229,7 @@ impl ProcessorConfig {
             ));
         }
         self.retry.validate().map_err(ConfigError)?;
+        self.effects.validate().map_err(ConfigError)?;
         let mut seen = std::collections::BTreeSet::new();
         for l in &self.lanes {
             l.validate().map_err(ConfigError)?;
@@ -308,6 +313,7 @@ impl ProcessorConfig {
         r.session_timeout = Duration::from_millis(self.group.session_timeout_ms);
         r.transaction_timeout = Duration::from_millis(self.group.transaction_timeout_ms);
         r.retry = self.retry.clone();
+        r.effects_retention = self.effects;
         r.lanes = self.lanes.clone();
         r
     }

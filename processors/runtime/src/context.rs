@@ -9,6 +9,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use spool_client::ProducerRecord;
 
+use crate::effects::{self, EFFECTS};
+use crate::engine::Env;
 use crate::envelope::{EnvelopeError, Event};
 use crate::handler::{Failure, TimerKind};
 use crate::state::{self, StateError, TaskState, Writes};
@@ -16,7 +18,6 @@ use crate::state::{self, StateError, TaskState, Writes};
 pub(crate) const TIMERS: &str = "__timers";
 pub(crate) const TIMER_KEYS: &str = "__timerkeys";
 pub(crate) const META: &str = "__meta";
-pub(crate) const EFFECTS: &str = "__effects";
 pub(crate) const STREAM_TIME: &[u8] = b"stream_time";
 
 /// A record a handler emitted.
@@ -49,14 +50,15 @@ pub struct Context<'a> {
     partition: u32,
     now_ms: i64,
     stream_time_ms: i64,
-    effects_enabled: bool,
-    processor: &'a str,
+    env: Env<'a>,
+    /// Idempotency keys marked done by this call, in order.
+    marked: Vec<String>,
 }
 
 impl std::fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("processor", &self.processor)
+            .field("processor", &self.env.processor)
             .field("partition", &self.partition)
             .field("now_ms", &self.now_ms)
             .field("writes", &self.writes.len())
@@ -98,8 +100,7 @@ impl<'a> Context<'a> {
         partition: u32,
         now_ms: i64,
         stream_time_ms: i64,
-        effects_enabled: bool,
-        processor: &'a str,
+        env: Env<'a>,
     ) -> Context<'a> {
         Context {
             state,
@@ -108,14 +109,18 @@ impl<'a> Context<'a> {
             partition,
             now_ms,
             stream_time_ms,
-            effects_enabled,
-            processor,
+            env,
+            marked: Vec::new(),
         }
     }
 
-    /// The call's writes and emitted records.
-    pub(crate) fn into_parts(self) -> (Writes, Vec<Emit>) {
-        (self.writes, self.emits)
+    /// The call's writes and emitted records, after indexing and pruning the idempotency
+    /// keys it marked ([`effects`]).
+    pub(crate) fn into_parts(mut self) -> Result<(Writes, Vec<Emit>), StateError> {
+        let marked = std::mem::take(&mut self.marked);
+        let retention = self.env.effects_retention;
+        effects::settle(&mut self, &marked, retention)?;
+        Ok((self.writes, self.emits))
     }
 
     /// The task (input partition number) this call runs for.
@@ -136,12 +141,12 @@ impl<'a> Context<'a> {
 
     /// The processor's name (e.g. for an event's `source`).
     pub fn processor(&self) -> &str {
-        self.processor
+        self.env.processor
     }
 
     /// True in replay mode (outputs go to prefixed topics; effects are disabled).
     pub fn is_replay(&self) -> bool {
-        !self.effects_enabled
+        !self.env.effects_enabled
     }
 
     /// A named keyed store of this task. Names: 1..=64 bytes, not starting with `__`.
@@ -155,6 +160,27 @@ impl<'a> Context<'a> {
             Some(v) => Ok(v.clone()),
             None => self.state.get(key),
         }
+    }
+
+    /// The value of a composite key before this call (the open transaction or committed).
+    pub(crate) fn get_before_call(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
+        self.state.get(key)
+    }
+
+    /// Entries with `from <= key < to` as this call sees them, in key order, at most `limit`.
+    pub(crate) fn range_raw(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
+        state::merged_range(
+            self.state.backend.as_ref(),
+            &[&self.state.txn, &self.writes],
+            from,
+            to,
+            limit,
+        )
     }
 
     pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Option<Bytes>) {
@@ -233,9 +259,10 @@ impl<'a> Context<'a> {
     }
 
     /// Whether the external effect with idempotency key `key` (derived from the input, e.g.
-    /// a notification id) still has to be done. See [`EffectStatus`].
+    /// a notification id) still has to be done. See [`EffectStatus`]. A key is kept for the
+    /// processor's `[effects]` retention ([`effects`] says which repeat window that implies).
     pub fn effect(&self, key: &str) -> Result<EffectStatus, StateError> {
-        if !self.effects_enabled {
+        if !self.env.effects_enabled {
             return Ok(EffectStatus::Disabled);
         }
         let k = state::composite(EFFECTS, key.as_bytes());
@@ -248,12 +275,13 @@ impl<'a> Context<'a> {
     /// Records that the effect `key` was carried out, in the same transaction as the input's
     /// offset. (No effect in replay mode.)
     pub fn effect_done(&mut self, key: &str) {
-        if !self.effects_enabled {
+        if !self.env.effects_enabled {
             return;
         }
         let k = state::composite(EFFECTS, key.as_bytes());
         let now = self.now_ms;
         self.put_raw(k, Some(Bytes::copy_from_slice(&now.to_be_bytes())));
+        self.marked.push(key.to_owned());
     }
 
     /// Deletes a runtime-internal entry (used when a timer fires).
@@ -324,16 +352,12 @@ impl Store<'_, '_> {
         let from = state::composite(self.name, prefix);
         let to = state::prefix_end(&from);
         let skip = 1 + self.name.len();
-        Ok(state::merged_range(
-            self.ctx.state.backend.as_ref(),
-            &[&self.ctx.state.txn, &self.ctx.writes],
-            &from,
-            to.as_deref(),
-            limit,
-        )?
-        .into_iter()
-        .map(|(k, v)| (k[skip..].to_vec(), v))
-        .collect())
+        Ok(self
+            .ctx
+            .range_raw(&from, to.as_deref(), limit)?
+            .into_iter()
+            .map(|(k, v)| (k[skip..].to_vec(), v))
+            .collect())
     }
 }
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use spool_client::{Header, ProducerRecord};
 
 use crate::context::{self, Context, Emit};
+use crate::effects::EffectsRetention;
 use crate::handler::{AsyncHandler, Failure, Input, Timer, TimerKind};
 use crate::state::{self, Backend, StateError, TaskState};
 
@@ -272,6 +273,7 @@ pub(crate) fn dead_letter(
 pub(crate) struct Env<'a> {
     pub(crate) processor: &'a str,
     pub(crate) effects_enabled: bool,
+    pub(crate) effects_retention: EffectsRetention,
 }
 
 /// One task: an input partition number, its state, its stream time.
@@ -316,17 +318,10 @@ impl Task {
         env: Env<'_>,
     ) -> Result<Vec<Emit>, Failure> {
         let st = self.stream_time.max(input.timestamp_ms);
-        let mut ctx = Context::new(
-            &self.state,
-            self.partition,
-            now_ms,
-            st,
-            env.effects_enabled,
-            env.processor,
-        );
+        let mut ctx = Context::new(&self.state, self.partition, now_ms, st, env);
         let r = handler.handle(&mut ctx, input).await;
-        let (mut writes, emits) = ctx.into_parts();
         r?;
+        let (mut writes, emits) = ctx.into_parts()?;
         if st > self.stream_time {
             self.stream_time = st;
             writes.insert(
@@ -384,14 +379,7 @@ impl Task {
         now_ms: i64,
         env: Env<'_>,
     ) -> Result<Vec<Emit>, Failure> {
-        let mut ctx = Context::new(
-            &self.state,
-            self.partition,
-            now_ms,
-            self.stream_time,
-            env.effects_enabled,
-            env.processor,
-        );
+        let mut ctx = Context::new(&self.state, self.partition, now_ms, self.stream_time, env);
         ctx.delete_internal(
             context::TIMERS,
             &context::timer_time_key(timer.kind, timer.at_ms, &timer.key),
@@ -405,8 +393,8 @@ impl Task {
         } else {
             handler.on_timer(&mut ctx, timer).await
         };
-        let (writes, emits) = ctx.into_parts();
         r?;
+        let (writes, emits) = ctx.into_parts()?;
         self.state.merge(writes);
         Ok(emits)
     }

@@ -25,6 +25,7 @@ pub mod app;
 pub mod config;
 pub mod context;
 pub mod control;
+pub mod effects;
 pub mod engine;
 pub mod envelope;
 pub mod flow;
@@ -38,6 +39,7 @@ pub mod state;
 pub mod testing;
 
 pub use context::{Context, EffectStatus, Emit, Store};
+pub use effects::EffectsRetention;
 pub use engine::{Attempt, RetryMode, RetryPolicy, dlq_topic, retry_topic};
 pub use envelope::{Attributes, EnvelopeError, Event};
 pub use flow::{LaneConfig, QuietHours};

@@ -48,6 +48,7 @@ use tokio::task::JoinHandle;
 
 use crate::context::Emit;
 use crate::control::{self, Control};
+use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
 use crate::flow::{Closed, LaneConfig, Lanes};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
@@ -115,6 +116,8 @@ pub struct RuntimeConfig {
     pub output_prefix: String,
     /// False in replay mode: [`crate::Context::effect`] says `Disabled`.
     pub effects_enabled: bool,
+    /// How long idempotency keys of effects are kept ([`crate::effects`]).
+    pub effects_retention: EffectsRetention,
     /// Replay mode: a group without committed offsets starts at this time (ms).
     pub start_at_ms: Option<i64>,
     /// The clock handlers see (and quiet hours follow).
@@ -149,6 +152,7 @@ impl RuntimeConfig {
             durable_interval: Duration::from_secs(5),
             output_prefix: String::new(),
             effects_enabled: true,
+            effects_retention: EffectsRetention::default(),
             start_at_ms: None,
             clock: Arc::new(SystemClock),
             lanes: Vec::new(),
@@ -491,6 +495,7 @@ impl<'c> Session<'c> {
         Env {
             processor: &self.cfg.name,
             effects_enabled: self.cfg.effects_enabled,
+            effects_retention: self.cfg.effects_retention,
         }
     }
 

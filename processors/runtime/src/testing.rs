@@ -50,6 +50,7 @@ use serde::de::DeserializeOwned;
 use spool_client::{Header, ProducerRecord};
 
 use crate::context::Emit;
+use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
 use crate::envelope::{self, Event};
 use crate::handler::{Action, AsyncHandler, Input, TimerKind};
@@ -138,6 +139,7 @@ pub struct TestDriver<H> {
     group: String,
     retry: RetryPolicy,
     effects_enabled: bool,
+    effects_retention: EffectsRetention,
     wall_ms: i64,
     partitions: BTreeMap<String, u32>,
     tasks: BTreeMap<u32, Task>,
@@ -171,6 +173,7 @@ impl<H: AsyncHandler> TestDriver<H> {
             name,
             retry: RetryPolicy::default(),
             effects_enabled: true,
+            effects_retention: EffectsRetention::default(),
             wall_ms: 1_704_067_200_000,
             partitions: BTreeMap::new(),
             tasks: BTreeMap::new(),
@@ -203,6 +206,12 @@ impl<H: AsyncHandler> TestDriver<H> {
     /// Runs as in replay mode: [`crate::Context::effect`] says `Disabled`.
     pub fn with_effects_disabled(mut self) -> Self {
         self.effects_enabled = false;
+        self
+    }
+
+    /// Sets how long idempotency keys of effects are kept.
+    pub fn with_effects_retention(mut self, retention: EffectsRetention) -> Self {
+        self.effects_retention = retention;
         self
     }
 
@@ -376,6 +385,7 @@ impl<H: AsyncHandler> TestDriver<H> {
         let env = Env {
             processor: &self.name,
             effects_enabled: self.effects_enabled,
+            effects_retention: self.effects_retention,
         };
         loop {
             let now = self.wall_ms;
@@ -474,6 +484,7 @@ impl<H: AsyncHandler> TestDriver<H> {
         let env = Env {
             processor: &self.name,
             effects_enabled: self.effects_enabled,
+            effects_retention: self.effects_retention,
         };
         let Some(task) = self.tasks.get_mut(&partition) else {
             return;

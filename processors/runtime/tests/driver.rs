@@ -9,7 +9,8 @@ use spool_client::ProducerRecord;
 use spool_processor::engine::headers;
 use spool_processor::testing::{TestDriver, TestRecord};
 use spool_processor::{
-    Context, EffectStatus, Event, Failure, Handler, Input, RetryPolicy, Timer, TimerKind,
+    Context, EffectStatus, EffectsRetention, Event, Failure, Handler, Input, RetryPolicy, Timer,
+    TimerKind,
 };
 
 /// Counts per key, emits `value|n`; fails on demand: value "retry-N" fails its first N
@@ -333,6 +334,56 @@ fn effects_are_done_once_per_idempotency_key_and_disabled_in_replay() {
     let mut r = TestDriver::new("mailer", Mailer::default()).with_effects_disabled();
     r.pipe("in", "n1", "x");
     assert!(r.handler().sent.is_empty());
+}
+
+#[test]
+fn idempotency_keys_are_kept_for_the_retention_then_pruned() {
+    let retention = EffectsRetention {
+        retention_ms: 60_000,
+        max_per_task: 1_000,
+    };
+    let mut d = TestDriver::new("mailer", Mailer::default()).with_effects_retention(retention);
+    d.pipe("in", "n1", "x");
+    d.advance_wall_clock(Duration::from_secs(59));
+    // Within the window: recognised, even when the mark is refreshed by a new one.
+    d.pipe("in", "n1", "redelivered");
+    assert_eq!(d.handler().sent, vec!["n1"]);
+    d.advance_wall_clock(Duration::from_secs(2));
+    // n1 is 61 s old; the next mark prunes it (in its transaction, so a restart agrees).
+    d.pipe("in", "n2", "x");
+    assert_eq!(effect_keys(&d), vec!["n2"]);
+    d.restart();
+    assert_eq!(effect_keys(&d), vec!["n2"]);
+    d.pipe("in", "n1", "again, past the window");
+    d.pipe("in", "n2", "redelivered");
+    assert_eq!(d.handler().sent, vec!["n1", "n2", "n1"]);
+}
+
+#[test]
+fn idempotency_keys_are_bounded_per_task_oldest_first() {
+    let retention = EffectsRetention {
+        retention_ms: 3_600_000,
+        max_per_task: 3,
+    };
+    let mut d = TestDriver::new("mailer", Mailer::default()).with_effects_retention(retention);
+    for id in ["a", "b", "c", "d", "e"] {
+        d.pipe("in", id, "x");
+        d.advance_wall_clock(Duration::from_secs(1));
+    }
+    assert_eq!(effect_keys(&d), vec!["c", "d", "e"]);
+    d.restart();
+    assert_eq!(effect_keys(&d), vec!["c", "d", "e"]);
+    // The evicted ones are done again; the kept ones are not.
+    d.pipe("in", "e", "x").pipe("in", "a", "x");
+    assert_eq!(d.handler().sent, vec!["a", "b", "c", "d", "e", "a"]);
+    assert_eq!(effect_keys(&d), vec!["a", "d", "e"]);
+}
+
+fn effect_keys(d: &TestDriver<Mailer>) -> Vec<String> {
+    d.store_entries("__effects")
+        .into_iter()
+        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .collect()
 }
 
 /// A feed import: "start" begins job J with parts m0..m2, other records mark a merchant done.
