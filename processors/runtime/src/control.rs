@@ -9,7 +9,7 @@
 //! | `pause/<lane>` | any (a tombstone resumes) | the lane is paused |
 //! | `skip/<topic>/<partition>/<offset>` | the operator's reason | give up on that record now: it goes to the dead-letter topic (unblocks a partition stuck retrying it) |
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ pub fn skip_key(topic: &str, partition: u32, offset: u64) -> String {
     format!("skip/{topic}/{partition}/{offset}")
 }
 
+/// Longest skip reason kept (longer ones are cut).
+pub const MAX_REASON: usize = 1024;
+
 /// What the control topic says now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Control {
@@ -40,8 +43,9 @@ pub struct Control {
     pub paused: bool,
     /// Paused lanes.
     pub paused_lanes: BTreeSet<String>,
-    /// Records to skip: (topic, partition, offset).
-    pub skips: BTreeSet<(String, u32, u64)>,
+    /// Records to skip: (topic, partition, offset) → the operator's reason (at most
+    /// [`MAX_REASON`] bytes of it).
+    pub skips: BTreeMap<(String, u32, u64), String>,
 }
 
 impl Control {
@@ -68,8 +72,16 @@ impl Control {
             let (Ok(o), Ok(p)) = (o.parse(), p.parse()) else {
                 return;
             };
-            if on {
-                self.skips.insert((t.to_owned(), p, o));
+            if let Some(v) = value {
+                let mut reason = String::from_utf8_lossy(v).into_owned();
+                if reason.len() > MAX_REASON {
+                    let mut end = MAX_REASON;
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    reason.truncate(end);
+                }
+                self.skips.insert((t.to_owned(), p, o), reason);
             } else {
                 self.skips.remove(&(t.to_owned(), p, o));
             }
@@ -151,7 +163,18 @@ mod tests {
         c.apply(pause_key(Some("campaigns")).as_bytes(), Some(b"x"));
         c.apply(skip_key("my.topic", 3, 42).as_bytes(), Some(b"bad record"));
         assert!(c.lane_paused("campaigns") && !c.lane_paused("alerts"));
-        assert!(c.skips.contains(&("my.topic".to_owned(), 3, 42)));
+        assert_eq!(
+            c.skips
+                .get(&("my.topic".to_owned(), 3, 42))
+                .map(String::as_str),
+            Some("bad record")
+        );
+        c.apply(
+            skip_key("t", 0, 1).as_bytes(),
+            Some("é".repeat(600).as_bytes()),
+        );
+        assert_eq!(c.skips[&("t".to_owned(), 0, 1)].len(), MAX_REASON);
+        c.apply(skip_key("t", 0, 1).as_bytes(), None);
         c.apply(b"pause", Some(b"x"));
         assert!(c.lane_paused("alerts"));
         c.apply(b"pause", None);

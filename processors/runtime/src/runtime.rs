@@ -753,13 +753,15 @@ impl<'c> Session<'c> {
                 at_ms: now,
                 reason: failure.reason.clone(),
             });
-            let skipped = self.skipped(read, &input);
+            let skipped = self.skip_reason(read, &input);
             let (topic, record) = match failure.action {
                 Action::Fatal => {
                     let _ = self.tx.abort().await;
                     return Err(RuntimeError::Fatal(failure.reason));
                 }
-                Action::Retry if !skipped && self.cfg.retry.retries_after(input.attempt) => {
+                Action::Retry
+                    if skipped.is_none() && self.cfg.retry.retries_after(input.attempt) =>
+                {
                     self.metrics
                         .retries
                         .get_or_create(&Metrics::topic(&input.topic))
@@ -794,11 +796,11 @@ impl<'c> Session<'c> {
                     }
                 }
                 Action::Retry | Action::DeadLetter => {
-                    if skipped {
+                    if let Some(why) = skipped {
                         history.push(Attempt {
                             attempt: input.attempt,
                             at_ms: now,
-                            reason: "skipped by an operator (spool dlq skip)".into(),
+                            reason: format!("skipped by an operator (spool dlq skip): {why}"),
                         });
                     }
                     self.metrics
@@ -836,16 +838,20 @@ impl<'c> Session<'c> {
         Ok(true)
     }
 
-    /// Whether an operator asked to skip this record (by its original or its read position).
-    fn skipped(&self, read: &TopicPartition, input: &Input) -> bool {
+    /// Why an operator asked to skip this record (by its original or its read position), if
+    /// they did.
+    fn skip_reason(&self, read: &TopicPartition, input: &Input) -> Option<String> {
         let c = self
             .control
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         c.skips
-            .contains(&(input.topic.to_string(), input.partition, input.offset))
-            || c.skips
-                .contains(&(read.topic.clone(), read.partition, input.offset))
+            .get(&(input.topic.to_string(), input.partition, input.offset))
+            .or_else(|| {
+                c.skips
+                    .get(&(read.topic.clone(), read.partition, input.offset))
+            })
+            .cloned()
     }
 
     /// Waits `delay` before retrying in place. False if a membership change or a stop came
@@ -863,7 +869,7 @@ impl<'c> Session<'c> {
                 return false;
             }
             let now = Instant::now();
-            if now >= until || self.skipped(read, input) {
+            if now >= until || self.skip_reason(read, input).is_some() {
                 return true;
             }
             let step = (until - now).min(Duration::from_millis(50));
