@@ -52,8 +52,8 @@ pub(crate) struct PauseArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCmd {
-    /// Dead-letter topics (`<source>.<group>.dlq`) and their offsets (records plus
-    /// transaction markers).
+    /// Dead-letter topics (`<source>.<group>.dlq`) and how many dead letters each holds
+    /// (committed records, counted by reading them).
     #[command(alias = "ls")]
     List {
         /// Only this processor's.
@@ -65,6 +65,7 @@ pub(crate) enum DlqCmd {
     },
     /// The dead letters of a topic: original position, attempts, error (--json: everything,
     /// with the attempt history).
+    #[command(alias = "inspect")]
     Show {
         /// The dead-letter topic.
         topic: String,
@@ -226,9 +227,10 @@ pub(crate) async fn run_dlq(client: &Client, cmd: DlqCmd) -> CliResult<ExitCode>
             if json {
                 writeln!(out, "{}", serde_json::to_string(&list).map_err(other)?)?;
             } else {
-                let mut t = Table::new(&["TOPIC", "OFFSETS"]);
+                let mut t = Table::new(&["TOPIC", "RECORDS"]);
                 for d in list {
-                    t.row(vec![d.topic, d.offsets.to_string()]);
+                    let more = if d.complete { "" } else { "+" };
+                    t.row(vec![d.topic, format!("{}{more}", d.records)]);
                 }
                 t.write(&mut out)?;
             }

@@ -167,17 +167,23 @@ pub async fn control_state(client: &Client, name: &str) -> spool_client::Result<
         .0)
 }
 
+/// Most records `dlq list` counts per topic (it reads them all to count them).
+pub const DLQ_COUNT_LIMIT: u64 = 10_000_000;
+
 /// A dead-letter topic in a listing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DlqSummary {
     /// The topic (`<source>.<group>.dlq`).
     pub topic: String,
-    /// Offsets in it (high watermark minus log start, summed over partitions): an upper
-    /// bound of its records, since every transaction's commit marker takes an offset too.
-    pub offsets: u64,
+    /// Committed dead letters in it (read committed, every partition; transaction markers
+    /// and aborted records are not counted).
+    pub records: u64,
+    /// False when counting stopped at [`DLQ_COUNT_LIMIT`] (`records` is then a lower bound).
+    pub complete: bool,
 }
 
-/// Dead-letter topics (names ending in `.dlq`; of one group if given).
+/// Dead-letter topics (names ending in `.dlq`; of one group if given), with their records
+/// counted.
 pub async fn dlq_topics(
     client: &Client,
     group: Option<&str>,
@@ -192,15 +198,12 @@ pub async fn dlq_topics(
         {
             continue;
         }
-        let d = client.describe_topic(&t.topic).await?;
-        let offsets = d
-            .partitions
-            .iter()
-            .map(|p| p.high_watermark - p.log_start_offset)
-            .sum();
+        let mut records = 0u64;
+        visit_committed(client, &t.topic, None, DLQ_COUNT_LIMIT, |_| records += 1).await?;
         out.push(DlqSummary {
             topic: t.topic,
-            offsets,
+            records,
+            complete: records < DLQ_COUNT_LIMIT,
         });
     }
     Ok(out)
@@ -294,30 +297,49 @@ pub async fn read_dead_letters(
     from: Option<u64>,
     limit: usize,
 ) -> spool_client::Result<Vec<DeadLetter>> {
-    let d = client.describe_topic(topic).await?;
     let mut out = Vec::new();
+    visit_committed(client, topic, from, limit as u64, |r| {
+        out.push(DeadLetter::from_record(r))
+    })
+    .await?;
+    out.sort_by_key(|d| (d.time_ms, d.partition, d.offset));
+    Ok(out)
+}
+
+/// Calls `f` on the committed records of `topic` (every partition in turn, read committed)
+/// from `from` per partition (default: the start) to the high watermark as of the call, at
+/// most `limit` in all.
+async fn visit_committed(
+    client: &Client,
+    topic: &str,
+    from: Option<u64>,
+    limit: u64,
+    mut f: impl FnMut(Record),
+) -> spool_client::Result<()> {
+    let d = client.describe_topic(topic).await?;
     let opts = FetchOptions {
         isolation: Isolation::ReadCommitted,
         ..FetchOptions::default()
     };
+    let mut seen = 0u64;
     for p in &d.partitions {
         let end = p.high_watermark;
         let mut offset = from.unwrap_or(p.log_start_offset).max(p.log_start_offset);
-        while offset < end && out.len() < limit {
-            let f = client.fetch(topic, p.partition, offset, &opts).await?;
-            for r in f.records {
-                if r.offset < end && out.len() < limit {
-                    out.push(DeadLetter::from_record(r));
+        while offset < end && seen < limit {
+            let fetched = client.fetch(topic, p.partition, offset, &opts).await?;
+            for r in fetched.records {
+                if r.offset < end && seen < limit {
+                    seen += 1;
+                    f(r);
                 }
             }
-            if f.next_offset <= offset {
+            if fetched.next_offset <= offset {
                 break;
             }
-            offset = f.next_offset;
+            offset = fetched.next_offset;
         }
     }
-    out.sort_by_key(|d| (d.time_ms, d.partition, d.offset));
-    Ok(out)
+    Ok(())
 }
 
 /// Where redriven records go.
