@@ -239,6 +239,16 @@ fn processor_config(name: &str, inputs: &[&str], state_dir: &Path) -> RuntimeCon
     c
 }
 
+/// A client of `addr` and the output topic `<name>-out` it created.
+async fn with_output(addr: &str, name: &str, partitions: u32) -> Result<(Client, String)> {
+    let client = Client::connect(addr.to_owned()).await?;
+    let out = format!("{name}-out");
+    client
+        .create_topic(&out, partitions, &TopicSettings::default())
+        .await?;
+    Ok((client, out))
+}
+
 /// eos or state: records/s from ready to every offset committed.
 async fn pass_through(
     addr: &str,
@@ -249,11 +259,7 @@ async fn pass_through(
     state: bool,
     dir: &Path,
 ) -> Result<f64> {
-    let client = Client::connect(addr.to_owned()).await?;
-    let out = format!("{name}-out");
-    client
-        .create_topic(&out, partitions, &TopicSettings::default())
-        .await?;
+    let (client, out) = with_output(addr, name, partitions).await?;
     let cfg = processor_config(name, &[input], dir);
     let p = Running::start(&client, cfg, PassThrough { out, state });
     let t0 = p.ready(Duration::from_secs(60)).await?;
@@ -284,11 +290,7 @@ async fn at_least_once(
     n: u64,
     name: &str,
 ) -> Result<f64> {
-    let client = Client::connect(addr.to_owned()).await?;
-    let out = format!("{name}-out");
-    client
-        .create_topic(&out, partitions, &TopicSettings::default())
-        .await?;
+    let (client, out) = with_output(addr, name, partitions).await?;
     let producer = client.producer(ProducerConfig::default());
     let mut member = GroupConsumer::join(&client, GroupConfig::new(name, [input])).await?;
     let t0 = Instant::now();
@@ -474,7 +476,6 @@ async fn throttle(addr: &str, input: &str, name: &str, rate: u32, dir: &Path) ->
 
 /// VmRSS (KiB) of the release `spool-passthrough`, idle, 3 s after ready.
 fn idle_rss(bin: &Path, addr: &str, topic: &str, dir: &Path) -> Result<(u64, u64)> {
-    use std::io::{BufRead, BufReader};
     let cfg = dir.join("idle.toml");
     std::fs::write(
         &cfg,
@@ -495,6 +496,7 @@ fn idle_rss(bin: &Path, addr: &str, topic: &str, dir: &Path) -> Result<(u64, u64
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader};
         for line in BufReader::new(stderr)
             .lines()
             .map_while(std::io::Result::ok)
