@@ -94,6 +94,19 @@ impl Spoold {
         ConsumeServiceClient::new(self.channel().await).max_decoding_message_size(64 << 20)
     }
 
+    /// Creates `topic` with `partitions` partitions and the default configuration.
+    pub(crate) async fn create_topic(&self, topic: &str, partitions: u32) {
+        self.admin()
+            .await
+            .create_topic(spool_proto::v1::CreateTopicRequest {
+                topic: topic.into(),
+                partitions,
+                config: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("creating topic {topic}: {e}"));
+    }
+
     pub(crate) async fn offsets(&self) -> OffsetServiceClient<Channel> {
         OffsetServiceClient::new(self.channel().await)
     }

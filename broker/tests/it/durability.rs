@@ -198,15 +198,7 @@ async fn failed_fdatasync_answers_poisoned_to_the_request_that_saw_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let b = Spoold::start(&data, &[]);
-    b.admin()
-        .await
-        .create_topic(v1::CreateTopicRequest {
-            topic: "t".into(),
-            partitions: 1,
-            config: None,
-        })
-        .await
-        .unwrap();
+    b.create_topic("t", 1).await;
     b.stop();
     let segment = data.join("t/0/00000000000000000000.log");
     assert!(segment.exists(), "{} missing", segment.display());

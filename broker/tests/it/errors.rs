@@ -189,15 +189,7 @@ async fn undecodable_requests_are_invalid_argument() {
 async fn compressed_batch_claiming_records_it_lacks_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
-    b.admin()
-        .await
-        .create_topic(v1::CreateTopicRequest {
-            topic: "t".into(),
-            partitions: 1,
-            config: None,
-        })
-        .await
-        .unwrap();
+    b.create_topic("t", 1).await;
     let mut bb = BatchBuilder::new(Compression::Zstd);
     bb.push(1_700_000_000_000, None, Some(b"v"), &[]);
     let mut lie = bb.finish().unwrap().to_vec();
