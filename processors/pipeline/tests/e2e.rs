@@ -30,6 +30,23 @@ const DOMAIN: &str = "deals.e2e";
 const PARTITIONS: u32 = 2;
 const BROKEN_HOOK_USER: &str = "u000003";
 
+/// The scratch directory (configs, state, the processors' logs), kept when the test fails.
+struct Scratch(Option<tempfile::TempDir>);
+impl Scratch {
+    fn path(&self) -> &Path {
+        self.0.as_ref().expect("until dropped").path()
+    }
+}
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.0.take()
+        {
+            eprintln!("e2e: logs kept in {}", d.keep().display());
+        }
+    }
+}
+
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -61,6 +78,66 @@ fn spawn(bin: &str, dir: &Path, name: &str, broker: &str, toml: &str) -> Proc {
         .spawn()
         .unwrap_or_else(|e| panic!("{bin}: {e}"));
     Proc(child)
+}
+
+/// Each processor's inputs: per partition the group's committed offset against the high
+/// watermark and the last stable offset; and the transactions open on the broker. What a
+/// stuck or slow run prints, to tell a stall (a partition that does not move) from slowness.
+async fn lag_report(client: &Client) -> String {
+    use spool_client::{Isolation, OffsetSpec, TopicPartition};
+    let groups: [(&str, &[&str]); 4] = [
+        ("deals", &[topics::PRICES]),
+        (
+            "matching",
+            &[
+                topics::DEAL_BROADCAST,
+                topics::USER_SETTINGS,
+                topics::ADDRESS_STATUS,
+            ],
+        ),
+        (
+            "notifications",
+            &[topics::NOTIFICATION_REQUESTS, topics::OUTGOING_MAIL],
+        ),
+        ("bounces", &[topics::POSTFIX_LOG]),
+    ];
+    let mut out = String::new();
+    for (group, inputs) in groups {
+        let tps: Vec<TopicPartition> = inputs
+            .iter()
+            .flat_map(|t| (0..PARTITIONS).map(move |p| TopicPartition::new(*t, p)))
+            .collect();
+        let q: Vec<_> = tps.iter().map(|tp| (tp.clone(), OffsetSpec::Latest)).collect();
+        let (Ok(committed), Ok(hw), Ok(lso)) = (
+            client.fetch_offsets(group, &tps).await,
+            client.list_offsets(&q).await,
+            client
+                .list_offsets_with(&q, Isolation::ReadCommitted)
+                .await,
+        ) else {
+            out.push_str(&format!("\n  {group}: offsets unavailable"));
+            continue;
+        };
+        out.push_str(&format!("\n  {group}:"));
+        for (((tp, c), h), l) in tps.iter().zip(committed).zip(hw).zip(lso) {
+            let c = c.offset.map_or("-".to_owned(), |o| o.to_string());
+            let h = h.map_or("?".to_owned(), |o| o.offset.to_string());
+            let l = l.map_or("?".to_owned(), |o| o.offset.to_string());
+            out.push_str(&format!(" {}/{}={c}/{h}(lso {l})", tp.topic, tp.partition));
+        }
+    }
+    if let Ok(txns) = client.list_transactions().await {
+        for t in txns.iter().filter(|t| t.started_ms > 0) {
+            out.push_str(&format!(
+                "\n  open transaction {} (epoch {}, {} partitions, started {} ms)",
+                t.transactional_id,
+                t.producer_epoch,
+                t.partitions.len(),
+                t.started_ms
+            ));
+        }
+    }
+    out
 }
 
 #[derive(Default)]
@@ -136,7 +213,7 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
     publish::ensure_topics(&client, Some(PARTITIONS))
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch(Some(tempfile::tempdir().unwrap()));
     let pf = Instance::start(&dir.path().join("pf"), free_port().unwrap(), "pfe2e")
         .expect("postfix (run .ci/install-test-tools)");
     let hooks = Receiver::start(|path, _, _| {
@@ -244,7 +321,9 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
             .flat_map(|(_, ids)| ids.iter().cloned())
             .collect();
         let want_http = want.webhooks.len() + want.pushes.len();
-        let deadline = Instant::now() + Duration::from_secs(240);
+        let phase_started = Instant::now();
+        let deadline = phase_started + Duration::from_secs(240);
+        let mut last_report = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let http = hooks
@@ -255,6 +334,12 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
                 .map(|c| c.key.clone())
                 .collect::<BTreeSet<_>>()
                 .len();
+            let lag = if last_report.elapsed() >= Duration::from_secs(10) {
+                last_report = Instant::now();
+                Some(lag_report(&client).await)
+            } else {
+                None
+            };
             let s = seen.lock().unwrap();
             let done = s.timeline.len() >= want.timeline.len()
                 && http >= want_http
@@ -264,7 +349,28 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
                     .iter()
                     .all(|a| s.flagged.contains(a));
             if done {
+                eprintln!(
+                    "e2e: phase {phase} complete in {:.1} s",
+                    phase_started.elapsed().as_secs_f64()
+                );
                 break;
+            }
+            if let Some(lag) = lag {
+                eprintln!(
+                    "e2e: phase {phase} at {:.0} s: timeline {}/{}, http {http}/{want_http}, mails {}/{} queued, {} final, flags {}/{}",
+                    phase_started.elapsed().as_secs_f64(),
+                    s.timeline.len(),
+                    want.timeline.len(),
+                    want_mails
+                        .iter()
+                        .filter(|m| s.queued.contains_key(*m))
+                        .count(),
+                    want_mails.len(),
+                    s.final_status.len(),
+                    s.flagged.len(),
+                    want.flagged_after[phase].len(),
+                );
+                eprintln!("e2e: committed/high watermark per input:{lag}");
             }
             assert!(
                 Instant::now() < deadline,
