@@ -80,6 +80,35 @@ fn spawn(bin: &str, dir: &Path, name: &str, broker: &str, toml: &str) -> Proc {
     Proc(child)
 }
 
+/// Waits until `deals` committed every price update written so far.
+async fn deals_caught_up(client: &Client) {
+    use spool_client::{OffsetSpec, TopicPartition};
+    let tps: Vec<TopicPartition> = (0..PARTITIONS)
+        .map(|p| TopicPartition::new(topics::PRICES, p))
+        .collect();
+    let q: Vec<_> = tps
+        .iter()
+        .map(|tp| (tp.clone(), OffsetSpec::Latest))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ends = client.list_offsets(&q).await.unwrap();
+        let committed = client.fetch_offsets("deals", &tps).await.unwrap();
+        if ends
+            .iter()
+            .zip(&committed)
+            .all(|(e, c)| c.offset == Some(e.as_ref().unwrap().offset))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deals did not catch up: {committed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Each processor's inputs: per partition the group's committed offset against the high
 /// watermark and the last stable offset; and the transactions open on the broker. What a
 /// stuck or slow run prints, to tell a stall (a partition that does not move) from slowness.
@@ -107,13 +136,14 @@ async fn lag_report(client: &Client) -> String {
             .iter()
             .flat_map(|t| (0..PARTITIONS).map(move |p| TopicPartition::new(*t, p)))
             .collect();
-        let q: Vec<_> = tps.iter().map(|tp| (tp.clone(), OffsetSpec::Latest)).collect();
+        let q: Vec<_> = tps
+            .iter()
+            .map(|tp| (tp.clone(), OffsetSpec::Latest))
+            .collect();
         let (Ok(committed), Ok(hw), Ok(lso)) = (
             client.fetch_offsets(group, &tps).await,
             client.list_offsets(&q).await,
-            client
-                .list_offsets_with(&q, Isolation::ReadCommitted)
-                .await,
+            client.list_offsets_with(&q, Isolation::ReadCommitted).await,
         ) else {
             out.push_str(&format!("\n  {group}: offsets unavailable"));
             continue;
@@ -253,7 +283,7 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
 
     let d = dir.path();
     let retry = "[retry]\ninitial_backoff_ms = 20\nmax_backoff_ms = 200\nmax_attempts = 4\n";
-    let _procs = [
+    let mut procs = vec![
         spawn(
             env!("CARGO_BIN_EXE_spool-deals"),
             d,
@@ -261,15 +291,6 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
             &addr,
             &format!(
                 "inputs = [\"prices\"]\noutputs = [\"deal-transitions\", \"deal-broadcast\"]\n{retry}[app]\nbroadcast_partitions = {PARTITIONS}\n"
-            ),
-        ),
-        spawn(
-            env!("CARGO_BIN_EXE_spool-matching"),
-            d,
-            "matching",
-            &addr,
-            &format!(
-                "inputs = [\"deal-broadcast\", \"user-settings\", \"address-status\"]\noutputs = [\"notification-requests\", \"timeline\"]\n{retry}"
             ),
         ),
         spawn(
@@ -309,6 +330,22 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
             publish::publish_round(&producer, &feed.next_round(), 0)
                 .await
                 .unwrap();
+        }
+        if phase == 0 {
+            // Matching starts last, with every deal of phase 0 and every user's settings
+            // waiting in its inputs: it must read the settings (its tables) before the deals
+            // written after them, whatever order the broker delivers the topics in.
+            deals_caught_up(&client).await;
+            procs.push(
+spawn(
+            env!("CARGO_BIN_EXE_spool-matching"),
+            d,
+            "matching",
+            &addr,
+            &format!(
+                "inputs = [\"deal-broadcast\", \"user-settings\", \"address-status\"]\noutputs = [\"notification-requests\", \"timeline\"]\ntables = [\"user-settings\", \"address-status\"]\n{retry}"
+            ),
+        ));
         }
         // Phase p is done when what the oracle expects by its end is there (timeline, HTTP
         // calls, the mails to addresses that do not bounce, every queued mail final, the

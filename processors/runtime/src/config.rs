@@ -58,6 +58,9 @@ pub struct ProcessorConfig {
     pub effects: EffectsRetention,
     /// Priority lanes, throttles and quiet hours (`[[lanes]]`).
     pub lanes: Vec<LaneConfig>,
+    /// Inputs read as tables: a task reads its partitions of these up to where they ended
+    /// before it handles a record of another input (see [`RuntimeConfig::tables`]).
+    pub tables: Vec<String>,
     /// The processor's own settings (free-form; see [`ProcessorConfig::app`]).
     pub app: toml::Table,
 }
@@ -111,6 +114,7 @@ impl Default for ProcessorConfig {
             retry: RetryPolicy::default(),
             effects: EffectsRetention::default(),
             lanes: Vec::new(),
+            tables: Vec::new(),
             app: toml::Table::new(),
         }
     }
@@ -230,6 +234,9 @@ impl ProcessorConfig {
         }
         self.retry.validate().map_err(ConfigError)?;
         self.effects.validate().map_err(ConfigError)?;
+        if let Some(t) = self.tables.iter().find(|t| !self.inputs.contains(t)) {
+            return Err(ConfigError(format!("tables: {t} is not an input")));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for l in &self.lanes {
             l.validate().map_err(ConfigError)?;
@@ -315,6 +322,7 @@ impl ProcessorConfig {
         r.retry = self.retry.clone();
         r.effects_retention = self.effects;
         r.lanes = self.lanes.clone();
+        r.tables = self.tables.clone();
         r
     }
 }
@@ -330,7 +338,7 @@ fn env_value(key: &str, v: &str) -> toml::Value {
         "false" => return toml::Value::Boolean(false),
         _ => {}
     }
-    if matches!(key, "inputs" | "outputs") {
+    if matches!(key, "inputs" | "outputs" | "tables") {
         return toml::Value::Array(
             v.split(',')
                 .filter(|s| !s.is_empty())
@@ -387,6 +395,20 @@ mod tests {
         assert!(e.to_string().contains("nope"), "{e}");
         let round: ProcessorConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(round, c);
+        let tables = ProcessorConfig {
+            inputs: vec!["deals".into(), "settings".into()],
+            tables: vec!["settings".into()],
+            ..c.clone()
+        };
+        tables.validate().unwrap();
+        assert_eq!(tables.runtime_config().tables, vec!["settings".to_owned()]);
+        let e = ProcessorConfig {
+            tables: vec!["elsewhere".into()],
+            ..tables
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("elsewhere is not an input"), "{e}");
         let bad = ProcessorConfig {
             name: "has space".into(),
             ..c

@@ -125,6 +125,11 @@ pub struct RuntimeConfig {
     /// Priority lanes, throttles, quiet hours ([`crate::flow`]); inputs in no lane form a
     /// lane of their own.
     pub lanes: Vec<LaneConfig>,
+    /// Inputs read as tables (settings a stream is joined with, co-partitioned with it):
+    /// before a task handles a record of another input, it reads its partitions of these up
+    /// to where they ended when that record was read, so a table change written before a
+    /// record is never applied after it (whatever order the broker delivers topics in).
+    pub tables: Vec<String>,
 }
 
 impl RuntimeConfig {
@@ -156,6 +161,7 @@ impl RuntimeConfig {
             start_at_ms: None,
             clock: Arc::new(SystemClock),
             lanes: Vec::new(),
+            tables: Vec::new(),
         }
     }
 
@@ -400,7 +406,19 @@ struct Session<'c> {
     last_lag: HashMap<TopicPartition, u64>,
     /// When the lanes' backlogs were last asked of the broker.
     last_backlog: Instant,
+    /// Per task, the read-committed ends of its input partitions when last asked
+    /// ([`RuntimeConfig::tables`]).
+    table_ends: HashMap<u32, HashMap<TopicPartition, u64>>,
+    /// Records waiting for their task's tables: since when the tables' positions last moved,
+    /// and their sum then.
+    table_wait: HashMap<TopicPartition, (Instant, u64)>,
 }
+
+/// How often a record waiting for its task's tables looks again.
+const TABLE_POLL: Duration = Duration::from_millis(5);
+/// A record stops waiting for tables that did not move for this long (an operator paused
+/// them, or they cannot be read): it is handled, with a warning, rather than stall its task.
+const TABLE_STALL: Duration = Duration::from_secs(10);
 
 impl<'c> Session<'c> {
     async fn start(
@@ -485,6 +503,8 @@ impl<'c> Session<'c> {
             last_window: Instant::now(),
             last_lag: HashMap::new(),
             last_backlog: Instant::now(),
+            table_ends: HashMap::new(),
+            table_wait: HashMap::new(),
         };
         s.reconcile().await?;
         s.apply_flow().await?;
@@ -602,6 +622,10 @@ impl<'c> Session<'c> {
             self.member.seek(&tp, r.offset).await?;
             return Ok(());
         }
+        if !self.retry_of.contains_key(&*r.topic) && self.behind_tables(&tp, r.offset).await {
+            self.hold(tp, r, TABLE_POLL);
+            return Ok(());
+        }
         let now = self.cfg.clock.now_ms();
         // A record from a retry topic: its original position, attempt and due time.
         let retry = match self.retry_of.get(&*r.topic) {
@@ -671,6 +695,89 @@ impl<'c> Session<'c> {
             t.records += 1;
         }
         Ok(())
+    }
+
+    /// Whether the record at `offset` of `tp` must wait for its task to read more of its
+    /// tables ([`RuntimeConfig::tables`]): some table partition of the task is below the end
+    /// it had when the record was already readable. The ends are asked of the broker (read
+    /// committed) only when a record is past the ends last asked; a broker that cannot be
+    /// asked means wait and ask again.
+    async fn behind_tables(&mut self, tp: &TopicPartition, offset: u64) -> bool {
+        if self.cfg.tables.is_empty() || self.cfg.tables.contains(&tp.topic) {
+            return false;
+        }
+        let tables: Vec<TopicPartition> = self
+            .owned
+            .iter()
+            .filter(|t| t.partition == tp.partition && self.cfg.tables.contains(&t.topic))
+            .cloned()
+            .collect();
+        if tables.is_empty() {
+            return false;
+        }
+        let known = self
+            .table_ends
+            .get(&tp.partition)
+            .and_then(|e| e.get(tp))
+            .is_some_and(|&end| offset < end);
+        if !known {
+            let q: Vec<(TopicPartition, spool_client::OffsetSpec)> = std::iter::once(tp)
+                .chain(&tables)
+                .map(|t| (t.clone(), spool_client::OffsetSpec::Latest))
+                .collect();
+            let ends = match self
+                .client
+                .list_offsets_with(&q, spool_client::Isolation::ReadCommitted)
+                .await
+            {
+                Ok(ends) => ends,
+                Err(e) => {
+                    tracing::debug!(error = %e, "asking the tables' ends failed; asking again");
+                    return true;
+                }
+            };
+            let mut m = HashMap::new();
+            for ((t, _), end) in q.into_iter().zip(ends) {
+                match end {
+                    Ok(end) => m.insert(t, end.offset),
+                    Err(_) => return true,
+                };
+            }
+            self.table_ends.insert(tp.partition, m);
+        }
+        let ends = &self.table_ends[&tp.partition];
+        let paused: BTreeSet<TopicPartition> = self.member.paused().into_iter().collect();
+        let positions: HashMap<TopicPartition, u64> = self.member.positions().into_iter().collect();
+        let pos = |t: &TopicPartition| positions.get(t).copied().unwrap_or(0);
+        let behind = tables
+            .iter()
+            .any(|t| !paused.contains(t) && pos(t) < ends.get(t).copied().unwrap_or(0));
+        if !behind {
+            self.table_wait.remove(tp);
+            return false;
+        }
+        let moved: u64 = tables.iter().map(pos).sum();
+        let now = Instant::now();
+        let (since, last) = self.table_wait.entry(tp.clone()).or_insert((now, moved));
+        if *last != moved {
+            (*since, *last) = (now, moved);
+        } else if since.elapsed() >= TABLE_STALL {
+            tracing::warn!(
+                topic = tp.topic,
+                partition = tp.partition,
+                offset,
+                "the task's tables did not move for 10 s; handling the record without the rest of them"
+            );
+            self.table_wait.remove(tp);
+            // Until the ends are asked again, the tables count as read where they stopped.
+            if let Some(ends) = self.table_ends.get_mut(&tp.partition) {
+                for t in &tables {
+                    ends.insert(t.clone(), pos(t));
+                }
+            }
+            return false;
+        }
+        true
     }
 
     /// Holds a record (its partition paused) for `wait`.
@@ -1196,6 +1303,9 @@ impl<'c> Session<'c> {
         let now: BTreeSet<TopicPartition> = self.member.assignment().into_iter().collect();
         let positions: BTreeMap<TopicPartition, u64> =
             self.member.positions().into_iter().collect();
+        self.table_ends
+            .retain(|p, _| now.iter().any(|tp| tp.partition == *p));
+        self.table_wait.retain(|tp, _| now.contains(tp));
         for tp in self.owned.difference(&now) {
             self.positions.remove(tp);
             self.committed.remove(tp);

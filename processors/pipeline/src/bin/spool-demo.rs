@@ -275,7 +275,7 @@ async fn main() -> anyhow::Result<()> {
     let p = a.partitions;
     let procs = vec![
         processor("spool-deals", &dir, &broker, format!("inputs = [\"prices\"]\noutputs = [\"deal-transitions\", \"deal-broadcast\"]\n[app]\nbroadcast_partitions = {p}\n"))?,
-        processor("spool-matching", &dir, &broker, "inputs = [\"deal-broadcast\", \"user-settings\", \"address-status\"]\noutputs = [\"notification-requests\", \"timeline\"]\n".into())?,
+        processor("spool-matching", &dir, &broker, "inputs = [\"deal-broadcast\", \"user-settings\", \"address-status\"]\noutputs = [\"notification-requests\", \"timeline\"]\ntables = [\"user-settings\", \"address-status\"]\n".into())?,
         processor("spool-notifications", &dir, &broker, format!("inputs = [\"notification-requests\", \"outgoing-mail\"]\noutputs = [\"outgoing-mail\", \"mail-status\"]\n[retry]\nmax_attempts = 0\n[app.smtp]\nport = {smtp_port}\nfrom = \"deals@localhost\"\n"))?,
         processor("spool-bounces", &dir, &broker, format!("inputs = [\"postfix-log\"]\noutputs = [\"mail-status\", \"delivery-issues\", \"address-status\"]\n[app]\nlog_path = \"{log_path}\"\naddress_partitions = {p}\n"))?,
     ];

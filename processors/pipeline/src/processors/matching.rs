@@ -2,7 +2,9 @@
 //! partition). Inputs, co-partitioned by partition number: `user-settings` (CloudEvents;
 //! a tombstone deletes the user), `address-status` (every flag in every partition) and
 //! `deal-broadcast` (every transition in every partition). Emits notification requests and
-//! timeline events in the input's transaction.
+//! timeline events in the input's transaction. Settings and flags are the runtime's `tables`
+//! ([`check_tables`]): read up to date before each deal, whatever order the broker delivers
+//! the topics in.
 //!
 //! Keys of `m`: `s\0USER` settings (JSON), `i\0CATEGORY\0MINDROP(5 digits)\0USER` the audience
 //! index, `a\0ADDRESS` flags, `n\0PRODUCT\0USER` → entry for the users notified of a deal.
@@ -149,6 +151,19 @@ impl MatchingStore for TaskStore<'_, '_> {
         }
         Ok(out)
     }
+}
+
+/// Matching joins each deal with the settings and flags written before it, so both must be
+/// read as tables (`tables = ["user-settings", "address-status"]` in its configuration):
+/// otherwise a (re)start with a backlog can match deals against settings not read yet.
+pub fn check_tables(tables: &[String]) -> anyhow::Result<()> {
+    for t in [topics::USER_SETTINGS, topics::ADDRESS_STATUS] {
+        anyhow::ensure!(
+            tables.iter().any(|x| x == t),
+            "tables must list {t:?}: matching joins each deal with the settings and flags written before it"
+        );
+    }
+    Ok(())
 }
 
 impl Handler for Matching {
