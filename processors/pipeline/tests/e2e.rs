@@ -392,26 +392,8 @@ spawn(
                 );
                 break;
             }
-            if let Some(lag) = lag {
-                eprintln!(
-                    "e2e: phase {phase} at {:.0} s: timeline {}/{}, http {http}/{want_http}, mails {}/{} queued, {} final, flags {}/{}",
-                    phase_started.elapsed().as_secs_f64(),
-                    s.timeline.len(),
-                    want.timeline.len(),
-                    want_mails
-                        .iter()
-                        .filter(|m| s.queued.contains_key(*m))
-                        .count(),
-                    want_mails.len(),
-                    s.final_status.len(),
-                    s.flagged.len(),
-                    want.flagged_after[phase].len(),
-                );
-                eprintln!("e2e: committed/high watermark per input:{lag}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "phase {phase} incomplete after 240 s: timeline {}/{}, http {http}/{want_http}, mails {}/{} queued, {} final, flags {}/{}; logs in {}",
+            let progress = format!(
+                "timeline {}/{}, http {http}/{want_http}, mails {}/{} queued, {} final, flags {}/{}",
                 s.timeline.len(),
                 want.timeline.len(),
                 want_mails
@@ -422,6 +404,17 @@ spawn(
                 s.final_status.len(),
                 s.flagged.len(),
                 want.flagged_after[phase].len(),
+            );
+            if let Some(lag) = lag {
+                eprintln!(
+                    "e2e: phase {phase} at {:.0} s: {progress}",
+                    phase_started.elapsed().as_secs_f64()
+                );
+                eprintln!("e2e: committed/high watermark per input:{lag}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phase {phase} incomplete after 240 s: {progress}; logs in {}",
                 d.display()
             );
         }
