@@ -86,6 +86,7 @@ pub(crate) fn check(
     log: &Log,
     model: &mut Model,
     flipped: Option<&Path>,
+    torn_new: &[std::path::PathBuf],
     stats: &mut Stats,
 ) -> Result<Outcome, String> {
     let mut out = Outcome::default();
@@ -141,6 +142,8 @@ pub(crate) fn check(
                 same_partition(f, &Path::new(ROOT).join(&name).join(i.to_string()))
             });
             let (truncated, kept) = reports.get(&(name.clone(), i)).copied().unwrap_or_default();
+            let part_dir = Path::new(ROOT).join(&name).join(i.to_string());
+            let kept_by_a_failed_open = torn_new.iter().any(|f| f.starts_with(&part_dir));
             if truncated > 0 {
                 stats.torn_tails_cut += 1;
             }
@@ -149,8 +152,14 @@ pub(crate) fn check(
             let r = check_part(&part, m, compacted, always, stats).map_err(ctx);
             match r {
                 Ok(()) => {}
-                Err(e) if damaged && (truncated > 0 && kept > 0 || e.contains("corruption")) => {
-                    // The damage was reported: the tail was cut and kept, or a read refused.
+                Err(e)
+                    if damaged
+                        && (truncated > 0 && kept > 0
+                            || kept_by_a_failed_open
+                            || e.contains("corruption")) =>
+                {
+                    // The damage was reported: the tail was cut and kept (by this open, or by
+                    // one that then failed, with a warning), or a read refused.
                     out.flip_reported = true;
                     continue;
                 }
