@@ -167,7 +167,9 @@ pub(crate) fn check(
             }
             // The model follows the log from here on.
             let (start, hwm) = (part.log_start_offset(), part.high_watermark());
-            m.recs.retain(|&o, _| o >= start && o < hwm);
+            let kept = m.recs.split_off(&start);
+            m.retired.append(&mut std::mem::replace(&mut m.recs, kept));
+            m.recs.retain(|&o, _| o < hwm);
             m.maybe.retain(|o| m.recs.contains_key(o));
             m.next = hwm;
             m.durable = hwm;

@@ -36,6 +36,9 @@ pub(crate) struct Part {
     /// Offsets of records of committed / aborted transactions (marker durable).
     pub(crate) committed: BTreeSet<u64>,
     pub(crate) aborted: BTreeSet<u64>,
+    /// Records below the log start (deleted by retention), kept to check a resend the engine
+    /// answers as a duplicate of them (its producer state outlives the records).
+    pub(crate) retired: BTreeMap<u64, Rec>,
 }
 
 impl Part {

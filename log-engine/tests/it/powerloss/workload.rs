@@ -495,7 +495,7 @@ pub(crate) fn send(
         Ok(info) => {
             if info.duplicate {
                 let there: Vec<Option<&Rec>> = (info.base_offset..=info.last_offset)
-                    .map(|o| m.recs.get(&o))
+                    .map(|o| m.recs.get(&o).or_else(|| m.retired.get(&o)))
                     .collect();
                 let same = there.len() == u.recs.len()
                     && there.iter().zip(&u.recs).all(|(a, b)| *a == Some(b));
