@@ -21,6 +21,8 @@ pub const DEFAULT_PORT: u16 = 7170;
 pub const DEFAULT_METRICS_PORT: u16 = 7171;
 /// Longest `limits.idle_timeout_ms` (a day).
 pub const MAX_IDLE_TIMEOUT_MS: u64 = 86_400_000;
+/// Largest `limits.max_reply_memory_bytes` (1 TiB).
+pub const MAX_REPLY_MEMORY_BYTES: u64 = 1 << 40;
 
 /// Everything `spoold` can be configured with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -172,6 +174,14 @@ pub struct LimitsConfig {
     pub max_records_per_request: usize,
     /// Time limit of a unary request.
     pub request_timeout_ms: u64,
+    /// Memory the broker holds at most for replies in flight (Fetch replies and Subscribe
+    /// messages from the read of their data until written to the socket), across all
+    /// connections. Past it, fetches wait (then fail with RESOURCE_EXHAUSTED) and
+    /// subscriptions pause until memory is free.
+    pub max_reply_memory_bytes: u64,
+    /// The same, per connection: at least `max_request_bytes` (one reply of the largest size
+    /// always fits), at most `max_reply_memory_bytes`.
+    pub max_reply_memory_bytes_per_connection: u64,
     /// A connection on which no request or response data moved for this long is closed by
     /// the broker. Above `request_timeout_ms` (so a unary call is always answered first);
     /// Subscribe heartbeats come at least every half of it.
@@ -235,6 +245,8 @@ impl Default for LimitsConfig {
             max_partitions_per_request: 10_000,
             max_records_per_request: 1 << 20,
             request_timeout_ms: 30_000,
+            max_reply_memory_bytes: 1 << 30,
+            max_reply_memory_bytes_per_connection: 256 << 20,
             idle_timeout_ms: 600_000,
         }
     }
@@ -386,6 +398,16 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "limits.idle_timeout_ms must be above limits.request_timeout_ms and within \
                  1000..={MAX_IDLE_TIMEOUT_MS}"
+            )));
+        }
+        let l = &self.limits;
+        if l.max_reply_memory_bytes_per_connection < l.max_request_bytes as u64
+            || l.max_reply_memory_bytes < l.max_reply_memory_bytes_per_connection
+            || l.max_reply_memory_bytes > MAX_REPLY_MEMORY_BYTES
+        {
+            return Err(ConfigError::Invalid(format!(
+                "need limits.max_request_bytes <= limits.max_reply_memory_bytes_per_connection \
+                 <= limits.max_reply_memory_bytes <= {MAX_REPLY_MEMORY_BYTES}"
             )));
         }
         if !(100..=MAX_IDLE_TIMEOUT_MS).contains(&self.limits.handshake_timeout_ms) {

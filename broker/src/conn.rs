@@ -170,6 +170,8 @@ impl Activity {
 #[derive(Clone, Debug)]
 pub(crate) struct ConnInfo {
     activity: Arc<Activity>,
+    /// The connection's share of reply memory (`budget.rs`).
+    pub(crate) reply_memory: Arc<crate::budget::Budget>,
 }
 
 /// Open connections per source address.
@@ -357,6 +359,7 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) fn incoming(
     listener: TcpListener,
     limits: ConnLimits,
+    memory: Arc<crate::budget::ReplyMemory>,
     metrics: ConnMetrics,
 ) -> impl Stream<Item = io::Result<LimitedConn>> {
     let slots = Arc::new(Semaphore::new(limits.max));
@@ -368,6 +371,7 @@ pub(crate) fn incoming(
         state,
         move |(listener, slots, per_address, mut last_log)| {
             let metrics = metrics.clone();
+            let memory = memory.clone();
             async move {
                 let permit = slots.clone().acquire_owned().await.ok()?;
                 let conn = loop {
@@ -404,7 +408,10 @@ pub(crate) fn incoming(
                             metrics.open.inc();
                             break Ok(LimitedConn {
                                 stream,
-                                info: ConnInfo { activity },
+                                info: ConnInfo {
+                                    activity,
+                                    reply_memory: memory.connection_budget(),
+                                },
                                 watchdog,
                                 open: metrics.open.clone(),
                                 _address: address,

@@ -1,9 +1,7 @@
 //! Conversions between wire messages and engine types, with validation at the boundary.
 
 use bytes::Bytes;
-use spool_log_engine::{
-    BatchBuilder, CleanupPolicy, Compression, FsyncPolicy, Limits, TopicConfig,
-};
+use spool_log_engine::{BatchBuilder, CleanupPolicy, Compression, FsyncPolicy, TopicConfig};
 use spool_proto::v1;
 
 use crate::error::BrokerError;
@@ -146,38 +144,6 @@ pub(crate) fn encode_records(
         b.push(ts, r.key.as_deref(), r.value.as_deref(), &headers);
     }
     b.finish().map_err(BrokerError::from)
-}
-
-/// Decodes batches into wire records.
-pub(crate) fn decode_records(
-    data: &Bytes,
-    limits: &Limits,
-) -> Result<Vec<v1::ConsumedRecord>, BrokerError> {
-    let mut out = Vec::new();
-    for batch in spool_log_engine::batch::split_batches(data) {
-        let batch = batch?;
-        if batch.header().is_control() {
-            continue; // a transaction marker carries no data
-        }
-        for rec in batch.records(&limits.decode())? {
-            let rec = rec?;
-            out.push(v1::ConsumedRecord {
-                offset: rec.offset,
-                timestamp_ms: rec.timestamp,
-                key: rec.key,
-                value: rec.value,
-                headers: rec
-                    .headers
-                    .into_iter()
-                    .map(|h| v1::RecordHeader {
-                        key: h.key,
-                        value: h.value,
-                    })
-                    .collect(),
-            });
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

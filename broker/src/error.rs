@@ -106,6 +106,26 @@ pub enum BrokerError {
         /// The current epoch.
         current_epoch: i16,
     },
+    /// Reply memory stayed short until the request's deadline (`budget.rs`).
+    #[error(
+        "no memory for a reply of {needed} bytes within {waited_ms} ms: {used} of \
+         limits.max_reply_memory_bytes = {limit} bytes are held by replies in flight \
+         ({conn_used} of this connection's {conn_limit}); retry later"
+    )]
+    ReplyMemoryExhausted {
+        /// Bytes the reply needed.
+        needed: usize,
+        /// How long it waited.
+        waited_ms: u64,
+        /// Broker-wide bytes in use.
+        used: usize,
+        /// Broker-wide limit.
+        limit: usize,
+        /// The connection's bytes in use.
+        conn_used: usize,
+        /// The connection's limit.
+        conn_limit: usize,
+    },
     /// The broker aborted the producer's transaction after its timeout.
     #[error(
         "transactional id {txn_id:?}: the transaction of epoch {epoch} was aborted after its timeout of {timeout_ms} ms; abort, then go on with the new epoch (or call InitProducerId with the expected id and epoch)"
@@ -148,7 +168,7 @@ pub(crate) fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::OffsetOutOfRange => Code::OutOfRange,
         ErrorCode::Corruption => Code::DataLoss,
         ErrorCode::PartitionPoisoned | ErrorCode::ShuttingDown => Code::Unavailable,
-        ErrorCode::StorageFull => Code::ResourceExhausted,
+        ErrorCode::StorageFull | ErrorCode::ReplyMemoryExhausted => Code::ResourceExhausted,
         ErrorCode::NotAuthorized => Code::PermissionDenied,
         ErrorCode::ProducerFenced
         | ErrorCode::OutOfOrderSequence
@@ -174,6 +194,7 @@ fn error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
         BrokerError::TxnProducerFenced { .. } => ErrorCode::ProducerFenced,
         BrokerError::TransactionTimedOut { .. } => ErrorCode::TransactionTimedOut,
+        BrokerError::ReplyMemoryExhausted { .. } => ErrorCode::ReplyMemoryExhausted,
         BrokerError::Engine(e) => match e {
             EngineError::TopicNotFound(_) => ErrorCode::UnknownTopic,
             EngineError::PartitionNotFound { .. } => ErrorCode::UnknownPartition,

@@ -14,6 +14,9 @@
 //! - Engine errors become wire errors in one place (`error.rs`).
 //! - Every request is bounded before the broker allocates for it: tonic's decode and encode
 //!   limits, partitions per request, records per list, fetch sizes and waits.
+//! - Replies are assembled within their byte limit and trimmed to it (`reply.rs`); replies in
+//!   flight are charged to a broker-wide and a per-connection memory budget until written
+//!   (`budget.rs`).
 //! - Shutdown stops accepting, ends subscriptions, waits at most `shutdown_timeout_ms` for
 //!   in-flight requests, then flushes and closes the log.
 //! - A connection without request or response data for `limits.idle_timeout_ms`, or without
@@ -21,6 +24,7 @@
 //!   at most `limits.max_connections_per_address` connections (`conn.rs`).
 
 mod auth;
+mod budget;
 pub mod config;
 mod conn;
 mod convert;
@@ -33,6 +37,7 @@ mod metrics_text;
 mod offsets;
 mod process_metrics;
 mod producer_ids;
+mod reply;
 mod service;
 mod txn;
 
@@ -88,6 +93,8 @@ pub(crate) struct State {
     pub(crate) txns: Arc<txn::Transactions>,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) auth: Arc<auth::Auth>,
+    /// Memory for replies in flight (`budget.rs`).
+    pub(crate) memory: Arc<budget::ReplyMemory>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -154,6 +161,12 @@ impl Broker {
         let producer_ids = Arc::new(producer_ids::ProducerIds::open(log.clone())?);
         let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));
         let auth = Arc::new(auth::Auth::new(&config.auth.tokens)?);
+        let memory = Arc::new(budget::ReplyMemory::new(
+            usize::try_from(config.limits.max_reply_memory_bytes).unwrap_or(usize::MAX),
+            usize::try_from(config.limits.max_reply_memory_bytes_per_connection)
+                .unwrap_or(usize::MAX),
+            metrics.memory(),
+        ));
         let (shutdown_tx, shutdown) = watch::channel(false);
         let groups = Arc::new(groups::Groups::open(
             log.clone(),
@@ -183,6 +196,7 @@ impl Broker {
                 txns,
                 metrics,
                 auth,
+                memory,
                 shutdown,
             }),
             shutdown_tx,
@@ -254,6 +268,8 @@ impl Broker {
         let router = builder
             // Marks connections active as requests and their data pass (idle timeout).
             .layer(conn::ActivityLayer)
+            // Charges reply memory until replies are written (budget.rs).
+            .layer(budget::ReplyMemoryLayer::new(&state.memory))
             .tcp_nodelay(true)
             // Unary handlers (fetch long polls included, whose wait is capped below this) are
             // cut off after request_timeout_ms; streams are not (the timeout covers producing
@@ -318,6 +334,7 @@ impl Broker {
                 handshake_timeout: Duration::from_millis(cfg.limits.handshake_timeout_ms),
                 idle_timeout: Duration::from_millis(cfg.limits.idle_timeout_ms),
             },
+            state.memory.clone(),
             state.metrics.conn(),
         );
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {

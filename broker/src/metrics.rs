@@ -12,6 +12,8 @@
 //! | `spool_rpc_errors_total` | counter | rpc, code (the gRPC status: `NOT_FOUND`, …) |
 //! | `spool_idle_connections_closed_total`, `spool_handshake_timeouts_total`, `spool_connections_refused_total` | counter | |
 //! | `spool_connections_open` | gauge | |
+//! | `spool_reply_memory_bytes`, `spool_reply_memory_limit_bytes` | gauge | |
+//! | `spool_reply_memory_waits_total`, `spool_reply_memory_refusals_total` | counter | |
 //! | `spool_partition_size_bytes`, `spool_partition_high_watermark`, `spool_partition_log_start_offset`, `spool_partition_last_stable_offset` | gauge | topic, partition |
 //! | `spool_fsync_duration_seconds` | histogram | topic |
 //! | `spool_consumer_group_lag` | gauge | group, topic, partition |
@@ -111,6 +113,7 @@ pub(crate) struct Metrics {
     rpc_duration: Family<RpcLabel, Histogram, fn() -> Histogram>,
     rpc_errors: Family<ErrorLabels, Counter>,
     conn: crate::conn::ConnMetrics,
+    memory: crate::budget::MemoryMetrics,
     group_rebalances: Counter,
     group_rebalance_seconds: Histogram,
 }
@@ -299,6 +302,7 @@ impl Metrics {
             idle_closed.clone(),
         );
         let conn = crate::conn::ConnMetrics::register(&mut registry, idle_closed);
+        let memory = crate::budget::MemoryMetrics::register(&mut registry);
         let group_rebalances = Counter::default();
         registry.register(
             "spool_group_rebalances",
@@ -325,6 +329,7 @@ impl Metrics {
             rpc_duration,
             rpc_errors,
             conn,
+            memory,
             group_rebalances,
             group_rebalance_seconds,
         }
@@ -338,6 +343,11 @@ impl Metrics {
     /// Records how long a group took to become stable again.
     pub(crate) fn group_rebalance_done(&self, took: std::time::Duration) {
         self.group_rebalance_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The reply-memory metrics (shared with the budgets).
+    pub(crate) fn memory(&self) -> crate::budget::MemoryMetrics {
+        self.memory.clone()
     }
 
     /// The connection metrics (shared with the accept loop).

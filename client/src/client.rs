@@ -872,6 +872,9 @@ impl Client {
                 max_wait_ms: u32::try_from(options.max_wait.as_millis()).unwrap_or(u32::MAX),
                 decode_records: false,
                 isolation_level: isolation_to_wire(options.isolation),
+                // One partition: at least its first batch always comes, within the
+                // broker's reply limit.
+                max_bytes: 0,
             },
             t,
         );

@@ -125,7 +125,7 @@ impl Compression {
         read.map_err(|e| BatchError::Decompress(e.to_string()))?;
         if out.len() as u64 > limit {
             return Err(BatchError::Limit {
-                what: "decompressed batch size",
+                what: super::DECOMPRESSED_SIZE,
                 limit,
                 actual: out.len() as u64,
             });
@@ -193,7 +193,7 @@ mod tests {
             if c != Compression::None {
                 // 1 MiB of one byte compresses to a few KiB; a 64 KiB limit must stop it.
                 let err = c.decompress(&out, 64 << 10).unwrap_err();
-                assert!(matches!(err, BatchError::Limit { .. }), "{c:?}: {err}");
+                assert!(err.is_decompressed_size_limit(), "{c:?}: {err}");
             }
         }
     }

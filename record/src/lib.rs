@@ -146,6 +146,18 @@ pub enum BatchError {
     },
 }
 
+/// The `what` of a [`BatchError::Limit`] on the decompressed size of a batch.
+const DECOMPRESSED_SIZE: &str = "decompressed batch size";
+
+impl BatchError {
+    /// Whether decoding stopped because the batch decompresses to more than
+    /// [`DecodeLimits::max_decompressed_bytes`] (a caller that lowered that limit to what it
+    /// can hold learns that the batch does not fit).
+    pub fn is_decompressed_size_limit(&self) -> bool {
+        matches!(self, BatchError::Limit { what, .. } if *what == DECOMPRESSED_SIZE)
+    }
+}
+
 /// The parsed fixed header of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchHeader {

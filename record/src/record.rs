@@ -402,6 +402,12 @@ impl Records {
         })
     }
 
+    /// Bytes of the buffer the records are slices of: the decompressed data, or the batch's
+    /// own bytes when it is not compressed (what the decoded records keep alive).
+    pub fn buffer_len(&self) -> usize {
+        self.buf.len()
+    }
+
     fn decode_next(&mut self) -> Result<Record, BatchError> {
         let mut src = SliceSource {
             buf: &self.buf,

@@ -16,13 +16,13 @@ use spool_log_engine::{Isolation, Partition};
 use spool_proto::v1::{self, consume_service_server::ConsumeService};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Action, principal};
-use crate::convert::decode_records;
+use crate::budget::{Charge, ChargedStream, Ledger};
 use crate::error::{BrokerError, partition_error};
 use crate::metrics::timed;
+use crate::reply::{self, Assembled, Shape, Target};
 use crate::{State, blocking};
 
 /// Heartbeat interval of a subscription that does not choose one.
@@ -30,6 +30,10 @@ const DEFAULT_HEARTBEAT_MS: u32 = 5000;
 
 /// Default per-partition fetch size when a request says 0.
 const DEFAULT_MAX_BYTES: u32 = 1 << 20;
+
+/// A Fetch short of reply memory waits at least this long for it (its own `max_wait_ms` if
+/// longer; at most half the request timeout) before RESOURCE_EXHAUSTED.
+const MIN_MEMORY_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub(crate) struct Consume {
@@ -41,6 +45,61 @@ impl Consume {
         Consume { state }
     }
 
+    /// The reply shape for a request asking for `max_bytes` of reply (0: no wish): at most
+    /// tonic's encode limit.
+    fn shape(&self, max_bytes: u32, decode: bool, isolation: Isolation) -> Shape {
+        let limit = self.state.config.limits.max_request_bytes;
+        Shape {
+            decode,
+            isolation,
+            max_reply: match max_bytes {
+                0 => limit,
+                n => (n as usize).min(limit),
+            },
+            hard_max_reply: limit,
+        }
+    }
+
+    /// Assembles a Fetch reply within `shape`, waiting for reply memory until
+    /// `memory_deadline` if there is none for its first data.
+    async fn assemble(
+        &self,
+        targets: &Arc<Vec<Target>>,
+        shape: Shape,
+        mut charge: Charge,
+        (started, memory_deadline): (Instant, Instant),
+    ) -> Result<(Vec<v1::PartitionData>, Charge), Status> {
+        let mut waited = false;
+        loop {
+            let t = targets.clone();
+            let limits = self.state.limits.decode();
+            let (assembled, back) = blocking(move || {
+                let a = reply::assemble(&t, shape, &limits, &mut charge);
+                (a, charge)
+            })
+            .await?;
+            charge = back;
+            let need = match assembled {
+                Assembled::Done(parts) => return Ok((parts, charge)),
+                Assembled::NeedMemory(n) => n,
+            };
+            let metrics = self.state.memory.metrics();
+            if !waited {
+                metrics.waits.inc();
+                waited = true;
+            }
+            let wanted = charge.bytes() + need;
+            if !charge.fits_at_all(wanted)
+                || tokio::time::timeout_at(memory_deadline, charge.grow(need))
+                    .await
+                    .is_err()
+            {
+                metrics.refusals.inc();
+                return Err(charge.exhausted(wanted, started.elapsed()).into());
+            }
+        }
+    }
+
     fn clamp_bytes(&self, max_bytes: u32) -> u32 {
         let limit = self.state.config.limits.max_fetch_bytes;
         if max_bytes == 0 {
@@ -49,46 +108,6 @@ impl Consume {
             max_bytes.min(limit)
         }
     }
-}
-
-/// Reads one partition (blocking) into a wire message.
-fn read_partition(
-    state: &State,
-    p: &Partition,
-    offset: u64,
-    max_bytes: u32,
-    decode: bool,
-    isolation: Isolation,
-) -> v1::PartitionData {
-    let mut out = v1::PartitionData {
-        topic: p.topic().to_owned(),
-        partition: p.id(),
-        next_offset: offset,
-        ..Default::default()
-    };
-    match p.read_with(offset, max_bytes as usize, isolation) {
-        Ok(r) => {
-            out.next_offset = r.next_offset;
-            out.high_watermark = r.high_watermark;
-            out.log_start_offset = r.log_start_offset;
-            out.last_stable_offset = r.last_stable_offset;
-            if decode {
-                match decode_records(&r.data, &state.limits) {
-                    Ok(records) => out.records = records,
-                    Err(e) => out.error = Some(partition_error(e)),
-                }
-            } else {
-                out.record_batches = r.data;
-            }
-        }
-        Err(e) => {
-            out.high_watermark = p.high_watermark();
-            out.log_start_offset = p.log_start_offset();
-            out.last_stable_offset = p.last_stable_offset();
-            out.error = Some(partition_error(e));
-        }
-    }
-    out
 }
 
 /// The isolation level a request asks for (unset: read uncommitted).
@@ -142,6 +161,7 @@ impl ConsumeService for Consume {
     ) -> Result<Response<v1::FetchResponse>, Status> {
         timed(&self.state.metrics, "Fetch", async move {
             let who = principal(&req);
+            let ledger = Ledger::of(&req).unwrap_or_else(|| self.state.memory.detached_ledger());
             let req = req.into_inner();
             let limits = &self.state.config.limits;
             if req.partitions.len() > limits.max_partitions_per_request {
@@ -154,43 +174,48 @@ impl ConsumeService for Consume {
             }
             let wait =
                 Duration::from_millis(u64::from(req.max_wait_ms.min(limits.max_fetch_wait_ms)));
-            let deadline = Instant::now() + wait;
-            let mut targets = Vec::with_capacity(req.partitions.len());
-            for pf in &req.partitions {
-                let p = who
-                    .require(Action::Consume, &pf.topic)
-                    .and_then(|()| Ok(self.state.log.partition(&pf.topic, pf.partition)?))
-                    .map_err(partition_error);
-                targets.push((
-                    p,
-                    pf.offset,
-                    self.clamp_bytes(pf.max_bytes),
-                    pf.topic.clone(),
-                    pf.partition,
-                ));
+            let started = Instant::now();
+            let deadline = started + wait;
+            let memory_wait =
+                MIN_MEMORY_WAIT.min(Duration::from_millis(limits.request_timeout_ms / 2));
+            let memory_deadline = deadline.max(started + memory_wait);
+            let targets: Vec<Target> = req
+                .partitions
+                .iter()
+                .map(|pf| Target {
+                    partition: who
+                        .require(Action::Consume, &pf.topic)
+                        .and_then(|()| Ok(self.state.log.partition(&pf.topic, pf.partition)?))
+                        .map_err(partition_error),
+                    topic: pf.topic.clone(),
+                    id: pf.partition,
+                    offset: pf.offset,
+                    max_bytes: self.clamp_bytes(pf.max_bytes),
+                })
+                .collect();
+            let shape = self.shape(
+                req.max_bytes,
+                req.decode_records,
+                isolation(req.isolation_level),
+            );
+            let entries = reply::entries_reserve(&targets);
+            if entries > shape.hard_max_reply {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "the reply's {} partition entries alone could take {entries} bytes, over \
+                     limits.max_request_bytes = {}: ask for fewer partitions per fetch",
+                    targets.len(),
+                    shape.hard_max_reply
+                ))
+                .into());
             }
             let targets = Arc::new(targets);
             let mut shutdown = self.state.shutdown.clone();
+            let mut charge = ledger.charge();
             loop {
-                let state = self.state.clone();
-                let t = targets.clone();
-                let decode = req.decode_records;
-                let iso = isolation(req.isolation_level);
-                let results: Vec<v1::PartitionData> = blocking(move || {
-                    t.iter()
-                        .map(|(p, offset, max, topic, partition)| match p {
-                            Ok(p) => read_partition(&state, p, *offset, *max, decode, iso),
-                            Err(e) => v1::PartitionData {
-                                topic: topic.clone(),
-                                partition: *partition,
-                                next_offset: *offset,
-                                error: Some(e.clone()),
-                                ..Default::default()
-                            },
-                        })
-                        .collect()
-                })
-                .await?;
+                let (results, back) = self
+                    .assemble(&targets, shape, charge, (started, memory_deadline))
+                    .await?;
+                charge = back;
                 let total: usize = results.iter().map(data_len).sum();
                 let any_error = results.iter().any(|r| r.error.is_some());
                 if total >= req.min_bytes.max(1) as usize
@@ -201,6 +226,8 @@ impl ConsumeService for Consume {
                     for r in &results {
                         count_served(&self.state, r);
                     }
+                    // Held until the reply is written (budget.rs).
+                    ledger.hand_over(charge);
                     return Ok(Response::new(v1::FetchResponse {
                         partitions: results,
                     }));
@@ -208,10 +235,15 @@ impl ConsumeService for Consume {
                 let waits: Vec<_> = targets
                     .iter()
                     .zip(&results)
-                    .filter_map(|((p, ..), r)| {
-                        p.as_ref().ok().map(|p| (p.clone(), r.high_watermark))
+                    .filter_map(|(t, r)| {
+                        t.partition
+                            .as_ref()
+                            .ok()
+                            .map(|p| (p.clone(), r.high_watermark))
                     })
                     .collect();
+                drop(results);
+                charge.shrink_to(0);
                 tokio::select! {
                     () = any_new_data(&waits) => {}
                     () = tokio::time::sleep_until(deadline) => {}
@@ -222,7 +254,7 @@ impl ConsumeService for Consume {
         .await
     }
 
-    type SubscribeStream = ReceiverStream<Result<v1::SubscribeResponse, Status>>;
+    type SubscribeStream = ChargedStream<v1::SubscribeResponse>;
 
     async fn subscribe(
         &self,
@@ -230,6 +262,7 @@ impl ConsumeService for Consume {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         timed(&self.state.metrics, "Subscribe", async move {
             let who = principal(&req);
+            let ledger = Ledger::of(&req).unwrap_or_else(|| self.state.memory.detached_ledger());
             let req = req.into_inner();
             let limits = &self.state.config.limits;
             if req.partitions.is_empty() || req.partitions.len() > limits.max_partitions_per_request
@@ -263,15 +296,16 @@ impl ConsumeService for Consume {
             let heartbeat = Duration::from_millis(u64::from(asked.min(longest).max(100)));
             let (tx, rx) = mpsc::channel(1);
             let state = self.state.clone();
+            let shape = self.shape(0, req.decode_records, iso);
             tokio::spawn(follow(
                 state,
                 followed,
-                max_bytes,
-                (req.decode_records, iso),
+                (max_bytes, shape),
                 heartbeat,
+                ledger.clone(),
                 tx,
             ));
-            Ok(Response::new(ReceiverStream::new(rx)))
+            Ok(Response::new(ChargedStream::new(rx, ledger)))
         })
         .await
     }
@@ -375,10 +409,10 @@ fn resolve_start(
 async fn follow(
     state: Arc<State>,
     followed: Vec<(Arc<Partition>, u64)>,
-    max_bytes: u32,
-    (decode, iso): (bool, Isolation),
+    (max_bytes, shape): (u32, Shape),
     heartbeat: Duration,
-    tx: mpsc::Sender<Result<v1::SubscribeResponse, Status>>,
+    ledger: Ledger,
+    tx: Outbox,
 ) {
     let mut next: Vec<u64> = followed.iter().map(|(_, o)| *o).collect();
     // Per partition: the high watermark to wait past when nothing is readable.
@@ -386,10 +420,14 @@ async fn follow(
     let parts: Vec<Arc<Partition>> = followed.into_iter().map(|(p, _)| p).collect();
     let mut shutdown = state.shutdown.clone();
     let mut idle_since = Instant::now();
+    let iso = shape.isolation;
     loop {
         if *shutdown.borrow() {
             let _ = tx
-                .send(Err(Status::unavailable("the broker is shutting down")))
+                .send((
+                    Err(Status::unavailable("the broker is shutting down")),
+                    None,
+                ))
                 .await;
             return;
         }
@@ -400,17 +438,21 @@ async fn follow(
             if next[i] >= readable_end(p, iso) {
                 continue;
             }
-            let (state2, p2, off) = (state.clone(), p.clone(), next[i]);
-            let Ok(data) = tokio::task::spawn_blocking(move || {
-                read_partition(&state2, &p2, off, max_bytes, decode, iso)
-            })
-            .await
+            let target = Target {
+                partition: Ok(p.clone()),
+                topic: p.topic().to_owned(),
+                id: p.id(),
+                offset: next[i],
+                max_bytes,
+            };
+            let Some((data, charge)) =
+                read_chunk(&state, target, shape, ledger.charge(), &tx, &mut shutdown).await
             else {
                 return;
             };
             if let Some(err) = &data.error {
                 let status = crate::error::partition_status(&data.topic, data.partition, err);
-                let _ = tx.send(Err(status)).await;
+                let _ = tx.send((Err(status), None)).await;
                 return;
             }
             if data.next_offset == next[i] {
@@ -421,7 +463,7 @@ async fn follow(
             let msg = v1::SubscribeResponse {
                 message: Some(v1::subscribe_response::Message::Data(data)),
             };
-            if tx.send(Ok(msg)).await.is_err() {
+            if tx.send((Ok(msg), Some(charge))).await.is_err() {
                 return; // the client went away
             }
             sent = true;
@@ -440,13 +482,62 @@ async fn follow(
             () = tokio::time::sleep_until(idle_since + heartbeat) => {
                 let hwms = parts.iter().map(|p| p.high_watermark()).collect();
                 let msg = v1::SubscribeResponse { message: Some(v1::subscribe_response::Message::Heartbeat(v1::Heartbeat { high_watermarks: hwms })) };
-                if tx.send(Ok(msg)).await.is_err() {
+                if tx.send((Ok(msg), None)).await.is_err() {
                     return;
                 }
                 idle_since = Instant::now();
             }
             _ = shutdown.changed() => {}
             () = tx.closed() => return,
+        }
+    }
+}
+
+/// What a subscription sends its stream: a message and the reply memory it holds.
+type Outbox = mpsc::Sender<(Result<v1::SubscribeResponse, Status>, Option<Charge>)>;
+
+/// Reads a subscription's next chunk of one partition within reply memory, waiting for memory
+/// when there is none (backpressure). `None`: the subscription ends (the client went away,
+/// or the broker shuts down and the client was told).
+async fn read_chunk(
+    state: &Arc<State>,
+    target: Target,
+    shape: Shape,
+    mut charge: Charge,
+    tx: &Outbox,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(v1::PartitionData, Charge)> {
+    let targets = [target];
+    let mut waited = false;
+    let mut targets = Some(targets);
+    loop {
+        let t = targets.take()?;
+        let limits = state.limits.decode();
+        let (assembled, t, back) = tokio::task::spawn_blocking(move || {
+            let a = reply::assemble(&t, shape, &limits, &mut charge);
+            (a, t, charge)
+        })
+        .await
+        .ok()?;
+        charge = back;
+        targets = Some(t);
+        let need = match assembled {
+            Assembled::Done(mut parts) => return Some((parts.pop()?, charge)),
+            Assembled::NeedMemory(n) => n,
+        };
+        if !waited {
+            state.memory.metrics().waits.inc();
+            waited = true;
+        }
+        tokio::select! {
+            () = charge.grow(need) => {}
+            _ = shutdown.changed() => {
+                let _ = tx
+                    .send((Err(Status::unavailable("the broker is shutting down")), None))
+                    .await;
+                return None;
+            }
+            () = tx.closed() => return None,
         }
     }
 }
