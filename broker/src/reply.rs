@@ -220,12 +220,12 @@ pub(crate) fn assemble(
             }
         };
         // The entry without its data (whose bytes the budget counted).
-        let data = entry.record_batches.len()
-            + entry
-                .records
-                .iter()
-                .map(Message::encoded_len)
-                .sum::<usize>();
+        let batches = if entry.record_batches.is_empty() {
+            0
+        } else {
+            prost::encoding::bytes::encoded_len(3, &entry.record_batches)
+        };
+        let data = batches + prost::encoding::message::encoded_len_repeated(4, &entry.records);
         entries_used += (entry.encoded_len() + FRAMING).saturating_sub(data);
         out.push(entry);
     }
@@ -604,7 +604,7 @@ mod tests {
             &mut charge,
         ));
         let data: usize = parts.iter().map(|p| p.record_batches.len()).sum();
-        assert!(data <= 64 * MIB && data >= 56 * MIB, "{data}");
+        assert!((56 * MIB..=64 * MIB).contains(&data), "{data}");
         assert!(reply_len(&parts) <= 64 * MIB);
         assert_eq!(
             parts
@@ -666,11 +666,11 @@ mod tests {
             .flat_map(|p| &p.records)
             .map(|r| r.value.as_ref().map_or(0, Bytes::len))
             .sum();
-        assert!(held <= 20 * MIB && held >= 12 * MIB, "{held}");
+        assert!((12 * MIB..=20 * MIB).contains(&held), "{held}");
         assert!(charge.bytes() >= held && charge.bytes() <= 20 * MIB);
         // Cut at a batch boundary: next_offset is where the next batch starts.
         let p0 = &parts[0];
-        assert!(p0.trimmed && p0.next_offset % 4 == 0 && p0.next_offset > 0);
+        assert!(p0.trimmed && p0.next_offset.is_multiple_of(4) && p0.next_offset > 0);
         assert_eq!(p0.records.len() as u64, p0.next_offset);
         assert!(parts[1].trimmed && parts[1].records.is_empty());
         // A single batch decoding past the hard limit is an error, not an allocation.

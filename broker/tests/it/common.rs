@@ -68,6 +68,11 @@ impl Spoold {
         body.to_owned()
     }
 
+    /// The broker's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.process.pid().expect("running")
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

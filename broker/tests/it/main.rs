@@ -13,6 +13,7 @@ mod groups;
 mod grpcurl;
 mod idle;
 mod membership;
+mod memory;
 mod metrics;
 mod produce;
 mod security;
