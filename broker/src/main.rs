@@ -147,6 +147,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Handlers are installed before "ready" is announced: a SIGTERM or Ctrl-C that comes
+    // right after it (a script or test stopping a fresh broker) shuts down cleanly instead of
+    // killing the process before `serve` first polls the shutdown future.
+    let shutdown = shutdown_signal()?;
     let (topics, partitions) = broker.summary();
     let local = listener.local_addr()?;
     if let Some(m) = &metrics_listener {
@@ -161,9 +165,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sd_notify::NotifyState::Status(&status),
     ]);
     let watchdog = spawn_watchdog();
-    broker
-        .serve(listener, metrics_listener, shutdown_signal())
-        .await?;
+    broker.serve(listener, metrics_listener, shutdown).await?;
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -189,17 +191,21 @@ fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on the first signal.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    notify(&[
-        sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("shutting down"),
-    ]);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("shutting down"),
+        ]);
+    })
 }
 
 /// Logs go to stderr, without timestamps under systemd (journald adds its own), in colour
