@@ -180,15 +180,32 @@ async fn call(
     resp
 }
 
-/// Peak RSS growth (`VmHWM`, the process's peak) over `baseline` once `f` has run.
+/// The process's peak RSS (`VmHWM`) is reset to its current RSS (`clear_refs` 5, Linux 4.0+),
+/// so that the next peak is the peak of what follows, not of the setup before it.
+fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+/// Peak RSS growth of `pid` while `f` runs: the peak (`VmHWM`, reset first) over the RSS
+/// when `f` starts. Printed, for the record.
 async fn peak_growth_during<F: std::future::Future>(
+    what: &str,
     pid: u32,
-    baseline: u64,
     f: F,
 ) -> (u64, F::Output) {
+    reset_peak(pid);
+    let (baseline, _) = rss(pid);
     let out = f.await;
-    let (_, hwm) = rss(pid);
-    (hwm.saturating_sub(baseline), out)
+    let (now, hwm) = rss(pid);
+    let growth = hwm.saturating_sub(baseline);
+    eprintln!(
+        "{what}: RSS {} MiB before, peak {} MiB (+{} MiB), {} MiB after",
+        baseline / MIB,
+        hwm / MIB,
+        growth / MIB,
+        now / MIB
+    );
+    (growth, out)
 }
 
 /// Issue 12: a Fetch over the reply limit is trimmed (not refused with OUT_OF_RANGE) and the
@@ -234,8 +251,7 @@ async fn replies_are_trimmed_to_their_limit() {
 
     // The same partition 200 times: one reply of at most 8 MiB.
     let pid = b.pid();
-    let (base, _) = rss(pid);
-    let (growth, r) = peak_growth_during(pid, base, async {
+    let (growth, r) = peak_growth_during("one partition 200 times", pid, async {
         cons.fetch(fetch_of("p", &[(0, 0); 200], false)).await
     })
     .await;
@@ -247,8 +263,7 @@ async fn replies_are_trimmed_to_their_limit() {
     // Small zstd batches expanding to 4 MiB each (40 of them: 160 MiB decoded), decoded.
     create(&b, "z", 1).await;
     fill(&b, "z", 1, 40, (4, 1 << 20), v1::Compression::Zstd).await;
-    let (base, _) = rss(pid);
-    let (growth, r) = peak_growth_during(pid, base, async {
+    let (growth, r) = peak_growth_during("decoding 160 MiB of zstd", pid, async {
         cons.fetch(fetch_of("z", &[(0, 0)], true)).await
     })
     .await;
@@ -282,8 +297,7 @@ async fn closed_windows_cannot_pin_more_than_the_budget() {
     // Warm up: the segment's pages are resident, a first reply was built.
     cons.fetch(fetch_of("big", &[(0, 0)], false)).await.unwrap();
     let pid = b.pid();
-    let (base, _) = rss(pid);
-    let (growth, statuses) = peak_growth_during(pid, base, async {
+    let (growth, statuses) = peak_growth_during("2 closed windows x 40 fetches", pid, async {
         let mut pending = Vec::new();
         let mut conns = Vec::new();
         for _ in 0..2 {
@@ -300,12 +314,15 @@ async fn closed_windows_cannot_pin_more_than_the_budget() {
             }
             conns.push(c);
         }
-        // Meanwhile a well-behaved client is served (the 2 x 16 MiB leave 16 of 48).
+        // Meanwhile a well-behaved client is served (the 2 x 16 MiB leave 16 of 48): not
+        // refused, as it would be after 2 s had it to wait for memory. (No time bound: CI
+        // machines are slow and shared.)
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let t = Instant::now();
-        let r = cons.fetch(fetch_of("big", &[(0, 0)], false)).await.unwrap();
+        let r = cons
+            .fetch(fetch_of("big", &[(0, 0)], false))
+            .await
+            .expect("served while others hold their budgets");
         assert!(r.into_inner().partitions[0].record_batches.len() as u64 > 6 * MIB);
-        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         // The streams past each connection's budget give up after their memory wait.
         // (Responses are kept: dropping one resets its stream, which frees its memory.)
         let mut statuses = Vec::new();
@@ -365,7 +382,6 @@ async fn subscribers_that_never_read_are_bounded() {
         .await
         .unwrap();
     let pid = b.pid();
-    let (base, _) = rss(pid);
     let sub = v1::SubscribeRequest {
         partitions: vec![v1::SubscribePartition {
             topic: "big".into(),
@@ -377,7 +393,7 @@ async fn subscribers_that_never_read_are_bounded() {
         max_bytes: 8 << 20,
         ..Default::default()
     };
-    let (growth, _conn) = peak_growth_during(pid, base, async {
+    let (growth, _conn) = peak_growth_during("150 subscribers never reading", pid, async {
         let c = closed_window(addr).await;
         let mut streams = Vec::new();
         for _ in 0..150 {
