@@ -68,6 +68,16 @@ impl Spoold {
         body.to_owned()
     }
 
+    /// The value of an unlabelled metric (`name value` in the scrape).
+    pub(crate) fn metric<T: std::str::FromStr>(&self, name: &str) -> T {
+        let body = Spoold::scrape_addr(&self.metrics_addr);
+        body.lines()
+            .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    }
+
     /// The broker's process id.
     pub(crate) fn pid(&self) -> u32 {
         self.process.pid().expect("running")
@@ -101,12 +111,23 @@ impl Spoold {
 
     /// Creates `topic` with `partitions` partitions and the default configuration.
     pub(crate) async fn create_topic(&self, topic: &str, partitions: u32) {
+        self.create_topic_with(topic, partitions, None).await;
+    }
+
+    /// Creates `topic` with `partitions` partitions and `config` (the broker's defaults if
+    /// `None`).
+    pub(crate) async fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: u32,
+        config: Option<spool_proto::v1::TopicConfig>,
+    ) {
         self.admin()
             .await
             .create_topic(spool_proto::v1::CreateTopicRequest {
                 topic: topic.into(),
                 partitions,
-                config: None,
+                config,
             })
             .await
             .unwrap_or_else(|e| panic!("creating topic {topic}: {e}"));

@@ -24,17 +24,9 @@ fn start(dir: &std::path::Path) -> Spoold {
     )
 }
 
-/// The value of an unlabelled metric.
+/// The value of an unlabelled counter or gauge.
 fn metric(b: &Spoold, name: &str) -> u64 {
-    let body = Spoold::scrape_addr(&b.metrics_addr);
-    body.lines()
-        .find(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' '))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    b.metric(name)
 }
 
 fn idle_closed(b: &Spoold) -> u64 {

@@ -138,15 +138,7 @@ impl Member {
 }
 
 async fn topic(b: &Spoold, name: &str, partitions: u32) {
-    b.admin()
-        .await
-        .create_topic(v1::CreateTopicRequest {
-            topic: name.into(),
-            partitions,
-            config: None,
-        })
-        .await
-        .unwrap();
+    b.create_topic(name, partitions).await;
 }
 
 fn commit(

@@ -49,28 +49,16 @@ fn rss(pid: u32) -> (u64, u64) {
 
 /// The value of an unlabelled metric.
 fn metric(b: &Spoold, name: &str) -> f64 {
-    let body = Spoold::scrape_addr(&b.metrics_addr);
-    body.lines()
-        .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    b.metric(name)
 }
 
 /// Creates `topic` (fsync never: the tests are about memory) with `partitions` partitions.
 async fn create(b: &Spoold, topic: &str, partitions: u32) {
-    b.admin()
-        .await
-        .create_topic(v1::CreateTopicRequest {
-            topic: topic.into(),
-            partitions,
-            config: Some(v1::TopicConfig {
-                fsync_policy: v1::FsyncPolicy::Never as i32,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    let config = v1::TopicConfig {
+        fsync_policy: v1::FsyncPolicy::Never as i32,
+        ..Default::default()
+    };
+    b.create_topic_with(topic, partitions, Some(config)).await;
 }
 
 /// Appends `batches` batches of `records` records of `value` bytes to every partition.
@@ -143,6 +131,20 @@ fn fetch_of(topic: &str, parts: &[(u32, u64)], decode: bool) -> v1::FetchRequest
         decode_records: decode,
         ..Default::default()
     }
+}
+
+/// A broker (see [`start`]) with topic `big`: one partition of 7 MiB (28 batches of one
+/// 256 KiB record), read once so that its pages are resident and a first reply was built.
+async fn with_big_topic(dir: &std::path::Path) -> Spoold {
+    let b = start(dir);
+    create(&b, "big", 1).await;
+    fill(&b, "big", 1, 28, (1, 256 << 10), v1::Compression::None).await;
+    b.consume()
+        .await
+        .fetch(fetch_of("big", &[(0, 0)], false))
+        .await
+        .unwrap();
+    b
 }
 
 /// An HTTP/2 connection that never opens its streams' flow-control windows: the broker can
@@ -289,13 +291,9 @@ async fn replies_are_trimmed_to_their_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_windows_cannot_pin_more_than_the_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let b = start(dir.path());
-    create(&b, "big", 1).await;
-    fill(&b, "big", 1, 28, (1, 256 << 10), v1::Compression::None).await; // 7 MiB
+    let b = with_big_topic(dir.path()).await;
     let addr: SocketAddr = b.addr.parse().unwrap();
     let mut cons = b.consume().await;
-    // Warm up: the segment's pages are resident, a first reply was built.
-    cons.fetch(fetch_of("big", &[(0, 0)], false)).await.unwrap();
     let pid = b.pid();
     let (growth, statuses) = peak_growth_during("2 closed windows x 40 fetches", pid, async {
         let mut pending = Vec::new();
@@ -372,15 +370,8 @@ async fn closed_windows_cannot_pin_more_than_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_that_never_read_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let b = start(dir.path());
-    create(&b, "big", 1).await;
-    fill(&b, "big", 1, 28, (1, 256 << 10), v1::Compression::None).await; // 7 MiB
+    let b = with_big_topic(dir.path()).await;
     let addr: SocketAddr = b.addr.parse().unwrap();
-    b.consume()
-        .await
-        .fetch(fetch_of("big", &[(0, 0)], false))
-        .await
-        .unwrap();
     let pid = b.pid();
     let sub = v1::SubscribeRequest {
         partitions: vec![v1::SubscribePartition {

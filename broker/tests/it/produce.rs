@@ -8,15 +8,7 @@ use tonic::Code;
 use crate::common::{Spoold, record};
 
 async fn topic(b: &Spoold, name: &str, partitions: u32) {
-    b.admin()
-        .await
-        .create_topic(v1::CreateTopicRequest {
-            topic: name.into(),
-            partitions,
-            config: None,
-        })
-        .await
-        .unwrap();
+    b.create_topic(name, partitions).await;
 }
 
 fn batch_of(values: &[&str]) -> Bytes {
