@@ -36,6 +36,11 @@ pub struct LoadArgs {
     /// e2e: batch cut interval in ms (fractions allowed).
     #[arg(long, default_value_t = 1.0)]
     pub linger_ms: f64,
+    /// e2e: cut batches only every --linger-ms (like Kafka's linger.ms), not also whenever a
+    /// reply frees the window (the default, which makes batches as small as the round trip
+    /// allows, so the request rate grows as the broker answers faster).
+    #[arg(long)]
+    pub linger_only: bool,
     /// Acknowledgement asked of the broker.
     #[arg(long, value_enum, default_value = "written")]
     pub acks: Acks,
@@ -102,6 +107,7 @@ impl LoadArgs {
             record_size: self.record_size,
             batch_bytes: self.batch_bytes,
             linger: Duration::from_secs_f64(self.linger_ms / 1000.0),
+            send_on_reply: !self.linger_only,
             acks: self.acks,
             compression: self.compression,
             keyed: self.keyed,

@@ -151,6 +151,10 @@ pub struct LoadConfig {
     /// e2e: how often producers cut a batch of the records that are due.
     #[serde(rename = "linger_ms", serialize_with = "as_ms")]
     pub linger: Duration,
+    /// e2e: also cut a batch whenever a reply frees the window (the default; batches are then
+    /// as small as the round trip allows, so a faster broker gets more, smaller requests), or
+    /// only every `linger` (like a Kafka producer's `linger.ms`: the request rate is fixed).
+    pub send_on_reply: bool,
     /// Acks asked of the broker.
     pub acks: Acks,
     /// Batch compression.
@@ -199,6 +203,7 @@ impl Default for LoadConfig {
             record_size: 1024,
             batch_bytes: 1 << 20,
             linger: Duration::from_millis(1),
+            send_on_reply: true,
             acks: Acks::Written,
             compression: Compression::None,
             keyed: false,
@@ -1101,7 +1106,8 @@ async fn e2e_produce(
             }
         }
         // Wake on a reply (the usual case: the next batch goes out as soon as the window has
-        // room, so batches are as small as the round trip allows) or on the linger tick.
+        // room, so batches are as small as the round trip allows; not with `linger_only`) or on
+        // the linger tick.
         let can_send = tx.is_some() && in_flight < window;
         tokio::select! {
             biased;
@@ -1110,8 +1116,11 @@ async fn e2e_produce(
                 in_flight -= 1;
                 if msg.results.iter().any(|r| r.error.is_some()) {
                     stats.errors += 1;
-                } else {
+                } else if w.counts(Instant::now()) {
                     stats.requests += 1;
+                }
+                if !cfg.send_on_reply {
+                    continue;
                 }
             }
             _ = tick.tick(), if can_send => {}
