@@ -1,7 +1,8 @@
 //! Typed errors of the log engine.
 //!
 //! Three families are kept apart because callers act on them differently:
-//! - **caller errors** (`InvalidBatch`, `LimitExceeded`, `OffsetOutOfRange`, `TopicNotFound`, …):
+//! - **caller errors** (`InvalidBatch`, `LimitExceeded`, `OffsetOutOfRange`, `TopicNotFound`,
+//!   `OpenFilesLimit`, …):
 //!   the request was wrong, nothing was written, the partition is fine;
 //! - **I/O errors** (`Io`): the operating system refused something; the `io::Error` is kept as
 //!   the source and the path is named;
@@ -115,6 +116,27 @@ pub enum Error {
         partition: u32,
         /// The first failure, as text.
         cause: String,
+    },
+
+    /// Opening the partitions an operation needs would take more file descriptors than the
+    /// process's open-files limit (`RLIMIT_NOFILE`) leaves free (see [`crate::fd_budget`]).
+    /// Nothing was created or opened.
+    #[error(
+        "{what} needs {needed} file descriptors ({per} per partition for {partitions} partition(s), plus {spare} spare), but only {available} of the open-files limit {limit} are free; raise the limit (ulimit -n, systemd LimitNOFILE=) or use fewer partitions",
+        per = crate::fd_budget::FDS_PER_PARTITION,
+        spare = crate::fd_budget::FD_HEADROOM
+    )]
+    OpenFilesLimit {
+        /// The operation (`creating topic "t"`).
+        what: String,
+        /// Partitions it would open.
+        partitions: u64,
+        /// Descriptors it needs free.
+        needed: u64,
+        /// Descriptors free now (the limit minus those open).
+        available: u64,
+        /// The soft open-files limit.
+        limit: u64,
     },
 
     /// Another process (or another `Log` in this one) has the data directory open.

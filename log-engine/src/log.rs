@@ -8,9 +8,14 @@
 //!
 //! Invariants:
 //! - Only one `Log` has a directory open at a time (an exclusive lock on `.lock`).
-//! - A topic appears atomically: it is assembled under `.tmp-<name>` and renamed into place,
-//!   then the root is fsynced. A deleted topic is renamed to `.deleted-<name>-<n>` first, so a
-//!   crash never leaves a half-deleted topic visible. Leftovers of both are removed on open.
+//! - A topic appears atomically and all or nothing: it is assembled complete (partitions
+//!   included) under `.tmp-<name>`, renamed into place and the root fsynced; a failure at any
+//!   step, the opening of its partitions included, leaves no topic, in memory or on disk
+//!   ([`crate::staging`]). A deleted topic is renamed to `.deleted-<id>-<name>` first, so a
+//!   crash never leaves a half-deleted topic visible. Leftovers of both, and a `topic.json.tmp`
+//!   of a replacement cut short, are removed on open.
+//! - Partitions are opened only when the open-files limit leaves room for them
+//!   ([`crate::fd_budget`]): on open, create and add_partitions.
 //! - Admin operations (create, delete, alter, add partitions) are serialised; the data path
 //!   never takes the admin lock.
 
@@ -29,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::mapcache::MapCache;
 use crate::partition::{Partition, RecoveryReport, Shared, lock};
+use crate::{fd_budget, staging};
 
 const TOPIC_META: &str = "topic.json";
 const LOCK_FILE: &str = ".lock";
@@ -115,7 +121,7 @@ pub(crate) fn lock_dir(
     }
 }
 
-fn write_config(fs: &dyn FileSystem, dir: &Path, cfg: &TopicConfig) -> Result<()> {
+pub(crate) fn write_config(fs: &dyn FileSystem, dir: &Path, cfg: &TopicConfig) -> Result<()> {
     fsutil::write_atomic(fs, &dir.join(TOPIC_META), &crate::topic_file::encode(cfg)?)
 }
 
@@ -145,20 +151,30 @@ impl Log {
         for entry in entries {
             let name = entry.name;
             let p = root.join(&name);
-            if name.starts_with(".tmp-") || name.starts_with(".deleted-") {
+            if staging::is_leftover(&name) {
                 fs.remove_dir_all(&p)
                     .map_err(|e| Error::io("remove", &p, e))?;
                 continue;
             }
             let meta = fs.metadata(&p.join(TOPIC_META));
             if meta.is_ok_and(|m| !m.is_dir) && validate_topic_name(&name).is_ok() {
+                // A replacement of topic.json cut short by a crash or a full disk.
+                fsutil::remove_if_present(fs.as_ref(), &fsutil::tmp_path(&p.join(TOPIC_META)))?;
                 names.push(name);
             }
         }
         names.sort();
+        let mut configs = Vec::with_capacity(names.len());
         for name in names {
+            let cfg = read_config(fs.as_ref(), &root.join(&name).join(TOPIC_META))?;
+            configs.push((name, Arc::new(cfg)));
+        }
+        let total: u64 = configs.iter().map(|(_, c)| u64::from(c.partitions)).sum();
+        fd_budget::check(fs.as_ref(), total, || {
+            format!("opening {} ({} topic(s))", root.display(), configs.len())
+        })?;
+        for (name, cfg) in configs {
             let tdir = root.join(&name);
-            let cfg = Arc::new(read_config(fs.as_ref(), &tdir.join(TOPIC_META))?);
             let mut partitions = Vec::with_capacity(cfg.partitions as usize);
             for id in 0..cfg.partitions {
                 let (p, report) = Partition::open(
@@ -244,7 +260,10 @@ impl Log {
             .ok_or_else(|| Error::TopicNotFound(name.to_owned()))
     }
 
-    /// Creates a topic with `config.partitions` empty partitions.
+    /// Creates a topic with `config.partitions` empty partitions, all or nothing: on any error
+    /// the topic does not exist, neither now nor after a restart (see [`crate::staging`]).
+    /// Refused with [`Error::OpenFilesLimit`] when the open-files limit leaves too few
+    /// descriptors for its partitions ([`crate::fd_budget`]).
     pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
         validate_topic_name(name)?;
         config.validate()?;
@@ -253,32 +272,27 @@ impl Log {
             return Err(Error::TopicExists(name.to_owned()));
         }
         let root = &self.inner.root;
-        let fs = self.inner.shared.fs.as_ref();
-        let tmp = root.join(format!(".tmp-{name}"));
-        if fs.exists(&tmp) {
-            fs.remove_dir_all(&tmp)
-                .map_err(|e| Error::io("remove", &tmp, e))?;
-        }
-        fs.create_dir(&tmp)
-            .map_err(|e| Error::io("create directory", &tmp, e))?;
-        write_config(fs, &tmp, &config)?;
-        let dst = root.join(name);
-        fs.rename(&tmp, &dst)
-            .map_err(|e| Error::io("rename", &dst, e))?;
-        fsutil::sync_dir(fs, root)?;
+        let shared = &self.inner.shared;
+        let fs = shared.fs.as_ref();
+        fd_budget::check(fs, u64::from(config.partitions), || {
+            format!("creating topic {name:?}")
+        })?;
+        let dst = staging::create(fs, root, name, &config, || shared.next_replace_id())?;
         let cfg = Arc::new(config);
-        let mut partitions = Vec::with_capacity(cfg.partitions as usize);
-        for id in 0..cfg.partitions {
-            let (p, _) = Partition::open(
-                name,
-                id,
-                &dst.join(id.to_string()),
-                cfg.clone(),
-                self.inner.shared.clone(),
-                true,
-            )?;
-            partitions.push(Arc::new(p));
-        }
+        let opened = (0..cfg.partitions)
+            .map(|id| {
+                let pdir = dst.join(id.to_string());
+                Partition::open(name, id, &pdir, cfg.clone(), shared.clone(), false)
+                    .map(|(p, _)| Arc::new(p))
+            })
+            .collect::<Result<Vec<_>>>();
+        let partitions = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                staging::roll_back(fs, root, name, &shared.next_replace_id());
+                return Err(e);
+            }
+        };
         self.inner
             .topics
             .write()
@@ -309,10 +323,7 @@ impl Log {
         }
         let root = &self.inner.root;
         let fs = self.inner.shared.fs.as_ref();
-        let graveyard = root.join(format!(
-            ".deleted-{name}-{}",
-            self.inner.shared.next_replace_id()
-        ));
+        let graveyard = staging::graveyard_path(root, name, &self.inner.shared.next_replace_id());
         let src = root.join(name);
         fs.rename(&src, &graveyard)
             .map_err(|e| Error::io("rename", &src, e))?;
@@ -341,6 +352,13 @@ impl Log {
 
     /// Replaces a topic's configuration (the partition count must not change; see
     /// [`Log::add_partitions`]). Applies to the next append, roll and retention pass.
+    ///
+    /// A change that makes retention delete more (a lower `retention_ms` or
+    /// `retention_bytes`, or one newly set) works on a full disk: the new retention is applied
+    /// in memory and enforced on every partition first, which frees space, and only then is
+    /// `topic.json` replaced. If that write still fails, the old configuration is back in
+    /// effect and the error is returned (segments the new retention already deleted stay
+    /// deleted); no `topic.json.tmp` is left behind.
     pub fn alter_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
         config.validate()?;
         let _admin = lock(&self.inner.admin);
@@ -350,11 +368,31 @@ impl Log {
                 "use add_partitions to change the partition count".into(),
             ));
         }
-        write_config(
+        let old = &topic.config;
+        if deletes_more(old, &config) {
+            let interim = Arc::new(TopicConfig {
+                retention_ms: config.retention_ms,
+                retention_bytes: config.retention_bytes,
+                cleanup: config.cleanup,
+                ..old.as_ref().clone()
+            });
+            for p in &topic.partitions {
+                p.set_config(interim.clone());
+                if let Err(e) = p.enforce_retention() {
+                    tracing::warn!(topic = name, partition = p.id(), error = %e, "retention before altering the topic's configuration failed");
+                }
+            }
+        }
+        if let Err(e) = write_config(
             self.inner.shared.fs.as_ref(),
             &self.inner.root.join(name),
             &config,
-        )?;
+        ) {
+            for p in &topic.partitions {
+                p.set_config(old.clone());
+            }
+            return Err(e);
+        }
         let cfg = Arc::new(config);
         for p in &topic.partitions {
             p.set_config(cfg.clone());
@@ -384,6 +422,11 @@ impl Log {
             ..topic.config.as_ref().clone()
         };
         config.validate()?;
+        fd_budget::check(
+            self.inner.shared.fs.as_ref(),
+            u64::from(total - old),
+            || format!("adding {} partition(s) to topic {name:?}", total - old),
+        )?;
         let tdir = self.inner.root.join(name);
         let cfg = Arc::new(config);
         let mut partitions = topic.partitions.clone();
@@ -503,6 +546,21 @@ impl Drop for Log {
             tracing::error!(error = %e, "closing the log failed");
         }
     }
+}
+
+/// True when `new` makes retention delete data `old` keeps.
+fn deletes_more(old: &TopicConfig, new: &TopicConfig) -> bool {
+    fn lower(new: Option<u64>, old: Option<u64>) -> bool {
+        match (new, old) {
+            (Some(n), Some(o)) => n < o,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+    new.cleanup.deletes()
+        && (!old.cleanup.deletes()
+            || lower(new.retention_ms, old.retention_ms)
+            || lower(new.retention_bytes, old.retention_bytes))
 }
 
 fn all_partitions(inner: &Inner) -> Vec<Arc<Partition>> {

@@ -100,6 +100,24 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<(u64, u64)>> {
 }
 
 impl Partition {
+    /// Lays out an empty partition in the new directory `dir`: an empty first segment and an
+    /// empty recovery-point file, with the directory's entries synced (its own entry in the
+    /// parent is the caller's to sync). [`Partition::open`] of the result (without `create`)
+    /// writes nothing, and nothing stays open here.
+    pub(crate) fn create_empty(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+        fs.create_dir(dir)
+            .map_err(|e| Error::io("create directory", dir, e))?;
+        for name in [
+            segment::log_name(0),
+            crate::checkpoint::FILE_NAME.to_owned(),
+        ] {
+            let path = dir.join(name);
+            fs.open(&path, OpenMode::CreateNew)
+                .map_err(|e| Error::io("create", &path, e))?;
+        }
+        crate::fsutil::sync_dir(fs, dir)
+    }
+
     /// Opens (or creates, if `create`) the partition in `dir`.
     pub(crate) fn open(
         topic: &str,

@@ -16,5 +16,6 @@ mod inspect;
 mod model;
 mod powerloss;
 mod retention;
+mod topic_create;
 mod torn_tail;
 mod transactions;
