@@ -168,7 +168,9 @@ pub(crate) fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::OffsetOutOfRange => Code::OutOfRange,
         ErrorCode::Corruption => Code::DataLoss,
         ErrorCode::PartitionPoisoned | ErrorCode::ShuttingDown => Code::Unavailable,
-        ErrorCode::StorageFull | ErrorCode::ReplyMemoryExhausted => Code::ResourceExhausted,
+        ErrorCode::StorageFull
+        | ErrorCode::ReplyMemoryExhausted
+        | ErrorCode::OpenFilesLimit => Code::ResourceExhausted,
         ErrorCode::NotAuthorized => Code::PermissionDenied,
         ErrorCode::ProducerFenced
         | ErrorCode::OutOfOrderSequence
@@ -212,6 +214,7 @@ fn error_code(e: &BrokerError) -> ErrorCode {
             EngineError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
             EngineError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
             EngineError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
+            EngineError::OpenFilesLimit { .. } => ErrorCode::OpenFilesLimit,
             EngineError::Io { source, .. }
                 if matches!(
                     source.kind(),

@@ -42,6 +42,16 @@ impl Spoold {
         Self::start_launch(&l)
     }
 
+    /// Starts spoold with its open-files limit (`RLIMIT_NOFILE`, soft and hard) set to
+    /// `nofile`, through `sh -c 'ulimit -n N && exec spoold …'` (every machine has `sh`).
+    pub(crate) fn start_with_open_files(data_dir: &Path, extra: &[&str], nofile: u64) -> Spoold {
+        let script = "ulimit -n \"$0\" && exec \"$@\"";
+        let l = Self::launch(data_dir)
+            .args(extra)
+            .wrapper(["sh", "-c", script, &nofile.to_string()]);
+        Self::start_launch(&l)
+    }
+
     /// Starts `launch`, waiting until it listens.
     pub(crate) fn start_launch(launch: &Launch) -> Spoold {
         let process = launch.start().unwrap_or_else(|e| panic!("{e:#}"));

@@ -15,6 +15,7 @@ mod idle;
 mod membership;
 mod memory;
 mod metrics;
+mod open_files;
 mod produce;
 mod security;
 mod startup;
