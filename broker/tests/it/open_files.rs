@@ -5,7 +5,9 @@
 //! the same way, a smaller one works, and the broker restarts.
 
 use spool_proto::v1;
+use spool_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 use crate::common::Spoold;
@@ -21,6 +23,19 @@ fn create(topic: &str, partitions: u32) -> v1::CreateTopicRequest {
         partitions,
         config: None,
     }
+}
+
+/// How many partitions DescribeTopic reports.
+async fn partitions(admin: &mut AdminServiceClient<Channel>, topic: &str) -> usize {
+    admin
+        .describe_topic(v1::DescribeTopicRequest {
+            topic: topic.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .partitions
+        .len()
 }
 
 /// Entries of the data directory whose names start with a dot, but the lock.
@@ -79,28 +94,14 @@ async fn a_topic_the_open_files_limit_cannot_hold_is_refused_cleanly_and_leaves_
 
     // A count that fits works under the same name.
     admin.create_topic(create("wide", 20)).await.unwrap();
-    let d = admin
-        .describe_topic(v1::DescribeTopicRequest {
-            topic: "wide".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(d.partitions.len(), 20);
+    assert_eq!(partitions(&mut admin, "wide").await, 20);
     drop(admin);
     b.stop();
 
     // And the broker starts again under the same limit.
     let b = Spoold::start_with_open_files(dir.path(), &[], NOFILE);
     let mut admin = b.admin().await;
-    let d = admin
-        .describe_topic(v1::DescribeTopicRequest {
-            topic: "wide".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(d.partitions.len(), 20);
+    assert_eq!(partitions(&mut admin, "wide").await, 20);
     let err = admin.create_topic(create("wider", WIDE)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     drop(admin);
