@@ -46,9 +46,10 @@ impl Spoold {
     /// `nofile`, through `sh -c 'ulimit -n N && exec spoold …'` (every machine has `sh`).
     pub(crate) fn start_with_open_files(data_dir: &Path, extra: &[&str], nofile: u64) -> Spoold {
         let script = "ulimit -n \"$0\" && exec \"$@\"";
-        let l = Self::launch(data_dir)
-            .args(extra)
-            .wrapper(["sh", "-c", script, &nofile.to_string()]);
+        let l =
+            Self::launch(data_dir)
+                .args(extra)
+                .wrapper(["sh", "-c", script, &nofile.to_string()]);
         Self::start_launch(&l)
     }
 
