@@ -168,9 +168,9 @@ pub(crate) fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::OffsetOutOfRange => Code::OutOfRange,
         ErrorCode::Corruption => Code::DataLoss,
         ErrorCode::PartitionPoisoned | ErrorCode::ShuttingDown => Code::Unavailable,
-        ErrorCode::StorageFull
-        | ErrorCode::ReplyMemoryExhausted
-        | ErrorCode::OpenFilesLimit => Code::ResourceExhausted,
+        ErrorCode::StorageFull | ErrorCode::ReplyMemoryExhausted | ErrorCode::OpenFilesLimit => {
+            Code::ResourceExhausted
+        }
         ErrorCode::NotAuthorized => Code::PermissionDenied,
         ErrorCode::ProducerFenced
         | ErrorCode::OutOfOrderSequence
