@@ -36,6 +36,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -62,6 +63,8 @@ pub(crate) struct MemoryMetrics {
     pub(crate) waits: Counter,
     /// Fetches refused with RESOURCE_EXHAUSTED after waiting.
     pub(crate) refusals: Counter,
+    /// Heap trims after bursts (`trim.rs`).
+    pub(crate) trims: Counter,
 }
 
 impl MemoryMetrics {
@@ -91,6 +94,12 @@ impl MemoryMetrics {
              their deadline",
             m.refusals.clone(),
         );
+        registry.register(
+            "spool_memory_trims",
+            "Times freed heap memory was given back to the system (malloc_trim) after a burst \
+             of reply memory",
+            m.trims.clone(),
+        );
         m
     }
 }
@@ -102,6 +111,8 @@ pub(crate) struct Budget {
     limit: usize,
     /// The gauge of bytes in use (the broker-wide budget only).
     used: Option<Gauge>,
+    /// The most bytes in use since [`Budget::reset_peak`] (for `trim.rs`).
+    peak: AtomicUsize,
 }
 
 impl Budget {
@@ -111,6 +122,7 @@ impl Budget {
             sem: Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS))),
             limit,
             used: None,
+            peak: AtomicUsize::new(0),
         })
     }
 
@@ -122,6 +134,16 @@ impl Budget {
     /// The limit.
     pub(crate) fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The most bytes in use since the last [`Budget::reset_peak`].
+    pub(crate) fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new peak from the bytes in use now.
+    pub(crate) fn reset_peak(&self) {
+        self.peak.store(self.used(), Ordering::Relaxed);
     }
 
     fn note(&self, delta: i64) {
@@ -147,6 +169,7 @@ impl ReplyMemory {
             sem: Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS))),
             limit,
             used: Some(metrics.used.clone()),
+            peak: AtomicUsize::new(0),
         });
         ReplyMemory {
             global,
@@ -197,6 +220,9 @@ impl Held {
             Some(mine) => mine.merge(p),
             None => self.permit = Some(p),
         }
+        self.budget
+            .peak
+            .fetch_max(self.budget.used(), Ordering::Relaxed);
     }
 
     fn try_take(&self, n: u32) -> Option<OwnedSemaphorePermit> {

@@ -39,6 +39,7 @@ mod process_metrics;
 mod producer_ids;
 mod reply;
 mod service;
+mod trim;
 mod txn;
 
 use std::future::Future;
@@ -248,6 +249,12 @@ impl Broker {
         // Restored groups' sessions run from now; so do transaction timeouts.
         state.groups.start();
         state.txns.start(state.shutdown.clone());
+        // Freed reply memory goes back to the system after bursts.
+        tokio::spawn(trim::run(
+            state.memory.global().clone(),
+            state.memory.metrics().trims.clone(),
+            state.shutdown.clone(),
+        ));
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(spool_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
