@@ -884,7 +884,15 @@ async fn drive(
             return;
         }
         failures += 1;
-        tokio::time::sleep(config.rejoin_backoff.delay(failures.min(10))).await;
+        // Out of the group while backing off: a leave (or the consumer gone) ends the task at
+        // once instead of after the next join attempt.
+        tokio::select! {
+            () = tokio::time::sleep(config.rejoin_backoff.delay(failures.min(10))) => {}
+            cmd = commands.recv() => match cmd {
+                Some(Command::Ack(_)) => {} // of a generation already lost
+                Some(Command::Leave) | None => return,
+            },
+        }
     }
 }
 
@@ -913,14 +921,29 @@ async fn session(
     let _ = tx.send(join).await;
     let timeout = client.options().request_timeout;
     let req = client.stream_request(ReceiverStream::new(rx));
-    let mut stream = client
-        .unary(timeout, client.group_stub().membership(req))
-        .await?;
-    let first = match tokio::time::timeout(timeout, stream.message()).await {
-        Ok(Ok(Some(m))) => m,
-        Ok(Ok(None)) => return Err(Error::Protocol("membership stream ended at once".into())),
-        Ok(Err(s)) => return Err(Error::from_status(&s)),
-        Err(_) => return Err(Error::Timeout(timeout)),
+    let joining = async {
+        let mut stream = client
+            .unary(timeout, client.group_stub().membership(req))
+            .await?;
+        match tokio::time::timeout(timeout, stream.message()).await {
+            Ok(Ok(Some(m))) => Ok((stream, m)),
+            Ok(Ok(None)) => Err(Error::Protocol("membership stream ended at once".into())),
+            Ok(Err(s)) => Err(Error::from_status(&s)),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    };
+    let mut joining = std::pin::pin!(joining);
+    // A join can wait up to the request timeout (e.g. for a broker that is going away); a
+    // leave meanwhile ends it: nothing was joined that needs leaving (a member the broker
+    // registered anyway expires after the session timeout, as after a crash).
+    let (mut stream, first) = loop {
+        tokio::select! {
+            r = &mut joining => break r?,
+            cmd = commands.recv() => match cmd {
+                Some(Command::Ack(_)) => {} // of an earlier session's generation
+                Some(Command::Leave) | None => return Ok(()),
+            },
+        }
     };
     let Some(v1::membership_response::Response::Joined(joined)) = first.response else {
         return Err(Error::Protocol(
@@ -960,6 +983,8 @@ async fn session(
                 },
                 Ok(None) if leaving => return Ok(()),
                 Ok(None) => return Err(Error::Unavailable { message: "the broker ended the membership stream".into() }),
+                // Leaving and the stream broke: there is no membership left to end.
+                Err(_) if leaving => return Ok(()),
                 Err(s) => return Err(Error::from_status(&s)),
             },
             _ = ticker.tick() => {

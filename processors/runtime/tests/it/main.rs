@@ -3,6 +3,7 @@
 
 mod eos_kill;
 mod flow;
+mod stop;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
