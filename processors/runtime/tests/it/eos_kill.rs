@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use spool_client::{ProducerConfig, ProducerRecord, TopicPartition};
 use spool_testkit::Broker;
 
-use crate::{Proc, Rng, create, diff, passthrough_bin, read_all, write_config};
+use crate::{
+    Proc, Rng, assert_passthrough_exactly_once, create, passthrough_bin, read_all, write_config,
+};
 
 const PARTITIONS: u32 = 4;
 const KEYS: usize = 40;
@@ -138,44 +140,12 @@ async fn passthrough_with_state_is_exactly_once_through_kill_9() {
         );
     }
 
-    // The model.
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut want = Vec::new();
-    for (k, v) in &produced {
-        let n = counts.entry(k.clone()).or_default();
-        *n += 1;
-        want.push(format!("{v}|{n}"));
-    }
-    // Outputs, read committed.
-    let mut got = Vec::new();
-    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for p in 0..PARTITIONS {
-        for r in read_all(&c, "out", p).await {
-            let v = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
-            let k = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
-            let n: u64 = v.rsplit('|').next().unwrap().parse().unwrap();
-            per_key.entry(k).or_default().push(n);
-            got.push(v);
-        }
-    }
+    // The model against the outputs, read committed.
+    let (counts, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;
     eprintln!(
-        "exactly once through kill -9: {} inputs, {} outputs, {proc_kills} processor kills, {broker_kills} broker kills",
-        want.len(),
-        got.len()
+        "exactly once through kill -9: {} inputs, {outputs} outputs, {proc_kills} processor kills, {broker_kills} broker kills",
+        produced.len()
     );
-    let (missing, extra) = diff(&want, &got);
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "lost {} outputs (e.g. {:?}), duplicated {} (e.g. {:?})",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>(),
-        extra.len(),
-        extra.iter().take(5).collect::<Vec<_>>()
-    );
-    for (k, ns) in &per_key {
-        let expect: Vec<u64> = (1..=ns.len() as u64).collect();
-        assert_eq!(ns, &expect, "counts of {k} in output order");
-    }
     // The changelog's final state equals the model.
     let mut state: BTreeMap<String, u64> = BTreeMap::new();
     for p in 0..PARTITIONS {

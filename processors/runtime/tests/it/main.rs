@@ -170,7 +170,7 @@ impl Rng {
 }
 
 /// Multiset difference for readable failures: (missing, extra).
-pub(crate) fn diff(want: &[String], got: &[String]) -> (Vec<String>, Vec<String>) {
+fn diff(want: &[String], got: &[String]) -> (Vec<String>, Vec<String>) {
     let mut counts: BTreeMap<&String, i64> = BTreeMap::new();
     for w in want {
         *counts.entry(w).or_default() += 1;
@@ -189,4 +189,48 @@ pub(crate) fn diff(want: &[String], got: &[String]) -> (Vec<String>, Vec<String>
         .map(|(k, _)| (*k).clone())
         .collect();
     (missing, extra)
+}
+
+/// The pass-through processor's exactly-once check: from the `(key, value)` inputs in produce
+/// order, the model says every input `v` of a key yields one output `v|n` (`n` = how many
+/// inputs of that key so far); the outputs on `out`, read committed, must be exactly those
+/// (none lost, none duplicated), each key's counts 1..n in output order. Returns the model's
+/// per-key counts and how many outputs were read.
+pub(crate) async fn assert_passthrough_exactly_once(
+    client: &Client,
+    produced: &[(String, String)],
+    partitions: u32,
+) -> (BTreeMap<String, u64>, usize) {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut want = Vec::new();
+    for (k, v) in produced {
+        let n = counts.entry(k.clone()).or_default();
+        *n += 1;
+        want.push(format!("{v}|{n}"));
+    }
+    let mut got = Vec::new();
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for part in 0..partitions {
+        for r in read_all(client, "out", part).await {
+            let v = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
+            let k = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+            let n: u64 = v.rsplit('|').next().unwrap().parse().unwrap();
+            per_key.entry(k).or_default().push(n);
+            got.push(v);
+        }
+    }
+    let (missing, extra) = diff(&want, &got);
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "lost {} outputs (e.g. {:?}), duplicated {} (e.g. {:?})",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        extra.len(),
+        extra.iter().take(5).collect::<Vec<_>>()
+    );
+    for (k, ns) in &per_key {
+        let expect: Vec<u64> = (1..=ns.len() as u64).collect();
+        assert_eq!(ns, &expect, "counts of {k} in output order");
+    }
+    (counts, got.len())
 }

@@ -7,7 +7,6 @@
 //! fails (that batch is aborted by the broker and processed again), and leaving the group must
 //! not wait for the client's request timeout on a broker that is gone.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use spool_client::{ProducerConfig, ProducerRecord, TopicPartition};
 use spool_testkit::Broker;
 
-use crate::{Proc, create, diff, passthrough_bin, read_all, write_config};
+use crate::{Proc, assert_passthrough_exactly_once, create, passthrough_bin, write_config};
 
 const PARTITIONS: u32 = 2;
 const KEYS: usize = 10;
@@ -177,42 +176,11 @@ async fn sigterm_with_input_flowing_exits_quickly_and_exactly_once() {
     stops.push(t0.elapsed());
 
     // Exactly once: the model against the outputs, read committed.
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut want = Vec::new();
-    for (k, v) in &produced {
-        let n = counts.entry(k.clone()).or_default();
-        *n += 1;
-        want.push(format!("{v}|{n}"));
-    }
-    let mut got = Vec::new();
-    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for part in 0..PARTITIONS {
-        for r in read_all(&c, "out", part).await {
-            let v = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
-            let k = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
-            let n: u64 = v.rsplit('|').next().unwrap().parse().unwrap();
-            per_key.entry(k).or_default().push(n);
-            got.push(v);
-        }
-    }
+    let (_, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;
     eprintln!(
-        "stops {stops:?}; {} inputs, {} outputs",
-        want.len(),
-        got.len()
+        "stops {stops:?}; {} inputs, {outputs} outputs",
+        produced.len()
     );
-    let (missing, extra) = diff(&want, &got);
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "lost {} outputs (e.g. {:?}), duplicated {} (e.g. {:?})",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>(),
-        extra.len(),
-        extra.iter().take(5).collect::<Vec<_>>()
-    );
-    for (k, ns) in &per_key {
-        let expect: Vec<u64> = (1..=ns.len() as u64).collect();
-        assert_eq!(ns, &expect, "counts of {k} in output order");
-    }
     for (i, took) in stops.iter().enumerate() {
         assert!(
             *took < STOP_BOUND,
