@@ -173,10 +173,10 @@ fn push_header(r: &mut ProducerRecord, k: &str, v: String) {
     })
 }
 
-/// The record an input becomes in a retry topic: its key, value and own headers, plus its
-/// original position, the next attempt's number, when it is due, and the history so far.
-pub(crate) fn retry_record(input: &Input, history: &[Attempt], due_ms: i64) -> ProducerRecord {
-    let mut r = ProducerRecord {
+/// An input carried into a retry or dead-letter topic: its key, value, timestamp and own
+/// headers (the runtime's `headers::PREFIX` ones are dropped; the caller adds fresh ones).
+fn carried_over(input: &Input) -> ProducerRecord {
+    ProducerRecord {
         key: input.key.clone(),
         value: input.value.clone(),
         headers: input
@@ -186,7 +186,13 @@ pub(crate) fn retry_record(input: &Input, history: &[Attempt], due_ms: i64) -> P
             .cloned()
             .collect(),
         timestamp_ms: Some(input.timestamp_ms),
-    };
+    }
+}
+
+/// The record an input becomes in a retry topic: its key, value and own headers, plus its
+/// original position, the next attempt's number, when it is due, and the history so far.
+pub(crate) fn retry_record(input: &Input, history: &[Attempt], due_ms: i64) -> ProducerRecord {
+    let mut r = carried_over(input);
     push_header(
         &mut r,
         headers::RETRY_ATTEMPT,
@@ -240,17 +246,7 @@ pub(crate) fn dead_letter(
     history: &[Attempt],
     now_ms: i64,
 ) -> ProducerRecord {
-    let mut r = ProducerRecord {
-        key: input.key.clone(),
-        value: input.value.clone(),
-        headers: input
-            .headers
-            .iter()
-            .filter(|h| !h.key.starts_with(headers::PREFIX))
-            .cloned()
-            .collect(),
-        timestamp_ms: Some(input.timestamp_ms),
-    };
+    let mut r = carried_over(input);
     let last = history.last().map(|a| a.reason.clone()).unwrap_or_default();
     let push = push_header;
     push(&mut r, headers::DLQ_ERROR, last);

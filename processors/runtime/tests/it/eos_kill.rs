@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use spool_client::{ProducerConfig, ProducerRecord, TopicPartition};
+use spool_client::{ProducerConfig, ProducerRecord};
 use spool_testkit::Broker;
 
 use crate::{
-    Proc, Rng, assert_passthrough_exactly_once, create, passthrough_bin, read_all, write_config,
+    Proc, Rng, assert_passthrough_exactly_once, create, passthrough_bin, read_all,
+    wait_passthrough_caught_up, write_config,
 };
 
 const PARTITIONS: u32 = 4;
@@ -103,36 +104,7 @@ async fn passthrough_with_state_is_exactly_once_through_kill_9() {
     }
     let c = broker.client().await;
     // Wait until the group committed everything.
-    let tps: Vec<TopicPartition> = (0..PARTITIONS)
-        .map(|p| TopicPartition::new("in", p))
-        .collect();
-    let ends: Vec<u64> = {
-        let mut v = Vec::new();
-        for p in 0..PARTITIONS {
-            v.push(
-                c.list_offset("in", p, spool_client::OffsetSpec::Latest)
-                    .await
-                    .unwrap()
-                    .offset,
-            );
-        }
-        v
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done = match c.fetch_offsets("passthrough", &tps).await {
-            Ok(committed) => committed
-                .iter()
-                .zip(&ends)
-                .all(|(o, e)| o.offset == Some(*e)),
-            Err(_) => false,
-        };
-        if done {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the processors never caught up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_passthrough_caught_up(&c, PARTITIONS).await;
     for p in &mut procs {
         assert!(
             p.terminate(Duration::from_secs(20)),

@@ -234,3 +234,36 @@ pub(crate) async fn assert_passthrough_exactly_once(
     }
     (counts, got.len())
 }
+
+/// Waits (up to 60 s) until group `passthrough` has committed every record of `in` that
+/// exists now, on each of its `partitions`.
+pub(crate) async fn wait_passthrough_caught_up(client: &Client, partitions: u32) {
+    let tps: Vec<spool_client::TopicPartition> = (0..partitions)
+        .map(|p| spool_client::TopicPartition::new("in", p))
+        .collect();
+    let mut ends = Vec::new();
+    for part in 0..partitions {
+        ends.push(
+            client
+                .list_offset("in", part, spool_client::OffsetSpec::Latest)
+                .await
+                .unwrap()
+                .offset,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = match client.fetch_offsets("passthrough", &tps).await {
+            Ok(committed) => committed
+                .iter()
+                .zip(&ends)
+                .all(|(o, e)| o.offset == Some(*e)),
+            Err(_) => false,
+        };
+        if done {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the processors never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

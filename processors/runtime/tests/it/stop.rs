@@ -11,10 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use spool_client::{ProducerConfig, ProducerRecord, TopicPartition};
+use spool_client::{ProducerConfig, ProducerRecord};
 use spool_testkit::Broker;
 
-use crate::{Proc, assert_passthrough_exactly_once, create, passthrough_bin, write_config};
+use crate::{
+    Proc, assert_passthrough_exactly_once, create, passthrough_bin, wait_passthrough_caught_up,
+    write_config,
+};
 
 const PARTITIONS: u32 = 2;
 const KEYS: usize = 10;
@@ -142,33 +145,7 @@ async fn sigterm_with_input_flowing_exits_quickly_and_exactly_once() {
     // A fresh instance drains the rest; then stop it too.
     let mut p = start();
     assert!(p.wait_ready(Duration::from_secs(30)));
-    let tps: Vec<TopicPartition> = (0..PARTITIONS)
-        .map(|p| TopicPartition::new("in", p))
-        .collect();
-    let mut ends = Vec::new();
-    for part in 0..PARTITIONS {
-        ends.push(
-            c.list_offset("in", part, spool_client::OffsetSpec::Latest)
-                .await
-                .unwrap()
-                .offset,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done = match c.fetch_offsets("passthrough", &tps).await {
-            Ok(committed) => committed
-                .iter()
-                .zip(&ends)
-                .all(|(o, e)| o.offset == Some(*e)),
-            Err(_) => false,
-        };
-        if done {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the processor never caught up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_passthrough_caught_up(&c, PARTITIONS).await;
     let t0 = Instant::now();
     assert!(tokio::task::block_in_place(
         || p.terminate(Duration::from_secs(30))
