@@ -238,6 +238,23 @@ pub(crate) fn parse_retry(headers: &[Header]) -> Option<RetryInfo> {
     })
 }
 
+/// The dead-letter topic and record of an input that a processor gives up on **outside** the
+/// handler call that read it (e.g. an effect that finished later and is settled from a
+/// timer): the same headers the runtime writes, so `spool dlq` and redrives treat it like any
+/// other dead letter. Emit it with [`crate::Context::emit_to`] on `input.partition`, in the
+/// transaction that settles the effect. (Not counted in `spool_processor_dead_letters_total`.)
+pub fn dead_letter_for(
+    input: &Input,
+    group: &str,
+    history: &[Attempt],
+    now_ms: i64,
+) -> (String, ProducerRecord) {
+    (
+        dlq_topic(&input.topic, group),
+        dead_letter(input, group, history, now_ms),
+    )
+}
+
 /// The dead-letter record of an input: its key, value and headers (the runtime's own
 /// `spool_*` ones replaced), plus where it came from, why, and every attempt.
 pub(crate) fn dead_letter(

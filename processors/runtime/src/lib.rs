@@ -40,7 +40,7 @@ pub mod testing;
 
 pub use context::{Context, EffectStatus, Emit, Store};
 pub use effects::EffectsRetention;
-pub use engine::{Attempt, RetryMode, RetryPolicy, dlq_topic, retry_topic};
+pub use engine::{Attempt, RetryMode, RetryPolicy, dead_letter_for, dlq_topic, retry_topic};
 pub use envelope::{Attributes, EnvelopeError, Event};
 pub use flow::{LaneConfig, QuietHours};
 pub use handler::{Action, AsyncHandler, Failure, Handler, Input, Timer, TimerKind};

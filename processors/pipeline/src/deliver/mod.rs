@@ -11,6 +11,7 @@
 //! | HTTP other 4xx and 3xx, a URL that does not parse | dead |
 
 pub mod http;
+pub mod inflight;
 pub mod smtp;
 
 /// What one delivery attempt came to.

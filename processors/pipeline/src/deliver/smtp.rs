@@ -41,6 +41,15 @@ pub struct SmtpConfig {
     pub timeout_ms: u64,
     /// `none` or `starttls`.
     pub tls: String,
+    /// Sends in flight at once (each on its own pooled connection, so keep `pool_max` at
+    /// least this).
+    pub max_in_flight: u32,
+    /// Attempts of one mail in all (4xx, connection failures) before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the first retry, ms; doubles per attempt.
+    pub retry_initial_ms: u64,
+    /// Longest delay between retries, ms.
+    pub retry_max_ms: u64,
 }
 
 impl Default for SmtpConfig {
@@ -53,7 +62,21 @@ impl Default for SmtpConfig {
             pool_max: 8,
             timeout_ms: 10_000,
             tls: "none".into(),
+            max_in_flight: 8,
+            max_attempts: 6,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 60_000,
         }
+    }
+}
+
+impl SmtpConfig {
+    /// The delay before attempt `attempt + 1` after attempt `attempt` (1-based) failed.
+    pub fn retry_delay_ms(&self, attempt: u32) -> u64 {
+        let doublings = attempt.saturating_sub(1).min(32);
+        self.retry_initial_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.retry_max_ms)
     }
 }
 

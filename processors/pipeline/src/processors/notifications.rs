@@ -3,21 +3,49 @@
 //! - `notification-requests`, e-mail: renders the templates into an [`OutgoingMail`] on
 //!   `outgoing-mail` (pure: the same request always renders the same mail id);
 //! - `notification-requests`, webhook/push: POSTs the rendered JSON (effect key = the
-//!   notification id);
-//! - `outgoing-mail`: hands the mail to the MTA over SMTP (effect key = the mail id) and emits
-//!   `mail-status` *queued* with Postfix's queue id.
+//!   notification id), one at a time, retried in place by the runtime;
+//! - `outgoing-mail`: hands the mail to the MTA over SMTP, up to `[app.smtp] max_in_flight`
+//!   mails at once ([`crate::deliver::inflight`]), and settles each one in a later
+//!   transaction: the idempotency key (effect key = the mail id) with `mail-status` *queued*
+//!   and Postfix's queue id; or, for a permanent refusal (SMTP 5xx, or `max_attempts` used
+//!   up), `mail-status` *failed* with the dead letter; or a retry after a backoff (SMTP 4xx,
+//!   connection failures), without holding back the partition.
 //!
-//! An effect already recorded as done (a committed transaction said so) is never repeated;
-//! one done but not yet committed when the process died is repeated once (the window is one
-//! commit interval; the Message-ID / `Idempotency-Key` let the receiver drop it). Temporary
-//! failures are retried with backoff ([retry] in the processor config); permanent ones go to
-//! the dead-letter topic with the reason (SMTP 5xx, HTTP 4xx, a malformed request).
+//! # Mail in flight (how the contract is kept with several sends at once)
+//!
+//! The record's transaction stores a **pending timer** (wall clock, key `smtp/<mail id>`, the
+//! record as payload) with its offset, and the send starts at once. Every runtime tick
+//! (100 ms) the timers of pending mails fire: a finished send is settled (the timer removed,
+//! the key recorded, the status emitted, in one transaction), a running one sets its timer
+//! again. So inside the log everything stays exactly once (the offset and the pending timer
+//! commit together; the settlement commits once), and the mail itself is sent at least once:
+//!
+//! - a crash before the record's transaction commits: the record is read again and the mail
+//!   sent again (window: one commit interval plus the send);
+//! - a crash after it, before the settlement commits: the timer fires after the restart,
+//!   finds no result and sends again (window: from the `250` to the next tick's commit,
+//!   about one tick plus one commit interval, 0.1 to 0.3 s with the defaults);
+//! - an aborted transaction (no crash) repeats nothing: the results of this process's sends
+//!   stay in memory by mail id and are settled from there.
+//!
+//! After the settlement commits, the mail is never sent again (within the `[effects]`
+//! retention). The Message-ID (`<mail id@domain>`) lets a receiver drop a repeat.
+//!
+//! Webhook and push keep the one-at-a-time path: an effect checked, done, marked in the
+//! record's own transaction.
 
-use serde::Deserialize;
-use spool_processor::{AsyncHandler, Context, EffectStatus, Failure, Input};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use spool_client::Header;
+use spool_processor::{
+    Attempt, AsyncHandler, Context, EffectStatus, Failure, Input, Timer, TimerKind,
+};
 
 use crate::deliver::Outcome;
 use crate::deliver::http::{HttpConfig, HttpSender};
+use crate::deliver::inflight::{InFlight, SendState};
 use crate::deliver::smtp::{SmtpConfig, SmtpSender};
 use crate::events::{Channel, MailState, MailStatus, NotificationRequest, OutgoingMail};
 use crate::processors::emit;
@@ -56,6 +84,8 @@ pub struct Notifications {
     smtp_config: SmtpConfig,
     /// Made on first use, inside the runtime (lettre's pool runs a task).
     smtp: Option<SmtpSender>,
+    /// Mails being handed to the MTA, and their results until settled.
+    inflight: InFlight,
     http: HttpSender,
 }
 
@@ -76,10 +106,19 @@ impl Notifications {
             matches!(s.smtp.tls.as_str(), "none" | "starttls"),
             "[app.smtp] tls must be none or starttls"
         );
+        anyhow::ensure!(
+            (1..=1024).contains(&s.smtp.max_in_flight),
+            "[app.smtp] max_in_flight must be 1..=1024"
+        );
+        anyhow::ensure!(
+            s.smtp.max_attempts >= 1 && s.smtp.retry_initial_ms >= 1,
+            "[app.smtp] max_attempts and retry_initial_ms must be at least 1"
+        );
         Ok(Notifications {
             renderer,
             smtp_config: s.smtp.clone(),
             smtp: None,
+            inflight: InFlight::new(s.smtp.max_in_flight as usize),
             http: HttpSender::new(&s.http)?,
         })
     }
@@ -125,18 +164,161 @@ impl AsyncHandler for Notifications {
             topics::OUTGOING_MAIL => {
                 let m: OutgoingMail = input.event::<OutgoingMail>()?.data;
                 if ctx.effect(&m.mail_id)? != EffectStatus::Todo {
-                    return Ok(());
+                    return Ok(()); // sent before, or a replay
                 }
-                if self.smtp.is_none() {
-                    self.smtp = Some(
-                        SmtpSender::new(&self.smtp_config)
-                            .map_err(|e| Failure::fatal(e.to_string()))?,
-                    );
+                let key = pending_key(&m.mail_id);
+                if ctx.timer(TimerKind::Wall, &key)?.is_some() {
+                    return Ok(()); // the same mail is already pending
                 }
-                let smtp = self.smtp.as_ref().expect("set above");
-                let Outcome::Delivered { queue_id, detail } = outcome(smtp.send(&m).await)? else {
-                    unreachable!("outcome() returns Delivered or an error")
-                };
+                let pending = Pending::of(input);
+                ctx.set_timer(TimerKind::Wall, &key, ctx.now_ms(), pending.payload()?)?;
+                let smtp = self.smtp()?;
+                let id = m.mail_id.clone();
+                self.inflight
+                    .start(&id, async move { smtp.send(&m).await })
+                    .await;
+                Ok(())
+            }
+            other => Err(Failure::dead_letter(format!(
+                "notifications does not read {other}"
+            ))),
+        }
+    }
+
+    async fn on_timer(&mut self, ctx: &mut Context<'_>, timer: &Timer) -> Result<(), Failure> {
+        if timer.kind != TimerKind::Wall || !timer.key.starts_with(PENDING_PREFIX) {
+            return Ok(());
+        }
+        let pending: Pending = serde_json::from_slice(&timer.payload)
+            .map_err(|e| Failure::fatal(format!("pending mail timer does not decode: {e}")))?;
+        self.settle(ctx, timer, pending)
+    }
+}
+
+/// Prefix of the pending-mail timers' keys (`smtp/<mail id>`).
+const PENDING_PREFIX: &[u8] = b"smtp/";
+/// How soon a pending mail whose send is still running is looked at again (the runtime's
+/// tick, 100 ms, is the real granularity).
+const RECHECK_MS: i64 = 20;
+
+fn pending_key(mail_id: &str) -> Vec<u8> {
+    [PENDING_PREFIX, mail_id.as_bytes()].concat()
+}
+
+/// A pending mail (the timer's payload): the `outgoing-mail` record as it was read, so that a
+/// send can be started again after a restart and the dead letter carries the original
+/// record; and the failed attempts so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    topic: String,
+    partition: u32,
+    offset: u64,
+    timestamp_ms: i64,
+    key: Option<String>,
+    /// The value (the event's JSON payload).
+    value: String,
+    /// Headers as text (the CloudEvents attributes are text).
+    headers: Vec<(String, Option<String>)>,
+    /// The attempt running or due (1-based).
+    attempt: u32,
+    history: Vec<Attempt>,
+}
+
+impl Pending {
+    fn of(input: &Input) -> Pending {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Pending {
+            topic: input.topic.to_string(),
+            partition: input.partition,
+            offset: input.offset,
+            timestamp_ms: input.timestamp_ms,
+            key: input.key.as_deref().map(text),
+            value: input.value.as_deref().map(text).unwrap_or_default(),
+            headers: input
+                .headers
+                .iter()
+                .map(|h| (h.key.clone(), h.value.as_deref().map(text)))
+                .collect(),
+            attempt: 1,
+            history: Vec::new(),
+        }
+    }
+
+    fn payload(&self) -> Result<Vec<u8>, Failure> {
+        serde_json::to_vec(self).map_err(|e| Failure::fatal(e.to_string()))
+    }
+
+    fn mail(&self) -> Result<OutgoingMail, Failure> {
+        serde_json::from_str(&self.value)
+            .map_err(|e| Failure::fatal(format!("pending mail does not decode: {e}")))
+    }
+
+    /// The record as an input again (for its dead letter).
+    fn input(&self) -> Input {
+        let topic: Arc<str> = Arc::from(self.topic.as_str());
+        Input {
+            topic: topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.clone().map(Bytes::from),
+            value: Some(Bytes::from(self.value.clone())),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| Header {
+                    key: k.clone(),
+                    value: v.clone().map(Bytes::from),
+                })
+                .collect(),
+            attempt: self.attempt,
+            lane: topic,
+        }
+    }
+}
+
+impl Notifications {
+    fn smtp(&mut self) -> Result<SmtpSender, Failure> {
+        if self.smtp.is_none() {
+            self.smtp =
+                Some(SmtpSender::new(&self.smtp_config).map_err(|e| Failure::fatal(e.to_string()))?);
+        }
+        Ok(self.smtp.clone().expect("set above"))
+    }
+
+    /// Settles a pending mail from its send's result (see the module docs).
+    fn settle(
+        &mut self,
+        ctx: &mut Context<'_>,
+        timer: &Timer,
+        mut pending: Pending,
+    ) -> Result<(), Failure> {
+        let m = pending.mail()?;
+        let now = ctx.now_ms();
+        if ctx.effect(&m.mail_id)? != EffectStatus::Todo {
+            self.inflight.forget(&m.mail_id);
+            return Ok(());
+        }
+        let again = |ctx: &mut Context<'_>, at: i64, p: &Pending| {
+            ctx.set_timer(TimerKind::Wall, &timer.key, at, p.payload()?)
+                .map_err(Failure::from)
+        };
+        match self.inflight.state(&m.mail_id) {
+            SendState::Running => again(ctx, now + RECHECK_MS, &pending),
+            SendState::Absent => {
+                // After a restart, a move of the partition, or a retry's delay: send (again).
+                let smtp = self.smtp()?;
+                let mail = m.clone();
+                self.inflight
+                    .try_start(&m.mail_id, async move { smtp.send(&mail).await });
+                again(ctx, now + RECHECK_MS, &pending)
+            }
+            SendState::Finished {
+                outcome: Outcome::Delivered { queue_id, detail },
+                at_ms,
+            } => {
+                // The result stays in memory (an abort of this transaction settles it again
+                // from there) until its TTL.
                 ctx.effect_done(&m.mail_id);
                 let status = MailStatus {
                     mail_id: m.mail_id.clone(),
@@ -145,13 +327,70 @@ impl AsyncHandler for Notifications {
                     status: MailState::Queued,
                     dsn: None,
                     detail,
-                    at_ms: ctx.now_ms(),
+                    at_ms,
                 };
-                emit(ctx, format!("{}:queued", m.mail_id), &status, status.at_ms)
+                emit(ctx, format!("{}:queued", m.mail_id), &status, at_ms)
             }
-            other => Err(Failure::dead_letter(format!(
-                "notifications does not read {other}"
-            ))),
+            SendState::Finished {
+                outcome: Outcome::Retry(why),
+                at_ms,
+            } if pending.attempt < self.smtp_config.max_attempts => {
+                pending.history.push(Attempt {
+                    attempt: pending.attempt,
+                    at_ms,
+                    reason: why,
+                });
+                let delay = self.smtp_config.retry_delay_ms(pending.attempt);
+                pending.attempt += 1;
+                self.inflight.forget(&m.mail_id);
+                again(ctx, now + delay as i64, &pending)
+            }
+            SendState::Finished {
+                outcome: Outcome::Retry(why) | Outcome::Dead(why),
+                at_ms,
+            } => {
+                pending.history.push(Attempt {
+                    attempt: pending.attempt,
+                    at_ms,
+                    reason: why.clone(),
+                });
+                self.inflight.forget(&m.mail_id);
+                failed(ctx, &m, &pending, why, now)
+            }
         }
     }
+}
+
+/// A mail given up on: `mail-status` `failed` and the dead letter of its record, in the
+/// settling transaction. The idempotency key is not recorded: a redriven dead letter is sent.
+fn failed(
+    ctx: &mut Context<'_>,
+    m: &OutgoingMail,
+    pending: &Pending,
+    why: String,
+    now: i64,
+) -> Result<(), Failure> {
+    let status = MailStatus {
+        mail_id: m.mail_id.clone(),
+        queue_id: None,
+        to: m.to.clone(),
+        status: MailState::Failed,
+        dsn: smtp_code(&why),
+        detail: why,
+        at_ms: now,
+    };
+    emit(ctx, format!("{}:failed", m.mail_id), &status, now)?;
+    let input = pending.input();
+    let group = ctx.processor().to_owned();
+    let (topic, record) = spool_processor::dead_letter_for(&input, &group, &pending.history, now);
+    ctx.emit_to(topic, input.partition, record);
+    Ok(())
+}
+
+/// The SMTP reply code in an error text (`... (550) ...` as lettre writes it), if any.
+fn smtp_code(why: &str) -> Option<String> {
+    let open = why.find('(')?;
+    let code = why.get(open + 1..open + 4)?;
+    (code.bytes().all(|b| b.is_ascii_digit()) && why.get(open + 4..open + 5) == Some(")"))
+        .then(|| code.to_owned())
 }

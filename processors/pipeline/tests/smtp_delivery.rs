@@ -1,0 +1,202 @@
+//! The notifications processor's mail path against a real SMTP listener on 127.0.0.1 (lettre
+//! speaks real SMTP to it), run by the runtime's test driver: several mails in flight at
+//! once, a 5xx refusal becomes `mail-status` `failed` plus the dead letter in one
+//! transaction, a 4xx is retried after its backoff without holding back the other mails, a
+//! settled mail is never sent again, and a pending mail whose process died is sent again
+//! after the restart (at least once).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spool_pipeline::events::{MailState, MailStatus, NotificationKind, OutgoingMail};
+use spool_pipeline::processors::envelope;
+use spool_pipeline::processors::notifications::{Notifications, NotificationsSettings};
+use spool_pipeline::topics;
+use spool_processor::testing::TestDriver;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+/// What the SMTP listener saw.
+#[derive(Default, Debug)]
+struct Seen {
+    /// Accepted messages (DATA completed) per recipient.
+    accepted: BTreeMap<String, usize>,
+    /// Transactions between RCPT and the end of DATA at this moment / at most.
+    open: usize,
+    max_open: usize,
+    /// RCPTs answered 451 so far, per recipient.
+    deferred: BTreeMap<String, usize>,
+}
+
+/// An SMTP server: `reject*` recipients get `550 5.1.1`, `later*` ones `451 4.3.0` the first
+/// time, everyone else is queued after `delay` (as `queued as Q<n>`).
+async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            let (sock, _) = listener.accept().await.unwrap();
+            let seen = s.clone();
+            n += 1_000;
+            let base = n;
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                w.write_all(b"220 test ESMTP\r\n").await.unwrap();
+                let (mut rcpt, mut count) = (String::new(), base);
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let up = line.to_ascii_uppercase();
+                    let reply = if up.starts_with("EHLO") || up.starts_with("HELO") {
+                        "250-test\r\n250 PIPELINING\r\n".to_owned()
+                    } else if up.starts_with("MAIL") || up.starts_with("RSET") || up.starts_with("NOOP") {
+                        "250 2.0.0 Ok\r\n".to_owned()
+                    } else if up.starts_with("RCPT") {
+                        rcpt = line[line.find('<').unwrap() + 1..line.find('>').unwrap()].to_owned();
+                        let mut g = seen.lock().unwrap();
+                        if rcpt.starts_with("reject") {
+                            "550 5.1.1 <reject>: Recipient address rejected\r\n".to_owned()
+                        } else if rcpt.starts_with("later") && !g.deferred.contains_key(&rcpt) {
+                            g.deferred.insert(rcpt.clone(), 1);
+                            "451 4.3.0 try again later\r\n".to_owned()
+                        } else {
+                            g.open += 1;
+                            g.max_open = g.max_open.max(g.open);
+                            "250 2.1.5 Ok\r\n".to_owned()
+                        }
+                    } else if up.starts_with("DATA") {
+                        w.write_all(b"354 go ahead\r\n").await.unwrap();
+                        while let Ok(Some(l)) = lines.next_line().await {
+                            if l == "." {
+                                break;
+                            }
+                        }
+                        tokio::time::sleep(delay).await;
+                        count += 1;
+                        let mut g = seen.lock().unwrap();
+                        g.open -= 1;
+                        *g.accepted.entry(rcpt.clone()).or_default() += 1;
+                        format!("250 2.0.0 Ok: queued as Q{count}\r\n")
+                    } else if up.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        "502 5.5.2 unknown\r\n".to_owned()
+                    };
+                    if w.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn settings(port: u16, in_flight: u32) -> NotificationsSettings {
+    let mut s = NotificationsSettings::default();
+    s.smtp.port = port;
+    s.smtp.from = "deals@localhost".into();
+    s.smtp.max_in_flight = in_flight;
+    s.smtp.pool_max = in_flight;
+    s.smtp.timeout_ms = 5_000;
+    s.smtp.retry_initial_ms = 300;
+    s
+}
+
+fn mail(i: usize, to: &str) -> spool_processor::Event<OutgoingMail> {
+    let m = OutgoingMail {
+        mail_id: format!("m{i:03}"),
+        notification: format!("n{i:03}"),
+        user: format!("u{i:03}"),
+        to: to.into(),
+        subject: "A deal".into(),
+        text: "text".into(),
+        html: "<p>html</p>".into(),
+        kind: NotificationKind::DealAlert,
+        at_ms: 1_000,
+    };
+    envelope("render", m.mail_id.clone(), &m, m.at_ms)
+}
+
+/// Advances the driver's clock in 100 ms steps (real time passing too, for the sends) until
+/// `done` says so or 15 s passed.
+async fn settle(d: &mut TestDriver<Notifications>, mut done: impl FnMut(&[MailStatus]) -> bool) -> Vec<MailStatus> {
+    let mut all = Vec::new();
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        d.advance_wall_clock_async(Duration::from_millis(100)).await;
+        all.extend(d.read_events::<MailStatus>(topics::MAIL_STATUS).into_iter().map(|e| e.data));
+        if done(&all) {
+            return all;
+        }
+    }
+    panic!("mails not settled in 15 s: {all:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mails_in_flight_refusals_retries_and_restarts() {
+    let (port, seen) = smtp_server(Duration::from_millis(150)).await;
+    let h = Notifications::new(&settings(port, 4)).unwrap();
+    let mut d = TestDriver::new("notifications", h).with_topic(topics::OUTGOING_MAIL, 1);
+    let mut to: Vec<String> = (0..8).map(|i| format!("user{i}@localhost")).collect();
+    to.push("reject0@localhost".into());
+    to.push("later0@localhost".into());
+    for (i, a) in to.iter().enumerate() {
+        d.pipe_event_async(topics::OUTGOING_MAIL, &mail(i, a)).await;
+    }
+    let all = settle(&mut d, |s| s.len() >= to.len()).await;
+
+    // Several at once, bounded by max_in_flight.
+    let max_open = seen.lock().unwrap().max_open;
+    assert!((2..=4).contains(&max_open), "transactions open at once: {max_open}");
+    // Every deliverable mail queued exactly once, with the server's queue id.
+    let by_id: BTreeMap<&str, &MailStatus> = all.iter().map(|s| (s.mail_id.as_str(), s)).collect();
+    assert_eq!(by_id.len(), to.len(), "one status per mail: {all:?}");
+    for (i, a) in to.iter().enumerate() {
+        let s = by_id[format!("m{i:03}").as_str()];
+        assert_eq!(&s.to, a);
+        if a.starts_with("reject") {
+            assert_eq!(s.status, MailState::Failed);
+            assert_eq!(s.queue_id, None);
+            assert_eq!(s.dsn.as_deref(), Some("550"), "{s:?}");
+            assert!(s.detail.contains("Recipient address rejected"), "{s:?}");
+        } else {
+            assert_eq!(s.status, MailState::Queued, "{s:?}");
+            assert!(s.queue_id.as_deref().is_some_and(|q| q.starts_with('Q')), "{s:?}");
+            assert_eq!(seen.lock().unwrap().accepted.get(a), Some(&1), "{a}");
+        }
+    }
+    assert_eq!(seen.lock().unwrap().deferred.get("later0@localhost"), Some(&1));
+    // The refused mail's record is the one dead letter, with the SMTP reason.
+    let dl = d.dead_letters(topics::OUTGOING_MAIL);
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    assert_eq!(dl[0].key_str(), Some("m008"));
+    assert!(dl[0].header("spool_dlq_error").unwrap().contains("550"), "{dl:?}");
+    assert_eq!(dl[0].header("spool_dlq_offset"), Some("8"));
+    assert!(dl[0].event::<OutgoingMail>().is_ok(), "the original record is carried");
+
+    // A settled mail read again (a redelivery) is not sent again.
+    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(0, &to[0])).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    d.advance_wall_clock_async(Duration::from_millis(500)).await;
+    assert!(d.read_events::<MailStatus>(topics::MAIL_STATUS).is_empty());
+    assert_eq!(seen.lock().unwrap().accepted.get(&to[0]), Some(&1));
+
+    // A mail pending when its process died (its send's result lost with the process) is sent
+    // again by the next process once its timer fires: at least once, settled once.
+    let crash = "crash@localhost";
+    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(20, crash)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&1));
+    *d.handler_mut() = Notifications::new(&settings(port, 4)).unwrap();
+    d.restart();
+    let after = settle(&mut d, |s| !s.is_empty()).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!((after[0].mail_id.as_str(), after[0].status), ("m020", MailState::Queued));
+    assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&2));
+}
