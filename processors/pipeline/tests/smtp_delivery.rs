@@ -52,10 +52,14 @@ async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
                     let up = line.to_ascii_uppercase();
                     let reply = if up.starts_with("EHLO") || up.starts_with("HELO") {
                         "250-test\r\n250 PIPELINING\r\n".to_owned()
-                    } else if up.starts_with("MAIL") || up.starts_with("RSET") || up.starts_with("NOOP") {
+                    } else if up.starts_with("MAIL")
+                        || up.starts_with("RSET")
+                        || up.starts_with("NOOP")
+                    {
                         "250 2.0.0 Ok\r\n".to_owned()
                     } else if up.starts_with("RCPT") {
-                        rcpt = line[line.find('<').unwrap() + 1..line.find('>').unwrap()].to_owned();
+                        rcpt =
+                            line[line.find('<').unwrap() + 1..line.find('>').unwrap()].to_owned();
                         let mut g = seen.lock().unwrap();
                         if rcpt.starts_with("reject") {
                             "550 5.1.1 <reject>: Recipient address rejected\r\n".to_owned()
@@ -124,13 +128,20 @@ fn mail(i: usize, to: &str) -> spool_processor::Event<OutgoingMail> {
 
 /// Advances the driver's clock in 100 ms steps (real time passing too, for the sends) until
 /// `done` says so or 15 s passed.
-async fn settle(d: &mut TestDriver<Notifications>, mut done: impl FnMut(&[MailStatus]) -> bool) -> Vec<MailStatus> {
+async fn settle(
+    d: &mut TestDriver<Notifications>,
+    mut done: impl FnMut(&[MailStatus]) -> bool,
+) -> Vec<MailStatus> {
     let mut all = Vec::new();
     let until = Instant::now() + Duration::from_secs(15);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
         d.advance_wall_clock_async(Duration::from_millis(100)).await;
-        all.extend(d.read_events::<MailStatus>(topics::MAIL_STATUS).into_iter().map(|e| e.data));
+        all.extend(
+            d.read_events::<MailStatus>(topics::MAIL_STATUS)
+                .into_iter()
+                .map(|e| e.data),
+        );
         if done(&all) {
             return all;
         }
@@ -153,7 +164,10 @@ async fn mails_in_flight_refusals_retries_and_restarts() {
 
     // Several at once, bounded by max_in_flight.
     let max_open = seen.lock().unwrap().max_open;
-    assert!((2..=4).contains(&max_open), "transactions open at once: {max_open}");
+    assert!(
+        (2..=4).contains(&max_open),
+        "transactions open at once: {max_open}"
+    );
     // Every deliverable mail queued exactly once, with the server's queue id.
     let by_id: BTreeMap<&str, &MailStatus> = all.iter().map(|s| (s.mail_id.as_str(), s)).collect();
     assert_eq!(by_id.len(), to.len(), "one status per mail: {all:?}");
@@ -167,21 +181,34 @@ async fn mails_in_flight_refusals_retries_and_restarts() {
             assert!(s.detail.contains("Recipient address rejected"), "{s:?}");
         } else {
             assert_eq!(s.status, MailState::Queued, "{s:?}");
-            assert!(s.queue_id.as_deref().is_some_and(|q| q.starts_with('Q')), "{s:?}");
+            assert!(
+                s.queue_id.as_deref().is_some_and(|q| q.starts_with('Q')),
+                "{s:?}"
+            );
             assert_eq!(seen.lock().unwrap().accepted.get(a), Some(&1), "{a}");
         }
     }
-    assert_eq!(seen.lock().unwrap().deferred.get("later0@localhost"), Some(&1));
+    assert_eq!(
+        seen.lock().unwrap().deferred.get("later0@localhost"),
+        Some(&1)
+    );
     // The refused mail's record is the one dead letter, with the SMTP reason.
     let dl = d.dead_letters(topics::OUTGOING_MAIL);
     assert_eq!(dl.len(), 1, "{dl:?}");
     assert_eq!(dl[0].key_str(), Some("m008"));
-    assert!(dl[0].header("spool_dlq_error").unwrap().contains("550"), "{dl:?}");
+    assert!(
+        dl[0].header("spool_dlq_error").unwrap().contains("550"),
+        "{dl:?}"
+    );
     assert_eq!(dl[0].header("spool_dlq_offset"), Some("8"));
-    assert!(dl[0].event::<OutgoingMail>().is_ok(), "the original record is carried");
+    assert!(
+        dl[0].event::<OutgoingMail>().is_ok(),
+        "the original record is carried"
+    );
 
     // A settled mail read again (a redelivery) is not sent again.
-    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(0, &to[0])).await;
+    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(0, &to[0]))
+        .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     d.advance_wall_clock_async(Duration::from_millis(500)).await;
     assert!(d.read_events::<MailStatus>(topics::MAIL_STATUS).is_empty());
@@ -190,13 +217,17 @@ async fn mails_in_flight_refusals_retries_and_restarts() {
     // A mail pending when its process died (its send's result lost with the process) is sent
     // again by the next process once its timer fires: at least once, settled once.
     let crash = "crash@localhost";
-    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(20, crash)).await;
+    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(20, crash))
+        .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&1));
     *d.handler_mut() = Notifications::new(&settings(port, 4)).unwrap();
     d.restart();
     let after = settle(&mut d, |s| !s.is_empty()).await;
     assert_eq!(after.len(), 1, "{after:?}");
-    assert_eq!((after[0].mail_id.as_str(), after[0].status), ("m020", MailState::Queued));
+    assert_eq!(
+        (after[0].mail_id.as_str(), after[0].status),
+        ("m020", MailState::Queued)
+    );
     assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&2));
 }

@@ -263,7 +263,11 @@ mod tests {
         .await;
         let t = Instant::now();
         f.start("next", async { ok() }).await;
-        assert!(t.elapsed() >= Duration::from_millis(40), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            t.elapsed()
+        );
         settled(&f, "next").await;
     }
 }

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use spool_client::Header;
 use spool_processor::{
-    Attempt, AsyncHandler, Context, EffectStatus, Failure, Input, Timer, TimerKind,
+    AsyncHandler, Attempt, Context, EffectStatus, Failure, Input, Timer, TimerKind,
 };
 
 use crate::deliver::Outcome;
@@ -280,8 +280,9 @@ impl Pending {
 impl Notifications {
     fn smtp(&mut self) -> Result<SmtpSender, Failure> {
         if self.smtp.is_none() {
-            self.smtp =
-                Some(SmtpSender::new(&self.smtp_config).map_err(|e| Failure::fatal(e.to_string()))?);
+            self.smtp = Some(
+                SmtpSender::new(&self.smtp_config).map_err(|e| Failure::fatal(e.to_string()))?,
+            );
         }
         Ok(self.smtp.clone().expect("set above"))
     }
