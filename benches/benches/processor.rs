@@ -35,7 +35,8 @@
 //! `SPOOL_BENCH_QUICK=1` (or running without `--bench`, as `cargo test --benches` does) runs
 //! one short rep with 20 000 records. Flags: `--reps`, `--records`, `--partitions`,
 //! `--lane-rate`, `--lane-secs`, `--throttle`, `--only eos,alo,...`, `--spoold PATH`,
-//! `--passthrough PATH`. `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
+//! `--passthrough PATH`, `--apply-bytes N` (the runtime's `apply_bytes`; 0 applies state to
+//! the local store after every transaction, as before it was batched). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
 //! commit metrics (sums and counts) after its phase, to see where the time went.
 
 use std::path::{Path, PathBuf};
@@ -236,6 +237,9 @@ fn processor_config(name: &str, inputs: &[&str], state_dir: &Path) -> RuntimeCon
     let mut c = RuntimeConfig::new(name, inputs.iter().copied());
     c.instance_id = "bench".into();
     c.state_dir = state_dir.join(name);
+    if let Some(b) = flag_value::<usize>(&std::env::args().collect::<Vec<_>>(), "--apply-bytes") {
+        c.apply_bytes = b;
+    }
     c
 }
 

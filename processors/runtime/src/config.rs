@@ -83,6 +83,8 @@ pub struct CommitConfig {
 pub struct StateConfig {
     /// Page cache per partition (bytes).
     pub cache_bytes: usize,
+    /// Committed writes per partition buffered before one local apply (bytes).
+    pub apply_bytes: usize,
     /// How often local stores are fsynced (ms).
     pub durable_interval_ms: u64,
 }
@@ -134,6 +136,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             cache_bytes: 8 << 20,
+            apply_bytes: 16 << 20,
             durable_interval_ms: 5_000,
         }
     }
@@ -316,6 +319,7 @@ impl ProcessorConfig {
         r.commit_max_records = self.commit.max_records;
         r.max_txn_bytes = self.commit.max_txn_bytes;
         r.cache_bytes = self.state.cache_bytes;
+        r.apply_bytes = self.state.apply_bytes;
         r.durable_interval = Duration::from_millis(self.state.durable_interval_ms);
         r.session_timeout = Duration::from_millis(self.group.session_timeout_ms);
         r.transaction_timeout = Duration::from_millis(self.group.transaction_timeout_ms);

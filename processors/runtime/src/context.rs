@@ -174,13 +174,7 @@ impl<'a> Context<'a> {
         to: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
-        state::merged_range(
-            self.state.backend.as_ref(),
-            &[&self.state.txn, &self.writes],
-            from,
-            to,
-            limit,
-        )
+        self.state.range(Some(&self.writes), from, to, limit)
     }
 
     pub(crate) fn put_raw(&mut self, key: Vec<u8>, value: Option<Bytes>) {

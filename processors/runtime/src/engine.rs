@@ -360,13 +360,7 @@ impl Task {
             }
             None => state::composite(context::TIMERS, &[kind.tag() + 1]),
         };
-        let entries = state::merged_range(
-            self.state.backend.as_ref(),
-            &[&self.state.txn],
-            &from,
-            Some(&to),
-            limit,
-        )?;
+        let entries = self.state.range(None, &from, Some(&to), limit)?;
         let skip = 1 + context::TIMERS.len();
         Ok(entries
             .into_iter()
@@ -418,9 +412,9 @@ impl Task {
     }
 }
 
+/// Stream time as committed (`state` has no open transaction's writes).
 fn committed_stream_time(state: &TaskState) -> Result<i64, StateError> {
     Ok(state
-        .backend
         .get(&state::composite(context::META, context::STREAM_TIME))?
         .as_deref()
         .and_then(context::i64_value)

@@ -101,6 +101,10 @@ pub struct RuntimeConfig {
     pub max_txn_bytes: usize,
     /// SQLite page cache per task (default 8 MiB).
     pub cache_bytes: usize,
+    /// Committed state writes held per task before they are applied to its local store in
+    /// one local transaction (default 16 MiB): the bound on that buffer
+    /// ([`crate::state`]'s `TaskState`). Larger batches rewrite fewer pages per key.
+    pub apply_bytes: usize,
     /// Retries and dead letters.
     pub retry: RetryPolicy,
     /// Group session timeout (default 10 s).
@@ -150,6 +154,7 @@ impl RuntimeConfig {
             commit_max_records: 10_000,
             max_txn_bytes: 32 << 20,
             cache_bytes: 8 << 20,
+            apply_bytes: 16 << 20,
             retry: RetryPolicy::default(),
             session_timeout: Duration::from_secs(10),
             transaction_timeout: Duration::from_secs(30),
@@ -1111,10 +1116,8 @@ impl<'c> Session<'c> {
 
     fn make_durable(&mut self) -> Result<(), RuntimeError> {
         for t in self.tasks.values_mut() {
-            let pos = t.state.backend.position();
             t.state
-                .backend
-                .apply(&Writes::new(), pos, true)
+                .flush(true)
                 .map_err(|e| RuntimeError::Fatal(e.to_string()))?;
         }
         self.last_durable = Instant::now();
@@ -1236,7 +1239,6 @@ impl<'c> Session<'c> {
             return self.abort_and_rewind(e).await;
         }
         self.txn = None;
-        let durable = self.last_durable.elapsed() >= self.cfg.durable_interval;
         for (p, w) in applied {
             let end = self
                 .tx
@@ -1244,15 +1246,17 @@ impl<'c> Session<'c> {
                 .get(&(self.changelog.clone(), p))
                 .copied();
             if let Some(task) = self.tasks.get_mut(&p) {
-                let pos = end.unwrap_or_else(|| task.state.backend.position());
-                task.state
-                    .backend
-                    .apply(&w, pos, durable)
-                    .map_err(|e| RuntimeError::Fatal(e.to_string()))?;
+                let pos = end.unwrap_or_else(|| task.state.position());
+                task.state.committed(w, pos);
+                if task.state.unapplied_bytes() >= self.cfg.apply_bytes {
+                    task.state
+                        .flush(false)
+                        .map_err(|e| RuntimeError::Fatal(e.to_string()))?;
+                }
             }
         }
-        if durable {
-            self.last_durable = Instant::now();
+        if self.last_durable.elapsed() >= self.cfg.durable_interval {
+            self.make_durable()?;
         }
         self.committed = self.positions.clone();
         self.metrics.commits.inc();
@@ -1321,11 +1325,10 @@ impl<'c> Session<'c> {
             .filter(|p| !parts_now.contains(p))
             .collect();
         for p in gone {
-            if let Some(mut t) = self.tasks.remove(&p) {
-                let pos = t.state.backend.position();
-                if let Err(e) = t.state.backend.apply(&Writes::new(), pos, true) {
-                    tracing::warn!(partition = p, error = %e, "making the local store durable failed");
-                }
+            if let Some(mut t) = self.tasks.remove(&p)
+                && let Err(e) = t.state.flush(true)
+            {
+                tracing::warn!(partition = p, error = %e, "making the local store durable failed");
             }
             if let Some(r) = self.restoring.remove(&p) {
                 r.handle.abort();

@@ -107,8 +107,6 @@ pub(crate) trait Backend: Send + Sync {
     fn apply(&mut self, writes: &Writes, position: u64, durable: bool) -> Result<(), StateError>;
     /// The changelog offset the store is complete up to (exclusive).
     fn position(&self) -> u64;
-    /// Deletes everything (a store that does not belong to the changelog it is next to).
-    fn wipe(&mut self) -> Result<(), StateError>;
 }
 
 /// An in-memory backend (the test driver's).
@@ -160,12 +158,6 @@ impl Backend for MemBackend {
     fn position(&self) -> u64 {
         self.position
     }
-
-    fn wipe(&mut self) -> Result<(), StateError> {
-        self.map.clear();
-        self.position = 0;
-        Ok(())
-    }
 }
 
 /// A task's local store: one SQLite file (WAL mode).
@@ -177,6 +169,9 @@ pub(crate) struct SqliteBackend {
     conn: std::sync::Mutex<rusqlite::Connection>,
     path: PathBuf,
     position: u64,
+    /// Built by a restore from the changelog alone: no journal, no fsync until
+    /// [`SqliteBackend::finish_build`] (a crash leaves a file that is deleted, never opened).
+    building: bool,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -191,6 +186,58 @@ impl std::fmt::Debug for SqliteBackend {
 impl SqliteBackend {
     /// Opens (or creates) `path` with a page cache of `cache_bytes`.
     pub(crate) fn open(path: &Path, cache_bytes: usize) -> Result<SqliteBackend, StateError> {
+        Self::open_mode(path, cache_bytes, false)
+    }
+
+    /// Creates a store at `path` (deleting what is there) to fill from the changelog alone,
+    /// with no rollback journal and no fsync: a restore from scratch writes each page once
+    /// instead of to the WAL, then again at the checkpoint. Only
+    /// [`SqliteBackend::finish_build`] makes it a store; until then it is scratch.
+    pub(crate) fn create_for_build(
+        path: &Path,
+        cache_bytes: usize,
+    ) -> Result<SqliteBackend, StateError> {
+        remove_files(path)?;
+        Self::open_mode(path, cache_bytes, true)
+    }
+
+    /// Ends a build: fsyncs the file and moves it to `dest` (replacing the store there and
+    /// its WAL), then opens it as a store.
+    pub(crate) fn finish_build(
+        self,
+        dest: &Path,
+        cache_bytes: usize,
+    ) -> Result<SqliteBackend, StateError> {
+        let err = |e: &dyn std::fmt::Display| StateError::Local {
+            path: dest.display().to_string(),
+            message: e.to_string(),
+        };
+        let conn = self
+            .conn
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        conn.close().map_err(|(_, e)| err(&e))?;
+        std::fs::File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| err(&e))?;
+        // A WAL left beside the old store would be replayed into the new file: remove it
+        // (and the old store) first. A crash in between leaves no store: the next start
+        // restores from the changelog again.
+        remove_files(dest)?;
+        std::fs::rename(&self.path, dest).map_err(|e| err(&e))?;
+        if let Some(dir) = dest.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| err(&e))?;
+        }
+        SqliteBackend::open(dest, cache_bytes)
+    }
+
+    fn open_mode(
+        path: &Path,
+        cache_bytes: usize,
+        building: bool,
+    ) -> Result<SqliteBackend, StateError> {
         let err = |e: &dyn std::fmt::Display| StateError::Local {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -200,9 +247,14 @@ impl SqliteBackend {
         }
         let conn = rusqlite::Connection::open(path).map_err(|e| err(&e))?;
         let kib = (cache_bytes / 1024).max(64);
+        let (journal, sync) = if building {
+            ("OFF", "OFF")
+        } else {
+            ("WAL", "NORMAL")
+        };
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
+            "PRAGMA journal_mode = {journal};
+             PRAGMA synchronous = {sync};
              PRAGMA cache_size = -{kib};
              PRAGMA temp_store = MEMORY;
              CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
@@ -222,6 +274,7 @@ impl SqliteBackend {
             conn: std::sync::Mutex::new(conn),
             path: path.to_owned(),
             position: u64::try_from(position).unwrap_or(0),
+            building,
         })
     }
 
@@ -303,8 +356,10 @@ impl Backend for SqliteBackend {
             .conn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        c.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })
-            .map_err(err)?;
+        if !self.building {
+            c.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })
+                .map_err(err)?;
+        }
         let tx = c.transaction().map_err(err)?;
         {
             let mut put = tx
@@ -334,19 +389,45 @@ impl Backend for SqliteBackend {
     fn position(&self) -> u64 {
         self.position
     }
-
-    fn wipe(&mut self) -> Result<(), StateError> {
-        self.conn()
-            .execute_batch("DELETE FROM kv; DELETE FROM meta;")
-            .map_err(|e| self.err(e))?;
-        self.position = 0;
-        Ok(())
-    }
 }
 
-/// One task's state: the committed local copy and the open transaction's writes.
+/// Removes a store file and its WAL and shared-memory files (those that exist).
+pub(crate) fn remove_files(path: &Path) -> Result<(), StateError> {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StateError::Local {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One task's state: the local store, the committed writes not yet applied to it, and the
+/// open transaction's writes.
+///
+/// Committed writes are applied to the local store in batches ([`TaskState::flush`]): one
+/// SQLite transaction per batch of up to `apply_bytes` of writes instead of one per broker
+/// transaction, so a leaf page of a large store is rewritten once for many keys (with
+/// random keys and a store larger than the page cache, one SQLite transaction per 100 ms
+/// rewrote about one 4 KiB page, plus its checkpoint copy, per key). Until then they are a
+/// read layer between the open transaction and the local store. The local store and its
+/// recorded position stay a prefix of the changelog; a crash loses only the batch, which the
+/// restart reads again from the changelog's tail.
 pub(crate) struct TaskState {
     pub(crate) backend: Box<dyn Backend>,
+    /// Committed writes not yet in `backend` (last value per key).
+    committed: Writes,
+    /// Bytes held by `committed` (keys and values).
+    committed_bytes: usize,
+    /// The changelog position `committed` brings the local store to.
+    committed_position: Option<u64>,
     /// Writes of the open transaction (last value per key).
     pub(crate) txn: Writes,
     /// Bytes held by `txn` (keys and values), to bound it.
@@ -356,9 +437,24 @@ pub(crate) struct TaskState {
 impl std::fmt::Debug for TaskState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskState")
-            .field("position", &self.backend.position())
+            .field("position", &self.position())
+            .field("unapplied_writes", &self.committed.len())
             .field("txn_writes", &self.txn.len())
             .finish()
+    }
+}
+
+/// Merges `writes` into `into` (later values win), keeping `bytes` = keys + values held.
+fn merge_into(into: &mut Writes, bytes: &mut usize, writes: Writes) {
+    for (k, v) in writes {
+        let klen = k.len();
+        let vlen = v.as_ref().map_or(0, Bytes::len);
+        match into.insert(k, v) {
+            Some(old) => {
+                *bytes = bytes.saturating_sub(old.as_ref().map_or(0, Bytes::len)) + vlen;
+            }
+            None => *bytes += klen + vlen,
+        }
     }
 }
 
@@ -366,6 +462,9 @@ impl TaskState {
     pub(crate) fn new(backend: Box<dyn Backend>) -> TaskState {
         TaskState {
             backend,
+            committed: Writes::new(),
+            committed_bytes: 0,
+            committed_position: None,
             txn: Writes::new(),
             txn_bytes: 0,
         }
@@ -373,27 +472,29 @@ impl TaskState {
 
     /// The value of a composite key as the open transaction sees it.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
-        match self.txn.get(key) {
+        match self.txn.get(key).or_else(|| self.committed.get(key)) {
             Some(v) => Ok(v.clone()),
             None => self.backend.get(key),
         }
     }
 
+    /// Live entries with `from <= key < to` as the open transaction sees them, with `call`'s
+    /// writes (a handler call's own) on top, in key order, at most `limit`.
+    pub(crate) fn range(
+        &self,
+        call: Option<&Writes>,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
+        let mut layers = vec![&self.committed, &self.txn];
+        layers.extend(call);
+        merged_range(self.backend.as_ref(), &layers, from, to, limit)
+    }
+
     /// Adds one handler call's writes to the open transaction.
     pub(crate) fn merge(&mut self, writes: Writes) {
-        for (k, v) in writes {
-            let klen = k.len();
-            let vlen = v.as_ref().map_or(0, Bytes::len);
-            match self.txn.insert(k, v) {
-                Some(old) => {
-                    self.txn_bytes = self
-                        .txn_bytes
-                        .saturating_sub(old.as_ref().map_or(0, Bytes::len))
-                        + vlen;
-                }
-                None => self.txn_bytes += klen + vlen,
-            }
-        }
+        merge_into(&mut self.txn, &mut self.txn_bytes, writes);
     }
 
     /// Drops the open transaction's writes (it aborted).
@@ -406,6 +507,37 @@ impl TaskState {
     pub(crate) fn take(&mut self) -> Writes {
         self.txn_bytes = 0;
         std::mem::take(&mut self.txn)
+    }
+
+    /// `writes` committed (in the changelog up to `position`): they join the writes waiting
+    /// for the next [`TaskState::flush`].
+    pub(crate) fn committed(&mut self, writes: Writes, position: u64) {
+        merge_into(&mut self.committed, &mut self.committed_bytes, writes);
+        self.committed_position = Some(self.committed_position.unwrap_or(0).max(position));
+    }
+
+    /// Bytes of committed writes not yet in the local store.
+    pub(crate) fn unapplied_bytes(&self) -> usize {
+        self.committed_bytes
+    }
+
+    /// Applies the committed writes to the local store in one local transaction, with the
+    /// changelog position they bring it to; `durable`: fsynced (else a process crash keeps
+    /// it and a power loss may take it, which the changelog's tail restores).
+    pub(crate) fn flush(&mut self, durable: bool) -> Result<(), StateError> {
+        let position = self.position();
+        self.backend.apply(&self.committed, position, durable)?;
+        self.committed.clear();
+        self.committed_bytes = 0;
+        self.committed_position = None;
+        Ok(())
+    }
+
+    /// The changelog position the committed state corresponds to.
+    pub(crate) fn position(&self) -> u64 {
+        self.committed_position
+            .unwrap_or(0)
+            .max(self.backend.position())
     }
 }
 
@@ -492,12 +624,60 @@ mod tests {
         assert_eq!(s.position(), 9);
         assert_eq!(s.get(&composite("a", b"1")).unwrap(), None);
         assert_eq!(s.get(&composite("a", b"2")).unwrap(), Some(b("two")));
-        let mut s = s;
-        s.wipe().unwrap();
-        assert_eq!(
-            (s.position(), s.range(b"", None, 10).unwrap().len()),
-            (0, 0)
-        );
+    }
+
+    #[test]
+    fn a_build_replaces_the_store_and_its_wal_only_when_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("task-0.sqlite");
+        let scratch = dir.path().join("task-0.sqlite.build");
+        // The old store, with commits still in its WAL (not checkpointed: the connection is
+        // leaked as a killed process would leave it).
+        let mut old = SqliteBackend::open(&path, 1 << 20).unwrap();
+        let mut w = Writes::new();
+        w.insert(composite("a", b"old"), Some(b("x")));
+        old.apply(&w, 5, false).unwrap();
+        std::mem::forget(old);
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+
+        let mut built = SqliteBackend::create_for_build(&scratch, 1 << 20).unwrap();
+        let mut w = Writes::new();
+        w.insert(composite("a", b"new"), Some(b("y")));
+        built.apply(&w, 3, false).unwrap();
+        built.apply(&Writes::new(), 4, true).unwrap();
+        let s = built.finish_build(&path, 1 << 20).unwrap();
+        assert!(!scratch.exists());
+        assert_eq!(s.position(), 4);
+        assert_eq!(s.get(&composite("a", b"old")).unwrap(), None);
+        assert_eq!(s.get(&composite("a", b"new")).unwrap(), Some(b("y")));
+        drop(s);
+        let s = SqliteBackend::open(&path, 1 << 20).unwrap();
+        assert_eq!(s.position(), 4);
+        assert_eq!(s.range(b"", None, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn committed_writes_are_read_before_their_apply_and_kept_by_it() {
+        let mut t = TaskState::new(Box::new(MemBackend::default()));
+        let k = composite("a", b"1");
+        t.merge(Writes::from([(k.clone(), Some(b("one")))]));
+        let w = t.take();
+        t.committed(w, 3);
+        assert_eq!(t.backend.position(), 0);
+        assert_eq!(t.position(), 3);
+        assert_eq!(t.get(&k).unwrap(), Some(b("one")));
+        // The open transaction deletes it; the committed layer is under it.
+        t.merge(Writes::from([(k.clone(), None)]));
+        assert_eq!(t.get(&k).unwrap(), None);
+        assert!(t.range(None, b"", None, 10).unwrap().is_empty());
+        t.discard();
+        assert_eq!(t.range(None, b"", None, 10).unwrap().len(), 1);
+        assert!(t.unapplied_bytes() > 0);
+        t.flush(true).unwrap();
+        assert_eq!((t.backend.position(), t.unapplied_bytes()), (3, 0));
+        assert_eq!(t.backend.get(&k).unwrap(), Some(b("one")));
     }
 
     #[test]

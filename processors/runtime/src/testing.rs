@@ -468,10 +468,8 @@ impl<H: AsyncHandler> TestDriver<H> {
         }
         let position = log.len() as u64;
         let task = self.task(partition);
-        task.state
-            .backend
-            .apply(&writes, position, true)
-            .expect("memory store");
+        task.state.committed(writes, position);
+        task.state.flush(true).expect("memory store");
         self.commits += 1;
     }
 
@@ -566,14 +564,10 @@ impl<H: AsyncHandler> TestDriver<H> {
         let skip = 1 + store.len();
         let mut out = Vec::new();
         for t in self.tasks.values() {
-            let entries = state::merged_range(
-                t.state.backend.as_ref(),
-                &[&t.state.txn],
-                &from,
-                to.as_deref(),
-                usize::MAX,
-            )
-            .expect("memory store");
+            let entries = t
+                .state
+                .range(None, &from, to.as_deref(), usize::MAX)
+                .expect("memory store");
             out.extend(entries.into_iter().map(|(k, v)| (k[skip..].to_vec(), v)));
         }
         out
