@@ -50,7 +50,7 @@ use crate::context::Emit;
 use crate::control::{self, Control};
 use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
-use crate::flow::{Closed, LaneConfig, Lanes};
+use crate::flow::{self, Closed, LaneConfig, Lanes};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
 use crate::metrics::{LaneLabel, Metrics, PartitionLabel};
 use crate::restore;
@@ -651,11 +651,16 @@ impl<'c> Session<'c> {
             .as_ref()
             .map_or_else(|| r.topic.clone(), |(s, _)| s.clone());
         let lane = self.lanes.of(&source);
-        if let Some(l) = lane
-            && let Some(wait) = self.lanes.lanes[l].admit(r.key.as_deref())
-        {
-            self.hold(tp, r, wait);
-            return Ok(());
+        if let Some(l) = lane {
+            // A short wait for the lane's token is waited here: holding the record would
+            // pause the partition and fetch it again, for every record over the rate.
+            while let Some(wait) = self.lanes.lanes[l].admit(r.key.as_deref()) {
+                if wait.per_key || wait.after > flow::INLINE_WAIT {
+                    self.hold(tp, r, wait.after);
+                    return Ok(());
+                }
+                tokio::time::sleep(wait.after).await;
+            }
         }
         let read_offset = r.offset;
         let lane_name: Arc<str> = match lane {
