@@ -35,6 +35,8 @@ mod groups;
 mod metrics;
 mod metrics_text;
 mod offsets;
+#[cfg(test)]
+mod powerloss;
 mod process_metrics;
 mod producer_ids;
 mod reply;
@@ -46,6 +48,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use spool_log_engine::io::FileSystem;
 use spool_log_engine::{CleanerOptions, Clock, Limits, Log, LogOptions, SystemClock, TopicConfig};
 use spool_proto::v1::admin_service_server::AdminServiceServer;
 use spool_proto::v1::consume_service_server::ConsumeServiceServer;
@@ -127,25 +130,45 @@ impl Broker {
     /// [`Broker::open`] with the wall clock every part of the broker and its log reads
     /// (tests inject a fixed or stepped one).
     pub fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Broker, StartError> {
+        Broker::open_on(config, clock, spool_log_engine::io::real())
+    }
+
+    /// [`Broker::open_with_clock`] on the file system `fs`: every file the broker's durable
+    /// state lives in (the log, its internal topics) is read, written and synced through it.
+    /// Tests pass a simulated disk (`spool_io::sim`) to cut the power inside the
+    /// coordinators.
+    pub fn open_on(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        fs: Arc<dyn FileSystem>,
+    ) -> Result<Broker, StartError> {
+        config.validate()?;
+        let options = LogOptions {
+            limits: Limits::default(),
+            retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
+            cleaner: CleanerOptions {
+                check_interval: Duration::from_millis(config.cleaner_check_interval_ms),
+                dedupe_buffer_bytes: usize::try_from(config.cleaner_dedupe_buffer_bytes)
+                    .unwrap_or(usize::MAX),
+                ..CleanerOptions::default()
+            },
+            clock,
+            fs,
+            ..LogOptions::default()
+        };
+        Broker::open_with_options(config, options)
+    }
+
+    /// Opens the broker on a log opened with `options` (the power-cut loops turn the
+    /// background maintenance off, to run it at chosen steps).
+    pub(crate) fn open_with_options(
+        config: Config,
+        options: LogOptions,
+    ) -> Result<Broker, StartError> {
         config.validate()?;
         let topic_defaults = config.topic_defaults.to_topic_config()?;
-        let limits = Limits::default();
-        let log = Log::open(
-            &config.data_dir,
-            LogOptions {
-                limits: limits.clone(),
-                retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
-                cleaner: CleanerOptions {
-                    check_interval: Duration::from_millis(config.cleaner_check_interval_ms),
-                    dedupe_buffer_bytes: usize::try_from(config.cleaner_dedupe_buffer_bytes)
-                        .unwrap_or(usize::MAX),
-                    ..CleanerOptions::default()
-                },
-                clock,
-                ..LogOptions::default()
-            },
-        )
-        .map_err(BrokerError::from)?;
+        let limits = options.limits.clone();
+        let log = Log::open(&config.data_dir, options).map_err(BrokerError::from)?;
         for (topic, partition, r) in log.recovery_reports() {
             if r.bytes_truncated > 0 || r.bytes_scanned > 0 {
                 tracing::info!(
