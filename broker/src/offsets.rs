@@ -52,6 +52,9 @@ struct Value {
     offset: u64,
     metadata: String,
     time_ms: i64,
+    /// Where in `__consumer_offsets` this commit is (not stored: the record's own offset).
+    #[serde(skip)]
+    pos: u64,
 }
 
 type Key = (String, String, u32);
@@ -61,6 +64,9 @@ type Key = (String, String, u32);
 pub(crate) struct OffsetStore {
     log: Arc<Log>,
     map: Mutex<BTreeMap<Key, Value>>,
+    /// Where in `__consumer_offsets` each deleted key's tombstone is (replay included, as long
+    /// as compaction keeps the tombstone). Locked only while `map` is held.
+    deleted: Mutex<BTreeMap<Key, u64>>,
     /// Latest group-membership state record per group, until `groups` takes them.
     group_states: Mutex<BTreeMap<String, Vec<u8>>>,
 }
@@ -107,6 +113,7 @@ impl OffsetStore {
         }
         let p = log.partition(OFFSETS_TOPIC, 0)?;
         let mut map = BTreeMap::new();
+        let mut deleted = BTreeMap::new();
         let mut group_states = BTreeMap::new();
         let mut offset = p.log_start_offset();
         loop {
@@ -140,10 +147,13 @@ impl OffsetStore {
                     // A null value is a tombstone: the committed offset was deleted.
                     let Some(value) = rec.value.as_deref() else {
                         map.remove(&key);
+                        deleted.insert(key, rec.offset);
                         continue;
                     };
                     match serde_json::from_slice::<Value>(value) {
-                        Ok(v) => {
+                        Ok(mut v) => {
+                            v.pos = rec.offset;
+                            deleted.remove(&key);
                             map.insert(key, v);
                         }
                         Err(e) => tracing::warn!(
@@ -160,6 +170,7 @@ impl OffsetStore {
         Ok(OffsetStore {
             log,
             map: Mutex::new(map),
+            deleted: Mutex::new(deleted),
             group_states: Mutex::new(group_states),
         })
     }
@@ -208,11 +219,45 @@ impl OffsetStore {
         now_ms: i64,
         fence: impl FnOnce() -> Result<(), BrokerError>,
     ) -> Result<(), BrokerError> {
+        self.commit_inner(group, offsets, now_ms, fence, None)
+    }
+
+    /// Where the next record of `__consumer_offsets` will go: a commit acknowledged from now
+    /// on is at or after it. A transaction's decision records it
+    /// ([`OffsetStore::commit_decided`]).
+    pub(crate) fn next_position(&self) -> Result<u64, BrokerError> {
+        let p = self.log.partition(OFFSETS_TOPIC, 0)?;
+        let _map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(p.high_watermark())
+    }
+
+    /// Commits a decided transaction's `offsets`, except those of partitions committed or
+    /// deleted at or after `since` (the [`OffsetStore::next_position`] when the decision was
+    /// recorded): those commits came after the decision, and a decision carried out late
+    /// (after a failed marker write, at a restart) must not undo them. `None` (a decision
+    /// recorded before positions were) commits them all. Blocking.
+    pub(crate) fn commit_decided(
+        &self,
+        group: &str,
+        offsets: &[v1::OffsetCommit],
+        now_ms: i64,
+        since: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        self.commit_inner(group, offsets, now_ms, || Ok(()), since)
+    }
+
+    fn commit_inner(
+        &self,
+        group: &str,
+        offsets: &[v1::OffsetCommit],
+        now_ms: i64,
+        fence: impl FnOnce() -> Result<(), BrokerError>,
+        since: Option<u64>,
+    ) -> Result<(), BrokerError> {
         validate_group(group)?;
         if offsets.is_empty() {
             return Ok(());
         }
-        let mut b = BatchBuilder::new(Compression::None);
         for c in offsets {
             if c.metadata.len() > MAX_METADATA {
                 return Err(BrokerError::InvalidRequest(format!(
@@ -221,10 +266,34 @@ impl OffsetStore {
             }
             // The partition must exist: committing for a typo'd topic is a mistake to report.
             self.log.partition(&c.topic, c.partition)?;
+        }
+        let p = self.log.partition(OFFSETS_TOPIC, 0)?;
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        fence()?;
+        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        let key = |c: &v1::OffsetCommit| (group.to_owned(), c.topic.clone(), c.partition);
+        let offsets: Vec<&v1::OffsetCommit> = offsets
+            .iter()
+            .filter(|c| {
+                let Some(since) = since else { return true };
+                let k = key(c);
+                let last = map
+                    .get(&k)
+                    .map(|v| v.pos)
+                    .or_else(|| deleted.get(&k).copied());
+                last.is_none_or(|pos| pos < since)
+            })
+            .collect();
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut b = BatchBuilder::new(Compression::None);
+        for c in &offsets {
             let value = serde_json::to_vec(&Value {
                 offset: c.offset,
                 metadata: c.metadata.clone(),
                 time_ms: now_ms,
+                pos: 0,
             })
             .map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
             b.push(
@@ -235,18 +304,18 @@ impl OffsetStore {
             );
         }
         let batch = b.finish()?;
-        let p = self.log.partition(OFFSETS_TOPIC, 0)?;
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        fence()?;
         let info = p.append_nowait(&batch)?;
         p.wait_durable(info.last_offset + 1)?;
-        for c in offsets {
+        for (i, c) in offsets.iter().enumerate() {
+            let k = key(c);
+            deleted.remove(&k);
             map.insert(
-                (group.to_owned(), c.topic.clone(), c.partition),
+                k,
                 Value {
                     offset: c.offset,
                     metadata: c.metadata.clone(),
                     time_ms: now_ms,
+                    pos: info.base_offset + i as u64,
                 },
             );
         }
@@ -303,8 +372,10 @@ impl OffsetStore {
         let batch = b.finish()?;
         let info = p.append_nowait(&batch)?;
         p.wait_durable(info.last_offset + 1)?;
-        for k in &keys {
+        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, k) in keys.iter().enumerate() {
             map.remove(k);
+            deleted.insert(k.clone(), info.base_offset + i as u64);
         }
         Ok(u32::try_from(keys.len()).unwrap_or(u32::MAX))
     }

@@ -31,7 +31,8 @@ use spool_log_engine::io::sim::{CutModel, Effect, Fault, OpKind, SimFs, SimRng};
 
 use crate::config::Config;
 use crate::{Broker, State};
-
+use spool_log_engine::Clock;
+use spool_proto::v1;
 use workload::{Counts, ManualClock, Model, Work};
 
 const ROOT: &str = "/spool";
@@ -370,4 +371,88 @@ fn broker_negative_controls_are_caught() {
             ),
         }
     }
+}
+
+/// A transaction whose commit was recorded but could not be carried out (a marker's write
+/// failed) is completed at the next start; its offsets must not undo a commit of the same
+/// offsets acknowledged after it (by another transaction here).
+#[test]
+fn a_decision_completed_at_restart_does_not_undo_newer_commits() {
+    use spool_log_engine::{BatchBuilder, Compression};
+
+    let sim = SimFs::new();
+    let clock = Arc::new(ManualClock(AtomicI64::new(1_700_000_000_000)));
+    let broker = open(&sim, &clock).expect("open");
+    let s = broker.state.clone();
+    s.log
+        .create_topic(
+            "d",
+            spool_log_engine::TopicConfig {
+                partitions: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let rt = runtime();
+    let offsets = |id: &str, pid: i64, epoch: i16, offset: u64| v1::AddOffsetsToTxnRequest {
+        transactional_id: id.into(),
+        producer_id: pid,
+        producer_epoch: i32::from(epoch),
+        group: "tg".into(),
+        offsets: vec![v1::OffsetCommit {
+            topic: "d".into(),
+            partition: 0,
+            offset,
+            metadata: String::new(),
+        }],
+        ..Default::default()
+    };
+    let committed = |s: &State| {
+        s.offsets
+            .fetch("tg", &[])
+            .unwrap()
+            .first()
+            .and_then(|c| c.offset)
+    };
+
+    // A: a record in d/1 and offset 10, committed; the marker's write fails.
+    let (a, ae) = rt.block_on(s.txns.init("a", 60_000, None)).unwrap();
+    s.txns.add_partitions(a, ae, vec![("d".into(), 1)]).unwrap();
+    let mut b = BatchBuilder::new(Compression::None);
+    b.producer(a, ae, 0);
+    b.transactional(true);
+    b.push(clock.now_ms(), None, Some(b"a"), &[]);
+    s.log
+        .partition("d", 1)
+        .unwrap()
+        .append(&b.finish().unwrap())
+        .unwrap();
+    rt.block_on(s.txns.add_offsets(offsets("a", a, ae, 10)))
+        .unwrap();
+    sim.inject(Fault::on(OpKind::Write, "/spool/d/1/", Effect::Fail(libc::EIO)).times(1));
+    rt.block_on(s.txns.end("a", a, i32::from(ae), true))
+        .expect_err("the marker's write fails");
+
+    // B: offset 20 for the same partition, committed and acknowledged after A's failure.
+    let (bp, be) = rt.block_on(s.txns.init("b", 60_000, None)).unwrap();
+    rt.block_on(s.txns.add_offsets(offsets("b", bp, be, 20)))
+        .unwrap();
+    rt.block_on(s.txns.end("b", bp, i32::from(be), true))
+        .unwrap();
+    assert_eq!(committed(&s), Some(20));
+
+    // Power cut; the restart carries out A's recorded commit.
+    sim.cut();
+    drop(rt);
+    drop(s);
+    drop(broker);
+    sim.restart(&CutModel::LOSE_UNSYNCED, &mut SimRng::new(1));
+    let broker = open(&sim, &clock).expect("reopen");
+    let p = broker.state.log.partition("d", 1).unwrap();
+    assert!(p.open_transactions().is_empty(), "A was completed");
+    assert_eq!(
+        committed(&broker.state),
+        Some(20),
+        "A's older offset replaced the newer, acknowledged one"
+    );
 }

@@ -377,8 +377,10 @@ impl Transactions {
                             })
                     })
                     .collect();
-                // Decided: written whatever the group's state is now.
-                self.offsets.commit(group, &offsets, now)?;
+                // Decided: written whatever the group's state is now, except over commits
+                // that came after the decision.
+                self.offsets
+                    .commit_decided(group, &offsets, now, meta.offsets_since)?;
             }
         }
         let new_pid = if meta.needs_new_pid() {
@@ -428,8 +430,16 @@ impl Transactions {
     ) -> Result<(), BrokerError> {
         let mut next = meta.clone();
         next.prepare(commit, timed_out);
-        let (idc, nextc) = (id.to_owned(), next.clone());
-        self.blocking(move |t| t.persist(&idc, &nextc, true))
+        let idc = id.to_owned();
+        let next = self
+            .blocking(move |t| {
+                if commit && !next.groups.is_empty() {
+                    // Commits acknowledged from here on are newer than this decision.
+                    next.offsets_since = Some(t.offsets.next_position()?);
+                }
+                t.persist(&idc, &next, true)?;
+                Ok(next)
+            })
             .await?;
         *meta = next;
         self.finish(id, meta).await

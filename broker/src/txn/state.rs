@@ -90,6 +90,11 @@ pub(crate) struct TxnMeta {
     pub(crate) started_ms: i64,
     /// How the last transaction ended.
     pub(crate) last_end: Option<LastEnd>,
+    /// In `PrepareCommit` with offsets: where `__consumer_offsets` ended when the decision
+    /// was recorded. Carrying it out commits only the offsets nobody committed since
+    /// (`OffsetStore::commit_decided`): a late completion never undoes a newer commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) offsets_since: Option<u64>,
 }
 
 /// What EndTxn has to do.
@@ -117,6 +122,7 @@ impl TxnMeta {
             groups: BTreeMap::new(),
             started_ms: 0,
             last_end: None,
+            offsets_since: None,
         }
     }
 
@@ -302,6 +308,7 @@ impl TxnMeta {
         };
         self.partitions.clear();
         self.groups.clear();
+        self.offsets_since = None;
         self.started_ms = 0;
         if let Some(pid) = new_pid {
             self.pid = pid;
