@@ -24,9 +24,11 @@
 //!   changelog's size (`DescribeTopic`'s partition bytes) over that time.
 //! - **lanes**: a high lane (priority 0) gets `--lane-rate` records/s, each carrying its send
 //!   time; the handler measures the time from send to its call. Once with the low lane idle
-//!   (an empty topic), once with the low lane saturated (the `--records` input, read from
-//!   its start by a new group, so it has far more waiting than the phase takes). p50/p99 of
-//!   each phase and the ratio of the p99s.
+//!   (an empty topic), once with the low lane saturated (a topic of its own filled with
+//!   `--lane-records` records, default 4 M, read from its start by a new group). p50/p99 of
+//!   each phase and the ratio of the p99s. A rep whose low lane ran dry before the phase
+//!   ended (nothing left in it) measured nothing saturated: its ratio is reported INVALID
+//!   and left out of the medians.
 //! - **throttle**: a lane reading the `--records` input with `rate_per_sec = --throttle`:
 //!   records done between 1 s and 11 s after ready, over 10 s, against the configured rate.
 //! - **rss**: the release `spool-passthrough` binary, idle on an empty topic, VmRSS 3 s after
@@ -34,7 +36,7 @@
 //!
 //! `SPOOL_BENCH_QUICK=1` (or running without `--bench`, as `cargo test --benches` does) runs
 //! one short rep with 20 000 records. Flags: `--reps`, `--records`, `--partitions`,
-//! `--lane-rate`, `--lane-secs`, `--throttle`, `--only eos,alo,...`, `--spoold PATH`,
+//! `--lane-rate`, `--lane-secs`, `--lane-records`, `--throttle`, `--only eos,alo,...`, `--spoold PATH`,
 //! `--passthrough PATH`, `--apply-bytes N` (the runtime's `apply_bytes`; 0 applies state to
 //! the local store after every transaction, as before it was batched). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
 //! commit metrics (sums and counts) after its phase, to see where the time went.
@@ -569,6 +571,8 @@ fn main() -> Result<()> {
     let partitions: u32 = flag_value(&args, "--partitions").unwrap_or(4);
     let lane_rate: u32 = flag_value(&args, "--lane-rate").unwrap_or(500);
     let lane_secs: f64 = flag_value(&args, "--lane-secs").unwrap_or(if quick { 1.0 } else { 6.0 });
+    let lane_records: u64 =
+        flag_value(&args, "--lane-records").unwrap_or(if quick { 200_000 } else { 4_000_000 });
     let throttle_rate: u32 = flag_value(&args, "--throttle").unwrap_or(10_000);
     let only: Option<String> = flag_value(&args, "--only");
     let want = |case: &str| {
@@ -605,6 +609,7 @@ fn main() -> Result<()> {
             .tempdir_in(spool_benches::spoold::workspace_root().join("target"))?;
         let input = format!("in-{rep}");
         let idle_topic = format!("idle-{rep}");
+        let low_topic = format!("low-{rep}");
         rt.block_on(async {
             let c = Client::connect(addr.clone()).await?;
             c.create_topic(&input, partitions, &TopicSettings::default())
@@ -618,6 +623,11 @@ fn main() -> Result<()> {
                 t.elapsed().as_secs_f64(),
                 busy()
             );
+            if want("lanes") {
+                c.create_topic(&low_topic, partitions, &TopicSettings::default())
+                    .await?;
+                fill(&c, &low_topic, partitions, lane_records).await?;
+            }
             anyhow::Ok(())
         })?;
         // eos and alo alternate which goes first.
@@ -697,17 +707,12 @@ fn main() -> Result<()> {
             ))?;
             let (busy_l, lag) = rt.block_on(lanes(
                 &addr,
-                &input,
+                &low_topic,
                 &format!("lanes-busy-{rep}"),
                 lane_rate,
                 lane_secs,
                 dir.path(),
             ))?;
-            if lag == 0 {
-                eprintln!(
-                    "rep {rep}: WARNING the low lane drained during the busy phase: use more --records"
-                );
-            }
             let (i50, i99) = (percentile(&idle, 50.0), percentile(&idle, 99.0));
             let (b50, b99) = (percentile(&busy_l, 50.0), percentile(&busy_l, 99.0));
             eprintln!(
@@ -715,11 +720,17 @@ fn main() -> Result<()> {
                 lag,
                 b99 / i99
             );
-            s.lane_idle_p50.push(i50);
-            s.lane_idle_p99.push(i99);
-            s.lane_busy_p50.push(b50);
-            s.lane_busy_p99.push(b99);
-            s.lane_ratio.push(b99 / i99);
+            if lag == 0 {
+                eprintln!(
+                    "rep {rep}: INVALID lanes measurement: the low lane ran dry during the saturated phase (use more --lane-records); left out of the medians"
+                );
+            } else {
+                s.lane_idle_p50.push(i50);
+                s.lane_idle_p99.push(i99);
+                s.lane_busy_p50.push(b50);
+                s.lane_busy_p99.push(b99);
+                s.lane_ratio.push(b99 / i99);
+            }
         }
         if want("throttle") {
             let r = rt.block_on(throttle(
