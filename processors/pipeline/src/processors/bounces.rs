@@ -157,11 +157,51 @@ pub async fn stored_position(client: &Client, log_path: &str) -> anyhow::Result<
 }
 
 /// Follows the log and publishes its lines with the position, until `stop` resolves.
+///
+/// A failure (the broker unreachable or restarted, the transaction aborted or fenced, the
+/// file unreadable) is logged and the tailer starts over after a backoff (100 ms doubling to
+/// 5 s): a new transactional producer (which aborts whatever was left open), the position
+/// read back from what was committed, the file reopened there. Without this the tailer task
+/// ended at the first broker outage while the process and its handler went on, and nothing
+/// more of the log was ever published (found by `tests/kill9.rs`).
 pub async fn run_tailer(
     client: Client,
     transactional_id: String,
     s: BouncesSettings,
     stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(stop);
+    let mut backoff = TAILER_BACKOFF_MIN;
+    loop {
+        let started = std::time::Instant::now();
+        match tail(&client, &transactional_id, &s, &mut stop).await {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                retry_in_ms = backoff.as_millis() as u64,
+                "tailer failed; starting over from the last committed position"
+            ),
+        }
+        if started.elapsed() > TAILER_BACKOFF_MAX * 2 {
+            backoff = TAILER_BACKOFF_MIN; // it had been working: a new outage
+        }
+        tokio::select! {
+            () = stop.as_mut() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(TAILER_BACKOFF_MAX);
+    }
+}
+
+const TAILER_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const TAILER_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One incarnation of the tailer: from the committed position until `stop` (Ok) or a failure.
+async fn tail<F: std::future::Future<Output = ()>>(
+    client: &Client,
+    transactional_id: &str,
+    s: &BouncesSettings,
+    stop: &mut std::pin::Pin<&mut F>,
 ) -> anyhow::Result<()> {
     let path = PathBuf::from(&s.log_path);
     let partitions = client
@@ -169,19 +209,20 @@ pub async fn run_tailer(
         .await?
         .partitions
         .len() as u32;
-    let mut tx =
-        TransactionalProducer::new(client.clone(), TransactionalConfig::new(transactional_id))
-            .await?;
-    let resume = stored_position(&client, &s.log_path).await?;
+    let mut tx = TransactionalProducer::new(
+        client.clone(),
+        TransactionalConfig::new(transactional_id.to_owned()),
+    )
+    .await?;
+    let resume = stored_position(client, &s.log_path).await?;
     tracing::info!(path = %path.display(), ?resume, "tailing Postfix's log");
     let mut tailer = Tailer::open(&path, resume)?;
-    tokio::pin!(stop);
     loop {
         let lines = tailer.poll(s.batch_lines)?;
         if lines.is_empty() {
             tokio::select! {
-                _ = &mut stop => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_millis(s.poll_ms)) => continue,
+                () = stop.as_mut() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(s.poll_ms)) => continue,
             }
         }
         let now = jiff::Timestamp::now().as_millisecond();
