@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod oracle;
+pub mod procs;
 pub mod receiver;
 
 use std::collections::BTreeSet;

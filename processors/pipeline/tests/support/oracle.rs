@@ -36,6 +36,8 @@ pub struct Expected {
     pub flagged: BTreeSet<String>,
     /// Addresses flagged after each phase.
     pub flagged_after: Vec<BTreeSet<String>>,
+    /// Deal transitions by event id (`PRODUCT:EPISODE:entered` / `:left`).
+    pub transitions: BTreeSet<String>,
     /// Deals entered / left.
     pub entered: usize,
     pub left: usize,
@@ -95,6 +97,7 @@ pub fn expect(cfg: &FeedConfig, users: &[AlertSettings], phases: &[usize]) -> Ex
                             ex.entered += 1;
                             let drop = (median - best) * 10_000 / median;
                             let entry = format!("{}:{}", u.product, p.episodes);
+                            ex.transitions.insert(format!("{entry}:entered"));
                             for s in users {
                                 if !s.categories.contains(&u.category)
                                     || u64::from(s.min_drop_bp) > drop
@@ -132,6 +135,7 @@ pub fn expect(cfg: &FeedConfig, users: &[AlertSettings], phases: &[usize]) -> Ex
                         p.deal = None;
                         ex.left += 1;
                         let entry = format!("{}:{}", u.product, episode);
+                        ex.transitions.insert(format!("{entry}:left"));
                         for user in p.notified.drain(..) {
                             ex.timeline.insert((user, "remove", entry.clone()));
                         }

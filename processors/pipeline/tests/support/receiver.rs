@@ -20,6 +20,8 @@ pub struct Call {
     pub key: String,
     pub body: serde_json::Value,
     pub status: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 type Policy = dyn Fn(&str, &str, usize) -> u16 + Send + Sync;
@@ -79,6 +81,7 @@ impl Receiver {
                                 key,
                                 body,
                                 status,
+                                at: std::time::Instant::now(),
                             });
                             Ok::<_, hyper::Error>(
                                 Response::builder()
