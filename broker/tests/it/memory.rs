@@ -33,18 +33,28 @@ fn start(dir: &std::path::Path) -> Spoold {
     )
 }
 
+/// A field of `/proc/<pid>/status` given in kB, in bytes.
+fn status_field(pid: u32, name: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        * 1024
+}
+
 /// `(VmRSS, VmHWM)` of a process, in bytes.
 fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (status_field(pid, "VmRSS:"), status_field(pid, "VmHWM:"))
+}
+
+/// The anonymous part of a process's RSS (`RssAnon`: its heap and stacks), in bytes. What the
+/// allocator keeps shows here; the segment pages a Fetch touched through the engine's read
+/// mappings are file-backed (`RssFile`), page cache the kernel reclaims, and stay mapped as
+/// long as the segment is open, so they are not counted as retained memory.
+fn anon_rss(pid: u32) -> u64 {
+    status_field(pid, "RssAnon:")
 }
 
 /// The value of an unlabelled metric.
@@ -211,9 +221,10 @@ async fn peak_growth_during<F: std::future::Future>(
 }
 
 /// Issue 12: memory is returned after a burst. Once the reply memory in use is back to zero,
-/// waits (at most 15 s) until the RSS is back within [`KEPT_AT_MOST`] of `baseline` (the RSS
-/// before the burst) and the broker has trimmed its heap since `trims_before` (it looks every
-/// 2 s); prints the RSS and returns how far above the baseline it stayed.
+/// waits (at most 15 s) until the anonymous RSS is back within half [`KEPT_AT_MOST`] of `baseline`
+/// (the anonymous RSS before the burst, [`anon_rss`]) and the broker has trimmed its heap
+/// since `trims_before` (it looks every 2 s); prints it and returns how far above the
+/// baseline it stayed.
 async fn retained_after(what: &str, b: &Spoold, baseline: u64, trims_before: f64) -> u64 {
     let t = Instant::now();
     while metric(b, "spool_reply_memory_bytes") > 0.0 {
@@ -225,17 +236,23 @@ async fn retained_after(what: &str, b: &Spoold, baseline: u64, trims_before: f64
     }
     let t = Instant::now();
     let kept = loop {
-        let kept = rss(b.pid()).0.saturating_sub(baseline);
+        let kept = anon_rss(b.pid()).saturating_sub(baseline);
         let trimmed = metric(b, "spool_memory_trims_total") > trims_before;
-        if (kept < KEPT_AT_MOST && (trimmed || !cfg!(target_env = "gnu")))
+        // Settles below half the bound (blocking-pool threads that served the burst exit
+        // after 10 s idle, with their stacks) or is measured as it is after 15 s.
+        if (kept < KEPT_AT_MOST / 2 && (trimmed || !cfg!(target_env = "gnu")))
             || t.elapsed() > Duration::from_secs(15)
         {
             break kept;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    assert!(
+        metric(b, "spool_memory_trims_total") > trims_before || !cfg!(target_env = "gnu"),
+        "{what}: the broker did not trim its heap after the burst"
+    );
     eprintln!(
-        "{what}: RSS {} MiB before, {} MiB {:.1} s after close (+{} MiB kept)",
+        "{what}: anonymous RSS {} MiB before, {} MiB {:.1} s after close (+{} MiB kept)",
         baseline / MIB,
         (baseline + kept) / MIB,
         t.elapsed().as_secs_f64(),
@@ -244,10 +261,13 @@ async fn retained_after(what: &str, b: &Spoold, baseline: u64, trims_before: f64
     kept
 }
 
-/// What may stay resident after a burst, over the RSS before it. Measured: without the trim,
-/// 21-35 MiB stayed after the closed windows (most of the burst's growth) and 2-22 MiB after
-/// the subscribers; with it, 6-7 and 0-1 MiB.
-const KEPT_AT_MOST: u64 = 16 * MIB;
+/// What may stay resident after a burst, over the anonymous RSS before it. Without the trim
+/// the burst's growth stays (in VmRSS: 21-35 MiB after the closed windows, 2-22 MiB after the
+/// subscribers). With it, in anonymous RSS: 6-7 or 13-14 MiB after the closed windows
+/// (bimodal, stable for 15 s, with the blocking-pool threads gone), 0-6 after the subscribers.
+/// VmRSS is not used: it also counts the segment pages the Fetches touched through the read
+/// mapping (file-backed page cache, not heap), which made a CI run see 20 MiB.
+const KEPT_AT_MOST: u64 = 24 * MIB;
 
 /// Issue 12: a Fetch over the reply limit is trimmed (not refused with OUT_OF_RANGE) and the
 /// client continues from `next_offset`; the same partition named many times, and decoding
@@ -332,9 +352,9 @@ async fn closed_windows_cannot_pin_more_than_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let b = with_big_topic(dir.path()).await;
     let addr: SocketAddr = b.addr.parse().unwrap();
-    let mut cons = b.consume().await;
+    let mut cons = Some(b.consume().await);
     let pid = b.pid();
-    let (baseline, _) = rss(pid);
+    let baseline = anon_rss(pid);
     let trims = metric(&b, "spool_memory_trims_total");
     let (growth, statuses) = peak_growth_during("2 closed windows x 40 fetches", pid, async {
         let mut pending = Vec::new();
@@ -358,10 +378,14 @@ async fn closed_windows_cannot_pin_more_than_the_budget() {
         // machines are slow and shared.)
         tokio::time::sleep(Duration::from_millis(500)).await;
         let r = cons
+            .as_mut()
+            .unwrap()
             .fetch(fetch_of("big", &[(0, 0)], false))
             .await
             .expect("served while others hold their budgets");
         assert!(r.into_inner().partitions[0].record_batches.len() as u64 > 6 * MIB);
+        // Closed: what the broker keeps for a live connection is not "retained".
+        cons = None;
         // The streams past each connection's budget give up after their memory wait.
         // (Responses are kept: dropping one resets its stream, which frees its memory.)
         let mut statuses = Vec::new();
@@ -419,7 +443,7 @@ async fn subscribers_that_never_read_are_bounded() {
         max_bytes: 8 << 20,
         ..Default::default()
     };
-    let (baseline, _) = rss(pid);
+    let baseline = anon_rss(pid);
     let trims = metric(&b, "spool_memory_trims_total");
     let (growth, conn) = peak_growth_during("150 subscribers never reading", pid, async {
         let c = closed_window(addr).await;
