@@ -157,9 +157,7 @@ pub async fn serve<H: AsyncHandler>(
     handler: H,
 ) -> anyhow::Result<()> {
     notify(&[sd_notify::NotifyState::Status("connecting to the broker")]);
-    let client = spool_client::Client::connect(cfg.broker.as_str())
-        .await
-        .with_context(|| format!("connecting to {}", cfg.broker))?;
+    let client = cfg.connect().await?;
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = cfg.metrics_listen {

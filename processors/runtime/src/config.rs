@@ -33,6 +33,8 @@ pub struct ProcessorConfig {
     pub name: String,
     /// The broker (`host:port`).
     pub broker: String,
+    /// How to reach a broker that requires TLS and/or a bearer token (`[connection]`).
+    pub connection: ConnectionConfig,
     /// Input topics.
     pub inputs: Vec<String>,
     /// Output topics (created if missing; prefixed in replay mode).
@@ -63,6 +65,92 @@ pub struct ProcessorConfig {
     pub tables: Vec<String>,
     /// The processor's own settings (free-form; see [`ProcessorConfig::app`]).
     pub app: toml::Table,
+}
+
+/// How a processor reaches a secured broker: its `[tls]` (with a client certificate for
+/// mutual TLS) and a bearer token of its `[[auth.tokens]]`. Paths, not secrets: the token is
+/// read from a file (systemd's `LoadCredential=` puts it in `$CREDENTIALS_DIRECTORY`), never
+/// from the configuration or a flag, which `--print-config` and `ps` would show. Files are
+/// read at start, each at most [`MAX_SECRET_FILE`] bytes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// PEM bundle of the CA(s) that signed the broker's certificate; set: TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Name checked against the broker's certificate; default: the broker address's host.
+    pub tls_domain: Option<String>,
+    /// Client certificate (PEM) for a broker that requires mutual TLS; with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// File whose first line is the bearer token sent with every request.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Largest certificate, key or token file read.
+pub const MAX_SECRET_FILE: u64 = 1 << 20;
+
+impl ConnectionConfig {
+    /// Checks the combination: a client certificate needs its key and TLS.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError(
+                "connection: tls_cert and tls_key go together".into(),
+            ));
+        }
+        if self.tls_ca.is_none() && (self.tls_cert.is_some() || self.tls_domain.is_some()) {
+            return Err(ConfigError(
+                "connection: tls_cert, tls_key and tls_domain need tls_ca".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A client builder for `broker` with these settings (files read now).
+    pub fn client_builder(&self, broker: &str) -> Result<spool_client::ClientBuilder, ConfigError> {
+        let mut b = spool_client::Client::builder(broker);
+        if let Some(ca) = &self.tls_ca {
+            let identity = match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(spool_client::ClientIdentity {
+                    cert_pem: read_secret(cert)?,
+                    key_pem: read_secret(key)?,
+                }),
+                _ => None,
+            };
+            b = b.tls(spool_client::TlsOptions {
+                ca_pem: read_secret(ca)?,
+                domain: self.tls_domain.clone(),
+                identity,
+            });
+        }
+        if let Some(path) = &self.token_file {
+            let text = String::from_utf8(read_secret(path)?)
+                .map_err(|_| ConfigError(format!("{}: not UTF-8", path.display())))?;
+            let token = text.lines().next().unwrap_or_default().trim();
+            spool_client::BearerToken::new(token)
+                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            b = b.bearer_token(token);
+        }
+        Ok(b)
+    }
+}
+
+/// Reads a certificate, key or token file of at most [`MAX_SECRET_FILE`] bytes.
+fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)
+        .map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
+    let mut buf = Vec::new();
+    f.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
+    if buf.len() as u64 > MAX_SECRET_FILE {
+        return Err(ConfigError(format!(
+            "{} is over {MAX_SECRET_FILE} bytes",
+            path.display()
+        )));
+    }
+    Ok(buf)
 }
 
 /// When transactions commit.
@@ -104,6 +192,7 @@ impl Default for ProcessorConfig {
         ProcessorConfig {
             name: String::new(),
             broker: spool_client::DEFAULT_BROKER.to_owned(),
+            connection: ConnectionConfig::default(),
             inputs: Vec::new(),
             outputs: Vec::new(),
             instance_id: String::new(),
@@ -235,6 +324,7 @@ impl ProcessorConfig {
                 "group: session_timeout_ms >= 100, transaction_timeout_ms >= 1000".into(),
             ));
         }
+        self.connection.validate()?;
         self.retry.validate().map_err(ConfigError)?;
         self.effects.validate().map_err(ConfigError)?;
         if let Some(t) = self.tables.iter().find(|t| !self.inputs.contains(t)) {
@@ -307,6 +397,16 @@ impl ProcessorConfig {
             ),
             None => PathBuf::from("./spool-processor-state").join(&self.name),
         }
+    }
+
+    /// Connects to the broker as `[connection]` says.
+    pub async fn connect(&self) -> anyhow::Result<spool_client::Client> {
+        use anyhow::Context;
+        self.connection
+            .client_builder(&self.broker)?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.broker))
     }
 
     /// The runtime settings this configuration describes.

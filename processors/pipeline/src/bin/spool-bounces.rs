@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         if settings.log_path.is_empty() || args.replay_from.is_some() {
             return app::serve(cfg, rcfg, handler).await;
         }
-        let client = spool_client::Client::connect(cfg.broker.as_str()).await?;
+        let client = cfg.connect().await?;
         let txn_id = format!("{}-tailer-{}", rcfg.group, rcfg.instance_id);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let tailer = tokio::spawn(run_tailer(client, txn_id, settings, async move {

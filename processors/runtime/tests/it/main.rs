@@ -3,6 +3,7 @@
 
 mod eos_kill;
 mod flow;
+mod secure;
 mod stop;
 
 use std::collections::BTreeMap;
