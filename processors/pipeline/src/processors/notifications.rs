@@ -137,6 +137,10 @@ impl AsyncHandler for Notifications {
         match &*input.topic {
             topics::NOTIFICATION_REQUESTS | topics::CAMPAIGN_REQUESTS => {
                 let n: NotificationRequest = input.event::<NotificationRequest>()?.data;
+                if &*input.topic == topics::CAMPAIGN_REQUESTS && wait_for_quiet_end(ctx, input, &n)?
+                {
+                    return Ok(());
+                }
                 match n.channel {
                     Channel::Email => {
                         let mail = self
@@ -186,6 +190,9 @@ impl AsyncHandler for Notifications {
     }
 
     async fn on_timer(&mut self, ctx: &mut Context<'_>, timer: &Timer) -> Result<(), Failure> {
+        if timer.kind == TimerKind::Wall && timer.key.starts_with(QUIET_PREFIX) {
+            return quiet_ended(ctx, timer);
+        }
         if timer.kind != TimerKind::Wall || !timer.key.starts_with(PENDING_PREFIX) {
             return Ok(());
         }
@@ -193,6 +200,49 @@ impl AsyncHandler for Notifications {
             .map_err(|e| Failure::fatal(format!("pending mail timer does not decode: {e}")))?;
         self.settle(ctx, timer, pending)
     }
+}
+
+/// Prefix of the timers of campaign messages waiting for their user's quiet hours to end
+/// (`quiet/<notification id>`).
+const QUIET_PREFIX: &[u8] = b"quiet/";
+
+/// A campaign message inside its user's quiet hours waits: a wall-clock timer at the window's
+/// end holds the record (true). A time zone that does not resolve is a dead letter.
+fn wait_for_quiet_end(
+    ctx: &mut Context<'_>,
+    input: &Input,
+    n: &NotificationRequest,
+) -> Result<bool, Failure> {
+    let now = jiff::Timestamp::from_millisecond(ctx.now_ms())
+        .map_err(|e| Failure::fatal(format!("clock: {e}")))?;
+    let until = crate::quiet::next_allowed(&n.time_zone, n.quiet_hours, now)
+        .map_err(|e| Failure::dead_letter(e.to_string()))?;
+    let Some(until) = until else { return Ok(false) };
+    let key = [QUIET_PREFIX, n.id.as_bytes()].concat();
+    ctx.set_timer(
+        TimerKind::Wall,
+        &key,
+        until.as_millisecond(),
+        Pending::of(input).payload()?,
+    )?;
+    Ok(true)
+}
+
+/// A campaign message's quiet hours ended: the record goes back to the end of
+/// `campaign-requests` (same partition), so it passes the campaigns lane's throttle and
+/// pause like any other.
+fn quiet_ended(ctx: &mut Context<'_>, timer: &Timer) -> Result<(), Failure> {
+    let p: Pending = serde_json::from_slice(&timer.payload)
+        .map_err(|e| Failure::fatal(format!("quiet-hours timer does not decode: {e}")))?;
+    let input = p.input();
+    let record = spool_client::ProducerRecord {
+        key: input.key,
+        value: input.value,
+        headers: input.headers,
+        timestamp_ms: Some(ctx.now_ms()),
+    };
+    ctx.emit_to(topics::CAMPAIGN_REQUESTS, timer.partition, record);
+    Ok(())
 }
 
 /// Prefix of the pending-mail timers' keys (`smtp/<mail id>`).
@@ -205,9 +255,10 @@ fn pending_key(mail_id: &str) -> Vec<u8> {
     [PENDING_PREFIX, mail_id.as_bytes()].concat()
 }
 
-/// A pending mail (the timer's payload): the `outgoing-mail` record as it was read, so that a
-/// send can be started again after a restart and the dead letter carries the original
-/// record; and the failed attempts so far.
+/// A record held in a timer (the payload): a pending mail (the `outgoing-mail` record as it
+/// was read, so that a send can be started again after a restart and the dead letter carries
+/// the original record, and the failed attempts so far), or a campaign message waiting for
+/// the end of its user's quiet hours.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Pending {
     topic: String,
@@ -394,4 +445,94 @@ fn smtp_code(why: &str) -> Option<String> {
     let code = why.get(open + 1..open + 4)?;
     (code.bytes().all(|b| b.is_ascii_digit()) && why.get(open + 4..open + 5) == Some(")"))
         .then(|| code.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use spool_processor::testing::{TestDriver, TestRecord};
+
+    use super::*;
+    use crate::events::{CampaignInfo, NotificationKind, QuietHours};
+    use crate::processors::envelope;
+
+    fn campaign(user: &str) -> NotificationRequest {
+        NotificationRequest {
+            id: format!("{user}-c1"),
+            kind: NotificationKind::Campaign,
+            user: user.into(),
+            user_name: "Eleni".into(),
+            channel: Channel::Email,
+            address: format!("{user}@localhost"),
+            time_zone: "Europe/Athens".into(),
+            // 22:00–07:00 local; the driver starts at 2024-01-01T00:00Z = 02:00 in Athens.
+            quiet_hours: Some(QuietHours {
+                start_min: 22 * 60,
+                end_min: 7 * 60,
+            }),
+            deal: None,
+            campaign: Some(CampaignInfo {
+                id: "c1".into(),
+                title: "Spring sale".into(),
+                body: "Everything & more".into(),
+            }),
+            at_ms: 1_704_067_200_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn campaigns_wait_for_the_end_of_quiet_hours_and_go_back_through_their_lane() {
+        let h = Notifications::new(&NotificationsSettings::default()).unwrap();
+        let mut d = TestDriver::new("notifications", h);
+        let c = campaign("u1");
+        d.pipe_event_async(
+            topics::CAMPAIGN_REQUESTS,
+            &envelope("c", &c.id, &c, c.at_ms),
+        )
+        .await;
+        assert!(
+            d.read_output(topics::OUTGOING_MAIL).is_empty(),
+            "quiet: held"
+        );
+        // 07:00 in Athens is 05:00Z: nothing a minute before.
+        d.advance_wall_clock_async(Duration::from_secs(5 * 3600 - 60))
+            .await;
+        assert!(d.read_output(topics::CAMPAIGN_REQUESTS).is_empty());
+        // At the end the record goes back to the end of campaign-requests (the lane's throttle
+        // and pause apply to it again), and then it is delivered.
+        d.advance_wall_clock_async(Duration::from_secs(120)).await;
+        let back = d.read_output(topics::CAMPAIGN_REQUESTS);
+        assert_eq!(back.len(), 1);
+        let again: NotificationRequest = back[0].event().unwrap().data;
+        assert_eq!(again, c);
+        d.pipe_record_async(TestRecord {
+            topic: topics::CAMPAIGN_REQUESTS.into(),
+            key: back[0].key.clone(),
+            value: back[0].value.clone(),
+            headers: back[0].headers.clone(),
+            ..TestRecord::default()
+        })
+        .await;
+        let mails = d.read_events::<OutgoingMail>(topics::OUTGOING_MAIL);
+        assert_eq!(mails.len(), 1);
+        assert_eq!(mails[0].data.subject, "Spring sale");
+        // Outside quiet hours a campaign message is delivered at once.
+        let c2 = campaign("u2");
+        d.pipe_event_async(
+            topics::CAMPAIGN_REQUESTS,
+            &envelope("c", &c2.id, &c2, c2.at_ms),
+        )
+        .await;
+        assert_eq!(d.read_output(topics::OUTGOING_MAIL).len(), 1);
+        // A time zone that does not resolve is the record's problem: a dead letter.
+        let mut bad = campaign("u3");
+        bad.time_zone = "Mars/Olympus".into();
+        d.pipe_event_async(
+            topics::CAMPAIGN_REQUESTS,
+            &envelope("c", &bad.id, &bad, bad.at_ms),
+        )
+        .await;
+        assert_eq!(d.dead_letters(topics::CAMPAIGN_REQUESTS).len(), 1);
+    }
 }
