@@ -7,8 +7,8 @@
 //!
 //! - [`RealFs`] (the default): the operating system, one system call per method, memory maps
 //!   through `memmap2`. The cost of the seam is one indirect call per system call; reads of
-//!   mapped segments do not go through it at all (`docs/benchmarks.md` has the measurement,
-//!   where one was made).
+//!   mapped segments do not go through it at all (`docs/benchmarks.md`, "The I/O
+//!   seam's cost": not measurable in the append and read benchmarks).
 //! - `sim::SimFs` (feature `sim`, tests only): an in-memory disk that keeps what was written
 //!   apart from what was synced, per file and per directory entry, and can produce what a
 //!   power cut leaves behind; it also injects I/O errors, a full disk, a low open-files limit

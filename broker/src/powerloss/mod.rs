@@ -71,6 +71,8 @@ struct Stats {
     cuts: u64,
     cuts_in_recovery: u64,
     cut_kinds: BTreeMap<Option<OpKind>, u64>,
+    /// Cuts by the operation and file they fell before (`CutPoint::class`).
+    cut_files: BTreeMap<String, u64>,
     ops: u64,
     faults: u64,
     counts: Counts,
@@ -82,6 +84,9 @@ impl Stats {
         self.cuts_in_recovery += o.cuts_in_recovery;
         for (k, v) in &o.cut_kinds {
             *self.cut_kinds.entry(*k).or_default() += v;
+        }
+        for (k, v) in &o.cut_files {
+            *self.cut_files.entry(k.clone()).or_default() += v;
         }
         self.ops += o.ops;
         self.faults += o.faults;
@@ -202,6 +207,7 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
         }
         stats.cuts += 1;
         *stats.cut_kinds.entry(point.kind).or_default() += 1;
+        *stats.cut_files.entry(point.class()).or_default() += 1;
         stats.ops += sim.ops() - start_ops;
         drop(broker);
         let cut_model = CutModel::random(&mut rng);
@@ -234,6 +240,12 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
                 }
                 stats.cuts += 1;
                 stats.cuts_in_recovery += 1;
+                if let Some(p) = sim.cut_point() {
+                    *stats
+                        .cut_files
+                        .entry(format!("(restart) {}", p.class()))
+                        .or_default() += 1;
+                }
                 sim.restart(&CutModel::random(&mut rng), &mut rng);
                 install_controls(&sim);
                 recovery_cut = false;
@@ -279,26 +291,38 @@ fn seeds(ci: u64) -> std::ops::Range<u64> {
 /// Seeds the CI run covers.
 const CI_SEEDS: u64 = 300;
 
+/// Cuts per operation and file, most first (docs/durability.md's table of durable files).
+fn print_cut_files(files: &BTreeMap<String, u64>) {
+    let mut v: Vec<_> = files.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (class, n) in v {
+        eprintln!("  cut before {class}: {n}");
+    }
+}
+
 #[test]
 fn broker_power_cuts_keep_acknowledged_state() {
     let plan = Plan::standard();
     let started = std::time::Instant::now();
     let range = seeds(CI_SEEDS);
     match run_many(range.clone(), &plan) {
-        Ok(s) => eprintln!(
-            "broker power-cut loop: seeds {}..{}, {} cuts ({} inside the broker's recovery) over {} disk operations (cut on: {:?}), {} faults; {} offset commits, {} producer ids, {} transactions decided (acknowledged) in {:.1?}",
-            range.start,
-            range.end,
-            s.cuts,
-            s.cuts_in_recovery,
-            s.ops,
-            s.cut_kinds,
-            s.faults,
-            s.counts.commits_acked,
-            s.counts.pids,
-            s.counts.txns_decided,
-            started.elapsed()
-        ),
+        Ok(s) => {
+            print_cut_files(&s.cut_files);
+            eprintln!(
+                "broker power-cut loop: seeds {}..{}, {} cuts ({} inside the broker's recovery) over {} disk operations (cut on: {:?}), {} faults; {} offset commits, {} producer ids, {} transactions decided (acknowledged) in {:.1?}",
+                range.start,
+                range.end,
+                s.cuts,
+                s.cuts_in_recovery,
+                s.ops,
+                s.cut_kinds,
+                s.faults,
+                s.counts.commits_acked,
+                s.counts.pids,
+                s.counts.txns_decided,
+                started.elapsed()
+            )
+        }
         Err((seed, e)) => panic!(
             "seed {seed} violated an invariant:\n{e}\nreplay: SPOOL_BROKER_POWERLOSS_SEED={seed} cargo test -p spool-broker --lib broker_power_cuts -- --nocapture"
         ),

@@ -103,6 +103,46 @@ pub struct CutPoint {
     pub path: PathBuf,
 }
 
+impl CutPoint {
+    /// What the cut fell on, with numbers in names replaced by `N` (segment bases, partition
+    /// directories, positions) and the topic kept only when it is an internal one (its name
+    /// starts with `__`): `"SyncData __consumer_offsets/N/N.log"`, `"Rename N/N.index.tmp"`,
+    /// `"between operations"`. For per-file statistics of the power-cut loops.
+    pub fn class(&self) -> String {
+        let Some(kind) = self.kind else {
+            return "between operations".into();
+        };
+        let mut parts: Vec<String> = Vec::new();
+        let comps: Vec<String> = self
+            .path
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect();
+        // Skip the log's root; keep the last three components at most.
+        for c in comps.iter().skip(1).rev().take(3).rev() {
+            if c.starts_with("__") {
+                parts.push(c.clone());
+                continue;
+            }
+            let mut out = String::new();
+            for ch in c.chars() {
+                if ch.is_ascii_digit() {
+                    if !out.ends_with('N') {
+                        out.push('N');
+                    }
+                } else {
+                    out.push(ch);
+                }
+            }
+            parts.push(out);
+        }
+        format!("{kind:?} {}", parts.join("/"))
+    }
+}
+
 /// What a [`Fault`] does to the operation it hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Effect {

@@ -65,6 +65,8 @@ pub(crate) struct Stats {
     pub(crate) cuts: u64,
     /// Cuts by the kind of operation they fell on (`None`: between operations).
     pub(crate) cut_kinds: BTreeMap<Option<OpKind>, u64>,
+    /// Cuts by the operation and file they fell before (`CutPoint::class`).
+    pub(crate) cut_files: BTreeMap<String, u64>,
     pub(crate) ops: u64,
     pub(crate) flips: u64,
     /// Flips that the engine reported (open refused, read refused, tail cut and kept).
@@ -79,6 +81,9 @@ impl Stats {
         self.cuts += o.cuts;
         for (k, v) in &o.cut_kinds {
             *self.cut_kinds.entry(*k).or_default() += v;
+        }
+        for (k, v) in &o.cut_files {
+            *self.cut_files.entry(k.clone()).or_default() += v;
         }
         self.ops += o.ops;
         self.flips += o.flips;
@@ -195,6 +200,7 @@ pub(crate) fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
         }
         stats.cuts += 1;
         *stats.cut_kinds.entry(point.kind).or_default() += 1;
+        *stats.cut_files.entry(point.class()).or_default() += 1;
         stats.ops += sim.ops() - start_ops;
         drop(log);
         let cut_model = CutModel::random(&mut rng);
@@ -317,19 +323,26 @@ fn power_cuts_lose_nothing_acknowledged() {
     let plan = Plan::standard();
     let started = std::time::Instant::now();
     match run_many(seeds(2000), &plan) {
-        Ok(s) => eprintln!(
-            "power-cut loop: {} seeds, {} cuts over {} operations (cut on: {:?}), {} acknowledged records checked, {} torn tails cut, {} faults, {} bit flips ({} reported) in {:.1?}",
-            seeds(2000).count(),
-            s.cuts,
-            s.ops,
-            s.cut_kinds,
-            s.acked_checked,
-            s.torn_tails_cut,
-            s.faults,
-            s.flips,
-            s.flips_reported,
-            started.elapsed()
-        ),
+        Ok(s) => {
+            let mut files: Vec<_> = s.cut_files.iter().collect();
+            files.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            for (class, n) in files {
+                eprintln!("  cut before {class}: {n}");
+            }
+            eprintln!(
+                "power-cut loop: {} seeds, {} cuts over {} operations (cut on: {:?}), {} acknowledged records checked, {} torn tails cut, {} faults, {} bit flips ({} reported) in {:.1?}",
+                seeds(2000).count(),
+                s.cuts,
+                s.ops,
+                s.cut_kinds,
+                s.acked_checked,
+                s.torn_tails_cut,
+                s.faults,
+                s.flips,
+                s.flips_reported,
+                started.elapsed()
+            )
+        }
         Err((seed, e)) => panic!(
             "seed {seed} violated an invariant:\n{e}\nreplay: SPOOL_POWERLOSS_SEED={seed} cargo test -p spool-log-engine --test it power_cuts_lose_nothing_acknowledged -- --nocapture"
         ),
