@@ -14,7 +14,7 @@ use spool_client::{ProducerConfig, ProducerRecord};
 use spool_testkit::Broker;
 
 use crate::{
-    Proc, Rng, assert_passthrough_exactly_once, create, passthrough_bin, read_all,
+    Proc, Rng, assert_passthrough_exactly_once, create, passthrough_bin, produce_inputs, read_all,
     wait_passthrough_caught_up, write_config,
 };
 
@@ -70,26 +70,11 @@ async fn passthrough_with_state_is_exactly_once_through_kill_9() {
     let mut proc_kills = 0;
     for round in 0..ROUNDS {
         // A round of inputs (keyed: one key, one partition).
-        let producer = c.producer(ProducerConfig {
+        let linger = ProducerConfig {
             linger: Duration::from_millis(2),
             ..ProducerConfig::default()
-        });
-        let mut futs = Vec::new();
-        for _ in 0..PER_ROUND {
-            let i = produced.len();
-            let key = format!("k{}", i % KEYS);
-            let value = format!("v{i}");
-            let f = producer
-                .send("in", ProducerRecord::new(value.clone()).key(key.clone()))
-                .await
-                .expect("send");
-            futs.push(f);
-            produced.push((key, value));
-        }
-        producer.close().await;
-        for f in futs {
-            f.await.expect("delivered");
-        }
+        };
+        produce_inputs(&c, linger, PER_ROUND, KEYS, &mut produced).await;
         tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
         if round == 2 || round == 5 {
             tokio::task::block_in_place(|| broker.restart());

@@ -23,6 +23,38 @@ pub(crate) async fn create(client: &Client, topic: &str, partitions: u32) {
         .unwrap_or_else(|e| panic!("creating {topic}: {e}"));
 }
 
+/// Produces `n` inputs to `in` (values `v<i>`, keys `k<i % keys>`, `i` counting on from
+/// `produced`), waits until every one is acknowledged, and appends them to `produced` in
+/// produce order (what [`assert_passthrough_exactly_once`] checks against).
+pub(crate) async fn produce_inputs(
+    client: &Client,
+    config: spool_client::ProducerConfig,
+    n: usize,
+    keys: usize,
+    produced: &mut Vec<(String, String)>,
+) {
+    let producer = client.producer(config);
+    let mut futs = Vec::new();
+    for _ in 0..n {
+        let i = produced.len();
+        let (key, value) = (format!("k{}", i % keys), format!("v{i}"));
+        futs.push(
+            producer
+                .send(
+                    "in",
+                    spool_client::ProducerRecord::new(value.clone()).key(key.clone()),
+                )
+                .await
+                .expect("send"),
+        );
+        produced.push((key, value));
+    }
+    producer.close().await;
+    for f in futs {
+        f.await.expect("delivered");
+    }
+}
+
 /// Every record of a partition, read committed, once its last stable offset caught up.
 pub(crate) async fn read_all(client: &Client, topic: &str, partition: u32) -> Vec<Record> {
     let mut out = Vec::new();

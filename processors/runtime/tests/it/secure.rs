@@ -5,13 +5,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use spool_client::{Client, ProducerConfig, ProducerRecord};
+use spool_client::{Client, ProducerConfig};
 use spool_processor::config::ConnectionConfig;
 use spool_testkit::Broker;
 
 use crate::{
-    Proc, assert_passthrough_exactly_once, create, passthrough_bin, wait_passthrough_caught_up,
-    write_config,
+    Proc, assert_passthrough_exactly_once, create, passthrough_bin, produce_inputs,
+    wait_passthrough_caught_up, write_config,
 };
 
 const ADMIN: &str = "admin-token-0123456789abcdef";
@@ -85,23 +85,8 @@ async fn a_processor_reaches_a_broker_with_mutual_tls_and_a_token() {
         .expect("the test's client connects with TLS and its token");
     create(&c, "in", PARTITIONS).await;
     create(&c, "out", PARTITIONS).await;
-    let producer = c.producer(ProducerConfig::default());
     let mut produced = Vec::new();
-    let mut futs = Vec::new();
-    for i in 0..500 {
-        let (key, value) = (format!("k{}", i % 7), format!("v{i}"));
-        futs.push(
-            producer
-                .send("in", ProducerRecord::new(value.clone()).key(key.clone()))
-                .await
-                .expect("send"),
-        );
-        produced.push((key, value));
-    }
-    producer.close().await;
-    for f in futs {
-        f.await.expect("delivered");
-    }
+    produce_inputs(&c, ProducerConfig::default(), 500, 7, &mut produced).await;
 
     // The processor's [connection]: the same CA and client certificate, its own token.
     let conn = format!(

@@ -15,8 +15,8 @@ use spool_client::{ProducerConfig, ProducerRecord};
 use spool_testkit::Broker;
 
 use crate::{
-    Proc, assert_passthrough_exactly_once, create, passthrough_bin, wait_passthrough_caught_up,
-    write_config,
+    Proc, assert_passthrough_exactly_once, create, passthrough_bin, produce_inputs,
+    wait_passthrough_caught_up, write_config,
 };
 
 const PARTITIONS: u32 = 2;
@@ -108,24 +108,7 @@ async fn sigterm_with_input_flowing_exits_quickly_and_exactly_once() {
     let mut produced = feeder.await.unwrap();
 
     // The broker dies while the processor works through a backlog; then SIGTERM.
-    let producer = c.producer(ProducerConfig::default());
-    let mut futs = Vec::new();
-    for _ in 0..2000 {
-        let i = produced.len();
-        let key = format!("k{}", i % KEYS);
-        let value = format!("v{i}");
-        futs.push(
-            producer
-                .send("in", ProducerRecord::new(value.clone()).key(key.clone()))
-                .await
-                .expect("send"),
-        );
-        produced.push((key, value));
-    }
-    producer.close().await;
-    for f in futs {
-        f.await.expect("delivered");
-    }
+    produce_inputs(&c, ProducerConfig::default(), 2000, KEYS, &mut produced).await;
     let mut p = start();
     assert!(p.wait_ready(Duration::from_secs(30)));
     tokio::time::sleep(Duration::from_millis(300)).await;
