@@ -113,29 +113,10 @@ async fn deals_caught_up(client: &Client) {
 /// watermark and the last stable offset; and the transactions open on the broker. What a
 /// stuck or slow run prints, to tell a stall (a partition that does not move) from slowness.
 async fn lag_report(client: &Client) -> String {
-    use spool_client::{Isolation, OffsetSpec, TopicPartition};
-    let groups: [(&str, &[&str]); 4] = [
-        ("deals", &[topics::PRICES]),
-        (
-            "matching",
-            &[
-                topics::DEAL_BROADCAST,
-                topics::USER_SETTINGS,
-                topics::ADDRESS_STATUS,
-            ],
-        ),
-        (
-            "notifications",
-            &[topics::NOTIFICATION_REQUESTS, topics::OUTGOING_MAIL],
-        ),
-        ("bounces", &[topics::POSTFIX_LOG]),
-    ];
+    use spool_client::{Isolation, OffsetSpec};
     let mut out = String::new();
-    for (group, inputs) in groups {
-        let tps: Vec<TopicPartition> = inputs
-            .iter()
-            .flat_map(|t| (0..PARTITIONS).map(move |p| TopicPartition::new(*t, p)))
-            .collect();
+    for (group, inputs) in support::PROCESSOR_INPUTS {
+        let tps = support::input_partitions(inputs, PARTITIONS);
         let q: Vec<_> = tps
             .iter()
             .map(|tp| (tp.clone(), OffsetSpec::Latest))

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use spool_client::{Client, FetchOptions, Isolation, TopicPartition};
+use spool_client::{Client, FetchOptions, Isolation};
 use spool_pipeline::events::{
     AddressStatus, DealTransition, MailState, MailStatus, NotificationRequest, OutgoingMail,
     TimelineEvent, TimelineOp,
@@ -303,27 +303,8 @@ fn exactly_once<T>(what: &str, events: &[Ev<T>], per_partition: bool) -> BTreeSe
 /// committed offset is the one after the last record it handled: a transactional input's
 /// last commit marker stays behind it) and no transaction is open on them.
 async fn caught_up(client: &Client) -> bool {
-    let groups: [(&str, &[&str]); 4] = [
-        ("deals", &[topics::PRICES]),
-        (
-            "matching",
-            &[
-                topics::DEAL_BROADCAST,
-                topics::USER_SETTINGS,
-                topics::ADDRESS_STATUS,
-            ],
-        ),
-        (
-            "notifications",
-            &[topics::NOTIFICATION_REQUESTS, topics::OUTGOING_MAIL],
-        ),
-        ("bounces", &[topics::POSTFIX_LOG]),
-    ];
-    for (group, inputs) in groups {
-        let tps: Vec<TopicPartition> = inputs
-            .iter()
-            .flat_map(|t| (0..PARTITIONS).map(move |p| TopicPartition::new(*t, p)))
-            .collect();
+    for (group, inputs) in support::PROCESSOR_INPUTS {
+        let tps = support::input_partitions(inputs, PARTITIONS);
         let Ok(committed) = client.fetch_offsets(group, &tps).await else {
             return false;
         };

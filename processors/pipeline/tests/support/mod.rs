@@ -8,6 +8,35 @@ pub mod receiver;
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 
+use spool_client::TopicPartition;
+use spool_pipeline::topics;
+
+/// Each processor's group and the input topics it consumes.
+pub const PROCESSOR_INPUTS: [(&str, &[&str]); 4] = [
+    ("deals", &[topics::PRICES]),
+    (
+        "matching",
+        &[
+            topics::DEAL_BROADCAST,
+            topics::USER_SETTINGS,
+            topics::ADDRESS_STATUS,
+        ],
+    ),
+    (
+        "notifications",
+        &[topics::NOTIFICATION_REQUESTS, topics::OUTGOING_MAIL],
+    ),
+    ("bounces", &[topics::POSTFIX_LOG]),
+];
+
+/// Every partition (`0..partitions`) of each of `inputs`.
+pub fn input_partitions(inputs: &[&str], partitions: u32) -> Vec<TopicPartition> {
+    inputs
+        .iter()
+        .flat_map(|t| (0..partitions).map(move |p| TopicPartition::new(*t, p)))
+        .collect()
+}
+
 /// Asserts two sets are equal, reporting sizes and a few differences (not both sets).
 pub fn assert_same_set<T: Ord + Debug + Clone>(what: &str, got: &BTreeSet<T>, want: &BTreeSet<T>) {
     if got == want {
