@@ -24,10 +24,10 @@
 //! deals,matching`, `--spoold PATH`.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
+use spool_benches::inprocess::Running;
 use spool_benches::spoold::{self, Spoold};
 use spool_benches::{Stats, flag_value};
 use spool_client::{Acks, Client, OffsetSpec, ProducerRecord, TopicPartition};
@@ -40,10 +40,8 @@ use spool_pipeline::processors::deals::{Deals, DealsSettings};
 use spool_pipeline::processors::envelope;
 use spool_pipeline::processors::matching::{Matching, MatchingSettings};
 use spool_pipeline::{publish, topics};
-use spool_processor::metrics::Metrics;
-use spool_processor::runtime::{self, RuntimeConfig};
+use spool_processor::runtime::RuntimeConfig;
 use spool_processor::{Context, Failure, Handler, Input};
-use tokio::sync::watch;
 
 const CATEGORY: &str = "bench";
 
@@ -59,56 +57,6 @@ impl Handler for PassThrough {
             timestamp_ms: Some(input.timestamp_ms),
         };
         ctx.emit_to("bench-out", input.partition, out);
-        Ok(())
-    }
-}
-
-/// A processor running in this process.
-struct Running {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), spool_processor::RuntimeError>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Running {
-    fn start<H: spool_processor::AsyncHandler>(
-        client: &Client,
-        cfg: RuntimeConfig,
-        handler: H,
-    ) -> Running {
-        let metrics = Arc::new(Metrics::new());
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(runtime::run(
-            client.clone(),
-            cfg,
-            handler,
-            metrics.clone(),
-            rx,
-        ));
-        Running {
-            stop,
-            task,
-            metrics,
-        }
-    }
-
-    async fn ready(&self) -> Result<Instant> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !self.metrics.is_ready() {
-            if self.task.is_finished() {
-                bail!("the processor stopped before it was ready");
-            }
-            if Instant::now() > deadline {
-                bail!("the processor was not ready within 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(Instant::now())
-    }
-
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(true);
-        self.task.await.context("joining the processor")??;
         Ok(())
     }
 }
@@ -259,7 +207,7 @@ async fn pass_through(
     dir: &Path,
 ) -> Result<f64> {
     let p = Running::start(client, config("passthrough", &[input], dir), PassThrough);
-    let t0 = p.ready().await?;
+    let t0 = p.ready(Duration::from_secs(120)).await?;
     let t1 = committed(client, "passthrough", &tps(input, partitions), ends).await?;
     p.stop().await?;
     Ok(n as f64 / (t1 - t0).as_secs_f64())
@@ -305,7 +253,7 @@ async fn deals_rep(
                 config("deals", &[topics::PRICES], dir.path()),
                 handler,
             );
-            let t0 = p.ready().await?;
+            let t0 = p.ready(Duration::from_secs(120)).await?;
             let t1 = committed(&client, "deals", &tps(topics::PRICES, partitions), n).await?;
             p.stop().await?;
             deals = n as f64 / (t1 - t0).as_secs_f64();
@@ -387,7 +335,7 @@ async fn matching_rep(
     );
     cfg.tables = vec![topics::USER_SETTINGS.into(), topics::ADDRESS_STATUS.into()];
     let p = Running::start(&client, cfg, Matching::new(MatchingSettings::default()));
-    p.ready().await?;
+    p.ready(Duration::from_secs(120)).await?;
     committed(
         &client,
         "matching",

@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
+use spool_benches::inprocess::Running;
 use spool_benches::spoold::{self, Spoold};
 use spool_benches::{Stats, flag_value};
 use spool_client::{
@@ -53,10 +54,8 @@ use spool_client::{
     TopicPartition, TopicSettings,
 };
 use spool_log_engine::{BatchBuilder, Compression};
-use spool_processor::metrics::Metrics;
-use spool_processor::runtime::{self, RuntimeConfig};
+use spool_processor::runtime::RuntimeConfig;
 use spool_processor::{Context, Failure, Handler, Input, LaneConfig};
-use tokio::sync::watch;
 
 const VALUE_BYTES: usize = 200;
 
@@ -178,60 +177,6 @@ async fn wait_committed(
             bail!("group {group} did not commit {n} offsets within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A processor running in this process.
-struct Running {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), spool_processor::RuntimeError>>,
-    metrics: Arc<Metrics>,
-    started: Instant,
-}
-
-impl Running {
-    fn start<H: spool_processor::AsyncHandler>(
-        client: &Client,
-        cfg: RuntimeConfig,
-        handler: H,
-    ) -> Running {
-        let metrics = Arc::new(Metrics::new());
-        let (stop, rx) = watch::channel(false);
-        let started = Instant::now();
-        let task = tokio::spawn(runtime::run(
-            client.clone(),
-            cfg,
-            handler,
-            metrics.clone(),
-            rx,
-        ));
-        Running {
-            stop,
-            task,
-            metrics,
-            started,
-        }
-    }
-
-    /// Waits until ready; returns when.
-    async fn ready(&self, timeout: Duration) -> Result<Instant> {
-        let deadline = Instant::now() + timeout;
-        while !self.metrics.is_ready() {
-            if self.task.is_finished() {
-                bail!("the processor stopped before it was ready");
-            }
-            if Instant::now() > deadline {
-                bail!("the processor was not ready within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(Instant::now())
-    }
-
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(true);
-        self.task.await.context("joining the processor")??;
-        Ok(())
     }
 }
 

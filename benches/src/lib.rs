@@ -29,6 +29,7 @@
 //! - per-bench sizes, documented in each bench and in `docs/benchmarks.md`.
 
 pub mod ceiling;
+pub mod inprocess;
 pub mod spoold;
 
 use std::fmt::Write as _;
