@@ -61,6 +61,18 @@ pub async fn publish_users(producer: &Producer, users: &[AlertSettings]) -> Resu
 /// Writes one import run, at most `rate` updates per second (0: as fast as it goes), and
 /// waits until everything is acknowledged. Returns the number of price updates.
 pub async fn publish_round(producer: &Producer, round: &Round, rate: u64) -> Result<u64, Error> {
+    publish_round_stalling(producer, round, rate, &[]).await
+}
+
+/// [`publish_round`], except that each merchant in `stalled` breaks off: it sends the first
+/// half of its updates and never reports done, so the run's import job is reported stuck
+/// naming it (a broken merchant feed, for demos and tests).
+pub async fn publish_round_stalling(
+    producer: &Producer,
+    round: &Round,
+    rate: u64,
+    stalled: &[String],
+) -> Result<u64, Error> {
     let start_ms = round.updates().next().map_or(0, |u| u.at_ms);
     let started = ImportEvent {
         import: round.import.clone(),
@@ -80,6 +92,12 @@ pub async fn publish_round(producer: &Producer, round: &Round, rate: u64) -> Res
     let t0 = Instant::now();
     let mut sent = 0u64;
     for (merchant, updates) in &round.parts {
+        let stalls = stalled.contains(merchant);
+        let updates = if stalls {
+            &updates[..updates.len() / 2]
+        } else {
+            &updates[..]
+        };
         for u in updates {
             if rate > 0 {
                 let due = Duration::from_secs_f64(sent as f64 / rate as f64);
@@ -94,6 +112,9 @@ pub async fn publish_round(producer: &Producer, round: &Round, rate: u64) -> Res
                     .await?,
             );
             sent += 1;
+        }
+        if stalls {
+            continue;
         }
         let at = updates.last().map_or(start_ms, |u| u.at_ms);
         let done = ImportEvent {

@@ -34,6 +34,8 @@ pub const POSTFIX_LOG: &str = "postfix-log";
 pub const POSTFIX_LOG_POSITION: &str = "postfix-log-position";
 /// Feed import runs (started, merchant done), keyed by import id.
 pub const FEED_IMPORTS: &str = "feed-imports";
+/// Import runs completed or stuck (the completion counter's events), keyed by import id.
+pub const IMPORT_STATUS: &str = "import-status";
 
 /// How a topic is cleaned up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,5 +146,11 @@ pub const ALL: &[TopicSpec] = &[
         partitions: 1,
         cleanup: Cleanup::Delete,
         retention_ms: Some(7 * DAY_MS),
+    },
+    TopicSpec {
+        name: IMPORT_STATUS,
+        partitions: 1,
+        cleanup: Cleanup::Delete,
+        retention_ms: Some(30 * DAY_MS),
     },
 ];

@@ -1,5 +1,5 @@
 //! `spool-demo`: the whole deals pipeline on this machine in one command: a broker, the four
-//! processors, the seeded feed, local webhook and push receivers and, when Postfix is installed
+//! processors and `spool-imports` (import runs completed / stuck), the seeded feed, local webhook and push receivers and, when Postfix is installed
 //! (and this runs as root), a private Postfix instance; data under `--dir`. Shows live progress
 //! per stage once a second; Ctrl-C stops everything (processors first, then the broker).
 //!
@@ -21,7 +21,9 @@ use spool_client::{Client, ConsumerConfig, StartAt};
 use spool_pipeline::events::{DealTransition, MailState, MailStatus, TransitionKind};
 use spool_pipeline::feed::{Endpoints, Feed, FeedConfig};
 use spool_pipeline::postfix::instance::{Instance, free_port, installed};
+use spool_pipeline::processors::imports;
 use spool_pipeline::{publish, topics};
+use spool_processor::JobEvent;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,6 +49,13 @@ struct Args {
     /// Partitions of the pipeline's topics.
     #[arg(long, default_value_t = 2)]
     partitions: u32,
+    /// A merchant whose feed breaks off in every import run (repeatable): its runs are
+    /// reported stuck after `--stuck-after-secs`.
+    #[arg(long = "stall", value_name = "MERCHANT")]
+    stall: Vec<String>,
+    /// An import run with no merchant finishing for this long is reported stuck.
+    #[arg(long, default_value_t = 30)]
+    stuck_after_secs: u64,
     /// Skip Postfix even if installed (e-mail then stays queued in `outgoing-mail` and retries).
     #[arg(long)]
     no_postfix: bool,
@@ -161,6 +170,8 @@ struct Counts {
     flags: AtomicU64,
     hooks: Arc<AtomicU64>,
     pushes: Arc<AtomicU64>,
+    imports_completed: AtomicU64,
+    imports_stuck: AtomicU64,
 }
 
 async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
@@ -171,6 +182,7 @@ async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
         topics::NOTIFICATION_REQUESTS,
         topics::MAIL_STATUS,
         topics::ADDRESS_STATUS,
+        topics::IMPORT_STATUS,
     ] {
         consumer.subscribe_topic(t, StartAt::Latest).await?;
     }
@@ -180,6 +192,22 @@ async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
             topics::PRICES => &c.prices,
             topics::NOTIFICATION_REQUESTS => &c.requests,
             topics::ADDRESS_STATUS if r.partition == 0 => &c.flags,
+            topics::IMPORT_STATUS => {
+                let Ok(e) = spool_processor::envelope::decode::<JobEvent>(
+                    &r.headers,
+                    r.key.as_ref(),
+                    r.value.as_ref(),
+                ) else {
+                    continue;
+                };
+                if let Some(line) = imports::describe(&e.ty, &e.data) {
+                    eprintln!("{line}");
+                }
+                match e.ty.as_str() {
+                    imports::COMPLETED => &c.imports_completed,
+                    _ => &c.imports_stuck,
+                }
+            }
             topics::DEAL_TRANSITIONS => match r
                 .value
                 .as_deref()
@@ -278,6 +306,7 @@ async fn main() -> anyhow::Result<()> {
         processor("spool-matching", &dir, &broker, "inputs = [\"deal-broadcast\", \"user-settings\", \"address-status\"]\noutputs = [\"notification-requests\", \"timeline\"]\ntables = [\"user-settings\", \"address-status\"]\n".into())?,
         processor("spool-notifications", &dir, &broker, format!("inputs = [\"notification-requests\", \"outgoing-mail\"]\noutputs = [\"outgoing-mail\", \"mail-status\"]\n[retry]\nmax_attempts = 0\n[app.smtp]\nport = {smtp_port}\nfrom = \"deals@localhost\"\n"))?,
         processor("spool-bounces", &dir, &broker, format!("inputs = [\"postfix-log\"]\noutputs = [\"mail-status\", \"delivery-issues\", \"address-status\"]\n[app]\nlog_path = \"{log_path}\"\naddress_partitions = {p}\n"))?,
+        processor("spool-imports", &dir, &broker, format!("inputs = [\"feed-imports\"]\noutputs = [\"import-status\"]\n[app]\nstuck_after_ms = {}\n", a.stuck_after_secs.max(1) * 1000))?,
     ];
     tokio::spawn(watch(client.clone(), counts.clone()));
     let producer = publish::producer(&client);
@@ -289,10 +318,11 @@ async fn main() -> anyhow::Result<()> {
         dir.display()
     );
     let rate = a.rate;
+    let stall = a.stall.clone();
     let feeder = tokio::spawn(async move {
         loop {
             let round = feed.next_round();
-            if let Err(e) = publish::publish_round(&producer, &round, rate).await {
+            if let Err(e) = publish::publish_round_stalling(&producer, &round, rate, &stall).await {
                 return e;
             }
         }
@@ -312,8 +342,10 @@ async fn main() -> anyhow::Result<()> {
         let c = &counts;
         let prices = load(&c.prices);
         println!(
-            "prices {:>6}/s | deals +{} -{} | notifications {} | mail queued {} sent {} bounced {} failed {} | flagged {} | webhooks {} pushes {}",
+            "prices {:>6}/s | imports done {} stuck {} | deals +{} -{} | notifications {} | mail queued {} sent {} bounced {} failed {} | flagged {} | webhooks {} pushes {}",
             prices - prev,
+            load(&c.imports_completed),
+            load(&c.imports_stuck),
             load(&c.entered),
             load(&c.left),
             load(&c.requests),

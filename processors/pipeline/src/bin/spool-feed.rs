@@ -47,6 +47,10 @@ struct Args {
     /// Base URL of the push gateway.
     #[arg(long, default_value = "http://127.0.0.1:8082")]
     push: String,
+    /// A merchant whose feed breaks off in every run (repeatable): it sends half its updates
+    /// and never reports done, so `spool-imports` reports the run stuck naming it.
+    #[arg(long = "stall", value_name = "MERCHANT")]
+    stall: Vec<String>,
     /// Partitions of the partitioned topics when creating them.
     #[arg(long)]
     partitions: Option<u32>,
@@ -81,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     let mut round = 0;
     while a.rounds == 0 || round < a.rounds {
         let r = feed.next_round();
-        let n = publish::publish_round(&producer, &r, a.rate).await?;
+        let n = publish::publish_round_stalling(&producer, &r, a.rate, &a.stall).await?;
         eprintln!(
             "{}: {n} price updates from {} merchants",
             r.import,

@@ -7,6 +7,7 @@
 //! | [`matching::Matching`] | `deal-broadcast`, `user-settings`, `address-status` (co-partitioned by number) | `notification-requests`, `timeline` | `m` (settings, index, flags, notified) |
 //! | [`notifications::Notifications`] | `notification-requests`, `outgoing-mail` | `outgoing-mail`, `mail-status` | effects (idempotency keys) |
 //! | [`bounces::Bounces`] | `postfix-log` | `mail-status`, `delivery-issues`, `address-status` (a copy per partition) | `queue` |
+//! | [`imports::Imports`] | `feed-imports` | `import-status` (completed / stuck) | the completion counter `imports` |
 //!
 //! Matching is partitioned **by user**: each instance holds the settings of its users, and every
 //! deal transition reaches every partition (`deal-broadcast`), so a deal with a large audience
@@ -16,6 +17,7 @@
 
 pub mod bounces;
 pub mod deals;
+pub mod imports;
 pub mod matching;
 pub mod notifications;
 
