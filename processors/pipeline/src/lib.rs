@@ -23,7 +23,9 @@
 //! | [`quiet`] | per-user quiet hours (DST-correct) |
 //! | [`postfix`] | Postfix log grammar, the bounce tracker, the log tailer, a local instance |
 //! | [`feed`] | the seeded price feed and users |
+//! | [`campaign`], [`publish`] | marketing campaigns' requests; writing inputs to a broker |
 
+pub mod campaign;
 pub mod deals;
 pub mod deliver;
 pub mod events;

@@ -1,12 +1,12 @@
-//! Writing the pipeline's inputs to a broker: its topics, the users' alert settings and the
-//! feed's import runs (price updates as CloudEvents, bracketed by `feed-imports` events: a
+//! Writing the pipeline's inputs to a broker: its topics, the users' alert settings, campaigns
+//! and the feed's import runs (price updates as CloudEvents, bracketed by `feed-imports` events: a
 //! run's start with its merchants, then each merchant's end: the parts of the import job).
 
 use std::time::{Duration, Instant};
 
 use spool_client::{CleanupPolicy, Client, Error, Producer, ProducerConfig, TopicSettings};
 
-use crate::events::{AlertSettings, Event, ImportEvent, ImportEventKind};
+use crate::events::{AlertSettings, Event, ImportEvent, ImportEventKind, NotificationRequest};
 use crate::feed::Round;
 use crate::processors::envelope;
 use crate::topics::{self, Cleanup};
@@ -143,6 +143,26 @@ pub async fn publish_round_stalling(
         p.await?;
     }
     Ok(sent)
+}
+
+/// Writes a campaign's requests ([`crate::campaign::requests`]) to `campaign-requests` and
+/// waits until all are acknowledged.
+pub async fn publish_campaign(
+    producer: &Producer,
+    requests: &[NotificationRequest],
+) -> Result<(), Error> {
+    let mut pending = Vec::with_capacity(requests.len());
+    for n in requests {
+        pending.push(
+            producer
+                .send(topics::CAMPAIGN_REQUESTS, record(n.id.clone(), n, n.at_ms))
+                .await?,
+        );
+    }
+    for p in pending {
+        p.await?;
+    }
+    Ok(())
 }
 
 /// A producer for the feed (idempotent, durable acks, the defaults).

@@ -1,7 +1,11 @@
 //! `spool-demo`: the whole deals pipeline on this machine in one command: a broker, the four
 //! processors and `spool-imports` (import runs completed / stuck), the seeded feed, local webhook and push receivers and, when Postfix is installed
-//! (and this runs as root), a private Postfix instance; data under `--dir`. Shows live progress
-//! per stage once a second; Ctrl-C stops everything (processors first, then the broker).
+//! (and this runs as root), a private Postfix instance; data under `--dir`. At the start it
+//! also writes a marketing campaign (one e-mail per e-mail user) to `campaign-requests`, sent
+//! by notifications' throttled `campaigns` lane beside the alerts (each user's quiet hours
+//! honoured; `spool processor pause notifications --lane campaigns` / `resume`). Shows live
+//! progress per stage once a second; Ctrl-C stops everything (processors first, then the
+//! broker).
 //!
 //! ```text
 //! cargo build --release -p spool-broker -p spool-pipeline && target/release/spool-demo
@@ -18,7 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use spool_client::{Client, ConsumerConfig, StartAt};
-use spool_pipeline::events::{DealTransition, MailState, MailStatus, TransitionKind};
+use spool_pipeline::events::{
+    CampaignInfo, DealTransition, MailState, MailStatus, NotificationKind, OutgoingMail,
+    TransitionKind,
+};
 use spool_pipeline::feed::{Endpoints, Feed, FeedConfig};
 use spool_pipeline::postfix::instance::{Instance, free_port, installed};
 use spool_pipeline::processors::imports;
@@ -56,6 +63,9 @@ struct Args {
     /// An import run with no merchant finishing for this long is reported stuck.
     #[arg(long, default_value_t = 30)]
     stuck_after_secs: u64,
+    /// Campaign e-mails per second (the campaigns lane's `rate_per_sec`; 0: no campaign).
+    #[arg(long, default_value_t = 5)]
+    campaign_rate: u32,
     /// Skip Postfix even if installed (e-mail then stays queued in `outgoing-mail` and retries).
     #[arg(long)]
     no_postfix: bool,
@@ -172,6 +182,7 @@ struct Counts {
     pushes: Arc<AtomicU64>,
     imports_completed: AtomicU64,
     imports_stuck: AtomicU64,
+    campaign_mails: AtomicU64,
 }
 
 async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
@@ -183,6 +194,7 @@ async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
         topics::MAIL_STATUS,
         topics::ADDRESS_STATUS,
         topics::IMPORT_STATUS,
+        topics::OUTGOING_MAIL,
     ] {
         consumer.subscribe_topic(t, StartAt::Latest).await?;
     }
@@ -192,6 +204,14 @@ async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
             topics::PRICES => &c.prices,
             topics::NOTIFICATION_REQUESTS => &c.requests,
             topics::ADDRESS_STATUS if r.partition == 0 => &c.flags,
+            topics::OUTGOING_MAIL => match r
+                .value
+                .as_deref()
+                .map(serde_json::from_slice::<OutgoingMail>)
+            {
+                Some(Ok(m)) if m.kind == NotificationKind::Campaign => &c.campaign_mails,
+                _ => continue,
+            },
             topics::IMPORT_STATUS => {
                 let Ok(e) = spool_processor::envelope::decode::<JobEvent>(
                     &r.headers,
@@ -301,16 +321,45 @@ async fn main() -> anyhow::Result<()> {
         .map(|p| p.log_path().display().to_string())
         .unwrap_or_default();
     let p = a.partitions;
+    let campaigns = if a.campaign_rate > 0 {
+        format!(
+            "inputs = [\"notification-requests\", \"outgoing-mail\", \"campaign-requests\"]\noutputs = [\"outgoing-mail\", \"mail-status\", \"campaign-requests\"]\n[[lanes]]\nname = \"alerts\"\ntopics = [\"notification-requests\", \"outgoing-mail\"]\n[[lanes]]\nname = \"campaigns\"\ntopics = [\"campaign-requests\"]\npriority = 1\nrate_per_sec = {}\nmin_share = 0.05\n",
+            a.campaign_rate
+        )
+    } else {
+        "inputs = [\"notification-requests\", \"outgoing-mail\"]\noutputs = [\"outgoing-mail\", \"mail-status\"]\n".to_owned()
+    };
     let procs = vec![
         processor("spool-deals", &dir, &broker, format!("inputs = [\"prices\"]\noutputs = [\"deal-transitions\", \"deal-broadcast\"]\n[app]\nbroadcast_partitions = {p}\n"))?,
         processor("spool-matching", &dir, &broker, "inputs = [\"deal-broadcast\", \"user-settings\", \"address-status\"]\noutputs = [\"notification-requests\", \"timeline\"]\ntables = [\"user-settings\", \"address-status\"]\n".into())?,
-        processor("spool-notifications", &dir, &broker, format!("inputs = [\"notification-requests\", \"outgoing-mail\"]\noutputs = [\"outgoing-mail\", \"mail-status\"]\n[retry]\nmax_attempts = 0\n[app.smtp]\nport = {smtp_port}\nfrom = \"deals@localhost\"\n"))?,
+        processor("spool-notifications", &dir, &broker, format!("{campaigns}[retry]\nmax_attempts = 0\n[app.smtp]\nport = {smtp_port}\nfrom = \"deals@localhost\"\n"))?,
         processor("spool-bounces", &dir, &broker, format!("inputs = [\"postfix-log\"]\noutputs = [\"mail-status\", \"delivery-issues\", \"address-status\"]\n[app]\nlog_path = \"{log_path}\"\naddress_partitions = {p}\n"))?,
         processor("spool-imports", &dir, &broker, format!("inputs = [\"feed-imports\"]\noutputs = [\"import-status\"]\n[app]\nstuck_after_ms = {}\n", a.stuck_after_secs.max(1) * 1000))?,
     ];
     tokio::spawn(watch(client.clone(), counts.clone()));
     let producer = publish::producer(&client);
     publish::publish_users(&producer, &users).await?;
+    let campaign = if a.campaign_rate > 0 {
+        let info = CampaignInfo {
+            id: "spring-sale".into(),
+            title: "Spring sale: up to 40% off".into(),
+            body: "Our merchants' spring prices are in. See what dropped in your categories."
+                .into(),
+        };
+        let now = jiff::Timestamp::now().as_millisecond();
+        let requests = spool_pipeline::campaign::requests(&info, &users, now);
+        publish::publish_campaign(&producer, &requests).await?;
+        eprintln!(
+            "campaign {:?}: {} e-mails at {}/s (users in their quiet hours get theirs when they end); \
+             pause: spool --broker {broker} processor pause notifications --lane campaigns (resume the same way)",
+            info.id,
+            requests.len(),
+            a.campaign_rate
+        );
+        requests.len()
+    } else {
+        0
+    };
     eprintln!(
         "spool-demo: broker {broker}, {} users, {} products; data, configs and logs in {}; Ctrl-C stops",
         users.len(),
@@ -342,13 +391,15 @@ async fn main() -> anyhow::Result<()> {
         let c = &counts;
         let prices = load(&c.prices);
         println!(
-            "prices {:>6}/s | imports done {} stuck {} | deals +{} -{} | notifications {} | mail queued {} sent {} bounced {} failed {} | flagged {} | webhooks {} pushes {}",
+            "prices {:>6}/s | imports done {} stuck {} | deals +{} -{} | notifications {} | campaign {}/{} | mail queued {} sent {} bounced {} failed {} | flagged {} | webhooks {} pushes {}",
             prices - prev,
             load(&c.imports_completed),
             load(&c.imports_stuck),
             load(&c.entered),
             load(&c.left),
             load(&c.requests),
+            load(&c.campaign_mails),
+            campaign,
             load(&c.queued),
             load(&c.sent),
             load(&c.bounced),
