@@ -4,12 +4,16 @@
 //! ```text
 //! cargo build --release -p spool-broker --bin spoold
 //! cargo bench -p spool-pipeline --bench pipeline                 # all three
-//! cargo bench -p spool-pipeline --bench pipeline -- mails        # or latency, bounces
+//! cargo bench -p spool-pipeline --bench pipeline -- mails        # or calls, latency, bounces
 //! ```
 //!
 //! - **mails**: `spool-notifications` alone hands N rendered mails to Postfix; mails/s from
 //!   the first record to the N-th `mail-status` `queued`, with `max_in_flight = 1` (one send
 //!   at a time, the baseline) and 8, in the same run.
+//! - **calls**: `spool-notifications` alone makes N webhook calls to a local HTTP endpoint
+//!   that answers after 20 ms (a remote service's latency); calls/s from the first record
+//!   to the N-th call received, with `[app.http] max_in_flight = 1` and 8, alternated, three
+//!   runs each, medians.
 //! - **latency**: the four processors; after a warm-up, price drops are written at 100/s, each
 //!   making one product enter "deal" for exactly one interested user with an e-mail address.
 //!   Latency of a mail = Postfix's `250` (the `queued` status's time) − the price update's
@@ -33,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use spool_client::{Client, ConsumerConfig, OffsetSpec, StartAt, TopicPartition};
 use spool_pipeline::events::{
-    AddressStatus, AlertSettings, Channel, MailState, MailStatus, NotificationKind,
+    AddressStatus, AlertSettings, Channel, DealInfo, MailState, MailStatus, NotificationKind,
     NotificationRequest, OutgoingMail, PriceUpdate, TimelineEvent, TimelineOp,
 };
 use spool_pipeline::postfix::instance::{Instance, free_port};
@@ -206,6 +210,120 @@ async fn mails_per_sec(pf: &Instance, dir: &Path, in_flight: u32, n: usize, boxe
     }
     producer.flush().await;
     queued(&mut status, "run-", n).await;
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------
+// webhook calls/s
+
+/// A webhook endpoint on 127.0.0.1 answering `200` `delay` after each request; counts the
+/// requests whose `Idempotency-Key` starts with `run-` and `warm-`.
+async fn endpoint(delay: Duration) -> (String, Arc<[std::sync::atomic::AtomicUsize; 2]>) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let counts: Arc<[std::sync::atomic::AtomicUsize; 2]> = Arc::default();
+    let c = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let c = c.clone();
+                    async move {
+                        let key = req
+                            .headers()
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        tokio::time::sleep(delay).await;
+                        if key.starts_with("run-") {
+                            c[0].fetch_add(1, Ordering::SeqCst);
+                        } else if key.starts_with("warm-") {
+                            c[1].fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                            hyper::body::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (base, counts)
+}
+
+fn webhook_request(base: &str, id: String) -> spool_client::ProducerRecord {
+    let n = NotificationRequest {
+        kind: NotificationKind::DealAlert,
+        user: format!("u-{id}"),
+        user_name: "Bench".into(),
+        channel: Channel::Webhook,
+        address: format!("{base}/hook/{id}"),
+        time_zone: "UTC".into(),
+        quiet_hours: None,
+        deal: Some(DealInfo {
+            transition: "p1:1".into(),
+            product: "p1".into(),
+            name: "A thing".into(),
+            category: "books".into(),
+            price: 700,
+            reference: 1_000,
+            drop_bp: 3_000,
+            merchant: "m000".into(),
+        }),
+        campaign: None,
+        at_ms: now_ms(),
+        id,
+    };
+    envelope("bench", n.id.clone(), &n, n.at_ms)
+        .to_record()
+        .unwrap()
+}
+
+/// Webhook calls/s of `spool-notifications` with `in_flight` calls at once, over `n` calls
+/// to an endpoint answering after `delay`.
+async fn calls_per_sec(dir: &Path, in_flight: u32, n: usize, delay: Duration) -> f64 {
+    use std::sync::atomic::Ordering;
+    let (broker, client) = broker_and_topics().await;
+    let dir = dir.join(format!("calls-{in_flight}-{}", now_ms()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _p = processor(
+        env!("CARGO_BIN_EXE_spool-notifications"),
+        &dir,
+        "notifications",
+        &broker.addr(),
+        &format!(
+            "inputs = [\"notification-requests\"]\noutputs = [\"outgoing-mail\", \"mail-status\"]\n[app.http]\nmax_in_flight = {in_flight}\n"
+        ),
+    );
+    let (base, counts) = endpoint(delay).await;
+    let producer = publish::producer(&client);
+    let wait = async |i: usize, want: usize| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while counts[i].load(Ordering::SeqCst) < want {
+            assert!(Instant::now() < deadline, "calls within 120 s");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    // Warm-up: the processor joins its group and opens its connections.
+    for i in 0..in_flight as usize {
+        let r = webhook_request(&base, format!("warm-{i}"));
+        send(&producer, topics::NOTIFICATION_REQUESTS, r).await;
+    }
+    producer.flush().await;
+    wait(1, in_flight as usize).await;
+    let t0 = Instant::now();
+    for i in 0..n {
+        let r = webhook_request(&base, format!("run-{i:06}"));
+        send(&producer, topics::NOTIFICATION_REQUESTS, r).await;
+    }
+    producer.flush().await;
+    wait(0, n).await;
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
@@ -619,6 +737,24 @@ async fn main() {
         println!(
             "mails: {n} mails to Postfix: max_in_flight=1 {one:.0} mails/s, max_in_flight=8 {eight:.0} mails/s ({:.1}x)",
             eight / one
+        );
+    }
+    if want("calls") {
+        let (n, delay) = (300, Duration::from_millis(20));
+        let (mut one, mut eight) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            one.push(calls_per_sec(dir.path(), 1, n, delay).await);
+            eight.push(calls_per_sec(dir.path(), 8, n, delay).await);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (m1, m8) = (median(&mut one), median(&mut eight));
+        println!(
+            "calls: {n} webhook calls, endpoint answering after {} ms: max_in_flight=1 {one:.0?} calls/s (median {m1:.0}), max_in_flight=8 {eight:.0?} (median {m8:.0}), {:.1}x",
+            delay.as_millis(),
+            m8 / m1
         );
     }
     if want("latency") || want("bounces") {

@@ -21,6 +21,15 @@ pub struct HttpConfig {
     pub timeout_ms: u64,
     /// Idle pooled connections per host.
     pub pool_idle_per_host: usize,
+    /// Calls in flight at once (webhook and push together).
+    pub max_in_flight: u32,
+    /// Attempts of one call in all (5xx, 408, 429, timeouts, connect errors) before it is
+    /// dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the first retry, ms; doubles per attempt.
+    pub retry_initial_ms: u64,
+    /// Longest delay between retries, ms.
+    pub retry_max_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -29,7 +38,18 @@ impl Default for HttpConfig {
             connect_timeout_ms: 2_000,
             timeout_ms: 5_000,
             pool_idle_per_host: 16,
+            max_in_flight: 8,
+            max_attempts: 6,
+            retry_initial_ms: 500,
+            retry_max_ms: 60_000,
         }
+    }
+}
+
+impl HttpConfig {
+    /// The delay before attempt `attempt + 1`.
+    pub fn retry_delay_ms(&self, attempt: u32) -> u64 {
+        super::backoff_ms(self.retry_initial_ms, self.retry_max_ms, attempt)
     }
 }
 

@@ -14,6 +14,13 @@ pub mod http;
 pub mod inflight;
 pub mod smtp;
 
+/// The delay after failed attempt `attempt` (1-based): `initial` doubling per attempt, at most
+/// `max`.
+pub fn backoff_ms(initial: u64, max: u64, attempt: u32) -> u64 {
+    let doublings = attempt.saturating_sub(1).min(32);
+    initial.saturating_mul(1u64 << doublings).min(max)
+}
+
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

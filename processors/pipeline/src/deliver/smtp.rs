@@ -73,10 +73,7 @@ impl Default for SmtpConfig {
 impl SmtpConfig {
     /// The delay before attempt `attempt + 1` after attempt `attempt` (1-based) failed.
     pub fn retry_delay_ms(&self, attempt: u32) -> u64 {
-        let doublings = attempt.saturating_sub(1).min(32);
-        self.retry_initial_ms
-            .saturating_mul(1u64 << doublings)
-            .min(self.retry_max_ms)
+        super::backoff_ms(self.retry_initial_ms, self.retry_max_ms, attempt)
     }
 }
 

@@ -3,7 +3,10 @@
 //! - `notification-requests`, e-mail: renders the templates into an [`OutgoingMail`] on
 //!   `outgoing-mail` (pure: the same request always renders the same mail id);
 //! - `notification-requests`, webhook/push: POSTs the rendered JSON (effect key = the
-//!   notification id), one at a time, retried in place by the runtime;
+//!   notification id), up to `[app.http] max_in_flight` calls at once, settled the same way
+//!   as mail (below): the idempotency key; or, for a 4xx/3xx or `max_attempts` used up, the
+//!   dead letter; or a retry after a backoff (5xx, 408, 429, timeouts), without holding back
+//!   the partition;
 //! - `outgoing-mail`: hands the mail to the MTA over SMTP, up to `[app.smtp] max_in_flight`
 //!   mails at once ([`crate::deliver::inflight`]), and settles each one in a later
 //!   transaction: the idempotency key (effect key = the mail id) with `mail-status` *queued*
@@ -11,10 +14,11 @@
 //!   up), `mail-status` *failed* with the dead letter; or a retry after a backoff (SMTP 4xx,
 //!   connection failures), without holding back the partition.
 //!
-//! # Mail in flight (how the contract is kept with several sends at once)
+//! # Sends in flight (how the contract is kept with several sends at once)
 //!
-//! The record's transaction stores a **pending timer** (wall clock, key `smtp/<mail id>`, the
-//! record as payload) with its offset, and the send starts at once. Every runtime tick
+//! The record's transaction stores a **pending timer** (wall clock, key `smtp/<mail id>` or
+//! `http/<notification id>`, the record as payload) with its offset, and the send starts at
+//! once (SMTP and HTTP each have their own bounded set, [`InFlight`]). Every runtime tick
 //! (100 ms) the timers of pending mails fire: a finished send is settled (the timer removed,
 //! the key recorded, the status emitted, in one transaction), a running one sets its timer
 //! again. So inside the log everything stays exactly once (the offset and the pending timer
@@ -28,11 +32,9 @@
 //! - an aborted transaction (no crash) repeats nothing: the results of this process's sends
 //!   stay in memory by mail id and are settled from there.
 //!
-//! After the settlement commits, the mail is never sent again (within the `[effects]`
-//! retention). The Message-ID (`<mail id@domain>`) lets a receiver drop a repeat.
-//!
-//! Webhook and push keep the one-at-a-time path: an effect checked, done, marked in the
-//! record's own transaction.
+//! After the settlement commits, the mail (or call) is never sent again (within the
+//! `[effects]` retention). The Message-ID (`<mail id@domain>`) and the `Idempotency-Key`
+//! header (the notification id) let a receiver drop a repeat.
 
 use std::sync::Arc;
 
@@ -86,6 +88,9 @@ pub struct Notifications {
     smtp: Option<SmtpSender>,
     /// Mails being handed to the MTA, and their results until settled.
     inflight: InFlight,
+    http_config: HttpConfig,
+    /// Webhook and push calls running, and their results until settled.
+    http_inflight: InFlight,
     http: HttpSender,
 }
 
@@ -114,21 +119,23 @@ impl Notifications {
             s.smtp.max_attempts >= 1 && s.smtp.retry_initial_ms >= 1,
             "[app.smtp] max_attempts and retry_initial_ms must be at least 1"
         );
+        anyhow::ensure!(
+            (1..=1024).contains(&s.http.max_in_flight),
+            "[app.http] max_in_flight must be 1..=1024"
+        );
+        anyhow::ensure!(
+            s.http.max_attempts >= 1 && s.http.retry_initial_ms >= 1,
+            "[app.http] max_attempts and retry_initial_ms must be at least 1"
+        );
         Ok(Notifications {
             renderer,
             smtp_config: s.smtp.clone(),
             smtp: None,
             inflight: InFlight::new(s.smtp.max_in_flight as usize),
+            http_config: s.http,
+            http_inflight: InFlight::new(s.http.max_in_flight as usize),
             http: HttpSender::new(&s.http)?,
         })
-    }
-}
-
-fn outcome(o: Outcome) -> Result<Outcome, Failure> {
-    match o {
-        Outcome::Delivered { .. } => Ok(o),
-        Outcome::Retry(why) => Err(Failure::retry(why)),
-        Outcome::Dead(why) => Err(Failure::dead_letter(why)),
     }
 }
 
@@ -153,14 +160,14 @@ impl AsyncHandler for Notifications {
                         if ctx.effect(&n.id)? != EffectStatus::Todo {
                             return Ok(()); // done before, or a replay
                         }
-                        let body = if n.channel == Channel::Webhook {
-                            self.renderer.webhook_body(&n)
-                        } else {
-                            self.renderer.push_body(&n)
+                        let key = [HTTP_PREFIX, n.id.as_bytes()].concat();
+                        if ctx.timer(TimerKind::Wall, &key)?.is_some() {
+                            return Ok(()); // the same call is already pending
                         }
-                        .map_err(|e| Failure::dead_letter(e.to_string()))?;
-                        outcome(self.http.post(&n.address, &body, &n.id).await)?;
-                        ctx.effect_done(&n.id);
+                        let call = self.call(&n)?;
+                        let pending = Pending::of(input);
+                        ctx.set_timer(TimerKind::Wall, &key, ctx.now_ms(), pending.payload()?)?;
+                        self.http_inflight.start(&n.id, call).await;
                         Ok(())
                     }
                 }
@@ -170,7 +177,7 @@ impl AsyncHandler for Notifications {
                 if ctx.effect(&m.mail_id)? != EffectStatus::Todo {
                     return Ok(()); // sent before, or a replay
                 }
-                let key = pending_key(&m.mail_id);
+                let key = [PENDING_PREFIX, m.mail_id.as_bytes()].concat();
                 if ctx.timer(TimerKind::Wall, &key)?.is_some() {
                     return Ok(()); // the same mail is already pending
                 }
@@ -193,12 +200,18 @@ impl AsyncHandler for Notifications {
         if timer.kind == TimerKind::Wall && timer.key.starts_with(QUIET_PREFIX) {
             return quiet_ended(ctx, timer);
         }
-        if timer.kind != TimerKind::Wall || !timer.key.starts_with(PENDING_PREFIX) {
+        let http = timer.key.starts_with(HTTP_PREFIX);
+        if timer.kind != TimerKind::Wall || !(http || timer.key.starts_with(PENDING_PREFIX)) {
             return Ok(());
         }
         let pending: Pending = serde_json::from_slice(&timer.payload)
-            .map_err(|e| Failure::fatal(format!("pending mail timer does not decode: {e}")))?;
-        self.settle(ctx, timer, pending)
+            .map_err(|e| Failure::fatal(format!("pending send timer does not decode: {e}")))?;
+        let d = if http {
+            Delivery::Call(pending.request()?)
+        } else {
+            Delivery::Mail(pending.mail()?)
+        };
+        self.settle(ctx, timer, pending, d)
     }
 }
 
@@ -247,12 +260,28 @@ fn quiet_ended(ctx: &mut Context<'_>, timer: &Timer) -> Result<(), Failure> {
 
 /// Prefix of the pending-mail timers' keys (`smtp/<mail id>`).
 const PENDING_PREFIX: &[u8] = b"smtp/";
-/// How soon a pending mail whose send is still running is looked at again (the runtime's
-/// tick, 100 ms, is the real granularity).
+/// Prefix of the pending webhook/push calls' timer keys (`http/<notification id>`).
+const HTTP_PREFIX: &[u8] = b"http/";
+/// How soon a pending send that is still running is looked at again (the runtime's tick,
+/// 100 ms, is the real granularity).
 const RECHECK_MS: i64 = 20;
 
-fn pending_key(mail_id: &str) -> Vec<u8> {
-    [PENDING_PREFIX, mail_id.as_bytes()].concat()
+/// What a pending timer delivers.
+enum Delivery {
+    /// An e-mail, over SMTP.
+    Mail(OutgoingMail),
+    /// A webhook or push notification, over HTTP.
+    Call(NotificationRequest),
+}
+
+impl Delivery {
+    /// The idempotency key (and the in-flight id).
+    fn id(&self) -> &str {
+        match self {
+            Delivery::Mail(m) => &m.mail_id,
+            Delivery::Call(n) => &n.id,
+        }
+    }
 }
 
 /// A record held in a timer (the payload): a pending mail (the `outgoing-mail` record as it
@@ -304,6 +333,11 @@ impl Pending {
             .map_err(|e| Failure::fatal(format!("pending mail does not decode: {e}")))
     }
 
+    fn request(&self) -> Result<NotificationRequest, Failure> {
+        serde_json::from_str(&self.value)
+            .map_err(|e| Failure::fatal(format!("pending call does not decode: {e}")))
+    }
+
     /// The record as an input again (for its dead letter).
     fn input(&self) -> Input {
         let topic: Arc<str> = Arc::from(self.topic.as_str());
@@ -338,31 +372,66 @@ impl Notifications {
         Ok(self.smtp.clone().expect("set above"))
     }
 
-    /// Settles a pending mail from its send's result (see the module docs).
+    /// The HTTP call of a webhook or push notification (its body rendered now: a template
+    /// error is a dead letter).
+    fn call(
+        &self,
+        n: &NotificationRequest,
+    ) -> Result<impl std::future::Future<Output = Outcome> + Send + use<>, Failure> {
+        let body = if n.channel == Channel::Webhook {
+            self.renderer.webhook_body(n)
+        } else {
+            self.renderer.push_body(n)
+        }
+        .map_err(|e| Failure::dead_letter(e.to_string()))?;
+        let (http, url, key) = (self.http.clone(), n.address.clone(), n.id.clone());
+        Ok(async move { http.post(&url, &body, &key).await })
+    }
+
+    /// Starts a pending send again if a slot is free (after a restart, a move of the
+    /// partition, or a retry's delay); a busy set leaves it to a later tick.
+    fn start_again(&mut self, d: &Delivery) -> Result<(), Failure> {
+        match d {
+            Delivery::Mail(m) => {
+                let smtp = self.smtp()?;
+                let mail = m.clone();
+                self.inflight
+                    .try_start(&m.mail_id, async move { smtp.send(&mail).await });
+            }
+            Delivery::Call(n) => {
+                let call = self.call(n)?;
+                self.http_inflight.try_start(&n.id, call);
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles a pending send from its result (see the module docs).
     fn settle(
         &mut self,
         ctx: &mut Context<'_>,
         timer: &Timer,
         mut pending: Pending,
+        d: Delivery,
     ) -> Result<(), Failure> {
-        let m = pending.mail()?;
+        let id = d.id().to_owned();
+        let (inflight, max_attempts) = match d {
+            Delivery::Mail(_) => (self.inflight.clone(), self.smtp_config.max_attempts),
+            Delivery::Call(_) => (self.http_inflight.clone(), self.http_config.max_attempts),
+        };
         let now = ctx.now_ms();
-        if ctx.effect(&m.mail_id)? != EffectStatus::Todo {
-            self.inflight.forget(&m.mail_id);
+        if ctx.effect(&id)? != EffectStatus::Todo {
+            inflight.forget(&id);
             return Ok(());
         }
         let again = |ctx: &mut Context<'_>, at: i64, p: &Pending| {
             ctx.set_timer(TimerKind::Wall, &timer.key, at, p.payload()?)
                 .map_err(Failure::from)
         };
-        match self.inflight.state(&m.mail_id) {
+        match inflight.state(&id) {
             SendState::Running => again(ctx, now + RECHECK_MS, &pending),
             SendState::Absent => {
-                // After a restart, a move of the partition, or a retry's delay: send (again).
-                let smtp = self.smtp()?;
-                let mail = m.clone();
-                self.inflight
-                    .try_start(&m.mail_id, async move { smtp.send(&mail).await });
+                self.start_again(&d)?;
                 again(ctx, now + RECHECK_MS, &pending)
             }
             SendState::Finished {
@@ -371,7 +440,10 @@ impl Notifications {
             } => {
                 // The result stays in memory (an abort of this transaction settles it again
                 // from there) until its TTL.
-                ctx.effect_done(&m.mail_id);
+                ctx.effect_done(&id);
+                let Delivery::Mail(m) = &d else {
+                    return Ok(());
+                };
                 let status = MailStatus {
                     mail_id: m.mail_id.clone(),
                     queue_id,
@@ -386,15 +458,18 @@ impl Notifications {
             SendState::Finished {
                 outcome: Outcome::Retry(why),
                 at_ms,
-            } if pending.attempt < self.smtp_config.max_attempts => {
+            } if pending.attempt < max_attempts => {
                 pending.history.push(Attempt {
                     attempt: pending.attempt,
                     at_ms,
                     reason: why,
                 });
-                let delay = self.smtp_config.retry_delay_ms(pending.attempt);
+                let delay = match d {
+                    Delivery::Mail(_) => self.smtp_config.retry_delay_ms(pending.attempt),
+                    Delivery::Call(_) => self.http_config.retry_delay_ms(pending.attempt),
+                };
                 pending.attempt += 1;
-                self.inflight.forget(&m.mail_id);
+                inflight.forget(&id);
                 again(ctx, now + delay as i64, &pending)
             }
             SendState::Finished {
@@ -406,22 +481,20 @@ impl Notifications {
                     at_ms,
                     reason: why.clone(),
                 });
-                self.inflight.forget(&m.mail_id);
-                failed(ctx, &m, &pending, why, now)
+                inflight.forget(&id);
+                if let Delivery::Mail(m) = &d {
+                    failed(ctx, m, why, now)?;
+                }
+                dead_letter(ctx, &pending, now);
+                Ok(())
             }
         }
     }
 }
 
-/// A mail given up on: `mail-status` `failed` and the dead letter of its record, in the
-/// settling transaction. The idempotency key is not recorded: a redriven dead letter is sent.
-fn failed(
-    ctx: &mut Context<'_>,
-    m: &OutgoingMail,
-    pending: &Pending,
-    why: String,
-    now: i64,
-) -> Result<(), Failure> {
+/// A mail given up on: `mail-status` `failed` (its dead letter follows in the settling
+/// transaction). The idempotency key is not recorded: a redriven dead letter is sent.
+fn failed(ctx: &mut Context<'_>, m: &OutgoingMail, why: String, now: i64) -> Result<(), Failure> {
     let status = MailStatus {
         mail_id: m.mail_id.clone(),
         queue_id: None,
@@ -431,12 +504,16 @@ fn failed(
         detail: why,
         at_ms: now,
     };
-    emit(ctx, format!("{}:failed", m.mail_id), &status, now)?;
+    emit(ctx, format!("{}:failed", m.mail_id), &status, now)
+}
+
+/// The dead letter of a pending send's record (with its attempts), in the settling
+/// transaction.
+fn dead_letter(ctx: &mut Context<'_>, pending: &Pending, now: i64) {
     let input = pending.input();
     let group = ctx.processor().to_owned();
     let (topic, record) = spool_processor::dead_letter_for(&input, &group, &pending.history, now);
     ctx.emit_to(topic, input.partition, record);
-    Ok(())
 }
 
 /// The SMTP reply code in an error text (`... (550) ...` as lettre writes it), if any.

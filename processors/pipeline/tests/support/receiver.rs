@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -30,6 +32,8 @@ type Policy = dyn Fn(&str, &str, usize) -> u16 + Send + Sync;
 pub struct Receiver {
     pub addr: SocketAddr,
     calls: Arc<Mutex<Vec<Call>>>,
+    /// Requests being answered now, and the most at once.
+    open: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 impl Receiver {
@@ -38,22 +42,39 @@ impl Receiver {
     pub async fn start(
         policy: impl Fn(&str, &str, usize) -> u16 + Send + Sync + 'static,
     ) -> Receiver {
+        Receiver::start_slow(Duration::ZERO, policy).await
+    }
+
+    /// [`Receiver::start`], answering each request `delay` after it arrived (a remote
+    /// endpoint's latency).
+    pub async fn start_slow(
+        delay: Duration,
+        policy: impl Fn(&str, &str, usize) -> u16 + Send + Sync + 'static,
+    ) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
         let policy: Arc<Policy> = Arc::new(policy);
         let seen: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
         let c = calls.clone();
+        let open: Arc<(AtomicUsize, AtomicUsize)> = Arc::default();
+        let o = open.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (calls, policy, seen) = (c.clone(), policy.clone(), seen.clone());
+                let (calls, policy, seen, open) =
+                    (c.clone(), policy.clone(), seen.clone(), o.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (calls, policy, seen) = (calls.clone(), policy.clone(), seen.clone());
+                        let (calls, policy, seen, open) =
+                            (calls.clone(), policy.clone(), seen.clone(), open.clone());
                         async move {
+                            let now = open.0.fetch_add(1, Ordering::SeqCst) + 1;
+                            open.1.fetch_max(now, Ordering::SeqCst);
+                            tokio::time::sleep(delay).await;
+                            open.0.fetch_sub(1, Ordering::SeqCst);
                             let path = req.uri().path().to_owned();
                             let key = req
                                 .headers()
@@ -97,7 +118,12 @@ impl Receiver {
                 });
             }
         });
-        Receiver { addr, calls }
+        Receiver { addr, calls, open }
+    }
+
+    /// The most requests that were being answered at once.
+    pub fn max_open(&self) -> usize {
+        self.open.1.load(Ordering::SeqCst)
     }
 
     /// `http://127.0.0.1:PORT`.
