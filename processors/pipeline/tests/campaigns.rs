@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use spool_client::{Client, ConsumerConfig, StartAt};
 use spool_pipeline::events::{
-    AlertSettings, CampaignInfo, Channel, DealInfo, MailState, MailStatus, NotificationKind,
+    AlertSettings, CampaignInfo, Channel, MailState, MailStatus, NotificationKind,
     NotificationRequest, OutgoingMail, QuietHours,
 };
 use spool_pipeline::postfix::instance::{Instance, free_port};
@@ -96,9 +96,9 @@ fn user(i: usize, quiet: Option<QuietHours>) -> AlertSettings {
 }
 
 fn alert(u: &AlertSettings, n: usize, at_ms: i64) -> NotificationRequest {
-    let transition = format!("p{n:06}:1");
+    let deal = support::book_deal(&format!("p{n:06}"));
     NotificationRequest {
-        id: ids::notification_id(&transition, &u.user, Channel::Email),
+        id: ids::notification_id(&deal.transition, &u.user, Channel::Email),
         kind: NotificationKind::DealAlert,
         user: u.user.clone(),
         user_name: u.name.clone(),
@@ -106,16 +106,7 @@ fn alert(u: &AlertSettings, n: usize, at_ms: i64) -> NotificationRequest {
         address: u.email.clone().unwrap(),
         time_zone: u.time_zone.clone(),
         quiet_hours: u.quiet_hours,
-        deal: Some(DealInfo {
-            transition,
-            product: format!("p{n:06}"),
-            name: "A book".into(),
-            category: "books".into(),
-            price: 700,
-            reference: 1_000,
-            drop_bp: 3_000,
-            merchant: "m000".into(),
-        }),
+        deal: Some(deal),
         campaign: None,
         at_ms,
     }

@@ -10,7 +10,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use spool_pipeline::events::{Channel, DealInfo, NotificationKind, NotificationRequest};
+use spool_pipeline::events::{Channel, NotificationKind, NotificationRequest};
 use spool_pipeline::processors::envelope;
 use spool_pipeline::processors::notifications::{Notifications, NotificationsSettings};
 use spool_pipeline::topics;
@@ -39,16 +39,7 @@ fn request(base: &str, id: &str, channel: Channel) -> spool_processor::Event<Not
         address: format!("{base}/{path}/{id}"),
         time_zone: "UTC".into(),
         quiet_hours: None,
-        deal: Some(DealInfo {
-            transition: "p1:1".into(),
-            product: "p1".into(),
-            name: "A book".into(),
-            category: "books".into(),
-            price: 700,
-            reference: 1_000,
-            drop_bp: 3_000,
-            merchant: "m000".into(),
-        }),
+        deal: Some(support::book_deal("p1")),
         campaign: None,
         at_ms: 1_000,
     };

@@ -11,6 +11,20 @@ use std::fmt::Debug;
 use spool_client::TopicPartition;
 use spool_pipeline::topics;
 
+/// A deal (book `product`, 30 % off) for hand-made deal-alert requests.
+pub fn book_deal(product: &str) -> spool_pipeline::events::DealInfo {
+    spool_pipeline::events::DealInfo {
+        transition: format!("{product}:1"),
+        product: product.to_owned(),
+        name: "A book".into(),
+        category: "books".into(),
+        price: 700,
+        reference: 1_000,
+        drop_bp: 3_000,
+        merchant: "m000".into(),
+    }
+}
+
 /// Each processor's group and the input topics it consumes.
 pub const PROCESSOR_INPUTS: [(&str, &[&str]); 4] = [
     ("deals", &[topics::PRICES]),
