@@ -262,13 +262,17 @@ pub async fn run<H: AsyncHandler>(
     }
 }
 
+/// Errors a new session cannot fix. A fenced producer is not one of them: the broker fences
+/// the open transaction's epoch when it aborts it (a restart, a timeout) as well as when
+/// another incarnation initialises the id; either way a new session re-initialises the
+/// producer and resumes from the last commit (Kafka Streams treats `ProducerFenced` under
+/// exactly-once the same way: the task migrated, rejoin).
 fn fatal(e: &RuntimeError) -> bool {
     match e {
         RuntimeError::Fatal(_) => true,
         RuntimeError::Client(c) => matches!(
             c,
-            spool_client::Error::ProducerFenced { .. }
-                | spool_client::Error::UnknownTopic { .. }
+            spool_client::Error::UnknownTopic { .. }
                 | spool_client::Error::NotAuthorized { .. }
                 | spool_client::Error::Unauthenticated { .. }
                 | spool_client::Error::InvalidRequest { .. }
@@ -398,6 +402,9 @@ struct Session<'c> {
     /// Next offset as of the last committed transaction.
     committed: BTreeMap<TopicPartition, u64>,
     txn: Option<OpenTxn>,
+    /// How many times the inputs were moved back to the last commit (an aborted
+    /// transaction): a record being processed when this moves must not move its position.
+    rewinds: u64,
     last_durable: Instant,
     last_tick: Instant,
     lanes: Lanes,
@@ -498,6 +505,7 @@ impl<'c> Session<'c> {
             positions: BTreeMap::new(),
             committed: BTreeMap::new(),
             txn: None,
+            rewinds: 0,
             last_durable: Instant::now(),
             last_tick: Instant::now(),
             lanes,
@@ -695,7 +703,14 @@ impl<'c> Session<'c> {
         if let Some(l) = lane {
             self.lanes.lanes[l].window_count += 1;
         }
-        if !self.process(handler, input, history, &tp, shutdown).await? {
+        let rewinds = self.rewinds;
+        let handled = self.process(handler, input, history, &tp, shutdown).await?;
+        if self.rewinds != rewinds {
+            // A transaction aborted meanwhile (this record's, or the commit before a retry in
+            // place): every input, this one included, was moved back to the last commit.
+            return Ok(());
+        }
+        if !handled {
             // Interrupted (a revocation or a stop): read it again later.
             self.member.seek(&tp, read_offset).await?;
             return Ok(());
@@ -833,7 +848,8 @@ impl<'c> Session<'c> {
 
     /// Runs the handler on one input with the retry policy. False if interrupted (the input
     /// must be read again), true once it was handled, retried through a retry topic, or
-    /// dead-lettered.
+    /// dead-lettered. A transaction that aborts meanwhile moves [`Session::rewinds`] (the
+    /// caller then leaves the positions where the rewind put them).
     async fn process<H: AsyncHandler>(
         &mut self,
         handler: &mut H,
@@ -901,7 +917,12 @@ impl<'c> Session<'c> {
                             "retrying in place"
                         );
                         // Commit what is done, then wait without holding a transaction open.
+                        let rewinds = self.rewinds;
                         self.commit(handler).await?;
+                        if self.rewinds != rewinds {
+                            // That commit aborted: this input is read again from there.
+                            return Ok(false);
+                        }
                         self.metrics.blocked.inc();
                         let go_on = self.wait_retry(delay, shutdown, read, &input).await;
                         self.metrics.blocked.dec();
@@ -1272,36 +1293,43 @@ impl<'c> Session<'c> {
     }
 
     /// The transaction failed: abort it, forget its writes, and move every input back to
-    /// the last committed offset. Fenced producers and failed aborts end the session.
+    /// the last committed offset.
+    ///
+    /// A fenced producer is usually one whose open transaction the broker aborted itself,
+    /// with the epoch bumped (a broker restart aborts every undecided transaction; a timeout
+    /// aborts one): the abort of that epoch is then acknowledged with the next epoch, and the
+    /// session goes on from the last commit. When the abort fails too (another incarnation
+    /// took the id over, or the broker is unreachable), the session ends and the next one
+    /// re-initialises the producer, rejoins and restores the state from the changelog.
+    /// Either way the handler never reads the aborted transaction's writes: they were only in
+    /// the tasks' transaction layers, dropped here (or with the session).
     async fn abort_and_rewind(&mut self, e: spool_client::Error) -> Result<(), RuntimeError> {
         self.metrics.aborts.inc();
         self.txn = None;
-        if matches!(e, spool_client::Error::ProducerFenced { .. }) {
-            return Err(e.into());
-        }
+        self.rewinds += 1;
         tracing::warn!(error = %e, "transaction failed; aborting and reprocessing from the last commit");
-        self.tx.abort().await?;
+        if let Err(abort) = self.tx.abort().await {
+            tracing::warn!(error = %abort, "aborting failed; restarting the session from the last commit");
+            return Err(abort.into());
+        }
         for t in self.tasks.values_mut() {
             t.discard()
                 .map_err(|e| RuntimeError::Fatal(e.to_string()))?;
         }
+        // Every partition whose reader is anywhere but at the last commit goes back there:
+        // those processed in the aborted transaction, the one whose record was being
+        // processed, and those holding a record (held records were not processed).
+        self.held.clear();
+        let reading: BTreeMap<TopicPartition, u64> = self.member.positions().into_iter().collect();
         let moved: Vec<(TopicPartition, u64)> = self
-            .positions
+            .committed
             .iter()
-            .filter_map(|(tp, pos)| {
-                let c = *self.committed.get(tp)?;
-                (c != *pos).then(|| (tp.clone(), c))
-            })
+            .filter(|(tp, c)| self.positions.get(*tp) != Some(*c) || reading.get(*tp) != Some(*c))
+            .map(|(tp, c)| (tp.clone(), *c))
             .collect();
         for (tp, c) in moved {
             self.member.seek(&tp, c).await?;
             self.positions.insert(tp, c);
-        }
-        // Held records were not processed: read them again.
-        for tp in std::mem::take(&mut self.held).into_keys() {
-            if let Some(&pos) = self.positions.get(&tp) {
-                self.member.seek(&tp, pos).await?;
-            }
         }
         self.apply_pauses().await
     }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use spool_client::{Client, FetchOptions, Isolation, Record, TopicSettings};
@@ -33,11 +34,28 @@ pub(crate) async fn produce_inputs(
     keys: usize,
     produced: &mut Vec<(String, String)>,
 ) {
+    produce_padded_inputs(client, config, n, keys, 0, produced).await;
+}
+
+/// [`produce_inputs`] with `pad` bytes of `x` after each value (`v<i>-xxx…`).
+pub(crate) async fn produce_padded_inputs(
+    client: &Client,
+    config: spool_client::ProducerConfig,
+    n: usize,
+    keys: usize,
+    pad: usize,
+    produced: &mut Vec<(String, String)>,
+) {
     let producer = client.producer(config);
     let mut futs = Vec::new();
+    let padding = if pad == 0 {
+        String::new()
+    } else {
+        format!("-{}", "x".repeat(pad))
+    };
     for _ in 0..n {
         let i = produced.len();
-        let (key, value) = (format!("k{}", i % keys), format!("v{i}"));
+        let (key, value) = (format!("k{}", i % keys), format!("v{i}{padding}"));
         futs.push(
             producer
                 .send(
@@ -90,6 +108,8 @@ pub(crate) async fn read_all(client: &Client, topic: &str, partition: u32) -> Ve
 pub(crate) struct Proc {
     child: Option<Child>,
     ready: mpsc::Receiver<()>,
+    /// How many of its log lines said its producer was fenced.
+    fenced: Arc<AtomicUsize>,
 }
 
 impl Proc {
@@ -118,12 +138,17 @@ impl Proc {
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let stderr = child.stderr.take().expect("piped");
         let (tx, ready) = mpsc::channel();
+        let fenced = Arc::new(AtomicUsize::new(0));
+        let fenced_lines = fenced.clone();
         let echo = std::env::var_os("SPOOL_TEST_PROCESSOR_LOG").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if echo {
                     eprintln!("[processor] {line}");
+                }
+                if line.contains("producer fenced") {
+                    fenced_lines.fetch_add(1, Ordering::Relaxed);
                 }
                 if line.ends_with(" ready") {
                     let _ = tx.send(());
@@ -133,12 +158,34 @@ impl Proc {
         Proc {
             child: Some(child),
             ready,
+            fenced,
         }
     }
 
     /// Waits for the "NAME ready" line (state restored, in the group).
     pub(crate) fn wait_ready(&self, timeout: Duration) -> bool {
         self.ready.recv_timeout(timeout).is_ok()
+    }
+
+    /// How many times it logged that its transactional producer was fenced.
+    pub(crate) fn fenced(&self) -> usize {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Whether the process still runs (it has not exited by itself).
+    pub(crate) fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends signal `sig` (`STOP`, `CONT`, …).
+    pub(crate) fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
+        }
     }
 
     /// SIGKILL.
