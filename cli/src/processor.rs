@@ -3,7 +3,10 @@
 //! docs/processors.md).
 //!
 //! `processor list` samples every processor's committed progress twice, `--interval` apart,
-//! to show a rate and an estimate of the time to finish (lag / rate).
+//! to show a rate and an estimate of the time to finish (lag / rate). Done, lag and rate
+//! count **offsets**, as Kafka's consumer lag and `spool group` do: transaction markers and
+//! aborted records take offsets too, so under exactly-once a lag of N offsets is at most N
+//! records (counting records would mean reading every partition's backlog).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,7 +24,8 @@ use crate::table::Table;
 #[derive(Debug, Subcommand)]
 pub(crate) enum ProcessorCmd {
     /// Processors (groups with a control topic): state, members, done, lag, rate, ETA,
-    /// paused lanes.
+    /// paused lanes. Done, lag and rate count offsets, like Kafka's consumer lag
+    /// (transaction markers and aborted records included).
     ///
     /// Examples:
     ///   spool processor list
@@ -111,6 +115,10 @@ pub(crate) enum DlqCmd {
         /// Only say what would be sent.
         #[arg(long)]
         dry_run: bool,
+        /// At most this many records sent and not yet acknowledged (with one fetch of at
+        /// most 1 MiB, the bound on the command's memory however long the topic).
+        #[arg(long, default_value_t = 1000)]
+        in_flight: usize,
     },
     /// Make a processor give up on the record a partition is stuck retrying: it goes to the
     /// dead-letter topic and the partition moves on.
@@ -165,9 +173,9 @@ pub(crate) async fn run_processor(client: &Client, cmd: ProcessorCmd) -> CliResu
                     "PROCESSOR",
                     "STATE",
                     "MEMBERS",
-                    "DONE",
-                    "LAG",
-                    "RATE/S",
+                    "DONE(OFFSETS)",
+                    "LAG(OFFSETS)",
+                    "OFFSETS/S",
                     "ETA",
                     "PAUSED",
                 ]);
@@ -276,6 +284,7 @@ pub(crate) async fn run_dlq(client: &Client, cmd: DlqCmd) -> CliResult<ExitCode>
             from,
             limit,
             dry_run,
+            in_flight,
         } => {
             let target = match to.as_str() {
                 "source" => RedriveTarget::Source,
@@ -290,6 +299,7 @@ pub(crate) async fn run_dlq(client: &Client, cmd: DlqCmd) -> CliResult<ExitCode>
                 from,
                 limit: limit.unwrap_or(usize::MAX),
                 dry_run,
+                in_flight,
             };
             let report = ops::redrive(client, &topic, &opts).await?;
             writeln!(out, "{}", serde_json::to_string(&report).map_err(other)?)?;

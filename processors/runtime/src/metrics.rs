@@ -13,7 +13,7 @@
 //! | `spool_processor_retries_total` | counter | topic |
 //! | `spool_processor_dead_letters_total` | counter | topic |
 //! | `spool_processor_timers_fired_total` | counter | |
-//! | `spool_processor_lag` | gauge (records behind the high watermark) | topic, partition |
+//! | `spool_processor_lag` | gauge (offsets behind the high watermark, as Kafka's consumer lag) | topic, partition |
 //! | `spool_processor_restoring_partitions` | gauge | |
 //! | `spool_processor_restored_records_total` | counter | |
 //! | `spool_processor_paused_lanes` | gauge (1 when paused) | lane |

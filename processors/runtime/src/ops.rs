@@ -6,15 +6,19 @@
 //! at start). Pauses and skips are records in that topic ([`crate::control`]); every
 //! instance follows it, and reads it whole before processing after a restart.
 //!
-//! Redrive reads a dead-letter topic from `from` (default: its start) to its end as of the
-//! start of the command, keeps the records matching the filter, and produces each one (key,
-//! value and its own headers; the `spool_*` ones removed) to its original topic and
-//! partition, to the group's first retry topic, or to a named topic, at most `rate_per_sec`
-//! per second. The dead letters stay where they are; the report gives the offset to continue
-//! from. Redriving the same records twice sends them twice: handlers with external effects
-//! recognise repeats by their idempotency keys ([`crate::Context::effect`]).
+//! Redrive streams a dead-letter topic, one partition after the other, from `from` (default:
+//! its start) to its end as of the start of the command, keeps the records matching the
+//! filter, and produces each one (key, value and its own headers; the `spool_*` ones
+//! removed) to its original topic and partition, to the group's first retry topic, or to a
+//! named topic, at most `rate_per_sec` per second, in the dead-letter partition's order.
+//! Memory is bounded whatever the topic's size: one fetch of at most [`REDRIVE_FETCH_BYTES`]
+//! at a time and at most `in_flight` records sent and not yet acknowledged. The dead letters
+//! stay where they are; the report gives, per partition, the offset to continue from (a
+//! `limit` stops the redrive at the first record past it). Redriving the same records twice
+//! sends them twice: handlers with external effects recognise repeats by their idempotency
+//! keys ([`crate::Context::effect`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,9 +42,11 @@ pub struct ProcessorStatus {
     pub members: usize,
     /// Input topics (those it committed offsets for).
     pub topics: Vec<String>,
-    /// Records processed (sum of committed offsets minus log starts).
+    /// Offsets processed (committed offsets minus log starts, summed).
     pub done: u64,
-    /// Records waiting (high watermark minus committed offset, summed).
+    /// Offsets waiting (high watermark minus committed offset, summed): Kafka's consumer
+    /// lag. Transaction markers and aborted records take offsets, so this is an upper bound
+    /// on the records left to process.
     pub lag: u64,
     /// The whole processor is paused.
     pub paused: bool,
@@ -96,7 +102,8 @@ pub async fn status(client: &Client, name: &str) -> spool_client::Result<Process
     })
 }
 
-/// (done, lag) of a group over partitions: committed − log start, high watermark − committed.
+/// (done, lag) of a group over partitions, in offsets: committed − log start, high
+/// watermark − committed.
 pub async fn progress(
     client: &Client,
     group: &str,
@@ -370,7 +377,12 @@ pub struct RedriveOptions {
     pub limit: usize,
     /// Only report what would be sent.
     pub dry_run: bool,
+    /// At most this many records sent and not yet acknowledged (default 1000; at least 1).
+    pub in_flight: usize,
 }
+
+/// The largest fetch a redrive makes (one at a time).
+pub const REDRIVE_FETCH_BYTES: u32 = 1 << 20;
 
 impl Default for RedriveOptions {
     fn default() -> Self {
@@ -382,6 +394,7 @@ impl Default for RedriveOptions {
             from: None,
             limit: usize::MAX,
             dry_run: false,
+            in_flight: 1000,
         }
     }
 }
@@ -397,6 +410,8 @@ pub struct RedriveReport {
     pub per_topic: BTreeMap<String, usize>,
     /// Per partition of the dead-letter topic, the offset after the last record read.
     pub next_offsets: BTreeMap<u32, u64>,
+    /// The most records that were sent and not yet acknowledged at once (≤ `in_flight`).
+    pub peak_in_flight: usize,
 }
 
 /// Redrives dead letters (see the [module docs](self)).
@@ -405,7 +420,12 @@ pub async fn redrive(
     dlq: &str,
     opts: &RedriveOptions,
 ) -> spool_client::Result<RedriveReport> {
-    let letters = read_dead_letters(client, dlq, opts.from, usize::MAX).await?;
+    let d = client.describe_topic(dlq).await?;
+    let fetch = FetchOptions {
+        isolation: Isolation::ReadCommitted,
+        max_bytes: REDRIVE_FETCH_BYTES,
+        ..FetchOptions::default()
+    };
     let mut report = RedriveReport::default();
     let producer = client.producer(ProducerConfig::default());
     let mut pace = opts.rate_per_sec.map(|r| {
@@ -413,47 +433,81 @@ pub async fn redrive(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
-    let mut pending = Vec::new();
-    for d in letters {
-        report.read += 1;
-        let next = report.next_offsets.entry(d.partition).or_insert(0);
-        *next = (*next).max(d.offset + 1);
-        if report.sent >= opts.limit {
-            continue;
-        }
-        if let Some(e) = &opts.error_contains
-            && !d.error.as_deref().unwrap_or_default().contains(e.as_str())
-        {
-            continue;
-        }
-        let Some(source) = d.topic.clone() else {
-            continue;
-        };
-        if opts.source_topic.as_ref().is_some_and(|t| *t != source) {
-            continue;
-        }
-        let partition = d.source_partition.unwrap_or(d.partition);
-        let topic = match &opts.target {
-            RedriveTarget::Source => source,
-            RedriveTarget::Retry => {
-                let group = d.group.clone().unwrap_or_default();
-                engine::retry_topic(&source, &group, 1)
+    let window = opts.in_flight.max(1);
+    let mut pending = VecDeque::with_capacity(window.min(4096));
+    'partitions: for p in &d.partitions {
+        let end = p.high_watermark;
+        let mut offset = opts
+            .from
+            .unwrap_or(p.log_start_offset)
+            .max(p.log_start_offset);
+        while offset < end {
+            let fetched = client.fetch(dlq, p.partition, offset, &fetch).await?;
+            for r in fetched.records {
+                if r.offset >= end {
+                    break;
+                }
+                if report.sent >= opts.limit {
+                    break 'partitions;
+                }
+                report.read += 1;
+                report.next_offsets.insert(p.partition, r.offset + 1);
+                let letter = DeadLetter::from_record(r);
+                let Some((topic, partition)) = redrive_to(&letter, opts) else {
+                    continue;
+                };
+                report.sent += 1;
+                *report.per_topic.entry(topic.clone()).or_default() += 1;
+                if opts.dry_run {
+                    continue;
+                }
+                if let Some(p) = &mut pace {
+                    p.tick().await;
+                }
+                if pending.len() >= window
+                    && let Some(oldest) = pending.pop_front()
+                {
+                    oldest.await?;
+                }
+                pending.push_back(
+                    producer
+                        .send_to(&topic, partition, letter.original())
+                        .await?,
+                );
+                report.peak_in_flight = report.peak_in_flight.max(pending.len());
             }
-            RedriveTarget::Topic(t) => t.clone(),
-        };
-        report.sent += 1;
-        *report.per_topic.entry(topic.clone()).or_default() += 1;
-        if opts.dry_run {
-            continue;
+            if fetched.next_offset <= offset {
+                break;
+            }
+            offset = fetched.next_offset;
         }
-        if let Some(p) = &mut pace {
-            p.tick().await;
-        }
-        pending.push(producer.send_to(&topic, partition, d.original()).await?);
     }
     producer.close().await;
     for f in pending {
         f.await?;
     }
     Ok(report)
+}
+
+/// Where a dead letter goes back to (topic, partition), if it passes the filter.
+fn redrive_to(d: &DeadLetter, opts: &RedriveOptions) -> Option<(String, u32)> {
+    if let Some(e) = &opts.error_contains
+        && !d.error.as_deref().unwrap_or_default().contains(e.as_str())
+    {
+        return None;
+    }
+    let source = d.topic.clone()?;
+    if opts.source_topic.as_ref().is_some_and(|t| *t != source) {
+        return None;
+    }
+    let partition = d.source_partition.unwrap_or(d.partition);
+    let topic = match &opts.target {
+        RedriveTarget::Source => source,
+        RedriveTarget::Retry => {
+            let group = d.group.clone().unwrap_or_default();
+            engine::retry_topic(&source, &group, 1)
+        }
+        RedriveTarget::Topic(t) => t.clone(),
+    };
+    Some((topic, partition))
 }

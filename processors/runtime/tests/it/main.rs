@@ -3,6 +3,7 @@
 
 mod eos_kill;
 mod flow;
+mod redrive;
 mod secure;
 mod stop;
 
