@@ -105,9 +105,13 @@ fn binary(name: &str) -> PathBuf {
 }
 
 fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+    use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(binary(name))
         .args(args)
+        // Its own process group: a terminal's Ctrl-C reaches only the demo, which stops
+        // the processors first and the broker last.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -220,6 +224,10 @@ async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
                 ) else {
                     continue;
                 };
+                // A stuck run is reported again every quiet slot: show and count its first.
+                if e.ty == imports::STUCK && !e.id.ends_with("/stuck/1") {
+                    continue;
+                }
                 if let Some(line) = imports::describe(&e.ty, &e.data) {
                     eprintln!("{line}");
                 }
