@@ -63,7 +63,7 @@ pub use config::{
 pub use error::{Error, Result};
 pub use log::{Log, MAX_TOPIC_NAME, validate_topic_name};
 pub use notify::DataAvailable;
-pub use partition::{AppendInfo, Partition, PartitionStats, ReadResult, RecoveryReport};
+pub use partition::{AppendInfo, Durable, Partition, PartitionStats, ReadResult, RecoveryReport};
 /// The I/O seam (`spool-io`): the [`io::FileSystem`] every file operation goes through.
 pub use spool_io as io;
 pub use txn::{Isolation, Marker, OpenTxn};

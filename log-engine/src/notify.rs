@@ -71,42 +71,39 @@ impl Watch {
     }
 }
 
-/// Future that resolves to the high watermark once it exceeds a given offset.
+/// One registration with a [`Watch`], for futures: resolves once the value exceeds an offset.
+/// Counted as a waiter from its first pending poll until it is dropped.
 #[derive(Debug)]
-pub struct DataAvailable {
+pub(crate) struct Waiter {
     watch: Arc<Watch>,
     offset: u64,
     registered: bool,
 }
 
-impl DataAvailable {
-    pub(crate) fn new(watch: Arc<Watch>, offset: u64) -> DataAvailable {
-        DataAvailable {
+impl Waiter {
+    pub(crate) fn new(watch: Arc<Watch>, offset: u64) -> Waiter {
+        Waiter {
             watch,
             offset,
             registered: false,
         }
     }
-}
 
-impl Future for DataAvailable {
-    type Output = u64;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u64> {
+    /// Ready with the value once it exceeds the offset; otherwise registers `cx`'s waker.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
         let h = self.watch.get();
         if h > self.offset {
             return Poll::Ready(h);
         }
-        let this = &mut *self;
-        let mut wakers = this.watch.wakers.lock().unwrap_or_else(|p| p.into_inner());
-        if !this.registered {
-            this.watch.waiting.fetch_add(1, Ordering::SeqCst);
-            this.registered = true;
+        let mut wakers = self.watch.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.registered {
+            self.watch.waiting.fetch_add(1, Ordering::SeqCst);
+            self.registered = true;
         }
         // Re-check under the lock: a publish between the first check and here would otherwise
         // be missed.
-        let h = this.watch.get();
-        if h > this.offset {
+        let h = self.watch.get();
+        if h > self.offset {
             return Poll::Ready(h);
         }
         if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
@@ -116,11 +113,29 @@ impl Future for DataAvailable {
     }
 }
 
-impl Drop for DataAvailable {
+impl Drop for Waiter {
     fn drop(&mut self) {
         if self.registered {
             self.watch.waiting.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+/// Future that resolves to the high watermark once it exceeds a given offset.
+#[derive(Debug)]
+pub struct DataAvailable(Waiter);
+
+impl DataAvailable {
+    pub(crate) fn new(watch: Arc<Watch>, offset: u64) -> DataAvailable {
+        DataAvailable(Waiter::new(watch, offset))
+    }
+}
+
+impl Future for DataAvailable {
+    type Output = u64;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u64> {
+        self.0.poll(cx)
     }
 }
 

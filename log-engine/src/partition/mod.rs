@@ -136,6 +136,46 @@ enum Collected {
 struct CommitState {
     durable_next: u64,
     syncing: bool,
+    /// The highest offset asked for by [`Partition::request_sync`] (everything below it is to
+    /// be made durable by the sync loop).
+    requested: u64,
+    /// A sync loop ([`Partition::run_requested_syncs`]) is running or about to.
+    looping: bool,
+}
+
+/// Future returned by [`Partition::durable`].
+#[derive(Debug)]
+pub struct Durable {
+    partition: Arc<Partition>,
+    waiter: crate::notify::Waiter,
+    next_offset: u64,
+}
+
+impl std::future::Future for Durable {
+    type Output = Result<()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        // As `wait_durable`: a partition that refuses writes answers with its error, even for
+        // offsets already durable.
+        this.partition.check_writable()?;
+        if this.partition.durable.get() >= this.next_offset {
+            return Poll::Ready(Ok(()));
+        }
+        match this.waiter.poll(cx) {
+            Poll::Ready(_) => Poll::Ready(this.partition.check_writable()),
+            // Poisoning sets its flag before it wakes waiters: a registration that came after
+            // that wake-up sees the flag here.
+            Poll::Pending => match this.partition.check_writable() {
+                Err(e) => Poll::Ready(Err(e)),
+                Ok(()) => Poll::Pending,
+            },
+        }
+    }
 }
 
 /// One partition of a topic.
@@ -152,6 +192,8 @@ pub struct Partition {
     txn: Mutex<TxnIndex>,
     commit: Mutex<CommitState>,
     commit_cv: Condvar,
+    /// `CommitState::durable_next`, for async waiters ([`Partition::durable`]).
+    durable: Arc<Watch>,
     checkpoint: Mutex<Checkpoint>,
     watch: Arc<Watch>,
     log_start: AtomicU64,
@@ -289,7 +331,7 @@ impl Partition {
                 // must not end it).
                 return Ok(None);
             }
-            w.append(self, &cfg, &batch, &h)?
+            w.append(self, &cfg, &batch, &h, now)?
         };
         Ok(Some(info))
     }
@@ -326,8 +368,11 @@ impl Partition {
             cause.clone().unwrap_or_default()
         };
         self.poisoned.store(true, Ordering::Release);
-        let _guard = lock(&self.commit);
-        self.commit_cv.notify_all();
+        {
+            let _guard = lock(&self.commit);
+            self.commit_cv.notify_all();
+        }
+        self.durable.wake_all();
         Error::Poisoned {
             topic: self.topic.clone(),
             partition: self.id,
@@ -352,6 +397,38 @@ impl Partition {
     /// have it called, e.g. on a background task) with `last_offset + 1`.
     pub fn append_nowait(&self, batch: &[u8]) -> Result<AppendInfo> {
         let cfg = self.config();
+        let h = self.check_batch(&cfg, batch)?;
+        let mut w = lock(&self.writer);
+        self.append_locked(&mut w, &cfg, batch, &h, self.shared.clock.now_ms())
+    }
+
+    /// [`Partition::append_nowait`] only when it cannot block for long: `None` (nothing
+    /// written) when another thread holds the partition's writer lock (an append, a roll,
+    /// retention, a compaction swap, a sync capturing its end) or when this batch would make
+    /// the active segment roll (a roll fdatasyncs the sealed segment). What is left is a write
+    /// into the page cache. Meant for callers on an async runtime's thread, which fall back to
+    /// `append_nowait` on a thread that may block when this says `None`. A batch that fails its
+    /// checks is refused (`Some(Err)`) whatever the lock.
+    pub fn try_append_nowait(&self, batch: &[u8]) -> Option<Result<AppendInfo>> {
+        let cfg = self.config();
+        let h = match self.check_batch(&cfg, batch) {
+            Ok(h) => h,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut w = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let now = self.shared.clock.now_ms();
+        if w.roll_due(&cfg, batch.len() as u64, &h, now) {
+            return None;
+        }
+        Some(self.append_locked(&mut w, &cfg, batch, &h, now))
+    }
+
+    /// The checks every appended batch passes before the writer lock.
+    fn check_batch(&self, cfg: &TopicConfig, batch: &[u8]) -> Result<BatchHeader> {
         let h = batch::validate_batch(batch, cfg.max_batch_bytes, &self.shared.limits.decode())?;
         if cfg.cleanup.compacts() {
             crate::compact::check_compactable(batch, &h, &self.shared.limits)?;
@@ -362,15 +439,28 @@ impl Partition {
             )
             .into());
         }
-        let mut w = lock(&self.writer);
+        Ok(h)
+    }
+
+    /// The rest of an append, under the writer lock: producer and transaction checks, then
+    /// the write (or the original offsets of a duplicate).
+    fn append_locked(
+        &self,
+        w: &mut Writer,
+        cfg: &TopicConfig,
+        batch: &[u8],
+        h: &BatchHeader,
+        now: i64,
+    ) -> Result<AppendInfo> {
         self.check_writable()?;
+        let h = *h;
         match w.producers.check(&h)? {
             crate::producer::Check::Append => {
                 if h.producer_id >= 0 || h.is_transactional() {
                     let max_aborted = self.shared.limits.max_aborted_txns_per_partition;
                     lock(&self.txn).check(&h, max_aborted)?;
                 }
-                w.append(self, &cfg, batch, &h)
+                w.append(self, cfg, batch, &h, now)
             }
             crate::producer::Check::Duplicate {
                 base_offset,
@@ -420,9 +510,60 @@ impl Partition {
             st.syncing = false;
             if let Ok(next) = res {
                 st.durable_next = st.durable_next.max(next);
+                self.durable.publish(st.durable_next);
             }
             self.commit_cv.notify_all();
             res?;
+        }
+    }
+
+    /// Asks for everything below `next_offset` to be made durable soon, without waiting
+    /// (group commit without a thread per request). Returns true when the caller must now run
+    /// [`Partition::run_requested_syncs`] on a thread that may block: no sync loop is running
+    /// for this partition. False when nothing is needed (already durable, or the partition
+    /// refuses writes: a waiter then gets the error from [`Partition::durable`]) or a running
+    /// loop will cover it: a loop re-checks what was asked before it stops, under the same
+    /// lock, so a request is never left without a sync.
+    pub fn request_sync(&self, next_offset: u64) -> bool {
+        let mut st = lock(&self.commit);
+        if st.durable_next >= next_offset || self.check_writable().is_err() {
+            return false;
+        }
+        st.requested = st.requested.max(next_offset);
+        !std::mem::replace(&mut st.looping, true)
+    }
+
+    /// The sync loop started by [`Partition::request_sync`] returning true: runs group commits
+    /// ([`Partition::wait_durable`]) until everything requested meanwhile is durable, then
+    /// returns. An error (the partition is then poisoned or closed) ends the loop; waiters see
+    /// it through [`Partition::durable`].
+    pub fn run_requested_syncs(&self) -> Result<()> {
+        loop {
+            let target = {
+                let mut st = lock(&self.commit);
+                if st.durable_next >= st.requested {
+                    st.looping = false;
+                    return Ok(());
+                }
+                st.requested
+            };
+            if let Err(e) = self.wait_durable(target) {
+                lock(&self.commit).looping = false;
+                return Err(e);
+            }
+        }
+    }
+
+    /// A future (for any async runtime) that resolves like [`Partition::wait_durable`]
+    /// returns, without running a sync itself: `Ok` once an fdatasync covering every offset
+    /// below `next_offset` has completed (and the partition still takes writes), the
+    /// partition's error once it is poisoned or closed. Someone must make the sync happen
+    /// ([`Partition::request_sync`]).
+    pub fn durable(self: &Arc<Self>, next_offset: u64) -> Durable {
+        Durable {
+            partition: self.clone(),
+            waiter: crate::notify::Waiter::new(self.durable.clone(), next_offset.saturating_sub(1)),
+            next_offset,
         }
     }
 
@@ -430,6 +571,7 @@ impl Partition {
     fn advance_durable(&self, next: u64) {
         let mut st = lock(&self.commit);
         st.durable_next = st.durable_next.max(next);
+        self.durable.publish(st.durable_next);
         self.commit_cv.notify_all();
     }
 
@@ -820,6 +962,7 @@ impl Partition {
             return Ok(());
         }
         self.watch.wake_all();
+        self.durable.wake_all();
         if self.is_poisoned() {
             return Ok(());
         }

@@ -367,8 +367,11 @@ impl Partition {
             commit: Mutex::new(CommitState {
                 durable_next: next,
                 syncing: false,
+                requested: next,
+                looping: false,
             }),
             commit_cv: Condvar::new(),
+            durable: Arc::new(Watch::new(next)),
             checkpoint: Mutex::new(checkpoint),
             watch: Arc::new(Watch::new(next)),
             log_start: AtomicU64::new(log_start),

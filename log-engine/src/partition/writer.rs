@@ -62,16 +62,9 @@ impl Writer {
         )
     }
 
-    /// Appends a validated batch; returns what was assigned.
-    pub(super) fn append(
-        &mut self,
-        p: &Partition,
-        cfg: &TopicConfig,
-        batch: &[u8],
-        h: &BatchHeader,
-    ) -> Result<AppendInfo> {
-        let now = p.shared.clock.now_ms();
-        let len = batch.len() as u64;
+    /// True when appending a batch of `len` bytes with header `h` at time `now` must roll
+    /// the active segment first.
+    pub(super) fn roll_due(&self, cfg: &TopicConfig, len: u64, h: &BatchHeader, now: i64) -> bool {
         let too_big = self.position + len > cfg.segment_bytes;
         // Index entries hold offsets relative to the segment base as u32; like Kafka, roll
         // before a segment's offsets would span more than i32::MAX.
@@ -81,9 +74,23 @@ impl Writer {
         let too_old = self
             .first_append_ms
             .is_some_and(|t| now.saturating_sub(t) >= cfg.segment_ms as i64);
-        if self.position > 0 && (too_big || too_old || too_many) {
+        self.position > 0 && (too_big || too_old || too_many)
+    }
+
+    /// Appends a validated batch at time `now` (the append time it records, and what the
+    /// segment's age is judged by); returns what was assigned.
+    pub(super) fn append(
+        &mut self,
+        p: &Partition,
+        cfg: &TopicConfig,
+        batch: &[u8],
+        h: &BatchHeader,
+        now: i64,
+    ) -> Result<AppendInfo> {
+        if self.roll_due(cfg, batch.len() as u64, h, now) {
             self.roll(p)?;
         }
+        let len = batch.len() as u64;
         let base = self.next_offset;
         let mut prefix = [0u8; 16];
         prefix.copy_from_slice(&batch[..16]);

@@ -131,3 +131,74 @@ fn mapped_segments_stay_under_the_limit() {
         );
     }
 }
+
+/// Polls `f` to completion on this thread (a waker that unparks it).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+}
+
+/// The broker's way to wait for durability: appenders on several threads `append_nowait`, ask
+/// for a sync (`request_sync`; whoever gets `true` starts the sync loop on a thread of its
+/// own) and await `durable`. Every waiter resolves, and only once its batch is readable
+/// (under `fsync = always` the high watermark is the durable end); the loops all end.
+#[test]
+fn requested_syncs_cover_every_waiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    log.create_topic(
+        "t",
+        TopicConfig {
+            segment_bytes: 64 << 10,
+            fsync: FsyncPolicy::Always,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let loops = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (p, loops) = (p.clone(), loops.clone());
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let info = p
+                        .append_nowait(&batch(&format!("w{w}-{i}"), 2, i as i64))
+                        .unwrap();
+                    let next = info.last_offset + 1;
+                    if p.request_sync(next) {
+                        let p = p.clone();
+                        let h = std::thread::spawn(move || p.run_requested_syncs());
+                        loops.lock().unwrap().push(h);
+                    }
+                    block_on(p.durable(next)).unwrap();
+                    assert!(p.high_watermark() >= next, "acknowledged but not visible");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let loops = std::mem::take(&mut *loops.lock().unwrap());
+    assert!(!loops.is_empty());
+    for h in loops {
+        h.join().unwrap().unwrap();
+    }
+    assert_eq!(p.high_watermark(), 800);
+    // Nothing left to sync: no loop to start.
+    assert!(!p.request_sync(800));
+}

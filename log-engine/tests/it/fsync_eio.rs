@@ -3,7 +3,9 @@
 //! The child ([`child`], ignored unless `SPOOL_EIO_CHILD_DIR` is set) is this test binary run
 //! again under strace. It opens a log (fsync = always, 4 KiB segments so that rolls, index
 //! writes and directory fsyncs happen), appends batches one by one from a single thread (so
-//! that the N-th call is the same call in every run) and reports each outcome on stdout. A
+//! that the N-th call is the same call in every run; every other append takes the broker's
+//! path: `append_nowait`, `request_sync`, the sync loop, the `durable` future) and reports
+//! each outcome on stdout. A
 //! baseline run counts the calls; then, for every N up to that count, a fresh log is given to
 //! a child whose N-th `fdatasync` (then `fsync`, then `pwrite64`) fails with EIO. The checks:
 //! - a failure of a durability call on log data or the recovery point is never swallowed:
@@ -17,12 +19,17 @@
 //! strace is required: the test fails (it does not skip) when it cannot run strace. CI
 //! installs it (`apt-get install -y strace`).
 
+use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use spool_log_engine::{BatchBuilder, Compression, Error, FsyncPolicy, Log, TopicConfig};
+use spool_log_engine::{
+    AppendInfo, BatchBuilder, Compression, Error, FsyncPolicy, Log, Partition, TopicConfig,
+};
 
 use crate::common::{open_topic, opts, read_all, scratch};
 
@@ -81,12 +88,12 @@ fn child() {
     say("READY\n".into());
     let p = log.partition("t", 0).unwrap();
     for seq in 0..APPENDS {
-        match p.append(&batch(seq)) {
+        match append(&p, seq) {
             Ok(info) => say(format!("ACK {seq} {}\n", info.base_offset)),
             Err(e) => {
                 say(format!("FAIL {seq} {} {e}\n", kind(&e)));
                 for after in seq + 1..seq + 4 {
-                    match p.append(&batch(after)) {
+                    match append(&p, after) {
                         Ok(info) => say(format!("AFTER {after} ok {}\n", info.base_offset)),
                         Err(e) => say(format!("AFTER {after} {} {e}\n", kind(&e))),
                     }
@@ -103,6 +110,30 @@ fn child() {
     match log.close() {
         Ok(()) => say("CLOSE ok\n".into()),
         Err(e) => say(format!("CLOSE {} {e}\n", kind(&e))),
+    }
+}
+
+/// The child's append: even batches through `append` (the caller's thread runs the group
+/// commit), odd ones the way the broker does it (`append_nowait`, then `request_sync` and the
+/// sync loop, then the `durable` future), so that both paths meet every injected failure.
+fn append(p: &Arc<Partition>, seq: u64) -> spool_log_engine::Result<AppendInfo> {
+    let b = batch(seq);
+    if seq.is_multiple_of(2) {
+        return p.append(&b);
+    }
+    let info = p.append_nowait(&b)?;
+    let next = info.last_offset + 1;
+    if p.request_sync(next) {
+        // Its error reaches the waiter below.
+        let _ = p.run_requested_syncs();
+    }
+    let mut durable = std::pin::pin!(p.durable(next));
+    match durable
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(r) => r.map(|()| info),
+        Poll::Pending => panic!("batch {seq} not durable after the sync loop ended"),
     }
 }
 
