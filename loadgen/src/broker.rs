@@ -423,16 +423,28 @@ fn group_gone_within(pgid: u32, deadline: Instant) -> bool {
     }
 }
 
-/// True while `/proc` shows a process of group `pgid` that has not exited.
+/// True while `/proc` shows a process of group `pgid` that has not exited: one with a thread
+/// that has not exited. (A killed process's main thread can be a zombie while another of its
+/// threads is still finishing a system call, e.g. an fdatasync: its files, and so its data
+/// directory's lock, are released only when the last thread is gone.)
 fn group_alive(pgid: u32) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return false;
     };
     procs.flatten().any(|p| {
-        std::fs::read_to_string(p.path().join("stat"))
+        let in_group = std::fs::read_to_string(p.path().join("stat"))
             .ok()
             .and_then(|stat| stat_state_and_group(&stat))
-            .is_some_and(|(state, group)| group == pgid && !matches!(state, 'Z' | 'X'))
+            .is_some_and(|(_, group)| group == pgid);
+        in_group && {
+            let tasks = std::fs::read_dir(p.path().join("task"));
+            tasks.into_iter().flatten().flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|stat| stat_state_and_group(&stat))
+                    .is_some_and(|(state, _)| !matches!(state, 'Z' | 'X'))
+            })
+        }
     })
 }
 
