@@ -9,8 +9,12 @@
 //! ```
 //!
 //! Invariants:
-//! - Blocking engine work (appends, fsyncs, reads that may fault pages in) runs on tokio's
-//!   blocking pool, never on a reactor thread.
+//! - Engine work that may block (appends, fsyncs, reads that may fault pages in) runs on
+//!   tokio's blocking pool, never on a reactor thread. The one exception is an append that
+//!   cannot block for long: a small produce request on the async path (no `fsync = always`
+//!   partition) whose partitions take it at once
+//!   (`Partition::try_append_nowait`: writer lock free, no roll due), a copy into the page
+//!   cache that costs less than the hand-off (`service/produce.rs`).
 //! - Engine errors become wire errors in one place (`error.rs`).
 //! - Every request is bounded before the broker allocates for it: tonic's decode and encode
 //!   limits, partitions per request, records per list, fetch sizes and waits.

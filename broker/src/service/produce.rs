@@ -14,6 +14,23 @@
 //! time, so per-partition order is the stream's order; settle phases overlap (at most
 //! `MAX_IN_FLIGHT` per stream), and replies carry the request id, possibly out of order.
 //!
+//! Two ways to run the phases, chosen per request ([`blocking_path`]):
+//! - a request to any `fsync = always` partition (the default policy) takes the **blocking
+//!   path**: the write phase on the blocking pool, the settle phase on another blocking-pool
+//!   thread that runs `Partition::wait_durable` itself (one group commit per partition among
+//!   all the threads waiting), and under `acks = written | none` a detached blocking
+//!   `wait_durable` that makes the batch durable, and so visible, soon. (The async path was
+//!   measured on these partitions too: records became visible later, cause not found, see
+//!   docs/benchmarks.md, issue 14.)
+//! - every other request takes the **async path**, which holds no thread while it waits: the
+//!   write phase on the runtime thread for small requests whose partitions take them without
+//!   blocking ([`INLINE_MAX_BYTES`]), otherwise on the blocking pool; the settle phase asks the
+//!   partition for a sync (`Partition::request_sync`: one blocking-pool thread runs the
+//!   partition's group commits for as long as requests keep asking, not one per request) and,
+//!   with `acks = durable`, awaits `Partition::durable`, which resolves only once an
+//!   fdatasync covering the batch has completed (or with the partition's error). A reply
+//!   that waits for no fdatasync is sent from the stream's own task.
+//!
 //! Transactional batches: before any is appended, the transaction coordinator adds its
 //! partition to the producer's open transaction (and refuses a zombie's or an ended
 //! transaction's batch); the partition then checks the batch against its own transaction
@@ -24,7 +41,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use spool_log_engine::{AppendInfo, BatchHeader, FsyncPolicy, Partition};
+use spool_log_engine::{AppendInfo, BatchHeader, Durable, FsyncPolicy, Partition};
 use spool_proto::v1::{self, produce_service_server::ProduceService};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
@@ -40,6 +57,13 @@ use crate::{State, blocking};
 
 /// Requests of one `ProduceStream` whose replies are pending.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// On the async path, a request of pre-encoded, non-transactional batches of at most this many
+/// bytes in all is appended on the runtime thread that received it when its partitions take
+/// it without blocking (`Partition::try_append_nowait`: writer lock free, no roll due);
+/// larger ones, and the rest, on the blocking pool. 64 KiB is a copy into the page cache of
+/// some microseconds.
+const INLINE_MAX_BYTES: usize = 64 << 10;
 
 #[derive(Debug)]
 pub(crate) struct Produce {
@@ -98,14 +122,17 @@ fn check(state: &State, partitions: usize, acks: i32) -> Result<v1::Acks, Broker
     v1::Acks::try_from(acks).map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))
 }
 
-/// Write phase (blocking): check each part and append it without waiting for durability.
-/// With `acks = none` the appends are handed to the blocking pool and the phase returns at once.
-fn write(
+/// One part of a request, checked and ready to append: (index into results, partition, batch).
+type Job = (usize, Arc<Partition>, Bytes);
+
+/// Checks every part of a request (where it goes, the caller's rights, the data; record lists
+/// are encoded here) and registers transactional batches with their transactions. Returns the
+/// results (errors set for refused parts) and the parts to append, in request order.
+fn prepare_all(
     state: &State,
     who: &Principal,
     parts: Vec<v1::PartitionProduce>,
-    acks: v1::Acks,
-) -> Written {
+) -> (Vec<v1::PartitionProduceResult>, Vec<Job>) {
     let now = state.now_ms();
     let mut results = Vec::with_capacity(parts.len());
     let mut jobs = Vec::with_capacity(parts.len());
@@ -122,20 +149,104 @@ fn write(
         results.push(r);
     }
     let jobs = register_transactional(state, jobs, &mut results);
-    // Appends happen here, in request order, for every acks level (acks = none too, so that
-    // successive requests keep their order); only what happens after differs (settle).
-    let mut appended = Vec::with_capacity(jobs.len());
+    (results, jobs)
+}
+
+/// Appends `jobs` in order (blocking). Appends happen in request order for every acks level
+/// (acks = none too, so that successive requests keep their order); only what happens after
+/// differs (settle).
+fn append_all(jobs: Vec<Job>, w: &mut Written) {
     for (i, p, batch) in jobs {
         match p.append_nowait(&batch) {
-            Ok(info) => appended.push((i, p, info, batch.len())),
-            Err(e) => results[i].error = Some(partition_error(e)),
+            Ok(info) => w.appended.push((i, p, info, batch.len())),
+            Err(e) => w.results[i].error = Some(partition_error(e)),
         }
     }
-    Written {
+}
+
+/// Write phase (blocking): check each part and append it without waiting for durability.
+fn write(
+    state: &State,
+    who: &Principal,
+    parts: Vec<v1::PartitionProduce>,
+    acks: v1::Acks,
+) -> Written {
+    let (results, jobs) = prepare_all(state, who, parts);
+    let mut w = Written {
         acks,
+        appended: Vec::with_capacity(jobs.len()),
         results,
-        appended,
+    };
+    append_all(jobs, &mut w);
+    w
+}
+
+/// True when a request may be written on the runtime thread: every part a pre-encoded batch
+/// (no record list to encode), none transactional (no coordinator call), at most
+/// [`INLINE_MAX_BYTES`] in all.
+fn inline_ok(parts: &[v1::PartitionProduce]) -> bool {
+    let mut total = 0usize;
+    parts.iter().all(|pp| match &pp.data {
+        Some(v1::partition_produce::Data::RecordBatch(b)) => {
+            total += b.len();
+            total <= INLINE_MAX_BYTES && !BatchHeader::parse(b).is_ok_and(|h| h.is_transactional())
+        }
+        _ => false,
+    })
+}
+
+/// Write phase on the runtime thread for a small request: checks, then `try_append_nowait`
+/// for each part in order. Returns the parts from the first one whose partition declined
+/// (writer busy, or a roll due), which must be appended on a thread that may block, in order.
+fn write_inline(
+    state: &State,
+    who: &Principal,
+    parts: Vec<v1::PartitionProduce>,
+    acks: v1::Acks,
+) -> (Written, Vec<Job>) {
+    let (results, jobs) = prepare_all(state, who, parts);
+    let mut w = Written {
+        acks,
+        appended: Vec::with_capacity(jobs.len()),
+        results,
+    };
+    let mut jobs = jobs.into_iter();
+    while let Some((i, p, batch)) = jobs.next() {
+        match p.try_append_nowait(&batch) {
+            Some(Ok(info)) => w.appended.push((i, p, info, batch.len())),
+            Some(Err(e)) => w.results[i].error = Some(partition_error(e)),
+            None => {
+                let mut rest = vec![(i, p, batch)];
+                rest.extend(jobs);
+                return (w, rest);
+            }
+        }
     }
+    (w, Vec::new())
+}
+
+/// Runs the write phase of an async-path request: on this (runtime) thread when the request is small and
+/// its partitions take it without blocking (handing a write of a few kilobytes into the page
+/// cache to another thread costs more than the write), otherwise on the blocking pool.
+async fn write_phase(
+    state: &Arc<State>,
+    who: Principal,
+    parts: Vec<v1::PartitionProduce>,
+    acks: v1::Acks,
+) -> Result<Written, Status> {
+    if inline_ok(&parts) {
+        let (mut w, rest) = write_inline(state, &who, parts, acks);
+        if rest.is_empty() {
+            return Ok(w);
+        }
+        return blocking(move || {
+            append_all(rest, &mut w);
+            w
+        })
+        .await;
+    }
+    let st = state.clone();
+    blocking(move || write(&st, &who, parts, acks)).await
 }
 
 /// Adds the partitions of transactional batches to their producers' open transactions
@@ -180,8 +291,50 @@ fn register_transactional(
         .collect()
 }
 
-/// Settle phase (blocking): wait for the durability `acks` asks for; fill in the results.
-fn settle(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
+/// True when a request takes the blocking path: one of its parts goes to an existing
+/// `fsync = always` partition. (A part whose partition does not exist is refused by the write
+/// phase on either path.)
+fn blocking_path(state: &State, parts: &[v1::PartitionProduce]) -> bool {
+    parts.iter().any(|pp| {
+        state
+            .log
+            .partition(&pp.topic, pp.partition)
+            .is_ok_and(|p| p.fsync_policy() == FsyncPolicy::Always)
+    })
+}
+
+/// Fills in one part's result once the durability its reply waits for is settled.
+fn fill(
+    state: &State,
+    acks: v1::Acks,
+    r: &mut v1::PartitionProduceResult,
+    info: &AppendInfo,
+    bytes: usize,
+    outcome: spool_log_engine::Result<()>,
+) {
+    match outcome {
+        Ok(()) => {
+            // A duplicate wrote nothing: it is not counted as produced.
+            if !info.duplicate {
+                state
+                    .metrics
+                    .produced(&r.topic, bytes, info.last_offset - info.base_offset + 1);
+            }
+            r.duplicate = info.duplicate;
+            if acks == v1::Acks::None {
+                return; // no offsets, as the contract says
+            }
+            r.base_offset = info.base_offset;
+            r.last_offset = info.last_offset;
+            r.log_append_time_ms = info.log_append_time_ms;
+        }
+        Err(e) => r.error = Some(partition_error(e)),
+    }
+}
+
+/// Settle phase of the blocking path (blocking): waits for the durability `acks` asks for,
+/// running the partition's group commit on this thread; fills in the results.
+fn settle_blocking(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
     let Written {
         acks,
         mut results,
@@ -203,29 +356,92 @@ fn settle(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
         } else {
             p.wait_durable(next)
         };
-        let r = &mut results[i];
-        match outcome {
-            Ok(()) => {
-                // A duplicate wrote nothing: it is not counted as produced.
-                if !info.duplicate {
-                    state.metrics.produced(
-                        &r.topic,
-                        bytes,
-                        info.last_offset - info.base_offset + 1,
-                    );
-                }
-                r.duplicate = info.duplicate;
-                if acks == v1::Acks::None {
-                    continue; // no offsets, as the contract says
-                }
-                r.base_offset = info.base_offset;
-                r.last_offset = info.last_offset;
-                r.log_append_time_ms = info.log_append_time_ms;
-            }
-            Err(e) => r.error = Some(partition_error(e)),
-        }
+        fill(state, acks, &mut results[i], &info, bytes, outcome);
     }
     results
+}
+
+/// Makes everything below `next` on `p` durable soon: joins the partition's running sync loop,
+/// or starts one on the blocking pool when none runs (one thread per burst of requests, not
+/// one per request).
+fn request_sync(p: &Arc<Partition>, next: u64) {
+    if p.request_sync(next) {
+        let p = p.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = p.run_requested_syncs()
+                && !matches!(e, spool_log_engine::Error::Closed)
+            {
+                tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
+            }
+        });
+    }
+}
+
+/// A request whose appends are done, waiting for the durability `acks` asks for.
+struct Settling {
+    acks: v1::Acks,
+    results: Vec<v1::PartitionProduceResult>,
+    /// (index into results, what was appended, bytes, the durability to wait for).
+    parts: Vec<(usize, AppendInfo, usize, Option<Durable>)>,
+}
+
+/// Settle phase of the async path, started: asks for the syncs `acks` and the fsync policy
+/// need. Under
+/// `fsync = always` a batch acknowledged before its fdatasync (`acks = written | none`) still
+/// gets one soon (readers see it only once synced); `acks = durable` waits for one, whatever
+/// the policy. Runs on the runtime: nothing here blocks.
+fn settle(w: Written) -> Settling {
+    let Written {
+        acks,
+        results,
+        appended,
+    } = w;
+    let wait = acks == v1::Acks::Durable || acks == v1::Acks::Unspecified;
+    let parts = appended
+        .into_iter()
+        .map(|(i, p, info, bytes)| {
+            let next = info.last_offset + 1;
+            let durable = if wait {
+                request_sync(&p, next);
+                Some(p.durable(next))
+            } else {
+                if p.fsync_policy() == FsyncPolicy::Always {
+                    request_sync(&p, next);
+                }
+                None
+            };
+            (i, info, bytes, durable)
+        })
+        .collect();
+    Settling {
+        acks,
+        results,
+        parts,
+    }
+}
+
+impl Settling {
+    /// True when the reply must wait for an fdatasync.
+    fn waits(&self) -> bool {
+        self.parts.iter().any(|(.., d)| d.is_some())
+    }
+
+    /// Waits (holding no thread) for the durability asked for; fills in the results.
+    async fn finish(self, state: &State) -> Vec<v1::PartitionProduceResult> {
+        let Settling {
+            acks,
+            mut results,
+            parts,
+        } = self;
+        for (i, info, bytes, durable) in parts {
+            let outcome = match durable {
+                Some(d) => d.await,
+                None => Ok(()),
+            };
+            fill(state, acks, &mut results[i], &info, bytes, outcome);
+        }
+        results
+    }
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<v1::ProduceStreamResponse, Status>> + Send>>;
@@ -240,12 +456,17 @@ impl ProduceService for Produce {
             let who = principal(&req);
             let req = req.into_inner();
             let acks = check(&self.state, req.partitions.len(), req.acks)?;
-            let state = self.state.clone();
-            let results = blocking(move || {
-                let w = write(&state, &who, req.partitions, acks);
-                settle(&state, w)
-            })
-            .await?;
+            let results = if blocking_path(&self.state, &req.partitions) {
+                let state = self.state.clone();
+                blocking(move || {
+                    let w = write(&state, &who, req.partitions, acks);
+                    settle_blocking(&state, w)
+                })
+                .await?
+            } else {
+                let w = write_phase(&self.state, who, req.partitions, acks).await?;
+                settle(w).finish(&self.state).await
+            };
             Ok(Response::new(v1::ProduceResponse { results }))
         })
         .await
@@ -336,25 +557,61 @@ impl ProduceService for Produce {
                     }
                 };
                 // Write phase in arrival order: this is what keeps per-partition order.
-                let (st, who) = (state.clone(), who.clone());
-                let parts = msg.partitions;
-                let Ok(written) =
-                    tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
-                else {
-                    break;
+                if blocking_path(&state, &msg.partitions) {
+                    let (st, who) = (state.clone(), who.clone());
+                    let parts = msg.partitions;
+                    let Ok(written) =
+                        tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
+                    else {
+                        break;
+                    };
+                    let (st, tx) = (state.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let results =
+                            tokio::task::spawn_blocking(move || settle_blocking(&st, written))
+                                .await;
+                        let reply = match results {
+                            Ok(results) => Ok(v1::ProduceStreamResponse {
+                                request_id: id,
+                                results,
+                            }),
+                            Err(e) => Err(Status::internal(format!("worker failed: {e}"))),
+                        };
+                        let _ = tx.send(reply).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+                let written = match write_phase(&state, who.clone(), msg.partitions, acks).await {
+                    Ok(w) => w,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
                 };
-                // Settle phases overlap; the reply carries the request id.
+                // Settle phases overlap; the reply carries the request id. A reply that waits
+                // for no fdatasync goes out from here, without a task of its own.
+                let settling = settle(written);
+                if !settling.waits() {
+                    let results = settling.finish(&state).await;
+                    let reply = v1::ProduceStreamResponse {
+                        request_id: id,
+                        results,
+                    };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        break;
+                    }
+                    drop(permit);
+                    continue;
+                }
                 let (st, tx) = (state.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let results = tokio::task::spawn_blocking(move || settle(&st, written)).await;
-                    let reply = match results {
-                        Ok(results) => Ok(v1::ProduceStreamResponse {
-                            request_id: id,
-                            results,
-                        }),
-                        Err(e) => Err(Status::internal(format!("worker failed: {e}"))),
+                    let results = settling.finish(&st).await;
+                    let reply = v1::ProduceStreamResponse {
+                        request_id: id,
+                        results,
                     };
-                    let _ = tx.send(reply).await;
+                    let _ = tx.send(Ok(reply)).await;
                     drop(permit);
                 });
             }

@@ -184,21 +184,41 @@ fn code_name(r: &v1::PartitionProduceResult) -> &'static str {
 
 /// A failed fdatasync poisons the partition, and the request whose own fdatasync failed is
 /// told so (ERROR_CODE_PARTITION_POISONED, as docs/durability.md promises; it used to get
-/// ERROR_CODE_INTERNAL), as is every later one; nothing acknowledged is lost.
+/// ERROR_CODE_INTERNAL), as is every later one; nothing acknowledged is lost. On an
+/// `fsync = always` topic, where produce takes the broker's blocking path (the settle thread
+/// runs the group commit); [`failed_fdatasync_on_the_async_path`] is the same on the async
+/// path.
 ///
-/// spoold runs under strace, which makes the second fdatasync of the partition's segment fail
-/// with EIO: the first durable produce is acknowledged, the second (whose fdatasync fails) and
-/// the two after it are refused as poisoned, and the high watermark stays at the acknowledged
-/// record. After a restart without strace the acknowledged record is at its offset, the only
-/// record past it can be the one whose fdatasync failed (its write reached the page cache),
-/// and appends resume. Produces are sequential, so the N-th fdatasync is the same one in
-/// every run. strace is required (`.ci/install-test-tools`); the test fails without it.
+/// spoold runs under strace, which makes the second fdatasync of the partition's segment by
+/// a thread fail with EIO: the durable produces before it are acknowledged, the one whose
+/// fdatasync fails and the two after it are refused as poisoned, and the high watermark stays
+/// at the acknowledged records. After a restart without strace the acknowledged records are
+/// at their offsets, the only record past them can be the one whose fdatasync failed (its
+/// write reached the page cache), and appends resume. strace is required
+/// (`.ci/install-test-tools`); the test fails without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fdatasync_answers_poisoned_to_the_request_that_saw_it() {
+    failed_fdatasync_case(v1::FsyncPolicy::Always).await;
+}
+
+/// [`failed_fdatasync_answers_poisoned_to_the_request_that_saw_it`] on an `fsync = never`
+/// topic, where `acks = durable` takes the async path (`Partition::request_sync`, the
+/// partition's sync loop, the `Partition::durable` future). The high watermark there moves at
+/// append, so it may include the batch whose fdatasync failed (never acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_fdatasync_on_the_async_path() {
+    failed_fdatasync_case(v1::FsyncPolicy::Never).await;
+}
+
+async fn failed_fdatasync_case(fsync: v1::FsyncPolicy) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let b = Spoold::start(&data, &[]);
-    b.create_topic("t", 1).await;
+    let config = v1::TopicConfig {
+        fsync_policy: fsync as i32,
+        ..Default::default()
+    };
+    b.create_topic_with("t", 1, Some(config)).await;
     b.stop();
     let segment = data.join("t/0/00000000000000000000.log");
     assert!(segment.exists(), "{} missing", segment.display());
@@ -225,8 +245,24 @@ async fn failed_fdatasync_answers_poisoned_to_the_request_that_saw_it() {
         "the produce before the injected EIO: {first:?}\n{}",
         b.stderr()
     );
-    let mut codes = Vec::new();
-    for i in 0..3 {
+    // strace counts `when=` per thread, and the partition's syncs run on whichever
+    // blocking-pool thread runs a settle phase or the sync loop: the call that fails is the
+    // second fdatasync of some thread, so more produces may be acknowledged first (each after
+    // its own successful fdatasync: produces are sequential). Up to 50 tries: a handful of
+    // pool threads take turns.
+    let mut acked = vec!["acked".to_owned()];
+    let failed = loop {
+        let value = format!("v{}", acked.len());
+        let r = produce_durable(&mut prod, &value).await;
+        if r.error.is_some() {
+            break (value, code_name(&r));
+        }
+        assert_eq!(r.base_offset, acked.len() as u64, "{r:?}");
+        acked.push(value);
+        assert!(acked.len() < 50, "no fdatasync failed\n{}", b.stderr());
+    };
+    let mut codes = vec![failed.1];
+    for i in 0..2 {
         codes.push(code_name(
             &produce_durable(&mut prod, &format!("refused{i}")).await,
         ));
@@ -252,20 +288,29 @@ async fn failed_fdatasync_answers_poisoned_to_the_request_that_saw_it() {
         .await
         .unwrap()
         .into_inner();
+    // Under `fsync = never` readers see a batch once written, so the failed one may be too.
+    let visible = acked.len() as u64 + u64::from(fsync == v1::FsyncPolicy::Never);
     assert_eq!(
-        f.partitions[0].high_watermark, 1,
-        "only the acknowledged record is visible"
+        f.partitions[0].high_watermark, visible,
+        "only the acknowledged records are visible"
     );
     b.kill();
 
     let b = Spoold::start(&data, &[]);
     let log = read_all(&b, 0).await;
-    assert_eq!(log.get(&0).map(String::as_str), Some("acked"), "{log:?}");
+    for (off, v) in acked.iter().enumerate() {
+        assert_eq!(
+            log.get(&(off as u64)).map(String::as_str),
+            Some(v.as_str()),
+            "{log:?}"
+        );
+    }
+    let n = acked.len() as u64;
     assert!(
         log.iter()
-            .skip(1)
-            .all(|(off, v)| *off == 1 && v == "refused0"),
-        "only the batch whose fdatasync failed may follow the acknowledged one: {log:?}"
+            .skip(acked.len())
+            .all(|(off, v)| *off == n && *v == failed.0),
+        "only the batch whose fdatasync failed may follow the acknowledged ones: {log:?}"
     );
     let mut prod = b.produce().await;
     let after = produce_durable(&mut prod, "after").await;
