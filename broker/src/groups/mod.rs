@@ -128,6 +128,11 @@ pub(crate) struct Groups {
     registry: Mutex<HashMap<String, Entry>>,
     ids: AtomicU64,
     seed: std::collections::hash_map::RandomState,
+    /// Tests (the power-cut loops) fix member ids to replay a seed: ids of this broker's life
+    /// are `m-<salt>-<n>` (same length as the random ones; a salt per life keeps them unique
+    /// across restarts).
+    #[cfg(test)]
+    fixed_ids: Mutex<Option<u64>>,
 }
 
 impl Groups {
@@ -149,6 +154,8 @@ impl Groups {
             registry: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(0),
             seed: std::collections::hash_map::RandomState::new(),
+            #[cfg(test)]
+            fixed_ids: Mutex::new(None),
         };
         let now = groups.now();
         let mut registry = groups.lock();
@@ -197,8 +204,18 @@ impl Groups {
         u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Member ids from `salt` and a counter from now on (see `fixed_ids`).
+    #[cfg(test)]
+    pub(crate) fn fix_member_ids(&self, salt: u64) {
+        *self.fixed_ids.lock().unwrap_or_else(|e| e.into_inner()) = Some(salt);
+    }
+
     fn new_member_id(&self) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
+        if let Some(salt) = *self.fixed_ids.lock().unwrap_or_else(|e| e.into_inner()) {
+            return format!("m-{salt:016x}-{n}");
+        }
         let mut h = self.seed.build_hasher();
         h.write_u64(n);
         h.write_u128(self.clock.elapsed().as_nanos());

@@ -12,7 +12,18 @@
 //! - no producer id is handed out twice, across any number of restarts;
 //! - a decided transaction stays decided (committed: every record visible to read-committed
 //!   readers, its offsets applied; aborted: nothing visible), no transaction is torn, none
-//!   is left open after the coordinator's start, and a fenced epoch stays fenced;
+//!   is left open after the coordinator's start, no transaction is ended twice (one marker
+//!   per producer id and epoch in a partition), and a fenced epoch stays fenced;
+//! - a transaction open past its timeout is aborted by the coordinator's background pass
+//!   (the loop moves the clock and runs the pass): its producer is fenced (the next call
+//!   with its epoch is refused), the abort holds across restarts, and its partitions' last
+//!   stable offsets move past it;
+//! - consumer groups: the generation never goes below what a member was told (the group is
+//!   durable before any Assignment goes out); a member in by an acknowledged join is still
+//!   in after a restart, and its commit with the generation it was told is accepted until
+//!   it rejoins (as a Kafka member's after a coordinator failover); a member id removed or
+//!   replaced by an acknowledged operation is refused, across restarts; no partition is held
+//!   by two members;
 //! - the last stable offset never goes back, nor the high watermark below acknowledged data.
 //!
 //! Every run is a function of its seed; a failure prints it and the command that replays it.
@@ -90,18 +101,17 @@ impl Stats {
         }
         self.ops += o.ops;
         self.faults += o.faults;
-        self.counts.commits_acked += o.counts.commits_acked;
-        self.counts.pids += o.counts.pids;
-        self.counts.txns_decided += o.counts.txns_decided;
+        self.counts.add(&o.counts);
     }
 }
 
-fn open(sim: &SimFs, clock: &Arc<ManualClock>) -> Result<Broker, crate::StartError> {
+/// Opens the broker; `life` counts the opens of a seed (member ids are unique per life).
+fn open(sim: &SimFs, clock: &Arc<ManualClock>, life: u64) -> Result<Broker, crate::StartError> {
     let config = Config {
         data_dir: PathBuf::from(ROOT),
         ..Config::default()
     };
-    Broker::open_with_options(
+    let broker = Broker::open_with_options(
         config,
         LogOptions {
             background_maintenance: false,
@@ -109,7 +119,10 @@ fn open(sim: &SimFs, clock: &Arc<ManualClock>) -> Result<Broker, crate::StartErr
             fs: sim.fs(),
             ..LogOptions::default()
         },
-    )
+    )?;
+    // Member ids as a function of the seed: unique per life, the same in a replay.
+    broker.state.groups.fix_member_ids(life);
+    Ok(broker)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -155,7 +168,8 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
         }
     };
     install_controls(&sim);
-    let mut broker = open(&sim, &clock).map_err(|e| format!("first open: {e}"))?;
+    let mut life = 0;
+    let mut broker = open(&sim, &clock, life).map_err(|e| format!("first open: {e}"))?;
     for (t, n) in workload::DATA_TOPICS {
         broker
             .state
@@ -169,16 +183,19 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
             )
             .map_err(|e| format!("creating {t}: {e}"))?;
     }
+    // One runtime per life of the broker: the groups' tasks (and the coordinators they own)
+    // live in it, and end with it at the cut.
+    let mut rt = runtime();
     for epoch in 0..plan.epochs {
         let start_ops = sim.ops();
         sim.cut_before(start_ops + rng.range(1, plan.window));
-        if rng.chance(plan.fault) {
+        let faulty = rng.chance(plan.fault);
+        if faulty {
             random_fault(&sim, &mut rng);
             stats.faults += 1;
         }
         {
             let state: Arc<State> = broker.state.clone();
-            let rt = runtime();
             for _ in 0..plan.steps {
                 if sim.is_down() {
                     break;
@@ -190,6 +207,8 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
                     rng: &mut rng,
                     clock: &clock,
                     counts: &mut stats.counts,
+                    sim: &sim,
+                    faulty,
                 }
                 .step();
                 if let Some(v) = model.violation.take() {
@@ -198,8 +217,9 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
             }
             sim.cut();
             // Dropping the runtime waits for blocking work still running (a completion
-            // after EndTxn's reply): none of it may touch the disk after the restart.
-            drop(rt);
+            // after EndTxn's reply, a group's write): none of it may touch the disk after
+            // the restart.
+            drop(std::mem::replace(&mut rt, runtime()));
         }
         let point = sim.cut_point().expect("cut");
         if workload::tracing_on() {
@@ -232,7 +252,8 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
             }
             // The coordinators' start logs what it could not do and leaves it for later (the
             // sweeper): a broker that opened on a disk that went down is a cut all the same.
-            let opened = open(&sim, &clock);
+            life += 1;
+            let opened = open(&sim, &clock, life);
             if sim.is_down() {
                 drop(opened);
                 if workload::tracing_on() {
@@ -258,7 +279,7 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
         };
         // A cut armed for the recovery that it did not reach is disarmed.
         sim.cut_before(u64::MAX);
-        workload::check(&broker.state, &mut model).map_err(&ctx)?;
+        workload::check(&broker.state, &mut model, &rt).map_err(&ctx)?;
     }
     Ok(stats)
 }
@@ -309,7 +330,7 @@ fn broker_power_cuts_keep_acknowledged_state() {
         Ok(s) => {
             print_cut_files(&s.cut_files);
             eprintln!(
-                "broker power-cut loop: seeds {}..{}, {} cuts ({} inside the broker's recovery) over {} disk operations (cut on: {:?}), {} faults; {} offset commits, {} producer ids, {} transactions decided (acknowledged) in {:.1?}",
+                "broker power-cut loop: seeds {}..{}, {} cuts ({} inside the broker's recovery) over {} disk operations (cut on: {:?}), {} faults; {} offset commits, {} producer ids, {} transactions decided (acknowledged), {} aborted at their timeout; {} joins, {} member commits, {} commits of fenced members or stale generations refused, generations up to {} in {:.1?}",
                 range.start,
                 range.end,
                 s.cuts,
@@ -320,6 +341,11 @@ fn broker_power_cuts_keep_acknowledged_state() {
                 s.counts.commits_acked,
                 s.counts.pids,
                 s.counts.txns_decided,
+                s.counts.timeouts,
+                s.counts.joins,
+                s.counts.member_commits,
+                s.counts.zombie_commits_refused,
+                s.counts.max_generation,
                 started.elapsed()
             )
         }
@@ -397,6 +423,43 @@ fn broker_negative_controls_are_caught() {
     }
 }
 
+/// `__consumer_offsets` holds two kinds of durable state, each with its own check: with its
+/// segments never synced, some seed must fail on the groups' check (a generation below one a
+/// member was told, a member gone: the group's state was lost after its Assignments went
+/// out), and some seed on the committed offsets' (an acknowledged commit lost).
+#[test]
+fn unsynced_consumer_offsets_fail_both_its_checks() {
+    let plan = Plan {
+        fault: 0.0,
+        open_cut: 0.0,
+        controls: vec![|| segment_sync_skipped(crate::OFFSETS_TOPIC)],
+        ..Plan::standard()
+    };
+    let checks = [": group mg", ": committed offset of"];
+    let mut caught: [Option<(u64, String)>; 2] = [None, None];
+    for seed in 0..2000 {
+        if caught.iter().all(Option::is_some) {
+            break;
+        }
+        let Err(e) = run_seed(seed, &plan) else {
+            continue;
+        };
+        for (check, slot) in checks.iter().zip(caught.iter_mut()) {
+            if slot.is_none() && e.contains(check) {
+                *slot = Some((seed, e.lines().next().unwrap_or_default().to_owned()));
+            }
+        }
+    }
+    for (check, slot) in checks.iter().zip(caught) {
+        match slot {
+            Some((seed, e)) => eprintln!("unsynced __consumer_offsets: caught by seed {seed}: {e}"),
+            None => {
+                panic!("2000 seeds did not fail on \"{check}\" with __consumer_offsets unsynced")
+            }
+        }
+    }
+}
+
 /// A transaction whose commit was recorded but could not be carried out (a marker's write
 /// failed) is completed at the next start; its offsets must not undo a commit of the same
 /// offsets acknowledged after it (by another transaction here).
@@ -406,7 +469,7 @@ fn a_decision_completed_at_restart_does_not_undo_newer_commits() {
 
     let sim = SimFs::new();
     let clock = Arc::new(ManualClock(AtomicI64::new(1_700_000_000_000)));
-    let broker = open(&sim, &clock).expect("open");
+    let broker = open(&sim, &clock, 0).expect("open");
     let s = broker.state.clone();
     s.log
         .create_topic(
@@ -471,7 +534,7 @@ fn a_decision_completed_at_restart_does_not_undo_newer_commits() {
     drop(s);
     drop(broker);
     sim.restart(&CutModel::LOSE_UNSYNCED, &mut SimRng::new(1));
-    let broker = open(&sim, &clock).expect("reopen");
+    let broker = open(&sim, &clock, 1).expect("reopen");
     let p = broker.state.log.partition("d", 1).unwrap();
     assert!(p.open_transactions().is_empty(), "A was completed");
     assert_eq!(

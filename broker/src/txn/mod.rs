@@ -783,7 +783,8 @@ impl Transactions {
         });
     }
 
-    async fn sweep(self: &Arc<Self>) {
+    /// One pass of that task (the power-cut loops run it at chosen steps).
+    pub(crate) async fn sweep(self: &Arc<Self>) {
         let entries: Vec<(String, Entry)> = lock(&self.ids)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
