@@ -52,6 +52,35 @@ const EVENTS_CAPACITY: usize = 1024;
 /// How often a group re-reads its topics' partition counts.
 const METADATA_INTERVAL: Duration = Duration::from_secs(1);
 
+#[cfg(test)]
+thread_local! {
+    /// Set by [`FrozenClock`]: the coordinators' clock reads 0 on this thread.
+    static FROZEN_CLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests (the power-cut loops, which run the groups' tasks on a current-thread runtime on the
+/// test's thread) stop the coordinators' clock while this lives: what a group persists (the
+/// time a revocation started) and when (the periodic re-read of partition counts is off) no
+/// longer depend on how fast the machine is, so a seed writes the same bytes in the same order
+/// every time. Sessions then never expire; the loops do not test expiry.
+#[cfg(test)]
+pub(crate) struct FrozenClock(());
+
+#[cfg(test)]
+impl FrozenClock {
+    pub(crate) fn on_this_thread() -> FrozenClock {
+        FROZEN_CLOCK.with(|c| c.set(true));
+        FrozenClock(())
+    }
+}
+
+#[cfg(test)]
+impl Drop for FrozenClock {
+    fn drop(&mut self) {
+        FROZEN_CLOCK.with(|c| c.set(false));
+    }
+}
+
 /// The sending half of a member's response stream.
 pub(crate) type MemberTx = mpsc::Sender<Result<v1::MembershipResponse, Status>>;
 
@@ -201,6 +230,10 @@ impl Groups {
 
     /// Milliseconds on the coordinators' monotonic clock.
     fn now(&self) -> u64 {
+        #[cfg(test)]
+        if FROZEN_CLOCK.with(std::cell::Cell::get) {
+            return 0;
+        }
         u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -488,7 +521,8 @@ struct Task {
 impl Task {
     async fn run(mut self) {
         let mut shutdown = self.groups.shutdown.clone();
-        let mut metadata = tokio::time::interval(METADATA_INTERVAL);
+        let (first, every) = metadata_schedule();
+        let mut metadata = tokio::time::interval_at(first, every);
         metadata.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if *shutdown.borrow() {
@@ -863,6 +897,20 @@ impl Task {
             }
         }
     }
+}
+
+/// When a group's task first re-reads its topics' partition counts (at once), and how often.
+fn metadata_schedule() -> (tokio::time::Instant, Duration) {
+    let now = tokio::time::Instant::now();
+    #[cfg(test)]
+    if FROZEN_CLOCK.with(std::cell::Cell::get) {
+        // Real time would decide when a changed count is persisted, between the loop's
+        // steps: with the clock stopped, never (the loops do not change partition counts;
+        // a join still reads them).
+        let day = Duration::from_secs(86_400);
+        return (now + day, day);
+    }
+    (now, METADATA_INTERVAL)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

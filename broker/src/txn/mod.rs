@@ -785,10 +785,13 @@ impl Transactions {
 
     /// One pass of that task (the power-cut loops run it at chosen steps).
     pub(crate) async fn sweep(self: &Arc<Self>) {
-        let entries: Vec<(String, Entry)> = lock(&self.ids)
+        let mut entries: Vec<(String, Entry)> = lock(&self.ids)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // In id order, not the map's (random) order: a pass does the same writes in the same
+        // order every time (the power-cut loops replay a seed exactly).
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
         let now = self.now_ms();
         for (id, e) in entries {
             // Busy ids are in the middle of something: look again next time.
