@@ -2,7 +2,8 @@
 //! makes it abort (like kill -9: no cleanup, nothing flushed) when it reaches a named point.
 //! Read once; unset (production) it costs one check of an empty list.
 //!
-//! Points: `txn-after-prepare` (a decision is durable, no marker written yet),
+//! Points: `txn-end-received` (an EndTxn that ends an open transaction arrived, nothing
+//! decided yet: the restart aborts it), `txn-after-prepare` (a decision is durable, no marker written yet),
 //! `txn-mid-markers` (right after the first marker of a decision), `txn-after-markers` (every
 //! marker written, offsets not applied yet), `txn-before-complete` (offsets applied, the
 //! completion not recorded yet).

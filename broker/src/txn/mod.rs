@@ -660,6 +660,7 @@ impl Transactions {
             EndPlan::Reply => {}
             EndPlan::Finish => self.finish(id, &mut meta).await?,
             EndPlan::Run => {
+                crate::failpoint::hit("txn-end-received");
                 if commit {
                     let groups: Vec<_> = meta
                         .groups

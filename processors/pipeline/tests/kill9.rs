@@ -20,10 +20,13 @@
 //! E-mail to an address that bounces can stop mid-run (the flag is the feature), so for those
 //! addresses the requests are "at least the first, at most the oracle's".
 //!
-//! `kill_9_ci` is bounded for CI (20-40 s on 2 loaded cores) and kills the four processors
-//! only; `kill_9_long` (ignored; `cargo test -p spool-pipeline --test kill9 -- --ignored`)
-//! runs a longer feed with many more kills, the broker's included, and currently fails on a
-//! known exactly-once bug after broker kills (docs/pipeline.md, "Known").
+//! `kill_9_ci` is bounded for CI (20-40 s on 2 loaded cores): 2 kills of each processor and 2
+//! of the broker; `kill_9_long` (ignored; `cargo test -p spool-pipeline --test kill9 --
+//! --ignored`) runs a longer feed with many more kills. A broker crash *at* a commit is not
+//! left to chance here: `tests/commit_crash.rs` stops `spoold` at each step of ending a
+//! transaction (its failpoints). If an event id is ever written twice to `mail-status`, the
+//! failure first says whether Postfix's line was published twice (the tailer) or one
+//! `postfix-log` record was handled twice (the runtime), with offsets and kill times.
 
 mod support;
 
@@ -78,18 +81,14 @@ async fn kill_9_ci() {
         users: 60,
         rounds: 6,
         kills_per_processor: 2,
-        // Not the broker in CI: a broker kill can make a processor write the same output
-        // twice (kill_9_long found 19 duplicate mail-status events in spool-bounces' output
-        // after "the transaction was already committed"; docs/pipeline.md, "Known"), so
-        // with broker kills this test fails now and then, on a real bug, not deterministically.
-        broker_kills: 0,
+        broker_kills: 2,
         settle: Duration::from_secs(150),
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long (2-5 minutes), and with broker kills it fails on a known bug: docs/pipeline.md, \"Known\""]
+#[ignore = "long (2-5 minutes): the counts in docs/pipeline.md"]
 async fn kill_9_long() {
     run(&Plan {
         seed: 1191,
@@ -670,6 +669,7 @@ async fn check(
         .collect();
     support::assert_same_set("outgoing mail", &mails, &email_requests);
     let status = read_events::<MailStatus>(client, topics::MAIL_STATUS).await;
+    explain_repeats(client, &status, kills).await;
     exactly_once("mail-status", &status, false);
     let queued: BTreeMap<&str, &str> = status
         .iter()
@@ -794,6 +794,79 @@ async fn check(
     )
 }
 
+/// When a `mail-status` event id appears twice, says where the second copy came from before
+/// the assertion fails: the same Postfix log line published twice on `postfix-log` (the
+/// tailer), or one `postfix-log` record handled twice (the runtime), with the offsets and the
+/// kills around them.
+async fn explain_repeats(client: &Client, status: &[Ev<MailStatus>], kills: &[Kill]) {
+    let mut by_id: BTreeMap<&str, Vec<&Ev<MailStatus>>> = BTreeMap::new();
+    for e in status {
+        by_id.entry(&e.id).or_default().push(e);
+    }
+    by_id.retain(|_, v| v.len() > 1);
+    if by_id.is_empty() {
+        return;
+    }
+    // Every postfix-log record, read committed, by the line's position in the file.
+    let mut lines: BTreeMap<String, Vec<(u32, u64, i64)>> = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        let mut offset = 0;
+        loop {
+            let f = client
+                .fetch(
+                    topics::POSTFIX_LOG,
+                    p,
+                    offset,
+                    &FetchOptions {
+                        isolation: Isolation::ReadCommitted,
+                        max_bytes: 4 << 20,
+                        ..FetchOptions::default()
+                    },
+                )
+                .await
+                .unwrap();
+            for r in &f.records {
+                let v: serde_json::Value =
+                    serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+                let at = format!("{}.{}", v["at"]["inode"], v["at"]["offset"]);
+                lines
+                    .entry(at)
+                    .or_default()
+                    .push((p, r.offset, r.timestamp_ms));
+            }
+            if f.next_offset == offset {
+                break;
+            }
+            offset = f.next_offset;
+        }
+    }
+    let now = (std::time::SystemTime::now(), Instant::now());
+    let wall = |i: Instant| {
+        now.0
+            .checked_sub(now.1.duration_since(i))
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    for (id, evs) in by_id.iter().take(8) {
+        let line = id.rsplit_once('.').map_or(*id, |(l, _)| l);
+        eprintln!(
+            "kill9: mail-status {id} x{}: at offsets {:?}; its line on postfix-log (partition, offset, ts): {:?}",
+            evs.len(),
+            evs.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            lines.get(line)
+        );
+    }
+    let twice = lines.values().filter(|v| v.len() > 1).count();
+    eprintln!(
+        "kill9: {} mail-status ids repeated; {twice} Postfix log lines published more than once on postfix-log; kills (victim, wall ms): {:?}",
+        by_id.len(),
+        kills
+            .iter()
+            .map(|k| (k.victim.name(), wall(k.at)))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// Repeated external effects and the window in which a kill repeated them.
 struct Repeats(String);
 impl std::fmt::Display for Repeats {
@@ -842,7 +915,22 @@ fn repeats(what: &str, done: &BTreeMap<String, Vec<Instant>>, kills: &[Kill]) ->
             .iter()
             .position(|k| first <= k.back && k.at <= last)
             .unwrap_or_else(|| {
-                panic!("{what} {id} happened {} times without a kill of notifications or spoold in between", at.len())
+                // Copies and kills in ms relative to the first copy, to tell a late log line
+                // from a repeat nothing explains.
+                let rel = |t: Instant| {
+                    if t >= first {
+                        (t - first).as_millis() as i64
+                    } else {
+                        -((first - t).as_millis() as i64)
+                    }
+                };
+                let copies: Vec<i64> = at.iter().map(|t| rel(*t)).collect();
+                let near: Vec<(&str, i64, i64)> = kills
+                    .iter()
+                    .filter(|k| rel(k.at).abs() < 3_000)
+                    .map(|k| (k.victim.name(), rel(k.at), rel(k.back)))
+                    .collect();
+                panic!("{what} {id} happened {} times without a kill of notifications or spoold in between: copies at {copies:?} ms, kills nearby (victim, killed, back) {near:?}", at.len())
             });
         per_kill.entry(k).or_default().push(before(&rk[k], first));
     }
