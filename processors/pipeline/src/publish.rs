@@ -4,9 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use spool_client::{CleanupPolicy, Client, Error, Producer, ProducerConfig, TopicSettings};
+use std::collections::BTreeSet;
 
-use crate::events::{AlertSettings, Event, ImportEvent, ImportEventKind, NotificationRequest};
+use spool_client::{
+    CleanupPolicy, Client, Error, FetchOptions, OffsetSpec, Producer, ProducerConfig,
+    TopicPartition, TopicSettings,
+};
+
+use crate::events::{
+    AddressStatus, AlertSettings, Event, ImportEvent, ImportEventKind, NotificationRequest,
+};
 use crate::feed::Round;
 use crate::processors::envelope;
 use crate::topics::{self, Cleanup};
@@ -143,6 +150,43 @@ pub async fn publish_round_stalling(
         p.await?;
     }
     Ok(sent)
+}
+
+/// The addresses flagged unreachable now: `address-status` read to its last stable offset
+/// (partition 0, which, like every partition, holds every flag), the latest status per
+/// address winning. What a campaign tool checks before writing a campaign.
+pub async fn flagged_addresses(client: &Client) -> Result<BTreeSet<String>, Error> {
+    let tp = TopicPartition::new(topics::ADDRESS_STATUS, 0);
+    let listed = client
+        .list_offsets(&[(tp, OffsetSpec::Earliest)])
+        .await?
+        .remove(0)?;
+    let mut offset = listed.offset;
+    let mut flagged = BTreeSet::new();
+    loop {
+        let f = client
+            .fetch(topics::ADDRESS_STATUS, 0, offset, &FetchOptions::default())
+            .await?;
+        for r in &f.records {
+            // A record that does not decode is not a flag (bounces writes only these).
+            let Ok(e) = spool_processor::envelope::decode::<AddressStatus>(
+                &r.headers,
+                r.key.as_ref(),
+                r.value.as_ref(),
+            ) else {
+                continue;
+            };
+            if e.data.unreachable {
+                flagged.insert(e.data.address);
+            } else {
+                flagged.remove(&e.data.address);
+            }
+        }
+        if f.next_offset >= f.last_stable_offset || f.next_offset <= offset {
+            return Ok(flagged);
+        }
+        offset = f.next_offset;
+    }
 }
 
 /// Writes a campaign's requests ([`crate::campaign::requests`]) to `campaign-requests` and

@@ -12,7 +12,8 @@
 //! - pausing the lane the way `spool processor pause notifications --lane campaigns` does
 //!   (`spool_processor::ops::pause`) stops campaign mail; resuming sends the rest;
 //! - users inside their quiet hours get nothing (their messages wait for the window's end);
-//! - every mail is accepted once.
+//! - every mail is accepted once; an address flagged in `address-status` gets no campaign
+//!   request at all (`publish::flagged_addresses`).
 
 mod support;
 
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use spool_client::{Client, ConsumerConfig, StartAt};
 use spool_pipeline::events::{
-    AlertSettings, CampaignInfo, Channel, MailState, MailStatus, NotificationKind,
+    AddressStatus, AlertSettings, CampaignInfo, Channel, MailState, MailStatus, NotificationKind,
     NotificationRequest, OutgoingMail, QuietHours,
 };
 use spool_pipeline::postfix::instance::{Instance, free_port};
@@ -183,12 +184,32 @@ async fn campaigns_are_throttled_pausable_and_quiet_while_alerts_flow() {
         title: "Spring sale".into(),
         body: "Up to 40% off".into(),
     };
-    let requests = campaign::requests(&info, &users, now.as_millisecond());
+    // One more user whose address bounced earlier: flagged in address-status, left out.
+    let mut with_flagged = users.clone();
+    with_flagged.push(user(USERS, None));
+    let flag = AddressStatus {
+        address: format!("u{USERS:06}@localhost"),
+        unreachable: true,
+        reason: "5.1.1".into(),
+        mail_id: None,
+        at_ms: 0,
+    };
+    let producer = publish::producer(&client);
+    let rec = envelope("bounces", "flag", &flag, 0).to_record().unwrap();
+    producer
+        .send_to(topics::ADDRESS_STATUS, 0, rec)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let flagged = publish::flagged_addresses(&client).await.unwrap();
+    assert_eq!(flagged, [flag.address.clone()].into());
+    let requests = campaign::requests(&info, &with_flagged, &flagged, now.as_millisecond());
     assert_eq!(requests.len(), USERS);
+    assert!(requests.iter().all(|r| r.address != flag.address));
     let (held, sent): (Vec<_>, Vec<_>) = requests.iter().partition(|r| r.quiet_hours.is_some());
     let held: Vec<String> = held.iter().map(|r| r.id.clone()).collect();
     let campaign_ids: Vec<String> = sent.iter().map(|r| r.id.clone()).collect();
-    let producer = publish::producer(&client);
     publish::publish_campaign(&producer, &requests)
         .await
         .unwrap();

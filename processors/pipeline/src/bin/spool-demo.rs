@@ -355,7 +355,8 @@ async fn main() -> anyhow::Result<()> {
                 .into(),
         };
         let now = jiff::Timestamp::now().as_millisecond();
-        let requests = spool_pipeline::campaign::requests(&info, &users, now);
+        let flagged = publish::flagged_addresses(&client).await?;
+        let requests = spool_pipeline::campaign::requests(&info, &users, &flagged, now);
         publish::publish_campaign(&producer, &requests).await?;
         eprintln!(
             "campaign {:?}: {} e-mails at {}/s (users in their quiet hours get theirs when they end); \
