@@ -664,6 +664,11 @@ impl<'c> Session<'c> {
             // pause the partition and fetch it again, for every record over the rate.
             while let Some(wait) = self.lanes.lanes[l].admit(r.key.as_deref()) {
                 if wait.per_key || wait.after > flow::INLINE_WAIT {
+                    if !wait.per_key {
+                        // Below its min_share because of its rate: not starving (flow.rs).
+                        let until = now.saturating_add(wait.after.as_millis() as i64);
+                        self.lanes.lanes[l].throttled_until_ms = Some(until);
+                    }
                     self.hold(tp, r, wait.after);
                     return Ok(());
                 }
