@@ -254,6 +254,16 @@ impl Work<'_> {
         self.model.next_commit
     }
 
+    /// A commit of `tp` at the next offset value.
+    fn next_commit(&mut self, tp: Tp) -> v1::OffsetCommit {
+        v1::OffsetCommit {
+            topic: tp.0,
+            partition: tp.1,
+            offset: self.next_commit_value(),
+            metadata: String::new(),
+        }
+    }
+
     fn plain_commit(&mut self) {
         let group = (*self.rng.pick(PLAIN_GROUPS)).to_owned();
         let n = self.rng.range(1, 3);
@@ -264,35 +274,39 @@ impl Work<'_> {
             if !seen.insert(tp.clone()) {
                 continue;
             }
-            let offset = self.next_commit_value();
-            commits.push(v1::OffsetCommit {
-                topic: tp.0,
-                partition: tp.1,
-                offset,
-                metadata: String::new(),
-            });
+            commits.push(self.next_commit(tp));
         }
-        for c in &commits {
-            self.model
-                .commits
-                .entry((group.clone(), c.topic.clone(), c.partition))
-                .or_default()
-                .maybe
-                .push(Some(c.offset));
-        }
+        self.commits_asked(&group, &commits);
         let res = self.state.offsets.commit(&group, &commits, self.now());
         trace(format_args!("commit {group} {commits:?}: {res:?}"));
         if res.is_ok() {
             self.counts.commits_acked += 1;
-            for c in &commits {
-                let k = self
-                    .model
-                    .commits
-                    .get_mut(&(group.clone(), c.topic.clone(), c.partition))
-                    .expect("recorded");
-                k.acked = Some(c.offset);
-                k.maybe.clear();
-            }
+            self.commits_acked(&group, &commits);
+        }
+    }
+
+    /// Records commits asked for: each may be in force after a cut.
+    fn commits_asked(&mut self, group: &str, commits: &[v1::OffsetCommit]) {
+        for c in commits {
+            self.model
+                .commits
+                .entry((group.to_owned(), c.topic.clone(), c.partition))
+                .or_default()
+                .maybe
+                .push(Some(c.offset));
+        }
+    }
+
+    /// Records commits acknowledged: each must hold from now on.
+    fn commits_acked(&mut self, group: &str, commits: &[v1::OffsetCommit]) {
+        for c in commits {
+            let k = self
+                .model
+                .commits
+                .get_mut(&(group.to_owned(), c.topic.clone(), c.partition))
+                .expect("recorded");
+            k.acked = Some(c.offset);
+            k.maybe.clear();
         }
     }
 
@@ -867,12 +881,25 @@ impl Work<'_> {
                 c.rx = Some(rx);
                 c.unsure = false;
             }
-            Err(_) => {
-                let c = &mut self.model.consumers[i];
-                c.unsure = true;
-                c.rx = None;
-            }
+            Err(_) => self.in_doubt(i),
         }
+    }
+
+    /// An operation on consumer `i`'s membership failed: the broker may have recorded it or
+    /// not; it rejoins (with its member id) before anything else.
+    fn in_doubt(&mut self, i: usize) {
+        let c = &mut self.model.consumers[i];
+        c.unsure = true;
+        c.rx = None;
+    }
+
+    /// Consumer `i` says `event` on its stream; returns its group and member id.
+    fn say(&mut self, i: usize, event: MemberEvent) -> (&'static str, String) {
+        let c = &self.model.consumers[i];
+        let (group, id) = (c.group, c.id.clone().expect("in"));
+        let groups = self.state.groups.clone();
+        self.rt.block_on(groups.member_event(group, &id, event));
+        (group, id)
     }
 
     fn leave(&mut self, i: usize) {
@@ -884,22 +911,14 @@ impl Work<'_> {
         trace(format_args!("{group} member {id:?} leaves: {res:?}"));
         match res {
             Ok(()) => self.fence(i),
-            Err(_) => {
-                let c = &mut self.model.consumers[i];
-                c.unsure = true;
-                c.rx = None;
-            }
+            Err(_) => self.in_doubt(i),
         }
     }
 
     /// Its stream ends without a leave: a dynamic member is removed, a static one only
     /// disconnected (it keeps its partitions until its session ends).
     fn close(&mut self, i: usize) {
-        let c = &self.model.consumers[i];
-        let (group, id) = (c.group, c.id.clone().expect("in"));
-        let groups = self.state.groups.clone();
-        self.rt
-            .block_on(groups.member_event(group, &id, MemberEvent::Closed));
+        let (group, id) = self.say(i, MemberEvent::Closed);
         let d = self.rt.block_on(self.state.groups.describe(group));
         trace(format_args!("{group} member {id} stream closed"));
         let c = &mut self.model.consumers[i];
@@ -915,11 +934,7 @@ impl Work<'_> {
     }
 
     fn heartbeat(&mut self, i: usize) {
-        let c = &self.model.consumers[i];
-        let (group, id) = (c.group, c.id.clone().expect("in"));
-        let groups = self.state.groups.clone();
-        self.rt
-            .block_on(groups.member_event(group, &id, MemberEvent::Heartbeat));
+        self.say(i, MemberEvent::Heartbeat);
     }
 
     /// Acknowledges its latest Assignment (releasing what it revoked), then waits until the
@@ -932,10 +947,7 @@ impl Work<'_> {
         if c.acked >= generation {
             return self.member_commit(i);
         }
-        let (group, id) = (c.group, c.id.clone().expect("in"));
-        let groups = self.state.groups.clone();
-        self.rt
-            .block_on(groups.member_event(group, &id, MemberEvent::Ack(generation)));
+        let (group, id) = self.say(i, MemberEvent::Ack(generation));
         let res = self.rt.block_on(self.state.groups.describe(group));
         trace(format_args!(
             "{group} member {id} acks {generation}: {:?}",
@@ -956,6 +968,25 @@ impl Work<'_> {
         }
         let (group, id) = (c.group, c.id.clone().expect("in"));
         let (generation, tp) = c.stale[self.rng.below(c.stale.len() as u64) as usize].clone();
+        self.refused_commit(
+            group,
+            id,
+            generation,
+            tp,
+            "naming a generation before it was granted the partition",
+        );
+    }
+
+    /// A commit that must be refused (`who` says why): of an offset nobody acknowledged (so
+    /// `check` also catches it if it shows up after a restart).
+    fn refused_commit(
+        &mut self,
+        group: &'static str,
+        id: String,
+        generation: u64,
+        tp: Tp,
+        who: &str,
+    ) {
         let commit = v1::OffsetCommit {
             topic: tp.0.clone(),
             partition: tp.1,
@@ -970,12 +1001,12 @@ impl Work<'_> {
             self.now(),
         ));
         trace(format_args!(
-            "{group} member {id} commits {tp:?} at stale generation {generation}: {res:?}"
+            "{group} member {id}, {who}, commits {tp:?} at generation {generation}: {res:?}"
         ));
         match res {
             Ok(()) => {
                 self.model.violation = Some(format!(
-                    "{group} member {id} had a commit of {tp:?} at generation {generation}, before it was granted the partition, accepted"
+                    "{group} member {id}, {who}, had a commit of {tp:?} at generation {generation} accepted"
                 ));
             }
             Err(_) => self.counts.zombie_commits_refused += 1,
@@ -994,26 +1025,13 @@ impl Work<'_> {
         let mut commits = Vec::new();
         for tp in tps {
             if self.rng.chance(0.6) {
-                let offset = self.next_commit_value();
-                commits.push(v1::OffsetCommit {
-                    topic: tp.0,
-                    partition: tp.1,
-                    offset,
-                    metadata: String::new(),
-                });
+                commits.push(self.next_commit(tp));
             }
         }
         if commits.is_empty() {
             return;
         }
-        for c in &commits {
-            self.model
-                .commits
-                .entry((group.to_owned(), c.topic.clone(), c.partition))
-                .or_default()
-                .maybe
-                .push(Some(c.offset));
-        }
+        self.commits_asked(group, &commits);
         let res = self.rt.block_on(self.state.groups.commit(
             group,
             id.clone(),
@@ -1027,15 +1045,7 @@ impl Work<'_> {
         match res {
             Ok(()) => {
                 self.counts.member_commits += 1;
-                for c in &commits {
-                    let k = self
-                        .model
-                        .commits
-                        .get_mut(&(group.to_owned(), c.topic.clone(), c.partition))
-                        .expect("recorded");
-                    k.acked = Some(c.offset);
-                    k.maybe.clear();
-                }
+                self.commits_acked(group, &commits);
             }
             Err(s) if s.code() == Code::FailedPrecondition => {
                 self.model.violation = Some(format!(
@@ -1060,31 +1070,13 @@ impl Work<'_> {
             Some(tp) => tp.clone(),
             None => self.pick_tp(),
         };
-        let commit = v1::OffsetCommit {
-            topic: tp.0,
-            partition: tp.1,
-            // Never acknowledged: any value of it showing up is caught by `check`.
-            offset: u64::MAX / 2,
-            metadata: String::new(),
-        };
-        let res = self.rt.block_on(self.state.groups.commit(
+        self.refused_commit(
             group,
-            id.clone(),
+            id,
             generation,
-            vec![commit],
-            self.now(),
-        ));
-        trace(format_args!(
-            "fenced {group} member {id} commits at generation {generation}: {res:?}"
-        ));
-        match res {
-            Ok(()) => {
-                self.model.violation = Some(format!(
-                    "{group} member {id}, removed or replaced by an acknowledged operation, had a commit (generation {generation}) accepted"
-                ));
-            }
-            Err(_) => self.counts.zombie_commits_refused += 1,
-        }
+            tp,
+            "removed or replaced by an acknowledged operation",
+        );
     }
 
     fn observe_lso(&mut self) {
