@@ -25,8 +25,14 @@
 //!   end; the producer takes the new one (a late write of an ended transaction is fenced).
 //! - After any failed write or commit the transaction can only be aborted (`abort` succeeds
 //!   even after the broker timed the transaction out, and hands out the next epoch). A
-//!   `ProducerFenced` error means another instance took over the transactional id: stop.
+//!   `ProducerFenced` error means a newer epoch exists: the broker aborted the transaction
+//!   itself (at a restart or a timeout; `abort` then succeeds and hands out the next
+//!   epoch), or another instance took over the transactional id (`abort` is refused too).
 //! - Memory: at most `batch_bytes` buffered per partition; a full batch is sent at once.
+//!   With `write_behind` it is written in the background while the caller goes on
+//!   buffering: one such write at a time (so a partition's batches reach the broker in
+//!   sequence order); the next full batch, `flush`, `commit` and `abort` wait for it first,
+//!   and its failure fails the transaction there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -58,6 +64,10 @@ pub struct TransactionalConfig {
     pub max_attempts: u32,
     /// Backoff between attempts.
     pub backoff: Backoff,
+    /// Write a full batch in the background (default false): `send` returns before the
+    /// broker acknowledged it, and its failure fails the next full batch, `flush` or
+    /// `commit` instead. For loops that go on producing meanwhile (the processor runtime).
+    pub write_behind: bool,
 }
 
 impl TransactionalConfig {
@@ -70,6 +80,7 @@ impl TransactionalConfig {
             batch_bytes: 1 << 20,
             max_attempts: 5,
             backoff: Backoff::default(),
+            write_behind: false,
         }
     }
 }
@@ -102,7 +113,12 @@ pub struct TransactionalProducer {
     written: BTreeMap<(String, u32), u64>,
     /// The same for the last committed transaction.
     committed_ends: BTreeMap<(String, u32), u64>,
+    /// The full batch being written in the background, if any.
+    in_flight: Option<tokio::task::JoinHandle<Result<Written>>>,
 }
+
+/// Per partition, the offset after the last record a write appended.
+type Written = Vec<((String, u32), u64)>;
 
 impl TransactionalProducer {
     /// Registers the transactional id with the broker (fencing older instances and aborting
@@ -120,6 +136,7 @@ impl TransactionalProducer {
             partition_counts: HashMap::new(),
             written: BTreeMap::new(),
             committed_ends: BTreeMap::new(),
+            in_flight: None,
         })
     }
 
@@ -194,14 +211,48 @@ impl TransactionalProducer {
         };
         if full {
             let batch = self.take_batch(topic, partition)?;
-            if let Some(batch) = batch
-                && let Err(e) = self.send_batches(vec![batch]).await
-            {
-                self.phase = Phase::MustAbort;
-                return Err(e);
+            if let Some(batch) = batch {
+                if let Err(e) = self.settle_in_flight().await {
+                    self.phase = Phase::MustAbort;
+                    return Err(e);
+                }
+                let (client, attempts, backoff) =
+                    (self.client.clone(), self.cfg.max_attempts, self.cfg.backoff);
+                let write =
+                    async move { write_batches(&client, attempts, &backoff, vec![batch]).await };
+                if self.cfg.write_behind {
+                    self.in_flight = Some(tokio::spawn(write));
+                } else {
+                    match write.await {
+                        Ok(written) => self.note_written(written),
+                        Err(e) => {
+                            self.phase = Phase::MustAbort;
+                            return Err(e);
+                        }
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Waits for the background write, if any, and notes where it ended.
+    async fn settle_in_flight(&mut self) -> Result<()> {
+        let Some(h) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let written = h
+            .await
+            .map_err(|e| Error::Protocol(format!("batch writer: {e}")))??;
+        self.note_written(written);
+        Ok(())
+    }
+
+    fn note_written(&mut self, written: Written) {
+        for (tp, end) in written {
+            let e = self.written.entry(tp).or_insert(0);
+            *e = (*e).max(end);
+        }
     }
 
     /// Adds a record to the partition its key hashes to (murmur2, as Kafka's and Spool's
@@ -252,11 +303,28 @@ impl TransactionalProducer {
     pub async fn flush(&mut self) -> Result<()> {
         self.require_open()?;
         let batches = self.take_all()?;
-        if let Err(e) = self.send_batches(batches).await {
-            self.phase = Phase::MustAbort;
-            return Err(e);
+        let sent = match self.settle_in_flight().await {
+            Ok(()) => {
+                write_batches(
+                    &self.client,
+                    self.cfg.max_attempts,
+                    &self.cfg.backoff,
+                    batches,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(written) => {
+                self.note_written(written);
+                Ok(())
+            }
+            Err(e) => {
+                self.phase = Phase::MustAbort;
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Sends every buffered batch, then commits. On error the transaction must be aborted.
@@ -275,6 +343,10 @@ impl TransactionalProducer {
     pub async fn abort(&mut self) -> Result<()> {
         if self.phase == Phase::Idle {
             return Ok(());
+        }
+        // Its outcome does not matter (the transaction aborts), only that it is over.
+        if let Some(h) = self.in_flight.take() {
+            let _ = h.await;
         }
         for buf in self.parts.values_mut() {
             buf.builder = None;
@@ -335,44 +407,42 @@ impl TransactionalProducer {
         }
         Ok(out)
     }
+}
 
-    /// Sends batches in one request, resending those that failed with a retriable error
-    /// (byte for byte: duplicates are recognised by the broker).
-    async fn send_batches(&mut self, mut batches: Vec<(String, u32, Bytes)>) -> Result<()> {
-        let mut attempt = 0;
-        while !batches.is_empty() {
-            let results = match self
-                .client
-                .produce_batches(batches.clone(), Acks::Durable)
-                .await
-            {
-                Ok(r) => r,
-                Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
-                    tokio::time::sleep(self.cfg.backoff.delay(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let mut retry = Vec::new();
-            for (batch, r) in batches.into_iter().zip(results) {
-                match r {
-                    Ok(a) => {
-                        let end = self.written.entry((batch.0.clone(), batch.1)).or_insert(0);
-                        *end = (*end).max(a.last_offset + 1);
-                    }
-                    Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
-                        retry.push(batch)
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if !retry.is_empty() {
-                tokio::time::sleep(self.cfg.backoff.delay(attempt)).await;
+/// Sends batches in one request, resending those that failed with a retriable error (byte
+/// for byte: duplicates are recognised by the broker), up to `attempts` times; returns where
+/// each write ended.
+async fn write_batches(
+    client: &Client,
+    attempts: u32,
+    backoff: &Backoff,
+    mut batches: Vec<(String, u32, Bytes)>,
+) -> Result<Written> {
+    let mut written = Vec::new();
+    let mut attempt = 0;
+    while !batches.is_empty() {
+        let results = match client.produce_batches(batches.clone(), Acks::Durable).await {
+            Ok(r) => r,
+            Err(e) if e.is_retriable() && attempt + 1 < attempts => {
+                tokio::time::sleep(backoff.delay(attempt)).await;
                 attempt += 1;
+                continue;
             }
-            batches = retry;
+            Err(e) => return Err(e),
+        };
+        let mut retry = Vec::new();
+        for (batch, r) in batches.into_iter().zip(results) {
+            match r {
+                Ok(a) => written.push(((batch.0, batch.1), a.last_offset + 1)),
+                Err(e) if e.is_retriable() && attempt + 1 < attempts => retry.push(batch),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        if !retry.is_empty() {
+            tokio::time::sleep(backoff.delay(attempt)).await;
+            attempt += 1;
+        }
+        batches = retry;
     }
+    Ok(written)
 }

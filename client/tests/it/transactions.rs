@@ -270,3 +270,44 @@ async fn a_broker_crash_aborts_the_open_transaction() {
         ["after"]
     );
 }
+
+/// `write_behind`: full batches written in the background land in order and commit with the
+/// transaction; a fenced instance's background write fails its flush, and nothing of it is
+/// readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_keeps_order_and_reports_a_failed_write_at_flush() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "wb", 1).await;
+    let cfg = TransactionalConfig {
+        batch_bytes: 1,
+        write_behind: true,
+        ..TransactionalConfig::new("wb-1")
+    };
+    let mut tx = TransactionalProducer::new(c.clone(), cfg.clone())
+        .await
+        .unwrap();
+    tx.begin().unwrap();
+    let want: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
+    for v in &want {
+        tx.send("wb", 0, rec(v)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    settled(&c, "wb", 0).await;
+    assert_eq!(values(&c, "wb", 0, Isolation::ReadCommitted).await, want);
+
+    // A new instance fences this one: its next full batch is refused in the background,
+    // and its flush says so.
+    tx.begin().unwrap();
+    let _new = TransactionalProducer::new(c.clone(), cfg).await.unwrap();
+    let sent = match tx.send("wb", 0, rec("zombie")).await {
+        Ok(()) => tx.flush().await,
+        Err(e) => Err(e),
+    };
+    assert!(sent.is_err(), "a fenced instance's write went through");
+    assert!(
+        !values(&c, "wb", 0, Isolation::ReadUncommitted)
+            .await
+            .contains(&"zombie".to_owned())
+    );
+}
