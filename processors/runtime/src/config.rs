@@ -159,7 +159,8 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
 pub struct CommitConfig {
     /// At least this often while there is work (ms).
     pub interval_ms: u64,
-    /// After this many inputs.
+    /// After this many inputs (default 100 000: a bound for very fast inputs; at the default
+    /// the interval decides, as in Kafka Streams).
     pub max_records: usize,
     /// When buffered state writes reach this many bytes.
     pub max_txn_bytes: usize,
@@ -215,7 +216,7 @@ impl Default for CommitConfig {
     fn default() -> Self {
         CommitConfig {
             interval_ms: 100,
-            max_records: 10_000,
+            max_records: 100_000,
             max_txn_bytes: 32 << 20,
         }
     }
