@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use spool_client::{Client, FetchOptions, Isolation};
+use spool_client::{Client, FetchOptions, Isolation, Record};
 use spool_pipeline::events::{
     AddressStatus, DealTransition, MailState, MailStatus, NotificationRequest, OutgoingMail,
     TimelineEvent, TimelineOp,
@@ -243,8 +243,8 @@ struct Ev<T> {
     data: T,
 }
 
-/// Every event of `topic`, read committed from offset 0.
-async fn read_events<T: DeserializeOwned>(client: &Client, topic: &str) -> Vec<Ev<T>> {
+/// Every record of `topic` with its partition, read committed from offset 0.
+async fn read_committed(client: &Client, topic: &str) -> Vec<(u32, Record)> {
     let mut out = Vec::new();
     for p in 0..PARTITIONS {
         let mut offset = 0;
@@ -262,23 +262,33 @@ async fn read_events<T: DeserializeOwned>(client: &Client, topic: &str) -> Vec<E
                 )
                 .await
                 .unwrap_or_else(|e| panic!("fetching {topic}/{p}: {e}"));
-            for r in &f.records {
-                let e = envelope::decode::<T>(&r.headers, r.key.as_ref(), r.value.as_ref())
-                    .unwrap_or_else(|e| panic!("{topic}/{p}@{}: {e}", r.offset));
-                out.push(Ev {
-                    partition: p,
-                    offset: r.offset,
-                    id: e.id,
-                    data: e.data,
-                });
-            }
-            if f.next_offset == offset {
+            let next = f.next_offset;
+            out.extend(f.records.into_iter().map(|r| (p, r)));
+            if next == offset {
                 break;
             }
-            offset = f.next_offset;
+            offset = next;
         }
     }
     out
+}
+
+/// Every event of `topic`, read committed from offset 0.
+async fn read_events<T: DeserializeOwned>(client: &Client, topic: &str) -> Vec<Ev<T>> {
+    read_committed(client, topic)
+        .await
+        .into_iter()
+        .map(|(p, r)| {
+            let e = envelope::decode::<T>(&r.headers, r.key.as_ref(), r.value.as_ref())
+                .unwrap_or_else(|e| panic!("{topic}/{p}@{}: {e}", r.offset));
+            Ev {
+                partition: p,
+                offset: r.offset,
+                id: e.id,
+                data: e.data,
+            }
+        })
+        .collect()
 }
 
 /// The ids of `events` (per partition when `per_partition`), asserting none appears twice.
@@ -809,36 +819,13 @@ async fn explain_repeats(client: &Client, status: &[Ev<MailStatus>], kills: &[Ki
     }
     // Every postfix-log record, read committed, by the line's position in the file.
     let mut lines: BTreeMap<String, Vec<(u32, u64, i64)>> = BTreeMap::new();
-    for p in 0..PARTITIONS {
-        let mut offset = 0;
-        loop {
-            let f = client
-                .fetch(
-                    topics::POSTFIX_LOG,
-                    p,
-                    offset,
-                    &FetchOptions {
-                        isolation: Isolation::ReadCommitted,
-                        max_bytes: 4 << 20,
-                        ..FetchOptions::default()
-                    },
-                )
-                .await
-                .unwrap();
-            for r in &f.records {
-                let v: serde_json::Value =
-                    serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
-                let at = format!("{}.{}", v["at"]["inode"], v["at"]["offset"]);
-                lines
-                    .entry(at)
-                    .or_default()
-                    .push((p, r.offset, r.timestamp_ms));
-            }
-            if f.next_offset == offset {
-                break;
-            }
-            offset = f.next_offset;
-        }
+    for (p, r) in read_committed(client, topics::POSTFIX_LOG).await {
+        let v: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        let at = format!("{}.{}", v["at"]["inode"], v["at"]["offset"]);
+        lines
+            .entry(at)
+            .or_default()
+            .push((p, r.offset, r.timestamp_ms));
     }
     let now = (std::time::SystemTime::now(), Instant::now());
     let wall = |i: Instant| {
