@@ -15,7 +15,7 @@ use spool_processor::{Context, Failure, Handler, Input};
 
 use crate::events::{AddressStatus, AlertSettings, BasisPoints, DealTransition, TimelineOp};
 use crate::matching::{Audience, Matcher, MatchingStore, Output};
-use crate::processors::emit;
+use crate::processors::emit_owned;
 use crate::topics;
 
 const STORE: &str = "m";
@@ -103,7 +103,7 @@ impl MatchingStore for TaskStore<'_, '_> {
             )));
         }
         for (k, _) in entries {
-            let rest = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let rest = String::from_utf8_lossy(&k[prefix.len()..]);
             let Some((min, user)) = rest.split_once('\0') else {
                 continue;
             };
@@ -202,14 +202,18 @@ impl Handler for Matching {
                 let outputs = Matcher::new(TaskStore { ctx, max_audience }).on_transition(&t)?;
                 for o in outputs {
                     match o {
-                        Output::Notify(n) => emit(ctx, n.id.clone(), &n, n.at_ms)?,
+                        Output::Notify(n) => {
+                            let (id, at) = (n.id.clone(), n.at_ms);
+                            emit_owned(ctx, id, n, at)?;
+                        }
                         Output::Timeline(e) => {
                             let op = if e.op == TimelineOp::Add {
                                 "add"
                             } else {
                                 "remove"
                             };
-                            emit(ctx, format!("{}:{}:{op}", e.entry, e.user), &e, e.at_ms)?;
+                            let (id, at) = (format!("{}:{}:{op}", e.entry, e.user), e.at_ms);
+                            emit_owned(ctx, id, e, at)?;
                         }
                     }
                 }

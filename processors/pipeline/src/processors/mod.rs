@@ -33,9 +33,21 @@ pub fn envelope<T: Payload + Clone>(
     data: &T,
     at_ms: i64,
 ) -> spool_processor::Event<T> {
-    spool_processor::Event::new(T::TYPE, format!("/bestprice/{processor}"), id, data.clone())
-        .subject(data.subject())
-        .key(data.key().into_bytes())
+    envelope_owned(processor, id, data.clone(), at_ms)
+}
+
+/// [`envelope`] taking the payload by value: no copy of it (matching emits three events per
+/// user of a deal's audience, each already built for that one output).
+pub fn envelope_owned<T: Payload>(
+    processor: &str,
+    id: impl Into<String>,
+    data: T,
+    at_ms: i64,
+) -> spool_processor::Event<T> {
+    let (subject, key) = (data.subject(), data.key());
+    spool_processor::Event::new(T::TYPE, format!("/bestprice/{processor}"), id, data)
+        .subject(subject)
+        .key(key.into_bytes())
         .time_ms(at_ms)
 }
 
@@ -46,7 +58,17 @@ pub fn emit<T: Payload + Clone>(
     data: &T,
     at_ms: i64,
 ) -> Result<(), Failure> {
-    let e = envelope(ctx.processor(), id, data, at_ms);
+    emit_owned(ctx, id, data.clone(), at_ms)
+}
+
+/// [`emit`] taking the payload by value (no copy of it).
+pub fn emit_owned<T: Payload>(
+    ctx: &mut Context<'_>,
+    id: impl Into<String>,
+    data: T,
+    at_ms: i64,
+) -> Result<(), Failure> {
+    let e = envelope_owned(ctx.processor(), id, data, at_ms);
     ctx.emit_event(T::TOPIC, &e)
         .map_err(|e| Failure::fatal(e.to_string()))
 }
