@@ -23,29 +23,12 @@ use spool_pipeline::feed::{AddressKind, Endpoints, Feed, FeedConfig, address_kin
 use spool_pipeline::postfix::instance::{Instance, free_port, mbox_message_ids};
 use spool_pipeline::{publish, topics};
 use spool_processor::envelope;
-use support::oracle;
 use support::receiver::Receiver;
+use support::{Scratch, oracle};
 
 const DOMAIN: &str = "deals.e2e";
 const PARTITIONS: u32 = 2;
 const BROKEN_HOOK_USER: &str = "u000003";
-
-/// The scratch directory (configs, state, the processors' logs), kept when the test fails.
-struct Scratch(Option<tempfile::TempDir>);
-impl Scratch {
-    fn path(&self) -> &Path {
-        self.0.as_ref().expect("until dropped").path()
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(d) = self.0.take()
-        {
-            eprintln!("e2e: logs kept in {}", d.keep().display());
-        }
-    }
-}
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -224,7 +207,7 @@ async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
     publish::ensure_topics(&client, Some(PARTITIONS))
         .await
         .unwrap();
-    let dir = Scratch(Some(tempfile::tempdir().unwrap()));
+    let dir = Scratch::new("e2e");
     let pf = Instance::start(&dir.path().join("pf"), free_port().unwrap(), "pfe2e")
         .expect("postfix (run .ci/install-test-tools)");
     let hooks = Receiver::start(|path, _, _| {

@@ -50,9 +50,9 @@ use spool_pipeline::postfix::parse::{LogLine, parse};
 use spool_pipeline::{publish, topics};
 use spool_processor::envelope;
 use spool_testkit::Broker;
-use support::oracle;
 use support::procs::Processor;
 use support::receiver::Receiver;
+use support::{Scratch, oracle};
 
 const DOMAIN: &str = "deals.k9";
 const PARTITIONS: u32 = 2;
@@ -144,23 +144,6 @@ impl Victim {
     /// Whether killing it can repeat a mail (an SMTP send not yet committed).
     fn can_repeat_mail(self) -> bool {
         matches!(self, Victim::Processor(NOTIFICATIONS) | Victim::Broker)
-    }
-}
-
-/// The scratch directory (configs, state, logs, Postfix), kept when the test fails.
-struct Scratch(Option<tempfile::TempDir>);
-impl Scratch {
-    fn path(&self) -> &Path {
-        self.0.as_ref().expect("until dropped").path()
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(d) = self.0.take()
-        {
-            eprintln!("kill9: logs kept in {}", d.keep().display());
-        }
     }
 }
 
@@ -420,7 +403,7 @@ async fn run(plan: &Plan) {
     publish::ensure_topics(&client, Some(PARTITIONS))
         .await
         .unwrap();
-    let dir = Scratch(Some(tempfile::tempdir().unwrap()));
+    let dir = Scratch::new("kill9");
     let d = dir.path();
     let pf = Instance::start(&d.join("pf"), free_port().unwrap(), "pfk9")
         .expect("postfix (run .ci/install-test-tools)");

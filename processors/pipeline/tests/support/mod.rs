@@ -7,6 +7,7 @@ pub mod receiver;
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
+use std::path::Path;
 
 use spool_client::TopicPartition;
 use spool_pipeline::topics;
@@ -74,4 +75,35 @@ pub fn pairs(
     m.iter()
         .flat_map(|(a, ids)| ids.iter().map(move |i| (a.clone(), i.clone())))
         .collect()
+}
+
+/// A test's scratch directory (configs, state, the processors' logs, Postfix), kept and
+/// printed when the test fails, removed otherwise.
+pub struct Scratch {
+    dir: Option<tempfile::TempDir>,
+    test: &'static str,
+}
+
+impl Scratch {
+    /// A new temporary directory for the test named `test` (used in the message).
+    pub fn new(test: &'static str) -> Scratch {
+        Scratch {
+            dir: Some(tempfile::tempdir().unwrap()),
+            test,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("until dropped").path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("{}: logs kept in {}", self.test, d.keep().display());
+        }
+    }
 }
