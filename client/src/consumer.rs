@@ -244,6 +244,11 @@ impl Consumer {
             .collect()
     }
 
+    /// Whether any partition is assigned.
+    pub fn has_assignment(&self) -> bool {
+        !self.assigned.is_empty()
+    }
+
     /// The position of one partition, if assigned.
     pub fn position(&self, topic: &str, partition: u32) -> Option<u64> {
         let i = *self.index.get(&TopicPartition::new(topic, partition))?;

@@ -258,7 +258,8 @@ pub struct GroupConfig {
     /// several streams are ready, [`GroupConsumer::poll`] and [`GroupConsumer::next`] return
     /// the earliest stream's first, and pausing one stream's partitions does not disturb
     /// the others. Topics in no list share one more stream after them. Empty (default): one
-    /// stream for everything.
+    /// stream for everything. [`GroupConsumer::poll_streams`] lets the caller choose which
+    /// streams to read and in what order (a stream it leaves out keeps what it fetched).
     pub streams: Vec<Vec<String>>,
 }
 
@@ -447,8 +448,10 @@ impl GroupConsumer {
 
     /// Stops reading owned partitions (the membership keeps them): no record of theirs is
     /// returned until [`GroupConsumer::resume`]. Their positions stay as they are; records
-    /// already buffered are dropped and read again on resume. Partitions not owned are
-    /// ignored. A revocation ends the pause with the partition.
+    /// already buffered by their stream (of every partition it reads) are dropped and read
+    /// again. Partitions not owned are ignored. A revocation ends the pause with the
+    /// partition. To stop reading a whole stream without dropping anything, leave it out of
+    /// [`GroupConsumer::poll_streams`] instead.
     pub fn pause(&mut self, tps: &[TopicPartition]) {
         for tp in tps {
             if !self.assignment.contains(tp) || self.paused.contains_key(tp) {
@@ -521,6 +524,21 @@ impl GroupConsumer {
     ///
     /// Cancel-safe.
     pub async fn poll(&mut self) -> Option<Result<Polled>> {
+        let all: Vec<usize> = (0..self.consumers.len()).collect();
+        self.poll_streams(&all).await
+    }
+
+    /// [`GroupConsumer::poll`] reading only the streams listed in `order` (indices into
+    /// [`GroupConfig::streams`]; the one after the last takes the topics no list names),
+    /// preferring earlier ones when several have a record ready. A stream left out is not
+    /// read: what it already fetched stays buffered (bounded as a [`Consumer`]'s, plus
+    /// HTTP/2 flow control holding the broker back) and its records come, in order, when it
+    /// is listed again; nothing is dropped or fetched twice (unlike
+    /// [`GroupConsumer::pause`]). With no listed stream to read it waits for a membership
+    /// change. Unknown indices are ignored.
+    ///
+    /// Cancel-safe.
+    pub async fn poll_streams(&mut self, order: &[usize]) -> Option<Result<Polled>> {
         while let Ok(ev) = self.events.try_recv() {
             self.pending.push_back(ev);
         }
@@ -548,7 +566,7 @@ impl GroupConsumer {
                 }
                 None => self.fatal.take().map(Err),
             },
-            r = next_any(&mut self.consumers) => r.map(|r| r.map(Polled::Record)),
+            r = next_any(&mut self.consumers, order) => r.map(|r| r.map(Polled::Record)),
         }
     }
 
@@ -571,13 +589,14 @@ impl GroupConsumer {
                 }
                 continue;
             }
+            let all: Vec<usize> = (0..self.consumers.len()).collect();
             tokio::select! {
                 biased;
                 ev = self.events.recv() => match ev {
                     Some(ev) => self.pending.push_back(ev),
                     None => return self.fatal.take().map(Err),
                 },
-                r = next_any(&mut self.consumers) => return r,
+                r = next_any(&mut self.consumers, &all) => return r,
             }
         }
     }
@@ -810,25 +829,38 @@ fn stream_of(streams: &[Vec<String>], topic: &str) -> usize {
         .unwrap_or(streams.len())
 }
 
-/// The next record of any consumer with partitions, the earliest consumer's first when
-/// several are ready. Cancel-safe (as `Consumer::next`).
-async fn next_any(consumers: &mut [Consumer]) -> Option<Result<Record>> {
+/// The next record of the consumers listed in `order` (those with partitions), the earliest
+/// listed first when several are ready; the others are not touched. Cancel-safe (as
+/// `Consumer::next`).
+async fn next_any(consumers: &mut [Consumer], order: &[usize]) -> Option<Result<Record>> {
     use std::future::Future;
     use std::pin::Pin;
     use std::task::Poll;
     type Next<'a> = Pin<Box<dyn Future<Output = Option<Result<Record>>> + Send + 'a>>;
-    if consumers.len() > 1 {
-        // Every stream open first: a lower stream's ready records must not keep a higher
-        // one from ever opening (opening is cancelled whenever another stream wins).
-        for c in consumers.iter_mut() {
+    if let [i] = order {
+        // One stream (the common case): no boxing, no allocation.
+        return match consumers.get_mut(*i) {
+            Some(c) if c.has_assignment() => c.next().await,
+            _ => std::future::pending().await,
+        };
+    }
+    let mut slots: Vec<Option<&mut Consumer>> = consumers.iter_mut().map(Some).collect();
+    let mut listed: Vec<&mut Consumer> = order
+        .iter()
+        .filter_map(|&i| slots.get_mut(i).and_then(Option::take))
+        .filter(|c| c.has_assignment())
+        .collect();
+    if listed.len() > 1 {
+        // Every listed stream open first: a later stream's ready records must not keep an
+        // earlier one from ever opening (opening is cancelled whenever another stream wins).
+        for c in listed.iter_mut() {
             if let Err(e) = c.ensure_open().await {
                 tracing::debug!(error = %e, "opening a subscription failed; next() retries");
             }
         }
     }
-    let mut active: Vec<Next<'_>> = consumers
-        .iter_mut()
-        .filter(|c| !c.positions().is_empty())
+    let mut active: Vec<Next<'_>> = listed
+        .into_iter()
         .map(|c| Box::pin(c.next()) as Next<'_>)
         .collect();
     if active.len() <= 1 {

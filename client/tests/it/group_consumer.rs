@@ -351,3 +351,65 @@ async fn crashes_and_a_broker_kill_skip_nothing_and_never_move_commits_back() {
         all.len() - 400
     );
 }
+
+/// Streams: `poll_streams` reads only the listed streams, preferring the earlier ones; a
+/// stream left out for a while continues where it stopped (its buffered records neither lost
+/// nor repeated), and so does every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_streams_reads_the_listed_streams_in_order_and_a_left_out_one_resumes() {
+    let b = broker();
+    let c = b.client().await;
+    create(&c, "hi", 1).await;
+    create(&c, "lo", 1).await;
+    produce_n(&c, "hi", 0, 100, 1_000).await;
+    produce_n(&c, "lo", 0, 100, 1_000).await;
+    let mut cfg = GroupConfig::new("lanes", ["hi", "lo"]);
+    cfg.streams = vec![vec!["hi".into()], vec!["lo".into()]];
+    let mut gc = GroupConsumer::join(&c, cfg).await.unwrap();
+    until_owns(&mut gc, 2).await;
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    // `lo` only (its stream now holds the rest of what it fetched), then `hi` only.
+    for _ in 0..10 {
+        let (t, o) = next(&mut gc, &[1]).await;
+        assert_eq!(t, "lo");
+        seen.entry(t).or_default().push(o);
+    }
+    for _ in 0..30 {
+        let (t, o) = next(&mut gc, &[0]).await;
+        assert_eq!(t, "hi");
+        seen.entry(t).or_default().push(o);
+    }
+    // `lo` preferred: its records come first while it has any ready.
+    let (t, o) = next(&mut gc, &[1, 0]).await;
+    assert_eq!(t, "lo", "the earlier listed stream's ready record first");
+    seen.entry(t).or_default().push(o);
+    // Nothing listed: nothing read (only a membership change would end the wait).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), gc.poll_streams(&[]))
+            .await
+            .is_err()
+    );
+    while seen.values().map(Vec::len).sum::<usize>() < 200 {
+        let (t, o) = next(&mut gc, &[0, 1]).await;
+        seen.entry(t).or_default().push(o);
+    }
+    let want: Vec<u64> = (0..100).collect();
+    assert_eq!(seen["hi"], want, "hi: every record once, in order");
+    assert_eq!(seen["lo"], want, "lo: every record once, in order");
+    let _ = gc.leave().await;
+}
+
+/// The next record of the listed streams (membership changes applied meanwhile).
+async fn next(gc: &mut GroupConsumer, order: &[usize]) -> (String, u64) {
+    loop {
+        match tokio::time::timeout(WAIT, gc.poll_streams(order))
+            .await
+            .expect("a record in time")
+            .expect("not closed")
+            .expect("no error")
+        {
+            spool_client::Polled::Record(r) => return (r.topic.to_string(), r.offset),
+            spool_client::Polled::Membership => gc.poll_membership().await.unwrap(),
+        }
+    }
+}

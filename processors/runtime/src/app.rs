@@ -17,7 +17,10 @@
 //! state of every owned partition restored; `STATUS=` says what it waits for; watchdog pings
 //! at half `WatchdogSec` while the processing loop goes round; on SIGTERM `STOPPING=1`, then
 //! the open transaction is committed (or aborted), local stores are fsynced and the group
-//! is left, within the unit's `TimeoutStopSec`.
+//! is left, within the unit's `TimeoutStopSec`. A processor superseded by a newer instance
+//! with the same instance id ([`crate::runtime::RuntimeError::Superseded`]) exits with
+//! [`SUPERSEDED_EXIT_CODE`], which the unit's `RestartPreventExitStatus=` keeps from being
+//! restarted (a restart would fence the newer instance, and so on).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +32,7 @@ use clap::Parser;
 use crate::config::ProcessorConfig;
 use crate::handler::AsyncHandler;
 use crate::metrics::Metrics;
-use crate::runtime::{self, RuntimeConfig};
+use crate::runtime::{self, RuntimeConfig, RuntimeError};
 
 /// A Spool stream processor.
 ///
@@ -147,8 +150,20 @@ where
         rt.worker_threads(cfg.runtime_threads);
     }
     let rt = rt.build().context("starting the tokio runtime")?;
-    rt.block_on(serve(cfg, rcfg, handler))
+    let result = rt.block_on(serve(cfg, rcfg, handler));
+    if let Err(e) = &result
+        && let Some(RuntimeError::Superseded { .. }) = e.downcast_ref::<RuntimeError>()
+    {
+        eprintln!("Error: {e:#}");
+        drop(rt);
+        std::process::exit(SUPERSEDED_EXIT_CODE);
+    }
+    result
 }
+
+/// The exit status of a processor superseded by a newer instance with the same instance id
+/// (not restarted by the systemd unit).
+pub const SUPERSEDED_EXIT_CODE: i32 = 3;
 
 /// Connects, serves metrics, runs the processor until SIGTERM/SIGINT.
 pub async fn serve<H: AsyncHandler>(

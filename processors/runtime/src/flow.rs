@@ -1,47 +1,108 @@
 //! Flow control (seeds 001 and 003): priority lanes with a minimum share, throttles per lane
 //! and per key, quiet hours in a time zone, and operator pauses.
 //!
-//! A *lane* is a set of input topics with a priority (0 is the highest). The runtime decides
-//! at every tick which lanes may be read; a lane that may not is paused in the group consumer
-//! (its partitions stay owned, nothing is dropped, its records wait in the log):
+//! A *lane* is a set of input topics with a priority (0 is the highest), read over its own
+//! Subscribe stream. The runtime decides which lanes it reads and in what order: every time it
+//! asks the group consumer for a record it lists the lanes it may read, preferred first
+//! ([`Lanes::order`]), and the consumer returns the first of those with a record ready
+//! (`GroupConsumer::poll_streams`). A lane it does not list is simply not read: what its
+//! stream already fetched stays buffered (one decoded broker message, plus the HTTP/2 window
+//! and the broker's one-message queue), its partitions stay owned and nothing is fetched
+//! again. A lane is not read while it is:
 //! - **paused** by an operator (`spool processor pause NAME --lane L`, kept in the compacted
 //!   control topic `<group>.control`, so it survives restarts);
 //! - **quiet**: inside one of its quiet windows (`21:00`–`07:00` in `Europe/Athens`, computed
 //!   with jiff on civil times, so the windows follow DST: a window spanning the spring-forward
 //!   night is an hour shorter in absolute time, as a person would expect); it opens again by
 //!   itself at the window's end;
-//! - **yielding**: priority itself needs no pause: each lane is read over its own Subscribe
-//!   stream and the consumer returns the highest lane's ready records first. But when a lower
-//!   lane has records waiting and got less than its `min_share` of the records processed in
-//!   the current one-second window, the lanes above it yield until the next decision (a
-//!   tick), so it never starves. A lane whose own throttle holds a record is not starving (it
-//!   gets what its rate allows): counting it as such made every lane above it yield at nearly
-//!   every tick, and each yield drops the yielding lane's fetched records, so in `spool-demo`
-//!   the campaigns lane (5/s, `min_share` 0.05) cut `outgoing-mail`, read after
-//!   `notification-requests` in the alerts lane's stream, from ~140 to ~17 mails/s.
+//! - **throttled**: its rate limiter holds a record of it (the runtime keeps that record and
+//!   reads nothing else of the lane until the limiter allows it).
+//!
+//! Among the lanes it may read, the order is: lanes below their `min_share` of the records
+//! handled in the current one-second window (lanes at the top open priority excepted),
+//! highest priority first; then by priority; lanes of one priority by fewest records in the
+//! window (so they take turns). A lane with nothing ready does not hold the others back (the
+//! consumer takes the next lane's ready record), so a lower lane gets its share whenever it
+//! has records, the higher lanes get the rest, and a throttled lane is read at its rate.
+//! Before, lanes were closed by pausing their partitions in the consumer, which dropped what
+//! they had fetched (read again on resume), and the consumer always preferred the highest
+//! lane, so a lower lane was read only while the lanes above it were paused: in `spool-demo`
+//! that cut the alerts lane from ~140 to ~17 mails/s.
 //!
 //! Throttles are GCRA limiters (governor): a lane's `rate_per_sec` (burst: a tenth of a
 //! second's worth unless set) and optionally `key_rate_per_sec` per record key. A record over
 //! the lane's rate whose token is due within [`INLINE_WAIT`] (every record at rates of
-//! 200/s and more) waits for it in place; one that must wait longer, or is over its key's
-//! rate, is held (its partition paused) until the limiter allows it. So the long-run rate is
-//! exact, and a busy throttled lane does not pause, drop its fetched records and read them
-//! again for every record over the rate (which cost it 8–13 % of its rate).
+//! 200/s and more) waits for it in place; one that must wait longer is held and its lane not
+//! read until then; one over its key's rate is held and its partition paused. The limiters
+//! read a [`ThrottleClock`]: the monotonic clock, or the test driver's clock.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::Clock as _;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use governor::clock::{Clock as _, QuantaClock, QuantaInstant, Reference as _};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::HashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 
 /// The longest wait for a lane token done in place (longer ones hold the record).
 pub(crate) const INLINE_WAIT: Duration = Duration::from_millis(5);
 
-/// How long after its throttled record is due a lane still counts as throttled (not
-/// starving): the time to read its next record, which its throttle usually holds again.
-pub(crate) const THROTTLE_GRACE_MS: i64 = 250;
+/// The time source of the throttles.
+#[derive(Clone, Debug)]
+pub(crate) enum ThrottleClock {
+    /// The monotonic clock (quanta), from when the lane was built.
+    Real(QuantaClock, QuantaInstant),
+    /// Set by hand (ns): the test driver's clock.
+    Manual(Arc<AtomicU64>),
+}
+
+impl ThrottleClock {
+    /// The monotonic clock.
+    pub(crate) fn real() -> ThrottleClock {
+        let c = QuantaClock::default();
+        let origin = c.now();
+        ThrottleClock::Real(c, origin)
+    }
+
+    /// A clock at `ms`, moved with [`ThrottleClock::set_ms`].
+    pub(crate) fn manual(ms: i64) -> ThrottleClock {
+        let c = ThrottleClock::Manual(Arc::new(AtomicU64::new(0)));
+        c.set_ms(ms);
+        c
+    }
+
+    /// Moves a manual clock (never backwards); no effect on the real one.
+    pub(crate) fn set_ms(&self, ms: i64) {
+        if let ThrottleClock::Manual(ns) = self {
+            let v = u64::try_from(ms.max(0))
+                .unwrap_or(0)
+                .saturating_mul(1_000_000);
+            ns.fetch_max(v, Ordering::Relaxed);
+        }
+    }
+}
+
+impl governor::clock::Clock for ThrottleClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        match self {
+            ThrottleClock::Real(c, origin) => c.now().duration_since(*origin),
+            ThrottleClock::Manual(ns) => Nanos::from(ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, ThrottleClock, NoOpMiddleware<Nanos>>;
+type KeyedLimiter =
+    RateLimiter<Vec<u8>, HashMapStateStore<Vec<u8>>, ThrottleClock, NoOpMiddleware<Nanos>>;
 
 /// A record over a rate: how long until it may go, and whether its key's rate refused it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,22 +238,17 @@ pub enum Closed {
     Paused,
     /// Quiet hours until this time (ms).
     Quiet(i64),
-    /// Yielding to a higher-priority lane.
-    Yielding,
 }
 
 /// A lane at run time.
 pub(crate) struct Lane {
     pub(crate) cfg: LaneConfig,
-    limiter: Option<DefaultDirectRateLimiter>,
-    key_limiter: Option<DefaultKeyedRateLimiter<Vec<u8>>>,
+    limiter: Option<DirectLimiter>,
+    key_limiter: Option<KeyedLimiter>,
     /// Records processed in the current share window.
     pub(crate) window_count: u64,
     pub(crate) operator_paused: bool,
     pub(crate) closed: Option<Closed>,
-    /// Its throttle (the lane's rate, not a key's) holds a record until then (wall clock,
-    /// ms): meanwhile the lane is throttled, not starving.
-    pub(crate) throttled_until_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for Lane {
@@ -211,19 +267,18 @@ fn quota(rate: u32, burst: Option<u32>) -> Quota {
 }
 
 impl Lane {
-    pub(crate) fn new(cfg: LaneConfig) -> Lane {
+    pub(crate) fn new(cfg: LaneConfig, clock: &ThrottleClock) -> Lane {
         Lane {
             limiter: cfg
                 .rate_per_sec
-                .map(|r| RateLimiter::direct(quota(r, cfg.burst))),
+                .map(|r| RateLimiter::direct_with_clock(quota(r, cfg.burst), clock.clone())),
             key_limiter: cfg
                 .key_rate_per_sec
-                .map(|r| RateLimiter::keyed(quota(r, None))),
+                .map(|r| RateLimiter::hashmap_with_clock(quota(r, None), clock.clone())),
             cfg,
             window_count: 0,
             operator_paused: false,
             closed: None,
-            throttled_until_ms: None,
         }
     }
 
@@ -268,9 +323,14 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// Lanes from config; input topics in no lane get a lane of their own (priority 0).
-    pub(crate) fn new(configs: &[LaneConfig], inputs: &[String]) -> Lanes {
-        let mut lanes: Vec<Lane> = configs.iter().cloned().map(Lane::new).collect();
+    /// Lanes from config; input topics in no lane get a lane of their own (priority 0). The
+    /// throttles read `clock`.
+    pub(crate) fn new(configs: &[LaneConfig], inputs: &[String], clock: &ThrottleClock) -> Lanes {
+        let mut lanes: Vec<Lane> = configs
+            .iter()
+            .cloned()
+            .map(|c| Lane::new(c, clock))
+            .collect();
         let mut by_topic = HashMap::new();
         for (i, l) in lanes.iter().enumerate() {
             for t in &l.cfg.topics {
@@ -280,16 +340,19 @@ impl Lanes {
         for t in inputs {
             if !by_topic.contains_key(t) {
                 by_topic.insert(t.clone(), lanes.len());
-                lanes.push(Lane::new(LaneConfig {
-                    name: t.clone(),
-                    topics: vec![t.clone()],
-                    priority: 0,
-                    min_share: 1.0,
-                    rate_per_sec: None,
-                    burst: None,
-                    key_rate_per_sec: None,
-                    quiet_hours: Vec::new(),
-                }));
+                lanes.push(Lane::new(
+                    LaneConfig {
+                        name: t.clone(),
+                        topics: vec![t.clone()],
+                        priority: 0,
+                        min_share: 1.0,
+                        rate_per_sec: None,
+                        burst: None,
+                        key_rate_per_sec: None,
+                        quiet_hours: Vec::new(),
+                    },
+                    clock,
+                ));
             }
         }
         Lanes { lanes, by_topic }
@@ -305,14 +368,8 @@ impl Lanes {
         self.by_topic.insert(topic.to_owned(), lane);
     }
 
-    /// Decides which lanes are closed: `now_ms` for quiet hours, `waiting[i]` whether lane i
-    /// has records waiting (lag or held records). Between open lanes, priority needs no
-    /// closing (the consumer reads each lane over its own stream and returns the highest
-    /// lane's records first); but when an open lane with records waiting got less than its
-    /// `min_share` of the current window's records, every open lane above it yields until
-    /// the next decision.
-    pub(crate) fn decide(&mut self, now_ms: i64, waiting: &[bool]) {
-        let total: u64 = self.lanes.iter().map(|l| l.window_count).sum();
+    /// Decides which lanes are closed at `now_ms`: paused by an operator, or quiet.
+    pub(crate) fn decide(&mut self, now_ms: i64) {
         for l in &mut self.lanes {
             l.closed = if l.operator_paused {
                 Some(Closed::Paused)
@@ -325,34 +382,33 @@ impl Lanes {
                     .map(Closed::Quiet)
             };
         }
+    }
+
+    /// The open lanes in the order they are preferred (see the [module docs](self)): lanes
+    /// below their `min_share` of the current window first (except those at the top open
+    /// priority, which need no help), then by priority, then by fewest records this window.
+    pub(crate) fn order(&self) -> Vec<usize> {
+        let total: u64 = self.lanes.iter().map(|l| l.window_count).sum();
         let top = self
             .lanes
             .iter()
             .filter(|l| l.closed.is_none())
             .map(|l| l.cfg.priority)
             .min();
-        let starving = self
+        let mut open: Vec<(bool, u32, u64, usize)> = self
             .lanes
             .iter()
             .enumerate()
-            .filter(|(i, l)| {
-                l.closed.is_none()
-                    && Some(l.cfg.priority) != top
-                    && waiting.get(*i).copied().unwrap_or(false)
+            .filter(|(_, l)| l.closed.is_none())
+            .map(|(i, l)| {
+                let below = Some(l.cfg.priority) != top
                     && total > 0
-                    && (l.window_count as f64) < l.cfg.min_share * total as f64
-                    && l.throttled_until_ms
-                        .is_none_or(|t| now_ms >= t.saturating_add(THROTTLE_GRACE_MS))
+                    && (l.window_count as f64) < l.cfg.min_share * total as f64;
+                (!below, l.cfg.priority, l.window_count, i)
             })
-            .map(|(_, l)| l.cfg.priority)
-            .min();
-        if let Some(p) = starving {
-            for l in &mut self.lanes {
-                if l.closed.is_none() && l.cfg.priority < p {
-                    l.closed = Some(Closed::Yielding);
-                }
-            }
-        }
+            .collect();
+        open.sort_unstable();
+        open.into_iter().map(|(_, _, _, i)| i).collect()
     }
 
     /// Starts a new share window.
@@ -423,9 +479,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn higher_lanes_yield_to_a_starving_lower_lane() {
-        let lane = |name: &str, priority, min_share| LaneConfig {
+    fn lane(name: &str, priority: u32, min_share: f64) -> LaneConfig {
+        LaneConfig {
             name: name.into(),
             topics: vec![name.into()],
             priority,
@@ -434,85 +489,78 @@ mod tests {
             burst: None,
             key_rate_per_sec: None,
             quiet_hours: Vec::new(),
-        };
-        let mut l = Lanes::new(&[lane("alerts", 0, 1.0), lane("campaigns", 1, 0.2)], &[]);
-        l.lanes[0].window_count = 90;
-        l.lanes[1].window_count = 10;
-        l.decide(0, &[true, true]);
-        assert_eq!(
-            l.lanes[0].closed,
-            Some(Closed::Yielding),
-            "campaigns below 20%"
-        );
-        assert_eq!(l.lanes[1].closed, None);
-        l.decide(0, &[true, false]);
-        assert_eq!(l.lanes[0].closed, None, "campaigns has nothing waiting");
-        l.lanes[1].window_count = 30;
-        l.decide(0, &[true, true]);
-        assert_eq!(
-            (l.lanes[0].closed.clone(), l.lanes[1].closed.clone()),
-            (None, None)
-        );
-        l.lanes[1].operator_paused = true;
-        l.lanes[1].window_count = 0;
-        l.decide(0, &[true, true]);
-        assert_eq!(l.lanes[1].closed, Some(Closed::Paused));
-        assert_eq!(
-            l.lanes[0].closed, None,
-            "a paused lane does not hold others back"
-        );
+        }
     }
 
     #[test]
-    fn a_lane_held_by_its_own_throttle_is_not_starving() {
-        let lane = |name: &str, priority, min_share, rate_per_sec| LaneConfig {
-            name: name.into(),
-            topics: vec![name.into()],
-            priority,
-            min_share,
-            rate_per_sec,
-            burst: None,
-            key_rate_per_sec: None,
-            quiet_hours: Vec::new(),
-        };
-        // spool-demo's notifications: alerts at full speed, campaigns at 5/s with 5%.
+    fn a_lower_lane_below_its_share_is_read_first_and_paused_lanes_not_at_all() {
+        let clock = ThrottleClock::manual(0);
         let mut l = Lanes::new(
             &[
-                lane("alerts", 0, 0.1, None),
-                lane("campaigns", 1, 0.05, Some(5)),
+                lane("alerts", 0, 1.0),
+                lane("campaigns", 1, 0.2),
+                lane("bulk", 2, 0.0),
             ],
             &[],
+            &clock,
         );
-        l.lanes[0].window_count = 300;
-        l.lanes[1].window_count = 5;
-        l.lanes[1].throttled_until_ms = Some(1_000);
-        l.decide(1_000, &[true, true]);
+        l.decide(0);
+        assert_eq!(l.order(), vec![0, 1, 2], "an empty window: by priority");
+        l.lanes[0].window_count = 90;
+        l.lanes[1].window_count = 10;
+        assert_eq!(l.order(), vec![1, 0, 2], "campaigns below 20%");
+        l.lanes[1].window_count = 30;
+        assert_eq!(l.order(), vec![0, 1, 2], "campaigns has its share");
+        l.lanes[1].operator_paused = true;
+        l.decide(0);
+        assert_eq!(l.lanes[1].closed, Some(Closed::Paused));
+        assert_eq!(l.order(), vec![0, 2], "a paused lane is not read");
+        l.lanes[0].operator_paused = true;
+        l.decide(0);
         assert_eq!(
-            l.lanes[0].closed, None,
-            "campaigns is below 5% because of its rate: alerts go on"
+            l.order(),
+            vec![2],
+            "bulk is the top open lane (its share does not matter)"
         );
-        l.decide(1_000 + THROTTLE_GRACE_MS - 1, &[true, true]);
-        assert_eq!(l.lanes[0].closed, None, "its next record is being read");
-        l.decide(1_000 + THROTTLE_GRACE_MS, &[true, true]);
+        l.new_window();
+        assert!(l.lanes.iter().all(|l| l.window_count == 0));
+    }
+
+    #[test]
+    fn lanes_of_one_priority_take_turns_and_quiet_lanes_reopen() {
+        let clock = ThrottleClock::manual(0);
+        let mut night = lane("night", 0, 0.1);
+        night.quiet_hours = vec![QuietHours {
+            time_zone: "UTC".into(),
+            start: "12:00".into(),
+            end: "13:00".into(),
+        }];
+        let mut l = Lanes::new(&[night], &["a".into(), "b".into()], &clock);
+        assert_eq!(l.of("a"), Some(1));
+        l.lanes[1].window_count = 5;
+        l.lanes[2].window_count = 4;
+        l.decide(ms("2024-01-01T12:30:00Z"));
+        assert_eq!(l.order(), vec![2, 1], "fewest records first");
         assert_eq!(
             l.lanes[0].closed,
-            Some(Closed::Yielding),
-            "no longer held by its throttle and still below its share: starving"
+            Some(Closed::Quiet(ms("2024-01-01T13:00:00Z")))
         );
+        l.decide(ms("2024-01-01T13:00:00Z"));
+        assert_eq!(l.order(), vec![0, 2, 1]);
     }
 
     #[test]
     fn throttle_admits_at_the_rate() {
-        let l = Lane::new(LaneConfig {
-            name: "c".into(),
-            topics: vec!["c".into()],
-            priority: 1,
-            min_share: 0.1,
-            rate_per_sec: Some(100),
-            burst: Some(10),
-            key_rate_per_sec: Some(1),
-            quiet_hours: Vec::new(),
-        });
+        let clock = ThrottleClock::manual(1_000);
+        let l = Lane::new(
+            LaneConfig {
+                rate_per_sec: Some(100),
+                burst: Some(10),
+                key_rate_per_sec: Some(1),
+                ..lane("c", 1, 0.1)
+            },
+            &clock,
+        );
         assert_eq!(l.admit(Some(b"a")), None);
         assert!(
             l.admit(Some(b"a")).is_some_and(|w| w.per_key),
@@ -521,9 +569,14 @@ mod tests {
         let admitted = (0..100)
             .filter(|i| l.admit(Some(format!("k{i}").as_bytes())).is_none())
             .count();
-        assert!(
-            (9..=10).contains(&admitted),
-            "burst of 10 after one token: {admitted}"
-        );
+        assert_eq!(admitted, 9, "burst of 10 after one token: {admitted}");
+        let w = l.admit(None).expect("the burst is spent");
+        assert!(!w.per_key);
+        assert_eq!(w.after, Duration::from_millis(10), "one token per 10 ms");
+        clock.set_ms(1_010);
+        assert_eq!(l.admit(None), None, "the manual clock moved to the token");
+        assert!(l.admit(None).is_some());
+        clock.set_ms(1_000);
+        assert!(l.admit(None).is_some(), "the clock never goes back");
     }
 }

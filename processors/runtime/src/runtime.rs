@@ -50,7 +50,7 @@ use crate::context::Emit;
 use crate::control::{self, Control};
 use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
-use crate::flow::{self, Closed, LaneConfig, Lanes};
+use crate::flow::{self, LaneConfig, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
 use crate::metrics::{LaneLabel, Metrics, PartitionLabel};
 use crate::restore;
@@ -214,6 +214,24 @@ pub enum RuntimeError {
     /// The handler reported a fatal failure, or the state store failed.
     #[error("fatal: {0}")]
     Fatal(String),
+    /// Another instance started with the same `instance_id` initialised the transactional
+    /// id since this one did: this one is the older incarnation and stops, as a fenced Kafka
+    /// producer does (restarting would fence the newer one, which would fence it back, and
+    /// so on). Told apart from a broker restart's fence, which is survived: a transaction the
+    /// broker aborted itself can still be aborted at its epoch; after another incarnation's
+    /// InitProducerId it cannot.
+    #[error(
+        "fenced by a newer instance with the same instance id {instance_id:?} (transactional id \
+         {transactional_id:?}): another processor took over; this one stops"
+    )]
+    Superseded {
+        /// The instance id both were started with.
+        instance_id: String,
+        /// `<group>-<instance_id>`.
+        transactional_id: String,
+        /// The broker's refusal of the abort.
+        source: spool_client::Error,
+    },
 }
 
 /// Something that resolves when the processor should stop (SIGTERM).
@@ -265,14 +283,14 @@ pub async fn run<H: AsyncHandler>(
     }
 }
 
-/// Errors a new session cannot fix. A fenced producer is not one of them: the broker fences
-/// the open transaction's epoch when it aborts it (a restart, a timeout) as well as when
-/// another incarnation initialises the id; either way a new session re-initialises the
-/// producer and resumes from the last commit (Kafka Streams treats `ProducerFenced` under
-/// exactly-once the same way: the task migrated, rejoin).
+/// Errors a new session cannot fix. A fenced producer whose abort the broker acknowledged is
+/// not one of them (the broker aborted the transaction itself: a restart, a timeout; the
+/// session goes on), nor one whose abort could not reach the broker (a new session
+/// re-initialises the producer). One whose abort is fenced too was superseded by a newer
+/// incarnation ([`RuntimeError::Superseded`]): it stops.
 fn fatal(e: &RuntimeError) -> bool {
     match e {
-        RuntimeError::Fatal(_) => true,
+        RuntimeError::Fatal(_) | RuntimeError::Superseded { .. } => true,
         RuntimeError::Client(c) => matches!(
             c,
             spool_client::Error::UnknownTopic { .. }
@@ -373,11 +391,14 @@ struct Restoring {
     handle: JoinHandle<()>,
 }
 
-/// A record read but not processed yet: a retry not due, or over its lane's rate. Its
-/// partition is paused meanwhile (and its position not moved).
+/// A record read but not processed yet: a retry not due, waiting for its tables, or over
+/// its key's rate (its partition is paused meanwhile), or over its lane's rate (its lane is
+/// not read meanwhile, so what the lane fetched stays buffered). Its position is not moved.
 struct Held {
     record: Record,
     due: Instant,
+    /// Its partition is paused (else its lane is not read).
+    pauses: bool,
 }
 
 /// The open transaction.
@@ -417,10 +438,8 @@ struct Session<'c> {
     control: Arc<Mutex<Control>>,
     control_task: JoinHandle<()>,
     last_window: Instant,
-    /// Last lag seen per partition (paused partitions report none).
-    last_lag: HashMap<TopicPartition, u64>,
-    /// When the lanes' backlogs were last asked of the broker.
-    last_backlog: Instant,
+    /// The consumer stream each lane is read over (`GroupConsumer::poll_streams`).
+    lane_stream: Vec<usize>,
     /// Per task, the read-committed ends of its input partitions when last asked
     /// ([`RuntimeConfig::tables`]).
     table_ends: HashMap<u32, HashMap<TopicPartition, u64>>,
@@ -459,7 +478,7 @@ impl<'c> Session<'c> {
             control.clone(),
         ));
         let retry_topics = cfg.retry_topics();
-        let mut lanes = Lanes::new(&cfg.lanes, &cfg.inputs);
+        let mut lanes = Lanes::new(&cfg.lanes, &cfg.inputs, &ThrottleClock::real());
         let mut retry_of = HashMap::new();
         for (retry, source) in &retry_topics {
             if let Some(l) = lanes.of(source) {
@@ -476,10 +495,15 @@ impl<'c> Session<'c> {
             .instance_id(cfg.instance_id.clone())
             .session_timeout(cfg.session_timeout);
         gcfg.commit_on_revoke = false;
+        // One lane: one stream for everything.
+        let mut lane_stream = vec![0; lanes.lanes.len()];
         if lanes.lanes.len() > 1 {
             // One stream per lane, highest priority first (retry topics with their source).
             let mut order: Vec<usize> = (0..lanes.lanes.len()).collect();
             order.sort_by_key(|&i| lanes.lanes[i].cfg.priority);
+            for (stream, &lane) in order.iter().enumerate() {
+                lane_stream[lane] = stream;
+            }
             gcfg.streams = order
                 .into_iter()
                 .map(|i| {
@@ -520,8 +544,7 @@ impl<'c> Session<'c> {
             control,
             control_task,
             last_window: Instant::now(),
-            last_lag: HashMap::new(),
-            last_backlog: Instant::now(),
+            lane_stream,
             table_ends: HashMap::new(),
             table_wait: HashMap::new(),
         };
@@ -555,16 +578,24 @@ impl<'c> Session<'c> {
                 None => self.last_tick + self.cfg.tick_interval,
             };
             let mut wake = wake.min(self.last_tick + self.cfg.tick_interval);
-            if let Some(due) = self.held.values().map(|h| h.due).min() {
+            // Held records of closed lanes wait for the tick that opens their lane.
+            if let Some(due) = self
+                .held
+                .iter()
+                .filter(|(tp, _)| self.lane_open(&tp.topic))
+                .map(|(_, h)| h.due)
+                .min()
+            {
                 wake = wake.min(due.max(Instant::now() + Duration::from_millis(1)));
             }
+            let order = self.read_order();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => continue,
                 Some((p, token, result)) = self.restored_rx.recv() => {
                     self.restored(p, token, result).await?;
                 }
-                polled = self.member.poll() => match polled {
+                polled = self.member.poll_streams(&order) => match polled {
                     None => return Err(RuntimeError::Client(spool_client::Error::Closed)),
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(Polled::Membership)) => {
@@ -669,13 +700,20 @@ impl<'c> Session<'c> {
             // A short wait for the lane's token is waited here: holding the record would
             // pause the partition and fetch it again, for every record over the rate.
             while let Some(wait) = self.lanes.lanes[l].admit(r.key.as_deref()) {
-                if wait.per_key || wait.after > flow::INLINE_WAIT {
-                    if !wait.per_key {
-                        // Below its min_share because of its rate: not starving (flow.rs).
-                        let until = now.saturating_add(wait.after.as_millis() as i64);
-                        self.lanes.lanes[l].throttled_until_ms = Some(until);
-                    }
+                if wait.per_key {
                     self.hold(tp, r, wait.after);
+                    return Ok(());
+                }
+                if wait.after > flow::INLINE_WAIT {
+                    // The lane is not read until then; what it fetched stays buffered.
+                    self.held.insert(
+                        tp,
+                        Held {
+                            record: r,
+                            due: Instant::now() + wait.after,
+                            pauses: false,
+                        },
+                    );
                     return Ok(());
                 }
                 tokio::time::sleep(wait.after).await;
@@ -785,9 +823,12 @@ impl<'c> Session<'c> {
         let paused: BTreeSet<TopicPartition> = self.member.paused().into_iter().collect();
         let positions: HashMap<TopicPartition, u64> = self.member.positions().into_iter().collect();
         let pos = |t: &TopicPartition| positions.get(t).copied().unwrap_or(0);
-        let behind = tables
-            .iter()
-            .any(|t| !paused.contains(t) && pos(t) < ends.get(t).copied().unwrap_or(0));
+        // Tables paused (or in a closed lane) are not waited for.
+        let behind = tables.iter().any(|t| {
+            !paused.contains(t)
+                && self.lane_open(&t.topic)
+                && pos(t) < ends.get(t).copied().unwrap_or(0)
+        });
         if !behind {
             self.table_wait.remove(tp);
             return false;
@@ -824,8 +865,26 @@ impl<'c> Session<'c> {
             Held {
                 record,
                 due: Instant::now() + wait,
+                pauses: true,
             },
         );
+    }
+
+    /// The streams to read now, preferred first: the open lanes in [`Lanes::order`], but
+    /// not those whose throttle holds a record of theirs.
+    fn read_order(&self) -> Vec<usize> {
+        let throttled: Vec<usize> = self
+            .held
+            .iter()
+            .filter(|(_, h)| !h.pauses)
+            .filter_map(|(tp, _)| self.lanes.of(&tp.topic))
+            .collect();
+        self.lanes
+            .order()
+            .into_iter()
+            .filter(|l| !throttled.contains(l))
+            .map(|l| self.lane_stream[l])
+            .collect()
     }
 
     /// Processes held records that are due (their partitions resume at the next tick, when
@@ -1041,7 +1100,6 @@ impl<'c> Session<'c> {
         }
         for tp in &self.owned {
             if let Some(lag) = self.member.lag(&tp.topic, tp.partition) {
-                self.last_lag.insert(tp.clone(), lag);
                 self.metrics
                     .lag
                     .get_or_create(&PartitionLabel {
@@ -1057,8 +1115,8 @@ impl<'c> Session<'c> {
         self.apply_flow().await
     }
 
-    /// Decides which lanes may be read (operator pauses, quiet hours, priorities) and
-    /// pauses or resumes partitions accordingly.
+    /// Decides which lanes may be read (operator pauses, quiet hours), starts a new share
+    /// window every second, and pauses or resumes partitions ([`Session::apply_pauses`]).
     async fn apply_flow(&mut self) -> Result<(), RuntimeError> {
         let now = self.cfg.clock.now_ms();
         {
@@ -1070,22 +1128,7 @@ impl<'c> Session<'c> {
                 l.operator_paused = c.lane_paused(&l.cfg.name);
             }
         }
-        if self.lanes.lanes.len() > 1 && self.last_backlog.elapsed() >= Duration::from_millis(200) {
-            self.refresh_backlog().await;
-        }
-        let mut waiting = vec![false; self.lanes.lanes.len()];
-        for tp in &self.owned {
-            let source = self
-                .retry_of
-                .get(&tp.topic)
-                .map_or(tp.topic.as_str(), |s| s);
-            if let Some(l) = self.lanes.of(source)
-                && (self.held.contains_key(tp) || self.last_lag.get(tp).is_some_and(|&n| n > 0))
-            {
-                waiting[l] = true;
-            }
-        }
-        self.lanes.decide(now, &waiting);
+        self.lanes.decide(now);
         if self.last_window.elapsed() >= Duration::from_secs(1) {
             self.lanes.new_window();
             self.last_window = Instant::now();
@@ -1094,7 +1137,7 @@ impl<'c> Session<'c> {
             }
         }
         for l in &self.lanes.lanes {
-            let closed = matches!(l.closed, Some(Closed::Paused | Closed::Quiet(_)));
+            let closed = l.closed.is_some();
             self.metrics
                 .paused_lanes
                 .get_or_create(&LaneLabel {
@@ -1105,37 +1148,16 @@ impl<'c> Session<'c> {
         self.apply_pauses().await
     }
 
-    /// Asks the broker how far each owned partition's end is from the processed position
-    /// (a paused or not yet read lane reports no lag through its stream).
-    async fn refresh_backlog(&mut self) {
-        self.last_backlog = Instant::now();
-        let q: Vec<(TopicPartition, spool_client::OffsetSpec)> = self
-            .owned
-            .iter()
-            .map(|tp| (tp.clone(), spool_client::OffsetSpec::Latest))
-            .collect();
-        if q.is_empty() {
-            return;
-        }
-        if let Ok(ends) = self.client.list_offsets(&q).await {
-            for ((tp, _), end) in q.into_iter().zip(ends) {
-                if let (Ok(end), Some(&pos)) = (end, self.positions.get(&tp)) {
-                    self.last_lag.insert(tp, end.offset.saturating_sub(pos));
-                }
-            }
-        }
-    }
-
-    /// Pauses exactly the owned partitions that must not be read now: restoring, holding a
-    /// record, or in a closed lane.
+    /// Pauses exactly the owned partitions that must not be read now: restoring, or holding
+    /// a record that pauses its partition. (A closed or throttled lane is not paused: it is
+    /// left out of [`Session::read_order`], which keeps what it fetched.)
     async fn apply_pauses(&mut self) -> Result<(), RuntimeError> {
         let desired: BTreeSet<TopicPartition> = self
             .owned
             .iter()
             .filter(|tp| {
                 !self.tasks.contains_key(&tp.partition)
-                    || self.held.contains_key(*tp)
-                    || !self.lane_open(&tp.topic)
+                    || self.held.get(*tp).is_some_and(|h| h.pauses)
             })
             .cloned()
             .collect();
@@ -1309,8 +1331,9 @@ impl<'c> Session<'c> {
     /// A fenced producer is usually one whose open transaction the broker aborted itself,
     /// with the epoch bumped (a broker restart aborts every undecided transaction; a timeout
     /// aborts one): the abort of that epoch is then acknowledged with the next epoch, and the
-    /// session goes on from the last commit. When the abort fails too (another incarnation
-    /// took the id over, or the broker is unreachable), the session ends and the next one
+    /// session goes on from the last commit. When the abort is fenced too, another
+    /// incarnation took the id over and this one stops ([`RuntimeError::Superseded`]); when
+    /// it fails otherwise (the broker is unreachable), the session ends and the next one
     /// re-initialises the producer, rejoins and restores the state from the changelog.
     /// Either way the handler never reads the aborted transaction's writes: they were only in
     /// the tasks' transaction layers, dropped here (or with the session).
@@ -1320,6 +1343,15 @@ impl<'c> Session<'c> {
         self.rewinds += 1;
         tracing::warn!(error = %e, "transaction failed; aborting and reprocessing from the last commit");
         if let Err(abort) = self.tx.abort().await {
+            if matches!(abort, spool_client::Error::ProducerFenced { .. }) {
+                // Not the broker's own abort (that one is acknowledged): another incarnation
+                // initialised the id.
+                return Err(RuntimeError::Superseded {
+                    instance_id: self.cfg.instance_id.clone(),
+                    transactional_id: self.cfg.transactional_id(),
+                    source: abort,
+                });
+            }
             tracing::warn!(error = %abort, "aborting failed; restarting the session from the last commit");
             return Err(abort.into());
         }
@@ -1358,7 +1390,6 @@ impl<'c> Session<'c> {
             self.positions.remove(tp);
             self.committed.remove(tp);
             self.held.remove(tp);
-            self.last_lag.remove(tp);
         }
         let parts_now: BTreeSet<u32> = now.iter().map(|tp| tp.partition).collect();
         let gone: Vec<u32> = self

@@ -37,6 +37,18 @@
 //!
 //! Retry topics are modelled too: a failed input under `mode = "topics"` is held (with its
 //! due time) and handled again when the clock passes its due time.
+//!
+//! Lanes are modelled with the runtime's own flow control ([`crate::flow`]): with
+//! [`TestDriver::with_lanes`], inputs of a lane's topics wait in their lane (in the order
+//! piped) and [`TestDriver::advance_wall_clock`] hands them to the handler in the order the
+//! live runtime's scheduler prefers (`Lanes::order`: a lower lane below its `min_share` of
+//! the current one-second window first, then by priority), through the lane's throttles (the
+//! same GCRA limiters, on the driver's clock) and not while the lane is quiet (its quiet
+//! hours, on the driver's clock) or paused ([`TestDriver::pause_lane`]). Every input taken
+//! from a lane moves the clock by [`TestDriver::with_record_time`] (1 ms by default), so
+//! shares and rates are those of a handler taking that long. Differences from the runtime:
+//! lanes are read without broker latency (a lane always has its next input ready), and a
+//! record over its key's rate holds its whole lane (the runtime pauses just its partition).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -53,6 +65,7 @@ use crate::context::Emit;
 use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
 use crate::envelope::{self, Event};
+use crate::flow::{Closed, LaneConfig, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Input, TimerKind};
 use crate::state::{self, MemBackend, Writes};
 
@@ -131,6 +144,92 @@ struct Held {
     history: Vec<Attempt>,
 }
 
+/// The lanes of [`TestDriver::with_lanes`].
+#[derive(Debug)]
+struct LaneSim {
+    lanes: Lanes,
+    /// The throttles' clock (follows the driver's).
+    clock: ThrottleClock,
+    /// Inputs piped to each lane and not handled yet, in the order piped.
+    queues: Vec<VecDeque<Input>>,
+    /// A lane's throttle holds its first input until then (ms).
+    held_until: Vec<Option<i64>>,
+    /// When the current share window started (ms).
+    window_start: i64,
+}
+
+impl LaneSim {
+    /// Starts a new share window every second (as the runtime does).
+    fn roll_window(&mut self, now: i64) {
+        if now >= self.window_start + 1000 {
+            self.window_start += (now - self.window_start) / 1000 * 1000;
+            self.lanes.new_window();
+            for l in &self.lanes.lanes {
+                l.prune();
+            }
+        }
+    }
+
+    /// When the next input may be taken from a lane (`now` if one may go now), if any lane
+    /// has inputs and is not paused.
+    fn next_at(&mut self, now: i64) -> Option<i64> {
+        self.roll_window(now);
+        self.lanes.decide(now);
+        let mut at: Option<i64> = None;
+        for (i, l) in self.lanes.lanes.iter().enumerate() {
+            if self.queues[i].is_empty() {
+                continue;
+            }
+            let held = self.held_until[i].unwrap_or(now).max(now);
+            let t = match l.closed {
+                None => held,
+                Some(Closed::Quiet(until)) => until.max(held),
+                Some(Closed::Paused) => continue,
+            };
+            at = Some(at.map_or(t, |a| a.min(t)));
+        }
+        at
+    }
+
+    /// Takes the next input at `now` as the runtime's scheduler would: the open lanes in
+    /// their order, skipping those whose throttle holds their first input. `None` if none
+    /// may go now (their throttles then hold them until the token is due).
+    fn take(&mut self, now: i64) -> Option<Input> {
+        self.clock.set_ms(now);
+        self.roll_window(now);
+        self.lanes.decide(now);
+        for l in self.lanes.order() {
+            if self.held_until[l].is_some_and(|h| h > now) {
+                continue;
+            }
+            self.held_until[l] = None;
+            let Some(front) = self.queues[l].front() else {
+                continue;
+            };
+            match self.lanes.lanes[l].admit(front.key.as_deref()) {
+                None => {
+                    self.lanes.lanes[l].window_count += 1;
+                    return self.queues[l].pop_front();
+                }
+                Some(wait) => {
+                    let ms = wait.after.as_nanos().div_ceil(1_000_000);
+                    let ms = i64::try_from(ms).unwrap_or(i64::MAX).max(1);
+                    self.held_until[l] = Some(now.saturating_add(ms));
+                }
+            }
+        }
+        None
+    }
+
+    fn lane(&self, name: &str) -> usize {
+        self.lanes
+            .lanes
+            .iter()
+            .position(|l| l.cfg.name == name)
+            .unwrap_or_else(|| panic!("no lane {name:?}"))
+    }
+}
+
 /// Runs a handler without a broker. See the [module docs](self).
 #[derive(Debug)]
 pub struct TestDriver<H> {
@@ -148,6 +247,8 @@ pub struct TestDriver<H> {
     next_offset: BTreeMap<(String, u32), u64>,
     held: Vec<Held>,
     commits: u64,
+    lanes: Option<LaneSim>,
+    record_ms: i64,
 }
 
 /// Polls a future that must not wait (a synchronous [`crate::Handler`]'s).
@@ -182,7 +283,58 @@ impl<H: AsyncHandler> TestDriver<H> {
             next_offset: BTreeMap::new(),
             held: Vec::new(),
             commits: 0,
+            lanes: None,
+            record_ms: 1,
         }
+    }
+
+    /// Reads the lanes' topics in lanes, with the runtime's priorities, shares, throttles and
+    /// quiet hours (see the [module docs](self)): their inputs wait in their lane until
+    /// [`TestDriver::advance_wall_clock`] hands them to the handler. Topics in no lane are
+    /// handled when piped, as without lanes.
+    pub fn with_lanes(mut self, lanes: Vec<LaneConfig>) -> Self {
+        for l in &lanes {
+            l.validate().expect("a valid lane");
+        }
+        let clock = ThrottleClock::manual(self.wall_ms);
+        let n = lanes.len();
+        self.lanes = Some(LaneSim {
+            lanes: Lanes::new(&lanes, &[], &clock),
+            clock,
+            queues: (0..n).map(|_| VecDeque::new()).collect(),
+            held_until: vec![None; n],
+            window_start: self.wall_ms,
+        });
+        self
+    }
+
+    /// How far the clock moves for each input taken from a lane (default 1 ms, at least
+    /// 1 ms): the handler's processing time, as far as shares and rates are concerned.
+    pub fn with_record_time(mut self, d: Duration) -> Self {
+        self.record_ms = (d.as_millis() as i64).max(1);
+        self
+    }
+
+    /// Pauses a lane, as `spool processor pause NAME --lane L` does: its inputs wait.
+    pub fn pause_lane(&mut self, lane: &str) -> &mut Self {
+        let sim = self.lanes.as_mut().expect("with_lanes");
+        let i = sim.lane(lane);
+        sim.lanes.lanes[i].operator_paused = true;
+        self
+    }
+
+    /// Resumes a paused lane.
+    pub fn resume_lane(&mut self, lane: &str) -> &mut Self {
+        let sim = self.lanes.as_mut().expect("with_lanes");
+        let i = sim.lane(lane);
+        sim.lanes.lanes[i].operator_paused = false;
+        self
+    }
+
+    /// Inputs waiting in a lane.
+    pub fn queued(&self, lane: &str) -> usize {
+        let sim = self.lanes.as_ref().expect("with_lanes");
+        sim.queues[sim.lane(lane)].len()
     }
 
     /// Declares a topic's partition count (inputs and outputs).
@@ -269,7 +421,9 @@ impl<H: AsyncHandler> TestDriver<H> {
         self
     }
 
-    /// Moves the wall clock forward, firing due wall-clock timers and retries.
+    /// Moves the wall clock forward, firing due wall-clock timers and retries, and handling
+    /// the inputs waiting in lanes that may start before the new time, as the runtime would
+    /// (the clock ends up to one record time past it when the last one started just before).
     pub fn advance_wall_clock(&mut self, by: Duration) -> &mut Self {
         ready(self.advance_wall_clock_async(by));
         self
@@ -326,6 +480,14 @@ impl<H: AsyncHandler> TestDriver<H> {
             lane: Arc::from(r.topic.as_str()),
         };
         *offset += 1;
+        if let Some(sim) = &mut self.lanes
+            && let Some(l) = sim.lanes.of(&r.topic)
+        {
+            let mut input = input;
+            input.lane = Arc::from(sim.lanes.lanes[l].cfg.name.as_str());
+            sim.queues[l].push_back(input);
+            return;
+        }
         self.process(input, Vec::new()).await;
         self.fire_stream_timers(partition).await;
     }
@@ -353,24 +515,51 @@ impl<H: AsyncHandler> TestDriver<H> {
                     due.first().map(|d| (d.at_ms, *p))
                 })
                 .min();
-            match (retry, timer) {
-                (None, None) => break,
-                (Some((due, i)), t) if t.is_none_or(|(at, _)| due <= at) => {
+            let now = self.wall_ms;
+            let lane = self
+                .lanes
+                .as_mut()
+                .and_then(|s| s.next_at(now))
+                .filter(|&at| at < target);
+            // Retries and timers due first, then lanes.
+            let first_timed = match (retry, timer) {
+                (Some((due, _)), Some((at, _))) => Some(due.min(at)),
+                (Some((due, _)), None) => Some(due),
+                (None, Some((at, _))) => Some(at),
+                (None, None) => None,
+            };
+            match (retry, timer, lane) {
+                (None, None, None) => break,
+                (_, _, Some(at)) if first_timed.is_none_or(|t| at < t) => {
+                    self.wall_ms = self.wall_ms.max(at);
+                    let now = self.wall_ms;
+                    let taken = self.lanes.as_mut().and_then(|s| s.take(now));
+                    if let Some(input) = taken {
+                        let partition = input.partition;
+                        self.process(input, Vec::new()).await;
+                        self.fire_stream_timers(partition).await;
+                        self.wall_ms += self.record_ms;
+                    }
+                }
+                (Some((due, i)), t, _) if t.is_none_or(|(at, _)| due <= at) => {
                     let h = self.held.remove(i);
                     self.wall_ms = self.wall_ms.max(due);
                     let mut input = h.input;
                     input.attempt += 1;
                     self.process(input, h.history).await;
                 }
-                (_, Some((at, p))) => {
+                (_, Some((at, p)), _) => {
                     self.wall_ms = self.wall_ms.max(at);
                     let now = self.wall_ms;
                     self.fire_timers(p, TimerKind::Wall, now).await;
                 }
-                (Some(_), None) => unreachable!("matched above"),
+                (Some(_), None, _) | (None, None, Some(_)) => unreachable!("matched above"),
             }
         }
-        self.wall_ms = target;
+        self.wall_ms = self.wall_ms.max(target);
+        if let Some(sim) = &self.lanes {
+            sim.clock.set_ms(self.wall_ms);
+        }
     }
 
     fn task(&mut self, partition: u32) -> &mut Task {

@@ -1,16 +1,17 @@
 //! The runtime's behaviours through the test driver (no broker): state and changelog
 //! restore, per-call atomicity, blocking retries with backoff, dead letters and their
-//! headers, malformed events, wall-clock and stream-time timers, idempotency keys.
+//! headers, malformed events, wall-clock and stream-time timers, idempotency keys, and
+//! flow control: lane shares, throttles and quiet hours on the driver's clock.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use spool_client::ProducerRecord;
 use spool_processor::engine::headers;
-use spool_processor::testing::{TestDriver, TestRecord};
+use spool_processor::testing::{OutputRecord, TestDriver, TestRecord};
 use spool_processor::{
-    Context, EffectStatus, EffectsRetention, Event, Failure, Handler, Input, RetryPolicy, Timer,
-    TimerKind,
+    Context, EffectStatus, EffectsRetention, Event, Failure, Handler, Input, LaneConfig,
+    QuietHours, RetryPolicy, Timer, TimerKind,
 };
 
 /// Counts per key, emits `value|n`; fails on demand: value "retry-N" fails its first N
@@ -441,4 +442,193 @@ fn completion_counter_completes_once_and_reports_stuck_parts() {
     assert_eq!(ids, vec!["imports/j2/stuck/1", "imports/j2/stuck/2"]);
     assert_eq!(ev[1].data.missing, vec!["m0", "m1", "m2"]);
     let _ = JobState::Stuck;
+}
+
+/// Copies each input to `out` (partition 0) with its lane in a header and the driver's clock
+/// as its timestamp.
+struct Relay;
+
+impl Handler for Relay {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let out = ProducerRecord::new(input.value.clone().unwrap_or_default())
+            .header("lane", input.lane.to_string())
+            .timestamp_ms(ctx.now_ms());
+        ctx.emit_to("out", 0, out);
+        Ok(())
+    }
+}
+
+fn lane(name: &str, priority: u32, min_share: f64) -> LaneConfig {
+    LaneConfig {
+        name: name.into(),
+        topics: vec![name.into()],
+        priority,
+        min_share,
+        rate_per_sec: None,
+        burst: None,
+        key_rate_per_sec: None,
+        quiet_hours: Vec::new(),
+    }
+}
+
+fn pipe_n(d: &mut TestDriver<Relay>, topic: &str, n: usize) {
+    for i in 0..n {
+        d.pipe(topic, format!("k{i}"), format!("{topic}-{i}"));
+    }
+}
+
+/// Every input of `topic` (`n` of them) came out exactly once, in the order piped.
+fn assert_all_once_in_order(out: &[OutputRecord], topic: &str, n: usize) {
+    let got: Vec<&str> = out
+        .iter()
+        .filter_map(|r| r.value_str())
+        .filter(|v| v.starts_with(&format!("{topic}-")))
+        .collect();
+    let want: Vec<String> = (0..n).map(|i| format!("{topic}-{i}")).collect();
+    assert_eq!(got, want, "{topic}: each input once, in order");
+}
+
+fn count_lane(out: &[OutputRecord], lane: &str) -> usize {
+    out.iter()
+        .filter(|r| r.header("lane") == Some(lane))
+        .count()
+}
+
+#[test]
+fn a_lower_lane_keeps_its_share_while_a_higher_one_is_busy_and_nothing_is_dropped() {
+    const N: usize = 3000;
+    let mut d = TestDriver::new("lanes", Relay)
+        .with_lanes(vec![lane("alerts", 0, 1.0), lane("campaigns", 1, 0.2)]);
+    pipe_n(&mut d, "alerts", N);
+    pipe_n(&mut d, "campaigns", N);
+    assert_eq!(d.output_len("out"), 0, "lane inputs wait for the clock");
+    let mut seen = Vec::new();
+    // 1 ms per input: 1000 inputs per one-second window, a fifth of them campaigns.
+    for second in 0..3 {
+        d.advance_wall_clock(Duration::from_secs(1));
+        let out = d.read_output("out");
+        assert_eq!(out.len(), 1000, "second {second}");
+        let c = count_lane(&out, "campaigns");
+        assert!(
+            (200..=201).contains(&c),
+            "second {second}: campaigns got {c} of 1000 (min_share 0.2)"
+        );
+        seen.extend(out);
+    }
+    // Alerts (2400 handled) run out during the 4th second; then campaigns take it all.
+    d.advance_wall_clock(Duration::from_secs(10));
+    seen.extend(d.read_output("out"));
+    assert_eq!(d.queued("alerts") + d.queued("campaigns"), 0);
+    assert_eq!(seen.len(), 2 * N);
+    assert_all_once_in_order(&seen, "alerts", N);
+    assert_all_once_in_order(&seen, "campaigns", N);
+    let last_alert = seen
+        .iter()
+        .rposition(|r| r.header("lane") == Some("alerts"))
+        .unwrap();
+    assert!(
+        (3700..3800).contains(&last_alert),
+        "alerts drained first, at 80%: last alert is output #{last_alert}"
+    );
+}
+
+#[test]
+fn a_throttled_lane_holds_its_rate_over_ten_seconds_beside_a_busy_lane() {
+    const RATE: u32 = 200;
+    let mut d = TestDriver::new("throttled", Relay).with_lanes(vec![
+        lane("alerts", 0, 1.0),
+        // Its share (half) asks for more than its rate allows: the rate wins, and the
+        // alerts lane is not held back by a lane its own throttle keeps below its share.
+        LaneConfig {
+            rate_per_sec: Some(RATE),
+            ..lane("bulk", 1, 0.5)
+        },
+    ]);
+    pipe_n(&mut d, "alerts", 20_000);
+    pipe_n(&mut d, "bulk", 5_000);
+    let t0 = d.wall_clock_ms();
+    d.advance_wall_clock(Duration::from_secs(10));
+    assert_eq!(d.wall_clock_ms() - t0, 10_000);
+    let out = d.read_output("out");
+    let bulk = count_lane(&out, "bulk");
+    // The burst (a tenth of a second's worth) is free; then RATE per second.
+    let rate = (bulk - RATE as usize / 10) as f64 / 10.0;
+    assert!(
+        (f64::from(RATE) * 0.95..=f64::from(RATE) * 1.05).contains(&rate),
+        "bulk at {rate}/s over 10 s (limit {RATE}/s)"
+    );
+    let alerts = count_lane(&out, "alerts");
+    assert_eq!(
+        alerts + bulk,
+        10_000,
+        "every millisecond the bulk lane's throttle holds goes to alerts"
+    );
+    // The next 10 s keep the rate (no drift, no catch-up burst).
+    d.advance_wall_clock(Duration::from_secs(10));
+    let out2 = d.read_output("out");
+    let bulk2 = count_lane(&out2, "bulk");
+    assert!(
+        (1900..=2100).contains(&bulk2),
+        "bulk {bulk2} in the next 10 s"
+    );
+    // Nothing dropped: the rest comes out, in order.
+    d.advance_wall_clock(Duration::from_secs(60));
+    let mut all = out;
+    all.extend(out2);
+    all.extend(d.read_output("out"));
+    assert_eq!(d.queued("bulk") + d.queued("alerts"), 0);
+    assert_all_once_in_order(&all, "bulk", 5_000);
+    assert_all_once_in_order(&all, "alerts", 20_000);
+}
+
+fn ms(s: &str) -> i64 {
+    s.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+}
+
+#[test]
+fn quiet_hours_close_and_reopen_across_a_dst_change_and_operators_pause_lanes() {
+    let mut campaigns = lane("campaigns", 1, 0.1);
+    campaigns.quiet_hours = vec![QuietHours {
+        time_zone: "Europe/Athens".into(),
+        start: "21:00".into(),
+        end: "07:00".into(),
+    }];
+    // 20:58 in Athens (UTC+2) on the night the clocks go forward (03:00 → 04:00).
+    let mut d = TestDriver::new("quiet", Relay)
+        .with_wall_clock(ms("2024-03-30T18:58:00Z"))
+        .with_record_time(Duration::from_secs(1))
+        .with_lanes(vec![lane("alerts", 0, 1.0), campaigns]);
+    pipe_n(&mut d, "campaigns", 300);
+    d.advance_wall_clock(Duration::from_secs(3600));
+    let before = d.read_output("out");
+    assert_eq!(before.len(), 120, "one a second until 21:00 local");
+    assert_eq!(
+        before.last().unwrap().timestamp_ms,
+        ms("2024-03-30T18:59:59Z")
+    );
+    assert_eq!(d.queued("campaigns"), 180, "the rest waits");
+    // Alerts flow during the campaigns' quiet hours.
+    pipe_n(&mut d, "alerts", 5);
+    d.advance_wall_clock(Duration::from_secs(10));
+    let alerts = d.read_output("out");
+    assert_eq!(count_lane(&alerts, "alerts"), 5);
+    assert_eq!(count_lane(&alerts, "campaigns"), 0);
+    // 07:00 local is 04:00Z after the spring forward (a 9-hour night, not 10).
+    let to = ms("2024-03-31T04:01:00Z") - d.wall_clock_ms();
+    d.advance_wall_clock(Duration::from_millis(to as u64));
+    let after = d.read_output("out");
+    assert_eq!(after.len(), 60, "from 04:00Z, not 05:00Z");
+    assert_eq!(after[0].timestamp_ms, ms("2024-03-31T04:00:00Z"));
+    // An operator pause holds the lane; a resume goes on where it stopped.
+    d.pause_lane("campaigns");
+    d.advance_wall_clock(Duration::from_secs(600));
+    assert!(d.read_output("out").is_empty(), "paused");
+    d.resume_lane("campaigns");
+    d.advance_wall_clock(Duration::from_secs(600));
+    let rest = d.read_output("out");
+    assert_eq!(rest.len(), 120);
+    let mut all = before;
+    all.extend(after);
+    all.extend(rest);
+    assert_all_once_in_order(&all, "campaigns", 300);
 }

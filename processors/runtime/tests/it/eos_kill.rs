@@ -13,6 +13,9 @@
 //! broker): the processor
 //! aborts that epoch, goes back to its last commit with the aborted writes dropped from its
 //! state, and carries on; it never exits, and the outputs stay exactly once.
+//!
+//! And a second instance started with the same instance id supersedes the first: the first
+//! exits with `SUPERSEDED_EXIT_CODE` and says why, the second carries on, exactly once.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -267,6 +270,63 @@ async fn broker_restart_fencing_the_open_transaction_does_not_end_the_processor(
     assert!(p.terminate(Duration::from_secs(20)), "clean exit");
     // Exactly once, and each key's counts 1, 2, 3, … in order: the state the handler read
     // after the fence held none of the aborted transaction's writes.
+    let (_, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;
+    assert_eq!(outputs, produced.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", PARTITIONS).await;
+    create(&c, "out", PARTITIONS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let bin = passthrough_bin();
+    let addr = broker.addr();
+    let start = |state: &str| {
+        let state = dir.path().join(state);
+        Proc::start(
+            &bin,
+            &cfg,
+            &addr,
+            &[
+                "--instance-id",
+                "p0",
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
+        )
+    };
+    let mut older = start("older");
+    assert!(older.wait_ready(Duration::from_secs(30)), "never got ready");
+    let mut produced = Vec::new();
+    produce_inputs(&c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
+    wait_passthrough_caught_up(&c, PARTITIONS).await;
+    let mut newer = start("newer");
+    // Inputs keep coming: whichever holds the partitions works; the older one's first
+    // transaction after the newer one initialised the id is fenced, and so is its abort.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        produce_inputs(&c, ProducerConfig::default(), 20, KEYS, &mut produced).await;
+        if let Some(code) = older.wait_exit(Duration::from_millis(100)) {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the older instance still runs 30 s after the newer one started"
+        );
+    };
+    assert_eq!(code, spool_processor::app::SUPERSEDED_EXIT_CODE);
+    let errors = older.errors();
+    assert!(
+        errors.iter().any(|l| l.contains("newer instance")),
+        "the older one says why it stopped: {errors:?}"
+    );
+    produce_inputs(&c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
+    wait_passthrough_caught_up(&c, PARTITIONS).await;
+    assert!(newer.running(), "the newer instance carries on");
+    assert!(newer.terminate(Duration::from_secs(20)), "clean exit");
     let (_, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;
     assert_eq!(outputs, produced.len());
 }

@@ -111,6 +111,8 @@ pub(crate) struct Proc {
     ready: mpsc::Receiver<()>,
     /// How many of its log lines said its producer was fenced.
     fenced: Arc<AtomicUsize>,
+    /// Its lines that start with `Error:` (what the binary's `main` returned).
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Proc {
@@ -141,6 +143,8 @@ impl Proc {
         let (tx, ready) = mpsc::channel();
         let fenced = Arc::new(AtomicUsize::new(0));
         let fenced_lines = fenced.clone();
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let error_lines = errors.clone();
         let echo = std::env::var_os("SPOOL_TEST_PROCESSOR_LOG").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
@@ -151,6 +155,9 @@ impl Proc {
                 if line.contains("producer fenced") {
                     fenced_lines.fetch_add(1, Ordering::Relaxed);
                 }
+                if line.starts_with("Error:") {
+                    error_lines.lock().unwrap().push(line.clone());
+                }
                 if line.ends_with(" ready") {
                     let _ = tx.send(());
                 }
@@ -160,7 +167,29 @@ impl Proc {
             child: Some(child),
             ready,
             fenced,
+            errors,
         }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself: its exit code (`None` if it
+    /// still runs, or was killed by a signal).
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its `Error:` lines so far.
+    pub(crate) fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap().clone()
     }
 
     /// Waits for the "NAME ready" line (state restored, in the group).
