@@ -206,6 +206,22 @@ impl QuietHours {
 }
 
 impl LaneConfig {
+    /// A lane named after its one topic, at `priority` with `min_share`, and no rate or
+    /// quiet hours (set the other fields with struct update syntax).
+    pub fn for_topic(topic: impl Into<String>, priority: u32, min_share: f64) -> LaneConfig {
+        let topic = topic.into();
+        LaneConfig {
+            name: topic.clone(),
+            topics: vec![topic],
+            priority,
+            min_share,
+            rate_per_sec: None,
+            burst: None,
+            key_rate_per_sec: None,
+            quiet_hours: Vec::new(),
+        }
+    }
+
     /// Checks the values.
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() || self.topics.is_empty() {
@@ -340,19 +356,7 @@ impl Lanes {
         for t in inputs {
             if !by_topic.contains_key(t) {
                 by_topic.insert(t.clone(), lanes.len());
-                lanes.push(Lane::new(
-                    LaneConfig {
-                        name: t.clone(),
-                        topics: vec![t.clone()],
-                        priority: 0,
-                        min_share: 1.0,
-                        rate_per_sec: None,
-                        burst: None,
-                        key_rate_per_sec: None,
-                        quiet_hours: Vec::new(),
-                    },
-                    clock,
-                ));
+                lanes.push(Lane::new(LaneConfig::for_topic(t, 0, 1.0), clock));
             }
         }
         Lanes { lanes, by_topic }
@@ -480,16 +484,7 @@ mod tests {
     }
 
     fn lane(name: &str, priority: u32, min_share: f64) -> LaneConfig {
-        LaneConfig {
-            name: name.into(),
-            topics: vec![name.into()],
-            priority,
-            min_share,
-            rate_per_sec: None,
-            burst: None,
-            key_rate_per_sec: None,
-            quiet_hours: Vec::new(),
-        }
+        LaneConfig::for_topic(name, priority, min_share)
     }
 
     #[test]

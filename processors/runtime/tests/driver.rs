@@ -459,16 +459,7 @@ impl Handler for Relay {
 }
 
 fn lane(name: &str, priority: u32, min_share: f64) -> LaneConfig {
-    LaneConfig {
-        name: name.into(),
-        topics: vec![name.into()],
-        priority,
-        min_share,
-        rate_per_sec: None,
-        burst: None,
-        key_rate_per_sec: None,
-        quiet_hours: Vec::new(),
-    }
+    LaneConfig::for_topic(name, priority, min_share)
 }
 
 fn pipe_n(d: &mut TestDriver<Relay>, topic: &str, n: usize) {

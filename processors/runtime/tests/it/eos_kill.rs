@@ -24,8 +24,8 @@ use spool_client::{ProducerConfig, ProducerRecord};
 use spool_testkit::Broker;
 
 use crate::{
-    Proc, Rng, assert_passthrough_exactly_once, create, passthrough_bin, produce_inputs,
-    produce_padded_inputs, read_all, wait_passthrough_caught_up, write_config,
+    Proc, Rng, assert_passthrough_exactly_once, create, produce_inputs, produce_padded_inputs,
+    read_all, wait_passthrough_caught_up, write_config,
 };
 
 const PARTITIONS: u32 = 4;
@@ -52,22 +52,9 @@ async fn passthrough_with_state_is_exactly_once_through_kill_9() {
     create(&c, "out", PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let bin = passthrough_bin();
     let addr = broker.addr();
     let state = |i: usize| dir.path().join(format!("state-{i}"));
-    let start = |i: usize| {
-        Proc::start(
-            &bin,
-            &cfg,
-            &addr,
-            &[
-                "--instance-id",
-                &format!("p{i}"),
-                "--state-dir",
-                state(i).to_str().unwrap(),
-            ],
-        )
-    };
+    let start = |i: usize| Proc::passthrough(&cfg, &addr, &format!("p{i}"), &state(i));
     let mut procs = vec![start(0), start(1)];
     assert!(
         procs[0].wait_ready(Duration::from_secs(30)),
@@ -226,17 +213,7 @@ async fn broker_restart_fencing_the_open_transaction_does_not_end_the_processor(
          [app]\noutput = \"out\"\n",
     );
     let state = dir.path().join("state");
-    let mut p = Proc::start(
-        &passthrough_bin(),
-        &cfg,
-        &broker.addr(),
-        &[
-            "--instance-id",
-            "p0",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    );
+    let mut p = Proc::passthrough(&cfg, &broker.addr(), "p0", &state);
     assert!(p.wait_ready(Duration::from_secs(30)), "never got ready");
     let mut produced = Vec::new();
     for round in 0..2 {
@@ -282,22 +259,8 @@ async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
     create(&c, "out", PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let bin = passthrough_bin();
     let addr = broker.addr();
-    let start = |state: &str| {
-        let state = dir.path().join(state);
-        Proc::start(
-            &bin,
-            &cfg,
-            &addr,
-            &[
-                "--instance-id",
-                "p0",
-                "--state-dir",
-                state.to_str().unwrap(),
-            ],
-        )
-    };
+    let start = |state: &str| Proc::passthrough(&cfg, &addr, "p0", &dir.path().join(state));
     let mut older = start("older");
     assert!(older.wait_ready(Duration::from_secs(30)), "never got ready");
     let mut produced = Vec::new();

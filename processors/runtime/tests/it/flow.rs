@@ -213,16 +213,7 @@ async fn retry_topics_honour_due_times_and_dead_letters_carry_headers() {
 }
 
 fn lane(name: &str, priority: u32, min_share: f64) -> LaneConfig {
-    LaneConfig {
-        name: name.into(),
-        topics: vec![name.into()],
-        priority,
-        min_share,
-        rate_per_sec: None,
-        burst: None,
-        key_rate_per_sec: None,
-        quiet_hours: Vec::new(),
-    }
+    LaneConfig::for_topic(name, priority, min_share)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

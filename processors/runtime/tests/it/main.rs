@@ -192,6 +192,19 @@ impl Proc {
         self.errors.lock().unwrap().clone()
     }
 
+    /// Starts `spool-passthrough` with `config` as instance `instance_id` with its state
+    /// under `state_dir`.
+    pub(crate) fn passthrough(
+        config: &Path,
+        broker: &str,
+        instance_id: &str,
+        state_dir: &Path,
+    ) -> Proc {
+        let state = state_dir.to_str().expect("a UTF-8 path");
+        let args = ["--instance-id", instance_id, "--state-dir", state];
+        Proc::start(&passthrough_bin(), config, broker, &args)
+    }
+
     /// Waits for the "NAME ready" line (state restored, in the group).
     pub(crate) fn wait_ready(&self, timeout: Duration) -> bool {
         self.ready.recv_timeout(timeout).is_ok()

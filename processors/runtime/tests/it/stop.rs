@@ -15,8 +15,8 @@ use spool_client::{ProducerConfig, ProducerRecord};
 use spool_testkit::Broker;
 
 use crate::{
-    Proc, assert_passthrough_exactly_once, create, passthrough_bin, produce_inputs,
-    wait_passthrough_caught_up, write_config,
+    Proc, assert_passthrough_exactly_once, create, produce_inputs, wait_passthrough_caught_up,
+    write_config,
 };
 
 const PARTITIONS: u32 = 2;
@@ -38,22 +38,9 @@ async fn sigterm_with_input_flowing_exits_quickly_and_exactly_once() {
          [commit]\ninterval_ms = 100\nmax_records = 200\n\
          [app]\noutput = \"out\"\n",
     );
-    let bin = passthrough_bin();
     let addr = broker.addr();
     let state = dir.path().join("state");
-    let start = || {
-        Proc::start(
-            &bin,
-            &cfg,
-            &addr,
-            &[
-                "--instance-id",
-                "p0",
-                "--state-dir",
-                state.to_str().unwrap(),
-            ],
-        )
-    };
+    let start = || Proc::passthrough(&cfg, &addr, "p0", &state);
 
     // Inputs keep arriving in the background until told to stop.
     let flowing = Arc::new(AtomicBool::new(true));
