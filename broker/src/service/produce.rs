@@ -12,7 +12,10 @@
 //! partition, in request order) and **settle** (wait for durability as `acks` asks). On a
 //! `ProduceStream` the write phase of each request runs in arrival order, one request at a
 //! time, so per-partition order is the stream's order; settle phases overlap (at most
-//! `MAX_IN_FLIGHT` per stream), and replies carry the request id, possibly out of order.
+//! `MAX_IN_FLIGHT` per stream), and replies carry the request id, possibly out of order. A
+//! stream has two tasks: a reader that receives and checks requests (up to `READ_AHEAD`
+//! ahead) and a writer that runs their write phases in that order, so the next request is
+//! decoded while the previous one is appended.
 //!
 //! Two ways to run the phases, chosen per request ([`blocking_path`]):
 //! - a request to any `fsync = always` partition (the default policy) takes the **blocking
@@ -43,7 +46,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use spool_log_engine::{AppendInfo, BatchHeader, Durable, FsyncPolicy, Partition};
 use spool_proto::v1::{self, produce_service_server::ProduceService};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -57,6 +60,12 @@ use crate::{State, blocking};
 
 /// Requests of one `ProduceStream` whose replies are pending.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// Requests of one `ProduceStream` received and checked ahead of the one being written: the
+/// stream's reader decodes the next request (tonic copies it out of the HTTP/2 frames) while
+/// the writer appends the previous one, instead of one after the other. Bounded by
+/// [`MAX_IN_FLIGHT`] too.
+const READ_AHEAD: usize = 2;
 
 /// On the async path, a request of pre-encoded, non-transactional batches of at most this many
 /// bytes in all is appended on the runtime thread that received it when its partitions take
@@ -444,6 +453,97 @@ impl Settling {
     }
 }
 
+/// A `ProduceStream` request received and checked, waiting for its write phase.
+struct Pending {
+    id: u64,
+    acks: v1::Acks,
+    parts: Vec<v1::PartitionProduce>,
+    /// Its place among the stream's [`MAX_IN_FLIGHT`] requests, freed once the reply is queued.
+    permit: OwnedSemaphorePermit,
+}
+
+/// Sends a reply; false when the reply stream is gone.
+async fn reply(
+    tx: &mpsc::Sender<Result<v1::ProduceStreamResponse, Status>>,
+    request_id: u64,
+    results: Result<Vec<v1::PartitionProduceResult>, Status>,
+) -> bool {
+    let r = results.map(|results| v1::ProduceStreamResponse {
+        request_id,
+        results,
+    });
+    tx.send(r).await.is_ok()
+}
+
+/// Runs one `ProduceStream` request's write phase and starts (or, when it waits for no
+/// fdatasync, finishes) its settle phase, whose reply then goes out on `tx`. Returns false
+/// when the stream must stop (the reply stream is gone, or a worker failed).
+async fn write_one(
+    state: &Arc<State>,
+    who: &Principal,
+    p: Pending,
+    tx: &mpsc::Sender<Result<v1::ProduceStreamResponse, Status>>,
+) -> bool {
+    let Pending {
+        id,
+        acks,
+        parts,
+        permit,
+    } = p;
+    let waits = acks == v1::Acks::Durable || acks == v1::Acks::Unspecified;
+    if blocking_path(state, &parts) {
+        let (st, who) = (state.clone(), who.clone());
+        if !waits {
+            // Nothing to wait for: the settle phase only starts the background sync
+            // (`settle_blocking`), so it runs on the write's thread, right behind the append,
+            // and the reply goes out from here.
+            let results = blocking(move || {
+                let w = write(&st, &who, parts, acks);
+                settle_blocking(&st, w)
+            })
+            .await;
+            let ok = results.is_ok();
+            let sent = reply(tx, id, results).await;
+            drop(permit);
+            return ok && sent;
+        }
+        let Ok(written) = tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
+        else {
+            return false;
+        };
+        // Settle phases overlap; the reply carries the request id.
+        let (st, tx) = (state.clone(), tx.clone());
+        tokio::spawn(async move {
+            let results = blocking(move || settle_blocking(&st, written)).await;
+            reply(&tx, id, results).await;
+            drop(permit);
+        });
+        return true;
+    }
+    let written = match write_phase(state, who.clone(), parts, acks).await {
+        Ok(w) => w,
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            return false;
+        }
+    };
+    // A reply that waits for no fdatasync goes out from here, without a task of its own.
+    let settling = settle(written);
+    if !settling.waits() {
+        let results = settling.finish(state).await;
+        let sent = reply(tx, id, Ok(results)).await;
+        drop(permit);
+        return sent;
+    }
+    let (st, tx) = (state.clone(), tx.clone());
+    tokio::spawn(async move {
+        let results = settling.finish(&st).await;
+        reply(&tx, id, Ok(results)).await;
+        drop(permit);
+    });
+    true
+}
+
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<v1::ProduceStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -534,7 +634,9 @@ impl ProduceService for Produce {
         let who = principal(&req);
         let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<v1::ProduceStreamResponse, Status>>(MAX_IN_FLIGHT);
+        let (to_writer, mut writes) = mpsc::channel::<Result<Pending, Status>>(READ_AHEAD);
         let state = self.state.clone();
+        // The reader: receives (tonic decodes) and checks requests, in arrival order.
         tokio::spawn(async move {
             let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
             while let Some(msg) = incoming.next().await {
@@ -548,72 +650,34 @@ impl ProduceService for Produce {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
-                let id = msg.request_id;
-                let acks = match check(&state, msg.partitions.len(), msg.acks) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        break;
-                    }
-                };
-                // Write phase in arrival order: this is what keeps per-partition order.
-                if blocking_path(&state, &msg.partitions) {
-                    let (st, who) = (state.clone(), who.clone());
-                    let parts = msg.partitions;
-                    let Ok(written) =
-                        tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
-                    else {
-                        break;
-                    };
-                    let (st, tx) = (state.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let results =
-                            tokio::task::spawn_blocking(move || settle_blocking(&st, written))
-                                .await;
-                        let reply = match results {
-                            Ok(results) => Ok(v1::ProduceStreamResponse {
-                                request_id: id,
-                                results,
-                            }),
-                            Err(e) => Err(Status::internal(format!("worker failed: {e}"))),
-                        };
-                        let _ = tx.send(reply).await;
-                        drop(permit);
-                    });
-                    continue;
+                let next = check(&state, msg.partitions.len(), msg.acks).map(|acks| Pending {
+                    id: msg.request_id,
+                    acks,
+                    parts: msg.partitions,
+                    permit,
+                });
+                let refused = next.is_err();
+                // The writer stopped (the reply stream is gone, or a request failed): stop reading.
+                if to_writer.send(next.map_err(Status::from)).await.is_err() || refused {
+                    break;
                 }
-                let written = match write_phase(&state, who.clone(), msg.partitions, acks).await {
-                    Ok(w) => w,
+            }
+        });
+        // The writer: write phases one at a time, in arrival order (what keeps per-partition
+        // order), while the reader decodes the next request.
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            while let Some(next) = writes.recv().await {
+                let stop = match next {
+                    Ok(p) => !write_one(&state, &who, p, &tx).await,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
-                        break;
+                        true
                     }
                 };
-                // Settle phases overlap; the reply carries the request id. A reply that waits
-                // for no fdatasync goes out from here, without a task of its own.
-                let settling = settle(written);
-                if !settling.waits() {
-                    let results = settling.finish(&state).await;
-                    let reply = v1::ProduceStreamResponse {
-                        request_id: id,
-                        results,
-                    };
-                    if tx.send(Ok(reply)).await.is_err() {
-                        break;
-                    }
-                    drop(permit);
-                    continue;
+                if stop {
+                    break;
                 }
-                let (st, tx) = (state.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let results = settling.finish(&st).await;
-                    let reply = v1::ProduceStreamResponse {
-                        request_id: id,
-                        results,
-                    };
-                    let _ = tx.send(Ok(reply)).await;
-                    drop(permit);
-                });
             }
         });
         Ok(Response::new(

@@ -263,11 +263,28 @@ async fn bad_input_is_refused_and_writes_nothing() {
     b.stop();
 }
 
+/// On an `fsync = always` topic (the default): the broker's blocking path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_stream_pipelines_and_keeps_partition_order() {
+    produce_stream_order_case(v1::FsyncPolicy::Always).await;
+}
+
+/// The same on an `fsync = never` topic: the async path (appends on the runtime thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_stream_keeps_partition_order_on_the_async_path() {
+    produce_stream_order_case(v1::FsyncPolicy::Never).await;
+}
+
+/// 300 requests on one stream (the reader decodes ahead of the writer), mixed acks, two
+/// partitions: one reply each, and per partition the offsets follow the stream's order.
+async fn produce_stream_order_case(fsync: v1::FsyncPolicy) {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
-    topic(&b, "s", 2).await;
+    let config = v1::TopicConfig {
+        fsync_policy: fsync as i32,
+        ..Default::default()
+    };
+    b.create_topic_with("s", 2, Some(config)).await;
     let mut prod = b.produce().await;
     let n = 300u64;
     let reqs = (0..n).map(|id| v1::ProduceStreamRequest {
