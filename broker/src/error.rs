@@ -34,6 +34,9 @@ pub enum BrokerError {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// A fault of the broker's own (a worker task panicked): the request may be retried.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The caller's token does not allow this.
     #[error("not authorized: {0}")]
     NotAuthorized(String),
@@ -188,6 +191,7 @@ fn error_code(e: &BrokerError) -> ErrorCode {
     match e {
         BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
+        BrokerError::Internal(_) => ErrorCode::Internal,
         BrokerError::NotAuthorized(_) => ErrorCode::NotAuthorized,
         BrokerError::UnknownGroup { .. } => ErrorCode::UnknownGroup,
         BrokerError::FencedMember { .. } => ErrorCode::FencedMember,

@@ -549,3 +549,87 @@ fn a_decision_completed_at_restart_does_not_undo_newer_commits() {
         "A's older offset replaced the newer, acknowledged one"
     );
 }
+
+/// tonic drops a handler's future when its client goes away. An EndTxn dropped after its
+/// first poll must still be carried out whole (markers written and durable, completion
+/// recorded), not left with its decision on disk, memory still `Ongoing` and the id's lock
+/// released; a retry gets an answer, and a power cut afterwards keeps the commit.
+#[test]
+fn an_end_txn_whose_caller_goes_away_is_still_carried_out() {
+    use spool_log_engine::{BatchBuilder, Compression};
+    use std::time::Duration;
+
+    let sim = SimFs::new();
+    let clock = Arc::new(ManualClock(AtomicI64::new(1_700_000_000_000)));
+    let broker = open(&sim, &clock, 0).expect("open");
+    let s = broker.state.clone();
+    s.log
+        .create_topic(
+            "d",
+            spool_log_engine::TopicConfig {
+                partitions: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let rt = runtime();
+    let (a, ae) = rt.block_on(s.txns.init("a", 60_000, None)).unwrap();
+    s.txns.add_partitions(a, ae, vec![("d".into(), 0)]).unwrap();
+    let mut b = BatchBuilder::new(Compression::None);
+    b.producer(a, ae, 0);
+    b.transactional(true);
+    b.push(clock.now_ms(), None, Some(b"a"), &[]);
+    let p = s.log.partition("d", 0).unwrap();
+    p.append(&b.finish().unwrap()).unwrap();
+    assert_eq!(p.open_transactions().len(), 1);
+
+    // One poll, then the future is dropped (what tonic does on a client's disconnect).
+    let finished = rt.block_on(async {
+        let end = s.txns.end("a", a, i32::from(ae), true);
+        futures_util::FutureExt::now_or_never(end).is_some()
+    });
+    assert!(
+        !finished,
+        "EndTxn finished in one poll: this test would prove nothing"
+    );
+
+    let state = |s: &State, rt: &tokio::runtime::Runtime| {
+        rt.block_on(s.txns.list())
+            .into_iter()
+            .find(|t| t.transactional_id == "a")
+            .map(|t| t.state)
+    };
+    let complete = Some(v1::TxnState::CompleteCommit as i32);
+    rt.block_on(async {
+        for _ in 0..500 {
+            if p.open_transactions().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(
+        p.open_transactions().is_empty(),
+        "the dropped EndTxn left the transaction open on its partition"
+    );
+    rt.block_on(s.txns.end("a", a, i32::from(ae), true))
+        .expect("the client's retry of EndTxn is answered");
+    assert_eq!(state(&s, &rt), complete, "the completion was recorded");
+
+    sim.cut();
+    drop((p, rt, s, broker));
+    sim.restart(&CutModel::LOSE_UNSYNCED, &mut SimRng::new(1));
+    let broker = open(&sim, &clock, 1).expect("reopen");
+    let rt = runtime();
+    assert!(
+        broker
+            .state
+            .log
+            .partition("d", 0)
+            .unwrap()
+            .open_transactions()
+            .is_empty(),
+        "the commit was lost in the power cut"
+    );
+    assert_eq!(state(&broker.state, &rt), complete);
+}

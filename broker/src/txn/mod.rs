@@ -417,7 +417,25 @@ impl Transactions {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this))
             .await
-            .map_err(|e| BrokerError::InvalidRequest(format!("worker failed: {e}")))?
+            .map_err(|e| BrokerError::Internal(format!("worker failed: {e}")))?
+    }
+
+    /// Runs one request's work to its end even when the caller stops waiting for it.
+    ///
+    /// Every request below records its step on disk (on the blocking pool) and then updates
+    /// memory under the id's lock. tonic drops a handler's future when its client goes away;
+    /// dropped between those two, memory would stay behind the disk (a recorded decision
+    /// the in-memory state does not know, so a retry or the timeout pass decides again) and
+    /// the id's lock would be released while a blocking task the future started still
+    /// writes, racing the next request for the same id (a stale completion record could
+    /// overwrite a newer transaction's). Spawned, the work finishes and only its reply is
+    /// lost, exactly as if the reply had been lost on the wire.
+    async fn detached<T: Send + 'static>(
+        work: impl std::future::Future<Output = Result<T, BrokerError>> + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        tokio::spawn(work)
+            .await
+            .map_err(|e| BrokerError::Internal(format!("worker failed: {e}")))?
     }
 
     /// Records the decision to end `meta`'s open transaction, then carries it out.
@@ -459,7 +477,18 @@ impl Transactions {
     }
 
     /// InitProducerId for a transactional id: returns the producer id and epoch to use.
+    /// Runs to its end even if the caller stops waiting ([`Transactions::detached`]).
     pub(crate) async fn init(
+        self: &Arc<Self>,
+        id: &str,
+        timeout_ms: u32,
+        expected: Option<(i64, i16)>,
+    ) -> Result<(i64, i16), BrokerError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Self::detached(async move { this.init_attached(&id, timeout_ms, expected).await }).await
+    }
+
+    async fn init_attached(
         self: &Arc<Self>,
         id: &str,
         timeout_ms: u32,
@@ -603,8 +632,17 @@ impl Transactions {
             })
     }
 
-    /// AddOffsetsToTxn.
+    /// AddOffsetsToTxn. Runs to its end even if the caller stops waiting
+    /// ([`Transactions::detached`]).
     pub(crate) async fn add_offsets(
+        self: &Arc<Self>,
+        req: v1::AddOffsetsToTxnRequest,
+    ) -> Result<(), BrokerError> {
+        let this = self.clone();
+        Self::detached(async move { this.add_offsets_attached(req).await }).await
+    }
+
+    async fn add_offsets_attached(
         self: &Arc<Self>,
         req: v1::AddOffsetsToTxnRequest,
     ) -> Result<(), BrokerError> {
@@ -645,8 +683,20 @@ impl Transactions {
         Ok(())
     }
 
-    /// EndTxn: returns the producer id and epoch for the next transaction.
+    /// EndTxn: returns the producer id and epoch for the next transaction. Runs to its end
+    /// even if the caller stops waiting ([`Transactions::detached`]).
     pub(crate) async fn end(
+        self: &Arc<Self>,
+        id: &str,
+        pid: i64,
+        epoch: i32,
+        commit: bool,
+    ) -> Result<(i64, i16), BrokerError> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Self::detached(async move { this.end_attached(&id, pid, epoch, commit).await }).await
+    }
+
+    async fn end_attached(
         self: &Arc<Self>,
         id: &str,
         pid: i64,
