@@ -107,7 +107,9 @@ pub struct TransactionalProducer {
     cfg: TransactionalConfig,
     producer: (i64, i16),
     phase: Phase,
-    parts: BTreeMap<(String, u32), PartitionBuf>,
+    /// Batches by topic, then partition (by topic first so a send finds its buffer without
+    /// allocating the topic's name).
+    parts: BTreeMap<String, BTreeMap<u32, PartitionBuf>>,
     partition_counts: HashMap<String, u32>,
     /// Per partition, the offset after the last record the open transaction wrote there.
     written: BTreeMap<(String, u32), u64>,
@@ -115,6 +117,13 @@ pub struct TransactionalProducer {
     committed_ends: BTreeMap<(String, u32), u64>,
     /// The full batch being written in the background, if any.
     in_flight: Option<tokio::task::JoinHandle<Result<Written>>>,
+}
+
+/// Headers of a record passed to the batch builder without a heap allocation.
+const INLINE_HEADERS: usize = 12;
+
+fn header_view(h: &crate::types::Header) -> (&str, Option<&[u8]>) {
+    (h.key.as_str(), h.value.as_deref())
 }
 
 /// Per partition, the offset after the last record a write appended.
@@ -186,27 +195,40 @@ impl TransactionalProducer {
         self.require_open()?;
         let now = now_ms();
         let full = {
+            if !self.parts.contains_key(topic) {
+                self.parts.insert(topic.to_owned(), BTreeMap::new());
+            }
             let buf = self
                 .parts
-                .entry((topic.to_owned(), partition))
+                .get_mut(topic)
+                .expect("inserted above")
+                .entry(partition)
                 .or_insert(PartitionBuf {
                     builder: None,
                     next_seq: 0,
                 });
+            // Sized for a full batch at once: growing it by doubling copied each batch about
+            // twice and faulted in fresh memory for every copy.
             let b = buf.builder.get_or_insert_with(|| {
-                BatchBuilder::with_capacity(self.cfg.compression.engine(), 64 << 10)
+                BatchBuilder::with_capacity(
+                    self.cfg.compression.engine(),
+                    self.cfg.batch_bytes.saturating_add(16 << 10),
+                )
             });
-            let headers: Vec<(&str, Option<&[u8]>)> = rec
-                .headers
-                .iter()
-                .map(|h| (h.key.as_str(), h.value.as_deref()))
-                .collect();
-            b.push(
-                rec.timestamp_ms.unwrap_or(now),
-                rec.key.as_deref(),
-                rec.value.as_deref(),
-                &headers,
-            );
+            // The usual few headers are passed from the stack, not a new Vec per record.
+            let ts = rec.timestamp_ms.unwrap_or(now);
+            let (key, value) = (rec.key.as_deref(), rec.value.as_deref());
+            if rec.headers.len() <= INLINE_HEADERS {
+                let mut headers = [("", None); INLINE_HEADERS];
+                for (slot, h) in headers.iter_mut().zip(&rec.headers) {
+                    *slot = header_view(h);
+                }
+                b.push(ts, key, value, &headers[..rec.headers.len()]);
+            } else {
+                let headers: Vec<(&str, Option<&[u8]>)> =
+                    rec.headers.iter().map(header_view).collect();
+                b.push(ts, key, value, &headers);
+            }
             b.size_bytes() >= self.cfg.batch_bytes
         };
         if full {
@@ -348,7 +370,7 @@ impl TransactionalProducer {
         if let Some(h) = self.in_flight.take() {
             let _ = h.await;
         }
-        for buf in self.parts.values_mut() {
+        for buf in self.parts.values_mut().flat_map(BTreeMap::values_mut) {
             buf.builder = None;
         }
         self.end(false).await
@@ -385,7 +407,11 @@ impl TransactionalProducer {
     /// The finished batch of one partition, stamped with its sequence.
     fn take_batch(&mut self, topic: &str, partition: u32) -> Result<Option<(String, u32, Bytes)>> {
         let (pid, epoch) = self.producer;
-        let Some(buf) = self.parts.get_mut(&(topic.to_owned(), partition)) else {
+        let Some(buf) = self
+            .parts
+            .get_mut(topic)
+            .and_then(|bufs| bufs.get_mut(&partition))
+        else {
             return Ok(None);
         };
         let Some(mut b) = buf.builder.take() else {
@@ -398,7 +424,11 @@ impl TransactionalProducer {
     }
 
     fn take_all(&mut self) -> Result<Vec<(String, u32, Bytes)>> {
-        let keys: Vec<(String, u32)> = self.parts.keys().cloned().collect();
+        let keys: Vec<(String, u32)> = self
+            .parts
+            .iter()
+            .flat_map(|(t, bufs)| bufs.keys().map(move |p| (t.clone(), *p)))
+            .collect();
         let mut out = Vec::with_capacity(keys.len());
         for (t, p) in keys {
             if let Some(b) = self.take_batch(&t, p)? {

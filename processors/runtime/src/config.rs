@@ -174,6 +174,8 @@ pub struct StateConfig {
     pub cache_bytes: usize,
     /// Committed writes per partition buffered before one local apply (bytes).
     pub apply_bytes: usize,
+    /// Values read from the local store kept in memory per partition (bytes; 0: none).
+    pub read_cache_bytes: usize,
     /// How often local stores are fsynced (ms).
     pub durable_interval_ms: u64,
 }
@@ -227,6 +229,7 @@ impl Default for StateConfig {
         StateConfig {
             cache_bytes: 8 << 20,
             apply_bytes: 16 << 20,
+            read_cache_bytes: 16 << 20,
             durable_interval_ms: 5_000,
         }
     }
@@ -421,6 +424,7 @@ impl ProcessorConfig {
         r.max_txn_bytes = self.commit.max_txn_bytes;
         r.cache_bytes = self.state.cache_bytes;
         r.apply_bytes = self.state.apply_bytes;
+        r.read_cache_bytes = self.state.read_cache_bytes;
         r.durable_interval = Duration::from_millis(self.state.durable_interval_ms);
         r.session_timeout = Duration::from_millis(self.group.session_timeout_ms);
         r.transaction_timeout = Duration::from_millis(self.group.transaction_timeout_ms);

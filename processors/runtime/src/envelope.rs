@@ -144,24 +144,72 @@ impl<T: Serialize> Event<T> {
     /// The record in binary mode: attributes as headers, JSON payload as value, the time (if
     /// any) also as the record timestamp.
     pub fn to_record(&self) -> Result<ProducerRecord, EnvelopeError> {
-        let value =
-            serde_json::to_vec(&self.data).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
-        let mut r = ProducerRecord::new(value)
-            .header("ce_specversion", SPEC_VERSION)
-            .header("ce_id", self.id.clone())
-            .header("ce_source", self.source.clone())
-            .header("ce_type", self.ty.clone());
-        if let Some(t) = self.time_ms {
-            r = r.header("ce_time", format_time(t)).timestamp_ms(t);
-        }
-        if let Some(s) = &self.subject {
-            r = r.header("ce_subject", s.clone());
-        }
-        r = r.header("content-type", JSON);
-        if let Some(k) = self.record_key() {
-            r = r.key(k);
-        }
-        Ok(r)
+        Ok(binary_mode(
+            json(&self.data)?,
+            Attributes {
+                id: self.id.clone(),
+                source: self.source.clone(),
+                ty: self.ty.clone(),
+                time_ms: self.time_ms,
+                subject: self.subject.clone(),
+            },
+            self.record_key(),
+        ))
+    }
+
+    /// [`Event::to_record`] consuming the event: its attributes become headers without a
+    /// copy.
+    pub fn into_record(self) -> Result<ProducerRecord, EnvelopeError> {
+        let key = self.record_key();
+        Ok(binary_mode(
+            json(&self.data)?,
+            Attributes {
+                id: self.id,
+                source: self.source,
+                ty: self.ty,
+                time_ms: self.time_ms,
+                subject: self.subject,
+            },
+            key,
+        ))
+    }
+}
+
+/// A payload as JSON.
+fn json<T: Serialize>(data: &T) -> Result<Vec<u8>, EnvelopeError> {
+    let mut value = Vec::with_capacity(256);
+    serde_json::to_writer(&mut value, data).map_err(|e| EnvelopeError::Encode(e.to_string()))?;
+    Ok(value)
+}
+
+/// The binary-mode record of a payload and its attributes.
+fn binary_mode(value: Vec<u8>, a: Attributes, key: Option<Bytes>) -> ProducerRecord {
+    let mut headers = Vec::with_capacity(7);
+    let mut h = |name: &str, value: Bytes| {
+        headers.push(Header {
+            key: name.to_owned(),
+            value: Some(value),
+        })
+    };
+    h(
+        "ce_specversion",
+        Bytes::from_static(SPEC_VERSION.as_bytes()),
+    );
+    h("ce_id", Bytes::from(a.id));
+    h("ce_source", Bytes::from(a.source));
+    h("ce_type", Bytes::from(a.ty));
+    if let Some(t) = a.time_ms {
+        h("ce_time", Bytes::from(format_time(t)));
+    }
+    if let Some(s) = a.subject {
+        h("ce_subject", Bytes::from(s));
+    }
+    h("content-type", Bytes::from_static(JSON.as_bytes()));
+    ProducerRecord {
+        key,
+        value: Some(Bytes::from(value)),
+        headers,
+        timestamp_ms: a.time_ms,
     }
 }
 
@@ -188,7 +236,7 @@ fn header<'a>(headers: &'a [Header], name: &str) -> Option<&'a [u8]> {
         .and_then(|h| h.value.as_deref())
 }
 
-fn text(headers: &[Header], name: &'static str) -> Result<Option<String>, EnvelopeError> {
+fn text<'h>(headers: &'h [Header], name: &'static str) -> Result<Option<&'h str>, EnvelopeError> {
     let Some(v) = header(headers, name) else {
         return Ok(None);
     };
@@ -199,46 +247,83 @@ fn text(headers: &[Header], name: &'static str) -> Result<Option<String>, Envelo
         });
     }
     std::str::from_utf8(v)
-        .map(|s| Some(s.to_owned()))
+        .map(Some)
         .map_err(|e| EnvelopeError::BadAttribute {
             name: name.into(),
             why: e.to_string(),
         })
 }
 
-fn required(headers: &[Header], name: &'static str) -> Result<String, EnvelopeError> {
+fn required<'h>(headers: &'h [Header], name: &'static str) -> Result<&'h str, EnvelopeError> {
     match text(headers, name)? {
         Some(s) if !s.is_empty() => Ok(s),
         _ => Err(EnvelopeError::Missing(name)),
     }
 }
 
-impl Attributes {
-    /// Reads and checks the attributes (spec version, required attributes, content type).
-    pub fn from_headers(headers: &[Header]) -> Result<Attributes, EnvelopeError> {
+/// The attributes as they are in the headers, checked (nothing copied).
+struct Checked<'h> {
+    id: &'h str,
+    source: &'h str,
+    ty: &'h str,
+    time_ms: Option<i64>,
+    subject: Option<&'h str>,
+}
+
+impl<'h> Checked<'h> {
+    /// Checks the attributes: spec version, content type, time, the required ones.
+    fn new(headers: &'h [Header]) -> Result<Checked<'h>, EnvelopeError> {
         let version = required(headers, "ce_specversion")?;
         if version != SPEC_VERSION {
-            return Err(EnvelopeError::SpecVersion(version));
+            return Err(EnvelopeError::SpecVersion(version.to_owned()));
         }
         if let Some(ct) = text(headers, "content-type")? {
             let base = ct.split(';').next().unwrap_or_default().trim();
             if !base.eq_ignore_ascii_case(JSON) && !base.to_ascii_lowercase().ends_with("+json") {
-                return Err(EnvelopeError::ContentType(ct));
+                return Err(EnvelopeError::ContentType(ct.to_owned()));
             }
         }
         let time_ms = match text(headers, "ce_time")? {
             None => None,
-            Some(t) => Some(parse_time(&t).ok_or_else(|| EnvelopeError::BadAttribute {
+            Some(t) => Some(parse_time(t).ok_or_else(|| EnvelopeError::BadAttribute {
                 name: "ce_time".into(),
                 why: format!("{t:?} is not an RFC 3339 time"),
             })?),
         };
-        Ok(Attributes {
+        Ok(Checked {
             id: required(headers, "ce_id")?,
             source: required(headers, "ce_source")?,
             ty: required(headers, "ce_type")?,
             time_ms,
             subject: text(headers, "ce_subject")?,
+        })
+    }
+
+    /// The JSON payload as a `T`.
+    fn payload<T: DeserializeOwned>(&self, value: Option<&Bytes>) -> Result<T, EnvelopeError> {
+        let Some(value) = value else {
+            return Err(EnvelopeError::NoPayload {
+                id: self.id.to_owned(),
+            });
+        };
+        serde_json::from_slice(value).map_err(|e| EnvelopeError::Payload {
+            id: self.id.to_owned(),
+            ty: self.ty.to_owned(),
+            why: e.to_string(),
+        })
+    }
+}
+
+impl Attributes {
+    /// Reads and checks the attributes (spec version, required attributes, content type).
+    pub fn from_headers(headers: &[Header]) -> Result<Attributes, EnvelopeError> {
+        let c = Checked::new(headers)?;
+        Ok(Attributes {
+            id: c.id.to_owned(),
+            source: c.source.to_owned(),
+            ty: c.ty.to_owned(),
+            time_ms: c.time_ms,
+            subject: c.subject.map(str::to_owned),
         })
     }
 }
@@ -249,24 +334,26 @@ pub fn decode<T: DeserializeOwned>(
     key: Option<&Bytes>,
     value: Option<&Bytes>,
 ) -> Result<Event<T>, EnvelopeError> {
-    let a = Attributes::from_headers(headers)?;
-    let Some(value) = value else {
-        return Err(EnvelopeError::NoPayload { id: a.id });
-    };
-    let data = serde_json::from_slice(value).map_err(|e| EnvelopeError::Payload {
-        id: a.id.clone(),
-        ty: a.ty.clone(),
-        why: e.to_string(),
-    })?;
+    let c = Checked::new(headers)?;
+    let data = c.payload(value)?;
     Ok(Event {
-        id: a.id,
-        source: a.source,
-        ty: a.ty,
-        time_ms: a.time_ms,
-        subject: a.subject,
+        id: c.id.to_owned(),
+        source: c.source.to_owned(),
+        ty: c.ty.to_owned(),
+        time_ms: c.time_ms,
+        subject: c.subject.map(str::to_owned),
         key: key.cloned(),
         data,
     })
+}
+
+/// The payload of a record that must be a valid event, checked exactly as [`decode`] checks
+/// it, without copying its attributes (for handlers that need only the data).
+pub fn decode_data<T: DeserializeOwned>(
+    headers: &[Header],
+    value: Option<&Bytes>,
+) -> Result<T, EnvelopeError> {
+    Checked::new(headers)?.payload(value)
 }
 
 /// RFC 3339 (UTC, milliseconds) for `ce_time`.
@@ -315,6 +402,8 @@ mod tests {
             Some(&b"2023-11-14T22:13:20.123Z"[..])
         );
         let back: Event<Price> = decode(&r.headers, r.key.as_ref(), r.value.as_ref()).unwrap();
+        // Consuming the event gives the same record.
+        assert_eq!(ev.clone().into_record().unwrap(), r);
         assert_eq!(back, ev.key("sku-1"));
     }
 
@@ -389,5 +478,19 @@ mod tests {
             decode::<Price>(&h, None, ok.value.as_ref()),
             Err(EnvelopeError::BadAttribute { .. })
         ));
+        // The payload alone is checked exactly as the whole event.
+        let bad_json = Bytes::from_static(b"{\"sku\":1}");
+        let cases = [
+            (ok.headers.clone(), ok.value.clone()),
+            (without("ce_id"), ok.value.clone()),
+            (without("ce_specversion"), ok.value.clone()),
+            (h, ok.value.clone()),
+            (ok.headers.clone(), Some(bad_json)),
+            (ok.headers.clone(), None),
+        ];
+        for (h, v) in &cases {
+            let whole = decode::<Price>(h, None, v.as_ref()).map(|e| e.data);
+            assert_eq!(decode_data::<Price>(h, v.as_ref()), whole);
+        }
     }
 }

@@ -112,6 +112,12 @@ impl Input {
         envelope::decode(&self.headers, self.key.as_ref(), self.value.as_ref())
     }
 
+    /// The payload alone of [`Input::event`], checked the same way (a record that is not a
+    /// valid event of type `T` is an error), without copying the attributes.
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T, EnvelopeError> {
+        envelope::decode_data(&self.headers, self.value.as_ref())
+    }
+
     /// The CloudEvents attributes alone (checked), without decoding the payload.
     pub fn attributes(&self) -> Result<Attributes, EnvelopeError> {
         Attributes::from_headers(&self.headers)

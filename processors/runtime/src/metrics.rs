@@ -221,6 +221,32 @@ impl Metrics {
     }
 }
 
+/// The counters of a per-topic family, kept by topic so that counting a record costs a hash
+/// lookup (no label allocated, no family lock). At most [`TopicCounters::MAX`] topics (then
+/// it starts over: the family keeps the counts).
+#[derive(Debug, Default)]
+pub(crate) struct TopicCounters {
+    by_topic: std::collections::HashMap<String, Counter>,
+}
+
+impl TopicCounters {
+    const MAX: usize = 1024;
+
+    /// Adds one to `topic`'s counter of `family`.
+    pub(crate) fn inc(&mut self, family: &Family<TopicLabel, Counter>, topic: &str) {
+        if let Some(c) = self.by_topic.get(topic) {
+            c.inc();
+            return;
+        }
+        if self.by_topic.len() >= Self::MAX {
+            self.by_topic.clear();
+        }
+        let c = family.get_or_create(&Metrics::topic(topic)).clone();
+        c.inc();
+        self.by_topic.insert(topic.to_owned(), c);
+    }
+}
+
 /// Serves `/metrics` and `/health` on `listener` until `stop` turns true.
 pub async fn serve(
     metrics: Arc<Metrics>,

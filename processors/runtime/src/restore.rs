@@ -18,7 +18,7 @@ use spool_client::{Client, FetchOptions, Fetched, Isolation};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::state::{Backend, SqliteBackend, Writes};
+use crate::state::{Backend, CacheSizes, SqliteBackend, StateError, Writes};
 
 /// What a restore task sends back: partition, token, the restored store.
 pub(crate) type Restored = (u32, u64, Result<SqliteBackend, String>);
@@ -31,12 +31,12 @@ pub(crate) async fn restore_task(
     changelog: String,
     p: u32,
     path: PathBuf,
-    cache_bytes: usize,
+    caches: CacheSizes,
     metrics: Arc<Metrics>,
     token: u64,
     done: mpsc::Sender<Restored>,
 ) {
-    let r = restore(&client, &changelog, p, path, cache_bytes, &metrics).await;
+    let r = restore(&client, &changelog, p, path, caches, &metrics).await;
     let _ = done.send((p, token, r)).await;
 }
 
@@ -48,20 +48,33 @@ pub(crate) async fn restore(
     changelog: &str,
     p: u32,
     path: PathBuf,
-    cache_bytes: usize,
+    caches: CacheSizes,
     metrics: &Metrics,
 ) -> Result<SqliteBackend, String> {
     let scratch = build_path(&path);
-    let open_path = path.clone();
-    let open = tokio::task::spawn_blocking(move || {
-        // A build an earlier restore did not finish is scratch.
-        crate::state::remove_files(&build_path(&open_path))?;
-        SqliteBackend::open(&open_path, cache_bytes)
-    });
-    let backend = open
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let mut waits = 0u32;
+    let backend = loop {
+        let open_path = path.clone();
+        let open = tokio::task::spawn_blocking(move || {
+            // A build an earlier restore did not finish is scratch.
+            crate::state::remove_files(&build_path(&open_path))?;
+            SqliteBackend::open(&open_path, caches)
+        });
+        match open.await.map_err(|e| e.to_string())? {
+            Ok(b) => break b,
+            // Held by another connection: a restore of this partition that is still
+            // finishing a chunk after its abort, or another instance on this state directory
+            // that still owns the partition. Wait for it (the partition stays paused).
+            Err(StateError::Busy(what)) => {
+                if waits % 20 == 0 {
+                    tracing::warn!(partition = p, store = %what, "local store is locked; waiting for it");
+                }
+                waits += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
     let opts = FetchOptions {
         max_bytes: 8 << 20,
         isolation: Isolation::ReadCommitted,
@@ -97,7 +110,7 @@ pub(crate) async fn restore(
     }
     drop(backend);
     let create =
-        tokio::task::spawn_blocking(move || SqliteBackend::create_for_build(&scratch, cache_bytes));
+        tokio::task::spawn_blocking(move || SqliteBackend::create_for_build(&scratch, caches));
     let built = create
         .await
         .map_err(|e| e.to_string())?
@@ -110,7 +123,7 @@ pub(crate) async fn restore(
         metrics,
     };
     let (built, _) = all.apply(built, first, pos).await?;
-    tokio::task::spawn_blocking(move || built.finish_build(&path, cache_bytes))
+    tokio::task::spawn_blocking(move || built.finish_build(&path, caches))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())

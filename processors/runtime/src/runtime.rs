@@ -32,6 +32,7 @@
 //!   so a restarted instance first fences its previous incarnation and aborts what it left
 //!   open (which unblocks the changelog's last stable offset for the restore).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
@@ -52,7 +53,7 @@ use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
 use crate::flow::{self, LaneConfig, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
-use crate::metrics::{LaneLabel, Metrics, PartitionLabel};
+use crate::metrics::{LaneLabel, Metrics, PartitionLabel, TopicCounters};
 use crate::restore;
 use crate::state::{SqliteBackend, Writes};
 
@@ -108,6 +109,9 @@ pub struct RuntimeConfig {
     /// one local transaction (default 16 MiB): the bound on that buffer
     /// ([`crate::state`]'s `TaskState`). Larger batches rewrite fewer pages per key.
     pub apply_bytes: usize,
+    /// Values read from the local store kept in memory per task (default 16 MiB; 0: none):
+    /// hot keys and known-absent keys are then read without SQLite ([`crate::state`]).
+    pub read_cache_bytes: usize,
     /// Retries and dead letters.
     pub retry: RetryPolicy,
     /// Group session timeout (default 10 s).
@@ -140,6 +144,14 @@ pub struct RuntimeConfig {
 }
 
 impl RuntimeConfig {
+    /// The caches of one task's local store.
+    pub(crate) fn cache_sizes(&self) -> crate::state::CacheSizes {
+        crate::state::CacheSizes {
+            page_bytes: self.cache_bytes,
+            read_bytes: self.read_cache_bytes,
+        }
+    }
+
     /// Defaults for processor `name` reading `inputs`.
     pub fn new<S: Into<String>>(
         name: impl Into<String>,
@@ -158,6 +170,7 @@ impl RuntimeConfig {
             max_txn_bytes: 32 << 20,
             cache_bytes: 8 << 20,
             apply_bytes: 16 << 20,
+            read_cache_bytes: 16 << 20,
             retry: RetryPolicy::default(),
             session_timeout: Duration::from_secs(10),
             transaction_timeout: Duration::from_secs(30),
@@ -446,6 +459,9 @@ struct Session<'c> {
     /// Records waiting for their task's tables: since when the tables' positions last moved,
     /// and their sum then.
     table_wait: HashMap<TopicPartition, (Instant, u64)>,
+    /// `records_in` / `records_out` counters by topic, looked up once per topic.
+    counted_in: TopicCounters,
+    counted_out: TopicCounters,
 }
 
 /// How often a record waiting for its task's tables looks again.
@@ -547,6 +563,8 @@ impl<'c> Session<'c> {
             lane_stream,
             table_ends: HashMap::new(),
             table_wait: HashMap::new(),
+            counted_in: TopicCounters::default(),
+            counted_out: TopicCounters::default(),
         };
         s.reconcile().await?;
         s.apply_flow().await?;
@@ -641,11 +659,12 @@ impl<'c> Session<'c> {
 
     async fn send(&mut self, emits: Vec<Emit>) -> Result<(), spool_client::Error> {
         for e in emits {
-            let topic = format!("{}{}", self.cfg.output_prefix, e.topic);
-            self.metrics
-                .records_out
-                .get_or_create(&Metrics::topic(&topic))
-                .inc();
+            let topic: Cow<'_, str> = if self.cfg.output_prefix.is_empty() {
+                Cow::Borrowed(&e.topic)
+            } else {
+                Cow::Owned(format!("{}{}", self.cfg.output_prefix, e.topic))
+            };
+            self.counted_out.inc(&self.metrics.records_out, &topic);
             match e.partition {
                 Some(p) => self.tx.send(&topic, p, e.record).await?,
                 None => self.tx.send_keyed(&topic, e.record).await?,
@@ -1038,10 +1057,7 @@ impl<'c> Session<'c> {
             }
             break;
         }
-        self.metrics
-            .records_in
-            .get_or_create(&Metrics::topic(&input.topic))
-            .inc();
+        self.counted_in.inc(&self.metrics.records_in, &input.topic);
         self.metrics.done.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
@@ -1436,7 +1452,7 @@ impl<'c> Session<'c> {
                 self.cfg
                     .state_dir
                     .join(format!("{}-p{p}.sqlite", self.cfg.group)),
-                self.cfg.cache_bytes,
+                self.cfg.cache_sizes(),
                 self.metrics.clone(),
                 token,
                 self.restored_tx.clone(),

@@ -180,7 +180,7 @@ impl Handler for Matching {
                     .to_owned();
                 let settings = match input.value {
                     None => None,
-                    Some(_) => Some(input.event::<AlertSettings>()?.data),
+                    Some(_) => Some(input.data::<AlertSettings>()?),
                 };
                 if let Some(s) = &settings
                     && s.user != user
@@ -194,11 +194,11 @@ impl Handler for Matching {
             }
             topics::ADDRESS_STATUS => {
                 let Some(_) = input.value else { return Ok(()) };
-                let s: AddressStatus = input.event::<AddressStatus>()?.data;
+                let s: AddressStatus = input.data::<AddressStatus>()?;
                 Matcher::new(TaskStore { ctx, max_audience }).on_address_status(&s)
             }
             topics::DEAL_BROADCAST => {
-                let t: DealTransition = input.event::<DealTransition>()?.data;
+                let t: DealTransition = input.data::<DealTransition>()?;
                 let outputs = Matcher::new(TaskStore { ctx, max_audience }).on_transition(&t)?;
                 for o in outputs {
                     match o {

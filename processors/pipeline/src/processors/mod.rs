@@ -68,9 +68,11 @@ pub fn emit_owned<T: Payload>(
     data: T,
     at_ms: i64,
 ) -> Result<(), Failure> {
-    let e = envelope_owned(ctx.processor(), id, data, at_ms);
-    ctx.emit_event(T::TOPIC, &e)
-        .map_err(|e| Failure::fatal(e.to_string()))
+    let r = envelope_owned(ctx.processor(), id, data, at_ms)
+        .into_record()
+        .map_err(|e| Failure::fatal(e.to_string()))?;
+    ctx.emit(T::TOPIC, r);
+    Ok(())
 }
 
 /// Emits a copy of a payload to each of `partitions` partitions of `topic`.
