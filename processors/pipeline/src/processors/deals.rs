@@ -1,7 +1,7 @@
 //! `spool-deals`: each price update moves its product's state machine ([`crate::deals`]); a
 //! change of state is emitted to `deal-transitions` (keyed by product) and copied to every
 //! partition of `deal-broadcast` (matching's input). The product's state is the store
-//! `products`, keyed by product id.
+//! `products`, keyed by product id, in [`ProductState`]'s binary form.
 
 use serde::Deserialize;
 use spool_processor::{Context, Failure, Handler, Input};
@@ -45,11 +45,18 @@ impl Deals {
 
 impl Handler for Deals {
     fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
-        let u: PriceUpdate = input.event::<PriceUpdate>()?.data;
+        let u: PriceUpdate = input.data::<PriceUpdate>()?;
         let mut products = ctx.store("products")?;
-        let mut state: ProductState = products.get_json(u.product.as_bytes())?.unwrap_or_default();
+        let mut state = match products.get(u.product.as_bytes())? {
+            None => ProductState::default(),
+            // The store holds what this processor wrote: a state that does not decode is a
+            // bug or a damaged store, not a bad input.
+            Some(v) => ProductState::decode(&v).map_err(|e| {
+                Failure::fatal(format!("store products, product {:?}: {e}", u.product))
+            })?,
+        };
         let t = state.apply(&u, &self.params);
-        products.put_json(u.product.as_bytes(), &state)?;
+        products.put(u.product.as_bytes(), state.encode());
         if let Some(t) = t {
             emit_transition(ctx, &t, self.broadcast_partitions)?;
         }
