@@ -66,7 +66,7 @@ pub(crate) async fn restore(
             // finishing a chunk after its abort, or another instance on this state directory
             // that still owns the partition. Wait for it (the partition stays paused).
             Err(StateError::Busy(what)) => {
-                if waits % 20 == 0 {
+                if waits.is_multiple_of(20) {
                     tracing::warn!(partition = p, store = %what, "local store is locked; waiting for it");
                 }
                 waits += 1;
