@@ -375,7 +375,7 @@ pub fn parse_time(s: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
-    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Price {
         sku: String,
         cents: u64,
