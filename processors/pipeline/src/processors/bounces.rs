@@ -159,11 +159,12 @@ pub async fn stored_position(client: &Client, log_path: &str) -> anyhow::Result<
 /// Follows the log and publishes its lines with the position, until `stop` resolves.
 ///
 /// A failure (the broker unreachable or restarted, the transaction aborted or fenced, the
-/// file unreadable) is logged and the tailer starts over after a backoff (100 ms doubling to
-/// 5 s): a new transactional producer (which aborts whatever was left open), the position
-/// read back from what was committed, the file reopened there. Without this the tailer task
-/// ended at the first broker outage while the process and its handler went on, and nothing
-/// more of the log was ever published (found by `tests/kill9.rs`).
+/// file unreadable) is logged and the tailer starts over after a delay ([`Backoff`]: 100 ms
+/// doubling to 5 s while it keeps failing, back to 100 ms once it works again): a new
+/// transactional producer (which aborts whatever was left open), the position read back from
+/// what was committed, the file reopened there. Without this the tailer task ended at the
+/// first broker outage while the process and its handler went on, and nothing more of the
+/// log was ever published (found by `tests/kill9.rs`).
 pub async fn run_tailer(
     client: Client,
     transactional_id: String,
@@ -171,30 +172,61 @@ pub async fn run_tailer(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(stop);
-    let mut backoff = TAILER_BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     loop {
-        let started = std::time::Instant::now();
-        match tail(&client, &transactional_id, &s, &mut stop).await {
+        match tail(&client, &transactional_id, &s, &mut stop, &mut backoff).await {
             Ok(()) => return Ok(()),
             Err(e) => tracing::warn!(
                 error = format!("{e:#}"),
-                retry_in_ms = backoff.as_millis() as u64,
+                retry_in_ms = backoff.delay().as_millis() as u64,
                 "tailer failed; starting over from the last committed position"
             ),
         }
-        if started.elapsed() > TAILER_BACKOFF_MAX * 2 {
-            backoff = TAILER_BACKOFF_MIN; // it had been working: a new outage
-        }
+        let delay = backoff.failed();
         tokio::select! {
             () = stop.as_mut() => return Ok(()),
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(TAILER_BACKOFF_MAX);
     }
 }
 
-const TAILER_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const TAILER_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The tailer's delay before it starts over: [`Backoff::MIN`] doubling per failure in a row up
+/// to [`Backoff::MAX`], and back to the minimum as soon as the tailer works again (its setup
+/// got answers from the broker, or a transaction committed). It used to be reset only when
+/// the failed incarnation had lasted 10 s, so broker outages a few seconds apart left it at
+/// 5 s for good: up to 5 s more before the lines after each later outage were published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Self::MIN)
+    }
+}
+
+impl Backoff {
+    /// The first delay after the tailer worked.
+    pub const MIN: Duration = Duration::from_millis(100);
+    /// The longest delay.
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    /// The delay the next failure waits.
+    pub fn delay(&self) -> Duration {
+        self.0
+    }
+
+    /// A failure: the delay to wait now (the next one doubles).
+    pub fn failed(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        now
+    }
+
+    /// The tailer works again: the next failure waits the minimum.
+    pub fn succeeded(&mut self) {
+        self.0 = Self::MIN;
+    }
+}
 
 /// One incarnation of the tailer: from the committed position until `stop` (Ok) or a failure.
 async fn tail<F: std::future::Future<Output = ()>>(
@@ -202,6 +234,7 @@ async fn tail<F: std::future::Future<Output = ()>>(
     transactional_id: &str,
     s: &BouncesSettings,
     stop: &mut std::pin::Pin<&mut F>,
+    backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let path = PathBuf::from(&s.log_path);
     let partitions = client
@@ -216,6 +249,7 @@ async fn tail<F: std::future::Future<Output = ()>>(
     .await?;
     let resume = stored_position(client, &s.log_path).await?;
     tracing::info!(path = %path.display(), ?resume, "tailing Postfix's log");
+    backoff.succeeded(); // the broker answered: an outage (if any) is over
     let mut tailer = Tailer::open(&path, resume)?;
     loop {
         let lines = tailer.poll(s.batch_lines)?;
@@ -253,6 +287,7 @@ async fn tail<F: std::future::Future<Output = ()>>(
             // Our position is ahead of what is committed: start over from the stored one.
             return Err(anyhow::anyhow!("tailer transaction failed: {e}"));
         }
+        backoff.succeeded();
     }
 }
 
@@ -270,6 +305,18 @@ mod tests {
             read_ms: 7,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn tailer_backoff_doubles_while_failing_and_resets_once_it_works() {
+        let mut b = Backoff::default();
+        let waits: Vec<u64> = (0..8).map(|_| b.failed().as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        // A later outage after the tailer worked again starts from the minimum (it used to
+        // stay at 5 s when the outages came less than 10 s apart).
+        b.succeeded();
+        assert_eq!(b.failed(), Backoff::MIN);
+        assert_eq!(b.failed(), Backoff::MIN * 2);
     }
 
     #[test]
