@@ -179,8 +179,13 @@ struct Counts {
     requests: AtomicU64,
     queued: AtomicU64,
     sent: AtomicU64,
+    deferred: AtomicU64,
     bounced: AtomicU64,
-    failed: AtomicU64,
+    /// `failed` from bounces: Postfix gave up after deferrals (the feed's `@defer.test`
+    /// users: a soft bounce).
+    expired: AtomicU64,
+    /// `failed` from notifications: refused by SMTP (5xx) or out of attempts.
+    refused: AtomicU64,
     flags: AtomicU64,
     hooks: Arc<AtomicU64>,
     pushes: Arc<AtomicU64>,
@@ -250,8 +255,11 @@ async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
                         MailState::Queued => &c.queued,
                         MailState::Sent => &c.sent,
                         MailState::Bounced => &c.bounced,
-                        MailState::Failed => &c.failed,
-                        MailState::Deferred => continue,
+                        // Only bounces knows Postfix's queue id of a failed mail: it expired
+                        // in Postfix's queue. Notifications' failures never reached it.
+                        MailState::Failed if s.queue_id.is_some() => &c.expired,
+                        MailState::Failed => &c.refused,
+                        MailState::Deferred => &c.deferred,
                     },
                     _ => continue,
                 }
@@ -261,6 +269,29 @@ async fn watch(client: Client, c: Arc<Counts>) -> anyhow::Result<()> {
         .fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// What the mail counters will show for the feed's undeliverable users (by design, not
+/// errors): which addresses bounce and are flagged, and which are deferred and then expire.
+fn undeliverable_legend(users: &[spool_pipeline::events::AlertSettings]) -> String {
+    use spool_pipeline::feed::{AddressKind, address_kind};
+    let mut n = [0usize; 3];
+    for u in users.iter().filter_map(|u| u.email.as_deref()) {
+        match address_kind(u) {
+            AddressKind::UnknownUser => n[0] += 1,
+            AddressKind::HardBounce => n[1] += 1,
+            AddressKind::Defer => n[2] += 1,
+            AddressKind::Deliverable => {}
+        }
+    }
+    format!(
+        "undeliverable on purpose: {} ghost-*@localhost and {} *@hardbounce.test users bounce \
+         (5.1.1: bounced, then flagged and not mailed again); {} *@defer.test users are deferred \
+         and expire in the local Postfix at once (failed/expired: a soft bounce, never flagged, \
+         so each of their alerts counts again); failed/refused: notifications gave up on a mail \
+         (SMTP 5xx, or its attempts used up)",
+        n[0], n[1], n[2]
+    )
 }
 
 #[tokio::main]
@@ -375,6 +406,9 @@ async fn main() -> anyhow::Result<()> {
         a.products,
         dir.display()
     );
+    if postfix.is_some() {
+        eprintln!("{}", undeliverable_legend(&users));
+    }
     let rate = a.rate;
     let stall = a.stall.clone();
     let feeder = tokio::spawn(async move {
@@ -400,7 +434,7 @@ async fn main() -> anyhow::Result<()> {
         let c = &counts;
         let prices = load(&c.prices);
         println!(
-            "prices {:>6}/s | imports done {} stuck {} | deals +{} -{} | notifications {} | campaign {}/{} | mail queued {} sent {} bounced {} failed {} | flagged {} | webhooks {} pushes {}",
+            "prices {:>6}/s | imports done {} stuck {} | deals +{} -{} | notifications {} | campaign {}/{} | mail queued {} sent {} deferred {} bounced {} failed {} (expired {} refused {}) | flagged {} | webhooks {} pushes {}",
             prices - prev,
             load(&c.imports_completed),
             load(&c.imports_stuck),
@@ -411,8 +445,11 @@ async fn main() -> anyhow::Result<()> {
             campaign,
             load(&c.queued),
             load(&c.sent),
+            load(&c.deferred),
             load(&c.bounced),
-            load(&c.failed),
+            load(&c.expired) + load(&c.refused),
+            load(&c.expired),
+            load(&c.refused),
             load(&c.flags),
             load(&c.hooks),
             load(&c.pushes),
