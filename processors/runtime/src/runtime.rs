@@ -129,7 +129,8 @@ pub struct RuntimeConfig {
     pub effects_enabled: bool,
     /// How long idempotency keys of effects are kept ([`crate::effects`]).
     pub effects_retention: EffectsRetention,
-    /// Replay mode: a group without committed offsets starts at this time (ms).
+    /// Replay mode: a group without committed offsets starts at this time (ms), its
+    /// [`tables`](Self::tables) at their start.
     pub start_at_ms: Option<i64>,
     /// The clock handlers see (and quiet hours follow).
     pub clock: Arc<dyn Clock>,
@@ -316,7 +317,7 @@ fn fatal(e: &RuntimeError) -> bool {
 
 /// Creates what the processor writes to and does not exist yet: the changelog (compacted),
 /// the dead-letter topics, the declared outputs (prefixed in replay mode); and in replay mode
-/// positions the scratch group at the start time.
+/// positions the scratch group at the start time (its tables at their start).
 async fn prepare_topics(client: &Client, cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
     let mut max_partitions = 1;
     let mut input_partitions = BTreeMap::new();
@@ -354,9 +355,19 @@ async fn prepare_topics(client: &Client, cfg: &RuntimeConfig) -> Result<(), Runt
         }
         let committed = client.fetch_offsets(&cfg.group, &tps).await?;
         if committed.iter().all(|c| c.offset.is_none()) {
+            // A table is read whole (its compacted history, as a fresh instance does): the
+            // settings a replayed record is joined with were mostly written long before the
+            // start time, and starting them there would leave the replay without them.
             let q: Vec<_> = tps
                 .iter()
-                .map(|tp| (tp.clone(), OffsetSpec::Timestamp(ts)))
+                .map(|tp| {
+                    let at = if cfg.tables.contains(&tp.topic) {
+                        OffsetSpec::Earliest
+                    } else {
+                        OffsetSpec::Timestamp(ts)
+                    };
+                    (tp.clone(), at)
+                })
                 .collect();
             let found = client.list_offsets(&q).await?;
             let mut offsets = Vec::new();

@@ -18,6 +18,8 @@ pub struct Processor {
     dir: PathBuf,
     child: Option<Child>,
     ready: Option<mpsc::Receiver<()>>,
+    /// Flags after the standard ones (e.g. `--replay-from`).
+    extra: Vec<String>,
     /// Incarnations started so far.
     pub starts: usize,
 }
@@ -36,8 +38,15 @@ impl Processor {
             dir: dir.to_owned(),
             child: None,
             ready: None,
+            extra: Vec::new(),
             starts: 0,
         }
+    }
+
+    /// Passes `args` to every incarnation after the standard flags.
+    pub fn with_args(mut self, args: &[&str]) -> Processor {
+        self.extra = args.iter().map(|a| (*a).to_owned()).collect();
+        self
     }
 
     /// Starts an incarnation (the previous one must be dead).
@@ -62,6 +71,7 @@ impl Processor {
             .arg("--state-dir")
             .arg(self.dir.join(format!("{}-state", self.name)))
             .args(["--metrics-listen", "off", "--instance-id", "k9"])
+            .args(&self.extra)
             .env("SPOOL_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
