@@ -201,12 +201,7 @@ async fn collect(client: Client, seen: Arc<Mutex<Seen>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processors_on_a_broker_with_real_postfix_and_http_equal_the_oracle() {
     let started = Instant::now();
-    let broker = spool_testkit::Broker::start();
-    let addr = broker.addr();
-    let client = Client::connect(addr.as_str()).await.unwrap();
-    publish::ensure_topics(&client, Some(PARTITIONS))
-        .await
-        .unwrap();
+    let (_broker, client, addr) = support::broker_with_topics(PARTITIONS).await;
     let dir = Scratch::new("e2e");
     let pf = Instance::start(&dir.path().join("pf"), free_port().unwrap(), "pfe2e")
         .expect("postfix (run .ci/install-test-tools)");

@@ -138,12 +138,7 @@ fn ids(e: &oracle::Expected) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn matching_replayed_from_a_time_writes_the_same_requests_into_prefixed_topics_only() {
     let started = Instant::now();
-    let broker = spool_testkit::Broker::start();
-    let addr = broker.addr();
-    let client = Client::connect(addr.as_str()).await.unwrap();
-    publish::ensure_topics(&client, Some(PARTITIONS))
-        .await
-        .unwrap();
+    let (_broker, client, addr) = support::broker_with_topics(PARTITIONS).await;
     let dir = Scratch::new("replay");
     let d = dir.path();
     // Every address deliverable: no flag may change who gets e-mail between the run and the

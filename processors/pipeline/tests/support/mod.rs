@@ -26,6 +26,19 @@ pub fn book_deal(product: &str) -> spool_pipeline::events::DealInfo {
     }
 }
 
+/// A real `spoold` with the pipeline's topics (`partitions` each), a client, and its address.
+pub async fn broker_with_topics(
+    partitions: u32,
+) -> (spool_testkit::Broker, spool_client::Client, String) {
+    let broker = spool_testkit::Broker::start();
+    let addr = broker.addr();
+    let client = spool_client::Client::connect(addr.as_str()).await.unwrap();
+    spool_pipeline::publish::ensure_topics(&client, Some(partitions))
+        .await
+        .unwrap();
+    (broker, client, addr)
+}
+
 /// Each processor's group and the input topics it consumes.
 pub const PROCESSOR_INPUTS: [(&str, &[&str]); 4] = [
     ("deals", &[topics::PRICES]),
