@@ -38,7 +38,9 @@
 //! one short rep with 20 000 records. Flags: `--reps`, `--records`, `--partitions`,
 //! `--lane-rate`, `--lane-secs`, `--lane-records`, `--throttle`, `--only eos,alo,...`, `--spoold PATH`,
 //! `--passthrough PATH`, `--apply-bytes N` (the runtime's `apply_bytes`; 0 applies state to
-//! the local store after every transaction, as before it was batched). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
+//! the local store after every transaction, as before it was batched), `--linger-ms N` (the
+//! runtime's `commit_linger`; 100 = the interval: commit on the interval only, the cadence
+//! before the linger). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
 //! commit metrics (sums and counts) after its phase, to see where the time went.
 
 use std::path::{Path, PathBuf};
@@ -184,8 +186,12 @@ fn processor_config(name: &str, inputs: &[&str], state_dir: &Path) -> RuntimeCon
     let mut c = RuntimeConfig::new(name, inputs.iter().copied());
     c.instance_id = "bench".into();
     c.state_dir = state_dir.join(name);
-    if let Some(b) = flag_value::<usize>(&std::env::args().collect::<Vec<_>>(), "--apply-bytes") {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(b) = flag_value::<usize>(&args, "--apply-bytes") {
         c.apply_bytes = b;
+    }
+    if let Some(ms) = flag_value::<u64>(&args, "--linger-ms") {
+        c.commit_linger = Duration::from_millis(ms);
     }
     c
 }

@@ -25,8 +25,12 @@
 //!   the same user is checked to send nothing). Target: ≤ 2 s.
 //!
 //! `SPOOL_BENCH_COMMIT_MS` sets every processor's `[commit] interval_ms` (default 100, the
-//! runtime's default); each hop of the pipeline waits for the previous processor's
-//! transaction to commit.
+//! runtime's default) and `SPOOL_BENCH_LINGER_MS` its `linger_ms` (unset: the runtime's
+//! default); each hop of the pipeline waits for the previous processor's transaction to
+//! commit. `SPOOL_BENCH_BIN_DIR` runs the processor binaries of that directory instead of this
+//! build's (an A/B against another build). The latency case also prints where the time went,
+//! hop by hop (from the time the bench's own read-committed readers receive each stage's
+//! record).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -37,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use spool_client::{Client, ConsumerConfig, OffsetSpec, StartAt, TopicPartition};
 use spool_pipeline::events::{
-    AddressStatus, AlertSettings, Channel, DealInfo, MailState, MailStatus, NotificationKind,
+    AddressStatus, AlertSettings, Channel, DealInfo, DealTransition, MailState, MailStatus, NotificationKind,
     NotificationRequest, OutgoingMail, PriceUpdate, TimelineEvent, TimelineOp,
 };
 use spool_pipeline::postfix::instance::{Instance, free_port};
@@ -74,13 +78,21 @@ impl Drop for Proc {
 fn processor(bin: &str, dir: &Path, name: &str, broker: &str, body: &str) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     // Top-level keys first (the body starts with them); TOML tables may come in any order.
+    let linger = std::env::var("SPOOL_BENCH_LINGER_MS")
+        .map(|v| format!("linger_ms = {v}\n"))
+        .unwrap_or_default();
     let text = format!(
-        "name = \"{name}\"\nbroker = \"{broker}\"\n{body}\n[commit]\ninterval_ms = {}\n",
+        "name = \"{name}\"\nbroker = \"{broker}\"\n{body}\n[commit]\ninterval_ms = {}\n{linger}",
         commit_ms()
     );
     std::fs::write(&cfg, text).unwrap();
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(bin)
+    // A/B: the same binary names from another build.
+    let bin = match std::env::var_os("SPOOL_BENCH_BIN_DIR") {
+        Some(d) => PathBuf::from(d).join(Path::new(bin).file_name().unwrap()),
+        None => PathBuf::from(bin),
+    };
+    let child = Command::new(&bin)
         .arg("--config")
         .arg(&cfg)
         .arg("--state-dir")
@@ -93,7 +105,7 @@ fn processor(bin: &str, dir: &Path, name: &str, broker: &str, body: &str) -> Pro
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap_or_else(|e| panic!("{bin}: {e}"));
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
     Proc(child)
 }
 
@@ -109,12 +121,13 @@ fn notifications(dir: &Path, broker: &str, smtp_port: u16, in_flight: u32) -> Pr
     )
 }
 
-/// Every record of `topic` as an event of type `T`, with its partition and offset, sent to
-/// `tx` as it arrives (read committed).
+/// Every record of `topic` as an event of type `T`, with its partition, offset and the wall
+/// time (ms) this reader received it, sent to `tx` as it arrives (read committed: the time
+/// its transaction became visible, plus the push to this reader).
 fn follow<T: serde::de::DeserializeOwned + Send + 'static>(
     client: &Client,
     topic: &'static str,
-) -> tokio::sync::mpsc::UnboundedReceiver<(u32, u64, T)> {
+) -> tokio::sync::mpsc::UnboundedReceiver<(u32, u64, T, i64)> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let client = client.clone();
     tokio::spawn(async move {
@@ -123,7 +136,7 @@ fn follow<T: serde::de::DeserializeOwned + Send + 'static>(
         // Ends with the broker (a run's broker is dropped after the run).
         while let Some(Ok(r)) = c.next().await {
             if let Ok(e) = ce::decode::<T>(&r.headers, r.key.as_ref(), r.value.as_ref())
-                && tx.send((r.partition, r.offset, e.data)).is_err()
+                && tx.send((r.partition, r.offset, e.data, now_ms())).is_err()
             {
                 return;
             }
@@ -184,12 +197,12 @@ async fn mails_per_sec(pf: &Instance, dir: &Path, in_flight: u32, n: usize, boxe
     let mut status = follow::<MailStatus>(&client, topics::MAIL_STATUS);
     let producer = publish::producer(&client);
     let queued =
-        async |status: &mut tokio::sync::mpsc::UnboundedReceiver<(u32, u64, MailStatus)>,
+        async |status: &mut tokio::sync::mpsc::UnboundedReceiver<(u32, u64, MailStatus, i64)>,
                prefix: &str,
                want: usize| {
             let mut got = BTreeSet::new();
             while got.len() < want {
-                let (_, _, s) = tokio::time::timeout(Duration::from_secs(120), status.recv())
+                let (_, _, s, _) = tokio::time::timeout(Duration::from_secs(120), status.recv())
                     .await
                     .expect("mail-status within 120 s")
                     .unwrap();
@@ -491,9 +504,25 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Where a mail's time went, per hop (ms): each from the time the bench's own read-committed
+/// reader received the previous stage's record (its transaction visible) to the next's.
+#[derive(Default)]
+struct Hops {
+    /// Price update written (its event time) → the deal transition visible (`deals`).
+    deals: Vec<i64>,
+    /// → the notification request visible (`matching`).
+    matching: Vec<i64>,
+    /// → the rendered `outgoing-mail` visible (`notifications`, render).
+    render: Vec<i64>,
+    /// → Postfix's `250` (`notifications`, send).
+    send: Vec<i64>,
+}
+
 /// Price drop → mail accepted by Postfix, at `rate` deals/s for `n` deals (products `p…`,
-/// warmed up, in the categories of `users` users): the latencies (ms), sorted.
-async fn latency(p: &Pipeline, users: usize, rate: u64, n: usize) -> Vec<i64> {
+/// warmed up, in the categories of `users` users): the latencies (ms), sorted, and the hops.
+async fn latency(p: &Pipeline, users: usize, rate: u64, n: usize) -> (Vec<i64>, Hops) {
+    let mut transitions = follow::<DealTransition>(&p.client, topics::DEAL_TRANSITIONS);
+    let mut requests = follow::<NotificationRequest>(&p.client, topics::NOTIFICATION_REQUESTS);
     let mut mails = follow::<OutgoingMail>(&p.client, topics::OUTGOING_MAIL);
     let mut status = follow::<MailStatus>(&p.client, topics::MAIL_STATUS);
     let producer = publish::producer(&p.client);
@@ -514,18 +543,42 @@ async fn latency(p: &Pipeline, users: usize, rate: u64, n: usize) -> Vec<i64> {
         }
         producer.flush().await;
     });
-    let mut cause: BTreeMap<String, i64> = BTreeMap::new();
+    // transition id → seen; request id → (transition, seen); mail id → (request, cause, seen).
+    let mut seen_tr: BTreeMap<String, i64> = BTreeMap::new();
+    let mut seen_req: BTreeMap<String, (String, i64)> = BTreeMap::new();
+    let mut seen_mail: BTreeMap<String, (String, i64, i64)> = BTreeMap::new();
     let mut accepted: BTreeMap<String, i64> = BTreeMap::new();
+    let complete = |tr: &BTreeMap<String, i64>,
+                    req: &BTreeMap<String, (String, i64)>,
+                    mail: &BTreeMap<String, (String, i64, i64)>,
+                    accepted: &BTreeMap<String, i64>| {
+        accepted.len() >= n
+            && accepted.keys().all(|id| {
+                mail.get(id).is_some_and(|(r, _, _)| {
+                    req.get(r).is_some_and(|(t, _)| tr.contains_key(t))
+                })
+            })
+    };
     let deadline = Instant::now() + Duration::from_secs(n as u64 / rate + 120);
-    while accepted.len() < n {
+    while !complete(&seen_tr, &seen_req, &seen_mail, &accepted) {
         assert!(
             Instant::now() < deadline,
             "only {} of {n} mails accepted",
             accepted.len()
         );
         tokio::select! {
-            Some((_, _, m)) = mails.recv() => { cause.insert(m.mail_id, m.at_ms); }
-            Some((_, _, s)) = status.recv() => {
+            Some((_, _, t, seen)) = transitions.recv() => {
+                seen_tr.entry(t.id).or_insert(seen);
+            }
+            Some((_, _, r, seen)) = requests.recv() => {
+                if let Some(d) = r.deal {
+                    seen_req.entry(r.id).or_insert((d.transition, seen));
+                }
+            }
+            Some((_, _, m, seen)) = mails.recv() => {
+                seen_mail.entry(m.mail_id).or_insert((m.notification, m.at_ms, seen));
+            }
+            Some((_, _, s, _)) = status.recv() => {
                 if s.status == MailState::Queued && s.to.starts_with('b') {
                     accepted.insert(s.mail_id, s.at_ms);
                 }
@@ -533,13 +586,28 @@ async fn latency(p: &Pipeline, users: usize, rate: u64, n: usize) -> Vec<i64> {
         }
     }
     feed.await.unwrap();
-    while cause.len() < accepted.len() {
-        let (_, _, m) = mails.recv().await.unwrap();
-        cause.insert(m.mail_id, m.at_ms);
+    let mut lat = Vec::new();
+    let mut hops = Hops::default();
+    for (id, at) in &accepted {
+        let (req, cause, mail_seen) = &seen_mail[id];
+        let (tr, req_seen) = &seen_req[req];
+        let tr_seen = seen_tr[tr];
+        lat.push(at - cause);
+        hops.deals.push(tr_seen - cause);
+        hops.matching.push(req_seen - tr_seen);
+        hops.render.push(mail_seen - req_seen);
+        hops.send.push(at - mail_seen);
     }
-    let mut lat: Vec<i64> = accepted.iter().map(|(id, at)| at - cause[id]).collect();
     lat.sort_unstable();
-    lat
+    for v in [
+        &mut hops.deals,
+        &mut hops.matching,
+        &mut hops.render,
+        &mut hops.send,
+    ] {
+        v.sort_unstable();
+    }
+    (lat, hops)
 }
 
 /// Reads what was appended to a file since the last call.
@@ -595,7 +663,7 @@ async fn bounces(p: &Pipeline, pf: &Instance, ghosts: usize) -> Vec<i64> {
     let mut rx = follow::<AddressStatus>(&p.client, topics::ADDRESS_STATUS);
     let f = flags.clone();
     tokio::spawn(async move {
-        while let Some((part, off, a)) = rx.recv().await {
+        while let Some((part, off, a, _)) = rx.recv().await {
             if a.unreachable {
                 f.lock()
                     .unwrap()
@@ -667,7 +735,7 @@ async fn bounces(p: &Pipeline, pf: &Instance, ghosts: usize) -> Vec<i64> {
     producer.flush().await;
     let mut reached = BTreeSet::new();
     while reached.len() < ghosts {
-        let (_, _, t) = tokio::time::timeout(Duration::from_secs(60), timeline.recv())
+        let (_, _, t, _) = tokio::time::timeout(Duration::from_secs(60), timeline.recv())
             .await
             .expect("the second deals reach the ghosts' timelines within 60 s")
             .unwrap();
@@ -676,7 +744,7 @@ async fn bounces(p: &Pipeline, pf: &Instance, ghosts: usize) -> Vec<i64> {
         }
     }
     let mut mailed = BTreeMap::<String, BTreeSet<String>>::new();
-    while let Ok(Some((_, _, n))) =
+    while let Ok(Some((_, _, n, _))) =
         tokio::time::timeout(Duration::from_secs(2), requests.recv()).await
     {
         if n.channel == Channel::Email && n.address.starts_with("ghost-") {
@@ -765,7 +833,7 @@ async fn main() {
         std::fs::create_dir_all(&pdir).unwrap();
         let p = pipeline(&pf, &pdir, boxes, n, ghosts).await;
         if want("latency") {
-            let lat = latency(&p, boxes, rate, n).await;
+            let (lat, hops) = latency(&p, boxes, rate, n).await;
             let p99 = percentile(&lat, 0.99);
             println!(
                 "{} (target p99 <= 100 ms: {})",
@@ -775,6 +843,14 @@ async fn main() {
                 ),
                 if p99 <= 100 { "met" } else { "NOT met" }
             );
+            for (name, v) in [
+                ("price written -> deal transition visible (deals)", &hops.deals),
+                ("-> notification request visible (matching)", &hops.matching),
+                ("-> outgoing-mail visible (notifications: render)", &hops.render),
+                ("-> Postfix 250 (notifications: send)", &hops.send),
+            ] {
+                println!("  hop {}", summary(name, v));
+            }
         }
         if want("bounces") {
             let b = bounces(&p, &pf, ghosts).await;

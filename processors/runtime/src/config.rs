@@ -157,8 +157,15 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CommitConfig {
-    /// At least this often while there is work (ms).
+    /// At least this often while there is work (ms): the bound on a transaction's age under
+    /// load.
     pub interval_ms: u64,
+    /// Commit as soon as no input has arrived for this long (ms; default 2), like a
+    /// producer's `linger.ms`: a trickle of inputs is committed (and visible downstream)
+    /// within about linger + one commit instead of waiting for the interval, while a
+    /// continuous flow still commits once per interval. 0 = as soon as the input is drained;
+    /// `>= interval_ms` = only on the interval.
+    pub linger_ms: u64,
     /// After this many inputs (default 100 000: a bound for very fast inputs; at the default
     /// the interval decides, as in Kafka Streams).
     pub max_records: usize,
@@ -218,6 +225,7 @@ impl Default for CommitConfig {
     fn default() -> Self {
         CommitConfig {
             interval_ms: 100,
+            linger_ms: 2,
             max_records: 100_000,
             max_txn_bytes: 32 << 20,
         }
@@ -420,6 +428,7 @@ impl ProcessorConfig {
         r.instance_id = self.effective_instance_id();
         r.state_dir = self.effective_state_dir();
         r.commit_interval = Duration::from_millis(self.commit.interval_ms);
+        r.commit_linger = Duration::from_millis(self.commit.linger_ms);
         r.commit_max_records = self.commit.max_records;
         r.max_txn_bytes = self.commit.max_txn_bytes;
         r.cache_bytes = self.state.cache_bytes;

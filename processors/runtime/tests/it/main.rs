@@ -1,6 +1,7 @@
 //! The runtime against the real `spoold` (testkit) and the real processor binary
 //! (`spool-passthrough`), on 127.0.0.1 with ephemeral ports.
 
+mod cadence;
 mod eos_kill;
 mod flow;
 mod redrive;
