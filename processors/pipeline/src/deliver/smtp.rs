@@ -1,5 +1,14 @@
-//! E-mail over SMTP to the local MTA (Postfix), with lettre's async transport and its
-//! connection pool.
+//! E-mail over SMTP to the local MTA (Postfix), with lettre's async SMTP connection and a
+//! small pool of our own.
+//!
+//! Why not lettre's transport and pool: they do not set `TCP_NODELAY`, and lettre ends DATA
+//! with a separate small write (`\r\n.\r\n`) after the body. Nagle's algorithm holds that
+//! write until the MTA acknowledges the body, and the MTA, which has nothing to answer before
+//! the final dot, delays that ACK (~40 ms on Linux): every mail waited ~40 ms for nothing
+//! (measured: one send at a time reached only ~20 mails/s against a local Postfix). Our pool
+//! connects with `TCP_NODELAY`, keeps at most `pool_max` idle connections, and checks one
+//! with `NOOP` only when it has been idle a while (lettre checked every reuse: one more round
+//! trip per mail).
 //!
 //! The Message-ID is `<MAILID@DOMAIN>` ([`crate::ids::message_id`]): Postfix logs it
 //! (`cleanup: QID: message-id=<...>`), which is how the bounces processor maps queue ids back
@@ -10,12 +19,14 @@
 //! LAN, as in seed 000); `tls = "starttls"` requires STARTTLS with rustls (ring) and the
 //! webpki roots.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use lettre::Message;
 use lettre::message::{Mailbox, MultiPart, header};
-use lettre::transport::smtp::PoolConfig;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::Outcome;
@@ -37,7 +48,7 @@ pub struct SmtpConfig {
     pub message_id_domain: String,
     /// Pooled connections at most.
     pub pool_max: u32,
-    /// Per-command timeout, ms.
+    /// Timeout of one attempt (connecting, or handing one mail over), ms.
     pub timeout_ms: u64,
     /// `none` or `starttls`.
     pub tls: String,
@@ -88,10 +99,10 @@ pub enum SmtpConfigError {
     Tls(String),
 }
 
-/// Sends [`OutgoingMail`] over a pooled async SMTP transport.
+/// Sends [`OutgoingMail`] over pooled SMTP connections.
 #[derive(Clone)]
 pub struct SmtpSender {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    pool: Arc<Pool>,
     from: Mailbox,
     domain: String,
 }
@@ -106,18 +117,17 @@ impl std::fmt::Debug for SmtpSender {
 }
 
 impl SmtpSender {
-    /// A sender for `cfg` (connects lazily). Call it inside a Tokio runtime (the pool runs a
-    /// cleanup task), and drop it there too.
+    /// A sender for `cfg` (connects lazily, inside a Tokio runtime).
     pub fn new(cfg: &SmtpConfig) -> Result<SmtpSender, SmtpConfigError> {
         let from: Mailbox = cfg
             .from
             .parse()
             .map_err(|e| SmtpConfigError::From(cfg.from.clone(), e))?;
-        let tls = match cfg.tls.as_str() {
-            "none" => Tls::None,
+        let starttls = match cfg.tls.as_str() {
+            "none" => None,
             "starttls" => {
                 crate::install_crypto_provider();
-                Tls::Required(
+                Some(
                     TlsParameters::new(cfg.host.clone())
                         .map_err(|e| SmtpConfigError::Tls(e.to_string()))?,
                 )
@@ -128,14 +138,17 @@ impl SmtpSender {
                 )));
             }
         };
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.host.as_str())
-            .port(cfg.port)
-            .tls(tls)
-            .timeout(Some(Duration::from_millis(cfg.timeout_ms)))
-            .pool_config(PoolConfig::new().max_size(cfg.pool_max.max(1)))
-            .build();
+        let pool = Arc::new(Pool {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            starttls,
+            hello: ClientId::default(),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            max_idle: cfg.pool_max.max(1) as usize,
+            idle: Mutex::new(Vec::new()),
+        });
         Ok(SmtpSender {
-            transport,
+            pool,
             from,
             domain: cfg.message_id_domain.clone(),
         })
@@ -172,7 +185,7 @@ impl SmtpSender {
             Ok(m) => m,
             Err(e) => return Outcome::Dead(e),
         };
-        match self.transport.send(msg).await {
+        match self.pool.send(&msg).await {
             Ok(resp) => {
                 let lines: Vec<&str> = resp.message().collect();
                 Outcome::Delivered {
@@ -180,10 +193,89 @@ impl SmtpSender {
                     detail: format!("{} {}", resp.code(), lines.join(" ")),
                 }
             }
-            Err(e) if e.is_permanent() => Outcome::Dead(format!("smtp: {e}")),
+            Err(SendError::Smtp(e)) if e.is_permanent() => Outcome::Dead(format!("smtp: {e}")),
             // 4xx, connection refused/reset, timeouts, TLS hiccups: all worth another try.
             Err(e) => Outcome::Retry(format!("smtp: {e}")),
         }
+    }
+}
+
+/// A connection idle longer than this is checked with `NOOP` before it carries a mail (the
+/// MTA may have closed it: Postfix's `smtpd_timeout` is 300 s).
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(5);
+/// A connection idle longer than this is closed rather than reused.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+/// Why one attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("{0}")]
+    Smtp(lettre::transport::smtp::Error),
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Connections to the MTA: idle ones (at most `max_idle`, the most recently used last), taken
+/// by one send at a time; a connection that saw an error is dropped.
+struct Pool {
+    host: String,
+    port: u16,
+    starttls: Option<TlsParameters>,
+    hello: ClientId,
+    timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+}
+
+impl Pool {
+    /// One attempt to hand `msg` over, within the timeout.
+    async fn send(&self, msg: &Message) -> Result<Response, SendError> {
+        let attempt = async {
+            let mut c = self.get().await?;
+            let r = c.send(msg.envelope(), &msg.formatted()).await;
+            // lettre aborts (QUITs) a connection on any error; only a clean one goes back.
+            if r.is_ok() && !c.has_broken() {
+                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                if idle.len() < self.max_idle {
+                    idle.push((c, Instant::now()));
+                }
+            }
+            r.map_err(SendError::Smtp)
+        };
+        tokio::time::timeout(self.timeout, attempt)
+            .await
+            .unwrap_or(Err(SendError::Timeout(self.timeout)))
+    }
+
+    /// An idle connection that still works, or a new one.
+    async fn get(&self) -> Result<AsyncSmtpConnection, SendError> {
+        loop {
+            let next = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let Some((mut c, since)) = next else { break };
+            let idle = since.elapsed();
+            if idle < CHECK_AFTER_IDLE || (idle < MAX_IDLE && c.test_connected().await) {
+                return Ok(c);
+            }
+        }
+        let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(SendError::Connect)?;
+        stream.set_nodelay(true).map_err(SendError::Connect)?;
+        let mut c = AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
+            .await
+            .map_err(SendError::Smtp)?;
+        if let Some(tls) = &self.starttls {
+            c.starttls(tls.clone(), &self.hello)
+                .await
+                .map_err(SendError::Smtp)?;
+        }
+        Ok(c)
     }
 }
 
