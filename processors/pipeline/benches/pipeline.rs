@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use spool_client::{Client, ConsumerConfig, OffsetSpec, StartAt, TopicPartition};
 use spool_pipeline::events::{
-    AddressStatus, AlertSettings, Channel, DealInfo, DealTransition, MailState, MailStatus, NotificationKind,
-    NotificationRequest, OutgoingMail, PriceUpdate, TimelineEvent, TimelineOp,
+    AddressStatus, AlertSettings, Channel, DealInfo, DealTransition, MailState, MailStatus,
+    NotificationKind, NotificationRequest, OutgoingMail, PriceUpdate, TimelineEvent, TimelineOp,
 };
 use spool_pipeline::postfix::instance::{Instance, free_port};
 use spool_pipeline::processors::envelope;
@@ -554,9 +554,8 @@ async fn latency(p: &Pipeline, users: usize, rate: u64, n: usize) -> (Vec<i64>, 
                     accepted: &BTreeMap<String, i64>| {
         accepted.len() >= n
             && accepted.keys().all(|id| {
-                mail.get(id).is_some_and(|(r, _, _)| {
-                    req.get(r).is_some_and(|(t, _)| tr.contains_key(t))
-                })
+                mail.get(id)
+                    .is_some_and(|(r, _, _)| req.get(r).is_some_and(|(t, _)| tr.contains_key(t)))
             })
     };
     let deadline = Instant::now() + Duration::from_secs(n as u64 / rate + 120);
@@ -844,9 +843,15 @@ async fn main() {
                 if p99 <= 100 { "met" } else { "NOT met" }
             );
             for (name, v) in [
-                ("price written -> deal transition visible (deals)", &hops.deals),
+                (
+                    "price written -> deal transition visible (deals)",
+                    &hops.deals,
+                ),
                 ("-> notification request visible (matching)", &hops.matching),
-                ("-> outgoing-mail visible (notifications: render)", &hops.render),
+                (
+                    "-> outgoing-mail visible (notifications: render)",
+                    &hops.render,
+                ),
                 ("-> Postfix 250 (notifications: send)", &hops.send),
             ] {
                 println!("  hop {}", summary(name, v));

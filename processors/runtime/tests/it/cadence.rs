@@ -37,7 +37,12 @@ async fn a_trickle_commits_when_the_input_goes_idle_not_on_the_interval() {
     create(&c, "out-interval", 1).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let args = ["--instance-id", "p0", "--state-dir", state.to_str().unwrap()];
+    let args = [
+        "--instance-id",
+        "p0",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
 
     // Default linger: each record is readable downstream well before the interval.
     let cfg = config(dir.path(), "lingering", "out", "");
@@ -71,7 +76,9 @@ async fn a_trickle_commits_when_the_input_goes_idle_not_on_the_interval() {
         .await
         .unwrap();
     assert!(
-        tokio::time::timeout(CONTROL_WAIT, out.next()).await.is_err(),
+        tokio::time::timeout(CONTROL_WAIT, out.next())
+            .await
+            .is_err(),
         "with linger = interval nothing may be committed before the interval"
     );
 }

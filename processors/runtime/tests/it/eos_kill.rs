@@ -203,12 +203,13 @@ async fn broker_restart_fencing_the_open_transaction_does_not_end_the_processor(
     create(&c, "in", PARTITIONS).await;
     create(&c, "out", PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
-    // Long transactions, so the broker is killed while one is open with outputs written.
+    // Long transactions (the linger off too: the inputs stop before the kill), so the broker
+    // is killed while one is open with outputs written.
     let cfg = write_config(
         dir.path(),
         "passthrough",
         "name = \"passthrough\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n\
-         [commit]\ninterval_ms = 3000\nmax_records = 100000\n\
+         [commit]\ninterval_ms = 3000\nlinger_ms = 3000\nmax_records = 100000\n\
          [group]\nsession_timeout_ms = 3000\ntransaction_timeout_ms = 30000\n\
          [app]\noutput = \"out\"\n",
     );
