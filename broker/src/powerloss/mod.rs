@@ -466,6 +466,25 @@ fn unsynced_consumer_offsets_fail_both_its_checks() {
     }
 }
 
+/// A fresh broker on a simulated disk with topic `d` of `partitions` partitions.
+fn open_with_topic_d(partitions: u32) -> (SimFs, Arc<ManualClock>, Broker) {
+    let sim = SimFs::new();
+    let clock = Arc::new(ManualClock(AtomicI64::new(1_700_000_000_000)));
+    let broker = open(&sim, &clock, 0).expect("open");
+    broker
+        .state
+        .log
+        .create_topic(
+            "d",
+            spool_log_engine::TopicConfig {
+                partitions,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    (sim, clock, broker)
+}
+
 /// A transaction whose commit was recorded but could not be carried out (a marker's write
 /// failed) is completed at the next start; its offsets must not undo a commit of the same
 /// offsets acknowledged after it (by another transaction here).
@@ -473,19 +492,8 @@ fn unsynced_consumer_offsets_fail_both_its_checks() {
 fn a_decision_completed_at_restart_does_not_undo_newer_commits() {
     use spool_log_engine::{BatchBuilder, Compression};
 
-    let sim = SimFs::new();
-    let clock = Arc::new(ManualClock(AtomicI64::new(1_700_000_000_000)));
-    let broker = open(&sim, &clock, 0).expect("open");
+    let (sim, clock, broker) = open_with_topic_d(2);
     let s = broker.state.clone();
-    s.log
-        .create_topic(
-            "d",
-            spool_log_engine::TopicConfig {
-                partitions: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
     let rt = runtime();
     let offsets = |id: &str, pid: i64, epoch: i16, offset: u64| v1::AddOffsetsToTxnRequest {
         transactional_id: id.into(),
@@ -559,19 +567,8 @@ fn an_end_txn_whose_caller_goes_away_is_still_carried_out() {
     use spool_log_engine::{BatchBuilder, Compression};
     use std::time::Duration;
 
-    let sim = SimFs::new();
-    let clock = Arc::new(ManualClock(AtomicI64::new(1_700_000_000_000)));
-    let broker = open(&sim, &clock, 0).expect("open");
+    let (sim, clock, broker) = open_with_topic_d(1);
     let s = broker.state.clone();
-    s.log
-        .create_topic(
-            "d",
-            spool_log_engine::TopicConfig {
-                partitions: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap();
     let rt = runtime();
     let (a, ae) = rt.block_on(s.txns.init("a", 60_000, None)).unwrap();
     s.txns.add_partitions(a, ae, vec![("d".into(), 0)]).unwrap();
