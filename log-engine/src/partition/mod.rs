@@ -789,6 +789,11 @@ impl Partition {
     /// The earliest offset whose batch has a timestamp at or after `ts`, or `None` when every
     /// readable record is older. The batch found is decoded to return the first record with
     /// such a timestamp (a batch that cannot be decoded, e.g. gzip, gives its first offset).
+    ///
+    /// Only data batches count: a transaction marker carries the wall-clock time it was
+    /// written, not an event time, so counting it would land a lookup for an event time on
+    /// the first marker written after it on the wall clock (a replay from event time T would
+    /// start right after the first transaction ended, wherever its records were).
     pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
         let hwm = self.watch.get();
         let log_start = self.log_start_offset();
@@ -814,7 +819,7 @@ impl Partition {
                 if h.total_len() > rest.len() || h.base_offset >= hwm {
                     break;
                 }
-                if h.max_timestamp >= ts && h.next_offset() > log_start {
+                if !h.is_control() && h.max_timestamp >= ts && h.next_offset() > log_start {
                     let b = Batch::from_parts(
                         h,
                         data.slice(pos as usize..pos as usize + h.total_len()),

@@ -215,3 +215,41 @@ fn markers_are_durable_under_fsync_always() {
     let p = log.partition("t", 0).unwrap();
     assert_eq!(values(&p, Isolation::ReadCommitted), strs(&["a"]));
 }
+
+/// A marker carries the wall-clock time it was written (here: now, far after the records'
+/// event times): a timestamp lookup finds the data record, never the marker.
+#[test]
+fn a_timestamp_lookup_skips_transaction_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_topic(dir.path(), TopicConfig::default());
+    let p = log.partition("t", 0).unwrap();
+    let at = |epoch: i16, ts: i64| {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.producer(1, epoch, 0).transactional(true);
+        b.push(ts, Some(b"k"), Some(b"v"), &[]);
+        b.finish().unwrap()
+    };
+    // Each end bumps the epoch; the next transaction uses it.
+    p.append(&at(0, 1000)).unwrap(); // 0
+    p.write_marker(1, 1, Marker::Commit, 0).unwrap().unwrap(); // 1, wall-clock time
+    p.append(&at(1, 1001)).unwrap(); // 2
+    p.write_marker(1, 2, Marker::Commit, 0).unwrap().unwrap(); // 3
+    p.append(&at(2, 2000)).unwrap(); // 4
+    p.write_marker(1, 3, Marker::Commit, 0).unwrap().unwrap(); // 5
+    assert_eq!(p.offset_for_timestamp(1000).unwrap(), Some(0));
+    assert_eq!(
+        p.offset_for_timestamp(1001).unwrap(),
+        Some(2),
+        "landed on a marker"
+    );
+    assert_eq!(
+        p.offset_for_timestamp(1500).unwrap(),
+        Some(4),
+        "landed on a marker"
+    );
+    assert_eq!(
+        p.offset_for_timestamp(2001).unwrap(),
+        None,
+        "only markers are newer"
+    );
+}
