@@ -10,7 +10,7 @@ use std::time::Duration;
 use spool_client::{ConsumerConfig, ProducerConfig, StartAt};
 use spool_testkit::Broker;
 
-use crate::{Proc, create, passthrough_bin, produce_inputs, write_config};
+use crate::{Proc, create, produce_inputs, write_config};
 
 /// Far above a commit on a loaded CI machine, far below the 60 s interval.
 const VISIBLE_WITHIN: Duration = Duration::from_secs(10);
@@ -37,16 +37,10 @@ async fn a_trickle_commits_when_the_input_goes_idle_not_on_the_interval() {
     create(&c, "out-interval", 1).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let args = [
-        "--instance-id",
-        "p0",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ];
 
     // Default linger: each record is readable downstream well before the interval.
     let cfg = config(dir.path(), "lingering", "out", "");
-    let mut p = Proc::start(&passthrough_bin(), &cfg, &broker.addr(), &args);
+    let mut p = Proc::passthrough(&cfg, &broker.addr(), "p0", &state);
     assert!(p.wait_ready(Duration::from_secs(30)), "never ready");
     let mut out = c.consumer(ConsumerConfig::default());
     out.subscribe_topic("out", StartAt::Earliest).await.unwrap();
@@ -69,7 +63,7 @@ async fn a_trickle_commits_when_the_input_goes_idle_not_on_the_interval() {
     // Control: linger = interval (commit on the interval only). The same five inputs, read
     // by another group, stay invisible downstream while the transaction waits.
     let cfg = config(dir.path(), "interval", "out-interval", "linger_ms = 60000");
-    let _p = Proc::start(&passthrough_bin(), &cfg, &broker.addr(), &args);
+    let _p = Proc::passthrough(&cfg, &broker.addr(), "p0", &state);
     assert!(_p.wait_ready(Duration::from_secs(30)), "never ready");
     let mut out = c.consumer(ConsumerConfig::default());
     out.subscribe_topic("out-interval", StartAt::Earliest)
