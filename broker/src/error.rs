@@ -51,7 +51,8 @@ pub enum BrokerError {
         /// The topics the request was limited to (empty: all).
         topics: Vec<String>,
     },
-    /// The member id is not a member of the group (left, expired, replaced).
+    /// The member id is not a member of the group (left, expired; for a commit or a
+    /// LeaveGroup also replaced).
     #[error("member {member:?} is not a member of group {group:?}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
     FencedMember {
         /// Group name.
@@ -60,6 +61,17 @@ pub enum BrokerError {
         member: String,
         /// Why, when known.
         reason: String,
+    },
+    /// A newer member joined with this member's instance id (or named its member id) and
+    /// took its partitions: the member's stream ends with this, and it must not rejoin.
+    #[error(
+        "member {member:?} of group {group:?} was replaced: a newer member joined with the same instance or member id"
+    )]
+    MemberReplaced {
+        /// Group name.
+        group: String,
+        /// Member id.
+        member: String,
     },
     /// The member does not own the partition in the generation it named.
     #[error("member {member:?} of group {group:?} may not commit {topic}/{partition}: {reason}")]
@@ -180,6 +192,7 @@ pub(crate) fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::InvalidTxnState
         | ErrorCode::TransactionTimedOut
         | ErrorCode::FencedMember
+        | ErrorCode::MemberReplaced
         | ErrorCode::IllegalGeneration
         | ErrorCode::GroupNotEmpty => Code::FailedPrecondition,
         ErrorCode::Unspecified | ErrorCode::Internal => Code::Internal,
@@ -195,6 +208,7 @@ fn error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::NotAuthorized(_) => ErrorCode::NotAuthorized,
         BrokerError::UnknownGroup { .. } => ErrorCode::UnknownGroup,
         BrokerError::FencedMember { .. } => ErrorCode::FencedMember,
+        BrokerError::MemberReplaced { .. } => ErrorCode::MemberReplaced,
         BrokerError::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
         BrokerError::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
         BrokerError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
@@ -303,6 +317,10 @@ fn bounded(e: BrokerError) -> BrokerError {
             group: echo_owned(group),
             member: echo_owned(member),
             reason: text_owned(reason),
+        },
+        B::MemberReplaced { group, member } => B::MemberReplaced {
+            group: echo_owned(group),
+            member: echo_owned(member),
         },
         B::IllegalGeneration {
             group,
@@ -456,7 +474,8 @@ impl From<BrokerError> for Status {
             | BrokerError::TransactionTimedOut { txn_id, .. } => {
                 meta.insert("transactional_id".to_owned(), txn_id.clone());
             }
-            BrokerError::FencedMember { group, member, .. } => {
+            BrokerError::FencedMember { group, member, .. }
+            | BrokerError::MemberReplaced { group, member } => {
                 meta.insert("group".to_owned(), group.clone());
                 meta.insert("member_id".to_owned(), member.clone());
             }

@@ -237,10 +237,21 @@ pub enum Error {
         partition: u32,
     },
     /// The member id is not (or no longer) a member of the group: it left, its session or
-    /// rebalance timeout expired, or a newer member joined with its instance id. Its commits
-    /// are refused; a [`crate::GroupConsumer`] rejoins by itself.
+    /// rebalance timeout expired (or, for a commit, it was replaced). Its commits are
+    /// refused; a [`crate::GroupConsumer`] rejoins by itself.
     #[error("fenced member of group {group:?}: {message}")]
     FencedMember {
+        /// Group name (empty if the broker did not say).
+        group: String,
+        /// Broker's message.
+        message: String,
+    },
+    /// A newer member joined with this member's instance id (another process took its place
+    /// and its partitions). A [`crate::GroupConsumer`] does not rejoin (it would fence the
+    /// newer one, which would do the same): its membership ends with this error, as Kafka's
+    /// consumer does on `FENCED_INSTANCE_ID`.
+    #[error("member of group {group:?} replaced by a newer one with the same id: {message}")]
+    MemberReplaced {
         /// Group name (empty if the broker did not say).
         group: String,
         /// Broker's message.
@@ -361,6 +372,7 @@ impl Error {
             Error::ShuttingDown { .. } => ErrorCode::ShuttingDown,
             Error::ProducerFenced { .. } => ErrorCode::ProducerFenced,
             Error::FencedMember { .. } => ErrorCode::FencedMember,
+            Error::MemberReplaced { .. } => ErrorCode::MemberReplaced,
             Error::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
             Error::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
             Error::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
@@ -606,6 +618,10 @@ fn from_code(
         ErrorCode::TopicExists => Error::TopicExists { topic: topic_s() },
         ErrorCode::ShuttingDown => Error::ShuttingDown { message },
         ErrorCode::FencedMember => Error::FencedMember {
+            group: group.unwrap_or_default().to_owned(),
+            message,
+        },
+        ErrorCode::MemberReplaced => Error::MemberReplaced {
             group: group.unwrap_or_default().to_owned(),
             message,
         },
@@ -885,6 +901,17 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(e.code(), Some(ErrorCode::FencedMember));
+        assert!(!e.is_retriable());
+        let e = Error::from_status(&status(
+            Code::FailedPrecondition,
+            ErrorCode::MemberReplaced,
+            &[("group", "g"), ("member_id", "m-1")],
+        ));
+        assert!(
+            matches!(&e, Error::MemberReplaced { group, .. } if group == "g"),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), Some(ErrorCode::MemberReplaced));
         assert!(!e.is_retriable());
         let e = Error::from_status(&status(
             Code::FailedPrecondition,

@@ -30,6 +30,12 @@
 //! honours after a broker restart) and instance id (static membership: it gets its
 //! partitions back if it returns within its session timeout).
 //!
+//! A member *replaced* by a newer one with its instance id (another process started with
+//! the same `instance_id`) does not rejoin: that would take the partitions back and fence the
+//! newer member, which would do the same in turn. Its membership ends for good with
+//! [`Error::MemberReplaced`] (returned once by [`GroupConsumer::next`] or
+//! [`GroupConsumer::poll_membership`]), like Kafka's consumer on `FENCED_INSTANCE_ID`.
+//!
 //! # Closing
 //!
 //! [`GroupConsumer::close`] commits, then leaves the group — except a static member, which
@@ -311,7 +317,7 @@ enum Event {
         partitions: BTreeSet<TopicPartition>,
     },
     /// The membership is gone (stream broken, fenced, lease expired): drop the assignment.
-    /// `fatal`: the task stopped (a join was refused for good).
+    /// `fatal`: the task stopped (a join was refused for good, or the member was replaced).
     Lost { error: Error, fatal: bool },
 }
 
@@ -766,7 +772,10 @@ impl GroupConsumer {
     /// still count us as owner).
     async fn lost(&mut self, why: &Error) {
         if self.config.commit_on_revoke
-            && !matches!(why, Error::FencedMember { .. })
+            && !matches!(
+                why,
+                Error::FencedMember { .. } | Error::MemberReplaced { .. }
+            )
             && !self.assignment.is_empty()
         {
             let _ = self.commit().await;
@@ -894,12 +903,14 @@ async fn drive(
             Ok(()) => return, // left, or the consumer is gone
             Err(e) => e,
         };
+        // A replaced member stops: another process has its instance id (module docs).
         let fatal = matches!(
             error,
             Error::UnknownTopic { .. }
                 | Error::NotAuthorized { .. }
                 | Error::Unauthenticated { .. }
                 | Error::InvalidRequest { .. }
+                | Error::MemberReplaced { .. }
         );
         if matches!(error, Error::FencedMember { .. }) {
             member_id = None;

@@ -699,22 +699,25 @@ impl Task {
                     let Some(tx) = self.streams.remove(&member) else {
                         continue;
                     };
-                    let reason = match why {
+                    let group = self.name.clone();
+                    // Expired members rejoin; a replaced one must not (another process took
+                    // its place), so it is told apart by its code.
+                    let e = match why {
                         Removal::Left => continue, // dropping the sender ends the stream (OK)
-                        Removal::SessionExpired => "session expired",
-                        Removal::RebalanceTimeout => {
-                            "revocation not acknowledged within the rebalance timeout"
-                        }
-                        Removal::Replaced => {
-                            "a newer member joined with the same instance or member id"
-                        }
+                        Removal::SessionExpired => BrokerError::FencedMember {
+                            group,
+                            member,
+                            reason: "session expired".into(),
+                        },
+                        Removal::RebalanceTimeout => BrokerError::FencedMember {
+                            group,
+                            member,
+                            reason: "revocation not acknowledged within the rebalance timeout"
+                                .into(),
+                        },
+                        Removal::Replaced => BrokerError::MemberReplaced { group, member },
                     };
-                    tracing::info!(group = self.name, member, reason, "member removed");
-                    let e = BrokerError::FencedMember {
-                        group: self.name.clone(),
-                        member,
-                        reason: reason.to_owned(),
-                    };
+                    tracing::info!(error = %e, "member removed");
                     let _ = tx.try_send(Err(e.into()));
                 }
             }

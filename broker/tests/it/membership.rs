@@ -480,12 +480,14 @@ async fn static_member_returns_without_a_rebalance_and_state_survives_kill_9() {
         .await
         .unwrap_err();
     assert_eq!(reason(&e), "ERROR_CODE_FENCED_MEMBER");
-    // A second process with the same instance id replaces (fences) the running one.
+    // A second process with the same instance id replaces (fences) the running one, which
+    // is told so by its own code (it must stop, not rejoin as an expired member would).
     let s3 = Member::join(&b, join_req("g", &["t"], Some("host-1"), 2_000))
         .await
         .unwrap();
     let e = s2.end(Duration::from_secs(5)).await.unwrap_err();
-    assert_eq!(reason(&e), "ERROR_CODE_FENCED_MEMBER");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&e), "ERROR_CODE_MEMBER_REPLACED", "{e:?}");
     assert_eq!(s3.partitions, s_parts);
     s3.ack().await;
     tokio::time::sleep(Duration::from_millis(100)).await;

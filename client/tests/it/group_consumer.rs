@@ -163,6 +163,48 @@ async fn members_share_partitions_and_hand_over_with_commits() {
     );
 }
 
+/// A second process with the same instance id replaces the running one: the older member is
+/// told `MemberReplaced` once, owns nothing after it and does not rejoin (rejoining would
+/// fence the newer one, which would rejoin and fence it back: a ping-pong that used to last
+/// until the older one's next commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_static_member_stops_instead_of_rejoining() {
+    let b = broker();
+    let c = b.client().await;
+    setup(&c).await;
+    let mut older = GroupConsumer::join(&c, config(Some("host-1")))
+        .await
+        .unwrap();
+    until_owns(&mut older, 4).await;
+    let mut newer = GroupConsumer::join(&c, config(Some("host-1")))
+        .await
+        .unwrap();
+    assert_eq!(newer.assignment().len(), 4, "the newer one takes them over");
+    let e = tokio::time::timeout(WAIT, older.wait_membership())
+        .await
+        .expect("the older one is told in time")
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::MemberReplaced { group, .. } if group == "g"),
+        "{e:?}"
+    );
+    assert!(older.assignment().is_empty());
+    let next = tokio::time::timeout(WAIT, older.next()).await;
+    assert!(
+        matches!(next, Ok(None)),
+        "its membership ended for good: {next:?}"
+    );
+    // Several rejoin backoffs later the newer one still holds everything, alone.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    newer.poll_membership().await.unwrap();
+    let d = c.describe_group("g").await.unwrap();
+    assert_eq!(d.members.len(), 1, "{d:?}");
+    assert_eq!(Some(d.members[0].member_id.as_str()), newer.member_id());
+    assert_eq!(newer.assignment().len(), 4);
+    drop(older);
+    newer.leave().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_member_returns_and_members_rejoin_after_a_broker_restart() {
     let mut b = broker();
