@@ -8,7 +8,15 @@
 //! An empty store, or one whose position is outside the changelog (the topic was recreated),
 //! is rebuilt from the changelog alone in a scratch file `<store>.build` with no journal and
 //! no fsync (each page written once), which is fsynced and renamed over the store only when
-//! complete; a crash meanwhile leaves scratch, deleted at the next restore.
+//! complete (the store stays open, so locked, until then); a crash meanwhile leaves scratch,
+//! deleted by the next restore that holds the store's lock.
+//!
+//! A store whose lock another connection holds ([`StateError::Busy`]: another instance on
+//! the same state directory, or an aborted restore of the partition still finishing a step
+//! on the blocking pool) is waited for, polling every [`LOCKED_RETRY`]; the partition stays
+//! paused meanwhile and the others go on. The runtime cancels a restore by aborting its task
+//! (the partition was revoked, the session ended): that happens at an await, so at most the
+//! blocking step in flight finishes, and what it opened is closed when it does.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,12 +24,29 @@ use std::time::Duration;
 
 use spool_client::{Client, FetchOptions, Fetched, Isolation};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::state::{Backend, CacheSizes, SqliteBackend, StateError, Writes};
 
 /// What a restore task sends back: partition, token, the restored store.
 pub(crate) type Restored = (u32, u64, Result<SqliteBackend, String>);
+
+/// A running [`restore_task`], as the session tracks it.
+pub(crate) struct Restoring {
+    /// Tells its [`Restored`] apart from that of an earlier restore of the partition.
+    pub(crate) token: u64,
+    pub(crate) handle: JoinHandle<()>,
+}
+
+/// A restore ends with its partition: dropping it (revoked, the session stopped or failed,
+/// however it ended) cancels the task, which would otherwise go on reading the changelog and
+/// holding the store's lock, making the partition's next restore wait for it.
+impl Drop for Restoring {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
 
 /// Restores one partition's local store from the changelog: from its recorded position to
 /// the changelog's end, read committed (waiting while an older transaction is still open).
@@ -52,29 +77,7 @@ pub(crate) async fn restore(
     metrics: &Metrics,
 ) -> Result<SqliteBackend, String> {
     let scratch = build_path(&path);
-    let mut waits = 0u32;
-    let backend = loop {
-        let open_path = path.clone();
-        let open = tokio::task::spawn_blocking(move || {
-            // A build an earlier restore did not finish is scratch.
-            crate::state::remove_files(&build_path(&open_path))?;
-            SqliteBackend::open(&open_path, caches)
-        });
-        match open.await.map_err(|e| e.to_string())? {
-            Ok(b) => break b,
-            // Held by another connection: a restore of this partition that is still
-            // finishing a chunk after its abort, or another instance on this state directory
-            // that still owns the partition. Wait for it (the partition stays paused).
-            Err(StateError::Busy(what)) => {
-                if waits.is_multiple_of(20) {
-                    tracing::warn!(partition = p, store = %what, "local store is locked; waiting for it");
-                }
-                waits += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    };
+    let backend = open_when_unlocked(p, path.clone(), caches).await?;
     let opts = FetchOptions {
         max_bytes: 8 << 20,
         isolation: Isolation::ReadCommitted,
@@ -108,7 +111,9 @@ pub(crate) async fn restore(
         let (b, _) = tail.apply(backend, first, pos).await?;
         return Ok(b);
     }
-    drop(backend);
+    // The store stays open, so locked, while its replacement is built: no other opener (another
+    // instance on this state directory) takes it, or this build's scratch, meanwhile. It is
+    // closed just before the build replaces it.
     let create =
         tokio::task::spawn_blocking(move || SqliteBackend::create_for_build(&scratch, caches));
     let built = create
@@ -123,10 +128,53 @@ pub(crate) async fn restore(
         metrics,
     };
     let (built, _) = all.apply(built, first, pos).await?;
-    tokio::task::spawn_blocking(move || built.finish_build(&path, caches))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    tokio::task::spawn_blocking(move || {
+        drop(backend);
+        built.finish_build(&path, caches)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// How long a restore waits between attempts to open a locked store (each attempt itself
+/// waits up to [`crate::state::BUSY_WAIT`]).
+pub(crate) const LOCKED_RETRY: Duration = Duration::from_millis(250);
+
+/// Opens partition `p`'s store at `path`, waiting while another connection holds its lock
+/// (module docs); then removes the scratch of a build an earlier restore did not finish.
+/// Only with the lock held: while another holder has the store, a build of its own may be
+/// in progress (a rebuild keeps the store it replaces open until it is done).
+async fn open_when_unlocked(
+    p: u32,
+    path: PathBuf,
+    caches: CacheSizes,
+) -> Result<SqliteBackend, String> {
+    let mut waits = 0u32;
+    loop {
+        let open_path = path.clone();
+        let open = tokio::task::spawn_blocking(move || {
+            let b = SqliteBackend::open(&open_path, caches)?;
+            crate::state::remove_files(&build_path(&open_path))?;
+            Ok(b)
+        });
+        match open.await.map_err(|e| e.to_string())? {
+            Ok(b) => {
+                if waits > 0 {
+                    tracing::info!(partition = p, "local store unlocked; restoring");
+                }
+                return Ok(b);
+            }
+            Err(StateError::Busy(what)) => {
+                if waits.is_multiple_of(20) {
+                    tracing::warn!(partition = p, store = %what, "local store is locked; waiting for it");
+                }
+                waits += 1;
+                tokio::time::sleep(LOCKED_RETRY).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Where a store is built from the changelog before it replaces the one at `path`.
@@ -212,4 +260,108 @@ async fn blocking<T: Send + 'static>(
     })
     .await
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::state::{BUSY_WAIT, composite};
+
+    const CACHES: CacheSizes = CacheSizes {
+        page_bytes: 1 << 20,
+        read_bytes: 0,
+    };
+
+    /// A store holding one key at changelog position 7, kept open (so locked), and a
+    /// leftover build scratch beside it.
+    fn locked_store(dir: &std::path::Path) -> (PathBuf, SqliteBackend) {
+        let path = dir.join("g-p0.sqlite");
+        let mut holder = SqliteBackend::open(&path, CACHES).unwrap();
+        let mut w = Writes::new();
+        w.insert(composite("s", b"k"), Some(bytes::Bytes::from_static(b"v")));
+        holder.apply(&w, 7, true).unwrap();
+        std::fs::write(build_path(&path), b"scratch").unwrap();
+        (path, holder)
+    }
+
+    /// Long enough for several attempts of the wait loop.
+    fn several_tries() -> Duration {
+        (BUSY_WAIT + LOCKED_RETRY) * 3
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_waits_for_a_locked_store_and_opens_it_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, holder) = locked_store(dir.path());
+        let opening = tokio::spawn(open_when_unlocked(0, path.clone(), CACHES));
+        tokio::time::sleep(several_tries()).await;
+        assert!(
+            !opening.is_finished(),
+            "opened a store another connection holds"
+        );
+        assert!(
+            build_path(&path).exists(),
+            "the holder's scratch is left alone while it holds the store"
+        );
+        drop(holder);
+        let store = tokio::time::timeout(Duration::from_secs(5), opening)
+            .await
+            .expect("opened within 5 s of the release")
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.position(), 7);
+        assert_eq!(
+            store.get(&composite("s", b"k")).unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        assert!(
+            !build_path(&path).exists(),
+            "scratch removed once it held the lock"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_waiting_for_a_locked_store_ends_with_its_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, holder) = locked_store(dir.path());
+        // No broker: the restore never gets past the lock.
+        let client = Client::builder("127.0.0.1:1").connect_lazy().unwrap();
+        let (done, mut results) = mpsc::channel(1);
+        let handle = tokio::spawn(restore_task(
+            client,
+            "g.changelog".into(),
+            0,
+            path.clone(),
+            CACHES,
+            Arc::new(Metrics::new()),
+            1,
+            done,
+        ));
+        let restoring = Restoring { token: 1, handle };
+        tokio::time::sleep(several_tries()).await;
+        assert!(!restoring.handle.is_finished());
+        // The partition is revoked: the session drops its restore.
+        drop(restoring);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), results.recv())
+                .await
+                .expect("the task ended")
+                .is_none(),
+            "a cancelled restore sends nothing"
+        );
+        // Once the holder lets go, nothing of the cancelled restore holds the store (the
+        // attempt in flight when it was cancelled may finish, and closes what it opened).
+        drop(holder);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let store = loop {
+            match SqliteBackend::open(&path, CACHES) {
+                Ok(s) => break s,
+                Err(StateError::Busy(_)) if Instant::now() < deadline => {}
+                Err(e) => panic!("the store stays locked after its restore was cancelled: {e}"),
+            }
+        };
+        assert_eq!(store.position(), 7, "untouched");
+    }
 }

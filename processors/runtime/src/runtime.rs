@@ -55,7 +55,7 @@ use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
 use crate::flow::{self, LaneConfig, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
 use crate::metrics::{LaneLabel, Metrics, PartitionLabel, TopicCounters};
-use crate::restore;
+use crate::restore::{self, Restoring};
 use crate::state::{SqliteBackend, Writes};
 
 /// The wall clock the runtime passes to handlers (injectable for tests).
@@ -237,12 +237,14 @@ pub enum RuntimeError {
     /// The handler reported a fatal failure, or the state store failed.
     #[error("fatal: {0}")]
     Fatal(String),
-    /// Another instance started with the same `instance_id` initialised the transactional
-    /// id since this one did: this one is the older incarnation and stops, as a fenced Kafka
-    /// producer does (restarting would fence the newer one, which would fence it back, and
-    /// so on). Told apart from a broker restart's fence, which is survived: a transaction the
-    /// broker aborted itself can still be aborted at its epoch; after another incarnation's
-    /// InitProducerId it cannot.
+    /// Another instance started with the same `instance_id`: this one is the older
+    /// incarnation and stops, as a fenced Kafka producer does (restarting would fence the
+    /// newer one, which would fence it back, and so on). Either the group replaced this
+    /// member with the newer one (`source` is [`spool_client::Error::MemberReplaced`]: seen
+    /// at once, even by an idle instance), or the newer one initialised the transactional id
+    /// (seen at this one's next transaction). The latter is told apart from a broker
+    /// restart's fence, which is survived: a transaction the broker aborted itself can still
+    /// be aborted at its epoch; after another incarnation's InitProducerId it cannot.
     #[error(
         "fenced by a newer instance with the same instance id {instance_id:?} (transactional id \
          {transactional_id:?}): another processor took over; this one stops"
@@ -252,7 +254,7 @@ pub enum RuntimeError {
         instance_id: String,
         /// `<group>-<instance_id>`.
         transactional_id: String,
-        /// The broker's refusal of the abort.
+        /// The broker's refusal of the abort, or the end of the group membership.
         source: spool_client::Error,
     },
 }
@@ -279,7 +281,11 @@ pub async fn run<H: AsyncHandler>(
         }
         let started = Instant::now();
         match Session::start(&client, &cfg, metrics.clone()).await {
-            Ok(mut s) => match s.run(&mut handler, &mut shutdown).await {
+            Ok(mut s) => match s
+                .run(&mut handler, &mut shutdown)
+                .await
+                .map_err(|e| superseded(e, &cfg))
+            {
                 Ok(()) => {
                     s.close().await;
                     return Ok(());
@@ -303,6 +309,21 @@ pub async fn run<H: AsyncHandler>(
             () = tokio::time::sleep(delay) => {}
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         }
+    }
+}
+
+/// A membership that ended because a newer member took this instance id is this instance
+/// being superseded (mapped here, once, from the client's error).
+fn superseded(e: RuntimeError, cfg: &RuntimeConfig) -> RuntimeError {
+    match e {
+        RuntimeError::Client(source @ spool_client::Error::MemberReplaced { .. }) => {
+            RuntimeError::Superseded {
+                instance_id: cfg.instance_id.clone(),
+                transactional_id: cfg.transactional_id(),
+                source,
+            }
+        }
+        e => e,
     }
 }
 
@@ -417,11 +438,6 @@ async fn ensure_topic(
         Err(_) if client.describe_topic(topic).await.is_ok() => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-struct Restoring {
-    token: u64,
-    handle: JoinHandle<()>,
 }
 
 /// A record read but not processed yet: a retry not due, waiting for its tables, or over

@@ -15,7 +15,9 @@
 //! state, and carries on; it never exits, and the outputs stay exactly once.
 //!
 //! And a second instance started with the same instance id supersedes the first: the first
-//! exits with `SUPERSEDED_EXIT_CODE` and says why, the second carries on, exactly once.
+//! exits with `SUPERSEDED_EXIT_CODE` and says why, the second carries on, exactly once; an
+//! idle first one (no transaction to be fenced) stops as soon as the group says it was
+//! replaced.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -289,6 +291,51 @@ async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
     );
     produce_inputs(&c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
     wait_passthrough_caught_up(&c, PARTITIONS).await;
+    assert!(newer.running(), "the newer instance carries on");
+    assert!(newer.terminate(Duration::from_secs(20)), "clean exit");
+    let (_, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;
+    assert_eq!(outputs, produced.len());
+}
+
+/// With no input at all the older instance has no transaction whose fence could tell it; the
+/// group does: the newer one's join replaces it (`MemberReplaced`) and it exits at once.
+/// Before, it rejoined as if expired, took the partitions back, and the two took turns until
+/// the older one's first transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_older_instance_exits_as_soon_as_a_newer_one_with_its_id_joins() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", PARTITIONS).await;
+    create(&c, "out", PARTITIONS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let addr = broker.addr();
+    let start = |state: &str| Proc::passthrough(&cfg, &addr, "p0", &dir.path().join(state));
+    let mut older = start("older");
+    assert!(older.wait_ready(Duration::from_secs(30)), "never got ready");
+    let mut newer = start("newer");
+    assert!(
+        newer.wait_ready(Duration::from_secs(30)),
+        "the newer one never got ready"
+    );
+    let code = older.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        code,
+        Some(spool_processor::app::SUPERSEDED_EXIT_CODE),
+        "the idle older instance did not stop: {:?}",
+        older.errors()
+    );
+    let errors = older.errors();
+    assert!(
+        errors.iter().any(|l| l.contains("newer instance")),
+        "the older one says why it stopped: {errors:?}"
+    );
+    // The newer one keeps the partitions, alone, and works exactly once.
+    let mut produced = Vec::new();
+    produce_inputs(&c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
+    wait_passthrough_caught_up(&c, PARTITIONS).await;
+    let group = c.describe_group("passthrough").await.unwrap();
+    assert_eq!(group.members.len(), 1, "{group:?}");
     assert!(newer.running(), "the newer instance carries on");
     assert!(newer.terminate(Duration::from_secs(20)), "clean exit");
     let (_, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;

@@ -5,6 +5,7 @@ mod cadence;
 mod eos_kill;
 mod flow;
 mod redrive;
+mod restore;
 mod secure;
 mod stop;
 
