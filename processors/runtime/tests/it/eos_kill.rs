@@ -26,8 +26,8 @@ use spool_client::{ProducerConfig, ProducerRecord};
 use spool_testkit::Broker;
 
 use crate::{
-    Proc, Rng, assert_passthrough_exactly_once, create, produce_inputs, produce_padded_inputs,
-    read_all, wait_passthrough_caught_up, write_config,
+    Proc, Rng, assert_passthrough_exactly_once, create, passthrough_broker, produce_inputs,
+    produce_padded_inputs, read_all, wait_passthrough_caught_up, write_config,
 };
 
 const PARTITIONS: u32 = 4;
@@ -256,10 +256,7 @@ async fn broker_restart_fencing_the_open_transaction_does_not_end_the_processor(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
-    let broker = Broker::start();
-    let c = broker.client().await;
-    create(&c, "in", PARTITIONS).await;
-    create(&c, "out", PARTITIONS).await;
+    let (broker, c) = passthrough_broker(PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let addr = broker.addr();
@@ -303,10 +300,7 @@ async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
 /// the older one's first transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_older_instance_exits_as_soon_as_a_newer_one_with_its_id_joins() {
-    let broker = Broker::start();
-    let c = broker.client().await;
-    create(&c, "in", PARTITIONS).await;
-    create(&c, "out", PARTITIONS).await;
+    let (broker, c) = passthrough_broker(PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let addr = broker.addr();

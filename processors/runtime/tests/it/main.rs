@@ -27,6 +27,15 @@ pub(crate) async fn create(client: &Client, topic: &str, partitions: u32) {
         .unwrap_or_else(|e| panic!("creating {topic}: {e}"));
 }
 
+/// A fresh broker with the pass-through's topics `in` and `out`, `partitions` each.
+pub(crate) async fn passthrough_broker(partitions: u32) -> (spool_testkit::Broker, Client) {
+    let broker = spool_testkit::Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", partitions).await;
+    create(&c, "out", partitions).await;
+    (broker, c)
+}
+
 /// Produces `n` inputs to `in` (values `v<i>`, keys `k<i % keys>`, `i` counting on from
 /// `produced`), waits until every one is acknowledged, and appends them to `produced` in
 /// produce order (what [`assert_passthrough_exactly_once`] checks against).

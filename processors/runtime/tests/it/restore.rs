@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use spool_client::partitioner::partition_for_key;
 use spool_client::{Client, ProducerConfig};
-use spool_testkit::Broker;
 
 use crate::{
-    Proc, assert_passthrough_exactly_once, create, produce_inputs, read_all,
+    Proc, assert_passthrough_exactly_once, passthrough_broker, produce_inputs, read_all,
     wait_passthrough_caught_up, write_config,
 };
 
@@ -50,10 +49,7 @@ async fn outputs(c: &Client, partition: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_waits_for_a_locked_store_and_the_other_partitions_go_on() {
-    let broker = Broker::start();
-    let c = broker.client().await;
-    create(&c, "in", PARTITIONS).await;
-    create(&c, "out", PARTITIONS).await;
+    let (broker, c) = passthrough_broker(PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
