@@ -44,6 +44,7 @@ mod powerloss;
 mod process_metrics;
 mod producer_ids;
 mod reply;
+pub mod rlimit;
 mod service;
 mod trim;
 mod txn;

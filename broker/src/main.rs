@@ -1,10 +1,12 @@
-//! `spoold`: parses flags, sets up logging, opens the log, tells systemd it is ready, serves.
+//! `spoold`: parses flags, sets up logging, raises the open-files limit, opens the log, tells
+//! systemd it is ready, serves.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use spool_broker::rlimit::OpenFilesLimit;
 use spool_broker::{Broker, Config};
 
 /// Spool's broker: the log engine served over gRPC (spool.v1).
@@ -117,6 +119,21 @@ fn main() -> anyhow::Result<()> {
     init_logging();
     for warning in Config::unknown_env_warnings(std::env::vars()) {
         tracing::warn!("{warning}");
+    }
+    // Before the log opens: its descriptor check reads the limit in force.
+    match spool_broker::rlimit::raise_open_files_limit() {
+        Ok(OpenFilesLimit::Raised { from, to }) => tracing::info!(
+            from,
+            to,
+            "raised the soft open-files limit (RLIMIT_NOFILE) to the hard limit"
+        ),
+        Ok(OpenFilesLimit::Unchanged { soft, hard }) => {
+            tracing::info!(?soft, ?hard, "open-files limit (RLIMIT_NOFILE)");
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "raising the soft open-files limit (RLIMIT_NOFILE) to the hard limit failed; keeping it"
+        ),
     }
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();

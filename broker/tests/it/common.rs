@@ -45,11 +45,23 @@ impl Spoold {
     /// Starts spoold with its open-files limit (`RLIMIT_NOFILE`, soft and hard) set to
     /// `nofile`, through `sh -c 'ulimit -n N && exec spoold …'` (every machine has `sh`).
     pub(crate) fn start_with_open_files(data_dir: &Path, extra: &[&str], nofile: u64) -> Spoold {
-        let script = "ulimit -n \"$0\" && exec \"$@\"";
-        let l =
-            Self::launch(data_dir)
-                .args(extra)
-                .wrapper(["sh", "-c", script, &nofile.to_string()]);
+        Self::start_under_ulimit(data_dir, extra, "-n", nofile)
+    }
+
+    /// Starts spoold with only its soft open-files limit set to `nofile` (the hard limit is
+    /// the test's).
+    pub(crate) fn start_with_soft_open_files(data_dir: &Path, nofile: u64) -> Spoold {
+        Self::start_under_ulimit(data_dir, &[], "-Sn", nofile)
+    }
+
+    fn start_under_ulimit(data_dir: &Path, extra: &[&str], flag: &str, nofile: u64) -> Spoold {
+        let script = format!("ulimit {flag} \"$0\" && exec \"$@\"");
+        let l = Self::launch(data_dir).args(extra).wrapper([
+            "sh",
+            "-c",
+            script.as_str(),
+            &nofile.to_string(),
+        ]);
         Self::start_launch(&l)
     }
 

@@ -107,3 +107,26 @@ async fn a_topic_the_open_files_limit_cannot_hold_is_refused_cleanly_and_leaves_
     drop(admin);
     b.stop();
 }
+
+/// spoold raises its soft open-files limit to the hard one at start, so a low soft default
+/// does not cap a broker whose hard limit allows more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_open_files_limit_is_raised_to_the_hard_one_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start_with_soft_open_files(dir.path(), NOFILE);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", b.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    // "Max open files  <soft>  <hard>  files"
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    let hard_n: u64 = hard.parse().expect("a finite hard limit on this machine");
+    assert!(
+        hard_n > NOFILE,
+        "the test needs a hard limit above {NOFILE}: {line}"
+    );
+    assert_eq!(soft, hard, "soft limit raised to the hard one: {line}");
+    assert_eq!(b.metric::<f64>("process_max_fds"), hard_n as f64);
+}
