@@ -89,22 +89,29 @@ struct SliceSource<'a> {
     pos: usize,
 }
 
+// Inlined into the record walk: it runs once per field of every record appended.
 impl Source for SliceSource<'_> {
+    #[inline]
     fn pos(&self) -> usize {
         self.pos
     }
+    #[inline]
     fn left(&self) -> Option<usize> {
         Some(self.buf.len() - self.pos)
     }
+    #[inline]
     fn at_end(&mut self) -> Result<bool, BatchError> {
         Ok(self.pos >= self.buf.len())
     }
+    #[inline]
     fn varint(&mut self, end: usize) -> Result<i32, BatchError> {
         get_i32(&self.buf[..end.min(self.buf.len())], &mut self.pos)
     }
+    #[inline]
     fn varlong(&mut self, end: usize) -> Result<i64, BatchError> {
         get_i64(&self.buf[..end.min(self.buf.len())], &mut self.pos)
     }
+    #[inline]
     fn skip(&mut self, n: usize) -> Result<(), BatchError> {
         if n > self.buf.len() - self.pos {
             return Err(BatchError::Truncated("record"));
@@ -203,6 +210,7 @@ impl<R: BufRead> Source for StreamSource<R> {
 }
 
 /// Reads a nullable length-prefixed field ending at most at `end`.
+#[inline]
 fn nullable(
     src: &mut impl Source,
     end: usize,

@@ -60,6 +60,18 @@ pub fn put_i64(out: &mut Vec<u8>, v: i64) {
 
 #[inline]
 fn get_u64(buf: &[u8], pos: &mut usize, max_bytes: usize) -> Result<u64, BatchError> {
+    // Most varints of a record (deltas, null keys, header counts, short lengths) are one byte:
+    // decoded here without the loop, the rest by it.
+    if let Some(&b) = buf.get(*pos)
+        && b < 0x80
+    {
+        *pos += 1;
+        return Ok(u64::from(b));
+    }
+    get_u64_long(buf, pos, max_bytes)
+}
+
+fn get_u64_long(buf: &[u8], pos: &mut usize, max_bytes: usize) -> Result<u64, BatchError> {
     let mut v: u64 = 0;
     for i in 0..max_bytes {
         let Some(&b) = buf.get(*pos) else {
