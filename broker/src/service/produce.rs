@@ -19,10 +19,12 @@
 //!
 //! Two ways to run the phases, chosen per request ([`blocking_path`]):
 //! - a request to any `fsync = always` partition (the default policy) takes the **blocking
-//!   path**: the write phase on the blocking pool, the settle phase on another blocking-pool
+//!   path**: the write phase on the blocking pool, the settle phase on a blocking-pool
 //!   thread that runs `Partition::wait_durable` itself (one group commit per partition among
-//!   all the threads waiting), and under `acks = written | none` a detached blocking
-//!   `wait_durable` that makes the batch durable, and so visible, soon. (The async path was
+//!   all the threads waiting). Under `acks = written | none` the thread that appended hands
+//!   the results back (the reply goes out meanwhile) and then runs that `wait_durable` itself,
+//!   which makes the batch durable, and so visible, right behind its append: no hand-off to
+//!   another thread between the append and its fdatasync. (The async path was
 //!   measured on these partitions too: records became visible later, cause not found, see
 //!   docs/benchmarks.md, issue 14.)
 //! - every other request takes the **async path**, which holds no thread while it waits: the
@@ -342,24 +344,22 @@ fn fill(
 }
 
 /// Settle phase of the blocking path (blocking): waits for the durability `acks` asks for,
-/// running the partition's group commit on this thread; fills in the results.
-fn settle_blocking(state: &State, w: Written) -> Vec<v1::PartitionProduceResult> {
+/// running the partition's group commit on this thread; fills in the results. Returns them
+/// and, when the reply waits for no fdatasync (`acks = written | none`), the `fsync = always`
+/// partitions whose batches an fdatasync must still cover before readers see them, with the
+/// offset to cover: the caller runs [`sync_for_readers`] on them once the reply is on its way.
+fn settle_blocking(state: &State, w: Written) -> (Vec<v1::PartitionProduceResult>, Syncs) {
     let Written {
         acks,
         mut results,
         appended,
     } = w;
+    let mut syncs = Vec::new();
     for (i, p, info, bytes) in appended {
         let next = info.last_offset + 1;
         let outcome = if acks != v1::Acks::Durable && acks != v1::Acks::Unspecified {
             if p.fsync_policy() == FsyncPolicy::Always {
-                // Readers see the batch once an fdatasync covers it: run one (it joins the
-                // partition's group commit) without holding the reply.
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = p.wait_durable(next) {
-                        tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
-                    }
-                });
+                syncs.push((p, next));
             }
             Ok(())
         } else {
@@ -367,7 +367,45 @@ fn settle_blocking(state: &State, w: Written) -> Vec<v1::PartitionProduceResult>
         };
         fill(state, acks, &mut results[i], &info, bytes, outcome);
     }
+    (results, syncs)
+}
+
+/// Partitions and the offset below which an fdatasync must cover their batches.
+type Syncs = Vec<(Arc<Partition>, u64)>;
+
+/// Makes batches acknowledged before their fdatasync visible to readers (blocking): joins
+/// each partition's group commit (`Partition::wait_durable`). A failed sync poisons the
+/// partition (later writes and waiters get its error); it is logged here.
+fn sync_for_readers(syncs: Syncs) {
+    for (p, next) in syncs {
+        if let Err(e) = p.wait_durable(next) {
+            tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
+        }
+    }
+}
+
+/// A blocking-path request on one blocking-pool thread: write, settle, hand the results back
+/// (the caller replies meanwhile), then, on the same thread, [`sync_for_readers`] for batches
+/// acknowledged before their fdatasync, so that sync starts right behind the append instead
+/// of after a hand-off to another thread.
+async fn run_blocking_path(
+    state: &Arc<State>,
+    who: Principal,
+    parts: Vec<v1::PartitionProduce>,
+    acks: v1::Acks,
+) -> Result<Vec<v1::PartitionProduceResult>, Status> {
+    let (done, results) = tokio::sync::oneshot::channel();
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let w = write(&st, &who, parts, acks);
+        let (results, syncs) = settle_blocking(&st, w);
+        // The reply does not wait for these syncs: a caller gone meanwhile changes nothing.
+        let _ = done.send(results);
+        sync_for_readers(syncs);
+    });
     results
+        .await
+        .map_err(|_| Status::internal("worker failed before answering"))
 }
 
 /// Makes everything below `next` on `p` durable soon: joins the partition's running sync loop,
@@ -492,21 +530,16 @@ async fn write_one(
     } = p;
     let waits = acks == v1::Acks::Durable || acks == v1::Acks::Unspecified;
     if blocking_path(state, &parts) {
-        let (st, who) = (state.clone(), who.clone());
         if !waits {
-            // Nothing to wait for: the settle phase only starts the background sync
-            // (`settle_blocking`), so it runs on the write's thread, right behind the append,
-            // and the reply goes out from here.
-            let results = blocking(move || {
-                let w = write(&st, &who, parts, acks);
-                settle_blocking(&st, w)
-            })
-            .await;
+            // Nothing to wait for: write and settle on one thread, which then runs the sync
+            // that makes the batch visible (`run_blocking_path`); the reply goes out from here.
+            let results = run_blocking_path(state, who.clone(), parts, acks).await;
             let ok = results.is_ok();
             let sent = reply(tx, id, results).await;
             drop(permit);
             return ok && sent;
         }
+        let (st, who) = (state.clone(), who.clone());
         let Ok(written) = tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
         else {
             return false;
@@ -514,7 +547,12 @@ async fn write_one(
         // Settle phases overlap; the reply carries the request id.
         let (st, tx) = (state.clone(), tx.clone());
         tokio::spawn(async move {
-            let results = blocking(move || settle_blocking(&st, written)).await;
+            let results = blocking(move || {
+                let (results, syncs) = settle_blocking(&st, written);
+                sync_for_readers(syncs); // none: `acks = durable` waited above
+                results
+            })
+            .await;
             reply(&tx, id, results).await;
             drop(permit);
         });
@@ -557,12 +595,7 @@ impl ProduceService for Produce {
             let req = req.into_inner();
             let acks = check(&self.state, req.partitions.len(), req.acks)?;
             let results = if blocking_path(&self.state, &req.partitions) {
-                let state = self.state.clone();
-                blocking(move || {
-                    let w = write(&state, &who, req.partitions, acks);
-                    settle_blocking(&state, w)
-                })
-                .await?
+                run_blocking_path(&self.state, who, req.partitions, acks).await?
             } else {
                 let w = write_phase(&self.state, who, req.partitions, acks).await?;
                 settle(w).finish(&self.state).await
