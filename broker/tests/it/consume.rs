@@ -481,3 +481,108 @@ async fn a_damaged_batch_ends_reads_after_the_intact_prefix() {
     assert_eq!(got, ["v0", "v1"], "the prefix before the error");
     assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
 }
+
+/// A subscription waiting at the end of an `fsync = always` topic gets every batch produced
+/// with `acks = written` (each made visible by the sync its writing thread runs once the
+/// reply is handed back), in order and whole: small batches, and batches larger than a tail
+/// read's cap (64 KiB, read on the subscription's own task), which arrive in one piece.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_subscription_gets_acks_written_fsync_always_batches_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    let config = v1::TopicConfig {
+        fsync_policy: v1::FsyncPolicy::Always as i32,
+        ..Default::default()
+    };
+    b.create_topic_with("a", 1, Some(config)).await;
+    let mut cons = b.consume().await;
+    let mut s = cons
+        .subscribe(v1::SubscribeRequest {
+            partitions: vec![v1::SubscribePartition {
+                topic: "a".into(),
+                partition: 0,
+                start: None,
+            }],
+            heartbeat_interval_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A heartbeat first: the subscription now waits at the end of the log.
+    let first = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            first.message,
+            Some(v1::subscribe_response::Message::Heartbeat(_))
+        ),
+        "{first:?}"
+    );
+    let big = "x".repeat(200 << 10);
+    let want: Vec<String> = (0..40)
+        .map(|i| {
+            if i % 10 == 5 {
+                format!("{i}{big}")
+            } else {
+                format!("m{i}")
+            }
+        })
+        .collect();
+    let reqs: Vec<_> = want
+        .iter()
+        .enumerate()
+        .map(|(id, v)| v1::ProduceStreamRequest {
+            request_id: id as u64,
+            partitions: vec![v1::PartitionProduce {
+                topic: "a".into(),
+                partition: 0,
+                data: Some(v1::partition_produce::Data::Records(v1::RecordList {
+                    records: vec![record(None, v)],
+                    compression: 0,
+                })),
+            }],
+            acks: v1::Acks::Written as i32,
+        })
+        .collect();
+    let mut prod = b.produce().await;
+    let mut replies = prod
+        .produce_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = 0;
+    while let Some(r) = replies.next().await {
+        let r = r.unwrap();
+        assert!(r.results[0].error.is_none(), "{r:?}");
+        answered += 1;
+    }
+    assert_eq!(answered, want.len());
+    let mut got: Vec<String> = Vec::new();
+    while got.len() < want.len() {
+        let msg = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("every acknowledged batch becomes visible")
+            .unwrap()
+            .unwrap();
+        let Some(v1::subscribe_response::Message::Data(d)) = msg.message else {
+            continue;
+        };
+        for batch in spool_log_engine::batch::split_batches(&d.record_batches) {
+            for r in batch.unwrap().records(&Default::default()).unwrap() {
+                let r = r.unwrap();
+                assert_eq!(
+                    r.offset,
+                    got.len() as u64,
+                    "offsets follow the stream's order"
+                );
+                got.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+            }
+        }
+    }
+    assert_eq!(got, want);
+    b.stop();
+}
