@@ -494,15 +494,11 @@ async fn tail_subscription_gets_acks_written_fsync_always_batches_in_order() {
         fsync_policy: v1::FsyncPolicy::Always as i32,
         ..Default::default()
     };
-    b.create_topic_with("a", 1, Some(config)).await;
+    b.create_topic_with("t", 1, Some(config)).await;
     let mut cons = b.consume().await;
     let mut s = cons
         .subscribe(v1::SubscribeRequest {
-            partitions: vec![v1::SubscribePartition {
-                topic: "a".into(),
-                partition: 0,
-                start: None,
-            }],
+            partitions: vec![sub(0, None)],
             heartbeat_interval_ms: 100,
             ..Default::default()
         })
@@ -538,7 +534,7 @@ async fn tail_subscription_gets_acks_written_fsync_always_batches_in_order() {
         .map(|(id, v)| v1::ProduceStreamRequest {
             request_id: id as u64,
             partitions: vec![v1::PartitionProduce {
-                topic: "a".into(),
+                topic: "t".into(),
                 partition: 0,
                 data: Some(v1::partition_produce::Data::Records(v1::RecordList {
                     records: vec![record(None, v)],
