@@ -254,24 +254,51 @@ async fn broker_restart_fencing_the_open_transaction_does_not_end_the_processor(
     assert_eq!(outputs, produced.len());
 }
 
+/// Instance `p0` on a fresh broker, each incarnation with a state directory of its own.
+struct SameId {
+    broker: Broker,
+    client: spool_client::Client,
+    dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
+}
+
+impl SameId {
+    /// The broker and the older incarnation, ready.
+    async fn start_older() -> (SameId, Proc) {
+        let (broker, client) = passthrough_broker(PARTITIONS).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let t = SameId {
+            broker,
+            client,
+            dir,
+            cfg,
+        };
+        let older = t.start("older");
+        assert!(older.wait_ready(Duration::from_secs(30)), "never got ready");
+        (t, older)
+    }
+
+    /// Another incarnation, with its state under `state`.
+    fn start(&self, state: &str) -> Proc {
+        let addr = self.broker.addr();
+        Proc::passthrough(&self.cfg, &addr, "p0", &self.dir.path().join(state))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
-    let (broker, c) = passthrough_broker(PARTITIONS).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let addr = broker.addr();
-    let start = |state: &str| Proc::passthrough(&cfg, &addr, "p0", &dir.path().join(state));
-    let mut older = start("older");
-    assert!(older.wait_ready(Duration::from_secs(30)), "never got ready");
+    let (t, mut older) = SameId::start_older().await;
+    let c = &t.client;
     let mut produced = Vec::new();
-    produce_inputs(&c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
-    wait_passthrough_caught_up(&c, PARTITIONS).await;
-    let mut newer = start("newer");
+    produce_inputs(c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
+    wait_passthrough_caught_up(c, PARTITIONS).await;
+    let mut newer = t.start("newer");
     // Inputs keep coming: whichever holds the partitions works; the older one's first
     // transaction after the newer one initialised the id is fenced, and so is its abort.
     let deadline = Instant::now() + Duration::from_secs(30);
     let code = loop {
-        produce_inputs(&c, ProducerConfig::default(), 20, KEYS, &mut produced).await;
+        produce_inputs(c, ProducerConfig::default(), 20, KEYS, &mut produced).await;
         if let Some(code) = older.wait_exit(Duration::from_millis(100)) {
             break code;
         }
@@ -286,11 +313,11 @@ async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
         errors.iter().any(|l| l.contains("newer instance")),
         "the older one says why it stopped: {errors:?}"
     );
-    produce_inputs(&c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
-    wait_passthrough_caught_up(&c, PARTITIONS).await;
+    produce_inputs(c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
+    wait_passthrough_caught_up(c, PARTITIONS).await;
     assert!(newer.running(), "the newer instance carries on");
     assert!(newer.terminate(Duration::from_secs(20)), "clean exit");
-    let (_, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;
+    let (_, outputs) = assert_passthrough_exactly_once(c, &produced, PARTITIONS).await;
     assert_eq!(outputs, produced.len());
 }
 
@@ -300,14 +327,9 @@ async fn a_newer_instance_with_the_same_id_supersedes_the_older_which_exits() {
 /// the older one's first transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_older_instance_exits_as_soon_as_a_newer_one_with_its_id_joins() {
-    let (broker, c) = passthrough_broker(PARTITIONS).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let addr = broker.addr();
-    let start = |state: &str| Proc::passthrough(&cfg, &addr, "p0", &dir.path().join(state));
-    let mut older = start("older");
-    assert!(older.wait_ready(Duration::from_secs(30)), "never got ready");
-    let mut newer = start("newer");
+    let (t, mut older) = SameId::start_older().await;
+    let c = &t.client;
+    let mut newer = t.start("newer");
     assert!(
         newer.wait_ready(Duration::from_secs(30)),
         "the newer one never got ready"
@@ -326,12 +348,12 @@ async fn an_idle_older_instance_exits_as_soon_as_a_newer_one_with_its_id_joins()
     );
     // The newer one keeps the partitions, alone, and works exactly once.
     let mut produced = Vec::new();
-    produce_inputs(&c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
-    wait_passthrough_caught_up(&c, PARTITIONS).await;
+    produce_inputs(c, ProducerConfig::default(), 200, KEYS, &mut produced).await;
+    wait_passthrough_caught_up(c, PARTITIONS).await;
     let group = c.describe_group("passthrough").await.unwrap();
     assert_eq!(group.members.len(), 1, "{group:?}");
     assert!(newer.running(), "the newer instance carries on");
     assert!(newer.terminate(Duration::from_secs(20)), "clean exit");
-    let (_, outputs) = assert_passthrough_exactly_once(&c, &produced, PARTITIONS).await;
+    let (_, outputs) = assert_passthrough_exactly_once(c, &produced, PARTITIONS).await;
     assert_eq!(outputs, produced.len());
 }
