@@ -8,6 +8,14 @@
 //! `@softfail.test` are deferred then expire at once (`maximal_queue_lifetime = 0`); any other
 //! domain bounces (5.4.4).
 //!
+//! The lookup tables (`vmailbox`, `transport`) are written *cold* ([`write_table`]): Postfix
+//! reads a `texthash:` file modified within the last ~2 s as "hot" and, in every daemon that
+//! opens it, waits in 300 ms steps until it is 2 s old (`dict_thash_open`). That stalled
+//! every `smtpd` started in the first seconds after [`Instance::start`] or
+//! [`Instance::set_mailboxes`] before its `220` greeting: 1.8-4.1 s on all eight first SMTP
+//! connections of the latency bench (tcpdump; strace showed `smtpd` re-reading `vmailbox`
+//! every 300 ms), which was the bench's one "~1.4 s stall per rep".
+//!
 //! Needs root (the daemons drop to `postfix`/`nobody`) and the `postfix` package
 //! (`.ci/install-test-tools` installs it). Dropping an [`Instance`] stops it and waits for its
 //! master process to exit.
@@ -178,14 +186,14 @@ postlog   unix-dgram n - n - 1 postlogd
         std::fs::write(dir.join("etc/master.cf"), master_cf).map_err(io("writing master.cf"))?;
         let vmailbox = dir.join("etc/vmailbox");
         if !vmailbox.exists() {
-            std::fs::write(
+            write_table(
                 &vmailbox,
                 "postmaster@localhost postmaster\nsender@localhost sender\n",
             )
             .map_err(io("writing vmailbox"))?;
         }
-        std::fs::write(
-            dir.join("etc/transport"),
+        write_table(
+            &dir.join("etc/transport"),
             "defer.test smtp:[127.0.0.1]:1\nhardbounce.test error:5.1.1 mailbox does not exist\nsoftfail.test retry:4.2.0 try again later\n",
         )
         .map_err(io("writing transport"))?;
@@ -238,7 +246,7 @@ postlog   unix-dgram n - n - 1 postlogd
         for (addr, mbox) in boxes {
             text.push_str(&format!("{addr} {mbox}\n"));
         }
-        std::fs::write(self.dir.join("etc/vmailbox"), text).map_err(io("writing vmailbox"))?;
+        write_table(&self.dir.join("etc/vmailbox"), &text).map_err(io("writing vmailbox"))?;
         run(Command::new("postfix")
             .arg("-c")
             .arg(self.dir.join("etc"))
@@ -291,6 +299,23 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// How far in the past a table's modification time is set: Postfix reads a `texthash:` file
+/// whose mtime is within about 2 s of now as still being written and waits for it.
+const COLD: Duration = Duration::from_secs(10);
+
+/// Writes a lookup table so that Postfix can read it at once: the whole text into a new file
+/// beside it, its modification time set [`COLD`] in the past, then renamed over `path`. The
+/// rename is what Postfix's "hot file" wait protects against otherwise: a reader never sees
+/// a half-written table.
+pub fn write_table(path: &Path, text: &str) -> io::Result<()> {
+    let tmp = path.with_extension("new");
+    let f = std::fs::File::create(&tmp)?;
+    io::Write::write_all(&mut &f, text.as_bytes())?;
+    f.set_modified(std::time::SystemTime::now() - COLD)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 fn run(cmd: &mut Command) -> io::Result<()> {
