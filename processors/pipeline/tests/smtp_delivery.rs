@@ -3,16 +3,20 @@
 //! once, a 5xx refusal becomes `mail-status` `failed` plus the dead letter in one
 //! transaction, a 4xx is retried after its backoff without holding back the other mails, a
 //! settled mail is never sent again, and a pending mail whose process died is sent again
-//! after the restart (at least once).
+//! after the restart (at least once). And with the real binary and a real `spoold`: a clean
+//! stop (SIGTERM) settles the mails in flight, so the restart sends none of them again.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use spool_client::{ConsumerConfig, StartAt};
 use spool_pipeline::events::{MailState, MailStatus, NotificationKind, OutgoingMail};
 use spool_pipeline::processors::envelope;
 use spool_pipeline::processors::notifications::{Notifications, NotificationsSettings};
-use spool_pipeline::topics;
+use spool_pipeline::{publish, topics};
 use spool_processor::testing::TestDriver;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -230,4 +234,101 @@ async fn mails_in_flight_refusals_retries_and_restarts() {
         ("m020", MailState::Queued)
     );
     assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&2));
+}
+
+/// Every `mail-status` committed so far (read committed, from the start), after `quiet` with
+/// nothing new.
+async fn committed_statuses(client: &spool_client::Client, quiet: Duration) -> Vec<MailStatus> {
+    let mut c = client.consumer(ConsumerConfig::default());
+    c.subscribe_topic(topics::MAIL_STATUS, StartAt::Earliest)
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    while let Ok(Some(r)) = tokio::time::timeout(quiet, c.next()).await {
+        let r = r.unwrap();
+        let e = spool_processor::envelope::decode::<MailStatus>(
+            &r.headers,
+            r.key.as_ref(),
+            r.value.as_ref(),
+        )
+        .unwrap();
+        all.push(e.data);
+    }
+    all
+}
+
+/// SIGTERM while four mails are handed over (the server holds each `250` for 700 ms): the
+/// process waits for them, settles them in its last transaction and exits 0; the next start
+/// sends none of them again (before the drain it sent all four again: their pending timers
+/// were committed, their settlements not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_settles_the_mails_in_flight() {
+    let (port, seen) = smtp_server(Duration::from_millis(700)).await;
+    let (_broker, client, addr) = support::broker_with_topics(1).await;
+    let dir = support::Scratch::new("sigterm_settles_the_mails_in_flight");
+    let mut p = support::procs::Processor::new(
+        env!("CARGO_BIN_EXE_spool-notifications"),
+        dir.path(),
+        "notifications",
+        &addr,
+        &format!(
+            "inputs = [\"outgoing-mail\"]\noutputs = [\"mail-status\"]\n[app.smtp]\nport = {port}\nfrom = \"deals@localhost\"\nmax_in_flight = 4\npool_max = 4\n"
+        ),
+    );
+    p.start();
+    assert!(
+        p.wait_ready(Duration::from_secs(30)),
+        "{}",
+        p.log_since_start()
+    );
+    let producer = publish::producer(&client);
+    let to: Vec<String> = (0..4).map(|i| format!("user{i}@localhost")).collect();
+    for (i, a) in to.iter().enumerate() {
+        let record = mail(i, a).to_record().unwrap();
+        let _ack = producer.send(topics::OUTGOING_MAIL, record).await.unwrap();
+    }
+    producer.flush().await;
+    // All four between RCPT and the server's 250: handed over, not yet accepted.
+    let until = Instant::now() + Duration::from_secs(20);
+    while seen.lock().unwrap().open < 4 {
+        assert!(Instant::now() < until, "{:?}", seen.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(seen.lock().unwrap().accepted.is_empty());
+    p.terminate();
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = p.exited() {
+            break s;
+        }
+        assert!(Instant::now() < until, "no exit 20 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(status.success(), "{status}: {}", p.log_since_start());
+    let statuses = committed_statuses(&client, Duration::from_millis(500)).await;
+    let queued: Vec<&str> = statuses
+        .iter()
+        .filter(|s| s.status == MailState::Queued)
+        .map(|s| s.to.as_str())
+        .collect();
+    assert_eq!(queued.len(), 4, "settled before the exit: {statuses:?}");
+
+    // The next incarnation finds every mail settled: nothing sent again in 1.5 s (15 ticks;
+    // a pending timer fires at the first).
+    p.start();
+    assert!(
+        p.wait_ready(Duration::from_secs(30)),
+        "{}",
+        p.log_since_start()
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for a in &to {
+        assert_eq!(seen.lock().unwrap().accepted.get(a), Some(&1), "{a}");
+    }
+    assert_eq!(
+        committed_statuses(&client, Duration::from_millis(300))
+            .await
+            .len(),
+        4
+    );
 }

@@ -225,6 +225,15 @@ pub trait AsyncHandler: Send + 'static {
         let _ = (ctx, timer);
         async { Ok(()) }
     }
+
+    /// A clean stop (SIGTERM), after the last input was handled: finish the external effects
+    /// already started (bounded by the handler's own timeouts). The wall timers due when it
+    /// returns fire in the last transaction, before it commits, so a handler that settles
+    /// its effects on a timer settles them there and a restart does not repeat them
+    /// (default: nothing to wait for).
+    fn drain(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 impl<H: Handler> AsyncHandler for H {

@@ -624,7 +624,7 @@ impl<'c> Session<'c> {
     ) -> Result<(), RuntimeError> {
         loop {
             if *shutdown.borrow() {
-                return self.stop().await;
+                return self.stop(handler).await;
             }
             if self.commit_due() {
                 self.commit(handler).await?;
@@ -1547,9 +1547,19 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
-    /// SIGTERM: commit (or abort) the open transaction, make local stores durable, leave.
-    /// Stream timers due in the last batch fire after the next start.
-    async fn stop(&mut self) -> Result<(), RuntimeError> {
+    /// SIGTERM: let the handler finish its effects in flight ([`AsyncHandler::drain`]), fire
+    /// the wall timers due then, commit (or abort) the open transaction, make local stores
+    /// durable, leave. Stream timers due in the last batch fire after the next start.
+    async fn stop<H: AsyncHandler>(&mut self, handler: &mut H) -> Result<(), RuntimeError> {
+        handler.drain().await;
+        let now = self.cfg.clock.now_ms();
+        let parts: Vec<u32> = self.tasks.keys().copied().collect();
+        for p in parts {
+            if let Err(e) = self.fire(handler, p, TimerKind::Wall, now).await {
+                tracing::warn!(error = %e, partition = p, "timers at the stop failed; they fire after the next start");
+                break;
+            }
+        }
         if let Err(e) = self.finish_commit().await {
             tracing::warn!(error = %e, "final commit failed; the last batch will be processed again");
         }

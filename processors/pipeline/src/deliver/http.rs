@@ -23,6 +23,9 @@ pub struct HttpConfig {
     pub pool_idle_per_host: usize,
     /// Calls in flight at once (webhook and push together).
     pub max_in_flight: u32,
+    /// Calls waiting for one of those slots beside the processor's loop; only when this many
+    /// wait does reading stop until one starts (backpressure).
+    pub max_waiting: u32,
     /// Attempts of one call in all (5xx, 408, 429, timeouts, connect errors) before it is
     /// dead-lettered.
     pub max_attempts: u32,
@@ -39,6 +42,7 @@ impl Default for HttpConfig {
             timeout_ms: 5_000,
             pool_idle_per_host: 16,
             max_in_flight: 8,
+            max_waiting: 256,
             max_attempts: 6,
             retry_initial_ms: 500,
             retry_max_ms: 60_000,

@@ -15,23 +15,32 @@
 //!
 //! # Invariants
 //!
-//! - At most `max` sends run at once: [`InFlight::start`] waits for a free slot, and
-//!   [`InFlight::try_start`] starts nothing without one. A slot is freed when its send returns,
-//!   not when its result is collected, so waiting for a slot never waits for the processor's
+//! - At most `max` sends run at once (hold a slot). Up to `max_waiting` more wait for a slot
+//!   beside them, each in its own task that starts its send the moment a slot frees, so the
+//!   processor's loop does not wait for a free slot: one slow send (a stalled MTA
+//!   connection, a slow webhook) holds its slot, not the loop, and alerts, campaigns and
+//!   settlements go on. [`InFlight::start`] waits only when `max_waiting` sends are already
+//!   waiting (then the MTA is slower than the input, and waiting is the backpressure that
+//!   bounds memory); [`InFlight::try_start`] never waits. A slot is freed when its send
+//!   returns, not when its result is collected, so waiting never waits for the processor's
 //!   own loop.
-//! - An id has at most one send here: starting an id that is running or has a result does
-//!   nothing. So an input processed again after an aborted transaction does not send again
-//!   while this process lives.
+//! - An id has at most one send here: starting an id that is waiting, running or has a result
+//!   does nothing. So an input processed again after an aborted transaction does not send
+//!   again while this process lives.
 //! - A result is kept until [`InFlight::forget`] or [`RESULT_TTL`] after the send finished
 //!   (a result whose timer moved to another instance is never collected), so memory is bounded
 //!   by the send rate times the TTL.
+//! - [`InFlight::drain`] (a clean stop) starts nothing more: sends still waiting for a slot
+//!   are dropped unsent (their ids become absent: their pending timers, committed, send them
+//!   after the restart); it returns once every send that had started has returned.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Outcome;
 
@@ -41,9 +50,9 @@ pub const RESULT_TTL: Duration = Duration::from_secs(120);
 /// Where a send is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendState {
-    /// Never started here (or forgotten).
+    /// Never started here (or forgotten, or dropped unsent by a drain).
     Absent,
-    /// Running.
+    /// Waiting for a slot, or running.
     Running,
     /// Returned `outcome` at `at_ms` (wall clock, ms since the epoch).
     Finished {
@@ -64,11 +73,19 @@ enum Slot {
     },
 }
 
-/// Sends running concurrently, at most `max` at once, and their results by id.
+/// Sends running concurrently, at most `max` at once (and `max_waiting` more waiting for a
+/// slot), and their results by id.
 #[derive(Debug, Clone)]
 pub struct InFlight {
+    /// Slots: one permit per send running.
     permits: Arc<Semaphore>,
+    /// Sends started (waiting or running): `max + max_waiting` permits.
+    admitted: Arc<Semaphore>,
+    /// `max + max_waiting`.
+    admitted_max: usize,
     max: usize,
+    /// Set by [`InFlight::drain`]: waiting sends give up.
+    draining: Arc<AtomicBool>,
     slots: Arc<Mutex<HashMap<String, Slot>>>,
 }
 
@@ -79,12 +96,15 @@ fn now_ms() -> i64 {
 }
 
 impl InFlight {
-    /// At most `max` (at least 1) sends at once.
-    pub fn new(max: usize) -> InFlight {
+    /// At most `max` (at least 1) sends at once, and `max_waiting` more waiting for a slot.
+    pub fn new(max: usize, max_waiting: usize) -> InFlight {
         let max = max.max(1);
         InFlight {
             permits: Arc::new(Semaphore::new(max)),
+            admitted: Arc::new(Semaphore::new(max + max_waiting)),
+            admitted_max: max + max_waiting,
             max,
+            draining: Arc::new(AtomicBool::new(false)),
             slots: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -94,7 +114,7 @@ impl InFlight {
         self.max
     }
 
-    /// Sends running now.
+    /// Sends running now (holding a slot).
     pub fn running(&self) -> usize {
         self.max - self.permits.available_permits()
     }
@@ -103,8 +123,9 @@ impl InFlight {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts `send` for `id` once a slot is free (waits for one), unless `id` is already
-    /// running or has a result here. Call inside a Tokio runtime.
+    /// Starts `send` for `id` (it runs once a slot is free), unless `id` is already waiting,
+    /// running or has a result here. Waits only while `max_waiting` sends already wait for a
+    /// slot. Call inside a Tokio runtime.
     pub async fn start<F>(&self, id: &str, send: F)
     where
         F: Future<Output = Outcome> + Send + 'static,
@@ -112,15 +133,15 @@ impl InFlight {
         if self.known(id) {
             return;
         }
-        let permit = Arc::clone(&self.permits)
+        let admitted = Arc::clone(&self.admitted)
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        self.spawn(id, permit, send);
+        self.spawn(id, admitted, send);
     }
 
-    /// Starts `send` for `id` if a slot is free now; false if every slot is busy. An id
-    /// already running or with a result counts as started.
+    /// Starts `send` for `id` if it can without waiting (see [`InFlight::start`]); false if
+    /// `max_waiting` sends already wait. An id already known here counts as started.
     pub fn try_start<F>(&self, id: &str, send: F) -> bool
     where
         F: Future<Output = Outcome> + Send + 'static,
@@ -128,9 +149,9 @@ impl InFlight {
         if self.known(id) {
             return true;
         }
-        match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => {
-                self.spawn(id, permit, send);
+        match Arc::clone(&self.admitted).try_acquire_owned() {
+            Ok(admitted) => {
+                self.spawn(id, admitted, send);
                 true
             }
             Err(_) => false,
@@ -142,24 +163,42 @@ impl InFlight {
         self.slots().contains_key(id)
     }
 
-    fn spawn<F>(&self, id: &str, permit: tokio::sync::OwnedSemaphorePermit, send: F)
+    fn spawn<F>(&self, id: &str, admitted: OwnedSemaphorePermit, send: F)
     where
         F: Future<Output = Outcome> + Send + 'static,
     {
         self.slots().insert(id.to_owned(), Slot::Running);
-        let slots = Arc::clone(&self.slots);
+        let (slots, permits, draining) = (
+            Arc::clone(&self.slots),
+            Arc::clone(&self.permits),
+            Arc::clone(&self.draining),
+        );
         let id = id.to_owned();
         tokio::spawn(async move {
-            let outcome = send.await;
-            drop(permit);
-            slots.lock().unwrap_or_else(PoisonError::into_inner).insert(
-                id,
-                Slot::Finished {
-                    outcome,
-                    at_ms: now_ms(),
-                    done: Instant::now(),
-                },
-            );
+            let slot = permits
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let result = if draining.load(Ordering::SeqCst) {
+                None // stopping: not handed over, so nothing to settle
+            } else {
+                Some(send.await)
+            };
+            let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
+            match result {
+                Some(outcome) => slots.insert(
+                    id,
+                    Slot::Finished {
+                        outcome,
+                        at_ms: now_ms(),
+                        done: Instant::now(),
+                    },
+                ),
+                None => slots.remove(&id),
+            };
+            drop(slots);
+            drop(slot);
+            drop(admitted);
         });
     }
 
@@ -184,6 +223,17 @@ impl InFlight {
         }
     }
 
+    /// A clean stop: no send starts any more (those waiting for a slot are dropped unsent),
+    /// and this returns once every send that had started has returned (each is bounded by
+    /// its own timeout). Results stay here to be settled.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        // Every send started holds its admission until it returns or gives up unsent; no
+        // send is started while the processor stops, so once all are back nothing runs.
+        let all = u32::try_from(self.admitted_max).unwrap_or(u32::MAX);
+        drop(self.admitted.acquire_many(all).await);
+    }
+
     /// Drops results older than [`RESULT_TTL`].
     fn prune(&self) {
         let mut slots = self.slots();
@@ -205,6 +255,17 @@ mod tests {
         }
     }
 
+    /// Yields (2 ms steps, at most 1 s) until `cond` holds.
+    async fn until(cond: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("condition not reached in 1 s");
+    }
+
     async fn settled(f: &InFlight, id: &str) -> SendState {
         for _ in 0..500 {
             if let s @ SendState::Finished { .. } = f.state(id) {
@@ -217,7 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_and_once_per_id() {
-        let f = InFlight::new(2);
+        let f = InFlight::new(2, 0);
         let gate = Arc::new(Semaphore::new(0));
         let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for id in ["a", "b"] {
@@ -229,7 +290,8 @@ mod tests {
             })
             .await;
         }
-        assert_eq!(f.running(), 2);
+        // The spawned sends take their slots when they first run.
+        until(|| f.running() == 2).await;
         // Full: nothing else starts, and "a" again is not a second send.
         assert!(!f.try_start("c", async { ok() }));
         assert!(f.try_start("a", async { panic!("a started twice") }));
@@ -254,8 +316,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn start_waits_for_a_free_slot() {
-        let f = InFlight::new(1);
+    async fn start_waits_only_when_the_waiting_room_is_full() {
+        let f = InFlight::new(1, 0);
         f.start("slow", async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             ok()
@@ -269,5 +331,60 @@ mod tests {
             t.elapsed()
         );
         settled(&f, "next").await;
+    }
+
+    /// A send that cannot return yet (until `gate` gets a permit), counting its starts.
+    fn gated(gate: &Arc<Semaphore>) -> impl Future<Output = Outcome> + Send + 'static {
+        let gate = gate.clone();
+        async move {
+            let _open = gate.acquire().await;
+            ok()
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_wait_for_a_slot_beside_the_caller() {
+        let f = InFlight::new(1, 2);
+        let gate = Arc::new(Semaphore::new(0));
+        f.start("a", gated(&gate)).await;
+        // The slot is taken: "b" and "c" wait for it in their own tasks; the caller does not.
+        for id in ["b", "c"] {
+            tokio::time::timeout(Duration::from_secs(5), f.start(id, gated(&gate)))
+                .await
+                .expect("start does not wait for a free slot");
+            assert_eq!(f.state(id), SendState::Running);
+        }
+        until(|| f.running() == 1).await;
+        // One running and two waiting: the waiting room is full.
+        assert!(!f.try_start("d", async { panic!("d admitted over the bound") }));
+        gate.add_permits(3);
+        for id in ["a", "b", "c"] {
+            assert!(matches!(settled(&f, id).await, SendState::Finished { .. }));
+        }
+        assert!(f.try_start("d", async { ok() }));
+        settled(&f, "d").await;
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_the_running_sends_and_drops_the_waiting_ones() {
+        let f = InFlight::new(1, 2);
+        let gate = Arc::new(Semaphore::new(0));
+        f.start("a", gated(&gate)).await;
+        f.start("b", async { panic!("b was sent while draining") })
+            .await;
+        let drain = tokio::spawn({
+            let f = f.clone();
+            async move { f.drain().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!drain.is_finished(), "drain returned with a send running");
+        gate.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .expect("drain returns once the running send has")
+            .unwrap();
+        assert!(matches!(f.state("a"), SendState::Finished { .. }));
+        assert_eq!(f.state("b"), SendState::Absent, "dropped unsent");
+        assert_eq!(f.running(), 0);
     }
 }

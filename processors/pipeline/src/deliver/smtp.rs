@@ -55,6 +55,10 @@ pub struct SmtpConfig {
     /// Sends in flight at once (each on its own pooled connection, so keep `pool_max` at
     /// least this).
     pub max_in_flight: u32,
+    /// Mails waiting for one of those slots beside the processor's loop (so one slow send
+    /// does not stop it reading); only when this many wait does reading stop until one
+    /// starts (backpressure).
+    pub max_waiting: u32,
     /// Attempts of one mail in all (4xx, connection failures) before it is dead-lettered.
     pub max_attempts: u32,
     /// Delay before the first retry, ms; doubles per attempt.
@@ -74,6 +78,7 @@ impl Default for SmtpConfig {
             timeout_ms: 10_000,
             tls: "none".into(),
             max_in_flight: 8,
+            max_waiting: 256,
             max_attempts: 6,
             retry_initial_ms: 1_000,
             retry_max_ms: 60_000,

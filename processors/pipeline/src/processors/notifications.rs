@@ -8,7 +8,8 @@
 //!   dead letter; or a retry after a backoff (5xx, 408, 429, timeouts), without holding back
 //!   the partition;
 //! - `outgoing-mail`: hands the mail to the MTA over SMTP, up to `[app.smtp] max_in_flight`
-//!   mails at once ([`crate::deliver::inflight`]), and settles each one in a later
+//!   mails at once and `max_waiting` more queued for a slot beside the loop
+//!   ([`crate::deliver::inflight`]: the loop never waits for a free slot), and settles each one in a later
 //!   transaction: the idempotency key (effect key = the mail id) with `mail-status` *queued*
 //!   and Postfix's queue id; or, for a permanent refusal (SMTP 5xx, or `max_attempts` used
 //!   up), `mail-status` *failed* with the dead letter; or a retry after a backoff (SMTP 4xx,
@@ -30,7 +31,11 @@
 //!   finds no result and sends again (window: from the `250` to the next tick's commit,
 //!   about one tick plus one commit interval, 0.1 to 0.3 s with the defaults);
 //! - an aborted transaction (no crash) repeats nothing: the results of this process's sends
-//!   stay in memory by mail id and are settled from there.
+//!   stay in memory by mail id and are settled from there;
+//! - a clean stop (SIGTERM) repeats nothing: [`AsyncHandler::drain`] starts no more sends,
+//!   waits for those running (each bounded by its timeout), and the runtime settles them in
+//!   its last transaction; sends that were still waiting for a slot were never handed over
+//!   and go after the restart.
 //!
 //! After the settlement commits, the mail (or call) is never sent again (within the
 //! `[effects]` retention). The Message-ID (`<mail id@domain>`) and the `Idempotency-Key`
@@ -84,7 +89,7 @@ impl Default for NotificationsSettings {
 pub struct Notifications {
     renderer: Renderer,
     smtp_config: SmtpConfig,
-    /// Made on first use, inside the runtime (lettre's pool runs a task).
+    /// Made on first use (only a processor that reads `outgoing-mail` needs it).
     smtp: Option<SmtpSender>,
     /// Mails being handed to the MTA, and their results until settled.
     inflight: InFlight,
@@ -116,6 +121,10 @@ impl Notifications {
             "[app.smtp] max_in_flight must be 1..=1024"
         );
         anyhow::ensure!(
+            s.smtp.max_waiting <= 65_536 && s.http.max_waiting <= 65_536,
+            "[app.smtp] and [app.http] max_waiting must be at most 65536"
+        );
+        anyhow::ensure!(
             s.smtp.max_attempts >= 1 && s.smtp.retry_initial_ms >= 1,
             "[app.smtp] max_attempts and retry_initial_ms must be at least 1"
         );
@@ -131,9 +140,12 @@ impl Notifications {
             renderer,
             smtp_config: s.smtp.clone(),
             smtp: None,
-            inflight: InFlight::new(s.smtp.max_in_flight as usize),
+            inflight: InFlight::new(s.smtp.max_in_flight as usize, s.smtp.max_waiting as usize),
             http_config: s.http,
-            http_inflight: InFlight::new(s.http.max_in_flight as usize),
+            http_inflight: InFlight::new(
+                s.http.max_in_flight as usize,
+                s.http.max_waiting as usize,
+            ),
             http: HttpSender::new(&s.http)?,
         })
     }
@@ -194,6 +206,23 @@ impl AsyncHandler for Notifications {
                 "notifications does not read {other}"
             ))),
         }
+    }
+
+    /// A clean stop: no more sends start; the running ones (each bounded by its timeout) are
+    /// waited for, and then [`RECHECK_MS`] more, so that every pending timer is due when the
+    /// runtime fires the due wall timers in its last transaction: each result is settled
+    /// (idempotency key, `mail-status`) and a restart does not send it again.
+    async fn drain(&mut self) {
+        let t = tokio::time::Instant::now();
+        let (mails, calls) = (self.inflight.running(), self.http_inflight.running());
+        tokio::join!(self.inflight.drain(), self.http_inflight.drain());
+        tokio::time::sleep_until(t + std::time::Duration::from_millis(RECHECK_MS as u64 + 2)).await;
+        tracing::info!(
+            waited_ms = t.elapsed().as_millis() as u64,
+            mails,
+            calls,
+            "sends in flight finished; settling them before the last commit"
+        );
     }
 
     async fn on_timer(&mut self, ctx: &mut Context<'_>, timer: &Timer) -> Result<(), Failure> {

@@ -112,6 +112,26 @@ impl Processor {
         alive
     }
 
+    /// SIGTERM (a clean stop: `systemctl stop`, Ctrl-C); [`Processor::exited`] tells when it
+    /// is done.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            let status = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill -TERM {}", c.id());
+        }
+    }
+
+    /// The exit status once the current incarnation has exited (it is then forgotten).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// The current incarnation's log so far (since its `==== start N` line).
     pub fn log_since_start(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join(format!("{}.log", self.name)))
