@@ -259,8 +259,8 @@ async fn committed_statuses(client: &spool_client::Client, quiet: Duration) -> V
 
 /// SIGTERM while four mails are handed over (the server holds each `250` for 700 ms): the
 /// process waits for them, settles them in its last transaction and exits 0; the next start
-/// sends none of them again (before the drain it sent all four again: their pending timers
-/// were committed, their settlements not).
+/// sends none of them again (without the drain, by reading: their pending timers were
+/// committed and their settlements not, so the restart would send all four again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_settles_the_mails_in_flight() {
     let (port, seen) = smtp_server(Duration::from_millis(700)).await;
