@@ -40,7 +40,9 @@
 //! `--passthrough PATH`, `--apply-bytes N` (the runtime's `apply_bytes`; 0 applies state to
 //! the local store after every transaction, as before it was batched), `--linger-ms N` (the
 //! runtime's `commit_linger`; 100 = the interval: commit on the interval only, the cadence
-//! before the linger). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
+//! before the linger), `--interval-ms N` (the runtime's `commit_interval`, default 100), `--sync-commit` (the
+//! runtime's `overlap_commits` off: the loop waits for every commit, as before they
+//! overlapped). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
 //! commit metrics (sums and counts) after its phase, to see where the time went.
 
 use std::path::{Path, PathBuf};
@@ -52,8 +54,8 @@ use spool_benches::inprocess::Running;
 use spool_benches::spoold::{self, Spoold};
 use spool_benches::{Stats, flag_value};
 use spool_client::{
-    Acks, Client, GroupConfig, GroupConsumer, Polled, ProducerConfig, ProducerRecord,
-    TopicPartition, TopicSettings,
+    Acks, Client, ConsumerConfig, GroupConfig, GroupConsumer, Polled, ProducerConfig,
+    ProducerRecord, StartAt, TopicPartition, TopicSettings,
 };
 use spool_log_engine::{BatchBuilder, Compression};
 use spool_processor::runtime::RuntimeConfig;
@@ -192,6 +194,12 @@ fn processor_config(name: &str, inputs: &[&str], state_dir: &Path) -> RuntimeCon
     }
     if let Some(ms) = flag_value::<u64>(&args, "--linger-ms") {
         c.commit_linger = Duration::from_millis(ms);
+    }
+    if let Some(ms) = flag_value::<u64>(&args, "--interval-ms") {
+        c.commit_interval = Duration::from_millis(ms);
+    }
+    if args.iter().any(|a| a == "--sync-commit") {
+        c.overlap_commits = false;
     }
     c
 }
@@ -354,6 +362,92 @@ async fn lanes(
         },
     );
     p.ready(Duration::from_secs(60)).await?;
+    // The high lane's producer (and, with SPOOL_BENCH_VERBOSE, a plain consumer of its topic
+    // on a connection of its own: what the broker and the machine add without the processor)
+    // run on a thread and runtime of their own, as another process would: on this runtime
+    // they would wait behind the processor's tasks, and their delay would count as the
+    // processor's.
+    let verbose = std::env::var_os("SPOOL_BENCH_VERBOSE").is_some();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (addr2, hi2) = (addr.to_owned(), hi.clone());
+    std::thread::spawn(move || {
+        let r = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(drive_high_lane(addr2, hi2, rate, secs, verbose)));
+        let _ = done_tx.send(r);
+    });
+    let (sent, probe) = done_rx.await.context("the high lane's driver thread")??;
+    // Let the last ones arrive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (latencies.lock().expect("not poisoned").len() as u64) < sent && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lo_lag: u64 = {
+        let d = client.describe_topic(low).await?;
+        let end: u64 = d.partitions.iter().map(|p| p.high_watermark).sum();
+        let all = tps(low, d.partitions.len() as u32);
+        end.saturating_sub(committed(&client, name, &all).await?)
+    };
+    if std::env::var_os("SPOOL_BENCH_VERBOSE").is_some() {
+        for l in p.metrics.render().lines() {
+            if l.contains("_sum") || l.contains("_count") || l.contains("commits_total") {
+                eprintln!("  {name}: {l}");
+            }
+        }
+    }
+    p.stop().await?;
+    if let Some(mut l) = probe {
+        l.drain(..l.len() / 10);
+        eprintln!(
+            "  {name}: a plain consumer of the high lane: p50/p99 {:.2}/{:.2} ms ({} records)",
+            percentile(&l, 50.0),
+            percentile(&l, 99.0),
+            l.len()
+        );
+    }
+    let mut l = latencies.lock().expect("not poisoned").clone();
+    // The first tenth is warm-up (connections, first fetches).
+    let skip = l.len() / 10;
+    l.drain(..skip);
+    Ok((l, lo_lag))
+}
+
+/// Sends `rate` records/s for `secs` to `hi` (each carrying its send time), after letting
+/// the low lane get going; with `probe`, also reads them back with a plain consumer. The
+/// records sent, and the probe's latencies (ms).
+async fn drive_high_lane(
+    addr: String,
+    hi: String,
+    rate: u32,
+    secs: f64,
+    probe: bool,
+) -> Result<(u64, Option<Vec<f64>>)> {
+    let client = Client::connect(addr).await?;
+    let probe = if probe {
+        let mut consumer = client.consumer(ConsumerConfig::default());
+        consumer.subscribe(&hi, 0, StartAt::Earliest).await?;
+        Some(tokio::spawn(async move {
+            let mut l = Vec::new();
+            while let Ok(Some(Ok(r))) =
+                tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
+            {
+                let v = r.value.as_deref().unwrap_or_default();
+                if let Some(sent) = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.split('|').next())
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    l.push(now_us().saturating_sub(sent) as f64 / 1000.0);
+                }
+            }
+            l
+        }))
+    } else {
+        None
+    };
     // Let the low lane get going.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let producer = client.producer(ProducerConfig {
@@ -380,25 +474,12 @@ async fn lanes(
     for a in acks {
         a.await?;
     }
-    // Let the last ones arrive.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (latencies.lock().expect("not poisoned").len() as u64) < sent && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     producer.close().await;
-    let lo_lag: u64 = {
-        let d = client.describe_topic(low).await?;
-        let end: u64 = d.partitions.iter().map(|p| p.high_watermark).sum();
-        let all = tps(low, d.partitions.len() as u32);
-        end.saturating_sub(committed(&client, name, &all).await?)
+    let probe = match probe {
+        Some(p) => Some(p.await?),
+        None => None,
     };
-    p.stop().await?;
-    let mut l = latencies.lock().expect("not poisoned").clone();
-    // The first tenth is warm-up (connections, first fetches).
-    let skip = l.len() / 10;
-    l.drain(..skip);
-    Ok((l, lo_lag))
+    Ok((sent, probe))
 }
 
 /// Records/s of a lane throttled at `rate`, between 1 s and 11 s after ready.
