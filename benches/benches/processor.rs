@@ -23,7 +23,9 @@
 //! - **restore**: the same with the state directory deleted: time to ready, and the
 //!   changelog's size (`DescribeTopic`'s partition bytes) over that time.
 //! - **lanes**: a high lane (priority 0) gets `--lane-rate` records/s, each carrying its send
-//!   time; the handler measures the time from send to its call. Once with the low lane idle
+//!   time, from a producer on a thread and runtime of its own (on the processor's runtime
+//!   its sends waited behind the saturated processor's tasks); the handler measures the time
+//!   from send to its call. Once with the low lane idle
 //!   (an empty topic), once with the low lane saturated (a topic of its own filled with
 //!   `--lane-records` records, default 4 M, read from its start by a new group). p50/p99 of
 //!   each phase and the ratio of the p99s. A rep whose low lane ran dry before the phase
