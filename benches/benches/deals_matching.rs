@@ -2,7 +2,8 @@
 //! machine, as `cargo bench -p spool-benches --bench deals_matching`:
 //!
 //! - **deals**: `spool_pipeline::processors::deals::Deals` on the processor runtime (in this
-//!   process, default settings: exactly once, a transaction every 100 ms or 10 000 inputs)
+//!   process, default settings: exactly once, a transaction every 100 ms or 100 000 inputs,
+//!   or after 2 ms without input, or at 32 MiB of state writes)
 //!   reads `--updates` price updates of the seeded feed (`--products` products, 10 merchants,
 //!   the CloudEvents `spool-feed` writes) from `prices`. Updates/s from ready until its
 //!   committed offsets cover every input. Target ≥ 100 000/s.

@@ -8,8 +8,10 @@
 //! The users so notified are remembered per product; when the product **leaves** "deal", each
 //! of them gets a timeline removal and the memory is cleared.
 //!
-//! Everything an input produces is returned as one `Vec<Output>`: the processor emits it in one
-//! transaction with the input's offset. The state lives behind [`MatchingStore`] (the runtime's
+//! Everything an input produces goes out in one transaction with the input's offset. A deal's
+//! fan-out is streamed ([`Matcher::fan_out`]: borrowed [`FanOut`] items, the deal the same for
+//! all, so the processor encodes it once); [`Matcher::on_transition`] returns the same outputs
+//! as events (tests, the oracle). The state lives behind [`MatchingStore`] (the runtime's
 //! state stores in the processor, [`MemStore`] in tests), keyed so that a deal's audience is one
 //! ordered range scan: `(category, min_drop, user)`, stopping at the first `min_drop` above the
 //! deal's drop. Memory is therefore the store's, bounded by its configuration, not by users.
@@ -19,6 +21,7 @@
 //! emitted only for a user who got the add.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::events::{
     AddressStatus, AlertSettings, BasisPoints, Channel, DealInfo, DealTransition, NotificationKind,
@@ -35,6 +38,79 @@ pub enum Output {
     Timeline(TimelineEvent),
 }
 
+/// One output of a deal's fan-out ([`Matcher::fan_out`]), borrowed from the matcher. The deal
+/// is the same for every output of a fan-out ([`deal_info`] of the transition).
+#[derive(Debug, Clone, Copy)]
+pub enum FanOut<'a> {
+    /// The user's timeline entry (once per user, before the user's requests):
+    /// [`timeline_add`].
+    Timeline {
+        /// The user.
+        user: &'a str,
+    },
+    /// A notification request on one channel: [`request`].
+    Notify {
+        /// The user.
+        user: &'a str,
+        /// The user's settings (normalised).
+        settings: &'a AlertSettings,
+        /// The channel.
+        channel: Channel,
+        /// The address on that channel.
+        address: &'a str,
+    },
+}
+
+/// The deal that every output of a transition's fan-out carries.
+pub fn deal_info(t: &DealTransition) -> DealInfo {
+    DealInfo {
+        transition: t.id.clone(),
+        product: t.product.clone(),
+        name: t.name.clone(),
+        category: t.category.clone(),
+        price: t.price,
+        reference: t.reference,
+        drop_bp: t.drop_bp,
+        merchant: t.merchant.clone(),
+    }
+}
+
+/// The timeline entry [`FanOut::Timeline`] stands for.
+pub fn timeline_add(t: &DealTransition, deal: &DealInfo, user: &str) -> TimelineEvent {
+    TimelineEvent {
+        user: user.to_owned(),
+        op: TimelineOp::Add,
+        entry: t.id.clone(),
+        product: t.product.clone(),
+        deal: Some(deal.clone()),
+        at_ms: t.at_ms,
+    }
+}
+
+/// The notification request [`FanOut::Notify`] stands for.
+pub fn request(
+    t: &DealTransition,
+    deal: &DealInfo,
+    user: &str,
+    s: &AlertSettings,
+    channel: Channel,
+    address: &str,
+) -> NotificationRequest {
+    NotificationRequest {
+        id: notification_id(&t.id, user, channel),
+        kind: NotificationKind::DealAlert,
+        user: user.to_owned(),
+        user_name: s.name.clone(),
+        channel,
+        address: address.to_owned(),
+        time_zone: s.time_zone.clone(),
+        quiet_hours: s.quiet_hours,
+        deal: Some(deal.clone()),
+        campaign: None,
+        at_ms: t.at_ms,
+    }
+}
+
 /// A user in a category's audience: the index entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Audience {
@@ -49,8 +125,8 @@ pub struct Audience {
 pub trait MatchingStore {
     /// A failing store.
     type Error;
-    /// A user's settings.
-    fn settings(&mut self, user: &str) -> Result<Option<AlertSettings>, Self::Error>;
+    /// A user's settings (shared: a deal reads every user's, a cache may keep them decoded).
+    fn settings(&mut self, user: &str) -> Result<Option<Arc<AlertSettings>>, Self::Error>;
     /// Stores (or with `None`, deletes) a user's settings.
     fn put_settings(
         &mut self,
@@ -173,33 +249,43 @@ impl<S: MatchingStore> Matcher<S> {
     }
 
     fn entered(&mut self, t: &DealTransition) -> Result<Vec<Output>, S::Error> {
+        let deal = deal_info(t);
+        let mut out = Vec::new();
+        self.fan_out(t, &mut |_, o| {
+            out.push(match o {
+                FanOut::Timeline { user } => Output::Timeline(timeline_add(t, &deal, user)),
+                FanOut::Notify {
+                    user,
+                    settings,
+                    channel,
+                    address,
+                } => Output::Notify(request(t, &deal, user, settings, channel, address)),
+            });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The fan-out of a product entering "deal" (`t.kind` is [`TransitionKind::Entered`]):
+    /// per interested user, in audience order, the timeline entry, then a request per channel
+    /// that has an address (no e-mail to a flagged one); remembers each user as notified.
+    /// `emit` gets each output as it is found, with the store (for a caller that emits
+    /// through it); nothing of the fan-out is collected here beyond the audience's user ids.
+    pub fn fan_out(
+        &mut self,
+        t: &DealTransition,
+        emit: &mut dyn FnMut(&mut S, FanOut<'_>) -> Result<(), S::Error>,
+    ) -> Result<(), S::Error> {
+        debug_assert_eq!(t.kind, TransitionKind::Entered);
         let mut users = Vec::new();
         self.store
             .audience(&t.category, t.drop_bp, &mut |a| users.push(a.user.clone()))?;
-        let deal = DealInfo {
-            transition: t.id.clone(),
-            product: t.product.clone(),
-            name: t.name.clone(),
-            category: t.category.clone(),
-            price: t.price,
-            reference: t.reference,
-            drop_bp: t.drop_bp,
-            merchant: t.merchant.clone(),
-        };
-        let mut out = Vec::with_capacity(users.len() * 2);
-        for user in users {
-            let Some(s) = self.store.settings(&user)? else {
+        for user in &users {
+            let Some(s) = self.store.settings(user)? else {
                 continue; // index and settings are written together; defensive only
             };
-            out.push(Output::Timeline(TimelineEvent {
-                user: user.clone(),
-                op: TimelineOp::Add,
-                entry: t.id.clone(),
-                product: t.product.clone(),
-                deal: Some(deal.clone()),
-                at_ms: t.at_ms,
-            }));
-            self.store.add_notified(&t.product, &user, &t.id)?;
+            emit(&mut self.store, FanOut::Timeline { user })?;
+            self.store.add_notified(&t.product, user, &t.id)?;
             for &channel in &s.channels {
                 let address = match channel {
                     Channel::Email => match s.email.as_deref() {
@@ -210,29 +296,25 @@ impl<S: MatchingStore> Matcher<S> {
                     Channel::Push => s.push_url.as_deref(),
                 };
                 let Some(address) = address else { continue };
-                out.push(Output::Notify(NotificationRequest {
-                    id: notification_id(&t.id, &user, channel),
-                    kind: NotificationKind::DealAlert,
-                    user: user.clone(),
-                    user_name: s.name.clone(),
+                emit(
+                    &mut self.store,
+                    FanOut::Notify {
+                    user,
+                    settings: &*s,
                     channel,
-                    address: address.to_owned(),
-                    time_zone: s.time_zone.clone(),
-                    quiet_hours: s.quiet_hours,
-                    deal: Some(deal.clone()),
-                    campaign: None,
-                    at_ms: t.at_ms,
-                }));
+                    address,
+                    },
+                )?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
 /// An in-memory [`MatchingStore`] (tests, benchmarks, the oracle's cross-checks).
 #[derive(Debug, Default, Clone)]
 pub struct MemStore {
-    settings: BTreeMap<String, AlertSettings>,
+    settings: BTreeMap<String, Arc<AlertSettings>>,
     index: BTreeMap<(String, BasisPoints, String), ()>,
     unreachable: BTreeMap<String, ()>,
     notified: BTreeMap<(String, String), String>,
@@ -240,7 +322,7 @@ pub struct MemStore {
 
 impl MatchingStore for MemStore {
     type Error = std::convert::Infallible;
-    fn settings(&mut self, user: &str) -> Result<Option<AlertSettings>, Self::Error> {
+    fn settings(&mut self, user: &str) -> Result<Option<Arc<AlertSettings>>, Self::Error> {
         Ok(self.settings.get(user).cloned())
     }
     fn put_settings(
@@ -249,7 +331,7 @@ impl MatchingStore for MemStore {
         settings: Option<AlertSettings>,
     ) -> Result<(), Self::Error> {
         match settings {
-            Some(s) => self.settings.insert(user.to_owned(), s),
+            Some(s) => self.settings.insert(user.to_owned(), Arc::new(s)),
             None => self.settings.remove(user),
         };
         Ok(())

@@ -184,6 +184,27 @@ fn json<T: Serialize>(data: &T) -> Result<Vec<u8>, EnvelopeError> {
 
 /// The binary-mode record of a payload and its attributes.
 fn binary_mode(value: Vec<u8>, a: Attributes, key: Option<Bytes>) -> ProducerRecord {
+    record(
+        value,
+        Bytes::from(a.id),
+        Bytes::from(a.source),
+        Bytes::from(a.ty),
+        a.time_ms.map(|t| (t, Bytes::from(format_time(t)))),
+        a.subject.map(Bytes::from),
+        key,
+    )
+}
+
+/// The record of a JSON payload and its encoded attributes (`time`: ms and its RFC 3339 text).
+fn record(
+    value: Vec<u8>,
+    id: Bytes,
+    source: Bytes,
+    ty: Bytes,
+    time: Option<(i64, Bytes)>,
+    subject: Option<Bytes>,
+    key: Option<Bytes>,
+) -> ProducerRecord {
     let mut headers = Vec::with_capacity(7);
     let mut h = |name: &str, value: Bytes| {
         headers.push(Header {
@@ -195,21 +216,66 @@ fn binary_mode(value: Vec<u8>, a: Attributes, key: Option<Bytes>) -> ProducerRec
         "ce_specversion",
         Bytes::from_static(SPEC_VERSION.as_bytes()),
     );
-    h("ce_id", Bytes::from(a.id));
-    h("ce_source", Bytes::from(a.source));
-    h("ce_type", Bytes::from(a.ty));
-    if let Some(t) = a.time_ms {
-        h("ce_time", Bytes::from(format_time(t)));
-    }
-    if let Some(s) = a.subject {
-        h("ce_subject", Bytes::from(s));
+    h("ce_id", id);
+    h("ce_source", source);
+    h("ce_type", ty);
+    let timestamp_ms = time.map(|(ms, text)| {
+        h("ce_time", text);
+        ms
+    });
+    if let Some(s) = subject {
+        h("ce_subject", s);
     }
     h("content-type", Bytes::from_static(JSON.as_bytes()));
     ProducerRecord {
         key,
         value: Some(Bytes::from(value)),
         headers,
-        timestamp_ms: a.time_ms,
+        timestamp_ms,
+    }
+}
+
+/// The attributes that many events share, as in a fan-out (one cause, many events of one
+/// type): type, source and time, encoded once. [`SharedAttributes::record`] makes each event's
+/// record from its own id, subject, key and JSON payload; it is the record
+/// [`Event::into_record`] makes of the same event (the header values are shared, not copied).
+#[derive(Clone, Debug)]
+pub struct SharedAttributes {
+    source: Bytes,
+    ty: Bytes,
+    time: Option<(i64, Bytes)>,
+}
+
+impl SharedAttributes {
+    /// Events of type `ty` from `source` at `time_ms` (written as RFC 3339, as [`Event`]).
+    pub fn new(ty: &str, source: &str, time_ms: Option<i64>) -> SharedAttributes {
+        SharedAttributes {
+            source: Bytes::copy_from_slice(source.as_bytes()),
+            ty: Bytes::copy_from_slice(ty.as_bytes()),
+            time: time_ms.map(|t| (t, Bytes::from(format_time(t)))),
+        }
+    }
+
+    /// The record of one event: `json` is its payload, already JSON; the record key is `key`,
+    /// else the subject (as [`Event::record_key`]).
+    pub fn record(
+        &self,
+        id: String,
+        subject: Option<String>,
+        key: Option<Bytes>,
+        json: Vec<u8>,
+    ) -> ProducerRecord {
+        let subject = subject.map(Bytes::from);
+        let key = key.or_else(|| subject.clone());
+        record(
+            json,
+            Bytes::from(id),
+            self.source.clone(),
+            self.ty.clone(),
+            self.time.clone(),
+            subject,
+            key,
+        )
     }
 }
 
@@ -405,6 +471,38 @@ mod tests {
         // Consuming the event gives the same record.
         assert_eq!(ev.clone().into_record().unwrap(), r);
         assert_eq!(back, ev.key("sku-1"));
+    }
+
+    #[test]
+    fn shared_attributes_make_the_events_record() {
+        let ev = Event::new(
+            "spool.prices.update.v1",
+            "/feed",
+            "m1-42",
+            Price {
+                sku: "sku-1".into(),
+                cents: 1299,
+            },
+        )
+        .subject("sku-1")
+        .time_ms(1_700_000_000_123);
+        let shared =
+            SharedAttributes::new("spool.prices.update.v1", "/feed", Some(1_700_000_000_123));
+        let json = serde_json::to_vec(&ev.data).unwrap();
+        assert_eq!(
+            shared.record("m1-42".into(), Some("sku-1".into()), None, json.clone()),
+            ev.to_record().unwrap()
+        );
+        let keyed = ev.clone().key("k").subject("s");
+        assert_eq!(
+            shared.record("m1-42".into(), Some("s".into()), Some(Bytes::from("k")), json),
+            keyed.to_record().unwrap()
+        );
+        let untimed = Event::new("t", "/s", "i", 1u8);
+        assert_eq!(
+            SharedAttributes::new("t", "/s", None).record("i".into(), None, None, b"1".to_vec()),
+            untimed.to_record().unwrap()
+        );
     }
 
     #[test]

@@ -8,13 +8,29 @@
 //!
 //! Keys of `m`: `s\0USER` settings (JSON), `i\0CATEGORY\0MINDROP(5 digits)\0USER` the audience
 //! index, `a\0ADDRESS` flags, `n\0PRODUCT\0USER` → entry for the users notified of a deal.
+//!
+//! A deal's fan-out is encoded as it is found ([`FanOutEncoder`]): the deal's JSON and the
+//! events' shared attributes once per deal, not once per output; the records are byte for byte
+//! what [`emit_owned`] writes for the same events (tested). Users' settings are decoded once
+//! and kept decoded ([`SettingsCache`]) next to the stored bytes they came from: a cached value
+//! is used only while the store still holds exactly those bytes, so the store stays the one
+//! source of truth (aborted transactions, restores, other partitions need no invalidation).
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use spool_processor::envelope::SharedAttributes;
 use spool_processor::{Context, Failure, Handler, Input};
 
-use crate::events::{AddressStatus, AlertSettings, BasisPoints, DealTransition, TimelineOp};
-use crate::matching::{Audience, Matcher, MatchingStore, Output};
+use crate::events::{
+    AddressStatus, AlertSettings, BasisPoints, Channel, DealTransition, Event, NotificationKind,
+    NotificationRequest, QuietHours, TimelineEvent, TimelineOp, TransitionKind,
+};
+use crate::ids::notification_id;
+use crate::matching::{Audience, FanOut, Matcher, MatchingStore, Output, deal_info};
 use crate::processors::emit_owned;
 use crate::topics;
 
@@ -26,12 +42,16 @@ const STORE: &str = "m";
 pub struct MatchingSettings {
     /// Most users of one category in one partition (bounds one deal's fan-out in memory).
     pub max_audience: usize,
+    /// Most users whose decoded settings are kept ([`SettingsCache`]; at the bound the cache
+    /// starts over). About 0.5 KiB each.
+    pub settings_cache_users: usize,
 }
 
 impl Default for MatchingSettings {
     fn default() -> Self {
         MatchingSettings {
             max_audience: 1_000_000,
+            settings_cache_users: 262_144,
         }
     }
 }
@@ -40,12 +60,49 @@ impl Default for MatchingSettings {
 #[derive(Debug, Default)]
 pub struct Matching {
     settings: MatchingSettings,
+    cache: SettingsCache,
 }
 
 impl Matching {
     /// A processor with these settings.
     pub fn new(settings: MatchingSettings) -> Matching {
-        Matching { settings }
+        Matching {
+            settings,
+            cache: SettingsCache::default(),
+        }
+    }
+}
+
+/// Users' settings decoded, each with the stored bytes it was decoded from (see the module
+/// docs): a hit costs a comparison of those bytes instead of a JSON decode per user per deal.
+#[derive(Debug, Default)]
+struct SettingsCache {
+    users: HashMap<String, (Bytes, Arc<AlertSettings>)>,
+}
+
+impl SettingsCache {
+    /// The settings stored as `bytes` for `user`, decoded or from the cache.
+    fn get(&mut self, user: &str, bytes: Bytes, max: usize) -> Result<Arc<AlertSettings>, Failure> {
+        if let Some((b, s)) = self.users.get(user)
+            && *b == bytes
+        {
+            return Ok(s.clone());
+        }
+        // The store holds what this processor wrote: bytes that do not decode are a bug or
+        // a damaged store, not a bad input.
+        let s: Arc<AlertSettings> = Arc::new(serde_json::from_slice(&bytes).map_err(|e| {
+            Failure::fatal(format!(
+                "store {STORE}: settings of {user:?} are not the expected JSON: {e}"
+            ))
+        })?);
+        if max == 0 {
+            return Ok(s);
+        }
+        if self.users.len() >= max {
+            self.users.clear();
+        }
+        self.users.insert(user.to_owned(), (bytes, s.clone()));
+        Ok(s)
     }
 }
 
@@ -53,6 +110,8 @@ impl Matching {
 struct TaskStore<'x, 'c> {
     ctx: &'x mut Context<'c>,
     max_audience: usize,
+    cache: &'x mut SettingsCache,
+    cache_users: usize,
 }
 
 fn key(parts: &[&str]) -> Vec<u8> {
@@ -61,8 +120,11 @@ fn key(parts: &[&str]) -> Vec<u8> {
 
 impl MatchingStore for TaskStore<'_, '_> {
     type Error = Failure;
-    fn settings(&mut self, user: &str) -> Result<Option<AlertSettings>, Failure> {
-        self.ctx.store(STORE)?.get_json(&key(&["s", user]))
+    fn settings(&mut self, user: &str) -> Result<Option<Arc<AlertSettings>>, Failure> {
+        let Some(bytes) = self.ctx.store(STORE)?.get(&key(&["s", user]))? else {
+            return Ok(None);
+        };
+        self.cache.get(user, bytes, self.cache_users).map(Some)
     }
     fn put_settings(&mut self, user: &str, settings: Option<AlertSettings>) -> Result<(), Failure> {
         let mut s = self.ctx.store(STORE)?;
@@ -166,11 +228,20 @@ pub fn check_tables(tables: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Matching {
+    fn store<'x, 'c>(&'x mut self, ctx: &'x mut Context<'c>) -> Matcher<TaskStore<'x, 'c>> {
+        Matcher::new(TaskStore {
+            ctx,
+            max_audience: self.settings.max_audience,
+            cache: &mut self.cache,
+            cache_users: self.settings.settings_cache_users,
+        })
+    }
+}
+
 impl Handler for Matching {
     fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
-        let topic = input.topic.to_string();
-        let max_audience = self.settings.max_audience;
-        match topic.as_str() {
+        match &*input.topic {
             topics::USER_SETTINGS => {
                 let user = input
                     .key_str()
@@ -190,17 +261,19 @@ impl Handler for Matching {
                         s.user
                     )));
                 }
-                Matcher::new(TaskStore { ctx, max_audience }).on_settings(&user, settings)
+                self.store(ctx).on_settings(&user, settings)
             }
             topics::ADDRESS_STATUS => {
                 let Some(_) = input.value else { return Ok(()) };
                 let s: AddressStatus = input.data::<AddressStatus>()?;
-                Matcher::new(TaskStore { ctx, max_audience }).on_address_status(&s)
+                self.store(ctx).on_address_status(&s)
             }
             topics::DEAL_BROADCAST => {
                 let t: DealTransition = input.data::<DealTransition>()?;
-                let outputs = Matcher::new(TaskStore { ctx, max_audience }).on_transition(&t)?;
-                for o in outputs {
+                if t.kind == TransitionKind::Entered {
+                    return self.fan_out(ctx, &t);
+                }
+                for o in self.store(ctx).on_transition(&t)? {
                     match o {
                         Output::Notify(n) => {
                             let (id, at) = (n.id.clone(), n.at_ms);
@@ -223,6 +296,128 @@ impl Handler for Matching {
                 "matching does not read {other}"
             ))),
         }
+    }
+}
+
+impl Matching {
+    /// A product entered "deal": its fan-out, encoded as found ([`FanOutEncoder`]).
+    fn fan_out(&mut self, ctx: &mut Context<'_>, t: &DealTransition) -> Result<(), Failure> {
+        let enc = FanOutEncoder::new(ctx.processor(), t)?;
+        self.store(ctx).fan_out(t, &mut |store, o| {
+            let (topic, r) = enc.encode(o)?;
+            store.ctx.emit(topic, r);
+            Ok(())
+        })
+    }
+}
+
+/// An output's JSON payload.
+fn json<T: Serialize>(t: &DealTransition, v: &T) -> Result<Vec<u8>, Failure> {
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, v)
+        .map_err(|e| Failure::fatal(format!("cannot encode an output of {}: {e}", t.id)))?;
+    Ok(out)
+}
+
+/// [`NotificationRequest`]'s JSON with borrowed fields and the deal already encoded: the same
+/// field names in the same order, so the same bytes (test `fan_out_records_equal_the_events`).
+#[derive(Serialize)]
+struct RequestJson<'a> {
+    id: &'a str,
+    kind: NotificationKind,
+    user: &'a str,
+    user_name: &'a str,
+    channel: Channel,
+    address: &'a str,
+    time_zone: &'a str,
+    quiet_hours: Option<QuietHours>,
+    deal: Option<&'a RawValue>,
+    campaign: Option<()>,
+    at_ms: i64,
+}
+
+/// [`TimelineEvent`]'s JSON (an add), as [`RequestJson`].
+#[derive(Serialize)]
+struct TimelineJson<'a> {
+    user: &'a str,
+    op: TimelineOp,
+    entry: &'a str,
+    product: &'a str,
+    deal: Option<&'a RawValue>,
+    at_ms: i64,
+}
+
+/// Encodes one deal's fan-out into records: per deal once, the deal's JSON and each event
+/// type's shared attributes (type, source, time); per output, its own fields.
+struct FanOutEncoder<'t> {
+    t: &'t DealTransition,
+    deal: Box<RawValue>,
+    requests: SharedAttributes,
+    timeline: SharedAttributes,
+}
+
+impl<'t> FanOutEncoder<'t> {
+    fn new(processor: &str, t: &'t DealTransition) -> Result<FanOutEncoder<'t>, Failure> {
+        let json = serde_json::to_string(&deal_info(t))
+            .and_then(RawValue::from_string)
+            .map_err(|e| Failure::fatal(format!("cannot encode deal {}: {e}", t.id)))?;
+        let source = format!("/bestprice/{processor}");
+        Ok(FanOutEncoder {
+            t,
+            deal: json,
+            requests: SharedAttributes::new(NotificationRequest::TYPE, &source, Some(t.at_ms)),
+            timeline: SharedAttributes::new(TimelineEvent::TYPE, &source, Some(t.at_ms)),
+        })
+    }
+
+    /// The record of one output, and its topic.
+    fn encode(
+        &self,
+        o: FanOut<'_>,
+    ) -> Result<(&'static str, spool_client::ProducerRecord), Failure> {
+        let t = self.t;
+        Ok(match o {
+            FanOut::Timeline { user } => {
+                let v = json(t, &TimelineJson {
+                    user,
+                    op: TimelineOp::Add,
+                    entry: &t.id,
+                    product: &t.product,
+                    deal: Some(&self.deal),
+                    at_ms: t.at_ms,
+                })?;
+                let id = format!("{}:{user}:add", t.id);
+                (
+                    TimelineEvent::TOPIC,
+                    self.timeline.record(id, Some(user.to_owned()), None, v),
+                )
+            }
+            FanOut::Notify {
+                user,
+                settings,
+                channel,
+                address,
+            } => {
+                let id = notification_id(&t.id, user, channel);
+                let v = json(t, &RequestJson {
+                    id: &id,
+                    kind: NotificationKind::DealAlert,
+                    user,
+                    user_name: &settings.name,
+                    channel,
+                    address,
+                    time_zone: &settings.time_zone,
+                    quiet_hours: settings.quiet_hours,
+                    deal: Some(&self.deal),
+                    campaign: None,
+                    at_ms: t.at_ms,
+                })?;
+                (
+                    NotificationRequest::TOPIC,
+                    self.requests.record(id, Some(user.to_owned()), None, v),
+                )
+            }
+        })
     }
 }
 
@@ -263,6 +458,47 @@ mod tests {
             drop_bp: drop,
             merchant: "m1".into(),
             at_ms: 5,
+        }
+    }
+
+    #[test]
+    fn fan_out_records_equal_the_events() {
+        let t = transition(TransitionKind::Entered, 3000);
+        let mut s = settings("u\"1", 1000, "u1@localhost");
+        s.name = "Zoë \"<b>\"".into();
+        s.quiet_hours = Some(QuietHours {
+            start_min: 22 * 60,
+            end_min: 7 * 60,
+        });
+        let enc = FanOutEncoder::new("matching", &t).unwrap();
+        let deal = deal_info(&t);
+        let (topic, r) = enc.encode(FanOut::Timeline { user: "u\"1" }).unwrap();
+        let e = crate::matching::timeline_add(&t, &deal, "u\"1");
+        let id = format!("{}:{}:add", e.entry, e.user);
+        assert_eq!(topic, topics::TIMELINE);
+        assert_eq!(
+            r,
+            crate::processors::envelope_owned("matching", id, e, t.at_ms)
+                .into_record()
+                .unwrap()
+        );
+        for (channel, address) in [(Channel::Email, "u1@localhost"), (Channel::Push, "http://p")] {
+            let (topic, r) = enc
+                .encode(FanOut::Notify {
+                    user: "u\"1",
+                    settings: &s,
+                    channel,
+                    address,
+                })
+                .unwrap();
+            let n = crate::matching::request(&t, &deal, "u\"1", &s, channel, address);
+            assert_eq!(topic, topics::NOTIFICATION_REQUESTS);
+            assert_eq!(
+                r,
+                crate::processors::envelope_owned("matching", n.id.clone(), n, t.at_ms)
+                    .into_record()
+                    .unwrap()
+            );
         }
     }
 
