@@ -121,7 +121,7 @@ pub struct Audience {
 }
 
 /// The state matching needs. Implementations must iterate [`MatchingStore::audience`] in
-/// `(min_drop_bp, user)` order and stop when the visitor returns `false`.
+/// `(min_drop_bp, user)` order.
 pub trait MatchingStore {
     /// A failing store.
     type Error;
@@ -136,21 +136,30 @@ pub trait MatchingStore {
     /// Adds or removes one `(category, min_drop, user)` index entry.
     fn index(&mut self, category: &str, entry: &Audience, present: bool)
     -> Result<(), Self::Error>;
-    /// Visits a category's audience with `min_drop_bp <= max_drop`, in order.
+    /// Visits the next page of a category's audience with `min_drop_bp <= max_drop`, in
+    /// order: at most `limit` entries after `after` (from the start with `None`). True if
+    /// there may be more (the page was full).
     fn audience(
         &mut self,
         category: &str,
         max_drop: BasisPoints,
+        after: Option<&Audience>,
+        limit: usize,
         visit: &mut dyn FnMut(&Audience),
-    ) -> Result<(), Self::Error>;
+    ) -> Result<bool, Self::Error>;
     /// Whether an address is flagged unreachable.
     fn unreachable(&mut self, address: &str) -> Result<bool, Self::Error>;
     /// Sets or clears an address's flag.
     fn set_unreachable(&mut self, address: &str, flagged: bool) -> Result<(), Self::Error>;
     /// Remembers that `user` got the timeline entry `entry` for `product`.
     fn add_notified(&mut self, product: &str, user: &str, entry: &str) -> Result<(), Self::Error>;
-    /// Takes (returns and forgets) everyone notified for `product`: `(user, entry)` pairs.
-    fn take_notified(&mut self, product: &str) -> Result<Vec<(String, String)>, Self::Error>;
+    /// Takes (returns and forgets) up to `limit` of the users notified for `product`:
+    /// `(user, entry)` pairs.
+    fn take_notified(
+        &mut self,
+        product: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, Self::Error>;
 }
 
 /// Settings as matching uses them: categories deduplicated, channels deduplicated and ordered,
@@ -226,32 +235,48 @@ impl<S: MatchingStore> Matcher<S> {
             .set_unreachable(&s.address.trim().to_ascii_lowercase(), s.unreachable)
     }
 
-    /// A deal transition: the notifications and timeline changes it causes.
+    /// A deal transition: the notifications and timeline changes it causes, all of them.
     pub fn on_transition(&mut self, t: &DealTransition) -> Result<Vec<Output>, S::Error> {
         match t.kind {
             TransitionKind::Entered => self.entered(t),
             TransitionKind::Left => Ok(self
-                .store
-                .take_notified(&t.product)?
+                .removals(t, usize::MAX)?
+                .0
                 .into_iter()
-                .map(|(user, entry)| {
-                    Output::Timeline(TimelineEvent {
-                        user,
-                        op: TimelineOp::Remove,
-                        entry,
-                        product: t.product.clone(),
-                        deal: None,
-                        at_ms: t.at_ms,
-                    })
-                })
+                .map(Output::Timeline)
                 .collect()),
         }
+    }
+
+    /// A product left "deal" (`t.kind` is [`TransitionKind::Left`]): timeline removals for
+    /// up to `limit` of the users notified of it, who are forgotten; true if there may be
+    /// more (call again).
+    pub fn removals(
+        &mut self,
+        t: &DealTransition,
+        limit: usize,
+    ) -> Result<(Vec<TimelineEvent>, bool), S::Error> {
+        debug_assert_eq!(t.kind, TransitionKind::Left);
+        let taken = self.store.take_notified(&t.product, limit)?;
+        let more = taken.len() >= limit;
+        let out = taken
+            .into_iter()
+            .map(|(user, entry)| TimelineEvent {
+                user,
+                op: TimelineOp::Remove,
+                entry,
+                product: t.product.clone(),
+                deal: None,
+                at_ms: t.at_ms,
+            })
+            .collect();
+        Ok((out, more))
     }
 
     fn entered(&mut self, t: &DealTransition) -> Result<Vec<Output>, S::Error> {
         let deal = deal_info(t);
         let mut out = Vec::new();
-        self.fan_out(t, &mut |_, o| {
+        self.fan_out(t, None, usize::MAX, &mut |_, o| {
             out.push(match o {
                 FanOut::Timeline { user } => Output::Timeline(timeline_add(t, &deal, user)),
                 FanOut::Notify {
@@ -266,21 +291,28 @@ impl<S: MatchingStore> Matcher<S> {
         Ok(out)
     }
 
-    /// The fan-out of a product entering "deal" (`t.kind` is [`TransitionKind::Entered`]):
-    /// per interested user, in audience order, the timeline entry, then a request per channel
+    /// The fan-out of a product entering "deal" (`t.kind` is [`TransitionKind::Entered`]),
+    /// one page of it: the next at most `limit` users of the audience after `after`. Per
+    /// interested user, in audience order, the timeline entry, then a request per channel
     /// that has an address (no e-mail to a flagged one); remembers each user as notified.
     /// `emit` gets each output as it is found, with the store (for a caller that emits
-    /// through it); nothing of the fan-out is collected here beyond the audience's user ids.
+    /// through it); nothing is collected here beyond the page's user ids. Returns where to
+    /// go on from when there may be more (the last user of a full page).
     pub fn fan_out(
         &mut self,
         t: &DealTransition,
+        after: Option<&Audience>,
+        limit: usize,
         emit: &mut dyn FnMut(&mut S, FanOut<'_>) -> Result<(), S::Error>,
-    ) -> Result<(), S::Error> {
+    ) -> Result<Option<Audience>, S::Error> {
         debug_assert_eq!(t.kind, TransitionKind::Entered);
-        let mut users = Vec::new();
-        self.store
-            .audience(&t.category, t.drop_bp, &mut |a| users.push(a.user.clone()))?;
-        for user in &users {
+        let mut page = Vec::new();
+        let more = self
+            .store
+            .audience(&t.category, t.drop_bp, after, limit, &mut |a| {
+                page.push(a.clone())
+            })?;
+        for Audience { user, .. } in &page {
             let Some(s) = self.store.settings(user)? else {
                 continue; // index and settings are written together; defensive only
             };
@@ -299,15 +331,15 @@ impl<S: MatchingStore> Matcher<S> {
                 emit(
                     &mut self.store,
                     FanOut::Notify {
-                    user,
-                    settings: &*s,
-                    channel,
-                    address,
+                        user,
+                        settings: &*s,
+                        channel,
+                        address,
                     },
                 )?;
             }
         }
-        Ok(())
+        Ok(if more { page.pop() } else { None })
     }
 }
 
@@ -349,19 +381,30 @@ impl MatchingStore for MemStore {
         &mut self,
         category: &str,
         max_drop: BasisPoints,
+        after: Option<&Audience>,
+        limit: usize,
         visit: &mut dyn FnMut(&Audience),
-    ) -> Result<(), Self::Error> {
-        let from = (category.to_owned(), 0, String::new());
-        for ((c, d, u), ()) in self.index.range(from..) {
+    ) -> Result<bool, Self::Error> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(a) => Bound::Excluded((category.to_owned(), a.min_drop_bp, a.user.clone())),
+            None => Bound::Included((category.to_owned(), 0, String::new())),
+        };
+        let mut n = 0;
+        for ((c, d, u), ()) in self.index.range((from, Bound::Unbounded)) {
             if c != category || *d > max_drop {
-                break;
+                return Ok(false);
             }
+            if n == limit {
+                return Ok(true);
+            }
+            n += 1;
             visit(&Audience {
                 min_drop_bp: *d,
                 user: u.clone(),
             });
         }
-        Ok(())
+        Ok(false)
     }
     fn unreachable(&mut self, address: &str) -> Result<bool, Self::Error> {
         Ok(self.unreachable.contains_key(address))
@@ -379,11 +422,16 @@ impl MatchingStore for MemStore {
             .insert((product.to_owned(), user.to_owned()), entry.to_owned());
         Ok(())
     }
-    fn take_notified(&mut self, product: &str) -> Result<Vec<(String, String)>, Self::Error> {
+    fn take_notified(
+        &mut self,
+        product: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, Self::Error> {
         let keys: Vec<_> = self
             .notified
             .range((product.to_owned(), String::new())..)
             .take_while(|((p, _), _)| p == product)
+            .take(limit)
             .map(|(k, _)| k.clone())
             .collect();
         Ok(keys

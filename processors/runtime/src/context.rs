@@ -53,6 +53,10 @@ pub struct Context<'a> {
     env: Env<'a>,
     /// Idempotency keys marked done by this call, in order.
     marked: Vec<String>,
+    /// The cursor of the previous call for the same input ([`Context::call_again`]).
+    resumed: Option<Bytes>,
+    /// Set by [`Context::call_again`].
+    again: Option<Bytes>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -111,16 +115,42 @@ impl<'a> Context<'a> {
             stream_time_ms,
             env,
             marked: Vec::new(),
+            resumed: None,
+            again: None,
         }
     }
 
-    /// The call's writes and emitted records, after indexing and pruning the idempotency
-    /// keys it marked ([`effects`]).
-    pub(crate) fn into_parts(mut self) -> Result<(Writes, Vec<Emit>), StateError> {
+    /// Makes this call a continuation of an earlier one for the same input.
+    pub(crate) fn resume(&mut self, cursor: Option<Bytes>) {
+        self.resumed = cursor;
+    }
+
+    /// The call's writes, emitted records and [`Context::call_again`] cursor, after indexing
+    /// and pruning the idempotency keys it marked ([`effects`]).
+    pub(crate) fn into_parts(mut self) -> Result<(Writes, Vec<Emit>, Option<Bytes>), StateError> {
         let marked = std::mem::take(&mut self.marked);
         let retention = self.env.effects_retention;
         effects::settle(&mut self, &marked, retention)?;
-        Ok((self.writes, self.emits))
+        Ok((self.writes, self.emits, self.again))
+    }
+
+    /// Asks for another call with the same input once this one's records are sent, in the
+    /// same transaction; that call sees this one's writes and gets `cursor` from
+    /// [`Context::resumed`]. For work too large for one call (a fan-out to a million users):
+    /// memory is bounded by what one call emits. The input counts as handled, and its offset
+    /// moves, only after the last call (one that does not ask again). A call that fails after
+    /// the first is fatal: the earlier calls' records are already in the open transaction, so
+    /// the input can no longer be retried or dead-lettered on its own (the runtime aborts and
+    /// stops; after the restart the input is handled from the start again). Inputs only: a
+    /// timer handler that asks is a fatal failure.
+    pub fn call_again(&mut self, cursor: impl Into<Bytes>) {
+        self.again = Some(cursor.into());
+    }
+
+    /// The cursor the previous call for this input passed to [`Context::call_again`]; `None`
+    /// in the first call.
+    pub fn resumed(&self) -> Option<&[u8]> {
+        self.resumed.as_deref()
     }
 
     /// The task (input partition number) this call runs for.
@@ -343,8 +373,28 @@ impl Store<'_, '_> {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
-        let from = state::composite(self.name, prefix);
-        let to = state::prefix_end(&from);
+        self.scan_prefix_after(prefix, None, limit)
+    }
+
+    /// [`Store::scan_prefix`] from the first key after `after` (a key of this store, with
+    /// the prefix): the next page of a scan that ended at `after`.
+    pub fn scan_prefix_after(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
+        let start = state::composite(self.name, prefix);
+        let to = state::prefix_end(&start);
+        let from = match after {
+            // The smallest key greater than `after`.
+            Some(a) => {
+                let mut k = state::composite(self.name, a);
+                k.push(0);
+                k.max(start)
+            }
+            None => start,
+        };
         let skip = 1 + self.name.len();
         Ok(self
             .ctx

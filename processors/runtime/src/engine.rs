@@ -321,20 +321,24 @@ impl Task {
         Ok(())
     }
 
-    /// Runs the handler on one input. On `Ok` its writes join the open transaction and its
-    /// emitted records are returned; on `Err` nothing it did is kept.
+    /// Runs the handler on one input (`resume`: the cursor of the previous call for it,
+    /// [`Context::call_again`]). On `Ok` its writes join the open transaction and its emitted
+    /// records are returned, with the cursor of a call asked for; on `Err` nothing it did is
+    /// kept.
     pub(crate) async fn handle<H: AsyncHandler>(
         &mut self,
         handler: &mut H,
         input: &Input,
         now_ms: i64,
         env: Env<'_>,
-    ) -> Result<Vec<Emit>, Failure> {
+        resume: Option<Bytes>,
+    ) -> Result<(Vec<Emit>, Option<Bytes>), Failure> {
         let st = self.stream_time.max(input.timestamp_ms);
         let mut ctx = Context::new(&self.state, self.partition, now_ms, st, env);
+        ctx.resume(resume);
         let r = handler.handle(&mut ctx, input).await;
         r?;
-        let (mut writes, emits) = ctx.into_parts()?;
+        let (mut writes, emits, again) = ctx.into_parts()?;
         if st > self.stream_time {
             self.stream_time = st;
             writes.insert(
@@ -343,7 +347,7 @@ impl Task {
             );
         }
         self.state.merge(writes);
-        Ok(emits)
+        Ok((emits, again))
     }
 
     /// Timers of `kind` due at or before `upto`, earliest first, at most `limit`.
@@ -401,7 +405,12 @@ impl Task {
             handler.on_timer(&mut ctx, timer).await
         };
         r?;
-        let (writes, emits) = ctx.into_parts()?;
+        let (writes, emits, again) = ctx.into_parts()?;
+        if again.is_some() {
+            return Err(Failure::fatal(
+                "a timer handler asked for call_again, which is for inputs only",
+            ));
+        }
         self.state.merge(writes);
         Ok(emits)
     }

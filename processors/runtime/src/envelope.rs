@@ -495,7 +495,12 @@ mod tests {
         );
         let keyed = ev.clone().key("k").subject("s");
         assert_eq!(
-            shared.record("m1-42".into(), Some("s".into()), Some(Bytes::from("k")), json),
+            shared.record(
+                "m1-42".into(),
+                Some("s".into()),
+                Some(Bytes::from("k")),
+                json
+            ),
             keyed.to_record().unwrap()
         );
         let untimed = Event::new("t", "/s", "i", 1u8);

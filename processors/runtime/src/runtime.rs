@@ -49,6 +49,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use spool_client::{
     CleanupPolicy, Client, GroupConfig, GroupConsumer, OffsetCommit, OffsetSpec, Polled, Record,
     TopicPartition, TopicSettings, TransactionalConfig, TransactionalProducer,
@@ -1080,6 +1081,8 @@ impl<'c> Session<'c> {
         shutdown: &mut Shutdown,
     ) -> Result<bool, RuntimeError> {
         let env = self.env();
+        // The cursor of a handler that asked to be called again (Context::call_again).
+        let mut resume: Option<Bytes> = None;
         loop {
             self.begin()?;
             let now = self.cfg.clock.now_ms();
@@ -1088,17 +1091,31 @@ impl<'c> Session<'c> {
                 .tasks
                 .get_mut(&input.partition)
                 .expect("checked by the caller");
-            let result = task.handle(handler, &input, now, env).await;
+            let resumed = resume.is_some();
+            let result = task.handle(handler, &input, now, env, resume.take()).await;
             self.metrics
                 .process_seconds
                 .observe(started.elapsed().as_secs_f64());
             let failure = match result {
-                Ok(emits) => {
+                Ok((emits, again)) => {
                     if let Err(e) = self.send(emits).await {
                         self.abort_and_rewind(e).await?;
                         return Ok(false);
                     }
+                    if again.is_some() {
+                        resume = again;
+                        continue;
+                    }
                     break;
+                }
+                Err(f) if resumed => {
+                    // Earlier calls' records are in the open transaction: the input can no
+                    // longer be retried or dead-lettered alone.
+                    let _ = self.tx.abort().await;
+                    return Err(RuntimeError::Fatal(format!(
+                        "{}[{}]@{} failed after call_again: {}",
+                        input.topic, input.partition, input.offset, f.reason
+                    )));
                 }
                 Err(f) => f,
             };

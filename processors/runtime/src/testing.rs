@@ -247,6 +247,7 @@ pub struct TestDriver<H> {
     next_offset: BTreeMap<(String, u32), u64>,
     held: Vec<Held>,
     commits: u64,
+    calls: u64,
     lanes: Option<LaneSim>,
     record_ms: i64,
 }
@@ -283,6 +284,7 @@ impl<H: AsyncHandler> TestDriver<H> {
             next_offset: BTreeMap::new(),
             held: Vec::new(),
             commits: 0,
+            calls: 0,
             lanes: None,
             record_ms: 1,
         }
@@ -386,6 +388,12 @@ impl<H: AsyncHandler> TestDriver<H> {
     /// something).
     pub fn commits(&self) -> u64 {
         self.commits
+    }
+
+    /// Handler calls that returned `Ok` for inputs (more than the inputs when handlers use
+    /// [`crate::Context::call_again`]).
+    pub fn handler_calls(&self) -> u64 {
+        self.calls
     }
 
     fn partitions_of(&self, topic: &str) -> u32 {
@@ -571,20 +579,33 @@ impl<H: AsyncHandler> TestDriver<H> {
     /// One input through the retry policy, then a commit.
     async fn process(&mut self, mut input: Input, mut history: Vec<Attempt>) {
         let partition = input.partition;
-        let env = Env {
-            processor: &self.name,
-            effects_enabled: self.effects_enabled,
-            effects_retention: self.effects_retention,
-        };
+        let mut resume = None;
         loop {
+            let env = Env {
+                processor: &self.name,
+                effects_enabled: self.effects_enabled,
+                effects_retention: self.effects_retention,
+            };
             let now = self.wall_ms;
             let task = self.tasks.entry(input.partition).or_insert_with(|| {
                 Task::open(input.partition, Box::new(MemBackend::default())).expect("memory store")
             });
-            match task.handle(&mut self.handler, &input, now, env).await {
-                Ok(emits) => {
+            let resumed = resume.is_some();
+            match task
+                .handle(&mut self.handler, &input, now, env, resume.take())
+                .await
+            {
+                Ok((emits, again)) => {
                     self.emit(emits, now);
+                    self.calls += 1;
+                    if again.is_some() {
+                        resume = again;
+                        continue;
+                    }
                     break;
+                }
+                Err(f) if resumed => {
+                    panic!("the handler failed after call_again (fatal): {}", f.reason)
                 }
                 Err(f) => {
                     history.push(Attempt {

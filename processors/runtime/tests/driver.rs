@@ -77,6 +77,55 @@ fn state_outputs_and_restore_from_the_changelog() {
     assert_eq!(d.read_output("out")[0].value_str(), Some("after|8"));
 }
 
+/// Emits one record per call and asks to be called again until it emitted the input's value
+/// (a number) of records; each call sees the previous calls' writes; value "fail" fails in
+/// its second call.
+struct Chunked;
+
+impl Handler for Chunked {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let value = String::from_utf8_lossy(input.value.as_deref().unwrap_or_default()).to_string();
+        let i = ctx.resumed().map_or(0, |c| c[0]);
+        let mut store = ctx.store("calls")?;
+        let seen = store.get_json::<u8>(b"n")?.unwrap_or(0);
+        assert_eq!(seen, i, "a call sees the earlier calls' writes");
+        store.put_json(b"n", &(i + 1))?;
+        ctx.emit("out", ProducerRecord::new(format!("{value}:{i}")));
+        if value == "fail" && i == 1 {
+            return Err(Failure::dead_letter("cannot"));
+        }
+        let n: u8 = value.parse().unwrap_or(2);
+        if i + 1 < n {
+            ctx.call_again(vec![i + 1]);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn call_again_continues_the_input_in_its_transaction() {
+    let mut d = TestDriver::new("chunked", Chunked);
+    d.pipe("in", "k", "3");
+    let out: Vec<String> = d
+        .read_output("out")
+        .iter()
+        .map(|r| r.value_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(out, ["3:0", "3:1", "3:2"]);
+    assert_eq!(
+        (d.handler_calls(), d.commits()),
+        (3, 1),
+        "three calls, one transaction"
+    );
+}
+
+#[test]
+#[should_panic(expected = "failed after call_again")]
+fn a_failure_after_call_again_is_fatal() {
+    let mut d = TestDriver::new("chunked", Chunked);
+    d.pipe("in", "k", "fail");
+}
+
 #[test]
 fn blocking_retries_back_off_and_keep_nothing_of_failed_attempts() {
     let policy = RetryPolicy {

@@ -30,7 +30,7 @@ use crate::events::{
     NotificationRequest, QuietHours, TimelineEvent, TimelineOp, TransitionKind,
 };
 use crate::ids::notification_id;
-use crate::matching::{Audience, FanOut, Matcher, MatchingStore, Output, deal_info};
+use crate::matching::{Audience, FanOut, Matcher, MatchingStore, deal_info};
 use crate::processors::emit_owned;
 use crate::topics;
 
@@ -40,8 +40,13 @@ const STORE: &str = "m";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MatchingSettings {
-    /// Most users of one category in one partition (bounds one deal's fan-out in memory).
+    /// Most users of one category in one partition a deal may reach (more is a fatal error:
+    /// raise it or add partitions): the bound on one transaction's size.
     pub max_audience: usize,
+    /// Users per handler call of a deal's fan-out or removals: a deal's outputs go out in
+    /// calls of at most this many users (`Context::call_again`), all in the deal's one
+    /// transaction, so one call's memory is bounded by this, not by the audience.
+    pub fan_out_chunk: usize,
     /// Most users whose decoded settings are kept ([`SettingsCache`]; at the bound the cache
     /// starts over). About 0.5 KiB each.
     pub settings_cache_users: usize,
@@ -51,6 +56,7 @@ impl Default for MatchingSettings {
     fn default() -> Self {
         MatchingSettings {
             max_audience: 1_000_000,
+            fan_out_chunk: 4096,
             settings_cache_users: 262_144,
         }
     }
@@ -109,7 +115,6 @@ impl SettingsCache {
 /// [`MatchingStore`] over a task's store.
 struct TaskStore<'x, 'c> {
     ctx: &'x mut Context<'c>,
-    max_audience: usize,
     cache: &'x mut SettingsCache,
     cache_users: usize,
 }
@@ -150,20 +155,24 @@ impl MatchingStore for TaskStore<'_, '_> {
         &mut self,
         category: &str,
         max_drop: BasisPoints,
+        after: Option<&Audience>,
+        limit: usize,
         visit: &mut dyn FnMut(&Audience),
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         let mut prefix = key(&["i", category]);
         prefix.push(0);
+        let after = after.map(|a| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(format!("{:05}", a.min_drop_bp).as_bytes());
+            k.push(0);
+            k.extend_from_slice(a.user.as_bytes());
+            k
+        });
         let entries = self
             .ctx
             .store(STORE)?
-            .scan_prefix(&prefix, self.max_audience + 1)?;
-        if entries.len() > self.max_audience {
-            return Err(Failure::fatal(format!(
-                "category {category:?} has more than [app] max_audience = {} users in this partition: raise it or add partitions",
-                self.max_audience
-            )));
-        }
+            .scan_prefix_after(&prefix, after.as_deref(), limit)?;
+        let full = entries.len() >= limit;
         for (k, _) in entries {
             let rest = String::from_utf8_lossy(&k[prefix.len()..]);
             let Some((min, user)) = rest.split_once('\0') else {
@@ -173,14 +182,14 @@ impl MatchingStore for TaskStore<'_, '_> {
                 continue;
             };
             if min > max_drop {
-                break; // keys are ordered by the zero-padded minimum drop
+                return Ok(false); // keys are ordered by the zero-padded minimum drop
             }
             visit(&Audience {
                 min_drop_bp: min,
                 user: user.to_owned(),
             });
         }
-        Ok(())
+        Ok(full)
     }
     fn unreachable(&mut self, address: &str) -> Result<bool, Failure> {
         Ok(self.ctx.store(STORE)?.get(&key(&["a", address]))?.is_some())
@@ -200,11 +209,15 @@ impl MatchingStore for TaskStore<'_, '_> {
             .put(&key(&["n", product, user]), entry.to_owned());
         Ok(())
     }
-    fn take_notified(&mut self, product: &str) -> Result<Vec<(String, String)>, Failure> {
+    fn take_notified(
+        &mut self,
+        product: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, Failure> {
         let mut prefix = key(&["n", product]);
         prefix.push(0);
         let mut s = self.ctx.store(STORE)?;
-        let entries = s.scan_prefix(&prefix, self.max_audience + 1)?;
+        let entries = s.scan_prefix(&prefix, limit)?;
         let mut out = Vec::with_capacity(entries.len());
         for (k, v) in entries {
             let user = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
@@ -232,7 +245,6 @@ impl Matching {
     fn store<'x, 'c>(&'x mut self, ctx: &'x mut Context<'c>) -> Matcher<TaskStore<'x, 'c>> {
         Matcher::new(TaskStore {
             ctx,
-            max_audience: self.settings.max_audience,
             cache: &mut self.cache,
             cache_users: self.settings.settings_cache_users,
         })
@@ -270,27 +282,10 @@ impl Handler for Matching {
             }
             topics::DEAL_BROADCAST => {
                 let t: DealTransition = input.data::<DealTransition>()?;
-                if t.kind == TransitionKind::Entered {
-                    return self.fan_out(ctx, &t);
+                match t.kind {
+                    TransitionKind::Entered => self.fan_out(ctx, &t),
+                    TransitionKind::Left => self.removals(ctx, &t),
                 }
-                for o in self.store(ctx).on_transition(&t)? {
-                    match o {
-                        Output::Notify(n) => {
-                            let (id, at) = (n.id.clone(), n.at_ms);
-                            emit_owned(ctx, id, n, at)?;
-                        }
-                        Output::Timeline(e) => {
-                            let op = if e.op == TimelineOp::Add {
-                                "add"
-                            } else {
-                                "remove"
-                            };
-                            let (id, at) = (format!("{}:{}:{op}", e.entry, e.user), e.at_ms);
-                            emit_owned(ctx, id, e, at)?;
-                        }
-                    }
-                }
-                Ok(())
             }
             other => Err(Failure::dead_letter(format!(
                 "matching does not read {other}"
@@ -300,13 +295,86 @@ impl Handler for Matching {
 }
 
 impl Matching {
-    /// A product entered "deal": its fan-out, encoded as found ([`FanOutEncoder`]).
+    /// A product entered "deal": the next `fan_out_chunk` users of its fan-out, encoded as
+    /// found ([`FanOutEncoder`]); if there may be more, a call again from the last of them
+    /// (cursor: [`Cursor`]).
     fn fan_out(&mut self, ctx: &mut Context<'_>, t: &DealTransition) -> Result<(), Failure> {
+        let chunk = self.settings.fan_out_chunk.max(1);
+        let max_audience = self.settings.max_audience;
+        let cursor = ctx.resumed().map(Cursor::decode).transpose()?;
         let enc = FanOutEncoder::new(ctx.processor(), t)?;
-        self.store(ctx).fan_out(t, &mut |store, o| {
+        let after = cursor.as_ref().map(|c| &c.after);
+        let mut users = cursor.as_ref().map_or(0, |c| c.users);
+        let next = self.store(ctx).fan_out(t, after, chunk, &mut |store, o| {
+            if let FanOut::Timeline { .. } = o {
+                users += 1;
+                if users > max_audience as u64 {
+                    return Err(Failure::fatal(format!(
+                        "category {:?} has more than [app] max_audience = {max_audience} users in this partition: raise it or add partitions",
+                        t.category
+                    )));
+                }
+            }
             let (topic, r) = enc.encode(o)?;
             store.ctx.emit(topic, r);
             Ok(())
+        })?;
+        if let Some(after) = next {
+            ctx.call_again(Cursor { users, after }.encode());
+        }
+        Ok(())
+    }
+
+    /// A product left "deal": timeline removals for the next `fan_out_chunk` users notified
+    /// of it; a call again if there may be more (they are taken: no cursor needed).
+    fn removals(&mut self, ctx: &mut Context<'_>, t: &DealTransition) -> Result<(), Failure> {
+        let chunk = self.settings.fan_out_chunk.max(1);
+        let (removals, more) = self.store(ctx).removals(t, chunk)?;
+        for e in removals {
+            let (id, at) = (format!("{}:{}:remove", e.entry, e.user), e.at_ms);
+            emit_owned(ctx, id, e, at)?;
+        }
+        if more {
+            ctx.call_again(Bytes::new());
+        }
+        Ok(())
+    }
+}
+
+/// Where a deal's fan-out goes on in the next call: the users done so far and the last one.
+/// Encoded as `users` (u64, big-endian), `min_drop_bp` (u32, big-endian), then the user id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cursor {
+    users: u64,
+    after: Audience,
+}
+
+impl Cursor {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(12 + self.after.user.len());
+        v.extend_from_slice(&self.users.to_be_bytes());
+        v.extend_from_slice(&self.after.min_drop_bp.to_be_bytes());
+        v.extend_from_slice(self.after.user.as_bytes());
+        v
+    }
+
+    /// The runtime hands back what [`Cursor::encode`] gave it: anything else is a bug.
+    fn decode(v: &[u8]) -> Result<Cursor, Failure> {
+        let bad = || Failure::fatal("matching: a fan-out cursor that does not decode");
+        let users = u64::from_be_bytes(v.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+        let min = u32::from_be_bytes(
+            v.get(8..12)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        );
+        let user = std::str::from_utf8(&v[12..]).map_err(|_| bad())?;
+        Ok(Cursor {
+            users,
+            after: Audience {
+                min_drop_bp: min,
+                user: user.to_owned(),
+            },
         })
     }
 }
@@ -378,14 +446,17 @@ impl<'t> FanOutEncoder<'t> {
         let t = self.t;
         Ok(match o {
             FanOut::Timeline { user } => {
-                let v = json(t, &TimelineJson {
-                    user,
-                    op: TimelineOp::Add,
-                    entry: &t.id,
-                    product: &t.product,
-                    deal: Some(&self.deal),
-                    at_ms: t.at_ms,
-                })?;
+                let v = json(
+                    t,
+                    &TimelineJson {
+                        user,
+                        op: TimelineOp::Add,
+                        entry: &t.id,
+                        product: &t.product,
+                        deal: Some(&self.deal),
+                        at_ms: t.at_ms,
+                    },
+                )?;
                 let id = format!("{}:{user}:add", t.id);
                 (
                     TimelineEvent::TOPIC,
@@ -399,19 +470,22 @@ impl<'t> FanOutEncoder<'t> {
                 address,
             } => {
                 let id = notification_id(&t.id, user, channel);
-                let v = json(t, &RequestJson {
-                    id: &id,
-                    kind: NotificationKind::DealAlert,
-                    user,
-                    user_name: &settings.name,
-                    channel,
-                    address,
-                    time_zone: &settings.time_zone,
-                    quiet_hours: settings.quiet_hours,
-                    deal: Some(&self.deal),
-                    campaign: None,
-                    at_ms: t.at_ms,
-                })?;
+                let v = json(
+                    t,
+                    &RequestJson {
+                        id: &id,
+                        kind: NotificationKind::DealAlert,
+                        user,
+                        user_name: &settings.name,
+                        channel,
+                        address,
+                        time_zone: &settings.time_zone,
+                        quiet_hours: settings.quiet_hours,
+                        deal: Some(&self.deal),
+                        campaign: None,
+                        at_ms: t.at_ms,
+                    },
+                )?;
                 (
                     NotificationRequest::TOPIC,
                     self.requests.record(id, Some(user.to_owned()), None, v),
@@ -461,6 +535,94 @@ mod tests {
         }
     }
 
+    /// Users u00..u{n} with drops spread over 0–40 %, a flag, one deal entering and leaving.
+    fn run_deal(chunk: usize, users: usize) -> (Vec<Vec<(String, String)>>, u64) {
+        let m = Matching::new(MatchingSettings {
+            fan_out_chunk: chunk,
+            ..MatchingSettings::default()
+        });
+        let mut d = TestDriver::new("matching", m)
+            .with_topic(topics::USER_SETTINGS, 1)
+            .with_topic(topics::ADDRESS_STATUS, 1)
+            .with_topic(topics::DEAL_BROADCAST, 1);
+        for i in 0..users {
+            let u = format!("u{i:02}");
+            let s = settings(&u, (i as u32 % 9) * 500, &format!("{u}@localhost"));
+            d.pipe_event(topics::USER_SETTINGS, &envelope("app", &u, &s, 0));
+        }
+        let flag = AddressStatus {
+            address: "u03@localhost".into(),
+            unreachable: true,
+            reason: "5.1.1".into(),
+            mail_id: None,
+            at_ms: 1,
+        };
+        d.pipe_event(topics::ADDRESS_STATUS, &envelope("bounces", "f1", &flag, 1));
+        let calls = d.handler_calls();
+        let mut out = Vec::new();
+        for (kind, at) in [(TransitionKind::Entered, 5), (TransitionKind::Left, 6)] {
+            d.pipe_event(
+                topics::DEAL_BROADCAST,
+                &envelope("deals", format!("t{at}"), &transition(kind, 3000), at),
+            );
+            for topic in [topics::NOTIFICATION_REQUESTS, topics::TIMELINE] {
+                out.push(
+                    d.read_output(topic)
+                        .into_iter()
+                        .map(|r| {
+                            let v = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
+                            let id = r.headers.iter().find(|h| h.key == "ce_id").unwrap();
+                            (
+                                String::from_utf8(id.value.clone().unwrap().to_vec()).unwrap(),
+                                v,
+                            )
+                        })
+                        .collect(),
+                );
+            }
+        }
+        (out, d.handler_calls() - calls)
+    }
+
+    #[test]
+    fn a_fan_out_in_chunks_emits_what_one_call_emits() {
+        let (whole, calls) = run_deal(1000, 23);
+        assert_eq!(calls, 2, "one call per transition");
+        // 23 users, those with a minimum drop <= 30 % (i % 9 <= 6): 19; u03 gets no mail.
+        assert_eq!((whole[0].len(), whole[1].len()), (37, 19));
+        assert_eq!((whole[2].len(), whole[3].len()), (0, 19), "removals");
+        for chunk in [1, 2, 5, 19] {
+            let (chunked, calls) = run_deal(chunk, 23);
+            assert_eq!(chunked, whole, "chunk {chunk}");
+            // Pages of `chunk` users, then an empty one when a full page ends the audience.
+            assert!(calls > 2, "chunk {chunk}: {calls} calls");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "max_audience")]
+    fn an_audience_over_max_audience_is_fatal_across_chunks() {
+        let m = Matching::new(MatchingSettings {
+            fan_out_chunk: 2,
+            max_audience: 3,
+            ..MatchingSettings::default()
+        });
+        let mut d = TestDriver::new("matching", m)
+            .with_topic(topics::USER_SETTINGS, 1)
+            .with_topic(topics::ADDRESS_STATUS, 1)
+            .with_topic(topics::DEAL_BROADCAST, 1);
+        for u in ["a", "b", "c", "d"] {
+            d.pipe_event(
+                topics::USER_SETTINGS,
+                &envelope("app", u, &settings(u, 0, "x@y"), 0),
+            );
+        }
+        d.pipe_event(
+            topics::DEAL_BROADCAST,
+            &envelope("deals", "t", &transition(TransitionKind::Entered, 3000), 5),
+        );
+    }
+
     #[test]
     fn fan_out_records_equal_the_events() {
         let t = transition(TransitionKind::Entered, 3000);
@@ -482,7 +644,10 @@ mod tests {
                 .into_record()
                 .unwrap()
         );
-        for (channel, address) in [(Channel::Email, "u1@localhost"), (Channel::Push, "http://p")] {
+        for (channel, address) in [
+            (Channel::Email, "u1@localhost"),
+            (Channel::Push, "http://p"),
+        ] {
             let (topic, r) = enc
                 .encode(FanOut::Notify {
                     user: "u\"1",
