@@ -111,6 +111,11 @@ pub fn request(
     }
 }
 
+/// What [`Matcher::fan_out`] hands each output to (with the store, for a caller that emits
+/// through it).
+pub type Emit<'e, S> =
+    dyn FnMut(&mut S, FanOut<'_>) -> Result<(), <S as MatchingStore>::Error> + 'e;
+
 /// A user in a category's audience: the index entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Audience {
@@ -303,7 +308,7 @@ impl<S: MatchingStore> Matcher<S> {
         t: &DealTransition,
         after: Option<&Audience>,
         limit: usize,
-        emit: &mut dyn FnMut(&mut S, FanOut<'_>) -> Result<(), S::Error>,
+        emit: &mut Emit<'_, S>,
     ) -> Result<Option<Audience>, S::Error> {
         debug_assert_eq!(t.kind, TransitionKind::Entered);
         let mut page = Vec::new();
@@ -332,7 +337,7 @@ impl<S: MatchingStore> Matcher<S> {
                     &mut self.store,
                     FanOut::Notify {
                         user,
-                        settings: &*s,
+                        settings: &s,
                         channel,
                         address,
                     },
@@ -390,15 +395,13 @@ impl MatchingStore for MemStore {
             Some(a) => Bound::Excluded((category.to_owned(), a.min_drop_bp, a.user.clone())),
             None => Bound::Included((category.to_owned(), 0, String::new())),
         };
-        let mut n = 0;
-        for ((c, d, u), ()) in self.index.range((from, Bound::Unbounded)) {
+        for (n, ((c, d, u), ())) in self.index.range((from, Bound::Unbounded)).enumerate() {
             if c != category || *d > max_drop {
                 return Ok(false);
             }
             if n == limit {
                 return Ok(true);
             }
-            n += 1;
             visit(&Audience {
                 min_drop_bp: *d,
                 user: u.clone(),
