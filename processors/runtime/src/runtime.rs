@@ -1111,7 +1111,7 @@ impl<'c> Session<'c> {
                 Err(f) if resumed => {
                     // Earlier calls' records are in the open transaction: the input can no
                     // longer be retried or dead-lettered alone.
-                    let _ = self.tx.abort().await;
+                    self.abort_quietly().await;
                     return Err(RuntimeError::Fatal(format!(
                         "{}[{}]@{} failed after call_again: {}",
                         input.topic, input.partition, input.offset, f.reason
