@@ -586,6 +586,10 @@ pub(crate) struct TaskState {
     committed_bytes: usize,
     /// The changelog position `committed` brings the local store to.
     committed_position: Option<u64>,
+    /// Writes of the transaction being committed in the background (last value per key):
+    /// a read layer between `committed` and `txn` until the commit's outcome is known
+    /// ([`TaskState::begin_commit`], [`TaskState::commit_done`]).
+    committing: Writes,
     /// Writes of the open transaction (last value per key).
     pub(crate) txn: Writes,
     /// Bytes held by `txn` (keys and values), to bound it.
@@ -597,6 +601,7 @@ impl std::fmt::Debug for TaskState {
         f.debug_struct("TaskState")
             .field("position", &self.position())
             .field("unapplied_writes", &self.committed.len())
+            .field("committing_writes", &self.committing.len())
             .field("txn_writes", &self.txn.len())
             .finish()
     }
@@ -623,6 +628,7 @@ impl TaskState {
             committed: Writes::new(),
             committed_bytes: 0,
             committed_position: None,
+            committing: Writes::new(),
             txn: Writes::new(),
             txn_bytes: 0,
         }
@@ -630,7 +636,12 @@ impl TaskState {
 
     /// The value of a composite key as the open transaction sees it.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StateError> {
-        match self.txn.get(key).or_else(|| self.committed.get(key)) {
+        match self
+            .txn
+            .get(key)
+            .or_else(|| self.committing.get(key))
+            .or_else(|| self.committed.get(key))
+        {
             Some(v) => Ok(v.clone()),
             None => self.backend.get(key),
         }
@@ -645,7 +656,7 @@ impl TaskState {
         to: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Bytes)>, StateError> {
-        let mut layers = vec![&self.committed, &self.txn];
+        let mut layers = vec![&self.committed, &self.committing, &self.txn];
         layers.extend(call);
         merged_range(self.backend.as_ref(), &layers, from, to, limit)
     }
@@ -655,10 +666,42 @@ impl TaskState {
         merge_into(&mut self.txn, &mut self.txn_bytes, writes);
     }
 
-    /// Drops the open transaction's writes (it aborted).
+    /// Drops the open transaction's writes and those of a commit in flight (it aborted, and
+    /// the open transaction read what the aborted one wrote).
     pub(crate) fn discard(&mut self) {
         self.txn.clear();
         self.txn_bytes = 0;
+        self.committing.clear();
+    }
+
+    /// The open transaction's writes start committing (in the background): they stay
+    /// readable as a layer under the next transaction's until [`TaskState::commit_done`]
+    /// (or [`TaskState::discard`] if the commit fails). Returns them, to be sent as changelog
+    /// records. At most one commit is in flight: the previous one must be done.
+    pub(crate) fn begin_commit(&mut self) -> &Writes {
+        debug_assert!(self.committing.is_empty(), "a commit is already in flight");
+        self.txn_bytes = 0;
+        let w = std::mem::take(&mut self.txn);
+        if self.committing.is_empty() {
+            self.committing = w;
+        } else {
+            let mut bytes = 0;
+            merge_into(&mut self.committing, &mut bytes, w);
+        }
+        &self.committing
+    }
+
+    /// The commit in flight committed, in the changelog up to `position`: its writes join
+    /// the committed writes waiting for the next [`TaskState::flush`]. Whether it wrote
+    /// anything.
+    pub(crate) fn commit_done(&mut self, position: Option<u64>) -> bool {
+        if self.committing.is_empty() {
+            return false;
+        }
+        let w = std::mem::take(&mut self.committing);
+        let position = position.unwrap_or_else(|| self.position());
+        self.committed(w, position);
+        true
     }
 
     /// Takes the open transaction's writes (to send as changelog records, then apply).
@@ -930,6 +973,39 @@ mod tests {
         t.flush(true).unwrap();
         assert_eq!((t.backend.position(), t.unapplied_bytes()), (3, 0));
         assert_eq!(t.backend.get(&k).unwrap(), Some(b("one")));
+    }
+
+    #[test]
+    fn a_commit_in_flight_is_read_under_the_next_transaction_and_dropped_with_it() {
+        let mut t = TaskState::new(Box::new(MemBackend::default()));
+        let (k1, k2) = (composite("a", b"1"), composite("a", b"2"));
+        t.merge(Writes::from([(k1.clone(), Some(b("one")))]));
+        let sent: Vec<Vec<u8>> = t.begin_commit().keys().cloned().collect();
+        assert_eq!(sent, vec![k1.clone()]);
+        assert_eq!(t.txn_bytes, 0);
+        // The next transaction reads the committing writes and shadows them.
+        assert_eq!(t.get(&k1).unwrap(), Some(b("one")));
+        t.merge(Writes::from([
+            (k2.clone(), Some(b("two"))),
+            (k1.clone(), None),
+        ]));
+        assert_eq!(t.get(&k1).unwrap(), None);
+        assert_eq!(t.range(None, b"", None, 10).unwrap().len(), 1);
+        // Committed: its writes join the committed layer at the changelog position.
+        assert!(t.commit_done(Some(7)));
+        assert_eq!(t.position(), 7);
+        t.discard();
+        assert_eq!(t.get(&k1).unwrap(), Some(b("one")));
+        assert_eq!(t.get(&k2).unwrap(), None);
+        // A failed commit: discard drops its writes and the open transaction's.
+        t.merge(Writes::from([(k2.clone(), Some(b("two")))]));
+        t.begin_commit();
+        t.merge(Writes::from([(k1.clone(), Some(b("uno")))]));
+        t.discard();
+        assert!(!t.commit_done(Some(9)));
+        assert_eq!(t.position(), 7);
+        assert_eq!(t.get(&k1).unwrap(), Some(b("one")));
+        assert_eq!(t.get(&k2).unwrap(), None);
     }
 
     #[test]
