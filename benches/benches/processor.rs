@@ -42,7 +42,9 @@
 //! `--passthrough PATH`, `--apply-bytes N` (the runtime's `apply_bytes`; 0 applies state to
 //! the local store after every transaction, as before it was batched), `--linger-ms N` (the
 //! runtime's `commit_linger`; 100 = the interval: commit on the interval only, the cadence
-//! before the linger), `--interval-ms N` (the runtime's `commit_interval`, default 100). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
+//! before the linger), `--interval-ms N` (the runtime's `commit_interval`, default 100), `--sync-commit` (the
+//! runtime's `overlap_commits` off: the loop waits for every commit, as before they
+//! overlapped). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
 //! commit metrics (sums and counts) after its phase, to see where the time went.
 
 use std::path::{Path, PathBuf};
@@ -197,6 +199,9 @@ fn processor_config(name: &str, inputs: &[&str], state_dir: &Path) -> RuntimeCon
     }
     if let Some(ms) = flag_value::<u64>(&args, "--interval-ms") {
         c.commit_interval = Duration::from_millis(ms);
+    }
+    if args.iter().any(|a| a == "--sync-commit") {
+        c.overlap_commits = false;
     }
     c
 }

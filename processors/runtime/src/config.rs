@@ -169,8 +169,12 @@ pub struct CommitConfig {
     /// After this many inputs (default 100 000: a bound for very fast inputs; at the default
     /// the interval decides, as in Kafka Streams).
     pub max_records: usize,
-    /// When buffered state writes reach this many bytes.
+    /// When buffered state writes reach this many bytes (also the bound on outputs held
+    /// while a commit is in flight).
     pub max_txn_bytes: usize,
+    /// Go on handling records while a transaction commits (default true); false: wait for
+    /// every commit ([`RuntimeConfig::overlap_commits`]).
+    pub overlap: bool,
 }
 
 /// Local state stores.
@@ -228,6 +232,7 @@ impl Default for CommitConfig {
             linger_ms: 2,
             max_records: 100_000,
             max_txn_bytes: 32 << 20,
+            overlap: true,
         }
     }
 }
@@ -431,6 +436,7 @@ impl ProcessorConfig {
         r.commit_linger = Duration::from_millis(self.commit.linger_ms);
         r.commit_max_records = self.commit.max_records;
         r.max_txn_bytes = self.commit.max_txn_bytes;
+        r.overlap_commits = self.commit.overlap;
         r.cache_bytes = self.state.cache_bytes;
         r.apply_bytes = self.state.apply_bytes;
         r.read_cache_bytes = self.state.read_cache_bytes;

@@ -11,9 +11,12 @@
 //!   │                        revocations) ─► drop revoked tasks, pause + restore new ones
 //!   └─► input idle for commit_linger (nothing more to read), or every commit_interval /
 //!       commit_max_records / max_txn_bytes under load: commit
-//!         = stream timers due ─► changelog records of every task's writes ─► input offsets
-//!           (fenced by member id + generation) ─► EndTxn(commit) ─► local stores apply the
-//!           writes with the changelog position the commit reached
+//!         = stream timers due ─► the producer moves into a commit task: changelog records of
+//!           every task's writes ─► input offsets (fenced by member id + generation) ─►
+//!           EndTxn(commit); meanwhile the loop handles the next transaction (its writes
+//!           over the committing ones, its outputs held) ─► the task ends: local stores
+//!           apply the writes with the changelog position the commit reached, the producer
+//!           comes back, begins the next transaction and sends the held outputs
 //! ```
 //!
 //! # Invariants
@@ -21,6 +24,11 @@
 //! - Outputs, changelog records and input offsets of a batch commit in one transaction or
 //!   not at all. A failed commit aborts, drops every task's transaction layer and moves the
 //!   input positions back to the last committed offsets, so the batch is processed again.
+//! - At most one commit is in flight ([`RuntimeConfig::overlap_commits`]). The transaction
+//!   handled meanwhile reads the committing one's writes, so it is dropped with it if that
+//!   commit fails; its outputs reach the producer only after that commit succeeded (one
+//!   producer transaction at a time), and are bounded by `max_txn_bytes`. Membership
+//!   changes, blocking retries and stops wait for the commit in flight.
 //! - A membership change is applied (and revocations acknowledged) only after the open
 //!   transaction committed or aborted (`GroupConfig::commit_on_revoke` is off: offsets move
 //!   only with transactions).
@@ -57,7 +65,7 @@ use crate::flow::{self, LaneConfig, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
 use crate::metrics::{LaneLabel, Metrics, PartitionLabel, TopicCounters};
 use crate::restore::{self, Restoring};
-use crate::state::{SqliteBackend, Writes};
+use crate::state::SqliteBackend;
 
 /// The wall clock the runtime passes to handlers (injectable for tests).
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -110,8 +118,15 @@ pub struct RuntimeConfig {
     /// time in commits; at 100 000 the 100 ms interval decides, as in Kafka Streams.
     pub commit_max_records: usize,
     /// Commit when the open transaction's state writes reach this many bytes (default 32 MiB):
-    /// the bound on buffered state.
+    /// the bound on buffered state. Also the bound on the outputs held while a commit is in
+    /// flight ([`RuntimeConfig::overlap_commits`]).
     pub max_txn_bytes: usize,
+    /// Go on processing while a transaction commits (default true): the next transaction's
+    /// records are handled meanwhile, their outputs held in memory and sent once the commit
+    /// is done (a Kafka-style producer has one transaction open at a time), their state
+    /// writes read on top of the committing ones. False: the loop waits for each commit, as
+    /// before (a record arriving during a commit then waits for it).
+    pub overlap_commits: bool,
     /// SQLite page cache per task (default 8 MiB).
     pub cache_bytes: usize,
     /// Committed state writes held per task before they are applied to its local store in
@@ -179,6 +194,7 @@ impl RuntimeConfig {
             commit_linger: Duration::from_millis(2),
             commit_max_records: 100_000,
             max_txn_bytes: 32 << 20,
+            overlap_commits: true,
             cache_bytes: 8 << 20,
             apply_bytes: 16 << 20,
             read_cache_bytes: 16 << 20,
@@ -459,13 +475,30 @@ struct OpenTxn {
     last_input: Instant,
 }
 
+/// A transaction committing in the background (its producer moved into the task).
+struct Committing {
+    handle: JoinHandle<(TransactionalProducer, Result<(), spool_client::Error>)>,
+    /// The input positions it commits.
+    positions: BTreeMap<TopicPartition, u64>,
+    /// Tasks whose state writes it carries (their `TaskState::begin_commit` layer).
+    parts: Vec<u32>,
+    started: Instant,
+}
+
 /// One membership + transactional producer, from join to failure or stop.
 struct Session<'c> {
     client: Client,
     cfg: &'c RuntimeConfig,
     metrics: Arc<Metrics>,
     member: GroupConsumer,
-    tx: TransactionalProducer,
+    /// The transactional producer; `None` while a commit in flight has it.
+    tx: Option<TransactionalProducer>,
+    /// The commit in flight, if any (at most one).
+    committing: Option<Committing>,
+    /// Outputs of the open transaction handled while a commit was in flight: sent once that
+    /// commit is done (bounded by `max_txn_bytes`).
+    pending: Vec<Emit>,
+    pending_bytes: usize,
     changelog: String,
     tasks: BTreeMap<u32, Task>,
     restoring: BTreeMap<u32, Restoring>,
@@ -579,7 +612,10 @@ impl<'c> Session<'c> {
             cfg,
             metrics,
             member,
-            tx,
+            tx: Some(tx),
+            committing: None,
+            pending: Vec::new(),
+            pending_bytes: 0,
             changelog: cfg.changelog_topic(),
             tasks: BTreeMap::new(),
             restoring: BTreeMap::new(),
@@ -627,13 +663,20 @@ impl<'c> Session<'c> {
             if *shutdown.borrow() {
                 return self.stop(handler).await;
             }
-            if self.commit_due() {
-                self.commit(handler).await?;
+            if self.committing.is_some() {
+                if self.must_settle() {
+                    // The open transaction reached a bound: wait for the commit in flight.
+                    self.settle().await?;
+                }
+            } else if self.commit_due() {
+                self.commit_in_background(handler).await?;
             }
-            let wake = match &self.txn {
-                Some(t) => (t.started + self.cfg.commit_interval)
+            // With a commit in flight the open transaction cannot commit yet: its end wakes
+            // the loop.
+            let wake = match (&self.txn, &self.committing) {
+                (Some(t), None) => (t.started + self.cfg.commit_interval)
                     .min(t.last_input + self.cfg.commit_linger),
-                None => self.last_tick + self.cfg.tick_interval,
+                _ => self.last_tick + self.cfg.tick_interval,
             };
             let mut wake = wake.min(self.last_tick + self.cfg.tick_interval);
             // Held records of closed lanes wait for the tick that opens their lane.
@@ -653,6 +696,10 @@ impl<'c> Session<'c> {
                 Some((p, token, result)) = self.restored_rx.recv() => {
                     self.restored(p, token, result).await?;
                 }
+                joined = join_commit(&mut self.committing) => {
+                    let c = self.committing.take().expect("joined");
+                    self.committed_in_background(c, joined).await?;
+                }
                 polled = self.member.poll_streams(&order) => match polled {
                     None => return Err(RuntimeError::Client(spool_client::Error::Closed)),
                     Some(Err(e)) => return Err(e.into()),
@@ -667,7 +714,7 @@ impl<'c> Session<'c> {
                 // drained, so a transaction idle for the linger commits now.
                 () = tokio::time::sleep_until(wake.into()) => {
                     if self.lingered() {
-                        self.commit(handler).await?;
+                        self.commit_in_background(handler).await?;
                     }
                 }
             }
@@ -692,16 +739,38 @@ impl<'c> Session<'c> {
                 >= self.cfg.max_txn_bytes
     }
 
-    /// An open transaction whose input has been idle for the linger.
+    /// An open transaction whose input has been idle for the linger (and no commit in
+    /// flight).
     fn lingered(&self) -> bool {
-        self.txn
-            .as_ref()
-            .is_some_and(|t| t.last_input.elapsed() >= self.cfg.commit_linger)
+        self.committing.is_none()
+            && self
+                .txn
+                .as_ref()
+                .is_some_and(|t| t.last_input.elapsed() >= self.cfg.commit_linger)
+    }
+
+    /// With a commit in flight: whether the open transaction reached a bound (its held
+    /// outputs, records or state writes) and must wait for that commit.
+    fn must_settle(&self) -> bool {
+        self.pending_bytes >= self.cfg.max_txn_bytes
+            || self
+                .txn
+                .as_ref()
+                .is_some_and(|t| t.records >= self.cfg.commit_max_records)
+            || self
+                .tasks
+                .values()
+                .map(|t| t.state.txn_bytes)
+                .sum::<usize>()
+                >= self.cfg.max_txn_bytes
     }
 
     fn begin(&mut self) -> Result<(), RuntimeError> {
         if self.txn.is_none() {
-            self.tx.begin()?;
+            // With a commit in flight, the producer's transaction begins once it is done.
+            if let Some(tx) = &mut self.tx {
+                tx.begin()?;
+            }
             let now = Instant::now();
             self.txn = Some(OpenTxn {
                 started: now,
@@ -712,7 +781,19 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
+    /// Adds outputs to the open transaction: to the producer, or, while a commit is in
+    /// flight (the producer is busy with it), to the held outputs sent when it is done.
     async fn send(&mut self, emits: Vec<Emit>) -> Result<(), spool_client::Error> {
+        if self.tx.is_none() {
+            self.pending_bytes += emits.iter().map(emit_bytes).sum::<usize>();
+            self.pending.extend(emits);
+            return Ok(());
+        }
+        self.send_now(emits).await
+    }
+
+    async fn send_now(&mut self, emits: Vec<Emit>) -> Result<(), spool_client::Error> {
+        let tx = self.tx.as_mut().expect("no commit in flight when sending");
         for e in emits {
             let topic: Cow<'_, str> = if self.cfg.output_prefix.is_empty() {
                 Cow::Borrowed(&e.topic)
@@ -721,8 +802,8 @@ impl<'c> Session<'c> {
             };
             self.counted_out.inc(&self.metrics.records_out, &topic);
             match e.partition {
-                Some(p) => self.tx.send(&topic, p, e.record).await?,
-                None => self.tx.send_keyed(&topic, e.record).await?,
+                Some(p) => tx.send(&topic, p, e.record).await?,
+                None => tx.send_keyed(&topic, e.record).await?,
             }
         }
         Ok(())
@@ -1034,7 +1115,7 @@ impl<'c> Session<'c> {
                 Err(f) if resumed => {
                     // Earlier calls' records are in the open transaction: the input can no
                     // longer be retried or dead-lettered alone.
-                    let _ = self.tx.abort().await;
+                    self.abort_quietly().await;
                     return Err(RuntimeError::Fatal(format!(
                         "{}[{}]@{} failed after call_again: {}",
                         input.topic, input.partition, input.offset, f.reason
@@ -1050,7 +1131,7 @@ impl<'c> Session<'c> {
             let skipped = self.skip_reason(read, &input);
             let (topic, record) = match failure.action {
                 Action::Fatal => {
-                    let _ = self.tx.abort().await;
+                    self.abort_quietly().await;
                     return Err(RuntimeError::Fatal(failure.reason));
                 }
                 Action::Retry
@@ -1318,9 +1399,22 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
-    /// Commits the open transaction (stream timers first), then applies the state writes
-    /// locally. On failure: abort and rewind (or an error that restarts the session).
+    /// Commits the open transaction (stream timers first) and waits for it, then applies the
+    /// state writes locally. On failure: abort and rewind (or an error that restarts the
+    /// session).
     async fn commit<H: AsyncHandler>(&mut self, handler: &mut H) -> Result<(), RuntimeError> {
+        self.commit_in_background(handler).await?;
+        self.settle().await
+    }
+
+    /// Starts committing the open transaction (stream timers first) after the commit in
+    /// flight, if any, is done; the loop goes on meanwhile unless
+    /// [`RuntimeConfig::overlap_commits`] is off.
+    async fn commit_in_background<H: AsyncHandler>(
+        &mut self,
+        handler: &mut H,
+    ) -> Result<(), RuntimeError> {
+        self.settle().await?;
         if self.txn.is_none() {
             return Ok(());
         }
@@ -1334,21 +1428,45 @@ impl<'c> Session<'c> {
                 }
             }
         }
-        self.finish_commit().await
+        self.start_commit();
+        if !self.cfg.overlap_commits {
+            self.settle().await?;
+        }
+        Ok(())
     }
 
-    /// Commits the open transaction as it is (no timers), then applies the state writes.
+    /// Commits the open transaction as it is (no timers) and waits for it.
     async fn finish_commit(&mut self) -> Result<(), RuntimeError> {
+        self.settle().await?;
+        self.start_commit();
+        self.settle().await
+    }
+
+    /// Hands the open transaction to a background task that sends its changelog records and
+    /// input offsets and commits it ([`Committing`]); its state writes stay readable under
+    /// the next transaction's until the outcome is known. No commit may be in flight.
+    fn start_commit(&mut self) {
         if self.txn.is_none() {
             // Nothing open (or a timer's failure aborted it).
-            return Ok(());
+            return;
         }
+        debug_assert!(
+            self.pending.is_empty(),
+            "outputs held without a commit in flight"
+        );
+        let Some(mut tx) = self.tx.take() else {
+            debug_assert!(false, "a commit is already in flight");
+            return;
+        };
+        self.txn = None;
         let started = Instant::now();
-        let mut applied: Vec<(u32, Writes)> = Vec::new();
+        let mut parts = Vec::new();
+        let mut records = Vec::new();
         for (p, task) in &mut self.tasks {
-            let w = task.state.take();
+            let w = task.state.begin_commit();
             if !w.is_empty() {
-                applied.push((*p, w));
+                parts.push(*p);
+                records.extend(w.iter().map(|(k, v)| (*p, engine::changelog_record(k, v))));
             }
         }
         let offsets: Vec<OffsetCommit> = self
@@ -1362,40 +1480,84 @@ impl<'c> Session<'c> {
                 metadata: String::new(),
             })
             .collect();
-        let result = async {
-            for (p, w) in &applied {
-                for (k, v) in w {
-                    self.tx
-                        .send(&self.changelog, *p, engine::changelog_record(k, v))
+        let member = self.member.member_id().unwrap_or_default().to_owned();
+        let generation = self.member.generation();
+        let (changelog, group) = (self.changelog.clone(), self.cfg.group.clone());
+        let handle = tokio::spawn(async move {
+            let result = async {
+                for (p, r) in records {
+                    tx.send(&changelog, p, r).await?;
+                }
+                if !offsets.is_empty() {
+                    tx.send_offsets(&group, &offsets, Some((&member, generation)))
                         .await?;
                 }
+                tx.commit().await
             }
-            if !offsets.is_empty() {
-                let member = self.member.member_id().unwrap_or_default().to_owned();
-                self.tx
-                    .send_offsets(
-                        &self.cfg.group,
-                        &offsets,
-                        Some((&member, self.member.generation())),
-                    )
-                    .await?;
-            }
-            self.tx.commit().await
+            .await;
+            (tx, result)
+        });
+        self.committing = Some(Committing {
+            handle,
+            positions: self.positions.clone(),
+            parts,
+            started,
+        });
+    }
+
+    /// Waits for the commit in flight, if any, and takes its outcome into account.
+    async fn settle(&mut self) -> Result<(), RuntimeError> {
+        if self.committing.is_none() {
+            return Ok(());
         }
-        .await;
+        let joined = join_commit(&mut self.committing).await;
+        let c = self.committing.take().expect("joined");
+        self.committed_in_background(c, joined).await
+    }
+
+    /// The commit in flight ended: on success its positions are the committed ones, its state
+    /// writes go to the local stores, and the open transaction (handled meanwhile) begins in
+    /// the producer with the outputs it held; on failure: abort and rewind.
+    async fn committed_in_background(
+        &mut self,
+        c: Committing,
+        joined: Joined,
+    ) -> Result<(), RuntimeError> {
+        let (tx, result) = joined.map_err(|e| RuntimeError::Fatal(format!("commit task: {e}")))?;
+        self.tx = Some(tx);
         if let Err(e) = result {
             return self.abort_and_rewind(e).await;
         }
-        self.txn = None;
-        for (p, w) in applied {
+        self.committed_ok(c.positions, &c.parts, c.started)?;
+        if self.txn.is_some()
+            && let Some(tx) = &mut self.tx
+        {
+            tx.begin()?;
+            let pending = std::mem::take(&mut self.pending);
+            self.pending_bytes = 0;
+            if let Err(e) = self.send_now(pending).await {
+                return self.abort_and_rewind(e).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A commit succeeded: its positions become the committed ones, its state writes join
+    /// the committed writes of their tasks (at the changelog position it reached).
+    fn committed_ok(
+        &mut self,
+        positions: BTreeMap<TopicPartition, u64>,
+        parts: &[u32],
+        started: Instant,
+    ) -> Result<(), RuntimeError> {
+        for p in parts {
             let end = self
                 .tx
-                .last_commit_ends()
-                .get(&(self.changelog.clone(), p))
+                .as_ref()
+                .and_then(|tx| tx.last_commit_ends().get(&(self.changelog.clone(), *p)))
                 .copied();
-            if let Some(task) = self.tasks.get_mut(&p) {
-                let pos = end.unwrap_or_else(|| task.state.position());
-                task.state.committed(w, pos);
+            if let Some(task) = self.tasks.get_mut(p) {
+                task.state.commit_done(end);
                 if task.state.unapplied_bytes() >= self.cfg.apply_bytes {
                     task.state
                         .flush(false)
@@ -1406,12 +1568,25 @@ impl<'c> Session<'c> {
         if self.last_durable.elapsed() >= self.cfg.durable_interval {
             self.make_durable()?;
         }
-        self.committed = self.positions.clone();
+        self.committed = positions;
         self.metrics.commits.inc();
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Ends the commit in flight, if any, and aborts the open transaction, ignoring errors
+    /// (the runtime stops).
+    async fn abort_quietly(&mut self) {
+        if let Some(c) = self.committing.take()
+            && let Ok((tx, _)) = c.handle.await
+        {
+            self.tx = Some(tx);
+        }
+        if let Some(tx) = &mut self.tx {
+            let _ = tx.abort().await;
+        }
     }
 
     /// The transaction failed: abort it, forget its writes, and move every input back to
@@ -1430,8 +1605,23 @@ impl<'c> Session<'c> {
         self.metrics.aborts.inc();
         self.txn = None;
         self.rewinds += 1;
+        self.pending.clear();
+        self.pending_bytes = 0;
         tracing::warn!(error = %e, "transaction failed; aborting and reprocessing from the last commit");
-        if let Err(abort) = self.tx.abort().await {
+        // A commit in flight cannot be called back: it ends first, and if it committed, its
+        // positions are the last commit to go back to.
+        if let Some(c) = self.committing.take() {
+            let (tx, result) = c
+                .handle
+                .await
+                .map_err(|e| RuntimeError::Fatal(format!("commit task: {e}")))?;
+            self.tx = Some(tx);
+            if result.is_ok() {
+                self.committed_ok(c.positions, &c.parts, c.started)?;
+            }
+        }
+        let tx = self.tx.as_mut().expect("no commit in flight");
+        if let Err(abort) = tx.abort().await {
             if matches!(abort, spool_client::Error::ProducerFenced { .. }) {
                 // Not the broker's own abort (that one is acknowledged): another incarnation
                 // initialised the id.
@@ -1589,12 +1779,40 @@ impl<'c> Session<'c> {
     }
 
     async fn close(self) {
+        // A commit in flight ends before the next session fences its producer.
+        if let Some(c) = self.committing {
+            let _ = c.handle.await;
+        }
         for r in self.restoring.into_values() {
             r.handle.abort();
         }
         self.control_task.abort();
         let _ = self.member.leave().await;
     }
+}
+
+/// What a commit task returns: the producer back, and the commit's outcome.
+type Joined =
+    Result<(TransactionalProducer, Result<(), spool_client::Error>), tokio::task::JoinError>;
+
+/// The end of the commit in flight (pending forever without one). Cancel-safe.
+async fn join_commit(c: &mut Option<Committing>) -> Joined {
+    match c {
+        Some(c) => (&mut c.handle).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The bytes an output holds in memory (keys, values, headers).
+fn emit_bytes(e: &Emit) -> usize {
+    let r = &e.record;
+    e.topic.len()
+        + r.key.as_ref().map_or(0, |k| k.len())
+        + r.value.as_ref().map_or(0, |v| v.len())
+        + r.headers
+            .iter()
+            .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+            .sum::<usize>()
 }
 
 /// Turns a future into a [`Shutdown`] (true once it resolves).
