@@ -729,8 +729,14 @@ impl<'c> Session<'c> {
 
     fn commit_due(&self) -> bool {
         let Some(t) = &self.txn else { return false };
-        t.started.elapsed() >= self.cfg.commit_interval
-            || t.records >= self.cfg.commit_max_records
+        t.started.elapsed() >= self.cfg.commit_interval || self.txn_full()
+    }
+
+    /// The open transaction reached `max_records` inputs or `max_txn_bytes` of state writes.
+    fn txn_full(&self) -> bool {
+        self.txn
+            .as_ref()
+            .is_some_and(|t| t.records >= self.cfg.commit_max_records)
             || self
                 .tasks
                 .values()
@@ -752,17 +758,7 @@ impl<'c> Session<'c> {
     /// With a commit in flight: whether the open transaction reached a bound (its held
     /// outputs, records or state writes) and must wait for that commit.
     fn must_settle(&self) -> bool {
-        self.pending_bytes >= self.cfg.max_txn_bytes
-            || self
-                .txn
-                .as_ref()
-                .is_some_and(|t| t.records >= self.cfg.commit_max_records)
-            || self
-                .tasks
-                .values()
-                .map(|t| t.state.txn_bytes)
-                .sum::<usize>()
-                >= self.cfg.max_txn_bytes
+        self.pending_bytes >= self.cfg.max_txn_bytes || self.txn_full()
     }
 
     fn begin(&mut self) -> Result<(), RuntimeError> {
