@@ -28,7 +28,12 @@
 //!   handled meanwhile reads the committing one's writes, so it is dropped with it if that
 //!   commit fails; its outputs reach the producer only after that commit succeeded (one
 //!   producer transaction at a time), and are bounded by `max_txn_bytes`. Membership
-//!   changes, blocking retries and stops wait for the commit in flight.
+//!   changes, blocking retries and stops wait for the commit in flight, and so does the
+//!   open transaction once it is due itself (so it is at most one interval old when it
+//!   starts committing, as without overlap).
+//! - The loop returns to tokio at least every [`YIELD_EVERY`] (1 ms) while it works through
+//!   buffered input, and right after spawning a commit: a task it spawns or wakes waits in
+//!   its worker's LIFO slot, which the other worker cannot steal, until it does.
 //! - A membership change is applied (and revocations acknowledged) only after the open
 //!   transaction committed or aborted (`GroupConfig::commit_on_revoke` is off: offsets move
 //!   only with transactions).
@@ -516,6 +521,8 @@ struct Session<'c> {
     rewinds: u64,
     last_durable: Instant,
     last_tick: Instant,
+    /// When the loop last let the worker thread run other tasks ([`YIELD_EVERY`]).
+    last_yield: Instant,
     lanes: Lanes,
     /// Retry topic → its source topic.
     retry_of: HashMap<String, Arc<str>>,
@@ -536,6 +543,13 @@ struct Session<'c> {
     counted_out: TopicCounters,
 }
 
+/// The longest the loop runs without letting its worker thread run other tasks. Records
+/// come from the consumer's buffer without waiting, so a loop that never commits inline
+/// (the commit runs in its own task) would otherwise never return to tokio while input is
+/// buffered: tasks it spawns or wakes (the commit task, the connection task carrying the
+/// group's heartbeats) go to its worker's LIFO slot, which no other worker may steal, and
+/// wait there; the commit then never ends and the membership expires.
+const YIELD_EVERY: Duration = Duration::from_millis(1);
 /// How often a record waiting for its task's tables looks again.
 const TABLE_POLL: Duration = Duration::from_millis(5);
 /// A record stops waiting for tables that did not move for this long (an operator paused
@@ -629,6 +643,7 @@ impl<'c> Session<'c> {
             rewinds: 0,
             last_durable: Instant::now(),
             last_tick: Instant::now(),
+            last_yield: Instant::now(),
             lanes,
             retry_of,
             held: BTreeMap::new(),
@@ -663,12 +678,14 @@ impl<'c> Session<'c> {
             if *shutdown.borrow() {
                 return self.stop(handler).await;
             }
-            if self.committing.is_some() {
-                if self.must_settle() {
-                    // The open transaction reached a bound: wait for the commit in flight.
-                    self.settle().await?;
-                }
-            } else if self.commit_due() {
+            self.yield_if_busy().await;
+            if self.committing.is_some() && self.must_settle() {
+                // The open transaction reached a bound: wait for the commit in flight.
+                self.settle().await?;
+            }
+            if self.commit_due() {
+                // Waits for the commit in flight first, if any (a transaction commits at
+                // most one interval after the previous one, as without overlap).
                 self.commit_in_background(handler).await?;
             }
             // With a commit in flight the open transaction cannot commit yet: its end wakes
@@ -724,6 +741,15 @@ impl<'c> Session<'c> {
             if self.last_tick.elapsed() >= self.cfg.tick_interval {
                 self.tick(handler).await?;
             }
+        }
+    }
+
+    /// Lets the worker thread run other tasks when the loop has not waited for anything for
+    /// [`YIELD_EVERY`] (see there why).
+    async fn yield_if_busy(&mut self) {
+        if self.last_yield.elapsed() >= YIELD_EVERY {
+            tokio::task::yield_now().await;
+            self.last_yield = Instant::now();
         }
     }
 
@@ -1425,7 +1451,12 @@ impl<'c> Session<'c> {
             }
         }
         self.start_commit();
-        if !self.cfg.overlap_commits {
+        if self.cfg.overlap_commits {
+            // The commit task was spawned into this worker's LIFO slot: run it now, before
+            // the next record ([`YIELD_EVERY`]).
+            tokio::task::yield_now().await;
+            self.last_yield = Instant::now();
+        } else {
             self.settle().await?;
         }
         Ok(())
@@ -1520,6 +1551,12 @@ impl<'c> Session<'c> {
         joined: Joined,
     ) -> Result<(), RuntimeError> {
         let (tx, result) = joined.map_err(|e| RuntimeError::Fatal(format!("commit task: {e}")))?;
+        tracing::debug!(
+            ok = result.is_ok(),
+            took = ?c.started.elapsed(),
+            held = self.pending.len(),
+            "commit ended"
+        );
         self.tx = Some(tx);
         if let Err(e) = result {
             return self.abort_and_rewind(e).await;

@@ -218,6 +218,7 @@ fn lane(name: &str, priority: u32, min_share: f64) -> LaneConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_lanes_drain_the_high_lane_first_without_starving_the_low_one() {
+    crate::trace();
     let broker = Broker::start();
     let c = broker.client().await;
     create(&c, "alerts", 1).await;

@@ -19,6 +19,17 @@ use std::time::{Duration, Instant};
 
 use spool_client::{Client, FetchOptions, Isolation, Record, TopicSettings};
 
+/// Logs the runtime's tracing events to the test's output when `RUST_LOG` is set (e.g.
+/// `RUST_LOG=spool_processor=debug` with `--nocapture`), to see where a slow run's time went.
+pub(crate) fn trace() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Creates `topic` with `partitions` partitions.
 pub(crate) async fn create(client: &Client, topic: &str, partitions: u32) {
     client
