@@ -113,6 +113,16 @@ pub trait FileHandle: Send + Sync + fmt::Debug {
     /// `fsync`: makes the file's data and all its metadata durable.
     fn sync_all(&self) -> io::Result<()>;
 
+    /// Starts writing back the dirty pages of `[pos, pos + len)` and returns without waiting
+    /// for it (Linux: `sync_file_range(SYNC_FILE_RANGE_WRITE)`). A hint that spreads the cost
+    /// of a later `sync_data` over time: it makes **nothing** durable and promises nothing, and
+    /// a write-back error it causes is still reported by the next `sync_data` (it does not wait,
+    /// so it does not consume the file's error state). A file system that cannot does nothing.
+    fn start_writeback(&self, pos: u64, len: u64) -> io::Result<()> {
+        let _ = (pos, len);
+        Ok(())
+    }
+
     /// The file's bytes `[0, len)` as one `Bytes` (a read-only memory map for the real file
     /// system) that keeps `keep_alive` alive as long as any slice of it lives. `len` must not
     /// exceed the file's size.

@@ -1,6 +1,7 @@
 //! The real file system: `std::fs`, `memmap2` and `getrlimit`, one system call per method.
 //!
-//! This module holds the workspace's only `unsafe` (the memory map and `getrlimit`).
+//! This module holds the workspace's only `unsafe` (the memory map, `getrlimit` and
+//! `sync_file_range`).
 //!
 //! Contract that makes the memory map sound in practice: Spool never truncates or rewrites a
 //! byte range of a file while a mapping of that range may be alive. Segment files are
@@ -172,6 +173,23 @@ impl FileHandle for RealFile {
 
     fn sync_all(&self) -> io::Result<()> {
         self.0.sync_all()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn start_writeback(&self, pos: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(pos), Ok(len)) = (i64::try_from(pos), i64::try_from(len)) else {
+            return Err(io::ErrorKind::InvalidInput.into());
+        };
+        // SAFETY: a plain syscall on a descriptor this handle owns; no memory is passed.
+        let rc = unsafe {
+            libc::sync_file_range(self.0.as_raw_fd(), pos, len, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn map(&self, len: usize, keep_alive: Box<dyn Any + Send + Sync>) -> io::Result<Bytes> {

@@ -405,7 +405,8 @@ impl Partition {
     /// [`Partition::append_nowait`] only when it cannot block for long: `None` (nothing
     /// written) when another thread holds the partition's writer lock (an append, a roll,
     /// retention, a compaction swap, a sync capturing its end) or when this batch would make
-    /// the active segment roll (a roll fdatasyncs the sealed segment). What is left is a write
+    /// the active segment roll (a roll fdatasyncs the sealed segment) or start write-back
+    /// (`writer::WRITEBACK_BYTES`). What is left is a write
     /// into the page cache. Meant for callers on an async runtime's thread, which fall back to
     /// `append_nowait` on a thread that may block when this says `None`. A batch that fails its
     /// checks is refused (`Some(Err)`) whatever the lock.
@@ -421,7 +422,9 @@ impl Partition {
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
         let now = self.shared.clock.now_ms();
-        if w.roll_due(&cfg, batch.len() as u64, &h, now) {
+        if w.roll_due(&cfg, batch.len() as u64, &h, now)
+            || w.writeback_due(&cfg, batch.len() as u64)
+        {
             return None;
         }
         Some(self.append_locked(&mut w, &cfg, batch, &h, now))

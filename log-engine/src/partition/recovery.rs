@@ -327,6 +327,7 @@ impl Partition {
                     index: builder,
                     first_append_ms: None,
                     producers,
+                    writeback_from: end,
                 };
                 return Ok((
                     Self::assemble(

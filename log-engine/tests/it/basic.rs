@@ -221,3 +221,76 @@ fn a_cut_tail_is_kept_aside_not_silently_dropped() {
     assert_eq!(saved, original_tail, "the cut bytes are kept exactly");
     assert_eq!(log.partition("t", 0).unwrap().high_watermark(), 6);
 }
+
+/// Early write-back (`partition/writer.rs`): under `fsync = never`, an append that reaches the
+/// next 4 MiB of unsynced segment starts write-back, so `try_append_nowait` (the runtime-thread
+/// path) leaves exactly that append to a thread that may block; every byte stays readable in
+/// order, and a reopen after the hint finds all of it. Under `fsync = always` the hint is
+/// never due.
+#[test]
+fn write_back_is_started_off_the_nowait_path_every_few_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TopicConfig {
+        fsync: FsyncPolicy::Never,
+        ..TopicConfig::default()
+    };
+    let value = vec![0x42u8; 300 << 10];
+    let big = |i: i64| {
+        let mut b = spool_log_engine::BatchBuilder::new(spool_log_engine::Compression::None);
+        b.push(i, None, Some(&value), &[]);
+        b.finish().unwrap()
+    };
+    let (mut declined, mut written) = (Vec::new(), 0u64);
+    {
+        let log = open_topic(dir.path(), cfg);
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..40i64 {
+            let b = big(i);
+            match p.try_append_nowait(&b) {
+                Some(r) => assert_eq!(r.unwrap().base_offset, i as u64),
+                None => {
+                    declined.push((i, written));
+                    assert_eq!(p.append_nowait(&b).unwrap().base_offset, i as u64);
+                }
+            }
+            written += b.len() as u64;
+        }
+        assert_eq!(p.high_watermark(), 40, "fsync = never: readable at once");
+        // ~12 MiB appended: write-back started twice, each time by the append that brought
+        // the bytes since the last start to 4 MiB.
+        let len = big(0).len() as u64;
+        assert_eq!(
+            declined.len(),
+            2,
+            "declined appends (index, bytes before): {declined:?}"
+        );
+        let mut from = 0;
+        for (_, before) in &declined {
+            assert!(
+                before - from < 4 << 20 && before + len - from >= 4 << 20,
+                "{declined:?}"
+            );
+            from = before + len;
+        }
+        log.close().unwrap();
+    }
+    let log = open_topic(dir.path(), TopicConfig::default());
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.high_watermark(), 40);
+    let got = read_all(&p, 0);
+    assert_eq!(got.len(), 40);
+    assert!(got.iter().all(|r| r.value.as_deref() == Some(&value[..])));
+
+    // fsync = always: its group commits keep little dirty; the hint is never due.
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_topic(dir.path(), TopicConfig::default());
+    let p = log.partition("t", 0).unwrap();
+    for i in 0..20i64 {
+        let r = p
+            .try_append_nowait(&big(i))
+            .expect("never declined: no write-back due");
+        let info = r.unwrap();
+        p.wait_durable(info.last_offset + 1).unwrap();
+    }
+    log.close().unwrap();
+}
