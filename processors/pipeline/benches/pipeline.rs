@@ -514,7 +514,9 @@ struct Hops {
     matching: Vec<i64>,
     /// → the rendered `outgoing-mail` visible (`notifications`, render).
     render: Vec<i64>,
-    /// → Postfix's `250` (`notifications`, send).
+    /// → Postfix's `250` (`notifications`, send). Negative when the mail reached Postfix
+    /// before its `outgoing-mail` record was visible: a deal alert's send starts in the
+    /// transaction that writes the record (docs/pipeline.md).
     send: Vec<i64>,
 }
 

@@ -12,12 +12,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use spool_client::partitioner::partition_for_key;
 use spool_client::{ConsumerConfig, StartAt};
-use spool_pipeline::events::{MailState, MailStatus, NotificationKind, OutgoingMail};
+use spool_pipeline::events::{
+    Channel, MailState, MailStatus, NotificationKind, NotificationRequest, OutgoingMail,
+};
 use spool_pipeline::processors::envelope;
 use spool_pipeline::processors::notifications::{Notifications, NotificationsSettings};
 use spool_pipeline::{publish, topics};
-use spool_processor::testing::TestDriver;
+use spool_processor::testing::{TestDriver, TestRecord};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -234,6 +237,106 @@ async fn mails_in_flight_refusals_retries_and_restarts() {
         ("m020", MailState::Queued)
     );
     assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&2));
+}
+
+/// A deal alert's e-mail is handed to the MTA as its request is handled (not one commit
+/// later, when its `outgoing-mail` record is read back): the record goes to the request's
+/// partition, and reading it back there sends nothing, before or after the settlement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_is_sent_as_it_is_rendered_and_its_record_sends_nothing_more() {
+    let (port, seen) = smtp_server(Duration::ZERO).await;
+    let h = Notifications::new(&settings(port, 4)).unwrap();
+    let mut d = TestDriver::new("notifications", h)
+        .with_topic(topics::NOTIFICATION_REQUESTS, 4)
+        .with_topic(topics::OUTGOING_MAIL, 4);
+    let mut requests = Vec::new();
+    for i in 0..6 {
+        let n = NotificationRequest {
+            id: format!("n{i:03}"),
+            kind: NotificationKind::DealAlert,
+            user: format!("user{i}"),
+            user_name: "Eleni".into(),
+            channel: Channel::Email,
+            address: format!("alert{i}@localhost"),
+            time_zone: "UTC".into(),
+            quiet_hours: None,
+            deal: Some(support::book_deal("p1")),
+            campaign: None,
+            at_ms: 1_000,
+        };
+        let e = envelope("matching", n.id.clone(), &n, n.at_ms);
+        d.pipe_event_async(topics::NOTIFICATION_REQUESTS, &e).await;
+        requests.push(n);
+    }
+    let records = d.read_output(topics::OUTGOING_MAIL);
+    assert_eq!(records.len(), 6, "one rendered mail per request");
+    // Sent without a tick and without the record being read.
+    let until = Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().accepted.len() < 6 {
+        assert!(
+            Instant::now() < until,
+            "not sent: {:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Each record is in its request's partition (the task holding the pending send).
+    let keys: Vec<_> = requests
+        .iter()
+        .map(|n| partition_for_key(n.user.as_bytes(), 4))
+        .collect();
+    for (r, want) in records.iter().zip(&keys) {
+        assert_eq!(
+            r.partition, *want,
+            "outgoing-mail record in its request's partition"
+        );
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| Some(r.partition) != r.key.as_deref().map(|k| partition_for_key(k, 4))),
+        "some record's partition differs from its key's (the users of this test are chosen so)"
+    );
+    // Read back before the settlement (pending), then settled, then read back again.
+    for r in &records {
+        d.pipe_record_async(TestRecord {
+            topic: topics::OUTGOING_MAIL.into(),
+            partition: Some(r.partition),
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r.headers.clone(),
+            timestamp_ms: None,
+        })
+        .await;
+    }
+    let statuses = settle(&mut d, |s| s.len() >= 6).await;
+    assert!(statuses.iter().all(|s| s.status == MailState::Queued));
+    for r in &records {
+        d.pipe_record_async(TestRecord {
+            topic: topics::OUTGOING_MAIL.into(),
+            partition: Some(r.partition),
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r.headers.clone(),
+            timestamp_ms: None,
+        })
+        .await;
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        d.advance_wall_clock_async(Duration::from_millis(100)).await;
+    }
+    let g = seen.lock().unwrap();
+    assert_eq!(g.accepted.len(), 6);
+    assert!(
+        g.accepted.values().all(|n| *n == 1),
+        "each alert sent once: {:?}",
+        g.accepted
+    );
+    assert!(
+        d.read_output(topics::MAIL_STATUS).is_empty(),
+        "settled once"
+    );
 }
 
 /// Every `mail-status` committed so far (read committed, from the start), after `quiet` with

@@ -1,7 +1,10 @@
 //! `spool-notifications`: delivers notification requests.
 //!
-//! - `notification-requests`, e-mail: renders the templates into an [`OutgoingMail`] on
-//!   `outgoing-mail` (pure: the same request always renders the same mail id);
+//! - `notification-requests`, e-mail (a deal alert): renders the templates into an
+//!   [`OutgoingMail`] on `outgoing-mail` (pure: the same request always renders the same mail
+//!   id) **and starts its send at once** (below, "Alerts: rendered and sent in one step");
+//! - `campaign-requests`, e-mail: renders the mail onto `outgoing-mail` only; it is sent when
+//!   that record is read;
 //! - `notification-requests`, webhook/push: POSTs the rendered JSON (effect key = the
 //!   notification id), up to `[app.http] max_in_flight` calls at once, settled the same way
 //!   as mail (below): the idempotency key; or, for a 4xx/3xx or `max_attempts` used up, the
@@ -37,6 +40,21 @@
 //!   its last transaction; sends that were still waiting for a slot were never handed over
 //!   and go after the restart.
 //!
+//! # Alerts: rendered and sent in one step
+//!
+//! A deal alert's mail is not sent one commit later, when its `outgoing-mail` record is read
+//! back, but as it is rendered: the request's transaction holds the `outgoing-mail` record
+//! and the mail's pending timer (its payload is that record, with the request's partition
+//! and offset), and the send starts at once, exactly as if the record had been read. The
+//! record is written to **the request's partition** (not by its key's hash), so the task
+//! that reads it back is the one holding the pending timer (or, once settled, the
+//! idempotency key) and sends nothing. This takes one transaction (a commit and a read-back,
+//! ~10-20 ms at p50) off the path from a price update to Postfix (docs/benchmarks.md). The
+//! repeat window is the same shape as before: a crash before the request's transaction
+//! commits reads the request again and sends again. `outgoing-mail` must have as many
+//! partitions as `notification-requests` (as `publish::ensure_topics` creates them); records
+//! written there by others (a redriven dead letter, an older version) are sent when read.
+//!
 //! After the settlement commits, the mail (or call) is never sent again (within the
 //! `[effects]` retention). The Message-ID (`<mail id@domain>`) and the `Idempotency-Key`
 //! header (the notification id) let a receiver drop a repeat.
@@ -55,7 +73,7 @@ use crate::deliver::http::{HttpConfig, HttpSender};
 use crate::deliver::inflight::{InFlight, SendState};
 use crate::deliver::smtp::{SmtpConfig, SmtpSender};
 use crate::events::{Channel, MailState, MailStatus, NotificationRequest, OutgoingMail};
-use crate::processors::emit;
+use crate::processors::{emit, envelope};
 use crate::render::Renderer;
 use crate::topics;
 
@@ -166,7 +184,13 @@ impl AsyncHandler for Notifications {
                             .renderer
                             .outgoing_mail(&n)
                             .map_err(|e| Failure::dead_letter(e.to_string()))?;
-                        emit(ctx, mail.mail_id.clone(), &mail, n.at_ms)
+                        if &*input.topic == topics::NOTIFICATION_REQUESTS {
+                            self.render_and_send(ctx, input, mail, n.at_ms).await
+                        } else {
+                            // Campaign mail (throttled: latency does not matter) is sent
+                            // when its `outgoing-mail` record is read.
+                            emit(ctx, mail.mail_id.clone(), &mail, n.at_ms)
+                        }
                     }
                     Channel::Webhook | Channel::Push => {
                         if ctx.effect(&n.id)? != EffectStatus::Todo {
@@ -353,6 +377,28 @@ impl Pending {
         }
     }
 
+    /// A record this handler emits to `topic` while handling `input` (an alert's
+    /// `outgoing-mail`, sent at once): the input's partition and offset (the record's own
+    /// offset is known only once it is written), the record's key, value and headers.
+    fn of_record(topic: &str, input: &Input, r: &spool_client::ProducerRecord) -> Pending {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Pending {
+            topic: topic.to_owned(),
+            partition: input.partition,
+            offset: input.offset,
+            timestamp_ms: r.timestamp_ms.unwrap_or(input.timestamp_ms),
+            key: r.key.as_deref().map(text),
+            value: r.value.as_deref().map(text).unwrap_or_default(),
+            headers: r
+                .headers
+                .iter()
+                .map(|h| (h.key.clone(), h.value.as_deref().map(text)))
+                .collect(),
+            attempt: 1,
+            history: Vec::new(),
+        }
+    }
+
     fn payload(&self) -> Result<Vec<u8>, Failure> {
         serde_json::to_vec(self).map_err(|e| Failure::fatal(e.to_string()))
     }
@@ -392,6 +438,40 @@ impl Pending {
 }
 
 impl Notifications {
+    /// A deal alert's e-mail: its `outgoing-mail` record (written to the request's own
+    /// partition, so this task is the one that reads it back), and the send started now,
+    /// pending in this transaction like one started from that record, instead of one
+    /// commit later when the record is read (which then finds the pending timer, or the
+    /// idempotency key once settled, and sends nothing). See "Alerts: rendered and sent in
+    /// one step" in the module docs.
+    async fn render_and_send(
+        &mut self,
+        ctx: &mut Context<'_>,
+        input: &Input,
+        mail: OutgoingMail,
+        at_ms: i64,
+    ) -> Result<(), Failure> {
+        let record = envelope(ctx.processor(), mail.mail_id.clone(), &mail, at_ms)
+            .to_record()
+            .map_err(|e| Failure::fatal(e.to_string()))?;
+        ctx.emit_to(topics::OUTGOING_MAIL, input.partition, record.clone());
+        if ctx.effect(&mail.mail_id)? != EffectStatus::Todo {
+            return Ok(()); // sent before, or a replay (effects disabled): the record only
+        }
+        let key = [PENDING_PREFIX, mail.mail_id.as_bytes()].concat();
+        if ctx.timer(TimerKind::Wall, &key)?.is_some() {
+            return Ok(()); // the same mail is already pending
+        }
+        let pending = Pending::of_record(topics::OUTGOING_MAIL, input, &record);
+        ctx.set_timer(TimerKind::Wall, &key, ctx.now_ms(), pending.payload()?)?;
+        let smtp = self.smtp()?;
+        let id = mail.mail_id.clone();
+        self.inflight
+            .start(&id, async move { smtp.send(&mail).await })
+            .await;
+        Ok(())
+    }
+
     fn smtp(&mut self) -> Result<SmtpSender, Failure> {
         if self.smtp.is_none() {
             self.smtp = Some(
