@@ -45,7 +45,7 @@ const CATEGORY: &str = "books";
 
 fn user(i: usize) -> AlertSettings {
     let mut channels = vec![Channel::Email, Channel::Webhook];
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         channels.push(Channel::Push);
     }
     AlertSettings {
