@@ -139,6 +139,10 @@ pub struct Consumer {
     failures: u32,
     /// Positions were checked against the logs since the last failure.
     validated: bool,
+    /// Subscriptions dropped with data on the way ([`Consumer::stream_resets`]).
+    resets: u64,
+    /// Buffered records dropped by those ([`Consumer::dropped_records`]).
+    dropped: u64,
 }
 
 impl Consumer {
@@ -153,6 +157,8 @@ impl Consumer {
             buffer: VecDeque::new(),
             failures: 0,
             validated: true,
+            resets: 0,
+            dropped: 0,
         }
     }
 
@@ -339,7 +345,30 @@ impl Consumer {
         futures_util::stream::unfold(self, |mut c| async move { c.next().await.map(|r| (r, c)) })
     }
 
+    /// How many times an open subscription (or buffered records) was dropped because the
+    /// assignment or a position changed ([`Consumer::assign`], [`Consumer::seek`],
+    /// [`Consumer::unassign`], a position reset): each costs a new `Subscribe` and fetching
+    /// again what the old one had delivered or had on its way. Failures of the stream are
+    /// not counted.
+    pub fn stream_resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Decoded records dropped by those resets before they were returned (they are fetched
+    /// again).
+    pub fn dropped_records(&self) -> u64 {
+        self.dropped
+    }
+
     fn reset_stream(&mut self) {
+        if self.stream.is_some() || !self.buffer.is_empty() {
+            self.resets += 1;
+            self.dropped += self
+                .buffer
+                .iter()
+                .filter(|i| matches!(i, Item::Record(..)))
+                .count() as u64;
+        }
         self.stream = None;
         self.buffer.clear();
     }

@@ -507,6 +507,17 @@ impl GroupConsumer {
         Ok(())
     }
 
+    /// Stream resets of every stream so far ([`Consumer::stream_resets`]): pauses, resumes,
+    /// seeks of unpaused partitions and assignment changes each reset their stream.
+    pub fn stream_resets(&self) -> u64 {
+        self.consumers.iter().map(Consumer::stream_resets).sum()
+    }
+
+    /// Buffered records dropped by those resets ([`Consumer::dropped_records`]).
+    pub fn dropped_records(&self) -> u64 {
+        self.consumers.iter().map(Consumer::dropped_records).sum()
+    }
+
     /// The owned partitions that are paused.
     pub fn paused(&self) -> Vec<TopicPartition> {
         let mut v: Vec<TopicPartition> = self.paused.keys().cloned().collect();

@@ -54,6 +54,8 @@ pub struct ProcessorConfig {
     pub state: StateConfig,
     /// Group membership and transactions.
     pub group: GroupSettings,
+    /// Flow control beyond lanes (`[flow]`).
+    pub flow: FlowSettings,
     /// Retries and dead letters.
     pub retry: RetryPolicy,
     /// How long idempotency keys of external effects are kept.
@@ -191,6 +193,25 @@ pub struct StateConfig {
     pub durable_interval_ms: u64,
 }
 
+/// Flow control beyond lanes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlowSettings {
+    /// Records set aside for partitions held back (restoring, or holding a record not due
+    /// yet) while their lane's stream goes on for the others (bytes; default 8 MiB; 0: such
+    /// a partition is paused in the consumer at once, reopening its lane's stream). See
+    /// [`RuntimeConfig::max_parked_bytes`].
+    pub max_parked_bytes: usize,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        FlowSettings {
+            max_parked_bytes: 8 << 20,
+        }
+    }
+}
+
 /// Group membership and transactions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -216,6 +237,7 @@ impl Default for ProcessorConfig {
             commit: CommitConfig::default(),
             state: StateConfig::default(),
             group: GroupSettings::default(),
+            flow: FlowSettings::default(),
             retry: RetryPolicy::default(),
             effects: EffectsRetention::default(),
             lanes: Vec::new(),
@@ -440,6 +462,7 @@ impl ProcessorConfig {
         r.cache_bytes = self.state.cache_bytes;
         r.apply_bytes = self.state.apply_bytes;
         r.read_cache_bytes = self.state.read_cache_bytes;
+        r.max_parked_bytes = self.flow.max_parked_bytes;
         r.durable_interval = Duration::from_millis(self.state.durable_interval_ms);
         r.session_timeout = Duration::from_millis(self.group.session_timeout_ms);
         r.transaction_timeout = Duration::from_millis(self.group.transaction_timeout_ms);

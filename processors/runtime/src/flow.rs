@@ -29,14 +29,27 @@
 //! lane, so a lower lane was read only while the lanes above it were paused: in `spool-demo`
 //! that cut the alerts lane from ~140 to ~17 mails/s.
 //!
+//! **Single-partition holds.** Some waits concern one partition, not its lane: a restoring
+//! partition, a retry not due yet, a record over its key's rate, a record waiting for its
+//! tables. A Subscribe stream cannot leave one of its partitions out without being reopened,
+//! which drops what it fetched for all of them (and fetches it again), twice per hold (pause
+//! and resume). So the runtime does not pause such a partition: its lane's stream goes on, and
+//! what it delivers for the held partition is *parked* ([`Parking`]), in order, until the
+//! partition is free; then the parked records are handled first (as that lane's ready
+//! records, in the lane order). Parking is bounded (`max_parked_bytes`); a partition that does
+//! not fit is paused in the consumer instead, at its first record not parked, and resumed
+//! once it is free and its parked records are done. `spool_processor_stream_resets_total`
+//! counts the streams reopened.
+//!
 //! Throttles are GCRA limiters (governor): a lane's `rate_per_sec` (burst: a tenth of a
 //! second's worth unless set) and optionally `key_rate_per_sec` per record key. A record over
 //! the lane's rate whose token is due within [`INLINE_WAIT`] (every record at rates of
 //! 200/s and more) waits for it in place; one that must wait longer is held and its lane not
-//! read until then; one over its key's rate is held and its partition paused. The limiters
+//! read until then; one over its key's rate is held and its partition held back (the rest of
+//! it parked). The limiters
 //! read a [`ThrottleClock`]: the monotonic clock, or the test driver's clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -331,6 +344,142 @@ impl Lane {
     }
 }
 
+/// Records set aside for partitions the runtime holds back on its own (a restoring
+/// partition; one holding a record until it is due, over its key's rate, or waiting for its
+/// tables), in offset order per partition, so that their lane's stream keeps flowing for the
+/// other partitions: a Subscribe stream cannot leave one partition out without being
+/// reopened, which drops everything it had fetched for all of them (read again).
+///
+/// Bounded: at most `max_bytes` of records in all (a record counts its key, value, headers
+/// and [`PARKED_OVERHEAD`]). A record that does not fit is refused and its partition marked
+/// *overflowed*: the caller then stops reading that partition at that record (pauses it in
+/// the consumer, which costs one stream reset, and once more on resume), so nothing is lost
+/// and memory stays bounded however long the partition is held back. New records of a
+/// partition that has parked records (or is overflowed) must be parked behind them, never
+/// handled before them.
+#[derive(Debug)]
+pub(crate) struct Parking<K, R> {
+    queues: BTreeMap<K, VecDeque<(R, usize)>>,
+    overflowed: BTreeSet<K>,
+    bytes: usize,
+    records: usize,
+    max_bytes: usize,
+}
+
+/// What a parked record counts beyond its key, value and headers (its struct, the queue
+/// slot, the `Bytes` handles).
+pub(crate) const PARKED_OVERHEAD: usize = 128;
+
+impl<K: Ord + Clone, R> Parking<K, R> {
+    /// Nothing parked; at most `max_bytes`.
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Parking {
+            queues: BTreeMap::new(),
+            overflowed: BTreeSet::new(),
+            bytes: 0,
+            records: 0,
+            max_bytes,
+        }
+    }
+
+    /// Sets `record` (`bytes` long) aside behind `key`'s other parked records. If it does not
+    /// fit (or `key` is overflowed) it is given back and `key` is marked overflowed.
+    pub(crate) fn park(&mut self, key: &K, record: R, bytes: usize) -> Result<(), R> {
+        if self.overflowed.contains(key) || self.bytes.saturating_add(bytes) > self.max_bytes {
+            self.overflowed.insert(key.clone());
+            return Err(record);
+        }
+        self.bytes += bytes;
+        self.records += 1;
+        self.queues
+            .entry(key.clone())
+            .or_default()
+            .push_back((record, bytes));
+        Ok(())
+    }
+
+    /// Whether `key`'s new records must be parked (it has parked records or is overflowed).
+    pub(crate) fn holds(&self, key: &K) -> bool {
+        self.queues.contains_key(key) || self.overflowed.contains(key)
+    }
+
+    /// `key`'s first parked record.
+    pub(crate) fn front(&self, key: &K) -> Option<&R> {
+        self.queues.get(key).and_then(|q| q.front()).map(|(r, _)| r)
+    }
+
+    /// Takes `key`'s first parked record.
+    pub(crate) fn pop(&mut self, key: &K) -> Option<R> {
+        let q = self.queues.get_mut(key)?;
+        let (r, bytes) = q.pop_front()?;
+        if q.is_empty() {
+            self.queues.remove(key);
+        }
+        self.bytes -= bytes;
+        self.records -= 1;
+        Some(r)
+    }
+
+    /// Drops `key`'s parked records (they are to be read again); it stays overflowed if it
+    /// was (see [`Parking::end_overflow`]).
+    pub(crate) fn drop_records(&mut self, key: &K) {
+        if let Some(q) = self.queues.remove(key) {
+            self.records -= q.len();
+            self.bytes -= q.iter().map(|(_, b)| b).sum::<usize>();
+        }
+    }
+
+    /// Drops every parked record (overflow marks stay).
+    pub(crate) fn drop_all_records(&mut self) {
+        self.queues.clear();
+        self.bytes = 0;
+        self.records = 0;
+    }
+
+    /// Forgets a key: its records and its overflow mark (a revoked partition).
+    pub(crate) fn forget(&mut self, key: &K) {
+        self.drop_records(key);
+        self.overflowed.remove(key);
+    }
+
+    /// The keys with parked records.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
+        self.queues.keys()
+    }
+
+    /// The overflowed keys (read no more until [`Parking::end_overflow`]).
+    pub(crate) fn overflowed(&self) -> &BTreeSet<K> {
+        &self.overflowed
+    }
+
+    /// `key` may be read again (its parked records, if any, still come first).
+    pub(crate) fn end_overflow(&mut self, key: &K) {
+        self.overflowed.remove(key);
+    }
+
+    /// Whether nothing is parked and nothing overflowed.
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queues.is_empty() && self.overflowed.is_empty()
+    }
+
+    /// Records parked in all.
+    pub(crate) fn len(&self) -> usize {
+        self.records
+    }
+
+    /// Records parked for `key`.
+    pub(crate) fn len_of(&self, key: &K) -> usize {
+        self.queues.get(key).map_or(0, VecDeque::len)
+    }
+
+    /// Bytes parked in all (at most the bound).
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// The lanes of a processor and the topic → lane map.
 #[derive(Debug)]
 pub(crate) struct Lanes {
@@ -542,6 +691,50 @@ mod tests {
         );
         l.decide(ms("2024-01-01T13:00:00Z"));
         assert_eq!(l.order(), vec![0, 2, 1]);
+    }
+
+    #[test]
+    fn parking_keeps_each_partitions_order_and_refuses_past_its_bound() {
+        let mut p: Parking<u32, u64> = Parking::new(300);
+        assert!(p.park(&0, 10, 100).is_ok());
+        assert!(p.park(&1, 20, 100).is_ok());
+        assert!(p.park(&0, 11, 100).is_ok());
+        assert_eq!((p.len(), p.bytes(), p.len_of(&0)), (3, 300, 2));
+        assert_eq!(p.park(&1, 21, 1), Err(21), "past the bound: given back");
+        assert!(p.overflowed().contains(&1) && p.holds(&1));
+        assert_eq!(p.pop(&0), Some(10));
+        assert_eq!(
+            p.park(&1, 21, 50),
+            Err(21),
+            "an overflowed partition parks nothing more, even what would fit"
+        );
+        assert_eq!(p.park(&0, 12, 100), Ok(()), "another partition still fits");
+        assert_eq!(p.front(&0), Some(&11));
+        assert_eq!(p.pop(&0), Some(11));
+        assert_eq!(p.pop(&0), Some(12));
+        assert_eq!(p.pop(&0), None);
+        assert!(!p.holds(&0), "drained: read directly again");
+        assert_eq!(p.pop(&1), Some(20));
+        assert!(p.holds(&1), "overflowed until the caller ends it");
+        assert_eq!(p.keys().count(), 0);
+        p.end_overflow(&1);
+        assert!(!p.holds(&1) && p.is_empty());
+        assert_eq!((p.len(), p.bytes()), (0, 0));
+        p.park(&2, 1, 10).unwrap();
+        p.park(&2, 2, 10).unwrap();
+        assert!(p.park(&3, 3, 1000).is_err());
+        p.drop_records(&2);
+        assert_eq!((p.len(), p.bytes()), (0, 0));
+        assert!(!p.holds(&2) && p.holds(&3));
+        p.park(&4, 4, 10).unwrap();
+        p.drop_all_records();
+        assert!(p.holds(&3) && !p.holds(&4));
+        p.forget(&3);
+        assert!(p.is_empty());
+        assert!(
+            Parking::<u32, u8>::new(10).park(&0, 1, 11).is_err(),
+            "a record larger than the bound is refused even with nothing parked"
+        );
     }
 
     #[test]

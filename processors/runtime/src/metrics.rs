@@ -18,6 +18,9 @@
 //! | `spool_processor_restored_records_total` | counter | |
 //! | `spool_processor_paused_lanes` | gauge (1 when paused) | lane |
 //! | `spool_processor_blocked_partitions` | gauge (partitions retrying in place) | |
+//! | `spool_processor_parked_records` | gauge (records set aside for partitions held back: restoring, or holding a record) | |
+//! | `spool_processor_stream_resets_total` | counter (input streams reopened: pauses, resumes, seeks, rebalances) | |
+//! | `spool_processor_refetched_records_total` | counter (fetched records those resets dropped, read again) | |
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +70,9 @@ pub struct Metrics {
     pub(crate) restored_records: Counter,
     pub(crate) paused_lanes: Family<LaneLabel, Gauge>,
     pub(crate) blocked: Gauge,
+    pub(crate) parked: Gauge,
+    pub(crate) stream_resets: Counter,
+    pub(crate) refetched: Counter,
     /// Health: in the group with every owned partition restored.
     pub(crate) ready: AtomicBool,
     /// Records processed (for progress and rate).
@@ -101,6 +107,9 @@ impl Metrics {
             restored_records: Counter::default(),
             paused_lanes: Family::default(),
             blocked: Gauge::default(),
+            parked: Gauge::default(),
+            stream_resets: Counter::default(),
+            refetched: Counter::default(),
             ready: AtomicBool::new(false),
             done: AtomicU64::new(0),
             last_alive_ms: AtomicU64::new(0),
@@ -178,6 +187,21 @@ impl Metrics {
             "Partitions waiting to retry a record in place",
             m.blocked.clone(),
         );
+        registry.register(
+            format!("{p}_parked_records"),
+            "Records set aside for partitions held back (restoring, or holding a record)",
+            m.parked.clone(),
+        );
+        registry.register(
+            format!("{p}_stream_resets"),
+            "Input streams reopened (pauses, resumes, seeks, rebalances), dropping what they had fetched",
+            m.stream_resets.clone(),
+        );
+        registry.register(
+            format!("{p}_refetched_records"),
+            "Fetched input records dropped by stream resets (read again)",
+            m.refetched.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -213,6 +237,22 @@ impl Metrics {
         std::time::Duration::from_millis(
             now.saturating_sub(self.last_alive_ms.load(Ordering::Relaxed)),
         )
+    }
+
+    /// Input streams reopened so far (`spool_processor_stream_resets_total`; updated every
+    /// tick).
+    pub fn stream_resets(&self) -> u64 {
+        self.stream_resets.get()
+    }
+
+    /// Fetched records dropped by those resets (`spool_processor_refetched_records_total`).
+    pub fn refetched_records(&self) -> u64 {
+        self.refetched.get()
+    }
+
+    /// Records parked now (`spool_processor_parked_records`).
+    pub fn parked_records(&self) -> i64 {
+        self.parked.get()
     }
 
     /// Records processed since start.

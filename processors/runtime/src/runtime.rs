@@ -39,9 +39,17 @@
 //!   only with transactions).
 //! - The local store holds only committed data: writes reach it after their transaction
 //!   committed, with the changelog position, in one local transaction.
-//! - A newly owned partition is paused until its state is restored from the changelog (in a
-//!   background task, read committed, from the local store's position to the end); the
+//! - A newly owned partition is held back until its state is restored from the changelog (in
+//!   a background task, read committed, from the local store's position to the end); the
 //!   other partitions keep going.
+//! - A partition held back (restoring, or holding a record: a retry not due, over its key's
+//!   rate, waiting for its tables) is not paused in the consumer: its lane's stream goes on,
+//!   and what it delivers for that partition is parked, in order, and handled before anything
+//!   newer of the partition once it is free. Parked records are bounded by
+//!   `max_parked_bytes`; a partition that does not fit is paused in the consumer at its first
+//!   unparked record until it is free and its parked records are done. Parked and held
+//!   records were not processed: an abort, an interrupted record or a membership change that
+//!   restarts the partition drops them, and they are read again.
 //! - The transactional id is `<group>-<instance_id>`, initialised before joining the group,
 //!   so a restarted instance first fences its previous incarnation and aborts what it left
 //!   open (which unblocks the changelog's last stable offset for the restore).
@@ -141,6 +149,12 @@ pub struct RuntimeConfig {
     /// Values read from the local store kept in memory per task (default 16 MiB; 0: none):
     /// hot keys and known-absent keys are then read without SQLite ([`crate::state`]).
     pub read_cache_bytes: usize,
+    /// Records set aside for partitions the runtime holds back while their lane's stream goes
+    /// on (default 8 MiB; [`crate::flow`]'s `Parking`): a restoring partition, or one holding
+    /// a record (a retry not due, over its key's rate, waiting for its tables). Past it, such
+    /// a partition is paused in the consumer instead (its stream is reopened once, and once
+    /// more when it is read again).
+    pub max_parked_bytes: usize,
     /// Retries and dead letters.
     pub retry: RetryPolicy,
     /// Group session timeout (default 10 s).
@@ -203,6 +217,7 @@ impl RuntimeConfig {
             cache_bytes: 8 << 20,
             apply_bytes: 16 << 20,
             read_cache_bytes: 16 << 20,
+            max_parked_bytes: 8 << 20,
             retry: RetryPolicy::default(),
             session_timeout: Duration::from_secs(10),
             transaction_timeout: Duration::from_secs(30),
@@ -463,13 +478,26 @@ async fn ensure_topic(
 }
 
 /// A record read but not processed yet: a retry not due, waiting for its tables, or over
-/// its key's rate (its partition is paused meanwhile), or over its lane's rate (its lane is
-/// not read meanwhile, so what the lane fetched stays buffered). Its position is not moved.
+/// its key's rate (its partition is held back meanwhile: the records of it that its lane's
+/// stream delivers are parked behind it), or over its lane's rate (its lane is not read
+/// meanwhile, so what the lane fetched stays buffered). Its position is not moved.
 struct Held {
     record: Record,
     due: Instant,
-    /// Its partition is paused (else its lane is not read).
+    /// Its partition is held back (else its lane is not read).
     pauses: bool,
+}
+
+/// What a record counts against [`RuntimeConfig::max_parked_bytes`].
+fn parked_size(r: &Record) -> usize {
+    flow::PARKED_OVERHEAD
+        + r.topic.len()
+        + r.key.as_ref().map_or(0, Bytes::len)
+        + r.value.as_ref().map_or(0, Bytes::len)
+        + r.headers
+            .iter()
+            .map(|h| 32 + h.key.len() + h.value.as_ref().map_or(0, Bytes::len))
+            .sum::<usize>()
 }
 
 /// The open transaction.
@@ -527,6 +555,11 @@ struct Session<'c> {
     /// Retry topic → its source topic.
     retry_of: HashMap<String, Arc<str>>,
     held: BTreeMap<TopicPartition, Held>,
+    /// Records of held-back partitions that their lane's stream delivered meanwhile, in
+    /// order, bounded by [`RuntimeConfig::max_parked_bytes`] (see [`Session::held_back`]).
+    parked: flow::Parking<TopicPartition, Record>,
+    /// The consumer's stream resets and dropped records already counted in the metrics.
+    resets_seen: (u64, u64),
     control: Arc<Mutex<Control>>,
     control_task: JoinHandle<()>,
     last_window: Instant,
@@ -647,6 +680,8 @@ impl<'c> Session<'c> {
             lanes,
             retry_of,
             held: BTreeMap::new(),
+            parked: flow::Parking::new(cfg.max_parked_bytes),
+            resets_seen: (0, 0),
             control,
             control_task,
             last_window: Instant::now(),
@@ -707,6 +742,13 @@ impl<'c> Session<'c> {
                 wake = wake.min(due.max(Instant::now() + Duration::from_millis(1)));
             }
             let order = self.read_order();
+            // A parked record free to go is its lane's ready record: only the lanes preferred
+            // to it are polled first, and only for a record they have ready now.
+            let parked = self.next_parked(&order);
+            let poll_order = match &parked {
+                Some((k, _)) => &order[..*k],
+                None => &order[..],
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => continue,
@@ -717,16 +759,23 @@ impl<'c> Session<'c> {
                     let c = self.committing.take().expect("joined");
                     self.committed_in_background(c, joined).await?;
                 }
-                polled = self.member.poll_streams(&order) => match polled {
+                polled = self.member.poll_streams(poll_order) => match polled {
                     None => return Err(RuntimeError::Client(spool_client::Error::Closed)),
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(Polled::Membership)) => {
                         self.commit(handler).await?;
+                        let before = self.member.positions();
                         self.member.poll_membership().await?;
                         self.reconcile().await?;
+                        self.forget_restarted(before).await?;
                     }
-                    Some(Ok(Polled::Record(r))) => self.on_record(handler, r, shutdown).await?,
+                    Some(Ok(Polled::Record(r))) => self.on_polled(handler, r, shutdown).await?,
                 },
+                () = std::future::ready(()), if parked.is_some() => {
+                    if let Some((_, tp)) = parked {
+                        self.unpark(handler, tp, shutdown).await?;
+                    }
+                }
                 // Reached only when no record was ready (the poll comes first): the input is
                 // drained, so a transaction idle for the linger commits now.
                 () = tokio::time::sleep_until(wake.into()) => {
@@ -831,6 +880,108 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
+    /// Whether the runtime holds `tp` back: its state is restoring, or it holds a record
+    /// that pauses it. What its stream delivers meanwhile is parked.
+    fn held_back(&self, tp: &TopicPartition) -> bool {
+        !self.tasks.contains_key(&tp.partition) || self.held.get(tp).is_some_and(|h| h.pauses)
+    }
+
+    /// A record from the consumer: parked behind its partition's held or parked records (its
+    /// lane's stream goes on for the other partitions), else handled.
+    async fn on_polled<H: AsyncHandler>(
+        &mut self,
+        handler: &mut H,
+        r: Record,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), RuntimeError> {
+        let tp = TopicPartition::new(&*r.topic, r.partition);
+        if self.held_back(&tp) || self.parked.holds(&tp) {
+            let offset = r.offset;
+            let size = parked_size(&r);
+            if self.parked.park(&tp, r, size).is_err() {
+                // No room: this partition is not read from this record on until it is no
+                // longer held back and its parked records are done ([`Session::apply_pauses`]).
+                self.member.pause(std::slice::from_ref(&tp));
+                self.member.seek(&tp, offset).await?;
+            }
+            return Ok(());
+        }
+        self.on_record(handler, r, shutdown).await
+    }
+
+    /// The parked partition to take a record of next, with the place of its lane's stream in
+    /// `order` (the streams to read, preferred first): not held back, its lane readable,
+    /// the most preferred lane first.
+    fn next_parked(&self, order: &[usize]) -> Option<(usize, TopicPartition)> {
+        if self.parked.len() == 0 {
+            return None;
+        }
+        self.parked
+            .keys()
+            .filter(|tp| !self.held_back(tp))
+            .filter_map(|tp| {
+                let k = match self.lanes.of(&tp.topic) {
+                    Some(l) => order.iter().position(|&s| s == self.lane_stream[l])?,
+                    None => 0,
+                };
+                Some((k, tp.clone()))
+            })
+            .min_by_key(|(k, _)| *k)
+    }
+
+    /// Handles `tp`'s first parked record; a partition read no more for lack of room is
+    /// read again once its parked records are done.
+    async fn unpark<H: AsyncHandler>(
+        &mut self,
+        handler: &mut H,
+        tp: TopicPartition,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), RuntimeError> {
+        let Some(r) = self.parked.pop(&tp) else {
+            return Ok(());
+        };
+        self.on_record(handler, r, shutdown).await?;
+        if self.parked.len_of(&tp) == 0 && self.parked.overflowed().contains(&tp) {
+            self.apply_pauses().await?;
+        }
+        Ok(())
+    }
+
+    /// After a membership change: a partition the consumer restarted (at the group's
+    /// committed offset, after it rejoined) or no longer owns drops what the runtime held or
+    /// parked of it (read again from there, or by its new owner). One whose position did not
+    /// move keeps them: its stream goes on after them.
+    async fn forget_restarted(
+        &mut self,
+        before: Vec<(TopicPartition, u64)>,
+    ) -> Result<(), RuntimeError> {
+        let before: BTreeMap<TopicPartition, u64> = before.into_iter().collect();
+        let after: BTreeMap<TopicPartition, u64> = self.member.positions().into_iter().collect();
+        let mut kept: BTreeSet<TopicPartition> = self.held.keys().cloned().collect();
+        kept.extend(self.parked.keys().cloned());
+        kept.extend(self.parked.overflowed().iter().cloned());
+        for tp in kept {
+            if after.get(&tp).is_none() || after.get(&tp) != before.get(&tp) {
+                self.held.remove(&tp);
+                self.parked.forget(&tp);
+            }
+        }
+        self.apply_pauses().await
+    }
+
+    /// Records parked or held, stream resets: to the metrics.
+    fn count_flow(&mut self) {
+        let now = (self.member.stream_resets(), self.member.dropped_records());
+        self.metrics
+            .stream_resets
+            .inc_by(now.0.saturating_sub(self.resets_seen.0));
+        self.metrics
+            .refetched
+            .inc_by(now.1.saturating_sub(self.resets_seen.1));
+        self.resets_seen = now;
+        self.metrics.parked.set(self.parked.len() as i64);
+    }
+
     async fn on_record<H: AsyncHandler>(
         &mut self,
         handler: &mut H,
@@ -839,13 +990,14 @@ impl<'c> Session<'c> {
     ) -> Result<(), RuntimeError> {
         let tp = TopicPartition::new(&*r.topic, r.partition);
         if !self.tasks.contains_key(&r.partition) {
-            // Cannot happen (partitions are paused while restoring); never process without
-            // state: read it again later.
+            // Cannot happen (records of restoring partitions are parked); never process
+            // without state: read it again later.
             tracing::error!(
                 topic = &*r.topic,
                 partition = r.partition,
                 "record for a partition whose state is not restored; rewinding"
             );
+            self.parked.drop_records(&tp);
             self.member.seek(&tp, r.offset).await?;
             return Ok(());
         }
@@ -937,7 +1089,9 @@ impl<'c> Session<'c> {
             return Ok(());
         }
         if !handled {
-            // Interrupted (a revocation or a stop): read it again later.
+            // Interrupted (a revocation or a stop): read it again later, and what was parked
+            // after it too.
+            self.parked.drop_records(&tp);
             self.member.seek(&tp, read_offset).await?;
             return Ok(());
         }
@@ -998,12 +1152,25 @@ impl<'c> Session<'c> {
             self.table_ends.insert(tp.partition, m);
         }
         let ends = &self.table_ends[&tp.partition];
-        let paused: BTreeSet<TopicPartition> = self.member.paused().into_iter().collect();
-        let positions: HashMap<TopicPartition, u64> = self.member.positions().into_iter().collect();
-        let pos = |t: &TopicPartition| positions.get(t).copied().unwrap_or(0);
-        // Tables paused (or in a closed lane) are not waited for.
+        let reading: HashMap<TopicPartition, u64> = self.member.positions().into_iter().collect();
+        // The next table record to handle: a held or parked one, else where the consumer is.
+        let next: HashMap<TopicPartition, u64> = tables
+            .iter()
+            .map(|t| {
+                let at = self
+                    .held
+                    .get(t)
+                    .map(|h| h.record.offset)
+                    .or_else(|| self.parked.front(t).map(|r| r.offset))
+                    .or_else(|| reading.get(t).copied())
+                    .unwrap_or(0);
+                (t.clone(), at)
+            })
+            .collect();
+        let pos = |t: &TopicPartition| next.get(t).copied().unwrap_or(0);
+        // Tables held back (or in a closed lane) are not waited for.
         let behind = tables.iter().any(|t| {
-            !paused.contains(t)
+            !self.held_back(t)
                 && self.lane_open(&t.topic)
                 && pos(t) < ends.get(t).copied().unwrap_or(0)
         });
@@ -1035,9 +1202,9 @@ impl<'c> Session<'c> {
         true
     }
 
-    /// Holds a record (its partition paused) for `wait`.
+    /// Holds a record for `wait`; its partition is held back meanwhile (what its stream
+    /// delivers is parked behind it).
     fn hold(&mut self, tp: TopicPartition, record: Record, wait: Duration) {
-        self.member.pause(std::slice::from_ref(&tp));
         self.held.insert(
             tp,
             Held {
@@ -1291,6 +1458,7 @@ impl<'c> Session<'c> {
         }
         for tp in &self.owned {
             if let Some(lag) = self.member.lag(&tp.topic, tp.partition) {
+                let lag = lag.saturating_add(self.parked.len_of(tp) as u64);
                 self.metrics
                     .lag
                     .get_or_create(&PartitionLabel {
@@ -1303,6 +1471,7 @@ impl<'c> Session<'c> {
         if self.txn.is_none() && self.last_durable.elapsed() >= self.cfg.durable_interval {
             self.make_durable()?;
         }
+        self.count_flow();
         self.apply_flow().await
     }
 
@@ -1339,17 +1508,30 @@ impl<'c> Session<'c> {
         self.apply_pauses().await
     }
 
-    /// Pauses exactly the owned partitions that must not be read now: restoring, or holding
-    /// a record that pauses its partition. (A closed or throttled lane is not paused: it is
-    /// left out of [`Session::read_order`], which keeps what it fetched.)
+    /// Pauses exactly the owned partitions that must not be read now: those whose parked
+    /// records overflowed [`RuntimeConfig::max_parked_bytes`], until they are no longer held
+    /// back and their parked records are done. (A partition held back is not paused: what
+    /// its stream delivers is parked, so the stream goes on for the others. A closed or
+    /// throttled lane is not paused either: it is left out of [`Session::read_order`], which
+    /// keeps what it fetched.)
     async fn apply_pauses(&mut self) -> Result<(), RuntimeError> {
-        let desired: BTreeSet<TopicPartition> = self
-            .owned
+        let done: Vec<TopicPartition> = self
+            .parked
+            .overflowed()
             .iter()
             .filter(|tp| {
-                !self.tasks.contains_key(&tp.partition)
-                    || self.held.get(*tp).is_some_and(|h| h.pauses)
+                !self.owned.contains(*tp) || (self.parked.len_of(tp) == 0 && !self.held_back(tp))
             })
+            .cloned()
+            .collect();
+        for tp in &done {
+            self.parked.end_overflow(tp);
+        }
+        let desired: BTreeSet<TopicPartition> = self
+            .parked
+            .overflowed()
+            .iter()
+            .filter(|tp| self.owned.contains(*tp))
             .cloned()
             .collect();
         let current: BTreeSet<TopicPartition> = self.member.paused().into_iter().collect();
@@ -1673,8 +1855,9 @@ impl<'c> Session<'c> {
         }
         // Every partition whose reader is anywhere but at the last commit goes back there:
         // those processed in the aborted transaction, the one whose record was being
-        // processed, and those holding a record (held records were not processed).
+        // processed, and those holding or parking records (not processed).
         self.held.clear();
+        self.parked.drop_all_records();
         let reading: BTreeMap<TopicPartition, u64> = self.member.positions().into_iter().collect();
         let moved: Vec<(TopicPartition, u64)> = self
             .committed
@@ -1702,6 +1885,7 @@ impl<'c> Session<'c> {
             self.positions.remove(tp);
             self.committed.remove(tp);
             self.held.remove(tp);
+            self.parked.forget(tp);
         }
         let parts_now: BTreeSet<u32> = now.iter().map(|tp| tp.partition).collect();
         let gone: Vec<u32> = self
@@ -1722,18 +1906,19 @@ impl<'c> Session<'c> {
             }
             tracing::info!(partition = p, "partition revoked");
         }
-        let mut to_pause = Vec::new();
+        // New partitions without a task are held back (their records parked) until their
+        // state is restored.
+        let mut to_restore = Vec::new();
         for tp in now.difference(&self.owned) {
             let pos = positions.get(tp).copied().unwrap_or(0);
             self.positions.insert(tp.clone(), pos);
             self.committed.insert(tp.clone(), pos);
             if !self.tasks.contains_key(&tp.partition) {
-                to_pause.push(tp.clone());
+                to_restore.push(tp.clone());
             }
         }
         self.owned = now;
-        self.member.pause(&to_pause);
-        let new_parts: BTreeSet<u32> = to_pause
+        let new_parts: BTreeSet<u32> = to_restore
             .iter()
             .map(|tp| tp.partition)
             .filter(|p| !self.restoring.contains_key(p))
@@ -1806,6 +1991,7 @@ impl<'c> Session<'c> {
         for r in std::mem::take(&mut self.restoring).into_values() {
             r.handle.abort();
         }
+        self.count_flow();
         self.make_durable()?;
         self.metrics.ready.store(false, Ordering::Relaxed);
         Ok(())

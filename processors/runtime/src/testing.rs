@@ -46,9 +46,11 @@
 //! same GCRA limiters, on the driver's clock) and not while the lane is quiet (its quiet
 //! hours, on the driver's clock) or paused ([`TestDriver::pause_lane`]). Every input taken
 //! from a lane moves the clock by [`TestDriver::with_record_time`] (1 ms by default), so
-//! shares and rates are those of a handler taking that long. Differences from the runtime:
-//! lanes are read without broker latency (a lane always has its next input ready), and a
-//! record over its key's rate holds its whole lane (the runtime pauses just its partition).
+//! shares and rates are those of a handler taking that long. A record over its key's rate
+//! holds back just its partition until the key's token is due, as the runtime does: the
+//! partition's later inputs wait behind it, in order, and the lane's other partitions go on.
+//! The difference from the runtime: lanes are read without broker latency (a lane always has
+//! its next input ready).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -154,6 +156,8 @@ struct LaneSim {
     queues: Vec<VecDeque<Input>>,
     /// A lane's throttle holds its first input until then (ms).
     held_until: Vec<Option<i64>>,
+    /// A partition (topic, partition) held back by its key's rate until then (ms).
+    part_held: BTreeMap<(Arc<str>, u32), i64>,
     /// When the current share window started (ms).
     window_start: i64,
 }
@@ -170,6 +174,23 @@ impl LaneSim {
         }
     }
 
+    /// When the first input of lane `i` whose partition is not held back may go, as far as
+    /// partition holds say (`now` at the earliest); `None` if the lane has no input.
+    fn first_free(&self, i: usize, now: i64) -> Option<i64> {
+        let mut at: Option<i64> = None;
+        for input in &self.queues[i] {
+            let t = self
+                .part_held
+                .get(&(input.topic.clone(), input.partition))
+                .map_or(now, |&u| u.max(now));
+            at = Some(at.map_or(t, |a: i64| a.min(t)));
+            if t == now {
+                break;
+            }
+        }
+        at
+    }
+
     /// When the next input may be taken from a lane (`now` if one may go now), if any lane
     /// has inputs and is not paused.
     fn next_at(&mut self, now: i64) -> Option<i64> {
@@ -177,10 +198,10 @@ impl LaneSim {
         self.lanes.decide(now);
         let mut at: Option<i64> = None;
         for (i, l) in self.lanes.lanes.iter().enumerate() {
-            if self.queues[i].is_empty() {
+            let Some(free) = self.first_free(i, now) else {
                 continue;
-            }
-            let held = self.held_until[i].unwrap_or(now).max(now);
+            };
+            let held = self.held_until[i].unwrap_or(now).max(now).max(free);
             let t = match l.closed {
                 None => held,
                 Some(Closed::Quiet(until)) => until.max(held),
@@ -192,29 +213,40 @@ impl LaneSim {
     }
 
     /// Takes the next input at `now` as the runtime's scheduler would: the open lanes in
-    /// their order, skipping those whose throttle holds their first input. `None` if none
-    /// may go now (their throttles then hold them until the token is due).
+    /// their order, skipping those whose throttle holds a record, and in a lane the first
+    /// input of a partition not held back by its key's rate. `None` if none may go now (the
+    /// throttles then hold them until the token is due).
     fn take(&mut self, now: i64) -> Option<Input> {
         self.clock.set_ms(now);
         self.roll_window(now);
         self.lanes.decide(now);
+        self.part_held.retain(|_, until| *until > now);
         for l in self.lanes.order() {
             if self.held_until[l].is_some_and(|h| h > now) {
                 continue;
             }
             self.held_until[l] = None;
-            let Some(front) = self.queues[l].front() else {
-                continue;
-            };
-            match self.lanes.lanes[l].admit(front.key.as_deref()) {
-                None => {
-                    self.lanes.lanes[l].window_count += 1;
-                    return self.queues[l].pop_front();
+            let mut i = 0;
+            while let Some(input) = self.queues[l].get(i) {
+                let tp = (input.topic.clone(), input.partition);
+                if self.part_held.contains_key(&tp) {
+                    // Behind its partition's held input.
+                    i += 1;
+                    continue;
                 }
-                Some(wait) => {
-                    let ms = wait.after.as_nanos().div_ceil(1_000_000);
-                    let ms = i64::try_from(ms).unwrap_or(i64::MAX).max(1);
-                    self.held_until[l] = Some(now.saturating_add(ms));
+                let Some(wait) = self.lanes.lanes[l].admit(input.key.as_deref()) else {
+                    self.lanes.lanes[l].window_count += 1;
+                    return self.queues[l].remove(i);
+                };
+                let ms = wait.after.as_nanos().div_ceil(1_000_000);
+                let until = now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX).max(1));
+                if wait.per_key {
+                    // Its partition waits; the lane's other partitions go on.
+                    self.part_held.insert(tp, until);
+                    i += 1;
+                } else {
+                    self.held_until[l] = Some(until);
+                    break;
                 }
             }
         }
@@ -305,6 +337,7 @@ impl<H: AsyncHandler> TestDriver<H> {
             clock,
             queues: (0..n).map(|_| VecDeque::new()).collect(),
             held_until: vec![None; n],
+            part_held: BTreeMap::new(),
             window_start: self.wall_ms,
         });
         self

@@ -672,3 +672,57 @@ fn quiet_hours_close_and_reopen_across_a_dst_change_and_operators_pause_lanes() 
     all.extend(rest);
     assert_all_once_in_order(&all, "campaigns", 300);
 }
+
+#[test]
+fn a_record_over_its_keys_rate_holds_back_only_its_partition() {
+    let mut d = TestDriver::new("keyed", Relay)
+        .with_topic("mail", 2)
+        .with_lanes(vec![LaneConfig {
+            key_rate_per_sec: Some(1),
+            ..lane("mail", 0, 1.0)
+        }]);
+    let on = |d: &mut TestDriver<Relay>, partition: u32, key: &str, value: &str| {
+        d.pipe_record(TestRecord {
+            partition: Some(partition),
+            ..TestDriver::<Relay>::record("mail", key, value.to_owned())
+        });
+    };
+    // Partition 0: a hot key (one a second), then a cold key behind it.
+    on(&mut d, 0, "hot", "hot-0");
+    on(&mut d, 0, "hot", "hot-1");
+    on(&mut d, 0, "cold", "cold-0");
+    on(&mut d, 0, "hot", "hot-2");
+    // Partition 1: ten keys, piped after partition 0's.
+    for i in 0..10 {
+        on(&mut d, 1, &format!("c{i}"), &format!("p1-{i}"));
+    }
+    d.advance_wall_clock(Duration::from_millis(100));
+    let first: Vec<String> = d
+        .read_output("out")
+        .iter()
+        .filter_map(|r| r.value_str().map(str::to_owned))
+        .collect();
+    let mut want = vec!["hot-0".to_owned()];
+    want.extend((0..10).map(|i| format!("p1-{i}")));
+    assert_eq!(
+        first, want,
+        "partition 1 is not held back by partition 0's hot key, nor is cold-0 taken before hot-1"
+    );
+    assert_eq!(d.queued("mail"), 3);
+    d.advance_wall_clock(Duration::from_secs(1));
+    let second: Vec<String> = d
+        .read_output("out")
+        .iter()
+        .filter_map(|r| r.value_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        second,
+        vec!["hot-1", "cold-0"],
+        "the hot key's next token, then its partition goes on in order"
+    );
+    d.advance_wall_clock(Duration::from_secs(1));
+    let third = d.read_output("out");
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].value_str(), Some("hot-2"));
+    assert_eq!(d.queued("mail"), 0);
+}

@@ -82,8 +82,11 @@ impl Running {
 }
 
 fn start(client: &Client, cfg: RuntimeConfig) -> Running {
+    start_with(client, cfg, Arc::new(Metrics::new()))
+}
+
+fn start_with(client: &Client, cfg: RuntimeConfig, metrics: Arc<Metrics>) -> Running {
     let (stop, rx) = watch::channel(false);
-    let metrics = Arc::new(Metrics::new());
     let task = tokio::spawn(runtime::run(client.clone(), cfg, Recorder, metrics, rx));
     Running { stop, task }
 }
@@ -209,6 +212,95 @@ async fn retry_topics_honour_due_times_and_dead_letters_carry_headers() {
     // The retry topics exist per source topic and group.
     assert!(c.describe_topic("jobs.retrier.retry-1").await.is_ok());
     assert!(c.describe_topic("jobs.retrier.retry-2").await.is_ok());
+    run.stop().await;
+}
+
+async fn produce_to(client: &Client, topic: &str, partition: u32, values: &[String]) {
+    let p = client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        ..ProducerConfig::default()
+    });
+    let mut futs = Vec::new();
+    for v in values {
+        futs.push(
+            p.send_to(topic, partition, ProducerRecord::new(v.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    p.close().await;
+    for f in futs {
+        f.await.unwrap();
+    }
+}
+
+/// Two retries wait in one retry partition (the first held until it is due, the second
+/// parked behind it) while both partitions of the source keep flowing over the same lane
+/// stream: nothing waits for them, and the stream is never reopened (a pause in the consumer
+/// would reopen it, dropping what it had fetched for every partition, twice per hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_not_due_holds_back_only_its_partition_and_keeps_the_lane_stream() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "jobs", 2).await;
+    create(&c, "out", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("parker", &["jobs"], dir.path());
+    cfg.retry = RetryPolicy {
+        mode: RetryMode::Topics,
+        max_attempts: 3,
+        topic_delays_ms: vec![1_500],
+        ..RetryPolicy::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let run = start_with(&c, cfg, metrics.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metrics.is_ready() {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (resets, refetched) = (metrics.stream_resets(), metrics.refetched_records());
+    let t0 = spool_processor::SystemClock.now_ms();
+    produce_to(&c, "jobs", 0, &["flaky-1-x".into(), "flaky-1-y".into()]).await;
+    // The two retries are in jobs.parker.retry-1/0 within a commit; then 1.5 s of traffic
+    // on both partitions of jobs.
+    let mut most_parked = 0;
+    for i in 0..10 {
+        produce_to(&c, "jobs", 0, &[format!("a-{i}")]).await;
+        produce_to(&c, "jobs", 1, &[format!("b-{i}")]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        most_parked = most_parked.max(metrics.parked_records());
+    }
+    let out = wait_for(&c, "out", 22, Duration::from_secs(20)).await;
+    let names: Vec<String> = out.iter().map(value).collect();
+    assert_eq!(names.len(), 22, "{names:?}");
+    assert_eq!(
+        &names[20..],
+        ["flaky-1-x", "flaky-1-y"],
+        "the retries came last, in order: {names:?}"
+    );
+    for i in 0..10 {
+        assert!(names.contains(&format!("a-{i}")) && names.contains(&format!("b-{i}")));
+    }
+    assert!(
+        out[20].timestamp_ms - t0 >= 1_500,
+        "retried {} ms after the first attempt, before its due time",
+        out[20].timestamp_ms - t0
+    );
+    assert_eq!(header(&out[21], "attempt"), Some("2"));
+    assert_eq!(
+        most_parked, 1,
+        "the second retry waited parked behind the first"
+    );
+    // The counters move at the next tick (20 ms).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        (metrics.stream_resets(), metrics.refetched_records()),
+        (resets, refetched),
+        "holding a retry reopened its lane's stream"
+    );
+    assert_eq!(metrics.parked_records(), 0);
     run.stop().await;
 }
 
