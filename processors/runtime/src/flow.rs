@@ -457,10 +457,9 @@ impl<K: Ord + Clone, R> Parking<K, R> {
         self.overflowed.remove(key);
     }
 
-    /// Whether nothing is parked and nothing overflowed.
-    #[cfg(test)]
+    /// Whether no record is parked (partitions may still be overflowed).
     pub(crate) fn is_empty(&self) -> bool {
-        self.queues.is_empty() && self.overflowed.is_empty()
+        self.records == 0
     }
 
     /// Records parked in all.

@@ -913,7 +913,7 @@ impl<'c> Session<'c> {
     /// `order` (the streams to read, preferred first): not held back, its lane readable,
     /// the most preferred lane first.
     fn next_parked(&self, order: &[usize]) -> Option<(usize, TopicPartition)> {
-        if self.parked.len() == 0 {
+        if self.parked.is_empty() {
             return None;
         }
         self.parked
@@ -961,7 +961,7 @@ impl<'c> Session<'c> {
         kept.extend(self.parked.keys().cloned());
         kept.extend(self.parked.overflowed().iter().cloned());
         for tp in kept {
-            if after.get(&tp).is_none() || after.get(&tp) != before.get(&tp) {
+            if !after.contains_key(&tp) || after.get(&tp) != before.get(&tp) {
                 self.held.remove(&tp);
                 self.parked.forget(&tp);
             }
