@@ -359,38 +359,49 @@ struct Pending {
 
 impl Pending {
     fn of(input: &Input) -> Pending {
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        Pending {
-            topic: input.topic.to_string(),
-            partition: input.partition,
-            offset: input.offset,
-            timestamp_ms: input.timestamp_ms,
-            key: input.key.as_deref().map(text),
-            value: input.value.as_deref().map(text).unwrap_or_default(),
-            headers: input
-                .headers
-                .iter()
-                .map(|h| (h.key.clone(), h.value.as_deref().map(text)))
-                .collect(),
-            attempt: 1,
-            history: Vec::new(),
-        }
+        Pending::new(
+            input.topic.to_string(),
+            input,
+            input.timestamp_ms,
+            input.key.as_deref(),
+            input.value.as_deref(),
+            &input.headers,
+        )
     }
 
     /// A record this handler emits to `topic` while handling `input` (an alert's
     /// `outgoing-mail`, sent at once): the input's partition and offset (the record's own
     /// offset is known only once it is written), the record's key, value and headers.
     fn of_record(topic: &str, input: &Input, r: &spool_client::ProducerRecord) -> Pending {
+        Pending::new(
+            topic.to_owned(),
+            input,
+            r.timestamp_ms.unwrap_or(input.timestamp_ms),
+            r.key.as_deref(),
+            r.value.as_deref(),
+            &r.headers,
+        )
+    }
+
+    /// A first attempt at `topic`, positioned at `input`'s partition and offset, with the
+    /// given record parts (bytes kept as lossy UTF-8 text).
+    fn new(
+        topic: String,
+        input: &Input,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[spool_client::Header],
+    ) -> Pending {
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         Pending {
-            topic: topic.to_owned(),
+            topic,
             partition: input.partition,
             offset: input.offset,
-            timestamp_ms: r.timestamp_ms.unwrap_or(input.timestamp_ms),
-            key: r.key.as_deref().map(text),
-            value: r.value.as_deref().map(text).unwrap_or_default(),
-            headers: r
-                .headers
+            timestamp_ms,
+            key: key.map(text),
+            value: value.map(text).unwrap_or_default(),
+            headers: headers
                 .iter()
                 .map(|h| (h.key.clone(), h.value.as_deref().map(text)))
                 .collect(),
