@@ -26,7 +26,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use spool_client::{Client, FetchOptions, Isolation, OffsetSpec, Record, TopicPartition};
+use spool_client::{Client, OffsetSpec, TopicPartition};
 use spool_pipeline::events::{
     AddressStatus, AlertSettings, Channel, DealTransition, NotificationRequest, TimelineEvent,
     TimelineOp, TransitionKind,
@@ -112,37 +112,6 @@ async fn broadcast(producer: &spool_client::Producer, t: &DealTransition) {
     }
 }
 
-/// Every committed record of `topic` with its partition (read committed, to the last stable
-/// offset).
-async fn read_committed(client: &Client, topic: &str) -> Vec<(u32, Record)> {
-    let mut out = Vec::new();
-    for p in 0..PARTITIONS {
-        let mut offset = 0;
-        loop {
-            let f = client
-                .fetch(
-                    topic,
-                    p,
-                    offset,
-                    &FetchOptions {
-                        isolation: Isolation::ReadCommitted,
-                        max_bytes: 4 << 20,
-                        ..FetchOptions::default()
-                    },
-                )
-                .await
-                .unwrap_or_else(|e| panic!("fetching {topic}/{p}: {e}"));
-            let next = f.next_offset;
-            out.extend(f.records.into_iter().map(|r| (p, r)));
-            if next <= offset || next >= f.last_stable_offset {
-                break;
-            }
-            offset = next;
-        }
-    }
-    out
-}
-
 /// What matching wrote, read committed: event ids with how often each appears, the
 /// requests by (transition, partition) count, and the timeline as (user, op, entry).
 #[derive(Default, Debug)]
@@ -155,14 +124,14 @@ struct Written {
 
 async fn written(client: &Client) -> Written {
     let mut w = Written::default();
-    for (p, r) in read_committed(client, topics::NOTIFICATION_REQUESTS).await {
+    for (p, r) in support::read_committed(client, PARTITIONS, topics::NOTIFICATION_REQUESTS).await {
         let e = ce::decode::<NotificationRequest>(&r.headers, r.key.as_ref(), r.value.as_ref())
             .unwrap_or_else(|e| panic!("notification-requests/{p}@{}: {e}", r.offset));
         *w.request_ids.entry(e.data.id).or_default() += 1;
         let deal = e.data.deal.expect("a deal alert").transition;
         *w.per_deal_partition.entry((deal, p)).or_default() += 1;
     }
-    for (p, r) in read_committed(client, topics::TIMELINE).await {
+    for (p, r) in support::read_committed(client, PARTITIONS, topics::TIMELINE).await {
         let e = ce::decode::<TimelineEvent>(&r.headers, r.key.as_ref(), r.value.as_ref())
             .unwrap_or_else(|e| panic!("timeline/{p}@{}: {e}", r.offset));
         *w.timeline_ids.entry(e.id).or_default() += 1;

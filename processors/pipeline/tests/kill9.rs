@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
-use spool_client::{Client, FetchOptions, Isolation, Record};
+use spool_client::{Client, FetchOptions};
 use spool_pipeline::events::{
     AddressStatus, DealTransition, MailState, MailStatus, NotificationRequest, OutgoingMail,
     TimelineEvent, TimelineOp,
@@ -226,39 +226,9 @@ struct Ev<T> {
     data: T,
 }
 
-/// Every record of `topic` with its partition, read committed from offset 0.
-async fn read_committed(client: &Client, topic: &str) -> Vec<(u32, Record)> {
-    let mut out = Vec::new();
-    for p in 0..PARTITIONS {
-        let mut offset = 0;
-        loop {
-            let f = client
-                .fetch(
-                    topic,
-                    p,
-                    offset,
-                    &FetchOptions {
-                        isolation: Isolation::ReadCommitted,
-                        max_bytes: 4 << 20,
-                        ..FetchOptions::default()
-                    },
-                )
-                .await
-                .unwrap_or_else(|e| panic!("fetching {topic}/{p}: {e}"));
-            let next = f.next_offset;
-            out.extend(f.records.into_iter().map(|r| (p, r)));
-            if next == offset {
-                break;
-            }
-            offset = next;
-        }
-    }
-    out
-}
-
 /// Every event of `topic`, read committed from offset 0.
 async fn read_events<T: DeserializeOwned>(client: &Client, topic: &str) -> Vec<Ev<T>> {
-    read_committed(client, topic)
+    support::read_committed(client, PARTITIONS, topic)
         .await
         .into_iter()
         .map(|(p, r)| {
@@ -792,7 +762,7 @@ async fn explain_repeats(client: &Client, status: &[Ev<MailStatus>], kills: &[Ki
     }
     // Every postfix-log record, read committed, by the line's position in the file.
     let mut lines: BTreeMap<String, Vec<(u32, u64, i64)>> = BTreeMap::new();
-    for (p, r) in read_committed(client, topics::POSTFIX_LOG).await {
+    for (p, r) in support::read_committed(client, PARTITIONS, topics::POSTFIX_LOG).await {
         let v: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
         let at = format!("{}.{}", v["at"]["inode"], v["at"]["offset"]);
         lines

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::path::Path;
 
-use spool_client::TopicPartition;
+use spool_client::{Client, FetchOptions, Isolation, Record, TopicPartition};
 use spool_pipeline::topics;
 
 /// A deal (book `product`, 30 % off) for hand-made deal-alert requests.
@@ -119,4 +119,35 @@ impl Drop for Scratch {
             eprintln!("{}: logs kept in {}", self.test, d.keep().display());
         }
     }
+}
+
+/// Every committed record of `topic` (partitions `0..partitions`) with its partition, read
+/// committed from offset 0 to each partition's last stable offset.
+pub async fn read_committed(client: &Client, partitions: u32, topic: &str) -> Vec<(u32, Record)> {
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let mut offset = 0;
+        loop {
+            let f = client
+                .fetch(
+                    topic,
+                    p,
+                    offset,
+                    &FetchOptions {
+                        isolation: Isolation::ReadCommitted,
+                        max_bytes: 4 << 20,
+                        ..FetchOptions::default()
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("fetching {topic}/{p}: {e}"));
+            let next = f.next_offset;
+            out.extend(f.records.into_iter().map(|r| (p, r)));
+            if next <= offset || next >= f.last_stable_offset {
+                break;
+            }
+            offset = next;
+        }
+    }
+    out
 }
