@@ -22,7 +22,8 @@
 //! - Nothing else is durable, and unsynced writes may survive a power cut in part, torn at a
 //!   sector boundary, or out of order.
 //! - [`FileHandle::map`] returns the file's bytes `[0, len)` as they are now; the engine never
-//!   modifies or truncates a range it has mapped (see `real.rs`).
+//!   modifies or truncates a range it has mapped (see `real.rs`). [`FileHandle::map_ahead`]
+//!   maps a growing file past its end once; only views of written bytes leave it.
 //!
 //! `unsafe` exists only in `real.rs` (the memory map and `getrlimit`).
 
@@ -128,6 +129,21 @@ pub trait FileHandle: Send + Sync + fmt::Debug {
     /// exceed the file's size.
     fn map(&self, len: usize, keep_alive: Box<dyn Any + Send + Sync>) -> io::Result<Bytes>;
 
+    /// For a file that only grows while mapped (the active segment): one read-only map of
+    /// `[0, capacity)`, which may reach past the file's current end, so that the bytes
+    /// appended later are read through the same map ([`MapAhead::view`]) instead of a new map
+    /// of the grown file per read (an `mmap`, page faults on the fresh map and an `munmap` of
+    /// the old one each time). `Ok(None)` when this file system cannot map past the end (the
+    /// simulated disk copies on map): the caller then uses [`FileHandle::map`].
+    fn map_ahead(
+        &self,
+        capacity: usize,
+        keep_alive: Box<dyn Any + Send + Sync>,
+    ) -> io::Result<Option<MapAhead>> {
+        let _ = (capacity, keep_alive);
+        Ok(None)
+    }
+
     /// Reads exactly `buf.len()` bytes at `pos` (`UnexpectedEof` if the file is shorter).
     fn read_exact_at(&self, mut buf: &mut [u8], mut pos: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -142,6 +158,38 @@ pub trait FileHandle: Send + Sync + fmt::Debug {
             }
         }
         Ok(())
+    }
+}
+
+/// A read-only map of a growing file made past its end ([`FileHandle::map_ahead`]).
+///
+/// Invariant the caller keeps: a view never reaches past what has been written to the file
+/// (touching a mapped page past the file's end faults), and, as for [`FileHandle::map`], the
+/// engine never truncates or rewrites a range it has handed out. Bytes past the file's end
+/// are never exposed: only [`MapAhead::view`] gives access, and the whole map is private.
+#[derive(Clone, Debug)]
+pub struct MapAhead {
+    map: Bytes,
+}
+
+impl MapAhead {
+    /// Wraps a map of `[0, capacity)` (for implementations of [`FileHandle::map_ahead`]).
+    pub fn new(map: Bytes) -> MapAhead {
+        MapAhead { map }
+    }
+
+    /// Bytes the map covers, written or not.
+    pub fn capacity(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The file's bytes `[0, len)` through this map: no system call. `len` must not exceed
+    /// the bytes written to the file (see the type's invariant).
+    ///
+    /// # Panics
+    /// When `len` exceeds [`MapAhead::capacity`].
+    pub fn view(&self, len: usize) -> Bytes {
+        self.map.slice(..len)
     }
 }
 

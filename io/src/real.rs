@@ -6,10 +6,13 @@
 //! Contract that makes the memory map sound in practice: Spool never truncates or rewrites a
 //! byte range of a file while a mapping of that range may be alive. Segment files are
 //! append-only while active; a mapping covers at most the bytes already written when it was
-//! made; recovery truncates a torn tail *before* any reader exists; retention renames files
-//! and unlinks them only when the last mapping is gone. Another process truncating Spool's
-//! files underneath it (which the directory lock forbids to other Spool processes) would make
-//! readers fault; that is the documented price of zero-copy reads (Kafka and TANK pay it too).
+//! made, except an active segment's map ahead (`FileHandle::map_ahead`), which reaches past
+//! the end but hands out only views of written bytes (the out-of-space rollback truncates only
+//! bytes no view covers); recovery truncates a torn tail *before*
+//! any reader exists; retention renames files and unlinks them only when the last mapping is
+//! gone. Another process truncating Spool's files underneath it (which the directory lock
+//! forbids to other Spool processes) would make readers fault; that is the documented price
+//! of zero-copy reads (Kafka and TANK pay it too).
 #![allow(unsafe_code)]
 
 use std::any::Any;
@@ -22,7 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use memmap2::{Mmap, MmapOptions};
 
-use crate::{DirEntry, FdBudget, FileHandle, FileLock, FileSystem, Metadata, OpenMode};
+use crate::{DirEntry, FdBudget, FileHandle, FileLock, FileSystem, MapAhead, Metadata, OpenMode};
 
 /// The operating system's file system.
 #[derive(Clone, Copy, Debug, Default)]
@@ -205,6 +208,26 @@ impl FileHandle for RealFile {
             mmap,
             _keep_alive: keep_alive,
         }))
+    }
+
+    fn map_ahead(
+        &self,
+        capacity: usize,
+        keep_alive: Box<dyn Any + Send + Sync>,
+    ) -> io::Result<Option<MapAhead>> {
+        if capacity == 0 {
+            return Ok(Some(MapAhead::new(Bytes::new())));
+        }
+        // SAFETY: a shared read-only map may extend past the file's end (Linux checks the
+        // file's size when a page is touched, not when mapping); `MapAhead` hands out only
+        // views of bytes already written (its invariant), which the module contract above
+        // guarantees are never truncated or modified while mapped. Pages past the end are
+        // never touched.
+        let mmap = unsafe { MmapOptions::new().len(capacity).map(&self.0)? };
+        Ok(Some(MapAhead::new(Bytes::from_owner(Owner {
+            mmap,
+            _keep_alive: keep_alive,
+        }))))
     }
 }
 

@@ -14,13 +14,17 @@
 //!   unlinked only when the last mapping of them is dropped.
 //! - Every length taken from the file is checked against the bytes present and against
 //!   [`crate::config::MAX_BATCH_BYTES`] before use.
+//! - Reads of the active segment go through one map made past the file's end
+//!   ([`spool_io::FileHandle::map_ahead`], [`MAP_AHEAD_BYTES`] at a time) and re-sliced as the
+//!   file grows, never past `written_end`: a tail reader that follows the writer does not
+//!   map, fault in and unmap the whole file again after every append.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use bytes::Bytes;
-use spool_io::{FileHandle, FileSystem, OpenMode};
+use spool_io::{FileHandle, FileSystem, MapAhead, OpenMode};
 
 use crate::batch::{self, BatchHeader};
 use crate::config::MAX_BATCH_BYTES;
@@ -389,6 +393,21 @@ pub(crate) fn build_index(
     })
 }
 
+/// The active segment's mapping is made this far ahead of what is written, rounded up to a
+/// multiple of it: one `mmap` per 64 MiB appended instead of one per read of new data. Address
+/// space only; pages are faulted in as readers touch written bytes.
+pub(crate) const MAP_AHEAD_BYTES: u64 = 64 << 20;
+
+/// A segment's mappings: what readers get, and (active segment only) the map ahead it is a view
+/// of.
+#[derive(Debug, Default)]
+struct Maps {
+    /// The file's bytes `[0, data.len())`; empty when not mapped.
+    data: Bytes,
+    /// Active segment: the map past the end that `data` is a view of (module docs).
+    ahead: Option<MapAhead>,
+}
+
 /// A segment shared by the writer and readers.
 #[derive(Debug)]
 pub(crate) struct Segment {
@@ -405,7 +424,7 @@ pub(crate) struct Segment {
     max_timestamp: AtomicI64,
     /// Write handle while active; `None` once sealed.
     active_file: Mutex<Option<Arc<dyn FileHandle>>>,
-    map: Mutex<Bytes>,
+    map: Mutex<Maps>,
     index: RwLock<IndexState>,
     /// LRU tick of the last mapping use.
     pub(crate) last_used: AtomicU64,
@@ -431,7 +450,7 @@ impl Segment {
             written_end: AtomicU64::new(size),
             max_timestamp: AtomicI64::new(i64::MIN),
             active_file: Mutex::new(None),
-            map: Mutex::new(Bytes::new()),
+            map: Mutex::new(Maps::default()),
             index: RwLock::new(IndexState::Unloaded),
             last_used: AtomicU64::new(0),
             sparse_limit: AtomicU64::new(0),
@@ -459,7 +478,7 @@ impl Segment {
             written_end: AtomicU64::new(size),
             max_timestamp: AtomicI64::new(max_timestamp),
             active_file: Mutex::new(Some(file)),
-            map: Mutex::new(Bytes::new()),
+            map: Mutex::new(Maps::default()),
             index: RwLock::new(IndexState::Mem { offsets, times }),
             last_used: AtomicU64::new(0),
             sparse_limit: AtomicU64::new(0),
@@ -511,7 +530,7 @@ impl Segment {
     }
 
     pub(crate) fn is_mapped(&self) -> bool {
-        !lock(&self.map).is_empty()
+        !lock(&self.map).data.is_empty()
     }
 
     /// Drops the mapping and a mapped index (sealed segments only); readers holding slices
@@ -520,22 +539,44 @@ impl Segment {
         if lock(&self.active_file).is_some() {
             return;
         }
-        *lock(&self.map) = Bytes::new();
+        *lock(&self.map) = Maps::default();
         let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
         if matches!(*idx, IndexState::Mapped { .. }) {
             *idx = IndexState::Unloaded;
         }
     }
 
-    /// Returns a mapping covering at least `need` bytes (remapping the grown active file).
-    /// The second value is true when a new mapping was made.
+    /// Returns a mapping covering at least `need` bytes (for the grown active file, a longer
+    /// view of its map ahead, or a new map ahead once it is outgrown). The second value is
+    /// true when a new mapping was made.
     pub(crate) fn data(&self, need: u64) -> Result<(Bytes, bool)> {
         let mut map = lock(&self.map);
-        if map.len() as u64 >= need {
-            return Ok((map.clone(), false));
+        if map.data.len() as u64 >= need {
+            return Ok((map.data.clone(), false));
         }
         let len = self.written_end().max(need);
+        // The active segment: a view of the map ahead when it reaches that far (no system
+        // call), else a new map ahead. `len` bytes are written (`written_end` is published
+        // after the write), so the view never reaches past the file's end.
+        if let Some(ahead) = map.ahead.as_ref().filter(|a| a.capacity() as u64 >= len) {
+            map.data = ahead.view(len as usize);
+            return Ok((map.data.clone(), false));
+        }
         let active = lock(&self.active_file).clone();
+        if let Some(f) = &active {
+            let capacity = len.div_ceil(MAP_AHEAD_BYTES).max(1) * MAP_AHEAD_BYTES;
+            let ahead = usize::try_from(capacity)
+                .ok()
+                .map(|c| f.map_ahead(c, Box::new(self.files.clone())))
+                .transpose()
+                .map_err(|e| Error::io("mmap", self.log_path(), e))?
+                .flatten();
+            if let Some(ahead) = ahead {
+                map.data = ahead.view(len as usize);
+                map.ahead = Some(ahead);
+                return Ok((map.data.clone(), true));
+            }
+        }
         let file = match active {
             Some(f) => f,
             None => {
@@ -555,7 +596,7 @@ impl Segment {
         let bytes = file
             .map(len as usize, Box::new(self.files.clone()))
             .map_err(|e| Error::io("mmap", self.log_path(), e))?;
-        *map = bytes.clone();
+        map.data = bytes.clone();
         Ok((bytes, true))
     }
 
@@ -703,7 +744,7 @@ impl Segment {
         debug_assert_eq!(u64::from(summary.log_size), size);
         self.publish_readable(size);
         *lock(&self.active_file) = None;
-        *lock(&self.map) = Bytes::new();
+        *lock(&self.map) = Maps::default();
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = IndexState::Unloaded;
         Ok(())
     }
@@ -740,7 +781,7 @@ impl Segment {
             }
         }
         self.files.deleted.store(true, Ordering::Release);
-        *map = Bytes::new();
+        *map = Maps::default();
         Ok(())
     }
 }
@@ -775,5 +816,64 @@ mod tests {
         assert_eq!(parse_log_name("0000000000000000042.log"), None);
         assert_eq!(parse_log_name("00000000000000000042.index"), None);
         assert_eq!(parse_log_name("0000000000000000004x.log"), None);
+    }
+
+    /// An active segment on `fs` in `dir`, with its write handle.
+    fn active_on(fs: Arc<dyn FileSystem>, dir: &Path) -> (Segment, Arc<dyn FileHandle>) {
+        let file = fs
+            .open(&dir.join(log_name(0)), OpenMode::CreateNew)
+            .unwrap();
+        let seg = Segment::active(&fs, dir, 0, 4096, file.clone(), 0, vec![], vec![], -1);
+        (seg, file)
+    }
+
+    /// Appends `bytes` at the segment's end as the writer does (write, then publish).
+    fn append(seg: &Segment, file: &Arc<dyn FileHandle>, bytes: &[u8]) {
+        let end = seg.written_end();
+        file.write_all_at(bytes, end).unwrap();
+        seg.publish_written(end + bytes.len() as u64);
+    }
+
+    #[test]
+    fn a_tail_reader_of_the_active_segment_reuses_one_map_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seg, file) = active_on(spool_io::real(), dir.path());
+        append(&seg, &file, b"first");
+        let (a, fresh) = seg.data(5).unwrap();
+        assert!(fresh, "the first read maps");
+        assert_eq!(&a[..], b"first");
+        let mut expect = b"first".to_vec();
+        for i in 0..100u8 {
+            let chunk = [i; 700];
+            append(&seg, &file, &chunk);
+            expect.extend_from_slice(&chunk);
+            let (d, fresh) = seg.data(seg.written_end()).unwrap();
+            assert!(!fresh, "read {i} of grown data made a new map");
+            assert_eq!(&d[..], &expect[..], "read {i}");
+        }
+        // Views handed out earlier still hold what they held.
+        assert_eq!(&a[..], b"first");
+        // Sealing drops the map ahead; a sealed segment maps exactly what was written.
+        seg.seal(0).unwrap();
+        assert!(!seg.is_mapped());
+        let (d, fresh) = seg.data(seg.written_end()).unwrap();
+        assert!(fresh);
+        assert_eq!(&d[..], &expect[..]);
+    }
+
+    #[test]
+    fn without_a_map_ahead_the_active_segment_is_mapped_again_as_it_grows() {
+        let fs: Arc<dyn FileSystem> = Arc::new(spool_io::sim::SimFs::new());
+        fs.create_dir_all(Path::new("/p")).unwrap();
+        let (seg, file) = active_on(fs, Path::new("/p"));
+        append(&seg, &file, b"first");
+        assert_eq!(&seg.data(5).unwrap().0[..], b"first");
+        append(&seg, &file, b"second");
+        let (d, fresh) = seg.data(seg.written_end()).unwrap();
+        assert!(
+            fresh,
+            "the simulated disk copies on map: a grown file is mapped again"
+        );
+        assert_eq!(&d[..], b"firstsecond");
     }
 }
