@@ -22,9 +22,11 @@
 //!   path**: the write phase on the blocking pool, the settle phase on a blocking-pool
 //!   thread that runs `Partition::wait_durable` itself (one group commit per partition among
 //!   all the threads waiting). Under `acks = written | none` the thread that appended hands
-//!   the results back (the reply goes out meanwhile) and then runs that `wait_durable` itself,
-//!   which makes the batch durable, and so visible, right behind its append: no hand-off to
-//!   another thread between the append and its fdatasync. (The async path was
+//!   the results back (the reply goes out meanwhile) and then runs `Partition::sync_behind`
+//!   itself, which makes the batch durable, and so visible, right behind its append (no
+//!   hand-off to another thread between the append and its fdatasync) when no sync runs, and
+//!   otherwise leaves it to the next sync, so at most two threads per partition wait for an
+//!   fdatasync whatever the request rate. (The async path was
 //!   measured on these partitions too: records became visible later, cause not found, see
 //!   docs/benchmarks.md, issue 14.)
 //! - every other request takes the **async path**, which holds no thread while it waits: the
@@ -374,11 +376,14 @@ fn settle_blocking(state: &State, w: Written) -> (Vec<v1::PartitionProduceResult
 type Syncs = Vec<(Arc<Partition>, u64)>;
 
 /// Makes batches acknowledged before their fdatasync visible to readers (blocking): joins
-/// each partition's group commit (`Partition::wait_durable`). A failed sync poisons the
-/// partition (later writes and waiters get its error); it is logged here.
+/// each partition's group commit through `Partition::sync_behind`, which runs the sync on
+/// this thread when none runs, waits to run the next one when nobody else does, and
+/// otherwise returns at once (that next sync covers the batch): at most two threads per
+/// partition are held, not one per request. A failed sync poisons the partition (later
+/// writes and waiters get its error); it is logged here.
 fn sync_for_readers(syncs: Syncs) {
     for (p, next) in syncs {
-        if let Err(e) = p.wait_durable(next) {
+        if let Err(e) = p.sync_behind(next) {
             tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
         }
     }

@@ -136,11 +136,15 @@ enum Collected {
 struct CommitState {
     durable_next: u64,
     syncing: bool,
-    /// The highest offset asked for by [`Partition::request_sync`] (everything below it is to
-    /// be made durable by the sync loop).
+    /// The highest offset asked for by [`Partition::request_sync`] or
+    /// [`Partition::sync_behind`] (everything below it is to be made durable by the sync loop
+    /// or by the next sync).
     requested: u64,
     /// A sync loop ([`Partition::run_requested_syncs`]) is running or about to.
     looping: bool,
+    /// A [`Partition::sync_behind`] caller waits for the running sync to end in order to run
+    /// the next one, which covers everything requested meanwhile: later callers leave at once.
+    next_syncer: bool,
 }
 
 /// Future returned by [`Partition::durable`].
@@ -517,6 +521,71 @@ impl Partition {
             }
             self.commit_cv.notify_all();
             res?;
+        }
+    }
+
+    /// Makes everything below `next_offset` durable soon, holding the calling thread only
+    /// when it is needed to run a sync (group commit with at most two threads per partition):
+    /// - no sync running: runs one now (and again while more was asked meanwhile and nobody
+    ///   waits to do it), as [`Partition::wait_durable`] would;
+    /// - a sync running and nobody waiting to run the next one: waits for it to end and runs
+    ///   the next one, which covers every batch appended before that sync starts;
+    /// - a sync running and another caller already waiting to run the next one: returns at
+    ///   once, leaving this batch to that next sync (it starts after this call, so it covers
+    ///   every batch appended before the call).
+    ///
+    /// For a caller whose batch is already acknowledged and must only become durable, and so
+    /// visible under `fsync = always`, soon (`acks = written | none`); nothing waits on its
+    /// result. Where [`Partition::wait_durable`] parks every caller until a sync covers it,
+    /// this parks one, so a burst of appends during a slow fdatasync does not hold (and then
+    /// wake) a thread per append. Returns the partition's error once it is poisoned or closed.
+    pub fn sync_behind(&self, next_offset: u64) -> Result<()> {
+        let mut st = lock(&self.commit);
+        st.requested = st.requested.max(next_offset);
+        // True while this caller holds the `next_syncer` place.
+        let mut next_in_line = false;
+        let release = |st: &mut CommitState, held: bool| {
+            if held {
+                st.next_syncer = false;
+            }
+        };
+        loop {
+            if let Err(e) = self.check_writable() {
+                release(&mut st, next_in_line);
+                return Err(e);
+            }
+            if st.durable_next >= st.requested {
+                release(&mut st, next_in_line);
+                return Ok(());
+            }
+            if st.syncing {
+                if !next_in_line {
+                    if st.next_syncer {
+                        return Ok(());
+                    }
+                    st.next_syncer = true;
+                    next_in_line = true;
+                }
+                st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            release(&mut st, next_in_line);
+            next_in_line = false;
+            st.syncing = true;
+            drop(st);
+            let res = self.sync_now();
+            st = lock(&self.commit);
+            st.syncing = false;
+            if let Ok(next) = res {
+                st.durable_next = st.durable_next.max(next);
+                self.durable.publish(st.durable_next);
+            }
+            self.commit_cv.notify_all();
+            res?;
+            if st.next_syncer {
+                // Someone waits to run the next sync: what was asked meanwhile is theirs.
+                return Ok(());
+            }
         }
     }
 

@@ -370,6 +370,7 @@ impl Partition {
                 syncing: false,
                 requested: next,
                 looping: false,
+                next_syncer: false,
             }),
             commit_cv: Condvar::new(),
             durable: Arc::new(Watch::new(next)),

@@ -3,8 +3,9 @@
 //! The child ([`child`], ignored unless `SPOOL_EIO_CHILD_DIR` is set) is this test binary run
 //! again under strace. It opens a log (fsync = always, 4 KiB segments so that rolls, index
 //! writes and directory fsyncs happen), appends batches one by one from a single thread (so
-//! that the N-th call is the same call in every run; every other append takes the broker's
-//! path: `append_nowait`, `request_sync`, the sync loop, the `durable` future) and reports
+//! that the N-th call is the same call in every run; every other append takes one of the
+//! broker's paths: `append_nowait`, then `request_sync`, the sync loop and the `durable`
+//! future, or `sync_behind`) and reports
 //! each outcome on stdout. A
 //! baseline run counts the calls; then, for every N up to that count, a fresh log is given to
 //! a child whose N-th `fdatasync` (then `fsync`, then `pwrite64`) fails with EIO. The checks:
@@ -114,8 +115,10 @@ fn child() {
 }
 
 /// The child's append: even batches through `append` (the caller's thread runs the group
-/// commit), odd ones the way the broker does it (`append_nowait`, then `request_sync` and the
-/// sync loop, then the `durable` future), so that both paths meet every injected failure.
+/// commit), odd ones the ways the broker does it: `append_nowait`, then either `request_sync`,
+/// the sync loop and the `durable` future (1 mod 4), or `sync_behind` (3 mod 4; alone on its
+/// partition it runs the sync itself and returns once the batch is durable), so that every
+/// path meets every injected failure.
 fn append(p: &Arc<Partition>, seq: u64) -> spool_log_engine::Result<AppendInfo> {
     let b = batch(seq);
     if seq.is_multiple_of(2) {
@@ -123,6 +126,14 @@ fn append(p: &Arc<Partition>, seq: u64) -> spool_log_engine::Result<AppendInfo> 
     }
     let info = p.append_nowait(&b)?;
     let next = info.last_offset + 1;
+    if seq % 4 == 3 {
+        p.sync_behind(next)?;
+        assert!(
+            p.high_watermark() >= next,
+            "batch {seq} not durable after sync_behind"
+        );
+        return Ok(info);
+    }
     if p.request_sync(next) {
         // Its error reaches the waiter below.
         let _ = p.run_requested_syncs();
