@@ -8,12 +8,16 @@
 //! stream, and reads the next chunk only when the previous one was taken, so a slow reader
 //! holds at most about two messages of `max_bytes` in the broker.
 //!
-//! Where reads run: on the blocking pool (a read may touch disk), except the first read of
-//! each partition after a subscription woke up because new data was published while it
-//! waited at the end of the log: that read is of bytes appended since (in the page cache),
-//! at most [`TAIL_READ_MAX_BYTES`] (or one batch), not decoded, and runs on the subscription's
-//! own task, which saves two thread hand-offs between an append (or, under `fsync = always`,
-//! its fdatasync) and the push to the consumer.
+//! Where reads run: on the blocking pool (a read may touch disk), except a **tail read**: the
+//! first read of each partition after a subscription woke up because new data was published
+//! while it waited at the end of the log, and the next read of a partition whose previous
+//! read reached what was readable then (a subscription keeping up with the writer, which
+//! finds more data each time it has pushed a chunk). Either reads bytes appended since (in
+//! the page cache), at most [`TAIL_READ_MAX_BYTES`] (or one batch), not decoded, and runs on
+//! the subscription's own task, which saves two thread hand-offs between an append (or,
+//! under `fsync = always`, its fdatasync) and the push to the consumer. A subscription that
+//! falls behind (a read that stops short of the readable end) reads on the blocking pool
+//! again, with its whole `max_bytes`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -437,6 +441,9 @@ async fn follow(
     // True right after new data woke the subscription at the end of the log: the next read of
     // each partition is a tail read (module docs).
     let mut woke = false;
+    // Per partition: its last read reached what was readable then, so what follows was
+    // appended since and its next read is a tail read too (module docs).
+    let mut at_end = vec![false; parts.len()];
     loop {
         if *shutdown.borrow() {
             let _ = tx
@@ -448,8 +455,9 @@ async fn follow(
             return;
         }
         let mut sent = false;
-        let tail = std::mem::take(&mut woke) && !shape.decode;
+        let woken = std::mem::take(&mut woke);
         for (i, p) in parts.iter().enumerate() {
+            let tail = (woken || at_end[i]) && !shape.decode;
             let hwm = p.high_watermark();
             wait_past[i] = next[i].max(hwm);
             if next[i] >= readable_end(p, iso) {
@@ -481,6 +489,11 @@ async fn follow(
                 continue; // nothing readable after all (the LSO had not moved)
             }
             next[i] = data.next_offset;
+            at_end[i] = data.next_offset
+                >= match iso {
+                    Isolation::ReadCommitted => data.last_stable_offset,
+                    Isolation::ReadUncommitted => data.high_watermark,
+                };
             count_served(&state, &data);
             let msg = v1::SubscribeResponse {
                 message: Some(v1::subscribe_response::Message::Data(data)),
