@@ -52,6 +52,7 @@ mod staging;
 pub mod stats;
 mod topic_file;
 pub mod txn;
+mod writeback;
 
 pub use batch::{
     Batch, BatchBuilder, BatchError, BatchHeader, Compression, DecodeLimits, Header, Record,

@@ -140,6 +140,7 @@ impl Log {
             clock: opts.clock.clone(),
             verify_reads: opts.verify_reads,
             maps: MapCache::new(opts.limits.max_mapped_segments),
+            writeback: crate::writeback::WriteBack::start(),
         });
         let mut topics = BTreeMap::new();
         let mut reports = Vec::new();

@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) verify_reads: bool,
     pub(crate) maps: MapCache,
+    /// Early write-back hints, started on the log's write-back thread.
+    pub(crate) writeback: crate::writeback::WriteBack,
 }
 
 impl Shared {
@@ -409,9 +411,9 @@ impl Partition {
     /// [`Partition::append_nowait`] only when it cannot block for long: `None` (nothing
     /// written) when another thread holds the partition's writer lock (an append, a roll,
     /// retention, a compaction swap, a sync capturing its end) or when this batch would make
-    /// the active segment roll (a roll fdatasyncs the sealed segment) or start write-back
-    /// (`writer::WRITEBACK_BYTES`). What is left is a write
-    /// into the page cache. Meant for callers on an async runtime's thread, which fall back to
+    /// the active segment roll (a roll fdatasyncs the sealed segment). What is left is a write
+    /// into the page cache (a write-back it makes due is only queued for the log's write-back
+    /// thread, `crate::writeback`). Meant for callers on an async runtime's thread, which fall back to
     /// `append_nowait` on a thread that may block when this says `None`. A batch that fails its
     /// checks is refused (`Some(Err)`) whatever the lock.
     pub fn try_append_nowait(&self, batch: &[u8]) -> Option<Result<AppendInfo>> {
@@ -426,9 +428,7 @@ impl Partition {
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
         let now = self.shared.clock.now_ms();
-        if w.roll_due(&cfg, batch.len() as u64, &h, now)
-            || w.writeback_due(&cfg, batch.len() as u64)
-        {
+        if w.roll_due(&cfg, batch.len() as u64, &h, now) {
             return None;
         }
         Some(self.append_locked(&mut w, &cfg, batch, &h, now))

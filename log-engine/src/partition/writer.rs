@@ -19,11 +19,14 @@
 //!    never correctness.
 //!
 //! Early write-back: unless `fsync = always` (whose group commits keep little dirty), every
-//! [`WRITEBACK_BYTES`] appended to the active segment the writer asks the kernel to start
-//! writing them back (`FileHandle::start_writeback`, which does not wait and makes nothing
+//! [`WRITEBACK_BYTES`] appended to the active segment the writer hands those bytes to the log's
+//! write-back thread (`crate::writeback`), which asks the kernel to start writing them back
+//! (`FileHandle::start_writeback`, which does not wait for the write and makes nothing
 //! durable). Without it a 1 GiB segment of `fsync = never` was written back all at once by
 //! the roll's fdatasync (step 1), under the writer lock: a 0.55–0.65 s stall of every append
-//! once per segment on this project's test VM (docs/benchmarks.md, issue 14). The durability
+//! once per segment on this project's test VM (docs/benchmarks.md, issue 14). It runs on that
+//! thread, not the writer's, because submitting the write-back takes 0.4 ms and up to ~10 ms
+//! when the disk is busy, which held the writer lock and the appending request. The durability
 //! promises are unchanged: only `sync_data` ever makes data durable or publishes it as such.
 
 use std::sync::Arc;
@@ -92,25 +95,22 @@ impl Writer {
         self.position > 0 && (too_big || too_old || too_many)
     }
 
-    /// True when appending `len` more bytes would start write-back of the active segment
-    /// (a system call that may wait for the block layer: callers on an async runtime's thread
-    /// leave such an append to a thread that may block).
+    /// True when appending `len` more bytes would start write-back of the active segment.
     pub(super) fn writeback_due(&self, cfg: &TopicConfig, len: u64) -> bool {
         cfg.fsync != FsyncPolicy::Always
             && (self.position + len).saturating_sub(self.writeback_from) >= WRITEBACK_BYTES
     }
 
-    /// Starts write-back of what was appended since the last start, when due (module docs).
-    /// A failure is only logged: nothing was promised, and a write-back error is still
-    /// reported by the next fdatasync (which poisons the partition).
-    fn start_writeback_if_due(&mut self, cfg: &TopicConfig) {
+    /// Has write-back of what was appended since the last start started, when due (module
+    /// docs), by the log's write-back thread: nothing here waits for the block layer.
+    fn start_writeback_if_due(&mut self, p: &Partition, cfg: &TopicConfig) {
         if !self.writeback_due(cfg, 0) {
             return;
         }
         let from = self.writeback_from;
-        if let Err(e) = self.file.start_writeback(from, self.position - from) {
-            tracing::debug!(path = %self.active.log_path().display(), error = %e, "starting write-back failed");
-        }
+        p.shared
+            .writeback
+            .hint(&self.file, from, self.position - from);
         self.writeback_from = self.position;
     }
 
@@ -161,7 +161,7 @@ impl Writer {
         }
         self.active.note_timestamp(h.max_timestamp);
         self.active.publish_written(self.position);
-        self.start_writeback_if_due(cfg);
+        self.start_writeback_if_due(p, cfg);
         self.first_append_ms.get_or_insert(now);
         self.producers.record(&stored, base, now);
         if h.producer_id >= 0 && h.is_transactional() {

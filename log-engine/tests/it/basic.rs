@@ -1,7 +1,14 @@
 //! Append, read, roll, reopen: the everyday paths.
 
+use std::any::Any;
+use std::io;
+use std::path::Path;
+
+use bytes::Bytes;
+use spool_io::{FileHandle, FileSystem, OpenMode};
+use spool_log_engine::{Error, FsyncPolicy, Log, LogOptions, TopicConfig};
+
 use crate::common::{batch, open_topic, read_all};
-use spool_log_engine::{Error, FsyncPolicy, TopicConfig};
 
 #[test]
 fn append_read_roll_reopen() {
@@ -222,17 +229,115 @@ fn a_cut_tail_is_kept_aside_not_silently_dropped() {
     assert_eq!(log.partition("t", 0).unwrap().high_watermark(), 6);
 }
 
-/// Early write-back (`partition/writer.rs`): under `fsync = never`, an append that reaches the
-/// next 4 MiB of unsynced segment starts write-back, so `try_append_nowait` (the runtime-thread
-/// path) leaves exactly that append to a thread that may block; every byte stays readable in
-/// order, and a reopen after the hint finds all of it. Under `fsync = always` the hint is
-/// never due.
+/// Write-back hints seen by [`Recording`]: (thread name, file name, position, length).
+type Hints = std::sync::Arc<std::sync::Mutex<Vec<(String, String, u64, u64)>>>;
+
+/// The real file system, recording every `start_writeback` call and the thread that made it.
+#[derive(Debug)]
+struct Recording {
+    hints: Hints,
+}
+
+#[derive(Debug)]
+struct RecordingFile {
+    inner: std::sync::Arc<dyn FileHandle>,
+    name: String,
+    hints: Hints,
+}
+
+impl FileSystem for Recording {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<std::sync::Arc<dyn FileHandle>> {
+        Ok(std::sync::Arc::new(RecordingFile {
+            inner: spool_io::RealFs.open(path, mode)?,
+            name: path.file_name().unwrap().to_string_lossy().into_owned(),
+            hints: self.hints.clone(),
+        }))
+    }
+    fn metadata(&self, path: &Path) -> io::Result<spool_io::Metadata> {
+        spool_io::RealFs.metadata(path)
+    }
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<spool_io::DirEntry>> {
+        spool_io::RealFs.read_dir(path)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        spool_io::RealFs.create_dir(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        spool_io::RealFs.create_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        spool_io::RealFs.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        spool_io::RealFs.remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        spool_io::RealFs.remove_dir_all(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        spool_io::RealFs.sync_dir(path)
+    }
+    fn lock(&self, path: &Path, create: bool) -> io::Result<Option<Box<dyn spool_io::FileLock>>> {
+        spool_io::RealFs.lock(path, create)
+    }
+    fn fd_budget(&self) -> Option<spool_io::FdBudget> {
+        spool_io::RealFs.fd_budget()
+    }
+}
+
+impl FileHandle for RecordingFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, pos)
+    }
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        self.inner.write_all_at(buf, pos)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn sync_all(&self) -> io::Result<()> {
+        self.inner.sync_all()
+    }
+    fn start_writeback(&self, pos: u64, len: u64) -> io::Result<()> {
+        let thread = std::thread::current().name().unwrap_or("").to_owned();
+        self.hints
+            .lock()
+            .unwrap()
+            .push((thread, self.name.clone(), pos, len));
+        self.inner.start_writeback(pos, len)
+    }
+    fn map(&self, len: usize, keep_alive: Box<dyn Any + Send + Sync>) -> io::Result<Bytes> {
+        self.inner.map(len, keep_alive)
+    }
+    fn map_ahead(
+        &self,
+        capacity: usize,
+        keep_alive: Box<dyn Any + Send + Sync>,
+    ) -> io::Result<Option<spool_io::MapAhead>> {
+        self.inner.map_ahead(capacity, keep_alive)
+    }
+}
+
+/// Early write-back (`partition/writer.rs`, `writeback.rs`): under `fsync = never`, every 4 MiB
+/// appended to the active segment has its write-back started by the log's write-back thread,
+/// never by the appending thread, so `try_append_nowait` (the runtime-thread path) takes every
+/// append (no roll is due here); every byte stays readable in order, and a reopen finds all of
+/// it. Under `fsync = always` no write-back is started.
 #[test]
-fn write_back_is_started_off_the_nowait_path_every_few_mib() {
+fn write_back_is_started_on_its_own_thread_every_few_mib() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = TopicConfig {
-        fsync: FsyncPolicy::Never,
-        ..TopicConfig::default()
+    let hints: Hints = Default::default();
+    let opts = || LogOptions {
+        fs: std::sync::Arc::new(Recording {
+            hints: hints.clone(),
+        }),
+        ..crate::common::opts()
     };
     let value = vec![0x42u8; 300 << 10];
     let big = |i: i64| {
@@ -240,37 +345,40 @@ fn write_back_is_started_off_the_nowait_path_every_few_mib() {
         b.push(i, None, Some(&value), &[]);
         b.finish().unwrap()
     };
-    let (mut declined, mut written) = (Vec::new(), 0u64);
+    let len = big(0).len() as u64;
     {
-        let log = open_topic(dir.path(), cfg);
+        let log = Log::open(dir.path(), opts()).unwrap();
+        log.create_topic(
+            "t",
+            TopicConfig {
+                fsync: FsyncPolicy::Never,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
         let p = log.partition("t", 0).unwrap();
         for i in 0..40i64 {
-            let b = big(i);
-            match p.try_append_nowait(&b) {
-                Some(r) => assert_eq!(r.unwrap().base_offset, i as u64),
-                None => {
-                    declined.push((i, written));
-                    assert_eq!(p.append_nowait(&b).unwrap().base_offset, i as u64);
-                }
-            }
-            written += b.len() as u64;
+            let r = p
+                .try_append_nowait(&big(i))
+                .expect("never declined: no roll due, write-back is not the appender's");
+            assert_eq!(r.unwrap().base_offset, i as u64);
         }
         assert_eq!(p.high_watermark(), 40, "fsync = never: readable at once");
-        // ~12 MiB appended: write-back started twice, each time by the append that brought
-        // the bytes since the last start to 4 MiB.
-        let len = big(0).len() as u64;
-        assert_eq!(
-            declined.len(),
-            2,
-            "declined appends (index, bytes before): {declined:?}"
-        );
+        // ~12 MiB appended: write-back started twice, each time for the bytes since the last
+        // start once they reached 4 MiB, on the write-back thread (it may still be queued).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while hints.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let seen = hints.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
         let mut from = 0;
-        for (_, before) in &declined {
-            assert!(
-                before - from < 4 << 20 && before + len - from >= 4 << 20,
-                "{declined:?}"
-            );
-            from = before + len;
+        for (thread, file, pos, n) in &seen {
+            assert_eq!(thread, "spool-writeback", "{seen:?}");
+            assert_eq!(file, "00000000000000000000.log", "{seen:?}");
+            assert_eq!(*pos, from, "{seen:?}");
+            assert!(*n >= 4 << 20 && *n < (4 << 20) + len, "{seen:?}");
+            from += n;
         }
         log.close().unwrap();
     }
@@ -280,17 +388,19 @@ fn write_back_is_started_off_the_nowait_path_every_few_mib() {
     let got = read_all(&p, 0);
     assert_eq!(got.len(), 40);
     assert!(got.iter().all(|r| r.value.as_deref() == Some(&value[..])));
+    drop(log);
 
-    // fsync = always: its group commits keep little dirty; the hint is never due.
+    // fsync = always: its group commits keep little dirty; no write-back is started.
+    hints.lock().unwrap().clear();
     let dir = tempfile::tempdir().unwrap();
-    let log = open_topic(dir.path(), TopicConfig::default());
+    let log = Log::open(dir.path(), opts()).unwrap();
+    log.create_topic("t", TopicConfig::default()).unwrap();
     let p = log.partition("t", 0).unwrap();
     for i in 0..20i64 {
-        let r = p
-            .try_append_nowait(&big(i))
-            .expect("never declined: no write-back due");
+        let r = p.try_append_nowait(&big(i)).expect("no roll due");
         let info = r.unwrap();
         p.wait_durable(info.last_offset + 1).unwrap();
     }
     log.close().unwrap();
+    assert!(hints.lock().unwrap().is_empty());
 }
