@@ -39,3 +39,19 @@ kill $TPID; wait $TPID 2>/dev/null
 kill $SPID; wait $SPID
 rm -rf $D
 echo "$(tail -1 $OUT.loadgen.txt | grep -o 'p99 [0-9]* p99.9 [0-9]* max [0-9]*')  slow: $(grep -v 'futex\|epoll_wait' $OUT.slow.txt | wc -l)"
+
+# ---- stall2.sh (as stall.sh, but perf trace -a: every process's syscalls >= 10 ms)
+# e2e-always-linger once, perf trace of every spoold syscall >= 10 ms, and of the loadgen (bench-side) too
+set -u
+SP=$1; LG=$2; OUT=$3
+D=$(mktemp -d /work/main/target/efficiency-tmp/stall.XXXX 2>/dev/null || mktemp -d /tmp/broker-exp/d.XXXX)
+$SP --data-dir $D/data --listen 127.0.0.1:7190 --metrics-listen off --runtime-threads 1 2>$OUT.spoold.log &
+SPID=$!
+for i in $(seq 50); do grep -q "listening" $OUT.spoold.log && break; sleep 0.1; done
+perf trace -a --duration 10 -o $OUT.slow.txt &
+TPID=$!; sleep 2
+$LG e2e --broker 127.0.0.1:7190 --fsync always --rate 48828 --record-size 1024 --acks written --linger-only --duration 3 --warmup 1 --threads 1 --watch-pid $SPID > $OUT.loadgen.txt 2>&1
+kill $TPID; wait $TPID 2>/dev/null
+kill $SPID; wait $SPID
+rm -rf $D
+sleep 0; echo "$(tail -1 $OUT.loadgen.txt | grep -o 'p99 [0-9]* p99.9 [0-9]* max [0-9]*')  slow: $(grep -v 'futex\|epoll_wait' $OUT.slow.txt | wc -l)"
