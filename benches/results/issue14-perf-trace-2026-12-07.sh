@@ -55,3 +55,19 @@ kill $TPID; wait $TPID 2>/dev/null
 kill $SPID; wait $SPID
 rm -rf $D
 sleep 0; echo "$(tail -1 $OUT.loadgen.txt | grep -o 'p99 [0-9]* p99.9 [0-9]* max [0-9]*')  slow: $(grep -v 'futex\|epoll_wait' $OUT.slow.txt | wc -l)"
+
+# ---- dirty.sh (e2e-always-linger 8 times under quiet-run, with the machine's dirty pages and disk writes per run)
+# e2e-always-linger 8 times; before/after each: Dirty+Writeback (kB) and sectors written to vda; stall = max latency
+SP=$1; LG=$2
+for i in $(seq 8); do
+  D=$(mktemp -d /tmp/broker-exp/d.XXXX)
+  d0=$(awk '/^Dirty:|^Writeback:/ {s+=$2} END {print s}' /proc/meminfo); w0=$(awk '$3=="vda" {print $10}' /proc/diskstats)
+  $SP --data-dir $D/data --listen 127.0.0.1:7190 --metrics-listen off --runtime-threads 1 2>$D/log &
+  SPID=$!
+  for j in $(seq 50); do grep -q listening $D/log && break; sleep 0.1; done
+  $LG e2e --broker 127.0.0.1:7190 --fsync always --rate 48828 --record-size 1024 --acks written --linger-only --duration 3 --warmup 1 --threads 1 > $D/lg 2>&1
+  kill $SPID; wait $SPID
+  d1=$(awk '/^Dirty:|^Writeback:/ {s+=$2} END {print s}' /proc/meminfo); w1=$(awk '$3=="vda" {print $10}' /proc/diskstats)
+  echo "run $i $(date -u +%T): $(tail -1 $D/lg | grep -o 'p50 [0-9]* p99 [0-9]* p99.9 [0-9]* max [0-9]*') | dirty+wb before ${d0} kB after ${d1} kB | MB written to vda $(( (w1-w0)/2048 ))"
+  rm -rf $D
+done
