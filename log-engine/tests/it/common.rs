@@ -4,7 +4,9 @@ use spool_log_engine::{
     BatchBuilder, Compression, Log, LogOptions, Partition, Record, TopicConfig,
 };
 
-/// Options for tests: no background thread, so every effect is caused by the test itself.
+/// Options for tests: no maintenance or cleaner thread, so every effect on the log's contents is
+/// caused by the test itself (the write-back thread only starts the kernel's write-back of
+/// bytes already written: `writeback.rs`).
 pub(crate) fn opts() -> LogOptions {
     LogOptions {
         background_maintenance: false,
