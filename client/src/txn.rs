@@ -47,6 +47,14 @@ use crate::producer::{Acks, Compression, now_ms};
 use crate::retry::Backoff;
 use crate::types::{OffsetCommit, ProducerRecord};
 
+/// Per-step timings of a commit: one debug event per step (`step`, `us`) on this target, read
+/// by the pipeline bench's breakdown (`SPOOL_LOG=warn,spool_client::txn::timing=debug`).
+macro_rules! step_timing {
+    ($step:expr, $started:expr) => {
+        tracing::debug!(target: "spool_client::txn::timing", step = $step, us = $started.elapsed().as_micros() as u64)
+    };
+}
+
 /// Settings of a [`TransactionalProducer`].
 #[derive(Clone, Debug)]
 pub struct TransactionalConfig {
@@ -304,6 +312,7 @@ impl TransactionalProducer {
         member: Option<(&str, u64)>,
     ) -> Result<()> {
         self.require_open()?;
+        let started = std::time::Instant::now();
         let r = self
             .client
             .add_offsets_to_txn(
@@ -317,6 +326,7 @@ impl TransactionalProducer {
         if r.is_err() {
             self.phase = Phase::MustAbort;
         }
+        step_timing!("add_offsets", started);
         r
     }
 
@@ -351,9 +361,16 @@ impl TransactionalProducer {
 
     /// Sends every buffered batch, then commits. On error the transaction must be aborted.
     pub async fn commit(&mut self) -> Result<()> {
+        let started = std::time::Instant::now();
         self.flush().await?;
+        step_timing!("flush", started);
+        let ending = std::time::Instant::now();
         match self.end(true).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                step_timing!("end", ending);
+                step_timing!("commit", started);
+                Ok(())
+            }
             Err(e) => {
                 self.phase = Phase::MustAbort;
                 Err(e)

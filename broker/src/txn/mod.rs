@@ -56,6 +56,16 @@ use state::{EndPlan, Phase, Tp, TxnMeta};
 /// Name of the internal topic.
 pub const TXN_STATE_TOPIC: &str = "__transaction_state";
 
+/// The target of the per-step timings of the commit path: one debug event per step
+/// (`step`, `us`, and what the step did), read by the pipeline bench's breakdown
+/// (`SPOOL_LOG=warn,spool_broker::txn::timing=debug`). Off by default: an event costs a
+/// level check.
+macro_rules! step_timing {
+    ($step:expr, $started:expr $(, $k:ident = $v:expr)*) => {
+        tracing::debug!(target: "spool_broker::txn::timing", step = $step, us = $started.elapsed().as_micros() as u64 $(, $k = $v)*)
+    };
+}
+
 /// Longest transactional id (as Kafka's group ids).
 const MAX_ID_LEN: usize = 249;
 
@@ -274,6 +284,7 @@ impl Transactions {
 
     /// Appends `meta` as `id`'s latest state (waiting for the fsync when `durable`).
     fn persist(&self, id: &str, meta: &TxnMeta, durable: bool) -> Result<(), BrokerError> {
+        let started = std::time::Instant::now();
         let value =
             serde_json::to_vec(meta).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
         let mut b = BatchBuilder::new(Compression::None);
@@ -283,6 +294,7 @@ impl Transactions {
         if durable {
             p.wait_durable(info.last_offset + 1)?;
         }
+        step_timing!("persist", started, phase = ?meta.phase, durable = durable);
         Ok(())
     }
 
@@ -300,6 +312,7 @@ impl Transactions {
     /// needs none.
     fn write_markers(&self, meta: &TxnMeta) -> Result<Vec<(Arc<Partition>, u64)>, BrokerError> {
         crate::failpoint::hit("txn-after-prepare");
+        let started = std::time::Instant::now();
         let marker = if meta.phase == Phase::PrepareCommit {
             Marker::Commit
         } else {
@@ -318,12 +331,14 @@ impl Transactions {
                 Err(e) => return Err(e.into()),
             }
         }
+        step_timing!("markers_write", started, partitions = written.len());
         Ok(written)
     }
 
     /// Waits until every marker of `written` is as durable as its topic's fsync policy says
     /// (in parallel: one fdatasync per partition, joining each one's group commit).
     fn settle_markers(written: Vec<(Arc<Partition>, u64)>) -> Result<(), BrokerError> {
+        let started = std::time::Instant::now();
         let waits: Vec<_> = written
             .into_iter()
             .filter(|(p, _)| p.fsync_policy() == FsyncPolicy::Always)
@@ -352,6 +367,7 @@ impl Transactions {
                 })
             })
         };
+        step_timing!("markers_durable", started, partitions = waits.len());
         crate::failpoint::hit("txn-after-markers");
         res
     }
@@ -360,7 +376,8 @@ impl Transactions {
     /// when offsets were applied, so a restart never re-applies them over newer commits).
     fn complete_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
         let commit = meta.phase == Phase::PrepareCommit;
-        if commit {
+        if commit && !meta.groups.is_empty() {
+            let started = std::time::Instant::now();
             let now = self.now_ms();
             for (group, g) in &meta.groups {
                 let offsets: Vec<v1::OffsetCommit> = g
@@ -382,6 +399,7 @@ impl Transactions {
                 self.offsets
                     .commit_decided(group, &offsets, now, meta.offsets_since)?;
             }
+            step_timing!("offsets", started, groups = meta.groups.len());
         }
         let new_pid = if meta.needs_new_pid() {
             Some(self.producer_ids.allocate(self.now_ms())?)
@@ -646,6 +664,7 @@ impl Transactions {
         self: &Arc<Self>,
         req: v1::AddOffsetsToTxnRequest,
     ) -> Result<(), BrokerError> {
+        let started = std::time::Instant::now();
         crate::offsets::validate_group(&req.group)?;
         for c in &req.offsets {
             self.log.partition(&c.topic, c.partition)?;
@@ -680,6 +699,7 @@ impl Transactions {
         let (id, nextc) = (req.transactional_id.clone(), next.clone());
         self.blocking(move |t| t.persist(&id, &nextc, true)).await?;
         *meta = next;
+        step_timing!("add_offsets", started);
         Ok(())
     }
 
@@ -693,7 +713,10 @@ impl Transactions {
         commit: bool,
     ) -> Result<(i64, i16), BrokerError> {
         let (this, id) = (self.clone(), id.to_owned());
-        Self::detached(async move { this.end_attached(&id, pid, epoch, commit).await }).await
+        let started = std::time::Instant::now();
+        let r = Self::detached(async move { this.end_attached(&id, pid, epoch, commit).await }).await;
+        step_timing!("end_txn", started, commit = commit);
+        r
     }
 
     async fn end_attached(
@@ -704,7 +727,9 @@ impl Transactions {
         commit: bool,
     ) -> Result<(i64, i16), BrokerError> {
         let entry = self.entry(id)?;
+        let started = std::time::Instant::now();
         let mut meta = entry.lock_owned().await;
+        step_timing!("end_txn_lock", started);
         let epoch = epoch_of(epoch)?;
         match meta.plan_end(id, pid, epoch, commit)? {
             EndPlan::Reply => {}

@@ -30,7 +30,10 @@
 //! commit. `SPOOL_BENCH_BIN_DIR` runs the processor binaries of that directory instead of this
 //! build's (an A/B against another build). The latency case also prints where the time went,
 //! hop by hop (from the time the bench's own read-committed readers receive each stage's
-//! record).
+//! record). `SPOOL_BENCH_PROC_LOG` is the processors' `SPOOL_LOG` (default `warn`); with
+//! `warn,spool_client::txn::timing=debug` the latency case also prints, per processor, each
+//! commit step's p50/p99 (flush, AddOffsetsToTxn, EndTxn) from their logs. The broker's own
+//! steps (`SPOOL_TEST_BROKER_LOG=warn,spool_broker::txn::timing=debug`) go to stderr.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -101,7 +104,10 @@ fn processor(bin: &str, dir: &Path, name: &str, broker: &str, body: &str) -> Pro
         .arg("off")
         .arg("--instance-id")
         .arg("bench")
-        .env("RUST_LOG", "warn")
+        .env(
+            "SPOOL_LOG",
+            std::env::var("SPOOL_BENCH_PROC_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -760,6 +766,83 @@ async fn bounces(p: &Pipeline, pf: &Instance, ghosts: usize) -> Vec<i64> {
     out
 }
 
+/// The processors whose logs [`step_breakdown`] reads.
+const PROCESSORS: [&str; 4] = ["deals", "matching", "notifications", "bounces"];
+
+/// How far each processor's log file is now (the breakdown reads what comes after).
+fn log_marks(dir: &Path) -> Vec<u64> {
+    PROCESSORS
+        .iter()
+        .map(|n| {
+            std::fs::metadata(dir.join(format!("{n}.log")))
+                .map_or(0, |m| m.len())
+        })
+        .collect()
+}
+
+/// Per processor, the commit-path step timings its transactional producer logged since
+/// `marks` (debug events of `spool_client::txn::timing`, on with
+/// `SPOOL_BENCH_PROC_LOG=warn,spool_client::txn::timing=debug`): one line per step, p50 and
+/// p99 in ms. Empty when the processors logged none (an older build, or the level off).
+fn step_breakdown(dir: &Path, marks: &[u64]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, mark) in PROCESSORS.iter().zip(marks) {
+        let Ok(mut f) = std::fs::File::open(dir.join(format!("{name}.log"))) else {
+            continue;
+        };
+        let mut text = String::new();
+        if f.seek(SeekFrom::Start(*mark)).is_err() || f.read_to_string(&mut text).is_err() {
+            continue;
+        }
+        let mut steps: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for line in text.lines().filter(|l| l.contains("txn::timing")) {
+            let plain = strip_ansi(line);
+            let field = |k: &str| {
+                plain
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .map(|v| v.trim_matches('"').to_owned())
+            };
+            if let (Some(step), Some(us)) = (field("step="), field("us=")) {
+                if let Ok(us) = us.parse::<i64>() {
+                    steps.entry(step).or_default().push(us);
+                }
+            }
+        }
+        for (step, mut v) in steps {
+            v.sort_unstable();
+            let ms = |q: f64| percentile(&v, q) as f64 / 1000.0;
+            out.push(format!(
+                "  commit step {name}/{step}: n={} p50={:.1} p90={:.1} p99={:.1} max={:.1} ms",
+                v.len(),
+                ms(0.5),
+                ms(0.9),
+                ms(0.99),
+                ms(1.0)
+            ));
+        }
+    }
+    out
+}
+
+/// `line` without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn summary(name: &str, sorted: &[i64]) -> String {
     format!(
         "{name}: n={} p50={} p90={} p99={} max={} ms",
@@ -834,6 +917,7 @@ async fn main() {
         std::fs::create_dir_all(&pdir).unwrap();
         let p = pipeline(&pf, &pdir, boxes, n, ghosts).await;
         if want("latency") {
+            let marks = log_marks(&pdir);
             let (lat, hops) = latency(&p, boxes, rate, n).await;
             let p99 = percentile(&lat, 0.99);
             println!(
@@ -857,6 +941,9 @@ async fn main() {
                 ("-> Postfix 250 (notifications: send)", &hops.send),
             ] {
                 println!("  hop {}", summary(name, v));
+            }
+            for line in step_breakdown(&pdir, &marks) {
+                println!("{line}");
             }
         }
         if want("bounces") {
