@@ -61,8 +61,11 @@ pub const TXN_STATE_TOPIC: &str = "__transaction_state";
 /// (`SPOOL_LOG=warn,spool_broker::txn::timing=debug`). Off by default: an event costs a
 /// level check.
 macro_rules! step_timing {
-    ($step:expr, $started:expr $(, $k:ident = $v:expr)*) => {
-        tracing::debug!(target: "spool_broker::txn::timing", step = $step, us = $started.elapsed().as_micros() as u64 $(, $k = $v)*)
+    ($step:expr, $started:expr) => {
+        tracing::debug!(target: "spool_broker::txn::timing", step = $step, us = $started.elapsed().as_micros() as u64)
+    };
+    ($step:expr, $started:expr, $($fields:tt)+) => {
+        tracing::debug!(target: "spool_broker::txn::timing", step = $step, us = $started.elapsed().as_micros() as u64, $($fields)+)
     };
 }
 
