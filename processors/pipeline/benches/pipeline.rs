@@ -773,10 +773,7 @@ const PROCESSORS: [&str; 4] = ["deals", "matching", "notifications", "bounces"];
 fn log_marks(dir: &Path) -> Vec<u64> {
     PROCESSORS
         .iter()
-        .map(|n| {
-            std::fs::metadata(dir.join(format!("{n}.log")))
-                .map_or(0, |m| m.len())
-        })
+        .map(|n| std::fs::metadata(dir.join(format!("{n}.log"))).map_or(0, |m| m.len()))
         .collect()
 }
 
@@ -918,7 +915,11 @@ async fn main() {
         let p = pipeline(&pf, &pdir, boxes, n, ghosts).await;
         if want("latency") {
             let marks = log_marks(&pdir);
+            // Bounds the broker's own log lines of the measured window (its stderr is echoed
+            // here with `SPOOL_TEST_BROKER_LOG`).
+            eprintln!("pipeline bench: latency window starts");
             let (lat, hops) = latency(&p, boxes, rate, n).await;
+            eprintln!("pipeline bench: latency window ends");
             let p99 = percentile(&lat, 0.99);
             println!(
                 "{} (target p99 <= 100 ms: {})",
