@@ -219,7 +219,7 @@ impl OffsetStore {
         now_ms: i64,
         fence: impl FnOnce() -> Result<(), BrokerError>,
     ) -> Result<(), BrokerError> {
-        self.commit_inner(group, offsets, now_ms, fence, None)
+        self.commit_inner(group, offsets, now_ms, fence, None, None)
     }
 
     /// Where the next record of `__consumer_offsets` will go: a commit acknowledged from now
@@ -235,15 +235,20 @@ impl OffsetStore {
     /// deleted at or after `since` (the [`OffsetStore::next_position`] when the decision was
     /// recorded): those commits came after the decision, and a decision carried out late
     /// (after a failed marker write, at a restart) must not undo them. `None` (a decision
-    /// recorded before positions were) commits them all. Blocking.
+    /// recorded before positions were) commits them all.
+    ///
+    /// `beside` (the transaction's markers becoming durable) runs beside this commit's own
+    /// fsync, if it gets that far (else not at all), and the offsets become visible only once
+    /// both succeeded: nobody reads them before the markers are durable. Blocking.
     pub(crate) fn commit_decided(
         &self,
         group: &str,
         offsets: &[v1::OffsetCommit],
         now_ms: i64,
         since: Option<u64>,
+        beside: &mut (dyn FnMut() -> Result<(), BrokerError> + Send),
     ) -> Result<(), BrokerError> {
-        self.commit_inner(group, offsets, now_ms, || Ok(()), since)
+        self.commit_inner(group, offsets, now_ms, || Ok(()), since, Some(beside))
     }
 
     fn commit_inner(
@@ -253,6 +258,7 @@ impl OffsetStore {
         now_ms: i64,
         fence: impl FnOnce() -> Result<(), BrokerError>,
         since: Option<u64>,
+        beside: Option<&mut (dyn FnMut() -> Result<(), BrokerError> + Send)>,
     ) -> Result<(), BrokerError> {
         validate_group(group)?;
         if offsets.is_empty() {
@@ -305,7 +311,30 @@ impl OffsetStore {
         }
         let batch = b.finish()?;
         let info = p.append_nowait(&batch)?;
-        p.wait_durable(info.last_offset + 1)?;
+        match beside {
+            None => p.wait_durable(info.last_offset + 1)?,
+            // The crate's own tests (the power-cut loops) run one disk operation at a time, so
+            // a seed replays exactly: the offsets first, which leaves the cut points where the
+            // offsets are durable and the markers not (the other order was the only one before).
+            Some(f) if cfg!(test) => {
+                p.wait_durable(info.last_offset + 1)?;
+                f()?;
+            }
+            Some(f) => {
+                let (durable, other) = std::thread::scope(|s| {
+                    let other = s.spawn(f);
+                    let durable = p.wait_durable(info.last_offset + 1);
+                    let other = other.join().unwrap_or_else(|_| {
+                        Err(BrokerError::Internal(
+                            "the wait beside an offset commit panicked".into(),
+                        ))
+                    });
+                    (durable, other)
+                });
+                durable?;
+                other?;
+            }
+        }
         for (i, c) in offsets.iter().enumerate() {
             let k = key(c);
             deleted.remove(&k);

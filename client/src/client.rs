@@ -37,6 +37,7 @@ use crate::producer::{Acks, Producer, ProducerConfig};
 use crate::types::{
     CommittedOffset, Fetched, GroupDeletion, GroupSummary, Isolation, ListedOffset, OffsetCommit,
     OffsetSpec, TopicConfig, TopicDescription, TopicPartition, TopicSettings, TopicSummary,
+    TxnOffsets,
 };
 
 /// The broker's default address.
@@ -831,6 +832,48 @@ impl Client {
             t,
         );
         let r = self.unary(t, self.txn_stub().end_txn(req)).await?;
+        Ok((r.producer_id, epoch_from_wire(r.producer_epoch)?))
+    }
+
+    /// CommitTxn: commits the producer's open transaction with the offsets of `groups`, the
+    /// offsets recorded only with the decision; returns the producer id and epoch for the next
+    /// transaction. A broker without CommitTxn answers [`Error::Rpc`] with
+    /// `Code::Unimplemented` before doing anything (then use
+    /// [`Client::add_offsets_to_txn`] and [`Client::end_txn`]).
+    pub async fn commit_txn(
+        &self,
+        transactional_id: &str,
+        producer: (i64, i16),
+        groups: &[TxnOffsets],
+    ) -> Result<(i64, i16)> {
+        let t = self.timeout();
+        let req = self.request(
+            v1::CommitTxnRequest {
+                transactional_id: transactional_id.to_owned(),
+                producer_id: producer.0,
+                producer_epoch: i32::from(producer.1),
+                groups: groups
+                    .iter()
+                    .map(|g| v1::TxnGroupOffsets {
+                        group: g.group.clone(),
+                        offsets: g
+                            .offsets
+                            .iter()
+                            .map(|o| v1::OffsetCommit {
+                                topic: o.topic.clone(),
+                                partition: o.partition,
+                                offset: o.offset,
+                                metadata: o.metadata.clone(),
+                            })
+                            .collect(),
+                        member_id: g.member.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
+                        generation: g.member.as_ref().map_or(0, |m| m.1),
+                    })
+                    .collect(),
+            },
+            t,
+        );
+        let r = self.unary(t, self.txn_stub().commit_txn(req)).await?;
         Ok((r.producer_id, epoch_from_wire(r.producer_epoch)?))
     }
 

@@ -83,5 +83,5 @@ pub use types::{
     CleanupPolicy, CommittedOffset, Fetched, FsyncPolicy, GroupDeletion, GroupSummary, Header,
     Isolation, ListedOffset, OffsetCommit, OffsetSpec, PartitionInfo, ProducerRecord, Record,
     RecordMetadata, StartAt, TopicConfig, TopicDescription, TopicPartition, TopicSettings,
-    TopicSummary,
+    TopicSummary, TxnOffsets,
 };

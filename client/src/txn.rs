@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::partitioner::partition_for_key;
 use crate::producer::{Acks, Compression, now_ms};
 use crate::retry::Backoff;
-use crate::types::{OffsetCommit, ProducerRecord};
+use crate::types::{OffsetCommit, ProducerRecord, TxnOffsets};
 
 /// Per-step timings of a commit: one debug event per step (`step`, `us`) on this target, read
 /// by the pipeline bench's breakdown (`SPOOL_LOG=warn,spool_client::txn::timing=debug`).
@@ -125,6 +125,11 @@ pub struct TransactionalProducer {
     committed_ends: BTreeMap<(String, u32), u64>,
     /// The full batch being written in the background, if any.
     in_flight: Option<tokio::task::JoinHandle<Result<Written>>>,
+    /// Offsets of the open transaction, by group, sent with its commit.
+    offsets: Vec<TxnOffsets>,
+    /// False once the broker answered CommitTxn with UNIMPLEMENTED (an older broker): the
+    /// offsets then go by AddOffsetsToTxn before EndTxn.
+    commit_txn: bool,
 }
 
 /// Headers of a record passed to the batch builder without a heap allocation.
@@ -154,6 +159,8 @@ impl TransactionalProducer {
             written: BTreeMap::new(),
             committed_ends: BTreeMap::new(),
             in_flight: None,
+            offsets: Vec::new(),
+            commit_txn: true,
         })
     }
 
@@ -305,6 +312,11 @@ impl TransactionalProducer {
 
     /// Commits `offsets` of `group` with the transaction (the "consume, process, produce"
     /// loop). `member` = (member id, generation) from a [`crate::GroupConsumer`] fences it.
+    ///
+    /// Kept here and sent with the commit (CommitTxn: one request, one durable record at the
+    /// broker, the decision); a later call for the same group and partition replaces the
+    /// earlier position. So a fenced member learns it at `commit`, which then fails (abort).
+    /// Against a broker without CommitTxn, `commit` sends them by AddOffsetsToTxn first.
     pub async fn send_offsets(
         &mut self,
         group: &str,
@@ -312,22 +324,30 @@ impl TransactionalProducer {
         member: Option<(&str, u64)>,
     ) -> Result<()> {
         self.require_open()?;
-        let started = std::time::Instant::now();
-        let r = self
-            .client
-            .add_offsets_to_txn(
-                &self.cfg.transactional_id,
-                self.producer,
-                group,
-                offsets,
-                member,
-            )
-            .await;
-        if r.is_err() {
-            self.phase = Phase::MustAbort;
+        let member = member.map(|(m, g)| (m.to_owned(), g));
+        let i = match self.offsets.iter().position(|g| g.group == group) {
+            Some(i) => i,
+            None => {
+                self.offsets.push(TxnOffsets {
+                    group: group.to_owned(),
+                    ..TxnOffsets::default()
+                });
+                self.offsets.len() - 1
+            }
+        };
+        let g = &mut self.offsets[i];
+        g.member = member;
+        for o in offsets {
+            match g
+                .offsets
+                .iter_mut()
+                .find(|c| c.topic == o.topic && c.partition == o.partition)
+            {
+                Some(c) => *c = o.clone(),
+                None => g.offsets.push(o.clone()),
+            }
         }
-        step_timing!("add_offsets", started);
-        r
+        Ok(())
     }
 
     /// Sends every buffered batch and waits for the broker to acknowledge them, without
@@ -390,10 +410,37 @@ impl TransactionalProducer {
         for buf in self.parts.values_mut().flat_map(BTreeMap::values_mut) {
             buf.builder = None;
         }
+        self.offsets.clear();
         self.end(false).await
     }
 
     async fn end(&mut self, commit: bool) -> Result<()> {
+        let groups = std::mem::take(&mut self.offsets);
+        if commit && !groups.is_empty() {
+            if self.commit_txn {
+                match self.commit_with_offsets(&groups).await {
+                    Err(Error::Rpc {
+                        code: tonic::Code::Unimplemented,
+                        ..
+                    }) => self.commit_txn = false,
+                    r => return self.ended(r, commit),
+                }
+            }
+            for g in &groups {
+                let started = std::time::Instant::now();
+                let member = g.member.as_ref().map(|(m, gen_)| (m.as_str(), *gen_));
+                self.client
+                    .add_offsets_to_txn(
+                        &self.cfg.transactional_id,
+                        self.producer,
+                        &g.group,
+                        &g.offsets,
+                        member,
+                    )
+                    .await?;
+                step_timing!("add_offsets", started);
+            }
+        }
         let mut attempt = 0;
         loop {
             match self
@@ -401,24 +448,47 @@ impl TransactionalProducer {
                 .end_txn(&self.cfg.transactional_id, self.producer, commit)
                 .await
             {
-                Ok(next) => {
-                    self.producer = next;
-                    self.parts.clear();
-                    self.phase = Phase::Idle;
-                    let written = std::mem::take(&mut self.written);
-                    if commit {
-                        self.committed_ends = written;
-                    }
-                    return Ok(());
-                }
                 // A retry of an EndTxn that went through gets the same answer.
                 Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
                     tokio::time::sleep(self.cfg.backoff.delay(attempt)).await;
                     attempt += 1;
                 }
-                Err(e) => return Err(e),
+                r => return self.ended(r, commit),
             }
         }
+    }
+
+    /// CommitTxn with `groups`, retried on retriable errors (a retry of one that went
+    /// through gets the same answer).
+    async fn commit_with_offsets(&self, groups: &[TxnOffsets]) -> Result<(i64, i16)> {
+        let mut attempt = 0;
+        loop {
+            match self
+                .client
+                .commit_txn(&self.cfg.transactional_id, self.producer, groups)
+                .await
+            {
+                Err(e) if e.is_retriable() && attempt + 1 < self.cfg.max_attempts => {
+                    tokio::time::sleep(self.cfg.backoff.delay(attempt)).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The broker's answer to the end of the transaction: on success, the producer for the
+    /// next one and (on commit) where this one's writes ended.
+    fn ended(&mut self, r: Result<(i64, i16)>, commit: bool) -> Result<()> {
+        let next = r?;
+        self.producer = next;
+        self.parts.clear();
+        self.phase = Phase::Idle;
+        let written = std::mem::take(&mut self.written);
+        if commit {
+            self.committed_ends = written;
+        }
+        Ok(())
     }
 
     /// The finished batch of one partition, stamped with its sequence.

@@ -402,6 +402,17 @@ pub struct OffsetCommit {
     pub metadata: String,
 }
 
+/// One consumer group's offsets committed with a transaction ([`crate::Client::commit_txn`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TxnOffsets {
+    /// The consumer group.
+    pub group: String,
+    /// Its positions (a partition at most once).
+    pub offsets: Vec<OffsetCommit>,
+    /// (member id, generation) of a fenced commit; `None` for a plain one.
+    pub member: Option<(String, u64)>,
+}
+
 /// A group's committed position for one partition.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommittedOffset {

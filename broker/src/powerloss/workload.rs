@@ -3,7 +3,8 @@
 //! Steps call the coordinators as the gRPC services do: offset commits and group deletions
 //! (`OffsetStore`), producer ids for idempotent producers (`ProducerIds`), transactional
 //! producers (`Transactions::init`, `add_partitions` then a transactional append as the
-//! produce path does, `add_offsets`, `end`), the transaction coordinator's background pass
+//! produce path does, `add_offsets`, `end`, or `commit_with_offsets` carrying one more
+//! offset: CommitTxn), the transaction coordinator's background pass
 //! (`Transactions::sweep`: timeouts, retried decisions) with the clock moved past timeouts,
 //! and consumer-group members (`Groups`: join and rejoin, static and dynamic, heartbeat,
 //! acknowledge, leave, stream closed, fenced commits, commits from fenced members). Each step
@@ -571,15 +572,50 @@ impl Work<'_> {
     fn end(&mut self, id: &str, pid: i64, epoch: i16) {
         let commit = self.rng.chance(0.7);
         let i = self.model.producers[id].open.expect("open");
+        // Half the commits as CommitTxn, carrying one more offset of a plain group (recorded
+        // only with the decision).
+        let carried = (commit && self.rng.chance(0.5)).then(|| {
+            let group = (*self.rng.pick(TXN_GROUPS)).to_owned();
+            (group, self.pick_tp(), self.next_commit_value())
+        });
+        if let Some((group, tp, offset)) = &carried {
+            let t = &mut self.model.txns[i];
+            let key = (group.clone(), tp.0.clone(), tp.1);
+            t.offsets.retain(|(k, _)| *k != key);
+            t.offsets.push((key, *offset));
+        }
         if commit {
             for (k, v) in self.model.txns[i].offsets.clone() {
                 self.model.commits.entry(k).or_default().maybe.push(Some(v));
             }
         }
-        let res = self
-            .rt
-            .block_on(self.state.txns.end(id, pid, i32::from(epoch), commit));
-        trace(format_args!("{id} end commit={commit}: {res:?}"));
+        let res = match &carried {
+            None => self
+                .rt
+                .block_on(self.state.txns.end(id, pid, i32::from(epoch), commit)),
+            Some((group, tp, offset)) => {
+                let req = v1::CommitTxnRequest {
+                    transactional_id: id.to_owned(),
+                    producer_id: pid,
+                    producer_epoch: i32::from(epoch),
+                    groups: vec![v1::TxnGroupOffsets {
+                        group: group.clone(),
+                        offsets: vec![v1::OffsetCommit {
+                            topic: tp.0.clone(),
+                            partition: tp.1,
+                            offset: *offset,
+                            metadata: String::new(),
+                        }],
+                        member_id: String::new(),
+                        generation: 0,
+                    }],
+                };
+                self.rt.block_on(self.state.txns.commit_with_offsets(req))
+            }
+        };
+        trace(format_args!(
+            "{id} end commit={commit} carried={carried:?}: {res:?}"
+        ));
         // Completions that run after the reply finish before the next step: one order of
         // disk operations per seed (the id's lock is free once they are done).
         self.rt.block_on(self.state.txns.list());

@@ -1,9 +1,11 @@
-//! TransactionService: offsets in a transaction, ending transactions, listing them. The
+//! TransactionService: offsets in a transaction, ending transactions (CommitTxn: both at
+//! once), listing them. The
 //! coordinator (`crate::txn`) does the work; transactional producers get their id and epoch
 //! from `ProduceService.InitProducerId`.
 //!
 //! ACLs: AddOffsetsToTxn needs `groups` on the group and `consume` on each topic (as
-//! CommitOffsets); EndTxn and ListTransactions need the right to produce somewhere.
+//! CommitOffsets), CommitTxn the same for each of its groups; every call needs the right to
+//! produce somewhere.
 
 use std::sync::Arc;
 
@@ -74,6 +76,29 @@ impl TransactionService for Transactions {
                 )
                 .await?;
             Ok(Response::new(v1::EndTxnResponse {
+                producer_id,
+                producer_epoch: i32::from(epoch),
+            }))
+        })
+        .await
+    }
+
+    async fn commit_txn(
+        &self,
+        req: Request<v1::CommitTxnRequest>,
+    ) -> Result<Response<v1::CommitTxnResponse>, Status> {
+        timed(&self.state.metrics, "CommitTxn", async move {
+            require_producer(&req)?;
+            let who = principal(&req);
+            let req = req.into_inner();
+            for g in &req.groups {
+                who.require(Action::Group, &g.group)?;
+                for c in &g.offsets {
+                    who.require(Action::Consume, &c.topic)?;
+                }
+            }
+            let (producer_id, epoch) = self.state.txns.commit_with_offsets(req).await?;
+            Ok(Response::new(v1::CommitTxnResponse {
                 producer_id,
                 producer_epoch: i32::from(epoch),
             }))

@@ -12,14 +12,20 @@
 //!    the partitions holding its batches are found in the log (each partition knows its open
 //!    transactions). `AddOffsetsToTxn` does record the transaction (`Ongoing`) durably before
 //!    its reply: offsets live nowhere else, and a restart must abort such a transaction (and
-//!    bump the epoch) rather than let its producer commit it without them.
+//!    bump the epoch) rather than let its producer commit it without them. `CommitTxn`
+//!    carries the offsets in the commit itself: they are added in memory under the id's lock
+//!    and recorded durably only with the decision (one fsync'ed record instead of two; if
+//!    the decision is never recorded, neither is anything the request asked for).
 //! 3. `EndTxn` records the decision (`Prepare*`, with the partitions, the offsets and the
 //!    bumped epoch) **durably before any marker is written**; then appends a marker to every
-//!    partition, waits until they are as durable as their topics' fsync policy says (in
-//!    parallel), applies the offsets on commit, and records `Complete*` (durably when offsets
-//!    were applied, so a restart never re-applies them over newer commits). Without offsets
-//!    the reply goes out once the markers are appended, and the rest runs after it while the
-//!    id stays locked (`end_pipelined`): the producer prepares its next transaction meanwhile.
+//!    partition and waits until they are as durable as their topics' fsync policy says (in
+//!    parallel, and on a commit beside the fsync of its offsets, which become visible only
+//!    once both are durable), and records `Complete*` without waiting for it to be durable
+//!    (lost, the restart carries the decision out again, which changes nothing: markers are
+//!    idempotent and the offsets are re-applied only where nobody committed since the
+//!    decision, `offsets_since`). Without offsets the reply goes out once the markers are
+//!    appended, and the rest runs after it while the id stays locked (`end_pipelined`): the
+//!    producer prepares its next transaction meanwhile.
 //! 4. At start, before serving: every `Prepare*` is carried out again (markers are
 //!    idempotent: a partition without the producer's open transaction, or with only a later
 //!    one of the marker's own epoch, writes nothing), then every transaction recorded
@@ -31,7 +37,8 @@
 //! a decision is completed); a decision, once durable, is always carried out; a newer record
 //! of an id is never appended before the previous decision's markers are durable; the reply
 //! to EndTxn goes out only after every marker is written (and, with offsets, durable and the
-//! offsets applied).
+//! offsets durable and applied); nothing a request carries is acknowledged before the record
+//! holding it is durable.
 
 pub(crate) mod state;
 
@@ -304,9 +311,55 @@ impl Transactions {
     /// Carries out `meta`'s recorded decision (it is `Prepare*`): markers (durable), offsets,
     /// then `Complete*`. On failure `meta` stays `Prepare*` (retried later). Blocking.
     fn finish_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
-        let written = self.write_markers(meta)?;
-        Self::settle_markers(written)?;
+        let mut markers = Some(self.write_markers(meta)?);
+        // A commit's offsets are made durable beside the markers (two fsyncs at once, not
+        // one after the other); they become visible only once both are durable.
+        let applied = self.apply_offsets(meta, &mut || match markers.take() {
+            Some(written) => Self::settle_markers(written),
+            None => Ok(()),
+        });
+        if let Some(written) = markers.take() {
+            Self::settle_markers(written)?;
+        }
+        applied?;
         self.complete_blocking(id, meta)
+    }
+
+    /// Applies a decided commit's offsets (nothing for an abort): durable, then visible.
+    /// `beside` (the markers' wait) runs at most once, beside the first group's fsync, and
+    /// its failure fails this before anything becomes visible. Blocking.
+    fn apply_offsets(
+        &self,
+        meta: &TxnMeta,
+        beside: &mut (dyn FnMut() -> Result<(), BrokerError> + Send),
+    ) -> Result<(), BrokerError> {
+        if meta.phase != Phase::PrepareCommit || meta.groups.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let now = self.now_ms();
+        for (group, g) in &meta.groups {
+            let offsets: Vec<v1::OffsetCommit> = g
+                .offsets
+                .iter()
+                .flat_map(|(topic, parts)| {
+                    parts
+                        .iter()
+                        .map(|(&partition, (offset, metadata))| v1::OffsetCommit {
+                            topic: topic.clone(),
+                            partition,
+                            offset: *offset,
+                            metadata: metadata.clone(),
+                        })
+                })
+                .collect();
+            // Decided: written whatever the group's state is now, except over commits that
+            // came after the decision.
+            self.offsets
+                .commit_decided(group, &offsets, now, meta.offsets_since, &mut *beside)?;
+        }
+        step_timing!("offsets", started, groups = meta.groups.len());
+        Ok(())
     }
 
     /// Appends the decision's marker to each of `meta`'s partitions (page cache); returns,
@@ -375,35 +428,11 @@ impl Transactions {
         res
     }
 
-    /// After the markers: applies the offsets of a commit, then records `Complete*` (durably
-    /// when offsets were applied, so a restart never re-applies them over newer commits).
+    /// After the markers and the offsets ([`Transactions::apply_offsets`]): records
+    /// `Complete*`, durably only when the next producer id changes or the decision lacks
+    /// `offsets_since` (see the comment at the write).
     fn complete_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
         let commit = meta.phase == Phase::PrepareCommit;
-        if commit && !meta.groups.is_empty() {
-            let started = std::time::Instant::now();
-            let now = self.now_ms();
-            for (group, g) in &meta.groups {
-                let offsets: Vec<v1::OffsetCommit> = g
-                    .offsets
-                    .iter()
-                    .flat_map(|(topic, parts)| {
-                        parts
-                            .iter()
-                            .map(|(&partition, (offset, metadata))| v1::OffsetCommit {
-                                topic: topic.clone(),
-                                partition,
-                                offset: *offset,
-                                metadata: metadata.clone(),
-                            })
-                    })
-                    .collect();
-                // Decided: written whatever the group's state is now, except over commits
-                // that came after the decision.
-                self.offsets
-                    .commit_decided(group, &offsets, now, meta.offsets_since)?;
-            }
-            step_timing!("offsets", started, groups = meta.groups.len());
-        }
         let new_pid = if meta.needs_new_pid() {
             Some(self.producer_ids.allocate(self.now_ms())?)
         } else {
@@ -412,7 +441,14 @@ impl Transactions {
         crate::failpoint::hit("txn-before-complete");
         let mut next = meta.clone();
         next.complete(new_pid);
-        self.persist(id, &next, commit && !meta.groups.is_empty())?;
+        // Not waited for: losing it (a power cut) leaves the decision recorded, and a restart
+        // carries it out again, which changes nothing (markers are idempotent; the offsets are
+        // committed only where nobody committed since `offsets_since`, and these were). Made
+        // durable when a decision recorded without that position (an older broker's) would
+        // re-apply its offsets over newer commits, and when the reply hands out a new
+        // producer id (a restart must know it).
+        let legacy_offsets = commit && !meta.groups.is_empty() && meta.offsets_since.is_none();
+        self.persist(id, &next, legacy_offsets || new_pid.is_some())?;
         if let Some(pid) = new_pid {
             lock(&self.by_pid).insert(pid, id.to_owned());
         }
@@ -717,8 +753,44 @@ impl Transactions {
     ) -> Result<(i64, i16), BrokerError> {
         let (this, id) = (self.clone(), id.to_owned());
         let started = std::time::Instant::now();
-        let r = Self::detached(async move { this.end_attached(&id, pid, epoch, commit).await }).await;
-        step_timing!("end_txn", started, commit = commit);
+        let r =
+            Self::detached(
+                async move { this.end_attached(&id, pid, epoch, commit, Vec::new()).await },
+            )
+            .await;
+        step_timing!("end_txn", started, commit = commit, groups = 0);
+        r
+    }
+
+    /// CommitTxn: EndTxn(commit) with the groups' offsets added first, in memory under the
+    /// id's lock; the decision (`PrepareCommit`) is their one durable record. A retry of a
+    /// CommitTxn that already ended its transaction adds nothing and gets EndTxn's answer.
+    /// Runs to its end even if the caller stops waiting ([`Transactions::detached`]).
+    pub(crate) async fn commit_with_offsets(
+        self: &Arc<Self>,
+        req: v1::CommitTxnRequest,
+    ) -> Result<(i64, i16), BrokerError> {
+        for g in &req.groups {
+            crate::offsets::validate_group(&g.group)?;
+            for c in &g.offsets {
+                self.log.partition(&c.topic, c.partition)?;
+            }
+        }
+        let this = self.clone();
+        let started = std::time::Instant::now();
+        let groups = req.groups.len();
+        let r = Self::detached(async move {
+            this.end_attached(
+                &req.transactional_id,
+                req.producer_id,
+                req.producer_epoch,
+                true,
+                req.groups,
+            )
+            .await
+        })
+        .await;
+        step_timing!("end_txn", started, commit = true, groups = groups);
         r
     }
 
@@ -728,12 +800,35 @@ impl Transactions {
         pid: i64,
         epoch: i32,
         commit: bool,
+        offsets: Vec<v1::TxnGroupOffsets>,
     ) -> Result<(i64, i16), BrokerError> {
         let entry = self.entry(id)?;
         let started = std::time::Instant::now();
         let mut meta = entry.lock_owned().await;
         step_timing!("end_txn_lock", started);
         let epoch = epoch_of(epoch)?;
+        let retry = meta
+            .last_end
+            .is_some_and(|e| e.pid == pid && e.epoch == epoch);
+        if !offsets.is_empty() && !retry {
+            // CommitTxn: what AddOffsetsToTxn would have added. Only in memory: the decision
+            // below records them; if it is never recorded, neither is the commit.
+            let now = self.now_ms();
+            for g in offsets {
+                meta.add_offsets(
+                    id,
+                    pid,
+                    epoch,
+                    &g.group,
+                    &g.member_id,
+                    g.generation,
+                    g.offsets
+                        .into_iter()
+                        .map(|c| ((c.topic, c.partition), c.offset, c.metadata)),
+                    now,
+                )?;
+            }
+        }
         match meta.plan_end(id, pid, epoch, commit)? {
             EndPlan::Reply => {}
             EndPlan::Finish => self.finish(id, &mut meta).await?,

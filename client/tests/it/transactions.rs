@@ -198,6 +198,73 @@ async fn offsets_commit_with_the_transaction_or_not_at_all() {
     assert_eq!(values(&c, "out", 0, Isolation::ReadCommitted).await, ["y"]);
 }
 
+/// CommitTxn on the wire: the offsets it carries are committed with the transaction (also one
+/// with no records), a retry of a CommitTxn that went through gets the same answer and
+/// commits nothing new, and a zombie's (an older epoch's) commits nothing; the last offsets
+/// sent for a partition win (`send_offsets` keeps them until the commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_txn_carries_the_offsets_in_the_commit() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", 2).await;
+    create(&c, "out", 1).await;
+    let at = |partition, offset| OffsetCommit {
+        topic: "in".into(),
+        partition,
+        offset,
+        metadata: String::new(),
+    };
+    let committed = || async {
+        let o = c
+            .fetch_offsets(
+                "g",
+                &[TopicPartition::new("in", 0), TopicPartition::new("in", 1)],
+            )
+            .await
+            .unwrap();
+        (o[0].offset, o[1].offset)
+    };
+    let mut tx = TransactionalProducer::new(c.clone(), TransactionalConfig::new("ct"))
+        .await
+        .unwrap();
+    // Through the producer: two calls, the later position of partition 0 wins.
+    tx.begin().unwrap();
+    tx.send("out", 0, rec("a")).await.unwrap();
+    tx.send_offsets("g", &[at(0, 3), at(1, 4)], None)
+        .await
+        .unwrap();
+    tx.send_offsets("g", &[at(0, 5)], None).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(committed().await, (Some(5), Some(4)));
+    settled(&c, "out", 0).await;
+    assert_eq!(values(&c, "out", 0, Isolation::ReadCommitted).await, ["a"]);
+    // On the wire, offsets only (no record): committed, and the epoch bumped.
+    let producer = tx.producer();
+    let groups = |o: u64| {
+        vec![spool_client::TxnOffsets {
+            group: "g".into(),
+            offsets: vec![at(1, o)],
+            member: None,
+        }]
+    };
+    let next = c.commit_txn("ct", producer, &groups(9)).await.unwrap();
+    assert_eq!(next, (producer.0, producer.1 + 1));
+    assert_eq!(committed().await, (Some(5), Some(9)));
+    // Its retry: the same answer, and its (different) offsets are not added.
+    assert_eq!(
+        c.commit_txn("ct", producer, &groups(11)).await.unwrap(),
+        next
+    );
+    assert_eq!(committed().await, (Some(5), Some(9)));
+    // A zombie of an older epoch commits nothing.
+    let zombie = (producer.0, producer.1 - 1);
+    assert!(c.commit_txn("ct", zombie, &groups(13)).await.is_err());
+    assert_eq!(committed().await, (Some(5), Some(9)));
+    // The current epoch goes on as usual.
+    c.commit_txn("ct", next, &groups(15)).await.unwrap();
+    assert_eq!(committed().await, (Some(5), Some(15)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_past_its_timeout_is_aborted_and_the_producer_goes_on() {
     let broker = Broker::start_with_config(|_| {
