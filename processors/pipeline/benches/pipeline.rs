@@ -800,10 +800,10 @@ fn step_breakdown(dir: &Path, marks: &[u64]) -> Vec<String> {
                     .find_map(|w| w.strip_prefix(k))
                     .map(|v| v.trim_matches('"').to_owned())
             };
-            if let (Some(step), Some(us)) = (field("step="), field("us=")) {
-                if let Ok(us) = us.parse::<i64>() {
-                    steps.entry(step).or_default().push(us);
-                }
+            if let (Some(step), Some(us)) = (field("step="), field("us="))
+                && let Ok(us) = us.parse::<i64>()
+            {
+                steps.entry(step).or_default().push(us);
             }
         }
         for (step, mut v) in steps {
