@@ -45,7 +45,19 @@
 //! before the linger), `--interval-ms N` (the runtime's `commit_interval`, default 100), `--sync-commit` (the
 //! runtime's `overlap_commits` off: the loop waits for every commit, as before they
 //! overlapped). `SPOOL_BENCH_VERBOSE=1` prints each pass-through's latency and
-//! commit metrics (sums and counts) after its phase, to see where the time went.
+//! commit metrics (sums and counts, and `loop_wait_seconds`: what the loop waited for)
+//! after its phase, to see where the time went, and in the lanes case runs a plain
+//! consumer of the high lane beside the processor (what the broker and the machine add) and
+//! compares the two record by record.
+//!
+//! `--eos-variants a,b,...` runs the exactly-once case once per variant in every rep, the
+//! variants and alo in an order rotated by one each rep, each variant's ratio to that rep's
+//! alo reported on its own row (an A/B of runtime settings in one binary, one run). A
+//! variant is `base` (the defaults and flags) or `+`-joined settings: `noyield` (the
+//! runtime's `yield_every` off), `yield<N>us` (`yield_every` = N µs), `sync` (overlapping
+//! commits off), `overlap` (on), `writes<N>` (the runtime's `output_writes_in_flight`),
+//! `wake` / `defer` (the runtime's `yield_wakes` on / off). `--lanes-variants a,b,...` runs
+//! the lanes case (both phases) once per variant in every rep, in an order rotated each rep.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -90,10 +102,10 @@ impl Handler for PassThrough {
     }
 }
 
-/// Records, for lane `hi`, the time from the send time in the value (µs since the epoch, as
-/// text before a `|`) to the call.
+/// Records, for lane `hi`, the send time in the value (µs since the epoch, as text before a
+/// `|`) and the time from it to the call (ms).
 struct LaneProbe {
-    latencies: Arc<Mutex<Vec<f64>>>,
+    latencies: Arc<Mutex<Vec<(u64, f64)>>>,
 }
 
 fn now_us() -> u64 {
@@ -112,7 +124,10 @@ impl Handler for LaneProbe {
                 .and_then(|s| s.parse::<u64>().ok());
             if let Some(sent) = sent {
                 let lat_ms = now_us().saturating_sub(sent) as f64 / 1000.0;
-                self.latencies.lock().expect("not poisoned").push(lat_ms);
+                self.latencies
+                    .lock()
+                    .expect("not poisoned")
+                    .push((sent, lat_ms));
             }
         }
         Ok(())
@@ -186,6 +201,35 @@ async fn wait_committed(
     }
 }
 
+/// Applies an `--eos-variants` variant to `c`.
+fn apply_variant(c: &mut RuntimeConfig, variant: &str) -> Result<()> {
+    for part in variant.split('+') {
+        match part {
+            "base" | "" => {}
+            "noyield" => c.yield_every = None,
+            "wake" => c.yield_wakes = true,
+            "defer" => c.yield_wakes = false,
+            "sync" => c.overlap_commits = false,
+            "overlap" => c.overlap_commits = true,
+            p if p.starts_with("writes") => {
+                c.output_writes_in_flight = p["writes".len()..]
+                    .parse()
+                    .with_context(|| format!("variant part {p:?}"))?;
+            }
+            p if p.starts_with("yield") && p.ends_with("us") => {
+                let us: u64 = p["yield".len()..p.len() - 2]
+                    .parse()
+                    .with_context(|| format!("variant part {p:?}"))?;
+                c.yield_every = Some(Duration::from_micros(us));
+            }
+            p => bail!(
+                "unknown variant part {p:?} (base, noyield, yield<N>us, wake, defer, sync, overlap, writes<N>)"
+            ),
+        }
+    }
+    Ok(())
+}
+
 fn processor_config(name: &str, inputs: &[&str], state_dir: &Path) -> RuntimeConfig {
     let mut c = RuntimeConfig::new(name, inputs.iter().copied());
     c.instance_id = "bench".into();
@@ -216,7 +260,9 @@ async fn with_output(addr: &str, name: &str, partitions: u32) -> Result<(Client,
     Ok((client, out))
 }
 
-/// eos or state: records/s from ready to every offset committed.
+/// eos or state: records/s from ready to every offset committed (`variant`: see
+/// `--eos-variants`).
+#[allow(clippy::too_many_arguments)]
 async fn pass_through(
     addr: &str,
     input: &str,
@@ -225,9 +271,11 @@ async fn pass_through(
     name: &str,
     state: bool,
     dir: &Path,
+    variant: &str,
 ) -> Result<f64> {
     let (client, out) = with_output(addr, name, partitions).await?;
-    let cfg = processor_config(name, &[input], dir);
+    let mut cfg = processor_config(name, &[input], dir);
+    apply_variant(&mut cfg, variant)?;
     let p = Running::start(&client, cfg, PassThrough { out, state });
     let t0 = p.ready(Duration::from_secs(60)).await?;
     let t1 = wait_committed(
@@ -239,14 +287,26 @@ async fn pass_through(
     )
     .await?;
     if std::env::var_os("SPOOL_BENCH_VERBOSE").is_some() {
-        for l in p.metrics.render().lines() {
-            if l.contains("_sum") || l.contains("_count") || l.contains("commits_total") {
-                eprintln!("  {name}: {l}");
-            }
-        }
+        eprintln!(
+            "  {name}: {:.3} s from ready to committed",
+            (t1 - t0).as_secs_f64()
+        );
+        print_metrics(name, &p.metrics.render());
     }
     p.stop().await?;
     Ok(n as f64 / (t1 - t0).as_secs_f64())
+}
+
+/// Prints the sums and counts of `metrics` (the Prometheus text) that say where the time
+/// went; empty histogram rows are left out.
+fn print_metrics(name: &str, metrics: &str) {
+    for l in metrics.lines() {
+        let wanted = l.contains("_sum") || l.contains("_count") || l.contains("commits_total");
+        let empty = l.ends_with(" 0") || l.ends_with(" 0.0");
+        if wanted && !(empty && l.contains("loop_wait")) {
+            eprintln!("  {name}: {l}");
+        }
+    }
 }
 
 /// The same loop at least once: consume, produce, every 100 ms flush + commit.
@@ -329,7 +389,16 @@ async fn changelog_bytes(addr: &str, name: &str) -> Result<u64> {
     Ok(d.partitions.iter().map(|p| p.size_bytes).sum())
 }
 
-/// High-lane latencies (ms) with the low lane reading `low` (from its start, new group).
+/// One lanes phase: the processor's high-lane latencies (ms, warm-up left out), the records
+/// left in the low lane at the end, and (with `SPOOL_BENCH_VERBOSE`) a plain consumer's p99
+/// of the same records.
+struct LanePhase {
+    latencies: Vec<f64>,
+    lo_lag: u64,
+    plain_p99: Option<f64>,
+}
+
+/// High-lane latencies with the low lane reading `low` (from its start, new group).
 async fn lanes(
     addr: &str,
     low: &str,
@@ -337,13 +406,15 @@ async fn lanes(
     rate: u32,
     secs: f64,
     dir: &Path,
-) -> Result<(Vec<f64>, u64)> {
+    variant: &str,
+) -> Result<LanePhase> {
     let client = Client::connect(addr.to_owned()).await?;
     let hi = format!("{name}-hi");
     client
         .create_topic(&hi, 1, &TopicSettings::default())
         .await?;
     let mut cfg = processor_config(name, &[hi.as_str(), low], dir);
+    apply_variant(&mut cfg, variant)?;
     let lane = |n: &str, t: &str, priority| LaneConfig {
         name: n.into(),
         topics: vec![t.into()],
@@ -394,27 +465,71 @@ async fn lanes(
         end.saturating_sub(committed(&client, name, &all).await?)
     };
     if std::env::var_os("SPOOL_BENCH_VERBOSE").is_some() {
-        for l in p.metrics.render().lines() {
-            if l.contains("_sum") || l.contains("_count") || l.contains("commits_total") {
-                eprintln!("  {name}: {l}");
-            }
-        }
+        print_metrics(name, &p.metrics.render());
     }
     p.stop().await?;
-    if let Some(mut l) = probe {
-        l.drain(..l.len() / 10);
-        eprintln!(
-            "  {name}: a plain consumer of the high lane: p50/p99 {:.2}/{:.2} ms ({} records)",
-            percentile(&l, 50.0),
-            percentile(&l, 99.0),
-            l.len()
-        );
-    }
     let mut l = latencies.lock().expect("not poisoned").clone();
     // The first tenth is warm-up (connections, first fetches).
     let skip = l.len() / 10;
     l.drain(..skip);
-    Ok((l, lo_lag))
+    let plain_p99 = probe.map(|mut plain| {
+        plain.drain(..plain.len() / 10);
+        compare_with_plain(name, &l, &plain)
+    });
+    Ok(LanePhase {
+        latencies: l.into_iter().map(|(_, ms)| ms).collect(),
+        lo_lag,
+        plain_p99,
+    })
+}
+
+/// Prints what a plain consumer saw of the high lane's records beside the processor, and
+/// for the processor's slowest 1 % of records what the plain consumer saw of the same ones
+/// (slow in both: the broker or the machine; slow in the processor only: the processor).
+/// Returns the plain consumer's p99.
+fn compare_with_plain(name: &str, processor: &[(u64, f64)], plain: &[(u64, f64)]) -> f64 {
+    let lat: Vec<f64> = plain.iter().map(|(_, ms)| *ms).collect();
+    let p99 = percentile(&lat, 99.0);
+    eprintln!(
+        "  {name}: a plain consumer of the high lane: p50/p99 {:.2}/{p99:.2} ms ({} records)",
+        percentile(&lat, 50.0),
+        lat.len()
+    );
+    let by_sent: std::collections::HashMap<u64, f64> = plain.iter().copied().collect();
+    let (Some(&(t0, _)), false) = (processor.first(), processor.is_empty()) else {
+        return p99;
+    };
+    let mut added: Vec<f64> = processor
+        .iter()
+        .filter_map(|(sent, ms)| by_sent.get(sent).map(|p| ms - p))
+        .collect();
+    let mut slowest: Vec<(u64, f64)> = processor.to_vec();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    slowest.truncate((processor.len() / 100).max(1));
+    let line: Vec<String> = slowest
+        .iter()
+        .map(|(sent, ms)| {
+            let at = sent.saturating_sub(t0) as f64 / 1e3;
+            match by_sent.get(sent) {
+                Some(p) => format!("{at:.0}ms:{ms:.1}/{p:.1}"),
+                None => format!("{at:.0}ms:{ms:.1}/-"),
+            }
+        })
+        .collect();
+    if !added.is_empty() {
+        added.sort_by(f64::total_cmp);
+        eprintln!(
+            "  {name}: processor minus plain consumer, same records: p50/p99/max {:.2}/{:.2}/{:.2} ms",
+            percentile(&added, 50.0),
+            percentile(&added, 99.0),
+            added[added.len() - 1]
+        );
+    }
+    eprintln!(
+        "  {name}: slowest 1 % (sent at, after the first measured record: processor/plain ms): {}",
+        line.join(" ")
+    );
+    p99
 }
 
 /// Sends `rate` records/s for `secs` to `hi` (each carrying its send time), after letting
@@ -426,7 +541,7 @@ async fn drive_high_lane(
     rate: u32,
     secs: f64,
     probe: bool,
-) -> Result<(u64, Option<Vec<f64>>)> {
+) -> Result<(u64, Option<Vec<(u64, f64)>>)> {
     let client = Client::connect(addr).await?;
     let probe = if probe {
         let mut consumer = client.consumer(ConsumerConfig::default());
@@ -442,7 +557,7 @@ async fn drive_high_lane(
                     .and_then(|s| s.split('|').next())
                     .and_then(|s| s.parse::<u64>().ok())
                 {
-                    l.push(now_us().saturating_sub(sent) as f64 / 1000.0);
+                    l.push((sent, now_us().saturating_sub(sent) as f64 / 1000.0));
                 }
             }
             l
@@ -577,20 +692,31 @@ fn busy() -> String {
         .unwrap_or_default()
 }
 
+#[derive(Clone, Default)]
+struct LaneSamples {
+    idle_p50: Vec<f64>,
+    idle_p99: Vec<f64>,
+    busy_p50: Vec<f64>,
+    busy_p99: Vec<f64>,
+    ratio: Vec<f64>,
+    plain_idle_p99: Vec<f64>,
+    plain_busy_p99: Vec<f64>,
+}
+
 #[derive(Default)]
 struct Samples {
-    eos: Vec<f64>,
+    /// Per `--eos-variants` variant (just `base` without it): eos records/s and eos ÷ alo.
+    variants: Vec<String>,
+    eos: Vec<Vec<f64>>,
+    ratio: Vec<Vec<f64>>,
     alo: Vec<f64>,
-    ratio: Vec<f64>,
     state: Vec<f64>,
     restart: Vec<f64>,
     restore_secs: Vec<f64>,
     restore_mbs: Vec<f64>,
-    lane_idle_p50: Vec<f64>,
-    lane_idle_p99: Vec<f64>,
-    lane_busy_p50: Vec<f64>,
-    lane_busy_p99: Vec<f64>,
-    lane_ratio: Vec<f64>,
+    /// Per `--lanes-variants` variant.
+    lane_variants: Vec<String>,
+    lanes: Vec<LaneSamples>,
     throttle: Vec<f64>,
     throttle_err: Vec<f64>,
     rss: Vec<f64>,
@@ -609,6 +735,17 @@ fn main() -> Result<()> {
         flag_value(&args, "--lane-records").unwrap_or(if quick { 200_000 } else { 4_000_000 });
     let throttle_rate: u32 = flag_value(&args, "--throttle").unwrap_or(10_000);
     let only: Option<String> = flag_value(&args, "--only");
+    let variants: Vec<String> = flag_value::<String>(&args, "--eos-variants").map_or_else(
+        || vec!["base".to_owned()],
+        |v| v.split(',').map(str::to_owned).collect(),
+    );
+    let lane_variants: Vec<String> = flag_value::<String>(&args, "--lanes-variants").map_or_else(
+        || vec!["base".to_owned()],
+        |v| v.split(',').map(str::to_owned).collect(),
+    );
+    for v in variants.iter().chain(&lane_variants) {
+        apply_variant(&mut RuntimeConfig::new("check", ["check"]), v)?;
+    }
     let want = |case: &str| {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|c| c == case))
@@ -636,7 +773,14 @@ fn main() -> Result<()> {
         bin.display(),
         busy()
     );
-    let mut s = Samples::default();
+    let mut s = Samples {
+        eos: vec![Vec::new(); variants.len()],
+        ratio: vec![Vec::new(); variants.len()],
+        variants: variants.clone(),
+        lanes: vec![LaneSamples::default(); lane_variants.len()],
+        lane_variants: lane_variants.clone(),
+        ..Samples::default()
+    };
     for rep in 0..reps {
         let dir = tempfile::Builder::new()
             .prefix("spool-processor-bench")
@@ -664,40 +808,65 @@ fn main() -> Result<()> {
             }
             anyhow::Ok(())
         })?;
-        // eos and alo alternate which goes first.
-        let order: [&str; 2] = if rep % 2 == 0 {
-            ["eos", "alo"]
-        } else {
-            ["alo", "eos"]
-        };
-        let (mut eos, mut alo) = (None, None);
+        // alo and each eos variant, in an order rotated by one each rep (with one variant:
+        // eos and alo alternate which goes first).
+        let mut order: Vec<Option<usize>> = (0..variants.len()).map(Some).collect();
+        order.push(None);
+        let k = order.len();
+        order.rotate_left(rep % k);
+        let mut eos = vec![None; variants.len()];
+        let mut alo = None;
         for case in order {
-            if !want(case) {
+            let (what, label) = match case {
+                Some(v) => ("eos", variants[v].as_str()),
+                None => ("alo", ""),
+            };
+            if !want(what) {
                 continue;
             }
-            let name = format!("{case}-{rep}");
+            let name = match case {
+                Some(v) if variants.len() > 1 => format!("eos-{rep}-{v}"),
+                _ => format!("{what}-{rep}"),
+            };
             let r = rt.block_on(async {
-                if case == "eos" {
-                    pass_through(&addr, &input, partitions, n, &name, false, dir.path()).await
-                } else {
-                    at_least_once(&addr, &input, partitions, n, &name).await
+                match case {
+                    Some(_) => {
+                        pass_through(
+                            &addr,
+                            &input,
+                            partitions,
+                            n,
+                            &name,
+                            false,
+                            dir.path(),
+                            label,
+                        )
+                        .await
+                    }
+                    None => at_least_once(&addr, &input, partitions, n, &name).await,
                 }
             })?;
-            eprintln!("rep {rep}: {case} {r:.0} records/s (loadavg {})", busy());
-            if case == "eos" {
-                eos = Some(r);
+            let shown = if variants.len() > 1 {
+                format!("{what} {label}")
             } else {
-                alo = Some(r);
+                what.to_owned()
+            };
+            eprintln!("rep {rep}: {shown} {r:.0} records/s (loadavg {})", busy());
+            match case {
+                Some(v) => eos[v] = Some(r),
+                None => alo = Some(r),
             }
-        }
-        if let Some(e) = eos {
-            s.eos.push(e);
         }
         if let Some(a) = alo {
             s.alo.push(a);
         }
-        if let (Some(e), Some(a)) = (eos, alo) {
-            s.ratio.push(e / a);
+        for (v, e) in eos.into_iter().enumerate() {
+            if let Some(e) = e {
+                s.eos[v].push(e);
+                if let Some(a) = alo {
+                    s.ratio[v].push(e / a);
+                }
+            }
         }
         let name = format!("state-{rep}");
         if want("state") {
@@ -709,6 +878,7 @@ fn main() -> Result<()> {
                 &name,
                 true,
                 dir.path(),
+                "base",
             ))?;
             eprintln!("rep {rep}: state {r:.0} records/s (loadavg {})", busy());
             s.state.push(r);
@@ -731,39 +901,61 @@ fn main() -> Result<()> {
             s.restore_mbs.push(mbs);
         }
         if want("lanes") {
-            let (idle, _) = rt.block_on(lanes(
-                &addr,
-                &idle_topic,
-                &format!("lanes-idle-{rep}"),
-                lane_rate,
-                lane_secs,
-                dir.path(),
-            ))?;
-            let (busy_l, lag) = rt.block_on(lanes(
-                &addr,
-                &low_topic,
-                &format!("lanes-busy-{rep}"),
-                lane_rate,
-                lane_secs,
-                dir.path(),
-            ))?;
-            let (i50, i99) = (percentile(&idle, 50.0), percentile(&idle, 99.0));
-            let (b50, b99) = (percentile(&busy_l, 50.0), percentile(&busy_l, 99.0));
-            eprintln!(
-                "rep {rep}: high lane p50/p99 {i50:.2}/{i99:.2} ms with the low lane idle, {b50:.2}/{b99:.2} ms saturated ({} left in it); ratio of p99s {:.2}",
-                lag,
-                b99 / i99
-            );
-            if lag == 0 {
-                eprintln!(
-                    "rep {rep}: INVALID lanes measurement: the low lane ran dry during the saturated phase (use more --lane-records); left out of the medians"
+            let mut order: Vec<usize> = (0..lane_variants.len()).collect();
+            order.rotate_left(rep % lane_variants.len());
+            for v in order {
+                let label = lane_variants[v].as_str();
+                let tag = if lane_variants.len() > 1 {
+                    format!("{rep}-{v}")
+                } else {
+                    format!("{rep}")
+                };
+                let idle = rt.block_on(lanes(
+                    &addr,
+                    &idle_topic,
+                    &format!("lanes-idle-{tag}"),
+                    lane_rate,
+                    lane_secs,
+                    dir.path(),
+                    label,
+                ))?;
+                let saturated = rt.block_on(lanes(
+                    &addr,
+                    &low_topic,
+                    &format!("lanes-busy-{tag}"),
+                    lane_rate,
+                    lane_secs,
+                    dir.path(),
+                    label,
+                ))?;
+                let lag = saturated.lo_lag;
+                let (i50, i99) = (
+                    percentile(&idle.latencies, 50.0),
+                    percentile(&idle.latencies, 99.0),
                 );
-            } else {
-                s.lane_idle_p50.push(i50);
-                s.lane_idle_p99.push(i99);
-                s.lane_busy_p50.push(b50);
-                s.lane_busy_p99.push(b99);
-                s.lane_ratio.push(b99 / i99);
+                let (b50, b99) = (
+                    percentile(&saturated.latencies, 50.0),
+                    percentile(&saturated.latencies, 99.0),
+                );
+                eprintln!(
+                    "rep {rep}: [{label}] high lane p50/p99 {i50:.2}/{i99:.2} ms with the low lane idle, {b50:.2}/{b99:.2} ms saturated ({} left in it); ratio of p99s {:.2}",
+                    lag,
+                    b99 / i99
+                );
+                if lag == 0 {
+                    eprintln!(
+                        "rep {rep}: [{label}] INVALID lanes measurement: the low lane ran dry during the saturated phase (use more --lane-records); left out of the medians"
+                    );
+                } else {
+                    let l = &mut s.lanes[v];
+                    l.idle_p50.push(i50);
+                    l.idle_p99.push(i99);
+                    l.busy_p50.push(b50);
+                    l.busy_p99.push(b99);
+                    l.ratio.push(b99 / i99);
+                    l.plain_idle_p99.extend(idle.plain_p99);
+                    l.plain_busy_p99.extend(saturated.plain_p99);
+                }
             }
         }
         if want("throttle") {
@@ -816,21 +1008,32 @@ fn report(s: &Samples, throttle_rate: u32) {
             st.max()
         );
     };
-    row(
-        "stateless pass-through, exactly once",
-        &s.eos,
-        "records/s",
-        ">= 200 000",
-        Some(|x| x >= 200_000.0),
-    );
+    let named = |what: &str, v: usize| {
+        if s.variants.len() > 1 {
+            format!("{what} [{}]", s.variants[v])
+        } else {
+            what.to_owned()
+        }
+    };
+    for v in 0..s.variants.len() {
+        row(
+            &named("stateless pass-through, exactly once", v),
+            &s.eos[v],
+            "records/s",
+            ">= 200 000",
+            Some(|x| x >= 200_000.0),
+        );
+    }
     row("same loop, at least once", &s.alo, "records/s", "-", None);
-    row(
-        "ratio exactly once / at least once (per rep)",
-        &s.ratio,
-        "×",
-        ">= 0.60",
-        Some(|x| x >= 0.6),
-    );
+    for v in 0..s.variants.len() {
+        row(
+            &named("ratio exactly once / at least once (per rep)", v),
+            &s.ratio[v],
+            "×",
+            ">= 0.60",
+            Some(|x| x >= 0.6),
+        );
+    }
     row(
         "one state-store update per record",
         &s.state,
@@ -859,41 +1062,64 @@ fn report(s: &Samples, throttle_rate: u32) {
         ">= 100",
         Some(|x| x >= 100.0),
     );
-    row(
-        "high lane p50, low lane idle",
-        &s.lane_idle_p50,
-        "ms",
-        "-",
-        None,
-    );
-    row(
-        "high lane p99, low lane idle",
-        &s.lane_idle_p99,
-        "ms",
-        "-",
-        None,
-    );
-    row(
-        "high lane p50, low lane saturated",
-        &s.lane_busy_p50,
-        "ms",
-        "-",
-        None,
-    );
-    row(
-        "high lane p99, low lane saturated",
-        &s.lane_busy_p99,
-        "ms",
-        "-",
-        None,
-    );
-    row(
-        "ratio of high-lane p99s saturated / idle (per rep)",
-        &s.lane_ratio,
-        "×",
-        "<= 2",
-        Some(|x| x <= 2.0),
-    );
+    for (v, l) in s.lanes.iter().enumerate() {
+        let named = |what: &str| {
+            if s.lane_variants.len() > 1 {
+                format!("{what} [{}]", s.lane_variants[v])
+            } else {
+                what.to_owned()
+            }
+        };
+        row(
+            &named("high lane p50, low lane idle"),
+            &l.idle_p50,
+            "ms",
+            "-",
+            None,
+        );
+        row(
+            &named("high lane p99, low lane idle"),
+            &l.idle_p99,
+            "ms",
+            "-",
+            None,
+        );
+        row(
+            &named("high lane p50, low lane saturated"),
+            &l.busy_p50,
+            "ms",
+            "-",
+            None,
+        );
+        row(
+            &named("high lane p99, low lane saturated"),
+            &l.busy_p99,
+            "ms",
+            "-",
+            None,
+        );
+        row(
+            &named("a plain consumer's p99 of the high lane, low lane idle"),
+            &l.plain_idle_p99,
+            "ms",
+            "-",
+            None,
+        );
+        row(
+            &named("a plain consumer's p99 of the high lane, low lane saturated"),
+            &l.plain_busy_p99,
+            "ms",
+            "-",
+            None,
+        );
+        row(
+            &named("ratio of high-lane p99s saturated / idle (per rep)"),
+            &l.ratio,
+            "×",
+            "<= 2",
+            Some(|x| x <= 2.0),
+        );
+    }
     row(
         &format!("throttle at {throttle_rate}/s, 10 s window"),
         &s.throttle,

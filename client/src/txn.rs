@@ -30,11 +30,13 @@
 //!   epoch), or another instance took over the transactional id (`abort` is refused too).
 //! - Memory: at most `batch_bytes` buffered per partition; a full batch is sent at once.
 //!   With `write_behind` it is written in the background while the caller goes on
-//!   buffering: one such write at a time (so a partition's batches reach the broker in
-//!   sequence order); the next full batch, `flush`, `commit` and `abort` wait for it first,
-//!   and its failure fails the transaction there.
+//!   buffering: at most `max_writes_in_flight` such writes at a time, and at most one per
+//!   partition (so a partition's batches reach the broker in sequence order): a full batch
+//!   waits for its partition's write in flight and, at the bound, for the oldest write;
+//!   `flush`, `commit` and `abort` wait for all of them first, and a failure fails the
+//!   transaction there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -76,6 +78,11 @@ pub struct TransactionalConfig {
     /// broker acknowledged it, and its failure fails the next full batch, `flush` or
     /// `commit` instead. For loops that go on producing meanwhile (the processor runtime).
     pub write_behind: bool,
+    /// With `write_behind`: full batches written at once, each of a different partition
+    /// (default 1). Each write waits for the broker's durable append (an fsync under
+    /// `fsync = always`), so with one at a time a loop that fills batches faster than that
+    /// waits for every write in turn; the plain producer keeps up to 5 requests in flight.
+    pub max_writes_in_flight: usize,
 }
 
 impl TransactionalConfig {
@@ -89,6 +96,7 @@ impl TransactionalConfig {
             max_attempts: 5,
             backoff: Backoff::default(),
             write_behind: false,
+            max_writes_in_flight: 1,
         }
     }
 }
@@ -123,8 +131,9 @@ pub struct TransactionalProducer {
     written: BTreeMap<(String, u32), u64>,
     /// The same for the last committed transaction.
     committed_ends: BTreeMap<(String, u32), u64>,
-    /// The full batch being written in the background, if any.
-    in_flight: Option<tokio::task::JoinHandle<Result<Written>>>,
+    /// Full batches being written in the background, oldest first, with their partition (at
+    /// most `max_writes_in_flight`, at most one per partition).
+    in_flight: VecDeque<((String, u32), Writing)>,
     /// Offsets of the open transaction, by group, sent with its commit.
     offsets: Vec<TxnOffsets>,
     /// False once the broker answered CommitTxn with UNIMPLEMENTED (an older broker): the
@@ -142,6 +151,9 @@ fn header_view(h: &crate::types::Header) -> (&str, Option<&[u8]>) {
 /// Per partition, the offset after the last record a write appended.
 type Written = Vec<((String, u32), u64)>;
 
+/// A full batch being written in the background.
+type Writing = tokio::task::JoinHandle<Result<Written>>;
+
 impl TransactionalProducer {
     /// Registers the transactional id with the broker (fencing older instances and aborting
     /// what they left open).
@@ -158,7 +170,7 @@ impl TransactionalProducer {
             partition_counts: HashMap::new(),
             written: BTreeMap::new(),
             committed_ends: BTreeMap::new(),
-            in_flight: None,
+            in_flight: VecDeque::new(),
             offsets: Vec::new(),
             commit_txn: true,
         })
@@ -249,7 +261,7 @@ impl TransactionalProducer {
         if full {
             let batch = self.take_batch(topic, partition)?;
             if let Some(batch) = batch {
-                if let Err(e) = self.settle_in_flight().await {
+                if let Err(e) = self.make_room(topic, partition).await {
                     self.phase = Phase::MustAbort;
                     return Err(e);
                 }
@@ -258,7 +270,8 @@ impl TransactionalProducer {
                 let write =
                     async move { write_batches(&client, attempts, &backoff, vec![batch]).await };
                 if self.cfg.write_behind {
-                    self.in_flight = Some(tokio::spawn(write));
+                    self.in_flight
+                        .push_back(((topic.to_owned(), partition), tokio::spawn(write)));
                 } else {
                     match write.await {
                         Ok(written) => self.note_written(written),
@@ -273,9 +286,27 @@ impl TransactionalProducer {
         Ok(())
     }
 
-    /// Waits for the background write, if any, and notes where it ended.
-    async fn settle_in_flight(&mut self) -> Result<()> {
-        let Some(h) = self.in_flight.take() else {
+    /// Before a background write of `topic`/`partition`: waits for that partition's write in
+    /// flight (and the older ones), then for the oldest while `max_writes_in_flight` are.
+    async fn make_room(&mut self, topic: &str, partition: u32) -> Result<()> {
+        if let Some(i) = self
+            .in_flight
+            .iter()
+            .position(|((t, p), _)| t == topic && *p == partition)
+        {
+            for _ in 0..=i {
+                self.settle_oldest().await?;
+            }
+        }
+        while self.in_flight.len() >= self.cfg.max_writes_in_flight.max(1) {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest background write, if any, and notes where it ended.
+    async fn settle_oldest(&mut self) -> Result<()> {
+        let Some((_, h)) = self.in_flight.pop_front() else {
             return Ok(());
         };
         let written = h
@@ -283,6 +314,20 @@ impl TransactionalProducer {
             .map_err(|e| Error::Protocol(format!("batch writer: {e}")))??;
         self.note_written(written);
         Ok(())
+    }
+
+    /// Waits for every background write and notes where they ended (the first failure is
+    /// returned; the writes after it are still waited for).
+    async fn settle_in_flight(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        while !self.in_flight.is_empty() {
+            if let Err(e) = self.settle_oldest().await
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
     }
 
     fn note_written(&mut self, written: Written) {
@@ -404,7 +449,7 @@ impl TransactionalProducer {
             return Ok(());
         }
         // Its outcome does not matter (the transaction aborts), only that it is over.
-        if let Some(h) = self.in_flight.take() {
+        for (_, h) in self.in_flight.drain(..) {
             let _ = h.await;
         }
         for buf in self.parts.values_mut().flat_map(BTreeMap::values_mut) {

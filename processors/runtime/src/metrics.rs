@@ -21,6 +21,7 @@
 //! | `spool_processor_parked_records` | gauge (records set aside for partitions held back: restoring, or holding a record) | |
 //! | `spool_processor_stream_resets_total` | counter (input streams reopened: pauses, resumes, seeks, rebalances) | |
 //! | `spool_processor_refetched_records_total` | counter (fetched records those resets dropped, read again) | |
+//! | `spool_processor_loop_wait_seconds` | histogram (the processing loop waiting instead of handling records: `commit` = for the commit in flight, `output` = a full output batch for the previous background write, `local` = the local stores' applies and fsyncs) | on |
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +46,22 @@ pub(crate) struct TopicLabel {
 pub(crate) struct PartitionLabel {
     pub(crate) topic: String,
     pub(crate) partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct WaitLabel {
+    pub(crate) on: &'static str,
+}
+
+/// What the processing loop waited for ([`Metrics`]'s `loop_wait_seconds`).
+#[derive(Clone, Debug)]
+pub(crate) struct LoopWaits {
+    /// The commit in flight (a due transaction, a membership change, a stop).
+    pub(crate) commit: Histogram,
+    /// Sending outputs: a full batch waits for the previous background write.
+    pub(crate) output: Histogram,
+    /// The local stores: batched applies of committed writes, and their fsyncs.
+    pub(crate) local: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +90,7 @@ pub struct Metrics {
     pub(crate) parked: Gauge,
     pub(crate) stream_resets: Counter,
     pub(crate) refetched: Counter,
+    pub(crate) waits: LoopWaits,
     /// Health: in the group with every owned partition restored.
     pub(crate) ready: AtomicBool,
     /// Records processed (for progress and rate).
@@ -92,6 +110,14 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
+        let wait_family: Family<WaitLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_01, 4.0, 12)));
+        let wait = |on| wait_family.get_or_create(&WaitLabel { on }).clone();
+        let waits = LoopWaits {
+            commit: wait("commit"),
+            output: wait("output"),
+            local: wait("local"),
+        };
         let m = Metrics {
             records_in: Family::default(),
             records_out: Family::default(),
@@ -110,6 +136,7 @@ impl Metrics {
             parked: Gauge::default(),
             stream_resets: Counter::default(),
             refetched: Counter::default(),
+            waits,
             ready: AtomicBool::new(false),
             done: AtomicU64::new(0),
             last_alive_ms: AtomicU64::new(0),
@@ -201,6 +228,11 @@ impl Metrics {
             format!("{p}_refetched_records"),
             "Fetched input records dropped by stream resets (read again)",
             m.refetched.clone(),
+        );
+        registry.register(
+            format!("{p}_loop_wait_seconds"),
+            "Time the processing loop waited instead of handling records, by what it waited for",
+            wait_family,
         );
         Metrics { registry, ..m }
     }

@@ -140,6 +140,21 @@ pub struct RuntimeConfig {
     /// writes read on top of the committing ones. False: the loop waits for each commit, as
     /// before (a record arriving during a commit then waits for it).
     pub overlap_commits: bool,
+    /// The longest the loop handles buffered input without returning to tokio (default
+    /// 1 ms; see [`Session::yield_if_busy`] for why it must). With overlapping commits it also
+    /// returns to tokio right after spawning a commit. `None`: never (a measuring knob only:
+    /// a loop fed from a full buffer then keeps the commit task and the connection's
+    /// heartbeats waiting, which stalls the group).
+    pub yield_every: Option<Duration>,
+    /// How the loop returns to tokio: by waking itself (true: it goes to the back of its
+    /// worker's run queue, after the task in the LIFO slot, without waiting for the I/O
+    /// driver) or with `tokio::task::yield_now` (false, default: tokio defers the wake until
+    /// the worker ran out of tasks and polled the I/O driver).
+    pub yield_wakes: bool,
+    /// Full output batches (1 MiB) the transactional producer writes at once in the
+    /// background, each of a different partition (default 1): see
+    /// `TransactionalConfig::max_writes_in_flight`.
+    pub output_writes_in_flight: usize,
     /// SQLite page cache per task (default 8 MiB).
     pub cache_bytes: usize,
     /// Committed state writes held per task before they are applied to its local store in
@@ -214,6 +229,9 @@ impl RuntimeConfig {
             commit_max_records: 100_000,
             max_txn_bytes: 32 << 20,
             overlap_commits: true,
+            yield_every: Some(YIELD_EVERY),
+            yield_wakes: false,
+            output_writes_in_flight: 1,
             cache_bytes: 8 << 20,
             apply_bytes: 16 << 20,
             read_cache_bytes: 16 << 20,
@@ -583,6 +601,8 @@ struct Session<'c> {
 /// group's heartbeats) go to its worker's LIFO slot, which no other worker may steal, and
 /// wait there; the commit then never ends and the membership expires.
 const YIELD_EVERY: Duration = Duration::from_millis(1);
+/// A send of outputs that took this long counts as a wait (`loop_wait_seconds{on="output"}`).
+const OUTPUT_WAIT_MIN: Duration = Duration::from_micros(50);
 /// How often a record waiting for its task's tables looks again.
 const TABLE_POLL: Duration = Duration::from_millis(5);
 /// A record stops waiting for tables that did not move for this long (an operator paused
@@ -600,6 +620,7 @@ impl<'c> Session<'c> {
         // Full output batches are written while the handler goes on (their failure aborts
         // the transaction at the next batch or the commit).
         tcfg.write_behind = true;
+        tcfg.max_writes_in_flight = cfg.output_writes_in_flight.max(1);
         // First fence the previous incarnation (aborting what it left open), then join.
         let tx = TransactionalProducer::new(client.clone(), tcfg).await?;
         // Operators' pauses apply before the first record.
@@ -794,12 +815,23 @@ impl<'c> Session<'c> {
     }
 
     /// Lets the worker thread run other tasks when the loop has not waited for anything for
-    /// [`YIELD_EVERY`] (see there why).
+    /// [`RuntimeConfig::yield_every`] ([`YIELD_EVERY`]: see there why).
     async fn yield_if_busy(&mut self) {
-        if self.last_yield.elapsed() >= YIELD_EVERY {
-            tokio::task::yield_now().await;
-            self.last_yield = Instant::now();
+        if let Some(every) = self.cfg.yield_every
+            && self.last_yield.elapsed() >= every
+        {
+            self.yield_now().await;
         }
+    }
+
+    /// Returns to tokio once ([`RuntimeConfig::yield_wakes`]).
+    async fn yield_now(&mut self) {
+        if self.cfg.yield_wakes {
+            WakeYield(false).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+        self.last_yield = Instant::now();
     }
 
     fn commit_due(&self) -> bool {
@@ -864,6 +896,10 @@ impl<'c> Session<'c> {
     }
 
     async fn send_now(&mut self, emits: Vec<Emit>) -> Result<(), spool_client::Error> {
+        if emits.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
         let tx = self.tx.as_mut().expect("no commit in flight when sending");
         for e in emits {
             let topic: Cow<'_, str> = if self.cfg.output_prefix.is_empty() {
@@ -876,6 +912,12 @@ impl<'c> Session<'c> {
                 Some(p) => tx.send(&topic, p, e.record).await?,
                 None => tx.send_keyed(&topic, e.record).await?,
             }
+        }
+        // Only the sends that waited (for the previous background write of a full batch):
+        // observing every record's send would cost more than the send.
+        let took = started.elapsed();
+        if took >= OUTPUT_WAIT_MIN {
+            self.metrics.waits.output.observe(took.as_secs_f64());
         }
         Ok(())
     }
@@ -1547,12 +1589,17 @@ impl<'c> Session<'c> {
     }
 
     fn make_durable(&mut self) -> Result<(), RuntimeError> {
+        let started = Instant::now();
         for t in self.tasks.values_mut() {
             t.state
                 .flush(true)
                 .map_err(|e| RuntimeError::Fatal(e.to_string()))?;
         }
         self.last_durable = Instant::now();
+        self.metrics
+            .waits
+            .local
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -1634,10 +1681,11 @@ impl<'c> Session<'c> {
         }
         self.start_commit();
         if self.cfg.overlap_commits {
-            // The commit task was spawned into this worker's LIFO slot: run it now, before
-            // the next record ([`YIELD_EVERY`]).
-            tokio::task::yield_now().await;
-            self.last_yield = Instant::now();
+            if self.cfg.yield_every.is_some() {
+                // The commit task was spawned into this worker's LIFO slot: run it now,
+                // before the next record ([`YIELD_EVERY`]).
+                self.yield_now().await;
+            }
         } else {
             self.settle().await?;
         }
@@ -1719,7 +1767,12 @@ impl<'c> Session<'c> {
         if self.committing.is_none() {
             return Ok(());
         }
+        let waited = Instant::now();
         let joined = join_commit(&mut self.committing).await;
+        self.metrics
+            .waits
+            .commit
+            .observe(waited.elapsed().as_secs_f64());
         let c = self.committing.take().expect("joined");
         self.committed_in_background(c, joined).await
     }
@@ -1774,9 +1827,14 @@ impl<'c> Session<'c> {
             if let Some(task) = self.tasks.get_mut(p) {
                 task.state.commit_done(end);
                 if task.state.unapplied_bytes() >= self.cfg.apply_bytes {
+                    let started = Instant::now();
                     task.state
                         .flush(false)
                         .map_err(|e| RuntimeError::Fatal(e.to_string()))?;
+                    self.metrics
+                        .waits
+                        .local
+                        .observe(started.elapsed().as_secs_f64());
                 }
             }
         }
@@ -2019,6 +2077,26 @@ async fn join_commit(c: &mut Option<Committing>) -> Joined {
     match c {
         Some(c) => (&mut c.handle).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Pending once, having woken its task: tokio schedules a task that woke itself while it
+/// ran as a yield (to the back of its worker's run queue; the LIFO slot's task runs first).
+struct WakeYield(bool);
+
+impl Future for WakeYield {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
 

@@ -586,6 +586,10 @@ pub(crate) struct TaskState {
     committed_bytes: usize,
     /// The changelog position `committed` brings the local store to.
     committed_position: Option<u64>,
+    /// An apply that was not fsynced ran since the last one that was (or since the store
+    /// was opened, which found it durable): a durable [`TaskState::flush`] with nothing to
+    /// apply has to fsync only then.
+    undurable: bool,
     /// Writes of the transaction being committed in the background (last value per key):
     /// a read layer between `committed` and `txn` until the commit's outcome is known
     /// ([`TaskState::begin_commit`], [`TaskState::commit_done`]).
@@ -628,6 +632,7 @@ impl TaskState {
             committed: Writes::new(),
             committed_bytes: 0,
             committed_position: None,
+            undurable: false,
             committing: Writes::new(),
             txn: Writes::new(),
             txn_bytes: 0,
@@ -734,9 +739,19 @@ impl TaskState {
     /// Applies the committed writes to the local store in one local transaction, with the
     /// changelog position they bring it to; `durable`: fsynced (else a process crash keeps
     /// it and a power loss may take it, which the changelog's tail restores).
+    /// Nothing to apply and (for `durable`) nothing applied since the last fsync: no
+    /// local transaction at all (a stateless processor's stores are never written, and
+    /// their fsync every `durable_interval` stalled its loop for nothing).
     pub(crate) fn flush(&mut self, durable: bool) -> Result<(), StateError> {
+        if self.committed.is_empty()
+            && self.committed_position.is_none()
+            && (!durable || !self.undurable)
+        {
+            return Ok(());
+        }
         let position = self.position();
         self.backend.apply(&self.committed, position, durable)?;
+        self.undurable = !durable;
         self.committed.clear();
         self.committed_bytes = 0;
         self.committed_position = None;
