@@ -55,8 +55,8 @@
 //! alo reported on its own row (an A/B of runtime settings in one binary, one run). A
 //! variant is `base` (the defaults and flags) or `+`-joined settings: `noyield` (the
 //! runtime's `yield_every` off), `yield<N>us` (`yield_every` = N µs), `sync` (overlapping
-//! commits off), `overlap` (on), `writes<N>` (the runtime's `output_writes_in_flight`),
-//! `wake` / `defer` (the runtime's `yield_wakes` on / off). `--lanes-variants a,b,...` runs
+//! commits off), `overlap` (on), `writes<N>` (the runtime's `output_writes_in_flight`).
+//! `--lanes-variants a,b,...` runs
 //! the lanes case (both phases) once per variant in every rep, in an order rotated each rep.
 
 use std::path::{Path, PathBuf};
@@ -207,8 +207,6 @@ fn apply_variant(c: &mut RuntimeConfig, variant: &str) -> Result<()> {
         match part {
             "base" | "" => {}
             "noyield" => c.yield_every = None,
-            "wake" => c.yield_wakes = true,
-            "defer" => c.yield_wakes = false,
             "sync" => c.overlap_commits = false,
             "overlap" => c.overlap_commits = true,
             p if p.starts_with("writes") => {
@@ -223,7 +221,7 @@ fn apply_variant(c: &mut RuntimeConfig, variant: &str) -> Result<()> {
                 c.yield_every = Some(Duration::from_micros(us));
             }
             p => bail!(
-                "unknown variant part {p:?} (base, noyield, yield<N>us, wake, defer, sync, overlap, writes<N>)"
+                "unknown variant part {p:?} (base, noyield, yield<N>us, sync, overlap, writes<N>)"
             ),
         }
     }

@@ -177,6 +177,9 @@ pub struct CommitConfig {
     /// Go on handling records while a transaction commits (default true); false: wait for
     /// every commit ([`RuntimeConfig::overlap_commits`]).
     pub overlap: bool,
+    /// Full 1 MiB output batches written at once, each of a different partition (default 4;
+    /// [`RuntimeConfig::output_writes_in_flight`]).
+    pub writes_in_flight: usize,
 }
 
 /// Local state stores.
@@ -255,6 +258,7 @@ impl Default for CommitConfig {
             max_records: 100_000,
             max_txn_bytes: 32 << 20,
             overlap: true,
+            writes_in_flight: 4,
         }
     }
 }
@@ -348,9 +352,11 @@ impl ProcessorConfig {
         if self.commit.interval_ms == 0
             || self.commit.max_records == 0
             || self.commit.max_txn_bytes < 1024
+            || !(1..=64).contains(&self.commit.writes_in_flight)
         {
             return Err(ConfigError(
-                "commit: interval_ms and max_records > 0, max_txn_bytes >= 1024".into(),
+                "commit: interval_ms and max_records > 0, max_txn_bytes >= 1024, writes_in_flight 1..=64"
+                    .into(),
             ));
         }
         if self.state.cache_bytes < 64 << 10 || self.state.durable_interval_ms == 0 {
@@ -459,6 +465,7 @@ impl ProcessorConfig {
         r.commit_max_records = self.commit.max_records;
         r.max_txn_bytes = self.commit.max_txn_bytes;
         r.overlap_commits = self.commit.overlap;
+        r.output_writes_in_flight = self.commit.writes_in_flight.max(1);
         r.cache_bytes = self.state.cache_bytes;
         r.apply_bytes = self.state.apply_bytes;
         r.read_cache_bytes = self.state.read_cache_bytes;

@@ -146,14 +146,11 @@ pub struct RuntimeConfig {
     /// a loop fed from a full buffer then keeps the commit task and the connection's
     /// heartbeats waiting, which stalls the group).
     pub yield_every: Option<Duration>,
-    /// How the loop returns to tokio: by waking itself (true: it goes to the back of its
-    /// worker's run queue, after the task in the LIFO slot, without waiting for the I/O
-    /// driver) or with `tokio::task::yield_now` (false, default: tokio defers the wake until
-    /// the worker ran out of tasks and polled the I/O driver).
-    pub yield_wakes: bool,
     /// Full output batches (1 MiB) the transactional producer writes at once in the
-    /// background, each of a different partition (default 1): see
-    /// `TransactionalConfig::max_writes_in_flight`.
+    /// background, each of a different partition (default 4; 1 = one at a time, as before):
+    /// see `TransactionalConfig::max_writes_in_flight`. Each write waits for the broker's
+    /// durable append; with one at a time the loop waited for every previous write once its
+    /// next batch was full.
     pub output_writes_in_flight: usize,
     /// SQLite page cache per task (default 8 MiB).
     pub cache_bytes: usize,
@@ -230,8 +227,7 @@ impl RuntimeConfig {
             max_txn_bytes: 32 << 20,
             overlap_commits: true,
             yield_every: Some(YIELD_EVERY),
-            yield_wakes: false,
-            output_writes_in_flight: 1,
+            output_writes_in_flight: 4,
             cache_bytes: 8 << 20,
             apply_bytes: 16 << 20,
             read_cache_bytes: 16 << 20,
@@ -824,13 +820,11 @@ impl<'c> Session<'c> {
         }
     }
 
-    /// Returns to tokio once ([`RuntimeConfig::yield_wakes`]).
+    /// Returns to tokio once. (Waking itself instead, so that tokio requeues it behind the
+    /// LIFO slot's task without polling the I/O driver first, measured the same: see
+    /// `docs/benchmarks.md`, 2026-12-07 03:37.)
     async fn yield_now(&mut self) {
-        if self.cfg.yield_wakes {
-            WakeYield(false).await;
-        } else {
-            tokio::task::yield_now().await;
-        }
+        tokio::task::yield_now().await;
         self.last_yield = Instant::now();
     }
 
@@ -2077,26 +2071,6 @@ async fn join_commit(c: &mut Option<Committing>) -> Joined {
     match c {
         Some(c) => (&mut c.handle).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Pending once, having woken its task: tokio schedules a task that woke itself while it
-/// ran as a yield (to the back of its worker's run queue; the LIFO slot's task runs first).
-struct WakeYield(bool);
-
-impl Future for WakeYield {
-    type Output = ();
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
     }
 }
 
