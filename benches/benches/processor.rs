@@ -439,6 +439,7 @@ async fn lanes(
     // they would wait behind the processor's tasks, and their delay would count as the
     // processor's.
     let verbose = std::env::var_os("SPOOL_BENCH_VERBOSE").is_some();
+    let sched_before = thread_sched();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (addr2, hi2) = (addr.to_owned(), hi.clone());
     std::thread::spawn(move || {
@@ -450,6 +451,9 @@ async fn lanes(
         let _ = done_tx.send(r);
     });
     let (sent, probe) = done_rx.await.context("the high lane's driver thread")??;
+    if verbose {
+        print_sched(name, &sched_before, &thread_sched());
+    }
     // Let the last ones arrive.
     let deadline = Instant::now() + Duration::from_secs(10);
     while (latencies.lock().expect("not poisoned").len() as u64) < sent && Instant::now() < deadline
@@ -479,6 +483,59 @@ async fn lanes(
         lo_lag,
         plain_p99,
     })
+}
+
+/// Per thread of this process (by tid): its name, ns on a CPU and ns runnable but waiting
+/// for one (`/proc/self/task/*/schedstat`).
+fn thread_sched() -> std::collections::HashMap<u32, (String, u64, u64)> {
+    let mut m = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return m;
+    };
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+        let mut f = stat
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        let (cpu, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+        m.insert(tid, (comm.trim().to_owned(), cpu, wait));
+    }
+    m
+}
+
+/// Prints, per thread name, the CPU time and the time waiting for a CPU between two
+/// [`thread_sched`] snapshots (threads that existed in both).
+fn print_sched(
+    name: &str,
+    before: &std::collections::HashMap<u32, (String, u64, u64)>,
+    after: &std::collections::HashMap<u32, (String, u64, u64)>,
+) {
+    let mut by_name: std::collections::BTreeMap<String, (u64, u64, usize)> =
+        std::collections::BTreeMap::new();
+    for (tid, (comm, cpu, wait)) in after {
+        if let Some((_, cpu0, wait0)) = before.get(tid) {
+            let e = by_name.entry(comm.clone()).or_default();
+            e.0 += cpu.saturating_sub(*cpu0);
+            e.1 += wait.saturating_sub(*wait0);
+            e.2 += 1;
+        }
+    }
+    let line: Vec<String> = by_name
+        .iter()
+        .filter(|(_, (cpu, _, _))| *cpu > 1_000_000)
+        .map(|(n, (cpu, wait, k))| {
+            format!(
+                "{n} x{k}: on CPU {:.2} s, waiting for a CPU {:.2} s",
+                *cpu as f64 / 1e9,
+                *wait as f64 / 1e9
+            )
+        })
+        .collect();
+    eprintln!("  {name}: threads during the phase: {}", line.join("; "));
 }
 
 /// Prints what a plain consumer saw of the high lane's records beside the processor, and

@@ -34,6 +34,10 @@
 //! - The loop returns to tokio at least every [`YIELD_EVERY`] (1 ms) while it works through
 //!   buffered input, and right after spawning a commit: a task it spawns or wakes waits in
 //!   its worker's LIFO slot, which the other worker cannot steal, until it does.
+//! - Outputs reach the broker in full batches written in the background, at most
+//!   [`RuntimeConfig::output_writes_in_flight`] at once and one per partition (so each
+//!   partition's batches arrive in sequence order); every one is acknowledged before the
+//!   transaction's `EndTxn` (the producer's `commit` flushes and waits for them all).
 //! - A membership change is applied (and revocations acknowledged) only after the open
 //!   transaction committed or aborted (`GroupConfig::commit_on_revoke` is off: offsets move
 //!   only with transactions).
