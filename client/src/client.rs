@@ -794,15 +794,7 @@ impl Client {
                 producer_id: producer.0,
                 producer_epoch: i32::from(producer.1),
                 group: group.to_owned(),
-                offsets: offsets
-                    .iter()
-                    .map(|o| v1::OffsetCommit {
-                        topic: o.topic.clone(),
-                        partition: o.partition,
-                        offset: o.offset,
-                        metadata: o.metadata.clone(),
-                    })
-                    .collect(),
+                offsets: wire_offsets(offsets),
                 member_id: member.map(|m| m.0.to_owned()).unwrap_or_default(),
                 generation: member.map_or(0, |m| m.1),
             },
@@ -856,16 +848,7 @@ impl Client {
                     .iter()
                     .map(|g| v1::TxnGroupOffsets {
                         group: g.group.clone(),
-                        offsets: g
-                            .offsets
-                            .iter()
-                            .map(|o| v1::OffsetCommit {
-                                topic: o.topic.clone(),
-                                partition: o.partition,
-                                offset: o.offset,
-                                metadata: o.metadata.clone(),
-                            })
-                            .collect(),
+                        offsets: wire_offsets(&g.offsets),
                         member_id: g.member.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
                         generation: g.member.as_ref().map_or(0, |m| m.1),
                     })
@@ -1056,15 +1039,7 @@ impl Client {
         let req = self.request(
             v1::CommitOffsetsRequest {
                 group: group.to_owned(),
-                offsets: offsets
-                    .iter()
-                    .map(|c| v1::OffsetCommit {
-                        topic: c.topic.clone(),
-                        partition: c.partition,
-                        offset: c.offset,
-                        metadata: c.metadata.clone(),
-                    })
-                    .collect(),
+                offsets: wire_offsets(offsets),
                 member_id: member_id.to_owned(),
                 generation,
             },
@@ -1144,6 +1119,20 @@ impl Client {
             partitions_deleted: resp.partitions_deleted,
         })
     }
+}
+
+/// Offsets as the wire's `OffsetCommit`s (CommitOffsets, AddOffsetsToTxn and CommitTxn all
+/// carry them the same way).
+fn wire_offsets(offsets: &[OffsetCommit]) -> Vec<v1::OffsetCommit> {
+    offsets
+        .iter()
+        .map(|o| v1::OffsetCommit {
+            topic: o.topic.clone(),
+            partition: o.partition,
+            offset: o.offset,
+            metadata: o.metadata.clone(),
+        })
+        .collect()
 }
 
 /// A wire epoch as the batch header's i16.

@@ -510,16 +510,8 @@ impl Partition {
                 st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            st.syncing = true;
-            drop(st);
-            let res = self.sync_now();
-            st = lock(&self.commit);
-            st.syncing = false;
-            if let Ok(next) = res {
-                st.durable_next = st.durable_next.max(next);
-                self.durable.publish(st.durable_next);
-            }
-            self.commit_cv.notify_all();
+            let res;
+            (st, res) = self.sync_unlocked(st);
             res?;
         }
     }
@@ -571,16 +563,8 @@ impl Partition {
             }
             release(&mut st, next_in_line);
             next_in_line = false;
-            st.syncing = true;
-            drop(st);
-            let res = self.sync_now();
-            st = lock(&self.commit);
-            st.syncing = false;
-            if let Ok(next) = res {
-                st.durable_next = st.durable_next.max(next);
-                self.durable.publish(st.durable_next);
-            }
-            self.commit_cv.notify_all();
+            let res;
+            (st, res) = self.sync_unlocked(st);
             res?;
             if st.next_syncer {
                 // Someone waits to run the next sync: what was asked meanwhile is theirs.
@@ -654,6 +638,26 @@ impl Partition {
         let next = self.sync_now()?;
         self.advance_durable(next);
         Ok(next)
+    }
+
+    /// Runs one sync with the commit state unlocked and marked `syncing` meanwhile (so no
+    /// other caller starts one), then publishes the new durable end and wakes every waiter.
+    /// Returns the state locked again, and the sync's result.
+    fn sync_unlocked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, CommitState>,
+    ) -> (MutexGuard<'a, CommitState>, Result<()>) {
+        st.syncing = true;
+        drop(st);
+        let res = self.sync_now();
+        let mut st = lock(&self.commit);
+        st.syncing = false;
+        let res = res.map(|next| {
+            st.durable_next = st.durable_next.max(next);
+            self.durable.publish(st.durable_next);
+        });
+        self.commit_cv.notify_all();
+        (st, res)
     }
 
     fn sync_now(&self) -> Result<u64> {
