@@ -167,9 +167,19 @@ pub trait FileHandle: Send + Sync + fmt::Debug {
 /// (touching a mapped page past the file's end faults), and, as for [`FileHandle::map`], the
 /// engine never truncates or rewrites a range it has handed out. Bytes past the file's end
 /// are never exposed: only [`MapAhead::view`] gives access, and the whole map is private.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MapAhead {
     map: Bytes,
+}
+
+/// Prints the capacity only: `Bytes`' own `Debug` walks every byte, which would touch the
+/// pages past the file's end (SIGBUS) when a segment, partition or log is debug-printed.
+impl fmt::Debug for MapAhead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapAhead")
+            .field("capacity", &self.map.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl MapAhead {

@@ -241,3 +241,28 @@ impl AsRef<[u8]> for Owner {
         &self.mmap
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FileSystem, OpenMode};
+
+    /// A map ahead reaches past the file's end; debug-printing it must not read those pages
+    /// (a fault there is SIGBUS, which would kill this test process).
+    #[test]
+    fn debug_of_a_map_ahead_reads_nothing_past_the_file_end() {
+        let path = std::env::temp_dir().join(format!("spool-io-map-ahead-{}", std::process::id()));
+        let file = RealFs.open(&path, OpenMode::CreateTruncate).unwrap();
+        file.write_all_at(b"written", 0).unwrap();
+        let ahead = file
+            .map_ahead(1 << 20, Box::new(()))
+            .unwrap()
+            .expect("the real file system maps ahead");
+        assert_eq!(&ahead.view(7)[..], b"written");
+        let printed = format!("{ahead:?}");
+        assert!(printed.contains("capacity: 1048576"), "{printed}");
+        drop(ahead);
+        drop(file);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
