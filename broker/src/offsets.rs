@@ -264,15 +264,30 @@ impl OffsetStore {
         if offsets.is_empty() {
             return Ok(());
         }
+        let mut existing = Vec::with_capacity(offsets.len());
         for c in offsets {
-            if c.metadata.len() > MAX_METADATA {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "metadata over {MAX_METADATA} bytes"
-                )));
+            validate_commit(c)?;
+            match self.log.partition(&c.topic, c.partition) {
+                Ok(_) => existing.push(c.clone()),
+                // A decided transaction's commit (re-run after a restart) whose input was
+                // deleted since: nothing is left to resume there, and refusing would leave the
+                // transactional id stuck in its decision for good.
+                Err(
+                    spool_log_engine::Error::TopicNotFound(_)
+                    | spool_log_engine::Error::PartitionNotFound { .. },
+                ) if since.is_some() => {
+                    tracing::warn!(
+                        group,
+                        topic = %c.topic,
+                        partition = c.partition,
+                        "a decided commit's offset for a deleted partition is dropped"
+                    );
+                }
+                // The partition must exist: committing for a typo'd topic is a mistake to report.
+                Err(e) => return Err(e.into()),
             }
-            // The partition must exist: committing for a typo'd topic is a mistake to report.
-            self.log.partition(&c.topic, c.partition)?;
         }
+        let offsets = &existing[..];
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         fence()?;
@@ -489,6 +504,17 @@ impl OffsetStore {
     }
 }
 
+/// Refuses an offset commit the store would refuse when applying it: checked before a
+/// transaction records it, so a decided commit can always be applied.
+pub(crate) fn validate_commit(c: &v1::OffsetCommit) -> Result<(), BrokerError> {
+    if c.metadata.len() > MAX_METADATA {
+        return Err(BrokerError::InvalidRequest(format!(
+            "metadata over {MAX_METADATA} bytes"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn validate_group(group: &str) -> Result<(), BrokerError> {
     if group.is_empty() || group.len() > MAX_GROUP_NAME || group.chars().any(|c| c.is_control()) {
         return Err(BrokerError::InvalidRequest(format!(
@@ -529,6 +555,47 @@ mod tests {
             offset,
             metadata: String::new(),
         }
+    }
+
+    /// A decided transaction's commit re-run after one of its input topics was deleted
+    /// applies the rest and drops the deleted partition's offset (else the id would stay stuck
+    /// in its decision); a plain commit for a missing topic is still refused, and metadata
+    /// over the bound is refused by both.
+    #[test]
+    fn a_decided_commit_drops_offsets_of_deleted_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, s) = open(dir.path());
+        let gone = commit("deleted", 0, 9);
+        assert!(
+            s.commit("g", &[commit("a", 0, 1), gone.clone()], 1)
+                .is_err()
+        );
+        let mut beside_ran = false;
+        s.commit_decided(
+            "g",
+            &[commit("a", 0, 5), gone.clone()],
+            2,
+            Some(0),
+            &mut || {
+                beside_ran = true;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(
+            beside_ran,
+            "the markers' wait ran beside the offsets' fsync"
+        );
+        let got = s.fetch("g", &[]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].topic.as_str(), got[0].offset), ("a", Some(5)));
+        let mut big = commit("a", 1, 3);
+        big.metadata = "m".repeat(MAX_METADATA + 1);
+        assert!(validate_commit(&big).is_err());
+        assert!(
+            s.commit_decided("g", &[big], 3, Some(0), &mut || Ok(()))
+                .is_err()
+        );
     }
 
     #[test]

@@ -706,6 +706,7 @@ impl Transactions {
         let started = std::time::Instant::now();
         crate::offsets::validate_group(&req.group)?;
         for c in &req.offsets {
+            crate::offsets::validate_commit(c)?;
             self.log.partition(&c.topic, c.partition)?;
         }
         let entry = self.entry(&req.transactional_id)?;
@@ -773,6 +774,7 @@ impl Transactions {
         for g in &req.groups {
             crate::offsets::validate_group(&g.group)?;
             for c in &g.offsets {
+                crate::offsets::validate_commit(c)?;
                 self.log.partition(&c.topic, c.partition)?;
             }
         }

@@ -265,6 +265,73 @@ async fn commit_txn_carries_the_offsets_in_the_commit() {
     assert_eq!(committed().await, (Some(5), Some(15)));
 }
 
+/// Offsets the store would refuse (metadata over 4 KiB) are refused by CommitTxn and
+/// AddOffsetsToTxn before anything is recorded: no commit decision that could never be
+/// carried out, so the transactional id is not left stuck (before, such a decision was
+/// written, its markers made the output readable, its offsets were refused, and every later
+/// InitProducerId of the id failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_the_store_would_refuse_are_refused_before_the_decision() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", 1).await;
+    create(&c, "out", 1).await;
+    let at = |offset, metadata: String| OffsetCommit {
+        topic: "in".into(),
+        partition: 0,
+        offset,
+        metadata,
+    };
+    let committed = || async {
+        c.fetch_offsets("g", &[TopicPartition::new("in", 0)])
+            .await
+            .unwrap()[0]
+            .offset
+    };
+    let mut tx = TransactionalProducer::new(c.clone(), TransactionalConfig::new("big"))
+        .await
+        .unwrap();
+    tx.begin().unwrap();
+    tx.send("out", 0, rec("a")).await.unwrap();
+    tx.flush().await.unwrap();
+    let producer = tx.producer();
+    let big = "m".repeat(4097);
+    let groups = |o: u64, metadata: String| {
+        vec![spool_client::TxnOffsets {
+            group: "g".into(),
+            offsets: vec![at(o, metadata)],
+            member: None,
+        }]
+    };
+    assert!(
+        c.commit_txn("big", producer, &groups(3, big.clone()))
+            .await
+            .is_err()
+    );
+    assert!(
+        c.add_offsets_to_txn("big", producer, "g", &[at(3, big)], None)
+            .await
+            .is_err()
+    );
+    assert_eq!(committed().await, None);
+    // Nothing was decided: the transaction is still open, and commits with valid offsets.
+    let next = c
+        .commit_txn("big", producer, &groups(4, "ok".into()))
+        .await
+        .unwrap();
+    assert_eq!(next, (producer.0, producer.1 + 1));
+    assert_eq!(committed().await, Some(4));
+    settled(&c, "out", 0).await;
+    assert_eq!(values(&c, "out", 0, Isolation::ReadCommitted).await, ["a"]);
+    // And the id is not stuck: a new instance initialises and commits.
+    let mut again = TransactionalProducer::new(c.clone(), TransactionalConfig::new("big"))
+        .await
+        .unwrap();
+    again.begin().unwrap();
+    again.send("out", 0, rec("b")).await.unwrap();
+    again.commit().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_past_its_timeout_is_aborted_and_the_producer_goes_on() {
     let broker = Broker::start_with_config(|_| {
