@@ -490,9 +490,17 @@ async fn crash_after_offsets_before_records() {
     let what = "killed after the offsets";
     // Buffered: nothing reaches the broker before the commit.
     let (records, offsets) = fill(&c, &mut tx, what).await;
+    // The producer keeps its offsets for CommitTxn; AddOffsetsToTxn on the wire (what a
+    // client without CommitTxn, or the fallback for a broker without it, sends) is the path
+    // this test is about: acknowledged, so recorded durably as `Ongoing`.
+    c.add_offsets_to_txn(ID, tx.producer(), GROUP, &offsets, None)
+        .await
+        .unwrap();
     tokio::task::block_in_place(|| broker.restart());
     let c = broker.client().await;
     let committed = tx.commit().await;
+    // The restart aborted the recorded transaction and bumped the epoch: the commit fails.
+    assert!(committed.is_err(), "{what}: {committed:?}");
     assert_outcome(
         &c,
         &format!("{what} (commit: {committed:?})"),
