@@ -268,7 +268,7 @@ impl OffsetStore {
         for c in offsets {
             validate_commit(c)?;
             match self.log.partition(&c.topic, c.partition) {
-                Ok(_) => existing.push(c.clone()),
+                Ok(_) => existing.push(c),
                 // A decided transaction's commit (re-run after a restart) whose input was
                 // deleted since: nothing is left to resume there, and refusing would leave the
                 // transactional id stuck in its decision for good.
@@ -287,14 +287,13 @@ impl OffsetStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        let offsets = &existing[..];
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         fence()?;
         let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
         let key = |c: &v1::OffsetCommit| (group.to_owned(), c.topic.clone(), c.partition);
-        let offsets: Vec<&v1::OffsetCommit> = offsets
-            .iter()
+        let offsets: Vec<&v1::OffsetCommit> = existing
+            .into_iter()
             .filter(|c| {
                 let Some(since) = since else { return true };
                 let k = key(c);
