@@ -4,8 +4,10 @@
 //! Each case runs a transaction that writes to four partitions of two topics and commits
 //! offsets for a group (no member), with `SPOOL_FAILPOINTS` armed so that `spoold` aborts at
 //! the point, then ends it (commit or abort): the broker dies and the client gets an error
-//! (an abort, which carries no offsets, is answered before the markers are durable: at the
-//! points after that the broker dies once it answered).
+//! (an abort that carries no offsets is answered before the markers are durable: at the
+//! points after that the broker dies once it answered). Every other rep of an abort first
+//! records its offsets durably (AddOffsetsToTxn), which sends the abort down the path that
+//! answers only once it is complete.
 //! Every failpoint is past the durable `Prepare*` record, so the decision must be carried out
 //! when the broker starts again (disarmed). Checked after the restart:
 //! - commit: every record visible read-committed, the group's offsets are the transaction's;
@@ -331,17 +333,29 @@ async fn crash_at(failpoint: &str, commit: bool) {
             .unwrap();
         let (records, offsets) = fill(&c, &mut tx, &what).await;
         let old = tx.producer();
+        // Odd reps of an abort first record the offsets durably in the transaction
+        // (AddOffsetsToTxn on the wire, as a client without CommitTxn sends it), so both of
+        // the coordinator's abort paths meet every failpoint: with offsets recorded the abort
+        // is answered only once it is complete (`end_locked`); without, once its markers are
+        // appended (`end_pipelined`).
+        let offsets_recorded = !commit && rep % 2 == 1;
+        if offsets_recorded {
+            c.add_offsets_to_txn(ID, old, GROUP, &offsets, None)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: AddOffsetsToTxn: {e}"));
+        }
         let ended = if commit {
             tx.commit().await
         } else {
             tx.abort().await
         };
-        // An abort sends no offsets (the producer keeps them until a commit), so the broker
-        // answers it once the markers are appended and makes them durable and records the
+        // An abort that sent no offsets (the producer keeps them until a commit) is answered
+        // once the markers are appended; the broker makes them durable and records the
         // completion after the reply: these two points come after it. The broker dies at them
         // all the same (`wait_dead`).
-        let after_reply =
-            !commit && matches!(failpoint, "txn-after-markers" | "txn-before-complete");
+        let after_reply = !commit
+            && !offsets_recorded
+            && matches!(failpoint, "txn-after-markers" | "txn-before-complete");
         assert!(
             ended.is_err() || after_reply,
             "{what}: the end succeeded: the failpoint was not reached"
