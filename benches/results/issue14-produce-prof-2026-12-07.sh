@@ -53,3 +53,20 @@ wait $LPID
 kill $SPID; wait $SPID
 rm -rf $D
 cat $OUT.loadgen.txt
+
+# ---- offcpu.sh (perf record -e sched:sched_switch -g of spoold for 1.5 s mid-run)
+#!/bin/bash
+set -u
+SP=$1; LG=$2; OUT=$3; shift 3
+D=$(mktemp -d /work/wt-produce/target/prof.XXXX)
+$SP --data-dir $D/data --listen 127.0.0.1:7191 --metrics-listen off --runtime-threads 1 2>$OUT.spoold.log &
+SPID=$!
+for i in $(seq 50); do grep -q "listening" $OUT.spoold.log && break; sleep 0.1; done
+$LG produce --broker 127.0.0.1:7191 --duration 4 --warmup 1 --threads 1 --prefault-bytes 3221225472 --watch-pid $SPID "$@" > $OUT.loadgen.txt 2>&1 &
+LPID=$!
+sleep 2.5
+perf record -e sched:sched_switch -g -p $SPID -o $OUT.sw.data -- sleep 1.5 >/dev/null 2>&1
+wait $LPID
+kill $SPID; wait $SPID
+rm -rf $D
+cat $OUT.loadgen.txt | cut -c1-80
