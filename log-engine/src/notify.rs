@@ -4,7 +4,12 @@
 //! condition variable; async readers (the broker) await a runtime-agnostic future built on
 //! `std::task::Waker`, so the engine needs no async runtime. Publishing takes the waiter lock
 //! only when someone is waiting (SeqCst on both sides, so a waiter that registers while a
-//! publish runs either sees the new value or is woken).
+//! publish runs either sees the new value or is woken), and signals the condition variable
+//! only when a blocking reader waits on it: `Condvar::notify_all` is a futex system call
+//! whether or not anyone waits, and an append that only wakes async readers (a broker's
+//! subscriptions, on the appending runtime thread) must not pay one. Blocking readers count
+//! themselves in `blocked` under the waiter lock, which the publisher holds while it reads
+//! that count, so a reader either sees the new value before it waits or is signalled.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +23,8 @@ pub(crate) struct Watch {
     hwm: AtomicU64,
     waiting: AtomicUsize,
     wakers: Mutex<Vec<Waker>>,
+    /// Blocking readers in [`Watch::wait_beyond`]; changed and read only under `wakers`' lock.
+    blocked: AtomicUsize,
     cv: Condvar,
 }
 
@@ -43,8 +50,15 @@ impl Watch {
 
     /// Wakes everyone (used on close so waiters can observe it).
     pub(crate) fn wake_all(&self) {
-        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
-        self.cv.notify_all();
+        let wakers = {
+            let mut guard = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+            // Under the lock: a blocking reader counted here is waiting on `cv` or has not yet
+            // read the value (it reads it under this lock), so it is signalled or sees it.
+            if self.blocked.load(Ordering::Relaxed) > 0 {
+                self.cv.notify_all();
+            }
+            std::mem::take(&mut *guard)
+        };
         for w in wakers {
             w.wake();
         }
@@ -55,10 +69,12 @@ impl Watch {
         let deadline = Instant::now() + timeout;
         let mut guard = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.blocked.fetch_add(1, Ordering::Relaxed);
         loop {
             let h = self.get();
             let now = Instant::now();
             if h > offset || now >= deadline {
+                self.blocked.fetch_sub(1, Ordering::Relaxed);
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 return h;
             }
