@@ -102,6 +102,16 @@ pub trait FileHandle: Send + Sync + fmt::Debug {
     /// Writes all of `buf` at `pos` (not durable until synced).
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()>;
 
+    /// Writes all of `head` at `pos` and all of `tail` right after it (not durable until
+    /// synced), in one system call where the file system can (Linux: `pwritev`), so that an
+    /// append of a rewritten prefix and the untouched rest of a batch costs one call, not two.
+    /// Promises nothing more than two [`FileHandle::write_all_at`]s: a crash may keep any part
+    /// of either (the simulated disk does exactly that, as two writes).
+    fn write_pair_at(&self, head: &[u8], tail: &[u8], pos: u64) -> io::Result<()> {
+        self.write_all_at(head, pos)?;
+        self.write_all_at(tail, pos + head.len() as u64)
+    }
+
     /// Truncates or extends the file to `len` bytes (not durable until synced).
     fn set_len(&self, len: u64) -> io::Result<()>;
 

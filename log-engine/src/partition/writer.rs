@@ -133,10 +133,9 @@ impl Writer {
         prefix.copy_from_slice(&batch[..16]);
         batch::assign(&mut prefix, base, p.leader_epoch());
         let pos = self.position;
-        let written = self
-            .file
-            .write_all_at(&prefix, pos)
-            .and_then(|()| self.file.write_all_at(&batch[16..], pos + 16));
+        // One `pwritev` of the rewritten prefix and the rest of the batch (one system call
+        // per append on the real file system).
+        let written = self.file.write_pair_at(&prefix, &batch[16..], pos);
         if let Err(e) = written {
             let out_of_space = spool_io::is_out_of_space(&e);
             let err = Error::io("write", self.active.log_path(), e);

@@ -8,7 +8,8 @@
 //! future, or `sync_behind`) and reports
 //! each outcome on stdout. A
 //! baseline run counts the calls; then, for every N up to that count, a fresh log is given to
-//! a child whose N-th `fdatasync` (then `fsync`, then `pwrite64`) fails with EIO. The checks:
+//! a child whose N-th `fdatasync` (then `fsync`, `pwrite64`, then `pwritev`: appends write
+//! their batch with one `pwritev`) fails with EIO. The checks:
 //! - a failure of a durability call on log data or the recovery point is never swallowed:
 //!   it surfaces as a failed open, a failed append (that batch is never acknowledged, nor any
 //!   after it; it and later appends and flushes fail with `Poisoned`, no retry-then-ack), or a failed
@@ -189,7 +190,7 @@ fn require_strace() {
         .is_ok_and(|o| o.status.success());
     assert!(
         ok,
-        "this test needs strace to inject EIO into fdatasync/fsync/pwrite64 and could not run \
+        "this test needs strace to inject EIO into fdatasync/fsync/pwrite64/pwritev and could not run \
          it; install it (apt-get install -y strace) — the test fails rather than skip"
     );
 }
@@ -204,7 +205,7 @@ fn run(dir: &Path, inject: Option<(&str, u64)>, work: &Path) -> Run {
         "-y",
         "--seccomp-bpf",
         "-e",
-        "trace=fdatasync,fsync,pwrite64",
+        "trace=fdatasync,fsync,pwrite64,pwritev",
     ]);
     if let Some((syscall, n)) = inject {
         cmd.arg("-e")
@@ -397,7 +398,7 @@ fn injected_failures_are_never_acknowledged() {
         clean.lines.iter().filter(|l| l.starts_with("ACK ")).count() as u64,
         APPENDS
     );
-    let counts: Vec<(&str, u64)> = ["fdatasync", "fsync", "pwrite64"]
+    let counts: Vec<(&str, u64)> = ["fdatasync", "fsync", "pwrite64", "pwritev"]
         .into_iter()
         .map(|s| (s, clean.calls(s) as u64))
         .collect();
