@@ -26,7 +26,14 @@
 //!   itself, which makes the batch durable, and so visible, right behind its append (no
 //!   hand-off to another thread between the append and its fdatasync) when no sync runs, and
 //!   otherwise leaves it to the next sync, so at most two threads per partition wait for an
-//!   fdatasync whatever the request rate. (The async path was
+//!   fdatasync whatever the request rate. A `ProduceStream` request of that kind that is
+//!   small ([`INLINE_MAX_BYTES`], pre-encoded, not transactional) is written on the runtime
+//!   thread instead when its partitions take it without blocking (else on the blocking pool,
+//!   in order), its reply goes out from the stream's task, and a blocking-pool thread is asked
+//!   to run `sync_behind` only when no running group commit will cover the batch
+//!   (`Partition::sync_behind_covered`: a sync runs and a thread already waits to run the
+//!   next one, which starts after the append). The same syncs, the same visibility rule, no
+//!   thread hop for the append and the reply. (The async path was
 //!   measured on these partitions too: records became visible later, cause not found, see
 //!   docs/benchmarks.md, issue 14.)
 //! - every other request takes the **async path**, which holds no thread while it waits: the
@@ -389,6 +396,21 @@ fn sync_for_readers(syncs: Syncs) {
     }
 }
 
+/// [`sync_for_readers`] for the runtime thread: the batches a running group commit will
+/// cover anyway (`Partition::sync_behind_covered`: a sync runs and another thread already
+/// waits to run the next one) need no thread; the rest go to one blocking-pool thread, which
+/// runs `sync_behind` for them. Under a steady stream of small requests most batches take the
+/// first way, so the runtime thread neither wakes nor hands off to a pool thread per request.
+fn sync_behind_off_thread(syncs: Syncs) {
+    let rest: Syncs = syncs
+        .into_iter()
+        .filter(|(p, next)| !p.sync_behind_covered(*next))
+        .collect();
+    if !rest.is_empty() {
+        tokio::task::spawn_blocking(move || sync_for_readers(rest));
+    }
+}
+
 /// A blocking-path request on one blocking-pool thread: write, settle, hand the results back
 /// (the caller replies meanwhile), then, on the same thread, [`sync_for_readers`] for batches
 /// acknowledged before their fdatasync, so that sync starts right behind the append instead
@@ -535,6 +557,25 @@ async fn write_one(
     } = p;
     let waits = acks == v1::Acks::Durable || acks == v1::Acks::Unspecified;
     if blocking_path(state, &parts) {
+        if !waits && inline_ok(&parts) {
+            // A small request that waits for no fdatasync: written on this thread when its
+            // partitions take it without blocking (else on the blocking pool, in order), the
+            // reply sent from here, and a blocking thread asked to run the sync only when no
+            // running group commit will cover the batch (`sync_behind_off_thread`).
+            let written = match write_phase(state, who.clone(), parts, acks).await {
+                Ok(w) => w,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return false;
+                }
+            };
+            // Nothing here blocks: with `acks = written | none` it only collects the syncs.
+            let (results, syncs) = settle_blocking(state, written);
+            let sent = reply(tx, id, Ok(results)).await;
+            drop(permit);
+            sync_behind_off_thread(syncs);
+            return sent;
+        }
         if !waits {
             // Nothing to wait for: write and settle on one thread, which then runs the sync
             // that makes the batch visible (`run_blocking_path`); the reply goes out from here.

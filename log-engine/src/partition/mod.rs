@@ -573,6 +573,29 @@ impl Partition {
         }
     }
 
+    /// The part of [`Partition::sync_behind`] that needs no thread: true when everything below
+    /// `next_offset` is durable already, or a sync is running and another caller already waits
+    /// to run the next one (that next sync starts after this call, so it covers every batch
+    /// appended before it; what is asked here is recorded for it). False: the caller must run
+    /// `sync_behind(next_offset)` on a thread that may block, or the batch may never be
+    /// synced. Also false once the partition refuses writes (`sync_behind` then returns the
+    /// error). Lets a caller on an async runtime skip the hand-off to a blocking thread for the
+    /// many batches a running group commit will cover anyway.
+    pub fn sync_behind_covered(&self, next_offset: u64) -> bool {
+        let mut st = lock(&self.commit);
+        if self.check_writable().is_err() {
+            return false;
+        }
+        if st.durable_next >= next_offset {
+            return true;
+        }
+        if st.syncing && st.next_syncer {
+            st.requested = st.requested.max(next_offset);
+            return true;
+        }
+        false
+    }
+
     /// Asks for everything below `next_offset` to be made durable soon, without waiting
     /// (group commit without a thread per request). Returns true when the caller must now run
     /// [`Partition::run_requested_syncs`] on a thread that may block: no sync loop is running
