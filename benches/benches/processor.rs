@@ -57,9 +57,15 @@
 //! runtime's `yield_every` off), `yield<N>us` (`yield_every` = N µs), `sync` (overlapping
 //! commits off), `overlap` (on), `writes<N>` (the runtime's `output_writes_in_flight`).
 //! `--lanes-variants a,b,...` runs
-//! the lanes case (both phases) once per variant in every rep, in an order rotated each rep.
+//! the lanes case (both phases) once per variant in every rep, in an order rotated each rep;
+//! besides the parts above, `nolaneyield` (the runtime's `lane_yield` off: lower lanes do
+//! not yield to active higher ones, priorities order records only), `lperiod<N>ms` and
+//! `lwindow<N>ms` (the yield's period and active window). The lanes case also reports the
+//! low lane's records/s in the saturated phase while the high lane sends and over 1 s from
+//! 0.5 s after it stopped (the cost of the yield, and its end).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -73,7 +79,7 @@ use spool_client::{
 };
 use spool_log_engine::{BatchBuilder, Compression};
 use spool_processor::runtime::RuntimeConfig;
-use spool_processor::{Context, Failure, Handler, Input, LaneConfig};
+use spool_processor::{Context, Failure, Handler, Input, LaneConfig, LaneYield};
 
 const VALUE_BYTES: usize = 200;
 
@@ -106,6 +112,8 @@ impl Handler for PassThrough {
 /// `|`) and the time from it to the call (ms).
 struct LaneProbe {
     latencies: Arc<Mutex<Vec<(u64, f64)>>>,
+    /// Records of the other (low) lane handled.
+    low: Arc<AtomicU64>,
 }
 
 fn now_us() -> u64 {
@@ -116,7 +124,9 @@ fn now_us() -> u64 {
 
 impl Handler for LaneProbe {
     fn handle(&mut self, _ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
-        if &*input.lane == "hi" {
+        if &*input.lane != "hi" {
+            self.low.fetch_add(1, Ordering::Relaxed);
+        } else {
             let v = input.value.as_deref().unwrap_or_default();
             let sent = std::str::from_utf8(v)
                 .ok()
@@ -209,6 +219,22 @@ fn apply_variant(c: &mut RuntimeConfig, variant: &str) -> Result<()> {
             "noyield" => c.yield_every = None,
             "sync" => c.overlap_commits = false,
             "overlap" => c.overlap_commits = true,
+            "nolaneyield" => c.lane_yield = None,
+            p if p.starts_with("lperiod") && p.ends_with("ms") => {
+                let ms: u64 = p["lperiod".len()..p.len() - 2]
+                    .parse()
+                    .with_context(|| format!("variant part {p:?}"))?;
+                c.lane_yield.get_or_insert_with(LaneYield::default).period =
+                    Duration::from_millis(ms);
+            }
+            p if p.starts_with("lwindow") && p.ends_with("ms") => {
+                let ms: u64 = p["lwindow".len()..p.len() - 2]
+                    .parse()
+                    .with_context(|| format!("variant part {p:?}"))?;
+                c.lane_yield
+                    .get_or_insert_with(LaneYield::default)
+                    .active_window = Duration::from_millis(ms);
+            }
             p if p.starts_with("writes") => {
                 c.output_writes_in_flight = p["writes".len()..]
                     .parse()
@@ -221,7 +247,7 @@ fn apply_variant(c: &mut RuntimeConfig, variant: &str) -> Result<()> {
                 c.yield_every = Some(Duration::from_micros(us));
             }
             p => bail!(
-                "unknown variant part {p:?} (base, noyield, yield<N>us, sync, overlap, writes<N>)"
+                "unknown variant part {p:?} (base, noyield, yield<N>us, sync, overlap, writes<N>, nolaneyield, lperiod<N>ms, lwindow<N>ms)"
             ),
         }
     }
@@ -394,6 +420,10 @@ struct LanePhase {
     latencies: Vec<f64>,
     lo_lag: u64,
     plain_p99: Option<f64>,
+    /// Low-lane records/s while the high lane was sending.
+    lo_rate_active: f64,
+    /// Low-lane records/s over 1 s starting 0.5 s after the high lane's last record.
+    lo_rate_quiet: f64,
 }
 
 /// High-lane latencies with the low lane reading `low` (from its start, new group).
@@ -425,11 +455,13 @@ async fn lanes(
     };
     cfg.lanes = vec![lane("hi", &hi, 0), lane("lo", low, 1)];
     let latencies = Arc::new(Mutex::new(Vec::new()));
+    let low = Arc::new(AtomicU64::new(0));
     let p = Running::start(
         &client,
         cfg,
         LaneProbe {
             latencies: latencies.clone(),
+            low: low.clone(),
         },
     );
     p.ready(Duration::from_secs(60)).await?;
@@ -441,16 +473,22 @@ async fn lanes(
     let verbose = std::env::var_os("SPOOL_BENCH_VERBOSE").is_some();
     let sched_before = thread_sched();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let (addr2, hi2) = (addr.to_owned(), hi.clone());
+    let (addr2, hi2, low2) = (addr.to_owned(), hi.clone(), low.clone());
     std::thread::spawn(move || {
         let r = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(drive_high_lane(addr2, hi2, rate, secs, verbose)));
+            .and_then(|rt| rt.block_on(drive_high_lane(addr2, hi2, rate, secs, verbose, low2)));
         let _ = done_tx.send(r);
     });
-    let (sent, probe) = done_rx.await.context("the high lane's driver thread")??;
+    let (sent, probe, lo_rate_active) =
+        done_rx.await.context("the high lane's driver thread")??;
+    // The low lane once the high lane is quiet (past the runtime's active window).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (n0, t0) = (low.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lo_rate_quiet = (low.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
     if verbose {
         print_sched(name, &sched_before, &thread_sched());
     }
@@ -482,6 +520,8 @@ async fn lanes(
         latencies: l.into_iter().map(|(_, ms)| ms).collect(),
         lo_lag,
         plain_p99,
+        lo_rate_active,
+        lo_rate_quiet,
     })
 }
 
@@ -589,14 +629,16 @@ fn compare_with_plain(name: &str, processor: &[(u64, f64)], plain: &[(u64, f64)]
 
 /// Sends `rate` records/s for `secs` to `hi` (each carrying its send time), after letting
 /// the low lane get going; with `probe`, also reads them back with a plain consumer. The
-/// records sent, and the probe's latencies (ms).
+/// records sent, the probe's latencies (ms), and the low lane's records/s (`low` counts
+/// them) while sending.
 async fn drive_high_lane(
     addr: String,
     hi: String,
     rate: u32,
     secs: f64,
     probe: bool,
-) -> Result<(u64, Option<Vec<(u64, f64)>>)> {
+    low: Arc<AtomicU64>,
+) -> Result<(u64, Option<Vec<(u64, f64)>>, f64)> {
     let client = Client::connect(addr).await?;
     let probe = if probe {
         let mut consumer = client.consumer(ConsumerConfig::default());
@@ -630,7 +672,9 @@ async fn drive_high_lane(
     let every = Duration::from_secs_f64(1.0 / f64::from(rate));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let low_at_start = low.load(Ordering::Relaxed);
+    let end = start + Duration::from_secs_f64(secs);
     let mut sent = 0u64;
     let mut acks = Vec::new();
     while Instant::now() < end {
@@ -643,6 +687,8 @@ async fn drive_high_lane(
         );
         sent += 1;
     }
+    let low_rate =
+        (low.load(Ordering::Relaxed) - low_at_start) as f64 / start.elapsed().as_secs_f64();
     for a in acks {
         a.await?;
     }
@@ -651,7 +697,7 @@ async fn drive_high_lane(
         Some(p) => Some(p.await?),
         None => None,
     };
-    Ok((sent, probe))
+    Ok((sent, probe, low_rate))
 }
 
 /// Records/s of a lane throttled at `rate`, between 1 s and 11 s after ready.
@@ -673,6 +719,7 @@ async fn throttle(addr: &str, input: &str, name: &str, rate: u32, dir: &Path) ->
         cfg,
         LaneProbe {
             latencies: Arc::default(),
+            low: Arc::default(),
         },
     );
     let t0 = p.ready(Duration::from_secs(60)).await?;
@@ -756,6 +803,9 @@ struct LaneSamples {
     ratio: Vec<f64>,
     plain_idle_p99: Vec<f64>,
     plain_busy_p99: Vec<f64>,
+    /// Low-lane records/s in the saturated phase while the high lane sent / once it was quiet.
+    lo_active: Vec<f64>,
+    lo_quiet: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -993,9 +1043,11 @@ fn main() -> Result<()> {
                     percentile(&saturated.latencies, 99.0),
                 );
                 eprintln!(
-                    "rep {rep}: [{label}] high lane p50/p99 {i50:.2}/{i99:.2} ms with the low lane idle, {b50:.2}/{b99:.2} ms saturated ({} left in it); ratio of p99s {:.2}",
+                    "rep {rep}: [{label}] high lane p50/p99 {i50:.2}/{i99:.2} ms with the low lane idle, {b50:.2}/{b99:.2} ms saturated ({} left in it); ratio of p99s {:.2}; low lane {:.0} records/s while the high lane sent, {:.0} once it was quiet",
                     lag,
-                    b99 / i99
+                    b99 / i99,
+                    saturated.lo_rate_active,
+                    saturated.lo_rate_quiet
                 );
                 if lag == 0 {
                     eprintln!(
@@ -1010,6 +1062,8 @@ fn main() -> Result<()> {
                     l.ratio.push(b99 / i99);
                     l.plain_idle_p99.extend(idle.plain_p99);
                     l.plain_busy_p99.extend(saturated.plain_p99);
+                    l.lo_active.push(saturated.lo_rate_active);
+                    l.lo_quiet.push(saturated.lo_rate_quiet);
                 }
             }
         }
@@ -1164,6 +1218,20 @@ fn report(s: &Samples, throttle_rate: u32) {
             &named("a plain consumer's p99 of the high lane, low lane saturated"),
             &l.plain_busy_p99,
             "ms",
+            "-",
+            None,
+        );
+        row(
+            &named("low lane records/s while the high lane is active"),
+            &l.lo_active,
+            "records/s",
+            "-",
+            None,
+        );
+        row(
+            &named("low lane records/s once the high lane is quiet"),
+            &l.lo_quiet,
+            "records/s",
             "-",
             None,
         );

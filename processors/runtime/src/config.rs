@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::effects::EffectsRetention;
 use crate::engine::RetryPolicy;
-use crate::flow::LaneConfig;
+use crate::flow::{LaneConfig, LaneYield};
 use crate::runtime::RuntimeConfig;
 
 /// A configuration that cannot be used.
@@ -205,12 +205,21 @@ pub struct FlowSettings {
     /// a partition is paused in the consumer at once, reopening its lane's stream). See
     /// [`RuntimeConfig::max_parked_bytes`].
     pub max_parked_bytes: usize,
+    /// Lower lanes yield the loop to a higher lane that handled a record within this long
+    /// (ms; default 250; 0: off, priorities then order records only). See
+    /// [`RuntimeConfig::lane_yield`] and `crate::flow`.
+    pub yield_window_ms: u64,
+    /// While yielding, a lane gets its `min_share` of the loop's time in each period of this
+    /// length (ms; default 10; 1..=1000).
+    pub yield_period_ms: u64,
 }
 
 impl Default for FlowSettings {
     fn default() -> Self {
         FlowSettings {
             max_parked_bytes: 8 << 20,
+            yield_window_ms: 250,
+            yield_period_ms: 10,
         }
     }
 }
@@ -369,6 +378,12 @@ impl ProcessorConfig {
                 "group: session_timeout_ms >= 100, transaction_timeout_ms >= 1000".into(),
             ));
         }
+        if !(1..=1000).contains(&self.flow.yield_period_ms) || self.flow.yield_window_ms > 3_600_000
+        {
+            return Err(ConfigError(
+                "flow: yield_period_ms 1..=1000, yield_window_ms at most an hour (0: off)".into(),
+            ));
+        }
         self.connection.validate()?;
         self.retry.validate().map_err(ConfigError)?;
         self.effects.validate().map_err(ConfigError)?;
@@ -470,6 +485,10 @@ impl ProcessorConfig {
         r.apply_bytes = self.state.apply_bytes;
         r.read_cache_bytes = self.state.read_cache_bytes;
         r.max_parked_bytes = self.flow.max_parked_bytes;
+        r.lane_yield = (self.flow.yield_window_ms > 0).then(|| LaneYield {
+            active_window: Duration::from_millis(self.flow.yield_window_ms),
+            period: Duration::from_millis(self.flow.yield_period_ms),
+        });
         r.durable_interval = Duration::from_millis(self.state.durable_interval_ms);
         r.session_timeout = Duration::from_millis(self.group.session_timeout_ms);
         r.transaction_timeout = Duration::from_millis(self.group.transaction_timeout_ms);

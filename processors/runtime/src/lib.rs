@@ -42,7 +42,7 @@ pub use context::{Context, EffectStatus, Emit, Store};
 pub use effects::EffectsRetention;
 pub use engine::{Attempt, RetryMode, RetryPolicy, dead_letter_for, dlq_topic, retry_topic};
 pub use envelope::{Attributes, EnvelopeError, Event};
-pub use flow::{LaneConfig, QuietHours};
+pub use flow::{LaneConfig, LaneYield, QuietHours};
 pub use handler::{Action, AsyncHandler, Failure, Handler, Input, Timer, TimerKind};
 pub use jobs::{JobEvent, JobState, JobStatus, Jobs};
 pub use runtime::{Clock, RuntimeConfig, RuntimeError, SystemClock};

@@ -17,6 +17,7 @@
 //! | `spool_processor_restoring_partitions` | gauge | |
 //! | `spool_processor_restored_records_total` | counter | |
 //! | `spool_processor_paused_lanes` | gauge (1 when paused) | lane |
+//! | `spool_processor_yielding_lanes` | gauge (1 while the lane yields to an active higher lane, as of the last tick) | lane |
 //! | `spool_processor_blocked_partitions` | gauge (partitions retrying in place) | |
 //! | `spool_processor_parked_records` | gauge (records set aside for partitions held back: restoring, or holding a record) | |
 //! | `spool_processor_stream_resets_total` | counter (input streams reopened: pauses, resumes, seeks, rebalances) | |
@@ -86,6 +87,7 @@ pub struct Metrics {
     pub(crate) restoring: Gauge,
     pub(crate) restored_records: Counter,
     pub(crate) paused_lanes: Family<LaneLabel, Gauge>,
+    pub(crate) yielding_lanes: Family<LaneLabel, Gauge>,
     pub(crate) blocked: Gauge,
     pub(crate) parked: Gauge,
     pub(crate) stream_resets: Counter,
@@ -132,6 +134,7 @@ impl Metrics {
             restoring: Gauge::default(),
             restored_records: Counter::default(),
             paused_lanes: Family::default(),
+            yielding_lanes: Family::default(),
             blocked: Gauge::default(),
             parked: Gauge::default(),
             stream_resets: Counter::default(),
@@ -208,6 +211,11 @@ impl Metrics {
             format!("{p}_paused_lanes"),
             "1 for each paused lane",
             m.paused_lanes.clone(),
+        );
+        registry.register(
+            format!("{p}_yielding_lanes"),
+            "1 for each lane yielding the loop to an active higher lane",
+            m.yielding_lanes.clone(),
         );
         registry.register(
             format!("{p}_blocked_partitions"),

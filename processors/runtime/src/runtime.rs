@@ -34,6 +34,12 @@
 //! - The loop returns to tokio at least every [`YIELD_EVERY`] (1 ms) while it works through
 //!   buffered input, and right after spawning a commit: a task it spawns or wakes waits in
 //!   its worker's LIFO slot, which the other worker cannot steal, until it does.
+//! - With several lane priorities and [`RuntimeConfig::lane_yield`] on, each loop
+//!   iteration's time (less in-place throttle waits) is charged to the lane whose record it
+//!   handled, and a lane yielding to an active higher lane is left out of the read order once
+//!   it spent its `min_share` of the period, unless it is below its record share
+//!   ([`crate::flow`]); the loop wakes at that period's end. One lane or the yield off: no
+//!   charge, no extra clock read.
 //! - Outputs reach the broker in full batches written in the background, at most
 //!   [`RuntimeConfig::output_writes_in_flight`] at once and one per partition (so each
 //!   partition's batches arrive in sequence order); every one is acknowledged before the
@@ -78,7 +84,7 @@ use crate::context::Emit;
 use crate::control::{self, Control};
 use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
-use crate::flow::{self, LaneConfig, Lanes, ThrottleClock};
+use crate::flow::{self, LaneConfig, LaneYield, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
 use crate::metrics::{LaneLabel, Metrics, PartitionLabel, TopicCounters};
 use crate::restore::{self, Restoring};
@@ -196,6 +202,11 @@ pub struct RuntimeConfig {
     /// Priority lanes, throttles, quiet hours ([`crate::flow`]); inputs in no lane form a
     /// lane of their own.
     pub lanes: Vec<LaneConfig>,
+    /// While a higher lane is active, lower lanes yield the loop beyond their `min_share`
+    /// of each period ([`crate::flow`]'s module docs; default on: 250 ms active window,
+    /// 10 ms period). `None`: priorities order records only (a saturated lower lane then
+    /// keeps the CPUs busy and a higher lane's records wait for one).
+    pub lane_yield: Option<LaneYield>,
     /// Inputs read as tables (settings a stream is joined with, co-partitioned with it):
     /// before a task handles a record of another input, it reads its partitions of these up
     /// to where they ended when that record was read, so a table change written before a
@@ -247,6 +258,7 @@ impl RuntimeConfig {
             start_at_ms: None,
             clock: Arc::new(SystemClock),
             lanes: Vec::new(),
+            lane_yield: Some(LaneYield::default()),
             tables: Vec::new(),
         }
     }
@@ -570,6 +582,15 @@ struct Session<'c> {
     /// When the loop last let the worker thread run other tasks ([`YIELD_EVERY`]).
     last_yield: Instant,
     lanes: Lanes,
+    /// The lanes' time origin (their yield works on durations since it).
+    lanes_origin: Instant,
+    /// When the current loop iteration began.
+    iter_top: Instant,
+    /// The lane whose record the current iteration handled: the iteration's time is charged
+    /// to it ([`Lanes::charge`]).
+    handled_lane: Option<usize>,
+    /// Time the current iteration slept in place for a lane token (not charged).
+    inline_slept: Duration,
     /// Retry topic → its source topic.
     retry_of: HashMap<String, Arc<str>>,
     held: BTreeMap<TopicPartition, Held>,
@@ -635,6 +656,7 @@ impl<'c> Session<'c> {
         ));
         let retry_topics = cfg.retry_topics();
         let mut lanes = Lanes::new(&cfg.lanes, &cfg.inputs, &ThrottleClock::real());
+        lanes.set_yield(cfg.lane_yield);
         let mut retry_of = HashMap::new();
         for (retry, source) in &retry_topics {
             if let Some(l) = lanes.of(source) {
@@ -699,6 +721,10 @@ impl<'c> Session<'c> {
             last_tick: Instant::now(),
             last_yield: Instant::now(),
             lanes,
+            lanes_origin: Instant::now(),
+            iter_top: Instant::now(),
+            handled_lane: None,
+            inline_slept: Duration::ZERO,
             retry_of,
             held: BTreeMap::new(),
             parked: flow::Parking::new(cfg.max_parked_bytes),
@@ -734,7 +760,9 @@ impl<'c> Session<'c> {
             if *shutdown.borrow() {
                 return self.stop(handler).await;
             }
-            self.yield_if_busy().await;
+            let now = Instant::now();
+            self.gate_lanes(now);
+            self.yield_if_busy(now).await;
             if self.committing.is_some() && self.must_settle() {
                 // The open transaction reached a bound: wait for the commit in flight.
                 self.settle().await?;
@@ -752,6 +780,10 @@ impl<'c> Session<'c> {
                 _ => self.last_tick + self.cfg.tick_interval,
             };
             let mut wake = wake.min(self.last_tick + self.cfg.tick_interval);
+            // A lane yielding to a higher one is read again when its period ends.
+            if let Some(t) = self.lanes.next_ungate() {
+                wake = wake.min(self.lanes_origin + t);
+            }
             // Held records of closed lanes wait for the tick that opens their lane.
             if let Some(due) = self
                 .held
@@ -816,12 +848,32 @@ impl<'c> Session<'c> {
 
     /// Lets the worker thread run other tasks when the loop has not waited for anything for
     /// [`RuntimeConfig::yield_every`] ([`YIELD_EVERY`]: see there why).
-    async fn yield_if_busy(&mut self) {
+    async fn yield_if_busy(&mut self, now: Instant) {
         if let Some(every) = self.cfg.yield_every
-            && self.last_yield.elapsed() >= every
+            && now.saturating_duration_since(self.last_yield) >= every
         {
             self.yield_now().await;
         }
+    }
+
+    /// At the top of a loop iteration (`now`): charges the previous iteration's time (less
+    /// in-place throttle waits) to the lane whose record it handled, and decides which lanes
+    /// yield to active higher ones and which spent their budget ([`Lanes::gate`]). Nothing
+    /// to do unless the lanes may yield (one lane, or the yield off: no cost).
+    fn gate_lanes(&mut self, now: Instant) {
+        if !self.lanes.yields() {
+            return;
+        }
+        if let Some(l) = self.handled_lane.take() {
+            let busy = now
+                .saturating_duration_since(self.iter_top)
+                .saturating_sub(self.inline_slept);
+            self.lanes.charge(l, busy);
+        }
+        self.iter_top = now;
+        self.inline_slept = Duration::ZERO;
+        self.lanes
+            .gate(now.saturating_duration_since(self.lanes_origin));
     }
 
     /// Returns to tokio once. (Waking itself instead, so that tokio requeues it behind the
@@ -1085,7 +1137,9 @@ impl<'c> Session<'c> {
                     );
                     return Ok(());
                 }
+                let slept = Instant::now();
                 tokio::time::sleep(wait.after).await;
+                self.inline_slept += slept.elapsed();
             }
         }
         let read_offset = r.offset;
@@ -1120,6 +1174,14 @@ impl<'c> Session<'c> {
         };
         if let Some(l) = lane {
             self.lanes.lanes[l].window_count += 1;
+            if self.lanes.yields() {
+                // The iteration's start is near enough for the active window.
+                self.lanes.mark(
+                    l,
+                    self.iter_top.saturating_duration_since(self.lanes_origin),
+                );
+                self.handled_lane = Some(l);
+            }
         }
         let rewinds = self.rewinds;
         let handled = self.process(handler, input, history, &tp, shutdown).await?;
@@ -1544,6 +1606,12 @@ impl<'c> Session<'c> {
                     lane: l.cfg.name.clone(),
                 })
                 .set(i64::from(closed));
+            self.metrics
+                .yielding_lanes
+                .get_or_create(&LaneLabel {
+                    lane: l.cfg.name.clone(),
+                })
+                .set(i64::from(l.yielding));
         }
         self.apply_pauses().await
     }

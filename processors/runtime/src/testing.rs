@@ -46,7 +46,10 @@
 //! same GCRA limiters, on the driver's clock) and not while the lane is quiet (its quiet
 //! hours, on the driver's clock) or paused ([`TestDriver::pause_lane`]). Every input taken
 //! from a lane moves the clock by [`TestDriver::with_record_time`] (1 ms by default), so
-//! shares and rates are those of a handler taking that long. A record over its key's rate
+//! shares and rates are those of a handler taking that long. Lower lanes yield to an active
+//! higher lane as in the runtime (the same `Lanes::gate`, its default
+//! [`LaneYield`](crate::LaneYield) unless [`TestDriver::with_lane_yield`] says otherwise),
+//! each input counting its record time as the loop time it took. A record over its key's rate
 //! holds back just its partition until the key's token is due, as the runtime does: the
 //! partition's later inputs wait behind it, in order, and the lane's other partitions go on.
 //! The difference from the runtime: lanes are read without broker latency (a lane always has
@@ -67,7 +70,7 @@ use crate::context::Emit;
 use crate::effects::EffectsRetention;
 use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
 use crate::envelope::{self, Event};
-use crate::flow::{Closed, LaneConfig, Lanes, ThrottleClock};
+use crate::flow::{Closed, LaneConfig, LaneYield, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Input, TimerKind};
 use crate::state::{self, MemBackend, Writes};
 
@@ -162,6 +165,11 @@ struct LaneSim {
     window_start: i64,
 }
 
+/// The driver's clock (ms since the epoch) as the lanes' time.
+fn lanes_time(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
 impl LaneSim {
     /// Starts a new share window every second (as the runtime does).
     fn roll_window(&mut self, now: i64) {
@@ -196,12 +204,22 @@ impl LaneSim {
     fn next_at(&mut self, now: i64) -> Option<i64> {
         self.roll_window(now);
         self.lanes.decide(now);
+        self.lanes.gate(lanes_time(now));
         let mut at: Option<i64> = None;
         for (i, l) in self.lanes.lanes.iter().enumerate() {
             let Some(free) = self.first_free(i, now) else {
                 continue;
             };
-            let held = self.held_until[i].unwrap_or(now).max(now).max(free);
+            // A lane yielding to an active higher one waits for its next period.
+            let yielded = self
+                .lanes
+                .yield_until(i)
+                .map_or(now, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+            let held = self.held_until[i]
+                .unwrap_or(now)
+                .max(now)
+                .max(free)
+                .max(yielded);
             let t = match l.closed {
                 None => held,
                 Some(Closed::Quiet(until)) => until.max(held),
@@ -216,10 +234,12 @@ impl LaneSim {
     /// their order, skipping those whose throttle holds a record, and in a lane the first
     /// input of a partition not held back by its key's rate. `None` if none may go now (the
     /// throttles then hold them until the token is due).
-    fn take(&mut self, now: i64) -> Option<Input> {
+    /// Each input taken counts `record_ms` of loop time against its lane's yield budget.
+    fn take(&mut self, now: i64, record_ms: i64) -> Option<Input> {
         self.clock.set_ms(now);
         self.roll_window(now);
         self.lanes.decide(now);
+        self.lanes.gate(lanes_time(now));
         self.part_held.retain(|_, until| *until > now);
         for l in self.lanes.order() {
             if self.held_until[l].is_some_and(|h| h > now) {
@@ -236,6 +256,8 @@ impl LaneSim {
                 }
                 let Some(wait) = self.lanes.lanes[l].admit(input.key.as_deref()) else {
                     self.lanes.lanes[l].window_count += 1;
+                    self.lanes.mark(l, lanes_time(now));
+                    self.lanes.charge(l, lanes_time(record_ms));
                     return self.queues[l].remove(i);
                 };
                 let ms = wait.after.as_nanos().div_ceil(1_000_000);
@@ -332,14 +354,28 @@ impl<H: AsyncHandler> TestDriver<H> {
         }
         let clock = ThrottleClock::manual(self.wall_ms);
         let n = lanes.len();
+        let mut sim_lanes = Lanes::new(&lanes, &[], &clock);
+        sim_lanes.set_yield(Some(LaneYield::default()));
         self.lanes = Some(LaneSim {
-            lanes: Lanes::new(&lanes, &[], &clock),
+            lanes: sim_lanes,
             clock,
             queues: (0..n).map(|_| VecDeque::new()).collect(),
             held_until: vec![None; n],
             part_held: BTreeMap::new(),
             window_start: self.wall_ms,
         });
+        self
+    }
+
+    /// How lower lanes yield to active higher ones, as the runtime's
+    /// [`crate::RuntimeConfig::lane_yield`] (default: the runtime's default; `None`: off).
+    /// Call after [`TestDriver::with_lanes`].
+    pub fn with_lane_yield(mut self, y: Option<LaneYield>) -> Self {
+        self.lanes
+            .as_mut()
+            .expect("with_lanes first")
+            .lanes
+            .set_yield(y);
         self
     }
 
@@ -574,7 +610,10 @@ impl<H: AsyncHandler> TestDriver<H> {
                 (_, _, Some(at)) if first_timed.is_none_or(|t| at < t) => {
                     self.wall_ms = self.wall_ms.max(at);
                     let now = self.wall_ms;
-                    let taken = self.lanes.as_mut().and_then(|s| s.take(now));
+                    let taken = self
+                        .lanes
+                        .as_mut()
+                        .and_then(|s| s.take(now, self.record_ms));
                     if let Some(input) = taken {
                         let partition = input.partition;
                         self.process(input, Vec::new()).await;

@@ -10,7 +10,7 @@ use spool_client::ProducerRecord;
 use spool_processor::engine::headers;
 use spool_processor::testing::{OutputRecord, TestDriver, TestRecord};
 use spool_processor::{
-    Context, EffectStatus, EffectsRetention, Event, Failure, Handler, Input, LaneConfig,
+    Context, EffectStatus, EffectsRetention, Event, Failure, Handler, Input, LaneConfig, LaneYield,
     QuietHours, RetryPolicy, Timer, TimerKind,
 };
 
@@ -569,6 +569,93 @@ fn a_lower_lane_keeps_its_share_while_a_higher_one_is_busy_and_nothing_is_droppe
     assert!(
         (3700..3800).contains(&last_alert),
         "alerts drained first, at 80%: last alert is output #{last_alert}"
+    );
+}
+
+/// Runs `chunks` chunks of 100 ms, each with 20 alerts piped 5 ms apart (a light but active
+/// higher lane, 1 ms per input), and returns (alerts, bulk) handled per chunk.
+fn light_alerts(d: &mut TestDriver<Relay>, chunks: usize, next: &mut usize) -> Vec<(usize, usize)> {
+    let mut per_chunk = Vec::new();
+    for _ in 0..chunks {
+        for _ in 0..20 {
+            d.pipe("alerts", "a", format!("alerts-{next}"));
+            *next += 1;
+            d.advance_wall_clock(Duration::from_millis(5));
+        }
+        let out = d.read_output("out");
+        per_chunk.push((count_lane(&out, "alerts"), count_lane(&out, "bulk")));
+    }
+    per_chunk
+}
+
+#[test]
+fn a_lower_lane_yields_to_an_active_higher_one_and_runs_at_full_speed_once_it_is_quiet() {
+    const BULK: usize = 20_000;
+    let mut d = TestDriver::new("yield", Relay)
+        .with_lanes(vec![lane("alerts", 0, 1.0), lane("bulk", 1, 0.1)]);
+    pipe_n(&mut d, "bulk", BULK);
+    let mut alerts = 0;
+    // The alerts lane is active: bulk gets its min_share (10%) of each 10 ms period, one
+    // input of 1 ms, never none, and every alert is handled in the chunk it arrived in.
+    let active = light_alerts(&mut d, 20, &mut alerts);
+    for (i, &(a, b)) in active.iter().enumerate() {
+        assert_eq!(a, 20, "chunk {i}: every alert handled at once");
+        assert!(
+            (9..=11).contains(&b),
+            "chunk {i}: bulk got {b} inputs of 1 ms in 100 ms (share 0.1 while alerts are active)"
+        );
+    }
+    // The alerts go quiet: after the active window (250 ms) and at most one period, bulk runs
+    // at full speed (1 input per ms).
+    d.advance_wall_clock(Duration::from_millis(260));
+    let warm = count_lane(&d.read_output("out"), "bulk");
+    assert!(
+        warm <= 40,
+        "bulk still yields for the active window: {warm}"
+    );
+    d.advance_wall_clock(Duration::from_secs(1));
+    assert_eq!(
+        count_lane(&d.read_output("out"), "bulk"),
+        1000,
+        "alerts quiet: bulk at full speed"
+    );
+    // Active again: back to its share.
+    let again = light_alerts(&mut d, 5, &mut alerts);
+    assert!(
+        again
+            .iter()
+            .skip(1)
+            .all(|&(a, b)| a == 20 && (9..=11).contains(&b)),
+        "{again:?}"
+    );
+    // Nothing dropped or reordered.
+    d.advance_wall_clock(Duration::from_secs(60));
+    assert_eq!(d.queued("bulk") + d.queued("alerts"), 0);
+
+    // The same with the yield off: bulk takes every millisecond the alerts leave.
+    let mut d = TestDriver::new("no-yield", Relay)
+        .with_lanes(vec![lane("alerts", 0, 1.0), lane("bulk", 1, 0.1)])
+        .with_lane_yield(None);
+    pipe_n(&mut d, "bulk", BULK);
+    let mut alerts = 0;
+    let off = light_alerts(&mut d, 5, &mut alerts);
+    assert!(off.iter().all(|&(a, b)| a == 20 && b == 80), "{off:?}");
+
+    // A saturated higher lane does not starve a yielding lane either: its record share (the
+    // floor) still holds (here with a 50 ms period).
+    let mut d = TestDriver::new("busy", Relay)
+        .with_lanes(vec![lane("alerts", 0, 1.0), lane("bulk", 1, 0.2)])
+        .with_lane_yield(Some(LaneYield {
+            active_window: Duration::from_millis(250),
+            period: Duration::from_millis(50),
+        }));
+    pipe_n(&mut d, "alerts", 5_000);
+    pipe_n(&mut d, "bulk", 5_000);
+    d.advance_wall_clock(Duration::from_secs(1));
+    let b = count_lane(&d.read_output("out"), "bulk");
+    assert!(
+        (200..=201).contains(&b),
+        "bulk {b} of 1000 with alerts saturated"
     );
 }
 
