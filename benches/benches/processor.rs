@@ -455,13 +455,13 @@ async fn lanes(
     };
     cfg.lanes = vec![lane("hi", &hi, 0), lane("lo", low, 1)];
     let latencies = Arc::new(Mutex::new(Vec::new()));
-    let low = Arc::new(AtomicU64::new(0));
+    let low_count = Arc::new(AtomicU64::new(0));
     let p = Running::start(
         &client,
         cfg,
         LaneProbe {
             latencies: latencies.clone(),
-            low: low.clone(),
+            low: low_count.clone(),
         },
     );
     p.ready(Duration::from_secs(60)).await?;
@@ -473,7 +473,7 @@ async fn lanes(
     let verbose = std::env::var_os("SPOOL_BENCH_VERBOSE").is_some();
     let sched_before = thread_sched();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let (addr2, hi2, low2) = (addr.to_owned(), hi.clone(), low.clone());
+    let (addr2, hi2, low2) = (addr.to_owned(), hi.clone(), low_count.clone());
     std::thread::spawn(move || {
         let r = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -486,9 +486,9 @@ async fn lanes(
         done_rx.await.context("the high lane's driver thread")??;
     // The low lane once the high lane is quiet (past the runtime's active window).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (n0, t0) = (low.load(Ordering::Relaxed), Instant::now());
+    let (n0, t0) = (low_count.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let lo_rate_quiet = (low.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
+    let lo_rate_quiet = (low_count.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
     if verbose {
         print_sched(name, &sched_before, &thread_sched());
     }
