@@ -488,7 +488,8 @@ async fn lanes(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (n0, t0) = (low_count.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let lo_rate_quiet = (low_count.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
+    let lo_rate_quiet =
+        (low_count.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
     if verbose {
         print_sched(name, &sched_before, &thread_sched());
     }

@@ -636,7 +636,7 @@ impl Lanes {
             .map(|l| l.cfg.priority)
             .min();
         for l in &mut self.lanes {
-            if !active.is_some_and(|a| a < l.cfg.priority) {
+            if active.is_none_or(|a| a >= l.cfg.priority) {
                 l.yielding = false;
                 l.gated = false;
                 continue;
