@@ -11,10 +11,12 @@
 //! Invariants:
 //! - Engine work that may block (appends, fsyncs, reads that may fault pages in) runs on
 //!   tokio's blocking pool, never on a reactor thread. The one exception is an append that
-//!   cannot block for long: a small produce request on the async path (no `fsync = always`
-//!   partition) whose partitions take it at once
-//!   (`Partition::try_append_nowait`: writer lock free, no roll due), a copy into the page
-//!   cache that costs less than the hand-off (`service/produce.rs`).
+//!   cannot block for long: a small request of uncompressed batches that waits for no
+//!   fdatasync (on the async path, no `fsync = always` partition; or a `ProduceStream`
+//!   request with `acks = written | none`, whose sync then runs on the blocking pool) whose
+//!   partitions take it at once (`Partition::try_append_nowait`: writer lock free, no roll
+//!   due), a copy into the page cache that costs less than the hand-off
+//!   (`service/produce.rs`).
 //! - Engine errors become wire errors in one place (`error.rs`).
 //! - Every request is bounded before the broker allocates for it: tonic's decode and encode
 //!   limits, partitions per request, records per list, fetch sizes and waits.

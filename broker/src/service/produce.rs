@@ -55,7 +55,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use spool_log_engine::{AppendInfo, BatchHeader, Durable, FsyncPolicy, Partition};
+use spool_log_engine::{AppendInfo, BatchHeader, Compression, Durable, FsyncPolicy, Partition};
 use spool_proto::v1::{self, produce_service_server::ProduceService};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt;
@@ -78,11 +78,14 @@ const MAX_IN_FLIGHT: usize = 64;
 /// [`MAX_IN_FLIGHT`] too.
 const READ_AHEAD: usize = 2;
 
-/// On the async path, a request of pre-encoded, non-transactional batches of at most this many
+/// A request of pre-encoded, uncompressed, non-transactional batches of at most this many
 /// bytes in all is appended on the runtime thread that received it when its partitions take
-/// it without blocking (`Partition::try_append_nowait`: writer lock free, no roll due);
-/// larger ones, and the rest, on the blocking pool. 64 KiB is a copy into the page cache of
-/// some microseconds.
+/// it without blocking (`Partition::try_append_nowait`: writer lock free, no roll due), on
+/// the async path and for `ProduceStream` requests that wait for no fdatasync; larger ones,
+/// and the rest, on the blocking pool. 64 KiB is a copy into the page cache of some
+/// microseconds. Compressed batches never are: their check decompresses them (up to
+/// `max_decompressed_bytes`, 64 MiB by default), milliseconds a 64 KiB request could cost
+/// every connection on the thread.
 const INLINE_MAX_BYTES: usize = 64 << 10;
 
 #[derive(Debug)]
@@ -202,14 +205,18 @@ fn write(
 }
 
 /// True when a request may be written on the runtime thread: every part a pre-encoded batch
-/// (no record list to encode), none transactional (no coordinator call), at most
-/// [`INLINE_MAX_BYTES`] in all.
+/// (no record list to encode), uncompressed (no decompression in its check), none
+/// transactional (no coordinator call), at most [`INLINE_MAX_BYTES`] in all. A batch whose
+/// header does not parse may be: its check refuses it at once.
 fn inline_ok(parts: &[v1::PartitionProduce]) -> bool {
     let mut total = 0usize;
     parts.iter().all(|pp| match &pp.data {
         Some(v1::partition_produce::Data::RecordBatch(b)) => {
             total += b.len();
-            total <= INLINE_MAX_BYTES && !BatchHeader::parse(b).is_ok_and(|h| h.is_transactional())
+            total <= INLINE_MAX_BYTES
+                && BatchHeader::parse(b).map_or(true, |h| {
+                    !h.is_transactional() && matches!(h.compression(), Ok(Compression::None))
+                })
         }
         _ => false,
     })
@@ -245,8 +252,9 @@ fn write_inline(
     (w, Vec::new())
 }
 
-/// Runs the write phase of an async-path request: on this (runtime) thread when the request is small and
-/// its partitions take it without blocking (handing a write of a few kilobytes into the page
+/// Runs the write phase of a request that waits for no fdatasync (the async path, and
+/// `ProduceStream`'s `acks = written | none` requests to `fsync = always` partitions): on
+/// this (runtime) thread when the request is small and its partitions take it without blocking (handing a write of a few kilobytes into the page
 /// cache to another thread costs more than the write), otherwise on the blocking pool.
 async fn write_phase(
     state: &Arc<State>,
@@ -571,9 +579,11 @@ async fn write_one(
             };
             // Nothing here blocks: with `acks = written | none` it only collects the syncs.
             let (results, syncs) = settle_blocking(state, written);
+            // The sync is asked for before the reply is queued: a client that reads no
+            // replies (the reply channel full) must not hold back the batch's visibility.
+            sync_behind_off_thread(syncs);
             let sent = reply(tx, id, Ok(results)).await;
             drop(permit);
-            sync_behind_off_thread(syncs);
             return sent;
         }
         if !waits {

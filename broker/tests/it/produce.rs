@@ -24,6 +24,13 @@ fn batch_of(values: &[&str]) -> Bytes {
     bb.finish().unwrap()
 }
 
+/// One uncompressed batch of `value`: what the runtime-thread path takes.
+fn plain_batch(value: &str) -> Bytes {
+    let mut bb = BatchBuilder::new(Compression::None);
+    bb.push(1_700_000_000_000, Some(b"k"), Some(value.as_bytes()), &[]);
+    bb.finish().unwrap()
+}
+
 fn pp(topic: &str, partition: u32, data: v1::partition_produce::Data) -> v1::PartitionProduce {
     v1::PartitionProduce {
         topic: topic.into(),
@@ -266,18 +273,29 @@ async fn bad_input_is_refused_and_writes_nothing() {
 /// On an `fsync = always` topic (the default): the broker's blocking path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_stream_pipelines_and_keeps_partition_order() {
-    produce_stream_order_case(v1::FsyncPolicy::Always).await;
+    produce_stream_order_case(v1::FsyncPolicy::Always, false).await;
 }
 
 /// The same on an `fsync = never` topic: the async path (appends on the runtime thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_stream_keeps_partition_order_on_the_async_path() {
-    produce_stream_order_case(v1::FsyncPolicy::Never).await;
+    produce_stream_order_case(v1::FsyncPolicy::Never, false).await;
+}
+
+/// Uncompressed pre-encoded batches on an `fsync = always` topic, two in three with
+/// `acks = written`: those are appended and answered on the runtime thread, their sync run on
+/// the blocking pool. Order kept, and every batch becomes visible with no later append to
+/// carry it (each one's sync was asked for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_stream_written_batches_appended_on_the_runtime_thread_keep_order() {
+    produce_stream_order_case(v1::FsyncPolicy::Always, true).await;
 }
 
 /// 300 requests on one stream (the reader decodes ahead of the writer), mixed acks, two
-/// partitions: one reply each, and per partition the offsets follow the stream's order.
-async fn produce_stream_order_case(fsync: v1::FsyncPolicy) {
+/// partitions: one reply each, per partition the offsets follow the stream's order, and
+/// every record becomes visible. `batches`: uncompressed pre-encoded batches, two in three
+/// with `acks = written` (else record lists, one in three `acks = written`).
+async fn produce_stream_order_case(fsync: v1::FsyncPolicy, batches: bool) {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
     let config = v1::TopicConfig {
@@ -287,17 +305,21 @@ async fn produce_stream_order_case(fsync: v1::FsyncPolicy) {
     b.create_topic_with("s", 2, Some(config)).await;
     let mut prod = b.produce().await;
     let n = 300u64;
-    let reqs = (0..n).map(|id| v1::ProduceStreamRequest {
+    let reqs = (0..n).map(move |id| v1::ProduceStreamRequest {
         request_id: id,
         partitions: vec![pp(
             "s",
             (id % 2) as u32,
-            v1::partition_produce::Data::Records(v1::RecordList {
-                records: vec![record(None, &format!("m{id}"))],
-                compression: 0,
-            }),
+            if batches {
+                v1::partition_produce::Data::RecordBatch(plain_batch(&format!("m{id}")))
+            } else {
+                v1::partition_produce::Data::Records(v1::RecordList {
+                    records: vec![record(None, &format!("m{id}"))],
+                    compression: 0,
+                })
+            },
         )],
-        acks: if id % 3 == 0 {
+        acks: if (batches && id % 3 != 2) || (!batches && id % 3 == 0) {
             v1::Acks::Written as i32
         } else {
             0
@@ -323,6 +345,25 @@ async fn produce_stream_order_case(fsync: v1::FsyncPolicy) {
             .map(|(_, o)| *o)
             .collect();
         assert_eq!(offsets, (0..n / 2).collect::<Vec<_>>(), "partition {part}");
+    }
+    // Everything becomes visible (after its fdatasync on `fsync = always`), nothing more sent.
+    let mut admin = b.admin().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let d = admin
+            .describe_topic(v1::DescribeTopicRequest { topic: "s".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let hws: Vec<u64> = d.partitions.iter().map(|p| p.high_watermark).collect();
+        if hws == [n / 2, n / 2] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every record became visible within 10 s: high watermarks {hws:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     b.stop();
 }
