@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use spool_log_engine::{FsyncPolicy, Limits, Log, LogOptions, TopicConfig};
+use spool_log_engine::{FsyncPolicy, Limits, Log, LogOptions, Partition, TopicConfig};
 
 use crate::common::{batch, opts, read_all};
 
@@ -151,14 +151,9 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-/// The broker's way to wait for durability: appenders on several threads `append_nowait`, ask
-/// for a sync (`request_sync`; whoever gets `true` starts the sync loop on a thread of its
-/// own) and await `durable`. Every waiter resolves, and only once its batch is readable
-/// (under `fsync = always` the high watermark is the durable end); the loops all end.
-#[test]
-fn requested_syncs_cover_every_waiter() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), opts()).unwrap();
+/// A log in `dir` with topic "t" (`fsync = always`, 64 KiB segments); its partition 0.
+fn always_partition(dir: &std::path::Path) -> (Log, Arc<Partition>) {
+    let log = Log::open(dir, opts()).unwrap();
     log.create_topic(
         "t",
         TopicConfig {
@@ -169,6 +164,17 @@ fn requested_syncs_cover_every_waiter() {
     )
     .unwrap();
     let p = log.partition("t", 0).unwrap();
+    (log, p)
+}
+
+/// The broker's way to wait for durability: appenders on several threads `append_nowait`, ask
+/// for a sync (`request_sync`; whoever gets `true` starts the sync loop on a thread of its
+/// own) and await `durable`. Every waiter resolves, and only once its batch is readable
+/// (under `fsync = always` the high watermark is the durable end); the loops all end.
+#[test]
+fn requested_syncs_cover_every_waiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, p) = always_partition(dir.path());
     let loops = Arc::new(std::sync::Mutex::new(Vec::new()));
     let writers: Vec<_> = (0..4)
         .map(|w| {
@@ -210,17 +216,7 @@ fn requested_syncs_cover_every_waiter() {
 #[test]
 fn sync_behind_covers_every_append_once_all_callers_returned() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), opts()).unwrap();
-    log.create_topic(
-        "t",
-        TopicConfig {
-            segment_bytes: 64 << 10,
-            fsync: FsyncPolicy::Always,
-            ..TopicConfig::default()
-        },
-    )
-    .unwrap();
-    let p = log.partition("t", 0).unwrap();
+    let (_log, p) = always_partition(dir.path());
     let left_early = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..8)
         .map(|w| {
@@ -260,17 +256,7 @@ fn sync_behind_covers_every_append_once_all_callers_returned() {
 #[test]
 fn sync_behind_covered_leaves_no_batch_unsynced() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), opts()).unwrap();
-    log.create_topic(
-        "t",
-        TopicConfig {
-            segment_bytes: 64 << 10,
-            fsync: FsyncPolicy::Always,
-            ..TopicConfig::default()
-        },
-    )
-    .unwrap();
-    let p = log.partition("t", 0).unwrap();
+    let (_log, p) = always_partition(dir.path());
     // Nothing appended: nothing to sync, covered.
     assert!(p.sync_behind_covered(0));
     let first = p.append_nowait(&batch("first", 2, 0)).unwrap();
