@@ -582,6 +582,29 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e.to_string().contains("elsewhere is not an input"), "{e}");
+        // The yield's ranges: period 1..=1000 ms, window at most an hour, 0 turns it off.
+        for (window, period, ok) in [
+            (250, 10, true),
+            (0, 10, true),
+            (3_600_000, 1000, true),
+            (5, 10, true),
+            (250, 0, false),
+            (250, 1001, false),
+            (3_600_001, 10, false),
+        ] {
+            let mut y = c.clone();
+            y.flow.yield_window_ms = window;
+            y.flow.yield_period_ms = period;
+            assert_eq!(y.validate().is_ok(), ok, "window {window}, period {period}");
+            if ok {
+                let r = y.runtime_config().lane_yield;
+                assert_eq!(r.is_some(), window > 0, "window {window}");
+                if let Some(r) = r {
+                    assert_eq!(r.active_window, Duration::from_millis(window));
+                    assert_eq!(r.period, Duration::from_millis(period));
+                }
+            }
+        }
         let bad = ProcessorConfig {
             name: "has space".into(),
             ..c

@@ -169,9 +169,16 @@ impl Default for LaneYield {
     }
 }
 
-/// `share` (0..=1) of `period`, to the nanosecond.
-fn share_of(period: Duration, share: f64) -> Duration {
-    Duration::from_nanos((period.as_nanos() as f64 * share.clamp(0.0, 1.0)).round() as u64)
+/// The smallest share of the loop a yielding lane gets, whatever its `min_share` (a lane
+/// with `min_share = 0` too): 1 % of each period, so a lower lane is never starved while
+/// the loop has time (with the defaults, 100 µs per 10 ms period).
+pub const MIN_YIELD_SHARE: f64 = 0.01;
+
+/// The loop time per `period` of a yielding lane with `share`: `share` (0..=1, at least
+/// [`MIN_YIELD_SHARE`]) of `period`, to the nanosecond.
+fn yield_budget(period: Duration, share: f64) -> Duration {
+    let share = share.clamp(MIN_YIELD_SHARE, 1.0);
+    Duration::from_nanos((period.as_nanos() as f64 * share).round() as u64)
 }
 
 /// One lane (TOML `[[lanes]]`).
@@ -612,12 +619,25 @@ impl Lanes {
         }
     }
 
-    /// Charges `busy` of loop time to lane `l` (counted only while it yields).
+    /// Charges `busy` of loop time (the handling of one of its records) to lane `l`
+    /// (counted only while it yields). The debt is capped: at most one period past the
+    /// budget is carried, so one slow record cuts the lane off for at most about
+    /// `period / budget` periods.
     pub(crate) fn charge(&mut self, l: usize, busy: Duration) {
+        let Some(y) = self.yield_cfg else { return };
         let lane = &mut self.lanes[l];
         if lane.yielding {
-            lane.busy = lane.busy.saturating_add(busy);
+            let cap = y
+                .period
+                .saturating_add(yield_budget(y.period, lane.cfg.min_share));
+            lane.busy = lane.busy.saturating_add(busy).min(cap);
         }
+    }
+
+    /// Whether lane `l` yields and spent its budget (is left out of the read order unless it
+    /// is below its record share).
+    pub(crate) fn gated(&self, l: usize) -> bool {
+        self.lanes[l].gated
     }
 
     /// Decides at `now` (since the lanes' origin) which lanes yield (a higher open lane
@@ -636,7 +656,9 @@ impl Lanes {
             .map(|l| l.cfg.priority)
             .min();
         for l in &mut self.lanes {
-            if active.is_none_or(|a| a >= l.cfg.priority) {
+            // A closed lane is not read anyway: it does not yield (no wake-ups for it, and
+            // the yielding gauge shows 0).
+            if l.closed.is_some() || active.is_none_or(|a| a >= l.cfg.priority) {
                 l.yielding = false;
                 l.gated = false;
                 continue;
@@ -646,13 +668,17 @@ impl Lanes {
                 l.busy = Duration::ZERO;
                 l.period_start = now;
             }
-            let budget = share_of(y.period, l.cfg.min_share);
-            if now.saturating_sub(l.period_start) >= y.period {
-                // Each period gives one budget; spending past it is carried over.
-                l.busy = l.busy.saturating_sub(budget);
-                l.period_start = now;
+            let budget = yield_budget(y.period, l.cfg.min_share);
+            let elapsed = now.saturating_sub(l.period_start);
+            if elapsed >= y.period {
+                // Each period that ended gives one budget (spending past it is carried
+                // over); the periods stay on their grid.
+                let n = elapsed.as_nanos() / y.period.as_nanos();
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                l.busy = l.busy.saturating_sub(budget.saturating_mul(n));
+                l.period_start += y.period.saturating_mul(n);
             }
-            l.gated = budget.is_zero() || l.busy >= budget;
+            l.gated = l.busy >= budget;
         }
     }
 
@@ -926,15 +952,128 @@ mod tests {
         l.decide(0);
         l.gate(ms(300));
         assert!(!l.lanes[1].yielding);
-        // min_share 0: no floor, not read while the higher lane is active.
+        // min_share 0: no record floor, but still MIN_YIELD_SHARE of each period (100 µs of
+        // 10 ms), so it is never starved while the higher lane is active.
         let mut z = Lanes::new(&[lane("hi", 0, 1.0), lane("bulk", 1, 0.0)], &[], &clock);
         z.set_yield(Some(LaneYield::default()));
         z.decide(0);
         z.mark(0, ms(0));
         z.gate(ms(0));
-        assert_eq!(z.order(), vec![0]);
+        assert!(z.lanes[1].yielding);
+        assert_eq!(z.order(), vec![0, 1], "its minimum budget is not spent");
+        z.charge(1, Duration::from_micros(99));
+        z.gate(ms(1));
+        assert_eq!(z.order(), vec![0, 1]);
+        z.charge(1, Duration::from_micros(1));
+        z.gate(ms(2));
+        assert_eq!(
+            z.order(),
+            vec![0],
+            "100 µs spent: not read until the period ends"
+        );
+        assert_eq!(z.next_ungate(), Some(ms(10)));
+        z.gate(ms(10));
+        assert_eq!(z.order(), vec![0, 1], "a new period, a new budget");
         z.set_yield(None);
         assert_eq!(z.order(), vec![0, 1], "the yield off: read as before");
+    }
+
+    #[test]
+    fn a_yielding_lanes_debt_is_capped_and_periods_stay_on_their_grid() {
+        let clock = ThrottleClock::manual(0);
+        let mut l = Lanes::new(&[lane("hi", 0, 1.0), lane("lo", 1, 0.1)], &[], &clock);
+        l.set_yield(Some(LaneYield::default()));
+        l.decide(0);
+        let ms = Duration::from_millis;
+        l.mark(0, ms(0));
+        l.gate(ms(0));
+        assert!(l.lanes[1].yielding && !l.lanes[1].gated);
+        // A record that took 3 s (as a retry in place would, were its backoff charged): the
+        // debt is capped at one period past the budget (11 ms), so the lane is cut off for
+        // 11 periods, not 3 000.
+        l.charge(1, Duration::from_secs(3));
+        assert_eq!(l.lanes[1].busy, ms(11));
+        let mut open_at = None;
+        for t in (0..=400).step_by(10) {
+            l.mark(0, ms(t));
+            l.gate(ms(t));
+            if !l.lanes[1].gated {
+                open_at = Some(t);
+                break;
+            }
+        }
+        assert_eq!(open_at, Some(110), "cut off for 11 periods");
+        // Periods that ended unseen each give a budget, and the next period starts on the
+        // grid (not at the time the loop looked).
+        l.charge(1, ms(5));
+        l.mark(0, ms(115));
+        l.gate(ms(115));
+        assert!(l.lanes[1].gated);
+        assert_eq!(l.next_ungate(), Some(ms(120)));
+        l.mark(0, ms(137));
+        l.gate(ms(137));
+        // 110 → 130: two periods ended, two budgets (2 ms) off the 5 ms charged.
+        assert_eq!(l.lanes[1].busy, ms(3));
+        assert_eq!(l.lanes[1].period_start, ms(130));
+        assert_eq!(l.next_ungate(), Some(ms(140)));
+        l.mark(0, ms(171));
+        l.gate(ms(171));
+        assert_eq!(l.lanes[1].busy, ms(0), "three more budgets");
+        assert_eq!(l.lanes[1].period_start, ms(170));
+        assert!(!l.lanes[1].gated);
+    }
+
+    #[test]
+    fn closed_lanes_do_not_yield_and_quiet_hours_end_the_yield() {
+        let clock = ThrottleClock::manual(0);
+        let day = |h: &str| ms(&format!("2024-01-01T{h}:00Z"));
+        let mut hi = lane("hi", 0, 1.0);
+        // The high lane is quiet 12:00–13:00 UTC.
+        hi.quiet_hours = vec![QuietHours {
+            time_zone: "UTC".into(),
+            start: "12:00".into(),
+            end: "13:00".into(),
+        }];
+        let mut lo = lane("lo", 1, 0.1);
+        // The low lane is quiet 10:00–11:00 UTC.
+        lo.quiet_hours = vec![QuietHours {
+            time_zone: "UTC".into(),
+            start: "10:00".into(),
+            end: "11:00".into(),
+        }];
+        let mut l = Lanes::new(&[hi, lo], &[], &clock);
+        l.set_yield(Some(LaneYield::default()));
+        let d = Duration::from_millis;
+        // 10:30: the low lane is quiet; an active high lane does not make it yield (no
+        // wake-ups for it, the yielding gauge at 0).
+        l.decide(day("10:30"));
+        l.mark(0, d(0));
+        l.gate(d(0));
+        assert!(l.lanes[1].closed.is_some());
+        assert!(!l.lanes[1].yielding && !l.lanes[1].gated);
+        assert_eq!(l.next_ungate(), None);
+        // 11:30: open again, and the high lane active: it yields.
+        l.decide(day("11:30"));
+        l.gate(d(1));
+        assert!(l.lanes[1].yielding);
+        l.charge(1, d(2));
+        l.gate(d(2));
+        assert!(l.lanes[1].gated);
+        assert_eq!(l.order(), vec![0]);
+        // 12:30: the high lane's quiet hours begin: the low lane is read at full speed at
+        // once, though the high lane handled a record within the window.
+        l.decide(day("12:30"));
+        l.gate(d(3));
+        assert!(!l.lanes[1].yielding && !l.lanes[1].gated);
+        assert_eq!(l.order(), vec![1]);
+        // An operator's pause of the low lane under an active high lane: not yielding.
+        l.decide(day("13:30"));
+        l.mark(0, d(4));
+        l.lanes[1].operator_paused = true;
+        l.decide(day("13:30"));
+        l.gate(d(4));
+        assert!(!l.lanes[1].yielding);
+        assert_eq!(l.order(), vec![0]);
     }
 
     #[test]

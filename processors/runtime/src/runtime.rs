@@ -34,12 +34,15 @@
 //! - The loop returns to tokio at least every [`YIELD_EVERY`] (1 ms) while it works through
 //!   buffered input, and right after spawning a commit: a task it spawns or wakes waits in
 //!   its worker's LIFO slot, which the other worker cannot steal, until it does.
-//! - With several lane priorities and [`RuntimeConfig::lane_yield`] on, each loop
-//!   iteration's time (less in-place throttle waits) is charged to the lane whose record it
-//!   handled, and a lane yielding to an active higher lane is left out of the read order once
-//!   it spent its `min_share` of the period, unless it is below its record share
-//!   ([`crate::flow`]); the loop wakes at that period's end. One lane or the yield off: no
-//!   charge, no extra clock read.
+//! - With several lane priorities and [`RuntimeConfig::lane_yield`] on, the handling of
+//!   each record (from taking it, after any in-place wait for its lane token, until it is
+//!   processed, less a retry in place's commit and backoff; not the wait for it, the loop's
+//!   commits, ticks or yields) is charged to its lane, and a lane yielding to an active
+//!   higher lane is left out of the read order once it spent its `min_share` (at least
+//!   [`crate::flow::MIN_YIELD_SHARE`]) of the period, unless it is below its record share
+//!   ([`crate::flow`]); the loop wakes at that period's end. While such a cut-off lane has
+//!   records waiting (lag), the open transaction is not committed on the linger, only on
+//!   `commit_interval`. One lane or the yield off: no charge, no extra clock read.
 //! - Outputs reach the broker in full batches written in the background, at most
 //!   [`RuntimeConfig::output_writes_in_flight`] at once and one per partition (so each
 //!   partition's batches arrive in sequence order); every one is acknowledged before the
@@ -584,13 +587,9 @@ struct Session<'c> {
     lanes: Lanes,
     /// The lanes' time origin (their yield works on durations since it).
     lanes_origin: Instant,
-    /// When the current loop iteration began.
-    iter_top: Instant,
-    /// The lane whose record the current iteration handled: the iteration's time is charged
-    /// to it ([`Lanes::charge`]).
-    handled_lane: Option<usize>,
-    /// Time the current iteration slept in place for a lane token (not charged).
-    inline_slept: Duration,
+    /// Time spent inside the record being processed that is not the record's work (the
+    /// commit before a retry in place and the retry's backoff): not charged to its lane.
+    uncharged: Duration,
     /// Retry topic → its source topic.
     retry_of: HashMap<String, Arc<str>>,
     held: BTreeMap<TopicPartition, Held>,
@@ -722,9 +721,7 @@ impl<'c> Session<'c> {
             last_yield: Instant::now(),
             lanes,
             lanes_origin: Instant::now(),
-            iter_top: Instant::now(),
-            handled_lane: None,
-            inline_slept: Duration::ZERO,
+            uncharged: Duration::ZERO,
             retry_of,
             held: BTreeMap::new(),
             parked: flow::Parking::new(cfg.max_parked_bytes),
@@ -830,9 +827,10 @@ impl<'c> Session<'c> {
                     }
                 }
                 // Reached only when no record was ready (the poll comes first): the input is
-                // drained, so a transaction idle for the linger commits now.
+                // drained (unless a lane cut off by the yield has records waiting), so a
+                // transaction idle for the linger commits now.
                 () = tokio::time::sleep_until(wake.into()) => {
-                    if self.lingered() {
+                    if self.lingered() && !self.cut_off_lane_waiting() {
                         self.commit_in_background(handler).await?;
                     }
                 }
@@ -856,24 +854,35 @@ impl<'c> Session<'c> {
         }
     }
 
-    /// At the top of a loop iteration (`now`): charges the previous iteration's time (less
-    /// in-place throttle waits) to the lane whose record it handled, and decides which lanes
-    /// yield to active higher ones and which spent their budget ([`Lanes::gate`]). Nothing
-    /// to do unless the lanes may yield (one lane, or the yield off: no cost).
+    /// At the top of a loop iteration (`now`): decides which lanes yield to active higher
+    /// ones and which spent their budget ([`Lanes::gate`]; the lanes are charged for their
+    /// records' handling in [`Session::on_record`]). Nothing to do unless the lanes may
+    /// yield (one lane, or the yield off: no cost).
     fn gate_lanes(&mut self, now: Instant) {
         if !self.lanes.yields() {
             return;
         }
-        if let Some(l) = self.handled_lane.take() {
-            let busy = now
-                .saturating_duration_since(self.iter_top)
-                .saturating_sub(self.inline_slept);
-            self.lanes.charge(l, busy);
-        }
-        self.iter_top = now;
-        self.inline_slept = Duration::ZERO;
         self.lanes
             .gate(now.saturating_duration_since(self.lanes_origin));
+    }
+
+    /// Whether a lane cut off by the yield ([`Lanes::gate`]) still has records waiting
+    /// (lag on one of its partitions): the input is not drained then, so the open
+    /// transaction is not committed on the linger (it commits on `commit_interval`, as when
+    /// that lane was read without pause). Else every high-lane record in the idle gaps of
+    /// the cut-off would commit (and fsync) a transaction of its own.
+    fn cut_off_lane_waiting(&self) -> bool {
+        if !self.lanes.yields() {
+            return false;
+        }
+        self.owned.iter().any(|tp| {
+            let source = self.retry_of.get(&*tp.topic).map_or(&*tp.topic, |s| s);
+            self.lanes.of(source).is_some_and(|l| self.lanes.gated(l))
+                && self
+                    .member
+                    .lag(&tp.topic, tp.partition)
+                    .is_some_and(|lag| lag > 0)
+        })
     }
 
     /// Returns to tokio once. (Waking itself instead, so that tokio requeues it behind the
@@ -1137,9 +1146,7 @@ impl<'c> Session<'c> {
                     );
                     return Ok(());
                 }
-                let slept = Instant::now();
                 tokio::time::sleep(wait.after).await;
-                self.inline_slept += slept.elapsed();
             }
         }
         let read_offset = r.offset;
@@ -1172,19 +1179,30 @@ impl<'c> Session<'c> {
             attempt,
             lane: lane_name,
         };
+        // The lane is charged for the record's handling only: from here (the record taken,
+        // any in-place wait for its token done) until it is processed, less the commit and
+        // backoff of a retry in place. Not the wait for the record, commits of the loop,
+        // ticks or yields to tokio.
+        let mut charged = None;
         if let Some(l) = lane {
             self.lanes.lanes[l].window_count += 1;
             if self.lanes.yields() {
-                // The iteration's start is near enough for the active window.
-                self.lanes.mark(
-                    l,
-                    self.iter_top.saturating_duration_since(self.lanes_origin),
-                );
-                self.handled_lane = Some(l);
+                let taken = Instant::now();
+                self.lanes
+                    .mark(l, taken.saturating_duration_since(self.lanes_origin));
+                charged = Some((l, taken));
             }
         }
+        self.uncharged = Duration::ZERO;
         let rewinds = self.rewinds;
-        let handled = self.process(handler, input, history, &tp, shutdown).await?;
+        let handled = self.process(handler, input, history, &tp, shutdown).await;
+        if let Some((l, taken)) = charged {
+            let busy = taken
+                .elapsed()
+                .saturating_sub(std::mem::take(&mut self.uncharged));
+            self.lanes.charge(l, busy);
+        }
+        let handled = handled?;
         if self.rewinds != rewinds {
             // A transaction aborted meanwhile (this record's, or the commit before a retry in
             // place): every input, this one included, was moved back to the last commit.
@@ -1450,14 +1468,20 @@ impl<'c> Session<'c> {
                             "retrying in place"
                         );
                         // Commit what is done, then wait without holding a transaction open.
+                        // Neither is the record's work: not charged to its lane.
+                        let paused = Instant::now();
                         let rewinds = self.rewinds;
-                        self.commit(handler).await?;
+                        let committed = self.commit(handler).await;
+                        self.uncharged += paused.elapsed();
+                        committed?;
                         if self.rewinds != rewinds {
                             // That commit aborted: this input is read again from there.
                             return Ok(false);
                         }
                         self.metrics.blocked.inc();
+                        let waited = Instant::now();
                         let go_on = self.wait_retry(delay, shutdown, read, &input).await;
+                        self.uncharged += waited.elapsed();
                         self.metrics.blocked.dec();
                         if !go_on {
                             return Ok(false);

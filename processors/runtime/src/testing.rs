@@ -163,6 +163,9 @@ struct LaneSim {
     part_held: BTreeMap<(Arc<str>, u32), i64>,
     /// When the current share window started (ms).
     window_start: i64,
+    /// Per lane: the record time of its inputs, if not the driver's
+    /// ([`TestDriver::with_lane_record_time`]).
+    record_ms: Vec<Option<i64>>,
 }
 
 /// The driver's clock (ms since the epoch) as the lanes' time.
@@ -234,8 +237,9 @@ impl LaneSim {
     /// their order, skipping those whose throttle holds a record, and in a lane the first
     /// input of a partition not held back by its key's rate. `None` if none may go now (the
     /// throttles then hold them until the token is due).
-    /// Each input taken counts `record_ms` of loop time against its lane's yield budget.
-    fn take(&mut self, now: i64, record_ms: i64) -> Option<Input> {
+    /// Each input taken counts its lane's record time (`record_ms` unless the lane has its
+    /// own) of loop time against its lane's yield budget; returned with the input.
+    fn take(&mut self, now: i64, record_ms: i64) -> Option<(Input, i64)> {
         self.clock.set_ms(now);
         self.roll_window(now);
         self.lanes.decide(now);
@@ -256,9 +260,10 @@ impl LaneSim {
                 }
                 let Some(wait) = self.lanes.lanes[l].admit(input.key.as_deref()) else {
                     self.lanes.lanes[l].window_count += 1;
+                    let ms = self.record_ms[l].unwrap_or(record_ms);
                     self.lanes.mark(l, lanes_time(now));
-                    self.lanes.charge(l, lanes_time(record_ms));
-                    return self.queues[l].remove(i);
+                    self.lanes.charge(l, lanes_time(ms));
+                    return self.queues[l].remove(i).map(|input| (input, ms));
                 };
                 let ms = wait.after.as_nanos().div_ceil(1_000_000);
                 let until = now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX).max(1));
@@ -363,6 +368,7 @@ impl<H: AsyncHandler> TestDriver<H> {
             held_until: vec![None; n],
             part_held: BTreeMap::new(),
             window_start: self.wall_ms,
+            record_ms: vec![None; n],
         });
         self
     }
@@ -383,6 +389,16 @@ impl<H: AsyncHandler> TestDriver<H> {
     /// 1 ms): the handler's processing time, as far as shares and rates are concerned.
     pub fn with_record_time(mut self, d: Duration) -> Self {
         self.record_ms = (d.as_millis() as i64).max(1);
+        self
+    }
+
+    /// How far the clock moves for each input taken from lane `lane` (at least 1 ms), if not
+    /// [`TestDriver::with_record_time`]: a lane whose records take longer to handle. Call
+    /// after [`TestDriver::with_lanes`].
+    pub fn with_lane_record_time(mut self, lane: &str, d: Duration) -> Self {
+        let sim = self.lanes.as_mut().expect("with_lanes");
+        let i = sim.lane(lane);
+        sim.record_ms[i] = Some((d.as_millis() as i64).max(1));
         self
     }
 
@@ -614,11 +630,11 @@ impl<H: AsyncHandler> TestDriver<H> {
                         .lanes
                         .as_mut()
                         .and_then(|s| s.take(now, self.record_ms));
-                    if let Some(input) = taken {
+                    if let Some((input, ms)) = taken {
                         let partition = input.partition;
                         self.process(input, Vec::new()).await;
                         self.fire_stream_timers(partition).await;
-                        self.wall_ms += self.record_ms;
+                        self.wall_ms += ms;
                     }
                 }
                 (Some((due, i)), t, _) if t.is_none_or(|(at, _)| due <= at) => {
