@@ -47,18 +47,26 @@
 //! then waits for a CPU (the lanes bench: the high lane's p99 rose 2.8–4.3× with the low lane
 //! saturated although the loop took every high-lane record first). So while a lane of
 //! higher priority is *active* (it handled a record within the last `active_window`, default
-//! 250 ms, and is not closed), a lower lane *yields*: the loop time spent on its records is
-//! charged to it, and once it used its `min_share` of the current `period` (default 10 ms:
-//! 1 ms at a share of 0.1) it is not read until the period ends. Not read means what the
+//! 250 ms, and is not closed), a lower open lane *yields*: the loop time spent handling its
+//! records is charged to it (by the runtime: from taking a record until it is processed,
+//! less a retry in place's commit and backoff), and once it used its `min_share` (at least
+//! [`MIN_YIELD_SHARE`]) of the current `period` (default 10 ms: 1 ms at a share of 0.1) it
+//! is not read until the period ends. Not read means what the
 //! module docs above say: its stream keeps what it fetched and the broker stops sending it
 //! more once the flow-control window is full, so the broker's work for it stops too. The
 //! loop is then free (idle, or handling the higher lanes). Time charged past the budget (a
-//! slow record) is carried into the next period, so over time a yielding lane gets its
-//! share of the loop and no more. Invariants:
-//! - a yielding lane is never starved: it gets `min_share` of each period's loop time, and a
-//!   lane below its `min_share` of the records of the one-second window is read whatever its
-//!   budget (the record floor above still holds). A lane with `min_share = 0` has no floor:
-//!   it waits while a higher lane is active (as configured);
+//! slow record) is carried into the following periods, at most one period past the budget,
+//! and every period that ended gives one budget (periods stay on a fixed grid from when the
+//! lane began yielding), so over time a yielding lane gets its share of the loop and no
+//! more, and one slow record cuts it off for at most about `period / budget` periods.
+//! "Active" is one record within the window: a higher lane throttled to a few records a
+//! second keeps the lanes below it at their share though the loop is mostly idle (a known
+//! limit; see docs/processors.md). Invariants:
+//! - a yielding lane is never starved: it gets `min_share` (at least [`MIN_YIELD_SHARE`],
+//!   also with `min_share = 0`) of each period's loop time, and a lane below its
+//!   `min_share` of the records of the one-second window is read whatever its budget (the
+//!   record floor above still holds; `min_share = 0` has none);
+//! - a closed (paused, quiet) lane does not yield;
 //! - when the higher lanes go quiet (no record for `active_window`) or are closed, the lower
 //!   lane is read at full speed again at its next period end at the latest;
 //! - the top lanes, and every lane when the yield is off, are read as before.
