@@ -771,7 +771,11 @@ impl<'c> Session<'c> {
             }
             // With a commit in flight the open transaction cannot commit yet: its end wakes
             // the loop.
+            // While a lane cut off by the yield has records waiting the input is not drained:
+            // no linger (else the loop would wake at once, again and again, for nothing).
+            let cut_off = self.cut_off_lane_waiting();
             let wake = match (&self.txn, &self.committing) {
+                (Some(t), None) if cut_off => t.started + self.cfg.commit_interval,
                 (Some(t), None) => (t.started + self.cfg.commit_interval)
                     .min(t.last_input + self.cfg.commit_linger),
                 _ => self.last_tick + self.cfg.tick_interval,
@@ -830,7 +834,7 @@ impl<'c> Session<'c> {
                 // drained (unless a lane cut off by the yield has records waiting), so a
                 // transaction idle for the linger commits now.
                 () = tokio::time::sleep_until(wake.into()) => {
-                    if self.lingered() && !self.cut_off_lane_waiting() {
+                    if self.lingered() && !cut_off {
                         self.commit_in_background(handler).await?;
                     }
                 }
@@ -872,7 +876,7 @@ impl<'c> Session<'c> {
     /// that lane was read without pause). Else every high-lane record in the idle gaps of
     /// the cut-off would commit (and fsync) a transaction of its own.
     fn cut_off_lane_waiting(&self) -> bool {
-        if !self.lanes.yields() {
+        if !self.lanes.yields() || self.lanes.next_ungate().is_none() {
             return false;
         }
         self.owned.iter().any(|tp| {
