@@ -590,6 +590,10 @@ struct Session<'c> {
     /// Time spent inside the record being processed that is not the record's work (the
     /// commit before a retry in place and the retry's backoff): not charged to its lane.
     uncharged: Duration,
+    /// When the record being handled was ready in the consumer (the poll that returned it
+    /// began, or its last wait ended): its lane's charge starts there, so the work of
+    /// reading and decoding a ready record is charged too, the wait for one is not.
+    charge_from: Option<Instant>,
     /// Retry topic → its source topic.
     retry_of: HashMap<String, Arc<str>>,
     held: BTreeMap<TopicPartition, Held>,
@@ -722,6 +726,7 @@ impl<'c> Session<'c> {
             lanes,
             lanes_origin: Instant::now(),
             uncharged: Duration::ZERO,
+            charge_from: None,
             retry_of,
             held: BTreeMap::new(),
             parked: flow::Parking::new(cfg.max_parked_bytes),
@@ -803,6 +808,10 @@ impl<'c> Session<'c> {
                 Some((k, _)) => &order[..*k],
                 None => &order[..],
             };
+            // With the yield on: when the poll began and when it last waited (the wait for a
+            // record is not charged to its lane; reading a ready one is).
+            let poll_start = self.lanes.yields().then(Instant::now);
+            let mut waited_until: Option<Instant> = None;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => continue,
@@ -813,7 +822,18 @@ impl<'c> Session<'c> {
                     let c = self.committing.take().expect("joined");
                     self.committed_in_background(c, joined).await?;
                 }
-                polled = self.member.poll_streams(poll_order) => match polled {
+                polled = async {
+                    let poll = self.member.poll_streams(poll_order);
+                    let mut poll = std::pin::pin!(poll);
+                    std::future::poll_fn(|cx| {
+                        let r = poll.as_mut().poll(cx);
+                        if r.is_pending() && poll_start.is_some() {
+                            waited_until = Some(Instant::now());
+                        }
+                        r
+                    })
+                    .await
+                } => match polled {
                     None => return Err(RuntimeError::Client(spool_client::Error::Closed)),
                     Some(Err(e)) => return Err(e.into()),
                     Some(Ok(Polled::Membership)) => {
@@ -823,7 +843,12 @@ impl<'c> Session<'c> {
                         self.reconcile().await?;
                         self.forget_restarted(before).await?;
                     }
-                    Some(Ok(Polled::Record(r))) => self.on_polled(handler, r, shutdown).await?,
+                    Some(Ok(Polled::Record(r))) => {
+                        self.charge_from = waited_until.or(poll_start);
+                        let done = self.on_polled(handler, r, shutdown).await;
+                        self.charge_from = None;
+                        done?;
+                    }
                 },
                 () = std::future::ready(()), if parked.is_some() => {
                     if let Some((_, tp)) = parked {
@@ -1151,6 +1176,8 @@ impl<'c> Session<'c> {
                     return Ok(());
                 }
                 tokio::time::sleep(wait.after).await;
+                // The wait for the token is not the record's work.
+                self.charge_from = None;
             }
         }
         let read_offset = r.offset;
@@ -1183,15 +1210,16 @@ impl<'c> Session<'c> {
             attempt,
             lane: lane_name,
         };
-        // The lane is charged for the record's handling only: from here (the record taken,
-        // any in-place wait for its token done) until it is processed, less the commit and
-        // backoff of a retry in place. Not the wait for the record, commits of the loop,
-        // ticks or yields to tokio.
+        // The lane is charged for the record's reading and handling only: from when it was
+        // ready in the consumer (`charge_from`; here if it came from the parked records or
+        // waited in place for its token) until it is processed, less the commit and backoff
+        // of a retry in place. Not the wait for the record, commits of the loop, ticks or
+        // yields to tokio.
         let mut charged = None;
         if let Some(l) = lane {
             self.lanes.lanes[l].window_count += 1;
             if self.lanes.yields() {
-                let taken = Instant::now();
+                let taken = self.charge_from.take().unwrap_or_else(Instant::now);
                 self.lanes
                     .mark(l, taken.saturating_duration_since(self.lanes_origin));
                 charged = Some((l, taken));
