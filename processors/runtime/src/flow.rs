@@ -48,8 +48,9 @@
 //! saturated although the loop took every high-lane record first). So while a lane of
 //! higher priority is *active* (it handled a record within the last `active_window`, default
 //! 250 ms, and is not closed), a lower open lane *yields*: the loop time spent handling its
-//! records is charged to it (by the runtime: from taking a record until it is processed,
-//! less a retry in place's commit and backoff), and once it used its `min_share` (at least
+//! records is charged to it (by the runtime: from when a record was ready in the consumer
+//! until it is processed, less an in-place token wait and a retry in place's commit and
+//! backoff), and once it used its `min_share` (at least
 //! [`MIN_YIELD_SHARE`]) of the current `period` (default 10 ms: 1 ms at a share of 0.1) it
 //! is not read until the period ends. Not read means what the
 //! module docs above say: its stream keeps what it fetched and the broker stops sending it
