@@ -34,13 +34,13 @@
 //! - The loop returns to tokio at least every [`YIELD_EVERY`] (1 ms) while it works through
 //!   buffered input, and right after spawning a commit: a task it spawns or wakes waits in
 //!   its worker's LIFO slot, which the other worker cannot steal, until it does.
-//! - With several lane priorities and [`RuntimeConfig::lane_yield`] on, the handling of
-//!   each record (from when it was ready in the consumer until it is processed, less an
-//!   in-place wait for its lane token and a retry in place's commit and backoff; not the
-//!   wait for it, the loop's commits, ticks or yields) is charged to its lane, and a lane yielding to an active
-//!   higher lane is left out of the read order once it spent its `min_share` (at least
-//!   [`crate::flow::MIN_YIELD_SHARE`]) of the period, unless it is below its record share
-//!   ([`crate::flow`]); the loop wakes at that period's end. While such a cut-off lane has
+//! - With several lane priorities and [`RuntimeConfig::lane_yield`] on, the reading and
+//!   handling of each record (from when it was ready in the consumer until it is processed,
+//!   less an in-place wait for its lane token and a retry in place's commit and backoff;
+//!   not the wait for it, the loop's commits, ticks or yields) is charged to its lane, and a
+//!   lane yielding to an active higher lane is left out of the read order once it spent its
+//!   `min_share` (at least [`crate::flow::MIN_YIELD_SHARE`]) of the period, unless it is
+//!   below its record share ([`crate::flow`]); the loop wakes at that period's end. While such a cut-off lane has
 //!   records waiting (lag), the open transaction is not committed on the linger, only on
 //!   `commit_interval`. One lane or the yield off: no charge, no extra clock read.
 //! - Outputs reach the broker in full batches written in the background, at most
