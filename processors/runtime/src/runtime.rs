@@ -40,9 +40,9 @@
 //!   not the wait for it, the loop's commits, ticks or yields) is charged to its lane, and a
 //!   lane yielding to an active higher lane is left out of the read order once it spent its
 //!   `min_share` (at least [`crate::flow::MIN_YIELD_SHARE`]) of the period, unless it is
-//!   below its record share ([`crate::flow`]); the loop wakes at that period's end. While such a cut-off lane has
-//!   records waiting (lag), the open transaction is not committed on the linger, only on
-//!   `commit_interval`. One lane or the yield off: no charge, no extra clock read.
+//!   below its record share ([`crate::flow`]); the loop wakes at that period's end. While
+//!   such a cut-off lane has records waiting (lag), the open transaction is not committed
+//!   on the linger, only on `commit_interval`. One lane or the yield off: no charge, no extra clock read.
 //! - Outputs reach the broker in full batches written in the background, at most
 //!   [`RuntimeConfig::output_writes_in_flight`] at once and one per partition (so each
 //!   partition's batches arrive in sequence order); every one is acknowledged before the
