@@ -590,9 +590,10 @@ struct Session<'c> {
     /// Time spent inside the record being processed that is not the record's work (the
     /// commit before a retry in place and the retry's backoff): not charged to its lane.
     uncharged: Duration,
-    /// When the record being handled was ready in the consumer (the poll that returned it
-    /// began, or its last wait ended): its lane's charge starts there, so the work of
-    /// reading and decoding a ready record is charged too, the wait for one is not.
+    /// When the record being handled was ready in the consumer (the last poll of the
+    /// streams began, the one that returned it; a wait before it is not counted): its lane's
+    /// charge starts there, so the work of reading and decoding a ready record is charged
+    /// too, the wait for one is not (nor catching up on tables).
     charge_from: Option<Instant>,
     /// Retry topic → its source topic.
     retry_of: HashMap<String, Arc<str>>,
@@ -808,10 +809,11 @@ impl<'c> Session<'c> {
                 Some((k, _)) => &order[..*k],
                 None => &order[..],
             };
-            // With the yield on: when the poll began and when it last waited (the wait for a
-            // record is not charged to its lane; reading a ready one is).
+            // With the yield on: when the poll began, and when the last poll of the streams
+            // began (the one that returns the record: the wait for a record, between polls,
+            // is not charged to its lane; reading a ready one is).
             let poll_start = self.lanes.yields().then(Instant::now);
-            let mut waited_until: Option<Instant> = None;
+            let mut last_poll: Option<Instant> = None;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => continue,
@@ -826,11 +828,10 @@ impl<'c> Session<'c> {
                     let poll = self.member.poll_streams(poll_order);
                     let mut poll = std::pin::pin!(poll);
                     std::future::poll_fn(|cx| {
-                        let r = poll.as_mut().poll(cx);
-                        if r.is_pending() && poll_start.is_some() {
-                            waited_until = Some(Instant::now());
+                        if poll_start.is_some() {
+                            last_poll = Some(Instant::now());
                         }
-                        r
+                        poll.as_mut().poll(cx)
                     })
                     .await
                 } => match polled {
@@ -844,7 +845,7 @@ impl<'c> Session<'c> {
                         self.forget_restarted(before).await?;
                     }
                     Some(Ok(Polled::Record(r))) => {
-                        self.charge_from = waited_until.or(poll_start);
+                        self.charge_from = last_poll.or(poll_start);
                         let done = self.on_polled(handler, r, shutdown).await;
                         self.charge_from = None;
                         done?;
@@ -1131,9 +1132,14 @@ impl<'c> Session<'c> {
             self.member.seek(&tp, r.offset).await?;
             return Ok(());
         }
+        let tables_from = self.charge_from.map(|_| Instant::now());
         if !self.retry_of.contains_key(&*r.topic) && self.behind_tables(&tp, r.offset).await {
             self.hold(tp, r, TABLE_POLL);
             return Ok(());
+        }
+        // Catching up on tables (it may ask the broker) is not the record's work either.
+        if let (Some(from), Some(t)) = (self.charge_from.as_mut(), tables_from) {
+            *from += t.elapsed();
         }
         let now = self.cfg.clock.now_ms();
         // A record from a retry topic: its original position, attempt and due time.
