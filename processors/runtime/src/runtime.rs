@@ -809,10 +809,10 @@ impl<'c> Session<'c> {
                 Some((k, _)) => &order[..*k],
                 None => &order[..],
             };
-            // With the yield on: when the poll began, and when the last poll of the streams
-            // began (the one that returns the record: the wait for a record, between polls,
-            // is not charged to its lane; reading a ready one is).
-            let poll_start = self.lanes.yields().then(Instant::now);
+            // With the yield on: when the last poll of the streams began (the one that returns
+            // the record: the wait for a record, between polls, is not charged to its lane;
+            // reading a ready one is).
+            let yields = self.lanes.yields();
             let mut last_poll: Option<Instant> = None;
             tokio::select! {
                 biased;
@@ -828,7 +828,7 @@ impl<'c> Session<'c> {
                     let poll = self.member.poll_streams(poll_order);
                     let mut poll = std::pin::pin!(poll);
                     std::future::poll_fn(|cx| {
-                        if poll_start.is_some() {
+                        if yields {
                             last_poll = Some(Instant::now());
                         }
                         poll.as_mut().poll(cx)
@@ -845,7 +845,7 @@ impl<'c> Session<'c> {
                         self.forget_restarted(before).await?;
                     }
                     Some(Ok(Polled::Record(r))) => {
-                        self.charge_from = last_poll.or(poll_start);
+                        self.charge_from = last_poll;
                         let done = self.on_polled(handler, r, shutdown).await;
                         self.charge_from = None;
                         done?;
