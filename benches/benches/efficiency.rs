@@ -13,21 +13,25 @@
 //! | `produce-2x2` | 2 producers × 2 partitions, otherwise as `produce-1KiB` | ≥ 1.3 × `produce-1KiB` of the same rep and binary |
 //! | `produce-100B` | 100-byte records | ≥ 8 M records/s |
 //! | `consume-1KiB` | catch-up `Subscribe` of 1 GiB written just before (page cache) | CPU-s/GB consumed (reported) |
-//! | `e2e-never` | 50 MB/s of 1 KiB records end to end, `fsync = never` | spoold ≤ 40 % of a core, p99 ≤ 1 ms |
+//! | `e2e-never` | 50 MB/s of 1 KiB records end to end, `fsync = never`; the producer acts like an application on a Kafka-like client with `linger.ms = 0` (`Pacing::Linger`): a record is handed over at its intended time and sent as soon as fewer than `--e2e-in-flight` requests await their reply | spoold ≤ 40 % of a core, p99 ≤ 1 ms |
 //! | `e2e-always` | the same with `fsync = always` (records visible only once fdatasync'd) | p99 ≤ 2 × `fdatasync` p99 of the same rep |
-//! | `e2e-never-linger`, `e2e-always-linger` | the same two, but the producer cuts a batch only every 1 ms (Kafka's `linger.ms`), not also whenever a reply frees its window: a fixed request rate (~1 000/s) instead of one that grows as the broker answers faster | (reported beside the two above) |
+//! | `e2e-never-linger250us`, `e2e-never-linger500us` | `e2e-never` with a Kafka-style linger: a batch goes once its oldest record has waited 0.25 / 0.5 ms (or is full) | the same as `e2e-never` |
+//! | `e2e-never-tick`, `e2e-always-tick`, `e2e-never-tick-only` | the producer before 2026-12-07 (`Pacing::Tick`: a batch on every reply and on a 1 ms-granular tokio tick; `TickOnly`: on the tick only, the old `*-linger` scenarios), for comparing old figures | (reported beside the others) |
 //! | `fdatasync` | 4 KiB `pwrite` + `fdatasync` in a loop, in the data directory's filesystem | — (the disk's flush latency) |
 //!
 //! Every run starts a fresh server process (spoold on a fresh data directory, or the ceiling)
 //! and runs the load generator in this process (`spool_loadgen::run`); the server's and this
 //! process's CPU time (`/proc/<pid>/stat` utime + stime, all threads) are read at the start
 //! and end of the measured window, and so is the whole machine's (`/proc/stat`), so each
-//! sample also says how much CPU other processes took meanwhile.
+//! sample also says how much CPU other processes took meanwhile. e2e samples also split each
+//! record's latency at its batch's cut time (before the send: the producer's own wait; after:
+//! broker, connections, consumer) and give the produce replies' p99.
 //!
 //! Flags after `--` (relative paths are from the workspace root): `--spoold PATH` (default:
 //! build the release `spoold`), `--baseline
 //! PATH` (a second `spoold`, e.g. main's, measured alternately with the first: A/B),
 //! `--reps`, `--duration`, `--warmup`, `--only a,b`, `--broker-threads`, `--loadgen-threads`,
+//! `--e2e-in-flight` (the e2e producers' window, default 1),
 //! `--prefault-bytes`, `--consume-bytes`, `--data-parent`, `--out-dir`. Results go to
 //! `benches/results/efficiency-<UTC>.md`.
 //!
@@ -49,7 +53,7 @@ use spool_benches::ceiling;
 use spool_benches::spoold::workspace_root;
 use spool_client::FsyncPolicy;
 use spool_loadgen::broker::Spoold;
-use spool_loadgen::{Acks, LoadConfig, Mode, Report};
+use spool_loadgen::{Acks, LatencySplit, LoadConfig, Mode, Pacing, Report, RunLatency};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -84,6 +88,10 @@ struct Cli {
     /// Tokio workers of the load generator (0: one per core).
     #[arg(long, default_value_t = 1)]
     loadgen_threads: usize,
+    /// e2e producers' window: requests awaiting their reply (Kafka's
+    /// `max.in.flight.requests.per.connection`).
+    #[arg(long, default_value_t = 1)]
+    e2e_in_flight: usize,
     /// Memory touched and freed right before each measured window (fresh memory is slow on
     /// this VM; docs/benchmarks.md).
     #[arg(long, default_value_t = 3 << 30)]
@@ -130,7 +138,9 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
     let e2e = LoadConfig {
         mode: Mode::E2e,
         rate: Some(E2E_RATE),
-        linger: Duration::from_millis(1),
+        pacing: Pacing::Linger,
+        linger: Duration::ZERO,
+        in_flight: a.e2e_in_flight,
         prefault_bytes: 0,
         ..base.clone()
     };
@@ -197,20 +207,50 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
             },
         },
         Scenario {
-            name: "e2e-never-linger",
+            name: "e2e-never-linger250us",
             server: Server::Spoold,
             cfg: LoadConfig {
                 fsync: Some(FsyncPolicy::Never),
-                send_on_reply: false,
+                linger: Duration::from_micros(250),
                 ..e2e.clone()
             },
         },
         Scenario {
-            name: "e2e-always-linger",
+            name: "e2e-never-linger500us",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Never),
+                linger: Duration::from_micros(500),
+                ..e2e.clone()
+            },
+        },
+        Scenario {
+            name: "e2e-never-tick",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Never),
+                pacing: Pacing::Tick,
+                linger: Duration::from_millis(1),
+                ..e2e.clone()
+            },
+        },
+        Scenario {
+            name: "e2e-always-tick",
             server: Server::Spoold,
             cfg: LoadConfig {
                 fsync: Some(FsyncPolicy::Always),
-                send_on_reply: false,
+                pacing: Pacing::Tick,
+                linger: Duration::from_millis(1),
+                ..e2e.clone()
+            },
+        },
+        Scenario {
+            name: "e2e-never-tick-only",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Never),
+                pacing: Pacing::TickOnly,
+                linger: Duration::from_millis(1),
                 ..e2e.clone()
             },
         },
@@ -242,6 +282,15 @@ struct Sample {
     loadgen_cores: f64,
     /// CPU other processes used over the window, in % of one core.
     others_pct: f64,
+    /// e2e: p99 of intended send time → batch cut, of batch cut → delivery, and of batch cut
+    /// → produce reply (per request), µs.
+    before_send_p99_us: f64,
+    after_send_p99_us: f64,
+    reply_p99_us: f64,
+    /// e2e: records over 1 ms end to end, per 1000 records, and the share of them that spent
+    /// most of it before the send.
+    over_1ms_permille: f64,
+    over_1ms_before_share: f64,
     line: String,
 }
 
@@ -266,8 +315,21 @@ fn sample_of(r: &Report) -> Sample {
         loadgen_s_per_gb: cpu.loadgen_s / gb,
         loadgen_cores: cpu.loadgen_s / window,
         others_pct: 100.0 * others / window,
+        before_send_p99_us: split_p99(r, |x| x.before_send),
+        after_send_p99_us: split_p99(r, |x| x.after_send),
+        reply_p99_us: split_p99(r, |x| x.produce_reply),
+        over_1ms_permille: r.split.map_or(f64::NAN, |x| {
+            1000.0 * x.over_1ms as f64 / r.latency.map_or(0, |l| l.count).max(1) as f64
+        }),
+        over_1ms_before_share: r.split.map_or(f64::NAN, |x| {
+            x.over_1ms_mostly_before_send as f64 / x.over_1ms.max(1) as f64
+        }),
         line: r.line(),
     }
+}
+
+fn split_p99(r: &Report, f: impl Fn(&LatencySplit) -> Option<RunLatency>) -> f64 {
+    r.split.as_ref().and_then(f).map_or(f64::NAN, |l| l.p99_us)
 }
 
 /// The ceiling server in a child process (this bench binary, re-executed).
@@ -382,6 +444,7 @@ fn run_fdatasync(parent: &Path, d: Duration) -> Result<Sample> {
         loadgen_s_per_gb: f64::NAN,
         loadgen_cores: f64::NAN,
         others_pct: f64::NAN,
+        ..Sample::default()
     })
 }
 
@@ -531,6 +594,11 @@ fn main() -> Result<()> {
                         loadgen_s_per_gb: f64::NAN,
                         loadgen_cores: f64::NAN,
                         others_pct: f64::NAN,
+                        before_send_p99_us: f64::NAN,
+                        after_send_p99_us: f64::NAN,
+                        reply_p99_us: f64::NAN,
+                        over_1ms_permille: f64::NAN,
+                        over_1ms_before_share: f64::NAN,
                     },
                 };
                 let msg = format!(
@@ -651,6 +719,28 @@ fn render(
     }
     let _ = writeln!(
         r,
+        "\n### e2e latency split (from each batch's cut time carried in its records)\n\n\
+         | scenario | binary | requests/s | p99 µs | before send p99 µs | after send p99 µs | produce reply p99 µs | records > 1 ms ‰ | … mostly before send |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for ((scenario, label), s) in samples {
+        if !scenario.starts_with("e2e") {
+            continue;
+        }
+        let _ = writeln!(
+            r,
+            "| {scenario} | {label} | {} | {} | {} | {} | {} | {} | {} |",
+            med_range(&field(s, |x| x.requests_s)),
+            med_range(&field(s, |x| x.p99_us)),
+            med_range(&field(s, |x| x.before_send_p99_us)),
+            med_range(&field(s, |x| x.after_send_p99_us)),
+            med_range(&field(s, |x| x.reply_p99_us)),
+            med_range(&field(s, |x| x.over_1ms_permille)),
+            med_range(&field(s, |x| x.over_1ms_before_share)),
+        );
+    }
+    let _ = writeln!(
+        r,
         "\nmedian [min–max] over reps. MB/s = 10^6 bytes of batches per second (consume: read); \
          CPU s/GB = CPU seconds (user + system, all threads) per 10^9 bytes moved in the window; \
          e2e latency = delivery − intended send time per record.\n"
@@ -660,9 +750,19 @@ fn render(
     let _ = writeln!(r, "|---|---|---|---|");
     for (label, _) in bins {
         let l = label.as_str();
+        let w = a.e2e_in_flight;
+        let plain = format!("linger 0, {w} in flight");
+        let l250 = format!("linger 0.25 ms, {w} in flight");
+        let l500 = format!("linger 0.5 ms, {w} in flight");
         for (name, how) in [
-            ("e2e-never", "batch on reply (issue 3's e2e)"),
-            ("e2e-never-linger", "batch every 1 ms"),
+            ("e2e-never", plain.as_str()),
+            ("e2e-never-linger250us", l250.as_str()),
+            ("e2e-never-linger500us", l500.as_str()),
+            (
+                "e2e-never-tick",
+                "old producer: batch on reply and 1 ms tick",
+            ),
+            ("e2e-never-tick-only", "old producer: batch every 1 ms tick"),
         ] {
             let e2e = get(samples, name, l);
             if e2e.is_empty() {
@@ -687,8 +787,11 @@ fn render(
         }
         let disk = get(samples, "fdatasync", "-");
         for (name, how) in [
-            ("e2e-always", "batch on reply (issue 3's e2e)"),
-            ("e2e-always-linger", "batch every 1 ms"),
+            ("e2e-always", plain.as_str()),
+            (
+                "e2e-always-tick",
+                "old producer: batch on reply and 1 ms tick",
+            ),
         ] {
             let always = get(samples, name, l);
             if always.is_empty() || disk.is_empty() {

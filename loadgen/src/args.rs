@@ -33,12 +33,17 @@ pub struct LoadArgs {
     /// Batch size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub batch_bytes: usize,
-    /// e2e: batch cut interval in ms (fractions allowed).
+    /// e2e: how long a batch's oldest record waits for more before the batch goes (Kafka's
+    /// linger.ms; 0: as soon as --in-flight allows); with --pacing tick|tick-only, the tick
+    /// period. Fractions allowed.
     #[arg(long, default_value_t = 1.0)]
     pub linger_ms: f64,
-    /// e2e: cut batches only every --linger-ms (like Kafka's linger.ms), not also whenever a
-    /// reply frees the window (the default, which makes batches as small as the round trip
-    /// allows, so the request rate grows as the broker answers faster).
+    /// e2e: when the producer sends a batch: `linger` (Kafka-like, above), or the producer
+    /// before 2026-12-07 for comparing old figures: `tick` (on every reply and on a 1 ms-granular
+    /// tokio tick of --linger-ms), `tick-only` (on the tick only).
+    #[arg(long, value_enum, default_value = "linger")]
+    pub pacing: crate::Pacing,
+    /// e2e: the old name of `--pacing tick-only`.
     #[arg(long)]
     pub linger_only: bool,
     /// Acknowledgement asked of the broker.
@@ -107,7 +112,11 @@ impl LoadArgs {
             record_size: self.record_size,
             batch_bytes: self.batch_bytes,
             linger: Duration::from_secs_f64(self.linger_ms / 1000.0),
-            send_on_reply: !self.linger_only,
+            pacing: if self.linger_only {
+                crate::Pacing::TickOnly
+            } else {
+                self.pacing
+            },
             acks: self.acks,
             compression: self.compression,
             keyed: self.keyed,
@@ -183,5 +192,16 @@ mod tests {
         assert_eq!(c.rate, Some(250.0));
         assert_eq!(c.fsync, Some(FsyncPolicy::Never));
         assert_eq!(c.topic, "loadgen");
+        assert_eq!(c.pacing, crate::Pacing::Linger);
+        assert_eq!(c.linger, Duration::from_millis(1));
+        let t = <T as clap::Parser>::parse_from(["t", "--pacing", "tick", "--linger-ms", "0.25"]);
+        let c = t.a.config(Mode::E2e, "h:1".into());
+        assert_eq!(c.pacing, crate::Pacing::Tick);
+        assert_eq!(c.linger, Duration::from_micros(250));
+        let t = <T as clap::Parser>::parse_from(["t", "--linger-only"]);
+        assert_eq!(
+            t.a.config(Mode::E2e, "h:1".into()).pacing,
+            crate::Pacing::TickOnly
+        );
     }
 }

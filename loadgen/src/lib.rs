@@ -17,7 +17,14 @@
 //!   watermarks seen at the start are reached (catch-up read) or `duration` passes.
 //! - [`run_e2e`]: producers at a fixed record rate put the intended send time (ns since a
 //!   base instant of this process) in the first 8 bytes of each value; a `Subscribe` consumer in
-//!   the same process decodes the records and records `delivery − intended send`.
+//!   the same process decodes the records and records `delivery − intended send`. The
+//!   producer acts like an application on a Kafka-like client ([`Pacing::Linger`], the
+//!   default): each record is handed over at its intended time, and a batch goes once its
+//!   oldest record has waited `linger` (0: at once) or a full batch is due, as soon as fewer
+//!   than `in_flight` requests await their reply; it wakes for that on a timerfd (µs), not on
+//!   tokio's 1 ms timers. The issue-3 producer (`Pacing::Tick`, `TickOnly`) stays for
+//!   comparing old figures. Each value also carries its batch's cut time, so the report splits
+//!   the latency into before and after the send ([`LatencySplit`]).
 //!
 //! Each run has a warm-up: only acknowledgements (or deliveries) inside
 //! `[start + warmup, start + warmup + duration)` count.
@@ -42,6 +49,6 @@ pub mod units;
 
 pub use args::LoadArgs;
 pub use run::{
-    Acks, Compression, Connection, LoadConfig, Mode, Report, RunLatency, Stamping, count_records,
-    ensure_topic, prefault, run, run_consume, run_e2e, run_produce,
+    Acks, Compression, Connection, LatencySplit, LoadConfig, Mode, Pacing, Report, RunLatency,
+    Stamping, count_records, ensure_topic, prefault, run, run_consume, run_e2e, run_produce,
 };

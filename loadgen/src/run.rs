@@ -117,6 +117,25 @@ pub enum Stamping {
     On,
 }
 
+/// How the e2e producer decides when to cut and send a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pacing {
+    /// Like a Kafka producer (`linger.ms`, `max.in.flight.requests.per.connection`): each
+    /// record is handed to the client at its intended time; a batch goes once its oldest
+    /// record has waited `linger` (0: at once) or a full batch (`batch_bytes`) is due, as soon
+    /// as fewer than `in_flight` requests await their reply. The producer wakes for that
+    /// moment on a timerfd (to the microsecond), not on tokio's 1 ms timer wheel.
+    #[default]
+    Linger,
+    /// The producer before 2026-12-07 (issue 3's e2e): a batch of the records due whenever a
+    /// reply frees the window and on a tokio `interval` tick every `linger` (1 ms granular), so
+    /// a record that falls due while nothing is in flight waits for the next tick.
+    Tick,
+    /// As `Tick`, but only on the tick (the old `--linger-only`: a fixed request rate).
+    TickOnly,
+}
+
 /// A duration in JSON: milliseconds, a plain number (the key says the unit), not serde's
 /// `{"secs", "nanos"}`.
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -148,13 +167,13 @@ pub struct LoadConfig {
     pub record_size: usize,
     /// Target batch size (records' encoded bytes).
     pub batch_bytes: usize,
-    /// e2e: how often producers cut a batch of the records that are due.
+    /// e2e: with [`Pacing::Linger`], how long a batch's oldest record may wait for more
+    /// (Kafka's `linger.ms`; 0: sent as soon as the window allows); with the `Tick` pacings,
+    /// the tick period (at least 100 µs).
     #[serde(rename = "linger_ms", serialize_with = "as_ms")]
     pub linger: Duration,
-    /// e2e: also cut a batch whenever a reply frees the window (the default; batches are then
-    /// as small as the round trip allows, so a faster broker gets more, smaller requests), or
-    /// only every `linger` (like a Kafka producer's `linger.ms`: the request rate is fixed).
-    pub send_on_reply: bool,
+    /// e2e: when the producer cuts and sends a batch.
+    pub pacing: Pacing,
     /// Acks asked of the broker.
     pub acks: Acks,
     /// Batch compression.
@@ -203,7 +222,7 @@ impl Default for LoadConfig {
             record_size: 1024,
             batch_bytes: 1 << 20,
             linger: Duration::from_millis(1),
-            send_on_reply: true,
+            pacing: Pacing::Linger,
             acks: Acks::Written,
             compression: Compression::None,
             keyed: false,
@@ -280,6 +299,8 @@ pub struct Report {
     pub latency: Option<RunLatency>,
     /// CPU time of the load generator and of the watched processes over the measured window.
     pub cpu: Option<CpuUsage>,
+    /// e2e: where the records' latency went (values of at least 16 bytes).
+    pub split: Option<LatencySplit>,
 }
 
 impl Report {
@@ -299,6 +320,21 @@ impl Report {
             s += &format!(
                 "; latency µs p50 {:.0} p99 {:.0} p99.9 {:.0} max {:.0} (n={})",
                 l.p50_us, l.p99_us, l.p999_us, l.max_us, l.count
+            );
+        }
+        if let Some(x) = &self.split {
+            let p = |l: &Option<RunLatency>| {
+                l.map_or("–".to_owned(), |l| {
+                    format!("{:.0}/{:.0}", l.p50_us, l.p99_us)
+                })
+            };
+            s += &format!(
+                "; split µs p50/p99: before send {}, after send {}, produce reply {}; {} records > 1 ms, {} of them mostly before send",
+                p(&x.before_send),
+                p(&x.after_send),
+                p(&x.produce_reply),
+                x.over_1ms,
+                x.over_1ms_mostly_before_send
             );
         }
         if let Some(c) = &self.cpu {
@@ -327,6 +363,78 @@ impl Report {
     }
 }
 
+/// Where an e2e record's latency went, from the send time each batch carries in its records
+/// (value bytes 8..16, ns since the run's base, when values have at least 16 bytes).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct LatencySplit {
+    /// Intended send time → its batch was cut and handed to the stream: the producer's own
+    /// wait (linger, a full window, a late timer or tick, its thread busy elsewhere).
+    pub before_send: Option<RunLatency>,
+    /// Batch cut → delivered to the consumer: the broker, both connections and the consumer.
+    pub after_send: Option<RunLatency>,
+    /// Batch cut → its produce reply, per request.
+    pub produce_reply: Option<RunLatency>,
+    /// Records over 1 ms end to end.
+    pub over_1ms: u64,
+    /// … of which more than half was before the send.
+    pub over_1ms_mostly_before_send: u64,
+}
+
+/// The histograms behind a [`LatencySplit`].
+struct Split {
+    before: Histogram<u64>,
+    after: Histogram<u64>,
+    reply: Histogram<u64>,
+    over_1ms: u64,
+    over_1ms_before: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds")
+}
+
+impl Split {
+    fn new() -> Split {
+        Split {
+            before: histogram(),
+            after: histogram(),
+            reply: histogram(),
+            over_1ms: 0,
+            over_1ms_before: 0,
+        }
+    }
+
+    fn merge(&mut self, o: &Split) {
+        self.before.add(&o.before).expect("same bounds");
+        self.after.add(&o.after).expect("same bounds");
+        self.reply.add(&o.reply).expect("same bounds");
+        self.over_1ms += o.over_1ms;
+        self.over_1ms_before += o.over_1ms_before;
+    }
+
+    /// One record: `before` = cut − intended, `after` = delivery − cut.
+    fn record(&mut self, before: u64, after: u64) {
+        self.before.saturating_record(before.max(1));
+        self.after.saturating_record(after.max(1));
+        if before + after > 1_000_000 {
+            self.over_1ms += 1;
+            if before > after {
+                self.over_1ms_before += 1;
+            }
+        }
+    }
+
+    fn summary(&self) -> LatencySplit {
+        LatencySplit {
+            before_send: RunLatency::from_hist(&self.before),
+            after_send: RunLatency::from_hist(&self.after),
+            produce_reply: RunLatency::from_hist(&self.reply),
+            over_1ms: self.over_1ms,
+            over_1ms_mostly_before_send: self.over_1ms_before,
+        }
+    }
+}
+
 /// Counters of one task, merged at the end.
 struct Stats {
     records: u64,
@@ -334,6 +442,8 @@ struct Stats {
     requests: u64,
     errors: u64,
     hist: Histogram<u64>,
+    /// e2e only.
+    split: Option<Box<Split>>,
 }
 
 impl Stats {
@@ -343,8 +453,13 @@ impl Stats {
             bytes: 0,
             requests: 0,
             errors: 0,
-            hist: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("histogram bounds"),
+            hist: histogram(),
+            split: None,
         }
+    }
+
+    fn split(&mut self) -> &mut Split {
+        self.split.get_or_insert_with(|| Box::new(Split::new()))
     }
 
     fn merge(&mut self, o: &Stats) {
@@ -353,6 +468,9 @@ impl Stats {
         self.requests += o.requests;
         self.errors += o.errors;
         self.hist.add(&o.hist).expect("same bounds");
+        if let Some(x) = &o.split {
+            self.split().merge(x);
+        }
     }
 
     fn record_ns(&mut self, ns: u64) {
@@ -647,6 +765,7 @@ fn report(cfg: &LoadConfig, s: &Stats, measured: Duration) -> Report {
         errors: s.errors,
         latency: RunLatency::from_hist(&s.hist),
         cpu: None,
+        split: s.split.as_ref().map(|x| x.summary()),
     }
 }
 
@@ -1059,7 +1178,11 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     }
     // `records` of the producers' stats: every record they put in a batch.
     let _ = total_tx.send(Some(prod.records));
-    let cons = consumer.await.context("consumer task")??;
+    let mut cons = consumer.await.context("consumer task")??;
+    // The produce replies' times are the producers'; the rest of the split the consumer's.
+    if let Some(p) = &prod.split {
+        cons.split().reply.add(&p.reply).expect("same bounds");
+    }
     let mut r = report(cfg, &cons, cfg.duration);
     r.errors += prod.errors;
     r.requests = prod.requests;
@@ -1067,9 +1190,10 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     Ok(r)
 }
 
-/// One e2e producer (open loop): whenever a reply frees the window, and at least every
-/// `linger`, one batch of the records due by now. Each
-/// value starts with its intended send time, in ns since `base`, little-endian.
+/// One e2e producer (open loop) over one `ProduceStream`: record `i` is due at `start + i /
+/// rate`; each value starts with its intended send time and then the time its batch was cut
+/// (ns since `base`, little-endian, the second only in values of at least 16 bytes). When
+/// batches are cut is `cfg.pacing`'s.
 async fn e2e_produce(
     cfg: &LoadConfig,
     ch: Channel,
@@ -1078,10 +1202,9 @@ async fn e2e_produce(
     base: Instant,
     w: Window,
 ) -> Result<Stats> {
-    let mut stats = Stats::new();
     let window = cfg.in_flight.clamp(1, 64);
     let (tx, rx) = mpsc::channel::<v1::ProduceStreamRequest>(window);
-    let mut inbound = produce_stub(ch)
+    let inbound = produce_stub(ch)
         .produce_stream(request(&auth(cfg)?, ReceiverStream::new(rx)))
         .await
         .context("opening ProduceStream")?
@@ -1089,82 +1212,289 @@ async fn e2e_produce(
     let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
     let mut filler = vec![0u8; cfg.record_size];
     rng.fill(&mut filler);
-    let mut produced: u64 = 0;
-    let mut next_id: u64 = 0;
-    let mut in_flight = 0usize;
-    let mut tx = Some(tx);
-    let mut tick =
-        tokio::time::interval_at(w.start.into(), cfg.linger.max(Duration::from_micros(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let drain_deadline = w.until + Duration::from_secs(10);
-    loop {
-        let now = Instant::now();
-        if now >= w.until && produced >= due_by(w.until, &w, rate) {
-            tx = None;
-            if in_flight == 0 || now >= drain_deadline {
-                break;
-            }
-        }
-        // Wake on a reply (the usual case: the next batch goes out as soon as the window has
-        // room, so batches are as small as the round trip allows; not with `linger_only`) or on
-        // the linger tick.
-        let can_send = tx.is_some() && in_flight < window;
-        tokio::select! {
-            biased;
-            msg = inbound.message() => {
-                let Some(msg) = msg.context("ProduceStream")? else { break };
-                in_flight -= 1;
-                if msg.results.iter().any(|r| r.error.is_some()) {
-                    stats.errors += 1;
-                } else if w.counts(Instant::now()) {
-                    stats.requests += 1;
-                }
-                if !cfg.send_on_reply {
-                    continue;
-                }
-            }
-            _ = tick.tick(), if can_send => {}
-        }
-        let Some(t) = &tx else { continue };
-        if in_flight >= window {
-            continue;
-        }
-        let now = Instant::now();
-        let due_n = due_by(now.min(w.until), &w, rate);
-        if due_n <= produced {
-            continue;
-        }
+    let mut p = E2eProducer {
+        cfg,
+        parts,
+        rate,
+        base,
+        w,
+        window,
+        filler,
+        produced: 0,
+        // Records intended before the window's end: the run's last one is `total - 1`.
+        total: due_by(w.until, &w, rate),
+        next_id: 0,
+        sent: std::collections::VecDeque::with_capacity(window),
+        tx: Some(tx),
+        inbound,
+        stats: Stats::new(),
+    };
+    match cfg.pacing {
+        Pacing::Linger => p.run_linger().await?,
+        Pacing::Tick | Pacing::TickOnly => p.run_tick().await?,
+    }
+    p.stats.records = p.produced;
+    Ok(p.stats)
+}
+
+/// The state of one e2e producer.
+struct E2eProducer<'a> {
+    cfg: &'a LoadConfig,
+    parts: &'a [u32],
+    rate: f64,
+    base: Instant,
+    w: Window,
+    /// Requests that may await their reply at once.
+    window: usize,
+    filler: Vec<u8>,
+    /// Records put in batches so far (record `produced` is the next one).
+    produced: u64,
+    /// Records of the run.
+    total: u64,
+    next_id: u64,
+    /// Requests awaiting their reply: (id, when cut), in send order.
+    sent: std::collections::VecDeque<(u64, Instant)>,
+    /// `None` once every record is sent (ends the request stream).
+    tx: Option<mpsc::Sender<v1::ProduceStreamRequest>>,
+    inbound: tonic::Streaming<v1::ProduceStreamResponse>,
+    stats: Stats,
+}
+
+impl E2eProducer<'_> {
+    /// When record `i` is due.
+    fn intended(&self, i: u64) -> Instant {
+        self.w.start + Duration::from_secs_f64(i as f64 / self.rate)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// Cuts one batch of the records due by `now` (at least the next one, at most
+    /// `batch_bytes`) and sends it.
+    async fn send_due(&mut self, now: Instant) -> Result<()> {
+        let cfg = self.cfg;
+        let due_n = due_by(now.min(self.w.until), &self.w, self.rate)
+            .max(self.produced + 1)
+            .min(self.total);
         let mut b = BatchBuilder::with_capacity(
             cfg.compression.engine(),
-            ((due_n - produced) as usize * (cfg.record_size + 32)).min(cfg.batch_bytes + 4096),
+            ((due_n - self.produced) as usize * (cfg.record_size + 32)).min(cfg.batch_bytes + 4096),
         );
         let ts = now_ms();
-        while produced < due_n && b.size_bytes() < cfg.batch_bytes {
-            let intended = w.start + Duration::from_secs_f64(produced as f64 / rate);
-            let ns = intended.duration_since(base).as_nanos() as u64;
-            filler[..8].copy_from_slice(&ns.to_le_bytes());
-            let key = format!("key-{produced:012}");
-            b.push(ts, cfg.keyed.then_some(key.as_bytes()), Some(&filler), &[]);
-            produced += 1;
+        let cut_ns = now.duration_since(self.base).as_nanos() as u64;
+        if self.filler.len() >= 16 {
+            self.filler[8..16].copy_from_slice(&cut_ns.to_le_bytes());
+        }
+        while self.produced < due_n && b.size_bytes() < cfg.batch_bytes {
+            let ns = self
+                .intended(self.produced)
+                .duration_since(self.base)
+                .as_nanos() as u64;
+            self.filler[..8].copy_from_slice(&ns.to_le_bytes());
+            let key = format!("key-{:012}", self.produced);
+            b.push(
+                ts,
+                cfg.keyed.then_some(key.as_bytes()),
+                Some(&self.filler),
+                &[],
+            );
+            self.produced += 1;
         }
         let batch = b.finish().map_err(|e| anyhow!("encoding: {e}"))?;
+        let id = self.next_id;
         let req = v1::ProduceStreamRequest {
-            request_id: next_id,
+            request_id: id,
             partitions: vec![v1::PartitionProduce {
                 topic: cfg.topic.clone(),
-                partition: parts[next_id as usize % parts.len()],
+                partition: self.parts[id as usize % self.parts.len()],
                 data: Some(v1::partition_produce::Data::RecordBatch(batch)),
             }],
             acks: cfg.acks.wire(),
         };
-        next_id += 1;
-        in_flight += 1;
-        t.send(req)
+        self.next_id += 1;
+        self.sent.push_back((id, now));
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| anyhow!("sending after the end"))?;
+        tx.send(req)
             .await
             .map_err(|_| anyhow!("request stream closed"))?;
+        if self.produced >= self.total {
+            self.tx = None;
+        }
+        Ok(())
     }
-    stats.records = produced;
-    Ok(stats)
+
+    /// Counts a produce reply; `false` if the stream ended.
+    fn on_reply(&mut self, msg: Option<v1::ProduceStreamResponse>) -> Result<bool> {
+        let Some(msg) = msg else { return Ok(false) };
+        let at = Instant::now();
+        let pos = self
+            .sent
+            .iter()
+            .position(|(id, _)| *id == msg.request_id)
+            .ok_or_else(|| anyhow!("reply to unknown request {}", msg.request_id))?;
+        let (_, cut) = self.sent.remove(pos).expect("found");
+        if msg.results.iter().any(|r| r.error.is_some()) {
+            self.stats.errors += 1;
+        } else if self.w.counts(at) {
+            self.stats.requests += 1;
+            let ns = at.duration_since(cut).as_nanos() as u64;
+            self.stats.split().reply.saturating_record(ns.max(1));
+        }
+        Ok(true)
+    }
+
+    /// [`Pacing::Linger`]: a batch goes once its oldest record has waited `linger` or a full
+    /// batch is due, whenever the window has room; the wait for that moment is a timerfd.
+    async fn run_linger(&mut self) -> Result<()> {
+        let mut timer = PreciseTimer::new()?;
+        // Records a full batch holds (about: each record costs its value and ~32 bytes).
+        let per_batch = (self.cfg.batch_bytes / (self.cfg.record_size + 32)).max(1) as u64;
+        let drain_deadline = self.w.until + Duration::from_secs(10);
+        loop {
+            if self.tx.is_none() && (self.sent.is_empty() || Instant::now() >= drain_deadline) {
+                return Ok(());
+            }
+            let mut wake = None;
+            if self.tx.is_some() && self.in_flight() < self.window {
+                let oldest = self.intended(self.produced);
+                let full = self.intended((self.produced + per_batch - 1).min(self.total - 1));
+                let go = (oldest + self.cfg.linger).min(full);
+                let now = Instant::now();
+                if now >= go {
+                    self.send_due(now).await?;
+                    continue;
+                }
+                timer.arm(go)?;
+                wake = Some(go);
+            }
+            tokio::select! {
+                biased;
+                msg = self.inbound.message() => {
+                    if !self.on_reply(msg.context("ProduceStream")?)? {
+                        return Ok(());
+                    }
+                }
+                r = timer.fired(), if wake.is_some() => r?,
+                () = tokio::time::sleep_until(drain_deadline.into()), if self.tx.is_none() => {}
+            }
+        }
+    }
+
+    /// [`Pacing::Tick`] and [`Pacing::TickOnly`]: the producer before 2026-12-07, kept to
+    /// compare with its figures. A batch of the records due on each tokio `interval` tick of
+    /// `linger` while the window has room, and (`Tick`) whenever a reply comes.
+    async fn run_tick(&mut self) -> Result<()> {
+        let on_reply = self.cfg.pacing == Pacing::Tick;
+        let mut tick = tokio::time::interval_at(
+            self.w.start.into(),
+            self.cfg.linger.max(Duration::from_micros(100)),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let drain_deadline = self.w.until + Duration::from_secs(10);
+        loop {
+            let now = Instant::now();
+            if self.tx.is_none() && (self.sent.is_empty() || now >= drain_deadline) {
+                return Ok(());
+            }
+            let can_send = self.tx.is_some() && self.in_flight() < self.window;
+            tokio::select! {
+                biased;
+                msg = self.inbound.message() => {
+                    if !self.on_reply(msg.context("ProduceStream")?)? {
+                        return Ok(());
+                    }
+                    if !on_reply {
+                        continue;
+                    }
+                }
+                _ = tick.tick(), if can_send => {}
+                () = tokio::time::sleep_until(drain_deadline.into()), if self.tx.is_none() => {}
+            }
+            if self.tx.is_none() || self.in_flight() >= self.window {
+                continue;
+            }
+            let now = Instant::now();
+            if due_by(now.min(self.w.until), &self.w, self.rate).min(self.total) <= self.produced {
+                continue;
+            }
+            self.send_due(now).await?;
+        }
+    }
+}
+
+/// A one-shot `CLOCK_MONOTONIC` timerfd on the runtime's reactor: it wakes the task at the
+/// microsecond asked for, where tokio's timers round up to their 1 ms wheel (and a
+/// `sleep_until` 20 µs away sleeps ~1 ms). One `timerfd_settime` per arming.
+struct PreciseTimer {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    /// The time it is set for.
+    armed: Option<Instant>,
+}
+
+impl PreciseTimer {
+    fn new() -> Result<PreciseTimer> {
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )
+        .context("timerfd_create")?;
+        // SAFETY: the `AsyncFd` owns the `OwnedFd`, which stays open and is the same
+        // descriptor until the `AsyncFd` is dropped (nothing takes it out or closes it).
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow!("registering the timerfd: {e}"))?;
+        Ok(PreciseTimer { fd, armed: None })
+    }
+
+    /// Sets the timer for `at` (at once if that has passed), unless it is already set for it.
+    fn arm(&mut self, at: Instant) -> Result<()> {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        if self.armed == Some(at) {
+            return Ok(());
+        }
+        // A zero value would disarm it.
+        let d = at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_nanos(1));
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: Timespec {
+                tv_sec: d.as_secs() as _,
+                tv_nsec: d.subsec_nanos() as _,
+            },
+        };
+        timerfd_settime(self.fd.get_ref(), TimerfdTimerFlags::empty(), &spec)
+            .context("timerfd_settime")?;
+        self.armed = Some(at);
+        Ok(())
+    }
+
+    /// Waits until the timer has expired (cancel-safe: it stays set if dropped).
+    async fn fired(&mut self) -> Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await.context("timerfd")?;
+            let mut buf = [0u8; 8];
+            match guard
+                .try_io(|fd| rustix::io::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from))
+            {
+                Ok(r) => {
+                    r.context("reading the timerfd")?;
+                    self.armed = None;
+                    return Ok(());
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
 }
 
 /// Records due by `t` at `rate` from the window's start (record `i` is due at `i / rate`).
@@ -1172,7 +1502,8 @@ fn due_by(t: Instant, w: &Window, rate: f64) -> u64 {
     (t.saturating_duration_since(w.start).as_secs_f64() * rate).floor() as u64 + 1
 }
 
-/// The e2e consumer: decodes every record, latency = now − intended send time; stops once it
+/// The e2e consumer: decodes every record, latency = now − intended send time (and its split at
+/// the batch's cut time, [`LatencySplit`]); stops once it
 /// has seen every record the producers made (`total`, known when they finish).
 async fn e2e_consume(
     mut stream: tonic::Streaming<v1::SubscribeResponse>,
@@ -1224,6 +1555,12 @@ async fn e2e_consume(
                     stats.records += 1;
                     stats.bytes += v.len() as u64;
                     stats.record_ns(now_ns.saturating_sub(sent));
+                    if v.len() >= 16 {
+                        let cut = u64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
+                        stats
+                            .split()
+                            .record(cut.saturating_sub(sent), now_ns.saturating_sub(cut));
+                    }
                 }
             }
         }

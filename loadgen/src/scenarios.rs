@@ -171,7 +171,9 @@ fn scenarios(a: &ScenarioArgs) -> Vec<Scenario> {
                 mode: Mode::E2e,
                 rate: Some(50e6 / 1024.0),
                 acks: Acks::Written,
-                linger: Duration::from_millis(1),
+                pacing: crate::Pacing::Linger,
+                linger: Duration::ZERO,
+                in_flight: 1,
                 prefault_bytes: 0,
                 ..kib.clone()
             },

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use spool_loadgen::broker::{Spoold, find_spoold};
-use spool_loadgen::{Acks, LoadConfig, Mode, Report};
+use spool_loadgen::{Acks, LoadConfig, Mode, Pacing, Report};
 
 fn check(r: &Report, latency: bool) {
     assert!(r.records > 0, "no records: {}", r.line());
@@ -77,18 +77,45 @@ fn produce_consume_e2e_against_spoold() {
     let r = spool_loadgen::run(&consume).unwrap();
     check(&r, false);
 
-    let e2e = LoadConfig {
-        mode: Mode::E2e,
-        topic: "smoke-e2e".into(),
-        rate: Some(5_000.0),
-        ..base
-    };
-    let r = spool_loadgen::run(&e2e).unwrap();
-    check(&r, true);
-    let expected = 5_000.0;
-    assert!(
-        r.records_per_s > expected * 0.5 && r.records_per_s < expected * 1.5,
-        "e2e delivered {} records/s for a rate of {expected}",
-        r.records_per_s
-    );
+    // Every e2e pacing: the Kafka-like producer with and without a linger, and the old ones.
+    for (i, (pacing, linger_us, in_flight)) in [
+        (Pacing::Linger, 0, 1),
+        (Pacing::Linger, 500, 5),
+        (Pacing::Tick, 1000, 8),
+        (Pacing::TickOnly, 1000, 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e2e = LoadConfig {
+            mode: Mode::E2e,
+            topic: format!("smoke-e2e-{i}"),
+            rate: Some(5_000.0),
+            pacing,
+            linger: Duration::from_micros(linger_us),
+            in_flight,
+            ..base.clone()
+        };
+        let r = spool_loadgen::run(&e2e).unwrap();
+        check(&r, true);
+        let expected = 5_000.0;
+        assert!(
+            r.records_per_s > expected * 0.5 && r.records_per_s < expected * 1.5,
+            "{pacing:?}: e2e delivered {} records/s for a rate of {expected}",
+            r.records_per_s
+        );
+        // Every delivered record carried its batch's cut time (values of 200 bytes), and some
+        // produce replies were timed.
+        let split = r.split.unwrap_or_else(|| panic!("no split: {}", r.line()));
+        let before = split.before_send.expect("before-send latency");
+        let after = split.after_send.expect("after-send latency");
+        assert_eq!(before.count, r.latency.unwrap().count, "{}", r.line());
+        assert_eq!(after.count, before.count, "{}", r.line());
+        assert!(
+            split.produce_reply.is_some_and(|l| l.count > 0),
+            "{}",
+            r.line()
+        );
+        assert!(split.over_1ms_mostly_before_send <= split.over_1ms);
+    }
 }
