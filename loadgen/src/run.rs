@@ -325,11 +325,14 @@ impl Report {
         if let Some(x) = &self.split {
             let p = |l: &Option<RunLatency>| {
                 l.map_or("–".to_owned(), |l| {
-                    format!("{:.0}/{:.0}", l.p50_us, l.p99_us)
+                    format!(
+                        "{:.0}/{:.0}/{:.0}/{:.0}",
+                        l.p50_us, l.p99_us, l.p999_us, l.max_us
+                    )
                 })
             };
             s += &format!(
-                "; split µs p50/p99: before send {}, after send {}, produce reply {}; {} records > 1 ms, {} of them mostly before send",
+                "; split µs p50/p99/p99.9/max: before send {}, after send {}, produce reply {}; {} records > 1 ms, {} of them mostly before send",
                 p(&x.before_send),
                 p(&x.after_send),
                 p(&x.produce_reply),
