@@ -7,8 +7,10 @@
 //!
 //! | scenario | what | judged against |
 //! |---|---|---|
-//! | `ceiling` | the load generator's 1 KiB produce against the bare tonic server (`spool_benches::ceiling`) | — (the ceiling) |
-//! | `produce-1KiB` | 1 producer, 1 partition, 1 KiB records, ~1 MiB batches, acks = written, topic `fsync = always` (the broker's default) | ≥ 0.9 × `ceiling` of the same rep |
+//! | `ceiling` | the load generator's 1 KiB produce against the bare tonic server (`spool_benches::ceiling`), one `ProduceStream` with 8 requests in flight | — (the stream ceiling) |
+//! | `ceiling-unary` | the same with unary `Produce` calls, 8 in flight: issue 14's own definition of the ceiling ("a bare tonic server, 1 MiB unary × 8 in flight") | — (the unary ceiling) |
+//! | `produce-1KiB` | 1 producer, 1 partition, 1 KiB records, ~1 MiB batches, acks = written, topic `fsync = always` (the broker's default), one `ProduceStream`, 8 in flight | ≥ 0.9 × `ceiling` of the same rep (same API; stricter) and × `ceiling-unary` |
+//! | `produce-1KiB-unary` | the same with unary `Produce` calls, 8 in flight | ≥ 0.9 × `ceiling-unary` of the same rep (issue 14's definition, like with like) |
 //! | `produce-1KiB-never` | the same on a topic with `fsync = never` | (diagnostic) |
 //! | `produce-2x2` | 2 producers × 2 partitions, otherwise as `produce-1KiB` | ≥ 1.3 × `produce-1KiB` of the same rep and binary |
 //! | `produce-100B` | 100-byte records | ≥ 8 M records/s |
@@ -151,9 +153,25 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
             cfg: base.clone(),
         },
         Scenario {
+            name: "ceiling-unary",
+            server: Server::Ceiling,
+            cfg: LoadConfig {
+                unary: true,
+                ..base.clone()
+            },
+        },
+        Scenario {
             name: "produce-1KiB",
             server: Server::Spoold,
             cfg: base.clone(),
+        },
+        Scenario {
+            name: "produce-1KiB-unary",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                unary: true,
+                ..base.clone()
+            },
         },
         Scenario {
             name: "produce-1KiB-never",
@@ -811,17 +829,43 @@ fn render(
             );
         }
         let prod = get(samples, "produce-1KiB", l);
-        let ceil = get(samples, "ceiling", "-");
-        if !prod.is_empty() && !ceil.is_empty() {
+        // Issue 14 defines its ceiling as unary calls (1 MiB × 8 in flight); the bench's
+        // first ceiling is one `ProduceStream` (8 in flight), which this stack serves faster,
+        // so it is the stricter bar. Both are judged, like with like (the same API on both
+        // sides) and across (spoold's stream against the issue's unary ceiling).
+        for (prod_name, ceil_name, how) in [
+            (
+                "produce-1KiB",
+                "ceiling",
+                "ProduceStream ÷ stream ceiling (same API; the stricter bar)",
+            ),
+            (
+                "produce-1KiB-unary",
+                "ceiling-unary",
+                "unary Produce ÷ unary ceiling (issue 14's ceiling, same API)",
+            ),
+            (
+                "produce-1KiB",
+                "ceiling-unary",
+                "ProduceStream ÷ unary ceiling (issue 14's ceiling, spoold's streamed produce)",
+            ),
+        ] {
+            let prod = get(samples, prod_name, l);
+            let ceil = get(samples, ceil_name, "-");
+            if prod.is_empty() || ceil.is_empty() {
+                continue;
+            }
             let q = ratios(&field(prod, |x| x.mb_s), &field(ceil, |x| x.mb_s));
             let _ = writeln!(
                 r,
-                "| produce 1 KiB, acks=written: ≥ 0.9 × bare tonic ceiling | {l} | {}× ({} vs {} MB/s; loadgen {} vs {} CPU s/GB) | {} |",
+                "| produce 1 KiB, acks=written: ≥ 0.9 × bare tonic ceiling, {how} | {l} | {}× ({} vs {} MB/s; loadgen {} vs {} CPU s/GB, {} vs {} % of a core) | {} |",
                 med_range(&q),
                 num(median(&field(prod, |x| x.mb_s))),
                 num(median(&field(ceil, |x| x.mb_s))),
                 num(median(&field(prod, |x| x.loadgen_s_per_gb))),
                 num(median(&field(ceil, |x| x.loadgen_s_per_gb))),
+                num(median(&field(prod, |x| 100.0 * x.loadgen_cores))),
+                num(median(&field(ceil, |x| 100.0 * x.loadgen_cores))),
                 verdict(median(&q) >= 0.9)
             );
         }
