@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use spool_log_engine::{FsyncPolicy, TopicConfig};
 
+use crate::affinity::CpuSet;
 use crate::error::ConfigError;
 
 /// Default gRPC port.
@@ -42,6 +43,12 @@ pub struct Config {
     pub allow_non_loopback: bool,
     /// Tokio worker threads; 0 means one per core.
     pub runtime_threads: usize,
+    /// CPUs the runtime workers are pinned to, as a CPU list (`"0"`, `"0-1"`); empty (the
+    /// default): not pinned. See [`crate::affinity`].
+    pub runtime_cpus: CpuSet,
+    /// CPUs the blocking threads (appends, fsyncs, faulting reads, the log's write-back
+    /// thread) are pinned to; empty (the default): not pinned.
+    pub blocking_cpus: CpuSet,
     /// Longest time a graceful shutdown waits for in-flight requests and streams.
     pub shutdown_timeout_ms: u64,
     /// How often retention runs over every partition.
@@ -220,6 +227,8 @@ impl Default for Config {
             tls: None,
             auth: AuthConfig::default(),
             runtime_threads: 0,
+            runtime_cpus: CpuSet::default(),
+            blocking_cpus: CpuSet::default(),
             shutdown_timeout_ms: 10_000,
             retention_check_interval_ms: 60_000,
             cleaner_check_interval_ms: 15_000,
@@ -624,6 +633,25 @@ fn parse_env_value(v: &str) -> toml::Value {
 #[allow(clippy::disallowed_methods)] // writes configuration files to load
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_sets_from_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("spoold.toml");
+        std::fs::write(&f, "runtime_cpus = \"0\"\nblocking_cpus = \"0-1\"\n").unwrap();
+        let c = Config::load(Some(&f), Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(c.runtime_cpus.cpus(), &[0]);
+        assert_eq!(c.blocking_cpus.cpus(), &[0, 1]);
+        // An integer in the environment is one CPU.
+        let env = vec![("SPOOL_RUNTIME_CPUS".to_owned(), "1".to_owned())];
+        let c = Config::load(Some(&f), env).unwrap();
+        assert_eq!(c.runtime_cpus.cpus(), &[1]);
+        let round: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(round, c);
+        let env = vec![("SPOOL_BLOCKING_CPUS".to_owned(), "2-1".to_owned())];
+        assert!(Config::load(None, env).is_err(), "a backwards range is refused");
+        assert!(Config::default().runtime_cpus.is_empty(), "off by default");
+    }
 
     #[test]
     fn layering_and_unknown_keys() {

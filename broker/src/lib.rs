@@ -29,6 +29,7 @@
 //!   a first request for `limits.handshake_timeout_ms`, is closed; one source address holds
 //!   at most `limits.max_connections_per_address` connections (`conn.rs`).
 
+pub mod affinity;
 mod auth;
 mod budget;
 pub mod config;

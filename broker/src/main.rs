@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use spool_broker::affinity::Placement;
 use spool_broker::rlimit::OpenFilesLimit;
 use spool_broker::{Broker, Config};
 
@@ -140,6 +141,17 @@ fn main() -> anyhow::Result<()> {
     rt.enable_all().thread_name("spoold-worker");
     if config.runtime_threads > 0 {
         rt.worker_threads(config.runtime_threads);
+    }
+    let placement = Placement::new(&config.runtime_cpus, &config.blocking_cpus)
+        .context("reading the CPU affinity")?;
+    if let Some(p) = &placement {
+        p.check()?;
+        p.install(&mut rt);
+        tracing::info!(
+            runtime_cpus = %config.runtime_cpus,
+            blocking_cpus = %config.blocking_cpus,
+            "pinning threads (an empty set: that kind is not pinned)"
+        );
     }
     let rt = rt.build().context("starting the tokio runtime")?;
     rt.block_on(run(config))
