@@ -108,7 +108,8 @@ impl CpuSet {
     pub fn pin_current_thread(&self) -> io::Result<()> {
         let set = self.to_libc();
         // SAFETY: pid 0 is the calling thread; `set` outlives the call and its size is given.
-        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        let rc =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -190,7 +191,13 @@ impl Placement {
         // A kind without a set of its own keeps what the process started with; it must be
         // restored explicitly for workers, which start with the blocking threads' set.
         let start = CpuSet::of_current_thread()?;
-        let or_start = |s: &CpuSet| Some(if s.is_empty() { start.clone() } else { s.clone() });
+        let or_start = |s: &CpuSet| {
+            Some(if s.is_empty() {
+                start.clone()
+            } else {
+                s.clone()
+            })
+        };
         Ok(Some(Placement {
             workers: or_start(runtime_cpus),
             blocking: or_start(blocking_cpus),
@@ -202,7 +209,10 @@ impl Placement {
     pub fn check(&self) -> Result<(), ConfigError> {
         let allowed = CpuSet::of_current_thread()
             .map_err(|e| ConfigError::Invalid(format!("reading the CPU affinity: {e}")))?;
-        for (what, set) in [("runtime_cpus", &self.workers), ("blocking_cpus", &self.blocking)] {
+        for (what, set) in [
+            ("runtime_cpus", &self.workers),
+            ("blocking_cpus", &self.blocking),
+        ] {
             if let Some(set) = set
                 && !set.cpus().iter().any(|c| allowed.cpus().contains(c))
             {

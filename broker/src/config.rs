@@ -649,7 +649,10 @@ mod tests {
         let round: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(round, c);
         let env = vec![("SPOOL_BLOCKING_CPUS".to_owned(), "2-1".to_owned())];
-        assert!(Config::load(None, env).is_err(), "a backwards range is refused");
+        assert!(
+            Config::load(None, env).is_err(),
+            "a backwards range is refused"
+        );
         assert!(Config::default().runtime_cpus.is_empty(), "off by default");
     }
 
