@@ -4,8 +4,9 @@
 //! `EMFILE` ("Too many open files").
 //!
 //! Invariants:
-//! - An open partition holds [`FDS_PER_PARTITION`] descriptors for as long as it is open: its
-//!   active segment and its recovery-point file. Everything else (sealed segments, indexes,
+//! - An open partition holds at most [`FDS_PER_PARTITION`] descriptors for as long as it is
+//!   open: its active segment, its recovery-point file and, under `fsync = always`, the active
+//!   segment's sync handles (one per group-commit slot, `partition::SYNC_SLOTS`). Everything else (sealed segments, indexes,
 //!   snapshots, directories) is opened only for the duration of one operation, or memory-mapped
 //!   and closed.
 //! - Opening `n` partitions is allowed when `n * FDS_PER_PARTITION + FD_HEADROOM` descriptors
@@ -20,8 +21,9 @@ use spool_io::FileSystem;
 
 use crate::error::{Error, Result};
 
-/// Descriptors an open partition holds (active segment and recovery-point file).
-pub const FDS_PER_PARTITION: u64 = 2;
+/// Descriptors an open partition holds at most (active segment, recovery-point file, and the
+/// active segment's sync handles under `fsync = always`).
+pub const FDS_PER_PARTITION: u64 = 2 + crate::partition::SYNC_SLOTS as u64;
 
 /// Descriptors kept free beyond the partitions' own, for short-lived use.
 pub const FD_HEADROOM: u64 = 64;

@@ -15,7 +15,7 @@
 //!    walked, never the whole partition.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use spool_io::{FileHandle, FileSystem, OpenMode};
@@ -328,6 +328,7 @@ impl Partition {
                     first_append_ms: None,
                     producers,
                     writeback_from: end,
+                    sync_files: super::writer::open_sync_files(fs.as_ref(), &path, &config),
                 };
                 return Ok((
                     Self::assemble(
@@ -355,6 +356,7 @@ impl Partition {
     ) -> Partition {
         let log_start = segments[0].base_offset;
         let next = writer.next_offset;
+        let slots = writer.sync_files.len().max(1);
         let now = shared.clock.now_ms().max(0) as u64;
         Partition {
             topic: topic.to_owned(),
@@ -365,9 +367,13 @@ impl Partition {
             segments: RwLock::new(Arc::new(segments)),
             writer: Mutex::new(writer),
             txn: Mutex::new(txn),
+            sync_slots: AtomicUsize::new(slots),
+            main_sync: Mutex::new(()),
             commit: Mutex::new(CommitState {
                 durable_next: next,
-                syncing: false,
+                running: 0,
+                busy: 0,
+                promised: next,
                 requested: next,
                 looping: false,
                 next_syncer: false,
