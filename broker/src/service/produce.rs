@@ -410,8 +410,10 @@ fn sync_for_readers(syncs: Syncs) {
 /// [`sync_for_readers`] for the runtime thread: the batches a group commit will cover anyway
 /// (`Partition::sync_behind_covered`: a running sync took its slot after the batch was asked
 /// for, or another thread already waits for a slot to run the next one) need no thread; the rest go to one blocking-pool thread, which
-/// runs `sync_behind` for them. Under a steady stream of small requests most batches take the
-/// first way, so the runtime thread neither wakes nor hands off to a pool thread per request.
+/// runs `sync_behind` for them. Under a steady stream of small requests many batches take the
+/// first way, so the runtime thread does not hand off to a pool thread per request; with two
+/// sync slots a batch appended while one sync runs takes the second way and gets a sync of
+/// its own at once (about one hand-off per fdatasync).
 fn sync_behind_off_thread(syncs: Syncs) {
     let rest: Syncs = syncs
         .into_iter()
