@@ -249,6 +249,8 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
                 fsync: Some(FsyncPolicy::Never),
                 pacing: Pacing::Tick,
                 linger: Duration::from_millis(1),
+                // The window the old `e2e-*` scenarios had (LoadConfig's default).
+                in_flight: 8,
                 ..e2e.clone()
             },
         },
@@ -259,6 +261,8 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
                 fsync: Some(FsyncPolicy::Always),
                 pacing: Pacing::Tick,
                 linger: Duration::from_millis(1),
+                // The window the old `e2e-*` scenarios had (LoadConfig's default).
+                in_flight: 8,
                 ..e2e.clone()
             },
         },
@@ -269,6 +273,8 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
                 fsync: Some(FsyncPolicy::Never),
                 pacing: Pacing::TickOnly,
                 linger: Duration::from_millis(1),
+                // The window the old `e2e-*` scenarios had (LoadConfig's default).
+                in_flight: 8,
                 ..e2e.clone()
             },
         },

@@ -44,7 +44,7 @@ pub struct LoadArgs {
     #[arg(long, value_enum, default_value = "linger")]
     pub pacing: crate::Pacing,
     /// e2e: the old name of `--pacing tick-only`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pacing")]
     pub linger_only: bool,
     /// Acknowledgement asked of the broker.
     #[arg(long, value_enum, default_value = "written")]
@@ -198,6 +198,10 @@ mod tests {
         let c = t.a.config(Mode::E2e, "h:1".into());
         assert_eq!(c.pacing, crate::Pacing::Tick);
         assert_eq!(c.linger, Duration::from_micros(250));
+        assert!(
+            <T as clap::Parser>::try_parse_from(["t", "--linger-only", "--pacing", "linger"])
+                .is_err()
+        );
         let t = <T as clap::Parser>::parse_from(["t", "--linger-only"]);
         assert_eq!(
             t.a.config(Mode::E2e, "h:1".into()).pacing,

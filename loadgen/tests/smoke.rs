@@ -117,5 +117,16 @@ fn produce_consume_e2e_against_spoold() {
             r.line()
         );
         assert!(split.over_1ms_mostly_before_send <= split.over_1ms);
+        // A linger batches: each producer (2 500 records/s, one due every 400 µs) sends at
+        // most one batch per 500 µs of its oldest record's wait, so at least two records per
+        // request; without the linger every record would go alone (5 000 requests/s).
+        if pacing == Pacing::Linger && linger_us == 500 {
+            let per_s = r.requests as f64 / r.seconds;
+            assert!(
+                per_s < 0.6 * expected,
+                "linger 500 µs sent {per_s:.0} requests/s for {expected} records/s: {}",
+                r.line()
+            );
+        }
     }
 }
