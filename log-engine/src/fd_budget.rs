@@ -6,7 +6,11 @@
 //! Invariants:
 //! - An open partition holds at most [`FDS_PER_PARTITION`] descriptors for as long as it is
 //!   open: its active segment, its recovery-point file and, under `fsync = always`, the active
-//!   segment's sync handles (one per group-commit slot, `partition::SYNC_SLOTS`). Everything else (sealed segments, indexes,
+//!   segment's sync handles (one per group-commit slot, `partition::SYNC_SLOTS`). Counted for
+//!   every partition whatever its policy (a topic's policy can change); for a moment after a
+//!   roll a sync may still hold the old segment's handles (from the headroom). Sync handles
+//!   are opened only while more than [`FD_HEADROOM`] + `SYNC_SLOTS` descriptors are free, so
+//!   they never take the headroom; without them a partition syncs one at a time. Everything else (sealed segments, indexes,
 //!   snapshots, directories) is opened only for the duration of one operation, or memory-mapped
 //!   and closed.
 //! - Opening `n` partitions is allowed when `n * FDS_PER_PARTITION + FD_HEADROOM` descriptors

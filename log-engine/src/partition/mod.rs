@@ -16,7 +16,9 @@
 //!   process wrote to it), never two through one file description: Linux reports a write-back
 //!   error once per description, so sharing one could let a call return success for lost
 //!   pages. A sync captures the end it covers under the writer lock before its call; syncs end
-//!   in any order and publish only what they captured (the durable end only grows). Other
+//!   in any order but publish in the order they started, only what they captured (the durable
+//!   end only grows), and nothing once the partition is poisoned (a failed sync beside a
+//!   successful one: the success is not counted). Other
 //!   fdatasyncs of the active segment through the writer's own handle (flush, close, roll, a
 //!   group commit without sync handles) hold `main_sync`.
 //! - A failed write that could not be rolled back, or any failed fsync, poisons the
@@ -157,6 +159,12 @@ struct CommitState {
     /// Every offset below it was asked for before a running (or finished) sync took its slot:
     /// that sync captures the end after it, so it covers them (or poisons the partition).
     promised: u64,
+    /// Tickets of syncs in start order: the next to hand out, every ticket below
+    /// `returned_below` has returned, and the returned ones above it (publication waits for
+    /// every earlier ticket: see `Partition::sync_unlocked`).
+    next_ticket: u64,
+    returned_below: u64,
+    returned: Vec<u64>,
     /// The highest offset asked for by [`Partition::request_sync`], [`Partition::sync_behind`]
     /// or [`Partition::wait_durable`] (everything below it is to be made durable by the sync
     /// loop or by the next sync).
@@ -401,9 +409,11 @@ impl Partition {
             }
             cause.clone().unwrap_or_default()
         };
-        self.poisoned.store(true, Ordering::Release);
         {
+            // Under the commit lock: a sync that decides there whether to publish sees the flag
+            // or publishes before it is set (see `sync_unlocked`).
             let _guard = lock(&self.commit);
+            self.poisoned.store(true, Ordering::Release);
             self.commit_cv.notify_all();
         }
         self.durable.wake_all();
@@ -695,7 +705,7 @@ impl Partition {
     /// the recovery point when due. Returns the next offset now durable.
     pub fn flush(&self) -> Result<u64> {
         self.check_writable()?;
-        let next = self.sync_now(None)?;
+        let next = self.sync_now()?;
         self.advance_durable(next);
         Ok(next)
     }
@@ -708,8 +718,11 @@ impl Partition {
     /// Runs one sync on a free slot (the caller checked that one is free) with the commit
     /// state unlocked meanwhile, then publishes the new durable end and wakes every waiter.
     /// Returns the state locked again, and the sync's result. Syncs on different slots may
-    /// run at once and end in any order: each publishes only what it captured itself, and
-    /// the durable end only grows.
+    /// run at once and end in any order, but their results are published **in the order they
+    /// started**: a sync that returned OK publishes what it captured only once every sync that
+    /// started before it has returned OK, and only if the partition is not poisoned by then
+    /// (checked under the commit lock, where `poison` sets the flag). So once any sync fails,
+    /// nothing is published afterwards, whichever order the calls end in.
     fn sync_unlocked<'a>(
         &'a self,
         mut st: MutexGuard<'a, CommitState>,
@@ -719,11 +732,33 @@ impl Partition {
         st.running += 1;
         // The sync captures the end after taking the slot: it covers all asked for so far.
         st.promised = st.promised.max(st.requested);
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
         drop(st);
-        let res = self.sync_now(Some(slot));
+        let res = self.sync_slot(slot);
         let mut st = lock(&self.commit);
         st.busy &= !(1 << slot);
         st.running -= 1;
+        st.returned.push(ticket);
+        while let Some(i) = st.returned.iter().position(|&t| t == st.returned_below) {
+            st.returned.swap_remove(i);
+            st.returned_below += 1;
+        }
+        self.commit_cv.notify_all();
+        let (seg, point) = match res {
+            Ok(captured) => captured,
+            Err(e) => return (st, Err(e)),
+        };
+        // Every sync that started before this one has returned (a failed one poisoned first).
+        while st.returned_below <= ticket && !self.is_poisoned() {
+            st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Err(e) = self.check_writable() {
+            return (st, Err(e));
+        }
+        drop(st);
+        let res = self.publish_synced(&seg, point);
+        let mut st = lock(&self.commit);
         let res = res.map(|next| {
             st.durable_next = st.durable_next.max(next);
             self.durable.publish(st.durable_next);
@@ -732,11 +767,18 @@ impl Partition {
         (st, res)
     }
 
-    /// One fdatasync of the active segment through slot `slot`'s handle (`None`, or a segment
-    /// without sync handles: the writer's own handle, under `main_sync`), then publishes what
-    /// it covered. What it covers is captured under the writer lock before the call starts,
-    /// so it never claims bytes written after the call began.
-    fn sync_now(&self, slot: Option<usize>) -> Result<u64> {
+    /// One fdatasync of the active segment through slot `slot`'s sync handle (or, when the
+    /// segment has none for that slot, the writer's own handle under `main_sync`). Returns what
+    /// it covered, captured under the writer lock before the call started (so it never claims
+    /// bytes written after the call began); a failure poisons the partition.
+    fn sync_slot(&self, slot: usize) -> Result<(Arc<Segment>, crate::checkpoint::Point)> {
+        self.sync_captured(Some(slot))
+    }
+
+    fn sync_captured(
+        &self,
+        slot: Option<usize>,
+    ) -> Result<(Arc<Segment>, crate::checkpoint::Point)> {
         let (file, shared_handle, seg, point) = lock(&self.writer).capture(slot);
         let serial = shared_handle.then(|| lock(&self.main_sync));
         let started = std::time::Instant::now();
@@ -746,6 +788,20 @@ impl Partition {
         if let Err(e) = synced {
             return Err(self.poison(Error::io("fdatasync", seg.log_path(), e)));
         }
+        Ok((seg, point))
+    }
+
+    /// fdatasync through the writer's own handle (flush), then publishes what it covered
+    /// unless the partition was poisoned meanwhile (a slot's sync failed beside it).
+    fn sync_now(&self) -> Result<u64> {
+        let (seg, point) = self.sync_captured(None)?;
+        self.check_writable()?;
+        self.publish_synced(&seg, point)
+    }
+
+    /// Publishes to readers what a successful sync covered and advances the recovery point
+    /// when due. Returns the next offset now durable.
+    fn publish_synced(&self, seg: &Segment, point: crate::checkpoint::Point) -> Result<u64> {
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);
         self.last_flush_ms
@@ -1131,6 +1187,10 @@ impl Partition {
             file.sync_data()
         };
         synced.map_err(|e| self.poison(Error::io("fdatasync", seg.log_path(), e)))?;
+        // A slot's sync that failed meanwhile: no final recovery point past it.
+        if self.is_poisoned() {
+            return Ok(());
+        }
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);
         lock(&self.checkpoint).write(point)

@@ -67,15 +67,23 @@ pub(super) struct Writer {
 }
 
 /// The sync handles of an active segment at `path` for a topic with `cfg` (see
-/// [`Writer::sync_files`]): none unless `fsync = always`, and none, with a warning, when the
-/// file system refuses one (the group commit then runs one sync at a time, through the
-/// writer's own handle).
+/// [`Writer::sync_files`]): none unless `fsync = always`; none when fewer than `FD_HEADROOM` +
+/// `SYNC_SLOTS` descriptors are free (they never eat the headroom kept for short-lived use,
+/// `crate::fd_budget`), and none, with a warning, when the file system refuses one. Without
+/// them the group commit runs one sync at a time, through the writer's own handle.
 pub(super) fn open_sync_files(
     fs: &dyn spool_io::FileSystem,
     path: &std::path::Path,
     cfg: &TopicConfig,
 ) -> Vec<Arc<dyn FileHandle>> {
     if cfg.fsync != FsyncPolicy::Always || super::SYNC_SLOTS < 2 {
+        return Vec::new();
+    }
+    let spare = crate::fd_budget::FD_HEADROOM + super::SYNC_SLOTS as u64;
+    if fs
+        .fd_budget()
+        .is_some_and(|b| b.limit.saturating_sub(b.open) < spare)
+    {
         return Vec::new();
     }
     let mut files = Vec::with_capacity(super::SYNC_SLOTS);
@@ -236,6 +244,9 @@ impl Writer {
             self.file.sync_data()
         }
         .map_err(|e| Error::io("fdatasync", old.log_path(), e))?;
+        // A slot's sync of this segment that failed beside this one: nothing is sealed or
+        // published past it.
+        p.check_writable()?;
         old.seal(self.next_offset.saturating_sub(1))?;
         let base = self.next_offset;
         let path = p.dir.join(Partition::segment_file_name(base));
@@ -262,15 +273,18 @@ impl Writer {
             v.push(seg.clone());
             *segs = Arc::new(v);
         }
+        // The new segment's slot count is stored before `advance_durable` wakes waiters, so a
+        // waiter for a free slot sees it.
+        let sync_files = open_sync_files(fs.as_ref(), &path, &p.config());
+        p.sync_slots.store(
+            sync_files.len().max(1),
+            std::sync::atomic::Ordering::Release,
+        );
         p.watch.publish(base);
         p.advance_durable(base);
         self.active = seg;
         self.file = file;
-        self.sync_files = open_sync_files(fs.as_ref(), &path, &p.config());
-        p.sync_slots.store(
-            self.sync_files.len().max(1),
-            std::sync::atomic::Ordering::Release,
-        );
+        self.sync_files = sync_files;
         self.position = 0;
         self.writeback_from = 0;
         self.index = IndexBuilder::new(base, interval);

@@ -300,25 +300,29 @@ fn a_sync_starts_beside_the_running_one() {
         "no third sync while both slots are busy"
     );
 
-    // The later sync ends first: it covers a and b (it started after both appends).
+    // The later sync returns first. Its slot goes to the waiting caller at once, but what it
+    // covered (a and b) is published only once the sync that started before it has returned:
+    // results are published in start order.
     gate.release(1, None);
     gate.wait_done(1);
-    tb.join().unwrap().unwrap();
-    assert_eq!(p.high_watermark(), b);
-    // The freed slot goes to the waiting caller, whose sync covers c and d.
     let begun = gate.wait_begun(3);
     assert_ne!(
         begun[&2], begun[&0],
         "the third sync uses the free slot's handle"
     );
-    // The first sync ends last: it publishes nothing new (its capture is older).
-    gate.release(0, None);
-    ta.join().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
         p.high_watermark(),
-        b,
-        "an older sync never lowers or skips ahead"
+        0,
+        "nothing published while an earlier sync runs"
     );
+    assert!(!tb.is_finished(), "the later sync waits to publish");
+    // The first sync returns: both publish; the older capture never lowers anything.
+    gate.release(0, None);
+    ta.join().unwrap().unwrap();
+    tb.join().unwrap().unwrap();
+    assert_eq!(p.high_watermark(), b);
+    // The third sync covers c and d.
     gate.release(2, None);
     tc.join().unwrap().unwrap();
     assert_eq!(p.high_watermark(), d, "everything asked for is visible");
@@ -356,39 +360,67 @@ fn wait_durable_uses_a_free_slot() {
     assert_eq!(p.high_watermark(), b);
 }
 
-/// A sync that fails while another runs poisons the partition; the other one's success is
-/// still its own handle's (each slot has its own handle, so a write-back error is reported to
-/// every running sync, never consumed by one of them alone), and nothing is retried.
-#[test]
-fn a_failed_sync_beside_another_poisons() {
+/// Two syncs at once, one fails: the partition is poisoned and **nothing is published after
+/// the failure, whichever sync returns first** (results are published in start order, and
+/// not at all once poisoned), nothing is retried, and a reopen recovers what is on disk.
+fn failed_sync_beside_another(fail: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let (_log, p, gate) = gated_partition(dir.path());
-    let _disarm = Disarm(gate.clone());
-    let a = p.append_nowait(&batch("a", 1, 0)).unwrap().last_offset + 1;
-    let pa = p.clone();
-    let ta = std::thread::spawn(move || pa.sync_behind(a));
-    gate.wait_begun(1);
-    let b = p.append_nowait(&batch("b", 1, 0)).unwrap().last_offset + 1;
-    let pb = p.clone();
-    let tb = std::thread::spawn(move || pb.wait_durable(b));
-    gate.wait_begun(2);
-    gate.release(0, Some(libc::EIO));
-    assert!(matches!(
-        ta.join().unwrap(),
-        Err(spool_log_engine::Error::Poisoned { .. })
-    ));
-    assert!(p.is_poisoned());
-    gate.release(1, None);
-    assert!(
-        tb.join().unwrap().is_err(),
-        "a waiter of a poisoned partition gets its error"
-    );
-    assert!(p.append_nowait(&batch("c", 1, 0)).is_err());
-    assert!(p.sync_behind(b).is_err());
-    assert!(!p.sync_behind_covered(b));
-    assert_eq!(
-        gate.state.lock().unwrap().begun.len(),
-        2,
-        "a failed sync is never retried"
-    );
+    {
+        let (_log, p, gate) = gated_partition(dir.path());
+        let _disarm = Disarm(gate.clone());
+        let a = p.append_nowait(&batch("a", 1, 0)).unwrap().last_offset + 1;
+        let pa = p.clone();
+        let ta = std::thread::spawn(move || pa.sync_behind(a));
+        gate.wait_begun(1);
+        let b = p.append_nowait(&batch("b", 1, 0)).unwrap().last_offset + 1;
+        let pb = p.clone();
+        let tb = std::thread::spawn(move || pb.wait_durable(b));
+        gate.wait_begun(2);
+        // The failing one returns first, then the other with success.
+        let ok = 1 - fail;
+        gate.release(fail, Some(libc::EIO));
+        gate.wait_done(fail);
+        gate.release(ok, None);
+        let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+        assert!(ra.is_err() && rb.is_err(), "{ra:?} / {rb:?}");
+        assert!(p.is_poisoned());
+        assert_eq!(
+            p.high_watermark(),
+            0,
+            "a sync that returned OK after the failure publishes nothing"
+        );
+        assert!(p.read(0, 1 << 20).unwrap().data.is_empty());
+        assert!(p.append_nowait(&batch("c", 1, 0)).is_err());
+        assert!(p.sync_behind(b).is_err());
+        assert!(!p.sync_behind_covered(b));
+        assert_eq!(
+            gate.state.lock().unwrap().begun.len(),
+            2,
+            "a failed sync is never retried"
+        );
+    }
+    // Reopened (the real file system kept the bytes): recovery decides what is there.
+    let log = Log::open(
+        dir.path(),
+        LogOptions {
+            background_maintenance: false,
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    let p = log.partition("t", 0).unwrap();
+    assert!(!p.is_poisoned());
+    assert!(p.high_watermark() <= 2);
+}
+
+/// The sync that started first fails; the later one returns OK after it.
+#[test]
+fn an_earlier_sync_fails_and_the_later_publishes_nothing() {
+    failed_sync_beside_another(0);
+}
+
+/// The sync that started later fails first; the earlier one returns OK after it.
+#[test]
+fn a_later_sync_fails_and_the_earlier_publishes_nothing() {
+    failed_sync_beside_another(1);
 }
