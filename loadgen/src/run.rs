@@ -332,10 +332,11 @@ impl Report {
                 })
             };
             s += &format!(
-                "; split µs p50/p99/p99.9/max: before send {}, after send {}, produce reply {}; {} records > 1 ms, {} of them mostly before send",
+                "; split µs p50/p99/p99.9/max: before send {}, after send {}, produce reply {}, timer late {}; {} records > 1 ms, {} of them mostly before send",
                 p(&x.before_send),
                 p(&x.after_send),
                 p(&x.produce_reply),
+                p(&x.timer_late),
                 x.over_1ms,
                 x.over_1ms_mostly_before_send
             );
@@ -377,6 +378,9 @@ pub struct LatencySplit {
     pub after_send: Option<RunLatency>,
     /// Batch cut → its produce reply, per request.
     pub produce_reply: Option<RunLatency>,
+    /// [`Pacing::Linger`]: how late the producer ran after the timer's time, per wake on the
+    /// timer (the timerfd's expiry, the epoll wake-up and the worker being free).
+    pub timer_late: Option<RunLatency>,
     /// Records over 1 ms end to end.
     pub over_1ms: u64,
     /// … of which more than half was before the send.
@@ -388,6 +392,7 @@ struct Split {
     before: Histogram<u64>,
     after: Histogram<u64>,
     reply: Histogram<u64>,
+    timer_late: Histogram<u64>,
     over_1ms: u64,
     over_1ms_before: u64,
 }
@@ -402,6 +407,7 @@ impl Split {
             before: histogram(),
             after: histogram(),
             reply: histogram(),
+            timer_late: histogram(),
             over_1ms: 0,
             over_1ms_before: 0,
         }
@@ -411,6 +417,7 @@ impl Split {
         self.before.add(&o.before).expect("same bounds");
         self.after.add(&o.after).expect("same bounds");
         self.reply.add(&o.reply).expect("same bounds");
+        self.timer_late.add(&o.timer_late).expect("same bounds");
         self.over_1ms += o.over_1ms;
         self.over_1ms_before += o.over_1ms_before;
     }
@@ -432,6 +439,7 @@ impl Split {
             before_send: RunLatency::from_hist(&self.before),
             after_send: RunLatency::from_hist(&self.after),
             produce_reply: RunLatency::from_hist(&self.reply),
+            timer_late: RunLatency::from_hist(&self.timer_late),
             over_1ms: self.over_1ms,
             over_1ms_mostly_before_send: self.over_1ms_before,
         }
@@ -1185,6 +1193,10 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     // The produce replies' times are the producers'; the rest of the split the consumer's.
     if let Some(p) = &prod.split {
         cons.split().reply.add(&p.reply).expect("same bounds");
+        cons.split()
+            .timer_late
+            .add(&p.timer_late)
+            .expect("same bounds");
     }
     let mut r = report(cfg, &cons, cfg.duration);
     r.errors += prod.errors;
@@ -1357,6 +1369,8 @@ impl E2eProducer<'_> {
         // Records a full batch holds (about: each record costs its value and ~32 bytes).
         let per_batch = (self.cfg.batch_bytes / (self.cfg.record_size + 32)).max(1) as u64;
         let drain_deadline = self.w.until + Duration::from_secs(10);
+        // Set when the last wake was the timer's (for `timer_late`).
+        let mut timer_woke = false;
         loop {
             if self.tx.is_none() && (self.sent.is_empty() || Instant::now() >= drain_deadline) {
                 return Ok(());
@@ -1368,6 +1382,10 @@ impl E2eProducer<'_> {
                 let go = (oldest + self.cfg.linger).min(full);
                 let now = Instant::now();
                 if now >= go {
+                    if std::mem::take(&mut timer_woke) && self.w.counts(now) {
+                        let ns = now.duration_since(go).as_nanos() as u64;
+                        self.stats.split().timer_late.saturating_record(ns.max(1));
+                    }
                     self.send_due(now).await?;
                     continue;
                 }
@@ -1381,7 +1399,10 @@ impl E2eProducer<'_> {
                         return Ok(());
                     }
                 }
-                r = timer.fired(), if wake.is_some() => r?,
+                r = timer.fired(), if wake.is_some() => {
+                    r?;
+                    timer_woke = true;
+                }
                 () = tokio::time::sleep_until(drain_deadline.into()), if self.tx.is_none() => {}
             }
         }
