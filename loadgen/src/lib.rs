@@ -21,7 +21,7 @@
 //!   producer acts like an application on a Kafka-like client ([`Pacing::Linger`], the
 //!   default): each record is handed over at its intended time, and a batch goes once its
 //!   oldest record has waited `linger` (0: at once) or a full batch is due, as soon as fewer
-//!   than `in_flight` requests await their reply; it wakes for that on a timerfd (µs), not on
+//!   than `in_flight` requests await their reply; it wakes for that on a timerfd (tens of µs late), not on
 //!   tokio's 1 ms timers. The issue-3 producer (`Pacing::Tick`, `TickOnly`) stays for
 //!   comparing old figures. Each value also carries its batch's cut time, so the report splits
 //!   the latency into before and after the send ([`LatencySplit`]).
