@@ -4,13 +4,8 @@
 //! `EMFILE` ("Too many open files").
 //!
 //! Invariants:
-//! - An open partition holds at most [`FDS_PER_PARTITION`] descriptors for as long as it is
-//!   open: its active segment, its recovery-point file and, under `fsync = always`, the active
-//!   segment's sync handles (one per group-commit slot, `partition::SYNC_SLOTS`). Counted for
-//!   every partition whatever its policy (a topic's policy can change); for a moment after a
-//!   roll a sync may still hold the old segment's handles (from the headroom). Sync handles
-//!   are opened only while more than [`FD_HEADROOM`] + `SYNC_SLOTS` descriptors are free, so
-//!   they never take the headroom; without them a partition syncs one at a time. Everything else (sealed segments, indexes,
+//! - An open partition holds [`FDS_PER_PARTITION`] descriptors for as long as it is open: its
+//!   active segment and its recovery-point file. Everything else (sealed segments, indexes,
 //!   snapshots, directories) is opened only for the duration of one operation, or memory-mapped
 //!   and closed.
 //! - Opening `n` partitions is allowed when `n * FDS_PER_PARTITION + FD_HEADROOM` descriptors
@@ -25,9 +20,8 @@ use spool_io::FileSystem;
 
 use crate::error::{Error, Result};
 
-/// Descriptors an open partition holds at most (active segment, recovery-point file, and the
-/// active segment's sync handles under `fsync = always`).
-pub const FDS_PER_PARTITION: u64 = 2 + crate::partition::SYNC_SLOTS as u64;
+/// Descriptors an open partition holds (active segment and recovery-point file).
+pub const FDS_PER_PARTITION: u64 = 2;
 
 /// Descriptors kept free beyond the partitions' own, for short-lived use.
 pub const FD_HEADROOM: u64 = 64;
@@ -87,15 +81,8 @@ mod tests {
         }
         let msg = err.to_string();
         assert!(msg.contains("creating topic \"t\""), "{msg}");
-        let (needed, free) = (11 * FDS_PER_PARTITION + 64, 10 * FDS_PER_PARTITION + 64);
-        assert!(
-            msg.contains(&format!("needs {needed} file descriptors")),
-            "{msg}"
-        );
-        assert!(
-            msg.contains(&format!("{free} of the open-files limit {free}")),
-            "{msg}"
-        );
+        assert!(msg.contains("needs 86 file descriptors"), "{msg}");
+        assert!(msg.contains("84 of the open-files limit 84"), "{msg}");
         // No limit known: nothing to check.
         sim.set_fd_limit(None);
         check(fs.as_ref(), u64::MAX, || "x".into()).unwrap();

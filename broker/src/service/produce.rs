@@ -24,17 +24,15 @@
 //!   all the threads waiting). Under `acks = written | none` the thread that appended hands
 //!   the results back (the reply goes out meanwhile) and then runs `Partition::sync_behind`
 //!   itself, which makes the batch durable, and so visible, right behind its append (no
-//!   hand-off to another thread between the append and its fdatasync) when no sync runs,
-//!   starts a second one beside a running sync when a sync slot is free, and otherwise leaves
-//!   it to the next sync, so at most one thread per slot plus one per partition wait for an
+//!   hand-off to another thread between the append and its fdatasync) when no sync runs, and
+//!   otherwise leaves it to the next sync, so at most two threads per partition wait for an
 //!   fdatasync whatever the request rate. A `ProduceStream` request of that kind that is
 //!   small ([`INLINE_MAX_BYTES`], pre-encoded, not transactional) is written on the runtime
 //!   thread instead when its partitions take it without blocking (else on the blocking pool,
 //!   in order), its reply goes out from the stream's task, and a blocking-pool thread is asked
-//!   to run `sync_behind` only when no group commit will cover the batch
-//!   (`Partition::sync_behind_covered`: a running sync took its slot after the batch was
-//!   asked for, or a thread already waits for a slot to run the next one, which starts after
-//!   the append). The same syncs, the same visibility rule, no
+//!   to run `sync_behind` only when no running group commit will cover the batch
+//!   (`Partition::sync_behind_covered`: a sync runs and a thread already waits to run the
+//!   next one, which starts after the append). The same syncs, the same visibility rule, no
 //!   thread hop for the append and the reply. (The async path was
 //!   measured on these partitions too: records became visible later, cause not found, see
 //!   docs/benchmarks.md, issue 14.)
@@ -394,10 +392,9 @@ type Syncs = Vec<(Arc<Partition>, u64)>;
 
 /// Makes batches acknowledged before their fdatasync visible to readers (blocking): joins
 /// each partition's group commit through `Partition::sync_behind`, which runs the sync on
-/// this thread when a sync slot is free (beside a running one if need be), waits for a slot to
-/// run the next one when nobody else does, and otherwise returns at once (that next sync
-/// covers the batch): at most one thread per slot plus one per partition are held, not one
-/// per request. A failed sync poisons the partition (later
+/// this thread when none runs, waits to run the next one when nobody else does, and
+/// otherwise returns at once (that next sync covers the batch): at most two threads per
+/// partition are held, not one per request. A failed sync poisons the partition (later
 /// writes and waiters get its error); it is logged here.
 fn sync_for_readers(syncs: Syncs) {
     for (p, next) in syncs {
@@ -407,13 +404,11 @@ fn sync_for_readers(syncs: Syncs) {
     }
 }
 
-/// [`sync_for_readers`] for the runtime thread: the batches a group commit will cover anyway
-/// (`Partition::sync_behind_covered`: a running sync took its slot after the batch was asked
-/// for, or another thread already waits for a slot to run the next one) need no thread; the rest go to one blocking-pool thread, which
-/// runs `sync_behind` for them. Under a steady stream of small requests many batches take the
-/// first way, so the runtime thread does not hand off to a pool thread per request; with two
-/// sync slots a batch appended while one sync runs takes the second way and gets a sync of
-/// its own at once (about one hand-off per fdatasync).
+/// [`sync_for_readers`] for the runtime thread: the batches a running group commit will
+/// cover anyway (`Partition::sync_behind_covered`: a sync runs and another thread already
+/// waits to run the next one) need no thread; the rest go to one blocking-pool thread, which
+/// runs `sync_behind` for them. Under a steady stream of small requests most batches take the
+/// first way, so the runtime thread neither wakes nor hands off to a pool thread per request.
 fn sync_behind_off_thread(syncs: Syncs) {
     let rest: Syncs = syncs
         .into_iter()

@@ -65,7 +65,7 @@ async fn a_topic_the_open_files_limit_cannot_hold_is_refused_cleanly_and_leaves_
         assert!(
             msg.contains(&format!("{WIDE} partition(s)"))
                 && msg.contains(&format!("open-files limit {NOFILE}"))
-                && msg.contains("needs 12064 file descriptors"), // 4 per partition + 64
+                && msg.contains("needs 6064 file descriptors"),
             "attempt {attempt}: {msg}"
         );
         let info = err.get_details_error_info().expect("an ErrorInfo detail");

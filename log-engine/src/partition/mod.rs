@@ -11,16 +11,6 @@
 //!   batch at or past the high watermark.
 //! - Under `fsync = always` the high watermark is the durable end: readers see only data an
 //!   fdatasync has covered, and `append` returns only once its batch is covered.
-//! - The group commit runs at most [`SYNC_SLOTS`] fdatasyncs of a partition at once, each
-//!   through its own handle of the active segment (`Writer::sync_files`, opened before this
-//!   process wrote to it), never two through one file description: Linux reports a write-back
-//!   error once per description, so sharing one could let a call return success for lost
-//!   pages. A sync captures the end it covers under the writer lock before its call; syncs end
-//!   in any order but publish in the order they started, only what they captured (the durable
-//!   end only grows), and nothing once the partition is poisoned (a failed sync beside a
-//!   successful one: the success is not counted). Other
-//!   fdatasyncs of the active segment through the writer's own handle (flush, close, roll, a
-//!   group commit without sync handles) hold `main_sync`.
 //! - A failed write that could not be rolled back, or any failed fsync, poisons the
 //!   partition: every later write fails with [`Error::Poisoned`] until the log is reopened.
 //! - Segment-list changes (roll, retention) happen under the writer lock.
@@ -36,7 +26,7 @@ mod writer;
 pub use recovery::RecoveryReport;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -144,35 +134,18 @@ enum Collected {
     Nothing,
 }
 
-/// How many fdatasyncs of one partition may run at once under `fsync = always`, each through
-/// its own handle of the active segment ([`Writer::sync_files`]): a batch appended while one
-/// sync runs gets its own sync at once instead of waiting for that one to end (issue 14).
-pub(crate) const SYNC_SLOTS: usize = 2;
-
 #[derive(Debug)]
 struct CommitState {
     durable_next: u64,
-    /// Syncs of the group commit running now: at most [`Partition::sync_slots`], each on its
-    /// own slot (bit `i` of `busy`), so no two run through the same file description.
-    running: usize,
-    busy: u32,
-    /// Every offset below it was asked for before a running (or finished) sync took its slot:
-    /// that sync captures the end after it, so it covers them (or poisons the partition).
-    promised: u64,
-    /// Tickets of syncs in start order: the next to hand out, every ticket below
-    /// `returned_below` has returned, and the returned ones above it (publication waits for
-    /// every earlier ticket: see `Partition::sync_unlocked`).
-    next_ticket: u64,
-    returned_below: u64,
-    returned: Vec<u64>,
-    /// The highest offset asked for by [`Partition::request_sync`], [`Partition::sync_behind`]
-    /// or [`Partition::wait_durable`] (everything below it is to be made durable by the sync
-    /// loop or by the next sync).
+    syncing: bool,
+    /// The highest offset asked for by [`Partition::request_sync`] or
+    /// [`Partition::sync_behind`] (everything below it is to be made durable by the sync loop
+    /// or by the next sync).
     requested: u64,
     /// A sync loop ([`Partition::run_requested_syncs`]) is running or about to.
     looping: bool,
-    /// A [`Partition::sync_behind`] caller waits for a slot to run the next sync, which covers
-    /// everything requested meanwhile: later callers leave at once.
+    /// A [`Partition::sync_behind`] caller waits for the running sync to end in order to run
+    /// the next one, which covers everything requested meanwhile: later callers leave at once.
     next_syncer: bool,
 }
 
@@ -236,15 +209,6 @@ pub struct Partition {
     closed: AtomicBool,
     last_flush_ms: AtomicU64,
     fsync_latency: crate::stats::Latency,
-    /// Syncs the group commit may run at once: the active segment's sync handles, at least 1
-    /// (set under the writer lock whenever the active segment changes).
-    sync_slots: AtomicUsize,
-    /// Held around every fdatasync through the writer's own handle of the active segment
-    /// (`Writer::file`: a flush, a close, a roll, or a group commit when the segment has no
-    /// sync handles), so two such calls never run through one file description at once:
-    /// Linux reports a write-back error to only one of them (`errseq`, per file description),
-    /// and the other could return success for data that was lost.
-    main_sync: Mutex<()>,
 }
 
 impl Partition {
@@ -409,11 +373,9 @@ impl Partition {
             }
             cause.clone().unwrap_or_default()
         };
+        self.poisoned.store(true, Ordering::Release);
         {
-            // Under the commit lock: a sync that decides there whether to publish sees the flag
-            // or publishes before it is set (see `sync_unlocked`).
             let _guard = lock(&self.commit);
-            self.poisoned.store(true, Ordering::Release);
             self.commit_cv.notify_all();
         }
         self.durable.wake_all();
@@ -536,18 +498,15 @@ impl Partition {
 
     /// Blocks until every offset below `next_offset` is durable, whatever the fsync policy
     /// (group commit: one caller runs fdatasync for everyone waiting meanwhile), and
-    /// published to readers. Waits while a running sync covers the batch (it took its slot
-    /// after the batch was asked for); otherwise runs one itself as soon as a slot is free.
+    /// published to readers.
     pub fn wait_durable(&self, next_offset: u64) -> Result<()> {
         let mut st = lock(&self.commit);
-        st.requested = st.requested.max(next_offset);
         loop {
             self.check_writable()?;
             if st.durable_next >= next_offset {
                 return Ok(());
             }
-            let covered = st.running > 0 && st.promised >= next_offset;
-            if covered || st.running >= self.sync_slots() {
+            if st.syncing {
                 st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
@@ -558,28 +517,24 @@ impl Partition {
     }
 
     /// Makes everything below `next_offset` durable soon, holding the calling thread only
-    /// when it is needed to run a sync (group commit with at most [`SYNC_SLOTS`] syncs and one
-    /// waiting thread per partition):
-    /// - a sync that took its slot after this batch was asked for is running: returns at once
-    ///   (that sync covers the batch);
-    /// - otherwise, a slot free: runs a sync now, beside any running one, so the batch waits
-    ///   for its own fdatasync only, not for the running one to end first;
-    /// - no slot free and nobody waiting for one: waits for a slot and runs the next sync,
-    ///   which covers every batch asked for before it takes the slot;
-    /// - no slot free and another caller already waiting: returns at once, leaving this batch
-    ///   to that next sync.
+    /// when it is needed to run a sync (group commit with at most two threads per partition):
+    /// - no sync running: runs one now (and again while more was asked meanwhile and nobody
+    ///   waits to do it), as [`Partition::wait_durable`] would;
+    /// - a sync running and nobody waiting to run the next one: waits for it to end and runs
+    ///   the next one, which covers every batch appended before that sync starts;
+    /// - a sync running and another caller already waiting to run the next one: returns at
+    ///   once, leaving this batch to that next sync (it starts after this call, so it covers
+    ///   every batch appended before the call).
     ///
     /// For a caller whose batch is already acknowledged and must only become durable, and so
     /// visible under `fsync = always`, soon (`acks = written | none`); nothing waits on its
     /// result. Where [`Partition::wait_durable`] parks every caller until a sync covers it,
-    /// this parks at most one, so a burst of appends during a slow fdatasync does not hold
-    /// (and then wake) a thread per append. Returns the partition's error once it is poisoned
-    /// or closed.
+    /// this parks one, so a burst of appends during a slow fdatasync does not hold (and then
+    /// wake) a thread per append. Returns the partition's error once it is poisoned or closed.
     pub fn sync_behind(&self, next_offset: u64) -> Result<()> {
         let mut st = lock(&self.commit);
         st.requested = st.requested.max(next_offset);
-        // True while this caller holds the `next_syncer` place: it then answers for everything
-        // requested, not only its own batch (callers that left because it waits rely on it).
+        // True while this caller holds the `next_syncer` place.
         let mut next_in_line = false;
         let release = |st: &mut CommitState, held: bool| {
             if held {
@@ -591,52 +546,50 @@ impl Partition {
                 release(&mut st, next_in_line);
                 return Err(e);
             }
-            let target = if next_in_line {
-                st.requested
-            } else {
-                next_offset
-            };
-            if st.durable_next >= target || (st.running > 0 && st.promised >= target) {
+            if st.durable_next >= st.requested {
                 release(&mut st, next_in_line);
                 return Ok(());
             }
-            if st.running < self.sync_slots() {
-                release(&mut st, next_in_line);
-                next_in_line = false;
-                let res;
-                (st, res) = self.sync_unlocked(st);
-                res?;
+            if st.syncing {
+                if !next_in_line {
+                    if st.next_syncer {
+                        return Ok(());
+                    }
+                    st.next_syncer = true;
+                    next_in_line = true;
+                }
+                st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            if !next_in_line {
-                if st.next_syncer {
-                    return Ok(());
-                }
-                st.next_syncer = true;
-                next_in_line = true;
+            release(&mut st, next_in_line);
+            next_in_line = false;
+            let res;
+            (st, res) = self.sync_unlocked(st);
+            res?;
+            if st.next_syncer {
+                // Someone waits to run the next sync: what was asked meanwhile is theirs.
+                return Ok(());
             }
-            st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     /// The part of [`Partition::sync_behind`] that needs no thread: true when everything below
-    /// `next_offset` is durable already, or a running sync took its slot after it was asked
-    /// for, or another caller already waits for a slot to run the next sync (that sync takes
-    /// its slot after this call, so it covers every batch appended before it; what is asked
-    /// here is recorded for it). False: the caller must run `sync_behind(next_offset)` on a
-    /// thread that may block, or the batch may never be synced. Also false once the partition
-    /// refuses writes (`sync_behind` then returns the error). Lets a caller on an async
-    /// runtime skip the hand-off to a blocking thread for the batches a group commit will
-    /// cover anyway.
+    /// `next_offset` is durable already, or a sync is running and another caller already waits
+    /// to run the next one (that next sync starts after this call, so it covers every batch
+    /// appended before it; what is asked here is recorded for it). False: the caller must run
+    /// `sync_behind(next_offset)` on a thread that may block, or the batch may never be
+    /// synced. Also false once the partition refuses writes (`sync_behind` then returns the
+    /// error). Lets a caller on an async runtime skip the hand-off to a blocking thread for the
+    /// many batches a running group commit will cover anyway.
     pub fn sync_behind_covered(&self, next_offset: u64) -> bool {
         let mut st = lock(&self.commit);
         if self.check_writable().is_err() {
             return false;
         }
-        if st.durable_next >= next_offset || (st.running > 0 && st.promised >= next_offset) {
+        if st.durable_next >= next_offset {
             return true;
         }
-        if st.next_syncer {
+        if st.syncing && st.next_syncer {
             st.requested = st.requested.max(next_offset);
             return true;
         }
@@ -710,55 +663,18 @@ impl Partition {
         Ok(next)
     }
 
-    /// Syncs the group commit may run at once (see [`SYNC_SLOTS`]).
-    fn sync_slots(&self) -> usize {
-        self.sync_slots.load(Ordering::Acquire).max(1)
-    }
-
-    /// Runs one sync on a free slot (the caller checked that one is free) with the commit
-    /// state unlocked meanwhile, then publishes the new durable end and wakes every waiter.
-    /// Returns the state locked again, and the sync's result. Syncs on different slots may
-    /// run at once and end in any order, but their results are published **in the order they
-    /// started**: a sync that returned OK publishes what it captured only once every sync that
-    /// started before it has returned OK, and only if the partition is not poisoned by then
-    /// (checked under the commit lock, where `poison` sets the flag). So once any sync fails,
-    /// nothing is published afterwards, whichever order the calls end in.
+    /// Runs one sync with the commit state unlocked and marked `syncing` meanwhile (so no
+    /// other caller starts one), then publishes the new durable end and wakes every waiter.
+    /// Returns the state locked again, and the sync's result.
     fn sync_unlocked<'a>(
         &'a self,
         mut st: MutexGuard<'a, CommitState>,
     ) -> (MutexGuard<'a, CommitState>, Result<()>) {
-        let slot = (!st.busy).trailing_zeros() as usize;
-        st.busy |= 1 << slot;
-        st.running += 1;
-        // The sync captures the end after taking the slot: it covers all asked for so far.
-        st.promised = st.promised.max(st.requested);
-        let ticket = st.next_ticket;
-        st.next_ticket += 1;
+        st.syncing = true;
         drop(st);
-        let res = self.sync_slot(slot);
+        let res = self.sync_now();
         let mut st = lock(&self.commit);
-        st.busy &= !(1 << slot);
-        st.running -= 1;
-        st.returned.push(ticket);
-        while let Some(i) = st.returned.iter().position(|&t| t == st.returned_below) {
-            st.returned.swap_remove(i);
-            st.returned_below += 1;
-        }
-        self.commit_cv.notify_all();
-        let (seg, point) = match res {
-            Ok(captured) => captured,
-            Err(e) => return (st, Err(e)),
-        };
-        // Every sync that started before this one has returned (a failed one poisoned first).
-        while st.returned_below <= ticket && !self.is_poisoned() {
-            st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        if let Err(e) = self.check_writable() {
-            return (st, Err(e));
-        }
-        drop(st);
-        let res = self.publish_synced(&seg, point);
-        let mut st = lock(&self.commit);
+        st.syncing = false;
         let res = res.map(|next| {
             st.durable_next = st.durable_next.max(next);
             self.durable.publish(st.durable_next);
@@ -767,41 +683,14 @@ impl Partition {
         (st, res)
     }
 
-    /// One fdatasync of the active segment through slot `slot`'s sync handle (or, when the
-    /// segment has none for that slot, the writer's own handle under `main_sync`). Returns what
-    /// it covered, captured under the writer lock before the call started (so it never claims
-    /// bytes written after the call began); a failure poisons the partition.
-    fn sync_slot(&self, slot: usize) -> Result<(Arc<Segment>, crate::checkpoint::Point)> {
-        self.sync_captured(Some(slot))
-    }
-
-    fn sync_captured(
-        &self,
-        slot: Option<usize>,
-    ) -> Result<(Arc<Segment>, crate::checkpoint::Point)> {
-        let (file, shared_handle, seg, point) = lock(&self.writer).capture(slot);
-        let serial = shared_handle.then(|| lock(&self.main_sync));
+    fn sync_now(&self) -> Result<u64> {
+        let (file, seg, point) = lock(&self.writer).capture();
         let started = std::time::Instant::now();
         let synced = file.sync_data();
         self.fsync_latency.record(started.elapsed());
-        drop(serial);
         if let Err(e) = synced {
             return Err(self.poison(Error::io("fdatasync", seg.log_path(), e)));
         }
-        Ok((seg, point))
-    }
-
-    /// fdatasync through the writer's own handle (flush), then publishes what it covered
-    /// unless the partition was poisoned meanwhile (a slot's sync failed beside it).
-    fn sync_now(&self) -> Result<u64> {
-        let (seg, point) = self.sync_captured(None)?;
-        self.check_writable()?;
-        self.publish_synced(&seg, point)
-    }
-
-    /// Publishes to readers what a successful sync covered and advances the recovery point
-    /// when due. Returns the next offset now durable.
-    fn publish_synced(&self, seg: &Segment, point: crate::checkpoint::Point) -> Result<u64> {
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);
         self.last_flush_ms
@@ -1181,16 +1070,9 @@ impl Partition {
         if self.is_poisoned() {
             return Ok(());
         }
-        let (file, _, seg, point) = lock(&self.writer).capture(None);
-        let synced = {
-            let _serial = lock(&self.main_sync);
-            file.sync_data()
-        };
-        synced.map_err(|e| self.poison(Error::io("fdatasync", seg.log_path(), e)))?;
-        // A slot's sync that failed meanwhile: no final recovery point past it.
-        if self.is_poisoned() {
-            return Ok(());
-        }
+        let (file, seg, point) = lock(&self.writer).capture();
+        file.sync_data()
+            .map_err(|e| self.poison(Error::io("fdatasync", seg.log_path(), e)))?;
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);
         lock(&self.checkpoint).write(point)

@@ -15,7 +15,7 @@
 //!    walked, never the whole partition.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use spool_io::{FileHandle, FileSystem, OpenMode};
@@ -328,7 +328,6 @@ impl Partition {
                     first_append_ms: None,
                     producers,
                     writeback_from: end,
-                    sync_files: super::writer::open_sync_files(fs.as_ref(), &path, &config),
                 };
                 return Ok((
                     Self::assemble(
@@ -356,7 +355,6 @@ impl Partition {
     ) -> Partition {
         let log_start = segments[0].base_offset;
         let next = writer.next_offset;
-        let slots = writer.sync_files.len().max(1);
         let now = shared.clock.now_ms().max(0) as u64;
         Partition {
             topic: topic.to_owned(),
@@ -367,16 +365,9 @@ impl Partition {
             segments: RwLock::new(Arc::new(segments)),
             writer: Mutex::new(writer),
             txn: Mutex::new(txn),
-            sync_slots: AtomicUsize::new(slots),
-            main_sync: Mutex::new(()),
             commit: Mutex::new(CommitState {
                 durable_next: next,
-                running: 0,
-                busy: 0,
-                promised: next,
-                next_ticket: 0,
-                returned_below: 0,
-                returned: Vec::new(),
+                syncing: false,
                 requested: next,
                 looping: false,
                 next_syncer: false,

@@ -60,43 +60,6 @@ pub(super) struct Writer {
     pub(super) producers: ProducerStates,
     /// Position in the active segment from which no write-back was started yet (module docs).
     pub(super) writeback_from: u64,
-    /// Under `fsync = always`: [`super::SYNC_SLOTS`] more handles of the active segment, one
-    /// per group-commit slot, opened when it became active, before this process wrote to it
-    /// (module docs). Empty otherwise, or when they could not be opened.
-    pub(super) sync_files: Vec<Arc<dyn FileHandle>>,
-}
-
-/// The sync handles of an active segment at `path` for a topic with `cfg` (see
-/// [`Writer::sync_files`]): none unless `fsync = always`; none when fewer than `FD_HEADROOM` +
-/// `SYNC_SLOTS` descriptors are free (they never eat the headroom kept for short-lived use,
-/// `crate::fd_budget`), and none, with a warning, when the file system refuses one. Without
-/// them the group commit runs one sync at a time, through the writer's own handle.
-pub(super) fn open_sync_files(
-    fs: &dyn spool_io::FileSystem,
-    path: &std::path::Path,
-    cfg: &TopicConfig,
-) -> Vec<Arc<dyn FileHandle>> {
-    if cfg.fsync != FsyncPolicy::Always || super::SYNC_SLOTS < 2 {
-        return Vec::new();
-    }
-    let spare = crate::fd_budget::FD_HEADROOM + super::SYNC_SLOTS as u64;
-    if fs
-        .fd_budget()
-        .is_some_and(|b| b.limit.saturating_sub(b.open) < spare)
-    {
-        return Vec::new();
-    }
-    let mut files = Vec::with_capacity(super::SYNC_SLOTS);
-    for _ in 0..super::SYNC_SLOTS {
-        match fs.open(path, OpenMode::Write) {
-            Ok(f) => files.push(f),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "no sync handles for the active segment: one fdatasync at a time");
-                return Vec::new();
-            }
-        }
-    }
-    files
 }
 
 impl Writer {
@@ -104,20 +67,10 @@ impl Writer {
         self.position
     }
 
-    /// What a sync started now would cover, and the handle to run it through: slot `slot`'s
-    /// sync handle, or (`None`, or no such handle) the writer's own, flagged `true`: the
-    /// caller must then hold the partition's `main_sync` around the call.
-    pub(super) fn capture(
-        &self,
-        slot: Option<usize>,
-    ) -> (Arc<dyn FileHandle>, bool, Arc<Segment>, Point) {
-        let (file, shared) = match slot.and_then(|s| self.sync_files.get(s)) {
-            Some(f) => (f.clone(), false),
-            None => (self.file.clone(), true),
-        };
+    /// What a sync started now would cover.
+    pub(super) fn capture(&self) -> (Arc<dyn FileHandle>, Arc<Segment>, Point) {
         (
-            file,
-            shared,
+            self.file.clone(),
             self.active.clone(),
             Point {
                 segment_base: self.active.base_offset,
@@ -239,14 +192,9 @@ impl Writer {
 
     fn try_roll(&mut self, p: &Partition) -> Result<()> {
         let old = self.active.clone();
-        {
-            let _serial = lock(&p.main_sync);
-            self.file.sync_data()
-        }
-        .map_err(|e| Error::io("fdatasync", old.log_path(), e))?;
-        // A slot's sync of this segment that failed beside this one: nothing is sealed or
-        // published past it.
-        p.check_writable()?;
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", old.log_path(), e))?;
         old.seal(self.next_offset.saturating_sub(1))?;
         let base = self.next_offset;
         let path = p.dir.join(Partition::segment_file_name(base));
@@ -273,18 +221,10 @@ impl Writer {
             v.push(seg.clone());
             *segs = Arc::new(v);
         }
-        // The new segment's slot count is stored before `advance_durable` wakes waiters, so a
-        // waiter for a free slot sees it.
-        let sync_files = open_sync_files(fs.as_ref(), &path, &p.config());
-        p.sync_slots.store(
-            sync_files.len().max(1),
-            std::sync::atomic::Ordering::Release,
-        );
         p.watch.publish(base);
         p.advance_durable(base);
         self.active = seg;
         self.file = file;
-        self.sync_files = sync_files;
         self.position = 0;
         self.writeback_from = 0;
         self.index = IndexBuilder::new(base, interval);

@@ -16,7 +16,6 @@ mod inspect;
 mod model;
 mod powerloss;
 mod retention;
-mod sync_slots;
 mod topic_create;
 mod torn_tail;
 mod transactions;
