@@ -13,6 +13,12 @@
 //!   fdatasync has covered, and `append` returns only once its batch is covered.
 //! - A failed write that could not be rolled back, or any failed fsync, poisons the
 //!   partition: every later write fails with [`Error::Poisoned`] until the log is reopened.
+//! - Every fdatasync of the active segment's handle (group commit, flush, close, roll) runs
+//!   under `sync_lock`, and a sync publishes nothing unless the partition is still unpoisoned
+//!   once it has returned, checked under that lock. Linux reports a write-back error once per
+//!   file description: of two overlapping fdatasyncs of one handle, the one that checks second
+//!   can return success for pages that failed. One at a time, with the poison set before the
+//!   lock is released, the later call sees the poison instead (fsyncgate; docs/durability.md).
 //! - Segment-list changes (roll, retention) happen under the writer lock.
 //! - Transactions ([`crate::txn`]): the writer updates the partition's transaction index
 //!   under the writer lock, before it publishes the batch; readers load the high watermark,
@@ -206,6 +212,9 @@ pub struct Partition {
     leader_epoch: AtomicI32,
     poisoned: AtomicBool,
     poison_cause: Mutex<Option<String>>,
+    /// Held across every fdatasync of a segment handle (module docs). Taken after the writer
+    /// lock when both are held (a roll), never before it.
+    sync_lock: Mutex<()>,
     closed: AtomicBool,
     last_flush_ms: AtomicU64,
     fsync_latency: crate::stats::Latency,
@@ -351,14 +360,7 @@ impl Partition {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        if self.is_poisoned() {
-            return Err(Error::Poisoned {
-                topic: self.topic.clone(),
-                partition: self.id,
-                cause: lock(&self.poison_cause).clone().unwrap_or_default(),
-            });
-        }
-        Ok(())
+        self.check_not_poisoned()
     }
 
     /// Marks the partition poisoned by `err` and returns the [`Error::Poisoned`] that the
@@ -683,14 +685,35 @@ impl Partition {
         (st, res)
     }
 
-    fn sync_now(&self) -> Result<u64> {
-        let (file, seg, point) = lock(&self.writer).capture();
+    /// fdatasyncs `file` (a handle of `seg`) under `sync_lock`: a failure poisons the
+    /// partition before the lock is released, and a success counts only if no sync failed
+    /// before it (module docs). The caller must not hold `sync_lock`.
+    fn sync_handle(&self, file: &dyn spool_io::FileHandle, seg: &Segment) -> Result<()> {
+        let _one_at_a_time = lock(&self.sync_lock);
         let started = std::time::Instant::now();
         let synced = file.sync_data();
         self.fsync_latency.record(started.elapsed());
         if let Err(e) = synced {
             return Err(self.poison(Error::io("fdatasync", seg.log_path(), e)));
         }
+        self.check_not_poisoned()
+    }
+
+    /// `Err(Poisoned)` once the partition is poisoned (closed or not).
+    fn check_not_poisoned(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                topic: self.topic.clone(),
+                partition: self.id,
+                cause: lock(&self.poison_cause).clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    fn sync_now(&self) -> Result<u64> {
+        let (file, seg, point) = lock(&self.writer).capture();
+        self.sync_handle(file.as_ref(), &seg)?;
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);
         self.last_flush_ms
@@ -1071,8 +1094,7 @@ impl Partition {
             return Ok(());
         }
         let (file, seg, point) = lock(&self.writer).capture();
-        file.sync_data()
-            .map_err(|e| self.poison(Error::io("fdatasync", seg.log_path(), e)))?;
+        self.sync_handle(file.as_ref(), &seg)?;
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);
         lock(&self.checkpoint).write(point)

@@ -380,6 +380,7 @@ impl Partition {
             leader_epoch: AtomicI32::new(0),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
+            sync_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
             last_flush_ms: AtomicU64::new(now),
             fsync_latency: crate::stats::Latency::default(),

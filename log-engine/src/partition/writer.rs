@@ -192,9 +192,16 @@ impl Writer {
 
     fn try_roll(&mut self, p: &Partition) -> Result<()> {
         let old = self.active.clone();
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("fdatasync", old.log_path(), e))?;
+        {
+            // Under the partition's sync lock, like every fdatasync of a segment handle: a
+            // group commit may be syncing this handle right now (it releases the writer lock
+            // to sync), and a success here after its failure must not count (fsyncgate).
+            let _one_at_a_time = lock(&p.sync_lock);
+            self.file
+                .sync_data()
+                .map_err(|e| Error::io("fdatasync", old.log_path(), e))?;
+            p.check_not_poisoned()?;
+        }
         old.seal(self.next_offset.saturating_sub(1))?;
         let base = self.next_offset;
         let path = p.dir.join(Partition::segment_file_name(base));

@@ -16,6 +16,7 @@ mod inspect;
 mod model;
 mod powerloss;
 mod retention;
+mod sync_lock;
 mod topic_create;
 mod torn_tail;
 mod transactions;
