@@ -141,6 +141,10 @@ fn main() -> anyhow::Result<()> {
     rt.enable_all().thread_name("spoold-worker");
     if config.runtime_threads > 0 {
         rt.worker_threads(config.runtime_threads);
+    } else if !config.runtime_cpus.is_empty() {
+        // One worker per CPU the workers are pinned to, not per CPU of the machine: more
+        // workers than CPUs in the set would only take turns on them.
+        rt.worker_threads(config.runtime_cpus.cpus().len());
     }
     let placement = Placement::new(&config.runtime_cpus, &config.blocking_cpus)
         .context("reading the CPU affinity")?;

@@ -192,16 +192,11 @@ impl Writer {
 
     fn try_roll(&mut self, p: &Partition) -> Result<()> {
         let old = self.active.clone();
-        {
-            // Under the partition's sync lock, like every fdatasync of a segment handle: a
-            // group commit may be syncing this handle right now (it releases the writer lock
-            // to sync), and a success here after its failure must not count (fsyncgate).
-            let _one_at_a_time = lock(&p.sync_lock);
-            self.file
-                .sync_data()
-                .map_err(|e| Error::io("fdatasync", old.log_path(), e))?;
-            p.check_not_poisoned()?;
-        }
+        // Through the partition's sync lock, like every fdatasync of a segment handle: a group
+        // commit or a flush may be about to sync this handle (they release the writer lock to
+        // sync); a failure here poisons before the lock is released, and a success after
+        // theirs failed does not count (fsyncgate; module docs of `partition`).
+        p.sync_handle(self.file.as_ref(), &old)?;
         old.seal(self.next_offset.saturating_sub(1))?;
         let base = self.next_offset;
         let path = p.dir.join(Partition::segment_file_name(base));

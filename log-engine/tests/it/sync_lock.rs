@@ -244,10 +244,10 @@ fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
         "the roll's fdatasync ran beside the group commit's, on the same handle"
     );
 
-    // A's sync fails; the roll's sync, which can only begin now, succeeds.
-    gate.release(0, Some(libc::EIO));
-    gate.wait_begun(2);
+    // A's sync fails; the roll's sync, which can only begin now, succeeds (released ahead, so
+    // nothing waits on the test if B was slow to reach the roll).
     gate.release(1, None);
+    gate.release(0, Some(libc::EIO));
 
     let mut results = BTreeMap::new();
     for _ in 0..2 {
@@ -268,4 +268,5 @@ fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
         "data covered by a failed fdatasync became visible"
     );
     assert!(p.is_poisoned());
+    assert_eq!(gate.begun(), 2, "B's roll never ran its fdatasync");
 }
