@@ -1308,10 +1308,11 @@ impl E2eProducer<'_> {
                 .duration_since(self.base)
                 .as_nanos() as u64;
             self.filler[..8].copy_from_slice(&ns.to_le_bytes());
-            let key = format!("key-{:012}", self.produced);
+            // Formatted only when records carry keys: this runs per record.
+            let key = cfg.keyed.then(|| format!("key-{:012}", self.produced));
             b.push(
                 ts,
-                cfg.keyed.then_some(key.as_bytes()),
+                key.as_deref().map(str::as_bytes),
                 Some(&self.filler),
                 &[],
             );
