@@ -43,11 +43,13 @@ pub struct Config {
     pub allow_non_loopback: bool,
     /// Tokio worker threads; 0 means one per core.
     pub runtime_threads: usize,
-    /// CPUs the runtime workers are pinned to, as a CPU list (`"0"`, `"0-1"`); empty (the
-    /// default): not pinned. See [`crate::affinity`].
+    /// CPUs the runtime workers are pinned to, as a CPU list (`"0"`, `"0-1"`), narrowed to
+    /// the mask the process started with; empty (the default): not pinned. See
+    /// [`crate::affinity`].
     pub runtime_cpus: CpuSet,
-    /// CPUs the blocking threads (appends, fsyncs, faulting reads, the log's write-back
-    /// thread) are pinned to; empty (the default): not pinned.
+    /// CPUs the blocking threads (appends, fsyncs, faulting reads, and the log's write-back,
+    /// retention and compaction threads, which start from one) are pinned to, narrowed to the
+    /// start mask; empty (the default): not pinned.
     pub blocking_cpus: CpuSet,
     /// Longest time a graceful shutdown waits for in-flight requests and streams.
     pub shutdown_timeout_ms: u64,

@@ -137,24 +137,43 @@ fn main() -> anyhow::Result<()> {
         ),
     }
 
+    // Read on the main thread before any pinning: the start mask is the main thread's.
+    let placement = Placement::new(&config.runtime_cpus, &config.blocking_cpus)?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("spoold-worker");
     if config.runtime_threads > 0 {
         rt.worker_threads(config.runtime_threads);
-    } else if !config.runtime_cpus.is_empty() {
-        // One worker per CPU the workers are pinned to, not per CPU of the machine: more
-        // workers than CPUs in the set would only take turns on them.
-        rt.worker_threads(config.runtime_cpus.cpus().len());
     }
-    let placement = Placement::new(&config.runtime_cpus, &config.blocking_cpus)
-        .context("reading the CPU affinity")?;
     if let Some(p) = &placement {
-        p.check()?;
+        let on = p.workers.len();
+        if config.runtime_threads == 0 && !config.runtime_cpus.is_empty() {
+            // One worker per CPU the workers are pinned to (after narrowing to the start
+            // mask), not per CPU of the machine: more workers than CPUs in the set would only
+            // take turns on them.
+            rt.worker_threads(on);
+        } else if config.runtime_threads > on {
+            tracing::warn!(
+                runtime_threads = config.runtime_threads,
+                runtime_cpus = %p.workers,
+                "more runtime workers than CPUs they are pinned to: they take turns on them"
+            );
+        }
+        for (key, dropped) in &p.narrowed {
+            tracing::warn!(
+                key,
+                dropped = %dropped,
+                start_mask = %p.start,
+                "CPUs outside the mask spoold was started with are left out (pinning only \
+                 narrows the taskset / CPUAffinity= mask)"
+            );
+        }
         p.install(&mut rt);
         tracing::info!(
-            runtime_cpus = %config.runtime_cpus,
-            blocking_cpus = %config.blocking_cpus,
-            "pinning threads (an empty set: that kind is not pinned)"
+            runtime_cpus = %p.workers,
+            blocking_cpus = %p.blocking,
+            configured_runtime_cpus = %config.runtime_cpus,
+            configured_blocking_cpus = %config.blocking_cpus,
+            "pinning threads (effective sets; an empty configured set keeps the start mask)"
         );
     }
     let rt = rt.build().context("starting the tokio runtime")?;
@@ -166,6 +185,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics_listen = config.metrics_listen;
     let data_dir = config.data_dir.clone();
     notify(&[sd_notify::NotifyState::Status("recovering the log")]);
+    // In spawn_blocking not only because opening blocks: the log's write-back, retention
+    // (spool-log-maint) and compaction (spool-log-cleaner) threads start inside Broker::open
+    // and inherit this thread's CPU mask, so with blocking_cpus set they run on the blocking
+    // set (see spool_broker::affinity). Opened on a worker, they would take the workers' set.
     let broker = tokio::task::spawn_blocking(move || Broker::open(config))
         .await?
         .with_context(|| format!("opening {}", data_dir.display()))?;
