@@ -3,8 +3,31 @@
 //! Every commit is one batch appended to the internal topic `__consumer_offsets` (one
 //! partition, `fsync = always`) before the reply, so a commit survives restart and kill -9
 //! exactly like produced data. The in-memory map is rebuilt on start by replaying that topic;
-//! the log is the only truth, so the two cannot drift. Commits are serialised: the map is
-//! updated in log order.
+//! the log is the only truth, so the two cannot drift.
+//!
+//! Locking (why the store's lock is not held across an fsync): a commit (or a deletion)
+//! takes the lock to run its fence, choose what it writes and append it (page cache), then
+//! releases it for the fsync, and takes it again to apply the batch to the map. So one
+//! group's commit waiting for the disk no longer holds up every other group's commits and
+//! fetches (a fetch waited for the lock for as long as the fsync took). What that lock used to
+//! give, and what keeps it now:
+//! - the map is the log's content: each key's entry carries the log position it came from,
+//!   and a batch that lands after a later batch of the same key (their fsyncs finished in the
+//!   other order) leaves the newer entry alone ([`apply_commit`], [`apply_tombstone`]); replay
+//!   applies the log in order, so both agree;
+//! - a reader of one group never sees an older offset than a commit of that group appended
+//!   before it: a batch between its append and its landing is *in flight* for its group, and
+//!   a fetch, a deletion and a decided transaction's commit (which read the map) first wait,
+//!   for their own group only, until every batch of that group appended before they started
+//!   has landed or failed ([`OffsetStore::settle`]). A new owner of a partition therefore
+//!   reads the previous owner's last acknowledged-or-pending commit, as before; group B's
+//!   fetch does not wait for group A's fsync;
+//! - [`OffsetStore::next_position`] counts batches appended but not yet durable, so "every
+//!   commit appended after it is at or after it" still holds with commits in flight.
+//!
+//! The fsyncs of the one partition still run one after another (the engine's group commit):
+//! a commit of group B still waits for group A's fsync to finish, as any two appends to one
+//! partition do; only readers and the lock stopped waiting.
 //!
 //! ```text
 //! record key   = group \0 topic \0 partition (decimal)
@@ -30,7 +53,8 @@
 //! topic switched to compaction at start.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use spool_log_engine::{BatchBuilder, CleanupPolicy, Compression, Limits, Log, TopicConfig};
@@ -59,14 +83,83 @@ struct Value {
 
 type Key = (String, String, u32);
 
+type Map = BTreeMap<Key, Value>;
+
+/// Batches appended to `__consumer_offsets` by this store (commits, deletions) that have not
+/// landed in the map yet: their fsync is running without the store's lock.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// Sequence number the next appended batch gets (one per append, in log order).
+    next_seq: u64,
+    /// Log position right after the last batch appended here.
+    appended_end: u64,
+    /// Sequence numbers in flight, per group (a group with none has no entry).
+    by_group: BTreeMap<String, BTreeSet<u64>>,
+}
+
+/// One batch in flight: unregistered (and waiters woken) when dropped, whether it landed,
+/// failed or its thread panicked. Must not be dropped while the map lock is held.
+struct Pending<'a> {
+    store: &'a OffsetStore,
+    group: String,
+    seq: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let map = self.store.lock_map();
+        let mut f = self.store.lock_in_flight();
+        if let Some(set) = f.by_group.get_mut(&self.group) {
+            set.remove(&self.seq);
+            if set.is_empty() {
+                f.by_group.remove(&self.group);
+            }
+        }
+        drop(f);
+        drop(map);
+        self.store.landed.notify_all();
+    }
+}
+
+/// Applies a committed offset that landed at `v.pos`, unless the map already holds a newer
+/// record of the key (a later batch whose fsync finished first): the map keeps the log's last
+/// word per key, as replay does.
+fn apply_commit(map: &mut Map, deleted: &mut BTreeMap<Key, u64>, k: Key, v: Value) {
+    let newer =
+        map.get(&k).is_some_and(|o| o.pos > v.pos) || deleted.get(&k).is_some_and(|&d| d > v.pos);
+    if newer {
+        return;
+    }
+    deleted.remove(&k);
+    map.insert(k, v);
+}
+
+/// Applies a tombstone that landed at `pos`, unless the map holds a newer record of the key.
+fn apply_tombstone(map: &mut Map, deleted: &mut BTreeMap<Key, u64>, k: Key, pos: u64) {
+    let newer =
+        map.get(&k).is_some_and(|o| o.pos > pos) || deleted.get(&k).is_some_and(|&d| d > pos);
+    if newer {
+        return;
+    }
+    map.remove(&k);
+    deleted.insert(k, pos);
+}
+
 /// The committed offsets of all groups.
 #[derive(Debug)]
 pub(crate) struct OffsetStore {
     log: Arc<Log>,
-    map: Mutex<BTreeMap<Key, Value>>,
+    map: Mutex<Map>,
     /// Where in `__consumer_offsets` each deleted key's tombstone is (replay included, as long
     /// as compaction keeps the tombstone). Locked only while `map` is held.
     deleted: Mutex<BTreeMap<Key, u64>>,
+    /// Batches between their append and their landing in `map`. Locked only while `map` is
+    /// held.
+    in_flight: Mutex<InFlight>,
+    /// Notified (after `map` is released) whenever a batch in flight lands or fails.
+    landed: Condvar,
+    /// How many reads waited for a batch of their group in flight (read by the tests).
+    settle_waits: AtomicU64,
     /// Latest group-membership state record per group, until `groups` takes them.
     group_states: Mutex<BTreeMap<String, Vec<u8>>>,
 }
@@ -167,12 +260,71 @@ impl OffsetStore {
             offset = r.next_offset;
         }
         tracing::info!(entries = map.len(), "loaded committed offsets");
+        let appended_end = p.high_watermark();
         Ok(OffsetStore {
             log,
             map: Mutex::new(map),
             deleted: Mutex::new(deleted),
+            in_flight: Mutex::new(InFlight {
+                appended_end,
+                ..InFlight::default()
+            }),
+            landed: Condvar::new(),
+            settle_waits: AtomicU64::new(0),
             group_states: Mutex::new(group_states),
         })
+    }
+
+    fn lock_map(&self) -> MutexGuard<'_, Map> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_in_flight(&self) -> MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True while a batch of `group` appended before sequence number `upto` is in flight.
+    fn unsettled(&self, group: &str, upto: u64) -> bool {
+        self.lock_in_flight()
+            .by_group
+            .get(group)
+            .and_then(|s| s.first())
+            .is_some_and(|&seq| seq < upto)
+    }
+
+    /// With the map lock held: waits (releasing it meanwhile) until every batch of `group`
+    /// appended before now has landed or failed. Batches of other groups, and batches of this
+    /// group appended while it waits, are not waited for. Blocking.
+    fn settle<'a>(&'a self, map: MutexGuard<'a, Map>, group: &str) -> MutexGuard<'a, Map> {
+        let upto = self.lock_in_flight().next_seq;
+        if !self.unsettled(group, upto) {
+            return map;
+        }
+        self.settle_waits.fetch_add(1, Ordering::Relaxed);
+        self.landed
+            .wait_while(map, |_| self.unsettled(group, upto))
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a batch of `group` just appended (ending at log position `end`) as in
+    /// flight. Called with the map lock held, right after the append.
+    fn register(&self, _map: &MutexGuard<'_, Map>, group: &str, end: u64) -> Pending<'_> {
+        let mut f = self.lock_in_flight();
+        let seq = f.next_seq;
+        f.next_seq += 1;
+        f.appended_end = f.appended_end.max(end);
+        f.by_group.entry(group.to_owned()).or_default().insert(seq);
+        Pending {
+            store: self,
+            group: group.to_owned(),
+            seq,
+        }
+    }
+
+    /// Reads that waited for a batch of their own group in flight, so far.
+    #[cfg(test)]
+    pub(crate) fn settle_waits(&self) -> u64 {
+        self.settle_waits.load(Ordering::Relaxed)
     }
 
     /// The group-membership state records found at start (latest per group); empty after
@@ -210,8 +362,9 @@ impl OffsetStore {
     }
 
     /// [`OffsetStore::commit`] that first runs `fence` under the store's lock: nothing is
-    /// written if it refuses, and no other commit, deletion or fetch can come between its
-    /// check and the append. Blocking.
+    /// written if it refuses, and no other commit or deletion can be appended between its
+    /// check and the append (a fetch of the group that starts after the append waits for the
+    /// commit to land). Blocking.
     pub(crate) fn commit_with(
         &self,
         group: &str,
@@ -222,13 +375,14 @@ impl OffsetStore {
         self.commit_inner(group, offsets, now_ms, fence, None, None)
     }
 
-    /// Where the next record of `__consumer_offsets` will go: a commit acknowledged from now
-    /// on is at or after it. A transaction's decision records it
-    /// ([`OffsetStore::commit_decided`]).
+    /// Where the next record of `__consumer_offsets` will go: every commit appended from now
+    /// on is at or after it, every commit appended before is below it (landed or still in
+    /// its fsync). A transaction's decision records it ([`OffsetStore::commit_decided`]).
     pub(crate) fn next_position(&self) -> Result<u64, BrokerError> {
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
-        let _map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(p.high_watermark())
+        let _map = self.lock_map();
+        let appended_end = self.lock_in_flight().appended_end;
+        Ok(p.high_watermark().max(appended_end))
     }
 
     /// Commits a decided transaction's `offsets`, except those of partitions committed or
@@ -288,88 +442,109 @@ impl OffsetStore {
             }
         }
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        fence()?;
-        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
         let key = |c: &v1::OffsetCommit| (group.to_owned(), c.topic.clone(), c.partition);
-        let offsets: Vec<&v1::OffsetCommit> = existing
-            .into_iter()
-            .filter(|c| {
-                let Some(since) = since else { return true };
-                let k = key(c);
-                let last = map
-                    .get(&k)
-                    .map(|v| v.pos)
-                    .or_else(|| deleted.get(&k).copied());
-                last.is_none_or(|pos| pos < since)
-            })
-            .collect();
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        let mut b = BatchBuilder::new(Compression::None);
-        for c in &offsets {
-            let value = serde_json::to_vec(&Value {
-                offset: c.offset,
-                metadata: c.metadata.clone(),
-                time_ms: now_ms,
-                pos: 0,
-            })
-            .map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
-            b.push(
-                now_ms,
-                Some(&encode_key(group, &c.topic, c.partition)),
-                Some(&value),
-                &[],
-            );
-        }
-        let batch = b.finish()?;
-        let info = p.append_nowait(&batch)?;
-        match beside {
-            None => p.wait_durable(info.last_offset + 1)?,
-            // The crate's own tests (the power-cut loops) run one disk operation at a time, so
-            // a seed replays exactly. Both orders the parallel waits can finish in are cut
-            // through: by the batch's offset (the same on every run of a seed), the offsets
-            // first (cut points where they are durable and the markers not) or the markers
-            // first (the other way round).
-            Some(f) if cfg!(test) => {
-                if info.base_offset % 2 == 0 {
-                    p.wait_durable(info.last_offset + 1)?;
-                    f()?;
-                } else {
-                    f()?;
-                    p.wait_durable(info.last_offset + 1)?;
-                }
+        // Under the lock: the fence, the choice of what to write and the append; then the
+        // fsync without it (see the module docs).
+        let (info, offsets, pending) = {
+            let mut map = self.lock_map();
+            if since.is_some() {
+                // Reads the positions of the group's keys: a commit of the group still in
+                // flight must have landed, or a newer commit would look absent.
+                map = self.settle(map, group);
             }
-            Some(f) => {
-                let (durable, other) = std::thread::scope(|s| {
-                    let other = s.spawn(f);
-                    let durable = p.wait_durable(info.last_offset + 1);
-                    let other = other.join().unwrap_or_else(|_| {
-                        Err(BrokerError::Internal(
-                            "the wait beside an offset commit panicked".into(),
-                        ))
-                    });
-                    (durable, other)
-                });
-                durable?;
-                other?;
+            fence()?;
+            let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+            let offsets: Vec<&v1::OffsetCommit> = existing
+                .into_iter()
+                .filter(|c| {
+                    let Some(since) = since else { return true };
+                    let k = key(c);
+                    let last = map
+                        .get(&k)
+                        .map(|v| v.pos)
+                        .or_else(|| deleted.get(&k).copied());
+                    last.is_none_or(|pos| pos < since)
+                })
+                .collect();
+            drop(deleted);
+            if offsets.is_empty() {
+                return Ok(());
             }
-        }
-        for (i, c) in offsets.iter().enumerate() {
-            let k = key(c);
-            deleted.remove(&k);
-            map.insert(
-                k,
-                Value {
+            let mut b = BatchBuilder::new(Compression::None);
+            for c in &offsets {
+                let value = serde_json::to_vec(&Value {
                     offset: c.offset,
                     metadata: c.metadata.clone(),
                     time_ms: now_ms,
-                    pos: info.base_offset + i as u64,
-                },
-            );
+                    pos: 0,
+                })
+                .map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+                b.push(
+                    now_ms,
+                    Some(&encode_key(group, &c.topic, c.partition)),
+                    Some(&value),
+                    &[],
+                );
+            }
+            let batch = b.finish()?;
+            let info = p.append_nowait(&batch)?;
+            let pending = self.register(&map, group, info.last_offset + 1);
+            (info, offsets, pending)
+        };
+        let durable = (|| -> Result<(), BrokerError> {
+            match beside {
+                None => p.wait_durable(info.last_offset + 1)?,
+                // The crate's own tests (the power-cut loops) run one disk operation at a
+                // time, so a seed replays exactly. Both orders the parallel waits can finish
+                // in are cut through: by the batch's offset (the same on every run of a
+                // seed), the offsets first (cut points where they are durable and the markers
+                // not) or the markers first (the other way round).
+                Some(f) if cfg!(test) => {
+                    if info.base_offset % 2 == 0 {
+                        p.wait_durable(info.last_offset + 1)?;
+                        f()?;
+                    } else {
+                        f()?;
+                        p.wait_durable(info.last_offset + 1)?;
+                    }
+                }
+                Some(f) => {
+                    let (durable, other) = std::thread::scope(|s| {
+                        let other = s.spawn(f);
+                        let durable = p.wait_durable(info.last_offset + 1);
+                        let other = other.join().unwrap_or_else(|_| {
+                            Err(BrokerError::Internal(
+                                "the wait beside an offset commit panicked".into(),
+                            ))
+                        });
+                        (durable, other)
+                    });
+                    durable?;
+                    other?;
+                }
+            }
+            Ok(())
+        })();
+        if durable.is_ok() {
+            let mut map = self.lock_map();
+            let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, c) in offsets.iter().enumerate() {
+                apply_commit(
+                    &mut map,
+                    &mut deleted,
+                    key(c),
+                    Value {
+                        offset: c.offset,
+                        metadata: c.metadata.clone(),
+                        time_ms: now_ms,
+                        pos: info.base_offset + i as u64,
+                    },
+                );
+            }
         }
-        Ok(())
+        // After the map lock is released: unregisters the batch and wakes the waiters.
+        drop(pending);
+        durable
     }
 
     /// Durably deletes `group`'s committed offsets (only those of `topics` unless it is empty)
@@ -399,34 +574,48 @@ impl OffsetStore {
         validate_group(group)?;
         let only: BTreeSet<&str> = topics.iter().map(String::as_str).collect();
         let p = self.log.partition(OFFSETS_TOPIC, 0)?;
-        // Held from choosing the keys until the map is updated: commits and deletions reach
-        // the map in log order.
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        fence()?;
-        let keys: Vec<Key> = map
-            .range((group.to_owned(), String::new(), 0)..)
-            .take_while(|((g, _, _), _)| g == group)
-            .filter(|((_, t, _), _)| only.is_empty() || only.contains(t.as_str()))
-            .map(|(k, _)| k.clone())
-            .collect();
-        if keys.is_empty() {
-            return Err(BrokerError::UnknownGroup {
-                group: group.to_owned(),
-                topics: topics.to_vec(),
-            });
+        // Under the lock: the group's commits in flight land first (they are part of what is
+        // deleted), then the fence, the choice of keys and the append; the fsync without it.
+        let (info, keys, pending) = {
+            let map = self.lock_map();
+            let map = self.settle(map, group);
+            fence()?;
+            let keys: Vec<Key> = map
+                .range((group.to_owned(), String::new(), 0)..)
+                .take_while(|((g, _, _), _)| g == group)
+                .filter(|((_, t, _), _)| only.is_empty() || only.contains(t.as_str()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            if keys.is_empty() {
+                return Err(BrokerError::UnknownGroup {
+                    group: group.to_owned(),
+                    topics: topics.to_vec(),
+                });
+            }
+            let mut b = BatchBuilder::new(Compression::None);
+            for (g, t, part) in &keys {
+                b.push(now_ms, Some(&encode_key(g, t, *part)), None, &[]);
+            }
+            let batch = b.finish()?;
+            let info = p.append_nowait(&batch)?;
+            let pending = self.register(&map, group, info.last_offset + 1);
+            (info, keys, pending)
+        };
+        let durable = p.wait_durable(info.last_offset + 1);
+        if durable.is_ok() {
+            let mut map = self.lock_map();
+            let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, k) in keys.iter().enumerate() {
+                apply_tombstone(
+                    &mut map,
+                    &mut deleted,
+                    k.clone(),
+                    info.base_offset + i as u64,
+                );
+            }
         }
-        let mut b = BatchBuilder::new(Compression::None);
-        for (g, t, part) in &keys {
-            b.push(now_ms, Some(&encode_key(g, t, *part)), None, &[]);
-        }
-        let batch = b.finish()?;
-        let info = p.append_nowait(&batch)?;
-        p.wait_durable(info.last_offset + 1)?;
-        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, k) in keys.iter().enumerate() {
-            map.remove(k);
-            deleted.insert(k.clone(), info.base_offset + i as u64);
-        }
+        drop(pending);
+        durable?;
         Ok(u32::try_from(keys.len()).unwrap_or(u32::MAX))
     }
 
@@ -475,14 +664,40 @@ impl OffsetStore {
             .collect()
     }
 
-    /// A group's committed offsets: for the given partitions (in order), or all.
+    /// A group's committed offsets: for the given partitions (in order), or all. Waits for
+    /// the group's commits appended before it to land (not for other groups'). Blocking.
     pub(crate) fn fetch(
         &self,
         group: &str,
         partitions: &[v1::TopicPartition],
     ) -> Result<Vec<v1::CommittedOffset>, BrokerError> {
         validate_group(group)?;
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.lock_map();
+        let map = self.settle(map, group);
+        Ok(Self::answer(&map, group, partitions))
+    }
+
+    /// [`OffsetStore::fetch`] without waiting: `None` while a commit of the group is in
+    /// flight (then call `fetch` where blocking is fine). For the runtime's threads.
+    pub(crate) fn fetch_if_settled(
+        &self,
+        group: &str,
+        partitions: &[v1::TopicPartition],
+    ) -> Result<Option<Vec<v1::CommittedOffset>>, BrokerError> {
+        validate_group(group)?;
+        let map = self.lock_map();
+        let upto = self.lock_in_flight().next_seq;
+        if self.unsettled(group, upto) {
+            return Ok(None);
+        }
+        Ok(Some(Self::answer(&map, group, partitions)))
+    }
+
+    fn answer(
+        map: &Map,
+        group: &str,
+        partitions: &[v1::TopicPartition],
+    ) -> Vec<v1::CommittedOffset> {
         let answer = |topic: &str, partition: u32, v: Option<&Value>| v1::CommittedOffset {
             topic: topic.to_owned(),
             partition,
@@ -491,13 +706,13 @@ impl OffsetStore {
             commit_time_ms: v.map_or(0, |v| v.time_ms),
         };
         if partitions.is_empty() {
-            return Ok(map
+            return map
                 .range((group.to_owned(), String::new(), 0)..)
                 .take_while(|((g, _, _), _)| g == group)
                 .map(|((_, t, p), v)| answer(t, *p, Some(v)))
-                .collect());
+                .collect();
         }
-        Ok(partitions
+        partitions
             .iter()
             .map(|tp| {
                 answer(
@@ -506,7 +721,7 @@ impl OffsetStore {
                     map.get(&(group.to_owned(), tp.topic.clone(), tp.partition)),
                 )
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -602,6 +817,280 @@ mod tests {
             s.commit_decided("g", &[big], 3, Some(0), &mut || Ok(()))
                 .is_err()
         );
+    }
+
+    /// Every fdatasync of a `__consumer_offsets` segment waits at the gate while it is
+    /// armed, until the test opens it: a commit held in its fsync, without timing.
+    #[derive(Debug, Default)]
+    struct Gate {
+        state: Mutex<(bool, usize)>,
+        cv: Condvar,
+    }
+
+    impl Gate {
+        fn set(&self, armed: bool) {
+            self.state.lock().unwrap().0 = armed;
+            self.cv.notify_all();
+        }
+
+        fn pass(&self) {
+            let mut st = self.state.lock().unwrap();
+            if !st.0 {
+                return;
+            }
+            st.1 += 1;
+            self.cv.notify_all();
+            while st.0 {
+                st = self.cv.wait(st).unwrap();
+            }
+        }
+
+        /// Waits (at most 10 s) until `n` syncs are held.
+        fn wait_held(&self, n: usize) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut st = self.state.lock().unwrap();
+            while st.1 < n {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "no fsync reached the gate");
+                st = self.cv.wait_timeout(st, left).unwrap().0;
+            }
+        }
+    }
+
+    /// Opens the gate when dropped (a failed assertion leaves no thread stuck).
+    struct Open(Arc<Gate>);
+
+    impl Drop for Open {
+        fn drop(&mut self) {
+            let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.0 = false;
+            self.0.cv.notify_all();
+        }
+    }
+
+    #[derive(Debug)]
+    struct GateFs {
+        inner: Arc<dyn spool_io::FileSystem>,
+        gate: Arc<Gate>,
+    }
+
+    #[derive(Debug)]
+    struct GateFile {
+        inner: Arc<dyn spool_io::FileHandle>,
+        gate: Option<Arc<Gate>>,
+    }
+
+    impl spool_io::FileHandle for GateFile {
+        fn read_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+            self.inner.read_at(buf, pos)
+        }
+        fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+            self.inner.write_all_at(buf, pos)
+        }
+        fn write_pair_at(&self, head: &[u8], tail: &[u8], pos: u64) -> std::io::Result<()> {
+            self.inner.write_pair_at(head, tail, pos)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            self.inner.size()
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            if let Some(g) = &self.gate {
+                g.pass();
+            }
+            self.inner.sync_data()
+        }
+        fn sync_all(&self) -> std::io::Result<()> {
+            self.inner.sync_all()
+        }
+        fn start_writeback(&self, pos: u64, len: u64) -> std::io::Result<()> {
+            self.inner.start_writeback(pos, len)
+        }
+        fn map(
+            &self,
+            len: usize,
+            keep_alive: Box<dyn std::any::Any + Send + Sync>,
+        ) -> std::io::Result<bytes::Bytes> {
+            self.inner.map(len, keep_alive)
+        }
+        fn map_ahead(
+            &self,
+            capacity: usize,
+            keep_alive: Box<dyn std::any::Any + Send + Sync>,
+        ) -> std::io::Result<Option<spool_io::MapAhead>> {
+            self.inner.map_ahead(capacity, keep_alive)
+        }
+    }
+
+    impl spool_io::FileSystem for GateFs {
+        fn open(
+            &self,
+            path: &std::path::Path,
+            mode: spool_io::OpenMode,
+        ) -> std::io::Result<Arc<dyn spool_io::FileHandle>> {
+            let inner = self.inner.open(path, mode)?;
+            let gated = path.extension().is_some_and(|e| e == "log")
+                && path.to_string_lossy().contains(OFFSETS_TOPIC);
+            Ok(Arc::new(GateFile {
+                inner,
+                gate: gated.then(|| self.gate.clone()),
+            }))
+        }
+        fn metadata(&self, path: &std::path::Path) -> std::io::Result<spool_io::Metadata> {
+            self.inner.metadata(path)
+        }
+        fn read_dir(&self, path: &std::path::Path) -> std::io::Result<Vec<spool_io::DirEntry>> {
+            self.inner.read_dir(path)
+        }
+        fn create_dir(&self, path: &std::path::Path) -> std::io::Result<()> {
+            self.inner.create_dir(path)
+        }
+        fn create_dir_all(&self, path: &std::path::Path) -> std::io::Result<()> {
+            self.inner.create_dir_all(path)
+        }
+        fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+            self.inner.rename(from, to)
+        }
+        fn remove_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+            self.inner.remove_file(path)
+        }
+        fn remove_dir_all(&self, path: &std::path::Path) -> std::io::Result<()> {
+            self.inner.remove_dir_all(path)
+        }
+        fn sync_dir(&self, path: &std::path::Path) -> std::io::Result<()> {
+            self.inner.sync_dir(path)
+        }
+        fn lock(
+            &self,
+            path: &std::path::Path,
+            create: bool,
+        ) -> std::io::Result<Option<Box<dyn spool_io::FileLock>>> {
+            self.inner.lock(path, create)
+        }
+        fn fd_budget(&self) -> Option<spool_io::FdBudget> {
+            self.inner.fd_budget()
+        }
+    }
+
+    /// Runs `f` on a thread of its own; its result, or a failure naming `what` if it has not
+    /// answered within 10 s (it is blocked: a generous bound, not a measurement).
+    fn answers<T: Send + 'static>(
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::sync::mpsc::Receiver<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(what.to_owned())
+            .spawn(move || {
+                let _ = tx.send(f());
+            })
+            .unwrap();
+        rx
+    }
+
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Group A's commit is held in its fsync. Group B's fetch (and the listings) answer
+    /// meanwhile: the store's lock is not held across the fsync. Group A's own fetch (a new
+    /// owner reading after a rebalance) waits for the commit and reads its offset, never the
+    /// older one; `next_position` counts the commit in flight.
+    #[test]
+    fn a_commit_in_its_fsync_holds_back_only_its_own_groups_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let fs: Arc<dyn spool_io::FileSystem> = Arc::new(GateFs {
+            inner: spool_io::real(),
+            gate: gate.clone(),
+        });
+        let log = Arc::new(
+            Log::open(
+                dir.path(),
+                LogOptions {
+                    fs,
+                    ..LogOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        log.create_topic("a", TopicConfig::default()).unwrap();
+        let s = Arc::new(OffsetStore::open(log.clone(), &Limits::default()).unwrap());
+        s.commit("B", &[commit("a", 0, 7)], 1).unwrap();
+        s.commit("A", &[commit("a", 0, 1)], 1).unwrap();
+        assert_eq!(s.next_position().unwrap(), 2);
+
+        gate.set(true);
+        let open = Open(gate.clone());
+        let a = answers("commit A", {
+            let s = s.clone();
+            move || s.commit("A", &[commit("a", 0, 5)], 2)
+        });
+        gate.wait_held(1);
+
+        let b = answers("fetch B", {
+            let s = s.clone();
+            move || s.fetch("B", &[])
+        })
+        .recv_timeout(BOUND)
+        .expect("group B's fetch waited for group A's fsync");
+        assert_eq!(b.unwrap()[0].offset, Some(7));
+        assert_eq!(s.list_groups(|_| true).len(), 2);
+        assert_eq!(
+            s.fetch_if_settled("B", &[]).unwrap().unwrap()[0].offset,
+            Some(7)
+        );
+        assert!(
+            s.fetch_if_settled("A", &[]).unwrap().is_none(),
+            "A has a commit in flight"
+        );
+        assert_eq!(s.next_position().unwrap(), 3, "A's commit in flight counts");
+
+        let waits = s.settle_waits();
+        let a_fetch = answers("fetch A", {
+            let s = s.clone();
+            move || s.fetch("A", &[])
+        });
+        // A's fetch is waiting for A's commit (it counted its wait) while the fsync is held.
+        let deadline = std::time::Instant::now() + BOUND;
+        while s.settle_waits() == waits {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "A's fetch never waited"
+            );
+            std::thread::yield_now();
+        }
+        drop(open);
+        a.recv_timeout(BOUND).unwrap().unwrap();
+        let got = a_fetch.recv_timeout(BOUND).unwrap().unwrap();
+        assert_eq!(got[0].offset, Some(5), "never the older offset");
+        assert!(s.fetch_if_settled("A", &[]).unwrap().is_some());
+    }
+
+    /// Batches landing out of log order (their fsyncs finished the other way round) leave
+    /// the map with the log's last word per key, as replay would.
+    #[test]
+    fn a_batch_landing_late_does_not_overwrite_a_newer_one() {
+        let k = || ("g".to_owned(), "a".to_owned(), 0);
+        let v = |offset, pos| Value {
+            offset,
+            metadata: String::new(),
+            time_ms: 0,
+            pos,
+        };
+        let (mut map, mut deleted) = (Map::new(), BTreeMap::new());
+        apply_commit(&mut map, &mut deleted, k(), v(20, 11));
+        apply_commit(&mut map, &mut deleted, k(), v(10, 10));
+        assert_eq!(map[&k()].offset, 20);
+        apply_tombstone(&mut map, &mut deleted, k(), 9);
+        assert_eq!(map[&k()].offset, 20, "an older deletion");
+        apply_tombstone(&mut map, &mut deleted, k(), 12);
+        assert!(map.is_empty());
+        apply_commit(&mut map, &mut deleted, k(), v(30, 11));
+        assert!(map.is_empty(), "a commit older than the tombstone");
+        apply_commit(&mut map, &mut deleted, k(), v(40, 13));
+        assert_eq!(map[&k()].offset, 40);
+        assert!(deleted.is_empty());
     }
 
     #[test]

@@ -75,7 +75,19 @@ impl OffsetService for Offsets {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
-            let offsets = self.state.offsets.fetch(&req.group, &req.partitions)?;
+            // On the runtime's thread unless a commit of this group is in flight (its fsync
+            // running): then the fetch waits for it to land, on a blocking thread.
+            let offsets = match self
+                .state
+                .offsets
+                .fetch_if_settled(&req.group, &req.partitions)?
+            {
+                Some(offsets) => offsets,
+                None => {
+                    let state = self.state.clone();
+                    blocking(move || state.offsets.fetch(&req.group, &req.partitions)).await??
+                }
+            };
             Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
         })
         .await
