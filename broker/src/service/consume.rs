@@ -17,7 +17,8 @@
 //! the subscription's own task, which saves two thread hand-offs between an append (or,
 //! under `fsync = always`, its fdatasync) and the push to the consumer. A subscription that
 //! falls behind (a read that stops short of the readable end) reads on the blocking pool
-//! again, with its whole `max_bytes`.
+//! again, with its whole `max_bytes`; so does a tail read that had to wait for reply memory
+//! (backpressure) first, since after a long wait its bytes may no longer be in the page cache.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -548,7 +549,11 @@ async fn read_chunk(
     loop {
         let t = targets.take()?;
         let limits = state.limits.decode();
-        let (assembled, t, back) = if tail {
+        // After a wait for reply memory the tail read goes to the blocking pool too: the wait
+        // can be long (another subscriber's slow client holds the memory), and by then the
+        // bytes may be in a sealed segment whose pages were evicted, whose faults must not
+        // stall the runtime's thread (module docs).
+        let (assembled, t, back) = if tail && !waited {
             let a = reply::assemble(&t, shape, &limits, &mut charge);
             (a, t, charge)
         } else {
