@@ -18,6 +18,7 @@
 //! | `e2e-never` | 50 MB/s of 1 KiB records end to end, `fsync = never`; the producer acts like an application on a Kafka-like client with `linger.ms = 0` (`Pacing::Linger`): a record is handed over at its intended time and sent as soon as fewer than `--e2e-in-flight` requests await their reply | spoold ≤ 40 % of a core, p99 ≤ 1 ms |
 //! | `e2e-always` | the same with `fsync = always` (records visible only once fdatasync'd) | p99 ≤ 2 × `fdatasync` p99 of the same rep |
 //! | `e2e-never-linger250us`, `e2e-never-linger500us` | `e2e-never` with a Kafka-style linger: a batch goes once its oldest record has waited 0.25 / 0.5 ms (or is full) | the same as `e2e-never` |
+//! | `e2e-never-linger250us-16KiB`, `e2e-never-linger500us-16KiB`, `e2e-always-linger250us-16KiB` | the linger scenarios with Kafka's default `batch.size` (16 KiB, 15 records of 1 KiB) instead of `--e2e-batch-bytes`: at 0.5 ms a full batch is due (0.29 ms) before the linger runs out, so the full-batch trigger fires (the split table counts those sends); at 0.25 ms it fires only on a backlog | the same as `e2e-never` / `e2e-always` |
 //! | `e2e-never-tick`, `e2e-always-tick`, `e2e-never-tick-only` | the producer before 2026-12-07 (`Pacing::Tick`: a batch on every reply and on a 1 ms-granular tokio tick; `TickOnly`: on the tick only, the old `*-linger` scenarios), for comparing old figures | (reported beside the others) |
 //! | `fdatasync` | 4 KiB `pwrite` + `fdatasync` in a loop, in the data directory's filesystem | — (the disk's flush latency) |
 //!
@@ -33,7 +34,8 @@
 //! build the release `spoold`), `--baseline
 //! PATH` (a second `spoold`, e.g. main's, measured alternately with the first: A/B),
 //! `--reps`, `--duration`, `--warmup`, `--only a,b`, `--broker-threads`, `--loadgen-threads`,
-//! `--e2e-in-flight` (the e2e producers' window, default 1),
+//! `--e2e-in-flight` (the e2e producers' window, default 1), `--e2e-batch-bytes` (the e2e
+//! producers' batch size, default 1 MiB; the `-16KiB` scenarios keep 16 KiB),
 //! `--prefault-bytes`, `--consume-bytes`, `--data-parent`, `--out-dir`. Results go to
 //! `benches/results/efficiency-<UTC>.md`.
 //!
@@ -94,6 +96,10 @@ struct Cli {
     /// `max.in.flight.requests.per.connection`).
     #[arg(long, default_value_t = 1)]
     e2e_in_flight: usize,
+    /// e2e producers' batch size in bytes (Kafka's `batch.size`), except in the `-16KiB`
+    /// scenarios.
+    #[arg(long, default_value_t = 1 << 20)]
+    e2e_batch_bytes: usize,
     /// Memory touched and freed right before each measured window (fresh memory is slow on
     /// this VM; docs/benchmarks.md).
     #[arg(long, default_value_t = 3 << 30)]
@@ -111,6 +117,9 @@ struct Cli {
 
 /// Records per second of 1 KiB values that make 50 MB/s.
 const E2E_RATE: f64 = 50e6 / 1024.0;
+
+/// Kafka's default `batch.size` (bytes).
+const KAFKA_BATCH_SIZE: usize = 16 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Server {
@@ -143,6 +152,7 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
         pacing: Pacing::Linger,
         linger: Duration::ZERO,
         in_flight: a.e2e_in_flight,
+        batch_bytes: a.e2e_batch_bytes,
         prefault_bytes: 0,
         ..base.clone()
     };
@@ -243,6 +253,36 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
             },
         },
         Scenario {
+            name: "e2e-never-linger250us-16KiB",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Never),
+                linger: Duration::from_micros(250),
+                batch_bytes: KAFKA_BATCH_SIZE,
+                ..e2e.clone()
+            },
+        },
+        Scenario {
+            name: "e2e-never-linger500us-16KiB",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Never),
+                linger: Duration::from_micros(500),
+                batch_bytes: KAFKA_BATCH_SIZE,
+                ..e2e.clone()
+            },
+        },
+        Scenario {
+            name: "e2e-always-linger250us-16KiB",
+            server: Server::Spoold,
+            cfg: LoadConfig {
+                fsync: Some(FsyncPolicy::Always),
+                linger: Duration::from_micros(250),
+                batch_bytes: KAFKA_BATCH_SIZE,
+                ..e2e.clone()
+            },
+        },
+        Scenario {
             name: "e2e-never-tick",
             server: Server::Spoold,
             cfg: LoadConfig {
@@ -315,6 +355,8 @@ struct Sample {
     /// most of it before the send.
     over_1ms_permille: f64,
     over_1ms_before_share: f64,
+    /// e2e, `Pacing::Linger`: the share of requests sent on a full batch, not the linger.
+    full_batch_share: f64,
     line: String,
 }
 
@@ -347,6 +389,9 @@ fn sample_of(r: &Report) -> Sample {
         }),
         over_1ms_before_share: r.split.map_or(f64::NAN, |x| {
             x.over_1ms_mostly_before_send as f64 / x.over_1ms.max(1) as f64
+        }),
+        full_batch_share: r.split.map_or(f64::NAN, |x| {
+            x.full_batch_sends as f64 / r.requests.max(1) as f64
         }),
         line: r.line(),
     }
@@ -623,6 +668,7 @@ fn main() -> Result<()> {
                         reply_p99_us: f64::NAN,
                         over_1ms_permille: f64::NAN,
                         over_1ms_before_share: f64::NAN,
+                        full_batch_share: f64::NAN,
                     },
                 };
                 let msg = format!(
@@ -744,8 +790,8 @@ fn render(
     let _ = writeln!(
         r,
         "\n### e2e latency split (from each batch's cut time carried in its records)\n\n\
-         | scenario | binary | requests/s | p99 µs | before send p99 µs | after send p99 µs | produce reply p99 µs | records > 1 ms ‰ | … mostly before send |\n\
-         |---|---|---|---|---|---|---|---|---|"
+         | scenario | binary | requests/s | full-batch sends | p99 µs | before send p99 µs | after send p99 µs | produce reply p99 µs | records > 1 ms ‰ | … mostly before send |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     );
     for ((scenario, label), s) in samples {
         if !scenario.starts_with("e2e") {
@@ -753,8 +799,9 @@ fn render(
         }
         let _ = writeln!(
             r,
-            "| {scenario} | {label} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {scenario} | {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
             med_range(&field(s, |x| x.requests_s)),
+            med_range(&field(s, |x| x.full_batch_share)),
             med_range(&field(s, |x| x.p99_us)),
             med_range(&field(s, |x| x.before_send_p99_us)),
             med_range(&field(s, |x| x.after_send_p99_us)),
@@ -767,7 +814,9 @@ fn render(
         r,
         "\nmedian [min–max] over reps. MB/s = 10^6 bytes of batches per second (consume: read); \
          CPU s/GB = CPU seconds (user + system, all threads) per 10^9 bytes moved in the window; \
-         e2e latency = delivery − intended send time per record.\n"
+         e2e latency = delivery − intended send time per record; records are counted by intended \
+         time, requests (requests/s, full-batch sends: the share sent because a full batch was \
+         due before the linger ran out, produce reply) by their batch's cut time.\n"
     );
     let _ = writeln!(r, "## Targets (issue 14), per binary, same-rep ratios\n");
     let _ = writeln!(r, "| target | binary | figure | verdict |");
@@ -778,10 +827,14 @@ fn render(
         let plain = format!("linger 0, {w} in flight");
         let l250 = format!("linger 0.25 ms, {w} in flight");
         let l500 = format!("linger 0.5 ms, {w} in flight");
+        let l250k = format!("linger 0.25 ms, 16 KiB batches, {w} in flight");
+        let l500k = format!("linger 0.5 ms, 16 KiB batches, {w} in flight");
         for (name, how) in [
             ("e2e-never", plain.as_str()),
             ("e2e-never-linger250us", l250.as_str()),
             ("e2e-never-linger500us", l500.as_str()),
+            ("e2e-never-linger250us-16KiB", l250k.as_str()),
+            ("e2e-never-linger500us-16KiB", l500k.as_str()),
             (
                 "e2e-never-tick",
                 "old producer: batch on reply and 1 ms tick",
@@ -812,6 +865,7 @@ fn render(
         let disk = get(samples, "fdatasync", "-");
         for (name, how) in [
             ("e2e-always", plain.as_str()),
+            ("e2e-always-linger250us-16KiB", l250k.as_str()),
             (
                 "e2e-always-tick",
                 "old producer: batch on reply and 1 ms tick",

@@ -333,11 +333,12 @@ impl Report {
                 })
             };
             s += &format!(
-                "; split µs p50/p99/p99.9/max: before send {}, after send {}, produce reply {}, timer late {}; {} records > 1 ms, {} of them mostly before send",
+                "; split µs p50/p99/p99.9/max (records by intended time, requests by cut time): before send {}, after send {}, produce reply {}, timer late {}; {} full-batch sends; {} records > 1 ms, {} of them mostly before send",
                 p(&x.before_send),
                 p(&x.after_send),
                 p(&x.produce_reply),
                 p(&x.timer_late),
+                x.full_batch_sends,
                 x.over_1ms,
                 x.over_1ms_mostly_before_send
             );
@@ -377,11 +378,17 @@ pub struct LatencySplit {
     pub before_send: Option<RunLatency>,
     /// Batch cut → delivered to the consumer: the broker, both connections and the consumer.
     pub after_send: Option<RunLatency>,
-    /// Batch cut → its produce reply, per request.
+    /// Batch cut → its produce reply, per request. Requests are counted by their cut time
+    /// (those cut in the measured window), while `before_send`, `after_send` and the
+    /// end-to-end latency count records by their intended time: the two populations differ by
+    /// the batches that straddle the window's edges.
     pub produce_reply: Option<RunLatency>,
     /// [`Pacing::Linger`]: how late the producer ran after the timer's time, per wake on the
     /// timer (the timerfd's expiry, the epoll wake-up and the worker being free).
     pub timer_late: Option<RunLatency>,
+    /// [`Pacing::Linger`]: requests cut in the window because a full batch (`batch_bytes`) was
+    /// due before the linger ran out (the rest went on the linger).
+    pub full_batch_sends: u64,
     /// Records over 1 ms end to end.
     pub over_1ms: u64,
     /// … of which more than half was before the send.
@@ -394,6 +401,7 @@ struct Split {
     after: Histogram<u64>,
     reply: Histogram<u64>,
     timer_late: Histogram<u64>,
+    full_batch_sends: u64,
     over_1ms: u64,
     over_1ms_before: u64,
 }
@@ -409,6 +417,7 @@ impl Split {
             after: histogram(),
             reply: histogram(),
             timer_late: histogram(),
+            full_batch_sends: 0,
             over_1ms: 0,
             over_1ms_before: 0,
         }
@@ -419,6 +428,7 @@ impl Split {
         self.after.add(&o.after).expect("same bounds");
         self.reply.add(&o.reply).expect("same bounds");
         self.timer_late.add(&o.timer_late).expect("same bounds");
+        self.full_batch_sends += o.full_batch_sends;
         self.over_1ms += o.over_1ms;
         self.over_1ms_before += o.over_1ms_before;
     }
@@ -441,6 +451,7 @@ impl Split {
             after_send: RunLatency::from_hist(&self.after),
             produce_reply: RunLatency::from_hist(&self.reply),
             timer_late: RunLatency::from_hist(&self.timer_late),
+            full_batch_sends: self.full_batch_sends,
             over_1ms: self.over_1ms,
             over_1ms_mostly_before_send: self.over_1ms_before,
         }
@@ -1198,6 +1209,7 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
             .timer_late
             .add(&p.timer_late)
             .expect("same bounds");
+        cons.split().full_batch_sends += p.full_batch_sends;
     }
     let mut r = report(cfg, &cons, cfg.duration);
     r.errors += prod.errors;
@@ -1286,7 +1298,7 @@ impl E2eProducer<'_> {
         self.sent.len()
     }
 
-    /// Cuts one batch of the records due by `now` (at least the next one, at most
+    /// Cuts one batch of the records due by `now` (at least the next one, at most what fits in
     /// `batch_bytes`) and sends it.
     async fn send_due(&mut self, now: Instant) -> Result<()> {
         let cfg = self.cfg;
@@ -1302,7 +1314,12 @@ impl E2eProducer<'_> {
         if self.filler.len() >= 16 {
             self.filler[8..16].copy_from_slice(&cut_ns.to_le_bytes());
         }
-        while self.produced < due_n && b.size_bytes() < cfg.batch_bytes {
+        // A record goes in while it fits in `batch_bytes` (as Kafka's `batch.size`; the same
+        // estimate as `LingerPolicy::per_batch`), and the first one always.
+        let first = self.produced;
+        while self.produced < due_n
+            && (self.produced == first || b.size_bytes() + cfg.record_size + 32 <= cfg.batch_bytes)
+        {
             let ns = self
                 .intended(self.produced)
                 .duration_since(self.base)
@@ -1356,7 +1373,9 @@ impl E2eProducer<'_> {
         let (_, cut) = self.sent.remove(pos).expect("found");
         if msg.results.iter().any(|r| r.error.is_some()) {
             self.stats.errors += 1;
-        } else if self.w.counts(at) {
+        } else if self.w.counts(cut) {
+            // Windowed by the batch's cut time, not the reply's: a request belongs to the
+            // window it was sent in, as a record belongs to the one it was intended in.
             self.stats.requests += 1;
             let ns = at.duration_since(cut).as_nanos() as u64;
             self.stats.split().reply.saturating_record(ns.max(1));
@@ -1365,11 +1384,17 @@ impl E2eProducer<'_> {
     }
 
     /// [`Pacing::Linger`]: a batch goes once its oldest record has waited `linger` or a full
-    /// batch is due, whenever the window has room; the wait for that moment is a timerfd.
+    /// batch is due, whenever the window has room ([`LingerPolicy::decide`]); the wait for
+    /// that moment is a timerfd.
     async fn run_linger(&mut self) -> Result<()> {
         let mut timer = PreciseTimer::new()?;
-        // Records a full batch holds (about: each record costs its value and ~32 bytes).
-        let per_batch = (self.cfg.batch_bytes / (self.cfg.record_size + 32)).max(1) as u64;
+        let policy = LingerPolicy {
+            start: self.w.start,
+            rate: self.rate,
+            linger: self.cfg.linger,
+            per_batch: LingerPolicy::per_batch(self.cfg.batch_bytes, self.cfg.record_size),
+            window: self.window,
+        };
         let drain_deadline = self.w.until + Duration::from_secs(10);
         // Set when the last wake was the timer's (for `timer_late`).
         let mut timer_woke = false;
@@ -1377,23 +1402,28 @@ impl E2eProducer<'_> {
             if self.tx.is_none() && (self.sent.is_empty() || Instant::now() >= drain_deadline) {
                 return Ok(());
             }
-            let mut wake = None;
-            if self.tx.is_some() && self.in_flight() < self.window {
-                let oldest = self.intended(self.produced);
-                let full = self.intended((self.produced + per_batch - 1).min(self.total - 1));
-                let go = (oldest + self.cfg.linger).min(full);
-                let now = Instant::now();
-                if now >= go {
-                    if std::mem::take(&mut timer_woke) && self.w.counts(now) {
-                        let ns = now.duration_since(go).as_nanos() as u64;
-                        self.stats.split().timer_late.saturating_record(ns.max(1));
+            let now = Instant::now();
+            let wake = match policy.decide(now, self.produced, self.total, self.in_flight()) {
+                SendDecision::Send { at, trigger } => {
+                    if self.w.counts(now) {
+                        if std::mem::take(&mut timer_woke) {
+                            let ns = now.duration_since(at).as_nanos() as u64;
+                            self.stats.split().timer_late.saturating_record(ns.max(1));
+                        }
+                        if trigger == Trigger::FullBatch {
+                            self.stats.split().full_batch_sends += 1;
+                        }
                     }
+                    timer_woke = false;
                     self.send_due(now).await?;
                     continue;
                 }
-                timer.arm(go)?;
-                wake = Some(go);
-            }
+                SendDecision::WakeAt(go) => {
+                    timer.arm(go)?;
+                    Some(go)
+                }
+                SendDecision::Wait => None,
+            };
             tokio::select! {
                 biased;
                 msg = self.inbound.message() => {
@@ -1448,6 +1478,72 @@ impl E2eProducer<'_> {
                 continue;
             }
             self.send_due(now).await?;
+        }
+    }
+}
+
+/// Why a [`Pacing::Linger`] batch goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// Its oldest record has waited `linger` (with `linger` 0: it is due).
+    Linger,
+    /// A full batch (`batch_bytes`) was due before the linger ran out, or the run's last
+    /// record is due (no more will come to fill it).
+    FullBatch,
+}
+
+/// What the [`Pacing::Linger`] producer does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SendDecision {
+    /// Cut and send a batch now; `at` is when it became due.
+    Send { at: Instant, trigger: Trigger },
+    /// Nothing is due yet: wake at this time (unless a reply comes first).
+    WakeAt(Instant),
+    /// The window is full, or every record is sent: only a reply can change that.
+    Wait,
+}
+
+/// The send decision of [`Pacing::Linger`], apart from the I/O so it can be tested with
+/// explicit instants. Record `i` is due at `start + i / rate`; a batch holds about
+/// `per_batch` records; at most `window` requests await their reply.
+#[derive(Clone, Copy, Debug)]
+struct LingerPolicy {
+    start: Instant,
+    rate: f64,
+    linger: Duration,
+    per_batch: u64,
+    window: usize,
+}
+
+impl LingerPolicy {
+    /// Records a full batch holds: `batch_bytes` over each record's value and its ~32 bytes
+    /// of framing, at least one.
+    fn per_batch(batch_bytes: usize, record_size: usize) -> u64 {
+        (batch_bytes / (record_size + 32)).max(1) as u64
+    }
+
+    fn intended(&self, i: u64) -> Instant {
+        self.start + Duration::from_secs_f64(i as f64 / self.rate)
+    }
+
+    /// With `produced` of the run's `total` records put in batches and `in_flight` requests
+    /// awaiting their reply, at `now`: send (and why), or when to look again.
+    fn decide(&self, now: Instant, produced: u64, total: u64, in_flight: usize) -> SendDecision {
+        if produced >= total || in_flight >= self.window {
+            return SendDecision::Wait;
+        }
+        let lingered = self.intended(produced) + self.linger;
+        let full = self.intended((produced + self.per_batch - 1).min(total - 1));
+        // On a tie the linger is the reason (with linger 0 a one-record batch is "lingered").
+        let (at, trigger) = if lingered <= full {
+            (lingered, Trigger::Linger)
+        } else {
+            (full, Trigger::FullBatch)
+        };
+        if now >= at {
+            SendDecision::Send { at, trigger }
+        } else {
+            SendDecision::WakeAt(at)
         }
     }
 }
@@ -1594,4 +1690,171 @@ async fn e2e_consume(
         let _ = at;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 48 828.125 records/s (50 MB/s of 1 KiB values): record `i` is due at `i × 20.48 µs`.
+    fn policy(linger_us: u64, batch_bytes: usize, window: usize) -> LingerPolicy {
+        LingerPolicy {
+            start: Instant::now(),
+            rate: 50e6 / 1024.0,
+            linger: Duration::from_micros(linger_us),
+            per_batch: LingerPolicy::per_batch(batch_bytes, 1024),
+            window,
+        }
+    }
+
+    fn us(p: &LingerPolicy, us: f64) -> Instant {
+        p.start + Duration::from_secs_f64(us / 1e6)
+    }
+
+    #[test]
+    fn a_batch_goes_when_its_oldest_record_has_lingered() {
+        let p = policy(250, 1 << 20, 1);
+        // Record 10 is due at 204.8 µs, so it has lingered 250 µs at 454.8 µs.
+        let go = p.intended(10) + Duration::from_micros(250);
+        assert_eq!(
+            p.decide(go - Duration::from_nanos(1), 10, 1000, 0),
+            SendDecision::WakeAt(go),
+            "not a nanosecond early"
+        );
+        for now in [go, go + Duration::from_millis(3)] {
+            assert_eq!(
+                p.decide(now, 10, 1000, 0),
+                SendDecision::Send {
+                    at: go,
+                    trigger: Trigger::Linger
+                }
+            );
+        }
+        // linger 0: as soon as the record is due; before that, wait for it.
+        let p0 = policy(0, 1 << 20, 1);
+        assert_eq!(
+            p0.decide(us(&p0, 100.0), 10, 1000, 0),
+            SendDecision::WakeAt(p0.intended(10))
+        );
+        assert_eq!(
+            p0.decide(p0.intended(10), 10, 1000, 0),
+            SendDecision::Send {
+                at: p0.intended(10),
+                trigger: Trigger::Linger
+            }
+        );
+    }
+
+    #[test]
+    fn a_full_batch_goes_before_the_linger_runs_out() {
+        // Kafka's default batch.size: 16 KiB holds 15 records of 1 KiB (+ 32 bytes each).
+        let p = policy(500, 16 << 10, 1);
+        assert_eq!(p.per_batch, 15);
+        // Records 0..=14 make a full batch once record 14 is due (286.72 µs), before record
+        // 0's 500 µs linger.
+        let full = p.intended(14);
+        assert!(full < p.intended(0) + p.linger);
+        assert_eq!(
+            p.decide(us(&p, 100.0), 0, 1000, 0),
+            SendDecision::WakeAt(full)
+        );
+        assert_eq!(
+            p.decide(full, 0, 1000, 0),
+            SendDecision::Send {
+                at: full,
+                trigger: Trigger::FullBatch
+            }
+        );
+        // With a 250 µs linger the same batch is never full first (12.2 records in 250 µs).
+        let p = policy(250, 16 << 10, 1);
+        assert_eq!(
+            p.decide(us(&p, 0.0), 0, 1000, 0),
+            SendDecision::WakeAt(p.intended(0) + p.linger)
+        );
+        // The run's last records go once the last is due: nothing more will fill the batch.
+        let p = policy(500, 16 << 10, 1);
+        assert_eq!(
+            p.decide(p.intended(999), 997, 1000, 0),
+            SendDecision::Send {
+                at: p.intended(999),
+                trigger: Trigger::FullBatch
+            }
+        );
+    }
+
+    #[test]
+    fn a_full_window_holds_everything_back() {
+        let p = policy(250, 16 << 10, 2);
+        let late = us(&p, 1e6);
+        assert_eq!(p.decide(late, 10, 1000, 2), SendDecision::Wait);
+        assert_eq!(p.decide(late, 10, 1000, 3), SendDecision::Wait);
+        assert!(matches!(
+            p.decide(late, 10, 1000, 1),
+            SendDecision::Send { .. }
+        ));
+        // Every record sent: nothing left to decide.
+        assert_eq!(p.decide(late, 1000, 1000, 0), SendDecision::Wait);
+    }
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Generous upper bound for a wake on a busy shared VM; the lower bounds are exact.
+    const LATE: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn the_timer_fires_not_early_and_re_arms() {
+        current_thread().block_on(async {
+            let mut t = PreciseTimer::new().unwrap();
+            for _ in 0..3 {
+                let at = Instant::now() + Duration::from_micros(300);
+                t.arm(at).unwrap();
+                t.fired().await.unwrap();
+                let now = Instant::now();
+                assert!(now >= at, "fired {:?} early", at - now);
+                assert!(now - at < LATE, "fired {:?} late", now - at);
+            }
+        });
+    }
+
+    #[test]
+    fn re_arming_later_moves_the_expiry() {
+        current_thread().block_on(async {
+            let mut t = PreciseTimer::new().unwrap();
+            t.arm(Instant::now() + Duration::from_millis(20)).unwrap();
+            let later = Instant::now() + Duration::from_millis(60);
+            t.arm(later).unwrap();
+            t.fired().await.unwrap();
+            assert!(Instant::now() >= later, "fired at the first arming");
+        });
+    }
+
+    #[test]
+    fn a_past_time_fires_at_once() {
+        current_thread().block_on(async {
+            let mut t = PreciseTimer::new().unwrap();
+            let asked = Instant::now();
+            t.arm(asked - Duration::from_millis(5)).unwrap();
+            t.fired().await.unwrap();
+            assert!(asked.elapsed() < LATE);
+        });
+    }
+
+    #[test]
+    fn an_unread_expiry_does_not_leak_into_the_next_arming() {
+        current_thread().block_on(async {
+            let mut t = PreciseTimer::new().unwrap();
+            t.arm(Instant::now() + Duration::from_millis(1)).unwrap();
+            // It expires unread; the reactor sees it readable while this task sleeps.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let later = Instant::now() + Duration::from_millis(30);
+            t.arm(later).unwrap();
+            t.fired().await.unwrap();
+            assert!(Instant::now() >= later, "a stale expiry returned early");
+        });
+    }
 }
