@@ -149,8 +149,10 @@ fn main() -> anyhow::Result<()> {
         if config.runtime_threads == 0 && !config.runtime_cpus.is_empty() {
             // One worker per CPU the workers are pinned to (after narrowing to the start
             // mask), not per CPU of the machine: more workers than CPUs in the set would only
-            // take turns on them.
-            rt.worker_threads(on);
+            // take turns on them. At most tokio's own default, which also counts a cgroup
+            // CPU quota (4 CPUs' worth of quota on a 64-CPU cpuset: 4 workers, not 64).
+            let quota = std::thread::available_parallelism().map_or(on, |n| n.get());
+            rt.worker_threads(on.min(quota).max(1));
         } else if config.runtime_threads > on {
             tracing::warn!(
                 runtime_threads = config.runtime_threads,

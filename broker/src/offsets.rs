@@ -17,17 +17,25 @@
 //!   applies the log in order, so both agree;
 //! - a reader of one group never sees an older offset than a commit of that group appended
 //!   before it: a batch between its append and its landing is *in flight* for its group, and
-//!   a fetch, a deletion and a decided transaction's commit (which read the map) first wait,
-//!   for their own group only, until every batch of that group appended before they started
-//!   has landed or failed ([`OffsetStore::settle`]). A new owner of a partition therefore
-//!   reads the previous owner's last acknowledged-or-pending commit, as before; group B's
-//!   fetch does not wait for group A's fsync;
+//!   a fetch first waits, for its own group only, until every batch of that group appended
+//!   before it started has landed or failed ([`OffsetStore::settle`]). A new owner of a
+//!   partition therefore reads the previous owner's last acknowledged-or-pending commit, as
+//!   before; group B's fetch does not wait for group A's fsync;
+//! - a writer that reads the map before it appends (a decided transaction's commit filtering
+//!   by `offsets_since`, a deletion choosing its keys) waits until its group has nothing in
+//!   flight at all, and the group's other commits wait for it meanwhile
+//!   ([`OffsetStore::settle_for_write`]): its read and its append are again one lock hold with
+//!   no commit of the group in between, as when the lock covered the fsync (a commit appended
+//!   during its wait would otherwise be invisible to its read and land under its batch);
 //! - [`OffsetStore::next_position`] counts batches appended but not yet durable, so "every
 //!   commit appended after it is at or after it" still holds with commits in flight.
 //!
 //! The fsyncs of the one partition still run one after another (the engine's group commit):
 //! a commit of group B still waits for group A's fsync to finish, as any two appends to one
-//! partition do; only readers and the lock stopped waiting.
+//! partition do; only readers and the lock stopped waiting. The FetchOffsets service reads on
+//! the runtime's thread only when the lock is free and the group has nothing in flight
+//! ([`OffsetStore::fetch_if_settled`]; the lock is held across an append, which can wait for
+//! a segment roll's fdatasync), else on the blocking pool.
 //!
 //! ```text
 //! record key   = group \0 topic \0 partition (decimal)
@@ -95,6 +103,11 @@ struct InFlight {
     appended_end: u64,
     /// Sequence numbers in flight, per group (a group with none has no entry).
     by_group: BTreeMap<String, BTreeSet<u64>>,
+    /// Writers that read the group's keys before they append (a decided transaction's
+    /// commit, a deletion) waiting for the group to have nothing in flight, per group (none:
+    /// no entry). While there is one, the group's other commits wait before their fence, so
+    /// nothing can slip in between the writer's read and its append.
+    writers: BTreeMap<String, usize>,
 }
 
 /// One batch in flight: unregistered (and waiters woken) when dropped, whether it landed,
@@ -160,6 +173,8 @@ pub(crate) struct OffsetStore {
     landed: Condvar,
     /// How many reads waited for a batch of their group in flight (read by the tests).
     settle_waits: AtomicU64,
+    /// How many commits waited for a writer of their group (read by the tests).
+    writer_yields: AtomicU64,
     /// Latest group-membership state record per group, until `groups` takes them.
     group_states: Mutex<BTreeMap<String, Vec<u8>>>,
 }
@@ -271,6 +286,7 @@ impl OffsetStore {
             }),
             landed: Condvar::new(),
             settle_waits: AtomicU64::new(0),
+            writer_yields: AtomicU64::new(0),
             group_states: Mutex::new(group_states),
         })
     }
@@ -306,6 +322,64 @@ impl OffsetStore {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// With the map lock held, for a writer that reads the group's keys and then appends (a
+    /// decided transaction's commit filtering by `offsets_since`, a deletion choosing its
+    /// keys): waits (releasing the lock meanwhile) until the group has no batch in flight at
+    /// all, not only those appended before it, since a commit appended while it waits would be
+    /// invisible to its read and then land under its batch. Meanwhile the group's other
+    /// commits wait for it ([`OffsetStore::yield_to_writers`]), so it cannot starve. On return
+    /// the caller reads and appends under the same lock hold. Blocking.
+    fn settle_for_write<'a>(
+        &'a self,
+        map: MutexGuard<'a, Map>,
+        group: &str,
+    ) -> MutexGuard<'a, Map> {
+        {
+            let mut f = self.lock_in_flight();
+            if !f.by_group.contains_key(group) {
+                return map;
+            }
+            *f.writers.entry(group.to_owned()).or_default() += 1;
+        }
+        self.settle_waits.fetch_add(1, Ordering::Relaxed);
+        let map = self
+            .landed
+            .wait_while(map, |_| self.lock_in_flight().by_group.contains_key(group))
+            .unwrap_or_else(|e| e.into_inner());
+        {
+            let mut f = self.lock_in_flight();
+            if let Some(n) = f.writers.get_mut(group) {
+                *n -= 1;
+                if *n == 0 {
+                    f.writers.remove(group);
+                }
+            }
+        }
+        // Commits of the group waiting for this writer look again (they wait for the map lock
+        // until this writer has appended).
+        self.landed.notify_all();
+        map
+    }
+
+    /// With the map lock held, for a commit of `group`: waits (releasing the lock meanwhile)
+    /// while a writer of the group waits to read its keys ([`OffsetStore::settle_for_write`]).
+    /// Blocking.
+    fn yield_to_writers<'a>(
+        &'a self,
+        map: MutexGuard<'a, Map>,
+        group: &str,
+    ) -> MutexGuard<'a, Map> {
+        let waiting = |_: &mut Map| self.lock_in_flight().writers.contains_key(group);
+        let mut map = map;
+        if !waiting(&mut map) {
+            return map;
+        }
+        self.writer_yields.fetch_add(1, Ordering::Relaxed);
+        self.landed
+            .wait_while(map, waiting)
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Registers a batch of `group` just appended (ending at log position `end`) as in
     /// flight. Called with the map lock held, right after the append.
     fn register(&self, _map: &MutexGuard<'_, Map>, group: &str, end: u64) -> Pending<'_> {
@@ -325,6 +399,12 @@ impl OffsetStore {
     #[cfg(test)]
     pub(crate) fn settle_waits(&self) -> u64 {
         self.settle_waits.load(Ordering::Relaxed)
+    }
+
+    /// Commits that waited for a writer of their group, so far.
+    #[cfg(test)]
+    pub(crate) fn writer_yields(&self) -> u64 {
+        self.writer_yields.load(Ordering::Relaxed)
     }
 
     /// The group-membership state records found at start (latest per group); empty after
@@ -446,12 +526,15 @@ impl OffsetStore {
         // Under the lock: the fence, the choice of what to write and the append; then the
         // fsync without it (see the module docs).
         let (info, offsets, pending) = {
-            let mut map = self.lock_map();
-            if since.is_some() {
-                // Reads the positions of the group's keys: a commit of the group still in
-                // flight must have landed, or a newer commit would look absent.
-                map = self.settle(map, group);
-            }
+            let map = self.lock_map();
+            let map = if since.is_some() {
+                // Reads the positions of the group's keys: every commit of the group in
+                // flight must have landed, or a newer commit would look absent and be
+                // written over.
+                self.settle_for_write(map, group)
+            } else {
+                self.yield_to_writers(map, group)
+            };
             fence()?;
             let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
             let offsets: Vec<&v1::OffsetCommit> = existing
@@ -578,7 +661,7 @@ impl OffsetStore {
         // deleted), then the fence, the choice of keys and the append; the fsync without it.
         let (info, keys, pending) = {
             let map = self.lock_map();
-            let map = self.settle(map, group);
+            let map = self.settle_for_write(map, group);
             fence()?;
             let keys: Vec<Key> = map
                 .range((group.to_owned(), String::new(), 0)..)
@@ -678,14 +761,22 @@ impl OffsetStore {
     }
 
     /// [`OffsetStore::fetch`] without waiting: `None` while a commit of the group is in
-    /// flight (then call `fetch` where blocking is fine). For the runtime's threads.
+    /// flight or the store's lock is taken (then call `fetch` where blocking is fine). For the
+    /// runtime's threads.
     pub(crate) fn fetch_if_settled(
         &self,
         group: &str,
         partitions: &[v1::TopicPartition],
     ) -> Result<Option<Vec<v1::CommittedOffset>>, BrokerError> {
         validate_group(group)?;
-        let map = self.lock_map();
+        // try_lock: a commit holds the lock across its append, which can wait for a segment
+        // roll's fdatasync (every 100 MiB of the topic) or the cleaner's swap, and a deletion
+        // while it builds its tombstones; the blocking path takes those waits instead.
+        let map = match self.map.try_lock() {
+            Ok(m) => m,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
         let upto = self.lock_in_flight().next_seq;
         if self.unsettled(group, upto) {
             return Ok(None);
@@ -820,10 +911,12 @@ mod tests {
     }
 
     /// Every fdatasync of a `__consumer_offsets` segment waits at the gate while it is
-    /// armed, until the test opens it: a commit held in its fsync, without timing.
+    /// armed, until the test lets it through (by the order the syncs began) or opens the
+    /// gate: a commit held in its fsync, without timing.
     #[derive(Debug, Default)]
     struct Gate {
-        state: Mutex<(bool, usize)>,
+        /// (armed, syncs begun while armed, syncs let through).
+        state: Mutex<(bool, usize, usize)>,
         cv: Condvar,
     }
 
@@ -838,14 +931,21 @@ mod tests {
             if !st.0 {
                 return;
             }
+            let ticket = st.1;
             st.1 += 1;
             self.cv.notify_all();
-            while st.0 {
+            while st.0 && ticket >= st.2 {
                 st = self.cv.wait(st).unwrap();
             }
         }
 
-        /// Waits (at most 10 s) until `n` syncs are held.
+        /// Lets the first `n` syncs through (the gate stays armed for later ones).
+        fn let_through(&self, n: usize) {
+            self.state.lock().unwrap().2 = n;
+            self.cv.notify_all();
+        }
+
+        /// Waits (at most 10 s) until `n` syncs have begun.
         fn wait_held(&self, n: usize) {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             let mut st = self.state.lock().unwrap();
@@ -1065,6 +1165,137 @@ mod tests {
         let got = a_fetch.recv_timeout(BOUND).unwrap().unwrap();
         assert_eq!(got[0].offset, Some(5), "never the older offset");
         assert!(s.fetch_if_settled("A", &[]).unwrap().is_some());
+    }
+
+    /// A store on a file system whose `__consumer_offsets` fdatasyncs wait at `gate` while
+    /// it is armed; topic `a` has 3 partitions.
+    fn gated_store(dir: &std::path::Path, gate: &Arc<Gate>) -> (Arc<Log>, Arc<OffsetStore>) {
+        let fs: Arc<dyn spool_io::FileSystem> = Arc::new(GateFs {
+            inner: spool_io::real(),
+            gate: gate.clone(),
+        });
+        let log = Arc::new(
+            Log::open(
+                dir,
+                LogOptions {
+                    fs,
+                    ..LogOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        log.create_topic(
+            "a",
+            TopicConfig {
+                partitions: 3,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+        let s = Arc::new(OffsetStore::open(log.clone(), &Limits::default()).unwrap());
+        (log, s)
+    }
+
+    /// Waits (at most 10 s) until `done` holds.
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + BOUND;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// A writer that reads the group's keys (`writer`) starts while a commit of the group is
+    /// held in its fsync, and a second commit of the group (`late`) comes while it waits.
+    /// The late commit must not slip in between the writer's read and its append: it waits
+    /// for the writer (counted), or, without that, it is appended at once (`next_position`
+    /// grows) and the writer's batch lands over it. Returns the group's offsets at the end.
+    fn writer_meets_a_late_commit(
+        before: &[v1::OffsetCommit],
+        writer: impl FnOnce(&OffsetStore, Option<u64>) + Send + 'static,
+        late: Vec<v1::OffsetCommit>,
+    ) -> BTreeMap<(String, u32), Option<u64>> {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let (_log, s) = gated_store(dir.path(), &gate);
+        s.commit("G", before, 1).unwrap();
+        let since = s.next_position().unwrap();
+        gate.set(true);
+        let open = Open(gate.clone());
+        let held = answers("held commit", {
+            let s = s.clone();
+            move || s.commit("G", &[commit("a", 1, 2)], 2)
+        });
+        gate.wait_held(1);
+        let waits = s.settle_waits();
+        let w = answers("writer", {
+            let s = s.clone();
+            move || writer(&s, Some(since))
+        });
+        until("the writer never waited", || s.settle_waits() > waits);
+        let end = s.next_position().unwrap();
+        let late = answers("late commit", {
+            let s = s.clone();
+            move || s.commit("G", &late, 3)
+        });
+        until("the late commit neither waited nor was appended", || {
+            s.writer_yields() > 0 || s.next_position().unwrap() > end
+        });
+        // Only the held commit's sync: it lands, the writer reads and appends, and neither
+        // the writer's batch nor a late commit appended before it (without the wait) lands
+        // until the writer has appended, whatever the threads' speed.
+        let yielded = s.writer_yields() > 0;
+        gate.let_through(1);
+        let appended = if yielded { end + 1 } else { end + 2 };
+        until("the writer never appended", || {
+            s.next_position().unwrap() >= appended
+        });
+        drop(open);
+        held.recv_timeout(BOUND).unwrap().unwrap();
+        w.recv_timeout(BOUND).unwrap();
+        late.recv_timeout(BOUND).unwrap().unwrap();
+        s.fetch("G", &[])
+            .unwrap()
+            .into_iter()
+            .map(|c| ((c.topic, c.partition), c.offset))
+            .collect()
+    }
+
+    /// Review of 7e16d74, item 1: a decided transaction's commit waiting for the group's
+    /// batches in flight must not write over a commit of the group appended meanwhile (the
+    /// newer commit of a-0, 200, stays; the decision's 100 is older than it).
+    #[test]
+    fn a_decided_commit_does_not_land_over_a_commit_made_while_it_waited() {
+        let got = writer_meets_a_late_commit(
+            &[commit("a", 1, 1)],
+            |s, since| {
+                s.commit_decided("G", &[commit("a", 0, 100)], 2, since, &mut || Ok(()))
+                    .unwrap();
+            },
+            vec![commit("a", 0, 200)],
+        );
+        assert_eq!(got[&("a".to_owned(), 0)], Some(200));
+    }
+
+    /// Review of 7e16d74, item 2: a deletion waiting for the group's batches in flight and a
+    /// commit of the group made meanwhile are one order or the other, never half of each
+    /// (a-0 deleted but a-2 kept).
+    #[test]
+    fn a_deletion_and_a_commit_made_while_it_waited_do_not_interleave() {
+        let got = writer_meets_a_late_commit(
+            &[commit("a", 0, 1)],
+            |s, _| {
+                assert_eq!(s.delete_group("G", &[], 2).unwrap(), 2);
+            },
+            vec![commit("a", 0, 5), commit("a", 2, 5)],
+        );
+        // The deletion took a-0 and a-1 (the held commit landed first), then the commit.
+        let want: BTreeMap<_, _> = [
+            (("a".to_owned(), 0), Some(5)),
+            (("a".to_owned(), 2), Some(5)),
+        ]
+        .into();
+        assert_eq!(got, want);
     }
 
     /// Batches landing out of log order (their fsyncs finished the other way round) leave
