@@ -32,6 +32,11 @@
 //! - nothing in the broker calls `tokio::task::block_in_place` (refused by
 //!   `broker/clippy.toml`): it would turn a pinned worker into a blocking-pool thread that
 //!   keeps the workers' set for the rest of its life, since the pin is not re-checked;
+//! - the start mask is read once: if the cgroup's cpuset is rewritten while `spoold` runs (a
+//!   kubelet CPU manager, for example), kernels before 6.2 reset every thread's affinity to the
+//!   new cpuset; blocking threads started later are pinned again, runtime workers are not
+//!   (they pin once), so placement is then partial until a restart. Restart `spoold` after
+//!   changing its cpuset;
 //! - at most [`MAX_CPU`] (1024, glibc's `CPU_SETSIZE`) CPUs: on a kernel built for more
 //!   possible CPUs `sched_getaffinity` refuses the fixed-size mask, and `spoold` with pinning
 //!   on fails to start with a message saying so (pinning off is unaffected).

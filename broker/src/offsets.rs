@@ -918,6 +918,8 @@ mod tests {
         /// (armed, syncs begun while armed, syncs let through).
         state: Mutex<(bool, usize, usize)>,
         cv: Condvar,
+        /// When set, a sync held at the gate fails with this errno once let through.
+        fail: Mutex<Option<i32>>,
     }
 
     impl Gate {
@@ -926,10 +928,11 @@ mod tests {
             self.cv.notify_all();
         }
 
-        fn pass(&self) {
+        /// Holds the calling sync while armed; `Some(errno)`: it is to fail.
+        fn pass(&self) -> Option<i32> {
             let mut st = self.state.lock().unwrap();
             if !st.0 {
-                return;
+                return None;
             }
             let ticket = st.1;
             st.1 += 1;
@@ -937,6 +940,7 @@ mod tests {
             while st.0 && ticket >= st.2 {
                 st = self.cv.wait(st).unwrap();
             }
+            *self.fail.lock().unwrap()
         }
 
         /// Lets the first `n` syncs through (the gate stays armed for later ones).
@@ -997,8 +1001,10 @@ mod tests {
             self.inner.size()
         }
         fn sync_data(&self) -> std::io::Result<()> {
-            if let Some(g) = &self.gate {
-                g.pass();
+            if let Some(g) = &self.gate
+                && let Some(errno) = g.pass()
+            {
+                return Err(std::io::Error::from_raw_os_error(errno));
             }
             self.inner.sync_data()
         }
@@ -1203,6 +1209,43 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{what}");
             std::thread::yield_now();
         }
+    }
+
+    /// Review of 7e16d74, item 5: a commit whose fsync fails (EIO) while a fetch of its group
+    /// waits for it: the fetch wakes and reads the offset from before, the failed commit never
+    /// reaches the map, and the commit reports the failure.
+    #[test]
+    fn a_fetch_waiting_for_a_commit_whose_fsync_fails_reads_the_older_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let (_log, s) = gated_store(dir.path(), &gate);
+        s.commit("G", &[commit("a", 0, 1)], 1).unwrap();
+        *gate.fail.lock().unwrap() = Some(libc::EIO);
+        gate.set(true);
+        let open = Open(gate.clone());
+        let failing = answers("failing commit", {
+            let s = s.clone();
+            move || s.commit("G", &[commit("a", 0, 9)], 2)
+        });
+        gate.wait_held(1);
+        let waits = s.settle_waits();
+        let fetch = answers("fetch", {
+            let s = s.clone();
+            move || s.fetch("G", &[])
+        });
+        until("the fetch never waited", || s.settle_waits() > waits);
+        drop(open);
+        assert!(
+            failing.recv_timeout(BOUND).unwrap().is_err(),
+            "EIO reported"
+        );
+        let got = fetch.recv_timeout(BOUND).expect("the fetch stayed stuck");
+        assert_eq!(got.unwrap()[0].offset, Some(1));
+        assert_eq!(s.all(), vec![("G".to_owned(), "a".to_owned(), 0, 1)]);
+        assert!(
+            s.fetch_if_settled("G", &[]).unwrap().is_some(),
+            "nothing left in flight"
+        );
     }
 
     /// A writer that reads the group's keys (`writer`) starts while a commit of the group is
