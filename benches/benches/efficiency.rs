@@ -21,6 +21,7 @@
 //! | `e2e-never-linger250us-16KiB`, `e2e-never-linger500us-16KiB`, `e2e-always-linger250us-16KiB` | the linger scenarios with Kafka's default `batch.size` (16 KiB, 15 records of 1 KiB) instead of `--e2e-batch-bytes`: at 0.5 ms a full batch is due (0.29 ms) before the linger runs out, so the full-batch trigger fires (the split table counts those sends); at 0.25 ms it fires only on a backlog | the same as `e2e-never` / `e2e-always` |
 //! | `e2e-never-tick`, `e2e-always-tick`, `e2e-never-tick-only` | the producer before 2026-12-07 (`Pacing::Tick`: a batch on every reply and on a 1 ms-granular tokio tick; `TickOnly`: on the tick only, the old `*-linger` scenarios), for comparing old figures | (reported beside the others) |
 //! | `fdatasync` | 4 KiB `pwrite` + `fdatasync` in a loop, in the data directory's filesystem | — (the disk's flush latency) |
+//! | `fdatasync-prezeroed` | the same loop overwriting a file whose blocks were written with zeros and fdatasync'd first (no size change, no allocation per sync: what a pre-zeroed active segment's group commit pays) | — (informational disk floor; issue 14's target stays against `fdatasync`) |
 //!
 //! Every run starts a fresh server process (spoold on a fresh data directory, or the ceiling)
 //! and runs the load generator in this process (`spool_loadgen::run`); the server's and this
@@ -127,6 +128,8 @@ enum Server {
     Spoold,
     /// No server: the in-process fdatasync loop.
     Disk,
+    /// No server: the fdatasync loop over a pre-zeroed, synced file.
+    DiskPrezeroed,
 }
 
 struct Scenario {
@@ -321,6 +324,11 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
         Scenario {
             name: "fdatasync",
             server: Server::Disk,
+            cfg: base.clone(),
+        },
+        Scenario {
+            name: "fdatasync-prezeroed",
+            server: Server::DiskPrezeroed,
             cfg: base,
         },
     ];
@@ -470,9 +478,16 @@ fn run_ceiling(threads: usize, cfg: &LoadConfig) -> Result<Sample> {
     load(cfg, &c.addr, c.child.id())
 }
 
+/// Bytes `fdatasync-prezeroed` writes with zeros and syncs before its loop; the loop wraps
+/// around inside them, so every measured sync overwrites allocated, durable blocks.
+const PREZEROED_BYTES: u64 = 64 << 20;
+
 /// 4 KiB appends, each followed by fdatasync, for `d`, in a file under `parent`: p50/p99
-/// of write + fdatasync (what fio `--bs=4k --fdatasync=1` measures).
-fn run_fdatasync(parent: &Path, d: Duration) -> Result<Sample> {
+/// of write + fdatasync (what fio `--bs=4k --fdatasync=1` measures). With `prezeroed`, the
+/// file is first filled with [`PREZEROED_BYTES`] of zeros and fdatasync'd (not timed), and the
+/// 4 KiB writes overwrite it (wrapping around), so no sync changes the file's size or
+/// allocates a block.
+fn run_fdatasync(parent: &Path, d: Duration, prezeroed: bool) -> Result<Sample> {
     let dir = tempfile::Builder::new()
         .prefix("fdatasync-")
         .tempdir_in(parent)?;
@@ -482,6 +497,13 @@ fn run_fdatasync(parent: &Path, d: Duration) -> Result<Sample> {
         .write(true)
         .open(dir.path().join("f"))?;
     let block = vec![0x5au8; 4096];
+    if prezeroed {
+        let zeros = vec![0u8; 1 << 20];
+        for i in 0..PREZEROED_BYTES / (1 << 20) {
+            f.write_all_at(&zeros, i << 20)?;
+        }
+        f.sync_data()?;
+    }
     let mut lat = Vec::new();
     let start = Instant::now();
     let mut off = 0u64;
@@ -491,6 +513,9 @@ fn run_fdatasync(parent: &Path, d: Duration) -> Result<Sample> {
         f.sync_data()?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
         off += 4096;
+        if prezeroed && off >= PREZEROED_BYTES {
+            off = 0;
+        }
     }
     let n = lat.len();
     lat.sort_by(f64::total_cmp);
@@ -501,7 +526,8 @@ fn run_fdatasync(parent: &Path, d: Duration) -> Result<Sample> {
         p50_us: q(0.5),
         p99_us: q(0.99),
         line: format!(
-            "4 KiB pwrite + fdatasync × {n} in {:.1} s: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            "4 KiB pwrite + fdatasync{} × {n} in {:.1} s: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            if prezeroed { " (over pre-zeroed blocks)" } else { "" },
             d.as_secs_f64(),
             q(0.5),
             q(0.99),
@@ -637,7 +663,9 @@ fn main() -> Result<()> {
             let order: Vec<&(String, PathBuf)> = match s.server {
                 Server::Spoold if rep % 2 == 1 => bins.iter().rev().collect(),
                 Server::Spoold => bins.iter().collect(),
-                Server::Ceiling | Server::Disk => bins.iter().take(1).collect(),
+                Server::Ceiling | Server::Disk | Server::DiskPrezeroed => {
+                    bins.iter().take(1).collect()
+                }
             };
             for (label, bin) in order {
                 let label = match s.server {
@@ -647,7 +675,10 @@ fn main() -> Result<()> {
                 let res = match s.server {
                     Server::Spoold => run_spoold(bin, &a.data_parent, a.broker_threads, &s.cfg),
                     Server::Ceiling => run_ceiling(a.broker_threads, &s.cfg),
-                    Server::Disk => run_fdatasync(&a.data_parent, s.cfg.duration),
+                    Server::Disk => run_fdatasync(&a.data_parent, s.cfg.duration, false),
+                    Server::DiskPrezeroed => {
+                        run_fdatasync(&a.data_parent, s.cfg.duration, true)
+                    }
                 };
                 let sample = match res {
                     Ok(x) => x,
@@ -886,6 +917,20 @@ fn render(
                 num(median(&field(always, |x| x.p50_us))),
                 num(median(&field(always, |x| 100.0 * x.server_cores))),
                 verdict(m <= 2.0)
+            );
+        }
+        let floor = get(samples, "fdatasync-prezeroed", "-");
+        if !floor.is_empty() && !disk.is_empty() {
+            // Informational: the target stays against `fdatasync` (a growing file).
+            let q = ratios(&field(floor, |x| x.p99_us), &field(disk, |x| x.p99_us));
+            let _ = writeln!(
+                r,
+                "| (informational) fdatasync over pre-zeroed blocks ÷ fdatasync, p99 | - | {}× (p99 {} µs vs {} µs; p50 {} µs vs {} µs) | - |",
+                med_range(&q),
+                num(median(&field(floor, |x| x.p99_us))),
+                num(median(&field(disk, |x| x.p99_us))),
+                num(median(&field(floor, |x| x.p50_us))),
+                num(median(&field(disk, |x| x.p50_us))),
             );
         }
         let prod = get(samples, "produce-1KiB", l);
