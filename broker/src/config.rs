@@ -60,6 +60,10 @@ pub struct Config {
     /// Memory of the log cleaner's key map (24 bytes per key; a pass over more distinct keys
     /// cleans part of the partition and the next pass goes on).
     pub cleaner_dedupe_buffer_bytes: u64,
+    /// Under `fsync = always`, how far ahead of each partition's writer the active segment is
+    /// written with zeros and made durable, so group commits overwrite allocated blocks instead
+    /// of growing the file (`spool_log_engine::LogOptions::zero_ahead_bytes`); 0 turns it off.
+    pub zero_ahead_bytes: u64,
     /// TLS for the gRPC listener; absent means plaintext.
     pub tls: Option<TlsConfig>,
     /// Bearer tokens and their ACLs; none means no authentication.
@@ -235,6 +239,7 @@ impl Default for Config {
             retention_check_interval_ms: 60_000,
             cleaner_check_interval_ms: 15_000,
             cleaner_dedupe_buffer_bytes: 64 << 20,
+            zero_ahead_bytes: spool_log_engine::RECOMMENDED_ZERO_AHEAD_BYTES,
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
             groups: GroupsConfig::default(),
@@ -398,6 +403,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "cleaner_dedupe_buffer_bytes must be in 1 KiB..=16 GiB".into(),
             ));
+        }
+        if self.zero_ahead_bytes > spool_log_engine::MAX_ZERO_AHEAD_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "zero_ahead_bytes must be at most {} (0 turns it off)",
+                spool_log_engine::MAX_ZERO_AHEAD_BYTES
+            )));
         }
         if u64::from(self.limits.max_fetch_wait_ms) >= self.limits.request_timeout_ms {
             return Err(ConfigError::Invalid(

@@ -162,6 +162,7 @@ impl Broker {
             },
             clock,
             fs,
+            zero_ahead_bytes: config.zero_ahead_bytes,
             ..LogOptions::default()
         };
         Broker::open_with_options(config, options)
@@ -178,12 +179,13 @@ impl Broker {
         let limits = options.limits.clone();
         let log = Log::open(&config.data_dir, options).map_err(BrokerError::from)?;
         for (topic, partition, r) in log.recovery_reports() {
-            if r.bytes_truncated > 0 || r.bytes_scanned > 0 {
+            if r.bytes_truncated > 0 || r.bytes_scanned > 0 || r.bytes_zero_tail > 0 {
                 tracing::info!(
                     topic,
                     partition,
                     scanned = r.bytes_scanned,
                     truncated = r.bytes_truncated,
+                    zero_tail = r.bytes_zero_tail,
                     "recovered partition"
                 );
             }

@@ -52,8 +52,12 @@ pub struct SegmentInfo {
     pub base_offset: u64,
     /// Offset after the last good batch.
     pub next_offset: u64,
-    /// File size.
+    /// Bytes of batches and of any damage after them: the file's size less a zero tail.
     pub bytes: u64,
+    /// Zeros after the last batch of the last segment: the active segment's zero tail (zeros
+    /// written ahead of the writer under `fsync = always`), end-of-data that opening the log
+    /// cuts; not a finding.
+    pub zero_tail_bytes: u64,
     /// Good batches.
     pub batches: u64,
     /// Records in the good batches (from their headers).
@@ -143,7 +147,13 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
             records += h.records_count.max(0) as u64;
             max_ts = max_ts.max(h.max_timestamp);
         });
-        if let Some((pos, reason)) = w.stopped {
+        let mut zero_tail_bytes = 0;
+        if let Some((pos, _)) = w.stopped
+            && last
+            && segment::is_zero_tail(&data, pos)
+        {
+            zero_tail_bytes = len - pos;
+        } else if let Some((pos, reason)) = w.stopped {
             // Past the recovery point, in the last segment, a bad tail is what recovery cuts.
             let past_point = match point {
                 None => true,
@@ -169,7 +179,8 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
             path,
             base_offset: base,
             next_offset: w.next_offset,
-            bytes: len,
+            bytes: len - zero_tail_bytes,
+            zero_tail_bytes,
             batches,
             records,
             max_timestamp: max_ts,
@@ -243,12 +254,14 @@ pub fn inspect_log(root: &Path) -> Result<Vec<(String, u32, PartitionInspection)
 }
 
 /// Calls `each(position, batch)` for every batch of a segment file, in order, stopping at the
-/// first bad one (returned as an error naming the file and position). For `spool inspect dump`.
+/// first bad one (returned as an error naming the file and position). A zero tail after the
+/// last batch (an active segment's, [`SegmentInfo::zero_tail_bytes`]) ends the walk. For
+/// `spool inspect dump`.
 pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<()> {
     let data = RealFs.read(path).map_err(|e| Error::io("read", path, e))?;
     let data = bytes::Bytes::from(data);
     let mut pos = 0usize;
-    while pos < data.len() {
+    while pos < data.len() && !segment::is_zero_tail(&data, pos as u64) {
         let rest = &data[pos..];
         let h = BatchHeader::parse(rest)
             .map_err(|e| Error::corruption(path, pos as u64, None, e.to_string()))?;

@@ -141,6 +141,8 @@ impl Log {
             verify_reads: opts.verify_reads,
             maps: MapCache::new(opts.limits.max_mapped_segments),
             writeback: crate::writeback::WriteBack::start(),
+            zero_ahead_bytes: opts.zero_ahead_bytes.min(crate::config::MAX_ZERO_AHEAD_BYTES),
+            zero_in_background: opts.background_maintenance,
         });
         let mut topics = BTreeMap::new();
         let mut reports = Vec::new();
@@ -187,7 +189,7 @@ impl Log {
                     true,
                 )?;
                 reports.push((name.clone(), id, report));
-                partitions.push(Arc::new(p));
+                partitions.push(p.into_arc());
             }
             topics.insert(
                 name,
@@ -284,7 +286,7 @@ impl Log {
             .map(|id| {
                 let pdir = dst.join(id.to_string());
                 Partition::open(name, id, &pdir, cfg.clone(), shared.clone(), false)
-                    .map(|(p, _)| Arc::new(p))
+                    .map(|(p, _)| p.into_arc())
             })
             .collect::<Result<Vec<_>>>();
         let partitions = match opened {
@@ -447,7 +449,7 @@ impl Log {
                 self.inner.shared.clone(),
                 true,
             )?;
-            partitions.push(Arc::new(p));
+            partitions.push(p.into_arc());
         }
         write_config(self.inner.shared.fs.as_ref(), &tdir, &cfg)?;
         for p in &partitions {
@@ -489,7 +491,9 @@ impl Log {
     }
 
     /// One pass of background work: due interval flushes, then retention. The background
-    /// thread calls this; embedders that turned it off call it themselves.
+    /// thread calls this; embedders that turned it off call it themselves. Without background
+    /// maintenance it also runs the zeroing ahead that is due ([`LogOptions::zero_ahead_bytes`];
+    /// with it, the writers queue that for the write-back thread).
     pub fn run_maintenance(&self) -> Result<()> {
         run_pass(&self.inner, true)
     }
@@ -577,6 +581,11 @@ fn all_partitions(inner: &Inner) -> Vec<Arc<Partition>> {
 fn run_pass(inner: &Inner, retention: bool) -> Result<()> {
     let mut first_err = None;
     for p in all_partitions(inner) {
+        if !inner.shared.zero_in_background && inner.shared.zero_ahead_bytes > 0 {
+            // Without background maintenance nothing else zeroes ahead (errors poison the
+            // partition, which its next write reports).
+            p.zero_ahead_if_due();
+        }
         let res = p.flush_if_due().and_then(|_| {
             if retention {
                 p.enforce_retention().map(|_| ())

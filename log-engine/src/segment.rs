@@ -8,7 +8,9 @@
 //!   knows it ([`Segment::chain`]) and every offset in it stays below the next segment's base.
 //! - Readers never look past `readable_end`, which the writer publishes (Release) only after the
 //!   bytes below it are complete (and, under `fsync = always`, durable).
-//! - While a segment is active, only the partition writer appends to its file; once sealed,
+//! - While a segment is active, only the partition writer appends to its file (and, under
+//!   `fsync = always`, writes zeros past its end: the file may be longer than the data, whose
+//!   end is `written_end`, never the file's size); once sealed (cut to its last batch first),
 //!   the file is never modified again (the cleaner replaces it whole by a new file). A
 //!   retention-deleted or cleaner-replaced segment's files are renamed to `*.deleted` and
 //!   unlinked only when the last mapping of them is dropped.
@@ -234,6 +236,17 @@ impl Chain {
             _ => None,
         }
     }
+}
+
+/// True when `data[from..]` is not empty and holds only zeros: after the last batch of the
+/// active segment, its zero tail (zeros written ahead of the writer under `fsync = always`,
+/// `partition/writer.rs`), which is end-of-data rather than a torn write. Only ever said of
+/// the last segment: a sealed segment is cut to its last batch before it is sealed.
+pub(crate) fn is_zero_tail(data: &[u8], from: u64) -> bool {
+    usize::try_from(from)
+        .ok()
+        .and_then(|f| data.get(f..))
+        .is_some_and(|t| !t.is_empty() && t.iter().all(|&b| b == 0))
 }
 
 /// Walks batches in `data[from..end]`, expecting the first to start at `next_offset`,
@@ -808,6 +821,15 @@ fn write_index_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_tails() {
+        assert!(is_zero_tail(&[1, 2, 0, 0], 2));
+        assert!(!is_zero_tail(&[1, 2, 0, 1], 2), "garbage after zeros");
+        assert!(!is_zero_tail(&[1, 2], 2), "nothing after the batches");
+        assert!(!is_zero_tail(&[1, 2], 3));
+        assert!(is_zero_tail(&[0; 4096], 0));
+    }
 
     #[test]
     fn names() {

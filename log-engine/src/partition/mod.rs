@@ -20,6 +20,11 @@
 //!   can return success for pages that failed. One at a time, with the poison set before the
 //!   lock is released, the later call sees the poison instead (fsyncgate; docs/durability.md).
 //! - Segment-list changes (roll, retention) happen under the writer lock.
+//! - Under `fsync = always` the active segment's file may run past the written data, by zeros
+//!   written ahead of the writer (`writer.rs`, "Zero ahead"): zeros are written only under the
+//!   writer lock at or past its position, their fdatasync goes through `sync_handle` and
+//!   publishes nothing, and roll, close and recovery cut them. The data's end is always the
+//!   writer's position (`Segment::written_end`), never the file's size.
 //! - Transactions ([`crate::txn`]): the writer updates the partition's transaction index
 //!   under the writer lock, before it publishes the batch; readers load the high watermark,
 //!   then ask the index for the last stable offset (a short lock of its own, never the
@@ -49,6 +54,9 @@ use crate::txn::{self, Isolation, Marker, OpenTxn, TxnIndex};
 
 use writer::Writer;
 
+/// Source of the zeros written ahead of the writer (one piece).
+static ZEROS: [u8; writer::ZERO_PIECE] = [0; writer::ZERO_PIECE];
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -66,8 +74,13 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) verify_reads: bool,
     pub(crate) maps: MapCache,
-    /// Early write-back hints, started on the log's write-back thread.
+    /// Early write-back hints, and zeroing ahead, run on the log's write-back thread.
     pub(crate) writeback: crate::writeback::WriteBack,
+    /// [`crate::LogOptions::zero_ahead_bytes`] (0: off).
+    pub(crate) zero_ahead_bytes: u64,
+    /// Zeroing ahead is queued by the writer for the write-back thread (with
+    /// `background_maintenance`); otherwise [`crate::Log::run_maintenance`] runs what is due.
+    pub(crate) zero_in_background: bool,
 }
 
 impl Shared {
@@ -218,9 +231,101 @@ pub struct Partition {
     closed: AtomicBool,
     last_flush_ms: AtomicU64,
     fsync_latency: crate::stats::Latency,
+    /// This partition, for jobs run on the log's write-back thread (set by
+    /// [`Partition::into_arc`]; unset, no zeroing ahead is asked for).
+    me: std::sync::OnceLock<std::sync::Weak<Partition>>,
 }
 
 impl Partition {
+    /// Shares the partition, and lets it queue jobs for itself (zeroing ahead).
+    pub(crate) fn into_arc(self) -> Arc<Partition> {
+        let p = Arc::new(self);
+        let _ = p.me.set(Arc::downgrade(&p));
+        p
+    }
+
+    /// Queues a zeroing ahead of the writer on the log's write-back thread; true if queued.
+    /// Called by the writer, under the writer lock.
+    fn ask_zero_ahead(&self) -> bool {
+        self.me
+            .get()
+            .is_some_and(|me| self.shared.writeback.zero_ahead(me.clone()))
+    }
+
+    /// Runs [`Partition::zero_ahead`] now if the writer would ask for it (for
+    /// [`crate::Log::run_maintenance`] when there is no background maintenance).
+    pub(crate) fn zero_ahead_if_due(&self) {
+        {
+            let mut w = lock(&self.writer);
+            let cfg = self.config();
+            if self.check_writable().is_err()
+                || !w.zero_ahead_due(self.shared.zero_ahead_bytes, &cfg)
+            {
+                return;
+            }
+            w.zero.queued = true;
+        }
+        self.zero_ahead();
+    }
+
+    /// Writes zeros ahead of the writer's position in the active segment, up to
+    /// [`crate::LogOptions::zero_ahead_bytes`] past it (not past the segment's size limit),
+    /// then fdatasyncs them through `sync_handle` (`writer.rs`, "Zero ahead"). Runs on the log's
+    /// write-back thread. Publishes nothing: it only makes later group commits cheaper. Out of
+    /// space: the zeros are cut off and zeroing stops for this segment; any other write error,
+    /// or a failed fdatasync, poisons the partition.
+    pub(crate) fn zero_ahead(&self) {
+        let window = self.shared.zero_ahead_bytes;
+        // (segment, where the zeros end) once the first piece is decided.
+        let mut job: Option<(Arc<Segment>, u64)> = None;
+        let synced = loop {
+            let mut w = lock(&self.writer);
+            let cfg = self.config();
+            let stop = self.check_writable().is_err()
+                || w.zero.stopped
+                || cfg.fsync != FsyncPolicy::Always
+                || job.as_ref().is_some_and(|(seg, _)| !Arc::ptr_eq(seg, &w.active));
+            if stop {
+                w.zero.queued = false;
+                return;
+            }
+            let (_, target) = job.get_or_insert_with(|| {
+                (
+                    w.active.clone(),
+                    (w.position + window).min(cfg.segment_bytes),
+                )
+            });
+            let target = *target;
+            let start = w.zero.end.max(w.position);
+            if start >= target {
+                break (w.file.clone(), w.active.clone(), start);
+            }
+            let len = (target - start).min(writer::ZERO_PIECE as u64);
+            if let Err(e) = w.file.write_all_at(&ZEROS[..len as usize], start) {
+                w.zero.queued = false;
+                let out_of_space = spool_io::is_out_of_space(&e);
+                let err = Error::io("write zeros", w.active.log_path(), e);
+                // `start` is at or past the writer's position: cutting there removes only
+                // zeros. Out of space: zeroing stops for this segment, appends go on.
+                if out_of_space && w.file.set_len(start).is_ok() {
+                    tracing::warn!(topic = %self.topic, partition = self.id, error = %err, "disk full: no zeroing ahead in this segment");
+                    w.zero.stopped = true;
+                } else {
+                    self.poison(err);
+                }
+                return;
+            }
+            w.zero.end = start + len;
+        };
+        let (file, seg, end) = synced;
+        let res = self.sync_handle_as(file.as_ref(), &seg, false);
+        let mut w = lock(&self.writer);
+        w.zero.queued = false;
+        if res.is_ok() && Arc::ptr_eq(&w.active, &seg) {
+            w.zero.synced = w.zero.synced.max(end);
+        }
+    }
+
     /// Topic name.
     pub fn topic(&self) -> &str {
         &self.topic
@@ -689,10 +794,23 @@ impl Partition {
     /// partition before the lock is released, and a success counts only if no sync failed
     /// before it (module docs). The caller must not hold `sync_lock`.
     fn sync_handle(&self, file: &dyn spool_io::FileHandle, seg: &Segment) -> Result<()> {
+        self.sync_handle_as(file, seg, true)
+    }
+
+    /// [`Partition::sync_handle`]; `timed`: counted in [`Partition::fsync_latency`] (the
+    /// zeroing ahead's syncs are not: that figure is what appends and flushes wait for).
+    fn sync_handle_as(
+        &self,
+        file: &dyn spool_io::FileHandle,
+        seg: &Segment,
+        timed: bool,
+    ) -> Result<()> {
         let _one_at_a_time = lock(&self.sync_lock);
         let started = std::time::Instant::now();
         let synced = file.sync_data();
-        self.fsync_latency.record(started.elapsed());
+        if timed {
+            self.fsync_latency.record(started.elapsed());
+        }
         if let Err(e) = synced {
             return Err(self.poison(Error::io("fdatasync", seg.log_path(), e)));
         }
@@ -1093,7 +1211,12 @@ impl Partition {
         if self.is_poisoned() {
             return Ok(());
         }
-        let (file, seg, point) = lock(&self.writer).capture();
+        let (file, seg, point) = {
+            let mut w = lock(&self.writer);
+            // The file ends on its last batch again before the final sync (zero ahead).
+            w.trim_zero_tail().map_err(|e| self.poison(e))?;
+            w.capture()
+        };
         self.sync_handle(file.as_ref(), &seg)?;
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);

@@ -9,7 +9,11 @@
 //!    previous one. A bad batch in the **last** segment past the point is a torn tail: the file
 //!    is truncated there (and fdatasync'd), and the cut is reported. A bad batch anywhere else
 //!    — in a sealed segment, or before the recovery point — is [`Error::Corruption`]: nothing is
-//!    cut, the partition does not open.
+//!    cut, the partition does not open. Zeros from the bad batch to the end of the **last**
+//!    segment are not a torn tail but the active segment's zero tail (zeroing ahead of the
+//!    writer under `fsync = always`, `writer.rs`): end-of-data, cut without being kept aside,
+//!    and reported apart ([`RecoveryReport::bytes_zero_tail`]). A bad batch followed by zeros
+//!    is a torn tail.
 //! 4. The last segment's in-memory index is rebuilt by walking its batch headers (without
 //!    CRC) up to the recovery point and from the CRC scan beyond it. Only the last segment is
 //!    walked, never the whole partition.
@@ -40,6 +44,10 @@ pub struct RecoveryReport {
     pub bytes_scanned: u64,
     /// Bytes of torn tail cut from the last segment.
     pub bytes_truncated: u64,
+    /// Bytes of zero tail cut from the last segment: zeros written ahead of the writer
+    /// (`fsync = always`), past its last batch. End-of-data, not damage; not counted in
+    /// `bytes_truncated` and not quarantined.
+    pub bytes_zero_tail: u64,
     /// True when a valid recovery point was found.
     pub had_recovery_point: bool,
     /// Files holding the bytes cut from torn tails (`<segment>.log.torn-<position>`), kept for
@@ -262,6 +270,11 @@ impl Partition {
             let chain = crate::compact::chain_of(&found, i, sparse_below);
             let w = segment::walk_chain(&data, trusted, len, seg_next, chain, true, &mut add);
             report.bytes_scanned += w.end - trusted;
+            // Only zeros from where the batches stop to the end: the active segment's zero
+            // tail (module docs).
+            let zero_tail = i == last
+                && w.stopped.is_some()
+                && segment::is_zero_tail(&data[..len as usize], w.end);
             drop(data);
             let mut end = len;
             if let Some((pos, reason)) = w.stopped {
@@ -273,17 +286,19 @@ impl Partition {
                         format!("in a sealed segment: {reason}"),
                     ));
                 }
-                // Past the recovery point a bad batch is most likely a torn write, but it could
-                // also be damage to acknowledged data: keep the bytes aside before cutting, so
-                // nothing is lost silently (`RecoveryReport::quarantined` names the file).
-                let saved = quarantine(fs.as_ref(), dir, &path, file.as_ref(), pos, len)?;
-                tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), reason = %reason, "truncating torn tail past the recovery point");
-                report.quarantined.push(saved);
+                if zero_tail {
+                    tracing::info!(segment = %path.display(), position = pos, cut = len - pos, "cutting the zero tail after the last batch");
+                    report.bytes_zero_tail += len - pos;
+                } else {
+                    let saved = quarantine(fs.as_ref(), dir, &path, file.as_ref(), pos, len)?;
+                    tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), reason = %reason, "truncating torn tail past the recovery point");
+                    report.quarantined.push(saved);
+                    report.bytes_truncated += len - pos;
+                }
                 file.set_len(pos)
                     .map_err(|e| Error::io("truncate", &path, e))?;
                 file.sync_data()
                     .map_err(|e| Error::io("fdatasync", &path, e))?;
-                report.bytes_truncated += len - pos;
                 end = pos;
             }
             next = w.next_offset;
@@ -328,6 +343,7 @@ impl Partition {
                     first_append_ms: None,
                     producers,
                     writeback_from: end,
+                    zero: Default::default(),
                 };
                 return Ok((
                     Self::assemble(
@@ -384,6 +400,7 @@ impl Partition {
             closed: AtomicBool::new(false),
             last_flush_ms: AtomicU64::new(now),
             fsync_latency: crate::stats::Latency::default(),
+            me: std::sync::OnceLock::new(),
         }
     }
 }

@@ -28,6 +28,26 @@
 //! thread, not the writer's, because submitting the write-back takes 0.4 ms and up to ~10 ms
 //! when the disk is busy, which held the writer lock and the appending request. The durability
 //! promises are unchanged: only `sync_data` ever makes data durable or publishes it as such.
+//!
+//! Zero ahead (`fsync = always` only; docs/durability.md, "Zero ahead"): an fdatasync that
+//! grows the file also writes its size and newly allocated blocks (a journal commit on ext4),
+//! about twice the cost of one that overwrites blocks already written and durable. So while
+//! group commits are small ([`crate::config::ZERO_AHEAD_MAX_SYNC_BYTES`]), the writer asks the
+//! log's write-back thread to write zeros past its end, up to
+//! [`crate::LogOptions::zero_ahead_bytes`] ahead, and fdatasync them
+//! (`Partition::zero_ahead`). Rules:
+//! - zeros are written only under the writer lock and only at or past `position` (never over a
+//!   byte the writer wrote or is writing), in pieces of at most [`ZERO_PIECE`] bytes so the lock
+//!   is held briefly; the writer appends into zeroed bytes as into fresh ones (or past them,
+//!   when it outruns the zeroing: a plain append);
+//! - the zeroing's fdatasync goes through `Partition::sync_handle` like every other (an error
+//!   poisons), publishes nothing and advances no recovery point: only group commits, flushes,
+//!   rolls and closes do;
+//! - a zero tail is end-of-data: recovery cuts it (reported apart from a torn tail), and roll
+//!   and close truncate the file to `position` before their fdatasync, so a sealed segment ends
+//!   on its last batch as before;
+//! - out of space while zeroing: the zeros are cut off again and zeroing stops for this
+//!   segment; any other write error poisons, like a failed append.
 
 use std::sync::Arc;
 
@@ -47,6 +67,28 @@ use super::{AppendInfo, Partition, lock};
 /// MiB dirty; large enough that the hint costs one system call per several requests.
 pub(super) const WRITEBACK_BYTES: u64 = 4 << 20;
 
+/// Zeros are written in pieces of at most this many bytes, the writer lock taken for each.
+pub(super) const ZERO_PIECE: usize = 256 << 10;
+
+/// What zeroing ahead of the writer has done in the active segment (module docs).
+#[derive(Debug, Default)]
+pub(super) struct ZeroAhead {
+    /// The file's bytes `[position, end)` hold zeros written by the zeroing (the file is at
+    /// least this long); `end <= position` when nothing is zeroed ahead.
+    pub(super) end: u64,
+    /// The zeros (their blocks and the file size) below this are durable: an fdatasync that
+    /// started after they were written has returned.
+    pub(super) synced: u64,
+    /// A zeroing job is queued or running (at most one per partition).
+    pub(super) queued: bool,
+    /// Zeroing stopped for this segment (the disk was full).
+    pub(super) stopped: bool,
+    /// `position` when the last sync captured it.
+    pub(super) captured: u64,
+    /// Bytes the last sync covered (appended between the two captures before it).
+    pub(super) bytes_per_sync: u64,
+}
+
 #[derive(Debug)]
 pub(super) struct Writer {
     pub(super) active: Arc<Segment>,
@@ -60,6 +102,8 @@ pub(super) struct Writer {
     pub(super) producers: ProducerStates,
     /// Position in the active segment from which no write-back was started yet (module docs).
     pub(super) writeback_from: u64,
+    /// Zeroing ahead of `position` (module docs).
+    pub(super) zero: ZeroAhead,
 }
 
 impl Writer {
@@ -68,7 +112,10 @@ impl Writer {
     }
 
     /// What a sync started now would cover.
-    pub(super) fn capture(&self) -> (Arc<dyn FileHandle>, Arc<Segment>, Point) {
+    pub(super) fn capture(&mut self) -> (Arc<dyn FileHandle>, Arc<Segment>, Point) {
+        // For zeroing's adaptivity: how much the syncs cover.
+        self.zero.bytes_per_sync = self.position.saturating_sub(self.zero.captured);
+        self.zero.captured = self.position;
         (
             self.file.clone(),
             self.active.clone(),
@@ -99,6 +146,32 @@ impl Writer {
     pub(super) fn writeback_due(&self, cfg: &TopicConfig, len: u64) -> bool {
         cfg.fsync != FsyncPolicy::Always
             && (self.position + len).saturating_sub(self.writeback_from) >= WRITEBACK_BYTES
+    }
+
+    /// True when the writer should ask for zeros ahead of it (module docs): `fsync = always`,
+    /// zeroing on and not stopped or already asked for, small syncs, less than half the window
+    /// zeroed ahead, and room left in the segment.
+    pub(super) fn zero_ahead_due(&self, window: u64, cfg: &TopicConfig) -> bool {
+        window > 0
+            && cfg.fsync == FsyncPolicy::Always
+            && !self.zero.queued
+            && !self.zero.stopped
+            && self.zero.bytes_per_sync <= crate::config::ZERO_AHEAD_MAX_SYNC_BYTES
+            && self.zero.end.saturating_sub(self.position) <= window / 2
+            && self.zero.end.max(self.position) < cfg.segment_bytes
+    }
+
+    /// Cuts a zero tail off the active segment's file (roll and close do this before their
+    /// fdatasync, so the file ends on its last batch). Under the writer lock.
+    pub(super) fn trim_zero_tail(&mut self) -> Result<()> {
+        if self.zero.end > self.position {
+            self.file
+                .set_len(self.position)
+                .map_err(|e| Error::io("truncate", self.active.log_path(), e))?;
+        }
+        self.zero.end = self.position;
+        self.zero.synced = self.zero.synced.min(self.position);
+        Ok(())
     }
 
     /// Has write-back of what was appended since the last start started, when due (module
@@ -143,6 +216,9 @@ impl Writer {
             // so the file ends on a batch boundary again; the partition stays usable (nothing
             // was published) and writes resume once space is freed. Any other write error, or
             // a failed rollback, poisons the partition.
+            // (The rollback also cuts any zeros zeroed ahead of `pos`.)
+            self.zero.end = self.zero.end.min(pos);
+            self.zero.synced = self.zero.synced.min(pos);
             return Err(if out_of_space && self.file.set_len(pos).is_ok() {
                 err
             } else {
@@ -161,6 +237,9 @@ impl Writer {
         self.active.note_timestamp(h.max_timestamp);
         self.active.publish_written(self.position);
         self.start_writeback_if_due(p, cfg);
+        if p.shared.zero_in_background && self.zero_ahead_due(p.shared.zero_ahead_bytes, cfg) {
+            self.zero.queued = p.ask_zero_ahead();
+        }
         self.first_append_ms.get_or_insert(now);
         self.producers.record(&stored, base, now);
         if h.producer_id >= 0 && h.is_transactional() {
@@ -192,6 +271,8 @@ impl Writer {
 
     fn try_roll(&mut self, p: &Partition) -> Result<()> {
         let old = self.active.clone();
+        // A zero tail is cut first: the sealed file ends on its last batch (module docs).
+        self.trim_zero_tail()?;
         // Through the partition's sync lock, like every fdatasync of a segment handle: a group
         // commit or a flush may be about to sync this handle (they release the writer lock to
         // sync); a failure here poisons before the lock is released, and a success after
@@ -229,6 +310,12 @@ impl Writer {
         self.file = file;
         self.position = 0;
         self.writeback_from = 0;
+        // `queued` stays: a job in flight finds the new segment and zeroes it.
+        self.zero = ZeroAhead {
+            queued: self.zero.queued,
+            bytes_per_sync: self.zero.bytes_per_sync,
+            ..ZeroAhead::default()
+        };
         self.index = IndexBuilder::new(base, interval);
         self.first_append_ms = None;
         lock(&p.checkpoint).write(Point {

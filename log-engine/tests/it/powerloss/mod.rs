@@ -101,6 +101,9 @@ fn open(sim: &SimFs, clock: &Arc<ManualClock>) -> spool_log_engine::Result<Log> 
             background_maintenance: false,
             clock: clock.clone(),
             fs: sim.fs(),
+            // Zeroing ahead of the writers (`fsync = always` topics), run by the workload's
+            // maintenance steps: cuts fall inside it too.
+            zero_ahead_bytes: 8 << 10,
             ..LogOptions::default()
         },
     )

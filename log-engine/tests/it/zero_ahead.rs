@@ -1,0 +1,345 @@
+//! Zeroing ahead of the writer (`fsync = always`, `LogOptions::zero_ahead_bytes`): the active
+//! segment's file runs past its last batch by zeros written and synced ahead of the writer.
+//!
+//! The tests turn background maintenance off (`common::opts`), so zeroing runs exactly when a
+//! test calls `Log::run_maintenance`. They check that the writer appends into the zeros, that
+//! close and roll cut them (sealed segments end on their last batch), that recovery after
+//! `kill -9` (a directory copied while the log is open) or a power cut takes a zero tail for
+//! end-of-data (reported apart, nothing kept aside) while a torn batch followed by zeros, or
+//! garbage after zeros, is still a torn tail; and that an I/O error on the zeroing's sync
+//! poisons the partition while a full disk only stops the zeroing.
+
+use std::path::{Path, PathBuf};
+
+use spool_log_engine::io::sim::{CutModel, Effect, Fault, OpKind, SimFs, SimRng};
+use spool_log_engine::{Error, FsyncPolicy, Log, LogOptions, TopicConfig, inspect};
+
+use crate::common::{batch, batch_spans, copy_dir, opts, read_all, report, scratch, values};
+
+/// How far ahead the tests zero.
+const WINDOW: u64 = 64 << 10;
+
+fn zopts() -> LogOptions {
+    LogOptions {
+        zero_ahead_bytes: WINDOW,
+        ..opts()
+    }
+}
+
+fn cfg(segment_bytes: u64) -> TopicConfig {
+    TopicConfig {
+        segment_bytes,
+        fsync: FsyncPolicy::Always,
+        ..TopicConfig::default()
+    }
+}
+
+fn open(dir: &Path, options: LogOptions, segment_bytes: u64) -> Log {
+    let log = Log::open(dir, options).unwrap();
+    if log.topic_config("t").is_err() {
+        log.create_topic("t", cfg(segment_bytes)).unwrap();
+    }
+    log
+}
+
+/// The last segment file of `t/0` under `dir`.
+fn last_segment(dir: &Path) -> PathBuf {
+    crate::common::segment_files(&dir.join("t").join("0"))
+        .pop()
+        .unwrap()
+}
+
+/// Values `"{tag}-{i}"` of `n` records.
+fn expect(tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{tag}-{i}")).collect()
+}
+
+/// A directory image taken while the log was open (as after `kill -9`): `before` batches,
+/// zeroing, `after` more batches (all acknowledged, so synced). Returns the image, the last
+/// segment's path in it, its logical end and the values written.
+fn kill9_image(before: usize, after: usize) -> (tempfile::TempDir, PathBuf, u64, Vec<String>) {
+    let src = scratch();
+    let log = open(src.path(), zopts(), 1 << 20);
+    let p = log.partition("t", 0).unwrap();
+    let mut want = Vec::new();
+    for i in 0..before {
+        let tag = format!("b{i}");
+        p.append(&batch(&tag, 5, 1)).unwrap();
+        want.extend(expect(&tag, 5));
+    }
+    log.run_maintenance().unwrap();
+    for i in 0..after {
+        let tag = format!("a{i}");
+        p.append(&batch(&tag, 5, 1)).unwrap();
+        want.extend(expect(&tag, 5));
+    }
+    let end = p.stats().size_bytes;
+    let img = scratch();
+    copy_dir(src.path(), img.path());
+    drop(log);
+    let seg = last_segment(img.path());
+    (img, seg, end, want)
+}
+
+#[test]
+fn the_writer_appends_into_zeros_and_close_cuts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), zopts(), 1 << 20);
+    let p = log.partition("t", 0).unwrap();
+    let mut want = Vec::new();
+    p.append(&batch("first", 3, 1)).unwrap();
+    want.extend(expect("first", 3));
+    let seg = last_segment(dir.path());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), p.stats().size_bytes);
+    log.run_maintenance().unwrap();
+    let end = p.stats().size_bytes;
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        end + WINDOW,
+        "zeroed a window ahead of the writer"
+    );
+    for i in 0..200 {
+        let tag = format!("r{i}");
+        p.append(&batch(&tag, 4, 1)).unwrap();
+        want.extend(expect(&tag, 4));
+        if i % 10 == 0 {
+            log.run_maintenance().unwrap();
+        }
+        let end = p.stats().size_bytes;
+        let file = std::fs::read(&seg).unwrap();
+        assert!(file.len() as u64 >= end);
+        assert!(
+            file[end as usize..].iter().all(|&b| b == 0),
+            "only zeros past the data"
+        );
+        assert!(file.len() as u64 <= end + WINDOW);
+    }
+    assert_eq!(values(&read_all(&p, 0)), want);
+    let end = p.stats().size_bytes;
+    log.close().unwrap();
+    drop(log);
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        end,
+        "close cut the zero tail"
+    );
+    let log = open(dir.path(), zopts(), 1 << 20);
+    let r = report(&log, 0);
+    assert_eq!((r.bytes_zero_tail, r.bytes_truncated), (0, 0));
+    assert_eq!(
+        values(&read_all(&log.partition("t", 0).unwrap(), 0)),
+        want
+    );
+}
+
+#[test]
+fn after_kill_9_a_zero_tail_is_end_of_data() {
+    let (img, seg, end, want) = kill9_image(4, 6);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    assert!(len > end, "the image has a zero tail ({len} bytes, data {end})");
+    let log = open(img.path(), zopts(), 1 << 20);
+    let r = report(&log, 0);
+    assert_eq!(r.bytes_zero_tail, len - end);
+    assert_eq!(r.bytes_truncated, 0);
+    assert!(r.quarantined.is_empty(), "zeros are not kept aside");
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), end, "cut to the data");
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(values(&read_all(&p, 0)), want);
+    let next = p.append(&batch("later", 2, 1)).unwrap();
+    assert_eq!(next.base_offset, want.len() as u64);
+}
+
+#[test]
+fn a_torn_batch_followed_by_zeros_is_a_torn_tail() {
+    let (img, seg, end, want) = kill9_image(4, 6);
+    let mut data = std::fs::read(&seg).unwrap();
+    let spans = batch_spans(&data[..end as usize]);
+    let last = *spans.last().unwrap();
+    // The last batch's second half never reached the disk: zeros from there on.
+    let cut = last.pos + last.len / 2;
+    data[cut as usize..end as usize].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let len = data.len() as u64;
+    let log = open(img.path(), zopts(), 1 << 20);
+    let r = report(&log, 0);
+    assert_eq!(r.bytes_truncated, len - last.pos, "cut from the torn batch");
+    assert_eq!(r.bytes_zero_tail, 0);
+    assert_eq!(r.quarantined.len(), 1, "a torn tail is kept aside");
+    let got = values(&read_all(&log.partition("t", 0).unwrap(), 0));
+    assert_eq!(got, want[..want.len() - 5]);
+}
+
+#[test]
+fn garbage_after_zeros_is_a_torn_tail() {
+    let (img, seg, end, want) = kill9_image(2, 3);
+    let mut data = std::fs::read(&seg).unwrap();
+    let len = data.len();
+    data[len - 1] = 0x5a;
+    std::fs::write(&seg, &data).unwrap();
+    let log = open(img.path(), zopts(), 1 << 20);
+    let r = report(&log, 0);
+    assert_eq!(r.bytes_truncated, len as u64 - end);
+    assert_eq!(r.bytes_zero_tail, 0);
+    assert_eq!(r.quarantined.len(), 1);
+    assert_eq!(
+        values(&read_all(&log.partition("t", 0).unwrap(), 0)),
+        want
+    );
+}
+
+#[test]
+fn offline_inspection_reports_the_zero_tail_and_sealed_segments_end_on_their_last_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: the writer rolls with zeros ahead of it every few batches.
+    let log = open(dir.path(), zopts(), 4096);
+    let p = log.partition("t", 0).unwrap();
+    let mut want = Vec::new();
+    for i in 0..120 {
+        let tag = format!("r{i}");
+        p.append(&batch(&tag, 8, 1)).unwrap();
+        want.extend(expect(&tag, 8));
+        log.run_maintenance().unwrap();
+    }
+    assert!(p.segment_bases().len() > 2, "rolled");
+    let active = last_segment(dir.path());
+    let len = std::fs::metadata(&active).unwrap().len();
+    let end = p.stats().size_bytes
+        - crate::common::segment_files(&dir.path().join("t").join("0"))
+            .iter()
+            .filter(|s| **s != active)
+            .map(|s| std::fs::metadata(s).unwrap().len())
+            .sum::<u64>();
+    assert!(len > end, "the active segment has zeros ahead");
+    let ins = inspect::inspect_partition(&dir.path().join("t").join("0")).unwrap();
+    assert!(ins.findings.is_empty(), "{:?}", ins.findings);
+    let (last, sealed) = ins.segments.split_last().unwrap();
+    assert_eq!(last.zero_tail_bytes, len - end);
+    assert_eq!(last.bytes, end);
+    for s in sealed {
+        assert_eq!(s.zero_tail_bytes, 0);
+        let data = std::fs::read(&s.path).unwrap();
+        let spans = batch_spans(&data);
+        assert_eq!(spans.last().unwrap().end(), data.len() as u64, "{s:?}");
+    }
+    let mut dumped = 0;
+    inspect::dump_segment(&active, |_, _| dumped += 1).unwrap();
+    assert!(dumped > 0);
+    assert_eq!(values(&read_all(&p, 0)), want);
+}
+
+/// A log on the simulated disk with one `fsync = always` partition holding one acknowledged
+/// batch.
+fn sim_log(sim: &SimFs) -> (Log, std::sync::Arc<spool_log_engine::Partition>) {
+    let log = open(
+        Path::new("/spool"),
+        LogOptions {
+            fs: sim.fs(),
+            ..zopts()
+        },
+        1 << 20,
+    );
+    let p = log.partition("t", 0).unwrap();
+    p.append(&batch("acked", 5, 1)).unwrap();
+    (log, p)
+}
+
+fn sim_len(sim: &SimFs, p: &spool_log_engine::Partition) -> u64 {
+    sim.fs().metadata(&p.active_segment_path()).unwrap().len
+}
+
+#[test]
+fn an_io_error_on_the_zeroing_sync_poisons() {
+    let sim = SimFs::new();
+    let (log, p) = sim_log(&sim);
+    sim.inject(Fault::on(OpKind::SyncData, ".log", Effect::Fail(libc::EIO)).times(1));
+    log.run_maintenance().unwrap();
+    assert!(p.is_poisoned(), "a failed fdatasync of the segment poisons");
+    assert!(matches!(
+        p.append(&batch("refused", 1, 1)),
+        Err(Error::Poisoned { .. })
+    ));
+    drop(p);
+    drop(log);
+    // Reopened (the process still sees the zeros): the zero tail is cut, the data stays.
+    let log = open(
+        Path::new("/spool"),
+        LogOptions {
+            fs: sim.fs(),
+            ..zopts()
+        },
+        1 << 20,
+    );
+    assert_eq!(report(&log, 0).bytes_zero_tail, WINDOW);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(values(&read_all(&p, 0)), expect("acked", 5));
+}
+
+#[test]
+fn a_full_disk_stops_the_zeroing_and_appends_go_on() {
+    let sim = SimFs::new();
+    let (log, p) = sim_log(&sim);
+    let end = p.stats().size_bytes;
+    sim.set_capacity(Some(sim.used() + (8 << 10)));
+    log.run_maintenance().unwrap();
+    assert!(!p.is_poisoned(), "out of space while zeroing is not a failure");
+    assert_eq!(sim_len(&sim, &p), end, "the zeros were cut off again");
+    p.append(&batch("more", 3, 1)).unwrap();
+    sim.set_capacity(None);
+    // Stopped for this segment: no more zeroing until it rolls.
+    log.run_maintenance().unwrap();
+    assert_eq!(sim_len(&sim, &p), p.stats().size_bytes);
+    let mut want = expect("acked", 5);
+    want.extend(expect("more", 3));
+    assert_eq!(values(&read_all(&p, 0)), want);
+}
+
+#[test]
+fn a_power_cut_around_the_zeroing_loses_nothing_acknowledged() {
+    // Cut before each mutating operation of the zeroing pass (its write, its sync) and after
+    // it, under several cut models; then the acknowledged batch is all there is, and the
+    // tail, whatever of the zeros survived, is a zero tail, never a torn one.
+    let mut rng = SimRng::new(14);
+    for k in 0..=2u64 {
+        for model in [
+            CutModel::LOSE_UNSYNCED,
+            CutModel {
+                sector: 512,
+                keep: 0.5,
+                reorder: true,
+            },
+            CutModel {
+                sector: 4096,
+                keep: 0.7,
+                reorder: false,
+            },
+        ] {
+            let sim = SimFs::new();
+            let (log, p) = sim_log(&sim);
+            let ops = sim.ops();
+            sim.cut_before(ops + k);
+            let _ = log.run_maintenance();
+            sim.cut();
+            drop(p);
+            drop(log);
+            sim.restart(&model, &mut rng);
+            let log = open(
+                Path::new("/spool"),
+                LogOptions {
+                    fs: sim.fs(),
+                    ..zopts()
+                },
+                1 << 20,
+            );
+            let r = report(&log, 0);
+            assert_eq!(r.bytes_truncated, 0, "cut before op +{k}, {model:?}: {r:?}");
+            assert!(r.quarantined.is_empty());
+            let p = log.partition("t", 0).unwrap();
+            assert_eq!(
+                values(&read_all(&p, 0)),
+                expect("acked", 5),
+                "cut before op +{k}, {model:?}"
+            );
+            assert_eq!(sim_len(&sim, &p), p.stats().size_bytes, "zeros cut");
+        }
+    }
+}
