@@ -527,7 +527,11 @@ fn run_fdatasync(parent: &Path, d: Duration, prezeroed: bool) -> Result<Sample> 
         p99_us: q(0.99),
         line: format!(
             "4 KiB pwrite + fdatasync{} × {n} in {:.1} s: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
-            if prezeroed { " (over pre-zeroed blocks)" } else { "" },
+            if prezeroed {
+                " (over pre-zeroed blocks)"
+            } else {
+                ""
+            },
             d.as_secs_f64(),
             q(0.5),
             q(0.99),
@@ -676,9 +680,7 @@ fn main() -> Result<()> {
                     Server::Spoold => run_spoold(bin, &a.data_parent, a.broker_threads, &s.cfg),
                     Server::Ceiling => run_ceiling(a.broker_threads, &s.cfg),
                     Server::Disk => run_fdatasync(&a.data_parent, s.cfg.duration, false),
-                    Server::DiskPrezeroed => {
-                        run_fdatasync(&a.data_parent, s.cfg.duration, true)
-                    }
+                    Server::DiskPrezeroed => run_fdatasync(&a.data_parent, s.cfg.duration, true),
                 };
                 let sample = match res {
                     Ok(x) => x,

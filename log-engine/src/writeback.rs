@@ -93,9 +93,7 @@ impl WriteBack {
                     "write-back queue full: hint dropped"
                 );
             }
-            Err(TrySendError::Disconnected(Job::Hint(h))) => {
-                start(h.file.as_ref(), h.pos, h.len)
-            }
+            Err(TrySendError::Disconnected(Job::Hint(h))) => start(h.file.as_ref(), h.pos, h.len),
             Err(_) => {}
         }
     }

@@ -278,13 +278,16 @@ impl Partition {
         let window = self.shared.zero_ahead_bytes;
         // (segment, where the zeros end) once the first piece is decided.
         let mut job: Option<(Arc<Segment>, u64)> = None;
+        let mut wrote = false;
         let synced = loop {
             let mut w = lock(&self.writer);
             let cfg = self.config();
             let stop = self.check_writable().is_err()
                 || w.zero.stopped
                 || cfg.fsync != FsyncPolicy::Always
-                || job.as_ref().is_some_and(|(seg, _)| !Arc::ptr_eq(seg, &w.active));
+                || job
+                    .as_ref()
+                    .is_some_and(|(seg, _)| !Arc::ptr_eq(seg, &w.active));
             if stop {
                 w.zero.queued = false;
                 return;
@@ -298,6 +301,11 @@ impl Partition {
             let target = *target;
             let start = w.zero.end.max(w.position);
             if start >= target {
+                if !wrote {
+                    // Nothing to zero (the writer caught up, or the segment is full): no sync.
+                    w.zero.queued = false;
+                    return;
+                }
                 break (w.file.clone(), w.active.clone(), start);
             }
             let len = (target - start).min(writer::ZERO_PIECE as u64);
@@ -316,6 +324,7 @@ impl Partition {
                 return;
             }
             w.zero.end = start + len;
+            wrote = true;
         };
         let (file, seg, end) = synced;
         let res = self.sync_handle_as(file.as_ref(), &seg, false);

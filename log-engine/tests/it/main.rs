@@ -19,5 +19,5 @@ mod retention;
 mod sync_lock;
 mod topic_create;
 mod torn_tail;
-mod zero_ahead;
 mod transactions;
+mod zero_ahead;

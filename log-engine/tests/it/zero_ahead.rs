@@ -126,23 +126,27 @@ fn the_writer_appends_into_zeros_and_close_cuts_them() {
     let log = open(dir.path(), zopts(), 1 << 20);
     let r = report(&log, 0);
     assert_eq!((r.bytes_zero_tail, r.bytes_truncated), (0, 0));
-    assert_eq!(
-        values(&read_all(&log.partition("t", 0).unwrap(), 0)),
-        want
-    );
+    assert_eq!(values(&read_all(&log.partition("t", 0).unwrap(), 0)), want);
 }
 
 #[test]
 fn after_kill_9_a_zero_tail_is_end_of_data() {
     let (img, seg, end, want) = kill9_image(4, 6);
     let len = std::fs::metadata(&seg).unwrap().len();
-    assert!(len > end, "the image has a zero tail ({len} bytes, data {end})");
+    assert!(
+        len > end,
+        "the image has a zero tail ({len} bytes, data {end})"
+    );
     let log = open(img.path(), zopts(), 1 << 20);
     let r = report(&log, 0);
     assert_eq!(r.bytes_zero_tail, len - end);
     assert_eq!(r.bytes_truncated, 0);
     assert!(r.quarantined.is_empty(), "zeros are not kept aside");
-    assert_eq!(std::fs::metadata(&seg).unwrap().len(), end, "cut to the data");
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        end,
+        "cut to the data"
+    );
     let p = log.partition("t", 0).unwrap();
     assert_eq!(values(&read_all(&p, 0)), want);
     let next = p.append(&batch("later", 2, 1)).unwrap();
@@ -181,10 +185,7 @@ fn garbage_after_zeros_is_a_torn_tail() {
     assert_eq!(r.bytes_truncated, len as u64 - end);
     assert_eq!(r.bytes_zero_tail, 0);
     assert_eq!(r.quarantined.len(), 1);
-    assert_eq!(
-        values(&read_all(&log.partition("t", 0).unwrap(), 0)),
-        want
-    );
+    assert_eq!(values(&read_all(&log.partition("t", 0).unwrap(), 0)), want);
 }
 
 #[test]
@@ -281,7 +282,10 @@ fn a_full_disk_stops_the_zeroing_and_appends_go_on() {
     let end = p.stats().size_bytes;
     sim.set_capacity(Some(sim.used() + (8 << 10)));
     log.run_maintenance().unwrap();
-    assert!(!p.is_poisoned(), "out of space while zeroing is not a failure");
+    assert!(
+        !p.is_poisoned(),
+        "out of space while zeroing is not a failure"
+    );
     assert_eq!(sim_len(&sim, &p), end, "the zeros were cut off again");
     p.append(&batch("more", 3, 1)).unwrap();
     sim.set_capacity(None);
