@@ -62,7 +62,9 @@ pub struct Config {
     pub cleaner_dedupe_buffer_bytes: u64,
     /// Under `fsync = always`, how far ahead of each partition's writer the active segment is
     /// written with zeros and made durable, so group commits overwrite allocated blocks instead
-    /// of growing the file (`spool_log_engine::LogOptions::zero_ahead_bytes`); 0 turns it off.
+    /// of growing the file (`spool_log_engine::LogOptions::zero_ahead_bytes`). 0 (the default)
+    /// turns it off; otherwise 256 KiB..=8 MiB, a multiple of 4 KiB (2 MiB was measured). Costs
+    /// up to this much disk per `fsync = always` partition (docs/operations.md).
     pub zero_ahead_bytes: u64,
     /// TLS for the gRPC listener; absent means plaintext.
     pub tls: Option<TlsConfig>,
@@ -239,7 +241,7 @@ impl Default for Config {
             retention_check_interval_ms: 60_000,
             cleaner_check_interval_ms: 15_000,
             cleaner_dedupe_buffer_bytes: 64 << 20,
-            zero_ahead_bytes: spool_log_engine::RECOMMENDED_ZERO_AHEAD_BYTES,
+            zero_ahead_bytes: 0,
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
             groups: GroupsConfig::default(),
@@ -404,9 +406,14 @@ impl Config {
                 "cleaner_dedupe_buffer_bytes must be in 1 KiB..=16 GiB".into(),
             ));
         }
-        if self.zero_ahead_bytes > spool_log_engine::MAX_ZERO_AHEAD_BYTES {
+        if self.zero_ahead_bytes != 0
+            && (!(spool_log_engine::MIN_ZERO_AHEAD_BYTES..=spool_log_engine::MAX_ZERO_AHEAD_BYTES)
+                .contains(&self.zero_ahead_bytes)
+                || self.zero_ahead_bytes % 4096 != 0)
+        {
             return Err(ConfigError::Invalid(format!(
-                "zero_ahead_bytes must be at most {} (0 turns it off)",
+                "zero_ahead_bytes must be 0 (off) or a multiple of 4096 in {}..={}",
+                spool_log_engine::MIN_ZERO_AHEAD_BYTES,
                 spool_log_engine::MAX_ZERO_AHEAD_BYTES
             )));
         }
@@ -828,6 +835,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.limits.idle_timeout_ms, 45_000);
+    }
+
+    #[test]
+    fn zero_ahead_bytes_is_off_or_bounded_and_block_aligned() {
+        let with = |n: u64| Config {
+            zero_ahead_bytes: n,
+            ..Config::default()
+        };
+        assert!(with(0).validate().is_ok(), "off");
+        assert!(with(2 << 20).validate().is_ok());
+        assert!(with(256 << 10).validate().is_ok());
+        assert!(with(8 << 20).validate().is_ok());
+        for bad in [4096, (256 << 10) - 4096, (8 << 20) + 4096, (2 << 20) + 1] {
+            assert!(with(bad).validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -342,19 +342,43 @@ pub struct LogOptions {
     /// block allocation to commit: about half the sync's latency on ext4; docs/durability.md,
     /// "Zero ahead"). Only while the syncs are small (at most
     /// [`ZERO_AHEAD_MAX_SYNC_BYTES`] each): large syncs amortise that cost, and zeroing
-    /// would double the bytes written. 0 (the default) turns it off; `spoold` uses
-    /// [`RECOMMENDED_ZERO_AHEAD_BYTES`] unless configured otherwise. At most
-    /// [`MAX_ZERO_AHEAD_BYTES`] (larger values are clamped).
+    /// would double the bytes written. 0 (the default, also spoold's) turns it off; other values
+    /// are clamped into [`MIN_ZERO_AHEAD_BYTES`]..=[`MAX_ZERO_AHEAD_BYTES`] and rounded down to
+    /// 4 KiB. Costs up to this much disk per `fsync = always` partition beyond what stats and
+    /// retention count (until the segment rolls or the log closes).
     pub zero_ahead_bytes: u64,
 }
 
-/// A good [`LogOptions::zero_ahead_bytes`] (spoold's default): zeroing starts when less than
-/// half of it is left, so each zeroing writes and syncs about 1 MiB. On this project's test VM
-/// a 1 MiB zeroing fdatasync took ~0.9 ms, a 4 MiB one ~15 ms (docs/benchmarks.md, issue 14).
+/// The [`LogOptions::zero_ahead_bytes`] measured (docs/benchmarks.md, issue 14): zeroing starts
+/// when less than half of it is left, so each zeroing writes and syncs about 1 MiB. On this
+/// project's test VM a 1 MiB zeroing fdatasync took ~0.9 ms, a 4 MiB one ~15 ms.
 pub const RECOMMENDED_ZERO_AHEAD_BYTES: u64 = 2 << 20;
 
-/// Upper bound of [`LogOptions::zero_ahead_bytes`].
-pub const MAX_ZERO_AHEAD_BYTES: u64 = 64 << 20;
+/// Upper bound of [`LogOptions::zero_ahead_bytes`]: one zeroing syncs about half of it under
+/// the partition's sync lock.
+pub const MAX_ZERO_AHEAD_BYTES: u64 = 8 << 20;
+
+/// Lower bound of a non-zero [`LogOptions::zero_ahead_bytes`]: smaller windows would add an
+/// fdatasync every few appends.
+pub const MIN_ZERO_AHEAD_BYTES: u64 = 256 << 10;
+
+/// The window actually used for a configured [`LogOptions::zero_ahead_bytes`]: 0 stays 0 (off),
+/// anything else is clamped into the bounds and rounded down to 4 KiB.
+pub fn zero_ahead_window(configured: u64) -> u64 {
+    if configured == 0 {
+        0
+    } else {
+        configured.clamp(MIN_ZERO_AHEAD_BYTES, MAX_ZERO_AHEAD_BYTES) & !4095
+    }
+}
+
+/// The longest run of zeros after the last batch that recovery takes for a zero tail with a
+/// zeroing window of `window` bytes: the window plus the writes of one small sync (zeroing runs
+/// only while syncs cover at most [`ZERO_AHEAD_MAX_SYNC_BYTES`]) that a power cut may have
+/// turned back into zeros. A longer run is a torn tail, kept aside as before.
+pub(crate) fn max_zero_tail(window: u64) -> u64 {
+    window + ZERO_AHEAD_MAX_SYNC_BYTES
+}
 
 /// Zeroing ahead runs only while the last group commit covered at most this many bytes
 /// (see [`LogOptions::zero_ahead_bytes`]).

@@ -54,9 +54,11 @@ pub struct SegmentInfo {
     pub next_offset: u64,
     /// Bytes of batches and of any damage after them: the file's size less a zero tail.
     pub bytes: u64,
-    /// Zeros after the last batch of the last segment: the active segment's zero tail (zeros
-    /// written ahead of the writer under `fsync = always`), end-of-data that opening the log
-    /// cuts; not a finding.
+    /// Zeros after the last batch of the last segment, past the recovery point, at most
+    /// `MAX_ZERO_AHEAD_BYTES + ZERO_AHEAD_MAX_SYNC_BYTES` long: the active segment's zero tail
+    /// (zeros written ahead of the writer under `fsync = always`); not a finding. Opening the
+    /// log cuts it, as end-of-data when the log zeroes ahead (and the run is within its
+    /// window), else as a torn tail. Zeros anywhere else stay findings.
     pub zero_tail_bytes: u64,
     /// Good batches.
     pub batches: u64,
@@ -85,6 +87,11 @@ impl PartitionInspection {
         self.findings.iter().map(|f| f.severity).max()
     }
 }
+
+/// The longest zero run after the last batch taken for a zero tail here (offline, the
+/// configured window is unknown: the largest there can be).
+const MAX_ZERO_TAIL: u64 =
+    crate::config::MAX_ZERO_AHEAD_BYTES + crate::config::ZERO_AHEAD_MAX_SYNC_BYTES;
 
 /// Inspects one partition directory (read-only).
 pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
@@ -147,18 +154,20 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
             records += h.records_count.max(0) as u64;
             max_ts = max_ts.max(h.max_timestamp);
         });
+        // Past the recovery point, in the last segment, a bad tail is what recovery cuts.
+        let past_point = |pos: u64| match point {
+            None => true,
+            Some(p) => base > p.segment_base || (base == p.segment_base && pos >= p.position),
+        };
         let mut zero_tail_bytes = 0;
         if let Some((pos, _)) = w.stopped
             && last
-            && segment::is_zero_tail(&data, pos)
+            && past_point(pos)
+            && segment::is_zero_tail(&data, pos, MAX_ZERO_TAIL)
         {
             zero_tail_bytes = len - pos;
         } else if let Some((pos, reason)) = w.stopped {
-            // Past the recovery point, in the last segment, a bad tail is what recovery cuts.
-            let past_point = match point {
-                None => true,
-                Some(p) => base > p.segment_base || (base == p.segment_base && pos >= p.position),
-            };
+            let past_point = past_point(pos);
             let severity = if last && past_point {
                 Severity::TornTail
             } else {
@@ -261,7 +270,7 @@ pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<()
     let data = RealFs.read(path).map_err(|e| Error::io("read", path, e))?;
     let data = bytes::Bytes::from(data);
     let mut pos = 0usize;
-    while pos < data.len() && !segment::is_zero_tail(&data, pos as u64) {
+    while pos < data.len() && !segment::is_zero_tail(&data, pos as u64, MAX_ZERO_TAIL) {
         let rest = &data[pos..];
         let h = BatchHeader::parse(rest)
             .map_err(|e| Error::corruption(path, pos as u64, None, e.to_string()))?;

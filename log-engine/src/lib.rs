@@ -60,7 +60,8 @@ pub use batch::{
 pub use compact::{CleanReport, Cleaner};
 pub use config::{
     CleanerOptions, CleanupPolicy, Clock, FsyncPolicy, Limits, LogOptions, MAX_ZERO_AHEAD_BYTES,
-    RECOMMENDED_ZERO_AHEAD_BYTES, SystemClock, TopicConfig, ZERO_AHEAD_MAX_SYNC_BYTES,
+    MIN_ZERO_AHEAD_BYTES, RECOMMENDED_ZERO_AHEAD_BYTES, SystemClock, TopicConfig,
+    ZERO_AHEAD_MAX_SYNC_BYTES, zero_ahead_window,
 };
 pub use error::{Error, Result};
 pub use log::{Log, MAX_TOPIC_NAME, validate_topic_name};

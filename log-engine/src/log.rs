@@ -141,9 +141,7 @@ impl Log {
             verify_reads: opts.verify_reads,
             maps: MapCache::new(opts.limits.max_mapped_segments),
             writeback: crate::writeback::WriteBack::start(),
-            zero_ahead_bytes: opts
-                .zero_ahead_bytes
-                .min(crate::config::MAX_ZERO_AHEAD_BYTES),
+            zero_ahead_bytes: crate::config::zero_ahead_window(opts.zero_ahead_bytes),
             zero_in_background: opts.background_maintenance,
         });
         let mut topics = BTreeMap::new();

@@ -238,15 +238,17 @@ impl Chain {
     }
 }
 
-/// True when `data[from..]` is not empty and holds only zeros: after the last batch of the
-/// active segment, its zero tail (zeros written ahead of the writer under `fsync = always`,
-/// `partition/writer.rs`), which is end-of-data rather than a torn write. Only ever said of
-/// the last segment: a sealed segment is cut to its last batch before it is sealed.
-pub(crate) fn is_zero_tail(data: &[u8], from: u64) -> bool {
+/// True when `data[from..]` is not empty, at most `max_len` bytes long and holds only zeros:
+/// after the last batch of the active segment, past the recovery point, with zeroing on, its
+/// zero tail (zeros written ahead of the writer under `fsync = always`, `partition/writer.rs`),
+/// which is end-of-data rather than a torn write. The callers decide the rest (last segment,
+/// past the recovery point, zeroing possible); a sealed segment is cut to its last batch before
+/// it is sealed.
+pub(crate) fn is_zero_tail(data: &[u8], from: u64, max_len: u64) -> bool {
     usize::try_from(from)
         .ok()
         .and_then(|f| data.get(f..))
-        .is_some_and(|t| !t.is_empty() && t.iter().all(|&b| b == 0))
+        .is_some_and(|t| !t.is_empty() && t.len() as u64 <= max_len && t.iter().all(|&b| b == 0))
 }
 
 /// Walks batches in `data[from..end]`, expecting the first to start at `next_offset`,
@@ -824,11 +826,15 @@ mod tests {
 
     #[test]
     fn zero_tails() {
-        assert!(is_zero_tail(&[1, 2, 0, 0], 2));
-        assert!(!is_zero_tail(&[1, 2, 0, 1], 2), "garbage after zeros");
-        assert!(!is_zero_tail(&[1, 2], 2), "nothing after the batches");
-        assert!(!is_zero_tail(&[1, 2], 3));
-        assert!(is_zero_tail(&[0; 4096], 0));
+        assert!(is_zero_tail(&[1, 2, 0, 0], 2, 2));
+        assert!(
+            !is_zero_tail(&[1, 2, 0, 0], 2, 1),
+            "longer than zeroing writes"
+        );
+        assert!(!is_zero_tail(&[1, 2, 0, 1], 2, 2), "garbage after zeros");
+        assert!(!is_zero_tail(&[1, 2], 2, 2), "nothing after the batches");
+        assert!(!is_zero_tail(&[1, 2], 3, 2));
+        assert!(is_zero_tail(&[0; 4096], 0, 4096));
     }
 
     #[test]

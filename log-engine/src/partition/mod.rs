@@ -295,7 +295,9 @@ impl Partition {
             let (_, target) = job.get_or_insert_with(|| {
                 (
                     w.active.clone(),
-                    (w.position + window).min(cfg.segment_bytes),
+                    (w.position + window)
+                        .next_multiple_of(4096)
+                        .min(cfg.segment_bytes),
                 )
             });
             let target = *target;
@@ -327,12 +329,10 @@ impl Partition {
             wrote = true;
         };
         let (file, seg, end) = synced;
-        let res = self.sync_handle_as(file.as_ref(), &seg, false);
-        let mut w = lock(&self.writer);
-        w.zero.queued = false;
-        if res.is_ok() && Arc::ptr_eq(&w.active, &seg) {
-            w.zero.synced = w.zero.synced.max(end);
-        }
+        // An error poisons (inside); nothing is published either way.
+        let _ = self.sync_handle_as(file.as_ref(), &seg, false);
+        tracing::trace!(topic = %self.topic, partition = self.id, end, "zeroed ahead");
+        lock(&self.writer).zero.queued = false;
     }
 
     /// Topic name.
@@ -526,7 +526,8 @@ impl Partition {
 
     /// [`Partition::append_nowait`] only when it cannot block for long: `None` (nothing
     /// written) when another thread holds the partition's writer lock (an append, a roll,
-    /// retention, a compaction swap, a sync capturing its end) or when this batch would make
+    /// retention, a compaction swap, a sync capturing its end, a zeroing ahead writing a piece)
+    /// or when this batch would make
     /// the active segment roll (a roll fdatasyncs the sealed segment). What is left is a write
     /// into the page cache (a write-back it makes due is only queued for the log's write-back
     /// thread, `crate::writeback`). Meant for callers on an async runtime's thread, which fall back to

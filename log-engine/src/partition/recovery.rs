@@ -9,11 +9,13 @@
 //!    previous one. A bad batch in the **last** segment past the point is a torn tail: the file
 //!    is truncated there (and fdatasync'd), and the cut is reported. A bad batch anywhere else
 //!    — in a sealed segment, or before the recovery point — is [`Error::Corruption`]: nothing is
-//!    cut, the partition does not open. Zeros from the bad batch to the end of the **last**
-//!    segment are not a torn tail but the active segment's zero tail (zeroing ahead of the
-//!    writer under `fsync = always`, `writer.rs`): end-of-data, cut without being kept aside,
-//!    and reported apart ([`RecoveryReport::bytes_zero_tail`]). A bad batch followed by zeros
-//!    is a torn tail.
+//!    cut, the partition does not open. On an `fsync = always` partition of a log that zeroes
+//!    ahead (`LogOptions::zero_ahead_bytes`), zeros from the bad batch to the end of the
+//!    **last** segment, no longer than zeroing writes (`config::max_zero_tail`), are not a torn
+//!    tail but the active segment's zero tail (`writer.rs`): end-of-data, cut without being
+//!    kept aside, reported apart ([`RecoveryReport::bytes_zero_tail`]) and logged as a warning
+//!    with its position. Anything else, a bad batch followed by zeros included, is a torn
+//!    tail, as without zeroing.
 //! 4. The last segment's in-memory index is rebuilt by walking its batch headers (without
 //!    CRC) up to the recovery point and from the CRC scan beyond it. Only the last segment is
 //!    walked, never the whole partition.
@@ -270,11 +272,18 @@ impl Partition {
             let chain = crate::compact::chain_of(&found, i, sparse_below);
             let w = segment::walk_chain(&data, trusted, len, seg_next, chain, true, &mut add);
             report.bytes_scanned += w.end - trusted;
-            // Only zeros from where the batches stop to the end: the active segment's zero
-            // tail (module docs).
+            // Only zeros from where the batches stop to the end, no longer than zeroing writes,
+            // on a partition this log zeroes: the active segment's zero tail (module docs).
+            let zeroing =
+                config.fsync == crate::config::FsyncPolicy::Always && shared.zero_ahead_bytes > 0;
             let zero_tail = i == last
+                && zeroing
                 && w.stopped.is_some()
-                && segment::is_zero_tail(&data[..len as usize], w.end);
+                && segment::is_zero_tail(
+                    &data[..len as usize],
+                    w.end,
+                    crate::config::max_zero_tail(shared.zero_ahead_bytes),
+                );
             drop(data);
             let mut end = len;
             if let Some((pos, reason)) = w.stopped {
@@ -287,7 +296,7 @@ impl Partition {
                     ));
                 }
                 if zero_tail {
-                    tracing::info!(segment = %path.display(), position = pos, cut = len - pos, "cutting the zero tail after the last batch");
+                    tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, "cutting the zero tail (zeros written ahead of the writer) after the last batch");
                     report.bytes_zero_tail += len - pos;
                 } else {
                     let saved = quarantine(fs.as_ref(), dir, &path, file.as_ref(), pos, len)?;

@@ -76,17 +76,15 @@ pub(super) struct ZeroAhead {
     /// The file's bytes `[position, end)` hold zeros written by the zeroing (the file is at
     /// least this long); `end <= position` when nothing is zeroed ahead.
     pub(super) end: u64,
-    /// The zeros (their blocks and the file size) below this are durable: an fdatasync that
-    /// started after they were written has returned.
-    pub(super) synced: u64,
     /// A zeroing job is queued or running (at most one per partition).
     pub(super) queued: bool,
     /// Zeroing stopped for this segment (the disk was full).
     pub(super) stopped: bool,
     /// `position` when the last sync captured it.
     pub(super) captured: u64,
-    /// Bytes the last sync covered (appended between the two captures before it).
-    pub(super) bytes_per_sync: u64,
+    /// Bytes the last sync covered (appended between the two captures before it); `None`
+    /// until one sync was measured (no zeroing before that).
+    pub(super) bytes_per_sync: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -114,7 +112,7 @@ impl Writer {
     /// What a sync started now would cover.
     pub(super) fn capture(&mut self) -> (Arc<dyn FileHandle>, Arc<Segment>, Point) {
         // For zeroing's adaptivity: how much the syncs cover.
-        self.zero.bytes_per_sync = self.position.saturating_sub(self.zero.captured);
+        self.zero.bytes_per_sync = Some(self.position.saturating_sub(self.zero.captured));
         self.zero.captured = self.position;
         (
             self.file.clone(),
@@ -156,7 +154,10 @@ impl Writer {
             && cfg.fsync == FsyncPolicy::Always
             && !self.zero.queued
             && !self.zero.stopped
-            && self.zero.bytes_per_sync <= crate::config::ZERO_AHEAD_MAX_SYNC_BYTES
+            && self
+                .zero
+                .bytes_per_sync
+                .is_some_and(|b| b <= crate::config::ZERO_AHEAD_MAX_SYNC_BYTES)
             && self.zero.end.saturating_sub(self.position) <= window / 2
             && self.zero.end.max(self.position) < cfg.segment_bytes
     }
@@ -170,7 +171,6 @@ impl Writer {
                 .map_err(|e| Error::io("truncate", self.active.log_path(), e))?;
         }
         self.zero.end = self.position;
-        self.zero.synced = self.zero.synced.min(self.position);
         Ok(())
     }
 
@@ -218,7 +218,6 @@ impl Writer {
             // a failed rollback, poisons the partition.
             // (The rollback also cuts any zeros zeroed ahead of `pos`.)
             self.zero.end = self.zero.end.min(pos);
-            self.zero.synced = self.zero.synced.min(pos);
             return Err(if out_of_space && self.file.set_len(pos).is_ok() {
                 err
             } else {
@@ -310,7 +309,8 @@ impl Writer {
         self.file = file;
         self.position = 0;
         self.writeback_from = 0;
-        // `queued` stays: a job in flight finds the new segment and zeroes it.
+        // `queued` stays: a job not started yet zeroes the new segment, one already writing
+        // sees the segment change and stops (the next append asks again).
         self.zero = ZeroAhead {
             queued: self.zero.queued,
             bytes_per_sync: self.zero.bytes_per_sync,

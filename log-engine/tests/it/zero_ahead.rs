@@ -12,12 +12,14 @@
 use std::path::{Path, PathBuf};
 
 use spool_log_engine::io::sim::{CutModel, Effect, Fault, OpKind, SimFs, SimRng};
-use spool_log_engine::{Error, FsyncPolicy, Log, LogOptions, TopicConfig, inspect};
+use spool_log_engine::{
+    BatchBuilder, Compression, Error, FsyncPolicy, Log, LogOptions, TopicConfig, inspect,
+};
 
 use crate::common::{batch, batch_spans, copy_dir, opts, read_all, report, scratch, values};
 
-/// How far ahead the tests zero.
-const WINDOW: u64 = 64 << 10;
+/// How far ahead the tests zero (the smallest window there is).
+const WINDOW: u64 = spool_log_engine::MIN_ZERO_AHEAD_BYTES;
 
 fn zopts() -> LogOptions {
     LogOptions {
@@ -95,8 +97,8 @@ fn the_writer_appends_into_zeros_and_close_cuts_them() {
     let end = p.stats().size_bytes;
     assert_eq!(
         std::fs::metadata(&seg).unwrap().len(),
-        end + WINDOW,
-        "zeroed a window ahead of the writer"
+        (end + WINDOW).next_multiple_of(4096),
+        "zeroed a window ahead of the writer, to a block boundary"
     );
     for i in 0..200 {
         let tag = format!("r{i}");
@@ -112,7 +114,7 @@ fn the_writer_appends_into_zeros_and_close_cuts_them() {
             file[end as usize..].iter().all(|&b| b == 0),
             "only zeros past the data"
         );
-        assert!(file.len() as u64 <= end + WINDOW);
+        assert!(file.len() as u64 <= end + WINDOW + 4096);
     }
     assert_eq!(values(&read_all(&p, 0)), want);
     let end = p.stats().size_bytes;
@@ -252,6 +254,7 @@ fn sim_len(sim: &SimFs, p: &spool_log_engine::Partition) -> u64 {
 fn an_io_error_on_the_zeroing_sync_poisons() {
     let sim = SimFs::new();
     let (log, p) = sim_log(&sim);
+    let end = p.stats().size_bytes;
     sim.inject(Fault::on(OpKind::SyncData, ".log", Effect::Fail(libc::EIO)).times(1));
     log.run_maintenance().unwrap();
     assert!(p.is_poisoned(), "a failed fdatasync of the segment poisons");
@@ -270,7 +273,10 @@ fn an_io_error_on_the_zeroing_sync_poisons() {
         },
         1 << 20,
     );
-    assert_eq!(report(&log, 0).bytes_zero_tail, WINDOW);
+    assert_eq!(
+        report(&log, 0).bytes_zero_tail,
+        (end + WINDOW).next_multiple_of(4096) - end
+    );
     let p = log.partition("t", 0).unwrap();
     assert_eq!(values(&read_all(&p, 0)), expect("acked", 5));
 }
@@ -346,4 +352,80 @@ fn a_power_cut_around_the_zeroing_loses_nothing_acknowledged() {
             assert_eq!(sim_len(&sim, &p), p.stats().size_bytes, "zeros cut");
         }
     }
+}
+
+#[test]
+fn with_zeroing_off_zeros_after_the_last_batch_are_a_torn_tail() {
+    // The same kill -9 image, opened by a log that does not zero ahead: zeros it could not have
+    // written are what they were before zeroing existed, a torn tail kept aside.
+    let (img, seg, end, want) = kill9_image(2, 3);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let log = open(img.path(), opts(), 1 << 20);
+    let r = report(&log, 0);
+    assert_eq!((r.bytes_truncated, r.bytes_zero_tail), (len - end, 0));
+    assert_eq!(r.quarantined.len(), 1);
+    assert_eq!(values(&read_all(&log.partition("t", 0).unwrap(), 0)), want);
+}
+
+#[test]
+fn zeroed_batches_below_the_recovery_point_are_corruption() {
+    // Acknowledged, checkpointed batches that read back as zeros to the end of the file (lost
+    // write-back, a disk fault) are not a zero tail, for recovery and for inspection alike.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path(), zopts(), 1 << 20);
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..6 {
+            p.append(&batch(&format!("c{i}"), 4, 1)).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let seg = last_segment(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let last = *batch_spans(&data).last().unwrap();
+    data[last.pos as usize..].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let ins = inspect::inspect_partition(&dir.path().join("t").join("0")).unwrap();
+    assert_eq!(ins.worst(), Some(inspect::Severity::Corruption), "{ins:?}");
+    assert_eq!(ins.segments.last().unwrap().zero_tail_bytes, 0);
+    match Log::open(dir.path(), zopts()) {
+        Err(Error::Corruption { .. }) => {}
+        other => panic!("expected corruption, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn no_zeroing_before_a_measured_small_sync_nor_on_other_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), zopts()).unwrap();
+    log.create_topic(
+        "never",
+        TopicConfig {
+            fsync: FsyncPolicy::Never,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    log.create_topic("t", cfg(16 << 20)).unwrap();
+    let len =
+        |p: &spool_log_engine::Partition| std::fs::metadata(p.active_segment_path()).unwrap().len();
+    let never = log.partition("never", 0).unwrap();
+    never.append(&batch("n", 5, 1)).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    // Written, not synced yet: no sync measured, no zeroing.
+    p.append_nowait(&batch("a", 5, 1)).unwrap();
+    log.run_maintenance().unwrap();
+    assert_eq!(len(&never), never.stats().size_bytes, "fsync = never");
+    assert_eq!(len(&p), p.stats().size_bytes, "before any sync");
+    // One sync over more than ZERO_AHEAD_MAX_SYNC_BYTES: the syncs are large, no zeroing.
+    let mut big = BatchBuilder::new(Compression::None);
+    big.push(1, None, Some(&vec![7u8; 300 << 10][..]), &[]);
+    p.append(&big.finish().unwrap()).unwrap();
+    log.run_maintenance().unwrap();
+    assert_eq!(len(&p), p.stats().size_bytes, "after a large sync");
+    // Small syncs again: zeroing starts.
+    p.append(&batch("b", 5, 1)).unwrap();
+    log.run_maintenance().unwrap();
+    assert!(len(&p) > p.stats().size_bytes, "after a small sync");
+    log.run_maintenance().unwrap();
 }

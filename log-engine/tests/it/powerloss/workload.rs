@@ -431,25 +431,28 @@ impl Work<'_> {
         let Some(t) = self.pick_topic(|t| t.cfg.retention_bytes.is_some()) else {
             return;
         };
-        // Lowering retention enforces it first (`Log::alter_topic`): until the call returns, a
-        // cut may leave any log start up to each partition's active segment, as for the
-        // retention and maintenance steps.
-        for (i, part) in self
-            .log
-            .partitions(&t)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
-            if let Some(m) = self.model.part(&t, i as u32) {
-                let active = *part.segment_bases().last().expect("a segment");
-                m.start_ceiling = m.start_ceiling.max(active);
-            }
-        }
         let topic = self.model.topics.get_mut(&t).expect("picked");
         let mut cfg = topic.cfg.clone();
         cfg.retention_bytes = Some(cfg.segment_bytes * self.rng.range(2, 5));
+        let lowers = cfg.retention_bytes < topic.cfg.retention_bytes;
         topic.cfg_maybe = Some(cfg.clone());
+        if lowers {
+            // Lowering retention enforces it first (`Log::alter_topic`): until the call
+            // returns, a cut may leave any log start up to each partition's active segment, as
+            // for the retention and maintenance steps.
+            for (i, part) in self
+                .log
+                .partitions(&t)
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                if let Some(m) = self.model.part(&t, i as u32) {
+                    let active = *part.segment_bases().last().expect("a segment");
+                    m.start_ceiling = m.start_ceiling.max(active);
+                }
+            }
+        }
         if self.log.alter_topic(&t, cfg.clone()).is_ok() {
             let topic = self.model.topics.get_mut(&t).expect("picked");
             topic.cfg = cfg;
