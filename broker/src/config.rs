@@ -409,7 +409,7 @@ impl Config {
         if self.zero_ahead_bytes != 0
             && (!(spool_log_engine::MIN_ZERO_AHEAD_BYTES..=spool_log_engine::MAX_ZERO_AHEAD_BYTES)
                 .contains(&self.zero_ahead_bytes)
-                || self.zero_ahead_bytes % 4096 != 0)
+                || !self.zero_ahead_bytes.is_multiple_of(4096))
         {
             return Err(ConfigError::Invalid(format!(
                 "zero_ahead_bytes must be 0 (off) or a multiple of 4096 in {}..={}",
