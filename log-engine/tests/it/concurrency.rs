@@ -7,6 +7,7 @@ use std::time::Duration;
 use spool_log_engine::{FsyncPolicy, Limits, Log, LogOptions, Partition, TopicConfig};
 
 use crate::common::{batch, opts, read_all};
+use crate::sync_lock::{Disarm, Gate, GateFs};
 
 fn run(fsync: FsyncPolicy) {
     let dir = tempfile::tempdir().unwrap();
@@ -252,7 +253,10 @@ fn sync_behind_covers_every_append_once_all_callers_returned() {
 /// The broker's runtime-thread variant: after each append, `sync_behind_covered` first, and
 /// `sync_behind` only when it says no running group commit covers the batch. Once every
 /// caller has returned, everything appended is durable and visible: a batch `covered` let go
-/// without a thread is synced by the caller that waited to run the next sync.
+/// without a thread is synced by the caller that waited to run the next sync. (A stress test:
+/// how often each branch runs depends on timing; the branches one by one, with the syncs held
+/// at a gate, are [`sync_behind_covered_step_by_step`] and
+/// [`sync_behind_covered_batch_is_never_published_after_the_queued_sync_fails`].)
 #[test]
 fn sync_behind_covered_leaves_no_batch_unsynced() {
     let dir = tempfile::tempdir().unwrap();
@@ -292,4 +296,151 @@ fn sync_behind_covered_leaves_no_batch_unsynced() {
         "{} of 800 appends were left to a running group commit",
         skipped.load(std::sync::atomic::Ordering::Relaxed)
     );
+}
+
+/// An `fsync = always` partition whose segment fdatasyncs wait at `gate` once it is armed
+/// (`sync_lock::GateFs`), and the calls set up so far: A appended and its sync (gate ticket 0)
+/// held, run by a thread that called `sync_behind`; B appended during that sync, not covered
+/// (that sync captured its end before B), so a second thread calls `sync_behind` for it and
+/// waits to run the next sync; C appended after that, covered without a thread once the second
+/// thread waits. Returns the partition, the three batches' ends, and the two threads.
+#[allow(clippy::type_complexity)]
+fn covered_setup(
+    dir: &std::path::Path,
+    gate: &Arc<Gate>,
+) -> (
+    Log,
+    Arc<Partition>,
+    [u64; 3],
+    [std::thread::JoinHandle<spool_log_engine::Result<()>>; 2],
+) {
+    let log = Log::open(
+        dir,
+        LogOptions {
+            background_maintenance: false,
+            fs: Arc::new(GateFs {
+                inner: spool_io::real(),
+                gate: gate.clone(),
+            }),
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    log.create_topic(
+        "t",
+        TopicConfig {
+            segment_bytes: 64 << 10,
+            fsync: FsyncPolicy::Always,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    let p = log.partition("t", 0).unwrap();
+    gate.arm();
+    // Declared after the log: should an assertion below fail, the gate opens before the log's
+    // close syncs. Forgotten on success: the caller's own guard takes over.
+    let disarm_on_failure = Disarm(gate.clone());
+
+    // Nothing appended: nothing to sync, covered.
+    assert!(p.sync_behind_covered(0));
+    let a = p.append_nowait(&batch("a", 2, 0)).unwrap().last_offset + 1;
+    // No sync runs: not covered, a thread must run one.
+    assert!(!p.sync_behind_covered(a));
+    let pa = p.clone();
+    let ta = std::thread::spawn(move || pa.sync_behind(a));
+    gate.wait_begun(1);
+
+    let b = p.append_nowait(&batch("b", 2, 1)).unwrap().last_offset + 1;
+    // A sync runs, but it captured its end before B and nobody waits to run the next one.
+    assert!(!p.sync_behind_covered(b));
+    let pb = p.clone();
+    let tb = std::thread::spawn(move || pb.sync_behind(b));
+
+    let c = p.append_nowait(&batch("c", 2, 2)).unwrap().last_offset + 1;
+    // Until B's thread waits to run the next sync, C is not covered (and a `false` records
+    // nothing); from then on it is, and asking records C for that next sync.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !p.sync_behind_covered(c) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B's thread never took the next sync's place"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Asked again: still covered, and nothing else began or became visible meanwhile.
+    assert!(p.sync_behind_covered(c));
+    assert_eq!(gate.begun(), 1, "a second sync began beside the held one");
+    assert_eq!(p.high_watermark(), 0, "visible before any fdatasync ended");
+    std::mem::forget(disarm_on_failure);
+    (log, p, [a, b, c], [ta, tb])
+}
+
+/// `sync_behind_covered` with every segment fdatasync held at a gate, so each branch is taken
+/// at a known point (the stress test above only shows that no batch is left unsynced):
+/// false when no sync runs, false while a sync runs that nobody waits to follow, true once a
+/// `sync_behind` caller waits to run the next sync, and that next sync (which begins after the
+/// covered call) makes the covered batch visible without a sync or a thread of its own.
+#[test]
+fn sync_behind_covered_step_by_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate::default());
+    let (_log, p, [a, _b, c], [ta, tb]) = covered_setup(dir.path(), &gate);
+    // Dropped first (declared last): the gate opens before the log's close syncs.
+    let _disarm = Disarm(gate.clone());
+
+    // The first sync ends: it publishes A only, and its thread leaves the next sync to B's.
+    gate.release(0, None);
+    ta.join().unwrap().unwrap();
+    gate.wait_begun(2);
+    assert_eq!(p.high_watermark(), a, "the first sync covered A only");
+    // While the second sync runs, nobody waits to follow it: not covered.
+    let d = p.append_nowait(&batch("d", 2, 3)).unwrap().last_offset + 1;
+    assert!(!p.sync_behind_covered(d));
+
+    gate.release(1, None);
+    tb.join().unwrap().unwrap();
+    assert_eq!(
+        p.high_watermark(),
+        c,
+        "B's sync made C visible too, and nothing appended after it began"
+    );
+    assert_eq!(gate.begun(), 2, "C needed no sync of its own");
+    assert!(p.sync_behind_covered(c), "durable: covered");
+    assert!(!p.sync_behind_covered(d), "D still needs a sync");
+    gate.release(2, None);
+    p.sync_behind(d).unwrap();
+    assert_eq!(p.high_watermark(), d);
+}
+
+/// The same steps, but the queued sync (the one a covered batch was left to) fails with EIO:
+/// the partition is poisoned, the covered batch never becomes visible, nothing is retried, and
+/// `sync_behind_covered` no longer says covered (a caller must not drop a batch on a poisoned
+/// partition as if a sync would come).
+#[test]
+fn sync_behind_covered_batch_is_never_published_after_the_queued_sync_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate::default());
+    let (_log, p, [a, _b, c], [ta, tb]) = covered_setup(dir.path(), &gate);
+    // Dropped first (declared last): the gate opens before the log's close syncs.
+    let _disarm = Disarm(gate.clone());
+
+    gate.release(0, None);
+    ta.join().unwrap().unwrap();
+    gate.wait_begun(2);
+    gate.release(1, Some(libc::EIO));
+    let r = tb.join().unwrap();
+    assert!(r.is_err(), "the failed sync's caller got {r:?}");
+    assert!(p.is_poisoned());
+    assert_eq!(
+        p.high_watermark(),
+        a,
+        "data covered only by the failed fdatasync became visible"
+    );
+    assert!(!p.sync_behind_covered(c));
+    assert!(matches!(
+        p.sync_behind(c),
+        Err(spool_log_engine::Error::Poisoned { .. })
+    ));
+    assert_eq!(gate.begun(), 2, "a failed fdatasync was retried");
+    assert_eq!(p.high_watermark(), a);
 }

@@ -7,6 +7,9 @@
 //! failed (fsyncgate). The file system here is the real one wrapped so that every fdatasync
 //! of a segment file (`*.log`) blocks until the test releases it, by the order the calls began,
 //! with the result the test chooses: the second call's success models the consumed error.
+//!
+//! The gated file system ([`GateFs`], [`Gate`], [`Disarm`]) is shared with other modules'
+//! tests that need a sync held open at a known point (`concurrency.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,12 +35,17 @@ struct Gates {
 }
 
 #[derive(Debug, Default)]
-struct Gate {
+pub(crate) struct Gate {
     state: Mutex<Gates>,
     cv: Condvar,
 }
 
 impl Gate {
+    /// From now on every segment fdatasync waits at the gate.
+    pub(crate) fn arm(&self) {
+        self.state.lock().unwrap().armed = true;
+    }
+
     fn pass(&self) -> Option<i32> {
         let mut st = self.state.lock().unwrap();
         if !st.armed {
@@ -57,13 +65,13 @@ impl Gate {
         }
     }
 
-    fn release(&self, ticket: usize, errno: Option<i32>) {
+    pub(crate) fn release(&self, ticket: usize, errno: Option<i32>) {
         self.state.lock().unwrap().released.insert(ticket, errno);
         self.cv.notify_all();
     }
 
     /// Waits (at most 10 s) until `n` syncs have begun.
-    fn wait_begun(&self, n: usize) {
+    pub(crate) fn wait_begun(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut st = self.state.lock().unwrap();
         while st.begun < n {
@@ -73,14 +81,14 @@ impl Gate {
         }
     }
 
-    fn begun(&self) -> usize {
+    pub(crate) fn begun(&self) -> usize {
         self.state.lock().unwrap().begun
     }
 }
 
 /// Disarms the gate when dropped, so no sync stays blocked (the log's close, a failed
 /// assertion's leftovers).
-struct Disarm(Arc<Gate>);
+pub(crate) struct Disarm(pub(crate) Arc<Gate>);
 
 impl Drop for Disarm {
     fn drop(&mut self) {
@@ -91,9 +99,9 @@ impl Drop for Disarm {
 }
 
 #[derive(Debug)]
-struct GateFs {
-    inner: Arc<dyn FileSystem>,
-    gate: Arc<Gate>,
+pub(crate) struct GateFs {
+    pub(crate) inner: Arc<dyn FileSystem>,
+    pub(crate) gate: Arc<Gate>,
 }
 
 #[derive(Debug)]
@@ -224,7 +232,7 @@ fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
     )
     .unwrap();
     let p = log.partition("t", 0).unwrap();
-    gate.state.lock().unwrap().armed = true;
+    gate.arm();
     let _disarm = Disarm(gate.clone());
 
     // A: appended, then its group commit's fdatasync (ticket 0) waits at the gate.
