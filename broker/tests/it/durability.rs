@@ -320,3 +320,175 @@ async fn failed_fdatasync_case(fsync: v1::FsyncPolicy) {
     );
     b.stop();
 }
+
+/// One uncompressed pre-encoded batch of a single record: small, so a `ProduceStream` request
+/// carrying it with `acks = written` is appended on the runtime thread.
+fn plain_batch(value: &str) -> bytes::Bytes {
+    let mut bb = spool_log_engine::BatchBuilder::new(spool_log_engine::Compression::None);
+    bb.push(1_700_000_000_000, None, Some(value.as_bytes()), &[]);
+    bb.finish().unwrap()
+}
+
+/// The partition's high watermark, from a fetch that does not wait.
+async fn high_watermark(b: &Spoold) -> u64 {
+    let f = b
+        .consume()
+        .await
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::PartitionFetch {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                max_bytes: 1,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    f.partitions[0].high_watermark
+}
+
+/// The fdatasync-EIO case for the `ProduceStream` path that appends on the runtime thread
+/// (small uncompressed batches, `acks = written`, `fsync = always`): the batch is acknowledged
+/// once written, and its fdatasync, which makes it visible, runs later on a blocking-pool
+/// thread the runtime thread asked for (unless a running group commit covers it). The unary
+/// tests above cover the settle thread's and the sync loop's syncs; this one the sync that no
+/// request waits for. strace makes the second fdatasync of the segment by some thread fail
+/// with EIO (per thread, as above). One request at a time, each waited on until it is visible
+/// or the broker logged the failed sync: every batch before the failure became visible only
+/// through its successful fdatasync; the batch whose sync failed never becomes visible; the
+/// partition refuses later requests on the same stream as poisoned; after a restart without
+/// strace the visible records are all there at their offsets, and appends resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_fdatasync_behind_a_runtime_thread_stream_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let b = Spoold::start(&data, &[]);
+    let config = v1::TopicConfig {
+        fsync_policy: v1::FsyncPolicy::Always as i32,
+        ..Default::default()
+    };
+    b.create_topic_with("t", 1, Some(config)).await;
+    b.stop();
+    let segment = data.join("t/0/00000000000000000000.log");
+    let mut strace = vec!["strace", "-f", "-qq", "-o", "/dev/null", "-P"]
+        .into_iter()
+        .map(std::ffi::OsString::from)
+        .collect::<Vec<_>>();
+    strace.push(segment.into_os_string());
+    strace.extend(
+        [
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:error=EIO:when=2",
+        ]
+        .map(Into::into),
+    );
+    let b = Spoold::start_launch(&Spoold::launch(&data).wrapper(strace));
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::ProduceStreamRequest>(4);
+    let mut replies = b
+        .produce()
+        .await
+        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut id = 0u64;
+    let mut send = async |value: &str| {
+        id += 1;
+        tx.send(v1::ProduceStreamRequest {
+            request_id: id,
+            partitions: vec![v1::PartitionProduce {
+                topic: "t".into(),
+                partition: 0,
+                data: Some(v1::partition_produce::Data::RecordBatch(plain_batch(value))),
+            }],
+            acks: v1::Acks::Written as i32,
+        })
+        .await
+        .unwrap();
+        let r = tokio_stream::StreamExt::next(&mut replies)
+            .await
+            .expect("a reply")
+            .unwrap();
+        assert_eq!(r.request_id, id);
+        r.results.into_iter().next().expect("one partition result")
+    };
+
+    // Acknowledged (written) one by one; each waited on until visible or its sync failed.
+    let mut visible = Vec::new();
+    let failed = loop {
+        let value = format!("v{}", visible.len());
+        let r = send(&value).await;
+        assert!(
+            r.error.is_none() && r.base_offset == visible.len() as u64,
+            "acks = written before any failure: {r:?}\n{}",
+            b.stderr()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let made_visible = loop {
+            if high_watermark(&b).await > r.base_offset {
+                break true;
+            }
+            if b.stderr().contains("background sync failed") {
+                break false;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "batch {} neither visible nor failed within 10 s\n{}",
+                r.base_offset,
+                b.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if !made_visible {
+            break value;
+        }
+        visible.push(value);
+        assert!(visible.len() < 50, "no fdatasync failed\n{}", b.stderr());
+    };
+    assert!(
+        b.stderr().contains("Input/output error") || b.stderr().contains("os error 5"),
+        "the logged failure is the injected EIO\n{}",
+        b.stderr()
+    );
+    let n = visible.len() as u64;
+    // Later requests on the same stream are refused, and nothing is published after the failure.
+    for i in 0..2 {
+        let r = send(&format!("refused{i}")).await;
+        assert_eq!(code_name(&r), "ERROR_CODE_PARTITION_POISONED", "{r:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        high_watermark(&b).await,
+        n,
+        "only batches whose own fdatasync succeeded are visible"
+    );
+    drop(tx);
+    b.kill();
+
+    let b = Spoold::start(&data, &[]);
+    let log = read_all(&b, 0).await;
+    for (off, v) in visible.iter().enumerate() {
+        assert_eq!(
+            log.get(&(off as u64)).map(String::as_str),
+            Some(v.as_str()),
+            "{log:?}"
+        );
+    }
+    assert!(
+        log.iter()
+            .skip(visible.len())
+            .all(|(off, v)| *off == n && *v == failed),
+        "only the batch whose fdatasync failed may follow the visible ones: {log:?}"
+    );
+    let mut prod = b.produce().await;
+    let after = produce_durable(&mut prod, "after").await;
+    assert!(
+        after.error.is_none() && after.base_offset == log.len() as u64,
+        "appends resume after a restart: {after:?}"
+    );
+    b.stop();
+}
