@@ -619,10 +619,14 @@ impl Partition {
     pub fn wait_durable(&self, next_offset: u64) -> Result<()> {
         let mut st = lock(&self.commit);
         loop {
-            self.check_writable()?;
+            // Durable first: `durable_next` only advances after a successful fdatasync that
+            // found the partition unpoisoned, so a batch it covers is durable even if a later
+            // sync failed meanwhile; failing it would report a write that survives a restart as
+            // lost (a client would retry it, and replay would show it twice).
             if st.durable_next >= next_offset {
                 return Ok(());
             }
+            self.check_writable()?;
             if st.syncing {
                 st = self.commit_cv.wait(st).unwrap_or_else(|p| p.into_inner());
                 continue;

@@ -278,3 +278,51 @@ fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
     assert!(p.is_poisoned());
     assert_eq!(gate.begun(), 2, "B's roll never ran its fdatasync");
 }
+
+/// A batch an fdatasync already covered stays acknowledged after a later sync fails: the
+/// partition is poisoned for new work, but `wait_durable` for the durable batch answers Ok.
+/// Reporting it failed would tell a producer that a write it will find after a restart was
+/// lost (review of the offsets store, which keeps several batches in flight).
+#[test]
+fn a_batch_made_durable_before_a_failed_sync_stays_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate::default());
+    let fs = Arc::new(GateFs {
+        inner: spool_io::real(),
+        gate: gate.clone(),
+    });
+    let log = Log::open(
+        dir.path(),
+        LogOptions {
+            background_maintenance: false,
+            fs,
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    log.create_topic(
+        "t",
+        TopicConfig {
+            fsync: FsyncPolicy::Always,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    let p = log.partition("t", 0).unwrap();
+    // A: appended and fdatasync'd (the gate is not armed yet).
+    let a = p.append(&big_batch(100)).unwrap().last_offset + 1;
+    assert_eq!(p.high_watermark(), a);
+
+    // B: its fdatasync fails, which poisons the partition.
+    gate.arm();
+    let _disarm = Disarm(gate.clone());
+    gate.release(0, Some(libc::EIO));
+    let b = p.append(&big_batch(100));
+    assert!(matches!(b, Err(Error::Poisoned { .. })), "B: {b:?}");
+    assert!(p.is_poisoned());
+
+    // A is durable: asking for it again is not an error; asking past it is.
+    p.wait_durable(a)
+        .expect("a batch covered by a successful fdatasync reported as failed");
+    assert!(matches!(p.wait_durable(a + 1), Err(Error::Poisoned { .. })));
+}
