@@ -201,19 +201,15 @@ fn big_batch(len: usize) -> Bytes {
     b.finish().unwrap()
 }
 
-/// A group commit's fdatasync fails while a roll waits to sync the same segment; the roll's
-/// sync then succeeds (the error was reported to the first call only). Nothing may become
-/// visible, both appends fail, and no sync overlaps another.
-#[test]
-fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new(Gate::default());
+/// A log on the real file system with every segment fdatasync behind `gate` (not armed yet),
+/// and topic "t" (`fsync = always`, one partition, segments of `segment_bytes`).
+fn gated_log(dir: &Path, gate: &Arc<Gate>, segment_bytes: u64) -> Log {
     let fs = Arc::new(GateFs {
         inner: spool_io::real(),
         gate: gate.clone(),
     });
     let log = Log::open(
-        dir.path(),
+        dir,
         LogOptions {
             background_maintenance: false,
             fs,
@@ -225,12 +221,23 @@ fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
         "t",
         TopicConfig {
             fsync: FsyncPolicy::Always,
-            // The second batch does not fit beside the first: appending it rolls.
-            segment_bytes: 4096,
+            segment_bytes,
             ..TopicConfig::default()
         },
     )
     .unwrap();
+    log
+}
+
+/// A group commit's fdatasync fails while a roll waits to sync the same segment; the roll's
+/// sync then succeeds (the error was reported to the first call only). Nothing may become
+/// visible, both appends fail, and no sync overlaps another.
+#[test]
+fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate::default());
+    // The second batch does not fit beside the first: appending it rolls.
+    let log = gated_log(dir.path(), &gate, 4096);
     let p = log.partition("t", 0).unwrap();
     gate.arm();
     let _disarm = Disarm(gate.clone());
@@ -287,27 +294,7 @@ fn a_roll_does_not_sync_beside_a_group_commit_nor_publish_after_its_failure() {
 fn a_batch_made_durable_before_a_failed_sync_stays_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let gate = Arc::new(Gate::default());
-    let fs = Arc::new(GateFs {
-        inner: spool_io::real(),
-        gate: gate.clone(),
-    });
-    let log = Log::open(
-        dir.path(),
-        LogOptions {
-            background_maintenance: false,
-            fs,
-            ..LogOptions::default()
-        },
-    )
-    .unwrap();
-    log.create_topic(
-        "t",
-        TopicConfig {
-            fsync: FsyncPolicy::Always,
-            ..TopicConfig::default()
-        },
-    )
-    .unwrap();
+    let log = gated_log(dir.path(), &gate, TopicConfig::default().segment_bytes);
     let p = log.partition("t", 0).unwrap();
     // A: appended and fdatasync'd (the gate is not armed yet).
     let a = p.append(&big_batch(100)).unwrap().last_offset + 1;
