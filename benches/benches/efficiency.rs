@@ -34,9 +34,12 @@
 //! Flags after `--` (relative paths are from the workspace root): `--spoold PATH` (default:
 //! build the release `spoold`), `--baseline
 //! PATH` (a second `spoold`, e.g. main's, measured alternately with the first: A/B),
-//! `--reps`, `--duration`, `--warmup`, `--only a,b`, `--broker-threads`, `--loadgen-threads`,
+//! `--reps`, `--duration`, `--warmup`, `--only a,b` (substrings of scenario names; `=name` for
+//! exactly one), `--broker-threads`, `--loadgen-threads`,
 //! `--e2e-in-flight` (the e2e producers' window, default 1), `--e2e-batch-bytes` (the e2e
 //! producers' batch size, default 1 MiB; the `-16KiB` scenarios keep 16 KiB),
+//! `--e2e-consumer-thread` (the load generator's e2e consumer on a thread and runtime of its
+//! own instead of the producer's one worker),
 //! `--prefault-bytes`, `--consume-bytes`, `--data-parent`, `--out-dir`. Results go to
 //! `benches/results/efficiency-<UTC>.md`.
 //!
@@ -84,7 +87,7 @@ struct Cli {
     /// Warm-up seconds per run.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Only scenarios whose name contains one of these.
+    /// Only scenarios whose name contains one of these (`=name`: exactly that name).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Tokio workers of spoold and of the ceiling server (0: one per core).
@@ -97,6 +100,10 @@ struct Cli {
     /// `max.in.flight.requests.per.connection`).
     #[arg(long, default_value_t = 1)]
     e2e_in_flight: usize,
+    /// e2e: the load generator's consumer on a thread and runtime of its own (as a separate
+    /// consumer process), not on the producer's runtime worker.
+    #[arg(long)]
+    e2e_consumer_thread: bool,
     /// e2e producers' batch size in bytes (Kafka's `batch.size`), except in the `-16KiB`
     /// scenarios.
     #[arg(long, default_value_t = 1 << 20)]
@@ -114,6 +121,15 @@ struct Cli {
     /// Where the results file goes.
     #[arg(long, default_value = "benches/results")]
     out_dir: PathBuf,
+}
+
+/// Whether `--only` entry `o` selects scenario `name`: a substring of it, or with a leading `=`
+/// the whole name (`=e2e-never` without `e2e-never-linger250us` and the others).
+fn only_matches(o: &str, name: &str) -> bool {
+    match o.strip_prefix('=') {
+        Some(exact) => name == exact,
+        None => name.contains(o),
+    }
 }
 
 /// Records per second of 1 KiB values that make 50 MB/s.
@@ -155,6 +171,7 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
         pacing: Pacing::Linger,
         linger: Duration::ZERO,
         in_flight: a.e2e_in_flight,
+        consumer_thread: a.e2e_consumer_thread,
         batch_bytes: a.e2e_batch_bytes,
         prefault_bytes: 0,
         ..base.clone()
@@ -333,7 +350,7 @@ fn scenarios(a: &Cli, quick: bool) -> Vec<Scenario> {
         },
     ];
     all.into_iter()
-        .filter(|s| a.only.is_empty() || a.only.iter().any(|o| s.name.contains(o.as_str())))
+        .filter(|s| a.only.is_empty() || a.only.iter().any(|o| only_matches(o, s.name)))
         .collect()
 }
 
@@ -785,12 +802,17 @@ fn render(
     );
     let _ = writeln!(
         r,
-        "- {} reps, {} s measured after {} s warm-up, spoold/ceiling threads {}, loadgen threads {}, {} bytes pre-faulted before throughput windows; took {:.0} s",
+        "- {} reps, {} s measured after {} s warm-up, spoold/ceiling threads {}, loadgen threads {}{}, {} bytes pre-faulted before throughput windows; took {:.0} s",
         a.reps,
         a.duration,
         a.warmup,
         a.broker_threads,
         a.loadgen_threads,
+        if a.e2e_consumer_thread {
+            " (e2e consumer on a thread of its own)"
+        } else {
+            ""
+        },
         a.prefault_bytes,
         took.as_secs_f64()
     );

@@ -78,6 +78,10 @@ pub struct LoadArgs {
     /// Tokio worker threads of the load generator (0: one per core).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// e2e: run the consumer on a thread and runtime of its own (as a separate consumer
+    /// process would), not on the producers' --threads workers.
+    #[arg(long)]
+    pub consumer_thread: bool,
     /// Subscribe max_bytes per message.
     #[arg(long, default_value_t = 1 << 20)]
     pub fetch_bytes: u32,
@@ -127,6 +131,7 @@ impl LoadArgs {
             unary: self.unary,
             stamping: self.stamping,
             threads: self.threads,
+            consumer_thread: self.consumer_thread,
             fetch_bytes: self.fetch_bytes,
             preload_bytes: self.preload_bytes,
             prefault_bytes: self.prefault_bytes,

@@ -198,6 +198,10 @@ pub struct LoadConfig {
     pub stamping: Stamping,
     /// Tokio worker threads of the load generator (0: one per core).
     pub threads: usize,
+    /// e2e: the consumer (its connection, subscription and decoding) runs on an OS thread and
+    /// a current-thread runtime of its own, as a separate consumer process would, instead of
+    /// sharing the producers' runtime (`threads` workers). Its CPU is still this process's.
+    pub consumer_thread: bool,
     /// Subscribe `max_bytes` per chunk.
     pub fetch_bytes: u32,
     /// Consume mode: produce this many bytes first (acks = written) if the topic holds less.
@@ -234,6 +238,7 @@ impl Default for LoadConfig {
             unary: false,
             stamping: Stamping::Off,
             threads: 1,
+            consumer_thread: false,
             fetch_bytes: 1 << 20,
             preload_bytes: 1 << 30,
             prefault_bytes: 0,
@@ -1156,27 +1161,11 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     let hwms = describe_hwms(cfg).await?;
     let base = Instant::now();
     // Subscribe first, from the current ends, so nothing produced is missed.
-    let sub_ch = channel(cfg).await?;
-    let req = v1::SubscribeRequest {
-        partitions: (0..partitions)
-            .map(|p| v1::SubscribePartition {
-                topic: cfg.topic.clone(),
-                partition: p,
-                start: Some(v1::StartPosition {
-                    position: Some(v1::start_position::Position::Offset(hwms[p as usize])),
-                }),
-            })
-            .collect(),
-        max_bytes: cfg.fetch_bytes,
-        decode_records: false,
-        heartbeat_interval_ms: 1000,
-        ..Default::default()
+    let sub = if cfg.consumer_thread {
+        E2eConsumer::Thread(spawn_e2e_consumer_thread(cfg, partitions, hwms).await?)
+    } else {
+        E2eConsumer::Here(Box::new(e2e_subscribe(cfg, partitions, &hwms).await?))
     };
-    let stream = consume_stub(sub_ch)
-        .subscribe(request(&auth(cfg)?, req))
-        .await
-        .context("Subscribe")?
-        .into_inner();
     let mut channels = Vec::new();
     for _ in 0..cfg.producers {
         channels.push(channel(cfg).await?);
@@ -1185,7 +1174,21 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     let w = Window::new(cfg);
     let sampler = cpu::sample_window(cfg.watch_pids.clone(), w.from, w.until);
     let (total_tx, total_rx) = tokio::sync::watch::channel(None::<u64>);
-    let consumer = tokio::spawn(e2e_consume(stream, base, w, total_rx));
+    let consumer = match sub {
+        E2eConsumer::Here(stream) => tokio::spawn(e2e_consume(*stream, base, w, total_rx)),
+        E2eConsumer::Thread(start) => {
+            // The thread waits for its start (base and window) and answers on `done`.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            start
+                .send((base, w, total_rx, done_tx))
+                .map_err(|_| anyhow!("the e2e consumer thread ended before its start"))?;
+            tokio::spawn(async move {
+                done_rx
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow!("the e2e consumer thread panicked")))
+            })
+        }
+    };
     let mut tasks = Vec::new();
     for (i, ch) in channels.into_iter().enumerate() {
         let cfg = cfg.clone();
@@ -1216,6 +1219,96 @@ pub async fn run_e2e(cfg: &LoadConfig) -> Result<Report> {
     r.requests = prod.requests;
     r.cpu = join_sampler(sampler).await;
     Ok(r)
+}
+
+/// Where the e2e consumer runs: a task on the producers' runtime, or its own thread.
+enum E2eConsumer {
+    Here(Box<tonic::Streaming<v1::SubscribeResponse>>),
+    Thread(tokio::sync::oneshot::Sender<E2eStart>),
+}
+
+/// What the consumer thread needs once the producers are ready, and where it answers.
+type E2eStart = (
+    Instant,
+    Window,
+    tokio::sync::watch::Receiver<Option<u64>>,
+    tokio::sync::oneshot::Sender<Result<Stats>>,
+);
+
+/// The e2e subscription: every partition from `hwms` (its current end).
+async fn e2e_subscribe(
+    cfg: &LoadConfig,
+    partitions: u32,
+    hwms: &[u64],
+) -> Result<tonic::Streaming<v1::SubscribeResponse>> {
+    let sub_ch = channel(cfg).await?;
+    let req = v1::SubscribeRequest {
+        partitions: (0..partitions)
+            .map(|p| v1::SubscribePartition {
+                topic: cfg.topic.clone(),
+                partition: p,
+                start: Some(v1::StartPosition {
+                    position: Some(v1::start_position::Position::Offset(hwms[p as usize])),
+                }),
+            })
+            .collect(),
+        max_bytes: cfg.fetch_bytes,
+        decode_records: false,
+        heartbeat_interval_ms: 1000,
+        ..Default::default()
+    };
+    Ok(consume_stub(sub_ch)
+        .subscribe(request(&auth(cfg)?, req))
+        .await
+        .context("Subscribe")?
+        .into_inner())
+}
+
+/// Starts the e2e consumer on a thread with a current-thread runtime of its own (its
+/// connection's I/O included: tonic drives a channel on the runtime that made it), returns
+/// once it has subscribed; the returned sender starts its consume loop.
+async fn spawn_e2e_consumer_thread(
+    cfg: &LoadConfig,
+    partitions: u32,
+    hwms: Vec<u64>,
+) -> Result<tokio::sync::oneshot::Sender<E2eStart>> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    let (start_tx, start_rx) = tokio::sync::oneshot::channel::<E2eStart>();
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("e2e-consumer".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow!("the consumer's runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let stream = match e2e_subscribe(&cfg, partitions, &hwms).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                // The run was abandoned before it started: nothing to answer.
+                let Ok((base, w, total, done)) = start_rx.await else {
+                    return;
+                };
+                let _ = done.send(e2e_consume(stream, base, w, total).await);
+            });
+        })
+        .context("starting the e2e consumer thread")?;
+    ready_rx
+        .await
+        .map_err(|_| anyhow!("the e2e consumer thread ended before subscribing"))??;
+    Ok(start_tx)
 }
 
 /// One e2e producer (open loop) over one `ProduceStream`: record `i` is due at `start + i /

@@ -77,12 +77,14 @@ fn produce_consume_e2e_against_spoold() {
     let r = spool_loadgen::run(&consume).unwrap();
     check(&r, false);
 
-    // Every e2e pacing: the Kafka-like producer with and without a linger, and the old ones.
-    for (i, (pacing, linger_us, in_flight)) in [
-        (Pacing::Linger, 0, 1),
-        (Pacing::Linger, 500, 5),
-        (Pacing::Tick, 1000, 8),
-        (Pacing::TickOnly, 1000, 8),
+    // Every e2e pacing: the Kafka-like producer with and without a linger, and the old ones;
+    // and the consumer on a thread and runtime of its own.
+    for (i, (pacing, linger_us, in_flight, consumer_thread)) in [
+        (Pacing::Linger, 0, 1, false),
+        (Pacing::Linger, 500, 5, false),
+        (Pacing::Tick, 1000, 8, false),
+        (Pacing::TickOnly, 1000, 8, false),
+        (Pacing::Linger, 0, 1, true),
     ]
     .into_iter()
     .enumerate()
@@ -94,6 +96,7 @@ fn produce_consume_e2e_against_spoold() {
             pacing,
             linger: Duration::from_micros(linger_us),
             in_flight,
+            consumer_thread,
             ..base.clone()
         };
         let r = spool_loadgen::run(&e2e).unwrap();
@@ -101,7 +104,7 @@ fn produce_consume_e2e_against_spoold() {
         let expected = 5_000.0;
         assert!(
             r.records_per_s > expected * 0.5 && r.records_per_s < expected * 1.5,
-            "{pacing:?}: e2e delivered {} records/s for a rate of {expected}",
+            "{pacing:?} (consumer thread {consumer_thread}): e2e delivered {} records/s for a rate of {expected}",
             r.records_per_s
         );
         // Every delivered record carried its batch's cut time (values of 200 bytes), and some
