@@ -19,6 +19,10 @@
 //! falls behind (a read that stops short of the readable end) reads on the blocking pool
 //! again, with its whole `max_bytes`; so does a tail read that had to wait for reply memory
 //! (backpressure) first, since after a long wait its bytes may no longer be in the page cache.
+//!
+//! A read that panics (a bug; on the blocking pool it comes back as a `JoinError`, on the
+//! subscription's task it is caught there) ends that subscription with INTERNAL naming the
+//! partition, logged once; the broker and its other streams go on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -535,7 +539,7 @@ type Outbox = mpsc::Sender<(Result<v1::SubscribeResponse, Status>, Option<Charge
 /// Reads a subscription's next chunk of one partition within reply memory, waiting for memory
 /// when there is none (backpressure): on this task for a tail read (`(target, shape, tail)`,
 /// see the module docs), else on the blocking pool. `None`: the subscription ends (the client
-/// went away, or the broker shuts down and the client was told).
+/// went away; or the broker shuts down, or the read panicked, and the client was told).
 async fn read_chunk(
     state: &Arc<State>,
     (target, shape, tail): (Target, Shape, bool),
@@ -543,6 +547,7 @@ async fn read_chunk(
     tx: &Outbox,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<(v1::PartitionData, Charge)> {
+    let (topic, id) = (target.topic.clone(), target.id);
     let targets = [target];
     let mut waited = false;
     let mut targets = Some(targets);
@@ -553,16 +558,26 @@ async fn read_chunk(
         // can be long (another subscriber's slow client holds the memory), and by then the
         // bytes may be in a sealed segment whose pages were evicted, whose faults must not
         // stall the runtime's thread (module docs).
-        let (assembled, t, back) = if tail && !waited {
-            let a = reply::assemble(&t, shape, &limits, &mut charge);
-            (a, t, charge)
+        let read = if tail && !waited {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                assemble_one(&t, shape, &limits, &mut charge)
+            }))
+            .map(|a| (a, t, charge))
+            .map_err(|_| "panicked".to_owned())
         } else {
             tokio::task::spawn_blocking(move || {
-                let a = reply::assemble(&t, shape, &limits, &mut charge);
+                let a = assemble_one(&t, shape, &limits, &mut charge);
                 (a, t, charge)
             })
             .await
-            .ok()?
+            .map_err(|e| e.to_string())
+        };
+        let (assembled, t, back) = match read {
+            Ok(r) => r,
+            Err(why) => {
+                let _ = tx.send((Err(read_failed(&topic, id, &why)), None)).await;
+                return None;
+            }
         };
         charge = back;
         targets = Some(t);
@@ -584,5 +599,233 @@ async fn read_chunk(
             }
             () = tx.closed() => return None,
         }
+    }
+}
+
+/// Assembles one subscription read, on whichever thread calls it (the subscription's task for
+/// a tail read, a blocking-pool thread otherwise).
+fn assemble_one(
+    t: &[Target; 1],
+    shape: Shape,
+    limits: &spool_log_engine::batch::DecodeLimits,
+    charge: &mut Charge,
+) -> Assembled {
+    #[cfg(test)]
+    tests::hook::on_assemble(&t[0].topic);
+    reply::assemble(t, shape, limits, charge)
+}
+
+/// The status that ends a subscription whose read of `topic`/`partition` panicked (a bug: a
+/// panic on the blocking pool comes back as a `JoinError`, one on the subscription's task is
+/// caught there): INTERNAL, naming the partition, logged once here. Only this subscription
+/// ends; the broker and its other streams go on (the panic unwound that read alone, and the
+/// reply memory it held was given back as its charge was dropped).
+fn read_failed(topic: &str, partition: u32, why: &str) -> Status {
+    tracing::error!(
+        topic,
+        partition,
+        why,
+        "a subscription's read failed: ending it"
+    );
+    let e = v1::PartitionError {
+        code: v1::ErrorCode::Internal as i32,
+        message: format!("the broker failed reading this partition ({why}): subscribe again"),
+        ..Default::default()
+    };
+    crate::error::partition_status(topic, partition, &e)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Subscriptions driven in-process (the service called directly, no network), with a
+    //! fault hook compiled only under `cfg(test)`: it records the thread of each read and can
+    //! make one read panic.
+
+    use futures_util::StreamExt;
+    use spool_log_engine::TopicConfig;
+    use spool_proto::v1::start_position::Position;
+
+    use super::*;
+    use crate::Broker;
+    use crate::config::Config;
+
+    /// The test-only hook [`assemble_one`] calls: keyed by topic, so tests running at once in
+    /// this process do not see each other's reads.
+    pub(crate) mod hook {
+        use std::sync::{Mutex, PoisonError};
+        use std::thread::ThreadId;
+
+        /// Every read so far: its topic and the thread it ran on.
+        static READS: Mutex<Vec<(String, ThreadId)>> = Mutex::new(Vec::new());
+        /// Topics whose next read panics (once each).
+        static PANIC_NEXT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+        pub(crate) fn on_assemble(topic: &str) {
+            READS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((topic.to_owned(), std::thread::current().id()));
+            let armed = {
+                let mut p = PANIC_NEXT.lock().unwrap_or_else(PoisonError::into_inner);
+                p.iter()
+                    .position(|t| t == topic)
+                    .map(|i| p.remove(i))
+                    .is_some()
+            };
+            assert!(!armed, "test fault: this read of {topic} panics");
+        }
+
+        pub(crate) fn panic_next(topic: &str) {
+            PANIC_NEXT
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(topic.to_owned());
+        }
+
+        /// The threads `topic`'s reads ran on, in order.
+        pub(crate) fn reads(topic: &str) -> Vec<ThreadId> {
+            READS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, id)| *id)
+                .collect()
+        }
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A broker opened as spoold opens it (not serving), with `topic` (one partition,
+    /// `fsync = never`) holding `batches` one-record batches.
+    fn broker_with(topic: &str, batches: usize) -> (tempfile::TempDir, Broker) {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        })
+        .unwrap();
+        let log = &broker.state.log;
+        log.create_topic(
+            topic,
+            TopicConfig {
+                partitions: 1,
+                fsync: spool_log_engine::FsyncPolicy::Never,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+        for _ in 0..batches {
+            append(&broker, topic);
+        }
+        (dir, broker)
+    }
+
+    fn append(broker: &Broker, topic: &str) {
+        let p = broker.state.log.partition(topic, 0).unwrap();
+        p.append_records(
+            spool_log_engine::Compression::None,
+            [(1000, None, Some(&b"v"[..]))],
+        )
+        .unwrap();
+    }
+
+    async fn subscribe(
+        broker: &Broker,
+        topic: &str,
+        start: Position,
+    ) -> ChargedStream<v1::SubscribeResponse> {
+        Consume::new(broker.state.clone())
+            .subscribe(Request::new(v1::SubscribeRequest {
+                partitions: vec![v1::SubscribePartition {
+                    topic: topic.into(),
+                    partition: 0,
+                    start: Some(v1::StartPosition {
+                        position: Some(start),
+                    }),
+                }],
+                heartbeat_interval_ms: 60_000,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// The next data message, or the error that ended the stream.
+    async fn next_data(
+        s: &mut ChargedStream<v1::SubscribeResponse>,
+    ) -> Result<v1::PartitionData, Status> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, s.next())
+                .await
+                .expect("a message in time")
+                .expect("the stream ended without a status")?;
+            if let Some(v1::subscribe_response::Message::Data(d)) = msg.message {
+                return Ok(d);
+            }
+        }
+    }
+
+    fn assert_read_failed(status: &Status, topic: &str) {
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("{topic}/0: ")),
+            "{status:?}"
+        );
+        let info = tonic_types::StatusExt::get_details_error_info(status).expect("ErrorInfo");
+        assert_eq!(info.reason, "ERROR_CODE_INTERNAL");
+        assert_eq!(info.metadata["topic"], topic);
+        assert_eq!(info.metadata["partition"], "0");
+    }
+
+    /// A read that panics ends its subscription with INTERNAL naming the partition (before:
+    /// the stream just ended, as if the broker had nothing more to say), on the blocking pool
+    /// (a JoinError) and on the subscription's task (a tail read); the broker serves on.
+    #[tokio::test]
+    async fn a_read_that_panics_ends_the_subscription_with_internal() {
+        let runtime_thread = std::thread::current().id();
+        let pool = "panic-on-the-pool";
+        let (_dir, broker) = broker_with(pool, 1);
+        // From the start: not a tail read, so on the blocking pool.
+        hook::panic_next(pool);
+        let mut s = subscribe(&broker, pool, Position::Earliest(true)).await;
+        let status = next_data(&mut s).await.expect_err("the read panicked");
+        assert_read_failed(&status, pool);
+        assert!(
+            tokio::time::timeout(WAIT, s.next())
+                .await
+                .unwrap()
+                .is_none(),
+            "the subscription ended"
+        );
+        assert_eq!(hook::reads(pool).len(), 1);
+        assert_ne!(hook::reads(pool)[0], runtime_thread, "read on the pool");
+        // The broker serves on: the same partition again.
+        let mut again = subscribe(&broker, pool, Position::Earliest(true)).await;
+        assert_eq!(next_data(&mut again).await.unwrap().next_offset, 1);
+
+        // At the end of the log, woken by an append: a tail read, on this task.
+        let tail = "panic-on-the-task";
+        let log = &broker.state.log;
+        log.create_topic(
+            tail,
+            TopicConfig {
+                partitions: 1,
+                fsync: spool_log_engine::FsyncPolicy::Never,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+        let mut s = subscribe(&broker, tail, Position::Latest(true)).await;
+        // Let the subscription reach its wait at the end of the (empty) log.
+        tokio::task::yield_now().await;
+        hook::panic_next(tail);
+        append(&broker, tail);
+        let status = next_data(&mut s).await.expect_err("the read panicked");
+        assert_read_failed(&status, tail);
+        assert_eq!(hook::reads(tail), vec![runtime_thread], "a tail read");
+        let mut again = subscribe(&broker, tail, Position::Earliest(true)).await;
+        assert_eq!(next_data(&mut again).await.unwrap().next_offset, 1);
     }
 }
