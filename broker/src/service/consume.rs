@@ -828,4 +828,48 @@ pub(crate) mod tests {
         let mut again = subscribe(&broker, tail, Position::Earliest(true)).await;
         assert_eq!(next_data(&mut again).await.unwrap().next_offset, 1);
     }
+
+    /// A tail read that had to wait for reply memory runs on the blocking pool (b0c27a2), the
+    /// same tail read without a wait on the subscription's task. Driven by reply memory held
+    /// by the test, not by timing: with a current-thread runtime, the subscription's task runs
+    /// on this test's thread.
+    #[tokio::test]
+    async fn a_tail_read_that_waited_for_memory_runs_on_the_blocking_pool() {
+        let runtime_thread = std::thread::current().id();
+        let topic = "tail-after-a-memory-wait";
+        let (_dir, broker) = broker_with(topic, 1);
+        let memory = broker.state.memory.clone();
+        let mut s = subscribe(&broker, topic, Position::Earliest(true)).await;
+        // The first read reaches the end of what is readable: the next one is a tail read.
+        assert_eq!(next_data(&mut s).await.unwrap().next_offset, 1);
+        // Every byte of reply memory left taken: the tail read must wait.
+        let mut hog = memory.detached_ledger().charge();
+        let free = memory.global().limit() - memory.global().used();
+        assert!(hog.try_grow(free));
+        append(&broker, topic);
+        let deadline = Instant::now() + WAIT;
+        while memory.metrics().waits.get() == 0 {
+            assert!(Instant::now() < deadline, "the tail read never waited");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let before = hook::reads(topic);
+        assert_eq!(
+            before.len(),
+            2,
+            "the first read, then the tail read that waits"
+        );
+        assert_ne!(
+            before[0], runtime_thread,
+            "the first read is not a tail read"
+        );
+        assert_eq!(before[1], runtime_thread, "the tail read runs on the task");
+        drop(hog);
+        assert_eq!(next_data(&mut s).await.unwrap().next_offset, 2);
+        let after = hook::reads(topic);
+        assert_eq!(after.len(), 3, "one read after the wait");
+        assert_ne!(
+            after[2], runtime_thread,
+            "after a wait for memory the tail read runs on the blocking pool"
+        );
+    }
 }
