@@ -104,6 +104,33 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 .filter(|(t, _, _)| topic.as_ref().is_none_or(|want| want == t))
             {
                 checked += 1;
+                // Not a finding: end-of-data that opening the log cuts (engine docs), shown so
+                // that the bytes past the last batch are accounted for.
+                for z in ins.segments.iter().filter(|s| s.zero_tail_bytes > 0) {
+                    let at = z.bytes;
+                    if json {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({
+                                "topic": t, "partition": p, "severity": "zero_tail",
+                                "file": z.path, "position": at, "offset": z.next_offset,
+                                "zero_tail_bytes": z.zero_tail_bytes,
+                                "problem": "zeros after the last batch (written ahead of the writer): not damage",
+                            })
+                        )?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{t}/{p}: zero tail: {} at byte {at} (offset {}): {} zero bytes after \
+                             the last batch (written ahead of the writer; not damage, opening the \
+                             log cuts them)",
+                            z.path.display(),
+                            z.next_offset,
+                            z.zero_tail_bytes
+                        )?;
+                    }
+                }
                 for f in &ins.findings {
                     corrupt |= f.severity == Severity::Corruption;
                     if json {
@@ -161,8 +188,15 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
             if !json {
                 writeln!(
                     out,
-                    "{:<30} {:>5} {:>8} {:>14} {:>14} {:>12} {:>14}",
-                    "TOPIC", "PART", "SEGMENTS", "LOG-START", "END", "RECORDS", "BYTES"
+                    "{:<30} {:>5} {:>8} {:>14} {:>14} {:>12} {:>14} {:>10}",
+                    "TOPIC",
+                    "PART",
+                    "SEGMENTS",
+                    "LOG-START",
+                    "END",
+                    "RECORDS",
+                    "BYTES",
+                    "ZERO-TAIL"
                 )?;
             }
             for (t, p, ins) in all
@@ -173,13 +207,14 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 let end = ins.segments.last().map_or(0, |s| s.next_offset);
                 let records: u64 = ins.segments.iter().map(|s| s.records).sum();
                 let bytes: u64 = ins.segments.iter().map(|s| s.bytes).sum();
+                let zero_tail: u64 = ins.segments.iter().map(|s| s.zero_tail_bytes).sum();
                 if json {
                     writeln!(
                         out,
                         "{}",
                         json!({
                             "topic": t, "partition": p, "segments": ins.segments.len(), "log_start_offset": start,
-                            "end_offset": end, "records": records, "bytes": bytes,
+                            "end_offset": end, "records": records, "bytes": bytes, "zero_tail_bytes": zero_tail,
                             "recovery_point": ins.recovery_point.map(|(s, pos, n)| json!({"segment": s, "position": pos, "next_offset": n})),
                             "findings": ins.findings.len(),
                         })
@@ -187,7 +222,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 } else {
                     writeln!(
                         out,
-                        "{t:<30} {p:>5} {:>8} {start:>14} {end:>14} {records:>12} {bytes:>14}",
+                        "{t:<30} {p:>5} {:>8} {start:>14} {end:>14} {records:>12} {bytes:>14} {zero_tail:>10}",
                         ins.segments.len()
                     )?;
                 }
@@ -197,7 +232,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
         Inspect::Dump { segment, records } => {
             let limits = spool_record::DecodeLimits::default();
             let mut failure = None;
-            spool_log_engine::inspect::dump_segment(&segment, |pos, b| {
+            let zero_tail = spool_log_engine::inspect::dump_segment(&segment, |pos, b| {
                 if failure.is_some() {
                     return;
                 }
@@ -241,6 +276,14 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
             })?;
             if let Some(e) = failure {
                 return Err(e);
+            }
+            if let Some(z) = zero_tail {
+                writeln!(
+                    out,
+                    "zero tail at byte {}: {} zero bytes after the last batch (written ahead of \
+                     the writer; opening the log cuts them)",
+                    z.position, z.bytes
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -315,3 +315,79 @@ fn verify_reports_a_torn_tail_as_a_warning() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("torn tail"), "{out}");
 }
+
+/// The zeros a log that zeroes ahead leaves after the active segment's last batch (here: the
+/// directory as `kill -9` leaves it, read while the log is open): `stats` and `verify` print
+/// how many (`zero_tail_bytes`), `dump` says where it stopped; none of them calls it damage.
+#[test]
+fn stats_verify_and_dump_print_the_zero_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        LogOptions {
+            background_maintenance: false,
+            zero_ahead_bytes: spool_log_engine::MIN_ZERO_AHEAD_BYTES,
+            ..LogOptions::default()
+        },
+    )
+    .unwrap();
+    log.create_topic(
+        "prices",
+        TopicConfig {
+            fsync: spool_log_engine::FsyncPolicy::Always,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    let p = log.partition("prices", 0).unwrap();
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(1000, Some(b"k"), Some(b"acknowledged"), &[]);
+    let batch = b.finish().unwrap();
+    p.append(&batch).unwrap(); // one small sync measured: zeroing may start
+    log.run_maintenance().unwrap();
+    let end = p.stats().size_bytes;
+    let seg = segments(dir.path()).pop().unwrap();
+    let zeros = std::fs::metadata(&seg).unwrap().len() - end;
+    assert!(zeros > 0, "the log zeroed ahead");
+    let d = dir.path().to_str().unwrap();
+
+    let (code, out, _) = spool(&["inspect", "stats", d, "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (v["bytes"].as_u64(), v["zero_tail_bytes"].as_u64()),
+        (Some(end), Some(zeros))
+    );
+    let (code, out, _) = spool(&["inspect", "stats", d]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("ZERO-TAIL") && out.contains(&format!(" {zeros}\n")),
+        "{out}"
+    );
+
+    let (code, out, err) = spool(&["inspect", "verify", d]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "zero tail: {} at byte {end} (offset 1): {zeros} zero bytes",
+            seg.display()
+        )),
+        "{out}"
+    );
+    assert!(err.contains("no corruption"), "{err}");
+    let (code, out, _) = spool(&["inspect", "verify", d, "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(v["severity"], "zero_tail");
+    assert_eq!(v["zero_tail_bytes"].as_u64(), Some(zeros));
+
+    let (code, out, _) = spool(&["inspect", "dump", seg.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("batch at byte 0: offsets 0..=0"), "{out}");
+    assert!(
+        out.contains(&format!("zero tail at byte {end}: {zeros} zero bytes")),
+        "{out}"
+    );
+    drop(p);
+    log.close().unwrap();
+}

@@ -262,15 +262,51 @@ pub fn inspect_log(root: &Path) -> Result<Vec<(String, u32, PartitionInspection)
     Ok(out)
 }
 
+/// A zero tail where [`dump_segment`] stopped: zeros from `position` to the end of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZeroTail {
+    /// Byte position of the first zero after the last batch.
+    pub position: u64,
+    /// Zero bytes from there to the end of the file.
+    pub bytes: u64,
+}
+
 /// Calls `each(position, batch)` for every batch of a segment file, in order, stopping at the
-/// first bad one (returned as an error naming the file and position). A zero tail after the
-/// last batch (an active segment's, [`SegmentInfo::zero_tail_bytes`]) ends the walk. For
-/// `spool inspect dump`.
-pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<()> {
-    let data = RealFs.read(path).map_err(|e| Error::io("read", path, e))?;
+/// first bad one (returned as an error naming the file and position).
+///
+/// Zeros from a batch boundary to the end of the file end the walk, returned as a
+/// [`ZeroTail`], only where [`inspect_partition`] takes them for the active segment's zero
+/// tail: in the last segment of its partition directory, past the recovery point, at most
+/// `MAX_ZERO_AHEAD_BYTES + ZERO_AHEAD_MAX_SYNC_BYTES` long. Anywhere else (a sealed segment,
+/// data the recovery point covers, a file outside a partition directory) zeros where a batch
+/// should start are corruption, as `verify` reports them: an error naming the position.
+/// For `spool inspect dump`.
+pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<Option<ZeroTail>> {
+    let fs: &dyn FileSystem = &RealFs;
+    let data = fs.read(path).map_err(|e| Error::io("read", path, e))?;
     let data = bytes::Bytes::from(data);
+    let tail_from = zero_tail_from(fs, path)?;
     let mut pos = 0usize;
-    while pos < data.len() && !segment::is_zero_tail(&data, pos as u64, MAX_ZERO_TAIL) {
+    while pos < data.len() {
+        if segment::is_zero_tail(&data, pos as u64, MAX_ZERO_TAIL) {
+            let zero = ZeroTail {
+                position: pos as u64,
+                bytes: (data.len() - pos) as u64,
+            };
+            if tail_from.is_some_and(|from| zero.position >= from) {
+                return Ok(Some(zero));
+            }
+            return Err(Error::corruption(
+                path,
+                zero.position,
+                None,
+                format!(
+                    "{} zero bytes from here to the end of the file where a batch should \
+                     start: zeros end only the last segment's data, past its recovery point",
+                    zero.bytes
+                ),
+            ));
+        }
         let rest = &data[pos..];
         let h = BatchHeader::parse(rest)
             .map_err(|e| Error::corruption(path, pos as u64, None, e.to_string()))?;
@@ -290,5 +326,36 @@ pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<()
         );
         pos += h.total_len();
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Where a zero tail may start in the segment file `path`: `None` unless it is the last
+/// segment of its directory; else its recovery point's position in it (0 if the point is in
+/// an earlier segment or there is none).
+fn zero_tail_from(fs: &dyn FileSystem, path: &Path) -> Result<Option<u64>> {
+    let Some(base) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(segment::parse_log_name)
+    else {
+        return Ok(None);
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let later = fs
+        .read_dir(dir)
+        .map_err(|e| Error::io("read directory", dir, e))?
+        .into_iter()
+        .filter_map(|e| segment::parse_log_name(&e.name))
+        .any(|b| b > base);
+    if later {
+        return Ok(None);
+    }
+    Ok(Some(match checkpoint::read_point(fs, dir)? {
+        Some(p) if p.segment_base == base => p.position,
+        Some(p) if p.segment_base > base => return Ok(None),
+        _ => 0,
+    }))
 }

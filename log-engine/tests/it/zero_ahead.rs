@@ -225,9 +225,35 @@ fn offline_inspection_reports_the_zero_tail_and_sealed_segments_end_on_their_las
         assert_eq!(spans.last().unwrap().end(), data.len() as u64, "{s:?}");
     }
     let mut dumped = 0;
-    inspect::dump_segment(&active, |_, _| dumped += 1).unwrap();
+    let zero = inspect::dump_segment(&active, |_, _| dumped += 1).unwrap();
     assert!(dumped > 0);
+    assert_eq!(
+        zero,
+        Some(inspect::ZeroTail {
+            position: end,
+            bytes: len - end
+        }),
+        "dump says where it stopped"
+    );
     assert_eq!(values(&read_all(&p, 0)), want);
+    drop(p);
+    log.close().unwrap();
+    // Zeros where a sealed segment's last batch was: corruption for verify and for dump (it
+    // stopped there quietly before), after the batches before them.
+    let sealed = &sealed[0].path;
+    let mut data = std::fs::read(sealed).unwrap();
+    let spans = batch_spans(&data);
+    let cut = spans.last().unwrap().pos;
+    data[cut as usize..].fill(0);
+    std::fs::write(sealed, &data).unwrap();
+    let ins = inspect::inspect_partition(&dir.path().join("t").join("0")).unwrap();
+    assert_eq!(ins.worst(), Some(inspect::Severity::Corruption), "{ins:?}");
+    let mut dumped = 0;
+    match inspect::dump_segment(sealed, |_, _| dumped += 1) {
+        Err(Error::Corruption { position, .. }) => assert_eq!(position, cut),
+        other => panic!("expected corruption, got {other:?}"),
+    }
+    assert_eq!(dumped, spans.len() - 1);
 }
 
 /// A log on the simulated disk with one `fsync = always` partition holding one acknowledged
@@ -388,6 +414,13 @@ fn zeroed_batches_below_the_recovery_point_are_corruption() {
     let ins = inspect::inspect_partition(&dir.path().join("t").join("0")).unwrap();
     assert_eq!(ins.worst(), Some(inspect::Severity::Corruption), "{ins:?}");
     assert_eq!(ins.segments.last().unwrap().zero_tail_bytes, 0);
+    assert!(
+        matches!(
+            inspect::dump_segment(&seg, |_, _| {}),
+            Err(Error::Corruption { position, .. }) if position == last.pos
+        ),
+        "dump: zeros below the recovery point are corruption too"
+    );
     match Log::open(dir.path(), zopts()) {
         Err(Error::Corruption { .. }) => {}
         other => panic!("expected corruption, got {:?}", other.map(|_| ())),
