@@ -16,6 +16,15 @@
 //!    kept aside, reported apart ([`RecoveryReport::bytes_zero_tail`]) and logged as a warning
 //!    with its position. Anything else, a bad batch followed by zeros included, is a torn
 //!    tail, as without zeroing.
+//!
+//!    Decided, not an oversight: a zero tail a crash left while zeroing was on, opened by a
+//!    log with zeroing off (or on an `fsync` policy other than `always` after an alter), is a
+//!    torn tail, copied into `<segment>.torn-<pos>` before the cut. Nothing is lost (every
+//!    batch before the zeros stays; the copy holds only zeros, at most the window plus one
+//!    small sync, and the warning says it holds only zeros), and it keeps the rule that a zero
+//!    run is end-of-data only where this log's zeroing could have written it: telling the
+//!    two apart by content alone would also take acknowledged batches that a disk fault or a
+//!    lost write-back turned into zeros for end-of-data, silently and without a copy.
 //! 4. The last segment's in-memory index is rebuilt by walking its batch headers (without
 //!    CRC) up to the recovery point and from the CRC scan beyond it. Only the last segment is
 //!    walked, never the whole partition.
@@ -284,6 +293,17 @@ impl Partition {
                     w.end,
                     crate::config::max_zero_tail(shared.zero_ahead_bytes),
                 );
+            // A torn tail of zeros only, as a crash while zeroing was on leaves it when the log
+            // is reopened with zeroing off: still a torn tail (module docs), but said in the
+            // warning so an operator knows the kept copy holds nothing.
+            let zeros_only = i == last
+                && !zero_tail
+                && w.stopped.is_some()
+                && segment::is_zero_tail(
+                    &data[..len as usize],
+                    w.end,
+                    crate::config::max_zero_tail(crate::config::MAX_ZERO_AHEAD_BYTES),
+                );
             drop(data);
             let mut end = len;
             if let Some((pos, reason)) = w.stopped {
@@ -300,7 +320,11 @@ impl Partition {
                     report.bytes_zero_tail += len - pos;
                 } else {
                     let saved = quarantine(fs.as_ref(), dir, &path, file.as_ref(), pos, len)?;
-                    tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), reason = %reason, "truncating torn tail past the recovery point");
+                    if zeros_only {
+                        tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), "truncating a torn tail of zeros only past the recovery point (left by zero ahead, zero_ahead_bytes, before a restart without it?): the kept copy holds only zeros");
+                    } else {
+                        tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), reason = %reason, "truncating torn tail past the recovery point");
+                    }
                     report.quarantined.push(saved);
                     report.bytes_truncated += len - pos;
                 }
