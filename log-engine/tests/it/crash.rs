@@ -13,6 +13,13 @@
 //! across cycles. The cycles continue on the same data directory.
 //!
 //! `SPOOL_CRASH_CYCLES` (default 300, the CI figure of the reliability bar) and `SPOOL_CRASH_SEED` run more cycles or other seeds.
+//!
+//! A second, shorter loop ([`kill_9_with_zero_ahead_loses_no_acknowledged_record`],
+//! `SPOOL_CRASH_ZERO_CYCLES`, default 30) runs the same child with zeroing ahead on
+//! (`zero_ahead_bytes`) and background maintenance on, as spoold runs it: the zeroing jobs run
+//! on the write-back thread, racing the appends and rolls, and the kills land in and around
+//! them. Its reopen zeroes ahead too, so the zeros a kill leaves are cut as a zero tail (at
+//! least one such cut over the loop is required, else it tested nothing of the zeroing).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -28,6 +35,11 @@ use crate::common::{XorShift, open_topic, opts, read_all, seed};
 const CHILD_DIR: &str = "SPOOL_CRASH_CHILD_DIR";
 const CHILD_SEED: &str = "SPOOL_CRASH_CHILD_SEED";
 const CHILD_CYCLE: &str = "SPOOL_CRASH_CHILD_CYCLE";
+/// Set (to 1) in the child of the zero-ahead loop.
+const CHILD_ZERO: &str = "SPOOL_CRASH_CHILD_ZERO";
+/// Cycles of the zero-ahead loop by default (`SPOOL_CRASH_ZERO_CYCLES` overrides): a few
+/// seconds.
+const DEFAULT_ZERO_CYCLES: u64 = 30;
 const PARTITIONS: u32 = 2;
 const THREADS: u64 = 4;
 /// Cycles run by default (`SPOOL_CRASH_CYCLES` overrides).
@@ -45,6 +57,20 @@ fn cfg() -> TopicConfig {
     }
 }
 
+/// The log's options in the child and at the parent's reopen: with `zeroing`, zero ahead
+/// (the smallest window) with the background maintenance that runs it, as in spoold.
+fn log_opts(zeroing: bool) -> spool_log_engine::LogOptions {
+    if zeroing {
+        spool_log_engine::LogOptions {
+            zero_ahead_bytes: spool_log_engine::MIN_ZERO_AHEAD_BYTES,
+            background_maintenance: true,
+            ..opts()
+        }
+    } else {
+        opts()
+    }
+}
+
 fn env_u64(var: &str) -> u64 {
     std::env::var(var).unwrap().parse().unwrap()
 }
@@ -57,7 +83,8 @@ fn child_appender() {
         return;
     };
     let (seed, cycle) = (env_u64(CHILD_SEED), env_u64(CHILD_CYCLE));
-    let log = Log::open(&dir, opts()).unwrap();
+    let zeroing = std::env::var_os(CHILD_ZERO).is_some();
+    let log = Log::open(&dir, log_opts(zeroing)).unwrap();
     let say = |line: String| {
         let mut out = std::io::stdout().lock();
         out.write_all(line.as_bytes()).unwrap();
@@ -119,6 +146,8 @@ struct Figures {
     present_records: u64,
     unacked_batches_present: u64,
     truncated_bytes: u64,
+    zero_tail_bytes: u64,
+    cycles_with_zero_tail: u64,
     cycles_with_truncation: u64,
     scanned_bytes: u64,
     segments: usize,
@@ -132,7 +161,7 @@ type Acked = Vec<BTreeMap<u64, (String, u64)>>;
 /// Runs one child, kills it after `delay` (counted from its READY line unless `from_spawn`),
 /// and returns its complete output lines.
 fn run_child(
-    dir: &Path,
+    (dir, zeroing): (&Path, bool),
     seed: u64,
     cycle: u64,
     delay: Duration,
@@ -140,7 +169,11 @@ fn run_child(
     logs: &Path,
 ) -> (Vec<String>, bool) {
     let stderr_path = logs.join(format!("child-{cycle}.stderr"));
-    let child = Command::new(std::env::current_exe().unwrap())
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    if zeroing {
+        child.env(CHILD_ZERO, "1");
+    }
+    let child = child
         .args([
             "--exact",
             "crash::child_appender",
@@ -224,7 +257,7 @@ struct Verified {
 /// check verified, and the acknowledgements of this cycle (`fresh`), which must all lie at
 /// or past it (offsets are never reused).
 fn verify(
-    dir: &Path,
+    (dir, zeroing): (&Path, bool),
     acked: &Acked,
     fresh: &[(usize, u64)],
     v: &mut Verified,
@@ -233,13 +266,17 @@ fn verify(
     ctx: &str,
 ) {
     let t0 = Instant::now();
-    let log = Log::open(dir, opts()).unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
+    let log =
+        Log::open(dir, log_opts(zeroing)).unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
     f.open_ms_max = f.open_ms_max.max(t0.elapsed().as_millis());
-    let mut truncated = 0;
+    let (mut truncated, mut zero_tail) = (0, 0);
     for (_, _, r) in log.recovery_reports() {
         truncated += r.bytes_truncated;
+        zero_tail += r.bytes_zero_tail;
         f.scanned_bytes += r.bytes_scanned;
     }
+    f.zero_tail_bytes += zero_tail;
+    f.cycles_with_zero_tail += u64::from(zero_tail > 0);
     f.truncated_bytes += truncated;
     f.cycles_with_truncation += u64::from(truncated > 0);
     f.full_checks += u64::from(full);
@@ -328,11 +365,27 @@ fn verify(
 
 #[test]
 fn kill_9_loses_no_acknowledged_record() {
+    let f = kill_9_loop(false, "SPOOL_CRASH_CYCLES", DEFAULT_CYCLES);
+    assert_eq!(f.zero_tail_bytes, 0, "no zeroing, no zero tail: {f:?}");
+}
+
+#[test]
+fn kill_9_with_zero_ahead_loses_no_acknowledged_record() {
+    let f = kill_9_loop(true, "SPOOL_CRASH_ZERO_CYCLES", DEFAULT_ZERO_CYCLES);
+    assert!(
+        f.cycles_with_zero_tail > 0,
+        "no kill left zeros written ahead: the loop tested nothing of the zeroing: {f:?}"
+    );
+}
+
+/// The kill -9 loop (module docs): `cycles_var` cycles (default `default_cycles`), the child
+/// and the reopen zeroing ahead if `zeroing`. Returns its figures.
+fn kill_9_loop(zeroing: bool, cycles_var: &str, default_cycles: u64) -> Figures {
     let seed = seed("SPOOL_CRASH_SEED", 0x0c4a_5e00);
-    let cycles: u64 = std::env::var("SPOOL_CRASH_CYCLES")
+    let cycles: u64 = std::env::var(cycles_var)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CYCLES);
+        .unwrap_or(default_cycles);
     let mut rng = XorShift::new(seed);
     // On the real disk: fsync timing shapes group commit and how much is in flight at a kill.
     let data = tempfile::tempdir().unwrap();
@@ -352,7 +405,7 @@ fn kill_9_loses_no_acknowledged_record() {
             rng.range(1, 100)
         });
         let (lines, ready) = run_child(
-            data.path(),
+            (data.path(), zeroing),
             seed ^ cycle,
             cycle,
             delay,
@@ -390,7 +443,7 @@ fn kill_9_loses_no_acknowledged_record() {
         }
         let full = cycle % FULL_CHECK_EVERY == FULL_CHECK_EVERY - 1 || cycle + 1 == cycles;
         verify(
-            data.path(),
+            (data.path(), zeroing),
             &acked,
             &fresh,
             &mut verified,
@@ -400,7 +453,10 @@ fn kill_9_loses_no_acknowledged_record() {
         );
         f.cycles += 1;
     }
-    eprintln!("kill -9: {f:?} in {:?} (seed {seed:#x})", start.elapsed());
+    eprintln!(
+        "kill -9 (zeroing {zeroing}): {f:?} in {:?} (seed {seed:#x})",
+        start.elapsed()
+    );
     assert!(
         f.acked_records > 0,
         "nothing was acknowledged: the kills came too early"
@@ -409,6 +465,7 @@ fn kill_9_loses_no_acknowledged_record() {
         f.segments > 2 * PARTITIONS as usize,
         "segments must have rolled during the run: {f:?}"
     );
+    f
 }
 
 /// Regression: a child being spawned by another thread holds a copy of every descriptor
