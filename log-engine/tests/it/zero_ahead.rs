@@ -2,7 +2,9 @@
 //! segment's file runs past its last batch by zeros written and synced ahead of the writer.
 //!
 //! The tests turn background maintenance off (`common::opts`), so zeroing runs exactly when a
-//! test calls `Log::run_maintenance`. They check that the writer appends into the zeros, that
+//! test calls `Log::run_maintenance`; one runs it as spoold does, on the write-back thread
+//! (`the_background_job_zeroes_ahead_while_appends_and_rolls_go_on`), and crash.rs has a kill
+//! -9 loop with zeroing on. They check that the writer appends into the zeros, that
 //! close and roll cut them (sealed segments end on their last batch), that recovery after
 //! `kill -9` (a directory copied while the log is open) or a power cut takes a zero tail for
 //! end-of-data (reported apart, nothing kept aside) while a torn batch followed by zeros, or
@@ -461,4 +463,94 @@ fn no_zeroing_before_a_measured_small_sync_nor_on_other_policies() {
     log.run_maintenance().unwrap();
     assert!(len(&p) > p.stats().size_bytes, "after a small sync");
     log.run_maintenance().unwrap();
+}
+
+/// The path spoold runs (background maintenance on; the other tests here zero in
+/// `run_maintenance`): the job is asked for by an append and runs on the write-back thread,
+/// while two threads go on appending across rolls. The zeros appear ahead of the writer
+/// without any call from the test, the writer appends into them, every sealed segment ends
+/// on its last batch, every record reads back, and close cuts the active segment's zeros.
+#[test]
+fn the_background_job_zeroes_ahead_while_appends_and_rolls_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        background_maintenance: true,
+        ..zopts()
+    };
+    let log = open(dir.path(), options, 64 << 10);
+    let p = log.partition("t", 0).unwrap();
+    let active_len = || std::fs::metadata(p.active_segment_path()).unwrap().len();
+    let active_end = |p: &spool_log_engine::Partition| {
+        let sealed: u64 = crate::common::segment_files(&dir.path().join("t").join("0"))
+            .iter()
+            .filter(|s| **s != p.active_segment_path())
+            .map(|s| std::fs::metadata(s).unwrap().len())
+            .sum();
+        p.stats().size_bytes - sealed
+    };
+    // One small sync measured, then appends ask for the job until it has run.
+    let mut want = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut i = 0;
+    while active_len() <= active_end(&p) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background job never zeroed ahead"
+        );
+        let tag = format!("w{i}");
+        p.append(&batch(&tag, 2, 1)).unwrap();
+        want.extend(expect(&tag, 2));
+        i += 1;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Appends into the zeros, from two threads, across rolls (64 KiB segments), while the
+    // job keeps zeroing ahead.
+    let rolled_from = p.segment_bases().len();
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let p = &p;
+            s.spawn(move || {
+                for j in 0..150 {
+                    let tag = format!("t{t}-{j}{}", "x".repeat(300));
+                    p.append(&batch(&tag, 2, 1)).unwrap();
+                }
+            });
+        }
+    });
+    assert!(p.segment_bases().len() > rolled_from, "rolled");
+    let got = values(&read_all(&p, 0));
+    assert_eq!(&got[..want.len()], &want[..], "the records before");
+    assert_eq!(got.len(), want.len() + 2 * 2 * 150);
+    // Each thread's batches, whole and in its order.
+    for t in 0..2 {
+        let prefix = format!("t{t}-");
+        let js: Vec<u64> = got
+            .iter()
+            .filter_map(|v| v.strip_prefix(prefix.as_str()))
+            .map(|r| r[..r.find('x').unwrap()].parse().unwrap())
+            .collect();
+        let expected: Vec<u64> = (0..150).flat_map(|j| [j, j]).collect();
+        assert_eq!(js, expected, "thread {t}");
+    }
+    for seg in crate::common::segment_files(&dir.path().join("t").join("0")) {
+        if seg == p.active_segment_path() {
+            continue;
+        }
+        let data = std::fs::read(&seg).unwrap();
+        assert_eq!(
+            batch_spans(&data).last().unwrap().end(),
+            data.len() as u64,
+            "a sealed segment ends on its last batch: {}",
+            seg.display()
+        );
+    }
+    let active = p.active_segment_path();
+    let end = active_end(&p);
+    drop(p);
+    log.close().unwrap();
+    assert_eq!(
+        std::fs::metadata(&active).unwrap().len(),
+        end,
+        "close cut the zeros"
+    );
 }
