@@ -414,6 +414,21 @@ impl Metrics {
     }
 }
 
+/// Renders a scrape on the blocking pool, never on a runtime thread: it takes the offsets
+/// store's lock (every committed offset, for the lag), which a commit holds across its append
+/// (that can wait for a segment roll's fdatasync), and reads a batch header per lagging
+/// partition (a page fault, if evicted).
+/// `None`: rendering panicked (logged; the scraper gets a 500).
+pub(crate) async fn scrape(
+    metrics: Arc<Metrics>,
+    accept: Option<String>,
+) -> Option<(String, &'static str)> {
+    tokio::task::spawn_blocking(move || metrics.render_for(accept.as_deref()))
+        .await
+        .inspect_err(|e| tracing::error!(error = %e, "rendering metrics failed"))
+        .ok()
+}
+
 /// Runs a request handler's body, recording its duration and whether it failed.
 pub(crate) async fn timed<T>(
     metrics: &Metrics,
@@ -482,11 +497,16 @@ pub(crate) async fn serve(
                         let accept = req
                             .headers()
                             .get(hyper::header::ACCEPT)
-                            .and_then(|v| v.to_str().ok());
-                        let (body, content_type) = metrics.render_for(accept);
-                        Response::builder()
-                            .header("content-type", content_type)
-                            .body(Full::new(Bytes::from(body)))
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        match scrape(metrics, accept).await {
+                            Some((body, content_type)) => Response::builder()
+                                .header("content-type", content_type)
+                                .body(Full::new(Bytes::from(body))),
+                            None => Response::builder()
+                                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                                .body(Full::new(Bytes::from_static(b"rendering failed\n"))),
+                        }
                     } else {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)

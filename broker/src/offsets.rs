@@ -35,7 +35,8 @@
 //! partition do; only readers and the lock stopped waiting. The FetchOffsets service reads on
 //! the runtime's thread only when the lock is free and the group has nothing in flight
 //! ([`OffsetStore::fetch_if_settled`]; the lock is held across an append, which can wait for
-//! a segment roll's fdatasync), else on the blocking pool.
+//! a segment roll's fdatasync), else on the blocking pool. ListGroups and the metrics' scrape
+//! (which lists every committed offset) take the lock only on the blocking pool.
 //!
 //! ```text
 //! record key   = group \0 topic \0 partition (decimal)
@@ -393,6 +394,13 @@ impl OffsetStore {
             group: group.to_owned(),
             seq,
         }
+    }
+
+    /// Runs `f` while holding the store's lock (as a commit does across its append).
+    #[cfg(test)]
+    pub(crate) fn with_lock_held<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _map = self.lock_map();
+        f()
     }
 
     /// Reads that waited for a batch of their own group in flight, so far.

@@ -99,10 +99,12 @@ impl OffsetService for Offsets {
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         timed(&self.state.metrics, "ListGroups", async move {
             let who = principal(&req);
-            let groups = self
-                .state
-                .offsets
-                .list_groups(|g| who.allows(Action::Group, g));
+            // On the blocking pool: it takes the store's lock, which a commit holds across its
+            // append (that can wait for a segment roll's fdatasync), and walks every group.
+            let state = self.state.clone();
+            let groups =
+                blocking(move || state.offsets.list_groups(|g| who.allows(Action::Group, g)))
+                    .await?;
             Ok(Response::new(v1::ListGroupsResponse { groups }))
         })
         .await
@@ -141,5 +143,104 @@ impl OffsetService for Offsets {
             }))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::Broker;
+    use crate::config::Config;
+
+    /// Runs `call` as a task of this test's current-thread runtime while another thread holds
+    /// the offsets store's lock, and a second task, queued after it, releases the lock.
+    /// Returns whether the release came from that task: true if `call` waited for the lock
+    /// off the runtime's thread; false if it blocked the thread (the holder gave up after
+    /// 10 s and released the lock itself). Driven by the lock, not by timing.
+    async fn runtime_stays_free<T: Send + 'static>(
+        broker: &Broker,
+        call: impl Future<Output = T> + Send + 'static,
+    ) -> (bool, T) {
+        let store = broker.state.offsets.clone();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            store.with_lock_held(|| {
+                locked_tx.send(()).unwrap();
+                release_rx.recv_timeout(Duration::from_secs(10)).is_ok()
+            })
+        });
+        locked_rx.recv().unwrap();
+        // The run queue is FIFO: `call` runs first, up to its first wait.
+        let call = tokio::spawn(call);
+        let release = tokio::spawn(async move {
+            let _ = release_tx.send(());
+        });
+        release.await.unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call answers once the lock is free")
+            .unwrap();
+        (holder.join().unwrap(), out)
+    }
+
+    fn broker() -> (tempfile::TempDir, Broker) {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        })
+        .unwrap();
+        broker
+            .state
+            .log
+            .create_topic("t", spool_log_engine::TopicConfig::default())
+            .unwrap();
+        let c = v1::OffsetCommit {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+            metadata: String::new(),
+        };
+        broker.state.offsets.commit("g", &[c], 1).unwrap();
+        (dir, broker)
+    }
+
+    /// Stop review: ListGroups took the store's lock on the runtime's thread, where a commit
+    /// holding it across its append (a segment roll's fdatasync) stalled every task there.
+    #[tokio::test]
+    async fn list_groups_waits_for_the_lock_off_the_runtime_thread() {
+        let (_dir, broker) = broker();
+        let svc = Offsets::new(broker.state.clone());
+        let (free, groups) = runtime_stays_free(&broker, async move {
+            svc.list_groups(Request::new(v1::ListGroupsRequest {}))
+                .await
+                .unwrap()
+                .into_inner()
+                .groups
+        })
+        .await;
+        assert!(free, "ListGroups blocked the runtime's thread on the lock");
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].group, "g");
+    }
+
+    /// Stop review: the metrics' scrape lists every committed offset (for the lag) under the
+    /// same lock, on the runtime's thread too.
+    #[tokio::test]
+    async fn a_scrape_waits_for_the_lock_off_the_runtime_thread() {
+        let (_dir, broker) = broker();
+        let metrics = broker.state.metrics.clone();
+        let (free, scraped) =
+            runtime_stays_free(&broker, crate::metrics::scrape(metrics, None)).await;
+        assert!(free, "the scrape blocked the runtime's thread on the lock");
+        let (body, _) = scraped.expect("rendered");
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with("spool_consumer_group_lag{") && l.contains("group=\"g\"")),
+            "{body}"
+        );
     }
 }
