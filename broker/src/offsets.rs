@@ -23,10 +23,18 @@
 //!   before; group B's fetch does not wait for group A's fsync;
 //! - a writer that reads the map before it appends (a decided transaction's commit filtering
 //!   by `offsets_since`, a deletion choosing its keys) waits until its group has nothing in
-//!   flight at all, and the group's other commits wait for it meanwhile
+//!   flight at all, and the group's commits that arrive meanwhile wait for it
 //!   ([`OffsetStore::settle_for_write`]): its read and its append are again one lock hold with
 //!   no commit of the group in between, as when the lock covered the fsync (a commit appended
-//!   during its wait would otherwise be invisible to its read and land under its batch);
+//!   during its wait would otherwise be invisible to its read and land under its batch).
+//!   Phase-fair: a commit waits only for the writers that arrived before it, a writer only
+//!   for what was in flight or waiting before it (writers of a group go in arrival order),
+//!   so neither a stream of writers nor one of commits holds the other back for good;
+//! - kept, on purpose: such a writer's append waits for the previous batch of its group to be
+//!   durable, so a group's writers get one fsync each (its plain commits still share group
+//!   commits). Letting it append beside batches in flight would need its read to see their
+//!   keys, and a batch in flight may yet fail; writers are rare (a transaction's decision, a
+//!   group deletion), so the simpler rule stays;
 //! - [`OffsetStore::next_position`] counts batches appended but not yet durable, so "every
 //!   commit appended after it is at or after it" still holds with commits in flight.
 //!
@@ -104,11 +112,15 @@ struct InFlight {
     appended_end: u64,
     /// Sequence numbers in flight, per group (a group with none has no entry).
     by_group: BTreeMap<String, BTreeSet<u64>>,
+    /// Ticket the next waiting writer gets (arrival order, all groups).
+    next_writer: u64,
     /// Writers that read the group's keys before they append (a decided transaction's
-    /// commit, a deletion) waiting for the group to have nothing in flight, per group (none:
-    /// no entry). While there is one, the group's other commits wait before their fence, so
-    /// nothing can slip in between the writer's read and its append.
-    writers: BTreeMap<String, usize>,
+    /// commit, a deletion) waiting for the group to have nothing in flight: their tickets,
+    /// per group (none: no entry). A commit of the group that arrives while one waits waits
+    /// for it before its fence, so nothing can slip in between the writer's read and its
+    /// append; it does not wait for writers that arrive after it (phase-fair: a steady stream
+    /// of writers cannot hold a commit back). Writers of a group go in ticket order.
+    writers: BTreeMap<String, BTreeSet<u64>>,
 }
 
 /// One batch in flight: unregistered (and waiters woken) when dropped, whether it landed,
@@ -335,23 +347,38 @@ impl OffsetStore {
         map: MutexGuard<'a, Map>,
         group: &str,
     ) -> MutexGuard<'a, Map> {
-        {
+        let ticket = {
             let mut f = self.lock_in_flight();
-            if !f.by_group.contains_key(group) {
+            if !f.by_group.contains_key(group) && !f.writers.contains_key(group) {
                 return map;
             }
-            *f.writers.entry(group.to_owned()).or_default() += 1;
-        }
+            let ticket = f.next_writer;
+            f.next_writer += 1;
+            f.writers
+                .entry(group.to_owned())
+                .or_default()
+                .insert(ticket);
+            ticket
+        };
         self.settle_waits.fetch_add(1, Ordering::Relaxed);
+        // Until nothing of the group is in flight and no writer of the group that came
+        // earlier is still waiting (writers go in arrival order).
         let map = self
             .landed
-            .wait_while(map, |_| self.lock_in_flight().by_group.contains_key(group))
+            .wait_while(map, |_| {
+                let f = self.lock_in_flight();
+                f.by_group.contains_key(group)
+                    || f.writers
+                        .get(group)
+                        .and_then(|w| w.first())
+                        .is_some_and(|&first| first < ticket)
+            })
             .unwrap_or_else(|e| e.into_inner());
         {
             let mut f = self.lock_in_flight();
-            if let Some(n) = f.writers.get_mut(group) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(w) = f.writers.get_mut(group) {
+                w.remove(&ticket);
+                if w.is_empty() {
                     f.writers.remove(group);
                 }
             }
@@ -363,14 +390,23 @@ impl OffsetStore {
     }
 
     /// With the map lock held, for a commit of `group`: waits (releasing the lock meanwhile)
-    /// while a writer of the group waits to read its keys ([`OffsetStore::settle_for_write`]).
+    /// while a writer of the group that arrived before it waits to read its keys
+    /// ([`OffsetStore::settle_for_write`]); writers arriving later wait for it instead.
     /// Blocking.
     fn yield_to_writers<'a>(
         &'a self,
         map: MutexGuard<'a, Map>,
         group: &str,
     ) -> MutexGuard<'a, Map> {
-        let waiting = |_: &mut Map| self.lock_in_flight().writers.contains_key(group);
+        // Tickets below this were taken before this commit held the lock.
+        let arrived = self.lock_in_flight().next_writer;
+        let waiting = |_: &mut Map| {
+            self.lock_in_flight()
+                .writers
+                .get(group)
+                .and_then(|w| w.first())
+                .is_some_and(|&first| first < arrived)
+        };
         let mut map = map;
         if !waiting(&mut map) {
             return map;
@@ -1347,6 +1383,66 @@ mod tests {
         ]
         .into();
         assert_eq!(got, want);
+    }
+
+    /// Phase-fair writers (stop review: "a steady stream of writers can hold a group's
+    /// commits back"): a commit waits for the writer of its group that was waiting when it
+    /// came (W1), not for one that came after it (W2). With W1's and the commit's fsyncs held
+    /// at the gate, W2 cannot append, so before the change the commit (waiting while any
+    /// writer of the group waited) was never appended; now it is appended right after W1,
+    /// W2 after both, and W2's deletion (last in the log) removes what both wrote.
+    #[test]
+    fn a_commit_waits_only_for_the_writers_that_came_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let (_log, s) = gated_store(dir.path(), &gate);
+        s.commit("G", &[commit("a", 1, 1)], 1).unwrap();
+        let since = s.next_position().unwrap();
+        gate.set(true);
+        let open = Open(gate.clone());
+        let held = answers("held commit", {
+            let s = s.clone();
+            move || s.commit("G", &[commit("a", 1, 2)], 2)
+        });
+        gate.wait_held(1);
+        let end = s.next_position().unwrap();
+        let waits = s.settle_waits();
+        let w1 = answers("writer 1", {
+            let s = s.clone();
+            move || s.commit_decided("G", &[commit("a", 0, 100)], 3, Some(since), &mut || Ok(()))
+        });
+        until("writer 1 never waited", || s.settle_waits() > waits);
+        let c = answers("commit", {
+            let s = s.clone();
+            move || s.commit("G", &[commit("a", 2, 50)], 4)
+        });
+        until("the commit did not wait for writer 1", || {
+            s.writer_yields() > 0
+        });
+        let w2 = answers("writer 2", {
+            let s = s.clone();
+            move || s.delete_group("G", &[], 5)
+        });
+        until("writer 2 never waited", || s.settle_waits() > waits + 1);
+        assert_eq!(
+            s.next_position().unwrap(),
+            end,
+            "all wait for the held commit"
+        );
+        // The held commit lands; W1 appends, then the commit; W2 waits for both to land
+        // (their syncs are held at the gate).
+        gate.let_through(1);
+        until(
+            "the commit was held back by a writer that came after it",
+            || s.next_position().unwrap() >= end + 2,
+        );
+        assert_eq!(s.next_position().unwrap(), end + 2, "W2 waits");
+        drop(open);
+        held.recv_timeout(BOUND).unwrap().unwrap();
+        w1.recv_timeout(BOUND).unwrap().unwrap();
+        c.recv_timeout(BOUND).unwrap().unwrap();
+        assert_eq!(w2.recv_timeout(BOUND).unwrap().unwrap(), 3, "a-0, a-1, a-2");
+        assert!(s.fetch("G", &[]).unwrap().is_empty(), "{:?}", s.all());
     }
 
     /// Batches landing out of log order (their fsyncs finished the other way round) leave
