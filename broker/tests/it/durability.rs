@@ -210,6 +210,26 @@ async fn failed_fdatasync_on_the_async_path() {
     failed_fdatasync_case(v1::FsyncPolicy::Never).await;
 }
 
+/// The `strace` wrapper of the fdatasync-EIO tests: only fdatasync calls on `segment` are
+/// traced, and the second one of each thread fails with EIO (strace counts `when=` per
+/// thread). strace is required (`.ci/install-test-tools`).
+fn eio_on_second_fdatasync(segment: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut strace: Vec<std::ffi::OsString> = ["strace", "-f", "-qq", "-o", "/dev/null", "-P"]
+        .map(Into::into)
+        .to_vec();
+    strace.push(segment.as_os_str().to_owned());
+    strace.extend(
+        [
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:error=EIO:when=2",
+        ]
+        .map(Into::into),
+    );
+    strace
+}
+
 async fn failed_fdatasync_case(fsync: v1::FsyncPolicy) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -222,22 +242,7 @@ async fn failed_fdatasync_case(fsync: v1::FsyncPolicy) {
     b.stop();
     let segment = data.join("t/0/00000000000000000000.log");
     assert!(segment.exists(), "{} missing", segment.display());
-    // Only fdatasync calls on the segment are traced; the second one fails.
-    let mut strace = vec!["strace", "-f", "-qq", "-o", "/dev/null", "-P"]
-        .into_iter()
-        .map(std::ffi::OsString::from)
-        .collect::<Vec<_>>();
-    strace.push(segment.clone().into_os_string());
-    strace.extend(
-        [
-            "-e",
-            "trace=fdatasync",
-            "-e",
-            "inject=fdatasync:error=EIO:when=2",
-        ]
-        .map(Into::into),
-    );
-    let b = Spoold::start_launch(&Spoold::launch(&data).wrapper(strace));
+    let b = Spoold::start_launch(&Spoold::launch(&data).wrapper(eio_on_second_fdatasync(&segment)));
     let mut prod = b.produce().await;
     let first = produce_durable(&mut prod, "acked").await;
     assert!(
@@ -372,21 +377,7 @@ async fn failed_fdatasync_behind_a_runtime_thread_stream_append() {
     b.create_topic_with("t", 1, Some(config)).await;
     b.stop();
     let segment = data.join("t/0/00000000000000000000.log");
-    let mut strace = vec!["strace", "-f", "-qq", "-o", "/dev/null", "-P"]
-        .into_iter()
-        .map(std::ffi::OsString::from)
-        .collect::<Vec<_>>();
-    strace.push(segment.into_os_string());
-    strace.extend(
-        [
-            "-e",
-            "trace=fdatasync",
-            "-e",
-            "inject=fdatasync:error=EIO:when=2",
-        ]
-        .map(Into::into),
-    );
-    let b = Spoold::start_launch(&Spoold::launch(&data).wrapper(strace));
+    let b = Spoold::start_launch(&Spoold::launch(&data).wrapper(eio_on_second_fdatasync(&segment)));
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::ProduceStreamRequest>(4);
     let mut replies = b
         .produce()
