@@ -330,18 +330,36 @@ impl OffsetStore {
             return map;
         }
         self.settle_waits.fetch_add(1, Ordering::Relaxed);
-        self.landed
-            .wait_while(map, |_| self.unsettled(group, upto))
-            .unwrap_or_else(|e| e.into_inner())
+        self.wait_landed(map, || self.unsettled(group, upto))
+    }
+
+    /// Waits on `landed` while `waiting()` holds, releasing the map lock meanwhile. Not
+    /// `Condvar::wait_while`: on a poisoned lock that returns at the first wake-up, whatever
+    /// the predicate says, and the store goes on after a panic under its lock (`lock_map`), so
+    /// a wait would end early (a writer reading before a newer commit landed). Blocking.
+    fn wait_landed<'a>(
+        &'a self,
+        mut map: MutexGuard<'a, Map>,
+        waiting: impl Fn() -> bool,
+    ) -> MutexGuard<'a, Map> {
+        while waiting() {
+            map = self
+                .landed
+                .wait(map)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        map
     }
 
     /// With the map lock held, for a writer that reads the group's keys and then appends (a
     /// decided transaction's commit filtering by `offsets_since`, a deletion choosing its
     /// keys): waits (releasing the lock meanwhile) until the group has no batch in flight at
     /// all, not only those appended before it, since a commit appended while it waits would be
-    /// invisible to its read and then land under its batch. Meanwhile the group's other
-    /// commits wait for it ([`OffsetStore::yield_to_writers`]), so it cannot starve. On return
-    /// the caller reads and appends under the same lock hold. Blocking.
+    /// invisible to its read and then land under its batch. The group's commits that arrive
+    /// while it waits wait for it ([`OffsetStore::yield_to_writers`]); it waits only for what
+    /// was in flight, or waiting, before it (commits already waiting for an earlier writer,
+    /// and earlier writers, go first), so it cannot starve. On return the caller reads and
+    /// appends under the same lock hold. Blocking.
     fn settle_for_write<'a>(
         &'a self,
         map: MutexGuard<'a, Map>,
@@ -363,17 +381,14 @@ impl OffsetStore {
         self.settle_waits.fetch_add(1, Ordering::Relaxed);
         // Until nothing of the group is in flight and no writer of the group that came
         // earlier is still waiting (writers go in arrival order).
-        let map = self
-            .landed
-            .wait_while(map, |_| {
-                let f = self.lock_in_flight();
-                f.by_group.contains_key(group)
-                    || f.writers
-                        .get(group)
-                        .and_then(|w| w.first())
-                        .is_some_and(|&first| first < ticket)
-            })
-            .unwrap_or_else(|e| e.into_inner());
+        let map = self.wait_landed(map, || {
+            let f = self.lock_in_flight();
+            f.by_group.contains_key(group)
+                || f.writers
+                    .get(group)
+                    .and_then(|w| w.first())
+                    .is_some_and(|&first| first < ticket)
+        });
         {
             let mut f = self.lock_in_flight();
             if let Some(w) = f.writers.get_mut(group) {
@@ -400,21 +415,18 @@ impl OffsetStore {
     ) -> MutexGuard<'a, Map> {
         // Tickets below this were taken before this commit held the lock.
         let arrived = self.lock_in_flight().next_writer;
-        let waiting = |_: &mut Map| {
+        let waiting = || {
             self.lock_in_flight()
                 .writers
                 .get(group)
                 .and_then(|w| w.first())
                 .is_some_and(|&first| first < arrived)
         };
-        let mut map = map;
-        if !waiting(&mut map) {
+        if !waiting() {
             return map;
         }
         self.writer_yields.fetch_add(1, Ordering::Relaxed);
-        self.landed
-            .wait_while(map, waiting)
-            .unwrap_or_else(|e| e.into_inner())
+        self.wait_landed(map, waiting)
     }
 
     /// Registers a batch of `group` just appended (ending at log position `end`) as in
@@ -1253,6 +1265,49 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{what}");
             std::thread::yield_now();
         }
+    }
+
+    /// Review of tidy, finding 1: after a panic under the store's lock (here a fence), the
+    /// lock is poisoned and the store goes on; a fetch waiting for its group's commit in
+    /// flight must keep waiting through wake-ups that are not its commit's landing (another
+    /// group's, simulated by notifying). `Condvar::wait_while` returned at the first one, and
+    /// the fetch read the older offset.
+    #[test]
+    fn after_a_panic_under_the_lock_a_fetch_still_waits_for_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let (_log, s) = gated_store(dir.path(), &gate);
+        s.commit("G", &[commit("a", 0, 1)], 1).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.commit_with("G", &[commit("a", 0, 2)], 1, || panic!("a fence's bug"))
+        }));
+        assert!(panicked.is_err() && s.map.is_poisoned());
+        gate.set(true);
+        let open = Open(gate.clone());
+        let held = answers("held commit", {
+            let s = s.clone();
+            move || s.commit("G", &[commit("a", 0, 5)], 2)
+        });
+        gate.wait_held(1);
+        let waits = s.settle_waits();
+        let fetch = answers("fetch", {
+            let s = s.clone();
+            move || s.fetch("G", &[])
+        });
+        until("the fetch never waited", || s.settle_waits() > waits);
+        for _ in 0..3 {
+            s.landed.notify_all();
+        }
+        assert!(
+            fetch
+                .recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the fetch answered while its group's commit was in flight"
+        );
+        drop(open);
+        held.recv_timeout(BOUND).unwrap().unwrap();
+        let got = fetch.recv_timeout(BOUND).unwrap().unwrap();
+        assert_eq!(got[0].offset, Some(5), "never the older offset");
     }
 
     /// Review of 7e16d74, item 5: a commit whose fsync fails (EIO) while a fetch of its group
