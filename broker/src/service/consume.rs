@@ -517,6 +517,8 @@ async fn follow(
             .zip(&wait_past)
             .map(|(p, n)| (p.clone(), *n))
             .collect();
+        #[cfg(test)]
+        tests::hook::on_wait(parts[0].topic());
         tokio::select! {
             () = any_new_data(&waits) => woke = true,
             () = tokio::time::sleep_until(idle_since + heartbeat) => {
@@ -563,19 +565,26 @@ async fn read_chunk(
                 assemble_one(&t, shape, &limits, &mut charge)
             }))
             .map(|a| (a, t, charge))
-            .map_err(|_| "panicked".to_owned())
+            .map_err(|_| None)
         } else {
             tokio::task::spawn_blocking(move || {
                 let a = assemble_one(&t, shape, &limits, &mut charge);
                 (a, t, charge)
             })
             .await
-            .map_err(|e| e.to_string())
+            .map_err(Some)
         };
         let (assembled, t, back) = match read {
             Ok(r) => r,
-            Err(why) => {
-                let _ = tx.send((Err(read_failed(&topic, id, &why)), None)).await;
+            Err(join) => {
+                let status = match join {
+                    // The runtime is shutting down (it cancels what it has not started).
+                    Some(e) if e.is_cancelled() => {
+                        Status::unavailable("the broker is shutting down")
+                    }
+                    e => read_failed(&topic, id, e.as_ref()),
+                };
+                let _ = tx.send((Err(status), None)).await;
                 return None;
             }
         };
@@ -616,20 +625,26 @@ fn assemble_one(
 }
 
 /// The status that ends a subscription whose read of `topic`/`partition` panicked (a bug: a
-/// panic on the blocking pool comes back as a `JoinError`, one on the subscription's task is
-/// caught there): INTERNAL, naming the partition, logged once here. Only this subscription
-/// ends; the broker and its other streams go on (the panic unwound that read alone, and the
-/// reply memory it held was given back as its charge was dropped).
-fn read_failed(topic: &str, partition: u32, why: &str) -> Status {
-    tracing::error!(
-        topic,
-        partition,
-        why,
-        "a subscription's read failed: ending it"
-    );
+/// panic on the blocking pool comes back as a `JoinError`, `join`; one on the subscription's
+/// task is caught there): INTERNAL, naming the partition, logged once here with the panic
+/// (which the client is not sent). Only this subscription ends; the broker and its other
+/// streams go on (the panic unwound that read alone, and the reply memory it held was given
+/// back as its charge was dropped).
+fn read_failed(topic: &str, partition: u32, join: Option<&tokio::task::JoinError>) -> Status {
+    match join {
+        Some(e) => {
+            tracing::error!(topic, partition, error = %e, "a subscription's read panicked: ending it")
+        }
+        None => tracing::error!(
+            topic,
+            partition,
+            "a subscription's read panicked on its task: ending it"
+        ),
+    }
     let e = v1::PartitionError {
         code: v1::ErrorCode::Internal as i32,
-        message: format!("the broker failed reading this partition ({why}): subscribe again"),
+        message: "the broker failed reading this partition (a read panicked): subscribe again"
+            .into(),
         ..Default::default()
     };
     crate::error::partition_status(topic, partition, &e)
@@ -659,6 +674,25 @@ pub(crate) mod tests {
         static READS: Mutex<Vec<(String, ThreadId)>> = Mutex::new(Vec::new());
         /// Topics whose next read panics (once each).
         static PANIC_NEXT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        /// Every wait of a subscription for new data: the topic of its first partition.
+        static WAITS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+        pub(crate) fn on_wait(topic: &str) {
+            WAITS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(topic.to_owned());
+        }
+
+        /// How many times subscriptions to `topic` waited for new data.
+        pub(crate) fn waits(topic: &str) -> usize {
+            WAITS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter(|t| *t == topic)
+                .count()
+        }
 
         pub(crate) fn on_assemble(topic: &str) {
             READS
@@ -818,8 +852,13 @@ pub(crate) mod tests {
         )
         .unwrap();
         let mut s = subscribe(&broker, tail, Position::Latest(true)).await;
-        // Let the subscription reach its wait at the end of the (empty) log.
-        tokio::task::yield_now().await;
+        // Let the subscription reach its wait at the end of the (empty) log (its task runs on
+        // this thread when this one yields).
+        let deadline = Instant::now() + WAIT;
+        while hook::waits(tail) == 0 {
+            assert!(Instant::now() < deadline, "the subscription never waited");
+            tokio::task::yield_now().await;
+        }
         hook::panic_next(tail);
         append(&broker, tail);
         let status = next_data(&mut s).await.expect_err("the read panicked");
