@@ -116,6 +116,8 @@ pub(crate) struct Metrics {
     memory: crate::budget::MemoryMetrics,
     group_rebalances: Counter,
     group_rebalance_seconds: Histogram,
+    /// One scrape renders at a time ([`scrape`]).
+    scrapes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Picks one number out of a partition's stats.
@@ -332,6 +334,7 @@ impl Metrics {
             memory,
             group_rebalances,
             group_rebalance_seconds,
+            scrapes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -417,12 +420,15 @@ impl Metrics {
 /// Renders a scrape on the blocking pool, never on a runtime thread: it takes the offsets
 /// store's lock (every committed offset, for the lag), which a commit holds across its append
 /// (that can wait for a segment roll's fdatasync), and reads a batch header per lagging
-/// partition (a page fault, if evicted).
+/// partition (a page fault, if evicted). One at a time: a burst of scrapes while a commit
+/// holds the lock parks one pool thread, not one per scrape (the pool serves appends and
+/// reads too); the others wait here, on the runtime, without a thread.
 /// `None`: rendering panicked (logged; the scraper gets a 500).
 pub(crate) async fn scrape(
     metrics: Arc<Metrics>,
     accept: Option<String>,
 ) -> Option<(String, &'static str)> {
+    let _one = metrics.scrapes.clone().acquire_owned().await.ok()?;
     tokio::task::spawn_blocking(move || metrics.render_for(accept.as_deref()))
         .await
         .inspect_err(|e| tracing::error!(error = %e, "rendering metrics failed"))

@@ -173,9 +173,21 @@ mod tests {
             })
         });
         locked_rx.recv().unwrap();
-        // The run queue is FIFO: `call` runs first, up to its first wait.
-        let call = tokio::spawn(call);
+        // The run queue is FIFO: `call` runs first, up to its first wait (checked: were the
+        // release polled first, the test would prove nothing).
+        let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let call = tokio::spawn({
+            let polled = polled.clone();
+            async move {
+                polled.store(true, std::sync::atomic::Ordering::SeqCst);
+                call.await
+            }
+        });
         let release = tokio::spawn(async move {
+            assert!(
+                polled.load(std::sync::atomic::Ordering::SeqCst),
+                "the call was not polled before the release"
+            );
             let _ = release_tx.send(());
         });
         release.await.unwrap();
