@@ -232,7 +232,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
         Inspect::Dump { segment, records } => {
             let limits = spool_record::DecodeLimits::default();
             let mut failure = None;
-            let zero_tail = spool_log_engine::inspect::dump_segment(&segment, |pos, b| {
+            let dumped = spool_log_engine::inspect::dump_segment(&segment, |pos, b| {
                 if failure.is_some() {
                     return;
                 }
@@ -273,10 +273,19 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 if let Err(e) = r {
                     failure = Some(e);
                 }
-            })?;
+            });
             if let Some(e) = failure {
                 return Err(e);
             }
+            let zero_tail = match dumped {
+                Ok(z) => z,
+                // Damage found, after the batches before it: exit 1, as verify.
+                Err(e @ spool_log_engine::Error::Corruption { .. }) => {
+                    eprintln!("spool: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(z) = zero_tail {
                 writeln!(
                     out,

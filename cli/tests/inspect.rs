@@ -97,6 +97,14 @@ fn verify_stats_and_dump() {
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(v["severity"], "corruption");
+    // dump: the batches before the damage, then the error naming it, exit 1 as verify.
+    let (code, out, err) = spool(&["inspect", "dump", seg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("batch at byte 0: offsets 0..=0"), "{out}");
+    assert!(
+        err.contains("corruption in") && err.contains("at byte"),
+        "{err}"
+    );
 
     let (code, _, err) = spool(&["inspect", "verify", "/nonexistent/dir"]);
     assert_eq!(code, 2, "{err}");
@@ -390,4 +398,38 @@ fn stats_verify_and_dump_print_the_zero_tail() {
     );
     drop(p);
     log.close().unwrap();
+}
+
+/// Zeros where a sealed segment's last batch was (lost write-back, a disk fault): `verify`
+/// and `dump` both call it corruption and exit 1; `dump` prints the batches before it.
+#[test]
+fn zeros_in_a_sealed_segment_are_corruption_for_dump_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let sealed = segments(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    // The last batch starts where the dump says.
+    let (_, out, _) = spool(&["inspect", "dump", sealed.to_str().unwrap()]);
+    let last: usize = out
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("batch at byte "))
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let batches = out.lines().count();
+    bytes[last..].fill(0);
+    std::fs::write(&sealed, &bytes).unwrap();
+    let (code, out, err) = spool(&["inspect", "dump", sealed.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out.lines().count(), batches - 1, "{out}");
+    assert!(
+        err.contains(&format!("at byte {last}")) && err.contains("zero bytes"),
+        "{err}"
+    );
+    let (code, out, _) = spool(&["inspect", "verify", d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("CORRUPTION"), "{out}");
 }
