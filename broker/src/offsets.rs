@@ -1267,6 +1267,46 @@ mod tests {
         }
     }
 
+    /// Group G's commit `c` held in its fsync at `gate` (armed here; opened when the
+    /// returned `Open` drops): its answer.
+    fn hold_a_commit(
+        s: &Arc<OffsetStore>,
+        gate: &Arc<Gate>,
+        c: v1::OffsetCommit,
+    ) -> (Open, std::sync::mpsc::Receiver<Result<(), BrokerError>>) {
+        gate.set(true);
+        let open = Open(gate.clone());
+        let held = answers("held commit", {
+            let s = s.clone();
+            move || s.commit("G", &[c], 2)
+        });
+        gate.wait_held(1);
+        (open, held)
+    }
+
+    /// Group G's commit of a-0 = `offset` held in its fsync at `gate` (armed here; opened when
+    /// the returned `Open` drops), and a fetch of G started after it, waiting for it (counted):
+    /// the commit's and the fetch's answers.
+    #[allow(clippy::type_complexity)]
+    fn fetch_behind_a_held_commit(
+        s: &Arc<OffsetStore>,
+        gate: &Arc<Gate>,
+        offset: u64,
+    ) -> (
+        Open,
+        std::sync::mpsc::Receiver<Result<(), BrokerError>>,
+        std::sync::mpsc::Receiver<Result<Vec<v1::CommittedOffset>, BrokerError>>,
+    ) {
+        let (open, held) = hold_a_commit(s, gate, commit("a", 0, offset));
+        let waits = s.settle_waits();
+        let fetch = answers("fetch", {
+            let s = s.clone();
+            move || s.fetch("G", &[])
+        });
+        until("the fetch never waited", || s.settle_waits() > waits);
+        (open, held, fetch)
+    }
+
     /// Review of tidy, finding 1: after a panic under the store's lock (here a fence), the
     /// lock is poisoned and the store goes on; a fetch waiting for its group's commit in
     /// flight must keep waiting through wake-ups that are not its commit's landing (another
@@ -1282,19 +1322,7 @@ mod tests {
             s.commit_with("G", &[commit("a", 0, 2)], 1, || panic!("a fence's bug"))
         }));
         assert!(panicked.is_err() && s.map.is_poisoned());
-        gate.set(true);
-        let open = Open(gate.clone());
-        let held = answers("held commit", {
-            let s = s.clone();
-            move || s.commit("G", &[commit("a", 0, 5)], 2)
-        });
-        gate.wait_held(1);
-        let waits = s.settle_waits();
-        let fetch = answers("fetch", {
-            let s = s.clone();
-            move || s.fetch("G", &[])
-        });
-        until("the fetch never waited", || s.settle_waits() > waits);
+        let (open, held, fetch) = fetch_behind_a_held_commit(&s, &gate, 5);
         for _ in 0..3 {
             s.landed.notify_all();
         }
@@ -1320,19 +1348,7 @@ mod tests {
         let (_log, s) = gated_store(dir.path(), &gate);
         s.commit("G", &[commit("a", 0, 1)], 1).unwrap();
         *gate.fail.lock().unwrap() = Some(libc::EIO);
-        gate.set(true);
-        let open = Open(gate.clone());
-        let failing = answers("failing commit", {
-            let s = s.clone();
-            move || s.commit("G", &[commit("a", 0, 9)], 2)
-        });
-        gate.wait_held(1);
-        let waits = s.settle_waits();
-        let fetch = answers("fetch", {
-            let s = s.clone();
-            move || s.fetch("G", &[])
-        });
-        until("the fetch never waited", || s.settle_waits() > waits);
+        let (open, failing, fetch) = fetch_behind_a_held_commit(&s, &gate, 9);
         drop(open);
         assert!(
             failing.recv_timeout(BOUND).unwrap().is_err(),
@@ -1362,13 +1378,7 @@ mod tests {
         let (_log, s) = gated_store(dir.path(), &gate);
         s.commit("G", before, 1).unwrap();
         let since = s.next_position().unwrap();
-        gate.set(true);
-        let open = Open(gate.clone());
-        let held = answers("held commit", {
-            let s = s.clone();
-            move || s.commit("G", &[commit("a", 1, 2)], 2)
-        });
-        gate.wait_held(1);
+        let (open, held) = hold_a_commit(&s, &gate, commit("a", 1, 2));
         let waits = s.settle_waits();
         let w = answers("writer", {
             let s = s.clone();
@@ -1453,13 +1463,7 @@ mod tests {
         let (_log, s) = gated_store(dir.path(), &gate);
         s.commit("G", &[commit("a", 1, 1)], 1).unwrap();
         let since = s.next_position().unwrap();
-        gate.set(true);
-        let open = Open(gate.clone());
-        let held = answers("held commit", {
-            let s = s.clone();
-            move || s.commit("G", &[commit("a", 1, 2)], 2)
-        });
-        gate.wait_held(1);
+        let (open, held) = hold_a_commit(&s, &gate, commit("a", 1, 2));
         let end = s.next_position().unwrap();
         let waits = s.settle_waits();
         let w1 = answers("writer 1", {
