@@ -428,11 +428,16 @@ pub(crate) async fn scrape(
     metrics: Arc<Metrics>,
     accept: Option<String>,
 ) -> Option<(String, &'static str)> {
-    let _one = metrics.scrapes.clone().acquire_owned().await.ok()?;
-    tokio::task::spawn_blocking(move || metrics.render_for(accept.as_deref()))
-        .await
-        .inspect_err(|e| tracing::error!(error = %e, "rendering metrics failed"))
-        .ok()
+    // The permit goes with the render: a scraper that gives up (its future dropped) does not
+    // free the slot while the render still waits for the lock.
+    let one = metrics.scrapes.clone().acquire_owned().await.ok()?;
+    tokio::task::spawn_blocking(move || {
+        let _one = one;
+        metrics.render_for(accept.as_deref())
+    })
+    .await
+    .inspect_err(|e| tracing::error!(error = %e, "rendering metrics failed"))
+    .ok()
 }
 
 /// Runs a request handler's body, recording its duration and whether it failed.
