@@ -1323,6 +1323,9 @@ mod tests {
         }));
         assert!(panicked.is_err() && s.map.is_poisoned());
         let (open, held, fetch) = fetch_behind_a_held_commit(&s, &gate, 5);
+        // The fetch holds the lock from its count to its wait: taking it once here means the
+        // fetch is inside the wait, so the wake-ups below reach it.
+        s.with_lock_held(|| ());
         for _ in 0..3 {
             s.landed.notify_all();
         }
