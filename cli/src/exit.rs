@@ -3,7 +3,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0 | success |
-//! | 1 | the command ran and found a problem: `inspect verify` found corruption (or `inspect dump` a damaged batch), a `group seek` was refused |
+//! | 1 | the command ran and found a problem: `inspect verify` found corruption (or `inspect dump` a damaged batch, or with `--records` a record that does not decode), a `group seek` was refused |
 //! | 2 | usage error or invalid input (bad flag, bad offset spec, malformed input line) |
 //! | 3 | the broker could not be reached (connection refused, timeout, TLS handshake) |
 //! | 4 | the broker refused the request (unknown topic, already exists, not authorized, …) |

@@ -236,46 +236,22 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 if failure.is_some() {
                     return;
                 }
-                let h = b.header();
-                let r = (|| -> anyhow::Result<()> {
-                    writeln!(
-                        out,
-                        "batch at byte {pos}: offsets {}..={} records {} bytes {} compression {} max_ts {} crc {:#010x}",
-                        h.base_offset,
-                        h.last_offset(),
-                        h.records_count,
-                        h.total_len(),
-                        compression_name(h.compression().ok()),
-                        h.max_timestamp,
-                        h.crc
-                    )?;
-                    if records {
-                        for rec in b.records(&limits)? {
-                            let rec = rec?;
-                            let show = |v: Option<&[u8]>| {
-                                v.map_or_else(
-                                    || "null".to_owned(),
-                                    |b| String::from_utf8_lossy(b).into_owned(),
-                                )
-                            };
-                            writeln!(
-                                out,
-                                "  offset {} ts {} key {} value {}",
-                                rec.offset,
-                                rec.timestamp,
-                                show(rec.key.as_deref()),
-                                show(rec.value.as_deref())
-                            )?;
-                        }
-                    }
-                    Ok(())
-                })();
-                if let Err(e) = r {
-                    failure = Some(e);
+                if let Err(stop) = dump_batch(&mut out, pos, b, records.then_some(&limits)) {
+                    failure = Some(stop);
                 }
             });
-            if let Some(e) = failure {
-                return Err(e);
+            match failure {
+                Some(DumpStop::Output(e)) => return Err(e),
+                // A batch whose CRC checks but whose records do not decode: a problem found
+                // in the data, exit 1 as for a damaged batch (and as verify).
+                Some(DumpStop::Record { pos, error }) => {
+                    eprintln!(
+                        "spool: {}: batch at byte {pos}: a record does not decode: {error}",
+                        segment.display()
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+                None => {}
             }
             let zero_tail = match dumped {
                 Ok(z) => z,
@@ -448,4 +424,60 @@ fn state_text(s: &Option<IndexFileState>) -> String {
         Some(IndexFileState::Different) => "differed (other entries)".to_owned(),
         Some(IndexFileState::Invalid(why)) => format!("was invalid ({why})"),
     }
+}
+
+/// Why `inspect dump` stopped early.
+enum DumpStop {
+    /// Writing the output failed.
+    Output(anyhow::Error),
+    /// A record of the batch at `pos` does not decode.
+    Record { pos: u64, error: String },
+}
+
+/// Prints one batch's header line and, with `limits` (`--records`), its records.
+fn dump_batch(
+    out: &mut impl Write,
+    pos: u64,
+    b: &spool_record::Batch,
+    limits: Option<&spool_record::DecodeLimits>,
+) -> Result<(), DumpStop> {
+    let h = b.header();
+    writeln!(
+        out,
+        "batch at byte {pos}: offsets {}..={} records {} bytes {} compression {} max_ts {} crc {:#010x}",
+        h.base_offset,
+        h.last_offset(),
+        h.records_count,
+        h.total_len(),
+        compression_name(h.compression().ok()),
+        h.max_timestamp,
+        h.crc
+    )
+    .map_err(|e| DumpStop::Output(e.into()))?;
+    let Some(limits) = limits else {
+        return Ok(());
+    };
+    let bad = |e: spool_record::BatchError| DumpStop::Record {
+        pos,
+        error: e.to_string(),
+    };
+    for rec in b.records(limits).map_err(bad)? {
+        let rec = rec.map_err(bad)?;
+        let show = |v: Option<&[u8]>| {
+            v.map_or_else(
+                || "null".to_owned(),
+                |b| String::from_utf8_lossy(b).into_owned(),
+            )
+        };
+        writeln!(
+            out,
+            "  offset {} ts {} key {} value {}",
+            rec.offset,
+            rec.timestamp,
+            show(rec.key.as_deref()),
+            show(rec.value.as_deref())
+        )
+        .map_err(|e| DumpStop::Output(e.into()))?;
+    }
+    Ok(())
 }

@@ -433,3 +433,35 @@ fn zeros_in_a_sealed_segment_are_corruption_for_dump_and_verify() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("CORRUPTION"), "{out}");
 }
+
+/// A batch whose CRC checks but whose first record's length runs past the batch (written by
+/// something other than this engine, or damaged before its CRC was computed): `dump --records`
+/// prints the batch header, then names the batch and exits 1, as for a damaged batch.
+#[test]
+fn dump_records_calls_a_record_that_does_not_decode_a_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    write_n(dir.path(), 3);
+    let seg = dir.path().join("prices/0/00000000000000000000.log");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // RecordBatch v2: batchLength at 8..12 counts from byte 12; records start at byte 61,
+    // each with a zigzag varint length first. 0x7e is 63, past this ~20-byte record.
+    let len = 12 + u32::from_be_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    bytes[61] = 0x7e;
+    let crc = spool_record::batch_crc(&bytes[..len]);
+    bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let (code, out, _) = spool(&["inspect", "dump", seg.to_str().unwrap()]);
+    assert_eq!(
+        code, 0,
+        "without --records the CRC is all dump checks: {out}"
+    );
+    let (code, out, err) = spool(&["inspect", "dump", seg.to_str().unwrap(), "--records"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("batch at byte 0: offsets 0..=0"), "{out}");
+    assert!(!out.contains("  offset 0 "), "{out}");
+    assert!(
+        err.contains("batch at byte 0: a record does not decode"),
+        "{err}"
+    );
+}
