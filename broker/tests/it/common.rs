@@ -160,6 +160,26 @@ impl Spoold {
         OffsetServiceClient::new(self.channel().await)
     }
 
+    /// A partition's high watermark, from a fetch that does not wait (one byte asked for).
+    pub(crate) async fn high_watermark(&self, topic: &str, partition: u32) -> u64 {
+        let f = self
+            .consume()
+            .await
+            .fetch(spool_proto::v1::FetchRequest {
+                partitions: vec![spool_proto::v1::PartitionFetch {
+                    topic: topic.into(),
+                    partition,
+                    offset: 0,
+                    max_bytes: 1,
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("fetching {topic}/{partition}: {e}"))
+            .into_inner();
+        f.partitions[0].high_watermark
+    }
+
     /// SIGTERM, then wait for a clean exit; returns how long it took.
     pub(crate) fn stop(mut self) -> Duration {
         match self.process.stop(Duration::from_secs(20)) {

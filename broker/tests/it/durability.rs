@@ -48,6 +48,17 @@ async fn read_all(b: &Spoold, partition: u32) -> BTreeMap<u64, String> {
     }
 }
 
+/// `log` (offset → value) holds `values` at offsets 0, 1, … .
+fn assert_starts_with(log: &BTreeMap<u64, String>, values: &[String]) {
+    for (off, v) in values.iter().enumerate() {
+        assert_eq!(
+            log.get(&(off as u64)).map(String::as_str),
+            Some(v.as_str()),
+            "{log:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_durable_produce_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -278,38 +289,18 @@ async fn failed_fdatasync_case(fsync: v1::FsyncPolicy) {
         "{}",
         b.stderr()
     );
-    let f = b
-        .consume()
-        .await
-        .fetch(v1::FetchRequest {
-            partitions: vec![v1::PartitionFetch {
-                topic: "t".into(),
-                partition: 0,
-                offset: 0,
-                max_bytes: 1 << 20,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
     // Under `fsync = never` readers see a batch once written, so the failed one may be too.
     let visible = acked.len() as u64 + u64::from(fsync == v1::FsyncPolicy::Never);
     assert_eq!(
-        f.partitions[0].high_watermark, visible,
+        b.high_watermark("t", 0).await,
+        visible,
         "only the acknowledged records are visible"
     );
     b.kill();
 
     let b = Spoold::start(&data, &[]);
     let log = read_all(&b, 0).await;
-    for (off, v) in acked.iter().enumerate() {
-        assert_eq!(
-            log.get(&(off as u64)).map(String::as_str),
-            Some(v.as_str()),
-            "{log:?}"
-        );
-    }
+    assert_starts_with(&log, &acked);
     let n = acked.len() as u64;
     assert!(
         log.iter()
@@ -332,26 +323,6 @@ fn plain_batch(value: &str) -> bytes::Bytes {
     let mut bb = spool_log_engine::BatchBuilder::new(spool_log_engine::Compression::None);
     bb.push(1_700_000_000_000, None, Some(value.as_bytes()), &[]);
     bb.finish().unwrap()
-}
-
-/// The partition's high watermark, from a fetch that does not wait.
-async fn high_watermark(b: &Spoold) -> u64 {
-    let f = b
-        .consume()
-        .await
-        .fetch(v1::FetchRequest {
-            partitions: vec![v1::PartitionFetch {
-                topic: "t".into(),
-                partition: 0,
-                offset: 0,
-                max_bytes: 1,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    f.partitions[0].high_watermark
 }
 
 /// The fdatasync-EIO case for the `ProduceStream` path that appends on the runtime thread
@@ -420,7 +391,7 @@ async fn failed_fdatasync_behind_a_runtime_thread_stream_append() {
         );
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let made_visible = loop {
-            if high_watermark(&b).await > r.base_offset {
+            if b.high_watermark("t", 0).await > r.base_offset {
                 break true;
             }
             if b.stderr().contains("background sync failed") {
@@ -453,7 +424,7 @@ async fn failed_fdatasync_behind_a_runtime_thread_stream_append() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
-        high_watermark(&b).await,
+        b.high_watermark("t", 0).await,
         n,
         "only batches whose own fdatasync succeeded are visible"
     );
@@ -462,13 +433,7 @@ async fn failed_fdatasync_behind_a_runtime_thread_stream_append() {
 
     let b = Spoold::start(&data, &[]);
     let log = read_all(&b, 0).await;
-    for (off, v) in visible.iter().enumerate() {
-        assert_eq!(
-            log.get(&(off as u64)).map(String::as_str),
-            Some(v.as_str()),
-            "{log:?}"
-        );
-    }
+    assert_starts_with(&log, &visible);
     assert!(
         log.iter()
             .skip(visible.len())
