@@ -48,8 +48,11 @@ async fn read_all(b: &Spoold, partition: u32) -> BTreeMap<u64, String> {
     }
 }
 
-/// `log` (offset → value) holds `values` at offsets 0, 1, … .
-fn assert_starts_with(log: &BTreeMap<u64, String>, values: &[String]) {
+/// After an fdatasync failure and a restart (`b`): the partition holds `values` at offsets
+/// 0, 1, …, followed at most by `failed` (the batch whose fdatasync failed), and appends
+/// resume. Stops `b`.
+async fn restarted_log_keeps(b: Spoold, values: &[String], failed: &str) {
+    let log = read_all(&b, 0).await;
     for (off, v) in values.iter().enumerate() {
         assert_eq!(
             log.get(&(off as u64)).map(String::as_str),
@@ -57,6 +60,20 @@ fn assert_starts_with(log: &BTreeMap<u64, String>, values: &[String]) {
             "{log:?}"
         );
     }
+    let n = values.len() as u64;
+    assert!(
+        log.iter()
+            .skip(values.len())
+            .all(|(off, v)| *off == n && v == failed),
+        "only the batch whose fdatasync failed may follow the acknowledged ones: {log:?}"
+    );
+    let mut prod = b.produce().await;
+    let after = produce_durable(&mut prod, "after").await;
+    assert!(
+        after.error.is_none() && after.base_offset == log.len() as u64,
+        "appends resume after a restart: {after:?}"
+    );
+    b.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,22 +316,7 @@ async fn failed_fdatasync_case(fsync: v1::FsyncPolicy) {
     b.kill();
 
     let b = Spoold::start(&data, &[]);
-    let log = read_all(&b, 0).await;
-    assert_starts_with(&log, &acked);
-    let n = acked.len() as u64;
-    assert!(
-        log.iter()
-            .skip(acked.len())
-            .all(|(off, v)| *off == n && *v == failed.0),
-        "only the batch whose fdatasync failed may follow the acknowledged ones: {log:?}"
-    );
-    let mut prod = b.produce().await;
-    let after = produce_durable(&mut prod, "after").await;
-    assert!(
-        after.error.is_none() && after.base_offset == log.len() as u64,
-        "appends resume after a restart: {after:?}"
-    );
-    b.stop();
+    restarted_log_keeps(b, &acked, &failed.0).await;
 }
 
 /// One uncompressed pre-encoded batch of a single record: small, so a `ProduceStream` request
@@ -432,19 +434,5 @@ async fn failed_fdatasync_behind_a_runtime_thread_stream_append() {
     b.kill();
 
     let b = Spoold::start(&data, &[]);
-    let log = read_all(&b, 0).await;
-    assert_starts_with(&log, &visible);
-    assert!(
-        log.iter()
-            .skip(visible.len())
-            .all(|(off, v)| *off == n && *v == failed),
-        "only the batch whose fdatasync failed may follow the visible ones: {log:?}"
-    );
-    let mut prod = b.produce().await;
-    let after = produce_durable(&mut prod, "after").await;
-    assert!(
-        after.error.is_none() && after.base_offset == log.len() as u64,
-        "appends resume after a restart: {after:?}"
-    );
-    b.stop();
+    restarted_log_keeps(b, &visible, &failed).await;
 }
