@@ -376,9 +376,14 @@ pub fn zero_ahead_window(configured: u64) -> u64 {
 /// zeroing window of `window` bytes: the window plus the writes of one small sync (zeroing runs
 /// only while syncs cover at most [`ZERO_AHEAD_MAX_SYNC_BYTES`]) that a power cut may have
 /// turned back into zeros. A longer run is a torn tail, kept aside as before.
-pub(crate) fn max_zero_tail(window: u64) -> u64 {
+pub(crate) const fn max_zero_tail(window: u64) -> u64 {
     window + ZERO_AHEAD_MAX_SYNC_BYTES
 }
+
+/// The longest zero tail any zeroing window could leave ([`max_zero_tail`] of the largest
+/// window): what offline inspection, which does not know the window, and recovery's "zeros
+/// only" warning accept.
+pub(crate) const MAX_ZERO_TAIL_ANY_WINDOW: u64 = max_zero_tail(MAX_ZERO_AHEAD_BYTES);
 
 /// Zeroing ahead runs only while the last group commit covered at most this many bytes
 /// (see [`LogOptions::zero_ahead_bytes`]).

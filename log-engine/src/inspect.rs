@@ -88,11 +88,6 @@ impl PartitionInspection {
     }
 }
 
-/// The longest zero run after the last batch taken for a zero tail here (offline, the
-/// configured window is unknown: the largest there can be).
-const MAX_ZERO_TAIL: u64 =
-    crate::config::MAX_ZERO_AHEAD_BYTES + crate::config::ZERO_AHEAD_MAX_SYNC_BYTES;
-
 /// Inspects one partition directory (read-only).
 pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
     let fs: &dyn FileSystem = &RealFs;
@@ -163,7 +158,7 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
         if let Some((pos, _)) = w.stopped
             && last
             && past_point(pos)
-            && segment::is_zero_tail(&data, pos, MAX_ZERO_TAIL)
+            && segment::is_zero_tail(&data, pos, crate::config::MAX_ZERO_TAIL_ANY_WINDOW)
         {
             zero_tail_bytes = len - pos;
         } else if let Some((pos, reason)) = w.stopped {
@@ -288,7 +283,7 @@ pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<Op
     let tail_from = zero_tail_from(fs, path)?;
     let mut pos = 0usize;
     while pos < data.len() {
-        if segment::is_zero_tail(&data, pos as u64, MAX_ZERO_TAIL) {
+        if segment::is_zero_tail(&data, pos as u64, crate::config::MAX_ZERO_TAIL_ANY_WINDOW) {
             let zero = ZeroTail {
                 position: pos as u64,
                 bytes: (data.len() - pos) as u64,

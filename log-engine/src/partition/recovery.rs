@@ -302,7 +302,7 @@ impl Partition {
                 && segment::is_zero_tail(
                     &data[..len as usize],
                     w.end,
-                    crate::config::max_zero_tail(crate::config::MAX_ZERO_AHEAD_BYTES),
+                    crate::config::MAX_ZERO_TAIL_ANY_WINDOW,
                 );
             drop(data);
             let mut end = len;
