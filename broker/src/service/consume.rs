@@ -549,7 +549,6 @@ async fn read_chunk(
     tx: &Outbox,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<(v1::PartitionData, Charge)> {
-    let (topic, id) = (target.topic.clone(), target.id);
     let targets = [target];
     let mut waited = false;
     let mut targets = Some(targets);
@@ -560,23 +559,27 @@ async fn read_chunk(
         // can be long (another subscriber's slow client holds the memory), and by then the
         // bytes may be in a sealed segment whose pages were evicted, whose faults must not
         // stall the runtime's thread (module docs).
+        // On failure: the partition's name (for the status) and the pool's error, if any.
         let read = if tail && !waited {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 assemble_one(&t, shape, &limits, &mut charge)
             }))
+            .map_err(|_| (t[0].topic.clone(), t[0].id, None))
             .map(|a| (a, t, charge))
-            .map_err(|_| None)
         } else {
+            // The pool keeps `t` if the read fails: its name is taken first (this path is a
+            // thread hop already; the tail path above copies nothing unless it fails).
+            let (topic, id) = (t[0].topic.clone(), t[0].id);
             tokio::task::spawn_blocking(move || {
                 let a = assemble_one(&t, shape, &limits, &mut charge);
                 (a, t, charge)
             })
             .await
-            .map_err(Some)
+            .map_err(|e| (topic, id, Some(e)))
         };
         let (assembled, t, back) = match read {
             Ok(r) => r,
-            Err(join) => {
+            Err((topic, id, join)) => {
                 let status = match join {
                     // The runtime is shutting down (it cancels what it has not started).
                     Some(e) if e.is_cancelled() => {
