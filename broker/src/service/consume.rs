@@ -875,6 +875,59 @@ pub(crate) mod tests {
         assert_eq!(next_data(&mut again).await.unwrap().next_offset, 1);
     }
 
+    /// A subscription's blocking-pool read cancelled because the runtime is shutting down
+    /// ends the stream with UNAVAILABLE ("the broker is shutting down"), not INTERNAL as a
+    /// read that panicked (29a0a7c). As when spoold's runtime is dropped (after `serve`
+    /// returns) while a subscription's task still runs: the task's read is spawned onto a
+    /// blocking pool that has shut down, which cancels it before it starts. Here the
+    /// subscription's body runs (on a thread of its own) in the context of a runtime that was
+    /// shut down first, so every read it spawns is cancelled: deterministic, no timing.
+    #[tokio::test]
+    async fn a_read_cancelled_at_shutdown_answers_unavailable() {
+        let topic = "read-cancelled-at-shutdown";
+        let (_dir, broker) = broker_with(topic, 1);
+        let state = broker.state.clone();
+        let p = state.log.partition(topic, 0).unwrap();
+        let shape = Consume::new(state.clone()).shape(0, false, Isolation::ReadUncommitted);
+        let ledger = state.memory.detached_ledger();
+        let (tx, mut rx) = mpsc::channel(1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        runtime.shutdown_background();
+        // From the start: not a tail read, so a read on the (shut down) blocking pool.
+        let body = follow(
+            state.clone(),
+            vec![(p, 0)],
+            (DEFAULT_MAX_BYTES, shape),
+            Duration::from_secs(60),
+            ledger,
+            tx,
+        );
+        // The subscription's body ends by itself (nothing here waits on a timer).
+        std::thread::spawn(move || handle.block_on(body))
+            .join()
+            .unwrap();
+        assert!(
+            !*state.shutdown.borrow(),
+            "the broker's own shutdown signal was not sent: the status comes from the read"
+        );
+        let (msg, charge) = rx.try_recv().expect("the subscription sent a status");
+        assert!(charge.is_none(), "a status holds no reply memory");
+        let status = msg.expect_err("the read was cancelled");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "the broker is shutting down");
+        assert!(
+            matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)),
+            "the subscription ended after the status"
+        );
+        assert!(
+            hook::reads(topic).is_empty(),
+            "the cancelled read never ran"
+        );
+    }
+
     /// A tail read that had to wait for reply memory runs on the blocking pool (b0c27a2), the
     /// same tail read without a wait on the subscription's task. Driven by reply memory held
     /// by the test, not by timing: with a current-thread runtime, the subscription's task runs
