@@ -10,6 +10,12 @@ use serde_json::json;
 use spool_log_engine::inspect::{Severity, inspect_log};
 use spool_log_engine::reindex::{IndexFileState, Outcome, ReindexOptions, reindex_log};
 
+/// What leaves a zero tail (zeros after the last batch of the last segment, past its recovery
+/// point): both causes, as `verify` and `dump` cannot tell them apart (nor can recovery, whose
+/// warning names the same two).
+const ZERO_TAIL_CAUSES: &str =
+    "zeros written ahead of the writer, or appended bytes a crash or a disk fault left as zeros";
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Inspect {
     /// Check every batch (CRC, offsets), segment chain and index of a data directory.
@@ -116,15 +122,15 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                                 "topic": t, "partition": p, "severity": "zero_tail",
                                 "file": z.path, "position": at, "offset": z.next_offset,
                                 "zero_tail_bytes": z.zero_tail_bytes,
-                                "problem": "zeros after the last batch (written ahead of the writer): not damage",
+                                "problem": format!("zeros after the last batch, no batch in them ({ZERO_TAIL_CAUSES})"),
                             })
                         )?;
                     } else {
                         writeln!(
                             out,
                             "{t}/{p}: zero tail: {} at byte {at} (offset {}): {} zero bytes after \
-                             the last batch (written ahead of the writer; not damage, opening the \
-                             log cuts them)",
+                             the last batch, no batch in them ({ZERO_TAIL_CAUSES}); opening the \
+                             log cuts them",
                             z.path.display(),
                             z.next_offset,
                             z.zero_tail_bytes
@@ -265,8 +271,8 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
             if let Some(z) = zero_tail {
                 writeln!(
                     out,
-                    "zero tail at byte {}: {} zero bytes after the last batch (written ahead of \
-                     the writer; opening the log cuts them)",
+                    "zero tail at byte {}: {} zero bytes after the last batch, no batch in them \
+                     ({ZERO_TAIL_CAUSES}); opening the log cuts them",
                     z.position, z.bytes
                 )?;
             }

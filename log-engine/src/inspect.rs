@@ -56,9 +56,10 @@ pub struct SegmentInfo {
     pub bytes: u64,
     /// Zeros after the last batch of the last segment, past the recovery point, at most
     /// `MAX_ZERO_AHEAD_BYTES + ZERO_AHEAD_MAX_SYNC_BYTES` long: the active segment's zero tail
-    /// (zeros written ahead of the writer under `fsync = always`); not a finding. Opening the
-    /// log cuts it, as end-of-data when the log zeroes ahead (and the run is within its
-    /// window), else as a torn tail. Zeros anywhere else stay findings.
+    /// (zeros written ahead of the writer under `fsync = always`; the same run can also be
+    /// appended bytes a crash or a disk fault left as zeros, which no reader can tell apart);
+    /// not a finding. Opening the log cuts it, as end-of-data when the log zeroes ahead (and
+    /// the run is within its window), else as a torn tail. Zeros anywhere else stay findings.
     pub zero_tail_bytes: u64,
     /// Good batches.
     pub batches: u64,

@@ -21,10 +21,12 @@
 //!    log with zeroing off (or on an `fsync` policy other than `always` after an alter), is a
 //!    torn tail, copied into `<segment>.torn-<pos>` before the cut. Nothing is lost (every
 //!    batch before the zeros stays; the copy holds only zeros, at most the window plus one
-//!    small sync, and the warning says it holds only zeros), and it keeps the rule that a zero
-//!    run is end-of-data only where this log's zeroing could have written it: telling the
-//!    two apart by content alone would also take acknowledged batches that a disk fault or a
-//!    lost write-back turned into zeros for end-of-data, silently and without a copy.
+//!    small sync), and it keeps the rule that a zero run is end-of-data only where this log's
+//!    zeroing could have written it: telling the two apart by content alone would also take
+//!    acknowledged batches that a disk fault or a lost write-back turned into zeros for
+//!    end-of-data, silently and without a copy. The warning for a torn tail of zeros only
+//!    says the copy holds only zeros and names both causes that leave one (this, and appended
+//!    bytes a crash or a disk fault left as zeros): recovery cannot tell which it was.
 //! 4. The last segment's in-memory index is rebuilt by walking its batch headers (without
 //!    CRC) up to the recovery point and from the CRC scan beyond it. Only the last segment is
 //!    walked, never the whole partition.
@@ -45,6 +47,15 @@ use crate::txn::TxnIndex;
 
 use super::writer::Writer;
 use super::{CommitState, Partition, Shared};
+
+/// The warning for a torn tail that holds only zeros (kept aside as any torn tail). It names
+/// both causes that leave one, since recovery cannot tell them apart: zeros written ahead
+/// (`zero_ahead_bytes`) found by a log that does not zero this partition ahead (module docs),
+/// and appended bytes that a crash or a disk fault left as zeros (an extended file whose data
+/// never reached the disk reads back as zeros).
+const ZEROS_ONLY_TORN_TAIL: &str = "truncating a torn tail of zeros only past the recovery \
+    point; the kept copy holds only zeros, no batch: zeros written ahead (zero_ahead_bytes) \
+    before a restart without it, or appended bytes a crash or a disk fault left as zeros";
 
 /// What opening a partition found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -293,9 +304,10 @@ impl Partition {
                     w.end,
                     crate::config::max_zero_tail(shared.zero_ahead_bytes),
                 );
-            // A torn tail of zeros only, as a crash while zeroing was on leaves it when the log
-            // is reopened with zeroing off: still a torn tail (module docs), but said in the
-            // warning so an operator knows the kept copy holds nothing.
+            // A torn tail of zeros only: left by zeroing ahead before a restart without it, or
+            // by appended bytes a crash or a disk fault left as zeros. Still a torn tail
+            // (module docs), but the warning says so, naming both causes, so an operator knows
+            // the kept copy holds no batch.
             let zeros_only = i == last
                 && !zero_tail
                 && w.stopped.is_some()
@@ -321,7 +333,7 @@ impl Partition {
                 } else {
                     let saved = quarantine(fs.as_ref(), dir, &path, file.as_ref(), pos, len)?;
                     if zeros_only {
-                        tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), "truncating a torn tail of zeros only past the recovery point (left by zero ahead, zero_ahead_bytes, before a restart without it?): the kept copy holds only zeros");
+                        tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), "{ZEROS_ONLY_TORN_TAIL}");
                     } else {
                         tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, saved = %saved.display(), reason = %reason, "truncating torn tail past the recovery point");
                     }
