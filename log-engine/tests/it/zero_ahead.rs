@@ -258,17 +258,22 @@ fn offline_inspection_reports_the_zero_tail_and_sealed_segments_end_on_their_las
     assert_eq!(dumped, spans.len() - 1);
 }
 
-/// A log on the simulated disk with one `fsync = always` partition holding one acknowledged
-/// batch.
-fn sim_log(sim: &SimFs) -> (Log, std::sync::Arc<spool_log_engine::Partition>) {
-    let log = open(
+/// The log on the simulated disk (zeroing on, 1 MiB segments), opened or reopened.
+fn sim_open(sim: &SimFs) -> Log {
+    open(
         Path::new("/spool"),
         LogOptions {
             fs: sim.fs(),
             ..zopts()
         },
         1 << 20,
-    );
+    )
+}
+
+/// A log on the simulated disk with one `fsync = always` partition holding one acknowledged
+/// batch.
+fn sim_log(sim: &SimFs) -> (Log, std::sync::Arc<spool_log_engine::Partition>) {
+    let log = sim_open(sim);
     let p = log.partition("t", 0).unwrap();
     p.append(&batch("acked", 5, 1)).unwrap();
     (log, p)
@@ -293,14 +298,7 @@ fn an_io_error_on_the_zeroing_sync_poisons() {
     drop(p);
     drop(log);
     // Reopened (the process still sees the zeros): the zero tail is cut, the data stays.
-    let log = open(
-        Path::new("/spool"),
-        LogOptions {
-            fs: sim.fs(),
-            ..zopts()
-        },
-        1 << 20,
-    );
+    let log = sim_open(&sim);
     assert_eq!(
         report(&log, 0).bytes_zero_tail,
         (end + WINDOW).next_multiple_of(4096) - end
@@ -360,14 +358,7 @@ fn a_power_cut_around_the_zeroing_loses_nothing_acknowledged() {
             drop(p);
             drop(log);
             sim.restart(&model, &mut rng);
-            let log = open(
-                Path::new("/spool"),
-                LogOptions {
-                    fs: sim.fs(),
-                    ..zopts()
-                },
-                1 << 20,
-            );
+            let log = sim_open(&sim);
             let r = report(&log, 0);
             assert_eq!(r.bytes_truncated, 0, "cut before op +{k}, {model:?}: {r:?}");
             assert!(r.quarantined.is_empty());
