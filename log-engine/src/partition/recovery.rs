@@ -24,9 +24,11 @@
 //!    small sync), and it keeps the rule that a zero run is end-of-data only where this log's
 //!    zeroing could have written it: telling the two apart by content alone would also take
 //!    acknowledged batches that a disk fault or a lost write-back turned into zeros for
-//!    end-of-data, silently and without a copy. The warning for a torn tail of zeros only
-//!    says the copy holds only zeros and names both causes that leave one (this, and appended
-//!    bytes a crash or a disk fault left as zeros): recovery cannot tell which it was.
+//!    end-of-data, silently and without a copy. The warning for a torn tail of zeros only (of
+//!    any length) says the copy holds only zeros and names both causes that leave one (zeros
+//!    written ahead that this open does not take for a zero tail: this, or a smaller window
+//!    now; and appended bytes a crash or a disk fault left as zeros): recovery cannot tell
+//!    which it was.
 //! 4. The last segment's in-memory index is rebuilt by walking its batch headers (without
 //!    CRC) up to the recovery point and from the CRC scan beyond it. Only the last segment is
 //!    walked, never the whole partition.
@@ -48,14 +50,16 @@ use crate::txn::TxnIndex;
 use super::writer::Writer;
 use super::{CommitState, Partition, Shared};
 
-/// The warning for a torn tail that holds only zeros (kept aside as any torn tail). It names
-/// both causes that leave one, since recovery cannot tell them apart: zeros written ahead
-/// (`zero_ahead_bytes`) found by a log that does not zero this partition ahead (module docs),
+/// The warning for a torn tail that holds only zeros (kept aside as any torn tail, whatever
+/// its length). It names both causes that leave one, since recovery cannot tell them apart:
+/// zeros written ahead (`zero_ahead_bytes`) that this open does not take for a zero tail
+/// (zeroing off now, a smaller window, or the topic no longer `fsync = always`; module docs),
 /// and appended bytes that a crash or a disk fault left as zeros (an extended file whose data
 /// never reached the disk reads back as zeros).
 const ZEROS_ONLY_TORN_TAIL: &str = "truncating a torn tail of zeros only past the recovery \
     point; the kept copy holds only zeros, no batch: zeros written ahead (zero_ahead_bytes) \
-    before a restart without it, or appended bytes a crash or a disk fault left as zeros";
+    that this open does not take for a zero tail (zeroing off or a smaller window now, or the \
+    topic no longer fsync = always), or appended bytes a crash or a disk fault left as zeros";
 
 /// What opening a partition found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -304,18 +308,15 @@ impl Partition {
                     w.end,
                     crate::config::max_zero_tail(shared.zero_ahead_bytes),
                 );
-            // A torn tail of zeros only: left by zeroing ahead before a restart without it, or
-            // by appended bytes a crash or a disk fault left as zeros. Still a torn tail
+            // A torn tail of zeros only: zeros written ahead that this open does not take for a
+            // zero tail, or appended bytes a crash or a disk fault left as zeros. Still a torn tail
             // (module docs), but the warning says so, naming both causes, so an operator knows
             // the kept copy holds no batch.
+            // Any length: the bound matters only where zeros are taken for end-of-data.
             let zeros_only = i == last
                 && !zero_tail
                 && w.stopped.is_some()
-                && segment::is_zero_tail(
-                    &data[..len as usize],
-                    w.end,
-                    crate::config::MAX_ZERO_TAIL_ANY_WINDOW,
-                );
+                && segment::is_zero_tail(&data[..len as usize], w.end, u64::MAX);
             drop(data);
             let mut end = len;
             if let Some((pos, reason)) = w.stopped {

@@ -373,30 +373,44 @@ fn a_power_cut_around_the_zeroing_loses_nothing_acknowledged() {
     }
 }
 
-/// What `f` logged at WARN or above on this thread (recovery runs on the thread that opens
-/// the log), and its result.
-fn warnings_while<T>(f: impl FnOnce() -> T) -> (T, String) {
-    #[derive(Clone, Default)]
-    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+thread_local! {
+    /// What this thread logged at WARN or above since [`warnings_while`] cleared it.
+    static WARNINGS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Appends to this thread's [`WARNINGS`].
+struct ThisThread;
+
+impl std::io::Write for ThisThread {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        WARNINGS.with_borrow_mut(|w| w.extend_from_slice(b));
+        Ok(b.len())
     }
-    let buf = Buf::default();
-    let to = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || to.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    (out, text)
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What `f` logged at WARN or above on this thread (recovery runs on the thread that opens
+/// the log), and its result. The subscriber is process-wide (installed once, writing to each
+/// thread's own buffer), not scoped: tracing caches a callsite's interest when it is first
+/// hit, and a scoped subscriber would let another test's thread, without one, cache "never"
+/// for the same warning (tokio-rs/tracing#3611).
+fn warnings_while<T>(f: impl FnOnce() -> T) -> (T, String) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(|| ThisThread)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("the only global subscriber of this test binary");
+    });
+    WARNINGS.with_borrow_mut(Vec::clear);
+    let out = f();
+    let text = WARNINGS.with_borrow_mut(std::mem::take);
+    (out, String::from_utf8(text).unwrap())
 }
 
 /// A torn tail of zeros only was cut and kept aside, its copy holds only zeros, and the
@@ -417,7 +431,7 @@ fn assert_zeros_only_kept_aside(r: &spool_log_engine::RecoveryReport, warned: &s
         .unwrap_or_else(|| panic!("no zeros-only warning in {warned:?}"));
     for says in [
         "the kept copy holds only zeros, no batch",
-        "zeros written ahead (zero_ahead_bytes) before a restart without it",
+        "zeros written ahead (zero_ahead_bytes) that this open does not take for a zero tail",
         "appended bytes a crash or a disk fault left as zeros",
     ] {
         assert!(line.contains(says), "{says:?} not in {line:?}");
