@@ -681,6 +681,15 @@ pub(crate) mod tests {
             .unwrap()
     }
 
+    /// A scrape's answer, at most 10 s after its turn came (a leaked permit fails the test
+    /// instead of hanging it).
+    async fn joined<T>(scrape: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), scrape)
+            .await
+            .expect("the scrape answered in 10 s")
+            .unwrap()
+    }
+
     fn rendered(r: Option<(String, &'static str)>) {
         let (body, _) = r.expect("rendered");
         assert!(body.contains("spool_build_info"), "{body}");
@@ -705,8 +714,8 @@ pub(crate) mod tests {
             "the second scrape rendered beside the first: {s:?}"
         );
         metrics.render_gate.let_through(2);
-        rendered(first.await.unwrap());
-        rendered(second.await.unwrap());
+        rendered(joined(first).await);
+        rendered(joined(second).await);
         let s = seen(&metrics, |s| s.ended == 2).await;
         assert_eq!(s.most_at_once, 1, "{s:?}");
     }
@@ -730,7 +739,7 @@ pub(crate) mod tests {
             "the next scrape rendered beside the abandoned one: {s:?}"
         );
         metrics.render_gate.let_through(2);
-        rendered(next.await.unwrap());
+        rendered(joined(next).await);
         let s = seen(&metrics, |s| s.ended == 2).await;
         assert_eq!(s.most_at_once, 1, "{s:?}");
     }

@@ -905,10 +905,16 @@ pub(crate) mod tests {
             ledger,
             tx,
         );
-        // The subscription's body ends by itself (nothing here waits on a timer).
-        std::thread::spawn(move || handle.block_on(body))
-            .join()
-            .unwrap();
+        // The subscription's body ends by itself (nothing here waits on a timer); bounded, so
+        // a regression that makes it wait fails instead of hanging.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            handle.block_on(body);
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(WAIT)
+            .expect("the subscription ended after its cancelled read");
         assert!(
             !*state.shutdown.borrow(),
             "the broker's own shutdown signal was not sent: the status comes from the read"
