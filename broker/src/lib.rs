@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! let broker = Broker::open(config)?;            // blocking: opens and recovers the log
-//! broker.serve(listener, shutdown_future).await?; // until shutdown, then flush and close
+//! broker.serve(listener, metrics_listener, shutdown_future).await?; // until shutdown, then flush and close
 //! ```
 //!
 //! Invariants:
