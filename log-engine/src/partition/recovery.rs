@@ -70,8 +70,10 @@ pub struct RecoveryReport {
     pub bytes_scanned: u64,
     /// Bytes of torn tail cut from the last segment.
     pub bytes_truncated: u64,
-    /// Bytes of zero tail cut from the last segment: zeros written ahead of the writer
-    /// (`fsync = always`), past its last batch. End-of-data, not damage; not counted in
+    /// Bytes of zero tail cut from the last segment: zeros past its last batch, no longer than
+    /// zeroing ahead of the writer (`fsync = always`) leaves, taken for end-of-data (module
+    /// docs: acknowledged batches past the recovery point that a disk fault turned into zeros
+    /// would look the same); not counted in
     /// `bytes_truncated` and not quarantined.
     pub bytes_zero_tail: u64,
     /// True when a valid recovery point was found.
@@ -329,7 +331,7 @@ impl Partition {
                     ));
                 }
                 if zero_tail {
-                    tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, "cutting the zero tail (zeros written ahead of the writer) after the last batch");
+                    tracing::warn!(segment = %path.display(), position = pos, cut = len - pos, "cutting the zero tail after the last batch, taken for end-of-data (zeros only, no longer than zero ahead leaves; acknowledged batches past the recovery point that a disk fault turned into zeros would look the same)");
                     report.bytes_zero_tail += len - pos;
                 } else {
                     let saved = quarantine(fs.as_ref(), dir, &path, file.as_ref(), pos, len)?;
