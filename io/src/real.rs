@@ -1,7 +1,9 @@
 //! The real file system: `std::fs`, `memmap2` and `getrlimit`, one system call per method.
 //!
-//! This module holds the workspace's only `unsafe` (the memory map, `getrlimit` and
-//! `sync_file_range`).
+//! This module holds the engine's `unsafe` (the memory map, `getrlimit` and
+//! `sync_file_range`); the broker's CPU affinity and memory trimming calls
+//! (`broker/src/affinity.rs`, `broker/src/trim.rs`) and the load generator hold the
+//! workspace's others (docs/ARCHITECTURE.md lists them).
 //!
 //! Contract that makes the memory map sound in practice: Spool never truncates or rewrites a
 //! byte range of a file while a mapping of that range may be alive. Segment files are

@@ -239,11 +239,13 @@ impl Chain {
 }
 
 /// True when `data[from..]` is not empty, at most `max_len` bytes long and holds only zeros:
-/// after the last batch of the active segment, past the recovery point, with zeroing on, its
-/// zero tail (zeros written ahead of the writer under `fsync = always`, `partition/writer.rs`),
-/// which is end-of-data rather than a torn write. The callers decide the rest (last segment,
-/// past the recovery point, zeroing possible); a sealed segment is cut to its last batch before
-/// it is sealed.
+/// after the last batch of the active segment, past the recovery point, with zeroing on and
+/// within `max_len`, its zero tail (zeros written ahead of the writer under `fsync = always`,
+/// `partition/writer.rs`), which is end-of-data rather than a torn write. The same bytes can
+/// also be appended data a crash or a disk fault left as zeros: content cannot tell the two
+/// apart, so the callers decide the rest (last segment, past the recovery point, zeroing
+/// possible, the length bound; recovery also calls this with no bound only to word its
+/// warning); a sealed segment is cut to its last batch before it is sealed.
 pub(crate) fn is_zero_tail(data: &[u8], from: u64, max_len: u64) -> bool {
     usize::try_from(from)
         .ok()
