@@ -58,6 +58,7 @@ use futures_util::Stream;
 use spool_log_engine::{AppendInfo, BatchHeader, Compression, Durable, FsyncPolicy, Partition};
 use spool_proto::v1::{self, produce_service_server::ProduceService};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -549,14 +550,18 @@ async fn reply(
 }
 
 /// Runs one `ProduceStream` request's write phase and starts (or, when it waits for no
-/// fdatasync, finishes) its settle phase, whose reply then goes out on `tx`. Returns false
-/// when the stream must stop (the reply stream is gone, or a worker failed).
+/// fdatasync, finishes) its settle phase, whose reply then goes out on `tx` (a settle phase
+/// that waits runs as a task in `settling`). Returns `Ok(false)` when the stream must stop
+/// (the reply stream is gone, or a worker failed) and `Err` with the status that ends the
+/// stream when the request failed as a whole; the caller sends that status once `settling`
+/// is empty.
 async fn write_one(
     state: &Arc<State>,
     who: &Principal,
     p: Pending,
     tx: &mpsc::Sender<Result<v1::ProduceStreamResponse, Status>>,
-) -> bool {
+    settling: &mut JoinSet<()>,
+) -> Result<bool, Status> {
     let Pending {
         id,
         acks,
@@ -570,13 +575,7 @@ async fn write_one(
             // partitions take it without blocking (else on the blocking pool, in order), the
             // reply sent from here, and a blocking thread asked to run the sync only when no
             // running group commit will cover the batch (`sync_behind_off_thread`).
-            let written = match write_phase(state, who.clone(), parts, acks).await {
-                Ok(w) => w,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return false;
-                }
-            };
+            let written = write_phase(state, who.clone(), parts, acks).await?;
             // Nothing here blocks: with `acks = written | none` it only collects the syncs.
             let (results, syncs) = settle_blocking(state, written);
             // The sync is asked for before the reply is queued: a client that reads no
@@ -584,25 +583,24 @@ async fn write_one(
             sync_behind_off_thread(syncs);
             let sent = reply(tx, id, Ok(results)).await;
             drop(permit);
-            return sent;
+            return Ok(sent);
         }
         if !waits {
             // Nothing to wait for: write and settle on one thread, which then runs the sync
             // that makes the batch visible (`run_blocking_path`); the reply goes out from here.
-            let results = run_blocking_path(state, who.clone(), parts, acks).await;
-            let ok = results.is_ok();
-            let sent = reply(tx, id, results).await;
+            let results = run_blocking_path(state, who.clone(), parts, acks).await?;
+            let sent = reply(tx, id, Ok(results)).await;
             drop(permit);
-            return ok && sent;
+            return Ok(sent);
         }
         let (st, who) = (state.clone(), who.clone());
         let Ok(written) = tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
         else {
-            return false;
+            return Ok(false);
         };
         // Settle phases overlap; the reply carries the request id.
         let (st, tx) = (state.clone(), tx.clone());
-        tokio::spawn(async move {
+        settling.spawn(async move {
             let results = blocking(move || {
                 let (results, syncs) = settle_blocking(&st, written);
                 sync_for_readers(syncs); // none: `acks = durable` waited above
@@ -612,30 +610,24 @@ async fn write_one(
             reply(&tx, id, results).await;
             drop(permit);
         });
-        return true;
+        return Ok(true);
     }
-    let written = match write_phase(state, who.clone(), parts, acks).await {
-        Ok(w) => w,
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return false;
-        }
-    };
+    let written = write_phase(state, who.clone(), parts, acks).await?;
     // A reply that waits for no fdatasync goes out from here, without a task of its own.
-    let settling = settle(written);
-    if !settling.waits() {
-        let results = settling.finish(state).await;
+    let waiting = settle(written);
+    if !waiting.waits() {
+        let results = waiting.finish(state).await;
         let sent = reply(tx, id, Ok(results)).await;
         drop(permit);
-        return sent;
+        return Ok(sent);
     }
     let (st, tx) = (state.clone(), tx.clone());
-    tokio::spawn(async move {
-        let results = settling.finish(&st).await;
+    settling.spawn(async move {
+        let results = waiting.finish(&st).await;
         reply(&tx, id, Ok(results)).await;
         drop(permit);
     });
-    true
+    Ok(true)
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<v1::ProduceStreamResponse, Status>> + Send>>;
@@ -756,18 +748,34 @@ impl ProduceService for Produce {
         // order), while the reader decodes the next request.
         let state = self.state.clone();
         tokio::spawn(async move {
+            // Settle phases still waiting for their fdatasync, each with a reply to send (at
+            // most MAX_IN_FLIGHT: each holds its request's permit).
+            let mut settling = JoinSet::new();
+            let mut end = None;
             while let Some(next) = writes.recv().await {
-                let stop = match next {
-                    Ok(p) => !write_one(&state, &who, p, &tx).await,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        true
-                    }
+                while settling.try_join_next().is_some() {}
+                let outcome = match next {
+                    Ok(p) => write_one(&state, &who, p, &tx, &mut settling).await,
+                    Err(status) => Err(status),
                 };
-                if stop {
-                    break;
+                match outcome {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(status) => end = Some(status),
                 }
+                break;
             }
+            if let Some(status) = end {
+                // tonic ends the reply stream at its first error: the requests appended before
+                // this one get their replies first (their data is in the log, durable once
+                // their settle phase ends; a client that never heard of them would send them
+                // again).
+                while settling.join_next().await.is_some() {}
+                let _ = tx.send(Err(status)).await;
+            }
+            // A stream that ended otherwise leaves its settle phases to finish on their own
+            // (dropping the set would abort them).
+            settling.detach_all();
         });
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as ReplyStream

@@ -367,3 +367,82 @@ async fn produce_stream_order_case(fsync: v1::FsyncPolicy, batches: bool) {
     }
     b.stop();
 }
+
+/// A `ProduceStream` that ends with an error status (here a request with an unknown `acks`,
+/// refused as a whole) first answers every request appended before it: tonic ends the reply
+/// stream at its first error, so a status sent while earlier `acks = durable` requests still
+/// waited for their fdatasync used to cut their replies off, though their records were in
+/// the log (a client that never heard of them would send them again).
+#[tokio::test]
+async fn produce_stream_answers_appended_requests_before_the_status_that_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    let config = v1::TopicConfig {
+        fsync_policy: v1::FsyncPolicy::Always as i32,
+        ..Default::default()
+    };
+    b.create_topic_with("d", 1, Some(config)).await;
+    let mut prod = b.produce().await;
+    let n = 20u64;
+    let mut reqs: Vec<v1::ProduceStreamRequest> = (0..n)
+        .map(|id| v1::ProduceStreamRequest {
+            request_id: id,
+            partitions: vec![pp(
+                "d",
+                0,
+                v1::partition_produce::Data::Records(v1::RecordList {
+                    records: vec![record(None, &format!("m{id}"))],
+                    compression: 0,
+                }),
+            )],
+            acks: v1::Acks::Durable as i32,
+        })
+        .collect();
+    reqs.push(v1::ProduceStreamRequest {
+        request_id: n,
+        partitions: vec![pp(
+            "d",
+            0,
+            v1::partition_produce::Data::Records(v1::RecordList {
+                records: vec![record(None, "refused")],
+                compression: 0,
+            }),
+        )],
+        acks: 99,
+    });
+    let mut replies = prod
+        .produce_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = std::collections::BTreeSet::new();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match tokio_stream::StreamExt::next(&mut replies).await {
+                Some(Ok(r)) => {
+                    assert!(r.results[0].error.is_none(), "{r:?}");
+                    assert!(answered.insert(r.request_id), "answered twice: {r:?}");
+                }
+                Some(Err(status)) => break status,
+                None => panic!("the stream ended without the refused request's status"),
+            }
+        }
+    })
+    .await
+    .expect("the stream ended within 10 s");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        answered,
+        (0..n).collect(),
+        "every request appended before the refused one was answered before its status"
+    );
+    assert!(
+        tokio_stream::StreamExt::next(&mut replies).await.is_none(),
+        "nothing after the status"
+    );
+    assert_eq!(
+        b.high_watermark("d", 0).await,
+        n,
+        "the refused request wrote nothing"
+    );
+}
