@@ -552,15 +552,14 @@ async fn reply(
 /// Runs one `ProduceStream` request's write phase and starts (or, when it waits for no
 /// fdatasync, finishes) its settle phase, whose reply then goes out on `tx` (a settle phase
 /// that waits runs as a task in `settling`). Returns `Ok(false)` when the stream must stop
-/// (the reply stream is gone, or a worker failed) and `Err` with the status that ends the
-/// stream when the request failed as a whole; the caller sends that status once `settling`
-/// is empty.
+/// because the reply stream is gone, and `Err` with the status that ends the stream when the
+/// request failed as a whole; the caller sends that status once `settling` is empty.
 async fn write_one(
     state: &Arc<State>,
     who: &Principal,
     p: Pending,
     tx: &mpsc::Sender<Result<v1::ProduceStreamResponse, Status>>,
-    settling: &mut JoinSet<()>,
+    settling: &mut SettleTasks,
 ) -> Result<bool, Status> {
     let Pending {
         id,
@@ -594,21 +593,36 @@ async fn write_one(
             return Ok(sent);
         }
         let (st, who) = (state.clone(), who.clone());
-        let Ok(written) = tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
-        else {
-            return Ok(false);
+        let written = match tokio::task::spawn_blocking(move || write(&st, &who, parts, acks)).await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "a ProduceStream write failed on the blocking pool");
+                return Err(Status::internal(
+                    "the write of this request failed inside the broker; see its log",
+                ));
+            }
         };
-        // Settle phases overlap; the reply carries the request id.
+        // Settle phases overlap; the reply carries the request id. A settle phase that fails
+        // sends no status itself (tonic would end the stream there, cutting off the others'
+        // replies): it hands the status to the writer, which sends it after them.
         let (st, tx) = (state.clone(), tx.clone());
-        settling.spawn(async move {
+        settling.0.spawn(async move {
             let results = blocking(move || {
                 let (results, syncs) = settle_blocking(&st, written);
                 sync_for_readers(syncs); // none: `acks = durable` waited above
                 results
             })
             .await;
-            reply(&tx, id, results).await;
+            let failed = match results {
+                Ok(results) => {
+                    reply(&tx, id, Ok(results)).await;
+                    None
+                }
+                Err(status) => Some(status),
+            };
             drop(permit);
+            failed
         });
         return Ok(true);
     }
@@ -622,12 +636,43 @@ async fn write_one(
         return Ok(sent);
     }
     let (st, tx) = (state.clone(), tx.clone());
-    settling.spawn(async move {
+    settling.0.spawn(async move {
         let results = waiting.finish(&st).await;
         reply(&tx, id, Ok(results)).await;
         drop(permit);
+        None
     });
     Ok(true)
+}
+
+/// A `ProduceStream`'s settle phases still waiting for their fdatasync, each with a reply to
+/// send (at most `MAX_IN_FLIGHT`: each holds its request's permit); a task's output is the
+/// status that must end the stream, if it failed. Dropped (the writer's task panicked), it
+/// detaches them rather than aborting them, so their replies still go out.
+struct SettleTasks(JoinSet<Option<Status>>);
+
+impl SettleTasks {
+    /// Notes a finished settle phase: the first failure is the status that ends the stream.
+    fn note(end: &mut Option<Status>, done: Result<Option<Status>, tokio::task::JoinError>) {
+        match done {
+            Ok(None) => {}
+            Ok(Some(status)) => {
+                end.get_or_insert(status);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a ProduceStream settle phase failed");
+                end.get_or_insert_with(|| {
+                    Status::internal("settling a request failed inside the broker; see its log")
+                });
+            }
+        }
+    }
+}
+
+impl Drop for SettleTasks {
+    fn drop(&mut self) {
+        self.0.detach_all();
+    }
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<v1::ProduceStreamResponse, Status>> + Send>>;
@@ -748,12 +793,15 @@ impl ProduceService for Produce {
         // order), while the reader decodes the next request.
         let state = self.state.clone();
         tokio::spawn(async move {
-            // Settle phases still waiting for their fdatasync, each with a reply to send (at
-            // most MAX_IN_FLIGHT: each holds its request's permit).
-            let mut settling = JoinSet::new();
+            let mut settling = SettleTasks(JoinSet::new());
             let mut end = None;
             while let Some(next) = writes.recv().await {
-                while settling.try_join_next().is_some() {}
+                while let Some(done) = settling.0.try_join_next() {
+                    SettleTasks::note(&mut end, done);
+                }
+                if end.is_some() {
+                    break;
+                }
                 let outcome = match next {
                     Ok(p) => write_one(&state, &who, p, &tx, &mut settling).await,
                     Err(status) => Err(status),
@@ -761,21 +809,24 @@ impl ProduceService for Produce {
                 match outcome {
                     Ok(true) => continue,
                     Ok(false) => {}
-                    Err(status) => end = Some(status),
+                    Err(status) => {
+                        end.get_or_insert(status);
+                    }
                 }
                 break;
             }
+            // Nothing more is written: the reader stops at once.
+            drop(writes);
+            // tonic ends the reply stream at its first error: the requests written before the
+            // one that failed get their replies first (their data is in the log, durable once
+            // their settle phase ends; a client that never heard of them would send them
+            // again), then the status.
+            while let Some(done) = settling.0.join_next().await {
+                SettleTasks::note(&mut end, done);
+            }
             if let Some(status) = end {
-                // tonic ends the reply stream at its first error: the requests appended before
-                // this one get their replies first (their data is in the log, durable once
-                // their settle phase ends; a client that never heard of them would send them
-                // again).
-                while settling.join_next().await.is_some() {}
                 let _ = tx.send(Err(status)).await;
             }
-            // A stream that ended otherwise leaves its settle phases to finish on their own
-            // (dropping the set would abort them).
-            settling.detach_all();
         });
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as ReplyStream
