@@ -652,19 +652,30 @@ async fn write_one(
 struct SettleTasks(JoinSet<Option<Status>>);
 
 impl SettleTasks {
-    /// Notes a finished settle phase: the first failure is the status that ends the stream.
+    /// Notes a finished settle phase's failure as the status that ends the stream.
     fn note(end: &mut Option<Status>, done: Result<Option<Status>, tokio::task::JoinError>) {
         match done {
             Ok(None) => {}
-            Ok(Some(status)) => {
-                end.get_or_insert(status);
-            }
+            Ok(Some(status)) => Self::end_with(end, status),
             Err(e) => {
                 tracing::error!(error = %e, "a ProduceStream settle phase failed");
-                end.get_or_insert_with(|| {
-                    Status::internal("settling a request failed inside the broker; see its log")
-                });
+                Self::end_with(
+                    end,
+                    Status::internal("settling a request failed inside the broker; see its log"),
+                );
             }
+        }
+    }
+
+    /// The status that ends the stream: the first one, except that INTERNAL (something may
+    /// have been appended that no reply reports) replaces a refusal (nothing was written).
+    fn end_with(end: &mut Option<Status>, status: Status) {
+        let internal = |s: &Status| s.code() == tonic::Code::Internal;
+        if end
+            .as_ref()
+            .is_none_or(|e| internal(&status) && !internal(e))
+        {
+            *end = Some(status);
         }
     }
 }
@@ -795,13 +806,23 @@ impl ProduceService for Produce {
         tokio::spawn(async move {
             let mut settling = SettleTasks(JoinSet::new());
             let mut end = None;
-            while let Some(next) = writes.recv().await {
-                while let Some(done) = settling.0.try_join_next() {
-                    SettleTasks::note(&mut end, done);
-                }
-                if end.is_some() {
-                    break;
-                }
+            loop {
+                // A settle phase that ends (a failure must end the stream now, not when the
+                // next request comes), or the next request.
+                let next = tokio::select! {
+                    biased;
+                    Some(done) = settling.0.join_next(), if !settling.0.is_empty() => {
+                        SettleTasks::note(&mut end, done);
+                        if end.is_some() {
+                            break;
+                        }
+                        continue;
+                    }
+                    next = writes.recv() => match next {
+                        Some(next) => next,
+                        None => break,
+                    },
+                };
                 let outcome = match next {
                     Ok(p) => write_one(&state, &who, p, &tx, &mut settling).await,
                     Err(status) => Err(status),
@@ -809,9 +830,7 @@ impl ProduceService for Produce {
                 match outcome {
                     Ok(true) => continue,
                     Ok(false) => {}
-                    Err(status) => {
-                        end.get_or_insert(status);
-                    }
+                    Err(status) => SettleTasks::end_with(&mut end, status),
                 }
                 break;
             }
