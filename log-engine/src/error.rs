@@ -147,6 +147,17 @@ pub enum Error {
     #[error("the log is closed")]
     Closed,
 
+    /// The partition's topic was deleted while this handle to it was held (a reader or
+    /// writer that looked it up before the delete). A topic created since under the same name
+    /// is another topic: look it up again.
+    #[error("topic {topic} was deleted: partition {topic}/{partition} no longer exists")]
+    TopicDeleted {
+        /// Topic name.
+        topic: String,
+        /// Partition number.
+        partition: u32,
+    },
+
     /// An idempotent producer's batch carries an older epoch than the producer's latest: a
     /// zombie. Nothing was written.
     #[error("producer {producer_id} epoch {epoch} is fenced by epoch {current_epoch}")]

@@ -322,7 +322,7 @@ impl Log {
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_owned()))?;
         for p in &topic.partitions {
-            p.close().ok();
+            p.close_deleted().ok();
         }
         let root = &self.inner.root;
         let fs = self.inner.shared.fs.as_ref();
@@ -664,7 +664,7 @@ fn clean_pass(inner: &Inner) -> Result<Vec<(String, u32, CleanReport)>> {
         match lock(&inner.cleaner).clean(&p) {
             Ok(r) if r.ran => out.push((p.topic().to_owned(), p.id(), r)),
             Ok(_) => {}
-            Err(Error::Closed) => {}
+            Err(Error::Closed | Error::TopicDeleted { .. }) => {}
             Err(e) => {
                 tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "log cleaner failed");
                 first_err.get_or_insert(e);

@@ -10,10 +10,15 @@
 //! subscriptions, on the appending runtime thread) must not pay one. Blocking readers count
 //! themselves in `blocked` under the waiter lock, which the publisher holds while it reads
 //! that count, so a reader either sees the new value before it waits or is signalled.
+//!
+//! A watch is closed with its partition ([`Watch::close`]): no value will come any more, so
+//! every waiter, blocked or async, returns at once with the value as it is, and every later
+//! wait too. The flag is set before the waiters are woken, and waiters check it where they
+//! check the value (the async ones again under the waiter lock), so none misses it.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -26,6 +31,8 @@ pub(crate) struct Watch {
     /// Blocking readers in [`Watch::wait_beyond`]; changed and read only under `wakers`' lock.
     blocked: AtomicUsize,
     cv: Condvar,
+    /// Set by [`Watch::close`]; never cleared.
+    closed: AtomicBool,
 }
 
 impl Watch {
@@ -48,7 +55,17 @@ impl Watch {
         }
     }
 
-    /// Wakes everyone (used on close so waiters can observe it).
+    /// Closes the watch: every waiter returns now, and every later wait at once.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Wakes everyone (a poisoned partition's durability waiters then see the poison).
     pub(crate) fn wake_all(&self) {
         let wakers = {
             let mut guard = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
@@ -64,7 +81,8 @@ impl Watch {
         }
     }
 
-    /// Blocks until the high watermark exceeds `offset` or `timeout` passes; returns it.
+    /// Blocks until the high watermark exceeds `offset`, `timeout` passes or the watch is
+    /// closed; returns it.
     pub(crate) fn wait_beyond(&self, offset: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         let mut guard = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
@@ -73,7 +91,7 @@ impl Watch {
         loop {
             let h = self.get();
             let now = Instant::now();
-            if h > offset || now >= deadline {
+            if h > offset || now >= deadline || self.is_closed() {
                 self.blocked.fetch_sub(1, Ordering::Relaxed);
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 return h;
@@ -87,7 +105,8 @@ impl Watch {
     }
 }
 
-/// One registration with a [`Watch`], for futures: resolves once the value exceeds an offset.
+/// One registration with a [`Watch`], for futures: resolves once the value exceeds an offset
+/// or the watch is closed.
 /// Counted as a waiter from its first pending poll until it is dropped.
 #[derive(Debug)]
 pub(crate) struct Waiter {
@@ -105,10 +124,11 @@ impl Waiter {
         }
     }
 
-    /// Ready with the value once it exceeds the offset; otherwise registers `cx`'s waker.
+    /// Ready with the value once it exceeds the offset or the watch is closed; otherwise
+    /// registers `cx`'s waker.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
         let h = self.watch.get();
-        if h > self.offset {
+        if h > self.offset || self.watch.is_closed() {
             return Poll::Ready(h);
         }
         let mut wakers = self.watch.wakers.lock().unwrap_or_else(|p| p.into_inner());
@@ -116,10 +136,10 @@ impl Waiter {
             self.watch.waiting.fetch_add(1, Ordering::SeqCst);
             self.registered = true;
         }
-        // Re-check under the lock: a publish between the first check and here would otherwise
-        // be missed.
+        // Re-check under the lock: a publish or close between the first check and here would
+        // otherwise be missed.
         let h = self.watch.get();
-        if h > self.offset {
+        if h > self.offset || self.watch.is_closed() {
             return Poll::Ready(h);
         }
         if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
@@ -137,7 +157,8 @@ impl Drop for Waiter {
     }
 }
 
-/// Future that resolves to the high watermark once it exceeds a given offset.
+/// Future that resolves to the high watermark once it exceeds a given offset, or once the
+/// partition is closed (with the high watermark as it is then: no data will come).
 #[derive(Debug)]
 pub struct DataAvailable(Waiter);
 
@@ -179,6 +200,35 @@ mod tests {
         w.publish(7);
         assert!(flag.0.load(Ordering::SeqCst));
         assert_eq!(Pin::new(&mut f).poll(&mut cx), Poll::Ready(7));
+    }
+
+    /// A close wakes async and blocked waiters, and later waits return at once (a reader of
+    /// a deleted topic's partition must not wait for data that will never come).
+    #[test]
+    fn close_wakes_every_waiter_and_later_waits_return_at_once() {
+        let w = Arc::new(Watch::new(5));
+        let flag = Arc::new(Flag(false.into()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut f = DataAvailable::new(w.clone(), 5);
+        assert_eq!(Pin::new(&mut f).poll(&mut cx), Poll::Pending);
+        let w2 = w.clone();
+        let blocked = std::thread::spawn(move || {
+            let t = Instant::now();
+            (w2.wait_beyond(5, Duration::from_secs(60)), t.elapsed())
+        });
+        while w.blocked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        w.close();
+        assert!(flag.0.load(Ordering::SeqCst), "the async waiter was woken");
+        assert_eq!(Pin::new(&mut f).poll(&mut cx), Poll::Ready(5));
+        let (h, took) = blocked.join().unwrap();
+        assert_eq!(h, 5);
+        assert!(took < Duration::from_secs(30), "{took:?}");
+        let mut later = DataAvailable::new(w.clone(), 5);
+        assert_eq!(Pin::new(&mut later).poll(&mut cx), Poll::Ready(5));
+        assert_eq!(w.wait_beyond(5, Duration::from_secs(60)), 5);
     }
 
     #[test]

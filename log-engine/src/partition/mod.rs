@@ -229,6 +229,9 @@ pub struct Partition {
     /// lock when both are held (a roll), never before it.
     sync_lock: Mutex<()>,
     closed: AtomicBool,
+    /// Set (before `closed`) when the partition's topic is deleted: its errors then say so
+    /// ([`Error::TopicDeleted`]) instead of [`Error::Closed`].
+    deleted: AtomicBool,
     last_flush_ms: AtomicU64,
     fsync_latency: crate::stats::Latency,
     /// This partition, for jobs run on the log's write-back thread (set by
@@ -471,10 +474,31 @@ impl Partition {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
+        if let Some(e) = self.closed_error() {
+            return Err(e);
         }
         self.check_not_poisoned()
+    }
+
+    /// `None` while the partition is open; once it is closed, the error its writes (and
+    /// durability waits) get: [`Error::TopicDeleted`] if its topic was deleted, else
+    /// [`Error::Closed`] (the log was closed).
+    pub fn closed_error(&self) -> Option<Error> {
+        if !self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(if self.deleted.load(Ordering::Acquire) {
+            self.deleted_error()
+        } else {
+            Error::Closed
+        })
+    }
+
+    fn deleted_error(&self) -> Error {
+        Error::TopicDeleted {
+            topic: self.topic.clone(),
+            partition: self.id,
+        }
     }
 
     /// Marks the partition poisoned by `err` and returns the [`Error::Poisoned`] that the
@@ -884,6 +908,9 @@ impl Partition {
         max_bytes: usize,
         isolation: Isolation,
     ) -> Result<ReadResult> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(self.deleted_error());
+        }
         let hwm = self.watch.get();
         let lso = lock(&self.txn).last_stable(hwm);
         let segs = self.snapshot();
@@ -1093,13 +1120,15 @@ impl Partition {
         Ok(None)
     }
 
-    /// Blocks until the high watermark exceeds `offset` or `timeout` passes; returns it.
+    /// Blocks until the high watermark exceeds `offset`, `timeout` passes or the partition is
+    /// closed; returns it.
     pub fn wait_for_data(&self, offset: u64, timeout: Duration) -> u64 {
         self.watch.wait_beyond(offset, timeout)
     }
 
     /// A future (for any async runtime) that resolves when the high watermark exceeds
-    /// `offset`, with the new high watermark.
+    /// `offset`, with the new high watermark, or once the partition is closed (no data will
+    /// come: [`Partition::closed_error`] says why), with the high watermark as it is then.
     pub fn data_available(&self, offset: u64) -> DataAvailable {
         DataAvailable::new(self.watch.clone(), offset)
     }
@@ -1220,8 +1249,9 @@ impl Partition {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.watch.wake_all();
-        self.durable.wake_all();
+        // Waiters for data or durability return now: none will come.
+        self.watch.close();
+        self.durable.close();
         if self.is_poisoned() {
             return Ok(());
         }
@@ -1235,6 +1265,19 @@ impl Partition {
         seg.publish_readable(point.position);
         self.watch.publish(point.next_offset);
         lock(&self.checkpoint).write(point)
+    }
+
+    /// [`Partition::close`] for a partition whose topic is being deleted: from here on its
+    /// reads, writes and durability waits fail with [`Error::TopicDeleted`], and its waiters
+    /// return.
+    pub(crate) fn close_deleted(&self) -> Result<()> {
+        self.deleted.store(true, Ordering::Release);
+        self.close()
+    }
+
+    /// True once the partition's topic was deleted (this handle outlived it).
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
     }
 
     /// Path of the active segment's log file.

@@ -404,3 +404,74 @@ fn write_back_is_started_on_its_own_thread_every_few_mib() {
     log.close().unwrap();
     assert!(hints.lock().unwrap().is_empty());
 }
+
+/// A handle to a partition held across the delete of its topic (a broker's subscription, or
+/// an append that looked the partition up just before): its reads, appends and durability
+/// waits fail with `TopicDeleted`, not `Closed` (which means the log was closed), and a
+/// waiter for new data returns at once instead of waiting for data that will never come. A
+/// topic created again under the name is a new one; the old handle stays deleted. Closing
+/// the log still answers `Closed`.
+#[test]
+fn a_handle_held_across_a_delete_says_the_topic_was_deleted() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TopicConfig {
+        fsync: FsyncPolicy::Never,
+        ..TopicConfig::default()
+    };
+    let log = open_topic(dir.path(), cfg.clone());
+    let old = log.partition("t", 0).unwrap();
+    let info = old.append_nowait(&batch("a", 1, 1000)).unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut waiting = std::pin::pin!(old.data_available(old.high_watermark()));
+    assert!(waiting.as_mut().poll(&mut cx).is_pending());
+    // Not durable yet (fsync = never, nothing synced): the wait is still open at the delete.
+    let mut durable = std::pin::pin!(old.durable(info.last_offset + 1));
+    assert!(durable.as_mut().poll(&mut cx).is_pending());
+    assert!(old.closed_error().is_none());
+
+    log.delete_topic("t").unwrap();
+    log.create_topic("t", cfg).unwrap();
+    let new = log.partition("t", 0).unwrap();
+    new.append(&batch("new", 1, 2000)).unwrap();
+
+    let deleted =
+        |e: &Error| matches!(e, Error::TopicDeleted { topic, partition: 0 } if topic == "t");
+    assert!(old.is_deleted());
+    assert!(old.closed_error().is_some_and(|e| deleted(&e)));
+    assert!(
+        matches!(waiting.as_mut().poll(&mut cx), Poll::Ready(1)),
+        "a data waiter returns once the partition is gone"
+    );
+    assert!(
+        std::pin::pin!(old.data_available(1))
+            .poll(&mut cx)
+            .is_ready(),
+        "and later waits return at once"
+    );
+    match durable.as_mut().poll(&mut cx) {
+        Poll::Ready(Err(e)) => assert!(deleted(&e), "{e:?}"),
+        other => panic!("the durability wait must fail with TopicDeleted: {other:?}"),
+    }
+    let e = old.append_nowait(&batch("late", 1, 3000)).unwrap_err();
+    assert!(deleted(&e), "{e:?}");
+    let e = old.read(0, 1 << 20).unwrap_err();
+    assert!(deleted(&e), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "topic t was deleted: partition t/0 no longer exists"
+    );
+    // The new topic is another one: its data is not the old handle's.
+    assert!(!new.is_deleted());
+    assert_eq!(read_all(&new, 0).len(), 1);
+
+    // Closing the log is not a delete.
+    log.close().unwrap();
+    assert!(matches!(new.closed_error(), Some(Error::Closed)));
+    assert!(matches!(
+        new.append_nowait(&batch("after", 1, 4000)),
+        Err(Error::Closed)
+    ));
+}
