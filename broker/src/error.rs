@@ -228,7 +228,10 @@ fn error_code(e: &BrokerError) -> ErrorCode {
             EngineError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             EngineError::Corruption { .. } => ErrorCode::Corruption,
             EngineError::Poisoned { .. } => ErrorCode::PartitionPoisoned,
+            // Closed: the log closed, which happens only at shutdown. A partition whose topic
+            // was deleted under a request says TopicDeleted instead.
             EngineError::Closed => ErrorCode::ShuttingDown,
+            EngineError::TopicDeleted { .. } => ErrorCode::UnknownTopic,
             EngineError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
             EngineError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
             EngineError::InvalidTxnState { .. } => ErrorCode::InvalidTxnState,
@@ -375,6 +378,10 @@ fn bounded(e: BrokerError) -> BrokerError {
                 topic: echo_owned(topic),
                 partition,
             },
+            E::TopicDeleted { topic, partition } => E::TopicDeleted {
+                topic: echo_owned(topic),
+                partition,
+            },
             E::InvalidTopicName { name, reason } => E::InvalidTopicName {
                 name: echo_owned(name),
                 reason,
@@ -462,7 +469,10 @@ impl From<BrokerError> for Status {
             BrokerError::Engine(EngineError::TopicNotFound(t) | EngineError::TopicExists(t)) => {
                 meta.insert("topic".to_owned(), t.clone());
             }
-            BrokerError::Engine(EngineError::PartitionNotFound { topic, partition }) => {
+            BrokerError::Engine(
+                EngineError::PartitionNotFound { topic, partition }
+                | EngineError::TopicDeleted { topic, partition },
+            ) => {
                 meta.insert("topic".to_owned(), topic.clone());
                 meta.insert("partition".to_owned(), partition.to_string());
             }
@@ -515,6 +525,35 @@ mod tests {
         let whole = Status::from(e());
         let part = partition_status("t", 0, &partition_error(e()));
         assert_eq!(whole.code(), part.code());
+    }
+
+    /// A write or wait that raced a DeleteTopic says the topic is unknown (with the topic and
+    /// partition in its ErrorInfo), not that the broker is shutting down; a closed log (which
+    /// happens only at shutdown) still says shutting down.
+    #[test]
+    fn a_deleted_topic_is_unknown_and_a_closed_log_is_shutting_down() {
+        let deleted = || {
+            BrokerError::Engine(EngineError::TopicDeleted {
+                topic: "t".into(),
+                partition: 3,
+            })
+        };
+        let s = Status::from(deleted());
+        assert_eq!(s.code(), Code::NotFound);
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "ERROR_CODE_UNKNOWN_TOPIC");
+        assert_eq!(info.metadata["topic"], "t");
+        assert_eq!(info.metadata["partition"], "3");
+        let p = partition_error(deleted());
+        assert_eq!(p.code, ErrorCode::UnknownTopic as i32);
+        assert_eq!(
+            p.message,
+            "topic t was deleted: partition t/3 no longer exists"
+        );
+        let s = Status::from(BrokerError::Engine(EngineError::Closed));
+        assert_eq!(s.code(), Code::Unavailable);
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "ERROR_CODE_SHUTTING_DOWN");
     }
 
     #[test]

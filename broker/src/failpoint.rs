@@ -1,26 +1,74 @@
-//! Crash points for crash tests: `SPOOL_FAILPOINTS=name[,name…]` in the broker's environment
-//! makes it abort (like kill -9: no cleanup, nothing flushed) when it reaches a named point.
-//! Read once; unset (production) it costs one check of an empty list.
+//! Fault points for tests: `SPOOL_FAILPOINTS=name[,name…]` in the broker's environment arms
+//! them. Read once; unset (production) each point costs one check of an empty list.
 //!
-//! Points: `txn-end-received` (an EndTxn that ends an open transaction arrived, nothing
+//! Crash points ([`hit`]) make the broker abort (like kill -9: no cleanup, nothing flushed):
+//! `txn-end-received` (an EndTxn that ends an open transaction arrived, nothing
 //! decided yet: the restart aborts it), `txn-after-prepare` (a decision is durable, no marker written yet),
 //! `txn-mid-markers` (right after the first marker of a decision), `txn-after-markers` (every
 //! marker written, offsets not applied yet), `txn-before-complete` (offsets applied, the
 //! completion not recorded yet).
+//!
+//! Panic points ([`panic_at`]) make the task that reaches them panic, as a bug would, so a
+//! test can see what the client is told: `group-persist` (a group's state being appended, on
+//! the blocking pool), `group-commit` (a fenced CommitOffsets being appended, on the blocking
+//! pool). `name@N` arms a point for its N-th hit only (counted from 1; the other hits pass).
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-static POINTS: OnceLock<Vec<String>> = OnceLock::new();
+/// One armed point: its name, the hit it fires at (`None`: every hit) and the hits so far.
+struct Point {
+    name: String,
+    at: Option<u64>,
+    hits: AtomicU64,
+}
+
+static POINTS: OnceLock<Vec<Point>> = OnceLock::new();
+
+fn points() -> &'static [Point] {
+    POINTS.get_or_init(|| {
+        std::env::var("SPOOL_FAILPOINTS")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| {
+                        let s = s.trim();
+                        let (name, at) = match s.split_once('@') {
+                            Some((n, at)) => (n, at.parse().ok()),
+                            None => (s, None),
+                        };
+                        Point {
+                            name: name.to_owned(),
+                            at,
+                            hits: AtomicU64::new(0),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// True if `name` is armed for this hit (counted).
+fn fires(name: &str) -> bool {
+    points().iter().any(|p| {
+        p.name == name && {
+            let n = p.hits.fetch_add(1, Ordering::Relaxed) + 1;
+            p.at.is_none_or(|at| at == n)
+        }
+    })
+}
 
 /// Aborts the process if `name` is armed.
 pub(crate) fn hit(name: &str) {
-    let points = POINTS.get_or_init(|| {
-        std::env::var("SPOOL_FAILPOINTS")
-            .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
-            .unwrap_or_default()
-    });
-    if points.iter().any(|p| p == name) {
+    if fires(name) {
         eprintln!("spoold: failpoint {name} reached: aborting");
         std::process::abort();
+    }
+}
+
+/// Panics (the calling task only) if `name` is armed.
+pub(crate) fn panic_at(name: &str) {
+    if fires(name) {
+        panic!("failpoint {name} reached: panicking");
     }
 }

@@ -430,11 +430,26 @@ fn tls_config(tls: &config::TlsConfig) -> Result<tonic::transport::ServerTlsConf
     Ok(out)
 }
 
-/// Runs blocking engine work on tokio's blocking pool.
+/// Runs blocking engine work on tokio's blocking pool; its failure as a status (see
+/// [`blocking_task`]).
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, tonic::Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| tonic::Status::internal(format!("worker failed: {e}")))
+    blocking_task(f).await.map_err(tonic::Status::from)
+}
+
+/// Runs blocking engine work on tokio's blocking pool. If it panicked: `Internal` (a bug; the
+/// panic is logged with the error, the client is told only that the broker failed); if the
+/// runtime cancelled it before it ran (it is shutting down): `ShuttingDown`.
+pub(crate) async fn blocking_task<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BrokerError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        if e.is_cancelled() {
+            BrokerError::ShuttingDown
+        } else {
+            tracing::error!(error = %e, "a task on the blocking pool panicked");
+            BrokerError::Internal("a worker failed inside the broker; see its log".into())
+        }
+    })
 }

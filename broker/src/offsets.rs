@@ -617,7 +617,7 @@ impl OffsetStore {
                     time_ms: now_ms,
                     pos: 0,
                 })
-                .map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+                .map_err(|e| BrokerError::Internal(format!("serializing an offset: {e}")))?;
                 b.push(
                     now_ms,
                     Some(&encode_key(group, &c.topic, c.partition)),

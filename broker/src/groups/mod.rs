@@ -39,7 +39,7 @@ use tonic::Status;
 use self::coordinator::{
     Coordinator, Effect, JoinRefusal, JoinSpec, Refusal, Removal, Snapshot, State, Strategy, Tp,
 };
-use crate::blocking;
+use crate::blocking_task;
 use crate::config::GroupsConfig;
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
@@ -653,14 +653,17 @@ impl Task {
         if snap == self.persisted {
             return Ok(());
         }
-        let json =
-            serde_json::to_vec(&snap).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        // The snapshot is plain data: failing to serialize it is the broker's own fault.
+        let json = serde_json::to_vec(&snap)
+            .map_err(|e| BrokerError::Internal(format!("serializing group state: {e}")))?;
         let offsets = self.groups.offsets.clone();
         let name = self.name.clone();
         let now = self.groups.log.clock().now_ms();
-        blocking(move || offsets.append_group_state(&name, Some(&json), now))
-            .await
-            .map_err(|s| BrokerError::InvalidRequest(s.message().to_owned()))??;
+        blocking_task(move || {
+            crate::failpoint::panic_at("group-persist");
+            offsets.append_group_state(&name, Some(&json), now)
+        })
+        .await??;
         self.persisted = snap;
         Ok(())
     }
@@ -856,11 +859,12 @@ impl Task {
                         // partitions between the check and the append.
                         let offsets_store = self.groups.offsets.clone();
                         let group = self.name.clone();
-                        match blocking(move || offsets_store.commit(&group, &offsets, now_ms)).await
-                        {
-                            Ok(r) => r,
-                            Err(s) => Err(BrokerError::InvalidRequest(s.message().to_owned())),
-                        }
+                        blocking_task(move || {
+                            crate::failpoint::panic_at("group-commit");
+                            offsets_store.commit(&group, &offsets, now_ms)
+                        })
+                        .await
+                        .and_then(|r| r)
                     }
                 };
                 let _ = reply.send(result);

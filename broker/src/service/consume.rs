@@ -23,6 +23,16 @@
 //! A read that panics (a bug; on the blocking pool it comes back as a `JoinError`, on the
 //! subscription's task it is caught there) ends that subscription with INTERNAL naming the
 //! partition, logged once; the broker and its other streams go on.
+//!
+//! A subscription holds its partitions (`Arc<Partition>`), not their names. When a topic is
+//! deleted its partitions are closed, which wakes their waiters; the subscription then ends
+//! with the partition's `closed_error`: UNKNOWN_TOPIC (`NOT_FOUND`) for a deleted topic, even
+//! if a topic of that name was created since (that is another topic: subscribe again), and
+//! SHUTTING_DOWN if the log closed. So it never waits on, or heartbeats the high watermark of,
+//! a partition that will get no more data. A Fetch long poll wakes the same way, and its read
+//! of a deleted partition answers UNKNOWN_TOPIC for that partition.
+//!
+//! Every status a subscription ends with is built through `error.rs`, with its `ErrorInfo`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +46,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Action, principal};
 use crate::budget::{Charge, ChargedStream, Ledger};
-use crate::error::{BrokerError, partition_error};
+use crate::error::{BrokerError, partition_error, partition_status};
 use crate::metrics::timed;
 use crate::reply::{self, Assembled, Shape, Target};
 use crate::{State, blocking};
@@ -451,12 +461,15 @@ async fn follow(
     let mut at_end = vec![false; parts.len()];
     loop {
         if *shutdown.borrow() {
-            let _ = tx
-                .send((
-                    Err(Status::unavailable("the broker is shutting down")),
-                    None,
-                ))
-                .await;
+            let _ = tx.send((Err(BrokerError::ShuttingDown.into()), None)).await;
+            return;
+        }
+        // A partition closed under the subscription: its topic was deleted (this handle is
+        // the old topic's, even if one of the name exists again), or the log closed. Nothing
+        // more will come from it; its waiter returned at the close, so this is prompt.
+        if let Some((p, e)) = parts.iter().find_map(|p| p.closed_error().map(|e| (p, e))) {
+            let status = partition_status(p.topic(), p.id(), &partition_error(e));
+            let _ = tx.send((Err(status), None)).await;
             return;
         }
         let mut sent = false;
@@ -486,7 +499,7 @@ async fn follow(
                 return;
             };
             if let Some(err) = &data.error {
-                let status = crate::error::partition_status(&data.topic, data.partition, err);
+                let status = partition_status(&data.topic, data.partition, err);
                 let _ = tx.send((Err(status), None)).await;
                 return;
             }
@@ -582,9 +595,7 @@ async fn read_chunk(
             Err((topic, id, join)) => {
                 let status = match join {
                     // The runtime is shutting down (it cancels what it has not started).
-                    Some(e) if e.is_cancelled() => {
-                        Status::unavailable("the broker is shutting down")
-                    }
+                    Some(e) if e.is_cancelled() => BrokerError::ShuttingDown.into(),
                     e => read_failed(&topic, id, e.as_ref()),
                 };
                 let _ = tx.send((Err(status), None)).await;
@@ -604,9 +615,7 @@ async fn read_chunk(
         tokio::select! {
             () = charge.grow(need) => {}
             _ = shutdown.changed() => {
-                let _ = tx
-                    .send((Err(Status::unavailable("the broker is shutting down")), None))
-                    .await;
+                let _ = tx.send((Err(BrokerError::ShuttingDown.into()), None)).await;
                 return None;
             }
             () = tx.closed() => return None,
@@ -650,7 +659,7 @@ fn read_failed(topic: &str, partition: u32, join: Option<&tokio::task::JoinError
             .into(),
         ..Default::default()
     };
-    crate::error::partition_status(topic, partition, &e)
+    partition_status(topic, partition, &e)
 }
 
 #[cfg(test)]
@@ -924,6 +933,9 @@ pub(crate) mod tests {
         let status = msg.expect_err("the read was cancelled");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert_eq!(status.message(), "the broker is shutting down");
+        // Built through error.rs like every status: with its ErrorInfo (it had none).
+        let info = tonic_types::StatusExt::get_details_error_info(&status).expect("ErrorInfo");
+        assert_eq!(info.reason, "ERROR_CODE_SHUTTING_DOWN");
         assert!(
             matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)),
             "the subscription ended after the status"

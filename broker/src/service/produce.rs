@@ -441,7 +441,7 @@ async fn run_blocking_path(
     });
     results
         .await
-        .map_err(|_| Status::internal("worker failed before answering"))
+        .map_err(|_| BrokerError::Internal("the worker failed before answering".into()).into())
 }
 
 /// Makes everything below `next` on `p` durable soon: joins the partition's running sync loop,
@@ -452,7 +452,10 @@ fn request_sync(p: &Arc<Partition>, next: u64) {
         let p = p.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = p.run_requested_syncs()
-                && !matches!(e, spool_log_engine::Error::Closed)
+                && !matches!(
+                    e,
+                    spool_log_engine::Error::Closed | spool_log_engine::Error::TopicDeleted { .. }
+                )
             {
                 tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
             }
@@ -598,9 +601,10 @@ async fn write_one(
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "a ProduceStream write failed on the blocking pool");
-                return Err(Status::internal(
-                    "the write of this request failed inside the broker; see its log",
-                ));
+                return Err(BrokerError::Internal(
+                    "the write of this request failed inside the broker; see its log".into(),
+                )
+                .into());
             }
         };
         // Settle phases overlap; the reply carries the request id. A settle phase that fails
@@ -661,7 +665,10 @@ impl SettleTasks {
                 tracing::error!(error = %e, "a ProduceStream settle phase failed");
                 Self::end_with(
                     end,
-                    Status::internal("settling a request failed inside the broker; see its log"),
+                    BrokerError::Internal(
+                        "settling a request failed inside the broker; see its log".into(),
+                    )
+                    .into(),
                 );
             }
         }

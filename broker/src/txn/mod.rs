@@ -295,8 +295,8 @@ impl Transactions {
     /// Appends `meta` as `id`'s latest state (waiting for the fsync when `durable`).
     fn persist(&self, id: &str, meta: &TxnMeta, durable: bool) -> Result<(), BrokerError> {
         let started = std::time::Instant::now();
-        let value =
-            serde_json::to_vec(meta).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let value = serde_json::to_vec(meta)
+            .map_err(|e| BrokerError::Internal(format!("serializing transaction state: {e}")))?;
         let mut b = BatchBuilder::new(Compression::None);
         b.push(self.now_ms(), Some(id.as_bytes()), Some(&value), &[]);
         let p = self.log.partition(TXN_STATE_TOPIC, 0)?;
@@ -417,8 +417,13 @@ impl Transactions {
                     })
                     .collect();
                 handles.into_iter().try_for_each(|h| {
+                    // A panic is the broker's own failure, not a shutdown.
                     h.join()
-                        .unwrap_or(Err(EngineError::Closed))
+                        .map_err(|_| {
+                            BrokerError::Internal(
+                                "a thread waiting for the markers' fdatasync panicked".into(),
+                            )
+                        })?
                         .map_err(BrokerError::from)
                 })
             })

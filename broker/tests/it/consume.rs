@@ -582,3 +582,127 @@ async fn tail_subscription_gets_acks_written_fsync_always_batches_in_order() {
     assert_eq!(got, want);
     b.stop();
 }
+
+/// A subscription to a topic that is deleted ends promptly with UNKNOWN_TOPIC (NOT_FOUND,
+/// with its ErrorInfo), even when a topic of the same name is created again and written to
+/// (that is another topic: the client subscribes again). Before: it kept the deleted
+/// partition, never ended, never saw the new topic's data, and sent heartbeats with the old
+/// high watermark. A Fetch long poll on a partition deleted while it waits returns at once
+/// with UNKNOWN_TOPIC for it (before: at its deadline, with no error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_to_a_deleted_topic_ends_with_unknown_topic() {
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    setup(&b).await;
+    send(&b, 0, &["a"], 1000).await;
+    let mut cons = b.consume().await;
+    let mut s = cons
+        .subscribe(v1::SubscribeRequest {
+            partitions: vec![sub(0, None), sub(1, None)],
+            heartbeat_interval_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Subscribed and idle at the end of the log: heartbeats.
+    let first = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            first.message,
+            Some(v1::subscribe_response::Message::Heartbeat(_))
+        ),
+        "{first:?}"
+    );
+    // A Fetch long poll waiting at the end of partition 1.
+    let fetch_url = b.url();
+    let fetch = tokio::spawn(async move {
+        let ch = tonic::transport::Channel::from_shared(fetch_url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let r = v1::consume_service_client::ConsumeServiceClient::new(ch)
+            .fetch(v1::FetchRequest {
+                partitions: vec![v1::PartitionFetch {
+                    topic: "t".into(),
+                    partition: 1,
+                    offset: 0,
+                    max_bytes: 0,
+                }],
+                max_wait_ms: 20_000,
+                min_bytes: 1,
+                ..Default::default()
+            })
+            .await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let deleted = std::time::Instant::now();
+    let mut admin = b.admin().await;
+    admin
+        .delete_topic(v1::DeleteTopicRequest { topic: "t".into() })
+        .await
+        .unwrap();
+    setup(&b).await;
+    send(&b, 0, &["new"], 2000).await;
+
+    let end = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(3), s.next())
+            .await
+            .expect("the subscription ends within 3 s of the delete, not heartbeats for ever")
+            .expect("a status, not a clean end");
+        match msg {
+            Ok(v1::SubscribeResponse {
+                message: Some(v1::subscribe_response::Message::Data(d)),
+            }) => panic!("data from a deleted topic's subscription: {d:?}"),
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    let took = deleted.elapsed();
+    assert_eq!(end.code(), tonic::Code::NotFound, "{end:?}");
+    let info = end.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "ERROR_CODE_UNKNOWN_TOPIC");
+    assert_eq!(info.metadata["topic"], "t");
+    assert!(end.message().contains("was deleted"), "{end:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    let (r, waited) = fetch.await.unwrap();
+    let f = r.expect("the fetch answers").into_inner();
+    let e = f.partitions[0]
+        .error
+        .as_ref()
+        .expect("UNKNOWN_TOPIC for the deleted partition");
+    assert_eq!(e.code, v1::ErrorCode::UnknownTopic as i32, "{e:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+
+    // The new topic is served to a new subscription.
+    let mut again = cons
+        .subscribe(v1::SubscribeRequest {
+            partitions: vec![sub(0, Some(v1::start_position::Position::Earliest(true)))],
+            decode_records: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), again.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(v1::subscribe_response::Message::Data(d)) = msg.message {
+            assert_eq!(values(&d), vec!["new"]);
+            break;
+        }
+    }
+}

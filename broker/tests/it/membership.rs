@@ -8,6 +8,7 @@ use spool_proto::v1;
 use spool_proto::v1::group_service_client::GroupServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 
@@ -51,13 +52,18 @@ fn reason(s: &Status) -> String {
 
 impl Member {
     async fn join(b: &Spoold, join: v1::JoinGroup) -> Result<Member, Status> {
+        Member::join_on(b.channel().await, join).await
+    }
+
+    /// [`Member::join`] over `channel`.
+    async fn join_on(channel: Channel, join: v1::JoinGroup) -> Result<Member, Status> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(v1::MembershipRequest {
             request: Some(v1::membership_request::Request::Join(join)),
         })
         .await
         .unwrap();
-        let mut stub = GroupServiceClient::new(b.channel().await);
+        let mut stub = GroupServiceClient::new(channel);
         let mut rx = stub.membership(ReceiverStream::new(rx)).await?.into_inner();
         let first = rx.message().await?.expect("Joined");
         let Some(v1::membership_response::Response::Joined(j)) = first.response else {
@@ -580,4 +586,52 @@ async fn restored_members_that_do_not_return_expire() {
         .commit_offsets(commit("g", "", 0, &("t".into(), 0), 1))
         .await
         .unwrap();
+}
+
+/// A group whose state append panics on the blocking pool (a bug, or the task cancelled)
+/// ends its members' streams with INTERNAL and its ErrorInfo, not INVALID_ARGUMENT; so does
+/// a fenced commit whose append panics (the plain commit path already said INTERNAL). The
+/// panics come from the broker's `SPOOL_FAILPOINTS` panic points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_persisting_is_internal_not_a_bad_request() {
+    // The second group-state append panics: a's join is the first, c's the second.
+    let dir = tempfile::tempdir().unwrap();
+    let env = [ENV[0], ("SPOOL_FAILPOINTS", "group-persist@2")];
+    let b = Spoold::start_env(dir.path(), &[], &env);
+    topic(&b, "t", 2).await;
+    let mut a = Member::join(&b, join_req("g", &["t"], None, 60_000))
+        .await
+        .unwrap();
+    let _c = Member::join(&b, join_req("g", &["t"], None, 60_000)).await;
+    let e = a.end(Duration::from_secs(10)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert_eq!(reason(&e), "ERROR_CODE_INTERNAL", "{e:?}");
+    assert!(
+        !e.message().contains("failpoint"),
+        "the panic stays in the log: {e:?}"
+    );
+    drop(b);
+
+    // Every fenced commit's append panics.
+    let dir = tempfile::tempdir().unwrap();
+    let env = [ENV[0], ("SPOOL_FAILPOINTS", "group-commit")];
+    let b = Spoold::start_env(dir.path(), &[], &env);
+    topic(&b, "t", 2).await;
+    let a = Member::join(&b, join_req("g", &["t"], None, 60_000))
+        .await
+        .unwrap();
+    a.ack().await;
+    let tp = a.partitions[0].clone();
+    let e = b
+        .offsets()
+        .await
+        .commit_offsets(commit("g", &a.id, a.generation, &tp, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert_eq!(reason(&e), "ERROR_CODE_INTERNAL", "{e:?}");
+    // The group and the broker go on: a is still its member.
+    assert_eq!(describe(&b, "g").await.members.len(), 1);
+    a.heartbeat().await;
+    drop(a);
 }
