@@ -17,6 +17,12 @@
 //! - **Restart**: the latest snapshot per group is restored with every member disconnected,
 //!   given its session timeout from the restart to rejoin (by member id or instance id) and
 //!   take its partitions back; the others expire.
+//! - **A stream that cannot take an Assignment** (its client left 64 messages unread, or it is
+//!   gone) is ended and its member disconnected at once, as if the client had closed it: a
+//!   dynamic member leaves and the group rebalances without waiting for its acknowledgement
+//!   until the rebalance timeout; a static one is marked disconnected. Its status
+//!   (FENCED_MEMBER) is sent if the client reads its backlog within 30 s. From then on its
+//!   heartbeats (its request side may still be open) are not heard.
 //! - A group without members parks its coordinator (keeping its generation) and ends its
 //!   task; an event for it starts a new task.
 //! - Plain commits (no member id) and DeleteGroup are refused while the group has members;
@@ -47,6 +53,9 @@ use crate::offsets::OffsetStore;
 
 /// Messages queued towards one member's stream (then HTTP/2 flow control).
 pub(crate) const STREAM_CAPACITY: usize = 64;
+/// How long a member's stream ended for being full keeps trying to send its status (the
+/// client may still read its backlog); then the stream just ends.
+const OVERFLOW_STATUS_WAIT: Duration = Duration::from_secs(30);
 /// Events queued towards one group's task.
 const EVENTS_CAPACITY: usize = 1024;
 /// How often a group re-reads its topics' partition counts.
@@ -641,11 +650,23 @@ impl Task {
         // errors and retry).
     }
 
-    /// Makes the new state durable (if it changed), then delivers the effects.
-    async fn commit_effects(&mut self, effects: Vec<Effect>) -> Result<(), BrokerError> {
-        self.persist().await?;
-        self.deliver(effects);
-        Ok(())
+    /// Makes the new state durable (if it changed), then delivers the effects. A member whose
+    /// stream could not take its Assignment is disconnected ([`Task::deliver`]), which is a
+    /// change of its own: made durable and delivered in turn, until no stream overflows (each
+    /// round removes at least one stream, so this ends).
+    async fn commit_effects(&mut self, mut effects: Vec<Effect>) -> Result<(), BrokerError> {
+        loop {
+            self.persist().await?;
+            let dropped = self.deliver(effects);
+            if dropped.is_empty() {
+                return Ok(());
+            }
+            let now = self.groups.now();
+            effects = dropped
+                .iter()
+                .flat_map(|m| self.coord.disconnected(now, m))
+                .collect();
+        }
     }
 
     async fn persist(&mut self) -> Result<(), BrokerError> {
@@ -668,7 +689,14 @@ impl Task {
         Ok(())
     }
 
-    fn deliver(&mut self, effects: Vec<Effect>) {
+    /// Sends the effects to the members' streams. Returns the members whose stream could not
+    /// take an Assignment (full: the client does not read it; or closed): their stream is
+    /// ended here, so the caller must disconnect them (a dynamic member leaves, a static one
+    /// is marked disconnected), exactly as when a client closes its stream; the reader's own
+    /// `Closed` then finds no stream and changes nothing.
+    #[must_use]
+    fn deliver(&mut self, effects: Vec<Effect>) -> Vec<String> {
+        let mut dropped = Vec::new();
         for e in effects {
             match e {
                 Effect::Assign {
@@ -687,15 +715,38 @@ impl Task {
                             },
                         )),
                     };
-                    if tx.try_send(Ok(msg)).is_err() {
-                        // Not reading its stream (or gone): end the stream; the reader reports
-                        // it closed and the member leaves (dynamic) or disconnects (static).
+                    if let Err(e) = tx.try_send(Ok(msg)) {
+                        // Not reading its stream (or gone): end the stream and disconnect the
+                        // member (the caller does), rather than wait for its acknowledgement
+                        // until the rebalance timeout.
                         tracing::warn!(
                             group = self.name,
                             member,
-                            "member stream full or closed; ending it"
+                            "member stream full or closed; ending it and disconnecting the member"
                         );
-                        self.streams.remove(&member);
+                        if let Some(tx) = self.streams.remove(&member)
+                            && matches!(e, mpsc::error::TrySendError::Full(_))
+                        {
+                            // The client may still read its backlog: then it learns why the
+                            // stream ends. Bounded: a client that never reads is not waited for.
+                            let status: Status = BrokerError::FencedMember {
+                                group: self.name.clone(),
+                                member: member.clone(),
+                                reason: format!(
+                                    "its stream fell {STREAM_CAPACITY} messages behind: the \
+                                     member was disconnected; rejoin"
+                                ),
+                            }
+                            .into();
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(
+                                    OVERFLOW_STATUS_WAIT,
+                                    tx.send(Err(status)),
+                                )
+                                .await;
+                            });
+                        }
+                        dropped.push(member);
                     }
                 }
                 Effect::Remove { member, why } => {
@@ -725,6 +776,7 @@ impl Task {
                 }
             }
         }
+        dropped
     }
 
     async fn handle(&mut self, ev: Event) -> Result<(), BrokerError> {
@@ -785,16 +837,21 @@ impl Task {
                 };
                 let _ = out.try_send(Ok(joined));
                 self.streams.insert(id.clone(), out);
-                self.deliver(effects);
+                // Persisted above; a stream that overflows now is disconnected and that
+                // persisted in turn.
+                let delivered = self.commit_effects(effects).await;
                 self.members
                     .store(self.coord.member_count(), Ordering::SeqCst);
                 let _ = reply.send(Ok(id));
-                Ok(())
+                delivered
             }
             Event::Member { member, event } => match event {
                 MemberEvent::Heartbeat => {
-                    if self.coord.heard(now, &member)
-                        && let Some(tx) = self.streams.get(&member)
+                    // Only a member whose stream the broker has not ended is heard: one
+                    // disconnected for a full stream must not keep its session alive through
+                    // its request side.
+                    if let Some(tx) = self.streams.get(&member)
+                        && self.coord.heard(now, &member)
                     {
                         let _ = tx.try_send(Ok(v1::MembershipResponse {
                             response: Some(v1::membership_response::Response::Heartbeat(

@@ -588,6 +588,76 @@ async fn restored_members_that_do_not_return_expire() {
         .unwrap();
 }
 
+/// A member that does not read its stream, whose stream the broker therefore ends when an
+/// Assignment does not fit in it, is disconnected at once (a dynamic member leaves): the
+/// group rebalances without waiting for its revocation until the rebalance timeout (60 s
+/// here), and its heartbeats, still arriving on its request side, do not keep it. If the
+/// client reads its backlog later, the stream ends with FENCED_MEMBER. (Before: the member
+/// stayed, and the joiner waited for the rebalance timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_stream_overflows_is_disconnected_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start_env(dir.path(), &[], ENV);
+    topic(&b, "t", 2).await;
+    // A small HTTP/2 window on the slow member's connection: the broker can send it only
+    // about 150 heartbeat replies before the rest queue in its stream's channel.
+    let slow = Channel::from_shared(b.url())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut a = Member::join_on(
+        slow,
+        v1::JoinGroup {
+            rebalance_timeout_ms: 60_000,
+            ..join_req("g", &["t"], None, 60_000)
+        },
+    )
+    .await
+    .unwrap();
+    a.ack().await;
+    assert_eq!(a.partitions.len(), 2);
+    // a heartbeats without reading its stream: the replies fill the window, then the channel
+    // (64 messages), then are dropped.
+    for _ in 0..2000 {
+        a.heartbeat().await;
+    }
+    // Let the group's task handle them (each takes microseconds).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(describe(&b, "g").await.members.len(), 1);
+
+    // c joins: a is told to revoke a partition, which its full stream cannot take.
+    let joined = Instant::now();
+    let mut c = Member::join(&b, join_req("g", &["t"], None, 60_000))
+        .await
+        .unwrap();
+    while c.partitions.len() < 2 {
+        c.next_assignment(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "c has {:?} after {:?}: a was not disconnected",
+                    c.partitions,
+                    joined.elapsed()
+                )
+            });
+    }
+    let took = joined.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let d = describe(&b, "g").await;
+    assert_eq!(d.members.len(), 1, "{d:?}");
+    assert_eq!(d.members[0].member_id, c.id);
+    // a's heartbeats do not bring it back.
+    a.heartbeat().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(describe(&b, "g").await.members.len(), 1);
+    // a reads its backlog: its stream ends with why.
+    let e = a.end(Duration::from_secs(10)).await.unwrap_err();
+    assert_eq!(reason(&e), "ERROR_CODE_FENCED_MEMBER", "{e:?}");
+    assert!(e.message().contains("fell 64 messages behind"), "{e:?}");
+}
+
 /// A group whose state append panics on the blocking pool (a bug, or the task cancelled)
 /// ends its members' streams with INTERNAL and its ErrorInfo, not INVALID_ARGUMENT; so does
 /// a fenced commit whose append panics (the plain commit path already said INTERNAL). The
