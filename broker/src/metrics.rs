@@ -454,7 +454,10 @@ pub(crate) async fn scrape(
     .ok()
 }
 
-/// Runs a request handler's body, recording its duration and whether it failed.
+/// Runs a request handler's body, recording its duration and whether it failed. For a
+/// streaming RPC that is its setup only (until the response stream is returned): statuses
+/// sent later inside the stream are not counted (docs/operations.md, "Metrics"). A body
+/// dropped before it ends (request timeout, client cancel) records its duration, no error.
 pub(crate) async fn timed<T>(
     metrics: &Metrics,
     rpc: &'static str,
