@@ -654,8 +654,10 @@ async fn a_subscription_to_a_deleted_topic_ends_with_unknown_topic() {
     setup(&b).await;
     send(&b, 0, &["new"], 2000).await;
 
+    // One deadline for the whole wait: heartbeats (every 100 ms) must not extend it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let end = loop {
-        let msg = tokio::time::timeout(Duration::from_secs(3), s.next())
+        let msg = tokio::time::timeout_at(deadline, s.next())
             .await
             .expect("the subscription ends within 3 s of the delete, not heartbeats for ever")
             .expect("a status, not a clean end");
