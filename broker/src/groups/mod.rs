@@ -21,8 +21,9 @@
 //!   gone) is ended and its member disconnected at once, as if the client had closed it: a
 //!   dynamic member leaves and the group rebalances without waiting for its acknowledgement
 //!   until the rebalance timeout; a static one is marked disconnected. Its status
-//!   (FENCED_MEMBER) is sent if the client reads its backlog within 30 s. From then on its
-//!   heartbeats (its request side may still be open) are not heard.
+//!   (FENCED_MEMBER) is sent if the client reads its backlog within 30 s (and before a
+//!   shutdown, which does not wait for it). From then on its heartbeats (its request side
+//!   may still be open) are not heard.
 //! - A group without members parks its coordinator (keeping its generation) and ends its
 //!   task; an event for it starts a new task.
 //! - Plain commits (no member id) and DeleteGroup are refused while the group has members;
@@ -738,12 +739,16 @@ impl Task {
                                 ),
                             }
                             .into();
+                            // Not past a shutdown: that must not wait for this stream.
+                            let mut shutdown = self.groups.shutdown.clone();
                             tokio::spawn(async move {
-                                let _ = tokio::time::timeout(
-                                    OVERFLOW_STATUS_WAIT,
-                                    tx.send(Err(status)),
-                                )
-                                .await;
+                                tokio::select! {
+                                    _ = tokio::time::timeout(
+                                        OVERFLOW_STATUS_WAIT,
+                                        tx.send(Err(status)),
+                                    ) => {}
+                                    _ = shutdown.wait_for(|s| *s) => {}
+                                }
                             });
                         }
                         dropped.push(member);
