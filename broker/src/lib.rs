@@ -18,8 +18,12 @@
 //!   due), a copy into the page cache that costs less than the hand-off
 //!   (`service/produce.rs`).
 //! - Engine errors become wire errors in one place (`error.rs`).
-//! - Every request is bounded before the broker allocates for it: tonic's decode and encode
-//!   limits, partitions per request, records per list, fetch sizes and waits.
+//! - Every request is bounded before the broker decodes it (`request_limits.rs`): its size,
+//!   by its service's decode limit (`limits.max_request_bytes` for Produce, derived from the
+//!   count limits for the others), and the elements of its repeated fields (partitions,
+//!   records, offsets, topics), counted on the wire by the server codec against
+//!   `limits.max_partitions_per_request` / `max_records_per_request`. Handlers check the same
+//!   counts again after decoding, and bound fetch sizes and waits.
 //! - Replies are assembled within their byte limit and trimmed to it (`reply.rs`); replies in
 //!   flight are charged to a broker-wide and a per-connection memory budget until written
 //!   (`budget.rs`).
@@ -47,6 +51,7 @@ mod powerloss;
 mod process_metrics;
 mod producer_ids;
 mod reply;
+mod request_limits;
 pub mod rlimit;
 mod service;
 mod trim;
@@ -260,6 +265,9 @@ impl Broker {
         let state = self.state.clone();
         let cfg = &state.config;
         let max = cfg.limits.max_request_bytes;
+        // Requests are counted on the wire before they are decoded (request_limits.rs).
+        request_limits::install(&cfg.limits);
+        let decode = request_limits::DecodeLimits::of(&cfg.limits);
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<AdminServiceServer<service::Admin>>()
@@ -329,37 +337,37 @@ impl Broker {
             .add_service(reflection_v1alpha)
             .add_service(InterceptedService::new(
                 AdminServiceServer::new(service::Admin::new(state.clone()))
-                    .max_decoding_message_size(max)
+                    .max_decoding_message_size(decode.admin)
                     .max_encoding_message_size(max),
                 intercept.clone(),
             ))
             .add_service(InterceptedService::new(
                 ProduceServiceServer::new(service::Produce::new(state.clone()))
-                    .max_decoding_message_size(max)
+                    .max_decoding_message_size(decode.produce)
                     .max_encoding_message_size(max),
                 intercept.clone(),
             ))
             .add_service(InterceptedService::new(
                 ConsumeServiceServer::new(service::Consume::new(state.clone()))
-                    .max_decoding_message_size(max)
+                    .max_decoding_message_size(decode.consume)
                     .max_encoding_message_size(max),
                 intercept.clone(),
             ))
             .add_service(InterceptedService::new(
                 OffsetServiceServer::new(service::Offsets::new(state.clone()))
-                    .max_decoding_message_size(max)
+                    .max_decoding_message_size(decode.offsets)
                     .max_encoding_message_size(max),
                 intercept.clone(),
             ))
             .add_service(InterceptedService::new(
                 GroupServiceServer::new(service::Groups::new(state.clone()))
-                    .max_decoding_message_size(max)
+                    .max_decoding_message_size(decode.groups)
                     .max_encoding_message_size(max),
                 intercept.clone(),
             ))
             .add_service(InterceptedService::new(
                 TransactionServiceServer::new(service::Transactions::new(state.clone()))
-                    .max_decoding_message_size(max)
+                    .max_decoding_message_size(decode.txns)
                     .max_encoding_message_size(max),
                 intercept,
             ));

@@ -22,9 +22,14 @@
 //!
 //! `/metrics` answers in OpenMetrics or in the classic text format, as the scraper asks
 //! (`metrics_text.rs`).
+//!
+//! The listener serves at most [`MAX_CONNECTIONS`] connections at once (further ones wait in
+//! the kernel's backlog until one ends; a connection that sends no request headers for 10 s
+//! is closed), renders one scrape at a time, and pauses [`ACCEPT_BACKOFF`] after a failed
+//! accept (out of file descriptors and the like) instead of spinning on it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -39,7 +44,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use spool_log_engine::Log;
 use spool_log_engine::stats::BUCKETS_MICROS;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::metrics_text;
 use crate::offsets::OffsetStore;
@@ -499,25 +506,73 @@ impl Drop for RpcTimer<'_> {
     }
 }
 
+/// Metrics connections served at once. A scrape is one short request and a broker has a few
+/// scrapers; past it, connections wait in the kernel's backlog until one ends.
+pub(crate) const MAX_CONNECTIONS: usize = 16;
+
+/// Pause after a failed accept (as `conn.rs`'s), so that running out of file descriptors
+/// does not spin a runtime thread.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Where the metrics server's connections come from (a `TcpListener`; tests inject
+/// failures).
+pub(crate) trait Accept: Send {
+    /// The connection type.
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection.
+    fn accept(&mut self) -> impl std::future::Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Conn = tokio::net::TcpStream;
+    async fn accept(&mut self) -> std::io::Result<tokio::net::TcpStream> {
+        TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until `stop` fires.
 pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     listener: TcpListener,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    serve_from(metrics, listener, stop).await;
+}
+
+/// [`serve`] on the connections `listener` accepts.
+pub(crate) async fn serve_from<A: Accept>(
+    metrics: Arc<Metrics>,
+    mut listener: A,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
+        // A slot first: past the cap, connections stay in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
             },
             _ = stop.wait_for(|s| *s) => return,
         };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move {
@@ -544,7 +599,7 @@ pub(crate) async fn serve(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "metrics connection ended");
@@ -745,5 +800,48 @@ pub(crate) mod tests {
         rendered(joined(next).await);
         let s = seen(&metrics, |s| s.ended == 2).await;
         assert_eq!(s.most_at_once, 1, "{s:?}");
+    }
+
+    /// Accepts that always fail (as with EMFILE), counted.
+    struct Failing(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Accept for Failing {
+        type Conn = tokio::io::DuplexStream;
+        async fn accept(&mut self) -> std::io::Result<tokio::io::DuplexStream> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(std::io::Error::other("Too many open files (os error 24)"))
+        }
+    }
+
+    /// Audit finding 9: a failed accept was retried at once, for ever (a runtime thread
+    /// spinning, a warning per turn). Over 500 ms of failures, the listener tries about
+    /// 500 ms / [`ACCEPT_BACKOFF`] times, and stops when told.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_accept_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        })
+        .unwrap();
+        let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let served = tokio::spawn(serve_from(
+            broker.state.metrics.clone(),
+            Failing(tries.clone()),
+            stop,
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the listener stops when told")
+            .unwrap();
+        let tries = tries.load(std::sync::atomic::Ordering::Relaxed);
+        let most = (500 / ACCEPT_BACKOFF.as_millis() + 2) as usize;
+        assert!(
+            (1..=most).contains(&tries),
+            "{tries} accepts in 500 ms (at most {most} with the backoff)"
+        );
     }
 }

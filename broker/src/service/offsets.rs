@@ -9,8 +9,8 @@ use std::sync::Arc;
 use spool_proto::v1::{self, offset_service_server::OffsetService};
 use tonic::{Request, Response, Status};
 
+use super::check_count;
 use crate::auth::{Action, principal};
-use crate::error::BrokerError;
 use crate::metrics::timed;
 use crate::{State, blocking};
 
@@ -35,6 +35,7 @@ impl OffsetService for Offsets {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
+            check_count(&self.state, req.offsets.len(), "offsets")?;
             for c in &req.offsets {
                 who.require(Action::Consume, &c.topic)?;
             }
@@ -75,6 +76,9 @@ impl OffsetService for Offsets {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
+            // Bounds the answer (up to 4 KiB of metadata cloned per entry) and the time the
+            // store's lock is held for it.
+            check_count(&self.state, req.partitions.len(), "partitions")?;
             // On the runtime's thread unless a commit of this group is in flight (its fsync
             // running): then the fetch waits for it to land, on a blocking thread.
             let offsets = match self
@@ -118,14 +122,7 @@ impl OffsetService for Offsets {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
-            let max = self.state.config.limits.max_partitions_per_request;
-            if req.topics.len() > max {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "{} topics in one request; at most {max}",
-                    req.topics.len()
-                ))
-                .into());
-            }
+            check_count(&self.state, req.topics.len(), "topics")?;
             for t in &req.topics {
                 who.require(Action::Consume, t)?;
             }
@@ -254,5 +251,89 @@ mod tests {
                 .any(|l| l.starts_with("spool_consumer_group_lag{") && l.contains("group=\"g\"")),
             "{body}"
         );
+    }
+
+    /// Audit finding 2: FetchOffsets, CommitOffsets, AddOffsetsToTxn and CommitTxn took any
+    /// number of entries once decoded (FetchOffsets cloned up to 4 KiB of metadata for each,
+    /// under the store's lock). Called here past the codec, each is refused over
+    /// `limits.max_partitions_per_request`, as DeleteGroup is, and nothing is committed.
+    #[tokio::test]
+    async fn entry_counts_are_refused_over_the_partition_limit() {
+        let (_dir, broker) = broker();
+        let max = broker.state.config.limits.max_partitions_per_request;
+        let tp = v1::TopicPartition {
+            topic: "t".into(),
+            partition: 0,
+        };
+        let commit = v1::OffsetCommit {
+            topic: "t".into(),
+            partition: 0,
+            offset: 9,
+            metadata: String::new(),
+        };
+        fn invalid<T>(r: Result<T, Status>, what: &str, max: usize) {
+            let e = r.err().unwrap_or_else(|| panic!("{what}: accepted"));
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
+            assert!(
+                e.message().contains(&format!("at most {max}")),
+                "{what}: {e:?}"
+            );
+        }
+        let offsets = Offsets::new(broker.state.clone());
+        let fetch = |n| v1::FetchOffsetsRequest {
+            group: "g".into(),
+            partitions: vec![tp.clone(); n],
+        };
+        let answer = offsets
+            .fetch_offsets(Request::new(fetch(max)))
+            .await
+            .unwrap();
+        assert_eq!(answer.into_inner().offsets.len(), max);
+        invalid(
+            offsets.fetch_offsets(Request::new(fetch(max + 1))).await,
+            "FetchOffsets",
+            max,
+        );
+        let r = offsets
+            .commit_offsets(Request::new(v1::CommitOffsetsRequest {
+                group: "g".into(),
+                offsets: vec![commit.clone(); max + 1],
+                ..Default::default()
+            }))
+            .await;
+        invalid(r, "CommitOffsets", max);
+        use spool_proto::v1::transaction_service_server::TransactionService;
+        let txns = super::super::Transactions::new(broker.state.clone());
+        let r = txns
+            .add_offsets_to_txn(Request::new(v1::AddOffsetsToTxnRequest {
+                group: "g".into(),
+                offsets: vec![commit.clone(); max + 1],
+                ..Default::default()
+            }))
+            .await;
+        invalid(r, "AddOffsetsToTxn", max);
+        // CommitTxn: the offsets of all groups together, and the groups.
+        let group = |n| v1::TxnGroupOffsets {
+            group: "g".into(),
+            offsets: vec![commit.clone(); n],
+            ..Default::default()
+        };
+        let r = txns
+            .commit_txn(Request::new(v1::CommitTxnRequest {
+                groups: vec![group(max / 2 + 1), group(max / 2)],
+                ..Default::default()
+            }))
+            .await;
+        invalid(r, "CommitTxn offsets", max);
+        let r = txns
+            .commit_txn(Request::new(v1::CommitTxnRequest {
+                groups: vec![group(0); max + 1],
+                ..Default::default()
+            }))
+            .await;
+        invalid(r, "CommitTxn groups", max);
+        // Nothing was committed.
+        let answer = offsets.fetch_offsets(Request::new(fetch(1))).await.unwrap();
+        assert_eq!(answer.into_inner().offsets[0].offset, Some(7));
     }
 }

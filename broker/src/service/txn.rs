@@ -12,6 +12,7 @@ use std::sync::Arc;
 use spool_proto::v1::{self, transaction_service_server::TransactionService};
 use tonic::{Request, Response, Status};
 
+use super::check_count;
 use crate::State;
 use crate::auth::{Action, principal};
 use crate::error::BrokerError;
@@ -49,6 +50,7 @@ impl TransactionService for Transactions {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
+            check_count(&self.state, req.offsets.len(), "offsets")?;
             for c in &req.offsets {
                 who.require(Action::Consume, &c.topic)?;
             }
@@ -91,6 +93,10 @@ impl TransactionService for Transactions {
             require_producer(&req)?;
             let who = principal(&req);
             let req = req.into_inner();
+            // Groups, and their offsets together, as many as one request's partitions.
+            check_count(&self.state, req.groups.len(), "groups")?;
+            let offsets = req.groups.iter().map(|g| g.offsets.len()).sum();
+            check_count(&self.state, offsets, "offsets")?;
             for g in &req.groups {
                 who.require(Action::Group, &g.group)?;
                 for c in &g.offsets {

@@ -3,6 +3,7 @@
 //! batches that lie about their records refused.
 
 use bytes::{Buf, BufMut, Bytes};
+use prost::Message;
 use spool_log_engine::{BatchBuilder, Compression};
 use spool_proto::v1;
 use tonic::Code;
@@ -114,7 +115,7 @@ async fn echoed_client_input_is_bounded() {
 
 /// Request bytes sent as they are, replies kept as bytes: for requests no stub can make.
 #[derive(Clone, Copy, Debug, Default)]
-struct RawCodec;
+pub(crate) struct RawCodec;
 
 impl Codec for RawCodec {
     type Encode = Bytes;
@@ -214,4 +215,95 @@ async fn compressed_batch_claiming_records_it_lacks_is_refused() {
     let e = r.results[0].error.as_ref().expect("refused");
     assert_eq!(e.code, v1::ErrorCode::InvalidBatch as i32, "{e:?}");
     assert_eq!(b.high_watermark("t", 0).await, 0, "nothing was written");
+}
+
+/// Sends `body` to `path` as it is.
+async fn raw(b: &Spoold, path: &str, body: Vec<u8>) -> Result<Bytes, tonic::Status> {
+    // Replies echo topic names: take them whatever their size.
+    let mut grpc =
+        tonic::client::Grpc::new(b.channel().await).max_decoding_message_size(usize::MAX);
+    grpc.ready().await.unwrap();
+    grpc.unary::<Bytes, Bytes, _>(
+        tonic::Request::new(Bytes::from(body)),
+        path.parse().unwrap(),
+        RawCodec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Audit finding 2: FetchOffsets took any number of entries and answered each with a copy
+/// of the committed metadata (up to 4 KiB): 20 001 copies of one partition came back as an
+/// 80 MB answer built under the offsets store's lock. Refused now, on the default config,
+/// over `limits.max_partitions_per_request`; at the limit it is answered.
+#[tokio::test]
+async fn fetch_offsets_entries_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    b.create_topic("t", 1).await;
+    let mut offsets = b.offsets().await;
+    offsets
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: "g".into(),
+            offsets: vec![v1::OffsetCommit {
+                topic: "t".into(),
+                partition: 0,
+                offset: 1,
+                metadata: "m".repeat(4096),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fetch = |n| v1::FetchOffsetsRequest {
+        group: "g".into(),
+        partitions: vec![
+            v1::TopicPartition {
+                topic: "t".into(),
+                partition: 0,
+            };
+            n
+        ],
+    };
+    let e = offsets.fetch_offsets(fetch(20_001)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("20001 partitions in one request, the limit is 10000"),
+        "{e:?}"
+    );
+    let answer = offsets.fetch_offsets(fetch(10)).await.unwrap().into_inner();
+    assert_eq!(answer.offsets.len(), 10);
+    assert_eq!(answer.offsets[9].metadata.len(), 4096);
+}
+
+/// Audit finding 1 (a): services whose requests are small decode at most what their count
+/// limits need (`request_limits.rs`), not `limits.max_request_bytes` (64 MiB): a 12 MB Fetch
+/// (more than 10 000 partitions of the longest topic names need) and a 100 KiB CreateTopic
+/// are refused with OUT_OF_RANGE before they are buffered whole; Produce still takes them.
+#[tokio::test]
+async fn small_services_decode_small_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    // Field 1 (one partition) holding field 1 (its topic) of `len` bytes.
+    let long_topic = |len: usize| {
+        let mut topic = vec![0x0a];
+        prost::encoding::encode_varint(len as u64, &mut topic);
+        topic.resize(topic.len() + len, b'a');
+        let mut out = vec![0x0a];
+        prost::encoding::encode_varint(topic.len() as u64, &mut out);
+        out.extend_from_slice(&topic);
+        out
+    };
+    for (path, body) in [
+        ("/spool.v1.ConsumeService/Fetch", long_topic(12 << 20)),
+        ("/spool.v1.AdminService/CreateTopic", long_topic(100 << 10)),
+    ] {
+        let e = raw(&b, path, body).await.unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{path}: {e:?}");
+    }
+    // Produce: decoded, and refused for what it says (an unknown topic, per partition).
+    let r = raw(&b, "/spool.v1.ProduceService/Produce", long_topic(12 << 20)).await;
+    let r = v1::ProduceResponse::decode(r.unwrap()).unwrap();
+    assert!(r.results[0].error.is_some(), "{:?}", r.results[0].error);
 }

@@ -465,3 +465,80 @@ async fn subscribers_that_never_read_are_bounded() {
     assert!(kept < KEPT_AT_MOST, "{} MiB stayed resident", kept / MIB);
     b.stop();
 }
+
+/// A length-delimited field `tag` (its key byte) around `body`.
+fn wrap(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    prost::encoding::encode_varint(body.len() as u64, &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Audit finding 1: count limits (partitions per request, records, offsets, groups) were
+/// checked only after prost had decoded every element, and an empty element is 2 bytes on the
+/// wire but 50-100 decoded: each of these 8 MB requests of 4 M empty elements grew the broker
+/// by 290-430 MiB before it was refused (64 MiB requests by GiBs: OOM). The server codec now
+/// counts them on the wire: each is refused with INVALID_ARGUMENT, naming the count and the
+/// limit, and the broker grows by little more than the request's own bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_empty_elements_are_refused_before_decoding() {
+    const N: usize = 4_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(dir.path());
+    let pid = b.pid();
+    let empties = |key: u8| [key, 0].repeat(N);
+    // One partition whose record list (field 4) holds N empty records.
+    let records = wrap(0x0a, &wrap(0x22, &empties(0x0a)));
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "/spool.v1.ProduceService/Produce",
+            empties(0x0a),
+            "partitions",
+        ),
+        ("/spool.v1.ProduceService/Produce", records, "records"),
+        (
+            "/spool.v1.ConsumeService/Fetch",
+            empties(0x0a),
+            "partitions",
+        ),
+        (
+            "/spool.v1.OffsetService/FetchOffsets",
+            empties(0x12),
+            "partitions",
+        ),
+        (
+            "/spool.v1.TransactionService/CommitTxn",
+            empties(0x22),
+            "groups",
+        ),
+    ];
+    let mut grpc = tonic::client::Grpc::new(b.channel().await);
+    for (path, body, what) in cases {
+        assert!(body.len() < 8 << 20, "{path}: under max_request_bytes");
+        let (growth, r) = peak_growth_during(&format!("{path}, {N} empty {what}"), pid, async {
+            grpc.ready().await.unwrap();
+            grpc.unary::<Bytes, Bytes, _>(
+                tonic::Request::new(Bytes::from(body)),
+                path.parse().unwrap(),
+                crate::errors::RawCodec,
+            )
+            .await
+        })
+        .await;
+        let e = r.expect_err(path);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{path}: {e:?}");
+        assert!(
+            e.message()
+                .starts_with(&format!("{N} {what} in one request")),
+            "{path}: {e:?}"
+        );
+        assert!(growth < 32 * MIB, "{path}: grew {} MiB", growth / MIB);
+    }
+    // The broker is fine afterwards.
+    b.admin()
+        .await
+        .list_topics(v1::ListTopicsRequest {})
+        .await
+        .unwrap();
+    b.stop();
+}

@@ -304,3 +304,43 @@ async fn promtool_accepts_the_metrics() {
     );
     b.stop();
 }
+
+/// Audit finding 9: the metrics listener accepted every connection, however many. It now
+/// serves 16 at once: with 16 silent connections open, a 17th scrape waits in the backlog,
+/// and is answered as soon as one of them ends.
+#[test]
+fn metrics_connections_are_capped() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    // Answered at once while nothing else is open.
+    assert!(Spoold::scrape_addr(&b.metrics_addr).contains("spool_build_info"));
+    let mut held: Vec<_> = (0..16)
+        .map(|_| std::net::TcpStream::connect(&b.metrics_addr).unwrap())
+        .collect();
+    // Let the broker accept them (in order: the 17th comes after them in the backlog).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = std::net::TcpStream::connect(&b.metrics_addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: spool\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut first = [0u8; 16];
+    let waited = s.read(&mut first);
+    assert!(
+        waited.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "a 17th connection was served beside 16 open ones: {waited:?}"
+    );
+    drop(held.pop());
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+    assert!(out.contains("spool_build_info"), "{out}");
+    drop(held);
+    b.stop();
+}
