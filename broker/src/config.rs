@@ -166,7 +166,8 @@ pub struct AuthConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Largest gRPC message accepted or sent (tonic's decode and encode limits).
+    /// Largest gRPC message accepted or sent (tonic's decode and encode limits; services
+    /// other than Produce decode less, derived from `max_partitions_per_request`).
     pub max_request_bytes: usize,
     /// Client connections open at once; past it the broker stops accepting until one closes.
     pub max_connections: usize,
@@ -183,9 +184,12 @@ pub struct LimitsConfig {
     pub max_fetch_bytes: u32,
     /// Longest `max_wait_ms` of a fetch.
     pub max_fetch_wait_ms: u32,
-    /// Partitions in one produce, fetch or subscribe request.
+    /// Partitions in one produce, fetch, subscribe or FetchOffsets request; also queries of a
+    /// ListOffsets, offsets of a commit (CommitTxn: all groups together), groups of a
+    /// CommitTxn, topics of a DeleteGroup or JoinGroup. Counted before decoding.
     pub max_partitions_per_request: usize,
-    /// Records in one `RecordList`.
+    /// Records in one produce request's record lists together, each record's headers counted
+    /// as records (before decoding), and in one `RecordList`.
     pub max_records_per_request: usize,
     /// Time limit of a unary request.
     pub request_timeout_ms: u64,

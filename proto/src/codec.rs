@@ -671,4 +671,24 @@ mod tests {
         let deep = b"\x63".repeat(200);
         assert!(check_counts::<v1::ProduceRequest>(&deep, &LIMITS).is_err());
     }
+
+    /// The only test that installs limits (they are process-wide): the first install sets
+    /// them, later ones only loosen them.
+    #[test]
+    fn installs_keep_the_loosest_limits() {
+        assert_eq!(request_limits(), None);
+        install_request_limits(LIMITS);
+        assert_eq!(request_limits(), Some(LIMITS));
+        install_request_limits(RequestLimits {
+            max_partitions: 5,
+            max_records: 200,
+        });
+        assert_eq!(
+            request_limits(),
+            Some(RequestLimits {
+                max_partitions: 10,
+                max_records: 200,
+            })
+        );
+    }
 }

@@ -2,8 +2,10 @@
 //!
 //! No logic lives here: the broker implements the `*_server` traits, clients use the
 //! `*_client` stubs. [`FILE_DESCRIPTOR_SET`] feeds server reflection so `grpcurl` needs no
-//! .proto files. The one exception is the server stubs' codec ([`codec`]): it reports a
-//! request that does not decode as INVALID_ARGUMENT rather than tonic-prost's INTERNAL.
+//! .proto files. The one exception is the server stubs' codec ([`codec`]): it counts the
+//! elements of a request's repeated fields on the wire before decoding (against the limits
+//! the broker installs), and reports a request that does not decode as INVALID_ARGUMENT
+//! rather than tonic-prost's INTERNAL.
 
 pub mod codec;
 
