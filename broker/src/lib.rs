@@ -27,8 +27,9 @@
 //! - Replies are assembled within their byte limit and trimmed to it (`reply.rs`); replies in
 //!   flight are charged to a broker-wide and a per-connection memory budget until written
 //!   (`budget.rs`).
-//! - Shutdown stops accepting, ends subscriptions, waits at most `shutdown_timeout_ms` for
-//!   in-flight requests, then flushes and closes the log.
+//! - Shutdown turns every health status NOT_SERVING, stops accepting, ends subscriptions,
+//!   produce streams and health watches (`health.rs`), waits at most `shutdown_timeout_ms`
+//!   for in-flight requests, then flushes and closes the log.
 //! - A connection without request or response data for `limits.idle_timeout_ms`, or without
 //!   a first request for `limits.handshake_timeout_ms`, is closed; one source address holds
 //!   at most `limits.max_connections_per_address` connections (`conn.rs`).
@@ -43,6 +44,7 @@ pub mod devcerts;
 pub mod error;
 mod failpoint;
 mod groups;
+mod health;
 mod metrics;
 mod metrics_text;
 mod offsets;
@@ -268,25 +270,8 @@ impl Broker {
         // Requests are counted on the wire before they are decoded (request_limits.rs).
         request_limits::install(&cfg.limits);
         let decode = request_limits::DecodeLimits::of(&cfg.limits);
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<AdminServiceServer<service::Admin>>()
-            .await;
-        health
-            .set_serving::<ProduceServiceServer<service::Produce>>()
-            .await;
-        health
-            .set_serving::<ConsumeServiceServer<service::Consume>>()
-            .await;
-        health
-            .set_serving::<OffsetServiceServer<service::Offsets>>()
-            .await;
-        health
-            .set_serving::<GroupServiceServer<service::Groups>>()
-            .await;
-        health
-            .set_serving::<TransactionServiceServer<service::Transactions>>()
-            .await;
+        let (reporter, health_service) = health::Health::new(HEALTH_NAMES, state.shutdown.clone());
+        reporter.start().await;
         // Restored groups' sessions run from now; so do transaction timeouts.
         state.groups.start();
         state.txns.start(state.shutdown.clone());
@@ -391,9 +376,8 @@ impl Broker {
 
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending subscriptions");
-        health
-            .set_not_serving::<ProduceServiceServer<service::Produce>>()
-            .await;
+        // Health turns NOT_SERVING first, so a `Watch` stream's last status is that one.
+        reporter.stop().await;
         let _ = self.shutdown_tx.send(true);
         let _ = stop_tx.send(true);
         let limit = Duration::from_millis(cfg.shutdown_timeout_ms);
@@ -421,6 +405,16 @@ impl Broker {
         served
     }
 }
+
+/// The services whose health `grpc.health.v1` reports (besides the server's, `""`).
+const HEALTH_NAMES: health::Names = &[
+    health::name::<AdminServiceServer<service::Admin>>(),
+    health::name::<ProduceServiceServer<service::Produce>>(),
+    health::name::<ConsumeServiceServer<service::Consume>>(),
+    health::name::<OffsetServiceServer<service::Offsets>>(),
+    health::name::<GroupServiceServer<service::Groups>>(),
+    health::name::<TransactionServiceServer<service::Transactions>>(),
+];
 
 /// Reads the PEM files of the TLS settings.
 fn tls_config(tls: &config::TlsConfig) -> Result<tonic::transport::ServerTlsConfig, StartError> {

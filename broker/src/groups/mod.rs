@@ -112,7 +112,10 @@ pub(crate) enum MemberEvent {
     Heartbeat,
     Ack(u64),
     Leave,
-    Closed,
+    /// The stream ended: the client closed it (`None`), or a message on it could not be
+    /// received (the status the stream ends with: a message over `limits.max_request_bytes`
+    /// or one that does not decode; for a broken connection, one nobody reads).
+    Closed(Option<Status>),
 }
 
 #[derive(Debug)]
@@ -875,10 +878,15 @@ impl Task {
                     self.streams.remove(&member);
                     self.commit_effects(effects).await
                 }
-                MemberEvent::Closed => {
+                MemberEvent::Closed(why) => {
                     // Only if this stream is still the member's (a replaced one is gone).
-                    if self.streams.remove(&member).is_none() {
+                    let Some(tx) = self.streams.remove(&member) else {
                         return Ok(());
+                    };
+                    // The member hears why its stream ends, unless its channel is full (then
+                    // the stream ends with OK, as a member dropped for a full stream does).
+                    if let Some(status) = why {
+                        let _ = tx.try_send(Err(status));
                     }
                     let effects = self.coord.disconnected(now, &member);
                     self.commit_effects(effects).await

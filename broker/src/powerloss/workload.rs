@@ -954,7 +954,7 @@ impl Work<'_> {
     /// Its stream ends without a leave: a dynamic member is removed, a static one only
     /// disconnected (it keeps its partitions until its session ends).
     fn close(&mut self, i: usize) {
-        let (group, id) = self.say(i, MemberEvent::Closed);
+        let (group, id) = self.say(i, MemberEvent::Closed(None));
         let d = self.rt.block_on(self.state.groups.describe(group));
         trace(format_args!("{group} member {id} stream closed"));
         let c = &mut self.model.consumers[i];

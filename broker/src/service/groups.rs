@@ -142,9 +142,11 @@ impl GroupService for Groups {
                             v1::membership_request::Request::Join(_) => MemberEvent::Heartbeat,
                         },
                         Ok(Some(_)) => MemberEvent::Heartbeat,
-                        Ok(None) | Err(_) => {
+                        // A message the codec refused ends the stream with its status (not
+                        // with OK, as if the client had closed it); the member leaves either way.
+                        end @ (Ok(None) | Err(_)) => {
                             groups
-                                .member_event(&group, &member, MemberEvent::Closed)
+                                .member_event(&group, &member, MemberEvent::Closed(end.err()))
                                 .await;
                             return;
                         }

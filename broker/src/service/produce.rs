@@ -781,13 +781,33 @@ impl ProduceService for Produce {
         let (to_writer, mut writes) = mpsc::channel::<Result<Pending, Status>>(READ_AHEAD);
         let state = self.state.clone();
         // The reader: receives (tonic decodes) and checks requests, in arrival order.
+        let mut shutdown = self.state.shutdown.clone();
         tokio::spawn(async move {
             let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-            while let Some(msg) = incoming.next().await {
+            loop {
+                // At shutdown an open stream ends (UNAVAILABLE, after the replies of what was
+                // written) rather than wait for its next request: hyper's graceful shutdown
+                // waits for every open stream, so an idle producer's stream would hold the
+                // broker up to `shutdown_timeout_ms`.
+                let msg = tokio::select! {
+                    msg = incoming.next() => msg,
+                    () = async { drop(shutdown.wait_for(|s| *s).await) } => {
+                        let _ = to_writer.send(Err(BrokerError::ShuttingDown.into())).await;
+                        break;
+                    }
+                };
+                let Some(msg) = msg else { break };
                 let msg = match msg {
                     Ok(m) => m,
                     Err(status) => {
-                        tracing::debug!(%status, "produce stream ended by the client");
+                        // A request the codec refused (over `limits.max_request_bytes`:
+                        // OUT_OF_RANGE; not decodable: INVALID_ARGUMENT) ends the stream with
+                        // its status, after the replies of the requests before it, as a
+                        // request refused by `check` does. Any other receive error is the
+                        // client's side breaking (a reset, a lost connection): the status
+                        // then reaches no one, and sending it costs nothing.
+                        tracing::debug!(%status, "a ProduceStream request could not be received");
+                        let _ = to_writer.send(Err(status)).await;
                         break;
                     }
                 };

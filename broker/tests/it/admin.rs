@@ -1,5 +1,7 @@
 //! AdminService end to end, including the errors a program must be able to act on.
 
+use std::time::Duration;
+
 use spool_proto::v1;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -158,6 +160,61 @@ async fn topic_lifecycle_and_errors() {
         "internal topics are protected"
     );
     b.stop();
+}
+
+/// At shutdown every health status turns NOT_SERVING and a `Watch` stream sends that, then
+/// ends. tonic-health's own `Watch` never ends while the server lives: a client doing gRPC
+/// client-side health checking (one `Watch` kept open) held spoold's shutdown until
+/// `shutdown_timeout_ms` (10 s). Multi-threaded: while the test thread blocks in `stop()`, the
+/// client's connection task must keep running to answer the server's GOAWAY/PING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watch_says_not_serving_and_ends_at_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(b.channel().await);
+    let mut watches = Vec::new();
+    for service in ["", "spool.v1.ConsumeService"] {
+        let mut w = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), w.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("a status");
+        assert_eq!(first.status, ServingStatus::Serving as i32, "{service:?}");
+        watches.push((service, w));
+    }
+    let took = b.stop();
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?} with health watches open"
+    );
+    for (service, mut w) in watches {
+        let mut last = None;
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match w.message().await {
+                    Ok(Some(m)) => last = Some(m.status),
+                    Ok(None) => break Ok(()),
+                    Err(status) => break Err(status),
+                }
+            }
+        })
+        .await
+        .expect("the watch ended");
+        assert!(ended.is_ok(), "{service:?}: {ended:?}");
+        assert_eq!(
+            last,
+            Some(ServingStatus::NotServing as i32),
+            "{service:?}: the last status before the end"
+        );
+    }
 }
 
 #[tokio::test]

@@ -196,6 +196,168 @@ async fn undecodable_requests_are_invalid_argument() {
         .unwrap();
 }
 
+/// A `ProduceStream` request the codec refuses (over `limits.max_request_bytes`, or not
+/// decodable) ends the stream with the codec's status, after the replies of the requests
+/// before it, and nothing after it is written. The stream's reader used to take every receive
+/// error for the client leaving, and ended the stream with OK: a client saw its stream end
+/// "successfully" with its last requests never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_stream_request_the_codec_refuses_ends_the_stream_with_its_status() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("spoold.toml"),
+        "[limits]\nmax_request_bytes = 1048576\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("spoold.toml");
+    let b = Spoold::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    b.create_topic("t", 1).await;
+    let req = |id: u64, value: &str| {
+        Bytes::from(
+            v1::ProduceStreamRequest {
+                request_id: id,
+                partitions: vec![v1::PartitionProduce {
+                    topic: "t".into(),
+                    partition: 0,
+                    data: Some(v1::partition_produce::Data::Records(v1::RecordList {
+                        records: vec![crate::common::record(None, value)],
+                        compression: 0,
+                    })),
+                }],
+                acks: v1::Acks::Durable as i32,
+            }
+            .encode_to_vec(),
+        )
+    };
+    let cases = [
+        // An invalid wire type.
+        (
+            "not decodable",
+            Bytes::from_static(b"\x0f\xff\xff\xff"),
+            Code::InvalidArgument,
+        ),
+        // A well-formed request of 2 MiB, over the 1 MiB limit.
+        ("too large", req(1, &"v".repeat(2 << 20)), Code::OutOfRange),
+    ];
+    let mut written = 0;
+    for (what, bad, want) in cases {
+        let mut grpc = tonic::client::Grpc::new(b.channel().await);
+        grpc.ready().await.unwrap();
+        let sent = vec![req(0, "before"), bad, req(2, "after")];
+        let mut replies = grpc
+            .streaming::<_, Bytes, Bytes, _>(
+                tonic::Request::new(tokio_stream::iter(sent)),
+                "/spool.v1.ProduceService/ProduceStream".parse().unwrap(),
+                RawCodec,
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        let mut answered = Vec::new();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match replies.message().await {
+                    Ok(Some(r)) => {
+                        let r = v1::ProduceStreamResponse::decode(r).unwrap();
+                        assert!(r.results[0].error.is_none(), "{what}: {r:?}");
+                        answered.push(r.request_id);
+                    }
+                    Ok(None) => break None,
+                    Err(status) => break Some(status),
+                }
+            }
+        })
+        .await
+        .expect("the stream ended within 10 s");
+        let status = end.unwrap_or_else(|| panic!("{what}: the stream ended with OK"));
+        assert_eq!(status.code(), want, "{what}: {status:?}");
+        assert_eq!(answered, [0], "{what}: the request before was answered");
+        written += 1;
+        assert_eq!(
+            b.high_watermark("t", 0).await,
+            written,
+            "{what}: nothing after the refused request was written"
+        );
+    }
+    let took = b.stop();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "shutdown took {took:?} after a stream ended by a request the codec refused"
+    );
+}
+
+/// A Membership message the codec refuses, after the join, ends the member's stream with
+/// INVALID_ARGUMENT. It used to end it with OK, as if the client had closed it: the member
+/// left its group and was never told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_message_the_codec_refuses_ends_the_stream_with_its_status() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    b.create_topic("t", 1).await;
+    let join = v1::MembershipRequest {
+        request: Some(v1::membership_request::Request::Join(v1::JoinGroup {
+            group: "g".into(),
+            topics: vec!["t".into()],
+            instance_id: None,
+            member_id: String::new(),
+            strategy: v1::AssignmentStrategy::Sticky as i32,
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 0,
+        })),
+    };
+    let (send, sent) = tokio::sync::mpsc::channel::<Bytes>(4);
+    send.send(Bytes::from(join.encode_to_vec())).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(b.channel().await);
+    grpc.ready().await.unwrap();
+    let mut replies = grpc
+        .streaming::<_, Bytes, Bytes, _>(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(sent)),
+            "/spool.v1.GroupService/Membership".parse().unwrap(),
+            RawCodec,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let wait = std::time::Duration::from_secs(10);
+    let first = tokio::time::timeout(wait, replies.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("Joined");
+    let first = v1::MembershipResponse::decode(first).unwrap();
+    assert!(
+        matches!(
+            first.response,
+            Some(v1::membership_response::Response::Joined(_))
+        ),
+        "{first:?}"
+    );
+    // An invalid wire type.
+    send.send(Bytes::from_static(b"\x0f\xff\xff\xff"))
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(wait, async {
+        loop {
+            match replies.message().await {
+                Ok(Some(_)) => {} // its assignment, heartbeats
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ended within 10 s");
+    let status = end.expect("the stream ended with a status, not OK");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    drop(send);
+    b.stop();
+}
+
 /// Through the broker: a ~100-byte zstd batch claiming 2^20 records is refused (it moved the
 /// high watermark by a million offsets), and nothing is written.
 #[tokio::test]

@@ -373,7 +373,7 @@ async fn produce_stream_order_case(fsync: v1::FsyncPolicy, batches: bool) {
 /// stream at its first error, so a status sent while earlier `acks = durable` requests still
 /// waited for their fdatasync used to cut their replies off, though their records were in
 /// the log (a client that never heard of them would send them again).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_stream_answers_appended_requests_before_the_status_that_ends_it() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
@@ -458,6 +458,65 @@ async fn produce_stream_answers_appended_requests_before_the_status_that_ends_it
         n,
         "neither the refused request nor the one after it was written"
     );
-    // Not `b.stop()`: after a stream ended by a refused request, spoold's graceful shutdown
-    // waits ~10 s (as before this test's fix; noted, not yet traced); the drop kills it.
+    let took = b.stop();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "shutdown took {took:?} after a stream ended by a refused request"
+    );
+}
+
+/// At shutdown an open `ProduceStream` ends with UNAVAILABLE, after the replies of what it
+/// wrote. Its reader used to wait only for the next request: hyper's graceful shutdown waits
+/// for every open stream, so a producer holding its stream open between bursts (as loadgen
+/// and the docs' pipelining do) held spoold's shutdown until `shutdown_timeout_ms` (10 s).
+/// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task
+/// must keep running to answer the server's graceful-shutdown GOAWAY/PING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_produce_stream_ends_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    topic(&b, "t", 1).await;
+    let (send, requests) = tokio::sync::mpsc::channel(4);
+    let mut replies = b
+        .produce()
+        .await
+        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    send.send(v1::ProduceStreamRequest {
+        request_id: 7,
+        partitions: vec![pp(
+            "t",
+            0,
+            v1::partition_produce::Data::Records(v1::RecordList {
+                records: vec![record(None, "v")],
+                compression: 0,
+            }),
+        )],
+        acks: v1::Acks::Durable as i32,
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), replies.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(r.request_id, 7);
+    assert!(r.results[0].error.is_none(), "{r:?}");
+    // The stream stays open (`send` is alive) and idle.
+    let took = b.stop();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "shutdown took {took:?} with an idle produce stream open"
+    );
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), replies.message())
+        .await
+        .unwrap();
+    match end {
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Ok(m) => panic!("expected UNAVAILABLE, got {m:?}"),
+    }
+    drop(send);
 }
