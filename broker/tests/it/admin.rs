@@ -8,7 +8,9 @@ use tonic_types::StatusExt;
 
 use crate::common::Spoold;
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_lifecycle_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
@@ -217,7 +219,9 @@ async fn health_watch_says_not_serving_and_ends_at_shutdown() {
     }
 }
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_print_config() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);

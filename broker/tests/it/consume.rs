@@ -161,7 +161,9 @@ async fn subscribe_from_each_start_and_follow_live() {
     }
 }
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_long_poll_list_offsets_and_out_of_range() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
@@ -314,7 +316,9 @@ async fn fetch_long_poll_list_offsets_and_out_of_range() {
     b.stop();
 }
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_offsets_survive_restart_and_kill() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);

@@ -76,7 +76,9 @@ fn own(v: &[(&str, u32, &[&str])]) -> Vec<(String, u32, Vec<String>)> {
         .collect()
 }
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_delete_groups_survive_kill_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);

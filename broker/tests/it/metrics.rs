@@ -14,7 +14,9 @@ fn sample(body: &str, prefix: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {prefix} in:\n{body}"))
 }
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_reflect_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
@@ -221,7 +223,9 @@ fn get_metrics(addr: &str, accept: Option<&str>) -> (String, String) {
 /// The real broker's /metrics, after traffic of every kind of metric, passes `promtool check
 /// metrics` (the format and Prometheus' naming lints); Prometheus itself, which asks for
 /// OpenMetrics, gets OpenMetrics under its own content type.
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);

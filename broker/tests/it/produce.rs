@@ -39,7 +39,9 @@ fn pp(topic: &str, partition: u32, data: v1::partition_produce::Data) -> v1::Par
     }
 }
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_every_form_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
@@ -148,7 +150,9 @@ async fn produce_every_form_and_read_back() {
     b.stop();
 }
 
-#[tokio::test]
+// Multi-threaded: while the test thread blocks in `stop()`, the client's connection task must
+// keep running to answer the server's graceful-shutdown GOAWAY/PING (else stop waits 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let b = Spoold::start(dir.path(), &[]);
