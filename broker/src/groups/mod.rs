@@ -884,7 +884,7 @@ impl Task {
                         return Ok(());
                     };
                     // The member hears why its stream ends, unless its channel is full (then
-                    // the stream ends with OK, as a member dropped for a full stream does).
+                    // the stream just ends: the client stopped reading and sends garbage).
                     if let Some(status) = why {
                         let _ = tx.try_send(Err(status));
                     }
