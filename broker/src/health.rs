@@ -100,16 +100,21 @@ impl HealthApi for Watched {
                 let _ = shutdown.wait_for(|s| *s).await;
             }),
             ending: false,
+            last: None,
         }))
     }
 }
 
 /// A `Watch` stream: tonic-health's, until the shutdown flag rises; then the status not yet
-/// sent, if any, and the end.
+/// sent, if any, and the end. Its last status is NOT_SERVING whatever the inner stream does
+/// then (it may say `Pending` for a status it holds, when the task ran out of tokio's
+/// cooperative budget): one is made up when the last one sent was another.
 pub(crate) struct WatchUntilShutdown {
     inner: <HealthService as HealthApi>::WatchStream,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ending: bool,
+    /// The last status sent; `Some(NotServing)` once the stream has said its last word.
+    last: Option<i32>,
 }
 
 impl Stream for WatchUntilShutdown {
@@ -120,14 +125,28 @@ impl Stream for WatchUntilShutdown {
             self.ending = true;
         }
         let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(r))) = &next {
+            self.last = Some(r.status);
+        }
         if !self.ending {
             return next;
         }
         // Shutting down: what the watcher has not seen yet goes out (the reporter turned
         // every status NOT_SERVING before the flag rose), then the stream ends.
+        let not_serving = NOT_SERVING as i32;
         match next {
             Poll::Ready(Some(item)) => Poll::Ready(Some(item)),
+            Poll::Ready(None) | Poll::Pending if self.last != Some(not_serving) => {
+                self.last = Some(not_serving);
+                Poll::Ready(Some(Ok(HealthCheckResponse {
+                    status: not_serving,
+                })))
+            }
             Poll::Ready(None) | Poll::Pending => Poll::Ready(None),
         }
     }
 }
+
+/// NOT_SERVING as `grpc.health.v1` writes it.
+const NOT_SERVING: tonic_health::pb::health_check_response::ServingStatus =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing;

@@ -145,8 +145,9 @@ impl GroupService for Groups {
                         // A message the codec refused ends the stream with its status (not
                         // with OK, as if the client had closed it); the member leaves either way.
                         end @ (Ok(None) | Err(_)) => {
+                            let why = end.err().map(super::receive_error);
                             groups
-                                .member_event(&group, &member, MemberEvent::Closed(end.err()))
+                                .member_event(&group, &member, MemberEvent::Closed(why))
                                 .await;
                             return;
                         }

@@ -40,3 +40,22 @@ pub(crate) fn check_user_topic(topic: &str) -> Result<(), BrokerError> {
     }
     Ok(())
 }
+
+/// The status that ends a client stream (`ProduceStream`, `Membership`) whose next message
+/// could not be received: the codec's OUT_OF_RANGE (over `limits.max_request_bytes`) and
+/// INVALID_ARGUMENT (does not decode) as they are; tonic's INTERNAL, which it gives for the
+/// client's malformed gRPC framing (a compressed flag without `grpc-encoding`, a bad flag, a
+/// body that does not decompress, a message cut off by the end of the stream), becomes
+/// INVALID_ARGUMENT: the fault is the client's, nothing of that message was written, and on a
+/// `ProduceStream` INTERNAL would say the broker failed with the outcome unknown. (A broken
+/// connection gives an error too; its status reaches no one.)
+pub(crate) fn receive_error(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::Internal {
+        tonic::Status::invalid_argument(format!(
+            "the next message could not be received: {}",
+            status.message()
+        ))
+    } else {
+        status
+    }
+}

@@ -63,7 +63,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::check_user_topic;
+use super::{check_user_topic, receive_error};
 use crate::auth::{Action, Principal, principal};
 use crate::convert::encode_records;
 use crate::error::{BrokerError, partition_error};
@@ -784,14 +784,17 @@ impl ProduceService for Produce {
         let mut shutdown = self.state.shutdown.clone();
         tokio::spawn(async move {
             let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+            // At shutdown an open stream ends (UNAVAILABLE, after the replies of what was
+            // written) rather than wait for its next request: hyper's graceful shutdown waits
+            // for every open stream, so an idle producer's stream would hold the broker up to
+            // `shutdown_timeout_ms`. One waiter for the stream's life, not one per request.
+            let stopping = async move { drop(shutdown.wait_for(|s| *s).await) };
+            tokio::pin!(stopping);
             loop {
-                // At shutdown an open stream ends (UNAVAILABLE, after the replies of what was
-                // written) rather than wait for its next request: hyper's graceful shutdown
-                // waits for every open stream, so an idle producer's stream would hold the
-                // broker up to `shutdown_timeout_ms`.
                 let msg = tokio::select! {
+                    biased;
                     msg = incoming.next() => msg,
-                    () = async { drop(shutdown.wait_for(|s| *s).await) } => {
+                    () = &mut stopping => {
                         let _ = to_writer.send(Err(BrokerError::ShuttingDown.into())).await;
                         break;
                     }
@@ -800,14 +803,13 @@ impl ProduceService for Produce {
                 let msg = match msg {
                     Ok(m) => m,
                     Err(status) => {
-                        // A request the codec refused (over `limits.max_request_bytes`:
-                        // OUT_OF_RANGE; not decodable: INVALID_ARGUMENT) ends the stream with
-                        // its status, after the replies of the requests before it, as a
-                        // request refused by `check` does. Any other receive error is the
-                        // client's side breaking (a reset, a lost connection): the status
-                        // then reaches no one, and sending it costs nothing.
+                        // A request that could not be received (over
+                        // `limits.max_request_bytes`, not decodable, malformed framing) ends
+                        // the stream with its status (`receive_error`), after the replies of
+                        // the requests before it, as a request refused by `check` does. A
+                        // broken connection gives an error too: its status reaches no one.
                         tracing::debug!(%status, "a ProduceStream request could not be received");
-                        let _ = to_writer.send(Err(status)).await;
+                        let _ = to_writer.send(Err(receive_error(status))).await;
                         break;
                     }
                 };

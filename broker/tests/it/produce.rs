@@ -519,8 +519,108 @@ async fn an_idle_produce_stream_ends_at_shutdown() {
         .await
         .unwrap();
     match end {
-        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            // The broker's status, not a torn-down connection's.
+            assert_eq!(reason(&status), "ERROR_CODE_SHUTTING_DOWN", "{status:?}");
+        }
         Ok(m) => panic!("expected UNAVAILABLE, got {m:?}"),
     }
     drop(send);
+}
+
+fn reason(s: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    s.get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// A shutdown in the middle of a `ProduceStream` burst: every request the broker wrote is
+/// answered before the stream's UNAVAILABLE, and none it did not answer is in the log (the
+/// written ones are a prefix of the stream: the restarted broker's high watermark is exactly
+/// the number answered, and the answered ids are exactly that prefix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_stream_cut_by_shutdown_answers_everything_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    topic(&b, "t", 1).await;
+    let (send, requests) = tokio::sync::mpsc::channel(64);
+    let mut replies = b
+        .produce()
+        .await
+        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    // Sends until the broker stops reading (bounded, should the shutdown never come).
+    let sender = tokio::spawn(async move {
+        for id in 0..1_000_000u64 {
+            let req = v1::ProduceStreamRequest {
+                request_id: id,
+                partitions: vec![pp(
+                    "t",
+                    0,
+                    v1::partition_produce::Data::Records(v1::RecordList {
+                        records: vec![record(None, &format!("m{id}"))],
+                        compression: 0,
+                    }),
+                )],
+                acks: v1::Acks::Durable as i32,
+            };
+            if send.send(req).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (seen, got) = tokio::sync::oneshot::channel();
+    let collector = tokio::spawn(async move {
+        let mut answered = std::collections::BTreeSet::new();
+        let mut seen = Some(seen);
+        let end = loop {
+            match replies.message().await {
+                Ok(Some(r)) => {
+                    assert!(r.results[0].error.is_none(), "{r:?}");
+                    assert!(answered.insert(r.request_id), "answered twice: {r:?}");
+                    if answered.len() == 200 {
+                        let _ = seen.take().map(|s| s.send(()));
+                    }
+                }
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        };
+        (answered, end)
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(20), got)
+        .await
+        .expect("200 replies within 20 s")
+        .unwrap();
+    // Mid-burst.
+    let took = b.stop();
+    let (answered, end) = tokio::time::timeout(std::time::Duration::from_secs(10), collector)
+        .await
+        .expect("the reply stream ended")
+        .unwrap();
+    sender.abort();
+    let status = end.expect("the stream ended with a status, not OK");
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "{status:?} after {took:?}"
+    );
+    assert_eq!(reason(&status), "ERROR_CODE_SHUTTING_DOWN", "{status:?}");
+    let n = answered.len() as u64;
+    assert_eq!(
+        answered,
+        (0..n).collect(),
+        "the answered requests are a prefix of the stream"
+    );
+    let b = Spoold::start(dir.path(), &[]);
+    assert_eq!(
+        b.high_watermark("t", 0).await,
+        n,
+        "exactly the answered requests are in the log"
+    );
+    b.stop();
 }
