@@ -242,6 +242,27 @@ async fn produce_stream_request_the_codec_refuses_ends_the_stream_with_its_statu
         ),
         // A well-formed request of 2 MiB, over the 1 MiB limit.
         ("too large", req(1, &"v".repeat(2 << 20)), Code::OutOfRange),
+        // 10 001 partitions, over `limits.max_partitions_per_request`: counted on the wire
+        // before decoding (proto/src/codec.rs).
+        (
+            "too many partitions",
+            Bytes::from(
+                v1::ProduceStreamRequest {
+                    request_id: 1,
+                    partitions: vec![
+                        v1::PartitionProduce {
+                            topic: "t".into(),
+                            partition: 0,
+                            data: None,
+                        };
+                        10_001
+                    ],
+                    acks: v1::Acks::Durable as i32,
+                }
+                .encode_to_vec(),
+            ),
+            Code::InvalidArgument,
+        ),
     ];
     let mut written = 0;
     for (what, bad, want) in cases {
