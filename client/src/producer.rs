@@ -37,8 +37,11 @@
 //!   good without being appended, the next batch of that partition is refused as out of
 //!   sequence; the producer then continues under a new producer id and re-stamps that batch
 //!   (once). With `idempotence: false`, a retry after a timeout can append a batch twice.
-//! - **`Acks::None` has no ordering guarantee**: the broker replies before appending and runs
-//!   the appends of successive requests independently, and it reports no offsets.
+//! - **`Acks::None` differs from `Acks::Written` only in the reply**: the broker still replies
+//!   once the batch is handed to the log (page cache), successive requests keep their order,
+//!   and per-partition write errors are reported (and retried or returned like any other);
+//!   the reply just carries no offsets, so [`RecordMetadata::offset`] is `None`
+//!   (`docs/protocol.md`, "Acks and durability").
 //! - **Bounded memory.** Records hold bytes of a semaphore of `buffer_bytes` from `send` until
 //!   their batch completes; `send` waits for room (backpressure) and fails with
 //!   [`Error::BufferFull`] after `max_block`. A record larger than the buffer or a request is
@@ -77,7 +80,8 @@ use crate::types::{ProducerRecord, RecordMetadata};
 /// How much durability the producer waits for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Acks {
-    /// The broker replies once the request is checked; no offsets, no write errors, no order.
+    /// Like [`Acks::Written`] (the broker replies once the batch is in the page cache, in
+    /// order, with per-partition write errors), but the reply carries no offsets.
     None,
     /// The broker replies once the batch is in the page cache (survives a broker crash, not a
     /// power loss).

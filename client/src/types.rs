@@ -468,7 +468,8 @@ pub struct RecordMetadata {
     pub topic: Arc<str>,
     /// Partition.
     pub partition: u32,
-    /// Offset; `None` under `Acks::None`, where the broker replies before appending.
+    /// Offset; `None` under `Acks::None`, whose replies carry no offsets (the batch was
+    /// written all the same).
     pub offset: Option<u64>,
     /// The record's timestamp.
     pub timestamp_ms: i64,
