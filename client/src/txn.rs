@@ -536,7 +536,10 @@ impl TransactionalProducer {
         Ok(())
     }
 
-    /// The finished batch of one partition, stamped with its sequence.
+    /// The finished batch of one partition, stamped with its sequence. If it cannot be
+    /// encoded (compression failed, over 2 GiB), its records are lost and the sequence has
+    /// moved past them: the transaction must abort ([`Phase::MustAbort`]), else a commit
+    /// would drop records whose `send` returned `Ok`.
     fn take_batch(&mut self, topic: &str, partition: u32) -> Result<Option<(String, u32, Bytes)>> {
         let (pid, epoch) = self.producer;
         let Some(buf) = self
@@ -552,7 +555,13 @@ impl TransactionalProducer {
         let n = b.len() as i32;
         b.producer(pid, epoch, buf.next_seq).transactional(true);
         buf.next_seq = buf.next_seq.wrapping_add(n);
-        Ok(Some((topic.to_owned(), partition, b.finish()?)))
+        match b.finish() {
+            Ok(batch) => Ok(Some((topic.to_owned(), partition, batch))),
+            Err(e) => {
+                self.phase = Phase::MustAbort;
+                Err(e.into())
+            }
+        }
     }
 
     fn take_all(&mut self) -> Result<Vec<(String, u32, Bytes)>> {
@@ -607,4 +616,50 @@ async fn write_batches(
         batches = retry;
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A producer that has not talked to a broker (nothing here reaches one).
+    fn offline() -> TransactionalProducer {
+        let client = Client::builder("http://127.0.0.1:9")
+            .connect_lazy()
+            .expect("a valid address");
+        TransactionalProducer {
+            client,
+            cfg: TransactionalConfig::new("t"),
+            producer: (1, 0),
+            phase: Phase::Idle,
+            parts: BTreeMap::new(),
+            partition_counts: HashMap::new(),
+            written: BTreeMap::new(),
+            committed_ends: BTreeMap::new(),
+            in_flight: VecDeque::new(),
+            offsets: Vec::new(),
+            commit_txn: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_cannot_be_encoded_fails_the_transaction() {
+        let mut p = offline();
+        p.begin().unwrap();
+        // A builder `finish` refuses (no records): the failure an encode error takes.
+        let empty = BatchBuilder::with_capacity(p.cfg.compression.engine(), 64);
+        p.parts.entry("out".into()).or_default().insert(
+            0,
+            PartitionBuf {
+                builder: Some(empty),
+                next_seq: 0,
+            },
+        );
+        assert!(p.flush().await.is_err());
+        assert_eq!(p.phase, Phase::MustAbort);
+        assert!(
+            matches!(p.commit().await, Err(Error::InvalidTxnState { .. })),
+            "a transaction that lost records must not commit"
+        );
+    }
 }
