@@ -2,7 +2,10 @@
 //! timers, idempotency keys of external effects, and the time.
 //!
 //! Everything a call does is buffered in the context and becomes part of the open
-//! transaction only if the call returns `Ok`.
+//! transaction only if the call returns `Ok`, with one exception: the idempotency keys it
+//! marked done ([`Context::effect_done`]) are kept when it fails with a retry or a dead
+//! letter (the effects happened; [`Context::into_effect_marks`]), so that the transaction
+//! that retries or dead-letters the input records them.
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -98,6 +101,41 @@ pub(crate) fn i64_value(v: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(v.try_into().ok()?))
 }
 
+/// A failing timer set again ([`crate::engine::Task::fire`]): the attempt it is due for next
+/// (2 for the first retry) and when it was first due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TimerRetry {
+    pub(crate) attempt: u32,
+    pub(crate) first_at_ms: i64,
+}
+
+/// The by-key entry of a timer: when it is due (i64 big-endian), followed for a failing timer
+/// set again by its [`TimerRetry`] (attempt u32, first due i64, big-endian). A timer set by a
+/// handler has the 8-byte form, as before retries existed.
+pub(crate) fn timer_entry(at_ms: i64, retry: Option<TimerRetry>) -> Bytes {
+    let mut v = Vec::with_capacity(20);
+    v.extend_from_slice(&at_ms.to_be_bytes());
+    if let Some(r) = retry {
+        v.extend_from_slice(&r.attempt.to_be_bytes());
+        v.extend_from_slice(&r.first_at_ms.to_be_bytes());
+    }
+    Bytes::from(v)
+}
+
+/// Decodes [`timer_entry`]: when it is due, and its retry if it is one.
+pub(crate) fn parse_timer_entry(v: &[u8]) -> Option<(i64, Option<TimerRetry>)> {
+    let at = i64_value(v.get(..8)?)?;
+    let retry = match v.len() {
+        8 => None,
+        20 => Some(TimerRetry {
+            attempt: u32::from_be_bytes(v[8..12].try_into().ok()?),
+            first_at_ms: i64_value(&v[12..20])?,
+        }),
+        _ => return None,
+    };
+    Some((at, retry))
+}
+
 impl<'a> Context<'a> {
     pub(crate) fn new(
         state: &'a TaskState,
@@ -118,6 +156,28 @@ impl<'a> Context<'a> {
             resumed: None,
             again: None,
         }
+    }
+
+    /// What a call that failed (with a retry or a dead letter) leaves behind: only the
+    /// idempotency keys it marked done, indexed and pruned as after a successful call. Its
+    /// other writes, its emitted records and its [`Context::call_again`] cursor are dropped.
+    /// The effects it marked did happen: without their marks, the retry (in place or from a
+    /// retry topic) or a later redrive of the dead letter would repeat them.
+    pub(crate) fn into_effect_marks(mut self) -> Result<Writes, StateError> {
+        let marked = std::mem::take(&mut self.marked);
+        self.writes.clear();
+        self.emits.clear();
+        self.again = None;
+        if marked.is_empty() {
+            return Ok(self.writes);
+        }
+        let now = Bytes::copy_from_slice(&self.now_ms.to_be_bytes());
+        for key in &marked {
+            self.put_raw(state::composite(EFFECTS, key.as_bytes()), Some(now.clone()));
+        }
+        let retention = self.env.effects_retention;
+        effects::settle(&mut self, &marked, retention)?;
+        Ok(self.writes)
     }
 
     /// Makes this call a continuation of an earlier one for the same input.
@@ -258,15 +318,20 @@ impl<'a> Context<'a> {
         );
         self.put_raw(
             state::composite(TIMER_KEYS, &timer_by_key(kind, key)),
-            Some(Bytes::copy_from_slice(&at_ms.to_be_bytes())),
+            Some(timer_entry(at_ms, None)),
         );
         Ok(())
     }
 
-    /// Cancels the timer `key` (no effect if there is none).
+    /// Cancels the timer `key` (no effect if there is none). A failing timer waiting for its
+    /// retry is cancelled too (and setting it again starts its attempts over).
     pub fn cancel_timer(&mut self, kind: TimerKind, key: &[u8]) -> Result<(), StateError> {
         let by_key = state::composite(TIMER_KEYS, &timer_by_key(kind, key));
-        if let Some(at) = self.get_raw(&by_key)?.as_deref().and_then(i64_value) {
+        if let Some((at, _)) = self
+            .get_raw(&by_key)?
+            .as_deref()
+            .and_then(parse_timer_entry)
+        {
             self.put_raw(
                 state::composite(TIMERS, &timer_time_key(kind, at, key)),
                 None,
@@ -276,10 +341,15 @@ impl<'a> Context<'a> {
         Ok(())
     }
 
-    /// When the timer `key` is due, if set.
+    /// When the timer `key` is due, if set (for a failing timer set again: when its next
+    /// attempt is due).
     pub fn timer(&self, kind: TimerKind, key: &[u8]) -> Result<Option<i64>, StateError> {
         let by_key = state::composite(TIMER_KEYS, &timer_by_key(kind, key));
-        Ok(self.get_raw(&by_key)?.as_deref().and_then(i64_value))
+        Ok(self
+            .get_raw(&by_key)?
+            .as_deref()
+            .and_then(parse_timer_entry)
+            .map(|(at, _)| at))
     }
 
     /// Whether the external effect with idempotency key `key` (derived from the input, e.g.
@@ -297,7 +367,10 @@ impl<'a> Context<'a> {
     }
 
     /// Records that the effect `key` was carried out, in the same transaction as the input's
-    /// offset. (No effect in replay mode.)
+    /// offset. Kept even if the call then fails with a retry or a dead letter (the retry, or
+    /// the dead letter's transaction, records it); lost only with the transaction (a crash
+    /// before it commits, an abort, a fatal failure): see "External effects" in
+    /// docs/processors.md. (No effect in replay mode.)
     pub fn effect_done(&mut self, key: &str) {
         if !self.env.effects_enabled {
             return;
@@ -306,11 +379,6 @@ impl<'a> Context<'a> {
         let now = self.now_ms;
         self.put_raw(k, Some(Bytes::copy_from_slice(&now.to_be_bytes())));
         self.marked.push(key.to_owned());
-    }
-
-    /// Deletes a runtime-internal entry (used when a timer fires).
-    pub(crate) fn delete_internal(&mut self, store: &str, key: &[u8]) {
-        self.put_raw(state::composite(store, key), None);
     }
 }
 
@@ -420,5 +488,21 @@ mod tests {
             Some((TimerKind::Wall, 1_700_000_000_000, &b"a"[..]))
         );
         assert_eq!(parse_timer_key(&a), Some((TimerKind::Wall, -5, &b"x"[..])));
+    }
+
+    #[test]
+    fn timer_entries_round_trip_with_and_without_a_retry() {
+        assert_eq!(parse_timer_entry(&timer_entry(-7, None)), Some((-7, None)));
+        let r = TimerRetry {
+            attempt: 3,
+            first_at_ms: 1_700_000_000_000,
+        };
+        assert_eq!(
+            parse_timer_entry(&timer_entry(42, Some(r))),
+            Some((42, Some(r)))
+        );
+        // The form written before retries existed.
+        assert_eq!(parse_timer_entry(&5i64.to_be_bytes()), Some((5, None)));
+        assert_eq!(parse_timer_entry(&[0; 9]), None);
     }
 }

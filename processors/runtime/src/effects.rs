@@ -10,7 +10,8 @@
 //!
 //! # Retention
 //!
-//! After a handler call that marked effects done returns `Ok`, the runtime indexes the new
+//! After a handler call that marked effects done returns `Ok`, or fails with a retry or a
+//! dead letter (its marks are kept: [`crate::Context::effect_done`]), the runtime indexes the new
 //! marks and then prunes, oldest first, at most [`PRUNE_PER_CALL`] keys that are older than
 //! [`EffectsRetention::retention_ms`] or beyond [`EffectsRetention::max_per_task`], all in the
 //! same transaction. Since each call adds at most as many keys as it prunes-up-to, a task

@@ -11,7 +11,7 @@ use spool_client::{Header, ProducerRecord};
 
 use crate::context::{self, Context, Emit};
 use crate::effects::EffectsRetention;
-use crate::handler::{AsyncHandler, Failure, Input, Timer, TimerKind};
+use crate::handler::{Action, AsyncHandler, Failure, Input, Timer, TimerKind};
 use crate::state::{self, Backend, StateError, TaskState};
 
 /// Headers the runtime writes on dead letters.
@@ -323,8 +323,9 @@ impl Task {
 
     /// Runs the handler on one input (`resume`: the cursor of the previous call for it,
     /// [`Context::call_again`]). On `Ok` its writes join the open transaction and its emitted
-    /// records are returned, with the cursor of a call asked for; on `Err` nothing it did is
-    /// kept.
+    /// records are returned, with the cursor of a call asked for. On `Err` only the
+    /// idempotency keys it marked done join the open transaction
+    /// ([`Context::into_effect_marks`]; none on a fatal failure, which aborts it).
     pub(crate) async fn handle<H: AsyncHandler>(
         &mut self,
         handler: &mut H,
@@ -336,8 +337,12 @@ impl Task {
         let st = self.stream_time.max(input.timestamp_ms);
         let mut ctx = Context::new(&self.state, self.partition, now_ms, st, env);
         ctx.resume(resume);
-        let r = handler.handle(&mut ctx, input).await;
-        r?;
+        if let Err(f) = handler.handle(&mut ctx, input).await {
+            if f.action != Action::Fatal {
+                self.state.merge(ctx.into_effect_marks()?);
+            }
+            return Err(f);
+        }
         let (mut writes, emits, again) = ctx.into_parts()?;
         if st > self.stream_time {
             self.stream_time = st;
@@ -350,7 +355,9 @@ impl Task {
         Ok((emits, again))
     }
 
-    /// Timers of `kind` due at or before `upto`, earliest first, at most `limit`.
+    /// Timers of `kind` due at or before `upto`, earliest first, at most `limit`, as stored:
+    /// `at_ms` is when each is due now and `attempt` is 1 ([`Task::fire`] reads a retried
+    /// timer's attempt and first due time).
     pub(crate) fn due_timers(
         &self,
         kind: TimerKind,
@@ -374,6 +381,7 @@ impl Task {
                     kind,
                     key: Bytes::copy_from_slice(key),
                     at_ms,
+                    attempt: 1,
                     payload,
                     partition: self.partition,
                 })
@@ -381,44 +389,126 @@ impl Task {
             .collect())
     }
 
-    /// Fires one timer: removes it and runs the handler's `on_timer` (which may set it
-    /// again). On `Err` nothing is kept: the timer stays and fires again later.
+    /// Fires one timer (`timer` as [`Task::due_timers`] found it: `at_ms` is when it is due
+    /// now): removes it and runs the handler's `on_timer` (which may set it again), in the
+    /// open transaction. The handler sees the timer with its attempt number and, for a retry,
+    /// the time it was first due.
+    ///
+    /// A failing timer does not hold up the task's later timers: on a retry or a dead letter
+    /// the call's writes and records are dropped (its effect marks are kept, as for an input:
+    /// [`Context::into_effect_marks`]) and, in the same transaction, the timer is either set
+    /// again on its own clock at (its clock's now) + `backoff(attempt)` with the same key and
+    /// payload ([`Fired::Retrying`]), or removed for good ([`Fired::Dropped`]) when it asked
+    /// for a dead letter or `retry` allows no more attempts. `Err` only for a fatal failure
+    /// (the caller aborts).
     pub(crate) async fn fire<H: AsyncHandler>(
         &mut self,
         handler: &mut H,
         timer: &Timer,
         now_ms: i64,
         env: Env<'_>,
-    ) -> Result<Vec<Emit>, Failure> {
-        let mut ctx = Context::new(&self.state, self.partition, now_ms, self.stream_time, env);
-        ctx.delete_internal(
+        retry: &RetryPolicy,
+        backoff: impl Fn(u32) -> Duration,
+    ) -> Result<Fired, Failure> {
+        let slot = state::composite(
             context::TIMERS,
             &context::timer_time_key(timer.kind, timer.at_ms, &timer.key),
         );
-        ctx.delete_internal(
+        let by_key = state::composite(
             context::TIMER_KEYS,
             &context::timer_by_key(timer.kind, &timer.key),
         );
-        let r = if timer.key.starts_with(crate::jobs::TIMER_PREFIX) {
-            ctx.job_timer(timer)
-        } else {
-            handler.on_timer(&mut ctx, timer).await
+        let retried = self
+            .state
+            .get(&by_key)?
+            .as_deref()
+            .and_then(context::parse_timer_entry)
+            .and_then(|(_, r)| r);
+        let seen = Timer {
+            attempt: retried.map_or(1, |r| r.attempt),
+            at_ms: retried.map_or(timer.at_ms, |r| r.first_at_ms),
+            ..timer.clone()
         };
-        r?;
-        let (writes, emits, again) = ctx.into_parts()?;
-        if again.is_some() {
-            return Err(Failure::fatal(
-                "a timer handler asked for call_again, which is for inputs only",
-            ));
+        let mut ctx = Context::new(&self.state, self.partition, now_ms, self.stream_time, env);
+        ctx.put_raw(slot.clone(), None);
+        ctx.put_raw(by_key.clone(), None);
+        let r = if seen.key.starts_with(crate::jobs::TIMER_PREFIX) {
+            ctx.job_timer(&seen)
+        } else {
+            handler.on_timer(&mut ctx, &seen).await
+        };
+        let failure = match r {
+            Ok(()) => {
+                let (writes, emits, again) = ctx.into_parts()?;
+                if again.is_some() {
+                    return Err(Failure::fatal(
+                        "a timer handler asked for call_again, which is for inputs only",
+                    ));
+                }
+                self.state.merge(writes);
+                return Ok(Fired::Done(emits));
+            }
+            Err(f) if f.action == Action::Fatal => return Err(f),
+            Err(f) => f,
+        };
+        let mut writes = ctx.into_effect_marks()?;
+        writes.insert(slot, None);
+        if failure.action == Action::DeadLetter || !retry.retries_after(seen.attempt) {
+            writes.insert(by_key, None);
+            self.state.merge(writes);
+            return Ok(Fired::Dropped {
+                attempts: seen.attempt,
+                reason: failure.reason,
+            });
         }
+        let clock = match timer.kind {
+            TimerKind::Wall => now_ms,
+            TimerKind::Stream => self.stream_time,
+        };
+        let delay = i64::try_from(backoff(seen.attempt).as_millis()).unwrap_or(i64::MAX);
+        // Later than now on its clock, so the same pass does not pick it again.
+        let at_ms = clock.max(timer.at_ms).saturating_add(delay.max(1));
+        let next = context::TimerRetry {
+            attempt: seen.attempt.saturating_add(1),
+            first_at_ms: seen.at_ms,
+        };
+        writes.insert(
+            state::composite(
+                context::TIMERS,
+                &context::timer_time_key(timer.kind, at_ms, &timer.key),
+            ),
+            Some(timer.payload.clone()),
+        );
+        writes.insert(by_key, Some(context::timer_entry(at_ms, Some(next))));
         self.state.merge(writes);
-        Ok(emits)
+        Ok(Fired::Retrying {
+            attempt: next.attempt,
+            at_ms,
+            reason: failure.reason,
+        })
     }
 
     /// A user store's committed-or-pending value (tests, tools).
     pub(crate) fn get(&self, store: &str, key: &[u8]) -> Result<Option<Bytes>, StateError> {
         self.state.get(&state::composite(store, key))
     }
+}
+
+/// What firing a timer came to ([`Task::fire`]).
+#[derive(Debug)]
+pub(crate) enum Fired {
+    /// The handler ran; its writes joined the open transaction. Its emitted records.
+    Done(Vec<Emit>),
+    /// The handler failed; the timer is set again for attempt `attempt` at `at_ms` (on its
+    /// own clock).
+    Retrying {
+        attempt: u32,
+        at_ms: i64,
+        reason: String,
+    },
+    /// The handler failed for the last time (it asked for a dead letter, or that was the
+    /// retry policy's last attempt): the timer is removed.
+    Dropped { attempts: u32, reason: String },
 }
 
 /// Stream time as committed (`state` has no open transaction's writes).

@@ -3,8 +3,11 @@
 //! ([`Failure`]).
 //!
 //! A handler call is all or nothing: when it returns `Err`, everything it did through the
-//! [`crate::Context`] for that input (state writes, emitted records, timers, effects marked
-//! done) is discarded, and the runtime applies the failure's [`Action`].
+//! [`crate::Context`] for that input (state writes, emitted records, timers) is discarded,
+//! and the runtime applies the failure's [`Action`]. The one exception: effects it marked
+//! done ([`crate::Context::effect_done`]) before failing with [`Action::Retry`] or
+//! [`Action::DeadLetter`] stay marked (they happened), in the transaction that retries or
+//! dead-letters the input.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -184,8 +187,11 @@ pub struct Timer {
     pub kind: TimerKind,
     /// The key it was set under (one timer per kind and key).
     pub key: Bytes,
-    /// When it was due (ms since the epoch, on its clock).
+    /// When it was due (ms since the epoch, on its clock): for a retry, when the first
+    /// attempt was due.
     pub at_ms: i64,
+    /// 1 for the first attempt, 2 for the first retry of a timer whose handler failed, …
+    pub attempt: u32,
     /// What was stored with it.
     pub payload: Bytes,
     /// The task (partition) it belongs to.

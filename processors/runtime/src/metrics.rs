@@ -13,6 +13,8 @@
 //! | `spool_processor_retries_total` | counter | topic |
 //! | `spool_processor_dead_letters_total` | counter | topic |
 //! | `spool_processor_timers_fired_total` | counter | |
+//! | `spool_processor_timer_retries_total` | counter (timer handler calls that failed and set the timer again) | |
+//! | `spool_processor_timers_dropped_total` | counter (timers removed after their handler's last failed attempt, or a dead letter asked for) | |
 //! | `spool_processor_lag` | gauge (offsets behind the high watermark, as Kafka's consumer lag) | topic, partition |
 //! | `spool_processor_restoring_partitions` | gauge | |
 //! | `spool_processor_restored_records_total` | counter | |
@@ -83,6 +85,8 @@ pub struct Metrics {
     pub(crate) retries: Family<TopicLabel, Counter>,
     pub(crate) dead_letters: Family<TopicLabel, Counter>,
     pub(crate) timers_fired: Counter,
+    pub(crate) timer_retries: Counter,
+    pub(crate) timers_dropped: Counter,
     pub(crate) lag: Family<PartitionLabel, Gauge>,
     pub(crate) restoring: Gauge,
     pub(crate) restored_records: Counter,
@@ -130,6 +134,8 @@ impl Metrics {
             retries: Family::default(),
             dead_letters: Family::default(),
             timers_fired: Counter::default(),
+            timer_retries: Counter::default(),
+            timers_dropped: Counter::default(),
             lag: Family::default(),
             restoring: Gauge::default(),
             restored_records: Counter::default(),
@@ -191,6 +197,16 @@ impl Metrics {
             format!("{p}_timers_fired"),
             "Timers fired",
             m.timers_fired.clone(),
+        );
+        registry.register(
+            format!("{p}_timer_retries"),
+            "Timer handler calls that failed and set their timer again",
+            m.timer_retries.clone(),
+        );
+        registry.register(
+            format!("{p}_timers_dropped"),
+            "Timers dropped after their handler's last failed attempt",
+            m.timers_dropped.clone(),
         );
         registry.register(
             format!("{p}_lag"),

@@ -86,9 +86,9 @@ use tokio::task::JoinHandle;
 use crate::context::Emit;
 use crate::control::{self, Control};
 use crate::effects::EffectsRetention;
-use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
+use crate::engine::{self, Attempt, Env, Fired, RetryMode, RetryPolicy, Task};
 use crate::flow::{self, LaneConfig, LaneYield, Lanes, ThrottleClock};
-use crate::handler::{Action, AsyncHandler, Failure, Input, TimerKind};
+use crate::handler::{Action, AsyncHandler, Input, TimerKind};
 use crate::metrics::{LaneLabel, Metrics, PartitionLabel, TopicCounters};
 use crate::restore::{self, Restoring};
 use crate::state::SqliteBackend;
@@ -1731,7 +1731,10 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
-    /// Fires the timers of `kind` due by `upto` in task `p` (inside the open transaction).
+    /// Fires the timers of `kind` due by `upto` in task `p` (inside the open transaction),
+    /// earliest first, at most 1000 per call. A timer whose handler fails is set again with
+    /// the retry policy's backoff, or dropped after its last attempt ([`engine::Fired`]); the
+    /// later timers fire either way.
     async fn fire<H: AsyncHandler>(
         &mut self,
         handler: &mut H,
@@ -1753,26 +1756,53 @@ impl<'c> Session<'c> {
             self.begin()?;
             let now = self.cfg.clock.now_ms();
             let task = self.tasks.get_mut(&p).expect("present");
-            match task.fire(handler, &timer, now, env).await {
-                Ok(emits) => {
+            let retry = &self.cfg.retry;
+            let fired = task
+                .fire(handler, &timer, now, env, retry, |a| retry.backoff(a))
+                .await;
+            match fired {
+                Ok(Fired::Done(emits)) => {
                     self.metrics.timers_fired.inc();
                     if let Err(e) = self.send(emits).await {
                         return self.abort_and_rewind(e).await;
                     }
-                    if let Some(t) = &mut self.txn {
-                        t.records += 1;
-                        t.last_input = Instant::now();
-                    }
                 }
-                Err(Failure {
-                    action: Action::Fatal,
+                Ok(Fired::Retrying {
+                    attempt,
+                    at_ms,
                     reason,
-                }) => return Err(RuntimeError::Fatal(reason)),
-                Err(f) => {
-                    // The timer stays; it fires again at the next tick.
-                    tracing::warn!(partition = p, key = ?timer.key, reason = f.reason, "timer failed; it will fire again");
-                    return Ok(());
+                }) => {
+                    self.metrics.timer_retries.inc();
+                    tracing::warn!(
+                        partition = p,
+                        key = ?timer.key,
+                        ?kind,
+                        next_attempt = attempt,
+                        at_ms,
+                        reason,
+                        "timer failed; set again"
+                    );
                 }
+                Ok(Fired::Dropped { attempts, reason }) => {
+                    self.metrics.timers_dropped.inc();
+                    tracing::error!(
+                        partition = p,
+                        key = ?timer.key,
+                        ?kind,
+                        attempts,
+                        payload_bytes = timer.payload.len(),
+                        reason,
+                        "timer failed for the last time; dropped"
+                    );
+                }
+                Err(f) => {
+                    // Fatal (the handler said so, or the state store failed).
+                    return Err(RuntimeError::Fatal(f.reason));
+                }
+            }
+            if let Some(t) = &mut self.txn {
+                t.records += 1;
+                t.last_input = Instant::now();
             }
         }
         Ok(())

@@ -35,6 +35,10 @@
 //! a changelog from which [`TestDriver::restart`] rebuilds the state, as a restart of the
 //! live runtime restores it.
 //!
+//! A timer whose handler fails is set again after the retry policy's backoff (without
+//! jitter, on the timer's own clock) or dropped after its last attempt, as in the runtime
+//! ([`TestDriver::timer_retries`], [`TestDriver::timers_dropped`]); a fatal failure panics.
+//!
 //! Retry topics are modelled too: a failed input under `mode = "topics"` is held (with its
 //! due time) and handled again when the clock passes its due time.
 //!
@@ -68,7 +72,7 @@ use spool_client::{Header, ProducerRecord};
 
 use crate::context::Emit;
 use crate::effects::EffectsRetention;
-use crate::engine::{self, Attempt, Env, RetryMode, RetryPolicy, Task};
+use crate::engine::{self, Attempt, Env, Fired, RetryMode, RetryPolicy, Task};
 use crate::envelope::{self, Event};
 use crate::flow::{Closed, LaneConfig, LaneYield, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Input, TimerKind};
@@ -307,6 +311,8 @@ pub struct TestDriver<H> {
     held: Vec<Held>,
     commits: u64,
     calls: u64,
+    timer_retries: u64,
+    timers_dropped: u64,
     lanes: Option<LaneSim>,
     record_ms: i64,
 }
@@ -344,6 +350,8 @@ impl<H: AsyncHandler> TestDriver<H> {
             held: Vec::new(),
             commits: 0,
             calls: 0,
+            timer_retries: 0,
+            timers_dropped: 0,
             lanes: None,
             record_ms: 1,
         }
@@ -479,6 +487,18 @@ impl<H: AsyncHandler> TestDriver<H> {
     /// [`crate::Context::call_again`]).
     pub fn handler_calls(&self) -> u64 {
         self.calls
+    }
+
+    /// Timer handler calls that failed and set their timer again (the runtime's
+    /// `spool_processor_timer_retries_total`).
+    pub fn timer_retries(&self) -> u64 {
+        self.timer_retries
+    }
+
+    /// Timers dropped after their handler's last failed attempt or a dead letter asked for
+    /// (the runtime's `spool_processor_timers_dropped_total`).
+    pub fn timers_dropped(&self) -> u64 {
+        self.timers_dropped
     }
 
     fn partitions_of(&self, topic: &str) -> u32 {
@@ -788,21 +808,25 @@ impl<H: AsyncHandler> TestDriver<H> {
         let now = self.wall_ms;
         let mut out = Vec::new();
         let mut fired = false;
-        // Timers set by timers fire in the same pass while due (bounded).
+        let retry = &self.retry;
+        // Timers set by timers fire in the same pass while due (bounded). A failing one is
+        // set again after the policy's backoff (without jitter) or dropped, as in the runtime.
         for _ in 0..100_000 {
             let due = task.due_timers(kind, upto, 1).expect("memory store");
             let Some(t) = due.into_iter().next() else {
                 break;
             };
-            match task.fire(&mut self.handler, &t, now, env).await {
-                Ok(emits) => {
-                    fired = true;
-                    out.extend(emits);
-                }
-                Err(f) => panic!(
-                    "timer {:?} failed: {} (a timer's failure is logged and retried by the live runtime)",
-                    t.key, f.reason
-                ),
+            let r = task
+                .fire(&mut self.handler, &t, now, env, retry, |a| {
+                    retry.base_backoff(a)
+                })
+                .await;
+            fired = true;
+            match r {
+                Ok(Fired::Done(emits)) => out.extend(emits),
+                Ok(Fired::Retrying { .. }) => self.timer_retries += 1,
+                Ok(Fired::Dropped { .. }) => self.timers_dropped += 1,
+                Err(f) => panic!("timer {:?} failed fatally: {}", t.key, f.reason),
             }
         }
         if fired {
@@ -882,7 +906,8 @@ impl<H: AsyncHandler> TestDriver<H> {
             .get(&k)
             .expect("memory store")
             .as_deref()
-            .and_then(crate::context::i64_value)
+            .and_then(crate::context::parse_timer_entry)
+            .map(|(at, _)| at)
     }
 
     /// Simulates a restart: drops every task and rebuilds its state from the changelog alone

@@ -846,3 +846,211 @@ fn a_record_over_its_keys_rate_holds_back_only_its_partition() {
     assert_eq!(third[0].value_str(), Some("hot-2"));
     assert_eq!(d.queued("mail"), 0);
 }
+
+/// Two external effects per input, each guarded by its idempotency key: a mail, then an SMS.
+/// Value "sms-down-N": the SMS fails (a retry) on the first N attempts; "bad-number": the SMS
+/// fails for good (a dead letter). Either way the mail was already sent and marked.
+#[derive(Default)]
+struct MailThenSms {
+    sent: Vec<String>,
+}
+
+impl Handler for MailThenSms {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let id = input.key_str().unwrap_or_default().to_owned();
+        let value = String::from_utf8_lossy(input.value.as_deref().unwrap_or_default()).to_string();
+        let mail = format!("mail/{id}");
+        if ctx.effect(&mail)? == EffectStatus::Todo {
+            self.sent.push(mail.clone());
+            ctx.effect_done(&mail);
+        }
+        if let Some(n) = value.strip_prefix("sms-down-")
+            && input.attempt <= n.parse::<u32>().unwrap()
+        {
+            return Err(Failure::retry("SMS gateway down"));
+        }
+        if value == "bad-number" {
+            return Err(Failure::dead_letter("no such number"));
+        }
+        let sms = format!("sms/{id}");
+        if ctx.effect(&sms)? == EffectStatus::Todo {
+            self.sent.push(sms.clone());
+            ctx.effect_done(&sms);
+        }
+        ctx.emit("notified", ProducerRecord::new(id));
+        Ok(())
+    }
+}
+
+#[test]
+fn an_effect_marked_before_a_failure_is_not_repeated_by_the_retry_or_a_redrive() {
+    // Blocking: the retry in place sees the mail done.
+    let mut d = TestDriver::new("notify", MailThenSms::default());
+    d.pipe("in", "n1", "sms-down-2");
+    assert_eq!(d.handler().sent, vec!["mail/n1", "sms/n1"]);
+    assert_eq!(d.read_output("notified").len(), 1);
+
+    // Retry topics, with a restart before the retry: the mark committed with the retry record.
+    let policy = RetryPolicy {
+        mode: spool_processor::RetryMode::Topics,
+        topic_delays_ms: vec![1_000],
+        ..RetryPolicy::default()
+    };
+    let mut d = TestDriver::new("notify", MailThenSms::default()).with_retry(policy);
+    d.pipe("in", "n2", "sms-down-1");
+    assert_eq!(d.handler().sent, vec!["mail/n2"]);
+    d.restart();
+    d.advance_wall_clock(Duration::from_secs(1));
+    assert_eq!(d.handler().sent, vec!["mail/n2", "sms/n2"]);
+
+    // Dead-lettered after the mail: the mark commits with the dead letter, so the input
+    // redriven later (the number fixed) sends only the SMS.
+    let mut d = TestDriver::new("notify", MailThenSms::default());
+    d.pipe("in", "n3", "bad-number");
+    assert_eq!(d.dead_letters("in").len(), 1);
+    d.restart();
+    d.pipe("in", "n3", "redriven");
+    assert_eq!(d.handler().sent, vec!["mail/n3", "sms/n3"]);
+    // The failed call's marks are indexed like any other (counted, prunable).
+    let keys: Vec<String> = d
+        .store_entries("__effects")
+        .into_iter()
+        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .collect();
+    assert_eq!(keys, vec!["mail/n3", "sms/n3"]);
+}
+
+/// Sets wall timers from inputs (`key` = timer key, value = delay in ms) and one stream timer
+/// per "stream-<delay>" value. `on_timer`: keys starting with "fail" fail with a retry (after
+/// marking an effect), "dead" asks for a dead letter, others emit `key@now`. Every call is
+/// logged as (key, attempt, at_ms, now).
+#[derive(Default)]
+struct FlakyTimers {
+    calls: Vec<(String, u32, i64, i64)>,
+    effects: Vec<String>,
+}
+
+impl Handler for FlakyTimers {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let key = input.key.clone().unwrap_or_default();
+        let value = String::from_utf8_lossy(input.value.as_deref().unwrap_or_default()).to_string();
+        if let Some(delay) = value.strip_prefix("stream-") {
+            let at = input.timestamp_ms + delay.parse::<i64>().unwrap();
+            ctx.set_timer(TimerKind::Stream, &key, at, "p")?;
+        } else if let Ok(delay) = value.parse::<i64>() {
+            let at = ctx.now_ms() + delay;
+            ctx.set_timer(TimerKind::Wall, &key, at, "p")?;
+        }
+        Ok(())
+    }
+
+    fn on_timer(&mut self, ctx: &mut Context<'_>, t: &Timer) -> Result<(), Failure> {
+        let key = String::from_utf8_lossy(&t.key).to_string();
+        self.calls
+            .push((key.clone(), t.attempt, t.at_ms, ctx.now_ms()));
+        assert_eq!(&t.payload[..], b"p", "the payload is kept across retries");
+        if key.starts_with("fail") {
+            let e = format!("effect/{key}");
+            if ctx.effect(&e)? == EffectStatus::Todo {
+                self.effects.push(e.clone());
+                ctx.effect_done(&e);
+            }
+            return Err(Failure::retry("downstream unavailable"));
+        }
+        if key == "dead" {
+            return Err(Failure::dead_letter("cannot be handled"));
+        }
+        ctx.emit(
+            "fired",
+            ProducerRecord::new(format!("{key}@{}", ctx.now_ms())),
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_timer_backs_off_lets_later_timers_fire_and_is_dropped_after_its_attempts() {
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 500,
+        max_backoff_ms: 10_000,
+        ..RetryPolicy::default()
+    };
+    let mut d = TestDriver::new("timers", FlakyTimers::default()).with_retry(policy);
+    let t0 = d.wall_clock_ms();
+    d.pipe("in", "fail-a", "1000").pipe("in", "b", "2000");
+    // a fails at t0+1000, is retried at +1500 (500 ms later), fails, is set for +2500.
+    d.advance_wall_clock(Duration::from_millis(1_600));
+    assert_eq!(d.timer(0, TimerKind::Wall, b"fail-a"), Some(t0 + 2_500));
+    // Its retry state is state: it survives a restart.
+    d.restart();
+    d.advance_wall_clock(Duration::from_millis(2_000));
+    let fired: Vec<String> = d
+        .read_output("fired")
+        .iter()
+        .map(|r| r.value_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        fired,
+        vec![format!("b@{}", t0 + 2_000)],
+        "the later timer fired"
+    );
+    let a: Vec<(u32, i64, i64)> = d
+        .handler()
+        .calls
+        .iter()
+        .filter(|c| c.0 == "fail-a")
+        .map(|c| (c.1, c.2, c.3 - t0))
+        .collect();
+    // Attempts 1..3, each seeing when it was first due, 500 then 1000 ms apart; then dropped.
+    assert_eq!(
+        a,
+        vec![
+            (1, t0 + 1_000, 1_000),
+            (2, t0 + 1_000, 1_500),
+            (3, t0 + 1_000, 2_500)
+        ]
+    );
+    assert_eq!(d.timer(0, TimerKind::Wall, b"fail-a"), None, "dropped");
+    assert_eq!((d.timer_retries(), d.timers_dropped()), (2, 1));
+    // The effect its first attempt marked was not repeated by the retries.
+    assert_eq!(d.handler().effects, vec!["effect/fail-a"]);
+    // Nothing fires later.
+    d.advance_wall_clock(Duration::from_secs(60));
+    assert_eq!(d.handler().calls.len(), 4);
+}
+
+#[test]
+fn a_timer_asking_for_a_dead_letter_is_dropped_and_a_failing_stream_timer_waits_on_stream_time() {
+    let mut d = TestDriver::new("timers", FlakyTimers::default());
+    d.pipe("in", "dead", "100").pipe("in", "c", "200");
+    d.advance_wall_clock(Duration::from_secs(1));
+    assert_eq!(d.handler().calls.len(), 2, "{:?}", d.handler().calls);
+    assert_eq!(d.timer(0, TimerKind::Wall, b"dead"), None);
+    assert_eq!((d.timer_retries(), d.timers_dropped()), (0, 1));
+    assert_eq!(d.read_output("fired").len(), 1);
+
+    // A stream timer that fails is set again 200 ms (the default first backoff) later in
+    // stream time: it fires again only once input moves stream time that far.
+    let t0 = d.wall_clock_ms();
+    let at = |ms: i64, value: &str| TestRecord {
+        timestamp_ms: Some(t0 + ms),
+        ..TestDriver::<FlakyTimers>::record("in", "fail-s", value.to_owned())
+    };
+    d.pipe_record(at(0, "stream-1000"));
+    d.pipe_record(at(1_000, "-"));
+    assert_eq!(d.timer(0, TimerKind::Stream, b"fail-s"), Some(t0 + 1_200));
+    d.advance_wall_clock(Duration::from_secs(60));
+    d.pipe_record(at(1_100, "-"));
+    let stream_calls = |d: &TestDriver<FlakyTimers>| {
+        d.handler()
+            .calls
+            .iter()
+            .filter(|c| c.0 == "fail-s")
+            .map(|c| c.1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(stream_calls(&d), vec![1]);
+    d.pipe_record(at(1_200, "-"));
+    assert_eq!(stream_calls(&d), vec![1, 2]);
+}

@@ -2,7 +2,8 @@
 //! (so the clock can be injected): retry topics honour due times without blocking the rest;
 //! dead letters carry their headers; priority lanes do not starve; a throttle holds its
 //! rate; quiet hours follow an injected clock across a DST change; a paused lane stays
-//! paused across a restart.
+//! paused across a restart; a failing timer does not hold up the later ones and is dropped
+//! after its attempts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,7 +14,8 @@ use spool_processor::engine::headers;
 use spool_processor::metrics::Metrics;
 use spool_processor::runtime::{self, RuntimeConfig};
 use spool_processor::{
-    Clock, Context, Failure, Handler, Input, LaneConfig, QuietHours, RetryMode, RetryPolicy,
+    AsyncHandler, Clock, Context, Failure, Handler, Input, LaneConfig, QuietHours, RetryMode,
+    RetryPolicy, Timer, TimerKind,
 };
 use spool_testkit::Broker;
 use tokio::sync::watch;
@@ -86,8 +88,17 @@ fn start(client: &Client, cfg: RuntimeConfig) -> Running {
 }
 
 fn start_with(client: &Client, cfg: RuntimeConfig, metrics: Arc<Metrics>) -> Running {
+    start_handler(client, cfg, Recorder, metrics)
+}
+
+fn start_handler<H: AsyncHandler>(
+    client: &Client,
+    cfg: RuntimeConfig,
+    handler: H,
+    metrics: Arc<Metrics>,
+) -> Running {
     let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(runtime::run(client.clone(), cfg, Recorder, metrics, rx));
+    let task = tokio::spawn(runtime::run(client.clone(), cfg, handler, metrics, rx));
     Running { stop, task }
 }
 
@@ -641,5 +652,75 @@ async fn dead_letters_redrive_back_and_a_stuck_partition_can_be_skipped() {
         "{:?}",
         d.history
     );
+    run.stop().await;
+}
+
+/// Sets a wall timer per input (key = the value, due 100 ms later for "fail…" values,
+/// 400 ms for others); `on_timer` fails with a retry for "fail…" keys and copies the others
+/// to `out`.
+struct TimerSetter;
+
+impl Handler for TimerSetter {
+    fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        let key = input.value.clone().unwrap_or_default();
+        let delay = if key.starts_with(b"fail") { 100 } else { 400 };
+        let at = ctx.now_ms() + delay;
+        ctx.set_timer(TimerKind::Wall, &key, at, "")?;
+        Ok(())
+    }
+
+    fn on_timer(&mut self, ctx: &mut Context<'_>, t: &Timer) -> Result<(), Failure> {
+        if t.key.starts_with(b"fail") {
+            return Err(Failure::retry(format!("attempt {} failed", t.attempt)));
+        }
+        ctx.emit_to("out", 0, ProducerRecord::new(t.key.clone()));
+        Ok(())
+    }
+}
+
+fn counter(metrics: &Metrics, name: &str) -> u64 {
+    let line = metrics
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no {name}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_timer_does_not_hold_up_later_timers_and_is_dropped_after_its_attempts() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "work", 1).await;
+    create(&c, "out", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("timers", &["work"], dir.path());
+    cfg.retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 500,
+        max_backoff_ms: 500,
+        ..RetryPolicy::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let run = start_handler(&c, cfg, TimerSetter, metrics.clone());
+    produce(&c, "work", &["fail-a".into(), "b".into()]).await;
+    // b is due 300 ms after fail-a, which fails meanwhile and keeps failing.
+    let out = wait_for(&c, "out", 1, Duration::from_secs(10)).await;
+    assert_eq!(out.len(), 1, "the later timer fired");
+    assert_eq!(value(&out[0]), "b");
+    // Attempts at +0, +~500 and +~1000 ms (±20%), then dropped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&metrics, "spool_processor_timers_dropped_total") == 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counter(&metrics, "spool_processor_timers_dropped_total"), 1);
+    assert_eq!(counter(&metrics, "spool_processor_timer_retries_total"), 2);
+    assert_eq!(counter(&metrics, "spool_processor_timers_fired_total"), 1);
+    // Nothing more: no retry every tick.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(counter(&metrics, "spool_processor_timer_retries_total"), 2);
     run.stop().await;
 }
