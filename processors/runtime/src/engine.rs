@@ -193,25 +193,30 @@ fn carried_over(input: &Input) -> ProducerRecord {
 /// original position, the next attempt's number, when it is due, and the history so far.
 pub(crate) fn retry_record(input: &Input, history: &[Attempt], due_ms: i64) -> ProducerRecord {
     let mut r = carried_over(input);
-    push_header(
-        &mut r,
-        headers::RETRY_ATTEMPT,
-        (input.attempt + 1).to_string(),
-    );
-    push_header(&mut r, headers::RETRY_DUE, due_ms.to_string());
-    push_header(&mut r, headers::RETRY_TOPIC, input.topic.to_string());
-    push_header(
-        &mut r,
-        headers::RETRY_PARTITION,
-        input.partition.to_string(),
-    );
-    push_header(&mut r, headers::RETRY_OFFSET, input.offset.to_string());
-    push_header(
-        &mut r,
-        headers::RETRY_HISTORY,
-        serde_json::to_string(history).unwrap_or_default(),
-    );
+    let next = RetryInfo {
+        attempt: input.attempt + 1,
+        due_ms,
+        topic: input.topic.to_string(),
+        offset: input.offset,
+        history: history.to_vec(),
+    };
+    push_retry_headers(&mut r, &next, input.partition);
     r
+}
+
+/// Adds the retry headers [`parse_retry`] reads: `info` and the original partition. The
+/// record must not carry any already (its `spool_*` headers removed).
+pub(crate) fn push_retry_headers(r: &mut ProducerRecord, info: &RetryInfo, partition: u32) {
+    push_header(r, headers::RETRY_ATTEMPT, info.attempt.to_string());
+    push_header(r, headers::RETRY_DUE, info.due_ms.to_string());
+    push_header(r, headers::RETRY_TOPIC, info.topic.clone());
+    push_header(r, headers::RETRY_PARTITION, partition.to_string());
+    push_header(r, headers::RETRY_OFFSET, info.offset.to_string());
+    push_header(
+        r,
+        headers::RETRY_HISTORY,
+        serde_json::to_string(&info.history).unwrap_or_default(),
+    );
 }
 
 /// What the retry headers of a record say.

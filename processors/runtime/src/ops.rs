@@ -9,8 +9,9 @@
 //! Redrive streams a dead-letter topic, one partition after the other, from `from` (default:
 //! its start) to its end as of the start of the command, keeps the records matching the
 //! filter, and produces each one (key, value and its own headers; the `spool_*` ones
-//! removed) to its original topic and partition, to the group's first retry topic, or to a
-//! named topic, at most `rate_per_sec` per second, in the dead-letter partition's order.
+//! removed) to its original topic and partition, to the group's first retry topic (with the
+//! retry headers of its original position, as attempt 1 due now: [`DeadLetter::for_retry`]),
+//! or to a named topic, at most `rate_per_sec` per second, in the dead-letter partition's order.
 //! Memory is bounded whatever the topic's size: one fetch of at most [`REDRIVE_FETCH_BYTES`]
 //! at a time and at most `in_flight` records sent and not yet acknowledged. The dead letters
 //! stay where they are; the report gives, per partition, the offset to continue from (a
@@ -294,6 +295,26 @@ impl DeadLetter {
             timestamp_ms: Some(self.record.timestamp_ms),
         }
     }
+
+    /// The record to send to a retry topic of its group: [`DeadLetter::original`] plus the
+    /// retry headers the runtime reads, so that it is handled as the record at its original
+    /// topic, partition and offset (its dead letter, if it fails again, and `spool dlq skip`
+    /// name that position), as attempt 1 (the retry policy starts over), due at `now_ms`,
+    /// with no history. `None` if the letter does not say where it came from (no
+    /// `spool_dlq_topic` / `spool_dlq_offset`).
+    pub fn for_retry(&self, now_ms: i64) -> Option<ProducerRecord> {
+        let info = engine::RetryInfo {
+            attempt: 1,
+            due_ms: now_ms,
+            topic: self.topic.clone()?,
+            offset: self.source_offset?,
+            history: Vec::new(),
+        };
+        let mut r = self.original();
+        let partition = self.source_partition.unwrap_or(self.partition);
+        engine::push_retry_headers(&mut r, &info, partition);
+        Some(r)
+    }
 }
 
 /// Dead letters of `topic` (every partition, read committed) from `from` per partition
@@ -469,11 +490,14 @@ pub async fn redrive(
                 {
                     oldest.await?;
                 }
-                pending.push_back(
-                    producer
-                        .send_to(&topic, partition, letter.original())
-                        .await?,
-                );
+                let record = match opts.target {
+                    // A retry topic: with its original position (else the runtime would take
+                    // the retry topic's offset for the source's).
+                    RedriveTarget::Retry => letter.for_retry(now_ms()),
+                    RedriveTarget::Source | RedriveTarget::Topic(_) => None,
+                }
+                .unwrap_or_else(|| letter.original());
+                pending.push_back(producer.send_to(&topic, partition, record).await?);
                 report.peak_in_flight = report.peak_in_flight.max(pending.len());
             }
             if fetched.next_offset <= offset {
@@ -487,6 +511,12 @@ pub async fn redrive(
         f.await?;
     }
     Ok(report)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Where a dead letter goes back to (topic, partition), if it passes the filter.

@@ -1201,7 +1201,8 @@ impl<'c> Session<'c> {
                     .filter(|h| !h.key.starts_with(engine::headers::PREFIX))
                     .collect(),
             ),
-            // Put into a retry topic by hand (e.g. a redrive): a first attempt, due now.
+            // Put into a retry topic by hand (without the retry headers a redrive writes): a
+            // first attempt, due now, at the retry topic's offset.
             Some((_, None)) => (r.offset, 1, Vec::new(), r.headers),
             None => (r.offset, 1, Vec::new(), r.headers),
         };
@@ -1518,37 +1519,25 @@ impl<'c> Session<'c> {
                         }
                         self.metrics.blocked.inc();
                         let waited = Instant::now();
-                        let go_on = self.wait_retry(delay, shutdown, read, &input).await;
+                        let waited_for = self.wait_retry(delay, shutdown, read, &input).await;
                         self.uncharged += waited.elapsed();
                         self.metrics.blocked.dec();
-                        if !go_on {
-                            return Ok(false);
+                        match waited_for {
+                            Waited::Interrupted => return Ok(false),
+                            Waited::Due => {
+                                input.attempt += 1;
+                                continue;
+                            }
+                            // Given up without calling the handler again.
+                            Waited::Skipped(why) => {
+                                let now = self.cfg.clock.now_ms();
+                                self.dead_letter(&input, &mut history, Some(why), now)
+                            }
                         }
-                        input.attempt += 1;
-                        continue;
                     }
                 }
                 Action::Retry | Action::DeadLetter => {
-                    if let Some(why) = skipped {
-                        history.push(Attempt {
-                            attempt: input.attempt,
-                            at_ms: now,
-                            reason: format!("skipped by an operator (spool dlq skip): {why}"),
-                        });
-                    }
-                    self.metrics
-                        .dead_letters
-                        .get_or_create(&Metrics::topic(&input.topic))
-                        .inc();
-                    tracing::warn!(
-                        topic = &*input.topic,
-                        partition = input.partition,
-                        offset = input.offset,
-                        reason = failure.reason,
-                        "dead-lettered"
-                    );
-                    let record = engine::dead_letter(&input, &self.cfg.group, &history, now);
-                    (engine::dlq_topic(&input.topic, &self.cfg.group), record)
+                    self.dead_letter(&input, &mut history, skipped, now)
                 }
             };
             self.begin()?;
@@ -1568,6 +1557,40 @@ impl<'c> Session<'c> {
         Ok(true)
     }
 
+    /// The dead-letter topic and record of `input` after the failures in `history` (plus
+    /// the operator's skip, if `skipped`), counted and logged.
+    fn dead_letter(
+        &self,
+        input: &Input,
+        history: &mut Vec<Attempt>,
+        skipped: Option<String>,
+        now: i64,
+    ) -> (String, spool_client::ProducerRecord) {
+        if let Some(why) = skipped {
+            history.push(Attempt {
+                attempt: input.attempt,
+                at_ms: now,
+                reason: format!("skipped by an operator (spool dlq skip): {why}"),
+            });
+        }
+        self.metrics
+            .dead_letters
+            .get_or_create(&Metrics::topic(&input.topic))
+            .inc();
+        tracing::warn!(
+            topic = &*input.topic,
+            partition = input.partition,
+            offset = input.offset,
+            reason = history
+                .last()
+                .map(|a| a.reason.as_str())
+                .unwrap_or_default(),
+            "dead-lettered"
+        );
+        let record = engine::dead_letter(input, &self.cfg.group, history, now);
+        (engine::dlq_topic(&input.topic, &self.cfg.group), record)
+    }
+
     /// Why an operator asked to skip this record (by its original or its read position), if
     /// they did.
     fn skip_reason(&self, read: &TopicPartition, input: &Input) -> Option<String> {
@@ -1584,23 +1607,27 @@ impl<'c> Session<'c> {
             .cloned()
     }
 
-    /// Waits `delay` before retrying in place. False if a membership change or a stop came
-    /// first; true when the delay passed or an operator skipped the record.
+    /// Waits `delay` before retrying in place, until a membership change or a stop
+    /// ([`Waited::Interrupted`]), the delay passed ([`Waited::Due`]) or an operator skipped
+    /// the record ([`Waited::Skipped`]), whichever comes first.
     async fn wait_retry(
         &mut self,
         delay: Duration,
         shutdown: &mut Shutdown,
         read: &TopicPartition,
         input: &Input,
-    ) -> bool {
+    ) -> Waited {
         let until = Instant::now() + delay;
         loop {
             if *shutdown.borrow() || self.member.membership_pending() {
-                return false;
+                return Waited::Interrupted;
+            }
+            if let Some(why) = self.skip_reason(read, input) {
+                return Waited::Skipped(why);
             }
             let now = Instant::now();
-            if now >= until || self.skip_reason(read, input).is_some() {
-                return true;
+            if now >= until {
+                return Waited::Due;
             }
             let step = (until - now).min(Duration::from_millis(50));
             tokio::select! {
@@ -2224,6 +2251,18 @@ impl<'c> Session<'c> {
         self.control_task.abort();
         let _ = self.member.leave().await;
     }
+}
+
+/// How a wait before a retry in place ended ([`Session::wait_retry`]).
+#[derive(Debug)]
+enum Waited {
+    /// A membership change or a stop: the input is read again later.
+    Interrupted,
+    /// The backoff passed: the next attempt.
+    Due,
+    /// An operator skipped the record (`spool dlq skip`, with this reason): it is
+    /// dead-lettered without another attempt.
+    Skipped(String),
 }
 
 /// What a commit task returns: the producer back, and the commit's outcome.

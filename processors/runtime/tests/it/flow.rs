@@ -2,8 +2,9 @@
 //! (so the clock can be injected): retry topics honour due times without blocking the rest;
 //! dead letters carry their headers; priority lanes do not starve; a throttle holds its
 //! rate; quiet hours follow an injected clock across a DST change; a paused lane stays
-//! paused across a restart; a failing timer does not hold up the later ones and is dropped
-//! after its attempts.
+//! paused across a restart; a skip gives up during the wait without another attempt; a
+//! redrive to a retry topic keeps the original position; a failing timer does not hold up
+//! the later ones and is dropped after its attempts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -52,6 +53,7 @@ impl Handler for Recorder {
         let out = ProducerRecord::new(v)
             .header("lane", input.lane.to_string())
             .header("attempt", input.attempt.to_string())
+            .header("offset", input.offset.to_string())
             .timestamp_ms(ctx.now_ms());
         ctx.emit_to("out", 0, out);
         Ok(())
@@ -651,6 +653,110 @@ async fn dead_letters_redrive_back_and_a_stuck_partition_can_be_skipped() {
         d.history.last().unwrap().reason.contains("skipped"),
         "{:?}",
         d.history
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skip_during_the_wait_dead_letters_without_calling_the_handler_again() {
+    use spool_processor::ops;
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "work", 1).await;
+    create(&c, "out", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("skipper", &["work"], dir.path());
+    // The first attempt fails; the second would succeed, 5 s later.
+    cfg.retry = RetryPolicy {
+        max_attempts: 0,
+        initial_backoff_ms: 5_000,
+        max_backoff_ms: 5_000,
+        ..RetryPolicy::default()
+    };
+    let run = start(&c, cfg);
+    produce(
+        &c,
+        "work",
+        &["ok".into(), "flaky-1-x".into(), "after".into()],
+    )
+    .await;
+    assert_eq!(
+        wait_for(&c, "out", 1, Duration::from_secs(10)).await.len(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ops::skip(&c, "skipper", "work", 0, 1, "operator gave up")
+        .await
+        .unwrap();
+    let dl = wait_for(&c, "work.skipper.dlq", 1, Duration::from_secs(4)).await;
+    assert_eq!(dl.len(), 1, "dead-lettered during the wait");
+    let d = ops::DeadLetter::from_record(dl[0].clone());
+    assert_eq!(d.source_offset, Some(1));
+    let reasons: Vec<&str> = d.history.iter().map(|a| a.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0], "flaky attempt 1");
+    assert!(reasons[1].contains("operator gave up"), "{reasons:?}");
+    let out = wait_for(&c, "out", 2, Duration::from_secs(10)).await;
+    let values: Vec<String> = out.iter().map(value).collect();
+    assert_eq!(
+        values,
+        vec!["ok", "after"],
+        "the skipped record was not handled again"
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_redriven_to_a_retry_topic_keeps_its_original_position() {
+    use spool_processor::ops;
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "work", 1).await;
+    create(&c, "out", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("redriver", &["work"], dir.path());
+    cfg.retry = RetryPolicy {
+        mode: RetryMode::Topics,
+        max_attempts: 1,
+        topic_delays_ms: vec![100],
+        ..RetryPolicy::default()
+    };
+    let run = start(&c, cfg);
+    let until = spool_processor::SystemClock.now_ms() + 1_500;
+    // Offset 2 in `work`; the retry topic is empty, so its first record is at offset 0.
+    produce(
+        &c,
+        "work",
+        &["ok-0".into(), "ok-1".into(), format!("bad-until-{until}")],
+    )
+    .await;
+    let dl = wait_for(&c, "work.redriver.dlq", 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        ops::DeadLetter::from_record(dl[0].clone()).source_offset,
+        Some(2)
+    );
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let report = ops::redrive(
+        &c,
+        "work.redriver.dlq",
+        &ops::RedriveOptions {
+            target: ops::RedriveTarget::Retry,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.per_topic["work.redriver.retry-1"], 1);
+    let retried = read_all(&c, "work.redriver.retry-1", 0).await;
+    assert_eq!(header(&retried[0], headers::RETRY_OFFSET), Some("2"));
+    assert_eq!(header(&retried[0], headers::RETRY_TOPIC), Some("work"));
+    assert_eq!(header(&retried[0], headers::RETRY_ATTEMPT), Some("1"));
+    let out = wait_for(&c, "out", 3, Duration::from_secs(10)).await;
+    assert_eq!(value(&out[2]), format!("bad-until-{until}"));
+    assert_eq!(
+        (header(&out[2], "offset"), header(&out[2], "attempt")),
+        (Some("2"), Some("1")),
+        "the handler sees the original offset, as a first attempt"
     );
     run.stop().await;
 }
