@@ -94,7 +94,8 @@ pub(crate) enum DlqCmd {
     Redrive {
         /// The dead-letter topic.
         topic: String,
-        /// source | retry | TOPIC.
+        /// source | retry | TOPIC. `retry`: the group's first retry topic, with the retry
+        /// headers of the record's original position (attempt 1, due at once).
         #[arg(long, default_value = "source")]
         to: String,
         /// Records per second at most.
@@ -121,7 +122,8 @@ pub(crate) enum DlqCmd {
         in_flight: usize,
     },
     /// Make a processor give up on the record a partition is stuck retrying: it goes to the
-    /// dead-letter topic and the partition moves on.
+    /// dead-letter topic (during the wait for its next attempt, without another handler
+    /// call) and the partition moves on.
     Skip {
         /// The processor (group).
         name: String,

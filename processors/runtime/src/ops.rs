@@ -10,7 +10,7 @@
 //! its start) to its end as of the start of the command, keeps the records matching the
 //! filter, and produces each one (key, value and its own headers; the `spool_*` ones
 //! removed) to its original topic and partition, to the group's first retry topic (with the
-//! retry headers of its original position, as attempt 1 due now: [`DeadLetter::for_retry`]),
+//! retry headers of its original position, as attempt 1 due at once: [`DeadLetter::for_retry`]),
 //! or to a named topic, at most `rate_per_sec` per second, in the dead-letter partition's order.
 //! Memory is bounded whatever the topic's size: one fetch of at most [`REDRIVE_FETCH_BYTES`]
 //! at a time and at most `in_flight` records sent and not yet acknowledged. The dead letters
@@ -299,13 +299,14 @@ impl DeadLetter {
     /// The record to send to a retry topic of its group: [`DeadLetter::original`] plus the
     /// retry headers the runtime reads, so that it is handled as the record at its original
     /// topic, partition and offset (its dead letter, if it fails again, and `spool dlq skip`
-    /// name that position), as attempt 1 (the retry policy starts over), due at `now_ms`,
-    /// with no history. `None` if the letter does not say where it came from (no
-    /// `spool_dlq_topic` / `spool_dlq_offset`).
-    pub fn for_retry(&self, now_ms: i64) -> Option<ProducerRecord> {
+    /// name that position), as attempt 1 (the retry policy starts over), due at once
+    /// (`spool_retry_due_ms` = 0, so that a clock of the machine running the redrive ahead
+    /// of the processor's cannot hold it back), with no history. `None` if the letter does
+    /// not say where it came from (no `spool_dlq_topic` / `spool_dlq_offset`).
+    pub fn for_retry(&self) -> Option<ProducerRecord> {
         let info = engine::RetryInfo {
             attempt: 1,
-            due_ms: now_ms,
+            due_ms: 0,
             topic: self.topic.clone()?,
             offset: self.source_offset?,
             history: Vec::new(),
@@ -493,7 +494,7 @@ pub async fn redrive(
                 let record = match opts.target {
                     // A retry topic: with its original position (else the runtime would take
                     // the retry topic's offset for the source's).
-                    RedriveTarget::Retry => letter.for_retry(now_ms()),
+                    RedriveTarget::Retry => letter.for_retry(),
                     RedriveTarget::Source | RedriveTarget::Topic(_) => None,
                 }
                 .unwrap_or_else(|| letter.original());
@@ -511,12 +512,6 @@ pub async fn redrive(
         f.await?;
     }
     Ok(report)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Where a dead letter goes back to (topic, partition), if it passes the filter.

@@ -751,6 +751,7 @@ async fn a_dead_letter_redriven_to_a_retry_topic_keeps_its_original_position() {
     assert_eq!(header(&retried[0], headers::RETRY_OFFSET), Some("2"));
     assert_eq!(header(&retried[0], headers::RETRY_TOPIC), Some("work"));
     assert_eq!(header(&retried[0], headers::RETRY_ATTEMPT), Some("1"));
+    assert_eq!(header(&retried[0], headers::RETRY_DUE), Some("0"));
     let out = wait_for(&c, "out", 3, Duration::from_secs(10)).await;
     assert_eq!(value(&out[2]), format!("bad-until-{until}"));
     assert_eq!(
