@@ -29,7 +29,7 @@ const DEFAULT_MAX_RECORD: usize = 8 << 20;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum AcksArg {
-    /// The broker replies before writing (no offsets, no errors reported).
+    /// Like `written` (in order, write errors reported), but the reply carries no offsets.
     None,
     /// Written to the page cache.
     Written,

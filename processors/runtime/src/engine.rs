@@ -65,6 +65,10 @@ pub struct RetryPolicy {
     /// Topics mode: one retry topic per delay (ms), used in order; attempts past the list use
     /// its last topic.
     pub topic_delays_ms: Vec<u64>,
+    /// Timers: attempts in all before a timer whose handler keeps failing is dropped (logged
+    /// and counted); 0 (the default) retries it forever, with the backoff above (capped at
+    /// `max_backoff_ms`), the partition's later timers firing meanwhile.
+    pub timer_max_attempts: u32,
 }
 
 /// See [`RetryPolicy::mode`].
@@ -86,6 +90,7 @@ impl Default for RetryPolicy {
             initial_backoff_ms: 200,
             max_backoff_ms: 30_000,
             topic_delays_ms: vec![1_000, 10_000, 60_000],
+            timer_max_attempts: 0,
         }
     }
 }
@@ -94,6 +99,11 @@ impl RetryPolicy {
     /// Whether a failed attempt number `attempt` (1-based) gets another one.
     pub fn retries_after(&self, attempt: u32) -> bool {
         self.max_attempts == 0 || attempt < self.max_attempts
+    }
+
+    /// Whether a timer whose attempt number `attempt` (1-based) failed is set again.
+    pub fn retries_timer_after(&self, attempt: u32) -> bool {
+        self.timer_max_attempts == 0 || attempt < self.timer_max_attempts
     }
 
     /// The backoff before attempt `attempt + 1` in blocking mode, without jitter.
@@ -404,8 +414,8 @@ impl Task {
     /// [`Context::into_effect_marks`]) and, in the same transaction, the timer is either set
     /// again on its own clock at (its clock's now) + `backoff(attempt)` with the same key and
     /// payload ([`Fired::Retrying`]), or removed for good ([`Fired::Dropped`]) when it asked
-    /// for a dead letter or `retry` allows no more attempts. `Err` only for a fatal failure
-    /// (the caller aborts).
+    /// for a dead letter or `retry.timer_max_attempts` allows no more (by default there is no
+    /// limit). `Err` only for a fatal failure (the caller aborts).
     pub(crate) async fn fire<H: AsyncHandler>(
         &mut self,
         handler: &mut H,
@@ -458,7 +468,7 @@ impl Task {
         };
         let mut writes = ctx.into_effect_marks()?;
         writes.insert(slot, None);
-        if failure.action == Action::DeadLetter || !retry.retries_after(seen.attempt) {
+        if failure.action == Action::DeadLetter || !retry.retries_timer_after(seen.attempt) {
             writes.insert(by_key, None);
             self.state.merge(writes);
             return Ok(Fired::Dropped {

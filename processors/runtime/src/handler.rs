@@ -180,8 +180,10 @@ impl TimerKind {
     }
 }
 
-/// A timer that fired.
+/// A timer that fired. Built by the runtime (or, in a handler's own tests, with
+/// [`Timer::new`]); more fields may come.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Timer {
     /// Its clock.
     pub kind: TimerKind,
@@ -196,6 +198,27 @@ pub struct Timer {
     pub payload: Bytes,
     /// The task (partition) it belongs to.
     pub partition: u32,
+}
+
+impl Timer {
+    /// A timer as it fires the first time (attempt 1), e.g. to call a handler's `on_timer`
+    /// in its own unit tests.
+    pub fn new(
+        kind: TimerKind,
+        key: impl Into<Bytes>,
+        at_ms: i64,
+        payload: impl Into<Bytes>,
+        partition: u32,
+    ) -> Timer {
+        Timer {
+            kind,
+            key: key.into(),
+            at_ms,
+            attempt: 1,
+            payload: payload.into(),
+            partition,
+        }
+    }
 }
 
 /// A pure processor: no I/O, no clock (the context carries the time). Implementing this

@@ -1812,12 +1812,15 @@ impl<'c> Session<'c> {
                 }
                 Ok(Fired::Dropped { attempts, reason }) => {
                     self.metrics.timers_dropped.inc();
+                    // Enough to set it again by hand: the key and (bounded) payload.
+                    let shown = &timer.payload[..timer.payload.len().min(DROPPED_PAYLOAD_SHOWN)];
                     tracing::error!(
                         partition = p,
-                        key = ?timer.key,
+                        key = %timer.key.escape_ascii(),
                         ?kind,
                         attempts,
                         payload_bytes = timer.payload.len(),
+                        payload = %shown.escape_ascii(),
                         reason,
                         "timer failed for the last time; dropped"
                     );
@@ -2252,6 +2255,9 @@ impl<'c> Session<'c> {
         let _ = self.member.leave().await;
     }
 }
+
+/// Most bytes of a dropped timer's payload its log line shows (escaped).
+const DROPPED_PAYLOAD_SHOWN: usize = 1024;
 
 /// How a wait before a retry in place ended ([`Session::wait_retry`]).
 #[derive(Debug)]

@@ -971,7 +971,7 @@ impl Handler for FlakyTimers {
 #[test]
 fn a_failing_timer_backs_off_lets_later_timers_fire_and_is_dropped_after_its_attempts() {
     let policy = RetryPolicy {
-        max_attempts: 3,
+        timer_max_attempts: 3,
         initial_backoff_ms: 500,
         max_backoff_ms: 10_000,
         ..RetryPolicy::default()
@@ -1053,4 +1053,24 @@ fn a_timer_asking_for_a_dead_letter_is_dropped_and_a_failing_stream_timer_waits_
     assert_eq!(stream_calls(&d), vec![1]);
     d.pipe_record(at(1_200, "-"));
     assert_eq!(stream_calls(&d), vec![1, 2]);
+}
+
+#[test]
+fn by_default_a_failing_timer_is_retried_forever_with_a_capped_backoff() {
+    let mut d = TestDriver::new("timers", FlakyTimers::default());
+    let t0 = d.wall_clock_ms();
+    d.pipe("in", "fail-x", "0");
+    d.advance_wall_clock(Duration::from_secs(600));
+    let times: Vec<i64> = d.handler().calls.iter().map(|c| c.3 - t0).collect();
+    // 200 ms doubling to the 30 s cap: +0, 0.2, 0.6, 1.4, 3.0, 6.2, 12.6, 25.4, 51, 81, ...
+    assert_eq!(
+        &times[..9],
+        &[0, 200, 600, 1_400, 3_000, 6_200, 12_600, 25_400, 51_000]
+    );
+    assert!(times.windows(2).all(|w| w[1] - w[0] <= 30_000), "{times:?}");
+    assert_eq!(times.len(), 9 + (600_000 - 51_000) / 30_000);
+    assert_eq!(d.timers_dropped(), 0);
+    let next = d.timer(0, TimerKind::Wall, b"fail-x").expect("still set");
+    assert_eq!(next - t0, times.last().unwrap() + 30_000);
+    assert_eq!(d.handler().calls.last().unwrap().1 as usize, times.len());
 }

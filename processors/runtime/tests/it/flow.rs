@@ -804,7 +804,7 @@ async fn a_failing_timer_does_not_hold_up_later_timers_and_is_dropped_after_its_
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config("timers", &["work"], dir.path());
     cfg.retry = RetryPolicy {
-        max_attempts: 3,
+        timer_max_attempts: 3,
         initial_backoff_ms: 500,
         max_backoff_ms: 500,
         ..RetryPolicy::default()
