@@ -198,7 +198,10 @@ impl Broker {
             }
         }
         let log = Arc::new(log);
-        let offsets = Arc::new(offsets::OffsetStore::open(log.clone(), &limits)?);
+        let offsets = Arc::new(
+            offsets::OffsetStore::open(log.clone(), &limits)?
+                .with_max_answer(config.limits.max_partitions_per_request),
+        );
         let producer_ids = Arc::new(producer_ids::ProducerIds::open(log.clone())?);
         let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));
         let auth = Arc::new(auth::Auth::new(&config.auth.tokens)?);

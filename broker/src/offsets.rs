@@ -190,6 +190,10 @@ pub(crate) struct OffsetStore {
     writer_yields: AtomicU64,
     /// Latest group-membership state record per group, until `groups` takes them.
     group_states: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Most entries a fetch of all a group's offsets answers (`with_max_answer`); a group
+    /// with more committed is refused, so an answer never clones more metadata than a listed
+    /// request may ask for.
+    max_answer: usize,
 }
 
 /// The internal topic's configuration: compacted (as Kafka's `__consumer_offsets`), in
@@ -301,7 +305,15 @@ impl OffsetStore {
             settle_waits: AtomicU64::new(0),
             writer_yields: AtomicU64::new(0),
             group_states: Mutex::new(group_states),
+            max_answer: usize::MAX,
         })
+    }
+
+    /// Bounds a fetch of all a group's offsets (an empty partition list) to `max` entries:
+    /// the broker's `limits.max_partitions_per_request`, the bound of a listed fetch.
+    pub(crate) fn with_max_answer(mut self, max: usize) -> OffsetStore {
+        self.max_answer = max;
+        self
     }
 
     fn lock_map(&self) -> MutexGuard<'_, Map> {
@@ -813,7 +825,7 @@ impl OffsetStore {
         validate_group(group)?;
         let map = self.lock_map();
         let map = self.settle(map, group);
-        Ok(Self::answer(&map, group, partitions))
+        Self::answer(&map, group, partitions, self.max_answer)
     }
 
     /// [`OffsetStore::fetch`] without waiting: `None` while a commit of the group is in
@@ -837,14 +849,17 @@ impl OffsetStore {
         if self.unsettled(group, upto) {
             return Ok(None);
         }
-        Ok(Some(Self::answer(&map, group, partitions)))
+        Self::answer(&map, group, partitions, self.max_answer).map(Some)
     }
 
+    /// The answer to a fetch; all the group's offsets (`partitions` empty) only if they are
+    /// at most `max`.
     fn answer(
         map: &Map,
         group: &str,
         partitions: &[v1::TopicPartition],
-    ) -> Vec<v1::CommittedOffset> {
+        max: usize,
+    ) -> Result<Vec<v1::CommittedOffset>, BrokerError> {
         let answer = |topic: &str, partition: u32, v: Option<&Value>| v1::CommittedOffset {
             topic: topic.to_owned(),
             partition,
@@ -853,13 +868,21 @@ impl OffsetStore {
             commit_time_ms: v.map_or(0, |v| v.time_ms),
         };
         if partitions.is_empty() {
-            return map
-                .range((group.to_owned(), String::new(), 0)..)
-                .take_while(|((g, _, _), _)| g == group)
-                .map(|((_, t, p), v)| answer(t, *p, Some(v)))
-                .collect();
+            let all = || {
+                map.range((group.to_owned(), String::new(), 0)..)
+                    .take_while(|((g, _, _), _)| g == group)
+            };
+            // Counted before anything is cloned.
+            let n = all().count();
+            if n > max {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "the group has {n} committed offsets, more than one answer holds (at most \
+                     {max}): list the partitions to fetch"
+                )));
+            }
+            return Ok(all().map(|((_, t, p), v)| answer(t, *p, Some(v))).collect());
         }
-        partitions
+        Ok(partitions
             .iter()
             .map(|tp| {
                 answer(
@@ -868,7 +891,7 @@ impl OffsetStore {
                     map.get(&(group.to_owned(), tp.topic.clone(), tp.partition)),
                 )
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -1650,5 +1673,39 @@ mod tests {
             s.fetch("g2", &[]).unwrap().is_empty(),
             "the tombstone is kept"
         );
+    }
+
+    /// Review (bounds 4): a fetch of all a group's offsets was bounded only by what the group
+    /// had committed (each with up to 4 KiB of metadata, cloned under the lock). Over the
+    /// store's `max_answer` it is refused before anything is cloned; a listed fetch is not
+    /// affected (its count is checked by the request's limit).
+    #[test]
+    fn a_fetch_of_all_offsets_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, s) = open(dir.path());
+        let s = s.with_max_answer(2);
+        s.commit("g", &[commit("a", 0, 1), commit("a", 1, 2)], 1)
+            .unwrap();
+        assert_eq!(s.fetch("g", &[]).unwrap().len(), 2);
+        assert_eq!(s.fetch_if_settled("g", &[]).unwrap().unwrap().len(), 2);
+        s.commit("g", &[commit("b", 0, 3)], 2).unwrap();
+        for r in [
+            s.fetch("g", &[]),
+            s.fetch_if_settled("g", &[]).map(Option::unwrap),
+        ] {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(&e, BrokerError::InvalidRequest(m) if m.contains("3 committed offsets")),
+                "{e:?}"
+            );
+        }
+        let listed = [("a", 0), ("a", 1), ("b", 0)].map(|(t, p)| v1::TopicPartition {
+            topic: t.into(),
+            partition: p,
+        });
+        assert_eq!(s.fetch("g", &listed).unwrap().len(), 3);
+        // Other groups are not affected.
+        s.commit("h", &[commit("a", 0, 1)], 3).unwrap();
+        assert_eq!(s.fetch("h", &[]).unwrap().len(), 1);
     }
 }

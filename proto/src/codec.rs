@@ -109,7 +109,7 @@ pub struct Count {
     slot: usize,
     /// The limit the counter is held to.
     limit: Limit,
-    /// What the elements are, for the error message ("partitions", "records").
+    /// What the elements are, for the error message ("partitions", "records and headers").
     what: &'static str,
 }
 
@@ -141,11 +141,11 @@ pub trait Counted {
 }
 
 /// `Record.headers`: counted as records.
-const RECORD: &[Field] = &[counted(4, 1, Limit::Records, "records")];
+const RECORD: &[Field] = &[counted(4, 1, Limit::Records, "records and headers")];
 /// `RecordList.records`.
 const RECORD_LIST: &[Field] = &[Field {
     inner: RECORD,
-    ..counted(1, 1, Limit::Records, "records")
+    ..counted(1, 1, Limit::Records, "records and headers")
 }];
 /// `PartitionProduce.records` (a RecordList).
 const PARTITION_PRODUCE: &[Field] = &[Field {
@@ -583,13 +583,13 @@ mod tests {
         assert_eq!(check(&p(vec![records(50, 0), records(50, 0)])), Ok(()));
         assert_eq!(
             check(&p(vec![records(50, 0), batch(), records(51, 0)])),
-            too_many(101, "records", 100)
+            too_many(101, "records and headers", 100)
         );
         // 20 records with 4 headers each: 100.
         assert_eq!(check(&p(vec![records(20, 4)])), Ok(()));
         assert_eq!(
             check(&p(vec![records(20, 4), records(1, 0)])),
-            too_many(101, "records", 100)
+            too_many(101, "records and headers", 100)
         );
         // prost merges a RecordList sent twice in one PartitionProduce: both count. The
         // partition is its topic "t" (0a 01 74), then field 4 (its list), here twice.
@@ -606,7 +606,7 @@ mod tests {
         assert_eq!(l.records.len(), 120, "prost merged the two lists");
         assert_eq!(
             check_counts::<v1::ProduceRequest>(&wire, &LIMITS),
-            too_many(120, "records", 100)
+            too_many(120, "records and headers", 100)
         );
     }
 

@@ -24,7 +24,7 @@ pub(crate) fn check_count(state: &State, n: usize, what: &str) -> Result<(), Bro
     let max = state.config.limits.max_partitions_per_request;
     if n > max {
         return Err(BrokerError::InvalidRequest(format!(
-            "{n} {what} in one request; at most {max}"
+            "{n} {what} in one request, the limit is {max}"
         )));
     }
     Ok(())

@@ -76,8 +76,9 @@ impl OffsetService for Offsets {
             let who = principal(&req);
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
-            // Bounds the answer (up to 4 KiB of metadata cloned per entry) and the time the
-            // store's lock is held for it.
+            // Bounds a listed request's answer (up to 4 KiB of metadata cloned per entry, under
+            // the store's lock); an empty list (all of the group's) is bounded the same way by
+            // the store (`OffsetStore::with_max_answer`).
             check_count(&self.state, req.partitions.len(), "partitions")?;
             // On the runtime's thread unless a commit of this group is in flight (its fsync
             // running): then the fetch waits for it to land, on a blocking thread.
@@ -275,7 +276,7 @@ mod tests {
             let e = r.err().unwrap_or_else(|| panic!("{what}: accepted"));
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
             assert!(
-                e.message().contains(&format!("at most {max}")),
+                e.message().contains(&format!("the limit is {max}")),
                 "{what}: {e:?}"
             );
         }

@@ -495,7 +495,11 @@ async fn requests_of_empty_elements_are_refused_before_decoding() {
             empties(0x0a),
             "partitions",
         ),
-        ("/spool.v1.ProduceService/Produce", records, "records"),
+        (
+            "/spool.v1.ProduceService/Produce",
+            records,
+            "records and headers",
+        ),
         (
             "/spool.v1.ConsumeService/Fetch",
             empties(0x0a),
