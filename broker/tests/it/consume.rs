@@ -155,7 +155,17 @@ async fn subscribe_from_each_start_and_follow_live() {
         .await
         .unwrap();
     match end {
-        Some(Err(status)) => assert_eq!(status.code(), tonic::Code::Unavailable),
+        Some(Err(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            // Built through error.rs, with its ErrorInfo (it used to be a bare status).
+            let info = tonic_types::StatusExt::get_details_error_info(&status);
+            assert_eq!(
+                info.map(|i| i.reason).as_deref(),
+                Some("ERROR_CODE_SHUTTING_DOWN"),
+                "{status:?}"
+            );
+        }
+        // The connection may close before the status reaches the client.
         None => {}
         Some(Ok(m)) => panic!("unexpected message after shutdown: {m:?}"),
     }
