@@ -30,17 +30,25 @@ fn points() -> &'static [Point] {
         std::env::var("SPOOL_FAILPOINTS")
             .map(|v| {
                 v.split(',')
-                    .map(|s| {
+                    .filter_map(|s| {
                         let s = s.trim();
                         let (name, at) = match s.split_once('@') {
-                            Some((n, at)) => (n, at.parse().ok()),
+                            Some((n, at)) => match at.parse() {
+                                Ok(at) => (n, Some(at)),
+                                // Not armed at all rather than on every hit (an abort at the
+                                // first one, for a crash point).
+                                Err(_) => {
+                                    eprintln!("spoold: failpoint {s:?} ignored: not name@N");
+                                    return None;
+                                }
+                            },
                             None => (s, None),
                         };
-                        Point {
+                        Some(Point {
                             name: name.to_owned(),
                             at,
                             hits: AtomicU64::new(0),
-                        }
+                        })
                     })
                     .collect()
             })

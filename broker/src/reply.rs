@@ -250,6 +250,14 @@ fn read_one(
         next_offset: offset,
         ..Default::default()
     };
+    // A deleted partition answers its error even when the reply is full: a Fetch waiting for
+    // `min_bytes` would otherwise wake at once on its closed watch, again and again.
+    if p.is_deleted()
+        && let Some(e) = p.closed_error()
+    {
+        out.error = Some(entry_error(e));
+        return Outcome::Entry(out);
+    }
     if budget.has_data && budget.room() == 0 {
         out.high_watermark = p.high_watermark();
         out.log_start_offset = p.log_start_offset();

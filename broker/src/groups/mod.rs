@@ -830,7 +830,7 @@ impl Task {
                     }
                 }
                 if let Err(e) = self.persist().await {
-                    let _ = reply.send(Err(BrokerError::ShuttingDown));
+                    let _ = reply.send(Err(persist_failed(&e)));
                     return Err(e);
                 }
                 let m = self.coord.member(&id).expect("joined");
@@ -964,7 +964,7 @@ impl Task {
                 let r = self.commit_effects(effects).await;
                 let _ = reply.send(match &r {
                     Ok(()) => Ok(()),
-                    Err(_) => Err(BrokerError::ShuttingDown),
+                    Err(e) => Err(persist_failed(e)),
                 });
                 r
             }
@@ -973,6 +973,16 @@ impl Task {
                 Ok(())
             }
         }
+    }
+}
+
+/// What a request whose change could not be made durable is answered (`e` itself ends the
+/// members' streams, [`Task::fail`]): SHUTTING_DOWN if that is why, else INTERNAL with the
+/// failure's text (the group went back to its last durable state; retry).
+fn persist_failed(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::ShuttingDown => BrokerError::ShuttingDown,
+        e => BrokerError::Internal(format!("persisting the group's state failed: {e}")),
     }
 }
 

@@ -399,8 +399,14 @@ type Syncs = Vec<(Arc<Partition>, u64)>;
 /// writes and waiters get its error); it is logged here.
 fn sync_for_readers(syncs: Syncs) {
     for (p, next) in syncs {
-        if let Err(e) = p.sync_behind(next) {
-            tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed");
+        match p.sync_behind(next) {
+            // The log closed (shutdown) or the topic was deleted: nothing to sync.
+            Ok(())
+            | Err(spool_log_engine::Error::Closed | spool_log_engine::Error::TopicDeleted { .. }) =>
+                {}
+            Err(e) => {
+                tracing::error!(topic = p.topic(), partition = p.id(), error = %e, "background sync failed")
+            }
         }
     }
 }

@@ -377,12 +377,17 @@ impl Transactions {
         let mut written = Vec::with_capacity(meta.partitions.len());
         for (topic, partition) in &meta.partitions {
             match self.log.partition(topic, *partition) {
-                Ok(p) => {
-                    if let Some(info) = p.write_marker_nowait(meta.pid, meta.epoch, marker, 0)? {
+                Ok(p) => match p.write_marker_nowait(meta.pid, meta.epoch, marker, 0) {
+                    Ok(Some(info)) => {
                         crate::failpoint::hit("txn-mid-markers");
                         written.push((p, info.last_offset + 1));
                     }
-                }
+                    Ok(None) => {}
+                    // Deleted since it was looked up: like a missing topic, it needs no
+                    // marker, and the decision stands.
+                    Err(EngineError::TopicDeleted { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                },
                 Err(EngineError::TopicNotFound(_) | EngineError::PartitionNotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -402,19 +407,22 @@ impl Transactions {
         // The crate's own tests (the power-cut loops, src/powerloss/) wait one partition at a
         // time, so that a seed's disk operations come in one order on every run; the order
         // matters to nothing else (the caller goes on only once every wait returned).
+        // A partition deleted since its marker was written needs the marker no more.
+        let durable = |p: &Arc<Partition>, next: u64| match p.wait_durable(next) {
+            Err(EngineError::TopicDeleted { .. }) => Ok(()),
+            r => r,
+        };
         let res = if waits.len() <= 1 || cfg!(test) {
             waits
                 .iter()
-                .try_for_each(|(p, next)| p.wait_durable(*next))
+                .try_for_each(|(p, next)| durable(p, *next))
                 .map_err(BrokerError::from)
         } else {
             let chunk = waits.len().div_ceil(8);
             std::thread::scope(|s| {
                 let handles: Vec<_> = waits
                     .chunks(chunk)
-                    .map(|c| {
-                        s.spawn(move || c.iter().try_for_each(|(p, next)| p.wait_durable(*next)))
-                    })
+                    .map(|c| s.spawn(move || c.iter().try_for_each(|(p, next)| durable(p, *next))))
                     .collect();
                 handles.into_iter().try_for_each(|h| {
                     // A panic is the broker's own failure, not a shutdown.
@@ -477,9 +485,7 @@ impl Transactions {
         f: impl FnOnce(&Transactions) -> Result<T, BrokerError> + Send + 'static,
     ) -> Result<T, BrokerError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this))
-            .await
-            .map_err(|e| BrokerError::Internal(format!("worker failed: {e}")))?
+        crate::blocking_task(move || f(&this)).await?
     }
 
     /// Runs one request's work to its end even when the caller stops waiting for it.
@@ -495,9 +501,15 @@ impl Transactions {
     async fn detached<T: Send + 'static>(
         work: impl std::future::Future<Output = Result<T, BrokerError>> + Send + 'static,
     ) -> Result<T, BrokerError> {
-        tokio::spawn(work)
-            .await
-            .map_err(|e| BrokerError::Internal(format!("worker failed: {e}")))?
+        // As `blocking_task`: the panic's text stays in the log.
+        tokio::spawn(work).await.map_err(|e| {
+            if e.is_cancelled() {
+                BrokerError::ShuttingDown
+            } else {
+                tracing::error!(error = %e, "a transaction's task panicked");
+                BrokerError::Internal("a worker failed inside the broker; see its log".into())
+            }
+        })?
     }
 
     /// Records the decision to end `meta`'s open transaction, then carries it out.
@@ -998,4 +1010,37 @@ impl Transactions {
 fn epoch_of(epoch: i32) -> Result<i16, BrokerError> {
     i16::try_from(epoch)
         .map_err(|_| BrokerError::InvalidRequest(format!("producer epoch {epoch} is not an i16")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spool_log_engine::{LogOptions, TopicConfig};
+
+    /// A marker's partition deleted while the decision waits for its fdatasync needs it no
+    /// more: the wait succeeds (the decision stands and the transaction completes) instead of
+    /// failing the EndTxn with UNKNOWN_TOPIC, which a client does not retry although the
+    /// commit happened. (Before the engine told a deleted partition apart, this was
+    /// `Closed`, answered SHUTTING_DOWN and retried.)
+    #[test]
+    fn a_marker_of_a_deleted_partition_needs_no_fdatasync() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogOptions::default()).unwrap();
+        log.create_topic(
+            "t",
+            TopicConfig {
+                partitions: 1,
+                fsync: FsyncPolicy::Always,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+        let p = log.partition("t", 0).unwrap();
+        log.delete_topic("t").unwrap();
+        assert!(matches!(
+            p.wait_durable(1),
+            Err(EngineError::TopicDeleted { .. })
+        ));
+        Transactions::settle_markers(vec![(p, 1)]).expect("nothing left to wait for");
+    }
 }

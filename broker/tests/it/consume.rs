@@ -633,14 +633,10 @@ async fn a_subscription_to_a_deleted_topic_ends_with_unknown_topic() {
         ),
         "{first:?}"
     );
-    // A Fetch long poll waiting at the end of partition 1.
-    let fetch_url = b.url();
+    // A Fetch long poll waiting at the end of partition 1 (connected first, so that only
+    // the call itself has to start within the sleep below).
+    let ch = b.channel().await;
     let fetch = tokio::spawn(async move {
-        let ch = tonic::transport::Channel::from_shared(fetch_url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
         let t = std::time::Instant::now();
         let r = v1::consume_service_client::ConsumeServiceClient::new(ch)
             .fetch(v1::FetchRequest {
@@ -721,4 +717,62 @@ async fn a_subscription_to_a_deleted_topic_ends_with_unknown_topic() {
             break;
         }
     }
+}
+
+/// A Fetch whose reply is full (its first partition fills `max_bytes`) and that waits for
+/// more (`min_bytes`) answers UNKNOWN_TOPIC for a partition deleted meanwhile, at once. Before:
+/// a full reply left that partition unread, so no error; its closed watch woke the long poll
+/// at once, again and again, re-reading the first partition on the blocking pool until the
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_fetch_waiting_for_min_bytes_answers_a_deleted_partition_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    setup(&b).await;
+    b.create_topic("u", 1).await;
+    let value = "x".repeat(4000);
+    send(&b, 0, &[value.as_str()], 1000).await;
+    let ch = b.channel().await;
+    let fetch = tokio::spawn(async move {
+        let t = std::time::Instant::now();
+        let r = v1::consume_service_client::ConsumeServiceClient::new(ch)
+            .fetch(v1::FetchRequest {
+                partitions: vec![
+                    v1::PartitionFetch {
+                        topic: "t".into(),
+                        partition: 0,
+                        offset: 0,
+                        max_bytes: 0,
+                    },
+                    v1::PartitionFetch {
+                        topic: "u".into(),
+                        partition: 0,
+                        offset: 0,
+                        max_bytes: 0,
+                    },
+                ],
+                // Room for t/0's batch only; never enough to return for min_bytes.
+                max_bytes: 1000,
+                min_bytes: 1 << 20,
+                max_wait_ms: 5000,
+                ..Default::default()
+            })
+            .await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.admin()
+        .await
+        .delete_topic(v1::DeleteTopicRequest { topic: "u".into() })
+        .await
+        .unwrap();
+    let (r, waited) = fetch.await.unwrap();
+    let f = r.expect("the fetch answers").into_inner();
+    assert!(!f.partitions[0].record_batches.is_empty(), "{f:?}");
+    let e = f.partitions[1]
+        .error
+        .as_ref()
+        .unwrap_or_else(|| panic!("UNKNOWN_TOPIC for u/0 after {waited:?}: {f:?}"));
+    assert_eq!(e.code, v1::ErrorCode::UnknownTopic as i32, "{e:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
 }

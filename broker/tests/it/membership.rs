@@ -672,7 +672,12 @@ async fn a_panic_while_persisting_is_internal_not_a_bad_request() {
     let mut a = Member::join(&b, join_req("g", &["t"], None, 60_000))
         .await
         .unwrap();
-    let _c = Member::join(&b, join_req("g", &["t"], None, 60_000)).await;
+    // The joiner whose join could not be made durable is told INTERNAL too (it was told
+    // "the broker is shutting down").
+    let c = Member::join(&b, join_req("g", &["t"], None, 60_000)).await;
+    let e = c.err().expect("c's join failed");
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert_eq!(reason(&e), "ERROR_CODE_INTERNAL", "{e:?}");
     let e = a.end(Duration::from_secs(10)).await.unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{e:?}");
     assert_eq!(reason(&e), "ERROR_CODE_INTERNAL", "{e:?}");
