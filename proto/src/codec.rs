@@ -8,7 +8,9 @@
 //!    every repeated field the request type lists in [`Counted::FIELDS`] (recursively:
 //!    records inside a produce request's record lists, headers inside records, offsets inside
 //!    a CommitTxn's groups). Over the installed [`RequestLimits`], the request is refused with
-//!    `INVALID_ARGUMENT` and never decoded; decoded, it holds at most that many elements.
+//!    `INVALID_ARGUMENT` (ErrorInfo reason `ERROR_CODE_INVALID_REQUEST`, as the broker's
+//!    handlers refuse requests) and never decoded; decoded, it holds at most that many
+//!    elements.
 //! 2. **A request that does not decode is the caller's error**: `INVALID_ARGUMENT`, where
 //!    tonic-prost reports `INTERNAL` for both directions. Client stubs keep tonic-prost's
 //!    codec: a reply that does not decode is not the caller's fault.
@@ -32,6 +34,7 @@
 //!   (which prost merges) is counted every time. Bytes it cannot walk are refused as not a
 //!   protobuf message, as prost would refuse them.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -40,6 +43,7 @@ use prost::bytes::Buf;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::v1;
 
@@ -231,9 +235,17 @@ impl From<ScanError> for Status {
             ScanError::Malformed(why) => Status::invalid_argument(format!(
                 "the request is not a valid protobuf message: {why}"
             )),
-            ScanError::TooMany { count, what, limit } => Status::invalid_argument(format!(
-                "{count} {what} in one request, the limit is {limit}"
-            )),
+            // With the ErrorInfo the broker's statuses carry (`broker/src/error.rs`), so a
+            // client keyed on the reason sees the refusal a handler would have given.
+            ScanError::TooMany { count, what, limit } => Status::with_error_details(
+                tonic::Code::InvalidArgument,
+                format!("{count} {what} in one request, the limit is {limit}"),
+                ErrorDetails::with_error_info(
+                    v1::ErrorCode::InvalidRequest.as_str_name(),
+                    "spool.v1",
+                    HashMap::new(),
+                ),
+            ),
         }
     }
 }

@@ -467,6 +467,7 @@ async fn fetch_offsets_entries_are_bounded() {
             .starts_with("20001 partitions in one request, the limit is 10000"),
         "{e:?}"
     );
+    assert_eq!(reason(&e), "ERROR_CODE_INVALID_REQUEST");
     let answer = offsets.fetch_offsets(fetch(10)).await.unwrap().into_inner();
     assert_eq!(answer.offsets.len(), 10);
     assert_eq!(answer.offsets[9].metadata.len(), 4096);
