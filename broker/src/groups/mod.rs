@@ -20,10 +20,12 @@
 //! - **A stream that cannot take an Assignment** (its client left 64 messages unread, or it is
 //!   gone) is ended and its member disconnected at once, as if the client had closed it: a
 //!   dynamic member leaves and the group rebalances without waiting for its acknowledgement
-//!   until the rebalance timeout; a static one is marked disconnected. Its status
-//!   (FENCED_MEMBER) is sent if the client reads its backlog within 30 s (and before a
-//!   shutdown, which does not wait for it). From then on its heartbeats (its request side
-//!   may still be open) are not heard.
+//!   until the rebalance timeout; a static one is marked disconnected. From then on its
+//!   heartbeats (its request side may still be open) are not heard.
+//! - A status the broker ends a member's stream with (FENCED_MEMBER for a full stream or an
+//!   expired session, MEMBER_REPLACED, a failed persist) reaches the client even when its
+//!   channel is full, if it reads its backlog within 30 s and before a shutdown (which does
+//!   not wait for it); otherwise the stream just ends.
 //! - A group without members parks its coordinator (keeping its generation) and ends its
 //!   task; an event for it starts a new task.
 //! - Plain commits (no member id) and DeleteGroup are refused while the group has members;
@@ -634,7 +636,7 @@ impl Task {
         tracing::error!(group = self.name, error = %e, "persisting group state failed; resetting the group to its last durable state");
         let status: Status = e.into();
         for (_, tx) in self.streams.drain() {
-            let _ = tx.try_send(Err(status.clone()));
+            end_stream(&self.groups.shutdown, tx, status.clone());
         }
         let mut registry = self.groups.lock();
         self.rx.close();
@@ -731,8 +733,6 @@ impl Task {
                         if let Some(tx) = self.streams.remove(&member)
                             && matches!(e, mpsc::error::TrySendError::Full(_))
                         {
-                            // The client may still read its backlog: then it learns why the
-                            // stream ends. Bounded: a client that never reads is not waited for.
                             let status: Status = BrokerError::FencedMember {
                                 group: self.name.clone(),
                                 member: member.clone(),
@@ -742,17 +742,7 @@ impl Task {
                                 ),
                             }
                             .into();
-                            // Not past a shutdown: that must not wait for this stream.
-                            let mut shutdown = self.groups.shutdown.clone();
-                            tokio::spawn(async move {
-                                tokio::select! {
-                                    _ = tokio::time::timeout(
-                                        OVERFLOW_STATUS_WAIT,
-                                        tx.send(Err(status)),
-                                    ) => {}
-                                    _ = shutdown.wait_for(|s| *s) => {}
-                                }
-                            });
+                            end_stream(&self.groups.shutdown, tx, status);
                         }
                         dropped.push(member);
                     }
@@ -780,7 +770,9 @@ impl Task {
                         Removal::Replaced => BrokerError::MemberReplaced { group, member },
                     };
                     tracing::info!(error = %e, "member removed");
-                    let _ = tx.try_send(Err(e.into()));
+                    // Even from a full stream (a replaced member must learn it was, or it
+                    // rejoins and flaps).
+                    end_stream(&self.groups.shutdown, tx, e.into());
                 }
             }
         }
@@ -973,6 +965,22 @@ impl Task {
                 Ok(())
             }
         }
+    }
+}
+
+/// Ends a member's stream with `status`: at once if its channel has room, else as soon as the
+/// client reads its backlog, waiting at most [`OVERFLOW_STATUS_WAIT`] and never past the
+/// broker's shutdown (which must not wait for a client that does not read); then the stream
+/// just ends.
+fn end_stream(shutdown: &watch::Receiver<bool>, tx: MemberTx, status: Status) {
+    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Err(status)) {
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::timeout(OVERFLOW_STATUS_WAIT, tx.send(msg)) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
     }
 }
 

@@ -710,3 +710,33 @@ async fn a_panic_while_persisting_is_internal_not_a_bad_request() {
     a.heartbeat().await;
     drop(a);
 }
+
+/// A static member replaced by a newer one with its instance id learns it (MEMBER_REPLACED)
+/// even when its stream is full, once it reads its backlog; before, the status was dropped
+/// and the stream ended cleanly, so the old client would rejoin and take the instance back
+/// (the two flapping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_member_with_a_full_stream_still_learns_it_was_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start_env(dir.path(), &[], ENV);
+    topic(&b, "t", 2).await;
+    let slow = Channel::from_shared(b.url())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut a = Member::join_on(slow, join_req("g", &["t"], Some("i"), 60_000))
+        .await
+        .unwrap();
+    a.ack().await;
+    for _ in 0..2000 {
+        a.heartbeat().await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _newer = Member::join(&b, join_req("g", &["t"], Some("i"), 60_000))
+        .await
+        .unwrap();
+    let e = a.end(Duration::from_secs(10)).await.unwrap_err();
+    assert_eq!(reason(&e), "ERROR_CODE_MEMBER_REPLACED", "{e:?}");
+}
