@@ -180,26 +180,28 @@ impl Spoold {
         f.partitions[0].high_watermark
     }
 
-    /// SIGTERM, then wait for a clean exit, which must be prompt (under 5 s; the graceful
-    /// shutdown's deadline, `shutdown_timeout_ms`, is 10 s); returns how long it took.
+    /// SIGTERM, then wait for a clean exit, which must not have reached the graceful
+    /// shutdown's deadline (`shutdown_timeout_ms`, 10 s: the broker then logs "did not finish
+    /// in time"); returns how long it took.
     ///
     /// A stop that reaches the deadline means a stream or connection held the shutdown: one
     /// the broker should have ended, or this test's current-thread runtime, blocked here,
     /// unable to answer the server's graceful-shutdown GOAWAY PING (run such a test
-    /// multi-threaded).
-    pub(crate) fn stop(self) -> Duration {
-        let took = self.stop_slowly();
+    /// multi-threaded). Judged by the broker's own warning, and by the clock only past 9 s:
+    /// fsyncing every partition on a loaded machine may take seconds.
+    pub(crate) fn stop(mut self) -> Duration {
+        let took = self.stop_now();
+        let stderr = self.stderr();
         assert!(
-            took < Duration::from_secs(5),
+            took < Duration::from_secs(9) && !stderr.contains("did not finish in time"),
             "spoold took {took:?} to stop: something held its graceful shutdown (see this \
-             method's doc)"
+             method's doc); stderr:\n{stderr}"
         );
         took
     }
 
-    /// SIGTERM, then wait for a clean exit, however long the graceful shutdown takes (up to
-    /// its deadline): for tests that hold it on purpose. Returns how long it took.
-    pub(crate) fn stop_slowly(mut self) -> Duration {
+    /// SIGTERM, then wait for a clean exit; how long it took.
+    fn stop_now(&mut self) -> Duration {
         match self.process.stop(Duration::from_secs(20)) {
             Ok((status, took)) => {
                 assert!(

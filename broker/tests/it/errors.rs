@@ -196,8 +196,8 @@ async fn undecodable_requests_are_invalid_argument() {
         .unwrap();
 }
 
-/// A `ProduceStream` request the codec refuses (over `limits.max_request_bytes`, or not
-/// decodable) ends the stream with the codec's status, after the replies of the requests
+/// A `ProduceStream` request the codec refuses (over `limits.max_request_bytes`, not
+/// decodable, or over a count limit on the wire) ends the stream with the codec's status, after the replies of the requests
 /// before it, and nothing after it is written. The stream's reader used to take every receive
 /// error for the client leaving, and ended the stream with OK: a client saw its stream end
 /// "successfully" with its last requests never answered.
