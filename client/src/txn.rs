@@ -28,16 +28,26 @@
 //!   `ProducerFenced` error means a newer epoch exists: the broker aborted the transaction
 //!   itself (at a restart or a timeout; `abort` then succeeds and hands out the next
 //!   epoch), or another instance took over the transactional id (`abort` is refused too).
-//! - Memory: at most `batch_bytes` buffered per partition; a full batch is sent at once.
+//! - Memory: at most `batch_bytes` buffered per partition; a full batch is sent at once. A
+//!   partition's batch is capped at `min(batch_bytes, the topic's max_message_bytes)`: a
+//!   record that would take the open batch past that cap sends it first, so a batch is at
+//!   most the cap or a single record (records that each fit the topic's limit are never
+//!   refused for being packed together, whatever the topic's limit).
 //!   With `write_behind` it is written in the background while the caller goes on
 //!   buffering: at most `max_writes_in_flight` such writes at a time, and at most one per
 //!   partition (so a partition's batches reach the broker in sequence order): a full batch
 //!   waits for its partition's write in flight and, at the bound, for the oldest write;
 //!   `flush`, `commit` and `abort` wait for all of them first, and a failure fails the
 //!   transaction there.
+//! - `send_keyed` hashes over the topic's partition count as described at most
+//!   `metadata_max_age` ago (default 60 s, as [`crate::ProducerConfig::metadata_max_age`]):
+//!   a topic grown since is picked up within that bound, never cached forever. Counts and
+//!   limits are cached per topic: one DescribeTopic per topic per `metadata_max_age`, and
+//!   after a failed one at most one per [`DESCRIBE_RETRY`] (the old values, if any, are used
+//!   meanwhile; with none, `send` caps at `batch_bytes` and `send_keyed` fails).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use spool_record::BatchBuilder;
@@ -83,6 +93,10 @@ pub struct TransactionalConfig {
     /// `fsync = always`), so with one at a time a loop that fills batches faster than that
     /// waits for every write in turn; the plain producer keeps up to 5 requests in flight.
     pub max_writes_in_flight: usize,
+    /// How long `send_keyed` uses a topic's partition count before describing the topic
+    /// again (default 60 s, as the plain producer's `metadata_max_age`): the bound on how
+    /// long keyed records still hash over the old count after partitions were added.
+    pub metadata_max_age: Duration,
 }
 
 impl TransactionalConfig {
@@ -97,6 +111,7 @@ impl TransactionalConfig {
             backoff: Backoff::default(),
             write_behind: false,
             max_writes_in_flight: 1,
+            metadata_max_age: Duration::from_secs(60),
         }
     }
 }
@@ -126,7 +141,9 @@ pub struct TransactionalProducer {
     /// Batches by topic, then partition (by topic first so a send finds its buffer without
     /// allocating the topic's name).
     parts: BTreeMap<String, BTreeMap<u32, PartitionBuf>>,
-    partition_counts: HashMap<String, u32>,
+    /// Per topic, its partition count and `max_message_bytes` as last described (refreshed
+    /// after `metadata_max_age`), or the last failure to describe it.
+    topics: HashMap<String, Described>,
     /// Per partition, the offset after the last record the open transaction wrote there.
     written: BTreeMap<(String, u32), u64>,
     /// The same for the last committed transaction.
@@ -139,6 +156,21 @@ pub struct TransactionalProducer {
     /// False once the broker answered CommitTxn with UNIMPLEMENTED (an older broker): the
     /// offsets then go by AddOffsetsToTxn before EndTxn.
     commit_txn: bool,
+}
+
+/// After a failed DescribeTopic, the topic is not described again for this long.
+pub const DESCRIBE_RETRY: Duration = Duration::from_secs(1);
+
+/// What the producer knows of a topic.
+#[derive(Clone, Debug)]
+struct Described {
+    /// Partition count and `max_message_bytes` (0: not said), when known.
+    meta: Option<(u32, u32)>,
+    /// When they were described.
+    fetched: Instant,
+    /// When the broker was last asked, and its error if that failed.
+    asked: Instant,
+    failed: Option<Error>,
 }
 
 /// Headers of a record passed to the batch builder without a heap allocation.
@@ -167,7 +199,7 @@ impl TransactionalProducer {
             producer,
             phase: Phase::Idle,
             parts: BTreeMap::new(),
-            partition_counts: HashMap::new(),
+            topics: HashMap::new(),
             written: BTreeMap::new(),
             committed_ends: BTreeMap::new(),
             in_flight: VecDeque::new(),
@@ -220,6 +252,19 @@ impl TransactionalProducer {
     /// sent at once).
     pub async fn send(&mut self, topic: &str, partition: u32, rec: ProducerRecord) -> Result<()> {
         self.require_open()?;
+        // A record that would take the open batch past the cap goes into a new one: a batch
+        // is at most the cap, or one record alone (see the module docs).
+        let cap = self.batch_cap(topic).await;
+        let size = rec.encoded_size_bound();
+        let overflows = self
+            .parts
+            .get(topic)
+            .and_then(|bufs| bufs.get(&partition))
+            .and_then(|buf| buf.builder.as_ref())
+            .is_some_and(|b| !b.is_empty() && b.size_bytes() + size > cap);
+        if overflows {
+            self.ship(topic, partition).await?;
+        }
         let now = now_ms();
         let full = {
             if !self.parts.contains_key(topic) {
@@ -256,29 +301,36 @@ impl TransactionalProducer {
                     rec.headers.iter().map(header_view).collect();
                 b.push(ts, key, value, &headers);
             }
-            b.size_bytes() >= self.cfg.batch_bytes
+            b.size_bytes() >= cap
         };
         if full {
-            let batch = self.take_batch(topic, partition)?;
-            if let Some(batch) = batch {
-                if let Err(e) = self.make_room(topic, partition).await {
-                    self.phase = Phase::MustAbort;
-                    return Err(e);
-                }
-                let (client, attempts, backoff) =
-                    (self.client.clone(), self.cfg.max_attempts, self.cfg.backoff);
-                let write =
-                    async move { write_batches(&client, attempts, &backoff, vec![batch]).await };
-                if self.cfg.write_behind {
-                    self.in_flight
-                        .push_back(((topic.to_owned(), partition), tokio::spawn(write)));
-                } else {
-                    match write.await {
-                        Ok(written) => self.note_written(written),
-                        Err(e) => {
-                            self.phase = Phase::MustAbort;
-                            return Err(e);
-                        }
+            self.ship(topic, partition).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `topic`/`partition`'s open batch, if any: in the background with
+    /// `write_behind`, else at once.
+    async fn ship(&mut self, topic: &str, partition: u32) -> Result<()> {
+        let batch = self.take_batch(topic, partition)?;
+        if let Some(batch) = batch {
+            if let Err(e) = self.make_room(topic, partition).await {
+                self.phase = Phase::MustAbort;
+                return Err(e);
+            }
+            let (client, attempts, backoff) =
+                (self.client.clone(), self.cfg.max_attempts, self.cfg.backoff);
+            let write =
+                async move { write_batches(&client, attempts, &backoff, vec![batch]).await };
+            if self.cfg.write_behind {
+                self.in_flight
+                    .push_back(((topic.to_owned(), partition), tokio::spawn(write)));
+            } else {
+                match write.await {
+                    Ok(written) => self.note_written(written),
+                    Err(e) => {
+                        self.phase = Phase::MustAbort;
+                        return Err(e);
                     }
                 }
             }
@@ -338,21 +390,81 @@ impl TransactionalProducer {
     }
 
     /// Adds a record to the partition its key hashes to (murmur2, as Kafka's and Spool's
-    /// producers); a record without a key goes to partition 0.
+    /// producers); a record without a key goes to partition 0. The topic's partition count
+    /// is described again once it is `metadata_max_age` old; if that fails with a retriable
+    /// error, the old count is used.
     pub async fn send_keyed(&mut self, topic: &str, rec: ProducerRecord) -> Result<()> {
-        let partitions = match self.partition_counts.get(topic) {
-            Some(&n) => n,
-            None => {
-                let n = self.client.describe_topic(topic).await?.partitions.len() as u32;
-                self.partition_counts.insert(topic.to_owned(), n);
-                n
-            }
+        let partitions = match self.describe(topic).await {
+            Ok((n, _)) => n,
+            Err(e) => return Err(e),
         };
         let p = rec
             .key
             .as_deref()
             .map_or(0, |k| partition_for_key(k, partitions.max(1)));
         self.send(topic, p, rec).await
+    }
+
+    /// `topic`'s partition count and `max_message_bytes`: cached for `metadata_max_age`; on
+    /// a failure, the cached values if any (else the error), and no new DescribeTopic for
+    /// [`DESCRIBE_RETRY`].
+    async fn describe(&mut self, topic: &str) -> Result<(u32, u32)> {
+        if let Some(d) = self.topics.get(topic) {
+            let fresh = d.meta.is_some() && d.fetched.elapsed() < self.cfg.metadata_max_age;
+            if fresh || (d.failed.is_some() && d.asked.elapsed() < DESCRIBE_RETRY) {
+                return match (d.meta, &d.failed) {
+                    (Some(m), _) => Ok(m),
+                    (None, Some(e)) => Err(e.clone()),
+                    (None, None) => Err(Error::Protocol(format!("topic {topic:?} undescribed"))),
+                };
+            }
+        }
+        let now = Instant::now();
+        match self.client.describe_topic(topic).await {
+            Ok(d) => {
+                let m = (d.partitions.len() as u32, d.config.max_message_bytes);
+                self.topics.insert(
+                    topic.to_owned(),
+                    Described {
+                        meta: Some(m),
+                        fetched: now,
+                        asked: now,
+                        failed: None,
+                    },
+                );
+                Ok(m)
+            }
+            Err(e) => {
+                let kept = self
+                    .topics
+                    .get(topic)
+                    .filter(|_| e.is_retriable())
+                    .and_then(|d| d.meta.map(|m| (m, d.fetched)));
+                tracing::debug!(topic, error = %e, cached = kept.is_some(), "describing the topic failed");
+                self.topics.insert(
+                    topic.to_owned(),
+                    Described {
+                        meta: kept.map(|(m, _)| m),
+                        fetched: kept.map_or(now, |(_, at)| at),
+                        asked: now,
+                        failed: Some(e.clone()),
+                    },
+                );
+                match kept {
+                    Some((m, _)) => Ok(m),
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The most a batch of `topic` may hold: `batch_bytes`, or less if the topic's
+    /// `max_message_bytes` is smaller (as far as it is known).
+    async fn batch_cap(&mut self, topic: &str) -> usize {
+        match self.describe(topic).await {
+            Ok((_, max)) if max > 0 => self.cfg.batch_bytes.min(max as usize),
+            _ => self.cfg.batch_bytes,
+        }
     }
 
     /// Commits `offsets` of `group` with the transaction (the "consume, process, produce"
@@ -606,7 +718,7 @@ async fn write_batches(
             match r {
                 Ok(a) => written.push(((batch.0, batch.1), a.last_offset + 1)),
                 Err(e) if e.is_retriable() && attempt + 1 < attempts => retry.push(batch),
-                Err(e) => return Err(e),
+                Err(e) => return Err(naming_partition(e, &batch.0, batch.1)),
             }
         }
         if !retry.is_empty() {
@@ -616,6 +728,21 @@ async fn write_batches(
         batches = retry;
     }
     Ok(written)
+}
+
+/// A per-batch refusal whose error does not name its partition (the broker's `TOO_LARGE` and
+/// `INVALID_BATCH` messages say what is wrong, not where), with the partition added to its
+/// message: the caller sees which output was refused.
+fn naming_partition(e: Error, topic: &str, partition: u32) -> Error {
+    match e {
+        Error::TooLarge { message } => Error::TooLarge {
+            message: format!("batch for {topic}/{partition}: {message}"),
+        },
+        Error::InvalidBatch { message } => Error::InvalidBatch {
+            message: format!("batch for {topic}/{partition}: {message}"),
+        },
+        e => e,
+    }
 }
 
 #[cfg(test)]
@@ -633,7 +760,7 @@ mod tests {
             producer: (1, 0),
             phase: Phase::Idle,
             parts: BTreeMap::new(),
-            partition_counts: HashMap::new(),
+            topics: HashMap::new(),
             written: BTreeMap::new(),
             committed_ends: BTreeMap::new(),
             in_flight: VecDeque::new(),

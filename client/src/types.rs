@@ -302,6 +302,13 @@ impl ProducerRecord {
                 .map(|h| 10 + h.key.len() + len(&h.value))
                 .sum::<usize>()
     }
+
+    /// An upper bound of the size of a batch holding only this record, uncompressed: what a
+    /// topic's `max_message_bytes` limits (the record's bytes, the most its varints can take,
+    /// and the batch header).
+    pub fn batch_size_bound(&self) -> usize {
+        spool_record::HEADER_LEN + self.encoded_size_bound()
+    }
 }
 
 /// A consumed record.

@@ -481,3 +481,106 @@ async fn write_behind_with_several_writes_in_flight_keeps_each_partition_in_orde
         );
     }
 }
+
+/// `send_keyed` describes a topic again once its partition count is `metadata_max_age` old:
+/// after partitions were added, keyed records hash over the new count (as the plain
+/// producer's), instead of over the count first seen, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_keyed_hashes_over_added_partitions_once_its_count_is_stale() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "keyed", 1).await;
+    let cfg = TransactionalConfig {
+        metadata_max_age: Duration::from_millis(200),
+        ..TransactionalConfig::new("keyed-1")
+    };
+    let mut tx = TransactionalProducer::new(c.clone(), cfg).await.unwrap();
+    // A key that hashes to a partition other than 0 over 4 partitions.
+    let key = (0..100)
+        .map(|i| format!("k{i}"))
+        .find(|k| spool_client::partitioner::partition_for_key(k.as_bytes(), 4) != 0)
+        .unwrap();
+    let want = spool_client::partitioner::partition_for_key(key.as_bytes(), 4);
+    tx.begin().unwrap();
+    tx.send_keyed("keyed", rec("before").key(key.clone()))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    c.add_partitions("keyed", 4).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    tx.begin().unwrap();
+    tx.send_keyed("keyed", rec("after").key(key.clone()))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    settled(&c, "keyed", want).await;
+    settled(&c, "keyed", 0).await;
+    assert_eq!(
+        values(&c, "keyed", 0, Isolation::ReadCommitted).await,
+        ["before"]
+    );
+    assert_eq!(
+        values(&c, "keyed", want, Isolation::ReadCommitted).await,
+        ["after"],
+        "{key} hashes to partition {want} of 4"
+    );
+}
+
+/// A record is never packed into a partition's open batch past `batch_bytes`: the open batch
+/// is sent first. So two records that each fit the topic's `max_message_bytes`, but not
+/// together, are both written (before, the second one joined the first's batch, and the
+/// broker refused the pair as too large).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_fit_the_topic_alone_are_not_packed_past_the_batch_size() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    let settings = spool_client::TopicSettings {
+        max_message_bytes: Some(64 << 10),
+        ..spool_client::TopicSettings::default()
+    };
+    c.create_topic("small", 1, &settings).await.unwrap();
+    let cfg = TransactionalConfig {
+        batch_bytes: 48 << 10,
+        ..TransactionalConfig::new("small-1")
+    };
+    let mut tx = TransactionalProducer::new(c.clone(), cfg).await.unwrap();
+    let big = |tag: &str| format!("{tag}{}", "x".repeat(40 << 10));
+    tx.begin().unwrap();
+    tx.send("small", 0, rec(&big("a"))).await.unwrap();
+    tx.send("small", 0, rec(&big("b"))).await.unwrap();
+    tx.commit().await.unwrap();
+    settled(&c, "small", 0).await;
+    assert_eq!(
+        values(&c, "small", 0, Isolation::ReadCommitted).await,
+        [big("a"), big("b")]
+    );
+}
+
+/// A partition's batch is capped at the topic's `max_message_bytes` when that is below
+/// `batch_bytes` (default 1 MiB): records that each fit a 64 KiB topic are written, however
+/// many one transaction sends (before, three 30 KiB records were packed into one 90 KiB
+/// batch the broker refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_capped_at_a_topic_limit_below_the_batch_size() {
+    let broker = Broker::start();
+    let c = broker.client().await;
+    let settings = spool_client::TopicSettings {
+        max_message_bytes: Some(64 << 10),
+        ..spool_client::TopicSettings::default()
+    };
+    c.create_topic("capped", 1, &settings).await.unwrap();
+    let mut tx = TransactionalProducer::new(c.clone(), TransactionalConfig::new("capped-1"))
+        .await
+        .unwrap();
+    let big = |i: usize| format!("{i}{}", "y".repeat(30 << 10));
+    tx.begin().unwrap();
+    for i in 0..3 {
+        tx.send("capped", 0, rec(&big(i))).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    settled(&c, "capped", 0).await;
+    assert_eq!(
+        values(&c, "capped", 0, Isolation::ReadCommitted).await,
+        (0..3).map(big).collect::<Vec<_>>()
+    );
+}

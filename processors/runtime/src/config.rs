@@ -65,6 +65,12 @@ pub struct ProcessorConfig {
     /// Inputs read as tables: a task reads its partitions of these up to where they ended
     /// before it handles a record of another input (see [`RuntimeConfig::tables`]).
     pub tables: Vec<String>,
+    /// Go on when an input gains partitions, growing the changelog, dead-letter and retry
+    /// topics to match (default false: the processor stops with an error, as Kafka Streams
+    /// does). Keyed state does not follow its keys to their new partitions: set it only for
+    /// a processor without keyed state, or whose keys may start again empty
+    /// ([`RuntimeConfig::allow_input_growth`]).
+    pub allow_input_growth: bool,
     /// The processor's own settings (free-form; see [`ProcessorConfig::app`]).
     pub app: toml::Table,
 }
@@ -254,6 +260,7 @@ impl Default for ProcessorConfig {
             effects: EffectsRetention::default(),
             lanes: Vec::new(),
             tables: Vec::new(),
+            allow_input_growth: false,
             app: toml::Table::new(),
         }
     }
@@ -496,6 +503,7 @@ impl ProcessorConfig {
         r.effects_retention = self.effects;
         r.lanes = self.lanes.clone();
         r.tables = self.tables.clone();
+        r.allow_input_growth = self.allow_input_growth;
         r
     }
 }

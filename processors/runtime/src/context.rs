@@ -271,6 +271,12 @@ impl<'a> Context<'a> {
         self.writes.insert(key, value);
     }
 
+    /// The records emitted so far (the runtime checks them, and routes keyed ones, before
+    /// the call's writes are taken: [`crate::engine`]'s `OutputCheck`).
+    pub(crate) fn emits_mut(&mut self) -> &mut [Emit] {
+        &mut self.emits
+    }
+
     /// Emits a record to `topic`, partitioned by its key (murmur2; partition 0 without a
     /// key). Part of the transaction.
     pub fn emit(&mut self, topic: impl Into<String>, record: ProducerRecord) {

@@ -296,6 +296,27 @@ pub(crate) fn dead_letter(
     r
 }
 
+/// Checks a handler call's emitted records before its writes join the open transaction
+/// (the live runtime's [`crate::outputs`]: the topic exists, the partition is in range, the
+/// record fits the topic's size limit; it also gives keyed records their partition). An
+/// `Err` fails the call, as if the handler had returned it.
+pub(crate) trait OutputCheck {
+    /// Checks (and may route) `emits`.
+    fn check(
+        &mut self,
+        emits: &mut [Emit],
+    ) -> impl std::future::Future<Output = Result<(), Failure>> + Send;
+}
+
+/// No check (the test driver, which has no broker to ask).
+pub(crate) struct Unchecked;
+
+impl OutputCheck for Unchecked {
+    async fn check(&mut self, _: &mut [Emit]) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
 /// Where the runtime is running a handler: its name and whether effects are enabled.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Env<'a> {
@@ -337,22 +358,30 @@ impl Task {
     }
 
     /// Runs the handler on one input (`resume`: the cursor of the previous call for it,
-    /// [`Context::call_again`]). On `Ok` its writes join the open transaction and its emitted
-    /// records are returned, with the cursor of a call asked for. On `Err` only the
-    /// idempotency keys it marked done join the open transaction
-    /// ([`Context::into_effect_marks`]; none on a fatal failure, which aborts it).
-    pub(crate) async fn handle<H: AsyncHandler>(
+    /// [`Context::call_again`]). On `Ok` its emitted records must pass `outputs` (else the
+    /// call fails with that failure, as if the handler had returned it); then its writes
+    /// join the open transaction and its emitted records are returned, with the cursor of a
+    /// call asked for. On `Err` only the idempotency keys it marked done join the open
+    /// transaction ([`Context::into_effect_marks`]; none on a fatal failure, which aborts it).
+    pub(crate) async fn handle<H: AsyncHandler, C: OutputCheck>(
         &mut self,
         handler: &mut H,
         input: &Input,
         now_ms: i64,
         env: Env<'_>,
         resume: Option<Bytes>,
+        outputs: &mut C,
     ) -> Result<(Vec<Emit>, Option<Bytes>), Failure> {
         let st = self.stream_time.max(input.timestamp_ms);
         let mut ctx = Context::new(&self.state, self.partition, now_ms, st, env);
         ctx.resume(resume);
-        if let Err(f) = handler.handle(&mut ctx, input).await {
+        // The outputs are checked before the call's writes are taken, so a failed check keeps
+        // the call's effect marks as a handler failure does.
+        let r = match handler.handle(&mut ctx, input).await {
+            Ok(()) => outputs.check(ctx.emits_mut()).await,
+            Err(f) => Err(f),
+        };
+        if let Err(f) = r {
             if f.action != Action::Fatal {
                 self.state.merge(ctx.into_effect_marks()?);
             }
@@ -415,8 +444,13 @@ impl Task {
     /// again on its own clock at (its clock's now) + `backoff(attempt)` with the same key and
     /// payload ([`Fired::Retrying`]), or removed for good ([`Fired::Dropped`]) when it asked
     /// for a dead letter or `retry.timer_max_attempts` allows no more (by default there is no
-    /// limit). `Err` only for a fatal failure (the caller aborts).
-    pub(crate) async fn fire<H: AsyncHandler>(
+    /// limit). Its emitted records must pass `outputs`: a failed check is a failure of the
+    /// call like any other (retried, effect marks kept). `Err` only for a fatal failure (the
+    /// caller aborts).
+    // The handler, the timer, its clock, its retry policy and the output check are all
+    // distinct inputs of one firing; bundling them would only rename them.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn fire<H: AsyncHandler, C: OutputCheck>(
         &mut self,
         handler: &mut H,
         timer: &Timer,
@@ -424,6 +458,7 @@ impl Task {
         env: Env<'_>,
         retry: &RetryPolicy,
         backoff: impl Fn(u32) -> Duration,
+        outputs: &mut C,
     ) -> Result<Fired, Failure> {
         let slot = state::composite(
             context::TIMERS,
@@ -451,6 +486,10 @@ impl Task {
             ctx.job_timer(&seen)
         } else {
             handler.on_timer(&mut ctx, &seen).await
+        };
+        let r = match r {
+            Ok(()) => outputs.check(ctx.emits_mut()).await,
+            Err(f) => Err(f),
         };
         let failure = match r {
             Ok(()) => {
@@ -548,6 +587,147 @@ pub(crate) fn changelog_record(key: &[u8], value: &Option<Bytes>) -> ProducerRec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::EffectStatus;
+    use crate::handler::Handler;
+    use crate::state::MemBackend;
+
+    /// Refuses any output to one topic, as the runtime's check refuses a missing topic.
+    struct Refuse(&'static str);
+
+    impl OutputCheck for Refuse {
+        async fn check(&mut self, emits: &mut [Emit]) -> Result<(), Failure> {
+            match emits.iter().find(|e| e.topic == self.0) {
+                Some(e) => Err(Failure::retry(format!(
+                    "output topic {:?} refused",
+                    e.topic
+                ))),
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Sends a mail (marks it done), then emits to `nope`; its timer emits to `nope` too.
+    /// Records what it saw of the mark.
+    #[derive(Default)]
+    struct MailThenBadOutput {
+        seen: Vec<EffectStatus>,
+    }
+
+    impl Handler for MailThenBadOutput {
+        fn handle(&mut self, ctx: &mut Context<'_>, _: &Input) -> Result<(), Failure> {
+            self.seen.push(ctx.effect("mail/1")?);
+            ctx.effect_done("mail/1");
+            ctx.set_timer(TimerKind::Wall, b"t", 10, Bytes::new())?;
+            ctx.emit_to("nope", 0, ProducerRecord::new("x"));
+            Ok(())
+        }
+
+        fn on_timer(&mut self, ctx: &mut Context<'_>, _: &Timer) -> Result<(), Failure> {
+            ctx.emit_to("nope", 0, ProducerRecord::new("t"));
+            Ok(())
+        }
+    }
+
+    fn env() -> Env<'static> {
+        Env {
+            processor: "p",
+            effects_enabled: true,
+            effects_retention: EffectsRetention::default(),
+        }
+    }
+
+    /// A failed output check fails the call as a handler failure does: its writes and records
+    /// are dropped, its effect marks kept (so the retry does not repeat the mail).
+    #[tokio::test]
+    async fn a_failed_output_check_fails_the_call_and_keeps_its_effect_marks() {
+        let mut task = Task::open(0, Box::new(MemBackend::default())).unwrap();
+        let mut h = MailThenBadOutput::default();
+        let input = Input {
+            topic: "in".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 1,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            attempt: 1,
+            lane: "in".into(),
+        };
+        let mut check = Refuse("nope");
+        for attempt in 1..=2 {
+            let r = task
+                .handle(
+                    &mut h,
+                    &Input {
+                        attempt,
+                        ..input.clone()
+                    },
+                    5,
+                    env(),
+                    None,
+                    &mut check,
+                )
+                .await;
+            let f = r.expect_err("the check refuses the output");
+            assert_eq!(f.action, Action::Retry);
+            assert!(f.reason.contains("nope"), "{}", f.reason);
+        }
+        assert_eq!(h.seen, [EffectStatus::Todo, EffectStatus::Done]);
+        assert!(
+            task.due_timers(TimerKind::Wall, i64::MAX, 10)
+                .unwrap()
+                .is_empty(),
+            "the failed call's timer was dropped with its writes"
+        );
+    }
+
+    /// A timer whose output fails the check goes down the timers' failure path (set again
+    /// after its backoff), never a fatal error.
+    #[tokio::test]
+    async fn a_timer_whose_output_fails_the_check_is_retried_not_fatal() {
+        let mut task = Task::open(0, Box::new(MemBackend::default())).unwrap();
+        let mut h = MailThenBadOutput::default();
+        let input = Input {
+            topic: "in".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 1,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            attempt: 1,
+            lane: "in".into(),
+        };
+        // Set the timer with a call whose outputs all pass.
+        task.handle(&mut h, &input, 5, env(), None, &mut Refuse("other"))
+            .await
+            .unwrap();
+        let timer = task.due_timers(TimerKind::Wall, 10, 1).unwrap().remove(0);
+        let policy = RetryPolicy::default();
+        let fired = task
+            .fire(
+                &mut h,
+                &timer,
+                10,
+                env(),
+                &policy,
+                |_| Duration::from_millis(100),
+                &mut Refuse("nope"),
+            )
+            .await
+            .expect("not fatal");
+        match fired {
+            Fired::Retrying {
+                attempt,
+                at_ms,
+                reason,
+            } => {
+                assert_eq!((attempt, at_ms), (2, 110));
+                assert!(reason.contains("nope"), "{reason}");
+            }
+            other => panic!("expected a retry, got {other:?}"),
+        }
+    }
 
     #[test]
     fn retry_headers_round_trip() {

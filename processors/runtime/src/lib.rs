@@ -33,6 +33,7 @@ pub mod handler;
 pub mod jobs;
 pub mod metrics;
 pub mod ops;
+mod outputs;
 mod restore;
 pub mod runtime;
 pub mod state;

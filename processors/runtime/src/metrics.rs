@@ -18,6 +18,7 @@
 //! | `spool_processor_lag` | gauge (offsets behind the high watermark, as Kafka's consumer lag) | topic, partition |
 //! | `spool_processor_restoring_partitions` | gauge | |
 //! | `spool_processor_restored_records_total` | counter | |
+//! | `spool_processor_grown_topics_total` | counter (changelog, dead-letter and retry topics grown to match an input that gained partitions; `allow_input_growth`) | |
 //! | `spool_processor_paused_lanes` | gauge (1 when paused) | lane |
 //! | `spool_processor_yielding_lanes` | gauge (1 while the lane yields to an active higher lane, as of the last tick) | lane |
 //! | `spool_processor_blocked_partitions` | gauge (partitions retrying in place) | |
@@ -90,6 +91,7 @@ pub struct Metrics {
     pub(crate) lag: Family<PartitionLabel, Gauge>,
     pub(crate) restoring: Gauge,
     pub(crate) restored_records: Counter,
+    pub(crate) grown_topics: Counter,
     pub(crate) paused_lanes: Family<LaneLabel, Gauge>,
     pub(crate) yielding_lanes: Family<LaneLabel, Gauge>,
     pub(crate) blocked: Gauge,
@@ -139,6 +141,7 @@ impl Metrics {
             lag: Family::default(),
             restoring: Gauge::default(),
             restored_records: Counter::default(),
+            grown_topics: Counter::default(),
             paused_lanes: Family::default(),
             yielding_lanes: Family::default(),
             blocked: Gauge::default(),
@@ -222,6 +225,11 @@ impl Metrics {
             format!("{p}_restored_records"),
             "Changelog records applied while restoring",
             m.restored_records.clone(),
+        );
+        registry.register(
+            format!("{p}_grown_topics"),
+            "Internal topics grown to match an input that gained partitions",
+            m.grown_topics.clone(),
         );
         registry.register(
             format!("{p}_paused_lanes"),

@@ -54,7 +54,14 @@
 //!   committed, with the changelog position, in one local transaction.
 //! - A newly owned partition is held back until its state is restored from the changelog (in
 //!   a background task, read committed, from the local store's position to the end); the
-//!   other partitions keep going.
+//!   other partitions keep going. One at or past the changelog's partition count (an input
+//!   grew) first grows the changelog, dead-letter and retry topics to the inputs' counts
+//!   (`ensure_internal_topics`, also run at start); no state moves.
+//! - Every output of a handler call or timer is checked before the call's writes join the
+//!   transaction (`outputs.rs`); a failed check fails the call. A write the broker still
+//!   refuses for good (unknown topic or partition, too large, invalid, not authorized) stops
+//!   the processor after the abort ([`RuntimeError::Fatal`], naming it): a rewind would write
+//!   it again.
 //! - A partition held back (restoring, or holding a record: a retry not due, over its key's
 //!   rate, waiting for its tables) is not paused in the consumer: its lane's stream goes on,
 //!   and what it delivers for that partition is parked, in order, and handled before anything
@@ -90,6 +97,7 @@ use crate::engine::{self, Attempt, Env, Fired, RetryMode, RetryPolicy, Task};
 use crate::flow::{self, LaneConfig, LaneYield, Lanes, ThrottleClock};
 use crate::handler::{Action, AsyncHandler, Input, TimerKind};
 use crate::metrics::{LaneLabel, Metrics, PartitionLabel, TopicCounters};
+use crate::outputs::{Gate, Outputs};
 use crate::restore::{self, Restoring};
 use crate::state::SqliteBackend;
 
@@ -215,6 +223,12 @@ pub struct RuntimeConfig {
     /// to where they ended when that record was read, so a table change written before a
     /// record is never applied after it (whatever order the broker delivers topics in).
     pub tables: Vec<String>,
+    /// Go on when an input gains partitions (default false): the changelog, dead-letter and
+    /// retry topics are grown to match and the new partitions are processed, but keyed state
+    /// does not follow its keys to their new partitions (`docs/processors.md`, "Adding
+    /// partitions to an input"). False: the processor stops with [`RuntimeError::Fatal`]
+    /// naming the topics and the remedy, before anything is grown, as Kafka Streams does.
+    pub allow_input_growth: bool,
 }
 
 impl RuntimeConfig {
@@ -263,6 +277,7 @@ impl RuntimeConfig {
             lanes: Vec::new(),
             lane_yield: Some(LaneYield::default()),
             tables: Vec::new(),
+            allow_input_growth: false,
         }
     }
 
@@ -343,7 +358,7 @@ pub async fn run<H: AsyncHandler>(
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) -> Result<(), RuntimeError> {
-    prepare_topics(&client, &cfg).await?;
+    prepare_topics(&client, &cfg, &metrics).await?;
     let mut failures = 0u32;
     loop {
         if *shutdown.borrow() {
@@ -416,29 +431,20 @@ fn fatal(e: &RuntimeError) -> bool {
 }
 
 /// Creates what the processor writes to and does not exist yet: the changelog (compacted),
-/// the dead-letter topics, the declared outputs (prefixed in replay mode); and in replay mode
-/// positions the scratch group at the start time (its tables at their start).
-async fn prepare_topics(client: &Client, cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
-    let mut max_partitions = 1;
-    let mut input_partitions = BTreeMap::new();
-    for t in &cfg.inputs {
-        let n = client.describe_topic(t).await?.partitions.len() as u32;
-        input_partitions.insert(t.clone(), n);
-        max_partitions = max_partitions.max(n);
-    }
+/// the dead-letter and retry topics (all three grown to the inputs' partition counts if they
+/// have fewer: [`ensure_internal_topics`]), the declared outputs (prefixed in replay mode);
+/// and in replay mode positions the scratch group at the start time (its tables at their
+/// start).
+async fn prepare_topics(
+    client: &Client,
+    cfg: &RuntimeConfig,
+    metrics: &Metrics,
+) -> Result<(), RuntimeError> {
+    let (input_partitions, max_partitions) = ensure_internal_topics(client, cfg, metrics).await?;
     let compacted = TopicSettings {
         cleanup: Some(CleanupPolicy::Compact),
         ..TopicSettings::default()
     };
-    ensure_topic(client, &cfg.changelog_topic(), max_partitions, &compacted).await?;
-    for (t, n) in &input_partitions {
-        let dlq = format!("{}{}", cfg.output_prefix, engine::dlq_topic(t, &cfg.group));
-        ensure_topic(client, &dlq, *n, &TopicSettings::default()).await?;
-    }
-    for (retry, source) in cfg.retry_topics() {
-        let n = input_partitions.get(&source).copied().unwrap_or(1);
-        ensure_topic(client, &retry, n, &TopicSettings::default()).await?;
-    }
     ensure_topic(client, &control::control_topic(&cfg.group), 1, &compacted).await?;
     for t in &cfg.outputs {
         let n = match client.describe_topic(t).await {
@@ -490,6 +496,122 @@ async fn prepare_topics(client: &Client, cfg: &RuntimeConfig) -> Result<(), Runt
     Ok(())
 }
 
+/// Creates or grows the topics the runtime keeps per input partition, to match the inputs'
+/// partition counts now: the changelog (`<group>.changelog`, compacted: as many partitions as
+/// the largest input), each input's dead-letter topic and retry topics (as many as their
+/// input). Task `p` writes its changelog records, dead letters and retries to partition `p`
+/// of them, so a partition added to an input needs its partition there before its task
+/// restores (an existing topic used to be left as it was: restoring the new partition read a
+/// changelog partition that did not exist, a fatal error on every restart). Returns the
+/// inputs' partition counts and the largest (the changelog's count now).
+///
+/// An existing one with fewer partitions than it needs means an input gained partitions:
+/// unless [`RuntimeConfig::allow_input_growth`], that is [`RuntimeError::Fatal`], before
+/// anything is grown. Growing moves no state: see "Adding partitions to an input" in
+/// `docs/processors.md`.
+async fn ensure_internal_topics(
+    client: &Client,
+    cfg: &RuntimeConfig,
+    metrics: &Metrics,
+) -> Result<(BTreeMap<String, u32>, u32), RuntimeError> {
+    let mut max_partitions = 1;
+    let mut input_partitions = BTreeMap::new();
+    for t in &cfg.inputs {
+        let n = client.describe_topic(t).await?.partitions.len() as u32;
+        input_partitions.insert(t.clone(), n);
+        max_partitions = max_partitions.max(n);
+    }
+    let compacted = TopicSettings {
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSettings::default()
+    };
+    // (topic, partitions it needs, settings, the input it follows)
+    let mut plan = vec![(cfg.changelog_topic(), max_partitions, compacted, None)];
+    for (t, n) in &input_partitions {
+        let dlq = format!("{}{}", cfg.output_prefix, engine::dlq_topic(t, &cfg.group));
+        plan.push((dlq, *n, TopicSettings::default(), Some(t.clone())));
+    }
+    for (retry, source) in cfg.retry_topics() {
+        let n = input_partitions.get(&source).copied().unwrap_or(1);
+        plan.push((retry, n, TopicSettings::default(), Some(source)));
+    }
+    // An input that gained partitions is refused before anything grows, unless allowed.
+    let mut short = Vec::new();
+    for (topic, n, _, _) in &plan {
+        match client.describe_topic(topic).await {
+            Ok(d) if (d.partitions.len() as u32) < *n => {
+                short.push(format!("{topic} has {} of {n}", d.partitions.len()));
+            }
+            Ok(_) | Err(spool_client::Error::UnknownTopic { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !short.is_empty() && !cfg.allow_input_growth {
+        return Err(RuntimeError::Fatal(format!(
+            "an input gained partitions ({}): keyed state would not follow its keys (a key \
+             that now hashes to a new partition would start there with no state), so the \
+             processor stops. Set allow_input_growth = true if it keeps no keyed state (or its \
+             keys may start again empty), or move to a new input topic with a new group that \
+             rebuilds its state by replay (docs/processors.md, \"Adding partitions to an \
+             input\")",
+            short.join(", ")
+        )));
+    }
+    for (topic, n, settings, input) in &plan {
+        if let Some(from) = grow_or_create(client, topic, *n, settings).await? {
+            metrics.grown_topics.inc();
+            tracing::warn!(topic, input, from, to = *n, "{}", GREW_WARNING);
+        }
+    }
+    Ok((input_partitions, max_partitions))
+}
+
+/// Logged for every internal topic grown (with the input it follows; none: the changelog).
+const GREW_WARNING: &str = "an input topic gained partitions: the runtime's topics grew to match. \
+    Keyed state does not move: a key that now hashes to a new partition starts there with no \
+    state (docs/processors.md, \"Adding partitions to an input\")";
+
+/// Creates `topic` with `partitions` partitions if it does not exist, or grows it to
+/// `partitions` if it has fewer; returns the count it was grown from, if it was.
+async fn grow_or_create(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    settings: &TopicSettings,
+) -> Result<Option<u32>, RuntimeError> {
+    let d = match client.describe_topic(topic).await {
+        Ok(d) => d,
+        // Only a topic the broker says does not exist is created; any other failure is the
+        // caller's (a new partition's restore must not start before its topic is grown).
+        Err(spool_client::Error::UnknownTopic { .. }) => {
+            ensure_topic(client, topic, partitions, settings).await?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let had = d.partitions.len() as u32;
+    if had >= partitions {
+        return Ok(None);
+    }
+    match client.add_partitions(topic, partitions).await {
+        Ok(_) => {
+            tracing::info!(topic, from = had, to = partitions, "grew topic");
+            Ok(Some(had))
+        }
+        // Another instance grew it meanwhile (the broker refuses a count that is not larger).
+        Err(_)
+            if client
+                .describe_topic(topic)
+                .await
+                .is_ok_and(|d| d.partitions.len() as u32 >= partitions) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists (whatever its count).
 async fn ensure_topic(
     client: &Client,
     topic: &str,
@@ -617,6 +739,12 @@ struct Session<'c> {
     /// `records_in` / `records_out` counters by topic, looked up once per topic.
     counted_in: TopicCounters,
     counted_out: TopicCounters,
+    /// The output topics' metadata, for the check of each handler call's outputs.
+    outputs: Outputs,
+    /// Partition counts of the inputs as last grown to or seen ([`ensure_internal_topics`]):
+    /// a newly assigned partition at or past its input's count (a retry topic's: its
+    /// source's) grows the internal topics before it is restored or handled.
+    input_partitions: BTreeMap<String, u32>,
 }
 
 /// The longest the loop runs without letting its worker thread run other tasks. Records
@@ -740,6 +868,8 @@ impl<'c> Session<'c> {
             table_wait: HashMap::new(),
             counted_in: TopicCounters::default(),
             counted_out: TopicCounters::default(),
+            outputs: Outputs::new(&cfg.output_prefix),
+            input_partitions: BTreeMap::new(),
         };
         s.reconcile().await?;
         s.apply_flow().await?;
@@ -1444,7 +1574,15 @@ impl<'c> Session<'c> {
                 .get_mut(&input.partition)
                 .expect("checked by the caller");
             let resumed = resume.is_some();
-            let result = task.handle(handler, &input, now, env, resume.take()).await;
+            // Outputs are checked as the call ends ([`crate::outputs`]): one the broker would
+            // refuse fails the call, and the retry policy applies to this input alone.
+            let mut outputs = Gate {
+                outputs: &mut self.outputs,
+                client: &self.client,
+            };
+            let result = task
+                .handle(handler, &input, now, env, resume.take(), &mut outputs)
+                .await;
             self.metrics
                 .process_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -1784,8 +1922,20 @@ impl<'c> Session<'c> {
             let now = self.cfg.clock.now_ms();
             let task = self.tasks.get_mut(&p).expect("present");
             let retry = &self.cfg.retry;
+            let mut outputs = Gate {
+                outputs: &mut self.outputs,
+                client: &self.client,
+            };
             let fired = task
-                .fire(handler, &timer, now, env, retry, |a| retry.backoff(a))
+                .fire(
+                    handler,
+                    &timer,
+                    now,
+                    env,
+                    retry,
+                    |a| retry.backoff(a),
+                    &mut outputs,
+                )
                 .await;
             match fired {
                 Ok(Fired::Done(emits)) => {
@@ -2095,6 +2245,16 @@ impl<'c> Session<'c> {
             tracing::warn!(error = %abort, "aborting failed; restarting the session from the last commit");
             return Err(abort.into());
         }
+        if let Some(why) = refused_for_good(&e) {
+            // Reprocessing would write the same thing and be refused again, forever (outputs
+            // are checked as handlers emit them: this one passed a check and was refused
+            // since, or is the runtime's own dead letter, retry or changelog record).
+            return Err(RuntimeError::Fatal(format!(
+                "the broker refused a write of the transaction for good ({why}): {e}. \
+                 Reprocessing would write it again; stopping. Create or fix the topic, or fix \
+                 the handler's output, then restart"
+            )));
+        }
         for t in self.tasks.values_mut() {
             t.discard()
                 .map_err(|e| RuntimeError::Fatal(e.to_string()))?;
@@ -2155,7 +2315,13 @@ impl<'c> Session<'c> {
         // New partitions without a task are held back (their records parked) until their
         // state is restored.
         let mut to_restore = Vec::new();
+        let mut grew = false;
         for tp in now.difference(&self.owned) {
+            let input = self
+                .retry_of
+                .get(&tp.topic)
+                .map_or(tp.topic.as_str(), |s| &**s);
+            grew |= tp.partition >= self.input_partitions.get(input).copied().unwrap_or(0);
             let pos = positions.get(tp).copied().unwrap_or(0);
             self.positions.insert(tp.clone(), pos);
             self.committed.insert(tp.clone(), pos);
@@ -2163,12 +2329,23 @@ impl<'c> Session<'c> {
                 to_restore.push(tp.clone());
             }
         }
+        if self.owned != now {
+            // Partitions were perhaps added: output partition counts are asked again.
+            self.outputs.forget_all();
+        }
         self.owned = now;
         let new_parts: BTreeSet<u32> = to_restore
             .iter()
             .map(|tp| tp.partition)
             .filter(|p| !self.restoring.contains_key(p))
             .collect();
+        if grew {
+            // An input grew (or this is the session's first assignment): the changelog,
+            // dead-letter and retry topics are grown to match before the new partition's
+            // restore reads its changelog partition, or its task writes a dead letter.
+            let (counts, _) = ensure_internal_topics(&self.client, self.cfg, &self.metrics).await?;
+            self.input_partitions = counts;
+        }
         for p in new_parts {
             self.restore_token += 1;
             let token = self.restore_token;
@@ -2269,6 +2446,23 @@ enum Waited {
     /// An operator skipped the record (`spool dlq skip`, with this reason): it is
     /// dead-lettered without another attempt.
     Skipped(String),
+}
+
+/// A write error that retrying the same write cannot fix, with what it concerns (the
+/// topic, and the partition when the error says).
+fn refused_for_good(e: &spool_client::Error) -> Option<String> {
+    use spool_client::Error as E;
+    match e {
+        E::UnknownTopic { topic, .. } => Some(format!("unknown topic {topic:?}")),
+        E::UnknownPartition {
+            topic, partition, ..
+        } => Some(format!("unknown partition {topic}/{partition}")),
+        // The transactional producer names the partition in these messages.
+        E::TooLarge { .. } => Some("a batch over the topic's max_message_bytes".into()),
+        E::InvalidBatch { .. } => Some("a batch the broker refused as invalid".into()),
+        E::NotAuthorized { .. } => Some("not authorized".into()),
+        _ => None,
+    }
 }
 
 /// What a commit task returns: the producer back, and the commit's outcome.

@@ -700,7 +700,14 @@ impl<H: AsyncHandler> TestDriver<H> {
             });
             let resumed = resume.is_some();
             match task
-                .handle(&mut self.handler, &input, now, env, resume.take())
+                .handle(
+                    &mut self.handler,
+                    &input,
+                    now,
+                    env,
+                    resume.take(),
+                    &mut engine::Unchecked,
+                )
                 .await
             {
                 Ok((emits, again)) => {
@@ -817,9 +824,15 @@ impl<H: AsyncHandler> TestDriver<H> {
                 break;
             };
             let r = task
-                .fire(&mut self.handler, &t, now, env, retry, |a| {
-                    retry.base_backoff(a)
-                })
+                .fire(
+                    &mut self.handler,
+                    &t,
+                    now,
+                    env,
+                    retry,
+                    |a| retry.base_backoff(a),
+                    &mut engine::Unchecked,
+                )
                 .await;
             fired = true;
             match r {

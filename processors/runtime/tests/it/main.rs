@@ -8,6 +8,7 @@ mod redrive;
 mod restore;
 mod secure;
 mod stop;
+mod topics;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
