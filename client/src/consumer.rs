@@ -25,7 +25,12 @@
 //!   latest offset, or return [`Error::OffsetOutOfRange`] with the partition's bounds. Positions
 //!   are checked when assigned, when the broker reports one out of range, and before every
 //!   resubscription after a failure.
-//! - Other errors (unknown topic, corrupt data, …) are returned as they are.
+//! - A subscribed topic deleted under the consumer (the broker ends the subscription with
+//!   UNKNOWN_TOPIC) is retried like a broken connection: it may come back, re-created, and
+//!   then the positions are checked against its new log (`offset_reset`, above); `next`
+//!   returns [`Error::UnknownTopic`] after `max_reconnect_attempts` consecutive failures.
+//!   (Kafka's consumer, too, retries a partition whose topic is unknown for a while.)
+//! - Other errors (corrupt data, …) are returned as they are.
 //!
 //! # Limits
 //!
@@ -493,7 +498,13 @@ impl Consumer {
     /// error to return.
     async fn recover(&mut self, e: Error) -> Option<Error> {
         self.validated = false;
-        if e.is_retriable() {
+        // A topic deleted under the subscription may be re-created: retried as a broken
+        // connection is (module docs).
+        let gone = matches!(
+            e,
+            Error::UnknownTopic { .. } | Error::UnknownPartition { .. }
+        );
+        if e.is_retriable() || gone {
             self.failures += 1;
             if self.failures > self.config.max_reconnect_attempts {
                 self.failures = 0;
