@@ -200,7 +200,7 @@ impl Broker {
         let log = Arc::new(log);
         let offsets = Arc::new(
             offsets::OffsetStore::open(log.clone(), &limits)?
-                .with_max_answer(config.limits.max_partitions_per_request),
+                .with_max_answer_bytes(config.limits.max_request_bytes),
         );
         let producer_ids = Arc::new(producer_ids::ProducerIds::open(log.clone())?);
         let metrics = Arc::new(metrics::Metrics::new(log.clone(), offsets.clone()));

@@ -190,11 +190,16 @@ pub(crate) struct OffsetStore {
     writer_yields: AtomicU64,
     /// Latest group-membership state record per group, until `groups` takes them.
     group_states: Mutex<BTreeMap<String, Vec<u8>>>,
-    /// Most entries a fetch of all a group's offsets answers (`with_max_answer`); a group
-    /// with more committed is refused, so an answer never clones more metadata than a listed
-    /// request may ask for.
-    max_answer: usize,
+    /// Most bytes a fetch of all a group's offsets answers (`with_max_answer_bytes`: the
+    /// reply's encode limit, `limits.max_request_bytes`), counted before anything is cloned;
+    /// a group whose answer would be larger is refused, as tonic would refuse to send it.
+    max_answer_bytes: usize,
 }
+
+/// Most bytes one `CommittedOffset` adds to a FetchOffsets reply besides its topic and
+/// metadata: field tags, length prefixes, the partition, offset and time varints (at most
+/// 2 + 3 + 1 + 5 + 1 + 10 + 1 + 3 + 1 + 10 = 37; rounded up).
+const ANSWER_ENTRY_OVERHEAD: usize = 48;
 
 /// The internal topic's configuration: compacted (as Kafka's `__consumer_offsets`), in
 /// 100 MiB segments (Kafka's `offsets.topic.segment.bytes`), so the cleaner gets to work
@@ -305,14 +310,18 @@ impl OffsetStore {
             settle_waits: AtomicU64::new(0),
             writer_yields: AtomicU64::new(0),
             group_states: Mutex::new(group_states),
-            max_answer: usize::MAX,
+            max_answer_bytes: usize::MAX,
         })
     }
 
-    /// Bounds a fetch of all a group's offsets (an empty partition list) to `max` entries:
-    /// the broker's `limits.max_partitions_per_request`, the bound of a listed fetch.
-    pub(crate) fn with_max_answer(mut self, max: usize) -> OffsetStore {
-        self.max_answer = max;
+    /// Bounds a fetch of all a group's offsets (an empty partition list) to an answer of
+    /// `max` bytes (estimated from the entries' lengths before anything is cloned): the
+    /// broker's `limits.max_request_bytes`, the reply's encode limit. A group with more
+    /// committed offsets than a listed fetch may name is still answered whole (the CLI's
+    /// `group describe`, `seek`, `delete` and `list` fetch all), as long as the answer can be
+    /// sent.
+    pub(crate) fn with_max_answer_bytes(mut self, max: usize) -> OffsetStore {
+        self.max_answer_bytes = max;
         self
     }
 
@@ -825,7 +834,7 @@ impl OffsetStore {
         validate_group(group)?;
         let map = self.lock_map();
         let map = self.settle(map, group);
-        Self::answer(&map, group, partitions, self.max_answer)
+        Self::answer(&map, group, partitions, self.max_answer_bytes)
     }
 
     /// [`OffsetStore::fetch`] without waiting: `None` while a commit of the group is in
@@ -849,16 +858,16 @@ impl OffsetStore {
         if self.unsettled(group, upto) {
             return Ok(None);
         }
-        Self::answer(&map, group, partitions, self.max_answer).map(Some)
+        Self::answer(&map, group, partitions, self.max_answer_bytes).map(Some)
     }
 
-    /// The answer to a fetch; all the group's offsets (`partitions` empty) only if they are
-    /// at most `max`.
+    /// The answer to a fetch; all the group's offsets (`partitions` empty) only if their
+    /// answer fits in `max_bytes`.
     fn answer(
         map: &Map,
         group: &str,
         partitions: &[v1::TopicPartition],
-        max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<v1::CommittedOffset>, BrokerError> {
         let answer = |topic: &str, partition: u32, v: Option<&Value>| v1::CommittedOffset {
             topic: topic.to_owned(),
@@ -872,12 +881,17 @@ impl OffsetStore {
                 map.range((group.to_owned(), String::new(), 0)..)
                     .take_while(|((g, _, _), _)| g == group)
             };
-            // Counted before anything is cloned.
-            let n = all().count();
-            if n > max {
+            // Measured before anything is cloned: an entry's encoded size is its topic and
+            // metadata plus at most `ANSWER_ENTRY_OVERHEAD` bytes of tags, lengths and varints.
+            let (mut n, mut bytes) = (0usize, 0usize);
+            for ((_, t, _), v) in all() {
+                n += 1;
+                bytes = bytes.saturating_add(t.len() + v.metadata.len() + ANSWER_ENTRY_OVERHEAD);
+            }
+            if bytes > max_bytes {
                 return Err(BrokerError::InvalidRequest(format!(
-                    "the group has {n} committed offsets, more than one answer holds (at most \
-                     {max}): list the partitions to fetch"
+                    "the group has {n} committed offsets, an answer of about {bytes} bytes, \
+                     more than one reply holds ({max_bytes}): list the partitions to fetch"
                 )));
             }
             return Ok(all().map(|((_, t, p), v)| answer(t, *p, Some(v))).collect());
@@ -1676,14 +1690,18 @@ mod tests {
     }
 
     /// Review (bounds 4): a fetch of all a group's offsets was bounded only by what the group
-    /// had committed (each with up to 4 KiB of metadata, cloned under the lock). Over the
-    /// store's `max_answer` it is refused before anything is cloned; a listed fetch is not
-    /// affected (its count is checked by the request's limit).
+    /// had committed (each with up to 4 KiB of metadata, cloned under the lock). An answer
+    /// over the store's `max_answer_bytes` (the reply limit) is refused before anything is
+    /// cloned; a listed fetch is not affected (its count is checked by the request's limit).
+    /// The bound is in bytes, not entries: a group with more commits than a listed fetch may
+    /// name is answered whole while the answer can be sent (review-late 1: the CLI fetches
+    /// all).
     #[test]
     fn a_fetch_of_all_offsets_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let (_log, s) = open(dir.path());
-        let s = s.with_max_answer(2);
+        // Two entries of topic "a" (1 + 48 bytes each) fit; a third does not.
+        let s = s.with_max_answer_bytes(2 * (1 + ANSWER_ENTRY_OVERHEAD));
         s.commit("g", &[commit("a", 0, 1), commit("a", 1, 2)], 1)
             .unwrap();
         assert_eq!(s.fetch("g", &[]).unwrap().len(), 2);

@@ -1051,7 +1051,8 @@ impl Client {
     }
 
     /// A group's committed offsets for `partitions` (in order), or for everything the group
-    /// committed when `partitions` is empty.
+    /// committed when `partitions` is empty (refused, [`Error::InvalidRequest`], when that
+    /// answer would not fit in one reply: then list the partitions).
     pub async fn fetch_offsets(
         &self,
         group: &str,

@@ -77,8 +77,8 @@ impl OffsetService for Offsets {
             let req = req.into_inner();
             who.require(Action::Group, &req.group)?;
             // Bounds a listed request's answer (up to 4 KiB of metadata cloned per entry, under
-            // the store's lock); an empty list (all of the group's) is bounded the same way by
-            // the store (`OffsetStore::with_max_answer`).
+            // the store's lock); an empty list (all of the group's) is bounded by the reply's
+            // size instead (`OffsetStore::with_max_answer_bytes`).
             check_count(&self.state, req.partitions.len(), "partitions")?;
             // On the runtime's thread unless a commit of this group is in flight (its fsync
             // running): then the fetch waits for it to land, on a blocking thread.

@@ -473,6 +473,68 @@ async fn fetch_offsets_entries_are_bounded() {
     assert_eq!(answer.offsets[9].metadata.len(), 4096);
 }
 
+/// A FetchOffsets of all a group's offsets (an empty list, what the CLI's `group describe`,
+/// `seek`, `delete` and `list` send) is answered whole for a group with more commits than a
+/// listed fetch may name, and refused only when the answer would not fit in one reply. It was
+/// refused past `max_partitions_per_request` commits (review-late 1), which left such a group
+/// impossible to describe or delete from the CLI. (Small limits, so a few partitions show it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_of_all_offsets_answers_large_groups_within_the_reply_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("spoold.toml"),
+        "[limits]\nmax_request_bytes = 16384\nmax_partitions_per_request = 10\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("spoold.toml");
+    let b = Spoold::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    b.create_topic("t", 12).await;
+    let mut offsets = b.offsets().await;
+    let commit = |group: &str, from: u32, metadata: &str| v1::CommitOffsetsRequest {
+        group: group.into(),
+        offsets: (from..from + 6)
+            .map(|p| v1::OffsetCommit {
+                topic: "t".into(),
+                partition: p,
+                offset: 1,
+                metadata: metadata.into(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let all = |group: &str| v1::FetchOffsetsRequest {
+        group: group.into(),
+        partitions: vec![],
+    };
+    // 12 commits, past the listed limit (10); well within one 16 KiB reply.
+    for from in [0, 6] {
+        offsets
+            .commit_offsets(commit("big", from, ""))
+            .await
+            .unwrap();
+    }
+    let answer = offsets
+        .fetch_offsets(all("big"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.offsets.len(), 12);
+    // 12 commits with 2 000 bytes of metadata each: a 24 KB answer, refused before copying.
+    for from in [0, 6] {
+        offsets
+            .commit_offsets(commit("fat", from, &"m".repeat(2000)))
+            .await
+            .unwrap();
+    }
+    let e = offsets.fetch_offsets(all("fat")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("list the partitions"), "{e:?}");
+    b.stop();
+}
+
 /// Audit finding 1 (a): services whose requests are small decode at most what their count
 /// limits need (`request_limits.rs`), not `limits.max_request_bytes` (64 MiB): a 12 MB Fetch
 /// (more than 10 000 partitions of the longest topic names need) and a 100 KiB CreateTopic
