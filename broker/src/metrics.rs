@@ -24,9 +24,10 @@
 //! (`metrics_text.rs`).
 //!
 //! The listener serves at most [`MAX_CONNECTIONS`] connections at once (further ones wait in
-//! the kernel's backlog until one ends), each for at most [`CONNECTION_TIMEOUT`] in all (and
-//! closed sooner if it sends no request headers for 10 s), so a client that stops reading
-//! cannot hold a slot for ever; it renders one scrape at a time, and pauses
+//! the kernel's backlog until one ends), each for [`CONNECTION_TIMEOUT`], then closed
+//! gracefully (the scrape under way answered first, within [`CONNECTION_CLOSE_GRACE`]), and
+//! sooner if it sends no request headers for 10 s, so a client that stops reading cannot hold
+//! a slot for ever; it renders one scrape at a time, and pauses
 //! [`ACCEPT_BACKOFF`] after a failed accept (out of file descriptors and the like) instead of
 //! spinning on it.
 
@@ -516,6 +517,10 @@ pub(crate) const MAX_CONNECTIONS: usize = 16;
 /// under a second; a client that stops reading its answer loses the connection here.
 pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a connection past [`CONNECTION_TIMEOUT`] has to finish the scrape under way
+/// before it is dropped.
+const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 /// Pause after a failed accept (as `conn.rs`'s), so that running out of file descriptors
 /// does not spin a runtime thread.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -607,10 +612,26 @@ pub(crate) async fn serve_from<A: Accept>(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+            // Past its lifetime a connection closes gracefully: the scrape under way (a
+            // scraper reuses its connection, so one may have just begun) is answered first,
+            // within `CONNECTION_CLOSE_GRACE`, then the connection closes, so a scraper that
+            // stops reading cannot hold a slot for ever.
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                () = tokio::time::sleep(CONNECTION_TIMEOUT) => None,
+            };
+            let ended = match ended {
+                Some(r) => Ok(r),
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(CONNECTION_CLOSE_GRACE, conn).await
+                }
+            };
+            match ended {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
-                Err(_) => tracing::debug!("metrics connection open too long; closed"),
+                Err(_) => tracing::debug!("metrics connection did not close in time; dropped"),
             }
         });
     }
