@@ -71,7 +71,9 @@ pub(crate) enum TopicCmd {
         )]
         config: Vec<String>,
     },
-    /// Grow a topic to a total number of partitions (keyed records may then map elsewhere).
+    /// Grow a topic to a total number of partitions (keyed records may then map elsewhere;
+    /// processors reading it stop unless they set allow_input_growth = true: see
+    /// docs/processors.md, "Adding partitions to an input").
     ///
     /// Example: spool topic add-partitions prices --total 8
     AddPartitions {

@@ -126,6 +126,9 @@ impl Outputs {
                     },
                     |m| Meta { asked: now, ..m },
                 );
+                if self.topics.len() >= MAX_TOPICS && !self.topics.contains_key(topic) {
+                    self.topics.clear();
+                }
                 self.topics.insert(topic.to_owned(), m);
                 return m.known.then_some(m);
             }

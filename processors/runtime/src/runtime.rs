@@ -54,9 +54,10 @@
 //!   committed, with the changelog position, in one local transaction.
 //! - A newly owned partition is held back until its state is restored from the changelog (in
 //!   a background task, read committed, from the local store's position to the end); the
-//!   other partitions keep going. One at or past the changelog's partition count (an input
-//!   grew) first grows the changelog, dead-letter and retry topics to the inputs' counts
-//!   (`ensure_internal_topics`, also run at start); no state moves.
+//!   other partitions keep going. One at or past its own input's partition count as last
+//!   seen (an input grew) first checks the changelog, dead-letter and retry topics against
+//!   the inputs' counts (`ensure_internal_topics`, also run at start): short ones stop the
+//!   processor (`Fatal`) unless `allow_input_growth`, which grows them; no state moves.
 //! - Every output of a handler call or timer is checked before the call's writes join the
 //!   transaction (`outputs.rs`); a failed check fails the call. A write the broker still
 //!   refuses for good (unknown topic or partition, too large, invalid, not authorized) stops
@@ -547,18 +548,38 @@ async fn ensure_internal_topics(
         }
     }
     if !short.is_empty() && !cfg.allow_input_growth {
+        let inputs: Vec<String> = input_partitions
+            .iter()
+            .map(|(t, n)| format!("{t} has {n}"))
+            .collect();
         return Err(RuntimeError::Fatal(format!(
-            "an input gained partitions ({}): keyed state would not follow its keys (a key \
-             that now hashes to a new partition would start there with no state), so the \
-             processor stops. Set allow_input_growth = true if it keeps no keyed state (or its \
-             keys may start again empty), or move to a new input topic with a new group that \
-             rebuilds its state by replay (docs/processors.md, \"Adding partitions to an \
-             input\")",
-            short.join(", ")
+            "internal topics have fewer partitions than their inputs ({}; inputs: {}): an \
+             input gained partitions, or one of them was created by hand (or for another \
+             configuration) with fewer. For a dead-letter or retry topic made by hand, grow \
+             it: spool topic add-partitions <topic> --total <its input's count>. For an input \
+             that grew, keyed state would not follow its keys (a key that now hashes to a new \
+             partition would start there with no state), so the processor stops: set \
+             allow_input_growth = true if it keeps no keyed state (or its keys may start \
+             again empty), or move to a new input topic with a new group that rebuilds its \
+             state by replay (docs/processors.md, \"Adding partitions to an input\")",
+            short.join(", "),
+            inputs.join(", ")
         )));
     }
     for (topic, n, settings, input) in &plan {
-        if let Some(from) = grow_or_create(client, topic, *n, settings).await? {
+        let grown = grow_or_create(client, topic, *n, settings)
+            .await
+            .map_err(|e| match e {
+                // A refusal for good (not authorized to add partitions, …) names what the
+                // runtime was doing; any other failure stays as it is (a retriable one retried).
+                RuntimeError::Client(_) if fatal(&e) => RuntimeError::Fatal(format!(
+                    "creating or growing {topic} to {n} partitions (its input's count; \
+                     allow_input_growth = {}): {e}",
+                    cfg.allow_input_growth
+                )),
+                e => e,
+            })?;
+        if let Some(from) = grown {
             metrics.grown_topics.inc();
             tracing::warn!(topic, input, from, to = *n, "{}", GREW_WARNING);
         }
