@@ -32,7 +32,10 @@
 //!   partition's batch is capped at `min(batch_bytes, the topic's max_message_bytes)`: a
 //!   record that would take the open batch past that cap sends it first, so a batch is at
 //!   most the cap or a single record (records that each fit the topic's limit are never
-//!   refused for being packed together, whatever the topic's limit).
+//!   refused for being packed together, whatever the topic's limit). The cap is measured
+//!   uncompressed: with `compression` on, data that does not compress can come out a few
+//!   bytes larger in lz4 or zstd framing, so a batch at exactly the cap may still be refused
+//!   as too large (the processor runtime writes uncompressed).
 //!   With `write_behind` it is written in the background while the caller goes on
 //!   buffering: at most `max_writes_in_flight` such writes at a time, and at most one per
 //!   partition (so a partition's batches reach the broker in sequence order): a full batch

@@ -628,6 +628,21 @@ mod tests {
         }
     }
 
+    /// Offset 0 of partition 0 of `in`, first attempt, no key, value or headers.
+    fn plain_input() -> Input {
+        Input {
+            topic: "in".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 1,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            attempt: 1,
+            lane: "in".into(),
+        }
+    }
+
     fn env() -> Env<'static> {
         Env {
             processor: "p",
@@ -642,17 +657,7 @@ mod tests {
     async fn a_failed_output_check_fails_the_call_and_keeps_its_effect_marks() {
         let mut task = Task::open(0, Box::new(MemBackend::default())).unwrap();
         let mut h = MailThenBadOutput::default();
-        let input = Input {
-            topic: "in".into(),
-            partition: 0,
-            offset: 0,
-            timestamp_ms: 1,
-            key: None,
-            value: None,
-            headers: Vec::new(),
-            attempt: 1,
-            lane: "in".into(),
-        };
+        let input = plain_input();
         let mut check = Refuse("nope");
         for attempt in 1..=2 {
             let r = task
@@ -687,17 +692,7 @@ mod tests {
     async fn a_timer_whose_output_fails_the_check_is_retried_not_fatal() {
         let mut task = Task::open(0, Box::new(MemBackend::default())).unwrap();
         let mut h = MailThenBadOutput::default();
-        let input = Input {
-            topic: "in".into(),
-            partition: 0,
-            offset: 0,
-            timestamp_ms: 1,
-            key: None,
-            value: None,
-            headers: Vec::new(),
-            attempt: 1,
-            lane: "in".into(),
-        };
+        let input = plain_input();
         // Set the timer with a call whose outputs all pass.
         task.handle(&mut h, &input, 5, env(), None, &mut Refuse("other"))
             .await
