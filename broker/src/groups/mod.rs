@@ -875,10 +875,9 @@ impl Task {
                     let Some(tx) = self.streams.remove(&member) else {
                         return Ok(());
                     };
-                    // The member hears why its stream ends, unless its channel is full (then
-                    // the stream just ends: the client stopped reading and sends garbage).
+                    // The member hears why its stream ends (after its backlog, if it reads it).
                     if let Some(status) = why {
-                        let _ = tx.try_send(Err(status));
+                        end_stream(&self.groups.shutdown, tx, status);
                     }
                     let effects = self.coord.disconnected(now, &member);
                     self.commit_effects(effects).await

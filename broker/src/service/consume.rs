@@ -44,6 +44,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use super::check_count;
 use crate::auth::{Action, principal};
 use crate::budget::{Charge, ChargedStream, Ledger};
 use crate::error::{BrokerError, partition_error, partition_status};
@@ -196,14 +197,7 @@ impl ConsumeService for Consume {
             let ledger = Ledger::of(&req).unwrap_or_else(|| self.state.memory.detached_ledger());
             let req = req.into_inner();
             let limits = &self.state.config.limits;
-            if req.partitions.len() > limits.max_partitions_per_request {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "{} partitions in one request, the limit is {}",
-                    req.partitions.len(),
-                    limits.max_partitions_per_request
-                ))
-                .into());
-            }
+            check_count(&self.state, req.partitions.len(), "partitions")?;
             let wait =
                 Duration::from_millis(u64::from(req.max_wait_ms.min(limits.max_fetch_wait_ms)));
             let started = Instant::now();
@@ -349,14 +343,7 @@ impl ConsumeService for Consume {
         timed(&self.state.metrics, "ListOffsets", async move {
             let who = principal(&req);
             let req = req.into_inner();
-            let limit = self.state.config.limits.max_partitions_per_request;
-            if req.queries.len() > limit {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "{} queries in one request, the limit is {limit}",
-                    req.queries.len()
-                ))
-                .into());
-            }
+            check_count(&self.state, req.queries.len(), "queries")?;
             let state = self.state.clone();
             let iso = isolation(req.isolation_level);
             let answers = blocking(move || {

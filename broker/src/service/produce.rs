@@ -63,7 +63,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{check_user_topic, receive_error};
+use super::{check_count, check_user_topic, receive_error};
 use crate::auth::{Action, Principal, principal};
 use crate::convert::encode_records;
 use crate::error::{BrokerError, partition_error};
@@ -137,12 +137,7 @@ fn check(state: &State, partitions: usize, acks: i32) -> Result<v1::Acks, Broker
     if *state.shutdown.borrow() {
         return Err(BrokerError::ShuttingDown);
     }
-    let limit = state.config.limits.max_partitions_per_request;
-    if partitions > limit {
-        return Err(BrokerError::InvalidRequest(format!(
-            "{partitions} partitions in one request, the limit is {limit}"
-        )));
-    }
+    check_count(state, partitions, "partitions")?;
     v1::Acks::try_from(acks).map_err(|_| BrokerError::InvalidRequest("unknown acks".into()))
 }
 

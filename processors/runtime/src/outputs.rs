@@ -116,7 +116,7 @@ impl Outputs {
             Err(e) => {
                 tracing::debug!(topic, error = %e, "describing an output topic failed");
                 // The last known metadata, if any, asked again in REFRESH_MIN at the earliest.
-                let m = cached.filter(|m| m.known).map_or(
+                cached.filter(|m| m.known).map_or(
                     Meta {
                         partitions: None,
                         max_bytes: 0,
@@ -125,19 +125,14 @@ impl Outputs {
                         asked: now,
                     },
                     |m| Meta { asked: now, ..m },
-                );
-                if self.topics.len() >= MAX_TOPICS && !self.topics.contains_key(topic) {
-                    self.topics.clear();
-                }
-                self.topics.insert(topic.to_owned(), m);
-                return m.known.then_some(m);
+                )
             }
         };
         if self.topics.len() >= MAX_TOPICS && !self.topics.contains_key(topic) {
             self.topics.clear();
         }
         self.topics.insert(topic.to_owned(), m);
-        Some(m)
+        m.known.then_some(m)
     }
 
     /// Checks `emits` and gives keyed ones their partition (see the module docs).
