@@ -30,7 +30,8 @@ pub const MAIL_STATUS: &str = "mail-status";
 pub const DELIVERY_ISSUES: &str = "delivery-issues";
 /// Parsed Postfix log lines, keyed by queue id (written by the tailer with its position).
 pub const POSTFIX_LOG: &str = "postfix-log";
-/// The tailer's durable position in Postfix's log (compacted, one key per log file path).
+/// The tailers' durable positions in Postfix's logs (compacted, one key per tailer instance
+/// and log path: `<instance id>:<log path>`).
 pub const POSTFIX_LOG_POSITION: &str = "postfix-log-position";
 /// Feed import runs (started, merchant done), keyed by import id.
 pub const FEED_IMPORTS: &str = "feed-imports";

@@ -269,6 +269,7 @@ async fn handler_commit_crashes() {
                     line,
                     at: Position { inode: 1, offset },
                     read_ms: 0,
+                    source: "mta1".into(),
                 };
                 let tp = TopicPartition::new(
                     topics::POSTFIX_LOG,

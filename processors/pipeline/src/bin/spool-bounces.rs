@@ -29,9 +29,15 @@ fn main() -> anyhow::Result<()> {
         let client = cfg.connect().await?;
         let txn_id = format!("{}-tailer-{}", rcfg.group, rcfg.instance_id);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let tailer = tokio::spawn(run_tailer(client, txn_id, settings, async move {
-            let _ = stop_rx.await;
-        }));
+        let tailer = tokio::spawn(run_tailer(
+            client,
+            rcfg.instance_id.clone(),
+            txn_id,
+            settings,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
         let served = app::serve(cfg, rcfg, handler).await;
         let _ = stop_tx.send(());
         let tailed = tailer.await.context("tailer task")?;

@@ -1,15 +1,40 @@
 //! `spool-bounces`: two halves in one binary.
 //!
 //! 1. **The tailer** ([`run_tailer`]) follows Postfix's log file ([`crate::postfix::tail`]),
-//!    parses each line, and writes the lines that matter to `postfix-log` (keyed by queue id)
-//!    **in one transaction with its position** (`postfix-log-position`, compacted, keyed by the
-//!    log path). At start it reads its last committed position back (read committed), so after
-//!    any crash it resumes exactly after the last line it published: nothing re-emitted,
-//!    nothing skipped.
+//!    parses each line, and writes the lines that matter to `postfix-log` (keyed by queue id,
+//!    each record naming the tailer's instance in [`LogRecord::source`]) **in one transaction
+//!    with its position** (`postfix-log-position`, compacted, keyed by
+//!    [`position_key`]: the instance id and the log path). At start it reads its last
+//!    committed position back (read committed), so after any crash it resumes exactly after
+//!    the last line it published: nothing re-emitted, nothing skipped.
 //! 2. **The handler** ([`Bounces`]) reads `postfix-log` and runs the [`Tracker`] per queue id
-//!    (store `queue`): mail status, delivery issues and, for hard bounces, the address flag,
-//!    written to every partition of `address-status` (matching's users of an address may be
-//!    on any partition).
+//!    of each source (store `queue`, key `source/qid`): mail status, delivery issues and, for
+//!    hard bounces, the address flag, written to every partition of `address-status`
+//!    (matching's users of an address may be on any partition).
+//!
+//! # Several Postfix hosts
+//!
+//! One instance runs per Postfix host (`deploy/pipeline/bounces.toml`), each with its own
+//! `instance_id` (the host name by default) and usually the same `log_path`. Invariants:
+//!
+//! - A tailer's position is stored and read back under `<instance id>:<log path>` only: a
+//!   tailer never resumes from another host's position. (Positions used to be keyed by the
+//!   path alone, so hosts overwrote each other's: a restarted tailer re-published its whole
+//!   log, or seeked to another file's offset and skipped or repeated lines.)
+//! - The old key (the path alone) is accepted **once**, by the first tailer that starts
+//!   without a position of its own after the upgrade; its first transaction deletes the old
+//!   key (a tombstone), so a second host never resumes from it. Only the host that last wrote
+//!   the old key resumes correctly from it; in a deployment that already ran several hosts
+//!   with the same path, another host that claims it starts over at its file's start (its
+//!   inode differs) or, if the inode happens to match, at a wrong offset: the bug this fixes.
+//! - Event ids are `<source>.<inode>.<offset>.<n>`: unique across hosts (an inode and offset
+//!   are only unique on one host). Records written before the upgrade (no source) keep their
+//!   ids `<inode>.<offset>.<n>`, so a replay of them gives the ids they had.
+//! - Queue ids are only unique per host (Postfix's short ids can collide), so the handler's
+//!   state is per `source/qid`; a message whose lines straddle the upgrade finds its state
+//!   under the bare queue id once and moves it (any line but cleanup's message-id, which
+//!   starts a message). `postfix-log` stays keyed (partitioned) by the
+//!   bare queue id, so every line of one message still reaches one partition.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,6 +90,38 @@ pub struct LogRecord {
     pub at: Position,
     /// When the tailer read it (ms).
     pub read_ms: i64,
+    /// The instance id of the tailer that read it (one per Postfix host); "" in records
+    /// written before positions were kept per instance.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+}
+
+impl LogRecord {
+    /// The event id prefix of this line's outputs: `<source>.<inode>.<offset>` (unique across
+    /// hosts), or `<inode>.<offset>` for a record without a source.
+    pub fn event_id(&self) -> String {
+        if self.source.is_empty() {
+            format!("{}.{}", self.at.inode, self.at.offset)
+        } else {
+            format!("{}.{}.{}", self.source, self.at.inode, self.at.offset)
+        }
+    }
+}
+
+/// The key of a tailer's position in `postfix-log-position`: `<instance id>:<log path>`
+/// (instance ids are `[A-Za-z0-9._-]`, so the first `:` ends it).
+pub fn position_key(instance_id: &str, log_path: &str) -> String {
+    format!("{instance_id}:{log_path}")
+}
+
+/// Where a tailer resumes, as read back from `postfix-log-position`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPosition {
+    /// The position.
+    pub position: Position,
+    /// Found under the old key (the log path alone, before positions were kept per instance):
+    /// the tailer's first transaction deletes that key, so it is accepted once.
+    pub legacy: bool,
 }
 
 /// The handler half.
@@ -91,17 +148,30 @@ impl Bounces {
 impl Handler for Bounces {
     fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
         let r: LogRecord = input.json()?;
-        let Some(qid) = r.line.qid().map(str::to_owned) else {
+        let Some(qid) = r.line.qid() else {
             return Ok(());
         };
+        let key = if r.source.is_empty() {
+            qid.to_owned()
+        } else {
+            format!("{}/{qid}", r.source)
+        };
         let mut store = ctx.store("queue")?;
-        let msg: Option<Message> = store.get_json(qid.as_bytes())?;
+        let mut msg: Option<Message> = store.get_json(key.as_bytes())?;
+        if msg.is_none() && !r.source.is_empty() && !matches!(r.line, LogLine::MessageId { .. }) {
+            // A message whose earlier lines were published before records named their source
+            // (cleanup's message-id line starts a message: it never continues an old one).
+            msg = store.get_json(qid.as_bytes())?;
+            if msg.is_some() {
+                store.delete(qid.as_bytes());
+            }
+        }
         let (next, outputs) = self.tracker.apply(msg, &r.line, r.read_ms);
         match next {
-            Some(m) => store.put_json(qid.as_bytes(), &m)?,
-            None => store.delete(qid.as_bytes()),
+            Some(m) => store.put_json(key.as_bytes(), &m)?,
+            None => store.delete(key.as_bytes()),
         }
-        let id = format!("{}.{}", r.at.inode, r.at.offset);
+        let id = r.event_id();
         for (i, o) in outputs.into_iter().enumerate() {
             let id = format!("{id}.{i}");
             match o {
@@ -121,13 +191,21 @@ impl Handler for Bounces {
     }
 }
 
-/// The last committed position for `log_path`, read back from `postfix-log-position` (read
-/// committed, up to the last stable offset). Call after the transactional producer fenced any
+/// The last committed position of the tailer `instance_id` for `log_path`, read back from
+/// `postfix-log-position` (read committed, up to the last stable offset): the latest record
+/// under [`position_key`], else the latest under the old key (the path alone; a tombstone
+/// there means it was claimed already). Call after the transactional producer fenced any
 /// earlier incarnation, so no transaction of ours is left open.
-pub async fn stored_position(client: &Client, log_path: &str) -> anyhow::Result<Option<Position>> {
+pub async fn stored_position(
+    client: &Client,
+    instance_id: &str,
+    log_path: &str,
+) -> anyhow::Result<Option<StoredPosition>> {
     let opts = FetchOptions::default(); // read committed
+    let own_key = position_key(instance_id, log_path);
     let mut offset = 0u64;
-    let mut found = None;
+    let mut own = None;
+    let mut legacy = None;
     loop {
         let f = match client
             .fetch(topics::POSTFIX_LOG_POSITION, 0, offset, &opts)
@@ -143,20 +221,35 @@ pub async fn stored_position(client: &Client, log_path: &str) -> anyhow::Result<
             Err(e) => return Err(e.into()),
         };
         for r in &f.records {
-            if r.key.as_deref() == Some(log_path.as_bytes())
-                && let Some(v) = &r.value
-            {
-                found = Some(serde_json::from_slice::<Position>(v)?);
-            }
+            let slot = match r.key.as_deref() {
+                Some(k) if k == own_key.as_bytes() => &mut own,
+                Some(k) if k == log_path.as_bytes() => &mut legacy,
+                _ => continue,
+            };
+            *slot = match &r.value {
+                Some(v) => Some(serde_json::from_slice::<Position>(v)?),
+                None => None, // a tombstone
+            };
         }
         if f.next_offset <= offset || f.next_offset >= f.last_stable_offset {
-            return Ok(found);
+            return Ok(match (own, legacy) {
+                (Some(position), _) => Some(StoredPosition {
+                    position,
+                    legacy: false,
+                }),
+                (None, Some(position)) => Some(StoredPosition {
+                    position,
+                    legacy: true,
+                }),
+                (None, None) => None,
+            });
         }
         offset = f.next_offset;
     }
 }
 
-/// Follows the log and publishes its lines with the position, until `stop` resolves.
+/// Follows the log and publishes its lines with the position (under
+/// [`position_key`]`(instance_id, log_path)`), until `stop` resolves.
 ///
 /// A failure (the broker unreachable or restarted, the transaction aborted or fenced, the
 /// file unreadable) is logged and the tailer starts over after a delay ([`Backoff`]: 100 ms
@@ -167,14 +260,16 @@ pub async fn stored_position(client: &Client, log_path: &str) -> anyhow::Result<
 /// log was ever published (found by `tests/kill9.rs`).
 pub async fn run_tailer(
     client: Client,
+    instance_id: String,
     transactional_id: String,
     s: BouncesSettings,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(stop);
     let mut backoff = Backoff::default();
+    let ids = (instance_id.as_str(), transactional_id.as_str());
     loop {
-        match tail(&client, &transactional_id, &s, &mut stop, &mut backoff).await {
+        match tail(&client, ids, &s, &mut stop, &mut backoff).await {
             Ok(()) => return Ok(()),
             Err(e) => tracing::warn!(
                 error = format!("{e:#}"),
@@ -231,7 +326,7 @@ impl Backoff {
 /// One incarnation of the tailer: from the committed position until `stop` (Ok) or a failure.
 async fn tail<F: std::future::Future<Output = ()>>(
     client: &Client,
-    transactional_id: &str,
+    (instance_id, transactional_id): (&str, &str),
     s: &BouncesSettings,
     stop: &mut std::pin::Pin<&mut F>,
     backoff: &mut Backoff,
@@ -247,8 +342,16 @@ async fn tail<F: std::future::Future<Output = ()>>(
         TransactionalConfig::new(transactional_id.to_owned()),
     )
     .await?;
-    let resume = stored_position(client, &s.log_path).await?;
-    tracing::info!(path = %path.display(), ?resume, "tailing Postfix's log");
+    let stored = stored_position(client, instance_id, &s.log_path).await?;
+    let key = position_key(instance_id, &s.log_path);
+    // Resumed from the old key: the first transaction deletes it (accepted once).
+    let mut claim_legacy = stored.is_some_and(|p| p.legacy);
+    if claim_legacy {
+        tracing::warn!(path = %path.display(), key, "resuming from the position stored under the log path alone \
+            (before positions were kept per instance); it is moved to this instance's key");
+    }
+    let resume = stored.map(|p| p.position);
+    tracing::info!(path = %path.display(), key, ?resume, "tailing Postfix's log");
     backoff.succeeded(); // the broker answered: an outage (if any) is over
     let mut tailer = Tailer::open(&path, resume)?;
     loop {
@@ -270,6 +373,7 @@ async fn tail<F: std::future::Future<Output = ()>>(
                 line: line.clone(),
                 at: l.after,
                 read_ms: now,
+                source: instance_id.to_owned(),
             };
             let value = serde_json::to_vec(&rec)?;
             tx.send(
@@ -280,13 +384,23 @@ async fn tail<F: std::future::Future<Output = ()>>(
             .await?;
         }
         let pos = ProducerRecord::new(serde_json::to_vec(&last)?)
-            .key(Bytes::copy_from_slice(s.log_path.as_bytes()));
+            .key(Bytes::copy_from_slice(key.as_bytes()));
         tx.send(topics::POSTFIX_LOG_POSITION, 0, pos).await?;
+        if claim_legacy {
+            let tombstone = ProducerRecord {
+                key: Some(Bytes::copy_from_slice(s.log_path.as_bytes())),
+                value: None,
+                headers: Vec::new(),
+                timestamp_ms: None,
+            };
+            tx.send(topics::POSTFIX_LOG_POSITION, 0, tombstone).await?;
+        }
         if let Err(e) = tx.commit().await {
             tx.abort().await.ok();
             // Our position is ahead of what is committed: start over from the stored one.
             return Err(anyhow::anyhow!("tailer transaction failed: {e}"));
         }
+        claim_legacy = false;
         backoff.succeeded();
     }
 }
@@ -303,8 +417,69 @@ mod tests {
             line: parse(line),
             at: Position { inode: 1, offset },
             read_ms: 7,
+            source: String::new(),
         })
         .unwrap()
+    }
+
+    fn rec_from(source: &str, line: &str, offset: u64) -> Vec<u8> {
+        serde_json::to_vec(&LogRecord {
+            line: parse(line),
+            at: Position { inode: 1, offset },
+            read_ms: 7,
+            source: source.into(),
+        })
+        .unwrap()
+    }
+
+    /// Two Postfix hosts reuse one short queue id (and, with identical images, one inode):
+    /// each host's message keeps its own state and its events their own ids. A message whose
+    /// first lines were published without a source continues from its state under the bare
+    /// queue id.
+    #[test]
+    fn hosts_sharing_a_queue_id_keep_apart_and_old_records_carry_on() {
+        let b = Bounces::new(&BouncesSettings {
+            message_id_domain: "d.test".into(),
+            address_partitions: 1,
+            ..BouncesSettings::default()
+        })
+        .unwrap();
+        let mut d = TestDriver::new("bounces", b).with_topic(topics::POSTFIX_LOG, 1);
+        let mid =
+            |m: &str| format!("Dec 06 02:28:12 mta pf/cleanup[1]: Q1: message-id=<{m}@d.test>");
+        let sent = |to: &str| {
+            format!(
+                "Dec 06 02:28:13 mta pf/smtp[1]: Q1: to=<{to}>, relay=x[1.2.3.4]:25, delay=1, delays=0/0/0/1, dsn=2.0.0, status=sent (250 ok)"
+            )
+        };
+        // Old record (no source) starts Q1 on host a; hosts a and b then both log Q1.
+        d.pipe(topics::POSTFIX_LOG, "Q1", rec(&mid("ma"), 10));
+        d.pipe(topics::POSTFIX_LOG, "Q1", rec_from("b", &mid("mb"), 10));
+        d.pipe(
+            topics::POSTFIX_LOG,
+            "Q1",
+            rec_from("a", &sent("x@a.test"), 20),
+        );
+        d.pipe(
+            topics::POSTFIX_LOG,
+            "Q1",
+            rec_from("b", &sent("y@b.test"), 20),
+        );
+        let st = d.read_events::<MailStatus>(topics::MAIL_STATUS);
+        let got: Vec<_> = st
+            .iter()
+            .map(|e| (e.id.as_str(), e.data.mail_id.as_str(), e.data.to.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a.1.20.0", "ma", "x@a.test"),
+                ("b.1.20.0", "mb", "y@b.test")
+            ]
+        );
+        assert!(d.state("queue", b"Q1").is_none(), "moved to a/Q1");
+        assert!(d.state("queue", b"a/Q1").is_some());
+        assert!(d.state("queue", b"b/Q1").is_some());
     }
 
     #[test]
