@@ -300,10 +300,20 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
     if assign.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
+    // Following (`tail -f` semantics, as Kafka's console consumer and kcat): a broker
+    // restart or outage of any length is waited out, reconnecting with the client's backoff
+    // (at most 5 s apart). A bounded range gives up after the client's default attempts
+    // (about 26 s) with exit 3, so scripts do not hang.
+    let following = ends.values().any(Option::is_none);
     let mut consumer = client.consumer(ConsumerConfig {
         // An explicit position that retention deleted meanwhile: say so rather than skip.
         offset_reset: OffsetReset::Error,
         isolation: a.isolation.level(),
+        max_reconnect_attempts: if following {
+            u32::MAX
+        } else {
+            ConsumerConfig::default().max_reconnect_attempts
+        },
         ..ConsumerConfig::default()
     });
     consumer.assign(&assign).await?;

@@ -19,7 +19,11 @@
 //! - Retriable failures (broken connection, broker restarting, no message — not even a
 //!   heartbeat — for three heartbeat intervals) make the consumer resubscribe from its
 //!   positions after a backoff; `next` returns the error only after `max_reconnect_attempts`
-//!   consecutive failures (and tries again if called again).
+//!   consecutive failures (and tries again if called again). The backoff is a deadline kept
+//!   in the consumer, not a sleep inside one call: a `next` cancelled while waiting (by
+//!   `tokio::time::timeout` or `select!`) neither restarts the wait nor counts a failure, so
+//!   the next call waits out what is left, and `max_reconnect_attempts` counts attempts
+//!   actually made, however often the caller polls.
 //! - A position outside the partition's log (deleted by retention, an explicit offset past the
 //!   end, a topic deleted and recreated) is handled by `offset_reset`: move to the earliest or
 //!   latest offset, or return [`Error::OffsetOutOfRange`] with the partition's bounds. Positions
@@ -140,8 +144,11 @@ pub struct Consumer {
     index: HashMap<TopicPartition, usize>,
     stream: Option<Streaming<v1::SubscribeResponse>>,
     buffer: VecDeque<Item>,
-    /// Consecutive failures of the subscription.
+    /// Consecutive failures of the subscription (attempts made, not calls of `next`).
     failures: u32,
+    /// After a retriable failure: no new attempt before this instant (the backoff). Kept
+    /// across cancelled `next` calls; cleared when the wait is over.
+    retry_at: Option<tokio::time::Instant>,
     /// Positions were checked against the logs since the last failure.
     validated: bool,
     /// Subscriptions dropped with data on the way ([`Consumer::stream_resets`]).
@@ -161,6 +168,7 @@ impl Consumer {
             stream: None,
             buffer: VecDeque::new(),
             failures: 0,
+            retry_at: None,
             validated: true,
             resets: 0,
             dropped: 0,
@@ -324,6 +332,11 @@ impl Consumer {
             if self.assigned.is_empty() {
                 return None;
             }
+            if let Some(at) = self.retry_at {
+                // Cancel-safe: dropped here, the deadline stays and the next call resumes.
+                tokio::time::sleep_until(at).await;
+                self.retry_at = None;
+            }
             if let Err(e) = self.receive().await
                 && let Some(e) = self.recover(e).await
             {
@@ -333,9 +346,18 @@ impl Consumer {
     }
 
     /// Opens the subscription now if it is not open, so that records are on their way before
-    /// the next [`Consumer::next`] (used to read several consumers in priority order).
+    /// the next [`Consumer::next`] (used to read several consumers in priority order). Does
+    /// nothing while the consumer is backing off after a failure: [`Consumer::next`] makes the
+    /// next attempt when the backoff is over.
     pub async fn ensure_open(&mut self) -> Result<()> {
-        if self.stream.is_none() && !self.assigned.is_empty() && self.buffer.is_empty() {
+        let backing_off = self
+            .retry_at
+            .is_some_and(|at| at > tokio::time::Instant::now());
+        if self.stream.is_none()
+            && !self.assigned.is_empty()
+            && self.buffer.is_empty()
+            && !backing_off
+        {
             if !self.validated {
                 self.check_positions(None).await?;
             }
@@ -494,8 +516,8 @@ impl Consumer {
             .await
     }
 
-    /// Deals with a failure of `receive`: `None` to go on (after a backoff or a reset), or the
-    /// error to return.
+    /// Deals with a failure of `receive`: `None` to go on (after the backoff, which `next`
+    /// waits out through `retry_at`, or a reset), or the error to return.
     async fn recover(&mut self, e: Error) -> Option<Error> {
         self.validated = false;
         // A topic deleted under the subscription may be re-created: retried as a broken
@@ -505,14 +527,15 @@ impl Consumer {
             Error::UnknownTopic { .. } | Error::UnknownPartition { .. }
         );
         if e.is_retriable() || gone {
-            self.failures += 1;
+            self.failures = self.failures.saturating_add(1);
             if self.failures > self.config.max_reconnect_attempts {
                 self.failures = 0;
                 return Some(e);
             }
             let delay = self.config.reconnect_backoff.delay(self.failures);
             tracing::debug!(error = %e, ?delay, attempt = self.failures, "subscription failed; resubscribing");
-            tokio::time::sleep(delay).await;
+            // Not a sleep here: a cancelled `next` would lose it and retry at once (module docs).
+            self.retry_at = Some(tokio::time::Instant::now() + delay);
             return None;
         }
         if matches!(e, Error::OffsetOutOfRange(_)) {

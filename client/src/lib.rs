@@ -34,8 +34,9 @@
 //!   per-partition order with at most one batch in flight per partition; retries with backoff;
 //!   bounded buffer with backpressure. See [`producer`] for the exact guarantees.
 //! - [`Consumer`]: follows partitions over the broker's Subscribe stream from an offset, a
-//!   time, the earliest or latest offset, or the group's committed offset; reconnects; resets
-//!   out-of-range positions per policy. See [`consumer`].
+//!   time, the earliest or latest offset, or the group's committed offset; reconnects (its
+//!   backoff survives a cancelled `next`, so polling under a timeout does not use up the
+//!   attempts); resets out-of-range positions per policy. See [`consumer`].
 //! - [`GroupConsumer`]: a member of a consumer group whose partitions the broker assigns
 //!   (range, round-robin, sticky) and moves with revocation before reassignment; commits are
 //!   fenced by member id and generation; static membership by instance id. See [`group`];

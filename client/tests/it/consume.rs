@@ -530,3 +530,49 @@ async fn gives_up_after_max_reconnect_attempts() {
         .unwrap_err();
     assert!(e.is_retriable(), "{e:?}");
 }
+
+/// A caller that polls `next` under a short timeout (as `spool tail` does, 100 ms) rides out a
+/// broker outage of several seconds with the default reconnect settings: a cancelled `next`
+/// neither restarts the backoff nor counts a failed attempt, so the ten attempts (about 26 s
+/// of backoff) are not used up by ten polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_next_keeps_the_backoff_and_the_attempt_count() {
+    let mut broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "o", 1).await;
+    produce_n(&c, "o", 0, 2, TS).await;
+    let mut consumer = c.consumer(fast());
+    consumer.subscribe("o", 0, StartAt::Earliest).await.unwrap();
+    assert_eq!(offsets(&take(&mut consumer, 2).await), vec![0, 1]);
+
+    /// Polls as `spool tail` does for `d`; returns the records seen, panicking on an error.
+    async fn poll_for(c: &mut Consumer, d: Duration) -> Vec<Record> {
+        let until = tokio::time::Instant::now() + d;
+        let mut got = Vec::new();
+        while tokio::time::Instant::now() < until {
+            match tokio::time::timeout(Duration::from_millis(100), c.next()).await {
+                Err(_) => {}
+                Ok(Some(Ok(r))) => got.push(r),
+                Ok(Some(Err(e))) => panic!("next() gave up during the outage: {e:?}"),
+                Ok(None) => panic!("stream ended"),
+            }
+        }
+        got
+    }
+
+    broker.kill();
+    assert!(
+        poll_for(&mut consumer, Duration::from_secs(3))
+            .await
+            .is_empty()
+    );
+    broker.restart();
+    produce_n(&c, "o", 0, 1, TS + 10_000).await;
+    // The backoff after ~3 s of failures is at most a few seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.is_empty() && tokio::time::Instant::now() < deadline {
+        got = poll_for(&mut consumer, Duration::from_millis(500)).await;
+    }
+    assert_eq!(offsets(&got), vec![2]);
+}
