@@ -9,7 +9,10 @@
 //! Copying (`--to-topic`) keeps each record's key, value, headers and timestamp, and sends it
 //! to the same partition number when the destination has enough partitions (else by key hash;
 //! `--partitioning`). Records are produced with `acks=durable`; a record counts as copied
-//! only once acknowledged, per source partition in offset order, and that is what the
+//! only once acknowledged, per source partition in offset order; an offset that holds no
+//! record for a read-committed reader (a transaction marker, an aborted record, a compaction
+//! gap) counts as copied once every record before it in its partition is, so a range ending
+//! on one completes. That is what the
 //! progress, the "next offset" report and the `--resume-file` checkpoint (written atomically,
 //! at most twice a second and at the end) say. So a resumed copy neither skips nor repeats
 //! what was acknowledged before a clean stop (the end, `-n`, Ctrl-C, an error). One limit:
@@ -732,12 +735,20 @@ impl CopyJob {
     }
 }
 
-/// A record sent and not yet acknowledged.
-struct Pending {
-    idx: usize,
-    offset: u64,
-    bytes: u64,
-    delivery: DeliveryFuture,
+/// What the tracker handles, in send order.
+enum Pending {
+    /// A record sent and not yet acknowledged.
+    Record {
+        idx: usize,
+        offset: u64,
+        bytes: u64,
+        delivery: DeliveryFuture,
+    },
+    /// Every record of partition `idx` below `to` has been sent (the items before this one):
+    /// once they are acknowledged, the offsets below `to` that hold no record for a
+    /// read-committed reader (transaction markers, aborted records, compaction gaps) count as
+    /// copied too, so a range that ends on such an offset completes.
+    Advance { idx: usize, to: u64 },
 }
 
 fn record_bytes(r: &Record) -> u64 {
@@ -766,28 +777,42 @@ async fn track(
         drop(p);
         stop.send_replace(true);
     };
-    while let Some(p) = rx.recv().await {
-        let res = p.delivery.await;
-        {
-            let mut st = lock(&progress);
-            match res {
-                Ok(_) if !st.failed[p.idx] => {
-                    st.next[p.idx] = p.offset + 1;
-                    st.acked += 1;
-                    st.bytes += p.bytes;
+    while let Some(item) = rx.recv().await {
+        match item {
+            Pending::Advance { idx, to } => {
+                let mut st = lock(&progress);
+                if !st.failed[idx] && st.next[idx] < to {
+                    st.next[idx] = to;
                     dirty = true;
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    st.failed[p.idx] = true;
-                    drop(st);
-                    fail(
-                        format!(
-                            "copying {}/{} offset {}: {e}",
-                            job.src, job.plan[p.idx].partition, p.offset
-                        ),
-                        Some(e),
-                    );
+            }
+            Pending::Record {
+                idx,
+                offset,
+                bytes,
+                delivery,
+            } => {
+                let res = delivery.await;
+                let mut st = lock(&progress);
+                match res {
+                    Ok(_) if !st.failed[idx] => {
+                        st.next[idx] = offset + 1;
+                        st.acked += 1;
+                        st.bytes += bytes;
+                        dirty = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        st.failed[idx] = true;
+                        drop(st);
+                        fail(
+                            format!(
+                                "copying {}/{} offset {offset}: {e}",
+                                job.src, job.plan[idx].partition
+                            ),
+                            Some(e),
+                        );
+                    }
                 }
             }
         }
@@ -946,7 +971,7 @@ async fn copy(client: &Client, job: Arc<CopyJob>, a: &ReplayArgs) -> CliResult<E
                         break 'outer;
                     }
                 };
-                let p = Pending {
+                let p = Pending::Record {
                     idx,
                     offset,
                     bytes,
@@ -956,6 +981,15 @@ async fn copy(client: &Client, job: Arc<CopyJob>, a: &ReplayArgs) -> CliResult<E
                     break 'outer;
                 }
                 sent += 1;
+            }
+            // The whole chunk was sent: offsets up to the cursor without a record (markers,
+            // aborted records, gaps) are copied once the records before them are.
+            let advance = Pending::Advance {
+                idx: c.idx,
+                to: c.pos,
+            };
+            if tx.send(advance).await.is_err() {
+                break 'outer;
             }
         }
         cs.retain(|c| !c.done());

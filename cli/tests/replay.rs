@@ -394,3 +394,99 @@ fn ctrl_c_stops_after_the_acknowledged_records_and_resumes() {
     .ok();
     assert_eq!(records(&b, "dst"), expected);
 }
+
+/// Waits until partition 0 of `topic` ends (for a read-committed reader: the last stable
+/// offset) at `end`: a transaction's marker becomes durable, and the last stable offset
+/// moves, just after the commit or abort reply.
+fn wait_end(b: &Broker, topic: &str, end: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = spool(b, &["replay", topic, "-o", "start", "--dry-run", "--json"]).ok();
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        if v["partitions"][0]["end"] == end {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Copies `src` to `dst` with a resume file and checks that the copy says it is complete, with
+/// every partition's next offset at its end, and that a rerun has nothing left to copy.
+fn copy_completes(b: &Broker, src: &str, dst: &str, end: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("progress.json");
+    let fs = f.to_str().unwrap();
+    let r = spool(
+        b,
+        &[
+            "replay",
+            src,
+            "-o",
+            "start",
+            "--to-topic",
+            dst,
+            "--json",
+            "--resume-file",
+            fs,
+        ],
+    )
+    .expect(0);
+    let summary: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(summary["complete"], true, "{summary}\n{}", r.stderr);
+    assert_eq!(summary["partitions"][0]["end"], end, "{summary}");
+    assert_eq!(summary["partitions"][0]["next"], end, "{summary}");
+    assert_eq!(summary["resume_commands"], serde_json::json!([]));
+    assert!(!r.stderr.contains("not finished"), "{}", r.stderr);
+    let r = spool(b, &["replay", src, "--to-topic", dst, "--resume-file", fs]).expect(0);
+    assert!(r.stderr.contains("nothing left to copy"), "{}", r.stderr);
+}
+
+#[test]
+fn a_range_ending_on_a_transaction_marker_completes() {
+    use spool_client::{ProducerRecord, TransactionalConfig, TransactionalProducer};
+    let b = Broker::start();
+    for t in ["committed", "aborted", "dst1", "dst2"] {
+        spool(&b, &["topic", "create", t]).ok();
+    }
+    spool(&b, &["produce", "aborted/0", "plain"]).ok();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = b.client().await;
+        // Three committed records (offsets 0-2) and the commit marker (3): end 4.
+        let mut p = TransactionalProducer::new(c.clone(), TransactionalConfig::new("tx-c"))
+            .await
+            .unwrap();
+        p.begin().unwrap();
+        for v in ["c0", "c1", "c2"] {
+            p.send("committed", 0, ProducerRecord::new(v))
+                .await
+                .unwrap();
+        }
+        p.flush().await.unwrap();
+        p.commit().await.unwrap();
+        // One plain record (0), an aborted one (1) and the abort marker (2): end 3.
+        let mut p = TransactionalProducer::new(c, TransactionalConfig::new("tx-a"))
+            .await
+            .unwrap();
+        p.begin().unwrap();
+        p.send("aborted", 0, ProducerRecord::new("gone"))
+            .await
+            .unwrap();
+        p.flush().await.unwrap();
+        p.abort().await.unwrap();
+    });
+    wait_end(&b, "committed", 4);
+    wait_end(&b, "aborted", 3);
+
+    copy_completes(&b, "committed", "dst1", 4);
+    assert_eq!(
+        spool(&b, &["consume", "dst1", "-o", "start:end", "-q"]).ok(),
+        "c0\nc1\nc2\n"
+    );
+    copy_completes(&b, "aborted", "dst2", 3);
+    assert_eq!(
+        spool(&b, &["consume", "dst2", "-o", "start:end", "-q"]).ok(),
+        "plain\n"
+    );
+}
