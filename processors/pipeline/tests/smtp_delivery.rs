@@ -20,7 +20,8 @@ use spool_pipeline::events::{
 use spool_pipeline::processors::envelope;
 use spool_pipeline::processors::notifications::{Notifications, NotificationsSettings};
 use spool_pipeline::{publish, topics};
-use spool_processor::testing::{TestDriver, TestRecord};
+use spool_processor::testing::{OutputRecord, TestDriver, TestRecord};
+use spool_processor::{AsyncHandler, Context, Failure, Input, Timer};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -34,6 +35,8 @@ struct Seen {
     max_open: usize,
     /// RCPTs answered 451 so far, per recipient.
     deferred: BTreeMap<String, usize>,
+    /// RCPTs answered 550 so far, per recipient.
+    rejected: BTreeMap<String, usize>,
 }
 
 /// An SMTP server: `reject*` recipients get `550 5.1.1`, `later*` ones `451 4.3.0` the first
@@ -69,6 +72,7 @@ async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
                             line[line.find('<').unwrap() + 1..line.find('>').unwrap()].to_owned();
                         let mut g = seen.lock().unwrap();
                         if rcpt.starts_with("reject") {
+                            *g.rejected.entry(rcpt.clone()).or_default() += 1;
                             "550 5.1.1 <reject>: Recipient address rejected\r\n".to_owned()
                         } else if rcpt.starts_with("later") && !g.deferred.contains_key(&rcpt) {
                             g.deferred.insert(rcpt.clone(), 1);
@@ -135,8 +139,8 @@ fn mail(i: usize, to: &str) -> spool_processor::Event<OutgoingMail> {
 
 /// Advances the driver's clock in 100 ms steps (real time passing too, for the sends) until
 /// `done` says so or 15 s passed.
-async fn settle(
-    d: &mut TestDriver<Notifications>,
+async fn settle<H: AsyncHandler>(
+    d: &mut TestDriver<H>,
     mut done: impl FnMut(&[MailStatus]) -> bool,
 ) -> Vec<MailStatus> {
     let mut all = Vec::new();
@@ -337,6 +341,145 @@ async fn an_alert_is_sent_as_it_is_rendered_and_its_record_sends_nothing_more() 
         d.read_output(topics::MAIL_STATUS).is_empty(),
         "settled once"
     );
+}
+
+/// Notifications whose next timer call, once `abort` is set, fails after the handler ran:
+/// the runtime drops that call's writes and emits and fires the timer again later, with the
+/// handler's memory as it is, exactly as after an aborted transaction.
+struct AbortOnce {
+    inner: Notifications,
+    abort: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AsyncHandler for AbortOnce {
+    async fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
+        self.inner.handle(ctx, input).await
+    }
+
+    async fn on_timer(&mut self, ctx: &mut Context<'_>, timer: &Timer) -> Result<(), Failure> {
+        self.inner.on_timer(ctx, timer).await?;
+        if self.abort.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Failure::retry("the test aborts this settlement"));
+        }
+        Ok(())
+    }
+}
+
+/// `r` read again from `outgoing-mail`, in its partition.
+fn read_back(r: &OutputRecord) -> TestRecord {
+    TestRecord {
+        topic: topics::OUTGOING_MAIL.into(),
+        partition: Some(r.partition),
+        key: r.key.clone(),
+        value: r.value.clone(),
+        headers: r.headers.clone(),
+        timestamp_ms: None,
+    }
+}
+
+/// A deal alert the MTA refuses (550 at RCPT) is tried once: its settlement (`failed` and the
+/// dead letter) aborted once is settled again from the result in memory, not sent again; its
+/// own `outgoing-mail` record read back after the settlement sends nothing (it finds neither
+/// a pending timer nor an idempotency key: the header says its send was started inline).
+/// Its dead letter redriven (the `spool_*` headers dropped, as `spool dlq redrive` does) is
+/// sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_alert_is_tried_once_and_its_redriven_dead_letter_again() {
+    let (port, seen) = smtp_server(Duration::ZERO).await;
+    let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = AbortOnce {
+        inner: Notifications::new(&settings(port, 4)).unwrap(),
+        abort: abort.clone(),
+    };
+    let mut d = TestDriver::new("notifications", h);
+    let to = "reject1@localhost";
+    let n = NotificationRequest {
+        id: "n-refused".into(),
+        kind: NotificationKind::DealAlert,
+        user: "user1".into(),
+        user_name: "Eleni".into(),
+        channel: Channel::Email,
+        address: to.into(),
+        time_zone: "UTC".into(),
+        quiet_hours: None,
+        deal: Some(support::book_deal("p1")),
+        campaign: None,
+        at_ms: 1_000,
+    };
+    let e = envelope("matching", n.id.clone(), &n, n.at_ms);
+    d.pipe_event_async(topics::NOTIFICATION_REQUESTS, &e).await;
+    let records = d.read_output(topics::OUTGOING_MAIL);
+    assert_eq!(records.len(), 1);
+    let rejected = |seen: &Arc<Mutex<Seen>>| seen.lock().unwrap().rejected.get(to).copied();
+    let until = Instant::now() + Duration::from_secs(10);
+    while rejected(&seen).is_none() {
+        assert!(Instant::now() < until, "not sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // the refusal reached the sender
+
+    // The settlement is aborted once: nothing of it stays, and the timer fires again.
+    abort.store(true, std::sync::atomic::Ordering::SeqCst);
+    d.advance_wall_clock_async(Duration::from_millis(100)).await;
+    assert!(
+        !abort.load(std::sync::atomic::Ordering::SeqCst),
+        "a timer fired"
+    );
+    assert_eq!(d.timer_retries(), 1);
+    assert!(d.read_output(topics::MAIL_STATUS).is_empty(), "aborted");
+    assert!(d.dead_letters(topics::OUTGOING_MAIL).is_empty(), "aborted");
+    let statuses = settle(&mut d, |s| !s.is_empty()).await;
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    assert_eq!(statuses[0].status, MailState::Failed);
+    assert_eq!(
+        rejected(&seen),
+        Some(1),
+        "the aborted settlement sent it again"
+    );
+
+    // The alert's own record read back after its failure was settled: nothing more.
+    d.pipe_record_async(read_back(&records[0])).await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        d.advance_wall_clock_async(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        rejected(&seen),
+        Some(1),
+        "its record read back sent it again"
+    );
+    assert!(
+        d.read_output(topics::MAIL_STATUS).is_empty(),
+        "a second status"
+    );
+    let dl = d.dead_letters(topics::OUTGOING_MAIL);
+    assert_eq!(dl.len(), 1, "one dead letter: {dl:?}");
+    assert!(
+        records[0]
+            .header(spool_pipeline::processors::notifications::SENT_INLINE_HEADER)
+            .is_some(),
+        "the alert's record is marked as sent inline"
+    );
+    assert_eq!(
+        dl[0].header(spool_pipeline::processors::notifications::SENT_INLINE_HEADER),
+        None,
+        "the dead letter is a plain record"
+    );
+
+    // Redriven (at once: the failure's result is still in memory), it is sent again.
+    let mut redriven = read_back(&dl[0]);
+    redriven.headers.retain(|h| !h.key.starts_with("spool_"));
+    redriven.partition = Some(0);
+    d.pipe_record_async(redriven).await;
+    let again = settle(&mut d, |s| !s.is_empty()).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].status, MailState::Failed);
+    assert_eq!(
+        rejected(&seen),
+        Some(2),
+        "the redriven dead letter was sent"
+    );
+    assert_eq!(d.dead_letters(topics::OUTGOING_MAIL).len(), 1, "a new one");
 }
 
 /// Every `mail-status` committed so far (read committed, from the start), after `quiet` with

@@ -27,9 +27,11 @@
 //! - An id has at most one send here: starting an id that is waiting, running or has a result
 //!   does nothing. So an input processed again after an aborted transaction does not send
 //!   again while this process lives.
-//! - A result is kept until [`InFlight::forget`] or [`RESULT_TTL`] after the send finished
-//!   (a result whose timer moved to another instance is never collected), so memory is bounded
-//!   by the send rate times the TTL.
+//! - A result is kept until [`InFlight::forget`] (a retry), [`InFlight::forget_given_up`] (a
+//!   failure already settled, sent anew) or [`RESULT_TTL`] after the send finished (a result
+//!   whose timer moved to another instance is never collected), so memory is bounded by the
+//!   send rate times the TTL. A failure being settled is marked ([`InFlight::give_up`]), not
+//!   dropped, so an aborted settlement settles it again from here instead of sending again.
 //! - [`InFlight::drain`] (a clean stop) starts nothing more: sends still waiting for a slot
 //!   are dropped unsent (their ids become absent: their pending timers, committed, send them
 //!   after the restart); it returns once every send that had started has returned.
@@ -70,6 +72,9 @@ enum Slot {
         outcome: Outcome,
         at_ms: i64,
         done: Instant,
+        /// Settled as given up ([`InFlight::give_up`]): kept for an aborted settlement,
+        /// dropped by [`InFlight::forget_given_up`] when the same id is sent anew.
+        given_up: bool,
     },
 }
 
@@ -192,6 +197,7 @@ impl InFlight {
                         outcome,
                         at_ms: now_ms(),
                         done: Instant::now(),
+                        given_up: false,
                     },
                 ),
                 None => slots.remove(&id),
@@ -219,6 +225,26 @@ impl InFlight {
     pub fn forget(&self, id: &str) {
         let mut slots = self.slots();
         if matches!(slots.get(id), Some(Slot::Finished { .. })) {
+            slots.remove(id);
+        }
+    }
+
+    /// Marks `id`'s result as given up (its failure is being settled: `failed`, the dead
+    /// letter) **without dropping it**: if that settlement's transaction aborts, its timer
+    /// fires again and settles from this same result instead of sending again. It goes with
+    /// [`RESULT_TTL`], or with [`InFlight::forget_given_up`].
+    pub fn give_up(&self, id: &str) {
+        if let Some(Slot::Finished { given_up, .. }) = self.slots().get_mut(id) {
+            *given_up = true;
+        }
+    }
+
+    /// Drops `id`'s result if it was given up ([`InFlight::give_up`]), so a record sent anew
+    /// (a redriven dead letter) is sent, not settled from the old failure. Anything else
+    /// (running, a result not settled yet) stays.
+    pub fn forget_given_up(&self, id: &str) {
+        let mut slots = self.slots();
+        if matches!(slots.get(id), Some(Slot::Finished { given_up: true, .. })) {
             slots.remove(id);
         }
     }
@@ -310,6 +336,40 @@ mod tests {
             settled(&f, "a").await,
             SendState::Finished {
                 outcome: Outcome::Retry(_),
+                ..
+            }
+        ));
+    }
+
+    /// A failure being settled stays (an aborted settlement finds it again) until the same id
+    /// is sent anew; a result not settled yet is never dropped that way.
+    #[tokio::test]
+    async fn a_given_up_result_stays_until_sent_anew() {
+        let f = InFlight::new(1, 0);
+        f.start("a", async { Outcome::Dead("550".into()) }).await;
+        settled(&f, "a").await;
+        // Not given up yet: a record read again (an aborted transaction) keeps the result.
+        f.forget_given_up("a");
+        assert!(matches!(f.state("a"), SendState::Finished { .. }));
+        f.give_up("a");
+        assert!(
+            matches!(
+                f.state("a"),
+                SendState::Finished {
+                    outcome: Outcome::Dead(_),
+                    ..
+                }
+            ),
+            "kept for a settlement that aborts"
+        );
+        f.start("a", async { panic!("a has a result") }).await;
+        f.forget_given_up("a");
+        assert_eq!(f.state("a"), SendState::Absent);
+        assert!(f.try_start("a", async { ok() }));
+        assert!(matches!(
+            settled(&f, "a").await,
+            SendState::Finished {
+                outcome: Outcome::Delivered { .. },
                 ..
             }
         ));

@@ -34,7 +34,11 @@
 //!   finds no result and sends again (window: from the `250` to the next tick's commit,
 //!   about one tick plus one commit interval, 0.1 to 0.3 s with the defaults);
 //! - an aborted transaction (no crash) repeats nothing: the results of this process's sends
-//!   stay in memory by mail id and are settled from there;
+//!   stay in memory by mail id and are settled from there; a failure's result too (it is
+//!   marked given up when settled, not dropped), so an aborted `failed` settlement is settled
+//!   again, not sent again. Only a record read anew after its failure was settled (a redriven
+//!   dead letter; or, for a campaign mail or a webhook, the record's own transaction aborted
+//!   together with its settlement) drops that result and is sent once more;
 //! - a clean stop (SIGTERM) repeats nothing: [`AsyncHandler::drain`] starts no more sends,
 //!   waits for those running (each bounded by its timeout), and the runtime settles them in
 //!   its last transaction; sends that were still waiting for a slot were never handed over
@@ -46,14 +50,19 @@
 //! back, but as it is rendered: the request's transaction holds the `outgoing-mail` record
 //! and the mail's pending timer (its payload is that record, with the request's partition
 //! and offset), and the send starts at once, exactly as if the record had been read. The
-//! record is written to **the request's partition** (not by its key's hash), so the task
-//! that reads it back is the one holding the pending timer (or, once settled, the
-//! idempotency key) and sends nothing. This takes one transaction (a commit and a read-back,
+//! record carries the header [`SENT_INLINE_HEADER`], and reading it back **never sends it**:
+//! the pending timer committed with it is what sends it, retries it after a crash and
+//! settles it, and whatever it came to (queued, or `failed` with the dead letter, which
+//! records no idempotency key) is final. (Before the header, the read-back relied on the
+//! pending timer or the key, and an alert refused with a 5xx, settled before its record was
+//! read back, found neither and was sent again.) The record is written to **the request's
+//! partition** (not by its key's hash), the task holding the pending timer. This takes one transaction (a commit and a read-back,
 //! ~10-20 ms at p50) off the path from a price update to Postfix (docs/benchmarks.md). The
 //! repeat window is the same shape as before: a crash before the request's transaction
 //! commits reads the request again and sends again. `outgoing-mail` must have as many
 //! partitions as `notification-requests` (as `publish::ensure_topics` creates them); records
-//! written there by others (a redriven dead letter, an older version) are sent when read.
+//! written there by others, without the header (a redriven dead letter: `dead_letter`
+//! leaves the header out; an older version), are sent when read.
 //!
 //! After the settlement commits, the mail (or call) is never sent again (within the
 //! `[effects]` retention). The Message-ID (`<mail id@domain>`) and the `Idempotency-Key`
@@ -203,12 +212,19 @@ impl AsyncHandler for Notifications {
                         let call = self.call(&n)?;
                         let pending = Pending::of(input);
                         ctx.set_timer(TimerKind::Wall, &key, ctx.now_ms(), pending.payload()?)?;
+                        // A failure of this id settled before (a redriven dead letter): anew.
+                        self.http_inflight.forget_given_up(&n.id);
                         self.http_inflight.start(&n.id, call).await;
                         Ok(())
                     }
                 }
             }
             topics::OUTGOING_MAIL => {
+                if sent_inline(input) {
+                    // A deal alert's own record: its pending timer committed with it (in the
+                    // request's transaction) sends and settles it, whatever came of it.
+                    return Ok(());
+                }
                 let m: OutgoingMail = input.event::<OutgoingMail>()?.data;
                 if ctx.effect(&m.mail_id)? != EffectStatus::Todo {
                     return Ok(()); // sent before, or a replay
@@ -221,6 +237,8 @@ impl AsyncHandler for Notifications {
                 ctx.set_timer(TimerKind::Wall, &key, ctx.now_ms(), pending.payload()?)?;
                 let smtp = self.smtp()?;
                 let id = m.mail_id.clone();
+                // A failure of this id settled before (a redriven dead letter): sent anew.
+                self.inflight.forget_given_up(&id);
                 self.inflight
                     .start(&id, async move { smtp.send(&m).await })
                     .await;
@@ -309,6 +327,19 @@ fn quiet_ended(ctx: &mut Context<'_>, timer: &Timer) -> Result<(), Failure> {
     };
     ctx.emit_to(topics::CAMPAIGN_REQUESTS, timer.partition, record);
     Ok(())
+}
+
+/// Header on a deal alert's `outgoing-mail` record, whose send started as it was rendered
+/// (value `1`): reading the record back never sends it (see "Alerts: rendered and sent in one
+/// step"). Its dead letter does not carry it, so a redrive sends.
+pub const SENT_INLINE_HEADER: &str = "bestprice_sent_inline";
+
+/// Whether `input` is a deal alert's own `outgoing-mail` record ([`SENT_INLINE_HEADER`]).
+fn sent_inline(input: &Input) -> bool {
+    input
+        .headers
+        .iter()
+        .any(|h| h.key == SENT_INLINE_HEADER && h.value.as_deref() == Some(b"1"))
 }
 
 /// Prefix of the pending-mail timers' keys (`smtp/<mail id>`).
@@ -462,9 +493,13 @@ impl Notifications {
         mail: OutgoingMail,
         at_ms: i64,
     ) -> Result<(), Failure> {
-        let record = envelope(ctx.processor(), mail.mail_id.clone(), &mail, at_ms)
+        let mut record = envelope(ctx.processor(), mail.mail_id.clone(), &mail, at_ms)
             .to_record()
             .map_err(|e| Failure::fatal(e.to_string()))?;
+        record.headers.push(Header {
+            key: SENT_INLINE_HEADER.to_owned(),
+            value: Some(Bytes::from_static(b"1")),
+        });
         ctx.emit_to(topics::OUTGOING_MAIL, input.partition, record.clone());
         if ctx.effect(&mail.mail_id)? != EffectStatus::Todo {
             return Ok(()); // sent before, or a replay (effects disabled): the record only
@@ -601,7 +636,9 @@ impl Notifications {
                     at_ms,
                     reason: why.clone(),
                 });
-                inflight.forget(&id);
+                // Kept, not forgotten: if this transaction aborts, the timer fires again and
+                // settles from the same result instead of sending again.
+                inflight.give_up(&id);
                 if let Delivery::Mail(m) = &d {
                     failed(ctx, m, why, now)?;
                 }
@@ -628,9 +665,11 @@ fn failed(ctx: &mut Context<'_>, m: &OutgoingMail, why: String, now: i64) -> Res
 }
 
 /// The dead letter of a pending send's record (with its attempts), in the settling
-/// transaction.
+/// transaction. An alert's [`SENT_INLINE_HEADER`] is left out: a redriven dead letter is
+/// sent when read.
 fn dead_letter(ctx: &mut Context<'_>, pending: &Pending, now: i64) {
-    let input = pending.input();
+    let mut input = pending.input();
+    input.headers.retain(|h| h.key != SENT_INLINE_HEADER);
     let group = ctx.processor().to_owned();
     let (topic, record) = spool_processor::dead_letter_for(&input, &group, &pending.history, now);
     ctx.emit_to(topic, input.partition, record);
