@@ -39,7 +39,11 @@
 //! 3. **swaps** each group's output in, crash-safely (protocol in [`swap`]), publishing the
 //!    new segment list under the writer lock. Readers holding the old segments keep reading
 //!    their files (renamed to `*.deleted`, unlinked when the last mapping drops).
-//! 4. records `first_dirty = map_end` and the earliest delete horizon still pending.
+//! 4. records `first_dirty = map_end` and the earliest delete horizon still pending, but only
+//!    when every group was swapped in (or left as it was because nothing in it changed). A
+//!    group whose swap is refused (retention deleted part of it while the pass ran, or the
+//!    partition closed) ends the pass at once and nothing more is written: its segments and
+//!    the later ones were not deduplicated, so they must stay dirty.
 //!
 //! A partition is cleaned when its dirty section is at least `min_cleanable_dirty_percent` of
 //! its cleanable bytes, or when a kept tombstone's horizon has passed.
@@ -83,7 +87,11 @@
 //! in the deduplicated part and every older record of its key has been removed: in the same
 //! pass (all groups below `map_end` are rewritten in offset order, so older records go first,
 //! aborted ones included), or by an earlier one (the clean section holds at most one record
-//! per key). A batch the cleaner cannot decode (a corrupt
+//! per key: `first_dirty` only moves past segments that a pass rewrote, or found nothing to
+//! remove in, with the whole map; a pass that abandons a group records nothing, step 4).
+//! Groups swapped in before an abandoned one stay correct: what superseded their removed
+//! records lies later in the log and stays, unless retention deleted it together with
+//! everything before it. A batch the cleaner cannot decode (a corrupt
 //! compressed payload) is kept as it is, and no tombstone is removed in a pass that met one,
 //! since it could hide an older value of the tombstone's key. Every input batch's CRC is
 //! checked before it is used, so the cleaner never launders damaged data into a batch with a
@@ -225,8 +233,13 @@ pub struct CleanReport {
     pub batches_opaque: u64,
     /// The step at which a test hook stopped the pass, if it did.
     pub stopped_at: Option<Step>,
-    /// True when the pass stopped early because the log is closing.
+    /// True when the pass stopped early because the log is closing (or the partition's topic
+    /// was deleted).
     pub interrupted: bool,
+    /// True when a group could not be swapped in because retention removed part of it while
+    /// the pass ran: the pass stopped there and left `cleaner-state` as it was (the segments
+    /// of that group and after it were not deduplicated), so the next pass maps them again.
+    pub abandoned: bool,
     /// Wall time of the pass.
     pub duration: Duration,
     /// Of which building the key map.
@@ -242,8 +255,12 @@ type Hook = Box<dyn FnMut(Step) -> bool + Send>;
 enum Halt {
     /// A test hook said stop: leave everything as it is (a simulated crash).
     Hook(Step),
-    /// The log is closing: clean up and return.
+    /// The log is closing, or the partition's topic was deleted: clean up and return, writing
+    /// nothing more.
     Shutdown,
+    /// A group's swap was refused because its segments are no longer all listed (retention
+    /// deleted some meanwhile): stop without recording progress (see the safety argument).
+    Abandoned,
     Failed(Error),
 }
 
@@ -346,6 +363,10 @@ impl Cleaner {
             }
             Err(Halt::Shutdown) => {
                 report.interrupted = true;
+                Ok(report)
+            }
+            Err(Halt::Abandoned) => {
+                report.abandoned = true;
                 Ok(report)
             }
             Err(Halt::Failed(e)) => Err(e),
@@ -609,10 +630,18 @@ impl Cleaner {
             return Err(Halt::Hook(s));
         }
         if !swapped? {
-            // Retention removed part of the group meanwhile, or the partition closed.
+            // Retention removed part of the group meanwhile, or the partition closed. Either
+            // way the pass stops here, before `first_dirty` moves past segments that were
+            // never deduplicated: a later pass would otherwise give a tombstone there a
+            // horizon and remove it while an older value of its key stays (finding 1 of
+            // review-audit-engine).
             swap::discard(v.fs.as_ref(), &v.dir, base);
             report.bytes_out += bytes_in;
-            return Ok(());
+            return Err(if pass.p.closed_error().is_some() {
+                Halt::Shutdown
+            } else {
+                Halt::Abandoned
+            });
         }
         report.groups_swapped += 1;
         report.bytes_out += fin.size;

@@ -607,6 +607,73 @@ fn retention_settings_are_ignored_by_compact_and_applied_by_compact_delete() {
     assert_eq!(p.enforce_retention().unwrap(), 0, "nothing left to delete");
 }
 
+/// Finding 1 of review-audit-engine: a group whose swap is refused (retention deleted its
+/// first segment while the pass wrote its output) must not count as cleaned. Before the fix
+/// the pass still recorded `first_dirty` past the group, so the next pass kept `K=v1` (its key
+/// was no longer mapped), gave the tombstone a horizon, and a pass after it removed the
+/// tombstone: `K` came back with its deleted value.
+#[test]
+fn a_group_retention_cut_during_its_pass_stays_dirty() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let now = 1_000_000;
+    clock.0.store(now, Ordering::SeqCst);
+    let log = open(dir.path(), &clock);
+    log.create_topic(
+        "cd",
+        TopicConfig {
+            cleanup: CleanupPolicy::CompactDelete,
+            retention_ms: Some(100_000),
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let p = log.partition("cd", 0).unwrap();
+    let mut m = Model::default();
+    // S0: old data (due for retention); S1: K=v1; S2: K deleted; then the active segment.
+    m.append(&p, &[kv(9, Some("old"))], 1, Compression::None);
+    p.roll().unwrap();
+    m.append(&p, &[kv(1, Some("v1"))], now, Compression::None);
+    p.roll().unwrap();
+    m.append(&p, &[kv(1, None)], now, Compression::None);
+    p.roll().unwrap();
+    m.append(&p, &[kv(2, Some("live"))], now, Compression::None);
+    assert_eq!(p.segment_bases().len(), 4);
+
+    let mut c = cleaner(100);
+    let (hp, fired) = (p.clone(), Arc::new(AtomicBool::new(false)));
+    let f = fired.clone();
+    c.set_hook(move |s| {
+        if s == Step::OutputWritten && !f.swap(true, Ordering::SeqCst) {
+            assert_eq!(hp.enforce_retention().unwrap(), 1, "S0 is past retention");
+        }
+        true
+    });
+    let r = c.clean_now(&p).unwrap();
+    assert!(fired.load(Ordering::SeqCst), "{r:?}");
+    assert_eq!(r.groups_swapped, 0, "the swap is refused: {r:?}");
+    assert!(r.abandoned, "{r:?}");
+    c.set_hook(|_| true);
+
+    // The pass that sets the tombstone's horizon, then one past it.
+    let r = c.clean_now(&p).unwrap();
+    assert!(r.ran && !r.abandoned, "{r:?}");
+    clock
+        .0
+        .store(now + DELETE_RETENTION as i64 + 1, Ordering::SeqCst);
+    let r = c.clean_now(&p).unwrap();
+    assert!(r.ran && !r.abandoned, "{r:?}");
+    let r = c.clean_now(&p).unwrap();
+    assert!(r.ran && !r.abandoned, "{r:?}");
+    let got = latest_values(&p, Isolation::ReadUncommitted);
+    assert_eq!(
+        got.get("key-1"),
+        None,
+        "the deleted key does not come back: {got:?}"
+    );
+    assert_eq!(got.get("key-2").cloned(), Some(Some("live".to_owned())));
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     /// Plain records (`txn: None`), or records in a transaction of that producer.
