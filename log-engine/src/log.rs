@@ -321,6 +321,9 @@ impl Log {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_owned()))?;
+        // `close_deleted` returns once no retention or cleaner pass of the partition is still
+        // running (later ones do nothing): none may touch files by name in the directory a
+        // topic re-created under this name will use.
         for p in &topic.partitions {
             p.close_deleted().ok();
         }

@@ -599,7 +599,8 @@ impl Segment {
             None => {
                 let path = self.files.current_log_path();
                 let fs = &self.files.fs;
-                fs.open(&path, OpenMode::Read)
+                let f = fs
+                    .open(&path, OpenMode::Read)
                     .or_else(|e| {
                         if e.kind() == std::io::ErrorKind::NotFound {
                             fs.open(&self.files.current_log_path(), OpenMode::Read)
@@ -607,7 +608,21 @@ impl Segment {
                             Err(e)
                         }
                     })
-                    .map_err(|e| Error::io("open", &path, e))?
+                    .map_err(|e| Error::io("open", &path, e))?;
+                // Opened by name: never map past its end (touching a mapped page past a
+                // file's end is SIGBUS). A sealed segment's file holds `written_end` bytes,
+                // so a shorter one is not this segment's file any more (damaged, or replaced
+                // under the same name).
+                let size = f.size().map_err(|e| Error::io("stat", &path, e))?;
+                if size < len {
+                    return Err(Error::corruption(
+                        &path,
+                        size,
+                        None,
+                        format!("segment file holds {size} bytes, {len} expected"),
+                    ));
+                }
+                f
             }
         };
         let bytes = file

@@ -382,6 +382,10 @@ impl Cleaner {
     }
 
     fn pass(&mut self, p: &Partition, force: bool, report: &mut CleanReport) -> Result<(), Halt> {
+        // Held for the whole pass: deleting the topic waits for it (after closing `p`, which
+        // makes the pass stop at its next check), so no pass of this handle outlives the
+        // directory it works in (`Partition::close_deleted`).
+        let _cleaning = p.cleaning();
         let v = p.cleaner_view()?;
         if !v.config.cleanup.compacts() {
             return Ok(());
@@ -439,6 +443,7 @@ impl Cleaner {
             if end_of(i) <= first_dirty {
                 continue;
             }
+            check_halt(&self.stop, p)?;
             let data = p.cleaner_data(seg)?;
             for b in headers(seg, &data) {
                 if b.next_offset() > first_dirty {
@@ -456,11 +461,10 @@ impl Cleaner {
             if end_of(i) <= first_dirty {
                 continue;
             }
+            check_halt(&self.stop, p)?;
             let data = p.cleaner_data(seg)?;
             for b in batches(seg, &data) {
-                if self.stop.load(Ordering::Relaxed) {
-                    return Err(Halt::Shutdown);
-                }
+                check_halt(&self.stop, p)?;
                 let (_, h, batch) = b?;
                 if h.next_offset() <= first_dirty {
                     continue;
@@ -519,6 +523,7 @@ impl Cleaner {
         let groups_end = end_of(m.max(1) - 1);
         if state.sparse_below < groups_end {
             state.sparse_below = groups_end;
+            check_halt(&self.stop, p)?;
             state.write(v.fs.as_ref(), &v.dir)?;
         }
         Self::step(&mut self.hook, Step::StateSaved)?;
@@ -539,6 +544,7 @@ impl Cleaner {
         // 4. Where the dirty section starts now.
         state.first_dirty = map_end;
         state.next_horizon = pass.next_horizon;
+        check_halt(&self.stop, p)?;
         state.write(v.fs.as_ref(), &v.dir)?;
         Self::step(&mut self.hook, Step::Finished)?;
         tracing::debug!(
@@ -662,11 +668,10 @@ impl Cleaner {
         let mut changed = false;
         let mut started = false;
         for seg in segs {
+            check_halt(&self.stop, pass.p)?;
             let data = pass.p.cleaner_data(seg)?;
             for b in batches(seg, &data) {
-                if self.stop.load(Ordering::Relaxed) {
-                    return Err(Halt::Shutdown);
-                }
+                check_halt(&self.stop, pass.p)?;
                 let (_, h, batch) = b?;
                 report.records_in += h.records_count.max(0) as u64;
                 if h.base_offset >= pass.cleanable_end || h.is_control() {
@@ -773,6 +778,18 @@ impl Cleaner {
             }
         }
         Ok(changed)
+    }
+}
+
+/// Ends a pass when the log is closing (`stop`) or `p` is closed. A closed partition's topic
+/// may have been deleted, and a topic of the same name re-created in the same directory: the
+/// pass must not read or write anything there by name (a stale `cleaner-state` would make the
+/// new partition skip deduplication and its segment-chain checks).
+fn check_halt(stop: &AtomicBool, p: &Partition) -> Result<(), Halt> {
+    if stop.load(Ordering::Relaxed) || p.is_closed() {
+        Err(Halt::Shutdown)
+    } else {
+        Ok(())
     }
 }
 

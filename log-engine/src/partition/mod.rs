@@ -20,6 +20,10 @@
 //!   can return success for pages that failed. One at a time, with the poison set before the
 //!   lock is released, the later call sees the poison instead (fsyncgate; docs/durability.md).
 //! - Segment-list changes (roll, retention) happen under the writer lock.
+//! - Once a partition is closed, nothing of it acts on its directory's files by name: retention
+//!   checks `closed` under the writer lock, the cleaner before each batch and each write under
+//!   the `cleaning` lock, and deleting the topic takes both locks after closing, before the
+//!   directory is moved away (a topic of the same name may be created there next).
 //! - Under `fsync = always` the active segment's file may run past the written data, by zeros
 //!   written ahead of the writer (`writer.rs`, "Zero ahead"): zeros are written only under the
 //!   writer lock at or past its position, their fdatasync goes through `sync_handle` and
@@ -229,6 +233,11 @@ pub struct Partition {
     /// lock when both are held (a roll), never before it.
     sync_lock: Mutex<()>,
     closed: AtomicBool,
+    /// Held by a cleaner pass for its whole run ([`Partition::cleaning`]). Taken, once
+    /// `closed` is set, by [`Partition::close_deleted`], so that no pass of a deleted topic's
+    /// partition still works, by path, in a directory a re-created topic of the same name
+    /// will use.
+    cleaning: Mutex<()>,
     /// Set (before `closed`) when the partition's topic is deleted: its errors then say so
     /// ([`Error::TopicDeleted`]) instead of [`Error::Closed`].
     deleted: AtomicBool,
@@ -1166,7 +1175,8 @@ impl Partition {
     }
 
     /// Deletes sealed segments past the retention limits (time by their newest record,
-    /// size by the partition total). Returns the number of segments removed.
+    /// size by the partition total). Returns the number of segments removed (none once the
+    /// partition is closed).
     pub fn enforce_retention(&self) -> Result<usize> {
         let cfg = self.config();
         if !cfg.cleanup.deletes() || (cfg.retention_ms.is_none() && cfg.retention_bytes.is_none()) {
@@ -1174,6 +1184,12 @@ impl Partition {
         }
         let now = self.shared.clock.now_ms();
         let _w = lock(&self.writer);
+        if self.is_closed() {
+            // Checked under the writer lock, which `close` takes after setting `closed`: a
+            // handle that outlived its topic must not rename files by name in a directory a
+            // re-created topic of the same name may be using now.
+            return Ok(0);
+        }
         let segs = self.snapshot();
         let sealed = &segs[..segs.len() - 1];
         let mut total: u64 = segs.iter().map(|s| s.written_end()).sum();
@@ -1270,9 +1286,31 @@ impl Partition {
     /// [`Partition::close`] for a partition whose topic is being deleted: from here on its
     /// reads, writes and durability waits fail with [`Error::TopicDeleted`], and its waiters
     /// return.
+    ///
+    /// When it returns, nothing of this handle acts on the partition's directory by name any
+    /// more, so the caller may move the directory away and a topic of the same name may be
+    /// created there: retention (which checks `closed` under the writer lock) and any cleaner
+    /// pass (which checks it before each batch and each write, under the `cleaning` lock)
+    /// have finished, and later ones see `closed` and do nothing.
     pub(crate) fn close_deleted(&self) -> Result<()> {
         self.deleted.store(true, Ordering::Release);
-        self.close()
+        let res = self.close();
+        // Barriers (a poisoned partition's close takes no lock). The writer lock first, then
+        // the cleaning lock, never both: a pass holds `cleaning` and takes the writer lock
+        // to swap.
+        drop(lock(&self.writer));
+        drop(lock(&self.cleaning));
+        res
+    }
+
+    /// True once the partition is closed (the log closed, or its topic was deleted).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The lock a cleaner pass holds while it runs (see [`Partition::close_deleted`]).
+    pub(crate) fn cleaning(&self) -> MutexGuard<'_, ()> {
+        lock(&self.cleaning)
     }
 
     /// True once the partition's topic was deleted (this handle outlived it).

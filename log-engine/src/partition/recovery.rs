@@ -446,6 +446,7 @@ impl Partition {
             poison_cause: Mutex::new(None),
             sync_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
+            cleaning: Mutex::new(()),
             deleted: AtomicBool::new(false),
             last_flush_ms: AtomicU64::new(now),
             fsync_latency: crate::stats::Latency::default(),

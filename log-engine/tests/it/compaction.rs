@@ -674,6 +674,86 @@ fn a_group_retention_cut_during_its_pass_stays_dirty() {
     assert_eq!(got.get("key-2").cloned(), Some(Some("live".to_owned())));
 }
 
+/// Finding 2 of review-audit-engine: a pass running when its partition's topic is deleted and
+/// re-created under the same name must not write into the new topic's directory. Before the
+/// fix the pass went on, and its `cleaner-state` (old `first_dirty` and `sparse_below`) landed
+/// in the new partition, which then took never-deduplicated data for clean and skipped its
+/// segment-chain checks. Now deleting the topic waits for the pass, which stops at its next
+/// check once the partition is closed.
+#[test]
+fn a_pass_on_a_deleted_topic_writes_nothing_into_a_recreated_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::default());
+    let log = open(dir.path(), &clock);
+    let old = log.partition("t", 0).unwrap();
+    let mut m = Model::default();
+    for round in 0..5u32 {
+        let recs: Vec<_> = (0..10)
+            .map(|k| kv(k, Some(&format!("old{round}"))))
+            .collect();
+        m.append(&old, &recs, 1, Compression::None);
+        old.roll().unwrap();
+    }
+    let (at_map, reached) = std::sync::mpsc::channel();
+    let recreated = Arc::new(AtomicBool::new(false));
+    let (hp, r2) = (old.clone(), recreated.clone());
+    let mut c = cleaner(100);
+    c.set_hook(move |s| {
+        if s == Step::MapBuilt {
+            at_map.send(()).unwrap();
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !hp.is_deleted() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            // Before the fix the delete did not wait for this pass: let the new topic be
+            // created first. With it, the delete waits for the pass, so this times out.
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
+            while !r2.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        true
+    });
+    let pass = {
+        let old = old.clone();
+        std::thread::spawn(move || c.clean_now(&old))
+    };
+    reached.recv().unwrap();
+    log.delete_topic("t").unwrap();
+    log.create_topic("t", cfg()).unwrap();
+    recreated.store(true, Ordering::SeqCst);
+    let r = pass.join().unwrap().unwrap();
+    assert!(r.interrupted && r.groups_swapped == 0, "{r:?}");
+    let new = log.partition("t", 0).unwrap();
+    new.append(
+        &{
+            let mut b = BatchBuilder::new(Compression::None);
+            b.push(1, Some(b"n"), Some(b"new"), &[]);
+            b
+        }
+        .finish()
+        .unwrap(),
+    )
+    .unwrap();
+    let pdir = dir.path().join("t/0");
+    let mut names: Vec<String> = std::fs::read_dir(&pdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "cleaner-state" || n.contains(".cleaned")),
+        "nothing of the old pass in the new topic: {names:?}"
+    );
+    drop((old, new));
+    drop(log);
+    let log = open(dir.path(), &clock);
+    let got = latest_values(&log.partition("t", 0).unwrap(), Isolation::ReadUncommitted);
+    assert_eq!(got.len(), 1, "{got:?}");
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     /// Plain records (`txn: None`), or records in a transaction of that producer.

@@ -142,3 +142,86 @@ fn deletes_by_size_but_never_under_a_reader() {
         p.high_watermark() - p.log_start_offset()
     );
 }
+
+/// Finding 2 of review-audit-engine: a handle to a deleted topic's partition (a maintenance
+/// pass lists the partitions before it runs retention on them) must not run retention, by
+/// file name, in the directory of a re-created topic of the same name. Before the fix it
+/// renamed the new topic's active segment `00000000000000000000.log` away (and unlinked it
+/// once the old handle dropped): the new topic's acknowledged records were lost.
+#[test]
+fn retention_through_a_deleted_topics_handle_leaves_a_recreated_topic_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock(AtomicI64::new(0)));
+    let log = open(dir.path(), clock.clone());
+    let cfg = TopicConfig {
+        segment_bytes: 4096,
+        retention_bytes: Some(4096),
+        ..TopicConfig::default()
+    };
+    log.create_topic("t", cfg.clone()).unwrap();
+    let old = log.partition("t", 0).unwrap();
+    for i in 0..300 {
+        old.append(&batch(&format!("old{i}"), 4, i)).unwrap();
+    }
+    assert!(old.stats().segments > 3);
+    log.delete_topic("t").unwrap();
+    log.create_topic("t", cfg).unwrap();
+    let new = log.partition("t", 0).unwrap();
+    for i in 0..3 {
+        new.append(&batch(&format!("new{i}"), 4, i)).unwrap();
+    }
+    let retention = old.enforce_retention();
+    drop(old);
+    drop(new);
+    drop(log);
+    let log = open(dir.path(), clock);
+    let p = log.partition("t", 0).unwrap();
+    let got: Vec<String> = read_all(&p, 0)
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+        .collect();
+    assert_eq!(got.len(), 12, "the new topic's records: {got:?}");
+    assert!(got.iter().all(|v| v.starts_with("new")), "{got:?}");
+    assert!(
+        matches!(retention, Ok(0)),
+        "a closed partition runs no retention: {retention:?}"
+    );
+}
+
+/// The guard behind finding 2 of review-audit-engine: a sealed segment is opened and mapped by
+/// file name when it is first read. A file found there that is shorter than the segment (one
+/// put under its name, as a re-created topic's segment could be) is refused, instead of being
+/// mapped past its end, where reading it would kill the process with SIGBUS.
+#[test]
+fn a_sealed_segment_replaced_by_a_shorter_file_is_refused_not_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock(AtomicI64::new(0)));
+    let log = open(dir.path(), clock.clone());
+    let cfg = TopicConfig {
+        segment_bytes: 64 << 10,
+        ..TopicConfig::default()
+    };
+    log.create_topic("t", cfg).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for i in 0..1500 {
+        p.append(&batch(&format!("r{i}"), 4, i)).unwrap();
+    }
+    assert!(p.stats().segments > 2);
+    drop(p);
+    drop(log);
+    let log = open(dir.path(), clock);
+    let p = log.partition("t", 0).unwrap();
+    let pdir = dir.path().join("t/0");
+    let seg0 = std::fs::read(pdir.join("00000000000000000000.log")).unwrap();
+    assert!(seg0.len() > 32 << 10);
+    // Its first page, as it was: the batches there parse, the rest of the mapping would not
+    // be backed by the file.
+    let tmp = pdir.join("replacement");
+    std::fs::write(&tmp, &seg0[..4096]).unwrap();
+    std::fs::rename(&tmp, pdir.join("00000000000000000000.log")).unwrap();
+    let err = p.read(0, 1 << 20).unwrap_err();
+    assert!(matches!(err, Error::Corruption { .. }), "{err}");
+    // The other segments still read.
+    let next = p.segment_bases()[1];
+    assert!(!read_all(&p, next).is_empty());
+}
