@@ -11,7 +11,9 @@
 //! Panic points ([`panic_at`]) make the task that reaches them panic, as a bug would, so a
 //! test can see what the client is told: `group-persist` (a group's state being appended, on
 //! the blocking pool), `group-commit` (a fenced CommitOffsets being appended, on the blocking
-//! pool). `name@N` arms a point for its N-th hit only (counted from 1; the other hits pass).
+//! pool), `produce-stream-reader` (a `ProduceStream`'s reader, per request received),
+//! `produce-stream-writer` (its writer, per request before its write). `name@N` arms a point
+//! for its N-th hit only (counted from 1; the other hits pass).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -696,6 +696,34 @@ impl Drop for SettleTasks {
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<v1::ProduceStreamResponse, Status>> + Send>>;
 
+/// Spawns one of a `ProduceStream`'s two tasks (`what`: its reader or its writer). If it
+/// panics, `ends` receives INTERNAL: the writer's channel (for the reader), which ends the
+/// stream with it after the replies of what was written; the reply channel (for the
+/// writer), which ends the stream with it at once (settle phases still waiting are detached:
+/// a reply that comes after the status is lost, so the client takes their outcome as
+/// unknown, as INTERNAL says). Without this, a panic dropped the task's sender and the
+/// client saw a clean end of the stream with its last requests unanswered. One watching task
+/// per stream, not per request.
+fn spawn_ending_on_panic<T: Send + 'static>(
+    task: impl Future<Output = ()> + Send + 'static,
+    ends: mpsc::Sender<Result<T, Status>>,
+    what: &'static str,
+) {
+    let task = tokio::spawn(task);
+    tokio::spawn(async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "a ProduceStream {what} task panicked");
+            let status = BrokerError::Internal(format!(
+                "the stream's {what} failed inside the broker (see its log); the outcome of \
+                 its unanswered requests is unknown"
+            ));
+            let _ = ends.send(Err(status.into())).await;
+        }
+    });
+}
+
 #[tonic::async_trait]
 impl ProduceService for Produce {
     async fn produce(
@@ -783,7 +811,8 @@ impl ProduceService for Produce {
         let state = self.state.clone();
         // The reader: receives (tonic decodes) and checks requests, in arrival order.
         let mut shutdown = self.state.shutdown.clone();
-        tokio::spawn(async move {
+        let reader_panic = to_writer.clone();
+        let reader = async move {
             let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
             // At shutdown an open stream ends (UNAVAILABLE, after the replies of what was
             // written) rather than wait for its next request: hyper's graceful shutdown waits
@@ -801,6 +830,7 @@ impl ProduceService for Produce {
                     }
                 };
                 let Some(msg) = msg else { break };
+                crate::failpoint::panic_at("produce-stream-reader");
                 let msg = match msg {
                     Ok(m) => m,
                     Err(status) => {
@@ -829,11 +859,13 @@ impl ProduceService for Produce {
                     break;
                 }
             }
-        });
+        };
+        spawn_ending_on_panic(reader, reader_panic, "reader");
         // The writer: write phases one at a time, in arrival order (what keeps per-partition
         // order), while the reader decodes the next request.
         let state = self.state.clone();
-        tokio::spawn(async move {
+        let writer_panic = tx.clone();
+        let writer = async move {
             let mut settling = SettleTasks(JoinSet::new());
             let mut end = None;
             loop {
@@ -853,6 +885,7 @@ impl ProduceService for Produce {
                         None => break,
                     },
                 };
+                crate::failpoint::panic_at("produce-stream-writer");
                 let outcome = match next {
                     Ok(p) => write_one(&state, &who, p, &tx, &mut settling).await,
                     Err(status) => Err(status),
@@ -876,7 +909,8 @@ impl ProduceService for Produce {
             if let Some(status) = end {
                 let _ = tx.send(Err(status)).await;
             }
-        });
+        };
+        spawn_ending_on_panic(writer, writer_panic, "writer");
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as ReplyStream
         ))

@@ -529,6 +529,83 @@ async fn an_idle_produce_stream_ends_at_shutdown() {
     drop(send);
 }
 
+/// A `ProduceStream` whose reader or writer task panics (a bug; here the broker's panic
+/// points) ends with INTERNAL after the replies of what it wrote, never a clean end: a
+/// panicking task used to drop its channel, and the client saw the stream end as if nothing
+/// were missing, its last request unanswered. The broker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_produce_stream_ends_it_with_internal_not_a_clean_end() {
+    for point in ["produce-stream-reader", "produce-stream-writer"] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [("SPOOL_FAILPOINTS", format!("{point}@3"))];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let b = Spoold::start_env(dir.path(), &[], &env);
+        topic(&b, "t", 1).await;
+        let (send, requests) = tokio::sync::mpsc::channel(4);
+        let mut replies = b
+            .produce()
+            .await
+            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let req = |id: u64| v1::ProduceStreamRequest {
+            request_id: id,
+            partitions: vec![pp(
+                "t",
+                0,
+                v1::partition_produce::Data::Records(v1::RecordList {
+                    records: vec![record(None, &format!("m{id}"))],
+                    compression: 0,
+                }),
+            )],
+            acks: v1::Acks::Durable as i32,
+        };
+        let next = async |replies: &mut tonic::Streaming<v1::ProduceStreamResponse>| {
+            tokio::time::timeout(std::time::Duration::from_secs(10), replies.message())
+                .await
+                .expect("an answer within 10 s")
+        };
+        for id in 0..2 {
+            send.send(req(id)).await.unwrap();
+            let r = next(&mut replies).await.unwrap().expect("a reply");
+            assert_eq!(r.request_id, id, "{point}");
+            assert!(r.results[0].error.is_none(), "{point}: {r:?}");
+        }
+        // The third request reaches the panic point.
+        send.send(req(2)).await.unwrap();
+        match next(&mut replies).await {
+            Err(status) => {
+                assert_eq!(status.code(), Code::Internal, "{point}: {status:?}");
+                assert_eq!(
+                    reason(&status),
+                    "ERROR_CODE_INTERNAL",
+                    "{point}: {status:?}"
+                );
+                assert!(
+                    !status.message().contains("failpoint"),
+                    "{point}: the panic stays in the log: {status:?}"
+                );
+            }
+            Ok(m) => panic!("{point}: expected INTERNAL, got {m:?}"),
+        }
+        drop(send);
+        assert_eq!(b.high_watermark("t", 0).await, 2, "{point}: nothing after");
+        // A new stream is served (the point fires once).
+        let mut replies = b
+            .produce()
+            .await
+            .produce_stream(tokio_stream::iter([req(3)]))
+            .await
+            .unwrap()
+            .into_inner();
+        let r = next(&mut replies).await.unwrap().expect("a reply");
+        assert!(r.results[0].error.is_none(), "{point}: {r:?}");
+        assert_eq!(b.high_watermark("t", 0).await, 3, "{point}");
+        b.stop();
+    }
+}
+
 fn reason(s: &tonic::Status) -> String {
     use tonic_types::StatusExt;
     s.get_details_error_info()
