@@ -20,7 +20,9 @@
 //! is left, within the unit's `TimeoutStopSec`. A processor superseded by a newer instance
 //! with the same instance id ([`crate::runtime::RuntimeError::Superseded`]) exits with
 //! [`SUPERSEDED_EXIT_CODE`], which the unit's `RestartPreventExitStatus=` keeps from being
-//! restarted (a restart would fence the newer instance, and so on).
+//! restarted (a restart would fence the newer instance, and so on); one whose topics do not
+//! fit its configuration ([`crate::runtime::RuntimeError::Misconfigured`]) exits with
+//! [`MISCONFIGURED_EXIT_CODE`], not restarted either (every start would stop the same way).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -152,11 +154,11 @@ where
     let rt = rt.build().context("starting the tokio runtime")?;
     let result = rt.block_on(serve(cfg, rcfg, handler));
     if let Err(e) = &result
-        && let Some(RuntimeError::Superseded { .. }) = e.downcast_ref::<RuntimeError>()
+        && let Some(code) = e.downcast_ref::<RuntimeError>().and_then(exit_code)
     {
         eprintln!("Error: {e:#}");
         drop(rt);
-        std::process::exit(SUPERSEDED_EXIT_CODE);
+        std::process::exit(code);
     }
     result
 }
@@ -164,6 +166,21 @@ where
 /// The exit status of a processor superseded by a newer instance with the same instance id
 /// (not restarted by the systemd unit).
 pub const SUPERSEDED_EXIT_CODE: i32 = 3;
+
+/// The exit status of a processor whose topics do not fit its configuration
+/// ([`RuntimeError::Misconfigured`]): LSB's "program is not configured". The systemd unit
+/// does not restart it: every start would stop the same way until an operator acts.
+pub const MISCONFIGURED_EXIT_CODE: i32 = 6;
+
+/// The dedicated exit status of a runtime error, if it has one (any other error exits 1,
+/// which the systemd unit restarts).
+fn exit_code(e: &RuntimeError) -> Option<i32> {
+    match e {
+        RuntimeError::Superseded { .. } => Some(SUPERSEDED_EXIT_CODE),
+        RuntimeError::Misconfigured(_) => Some(MISCONFIGURED_EXIT_CODE),
+        _ => None,
+    }
+}
 
 /// Connects, serves metrics, runs the processor until SIGTERM/SIGINT.
 pub async fn serve<H: AsyncHandler>(

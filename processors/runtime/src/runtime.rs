@@ -323,6 +323,13 @@ pub enum RuntimeError {
     /// The handler reported a fatal failure, or the state store failed.
     #[error("fatal: {0}")]
     Fatal(String),
+    /// The topics the processor needs do not fit its configuration (an input gained
+    /// partitions without [`RuntimeConfig::allow_input_growth`]; a retry topic has more
+    /// partitions than its input): nothing changes until an operator acts, so a processor
+    /// binary exits with [`crate::app::MISCONFIGURED_EXIT_CODE`], which the systemd unit does
+    /// not restart.
+    #[error("misconfigured: {0}")]
+    Misconfigured(String),
     /// Another instance started with the same `instance_id`: this one is the older
     /// incarnation and stops, as a fenced Kafka producer does (restarting would fence the
     /// newer one, which would fence it back, and so on). Either the group replaced this
@@ -359,18 +366,23 @@ pub async fn run<H: AsyncHandler>(
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) -> Result<(), RuntimeError> {
-    prepare_topics(&client, &cfg, &metrics).await?;
+    // The inputs' partition counts as last seen, carried from session to session: a new
+    // session describes the inputs again only when it is assigned a partition past them
+    // (each session's first assignment used to, so an input deleted at that moment was
+    // fatal there too, and every session start cost a describe per internal topic).
+    let mut inputs = prepare_topics(&client, &cfg, &metrics).await?;
     let mut failures = 0u32;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         let started = Instant::now();
-        match Session::start(&client, &cfg, metrics.clone()).await {
+        match Session::start(&client, &cfg, metrics.clone(), &inputs).await {
             Ok(mut s) => match s
                 .run(&mut handler, &mut shutdown)
                 .await
                 .map_err(|e| superseded(e, &cfg))
+                .inspect_err(|_| inputs = s.input_partitions.clone())
             {
                 Ok(()) => {
                     s.close().await;
@@ -420,7 +432,9 @@ fn superseded(e: RuntimeError, cfg: &RuntimeConfig) -> RuntimeError {
 /// incarnation ([`RuntimeError::Superseded`]): it stops.
 fn fatal(e: &RuntimeError) -> bool {
     match e {
-        RuntimeError::Fatal(_) | RuntimeError::Superseded { .. } => true,
+        RuntimeError::Fatal(_)
+        | RuntimeError::Misconfigured(_)
+        | RuntimeError::Superseded { .. } => true,
         RuntimeError::Client(c) => matches!(
             c,
             spool_client::Error::UnknownTopic { .. }
@@ -440,7 +454,7 @@ async fn prepare_topics(
     client: &Client,
     cfg: &RuntimeConfig,
     metrics: &Metrics,
-) -> Result<(), RuntimeError> {
+) -> Result<BTreeMap<String, u32>, RuntimeError> {
     let (input_partitions, max_partitions) = ensure_internal_topics(client, cfg, metrics).await?;
     let compacted = TopicSettings {
         cleanup: Some(CleanupPolicy::Compact),
@@ -494,7 +508,7 @@ async fn prepare_topics(
             );
         }
     }
-    Ok(())
+    Ok(input_partitions)
 }
 
 /// Creates or grows the topics the runtime keeps per input partition, to match the inputs'
@@ -507,9 +521,9 @@ async fn prepare_topics(
 /// inputs' partition counts and the largest (the changelog's count now).
 ///
 /// An existing one with fewer partitions than it needs means an input gained partitions:
-/// unless [`RuntimeConfig::allow_input_growth`], that is [`RuntimeError::Fatal`], before
-/// anything is grown. Growing moves no state: see "Adding partitions to an input" in
-/// `docs/processors.md`.
+/// unless [`RuntimeConfig::allow_input_growth`], that is [`RuntimeError::Misconfigured`],
+/// before anything is grown; so is a retry topic with more partitions than its input.
+/// Growing moves no state: see "Adding partitions to an input" in `docs/processors.md`.
 async fn ensure_internal_topics(
     client: &Client,
     cfg: &RuntimeConfig,
@@ -536,12 +550,28 @@ async fn ensure_internal_topics(
         let n = input_partitions.get(&source).copied().unwrap_or(1);
         plan.push((retry, n, TopicSettings::default(), Some(source)));
     }
-    // An input that gained partitions is refused before anything grows, unless allowed.
+    // An input that gained partitions is refused before anything grows, unless allowed. A
+    // retry topic with more partitions than its input is refused always: the group reads
+    // it, so its extra partitions would be assigned, and their tasks would restore changelog
+    // partitions that do not exist.
     let mut short = Vec::new();
-    for (topic, n, _, _) in &plan {
+    for (topic, n, _, input) in &plan {
         match client.describe_topic(topic).await {
             Ok(d) if (d.partitions.len() as u32) < *n => {
                 short.push(format!("{topic} has {} of {n}", d.partitions.len()));
+            }
+            Ok(d)
+                if (d.partitions.len() as u32) > *n
+                    && cfg.retry_topics().iter().any(|(r, _)| r == topic) =>
+            {
+                return Err(RuntimeError::Misconfigured(format!(
+                    "the retry topic {topic} has {} partitions, more than its input {} ({n}): \
+                     its extra partitions would be assigned to tasks that do not exist. \
+                     Delete it (it is created again with {n}) once it holds nothing to \
+                     retry, or move the processor to a new group",
+                    d.partitions.len(),
+                    input.as_deref().unwrap_or("?"),
+                )));
             }
             Ok(_) | Err(spool_client::Error::UnknownTopic { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -552,7 +582,7 @@ async fn ensure_internal_topics(
             .iter()
             .map(|(t, n)| format!("{t} has {n}"))
             .collect();
-        return Err(RuntimeError::Fatal(format!(
+        return Err(RuntimeError::Misconfigured(format!(
             "internal topics have fewer partitions than their inputs ({}; inputs: {}): an \
              input gained partitions, or one of them was created by hand (or for another \
              configuration) with fewer. For a dead-letter or retry topic made by hand, grow \
@@ -788,6 +818,7 @@ impl<'c> Session<'c> {
         client: &Client,
         cfg: &'c RuntimeConfig,
         metrics: Arc<Metrics>,
+        inputs: &BTreeMap<String, u32>,
     ) -> Result<Session<'c>, RuntimeError> {
         let mut tcfg = TransactionalConfig::new(cfg.transactional_id());
         tcfg.transaction_timeout = cfg.transaction_timeout;
@@ -890,7 +921,7 @@ impl<'c> Session<'c> {
             counted_in: TopicCounters::default(),
             counted_out: TopicCounters::default(),
             outputs: Outputs::new(&cfg.output_prefix),
-            input_partitions: BTreeMap::new(),
+            input_partitions: inputs.clone(),
         };
         s.reconcile().await?;
         s.apply_flow().await?;

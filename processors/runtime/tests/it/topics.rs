@@ -8,7 +8,9 @@
 //!   with the reason, while the rest is processed without an abort (it used to abort and
 //!   rewind every transaction, forever);
 //! - a write refused for good after its check passed (the topic deleted since) stops the
-//!   processor with an error naming the topic instead of rewinding forever.
+//!   processor with an error naming the topic instead of rewinding forever;
+//! - internal topics that do not fit the inputs (short without `allow_input_growth`, a retry
+//!   topic larger than its input) stop it as `Misconfigured`, and its binary exits 6.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,18 +252,55 @@ async fn an_input_that_gains_partitions_stops_a_processor_that_did_not_allow_it(
             .expect("the processor stops")
             .expect("joins");
         match ended {
-            Err(RuntimeError::Fatal(msg)) => {
+            Err(RuntimeError::Misconfigured(msg)) => {
                 assert!(
                     msg.contains("allow_input_growth"),
                     "names the remedy: {msg}"
                 );
                 assert!(msg.contains("g.changelog has 2 of 3"), "{msg}");
             }
-            other => panic!("expected a fatal error, got {other:?}"),
+            other => panic!("expected a misconfiguration, got {other:?}"),
         }
     }
     assert_eq!(partitions(&c, "g.changelog").await, 2, "nothing grown");
     assert_eq!(partitions(&c, "in.g.dlq").await, 2, "nothing grown");
+}
+
+fn with_retry_topic(mut cfg: RuntimeConfig) -> RuntimeConfig {
+    cfg.retry = RetryPolicy {
+        mode: RetryMode::Topics,
+        topic_delays_ms: vec![100],
+        ..RetryPolicy::default()
+    };
+    cfg
+}
+
+/// A retry topic made by hand with more partitions than its input stops the processor at
+/// its start, naming both (the group reads the retry topic: its extra partitions would be
+/// assigned to tasks whose changelog partitions do not exist, a fatal restore).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_topic_larger_than_its_input_stops_the_processor_naming_both() {
+    crate::trace();
+    let broker = Broker::start();
+    let c = broker.client().await;
+    create(&c, "in", 2).await;
+    create(&c, "in.g.retry-1", 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = Running::start(&c, with_retry_topic(config(dir.path())));
+    let ended = tokio::time::timeout(Duration::from_secs(30), run.task)
+        .await
+        .expect("the processor stops")
+        .expect("joins");
+    match ended {
+        Err(RuntimeError::Misconfigured(msg)) => {
+            assert!(
+                msg.contains("in.g.retry-1 has 4 partitions") && msg.contains("input in (2)"),
+                "names both: {msg}"
+            );
+        }
+        other => panic!("expected a misconfiguration, got {other:?}"),
+    }
+    assert_eq!(partitions(&c, "in.g.retry-1").await, 4, "left as it was");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,4 +392,38 @@ async fn a_write_refused_after_its_check_stops_the_processor_naming_the_topic() 
         }
         other => panic!("expected a fatal error, got {other:?}"),
     }
+}
+
+/// A processor binary stopped for a misconfiguration (here an input that gained partitions
+/// without `allow_input_growth`) exits with `MISCONFIGURED_EXIT_CODE` (6), which the systemd
+/// unit's `RestartPreventExitStatus=3 6` keeps from being restarted into the same stop every
+/// 2 s until systemd's start limit; it used to exit 1, as any failure does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_processor_binary_exits_with_its_own_status() {
+    let (broker, c) = crate::passthrough_broker(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::write_config(
+        dir.path(),
+        "passthrough",
+        "name = \"passthrough\"\ninputs = [\"in\"]\noutputs = [\"out\"]\n[app]\noutput = \"out\"\n",
+    );
+    let state = dir.path().join("state");
+    let mut first = crate::Proc::passthrough(&cfg, &broker.addr(), "p0", &state);
+    assert!(first.wait_ready(Duration::from_secs(30)), "never got ready");
+    assert!(first.terminate(Duration::from_secs(20)), "clean exit");
+    c.add_partitions("in", 3).await.unwrap();
+    let mut second = crate::Proc::passthrough(&cfg, &broker.addr(), "p0", &state);
+    let code = second.wait_exit(Duration::from_secs(30));
+    let errors = second.errors();
+    assert_eq!(
+        code,
+        Some(spool_processor::app::MISCONFIGURED_EXIT_CODE),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("misconfigured") && l.contains("allow_input_growth")),
+        "says why: {errors:?}"
+    );
 }
