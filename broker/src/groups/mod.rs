@@ -984,12 +984,63 @@ fn end_stream(shutdown: &watch::Receiver<bool>, tx: MemberTx, status: Status) {
 }
 
 /// What a request whose change could not be made durable is answered (`e` itself ends the
-/// members' streams, [`Task::fail`]): SHUTTING_DOWN if that is why, else INTERNAL with the
-/// failure's text (the group went back to its last durable state; retry).
+/// members' streams, [`Task::fail`]): SHUTTING_DOWN if that is why; a full disk (or quota) as
+/// STORAGE_FULL (RESOURCE_EXHAUSTED, as a produce on that disk is answered: the operator's
+/// problem, not the broker's); else INTERNAL with the failure's text (the group went back to
+/// its last durable state; retry).
 fn persist_failed(e: &BrokerError) -> BrokerError {
+    use spool_log_engine::Error as EngineError;
+    use std::io::ErrorKind;
     match e {
         BrokerError::ShuttingDown => BrokerError::ShuttingDown,
+        BrokerError::Engine(EngineError::Io { op, path, source })
+            if matches!(
+                source.kind(),
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded
+            ) =>
+        {
+            BrokerError::Engine(EngineError::Io {
+                op: *op,
+                path: path.clone(),
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("persisting the group's state failed: {source}"),
+                ),
+            })
+        }
         e => BrokerError::Internal(format!("persisting the group's state failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod persist_failed_tests {
+    use std::io::{Error, ErrorKind};
+
+    use tonic::Code;
+
+    use super::*;
+
+    fn io(kind: ErrorKind) -> BrokerError {
+        BrokerError::Engine(spool_log_engine::Error::Io {
+            op: "write",
+            path: "offsets/0".into(),
+            source: Error::from(kind),
+        })
+    }
+
+    /// A joiner whose join could not be persisted on a full disk was told INTERNAL ("the
+    /// broker failed") where a produce on the same disk says RESOURCE_EXHAUSTED.
+    #[test]
+    fn a_full_disk_is_resource_exhausted_not_internal() {
+        for kind in [ErrorKind::StorageFull, ErrorKind::QuotaExceeded] {
+            let s: Status = persist_failed(&io(kind)).into();
+            assert_eq!(s.code(), Code::ResourceExhausted, "{kind:?}: {s:?}");
+            assert!(s.message().contains("group's state"), "{s:?}");
+        }
+        let s: Status = persist_failed(&io(ErrorKind::PermissionDenied)).into();
+        assert_eq!(s.code(), Code::Internal, "{s:?}");
+        let s: Status = persist_failed(&BrokerError::ShuttingDown).into();
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
     }
 }
 
