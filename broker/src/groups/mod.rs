@@ -1000,7 +1000,7 @@ fn persist_failed(e: &BrokerError) -> BrokerError {
             ) =>
         {
             BrokerError::Engine(EngineError::Io {
-                op: *op,
+                op,
                 path: path.clone(),
                 source: std::io::Error::new(
                     source.kind(),
@@ -1009,6 +1009,27 @@ fn persist_failed(e: &BrokerError) -> BrokerError {
             })
         }
         e => BrokerError::Internal(format!("persisting the group's state failed: {e}")),
+    }
+}
+
+/// When a group's task first re-reads its topics' partition counts (at once), and how often.
+fn metadata_schedule() -> (tokio::time::Instant, Duration) {
+    let now = tokio::time::Instant::now();
+    #[cfg(test)]
+    if FROZEN_CLOCK.with(std::cell::Cell::get) {
+        // Real time would decide when a changed count is persisted, between the loop's
+        // steps: with the clock stopped, never (the loops do not change partition counts;
+        // a join still reads them).
+        let day = Duration::from_secs(86_400);
+        return (now + day, day);
+    }
+    (now, METADATA_INTERVAL)
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1041,26 +1062,5 @@ mod persist_failed_tests {
         assert_eq!(s.code(), Code::Internal, "{s:?}");
         let s: Status = persist_failed(&BrokerError::ShuttingDown).into();
         assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-    }
-}
-
-/// When a group's task first re-reads its topics' partition counts (at once), and how often.
-fn metadata_schedule() -> (tokio::time::Instant, Duration) {
-    let now = tokio::time::Instant::now();
-    #[cfg(test)]
-    if FROZEN_CLOCK.with(std::cell::Cell::get) {
-        // Real time would decide when a changed count is persisted, between the loop's
-        // steps: with the clock stopped, never (the loops do not change partition counts;
-        // a join still reads them).
-        let day = Duration::from_secs(86_400);
-        return (now + day, day);
-    }
-    (now, METADATA_INTERVAL)
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
