@@ -16,7 +16,8 @@
 //! 7. write the producer-state snapshot (with the partition's transactions) covering
 //!    everything below the new base (expired producers dropped first), so reopening walks only
 //!    the active segment's headers. It is derived data: losing it costs a longer walk at open,
-//!    never correctness.
+//!    never correctness, so failing to write it (a full disk) is logged and does not fail the
+//!    roll (a failed roll poisons the partition).
 //!
 //! Early write-back: unless `fsync = always` (whose group commits keep little dirty), every
 //! [`WRITEBACK_BYTES`] appended to the active segment the writer hands those bytes to the log's
@@ -263,7 +264,9 @@ impl Writer {
     }
 
     /// Seals the active segment and starts a new one (protocol in the module docs). Any
-    /// failure poisons the partition: the on-disk state is then repaired by reopening.
+    /// failure poisons the partition: the on-disk state is then repaired by reopening. (The
+    /// derived files, indexes and the producer snapshot, are not failures: see the module
+    /// docs.)
     pub(super) fn roll(&mut self, p: &Partition) -> Result<()> {
         self.try_roll(p).map_err(|e| p.poison(e))
     }
@@ -325,10 +328,19 @@ impl Writer {
         })?;
         self.producers.expire(p.shared.clock.now_ms());
         // No directory fsync: a snapshot that did not survive only makes the next open walk
-        // more headers (from an older snapshot, or from the first segment).
+        // more headers (from an older snapshot, or from the first segment). For the same
+        // reason a snapshot that cannot be written (typically a full disk: the steps above
+        // need no new data blocks) does not fail the roll, which would poison the partition
+        // until a restart even once retention frees space: `write_replace` removed its
+        // temporary file, and the previous snapshot still names an older segment, from which
+        // the next open walks the headers.
         let txn = lock(&p.txn);
-        self.producers
-            .write_snapshot(fs.as_ref(), &txn, &p.dir, base)?;
+        if let Err(e) = self
+            .producers
+            .write_snapshot(fs.as_ref(), &txn, &p.dir, base)
+        {
+            tracing::warn!(topic = %p.topic, partition = p.id, base, error = %e, "producer snapshot not written; the next open walks more batch headers");
+        }
         tracing::debug!(topic = %p.topic, partition = p.id, base, "rolled segment");
         Ok(())
     }

@@ -2,7 +2,8 @@
 //! retention and check that writes resume and nothing acknowledged was lost.
 //!
 //! Needs root to mount a tmpfs (CI and the development machines run as root); without it the
-//! test fails with a message instead of passing silently.
+//! tests fail with a message instead of passing silently. One more, on the simulated disk
+//! (`spool_io::sim`): a roll whose producer snapshot cannot be written does not poison.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -178,4 +179,83 @@ fn lowering_retention_and_deleting_a_topic_work_on_a_full_disk() {
         log.topic_config("t"),
         Err(Error::TopicNotFound(_))
     ));
+}
+
+/// Finding 3 of review-audit-engine: a roll on a full disk whose only failing write is the
+/// producer snapshot (derived data; every earlier step of the roll needs no new data block)
+/// succeeds and does not poison the partition. Before the fix the roll failed, the partition
+/// was poisoned, and every write was refused until a restart, even after space was freed. The
+/// previous snapshot stays, and a reopen rebuilds the producers' state from it and the log.
+#[test]
+fn a_producer_snapshot_that_cannot_be_written_does_not_poison_a_roll() {
+    use spool_log_engine::io::sim::{Effect, Fault, OpKind, SimFs};
+    use spool_log_engine::{BatchBuilder, Compression, LogOptions};
+
+    let sim = SimFs::new();
+    let open = || {
+        Log::open(
+            "/spool",
+            LogOptions {
+                background_maintenance: false,
+                fs: sim.fs(),
+                ..LogOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("opening the log: {e}\n{}", sim.tree()))
+    };
+    let pid = 7;
+    let produce = |p: &spool_log_engine::Partition, seq: i32| {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.producer(pid, 0, seq);
+        b.push(0, Some(b"k"), Some(format!("{seq:0>200}").as_bytes()), &[]);
+        p.append(&b.finish().unwrap())
+    };
+    let log = open();
+    log.create_topic(
+        "t",
+        TopicConfig {
+            segment_bytes: 4096,
+            ..TopicConfig::default()
+        },
+    )
+    .unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let mut seq = 0;
+    for _ in 0..5 {
+        produce(&p, seq).unwrap();
+        seq += 1;
+    }
+    p.roll().unwrap(); // writes a snapshot
+    produce(&p, seq).unwrap();
+    seq += 1;
+    sim.inject(Fault::on(
+        OpKind::Write,
+        "producers.snapshot",
+        Effect::Fail(libc::ENOSPC),
+    ));
+    p.roll()
+        .expect("a roll whose snapshot cannot be written succeeds");
+    assert!(!p.is_poisoned());
+    // Appends go on, through more rolls (each snapshot fails), and duplicates are still seen.
+    for _ in 0..40 {
+        let info = produce(&p, seq).expect("writes go on");
+        assert!(!info.duplicate);
+        seq += 1;
+    }
+    assert!(p.segment_bases().len() > 4, "{:?}", p.segment_bases());
+    assert!(produce(&p, seq - 1).unwrap().duplicate);
+    sim.clear_faults();
+    let hw = p.high_watermark();
+    drop(p);
+    log.close().unwrap();
+    drop(log);
+    let log = open();
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(read_all(&p, 0).len() as u64, hw);
+    // The producer's state was rebuilt from the older snapshot and the log.
+    assert!(
+        produce(&p, seq - 1).unwrap().duplicate,
+        "a duplicate after reopen"
+    );
+    assert!(!produce(&p, seq).unwrap().duplicate);
 }

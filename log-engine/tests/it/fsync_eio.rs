@@ -13,7 +13,8 @@
 //! - a failure of a durability call on log data or the recovery point is never swallowed:
 //!   it surfaces as a failed open, a failed append (that batch is never acknowledged, nor any
 //!   after it; it and later appends and flushes fail with `Poisoned`, no retry-then-ack), or a failed
-//!   close; only the derived index files may fail silently (they are rebuilt from the log);
+//!   close; only the derived files, the indexes and the producer snapshot, may fail
+//!   silently (they are rebuilt from the log);
 //! - after reopening, every acknowledged record is at its acknowledged offset, offsets are
 //!   dense, the only records past the last acknowledged batch belong to the batch that failed,
 //!   and appends resume.
@@ -273,7 +274,7 @@ struct Figures {
     open_failed: u64,
     append_failed: u64,
     close_failed: u64,
-    index_only: u64,
+    derived_only: u64,
     acked_records: u64,
     unacked_present: u64,
 }
@@ -298,15 +299,18 @@ fn check(dir: &Path, r: &Run, ctx: &str, f: &mut Figures) {
         assert_eq!((seq, base), (i as u64, i as u64 * RECORDS), "{ctx}");
     }
     let failed = r.lines.iter().find_map(|l| l.strip_prefix("FAIL "));
-    // Index files are derived data: sealing goes on without them (they are rebuilt).
-    let derived = injected.contains(".index.tmp>") || injected.contains(".timeindex.tmp>");
+    // Index files and the producer snapshot are derived data: a roll goes on without them
+    // (they are rebuilt from the log).
+    let derived = injected.contains(".index.tmp>")
+        || injected.contains(".timeindex.tmp>")
+        || injected.contains("producers.snapshot.tmp>");
     if derived {
         assert!(
             failed.is_none() && !r.has("OPENFAIL"),
-            "{ctx}\nan index write failure must not fail appends"
+            "{ctx}\na failure writing derived files must not fail appends"
         );
         assert_eq!(acks.len() as u64, APPENDS, "{ctx}");
-        f.index_only += 1;
+        f.derived_only += 1;
     } else if r.has("OPENFAIL") {
         assert!(acks.is_empty(), "{ctx}");
         f.open_failed += 1;
@@ -423,7 +427,12 @@ fn injected_failures_are_never_acknowledged() {
         }
     }
     eprintln!("EIO injection: {f:?} in {:?}", start.elapsed());
-    let all = [f.open_failed, f.append_failed, f.close_failed, f.index_only];
+    let all = [
+        f.open_failed,
+        f.append_failed,
+        f.close_failed,
+        f.derived_only,
+    ];
     assert!(
         all.iter().all(|&n| n > 0),
         "every kind of outcome must be exercised: {f:?}"
