@@ -78,12 +78,21 @@ pub struct RecoveryReport {
     pub bytes_zero_tail: u64,
     /// True when a valid recovery point was found.
     pub had_recovery_point: bool,
-    /// Files holding the bytes cut from torn tails (`<segment>.log.torn-<position>`), kept for
+    /// Files holding the bytes cut from torn tails (`<segment>.log.torn-<position>`, or
+    /// `…-<n>` when an earlier cut at that position kept one: never overwritten), kept for
     /// inspection; nothing reads them.
     pub quarantined: Vec<std::path::PathBuf>,
 }
 
-/// Copies `file[pos..len]` to `<segment>.torn-<pos>` next to it, durably, and returns its path.
+/// At most this many kept copies of torn tails cut at the same position of one segment
+/// (`<segment>.torn-<pos>`, then `-1` … `-999`); past it the open fails rather than overwrite
+/// one (an operator removes the copies they have looked at).
+const MAX_TORN_COPIES: u32 = 1000;
+
+/// Copies `file[pos..len]` to a new file `<segment>.torn-<pos>` next to it (`-<n>` appended,
+/// with the first `n` free, when an earlier cut at the same position kept one: appends resume
+/// at the cut, so a second tear there is possible, and its copy must not replace the first,
+/// which may hold the only copy of acknowledged batches), durably, and returns its path.
 fn quarantine(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -92,12 +101,22 @@ fn quarantine(
     pos: u64,
     len: u64,
 ) -> Result<std::path::PathBuf> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".torn-{pos}"));
-    let dst = std::path::PathBuf::from(name);
-    let out = fs
-        .open(&dst, OpenMode::CreateTruncate)
-        .map_err(|e| Error::io("create", &dst, e))?;
+    let mut n = 0;
+    let (dst, out) = loop {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".torn-{pos}"));
+        if n > 0 {
+            name.push(format!("-{n}"));
+        }
+        let dst = std::path::PathBuf::from(name);
+        match fs.open(&dst, OpenMode::CreateNew) {
+            Ok(out) => break (dst, out),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n + 1 < MAX_TORN_COPIES => {
+                n += 1;
+            }
+            Err(e) => return Err(Error::io("create", &dst, e)),
+        }
+    };
     let mut buf = vec![0u8; (len - pos).min(1 << 20) as usize];
     let mut at = pos;
     while at < len {

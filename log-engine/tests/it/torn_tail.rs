@@ -373,3 +373,61 @@ fn garbage_and_zero_tails() {
     }
     eprintln!("garbage/zero tails: {cases} cases, {:?}", start.elapsed());
 }
+
+/// Finding 4 of review-audit-engine: appends resume at a cut, so a second tear can happen at
+/// the same position. Its copy must not replace the first one, which may hold the only copy
+/// of acknowledged batches (past the recovery point, they were fdatasync'd and answered).
+/// Before the fix the second open truncated `<segment>.torn-<pos>` and wrote the new tail in.
+#[test]
+fn a_second_torn_tail_at_the_same_position_keeps_the_first_copy() {
+    let img = Image::build("mid", 60, 5);
+    let last = *img.spans.last().unwrap();
+    let flip = |seg: &Path| {
+        let mut data = std::fs::read(seg).unwrap();
+        data[(last.pos + 70) as usize] ^= 0x20;
+        std::fs::write(seg, data).unwrap();
+    };
+    // 1. The last (acknowledged) batch damaged: cut at its start, its bytes kept.
+    let dir = img.case(flip);
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let r = report(&log, 0);
+    assert_eq!(r.quarantined.len(), 1, "{r:?}");
+    let first = r.quarantined[0].clone();
+    assert!(
+        first
+            .to_string_lossy()
+            .ends_with(&format!(".torn-{}", last.pos))
+    );
+    let first_bytes = std::fs::read(&first).unwrap();
+    assert_eq!(first_bytes.len() as u64, last.len);
+    // 2. A new batch goes to the same position; freeze the directory before any close (the
+    // batch lies past the recovery point, as after kill -9), and damage it the same way.
+    let p = log.partition("t", 0).unwrap();
+    let info = p.append(&batch("again", 3, 3000)).unwrap();
+    assert_eq!(info.base_offset, last.base_offset);
+    let frozen = scratch();
+    copy_dir(dir.path(), frozen.path());
+    drop(p);
+    drop(log);
+    flip(&frozen.path().join(&img.seg_rel));
+    let log = Log::open(frozen.path(), opts()).unwrap();
+    let r = report(&log, 0);
+    assert_eq!(r.quarantined.len(), 1, "{r:?}");
+    let second = r.quarantined[0].clone();
+    let first = frozen.path().join(first.strip_prefix(dir.path()).unwrap());
+    assert_ne!(second, first, "a new file for the second cut");
+    // 3. Both copies, each with its own bytes.
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        first_bytes,
+        "the first copy"
+    );
+    let second_bytes = std::fs::read(&second).unwrap();
+    assert_ne!(second_bytes, first_bytes);
+    let has = |b: &[u8], what: &[u8]| b.windows(what.len()).any(|w| w == what);
+    assert!(
+        has(&second_bytes, b"again-1"),
+        "the second copy holds the new batch"
+    );
+    assert!(has(&first_bytes, b"c2-1") && !has(&first_bytes, b"again"));
+}
