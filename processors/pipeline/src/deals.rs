@@ -10,8 +10,13 @@
 //!   deal's lifetime (a deal's own low prices must not drag its reference down);
 //! - a deal → **leaves** when `best > frozen_reference × (1 − exit_bp)` (the drop shrank
 //!   below the exit threshold), when the product has no offer left, or when the deal is older
-//!   than [`DealParams::max_deal_ms`] in event time (a price that stays low becomes the new
-//!   regular price).
+//!   than [`DealParams::max_deal_ms`] in event time: at the product's next update
+//!   ([`ProductState::apply`]), or without one at [`ProductState::expires_at_ms`]
+//!   ([`ProductState::expire`], the deals processor's stream-time timer).
+//! - a deal that **expired** makes its price the regular one: the history restarts from the
+//!   current best price alone, so the old pre-deal prices no longer make the same low price
+//!   a deal again (a new deal needs [`DealParams::min_history`] new points and a drop from
+//!   the prices seen since).
 //!
 //! `exit_bp < enter_bp` is the hysteresis: a price wobbling around the entry threshold does
 //! not flap in and out. Transitions are emitted only on a change of state; both carry the
@@ -285,6 +290,48 @@ impl ProductState {
             .map(|(m, p)| (m.as_str(), *p))
     }
 
+    /// When the current deal (if any) expires: the first event time more than
+    /// [`DealParams::max_deal_ms`] after it started.
+    pub fn expires_at_ms(&self, p: &DealParams) -> Option<i64> {
+        self.deal
+            .as_ref()
+            .map(|d| d.since_ms.saturating_add(p.max_deal_ms).saturating_add(1))
+    }
+
+    /// Ends the current deal if it is older than [`DealParams::max_deal_ms`] at event time
+    /// `now_ms`, without a price update (no update came since; the deals processor calls this
+    /// from a stream-time timer at [`ProductState::expires_at_ms`]). The `Left` names `product`,
+    /// `category` and `name` (the state does not keep them), at the current best price, and
+    /// the history restarts from that price, as when [`ProductState::apply`] expires a deal.
+    pub fn expire(
+        &mut self,
+        product: &str,
+        category: &str,
+        name: &str,
+        now_ms: i64,
+        p: &DealParams,
+    ) -> Option<DealTransition> {
+        let deal = self.deal.as_ref()?;
+        if now_ms.saturating_sub(deal.since_ms) <= p.max_deal_ms {
+            return None;
+        }
+        let deal = self.deal.take().expect("checked above");
+        let (merchant, best) = match self.best() {
+            Some((m, b)) => (m.to_owned(), b),
+            // Not reached (a deal ends when its last offer goes), but harmless.
+            None => (String::new(), deal.reference),
+        };
+        self.history.clear();
+        self.history.push_back(best);
+        let at = Named {
+            product,
+            category,
+            name,
+            at_ms: now_ms,
+        };
+        Some(at.transition(TransitionKind::Left, &deal, best, merchant))
+    }
+
     /// Applies one price update; returns the transition, if the state changed.
     pub fn apply(&mut self, u: &PriceUpdate, p: &DealParams) -> Option<DealTransition> {
         match u.price {
@@ -302,8 +349,7 @@ impl ProductState {
         let Some((merchant, best)) = self.best().map(|(m, b)| (m.to_owned(), b)) else {
             // No offer left: a deal ends (at its last known reference), the history stays.
             let deal = self.deal.take()?;
-            return Some(self.transition(
-                u,
+            return Some(Named::of(u).transition(
                 TransitionKind::Left,
                 &deal,
                 deal.reference,
@@ -311,6 +357,7 @@ impl ProductState {
             ));
         };
         let reference = lower_median(self.history.iter().copied());
+        let mut expired = false;
         let out = match &self.deal {
             None => match reference {
                 Some(r)
@@ -322,49 +369,72 @@ impl ProductState {
                         reference: r,
                         since_ms: u.at_ms,
                     };
-                    let t = self.transition(u, TransitionKind::Entered, &deal, best, merchant);
+                    let t = Named::of(u).transition(TransitionKind::Entered, &deal, best, merchant);
                     self.deal = Some(deal);
                     Some(t)
                 }
                 _ => None,
             },
             Some(deal) => {
-                let expired = u.at_ms.saturating_sub(deal.since_ms) > p.max_deal_ms;
+                expired = u.at_ms.saturating_sub(deal.since_ms) > p.max_deal_ms;
                 if expired || !at_or_below(best, deal.reference, p.exit_bp) {
                     let deal = self.deal.take().expect("matched Some");
-                    Some(self.transition(u, TransitionKind::Left, &deal, best, merchant))
+                    Some(Named::of(u).transition(TransitionKind::Left, &deal, best, merchant))
                 } else {
                     None
                 }
             }
         };
+        if expired {
+            // The low price has lasted: it is the regular price now (see the module docs).
+            self.history.clear();
+        }
         if self.history.len() == p.window {
             self.history.pop_front();
         }
         self.history.push_back(best);
         out
     }
+}
+
+/// What a transition names besides the deal: the product, its category and name, and the
+/// event time.
+struct Named<'a> {
+    product: &'a str,
+    category: &'a str,
+    name: &'a str,
+    at_ms: i64,
+}
+
+impl<'a> Named<'a> {
+    fn of(u: &'a PriceUpdate) -> Named<'a> {
+        Named {
+            product: &u.product,
+            category: &u.category,
+            name: &u.name,
+            at_ms: u.at_ms,
+        }
+    }
 
     fn transition(
         &self,
-        u: &PriceUpdate,
         kind: TransitionKind,
         deal: &ActiveDeal,
         price: Cents,
         merchant: String,
     ) -> DealTransition {
         DealTransition {
-            id: transition_id(&u.product, deal.episode),
-            product: u.product.clone(),
+            id: transition_id(self.product, deal.episode),
+            product: self.product.to_owned(),
             episode: deal.episode,
             kind,
-            category: u.category.clone(),
-            name: u.name.clone(),
+            category: self.category.to_owned(),
+            name: self.name.to_owned(),
             price,
             reference: deal.reference,
             drop_bp: drop_bp(deal.reference, price),
             merchant,
-            at_ms: u.at_ms,
+            at_ms: self.at_ms,
         }
     }
 }
@@ -535,6 +605,52 @@ mod tests {
         assert!(s.apply(&upd("m1", Some(500), 110), &p).is_none());
         let t = s.apply(&upd("m1", Some(500), 111), &p).expect("expired");
         assert_eq!((t.kind, t.drop_bp), (TransitionKind::Left, 5000));
+        // The price that stayed low is the regular price now: the same price again is no
+        // new deal (the old 1000s no longer count).
+        assert_eq!(s.apply(&upd("m1", Some(500), 112), &p), None);
+        assert_eq!(s.apply(&upd("m1", Some(500), 113), &p), None);
+        assert_eq!(s.history, VecDeque::from([500, 500, 500]));
+        // A real drop from the new regular price is a new deal.
+        for at in 114..120 {
+            s.apply(&upd("m1", Some(500), at), &p);
+        }
+        let t = s.apply(&upd("m1", Some(390), 120), &p).expect("enters");
+        assert_eq!(
+            (t.kind, t.episode, t.reference),
+            (TransitionKind::Entered, 2, 500)
+        );
+    }
+
+    #[test]
+    fn deals_expire_without_an_update() {
+        let p = DealParams {
+            max_deal_ms: 100,
+            ..DealParams::default()
+        };
+        let mut s = ProductState::default();
+        for i in 0..4 {
+            s.apply(&upd("m1", Some(1000), i), &p);
+        }
+        assert_eq!(s.expires_at_ms(&p), None);
+        s.apply(&upd("m1", Some(500), 10), &p).expect("enters");
+        assert_eq!(s.expires_at_ms(&p), Some(111));
+        assert_eq!(s.expire("p1", "books", "Book", 110, &p), None, "not yet");
+        let t = s.expire("p1", "books", "Book", 111, &p).expect("expired");
+        assert_eq!(
+            (
+                t.kind,
+                t.episode,
+                t.price,
+                t.drop_bp,
+                t.at_ms,
+                t.id.as_str()
+            ),
+            (TransitionKind::Left, 1, 500, 5000, 111, "p1:1")
+        );
+        assert_eq!(s.expire("p1", "books", "Book", 500, &p), None, "no deal");
+        // As after an expiry at an update: the low price is the regular price now.
+        assert_eq!(s.apply(&upd("m1", Some(500), 112), &p), None);
+        assert_eq!(s.expires_at_ms(&p), None);
     }
 
     #[test]
@@ -609,9 +725,14 @@ mod tests {
                 Some((ep, r, since)) => {
                     let shrunk = (i128::from(r) - i128::from(best)) * 10_000
                         < i128::from(r) * i128::from(p.exit_bp);
-                    if at - since > p.max_deal_ms || shrunk {
+                    let expired = at - since > p.max_deal_ms;
+                    if expired || shrunk {
                         deal = None;
                         out.push((TransitionKind::Left, ep, best, r));
+                    }
+                    if expired {
+                        // The low price became the regular price: older points are gone.
+                        bests.clear();
                     }
                 }
             }
