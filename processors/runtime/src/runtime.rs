@@ -551,9 +551,11 @@ async fn ensure_internal_topics(
         plan.push((retry, n, TopicSettings::default(), Some(source)));
     }
     // An input that gained partitions is refused before anything grows, unless allowed. A
-    // retry topic with more partitions than its input is refused always: the group reads
-    // it, so its extra partitions would be assigned, and their tasks would restore changelog
-    // partitions that do not exist.
+    // retry topic with more partitions than the changelog (the largest input's count) is
+    // refused always: the group reads it, so its partitions past the changelog's would be
+    // assigned, and their tasks would restore changelog partitions that do not exist. (One
+    // larger than its own input only is harmless: those tasks exist for another input, and
+    // no retry record is ever written there.)
     let mut short = Vec::new();
     for (topic, n, _, input) in &plan {
         match client.describe_topic(topic).await {
@@ -561,14 +563,15 @@ async fn ensure_internal_topics(
                 short.push(format!("{topic} has {} of {n}", d.partitions.len()));
             }
             Ok(d)
-                if (d.partitions.len() as u32) > *n
+                if (d.partitions.len() as u32) > max_partitions
                     && cfg.retry_topics().iter().any(|(r, _)| r == topic) =>
             {
                 return Err(RuntimeError::Misconfigured(format!(
-                    "the retry topic {topic} has {} partitions, more than its input {} ({n}): \
-                     its extra partitions would be assigned to tasks that do not exist. \
-                     Delete it (it is created again with {n}) once it holds nothing to \
-                     retry, or move the processor to a new group",
+                    "the retry topic {topic} has {} partitions, more than the changelog's \
+                     {max_partitions} (the largest input's count; its input {} has {n}): its \
+                     partitions past {max_partitions} would be assigned to tasks whose \
+                     changelog partitions do not exist. Delete it (it is created again with \
+                     {n}) once it holds nothing to retry, or move the processor to a new group",
                     d.partitions.len(),
                     input.as_deref().unwrap_or("?"),
                 )));
@@ -2392,7 +2395,7 @@ impl<'c> Session<'c> {
             .filter(|p| !self.restoring.contains_key(p))
             .collect();
         if grew {
-            // An input grew (or this is the session's first assignment): the changelog,
+            // An input grew (a partition past the inputs' counts as last seen): the changelog,
             // dead-letter and retry topics are grown to match before the new partition's
             // restore reads its changelog partition, or its task writes a dead letter.
             let (counts, _) = ensure_internal_topics(&self.client, self.cfg, &self.metrics).await?;

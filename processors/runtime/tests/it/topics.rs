@@ -275,9 +275,10 @@ fn with_retry_topic(mut cfg: RuntimeConfig) -> RuntimeConfig {
     cfg
 }
 
-/// A retry topic made by hand with more partitions than its input stops the processor at
-/// its start, naming both (the group reads the retry topic: its extra partitions would be
-/// assigned to tasks whose changelog partitions do not exist, a fatal restore).
+/// A retry topic made by hand with more partitions than the changelog (here: than its only
+/// input) stops the processor at its start, naming both (the group reads the retry topic: its
+/// extra partitions would be assigned to tasks whose changelog partitions do not exist, a
+/// fatal restore).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_topic_larger_than_its_input_stops_the_processor_naming_both() {
     crate::trace();
@@ -294,7 +295,9 @@ async fn a_retry_topic_larger_than_its_input_stops_the_processor_naming_both() {
     match ended {
         Err(RuntimeError::Misconfigured(msg)) => {
             assert!(
-                msg.contains("in.g.retry-1 has 4 partitions") && msg.contains("input in (2)"),
+                msg.contains("in.g.retry-1 has 4 partitions")
+                    && msg.contains("more than the changelog's 2")
+                    && msg.contains("its input in has 2"),
                 "names both: {msg}"
             );
         }
