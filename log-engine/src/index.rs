@@ -14,9 +14,11 @@
 //! time entries   (12 bytes): { max_timestamp_so_far i64 | relative_offset u32 }
 //! ```
 //!
-//! An index file is trusted only if both CRCs match, it names the right base offset and its
-//! `log_size` equals the segment file's size; otherwise it is rebuilt from the segment (the
-//! index is derived data). Entries are strictly increasing in both columns.
+//! An index file is trusted only if both CRCs match, it names the right base offset, its
+//! `log_size` equals the segment file's size, and its entries are sound: strictly increasing
+//! in both columns, relative offsets within the segment, positions inside the file (checked
+//! at load, [`decode_file`]); otherwise it is rebuilt from the segment (the index is derived
+//! data).
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -190,7 +192,54 @@ pub(crate) fn decode_file(
     if le_u32(data, 40) != crc32fast::hash(&data[HEADER_LEN..]) {
         return bad("index entries CRC mismatch".into());
     }
+    if let Err(reason) = check_entries(kind, &data[HEADER_LEN..], &summary) {
+        return bad(reason);
+    }
     Ok((summary, HEADER_LEN..data.len()))
+}
+
+/// The entries' own rules, which the CRCs cannot vouch for (an index whose CRCs were
+/// recomputed, or a valid one left next to a different segment of the same base and size):
+/// both columns strictly increasing, every relative offset within the segment
+/// (`<= last_offset - base`), and every position inside the file (`< log_size`). A position at
+/// or past the end would make a read find nothing in this segment and silently go on with the
+/// next one, skipping offsets.
+fn check_entries(
+    kind: Kind,
+    entries: &[u8],
+    s: &SegmentSummary,
+) -> std::result::Result<(), String> {
+    let max_rel = s.last_offset.checked_sub(s.base_offset);
+    let mut prev: Option<(u32, i64)> = None;
+    for (i, e) in entries.chunks_exact(kind.entry_len()).enumerate() {
+        // (relative offset, the other column: a position or a timestamp)
+        let (rel, other) = match kind {
+            Kind::Offset => {
+                let pos = le_u32(e, 4);
+                if u64::from(pos) >= u64::from(s.log_size) {
+                    return Err(format!(
+                        "index entry {i} points at position {pos}, the segment holds {} bytes",
+                        s.log_size
+                    ));
+                }
+                (le_u32(e, 0), i64::from(pos))
+            }
+            Kind::Time => (le_u32(e, 8), le_u64(e, 0) as i64),
+        };
+        if max_rel.is_none_or(|m| u64::from(rel) > m) {
+            return Err(format!(
+                "index entry {i} names relative offset {rel}, past the segment's last offset {}",
+                s.last_offset
+            ));
+        }
+        if let Some((r, o)) = prev
+            && (rel <= r || other <= o)
+        {
+            return Err(format!("index entry {i} does not increase"));
+        }
+        prev = Some((rel, other));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -247,5 +296,60 @@ mod tests {
         }
         assert!(decode_file(p, Kind::Offset, &file, 42, 123_457).is_err());
         assert!(decode_file(p, Kind::Time, &file, 42, 123_456).is_err());
+    }
+
+    /// Entries with valid CRCs that break the entries' rules are refused (review-audit-engine
+    /// finding 6).
+    #[test]
+    fn unsound_entries_are_refused() {
+        let s = SegmentSummary {
+            base_offset: 100,
+            last_offset: 150,
+            max_timestamp: 7,
+            log_size: 10_000,
+        };
+        let p = Path::new("x.index");
+        let offsets = |es: &[(u32, u32)]| {
+            let mut e = Vec::new();
+            for &(rel, pos) in es {
+                push_offset(&mut e, rel, pos);
+            }
+            decode_file(
+                p,
+                Kind::Offset,
+                &encode_file(Kind::Offset, &s, &e),
+                100,
+                10_000,
+            )
+        };
+        assert!(offsets(&[(0, 0), (10, 4000), (50, 9999)]).is_ok());
+        assert!(offsets(&[]).is_ok());
+        assert!(
+            offsets(&[(0, 0), (10, 10_000)]).is_err(),
+            "position at the end"
+        );
+        assert!(
+            offsets(&[(0, 0), (51, 4000)]).is_err(),
+            "past the last offset"
+        );
+        assert!(
+            offsets(&[(0, 0), (10, 4000), (10, 5000)]).is_err(),
+            "rel repeats"
+        );
+        assert!(
+            offsets(&[(0, 0), (10, 4000), (20, 3000)]).is_err(),
+            "position goes back"
+        );
+        let times = |es: &[(i64, u32)]| {
+            let mut e = Vec::new();
+            for &(ts, rel) in es {
+                push_time(&mut e, ts, rel);
+            }
+            decode_file(p, Kind::Time, &encode_file(Kind::Time, &s, &e), 100, 10_000)
+        };
+        assert!(times(&[(-1, 0), (5, 10), (7, 50)]).is_ok());
+        assert!(times(&[(1, 0), (5, 51)]).is_err(), "past the last offset");
+        assert!(times(&[(1, 0), (1, 10)]).is_err(), "timestamp repeats");
+        assert!(times(&[(1, 10), (5, 3)]).is_err(), "offset goes back");
     }
 }

@@ -632,11 +632,6 @@ impl Segment {
         Ok((bytes, true))
     }
 
-    /// Position to start scanning for `offset`, from the sparse index.
-    pub(crate) fn floor_position(&self, offset: u64) -> Result<u64> {
-        self.floor(offset).map(|(_, pos)| pos)
-    }
-
     /// Where to start scanning for `offset`, from the sparse index: `(base offset of the batch
     /// there, position)`.
     pub(crate) fn floor(&self, offset: u64) -> Result<(u64, u64)> {

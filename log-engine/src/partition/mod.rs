@@ -961,6 +961,17 @@ impl Partition {
             } else {
                 (seg.base_offset, 0)
             };
+            if start_pos > 0 && start_pos >= end {
+                // The batch the entry names lies below the high watermark, so inside the
+                // readable part: an entry past it is damage, not a race. Going on with the
+                // next segment would skip `[offset, its base)` silently.
+                return Err(Error::corruption(
+                    seg.log_path(),
+                    start_pos,
+                    Some(offset),
+                    format!("index points at position {start_pos}, past the readable end {end}"),
+                ));
+            }
             let from = (start_pos, start_base);
             match self.collect(seg, &data, from, end, offset, limit, committed, max_bytes)? {
                 Collected::Data(data, next_offset) => {
@@ -997,6 +1008,12 @@ impl Partition {
         let corrupt =
             |pos: u64, reason: String| Error::corruption(seg.log_path(), pos, Some(offset), reason);
         let (mut pos, mut expect) = from;
+        // A position from the index (anything but the segment's start) must hold exactly the
+        // batch the index names there. The chain check alone lets a sparse (compacted)
+        // segment's batch start later than expected, so an entry pointing at a later batch
+        // would skip offsets silently. (Entries of sealed segments are also checked against
+        // the file when loaded, `index::decode_file`.)
+        let exact = (from.0 > 0).then_some(from);
         let mut start = None;
         let mut next = offset;
         // Damage past intact batches already gathered ends the read there: the caller gets
@@ -1019,6 +1036,15 @@ impl Partition {
                 damaged!(corrupt(
                     pos,
                     format!("batch of {} bytes runs past the end", h.total_len()),
+                ));
+            }
+            if exact.is_some_and(|(at, base)| at == pos && h.base_offset != base) {
+                damaged!(corrupt(
+                    pos,
+                    format!(
+                        "index names offset {expect} at this position, the batch has {}",
+                        h.base_offset
+                    ),
                 ));
             }
             if seg.chain().check(&h, expect).is_some() || h.last_offset_delta < 0 {
@@ -1092,9 +1118,9 @@ impl Partition {
             if end == 0 {
                 continue;
             }
-            let start_pos = match seg.time_floor(ts)? {
-                Some(rel) => seg.floor_position(seg.base_offset + u64::from(rel))?,
-                None => 0,
+            let (start_base, start_pos) = match seg.time_floor(ts)? {
+                Some(rel) => seg.floor(seg.base_offset + u64::from(rel))?,
+                None => (seg.base_offset, 0),
             };
             if seg.max_timestamp_hint().is_some_and(|m| m < ts) {
                 continue;
@@ -1106,6 +1132,18 @@ impl Partition {
                 let rest = &data[pos as usize..end as usize];
                 let h = BatchHeader::parse(rest)
                     .map_err(|e| Error::corruption(seg.log_path(), pos, None, e.to_string()))?;
+                if pos == start_pos && start_pos > 0 && h.base_offset != start_base {
+                    // An index entry must point at the batch it names (see `collect`).
+                    return Err(Error::corruption(
+                        seg.log_path(),
+                        pos,
+                        None,
+                        format!(
+                            "index names offset {start_base} here, the batch has {}",
+                            h.base_offset
+                        ),
+                    ));
+                }
                 if h.total_len() > rest.len() || h.base_offset >= hwm {
                     break;
                 }

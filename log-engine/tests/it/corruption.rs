@@ -661,3 +661,56 @@ fn damage_after_intact_batches_serves_the_prefix() {
         assert_eq!(past.is_ok(), at == 40, "{what}: {past:?}");
     }
 }
+
+/// Finding 6 of review-audit-engine: index entries are checked against their segment. An
+/// offset index with valid CRCs whose second entry points at the segment's end (a crafted
+/// index, or a valid one left next to a different segment of the same base and size) made a
+/// read of an offset at or after that entry find nothing in this segment and return the next
+/// segment's first batch: `[offset, next base)` skipped without an error. Now the index is
+/// refused at load and rebuilt from the log, and the read returns this segment's data.
+#[test]
+fn an_index_entry_past_its_segment_is_rebuilt_not_followed() {
+    let dir = scratch();
+    let cfg = TopicConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 64,
+        ..TopicConfig::default()
+    };
+    let want = {
+        let log = open_topic(dir.path(), cfg);
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..100 {
+            p.append(&crate::common::batch(&format!("r{i}"), 2, i))
+                .unwrap();
+        }
+        assert!(p.segment_bases().len() > 2);
+        crate::common::read_all(&p, 0)
+    };
+    let index = dir.path().join("t/0/00000000000000000000.index");
+    let mut data = std::fs::read(&index).unwrap();
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let count = le32(&data, 32);
+    let log_size = le32(&data, 36);
+    assert!(count >= 3, "{count} entries");
+    let rel = le32(&data, 48 + 8);
+    data[48 + 12..48 + 16].copy_from_slice(&log_size.to_le_bytes());
+    let entries_crc = crc32fast::hash(&data[48..]);
+    data[40..44].copy_from_slice(&entries_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&data[..44]);
+    data[44..48].copy_from_slice(&header_crc.to_le_bytes());
+    std::fs::write(&index, &data).unwrap();
+
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let offset = u64::from(rel);
+    let r = p.read(offset, 1 << 20).unwrap();
+    let first = r.batches().next().unwrap().unwrap();
+    let h = first.header();
+    assert!(
+        h.base_offset <= offset && offset < h.next_offset(),
+        "read of {offset} returned the batch {}..{}",
+        h.base_offset,
+        h.next_offset()
+    );
+    assert_eq!(crate::common::read_all(&p, 0), want);
+}
