@@ -6,7 +6,10 @@
 //! `-v` prints where each one landed, in input order, once acknowledged. If records were not
 //! delivered, each failure is printed on stderr with its input record number and the exit code
 //! is the first failure's (3 unreachable, 4 refused); malformed input exits 2 and stops
-//! reading, but the records before it are still delivered.
+//! reading, but the records before it are still delivered. A record the producer refuses at
+//! send time (unknown topic, over the size limit, broker unreachable) is reported at once and
+//! stops the command as soon as the records already sent are settled, without waiting for
+//! more input (a terminal or `tail -F | spool produce` may not send any for a long time).
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -362,6 +365,8 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
 
     let mut bad_input = None;
     let mut send_error = None;
+    // Stopped before the input ended: the reader may be blocked reading (stdin).
+    let mut stopped_early = false;
     while let Some(item) = rx.recv().await {
         match item {
             Input::Record(n, rec) => {
@@ -372,11 +377,16 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
                 match sent {
                     Ok(fut) => {
                         if ack_tx.send((n, fut)).await.is_err() {
+                            stopped_early = true;
                             break;
                         }
                     }
                     Err(e) => {
+                        // Said now: the records already sent may take a while to settle, and
+                        // the input may not end soon (a terminal, `tail -F | spool produce`).
+                        eprintln!("spool: input record {n} not sent, stopping: {e}");
                         send_error = Some(e);
+                        stopped_early = true;
                         break;
                     }
                 }
@@ -393,7 +403,14 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
     let (ok, failed, first_error) = acks
         .await
         .map_err(|e| CliError::Other(anyhow::anyhow!("ack task: {e}")))?;
-    match reader.join() {
+    // A reader blocked reading stdin would hold the exit until the next input line or EOF;
+    // when stopping early it is left to die with the process (its input is not wanted).
+    let joined = if stopped_early && !reader.is_finished() {
+        Ok(Ok(()))
+    } else {
+        reader.join()
+    };
+    match joined {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             return Err(CliError::Other(

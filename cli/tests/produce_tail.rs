@@ -415,3 +415,26 @@ fn following_survives_a_broker_restart() {
     // "before" again (ahead of "after") would have failed the check above; nothing follows.
     assert!(rx.try_recv().is_err());
 }
+
+/// A record refused at send time (here: an unknown topic) stops `spool produce` at once, with
+/// the reason, even while its stdin stays open with no more input (a terminal, `tail -F |`).
+#[test]
+fn a_refused_send_exits_without_waiting_for_more_input() {
+    let b = Broker::start();
+    let mut child = cmd(&b, &["produce", "no-such-topic"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    stdin.flush().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10));
+    drop(stdin);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(4), "{err}");
+    assert!(err.contains("input record 1 not sent"), "{err}");
+    assert!(err.contains("no-such-topic"), "{err}");
+}
