@@ -1,4 +1,7 @@
 //! `spool inspect`: offline, read-only views of a data directory through the engine.
+//!
+//! `verify` and `stats` never report on nothing: a directory without topics or a `--topic` it
+//! does not have is an error (exit 2), so a wrong path cannot pass as a clean log.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
-use spool_log_engine::inspect::{Severity, inspect_log};
+use spool_log_engine::inspect::{PartitionInspection, Severity, inspect_log};
 use spool_log_engine::reindex::{IndexFileState, Outcome, ReindexOptions, reindex_log};
 
 /// What leaves a zero tail (zeros after the last batch of the last segment, past its recovery
@@ -22,7 +25,8 @@ pub(crate) enum Inspect {
     ///
     /// Exits 1 if it finds corruption (damage the broker would refuse to open with), 0
     /// otherwise; torn tails (which opening would cut and keep aside) and damaged indexes
-    /// (rebuilt on use) are reported as warnings.
+    /// (rebuilt on use) are reported as warnings. A directory without topics (not a data_dir)
+    /// or a --topic it does not have exits 2: nothing checked is not a clean log.
     ///
     /// Example: spool inspect verify /var/lib/spool
     Verify {
@@ -84,6 +88,49 @@ pub(crate) enum Inspect {
     },
 }
 
+/// Topic names listed in the error for a `--topic` that matches none, at most.
+const MAX_NAMES_SHOWN: usize = 20;
+
+/// The partitions of `all` that `topic` selects (all without it). Checking nothing is an
+/// error (exit 2), never a clean result: a wrong directory (spoold creates
+/// `__consumer_offsets` in its data_dir when it first starts, so a real one is never empty) or
+/// a mistyped `--topic` must not pass `verify && systemctl start spoold`.
+fn selected<'a>(
+    dir: &Path,
+    all: &'a [(String, u32, PartitionInspection)],
+    topic: Option<&str>,
+) -> anyhow::Result<Vec<&'a (String, u32, PartitionInspection)>> {
+    let parts: Vec<_> = all
+        .iter()
+        .filter(|(t, _, _)| topic.is_none_or(|want| want == t))
+        .collect();
+    if !parts.is_empty() {
+        return Ok(parts);
+    }
+    if all.is_empty() {
+        anyhow::bail!(
+            "no topic in {}: is it spoold's data_dir? (spoold creates __consumer_offsets there \
+             when it first starts)",
+            dir.display()
+        );
+    }
+    let mut names: Vec<&str> = all.iter().map(|(t, _, _)| t.as_str()).collect();
+    names.dedup();
+    let more = names.len().saturating_sub(MAX_NAMES_SHOWN);
+    names.truncate(MAX_NAMES_SHOWN);
+    anyhow::bail!(
+        "no topic named {:?} in {} (it has: {}{})",
+        topic.unwrap_or_default(),
+        dir.display(),
+        names.join(", "),
+        if more > 0 {
+            format!(", and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
 pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match cmd {
@@ -105,10 +152,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
             let all = inspect_log(&dir).with_context(|| format!("inspecting {}", dir.display()))?;
             let mut corrupt = false;
             let mut checked = 0;
-            for (t, p, ins) in all
-                .iter()
-                .filter(|(t, _, _)| topic.as_ref().is_none_or(|want| want == t))
-            {
+            for (t, p, ins) in selected(&dir, &all, topic.as_deref())? {
                 checked += 1;
                 // Not a finding: end-of-data that opening the log cuts (engine docs), shown so
                 // that the bytes past the last batch are accounted for.
@@ -191,6 +235,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
         }
         Inspect::Stats { dir, topic, json } => {
             let all = inspect_log(&dir).with_context(|| format!("inspecting {}", dir.display()))?;
+            let parts = selected(&dir, &all, topic.as_deref())?;
             if !json {
                 writeln!(
                     out,
@@ -205,10 +250,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                     "ZERO-TAIL"
                 )?;
             }
-            for (t, p, ins) in all
-                .iter()
-                .filter(|(t, _, _)| topic.as_ref().is_none_or(|want| want == t))
-            {
+            for (t, p, ins) in parts {
                 let start = ins.segments.first().map_or(0, |s| s.base_offset);
                 let end = ins.segments.last().map_or(0, |s| s.next_offset);
                 let records: u64 = ins.segments.iter().map(|s| s.records).sum();

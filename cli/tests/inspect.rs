@@ -473,3 +473,35 @@ fn dump_records_calls_a_record_that_does_not_decode_a_problem() {
         "{err}"
     );
 }
+
+/// Checking nothing is not a clean log: `verify` and `stats` on a directory without topics (a
+/// wrong path) or with a `--topic` it does not have exit 2 and say what is wrong.
+#[test]
+fn verify_and_stats_refuse_to_check_nothing() {
+    let empty = tempfile::tempdir().unwrap();
+    let e = empty.path().to_str().unwrap();
+    for cmd in ["verify", "stats"] {
+        let (code, out, err) = spool(&["inspect", cmd, e]);
+        assert_eq!(code, 2, "{cmd}: {out}{err}");
+        assert!(err.contains(&format!("no topic in {e}")), "{cmd}: {err}");
+        assert!(!err.contains("no corruption"), "{cmd}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path());
+    let d = dir.path().to_str().unwrap();
+    for cmd in ["verify", "stats"] {
+        let (code, out, err) = spool(&["inspect", cmd, d, "--topic", "pricse"]);
+        assert_eq!(code, 2, "{cmd}: {out}{err}");
+        assert!(
+            err.contains("no topic named \"pricse\"") && err.contains("it has: prices"),
+            "{cmd}: {err}"
+        );
+        assert!(out.is_empty(), "{cmd}: {out}");
+    }
+    // A topic's own directory given instead of the data_dir.
+    let (code, _, err) = spool(&["inspect", "verify", &format!("{d}/prices")]);
+    assert_eq!(code, 2, "{err}");
+    // The right one still passes.
+    let (code, _, err) = spool(&["inspect", "verify", d, "--topic", "prices"]);
+    assert_eq!(code, 0, "{err}");
+}
