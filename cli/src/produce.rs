@@ -384,7 +384,11 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
                     Err(e) => {
                         // Said now: the records already sent may take a while to settle, and
                         // the input may not end soon (a terminal, `tail -F | spool produce`).
-                        eprintln!("spool: input record {n} not sent, stopping: {e}");
+                        // The reason is the error the command ends with (said once).
+                        eprintln!(
+                            "spool: input record {n} not sent; stopping once the records \
+                             before it are settled"
+                        );
                         send_error = Some(e);
                         stopped_early = true;
                         break;
