@@ -323,7 +323,12 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
     let mut printed = 0u64;
     let mut idle = Duration::ZERO;
     let tick = Duration::from_millis(100);
+    // Since when reading has been failing (and retried), once said on stderr.
+    let mut failing: Option<std::time::Instant> = None;
     loop {
+        if !a.quiet {
+            report_retrying(&consumer, &mut failing);
+        }
         // A partition can reach its end without a record at the end offset: a transaction
         // marker or an aborted transaction's batch (left out for read-committed readers) may
         // be last. The consumer's position says so.
@@ -376,6 +381,33 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr when the consumer starts failing (and retrying) and when it reads again: a
+/// following tail retries for ever (a broker restart, a deleted topic that may come back, a
+/// proxy answering UNAVAILABLE), and must not do it silently.
+fn report_retrying(consumer: &spool_client::Consumer, failing: &mut Option<std::time::Instant>) {
+    match (consumer.retrying(), *failing) {
+        (Some((attempts, error)), None) => {
+            *failing = Some(std::time::Instant::now());
+            let _ = writeln!(
+                std::io::stderr(),
+                "% {}: reading failed ({attempts} attempt(s)): {error}; retrying with backoff \
+                 (up to 5 s apart) until it works",
+                fmt_time(jiff::Timestamp::now().as_millisecond())
+            );
+        }
+        (None, Some(since)) => {
+            *failing = None;
+            let _ = writeln!(
+                std::io::stderr(),
+                "% {}: reading again after {:.1}s of failures",
+                fmt_time(jiff::Timestamp::now().as_millisecond()),
+                since.elapsed().as_secs_f64()
+            );
+        }
+        _ => {}
+    }
 }
 
 fn finish(

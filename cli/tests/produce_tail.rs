@@ -414,6 +414,54 @@ fn following_survives_a_broker_restart() {
     let _ = reader.join();
     // "before" again (ahead of "after") would have failed the check above; nothing follows.
     assert!(rx.try_recv().is_err());
+    // The outage and the recovery were said on stderr.
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let failed = rest
+        .find("reading failed")
+        .unwrap_or_else(|| panic!("{rest}"));
+    let again = rest
+        .find("reading again after")
+        .unwrap_or_else(|| panic!("{rest}"));
+    assert!(failed < again, "{rest}");
+}
+
+/// A followed topic that is deleted is retried (it may come back) and the retrying is said on
+/// stderr, not done silently.
+#[test]
+fn following_a_deleted_topic_says_it_is_retrying() {
+    let b = Broker::start();
+    spool(&b, &["topic", "create", "t"]).ok();
+    let mut tail = cmd(&b, &["tail", "t"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = BufReader::new(tail.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        for l in err.lines() {
+            if tx.send(l.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(first.contains("t/0: from offset 0 (following)"), "{first}");
+    spool(&b, &["topic", "delete", "t"]).ok();
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(
+        line.contains("reading failed") && line.contains("retrying"),
+        "{line}"
+    );
+    assert!(
+        line.to_lowercase().contains("topic"),
+        "names the cause: {line}"
+    );
+    assert!(tail.try_wait().unwrap().is_none(), "tail exited");
+    let _ = tail.kill();
+    let _ = tail.wait();
+    let _ = reader.join();
 }
 
 /// A record refused at send time (here: an unknown topic) stops `spool produce` at once, with

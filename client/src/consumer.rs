@@ -146,6 +146,8 @@ pub struct Consumer {
     buffer: VecDeque<Item>,
     /// Consecutive failures of the subscription (attempts made, not calls of `next`).
     failures: u32,
+    /// The last of those failures, while they are being retried ([`Consumer::retrying`]).
+    last_failure: Option<String>,
     /// After a retriable failure: no new attempt before this instant (the backoff). Kept
     /// across cancelled `next` calls; cleared when the wait is over.
     retry_at: Option<tokio::time::Instant>,
@@ -168,6 +170,7 @@ impl Consumer {
             stream: None,
             buffer: VecDeque::new(),
             failures: 0,
+            last_failure: None,
             retry_at: None,
             validated: true,
             resets: 0,
@@ -367,6 +370,15 @@ impl Consumer {
         Ok(())
     }
 
+    /// While the subscription is failing and being retried: the consecutive failed attempts
+    /// so far and the last one's error. `None` once a message (data or heartbeat) arrives
+    /// again, or after `next` returned the error. For callers that retry for a long time
+    /// (`max_reconnect_attempts` large) and should tell someone they are stuck: a deleted
+    /// topic or a broker that keeps answering a retriable error is retried like a restart.
+    pub fn retrying(&self) -> Option<(u32, &str)> {
+        self.last_failure.as_deref().map(|e| (self.failures, e))
+    }
+
     /// The records as a `Stream` (each item is what [`Consumer::next`] returns).
     pub fn into_stream(self) -> impl Stream<Item = Result<Record>> + Send + 'static {
         futures_util::stream::unfold(self, |mut c| async move { c.next().await.map(|r| (r, c)) })
@@ -431,6 +443,7 @@ impl Consumer {
             }
         };
         self.failures = 0;
+        self.last_failure = None;
         match msg.message {
             Some(v1::subscribe_response::Message::Data(d)) => self.take_data(d),
             Some(v1::subscribe_response::Message::Heartbeat(h)) => {
@@ -530,8 +543,11 @@ impl Consumer {
             self.failures = self.failures.saturating_add(1);
             if self.failures > self.config.max_reconnect_attempts {
                 self.failures = 0;
+                self.last_failure = None;
                 return Some(e);
             }
+            // Bounded: an error's text is the broker's bounded message plus our context.
+            self.last_failure = Some(e.to_string());
             let delay = self.config.reconnect_backoff.delay(self.failures);
             tracing::debug!(error = %e, ?delay, attempt = self.failures, "subscription failed; resubscribing");
             // Not a sleep here: a cancelled `next` would lose it and retry at once (module docs).
