@@ -16,7 +16,9 @@
 //! - a deal that **expired** makes its price the regular one: the history restarts from the
 //!   current best price alone, so the old pre-deal prices no longer make the same low price
 //!   a deal again (a new deal needs [`DealParams::min_history`] new points and a drop from
-//!   the prices seen since).
+//!   the prices seen since). Expiry wins over the exit threshold: an update past
+//!   `max_deal_ms` that also raised the price ends the deal as expired, and the history
+//!   restarts from that higher price (the regular one as well).
 //!
 //! `exit_bp < enter_bp` is the hysteresis: a price wobbling around the entry threshold does
 //! not flap in and out. Transitions are emitted only on a change of state; both carry the

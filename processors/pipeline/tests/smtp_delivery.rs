@@ -416,7 +416,12 @@ async fn a_refused_alert_is_tried_once_and_its_redriven_dead_letter_again() {
         assert!(Instant::now() < until, "not sent");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await; // the refusal reached the sender
+    // The send has returned (its slot is freed after its result is recorded): the timer call
+    // aborted below is the failure's settlement, not a re-check of a send still running.
+    while d.handler().inner.mails_in_flight() > 0 {
+        assert!(Instant::now() < until, "the refused send did not return");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // The settlement is aborted once: nothing of it stays, and the timer fires again.
     abort.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -518,6 +518,12 @@ impl Notifications {
         Ok(())
     }
 
+    /// Mails being handed to the MTA now (holding an SMTP slot): a send's result is recorded
+    /// before its slot is freed.
+    pub fn mails_in_flight(&self) -> usize {
+        self.inflight.running()
+    }
+
     fn smtp(&mut self) -> Result<SmtpSender, Failure> {
         if self.smtp.is_none() {
             self.smtp = Some(
