@@ -6,7 +6,7 @@
 //! `localhost` are delivered into mbox files under `mail/`; any other `@localhost` address
 //! bounces (5.1.1, unknown user); `@hardbounce.test` bounces (5.1.1); `@defer.test` and
 //! `@softfail.test` are deferred then expire at once (`maximal_queue_lifetime = 0`); any other
-//! domain bounces (5.4.4).
+//! domain bounces (5.4.4 "no route in test setup", which does not flag the address).
 //!
 //! The lookup tables (`vmailbox`, `transport`) are written *cold* ([`write_table`]): Postfix
 //! reads a `texthash:` file modified within the last ~2 s as "hot" and, in every daemon that

@@ -12,7 +12,11 @@
 //!
 //! Per recipient status line: `sent` → mail status *sent*; `deferred` → mail status and
 //! delivery issue *deferred*; `bounced` → mail status *bounced*, delivery issue *bounced* and,
-//! for a permanent DSN (5.x.x), the address flagged unreachable. `status=expired` turns every
+//! only when the DSN says the address itself is bad ([`flags_address`]: 5.1.x but the
+//! sender's 5.1.7/5.1.8, 5.2.1, 5.4.4 with the host or domain not found), the address flagged
+//! unreachable. Other permanent refusals (5.7.x spam/policy/relay, 5.3.4 and 5.2.3 size, 5.4.6
+//! loop, 5.6.x content, …) say nothing about the address: a blocklisted sending IP or a
+//! relay misconfiguration must not flag every recipient for good. `status=expired` turns every
 //! recipient still deferred into mail status *failed* and a delivery issue *expired* (a soft
 //! bounce: not flagged). `removed` forgets the queue id, so state is bounded by Postfix's queue.
 //!
@@ -154,7 +158,7 @@ impl Tracker {
                             at_ms,
                         }));
                     }
-                    if *status == RcptStatus::Bounced && dsn.starts_with("5.") {
+                    if *status == RcptStatus::Bounced && flags_address(dsn, detail) {
                         out.push(Output::Flag(AddressStatus {
                             address: rcpt,
                             unreachable: true,
@@ -191,6 +195,35 @@ impl Tracker {
             }
         }
         (Some(m), out)
+    }
+}
+
+/// Whether a `status=bounced` line with this DSN and detail means the recipient address
+/// itself is bad, so it is flagged unreachable (nothing clears a flag): RFC 3463's address
+/// subjects, 5.1.x (bad mailbox, bad domain, bad syntax, moved, null MX) except 5.1.7 and
+/// 5.1.8, which are about the sender's address; 5.2.1 (mailbox disabled); and 5.4.4 (unable
+/// to route) only when the detail says the host or domain was not found (Postfix's "Host or
+/// domain name not found"), not for a transient-looking routing failure. Everything else
+/// (5.7.x policy, spam blocks and relay denials; 5.2.2 and 5.3.4/5.2.3 size; 5.4.6 loops; 5.5.x
+/// protocol; 5.6.x content; a DSN that does not parse) is a bounce without a flag.
+pub fn flags_address(dsn: &str, detail: &str) -> bool {
+    let mut parts = dsn.split('.').map(|p| p.parse::<u16>().ok());
+    let (Some(Some(class)), Some(Some(subject)), Some(Some(code)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    if class != 5 {
+        return false;
+    }
+    match (subject, code) {
+        (1, 7 | 8) => false,
+        (1, _) | (2, 1) => true,
+        (4, 4) => {
+            let d = detail.to_ascii_lowercase();
+            d.contains("not found") && (d.contains("host") || d.contains("domain"))
+        }
+        _ => false,
     }
 }
 
@@ -375,5 +408,86 @@ mod tests {
                 .any(|o| matches!(o, Output::Status(s) if s.status == MailState::Failed))
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Flag(_))));
+    }
+
+    /// Only a bounce that says the address is bad flags it: a spam block, a relay denial, a
+    /// message too big, a loop or content refusal is a bounce (status and issue) for that
+    /// mail, not a flag on the address.
+    #[test]
+    fn only_address_class_bounces_flag() {
+        let cases: &[(&str, &str, bool)] = &[
+            (
+                "5.1.1",
+                "host mx[1.2.3.4] said: 550 5.1.1 <x>: Recipient address rejected: User unknown",
+                true,
+            ),
+            ("5.1.2", "Host or domain name not found", true),
+            ("5.1.10", "Recipient address has null MX", true),
+            (
+                "5.2.1",
+                "host mx said: 550 5.2.1 The email account that you tried to reach is disabled",
+                true,
+            ),
+            (
+                "5.4.4",
+                "Host or domain name not found. Name service error for name=nx.test type=MX: Host not found",
+                true,
+            ),
+            (
+                "5.7.1",
+                "host gmail-smtp-in.l.google.com said: 550 5.7.1 blocked using Spamhaus",
+                false,
+            ),
+            (
+                "5.7.1",
+                "host relay said: 554 5.7.1 <x>: Relay access denied",
+                false,
+            ),
+            (
+                "5.3.4",
+                "host mx said: 552 5.3.4 Message size exceeds fixed limit",
+                false,
+            ),
+            ("5.2.3", "message too big", false),
+            ("5.4.6", "mail forwarding loop for x@localhost", false),
+            ("5.4.4", "unable to route: no mail hosts for domain", false),
+            (
+                "5.1.7",
+                "host mx said: 553 5.1.7 sender address invalid",
+                false,
+            ),
+            ("5.6.0", "content rejected", false),
+        ];
+        assert!(!flags_address("5.x.1", "Host not found"));
+        assert!(!flags_address("4.1.1", "User unknown"));
+        for (i, (dsn, detail, flags)) in cases.iter().enumerate() {
+            let qid = format!("G{i}");
+            let lines = log(&[
+                l(
+                    "cleanup",
+                    &qid,
+                    &format!("message-id=<mailG{i}@deals.test>"),
+                ),
+                status("smtp", &qid, "someone@example.test", dsn, "bounced", detail),
+            ]);
+            let mut t = Tracker::new(DOMAIN);
+            let (out, _) = run_all(&mut t, &lines);
+            let kinds: Vec<&str> = out
+                .iter()
+                .map(|o| match o {
+                    Output::Status(s) if s.status == MailState::Bounced => "bounced",
+                    Output::Status(_) => "other status",
+                    Output::Issue(i) if i.kind == IssueKind::Bounced => "issue",
+                    Output::Issue(_) => "other issue",
+                    Output::Flag(_) => "flag",
+                })
+                .collect();
+            let want: &[&str] = if *flags {
+                &["bounced", "issue", "flag"]
+            } else {
+                &["bounced", "issue"]
+            };
+            assert_eq!(kinds, want, "dsn {dsn} ({detail})");
+        }
     }
 }
