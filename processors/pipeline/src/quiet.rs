@@ -6,7 +6,9 @@
 //! zone database, so DST days are handled, with the "compatible" disambiguation of RFC 5545 and
 //! Temporal: an end time that does not exist (spring forward) is pushed forward by the gap's
 //! length (03:30 in a 03:00→04:00 gap ends at 04:30), one that exists twice (fall back) is the
-//! first of the two.
+//! first of the two, unless that one is already past (`now` is in the repeated hour, after
+//! the first occurrence): then the second. So the end returned is always after `now`: a
+//! message held until it is never released inside the window and held again at once.
 //! Deal alerts ignore quiet hours (they are time-critical); campaigns wait.
 
 use jiff::civil::Time;
@@ -59,8 +61,14 @@ pub fn next_allowed(
         date = date.checked_add(1.day())?;
     }
     let end = Time::new((q.end_min / 60) as i8, (q.end_min % 60) as i8, 0, 0)?;
-    let end = date.to_datetime(end).to_zoned(zone)?;
-    Ok(Some(end.timestamp()))
+    let end = zone.to_ambiguous_zoned(date.to_datetime(end));
+    let first = end.clone().compatible()?.timestamp();
+    if first > now {
+        return Ok(Some(first));
+    }
+    // Fall back, `now` in the repeated hour after the end's first occurrence: the second one
+    // (after `now`: the local minute is before the end's, on the end's date).
+    Ok(Some(end.later()?.timestamp()))
 }
 
 #[cfg(test)]
@@ -117,6 +125,19 @@ mod tests {
             Some(at("2026-10-25T00:30:00Z")),
             "03:30 local, still UTC+3"
         );
+        // The same window seen from the repeated hour's second pass (03:10 EET, 01:10Z): the
+        // first 03:30 (00:30Z) is past; the window ends at the second one, 01:30Z.
+        let now = at("2026-10-25T01:10:00Z");
+        let next = next_allowed("Europe/Athens", Some(q), now).unwrap();
+        assert_eq!(next, Some(at("2026-10-25T01:30:00Z")), "03:30 local, UTC+2");
+        // Every minute of that night: inside the window, the end is after now.
+        let mut t = at("2026-10-24T21:00:00Z");
+        while t < at("2026-10-25T03:00:00Z") {
+            if let Some(end) = next_allowed("Europe/Athens", Some(q), t).unwrap() {
+                assert!(end > t, "at {t}: the window ends at {end}, not after now");
+            }
+            t = t.checked_add(jiff::SignedDuration::from_mins(1)).unwrap();
+        }
     }
 
     #[test]
