@@ -227,6 +227,9 @@ impl Renderer {
     }
 
     /// A Slack-style incoming-webhook body: `{"text": ...}` (the text e-mail's subject and link).
+    /// The text is Slack mrkdwn: the subject (which carries the merchant's product name) and
+    /// the link are escaped ([`slack_escape`]), so a name such as `<!channel>` or
+    /// `<http://evil|Click>` is shown as written, not read as a mention or a link.
     pub fn webhook_body(
         &self,
         req: &NotificationRequest,
@@ -237,8 +240,9 @@ impl Renderer {
             .as_ref()
             .map(|d| format!("{}/p/{}", self.site, d.product))
             .unwrap_or_default();
+        let subject = slack_escape(&e.subject);
         Ok(serde_json::json!({
-            "text": if link.is_empty() { e.subject } else { format!("{} <{}>", e.subject, link) },
+            "text": if link.is_empty() { subject } else { format!("{subject} <{}>", slack_escape(&link)) },
             "notification_id": req.id,
         }))
     }
@@ -266,6 +270,21 @@ impl Renderer {
         };
         Ok(serde_json::json!({ "id": req.id, "title": e.subject, "body": body, "url": url }))
     }
+}
+
+/// Slack mrkdwn's escaping of text: `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;` (the three
+/// characters Slack reads as control sequences: mentions, links, entities).
+pub fn slack_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -352,6 +371,21 @@ mod tests {
         );
         q.campaign = None;
         assert!(matches!(r.email(&q), Err(RenderError::Incomplete(..))));
+    }
+
+    /// A product name with Slack control sequences reaches the webhook as text.
+    #[test]
+    fn webhook_text_is_slack_escaped() {
+        let r = Renderer::builtin("https://bp.example");
+        let w = r
+            .webhook_body(&req("<!channel> <http://evil.example|Free> & co"))
+            .unwrap();
+        assert_eq!(
+            w["text"],
+            "24.9% off: &lt;!channel&gt; &lt;http://evil.example|Free&gt; &amp; co now 74.99 \
+             <https://bp.example/p/p1>"
+        );
+        assert_eq!(slack_escape("a&b<c>d"), "a&amp;b&lt;c&gt;d");
     }
 
     #[test]
