@@ -60,6 +60,14 @@ impl Deals {
 impl Handler for Deals {
     fn handle(&mut self, ctx: &mut Context<'_>, input: &Input) -> Result<(), Failure> {
         let u: PriceUpdate = input.data::<PriceUpdate>()?;
+        if u.price == Some(0) {
+            // A feed error, not a free product: as a best price it would enter a deal with a
+            // 100 % drop and alert the whole category.
+            return Err(Failure::dead_letter(format!(
+                "price update {:?} from {:?}: a price of 0",
+                u.product, u.merchant
+            )));
+        }
         let mut products = ctx.store("products")?;
         let mut state = match products.get(u.product.as_bytes())? {
             None => ProductState::default(),
@@ -220,6 +228,17 @@ mod tests {
         // A malformed update is a dead letter, not a crash.
         d.pipe(topics::PRICES, "p2", "not an event");
         assert_eq!(d.dead_letters(topics::PRICES).len(), 1);
+        // So is a price of 0 (a feed error): no best price of 0, no deal.
+        for i in 0..4 {
+            d.pipe_event(topics::PRICES, &update("p4", 1000, i));
+        }
+        d.pipe_event(topics::PRICES, &update("p4", 0, 5));
+        assert_eq!(d.dead_letters(topics::PRICES).len(), 1);
+        assert!(
+            d.read_events::<DealTransition>(topics::DEAL_TRANSITIONS)
+                .is_empty(),
+            "a price of 0 entered a deal"
+        );
         d.pipe_event(topics::PRICES, &update("p1", 950, 11));
         let out = d.read_events::<DealTransition>(topics::DEAL_TRANSITIONS);
         assert_eq!(
