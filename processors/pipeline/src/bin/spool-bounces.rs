@@ -5,6 +5,8 @@
 use anyhow::Context as _;
 use clap::Parser;
 use spool_pipeline::processors::bounces::{Bounces, BouncesSettings, run_tailer};
+use spool_pipeline::processors::resolve_broadcast_partitions_blocking;
+use spool_pipeline::topics;
 use spool_processor::app;
 
 fn main() -> anyhow::Result<()> {
@@ -16,7 +18,14 @@ fn main() -> anyhow::Result<()> {
     }
     let rcfg = app::runtime_config(&cfg, &args)?;
     app::init_logging();
-    let settings: BouncesSettings = cfg.app()?;
+    let mut settings: BouncesSettings = cfg.app()?;
+    // address-status's real count (the setting is only checked against it).
+    settings.address_partitions = resolve_broadcast_partitions_blocking(
+        &cfg,
+        topics::ADDRESS_STATUS,
+        "address_partitions",
+        settings.address_partitions,
+    )?;
     let handler = Bounces::new(&settings)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

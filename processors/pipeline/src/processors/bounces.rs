@@ -60,7 +60,9 @@ pub struct BouncesSettings {
     pub log_path: String,
     /// Domain of our Message-IDs.
     pub message_id_domain: String,
-    /// Partitions of `address-status` (= matching's partitions).
+    /// Partitions of `address-status` (= matching's partitions): 0 (the default) takes the
+    /// topic's count at start; another value is the count expected, and the start is refused
+    /// if the topic has another ([`crate::processors::resolve_broadcast_partitions`]).
     pub address_partitions: u32,
     /// Poll interval of the log file, ms.
     pub poll_ms: u64,
@@ -73,7 +75,7 @@ impl Default for BouncesSettings {
         BouncesSettings {
             log_path: String::new(),
             message_id_domain: "deals.spool.local".into(),
-            address_partitions: 4,
+            address_partitions: 0,
             poll_ms: 50,
             batch_lines: 2_000,
         }
@@ -132,11 +134,13 @@ pub struct Bounces {
 }
 
 impl Bounces {
-    /// A handler with these settings.
+    /// A handler with these settings; `address_partitions` is the count resolved at start
+    /// (the binary asks the broker), so at least 1.
     pub fn new(s: &BouncesSettings) -> anyhow::Result<Bounces> {
         anyhow::ensure!(
             s.address_partitions >= 1,
-            "[app] address_partitions must be at least 1"
+            "[app] address_partitions must be at least 1 (address-status's partition count, \
+             resolved from the broker at start)"
         );
         Ok(Bounces {
             tracker: Tracker::new(s.message_id_domain.clone()),

@@ -31,7 +31,9 @@ use crate::topics;
 pub struct DealsSettings {
     /// The heuristic.
     pub heuristic: DealParams,
-    /// Partitions of `deal-broadcast` (= matching's partitions).
+    /// Partitions of `deal-broadcast` (= matching's partitions): 0 takes the topic's count at
+    /// start; another value is the count expected, and the start is refused if the topic has
+    /// another ([`crate::processors::resolve_broadcast_partitions`]).
     pub broadcast_partitions: u32,
 }
 
@@ -43,12 +45,14 @@ pub struct Deals {
 }
 
 impl Deals {
-    /// A processor with these settings (validated).
+    /// A processor with these settings (validated); `broadcast_partitions` is the count
+    /// resolved at start (the binary asks the broker), so at least 1.
     pub fn new(s: DealsSettings) -> anyhow::Result<Deals> {
         s.heuristic.validate()?;
         anyhow::ensure!(
             s.broadcast_partitions >= 1,
-            "[app] broadcast_partitions must be at least 1 (deal-broadcast's partition count)"
+            "[app] broadcast_partitions must be at least 1 (deal-broadcast's partition count, \
+             resolved from the broker at start)"
         );
         Ok(Deals {
             params: s.heuristic,

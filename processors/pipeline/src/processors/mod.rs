@@ -14,6 +14,19 @@
 //! is fanned out by all instances in parallel. Address flags are replicated the same way
 //! (`address-status` has every flag in every partition), because an address's users can live
 //! on any partition. See docs/pipeline.md.
+//!
+//! # Broadcast partition counts
+//!
+//! A processor that writes a copy to every partition (deals to `deal-broadcast`, bounces to
+//! `address-status`) must write to exactly as many partitions as the topic has: fewer starve
+//! matching's other partitions silently (their users are never alerted, their flags never
+//! arrive), more fail each such output's check (the input is retried, then dead-lettered).
+//! Invariant: the count a handler broadcasts over is the topic's count read from the broker
+//! at start ([`resolve_broadcast_partitions`]): the setting (`broadcast_partitions`,
+//! `address_partitions`) is 0 (take the topic's count) or the count expected, and a topic
+//! with another count, or none, stops the start with a message naming both. A topic grown
+//! while the processor runs is seen at its next start (matching, which reads these topics,
+//! stops when its inputs grow unless told otherwise: see docs/processors.md).
 
 pub mod bounces;
 pub mod deals;
@@ -21,6 +34,7 @@ pub mod imports;
 pub mod matching;
 pub mod notifications;
 
+use spool_client::Client;
 use spool_processor::{Context, Failure};
 
 use crate::events::Event as Payload;
@@ -90,4 +104,100 @@ pub fn broadcast<T: Payload + Clone>(
         ctx.emit_to(topic, p, r.clone());
     }
     Ok(())
+}
+
+/// Why a broadcast's partition count was refused at start ([`resolve_broadcast_partitions`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionsError {
+    /// The topic does not exist.
+    #[error(
+        "{topic} does not exist: create the pipeline's topics before starting this processor \
+         (docs/operations.md, \"Topics first\"); [app] {setting} = {configured}"
+    )]
+    Missing {
+        /// The topic.
+        topic: String,
+        /// The setting's name.
+        setting: &'static str,
+        /// Its value.
+        configured: u32,
+    },
+    /// The topic has another count than the setting.
+    #[error(
+        "{topic} has {actual} partitions but [app] {setting} = {configured}: every record is \
+         copied to each of {topic}'s partitions, so they must agree; set {setting} = {actual} \
+         (or 0 to take {topic}'s count at start)"
+    )]
+    Mismatch {
+        /// The topic.
+        topic: String,
+        /// The setting's name.
+        setting: &'static str,
+        /// Its value.
+        configured: u32,
+        /// The topic's partition count.
+        actual: u32,
+    },
+    /// The broker could not be asked.
+    #[error("describing {topic}: {source}")]
+    Broker {
+        /// The topic.
+        topic: String,
+        /// The client's error.
+        source: spool_client::Error,
+    },
+}
+
+/// The partition count to broadcast over `topic`: its count on the broker, which must equal
+/// `configured` (the `[app]` setting named `setting`) unless that is 0 (take the topic's).
+pub async fn resolve_broadcast_partitions(
+    client: &Client,
+    topic: &str,
+    setting: &'static str,
+    configured: u32,
+) -> Result<u32, PartitionsError> {
+    let actual = match client.describe_topic(topic).await {
+        Ok(d) => d.partitions.len() as u32,
+        Err(spool_client::Error::UnknownTopic { .. }) => {
+            return Err(PartitionsError::Missing {
+                topic: topic.to_owned(),
+                setting,
+                configured,
+            });
+        }
+        Err(source) => {
+            return Err(PartitionsError::Broker {
+                topic: topic.to_owned(),
+                source,
+            });
+        }
+    };
+    if configured != 0 && configured != actual {
+        return Err(PartitionsError::Mismatch {
+            topic: topic.to_owned(),
+            setting,
+            configured,
+            actual,
+        });
+    }
+    Ok(actual)
+}
+
+/// [`resolve_broadcast_partitions`] for a binary's start, before its runtime exists: connects
+/// with the processor's configuration on a runtime of its own.
+pub fn resolve_broadcast_partitions_blocking(
+    cfg: &spool_processor::config::ProcessorConfig,
+    topic: &str,
+    setting: &'static str,
+    configured: u32,
+) -> anyhow::Result<u32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = cfg.connect().await?;
+        let n = resolve_broadcast_partitions(&client, topic, setting, configured).await?;
+        tracing::info!(topic, partitions = n, "broadcasting to every partition");
+        Ok(n)
+    })
 }
