@@ -37,10 +37,17 @@ struct Seen {
     deferred: BTreeMap<String, usize>,
     /// RCPTs answered 550 so far, per recipient.
     rejected: BTreeMap<String, usize>,
+    /// `slow*` recipients whose first message was answered [`SLOW_REPLY`] late.
+    slowed: BTreeMap<String, usize>,
 }
 
+/// How late the listener answers the end of DATA of a `slow*` recipient's first message (the
+/// message counts as queued all the same, as Postfix's would).
+const SLOW_REPLY: Duration = Duration::from_millis(1_500);
+
 /// An SMTP server: `reject*` recipients get `550 5.1.1`, `later*` ones `451 4.3.0` the first
-/// time, everyone else is queued after `delay` (as `queued as Q<n>`).
+/// time, everyone else is queued after `delay` (as `queued as Q<n>`); a `slow*` recipient's
+/// first message is queued but answered [`SLOW_REPLY`] late.
 async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -90,6 +97,15 @@ async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
                             }
                         }
                         tokio::time::sleep(delay).await;
+                        let slow = rcpt.starts_with("slow") && {
+                            let mut g = seen.lock().unwrap();
+                            let n = g.slowed.entry(rcpt.clone()).or_default();
+                            *n += 1;
+                            *n == 1
+                        };
+                        if slow {
+                            tokio::time::sleep(SLOW_REPLY).await;
+                        }
                         count += 1;
                         let mut g = seen.lock().unwrap();
                         g.open -= 1;
@@ -241,6 +257,37 @@ async fn mails_in_flight_refusals_retries_and_restarts() {
         ("m020", MailState::Queued)
     );
     assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&2));
+}
+
+/// SMTP's lost-reply window (RFC 1047), with no crash at all: the MTA queues the message but
+/// its `250` after the final `.` comes later than `[app.smtp] timeout_ms`, so the attempt
+/// counts as failed and is retried, and the MTA gets a second copy. docs/pipeline.md's
+/// duplicate window states this; the Message-ID lets a receiver drop the copy. The log stays
+/// exactly once: one `queued` status, no failure, no dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_later_than_the_timeout_after_data_means_a_second_copy() {
+    let (port, seen) = smtp_server(Duration::ZERO).await;
+    let mut s = settings(port, 2);
+    s.smtp.timeout_ms = 500;
+    s.smtp.retry_initial_ms = 100;
+    let h = Notifications::new(&s).unwrap();
+    let mut d = TestDriver::new("notifications", h).with_topic(topics::OUTGOING_MAIL, 1);
+    let to = "slow0@localhost";
+    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(0, to))
+        .await;
+    let all = settle(&mut d, |s| !s.is_empty()).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].status, MailState::Queued, "{all:?}");
+    // The first copy is queued when its late reply is due (after the retry was accepted).
+    let until = Instant::now() + Duration::from_secs(5);
+    while seen.lock().unwrap().accepted.get(to) != Some(&2) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let g = seen.lock().unwrap();
+    assert_eq!(g.slowed.get(to), Some(&2), "two messages handed over");
+    assert_eq!(g.accepted.get(to), Some(&2), "both queued: a duplicate");
+    drop(g);
+    assert!(d.dead_letters(topics::OUTGOING_MAIL).is_empty());
 }
 
 /// A deal alert's e-mail is handed to the MTA as its request is handled (not one commit

@@ -15,6 +15,12 @@
 //! to our mails, and a receiver can deduplicate on it. Postfix's queue id is read from the
 //! DATA reply (`250 2.0.0 Ok: queued as QID`, lettre's `Response::message()`).
 //!
+//! A reply lost after the final `.` (RFC 1047's window): an attempt whose `250` does not
+//! arrive within `timeout_ms`, or whose connection drops while waiting for it, is a
+//! [`Outcome::Retry`], but the MTA may have queued the message already, so the retry hands
+//! over a second copy (no crash needed; bounded by `max_attempts`). The Message-ID lets a
+//! receiver drop it; docs/pipeline.md's duplicate window states it.
+//!
 //! The transport speaks plain SMTP to `127.0.0.1` by default (the MTA is on the same host or
 //! LAN, as in seed 000); `tls = "starttls"` requires STARTTLS with rustls (ring) and the
 //! webpki roots.
