@@ -8,15 +8,18 @@
 //! campaign twice delivers nothing twice (the id is the idempotency key). Addresses flagged
 //! unreachable (`address-status`, [`crate::publish::flagged_addresses`]) are left out, as
 //! matching leaves them out of alerts; an address flagged after the campaign was written is
-//! still mailed (the flag is not checked again at sending).
+//! still mailed (the flag is not checked again at sending). Addresses are normalised as
+//! matching normalises them ([`crate::matching::normalize`]: trimmed, ASCII lowercase; empty
+//! is none) before the flag check and in the request, so `" Bob@X.com"` is checked (and
+//! mailed) as `bob@x.com`.
 
 use std::collections::BTreeSet;
 
 use crate::events::{AlertSettings, CampaignInfo, Channel, NotificationKind, NotificationRequest};
 use crate::ids;
 
-/// The campaign's requests, one per e-mail user whose address is not in `flagged`
-/// (lowercase addresses), in the order of `users`.
+/// The campaign's requests, one per e-mail user whose address (normalised: trimmed, ASCII
+/// lowercase) is not in `flagged` (normalised the same way), in the order of `users`.
 pub fn requests(
     campaign: &CampaignInfo,
     users: &[AlertSettings],
@@ -27,8 +30,12 @@ pub fn requests(
         .iter()
         .filter(|u| u.channels.contains(&Channel::Email))
         .filter_map(|u| {
-            let address = u.email.clone()?;
-            if flagged.contains(&address.to_lowercase()) {
+            let address = u
+                .email
+                .as_deref()
+                .map(|e| e.trim().to_ascii_lowercase())
+                .filter(|e| !e.is_empty())?;
+            if flagged.contains(&address) {
                 return None;
             }
             Some(NotificationRequest {
@@ -97,5 +104,43 @@ mod tests {
             7,
         );
         assert_ne!(r[0].id, other[0].id);
+    }
+
+    /// An address with spaces or capitals (as a site may store it) is normalised as matching
+    /// does: a flag on it holds (it used to escape the check, `to_lowercase` without a trim,
+    /// and lettre then refused the untrimmed address as a dead letter), and the request
+    /// carries the clean address. A blank address is no address.
+    #[test]
+    fn addresses_are_normalised_as_matching_does() {
+        let user = |id: &str, email: &str| AlertSettings {
+            user: id.into(),
+            name: id.into(),
+            categories: vec!["books".into()],
+            min_drop_bp: 1_000,
+            channels: vec![Channel::Email],
+            email: Some(email.into()),
+            webhook_url: None,
+            push_url: None,
+            time_zone: "UTC".into(),
+            quiet_hours: None,
+            at_ms: 1,
+        };
+        let users = [
+            user("u1", " Bob@X.com"),
+            user("u2", "Alice@Example.ORG "),
+            user("u3", "   "),
+        ];
+        let c = CampaignInfo {
+            id: "c".into(),
+            title: "t".into(),
+            body: "b".into(),
+        };
+        let flagged: BTreeSet<String> = ["bob@x.com".to_owned()].into();
+        let r = requests(&c, &users, &flagged, 1);
+        let got: Vec<(&str, &str)> = r
+            .iter()
+            .map(|n| (n.user.as_str(), n.address.as_str()))
+            .collect();
+        assert_eq!(got, vec![("u2", "alice@example.org")]);
     }
 }

@@ -154,7 +154,8 @@ pub async fn publish_round_stalling(
 
 /// The addresses flagged unreachable now: `address-status` read to its last stable offset
 /// (partition 0, which, like every partition, holds every flag), the latest status per
-/// address winning. What a campaign tool checks before writing a campaign.
+/// address winning, each address trimmed and ASCII-lowercased (as matching keeps them). What
+/// a campaign tool checks before writing a campaign.
 pub async fn flagged_addresses(client: &Client) -> Result<BTreeSet<String>, Error> {
     let tp = TopicPartition::new(topics::ADDRESS_STATUS, 0);
     let listed = client
@@ -176,10 +177,12 @@ pub async fn flagged_addresses(client: &Client) -> Result<BTreeSet<String>, Erro
             ) else {
                 continue;
             };
+            // Normalised as matching does (trimmed, ASCII lowercase).
+            let address = e.data.address.trim().to_ascii_lowercase();
             if e.data.unreachable {
-                flagged.insert(e.data.address);
+                flagged.insert(address);
             } else {
-                flagged.remove(&e.data.address);
+                flagged.remove(&address);
             }
         }
         if f.next_offset >= f.last_stable_offset || f.next_offset <= offset {
