@@ -12,12 +12,19 @@ use spool_pipeline::processors::{PartitionsError, resolve_broadcast_partitions};
 use spool_pipeline::topics;
 use support::procs::Processor;
 
-/// Waits for `p` to exit by itself; its log so far.
+/// Waits for `p` to exit by itself, with the status the systemd unit does not restart
+/// (misconfigured); its log so far.
 fn refused(p: &mut Processor) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = p.exited() {
-            assert!(!status.success(), "{} exited 0", p.name);
+            assert_eq!(
+                status.code(),
+                Some(spool_processor::app::MISCONFIGURED_EXIT_CODE),
+                "{}: {}",
+                p.name,
+                p.log_since_start()
+            );
             return p.log_since_start();
         }
         assert!(

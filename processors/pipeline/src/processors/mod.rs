@@ -184,7 +184,11 @@ pub async fn resolve_broadcast_partitions(
 }
 
 /// [`resolve_broadcast_partitions`] for a binary's start, before its runtime exists: connects
-/// with the processor's configuration on a runtime of its own.
+/// with the processor's configuration on a runtime of its own. A mismatch ends the process
+/// here with [`spool_processor::app::MISCONFIGURED_EXIT_CODE`] (the message on stderr), which
+/// the systemd unit does not restart: every start would stop the same way until an operator
+/// changes the setting or the topic. A missing topic or an unreachable broker is an error
+/// (exit 1, restarted: the topic may be created meanwhile).
 pub fn resolve_broadcast_partitions_blocking(
     cfg: &spool_processor::config::ProcessorConfig,
     topic: &str,
@@ -196,8 +200,16 @@ pub fn resolve_broadcast_partitions_blocking(
         .build()?;
     rt.block_on(async {
         let client = cfg.connect().await?;
-        let n = resolve_broadcast_partitions(&client, topic, setting, configured).await?;
-        tracing::info!(topic, partitions = n, "broadcasting to every partition");
-        Ok(n)
+        match resolve_broadcast_partitions(&client, topic, setting, configured).await {
+            Ok(n) => {
+                tracing::info!(topic, partitions = n, "broadcasting to every partition");
+                Ok(n)
+            }
+            Err(e @ PartitionsError::Mismatch { .. }) => {
+                eprintln!("Error: {e}");
+                std::process::exit(spool_processor::app::MISCONFIGURED_EXIT_CODE);
+            }
+            Err(e) => Err(e.into()),
+        }
     })
 }
