@@ -1,8 +1,8 @@
 //! Several `spool-bounces` tailers (one per Postfix host, the deploy file's layout) with the
 //! same `log_path` on a real `spoold`: each resumes from its own stored position, never from
 //! another host's, so no line is lost or published twice; the position stored under the log
-//! path alone (before positions were kept per instance) is taken over once, by the first
-//! tailer that starts without one, and deleted.
+//! path alone (before positions were kept per instance) is taken over once, by the host that
+//! has its file (even when another host starts and reads lines first), and deleted.
 //!
 //! The hosts' common path is a symbolic link switched between the two hosts' files while no
 //! tailer runs (the tailers run in this one process, where one path names one file).
@@ -48,6 +48,16 @@ async fn published(client: &Client) -> BTreeMap<(String, String), usize> {
         *out.entry((rec.source, qid)).or_default() += 1;
     }
     out
+}
+
+/// The latest committed value per key of `postfix-log-position` (`None`: a tombstone).
+async fn positions(client: &Client) -> BTreeMap<String, Option<Bytes>> {
+    let mut last = BTreeMap::new();
+    for (_, r) in support::read_committed(client, 1, topics::POSTFIX_LOG_POSITION).await {
+        let k = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+        last.insert(k, r.value);
+    }
+    last
 }
 
 /// Runs the tailer of host `instance` until `want` records of it are committed, then stops it.
@@ -127,10 +137,21 @@ async fn tailers_of_several_hosts_resume_from_their_own_positions() {
         .unwrap();
     producer.close().await;
 
+    // Host b starts first and sees lines first: the old position is not of a file of b's,
+    // so b leaves it to its owner and reads its own file from the start.
+    switch(&link, &file_b);
+    tail_until(&client, &link, "b", 3).await; // QB1..QB3
+    assert!(
+        positions(&client).await[&log_path].is_some(),
+        "b left the old key alone"
+    );
     switch(&link, &file_a);
     tail_until(&client, &link, "a", 2).await; // QA2, QA3: resumed from the old key
-    switch(&link, &file_b);
-    tail_until(&client, &link, "b", 3).await; // QB1..QB3: the old key was taken already
+    assert_eq!(
+        positions(&client).await[&log_path],
+        None,
+        "a took it over and deleted it"
+    );
 
     // Both restart after more lines: each resumes after its own last line.
     append(&file_a, &["QA4"]);
@@ -155,12 +176,8 @@ async fn tailers_of_several_hosts_resume_from_their_own_positions() {
     .collect();
     assert_eq!(got, want, "every line once, from its own host");
 
-    // The positions: one per host, and the old key deleted by host a's first transaction.
-    let mut last: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
-    for (_, r) in support::read_committed(&client, 1, topics::POSTFIX_LOG_POSITION).await {
-        let k = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
-        last.insert(k, r.value);
-    }
+    // The positions: one per host, and the old key deleted by host a.
+    let last = positions(&client).await;
     let keys: Vec<_> = last.keys().cloned().collect();
     let mut want_keys = vec![
         log_path.clone(),

@@ -21,12 +21,17 @@
 //!   tailer never resumes from another host's position. (Positions used to be keyed by the
 //!   path alone, so hosts overwrote each other's: a restarted tailer re-published its whole
 //!   log, or seeked to another file's offset and skipped or repeated lines.)
-//! - The old key (the path alone) is accepted **once**, by the first tailer that starts
-//!   without a position of its own after the upgrade; its first transaction deletes the old
-//!   key (a tombstone), so a second host never resumes from it. Only the host that last wrote
-//!   the old key resumes correctly from it; in a deployment that already ran several hosts
-//!   with the same path, another host that claims it starts over at its file's start (its
-//!   inode differs) or, if the inode happens to match, at a wrong offset: the bug this fixes.
+//! - The old key (the path alone) is taken over **once, by its owner**: a tailer that starts
+//!   without a position of its own claims it only if its inode is a file this host can see
+//!   (the path or a rotated name, [`Tailer::rotated_names`]), and then, before reading any
+//!   line, commits a transaction of its own that writes the position under its own key and
+//!   deletes the old key (a tombstone). A tailer that cannot see that inode leaves the old
+//!   key alone and starts at its file's start, as a new tailer does: hosts without a usable
+//!   old position re-publish their current file once at the upgrade (with new ids, so those
+//!   repeats are not dropped by id). Whatever order the hosts start in, only the host whose
+//!   file has that inode resumes from it. (Hosts built from one image can share an inode
+//!   number for the same path; then a non-owner that starts first still takes it, at a
+//!   wrong offset, once: the bug this fixes, which the old key cannot tell apart.)
 //! - Event ids are `<source>.<inode>.<offset>.<n>`: unique across hosts (an inode and offset
 //!   are only unique on one host). Records written before the upgrade (no source) keep their
 //!   ids `<inode>.<offset>.<n>`, so a replay of them gives the ids they had.
@@ -122,7 +127,7 @@ pub struct StoredPosition {
     /// The position.
     pub position: Position,
     /// Found under the old key (the log path alone, before positions were kept per instance):
-    /// the tailer's first transaction deletes that key, so it is accepted once.
+    /// taken over only by the host that has its inode, which deletes that key at once.
     pub legacy: bool,
 }
 
@@ -327,6 +332,14 @@ impl Backoff {
     }
 }
 
+/// Whether a file with `inode` is at `path` or one of its rotated names on this host.
+fn sees_inode(path: &std::path::Path, inode: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::iter::once(path.to_path_buf())
+        .chain(Tailer::rotated_names(path))
+        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == inode))
+}
+
 /// One incarnation of the tailer: from the committed position until `stop` (Ok) or a failure.
 async fn tail<F: std::future::Future<Output = ()>>(
     client: &Client,
@@ -346,13 +359,35 @@ async fn tail<F: std::future::Future<Output = ()>>(
         TransactionalConfig::new(transactional_id.to_owned()),
     )
     .await?;
-    let stored = stored_position(client, instance_id, &s.log_path).await?;
+    let mut stored = stored_position(client, instance_id, &s.log_path).await?;
     let key = position_key(instance_id, &s.log_path);
-    // Resumed from the old key: the first transaction deletes it (accepted once).
-    let mut claim_legacy = stored.is_some_and(|p| p.legacy);
-    if claim_legacy {
-        tracing::warn!(path = %path.display(), key, "resuming from the position stored under the log path alone \
-            (before positions were kept per instance); it is moved to this instance's key");
+    if let Some(old) = stored.filter(|p| p.legacy) {
+        if sees_inode(&path, old.position.inode) {
+            // Ours (this host has that file): moved to our key and the old key deleted, in a
+            // transaction of its own before any line, so no other host can take it after.
+            tx.begin()?;
+            let pos = ProducerRecord::new(serde_json::to_vec(&old.position)?)
+                .key(Bytes::copy_from_slice(key.as_bytes()));
+            tx.send(topics::POSTFIX_LOG_POSITION, 0, pos).await?;
+            let tombstone = ProducerRecord {
+                key: Some(Bytes::copy_from_slice(s.log_path.as_bytes())),
+                value: None,
+                headers: Vec::new(),
+                timestamp_ms: None,
+            };
+            tx.send(topics::POSTFIX_LOG_POSITION, 0, tombstone).await?;
+            if let Err(e) = tx.commit().await {
+                tx.abort().await.ok();
+                return Err(anyhow::anyhow!("claiming the old log position failed: {e}"));
+            }
+            tracing::warn!(path = %path.display(), key, "resuming from the position stored under the log path alone \
+                (before positions were kept per instance); it is moved to this instance's key");
+        } else {
+            tracing::warn!(path = %path.display(), inode = old.position.inode,
+                "the position stored under the log path alone (before positions were kept per instance) \
+                 is not of a file on this host: left to its owner; reading this host's file from its start");
+            stored = None;
+        }
     }
     let resume = stored.map(|p| p.position);
     tracing::info!(path = %path.display(), key, ?resume, "tailing Postfix's log");
@@ -390,21 +425,11 @@ async fn tail<F: std::future::Future<Output = ()>>(
         let pos = ProducerRecord::new(serde_json::to_vec(&last)?)
             .key(Bytes::copy_from_slice(key.as_bytes()));
         tx.send(topics::POSTFIX_LOG_POSITION, 0, pos).await?;
-        if claim_legacy {
-            let tombstone = ProducerRecord {
-                key: Some(Bytes::copy_from_slice(s.log_path.as_bytes())),
-                value: None,
-                headers: Vec::new(),
-                timestamp_ms: None,
-            };
-            tx.send(topics::POSTFIX_LOG_POSITION, 0, tombstone).await?;
-        }
         if let Err(e) = tx.commit().await {
             tx.abort().await.ok();
             // Our position is ahead of what is committed: start over from the stored one.
             return Err(anyhow::anyhow!("tailer transaction failed: {e}"));
         }
-        claim_legacy = false;
         backoff.succeeded();
     }
 }
