@@ -27,7 +27,8 @@
 //! began; abandoned or not). Until then a redelivered event of it changes nothing; the
 //! default retention is `feed-imports`' (7 days), so no event of a forgotten run is still in
 //! the log. So the state holds the runs of the last `retain_runs_ms` and those still going,
-//! and no timer reports forever.
+//! and no timer reports forever. Runs handled by an older version have no such timers: one
+//! completed then is never forgotten, one stuck then reports until its next event.
 
 use serde::{Deserialize, Serialize};
 use spool_processor::{
