@@ -12,7 +12,11 @@
 //! test can see what the client is told: `group-persist` (a group's state being appended, on
 //! the blocking pool), `group-commit` (a fenced CommitOffsets being appended, on the blocking
 //! pool), `produce-stream-reader` (a `ProduceStream`'s reader, per request received),
-//! `produce-stream-writer` (its writer, per request before its write). `name@N` arms a point
+//! `produce-stream-writer` (its writer, per request before its write).
+//!
+//! Delay points ([`delay_at`]) hold the thread that reaches them for one second:
+//! `produce-txn-before-append` (a request with transactional batches, registered in their
+//! transactions and not appended yet). `name@N` arms a point
 //! for its N-th hit only (counted from 1; the other hits pass).
 
 use std::sync::OnceLock;
@@ -73,6 +77,15 @@ pub(crate) fn hit(name: &str) {
     if fires(name) {
         eprintln!("spoold: failpoint {name} reached: aborting");
         std::process::abort();
+    }
+}
+
+/// Sleeps one second (the calling thread: a blocking-pool thread) if `name` is armed, to
+/// hold a request between two steps while a test does something else.
+pub(crate) fn delay_at(name: &str) {
+    if fires(name) {
+        eprintln!("spoold: failpoint {name} reached: waiting 1 s");
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 

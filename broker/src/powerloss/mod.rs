@@ -518,7 +518,8 @@ fn a_decision_completed_at_restart_does_not_undo_newer_commits() {
 
     // A: a record in d/1 and offset 10, committed; the marker's write fails.
     let (a, ae) = rt.block_on(s.txns.init("a", 60_000, None)).unwrap();
-    s.txns.add_partitions(a, ae, vec![("d".into(), 1)]).unwrap();
+    // Held until the batch is appended, as the produce path does.
+    let hold = s.txns.add_partitions(a, ae, vec![("d".into(), 1)]).unwrap();
     let mut b = BatchBuilder::new(Compression::None);
     b.producer(a, ae, 0);
     b.transactional(true);
@@ -528,6 +529,7 @@ fn a_decision_completed_at_restart_does_not_undo_newer_commits() {
         .unwrap()
         .append(&b.finish().unwrap())
         .unwrap();
+    drop(hold);
     rt.block_on(s.txns.add_offsets(offsets("a", a, ae, 10)))
         .unwrap();
     sim.inject(Fault::on(OpKind::Write, "/spool/d/1/", Effect::Fail(libc::EIO)).times(1));
@@ -571,13 +573,15 @@ fn an_end_txn_whose_caller_goes_away_is_still_carried_out() {
     let s = broker.state.clone();
     let rt = runtime();
     let (a, ae) = rt.block_on(s.txns.init("a", 60_000, None)).unwrap();
-    s.txns.add_partitions(a, ae, vec![("d".into(), 0)]).unwrap();
+    // Held until the batch is appended, as the produce path does.
+    let hold = s.txns.add_partitions(a, ae, vec![("d".into(), 0)]).unwrap();
     let mut b = BatchBuilder::new(Compression::None);
     b.producer(a, ae, 0);
     b.transactional(true);
     b.push(clock.now_ms(), None, Some(b"a"), &[]);
     let p = s.log.partition("d", 0).unwrap();
     p.append(&b.finish().unwrap()).unwrap();
+    drop(hold);
     assert_eq!(p.open_transactions().len(), 1);
 
     // One poll, then the future is dropped (what tonic does on a client's disconnect).

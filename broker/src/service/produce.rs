@@ -68,6 +68,7 @@ use crate::auth::{Action, Principal, principal};
 use crate::convert::encode_records;
 use crate::error::{BrokerError, partition_error};
 use crate::metrics::timed;
+use crate::txn::TxnHold;
 use crate::{State, blocking};
 
 /// Requests of one `ProduceStream` whose replies are pending.
@@ -151,7 +152,7 @@ fn prepare_all(
     state: &State,
     who: &Principal,
     parts: Vec<v1::PartitionProduce>,
-) -> (Vec<v1::PartitionProduceResult>, Vec<Job>) {
+) -> (Vec<v1::PartitionProduceResult>, Vec<Job>, Vec<TxnHold>) {
     let now = state.now_ms();
     let mut results = Vec::with_capacity(parts.len());
     let mut jobs = Vec::with_capacity(parts.len());
@@ -167,8 +168,8 @@ fn prepare_all(
         }
         results.push(r);
     }
-    let jobs = register_transactional(state, jobs, &mut results);
-    (results, jobs)
+    let (jobs, holds) = register_transactional(state, jobs, &mut results);
+    (results, jobs, holds)
 }
 
 /// Appends `jobs` in order (blocking). Appends happen in request order for every acks level
@@ -190,13 +191,18 @@ fn write(
     parts: Vec<v1::PartitionProduce>,
     acks: v1::Acks,
 ) -> Written {
-    let (results, jobs) = prepare_all(state, who, parts);
+    let (results, jobs, holds) = prepare_all(state, who, parts);
     let mut w = Written {
         acks,
         appended: Vec::with_capacity(jobs.len()),
         results,
     };
+    if !holds.is_empty() {
+        crate::failpoint::delay_at("produce-txn-before-append");
+    }
     append_all(jobs, &mut w);
+    // Only now may the transactions end (their markers then cover these batches).
+    drop(holds);
     w
 }
 
@@ -227,7 +233,10 @@ fn write_inline(
     parts: Vec<v1::PartitionProduce>,
     acks: v1::Acks,
 ) -> (Written, Vec<Job>) {
-    let (results, jobs) = prepare_all(state, who, parts);
+    let (results, jobs, holds) = prepare_all(state, who, parts);
+    // `inline_ok` lets no transactional batch here: nothing is held.
+    debug_assert!(holds.is_empty());
+    drop(holds);
     let mut w = Written {
         acks,
         appended: Vec::with_capacity(jobs.len()),
@@ -278,9 +287,9 @@ async fn write_phase(
 /// the error of the others.
 fn register_transactional(
     state: &State,
-    jobs: Vec<(usize, Arc<Partition>, Bytes)>,
+    jobs: Vec<Job>,
     results: &mut [v1::PartitionProduceResult],
-) -> Vec<(usize, Arc<Partition>, Bytes)> {
+) -> (Vec<Job>, Vec<TxnHold>) {
     let mut by_producer: std::collections::BTreeMap<(i64, i16), Vec<usize>> = Default::default();
     for (j, (_, _, batch)) in jobs.iter().enumerate() {
         if let Ok(h) = BatchHeader::parse(batch)
@@ -293,26 +302,34 @@ fn register_transactional(
         }
     }
     if by_producer.is_empty() {
-        return jobs;
+        return (jobs, Vec::new());
     }
     let mut refused = vec![false; jobs.len()];
+    // Producers in ascending id order: two requests locking several ids lock them in the
+    // same order (no deadlock).
+    let mut holds = Vec::with_capacity(by_producer.len());
     for ((pid, epoch), js) in by_producer {
         let tps = js
             .iter()
             .map(|&j| (jobs[j].1.topic().to_owned(), jobs[j].1.id()))
             .collect();
-        if let Err(e) = state.txns.add_partitions(pid, epoch, tps) {
-            let err = partition_error(e);
-            for j in js {
-                refused[j] = true;
-                results[jobs[j].0].error = Some(err.clone());
+        match state.txns.add_partitions(pid, epoch, tps) {
+            Ok(hold) => holds.push(hold),
+            Err(e) => {
+                let err = partition_error(e);
+                for j in js {
+                    refused[j] = true;
+                    results[jobs[j].0].error = Some(err.clone());
+                }
             }
         }
     }
-    jobs.into_iter()
+    let jobs = jobs
+        .into_iter()
         .zip(refused)
         .filter_map(|(job, no)| (!no).then_some(job))
-        .collect()
+        .collect();
+    (jobs, holds)
 }
 
 /// True when a request takes the blocking path: one of its parts goes to an existing

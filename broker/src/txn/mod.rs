@@ -7,7 +7,11 @@
 //!    (abort), bumps the epoch and records it durably before replying, so a zombie of an
 //!    older epoch is refused from then on, across restarts too.
 //! 2. A transactional batch reaches `add_partitions` (from the produce path) before it is
-//!    appended: the partition joins the open transaction, in memory. Nothing needs to be
+//!    appended: the partition joins the open transaction, in memory, and the id stays locked
+//!    until the batch is appended ([`TxnHold`]): an end of the transaction (EndTxn, a new
+//!    instance's InitProducerId, the timeout pass) cannot run between the two and leave the
+//!    batch to land after the markers, at the fenced epoch, opening a transaction no one
+//!    tracks on its partition (its last stable offset stuck). Nothing needs to be
 //!    durable here: after a crash every transaction without a decision is aborted anyway, and
 //!    the partitions holding its batches are found in the log (each partition knows its open
 //!    transactions). `AddOffsetsToTxn` does record the transaction (`Ongoing`) durably before
@@ -80,6 +84,17 @@ macro_rules! step_timing {
 const MAX_ID_LEN: usize = 249;
 
 type Entry = Arc<tokio::sync::Mutex<TxnMeta>>;
+
+/// A transactional id locked from [`Transactions::add_partitions`] until its batches are
+/// appended (dropped then): nothing ends the transaction in between.
+#[must_use = "hold it until the batches are appended"]
+pub(crate) struct TxnHold(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<TxnMeta>);
+
+impl std::fmt::Debug for TxnHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TxnHold")
+    }
+}
 
 /// The coordinator.
 #[derive(Debug)]
@@ -656,12 +671,15 @@ impl Transactions {
 
     /// Adds the partitions of transactional batches from `(pid, epoch)` to its open
     /// transaction, before they are appended. Blocking (call from the blocking pool).
+    /// Adds `tps` to the open transaction of producer `pid` at `epoch` (opening one if none
+    /// is). Blocking (the id's lock): call from the blocking pool. The returned hold keeps
+    /// the id locked: drop it once the batches are appended, not before (module docs, 2).
     pub(crate) fn add_partitions(
         &self,
         pid: i64,
         epoch: i16,
         tps: Vec<Tp>,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<TxnHold, BrokerError> {
         let Some(id) = lock(&self.by_pid).get(&pid).cloned() else {
             return Err(BrokerError::InvalidTxnState {
                 txn_id: String::new(),
@@ -671,7 +689,7 @@ impl Transactions {
             });
         };
         let entry = self.entry(&id)?;
-        let mut meta = entry.blocking_lock();
+        let mut meta = entry.blocking_lock_owned();
         meta.add_partitions(
             &id,
             pid,
@@ -679,7 +697,8 @@ impl Transactions {
             tps,
             self.now_ms(),
             self.cfg.max_partitions_per_txn,
-        )
+        )?;
+        Ok(TxnHold(meta))
     }
 
     /// Checks that a transaction's offsets for `group` may be committed now: fenced by the

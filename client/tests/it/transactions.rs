@@ -164,6 +164,45 @@ async fn a_new_instance_fences_the_old_one_and_aborts_its_transaction() {
     assert_eq!(values(&c, "t", 0, Isolation::ReadCommitted).await, ["live"]);
 }
 
+/// A transactional batch held up between its registration in the transaction and its append
+/// (a roll's fdatasync, preemption; here the broker's `produce-txn-before-append` delay point,
+/// 1 s) while a new instance of its transactional id fences the old one. The append used to
+/// land after the abort, at the fenced epoch, on a partition where the abort had written no
+/// marker (the batch was not there yet): a transaction no one tracked, the partition's last
+/// stable offset stuck for read-committed readers, and the new instance refused there until
+/// a restart. The registration now holds the id until the append is done, so the new
+/// instance's abort waits for it and covers the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_held_up_before_its_append_cannot_outlive_its_fenced_transaction() {
+    let mut broker = Broker::start();
+    broker.set_env("SPOOL_FAILPOINTS", Some("produce-txn-before-append@1"));
+    tokio::task::block_in_place(|| broker.restart());
+    let c = broker.client().await;
+    create(&c, "t", 1).await;
+    let mut old = TransactionalProducer::new(c.clone(), TransactionalConfig::new("same"))
+        .await
+        .unwrap();
+    old.begin().unwrap();
+    old.send("t", 0, rec("zombie")).await.unwrap();
+    // Its write reaches the broker and waits at the delay point.
+    let held = tokio::spawn(async move { old.flush().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut new = TransactionalProducer::new(c.clone(), TransactionalConfig::new("same"))
+        .await
+        .unwrap();
+    // Appended under the old epoch and then aborted, or fenced: either way not visible.
+    let flushed = held.await.unwrap();
+    assert!(
+        matches!(flushed, Ok(()) | Err(Error::ProducerFenced { .. })),
+        "{flushed:?}"
+    );
+    new.begin().unwrap();
+    new.send("t", 0, rec("live")).await.unwrap();
+    new.commit().await.unwrap();
+    settled(&c, "t", 0).await;
+    assert_eq!(values(&c, "t", 0, Isolation::ReadCommitted).await, ["live"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_commit_with_the_transaction_or_not_at_all() {
     let broker = Broker::start();
