@@ -261,6 +261,18 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
         Ok(buf)
     }
 
+    /// The content of a file that should hold at most `max` bytes, reading (and allocating
+    /// for) no more than `max + 1` of them: a result longer than `max` means the file is too
+    /// large, whatever its size (a damaged inode size or a sparse file can claim any size;
+    /// [`FileSystem::read`] would allocate all of it first).
+    fn read_at_most(&self, path: &Path, max: usize) -> io::Result<Vec<u8>> {
+        let f = self.open(path, OpenMode::Read)?;
+        let len = f.size()?.min(max as u64 + 1) as usize;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+
     /// True if the path exists.
     fn exists(&self, path: &Path) -> bool {
         self.metadata(path).is_ok()

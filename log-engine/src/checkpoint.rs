@@ -86,7 +86,8 @@ pub(crate) struct Checkpoint {
 /// (for offline inspection). `Ok(None)` when the file is missing or no slot is valid.
 pub(crate) fn read_point(fs: &dyn FileSystem, dir: &Path) -> Result<Option<Point>> {
     let path = dir.join(FILE_NAME);
-    let bytes = match fs.read(&path) {
+    // Only the two slots are looked at: nothing past them is read (or allocated for).
+    let bytes = match fs.read_at_most(&path, 2 * SLOT) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("read", &path, e)),

@@ -385,6 +385,12 @@ pub(crate) const fn max_zero_tail(window: u64) -> u64 {
 /// only" warning accept.
 pub(crate) const MAX_ZERO_TAIL_ANY_WINDOW: u64 = max_zero_tail(MAX_ZERO_AHEAD_BYTES);
 
+/// The largest a segment file can be: a full segment, one batch past it (a batch that did not
+/// fit starts the next segment only when the current one holds data), and zeros written ahead.
+/// The offline tools refuse longer files before reading them.
+pub(crate) const MAX_SEGMENT_FILE_BYTES: u64 =
+    MAX_SEGMENT_BYTES + MAX_BATCH_BYTES as u64 + MAX_ZERO_TAIL_ANY_WINDOW;
+
 /// Zeroing ahead runs only while the last group commit covered at most this many bytes
 /// (see [`LogOptions::zero_ahead_bytes`]).
 pub const ZERO_AHEAD_MAX_SYNC_BYTES: u64 = 256 << 10;

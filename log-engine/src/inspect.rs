@@ -141,7 +141,7 @@ pub fn inspect_partition(dir: &Path) -> Result<PartitionInspection> {
                 problem: format!("segment starts at offset {base}, the previous one ends at {n}"),
             });
         }
-        let data = fs.read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let data = segment::read_segment_file(fs, &path)?;
         let len = data.len() as u64;
         let (mut batches, mut records, mut max_ts) = (0u64, 0u64, -1i64);
         let chain = crate::compact::chain_of(&found, i, sparse_below);
@@ -204,7 +204,11 @@ fn check_indexes(
 ) {
     for (ext, kind) in [("index", Kind::Offset), ("timeindex", Kind::Time)] {
         let path = log.with_extension(ext);
-        let problem = match fs.read(&path) {
+        let max = segment::max_index_file_bytes(size);
+        let problem = match fs.read_at_most(&path, max) {
+            Ok(data) if data.len() > max => Some(format!(
+                "index file larger than any index of this segment ({max} bytes)"
+            )),
             Ok(data) => index::decode_file(&path, kind, &data, base, size)
                 .err()
                 .map(|e| e.to_string()),
@@ -279,8 +283,7 @@ pub struct ZeroTail {
 /// For `spool inspect dump`.
 pub fn dump_segment(path: &Path, mut each: impl FnMut(u64, &Batch)) -> Result<Option<ZeroTail>> {
     let fs: &dyn FileSystem = &RealFs;
-    let data = fs.read(path).map_err(|e| Error::io("read", path, e))?;
-    let data = bytes::Bytes::from(data);
+    let data = bytes::Bytes::from(segment::read_segment_file(fs, path)?);
     let tail_from = zero_tail_from(fs, path)?;
     let mut pos = 0usize;
     while pos < data.len() {

@@ -99,7 +99,10 @@ pub struct Log {
 }
 
 pub(crate) fn read_config(fs: &dyn FileSystem, path: &Path) -> Result<TopicConfig> {
-    let bytes = fs.read(path).map_err(|e| Error::io("read", path, e))?;
+    // Bounded before anything is allocated: `decode` refuses the longer ones.
+    let bytes = fs
+        .read_at_most(path, crate::topic_file::MAX_LEN)
+        .map_err(|e| Error::io("read", path, e))?;
     crate::topic_file::decode(path, &bytes)
 }
 

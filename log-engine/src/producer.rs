@@ -398,16 +398,16 @@ impl ProducerStates {
         max_aborted: usize,
     ) -> Option<(ProducerStates, TxnIndex, u64)> {
         let path = dir.join(SNAPSHOT_NAME);
-        let limit = (HEADER_LEN
+        let limit = HEADER_LEN
             + 12
             + max_producers * (ENTRY_FIXED + RECENT_BATCHES * BATCH_LEN + crate::txn::OPEN_LEN)
-            + max_aborted * crate::txn::ABORTED_LEN) as u64;
-        let len = fs.metadata(&path).ok()?.len;
-        if len > limit {
-            tracing::warn!(path = %path.display(), len, "producer snapshot over its size limit: rebuilding from the log");
+            + max_aborted * crate::txn::ABORTED_LEN;
+        // Bounded as it is read (not by an earlier stat the file could outgrow).
+        let buf = fs.read_at_most(&path, limit).ok()?;
+        if buf.len() > limit {
+            tracing::warn!(path = %path.display(), limit, "producer snapshot over its size limit: rebuilding from the log");
             return None;
         }
-        let buf = fs.read(&path).ok()?;
         match ProducerStates::decode(&buf, max_producers, expiration_ms, max_aborted) {
             Ok(v) => Some(v),
             Err(reason) => {

@@ -252,7 +252,7 @@ fn reindex_partition(
             out.push(seg);
             continue;
         }
-        let data = fs.read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let data = segment::read_segment_file(fs, &path)?;
         seg.bytes = data.len() as u64;
         let found: Vec<(u64, u64)> = bases.iter().map(|&b| (b, 0)).collect();
         let chain = crate::compact::chain_of(&found, i, sparse_below);
@@ -329,7 +329,13 @@ fn state(
     base: u64,
     size: u64,
 ) -> IndexFileState {
-    let have = match fs.read(path) {
+    let max = segment::max_index_file_bytes(size);
+    let have = match fs.read_at_most(path, max) {
+        Ok(h) if h.len() > max => {
+            return IndexFileState::Invalid(format!(
+                "index file larger than any index of this segment ({max} bytes)"
+            ));
+        }
         Ok(h) => h,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return IndexFileState::Invalid("missing".into());

@@ -39,6 +39,43 @@ pub(crate) fn log_name(base: u64) -> String {
 }
 
 /// Parses `NNNNNNNNNNNNNNNNNNNN.log` into its base offset.
+/// The bytes of the segment file `path`, for the offline tools: refused (`Corruption`), before
+/// anything is allocated for them, when the file is longer than any segment can be
+/// ([`crate::config::MAX_SEGMENT_FILE_BYTES`]).
+pub(crate) fn read_segment_file(fs: &dyn FileSystem, path: &Path) -> Result<Vec<u8>> {
+    let max = crate::config::MAX_SEGMENT_FILE_BYTES;
+    let too_large = || {
+        Err(Error::corruption(
+            path,
+            max,
+            None,
+            format!("segment file larger than any segment can be ({max} bytes)"),
+        ))
+    };
+    // The size first (the bound is large: reading it to find out would cost gigabytes), then
+    // a read that stays bounded even if the file grew meanwhile.
+    let size = fs
+        .metadata(path)
+        .map_err(|e| Error::io("stat", path, e))?
+        .len;
+    if size > max {
+        return too_large();
+    }
+    let data = fs
+        .read_at_most(path, max as usize)
+        .map_err(|e| Error::io("read", path, e))?;
+    if data.len() as u64 > max {
+        return too_large();
+    }
+    Ok(data)
+}
+
+/// The largest an index file of a segment of `log_size` bytes can be: one entry (at most 12
+/// bytes) per batch (at least 61 bytes), after the header. Longer ones are refused unread.
+pub(crate) fn max_index_file_bytes(log_size: u64) -> usize {
+    usize::try_from(index::HEADER_LEN as u64 + log_size).unwrap_or(usize::MAX - 1)
+}
+
 pub(crate) fn parse_log_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".log")?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 const CRC_FIELD: &str = "crc32c";
 /// Largest `topic.json` read.
-const MAX_LEN: usize = 1 << 20;
+pub(crate) const MAX_LEN: usize = 1 << 20;
 
 #[derive(Serialize)]
 struct Stored<'a> {

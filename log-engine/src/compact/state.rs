@@ -91,7 +91,8 @@ impl State {
     /// docs).
     pub(crate) fn read(fs: &dyn FileSystem, dir: &Path) -> Result<State> {
         let path = dir.join(FILE_NAME);
-        match fs.read(&path) {
+        // At most one byte more than the format's length: a longer file is damaged.
+        match fs.read_at_most(&path, LEN) {
             Ok(b) => Ok(State::decode(&b).unwrap_or_else(|| {
                 tracing::warn!(path = %path.display(), "damaged cleaner state: treating every segment as possibly compacted");
                 State::UNKNOWN
