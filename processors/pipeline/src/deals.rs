@@ -25,8 +25,14 @@
 //! category, the price, the reference and the drop. All arithmetic is on integers, so the
 //! oracle in the tests (and anyone re-deriving a decision) gets the same answer.
 //!
+//! An update older (event time) than the last one applied for its merchant is stale (two feed
+//! writers overlapping) and ignored (counted): a stale low price must not overwrite a newer
+//! offer and enter a deal. A withdrawal's time is kept too (a tombstone), so a stale offer
+//! does not come back after it.
+//!
 //! State size is bounded: at most [`DealParams::max_offers`] merchants per product (offers from
-//! further merchants are ignored and counted) and [`DealParams::window`] history points.
+//! further merchants are ignored and counted), [`DealParams::window`] history points, and the
+//! merchants' latest update times: one per offer plus at most `max_offers` tombstones.
 //!
 //! A state is stored in a compact binary form ([`ProductState::encode`]), read and rewritten on
 //! every update: JSON took about a seventh of the processor's time (parsing, number and string
@@ -128,10 +134,22 @@ pub struct ProductState {
     pub episodes: u32,
     /// Offers ignored because the product had `max_offers` merchants already.
     pub ignored_offers: u64,
+    /// Event time of each merchant's latest update applied (an offer, or a withdrawal: then
+    /// the merchant has no offer, and the entry is a tombstone). An update older than its
+    /// merchant's entry is stale (two feed writers overlapping) and ignored. At most
+    /// `max_offers` tombstones are kept (the oldest go first). Empty for a state stored
+    /// before it existed: nothing is stale until each merchant's next update.
+    #[serde(default)]
+    pub offer_at: BTreeMap<String, i64>,
+    /// Updates ignored as stale.
+    #[serde(default)]
+    pub stale_updates: u64,
 }
 
-/// First byte of the binary form (JSON starts with `{`).
+/// First byte of the binary form without `offer_at` and `stale_updates` (still read).
 const BINARY_V1: u8 = 1;
+/// First byte of the binary form (JSON starts with `{`).
+const BINARY_V2: u8 = 2;
 
 /// Why a stored state does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -200,15 +218,19 @@ fn at_or_below(price: Cents, reference: Cents, bp: BasisPoints) -> bool {
 }
 
 impl ProductState {
-    /// The binary form: `[1]`, episodes (u32), ignored offers (u64), the deal (`0`, or `1`,
+    /// The binary form: `[2]`, episodes (u32), ignored offers (u64), the deal (`0`, or `1`,
     /// episode u32, reference u64, since i64), the history (count u16, u64 each), the offers
-    /// (count u16, then name length u16, name, price u64 each); little-endian. Counts and
-    /// names beyond `u16::MAX` cannot occur (`max_offers` ≤ 4096, `window` ≤ 256) and are
-    /// refused by [`ProductState::decode`] if they did.
+    /// (count u16, then name length u16, name, price u64 each), stale updates (u64), the
+    /// merchants' latest update times (count u16, then name length u16, name, at i64 each);
+    /// little-endian. `[1]` (read, no longer written) ends after the offers. Counts and names
+    /// beyond `u16::MAX` cannot occur (`max_offers` ≤ 4096, so at most 8192 update times;
+    /// `window` ≤ 256) and are refused by [`ProductState::decode`] if they did.
     pub fn encode(&self) -> Vec<u8> {
-        let names: usize = self.offers.keys().map(|m| 2 + m.len() + 8).sum();
-        let mut b = Vec::with_capacity(1 + 4 + 8 + 21 + 2 + 8 * self.history.len() + 2 + names);
-        b.push(BINARY_V1);
+        let names: usize = self.offers.keys().map(|m| 2 + m.len() + 8).sum::<usize>()
+            + self.offer_at.keys().map(|m| 2 + m.len() + 8).sum::<usize>();
+        let mut b =
+            Vec::with_capacity(1 + 4 + 8 + 21 + 2 + 8 * self.history.len() + 2 + 8 + 2 + names);
+        b.push(BINARY_V2);
         b.extend_from_slice(&self.episodes.to_le_bytes());
         b.extend_from_slice(&self.ignored_offers.to_le_bytes());
         match &self.deal {
@@ -235,19 +257,32 @@ impl ProductState {
             b.extend_from_slice(m.as_bytes());
             b.extend_from_slice(&p.to_le_bytes());
         }
+        b.extend_from_slice(&self.stale_updates.to_le_bytes());
+        let times = self
+            .offer_at
+            .iter()
+            .filter(|(m, _)| m.len() <= u16::MAX as usize)
+            .take(u16::MAX as usize);
+        b.extend_from_slice(&(times.clone().count() as u16).to_le_bytes());
+        for (m, at) in times {
+            b.extend_from_slice(&(m.len() as u16).to_le_bytes());
+            b.extend_from_slice(m.as_bytes());
+            b.extend_from_slice(&at.to_le_bytes());
+        }
         b
     }
 
     /// A stored state: the binary form, or the JSON earlier versions wrote.
     pub fn decode(v: &[u8]) -> Result<ProductState, StateDecodeError> {
-        match v.first() {
-            Some(&BINARY_V1) => {}
+        let v2 = match v.first() {
+            Some(&BINARY_V1) => false,
+            Some(&BINARY_V2) => true,
             Some(b'{') => {
                 return serde_json::from_slice(v)
                     .map_err(|e| StateDecodeError::Json(e.to_string()));
             }
             _ => return Err(StateDecodeError::Binary("unknown format")),
-        }
+        };
         let mut r = Reader(&v[1..]);
         let episodes = r.u32()?;
         let ignored_offers = r.u64()?;
@@ -272,6 +307,16 @@ impl ProductState {
                 .map_err(|_| StateDecodeError::Binary("merchant is not UTF-8"))?;
             offers.insert(name.to_owned(), r.u64()?);
         }
+        let (mut stale_updates, mut offer_at) = (0, BTreeMap::new());
+        if v2 {
+            stale_updates = r.u64()?;
+            for _ in 0..r.u16()? {
+                let len = usize::from(r.u16()?);
+                let name = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| StateDecodeError::Binary("merchant is not UTF-8"))?;
+                offer_at.insert(name.to_owned(), r.u64()? as i64);
+            }
+        }
         if !r.0.is_empty() {
             return Err(StateDecodeError::Binary("trailing bytes"));
         }
@@ -281,6 +326,8 @@ impl ProductState {
             deal,
             episodes,
             ignored_offers,
+            offer_at,
+            stale_updates,
         })
     }
 
@@ -336,6 +383,15 @@ impl ProductState {
 
     /// Applies one price update; returns the transition, if the state changed.
     pub fn apply(&mut self, u: &PriceUpdate, p: &DealParams) -> Option<DealTransition> {
+        if self
+            .offer_at
+            .get(&u.merchant)
+            .is_some_and(|&at| u.at_ms < at)
+        {
+            // Older than what this merchant already said (see `offer_at`): nothing changes.
+            self.stale_updates += 1;
+            return None;
+        }
         match u.price {
             Some(price) => {
                 if !self.offers.contains_key(&u.merchant) && self.offers.len() >= p.max_offers {
@@ -346,6 +402,20 @@ impl ProductState {
             }
             None => {
                 self.offers.remove(&u.merchant);
+            }
+        }
+        self.offer_at.insert(u.merchant.clone(), u.at_ms);
+        if u.price.is_none() && self.offer_at.len() > self.offers.len() + p.max_offers {
+            // Too many tombstones: the oldest goes (a stale update of that merchant is then
+            // taken as new, as before tombstones were kept).
+            let oldest = self
+                .offer_at
+                .iter()
+                .filter(|(m, _)| !self.offers.contains_key(*m))
+                .min_by_key(|(m, at)| (**at, m.as_str()))
+                .map(|(m, _)| m.clone());
+            if let Some(m) = oldest {
+                self.offer_at.remove(&m);
             }
         }
         let Some((merchant, best)) = self.best().map(|(m, b)| (m.to_owned(), b)) else {
@@ -454,18 +524,24 @@ mod tests {
             proptest::option::of((any::<u32>(), any::<u64>(), any::<i64>())),
             any::<u32>(),
             any::<u64>(),
+            proptest::collection::btree_map("[a-z0-9é]{0,12}", any::<i64>(), 0..20),
+            any::<u64>(),
         )
             .prop_map(
-                |(offers, history, deal, episodes, ignored_offers)| ProductState {
-                    offers,
-                    history,
-                    deal: deal.map(|(episode, reference, since_ms)| ActiveDeal {
-                        episode,
-                        reference,
-                        since_ms,
-                    }),
-                    episodes,
-                    ignored_offers,
+                |(offers, history, deal, episodes, ignored_offers, offer_at, stale_updates)| {
+                    ProductState {
+                        offers,
+                        history,
+                        deal: deal.map(|(episode, reference, since_ms)| ActiveDeal {
+                            episode,
+                            reference,
+                            since_ms,
+                        }),
+                        episodes,
+                        ignored_offers,
+                        offer_at,
+                        stale_updates,
+                    }
                 },
             )
     }
@@ -526,10 +602,12 @@ mod tests {
         p: &DealParams,
         prices: &[Cents],
     ) -> Vec<(TransitionKind, Cents, BasisPoints)> {
+        // Event time goes on from the last update (earlier ones would be stale).
+        let base = s.offer_at.values().max().map_or(0, |at| at + 1);
         prices
             .iter()
             .enumerate()
-            .filter_map(|(i, &c)| s.apply(&upd("m1", Some(c), i as i64), p))
+            .filter_map(|(i, &c)| s.apply(&upd("m1", Some(c), base + i as i64), p))
             .map(|t| (t.kind, t.price, t.drop_bp))
             .collect()
     }
@@ -653,6 +731,63 @@ mod tests {
         // As after an expiry at an update: the low price is the regular price now.
         assert_eq!(s.apply(&upd("m1", Some(500), 112), &p), None);
         assert_eq!(s.expires_at_ms(&p), None);
+    }
+
+    /// An update older than its merchant's last one (an offer or a withdrawal) changes
+    /// nothing; one at the same time or later applies; tombstones are bounded.
+    #[test]
+    fn stale_updates_are_ignored() {
+        let p = DealParams::default();
+        let mut s = ProductState::default();
+        for i in 0..4 {
+            s.apply(&upd("m1", Some(1000), 10 + i), &p);
+        }
+        // A low price from an earlier feed run arriving late: no deal, the offer stays.
+        assert_eq!(s.apply(&upd("m1", Some(100), 5), &p), None);
+        assert_eq!((s.best(), s.stale_updates), (Some(("m1", 1000)), 1));
+        assert_eq!(s.history.len(), 4);
+        // m1 withdraws at 20; its older offer does not come back.
+        s.apply(&upd("m2", Some(1000), 20), &p);
+        s.apply(&upd("m1", None, 20), &p);
+        assert_eq!(s.apply(&upd("m1", Some(100), 19), &p), None);
+        assert_eq!((s.best(), s.stale_updates), (Some(("m2", 1000)), 2));
+        // The same time applies (updates of one instant in their order).
+        let t = s.apply(&upd("m1", Some(700), 20), &p).expect("enters");
+        assert_eq!((t.kind, t.price), (TransitionKind::Entered, 700));
+        // At most max_offers tombstones: the oldest go first.
+        let p = DealParams {
+            max_offers: 2,
+            ..DealParams::default()
+        };
+        let mut s = ProductState::default();
+        for (i, m) in ["a", "b", "c", "d"].iter().enumerate() {
+            s.apply(&upd(m, None, i as i64), &p);
+        }
+        assert_eq!(
+            s.offer_at.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["c", "d"]
+        );
+    }
+
+    /// A state stored in the first binary form (no update times) still reads.
+    #[test]
+    fn the_first_binary_form_still_reads() {
+        let mut s = ProductState::default();
+        s.apply(&upd("m1", Some(1000), 1), &DealParams::default());
+        s.apply(&upd("m2", Some(900), 2), &DealParams::default());
+        let v2 = s.encode();
+        let tail: usize = 8 + 2 + s.offer_at.keys().map(|m| 2 + m.len() + 8).sum::<usize>();
+        let mut v1 = v2[..v2.len() - tail].to_vec();
+        v1[0] = BINARY_V1;
+        let old = ProductState::decode(&v1).unwrap();
+        assert_eq!(
+            old,
+            ProductState {
+                offer_at: BTreeMap::new(),
+                stale_updates: 0,
+                ..s
+            }
+        );
     }
 
     #[test]
