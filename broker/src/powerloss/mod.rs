@@ -634,3 +634,120 @@ fn an_end_txn_whose_caller_goes_away_is_still_carried_out() {
     );
     assert_eq!(state(&broker.state, &rt), complete);
 }
+
+/// Audit-durable finding 2. A decision's `offsets_since` counted commits still in flight; a
+/// power cut loses them, and their positions go to commits made after the restart. Carried out
+/// late (its marker's write failed at the start, the sweeper finishes it), the decision must
+/// not write its older offset over such a commit, nor may a later start (after a second cut
+/// that loses the decision's `Complete*`, which is not waited for).
+#[test]
+fn a_late_decision_does_not_undo_a_commit_at_a_position_a_cut_freed() {
+    use crate::txn::state::{GroupOffsets, TxnMeta};
+    use spool_log_engine::{BatchBuilder, Compression};
+
+    let (sim, clock, broker) = open_with_topic_d(2);
+    let s = broker.state.clone();
+    let rt = runtime();
+    let committed = |s: &State| {
+        s.offsets
+            .fetch("tg", &[])
+            .unwrap()
+            .first()
+            .and_then(|c| c.offset)
+    };
+    let plain = |s: &State, offset: u64| {
+        s.offsets.commit(
+            "tg",
+            &[v1::OffsetCommit {
+                topic: "d".into(),
+                partition: 0,
+                offset,
+                metadata: String::new(),
+            }],
+            clock.now_ms(),
+        )
+    };
+
+    // A: a durable record in d/1, and its commit decided with offset 10 for tg/d/0, recorded
+    // (durably) with an `offsets_since` three positions past the offsets topic's durable end,
+    // as when commits of other groups were in flight and the cut lost them.
+    let (a, ae) = rt.block_on(s.txns.init("a", 60_000, None)).unwrap();
+    let hold = s.txns.add_partitions(a, ae, vec![("d".into(), 1)]).unwrap();
+    let mut b = BatchBuilder::new(Compression::None);
+    b.producer(a, ae, 0);
+    b.transactional(true);
+    b.push(clock.now_ms(), None, Some(b"a"), &[]);
+    s.log
+        .partition("d", 1)
+        .unwrap()
+        .append(&b.finish().unwrap())
+        .unwrap();
+    drop(hold);
+    let end = s.offsets.next_position().unwrap();
+    let mut meta = TxnMeta::new(a, 60_000);
+    meta.epoch = ae;
+    meta.phase = crate::txn::state::Phase::Ongoing;
+    meta.partitions.insert(("d".into(), 1));
+    meta.groups.insert(
+        "tg".into(),
+        GroupOffsets {
+            offsets: [("d".to_owned(), [(0, (10, String::new()))].into())].into(),
+            ..GroupOffsets::default()
+        },
+    );
+    meta.prepare(true, false);
+    meta.offsets_since = Some(end + 3);
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(
+        clock.now_ms(),
+        Some(b"a"),
+        Some(&serde_json::to_vec(&meta).unwrap()),
+        &[],
+    );
+    s.log
+        .partition(crate::TXN_STATE_TOPIC, 0)
+        .unwrap()
+        .append(&b.finish().unwrap())
+        .unwrap();
+
+    // Power cut. At the start the marker's write fails (the disk is full), so the decision
+    // stays pending.
+    sim.cut();
+    drop((rt, s, broker));
+    sim.restart(&CutModel::LOSE_UNSYNCED, &mut SimRng::new(1));
+    let d1_log = |k: OpKind, p: &std::path::Path| {
+        k == OpKind::Write
+            && p.starts_with("/spool/d/1")
+            && p.extension().is_some_and(|e| e == "log")
+    };
+    sim.inject(Fault::when(d1_log, Effect::Fail(libc::ENOSPC)).times(1));
+    let broker = open(&sim, &clock, 1).expect("reopen");
+    let s = broker.state.clone();
+    let rt = runtime();
+    let d1 = s.log.partition("d", 1).unwrap();
+    assert_eq!(d1.open_transactions().len(), 1, "A's decision is pending");
+    assert_eq!(s.offsets.next_position().unwrap(), end);
+
+    // A plain commit (a new owner of tg/d/0) lands at the reused position, then the sweeper
+    // finishes A.
+    plain(&s, 30).unwrap();
+    assert_eq!(committed(&s), Some(30));
+    rt.block_on(s.txns.sweep());
+    assert!(d1.open_transactions().is_empty(), "the sweeper finished A");
+    assert_eq!(
+        committed(&s),
+        Some(30),
+        "A's older offset replaced a commit made after the restart"
+    );
+
+    // A second cut loses A's `Complete*`: the next start carries A out again.
+    sim.cut();
+    drop((d1, rt, s, broker));
+    sim.restart(&CutModel::LOSE_UNSYNCED, &mut SimRng::new(2));
+    let broker = open(&sim, &clock, 2).expect("reopen");
+    assert_eq!(
+        committed(&broker.state),
+        Some(30),
+        "a restart re-ran A over the commit made after the first restart"
+    );
+}

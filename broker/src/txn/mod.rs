@@ -32,7 +32,10 @@
 //!    producer prepares its next transaction meanwhile.
 //! 4. At start, before serving: every `Prepare*` is carried out again (markers are
 //!    idempotent: a partition without the producer's open transaction, or with only a later
-//!    one of the marker's own epoch, writes nothing), then every transaction recorded
+//!    one of the marker's own epoch, writes nothing). Its `offsets_since` is first clamped to
+//!    the recovered end of `__consumer_offsets` and the clamp recorded durably: the position
+//!    counted commits still in flight, a power cut can lose them, and the positions they
+//!    held go to commits newer than the decision. Then every transaction recorded
 //!    `Ongoing` or still open in any partition is aborted, with a bumped epoch.
 //! 5. A background task aborts transactions open past their timeout (bumping the epoch: the
 //!    producer gets `TRANSACTION_TIMED_OUT`) and retries decisions whose markers failed.
@@ -178,6 +181,13 @@ impl Transactions {
         let mut pending = std::collections::HashSet::new();
         for (id, mut meta) in metas {
             if meta.is_preparing() {
+                // A power cut can leave the decision's `offsets_since` past the recovered end
+                // of `__consumer_offsets` (it counted commits still in flight): positions it
+                // covers are reused from now on, by commits newer than the decision.
+                let end = t.offsets.next_position()?;
+                if meta.clamp_since(end) {
+                    tracing::info!(transactional_id = %id, offsets_since = end, "a recorded decision's offsets position lay past the recovered end of the offsets topic: clamped");
+                }
                 match t.finish_blocking(&id, &mut meta) {
                     Ok(()) => finished += 1,
                     Err(e) => {
@@ -323,9 +333,17 @@ impl Transactions {
         Ok(())
     }
 
-    /// Carries out `meta`'s recorded decision (it is `Prepare*`): markers (durable), offsets,
-    /// then `Complete*`. On failure `meta` stays `Prepare*` (retried later). Blocking.
+    /// Carries out `meta`'s recorded decision (it is `Prepare*`): a clamped `offsets_since`
+    /// recorded (durably) first, then markers (durable), offsets, then `Complete*`. On
+    /// failure `meta` stays `Prepare*` (retried later). Blocking.
     fn finish_blocking(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
+        if meta.since_unrecorded {
+            // The clamp made at start ([`TxnMeta::clamp_since`]) is recorded before any of
+            // the decision is carried out: a later start must not load the old position (past
+            // commits made meanwhile), whether `Complete*` (not waited for) survives or not.
+            self.persist(id, meta, true)?;
+            meta.since_unrecorded = false;
+        }
         let mut markers = Some(self.write_markers(meta)?);
         // A commit's offsets are made durable beside the markers (two fsyncs at once, not
         // one after the other); they become visible only once both are durable.

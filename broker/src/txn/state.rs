@@ -93,8 +93,15 @@ pub(crate) struct TxnMeta {
     /// In `PrepareCommit` with offsets: where `__consumer_offsets` ended when the decision
     /// was recorded. Carrying it out commits only the offsets nobody committed since
     /// (`OffsetStore::commit_decided`): a late completion never undoes a newer commit.
+    /// Positions past the durable end can be reused after a power cut, so the start clamps it
+    /// to the recovered end before carrying the decision out ([`TxnMeta::clamp_since`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) offsets_since: Option<u64>,
+    /// In memory only: `offsets_since` was clamped and the clamp is not recorded yet. Nothing
+    /// of the decision is carried out before it is recorded durably: a later start would
+    /// otherwise load the old position, past commits made meanwhile, and write over them.
+    #[serde(skip)]
+    pub(crate) since_unrecorded: bool,
 }
 
 /// What EndTxn has to do.
@@ -123,6 +130,7 @@ impl TxnMeta {
             started_ms: 0,
             last_end: None,
             offsets_since: None,
+            since_unrecorded: false,
         }
     }
 
@@ -294,6 +302,22 @@ impl TxnMeta {
         };
     }
 
+    /// Lowers a recorded decision's `offsets_since` to `end` (where `__consumer_offsets`
+    /// ends now) when it lies past it: what lay at or after it was lost in a power cut (it was
+    /// counted while still in flight), and every commit from now on lands at or after `end`,
+    /// so it is newer than the decision. Returns whether it changed (then it must be recorded
+    /// before the decision is carried out: `since_unrecorded`).
+    pub(crate) fn clamp_since(&mut self, end: u64) -> bool {
+        match self.offsets_since {
+            Some(since) if self.is_preparing() && since > end => {
+                self.offsets_since = Some(end);
+                self.since_unrecorded = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// True when the epoch cannot be bumped by one more transaction: the next producer id
     /// must be a new one.
     pub(crate) fn needs_new_pid(&self) -> bool {
@@ -309,6 +333,7 @@ impl TxnMeta {
         self.partitions.clear();
         self.groups.clear();
         self.offsets_since = None;
+        self.since_unrecorded = false;
         self.started_ms = 0;
         if let Some(pid) = new_pid {
             self.pid = pid;
