@@ -974,6 +974,13 @@ fn new_offset(
         Target::End => b.high_watermark.into(),
         Target::Offset(n) => n.into(),
         Target::Time(_) => b.at.first().copied().unwrap_or(b.high_watermark).into(),
+        // `+0` keeps the committed offset exactly, even outside the log (an open
+        // transaction's range past the last stable offset, or below a log start retention
+        // moved): `--to +0 --export F` is the undo file, and must restore what was there.
+        Target::Shift(0) => match prior {
+            Some(p) => return Ok((p, None)),
+            None => return Err("has no committed offset to shift from".into()),
+        },
         Target::Shift(d) => match prior {
             Some(p) => i128::from(p) + i128::from(d),
             None => return Err("has no committed offset to shift from".into()),
@@ -1304,6 +1311,11 @@ mod tests {
         assert_eq!(o, 100);
         assert!(note.unwrap().contains("log end"));
         assert!(new_offset(Target::Shift(1), None, &bounds).is_err());
+        // +0 keeps a committed offset exactly, even outside the log: the undo file.
+        assert_eq!(n(Target::Shift(0), Some(120)), (120, None));
+        assert_eq!(n(Target::Shift(0), Some(3)), (3, None));
+        assert_eq!(n(Target::Shift(0), Some(50)), (50, None));
+        assert!(new_offset(Target::Shift(0), None, &bounds).is_err());
     }
 
     #[test]

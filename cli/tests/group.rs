@@ -512,3 +512,74 @@ fn members_are_shown_and_protect_their_offsets() {
     assert_eq!(v["state"], "Empty");
     assert_eq!(v["partitions"][0]["current_offset"], 0);
 }
+
+/// docs/cli.md's "move a processor's group back" recipe, run as written (group, time and file
+/// substituted; `--force` added where the recipe says to, since the test commits just before):
+/// its undo line puts the group back where it was.
+#[test]
+fn the_docs_seek_recipe_undoes() {
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/cli.md")).unwrap();
+    let recipe = docs
+        .split("### Recipe: move a processor's group back to 10:00")
+        .nth(1)
+        .and_then(|r| r.split("```sh\n").nth(1))
+        .and_then(|r| r.split("```").next())
+        .expect("the recipe's sh block");
+    // (args, is the undo line)
+    let mut lines: Vec<(Vec<String>, bool)> = Vec::new();
+    for line in recipe.lines() {
+        let (cmd, undo) = match line.strip_prefix("# undo") {
+            Some(rest) => (rest.split_once("spool ").map(|(_, c)| c), true),
+            None => (line.strip_prefix("spool "), false),
+        };
+        let Some(cmd) = cmd else { continue };
+        // Comments start at "  #" after the command.
+        let cmd = cmd.split("  #").next().unwrap().trim();
+        if !cmd.starts_with("group seek") {
+            continue;
+        }
+        lines.push((cmd.split_whitespace().map(str::to_owned).collect(), undo));
+    }
+    assert!(lines.len() >= 3, "{recipe}");
+    assert!(
+        lines.last().is_some_and(|l| l.1),
+        "the undo line is last: {recipe}"
+    );
+
+    let b = Broker::start();
+    spool(&b, &["topic", "create", "billing-in", "-p", "2"]).ok();
+    let ts0 = 1_700_000_000_000;
+    produce(&b, "billing-in/0", 10, ts0);
+    produce(&b, "billing-in/1", 10, ts0);
+    commit(&b, "billing", &[("billing-in", 0, 5), ("billing-in", 1, 7)]);
+    let dir = tempfile::tempdir().unwrap();
+    let undo_file = dir.path().join("billing-before.csv");
+    let time = format!("@{}", ts0 + 2000);
+    for (args, _) in &lines {
+        let mut args: Vec<String> = args
+            .iter()
+            .map(|a| match a.as_str() {
+                "billing-before.csv" => undo_file.to_str().unwrap().to_owned(),
+                a if a.starts_with("@2026-") => time.clone(),
+                a => a.to_owned(),
+            })
+            .collect();
+        if args.iter().any(|a| a == "--execute") && !args.iter().any(|a| a == "--force") {
+            args.push("--force".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spool(&b, &args).ok();
+        if args.contains(&"--execute") && !args.contains(&"--from-file") {
+            // The seek itself moved the group to offset 2 of both partitions.
+            let at: Vec<u64> = committed(&b, "billing").iter().map(|c| c.2).collect();
+            assert_eq!(at, [2, 2], "{args:?}");
+        }
+    }
+    let at: Vec<u64> = committed(&b, "billing").iter().map(|c| c.2).collect();
+    assert_eq!(
+        at,
+        [5, 7],
+        "the undo restores the positions from before the seek"
+    );
+}
