@@ -428,17 +428,61 @@ async fn check_members(client: &Client, group: &str, what: &str) -> CliResult<()
     if d.members.is_empty() {
         return Ok(());
     }
-    let ids: Vec<String> = d
-        .members
+    Err(CliError::Problem(members_refusal(group, what, &d.members)))
+}
+
+/// Members listed in a refusal, at most (the rest are counted).
+const MAX_MEMBERS_SHOWN: usize = 20;
+
+/// Why `what` is refused while `members` are in the group. A disconnected member (a static
+/// member waiting out its session after its consumer stopped) is said to be one, with when its
+/// session expires: stopping consumers does not help then, waiting does.
+fn members_refusal(group: &str, what: &str, members: &[spool_client::MemberDescription]) -> String {
+    let describe = |m: &spool_client::MemberDescription| {
+        let id = m.instance_id.clone().unwrap_or_else(|| m.member_id.clone());
+        if m.connected {
+            id
+        } else {
+            let left = m.session_timeout.saturating_sub(m.last_heard_ago);
+            format!(
+                "{id}: disconnected, its session expires in {:.0}s",
+                left.as_secs_f64().ceil()
+            )
+        }
+    };
+    let mut shown: Vec<String> = members
         .iter()
-        .map(|m| m.instance_id.clone().unwrap_or_else(|| m.member_id.clone()))
+        .take(MAX_MEMBERS_SHOWN)
+        .map(describe)
         .collect();
-    Err(CliError::Problem(format!(
-        "refusing to {what}: group {group:?} has {} live member(s) ({}); stop them first (the \
-         broker refuses offset changes from outside the group while it has members)",
-        ids.len(),
-        ids.join(", ")
-    )))
+    if members.len() > MAX_MEMBERS_SHOWN {
+        shown.push(format!("and {} more", members.len() - MAX_MEMBERS_SHOWN));
+    }
+    let connected = members.iter().filter(|m| m.connected).count();
+    let advice = if connected == 0 {
+        "none is connected (a static member keeps its place until its session expires): wait \
+         until then"
+    } else {
+        "stop them first"
+    };
+    format!(
+        "refusing to {what}: group {group:?} has {} member(s) ({}); {advice} (the broker \
+         refuses offset changes from outside the group while it has members)",
+        members.len(),
+        shown.join(", ")
+    )
+}
+
+/// The broker's own refusal (a member joined after `check_members`): exit 1 as that check's,
+/// not 4, as the exit-code table says for a refused seek.
+fn refused_by_members(e: spool_client::Error, what: &str) -> CliError {
+    match e {
+        spool_client::Error::GroupNotEmpty { group, message } => CliError::Problem(format!(
+            "refusing to {what}: group {group:?} has members (they joined meanwhile): {message}; \
+             stop them first"
+        )),
+        e => CliError::Client(e),
+    }
 }
 
 // ---- describe ----------------------------------------------------------------------------
@@ -1195,7 +1239,10 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
             metadata: r.metadata.clone(),
         })
         .collect();
-    client.commit_offsets(&a.group, &commits).await?;
+    client
+        .commit_offsets(&a.group, &commits)
+        .await
+        .map_err(|e| refused_by_members(e, "seek"))?;
     let after = client.fetch_offsets(&a.group, &tps).await?;
     for (r, c) in plan.iter_mut().zip(after) {
         r.current_offset = c.offset;
@@ -1242,7 +1289,10 @@ async fn delete(client: &Client, a: DeleteArgs) -> CliResult<ExitCode> {
         a.active_window,
         a.force,
     )?;
-    let d = client.delete_group(&a.group, &a.topic).await?;
+    let d = client
+        .delete_group(&a.group, &a.topic)
+        .await
+        .map_err(|e| refused_by_members(e, "delete"))?;
     let mut out = std::io::stdout().lock();
     if a.json {
         let v = serde_json::json!({"group": d.group, "partitions_deleted": d.partitions_deleted});
@@ -1293,6 +1343,19 @@ mod tests {
         assert_eq!(t("@2026-11-23T10:00:00Z"), Target::Time(1_795_428_000_000));
         assert!(parse_seek_target("soon", NOW).is_err());
         assert!(parse_seek_target("", NOW).is_err());
+    }
+
+    #[test]
+    fn the_brokers_members_refusal_exits_1_as_the_checks() {
+        let e = spool_client::Error::GroupNotEmpty {
+            group: "g".into(),
+            message: "member m-1 joined".into(),
+        };
+        let e = refused_by_members(e, "seek");
+        assert_eq!(e.code(), 1);
+        assert!(e.to_string().contains("refusing to seek"), "{e}");
+        let other = refused_by_members(spool_client::Error::NoGroup, "seek");
+        assert_eq!(other.code(), 4);
     }
 
     #[test]

@@ -498,14 +498,40 @@ fn members_are_shown_and_protect_their_offsets() {
     ];
     let r = spool(&b, &seek).expect(1);
     assert!(
-        r.stderr.contains("1 live member(s) (proc-1)"),
+        r.stderr
+            .contains("has 1 member(s) (proc-1); stop them first"),
         "{}",
         r.stderr
     );
     let r = spool(&b, &["group", "delete", "live", "--force"]).expect(1);
-    assert!(r.stderr.contains("live member(s)"), "{}", r.stderr);
+    assert!(r.stderr.contains("1 member(s)"), "{}", r.stderr);
 
-    rt.block_on(member.leave()).unwrap();
+    // A static member whose consumer stopped without leaving stays until its session
+    // expires: the refusal says so, rather than "stop them".
+    drop(member);
+    let c = rt.block_on(b.client());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while rt
+        .block_on(c.describe_group("live"))
+        .unwrap()
+        .members
+        .iter()
+        .any(|m| m.connected)
+    {
+        assert!(std::time::Instant::now() < deadline, "still connected");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = spool(&b, &seek).expect(1);
+    assert!(
+        r.stderr
+            .contains("proc-1: disconnected, its session expires in")
+            && r.stderr.contains("none is connected")
+            && !r.stderr.contains("stop them first"),
+        "{}",
+        r.stderr
+    );
+
+    rt.block_on(c.leave_group("live", "proc-1", true)).unwrap();
     spool(&b, &seek).ok();
     let v: Value =
         serde_json::from_str(&spool(&b, &["group", "describe", "live", "--json"]).ok()).unwrap();
