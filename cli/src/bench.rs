@@ -63,7 +63,7 @@ pub(crate) fn run(conn: &ConnArgs, cmd: BenchCmd) -> CliResult<ExitCode> {
         token: conn.token()?,
     };
     drop(client);
-    eprintln!(
+    status!(
         "% bench {}: topic {}, {} B records, {} producer(s), {}, acks {}, {:.1} s after {:.1} s warm-up",
         format!("{mode:?}").to_lowercase(),
         cfg.topic,
@@ -78,7 +78,7 @@ pub(crate) fn run(conn: &ConnArgs, cmd: BenchCmd) -> CliResult<ExitCode> {
     let report = spool_loadgen::run(&cfg).map_err(client_error)?;
     print(&report, args.json)?;
     if report.errors > 0 {
-        eprintln!("spool: {} request(s) failed during the run", report.errors);
+        status!("spool: {} request(s) failed during the run", report.errors);
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

@@ -77,8 +77,8 @@ pub(crate) fn report(e: &CliError) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match e {
-        CliError::Other(e) => eprintln!("spool: {}", chain(e.chain())),
-        e => eprintln!("spool: {e}"),
+        CliError::Other(e) => status!("spool: {}", chain(e.chain())),
+        e => status!("spool: {e}"),
     }
     ExitCode::from(e.code())
 }

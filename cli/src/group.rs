@@ -404,7 +404,7 @@ fn check_active(
         return Ok(());
     }
     if force {
-        eprintln!(
+        status!(
             "% group {group:?} committed {} ago; going ahead because of --force",
             human_ms(age)
         );
@@ -778,7 +778,7 @@ fn render_describe(g: &GroupLag, out: &mut impl Write) -> std::io::Result<()> {
     ]);
     t.write(out)?;
     for r in g.partitions.iter().filter(|r| r.error.is_some()) {
-        eprintln!(
+        status!(
             "% {}/{}: {}",
             r.topic,
             r.partition,
@@ -822,7 +822,7 @@ async fn describe(client: &Client, a: DescribeArgs) -> CliResult<ExitCode> {
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let Some(g) = describe_once(client, &a.group, &a.topic, a.sort).await? else {
-            eprintln!(
+            status!(
                 "spool: group {:?} has no committed offsets (name topics with --topic to see \
                  where it would start)",
                 a.group
@@ -1135,7 +1135,7 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
         (tps, vec![target; n])
     };
     if tps.is_empty() {
-        eprintln!(
+        status!(
             "spool: group {:?} has no committed offsets; name the partitions to seek with \
              --topic (or --from-file)",
             a.group
@@ -1147,7 +1147,7 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
         _ => None,
     });
     if let Some(t) = time {
-        eprintln!("% --to time {}", fmt_time(t));
+        status!("% --to time {}", fmt_time(t));
     }
     let bounds = partition_offsets(
         client,
@@ -1166,7 +1166,7 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
         let (new, note) = new_offset(*target, prior, &b)
             .map_err(|e| usage(format!("{}/{} {e}", tp.topic, tp.partition)))?;
         if let Some(note) = note {
-            eprintln!("% {}/{}: {note}", tp.topic, tp.partition);
+            status!("% {}/{}: {note}", tp.topic, tp.partition);
         }
         plan.push(PlanRow {
             topic: tp.topic.clone(),
@@ -1186,7 +1186,7 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
             csv.push_str(&format!("{},{},{}\n", r.topic, r.partition, r.new_offset));
         }
         write_atomic(path, csv.as_bytes())?;
-        eprintln!("% plan written to {}", path.display());
+        status!("% plan written to {}", path.display());
     }
 
     let last = last_commit(&committed);
@@ -1218,13 +1218,13 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
         }
         out.flush()?;
         if let Err(CliError::Problem(m)) = check_members(client, &a.group, "seek").await {
-            eprintln!("% note: --execute would fail now: {m}");
+            status!("% note: --execute would fail now: {m}");
         } else if let Err(CliError::Problem(m)) =
             check_active(&a.group, "seek", last, now, a.active_window, a.force)
         {
-            eprintln!("% note: --execute would fail now: {m}");
+            status!("% note: --execute would fail now: {m}");
         }
-        eprintln!("% dry run: nothing changed; add --execute to commit these offsets");
+        status!("% dry run: nothing changed; add --execute to commit these offsets");
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -1263,7 +1263,7 @@ async fn seek(client: &Client, a: SeekArgs) -> CliResult<ExitCode> {
         t.write(&mut out)?;
     }
     out.flush()?;
-    eprintln!(
+    status!(
         "% committed {} offset(s) for group {:?} in one request; consumers pick them up when \
          they (re)start from the committed offsets",
         plan.len(),

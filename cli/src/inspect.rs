@@ -218,7 +218,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            eprintln!(
+            status!(
                 "checked {checked} partition(s) in {}: {}",
                 dir.display(),
                 if corrupt {
@@ -293,7 +293,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 // A batch whose CRC checks but whose records do not decode: a problem found
                 // in the data, exit 1 as for a damaged batch (and as verify).
                 Some(DumpStop::Record { pos, error }) => {
-                    eprintln!(
+                    status!(
                         "spool: {}: batch at byte {pos}: a record does not decode: {error}",
                         segment.display()
                     );
@@ -305,7 +305,7 @@ pub(crate) fn run(cmd: Inspect) -> anyhow::Result<ExitCode> {
                 Ok(z) => z,
                 // Damage found, after the batches before it: exit 1, as verify.
                 Err(e @ spool_log_engine::Error::Corruption { .. }) => {
-                    eprintln!("spool: {e}");
+                    status!("spool: {e}");
                     return Ok(ExitCode::from(1));
                 }
                 Err(e) => return Err(e.into()),
@@ -346,7 +346,7 @@ fn reindex(
     let all = match reindex_log(dir, opts) {
         Ok(all) => all,
         Err(spool_log_engine::Error::Locked(_)) => {
-            eprintln!(
+            status!(
                 "spool: {} is locked by a running log (spoold?): stop it first, or reindex a copy",
                 dir.display()
             );
@@ -435,7 +435,7 @@ fn reindex(
             writeln!(out, "{}/{} {name}: {what}{counts}", p.topic, p.partition)?;
         }
     }
-    eprintln!(
+    status!(
         "{} {} partition(s) in {}: {rebuilt} segment(s) {}, {unchanged} unchanged{}",
         if opts.dry_run { "checked" } else { "reindexed" },
         all.len(),

@@ -6,7 +6,25 @@
 //!
 //! Conventions (kcat / rpk / tank-cli users expect them): data on stdout, status and progress on
 //! stderr; tables by default and `--json` for scripts; nothing interactive when stdout or stdin
-//! is not a terminal; a closed pipe ends the command quietly.
+//! is not a terminal; a closed pipe ends the command quietly. Status lines go through
+//! `status!` / `status_part!`, never `eprintln!`: a closed stderr (`spool … |& head -1`)
+//! must not panic the command (exit 101), it only loses the status.
+
+/// A status line on stderr (`eprintln!` that ignores a closed or failing stderr).
+macro_rules! status {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Status text on stderr without a newline (`eprint!` that ignores a closed stderr).
+macro_rules! status_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod bench;
 mod conn;

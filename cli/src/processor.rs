@@ -210,7 +210,7 @@ pub(crate) async fn run_processor(client: &Client, cmd: ProcessorCmd) -> CliResu
         }
         ProcessorCmd::Pause(a) => {
             ops::pause(client, &a.name, a.lane.as_deref(), true).await?;
-            eprintln!(
+            status!(
                 "paused {}{}",
                 a.name,
                 a.lane.map(|l| format!(" lane {l}")).unwrap_or_default()
@@ -218,7 +218,7 @@ pub(crate) async fn run_processor(client: &Client, cmd: ProcessorCmd) -> CliResu
         }
         ProcessorCmd::Resume(a) => {
             ops::pause(client, &a.name, a.lane.as_deref(), false).await?;
-            eprintln!(
+            status!(
                 "resumed {}{}",
                 a.name,
                 a.lane.map(|l| format!(" lane {l}")).unwrap_or_default()
@@ -305,7 +305,7 @@ pub(crate) async fn run_dlq(client: &Client, cmd: DlqCmd) -> CliResult<ExitCode>
             };
             let report = ops::redrive(client, &topic, &opts).await?;
             writeln!(out, "{}", serde_json::to_string(&report).map_err(other)?)?;
-            eprintln!(
+            status!(
                 "{} {} of {} dead letters{}",
                 if dry_run { "would send" } else { "sent" },
                 report.sent,
@@ -321,7 +321,7 @@ pub(crate) async fn run_dlq(client: &Client, cmd: DlqCmd) -> CliResult<ExitCode>
             reason,
         } => {
             ops::skip(client, &name, &topic, partition, offset, &reason).await?;
-            eprintln!("asked {name} to skip {topic}/{partition}@{offset}");
+            status!("asked {name} to skip {topic}/{partition}@{offset}");
         }
     }
     out.flush()?;

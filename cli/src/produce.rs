@@ -315,7 +315,7 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
     let file = a.file.clone();
     let max = a.max_record_bytes;
     if values.is_empty() && file.is_none() && std::io::stdin().is_terminal() {
-        eprintln!("reading records from stdin, one per line; Ctrl-D to finish");
+        status!("reading records from stdin, one per line; Ctrl-D to finish");
     }
     let reader = std::thread::spawn(move || -> std::io::Result<()> {
         if !values.is_empty() {
@@ -354,7 +354,7 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
                 }
                 Err(e) => {
                     failed += 1;
-                    eprintln!("spool: record {n} not delivered: {e}");
+                    status!("spool: record {n} not delivered: {e}");
                     first_error.get_or_insert(e);
                 }
             }
@@ -385,7 +385,7 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
                         // Said now: the records already sent may take a while to settle, and
                         // the input may not end soon (a terminal, `tail -F | spool produce`).
                         // The reason is the error the command ends with (said once).
-                        eprintln!(
+                        status!(
                             "spool: input record {n} not sent; stopping once the records \
                              before it are settled"
                         );
@@ -424,20 +424,20 @@ pub(crate) async fn run(client: &Client, a: ProduceArgs) -> CliResult<ExitCode> 
         Err(_) => return Err(CliError::Other(anyhow::anyhow!("input thread panicked"))),
     }
     if let Some(e) = send_error {
-        eprintln!("spool: {ok} record(s) delivered before the failure");
+        status!("spool: {ok} record(s) delivered before the failure");
         return Err(e.into());
     }
     if let Some(e) = bad_input {
-        eprintln!("spool: {ok} record(s) delivered before the bad input");
+        status!("spool: {ok} record(s) delivered before the bad input");
         return Err(usage(e));
     }
     if let Some(e) = first_error {
         // The exit code is the first failure's: 3 (unreachable) or 4 (refused).
-        eprintln!("spool: {failed} record(s) not delivered, {ok} delivered");
+        status!("spool: {failed} record(s) not delivered, {ok} delivered");
         return Err(e.into());
     }
     if verbose || std::io::stderr().is_terminal() {
-        eprintln!("produced {ok} record(s) to {topic}");
+        status!("produced {ok} record(s) to {topic}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -324,7 +324,7 @@ pub(crate) async fn run(client: &Client, a: ReplayArgs) -> CliResult<ExitCode> {
             )));
         }
         if !a.quiet && (a.offset.is_some() || only.is_some()) {
-            eprintln!(
+            status!(
                 "% resuming from {}: the range and partitions recorded there are used, not -o \
                  or /P",
                 file.display()
@@ -366,7 +366,7 @@ pub(crate) async fn run(client: &Client, a: ReplayArgs) -> CliResult<ExitCode> {
         Partitioning::Auto if fits => Partitioning::Same,
         Partitioning::Auto => {
             if !a.quiet {
-                eprintln!(
+                status!(
                     "% {dst} has {dst_partitions} partition(s), fewer than {src}'s: records go \
                      by key hash"
                 );
@@ -398,16 +398,21 @@ pub(crate) async fn run(client: &Client, a: ReplayArgs) -> CliResult<ExitCode> {
     });
     if job.plan.iter().all(|p| p.next >= p.end) {
         if let (Some(f), false) = (&job.resume_file, a.quiet) {
-            eprintln!(
+            status!(
                 "% nothing left to copy: {} records a finished copy",
                 f.display()
             );
         } else if !a.quiet {
-            eprintln!("% nothing to copy: the range is empty");
+            status!("% nothing to copy: the range is empty");
         }
         if a.json {
             let next: Vec<u64> = job.plan.iter().map(|p| p.next).collect();
-            println!("{}", job.summary(&next, 0, 0, None, false));
+            // A closed stdout loses the summary, not the exit status.
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}",
+                job.summary(&next, 0, 0, None, false)
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -431,13 +436,13 @@ async fn resolve(
     if let Start::Time(t) = range.start {
         times.push(t);
         if !quiet {
-            eprintln!("% start time {}", fmt_time(t));
+            status!("% start time {}", fmt_time(t));
         }
     }
     if let End::Time(t) = range.end {
         times.push(t);
         if !quiet {
-            eprintln!("% end time {}", fmt_time(t));
+            status!("% end time {}", fmt_time(t));
         }
     }
     // Read committed (as the copy's reads): the end is the last stable offset, so a replay
@@ -460,7 +465,7 @@ async fn resolve(
             .min(b.high_watermark)
             .max(r.start);
         if !quiet {
-            eprintln!(
+            status!(
                 "% {}/{}: offsets [{}, {end}) ({} records)",
                 tp.topic,
                 tp.partition,
@@ -543,7 +548,7 @@ fn print_plan(
         t.write(&mut out)?;
     }
     out.flush()?;
-    eprintln!("% dry run: nothing read or written");
+    status!("% dry run: nothing read or written");
     Ok(())
 }
 
@@ -577,7 +582,7 @@ async fn print_range(
     }
     out.flush()?;
     if !a.quiet {
-        eprintln!("% {printed} record(s)");
+        status!("% {printed} record(s)");
     }
     Ok(())
 }
@@ -861,13 +866,13 @@ async fn show_progress(
             human_bytes((bytes as f64 / secs) as u64)
         );
         if tty {
-            eprint!("\r\x1b[K{line}");
+            status_part!("\r\x1b[K{line}");
         } else {
-            eprintln!("% {line}");
+            status!("% {line}");
         }
     }
     if tty {
-        eprint!("\r\x1b[K");
+        status_part!("\r\x1b[K");
     }
 }
 
@@ -899,7 +904,7 @@ async fn copy(client: &Client, job: Arc<CopyJob>, a: &ReplayArgs) -> CliResult<E
             }
             interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
             stop_tx.send_replace(true);
-            eprintln!(
+            status!(
                 "\n% interrupted: waiting for the records already sent to be acknowledged \
                  (Ctrl-C again to quit at once)"
             );
@@ -908,7 +913,7 @@ async fn copy(client: &Client, job: Arc<CopyJob>, a: &ReplayArgs) -> CliResult<E
             }
             let _ = job.checkpoint(&progress);
             let next = lock(&progress).next.clone();
-            eprintln!("% quitting; records sent but not acknowledged count as not copied");
+            status!("% quitting; records sent but not acknowledged count as not copied");
             job.report(&next);
             std::process::exit(i32::from(EXIT_INTERRUPTED));
         })
@@ -1016,13 +1021,15 @@ async fn copy(client: &Client, job: Arc<CopyJob>, a: &ReplayArgs) -> CliResult<E
     let complete = job.plan.iter().zip(&next).all(|(p, n)| *n >= p.end);
     let secs = started.elapsed().as_secs_f64().max(1e-3);
     if a.json {
-        println!(
+        // A closed stdout loses the summary, not the report and exit status below.
+        let _ = writeln!(
+            std::io::stdout(),
             "{}",
             job.summary(&next, acked, bytes, message.as_deref(), interrupted)
         );
     }
     if !a.quiet {
-        eprintln!(
+        status!(
             "% copied {acked} record(s) ({}) from {} to {} in {:.1}s ({:.0} records/s){}",
             human_bytes(bytes),
             job.src,
@@ -1038,12 +1045,12 @@ async fn copy(client: &Client, job: Arc<CopyJob>, a: &ReplayArgs) -> CliResult<E
     if let Some(f) = &job.resume_file
         && !a.quiet
     {
-        eprintln!("% progress recorded in {}", f.display());
+        status!("% progress recorded in {}", f.display());
     }
     match (read_error, error) {
         (Some(e), _) => Err(e),
         (None, Some((m, Some(e)))) => {
-            eprintln!("% failed {m}");
+            status!("% failed {m}");
             Err(CliError::Client(e))
         }
         (None, Some((m, None))) => Err(CliError::Other(anyhow::anyhow!(m))),

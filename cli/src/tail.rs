@@ -281,7 +281,7 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
     let tps = partitions(client, &a).await?;
     let resolved = resolve(client, &tps, &range, a.isolation.level()).await?;
     if let (Start::Time(t), false) = (range.start, a.quiet) {
-        eprintln!("% start time {}", fmt_time(t));
+        status!("% start time {}", fmt_time(t));
     }
 
     // Partitions still to read, and where each stops.
@@ -289,7 +289,7 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
     let mut assign = Vec::new();
     for (tp, r) in tps.iter().zip(&resolved) {
         if !a.quiet {
-            eprintln!("% {}/{}: {}", tp.topic, tp.partition, describe(r));
+            status!("% {}/{}: {}", tp.topic, tp.partition, describe(r));
         }
         if r.is_empty() {
             continue;
@@ -352,7 +352,7 @@ pub(crate) async fn run(client: &Client, a: TailArgs, default_start: Start) -> C
                 idle += tick;
                 if a.idle_exit.is_some_and(|d| idle >= d) {
                     if !a.quiet {
-                        eprintln!(
+                        status!(
                             "% no record for {:?}, exiting",
                             a.idle_exit.unwrap_or_default()
                         );
@@ -420,9 +420,10 @@ fn finish(
     ends.remove(tp);
     consumer.unassign(&tp.topic, tp.partition);
     if !quiet {
-        eprintln!(
+        status!(
             "% Reached end of partition {}/{} at offset {at}",
-            tp.topic, tp.partition
+            tp.topic,
+            tp.partition
         );
     }
 }

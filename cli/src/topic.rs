@@ -263,7 +263,7 @@ pub(crate) async fn run(client: &Client, cmd: TopicCmd, out: &mut impl Write) ->
                     )?;
                 }
                 Err(spool_client::Error::TopicExists { .. }) if if_not_exists => {
-                    eprintln!("topic {name} already exists");
+                    status!("topic {name} already exists");
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -358,7 +358,7 @@ pub(crate) async fn run(client: &Client, cmd: TopicCmd, out: &mut impl Write) ->
                 match client.delete_topic(&name).await {
                     Ok(()) => writeln!(out, "deleted topic {name}")?,
                     Err(spool_client::Error::UnknownTopic { .. }) if if_exists => {
-                        eprintln!("topic {name} does not exist");
+                        status!("topic {name} does not exist");
                     }
                     Err(e) => return Err(e.into()),
                 }

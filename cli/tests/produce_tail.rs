@@ -486,3 +486,36 @@ fn a_refused_send_exits_without_waiting_for_more_input() {
     assert!(err.contains("input record 1 not sent"), "{err}");
     assert!(err.contains("no-such-topic"), "{err}");
 }
+
+/// A closed stderr (`spool consume t -o start:end |& head -1` once head has exited) loses the
+/// status lines but does not panic the command (exit 101): it exits 0 with its data printed.
+#[test]
+fn a_closed_stderr_is_not_a_panic() {
+    let b = Broker::start();
+    spool(&b, &["topic", "create", "t"]).ok();
+    spool(&b, &["produce", "t", "a", "b"]).ok();
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["consume", "t", "-o", "start:end"][..],
+        &["replay", "t", "-o", "start", "--to-topic", "t2", "--json"][..],
+    ] {
+        if args[0] == "replay" {
+            spool(&b, &["topic", "create", "t2"]).ok();
+        }
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = cmd(&b, args)
+            .stdout(Stdio::piped())
+            .stderr(writer)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if args[0] == "consume" {
+            assert_eq!(stdout, "a\nb\n");
+        } else {
+            assert!(stdout.contains("\"complete\":true"), "{stdout}");
+        }
+    }
+}
