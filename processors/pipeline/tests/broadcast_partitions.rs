@@ -1,5 +1,5 @@
 //! The broadcast partition counts (`[app] broadcast_partitions` of deals, `address_partitions`
-//! of bounces) on a real `spoold`: the count used is the topic's, read at start; a setting
+//! of bounces and notifications) on a real `spoold`: the count used is the topic's, read at start; a setting
 //! that disagrees with the topic (or a topic that does not exist) stops the start with a
 //! message naming both, instead of starving matching's other partitions (too few copies) or
 //! dead-lettering price updates (too many).
@@ -115,6 +115,20 @@ async fn a_broadcast_count_other_than_the_topics_refuses_to_start() {
     let log = refused(&mut bounces);
     assert!(
         log.contains("address-status has 3 partitions but [app] address_partitions = 4"),
+        "{log}"
+    );
+    // Notifications flags addresses refused at SMTP time on address-status too.
+    let mut notifications = Processor::new(
+        env!("CARGO_BIN_EXE_spool-notifications"),
+        dir.path(),
+        "notifications",
+        &addr,
+        "inputs = [\"notification-requests\", \"outgoing-mail\"]\noutputs = [\"outgoing-mail\", \"mail-status\", \"address-status\"]\n[app]\naddress_partitions = 2\n",
+    );
+    notifications.start();
+    let log = refused(&mut notifications);
+    assert!(
+        log.contains("address-status has 3 partitions but [app] address_partitions = 2"),
         "{log}"
     );
 }

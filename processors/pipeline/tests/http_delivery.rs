@@ -18,7 +18,10 @@ use spool_processor::testing::TestDriver;
 use support::receiver::Receiver;
 
 fn settings(in_flight: u32) -> NotificationsSettings {
-    let mut s = NotificationsSettings::default();
+    let mut s = NotificationsSettings {
+        address_partitions: 2,
+        ..NotificationsSettings::default()
+    };
     s.http.max_in_flight = in_flight;
     s.http.retry_initial_ms = 300;
     s

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use spool_client::partitioner::partition_for_key;
 use spool_client::{ConsumerConfig, StartAt};
 use spool_pipeline::events::{
-    Channel, MailState, MailStatus, NotificationKind, NotificationRequest, OutgoingMail,
+    AddressStatus, Channel, MailState, MailStatus, NotificationKind, NotificationRequest,
+    OutgoingMail,
 };
 use spool_pipeline::processors::envelope;
 use spool_pipeline::processors::notifications::{Notifications, NotificationsSettings};
@@ -45,7 +46,7 @@ struct Seen {
 /// message counts as queued all the same, as Postfix's would).
 const SLOW_REPLY: Duration = Duration::from_millis(1_500);
 
-/// An SMTP server: `reject*` recipients get `550 5.1.1`, `later*` ones `451 4.3.0` the first
+/// An SMTP server: `reject*` recipients get `550 5.1.1`, `deny*` ones `554 5.7.1`, `later*` ones `451 4.3.0` the first
 /// time, everyone else is queued after `delay` (as `queued as Q<n>`); a `slow*` recipient's
 /// first message is queued but answered [`SLOW_REPLY`] late.
 async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
@@ -81,6 +82,8 @@ async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
                         if rcpt.starts_with("reject") {
                             *g.rejected.entry(rcpt.clone()).or_default() += 1;
                             "550 5.1.1 <reject>: Recipient address rejected\r\n".to_owned()
+                        } else if rcpt.starts_with("deny") {
+                            "554 5.7.1 <deny>: Relay access denied\r\n".to_owned()
                         } else if rcpt.starts_with("later") && !g.deferred.contains_key(&rcpt) {
                             g.deferred.insert(rcpt.clone(), 1);
                             "451 4.3.0 try again later\r\n".to_owned()
@@ -128,7 +131,10 @@ async fn smtp_server(delay: Duration) -> (u16, Arc<Mutex<Seen>>) {
 }
 
 fn settings(port: u16, in_flight: u32) -> NotificationsSettings {
-    let mut s = NotificationsSettings::default();
+    let mut s = NotificationsSettings {
+        address_partitions: 2,
+        ..NotificationsSettings::default()
+    };
     s.smtp.port = port;
     s.smtp.from = "deals@localhost".into();
     s.smtp.max_in_flight = in_flight;
@@ -257,6 +263,40 @@ async fn mails_in_flight_refusals_retries_and_restarts() {
         ("m020", MailState::Queued)
     );
     assert_eq!(seen.lock().unwrap().accepted.get(crash), Some(&2));
+}
+
+/// A recipient the MTA refuses for good with an address-class code (`550 5.1.1` at RCPT, as
+/// Postfix's `smtpd_reject_unlisted_recipient` answers; it never reaches Postfix's log as a
+/// bounce) is flagged unreachable on every partition of `address-status`, in the settling
+/// transaction beside its `failed` status and dead letter, so matching stops alerting it. A
+/// policy refusal (`554 5.7.1`) flags nothing. (Before, only `spool-bounces` flagged, so such
+/// an address was refused again at every alert, each adding a dead letter.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_with_an_address_code_is_flagged_on_every_partition() {
+    let (port, _seen) = smtp_server(Duration::ZERO).await;
+    let h = Notifications::new(&settings(port, 2)).unwrap();
+    let mut d = TestDriver::new("notifications", h).with_topic(topics::OUTGOING_MAIL, 1);
+    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(0, "reject7@localhost"))
+        .await;
+    d.pipe_event_async(topics::OUTGOING_MAIL, &mail(1, "deny0@localhost"))
+        .await;
+    let all = settle(&mut d, |s| s.len() >= 2).await;
+    assert!(all.iter().all(|s| s.status == MailState::Failed), "{all:?}");
+    let flags = d.read_output(topics::ADDRESS_STATUS);
+    assert_eq!(
+        flags.iter().map(|r| r.partition).collect::<Vec<_>>(),
+        vec![0, 1],
+        "one copy per partition (address_partitions = 2), for reject7 only"
+    );
+    for r in &flags {
+        let e = r.event::<AddressStatus>().unwrap();
+        assert_eq!(e.id, "m000:refused");
+        assert_eq!(e.data.address, "reject7@localhost");
+        assert!(e.data.unreachable);
+        assert_eq!(e.data.mail_id.as_deref(), Some("m000"));
+        assert!(e.data.reason.contains("5.1.1"), "{:?}", e.data);
+    }
+    assert_eq!(d.dead_letters(topics::OUTGOING_MAIL).len(), 2);
 }
 
 /// SMTP's lost-reply window (RFC 1047), with no crash at all: the MTA queues the message but

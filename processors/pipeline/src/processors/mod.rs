@@ -5,7 +5,7 @@
 //! | --- | --- | --- | --- |
 //! | [`deals::Deals`] | `prices` | `deal-transitions` (by product), `deal-broadcast` (a copy per partition) | `products` |
 //! | [`matching::Matching`] | `deal-broadcast`, `user-settings`, `address-status` (co-partitioned by number) | `notification-requests`, `timeline` | `m` (settings, index, flags, notified) |
-//! | [`notifications::Notifications`] | `notification-requests`, `outgoing-mail` | `outgoing-mail`, `mail-status` | effects (idempotency keys) |
+//! | [`notifications::Notifications`] | `notification-requests`, `outgoing-mail`, `campaign-requests` | `outgoing-mail`, `mail-status`, `campaign-requests`, `address-status` (a recipient refused at SMTP time with 5.1.x; a copy per partition) | effects (idempotency keys), pending-send timers |
 //! | [`bounces::Bounces`] | `postfix-log` | `mail-status`, `delivery-issues`, `address-status` (a copy per partition) | `queue` |
 //! | [`imports::Imports`] | `feed-imports` | `import-status` (completed / stuck) | the completion counter `imports` |
 //!
@@ -17,8 +17,8 @@
 //!
 //! # Broadcast partition counts
 //!
-//! A processor that writes a copy to every partition (deals to `deal-broadcast`, bounces to
-//! `address-status`) must write to exactly as many partitions as the topic has: fewer starve
+//! A processor that writes a copy to every partition (deals to `deal-broadcast`, bounces and
+//! notifications to `address-status`) must write to exactly as many partitions as the topic has: fewer starve
 //! matching's other partitions silently (their users are never alerted, their flags never
 //! arrive), more fail each such output's check (the input is retried, then dead-lettered).
 //! Invariant: the count a handler broadcasts over is the topic's count read from the broker

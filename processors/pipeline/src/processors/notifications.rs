@@ -16,7 +16,14 @@
 //!   transaction: the idempotency key (effect key = the mail id) with `mail-status` *queued*
 //!   and Postfix's queue id; or, for a permanent refusal (SMTP 5xx, or `max_attempts` used
 //!   up), `mail-status` *failed* with the dead letter; or a retry after a backoff (SMTP 4xx,
-//!   connection failures), without holding back the partition.
+//!   connection failures), without holding back the partition. A permanent refusal whose
+//!   enhanced status code says the recipient's address is bad ([`address_refused`]: 5.1.1,
+//!   5.1.2, 5.1.3, 5.1.6, 5.1.10; typically Postfix's RCPT-time `550 5.1.1 ... Recipient
+//!   address rejected`, which never reaches its log as a bounce) also flags the address
+//!   unreachable, in the same transaction: an [`AddressStatus`] on every partition of
+//!   `address-status` (`[app] address_partitions`, the topic's count, checked at start), as
+//!   `spool-bounces` does for a hard bounce. Other 5xx (policy 5.7.x, size 5.3.4, the
+//!   sender's 5.1.7/5.1.8, none) flag nothing.
 //!
 //! # Sends in flight (how the contract is kept with several sends at once)
 //!
@@ -81,8 +88,10 @@ use crate::deliver::Outcome;
 use crate::deliver::http::{HttpConfig, HttpSender};
 use crate::deliver::inflight::{InFlight, SendState};
 use crate::deliver::smtp::{SmtpConfig, SmtpSender};
-use crate::events::{Channel, MailState, MailStatus, NotificationRequest, OutgoingMail};
-use crate::processors::{emit, envelope};
+use crate::events::{
+    AddressStatus, Channel, MailState, MailStatus, NotificationRequest, OutgoingMail,
+};
+use crate::processors::{broadcast, emit, envelope};
 use crate::render::Renderer;
 use crate::topics;
 
@@ -98,6 +107,11 @@ pub struct NotificationsSettings {
     pub smtp: SmtpConfig,
     /// HTTP.
     pub http: HttpConfig,
+    /// Partitions of `address-status` (= matching's), where an address refused at SMTP time
+    /// is flagged: 0 (the default) takes the topic's count at start; another value is the
+    /// count expected, and the start is refused if the topic has another
+    /// ([`crate::processors::resolve_broadcast_partitions`]).
+    pub address_partitions: u32,
 }
 
 impl Default for NotificationsSettings {
@@ -107,6 +121,7 @@ impl Default for NotificationsSettings {
             templates_dir: String::new(),
             smtp: SmtpConfig::default(),
             http: HttpConfig::default(),
+            address_partitions: 0,
         }
     }
 }
@@ -124,11 +139,20 @@ pub struct Notifications {
     /// Webhook and push calls running, and their results until settled.
     http_inflight: InFlight,
     http: HttpSender,
+    /// `address-status`'s partition count (resolved at start).
+    address_partitions: u32,
 }
 
 impl Notifications {
     /// A processor with these settings (the settings are checked now; SMTP connects later).
+    /// `address_partitions` is the count resolved at start (the binary asks the broker), so
+    /// at least 1.
     pub fn new(s: &NotificationsSettings) -> anyhow::Result<Notifications> {
+        anyhow::ensure!(
+            s.address_partitions >= 1,
+            "[app] address_partitions must be at least 1 (address-status's partition count, \
+             resolved from the broker at start)"
+        );
         let renderer = if s.templates_dir.is_empty() {
             Renderer::builtin(&s.site)
         } else {
@@ -174,6 +198,7 @@ impl Notifications {
                 s.http.max_waiting as usize,
             ),
             http: HttpSender::new(&s.http)?,
+            address_partitions: s.address_partitions,
         })
     }
 }
@@ -646,13 +671,67 @@ impl Notifications {
                 // settles from the same result instead of sending again.
                 inflight.give_up(&id);
                 if let Delivery::Mail(m) = &d {
+                    let refused = address_refused(&why).map(str::to_owned);
                     failed(ctx, m, why, now)?;
+                    if let Some(code) = refused {
+                        self.flag_refused(ctx, m, &code, now)?;
+                    }
                 }
                 dead_letter(ctx, &pending, now);
                 Ok(())
             }
         }
     }
+}
+
+impl Notifications {
+    /// The MTA refused `m`'s recipient for good with an address-class code: the address is
+    /// flagged unreachable on every partition of `address-status` (in the settling
+    /// transaction, beside the `failed` status and the dead letter), so matching stops
+    /// alerting it by e-mail and the site can warn its user.
+    fn flag_refused(
+        &self,
+        ctx: &mut Context<'_>,
+        m: &OutgoingMail,
+        code: &str,
+        now: i64,
+    ) -> Result<(), Failure> {
+        let flag = AddressStatus {
+            address: m.to.trim().to_ascii_lowercase(),
+            unreachable: true,
+            reason: format!("refused by the MTA with {code} (SMTP, mail {})", m.mail_id),
+            mail_id: Some(m.mail_id.clone()),
+            at_ms: now,
+        };
+        broadcast(
+            ctx,
+            topics::ADDRESS_STATUS,
+            self.address_partitions,
+            format!("{}:refused", m.mail_id),
+            &flag,
+            now,
+        )
+    }
+}
+
+/// The enhanced status code of a permanent SMTP refusal (lettre's `permanent error (5NN):
+/// X.Y.Z text`) when it says the recipient's address is bad (RFC 3463): 5.1.1 bad mailbox,
+/// 5.1.2 bad system (domain), 5.1.3 bad address syntax, 5.1.6 mailbox moved, 5.1.10 null MX.
+/// `None` for every other refusal: 5.1.7/5.1.8 are about *our* sender address, 5.1.0/5.1.4/
+/// 5.1.5 say nothing certain, 5.7.x is policy (spam, relay, DMARC), 5.2.x/5.3.x mailbox or
+/// system state, and a reply without an enhanced code is not classified. One recipient per
+/// transaction, so the code is about that recipient whatever the SMTP stage.
+pub fn address_refused(why: &str) -> Option<&str> {
+    let at = why.find("permanent error (5")?;
+    let rest = &why[at + "permanent error (".len()..];
+    let rest = rest.get(3..)?.strip_prefix("): ")?;
+    let code = rest.split_whitespace().next()?;
+    let mut parts = code.split('.');
+    let (class, subject, detail) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || class != "5" || subject != "1" {
+        return None;
+    }
+    matches!(detail, "1" | "2" | "3" | "6" | "10").then_some(code)
 }
 
 /// A mail given up on: `mail-status` `failed` (its dead letter follows in the settling
@@ -723,9 +802,57 @@ mod tests {
         }
     }
 
+    #[test]
+    fn only_recipient_address_codes_flag() {
+        let e = |reply: &str| format!("smtp: permanent error ({reply}");
+        for (reply, want) in [
+            (
+                "550): 5.1.1 <x@y>: Recipient address rejected: User unknown",
+                Some("5.1.1"),
+            ),
+            (
+                "550): 5.1.2 <x@nope>: Recipient address rejected: Domain not found",
+                Some("5.1.2"),
+            ),
+            ("553): 5.1.3 bad address syntax", Some("5.1.3")),
+            ("550): 5.1.10 null MX", Some("5.1.10")),
+            (
+                "553): 5.1.8 <deals@x>: Sender address rejected: Domain not found",
+                None,
+            ),
+            ("550): 5.1.7 bad sender", None),
+            ("554): 5.7.1 <x@y>: Relay access denied", None),
+            ("552): 5.3.4 Message size exceeds fixed limit", None),
+            ("550): 5.1.1x odd", None),
+            ("550): Recipient unknown", None),
+        ] {
+            assert_eq!(address_refused(&e(reply)), want, "{reply}");
+        }
+        assert_eq!(
+            address_refused("smtp: transient error (450): 4.1.1 try later"),
+            None
+        );
+        assert_eq!(
+            address_refused("recipient \"not an address\": invalid"),
+            None
+        );
+        let zero = NotificationsSettings {
+            address_partitions: 0,
+            ..NotificationsSettings::default()
+        };
+        assert!(
+            Notifications::new(&zero).is_err(),
+            "unresolved partitions refused"
+        );
+    }
+
     #[tokio::test]
     async fn campaigns_wait_for_the_end_of_quiet_hours_and_go_back_through_their_lane() {
-        let h = Notifications::new(&NotificationsSettings::default()).unwrap();
+        let h = Notifications::new(&NotificationsSettings {
+            address_partitions: 1,
+            ..NotificationsSettings::default()
+        })
+        .unwrap();
         let mut d = TestDriver::new("notifications", h);
         let c = campaign("u1");
         d.pipe_event_async(
