@@ -50,6 +50,21 @@ fn encode(seq: u64, p: &Point) -> [u8; SLOT] {
     b
 }
 
+/// Writes the first point of a partition that holds nothing yet, `(0, 0, 0)` with sequence 1,
+/// where [`Checkpoint::write`] would put it, into the new, empty file `file` at `path`. For
+/// `Partition::create_empty`: the first open then finds the point it would write and writes
+/// nothing. Not fdatasync'd: the point covers no data, so losing it only makes that open
+/// write it.
+pub(crate) fn write_initial(file: &dyn FileHandle, path: &Path) -> Result<()> {
+    let zero = Point {
+        segment_base: 0,
+        position: 0,
+        next_offset: 0,
+    };
+    file.write_all_at(&encode(1, &zero), SLOT as u64)
+        .map_err(|e| Error::io("write", path, e))
+}
+
 fn decode(b: &[u8]) -> Option<(u64, Point)> {
     let u64_at = |at: usize| {
         let mut a = [0u8; 8];

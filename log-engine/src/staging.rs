@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <root>/.tmp-<name>/                  a topic being built (staging)
-//! <root>/.tmp-<name>/<p>/00000000000000000000.log, recovery-point   empty partitions
+//! <root>/.tmp-<name>/<p>/00000000000000000000.log, recovery-point   empty partitions (the point (0, 0, 0))
 //! <root>/.tmp-<name>/topic.json        written last, fdatasync'd, directory fsynced
 //! <root>/<name>/                       a topic: the staging directory renamed in one step
 //! <root>/.deleted-<id>-<name>/         a topic being removed (deleted, or a rolled-back create)

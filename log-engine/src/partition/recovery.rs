@@ -155,21 +155,23 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<(u64, u64)>> {
 }
 
 impl Partition {
-    /// Lays out an empty partition in the new directory `dir`: an empty first segment and an
-    /// empty recovery-point file, with the directory's entries synced (its own entry in the
-    /// parent is the caller's to sync). [`Partition::open`] of the result (without `create`)
-    /// writes nothing, and nothing stays open here.
+    /// Lays out an empty partition in the new directory `dir`: an empty first segment and a
+    /// recovery-point file holding the point `(0, 0, 0)` (not synced: it covers nothing), with
+    /// the directory's entries synced (its own entry in the parent is the caller's to sync).
+    /// [`Partition::open`] of the result (without `create`) then finds its point already
+    /// there and writes nothing (unless a crash lost that unsynced point: it then writes it,
+    /// as for any partition), and nothing stays open here.
     pub(crate) fn create_empty(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
         fs.create_dir(dir)
             .map_err(|e| Error::io("create directory", dir, e))?;
-        for name in [
-            segment::log_name(0),
-            crate::checkpoint::FILE_NAME.to_owned(),
-        ] {
-            let path = dir.join(name);
-            fs.open(&path, OpenMode::CreateNew)
-                .map_err(|e| Error::io("create", &path, e))?;
-        }
+        let log = dir.join(segment::log_name(0));
+        fs.open(&log, OpenMode::CreateNew)
+            .map_err(|e| Error::io("create", &log, e))?;
+        let point = dir.join(crate::checkpoint::FILE_NAME);
+        let file = fs
+            .open(&point, OpenMode::CreateNew)
+            .map_err(|e| Error::io("create", &point, e))?;
+        crate::checkpoint::write_initial(file.as_ref(), &point)?;
         crate::fsutil::sync_dir(fs, dir)
     }
 
