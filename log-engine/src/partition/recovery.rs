@@ -114,22 +114,45 @@ fn quarantine(
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n + 1 < MAX_TORN_COPIES => {
                 n += 1;
             }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::io(
+                    "create",
+                    &dst,
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{MAX_TORN_COPIES} copies of torn tails cut at position {pos} are \
+                             kept already: remove those inspected"
+                        ),
+                    ),
+                ));
+            }
             Err(e) => return Err(Error::io("create", &dst, e)),
         }
     };
-    let mut buf = vec![0u8; (len - pos).min(1 << 20) as usize];
-    let mut at = pos;
-    while at < len {
-        let n = buf.len().min((len - at) as usize);
-        file.read_exact_at(&mut buf[..n], at)
-            .map_err(|e| Error::io("read", path, e))?;
-        out.write_all_at(&buf[..n], at - pos)
-            .map_err(|e| Error::io("copy torn tail", &dst, e))?;
-        at += n as u64;
+    let copied = (|| {
+        let mut buf = vec![0u8; (len - pos).min(1 << 20) as usize];
+        let mut at = pos;
+        while at < len {
+            let n = buf.len().min((len - at) as usize);
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| Error::io("read", path, e))?;
+            out.write_all_at(&buf[..n], at - pos)
+                .map_err(|e| Error::io("copy torn tail", &dst, e))?;
+            at += n as u64;
+        }
+        out.sync_data()
+            .map_err(|e| Error::io("fdatasync", &dst, e))?;
+        crate::fsutil::sync_dir(fs, dir)
+    })();
+    if let Err(e) = copied {
+        // This attempt's own file, and the open fails before the cut: every byte it holds is
+        // still in the segment. Left behind, each failing open (a full disk) would add one
+        // more copy of the same tail, up to the cap, and then the partition could not open.
+        drop(out);
+        let _ = fs.remove_file(&dst);
+        return Err(e);
     }
-    out.sync_data()
-        .map_err(|e| Error::io("fdatasync", &dst, e))?;
-    crate::fsutil::sync_dir(fs, dir)?;
     Ok(dst)
 }
 

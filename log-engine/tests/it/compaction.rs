@@ -702,7 +702,8 @@ fn a_pass_on_a_deleted_topic_writes_nothing_into_a_recreated_one() {
         if s == Step::MapBuilt {
             at_map.send(()).unwrap();
             let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !hp.is_deleted() && std::time::Instant::now() < until {
+            // Closed (not only marked deleted): the pass's next check then stops it for sure.
+            while hp.closed_error().is_none() && std::time::Instant::now() < until {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             // Before the fix the delete did not wait for this pass: let the new topic be

@@ -431,3 +431,68 @@ fn a_second_torn_tail_at_the_same_position_keeps_the_first_copy() {
     );
     assert!(has(&first_bytes, b"c2-1") && !has(&first_bytes, b"again"));
 }
+
+/// Follows finding 4 (review of 30a5d4f, F5): a torn-tail copy that cannot be completed (a
+/// full disk) is removed again. The open fails before the cut, so the segment still holds
+/// those bytes; left behind, every failing open would add one more copy of the same tail, up
+/// to the cap, after which the partition could not open at all.
+#[test]
+fn a_torn_tail_copy_that_fails_leaves_no_file() {
+    use spool_log_engine::LogOptions;
+    use spool_log_engine::io::sim::{CutModel, Effect, Fault, OpKind, SimFs, SimRng};
+
+    let sim = SimFs::new();
+    let open = || {
+        Log::open(
+            "/spool",
+            LogOptions {
+                background_maintenance: false,
+                fs: sim.fs(),
+                ..LogOptions::default()
+            },
+        )
+    };
+    let torn_files = || -> Vec<String> {
+        let mut v: Vec<String> = sim
+            .fs()
+            .read_dir(Path::new("/spool/t/0"))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .filter(|n| n.contains(".torn-"))
+            .collect();
+        v.sort();
+        v
+    };
+    let log = open().unwrap();
+    log.create_topic("t", cfg()).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for i in 0..5 {
+        p.append(&batch(&format!("b{i}"), 3, i)).unwrap();
+    }
+    let seg = p.active_segment_path();
+    let size = sim.fs().metadata(&seg).unwrap().len;
+    // Damage the last batch (synced: fsync = always), then cut the power with the log open:
+    // the batches lie past the recovery point.
+    sim.flip_bit(&seg, size - 10, 3).unwrap();
+    sim.cut();
+    drop(p);
+    drop(log);
+    sim.restart(&CutModel::LOSE_UNSYNCED, &mut SimRng::new(7));
+    sim.inject(Fault::on(
+        OpKind::Write,
+        ".torn-",
+        Effect::Fail(libc::ENOSPC),
+    ));
+    for attempt in 0..3 {
+        let err = open().map(|_| ()).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "attempt {attempt}: {err}");
+        assert_eq!(torn_files(), Vec::<String>::new(), "attempt {attempt}");
+    }
+    sim.clear_faults();
+    let log = open().unwrap();
+    let torn = torn_files();
+    assert_eq!(torn.len(), 1, "{torn:?}");
+    assert!(!torn[0].ends_with("-1"), "{torn:?}");
+    assert_eq!(log.partition("t", 0).unwrap().high_watermark(), 12);
+}
