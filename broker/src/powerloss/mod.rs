@@ -751,3 +751,111 @@ fn a_late_decision_does_not_undo_a_commit_at_a_position_a_cut_freed() {
         "a restart re-ran A over the commit made after the first restart"
     );
 }
+
+/// Audit-durable finding 3. A decision left pending at start (a marker's write failing) owns
+/// its producer's transactions below its epoch only. The producer's next transaction, at the
+/// decision's epoch (begun once `Complete*` was appended, kept by a cut that lost
+/// `Complete*`), was decided by nobody: once the decision is carried out it must be aborted,
+/// not left open with its partition's last stable offset stuck until the next restart.
+#[test]
+fn a_decision_pending_at_start_does_not_keep_the_next_transaction_open() {
+    use spool_log_engine::{BatchBuilder, Compression, FsyncPolicy, TopicConfig};
+    use std::time::Duration;
+
+    let (sim, clock, broker) = open_with_topic_d(2);
+    let s = broker.state.clone();
+    // P: a partition whose topic is not fsynced on append, so a cut can lose its marker while
+    // the transaction's batch (synced here explicitly) stays.
+    s.log
+        .create_topic(
+            "n",
+            TopicConfig {
+                partitions: 1,
+                fsync: FsyncPolicy::Never,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let rt = runtime();
+    let batch = |pid: i64, epoch: i16, v: &[u8]| {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.producer(pid, epoch, 0);
+        b.transactional(true);
+        b.push(clock.now_ms(), None, Some(v), &[]);
+        b.finish().unwrap()
+    };
+    let (p, q) = (
+        s.log.partition("n", 0).unwrap(),
+        s.log.partition("d", 1).unwrap(),
+    );
+
+    // txn1 on {P, Q}, committed (no offsets: the reply goes out before `Complete*`).
+    let (a, e) = rt.block_on(s.txns.init("a", 60_000, None)).unwrap();
+    let hold = s
+        .txns
+        .add_partitions(a, e, vec![("n".into(), 0), ("d".into(), 1)])
+        .unwrap();
+    let info = p.append(&batch(a, e, b"p1")).unwrap();
+    p.wait_durable(info.last_offset + 1).unwrap();
+    q.append(&batch(a, e, b"q1")).unwrap();
+    drop(hold);
+    let (_, next) = rt.block_on(s.txns.end("a", a, i32::from(e), true)).unwrap();
+    assert_eq!(next, e + 1);
+    let complete = || {
+        rt.block_on(s.txns.list())
+            .into_iter()
+            .any(|t| t.state == v1::TxnState::CompleteCommit as i32)
+    };
+    for _ in 0..500 {
+        if complete() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(complete(), "txn1 completed");
+
+    // txn2's first batch, on Q, durable (Q is fsynced on append).
+    let hold = s
+        .txns
+        .add_partitions(a, next, vec![("d".into(), 1)])
+        .unwrap();
+    q.append(&batch(a, next, b"q2")).unwrap();
+    drop(hold);
+    assert_eq!(q.open_transactions().len(), 1);
+
+    // Power cut: `Complete*` and P's marker are lost, txn2's batch stays. At the start P's
+    // marker cannot be written (the disk is full): txn1's decision stays pending.
+    sim.cut();
+    drop((p, q, rt, s, broker));
+    sim.restart(&CutModel::LOSE_UNSYNCED, &mut SimRng::new(1));
+    let p_log = |k: OpKind, path: &std::path::Path| {
+        k == OpKind::Write
+            && path.starts_with("/spool/n/0")
+            && path.extension().is_some_and(|e| e == "log")
+    };
+    sim.inject(Fault::when(p_log, Effect::Fail(libc::ENOSPC)).times(1));
+    let broker = open(&sim, &clock, 1).expect("reopen");
+    let s = broker.state.clone();
+    let rt = runtime();
+    let (p, q) = (
+        s.log.partition("n", 0).unwrap(),
+        s.log.partition("d", 1).unwrap(),
+    );
+    assert_eq!(p.open_transactions().len(), 1, "txn1's decision is pending");
+    assert_eq!(q.open_transactions().len(), 1, "txn2 is open on Q");
+
+    // The disk has room again; the sweeper carries txn1 out.
+    rt.block_on(s.txns.sweep());
+    assert!(p.open_transactions().is_empty(), "txn1 was carried out");
+    assert!(
+        q.open_transactions().is_empty(),
+        "txn2, decided by nobody, is left open on Q"
+    );
+    assert_eq!(q.last_stable_offset(), q.high_watermark());
+    // Its producer's epoch is fenced: it aborts and re-inits.
+    let hold = s.txns.add_partitions(a, next, vec![("d".into(), 1)]);
+    assert!(
+        matches!(hold, Err(crate::BrokerError::TxnProducerFenced { .. })),
+        "{hold:?}"
+    );
+}

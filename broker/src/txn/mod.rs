@@ -36,7 +36,11 @@
 //!    the recovered end of `__consumer_offsets` and the clamp recorded durably: the position
 //!    counted commits still in flight, a power cut can lose them, and the positions they
 //!    held go to commits newer than the decision. Then every transaction recorded
-//!    `Ongoing` or still open in any partition is aborted, with a bumped epoch.
+//!    `Ongoing` or still open in any partition is aborted, with a bumped epoch. A decision
+//!    that cannot be carried out yet (a marker's write fails) owns its producer's open
+//!    transactions below its epoch; one at its epoch (the producer's next transaction, kept
+//!    by a cut that lost `Complete*`) is aborted as soon as the decision is carried out
+//!    (`TxnMeta::later_open`).
 //! 5. A background task aborts transactions open past their timeout (bumping the epoch: the
 //!    producer gets `TRANSACTION_TIMED_OUT`) and retries decisions whose markers failed.
 //!
@@ -176,9 +180,10 @@ impl Transactions {
         // Undecided transactions, by id: recorded `Ongoing` (offsets were added), or open in
         // some partition. All are aborted below, with the epoch bumped.
         let mut undecided: BTreeMap<String, (i16, BTreeSet<Tp>)> = BTreeMap::new();
-        // Ids whose decision could not be carried out now (a partition refusing writes):
-        // the sweeper retries them; their open transactions are theirs, not orphans.
-        let mut pending = std::collections::HashSet::new();
+        // Ids whose decision could not be carried out now (a partition refusing writes), by
+        // producer id, with the decision's (the markers') epoch: the sweeper retries them;
+        // their open transactions of an older epoch are the decision's, not orphans.
+        let mut pending: HashMap<i64, (String, i16)> = HashMap::new();
         for (id, mut meta) in metas {
             if meta.is_preparing() {
                 // A power cut can leave the decision's `offsets_since` past the recovered end
@@ -192,7 +197,7 @@ impl Transactions {
                     Ok(()) => finished += 1,
                     Err(e) => {
                         tracing::warn!(transactional_id = %id, error = %e, "completing a recorded decision failed; retrying later");
-                        pending.insert(meta.pid);
+                        pending.insert(meta.pid, (id.clone(), meta.epoch));
                     }
                 }
             }
@@ -207,16 +212,30 @@ impl Transactions {
         for topic in t.log.topics() {
             for p in t.log.partitions(&topic)? {
                 for o in p.open_transactions() {
+                    let tp = (topic.clone(), p.id());
+                    if let Some((id, decided)) = pending.get(&o.producer_id) {
+                        // Below the decision's epoch: the decided transaction itself, ended
+                        // by its markers once they can be written. At it: the producer's next
+                        // transaction, begun once `Complete*` was appended and kept by a cut
+                        // that lost `Complete*`; nothing decided it, so it is aborted once
+                        // the decision is carried out ([`TxnMeta::later_open`]).
+                        if o.epoch >= *decided {
+                            let entry = lock(&t.ids)[id].clone();
+                            entry
+                                .try_lock()
+                                .expect("nobody else runs yet")
+                                .later_open
+                                .insert(tp);
+                        }
+                        continue;
+                    }
                     let e = orphans.entry(o.producer_id).or_default();
                     e.0 = e.0.max(o.epoch);
-                    e.1.insert((topic.clone(), p.id()));
+                    e.1.insert(tp);
                 }
             }
         }
         for (pid, (epoch, partitions)) in orphans {
-            if pending.contains(&pid) {
-                continue;
-            }
             match lock(&t.by_pid).get(&pid).cloned() {
                 Some(id) => {
                     let e = undecided.entry(id).or_default();
@@ -355,7 +374,50 @@ impl Transactions {
             Self::settle_markers(written)?;
         }
         applied?;
-        self.complete_blocking(id, meta)
+        self.complete_blocking(id, meta)?;
+        // The decision is carried out whatever happens to this abort (its failure is left
+        // for the sweeper, as the start leaves one).
+        if let Err(e) = self.abort_later_open(id, meta) {
+            tracing::warn!(transactional_id = %id, error = %e, "aborting a transaction left open by a power cut after its producer's decision failed; retrying later");
+        }
+        Ok(())
+    }
+
+    /// After a decision left pending at start is carried out: aborts the producer's later
+    /// transaction found open at start ([`TxnMeta::later_open`]) as the start aborts an
+    /// undecided one (decision recorded durably, epoch bumped, markers). On failure it is
+    /// left as the start leaves one: a recorded abort is retried by the sweeper, an
+    /// unrecorded one stays `Ongoing` and is aborted at its timeout.
+    fn abort_later_open(&self, id: &str, meta: &mut TxnMeta) -> Result<(), BrokerError> {
+        let later = std::mem::take(&mut meta.later_open);
+        if later.is_empty() {
+            return Ok(());
+        }
+        let Some(last) = meta.last_end.filter(|e| e.pid == meta.pid) else {
+            // The decision handed out a new producer id (epoch exhausted): the transaction
+            // is the old id's, which nothing can use any more; abort it directly.
+            let (pid, marker_epoch) = match meta.last_end {
+                Some(e) => (e.pid, e.epoch.saturating_add(2)),
+                None => return Ok(()),
+            };
+            for (topic, partition) in &later {
+                self.log
+                    .partition(topic, *partition)
+                    .and_then(|p| p.write_marker(pid, marker_epoch, Marker::Abort, 0))?;
+            }
+            return Ok(());
+        };
+        debug_assert!(last.epoch < meta.epoch);
+        meta.phase = Phase::Ongoing;
+        meta.partitions = later;
+        meta.started_ms = self.now_ms();
+        let open = meta.clone();
+        meta.prepare(false, false);
+        if let Err(e) = self.persist(id, meta, true) {
+            *meta = open;
+            return Err(e);
+        }
+        self.finish_blocking(id, meta)
     }
 
     /// Applies a decided commit's offsets (nothing for an abort): durable, then visible.

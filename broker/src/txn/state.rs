@@ -102,6 +102,12 @@ pub(crate) struct TxnMeta {
     /// otherwise load the old position, past commits made meanwhile, and write over them.
     #[serde(skip)]
     pub(crate) since_unrecorded: bool,
+    /// In memory only, while a decision left pending at start waits to be carried out: the
+    /// partitions where the start found a transaction of this producer at the decision's
+    /// epoch (its next transaction, begun before a power cut lost `Complete*`). Nothing
+    /// decided it: it is aborted, with the epoch bumped, once the decision is carried out.
+    #[serde(skip)]
+    pub(crate) later_open: BTreeSet<Tp>,
 }
 
 /// What EndTxn has to do.
@@ -131,6 +137,7 @@ impl TxnMeta {
             last_end: None,
             offsets_since: None,
             since_unrecorded: false,
+            later_open: BTreeSet::new(),
         }
     }
 
