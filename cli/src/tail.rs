@@ -15,12 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 use spool_client::{
-    Client, ConsumerConfig, Isolation, OffsetReset, OffsetSpec, Record, StartAt, TopicPartition,
+    Client, ConsumerConfig, Isolation, OffsetReset, Record, StartAt, TopicPartition,
 };
 
 use crate::conn::parse_duration;
 use crate::exit::{CliResult, usage};
 use crate::format::{Encoding, Output};
+use crate::group::partition_offsets;
 use crate::position::{Range, Resolved, Start, fmt_time};
 
 /// Follow or read partitions.
@@ -201,15 +202,15 @@ fn parse_range(a: &TailArgs, default_start: Start, now_ms: i64) -> CliResult<Ran
 }
 
 /// Resolves `range` on every partition: bounds from ListOffsets, times through the broker's
-/// time index. One request per kind of lookup, whatever the number of partitions.
+/// time index, in as few requests as the broker's per-request limit allows (group.rs's
+/// `partition_offsets`, chunked), whatever the number of partitions.
 pub(crate) async fn resolve(
     client: &Client,
     tps: &[TopicPartition],
     range: &Range,
     isolation: Isolation,
 ) -> CliResult<Vec<Resolved>> {
-    let mut specs = vec![OffsetSpec::Earliest, OffsetSpec::Latest];
-    for t in [
+    let times: Vec<i64> = [
         match range.start {
             Start::Time(t) => Some(t),
             _ => None,
@@ -221,33 +222,22 @@ pub(crate) async fn resolve(
     ]
     .into_iter()
     .flatten()
-    {
-        specs.push(OffsetSpec::Timestamp(t));
-    }
-    let queries: Vec<_> = specs
-        .iter()
-        .flat_map(|s| tps.iter().map(move |tp| (tp.clone(), *s)))
-        .collect();
+    .collect();
     // `end` is where a reader at this isolation can read to (read committed: the last
     // stable offset), so `:end` terminates even while a transaction is open.
-    let answers = client.list_offsets_with(&queries, isolation).await?;
-    // answers[si * n + pi]: spec si of partition pi.
-    let n = tps.len();
-    let offsets = answers
+    let bounds = partition_offsets(client, tps, &times, isolation).await?;
+    bounds
         .into_iter()
-        .map(|a| a.map(|a| a.offset))
-        .collect::<Result<Vec<u64>, _>>()?;
-    Ok((0..n)
-        .map(|pi| {
-            let (lso, hwm) = (offsets[pi], offsets[n + pi]);
-            range.resolve(lso, hwm, |t| {
-                specs
+        .map(|b| {
+            let b = b?;
+            Ok(range.resolve(b.log_start, b.high_watermark, |t| {
+                times
                     .iter()
-                    .position(|s| *s == OffsetSpec::Timestamp(t))
-                    .map_or(hwm, |si| offsets[si * n + pi])
-            })
+                    .position(|x| *x == t)
+                    .map_or(b.high_watermark, |i| b.at[i])
+            }))
         })
-        .collect())
+        .collect()
 }
 
 fn describe(r: &Resolved) -> String {

@@ -519,3 +519,16 @@ fn a_closed_stderr_is_not_a_panic() {
         }
     }
 }
+
+/// Resolving a range on more partitions than one ListOffsets request may ask about (here the
+/// broker allows 4096 queries and `start:end` on 2100 partitions needs 4200) is split into
+/// several requests, not refused.
+#[test]
+fn many_partitions_are_resolved_in_several_requests() {
+    let b =
+        Broker::start_with_config(|_| Some("[limits]\nmax_partitions_per_request = 4096\n".into()));
+    spool(&b, &["topic", "create", "big", "-p", "2100"]).ok();
+    spool(&b, &["produce", "big/2099", "last"]).ok();
+    let r = spool(&b, &["consume", "big", "-o", "start:end", "-q"]).expect(0);
+    assert_eq!(r.stdout, "last\n", "{}", r.stderr);
+}

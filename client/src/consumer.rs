@@ -57,6 +57,11 @@ use crate::error::{Error, OutOfRange, Result};
 use crate::retry::Backoff;
 use crate::types::{OffsetCommit, OffsetSpec, Record, StartAt, TopicPartition};
 
+/// ListOffsets queries per request, at most: well under the broker's default
+/// `max_partitions_per_request` (10 000), so assigning or checking many partitions is split
+/// into requests rather than refused.
+const MAX_QUERIES_PER_REQUEST: usize = 4096;
+
 /// What to do when a position is outside the log, or `StartAt::Committed` finds no commit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OffsetReset {
@@ -610,22 +615,25 @@ impl Consumer {
         Ok(())
     }
 
-    /// `(log_start_offset, high_watermark)` of each partition, in one request.
+    /// `(log_start_offset, high_watermark)` of each partition, in requests of at most
+    /// [`MAX_QUERIES_PER_REQUEST`] queries.
     async fn bounds(&self, tps: &[TopicPartition]) -> Result<Vec<(u64, u64)>> {
-        let queries: Vec<_> = tps
-            .iter()
-            .flat_map(|tp| {
-                [
-                    (tp.clone(), OffsetSpec::Earliest),
-                    (tp.clone(), OffsetSpec::Latest),
-                ]
-            })
-            .collect();
-        let answers = self.client.list_offsets(&queries).await?;
         let mut out = Vec::with_capacity(tps.len());
-        let mut it = answers.into_iter();
-        while let (Some(start), Some(end)) = (it.next(), it.next()) {
-            out.push((start?.offset, end?.offset));
+        for chunk in tps.chunks(MAX_QUERIES_PER_REQUEST / 2) {
+            let queries: Vec<_> = chunk
+                .iter()
+                .flat_map(|tp| {
+                    [
+                        (tp.clone(), OffsetSpec::Earliest),
+                        (tp.clone(), OffsetSpec::Latest),
+                    ]
+                })
+                .collect();
+            let answers = self.client.list_offsets(&queries).await?;
+            let mut it = answers.into_iter();
+            while let (Some(start), Some(end)) = (it.next(), it.next()) {
+                out.push((start?.offset, end?.offset));
+            }
         }
         Ok(out)
     }
@@ -656,12 +664,11 @@ impl Consumer {
                 _ => None,
             })
             .collect();
-        let mut by_time = if ts_queries.is_empty() {
-            Vec::new()
-        } else {
-            self.client.list_offsets(&ts_queries).await?
+        let mut by_time = Vec::with_capacity(ts_queries.len());
+        for chunk in ts_queries.chunks(MAX_QUERIES_PER_REQUEST) {
+            by_time.extend(self.client.list_offsets(chunk).await?);
         }
-        .into_iter();
+        let mut by_time = by_time.into_iter();
         let mut out = Vec::with_capacity(wants.len());
         for ((tp, start), (log_start, hwm)) in wants.iter().zip(bounds) {
             let reset = |what: Error| match self.config.offset_reset {

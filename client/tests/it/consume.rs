@@ -576,3 +576,22 @@ async fn a_cancelled_next_keeps_the_backoff_and_the_attempt_count() {
     }
     assert_eq!(offsets(&got), vec![2]);
 }
+
+/// A consumer assigned more partitions than one ListOffsets request may ask about (the
+/// broker allows 4096 queries here; the bounds of 2100 partitions are 4200) resolves and
+/// checks its positions in several requests instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_partitions_are_resolved_in_several_requests() {
+    let broker =
+        Broker::start_with_config(|_| Some("[limits]\nmax_partitions_per_request = 4096\n".into()));
+    let c = broker.client().await;
+    create(&c, "big", 2100).await;
+    produce_n(&c, "big", 2099, 1, TS).await;
+    let mut consumer = c.consumer(fast());
+    consumer
+        .subscribe_topic("big", StartAt::Earliest)
+        .await
+        .unwrap();
+    let got = take(&mut consumer, 1).await;
+    assert_eq!((got[0].partition, got[0].offset), (2099, 0));
+}
