@@ -754,6 +754,21 @@ impl Segment {
         }
     }
 
+    /// Replaces a sealed segment's indexes by ones rebuilt from its log, after a lookup found
+    /// an entry that does not name the batch at its position (an index that passed the load
+    /// checks yet belongs to another log of the same base and size, say). False, doing
+    /// nothing, for the active segment: its in-memory index is the writer's own.
+    pub(crate) fn reindex_from_log(&self) -> Result<bool> {
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        if matches!(*idx, IndexState::Mem { .. }) {
+            return Ok(false);
+        }
+        tracing::warn!(segment = %self.log_path().display(), "an index entry does not match the log: rebuilding the index");
+        let (offsets, times) = self.rebuild_index()?;
+        *idx = IndexState::Mapped { offsets, times };
+        Ok(true)
+    }
+
     /// Rebuilds both indexes by walking the batch headers and writes them back.
     pub(crate) fn rebuild_index(&self) -> Result<(Bytes, Bytes)> {
         let size = self.readable_end();

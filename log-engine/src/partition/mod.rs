@@ -61,6 +61,33 @@ use writer::Writer;
 /// Source of the zeros written ahead of the writer (one piece).
 static ZEROS: [u8; writer::ZERO_PIECE] = [0; writer::ZERO_PIECE];
 
+/// Where a walk of `seg` (mapped as `data`, readable to `end`) starts: `(base offset, position)`
+/// as `lookup` finds it in the index, checked against the log. An entry whose position is not
+/// inside the readable bytes, or does not hold a batch with the base offset the index names,
+/// does not belong to this log (the load checks cannot see that): the index of a sealed
+/// segment is then rebuilt from the log and looked up once more. What still disagrees is left
+/// to the walk, which reports it as corruption (never a silent skip).
+fn checked_start(
+    seg: &Segment,
+    data: &[u8],
+    end: u64,
+    lookup: impl Fn() -> Result<(u64, u64)>,
+) -> Result<(u64, u64)> {
+    let matches = |(base, pos): (u64, u64)| {
+        pos == 0
+            || (pos < end
+                && data
+                    .get(pos as usize..end as usize)
+                    .and_then(|rest| BatchHeader::parse(rest).ok())
+                    .is_some_and(|h| h.base_offset == base))
+    };
+    let found = lookup()?;
+    if matches(found) || !seg.reindex_from_log()? {
+        return Ok(found);
+    }
+    lookup()
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -957,7 +984,7 @@ impl Partition {
             let (data, fresh) = seg.data(end)?;
             self.shared.maps.touch(seg, fresh);
             let (start_base, start_pos) = if offset > seg.base_offset {
-                seg.floor(offset)?
+                checked_start(seg, &data, end, || seg.floor(offset))?
             } else {
                 (seg.base_offset, 0)
             };
@@ -1118,15 +1145,23 @@ impl Partition {
             if end == 0 {
                 continue;
             }
-            let (start_base, start_pos) = match seg.time_floor(ts)? {
-                Some(rel) => seg.floor(seg.base_offset + u64::from(rel))?,
-                None => (seg.base_offset, 0),
-            };
+            let lookup = seg.time_floor(ts)?; // (loads the index, which knows the segment's max timestamp)
             if seg.max_timestamp_hint().is_some_and(|m| m < ts) {
                 continue;
             }
             let (data, fresh) = seg.data(end)?;
             self.shared.maps.touch(seg, fresh);
+            let first = std::cell::Cell::new(Some(lookup));
+            let (start_base, start_pos) = checked_start(seg, &data, end, || {
+                let lookup = match first.take() {
+                    Some(l) => l,
+                    None => seg.time_floor(ts)?,
+                };
+                Ok(match lookup {
+                    Some(rel) => seg.floor(seg.base_offset + u64::from(rel))?,
+                    None => (seg.base_offset, 0),
+                })
+            })?;
             let mut pos = start_pos;
             while pos < end {
                 let rest = &data[pos as usize..end as usize];

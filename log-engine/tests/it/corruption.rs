@@ -714,3 +714,62 @@ fn an_index_entry_past_its_segment_is_rebuilt_not_followed() {
     );
     assert_eq!(crate::common::read_all(&p, 0), want);
 }
+
+/// Review-engine2 F7: an index entry that passes the load checks (increasing, in range) but
+/// does not point at the batch it names (an index left next to another log of the same base
+/// and size) is not followed, nor reported as corruption for good: the read rebuilds the
+/// index from the log and returns this segment's data; a timestamp lookup too.
+#[test]
+fn an_index_entry_naming_the_wrong_batch_is_rebuilt_on_read() {
+    let dir = scratch();
+    let cfg = TopicConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 64,
+        ..TopicConfig::default()
+    };
+    let want = {
+        let log = open_topic(dir.path(), cfg);
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..100 {
+            p.append(&crate::common::batch(&format!("r{i}"), 2, 1000 + i))
+                .unwrap();
+        }
+        crate::common::read_all(&p, 0)
+    };
+    let index = dir.path().join("t/0/00000000000000000000.index");
+    let mut data = std::fs::read(&index).unwrap();
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    assert!(le32(&data, 32) >= 3);
+    // Entry 1 now points 10 bytes into its batch: still increasing and inside the file.
+    let rel = le32(&data, 48 + 8);
+    let pos = le32(&data, 48 + 12) + 10;
+    assert!(pos < le32(&data, 48 + 16 + 4));
+    data[48 + 12..48 + 16].copy_from_slice(&pos.to_le_bytes());
+    let entries_crc = crc32fast::hash(&data[48..]);
+    data[40..44].copy_from_slice(&entries_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&data[..44]);
+    data[44..48].copy_from_slice(&header_crc.to_le_bytes());
+    std::fs::write(&index, &data).unwrap();
+
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let offset = u64::from(rel) + 1;
+    let r = p.read(offset, 1 << 20).unwrap();
+    let first = r.batches().next().unwrap().unwrap();
+    let h = first.header();
+    assert!(
+        h.base_offset <= offset && offset < h.next_offset(),
+        "read of {offset} returned the batch {}..{}",
+        h.base_offset,
+        h.next_offset()
+    );
+    assert_eq!(crate::common::read_all(&p, 0), want);
+    // The rebuilt index went back to disk: a reopen reads through it without a rebuild.
+    assert_ne!(std::fs::read(&index).unwrap(), data);
+    drop(p);
+    drop(log);
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.offset_for_timestamp(1000 + 2).unwrap(), Some(4));
+    assert_eq!(crate::common::read_all(&p, 0), want);
+}
