@@ -146,6 +146,7 @@ impl Log {
             writeback: crate::writeback::WriteBack::start(),
             zero_ahead_bytes: crate::config::zero_ahead_window(opts.zero_ahead_bytes),
             zero_in_background: opts.background_maintenance,
+            abandoned_passes: std::sync::atomic::AtomicU64::new(0),
         });
         let mut topics = BTreeMap::new();
         let mut reports = Vec::new();
@@ -515,6 +516,15 @@ impl Log {
     pub fn clean_now(&self, topic: &str, partition: u32) -> Result<CleanReport> {
         let p = self.partition(topic, partition)?;
         lock(&self.inner.cleaner).clean_now(&p)
+    }
+
+    /// Cleaner passes, over every partition since the log opened, that stopped without
+    /// recording progress because retention removed part of a group while the pass ran
+    /// ([`CleanReport::abandoned`]; each is logged at info level). Many of them on a
+    /// `compact,delete` topic mean its compaction hardly moves forward: passes last about as
+    /// long as its oldest segments live.
+    pub fn abandoned_cleaner_passes(&self) -> u64 {
+        self.inner.shared.abandoned_passes.load(Ordering::Relaxed)
     }
 
     /// Number of sealed segments currently memory-mapped.

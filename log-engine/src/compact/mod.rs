@@ -237,8 +237,10 @@ pub struct CleanReport {
     /// was deleted).
     pub interrupted: bool,
     /// True when a group could not be swapped in because retention removed part of it while
-    /// the pass ran: the pass stopped there and left `cleaner-state` as it was (the segments
-    /// of that group and after it were not deduplicated), so the next pass maps them again.
+    /// the pass ran (or the partition was poisoned meanwhile): the pass stopped there without
+    /// recording its progress in `cleaner-state` (the segments of that group and after it were
+    /// not deduplicated), so the next pass maps them again. Logged at info level and counted
+    /// ([`crate::Log::abandoned_cleaner_passes`]).
     pub abandoned: bool,
     /// Wall time of the pass.
     pub duration: Duration,
@@ -258,9 +260,10 @@ enum Halt {
     /// The log is closing, or the partition's topic was deleted: clean up and return, writing
     /// nothing more.
     Shutdown,
-    /// A group's swap was refused because its segments are no longer all listed (retention
-    /// deleted some meanwhile): stop without recording progress (see the safety argument).
-    Abandoned,
+    /// A group's swap (of the group starting at this base offset) was refused because its
+    /// segments are no longer all listed (retention deleted some meanwhile) or the partition
+    /// was poisoned: stop without recording progress (see the safety argument).
+    Abandoned(u64),
     Failed(Error),
 }
 
@@ -330,6 +333,9 @@ impl Cleaner {
     /// Calls `hook` after each [`Step`] of every pass; when it returns false the pass stops
     /// right there and leaves the files as they are, as a crash would (for crash tests). A
     /// stop after [`Step::Committed`] also poisons the partition, which must then be reopened.
+    /// The hook runs on the pass's thread while the pass holds the partition's cleaning lock:
+    /// it must not delete the partition's topic there (the delete waits for the pass, which
+    /// would wait for the hook: a deadlock); do that from another thread.
     pub fn set_hook(&mut self, hook: impl FnMut(Step) -> bool + Send + 'static) {
         self.hook = Some(Box::new(hook));
     }
@@ -365,8 +371,15 @@ impl Cleaner {
                 report.interrupted = true;
                 Ok(report)
             }
-            Err(Halt::Abandoned) => {
+            Err(Halt::Abandoned(group)) => {
                 report.abandoned = true;
+                p.note_abandoned_pass();
+                tracing::info!(
+                    topic = p.topic(),
+                    partition = p.id(),
+                    group_base = group,
+                    "cleaner pass abandoned: retention removed part of a group while it was rewritten; the next pass maps it again"
+                );
                 Ok(report)
             }
             Err(Halt::Failed(e)) => Err(e),
@@ -646,7 +659,7 @@ impl Cleaner {
             return Err(if pass.p.closed_error().is_some() {
                 Halt::Shutdown
             } else {
-                Halt::Abandoned
+                Halt::Abandoned(base)
             });
         }
         report.groups_swapped += 1;

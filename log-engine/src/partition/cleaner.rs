@@ -67,6 +67,13 @@ impl Partition {
             && lock(&self.txn).is_aborted(h.producer_id, h.base_offset)
     }
 
+    /// Counts a cleaner pass that stopped because a group's swap was refused.
+    pub(crate) fn note_abandoned_pass(&self) {
+        self.shared
+            .abandoned_passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A name part for the files of a segment the cleaner replaces (see
     /// [`Segment::mark_replaced`]).
     pub(crate) fn next_replace_id(&self) -> String {

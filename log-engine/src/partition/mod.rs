@@ -20,10 +20,14 @@
 //!   can return success for pages that failed. One at a time, with the poison set before the
 //!   lock is released, the later call sees the poison instead (fsyncgate; docs/durability.md).
 //! - Segment-list changes (roll, retention) happen under the writer lock.
-//! - Once a partition is closed, nothing of it acts on its directory's files by name: retention
-//!   checks `closed` under the writer lock, the cleaner before each batch and each write under
-//!   the `cleaning` lock, and deleting the topic takes both locks after closing, before the
-//!   directory is moved away (a topic of the same name may be created there next).
+//! - Once a partition is closed, neither retention nor the cleaner (what renames, writes and
+//!   removes files of the directory on its own) acts on its files by name: retention checks
+//!   `closed` under the writer lock, the cleaner before each batch and each write under the
+//!   `cleaning` lock, and deleting the topic takes both locks after closing, before the
+//!   directory is moved away (a topic of the same name may be created there next). Still by
+//!   name, and harmless for acknowledged data: a read already under way (or a timestamp
+//!   lookup) opening a segment or index it had not opened yet, and the unlink of a segment
+//!   retention retired before the delete, when its last mapping drops.
 //! - Under `fsync = always` the active segment's file may run past the written data, by zeros
 //!   written ahead of the writer (`writer.rs`, "Zero ahead"): zeros are written only under the
 //!   writer lock at or past its position, their fdatasync goes through `sync_handle` and
@@ -112,6 +116,9 @@ pub(crate) struct Shared {
     /// Zeroing ahead is queued by the writer for the write-back thread (with
     /// `background_maintenance`); otherwise [`crate::Log::run_maintenance`] runs what is due.
     pub(crate) zero_in_background: bool,
+    /// Cleaner passes that stopped because retention removed part of a group meanwhile
+    /// ([`crate::CleanReport::abandoned`]), over every partition of the log since it opened.
+    pub(crate) abandoned_passes: AtomicU64,
 }
 
 impl Shared {

@@ -653,6 +653,7 @@ fn a_group_retention_cut_during_its_pass_stays_dirty() {
     assert!(fired.load(Ordering::SeqCst), "{r:?}");
     assert_eq!(r.groups_swapped, 0, "the swap is refused: {r:?}");
     assert!(r.abandoned, "{r:?}");
+    assert_eq!(log.abandoned_cleaner_passes(), 1, "counted");
     c.set_hook(|_| true);
 
     // The pass that sets the tombstone's horizon, then one past it.
