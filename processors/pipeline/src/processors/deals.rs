@@ -10,7 +10,8 @@
 //! `Left` carries and the state does not keep). Invariant: a product in a deal has exactly
 //! that timer, at that time; a product not in a deal has none. An update that enters a deal
 //! sets it, one that ends the deal cancels it, and one that finds a deal without it (stored
-//! by an older version) sets it. When the partition's stream time (the largest input
+//! by an older version) or at another time (`max_deal_ms` changed) sets it; a timer that
+//! fires before its deal is due (`max_deal_ms` raised) is set again. When the partition's stream time (the largest input
 //! timestamp read: the feed's event time) passes it, [`ProductState::expire`] ends the deal
 //! and the `Left` goes out as from an update. So a deal whose product is never updated again
 //! (a merchant drops it from its feed, which is how feeds usually stop offering) still ends
@@ -92,8 +93,9 @@ impl Handler for Deals {
             }
             (Some(_), Some(at)) => set_expiry(ctx, &key, at, &u)?, // entered
             (None, Some(at)) => {
-                if ctx.timer(TimerKind::Stream, &key)?.is_none() {
-                    set_expiry(ctx, &key, at, &u)?; // a deal stored by an older version
+                // Missing: a deal stored by an older version. Elsewhere: `max_deal_ms` changed.
+                if ctx.timer(TimerKind::Stream, &key)? != Some(at) {
+                    set_expiry(ctx, &key, at, &u)?;
                 }
             }
         }
@@ -363,5 +365,9 @@ mod tests {
         assert_eq!(d.timer(0, TimerKind::Stream, b"expire/p1"), None);
         d.pipe_event(topics::PRICES, &update("p1", 690, 20));
         assert_eq!(d.timer(0, TimerKind::Stream, b"expire/p1"), Some(1_011));
+        // `max_deal_ms` lowered (a restart with a new config): the next update moves it.
+        d.handler_mut().0.params.max_deal_ms = 500;
+        d.pipe_event(topics::PRICES, &update("p1", 680, 30));
+        assert_eq!(d.timer(0, TimerKind::Stream, b"expire/p1"), Some(511));
     }
 }
