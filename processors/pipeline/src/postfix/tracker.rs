@@ -12,8 +12,8 @@
 //!
 //! Per recipient status line: `sent` → mail status *sent*; `deferred` → mail status and
 //! delivery issue *deferred*; `bounced` → mail status *bounced*, delivery issue *bounced* and,
-//! only when the DSN says the address itself is bad ([`flags_address`]: 5.1.x but the
-//! sender's 5.1.7/5.1.8, 5.2.1, 5.4.4 with the host or domain not found), the address flagged
+//! only when the DSN says the address itself is bad ([`flags_address`]: 5.1.1, 5.1.2, 5.1.3,
+//! 5.1.6, 5.1.10, 5.2.1, 5.4.4 with the host or domain not found), the address flagged
 //! unreachable. Other permanent refusals (5.7.x spam/policy/relay, 5.3.4 and 5.2.3 size, 5.4.6
 //! loop, 5.6.x content, …) say nothing about the address: a blocklisted sending IP or a
 //! relay misconfiguration must not flag every recipient for good. `status=expired` turns every
@@ -199,13 +199,14 @@ impl Tracker {
 }
 
 /// Whether a `status=bounced` line with this DSN and detail means the recipient address
-/// itself is bad, so it is flagged unreachable (nothing clears a flag): RFC 3463's address
-/// subjects, 5.1.x (bad mailbox, bad domain, bad syntax, moved, null MX) except 5.1.7 and
-/// 5.1.8, which are about the sender's address; 5.2.1 (mailbox disabled); and 5.4.4 (unable
+/// itself is bad, so it is flagged unreachable (nothing clears a flag): RFC 3463's 5.1.1 bad
+/// mailbox, 5.1.2 bad domain, 5.1.3 bad syntax, 5.1.6 moved, 5.1.10 null MX (the set the
+/// notifications processor flags at RCPT time); 5.2.1 (mailbox disabled); and 5.4.4 (unable
 /// to route) only when the detail says the host or domain was not found (Postfix's "Host or
 /// domain name not found"), not for a transient-looking routing failure. Everything else
-/// (5.7.x policy, spam blocks and relay denials; 5.2.2 and 5.3.4/5.2.3 size; 5.4.6 loops; 5.5.x
-/// protocol; 5.6.x content; a DSN that does not parse) is a bounce without a flag.
+/// (5.1.7/5.1.8, about our sender address; 5.1.0/5.1.4/5.1.5, nothing certain; 5.7.x policy,
+/// spam blocks and relay denials; 5.2.2 and 5.3.4/5.2.3 size; 5.4.6 loops; 5.5.x protocol;
+/// 5.6.x content; a DSN that does not parse) is a bounce without a flag.
 pub fn flags_address(dsn: &str, detail: &str) -> bool {
     let mut parts = dsn.split('.').map(|p| p.parse::<u16>().ok());
     let (Some(Some(class)), Some(Some(subject)), Some(Some(code)), None) =
@@ -217,8 +218,7 @@ pub fn flags_address(dsn: &str, detail: &str) -> bool {
         return false;
     }
     match (subject, code) {
-        (1, 7 | 8) => false,
-        (1, _) | (2, 1) => true,
+        (1, 1 | 2 | 3 | 6 | 10) | (2, 1) => true,
         (4, 4) => {
             let d = detail.to_ascii_lowercase();
             d.contains("not found") && (d.contains("host") || d.contains("domain"))
@@ -422,6 +422,8 @@ mod tests {
                 true,
             ),
             ("5.1.2", "Host or domain name not found", true),
+            ("5.1.5", "destination address valid", false),
+            ("5.1.0", "other address status", false),
             ("5.1.10", "Recipient address has null MX", true),
             (
                 "5.2.1",
