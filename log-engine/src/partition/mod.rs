@@ -1145,6 +1145,11 @@ impl Partition {
     /// the first marker written after it on the wall clock (a replay from event time T would
     /// start right after the first transaction ended, wherever its records were).
     pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>> {
+        // Like a read: a handle that outlived its topic must not open files by name in a
+        // directory a re-created topic of the same name may be using.
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(self.deleted_error());
+        }
         let hwm = self.watch.get();
         let log_start = self.log_start_offset();
         for seg in self.snapshot().iter() {

@@ -171,6 +171,11 @@ fn retention_through_a_deleted_topics_handle_leaves_a_recreated_topic_alone() {
         new.append(&batch(&format!("new{i}"), 4, i)).unwrap();
     }
     let retention = old.enforce_retention();
+    let lookup = old.offset_for_timestamp(0);
+    assert!(
+        matches!(lookup, Err(Error::TopicDeleted { .. })),
+        "a timestamp lookup through a deleted topic's handle: {lookup:?}"
+    );
     drop(old);
     drop(new);
     drop(log);
