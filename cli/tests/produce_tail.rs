@@ -275,10 +275,20 @@ fn colon_end_exits_on_a_busy_partition() {
         "{}",
         run.stderr
     );
-    // The partition had moved on by the time the command ended.
-    let d: serde_json::Value =
-        serde_json::from_str(&spool(&b, &["topic", "describe", "busy", "--json"]).ok()).unwrap();
-    assert!(d["partitions"][0]["high_watermark"].as_u64().unwrap() > offsets.len() as u64);
+    // The partition moves on past what the command printed (it kept being written while the
+    // command ran, or does soon after: a loaded CI machine may starve the producer for a
+    // moment, so this waits, bounded, rather than sample once).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d: serde_json::Value =
+            serde_json::from_str(&spool(&b, &["topic", "describe", "busy", "--json"]).ok())
+                .unwrap();
+        if d["partitions"][0]["high_watermark"].as_u64().unwrap() > offsets.len() as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the producer stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let _ = producer.kill();
     let _ = producer.wait();
