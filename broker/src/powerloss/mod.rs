@@ -14,6 +14,9 @@
 //!   readers, its offsets applied; aborted: nothing visible), no transaction is torn, none
 //!   is left open after the coordinator's start, no transaction is ended twice (one marker
 //!   per producer id and epoch in a partition), and a fenced epoch stays fenced;
+//! - a transaction's offsets agree with its outcome, also one resolved from its records'
+//!   visibility after its EndTxn was cut (aborted: none of its offsets is committed;
+//!   committed: no value from before its EndTxn is still the committed offset);
 //! - a transaction open past its timeout is aborted by the coordinator's background pass
 //!   (the loop moves the clock and runs the pass): its producer is fenced (the next call
 //!   with its epoch is refused), the abort holds across restarts, and its partitions' last
@@ -61,6 +64,8 @@ struct Plan {
     open_cut: f64,
     /// Skipped syncs (negative controls), in force all the time.
     controls: Vec<fn() -> Fault>,
+    /// Negative control: a commit's offsets applied before its decision is recorded.
+    offsets_before_decision: bool,
 }
 
 impl Plan {
@@ -72,6 +77,7 @@ impl Plan {
             fault: 0.2,
             open_cut: 0.25,
             controls: Vec::new(),
+            offsets_before_decision: false,
         }
     }
 }
@@ -172,7 +178,14 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
     };
     install_controls(&sim);
     let mut life = 0;
+    let broker_controls = |b: &Broker| {
+        b.state.txns.offsets_before_decision.store(
+            plan.offsets_before_decision,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    };
     let mut broker = open(&sim, &clock, life).map_err(|e| format!("first open: {e}"))?;
+    broker_controls(&broker);
     for (t, n) in workload::DATA_TOPICS {
         broker
             .state
@@ -276,7 +289,10 @@ fn run_seed(seed: u64, plan: &Plan) -> Result<Stats, String> {
                 continue;
             }
             match opened {
-                Ok(b) => break b,
+                Ok(b) => {
+                    broker_controls(&b);
+                    break b;
+                }
                 Err(e) => return Err(ctx(format!("reopening failed: {e}"))),
             }
         };
@@ -426,6 +442,37 @@ fn broker_negative_controls_are_caught() {
                 "control \"{name}\" was not caught by 1000 seeds: the loop cannot see that sync missing"
             ),
         }
+    }
+}
+
+/// A transaction's offsets are checked against its outcome once that is known (resolved
+/// from its records when its EndTxn was cut): with a commit's offsets applied before its
+/// decision is recorded, a cut between the two leaves them applied to a transaction the
+/// restart aborts. Some seed must fail on that check; the offsets check alone passes it
+/// (the values were asked for).
+#[test]
+fn offsets_applied_before_the_decision_are_caught() {
+    let plan = Plan {
+        fault: 0.0,
+        open_cut: 0.0,
+        offsets_before_decision: true,
+        ..Plan::standard()
+    };
+    let check = "is aborted, but the committed offset";
+    let caught = (0..1000).find_map(|seed| {
+        run_seed(seed, &plan)
+            .err()
+            .filter(|e| e.contains(check))
+            .map(|e| (seed, e))
+    });
+    match caught {
+        Some((seed, e)) => eprintln!(
+            "offsets before the decision: caught by seed {seed}: {}",
+            e.lines().next().unwrap_or_default()
+        ),
+        None => panic!(
+            "1000 seeds did not fail on \"{check}\" with offsets applied before the decision"
+        ),
     }
 }
 

@@ -92,6 +92,13 @@ pub(super) struct Txn {
     pub(super) outcome: Outcome,
     /// The broker's time at its first partition (its timeout runs from there).
     started_ms: i64,
+    /// Per key of `offsets`, on a commit: the values in force or asked for when its EndTxn
+    /// was called. Once it is known committed, none of them may be the committed offset any
+    /// more (its decision came after all of them; a later commit has a new value, a later
+    /// deletion none).
+    before_end: BTreeMap<Key, Vec<u64>>,
+    /// Its offsets were checked against its outcome (once, when that became known).
+    offsets_checked: bool,
 }
 
 /// A transactional producer.
@@ -470,6 +477,8 @@ impl Work<'_> {
                     offsets: Vec::new(),
                     outcome: Outcome::Unknown,
                     started_ms: now,
+                    before_end: BTreeMap::new(),
+                    offsets_checked: false,
                 });
                 let i = self.model.txns.len() - 1;
                 p.open = Some(i);
@@ -585,8 +594,22 @@ impl Work<'_> {
             t.offsets.push((key, *offset));
         }
         if commit {
+            // Values other transactions asked for, still unsettled, are left out of
+            // `before_end`: two decisions of one key both carried out late (at the next
+            // start, equal `offsets_since`s in id order) can end with the older one's offset (docs/durability.md,
+            // "A late decision never undoes a newer commit", left as it is).
+            let txn_values: BTreeSet<u64> = self
+                .model
+                .txns
+                .iter()
+                .flat_map(|t| t.offsets.iter().map(|(_, v)| *v))
+                .collect();
             for (k, v) in self.model.txns[i].offsets.clone() {
-                self.model.commits.entry(k).or_default().maybe.push(Some(v));
+                let c = self.model.commits.entry(k.clone()).or_default();
+                let maybe = c.maybe.iter().flatten().filter(|m| !txn_values.contains(m));
+                let before: Vec<u64> = c.acked.iter().chain(maybe).copied().collect();
+                c.maybe.push(Some(v));
+                self.model.txns[i].before_end.insert(k, before);
             }
         }
         let res = match &carried {
@@ -1347,6 +1370,8 @@ pub(super) fn check(
             }
         }
     }
+    // Kept for the transactions' check below.
+    let all_fetched = fetched.clone();
     for (k, c) in &mut model.commits {
         let now = fetched.remove(k);
         if now != c.acked && !c.maybe.contains(&now) {
@@ -1422,12 +1447,49 @@ pub(super) fn check(
     }
     // Settled now: an unknown outcome is whatever the log shows.
     for t in &mut model.txns {
+        // Known: acknowledged, or shown by its records (one without records is settled as
+        // aborted, but it may have committed offsets only: its offsets prove nothing).
+        let known = match t.outcome {
+            Outcome::Decided { commit } => Some(commit),
+            Outcome::Unknown if t.recs.is_empty() => None,
+            Outcome::Unknown => Some(
+                t.recs
+                    .iter()
+                    .any(|(tp, o)| committed.get(tp).is_some_and(|s| s.contains(o))),
+            ),
+        };
         if t.outcome == Outcome::Unknown {
-            let shown = t
-                .recs
-                .iter()
-                .any(|(tp, o)| committed.get(tp).is_some_and(|s| s.contains(o)));
-            t.outcome = Outcome::Decided { commit: shown };
+            t.outcome = Outcome::Decided {
+                commit: known == Some(true),
+            };
+        }
+        if std::mem::replace(&mut t.offsets_checked, true) {
+            continue;
+        }
+        // Its offsets agree with its outcome: an aborted transaction's (values are never
+        // reused) are nowhere; a committed one's replaced what was there before its EndTxn.
+        for (k, v) in &t.offsets {
+            let now = all_fetched.get(k).copied();
+            let wrong = match known {
+                Some(false) => now == Some(*v),
+                Some(true) => {
+                    now.is_some_and(|n| t.before_end.get(k).is_some_and(|b| b.contains(&n)))
+                }
+                None => false,
+            };
+            if wrong {
+                return Err(format!(
+                    "transaction of {} with records {:?} is {}, but the committed offset of {k:?} is {now:?} (its own: {v}; in force or asked for before its EndTxn: {:?})",
+                    t.id,
+                    t.recs,
+                    if known == Some(true) {
+                        "committed"
+                    } else {
+                        "aborted"
+                    },
+                    t.before_end.get(k)
+                ));
+            }
         }
     }
     // Producers keep their (pid, epoch): if a restart fenced them, their next call says so.

@@ -113,6 +113,10 @@ pub(crate) struct Transactions {
     cfg: TransactionsConfig,
     ids: Mutex<HashMap<String, Entry>>,
     by_pid: Mutex<HashMap<i64, String>>,
+    /// A negative control of the power-cut loop (`powerloss/`): a commit's offsets applied
+    /// before its decision is recorded, the bug its transactions' offsets check must catch.
+    #[cfg(test)]
+    pub(crate) offsets_before_decision: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +179,8 @@ impl Transactions {
             cfg,
             ids: Mutex::new(HashMap::new()),
             by_pid: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            offsets_before_decision: std::sync::atomic::AtomicBool::new(false),
         };
         let (mut finished, mut aborted) = (0, 0);
         // Undecided transactions, by id: recorded `Ongoing` (offsets were added), or open in
@@ -184,6 +190,12 @@ impl Transactions {
         // producer id, with the decision's (the markers') epoch: the sweeper retries them;
         // their open transactions of an older epoch are the decision's, not orphans.
         let mut pending: HashMap<i64, (String, i16)> = HashMap::new();
+        // Decisions with offsets are carried out in the order they were recorded (by
+        // `offsets_since`), each clamped to the end as it is then: a later decision's offsets
+        // land after an earlier one's, so a re-run never puts an older decision's offsets over
+        // a newer one's (the clamp cannot tell them apart otherwise).
+        let mut metas: Vec<(String, TxnMeta)> = metas.into_iter().collect();
+        metas.sort_by(|a, b| (a.1.offsets_since, &a.0).cmp(&(b.1.offsets_since, &b.0)));
         for (id, mut meta) in metas {
             if meta.is_preparing() {
                 // A power cut can leave the decision's `offsets_since` past the recovered end
@@ -623,6 +635,12 @@ impl Transactions {
                 if commit && !next.groups.is_empty() {
                     // Commits acknowledged from here on are newer than this decision.
                     next.offsets_since = Some(t.offsets.next_position()?);
+                    #[cfg(test)]
+                    if t.offsets_before_decision
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        t.apply_offsets(&next, &mut || Ok(()))?;
+                    }
                 }
                 t.persist(&idc, &next, true)?;
                 Ok(next)
