@@ -305,22 +305,24 @@ fn register_transactional(
         return (jobs, Vec::new());
     }
     let mut refused = vec![false; jobs.len()];
-    // Producers in ascending id order: two requests locking several ids lock them in the
-    // same order (no deadlock).
-    let mut holds = Vec::with_capacity(by_producer.len());
-    for ((pid, epoch), js) in by_producer {
-        let tps = js
-            .iter()
-            .map(|&j| (jobs[j].1.topic().to_owned(), jobs[j].1.id()))
-            .collect();
-        match state.txns.add_partitions(pid, epoch, tps) {
-            Ok(hold) => holds.push(hold),
-            Err(e) => {
-                let err = partition_error(e);
-                for j in js {
-                    refused[j] = true;
-                    results[jobs[j].0].error = Some(err.clone());
-                }
+    let (producers, wants): (Vec<Vec<usize>>, Vec<_>) = by_producer
+        .into_iter()
+        .map(|((pid, epoch), js)| {
+            let tps = js
+                .iter()
+                .map(|&j| (jobs[j].1.topic().to_owned(), jobs[j].1.id()))
+                .collect();
+            (js, ((pid, epoch), tps))
+        })
+        .unzip();
+    // Each transactional id locked once, in id order, held until the appends are done.
+    let (added, holds) = state.txns.add_partitions_all(wants);
+    for (js, r) in producers.into_iter().zip(added) {
+        if let Err(e) = r {
+            let err = partition_error(e);
+            for j in js {
+                refused[j] = true;
+                results[jobs[j].0].error = Some(err.clone());
             }
         }
     }

@@ -40,7 +40,8 @@
 //!    that cannot be carried out yet (a marker's write fails) owns its producer's open
 //!    transactions below its epoch; one at its epoch (the producer's next transaction, kept
 //!    by a cut that lost `Complete*`) is aborted as soon as the decision is carried out
-//!    (`TxnMeta::later_open`).
+//!    (`TxnMeta::later_open`; if that abort cannot be recorded, it is left open under its
+//!    timeout, as an undecided transaction whose abort fails at the start is).
 //! 5. A background task aborts transactions open past their timeout (bumping the epoch: the
 //!    producer gets `TRANSACTION_TIMED_OUT`) and retries decisions whose markers failed.
 //!
@@ -91,6 +92,9 @@ macro_rules! step_timing {
 const MAX_ID_LEN: usize = 249;
 
 type Entry = Arc<tokio::sync::Mutex<TxnMeta>>;
+
+/// A producer (id, epoch) and the partitions its batches of one request go to.
+pub(crate) type ProducerPartitions = ((i64, i16), Vec<Tp>);
 
 /// A transactional id locked from [`Transactions::add_partitions`] until its batches are
 /// appended (dropped then): nothing ends the transaction in between.
@@ -767,36 +771,83 @@ impl Transactions {
         Ok((meta.pid, meta.epoch))
     }
 
-    /// Adds the partitions of transactional batches from `(pid, epoch)` to its open
-    /// transaction, before they are appended. Blocking (call from the blocking pool).
     /// Adds `tps` to the open transaction of producer `pid` at `epoch` (opening one if none
     /// is). Blocking (the id's lock): call from the blocking pool. The returned hold keeps
     /// the id locked: drop it once the batches are appended, not before (module docs, 2).
+    /// One producer only (the power-cut loop's); a request's batches go through
+    /// [`Transactions::add_partitions_all`].
+    #[cfg(test)]
     pub(crate) fn add_partitions(
         &self,
         pid: i64,
         epoch: i16,
         tps: Vec<Tp>,
     ) -> Result<TxnHold, BrokerError> {
-        let Some(id) = lock(&self.by_pid).get(&pid).cloned() else {
-            return Err(BrokerError::InvalidTxnState {
-                txn_id: String::new(),
-                reason: format!(
-                    "producer id {pid} is not a transactional producer's (call InitProducerId with a transactional_id)"
-                ),
-            });
-        };
-        let entry = self.entry(&id)?;
-        let mut meta = entry.blocking_lock_owned();
-        meta.add_partitions(
-            &id,
-            pid,
-            epoch,
-            tps,
-            self.now_ms(),
-            self.cfg.max_partitions_per_txn,
-        )?;
-        Ok(TxnHold(meta))
+        let (mut results, mut holds) = self.add_partitions_all(vec![((pid, epoch), tps)]);
+        results.pop().expect("one result per producer")?;
+        Ok(holds.pop().expect("a hold for an added producer"))
+    }
+
+    /// [`Transactions::add_partitions`] for each `(pid, epoch)` of one request: a result per
+    /// entry, in order, and the holds of the ids locked (drop them once the batches are
+    /// appended). Each transactional id is locked once, in ascending id order (two requests
+    /// lock the ids they share in the same order), and every entry of that id is checked
+    /// under that one lock: a request naming one producer at two epochs (a pre-encoded
+    /// batch of a stale epoch beside a current one) would otherwise wait, on its own thread,
+    /// for the lock it already held, keeping the id locked for good.
+    pub(crate) fn add_partitions_all(
+        &self,
+        wants: Vec<ProducerPartitions>,
+    ) -> (Vec<Result<(), BrokerError>>, Vec<TxnHold>) {
+        let mut results: Vec<Result<(), BrokerError>> = Vec::with_capacity(wants.len());
+        let mut by_id: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        {
+            let by_pid = lock(&self.by_pid);
+            for (i, ((pid, _), _)) in wants.iter().enumerate() {
+                match by_pid.get(pid) {
+                    Some(id) => {
+                        by_id.entry(id.clone()).or_default().push(i);
+                        results.push(Ok(()));
+                    }
+                    None => results.push(Err(BrokerError::InvalidTxnState {
+                        txn_id: String::new(),
+                        reason: format!(
+                            "producer id {pid} is not a transactional producer's (call InitProducerId with a transactional_id)"
+                        ),
+                    })),
+                }
+            }
+        }
+        let mut wants: Vec<Option<ProducerPartitions>> = wants.into_iter().map(Some).collect();
+        let mut holds = Vec::with_capacity(by_id.len());
+        for (id, entries) in by_id {
+            let Ok(entry) = self.entry(&id) else {
+                // Its producer ids outlived it (cannot happen while ids are never removed;
+                // answered as `entry` would).
+                for i in entries {
+                    results[i] = self.entry(&id).map(drop);
+                }
+                continue;
+            };
+            let mut meta = entry.blocking_lock_owned();
+            let mut added = false;
+            for i in entries {
+                let ((pid, epoch), tps) = wants[i].take().expect("each entry once");
+                results[i] = meta.add_partitions(
+                    &id,
+                    pid,
+                    epoch,
+                    tps,
+                    self.now_ms(),
+                    self.cfg.max_partitions_per_txn,
+                );
+                added |= results[i].is_ok();
+            }
+            if added {
+                holds.push(TxnHold(meta));
+            }
+        }
+        (results, holds)
     }
 
     /// Checks that a transaction's offsets for `group` may be committed now: fenced by the

@@ -606,6 +606,70 @@ async fn a_panic_in_a_produce_stream_ends_it_with_internal_not_a_clean_end() {
     }
 }
 
+/// One request naming a transactional producer at two epochs (its current one and the next:
+/// the client never sends that, but any pre-encoded batch may, and a pid is a small integer
+/// any producer can name) is answered, the wrong epoch refused, and the transactional id stays
+/// usable. The id is locked from a batch's
+/// registration until its append; locked once per (producer, epoch), the request's thread
+/// waited for the lock it already held, and the id stayed locked for good (EndTxn,
+/// InitProducerId and ListTransactions hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_with_two_epochs_of_a_producer_is_answered_and_the_id_stays_usable() {
+    use spool_proto::v1::transaction_service_client::TransactionServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let b = Spoold::start(dir.path(), &[]);
+    topic(&b, "t", 2).await;
+    let mut prod = b.produce().await;
+    let init = || v1::InitProducerIdRequest {
+        transactional_id: "x".into(),
+        transaction_timeout_ms: 60_000,
+        ..Default::default()
+    };
+    let now = prod.init_producer_id(init()).await.unwrap().into_inner();
+    let batch = |epoch: i32, v: &str| {
+        let mut bb = BatchBuilder::new(Compression::None);
+        bb.producer(now.producer_id, i16::try_from(epoch).unwrap(), 0);
+        bb.transactional(true);
+        bb.push(1_700_000_000_000, None, Some(v.as_bytes()), &[]);
+        v1::partition_produce::Data::RecordBatch(bb.finish().unwrap())
+    };
+    let req = v1::ProduceRequest {
+        partitions: vec![
+            pp("t", 0, batch(now.producer_epoch, "current")),
+            pp("t", 1, batch(now.producer_epoch + 1, "next epoch")),
+        ],
+        acks: v1::Acks::Durable as i32,
+    };
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), prod.produce(req))
+        .await
+        .expect("the request is answered")
+        .unwrap()
+        .into_inner();
+    assert!(r.results[0].error.is_none(), "{r:?}");
+    assert!(
+        r.results[1].error.is_some(),
+        "the other epoch is refused: {r:?}"
+    );
+    let mut txn = TransactionServiceClient::new(b.channel().await);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        txn.end_txn(v1::EndTxnRequest {
+            transactional_id: "x".into(),
+            producer_id: now.producer_id,
+            producer_epoch: now.producer_epoch,
+            commit: true,
+        }),
+    )
+    .await
+    .expect("the id is not stuck")
+    .unwrap();
+    assert_eq!(
+        b.high_watermark("t", 1).await,
+        0,
+        "nothing of the refused part"
+    );
+}
+
 fn reason(s: &tonic::Status) -> String {
     use tonic_types::StatusExt;
     s.get_details_error_info()
