@@ -560,8 +560,14 @@ impl Consumer {
             return None;
         }
         if matches!(e, Error::OffsetOutOfRange(_)) {
-            return self.check_positions(Some(&e)).await.err();
+            let failed = self.check_positions(Some(&e)).await.err();
+            if failed.is_some() {
+                // Returned to the caller: no longer "retrying" (`retrying`'s docs).
+                self.last_failure = None;
+            }
+            return failed;
         }
+        self.last_failure = None;
         Some(e)
     }
 

@@ -519,7 +519,8 @@ impl Log {
     }
 
     /// Cleaner passes, over every partition since the log opened, that stopped without
-    /// recording progress because retention removed part of a group while the pass ran
+    /// recording progress because retention removed part of a group while the pass ran (or
+    /// the partition was poisoned meanwhile)
     /// ([`CleanReport::abandoned`]; each is logged at info level). Many of them on a
     /// `compact,delete` topic mean its compaction hardly moves forward: passes last about as
     /// long as its oldest segments live.

@@ -38,7 +38,6 @@ pub(crate) fn log_name(base: u64) -> String {
     format!("{base:020}.log")
 }
 
-/// Parses `NNNNNNNNNNNNNNNNNNNN.log` into its base offset.
 /// The bytes of the segment file `path`, for the offline tools: refused (`Corruption`), before
 /// anything is allocated for them, when the file is longer than any segment can be
 /// ([`crate::config::MAX_SEGMENT_FILE_BYTES`]).
@@ -76,6 +75,7 @@ pub(crate) fn max_index_file_bytes(log_size: u64) -> usize {
     usize::try_from(index::HEADER_LEN as u64 + log_size).unwrap_or(usize::MAX - 1)
 }
 
+/// Parses `NNNNNNNNNNNNNNNNNNNN.log` into its base offset.
 pub(crate) fn parse_log_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".log")?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))

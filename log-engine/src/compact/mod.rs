@@ -378,7 +378,7 @@ impl Cleaner {
                     topic = p.topic(),
                     partition = p.id(),
                     group_base = group,
-                    "cleaner pass abandoned: retention removed part of a group while it was rewritten; the next pass maps it again"
+                    "cleaner pass abandoned: retention removed part of a group while it was rewritten (or the partition was poisoned); the next pass maps it again"
                 );
                 Ok(report)
             }

@@ -116,7 +116,8 @@ pub(crate) struct Shared {
     /// Zeroing ahead is queued by the writer for the write-back thread (with
     /// `background_maintenance`); otherwise [`crate::Log::run_maintenance`] runs what is due.
     pub(crate) zero_in_background: bool,
-    /// Cleaner passes that stopped because retention removed part of a group meanwhile
+    /// Cleaner passes that stopped because retention removed part of a group meanwhile (or
+    /// the partition was poisoned)
     /// ([`crate::CleanReport::abandoned`]), over every partition of the log since it opened.
     pub(crate) abandoned_passes: AtomicU64,
 }

@@ -172,7 +172,7 @@ impl Renderer {
                     price: money(d.price),
                     reference: money(d.reference),
                     drop: percent(d.drop_bp),
-                    url: format!("{}/p/{}", self.site, d.product),
+                    url: self.product_url(&d.product),
                 };
                 Ok((
                     context! { user_name => req.user_name.clone(), deal => minijinja::value::Serde(&deal), settings_url => settings_url },
@@ -238,13 +238,29 @@ impl Renderer {
         let link = req
             .deal
             .as_ref()
-            .map(|d| format!("{}/p/{}", self.site, d.product))
+            .map(|d| self.product_url(&d.product))
             .unwrap_or_default();
         let subject = slack_escape(&e.subject);
         Ok(serde_json::json!({
             "text": if link.is_empty() { subject } else { format!("{subject} <{}>", slack_escape(&link)) },
             "notification_id": req.id,
         }))
+    }
+
+    /// The product page: `<site>/p/<product id>`, the id percent-encoded (everything but
+    /// RFC 3986's unreserved characters): an id from a merchant's feed is one path segment,
+    /// whatever it holds (`/`, `?`, `#`; Slack's `|`, which would otherwise end the link's URL
+    /// and turn the rest into the text shown for it).
+    fn product_url(&self, product: &str) -> String {
+        let mut url = format!("{}/p/", self.site);
+        for b in product.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                url.push(char::from(b));
+            } else {
+                url.push_str(&format!("%{b:02X}"));
+            }
+        }
+        url
     }
 
     /// A push-gateway body: id, title, body, link.
@@ -258,7 +274,7 @@ impl Renderer {
                     d.merchant,
                     money(d.reference)
                 ),
-                format!("{}/p/{}", self.site, d.product),
+                self.product_url(&d.product),
             ),
             None => (
                 req.campaign
@@ -386,6 +402,21 @@ mod tests {
              <https://bp.example/p/p1>"
         );
         assert_eq!(slack_escape("a&b<c>d"), "a&amp;b&lt;c&gt;d");
+        // A product id from a feed cannot choose the link's text (`<url|text>`) or path.
+        let mut q = req("Console");
+        if let Some(d) = q.deal.as_mut() {
+            d.product = "p1|Free money/../x?y#é".into();
+        }
+        let w = r.webhook_body(&q).unwrap();
+        assert_eq!(
+            w["text"],
+            "24.9% off: Console now 74.99 \
+             <https://bp.example/p/p1%7CFree%20money%2F..%2Fx%3Fy%23%C3%A9>"
+        );
+        assert_eq!(
+            r.push_body(&q).unwrap()["url"],
+            "https://bp.example/p/p1%7CFree%20money%2F..%2Fx%3Fy%23%C3%A9"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! Per recipient status line: `sent` → mail status *sent*; `deferred` → mail status and
 //! delivery issue *deferred*; `bounced` → mail status *bounced*, delivery issue *bounced* and,
 //! only when the DSN says the address itself is bad ([`flags_address`]: 5.1.1, 5.1.2, 5.1.3,
-//! 5.1.6, 5.1.10, 5.2.1, 5.4.4 with the host or domain not found), the address flagged
+//! 5.1.6, 5.1.10, 5.2.1, 5.4.4 with the recipient's own domain not found), the address flagged
 //! unreachable. Other permanent refusals (5.7.x spam/policy/relay, 5.3.4 and 5.2.3 size, 5.4.6
 //! loop, 5.6.x content, …) say nothing about the address: a blocklisted sending IP or a
 //! relay misconfiguration must not flag every recipient for good. `status=expired` turns every
@@ -158,7 +158,7 @@ impl Tracker {
                             at_ms,
                         }));
                     }
-                    if *status == RcptStatus::Bounced && flags_address(dsn, detail) {
+                    if *status == RcptStatus::Bounced && flags_address(dsn, detail, &rcpt) {
                         out.push(Output::Flag(AddressStatus {
                             address: rcpt,
                             unreachable: true,
@@ -203,11 +203,14 @@ impl Tracker {
 /// mailbox, 5.1.2 bad domain, 5.1.3 bad syntax, 5.1.6 moved, 5.1.10 null MX (the set the
 /// notifications processor flags at RCPT time); 5.2.1 (mailbox disabled); and 5.4.4 (unable
 /// to route) only when the detail says the host or domain was not found (Postfix's "Host or
-/// domain name not found"), not for a transient-looking routing failure. Everything else
+/// domain name not found") **for the recipient's own domain** (`name=<its domain>`): a relay
+/// host or transport next hop whose name does not resolve (a mistyped `relayhost`) bounces
+/// every mail with the same text naming the relay, which says nothing about any address; nor
+/// does a transient-looking routing failure. Everything else
 /// (5.1.7/5.1.8, about our sender address; 5.1.0/5.1.4/5.1.5, nothing certain; 5.7.x policy,
 /// spam blocks and relay denials; 5.2.2 and 5.3.4/5.2.3 size; 5.4.6 loops; 5.5.x protocol;
 /// 5.6.x content; a DSN that does not parse) is a bounce without a flag.
-pub fn flags_address(dsn: &str, detail: &str) -> bool {
+pub fn flags_address(dsn: &str, detail: &str, rcpt: &str) -> bool {
     let mut parts = dsn.split('.').map(|p| p.parse::<u16>().ok());
     let (Some(Some(class)), Some(Some(subject)), Some(Some(code)), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -221,7 +224,17 @@ pub fn flags_address(dsn: &str, detail: &str) -> bool {
         (1, 1 | 2 | 3 | 6 | 10) | (2, 1) => true,
         (4, 4) => {
             let d = detail.to_ascii_lowercase();
-            d.contains("not found") && (d.contains("host") || d.contains("domain"))
+            let Some((_, domain)) = rcpt.rsplit_once('@') else {
+                return false;
+            };
+            // The name the lookup failed for: `name=<name> type=…` (a trailing dot is DNS's).
+            let named = d
+                .split_once("name=")
+                .map(|(_, rest)| rest.split([' ', ':', ',']).next().unwrap_or(""))
+                .map(|n| n.trim_end_matches('.'));
+            d.contains("not found")
+                && (d.contains("host") || d.contains("domain"))
+                && named.is_some_and(|n| n.eq_ignore_ascii_case(domain))
         }
         _ => false,
     }
@@ -432,9 +445,21 @@ mod tests {
             ),
             (
                 "5.4.4",
-                "Host or domain name not found. Name service error for name=nx.test type=MX: Host not found",
+                "Host or domain name not found. Name service error for name=example.test type=MX: Host not found",
                 true,
             ),
+            (
+                "5.4.4",
+                "Host or domain name not found. Name service error for name=EXAMPLE.test. type=A: Host not found",
+                true,
+            ),
+            // A relay whose name does not resolve (a mistyped relayhost): not the address.
+            (
+                "5.4.4",
+                "Host or domain name not found. Name service error for name=relay.example.net type=A: Host not found",
+                false,
+            ),
+            ("5.4.4", "Host or domain name not found", false),
             (
                 "5.7.1",
                 "host gmail-smtp-in.l.google.com said: 550 5.7.1 blocked using Spamhaus",
@@ -460,8 +485,8 @@ mod tests {
             ),
             ("5.6.0", "content rejected", false),
         ];
-        assert!(!flags_address("5.x.1", "Host not found"));
-        assert!(!flags_address("4.1.1", "User unknown"));
+        assert!(!flags_address("5.x.1", "Host not found", "a@b.test"));
+        assert!(!flags_address("4.1.1", "User unknown", "a@b.test"));
         for (i, (dsn, detail, flags)) in cases.iter().enumerate() {
             let qid = format!("G{i}");
             let lines = log(&[
