@@ -192,6 +192,36 @@ impl<'a> Reader<'a> {
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
+    /// A map written by [`put_merchants`] (values as `u64`).
+    fn merchants(&mut self) -> Result<BTreeMap<String, u64>, StateDecodeError> {
+        let mut map = BTreeMap::new();
+        for _ in 0..self.u16()? {
+            let len = usize::from(self.u16()?);
+            let name = std::str::from_utf8(self.take(len)?)
+                .map_err(|_| StateDecodeError::Binary("merchant is not UTF-8"))?;
+            map.insert(name.to_owned(), self.u64()?);
+        }
+        Ok(map)
+    }
+}
+
+/// Appends a merchant-keyed map of 8-byte values (the offers' prices, their update times): its
+/// count (`u16`), then each entry's name length (`u16`), name and value (little-endian).
+/// Entries past `u16::MAX`, or with a longer name, cannot occur (see
+/// [`ProductState::encode`]) and are left out rather than written wrong.
+fn put_merchants<'m>(
+    b: &mut Vec<u8>,
+    entries: impl Iterator<Item = (&'m String, [u8; 8])> + Clone,
+) {
+    let entries = entries
+        .filter(|(m, _)| m.len() <= u16::MAX as usize)
+        .take(u16::MAX as usize);
+    b.extend_from_slice(&(entries.clone().count() as u16).to_le_bytes());
+    for (m, v) in entries {
+        b.extend_from_slice(&(m.len() as u16).to_le_bytes());
+        b.extend_from_slice(m.as_bytes());
+        b.extend_from_slice(&v);
+    }
 }
 
 /// The lower median of `values` (`None` when empty).
@@ -246,29 +276,15 @@ impl ProductState {
         for h in self.history.iter().take(u16::MAX as usize) {
             b.extend_from_slice(&h.to_le_bytes());
         }
-        let offers = self
-            .offers
-            .iter()
-            .filter(|(m, _)| m.len() <= u16::MAX as usize)
-            .take(u16::MAX as usize);
-        b.extend_from_slice(&(offers.clone().count() as u16).to_le_bytes());
-        for (m, p) in offers {
-            b.extend_from_slice(&(m.len() as u16).to_le_bytes());
-            b.extend_from_slice(m.as_bytes());
-            b.extend_from_slice(&p.to_le_bytes());
-        }
+        put_merchants(
+            &mut b,
+            self.offers.iter().map(|(m, p)| (m, p.to_le_bytes())),
+        );
         b.extend_from_slice(&self.stale_updates.to_le_bytes());
-        let times = self
-            .offer_at
-            .iter()
-            .filter(|(m, _)| m.len() <= u16::MAX as usize)
-            .take(u16::MAX as usize);
-        b.extend_from_slice(&(times.clone().count() as u16).to_le_bytes());
-        for (m, at) in times {
-            b.extend_from_slice(&(m.len() as u16).to_le_bytes());
-            b.extend_from_slice(m.as_bytes());
-            b.extend_from_slice(&at.to_le_bytes());
-        }
+        put_merchants(
+            &mut b,
+            self.offer_at.iter().map(|(m, at)| (m, at.to_le_bytes())),
+        );
         b
     }
 
@@ -300,22 +316,15 @@ impl ProductState {
         for _ in 0..n {
             history.push_back(r.u64()?);
         }
-        let mut offers = BTreeMap::new();
-        for _ in 0..r.u16()? {
-            let len = usize::from(r.u16()?);
-            let name = std::str::from_utf8(r.take(len)?)
-                .map_err(|_| StateDecodeError::Binary("merchant is not UTF-8"))?;
-            offers.insert(name.to_owned(), r.u64()?);
-        }
+        let offers = r.merchants()?;
         let (mut stale_updates, mut offer_at) = (0, BTreeMap::new());
         if v2 {
             stale_updates = r.u64()?;
-            for _ in 0..r.u16()? {
-                let len = usize::from(r.u16()?);
-                let name = std::str::from_utf8(r.take(len)?)
-                    .map_err(|_| StateDecodeError::Binary("merchant is not UTF-8"))?;
-                offer_at.insert(name.to_owned(), r.u64()? as i64);
-            }
+            offer_at = r
+                .merchants()?
+                .into_iter()
+                .map(|(m, at)| (m, at as i64))
+                .collect();
         }
         if !r.0.is_empty() {
             return Err(StateDecodeError::Binary("trailing bytes"));
